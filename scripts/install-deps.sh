@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the system packages Bulkhead builds and tests with (Debian 12).
+# Idempotent: does nothing when everything is present.
+set -euo pipefail
+PKGS=(linux-source-6.1 busybox-static build-essential bc flex bison libelf-dev libssl-dev
+      cpio lz4 xz-utils qemu-system-x86 qemu-utils python3-cryptography swtpm swtpm-tools
+      tpm2-tools libtss2-dev pkg-config clang iproute2)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+echo "install-deps: installing ${missing[*]}"
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
