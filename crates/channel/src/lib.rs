@@ -1,0 +1,439 @@
+//! The hypervisor's private command channel: the only way to control a VM.
+//!
+//! The hypervisor inherits one end of a unix `socketpair(2)` from its parent (the controller):
+//! there is no listening socket and no path on disk. Every message is a frame:
+//!
+//! ```text
+//! +----------------+-----------------------------------------+
+//! | len: u32 (LE)  | body: postcard(Envelope), len bytes     |
+//! +----------------+-----------------------------------------+
+//! ```
+//!
+//! `len` is capped at [`MAX_FRAME`] *before* anything is buffered, the body must decode to
+//! exactly one envelope with no trailing bytes, and its `version` must equal [`VERSION`].
+//! File descriptors (a vhost-user socket for `AttachBlock`) travel beside the frame as
+//! `SCM_RIGHTS` ancillary data. This crate does no I/O: it turns bytes into checked types and
+//! back, so the same code runs in the hypervisor, the controller and the fuzz target.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version carried in every envelope. Bumped on any incompatible change.
+pub const VERSION: u16 = 1;
+/// Largest body accepted, in bytes. Console reads are capped well below it.
+pub const MAX_FRAME: u32 = 64 * 1024;
+/// Largest console chunk returned by one `ReadConsole`.
+pub const MAX_CONSOLE_CHUNK: u32 = 32 * 1024;
+/// Longest device id (`AttachBlock`/`DetachBlock`).
+pub const MAX_DEVICE_ID: usize = 32;
+/// Size of the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// A device id: 1–32 bytes of `[a-z0-9-]`, checked at the boundary.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    /// Checks `s` and wraps it.
+    pub fn new(s: &str) -> Result<Self, DecodeError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_DEVICE_ID
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(DeviceId(s.to_owned()))
+        } else {
+            Err(DecodeError::BadDeviceId)
+        }
+    }
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DeviceId {
+    type Error = DecodeError;
+    fn try_from(s: String) -> Result<Self, DecodeError> {
+        DeviceId::new(&s)
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(d: DeviceId) -> String {
+        d.0
+    }
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A command from the controller to the hypervisor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Start the vCPUs of a VM that was created stopped.
+    Start,
+    /// Stop running the vCPUs; guest state is kept.
+    Pause,
+    /// Resume vCPUs after `Pause`.
+    Resume,
+    /// End the VM. The hypervisor exits after replying.
+    Shutdown,
+    /// Attach a vhost-user block device; the connected vhost-user socket travels as SCM_RIGHTS.
+    AttachBlock { id: DeviceId, read_only: bool },
+    /// Detach a block device by id.
+    DetachBlock { id: DeviceId },
+    /// Read console output from `cursor` (a byte offset in the console stream).
+    ReadConsole { cursor: u64, max: u32 },
+    /// Report counters.
+    Stats,
+}
+
+impl Command {
+    /// Whether this command must carry exactly one file descriptor.
+    pub fn wants_fd(&self) -> bool {
+        matches!(self, Command::AttachBlock { .. })
+    }
+}
+
+/// State of the VM as the hypervisor sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// Counters returned by `Stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub vcpu_exits: u64,
+    pub mmio_exits: u64,
+    pub pio_exits: u64,
+    pub console_bytes: u64,
+    pub console_dropped: u64,
+    pub block_devices: u32,
+    pub bad_guest_accesses: u64,
+}
+
+/// A successful reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The command was carried out.
+    Done { state: VmState },
+    /// Console bytes from `cursor`; `next` is where to continue; `lost` counts bytes that fell
+    /// out of the bounded ring before they were read.
+    Console { data: Vec<u8>, next: u64, lost: u64 },
+    /// Counters.
+    Stats { state: VmState, stats: VmStats },
+}
+
+/// Why the hypervisor refused or failed a command. Stable, matchable codes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    #[error("malformed request: {0}")]
+    Malformed(DecodeError),
+    #[error("command not valid in state {0:?}")]
+    WrongState(VmState),
+    #[error("no device with that id")]
+    NoSuchDevice,
+    #[error("a device with that id already exists")]
+    DeviceExists,
+    #[error("no free device slot")]
+    NoFreeSlot,
+    #[error("attach-block needs exactly one fd")]
+    MissingFd,
+    #[error("the vhost-user backend failed: {0:?}")]
+    Backend(BackendFailure),
+    #[error("the hypervisor failed internally")]
+    Internal,
+}
+
+/// Coarse vhost-user failure kinds (no free text crosses the channel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendFailure {
+    Handshake,
+    FeatureMismatch,
+    MemoryTable,
+    Vring,
+    Config,
+}
+
+/// A request envelope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub version: u16,
+    pub id: u64,
+    pub command: Command,
+}
+
+/// A response envelope; `id` echoes the request's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub version: u16,
+    pub id: u64,
+    pub result: Result<Reply, CommandError>,
+}
+
+/// Why a frame was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame header has {got} bytes, want 4")]
+    ShortHeader { got: usize },
+    #[error("frame body of {len} bytes exceeds the {max}-byte limit")]
+    Oversized { len: u32, max: u32 },
+    #[error("frame is truncated: header says {want} bytes, got {got}")]
+    Truncated { want: u32, got: usize },
+    #[error("body is not a valid message")]
+    Body,
+    #[error("{extra} trailing bytes after the message")]
+    Trailing { extra: usize },
+    #[error("protocol version {got} is not {want}")]
+    Version { got: u16, want: u16 },
+    #[error("device id must be 1-32 bytes of [a-z0-9-]")]
+    BadDeviceId,
+    #[error("console read of {max} bytes exceeds {limit}")]
+    ConsoleTooLarge { max: u32, limit: u32 },
+}
+
+/// Reads the body length from a 4-byte header, refusing oversized frames before any buffering.
+pub fn body_len(header: &[u8]) -> Result<usize, DecodeError> {
+    let h: [u8; HEADER_LEN] = header
+        .get(..HEADER_LEN)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(DecodeError::ShortHeader { got: header.len() })?;
+    let len = u32::from_le_bytes(h);
+    if len > MAX_FRAME {
+        return Err(DecodeError::Oversized {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    usize::try_from(len).map_err(|_| DecodeError::Oversized {
+        len,
+        max: MAX_FRAME,
+    })
+}
+
+fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
+    let (msg, rest) = postcard::take_from_bytes::<T>(body).map_err(|_| DecodeError::Body)?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing { extra: rest.len() });
+    }
+    Ok(msg)
+}
+
+fn split_frame(frame: &[u8]) -> Result<&[u8], DecodeError> {
+    let len = body_len(frame)?;
+    let body = &frame[HEADER_LEN.min(frame.len())..];
+    if body.len() != len {
+        return Err(DecodeError::Truncated {
+            want: u32::try_from(len).unwrap_or(u32::MAX),
+            got: body.len(),
+        });
+    }
+    Ok(body)
+}
+
+impl Request {
+    /// The one parser for what crosses into the hypervisor: a whole frame (header + body) in,
+    /// a checked request out.
+    pub fn parse_frame(frame: &[u8]) -> Result<Request, DecodeError> {
+        Request::parse_body(split_frame(frame)?)
+    }
+
+    /// Parses a body whose length was already checked with [`body_len`].
+    pub fn parse_body(body: &[u8]) -> Result<Request, DecodeError> {
+        let req: Request = decode_body(body)?;
+        if req.version != VERSION {
+            return Err(DecodeError::Version {
+                got: req.version,
+                want: VERSION,
+            });
+        }
+        if let Command::ReadConsole { max, .. } = req.command {
+            if max > MAX_CONSOLE_CHUNK {
+                return Err(DecodeError::ConsoleTooLarge {
+                    max,
+                    limit: MAX_CONSOLE_CHUNK,
+                });
+            }
+        }
+        Ok(req)
+    }
+
+    /// Encodes a request as a frame.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+}
+
+impl Response {
+    /// Parses a response frame (used by the controller side).
+    pub fn parse_frame(frame: &[u8]) -> Result<Response, DecodeError> {
+        Response::parse_body(split_frame(frame)?)
+    }
+
+    /// Parses a response body whose length was already checked.
+    pub fn parse_body(body: &[u8]) -> Result<Response, DecodeError> {
+        let resp: Response = decode_body(body)?;
+        if resp.version != VERSION {
+            return Err(DecodeError::Version {
+                got: resp.version,
+                want: VERSION,
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Encodes a response as a frame.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+}
+
+fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing our own well-formed types into a Vec cannot fail.
+    let body = postcard::to_stdvec(msg).unwrap_or_default();
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(command: Command) -> Request {
+        Request {
+            version: VERSION,
+            id: 7,
+            command,
+        }
+    }
+
+    /// Vectors shared with the fuzz target's seed corpus.
+    pub fn vectors() -> Vec<Request> {
+        vec![
+            req(Command::Start),
+            req(Command::Pause),
+            req(Command::Resume),
+            req(Command::Shutdown),
+            req(Command::AttachBlock {
+                id: DeviceId::new("vol-1").expect("valid id"),
+                read_only: true,
+            }),
+            req(Command::DetachBlock {
+                id: DeviceId::new("vol-1").expect("valid id"),
+            }),
+            req(Command::ReadConsole {
+                cursor: 99,
+                max: 4096,
+            }),
+            req(Command::Stats),
+        ]
+    }
+
+    #[test]
+    fn round_trip_every_command() {
+        for r in vectors() {
+            let frame = r.encode();
+            assert_eq!(Request::parse_frame(&frame), Ok(r));
+        }
+    }
+
+    #[test]
+    fn truncated_frames_are_refused() {
+        let frame = req(Command::Stats).encode();
+        for cut in 0..frame.len() {
+            assert!(Request::parse_frame(&frame[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn oversized_header_is_refused_before_buffering() {
+        let mut frame = (MAX_FRAME + 1).to_le_bytes().to_vec();
+        frame.push(0);
+        assert_eq!(
+            Request::parse_frame(&frame),
+            Err(DecodeError::Oversized {
+                len: MAX_FRAME + 1,
+                max: MAX_FRAME
+            })
+        );
+    }
+
+    #[test]
+    fn wrong_version_is_refused() {
+        let mut r = req(Command::Start);
+        r.version = 2;
+        assert_eq!(
+            Request::parse_frame(&r.encode()),
+            Err(DecodeError::Version { got: 2, want: 1 })
+        );
+    }
+
+    #[test]
+    fn unknown_command_tag_is_refused() {
+        // version=1, id=0, enum tag 200 (varint: 0xc8 0x01)
+        let body = [1u8, 0, 0xc8, 0x01];
+        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        assert_eq!(Request::parse_frame(&frame), Err(DecodeError::Body));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let r = req(Command::Start);
+        let mut body = postcard::to_stdvec(&r).expect("encode");
+        body.push(0);
+        assert_eq!(
+            Request::parse_body(&body),
+            Err(DecodeError::Trailing { extra: 1 })
+        );
+    }
+
+    #[test]
+    fn bad_device_ids_are_refused() {
+        for bad in ["", "UPPER", "has space", "../etc", &"x".repeat(33)] {
+            let body = {
+                let mut v = postcard::to_stdvec(&(VERSION, 1u64)).expect("encode");
+                v.push(4); // AttachBlock tag
+                v.extend(postcard::to_stdvec(bad).expect("encode"));
+                v.push(0);
+                v
+            };
+            assert!(Request::parse_body(&body).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn console_read_is_bounded() {
+        let r = req(Command::ReadConsole {
+            cursor: 0,
+            max: MAX_CONSOLE_CHUNK + 1,
+        });
+        assert!(matches!(
+            Request::parse_frame(&r.encode()),
+            Err(DecodeError::ConsoleTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let r = Response {
+            version: VERSION,
+            id: 3,
+            result: Err(CommandError::Malformed(DecodeError::Body)),
+        };
+        assert_eq!(Response::parse_frame(&r.encode()), Ok(r));
+    }
+}

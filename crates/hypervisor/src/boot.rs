@@ -1,0 +1,217 @@
+//! Loading a Linux kernel, initrd and command line, and writing the boot protocol structures.
+//!
+//! Two paths: an ELF `vmlinux` with a PVH entry note (the fast path: the guest starts in 32-bit
+//! protected mode at its PVH entry with `hvm_start_info` in %ebx) and a bzImage (64-bit boot
+//! protocol: long mode, identity-mapped page tables, `boot_params` in %rsi).
+
+use std::fs::File;
+use std::path::Path;
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::layout::*;
+use crate::memory::GuestRam;
+use crate::Error;
+
+/// How the vCPU 0 must be started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// PVH: 32-bit protected mode, paging off, `%ebx` = start info.
+    Pvh { entry: GuestAddress },
+    /// Linux 64-bit boot protocol: long mode, `%rsi` = zero page.
+    Linux64 { entry: GuestAddress },
+}
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
+
+/// What was loaded where.
+pub struct LoadedKernel {
+    pub entry: EntryPoint,
+    pub setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+}
+
+/// Loads `kernel` into guest memory, trying PVH ELF first and bzImage second.
+pub fn load_kernel(ram: &GuestRam, kernel: &Path) -> Result<LoadedKernel, Error> {
+    let mut f = File::open(kernel).map_err(|e| Error::KernelFile(kernel.to_owned(), e))?;
+    match Elf::load(
+        &ram.mem,
+        None,
+        &mut f,
+        Some(GuestAddress(HIGH_MEMORY_START)),
+    ) {
+        Ok(res) => match res.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel {
+                entry: EntryPoint::Pvh { entry },
+                setup_header: None,
+            }),
+            // A 64-bit ELF without a PVH note: enter at e_entry in long mode.
+            _ => Ok(LoadedKernel {
+                entry: EntryPoint::Linux64 {
+                    entry: res.kernel_load,
+                },
+                setup_header: None,
+            }),
+        },
+        Err(linux_loader::loader::Error::Elf(
+            linux_loader::loader::elf::Error::InvalidElfMagicNumber,
+        )) => {
+            let res = BzImage::load(
+                &ram.mem,
+                None,
+                &mut f,
+                Some(GuestAddress(HIGH_MEMORY_START)),
+            )
+            .map_err(|e| Error::NotAKernel(e.to_string()))?;
+            let entry = res
+                .kernel_load
+                .checked_add(0x200)
+                .ok_or(Error::NotAKernel("entry overflows".into()))?;
+            Ok(LoadedKernel {
+                entry: EntryPoint::Linux64 { entry },
+                setup_header: res.setup_header,
+            })
+        }
+        Err(e) => Err(Error::NotAKernel(e.to_string())),
+    }
+}
+
+/// Copies the initrd to the top of low RAM (page-aligned). Returns (address, size).
+pub fn load_initrd(ram: &GuestRam, initrd: &Path) -> Result<(GuestAddress, usize), Error> {
+    let data = std::fs::read(initrd).map_err(|e| Error::InitrdFile(initrd.to_owned(), e))?;
+    let size = data.len();
+    let top = ram.low_end();
+    let addr = top
+        .checked_sub(size as u64)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= HIGH_MEMORY_START + (16 << 20))
+        .ok_or(Error::InitrdTooLarge { size })?;
+    ram.mem
+        .write_slice(&data, GuestAddress(addr))
+        .map_err(|_| Error::InitrdTooLarge { size })?;
+    Ok((GuestAddress(addr), size))
+}
+
+/// Writes the command line to guest memory.
+pub fn load_command_line(ram: &GuestRam, cmdline: &str) -> Result<(), Error> {
+    let mut cl = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|_| Error::Cmdline)?;
+    cl.insert_str(cmdline).map_err(|_| Error::Cmdline)?;
+    load_cmdline(&ram.mem, GuestAddress(CMDLINE_START), &cl).map_err(|_| Error::Cmdline)
+}
+
+/// The RAM ranges reported to the guest: low memory up to the EBDA, then from 1 MiB.
+fn ram_ranges(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
+    let mut v = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
+    ];
+    for (i, (gpa, size, _)) in ram.regions.iter().enumerate() {
+        let (start, len) = if i == 0 {
+            (
+                HIGH_MEMORY_START,
+                (*size as u64).saturating_sub(HIGH_MEMORY_START),
+            )
+        } else {
+            (gpa.raw_value(), *size as u64)
+        };
+        v.push((start, len, E820_RAM));
+    }
+    v
+}
+
+/// Writes `hvm_start_info`, its memory map and module list (PVH boot).
+pub fn write_pvh_info(
+    ram: &GuestRam,
+    cmdline_len: usize,
+    initrd: Option<(GuestAddress, usize)>,
+) -> Result<(), Error> {
+    let _ = cmdline_len;
+    let memmap: Vec<hvm_memmap_table_entry> = ram_ranges(ram)
+        .into_iter()
+        .map(|(addr, size, type_)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        })
+        .collect();
+    let mut info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: MEMMAP_START,
+        memmap_entries: u32::try_from(memmap.len()).map_err(|_| Error::MemoryLayout)?,
+        ..Default::default()
+    };
+    let mut modules = Vec::new();
+    if let Some((addr, size)) = initrd {
+        modules.push(hvm_modlist_entry {
+            paddr: addr.raw_value(),
+            size: size as u64,
+            ..Default::default()
+        });
+        info.nr_modules = 1;
+        info.modlist_paddr = MODLIST_START;
+    }
+    let mut params = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
+    params.set_sections::<hvm_memmap_table_entry>(&memmap, GuestAddress(MEMMAP_START));
+    if !modules.is_empty() {
+        params.set_modules::<hvm_modlist_entry>(&modules, GuestAddress(MODLIST_START));
+    }
+    PvhBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap>(&params, &ram.mem)
+        .map_err(|e| Error::BootParams(e.to_string()))
+}
+
+/// Writes the Linux zero page (bzImage / 64-bit boot protocol).
+pub fn write_linux_boot_params(
+    ram: &GuestRam,
+    loaded: &LoadedKernel,
+    cmdline_len: usize,
+    initrd: Option<(GuestAddress, usize)>,
+) -> Result<(), Error> {
+    let mut bp = boot_params::default();
+    if let Some(hdr) = loaded.setup_header {
+        bp.hdr = hdr;
+    }
+    bp.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    bp.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    bp.hdr.header = KERNEL_HDR_MAGIC;
+    bp.hdr.cmd_line_ptr = u32::try_from(CMDLINE_START).map_err(|_| Error::Cmdline)?;
+    bp.hdr.cmdline_size = u32::try_from(cmdline_len).map_err(|_| Error::Cmdline)?;
+    bp.hdr.kernel_alignment = 0x0100_0000;
+    if let Some((addr, size)) = initrd {
+        bp.hdr.ramdisk_image =
+            u32::try_from(addr.raw_value()).map_err(|_| Error::InitrdTooLarge { size })?;
+        bp.hdr.ramdisk_size = u32::try_from(size).map_err(|_| Error::InitrdTooLarge { size })?;
+    }
+    let ranges = ram_ranges(ram);
+    for (i, (addr, size, type_)) in ranges.iter().enumerate() {
+        let slot = bp.e820_table.get_mut(i).ok_or(Error::MemoryLayout)?;
+        *slot = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *type_,
+        };
+    }
+    bp.e820_entries = u8::try_from(ranges.len()).map_err(|_| Error::MemoryLayout)?;
+    let params = BootParams::new::<boot_params>(&bp, GuestAddress(ZERO_PAGE_START));
+    LinuxBootConfigurator::write_bootparams::<vm_memory::GuestMemoryMmap>(&params, &ram.mem)
+        .map_err(|e| Error::BootParams(e.to_string()))
+}
+
+/// Whether `addr..addr+len` is backed by guest RAM.
+pub fn in_ram(ram: &GuestRam, addr: u64, len: usize) -> bool {
+    ram.mem.check_range(GuestAddress(addr), len)
+}

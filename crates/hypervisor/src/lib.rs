@@ -1,0 +1,65 @@
+//! `bulkhead-hypervisor`: the Nitro Hypervisor of Bulkhead.
+//!
+//! A deliberately small KVM VMM. It partitions CPU and memory, presents a UART, an i8042 reset
+//! line, a virtio-rng and vhost-user block devices, and takes orders over one private channel
+//! inherited from its parent. It has no network stack, opens no files after start, and has no
+//! shell and no interactive access: the console is output only.
+
+pub mod boot;
+pub mod console;
+pub mod cpu;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod sandbox;
+pub mod server;
+pub mod topology;
+pub mod vm;
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    NoKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not 12")]
+    KvmVersion(i32),
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("memory size {mib} MiB is outside {min}..={max} MiB")]
+    MemorySize { mib: u64, min: u64, max: u64 },
+    #[error("guest memory: {0}")]
+    Memory(std::io::Error),
+    #[error("guest memory layout is invalid")]
+    MemoryLayout,
+    #[error("vCPU count {0} is outside 1..=254")]
+    VcpuCount(u32),
+    #[error("cannot read kernel {0}: {1}")]
+    KernelFile(PathBuf, std::io::Error),
+    #[error("not a bootable kernel (need an ELF vmlinux or a bzImage): {0}")]
+    NotAKernel(String),
+    #[error("cannot read initrd {0}: {1}")]
+    InitrdFile(PathBuf, std::io::Error),
+    #[error("initrd of {size} bytes does not fit in guest memory")]
+    InitrdTooLarge { size: usize },
+    #[error("kernel command line is invalid or longer than 2048 bytes")]
+    Cmdline,
+    #[error("writing boot parameters: {0}")]
+    BootParams(String),
+    #[error("KVM accepted {set} of {want} MSRs")]
+    MsrsRefused { set: usize, want: usize },
+    #[error("device: {0}")]
+    Device(String),
+    #[error("vhost-user block device: {0}")]
+    VhostUser(#[from] devices::vhost_blk::ConnectError),
+    #[error("no free virtio slot")]
+    NoFreeSlot,
+    #[error("sandbox: {0}")]
+    Sandbox(String),
+    #[error("thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cpu topology: {0}")]
+    Topology(String),
+}

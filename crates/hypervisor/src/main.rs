@@ -1,0 +1,146 @@
+//! `bulkhead-hypervisor`: run one VM, standalone (development) or under the controller.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bulkhead_hypervisor::sandbox::{self, ThreadRole};
+use bulkhead_hypervisor::vm::{ExitReason, Vm, VmConfig};
+use bulkhead_hypervisor::{server, Error};
+use clap::{Args, Parser, Subcommand};
+
+/// Default kernel arguments for the test guest on this kind of machine (see guest/README.md).
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+
+#[derive(Parser)]
+#[command(
+    name = "bulkhead-hypervisor",
+    version,
+    about = "Bulkhead's minimal KVM hypervisor"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a guest with its console on stdout; exit when it powers off.
+    Run {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// vhost-user block backend socket to attach (repeatable); `PATH` or `PATH,ro`.
+        #[arg(long = "block")]
+        blocks: Vec<String>,
+    },
+    /// Serve the private command channel inherited as fd N (used by the controller).
+    Serve {
+        #[command(flatten)]
+        vm: VmArgs,
+        #[arg(long)]
+        channel_fd: i32,
+    },
+}
+
+#[derive(Args)]
+struct VmArgs {
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Threads per core reported to the guest (vCPUs must be a multiple).
+    #[arg(long, default_value_t = 1)]
+    threads_per_core: u8,
+    /// Host CPUs to pin vCPU threads to, e.g. `2,3`.
+    #[arg(long, value_delimiter = ',')]
+    pin: Option<Vec<usize>>,
+    /// Drop to this uid:gid after set-up (when started as root).
+    #[arg(long)]
+    run_as: Option<String>,
+}
+
+impl VmArgs {
+    fn config(&self, echo: bool) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            threads_per_core: self.threads_per_core,
+            echo_console: echo,
+            pin: self.pin.clone(),
+        }
+    }
+    fn run_as(&self) -> Result<Option<(u32, u32)>, Error> {
+        let Some(s) = &self.run_as else {
+            return Ok(None);
+        };
+        let bad = || Error::Sandbox(format!("--run-as wants UID:GID, got {s:?}"));
+        let (u, g) = s.split_once(':').ok_or_else(bad)?;
+        Ok(Some((
+            u.parse().map_err(|_| bad())?,
+            g.parse().map_err(|_| bad())?,
+        )))
+    }
+}
+
+fn run(vm_args: VmArgs, blocks: Vec<String>) -> Result<ExitReason, Error> {
+    let mut vm = Vm::new(vm_args.config(true))?;
+    for (i, spec) in blocks.iter().enumerate() {
+        let (path, ro) = match spec.strip_suffix(",ro") {
+            Some(p) => (p, true),
+            None => (spec.as_str(), false),
+        };
+        let stream = UnixStream::connect(path)
+            .map_err(|e| Error::Device(format!("connecting to {path}: {e}")))?;
+        vm.attach_block(&format!("blk{i}"), stream, ro)?;
+    }
+    sandbox::close_other_fds(&[]);
+    sandbox::harden_process(vm_args.run_as()?)?;
+    vm.start()?;
+    sandbox::apply_thread_filter(ThreadRole::Main)?;
+    Ok(vm.wait())
+}
+
+fn serve(vm_args: VmArgs, channel_fd: i32) -> Result<(), Error> {
+    sandbox::close_other_fds(&[channel_fd]);
+    let channel = server::channel_from_fd(channel_fd)
+        .map_err(|e| Error::Device(format!("channel fd: {e}")))?;
+    let mut vm = Vm::new(vm_args.config(false))?;
+    sandbox::harden_process(vm_args.run_as()?)?;
+    sandbox::apply_thread_filter(ThreadRole::Main)?;
+    server::serve(&mut vm, channel);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run { vm, blocks } => run(vm, blocks).map(|r| match r {
+            ExitReason::GuestReset | ExitReason::Commanded => ExitCode::SUCCESS,
+            other => {
+                eprintln!("bulkhead-hypervisor: guest stopped: {other:?}");
+                ExitCode::from(3)
+            }
+        }),
+        Cmd::Serve { vm, channel_fd } => serve(vm, channel_fd).map(|_| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("bulkhead-hypervisor: {e}");
+        ExitCode::from(2)
+    })
+}

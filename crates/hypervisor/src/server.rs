@@ -1,0 +1,211 @@
+//! The private command channel, served on the main thread.
+//!
+//! The channel is one end of a `SOCK_SEQPACKET` socketpair inherited from the parent: one
+//! packet is one frame, and an fd (for `AttachBlock`) rides on the same packet. Every packet is
+//! parsed by [`Request::parse_frame`]; anything invalid gets a typed error and changes nothing.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use bulkhead_channel::{
+    BackendFailure, Command, CommandError, DecodeError, Reply, Request, Response, VmState,
+    HEADER_LEN, MAX_FRAME, VERSION,
+};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::vm::Vm;
+
+/// What the loop should do after a command.
+enum Next {
+    Continue,
+    Exit,
+}
+
+/// Serves commands until `Shutdown` or until the parent closes its end.
+pub fn serve(vm: &mut Vm, channel: UnixStream) {
+    let mut buf = vec![0u8; HEADER_LEN + MAX_FRAME as usize + 1];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: channel.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: vm.exit_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            break;
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            // The guest stopped by itself: keep serving (console stays readable) until told.
+            let mut b = [0u8; 8];
+            // SAFETY: reading 8 bytes from our own eventfd into a valid buffer.
+            unsafe { libc::read(vm.exit_fd(), b.as_mut_ptr().cast(), 8) };
+            tracing::info!(reason = ?vm.exit_reason(), "guest stopped");
+        }
+        if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) == 0 {
+            continue;
+        }
+        let (n, file) = match channel.recv_with_fd(&mut buf) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "channel receive failed");
+                break;
+            }
+        };
+        if n == 0 {
+            tracing::info!("parent closed the channel: shutting down");
+            break;
+        }
+        let fd: Option<OwnedFd> = file.map(OwnedFd::from);
+        let (resp, next) = handle(vm, buf.get(..n).unwrap_or(&[]), fd);
+        if let Err(e) = std::io::Write::write_all(&mut &channel, &resp.encode()) {
+            tracing::warn!(error = %e, "channel send failed");
+            break;
+        }
+        if let Next::Exit = next {
+            break;
+        }
+    }
+    vm.shutdown();
+}
+
+fn respond(id: u64, result: Result<Reply, CommandError>) -> Response {
+    Response {
+        version: VERSION,
+        id,
+        result,
+    }
+}
+
+fn handle(vm: &mut Vm, frame: &[u8], fd: Option<OwnedFd>) -> (Response, Next) {
+    if frame.len() > HEADER_LEN + MAX_FRAME as usize {
+        let e = DecodeError::Oversized {
+            len: u32::try_from(frame.len()).unwrap_or(u32::MAX),
+            max: MAX_FRAME,
+        };
+        return (respond(0, Err(CommandError::Malformed(e))), Next::Continue);
+    }
+    let req = match Request::parse_frame(frame) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "refused a malformed command");
+            return (respond(0, Err(CommandError::Malformed(e))), Next::Continue);
+        }
+    };
+    if req.command.wants_fd() != fd.is_some() {
+        return (
+            respond(req.id, Err(CommandError::MissingFd)),
+            Next::Continue,
+        );
+    }
+    tracing::info!(id = req.id, command = ?req.command, "command");
+    let done = |vm: &Vm| Ok(Reply::Done { state: vm.state() });
+    let (result, next) = match req.command {
+        Command::Start => (
+            vm.start()
+                .map_err(|_| CommandError::WrongState(vm.state()))
+                .and_then(|_| done(vm)),
+            Next::Continue,
+        ),
+        Command::Pause => (
+            vm.pause()
+                .map_err(CommandError::WrongState)
+                .and_then(|_| done(vm)),
+            Next::Continue,
+        ),
+        Command::Resume => (
+            vm.resume()
+                .map_err(CommandError::WrongState)
+                .and_then(|_| done(vm)),
+            Next::Continue,
+        ),
+        Command::Shutdown => {
+            vm.shutdown();
+            (done(vm), Next::Exit)
+        }
+        Command::AttachBlock { id, read_only } => {
+            let result = if vm.state() != VmState::Created {
+                // No hot-plug yet: devices are attached before the guest boots.
+                Err(CommandError::WrongState(vm.state()))
+            } else if let Some(fd) = fd {
+                // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
+                let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
+                match vm.attach_block(id.as_str(), stream, read_only) {
+                    Ok(()) => done(vm),
+                    Err(crate::Error::Device(_)) => Err(CommandError::DeviceExists),
+                    Err(crate::Error::NoFreeSlot) => Err(CommandError::NoFreeSlot),
+                    Err(crate::Error::VhostUser(e)) => {
+                        tracing::warn!(error = %e, "vhost-user attach failed");
+                        Err(CommandError::Backend(BackendFailure::Handshake))
+                    }
+                    Err(_) => Err(CommandError::Internal),
+                }
+            } else {
+                Err(CommandError::MissingFd)
+            };
+            (result, Next::Continue)
+        }
+        Command::DetachBlock { id } => {
+            let result = if vm.state() != VmState::Created {
+                Err(CommandError::WrongState(vm.state()))
+            } else {
+                vm.detach_block(id.as_str())
+                    .map_err(|_| CommandError::NoSuchDevice)
+                    .and_then(|_| done(vm))
+            };
+            (result, Next::Continue)
+        }
+        Command::ReadConsole { cursor, max } => {
+            let chunk = vm.console().read(cursor, usize::try_from(max).unwrap_or(0));
+            (
+                Ok(Reply::Console {
+                    data: chunk.data,
+                    next: chunk.next,
+                    lost: chunk.lost,
+                }),
+                Next::Continue,
+            )
+        }
+        Command::Stats => (
+            Ok(Reply::Stats {
+                state: vm.state(),
+                stats: vm.stats(),
+            }),
+            Next::Continue,
+        ),
+    };
+    (respond(req.id, result), next)
+}
+
+fn into_raw(fd: OwnedFd) -> RawFd {
+    use std::os::fd::IntoRawFd;
+    fd.into_raw_fd()
+}
+
+/// Takes ownership of the inherited channel fd, checking that it is a unix socket.
+pub fn channel_from_fd(fd: RawFd) -> std::io::Result<UnixStream> {
+    // SAFETY: fstat on an integer fd with a zeroed stat buffer we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `st` is valid for writes.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "channel fd is not a socket",
+        ));
+    }
+    // SAFETY: the fd was inherited for this purpose and nothing else in the process owns it.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
+}

@@ -1,0 +1,616 @@
+//! One VM: its KVM objects, memory, devices and vCPU threads.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bulkhead_channel::{VmState, VmStats};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, EntryPoint};
+use crate::console::Console;
+use crate::cpu::{self, GuestTopology};
+use crate::devices::legacy::{PioBus, PioOutcome};
+use crate::devices::vhost_blk::VhostUserBlk;
+use crate::devices::virtio_mmio::{MmioTransport, VirtioDevice, QUEUE_NOTIFY};
+use crate::devices::virtio_rng::VirtioRng;
+use crate::layout::*;
+use crate::memory::GuestRam;
+use crate::{mptable, Error};
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    pub threads_per_core: u8,
+    pub echo_console: bool,
+    /// Host CPUs to pin vCPU threads to (vCPU i on `pin[i % len]`).
+    pub pin: Option<Vec<usize>>,
+}
+
+/// Why the VM stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset/powered off through the i8042.
+    GuestReset,
+    /// The guest triple-faulted.
+    TripleFault,
+    /// KVM could not run the guest (e.g. an instruction this KVM cannot emulate).
+    InternalError,
+    /// The controller (or a signal) asked for shutdown.
+    Commanded,
+    /// A vCPU failed in the VMM.
+    VmmError,
+}
+
+#[derive(Debug)]
+struct RunState {
+    state: VmState,
+    paused_vcpus: usize,
+    exit: Option<ExitReason>,
+}
+
+#[derive(Default)]
+struct Counters {
+    exits: AtomicU64,
+    mmio: AtomicU64,
+    pio: AtomicU64,
+}
+
+struct Shared {
+    ram: GuestRam,
+    pio: Mutex<PioBus>,
+    slots: Mutex<Vec<Option<MmioTransport>>>,
+    run: Mutex<RunState>,
+    cv: Condvar,
+    exit_evt: EventFd,
+    counters: Counters,
+    bad_guest: Arc<AtomicU64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Signal used to kick a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// A built VM.
+pub struct Vm {
+    _kvm: Kvm,
+    vm_fd: VmFd,
+    shared: Arc<Shared>,
+    console: Console,
+    config: VmConfig,
+    pending_vcpus: Vec<(u8, VcpuFd)>,
+    threads: Vec<JoinHandle<()>>,
+    devices: HashMap<String, usize>,
+    entry: EntryPoint,
+    setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+    pending_initrd: Option<(vm_memory::GuestAddress, usize)>,
+}
+
+impl Vm {
+    /// Builds the VM (memory, kernel, devices, vCPUs); nothing runs until [`Vm::start`].
+    pub fn new(config: VmConfig) -> Result<Self, Error> {
+        if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
+            return Err(Error::VcpuCount(u32::from(config.vcpus)));
+        }
+        let tpc = config.threads_per_core.max(1);
+        if config.vcpus % tpc != 0 {
+            return Err(Error::Topology(format!(
+                "{} vCPUs are not whole cores of {tpc} threads",
+                config.vcpus
+            )));
+        }
+        let kvm = Kvm::new().map_err(Error::NoKvm)?;
+        let v = kvm.get_api_version();
+        if v != 12 {
+            return Err(Error::KvmVersion(v));
+        }
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+
+        let ram = GuestRam::new(config.memory_mib)?;
+        for (slot, (gpa, size, _)) in ram.regions.iter().enumerate() {
+            let host = vm_memory::GuestMemoryBackend::get_host_address(&ram.mem, *gpa)
+                .map_err(|_| Error::MemoryLayout)?;
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot: u32::try_from(slot).map_err(|_| Error::MemoryLayout)?,
+                guest_phys_addr: gpa.0,
+                memory_size: *size as u64,
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: `region` describes a mapping owned by `ram`, which lives in `Shared` for
+            // as long as the VM fd (and so the memory slot) exists.
+            unsafe { vm_fd.set_user_memory_region(region) }
+                .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        let loaded = boot::load_kernel(&ram, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(p) => Some(boot::load_initrd(&ram, p)?),
+            None => None,
+        };
+
+        let console = Console::new(crate::console::DEFAULT_CAPACITY, config.echo_console);
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()))?;
+        vm_fd
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let bad_guest = Arc::new(AtomicU64::new(0));
+        let exit_evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            ram,
+            pio: Mutex::new(PioBus::new(console.clone(), serial_irq)),
+            slots: Mutex::new((0..VIRTIO_SLOTS).map(|_| None).collect()),
+            run: Mutex::new(RunState {
+                state: VmState::Created,
+                paused_vcpus: 0,
+                exit: None,
+            }),
+            cv: Condvar::new(),
+            exit_evt,
+            counters: Counters::default(),
+            bad_guest,
+        });
+
+        let topo = GuestTopology {
+            threads_per_core: tpc,
+            cores: config.vcpus / tpc,
+        };
+        mptable::write(&shared.ram.mem, config.vcpus)?;
+        let mut pending = Vec::new();
+        for i in 0..config.vcpus {
+            let vcpu = vm_fd
+                .create_vcpu(u64::from(topo.apic_id(i)))
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            cpu::setup_vcpu(&kvm, &vcpu, topo, i)?;
+            if i == 0 {
+                cpu::setup_boot_vcpu(&vcpu, &shared.ram.mem, loaded.entry)?;
+            }
+            pending.push((i, vcpu));
+        }
+
+        let mut vm = Vm {
+            _kvm: kvm,
+            vm_fd,
+            shared,
+            console,
+            config,
+            pending_vcpus: pending,
+            threads: Vec::new(),
+            devices: HashMap::new(),
+            entry: loaded.entry,
+            setup_header: loaded.setup_header,
+            pending_initrd: initrd,
+        };
+        vm.add_device(Box::new(VirtioRng::new()))?;
+        Ok(vm)
+    }
+
+    fn add_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<usize, Error> {
+        let mut slots = lock(&self.shared.slots);
+        let slot = slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(Error::NoFreeSlot)?;
+        let gsi = VIRTIO_IRQ_BASE + u32::try_from(slot).map_err(|_| Error::NoFreeSlot)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()))?;
+        self.vm_fd
+            .register_irqfd(&irq, gsi)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let t = MmioTransport::new(device, irq, self.shared.bad_guest.clone())
+            .map_err(|e| Error::Device(e.to_string()))?;
+        let base = VIRTIO_MMIO_BASE + (slot as u64) * VIRTIO_MMIO_SIZE;
+        for (q, kick) in t.kicks.iter().enumerate() {
+            let q = u32::try_from(q).map_err(|_| Error::NoFreeSlot)?;
+            self.vm_fd
+                .register_ioevent(kick, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q)
+                .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+        }
+        if let Some(s) = slots.get_mut(slot) {
+            *s = Some(t);
+        }
+        Ok(slot)
+    }
+
+    /// Attaches a vhost-user block device whose backend is connected on `stream`.
+    /// Without hot-plug support the guest only sees devices attached before `start`.
+    pub fn attach_block(
+        &mut self,
+        id: &str,
+        stream: UnixStream,
+        read_only: bool,
+    ) -> Result<(), Error> {
+        if self.devices.contains_key(id) {
+            return Err(Error::Device(format!("device {id} exists")));
+        }
+        let dev = VhostUserBlk::connect(stream, read_only)?;
+        tracing::info!(
+            device = id,
+            sectors = dev.capacity_sectors(),
+            "vhost-user block attached"
+        );
+        let slot = self.add_device(Box::new(dev))?;
+        self.devices.insert(id.to_owned(), slot);
+        Ok(())
+    }
+
+    /// Detaches a block device that the guest has not been started with.
+    pub fn detach_block(&mut self, id: &str) -> Result<(), Error> {
+        let slot = *self
+            .devices
+            .get(id)
+            .ok_or_else(|| Error::Device(format!("no device {id}")))?;
+        let mut slots = lock(&self.shared.slots);
+        if let Some(Some(t)) = slots.get(slot) {
+            let base = VIRTIO_MMIO_BASE + (slot as u64) * VIRTIO_MMIO_SIZE;
+            for (q, kick) in t.kicks.iter().enumerate() {
+                let _ = self.vm_fd.unregister_ioevent(
+                    kick,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
+                    q as u32,
+                );
+            }
+            let gsi = VIRTIO_IRQ_BASE + slot as u32;
+            let _ = self.vm_fd.unregister_irqfd(&t.irq, gsi);
+        }
+        if let Some(s) = slots.get_mut(slot) {
+            *s = None;
+        }
+        drop(slots);
+        self.devices.remove(id);
+        Ok(())
+    }
+
+    /// Number of attached block devices.
+    pub fn block_devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// The console handle.
+    pub fn console(&self) -> Console {
+        self.console.clone()
+    }
+
+    /// Current state.
+    pub fn state(&self) -> VmState {
+        lock(&self.shared.run).state
+    }
+
+    /// Why the VM stopped, once it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        lock(&self.shared.run).exit
+    }
+
+    /// An fd that becomes readable when the VM stops.
+    pub fn exit_fd(&self) -> std::os::fd::RawFd {
+        self.shared.exit_evt.as_raw_fd()
+    }
+
+    fn kernel_cmdline(&self) -> String {
+        let mut cl = self.config.cmdline.clone();
+        let slots = lock(&self.shared.slots);
+        for (i, s) in slots.iter().enumerate() {
+            if s.is_some() {
+                let base = VIRTIO_MMIO_BASE + (i as u64) * VIRTIO_MMIO_SIZE;
+                let irq = VIRTIO_IRQ_BASE as usize + i;
+                cl.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+            }
+        }
+        cl
+    }
+
+    /// Writes the final boot parameters and starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), Error> {
+        {
+            let st = lock(&self.shared.run);
+            if st.state != VmState::Created {
+                return Err(Error::Device(format!(
+                    "cannot start in state {:?}",
+                    st.state
+                )));
+            }
+        }
+        let cmdline = self.kernel_cmdline();
+        tracing::debug!(%cmdline, "kernel command line");
+        boot::load_command_line(&self.shared.ram, &cmdline)?;
+        match self.entry {
+            EntryPoint::Pvh { .. } => {
+                boot::write_pvh_info(&self.shared.ram, cmdline.len() + 1, self.pending_initrd)?
+            }
+            EntryPoint::Linux64 { .. } => {
+                let loaded = boot::LoadedKernel {
+                    entry: self.entry,
+                    setup_header: self.setup_header,
+                };
+                boot::write_linux_boot_params(
+                    &self.shared.ram,
+                    &loaded,
+                    cmdline.len() + 1,
+                    self.pending_initrd,
+                )?
+            }
+        }
+        // SAFETY: `noop_handler` is async-signal-safe (it does nothing); the signal only serves
+        // to interrupt KVM_RUN.
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+            .map_err(|e| Error::Thread(std::io::Error::other(e.to_string())))?;
+        lock(&self.shared.run).state = VmState::Running;
+        for (i, vcpu) in self.pending_vcpus.drain(..) {
+            let shared = self.shared.clone();
+            let pin = self
+                .config
+                .pin
+                .as_ref()
+                .filter(|p| !p.is_empty())
+                .map(|p| p[usize::from(i) % p.len()]);
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu_thread(i, vcpu, shared, pin))
+                .map_err(Error::Thread)?;
+            self.threads.push(h);
+        }
+        Ok(())
+    }
+
+    fn kick_all(&self) {
+        for h in &self.threads {
+            // SAFETY: the pthread handle is valid while the JoinHandle is alive; the signal has
+            // a no-op handler installed in `start`.
+            unsafe {
+                libc::pthread_kill(h.as_pthread_t(), kick_signal());
+            }
+        }
+    }
+
+    /// Stops vCPUs; returns when every vCPU is parked.
+    pub fn pause(&self) -> Result<(), VmState> {
+        {
+            let mut st = lock(&self.shared.run);
+            if st.state != VmState::Running {
+                return Err(st.state);
+            }
+            st.state = VmState::Paused;
+        }
+        let want = self.threads.len();
+        for _ in 0..2000 {
+            self.kick_all();
+            let st = lock(&self.shared.run);
+            if st.paused_vcpus >= want || st.state == VmState::Stopped {
+                return Ok(());
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Resumes after `pause`.
+    pub fn resume(&self) -> Result<(), VmState> {
+        let mut st = lock(&self.shared.run);
+        if st.state != VmState::Paused {
+            return Err(st.state);
+        }
+        st.state = VmState::Running;
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    /// Stops the VM and joins its threads.
+    pub fn shutdown(&mut self) {
+        request_exit(&self.shared, ExitReason::Commanded);
+        self.kick_all();
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+
+    /// Waits until the VM stops by itself, then joins the vCPU threads.
+    pub fn wait(&mut self) -> ExitReason {
+        {
+            let mut st = lock(&self.shared.run);
+            while st.state != VmState::Stopped {
+                st = self.shared.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        self.kick_all();
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+        self.exit_reason().unwrap_or(ExitReason::VmmError)
+    }
+
+    /// Counters for `Stats`.
+    pub fn stats(&self) -> VmStats {
+        let (console_bytes, console_dropped) = self.console.totals();
+        let c = &self.shared.counters;
+        VmStats {
+            vcpus: u32::from(self.config.vcpus),
+            memory_mib: self.config.memory_mib,
+            vcpu_exits: c.exits.load(Ordering::Relaxed),
+            mmio_exits: c.mmio.load(Ordering::Relaxed),
+            pio_exits: c.pio.load(Ordering::Relaxed),
+            console_bytes,
+            console_dropped,
+            block_devices: u32::try_from(self.devices.len()).unwrap_or(u32::MAX),
+            bad_guest_accesses: self.shared.bad_guest.load(Ordering::Relaxed)
+                + lock(&self.shared.pio)
+                    .unknown_accesses
+                    .load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn request_exit(shared: &Shared, reason: ExitReason) {
+    let mut st = lock(&shared.run);
+    if st.state != VmState::Stopped {
+        st.state = VmState::Stopped;
+        st.exit = Some(reason);
+        let _ = shared.exit_evt.write(1);
+    }
+    shared.cv.notify_all();
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: `set` is a plain bitmask struct we own; sched_setaffinity(0) targets this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::warn!(cpu, "could not pin vCPU thread");
+        }
+    }
+}
+
+fn mmio_slot(addr: u64) -> Option<(usize, u64)> {
+    let off = addr.checked_sub(VIRTIO_MMIO_BASE)?;
+    let slot = usize::try_from(off / VIRTIO_MMIO_SIZE).ok()?;
+    (slot < VIRTIO_SLOTS as usize).then_some((slot, off % VIRTIO_MMIO_SIZE))
+}
+
+fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usize>) {
+    if let Some(cpu) = pin {
+        pin_to(cpu);
+    }
+    if let Err(e) = crate::sandbox::apply_thread_filter(crate::sandbox::ThreadRole::Vcpu) {
+        tracing::error!(vcpu = index, error = %e, "cannot install the vCPU seccomp filter");
+        request_exit(&shared, ExitReason::VmmError);
+        return;
+    }
+    loop {
+        {
+            let mut st = lock(&shared.run);
+            if st.state == VmState::Paused {
+                st.paused_vcpus += 1;
+                while st.state == VmState::Paused {
+                    st = shared.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                st.paused_vcpus -= 1;
+            }
+            if st.state == VmState::Stopped {
+                return;
+            }
+        }
+        shared.counters.exits.fetch_add(1, Ordering::Relaxed);
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                shared.counters.pio.fetch_add(1, Ordering::Relaxed);
+                if lock(&shared.pio).write(port, data) == PioOutcome::Reset {
+                    tracing::info!(vcpu = index, "guest reset via i8042");
+                    request_exit(&shared, ExitReason::GuestReset);
+                    return;
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                shared.counters.pio.fetch_add(1, Ordering::Relaxed);
+                lock(&shared.pio).read(port, data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                shared.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                let mut slots = lock(&shared.slots);
+                match mmio_slot(addr)
+                    .and_then(|(s, off)| slots.get_mut(s)?.as_mut().map(|t| (t, off)))
+                {
+                    Some((t, off)) => t.read(off, data),
+                    None => data.fill(0xff),
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                shared.counters.mmio.fetch_add(1, Ordering::Relaxed);
+                let mut slots = lock(&shared.slots);
+                match mmio_slot(addr)
+                    .and_then(|(s, off)| slots.get_mut(s)?.as_mut().map(|t| (t, off)))
+                {
+                    Some((t, off)) => t.write(
+                        off,
+                        data,
+                        &shared.ram.mem,
+                        &shared.ram.regions,
+                        shared.ram.memfd.as_raw_fd(),
+                    ),
+                    None => {
+                        shared.bad_guest.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Shutdown) => {
+                tracing::warn!(vcpu = index, "guest triple-faulted");
+                request_exit(&shared, ExitReason::TripleFault);
+                return;
+            }
+            Ok(VcpuExit::InternalError) => {
+                let run = vcpu.get_kvm_run();
+                // SAFETY: KVM filled the `internal` member of the union for this exit reason.
+                let (sub, n, data) = unsafe {
+                    (
+                        run.__bindgen_anon_1.internal.suberror,
+                        run.__bindgen_anon_1.internal.ndata,
+                        run.__bindgen_anon_1.internal.data,
+                    )
+                };
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                let shown = usize::try_from(n).unwrap_or(0).min(data.len());
+                tracing::error!(vcpu = index, suberror = sub, rip = format_args!("{rip:#x}"), data = ?&data[..shown], "KVM internal error (emulation failure?)");
+                request_exit(&shared, ExitReason::InternalError);
+                return;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                tracing::info!(vcpu = index, kind, "system event");
+                request_exit(&shared, ExitReason::GuestReset);
+                return;
+            }
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                tracing::error!(vcpu = index, reason, "KVM entry failed");
+                request_exit(&shared, ExitReason::VmmError);
+                return;
+            }
+            Ok(other) => {
+                tracing::debug!(vcpu = index, exit = ?other, "unhandled exit");
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                tracing::error!(vcpu = index, error = %e, "KVM_RUN failed");
+                request_exit(&shared, ExitReason::VmmError);
+                return;
+            }
+        }
+    }
+}
