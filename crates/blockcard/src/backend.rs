@@ -1,0 +1,484 @@
+//! The vhost-user-blk backend: one epoll thread per queue, each with its own cipher contexts and
+//! aligned bounce buffer. Guest data is copied into the private bounce buffer before it is
+//! encrypted and written (so the guest cannot change it mid-request), and decrypted in the bounce
+//! buffer before it is copied to the guest.
+
+use crate::metrics::BlkMetrics;
+use crate::request::{self, BlkOp, BlkRequest, DiskLimits, Extent, GuestBuf, Sector, SectorCount};
+use crate::store::{AlignedBuf, Backing, StoreError};
+use crate::xts::{CryptoSectorSize, XtsCipher, XtsError};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+/// Bytes of each queue's bounce buffer; requests larger than this are processed in chunks.
+pub const BOUNCE_BYTES: usize = 1 << 20;
+/// Largest queue a frontend may configure.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Most queues.
+pub const MAX_QUEUES: u16 = 16;
+
+mod feature {
+    pub const SIZE_MAX: u64 = 1 << 1;
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const TOPOLOGY: u64 = 1 << 10;
+    pub const MQ: u64 = 1 << 12;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// The per-queue cipher state.
+pub enum CipherState {
+    /// Unencrypted volume (explicitly requested at attach).
+    Plain,
+    /// AES-256-XTS.
+    Xts(Box<XtsCipher>),
+    /// Keys erased at detach: all I/O fails.
+    Erased,
+}
+
+/// One queue's private state.
+pub struct QueueWorker {
+    cipher: CipherState,
+    bounce: AlignedBuf,
+}
+
+impl QueueWorker {
+    /// A worker with its own cipher state and bounce buffer.
+    pub fn new(cipher: CipherState) -> Result<Self, StoreError> {
+        Ok(Self { cipher, bounce: AlignedBuf::new(BOUNCE_BYTES)? })
+    }
+}
+
+/// Why executing a checked request failed (reported as IOERR).
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Xts(#[from] XtsError),
+    #[error("guest memory access failed")]
+    GuestMemory,
+    #[error("keys were erased at detach")]
+    Erased,
+    #[error("arithmetic overflow")]
+    Overflow,
+}
+
+/// The volume as the backend serves it.
+pub struct Volume {
+    pub store: Backing,
+    pub limits: DiskLimits,
+    pub sector: CryptoSectorSize,
+    pub serial: [u8; request::ID_LEN],
+}
+
+/// The vhost-user-blk backend.
+pub struct BlockBackend {
+    vol: Arc<Volume>,
+    workers: Vec<Mutex<QueueWorker>>,
+    metrics: Arc<BlkMetrics>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap<()>>>>,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+    config: Vec<u8>,
+}
+
+impl BlockBackend {
+    /// One worker per queue.
+    pub fn new(vol: Arc<Volume>, workers: Vec<QueueWorker>, metrics: Arc<BlkMetrics>) -> Self {
+        let config = build_config(&vol, workers.len());
+        Self {
+            vol,
+            workers: workers.into_iter().map(Mutex::new).collect(),
+            metrics,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+            config,
+        }
+    }
+
+    /// Drops every cipher context (OpenSSL cleanses the key schedules on free). Waits for
+    /// in-flight requests of each queue to finish first.
+    pub fn erase_keys(&self) {
+        for w in &self.workers {
+            let mut guard = match w.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            guard.cipher = CipherState::Erased;
+        }
+    }
+
+    /// The volume.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
+
+    fn process_queue(&self, vring: &VringRwLock, w: &mut QueueWorker) -> io::Result<bool> {
+        let atomic = match self.mem.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let Some(atomic) = atomic else {
+            return Ok(false);
+        };
+        let mem = atomic.memory();
+        let chains: Vec<_> = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
+            Ok(it) => it.collect(),
+            Err(e) => {
+                // The avail ring itself is bogus: the device is broken until reset (virtio 2.1.2).
+                BlkMetrics::inc(&self.metrics.io_errors);
+                warn!(error = %e, "avail ring invalid; stopping queue");
+                return Err(io::Error::other("invalid avail ring"));
+            }
+        };
+        let mut any = false;
+        for chain in chains {
+            let head = chain.head_index();
+            let used = self.process_chain(chain.clone(), &mem, w);
+            vring.add_used(head, used).map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    fn process_chain<I>(&self, chain: I, mem: &GuestMemoryMmap<()>, w: &mut QueueWorker) -> u32
+    where
+        I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    {
+        let req = match BlkRequest::parse(chain, mem, &self.vol.limits) {
+            Ok(r) => r,
+            Err(rej) => {
+                self.metrics.count_reject(&rej.error, rej.status.is_some());
+                debug!(error = %rej.error, "rejected descriptor chain");
+                return match rej.status {
+                    Some(addr) if mem.write_obj(rej.status_code(), addr).is_ok() => 1,
+                    _ => 0,
+                };
+            }
+        };
+        let (code, written) = match self.execute(&req, mem, w) {
+            Ok(n) => (request::status::OK, n),
+            Err(e) => {
+                BlkMetrics::inc(&self.metrics.io_errors);
+                if matches!(e, ExecError::Erased) {
+                    BlkMetrics::inc(&self.metrics.rejected_after_detach);
+                }
+                warn!(error = %e, "request failed");
+                (request::status::IOERR, 0)
+            }
+        };
+        if mem.write_obj(code, req.status).is_err() {
+            return 0;
+        }
+        written.saturating_add(1)
+    }
+
+    /// Runs a checked request; returns the bytes written into guest buffers (excluding status).
+    fn execute(&self, req: &BlkRequest, mem: &GuestMemoryMmap<()>, w: &mut QueueWorker) -> Result<u32, ExecError> {
+        if matches!(w.cipher, CipherState::Erased) {
+            return Err(ExecError::Erased);
+        }
+        let m = &self.metrics;
+        match &req.op {
+            BlkOp::Read { start, len, bufs } => {
+                self.read(*start, *len, bufs, mem, w)?;
+                BlkMetrics::inc(&m.reads);
+                let bytes = len.bytes().ok_or(ExecError::Overflow)?;
+                BlkMetrics::add(&m.read_bytes, bytes);
+                u32::try_from(bytes).map_err(|_| ExecError::Overflow)
+            }
+            BlkOp::Write { start, len, bufs } => {
+                self.write(*start, *len, bufs, mem, w)?;
+                BlkMetrics::inc(&m.writes);
+                BlkMetrics::add(&m.write_bytes, len.bytes().ok_or(ExecError::Overflow)?);
+                Ok(0)
+            }
+            BlkOp::Flush => {
+                self.vol.store.flush()?;
+                BlkMetrics::inc(&m.flushes);
+                Ok(0)
+            }
+            BlkOp::GetId { buf } => {
+                let n = usize::try_from(buf.len).map_err(|_| ExecError::Overflow)?.min(request::ID_LEN);
+                let id = self.vol.serial.get(..n).ok_or(ExecError::Overflow)?;
+                mem.write_slice(id, buf.addr).map_err(|_| ExecError::GuestMemory)?;
+                BlkMetrics::inc(&m.get_ids);
+                u32::try_from(n).map_err(|_| ExecError::Overflow)
+            }
+            BlkOp::Discard { extents } => {
+                for e in extents {
+                    let off = e.start.0.checked_mul(512).ok_or(ExecError::Overflow)?;
+                    let n = e.len.bytes().ok_or(ExecError::Overflow)?;
+                    // Discard is advisory: a store that cannot punch holes keeps the data.
+                    if let Err(err) = self.vol.store.discard(off, n) {
+                        debug!(error = %err, "discard not supported by the backing store");
+                    }
+                }
+                BlkMetrics::inc(&m.discards);
+                Ok(0)
+            }
+            BlkOp::WriteZeroes { extents } => {
+                for e in extents {
+                    self.write_zeroes(e, w)?;
+                }
+                BlkMetrics::inc(&m.write_zeroes);
+                Ok(0)
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        start: Sector,
+        len: SectorCount,
+        bufs: &[GuestBuf],
+        mem: &GuestMemoryMmap<()>,
+        w: &mut QueueWorker,
+    ) -> Result<(), ExecError> {
+        let total = usize::try_from(len.bytes().ok_or(ExecError::Overflow)?).map_err(|_| ExecError::Overflow)?;
+        let base = start.0.checked_mul(512).ok_or(ExecError::Overflow)?;
+        let sector_bytes = self.vol.sector.bytes();
+        let mut done = 0usize;
+        while done < total {
+            let n = (total - done).min(w.bounce.len());
+            let off = base.checked_add(u64::try_from(done).map_err(|_| ExecError::Overflow)?).ok_or(ExecError::Overflow)?;
+            let chunk = w.bounce.get_mut(..n).ok_or(ExecError::Overflow)?;
+            self.vol.store.read_at(chunk, off)?;
+            if let CipherState::Xts(x) = &mut w.cipher {
+                x.decrypt(chunk, off / sector_bytes)?;
+            }
+            scatter(mem, bufs, done, chunk)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write(
+        &self,
+        start: Sector,
+        len: SectorCount,
+        bufs: &[GuestBuf],
+        mem: &GuestMemoryMmap<()>,
+        w: &mut QueueWorker,
+    ) -> Result<(), ExecError> {
+        let total = usize::try_from(len.bytes().ok_or(ExecError::Overflow)?).map_err(|_| ExecError::Overflow)?;
+        let base = start.0.checked_mul(512).ok_or(ExecError::Overflow)?;
+        let sector_bytes = self.vol.sector.bytes();
+        let mut done = 0usize;
+        while done < total {
+            let n = (total - done).min(w.bounce.len());
+            let off = base.checked_add(u64::try_from(done).map_err(|_| ExecError::Overflow)?).ok_or(ExecError::Overflow)?;
+            let chunk = w.bounce.get_mut(..n).ok_or(ExecError::Overflow)?;
+            gather(mem, bufs, done, chunk)?;
+            if let CipherState::Xts(x) = &mut w.cipher {
+                x.encrypt(chunk, off / sector_bytes)?;
+            }
+            self.vol.store.write_at(chunk, off)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, e: &Extent, w: &mut QueueWorker) -> Result<(), ExecError> {
+        let total = e.len.bytes().ok_or(ExecError::Overflow)?;
+        let base = e.start.0.checked_mul(512).ok_or(ExecError::Overflow)?;
+        let sector_bytes = self.vol.sector.bytes();
+        let mut done = 0u64;
+        while done < total {
+            let n = (total - done).min(u64::try_from(w.bounce.len()).map_err(|_| ExecError::Overflow)?);
+            let off = base.checked_add(done).ok_or(ExecError::Overflow)?;
+            let chunk = w.bounce.get_mut(..usize::try_from(n).map_err(|_| ExecError::Overflow)?).ok_or(ExecError::Overflow)?;
+            chunk.fill(0);
+            if let CipherState::Xts(x) = &mut w.cipher {
+                // Encrypted zeros, so the guest reads back zeros (a hole would decrypt to noise).
+                x.encrypt(chunk, off / sector_bytes)?;
+            }
+            self.vol.store.write_at(chunk, off)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Calls `f(guest_addr, range_in_chunk)` for each piece of `bufs` that overlaps the byte range
+/// `[off, off + len)` of the request's data.
+fn pieces(
+    bufs: &[GuestBuf],
+    off: usize,
+    len: usize,
+    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), ExecError>,
+) -> Result<(), ExecError> {
+    let end = off.checked_add(len).ok_or(ExecError::Overflow)?;
+    let mut pos = 0usize;
+    for b in bufs {
+        let blen = usize::try_from(b.len).map_err(|_| ExecError::Overflow)?;
+        let bstart = pos;
+        let bend = pos.checked_add(blen).ok_or(ExecError::Overflow)?;
+        pos = bend;
+        let s = bstart.max(off);
+        let e = bend.min(end);
+        if s < e {
+            let addr = b.addr.checked_add(u64::try_from(s - bstart).map_err(|_| ExecError::Overflow)?).ok_or(ExecError::Overflow)?;
+            f(addr, (s - off)..(e - off))?;
+        }
+        if pos >= end {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn gather(mem: &GuestMemoryMmap<()>, bufs: &[GuestBuf], off: usize, chunk: &mut [u8]) -> Result<(), ExecError> {
+    let len = chunk.len();
+    pieces(bufs, off, len, |addr, r| {
+        let dst = chunk.get_mut(r).ok_or(ExecError::Overflow)?;
+        mem.read_slice(dst, addr).map_err(|_| ExecError::GuestMemory)
+    })
+}
+
+fn scatter(mem: &GuestMemoryMmap<()>, bufs: &[GuestBuf], off: usize, chunk: &[u8]) -> Result<(), ExecError> {
+    pieces(bufs, off, chunk.len(), |addr, r| {
+        let src = chunk.get(r).ok_or(ExecError::Overflow)?;
+        mem.write_slice(src, addr).map_err(|_| ExecError::GuestMemory)
+    })
+}
+
+fn build_config(vol: &Volume, queues: usize) -> Vec<u8> {
+    let mut c = vec![0u8; 60];
+    let put = |c: &mut Vec<u8>, off: usize, bytes: &[u8]| {
+        if let Some(dst) = c.get_mut(off..off + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    };
+    put(&mut c, 0, &vol.limits.capacity.0.to_le_bytes());
+    put(&mut c, 8, &request::MAX_SEGMENT_BYTES.to_le_bytes());
+    let seg_max = u32::try_from(request::MAX_DATA_SEGMENTS).unwrap_or(1);
+    put(&mut c, 12, &seg_max.to_le_bytes());
+    let blk_size = u32::try_from(vol.sector.bytes()).unwrap_or(512);
+    put(&mut c, 20, &blk_size.to_le_bytes());
+    // Topology: one logical block per physical block, min I/O one block.
+    put(&mut c, 26, &1u16.to_le_bytes());
+    put(&mut c, 34, &u16::try_from(queues).unwrap_or(1).to_le_bytes());
+    put(&mut c, 36, &request::MAX_DISCARD_SECTORS.to_le_bytes());
+    put(&mut c, 40, &request::MAX_DISCARD_SEGMENTS.to_le_bytes());
+    let align = u32::try_from(vol.limits.align).unwrap_or(1);
+    put(&mut c, 44, &align.to_le_bytes());
+    put(&mut c, 48, &request::MAX_DISCARD_SECTORS.to_le_bytes());
+    put(&mut c, 52, &request::MAX_DISCARD_SEGMENTS.to_le_bytes());
+    c
+}
+
+impl VhostUserBackend for BlockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = feature::SIZE_MAX
+            | feature::SEG_MAX
+            | feature::BLK_SIZE
+            | feature::FLUSH
+            | feature::TOPOLOGY
+            | feature::MQ
+            | feature::RING_INDIRECT_DESC
+            | feature::RING_EVENT_IDX
+            | feature::VERSION_1
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.vol.limits.read_only {
+            f |= feature::RO;
+        } else {
+            f |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let (Ok(off), Ok(n)) = (usize::try_from(offset), usize::try_from(size)) else {
+            return Vec::new();
+        };
+        let mut out = vec![0u8; n];
+        if let Some(src) = self.config.get(off..) {
+            let k = src.len().min(n);
+            if let (Some(dst), Some(src)) = (out.get_mut(..k), src.get(..k)) {
+                dst.copy_from_slice(src);
+            }
+        }
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap<()>>) -> io::Result<()> {
+        match self.mem.write() {
+            Ok(mut g) => *g = Some(mem),
+            Err(p) => *p.into_inner() = Some(mem),
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.workers.len()).map(|i| 1u64 << i).collect()
+    }
+
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread_id: usize) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other("unexpected epoll event"));
+        }
+        let idx = usize::from(device_event);
+        let (Some(vring), Some(worker)) = (vrings.get(idx), self.workers.get(idx)) else {
+            return Err(io::Error::other("event for an unknown queue"));
+        };
+        let mut w = match worker.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mut any = false;
+        if self.event_idx.load(Ordering::Relaxed) {
+            loop {
+                vring.disable_notification().map_err(|e| io::Error::other(format!("{e}")))?;
+                any |= self.process_queue(vring, &mut w)?;
+                if !vring.enable_notification().map_err(|e| io::Error::other(format!("{e}")))? {
+                    break;
+                }
+            }
+        } else {
+            any = self.process_queue(vring, &mut w)?;
+        }
+        if any && vring.needs_notification().map_err(|e| io::Error::other(format!("{e}")))? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
