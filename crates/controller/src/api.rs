@@ -1,0 +1,596 @@
+//! The controller's whole API: the route table and the one parser that turns an HTTP request
+//! (method, path, query, body bytes) into a typed [`ApiRequest`]. Handlers never see raw bytes.
+//!
+//! [`ROUTES`] *is* the router: the HTTP server sends every request to [`ApiRequest::parse`],
+//! which matches only these entries. Anything else is `no_such_route`.
+
+use base64::Engine as _;
+use bulkhead_tokens::ops::valid_resource_id;
+use bulkhead_tokens::Operation;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest sealed key blob accepted (decoded).
+pub const MAX_SEALED_KEY_BYTES: usize = 4096;
+/// Most audit records returned by one read.
+pub const MAX_AUDIT_PAGE: u32 = 1000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Method {
+    Get,
+    Post,
+    Delete,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Delete => "DELETE",
+        }
+    }
+}
+
+/// Which JSON body a route takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    None,
+    Drain,
+    CreateInstance,
+    AttachVolume,
+}
+
+/// One entry of the route table.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec {
+    pub method: Method,
+    /// Path template; `{id}` and `{volume_id}` are identifier segments.
+    pub path: &'static str,
+    pub op: Operation,
+    pub body: BodyKind,
+    pub summary: &'static str,
+}
+
+macro_rules! route {
+    ($m:ident $p:literal => $op:ident, $body:ident, $s:literal) => {
+        RouteSpec {
+            method: Method::$m,
+            path: $p,
+            op: Operation::$op,
+            body: BodyKind::$body,
+            summary: $s,
+        }
+    };
+}
+
+/// Every route the controller serves. There are no others, and no flag adds any.
+pub const ROUTES: &[RouteSpec] = &[
+    route!(Get "/v1/host" => DescribeHost, None, "Describe the host and its free capacity"),
+    route!(Get "/v1/health" => GetHealth, None, "Health of the controller and its audit log"),
+    route!(Get "/v1/metrics" => GetMetrics, None, "Prometheus text-format metrics (pull only)"),
+    route!(Get "/v1/audit" => ReadAudit, None, "Audit records after a cursor (pull only)"),
+    route!(Get "/v1/alerts" => ListAlerts, None, "Alerts raised by the monitoring rules"),
+    route!(Post "/v1/host/drain" => DrainHost, Drain, "Stop placing new instances on this host"),
+    route!(Post "/v1/instances" => CreateInstance, CreateInstance, "Create an instance from an image"),
+    route!(Get "/v1/instances/{id}" => DescribeInstance, None, "Describe one instance"),
+    route!(Post "/v1/instances/{id}/start" => StartInstance, None, "Start an instance"),
+    route!(Post "/v1/instances/{id}/stop" => StopInstance, None, "Stop an instance"),
+    route!(Post "/v1/instances/{id}/reboot" => RebootInstance, None, "Reboot an instance"),
+    route!(Post "/v1/instances/{id}/terminate" => TerminateInstance, None, "Terminate an instance"),
+    route!(Post "/v1/instances/{id}/volumes" => AttachVolume, AttachVolume, "Attach a volume with its sealed key"),
+    route!(Delete "/v1/instances/{id}/volumes/{volume_id}" => DetachVolume, None, "Detach a volume"),
+    route!(Get "/v1/instances/{id}/console" => GetConsole, None, "Read the instance's console output"),
+];
+
+/// Body of `POST /v1/host/drain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Why (kept in the audit log's parameter digest, never interpreted).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Body of `POST /v1/instances`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstanceRequest {
+    pub instance_id: String,
+    /// Image identifier, resolved by the hypervisor side; never a path.
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+/// Body of `POST /v1/instances/{id}/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolumeRequest {
+    pub volume_id: String,
+    /// The volume's data key sealed to this host's block card, base64. The controller never
+    /// opens it.
+    pub sealed_key: String,
+}
+
+/// Sealed key bytes, opaque to the controller.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedKeyBlob(pub Vec<u8>);
+
+impl std::fmt::Debug for SealedKeyBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SealedKeyBlob({} bytes)", self.0.len())
+    }
+}
+
+/// Identifier of an instance or volume: 1-64 of `A-Za-z0-9-_.`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceId(String);
+
+impl ResourceId {
+    pub fn parse(s: &str) -> Result<Self, RequestError> {
+        if valid_resource_id(s) {
+            Ok(ResourceId(s.to_string()))
+        } else {
+            Err(RequestError::BadId)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A checked request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    DescribeHost,
+    GetHealth,
+    GetMetrics,
+    ReadAudit {
+        after: u64,
+        limit: u32,
+    },
+    ListAlerts,
+    DrainHost,
+    CreateInstance {
+        id: ResourceId,
+        image: String,
+        vcpus: u32,
+        memory_mib: u32,
+    },
+    DescribeInstance(ResourceId),
+    StartInstance(ResourceId),
+    StopInstance(ResourceId),
+    RebootInstance(ResourceId),
+    TerminateInstance(ResourceId),
+    AttachVolume {
+        id: ResourceId,
+        volume: ResourceId,
+        sealed_key: SealedKeyBlob,
+    },
+    DetachVolume {
+        id: ResourceId,
+        volume: ResourceId,
+    },
+    GetConsole(ResourceId),
+}
+
+/// Why a request was not understood. Codes are stable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("no such route")]
+    NoSuchRoute,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error("request body exceeds {MAX_BODY_BYTES} bytes")]
+    BodyTooLarge,
+    #[error("request body is not valid UTF-8")]
+    NotUtf8,
+    #[error("request body is not valid JSON")]
+    Malformed,
+    #[error("request body has an unknown field")]
+    UnknownField,
+    #[error("request body has a missing field or a value of the wrong type")]
+    Invalid,
+    #[error("this route takes no body")]
+    UnexpectedBody,
+    #[error("bad instance or volume identifier")]
+    BadId,
+    #[error("bad query string")]
+    BadQuery,
+    #[error("sealed key is not valid base64 or is too large")]
+    BadSealedKey,
+}
+
+impl RequestError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::NoSuchRoute => "no_such_route",
+            RequestError::MethodNotAllowed => "method_not_allowed",
+            RequestError::BodyTooLarge => "body_too_large",
+            RequestError::NotUtf8 => "body_not_utf8",
+            RequestError::Malformed => "body_malformed",
+            RequestError::UnknownField => "body_unknown_field",
+            RequestError::Invalid => "body_invalid",
+            RequestError::UnexpectedBody => "body_unexpected",
+            RequestError::BadId => "bad_resource_id",
+            RequestError::BadQuery => "bad_query",
+            RequestError::BadSealedKey => "bad_sealed_key",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            RequestError::NoSuchRoute => 404,
+            RequestError::MethodNotAllowed => 405,
+            RequestError::BodyTooLarge => 413,
+            _ => 400,
+        }
+    }
+}
+
+/// Matches `path` against a template; returns the identifier segments in order.
+fn match_template<'p>(template: &str, path: &'p str) -> Option<Vec<&'p str>> {
+    let mut ids = Vec::new();
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return Some(ids),
+            (Some(ts), Some(ps)) if ts.starts_with('{') => ids.push(ps),
+            (Some(ts), Some(ps)) if ts == ps => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Finds the route for `method` and `path`.
+pub fn find_route<'p>(
+    method: &str,
+    path: &'p str,
+) -> Result<(&'static RouteSpec, Vec<&'p str>), RequestError> {
+    let mut path_matched = false;
+    for r in ROUTES {
+        if let Some(ids) = match_template(r.path, path) {
+            path_matched = true;
+            if r.method.as_str() == method {
+                return Ok((r, ids));
+            }
+        }
+    }
+    if path_matched {
+        Err(RequestError::MethodNotAllowed)
+    } else {
+        Err(RequestError::NoSuchRoute)
+    }
+}
+
+fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, RequestError> {
+    let text = std::str::from_utf8(body).map_err(|_| RequestError::NotUtf8)?;
+    serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data if e.to_string().starts_with("unknown field") => {
+            RequestError::UnknownField
+        }
+        serde_json::error::Category::Data => RequestError::Invalid,
+        _ => RequestError::Malformed,
+    })
+}
+
+fn parse_audit_query(query: Option<&str>) -> Result<(u64, u32), RequestError> {
+    let mut after = 0u64;
+    let mut limit = 100u32;
+    for pair in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or(RequestError::BadQuery)?;
+        match k {
+            "after" => after = v.parse().map_err(|_| RequestError::BadQuery)?,
+            "limit" => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=MAX_AUDIT_PAGE).contains(l))
+                    .ok_or(RequestError::BadQuery)?
+            }
+            _ => return Err(RequestError::BadQuery),
+        }
+    }
+    Ok((after, limit))
+}
+
+fn id_at(ids: &[&str], i: usize) -> Result<ResourceId, RequestError> {
+    ResourceId::parse(ids.get(i).copied().ok_or(RequestError::BadId)?)
+}
+
+impl ApiRequest {
+    /// The one parser of the controller's HTTP boundary.
+    pub fn parse(
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> Result<ApiRequest, RequestError> {
+        let (route, ids) = find_route(method, path)?;
+        if body.len() > MAX_BODY_BYTES {
+            return Err(RequestError::BodyTooLarge);
+        }
+        if route.body == BodyKind::None && !body.is_empty() {
+            return Err(RequestError::UnexpectedBody);
+        }
+        if route.op != Operation::ReadAudit && query.is_some_and(|q| !q.is_empty()) {
+            return Err(RequestError::BadQuery);
+        }
+        let id = || id_at(&ids, 0);
+        Ok(match route.op {
+            Operation::DescribeHost => ApiRequest::DescribeHost,
+            Operation::GetHealth => ApiRequest::GetHealth,
+            Operation::GetMetrics => ApiRequest::GetMetrics,
+            Operation::ReadAudit => {
+                let (after, limit) = parse_audit_query(query)?;
+                ApiRequest::ReadAudit { after, limit }
+            }
+            Operation::ListAlerts => ApiRequest::ListAlerts,
+            Operation::DrainHost => {
+                let _: DrainRequest = json(body)?;
+                ApiRequest::DrainHost
+            }
+            Operation::CreateInstance => {
+                let r: CreateInstanceRequest = json(body)?;
+                if r.image.is_empty()
+                    || r.image.len() > 128
+                    || !r
+                        .image
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+                    || !(1..=64).contains(&r.vcpus)
+                    || !(64..=1024 * 1024).contains(&r.memory_mib)
+                {
+                    return Err(RequestError::Invalid);
+                }
+                ApiRequest::CreateInstance {
+                    id: ResourceId::parse(&r.instance_id)?,
+                    image: r.image,
+                    vcpus: r.vcpus,
+                    memory_mib: r.memory_mib,
+                }
+            }
+            Operation::DescribeInstance => ApiRequest::DescribeInstance(id()?),
+            Operation::StartInstance => ApiRequest::StartInstance(id()?),
+            Operation::StopInstance => ApiRequest::StopInstance(id()?),
+            Operation::RebootInstance => ApiRequest::RebootInstance(id()?),
+            Operation::TerminateInstance => ApiRequest::TerminateInstance(id()?),
+            Operation::AttachVolume => {
+                let r: AttachVolumeRequest = json(body)?;
+                if r.sealed_key.len() > MAX_SEALED_KEY_BYTES * 2 {
+                    return Err(RequestError::BadSealedKey);
+                }
+                let blob = base64::engine::general_purpose::STANDARD
+                    .decode(r.sealed_key.as_bytes())
+                    .ok()
+                    .filter(|b| !b.is_empty() && b.len() <= MAX_SEALED_KEY_BYTES)
+                    .ok_or(RequestError::BadSealedKey)?;
+                ApiRequest::AttachVolume {
+                    id: id()?,
+                    volume: ResourceId::parse(&r.volume_id)?,
+                    sealed_key: SealedKeyBlob(blob),
+                }
+            }
+            Operation::DetachVolume => ApiRequest::DetachVolume {
+                id: id()?,
+                volume: id_at(&ids, 1)?,
+            },
+            Operation::GetConsole => ApiRequest::GetConsole(id()?),
+        })
+    }
+
+    pub fn operation(&self) -> Operation {
+        match self {
+            ApiRequest::DescribeHost => Operation::DescribeHost,
+            ApiRequest::GetHealth => Operation::GetHealth,
+            ApiRequest::GetMetrics => Operation::GetMetrics,
+            ApiRequest::ReadAudit { .. } => Operation::ReadAudit,
+            ApiRequest::ListAlerts => Operation::ListAlerts,
+            ApiRequest::DrainHost => Operation::DrainHost,
+            ApiRequest::CreateInstance { .. } => Operation::CreateInstance,
+            ApiRequest::DescribeInstance(_) => Operation::DescribeInstance,
+            ApiRequest::StartInstance(_) => Operation::StartInstance,
+            ApiRequest::StopInstance(_) => Operation::StopInstance,
+            ApiRequest::RebootInstance(_) => Operation::RebootInstance,
+            ApiRequest::TerminateInstance(_) => Operation::TerminateInstance,
+            ApiRequest::AttachVolume { .. } => Operation::AttachVolume,
+            ApiRequest::DetachVolume { .. } => Operation::DetachVolume,
+            ApiRequest::GetConsole(_) => Operation::GetConsole,
+        }
+    }
+
+    /// The concrete resources the request touches, as the token's resource patterns name them.
+    pub fn resources(&self) -> Vec<String> {
+        let inst = |id: &ResourceId| format!("instance:{id}");
+        match self {
+            ApiRequest::DescribeHost
+            | ApiRequest::GetHealth
+            | ApiRequest::GetMetrics
+            | ApiRequest::ReadAudit { .. }
+            | ApiRequest::ListAlerts
+            | ApiRequest::DrainHost => vec!["host".to_string()],
+            ApiRequest::CreateInstance { id, .. }
+            | ApiRequest::DescribeInstance(id)
+            | ApiRequest::StartInstance(id)
+            | ApiRequest::StopInstance(id)
+            | ApiRequest::RebootInstance(id)
+            | ApiRequest::TerminateInstance(id)
+            | ApiRequest::GetConsole(id) => vec![inst(id)],
+            ApiRequest::AttachVolume { id, volume, .. }
+            | ApiRequest::DetachVolume { id, volume } => {
+                vec![inst(id), format!("volume:{volume}")]
+            }
+        }
+    }
+}
+
+/// `GET /v1/host`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostDescription {
+    pub host_id: String,
+    pub controller_version: String,
+    /// Which instance backend this controller drives (`detached`: no hypervisor wired yet).
+    pub backend: String,
+    pub draining: bool,
+    pub vcpus_total: u32,
+    pub vcpus_free: u32,
+    pub memory_mib_total: u64,
+    pub memory_mib_free: u64,
+    pub instances: u32,
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub audit_records: u64,
+    pub audit_writable: bool,
+    pub alerts: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    Created,
+    Running,
+    Stopped,
+    Terminated,
+}
+
+/// One instance, as the controller knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InstanceDescription {
+    pub instance_id: String,
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub state: InstanceState,
+    pub volumes: Vec<String>,
+}
+
+/// `GET /v1/instances/{id}/console`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConsoleOutput {
+    pub instance_id: String,
+    pub output: String,
+}
+
+/// `GET /v1/audit`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditPage {
+    /// Raw record lines (each a JSON object, hash-chained).
+    pub records: Vec<String>,
+    /// Pass as `after` to read on.
+    pub next_after: u64,
+}
+
+/// One alert.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Alert {
+    pub id: u64,
+    pub rule: String,
+    pub subject: String,
+    pub detail: String,
+    pub time: u64,
+}
+
+/// `GET /v1/alerts`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AlertList {
+    pub alerts: Vec<Alert>,
+}
+
+/// Result of an action without other output.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Ack {
+    pub request_id: String,
+    pub status: String,
+}
+
+/// Every refusal.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable code, e.g. `token_expired`.
+    pub code: String,
+    pub message: String,
+    pub request_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_each_route() {
+        assert_eq!(
+            ApiRequest::parse("GET", "/v1/host", None, b"").unwrap(),
+            ApiRequest::DescribeHost
+        );
+        let r = ApiRequest::parse("POST", "/v1/instances/i-1/reboot", None, b"").unwrap();
+        assert_eq!(r.resources(), vec!["instance:i-1".to_string()]);
+        let body = br#"{"volume_id":"v-1","sealed_key":"AAEC"}"#;
+        let r = ApiRequest::parse("POST", "/v1/instances/i-1/volumes", None, body).unwrap();
+        assert_eq!(r.operation(), Operation::AttachVolume);
+        let r = ApiRequest::parse("GET", "/v1/audit", Some("after=5&limit=10"), b"").unwrap();
+        assert_eq!(
+            r,
+            ApiRequest::ReadAudit {
+                after: 5,
+                limit: 10
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_bad_input_with_codes() {
+        let p =
+            |m: &str, path: &str, b: &[u8]| ApiRequest::parse(m, path, None, b).unwrap_err().code();
+        assert_eq!(p("GET", "/v1/exec", b""), "no_such_route");
+        assert_eq!(p("GET", "/v1/instances/i-1/memory", b""), "no_such_route");
+        assert_eq!(p("DELETE", "/v1/host", b""), "method_not_allowed");
+        assert_eq!(p("POST", "/v1/instances", b"{"), "body_malformed");
+        assert_eq!(p("POST", "/v1/instances", b"\xff\xfe"), "body_not_utf8");
+        assert_eq!(
+            p(
+                "POST",
+                "/v1/instances",
+                br#"{"instance_id":"i","image":"x","vcpus":1,"memory_mib":128,"debug":true}"#
+            ),
+            "body_unknown_field"
+        );
+        assert_eq!(
+            p(
+                "POST",
+                "/v1/instances",
+                br#"{"instance_id":"i","image":"x","vcpus":"1","memory_mib":128}"#
+            ),
+            "body_invalid"
+        );
+        assert_eq!(
+            p("POST", "/v1/instances", &vec![b' '; MAX_BODY_BYTES + 1]),
+            "body_too_large"
+        );
+        assert_eq!(
+            p("POST", "/v1/instances/..%2F/start", b""),
+            "bad_resource_id"
+        );
+        assert_eq!(p("GET", "/v1/host", b"x"), "body_unexpected");
+    }
+}

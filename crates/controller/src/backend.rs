@@ -1,0 +1,326 @@
+//! What the controller drives: instances (through the hypervisor's private channel) and volumes
+//! (through the block card). Consumers see only these traits.
+//!
+//! [`DetachedBackend`] is the only implementation today: **this host has no hypervisor or block
+//! card wired to the controller yet.** It records state in memory and spawns nothing; it exists
+//! so the API, authorization and audit path can be built and attacked end to end. It is not a
+//! VMM and nothing in the docs claims it runs guests.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use crate::api::{InstanceDescription, InstanceState, ResourceId, SealedKeyBlob};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("no such instance")]
+    NoSuchInstance,
+    #[error("instance already exists")]
+    AlreadyExists,
+    #[error("operation not valid in the instance's current state")]
+    WrongState,
+    #[error("not enough free capacity")]
+    NoCapacity,
+    #[error("host is draining")]
+    Draining,
+    #[error("volume already attached")]
+    VolumeAttached,
+    #[error("no such volume attachment")]
+    NoSuchVolume,
+    #[error("backend unavailable")]
+    Unavailable,
+}
+
+impl BackendError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            BackendError::NoSuchInstance => "no_such_instance",
+            BackendError::AlreadyExists => "instance_exists",
+            BackendError::WrongState => "wrong_state",
+            BackendError::NoCapacity => "no_capacity",
+            BackendError::Draining => "host_draining",
+            BackendError::VolumeAttached => "volume_attached",
+            BackendError::NoSuchVolume => "no_such_volume",
+            BackendError::Unavailable => "backend_unavailable",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            BackendError::NoSuchInstance | BackendError::NoSuchVolume => 404,
+            BackendError::Unavailable => 503,
+            _ => 409,
+        }
+    }
+}
+
+/// Instance shape asked for at create time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSpec {
+    pub id: ResourceId,
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+/// Host capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub vcpus_total: u32,
+    pub vcpus_free: u32,
+    pub memory_mib_total: u64,
+    pub memory_mib_free: u64,
+    pub instances: u32,
+}
+
+/// Instance lifecycle, as the hypervisor will take it over its private channel.
+pub trait InstanceBackend: Send + Sync {
+    /// Short name reported by DescribeHost.
+    fn kind(&self) -> &'static str;
+    fn capacity(&self) -> Capacity;
+    fn create(&self, spec: &InstanceSpec) -> Result<InstanceDescription, BackendError>;
+    fn describe(&self, id: &ResourceId) -> Result<InstanceDescription, BackendError>;
+    fn start(&self, id: &ResourceId) -> Result<(), BackendError>;
+    fn stop(&self, id: &ResourceId) -> Result<(), BackendError>;
+    fn reboot(&self, id: &ResourceId) -> Result<(), BackendError>;
+    fn terminate(&self, id: &ResourceId) -> Result<(), BackendError>;
+    /// Console output captured so far (owner's customer plane only).
+    fn console(&self, id: &ResourceId) -> Result<String, BackendError>;
+    fn set_draining(&self, draining: bool);
+    fn draining(&self) -> bool;
+}
+
+/// Volume attachment, as the block card will take it. The sealed key is passed through unopened.
+pub trait VolumeBackend: Send + Sync {
+    fn attach(
+        &self,
+        instance: &ResourceId,
+        volume: &ResourceId,
+        sealed_key: SealedKeyBlob,
+    ) -> Result<(), BackendError>;
+    fn detach(&self, instance: &ResourceId, volume: &ResourceId) -> Result<(), BackendError>;
+}
+
+struct Instance {
+    desc: InstanceDescription,
+    console: String,
+    /// Held only so the blob's lifetime matches the attachment; never read.
+    sealed: BTreeMap<String, SealedKeyBlob>,
+}
+
+#[derive(Default)]
+struct Inner {
+    instances: BTreeMap<ResourceId, Instance>,
+    draining: bool,
+}
+
+/// In-memory stand-in: host has no hypervisor wired yet. Spawns nothing, runs no guest.
+pub struct DetachedBackend {
+    vcpus_total: u32,
+    memory_mib_total: u64,
+    inner: Mutex<Inner>,
+}
+
+impl DetachedBackend {
+    pub fn new(vcpus_total: u32, memory_mib_total: u64) -> Self {
+        DetachedBackend {
+            vcpus_total,
+            memory_mib_total,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g)
+    }
+
+    fn transition(
+        &self,
+        id: &ResourceId,
+        from: &[InstanceState],
+        to: InstanceState,
+        line: &str,
+    ) -> Result<(), BackendError> {
+        self.with(|i| {
+            let inst = i
+                .instances
+                .get_mut(id)
+                .ok_or(BackendError::NoSuchInstance)?;
+            if !from.contains(&inst.desc.state) {
+                return Err(BackendError::WrongState);
+            }
+            inst.desc.state = to;
+            inst.console.push_str(line);
+            inst.console.push('\n');
+            Ok(())
+        })
+    }
+}
+
+fn used(i: &Inner) -> (u32, u64, u32) {
+    let live = i
+        .instances
+        .values()
+        .filter(|x| x.desc.state != InstanceState::Terminated);
+    live.fold((0u32, 0u64, 0u32), |(c, m, n), x| {
+        (
+            c.saturating_add(x.desc.vcpus),
+            m.saturating_add(u64::from(x.desc.memory_mib)),
+            n.saturating_add(1),
+        )
+    })
+}
+
+impl InstanceBackend for DetachedBackend {
+    fn kind(&self) -> &'static str {
+        "detached"
+    }
+
+    fn capacity(&self) -> Capacity {
+        self.with(|i| {
+            let (c, m, n) = used(i);
+            Capacity {
+                vcpus_total: self.vcpus_total,
+                vcpus_free: self.vcpus_total.saturating_sub(c),
+                memory_mib_total: self.memory_mib_total,
+                memory_mib_free: self.memory_mib_total.saturating_sub(m),
+                instances: n,
+            }
+        })
+    }
+
+    fn create(&self, spec: &InstanceSpec) -> Result<InstanceDescription, BackendError> {
+        self.with(|i| {
+            if i.draining {
+                return Err(BackendError::Draining);
+            }
+            if i.instances.contains_key(&spec.id) {
+                return Err(BackendError::AlreadyExists);
+            }
+            let (c, m, _) = used(i);
+            if c.saturating_add(spec.vcpus) > self.vcpus_total
+                || m.saturating_add(u64::from(spec.memory_mib)) > self.memory_mib_total
+            {
+                return Err(BackendError::NoCapacity);
+            }
+            let desc = InstanceDescription {
+                instance_id: spec.id.to_string(),
+                image: spec.image.clone(),
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                state: InstanceState::Created,
+                volumes: Vec::new(),
+            };
+            i.instances.insert(
+                spec.id.clone(),
+                Instance {
+                    desc: desc.clone(),
+                    console: "[detached backend: no hypervisor wired; no guest runs]\n".into(),
+                    sealed: BTreeMap::new(),
+                },
+            );
+            Ok(desc)
+        })
+    }
+
+    fn describe(&self, id: &ResourceId) -> Result<InstanceDescription, BackendError> {
+        self.with(|i| {
+            i.instances
+                .get(id)
+                .map(|x| x.desc.clone())
+                .ok_or(BackendError::NoSuchInstance)
+        })
+    }
+
+    fn start(&self, id: &ResourceId) -> Result<(), BackendError> {
+        use InstanceState::*;
+        self.transition(id, &[Created, Stopped], Running, "[detached] start")
+    }
+
+    fn stop(&self, id: &ResourceId) -> Result<(), BackendError> {
+        use InstanceState::*;
+        self.transition(id, &[Running], Stopped, "[detached] stop")
+    }
+
+    fn reboot(&self, id: &ResourceId) -> Result<(), BackendError> {
+        use InstanceState::*;
+        self.transition(id, &[Running], Running, "[detached] reboot")
+    }
+
+    fn terminate(&self, id: &ResourceId) -> Result<(), BackendError> {
+        use InstanceState::*;
+        self.transition(
+            id,
+            &[Created, Running, Stopped],
+            Terminated,
+            "[detached] terminate",
+        )?;
+        self.with(|i| {
+            if let Some(inst) = i.instances.get_mut(id) {
+                inst.sealed.clear();
+                inst.desc.volumes.clear();
+            }
+        });
+        Ok(())
+    }
+
+    fn console(&self, id: &ResourceId) -> Result<String, BackendError> {
+        self.with(|i| {
+            i.instances
+                .get(id)
+                .map(|x| x.console.clone())
+                .ok_or(BackendError::NoSuchInstance)
+        })
+    }
+
+    fn set_draining(&self, draining: bool) {
+        self.with(|i| i.draining = draining);
+    }
+
+    fn draining(&self) -> bool {
+        self.with(|i| i.draining)
+    }
+}
+
+impl VolumeBackend for DetachedBackend {
+    fn attach(
+        &self,
+        instance: &ResourceId,
+        volume: &ResourceId,
+        sealed_key: SealedKeyBlob,
+    ) -> Result<(), BackendError> {
+        self.with(|i| {
+            let inst = i
+                .instances
+                .get_mut(instance)
+                .ok_or(BackendError::NoSuchInstance)?;
+            if inst.desc.state == InstanceState::Terminated {
+                return Err(BackendError::WrongState);
+            }
+            if inst.sealed.contains_key(volume.as_str()) {
+                return Err(BackendError::VolumeAttached);
+            }
+            inst.sealed.insert(volume.to_string(), sealed_key);
+            inst.desc.volumes.push(volume.to_string());
+            Ok(())
+        })
+    }
+
+    fn detach(&self, instance: &ResourceId, volume: &ResourceId) -> Result<(), BackendError> {
+        self.with(|i| {
+            let inst = i
+                .instances
+                .get_mut(instance)
+                .ok_or(BackendError::NoSuchInstance)?;
+            inst.sealed
+                .remove(volume.as_str())
+                .ok_or(BackendError::NoSuchVolume)?;
+            inst.desc.volumes.retain(|v| v != volume.as_str());
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,643 @@
+//! Request pipeline: parse → authorize twice (token, then this host's own policy) → quota →
+//! audit (durable) → act → audit outcome → monitor. Every refusal is audited too.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::extract::{Extension, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
+use bulkhead_tokens::clock::unix_now;
+use bulkhead_tokens::quota::QuotaBook;
+use bulkhead_tokens::token::RequestContext;
+use bulkhead_tokens::{Identity, Operation, Policy, RevocationList, TokenError, Verifier};
+use http_body_util::BodyExt;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::api::{self, ApiRequest, RequestError, MAX_BODY_BYTES};
+use crate::backend::{BackendError, InstanceBackend, InstanceSpec, VolumeBackend};
+use crate::metrics::{Metrics, Sampled};
+use crate::monitor::Monitor;
+
+/// Everything the request pipeline needs.
+pub struct Controller {
+    pub host_id: String,
+    pub verifier: Verifier,
+    pub policy: Policy,
+    pub revocations_path: PathBuf,
+    revocations: Mutex<(Option<SystemTime>, RevocationList)>,
+    quotas: Mutex<QuotaBook>,
+    pub audit: AuditLog,
+    pub instances: Arc<dyn InstanceBackend>,
+    pub volumes: Arc<dyn VolumeBackend>,
+    pub metrics: Metrics,
+    monitor: Mutex<Monitor>,
+    outbound_seen: Mutex<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Why a request was refused after parsing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("this host's policy does not grant the operation to this caller")]
+    PolicyDenied,
+    #[error("quota exceeded: at most {max} per {per_secs}s")]
+    Quota { max: u32, per_secs: u64 },
+    #[error("audit log unavailable; refusing to act")]
+    AuditUnavailable,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("internal error")]
+    Internal,
+}
+
+impl Refusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Request(e) => e.code(),
+            Refusal::Token(e) => e.code(),
+            Refusal::PolicyDenied => "policy_denied",
+            Refusal::Quota { .. } => "quota_exceeded",
+            Refusal::AuditUnavailable => "audit_unavailable",
+            Refusal::Backend(e) => e.code(),
+            Refusal::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        let s = match self {
+            Refusal::Request(e) => e.status(),
+            Refusal::Token(
+                TokenError::Missing
+                | TokenError::TooLarge
+                | TokenError::Invalid
+                | TokenError::Revoked
+                | TokenError::Expired
+                | TokenError::NotYetValid,
+            ) => 401,
+            Refusal::Token(_) | Refusal::PolicyDenied => 403,
+            Refusal::Quota { .. } => 429,
+            Refusal::AuditUnavailable => 503,
+            Refusal::Backend(e) => e.status(),
+            Refusal::Internal => 500,
+        };
+        StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+fn error_response(request_id: &str, r: &Refusal) -> Response {
+    let body = api::ErrorBody {
+        error: api::ErrorDetail {
+            code: r.code().to_string(),
+            message: r.to_string(),
+            request_id: request_id.to_string(),
+        },
+    };
+    with_request_id(request_id, (r.status(), axum::Json(body)).into_response())
+}
+
+fn with_request_id(request_id: &str, mut resp: Response) -> Response {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn json_ok<T: Serialize>(request_id: &str, status: StatusCode, v: &T) -> Response {
+    with_request_id(request_id, (status, axum::Json(v)).into_response())
+}
+
+/// A printable, bounded description of a request that matched no route.
+fn route_label(method: &str, path: &str) -> String {
+    let p: String = path
+        .chars()
+        .take(120)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect();
+    format!("{method} {p}")
+}
+
+fn bearer(req: &Request) -> Result<String, TokenError> {
+    let v = match req.headers().get(header::AUTHORIZATION) {
+        None => return Err(TokenError::Missing),
+        Some(v) => v,
+    };
+    let s = v.to_str().map_err(|_| TokenError::Invalid)?;
+    let t = s.strip_prefix("Bearer ").ok_or(TokenError::Invalid)?.trim();
+    if t.len() > bulkhead_tokens::token::MAX_TOKEN_LEN {
+        return Err(TokenError::TooLarge);
+    }
+    if t.is_empty()
+        || !t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_=+/".contains(&b))
+    {
+        return Err(TokenError::Invalid);
+    }
+    Ok(t.to_string())
+}
+
+impl Controller {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        host_id: String,
+        verifier: Verifier,
+        policy: Policy,
+        revocations_path: PathBuf,
+        audit: AuditLog,
+        instances: Arc<dyn InstanceBackend>,
+        volumes: Arc<dyn VolumeBackend>,
+    ) -> Self {
+        let c = Controller {
+            host_id,
+            verifier,
+            policy,
+            revocations_path,
+            revocations: Mutex::new((None, RevocationList::default())),
+            quotas: Mutex::new(QuotaBook::default()),
+            audit,
+            instances,
+            volumes,
+            metrics: Metrics::default(),
+            monitor: Mutex::new(Monitor::default()),
+            outbound_seen: Mutex::new(0),
+        };
+        c.rebuild_quotas();
+        c
+    }
+
+    /// Re-counts allowed calls from the audit log so a restart does not reset quotas.
+    fn rebuild_quotas(&self) {
+        let Ok(lines) = bulkhead_audit::read_after(self.audit.path(), 0, usize::MAX) else {
+            return;
+        };
+        let mut book = lock(&self.quotas);
+        let horizon = unix_now().saturating_sub(24 * 3600);
+        for l in lines {
+            let Ok(rec) = serde_json::from_str::<bulkhead_audit::AuditRecord>(&l) else {
+                continue;
+            };
+            let at = rec.time_ms / 1000;
+            if rec.entry.kind != EntryKind::Request
+                || rec.entry.decision != Decision::Allow
+                || at < horizon
+            {
+                continue;
+            }
+            if let Some(op) = Operation::from_name(&rec.entry.op) {
+                if self.policy.quota_for(&rec.entry.caller, op).is_some() {
+                    book.record(&rec.entry.caller, op, at);
+                }
+            }
+        }
+    }
+
+    fn revocations(&self) -> RevocationList {
+        let mtime = std::fs::metadata(&self.revocations_path)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut g = lock(&self.revocations);
+        if g.0 != mtime || mtime.is_none() {
+            match std::fs::read_to_string(&self.revocations_path) {
+                Ok(text) => {
+                    let (list, bad) = RevocationList::parse(&text);
+                    if bad > 0 {
+                        tracing::warn!(bad, "ignored malformed revocation lines");
+                    }
+                    *g = (mtime, list);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "revocation list unreadable; keeping the last one")
+                }
+            }
+        }
+        g.1.clone()
+    }
+
+    /// This host's own check: does its policy grant `op` on `resources` to this caller?
+    fn policy_allows(&self, peer: &Identity, op: Operation, resources: &[String]) -> bool {
+        self.policy.groups_of(&peer.name).any(|g| {
+            g.role == peer.role
+                && g.allows_host(&self.host_id)
+                && g.operations.contains(&op)
+                && resources.iter().all(|r| g.covers_resource(r))
+        })
+    }
+
+    fn charge_quota(&self, caller: &str, op: Operation) -> Result<(), Refusal> {
+        let Some(q) = self.policy.quota_for(caller, op) else {
+            return Ok(());
+        };
+        lock(&self.quotas)
+            .charge(caller, op, q, unix_now())
+            .map_err(|e| Refusal::Quota {
+                max: e.max,
+                per_secs: e.per_secs,
+            })
+    }
+
+    /// Feeds the monitor and audits any alerts it raised.
+    fn observe(&self, caller: &str, op: &str, code: &str) {
+        let alerts = lock(&self.monitor).observe(caller, op, code, unix_now());
+        self.audit_alerts(alerts);
+    }
+
+    fn audit_alerts(&self, alerts: Vec<api::Alert>) {
+        for a in alerts {
+            tracing::warn!(rule = %a.rule, subject = %a.subject, detail = %a.detail, "alert");
+            self.audit.append_queued(AuditEntry {
+                kind: EntryKind::Alert,
+                request_id: format!("alert-{}", a.id),
+                caller: a.subject.clone(),
+                cert_sha256: None,
+                token_id: None,
+                op: a.rule.clone(),
+                resources: vec![],
+                params_sha256: None,
+                decision: Decision::None,
+                code: a.detail.clone(),
+            });
+        }
+    }
+
+    /// Turns newly blocked outbound attempts into alerts. Called periodically.
+    pub fn poll_sandbox(&self) {
+        let now_blocked = crate::sandbox::blocked_attempts();
+        let new = {
+            let mut seen = lock(&self.outbound_seen);
+            let new = now_blocked.saturating_sub(*seen);
+            *seen = now_blocked;
+            new
+        };
+        let alerts = lock(&self.monitor).outbound_blocked(new, unix_now());
+        self.audit_alerts(alerts);
+    }
+
+    /// Audits a connection refused during the TLS handshake.
+    pub async fn audit_tls_refusal(&self, code: &'static str, cert_sha256: Option<String>) {
+        let request_id = new_request_id();
+        let entry = AuditEntry {
+            kind: EntryKind::Request,
+            request_id,
+            caller: "-".into(),
+            cert_sha256,
+            token_id: None,
+            op: "TlsHandshake".into(),
+            resources: vec![],
+            params_sha256: None,
+            decision: Decision::Deny,
+            code: code.into(),
+        };
+        if let Err(e) = self.audit.append(entry).await {
+            tracing::error!(error = %e, "could not audit TLS refusal");
+        }
+        self.metrics.count("TlsHandshake", code);
+        self.observe("-", "TlsHandshake", code);
+    }
+
+    /// Records a lifecycle event (start-up).
+    pub async fn audit_lifecycle(&self, what: &str) -> Result<u64, bulkhead_audit::AuditError> {
+        self.audit
+            .append(AuditEntry {
+                kind: EntryKind::Lifecycle,
+                request_id: new_request_id(),
+                caller: "controller".into(),
+                cert_sha256: None,
+                token_id: None,
+                op: what.into(),
+                resources: vec![],
+                params_sha256: None,
+                decision: Decision::None,
+                code: "ok".into(),
+            })
+            .await
+    }
+
+    /// The whole pipeline for one request.
+    pub async fn handle(&self, peer: &Identity, req: Request) -> Response {
+        let request_id = new_request_id();
+        let method = req.method().as_str().to_string();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
+        let token = bearer(&req);
+        let body = http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+            .map(|c| c.to_bytes());
+        let mut entry = AuditEntry {
+            kind: EntryKind::Request,
+            request_id: request_id.clone(),
+            caller: peer.name.clone(),
+            cert_sha256: Some(peer.cert_sha256.clone()),
+            token_id: None,
+            op: route_label(&method, &path),
+            resources: vec![],
+            params_sha256: None,
+            decision: Decision::Deny,
+            code: String::new(),
+        };
+        if let Ok((route, _)) = api::find_route(&method, &path) {
+            entry.op = route.op.name().to_string();
+        }
+        let decided = self
+            .decide(
+                peer,
+                &method,
+                &path,
+                query.as_deref(),
+                token,
+                body,
+                &mut entry,
+            )
+            .await;
+        let (parsed, claims_ok) = match decided {
+            Ok(p) => (p, true),
+            Err(refusal) => {
+                entry.decision = Decision::Deny;
+                entry.code = refusal.code().to_string();
+                let audited = self.audit.append(entry.clone()).await;
+                if let Err(e) = &audited {
+                    tracing::error!(error = %e, "audit write failed for a refusal");
+                }
+                self.metrics.count(&entry.op, refusal.code());
+                tracing::info!(request = %request_id, caller = %peer.name, op = %entry.op, code = refusal.code(), "refused");
+                self.observe(&peer.name, &entry.op, refusal.code());
+                return error_response(&request_id, &refusal);
+            }
+        };
+        debug_assert!(claims_ok);
+        // Audit before acting. If the record cannot be made durable, nothing happens.
+        entry.decision = Decision::Allow;
+        entry.code = "ok".into();
+        if let Err(e) = self.audit.append(entry.clone()).await {
+            tracing::error!(error = %e, "audit write failed; refusing");
+            let refusal = Refusal::AuditUnavailable;
+            self.metrics.count(&entry.op, refusal.code());
+            return error_response(&request_id, &refusal);
+        }
+        let result = self.act(&request_id, parsed).await;
+        let code = match &result {
+            Ok(_) => "ok",
+            Err(r) => r.code(),
+        };
+        self.audit.append_queued(AuditEntry {
+            kind: EntryKind::Outcome,
+            decision: Decision::None,
+            code: code.to_string(),
+            ..entry.clone()
+        });
+        self.metrics.count(&entry.op, code);
+        self.observe(&peer.name, &entry.op, code);
+        tracing::info!(request = %request_id, caller = %peer.name, op = %entry.op, code, "served");
+        match result {
+            Ok(resp) => resp,
+            Err(r) => error_response(&request_id, &r),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn decide(
+        &self,
+        peer: &Identity,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        token: Result<String, TokenError>,
+        body: Result<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>,
+        entry: &mut AuditEntry,
+    ) -> Result<ApiRequest, Refusal> {
+        // Route first, so probes of routes that do not exist are reported as such.
+        api::find_route(method, path)?;
+        let body = body.map_err(|_| RequestError::BodyTooLarge)?;
+        entry.params_sha256 = Some(hex::encode(Sha256::digest(&body)));
+        let parsed = ApiRequest::parse(method, path, query, &body)?;
+        let op = parsed.operation();
+        let resources = parsed.resources();
+        entry.op = op.name().to_string();
+        entry.resources = resources.clone();
+        let token = token?;
+        let revoked = self.revocations();
+        let ctx = RequestContext {
+            host: &self.host_id,
+            peer,
+            operation: op,
+            resources: &resources,
+            now: unix_now(),
+        };
+        let claims = match self.verifier.authorize(&token, &revoked, &ctx) {
+            Ok(c) => c,
+            Err((e, claims)) => {
+                entry.token_id = claims.map(|c| c.token_id);
+                return Err(e.into());
+            }
+        };
+        entry.token_id = Some(claims.token_id.clone());
+        if !self.policy_allows(peer, op, &resources) {
+            return Err(Refusal::PolicyDenied);
+        }
+        self.charge_quota(&peer.name, op)?;
+        Ok(parsed)
+    }
+
+    async fn act(&self, request_id: &str, req: ApiRequest) -> Result<Response, Refusal> {
+        let ack = |status: &str| {
+            json_ok(
+                request_id,
+                StatusCode::OK,
+                &api::Ack {
+                    request_id: request_id.to_string(),
+                    status: status.to_string(),
+                },
+            )
+        };
+        Ok(match req {
+            ApiRequest::DescribeHost => {
+                let c = self.instances.capacity();
+                json_ok(
+                    request_id,
+                    StatusCode::OK,
+                    &api::HostDescription {
+                        host_id: self.host_id.clone(),
+                        controller_version: env!("CARGO_PKG_VERSION").to_string(),
+                        backend: self.instances.kind().to_string(),
+                        draining: self.instances.draining(),
+                        vcpus_total: c.vcpus_total,
+                        vcpus_free: c.vcpus_free,
+                        memory_mib_total: c.memory_mib_total,
+                        memory_mib_free: c.memory_mib_free,
+                        instances: c.instances,
+                    },
+                )
+            }
+            ApiRequest::GetHealth => {
+                let s = self.audit.stats();
+                json_ok(
+                    request_id,
+                    StatusCode::OK,
+                    &api::Health {
+                        status: if s.poisoned { "degraded" } else { "ok" }.to_string(),
+                        audit_records: s.records,
+                        audit_writable: !s.poisoned,
+                        alerts: lock(&self.monitor).counts().iter().map(|(_, n)| n).sum(),
+                    },
+                )
+            }
+            ApiRequest::GetMetrics => {
+                let s = self.audit.stats();
+                let text = self.metrics.render(&Sampled {
+                    audit_records: s.records,
+                    audit_batches: s.batches,
+                    audit_failures: s.failures,
+                    outbound_blocked: crate::sandbox::blocked_attempts(),
+                    alerts: lock(&self.monitor).counts(),
+                    instances: self.instances.capacity().instances,
+                });
+                let mut resp = Response::new(Body::from(text));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                with_request_id(request_id, resp)
+            }
+            ApiRequest::ReadAudit { after, limit } => {
+                let path = self.audit.path().to_path_buf();
+                let lim = usize::try_from(limit).unwrap_or(100);
+                let records = tokio::task::spawn_blocking(move || {
+                    bulkhead_audit::read_after(&path, after, lim)
+                })
+                .await
+                .map_err(|_| Refusal::Internal)?
+                .map_err(|_| Refusal::Internal)?;
+                let n = u64::try_from(records.len()).unwrap_or(0);
+                json_ok(
+                    request_id,
+                    StatusCode::OK,
+                    &api::AuditPage {
+                        records,
+                        next_after: after.saturating_add(n),
+                    },
+                )
+            }
+            ApiRequest::ListAlerts => json_ok(
+                request_id,
+                StatusCode::OK,
+                &api::AlertList {
+                    alerts: lock(&self.monitor).alerts(),
+                },
+            ),
+            ApiRequest::DrainHost => {
+                self.instances.set_draining(true);
+                ack("draining")
+            }
+            ApiRequest::CreateInstance {
+                id,
+                image,
+                vcpus,
+                memory_mib,
+            } => {
+                let d = self.instances.create(&InstanceSpec {
+                    id,
+                    image,
+                    vcpus,
+                    memory_mib,
+                })?;
+                json_ok(request_id, StatusCode::CREATED, &d)
+            }
+            ApiRequest::DescribeInstance(id) => {
+                json_ok(request_id, StatusCode::OK, &self.instances.describe(&id)?)
+            }
+            ApiRequest::StartInstance(id) => {
+                self.instances.start(&id)?;
+                ack("running")
+            }
+            ApiRequest::StopInstance(id) => {
+                self.instances.stop(&id)?;
+                ack("stopped")
+            }
+            ApiRequest::RebootInstance(id) => {
+                self.instances.reboot(&id)?;
+                ack("rebooted")
+            }
+            ApiRequest::TerminateInstance(id) => {
+                self.instances.terminate(&id)?;
+                ack("terminated")
+            }
+            ApiRequest::AttachVolume {
+                id,
+                volume,
+                sealed_key,
+            } => {
+                self.volumes.attach(&id, &volume, sealed_key)?;
+                ack("attached")
+            }
+            ApiRequest::DetachVolume { id, volume } => {
+                self.volumes.detach(&id, &volume)?;
+                ack("detached")
+            }
+            ApiRequest::GetConsole(id) => {
+                let output = self.instances.console(&id)?;
+                json_ok(
+                    request_id,
+                    StatusCode::OK,
+                    &api::ConsoleOutput {
+                        instance_id: id.to_string(),
+                        output,
+                    },
+                )
+            }
+        })
+    }
+}
+
+/// Random request identifier (hex).
+pub fn new_request_id() -> String {
+    let mut b = [0u8; 12];
+    // Fall back to time if the OS RNG fails; ids need to be unique, not secret.
+    if getrandom_fill(&mut b).is_err() {
+        let t = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b.copy_from_slice(&t.to_le_bytes()[..12]);
+    }
+    hex::encode(b)
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> Result<(), ()> {
+    // SAFETY: `buf` is a valid, writable slice of `buf.len()` bytes for the duration of the call.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if usize::try_from(n).ok() == Some(buf.len()) {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// The axum handler: every request lands here (the router has only a fallback), with the TLS
+/// peer's identity attached by the connection layer.
+pub async fn dispatch(
+    State(ctrl): State<Arc<Controller>>,
+    Extension(peer): Extension<Arc<Identity>>,
+    req: Request,
+) -> Response {
+    ctrl.handle(&peer, req).await
+}
+
+/// The router. Routing is done by [`ApiRequest::parse`] over [`api::ROUTES`].
+pub fn router(ctrl: Arc<Controller>) -> axum::Router {
+    axum::Router::new().fallback(dispatch).with_state(ctrl)
+}

@@ -1,0 +1,20 @@
+//! `bulkhead-controller`: the host's only management door (the Nitro Controller's role).
+//!
+//! - [`api`]: the route table and the one parser of the HTTP boundary.
+//! - [`controller`]: parse → token check → host policy re-check → quota → durable audit → act.
+//! - [`server`]: TLS 1.3 mutual-TLS listener (rustls + aws-lc-rs).
+//! - [`backend`]: `InstanceBackend` / `VolumeBackend` traits; `DetachedBackend` (no hypervisor
+//!   wired yet).
+//! - [`monitor`]: alert rules over the audit stream; [`metrics`]: Prometheus text.
+//! - [`sandbox`]: no_new_privs, non-dumpable, seccomp blocking outbound connections.
+//! - [`openapi`]: the OpenAPI document generated from the route table.
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod controller;
+pub mod metrics;
+pub mod monitor;
+pub mod openapi;
+pub mod sandbox;
+pub mod server;
