@@ -173,7 +173,7 @@ fn kill9_keeps_flushed_writes() {
     card.kill9();
     drop(h);
 
-    let mut card = sealed_card(&env, "vol-crash", &key, CryptoSectorSize::S4096, "c2");
+    let card = sealed_card(&env, "vol-crash", &key, CryptoSectorSize::S4096, "c2");
     let mut h = Harness::connect(&card.vhost, 1);
     for mib in 0..4usize {
         let got = h.read(0, ((mib << 20) / 512) as u64, 1 << 20).expect("read");
