@@ -1,0 +1,34 @@
+//! One module per subcommand group.
+
+pub mod audit;
+pub mod ca;
+pub mod token;
+
+/// Every failure of a subcommand. `code()` is stable and printed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("[{code}] {0}", code = .0.code())]
+    Pki(#[from] bulkhead_tokens::pki::PkiError),
+    #[error("{0}")]
+    State(#[from] bulkhead_tokens::statedir::StateError),
+    #[error("[{code}] refused: {0}", code = .0.code())]
+    Mint(#[from] bulkhead_tokens::MintError),
+    #[error("[bad_argument] {0}")]
+    BadArgument(String),
+    #[error("[audit_broken] {path}: {source} (first broken record: line {line})", line = .source.line())]
+    AuditBroken {
+        path: String,
+        source: bulkhead_audit::VerifyError,
+    },
+    #[error("[io_error] {0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::BadArgument(_) => 2,
+            _ => 1,
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! `bulkhead`: the command-line tool. A thin dispatcher; each subcommand group lives in its own
+//! module under `cmd/`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead", about = "Bulkhead command-line tool", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Certificate authority: create, issue, rotate.
+    #[command(subcommand)]
+    Ca(cmd::ca::CaCommand),
+    /// Token service: mint and revoke bearer tokens.
+    #[command(subcommand)]
+    Token(cmd::token::TokenCommand),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Ca(c) => cmd::ca::run(c),
+        Command::Token(c) => cmd::token::run(c),
+        Command::Audit(c) => cmd::audit::run(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
