@@ -302,6 +302,23 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
     let metrics = Arc::new(BlkMetrics::default());
     let attached = wait_for_attach(&cfg, &control, host, store, &metrics)?;
     let backend = attached.backend.clone();
+    // From here SIGTERM/SIGINT/SIGHUP are blocked in every thread (no other thread exists yet)
+    // and taken by one waiter thread, so a terminated card zeroizes its keys before it exits.
+    // SIGKILL cannot be caught; the kernel frees (and zeroes before reuse) the memory.
+    sandbox::block_exit_signals()?;
+    {
+        let backend = backend.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let sig = sandbox::wait_exit_signal();
+                backend.erase_keys();
+                let _ = backend.volume().store.flush();
+                info!(signal = sig, "terminated; keys erased");
+                std::process::exit(0);
+            })
+            .map_err(|e| CardError::Vhost(e.to_string()))?;
+    }
     {
         let backend = backend.clone();
         let metrics = metrics.clone();

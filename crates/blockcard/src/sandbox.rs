@@ -90,6 +90,42 @@ pub fn drop_privileges(uid: Option<u32>, gid: Option<u32>) -> Result<(), Sandbox
     Ok(())
 }
 
+fn exit_sigset() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is a valid argument for sigemptyset, which initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+    }
+    set
+}
+
+/// Blocks SIGTERM/SIGINT/SIGHUP in the calling thread (and so in every thread it creates later).
+pub fn block_exit_signals() -> Result<(), SandboxError> {
+    let set = exit_sigset();
+    // SAFETY: `set` is initialised; the old mask is not needed (null).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(SandboxError::Prctl { what: "pthread_sigmask", source: std::io::Error::from_raw_os_error(rc) });
+    }
+    Ok(())
+}
+
+/// Waits for one of the blocked exit signals; returns its number.
+pub fn wait_exit_signal() -> i32 {
+    let set = exit_sigset();
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            return sig;
+        }
+    }
+}
+
 /// The syscalls the card needs once running: vhost-user message handling (recvmsg with fds,
 /// mmap of guest memory), the per-queue epoll threads, pread/pwrite/fdatasync/fallocate on the
 /// backing fd, and accepting on the two already-bound sockets.
@@ -154,6 +190,7 @@ const ALLOWED: &[i64] = &[
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
     libc::SYS_restart_syscall,
+    libc::SYS_rt_sigtimedwait,
 ];
 
 /// ioctls allowed: BLKDISCARD on the backing device, FIONBIO/FIOCLEX on fds, TCGETS (isatty).

@@ -268,3 +268,18 @@ fn read_only_volume_refuses_writes() {
     card.detach();
     assert_eq!(std::fs::read(&env.backing).expect("backing"), marker_block(VOL_BYTES as usize));
 }
+
+/// SIGTERM: the card erases its keys and exits cleanly (zeroize on exit).
+#[test]
+fn sigterm_exits_cleanly() {
+    let env = Env::new(VOL_BYTES);
+    let mut card = Card::start(&env, CardOpts::default());
+    assert!(matches!(card.attach("t", CryptoSectorSize::S4096, KeySource::Ephemeral), ControlResponse::Attached { .. }));
+    let mut h = Harness::connect(&card.vhost, 1);
+    assert_eq!(h.write(0, 0, &[1u8; 4096]), 0);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(card.pid() as i32, libc::SIGTERM) };
+    let st = wait_exit(&mut card.child, Duration::from_secs(10));
+    assert!(st.success(), "exit status {st}");
+    drop(h);
+}
