@@ -4,6 +4,8 @@
 pub mod backend;
 pub mod card;
 pub mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod request;
 pub mod sandbox;

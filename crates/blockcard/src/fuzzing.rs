@@ -1,0 +1,182 @@
+//! Entry points shared by the cargo-fuzz targets (`fuzz/fuzz_targets/`) and by the randomized
+//! smoke tests below, which run on stable in the normal test suite. They must never panic.
+
+use crate::control::{ControlRequest, ControlResponse};
+use crate::request::{BlkOp, BlkRequest, DiskLimits, SectorCount, MAX_REQUEST_BYTES};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Guest memory size used by [`request_parse`].
+pub const FUZZ_MEM: usize = 64 << 10;
+
+/// Walks a descriptor table like virtio-queue does (follow `next`, at most `table.len()` steps,
+/// stop at an index outside the table).
+struct TableChain<'a> {
+    table: &'a [Descriptor],
+    next: Option<u16>,
+    ttl: usize,
+}
+
+impl Iterator for TableChain<'_> {
+    type Item = Descriptor;
+    fn next(&mut self) -> Option<Descriptor> {
+        if self.ttl == 0 {
+            return None;
+        }
+        let idx = self.next?;
+        let d = *self.table.get(usize::from(idx))?;
+        self.ttl -= 1;
+        self.next = if d.has_next() { Some(d.next()) } else { None };
+        Some(d)
+    }
+}
+
+/// Input: `u16 LE` table length k (capped at 256), k x 16-byte split descriptors, then bytes
+/// copied to guest address 0 of a [`FUZZ_MEM`]-byte guest memory. The chain starts at index 0.
+pub fn request_parse(data: &[u8]) {
+    let Some((k, rest)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let k = usize::from(u16::from_le_bytes(*k)).min(256);
+    let mut table = Vec::with_capacity(k);
+    let mut rest = rest;
+    for _ in 0..k {
+        let Some((raw, tail)) = rest.split_first_chunk::<16>() else {
+            break;
+        };
+        rest = tail;
+        let addr = u64::from_le_bytes([raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]]);
+        let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+        let flags = u16::from_le_bytes([raw[12], raw[13]]);
+        let next = u16::from_le_bytes([raw[14], raw[15]]);
+        table.push(Descriptor::new(addr, len, flags, next));
+    }
+    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), FUZZ_MEM)]) else {
+        return;
+    };
+    let n = rest.len().min(FUZZ_MEM);
+    if let Some(src) = rest.get(..n) {
+        let _ = vm_memory::Bytes::write_slice(&mem, src, GuestAddress(0));
+    }
+    let disk = DiskLimits { capacity: SectorCount(4096), align: 1, read_only: false };
+    let ttl = table.len();
+    let chain = TableChain { table: &table, next: Some(0), ttl };
+    if let Ok(req) = BlkRequest::parse(chain, &mem, &disk) {
+        // Invariants of an accepted request.
+        assert!(GuestMemoryBackend::check_range(&mem, req.status, 1));
+        match &req.op {
+            BlkOp::Read { start, len, bufs } | BlkOp::Write { start, len, bufs } => {
+                assert!(start.0.checked_add(len.0).is_some_and(|e| e <= disk.capacity.0));
+                let total: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
+                assert!(total <= MAX_REQUEST_BYTES);
+                assert_eq!(Some(total), len.bytes());
+                for b in bufs {
+                    let l = usize::try_from(b.len).unwrap_or(usize::MAX);
+                    assert!(GuestMemoryBackend::check_range(&mem, b.addr, l));
+                }
+            }
+            BlkOp::Discard { extents } | BlkOp::WriteZeroes { extents } => {
+                for e in extents {
+                    assert!(e.start.0.checked_add(e.len.0).is_some_and(|x| x <= disk.capacity.0));
+                }
+            }
+            BlkOp::Flush | BlkOp::GetId { .. } => {}
+        }
+    }
+}
+
+/// Control frames: both directions; a parsed message must re-encode to the same bytes.
+pub fn control_parse(data: &[u8]) {
+    if let Ok(req) = ControlRequest::parse(data) {
+        assert_eq!(req.encode(), data);
+    }
+    if let Ok(resp) = ControlResponse::parse(data) {
+        assert_eq!(resp.encode(), data);
+    }
+    let _ = crate::control::read_frame(&mut &data[..]);
+}
+
+/// Sealed blobs against a fixed host key: never panics, never opens a random blob.
+pub fn sealed_blob_open(data: &[u8]) {
+    use std::sync::OnceLock;
+    static HOST: OnceLock<Option<bulkhead_sealing::HostKey>> = OnceLock::new();
+    let Some(host) = HOST.get_or_init(|| bulkhead_sealing::HostKey::generate().ok()) else {
+        return;
+    };
+    assert!(bulkhead_sealing::open_volume_key(host, "fuzz", data).is_err());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny xorshift so the smoke tests need no RNG dependency.
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..].copy_from_slice(&next.to_le_bytes());
+        b
+    }
+
+    /// A valid read request image, used as a seed and mutated below.
+    fn seed() -> Vec<u8> {
+        let mut v = 3u16.to_le_bytes().to_vec();
+        v.extend(desc(0x1000, 16, 1, 1));
+        v.extend(desc(0x2000, 4096, 3, 2));
+        v.extend(desc(0x1100, 1, 2, 0));
+        v.resize(2 + 48 + 0x1010, 0);
+        v
+    }
+
+    #[test]
+    fn request_parse_smoke() {
+        let base = seed();
+        request_parse(&base);
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..3000 {
+            let mut v = base.clone();
+            let flips = rng(&mut s) % 8 + 1;
+            for _ in 0..flips {
+                let i = usize::try_from(rng(&mut s) % 50).unwrap_or(0);
+                if let Some(b) = v.get_mut(i) {
+                    *b = u8::try_from(rng(&mut s) & 0xff).unwrap_or(0);
+                }
+            }
+            request_parse(&v);
+        }
+    }
+
+    #[test]
+    fn control_parse_smoke() {
+        let mut s = 0x1234_5678_9abc_def0u64;
+        let seeds: Vec<Vec<u8>> = vec![
+            ControlRequest::Detach.encode(),
+            ControlRequest::GetMetrics.encode(),
+            ControlResponse::Attached { capacity_sectors: 8, encrypted: true }.encode(),
+            vec![1, 1, 3, b'v', b'o', b'l', 12, 1],
+        ];
+        for seed in &seeds {
+            control_parse(seed);
+            for _ in 0..2000 {
+                let mut v = seed.clone();
+                let i = usize::try_from(rng(&mut s) % 10).unwrap_or(0);
+                if i < v.len() {
+                    v[i] = u8::try_from(rng(&mut s) & 0xff).unwrap_or(0);
+                } else {
+                    v.push(u8::try_from(rng(&mut s) & 0xff).unwrap_or(0));
+                }
+                control_parse(&v);
+            }
+        }
+        sealed_blob_open(&[0u8; 126]);
+    }
+}
