@@ -37,9 +37,25 @@ pub enum SandboxError {
     Arch,
 }
 
-extern "C" fn on_sigsys(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // Async-signal-safe: one atomic add.
+extern "C" fn on_sigsys(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // Async-signal-safe: one atomic add and one store into the saved registers.
     BLOCKED.fetch_add(1, Ordering::Relaxed);
+    // The trapped syscall did not run; make it return -EPERM instead of whatever the return
+    // register held (which could look like success).
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: for an SA_SIGINFO handler the kernel passes a valid, writable `ucontext_t` in
+    // `ctx`; the saved RAX is restored on return from the handler and becomes the syscall's
+    // return value. `REG_RAX` (13) is within the 23-entry `gregs` array.
+    unsafe {
+        let uc = ctx.cast::<libc::ucontext_t>();
+        (*uc).uc_mcontext.gregs[libc::REG_RAX as usize] = -i64::from(libc::EPERM);
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: as above; on aarch64 the return value is x0, `regs[0]`.
+    unsafe {
+        let uc = ctx.cast::<libc::ucontext_t>();
+        (*uc).uc_mcontext.regs[0] = (-i64::from(libc::EPERM)) as u64;
+    }
 }
 
 fn arch() -> Result<TargetArch, SandboxError> {
