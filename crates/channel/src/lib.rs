@@ -385,7 +385,10 @@ mod tests {
     fn unknown_command_tag_is_refused() {
         // version=1, id=0, enum tag 200 (varint: 0xc8 0x01)
         let body = [1u8, 0, 0xc8, 0x01];
-        let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+        let mut frame = u32::try_from(body.len())
+            .expect("small")
+            .to_le_bytes()
+            .to_vec();
         frame.extend_from_slice(&body);
         assert_eq!(Request::parse_frame(&frame), Err(DecodeError::Body));
     }

@@ -60,6 +60,8 @@ pub const MSR_NEVER_SET: u32 = 0x10a;
 // CPUID bits.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const INVARIANT_TSC: u32 = 1 << 8;
 
 /// The CPUID a vCPU sees: the host's KVM-supported set, with topology written out.
 pub fn build_cpuid(kvm: &Kvm, topo: GuestTopology, index: u8) -> Result<CpuId, Error> {
@@ -73,6 +75,10 @@ pub fn build_cpuid(kvm: &Kvm, topo: GuestTopology, index: u8) -> Result<CpuId, E
             0x1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((vcpus & 0xff) << 16);
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
+                // No TSC-deadline timer: the guest uses the LAPIC timer in one-shot mode, as
+                // under QEMU's default CPU model. (On this machine's software KVM the deadline
+                // timer floods a Linux 6.1 guest with ticks.)
+                e.ecx &= !LEAF1_ECX_TSC_DEADLINE;
                 if vcpus > 1 {
                     e.edx |= LEAF1_EDX_HTT;
                 } else {
@@ -111,6 +117,11 @@ pub fn build_cpuid(kvm: &Kvm, topo: GuestTopology, index: u8) -> Result<CpuId, E
                     e.edx = apic_id;
                 }
             },
+            0x8000_0007 => {
+                // No invariant-TSC claim: the guest keeps kvm-clock (stable across vCPU
+                // migration and live update) instead of switching to the raw TSC.
+                e.edx &= !INVARIANT_TSC;
+            }
             _ => {}
         }
     }
@@ -152,7 +163,7 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 fn segment(entry: u64, index: u16) -> kvm_segment {
     let g = ((entry >> 55) & 1) as u8;
-    let raw_limit = (((entry >> 32) & 0x000f_0000) | (entry & 0xffff)) as u32;
+    let raw_limit = crate::bits::lo32(((entry >> 32) & 0x000f_0000) | (entry & 0xffff));
     let limit = if g == 1 {
         (raw_limit << 12) | 0xfff
     } else {

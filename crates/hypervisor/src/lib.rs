@@ -5,6 +5,7 @@
 //! inherited from its parent. It has no network stack, opens no files after start, and has no
 //! shell and no interactive access: the console is output only.
 
+pub mod bits;
 pub mod boot;
 pub mod console;
 pub mod cpu;

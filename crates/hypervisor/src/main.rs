@@ -92,6 +92,8 @@ impl VmArgs {
 }
 
 fn run(vm_args: VmArgs, blocks: Vec<String>) -> Result<ExitReason, Error> {
+    // Nothing inherited survives except stdio; everything the VM needs is opened below.
+    sandbox::close_other_fds(&[]);
     let mut vm = Vm::new(vm_args.config(true))?;
     for (i, spec) in blocks.iter().enumerate() {
         let (path, ro) = match spec.strip_suffix(",ro") {
@@ -102,7 +104,6 @@ fn run(vm_args: VmArgs, blocks: Vec<String>) -> Result<ExitReason, Error> {
             .map_err(|e| Error::Device(format!("connecting to {path}: {e}")))?;
         vm.attach_block(&format!("blk{i}"), stream, ro)?;
     }
-    sandbox::close_other_fds(&[]);
     sandbox::harden_process(vm_args.run_as()?)?;
     vm.start()?;
     sandbox::apply_thread_filter(ThreadRole::Main)?;

@@ -73,8 +73,15 @@ const MAIN: &[i64] = &[
     libc::SYS_shutdown,
 ];
 
-/// Extra system calls of a vCPU thread.
-const VCPU: &[i64] = &[libc::SYS_sched_setaffinity];
+/// Extra system calls of a vCPU thread. A vCPU thread activates devices when the guest driver
+/// sets DRIVER_OK, which for vhost-user means messages on the already connected backend socket.
+const VCPU: &[i64] = &[
+    libc::SYS_sched_setaffinity,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+];
 
 /// The syscalls allowed for `role`.
 pub fn allowed(role: ThreadRole) -> Vec<i64> {

@@ -113,7 +113,7 @@ impl Vm {
             return Err(Error::VcpuCount(u32::from(config.vcpus)));
         }
         let tpc = config.threads_per_core.max(1);
-        if config.vcpus % tpc != 0 {
+        if !config.vcpus.is_multiple_of(tpc) {
             return Err(Error::Topology(format!(
                 "{} vCPUs are not whole cores of {tpc} threads",
                 config.vcpus
@@ -283,10 +283,10 @@ impl Vm {
                 let _ = self.vm_fd.unregister_ioevent(
                     kick,
                     &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
-                    q as u32,
+                    u32::try_from(q).unwrap_or(u32::MAX),
                 );
             }
-            let gsi = VIRTIO_IRQ_BASE + slot as u32;
+            let gsi = VIRTIO_IRQ_BASE + u32::try_from(slot).unwrap_or(0);
             let _ = self.vm_fd.unregister_irqfd(&t.irq, gsi);
         }
         if let Some(s) = slots.get_mut(slot) {
@@ -388,7 +388,8 @@ impl Vm {
         Ok(())
     }
 
-    fn kick_all(&self) {
+    /// Interrupts every vCPU's KVM_RUN once (they resume unless paused or stopped).
+    pub fn kick_all(&self) {
         for h in &self.threads {
             // SAFETY: the pthread handle is valid while the JoinHandle is alive; the signal has
             // a no-op handler installed in `start`.
@@ -529,6 +530,7 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
         shared.counters.exits.fetch_add(1, Ordering::Relaxed);
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
+                tracing::trace!(vcpu = index, port = format_args!("{port:#x}"), data = ?data, "pio out");
                 shared.counters.pio.fetch_add(1, Ordering::Relaxed);
                 if lock(&shared.pio).write(port, data) == PioOutcome::Reset {
                     tracing::info!(vcpu = index, "guest reset via i8042");
@@ -537,10 +539,17 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
+                tracing::trace!(vcpu = index, port = format_args!("{port:#x}"), "pio in");
                 shared.counters.pio.fetch_add(1, Ordering::Relaxed);
                 lock(&shared.pio).read(port, data);
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                tracing::trace!(
+                    vcpu = index,
+                    addr = format_args!("{addr:#x}"),
+                    len = data.len(),
+                    "mmio read"
+                );
                 shared.counters.mmio.fetch_add(1, Ordering::Relaxed);
                 let mut slots = lock(&shared.slots);
                 match mmio_slot(addr)
@@ -551,6 +560,7 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                tracing::trace!(vcpu = index, addr = format_args!("{addr:#x}"), data = ?data, "mmio write");
                 shared.counters.mmio.fetch_add(1, Ordering::Relaxed);
                 let mut slots = lock(&shared.slots);
                 match mmio_slot(addr)
@@ -605,6 +615,10 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
+                if tracing::enabled!(tracing::Level::TRACE) {
+                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                    tracing::trace!(vcpu = index, rip = format_args!("{rip:#x}"), "kicked");
+                }
             }
             Err(e) => {
                 tracing::error!(vcpu = index, error = %e, "KVM_RUN failed");

@@ -43,9 +43,9 @@ impl QueueRegs {
         self.size != 0
             && self.size <= self.max_size
             && self.size.is_power_of_two()
-            && self.desc % 16 == 0
-            && self.avail % 2 == 0
-            && self.used % 4 == 0
+            && self.desc.is_multiple_of(16)
+            && self.avail.is_multiple_of(2)
+            && self.used.is_multiple_of(4)
             && mem.check_range(
                 GuestAddress(self.desc),
                 usize::try_from(16 * n).unwrap_or(usize::MAX),
@@ -81,7 +81,7 @@ pub struct Activation<'a> {
     pub memfd: std::os::fd::RawFd,
     pub queues: &'a [QueueRegs],
     pub acked_features: u64,
-    pub irq: &'a EventFd,
+    pub irq: &'a Arc<EventFd>,
     pub irq_status: &'a Arc<AtomicU32>,
     pub kicks: &'a [EventFd],
 }
@@ -119,7 +119,7 @@ pub struct MmioTransport {
     queues: Vec<QueueRegs>,
     irq_status: Arc<AtomicU32>,
     config_generation: u32,
-    pub irq: EventFd,
+    pub irq: Arc<EventFd>,
     pub kicks: Vec<EventFd>,
     bad_accesses: Arc<AtomicU64>,
 }
@@ -156,7 +156,7 @@ impl MmioTransport {
             queues,
             irq_status: Arc::new(AtomicU32::new(0)),
             config_generation: 0,
-            irq,
+            irq: Arc::new(irq),
             kicks,
             bad_accesses,
         })
@@ -197,8 +197,8 @@ impl MmioTransport {
             0x10 => {
                 let f = self.device.features() | VIRTIO_F_VERSION_1;
                 match self.device_features_sel {
-                    0 => (f & 0xffff_ffff) as u32,
-                    1 => (f >> 32) as u32,
+                    0 => crate::bits::lo32(f),
+                    1 => crate::bits::hi32(f),
                     _ => 0,
                 }
             }
@@ -251,8 +251,8 @@ impl MmioTransport {
             0x20 if features_phase => {
                 let offered = self.device.features() | VIRTIO_F_VERSION_1;
                 match self.driver_features_sel {
-                    0 => Self::set_low(&mut self.acked_features, v & (offered as u32)),
-                    1 => Self::set_high(&mut self.acked_features, v & ((offered >> 32) as u32)),
+                    0 => Self::set_low(&mut self.acked_features, v & crate::bits::lo32(offered)),
+                    1 => Self::set_high(&mut self.acked_features, v & crate::bits::hi32(offered)),
                     _ => self.bad(),
                 }
             }

@@ -17,7 +17,7 @@ const MAX_CHUNK: u32 = 4096;
 #[derive(Default)]
 pub struct VirtioRng {
     queue: Option<Queue>,
-    irq: Option<EventFd>,
+    irq: Option<Arc<EventFd>>,
     irq_status: Option<Arc<AtomicU32>>,
 }
 
@@ -58,15 +58,24 @@ impl VirtioDevice for VirtioRng {
         let regs = act.queues.first().ok_or(ActivateError::BadQueue(0))?;
         let mut q = Queue::new(QUEUE_SIZE).map_err(|_| ActivateError::BadQueue(0))?;
         q.set_size(regs.size);
-        q.set_desc_table_address(Some(regs.desc as u32), Some((regs.desc >> 32) as u32));
-        q.set_avail_ring_address(Some(regs.avail as u32), Some((regs.avail >> 32) as u32));
-        q.set_used_ring_address(Some(regs.used as u32), Some((regs.used >> 32) as u32));
+        q.set_desc_table_address(
+            Some(crate::bits::lo32(regs.desc)),
+            Some(crate::bits::hi32(regs.desc)),
+        );
+        q.set_avail_ring_address(
+            Some(crate::bits::lo32(regs.avail)),
+            Some(crate::bits::hi32(regs.avail)),
+        );
+        q.set_used_ring_address(
+            Some(crate::bits::lo32(regs.used)),
+            Some(crate::bits::hi32(regs.used)),
+        );
         q.set_ready(true);
         if !q.is_valid(act.mem) {
             return Err(ActivateError::BadQueue(0));
         }
         self.queue = Some(q);
-        self.irq = Some(act.irq.try_clone().map_err(ActivateError::EventFd)?);
+        self.irq = Some(act.irq.clone());
         self.irq_status = Some(act.irq_status.clone());
         Ok(())
     }

@@ -1,0 +1,174 @@
+//! Real KVM boots of the test guest: one and two vCPUs, a script run inside the guest, and
+//! a disk served over vhost-user by qemu-storage-daemon (an independent backend).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+#[test]
+fn boots_one_vcpu_and_runs_a_script() {
+    let Some(_) = guest_or_skip("boots_one_vcpu_and_runs_a_script") else {
+        return;
+    };
+    let script = "echo cpus=$(grep -c ^processor /proc/cpuinfo)\n\
+                  ls /sys/bus/virtio/devices/ | sed 's/^/virtio:/'\n\
+                  cat /sys/bus/virtio/devices/*/device | sed 's/^/devid:/'\n\
+                  head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \\n' | sed 's/^/rng:/'; echo\n\
+                  echo marker-$((6*7))\n";
+    let (code, out, err) = run_guest(
+        &["--vcpus", "1", "--memory-mib", "128"],
+        Some(script),
+        BOOT_TIMEOUT,
+    );
+    assert!(
+        out.contains("BULKHEAD-GUEST-READY"),
+        "no ready marker.\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(out.contains("marker-42"), "script did not run:\n{out}");
+    assert!(out.contains("cpus=1"), "{out}");
+    // virtio-rng (device id 4) is present and hands out non-zero bytes.
+    assert!(out.contains("devid:0x0004"), "{out}");
+    let rng = out
+        .lines()
+        .find_map(|l| l.strip_prefix("rng:"))
+        .unwrap_or("");
+    assert_eq!(rng.trim().len(), 32, "{out}");
+    assert_ne!(rng.trim(), "0".repeat(32));
+    assert!(out.contains("BULKHEAD-RUN-EXIT=0"), "{out}");
+    assert_eq!(code, Some(0), "guest did not power off cleanly:\n{err}");
+}
+
+#[test]
+fn boots_two_vcpus() {
+    let Some(_) = guest_or_skip("boots_two_vcpus") else {
+        return;
+    };
+    let script = "echo cpus=$(grep -c ^processor /proc/cpuinfo)\ncat /sys/devices/system/cpu/online | sed 's/^/online:/'\n";
+    let (code, out, err) = run_guest(
+        &["--vcpus", "2", "--memory-mib", "128"],
+        Some(script),
+        BOOT_TIMEOUT,
+    );
+    assert!(
+        out.contains("BULKHEAD-GUEST-READY"),
+        "stdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(
+        out.contains("cpus=2"),
+        "guest did not bring up both vCPUs:\n{out}"
+    );
+    assert!(out.contains("online:0-1"), "{out}");
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn disk_over_vhost_user_from_qemu_storage_daemon() {
+    let Some(_) = guest_or_skip("disk_over_vhost_user_from_qemu_storage_daemon") else {
+        return;
+    };
+    let Some(qsd) = which("qemu-storage-daemon") else {
+        eprintln!("\n*** SKIPPED disk_over_vhost_user_from_qemu_storage_daemon: qemu-storage-daemon absent ***\n");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0u8; 8 << 20]).expect("image");
+    let sock = dir.path().join("vhost.sock");
+    let mut daemon = Command::new(qsd)
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-storage-daemon");
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let script = "cat /sys/block/vda/size | sed 's/^/sectors:/'\n\
+                  echo BULKHEAD-DISK-MARKER-7f3a > /tmp/m\n\
+                  dd if=/tmp/m of=/dev/vda bs=512 seek=100 count=1 conv=sync,fsync 2>/dev/null\n\
+                  dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 26 | sed 's/^/readback:/'; echo\n";
+    let (code, out, err) = run_guest(
+        &[
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "128",
+            "--block",
+            sock.to_str().expect("path"),
+        ],
+        Some(script),
+        BOOT_TIMEOUT,
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        out.contains("sectors:16384"),
+        "guest did not see an 8 MiB disk:\n{out}\n{err}"
+    );
+    assert!(out.contains("readback:BULKHEAD-DISK-MARKER-7f3a"), "{out}");
+    assert_eq!(code, Some(0), "{err}");
+    let data = std::fs::read(&img).expect("read image");
+    let at = &data[100 * 512..100 * 512 + 26];
+    assert_eq!(
+        at, b"BULKHEAD-DISK-MARKER-7f3a\n",
+        "data written in the guest is not in the backing file"
+    );
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let hv = hypervisor();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let not_kernel = dir.path().join("not-a-kernel");
+    std::fs::write(&not_kernel, b"this is not a kernel").expect("write");
+    let run = |args: &[&str]| {
+        let out = Command::new(&hv)
+            .arg("run")
+            .args(args)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--kernel", not_kernel.to_str().expect("p")]);
+    if std::fs::metadata("/dev/kvm").is_ok() {
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains("not a bootable kernel"), "{err}");
+        let (code, err) = run(&[
+            "--kernel",
+            not_kernel.to_str().expect("p"),
+            "--memory-mib",
+            "4",
+        ]);
+        assert_eq!(code, Some(2));
+        assert!(err.contains("memory size 4 MiB"), "{err}");
+        let (code, err) = run(&["--kernel", "/nonexistent/vmlinux"]);
+        assert_eq!(code, Some(2));
+        assert!(err.contains("cannot read kernel"), "{err}");
+        let (code, err) = run(&["--kernel", not_kernel.to_str().expect("p"), "--vcpus", "0"]);
+        assert_eq!(code, Some(2));
+        assert!(err.contains("vCPU count 0"), "{err}");
+    } else {
+        assert!(err.contains("/dev/kvm"), "{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}

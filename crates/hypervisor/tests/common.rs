@@ -1,0 +1,125 @@
+//! Shared helpers for the hypervisor's integration tests: where the guest is, how to skip
+//! loudly, and how to pass a script to the guest.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kernel arguments the test guest needs on this kind of machine (software KVM): see
+/// guest/README.md. Hardware KVM needs none of the `noxsave`/`clearcpuid` ones.
+pub const GUEST_ARGS: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet noxsave clearcpuid=popcnt,cx16,smap";
+
+pub fn hypervisor() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-hypervisor"))
+}
+
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("BULKHEAD_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"))
+}
+
+/// Returns (vmlinux, initramfs) or prints a loud SKIP and returns None when KVM or the guest
+/// is truly absent.
+pub fn guest_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
+    if std::fs::metadata("/dev/kvm").is_err() {
+        eprintln!("\n*** SKIPPED {test}: /dev/kvm is absent on this machine ***\n");
+        return None;
+    }
+    let d = guest_dir();
+    let (k, i) = (d.join("vmlinux"), d.join("initramfs.cpio"));
+    if !k.exists() || !i.exists() {
+        eprintln!(
+            "\n*** SKIPPED {test}: no test guest in {} (run `make guest`) ***\n",
+            d.display()
+        );
+        return None;
+    }
+    Some((k, i))
+}
+
+/// The `bulkhead.run=` argument for a shell script (base64, see guest/README.md).
+pub fn run_arg(script: &str) -> String {
+    format!("bulkhead.run={}", base64(script.as_bytes()))
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Runs the hypervisor standalone to completion (bounded), returning (exit code, stdout).
+pub fn run_guest(
+    extra: &[&str],
+    script: Option<&str>,
+    timeout: Duration,
+) -> (Option<i32>, String, String) {
+    let (k, i) = (
+        guest_dir().join("vmlinux"),
+        guest_dir().join("initramfs.cpio"),
+    );
+    let mut cmdline = GUEST_ARGS.to_string();
+    if let Some(s) = script {
+        cmdline.push(' ');
+        cmdline.push_str(&run_arg(s));
+    }
+    let mut cmd = Command::new(hypervisor());
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(&k)
+        .arg("--initrd")
+        .arg(&i)
+        .arg("--cmdline")
+        .arg(&cmdline)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawn hypervisor");
+    wait_output(child, timeout)
+}
+
+pub fn wait_output(mut child: Child, timeout: Duration) -> (Option<i32>, String, String) {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(bin))
+        .find(|p| p.exists())
+}
