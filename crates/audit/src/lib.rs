@@ -91,6 +91,8 @@ pub enum AuditError {
     Broken(#[from] VerifyError),
     #[error("audit log is poisoned after an unrecoverable write failure")]
     Poisoned,
+    #[error("audit write failed (disk full or i/o error); nothing was appended")]
+    WriteFailed,
     #[error("audit writer has stopped")]
     WriterGone,
     #[error("audit record could not be encoded")]
@@ -439,7 +441,12 @@ impl Writer {
                     tracing::error!(error = %e, records = batch.len(), "audit write failed; refusing");
                     for job in batch {
                         if let Some(reply) = job.reply {
-                            let _ = reply.send(Err(AuditError::Poisoned));
+                            let err = if self.shared.poisoned.load(Ordering::Acquire) {
+                                AuditError::Poisoned
+                            } else {
+                                AuditError::WriteFailed
+                            };
+                            let _ = reply.send(Err(err));
                         }
                     }
                 }
