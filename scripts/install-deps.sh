@@ -4,7 +4,7 @@
 set -euo pipefail
 PKGS=(linux-source-6.1 busybox-static build-essential bc flex bison libelf-dev libssl-dev
       cpio lz4 xz-utils qemu-system-x86 qemu-utils python3-cryptography swtpm swtpm-tools
-      tpm2-tools libtss2-dev pkg-config clang iproute2)
+      tpm2-tools libtss2-dev pkg-config clang iproute2 curl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
