@@ -1,12 +1,12 @@
 //! AES-256-XTS with the `plain64` tweak of dm-crypt: the tweak of a crypto sector is its
 //! sector number (in units of the crypto sector size) as a 16-byte little-endian integer.
 //!
-//! The cipher is OpenSSL's EVP AES-256-XTS (AES-NI / VAES where the CPU has them), the same code
-//! `openssl speed -evp aes-256-xts` measures. One [`XtsCipher`] per queue: the key schedule is
-//! expanded once into an encrypt and a decrypt context, and each sector only resets the tweak.
+//! The cipher is AWS-LC's EVP AES-256-XTS (AES-NI / VAES code paths), the library rustls already
+//! brings into the tree through aws-lc-rs. One [`XtsCipher`] per queue: the key schedule is
+//! expanded once into an encrypt and a decrypt context, and each sector only sets a new tweak.
 
-use openssl::cipher::Cipher;
-use openssl::cipher_ctx::CipherCtx;
+use aws_lc_sys as ffi;
+use std::ptr::NonNull;
 
 /// Size of a crypto sector (the XTS data unit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,8 +55,8 @@ impl CryptoSectorSize {
 /// XTS errors.
 #[derive(Debug, thiserror::Error)]
 pub enum XtsError {
-    #[error("OpenSSL AES-256-XTS failed: {0}")]
-    OpenSsl(#[from] openssl::error::ErrorStack),
+    #[error("AWS-LC AES-256-XTS {op} failed (error {code:#x})")]
+    Crypto { op: &'static str, code: u32 },
     #[error("buffer of {len} bytes is not a whole number of {sector}-byte sectors")]
     Unaligned { len: usize, sector: usize },
     #[error("XTS key halves are equal; refusing the key")]
@@ -65,10 +65,78 @@ pub enum XtsError {
     SectorOverflow,
 }
 
+fn crypto_err(op: &'static str) -> XtsError {
+    // SAFETY: ERR_get_error only reads this thread's error queue.
+    let code = unsafe { ffi::ERR_get_error() };
+    XtsError::Crypto { op, code }
+}
+
+/// An owned `EVP_CIPHER_CTX` keyed for AES-256-XTS in one direction.
+struct Ctx(NonNull<ffi::EVP_CIPHER_CTX>);
+
+// SAFETY: the context is exclusively owned and only used through `&mut self`; AWS-LC cipher
+// contexts have no thread affinity.
+unsafe impl Send for Ctx {}
+
+impl Ctx {
+    fn new(key: &[u8; 64], encrypt: bool) -> Result<Self, XtsError> {
+        // SAFETY: EVP_CIPHER_CTX_new has no preconditions; NULL is checked.
+        let raw = unsafe { ffi::EVP_CIPHER_CTX_new() };
+        let ctx = Self(NonNull::new(raw).ok_or_else(|| crypto_err("context allocation"))?);
+        // SAFETY: `ctx` is a live context; EVP_aes_256_xts returns a static cipher; `key` points
+        // to the 64 bytes AES-256-XTS reads; no IV yet (NULL is allowed).
+        let rc = unsafe {
+            ffi::EVP_CipherInit_ex(
+                ctx.0.as_ptr(),
+                ffi::EVP_aes_256_xts(),
+                std::ptr::null_mut(),
+                key.as_ptr(),
+                std::ptr::null(),
+                i32::from(encrypt),
+            )
+        };
+        if rc != 1 {
+            return Err(crypto_err("key setup"));
+        }
+        Ok(ctx)
+    }
+
+    /// Processes one data unit in place with `tweak`.
+    fn unit(&mut self, data: &mut [u8], tweak: &[u8; 16]) -> Result<(), XtsError> {
+        let len = i32::try_from(data.len()).map_err(|_| XtsError::SectorOverflow)?;
+        // SAFETY: live keyed context; `tweak` is 16 readable bytes; cipher/key NULL and enc -1
+        // keep the cipher, key schedule and direction and only load the IV.
+        let rc = unsafe {
+            ffi::EVP_CipherInit_ex(self.0.as_ptr(), std::ptr::null(), std::ptr::null_mut(), std::ptr::null(), tweak.as_ptr(), -1)
+        };
+        if rc != 1 {
+            return Err(crypto_err("tweak setup"));
+        }
+        let mut out_len: i32 = 0;
+        // SAFETY: `data` is valid for reads and writes of `len` bytes; XTS (block size 1, no
+        // buffering) writes exactly `len` bytes, in place (`out == in` is allowed).
+        let rc = unsafe {
+            ffi::EVP_CipherUpdate(self.0.as_ptr(), data.as_mut_ptr(), &mut out_len, data.as_ptr(), len)
+        };
+        if rc != 1 || out_len != len {
+            return Err(crypto_err("update"));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        // SAFETY: the context was created by EVP_CIPHER_CTX_new and is freed once; AWS-LC
+        // cleanses the key schedule (OPENSSL_free zeroizes) when freeing it.
+        unsafe { ffi::EVP_CIPHER_CTX_free(self.0.as_ptr()) };
+    }
+}
+
 /// A keyed AES-256-XTS engine for one queue.
 pub struct XtsCipher {
-    enc: CipherCtx,
-    dec: CipherCtx,
+    enc: Ctx,
+    dec: Ctx,
     sector: CryptoSectorSize,
 }
 
@@ -79,18 +147,13 @@ impl std::fmt::Debug for XtsCipher {
 }
 
 impl XtsCipher {
-    /// Expands `key` (two AES-256 keys) into encrypt and decrypt contexts. OpenSSL copies the key
-    /// schedule into its own context; `Drop` of the contexts (`EVP_CIPHER_CTX_free`) cleanses it.
+    /// Expands `key` (two AES-256 keys) into encrypt and decrypt contexts. AWS-LC keeps the key
+    /// schedules in its own context memory and cleanses them when the contexts are freed.
     pub fn new(key: &[u8; 64], sector: CryptoSectorSize) -> Result<Self, XtsError> {
         if key[..32] == key[32..] {
             return Err(XtsError::WeakKey);
         }
-        let cipher = Cipher::aes_256_xts();
-        let mut enc = CipherCtx::new()?;
-        enc.encrypt_init(Some(cipher), Some(key), None)?;
-        let mut dec = CipherCtx::new()?;
-        dec.decrypt_init(Some(cipher), Some(key), None)?;
-        Ok(Self { enc, dec, sector })
+        Ok(Self { enc: Ctx::new(key, true)?, dec: Ctx::new(key, false)?, sector })
     }
 
     /// The crypto sector size.
@@ -100,21 +163,15 @@ impl XtsCipher {
 
     /// Encrypts `buf` in place; `buf[0]` is the start of crypto sector `first_sector`.
     pub fn encrypt(&mut self, buf: &mut [u8], first_sector: u64) -> Result<(), XtsError> {
-        Self::run(&mut self.enc, self.sector, buf, first_sector, true)
+        Self::run(&mut self.enc, self.sector, buf, first_sector)
     }
 
     /// Decrypts `buf` in place; `buf[0]` is the start of crypto sector `first_sector`.
     pub fn decrypt(&mut self, buf: &mut [u8], first_sector: u64) -> Result<(), XtsError> {
-        Self::run(&mut self.dec, self.sector, buf, first_sector, false)
+        Self::run(&mut self.dec, self.sector, buf, first_sector)
     }
 
-    fn run(
-        ctx: &mut CipherCtx,
-        sector: CryptoSectorSize,
-        buf: &mut [u8],
-        first_sector: u64,
-        encrypt: bool,
-    ) -> Result<(), XtsError> {
+    fn run(ctx: &mut Ctx, sector: CryptoSectorSize, buf: &mut [u8], first_sector: u64) -> Result<(), XtsError> {
         let n = sector.bytes_usize();
         if !buf.len().is_multiple_of(n) {
             return Err(XtsError::Unaligned { len: buf.len(), sector: n });
@@ -124,12 +181,7 @@ impl XtsCipher {
             let idx = u64::try_from(i).map_err(|_| XtsError::SectorOverflow)?;
             let s = first_sector.checked_add(idx).ok_or(XtsError::SectorOverflow)?;
             tweak[..8].copy_from_slice(&s.to_le_bytes());
-            if encrypt {
-                ctx.encrypt_init(None, None, Some(&tweak))?;
-            } else {
-                ctx.decrypt_init(None, None, Some(&tweak))?;
-            }
-            ctx.cipher_update_inplace(chunk, n)?;
+            ctx.unit(chunk, &tweak)?;
         }
         Ok(())
     }
