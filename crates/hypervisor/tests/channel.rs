@@ -245,3 +245,108 @@ fn channel_controls_a_real_guest() {
 fn child_take(c: &mut std::process::Child) -> std::process::Child {
     std::mem::replace(c, Proc::new("true").spawn().expect("true"))
 }
+
+/// Attach and detach a vhost-user disk over the channel (fd passed with SCM_RIGHTS), using the
+/// controller's client, against qemu-storage-daemon as the backend. No guest boot is needed: the
+/// vhost-user handshake happens at attach time.
+#[test]
+fn attach_and_detach_over_the_channel_with_scm_rights() {
+    use bulkhead_hypervisor_client::{ClientError, Hypervisor, VmSpec};
+    let Some((kernel, initrd)) =
+        guest_or_skip("attach_and_detach_over_the_channel_with_scm_rights")
+    else {
+        return;
+    };
+    let Some(qsd) = which("qemu-storage-daemon") else {
+        eprintln!(
+            "\n*** SKIPPED attach_and_detach_over_the_channel: qemu-storage-daemon absent ***\n"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0u8; 4 << 20]).expect("image");
+    let sock = dir.path().join("vhost.sock");
+    let mut daemon = Proc::new(qsd)
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let spec = VmSpec {
+        binary: hypervisor(),
+        kernel,
+        initrd: Some(initrd),
+        cmdline: GUEST_ARGS.into(),
+        memory_mib: 64,
+        vcpus: 1,
+        pin: vec![],
+        run_as: None,
+    };
+    let mut hv = Hypervisor::spawn(&spec).expect("spawn");
+    let stream = UnixStream::connect(&sock).expect("connect to qsd");
+    let id = DeviceId::new("vol-1").expect("id");
+    let r = hv.call(
+        Command::AttachBlock {
+            id: id.clone(),
+            read_only: false,
+        },
+        Some(stream.as_raw_fd()),
+    );
+    drop(stream);
+    assert_eq!(
+        r.expect("attach"),
+        Reply::Done {
+            state: VmState::Created
+        }
+    );
+    match hv.call(Command::Stats, None).expect("stats") {
+        Reply::Stats { stats, .. } => assert_eq!(stats.block_devices, 1),
+        other => panic!("{other:?}"),
+    }
+    // The same id twice is refused and changes nothing.
+    let again = UnixStream::connect(&sock);
+    if let Ok(s) = again {
+        let r = hv.call(
+            Command::AttachBlock {
+                id: id.clone(),
+                read_only: false,
+            },
+            Some(s.as_raw_fd()),
+        );
+        assert!(matches!(r, Err(ClientError::Refused(_))), "{r:?}");
+    }
+    assert_eq!(
+        hv.call(Command::DetachBlock { id: id.clone() }, None)
+            .expect("detach"),
+        Reply::Done {
+            state: VmState::Created
+        }
+    );
+    assert!(matches!(
+        hv.call(Command::DetachBlock { id }, None),
+        Err(ClientError::Refused(CommandError::NoSuchDevice))
+    ));
+    match hv.call(Command::Stats, None).expect("stats") {
+        Reply::Stats { stats, .. } => assert_eq!(stats.block_devices, 0),
+        other => panic!("{other:?}"),
+    }
+    hv.shutdown().expect("shutdown");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}

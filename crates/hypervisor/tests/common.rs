@@ -2,6 +2,7 @@
 //! loudly, and how to pass a script to the guest.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -66,6 +67,10 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
+/// Guest boots are serialized within a test binary: two at once on a 2-core machine whose KVM
+/// emulates guest kernel code would each take several times longer.
+pub static BOOT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs the hypervisor standalone to completion (bounded), returning (exit code, stdout).
 pub fn run_guest(
     extra: &[&str],
@@ -97,22 +102,44 @@ pub fn run_guest(
 }
 
 pub fn wait_output(mut child: Child, timeout: Duration) -> (Option<i32>, String, String) {
+    // Drain both pipes while waiting: a full pipe would block the guest's console.
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            String::from_utf8_lossy(&v).into_owned()
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
     let start = Instant::now();
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
+    let code = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st.code();
         }
         if start.elapsed() > timeout {
             let _ = child.kill();
-            break;
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().expect("output");
+    };
     (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        code,
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
     )
 }
 

@@ -1,0 +1,215 @@
+//! The parent's end of the hypervisor's private channel.
+//!
+//! [`Hypervisor::spawn`] creates a `SOCK_SEQPACKET` socketpair, starts `bulkhead-hypervisor serve`
+//! with one end inherited as `--channel-fd` (no listening socket, no path on disk), and keeps the
+//! other end. [`Hypervisor::call`] sends one typed command (optionally with one fd, e.g. a
+//! connected vhost-user socket) and waits for its typed response.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command as Proc, Stdio};
+use std::time::Duration;
+
+pub use bulkhead_channel::{Command, CommandError, DeviceId, Reply, VmState, VmStats};
+use bulkhead_channel::{Request, Response, HEADER_LEN, MAX_FRAME, VERSION};
+
+/// Why talking to a hypervisor failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("starting the hypervisor: {0}")]
+    Spawn(std::io::Error),
+    #[error("channel I/O: {0}")]
+    Io(std::io::Error),
+    #[error("the hypervisor sent a malformed response: {0}")]
+    BadResponse(bulkhead_channel::DecodeError),
+    #[error("response id {got} does not match request id {want}")]
+    IdMismatch { got: u64, want: u64 },
+    #[error("the hypervisor refused: {0}")]
+    Refused(CommandError),
+    #[error("the hypervisor closed the channel")]
+    Closed,
+}
+
+/// How to start a VM.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub binary: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    pub pin: Vec<usize>,
+    /// Drop the hypervisor to this uid:gid after set-up (when the parent runs as root).
+    pub run_as: Option<(u32, u32)>,
+}
+
+/// A running hypervisor process and our end of its channel.
+pub struct Hypervisor {
+    child: Child,
+    chan: UnixStream,
+    next_id: u64,
+}
+
+fn socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid two-element array; the flags create CLOEXEC sockets.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created by socketpair and are owned by nobody else.
+    Ok(unsafe {
+        (
+            UnixStream::from_raw_fd(fds[0]),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+impl Hypervisor {
+    /// Starts `bulkhead-hypervisor serve` for `spec`. The VM is created but not started.
+    pub fn spawn(spec: &VmSpec) -> Result<Self, ClientError> {
+        let (ours, theirs) = socketpair().map_err(ClientError::Spawn)?;
+        let child_fd = theirs.as_raw_fd();
+        let mut cmd = Proc::new(&spec.binary);
+        cmd.arg("serve")
+            .arg("--kernel")
+            .arg(&spec.kernel)
+            .arg("--cmdline")
+            .arg(&spec.cmdline)
+            .arg("--memory-mib")
+            .arg(spec.memory_mib.to_string())
+            .arg("--vcpus")
+            .arg(spec.vcpus.to_string())
+            .arg("--channel-fd")
+            .arg(child_fd.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if let Some(i) = &spec.initrd {
+            cmd.arg("--initrd").arg(i);
+        }
+        if !spec.pin.is_empty() {
+            let list: Vec<String> = spec.pin.iter().map(usize::to_string).collect();
+            cmd.arg("--pin").arg(OsString::from(list.join(",")));
+        }
+        if let Some((u, g)) = spec.run_as {
+            cmd.arg("--run-as").arg(format!("{u}:{g}"));
+        }
+        // SAFETY: the closure only calls fcntl, which is async-signal-safe, to clear CLOEXEC
+        // on the one fd the child must inherit.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(ClientError::Spawn)?;
+        drop(theirs);
+        ours.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(ClientError::Io)?;
+        Ok(Hypervisor {
+            child,
+            chan: ours,
+            next_id: 0,
+        })
+    }
+
+    /// The hypervisor's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `command` (with `fd` for `AttachBlock`) and returns the hypervisor's reply.
+    pub fn call(&mut self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let frame = Request {
+            version: VERSION,
+            id,
+            command,
+        }
+        .encode();
+        match fd {
+            Some(fd) => send_with_fd(&self.chan, &frame, fd).map_err(ClientError::Io)?,
+            None => (&self.chan).write_all(&frame).map_err(ClientError::Io)?,
+        }
+        let mut buf = vec![0u8; HEADER_LEN + MAX_FRAME as usize];
+        let n = (&self.chan).read(&mut buf).map_err(ClientError::Io)?;
+        if n == 0 {
+            return Err(ClientError::Closed);
+        }
+        let resp =
+            Response::parse_frame(buf.get(..n).unwrap_or(&[])).map_err(ClientError::BadResponse)?;
+        if resp.id != id {
+            return Err(ClientError::IdMismatch {
+                got: resp.id,
+                want: id,
+            });
+        }
+        resp.result.map_err(ClientError::Refused)
+    }
+
+    /// Asks the VM to shut down and reaps the process.
+    pub fn shutdown(mut self) -> Result<(), ClientError> {
+        let r = self.call(Command::Shutdown, None);
+        let _ = self.child.wait();
+        r.map(|_| ())
+    }
+
+    /// Kills the process outright (used when the channel is unusable).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Size of one fd in a control message (4 bytes).
+const FD_LEN: u32 = 4;
+
+fn send_with_fd(sock: &UnixStream, data: &[u8], fd: RawFd) -> std::io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(FD_LEN) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points at `cbuf`, which has room for one cmsg carrying one fd; the header
+    // and data pointers come from the CMSG macros over that buffer.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(std::io::Error::other("no room for SCM_RIGHTS"));
+        }
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(FD_LEN) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+    }
+    // SAFETY: `msg` and everything it points to are valid for the duration of the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

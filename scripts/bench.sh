@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# `make bench`: runs every benchmark with its peer in the same run and writes docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=docs/benchmarks.md
+tmp=$(mktemp)
+{
+  echo "# Benchmarks"
+  echo
+  echo "Written by \`make bench\` on $(date -u +%Y-%m-%dT%H:%MZ). Every figure has its peer measured in the"
+  echo "same run; ratios are Bulkhead / peer."
+  echo
+  echo "## Machine"
+  echo
+  echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
+  echo "- Memory: $(free -g | awk '/Mem:/{print $2}') GiB; kernel $(uname -r)"
+  echo "- /dev/kvm: $(if [ -e /sys/module/kvm_pvm ]; then echo 'kvm_pvm (software KVM: guest kernel code is emulated)'; elif [ -e /dev/kvm ]; then echo 'hardware KVM'; else echo absent; fi)"
+  echo "- Load while measuring (1-min load average at start): $(cut -d' ' -f1 /proc/loadavg)"
+  echo
+} > "$tmp"
+python3 scripts/bench_hypervisor.py >> "$tmp"
+for extra in scripts/bench-blockcard.sh scripts/bench-controller.sh; do
+  if [ -x "$extra" ]; then "$extra" >> "$tmp"; fi
+done
+mv "$tmp" "$out"
+echo "bench: wrote $out"
