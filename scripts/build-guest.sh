@@ -5,7 +5,7 @@
 #   scripts/build-guest.sh target/guest
 #
 # Inputs: Debian's linux-source-6.1 and busybox-static packages, guest/kernel.config (merged on
-# top of `make tinyconfig`), guest/patches/*.patch, guest/init and this script. The build is
+# top of `make tinyconfig`), guest/patches/*.patch, guest/init, guest/fstab and this script. The build is
 # cached outside the repository, keyed by the SHA-256 of those inputs:
 #   ${BULKHEAD_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bulkhead/guest}/<key>/
 # A cache hit builds nothing. No network access. See guest/README.md.
@@ -39,7 +39,7 @@ key_input() {
   echo "binutils $(ld --version 2>/dev/null | head -n1)"
   local f
   for f in "$repo/scripts/build-guest.sh" "$guest/kernel.config" "$guest/init" \
-           "$guest"/patches/*.patch; do
+           "$guest/fstab" "$guest"/patches/*.patch; do
     [ -e "$f" ] || continue
     echo "${f#"$repo"/} $(sha256sum <"$f" | cut -d' ' -f1)"
   done
@@ -102,6 +102,8 @@ build() {
     echo "dir /proc 0755 0 0"
     echo "dir /sys 0755 0 0"
     echo "dir /tmp 1777 0 0"
+    echo "dir /etc 0755 0 0"
+    echo "file /etc/fstab $guest/fstab 0644 0 0"
     echo "nod /dev/console 0600 0 0 c 5 1"
     echo "file /bin/busybox $busybox_bin 0755 0 0"
     echo "file /init $guest/init 0755 0 0"
