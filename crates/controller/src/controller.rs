@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
 use bulkhead_tokens::clock::unix_now;
 use bulkhead_tokens::quota::QuotaBook;
-use bulkhead_tokens::token::RequestContext;
+use bulkhead_tokens::token::{RequestContext, TokenCache};
 use bulkhead_tokens::{Identity, Operation, Policy, RevocationList, TokenError, Verifier};
 use http_body_util::BodyExt;
 use serde::Serialize;
@@ -27,6 +27,7 @@ use crate::monitor::Monitor;
 pub struct Controller {
     pub host_id: String,
     pub verifier: Verifier,
+    tokens: TokenCache,
     pub policy: Policy,
     pub revocations_path: PathBuf,
     revocations: Mutex<(Option<SystemTime>, RevocationList)>,
@@ -165,6 +166,7 @@ impl Controller {
         let c = Controller {
             host_id,
             verifier,
+            tokens: TokenCache::default(),
             policy,
             revocations_path,
             revocations: Mutex::new((None, RevocationList::default())),
@@ -438,14 +440,9 @@ impl Controller {
             resources: &resources,
             now: unix_now(),
         };
-        let claims = match self.verifier.authorize(&token, &revoked, &ctx) {
-            Ok(c) => c,
-            Err((e, claims)) => {
-                entry.token_id = claims.map(|c| c.token_id);
-                return Err(e.into());
-            }
-        };
-        entry.token_id = Some(claims.token_id.clone());
+        let vt = self.tokens.get_or_verify(&self.verifier, &token)?;
+        entry.token_id = Some(vt.claims.token_id.clone());
+        self.verifier.check(&token, &vt, &revoked, &ctx)?;
         if !self.policy_allows(peer, op, &resources) {
             return Err(Refusal::PolicyDenied);
         }

@@ -370,74 +370,166 @@ impl Verifier {
         Ok((biscuit, claims))
     }
 
-    /// Full check of a token against one request. The order of checks fixes which error a
-    /// token with several faults gets.
-    pub fn authorize(
+    /// Checks the signature once and keeps what later requests need: the claims, the revocation
+    /// identifiers, and whether the token is exactly as minted (one authority block whose only
+    /// check is the expiry check), in which case the Datalog pass can be skipped because every
+    /// condition in it is checked in Rust.
+    pub fn verify_signature(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        let (biscuit, claims) = self.decode(token)?;
+        let revocation_ids = biscuit
+            .revocation_identifiers()
+            .iter()
+            .map(hex::encode)
+            .collect();
+        let plain = biscuit.block_count() == 1
+            && biscuit.print_block_source(0).is_ok_and(|src| {
+                let checks: Vec<&str> = src
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| l.starts_with("check") || l.starts_with("reject"))
+                    .collect();
+                checks.len() == 1
+                    && checks
+                        .iter()
+                        .all(|c| c.starts_with("check if time($t), $t <= "))
+                    && !src.contains("trusting")
+            });
+        Ok(VerifiedToken {
+            claims,
+            revocation_ids,
+            plain,
+        })
+    }
+
+    /// Checks an already signature-verified token against one request. The order of checks fixes
+    /// which error a token with several faults gets.
+    pub fn check(
         &self,
         token: &str,
+        vt: &VerifiedToken,
         revoked: &RevocationList,
         ctx: &RequestContext<'_>,
-    ) -> Result<Claims, (TokenError, Option<Box<Claims>>)> {
-        let (biscuit, claims) = self.decode(token).map_err(|e| (e, None))?;
-        let fail = |e: TokenError| (e, Some(Box::new(claims.clone())));
+    ) -> Result<(), TokenError> {
+        let claims = &vt.claims;
         if revoked.contains(&claims.token_id)
-            || biscuit
-                .revocation_identifiers()
-                .iter()
-                .any(|id| revoked.contains(&hex::encode(id)))
+            || vt.revocation_ids.iter().any(|id| revoked.contains(id))
         {
-            return Err(fail(TokenError::Revoked));
+            return Err(TokenError::Revoked);
         }
         if ctx.now > claims.expires {
-            return Err(fail(TokenError::Expired));
+            return Err(TokenError::Expired);
         }
         if claims.issued > ctx.now.saturating_add(CLOCK_SKEW_SECS) {
-            return Err(fail(TokenError::NotYetValid));
+            return Err(TokenError::NotYetValid);
         }
         if !claims.audience.iter().any(|h| h == ctx.host || h == "*") {
-            return Err(fail(TokenError::WrongAudience));
+            return Err(TokenError::WrongAudience);
         }
         if claims.cert_sha256 != ctx.peer.cert_sha256 {
-            return Err(fail(TokenError::CertificateMismatch));
+            return Err(TokenError::CertificateMismatch);
         }
         if claims.caller != ctx.peer.name || claims.role != ctx.peer.role {
-            return Err(fail(TokenError::IdentityMismatch));
+            return Err(TokenError::IdentityMismatch);
         }
         if !ctx.peer.role.may_use(ctx.operation.plane()) {
-            return Err(fail(TokenError::PlaneViolation));
+            return Err(TokenError::PlaneViolation);
         }
         if !claims.operations.contains(&ctx.operation) {
-            return Err(fail(TokenError::OperationNotGranted));
+            return Err(TokenError::OperationNotGranted);
         }
         if !ctx
             .resources
             .iter()
             .all(|r| claims.resources.iter().any(|p| p.covers(r)))
         {
-            return Err(fail(TokenError::ResourceNotGranted));
+            return Err(TokenError::ResourceNotGranted);
         }
-        // Finally let Datalog run every check in every block (the expiry check, and any check a
-        // holder added by attenuating the token).
+        if vt.plain {
+            return Ok(());
+        }
+        // Attenuated or unusual token: let Datalog run every check in every block.
+        let biscuit = Biscuit::from_base64(token, self.root).map_err(|_| TokenError::Invalid)?;
         let mut b = AuthorizerBuilder::new()
             .set_limits(limits())
             .time()
             .fact(fact("req_host", &[string(ctx.host)]))
             .and_then(|b| b.fact(fact("req_operation", &[string(ctx.operation.name())])))
             .and_then(|b| b.fact(fact("peer_cert", &[string(&ctx.peer.cert_sha256)])))
-            .map_err(|_| fail(TokenError::CheckFailed))?;
+            .map_err(|_| TokenError::CheckFailed)?;
         for r in ctx.resources {
             b = b
                 .fact(fact("req_resource", &[string(r)]))
-                .map_err(|_| fail(TokenError::CheckFailed))?;
+                .map_err(|_| TokenError::CheckFailed)?;
         }
-        let ok = b
-            .policy("allow if true")
+        b.policy("allow if true")
             .and_then(|b| b.build(&biscuit))
-            .and_then(|mut a| a.authorize());
-        if ok.is_err() {
-            return Err(fail(TokenError::CheckFailed));
+            .and_then(|mut a| a.authorize())
+            .map(|_| ())
+            .map_err(|_| TokenError::CheckFailed)
+    }
+
+    /// Full check of a token against one request (signature, then [`Verifier::check`]).
+    pub fn authorize(
+        &self,
+        token: &str,
+        revoked: &RevocationList,
+        ctx: &RequestContext<'_>,
+    ) -> Result<Claims, (TokenError, Option<Box<Claims>>)> {
+        let vt = self.verify_signature(token).map_err(|e| (e, None))?;
+        match self.check(token, &vt, revoked, ctx) {
+            Ok(()) => Ok(vt.claims),
+            Err(e) => Err((e, Some(Box::new(vt.claims)))),
         }
-        Ok(claims)
+    }
+}
+
+/// A token whose signature has been verified, with its claims.
+#[derive(Debug, Clone)]
+pub struct VerifiedToken {
+    pub claims: Claims,
+    revocation_ids: Vec<String>,
+    plain: bool,
+}
+
+/// Cache of signature-verified tokens keyed by the SHA-256 of the token text. Signature
+/// verification and claim extraction depend only on the token bytes and the root key, so a hit
+/// is exactly as good as re-verifying; every per-request check still runs on every request.
+#[derive(Default)]
+pub struct TokenCache {
+    map: std::sync::Mutex<std::collections::HashMap<[u8; 32], std::sync::Arc<VerifiedToken>>>,
+}
+
+/// Most tokens kept; the cache is emptied when full (tokens live minutes).
+pub const TOKEN_CACHE_MAX: usize = 4096;
+
+impl TokenCache {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], std::sync::Arc<VerifiedToken>>>
+    {
+        match self.map.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    pub fn get_or_verify(
+        &self,
+        verifier: &Verifier,
+        token: &str,
+    ) -> Result<std::sync::Arc<VerifiedToken>, TokenError> {
+        use sha2::{Digest, Sha256};
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(v) = self.lock().get(&key) {
+            return Ok(std::sync::Arc::clone(v));
+        }
+        let vt = std::sync::Arc::new(verifier.verify_signature(token)?);
+        let mut m = self.lock();
+        if m.len() >= TOKEN_CACHE_MAX {
+            m.clear();
+        }
+        m.insert(key, std::sync::Arc::clone(&vt));
+        Ok(vt)
     }
 }
 
@@ -564,6 +656,56 @@ mod tests {
             .mint(&req(op.clone(), &[Operation::DescribeHost]))
             .unwrap();
         assert_eq!(e(&ctx, &foreign, &none), TokenError::Invalid);
+    }
+
+    #[test]
+    fn attenuated_tokens_get_the_datalog_pass() {
+        let svc = service();
+        let v = Verifier::new(svc.public_key());
+        let op = id("operator", Role::Operator, "aa");
+        let (t, _) = svc
+            .mint(&req(
+                op.clone(),
+                &[Operation::DescribeHost, Operation::GetHealth],
+            ))
+            .unwrap();
+        let b = Biscuit::from_base64(&t, svc.public_key()).unwrap();
+        let narrowed = b
+            .append(
+                biscuit_auth::BlockBuilder::new()
+                    .code("check if req_operation(\"GetHealth\")")
+                    .unwrap(),
+            )
+            .unwrap()
+            .to_base64()
+            .unwrap();
+        let res = ["host".to_string()];
+        let ctx = |operation| RequestContext {
+            host: "host-1",
+            peer: &op,
+            operation,
+            resources: &res,
+            now: unix_now(),
+        };
+        let none = RevocationList::default();
+        assert!(v
+            .authorize(&narrowed, &none, &ctx(Operation::GetHealth))
+            .is_ok());
+        assert_eq!(
+            v.authorize(&narrowed, &none, &ctx(Operation::DescribeHost))
+                .unwrap_err()
+                .0,
+            TokenError::CheckFailed
+        );
+        // The cache returns the same verified claims; per-request checks still run.
+        let cache = TokenCache::default();
+        let a = cache.get_or_verify(&v, &narrowed).unwrap();
+        let b2 = cache.get_or_verify(&v, &narrowed).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&a, &b2));
+        assert!(v
+            .check(&narrowed, &a, &none, &ctx(Operation::DescribeHost))
+            .is_err());
+        assert!(cache.get_or_verify(&v, "garbage").is_err());
     }
 
     #[test]
