@@ -1,0 +1,283 @@
+//! Attestation: evidence from a host, and the verifier the control plane and the KMS run before
+//! they schedule work on a host or release a volume key to it.
+//!
+//! [`Verifier::verify`] checks, in order:
+//!
+//! 1. the quote parses as a `TPMS_ATTEST` of type quote;
+//! 2. the host is enrolled, and enrolled **in this verifier's environment**;
+//! 3. the ECDSA P-256 signature over the attest bytes verifies under the host's **enrolled** AK
+//!    (a quote made by any other TPM, or altered, fails here);
+//! 4. the qualifying data is a nonce this verifier issued to this host, not yet used and not
+//!    older than the nonce lifetime (it is consumed: a replayed quote fails);
+//! 5. the quote covers exactly the SHA-384 measurement PCR;
+//! 6. the event log parses, names this environment, and replays to the quoted PCR digest;
+//! 7. the replayed value is the expected PCR value of a signed release accepted for this
+//!    environment (a host with unknown measurements gets nothing).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
+use sha2::{Digest as _, Sha256};
+use tss_esapi::interface_types::structure_tags::AttestationType;
+use tss_esapi::structures::{Attest, AttestInfo};
+use tss_esapi::traits::UnMarshall;
+
+use crate::measure::{Environment, EventLog};
+use crate::release::Manifest;
+use crate::tpm::{AkPublic, MeasurePcr, RawQuote, MAX_NONCE_LEN};
+use crate::RotError;
+
+/// How long a nonce stays valid.
+pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(60);
+/// Most outstanding nonces (oldest are dropped beyond this).
+pub const MAX_OUTSTANDING_NONCES: usize = 4096;
+
+/// What a host presents.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evidence {
+    pub host: String,
+    pub quote: RawQuote,
+    /// JSON-lines event log (see [`crate::measure`]).
+    pub event_log: String,
+}
+
+/// What the control plane records when it enrols a host (provisioning ceremony).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enrollment {
+    pub host: String,
+    /// The environment the host was provisioned and measured in.
+    pub environment: Environment,
+    pub ak: AkPublic,
+    /// The 38-byte host public key file, hex: what the KMS seals volume keys to.
+    pub host_public: String,
+}
+
+/// Why evidence was refused. Codes are stable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttestError {
+    #[error("quote is malformed")]
+    MalformedQuote,
+    #[error("host {0} is not enrolled")]
+    UnknownHost(String),
+    #[error("host {host} is enrolled in {enrolled}, this verifier serves {verifier}")]
+    EnvironmentMismatch { host: String, enrolled: String, verifier: String },
+    #[error("quote is not signed by host {0}'s enrolled attestation key")]
+    BadSignature(String),
+    #[error("nonce was not issued to this host, or was already used (replay)")]
+    NonceUnknownOrReplayed,
+    #[error("nonce expired")]
+    NonceExpired,
+    #[error("quote does not cover exactly the measurement PCR")]
+    WrongPcrSelection,
+    #[error("event log is invalid: {0}")]
+    BadEventLog(String),
+    #[error("event log does not replay to the quoted PCR value")]
+    LogDoesNotMatchQuote,
+    #[error("measurements ({pcr}) are not those of any signed release for this environment")]
+    UnknownMeasurements { pcr: String },
+}
+
+impl AttestError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AttestError::MalformedQuote => "attest_malformed",
+            AttestError::UnknownHost(_) => "attest_unknown_host",
+            AttestError::EnvironmentMismatch { .. } => "attest_environment_mismatch",
+            AttestError::BadSignature(_) => "attest_bad_signature",
+            AttestError::NonceUnknownOrReplayed => "attest_nonce_replayed",
+            AttestError::NonceExpired => "attest_nonce_expired",
+            AttestError::WrongPcrSelection => "attest_wrong_pcr_selection",
+            AttestError::BadEventLog(_) => "attest_bad_event_log",
+            AttestError::LogDoesNotMatchQuote => "attest_log_mismatch",
+            AttestError::UnknownMeasurements { .. } => "attest_unknown_measurements",
+        }
+    }
+}
+
+/// A successful attestation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attested {
+    pub host: String,
+    pub release_version: u64,
+    pub pcr_value: String,
+    /// The key the KMS may seal volume keys to.
+    pub host_public: String,
+}
+
+struct Outstanding {
+    host: String,
+    issued: Instant,
+}
+
+/// The control plane's / KMS's verifier for one environment.
+pub struct Verifier {
+    environment: Environment,
+    pcr: MeasurePcr,
+    enrolled: HashMap<String, Enrollment>,
+    /// Accepted expected PCR values (hex) → release version.
+    releases: HashMap<String, u64>,
+    nonces: HashMap<[u8; MAX_NONCE_LEN], Outstanding>,
+    nonce_ttl: Duration,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("environment", &self.environment)
+            .field("enrolled", &self.enrolled.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    pub fn new(environment: Environment, pcr: MeasurePcr) -> Self {
+        Verifier {
+            environment,
+            pcr,
+            enrolled: HashMap::new(),
+            releases: HashMap::new(),
+            nonces: HashMap::new(),
+            nonce_ttl: DEFAULT_NONCE_TTL,
+        }
+    }
+
+    pub fn with_nonce_ttl(mut self, ttl: Duration) -> Self {
+        self.nonce_ttl = ttl;
+        self
+    }
+
+    pub fn environment(&self) -> &Environment {
+        &self.environment
+    }
+
+    /// Records an enrolment. Enrolments from another environment are kept but always refused
+    /// (so the refusal says why).
+    pub fn enroll(&mut self, e: Enrollment) {
+        self.enrolled.insert(e.host.clone(), e);
+    }
+
+    pub fn enrollment(&self, host: &str) -> Option<&Enrollment> {
+        self.enrolled.get(host)
+    }
+
+    /// Accepts a release that was verified (signatures, expiry) by the caller. Its expected PCR
+    /// (and its live-update value, if any) become acceptable measurements, if it is for this
+    /// verifier's environment.
+    pub fn accept_release(&mut self, m: &Manifest) {
+        if m.environment != self.environment {
+            return;
+        }
+        self.releases.insert(m.expected_pcr.clone(), m.version);
+        if let Some(lu) = &m.live_update {
+            self.releases.insert(lu.expected_pcr_after.clone(), m.version);
+        }
+    }
+
+    /// Stops accepting a release's measurements (e.g. after a rollback or a recall).
+    pub fn retire_release(&mut self, m: &Manifest) {
+        self.releases.remove(&m.expected_pcr);
+    }
+
+    /// A fresh 32-byte nonce for `host`.
+    pub fn challenge(&mut self, host: &str) -> Result<[u8; MAX_NONCE_LEN], RotError> {
+        let mut n = [0u8; MAX_NONCE_LEN];
+        bulkhead_sealing::fill_random(&mut n)?;
+        if self.nonces.len() >= MAX_OUTSTANDING_NONCES {
+            let ttl = self.nonce_ttl;
+            self.nonces.retain(|_, o| o.issued.elapsed() < ttl);
+        }
+        if self.nonces.len() >= MAX_OUTSTANDING_NONCES {
+            return Err(RotError::Malformed("too many outstanding nonces"));
+        }
+        self.nonces.insert(n, Outstanding { host: host.to_string(), issued: Instant::now() });
+        Ok(n)
+    }
+
+    /// Full check of `evidence`; see the module documentation for the order.
+    pub fn verify(&mut self, evidence: &Evidence) -> Result<Attested, AttestError> {
+        let attest_raw = hex::decode(&evidence.quote.attest).map_err(|_| AttestError::MalformedQuote)?;
+        let sig = hex::decode(&evidence.quote.signature).map_err(|_| AttestError::MalformedQuote)?;
+        let attest = Attest::unmarshall(&attest_raw).map_err(|_| AttestError::MalformedQuote)?;
+        if attest.attestation_type() != AttestationType::Quote {
+            return Err(AttestError::MalformedQuote);
+        }
+        let enrolled = self
+            .enrolled
+            .get(&evidence.host)
+            .ok_or_else(|| AttestError::UnknownHost(evidence.host.clone()))?;
+        if enrolled.environment != self.environment {
+            return Err(AttestError::EnvironmentMismatch {
+                host: evidence.host.clone(),
+                enrolled: enrolled.environment.to_string(),
+                verifier: self.environment.to_string(),
+            });
+        }
+        let ak = enrolled.ak.sec1().map_err(|_| AttestError::BadSignature(evidence.host.clone()))?;
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &ak)
+            .verify(&attest_raw, &sig)
+            .map_err(|_| AttestError::BadSignature(evidence.host.clone()))?;
+        let host_public = enrolled.host_public.clone();
+
+        let nonce: [u8; MAX_NONCE_LEN] = attest
+            .extra_data()
+            .value()
+            .try_into()
+            .map_err(|_| AttestError::NonceUnknownOrReplayed)?;
+        let out = self.nonces.remove(&nonce).ok_or(AttestError::NonceUnknownOrReplayed)?;
+        if out.host != evidence.host {
+            return Err(AttestError::NonceUnknownOrReplayed);
+        }
+        if out.issued.elapsed() > self.nonce_ttl {
+            return Err(AttestError::NonceExpired);
+        }
+
+        let AttestInfo::Quote { info } = attest.attested() else {
+            return Err(AttestError::MalformedQuote);
+        };
+        let want_sel = self.pcr.selection().map_err(|_| AttestError::WrongPcrSelection)?;
+        if info.pcr_selection() != &want_sel {
+            return Err(AttestError::WrongPcrSelection);
+        }
+        let log = EventLog::parse(&evidence.event_log)
+            .map_err(|e| AttestError::BadEventLog(e.to_string()))?;
+        if log.pcr() != self.pcr {
+            return Err(AttestError::BadEventLog("wrong PCR".into()));
+        }
+        let log_env = log.environment().map_err(|e| AttestError::BadEventLog(e.to_string()))?;
+        if log_env != self.environment {
+            return Err(AttestError::EnvironmentMismatch {
+                host: evidence.host.clone(),
+                enrolled: log_env.to_string(),
+                verifier: self.environment.to_string(),
+            });
+        }
+        let value = log.replay().map_err(|e| AttestError::BadEventLog(e.to_string()))?;
+        if info.pcr_digest().value() != &Sha256::digest(value)[..] {
+            return Err(AttestError::LogDoesNotMatchQuote);
+        }
+        let pcr_hex = hex::encode(value);
+        let version = *self
+            .releases
+            .get(&pcr_hex)
+            .ok_or(AttestError::UnknownMeasurements { pcr: pcr_hex.clone() })?;
+        tracing::info!(host = %evidence.host, version, "host attested");
+        Ok(Attested { host: evidence.host.clone(), release_version: version, pcr_value: pcr_hex, host_public })
+    }
+}
+
+/// The KMS's rule: a volume key is sealed to a host's key only after that host's fresh evidence
+/// verified. Returns the sealed blob for the block card.
+pub fn release_volume_key(
+    verifier: &mut Verifier,
+    evidence: &Evidence,
+    volume_id: &str,
+    key: &[u8; bulkhead_sealing::VOLUME_KEY_LEN],
+) -> Result<[u8; bulkhead_sealing::SEALED_BLOB_LEN], RotError> {
+    let ok = verifier.verify(evidence)?;
+    let raw = hex::decode(&ok.host_public).map_err(|_| RotError::Malformed("host public key"))?;
+    let pk = bulkhead_sealing::HostPublicKey::from_file_bytes(&raw)?;
+    Ok(bulkhead_sealing::seal_volume_key(&pk, volume_id, key)?)
+}

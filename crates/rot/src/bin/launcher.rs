@@ -1,0 +1,126 @@
+//! `bulkhead-launcher`: runs first on a host. Measures the installed release into the TPM,
+//! unseals the host identity, and reports whether the host may take customer work.
+//!
+//! ```text
+//! bulkhead-launcher --root DIR --name HOST --env ENV --trust-root FILE [--tcti T | --dev-swtpm] <cmd>
+//!   provision --release FILE --from DIR   first release + fresh sealed identity; prints the enrolment
+//!   boot                                  measured start + unseal; prints HostHealth; exit 3 if refused
+//!   attest --nonce HEX                    boot, then a quote over the PCR; prints the evidence
+//! ```
+//!
+//! `--dev-swtpm` runs a private `swtpm` whose state lives in `DIR/swtpm` (a dev host's TPM).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bulkhead_rot::host::{Host, HostConfig};
+use bulkhead_rot::measure::Environment;
+use bulkhead_rot::release::{SignedRelease, TrustRoot};
+use bulkhead_rot::swtpm::{Swtpm, PRODUCTION_TCTI};
+use bulkhead_rot::tpm::MeasurePcr;
+use bulkhead_rot::RotError;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bulkhead-launcher", about = "Measured start and sealed host identity")]
+struct Args {
+    #[arg(long)]
+    root: PathBuf,
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    env: String,
+    #[arg(long)]
+    trust_root: PathBuf,
+    #[arg(long, default_value = PRODUCTION_TCTI)]
+    tcti: String,
+    /// Run a private swtpm with state in ROOT/swtpm (development hosts only).
+    #[arg(long)]
+    dev_swtpm: bool,
+    #[arg(long, default_value_t = 23)]
+    pcr: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Provision {
+        #[arg(long)]
+        release: PathBuf,
+        #[arg(long)]
+        from: PathBuf,
+    },
+    Boot,
+    Attest {
+        #[arg(long)]
+        nonce: String,
+    },
+}
+
+fn run(a: Args) -> Result<ExitCode, RotError> {
+    let env = Environment::parse(&a.env)?;
+    let pcr = MeasurePcr::new(a.pcr)?;
+    let raw = std::fs::read(&a.trust_root).map_err(|e| RotError::Io { path: a.trust_root.clone(), source: e })?;
+    let trust_root = TrustRoot::parse(&raw)?;
+    let swtpm = if a.dev_swtpm { Some(Swtpm::start_with_state(&a.root.join("swtpm"))?) } else { None };
+    let tcti = swtpm.as_ref().map(|s| s.tcti()).unwrap_or(a.tcti.clone());
+    let cfg = HostConfig {
+        name: a.name,
+        root: a.root,
+        environment: env,
+        pcr,
+        dev_reset_pcr: a.dev_swtpm,
+        trust_root,
+    };
+    let mut host = Host::open(cfg, &tcti)?;
+    let out = |v: &dyn erased::Json| println!("{}", v.json());
+    match a.cmd {
+        Cmd::Provision { release, from } => {
+            let raw = std::fs::read(&release).map_err(|e| RotError::Io { path: release.clone(), source: e })?;
+            let signed = SignedRelease::parse(&raw)?;
+            let enrol = host.provision(&signed, &from)?;
+            out(&enrol);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Boot => {
+            let h = host.boot();
+            eprintln!("{}", h.summary());
+            out(&h);
+            Ok(if h.accepts_customer_work { ExitCode::SUCCESS } else { ExitCode::from(3) })
+        }
+        Cmd::Attest { nonce } => {
+            let n = hex::decode(nonce.trim()).map_err(|_| RotError::Malformed("nonce hex"))?;
+            let h = host.boot();
+            eprintln!("{}", h.summary());
+            let ev = host.attest(&n)?;
+            out(&ev);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+mod erased {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".into())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("bulkhead-launcher: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Measured start, sealed identity and attestation against a real swtpm.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use bulkhead_rot::attest::{release_volume_key, AttestError, Verifier};
+use bulkhead_rot::identity::HealthReason;
+use bulkhead_rot::measure::EventLog;
+use bulkhead_rot::tpm::{MeasurePcr, Tpm};
+use bulkhead_rot::RotError;
+use common::*;
+
+/// A provisioned, booted, enrolled staging host and a staging verifier that accepts its release.
+fn healthy_host(name: &str) -> (Keys, Artefacts, SimHost, Verifier) {
+    let k = keys();
+    let staging = env("staging");
+    let art = Artefacts::new("v1", 0);
+    let rel = art.release(&k, 1, &staging, &[0, 1]);
+    let mut h = SimHost::new(name, &staging, &k.root);
+    let enrol = h.provision(&rel, art.path()).expect("provision");
+    let health = h.boot();
+    assert!(health.accepts_customer_work, "{}", health.summary());
+    let mut v = Verifier::new(staging.clone(), MeasurePcr::DEV);
+    v.enroll(enrol);
+    v.accept_release(&rel.unverified_manifest().unwrap());
+    (k, art, h, v)
+}
+
+#[test]
+fn pcr_policy_and_extend_match_the_tpm() {
+    if skip("pcr_policy_and_extend_match_the_tpm") {
+        return;
+    }
+    let sw = bulkhead_rot::swtpm::Swtpm::start().unwrap();
+    let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+    let pcr = MeasurePcr::DEV;
+    tpm.pcr_reset(pcr).unwrap();
+    let d = [0x5au8; 48];
+    tpm.pcr_extend(pcr, &d).unwrap();
+    let want = bulkhead_rot::tpm::extend(&[0u8; 48], &d);
+    assert_eq!(tpm.pcr_read(pcr).unwrap(), want);
+    // Sealed to the current value (policy digest computed in software): unseals.
+    let blob = tpm.seal(pcr, &want, b"secret").unwrap();
+    assert_eq!(tpm.unseal(&blob).unwrap().as_slice(), b"secret");
+    // Sealed to a future value: refused now, unseals once the PCR gets there.
+    let next = bulkhead_rot::tpm::extend(&want, &d);
+    let blob2 = tpm.seal(pcr, &next, b"later").unwrap();
+    assert!(matches!(tpm.unseal(&blob2), Err(RotError::UnsealRefused(_))));
+    tpm.pcr_extend(pcr, &d).unwrap();
+    assert_eq!(tpm.unseal(&blob2).unwrap().as_slice(), b"later");
+    assert!(matches!(tpm.unseal(&blob), Err(RotError::UnsealRefused(_))));
+}
+
+#[test]
+fn tampered_binary_unseal_fails_host_refuses_and_kms_refuses_keys() {
+    if skip("tampered_binary_unseal_fails_host_refuses_and_kms_refuses_keys") {
+        return;
+    }
+    let (_k, _art, mut h, mut v) = healthy_host("host-a");
+
+    // Healthy: the KMS seals a volume key to the attested host, and the host's unsealed key opens it.
+    let vk = [7u8; 64];
+    let nonce = v.challenge("host-a").unwrap();
+    let ev = h.attest(&nonce).unwrap();
+    let blob = release_volume_key(&mut v, &ev, "vol-1", &vk).expect("key for a good host");
+    let opened = bulkhead_sealing::open_volume_key(h.host_key().unwrap(), "vol-1", &blob).unwrap();
+    assert_eq!(opened.as_ref(), &vk);
+
+    // Flip one byte of a measured binary, as someone copying a binary by hand would.
+    let active = h.versions().unwrap().0.unwrap();
+    let bin = h.release_dir(active).join("bulkhead-blockcard");
+    let mut bytes = std::fs::read(&bin).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x01;
+    std::fs::write(&bin, &bytes).unwrap();
+
+    let health = h.boot();
+    eprintln!("{}", health.summary());
+    assert!(!health.accepts_customer_work);
+    assert!(h.host_key().is_none(), "identity must not be available");
+    let codes: Vec<&str> = health.reasons.iter().map(|r| r.code()).collect();
+    assert!(codes.contains(&"artefact_mismatch"), "{codes:?}");
+    assert!(codes.contains(&"unseal_failed"), "{codes:?}");
+    assert!(codes.contains(&"measurement_mismatch"), "{codes:?}");
+    assert!(health
+        .reasons
+        .iter()
+        .any(|r| matches!(r, HealthReason::ArtefactMismatch { detail } if detail.contains("bulkhead-blockcard"))));
+    // The health verdict serializes for the controller's health API.
+    let json = serde_json::to_string(&health).unwrap();
+    assert!(json.contains("\"accepts_customer_work\":false") && json.contains("unseal_failed"));
+
+    // The KMS refuses: its verifier sees measurements no signed release has.
+    let nonce = v.challenge("host-a").unwrap();
+    let ev = h.attest(&nonce).unwrap();
+    let err = release_volume_key(&mut v, &ev, "vol-1", &vk).unwrap_err();
+    assert!(
+        matches!(err, RotError::Attest(AttestError::UnknownMeasurements { .. })),
+        "{err}"
+    );
+
+    // Putting the original byte back restores the host.
+    bytes[last] ^= 0x01;
+    std::fs::write(&bin, &bytes).unwrap();
+    assert!(h.boot().accepts_customer_work);
+}
+
+#[test]
+fn replayed_quote_is_refused() {
+    if skip("replayed_quote_is_refused") {
+        return;
+    }
+    let (_k, _art, mut h, mut v) = healthy_host("host-a");
+    let nonce = v.challenge("host-a").unwrap();
+    let ev = h.attest(&nonce).unwrap();
+    let ok = v.verify(&ev).expect("fresh quote");
+    assert_eq!(ok.release_version, 1);
+    assert_eq!(v.verify(&ev), Err(AttestError::NonceUnknownOrReplayed));
+    // A nonce the verifier never issued.
+    let ev2 = h.attest(&[9u8; 32]).unwrap();
+    assert_eq!(v.verify(&ev2), Err(AttestError::NonceUnknownOrReplayed));
+    // A nonce issued to another host.
+    let other = v.challenge("host-b").unwrap();
+    let ev3 = h.attest(&other).unwrap();
+    assert_eq!(v.verify(&ev3), Err(AttestError::NonceUnknownOrReplayed));
+    // An expired nonce.
+    let mut v2 = Verifier::new(env("staging"), MeasurePcr::DEV).with_nonce_ttl(std::time::Duration::ZERO);
+    v2.enroll(v.enrollment("host-a").unwrap().clone());
+    let n = v2.challenge("host-a").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let ev4 = h.attest(&n).unwrap();
+    assert_eq!(v2.verify(&ev4), Err(AttestError::NonceExpired));
+    // An event log that does not match the quote.
+    let n = v.challenge("host-a").unwrap();
+    let mut ev5 = h.attest(&n).unwrap();
+    let log = EventLog::parse(&ev5.event_log).unwrap();
+    ev5.event_log = log.to_jsonl().unwrap().lines().take(2).collect::<Vec<_>>().join("\n");
+    assert_eq!(v.verify(&ev5), Err(AttestError::LogDoesNotMatchQuote));
+}
+
+#[test]
+fn quote_from_another_hosts_ak_is_refused() {
+    if skip("quote_from_another_hosts_ak_is_refused") {
+        return;
+    }
+    let (k, art, _a, mut v) = healthy_host("host-a");
+    // Host B: same release, its own TPM (so its own AK), enrolled too.
+    let staging = env("staging");
+    let rel = art.release(&k, 1, &staging, &[1, 2]);
+    let mut b = SimHost::new("host-b", &staging, &k.root);
+    let enrol_b = b.provision(&rel, art.path()).unwrap();
+    assert_ne!(enrol_b.ak, v.enrollment("host-a").unwrap().ak, "distinct TPMs, distinct AKs");
+    v.enroll(enrol_b);
+    assert!(b.boot().accepts_customer_work);
+    // B answers a challenge issued to A, claiming to be A.
+    let nonce = v.challenge("host-a").unwrap();
+    let mut ev = b.attest(&nonce).unwrap();
+    ev.host = "host-a".into();
+    assert_eq!(v.verify(&ev), Err(AttestError::BadSignature("host-a".into())));
+    // A host nobody enrolled.
+    ev.host = "host-z".into();
+    assert_eq!(v.verify(&ev), Err(AttestError::UnknownHost("host-z".into())));
+    // A tampered attest structure under a valid signature.
+    let nonce = v.challenge("host-b").unwrap();
+    let mut ev = b.attest(&nonce).unwrap();
+    let mut raw = hex::decode(&ev.quote.attest).unwrap();
+    let n = raw.len() - 1;
+    raw[n] ^= 1;
+    ev.quote.attest = hex::encode(raw);
+    assert_eq!(v.verify(&ev), Err(AttestError::BadSignature("host-b".into())));
+}
+
+#[test]
+fn staging_identity_is_refused_in_production_and_reprovisioning_changes_the_ak() {
+    if skip("staging_identity_is_refused_in_production_and_reprovisioning_changes_the_ak") {
+        return;
+    }
+    let (k, art, mut h, v_staging) = healthy_host("host-a");
+    let enrol = v_staging.enrollment("host-a").unwrap().clone();
+    let production = env("production");
+    let prod_rel = art.release(&k, 1, &production, &[0, 2]);
+    let mut v = Verifier::new(production.clone(), MeasurePcr::DEV);
+    v.accept_release(&prod_rel.unverified_manifest().unwrap());
+
+    // The staging enrolment presented to production.
+    v.enroll(enrol.clone());
+    let nonce = v.challenge("host-a").unwrap();
+    let ev = h.attest(&nonce).unwrap();
+    assert!(matches!(v.verify(&ev), Err(AttestError::EnvironmentMismatch { .. })));
+
+    // Even with an enrolment record rewritten to say "production", the measured environment
+    // (first event, bound into the quoted PCR) still says staging.
+    let mut forged = enrol.clone();
+    forged.environment = production.clone();
+    v.enroll(forged);
+    let nonce = v.challenge("host-a").unwrap();
+    let ev = h.attest(&nonce).unwrap();
+    match v.verify(&ev) {
+        Err(AttestError::EnvironmentMismatch { enrolled, verifier, .. }) => {
+            assert_eq!((enrolled.as_str(), verifier.as_str()), ("staging", "production"));
+        }
+        other => panic!("want EnvironmentMismatch, got {other:?}"),
+    }
+    // And a host configured for staging refuses to install a production release.
+    let err = h.install(&prod_rel, art.path()).unwrap_err();
+    assert!(matches!(
+        err,
+        RotError::Release(bulkhead_rot::release::ReleaseError::WrongEnvironment { .. })
+    ));
+
+    // Re-provisioning: clearing the identity gives a new AK; the old sealed identity is gone.
+    h.clear_identity().unwrap();
+    let h2 = h.boot();
+    assert!(!h2.accepts_customer_work);
+    assert_eq!(h2.reasons, vec![HealthReason::NotProvisioned]);
+    let rel = art.release(&k, 1, &env("staging"), &[0, 1]);
+    let re = h.provision(&rel, art.path()).unwrap();
+    assert_ne!(re.ak, enrol.ak, "re-provisioned host has a new attestation key");
+    assert_ne!(re.host_public, enrol.host_public, "and a new host key");
+    assert!(h.boot().accepts_customer_work);
+}
