@@ -16,6 +16,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 /// Bytes of each queue's bounce buffer; requests larger than this are processed in chunks.
 pub const BOUNCE_BYTES: usize = 1 << 20;
@@ -446,6 +447,12 @@ impl VhostUserBackend for BlockBackend {
             Err(p) => *p.into_inner() = Some(mem),
         }
         Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Lets a queue thread be stopped when its frontend goes away, so a new frontend (a VMM
+        // reconnecting after a guest reboot) gets fresh threads.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
