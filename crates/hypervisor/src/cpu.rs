@@ -61,6 +61,13 @@ pub const MSR_NEVER_SET: u32 = 0x10a;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const LEAF1_ECX_PCID: u32 = 1 << 17;
+const LEAF7_EBX_FSGSBASE: u32 = 1 << 0;
+const LEAF7_EBX_SMEP: u32 = 1 << 7;
+const LEAF7_EBX_INVPCID: u32 = 1 << 10;
+const LEAF7_ECX_UMIP: u32 = 1 << 2;
+const LEAF7_ECX_PKU: u32 = 1 << 3;
+const LEAF7_ECX_OSPKE: u32 = 1 << 4;
 const INVARIANT_TSC: u32 = 1 << 8;
 
 /// The CPUID a vCPU sees: the host's KVM-supported set, with topology written out.
@@ -79,6 +86,7 @@ pub fn build_cpuid(kvm: &Kvm, topo: GuestTopology, index: u8) -> Result<CpuId, E
                 // under QEMU's default CPU model. (On this machine's software KVM the deadline
                 // timer floods a Linux 6.1 guest with ticks.)
                 e.ecx &= !LEAF1_ECX_TSC_DEADLINE;
+                e.ecx &= !LEAF1_ECX_PCID;
                 if vcpus > 1 {
                     e.edx |= LEAF1_EDX_HTT;
                 } else {
@@ -117,6 +125,13 @@ pub fn build_cpuid(kvm: &Kvm, topo: GuestTopology, index: u8) -> Result<CpuId, E
                     e.edx = apic_id;
                 }
             },
+            0x7 if e.index == 0 => {
+                // A conservative CPU model, as QEMU's default: no PCID/INVPCID, FSGSBASE, SMEP,
+                // UMIP or protection keys. On this project's software KVM a Linux guest that
+                // uses PCID-tagged TLB flushes loops on stale translations in user space.
+                e.ebx &= !(LEAF7_EBX_FSGSBASE | LEAF7_EBX_SMEP | LEAF7_EBX_INVPCID);
+                e.ecx &= !(LEAF7_ECX_UMIP | LEAF7_ECX_PKU | LEAF7_ECX_OSPKE);
+            }
             0x8000_0007 => {
                 // No invariant-TSC claim: the guest keeps kvm-clock (stable across vCPU
                 // migration and live update) instead of switching to the raw TSC.

@@ -73,7 +73,7 @@ fn channel_controls_a_real_guest() {
     unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
     let cmdline = format!(
         "{GUEST_ARGS} {}",
-        run_arg("echo chan-$((40+2))\nsleep 600\n")
+        run_arg("echo chan-$((40+2))\nwhile :; do read -r x </proc/uptime; done\n")
     );
     let mut child = Proc::new(hypervisor())
         .arg("serve")
