@@ -25,6 +25,11 @@ enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(cmd::audit::AuditCommand),
+    /// Signed releases: keygen, root, create, sign, verify.
+    #[command(subcommand)]
+    Release(cmd::release::ReleaseCommand),
+    /// Deploy a signed release in waves (simulated swtpm fleet).
+    Deploy(cmd::deploy::DeployArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +38,8 @@ fn main() -> ExitCode {
         Command::Ca(c) => cmd::ca::run(c),
         Command::Token(c) => cmd::token::run(c),
         Command::Audit(c) => cmd::audit::run(c),
+        Command::Release(c) => cmd::release::run(c),
+        Command::Deploy(c) => cmd::deploy::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,8 @@
 
 pub mod audit;
 pub mod ca;
+pub mod deploy;
+pub mod release;
 pub mod token;
 
 /// Every failure of a subcommand. `code()` is stable and printed.
@@ -22,6 +24,8 @@ pub enum CliError {
     },
     #[error("[io_error] {0}: {1}")]
     Io(String, std::io::Error),
+    #[error("[{code}] {0}", code = .0.code())]
+    Rot(#[from] bulkhead_rot::RotError),
 }
 
 impl CliError {
