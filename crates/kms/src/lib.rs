@@ -1,0 +1,115 @@
+//! `bulkhead-kms`: the key service above the hosts (the role AWS KMS plays in the EBS attach
+//! flow).
+//!
+//! * Customer master keys never leave the KMS: the embedded default keeps them AES-256-GCM-wrapped
+//!   under a root key in the KMS's own SQLite store ([`store`], [`crypto`]).
+//! * `GenerateDataKey` returns only the data key's ciphertext; `DecryptForHost` opens it only
+//!   when (1) the customer's own signed AttachVolume request is forwarded and recent
+//!   (forward-access session, [`service::FORWARD_WINDOW_SECS`]), (2) an unrevoked grant lets that
+//!   customer use the key for that volume, (3) the presented host public key is the one enrolled
+//!   for that host; then it re-wraps the key to the host key with HPKE (`bulkhead-sealing`) and
+//!   returns only that sealed blob.
+//! * Only the control plane's certificate may call it (mutual TLS 1.3, [`tls`]); every call is
+//!   written to a hash-chained audit log before anything happens ([`service`]).
+
+pub mod crypto;
+pub mod server;
+pub mod service;
+pub mod sigv;
+pub mod store;
+pub mod tls;
+pub mod wire;
+
+/// Every refusal and failure of the KMS. Codes are stable.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    #[error("no such route")]
+    NoSuchRoute,
+    #[error("request body too large")]
+    BodyTooLarge,
+    #[error("request body is not the expected JSON")]
+    BadBody,
+    #[error("bad field {0}")]
+    BadRequest(&'static str),
+    #[error("only the control plane may call the KMS")]
+    CallerNotAllowed,
+    #[error("customer signature: {0}")]
+    Signature(sigv::SigError),
+    #[error("the forwarded customer authorization is not recent (forward-access session expired)")]
+    AuthorizationNotRecent,
+    #[error("the forwarded customer request does not authorize this operation")]
+    WrongCustomerAction,
+    #[error("no such key")]
+    NoSuchKey,
+    #[error("no grant lets this customer use this key for this volume")]
+    NoGrant,
+    #[error("host is not enrolled")]
+    UnknownHost,
+    #[error("presented host key is not the key enrolled for this host")]
+    HostKeyMismatch,
+    #[error("customer or access key already registered")]
+    CustomerExists,
+    #[error("audit log unavailable; nothing was done")]
+    AuditUnavailable,
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("crypto: {0}")]
+    Crypto(#[from] crypto::CryptoError),
+    #[error("internal error")]
+    Internal,
+}
+
+impl KmsError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            KmsError::NoSuchRoute => "no_such_route",
+            KmsError::BodyTooLarge => "body_too_large",
+            KmsError::BadBody => "body_invalid",
+            KmsError::BadRequest(_) => "bad_request",
+            KmsError::CallerNotAllowed => "caller_not_allowed",
+            KmsError::Signature(e) => e.code(),
+            KmsError::AuthorizationNotRecent => "authorization_not_recent",
+            KmsError::WrongCustomerAction => "wrong_customer_action",
+            KmsError::NoSuchKey => "no_such_key",
+            KmsError::NoGrant => "no_grant",
+            KmsError::UnknownHost => "unknown_host",
+            KmsError::HostKeyMismatch => "host_key_mismatch",
+            KmsError::CustomerExists => "customer_exists",
+            KmsError::AuditUnavailable => "audit_unavailable",
+            KmsError::Store(_) => "store_error",
+            KmsError::Crypto(crypto::CryptoError::BadBlob) => "bad_ciphertext_blob",
+            KmsError::Crypto(crypto::CryptoError::Unwrap) => "ciphertext_rejected",
+            KmsError::Crypto(_) => "crypto_error",
+            KmsError::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            KmsError::NoSuchRoute | KmsError::NoSuchKey | KmsError::UnknownHost => 404,
+            KmsError::BodyTooLarge => 413,
+            KmsError::BadBody | KmsError::BadRequest(_) => 400,
+            KmsError::Crypto(crypto::CryptoError::BadBlob | crypto::CryptoError::Unwrap) => 400,
+            KmsError::Signature(_) | KmsError::AuthorizationNotRecent => 401,
+            KmsError::CallerNotAllowed
+            | KmsError::WrongCustomerAction
+            | KmsError::NoGrant
+            | KmsError::HostKeyMismatch => 403,
+            KmsError::CustomerExists => 409,
+            KmsError::AuditUnavailable => 503,
+            _ => 500,
+        }
+    }
+}
+
+/// Tenant, volume and key identifiers: 1-64 of `A-Za-z0-9-_.`.
+pub fn valid_id(s: &str) -> bool {
+    bulkhead_tokens::ops::valid_resource_id(s)
+}
+
+/// Access key ids: 8-40 of `A-Z0-9`.
+pub fn valid_akid(s: &str) -> bool {
+    (8..=40).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}

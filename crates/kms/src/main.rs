@@ -1,0 +1,116 @@
+//! `bulkhead-kms`: see the crate documentation.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bulkhead_audit::AuditLog;
+use bulkhead_kms::service::Kms;
+use bulkhead_kms::store::Store;
+use bulkhead_kms::{crypto, server, tls};
+use bulkhead_tokens::pki::CaDir;
+use bulkhead_tokens::Role;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bulkhead-kms",
+    about = "Bulkhead key service (mutual TLS 1.3, control plane only)"
+)]
+struct Args {
+    /// CA directory (bulkhead-tokens layout): `ca.pem` and the service certificate `kms.pem`/`kms.key`.
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// Where the KMS keeps `kms.db`, `root.key` and `audit.log`.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Enrolled host public keys, `HOST_ID.pub` (default: STATE_DIR/hosts).
+    #[arg(long)]
+    hosts_dir: Option<PathBuf>,
+    /// Development mode: create the CA, the service certificate and the root key if absent.
+    #[arg(long)]
+    dev: bool,
+    #[arg(long, default_value = "127.0.0.1:8600")]
+    listen: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("pki: {0}")]
+    Pki(#[from] bulkhead_tokens::pki::PkiError),
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("root key: {0}")]
+    Crypto(#[from] crypto::CryptoError),
+    #[error("store: {0}")]
+    Store(#[from] bulkhead_kms::store::StoreError),
+    #[error("audit log: {0}")]
+    Audit(#[from] bulkhead_audit::AuditError),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+fn run(args: Args) -> Result<(), StartError> {
+    let ca = CaDir::new(&args.ca_dir);
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| StartError::Io(args.state_dir.display().to_string(), e))?;
+    let hosts_dir = args
+        .hosts_dir
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("hosts"));
+    if args.dev {
+        if !ca.exists() {
+            ca.init()?;
+        }
+        if !ca.cert("kms").exists() {
+            // A server certificate (serverAuth, SANs kms/localhost/127.0.0.1) from the dev CA.
+            ca.issue("kms", Role::Host, true)?;
+        }
+        std::fs::create_dir_all(&hosts_dir)
+            .map_err(|e| StartError::Io(hosts_dir.display().to_string(), e))?;
+    }
+    let tls_cfg = tls::server_config(&ca.ca_pem(), &ca.cert("kms"), &ca.key("kms"), true)?;
+    let root = crypto::load_root_key(&args.state_dir.join("root.key"), args.dev)?;
+    let store = Store::open(&args.state_dir.join("kms.db"))?;
+    let (audit, report) = AuditLog::open(&args.state_dir.join("audit.log"))?;
+    let kms = Arc::new(Kms::new(store, root, audit, hosts_dir));
+    let std_listener = std::net::TcpListener::bind(&args.listen)
+        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
+    let local = std_listener
+        .local_addr()
+        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::Io("runtime".into(), e))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| StartError::Io(local.to_string(), e))?;
+        println!(
+            "{}",
+            serde_json::json!({"event": "ready", "service": "kms", "listen": local.to_string(), "audit_records": report.records})
+        );
+        tracing::info!(listen = %local, "kms ready");
+        tls::serve(listener, tls_cfg, server::router(kms)).await.map_err(|e| StartError::Io(local.to_string(), e))
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead-kms: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

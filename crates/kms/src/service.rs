@@ -1,0 +1,482 @@
+//! The KMS operations. Each call is decided first (read-only checks), the decision is written to
+//! the audit log and made durable, and only then is anything created, revoked or sealed.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
+use bulkhead_sealing::{seal_volume_key, HostPublicKey};
+use bulkhead_tokens::{Identity, Role};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::crypto::{self, DataKeyBlob, Key32};
+use crate::sigv::{self, Authorization, ForwardedRequest};
+use crate::store::{CmkRow, GrantRow, Store};
+use crate::wire::*;
+use crate::KmsError;
+
+/// How old a forwarded customer request may be: a forward-access session lasts minutes.
+pub const FORWARD_WINDOW_SECS: u64 = 300;
+
+pub struct Kms {
+    store: Store,
+    root: Key32,
+    audit: AuditLog,
+    /// `HOST_ID.pub` files (38-byte host public key files), enrolled out of band.
+    hosts_dir: PathBuf,
+    window_secs: u64,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    let _ = bulkhead_sealing::fill_random(&mut b);
+    format!("{prefix}-{}", hex::encode(b))
+}
+
+fn cust_aad(akid: &str) -> Vec<u8> {
+    let mut a = b"bulkhead customer secret v1\0".to_vec();
+    a.extend_from_slice(akid.as_bytes());
+    a
+}
+
+fn cmk_aad(key_id: &str) -> Vec<u8> {
+    let mut a = b"bulkhead cmk v1\0".to_vec();
+    a.extend_from_slice(key_id.as_bytes());
+    a
+}
+
+/// A customer authenticated by a forwarded signed request.
+#[derive(Debug)]
+struct Customer {
+    tenant: String,
+    body: Value,
+}
+
+/// What a decided request will do once audited.
+enum Plan {
+    Register {
+        akid: String,
+        tenant: String,
+        wrapped: Vec<u8>,
+    },
+    CreateKey {
+        tenant: String,
+        description: String,
+    },
+    Generate {
+        tenant: String,
+        key: Option<CmkRow>,
+        volume: String,
+    },
+    Decrypt {
+        blob: DataKeyBlob,
+        cmk: CmkRow,
+        volume: String,
+        host: HostPublicKey,
+        grant_id: String,
+    },
+    Revoke {
+        key_id: String,
+        tenant: String,
+        volume: String,
+    },
+}
+
+impl Kms {
+    pub fn new(store: Store, root: Key32, audit: AuditLog, hosts_dir: PathBuf) -> Kms {
+        Kms {
+            store,
+            root,
+            audit,
+            hosts_dir,
+            window_secs: FORWARD_WINDOW_SECS,
+        }
+    }
+
+    /// Shortens the forward-access window (tests).
+    pub fn with_window(mut self, secs: u64) -> Kms {
+        self.window_secs = secs;
+        self
+    }
+
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Handles one parsed call from an authenticated peer. Returns the JSON response.
+    pub async fn handle(&self, peer: &Identity, op: KmsOp, body: &[u8]) -> Result<Value, KmsError> {
+        let request_id = new_id("req");
+        let params_sha256 = Some(hex::encode(Sha256::digest(body)));
+        let decided = if peer.role != Role::ControlPlane {
+            Err(KmsError::CallerNotAllowed)
+        } else {
+            self.decide(op, body)
+        };
+        let (resources, code) = match &decided {
+            Ok((res, _)) => (res.clone(), "ok".to_string()),
+            Err(e) => (Vec::new(), e.code().to_string()),
+        };
+        let entry = AuditEntry {
+            kind: EntryKind::Request,
+            request_id: request_id.clone(),
+            caller: peer.name.clone(),
+            cert_sha256: Some(peer.cert_sha256.clone()),
+            token_id: None,
+            op: op.name().to_string(),
+            resources: resources.clone(),
+            params_sha256,
+            decision: if decided.is_ok() {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            },
+            code,
+        };
+        if let Err(e) = self.audit.append(entry.clone()).await {
+            tracing::error!(error = %e, "audit log unavailable: refusing");
+            return Err(KmsError::AuditUnavailable);
+        }
+        let (_, plan) = decided?;
+        let result = self.execute(plan);
+        self.audit.append_queued(AuditEntry {
+            kind: EntryKind::Outcome,
+            decision: Decision::None,
+            code: match &result {
+                Ok(_) => "ok".into(),
+                Err(e) => e.code().into(),
+            },
+            params_sha256: None,
+            ..entry
+        });
+        tracing::info!(op = op.name(), caller = %peer.name, request_id, ok = result.is_ok(), "kms call");
+        result
+    }
+
+    fn forwarded(&self, f: &ForwardedRequest, action: &str) -> Result<Customer, KmsError> {
+        let auth = Authorization::parse(&f.authorization).map_err(KmsError::Signature)?;
+        let (tenant, wrapped) = self
+            .store
+            .customer(&auth.access_key_id)?
+            .ok_or(KmsError::Signature(sigv::SigError::UnknownAccessKey))?;
+        let secret = crypto::unwrap::<32>(&self.root, &cust_aad(&auth.access_key_id), &wrapped)?;
+        sigv::verify(&auth, secret.as_ref(), &f.parts, now(), self.window_secs).map_err(
+            |e| match e {
+                sigv::SigError::Stale => KmsError::AuthorizationNotRecent,
+                e => KmsError::Signature(e),
+            },
+        )?;
+        if f.parts.method != "POST" || f.parts.path != format!("/v1/{action}") {
+            return Err(KmsError::WrongCustomerAction);
+        }
+        let body: Value =
+            serde_json::from_str(&f.parts.body).map_err(|_| KmsError::WrongCustomerAction)?;
+        Ok(Customer { tenant, body })
+    }
+
+    fn owned_key(&self, key_id: &str, tenant: &str) -> Result<CmkRow, KmsError> {
+        match self.store.cmk(key_id)? {
+            Some(k) if k.tenant_id == tenant => Ok(k),
+            // Another tenant's key is indistinguishable from a missing one.
+            _ => Err(KmsError::NoSuchKey),
+        }
+    }
+
+    fn host_key(&self, host_id: &str, presented_b64: &str) -> Result<HostPublicKey, KmsError> {
+        if !bulkhead_tokens::pki::valid_name(host_id) {
+            return Err(KmsError::BadRequest("host_id"));
+        }
+        let presented = B64
+            .decode(presented_b64)
+            .map_err(|_| KmsError::BadRequest("host_public_key"))?;
+        let presented = HostPublicKey::from_file_bytes(&presented)
+            .map_err(|_| KmsError::BadRequest("host_public_key"))?;
+        let enrolled = std::fs::read(self.hosts_dir.join(format!("{host_id}.pub")))
+            .ok()
+            .and_then(|raw| HostPublicKey::from_file_bytes(&raw).ok())
+            .ok_or(KmsError::UnknownHost)?;
+        if enrolled != presented {
+            return Err(KmsError::HostKeyMismatch);
+        }
+        Ok(presented)
+    }
+
+    fn decide(&self, op: KmsOp, body: &[u8]) -> Result<(Vec<String>, Plan), KmsError> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(KmsError::BodyTooLarge);
+        }
+        fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, KmsError> {
+            serde_json::from_slice(b).map_err(|_| KmsError::BadBody)
+        }
+        let str_field = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        match op {
+            KmsOp::RegisterCustomer => {
+                let r: RegisterCustomerRequest = parse(body)?;
+                if !crate::valid_id(&r.tenant_id) || !crate::valid_akid(&r.access_key_id) {
+                    return Err(KmsError::BadRequest("tenant_id/access_key_id"));
+                }
+                let secret = zeroize::Zeroizing::new(
+                    B64.decode(&r.secret)
+                        .map_err(|_| KmsError::BadRequest("secret"))?,
+                );
+                if secret.len() != 32 {
+                    return Err(KmsError::BadRequest("secret"));
+                }
+                if self.store.customer(&r.access_key_id)?.is_some()
+                    || self.store.tenant_has_customer(&r.tenant_id)?
+                {
+                    return Err(KmsError::CustomerExists);
+                }
+                let wrapped = crypto::wrap(&self.root, &cust_aad(&r.access_key_id), &secret)?;
+                Ok((
+                    vec![
+                        format!("tenant:{}", r.tenant_id),
+                        format!("access_key:{}", r.access_key_id),
+                    ],
+                    Plan::Register {
+                        akid: r.access_key_id,
+                        tenant: r.tenant_id,
+                        wrapped,
+                    },
+                ))
+            }
+            KmsOp::CreateKey => {
+                let r: CreateKeyRequest = parse(body)?;
+                let c = self.forwarded(&r.customer_request, "CreateKey")?;
+                let description = str_field(&c.body, "Description").unwrap_or_default();
+                if description.len() > 256 {
+                    return Err(KmsError::BadRequest("Description"));
+                }
+                Ok((
+                    vec![format!("tenant:{}", c.tenant)],
+                    Plan::CreateKey {
+                        tenant: c.tenant,
+                        description,
+                    },
+                ))
+            }
+            KmsOp::GenerateDataKey => {
+                let r: GenerateDataKeyRequest = parse(body)?;
+                if !crate::valid_id(&r.volume_id) {
+                    return Err(KmsError::BadRequest("volume_id"));
+                }
+                let c = self.forwarded(&r.customer_request, "CreateVolume")?;
+                let signed_key = str_field(&c.body, "KmsKeyId");
+                if signed_key != r.key_id {
+                    return Err(KmsError::WrongCustomerAction);
+                }
+                let key = match &r.key_id {
+                    Some(k) => Some(self.owned_key(k, &c.tenant)?),
+                    None => None,
+                };
+                let mut res = vec![
+                    format!("tenant:{}", c.tenant),
+                    format!("volume:{}", r.volume_id),
+                ];
+                if let Some(k) = &key {
+                    res.push(format!("key:{}", k.key_id));
+                }
+                Ok((
+                    res,
+                    Plan::Generate {
+                        tenant: c.tenant,
+                        key,
+                        volume: r.volume_id,
+                    },
+                ))
+            }
+            KmsOp::DecryptForHost => {
+                let r: DecryptForHostRequest = parse(body)?;
+                if !crate::valid_id(&r.volume_id) {
+                    return Err(KmsError::BadRequest("volume_id"));
+                }
+                let c = self.forwarded(&r.customer_request, "AttachVolume")?;
+                if str_field(&c.body, "VolumeId").as_deref() != Some(r.volume_id.as_str()) {
+                    return Err(KmsError::WrongCustomerAction);
+                }
+                let raw = B64
+                    .decode(&r.ciphertext_blob)
+                    .map_err(|_| KmsError::BadRequest("ciphertext_blob"))?;
+                let blob = DataKeyBlob::parse(&raw)?;
+                let cmk = self.owned_key(&blob.key_id, &c.tenant)?;
+                let grant_id = self
+                    .store
+                    .active_grant(&cmk.key_id, &c.tenant, &r.volume_id)?
+                    .ok_or(KmsError::NoGrant)?;
+                let host = self.host_key(&r.host_id, &r.host_public_key)?;
+                Ok((
+                    vec![
+                        format!("tenant:{}", c.tenant),
+                        format!("key:{}", cmk.key_id),
+                        format!("volume:{}", r.volume_id),
+                        format!("host:{}", r.host_id),
+                        format!("grant:{grant_id}"),
+                    ],
+                    Plan::Decrypt {
+                        blob,
+                        cmk,
+                        volume: r.volume_id,
+                        host,
+                        grant_id,
+                    },
+                ))
+            }
+            KmsOp::RevokeGrant => {
+                let r: RevokeGrantRequest = parse(body)?;
+                let c = self.forwarded(&r.customer_request, "RevokeGrant")?;
+                if str_field(&c.body, "KeyId").as_deref() != Some(r.key_id.as_str())
+                    || str_field(&c.body, "VolumeId").as_deref() != Some(r.volume_id.as_str())
+                {
+                    return Err(KmsError::WrongCustomerAction);
+                }
+                let key = self.owned_key(&r.key_id, &c.tenant)?;
+                Ok((
+                    vec![
+                        format!("tenant:{}", c.tenant),
+                        format!("key:{}", key.key_id),
+                        format!("volume:{}", r.volume_id),
+                    ],
+                    Plan::Revoke {
+                        key_id: key.key_id,
+                        tenant: c.tenant,
+                        volume: r.volume_id,
+                    },
+                ))
+            }
+        }
+    }
+
+    fn create_cmk(&self, tenant: &str, description: &str) -> Result<CmkRow, KmsError> {
+        let key_id = new_id("key");
+        let cmk = crypto::random_secret::<32>()?;
+        let row = CmkRow {
+            wrapped: crypto::wrap(&self.root, &cmk_aad(&key_id), cmk.as_ref())?,
+            key_id,
+            tenant_id: tenant.to_string(),
+            description: description.to_string(),
+            created: now(),
+        };
+        self.store.insert_cmk(&row)?;
+        Ok(row)
+    }
+
+    fn execute(&self, plan: Plan) -> Result<Value, KmsError> {
+        match plan {
+            Plan::Register {
+                akid,
+                tenant,
+                wrapped,
+            } => {
+                if !self
+                    .store
+                    .insert_customer(&akid, &tenant, &wrapped, now())?
+                {
+                    return Err(KmsError::CustomerExists);
+                }
+                Ok(serde_json::json!({}))
+            }
+            Plan::CreateKey {
+                tenant,
+                description,
+            } => {
+                let row = self.create_cmk(&tenant, &description)?;
+                Ok(
+                    serde_json::to_value(CreateKeyResponse { key_id: row.key_id })
+                        .map_err(|_| KmsError::Internal)?,
+                )
+            }
+            Plan::Generate {
+                tenant,
+                key,
+                volume,
+            } => {
+                let key = match key {
+                    Some(k) => k,
+                    None => self.default_key(&tenant)?,
+                };
+                let cmk = crypto::unwrap::<32>(&self.root, &cmk_aad(&key.key_id), &key.wrapped)?;
+                let blob = DataKeyBlob::generate(&cmk, &key.key_id, &volume)?;
+                let grant_id = match self.store.active_grant(&key.key_id, &tenant, &volume)? {
+                    Some(g) => g,
+                    None => {
+                        let g = GrantRow {
+                            grant_id: new_id("grant"),
+                            key_id: key.key_id.clone(),
+                            tenant_id: tenant,
+                            volume_id: volume,
+                            revoked: false,
+                        };
+                        self.store.insert_grant(&g, now())?;
+                        g.grant_id
+                    }
+                };
+                Ok(serde_json::to_value(GenerateDataKeyResponse {
+                    key_id: key.key_id,
+                    ciphertext_blob: B64.encode(blob.to_bytes()),
+                    grant_id,
+                })
+                .map_err(|_| KmsError::Internal)?)
+            }
+            Plan::Decrypt {
+                blob,
+                cmk,
+                volume,
+                host,
+                grant_id,
+            } => {
+                let cmk_key =
+                    crypto::unwrap::<32>(&self.root, &cmk_aad(&cmk.key_id), &cmk.wrapped)?;
+                let dk = blob.open(&cmk_key, &volume)?;
+                let sealed =
+                    seal_volume_key(&host, &volume, dk.as_ref()).map_err(|_| KmsError::Internal)?;
+                drop(dk);
+                Ok(serde_json::to_value(DecryptForHostResponse {
+                    sealed_key: B64.encode(sealed),
+                    grant_id,
+                })
+                .map_err(|_| KmsError::Internal)?)
+            }
+            Plan::Revoke {
+                key_id,
+                tenant,
+                volume,
+            } => {
+                let n = self.store.revoke_grants(&key_id, &tenant, &volume, now())?;
+                Ok(serde_json::to_value(RevokeGrantResponse { revoked: n })
+                    .map_err(|_| KmsError::Internal)?)
+            }
+        }
+    }
+
+    /// The tenant's default (oldest) key, created on first use.
+    fn default_key(&self, tenant: &str) -> Result<CmkRow, KmsError> {
+        let id = format!("default-{tenant}");
+        let id = if id.len() > crypto::MAX_KEY_ID_LEN {
+            new_id("default")
+        } else {
+            id
+        };
+        if let Some(k) = self.store.cmk(&id)? {
+            return Ok(k);
+        }
+        let cmk = crypto::random_secret::<32>()?;
+        let row = CmkRow {
+            wrapped: crypto::wrap(&self.root, &cmk_aad(&id), cmk.as_ref())?,
+            key_id: id,
+            tenant_id: tenant.to_string(),
+            description: "default volume key".into(),
+            created: now(),
+        };
+        self.store.insert_cmk(&row)?;
+        Ok(row)
+    }
+}

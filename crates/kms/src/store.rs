@@ -1,0 +1,223 @@
+//! The KMS's own SQLite store (WAL, versioned migrations). It holds only wrapped material:
+//! CMKs and customer signing secrets are AES-256-GCM-wrapped under the root key; data keys are
+//! not stored at all (the control plane keeps their ciphertext).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store lock poisoned")]
+    Poisoned,
+    #[error("database schema version {0} is newer than this binary")]
+    TooNew(i64),
+}
+
+/// Versioned migrations; index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &["CREATE TABLE customers (
+        access_key_id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL,
+        wrapped_secret BLOB NOT NULL,
+        created INTEGER NOT NULL);
+     CREATE TABLE cmks (
+        key_id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL,
+        wrapped BLOB NOT NULL,
+        description TEXT NOT NULL,
+        created INTEGER NOT NULL);
+     CREATE TABLE grants (
+        grant_id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL REFERENCES cmks(key_id),
+        tenant_id TEXT NOT NULL,
+        volume_id TEXT NOT NULL,
+        created INTEGER NOT NULL,
+        revoked INTEGER);
+     CREATE INDEX grants_by_key ON grants(key_id, tenant_id, volume_id);"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmkRow {
+    pub key_id: String,
+    pub tenant_id: String,
+    pub wrapped: Vec<u8>,
+    pub description: String,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRow {
+    pub grant_id: String,
+    pub key_id: String,
+    pub tenant_id: String,
+    pub volume_id: String,
+    pub revoked: bool,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn secs(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Store, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+        if version > known {
+            return Err(StoreError::TooNew(version));
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            let v = i64::try_from(i + 1).unwrap_or(i64::MAX);
+            if v <= version {
+                continue;
+            }
+            let tx = conn.transaction()?;
+            tx.execute_batch(m)?;
+            tx.pragma_update(None, "user_version", v)?;
+            tx.commit()?;
+            tracing::info!(version = v, "kms store migrated");
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut c = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        Ok(f(&mut c)?)
+    }
+
+    /// Inserts a customer; returns false if the access key already exists.
+    pub fn insert_customer(
+        &self,
+        akid: &str,
+        tenant: &str,
+        wrapped: &[u8],
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO customers (access_key_id, tenant_id, wrapped_secret, created) VALUES (?1, ?2, ?3, ?4)",
+                params![akid, tenant, wrapped, secs(now)],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    pub fn tenant_has_customer(&self, tenant: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT 1 FROM customers WHERE tenant_id = ?1 LIMIT 1",
+                params![tenant],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|o| o.is_some())
+        })
+    }
+
+    /// (tenant, wrapped secret) of an access key.
+    pub fn customer(&self, akid: &str) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT tenant_id, wrapped_secret FROM customers WHERE access_key_id = ?1",
+                params![akid],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+    }
+
+    pub fn insert_cmk(&self, row: &CmkRow) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO cmks (key_id, tenant_id, wrapped, description, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![row.key_id, row.tenant_id, row.wrapped, row.description, secs(row.created)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn cmk(&self, key_id: &str) -> Result<Option<CmkRow>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT key_id, tenant_id, wrapped, description, created FROM cmks WHERE key_id = ?1",
+                params![key_id],
+                |r| {
+                    Ok(CmkRow {
+                        key_id: r.get(0)?,
+                        tenant_id: r.get(1)?,
+                        wrapped: r.get(2)?,
+                        description: r.get(3)?,
+                        created: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    pub fn insert_grant(&self, g: &GrantRow, now: u64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO grants (grant_id, key_id, tenant_id, volume_id, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![g.grant_id, g.key_id, g.tenant_id, g.volume_id, secs(now)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// An unrevoked grant of `key_id` to `tenant` for `volume_id`.
+    pub fn active_grant(
+        &self,
+        key_id: &str,
+        tenant: &str,
+        volume_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT grant_id FROM grants WHERE key_id = ?1 AND tenant_id = ?2 AND volume_id = ?3 AND revoked IS NULL LIMIT 1",
+                params![key_id, tenant, volume_id],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// Revokes every active grant of `key_id` for `volume_id` held by `tenant`. Returns how many.
+    pub fn revoke_grants(
+        &self,
+        key_id: &str,
+        tenant: &str,
+        volume_id: &str,
+        now: u64,
+    ) -> Result<usize, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE grants SET revoked = ?4 WHERE key_id = ?1 AND tenant_id = ?2 AND volume_id = ?3 AND revoked IS NULL",
+                params![key_id, tenant, volume_id, secs(now)],
+            )
+        })
+    }
+}

@@ -1,0 +1,140 @@
+//! The KMS API: `POST /v1/<Operation>` with a strict JSON body, over mutual TLS 1.3. Only the
+//! control plane's certificate may call it, and every operation on a customer's key carries
+//! that customer's own signed request ([`ForwardedRequest`]).
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::sigv::{ForwardedRequest, SignedParts};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 32 * 1024;
+
+/// Every operation the KMS offers. There are no others (no export, no plaintext decrypt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KmsOp {
+    RegisterCustomer,
+    CreateKey,
+    GenerateDataKey,
+    DecryptForHost,
+    RevokeGrant,
+}
+
+impl KmsOp {
+    pub const ALL: &'static [KmsOp] = &[
+        KmsOp::RegisterCustomer,
+        KmsOp::CreateKey,
+        KmsOp::GenerateDataKey,
+        KmsOp::DecryptForHost,
+        KmsOp::RevokeGrant,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KmsOp::RegisterCustomer => "RegisterCustomer",
+            KmsOp::CreateKey => "CreateKey",
+            KmsOp::GenerateDataKey => "GenerateDataKey",
+            KmsOp::DecryptForHost => "DecryptForHost",
+            KmsOp::RevokeGrant => "RevokeGrant",
+        }
+    }
+
+    pub fn from_path(path: &str) -> Option<KmsOp> {
+        let name = path.strip_prefix("/v1/")?;
+        KmsOp::ALL.iter().copied().find(|o| o.name() == name)
+    }
+
+    /// The customer-API action whose signed request must be forwarded for this operation.
+    pub fn customer_action(self) -> Option<&'static str> {
+        match self {
+            KmsOp::RegisterCustomer => None,
+            KmsOp::CreateKey => Some("CreateKey"),
+            KmsOp::GenerateDataKey => Some("CreateVolume"),
+            KmsOp::DecryptForHost => Some("AttachVolume"),
+            KmsOp::RevokeGrant => Some("RevokeGrant"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterCustomerRequest {
+    pub tenant_id: String,
+    pub access_key_id: String,
+    /// The customer's signing secret, base64. Stored only wrapped under the root key.
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    pub customer_request: ForwardedRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyResponse {
+    pub key_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateDataKeyRequest {
+    /// `None`: the tenant's default key (created on first use).
+    pub key_id: Option<String>,
+    pub volume_id: String,
+    pub customer_request: ForwardedRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateDataKeyResponse {
+    pub key_id: String,
+    /// The data key encrypted under the CMK, base64. There is no plaintext in the response.
+    pub ciphertext_blob: String,
+    pub grant_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecryptForHostRequest {
+    pub volume_id: String,
+    pub ciphertext_blob: String,
+    pub host_id: String,
+    /// The host's 38-byte public key file, base64.
+    pub host_public_key: String,
+    pub customer_request: ForwardedRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecryptForHostResponse {
+    /// The data key sealed (HPKE) to the host key for this volume, base64.
+    pub sealed_key: String,
+    pub grant_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeGrantRequest {
+    pub key_id: String,
+    pub volume_id: String,
+    pub customer_request: ForwardedRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeGrantResponse {
+    pub revoked: usize,
+}
+
+/// `{"error":{"code","message"}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}

@@ -1,0 +1,336 @@
+//! The real `bulkhead-kms` binary over real mutual TLS 1.3: forward-access checks, grants, host
+//! key binding, revocation, and no plaintext data key in its database, WAL or logs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bulkhead_kms::sigv::{self, ForwardedRequest, SignedParts};
+use bulkhead_kms::tls::{client_config, HttpsClient};
+use bulkhead_sealing::{open_volume_key, HostKey};
+use bulkhead_tokens::pki::CaDir;
+use bulkhead_tokens::Role;
+use serde_json::{json, Value};
+
+const AKID: &str = "AKIDTENANTA00001";
+const SECRET: [u8; 32] = [7u8; 32];
+const AKID_B: &str = "AKIDTENANTB00001";
+const SECRET_B: [u8; 32] = [9u8; 32];
+
+struct Kms {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Drop for Kms {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path) -> Kms {
+    let ca = CaDir::new(dir.join("ca"));
+    if !ca.exists() {
+        ca.init().unwrap();
+        ca.issue("control-plane", Role::ControlPlane, false)
+            .unwrap();
+        ca.issue("operator", Role::Operator, false).unwrap();
+    }
+    let log = std::fs::File::create(dir.join("kms.stderr")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulkhead-kms"))
+        .args(["--dev", "--listen", "127.0.0.1:0", "--ca-dir"])
+        .arg(dir.join("ca"))
+        .arg("--state-dir")
+        .arg(dir.join("kms"))
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("no ready line: {line:?}"));
+    Kms {
+        child,
+        addr: v["listen"].as_str().unwrap().to_string(),
+        dir: dir.to_path_buf(),
+    }
+}
+
+impl Kms {
+    fn call_as(&self, who: &str, op: &str, body: &Value) -> (u16, Value) {
+        let ca = CaDir::new(self.dir.join("ca"));
+        let client = HttpsClient::new(
+            client_config(&ca.ca_pem(), Some((&ca.cert(who), &ca.key(who)))).unwrap(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt
+            .block_on(client.request(
+                &self.addr,
+                "POST",
+                &format!("/v1/{op}"),
+                &[("content-type", "application/json")],
+                body.to_string().into_bytes(),
+            ))
+            .unwrap();
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        )
+    }
+
+    fn call(&self, op: &str, body: &Value) -> (u16, Value) {
+        self.call_as("control-plane", op, body)
+    }
+
+    fn enroll(&self, host: &str, key: &HostKey) {
+        std::fs::write(
+            self.dir.join("kms/hosts").join(format!("{host}.pub")),
+            key.public().to_file_bytes(),
+        )
+        .unwrap();
+    }
+}
+
+fn signed(akid: &str, secret: &[u8], action: &str, body: &Value, at: u64) -> Value {
+    let parts = SignedParts {
+        method: "POST".into(),
+        path: format!("/v1/{action}"),
+        query: String::new(),
+        host: "control.example".into(),
+        date: sigv::format_date(at),
+        body: body.to_string(),
+    };
+    let f = ForwardedRequest {
+        authorization: sigv::sign(akid, secret, &parts),
+        parts,
+    };
+    serde_json::to_value(f).unwrap()
+}
+
+fn now() -> u64 {
+    bulkhead_kms::service::now()
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+/// Registers tenants A and B, creates A's key and a data key for vol-1; returns (key_id, blob).
+fn setup(k: &Kms) -> (String, String) {
+    for (t, a, s) in [("tenant-a", AKID, SECRET), ("tenant-b", AKID_B, SECRET_B)] {
+        let (st, v) = k.call(
+            "RegisterCustomer",
+            &json!({"tenant_id": t, "access_key_id": a, "secret": B64.encode(s)}),
+        );
+        assert_eq!(st, 200, "{v}");
+    }
+    let (st, v) = k.call("CreateKey", &json!({"customer_request": signed(AKID, &SECRET, "CreateKey", &json!({"Description": "a"}), now())}));
+    assert_eq!(st, 200, "{v}");
+    let key_id = v["key_id"].as_str().unwrap().to_string();
+    let cv = json!({"SizeGiB": 1, "KmsKeyId": key_id});
+    let (st, v) = k.call(
+        "GenerateDataKey",
+        &json!({"key_id": key_id, "volume_id": "vol-1", "customer_request": signed(AKID, &SECRET, "CreateVolume", &cv, now())}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(v.get("plaintext").is_none());
+    (key_id, v["ciphertext_blob"].as_str().unwrap().to_string())
+}
+
+fn decrypt_body(blob: &str, host: &str, key: &HostKey, auth: Value) -> Value {
+    json!({
+        "volume_id": "vol-1",
+        "ciphertext_blob": blob,
+        "host_id": host,
+        "host_public_key": B64.encode(key.public().to_file_bytes()),
+        "customer_request": auth,
+    })
+}
+
+fn attach_auth(akid: &str, secret: &[u8], at: u64) -> Value {
+    signed(
+        akid,
+        secret,
+        "AttachVolume",
+        &json!({"VolumeId": "vol-1", "InstanceId": "i-1"}),
+        at,
+    )
+}
+
+#[test]
+fn decrypt_for_host_needs_recent_customer_authorization_grant_and_enrolled_host_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = start(dir.path());
+    let (key_id, blob) = setup(&k);
+    let host = HostKey::generate().unwrap();
+    k.enroll("host-1", &host);
+
+    // Happy path: the sealed blob opens only with that host's key, for that volume.
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!(st, 200, "{v}");
+    let sealed = B64.decode(v["sealed_key"].as_str().unwrap()).unwrap();
+    let dk = open_volume_key(&host, "vol-1", &sealed).unwrap();
+    assert!(open_volume_key(&host, "vol-2", &sealed).is_err());
+
+    // (1) no recent customer authorization: 10 minutes old, or signed by someone else.
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(
+            &blob,
+            "host-1",
+            &host,
+            attach_auth(AKID, &SECRET, now() - 600),
+        ),
+    );
+    assert_eq!((st, code(&v)), (401, "authorization_not_recent"));
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET_B, now())),
+    );
+    assert_eq!((st, code(&v)), (401, "auth_bad_signature"));
+    // A signed request for another action is not an AttachVolume authorization.
+    let wrong = signed(
+        AKID,
+        &SECRET,
+        "CreateVolume",
+        &json!({"VolumeId": "vol-1"}),
+        now(),
+    );
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, wrong),
+    );
+    assert_eq!((st, code(&v)), (403, "wrong_customer_action"));
+
+    // (2) no grant: tenant B, validly signed, cannot use tenant A's key or blob.
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(
+            &blob,
+            "host-1",
+            &host,
+            attach_auth(AKID_B, &SECRET_B, now()),
+        ),
+    );
+    assert_eq!((st, code(&v)), (404, "no_such_key"));
+
+    // (3) a different host key than the one enrolled for host-1, or an unenrolled host.
+    let rogue = HostKey::generate().unwrap();
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &rogue, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!((st, code(&v)), (403, "host_key_mismatch"));
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-9", &rogue, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!((st, code(&v)), (404, "unknown_host"));
+
+    // Only the control plane's certificate may call at all.
+    let (st, v) = k.call_as(
+        "operator",
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!((st, code(&v)), (403, "caller_not_allowed"));
+
+    // Revoking the grant makes the next decrypt fail.
+    let rb = json!({"KeyId": key_id, "VolumeId": "vol-1"});
+    let (st, v) = k.call(
+        "RevokeGrant",
+        &json!({"key_id": key_id, "volume_id": "vol-1", "customer_request": signed(AKID, &SECRET, "RevokeGrant", &rb, now())}),
+    );
+    assert_eq!((st, v["revoked"].as_u64()), (200, Some(1)), "{v}");
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!((st, code(&v)), (403, "no_grant"));
+
+    // Every call is in the hash-chained audit log, refusals included.
+    let head = bulkhead_audit::verify(&dir.path().join("kms/audit.log")).unwrap();
+    assert!(head.records >= 12, "{head:?}");
+    let audit = std::fs::read_to_string(dir.path().join("kms/audit.log")).unwrap();
+    for c in [
+        "authorization_not_recent",
+        "no_grant",
+        "host_key_mismatch",
+        "caller_not_allowed",
+        "no_such_key",
+    ] {
+        assert!(audit.contains(c), "audit lacks {c}");
+    }
+
+    // No plaintext data key (raw or hex or base64) in the database, its WAL, the audit log or
+    // the debug log.
+    drop(k);
+    let needles: Vec<Vec<u8>> = vec![
+        dk.as_ref().to_vec(),
+        hex::encode(dk.as_ref()).into_bytes(),
+        B64.encode(dk.as_ref()).into_bytes(),
+        dk.as_ref()[..16].to_vec(),
+    ];
+    let mut scanned = 0;
+    for f in [
+        "kms/kms.db",
+        "kms/kms.db-wal",
+        "kms/audit.log",
+        "kms.stderr",
+    ] {
+        let p = dir.path().join(f);
+        let Ok(hay) = std::fs::read(&p) else { continue };
+        scanned += 1;
+        for n in &needles {
+            assert!(
+                !hay.windows(n.len()).any(|w| w == n.as_slice()),
+                "plaintext key material in {f}"
+            );
+        }
+    }
+    assert!(scanned >= 3);
+}
+
+#[test]
+fn bad_input_is_refused_with_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = start(dir.path());
+    setup(&k);
+    let (st, v) = k.call("ExportKey", &json!({}));
+    assert_eq!((st, code(&v)), (404, "no_such_route"));
+    let (st, v) = k.call("CreateKey", &json!({"customer_request": {}, "extra": 1}));
+    assert_eq!((st, code(&v)), (400, "body_invalid"));
+    let (st, v) = k.call("RegisterCustomer", &json!({"tenant_id": "tenant-a", "access_key_id": "AKIDOTHER0001", "secret": B64.encode([1u8; 32])}));
+    assert_eq!((st, code(&v)), (409, "customer_exists"));
+    let big = "x".repeat(40 * 1024);
+    let (st, v) = k.call("CreateKey", &json!({"pad": big}));
+    assert_eq!((st, code(&v)), (413, "body_too_large"));
+    // A tenant cannot mint data keys under another tenant's key.
+    let (st, v) = k.call(
+        "CreateKey",
+        &json!({"customer_request": signed(AKID, &SECRET, "CreateKey", &json!({}), now())}),
+    );
+    assert_eq!(st, 200);
+    let key_a = v["key_id"].as_str().unwrap();
+    let cv = json!({"KmsKeyId": key_a});
+    let (st, v) = k.call(
+        "GenerateDataKey",
+        &json!({"key_id": key_a, "volume_id": "vol-x", "customer_request": signed(AKID_B, &SECRET_B, "CreateVolume", &cv, now())}),
+    );
+    assert_eq!((st, code(&v)), (404, "no_such_key"));
+}
