@@ -12,6 +12,8 @@ use utoipa::ToSchema;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest `user_data` accepted, in bytes (it ends up on the guest's 2048-byte command line).
+pub const MAX_USER_DATA_BYTES: usize = 1024;
 /// Largest sealed key blob accepted (decoded).
 pub const MAX_SEALED_KEY_BYTES: usize = 4096;
 /// Most audit records returned by one read.
@@ -103,6 +105,10 @@ pub struct CreateInstanceRequest {
     pub image: String,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// Optional script the guest runs at boot (the test guest's `bulkhead.run=`), at most
+    /// 1024 bytes. Customer data: passed to the customer's own guest, never interpreted.
+    #[serde(default)]
+    pub user_data: Option<String>,
 }
 
 /// Body of `POST /v1/instances/{id}/volumes`.
@@ -166,6 +172,7 @@ pub enum ApiRequest {
         image: String,
         vcpus: u32,
         memory_mib: u32,
+        user_data: Option<String>,
     },
     DescribeInstance(ResourceId),
     StartInstance(ResourceId),
@@ -351,6 +358,9 @@ impl ApiRequest {
                         .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
                     || !(1..=64).contains(&r.vcpus)
                     || !(64..=1024 * 1024).contains(&r.memory_mib)
+                    || r.user_data
+                        .as_ref()
+                        .is_some_and(|u| u.is_empty() || u.len() > MAX_USER_DATA_BYTES)
                 {
                     return Err(RequestError::Invalid);
                 }
@@ -359,6 +369,7 @@ impl ApiRequest {
                     image: r.image,
                     vcpus: r.vcpus,
                     memory_mib: r.memory_mib,
+                    user_data: r.user_data,
                 }
             }
             Operation::DescribeInstance => ApiRequest::DescribeInstance(id()?),
@@ -440,7 +451,8 @@ impl ApiRequest {
 pub struct HostDescription {
     pub host_id: String,
     pub controller_version: String,
-    /// Which instance backend this controller drives (`detached`: no hypervisor wired yet).
+    /// Which instance backend this controller drives: `host` (real hypervisor and block card
+    /// processes) or `detached` (explicit fallback: no guest kernel configured, nothing runs).
     pub backend: String,
     pub draining: bool,
     pub vcpus_total: u32,

@@ -1,10 +1,13 @@
 //! What the controller drives: instances (through the hypervisor's private channel) and volumes
 //! (through the block card). Consumers see only these traits.
 //!
-//! [`DetachedBackend`] is the only implementation today: **this host has no hypervisor or block
-//! card wired to the controller yet.** It records state in memory and spawns nothing; it exists
-//! so the API, authorization and audit path can be built and attacked end to end. It is not a
-//! VMM and nothing in the docs claims it runs guests.
+//! Two implementations:
+//! - [`crate::host::HostBackend`] (`"host"`): the real one. Each instance is a
+//!   `bulkhead-hypervisor` process driven over its private channel; each attached volume is a
+//!   `bulkhead-blockcard` process; both are started by the [`crate::launcher`].
+//! - [`DetachedBackend`] (`"detached"`): the explicit fallback when no guest kernel is configured.
+//!   It records state in memory and spawns nothing; **no guest runs**. DescribeHost reports which
+//!   one is active.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -29,6 +32,14 @@ pub enum BackendError {
     NoSuchVolume,
     #[error("backend unavailable")]
     Unavailable,
+    #[error("the hypervisor has no hot-plug yet: volumes attach and detach only before the instance's first start")]
+    HotplugUnsupported,
+    #[error("no such image on this host")]
+    NoSuchImage,
+    #[error("the block card refused the sealed volume key")]
+    KeyRefused,
+    #[error("user data makes the guest command line too long")]
+    UserDataTooLarge,
 }
 
 impl BackendError {
@@ -42,12 +53,19 @@ impl BackendError {
             BackendError::VolumeAttached => "volume_attached",
             BackendError::NoSuchVolume => "no_such_volume",
             BackendError::Unavailable => "backend_unavailable",
+            BackendError::HotplugUnsupported => "hotplug_unsupported",
+            BackendError::NoSuchImage => "no_such_image",
+            BackendError::KeyRefused => "volume_key_refused",
+            BackendError::UserDataTooLarge => "user_data_too_large",
         }
     }
 
     pub fn status(&self) -> u16 {
         match self {
-            BackendError::NoSuchInstance | BackendError::NoSuchVolume => 404,
+            BackendError::NoSuchInstance
+            | BackendError::NoSuchVolume
+            | BackendError::NoSuchImage => 404,
+            BackendError::KeyRefused | BackendError::UserDataTooLarge => 400,
             BackendError::Unavailable => 503,
             _ => 409,
         }
@@ -61,6 +79,8 @@ pub struct InstanceSpec {
     pub image: String,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// Customer script for the guest (customer plane only; never interpreted by the controller).
+    pub user_data: Option<String>,
 }
 
 /// Host capacity.

@@ -18,6 +18,29 @@ pub struct Config {
     pub rights: PathBuf,
     pub revocations: PathBuf,
     pub audit_log: PathBuf,
+    /// Real backend: a directory with the guest kernel (`vmlinux`) and `initramfs.cpio`. Without
+    /// it the controller runs the detached fallback (no guest runs) and says so.
+    #[serde(default)]
+    pub guest_dir: Option<PathBuf>,
+    /// `bulkhead-hypervisor` binary (default: next to the controller's own binary).
+    #[serde(default)]
+    pub hypervisor_bin: Option<PathBuf>,
+    /// `bulkhead-blockcard` binary (default: next to the controller's own binary).
+    #[serde(default)]
+    pub blockcard_bin: Option<PathBuf>,
+    /// Sealing host key file handed to block cards (`--host-key`); the controller never reads
+    /// it (it is not the TLS `host_key`).
+    #[serde(default)]
+    pub card_host_key: Option<PathBuf>,
+    /// Volume backing files (`<volume_id>.img`).
+    #[serde(default)]
+    pub volume_dir: Option<PathBuf>,
+    /// Block cards' sockets.
+    #[serde(default)]
+    pub run_dir: Option<PathBuf>,
+    /// Guest kernel arguments (default: [`crate::host::DEFAULT_KERNEL_ARGS`]).
+    #[serde(default)]
+    pub kernel_args: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +94,27 @@ impl Config {
         }
     }
 
-    /// The configuration of a dev state directory.
+    /// The configuration of a dev state directory. The guest defaults to `target/guest` (the
+    /// directory `guest` next to the controller binary's directory) when it holds a kernel;
+    /// the host key to `DIR/host.key` when it exists.
     pub fn from_state_dir(dir: &StateDir, host_id: &str, listen: &str) -> Config {
+        let exe_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf));
+        let guest_dir = exe_dir
+            .as_ref()
+            .and_then(|d| d.parent())
+            .map(|t| t.join("guest"))
+            .filter(|g| g.join("vmlinux").is_file());
+        let card_host_key = Some(dir.root().join("host.key")).filter(|p| p.is_file());
         Config {
+            guest_dir,
+            hypervisor_bin: None,
+            blockcard_bin: None,
+            card_host_key,
+            volume_dir: Some(dir.root().join("volumes")),
+            run_dir: Some(dir.root().join("run")),
+            kernel_args: None,
             host_id: host_id.to_string(),
             listen: listen.to_string(),
             ca_cert: dir.ca().ca_pem(),

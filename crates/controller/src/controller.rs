@@ -545,32 +545,36 @@ impl Controller {
                 image,
                 vcpus,
                 memory_mib,
+                user_data,
             } => {
-                let d = self.instances.create(&InstanceSpec {
+                let spec = InstanceSpec {
                     id,
                     image,
                     vcpus,
                     memory_mib,
-                })?;
+                    user_data,
+                };
+                let d = self.blocking(move |b| b.create(&spec)).await?;
                 json_ok(request_id, StatusCode::CREATED, &d)
             }
             ApiRequest::DescribeInstance(id) => {
-                json_ok(request_id, StatusCode::OK, &self.instances.describe(&id)?)
+                let d = self.blocking(move |b| b.describe(&id)).await?;
+                json_ok(request_id, StatusCode::OK, &d)
             }
             ApiRequest::StartInstance(id) => {
-                self.instances.start(&id)?;
+                self.blocking(move |b| b.start(&id)).await?;
                 ack("running")
             }
             ApiRequest::StopInstance(id) => {
-                self.instances.stop(&id)?;
+                self.blocking(move |b| b.stop(&id)).await?;
                 ack("stopped")
             }
             ApiRequest::RebootInstance(id) => {
-                self.instances.reboot(&id)?;
+                self.blocking(move |b| b.reboot(&id)).await?;
                 ack("rebooted")
             }
             ApiRequest::TerminateInstance(id) => {
-                self.instances.terminate(&id)?;
+                self.blocking(move |b| b.terminate(&id)).await?;
                 ack("terminated")
             }
             ApiRequest::AttachVolume {
@@ -578,15 +582,18 @@ impl Controller {
                 volume,
                 sealed_key,
             } => {
-                self.volumes.attach(&id, &volume, sealed_key)?;
+                let v = Arc::clone(&self.volumes);
+                blocking(move || v.attach(&id, &volume, sealed_key)).await?;
                 ack("attached")
             }
             ApiRequest::DetachVolume { id, volume } => {
-                self.volumes.detach(&id, &volume)?;
+                let v = Arc::clone(&self.volumes);
+                blocking(move || v.detach(&id, &volume)).await?;
                 ack("detached")
             }
             ApiRequest::GetConsole(id) => {
-                let output = self.instances.console(&id)?;
+                let cid = id.clone();
+                let output = self.blocking(move |b| b.console(&cid)).await?;
                 json_ok(
                     request_id,
                     StatusCode::OK,
@@ -597,6 +604,26 @@ impl Controller {
                 )
             }
         })
+    }
+}
+
+/// Runs a backend call on the blocking pool: the real backend waits on processes and channels.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Refusal::Internal)?
+        .map_err(Refusal::from)
+}
+
+impl Controller {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn InstanceBackend) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, Refusal> {
+        let b = Arc::clone(&self.instances);
+        blocking(move || f(b.as_ref())).await
     }
 }
 

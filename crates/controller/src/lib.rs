@@ -3,16 +3,21 @@
 //! - [`api`]: the route table and the one parser of the HTTP boundary.
 //! - [`controller`]: parse → token check → host policy re-check → quota → durable audit → act.
 //! - [`server`]: TLS 1.3 mutual-TLS listener (rustls + aws-lc-rs).
-//! - [`backend`]: `InstanceBackend` / `VolumeBackend` traits; `DetachedBackend` (no hypervisor
-//!   wired yet).
+//! - [`backend`]: `InstanceBackend` / `VolumeBackend` traits and `DetachedBackend` (the explicit
+//!   no-guest fallback); [`host`]: `HostBackend`, the real one (hypervisor and block-card
+//!   processes); [`launcher`]: the pre-sandbox process that starts them; [`card_control`]: the
+//!   block card's control messages.
 //! - [`monitor`]: alert rules over the audit stream; [`metrics`]: Prometheus text.
 //! - [`sandbox`]: no_new_privs, non-dumpable, seccomp blocking outbound connections.
 //! - [`openapi`]: the OpenAPI document generated from the route table.
 
 pub mod api;
 pub mod backend;
+pub mod card_control;
 pub mod config;
 pub mod controller;
+pub mod host;
+pub mod launcher;
 pub mod metrics;
 pub mod monitor;
 pub mod openapi;

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bulkhead_audit::AuditLog;
-use bulkhead_controller::backend::DetachedBackend;
+use bulkhead_controller::backend::{DetachedBackend, InstanceBackend, VolumeBackend};
 use bulkhead_controller::config::Config;
 use bulkhead_controller::controller::Controller;
+use bulkhead_controller::host::{HostBackend, HostConfig, DEFAULT_IMAGE, DEFAULT_KERNEL_ARGS};
+use bulkhead_controller::launcher::{self, Launcher, LauncherConfig};
 use bulkhead_controller::{openapi, sandbox, server};
 use bulkhead_tokens::statedir::{StateDir, DEV_HOST};
 use bulkhead_tokens::token::public_key_from_text;
@@ -41,6 +43,45 @@ struct Args {
     /// and alerted on, and exit. Proves the filter of this very binary.
     #[arg(long, value_name = "ADDR")]
     sandbox_self_test: Option<String>,
+    /// Which backend drives instances: `host` (real hypervisor and block-card processes; needs a
+    /// guest kernel), `detached` (explicit fallback: nothing runs), or `auto` (host when a guest
+    /// is configured or found, else detached).
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Guest directory with `vmlinux` and `initramfs.cpio` (dev default: target/guest).
+    #[arg(long)]
+    guest_dir: Option<PathBuf>,
+    /// The `bulkhead-hypervisor` binary (default: next to this binary).
+    #[arg(long)]
+    hypervisor_bin: Option<PathBuf>,
+    /// The `bulkhead-blockcard` binary (default: next to this binary).
+    #[arg(long)]
+    blockcard_bin: Option<PathBuf>,
+    /// Sealing host key file handed to block cards (dev default: DIR/host.key if it exists).
+    #[arg(long)]
+    card_host_key: Option<PathBuf>,
+    /// Guest kernel arguments.
+    #[arg(long)]
+    kernel_args: Option<String>,
+    /// Size of a volume's backing file when it is first created.
+    #[arg(long, default_value_t = 64)]
+    volume_size_mib: u64,
+    /// uid:gid that hypervisors and block cards drop to (default 65534:65534 when run as root).
+    #[arg(long)]
+    run_as: Option<String>,
+    /// Internal: run as the launcher on this inherited fd (see `launcher.rs`).
+    #[arg(long, hide = true, requires = "launcher_config")]
+    launcher_fd: Option<i32>,
+    /// Internal: the launcher's fixed configuration (JSON).
+    #[arg(long, hide = true)]
+    launcher_config: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendChoice {
+    Auto,
+    Host,
+    Detached,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +110,14 @@ enum StartError {
     Sandbox(#[from] sandbox::SandboxError),
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("--backend host needs a guest directory with vmlinux (--guest-dir or guest_dir)")]
+    NoGuest,
+    #[error("{0}: {1}")]
+    Path(PathBuf, std::io::Error),
+    #[error("--run-as wants UID:GID")]
+    RunAs,
+    #[error("launcher: {0}")]
+    Launcher(#[from] launcher::LauncherError),
 }
 
 fn read(p: &PathBuf) -> Result<Vec<u8>, StartError> {
@@ -88,7 +137,108 @@ fn memory_mib() -> u64 {
         .unwrap_or(0)
 }
 
+fn absolute(p: &std::path::Path) -> Result<PathBuf, StartError> {
+    std::fs::canonicalize(p).map_err(|e| StartError::Path(p.to_path_buf(), e))
+}
+
+fn next_to_exe(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Decides the backend and, for the real one, starts the launcher. Runs before any secret is
+/// read and before the sandbox.
+fn host_backend(
+    args: &Args,
+    cfg: &Config,
+) -> Result<Option<(HostConfig, LauncherConfig)>, StartError> {
+    let guest = args.guest_dir.clone().or_else(|| cfg.guest_dir.clone());
+    let guest = match (args.backend, guest) {
+        (BackendChoice::Detached, _) => return Ok(None),
+        (BackendChoice::Auto, None) => return Ok(None),
+        (BackendChoice::Host, None) => return Err(StartError::NoGuest),
+        (_, Some(g)) => g,
+    };
+    if !guest.join("vmlinux").is_file() {
+        return Err(StartError::NoGuest);
+    }
+    let guest = absolute(&guest)?;
+    let initrd = Some(guest.join("initramfs.cpio")).filter(|p| p.is_file());
+    let state = |p: Option<PathBuf>, what: &str| -> Result<PathBuf, StartError> {
+        let p = p.unwrap_or_else(|| cfg.audit_log.with_file_name(what));
+        std::fs::create_dir_all(&p).map_err(|e| StartError::Path(p.clone(), e))?;
+        absolute(&p)
+    };
+    let volume_dir = state(cfg.volume_dir.clone(), "volumes")?;
+    let run_dir = state(cfg.run_dir.clone(), "run")?;
+    let run_as = match &args.run_as {
+        Some(s) => {
+            let (u, g) = s.split_once(':').ok_or(StartError::RunAs)?;
+            Some((
+                u.parse().map_err(|_| StartError::RunAs)?,
+                g.parse().map_err(|_| StartError::RunAs)?,
+            ))
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        None if unsafe { libc::geteuid() } == 0 => Some((65534, 65534)),
+        None => None,
+    };
+    let vcpus = std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1);
+    let host = HostConfig {
+        image: DEFAULT_IMAGE.to_string(),
+        kernel: guest.join("vmlinux"),
+        initrd,
+        kernel_args: args
+            .kernel_args
+            .clone()
+            .or_else(|| cfg.kernel_args.clone())
+            .unwrap_or_else(|| DEFAULT_KERNEL_ARGS.to_string()),
+        volume_dir: volume_dir.clone(),
+        volume_size_mib: args.volume_size_mib,
+        run_as,
+        vcpus_total: vcpus,
+        memory_mib_total: memory_mib(),
+    };
+    let launch = LauncherConfig {
+        hypervisor_bin: args
+            .hypervisor_bin
+            .clone()
+            .or_else(|| cfg.hypervisor_bin.clone())
+            .unwrap_or_else(|| next_to_exe("bulkhead-hypervisor")),
+        blockcard_bin: args
+            .blockcard_bin
+            .clone()
+            .or_else(|| cfg.blockcard_bin.clone())
+            .unwrap_or_else(|| next_to_exe("bulkhead-blockcard")),
+        guest_dir: guest,
+        volume_dir,
+        run_dir,
+        host_key: args
+            .card_host_key
+            .clone()
+            .or_else(|| cfg.card_host_key.clone()),
+    };
+    for b in [&launch.hypervisor_bin, &launch.blockcard_bin] {
+        if !b.is_file() {
+            return Err(StartError::Path(
+                b.clone(),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+    }
+    Ok(Some((host, launch)))
+}
+
 fn run(args: Args) -> Result<(), StartError> {
+    if let (Some(fd), Some(json)) = (args.launcher_fd, &args.launcher_config) {
+        let cfg: LauncherConfig = serde_json::from_str(json)
+            .map_err(|_| StartError::Launcher(launcher::LauncherError::BadReply))?;
+        return Ok(launcher::run_launcher(fd, cfg)?);
+    }
     if args.print_openapi {
         print!("{}", openapi::document_json());
         return Ok(());
@@ -112,6 +262,28 @@ fn run(args: Args) -> Result<(), StartError> {
     }
     cfg.check()?;
 
+    // The launcher is exec'd first: before any key is read, any thread exists or the sandbox
+    // forbids exec.
+    let host = match host_backend(&args, &cfg)? {
+        Some((host, launch)) => {
+            let l = Launcher::start(&launch)?;
+            tracing::info!(
+                guest = %launch.guest_dir.display(),
+                hypervisor = %launch.hypervisor_bin.display(),
+                blockcard = %launch.blockcard_bin.display(),
+                launcher = l.pid(),
+                "backend: host (real hypervisor and block-card processes)"
+            );
+            Some(Arc::new(HostBackend::new(host, l)))
+        }
+        None => {
+            tracing::warn!(
+                "backend: detached — no guest kernel configured; instances are recorded in memory and NO GUEST RUNS"
+            );
+            None
+        }
+    };
+
     let ca = CertificateDer::from_pem_slice(&read(&cfg.ca_cert)?)
         .map_err(|_| StartError::Pem(cfg.ca_cert.clone()))?;
     let chain = CertificateDer::pem_slice_iter(&read(&cfg.host_cert)?)
@@ -126,18 +298,25 @@ fn run(args: Args) -> Result<(), StartError> {
     );
     let policy = Policy::parse(&String::from_utf8_lossy(&read(&cfg.rights)?))?;
     let (audit, report) = AuditLog::open(&cfg.audit_log)?;
-    let vcpus = std::thread::available_parallelism()
-        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-        .unwrap_or(1);
-    let backend = Arc::new(DetachedBackend::new(vcpus, memory_mib()));
+    let (instances, volumes): (Arc<dyn InstanceBackend>, Arc<dyn VolumeBackend>) = match host {
+        Some(h) => (h.clone(), h),
+        None => {
+            let vcpus = std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .unwrap_or(1);
+            let d = Arc::new(DetachedBackend::new(vcpus, memory_mib()));
+            (d.clone(), d)
+        }
+    };
+    let backend_kind = instances.kind();
     let ctrl = Arc::new(Controller::new(
         cfg.host_id.clone(),
         verifier,
         policy,
         cfg.revocations.clone(),
         audit,
-        backend.clone(),
-        backend,
+        instances,
+        volumes,
     ));
 
     // Bind before the sandbox forbids new inet sockets.
@@ -196,6 +375,7 @@ fn run(args: Args) -> Result<(), StartError> {
                 "event": "ready",
                 "listen": local.to_string(),
                 "host_id": cfg.host_id,
+                "backend": backend_kind,
                 "audit_records": report.records,
             })
         );

@@ -1,9 +1,12 @@
 //! Process hardening: no_new_privs, non-dumpable, and a seccomp filter that blocks every
-//! outbound connection attempt. The controller only listens.
+//! outbound connection attempt and every `exec`. The controller only listens.
 //!
 //! Blocked calls: `connect` (any address family — the controller's own unix channels are
-//! socketpairs and never need it) and `socket` for any family but `AF_UNIX` (the TCP listener is
-//! opened before the filter is installed). A blocked call traps: the kernel skips the syscall and
+//! socketpairs, and the block cards' unix sockets are connected by the launcher, see
+//! [`crate::launcher`]), `socket` for any family but `AF_UNIX` (the TCP listener is opened before
+//! the filter is installed), and `execve`/`execveat` (hypervisors and block cards are started by
+//! the launcher, which was exec'd before this filter existed; the controller itself can run no
+//! program). A blocked call traps: the kernel skips the syscall and
 //! sends `SIGSYS`; our handler only bumps a counter, which the monitor turns into an
 //! `outbound_connect_blocked` alert. Trapping rather than killing is what lets the alert be raised;
 //! the syscall never runs either way.
@@ -18,7 +21,7 @@ use seccompiler::{
 
 static BLOCKED: AtomicU64 = AtomicU64::new(0);
 
-/// Outbound attempts blocked since start.
+/// Blocked attempts (outbound connection or exec) since start.
 pub fn blocked_attempts() -> u64 {
     BLOCKED.load(Ordering::Relaxed)
 }
@@ -58,7 +61,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mu
     }
 }
 
-fn arch() -> Result<TargetArch, SandboxError> {
+/// The seccomp target of this build.
+pub fn target_arch() -> Result<TargetArch, SandboxError> {
     if cfg!(target_arch = "x86_64") {
         Ok(TargetArch::x86_64)
     } else if cfg!(target_arch = "aarch64") {
@@ -72,6 +76,8 @@ fn arch() -> Result<TargetArch, SandboxError> {
 pub fn outbound_filter() -> Result<BpfProgram, SandboxError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     rules.insert(libc::SYS_connect, vec![]);
+    rules.insert(libc::SYS_execve, vec![]);
+    rules.insert(libc::SYS_execveat, vec![]);
     let not_unix = SeccompCondition::new(
         0,
         SeccompCmpArgLen::Dword,
@@ -79,7 +85,12 @@ pub fn outbound_filter() -> Result<BpfProgram, SandboxError> {
         u64::try_from(libc::AF_UNIX).map_err(|_| SandboxError::Arch)?,
     )?;
     rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![not_unix])?]);
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Trap, arch()?)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Trap,
+        target_arch()?,
+    )?;
     Ok(filter.try_into()?)
 }
 

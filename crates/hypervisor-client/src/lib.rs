@@ -51,9 +51,18 @@ pub struct VmSpec {
 /// A running hypervisor process and our end of its channel.
 pub struct Hypervisor {
     child: Child,
+    chan: Channel,
+}
+
+/// Our end of a hypervisor's channel, without the process handle: for a parent that receives
+/// the channel fd from whoever spawned the process (the controller's launcher, over SCM_RIGHTS).
+pub struct Channel {
     chan: UnixStream,
     next_id: u64,
 }
+
+/// How long [`Channel::call`] waits for a reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
@@ -78,59 +87,92 @@ fn socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
     })
 }
 
+/// Starts `bulkhead-hypervisor serve` for `spec` and returns the process and our end of its
+/// channel (CLOEXEC). The VM is created but not started. [`Hypervisor::spawn`] wraps this; a
+/// launcher that hands the channel to another process uses it directly.
+pub fn spawn_process(spec: &VmSpec) -> Result<(Child, OwnedFd), ClientError> {
+    let (ours, theirs) = socketpair().map_err(ClientError::Spawn)?;
+    let child_fd = theirs.as_raw_fd();
+    let mut cmd = Proc::new(&spec.binary);
+    cmd.arg("serve")
+        .arg("--kernel")
+        .arg(&spec.kernel)
+        .arg("--cmdline")
+        .arg(&spec.cmdline)
+        .arg("--memory-mib")
+        .arg(spec.memory_mib.to_string())
+        .arg("--vcpus")
+        .arg(spec.vcpus.to_string())
+        .arg("--channel-fd")
+        .arg(child_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if let Some(i) = &spec.initrd {
+        cmd.arg("--initrd").arg(i);
+    }
+    if !spec.pin.is_empty() {
+        let list: Vec<String> = spec.pin.iter().map(usize::to_string).collect();
+        cmd.arg("--pin").arg(OsString::from(list.join(",")));
+    }
+    if let Some((u, g)) = spec.run_as {
+        cmd.arg("--run-as").arg(format!("{u}:{g}"));
+    }
+    // SAFETY: the closure only calls fcntl, which is async-signal-safe, to clear CLOEXEC
+    // on the one fd the child must inherit.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(ClientError::Spawn)?;
+    drop(theirs);
+    Ok((child, OwnedFd::from(ours)))
+}
+
 impl Hypervisor {
     /// Starts `bulkhead-hypervisor serve` for `spec`. The VM is created but not started.
     pub fn spawn(spec: &VmSpec) -> Result<Self, ClientError> {
-        let (ours, theirs) = socketpair().map_err(ClientError::Spawn)?;
-        let child_fd = theirs.as_raw_fd();
-        let mut cmd = Proc::new(&spec.binary);
-        cmd.arg("serve")
-            .arg("--kernel")
-            .arg(&spec.kernel)
-            .arg("--cmdline")
-            .arg(&spec.cmdline)
-            .arg("--memory-mib")
-            .arg(spec.memory_mib.to_string())
-            .arg("--vcpus")
-            .arg(spec.vcpus.to_string())
-            .arg("--channel-fd")
-            .arg(child_fd.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        if let Some(i) = &spec.initrd {
-            cmd.arg("--initrd").arg(i);
-        }
-        if !spec.pin.is_empty() {
-            let list: Vec<String> = spec.pin.iter().map(usize::to_string).collect();
-            cmd.arg("--pin").arg(OsString::from(list.join(",")));
-        }
-        if let Some((u, g)) = spec.run_as {
-            cmd.arg("--run-as").arg(format!("{u}:{g}"));
-        }
-        // SAFETY: the closure only calls fcntl, which is async-signal-safe, to clear CLOEXEC
-        // on the one fd the child must inherit.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(ClientError::Spawn)?;
-        drop(theirs);
-        ours.set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(ClientError::Io)?;
+        let (child, ours) = spawn_process(spec)?;
         Ok(Hypervisor {
             child,
-            chan: ours,
-            next_id: 0,
+            chan: Channel::from_fd(ours)?,
         })
     }
 
     /// The hypervisor's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends `command` (with `fd` for `AttachBlock`) and returns the hypervisor's reply.
+    pub fn call(&mut self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {
+        self.chan.call(command, fd)
+    }
+
+    /// Asks the VM to shut down and reaps the process.
+    pub fn shutdown(mut self) -> Result<(), ClientError> {
+        let r = self.call(Command::Shutdown, None);
+        let _ = self.child.wait();
+        r.map(|_| ())
+    }
+
+    /// Kills the process outright (used when the channel is unusable).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Channel {
+    /// Wraps our end of a hypervisor channel (a `SOCK_SEQPACKET` socket) received from elsewhere.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, ClientError> {
+        let chan = UnixStream::from(fd);
+        chan.set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(ClientError::Io)?;
+        Ok(Channel { chan, next_id: 0 })
     }
 
     /// Sends `command` (with `fd` for `AttachBlock`) and returns the hypervisor's reply.
@@ -161,19 +203,6 @@ impl Hypervisor {
             });
         }
         resp.result.map_err(ClientError::Refused)
-    }
-
-    /// Asks the VM to shut down and reaps the process.
-    pub fn shutdown(mut self) -> Result<(), ClientError> {
-        let r = self.call(Command::Shutdown, None);
-        let _ = self.child.wait();
-        r.map(|_| ())
-    }
-
-    /// Kills the process outright (used when the channel is unusable).
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

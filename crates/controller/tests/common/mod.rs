@@ -28,12 +28,20 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts a dev-mode controller on a free port with state in `dir`.
+    /// Starts a dev-mode controller on a free port with state in `dir`, with the explicit
+    /// detached backend (these tests attack the API, authorization and audit path; the real
+    /// backend has its own tests in `tests/host_backend.rs`).
     pub fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, &["--backend", "detached"])
+    }
+
+    /// Starts a dev-mode controller with extra arguments.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
         let mut child = Command::new(controller_bin())
             .args(["--dev", "--state-dir"])
             .arg(dir)
             .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -1,0 +1,751 @@
+//! The real backend: every instance is a `bulkhead-hypervisor serve` process driven over its
+//! private channel, every attached volume a `bulkhead-blockcard` process driven over its control
+//! socket. Both kinds of process are started by the [`Launcher`] (the controller itself cannot
+//! exec or connect); the controller keeps only the channel and control connections.
+//!
+//! | API | what happens |
+//! |---|---|
+//! | CreateInstance | launcher spawns the hypervisor: the VM is created (kernel loaded), not started |
+//! | StartInstance | `Start` (first boot); after Stop, `Resume`; after the guest powered itself off, a fresh boot (as Reboot) |
+//! | StopInstance | `Pause`: vCPUs stop, guest memory is kept (no ACPI power button yet) |
+//! | RebootInstance | `Shutdown`, respawn, re-attach every volume (new vhost-user connection to the same card), `Start` |
+//! | TerminateInstance | `Shutdown`, then every card gets `Detach` (it zeroizes the key and exits) |
+//! | AttachVolume | only before the first start (state `created`): launcher spawns a card for the volume's backing file, the controller sends it `Attach` with the sealed blob (unopened), launcher connects to the card's vhost-user socket and the fd goes to the hypervisor with `AttachBlock` (SCM_RIGHTS). After the first start: `hotplug_unsupported`, nothing changes |
+//! | DetachVolume | only before the first start: `DetachBlock`, card `Detach`, card reaped |
+//! | GetConsole | `ReadConsole` from the controller's cursor, appended to a bounded per-instance buffer |
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bulkhead_hypervisor_client::{
+    Channel, ClientError, Command, CommandError, DeviceId, Reply, VmState,
+};
+
+/// Largest console chunk one `ReadConsole` may ask for (`bulkhead_channel::MAX_CONSOLE_CHUNK`).
+const MAX_CONSOLE_CHUNK: u32 = 32 * 1024;
+
+use crate::api::{InstanceDescription, InstanceState, ResourceId, SealedKeyBlob};
+use crate::backend::{BackendError, Capacity, InstanceBackend, InstanceSpec, VolumeBackend};
+use crate::card_control::{self, CardReply};
+use crate::launcher::{LaunchReply, LaunchRequest, Launcher, LauncherError};
+
+/// Guest kernel arguments that boot the test guest on the development machines' software KVM
+/// (see `guest/README.md`); configurable.
+pub const DEFAULT_KERNEL_ARGS: &str =
+    "console=ttyS0 reboot=k panic=-1 quiet noxsave clearcpuid=popcnt,cx16,smap";
+/// Name under which the configured guest kernel is offered as an image.
+pub const DEFAULT_IMAGE: &str = "test-guest";
+/// x86 `COMMAND_LINE_SIZE` is 2048; keep room for the hypervisor's `virtio_mmio.device=` args.
+pub const MAX_CMDLINE: usize = 1792;
+/// Console bytes kept per instance (the oldest are dropped first).
+pub const CONSOLE_KEEP: usize = 256 * 1024;
+/// Grace for a hypervisor or card to exit after Shutdown/Detach before it is killed.
+const EXIT_GRACE_MS: u64 = 10_000;
+/// Timeout on a card's control connection.
+const CARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the real backend needs.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub image: String,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub kernel_args: String,
+    /// Backing files live here as `<volume_id>.img`; created sparse if absent.
+    pub volume_dir: PathBuf,
+    pub volume_size_mib: u64,
+    /// uid:gid that hypervisors and cards drop to (required for cards when running as root).
+    pub run_as: Option<(u32, u32)>,
+    pub vcpus_total: u32,
+    pub memory_mib_total: u64,
+}
+
+struct Vm {
+    pid: u32,
+    chan: Channel,
+}
+
+struct Attachment {
+    device: DeviceId,
+    card_pid: u32,
+    control: UnixStream,
+}
+
+struct HostInstance {
+    desc: InstanceDescription,
+    cmdline: String,
+    vm: Option<Vm>,
+    /// Set by the first Start: from then on the device set is fixed (no hot-plug yet).
+    booted: bool,
+    console: String,
+    console_cursor: u64,
+    volumes: BTreeMap<String, Attachment>,
+    next_device: u32,
+}
+
+struct Slot {
+    inst: Arc<Mutex<HostInstance>>,
+    vcpus: u32,
+    memory_mib: u32,
+    live: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    instances: BTreeMap<ResourceId, Slot>,
+    /// Volume ids attached anywhere on this host (one card per backing file).
+    attached: BTreeSet<String>,
+    draining: bool,
+}
+
+/// The real backend. See the module docs.
+pub struct HostBackend {
+    cfg: HostConfig,
+    launcher: Launcher,
+    inner: Mutex<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Encodes a script for the test guest's `bulkhead.run=` (guest/README.md): bytes outside
+/// `[A-Za-z0-9_./,:=+-]` become `\0ooo`, so the value has no space and stays one kernel argument.
+pub fn encode_run(script: &str) -> String {
+    script
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z'
+            | b'a'..=b'z'
+            | b'0'..=b'9'
+            | b'_'
+            | b'.'
+            | b'/'
+            | b','
+            | b':'
+            | b'='
+            | b'+'
+            | b'-' => char::from(b).to_string(),
+            _ => format!("\\0{b:03o}"),
+        })
+        .collect()
+}
+
+/// The guest command line for `spec`.
+pub fn guest_cmdline(kernel_args: &str, user_data: Option<&str>) -> Result<String, BackendError> {
+    let mut cl = kernel_args.to_string();
+    if let Some(ud) = user_data {
+        cl.push_str(" bulkhead.run=");
+        cl.push_str(&encode_run(ud));
+    }
+    if cl.len() > MAX_CMDLINE {
+        return Err(BackendError::UserDataTooLarge);
+    }
+    Ok(cl)
+}
+
+fn launcher_err(what: &'static str) -> impl Fn(LauncherError) -> BackendError {
+    move |e| {
+        tracing::warn!(error = %e, what, "launcher call failed");
+        BackendError::Unavailable
+    }
+}
+
+fn channel_err(what: &'static str) -> impl Fn(ClientError) -> BackendError {
+    move |e| match e {
+        ClientError::Refused(CommandError::WrongState(s)) => {
+            tracing::info!(state = ?s, what, "hypervisor: wrong state");
+            BackendError::WrongState
+        }
+        e => {
+            tracing::warn!(error = %e, what, "hypervisor call failed");
+            BackendError::Unavailable
+        }
+    }
+}
+
+impl HostBackend {
+    pub fn new(cfg: HostConfig, launcher: Launcher) -> Self {
+        HostBackend {
+            cfg,
+            launcher,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn instance(&self, id: &ResourceId) -> Result<Arc<Mutex<HostInstance>>, BackendError> {
+        lock(&self.inner)
+            .instances
+            .get(id)
+            .map(|s| Arc::clone(&s.inst))
+            .ok_or(BackendError::NoSuchInstance)
+    }
+
+    fn spawn_vm(&self, inst: &HostInstance) -> Result<Vm, BackendError> {
+        let req = LaunchRequest::SpawnVm {
+            kernel: self.cfg.kernel.clone(),
+            initrd: self.cfg.initrd.clone(),
+            cmdline: inst.cmdline.clone(),
+            memory_mib: u64::from(inst.desc.memory_mib),
+            vcpus: u8::try_from(inst.desc.vcpus).map_err(|_| BackendError::NoCapacity)?,
+            run_as: self.cfg.run_as,
+        };
+        let (reply, fd) = self
+            .launcher
+            .call_fd(&req)
+            .map_err(launcher_err("spawn vm"))?;
+        let LaunchReply::Spawned { pid } = reply else {
+            return Err(BackendError::Unavailable);
+        };
+        let chan = Channel::from_fd(fd).map_err(channel_err("channel"))?;
+        tracing::info!(instance = %inst.desc.instance_id, pid, "hypervisor spawned (VM created)");
+        Ok(Vm { pid, chan })
+    }
+
+    /// Shuts a VM down (best effort) and reaps its process.
+    fn end_vm(&self, mut vm: Vm) {
+        if let Err(e) = vm.chan.call(Command::Shutdown, None) {
+            tracing::warn!(pid = vm.pid, error = %e, "shutdown over the channel failed; killing");
+        }
+        let grace = EXIT_GRACE_MS;
+        if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
+            pid: vm.pid,
+            grace_ms: grace,
+        }) {
+            tracing::warn!(pid = vm.pid, error = %e, "reaping hypervisor failed");
+        }
+    }
+
+    /// A fresh vhost-user connection to the card, handed to the hypervisor.
+    fn plug(&self, vm: &mut Vm, att: &Attachment) -> Result<(), BackendError> {
+        let (_, fd) = self
+            .launcher
+            .call_fd(&LaunchRequest::ConnectVhost { pid: att.card_pid })
+            .map_err(launcher_err("connect vhost"))?;
+        let r = vm.chan.call(
+            Command::AttachBlock {
+                id: att.device.clone(),
+                read_only: false,
+            },
+            Some(fd.as_raw_fd()),
+        );
+        drop(fd);
+        match r {
+            Ok(_) => Ok(()),
+            Err(ClientError::Refused(CommandError::WrongState(_))) => {
+                Err(BackendError::HotplugUnsupported)
+            }
+            Err(e) => Err(channel_err("attach block")(e)),
+        }
+    }
+
+    /// Card `Detach` (it zeroizes the key and exits), then reap it.
+    fn unplug_card(&self, mut att: Attachment) {
+        match card_control::call(&mut att.control, &card_control::encode_detach()) {
+            Ok(CardReply::Detached) => {}
+            Ok(other) => tracing::warn!(pid = att.card_pid, reply = ?other, "card detach refused"),
+            Err(e) => tracing::warn!(pid = att.card_pid, error = %e, "card detach failed"),
+        }
+        if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
+            pid: att.card_pid,
+            grace_ms: EXIT_GRACE_MS,
+        }) {
+            tracing::warn!(pid = att.card_pid, error = %e, "reaping card failed");
+        }
+    }
+
+    /// Ends the current VM (if any), spawns a new one, re-attaches every volume, starts it.
+    fn fresh_boot(&self, inst: &mut HostInstance) -> Result<(), BackendError> {
+        Self::drain_console(inst);
+        if let Some(vm) = inst.vm.take() {
+            self.end_vm(vm);
+        }
+        let mut vm = self.spawn_vm(inst)?;
+        inst.console_cursor = 0;
+        for att in inst.volumes.values() {
+            if let Err(e) = self.plug(&mut vm, att) {
+                self.end_vm(vm);
+                return Err(e);
+            }
+        }
+        if let Err(e) = vm.chan.call(Command::Start, None) {
+            self.end_vm(vm);
+            return Err(channel_err("start")(e));
+        }
+        inst.vm = Some(vm);
+        inst.booted = true;
+        Ok(())
+    }
+
+    /// Drains new console bytes from the VM into the instance's bounded buffer.
+    fn drain_console(inst: &mut HostInstance) {
+        let Some(vm) = inst.vm.as_mut() else {
+            return;
+        };
+        for _ in 0..64 {
+            let r = vm.chan.call(
+                Command::ReadConsole {
+                    cursor: inst.console_cursor,
+                    max: MAX_CONSOLE_CHUNK,
+                },
+                None,
+            );
+            match r {
+                Ok(Reply::Console { data, next, lost }) => {
+                    if lost > 0 {
+                        inst.console
+                            .push_str(&format!("\n[bulkhead: {lost} console bytes lost]\n"));
+                    }
+                    inst.console_cursor = next;
+                    if data.is_empty() {
+                        break;
+                    }
+                    inst.console.push_str(&String::from_utf8_lossy(&data));
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "console read failed");
+                    break;
+                }
+            }
+        }
+        if inst.console.len() > CONSOLE_KEEP {
+            let mut cut = inst.console.len() - CONSOLE_KEEP;
+            while !inst.console.is_char_boundary(cut) {
+                cut += 1;
+            }
+            inst.console.drain(..cut);
+        }
+    }
+
+    fn ensure_backing(&self, volume: &ResourceId) -> Result<PathBuf, BackendError> {
+        let path = self.cfg.volume_dir.join(format!("{volume}.img"));
+        let io = |e: std::io::Error| {
+            tracing::warn!(error = %e, "volume backing file");
+            BackendError::Unavailable
+        };
+        std::fs::create_dir_all(&self.cfg.volume_dir).map_err(io)?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        if f.metadata().map_err(io)?.len() == 0 {
+            f.set_len(self.cfg.volume_size_mib.saturating_mul(1024 * 1024))
+                .map_err(io)?;
+        }
+        Ok(path)
+    }
+
+    fn set_live(&self, id: &ResourceId, live: bool) {
+        if let Some(s) = lock(&self.inner).instances.get_mut(id) {
+            s.live = live;
+        }
+    }
+}
+
+impl InstanceBackend for HostBackend {
+    fn kind(&self) -> &'static str {
+        "host"
+    }
+
+    fn capacity(&self) -> Capacity {
+        let i = lock(&self.inner);
+        let (c, m, n) =
+            i.instances
+                .values()
+                .filter(|s| s.live)
+                .fold((0u32, 0u64, 0u32), |(c, m, n), s| {
+                    (
+                        c.saturating_add(s.vcpus),
+                        m.saturating_add(u64::from(s.memory_mib)),
+                        n.saturating_add(1),
+                    )
+                });
+        Capacity {
+            vcpus_total: self.cfg.vcpus_total,
+            vcpus_free: self.cfg.vcpus_total.saturating_sub(c),
+            memory_mib_total: self.cfg.memory_mib_total,
+            memory_mib_free: self.cfg.memory_mib_total.saturating_sub(m),
+            instances: n,
+        }
+    }
+
+    fn create(&self, spec: &InstanceSpec) -> Result<InstanceDescription, BackendError> {
+        if spec.image != self.cfg.image {
+            return Err(BackendError::NoSuchImage);
+        }
+        let cmdline = guest_cmdline(&self.cfg.kernel_args, spec.user_data.as_deref())?;
+        let desc = InstanceDescription {
+            instance_id: spec.id.to_string(),
+            image: spec.image.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            state: InstanceState::Created,
+            volumes: Vec::new(),
+        };
+        let inst = Arc::new(Mutex::new(HostInstance {
+            desc: desc.clone(),
+            cmdline,
+            vm: None,
+            booted: false,
+            console: String::new(),
+            console_cursor: 0,
+            volumes: BTreeMap::new(),
+            next_device: 0,
+        }));
+        // Reserve the id and the capacity, then spawn without holding the host-wide lock.
+        let mut g = lock(&inst);
+        {
+            let mut i = lock(&self.inner);
+            if i.draining {
+                return Err(BackendError::Draining);
+            }
+            if i.instances.contains_key(&spec.id) {
+                return Err(BackendError::AlreadyExists);
+            }
+            let cap = self.capacity_locked(&i);
+            if spec.vcpus > cap.0 || u64::from(spec.memory_mib) > cap.1 {
+                return Err(BackendError::NoCapacity);
+            }
+            i.instances.insert(
+                spec.id.clone(),
+                Slot {
+                    inst: Arc::clone(&inst),
+                    vcpus: spec.vcpus,
+                    memory_mib: spec.memory_mib,
+                    live: true,
+                },
+            );
+        }
+        match self.spawn_vm(&g) {
+            Ok(vm) => {
+                g.vm = Some(vm);
+                Ok(desc)
+            }
+            Err(e) => {
+                drop(g);
+                lock(&self.inner).instances.remove(&spec.id);
+                Err(e)
+            }
+        }
+    }
+
+    fn describe(&self, id: &ResourceId) -> Result<InstanceDescription, BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        if g.desc.state == InstanceState::Running {
+            if let Some(vm) = g.vm.as_mut() {
+                if let Ok(Reply::Stats {
+                    state: VmState::Stopped,
+                    ..
+                }) = vm.chan.call(Command::Stats, None)
+                {
+                    // The guest powered itself off.
+                    g.desc.state = InstanceState::Stopped;
+                }
+            }
+        }
+        Ok(g.desc.clone())
+    }
+
+    fn start(&self, id: &ResourceId) -> Result<(), BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        match g.desc.state {
+            InstanceState::Created => {
+                let vm = g.vm.as_mut().ok_or(BackendError::Unavailable)?;
+                vm.chan
+                    .call(Command::Start, None)
+                    .map_err(channel_err("start"))?;
+                g.booted = true;
+            }
+            InstanceState::Stopped => {
+                let resumed = match g.vm.as_mut() {
+                    Some(vm) => vm.chan.call(Command::Resume, None).is_ok(),
+                    None => false,
+                };
+                if !resumed {
+                    // The guest powered off (or the VM is gone): boot afresh.
+                    self.fresh_boot(&mut g)?;
+                }
+            }
+            InstanceState::Running | InstanceState::Terminated => {
+                return Err(BackendError::WrongState)
+            }
+        }
+        g.desc.state = InstanceState::Running;
+        tracing::info!(instance = %id, "instance running");
+        Ok(())
+    }
+
+    fn stop(&self, id: &ResourceId) -> Result<(), BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        if g.desc.state != InstanceState::Running {
+            return Err(BackendError::WrongState);
+        }
+        let vm = g.vm.as_mut().ok_or(BackendError::Unavailable)?;
+        match vm.chan.call(Command::Pause, None) {
+            Ok(_) => {}
+            // Already stopped by the guest itself: that is where we wanted to be.
+            Err(ClientError::Refused(CommandError::WrongState(VmState::Stopped))) => {}
+            Err(e) => return Err(channel_err("pause")(e)),
+        }
+        g.desc.state = InstanceState::Stopped;
+        Ok(())
+    }
+
+    fn reboot(&self, id: &ResourceId) -> Result<(), BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        if !matches!(
+            g.desc.state,
+            InstanceState::Running | InstanceState::Stopped
+        ) {
+            return Err(BackendError::WrongState);
+        }
+        match self.fresh_boot(&mut g) {
+            Ok(()) => {
+                g.desc.state = InstanceState::Running;
+                Ok(())
+            }
+            Err(e) => {
+                g.desc.state = InstanceState::Stopped;
+                Err(e)
+            }
+        }
+    }
+
+    fn terminate(&self, id: &ResourceId) -> Result<(), BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        if g.desc.state == InstanceState::Terminated {
+            return Err(BackendError::WrongState);
+        }
+        Self::drain_console(&mut g);
+        if let Some(vm) = g.vm.take() {
+            self.end_vm(vm);
+        }
+        let vols = std::mem::take(&mut g.volumes);
+        for (vol, att) in vols {
+            self.unplug_card(att);
+            lock(&self.inner).attached.remove(&vol);
+        }
+        g.desc.volumes.clear();
+        g.desc.state = InstanceState::Terminated;
+        drop(g);
+        self.set_live(id, false);
+        tracing::info!(instance = %id, "instance terminated");
+        Ok(())
+    }
+
+    fn console(&self, id: &ResourceId) -> Result<String, BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        Self::drain_console(&mut g);
+        Ok(g.console.clone())
+    }
+
+    fn set_draining(&self, draining: bool) {
+        lock(&self.inner).draining = draining;
+    }
+
+    fn draining(&self) -> bool {
+        lock(&self.inner).draining
+    }
+}
+
+impl HostBackend {
+    /// Free (vcpus, memory) under the held lock.
+    fn capacity_locked(&self, i: &Inner) -> (u32, u64) {
+        let (c, m) = i
+            .instances
+            .values()
+            .filter(|s| s.live)
+            .fold((0u32, 0u64), |(c, m), s| {
+                (
+                    c.saturating_add(s.vcpus),
+                    m.saturating_add(u64::from(s.memory_mib)),
+                )
+            });
+        (
+            self.cfg.vcpus_total.saturating_sub(c),
+            self.cfg.memory_mib_total.saturating_sub(m),
+        )
+    }
+}
+
+impl VolumeBackend for HostBackend {
+    fn attach(
+        &self,
+        instance: &ResourceId,
+        volume: &ResourceId,
+        sealed_key: SealedKeyBlob,
+    ) -> Result<(), BackendError> {
+        let inst = self.instance(instance)?;
+        let mut g = lock(&inst);
+        match g.desc.state {
+            InstanceState::Terminated => return Err(BackendError::WrongState),
+            _ if g.booted => return Err(BackendError::HotplugUnsupported),
+            _ => {}
+        }
+        if g.volumes.contains_key(volume.as_str()) {
+            return Err(BackendError::VolumeAttached);
+        }
+        let body = card_control::encode_attach(volume, &sealed_key).map_err(|e| {
+            tracing::info!(error = %e, "sealed key not in the card's format");
+            BackendError::KeyRefused
+        })?;
+        drop(sealed_key);
+        if !lock(&self.inner).attached.insert(volume.to_string()) {
+            return Err(BackendError::VolumeAttached);
+        }
+        let release = || {
+            lock(&self.inner).attached.remove(volume.as_str());
+        };
+        let backing = match self.ensure_backing(volume) {
+            Ok(p) => p,
+            Err(e) => {
+                release();
+                return Err(e);
+            }
+        };
+        let spawned = self.launcher.call_fd(&LaunchRequest::SpawnCard {
+            backing,
+            read_only: false,
+            run_as: self.cfg.run_as,
+        });
+        let (pid, control) = match spawned {
+            Ok((LaunchReply::Spawned { pid }, fd)) => (pid, UnixStream::from(fd)),
+            Ok(_) => {
+                release();
+                return Err(BackendError::Unavailable);
+            }
+            Err(e) => {
+                release();
+                return Err(launcher_err("spawn card")(e));
+            }
+        };
+        let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
+        let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
+        let device = match DeviceId::new(&format!("blk{}", g.next_device)) {
+            Ok(d) => d,
+            Err(_) => {
+                release();
+                return Err(BackendError::Unavailable);
+            }
+        };
+        let mut att = Attachment {
+            device,
+            card_pid: pid,
+            control,
+        };
+        let keyed = card_control::call(&mut att.control, &body);
+        let outcome = match keyed {
+            Ok(CardReply::Attached {
+                encrypted: true,
+                capacity_sectors,
+            }) => {
+                tracing::info!(instance = %instance, volume = %volume, card = pid, sectors = capacity_sectors, "card keyed the volume");
+                Ok(())
+            }
+            Ok(CardReply::Attached {
+                encrypted: false, ..
+            }) => {
+                // A sealed key must never come back as a plaintext volume.
+                tracing::error!(volume = %volume, "card reported an unencrypted volume for a sealed key");
+                Err(BackendError::Unavailable)
+            }
+            Ok(CardReply::Error { code }) if code == card_control::CARD_KEY_REFUSED => {
+                Err(BackendError::KeyRefused)
+            }
+            Ok(other) => {
+                tracing::warn!(reply = ?other, "card refused attach");
+                Err(BackendError::Unavailable)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "card attach failed");
+                Err(BackendError::Unavailable)
+            }
+        };
+        let outcome = outcome.and_then(|()| {
+            let vm = g.vm.as_mut().ok_or(BackendError::Unavailable)?;
+            self.plug(vm, &att)
+        });
+        match outcome {
+            Ok(()) => {
+                g.next_device = g.next_device.saturating_add(1);
+                g.desc.volumes.push(volume.to_string());
+                g.volumes.insert(volume.to_string(), att);
+                Ok(())
+            }
+            Err(e) => {
+                self.unplug_card(att);
+                release();
+                Err(e)
+            }
+        }
+    }
+
+    fn detach(&self, instance: &ResourceId, volume: &ResourceId) -> Result<(), BackendError> {
+        let inst = self.instance(instance)?;
+        let mut g = lock(&inst);
+        if !g.volumes.contains_key(volume.as_str()) {
+            return Err(BackendError::NoSuchVolume);
+        }
+        if g.booted {
+            return Err(BackendError::HotplugUnsupported);
+        }
+        let device = g
+            .volumes
+            .get(volume.as_str())
+            .map(|a| a.device.clone())
+            .ok_or(BackendError::NoSuchVolume)?;
+        let vm = g.vm.as_mut().ok_or(BackendError::Unavailable)?;
+        match vm.chan.call(Command::DetachBlock { id: device }, None) {
+            Ok(_) | Err(ClientError::Refused(CommandError::NoSuchDevice)) => {}
+            Err(ClientError::Refused(CommandError::WrongState(_))) => {
+                return Err(BackendError::HotplugUnsupported)
+            }
+            Err(e) => return Err(channel_err("detach block")(e)),
+        }
+        if let Some(att) = g.volumes.remove(volume.as_str()) {
+            self.unplug_card(att);
+        }
+        g.desc.volumes.retain(|v| v != volume.as_str());
+        lock(&self.inner).attached.remove(volume.as_str());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn run_scripts_stay_one_argument() {
+        let e = encode_run("echo \"a b\"\nexit 3\n");
+        assert!(!e.contains(' ') && !e.contains('"') && !e.contains('\n'));
+        assert_eq!(encode_run("a b"), "a\\0040b");
+        let cl = guest_cmdline("console=ttyS0", Some("x y")).unwrap();
+        assert_eq!(cl, "console=ttyS0 bulkhead.run=x\\0040y");
+        // A script cannot smuggle another kernel argument.
+        let cl = guest_cmdline("console=ttyS0", Some(" init=/bin/sh")).unwrap();
+        assert_eq!(cl.split(' ').count(), 2);
+        assert_eq!(
+            guest_cmdline("c", Some(&" ".repeat(1000))),
+            Err(BackendError::UserDataTooLarge)
+        );
+    }
+}

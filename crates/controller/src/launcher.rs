@@ -1,0 +1,678 @@
+//! The launcher: the only part of the controller that may start processes or connect to a
+//! socket.
+//!
+//! The controller's own seccomp filter traps `execve`/`execveat` and every `connect` (see
+//! [`crate::sandbox`]). It still has to start one `bulkhead-hypervisor` per instance and one
+//! `bulkhead-blockcard` per attached volume, and reach the cards' unix sockets. So at start-up,
+//! *before* the filter is installed and before any thread, key or socket exists, the controller
+//! re-executes itself as a small launcher process (`bulkhead-controller --launcher-fd N`) that
+//! keeps one end of a `SOCK_SEQPACKET` socketpair. From then on the controller asks it, in typed
+//! messages, for exactly four things:
+//!
+//! | request | what the launcher does | fd returned |
+//! |---|---|---|
+//! | `SpawnVm` | starts the configured hypervisor binary with `serve` (through `bulkhead-hypervisor-client`) | our end of the VM's private channel |
+//! | `SpawnCard` | starts the configured block-card binary for one backing file under the volume dir, waits for its control socket and connects to it | the control connection |
+//! | `ConnectVhost` | connects to the vhost-user socket of a card it started | the vhost-user connection |
+//! | `Reap` | waits for a child it started to exit (SIGKILL after a grace period) | none |
+//!
+//! The launcher runs exactly two binaries, fixed when it starts (never named in a request); kernel
+//! and initrd paths must lie in the configured guest directory and backing files in the volume
+//! directory; sockets are created under its own run directory with names it chooses. It has no
+//! network: its own seccomp filter kills it on `socket()` of any family but `AF_UNIX`, so its
+//! `connect` can only ever reach a unix socket. It holds no TLS key, token key or audit log (it
+//! was exec'd before the controller read any). When the controller goes away (its end of the
+//! socketpair closes) the launcher kills every child and exits: a VM or card never outlives the
+//! controller that could have driven it.
+
+use std::collections::BTreeMap;
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Child, Command as Proc, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Largest launcher message (either direction).
+pub const MAX_MESSAGE: usize = 8 * 1024;
+/// How long the launcher waits for a card's control socket to come up.
+const CARD_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest unix socket path (`sun_path` is 108 bytes including the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Fixed at launcher start; never changed by a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LauncherConfig {
+    pub hypervisor_bin: PathBuf,
+    pub blockcard_bin: PathBuf,
+    /// Kernels and initrds must be inside this directory.
+    pub guest_dir: PathBuf,
+    /// Backing files must be inside this directory.
+    pub volume_dir: PathBuf,
+    /// Card sockets are created here.
+    pub run_dir: PathBuf,
+    /// Host key file handed to every card (`--host-key`); never read by the launcher.
+    pub host_key: Option<PathBuf>,
+}
+
+/// Controller → launcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum LaunchRequest {
+    SpawnVm {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+        memory_mib: u64,
+        vcpus: u8,
+        run_as: Option<(u32, u32)>,
+    },
+    SpawnCard {
+        backing: PathBuf,
+        read_only: bool,
+        run_as: Option<(u32, u32)>,
+    },
+    ConnectVhost {
+        pid: u32,
+    },
+    Reap {
+        pid: u32,
+        grace_ms: u64,
+    },
+}
+
+/// Launcher → controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum LaunchReply {
+    /// A child was started; an fd rides with this reply.
+    Spawned {
+        pid: u32,
+    },
+    /// A connection was made; an fd rides with this reply.
+    Connected,
+    /// The child is gone; `killed` if it had to be killed.
+    Reaped {
+        killed: bool,
+    },
+    Refused {
+        code: LaunchRefusal,
+    },
+}
+
+/// Why the launcher refused (stable codes; details go to its log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum LaunchRefusal {
+    #[error("malformed launcher request")]
+    Malformed,
+    #[error("path outside the launcher's allowed directories")]
+    PathNotAllowed,
+    #[error("starting the process failed")]
+    SpawnFailed,
+    #[error("the block card did not come up")]
+    CardNotReady,
+    #[error("connecting to the card's socket failed")]
+    ConnectFailed,
+    #[error("no such child")]
+    NoSuchChild,
+}
+
+/// Errors of the controller's side of the launcher.
+#[derive(Debug, thiserror::Error)]
+pub enum LauncherError {
+    #[error("starting the launcher: {0}")]
+    Start(std::io::Error),
+    #[error("launcher channel I/O: {0}")]
+    Io(std::io::Error),
+    #[error("launcher closed its channel")]
+    Closed,
+    #[error("launcher sent a malformed reply")]
+    BadReply,
+    #[error("launcher refused: {0}")]
+    Refused(LaunchRefusal),
+    #[error("launcher reply carried no fd")]
+    MissingFd,
+}
+
+fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid two-element array; the flags create CLOEXEC sockets.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created by socketpair and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends one packet, with at most one fd as SCM_RIGHTS.
+fn send_packet(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> std::io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let fd_len = u32::try_from(std::mem::size_of::<RawFd>()).unwrap_or(4);
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = usize::try_from(unsafe { libc::CMSG_SPACE(fd_len) }).unwrap_or(64);
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msghdr is plain data; all-zero is a valid initial value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: `msg_control` points at `cbuf`, which has room for one cmsg with one fd
+        // (CMSG_SPACE above); the header and data pointers come from the CMSG macros.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            if cmsg.is_null() {
+                return Err(std::io::Error::other("no room for SCM_RIGHTS"));
+            }
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = usize::try_from(libc::CMSG_LEN(fd_len)).unwrap_or(0);
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        }
+    }
+    // SAFETY: `msg` and the buffers it points to (`iov` → `data`, `cbuf`) outlive the call.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one packet of at most [`MAX_MESSAGE`] bytes and at most one fd. Returns `None` on
+/// end of stream. Extra fds (which a well-behaved peer never sends) are closed.
+fn recv_packet(sock: RawFd) -> std::io::Result<Option<(Vec<u8>, Option<OwnedFd>)>> {
+    let mut buf = vec![0u8; MAX_MESSAGE + 1];
+    let mut cbuf = [0u64; 16];
+    loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        // SAFETY: msghdr is plain data; all-zero is a valid initial value.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr().cast();
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf);
+        // SAFETY: `msg` points at `iov` (one slice over `buf`) and `cbuf`, both valid and
+        // writable for their stated lengths for the duration of the call.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut got: Vec<OwnedFd> = Vec::new();
+        // SAFETY: the kernel filled `msg_control` with `msg_controllen` bytes of cmsgs; we walk
+        // them only with the CMSG macros and read each fd with an unaligned read inside the
+        // cmsg's data area, whose length we check against `cmsg_len`.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(cmsg);
+                    let header = usize::try_from(libc::CMSG_LEN(0)).unwrap_or(usize::MAX);
+                    let bytes = (*cmsg).cmsg_len.saturating_sub(header);
+                    let count = bytes / std::mem::size_of::<RawFd>();
+                    for i in 0..count {
+                        let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                        if fd >= 0 {
+                            got.push(OwnedFd::from_raw_fd(fd));
+                        }
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        if n == 0 && got.is_empty() {
+            return Ok(None);
+        }
+        if n > MAX_MESSAGE || msg.msg_flags & libc::MSG_TRUNC != 0 {
+            return Err(std::io::Error::other("oversized launcher message"));
+        }
+        buf.truncate(n);
+        let fd = if got.len() == 1 { got.pop() } else { None };
+        return Ok(Some((buf, fd)));
+    }
+}
+
+/// The controller's handle on its launcher.
+pub struct Launcher {
+    sock: Mutex<UnixStream>,
+    pid: u32,
+}
+
+impl Launcher {
+    /// Re-executes the current binary as the launcher. Call before the sandbox is installed
+    /// and before any other thread or secret exists.
+    pub fn start(cfg: &LauncherConfig) -> Result<Launcher, LauncherError> {
+        let (ours, theirs) = seqpacket_pair().map_err(LauncherError::Start)?;
+        let child_fd = theirs.as_raw_fd();
+        let json = serde_json::to_string(cfg)
+            .map_err(|e| LauncherError::Start(std::io::Error::other(e)))?;
+        let mut cmd = Proc::new("/proc/self/exe");
+        cmd.arg("--launcher-fd")
+            .arg(child_fd.to_string())
+            .arg("--launcher-config")
+            .arg(json)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: the closure only calls fcntl (async-signal-safe) to clear CLOEXEC on the one
+        // fd the launcher must inherit.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(LauncherError::Start)?;
+        drop(theirs);
+        let sock = UnixStream::from(ours);
+        // Spawning a card waits up to CARD_READY_TIMEOUT for it; allow that plus slack.
+        sock.set_read_timeout(Some(CARD_READY_TIMEOUT + Duration::from_secs(30)))
+            .map_err(LauncherError::Start)?;
+        tracing::info!(pid = child.id(), "launcher started");
+        Ok(Launcher {
+            sock: Mutex::new(sock),
+            pid: child.id(),
+        })
+    }
+
+    /// The launcher's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// One request, one reply (and the fd that rides with it, if any).
+    pub fn call(
+        &self,
+        req: &LaunchRequest,
+    ) -> Result<(LaunchReply, Option<OwnedFd>), LauncherError> {
+        let body = serde_json::to_vec(req).map_err(|_| LauncherError::BadReply)?;
+        let sock = match self.sock.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        send_packet(sock.as_raw_fd(), &body, None).map_err(LauncherError::Io)?;
+        let (bytes, fd) = recv_packet(sock.as_raw_fd())
+            .map_err(LauncherError::Io)?
+            .ok_or(LauncherError::Closed)?;
+        let reply: LaunchReply =
+            serde_json::from_slice(&bytes).map_err(|_| LauncherError::BadReply)?;
+        if let LaunchReply::Refused { code } = reply {
+            return Err(LauncherError::Refused(code));
+        }
+        Ok((reply, fd))
+    }
+
+    /// A call whose reply must carry an fd.
+    pub fn call_fd(&self, req: &LaunchRequest) -> Result<(LaunchReply, OwnedFd), LauncherError> {
+        let (r, fd) = self.call(req)?;
+        Ok((r, fd.ok_or(LauncherError::MissingFd)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The launcher process.
+
+/// `path` has no `..`, is absolute, and lies inside `dir`.
+fn inside(path: &Path, dir: &Path) -> bool {
+    path.is_absolute()
+        && !path
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        && path.starts_with(dir)
+}
+
+struct CardChild {
+    vhost: PathBuf,
+    control: PathBuf,
+}
+
+struct LauncherState {
+    cfg: LauncherConfig,
+    children: BTreeMap<u32, Child>,
+    cards: BTreeMap<u32, CardChild>,
+    seq: u64,
+}
+
+fn launcher_filter() -> Result<seccompiler::BpfProgram, crate::sandbox::SandboxError> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    };
+    let not_unix = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Ne,
+        u64::try_from(libc::AF_UNIX).map_err(|_| crate::sandbox::SandboxError::Arch)?,
+    )?;
+    let mut rules = BTreeMap::new();
+    rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![not_unix])?]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::KillProcess,
+        crate::sandbox::target_arch()?,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// Closes every fd above stderr except `keep`.
+fn close_other_fds(keep: RawFd) {
+    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|fd| *fd > 2 && *fd != keep)
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds {
+        // SAFETY: closing an fd number this process owns; nothing else in this fresh,
+        // single-threaded process refers to it (the read_dir fd is already closed).
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Runs the launcher loop on the inherited fd. Returns when the controller goes away.
+pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError> {
+    close_other_fds(fd);
+    // SAFETY: `fd` was inherited from the controller for exactly this purpose and nothing else
+    // in this process owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: re-set CLOEXEC on our own fd so no child inherits the controller's channel.
+    unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(LauncherError::Start(std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let prog = launcher_filter().map_err(|e| LauncherError::Start(std::io::Error::other(e)))?;
+    seccompiler::apply_filter(&prog).map_err(|e| LauncherError::Start(std::io::Error::other(e)))?;
+    std::fs::create_dir_all(&cfg.run_dir).map_err(LauncherError::Start)?;
+    let mut st = LauncherState {
+        cfg,
+        children: BTreeMap::new(),
+        cards: BTreeMap::new(),
+        seq: 0,
+    };
+    loop {
+        let packet = match recv_packet(sock.as_raw_fd()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "launcher: bad packet");
+                let reply = LaunchReply::Refused {
+                    code: LaunchRefusal::Malformed,
+                };
+                let body = serde_json::to_vec(&reply).unwrap_or_default();
+                if send_packet(sock.as_raw_fd(), &body, None).is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some((bytes, _ignored_fd)) = packet else {
+            break;
+        };
+        let (reply, fd) = match serde_json::from_slice::<LaunchRequest>(&bytes) {
+            Ok(req) => st.handle(req),
+            Err(_) => (
+                LaunchReply::Refused {
+                    code: LaunchRefusal::Malformed,
+                },
+                None,
+            ),
+        };
+        let body = serde_json::to_vec(&reply).unwrap_or_default();
+        if send_packet(sock.as_raw_fd(), &body, fd.as_ref().map(AsRawFd::as_raw_fd)).is_err() {
+            break;
+        }
+        st.reap_exited();
+    }
+    st.kill_all();
+    Ok(())
+}
+
+impl LauncherState {
+    fn refuse(code: LaunchRefusal) -> (LaunchReply, Option<OwnedFd>) {
+        (LaunchReply::Refused { code }, None)
+    }
+
+    fn handle(&mut self, req: LaunchRequest) -> (LaunchReply, Option<OwnedFd>) {
+        match req {
+            LaunchRequest::SpawnVm {
+                kernel,
+                initrd,
+                cmdline,
+                memory_mib,
+                vcpus,
+                run_as,
+            } => {
+                let dir = &self.cfg.guest_dir;
+                if !inside(&kernel, dir) || initrd.as_ref().is_some_and(|i| !inside(i, dir)) {
+                    return Self::refuse(LaunchRefusal::PathNotAllowed);
+                }
+                let spec = bulkhead_hypervisor_client::VmSpec {
+                    binary: self.cfg.hypervisor_bin.clone(),
+                    kernel,
+                    initrd,
+                    cmdline,
+                    memory_mib,
+                    vcpus,
+                    // TODO(cores): the controller has no core allocator of its own yet, so vCPU
+                    // threads are not pinned to whole cores (see the README's backend section).
+                    pin: Vec::new(),
+                    run_as,
+                };
+                match bulkhead_hypervisor_client::spawn_process(&spec) {
+                    Ok((child, chan)) => {
+                        let pid = child.id();
+                        tracing::info!(pid, "launcher: hypervisor started");
+                        self.children.insert(pid, child);
+                        (LaunchReply::Spawned { pid }, Some(chan))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "launcher: hypervisor spawn failed");
+                        Self::refuse(LaunchRefusal::SpawnFailed)
+                    }
+                }
+            }
+            LaunchRequest::SpawnCard {
+                backing,
+                read_only,
+                run_as,
+            } => self.spawn_card(backing, read_only, run_as),
+            LaunchRequest::ConnectVhost { pid } => {
+                let Some(card) = self.cards.get(&pid) else {
+                    return Self::refuse(LaunchRefusal::NoSuchChild);
+                };
+                match UnixStream::connect(&card.vhost) {
+                    Ok(s) => (LaunchReply::Connected, Some(OwnedFd::from(s))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, pid, "launcher: vhost connect failed");
+                        Self::refuse(LaunchRefusal::ConnectFailed)
+                    }
+                }
+            }
+            LaunchRequest::Reap { pid, grace_ms } => {
+                let Some(mut child) = self.children.remove(&pid) else {
+                    return Self::refuse(LaunchRefusal::NoSuchChild);
+                };
+                let deadline = Instant::now() + Duration::from_millis(grace_ms.min(60_000));
+                let mut killed = false;
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(_)) => break,
+                        Ok(None) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
+                        _ => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            killed = true;
+                            break;
+                        }
+                    }
+                }
+                if let Some(card) = self.cards.remove(&pid) {
+                    let _ = std::fs::remove_file(&card.vhost);
+                    let _ = std::fs::remove_file(&card.control);
+                }
+                (LaunchReply::Reaped { killed }, None)
+            }
+        }
+    }
+
+    fn spawn_card(
+        &mut self,
+        backing: PathBuf,
+        read_only: bool,
+        run_as: Option<(u32, u32)>,
+    ) -> (LaunchReply, Option<OwnedFd>) {
+        if !inside(&backing, &self.cfg.volume_dir) {
+            return Self::refuse(LaunchRefusal::PathNotAllowed);
+        }
+        self.seq = self.seq.wrapping_add(1);
+        let control = self.cfg.run_dir.join(format!("card{}.ctl", self.seq));
+        let vhost = self.cfg.run_dir.join(format!("card{}.vhost", self.seq));
+        if vhost.as_os_str().len() > MAX_SOCKET_PATH || control.as_os_str().len() > MAX_SOCKET_PATH
+        {
+            return Self::refuse(LaunchRefusal::PathNotAllowed);
+        }
+        let mut cmd = Proc::new(&self.cfg.blockcard_bin);
+        cmd.arg("--control-socket")
+            .arg(&control)
+            .arg("--vhost-socket")
+            .arg(&vhost)
+            .arg("--backing")
+            .arg(&backing)
+            .arg("--queues")
+            .arg("1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if read_only {
+            cmd.arg("--read-only");
+        }
+        if let Some(k) = &self.cfg.host_key {
+            cmd.arg("--host-key").arg(k);
+        }
+        if let Some((u, g)) = run_as {
+            cmd.arg("--uid")
+                .arg(u.to_string())
+                .arg("--gid")
+                .arg(g.to_string());
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "launcher: card spawn failed");
+                return Self::refuse(LaunchRefusal::SpawnFailed);
+            }
+        };
+        let pid = child.id();
+        let deadline = Instant::now() + CARD_READY_TIMEOUT;
+        let conn = loop {
+            if let Ok(s) = UnixStream::connect(&control) {
+                break Some(s);
+            }
+            if !matches!(child.try_wait(), Ok(None)) || Instant::now() >= deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let Some(conn) = conn else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&control);
+            let _ = std::fs::remove_file(&vhost);
+            tracing::warn!(pid, "launcher: card never opened its control socket");
+            return Self::refuse(LaunchRefusal::CardNotReady);
+        };
+        tracing::info!(pid, "launcher: block card started");
+        self.children.insert(pid, child);
+        self.cards.insert(pid, CardChild { vhost, control });
+        (LaunchReply::Spawned { pid }, Some(OwnedFd::from(conn)))
+    }
+
+    /// Reaps children that exited on their own, so none stays a zombie. They stay listed (with
+    /// their cached exit status) until the controller's `Reap`.
+    fn reap_exited(&mut self) {
+        for c in self.children.values_mut() {
+            let _ = c.try_wait();
+        }
+    }
+
+    fn kill_all(&mut self) {
+        for (pid, mut c) in std::mem::take(&mut self.children) {
+            tracing::info!(pid, "launcher: controller gone; killing child");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for (_, card) in std::mem::take(&mut self.cards) {
+            let _ = std::fs::remove_file(&card.vhost);
+            let _ = std::fs::remove_file(&card.control);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn paths_must_stay_inside() {
+        let d = Path::new("/srv/guest");
+        assert!(inside(Path::new("/srv/guest/vmlinux"), d));
+        assert!(!inside(Path::new("/srv/guest/../etc/passwd"), d));
+        assert!(!inside(Path::new("/srv/guestx/vmlinux"), d));
+        assert!(!inside(Path::new("guest/vmlinux"), d));
+    }
+
+    #[test]
+    fn requests_are_strict() {
+        let ok = br#"{"reap":{"pid":5,"grace_ms":10}}"#;
+        assert_eq!(
+            serde_json::from_slice::<LaunchRequest>(ok).unwrap(),
+            LaunchRequest::Reap {
+                pid: 5,
+                grace_ms: 10
+            }
+        );
+        // A request cannot name a binary.
+        let bad = br#"{"spawn_card":{"backing":"/v/a.img","read_only":false,"run_as":null,"binary":"/bin/sh"}}"#;
+        assert!(serde_json::from_slice::<LaunchRequest>(bad).is_err());
+    }
+
+    #[test]
+    fn packets_carry_one_fd() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (x, _y) = seqpacket_pair().unwrap();
+        send_packet(a.as_raw_fd(), b"hello", Some(x.as_raw_fd())).unwrap();
+        let (data, fd) = recv_packet(b.as_raw_fd()).unwrap().unwrap();
+        assert_eq!(data, b"hello");
+        assert!(fd.is_some());
+        drop(a);
+        assert!(recv_packet(b.as_raw_fd()).unwrap().is_none());
+    }
+}
