@@ -24,6 +24,10 @@ pub const BOUNCE_BYTES: usize = 1 << 20;
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Most queues.
 pub const MAX_QUEUES: u16 = 16;
+/// I/O lanes per queue: a batch of requests popped from one queue is split over this many
+/// threads, each with its own cipher contexts and bounce buffer, so deep queues overlap their
+/// backing-store I/O (requests in flight together have no ordering guarantee in virtio-blk).
+pub const IO_LANES: usize = 4;
 
 mod feature {
     pub const SIZE_MAX: u64 = 1 << 1;
@@ -89,7 +93,8 @@ pub struct Volume {
 /// The vhost-user-blk backend.
 pub struct BlockBackend {
     vol: Arc<Volume>,
-    workers: Vec<Mutex<QueueWorker>>,
+    /// `lanes[queue][lane]`.
+    lanes: Vec<Vec<Mutex<QueueWorker>>>,
     metrics: Arc<BlkMetrics>,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap<()>>>>,
     event_idx: AtomicBool,
@@ -98,12 +103,19 @@ pub struct BlockBackend {
 }
 
 impl BlockBackend {
-    /// One worker per queue.
+    /// `workers` holds `queues * IO_LANES` workers (queue-major).
     pub fn new(vol: Arc<Volume>, workers: Vec<QueueWorker>, metrics: Arc<BlkMetrics>) -> Self {
-        let config = build_config(&vol, workers.len());
+        let mut lanes: Vec<Vec<Mutex<QueueWorker>>> = Vec::new();
+        for w in workers {
+            match lanes.last_mut() {
+                Some(l) if l.len() < IO_LANES => l.push(Mutex::new(w)),
+                _ => lanes.push(vec![Mutex::new(w)]),
+            }
+        }
+        let config = build_config(&vol, lanes.len());
         Self {
             vol,
-            workers: workers.into_iter().map(Mutex::new).collect(),
+            lanes,
             metrics,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
@@ -115,12 +127,8 @@ impl BlockBackend {
     /// Drops every cipher context (OpenSSL cleanses the key schedules on free). Waits for
     /// in-flight requests of each queue to finish first.
     pub fn erase_keys(&self) {
-        for w in &self.workers {
-            let mut guard = match w.lock() {
-                Ok(g) => g,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            guard.cipher = CipherState::Erased;
+        for w in self.lanes.iter().flatten() {
+            lock(w).cipher = CipherState::Erased;
         }
     }
 
@@ -129,7 +137,7 @@ impl BlockBackend {
         &self.vol
     }
 
-    fn process_queue(&self, vring: &VringRwLock, w: &mut QueueWorker) -> io::Result<bool> {
+    fn process_queue(&self, vring: &VringRwLock, lanes: &[Mutex<QueueWorker>]) -> io::Result<bool> {
         let atomic = match self.mem.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
@@ -147,14 +155,45 @@ impl BlockBackend {
                 return Err(io::Error::other("invalid avail ring"));
             }
         };
-        let mut any = false;
-        for chain in chains {
-            let head = chain.head_index();
-            let used = self.process_chain(chain.clone(), &mem, w);
-            vring.add_used(head, used).map_err(|e| io::Error::other(format!("add_used: {e}")))?;
-            any = true;
+        if chains.is_empty() {
+            return Ok(false);
         }
-        Ok(any)
+        let n = lanes.len().min(chains.len());
+        let done: Vec<(u16, u32)> = if n <= 1 {
+            let Some(lane) = lanes.first() else {
+                return Err(io::Error::other("queue without lanes"));
+            };
+            let mut w = lock(lane);
+            chains.into_iter().map(|c| (c.head_index(), self.process_chain(c, &mem, &mut w))).collect()
+        } else {
+            let mut buckets: Vec<Vec<_>> = (0..n).map(|_| Vec::new()).collect();
+            for (i, c) in chains.into_iter().enumerate() {
+                if let Some(b) = buckets.get_mut(i % n) {
+                    b.push(c);
+                }
+            }
+            let mem_ref: &GuestMemoryMmap<()> = &mem;
+            std::thread::scope(|s| {
+                let handles: Vec<_> = buckets
+                    .into_iter()
+                    .zip(lanes.iter())
+                    .map(|(bucket, lane)| {
+                        s.spawn(move || {
+                            let mut w = lock(lane);
+                            bucket
+                                .into_iter()
+                                .map(|c| (c.head_index(), self.process_chain(c, mem_ref, &mut w)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+            })
+        };
+        for (head, used) in done {
+            vring.add_used(head, used).map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+        }
+        Ok(true)
     }
 
     fn process_chain<I>(&self, chain: I, mem: &GuestMemoryMmap<()>, w: &mut QueueWorker) -> u32
@@ -316,6 +355,13 @@ impl BlockBackend {
     }
 }
 
+fn lock(m: &Mutex<QueueWorker>) -> std::sync::MutexGuard<'_, QueueWorker> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 /// Calls `f(guest_addr, range_in_chunk)` for each piece of `bufs` that overlaps the byte range
 /// `[off, off + len)` of the request's data.
 fn pieces(
@@ -389,7 +435,7 @@ impl VhostUserBackend for BlockBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        self.workers.len()
+        self.lanes.len()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -456,7 +502,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.workers.len()).map(|i| 1u64 << i).collect()
+        (0..self.lanes.len()).map(|i| 1u64 << i).collect()
     }
 
     fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread_id: usize) -> io::Result<()> {
@@ -464,24 +510,20 @@ impl VhostUserBackend for BlockBackend {
             return Err(io::Error::other("unexpected epoll event"));
         }
         let idx = usize::from(device_event);
-        let (Some(vring), Some(worker)) = (vrings.get(idx), self.workers.get(idx)) else {
+        let (Some(vring), Some(lanes)) = (vrings.get(idx), self.lanes.get(idx)) else {
             return Err(io::Error::other("event for an unknown queue"));
-        };
-        let mut w = match worker.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
         };
         let mut any = false;
         if self.event_idx.load(Ordering::Relaxed) {
             loop {
                 vring.disable_notification().map_err(|e| io::Error::other(format!("{e}")))?;
-                any |= self.process_queue(vring, &mut w)?;
+                any |= self.process_queue(vring, lanes)?;
                 if !vring.enable_notification().map_err(|e| io::Error::other(format!("{e}")))? {
                     break;
                 }
             }
         } else {
-            any = self.process_queue(vring, &mut w)?;
+            any = self.process_queue(vring, lanes)?;
         }
         if any && vring.needs_notification().map_err(|e| io::Error::other(format!("{e}")))? {
             vring.signal_used_queue()?;

@@ -11,7 +11,7 @@
 //!    control thread answers `GetMetrics`, and on `Detach` erases the keys, flushes, answers and
 //!    exits.
 
-use crate::backend::{BlockBackend, CipherState, QueueWorker, Volume, MAX_QUEUES};
+use crate::backend::{BlockBackend, CipherState, QueueWorker, Volume, IO_LANES, MAX_QUEUES};
 use crate::control::{self, AttachSpec, ControlError, ControlRequest, ControlResponse, ErrorCode, KeySource};
 use crate::metrics::BlkMetrics;
 use crate::request::{DiskLimits, SectorCount, ID_LEN};
@@ -95,15 +95,16 @@ fn err_resp(code: ErrorCode, message: String) -> ControlResponse {
     ControlResponse::Error { code, message }
 }
 
-/// Keys one cipher state per queue from the attach request.
+/// Keys one cipher state per I/O lane (`queues * IO_LANES`) from the attach request.
 fn key_queues(spec: &AttachSpec, host: Option<&HostKey>, queues: u16) -> Result<(Vec<CipherState>, bool), AttachError> {
+    let lanes = usize::from(queues) * IO_LANES;
     let make = |key: &VolumeKey| -> Result<Vec<CipherState>, AttachError> {
-        (0..queues)
+        (0..lanes)
             .map(|_| Ok(CipherState::Xts(Box::new(XtsCipher::new(key.as_ref(), spec.sector_size)?))))
             .collect()
     };
     match &spec.key {
-        KeySource::Plain => Ok(((0..queues).map(|_| CipherState::Plain).collect(), false)),
+        KeySource::Plain => Ok(((0..lanes).map(|_| CipherState::Plain).collect(), false)),
         KeySource::Ephemeral => {
             let mut key = VolumeKey::new().map_err(SealingError::from)?;
             loop {
