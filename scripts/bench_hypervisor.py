@@ -13,10 +13,10 @@ import json, os, re, socket, statistics, subprocess, sys, tempfile, time
 GUEST = os.environ.get("BULKHEAD_GUEST_DIR", "target/guest")
 KERNEL, INITRD = f"{GUEST}/vmlinux", f"{GUEST}/initramfs.cpio"
 HV = os.environ.get("BULKHEAD_HV", "target/release/bulkhead-hypervisor")
-ARGS = "console=ttyS0 reboot=k panic=-1 quiet noxsave clearcpuid=popcnt,cx16,smap"
+ARGS = open("guest/cmdline").read().strip()
 MEM = 128
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
-SCRIPT = "c2xlZXAgNjAwCg=="  # base64 of "sleep 600": keeps the guest up for the memory sample
+SCRIPT = "sleep\\0040600"  # "sleep 600", octal-escaped (guest/README.md): keeps the guest up for the memory sample
 
 
 def mono():

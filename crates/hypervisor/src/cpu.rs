@@ -127,8 +127,9 @@ pub fn build_cpuid(kvm: &Kvm, topo: GuestTopology, index: u8) -> Result<CpuId, E
             },
             0x7 if e.index == 0 => {
                 // A conservative CPU model, as QEMU's default: no PCID/INVPCID, FSGSBASE, SMEP,
-                // UMIP or protection keys. On this project's software KVM a Linux guest that
-                // uses PCID-tagged TLB flushes loops on stale translations in user space.
+                // UMIP or protection keys. (On this project's software KVM a Linux guest that
+                // uses them hangs once user space starts; that KVM also ignores some CPUID
+                // masks, so the test guest's command line clears them too: guest/cmdline.)
                 e.ebx &= !(LEAF7_EBX_FSGSBASE | LEAF7_EBX_SMEP | LEAF7_EBX_INVPCID);
                 e.ecx &= !(LEAF7_ECX_UMIP | LEAF7_ECX_PKU | LEAF7_ECX_OSPKE);
             }

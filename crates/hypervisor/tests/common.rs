@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 /// Kernel arguments the test guest needs on this kind of machine (software KVM): see
 /// guest/README.md. Hardware KVM needs none of the `noxsave`/`clearcpuid` ones.
-pub const GUEST_ARGS: &str =
-    "console=ttyS0 reboot=k panic=-1 quiet noxsave clearcpuid=popcnt,cx16,smap";
+pub const GUEST_ARGS: &str = include_str!("../../../guest/cmdline").trim_ascii_end();
 
 pub fn hypervisor() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-hypervisor"))
