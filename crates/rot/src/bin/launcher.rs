@@ -112,6 +112,11 @@ mod erased {
 }
 
 fn main() -> ExitCode {
+    // libtss2 logs expected TPM refusals (a failed unseal) as ERROR on stderr; the typed error
+    // says it better. Respect an explicit TSS2_LOG.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
