@@ -323,6 +323,48 @@ impl Host {
         Ok(())
     }
 
+    /// Hypervisor live update: applies a signed live-update release (see `release::LiveUpdate`)
+    /// without restarting anything. The host must run the base release, healthy, with the PCR at
+    /// the base value. The identity is sealed twice first — to the new release's cold-boot value
+    /// (for the next restart) and to the live value `extend(base, component)` — then the new
+    /// component is measured and extended as a `live-update` event, and the live identity must
+    /// unseal. The hand-over of the running instances to the new binary is the hypervisor's
+    /// (a later issue); this is the measurement and identity side of it.
+    pub fn live_update(&mut self, signed: &SignedRelease, source: &Path) -> Result<Manifest, RotError> {
+        let m = self.install(signed, source)?;
+        let lu = m.live_update.clone().ok_or(RotError::Malformed("release is not a live update"))?;
+        let active = self.state()?.active_version;
+        if active != Some(lu.base_version) {
+            return Err(RotError::Malformed("live update's base release is not the running release"));
+        }
+        let current = self.tpm.pcr_read(self.cfg.pcr)?;
+        if hex::encode(current) != lu.base_expected_pcr {
+            return Err(RotError::Malformed("PCR is not at the live update's base value"));
+        }
+        let key = self.key.as_ref().ok_or(RotError::Malformed("host not healthy: no identity to re-seal"))?;
+        let cold = seal_identity(&mut self.tpm, key, self.cfg.pcr, &m.expected_pcr_value()?)?;
+        let after = crate::measure::parse_sha384(&lu.expected_pcr_after)?;
+        let live = seal_identity(&mut self.tpm, key, self.cfg.pcr, &after)?;
+        cold.write(&self.identity_path(m.version))?;
+        let component = self.release_dir(m.version).join(&lu.component);
+        let d = crate::measure::sha384_file(&component)?;
+        self.tpm.pcr_extend(self.cfg.pcr, &d)?;
+        if let Some(log) = self.log.as_mut() {
+            log.push_live_update(&lu.component, &d);
+        }
+        // From here on the live identity is the one that must work.
+        self.key = Some(unseal_identity(&mut self.tpm, &live)?);
+        let mut s = self.state()?;
+        s.active_version = Some(m.version);
+        self.set_state(&s)?;
+        if let Some(h) = self.health.as_mut() {
+            h.release_version = Some(m.version);
+            h.pcr_value = Some(lu.expected_pcr_after.clone());
+        }
+        tracing::info!(host = %self.cfg.name, version = m.version, component = %lu.component, "live update applied");
+        Ok(m)
+    }
+
     /// Answers a verifier's challenge: a quote over the measurement PCR with `nonce`, plus the
     /// event log of the last measured start.
     pub fn attest(&mut self, nonce: &[u8]) -> Result<Evidence, RotError> {

@@ -178,6 +178,11 @@ impl EventLog {
         self.pcr
     }
 
+    /// Records an in-place replacement (live update) extended on top of the boot measurements.
+    pub fn push_live_update(&mut self, name: &str, digest: &Sha384Digest) {
+        self.push_digest(EventKind::LiveUpdate, name, digest);
+    }
+
     pub fn events(&self) -> &[Event] {
         &self.events
     }

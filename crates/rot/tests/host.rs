@@ -219,3 +219,34 @@ fn staging_identity_is_refused_in_production_and_reprovisioning_changes_the_ak()
     assert_ne!(re.host_public, enrol.host_public, "and a new host key");
     assert!(h.boot().accepts_customer_work);
 }
+
+#[test]
+fn live_update_replaces_a_component_without_restart_and_attests() {
+    if skip("live_update_replaces_a_component_without_restart_and_attests") {
+        return;
+    }
+    let (k, art, mut h, mut v) = healthy_host("host-a");
+    let staging = env("staging");
+    let base = art.manifest(1, &staging, 0);
+    // Release 2: the same set with a new "hypervisor" (here the block card binary), as a live
+    // update of release 1.
+    let new = Artefacts::new("v1", 0);
+    std::fs::write(new.path().join("bulkhead-blockcard"), "#!/bin/sh\n# live-updated build\nexit 0\n").unwrap();
+    let mut m2 = new.manifest(2, &staging, bulkhead_rot::unix_now() + 3600);
+    m2.make_live_update(&base, "bulkhead-blockcard").unwrap();
+    let rel2 = sign(&m2, &k, &[0, 2]);
+    v.accept_release(&m2);
+
+    h.live_update(&rel2, new.path()).expect("live update");
+    assert!(h.host_key().is_some(), "identity still available, nothing restarted");
+    let nonce = v.challenge("host-a").unwrap();
+    let ok = v.verify(&h.attest(&nonce).unwrap()).expect("attests after live update");
+    assert_eq!(ok.release_version, 2);
+    assert_eq!(ok.pcr_value, m2.live_update.as_ref().unwrap().expected_pcr_after);
+    // The next cold start measures the new set and unseals the cold-boot identity.
+    let health = h.boot();
+    assert!(health.accepts_customer_work, "{}", health.summary());
+    assert_eq!(health.pcr_value.as_deref(), Some(m2.expected_pcr.as_str()));
+    let nonce = v.challenge("host-a").unwrap();
+    assert_eq!(v.verify(&h.attest(&nonce).unwrap()).unwrap().release_version, 2);
+}
