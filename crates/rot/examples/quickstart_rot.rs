@@ -34,19 +34,27 @@ fn main() -> R<()> {
     std::fs::write(src.join("host.toml"), "listen = \"0.0.0.0:8443\"\n")?;
 
     say("Release engineering: 3 release keys, threshold 2; release 1 signed by 2 of them");
-    let keys: Vec<ReleaseKey> = (0..3).map(|_| ReleaseKey::generate()).collect::<Result<_, RotError>>()?;
+    let keys: Vec<ReleaseKey> = (0..3)
+        .map(|_| ReleaseKey::generate())
+        .collect::<Result<_, RotError>>()?;
     let root = TrustRoot::new(2, keys.iter().map(|k| k.public()).collect())?;
     let m = Manifest::from_files(
         1,
         env.clone(),
         bulkhead_rot::unix_now() + 3600,
         MeasurePcr::DEV,
-        &[(EventKind::Binary, &src.join("bulkhead-blockcard")), (EventKind::Config, &src.join("host.toml"))],
+        &[
+            (EventKind::Binary, &src.join("bulkhead-blockcard")),
+            (EventKind::Config, &src.join("host.toml")),
+        ],
     )?;
     let mut rel = SignedRelease::new(&m)?;
     rel.sign(&keys[0]);
     rel.sign(&keys[2]);
-    println!("release 1: expected PCR 23 (SHA-384) = {}…", &m.expected_pcr[..32]);
+    println!(
+        "release 1: expected PCR 23 (SHA-384) = {}…",
+        &m.expected_pcr[..32]
+    );
 
     say("Provisioning: host-1 (its own TPM) installs release 1, seals a fresh host key to that PCR value, enrols its AK");
     let sw = Swtpm::start()?;
@@ -60,7 +68,11 @@ fn main() -> R<()> {
     };
     let mut host = Host::open(cfg, &sw.tcti())?;
     let enrol = host.provision(&rel, &src)?;
-    println!("enrolled host-1 in {}: AK {}", enrol.environment, enrol.ak.key_id());
+    println!(
+        "enrolled host-1 in {}: AK {}",
+        enrol.environment,
+        enrol.ak.key_id()
+    );
     let mut kms = Verifier::new(env.clone(), MeasurePcr::DEV);
     kms.enroll(enrol);
     kms.accept_release(&m);
@@ -75,7 +87,11 @@ fn main() -> R<()> {
     let blob = release_volume_key(&mut kms, &evidence, "vol-1", &volume_key)?;
     let key = host.host_key().ok_or("no host key")?;
     let opened = bulkhead_sealing::open_volume_key(key, "vol-1", &blob)?;
-    println!("sealed blob {} bytes; host-1's block card opened it: {}", blob.len(), opened.as_ref() == &volume_key);
+    println!(
+        "sealed blob {} bytes; host-1's block card opened it: {}",
+        blob.len(),
+        opened.as_ref() == &volume_key
+    );
 
     say("Someone replays that quote to get another key");
     match release_volume_key(&mut kms, &evidence, "vol-2", &volume_key) {

@@ -23,7 +23,9 @@ type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn artefacts(dir: &Path, tag: &str) -> R<Vec<(EventKind, PathBuf)>> {
     // A 4 MiB "binary" so measuring has realistic work, plus a config and a policy.
-    let big: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| i.wrapping_mul(2_654_435_761).to_be_bytes()[0]).collect();
+    let big: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| i.wrapping_mul(2_654_435_761).to_be_bytes()[0])
+        .collect();
     let mut body = format!("#!/bin/sh\n# {tag}\nexit 0\n").into_bytes();
     body.extend_from_slice(b"\n#");
     std::fs::write(dir.join("bulkhead-controller"), &body)?;
@@ -38,9 +40,20 @@ fn artefacts(dir: &Path, tag: &str) -> R<Vec<(EventKind, PathBuf)>> {
     ])
 }
 
-fn release(keys: &[ReleaseKey], version: u64, env: &Environment, files: &[(EventKind, PathBuf)]) -> R<SignedRelease> {
+fn release(
+    keys: &[ReleaseKey],
+    version: u64,
+    env: &Environment,
+    files: &[(EventKind, PathBuf)],
+) -> R<SignedRelease> {
     let refs: Vec<(EventKind, &Path)> = files.iter().map(|(k, p)| (*k, p.as_path())).collect();
-    let m = Manifest::from_files(version, env.clone(), bulkhead_rot::unix_now() + 3600, MeasurePcr::DEV, &refs)?;
+    let m = Manifest::from_files(
+        version,
+        env.clone(),
+        bulkhead_rot::unix_now() + 3600,
+        MeasurePcr::DEV,
+        &refs,
+    )?;
     let mut r = SignedRelease::new(&m)?;
     r.sign(&keys[0]);
     r.sign(&keys[1]);
@@ -51,7 +64,11 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let med = v.get(v.len() / 2).copied().map(ms).unwrap_or(0.0);
-    let p95 = v.get((v.len() * 95 / 100).min(v.len().saturating_sub(1))).copied().map(ms).unwrap_or(0.0);
+    let p95 = v
+        .get((v.len() * 95 / 100).min(v.len().saturating_sub(1)))
+        .copied()
+        .map(ms)
+        .unwrap_or(0.0);
     (med, p95)
 }
 
@@ -81,7 +98,9 @@ fn main() -> R<()> {
         return Ok(());
     }
     let env = Environment::parse("staging")?;
-    let keys: Vec<ReleaseKey> = (0..3).map(|_| ReleaseKey::generate()).collect::<Result<_, RotError>>()?;
+    let keys: Vec<ReleaseKey> = (0..3)
+        .map(|_| ReleaseKey::generate())
+        .collect::<Result<_, RotError>>()?;
     let root = TrustRoot::new(2, keys.iter().map(|k| k.public()).collect())?;
     let work = tempfile::tempdir()?;
     let src = work.path().join("v1");
@@ -104,7 +123,11 @@ fn main() -> R<()> {
         .unverified_manifest()?
         .artefacts
         .iter()
-        .map(|a| Measured { kind: a.kind, name: a.name.clone(), path: h.release_dir(1).join(&a.name) })
+        .map(|a| Measured {
+            kind: a.kind,
+            name: a.name.clone(),
+            path: h.release_dir(1).join(&a.name),
+        })
         .collect();
     let sealed = SealedIdentity::read(&hdir.join("identity-v1.json"))?;
     let (mut t_measure, mut t_unseal, mut t_attest, mut t_boot) = (vec![], vec![], vec![], vec![]);
@@ -133,7 +156,12 @@ fn main() -> R<()> {
     let mut fleet = Vec::new();
     let mut fv = Verifier::new(env.clone(), MeasurePcr::DEV);
     for i in 0..n_hosts {
-        let (sw, mut fh) = host(&format!("host-{i}"), &env, &root, &work.path().join(format!("host-{i}")))?;
+        let (sw, mut fh) = host(
+            &format!("host-{i}"),
+            &env,
+            &root,
+            &work.path().join(format!("host-{i}")),
+        )?;
         fv.enroll(fh.provision(&rel1, &src)?);
         if !fh.boot().accepts_customer_work {
             return Err("fleet host unhealthy".into());
@@ -164,8 +192,18 @@ fn main() -> R<()> {
     })?;
     let tv = bulkhead_tokens::Verifier::new(svc.public_key());
     let revoked = bulkhead_tokens::RevocationList::default();
-    let auth = DeployerAuth { token: &token, identity: &id, tokens: &tv, revoked: &revoked };
-    let mut d = Deployment { audit: &audit, root: &root, environment: env.clone(), verifier: &mut fv };
+    let auth = DeployerAuth {
+        token: &token,
+        identity: &id,
+        tokens: &tv,
+        revoked: &revoked,
+    };
+    let mut d = Deployment {
+        audit: &audit,
+        root: &root,
+        environment: env.clone(),
+        verifier: &mut fv,
+    };
     let t = Instant::now();
     let report = deploy(&mut d, &auth, &rel2, &src2, &mut fleet)?;
     let t_deploy = t.elapsed();
@@ -174,7 +212,11 @@ fn main() -> R<()> {
     let (u_med, u_p95) = stats(t_unseal);
     let (a_med, a_p95) = stats(t_attest);
     let (b_med, b_p95) = stats(t_boot);
-    let bytes: u64 = files.iter().filter_map(|(_, p)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let bytes: u64 = files
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
     println!(
         "swtpm {} over loopback TCP (a software TPM; a discrete hardware TPM is slower per command, so \
          these are lower bounds); machine shared with other builds; {iters} iterations; the release \
@@ -211,6 +253,10 @@ fn swtpm_version() -> String {
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.split_whitespace().nth(3).map(|v| v.trim_end_matches(',').to_string()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(3)
+                .map(|v| v.trim_end_matches(',').to_string())
+        })
         .unwrap_or_else(|| "?".into())
 }

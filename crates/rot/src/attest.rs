@@ -63,7 +63,11 @@ pub enum AttestError {
     #[error("host {0} is not enrolled")]
     UnknownHost(String),
     #[error("host {host} is enrolled in {enrolled}, this verifier serves {verifier}")]
-    EnvironmentMismatch { host: String, enrolled: String, verifier: String },
+    EnvironmentMismatch {
+        host: String,
+        enrolled: String,
+        verifier: String,
+    },
     #[error("quote is not signed by host {0}'s enrolled attestation key")]
     BadSignature(String),
     #[error("nonce was not issued to this host, or was already used (replay)")]
@@ -172,7 +176,8 @@ impl Verifier {
         }
         self.releases.insert(m.expected_pcr.clone(), m.version);
         if let Some(lu) = &m.live_update {
-            self.releases.insert(lu.expected_pcr_after.clone(), m.version);
+            self.releases
+                .insert(lu.expected_pcr_after.clone(), m.version);
         }
     }
 
@@ -192,14 +197,22 @@ impl Verifier {
         if self.nonces.len() >= MAX_OUTSTANDING_NONCES {
             return Err(RotError::Malformed("too many outstanding nonces"));
         }
-        self.nonces.insert(n, Outstanding { host: host.to_string(), issued: Instant::now() });
+        self.nonces.insert(
+            n,
+            Outstanding {
+                host: host.to_string(),
+                issued: Instant::now(),
+            },
+        );
         Ok(n)
     }
 
     /// Full check of `evidence`; see the module documentation for the order.
     pub fn verify(&mut self, evidence: &Evidence) -> Result<Attested, AttestError> {
-        let attest_raw = hex::decode(&evidence.quote.attest).map_err(|_| AttestError::MalformedQuote)?;
-        let sig = hex::decode(&evidence.quote.signature).map_err(|_| AttestError::MalformedQuote)?;
+        let attest_raw =
+            hex::decode(&evidence.quote.attest).map_err(|_| AttestError::MalformedQuote)?;
+        let sig =
+            hex::decode(&evidence.quote.signature).map_err(|_| AttestError::MalformedQuote)?;
         let attest = Attest::unmarshall(&attest_raw).map_err(|_| AttestError::MalformedQuote)?;
         if attest.attestation_type() != AttestationType::Quote {
             return Err(AttestError::MalformedQuote);
@@ -215,7 +228,10 @@ impl Verifier {
                 verifier: self.environment.to_string(),
             });
         }
-        let ak = enrolled.ak.sec1().map_err(|_| AttestError::BadSignature(evidence.host.clone()))?;
+        let ak = enrolled
+            .ak
+            .sec1()
+            .map_err(|_| AttestError::BadSignature(evidence.host.clone()))?;
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &ak)
             .verify(&attest_raw, &sig)
             .map_err(|_| AttestError::BadSignature(evidence.host.clone()))?;
@@ -226,7 +242,10 @@ impl Verifier {
             .value()
             .try_into()
             .map_err(|_| AttestError::NonceUnknownOrReplayed)?;
-        let out = self.nonces.remove(&nonce).ok_or(AttestError::NonceUnknownOrReplayed)?;
+        let out = self
+            .nonces
+            .remove(&nonce)
+            .ok_or(AttestError::NonceUnknownOrReplayed)?;
         if out.host != evidence.host {
             return Err(AttestError::NonceUnknownOrReplayed);
         }
@@ -237,7 +256,10 @@ impl Verifier {
         let AttestInfo::Quote { info } = attest.attested() else {
             return Err(AttestError::MalformedQuote);
         };
-        let want_sel = self.pcr.selection().map_err(|_| AttestError::WrongPcrSelection)?;
+        let want_sel = self
+            .pcr
+            .selection()
+            .map_err(|_| AttestError::WrongPcrSelection)?;
         if info.pcr_selection() != &want_sel {
             return Err(AttestError::WrongPcrSelection);
         }
@@ -246,7 +268,9 @@ impl Verifier {
         if log.pcr() != self.pcr {
             return Err(AttestError::BadEventLog("wrong PCR".into()));
         }
-        let log_env = log.environment().map_err(|e| AttestError::BadEventLog(e.to_string()))?;
+        let log_env = log
+            .environment()
+            .map_err(|e| AttestError::BadEventLog(e.to_string()))?;
         if log_env != self.environment {
             return Err(AttestError::EnvironmentMismatch {
                 host: evidence.host.clone(),
@@ -254,7 +278,9 @@ impl Verifier {
                 verifier: self.environment.to_string(),
             });
         }
-        let value = log.replay().map_err(|e| AttestError::BadEventLog(e.to_string()))?;
+        let value = log
+            .replay()
+            .map_err(|e| AttestError::BadEventLog(e.to_string()))?;
         if info.pcr_digest().value() != &Sha256::digest(value)[..] {
             return Err(AttestError::LogDoesNotMatchQuote);
         }
@@ -262,9 +288,16 @@ impl Verifier {
         let version = *self
             .releases
             .get(&pcr_hex)
-            .ok_or(AttestError::UnknownMeasurements { pcr: pcr_hex.clone() })?;
+            .ok_or(AttestError::UnknownMeasurements {
+                pcr: pcr_hex.clone(),
+            })?;
         tracing::info!(host = %evidence.host, version, "host attested");
-        Ok(Attested { host: evidence.host.clone(), release_version: version, pcr_value: pcr_hex, host_public })
+        Ok(Attested {
+            host: evidence.host.clone(),
+            release_version: version,
+            pcr_value: pcr_hex,
+            host_public,
+        })
     }
 }
 

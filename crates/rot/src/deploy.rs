@@ -31,7 +31,9 @@ use crate::attest::{Evidence, Verifier};
 use crate::host::Host;
 use crate::identity::HostHealth;
 use crate::measure::Environment;
-use crate::release::{verify_release, Manifest, ReleaseError, ReleasePolicy, SignedRelease, TrustRoot};
+use crate::release::{
+    verify_release, Manifest, ReleaseError, ReleasePolicy, SignedRelease, TrustRoot,
+};
 use crate::RotError;
 
 /// Why a deploy stopped. Codes are stable (they are the audit codes).
@@ -44,7 +46,12 @@ pub enum DeployError {
     #[error("no target hosts")]
     NoHosts,
     #[error("wave {wave} failed on host {host} ({code}); {rolled_back} host(s) rolled back, later waves untouched")]
-    WaveFailed { wave: usize, host: String, code: String, rolled_back: usize },
+    WaveFailed {
+        wave: usize,
+        host: String,
+        code: String,
+        rolled_back: usize,
+    },
     #[error("audit log write failed; deploy stopped")]
     AuditFailed,
 }
@@ -246,7 +253,13 @@ pub fn deploy<T: DeployTarget>(
     let _g = span.enter();
 
     if hosts.is_empty() {
-        audit.write(EntryKind::Request, "Deploy", all, Decision::Deny, "deploy_no_hosts")?;
+        audit.write(
+            EntryKind::Request,
+            "Deploy",
+            all,
+            Decision::Deny,
+            "deploy_no_hosts",
+        )?;
         return Err(DeployError::NoHosts.into());
     }
 
@@ -266,7 +279,11 @@ pub fn deploy<T: DeployTarget>(
             Err((e, claims)) => {
                 audit.token_id = claims.map(|c| c.token_id);
                 audit.write(EntryKind::Request, "Deploy", all, Decision::Deny, e.code())?;
-                return Err(DeployError::Unauthorized { host: h.name().to_string(), code: e.code() }.into());
+                return Err(DeployError::Unauthorized {
+                    host: h.name().to_string(),
+                    code: e.code(),
+                }
+                .into());
             }
         }
     }
@@ -278,7 +295,12 @@ pub fn deploy<T: DeployTarget>(
     }
     let checked = verify_release(
         release,
-        &ReleasePolicy { root: d.root, environment: &d.environment, current_version: floor, now },
+        &ReleasePolicy {
+            root: d.root,
+            environment: &d.environment,
+            current_version: floor,
+            now,
+        },
     )
     .and_then(|m| m.check_artefacts(source).map(|()| m));
     let m = match checked {
@@ -289,7 +311,13 @@ pub fn deploy<T: DeployTarget>(
             return Err(DeployError::Release(e).into());
         }
     };
-    audit.write(EntryKind::Request, "Deploy", all.clone(), Decision::Allow, "ok")?;
+    audit.write(
+        EntryKind::Request,
+        "Deploy",
+        all.clone(),
+        Decision::Allow,
+        "ok",
+    )?;
     d.verifier.accept_release(&m);
 
     // 3. Waves.
@@ -303,7 +331,12 @@ pub fn deploy<T: DeployTarget>(
     for (wave_no, size) in sizes.iter().enumerate() {
         let wave = wave_no + 1;
         let end = start + size;
-        let names: Vec<String> = hosts.iter().skip(start).take(*size).map(|h| h.name().to_string()).collect();
+        let names: Vec<String> = hosts
+            .iter()
+            .skip(start)
+            .take(*size)
+            .map(|h| h.name().to_string())
+            .collect();
         audit.write(
             EntryKind::Outcome,
             &format!("DeployWave{wave}"),
@@ -317,12 +350,24 @@ pub fn deploy<T: DeployTarget>(
             let result = update_one(h, release, source, &m, d.verifier);
             match result {
                 Ok(()) => {
-                    audit.write(EntryKind::Outcome, "DeployHost", host_res(h.name()), Decision::None, "ok")?;
+                    audit.write(
+                        EntryKind::Outcome,
+                        "DeployHost",
+                        host_res(h.name()),
+                        Decision::None,
+                        "ok",
+                    )?;
                 }
                 Err(code) => {
                     let failed = h.name().to_string();
                     tracing::error!(wave, host = %failed, code = %code, "wave failed; rolling back");
-                    audit.write(EntryKind::Alert, "DeployHost", host_res(&failed), Decision::None, &code)?;
+                    audit.write(
+                        EntryKind::Alert,
+                        "DeployHost",
+                        host_res(&failed),
+                        Decision::None,
+                        &code,
+                    )?;
                     let rolled = rollback(hosts, &prev, i + 1, &audit)?;
                     d.verifier.retire_release(&m);
                     audit.write(
@@ -332,7 +377,13 @@ pub fn deploy<T: DeployTarget>(
                         Decision::None,
                         &format!("rolled_back_wave_{wave}"),
                     )?;
-                    return Err(DeployError::WaveFailed { wave, host: failed, code, rolled_back: rolled }.into());
+                    return Err(DeployError::WaveFailed {
+                        wave,
+                        host: failed,
+                        code,
+                        rolled_back: rolled,
+                    }
+                    .into());
                 }
             }
         }
@@ -345,7 +396,12 @@ pub fn deploy<T: DeployTarget>(
         h.commit()?;
     }
     audit.write(EntryKind::Outcome, "Deploy", all, Decision::None, "ok")?;
-    Ok(DeployReport { deploy_id: audit.id, version: m.version, waves, elapsed: started.elapsed() })
+    Ok(DeployReport {
+        deploy_id: audit.id,
+        version: m.version,
+        waves,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// Update one host; `Err` carries the audit code of the failure.
@@ -367,14 +423,23 @@ fn update_one<T: DeployTarget>(
         RotError::Release(r) => r.code().to_string(),
         other => format!("install_failed: {other}"),
     })?;
-    h.stage(installed.version).map_err(|e| format!("stage_failed: {e}"))?;
+    h.stage(installed.version)
+        .map_err(|e| format!("stage_failed: {e}"))?;
     let health = h.boot();
     if !health.accepts_customer_work {
-        let code = health.reasons.first().map(|r| r.code()).unwrap_or("unhealthy");
+        let code = health
+            .reasons
+            .first()
+            .map(|r| r.code())
+            .unwrap_or("unhealthy");
         return Err(format!("health_{code}"));
     }
-    let nonce = verifier.challenge(h.name()).map_err(|e| format!("challenge_failed: {e}"))?;
-    let ev = h.attest(&nonce).map_err(|e| format!("attest_failed: {e}"))?;
+    let nonce = verifier
+        .challenge(h.name())
+        .map_err(|e| format!("challenge_failed: {e}"))?;
+    let ev = h
+        .attest(&nonce)
+        .map_err(|e| format!("attest_failed: {e}"))?;
     let ok = verifier.verify(&ev).map_err(|e| e.code().to_string())?;
     if ok.release_version != m.version {
         return Err("attest_wrong_release".into());
@@ -405,7 +470,11 @@ fn rollback<T: DeployTarget>(
             }
             Err(e) => format!("rollback_failed: {e}"),
         };
-        let kind = if code == "ok" { EntryKind::Outcome } else { EntryKind::Alert };
+        let kind = if code == "ok" {
+            EntryKind::Outcome
+        } else {
+            EntryKind::Alert
+        };
         audit.write(kind, "Rollback", host_res(h.name()), Decision::None, &code)?;
     }
     Ok(ok)

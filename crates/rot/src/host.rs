@@ -63,7 +63,9 @@ pub struct Host {
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Host").field("name", &self.cfg.name).finish_non_exhaustive()
+        f.debug_struct("Host")
+            .field("name", &self.cfg.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -71,7 +73,13 @@ impl Host {
     pub fn open(cfg: HostConfig, tcti: &str) -> Result<Self, RotError> {
         std::fs::create_dir_all(cfg.root.join("releases")).map_err(RotError::io(&cfg.root))?;
         let tpm = Tpm::open(tcti)?;
-        Ok(Host { cfg, tpm, key: None, log: None, health: None })
+        Ok(Host {
+            cfg,
+            tpm,
+            key: None,
+            log: None,
+            health: None,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -155,7 +163,11 @@ impl Host {
         for a in &m.artefacts {
             let dst = dir.join(&a.name);
             std::fs::copy(source.join(&a.name), &dst).map_err(RotError::io(&dst))?;
-            let mode = if a.kind == EventKind::Binary { 0o755 } else { 0o644 };
+            let mode = if a.kind == EventKind::Binary {
+                0o755
+            } else {
+                0o644
+            };
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))
                 .map_err(RotError::io(&dst))?;
@@ -170,11 +182,19 @@ impl Host {
     /// Provisioning ceremony: installs the first release, creates a fresh identity sealed to that
     /// release's expected PCR value, activates and commits it, and returns what the control plane
     /// enrols (AK, host public key, environment).
-    pub fn provision(&mut self, signed: &SignedRelease, source: &Path) -> Result<Enrollment, RotError> {
+    pub fn provision(
+        &mut self,
+        signed: &SignedRelease,
+        source: &Path,
+    ) -> Result<Enrollment, RotError> {
         let m = self.install(signed, source)?;
-        let (_key, sealed) = create_identity(&mut self.tpm, self.cfg.pcr, &m.expected_pcr_value()?)?;
+        let (_key, sealed) =
+            create_identity(&mut self.tpm, self.cfg.pcr, &m.expected_pcr_value()?)?;
         sealed.write(&self.identity_path(m.version))?;
-        self.set_state(&HostState { committed_version: m.version, active_version: Some(m.version) })?;
+        self.set_state(&HostState {
+            committed_version: m.version,
+            active_version: Some(m.version),
+        })?;
         let trust = serde_json::to_vec_pretty(&self.cfg.trust_root)
             .map_err(|_| RotError::Malformed("trust root"))?;
         write_private(&self.cfg.root.join("trust-root.json"), &trust)?;
@@ -193,7 +213,9 @@ impl Host {
         let raw = std::fs::read(&rel).map_err(RotError::io(&rel))?;
         let signed = SignedRelease::parse(&raw)?;
         let m = self.verify_installed(&signed)?;
-        let key = self.key.as_ref().ok_or(RotError::Malformed("host not healthy: no identity to re-seal"))?;
+        let key = self.key.as_ref().ok_or(RotError::Malformed(
+            "host not healthy: no identity to re-seal",
+        ))?;
         let sealed = seal_identity(&mut self.tpm, key, self.cfg.pcr, &m.expected_pcr_value()?)?;
         sealed.write(&self.identity_path(version))?;
         let mut s = self.state()?;
@@ -263,24 +285,37 @@ impl Host {
     }
 
     fn boot_inner(&mut self, h: &mut HostHealth) -> Result<(), HealthReason> {
-        let state = self.state().map_err(|e| HealthReason::MeasuredStartFailed { detail: e.to_string() })?;
+        let state = self
+            .state()
+            .map_err(|e| HealthReason::MeasuredStartFailed {
+                detail: e.to_string(),
+            })?;
         let version = state.active_version.ok_or(HealthReason::NotProvisioned)?;
         h.release_version = Some(version);
         let dir = self.release_dir(version);
-        let raw = std::fs::read(dir.join("release.json"))
-            .map_err(|e| HealthReason::ReleaseRejected { detail: e.to_string() })?;
-        let signed = SignedRelease::parse(&raw)
-            .map_err(|e| HealthReason::ReleaseRejected { detail: e.to_string() })?;
+        let raw =
+            std::fs::read(dir.join("release.json")).map_err(|e| HealthReason::ReleaseRejected {
+                detail: e.to_string(),
+            })?;
+        let signed = SignedRelease::parse(&raw).map_err(|e| HealthReason::ReleaseRejected {
+            detail: e.to_string(),
+        })?;
         let m = self
             .verify_installed(&signed)
-            .map_err(|e| HealthReason::ReleaseRejected { detail: e.to_string() })?;
+            .map_err(|e| HealthReason::ReleaseRejected {
+                detail: e.to_string(),
+            })?;
         // Measure exactly what will run. A mismatch is reported (an alert: someone or something
         // changed a file), and the measurement still happens so the PCR shows it.
         let artefact_err = m.check_artefacts(&dir).err();
         let items: Vec<Measured> = m
             .artefacts
             .iter()
-            .map(|a| Measured { kind: a.kind, name: a.name.clone(), path: dir.join(&a.name) })
+            .map(|a| Measured {
+                kind: a.kind,
+                name: a.name.clone(),
+                path: dir.join(&a.name),
+            })
             .collect();
         let (log, value) = measured_start(
             &mut self.tpm,
@@ -289,7 +324,9 @@ impl Host {
             &items,
             self.cfg.dev_reset_pcr,
         )
-        .map_err(|e| HealthReason::MeasuredStartFailed { detail: e.to_string() })?;
+        .map_err(|e| HealthReason::MeasuredStartFailed {
+            detail: e.to_string(),
+        })?;
         let log_path = self.cfg.root.join("eventlog.jsonl");
         if let Ok(text) = log.to_jsonl() {
             if let Err(e) = std::fs::write(&log_path, text) {
@@ -300,24 +337,32 @@ impl Host {
         h.pcr_value = Some(hex::encode(value));
         if let Some(e) = artefact_err {
             tracing::error!(host = %self.cfg.name, error = %e, "ALERT: installed artefact differs from the signed release; not starting it");
-            h.reasons.push(HealthReason::ArtefactMismatch { detail: e.to_string() });
+            h.reasons.push(HealthReason::ArtefactMismatch {
+                detail: e.to_string(),
+            });
         }
         let sealed = SealedIdentity::read(&self.identity_path(version))
             .map_err(|_| HealthReason::NotProvisioned)?;
         match unseal_identity(&mut self.tpm, &sealed) {
             Ok(k) => self.key = Some(k),
             Err(e) => {
-                h.reasons.push(HealthReason::UnsealFailed { detail: e.to_string() });
+                h.reasons.push(HealthReason::UnsealFailed {
+                    detail: e.to_string(),
+                });
             }
         }
         let expected = m.expected_pcr.clone();
         if expected != hex::encode(value) {
-            h.reasons.push(HealthReason::MeasurementMismatch { expected, actual: hex::encode(value) });
+            h.reasons.push(HealthReason::MeasurementMismatch {
+                expected,
+                actual: hex::encode(value),
+            });
         }
         if h.reasons.is_empty() {
             for a in m.artefacts.iter().filter(|a| a.kind == EventKind::Binary) {
-                self_test(&dir.join(&a.name))
-                    .map_err(|detail| HealthReason::ServiceUnhealthy { detail: format!("{}: {detail}", a.name) })?;
+                self_test(&dir.join(&a.name)).map_err(|detail| HealthReason::ServiceUnhealthy {
+                    detail: format!("{}: {detail}", a.name),
+                })?;
             }
         }
         Ok(())
@@ -330,18 +375,31 @@ impl Host {
     /// component is measured and extended as a `live-update` event, and the live identity must
     /// unseal. The hand-over of the running instances to the new binary is the hypervisor's
     /// (a later issue); this is the measurement and identity side of it.
-    pub fn live_update(&mut self, signed: &SignedRelease, source: &Path) -> Result<Manifest, RotError> {
+    pub fn live_update(
+        &mut self,
+        signed: &SignedRelease,
+        source: &Path,
+    ) -> Result<Manifest, RotError> {
         let m = self.install(signed, source)?;
-        let lu = m.live_update.clone().ok_or(RotError::Malformed("release is not a live update"))?;
+        let lu = m
+            .live_update
+            .clone()
+            .ok_or(RotError::Malformed("release is not a live update"))?;
         let active = self.state()?.active_version;
         if active != Some(lu.base_version) {
-            return Err(RotError::Malformed("live update's base release is not the running release"));
+            return Err(RotError::Malformed(
+                "live update's base release is not the running release",
+            ));
         }
         let current = self.tpm.pcr_read(self.cfg.pcr)?;
         if hex::encode(current) != lu.base_expected_pcr {
-            return Err(RotError::Malformed("PCR is not at the live update's base value"));
+            return Err(RotError::Malformed(
+                "PCR is not at the live update's base value",
+            ));
         }
-        let key = self.key.as_ref().ok_or(RotError::Malformed("host not healthy: no identity to re-seal"))?;
+        let key = self.key.as_ref().ok_or(RotError::Malformed(
+            "host not healthy: no identity to re-seal",
+        ))?;
         let cold = seal_identity(&mut self.tpm, key, self.cfg.pcr, &m.expected_pcr_value()?)?;
         let after = crate::measure::parse_sha384(&lu.expected_pcr_after)?;
         let live = seal_identity(&mut self.tpm, key, self.cfg.pcr, &after)?;
@@ -368,10 +426,17 @@ impl Host {
     /// Answers a verifier's challenge: a quote over the measurement PCR with `nonce`, plus the
     /// event log of the last measured start.
     pub fn attest(&mut self, nonce: &[u8]) -> Result<Evidence, RotError> {
-        let log = self.log.as_ref().ok_or(RotError::Malformed("no measured start yet"))?;
+        let log = self
+            .log
+            .as_ref()
+            .ok_or(RotError::Malformed("no measured start yet"))?;
         let event_log = log.to_jsonl()?;
         let quote = self.tpm.quote(self.cfg.pcr, nonce)?;
-        Ok(Evidence { host: self.cfg.name.clone(), quote, event_log })
+        Ok(Evidence {
+            host: self.cfg.name.clone(),
+            quote,
+            event_log,
+        })
     }
 
     /// Re-provisioning: clears the TPM owner hierarchy (new seeds: new SRK and AK, every old

@@ -24,7 +24,8 @@ pub struct SealedIdentity {
 
 impl SealedIdentity {
     pub fn host_public(&self) -> Result<HostPublicKey, RotError> {
-        let raw = hex::decode(&self.host_public).map_err(|_| RotError::Malformed("host public key"))?;
+        let raw =
+            hex::decode(&self.host_public).map_err(|_| RotError::Malformed("host public key"))?;
         Ok(HostPublicKey::from_file_bytes(&raw)?)
     }
 
@@ -34,7 +35,8 @@ impl SealedIdentity {
     }
 
     pub fn write(&self, path: &Path) -> Result<(), RotError> {
-        let text = serde_json::to_vec_pretty(self).map_err(|_| RotError::Malformed("sealed identity"))?;
+        let text =
+            serde_json::to_vec_pretty(self).map_err(|_| RotError::Malformed("sealed identity"))?;
         write_private(path, &text)
     }
 }
@@ -76,7 +78,10 @@ pub fn seal_identity(
 ) -> Result<SealedIdentity, RotError> {
     let file = key.to_file_bytes()?;
     let blob = tpm.seal(pcr, value, file.as_ref())?;
-    Ok(SealedIdentity { blob, host_public: hex::encode(key.public().to_file_bytes()) })
+    Ok(SealedIdentity {
+        blob,
+        host_public: hex::encode(key.public().to_file_bytes()),
+    })
 }
 
 /// Unseals the host key. Fails with [`RotError::UnsealRefused`] if the PCR differs.
@@ -84,7 +89,9 @@ pub fn unseal_identity(tpm: &mut Tpm, sealed: &SealedIdentity) -> Result<HostKey
     let raw = tpm.unseal(&sealed.blob)?;
     let key = HostKey::from_file_bytes(&raw)?;
     if key.public() != &sealed.host_public()? {
-        return Err(RotError::Malformed("unsealed key does not match its public half"));
+        return Err(RotError::Malformed(
+            "unsealed key does not match its public half",
+        ));
     }
     Ok(key)
 }
@@ -140,7 +147,10 @@ impl HostHealth {
     /// One line for logs and CLI output.
     pub fn summary(&self) -> String {
         if self.accepts_customer_work {
-            format!("{}: healthy (release {:?})", self.host, self.release_version)
+            format!(
+                "{}: healthy (release {:?})",
+                self.host, self.release_version
+            )
         } else {
             let why: Vec<String> = self
                 .reasons
@@ -151,7 +161,9 @@ impl HostHealth {
                     | HealthReason::ArtefactMismatch { detail }
                     | HealthReason::MeasuredStartFailed { detail }
                     | HealthReason::UnsealFailed { detail }
-                    | HealthReason::ServiceUnhealthy { detail } => format!("{}: {detail}", r.code()),
+                    | HealthReason::ServiceUnhealthy { detail } => {
+                        format!("{}: {detail}", r.code())
+                    }
                     HealthReason::MeasurementMismatch { expected, actual } => {
                         format!("{}: expected {expected}, got {actual}", r.code())
                     }

@@ -82,7 +82,10 @@ impl RotError {
     }
 
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> RotError + '_ {
-        move |source| RotError::Io { path: path.to_path_buf(), source }
+        move |source| RotError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 

@@ -55,11 +55,14 @@ impl Environment {
     pub fn parse(s: &str) -> Result<Self, RotError> {
         let ok = !s.is_empty()
             && s.len() <= 32
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if ok {
             Ok(Environment(s.to_string()))
         } else {
-            Err(RotError::Malformed("environment name (want 1-32 of a-z0-9-)"))
+            Err(RotError::Malformed(
+                "environment name (want 1-32 of a-z0-9-)",
+            ))
         }
     }
 
@@ -100,7 +103,8 @@ pub fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= MAX_NAME_LEN
         && !n.starts_with('.')
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
 /// One extension of the PCR.
@@ -158,7 +162,10 @@ pub struct EventLog {
 impl EventLog {
     /// A log that starts with the environment event.
     pub fn new(pcr: MeasurePcr, env: &Environment) -> Self {
-        let mut log = EventLog { pcr, events: Vec::new() };
+        let mut log = EventLog {
+            pcr,
+            events: Vec::new(),
+        };
         log.push_digest(EventKind::Environment, env.as_str(), &env.digest());
         log
     }
@@ -231,7 +238,11 @@ impl EventLog {
             }
             let want = u64::try_from(events.len()).unwrap_or(u64::MAX);
             if e.seq != want {
-                return Err(EventLogError::BadSequence { line: lineno, got: e.seq, want });
+                return Err(EventLogError::BadSequence {
+                    line: lineno,
+                    got: e.seq,
+                    want,
+                });
             }
             let p = *pcr.get_or_insert(e.pcr);
             if e.pcr != p {
@@ -249,12 +260,21 @@ impl EventLog {
         }
         let env = Environment::parse(&first.name).map_err(|_| EventLogError::NoEnvironment)?;
         if first.sha384 != hex::encode(env.digest()) {
-            return Err(EventLogError::EnvironmentDigest { name: first.name.clone() });
+            return Err(EventLogError::EnvironmentDigest {
+                name: first.name.clone(),
+            });
         }
-        if events.iter().skip(1).any(|e| e.kind == EventKind::Environment) {
+        if events
+            .iter()
+            .skip(1)
+            .any(|e| e.kind == EventKind::Environment)
+        {
             return Err(EventLogError::NoEnvironment);
         }
-        Ok(EventLog { pcr: pcr.unwrap_or(MeasurePcr::DEV), events })
+        Ok(EventLog {
+            pcr: pcr.unwrap_or(MeasurePcr::DEV),
+            events,
+        })
     }
 }
 
@@ -269,11 +289,17 @@ pub struct Measured {
 /// SHA-384 of a file's bytes, streamed.
 pub fn sha384_file(path: &Path) -> Result<Sha384Digest, RotError> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| RotError::Io { path: path.into(), source: e })?;
+    let mut f = std::fs::File::open(path).map_err(|e| RotError::Io {
+        path: path.into(),
+        source: e,
+    })?;
     let mut h = Sha384::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = f.read(&mut buf).map_err(|e| RotError::Io { path: path.into(), source: e })?;
+        let n = f.read(&mut buf).map_err(|e| RotError::Io {
+            path: path.into(),
+            source: e,
+        })?;
         if n == 0 {
             break;
         }
@@ -354,7 +380,10 @@ mod tests {
             Err(EventLogError::BadEvent { line: 1 })
         ));
         let long = "x".repeat(MAX_EVENT_LINE + 1);
-        assert!(matches!(EventLog::parse(&long), Err(EventLogError::LineTooLong { .. })));
+        assert!(matches!(
+            EventLog::parse(&long),
+            Err(EventLogError::LineTooLong { .. })
+        ));
         assert!(Environment::parse("Prod").is_err());
         assert!(!valid_name("../etc"));
     }

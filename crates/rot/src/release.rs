@@ -47,20 +47,28 @@ pub enum ReleaseError {
     Malformed,
     #[error("release is unsigned")]
     Unsigned,
-    #[error("release has {valid} valid signature(s) from distinct release keys; {threshold} required")]
+    #[error(
+        "release has {valid} valid signature(s) from distinct release keys; {threshold} required"
+    )]
     TooFewSignatures { valid: usize, threshold: usize },
     #[error("release manifest is malformed: {0}")]
     BadManifest(&'static str),
     #[error("release expired at {expires} (now {now})")]
     Expired { expires: u64, now: u64 },
-    #[error("release version {version} is lower than the running version {current} (rollback refused)")]
+    #[error(
+        "release version {version} is lower than the running version {current} (rollback refused)"
+    )]
     Rollback { version: u64, current: u64 },
     #[error("release is for environment {release}, this is {here}")]
     WrongEnvironment { release: String, here: String },
     #[error("release states PCR value {stated}, its artefacts produce {computed}")]
     InconsistentPcr { stated: String, computed: String },
     #[error("artefact {name}: digest {got} differs from the manifest's {want}")]
-    ArtefactDigestMismatch { name: String, want: String, got: String },
+    ArtefactDigestMismatch {
+        name: String,
+        want: String,
+        got: String,
+    },
     #[error("artefact {name} is missing")]
     ArtefactMissing { name: String },
 }
@@ -141,7 +149,12 @@ impl Manifest {
                 .ok_or(RotError::Malformed("artefact file name"))?
                 .to_string();
             let size = std::fs::metadata(path).map_err(RotError::io(path))?.len();
-            artefacts.push(Artefact { name, kind: *kind, size, sha384: hex::encode(sha384_file(path)?) });
+            artefacts.push(Artefact {
+                name,
+                kind: *kind,
+                size,
+                sha384: hex::encode(sha384_file(path)?),
+            });
         }
         let mut m = Manifest {
             schema: MANIFEST_SCHEMA,
@@ -161,7 +174,8 @@ impl Manifest {
     pub fn computed_pcr(&self) -> Result<Sha384Digest, ReleaseError> {
         let mut pcr = extend(&[0u8; 48], &self.environment.digest());
         for a in &self.artefacts {
-            let d = parse_sha384(&a.sha384).map_err(|_| ReleaseError::BadManifest("artefact digest"))?;
+            let d = parse_sha384(&a.sha384)
+                .map_err(|_| ReleaseError::BadManifest("artefact digest"))?;
             pcr = extend(&pcr, &d);
         }
         Ok(pcr)
@@ -172,13 +186,16 @@ impl Manifest {
     }
 
     /// Turns this manifest into a live update of `component` over `base`.
-    pub fn make_live_update(&mut self, base: &Manifest, component: &str) -> Result<(), ReleaseError> {
-        let art = self
-            .artefacts
-            .iter()
-            .find(|a| a.name == component)
-            .ok_or(ReleaseError::BadManifest("live-update component not in artefacts"))?;
-        let d = parse_sha384(&art.sha384).map_err(|_| ReleaseError::BadManifest("artefact digest"))?;
+    pub fn make_live_update(
+        &mut self,
+        base: &Manifest,
+        component: &str,
+    ) -> Result<(), ReleaseError> {
+        let art = self.artefacts.iter().find(|a| a.name == component).ok_or(
+            ReleaseError::BadManifest("live-update component not in artefacts"),
+        )?;
+        let d =
+            parse_sha384(&art.sha384).map_err(|_| ReleaseError::BadManifest("artefact digest"))?;
         let after = extend(&base.expected_pcr_value()?, &d);
         self.live_update = Some(LiveUpdate {
             base_version: base.version,
@@ -220,7 +237,8 @@ impl Manifest {
                 .ok_or(ReleaseError::BadManifest("live-update component"))?;
             let base = parse_sha384(&lu.base_expected_pcr)
                 .map_err(|_| ReleaseError::BadManifest("live-update base pcr"))?;
-            let d = parse_sha384(&art.sha384).map_err(|_| ReleaseError::BadManifest("artefact digest"))?;
+            let d = parse_sha384(&art.sha384)
+                .map_err(|_| ReleaseError::BadManifest("artefact digest"))?;
             if hex::encode(extend(&base, &d)) != lu.expected_pcr_after {
                 return Err(ReleaseError::InconsistentPcr {
                     stated: lu.expected_pcr_after.clone(),
@@ -237,7 +255,11 @@ impl Manifest {
             let path = dir.join(&a.name);
             let got = match sha384_file(&path) {
                 Ok(d) => hex::encode(d),
-                Err(_) => return Err(ReleaseError::ArtefactMissing { name: a.name.clone() }),
+                Err(_) => {
+                    return Err(ReleaseError::ArtefactMissing {
+                        name: a.name.clone(),
+                    })
+                }
             };
             if got != a.sha384 {
                 return Err(ReleaseError::ArtefactDigestMismatch {
@@ -272,7 +294,8 @@ pub struct SignedRelease {
 impl SignedRelease {
     pub fn new(m: &Manifest) -> Result<Self, RotError> {
         Ok(SignedRelease {
-            manifest: serde_json::to_string_pretty(m).map_err(|_| RotError::Malformed("manifest"))?,
+            manifest: serde_json::to_string_pretty(m)
+                .map_err(|_| RotError::Malformed("manifest"))?,
             signatures: Vec::new(),
         })
     }
@@ -284,7 +307,10 @@ impl SignedRelease {
         let sig = key.key.sign(&msg);
         let key_id = key.public().key_id;
         self.signatures.retain(|s| s.key_id != key_id);
-        self.signatures.push(ReleaseSignature { key_id, sig: hex::encode(sig.to_bytes()) });
+        self.signatures.push(ReleaseSignature {
+            key_id,
+            sig: hex::encode(sig.to_bytes()),
+        });
     }
 
     pub fn parse(raw: &[u8]) -> Result<Self, ReleaseError> {
@@ -329,13 +355,18 @@ impl ReleaseKey {
     pub fn generate() -> Result<Self, RotError> {
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
         bulkhead_sealing::fill_random(seed.as_mut())?;
-        Ok(ReleaseKey { key: SigningKey::from_bytes(&seed) })
+        Ok(ReleaseKey {
+            key: SigningKey::from_bytes(&seed),
+        })
     }
 
     pub fn public(&self) -> ReleasePublicKey {
         let pk = self.key.verifying_key().to_bytes();
         let id = Sha256::digest(pk);
-        ReleasePublicKey { key_id: hex::encode(id.get(..8).unwrap_or(&[])), public: hex::encode(pk) }
+        ReleasePublicKey {
+            key_id: hex::encode(id.get(..8).unwrap_or(&[])),
+            public: hex::encode(pk),
+        }
     }
 
     /// Secret file text: hex of the 32-byte seed (written 0600 by the caller).
@@ -347,9 +378,14 @@ impl ReleaseKey {
         let raw = zeroize::Zeroizing::new(
             hex::decode(text.trim()).map_err(|_| RotError::Malformed("release key"))?,
         );
-        let seed: [u8; 32] = raw.as_slice().try_into().map_err(|_| RotError::Malformed("release key"))?;
+        let seed: [u8; 32] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| RotError::Malformed("release key"))?;
         let seed = zeroize::Zeroizing::new(seed);
-        Ok(ReleaseKey { key: SigningKey::from_bytes(&seed) })
+        Ok(ReleaseKey {
+            key: SigningKey::from_bytes(&seed),
+        })
     }
 }
 
@@ -387,9 +423,15 @@ impl TrustRoot {
         msg.extend_from_slice(r.manifest.as_bytes());
         let mut seen = HashSet::new();
         for s in r.signatures.iter().take(MAX_SIGNATURES) {
-            let Some(vk) = self.verifying_key(&s.key_id) else { continue };
-            let Ok(raw) = hex::decode(&s.sig) else { continue };
-            let Ok(sig) = ed25519_dalek::Signature::from_slice(&raw) else { continue };
+            let Some(vk) = self.verifying_key(&s.key_id) else {
+                continue;
+            };
+            let Ok(raw) = hex::decode(&s.sig) else {
+                continue;
+            };
+            let Ok(sig) = ed25519_dalek::Signature::from_slice(&raw) else {
+                continue;
+            };
             if vk.verify_strict(&msg, &sig).is_ok() {
                 seen.insert(s.key_id.as_str());
             }
@@ -416,12 +458,18 @@ pub fn verify_release(r: &SignedRelease, p: &ReleasePolicy<'_>) -> Result<Manife
     }
     let valid = p.root.count_valid(r);
     if valid < p.root.threshold {
-        return Err(ReleaseError::TooFewSignatures { valid, threshold: p.root.threshold });
+        return Err(ReleaseError::TooFewSignatures {
+            valid,
+            threshold: p.root.threshold,
+        });
     }
     let m: Manifest =
         serde_json::from_str(&r.manifest).map_err(|_| ReleaseError::BadManifest("json"))?;
     if m.expires <= p.now {
-        return Err(ReleaseError::Expired { expires: m.expires, now: p.now });
+        return Err(ReleaseError::Expired {
+            expires: m.expires,
+            now: p.now,
+        });
     }
     if &m.environment != p.environment {
         return Err(ReleaseError::WrongEnvironment {
@@ -430,7 +478,10 @@ pub fn verify_release(r: &SignedRelease, p: &ReleasePolicy<'_>) -> Result<Manife
         });
     }
     if m.version < p.current_version {
-        return Err(ReleaseError::Rollback { version: m.version, current: p.current_version });
+        return Err(ReleaseError::Rollback {
+            version: m.version,
+            current: p.current_version,
+        });
     }
     m.check_shape()?;
     Ok(m)
@@ -464,19 +515,33 @@ mod tests {
     fn threshold_expiry_rollback() {
         let (keys, root, dir, m) = setup();
         let env = Environment::parse("staging").unwrap();
-        let pol = ReleasePolicy { root: &root, environment: &env, current_version: 5, now: crate::unix_now() };
+        let pol = ReleasePolicy {
+            root: &root,
+            environment: &env,
+            current_version: 5,
+            now: crate::unix_now(),
+        };
         let mut r = SignedRelease::new(&m).unwrap();
         assert_eq!(verify_release(&r, &pol), Err(ReleaseError::Unsigned));
         r.sign(&keys[0]);
         r.sign(&keys[0]);
         assert_eq!(
             verify_release(&r, &pol),
-            Err(ReleaseError::TooFewSignatures { valid: 1, threshold: 2 })
+            Err(ReleaseError::TooFewSignatures {
+                valid: 1,
+                threshold: 2
+            })
         );
         // A duplicated signature entry from the same key still counts once.
         let dup = r.signatures[0].clone();
-        r.signatures.push(ReleaseSignature { key_id: dup.key_id.clone(), sig: dup.sig.clone() });
-        assert!(matches!(verify_release(&r, &pol), Err(ReleaseError::TooFewSignatures { valid: 1, .. })));
+        r.signatures.push(ReleaseSignature {
+            key_id: dup.key_id.clone(),
+            sig: dup.sig.clone(),
+        });
+        assert!(matches!(
+            verify_release(&r, &pol),
+            Err(ReleaseError::TooFewSignatures { valid: 1, .. })
+        ));
         r.sign(&keys[2]);
         let got = verify_release(&r, &pol).unwrap();
         assert_eq!(got, m);
@@ -486,19 +551,40 @@ mod tests {
             got.check_artefacts(dir.path()),
             Err(ReleaseError::ArtefactDigestMismatch { .. })
         ));
-        let newer = ReleasePolicy { current_version: 6, ..pol };
+        let newer = ReleasePolicy {
+            current_version: 6,
+            ..pol
+        };
         assert_eq!(
             verify_release(&r, &newer),
-            Err(ReleaseError::Rollback { version: 5, current: 6 })
+            Err(ReleaseError::Rollback {
+                version: 5,
+                current: 6
+            })
         );
-        let later = ReleasePolicy { now: m.expires, ..pol };
-        assert!(matches!(verify_release(&r, &later), Err(ReleaseError::Expired { .. })));
+        let later = ReleasePolicy {
+            now: m.expires,
+            ..pol
+        };
+        assert!(matches!(
+            verify_release(&r, &later),
+            Err(ReleaseError::Expired { .. })
+        ));
         let prod = Environment::parse("production").unwrap();
-        let p2 = ReleasePolicy { environment: &prod, ..pol };
-        assert!(matches!(verify_release(&r, &p2), Err(ReleaseError::WrongEnvironment { .. })));
+        let p2 = ReleasePolicy {
+            environment: &prod,
+            ..pol
+        };
+        assert!(matches!(
+            verify_release(&r, &p2),
+            Err(ReleaseError::WrongEnvironment { .. })
+        ));
         // Tampering with the signed text breaks every signature.
         r.manifest = r.manifest.replace("\"version\": 5", "\"version\": 7");
-        assert!(matches!(verify_release(&r, &pol), Err(ReleaseError::TooFewSignatures { valid: 0, .. })));
+        assert!(matches!(
+            verify_release(&r, &pol),
+            Err(ReleaseError::TooFewSignatures { valid: 0, .. })
+        ));
     }
 
     #[test]
@@ -519,7 +605,10 @@ mod tests {
         let lu = m.live_update.clone().unwrap();
         assert_eq!(
             lu.expected_pcr_after,
-            hex::encode(extend(&base.expected_pcr_value().unwrap(), &sha384_file(&hv).unwrap()))
+            hex::encode(extend(
+                &base.expected_pcr_value().unwrap(),
+                &sha384_file(&hv).unwrap()
+            ))
         );
     }
 }

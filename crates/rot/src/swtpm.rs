@@ -88,7 +88,9 @@ impl Swtpm {
         let mut last_err = None;
         for _ in 0..20 {
             let port = pick_port_pair()?;
-            let ctrl = port.checked_add(1).ok_or(RotError::SwtpmStart("port overflow"))?;
+            let ctrl = port
+                .checked_add(1)
+                .ok_or(RotError::SwtpmStart("port overflow"))?;
             let log = state.path().join("swtpm.log");
             let stderr = std::fs::File::create(&log).map_err(RotError::Swtpm)?;
             let mut child = Command::new(&bin)
@@ -168,7 +170,9 @@ fn wait_listening(child: &mut Child, port: u16) -> Result<(), RotError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
-            return Err(RotError::SwtpmStart("swtpm exited during start (port taken?)"));
+            return Err(RotError::SwtpmStart(
+                "swtpm exited during start (port taken?)",
+            ));
         }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
             return Ok(());

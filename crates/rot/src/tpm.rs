@@ -24,10 +24,10 @@ use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::PolicySession;
 use tss_esapi::structures::{
-    Attest, Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme,
-    KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Private, Public,
-    PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData,
-    Signature, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
+    Attest, Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme,
+    KeyDerivationFunctionScheme, KeyedHashScheme, PcrSelectionList, PcrSelectionListBuilder,
+    PcrSlot, Private, Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters,
+    SensitiveData, Signature, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -74,14 +74,34 @@ impl MeasurePcr {
 
     fn handle(self) -> PcrHandle {
         const H: [PcrHandle; 24] = [
-            PcrHandle::Pcr0, PcrHandle::Pcr1, PcrHandle::Pcr2, PcrHandle::Pcr3,
-            PcrHandle::Pcr4, PcrHandle::Pcr5, PcrHandle::Pcr6, PcrHandle::Pcr7,
-            PcrHandle::Pcr8, PcrHandle::Pcr9, PcrHandle::Pcr10, PcrHandle::Pcr11,
-            PcrHandle::Pcr12, PcrHandle::Pcr13, PcrHandle::Pcr14, PcrHandle::Pcr15,
-            PcrHandle::Pcr16, PcrHandle::Pcr17, PcrHandle::Pcr18, PcrHandle::Pcr19,
-            PcrHandle::Pcr20, PcrHandle::Pcr21, PcrHandle::Pcr22, PcrHandle::Pcr23,
+            PcrHandle::Pcr0,
+            PcrHandle::Pcr1,
+            PcrHandle::Pcr2,
+            PcrHandle::Pcr3,
+            PcrHandle::Pcr4,
+            PcrHandle::Pcr5,
+            PcrHandle::Pcr6,
+            PcrHandle::Pcr7,
+            PcrHandle::Pcr8,
+            PcrHandle::Pcr9,
+            PcrHandle::Pcr10,
+            PcrHandle::Pcr11,
+            PcrHandle::Pcr12,
+            PcrHandle::Pcr13,
+            PcrHandle::Pcr14,
+            PcrHandle::Pcr15,
+            PcrHandle::Pcr16,
+            PcrHandle::Pcr17,
+            PcrHandle::Pcr18,
+            PcrHandle::Pcr19,
+            PcrHandle::Pcr20,
+            PcrHandle::Pcr21,
+            PcrHandle::Pcr22,
+            PcrHandle::Pcr23,
         ];
-        H.get(usize::from(self.0)).copied().unwrap_or(PcrHandle::Pcr23)
+        H.get(usize::from(self.0))
+            .copied()
+            .unwrap_or(PcrHandle::Pcr23)
     }
 
     /// `PCR_SELECTION` for this PCR in the SHA-384 bank.
@@ -207,7 +227,10 @@ impl Tpm {
     /// Reads one PCR of the SHA-384 bank.
     pub fn pcr_read(&mut self, pcr: MeasurePcr) -> Result<Sha384Digest, RotError> {
         let (_, _, digests) = self.ctx.pcr_read(pcr.selection()?).map_err(RotError::Tpm)?;
-        let d = digests.value().first().ok_or(RotError::Malformed("empty PCR read"))?;
+        let d = digests
+            .value()
+            .first()
+            .ok_or(RotError::Malformed("empty PCR read"))?;
         Sha384Digest::try_from(d.value()).map_err(|_| RotError::Malformed("PCR value length"))
     }
 
@@ -362,7 +385,8 @@ impl Tpm {
     /// Unseals a [`SealedBlob`] under a `PolicyPCR` session. Fails (with the TPM's policy error)
     /// if the PCR does not hold the value it was sealed to.
     pub fn unseal(&mut self, blob: &SealedBlob) -> Result<zeroize::Zeroizing<Vec<u8>>, RotError> {
-        let public_raw = hex::decode(&blob.public).map_err(|_| RotError::Malformed("sealed public"))?;
+        let public_raw =
+            hex::decode(&blob.public).map_err(|_| RotError::Malformed("sealed public"))?;
         let private_raw =
             hex::decode(&blob.private).map_err(|_| RotError::Malformed("sealed private"))?;
         let public = Public::unmarshall(&public_raw).map_err(RotError::Tpm)?;

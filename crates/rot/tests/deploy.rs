@@ -39,7 +39,15 @@ fn fleet(n: usize, base_version: u64) -> Fleet {
     }
     let audit_dir = tempfile::tempdir().unwrap();
     let (audit, _) = AuditLog::open(&audit_dir.path().join("audit.log")).unwrap();
-    Fleet { k, v1, hosts, verifier, audit_dir, audit, tok: tokens() }
+    Fleet {
+        k,
+        v1,
+        hosts,
+        verifier,
+        audit_dir,
+        audit,
+        tok: tokens(),
+    }
 }
 
 impl Fleet {
@@ -54,7 +62,12 @@ impl Fleet {
         } else {
             (&self.tok.operator, self.tok.operator_token.as_str())
         };
-        let auth = DeployerAuth { token, identity, tokens: &self.tok.verifier, revoked: &self.tok.revoked };
+        let auth = DeployerAuth {
+            token,
+            identity,
+            tokens: &self.tok.verifier,
+            revoked: &self.tok.revoked,
+        };
         let mut d = Deployment {
             audit: &self.audit,
             root: &self.k.root,
@@ -92,14 +105,20 @@ fn bad_releases_and_deployers_are_refused_with_typed_errors_and_audited() {
 
     // Unsigned.
     let unsigned = v3.release(&f.k, 3, &staging, &[]);
-    assert_eq!(release_err(f.run(&unsigned, v3.path(), false)), ReleaseError::Unsigned);
+    assert_eq!(
+        release_err(f.run(&unsigned, v3.path(), false)),
+        ReleaseError::Unsigned
+    );
     assert_eq!(f.last_code(), ("Deploy".into(), "release_unsigned".into()));
 
     // One of three.
     let one = v3.release(&f.k, 3, &staging, &[2]);
     assert_eq!(
         release_err(f.run(&one, v3.path(), false)),
-        ReleaseError::TooFewSignatures { valid: 1, threshold: 2 }
+        ReleaseError::TooFewSignatures {
+            valid: 1,
+            threshold: 2
+        }
     );
     assert_eq!(f.last_code().1, "release_too_few_signatures");
 
@@ -112,22 +131,36 @@ fn bad_releases_and_deployers_are_refused_with_typed_errors_and_audited() {
     ));
 
     // Expired.
-    let old = sign(&v3.manifest(3, &staging, bulkhead_rot::unix_now() - 1), &f.k, &[0, 1]);
-    assert!(matches!(release_err(f.run(&old, v3.path(), false)), ReleaseError::Expired { .. }));
+    let old = sign(
+        &v3.manifest(3, &staging, bulkhead_rot::unix_now() - 1),
+        &f.k,
+        &[0, 1],
+    );
+    assert!(matches!(
+        release_err(f.run(&old, v3.path(), false)),
+        ReleaseError::Expired { .. }
+    ));
     assert_eq!(f.last_code().1, "release_expired");
 
     // Downgrade below the fleet's committed version (2).
     let down = v3.release(&f.k, 1, &staging, &[0, 1]);
     assert_eq!(
         release_err(f.run(&down, v3.path(), false)),
-        ReleaseError::Rollback { version: 1, current: 2 }
+        ReleaseError::Rollback {
+            version: 1,
+            current: 2
+        }
     );
     assert_eq!(f.last_code().1, "release_rollback");
 
     // Artefact differing from the manifest (a binary swapped after signing).
     let good = v3.release(&f.k, 3, &staging, &[0, 1]);
     let swapped = Artefacts::new("v3", 0);
-    std::fs::write(swapped.path().join("bulkhead-controller"), b"#!/bin/sh\necho pwned\n").unwrap();
+    std::fs::write(
+        swapped.path().join("bulkhead-controller"),
+        b"#!/bin/sh\necho pwned\n",
+    )
+    .unwrap();
     assert!(matches!(
         release_err(f.run(&good, swapped.path(), false)),
         ReleaseError::ArtefactDigestMismatch { ref name, .. } if name == "bulkhead-controller"
@@ -150,13 +183,19 @@ fn bad_releases_and_deployers_are_refused_with_typed_errors_and_audited() {
     }
     // The hosts refuse the same bad releases on their own too (double check).
     let h = &mut f.hosts[0];
-    assert!(matches!(h.install(&unsigned, v3.path()), Err(RotError::Release(ReleaseError::Unsigned))));
+    assert!(matches!(
+        h.install(&unsigned, v3.path()),
+        Err(RotError::Release(ReleaseError::Unsigned))
+    ));
     assert!(matches!(
         h.install(&down, v3.path()),
         Err(RotError::Release(ReleaseError::Rollback { .. }))
     ));
     assert_eq!(
-        audit_codes(&f.audit_path()).iter().filter(|(op, _)| op == "Deploy").count(),
+        audit_codes(&f.audit_path())
+            .iter()
+            .filter(|(op, _)| op == "Deploy")
+            .count(),
         7
     );
     bulkhead_audit::verify(&f.audit_path()).expect("audit chain intact");
@@ -164,7 +203,9 @@ fn bad_releases_and_deployers_are_refused_with_typed_errors_and_audited() {
 
 #[test]
 fn failed_wave_one_rolls_back_and_leaves_later_waves_untouched_then_good_release_rolls_out() {
-    if skip("failed_wave_one_rolls_back_and_leaves_later_waves_untouched_then_good_release_rolls_out") {
+    if skip(
+        "failed_wave_one_rolls_back_and_leaves_later_waves_untouched_then_good_release_rolls_out",
+    ) {
         return;
     }
     let mut f = fleet(5, 1);
@@ -173,7 +214,12 @@ fn failed_wave_one_rolls_back_and_leaves_later_waves_untouched_then_good_release
     let broken = Artefacts::new("v2-broken", 1);
     let rel2 = broken.release(&f.k, 2, &staging, &[0, 2]);
     match f.run(&rel2, broken.path(), false) {
-        Err(RotError::Deploy(DeployError::WaveFailed { wave, host, code, rolled_back })) => {
+        Err(RotError::Deploy(DeployError::WaveFailed {
+            wave,
+            host,
+            code,
+            rolled_back,
+        })) => {
             assert_eq!((wave, host.as_str(), rolled_back), (1, "host-0", 1));
             assert_eq!(code, "health_service_unhealthy");
         }
@@ -190,14 +236,20 @@ fn failed_wave_one_rolls_back_and_leaves_later_waves_untouched_then_good_release
     let codes = audit_codes(&f.audit_path());
     assert!(codes.contains(&("DeployHost".into(), "health_service_unhealthy".into())));
     assert!(codes.contains(&("Rollback".into(), "ok".into())));
-    assert_eq!(codes.last().unwrap(), &("Deploy".into(), "rolled_back_wave_1".into()));
+    assert_eq!(
+        codes.last().unwrap(),
+        &("Deploy".into(), "rolled_back_wave_1".into())
+    );
     assert!(!codes.iter().any(|(op, _)| op == "DeployWave2"));
 
     // A good release 3 goes through all three waves (1, 1, 3 hosts), attested after each.
     let good = Artefacts::new("v3", 0);
     let rel3 = good.release(&f.k, 3, &staging, &[1, 2]);
     let report = f.run(&rel3, good.path(), false).expect("deploy v3");
-    assert_eq!(report.waves.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 3]);
+    assert_eq!(
+        report.waves.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![1, 1, 3]
+    );
     for h in &f.hosts {
         assert_eq!(h.versions().unwrap(), (Some(3), 3));
         assert!(h.health().unwrap().accepts_customer_work);
@@ -205,6 +257,9 @@ fn failed_wave_one_rolls_back_and_leaves_later_waves_untouched_then_good_release
     // Old release 1 is now a downgrade for the whole fleet.
     let rel1 = f.v1.release(&f.k, 1, &staging, &[0, 1]);
     let v1_dir = f.v1.path().to_path_buf();
-    assert!(matches!(release_err(f.run(&rel1, &v1_dir, false)), ReleaseError::Rollback { .. }));
+    assert!(matches!(
+        release_err(f.run(&rel1, &v1_dir, false)),
+        ReleaseError::Rollback { .. }
+    ));
     bulkhead_audit::verify(&f.audit_path()).expect("audit chain intact");
 }

@@ -45,7 +45,10 @@ fn pcr_policy_and_extend_match_the_tpm() {
     // Sealed to a future value: refused now, unseals once the PCR gets there.
     let next = bulkhead_rot::tpm::extend(&want, &d);
     let blob2 = tpm.seal(pcr, &next, b"later").unwrap();
-    assert!(matches!(tpm.unseal(&blob2), Err(RotError::UnsealRefused(_))));
+    assert!(matches!(
+        tpm.unseal(&blob2),
+        Err(RotError::UnsealRefused(_))
+    ));
     tpm.pcr_extend(pcr, &d).unwrap();
     assert_eq!(tpm.unseal(&blob2).unwrap().as_slice(), b"later");
     assert!(matches!(tpm.unseal(&blob), Err(RotError::UnsealRefused(_))));
@@ -95,7 +98,10 @@ fn tampered_binary_unseal_fails_host_refuses_and_kms_refuses_keys() {
     let ev = h.attest(&nonce).unwrap();
     let err = release_volume_key(&mut v, &ev, "vol-1", &vk).unwrap_err();
     assert!(
-        matches!(err, RotError::Attest(AttestError::UnknownMeasurements { .. })),
+        matches!(
+            err,
+            RotError::Attest(AttestError::UnknownMeasurements { .. })
+        ),
         "{err}"
     );
 
@@ -124,7 +130,8 @@ fn replayed_quote_is_refused() {
     let ev3 = h.attest(&other).unwrap();
     assert_eq!(v.verify(&ev3), Err(AttestError::NonceUnknownOrReplayed));
     // An expired nonce.
-    let mut v2 = Verifier::new(env("staging"), MeasurePcr::DEV).with_nonce_ttl(std::time::Duration::ZERO);
+    let mut v2 =
+        Verifier::new(env("staging"), MeasurePcr::DEV).with_nonce_ttl(std::time::Duration::ZERO);
     v2.enroll(v.enrollment("host-a").unwrap().clone());
     let n = v2.challenge("host-a").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(5));
@@ -134,7 +141,13 @@ fn replayed_quote_is_refused() {
     let n = v.challenge("host-a").unwrap();
     let mut ev5 = h.attest(&n).unwrap();
     let log = EventLog::parse(&ev5.event_log).unwrap();
-    ev5.event_log = log.to_jsonl().unwrap().lines().take(2).collect::<Vec<_>>().join("\n");
+    ev5.event_log = log
+        .to_jsonl()
+        .unwrap()
+        .lines()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("\n");
     assert_eq!(v.verify(&ev5), Err(AttestError::LogDoesNotMatchQuote));
 }
 
@@ -149,17 +162,27 @@ fn quote_from_another_hosts_ak_is_refused() {
     let rel = art.release(&k, 1, &staging, &[1, 2]);
     let mut b = SimHost::new("host-b", &staging, &k.root);
     let enrol_b = b.provision(&rel, art.path()).unwrap();
-    assert_ne!(enrol_b.ak, v.enrollment("host-a").unwrap().ak, "distinct TPMs, distinct AKs");
+    assert_ne!(
+        enrol_b.ak,
+        v.enrollment("host-a").unwrap().ak,
+        "distinct TPMs, distinct AKs"
+    );
     v.enroll(enrol_b);
     assert!(b.boot().accepts_customer_work);
     // B answers a challenge issued to A, claiming to be A.
     let nonce = v.challenge("host-a").unwrap();
     let mut ev = b.attest(&nonce).unwrap();
     ev.host = "host-a".into();
-    assert_eq!(v.verify(&ev), Err(AttestError::BadSignature("host-a".into())));
+    assert_eq!(
+        v.verify(&ev),
+        Err(AttestError::BadSignature("host-a".into()))
+    );
     // A host nobody enrolled.
     ev.host = "host-z".into();
-    assert_eq!(v.verify(&ev), Err(AttestError::UnknownHost("host-z".into())));
+    assert_eq!(
+        v.verify(&ev),
+        Err(AttestError::UnknownHost("host-z".into()))
+    );
     // A tampered attest structure under a valid signature.
     let nonce = v.challenge("host-b").unwrap();
     let mut ev = b.attest(&nonce).unwrap();
@@ -167,7 +190,10 @@ fn quote_from_another_hosts_ak_is_refused() {
     let n = raw.len() - 1;
     raw[n] ^= 1;
     ev.quote.attest = hex::encode(raw);
-    assert_eq!(v.verify(&ev), Err(AttestError::BadSignature("host-b".into())));
+    assert_eq!(
+        v.verify(&ev),
+        Err(AttestError::BadSignature("host-b".into()))
+    );
 }
 
 #[test]
@@ -186,7 +212,10 @@ fn staging_identity_is_refused_in_production_and_reprovisioning_changes_the_ak()
     v.enroll(enrol.clone());
     let nonce = v.challenge("host-a").unwrap();
     let ev = h.attest(&nonce).unwrap();
-    assert!(matches!(v.verify(&ev), Err(AttestError::EnvironmentMismatch { .. })));
+    assert!(matches!(
+        v.verify(&ev),
+        Err(AttestError::EnvironmentMismatch { .. })
+    ));
 
     // Even with an enrolment record rewritten to say "production", the measured environment
     // (first event, bound into the quoted PCR) still says staging.
@@ -196,8 +225,13 @@ fn staging_identity_is_refused_in_production_and_reprovisioning_changes_the_ak()
     let nonce = v.challenge("host-a").unwrap();
     let ev = h.attest(&nonce).unwrap();
     match v.verify(&ev) {
-        Err(AttestError::EnvironmentMismatch { enrolled, verifier, .. }) => {
-            assert_eq!((enrolled.as_str(), verifier.as_str()), ("staging", "production"));
+        Err(AttestError::EnvironmentMismatch {
+            enrolled, verifier, ..
+        }) => {
+            assert_eq!(
+                (enrolled.as_str(), verifier.as_str()),
+                ("staging", "production")
+            );
         }
         other => panic!("want EnvironmentMismatch, got {other:?}"),
     }
@@ -215,7 +249,10 @@ fn staging_identity_is_refused_in_production_and_reprovisioning_changes_the_ak()
     assert_eq!(h2.reasons, vec![HealthReason::NotProvisioned]);
     let rel = art.release(&k, 1, &env("staging"), &[0, 1]);
     let re = h.provision(&rel, art.path()).unwrap();
-    assert_ne!(re.ak, enrol.ak, "re-provisioned host has a new attestation key");
+    assert_ne!(
+        re.ak, enrol.ak,
+        "re-provisioned host has a new attestation key"
+    );
     assert_ne!(re.host_public, enrol.host_public, "and a new host key");
     assert!(h.boot().accepts_customer_work);
 }
@@ -231,22 +268,39 @@ fn live_update_replaces_a_component_without_restart_and_attests() {
     // Release 2: the same set with a new "hypervisor" (here the block card binary), as a live
     // update of release 1.
     let new = Artefacts::new("v1", 0);
-    std::fs::write(new.path().join("bulkhead-blockcard"), "#!/bin/sh\n# live-updated build\nexit 0\n").unwrap();
+    std::fs::write(
+        new.path().join("bulkhead-blockcard"),
+        "#!/bin/sh\n# live-updated build\nexit 0\n",
+    )
+    .unwrap();
     let mut m2 = new.manifest(2, &staging, bulkhead_rot::unix_now() + 3600);
     m2.make_live_update(&base, "bulkhead-blockcard").unwrap();
     let rel2 = sign(&m2, &k, &[0, 2]);
     v.accept_release(&m2);
 
     h.live_update(&rel2, new.path()).expect("live update");
-    assert!(h.host_key().is_some(), "identity still available, nothing restarted");
+    assert!(
+        h.host_key().is_some(),
+        "identity still available, nothing restarted"
+    );
     let nonce = v.challenge("host-a").unwrap();
-    let ok = v.verify(&h.attest(&nonce).unwrap()).expect("attests after live update");
+    let ok = v
+        .verify(&h.attest(&nonce).unwrap())
+        .expect("attests after live update");
     assert_eq!(ok.release_version, 2);
-    assert_eq!(ok.pcr_value, m2.live_update.as_ref().unwrap().expected_pcr_after);
+    assert_eq!(
+        ok.pcr_value,
+        m2.live_update.as_ref().unwrap().expected_pcr_after
+    );
     // The next cold start measures the new set and unseals the cold-boot identity.
     let health = h.boot();
     assert!(health.accepts_customer_work, "{}", health.summary());
     assert_eq!(health.pcr_value.as_deref(), Some(m2.expected_pcr.as_str()));
     let nonce = v.challenge("host-a").unwrap();
-    assert_eq!(v.verify(&h.attest(&nonce).unwrap()).unwrap().release_version, 2);
+    assert_eq!(
+        v.verify(&h.attest(&nonce).unwrap())
+            .unwrap()
+            .release_version,
+        2
+    );
 }

@@ -8,11 +8,22 @@ use std::process::Command;
 
 use common::*;
 
-fn launcher(root: &std::path::Path, trust: &std::path::Path, args: &[&str]) -> std::process::Output {
+fn launcher(
+    root: &std::path::Path,
+    trust: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_bulkhead-launcher"))
         .arg("--root")
         .arg(root)
-        .args(["--name", "host-a", "--env", "staging", "--dev-swtpm", "--trust-root"])
+        .args([
+            "--name",
+            "host-a",
+            "--env",
+            "staging",
+            "--dev-swtpm",
+            "--trust-root",
+        ])
         .arg(trust)
         .args(args)
         .output()
@@ -34,18 +45,40 @@ fn launcher_binary_boots_healthy_then_refuses_a_tampered_binary() {
     std::fs::write(&relp, rel.to_json().unwrap()).unwrap();
     let root = work.path().join("host");
 
-    let out = launcher(&root, &trust, &["provision", "--release", relp.to_str().unwrap(), "--from", art.path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = launcher(
+        &root,
+        &trust,
+        &[
+            "provision",
+            "--release",
+            relp.to_str().unwrap(),
+            "--from",
+            art.path().to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let enrol: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(enrol["environment"], "staging");
 
     let out = launcher(&root, &trust, &["boot"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(health["accepts_customer_work"], true);
     // The same TPM (state kept in ROOT/swtpm) across launcher runs: same AK.
     let again = launcher(&root, &trust, &["attest", "--nonce", &"ab".repeat(32)]);
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 
     let bin = root.join("releases/v1/bulkhead-controller");
     let mut bytes = std::fs::read(&bin).unwrap();
@@ -55,8 +88,16 @@ fn launcher_binary_boots_healthy_then_refuses_a_tampered_binary() {
     assert_eq!(out.status.code(), Some(3));
     let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(health["accepts_customer_work"], false);
-    let codes: Vec<&str> = health["reasons"].as_array().unwrap().iter().map(|r| r["code"].as_str().unwrap()).collect();
-    assert!(codes.contains(&"artefact_mismatch") && codes.contains(&"unseal_failed"), "{codes:?}");
+    let codes: Vec<&str> = health["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert!(
+        codes.contains(&"artefact_mismatch") && codes.contains(&"unseal_failed"),
+        "{codes:?}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("REFUSES customer work"), "{stderr}");
 }

@@ -68,10 +68,12 @@ pub fn run(a: DeployArgs) -> Result<(), CliError> {
     let (audit, _) = bulkhead_audit::AuditLog::open(&state.audit_log())
         .map_err(|e| CliError::BadArgument(format!("audit log: {e}")))?;
 
-    std::fs::create_dir_all(&a.fleet).map_err(|e| CliError::Io(a.fleet.display().to_string(), e))?;
+    std::fs::create_dir_all(&a.fleet)
+        .map_err(|e| CliError::Io(a.fleet.display().to_string(), e))?;
     let enrol_path = a.fleet.join("enrollments.json");
     let mut enrolled: BTreeMap<String, Enrollment> = match std::fs::read(&enrol_path) {
-        Ok(raw) => serde_json::from_slice(&raw).map_err(|_| CliError::BadArgument("enrollments.json".into()))?,
+        Ok(raw) => serde_json::from_slice(&raw)
+            .map_err(|_| CliError::BadArgument("enrollments.json".into()))?,
         Err(_) => BTreeMap::new(),
     };
     let mut verifier = Verifier::new(env.clone(), MeasurePcr::DEV);
@@ -104,11 +106,23 @@ pub fn run(a: DeployArgs) -> Result<(), CliError> {
     for e in enrolled.values() {
         verifier.enroll(e.clone());
     }
-    let raw = serde_json::to_vec_pretty(&enrolled).map_err(|e| CliError::BadArgument(e.to_string()))?;
-    std::fs::write(&enrol_path, raw).map_err(|e| CliError::Io(enrol_path.display().to_string(), e))?;
+    let raw =
+        serde_json::to_vec_pretty(&enrolled).map_err(|e| CliError::BadArgument(e.to_string()))?;
+    std::fs::write(&enrol_path, raw)
+        .map_err(|e| CliError::Io(enrol_path.display().to_string(), e))?;
 
-    let auth = DeployerAuth { token: a.token.trim(), identity: &identity, tokens: &tokens, revoked: &revoked };
-    let mut d = Deployment { audit: &audit, root: &root, environment: env, verifier: &mut verifier };
+    let auth = DeployerAuth {
+        token: a.token.trim(),
+        identity: &identity,
+        tokens: &tokens,
+        revoked: &revoked,
+    };
+    let mut d = Deployment {
+        audit: &audit,
+        root: &root,
+        environment: env,
+        verifier: &mut verifier,
+    };
     let report = deploy(&mut d, &auth, &release, &a.artefacts, &mut hosts).map_err(rot)?;
     println!(
         "deployed release {} to {} host(s) in waves {:?} in {} ms (deploy {})",

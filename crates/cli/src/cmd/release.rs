@@ -109,13 +109,18 @@ pub fn run(c: ReleaseCommand) -> Result<(), CliError> {
     match c {
         ReleaseCommand::DevState { dev_dir } => {
             let made = bulkhead_tokens::statedir::StateDir::new(&dev_dir).ensure_dev("host-0")?;
-            println!("dev state in {}: created [{}]", dev_dir.display(), made.join(", "));
+            println!(
+                "dev state in {}: created [{}]",
+                dev_dir.display(),
+                made.join(", ")
+            );
         }
         ReleaseCommand::Keygen { out, name } => {
             if !bulkhead_rot::measure::valid_name(&name) {
                 return Err(CliError::BadArgument(format!("bad key name {name}")));
             }
-            std::fs::create_dir_all(&out).map_err(|e| CliError::Io(out.display().to_string(), e))?;
+            std::fs::create_dir_all(&out)
+                .map_err(|e| CliError::Io(out.display().to_string(), e))?;
             let k = ReleaseKey::generate().map_err(rot)?;
             let secret = k.to_secret_text();
             write(&out.join(format!("{name}.key")), secret.as_bytes(), 0o600)?;
@@ -124,41 +129,74 @@ pub fn run(c: ReleaseCommand) -> Result<(), CliError> {
             write(&out.join(format!("{name}.pub.json")), &public, 0o644)?;
             println!("{}", k.public().key_id);
         }
-        ReleaseCommand::Root { threshold, keys, out } => {
+        ReleaseCommand::Root {
+            threshold,
+            keys,
+            out,
+        } => {
             let mut pubs = Vec::new();
             for p in &keys {
-                let k: ReleasePublicKey = serde_json::from_slice(&read(p)?)
-                    .map_err(|_| CliError::BadArgument(format!("{}: not a release public key", p.display())))?;
+                let k: ReleasePublicKey = serde_json::from_slice(&read(p)?).map_err(|_| {
+                    CliError::BadArgument(format!("{}: not a release public key", p.display()))
+                })?;
                 pubs.push(k);
             }
             let root = TrustRoot::new(threshold, pubs).map_err(rot)?;
-            let raw = serde_json::to_vec_pretty(&root).map_err(|e| CliError::BadArgument(e.to_string()))?;
+            let raw = serde_json::to_vec_pretty(&root)
+                .map_err(|e| CliError::BadArgument(e.to_string()))?;
             write(&out, &raw, 0o644)?;
             println!("trust root: {threshold} of {}", root.keys.len());
         }
-        ReleaseCommand::Create { version, env, expires_in, dir, binaries, configs, policies, pcr, out } => {
+        ReleaseCommand::Create {
+            version,
+            env,
+            expires_in,
+            dir,
+            binaries,
+            configs,
+            policies,
+            pcr,
+            out,
+        } => {
             let env = Environment::parse(&env).map_err(rot)?;
             let pcr = MeasurePcr::new(pcr).map_err(rot)?;
             let mut files: Vec<(EventKind, PathBuf)> = Vec::new();
             files.extend(binaries.iter().map(|n| (EventKind::Binary, dir.join(n))));
             files.extend(configs.iter().map(|n| (EventKind::Config, dir.join(n))));
             files.extend(policies.iter().map(|n| (EventKind::Policy, dir.join(n))));
-            let refs: Vec<(EventKind, &Path)> = files.iter().map(|(k, p)| (*k, p.as_path())).collect();
+            let refs: Vec<(EventKind, &Path)> =
+                files.iter().map(|(k, p)| (*k, p.as_path())).collect();
             let expires = bulkhead_rot::unix_now().saturating_add(expires_in);
             let m = Manifest::from_files(version, env, expires, pcr, &refs).map_err(rot)?;
             let r = SignedRelease::new(&m).map_err(rot)?;
             write(&out, r.to_json().map_err(rot)?.as_bytes(), 0o644)?;
-            println!("release {version}: {} artefacts, expected PCR {} = {}", m.artefacts.len(), pcr.index(), m.expected_pcr);
+            println!(
+                "release {version}: {} artefacts, expected PCR {} = {}",
+                m.artefacts.len(),
+                pcr.index(),
+                m.expected_pcr
+            );
         }
         ReleaseCommand::Sign { release, key } => {
             let mut r = SignedRelease::parse(&read(&release)?).map_err(rot)?;
-            let text = String::from_utf8(read(&key)?).map_err(|_| CliError::BadArgument("key file is not text".into()))?;
+            let text = String::from_utf8(read(&key)?)
+                .map_err(|_| CliError::BadArgument("key file is not text".into()))?;
             let k = ReleaseKey::from_secret_text(&text).map_err(rot)?;
             r.sign(&k);
             write(&release, r.to_json().map_err(rot)?.as_bytes(), 0o644)?;
-            println!("signed by {} ({} signature(s))", k.public().key_id, r.signatures.len());
+            println!(
+                "signed by {} ({} signature(s))",
+                k.public().key_id,
+                r.signatures.len()
+            );
         }
-        ReleaseCommand::Verify { release, trust_root, env, current_version, artefacts } => {
+        ReleaseCommand::Verify {
+            release,
+            trust_root,
+            env,
+            current_version,
+            artefacts,
+        } => {
             let r = SignedRelease::parse(&read(&release)?).map_err(rot)?;
             let root = TrustRoot::parse(&read(&trust_root)?).map_err(rot)?;
             let env = Environment::parse(&env).map_err(rot)?;
@@ -175,7 +213,10 @@ pub fn run(c: ReleaseCommand) -> Result<(), CliError> {
             if let Some(dir) = artefacts {
                 m.check_artefacts(&dir).map_err(rot)?;
             }
-            println!("ok: release {} for {}, expected PCR {}", m.version, m.environment, m.expected_pcr);
+            println!(
+                "ok: release {} for {}, expected PCR {}",
+                m.version, m.environment, m.expected_pcr
+            );
         }
     }
     Ok(())

@@ -22,7 +22,10 @@ use bulkhead_rot::RotError;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "bulkhead-launcher", about = "Measured start and sealed host identity")]
+#[command(
+    name = "bulkhead-launcher",
+    about = "Measured start and sealed host identity"
+)]
 struct Args {
     #[arg(long)]
     root: PathBuf,
@@ -61,9 +64,16 @@ enum Cmd {
 fn run(a: Args) -> Result<ExitCode, RotError> {
     let env = Environment::parse(&a.env)?;
     let pcr = MeasurePcr::new(a.pcr)?;
-    let raw = std::fs::read(&a.trust_root).map_err(|e| RotError::Io { path: a.trust_root.clone(), source: e })?;
+    let raw = std::fs::read(&a.trust_root).map_err(|e| RotError::Io {
+        path: a.trust_root.clone(),
+        source: e,
+    })?;
     let trust_root = TrustRoot::parse(&raw)?;
-    let swtpm = if a.dev_swtpm { Some(Swtpm::start_with_state(&a.root.join("swtpm"))?) } else { None };
+    let swtpm = if a.dev_swtpm {
+        Some(Swtpm::start_with_state(&a.root.join("swtpm"))?)
+    } else {
+        None
+    };
     let tcti = swtpm.as_ref().map(|s| s.tcti()).unwrap_or(a.tcti.clone());
     let cfg = HostConfig {
         name: a.name,
@@ -77,7 +87,10 @@ fn run(a: Args) -> Result<ExitCode, RotError> {
     let out = |v: &dyn erased::Json| println!("{}", v.json());
     match a.cmd {
         Cmd::Provision { release, from } => {
-            let raw = std::fs::read(&release).map_err(|e| RotError::Io { path: release.clone(), source: e })?;
+            let raw = std::fs::read(&release).map_err(|e| RotError::Io {
+                path: release.clone(),
+                source: e,
+            })?;
             let signed = SignedRelease::parse(&raw)?;
             let enrol = host.provision(&signed, &from)?;
             out(&enrol);
@@ -87,7 +100,11 @@ fn run(a: Args) -> Result<ExitCode, RotError> {
             let h = host.boot();
             eprintln!("{}", h.summary());
             out(&h);
-            Ok(if h.accepts_customer_work { ExitCode::SUCCESS } else { ExitCode::from(3) })
+            Ok(if h.accepts_customer_work {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
         }
         Cmd::Attest { nonce } => {
             let n = hex::decode(nonce.trim()).map_err(|_| RotError::Malformed("nonce hex"))?;

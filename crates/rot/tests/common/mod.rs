@@ -48,8 +48,14 @@ impl Artefacts {
             "bulkhead-controller",
             format!("#!/bin/sh\n# controller build {tag}\n[ \"$1\" = --self-test ] && exit {self_test_rc}\nexit 0\n"),
         );
-        w("bulkhead-blockcard", format!("#!/bin/sh\n# blockcard build {tag}\nexit 0\n"));
-        w("host.toml", format!("# host config {tag}\nlisten = \"0.0.0.0:8443\"\n"));
+        w(
+            "bulkhead-blockcard",
+            format!("#!/bin/sh\n# blockcard build {tag}\nexit 0\n"),
+        );
+        w(
+            "host.toml",
+            format!("# host config {tag}\nlisten = \"0.0.0.0:8443\"\n"),
+        );
         w("rights.toml", "version = 1\n".to_string());
         Artefacts { dir }
     }
@@ -74,7 +80,13 @@ impl Artefacts {
     }
 
     /// A release signed by the given key indices.
-    pub fn release(&self, k: &Keys, version: u64, env: &Environment, signers: &[usize]) -> SignedRelease {
+    pub fn release(
+        &self,
+        k: &Keys,
+        version: u64,
+        env: &Environment,
+        signers: &[usize],
+    ) -> SignedRelease {
         let m = self.manifest(version, env, bulkhead_rot::unix_now() + 3600);
         sign(&m, k, signers)
     }
@@ -108,7 +120,11 @@ impl SimHost {
             trust_root: root.clone(),
         };
         let host = Host::open(cfg, &swtpm.tcti()).expect("open TPM");
-        SimHost { host, swtpm, root: dir }
+        SimHost {
+            host,
+            swtpm,
+            root: dir,
+        }
     }
 }
 
