@@ -33,10 +33,11 @@ use crate::backend::{BackendError, Capacity, InstanceBackend, InstanceSpec, Volu
 use crate::card_control::{self, CardReply};
 use crate::launcher::{LaunchReply, LaunchRequest, Launcher, LauncherError};
 
-/// Guest kernel arguments that boot the test guest on the development machines' software KVM
-/// (see `guest/README.md`); configurable.
-pub const DEFAULT_KERNEL_ARGS: &str =
-    "console=ttyS0 reboot=k panic=-1 quiet noxsave clearcpuid=popcnt,cx16,smap";
+/// Guest kernel arguments that boot the test guest on the development machines' software KVM:
+/// the same as `guest/cmdline` (a unit test keeps them equal); configurable with
+/// `--kernel-args` / `kernel_args`. Hardware KVM needs none of the `noxsave`/`clearcpuid` ones.
+pub const DEFAULT_KERNEL_ARGS: &str = "console=ttyS0 reboot=k panic=-1 quiet noxsave \
+     clearcpuid=popcnt,cx16,smap,pcid,invpcid,fsgsbase,smep,pku,umip";
 /// Name under which the configured guest kernel is offered as an image.
 pub const DEFAULT_IMAGE: &str = "test-guest";
 /// x86 `COMMAND_LINE_SIZE` is 2048; keep room for the hypervisor's `virtio_mmio.device=` args.
@@ -243,6 +244,16 @@ impl HostBackend {
                 Err(BackendError::HotplugUnsupported)
             }
             Err(e) => Err(channel_err("attach block")(e)),
+        }
+    }
+
+    /// Kills a card that holds no key (its attach was refused) and reaps it.
+    fn kill_unkeyed_card(&self, pid: u32) {
+        if let Err(e) = self
+            .launcher
+            .call(&LaunchRequest::Reap { pid, grace_ms: 0 })
+        {
+            tracing::warn!(pid, error = %e, "reaping card failed");
         }
     }
 
@@ -678,11 +689,16 @@ impl VolumeBackend for HostBackend {
                 Err(BackendError::Unavailable)
             }
         };
-        let outcome = outcome.and_then(|()| {
-            let vm = g.vm.as_mut().ok_or(BackendError::Unavailable)?;
-            self.plug(vm, &att)
-        });
-        match outcome {
+        if let Err(e) = outcome {
+            self.kill_unkeyed_card(att.card_pid);
+            release();
+            return Err(e);
+        }
+        let plugged = match g.vm.as_mut() {
+            Some(vm) => self.plug(vm, &att),
+            None => Err(BackendError::Unavailable),
+        };
+        match plugged {
             Ok(()) => {
                 g.next_device = g.next_device.saturating_add(1);
                 g.desc.volumes.push(volume.to_string());
@@ -746,6 +762,14 @@ mod tests {
         assert_eq!(
             guest_cmdline("c", Some(&" ".repeat(1000))),
             Err(BackendError::UserDataTooLarge)
+        );
+    }
+
+    #[test]
+    fn default_kernel_args_match_the_guest() {
+        assert_eq!(
+            DEFAULT_KERNEL_ARGS,
+            include_str!("../../../guest/cmdline").trim_ascii_end()
         );
     }
 }

@@ -1,0 +1,360 @@
+//! The real backend, end to end: the real controller binary (dev mode, `--backend host`) starts
+//! real `bulkhead-hypervisor` and `bulkhead-blockcard` processes through its launcher and boots
+//! the real test guest (`target/guest`) under /dev/kvm. Everything goes through the mTLS API with
+//! tokens, exactly as a customer would drive it.
+//!
+//! Needs `/dev/kvm`, `target/guest/{vmlinux,initramfs.cpio}` (`make guest`) and the release
+//! binaries of the hypervisor and the block card next to the controller's. Without /dev/kvm or the
+//! guest each test prints `*** SKIPPED` and returns.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bulkhead_blockcard::xts::{CryptoSectorSize, XtsCipher};
+use bulkhead_sealing::{seal_volume_key, HostKey};
+use bulkhead_tokens::Operation;
+use common::*;
+
+const MIN10: Duration = Duration::from_secs(600);
+/// A guest boot takes 1-5 minutes on the development machines' software KVM under load.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// 32 bytes, written by the guest at byte offset 4096 of /dev/vda (sector 8).
+const MARKER: &str = "BHMARK-5e1f0c9a7d3b2e4f6a8c0b1d3";
+const MARKER_OFFSET: usize = 4096;
+
+const CUSTOMER_OPS: &[Operation] = &[
+    Operation::CreateInstance,
+    Operation::DescribeInstance,
+    Operation::StartInstance,
+    Operation::StopInstance,
+    Operation::TerminateInstance,
+    Operation::AttachVolume,
+    Operation::DetachVolume,
+    Operation::GetConsole,
+];
+
+fn target_dir() -> PathBuf {
+    Path::new(controller_bin())
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The guest: `BULKHEAD_TEST_GUEST_DIR` if set, else `target/guest`.
+fn guest_dir() -> PathBuf {
+    std::env::var_os("BULKHEAD_TEST_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("guest"))
+}
+
+fn start_host_daemon(dir: &Path) -> Daemon {
+    let guest = guest_dir();
+    Daemon::start_with(
+        dir,
+        &["--backend", "host", "--guest-dir", guest.to_str().unwrap()],
+    )
+}
+
+/// Whether this machine can run the boot tests; prints the loud skip line if not.
+fn can_boot(test: &str) -> bool {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let guest = guest_dir();
+    let have_guest = guest.join("vmlinux").is_file() && guest.join("initramfs.cpio").is_file();
+    if !kvm || !have_guest {
+        eprintln!(
+            "*** SKIPPED {test}: needs /dev/kvm ({}) and the test guest in {} ({}); run `make guest`",
+            if kvm { "present" } else { "ABSENT" },
+            guest.display(),
+            if have_guest { "present" } else { "ABSENT" },
+        );
+        return false;
+    }
+    let release = Path::new(controller_bin()).parent().unwrap();
+    for b in ["bulkhead-hypervisor", "bulkhead-blockcard"] {
+        assert!(
+            release.join(b).is_file(),
+            "{b} is not built next to the controller; run `cargo build --release -p {b}`"
+        );
+    }
+    true
+}
+
+/// Writes a fresh sealing host key to `dir/host.key` (0600), where the dev-mode controller
+/// picks it up and hands its path to every block card. The controller never reads it.
+fn host_key(dir: &Path) -> HostKey {
+    let host = HostKey::generate().unwrap();
+    let p = dir.join("host.key");
+    let mut f = std::fs::File::create(&p).unwrap();
+    f.write_all(host.to_file_bytes().unwrap().as_ref()).unwrap();
+    drop(f);
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    host
+}
+
+fn volume_key(seed: u8) -> [u8; 64] {
+    let mut k = [0u8; 64];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::try_from(i).unwrap().wrapping_mul(37).wrapping_add(seed) ^ 0x5c;
+    }
+    k
+}
+
+fn sealed_b64(host: &HostKey, volume: &str, key: &[u8; 64]) -> String {
+    let blob = seal_volume_key(host.public(), volume, key).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(blob)
+}
+
+struct Api<'a> {
+    d: &'a Daemon,
+    c: Client,
+}
+
+impl Api<'_> {
+    fn call(&self, method: &str, path: &str, body: &str) -> Resp {
+        // A fresh token per call: the boot test outlives a token's lifetime.
+        let t = self.d.mint("customer", HOST, CUSTOMER_OPS, MIN10);
+        self.c
+            .request(method, path, Some(&t), body.as_bytes())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn ok(&self, method: &str, path: &str, body: &str) -> Resp {
+        let r = self.call(method, path, body);
+        assert!(
+            r.status == 200 || r.status == 201,
+            "{method} {path}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        r
+    }
+}
+
+fn describe_backend(d: &Daemon) -> String {
+    let t = d.mint("operator", HOST, &[Operation::DescribeHost], MIN10);
+    let r = d
+        .client("operator")
+        .request("GET", "/v1/host", Some(&t), b"")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    r.json["backend"].as_str().unwrap_or("").to_string()
+}
+
+fn card_sockets(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("run"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One boot: create → attach an encrypted volume (sealed key) → start → the guest writes a
+/// marker to /dev/vda through the real card and reads it back → terminate → the backing file
+/// holds only ciphertext, which decrypts (AES-256-XTS, sector tweak) to the marker.
+#[test]
+fn boots_a_guest_with_an_encrypted_volume() {
+    if !can_boot("boots_a_guest_with_an_encrypted_volume") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Create the dev state first so host.key sits next to it.
+    bulkhead_tokens::statedir::StateDir::new(dir.path())
+        .ensure_dev(HOST)
+        .unwrap();
+    let host = host_key(dir.path());
+    let d = start_host_daemon(dir.path());
+    assert_eq!(describe_backend(&d), "host");
+    let api = Api {
+        d: &d,
+        c: d.client("customer"),
+    };
+
+    let script = format!(
+        "read -r n </sys/block/vda/size; echo vda-sectors=$n\n\
+         printf %s {MARKER} | dd of=/dev/vda bs=32 seek=128 conv=fsync 2>/dev/null\n\
+         echo 3 >/proc/sys/vm/drop_caches\n\
+         R=$(dd if=/dev/vda bs=32 skip=128 count=1 2>/dev/null)\n\
+         echo readback=$R\n\
+         [ \"$R\" = {MARKER} ]\n"
+    );
+    let create = serde_json::json!({
+        "instance_id": "i-boot",
+        "image": "test-guest",
+        "vcpus": 1,
+        "memory_mib": 128,
+        "user_data": script,
+    })
+    .to_string();
+    let r = api.ok("POST", "/v1/instances", &create);
+    assert_eq!(r.json["state"], "created");
+
+    let key = volume_key(7);
+    let blob = sealed_b64(&host, "vol-boot", &key);
+    let attach = serde_json::json!({"volume_id": "vol-boot", "sealed_key": blob}).to_string();
+    api.ok("POST", "/v1/instances/i-boot/volumes", &attach);
+    let r = api.ok("GET", "/v1/instances/i-boot", "");
+    assert_eq!(r.json["volumes"], serde_json::json!(["vol-boot"]));
+    assert_eq!(
+        card_sockets(dir.path()).len(),
+        2,
+        "one card: control + vhost socket"
+    );
+
+    let started = Instant::now();
+    api.ok("POST", "/v1/instances/i-boot/start", "");
+    let console = loop {
+        let r = api.ok("GET", "/v1/instances/i-boot/console", "");
+        let out = r.json["output"].as_str().unwrap_or("").to_string();
+        if out.contains("BULKHEAD-RUN-EXIT=") {
+            break out;
+        }
+        assert!(
+            started.elapsed() < BOOT_TIMEOUT,
+            "no BULKHEAD-RUN-EXIT after {:?}; console so far:\n{out}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    eprintln!(
+        "guest finished its script after {:?}; console:\n{console}",
+        started.elapsed()
+    );
+    assert!(console.contains("BULKHEAD-GUEST-READY"), "{console}");
+    assert!(console.contains("vda-sectors=131072"), "{console}");
+    assert!(console.contains(&format!("readback={MARKER}")), "{console}");
+    assert!(console.contains("BULKHEAD-RUN-EXIT=0"), "{console}");
+
+    api.ok("POST", "/v1/instances/i-boot/terminate", "");
+    let r = api.ok("GET", "/v1/instances/i-boot", "");
+    assert_eq!(r.json["state"], "terminated");
+    assert_eq!(r.json["volumes"], serde_json::json!([]));
+    assert!(
+        card_sockets(dir.path()).is_empty(),
+        "card sockets left behind: {:?}",
+        card_sockets(dir.path())
+    );
+
+    // The backing file: no plaintext marker anywhere, ciphertext where the guest wrote it, and
+    // that ciphertext decrypts with the volume key (AES-256-XTS, tweak = sector number).
+    let backing = std::fs::read(dir.path().join("volumes/vol-boot.img")).unwrap();
+    assert!(
+        !backing
+            .windows(MARKER.len())
+            .any(|w| w == MARKER.as_bytes()),
+        "marker found in plaintext in the backing file"
+    );
+    let mut sector = backing[MARKER_OFFSET..MARKER_OFFSET + 512].to_vec();
+    assert!(sector.iter().any(|b| *b != 0), "nothing was written");
+    XtsCipher::new(&key, CryptoSectorSize::S512)
+        .unwrap()
+        .decrypt(&mut sector, 8)
+        .unwrap();
+    assert_eq!(&sector[..MARKER.len()], MARKER.as_bytes());
+
+    // The sealed blob never reached the audit log (only a digest of the body did).
+    let log = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    assert!(!log.contains(&blob));
+    let attach_rec = d
+        .audit()
+        .into_iter()
+        .find(|r| r["entry"]["op"] == "AttachVolume" && r["entry"]["kind"] == "outcome")
+        .expect("attach outcome audited");
+    assert_eq!(attach_rec["entry"]["code"], "ok");
+}
+
+/// No guest boot is waited for: a refused key, hot-plug refused on a running instance (typed
+/// error, nothing changes), and the operator plane still refused with the real backend.
+#[test]
+fn attach_to_running_instance_is_refused_and_planes_hold() {
+    if !can_boot("attach_to_running_instance_is_refused_and_planes_hold") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    bulkhead_tokens::statedir::StateDir::new(dir.path())
+        .ensure_dev(HOST)
+        .unwrap();
+    let host = host_key(dir.path());
+    let d = start_host_daemon(dir.path());
+    assert_eq!(describe_backend(&d), "host");
+    let api = Api {
+        d: &d,
+        c: d.client("customer"),
+    };
+    let create = r#"{"instance_id":"i-hp","image":"test-guest","vcpus":1,"memory_mib":128}"#;
+    api.ok("POST", "/v1/instances", create);
+
+    // Unknown image: typed error.
+    let r = api.call(
+        "POST",
+        "/v1/instances",
+        r#"{"instance_id":"i-x","image":"ubuntu","vcpus":1,"memory_mib":128}"#,
+    );
+    assert_eq!((r.status, r.code()), (404, "no_such_image"));
+
+    // A blob sealed for another volume: the real card refuses it; nothing stays attached.
+    let wrong = sealed_b64(&host, "vol-other", &volume_key(1));
+    let body = serde_json::json!({"volume_id": "vol-a", "sealed_key": wrong}).to_string();
+    let r = api.call("POST", "/v1/instances/i-hp/volumes", &body);
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "volume_key_refused"),
+        "{:?}",
+        r.json
+    );
+    let r = api.ok("GET", "/v1/instances/i-hp", "");
+    assert_eq!(r.json["volumes"], serde_json::json!([]));
+    assert!(card_sockets(dir.path()).is_empty());
+
+    // The right blob attaches; start; from then on the device set is fixed.
+    let good = sealed_b64(&host, "vol-a", &volume_key(2));
+    let body = serde_json::json!({"volume_id": "vol-a", "sealed_key": good}).to_string();
+    api.ok("POST", "/v1/instances/i-hp/volumes", &body);
+    api.ok("POST", "/v1/instances/i-hp/start", "");
+    let r = api.ok("GET", "/v1/instances/i-hp", "");
+    assert_eq!(r.json["state"], "running");
+
+    let late = sealed_b64(&host, "vol-b", &volume_key(3));
+    let body = serde_json::json!({"volume_id": "vol-b", "sealed_key": late}).to_string();
+    let r = api.call("POST", "/v1/instances/i-hp/volumes", &body);
+    assert_eq!((r.status, r.code()), (409, "hotplug_unsupported"));
+    let r = api.call("DELETE", "/v1/instances/i-hp/volumes/vol-a", "");
+    assert_eq!((r.status, r.code()), (409, "hotplug_unsupported"));
+    // Nothing changed: same volume list, no backing file or card for vol-b, audited outcome.
+    let r = api.ok("GET", "/v1/instances/i-hp", "");
+    assert_eq!(r.json["volumes"], serde_json::json!(["vol-a"]));
+    assert_eq!(r.json["state"], "running");
+    assert!(!dir.path().join("volumes/vol-b.img").exists());
+    assert_eq!(card_sockets(dir.path()).len(), 2);
+    assert!(d.audit().iter().any(|x| x["entry"]["op"] == "AttachVolume"
+        && x["entry"]["kind"] == "outcome"
+        && x["entry"]["code"] == "hotplug_unsupported"));
+
+    // An operator's token still cannot reach any customer-plane operation.
+    let t = d.mint("operator", HOST, &[Operation::DescribeHost], MIN10);
+    let op = d.client("operator");
+    for (m, p, b) in [
+        ("GET", "/v1/instances/i-hp/console", ""),
+        ("POST", "/v1/instances/i-hp/terminate", ""),
+        ("POST", "/v1/instances/i-hp/volumes", body.as_str()),
+    ] {
+        let r = op.request(m, p, Some(&t), b.as_bytes()).unwrap();
+        assert_denied_and_audited(&d, &r, "plane_violation");
+    }
+
+    api.ok("POST", "/v1/instances/i-hp/terminate", "");
+    let r = api.ok("GET", "/v1/instances/i-hp", "");
+    assert_eq!(r.json["state"], "terminated");
+    assert!(card_sockets(dir.path()).is_empty());
+}
