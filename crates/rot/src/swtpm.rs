@@ -175,6 +175,12 @@ fn wait_listening(child: &mut Child, port: u16) -> Result<(), RotError> {
             ));
         }
         if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            // Someone else (another test's emulator) may own the port while ours failed to
+            // bind and is about to exit: make sure ours is still alive a moment later.
+            std::thread::sleep(Duration::from_millis(50));
+            if let Ok(Some(_)) = child.try_wait() {
+                return Err(RotError::SwtpmStart("swtpm exited during start (port taken?)"));
+            }
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
