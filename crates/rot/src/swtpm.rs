@@ -179,7 +179,9 @@ fn wait_listening(child: &mut Child, port: u16) -> Result<(), RotError> {
             // bind and is about to exit: make sure ours is still alive a moment later.
             std::thread::sleep(Duration::from_millis(50));
             if let Ok(Some(_)) = child.try_wait() {
-                return Err(RotError::SwtpmStart("swtpm exited during start (port taken?)"));
+                return Err(RotError::SwtpmStart(
+                    "swtpm exited during start (port taken?)",
+                ));
             }
             return Ok(());
         }
