@@ -27,7 +27,7 @@ pub const MAX_QUEUES: u16 = 16;
 /// I/O lanes per queue: a batch of requests popped from one queue is split over this many
 /// threads, each with its own cipher contexts and bounce buffer, so deep queues overlap their
 /// backing-store I/O (requests in flight together have no ordering guarantee in virtio-blk).
-pub const IO_LANES: usize = 4;
+pub const IO_LANES: usize = 8;
 
 mod feature {
     pub const SIZE_MAX: u64 = 1 << 1;

@@ -214,6 +214,10 @@ pub fn card_filter() -> Result<BpfProgram, SandboxError> {
         rules.insert(*nr, Vec::new());
     }
     // ioctl(fd, request, ...): filter on the request (argument 1).
+    // Opens pass this filter only to get EACCES from `open_filter`.
+    for nr in OPEN_SYSCALLS {
+        rules.insert(*nr, Vec::new());
+    }
     rules.insert(libc::SYS_ioctl, arg_eq(1, ALLOWED_IOCTLS)?);
     rules.insert(libc::SYS_prctl, arg_eq(0, ALLOWED_PRCTLS)?);
     let arch = std::env::consts::ARCH.try_into()?;
@@ -221,12 +225,31 @@ pub fn card_filter() -> Result<BpfProgram, SandboxError> {
     Ok(filter.try_into()?)
 }
 
-/// Sets no_new_privs and installs [`card_filter`] on the calling thread; threads created
-/// afterwards inherit it. Call before any other thread exists.
+/// Syscalls that open paths. libc sometimes tries them internally (e.g. glibc reads
+/// /sys/devices/system/cpu/online when a new thread gets its own malloc arena), so they fail with
+/// EACCES instead of killing the card; either way nothing is opened.
+const OPEN_SYSCALLS: &[i64] = &[libc::SYS_open, libc::SYS_openat, libc::SYS_openat2, libc::SYS_creat];
+
+/// A filter that answers every path-opening syscall with EACCES and allows the rest (the main
+/// allow-list, stacked on top, decides about the rest).
+pub fn open_filter() -> Result<BpfProgram, SandboxError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = OPEN_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
+    let arch = std::env::consts::ARCH.try_into()?;
+    let eacces = u32::try_from(libc::EACCES).unwrap_or(13);
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(eacces), arch)?;
+    Ok(filter.try_into()?)
+}
+
+/// Sets no_new_privs and installs [`open_filter`] and [`card_filter`] on the calling thread;
+/// threads created afterwards inherit them. Call before any other thread exists. The kernel
+/// applies the most restrictive verdict of all filters: an open gets EACCES, anything outside
+/// the allow-list kills the process.
 pub fn install_seccomp() -> Result<(), SandboxError> {
     prctl("PR_SET_NO_NEW_PRIVS", libc::PR_SET_NO_NEW_PRIVS, 1)?;
-    let prog = card_filter()?;
-    seccompiler::apply_filter(&prog)?;
+    let deny_open = open_filter()?;
+    let allow = card_filter()?;
+    seccompiler::apply_filter(&deny_open)?;
+    seccompiler::apply_filter(&allow)?;
     Ok(())
 }
 
@@ -236,5 +259,45 @@ mod tests {
     fn filter_compiles() {
         let prog = super::card_filter().expect("filter");
         assert!(!prog.is_empty());
+        assert!(!super::open_filter().expect("filter").is_empty());
+    }
+
+    /// In a child process (seccomp cannot be undone): install the filters, then opening a file
+    /// fails with EACCES and socket creation kills the process with SIGSYS.
+    #[test]
+    fn filters_deny_open_and_kill_on_socket() {
+        // Built before fork: the child must not allocate (other test threads may hold locks).
+        let deny_open = super::open_filter().expect("filter");
+        let allow = super::card_filter().expect("filter");
+        // SAFETY: fork in a test; the child only makes raw syscalls and exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let installed = super::prctl("PR_SET_NO_NEW_PRIVS", libc::PR_SET_NO_NEW_PRIVS, 1).is_ok()
+                && seccompiler::apply_filter(&deny_open).is_ok()
+                && seccompiler::apply_filter(&allow).is_ok();
+            let code = match installed {
+                false => 10,
+                true => {
+                    // SAFETY: a NUL-terminated path; the result is only inspected.
+                    let fd = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+                    let err = std::io::Error::last_os_error().raw_os_error();
+                    if fd >= 0 || err != Some(libc::EACCES) {
+                        11
+                    } else {
+                        // SAFETY: plain syscall; must not return.
+                        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                        12
+                    }
+                }
+            };
+            // SAFETY: leave the forked child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFSIGNALED(status), "child exited with {}", libc::WEXITSTATUS(status));
+        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
     }
 }
