@@ -1,0 +1,417 @@
+//! A local cluster in one directory: the dev CA and every certificate, the token-service key and
+//! rights policy, one sealing host key per host (enrolled with the KMS), then the real daemons as
+//! separate processes: `bulkhead-kms`, N × `bulkhead-controller`, `bulkhead-control`.
+//!
+//! With `record`, every inter-service link (customer → control plane, control plane → KMS,
+//! control plane → each controller) goes through a recording TCP relay in this orchestrating
+//! process, so a test can grep everything that crossed the wire.
+//!
+//! Layout: `ca/` (CA, certificates, token key, rights), `kms/` (its db, root key, audit,
+//! `hosts/*.pub`), `host-N/` (each controller's state dir, `host.key`), `control/` + `control.toml`,
+//! `logs/*.log`, `capture/*.bin`, and `cluster.json` (endpoints) once everything is up.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use bulkhead_tokens::pki::CaDir;
+use bulkhead_tokens::policy::DEFAULT_RIGHTS_TOML;
+use bulkhead_tokens::statedir::StateDir;
+use bulkhead_tokens::Role;
+use serde_json::{json, Value};
+
+use crate::config::{Config, HostConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("pki: {0}")]
+    Pki(#[from] bulkhead_tokens::pki::PkiError),
+    #[error("state: {0}")]
+    State(#[from] bulkhead_tokens::statedir::StateError),
+    #[error("sealing: {0}")]
+    Sealing(#[from] bulkhead_sealing::SealingError),
+    #[error("{0} did not become ready (see {1})")]
+    NotReady(String, PathBuf),
+    #[error("binary {0} not found next to this one; build with `cargo build --release --workspace --bins`")]
+    MissingBinary(PathBuf),
+    #[error("bad hosts count")]
+    BadHosts,
+}
+
+fn io(p: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let s = p.as_ref().display().to_string();
+    move |e| ClusterError::Io(s, e)
+}
+
+/// Running daemons; killed when dropped.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub control_addr: String,
+    pub kms_addr: String,
+    pub host_addrs: Vec<(String, String)>,
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Cluster {
+    /// Kills one daemon by name (`kms`, `control`, `host-N`) with SIGKILL.
+    pub fn kill9(&mut self, name: &str) {
+        for (n, c) in self.children.iter_mut() {
+            if n == name {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// The pids of the daemons, by name.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .map(|(n, c)| (n.clone(), c.id()))
+            .collect()
+    }
+
+    /// Restarts the control plane (after [`Cluster::kill9`]) with the same configuration.
+    pub fn restart_control(&mut self, bins: &Path) -> Result<(), ClusterError> {
+        self.children.retain(|(n, _)| n != "control");
+        let cfg = self.dir.join("control.toml");
+        let (child, _) = spawn_ready(
+            "control",
+            Command::new(bins.join("bulkhead-control"))
+                .arg("serve")
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--dev"),
+            &self.dir.join("logs"),
+        )?;
+        self.children.push(("control".into(), child));
+        Ok(())
+    }
+}
+
+/// `rights.toml` for the cluster: the reviewed default, plus GetConsole for the control plane
+/// (it serves the customer's GetConsoleOutput).
+pub fn cluster_rights() -> String {
+    if DEFAULT_RIGHTS_TOML.contains("\"DetachVolume\",\n]\nresources = [\"host\"") {
+        DEFAULT_RIGHTS_TOML.replacen(
+            "\"DetachVolume\",\n]\nresources = [\"host\"",
+            "\"DetachVolume\", \"GetConsole\",\n]\nresources = [\"host\"",
+            1,
+        )
+    } else {
+        DEFAULT_RIGHTS_TOML.to_string()
+    }
+}
+
+fn copy_into(src: &Path, dst_dir: &Path) -> Result<(), ClusterError> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = src.file_name().unwrap_or_default();
+    let dst = dst_dir.join(name);
+    std::fs::copy(src, &dst).map_err(io(&dst))?;
+    let mode = std::fs::metadata(src)
+        .map_err(io(src))?
+        .permissions()
+        .mode();
+    std::fs::set_permissions(
+        &dst,
+        std::fs::Permissions::from_mode(mode & 0o700 | mode & 0o044),
+    )
+    .map_err(io(&dst))?;
+    Ok(())
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), ClusterError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(data).map_err(io(path))
+}
+
+/// Creates the cluster's files for `hosts` hosts (idempotent for what already exists).
+pub fn prepare(dir: &Path, hosts: usize) -> Result<(), ClusterError> {
+    if hosts == 0 || hosts > 64 {
+        return Err(ClusterError::BadHosts);
+    }
+    let ca_dir = dir.join("ca");
+    std::fs::create_dir_all(&ca_dir).map_err(io(&ca_dir))?;
+    std::fs::create_dir_all(dir.join("logs")).map_err(io(dir))?;
+    std::fs::create_dir_all(dir.join("kms/hosts")).map_err(io(dir))?;
+    let rights = ca_dir.join("rights.toml");
+    if !rights.exists() {
+        std::fs::write(&rights, cluster_rights()).map_err(io(&rights))?;
+    }
+    let st = StateDir::new(&ca_dir);
+    st.ensure_dev("host-1")?;
+    let ca = CaDir::new(&ca_dir);
+    for (name, role) in [("kms", Role::Host), ("control", Role::Host)] {
+        if !ca.cert(name).exists() {
+            ca.issue(name, role, true)?;
+        }
+    }
+    for n in 1..=hosts {
+        let host = format!("host-{n}");
+        if !ca.cert(&host).exists() {
+            ca.issue(&host, Role::Host, true)?;
+        }
+        let hd = dir.join(&host);
+        std::fs::create_dir_all(&hd).map_err(io(&hd))?;
+        // The controller's dev state dir: the shared CA, token key and policy, its own audit log.
+        for entry in std::fs::read_dir(&ca_dir).map_err(io(&ca_dir))? {
+            let p = entry.map_err(io(&ca_dir))?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let wanted = name.ends_with(".pem")
+                || name.ends_with(".key")
+                || name == "rights.toml"
+                || name == "revoked.txt"
+                || name == "token-service.pub";
+            if wanted
+                && !hd.join(name).exists()
+                && !name.starts_with("kms")
+                && !name.starts_with("control.")
+            {
+                copy_into(&p, &hd)?;
+            }
+        }
+        let key_file = hd.join("host.key");
+        if !key_file.exists() {
+            let key = bulkhead_sealing::HostKey::generate()?;
+            let bytes = key.to_file_bytes()?;
+            write_private(&key_file, bytes.as_ref())?;
+            let public = key.public().to_file_bytes();
+            std::fs::write(hd.join("host.pub"), public).map_err(io(&hd))?;
+            // Enrolment with the KMS: out of band (here: the same operator ceremony).
+            std::fs::write(dir.join("kms/hosts").join(format!("{host}.pub")), public)
+                .map_err(io(dir))?;
+        }
+    }
+    Ok(())
+}
+
+fn spawn_ready(name: &str, cmd: &mut Command, logs: &Path) -> Result<(Child, Value), ClusterError> {
+    let log_path = logs.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(io(name))?;
+    let mut line = String::new();
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| ClusterError::NotReady(name.into(), log_path.clone()))?;
+    let mut reader = BufReader::new(out);
+    let _ = reader.read_line(&mut line);
+    let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+    if v["event"] != "ready" {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(ClusterError::NotReady(name.into(), log_path));
+    }
+    // Keep draining stdout so the daemon never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = reader.read_to_end(&mut sink);
+    });
+    Ok((child, v))
+}
+
+fn listen_of(v: &Value) -> String {
+    v["listen"].as_str().unwrap_or("").to_string()
+}
+
+/// A recording relay: listens on a loopback port and forwards to `target`, appending every byte
+/// in both directions to `file`. Returns the relay's address.
+pub fn relay(target: String, file: PathBuf) -> Result<String, ClusterError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io("relay"))?;
+    let addr = l.local_addr().map_err(io("relay"))?.to_string();
+    let sink = Arc::new(Mutex::new(std::fs::File::create(&file).map_err(io(&file))?));
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(a) = conn else { continue };
+            let Ok(b) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let _ = a.set_nodelay(true);
+            let _ = b.set_nodelay(true);
+            for (mut from, mut to) in [
+                (a.try_clone(), b.try_clone()),
+                (b.try_clone(), a.try_clone()),
+            ]
+            .into_iter()
+            .filter_map(|(x, y)| Some((x.ok()?, y.ok()?)))
+            {
+                let sink = Arc::clone(&sink);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let chunk = buf.get(..n).unwrap_or(&[]);
+                        if let Ok(mut f) = sink.lock() {
+                            let _ = f.write_all(chunk);
+                        }
+                        if to.write_all(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    Ok(addr)
+}
+
+/// Options for [`start`].
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub hosts: usize,
+    /// Directory holding `bulkhead-kms`, `bulkhead-controller`, `bulkhead-control`.
+    pub bins: PathBuf,
+    /// Interpose recording relays on every inter-service link.
+    pub record: bool,
+    pub poll_interval_ms: u64,
+    /// Extra arguments for each controller (e.g. `--backend detached` where supported).
+    pub controller_args: Vec<String>,
+}
+
+/// Prepares and starts the whole cluster; returns once every daemon printed its ready line.
+pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
+    for b in ["bulkhead-kms", "bulkhead-controller", "bulkhead-control"] {
+        if !opts.bins.join(b).is_file() {
+            return Err(ClusterError::MissingBinary(opts.bins.join(b)));
+        }
+    }
+    prepare(dir, opts.hosts)?;
+    let logs = dir.join("logs");
+    let cap = dir.join("capture");
+    if opts.record {
+        std::fs::create_dir_all(&cap).map_err(io(&cap))?;
+    }
+    let mut cluster = Cluster {
+        dir: dir.to_path_buf(),
+        control_addr: String::new(),
+        kms_addr: String::new(),
+        host_addrs: Vec::new(),
+        children: Vec::new(),
+    };
+    let via = |name: &str, target: String| -> Result<String, ClusterError> {
+        if opts.record {
+            relay(target, cap.join(format!("{name}.bin")))
+        } else {
+            Ok(target)
+        }
+    };
+    let (kms, v) = spawn_ready(
+        "kms",
+        Command::new(opts.bins.join("bulkhead-kms"))
+            .args(["--dev", "--listen", "127.0.0.1:0", "--ca-dir"])
+            .arg(dir.join("ca"))
+            .arg("--state-dir")
+            .arg(dir.join("kms")),
+        &logs,
+    )?;
+    cluster.children.push(("kms".into(), kms));
+    cluster.kms_addr = listen_of(&v);
+    let mut hosts = Vec::new();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let cores = u32::try_from((cores / 2).max(1)).unwrap_or(1);
+    for n in 1..=opts.hosts {
+        let host = format!("host-{n}");
+        let (child, v) = spawn_ready(
+            &host,
+            Command::new(opts.bins.join("bulkhead-controller"))
+                .args(["--dev", "--state-dir"])
+                .arg(dir.join(&host))
+                .args(["--host-id", &host, "--listen", "127.0.0.1:0"])
+                .args(&opts.controller_args),
+            &logs,
+        )?;
+        cluster.children.push((host.clone(), child));
+        let addr = listen_of(&v);
+        cluster.host_addrs.push((host.clone(), addr.clone()));
+        hosts.push(HostConfig {
+            host_id: host.clone(),
+            addr: via(&format!("control-to-{host}"), addr)?,
+            cores,
+            public_key: dir.join(&host).join("host.pub"),
+        });
+    }
+    let cfg = Config {
+        listen: "127.0.0.1:0".into(),
+        state_dir: dir.join("control"),
+        ca_dir: dir.join("ca"),
+        kms_addr: via("control-to-kms", cluster.kms_addr.clone())?,
+        poll_interval_ms: opts.poll_interval_ms,
+        hosts,
+    };
+    let cfg_path = dir.join("control.toml");
+    let text = toml::to_string(&cfg).map_err(|_| {
+        ClusterError::Io(
+            "control.toml".into(),
+            std::io::ErrorKind::InvalidData.into(),
+        )
+    })?;
+    std::fs::write(&cfg_path, text).map_err(io(&cfg_path))?;
+    let (control, v) = spawn_ready(
+        "control",
+        Command::new(opts.bins.join("bulkhead-control"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("--dev"),
+        &logs,
+    )?;
+    cluster.children.push(("control".into(), control));
+    // Pin the port so a restarted control plane comes back at the same address.
+    let cfg = Config {
+        listen: listen_of(&v),
+        ..cfg
+    };
+    let text = toml::to_string(&cfg).map_err(|_| {
+        ClusterError::Io(
+            "control.toml".into(),
+            std::io::ErrorKind::InvalidData.into(),
+        )
+    })?;
+    std::fs::write(&cfg_path, text).map_err(io(&cfg_path))?;
+    cluster.control_addr = via("customer-to-control", listen_of(&v))?;
+    let info = json!({
+        "control": cluster.control_addr,
+        "kms": cluster.kms_addr,
+        "hosts": cluster.host_addrs.iter().map(|(h, a)| json!({"host_id": h, "addr": a})).collect::<Vec<_>>(),
+        "ca": dir.join("ca/ca.pem"),
+        "config": cfg_path,
+        "pids": cluster.pids().into_iter().map(|(n, p)| json!({"name": n, "pid": p})).collect::<Vec<_>>(),
+    });
+    let info_path = dir.join("cluster.json");
+    std::fs::write(
+        &info_path,
+        serde_json::to_string_pretty(&info).unwrap_or_default(),
+    )
+    .map_err(io(&info_path))?;
+    Ok(cluster)
+}

@@ -1,0 +1,72 @@
+//! The control plane's configuration file (TOML). Every path it names must exist.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Customer API listen address (TLS, server certificate `control` from the CA).
+    pub listen: String,
+    /// `control.db`, `root.key`, `audit.log`.
+    pub state_dir: PathBuf,
+    /// The CA directory (`bulkhead-tokens` layout): `ca.pem`, `control.pem`/`.key` (server),
+    /// `control-plane.pem`/`.key` (client to KMS and hosts), `token-service.key`, `rights.toml`.
+    pub ca_dir: PathBuf,
+    pub kms_addr: String,
+    #[serde(default = "default_poll")]
+    pub poll_interval_ms: u64,
+    #[serde(default)]
+    pub hosts: Vec<HostConfig>,
+}
+
+fn default_poll() -> u64 {
+    1000
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    pub host_id: String,
+    /// The host controller's mTLS address.
+    pub addr: String,
+    /// Whole physical cores offered to instances (each = two SMT threads).
+    pub cores: u32,
+    /// The host's 38-byte public key file (what its block card unseals with).
+    pub public_key: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Syntax(PathBuf, toml::de::Error),
+    #[error("missing: {0}")]
+    Missing(PathBuf),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+        let cfg: Config =
+            toml::from_str(&text).map_err(|e| ConfigError::Syntax(path.to_path_buf(), e))?;
+        for p in [
+            cfg.ca_dir.join("ca.pem"),
+            cfg.ca_dir.join("control-plane.pem"),
+            cfg.ca_dir.join("token-service.key"),
+        ] {
+            if !p.is_file() {
+                return Err(ConfigError::Missing(p));
+            }
+        }
+        for h in &cfg.hosts {
+            if !h.public_key.is_file() {
+                return Err(ConfigError::Missing(h.public_key.clone()));
+            }
+        }
+        Ok(cfg)
+    }
+}

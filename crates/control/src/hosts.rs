@@ -1,0 +1,87 @@
+//! Calls from the control plane to host controllers: mutual TLS 1.3 with the control plane's
+//! certificate, and for every call a fresh token from the token service (`bulkhead-tokens`)
+//! naming just that host, that one operation and those resources, valid for one minute.
+
+use std::time::Duration;
+
+use bulkhead_kms::tls::{HttpResponse, HttpsClient};
+use bulkhead_tokens::{Identity, MintRequest, Operation, ResourcePattern, TokenService};
+
+use crate::{upstream_code, ControlError};
+
+/// Lifetime of a per-call host token.
+pub const HOST_TOKEN_TTL: Duration = Duration::from_secs(60);
+
+pub struct HostClient {
+    https: HttpsClient,
+    tokens: TokenService,
+    identity: Identity,
+}
+
+impl HostClient {
+    pub fn new(https: HttpsClient, tokens: TokenService, identity: Identity) -> HostClient {
+        HostClient {
+            https,
+            tokens,
+            identity,
+        }
+    }
+
+    /// Calls `op` on `host_id` at `addr`. A non-2xx answer becomes [`ControlError::Host`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call(
+        &self,
+        host_id: &str,
+        addr: &str,
+        op: Operation,
+        resources: &[String],
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, ControlError> {
+        let resources = resources
+            .iter()
+            .map(|r| ResourcePattern::parse(r).map_err(|_| ControlError::Internal))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (token, claims) = self
+            .tokens
+            .mint(&MintRequest {
+                caller: self.identity.clone(),
+                hosts: vec![host_id.to_string()],
+                operations: vec![op],
+                resources: Some(resources),
+                ttl: HOST_TOKEN_TTL,
+            })
+            .map_err(|e| {
+                tracing::error!(error = %e, host = host_id, op = %op, "token service refused");
+                ControlError::Host("token_refused")
+            })?;
+        let auth = format!("Bearer {token}");
+        let mut headers = vec![("authorization", auth.as_str())];
+        let payload = match &body {
+            Some(b) => {
+                headers.push(("content-type", "application/json"));
+                b.to_string().into_bytes()
+            }
+            None => Vec::new(),
+        };
+        let r: HttpResponse = self
+            .https
+            .request(addr, method, path, &headers, payload)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, host = host_id, "host unreachable");
+                ControlError::Upstream
+            })?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+        tracing::debug!(host = host_id, op = %op, token_id = %claims.token_id, status = r.status, "host call");
+        if (200..300).contains(&r.status) {
+            Ok(v)
+        } else {
+            Err(ControlError::Host(upstream_code(
+                v["error"]["code"].as_str().unwrap_or(""),
+            )))
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! `bulkhead-control`: the control plane (the EC2/EBS control plane's role in the Nitro design).
+//!
+//! * [`api`]: the versioned customer API and its one parser; requests are signed by the customer
+//!   (`bulkhead_kms::sigv`, SigV4-style) and replays are refused.
+//! * [`repo`]: state behind the [`repo::Repository`] trait (SQLite by default); every customer
+//!   query is scoped to the caller's tenant.
+//! * [`service`]: the operations, the scheduler (whole cores, dedicated hosts) and the attach flow
+//!   (customer → here → KMS → host controller), each call audited.
+//! * [`hosts`]: calls to host controllers over mutual TLS with a token minted for just that host,
+//!   operation and resource; [`service::ControlPlane::poll_hosts`] pulls state and audit records
+//!   (hosts never call out).
+
+pub mod api;
+pub mod cluster;
+pub mod config;
+pub mod hosts;
+pub mod repo;
+pub mod server;
+pub mod service;
+
+use bulkhead_kms::sigv::SigError;
+
+/// Every refusal and failure the customer API returns. Codes are stable.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no such action")]
+    NoSuchAction,
+    #[error("method not allowed (use POST)")]
+    MethodNotAllowed,
+    #[error("request body too large")]
+    BodyTooLarge,
+    #[error("request body is not valid JSON for this action")]
+    BadBody,
+    #[error("request body has an unknown field")]
+    UnknownField,
+    #[error("bad identifier")]
+    BadId,
+    #[error("bad parameter value")]
+    BadShape,
+    #[error("volumes are always encrypted")]
+    EncryptionRequired,
+    #[error("authentication failed: {0}")]
+    Auth(SigError),
+    #[error("this signed request was already used (replay)")]
+    Replayed,
+    #[error("no such instance")]
+    NoSuchInstance,
+    #[error("no such volume")]
+    NoSuchVolume,
+    #[error("resource is not in a state that allows this")]
+    WrongState,
+    #[error("volume is attached")]
+    VolumeInUse,
+    #[error("no host has enough free whole cores")]
+    NoCapacity,
+    #[error("idempotency token reused with different parameters")]
+    IdempotencyMismatch,
+    #[error("KMS refused: {0}")]
+    Kms(&'static str),
+    #[error("host controller refused: {0}")]
+    Host(&'static str),
+    #[error("upstream service unreachable")]
+    Upstream,
+    #[error("audit log unavailable; nothing was done")]
+    AuditUnavailable,
+    #[error("state store: {0}")]
+    Repo(#[from] repo::RepoError),
+    #[error("internal error")]
+    Internal,
+}
+
+/// KMS and controller error codes passed through to the customer (anything else is generic).
+const UPSTREAM_CODES: &[&str] = &[
+    "authorization_not_recent",
+    "wrong_customer_action",
+    "no_such_key",
+    "no_grant",
+    "unknown_host",
+    "host_key_mismatch",
+    "auth_bad_signature",
+    "auth_unknown_access_key",
+    "auth_stale",
+    "customer_exists",
+    "no_such_instance",
+    "no_such_volume",
+    "wrong_state",
+    "no_capacity",
+    "volume_attached",
+    "host_draining",
+    "instance_exists",
+    "quota_exceeded",
+    "audit_unavailable",
+    "bad_sealed_key",
+    "policy_denied",
+    "token_operation_not_granted",
+    "token_resource_not_granted",
+];
+
+/// Maps an upstream code to its stable static form.
+pub fn upstream_code(code: &str) -> &'static str {
+    UPSTREAM_CODES
+        .iter()
+        .copied()
+        .find(|c| *c == code)
+        .unwrap_or("upstream_error")
+}
+
+impl ControlError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ControlError::NoSuchAction => "no_such_action",
+            ControlError::MethodNotAllowed => "method_not_allowed",
+            ControlError::BodyTooLarge => "body_too_large",
+            ControlError::BadBody => "body_malformed",
+            ControlError::UnknownField => "body_unknown_field",
+            ControlError::BadId => "bad_resource_id",
+            ControlError::BadShape => "bad_parameter",
+            ControlError::EncryptionRequired => "encryption_required",
+            ControlError::Auth(e) => e.code(),
+            ControlError::Replayed => "auth_replayed",
+            ControlError::NoSuchInstance => "no_such_instance",
+            ControlError::NoSuchVolume => "no_such_volume",
+            ControlError::WrongState => "incorrect_state",
+            ControlError::VolumeInUse => "volume_in_use",
+            ControlError::NoCapacity => "insufficient_capacity",
+            ControlError::IdempotencyMismatch => "idempotency_mismatch",
+            ControlError::Kms(c) => c,
+            ControlError::Host(c) => c,
+            ControlError::Upstream => "upstream_unreachable",
+            ControlError::AuditUnavailable => "audit_unavailable",
+            ControlError::Repo(_) => "store_error",
+            ControlError::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            ControlError::NoSuchAction
+            | ControlError::NoSuchInstance
+            | ControlError::NoSuchVolume => 404,
+            ControlError::MethodNotAllowed => 405,
+            ControlError::BodyTooLarge => 413,
+            ControlError::BadBody
+            | ControlError::UnknownField
+            | ControlError::BadId
+            | ControlError::BadShape
+            | ControlError::EncryptionRequired => 400,
+            ControlError::Auth(_) | ControlError::Replayed => 401,
+            ControlError::WrongState
+            | ControlError::VolumeInUse
+            | ControlError::NoCapacity
+            | ControlError::IdempotencyMismatch => 409,
+            ControlError::Kms(_) => 403,
+            ControlError::Host(_) => 502,
+            ControlError::Upstream | ControlError::AuditUnavailable => 503,
+            ControlError::Repo(_) | ControlError::Internal => 500,
+        }
+    }
+}

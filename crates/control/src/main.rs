@@ -1,0 +1,437 @@
+//! `bulkhead-control`: the control plane daemon (`serve`), customer enrolment
+//! (`create-customer`), a signing customer client (`call`, the `aws ec2`-like front end), and
+//! the operator's view of what was pulled from hosts (`hosts`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bulkhead_audit::AuditLog;
+use bulkhead_control::config::Config;
+use bulkhead_control::hosts::HostClient;
+use bulkhead_control::repo::{CustomerRow, HostRow, Repository, SqliteRepo};
+use bulkhead_control::service::{secret_aad, ControlPlane};
+use bulkhead_control::{cluster, server};
+use bulkhead_kms::{crypto, sigv, tls};
+use bulkhead_tokens::pki::CaDir;
+use bulkhead_tokens::statedir::StateDir;
+use bulkhead_tokens::Role;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead-control", about = "Bulkhead control plane")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the control plane.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        /// Issue the `control` server certificate from the CA if it is absent.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Create a tenant with one access key; writes its credentials file (mode 0600).
+    CreateCustomer {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign and send one customer API call; prints the JSON answer.
+    Call {
+        /// Control plane address (host:port).
+        #[arg(long)]
+        endpoint: String,
+        /// CA certificate the control plane's server certificate chains to.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Credentials file written by create-customer.
+        #[arg(long)]
+        credentials: PathBuf,
+        /// Action, e.g. RunInstances.
+        action: String,
+        /// JSON body (default `{}`).
+        body: Option<String>,
+    },
+    /// Start a local cluster (KMS, N host controllers, this control plane) in DIR and keep it
+    /// running until interrupted. Writes DIR/cluster.json once everything is up.
+    Up {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        /// Record every inter-service link through relays into DIR/capture/.
+        #[arg(long)]
+        record: bool,
+        /// Controller instance backend (`auto`, `host`, `detached`), if the controller supports it.
+        #[arg(long)]
+        controller_backend: Option<String>,
+        /// Directory with the daemons' binaries (default: next to this one).
+        #[arg(long)]
+        bins: Option<PathBuf>,
+    },
+    /// Operator view: hosts, their last pulled status and how many audit records were pulled.
+    Hosts {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("config: {0}")]
+    Config(#[from] bulkhead_control::config::ConfigError),
+    #[error("state: {0}")]
+    State(#[from] bulkhead_tokens::statedir::StateError),
+    #[error("pki: {0}")]
+    Pki(#[from] bulkhead_tokens::pki::PkiError),
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("crypto: {0}")]
+    Crypto(#[from] crypto::CryptoError),
+    #[error("store: {0}")]
+    Repo(#[from] bulkhead_control::repo::RepoError),
+    #[error("audit: {0}")]
+    Audit(#[from] bulkhead_audit::AuditError),
+    #[error("[{code}] {0}", code = .0.code())]
+    Control(#[from] bulkhead_control::ControlError),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("bad argument: {0}")]
+    BadArgument(&'static str),
+    #[error("cluster: {0}")]
+    Cluster(#[from] cluster::ClusterError),
+    #[error("call failed with HTTP {0}")]
+    CallFailed(u16),
+}
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |e| CliError::Io(p.display().to_string(), e)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Io("runtime".into(), e))
+}
+
+fn client(cfg: &Config) -> Result<tls::HttpsClient, CliError> {
+    let ca = CaDir::new(&cfg.ca_dir);
+    Ok(tls::HttpsClient::new(tls::client_config(
+        &ca.ca_pem(),
+        Some((&ca.cert("control-plane"), &ca.key("control-plane"))),
+    )?))
+}
+
+fn open_repo(cfg: &Config) -> Result<(Arc<dyn Repository>, crypto::Key32), CliError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(io(&cfg.state_dir))?;
+    let repo: Arc<dyn Repository> = Arc::new(SqliteRepo::open(&cfg.state_dir.join("control.db"))?);
+    let root = crypto::load_root_key(&cfg.state_dir.join("root.key"), true)?;
+    Ok((repo, root))
+}
+
+fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
+    let cfg = Config::load(config)?;
+    let ca = CaDir::new(&cfg.ca_dir);
+    if dev && !ca.cert("control").exists() {
+        ca.issue("control", Role::Host, true)?;
+    }
+    let (repo, root) = open_repo(&cfg)?;
+    let st = StateDir::new(&cfg.ca_dir);
+    let (identity, _) = ca.identity("control-plane")?;
+    let hosts = HostClient::new(client(&cfg)?, st.token_service()?, identity);
+    let mut keys = BTreeMap::new();
+    for h in &cfg.hosts {
+        repo.upsert_host(&HostRow {
+            host_id: h.host_id.clone(),
+            addr: h.addr.clone(),
+            cores: h.cores,
+            dedicated_tenant: None,
+        })?;
+        keys.insert(
+            h.host_id.clone(),
+            std::fs::read(&h.public_key).map_err(io(&h.public_key))?,
+        );
+    }
+    let (audit, _) = AuditLog::open(&cfg.state_dir.join("audit.log"))?;
+    let tls_cfg = tls::server_config(&ca.ca_pem(), &ca.cert("control"), &ca.key("control"), false)?;
+    let cp = Arc::new(ControlPlane::new(
+        repo,
+        root,
+        client(&cfg)?,
+        cfg.kms_addr.clone(),
+        hosts,
+        keys,
+        audit,
+    ));
+    let std_listener = std::net::TcpListener::bind(&cfg.listen)
+        .map_err(|e| CliError::Io(cfg.listen.clone(), e))?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| CliError::Io(cfg.listen.clone(), e))?;
+    let local = std_listener
+        .local_addr()
+        .map_err(|e| CliError::Io(cfg.listen.clone(), e))?;
+    runtime()?.block_on(async move {
+        let rolled = cp.reconcile().await.unwrap_or(0);
+        let poller = Arc::clone(&cp);
+        let every = Duration::from_millis(cfg.poll_interval_ms.max(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = poller.poll_hosts().await {
+                    tracing::warn!(code = e.code(), "polling round failed");
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| CliError::Io(local.to_string(), e))?;
+        println!("{}", json!({"event": "ready", "service": "control", "listen": local.to_string(), "reconciled": rolled}));
+        tracing::info!(listen = %local, "control plane ready");
+        tls::serve(listener, tls_cfg, server::router(cp)).await.map_err(|e| CliError::Io(local.to_string(), e))
+    })
+}
+
+fn create_customer(config: &Path, tenant: &str, out: &Path) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !bulkhead_kms::valid_id(tenant) {
+        return Err(CliError::BadArgument("tenant: 1-64 of A-Za-z0-9-_."));
+    }
+    let cfg = Config::load(config)?;
+    let (repo, root) = open_repo(&cfg)?;
+    let mut raw = [0u8; 10];
+    bulkhead_sealing::fill_random(&mut raw).map_err(|_| CliError::BadArgument("random"))?;
+    let akid = format!("AKID{}", hex::encode_upper(raw));
+    let secret = crypto::random_secret::<32>()?;
+    let wrapped = crypto::wrap(&root, &secret_aad(&akid), secret.as_ref())?;
+    let kms = client(&cfg)?;
+    let body =
+        json!({"tenant_id": tenant, "access_key_id": akid, "secret": B64.encode(secret.as_ref())});
+    let r = runtime()?.block_on(kms.request(
+        &cfg.kms_addr,
+        "POST",
+        "/v1/RegisterCustomer",
+        &[("content-type", "application/json")],
+        body.to_string().into_bytes(),
+    ))?;
+    if r.status != 200 {
+        eprintln!("{}", String::from_utf8_lossy(&r.body));
+        return Err(CliError::CallFailed(r.status));
+    }
+    repo.put_customer(&CustomerRow {
+        access_key_id: akid.clone(),
+        tenant_id: tenant.to_string(),
+        wrapped_secret: wrapped,
+    })?;
+    let creds =
+        json!({"tenant_id": tenant, "access_key_id": akid, "secret": B64.encode(secret.as_ref())});
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(io(out))?;
+    f.write_all(creds.to_string().as_bytes()).map_err(io(out))?;
+    println!(
+        "{}",
+        json!({"tenant_id": tenant, "access_key_id": akid, "credentials": out.display().to_string()})
+    );
+    Ok(())
+}
+
+/// Signs and sends one call. Public to tests through the binary only.
+fn call(
+    endpoint: &str,
+    ca: &Path,
+    credentials: &Path,
+    action: &str,
+    body: Option<String>,
+) -> Result<(), CliError> {
+    let creds: Value =
+        serde_json::from_slice(&std::fs::read(credentials).map_err(io(credentials))?)
+            .map_err(|_| CliError::BadArgument("credentials file is not JSON"))?;
+    let akid = creds["access_key_id"]
+        .as_str()
+        .ok_or(CliError::BadArgument("credentials: access_key_id"))?;
+    let secret = creds["secret"]
+        .as_str()
+        .and_then(|s| B64.decode(s).ok())
+        .map(zeroize::Zeroizing::new)
+        .ok_or(CliError::BadArgument("credentials: secret"))?;
+    let body = body.unwrap_or_else(|| "{}".into());
+    let path = format!("/v1/{action}");
+    let parts = sigv::SignedParts {
+        method: "POST".into(),
+        path: path.clone(),
+        query: String::new(),
+        host: endpoint.to_string(),
+        date: sigv::format_date(bulkhead_control::service::now()),
+        body: body.clone(),
+    };
+    let auth = sigv::sign(akid, &secret, &parts);
+    let c = tls::HttpsClient::new(tls::client_config(ca, None)?);
+    let r = runtime()?.block_on(c.request(
+        endpoint,
+        "POST",
+        &path,
+        &[
+            ("authorization", &auth),
+            ("x-bh-date", &parts.date),
+            ("content-type", "application/json"),
+        ],
+        body.into_bytes(),
+    ))?;
+    let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    if r.status == 200 {
+        Ok(())
+    } else {
+        Err(CliError::CallFailed(r.status))
+    }
+}
+
+fn hosts(config: &Path) -> Result<(), CliError> {
+    let cfg = Config::load(config)?;
+    let (repo, _) = open_repo(&cfg)?;
+    let mut out = Vec::new();
+    for h in repo.hosts()? {
+        let status = repo.host_status(&h.host_id)?;
+        out.push(json!({
+            "host_id": h.host_id,
+            "addr": h.addr,
+            "cores": h.cores,
+            "dedicated_tenant": h.dedicated_tenant,
+            "last_polled": status.as_ref().map(|s| s.1),
+            "status": status.and_then(|s| serde_json::from_str::<Value>(&s.0).ok()),
+            "audit_records_pulled": repo.host_audit_count(&h.host_id)?,
+        }));
+    }
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    Ok(())
+}
+
+/// Whether `bulkhead-controller` in `bins` accepts `--backend`.
+pub fn controller_backend_args(bins: &Path, backend: Option<&str>) -> Vec<String> {
+    let Some(b) = backend else { return Vec::new() };
+    let help = std::process::Command::new(bins.join("bulkhead-controller"))
+        .arg("--help")
+        .output();
+    match help {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("--backend") => {
+            vec!["--backend".into(), b.to_string()]
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn up(
+    dir: &Path,
+    hosts: usize,
+    record: bool,
+    backend: Option<String>,
+    bins: Option<PathBuf>,
+) -> Result<(), CliError> {
+    let bins = match bins {
+        Some(b) => b,
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .ok_or(CliError::BadArgument("cannot locate binaries"))?,
+    };
+    let opts = cluster::StartOptions {
+        hosts,
+        controller_args: controller_backend_args(&bins, backend.as_deref()),
+        bins: bins.clone(),
+        record,
+        poll_interval_ms: 1000,
+    };
+    let c = cluster::start(dir, &opts)?;
+    let ca = dir.join("ca/ca.pem");
+    println!("Bulkhead cluster up in {}", dir.display());
+    println!("  KMS            {} (mTLS, control plane only)", c.kms_addr);
+    for (h, a) in &c.host_addrs {
+        println!("  controller     {a} ({h}, mTLS + tokens)");
+    }
+    println!(
+        "  control plane  {} (customer API, signed requests)",
+        c.control_addr
+    );
+    println!("Create a customer and call the API:");
+    println!("  {}/bulkhead-control create-customer --config {}/control.toml --tenant acme --out acme.json", bins.display(), dir.display());
+    println!("  {}/bulkhead-control call --endpoint {} --ca {} --credentials acme.json RunInstances '{{\"ImageId\":\"img-1\"}}'", bins.display(), c.control_addr, ca.display());
+    println!(
+        "Operator view of pulled host state: bulkhead-control hosts --config {}/control.toml",
+        dir.display()
+    );
+    println!("Stop with Ctrl-C (or SIGTERM).");
+    println!(
+        "{}",
+        json!({"event": "ready", "service": "cluster", "dir": dir.display().to_string(), "control": c.control_addr})
+    );
+    runtime()?.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| CliError::Io("signal".into(), e))?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        Ok::<(), CliError>(())
+    })?;
+    drop(c);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match Cli::parse().cmd {
+        Cmd::Serve { config, dev } => serve(&config, dev),
+        Cmd::CreateCustomer {
+            config,
+            tenant,
+            out,
+        } => create_customer(&config, &tenant, &out),
+        Cmd::Call {
+            endpoint,
+            ca,
+            credentials,
+            action,
+            body,
+        } => call(&endpoint, &ca, &credentials, &action, body),
+        Cmd::Hosts { config } => hosts(&config),
+        Cmd::Up {
+            dir,
+            hosts,
+            record,
+            controller_backend,
+            bins,
+        } => up(&dir, hosts, record, controller_backend, bins),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead-control: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,712 @@
+//! Control-plane state behind one [`Repository`] trait. [`SqliteRepo`] is the embedded default
+//! (WAL, versioned migrations). Every customer-facing query takes the tenant and filters by it:
+//! there is no call that returns another tenant's row.
+//!
+//! Nothing secret is stored in plaintext: customer signing secrets are AES-256-GCM-wrapped under
+//! the control plane's root key, and volumes hold only the KMS ciphertext of their data key.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("repository lock poisoned")]
+    Poisoned,
+    #[error("schema version {0} is newer than this binary")]
+    TooNew(i64),
+    #[error("row already exists")]
+    Conflict,
+    #[error("row changed concurrently")]
+    Stale,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerRow {
+    pub access_key_id: String,
+    pub tenant_id: String,
+    pub wrapped_secret: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRow {
+    pub host_id: String,
+    pub addr: String,
+    pub cores: u32,
+    /// Tenant a dedicated host is reserved for while it runs that tenant's instances.
+    pub dedicated_tenant: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRow {
+    pub instance_id: String,
+    pub tenant_id: String,
+    pub host_id: String,
+    pub image_id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Whole physical cores reserved (both SMT siblings of each).
+    pub cores: u32,
+    pub dedicated: bool,
+    /// pending | running | stopped | terminated
+    pub state: String,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRow {
+    pub volume_id: String,
+    pub tenant_id: String,
+    pub size_gib: u32,
+    pub kms_key_id: String,
+    /// KMS ciphertext of the data key (never the key).
+    pub ciphertext_blob: Vec<u8>,
+    /// available | attaching | in-use | detaching
+    pub state: String,
+    pub instance_id: Option<String>,
+    pub host_id: Option<String>,
+    pub created: u64,
+}
+
+/// The repository every backend implements; the same test suite runs against each.
+pub trait Repository: Send + Sync {
+    fn put_customer(&self, c: &CustomerRow) -> Result<(), RepoError>;
+    fn customer(&self, access_key_id: &str) -> Result<Option<CustomerRow>, RepoError>;
+    /// Records a request signature; `false` if it was already seen (a replay). Forgets
+    /// signatures older than `forget_before`.
+    fn first_use_of_signature(
+        &self,
+        signature: &str,
+        now: u64,
+        forget_before: u64,
+    ) -> Result<bool, RepoError>;
+    /// The stored (request hash, response) of an idempotency token.
+    fn idempotency(
+        &self,
+        tenant: &str,
+        action: &str,
+        token: &str,
+    ) -> Result<Option<(String, String)>, RepoError>;
+    fn put_idempotency(
+        &self,
+        tenant: &str,
+        action: &str,
+        token: &str,
+        hash: &str,
+        response: &str,
+    ) -> Result<(), RepoError>;
+
+    fn upsert_host(&self, h: &HostRow) -> Result<(), RepoError>;
+    fn hosts(&self) -> Result<Vec<HostRow>, RepoError>;
+    fn set_host_dedicated(&self, host_id: &str, tenant: Option<&str>) -> Result<(), RepoError>;
+    fn set_host_status(&self, host_id: &str, status_json: &str, now: u64) -> Result<(), RepoError>;
+    fn host_status(&self, host_id: &str) -> Result<Option<(String, u64)>, RepoError>;
+    fn host_audit_cursor(&self, host_id: &str) -> Result<u64, RepoError>;
+    /// Stores pulled audit records `(seq, line)` and advances the cursor.
+    fn append_host_audit(&self, host_id: &str, records: &[(u64, String)]) -> Result<(), RepoError>;
+    fn host_audit_count(&self, host_id: &str) -> Result<u64, RepoError>;
+
+    fn insert_instance(&self, i: &InstanceRow) -> Result<(), RepoError>;
+    fn instance(&self, tenant: &str, id: &str) -> Result<Option<InstanceRow>, RepoError>;
+    fn instances(&self, tenant: &str) -> Result<Vec<InstanceRow>, RepoError>;
+    /// Every non-terminated instance of every tenant (scheduler and poller only).
+    fn live_instances(&self) -> Result<Vec<InstanceRow>, RepoError>;
+    fn set_instance_state(&self, tenant: &str, id: &str, state: &str) -> Result<(), RepoError>;
+
+    fn insert_volume(&self, v: &VolumeRow) -> Result<(), RepoError>;
+    fn volume(&self, tenant: &str, id: &str) -> Result<Option<VolumeRow>, RepoError>;
+    fn volumes(&self, tenant: &str) -> Result<Vec<VolumeRow>, RepoError>;
+    /// Compare-and-set of a volume's attachment: succeeds only if its state is `from`.
+    fn transition_volume(
+        &self,
+        tenant: &str,
+        id: &str,
+        from: &str,
+        to: &str,
+        instance: Option<&str>,
+        host: Option<&str>,
+    ) -> Result<(), RepoError>;
+    fn delete_volume(&self, tenant: &str, id: &str) -> Result<bool, RepoError>;
+    /// Volumes left mid-transition (attaching/detaching) by a crash, any tenant.
+    fn volumes_in_transition(&self) -> Result<Vec<VolumeRow>, RepoError>;
+}
+
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE customers (
+        access_key_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, wrapped_secret BLOB NOT NULL);
+     CREATE TABLE signatures (signature TEXT PRIMARY KEY, seen INTEGER NOT NULL);
+     CREATE TABLE idempotency (
+        tenant_id TEXT NOT NULL, action TEXT NOT NULL, token TEXT NOT NULL,
+        request_hash TEXT NOT NULL, response TEXT NOT NULL,
+        PRIMARY KEY (tenant_id, action, token));
+     CREATE TABLE hosts (
+        host_id TEXT PRIMARY KEY, addr TEXT NOT NULL, cores INTEGER NOT NULL,
+        dedicated_tenant TEXT, status TEXT, polled INTEGER, audit_cursor INTEGER NOT NULL DEFAULT 0);
+     CREATE TABLE host_audit (
+        host_id TEXT NOT NULL, seq INTEGER NOT NULL, line TEXT NOT NULL, PRIMARY KEY (host_id, seq));
+     CREATE TABLE instances (
+        instance_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, host_id TEXT NOT NULL,
+        image_id TEXT NOT NULL, vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL,
+        cores INTEGER NOT NULL, dedicated INTEGER NOT NULL, state TEXT NOT NULL,
+        created INTEGER NOT NULL);
+     CREATE INDEX instances_by_tenant ON instances(tenant_id);
+     CREATE TABLE volumes (
+        volume_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, size_gib INTEGER NOT NULL,
+        kms_key_id TEXT NOT NULL, ciphertext_blob BLOB NOT NULL, state TEXT NOT NULL,
+        instance_id TEXT, host_id TEXT, created INTEGER NOT NULL);
+     CREATE INDEX volumes_by_tenant ON volumes(tenant_id);",
+];
+
+pub struct SqliteRepo {
+    conn: Mutex<Connection>,
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn u32_of(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
+    Ok(InstanceRow {
+        instance_id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        host_id: r.get(2)?,
+        image_id: r.get(3)?,
+        vcpus: u32_of(r.get(4)?),
+        memory_mib: u32_of(r.get(5)?),
+        cores: u32_of(r.get(6)?),
+        dedicated: r.get::<_, i64>(7)? != 0,
+        state: r.get(8)?,
+        created: u(r.get(9)?),
+    })
+}
+
+const INSTANCE_COLS: &str =
+    "instance_id, tenant_id, host_id, image_id, vcpus, memory_mib, cores, dedicated, state, created";
+const VOLUME_COLS: &str =
+    "volume_id, tenant_id, size_gib, kms_key_id, ciphertext_blob, state, instance_id, host_id, created";
+
+fn volume_row(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
+    Ok(VolumeRow {
+        volume_id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        size_gib: u32_of(r.get(2)?),
+        kms_key_id: r.get(3)?,
+        ciphertext_blob: r.get(4)?,
+        state: r.get(5)?,
+        instance_id: r.get(6)?,
+        host_id: r.get(7)?,
+        created: u(r.get(8)?),
+    })
+}
+
+impl SqliteRepo {
+    pub fn open(path: &Path) -> Result<SqliteRepo, RepoError> {
+        Self::init(Connection::open(path)?)
+    }
+
+    pub fn open_in_memory() -> Result<SqliteRepo, RepoError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<SqliteRepo, RepoError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+        if version > known {
+            return Err(RepoError::TooNew(version));
+        }
+        for (n, m) in MIGRATIONS.iter().enumerate() {
+            let v = i64::try_from(n + 1).unwrap_or(i64::MAX);
+            if v > version {
+                let tx = conn.transaction()?;
+                tx.execute_batch(m)?;
+                tx.pragma_update(None, "user_version", v)?;
+                tx.commit()?;
+            }
+        }
+        Ok(SqliteRepo {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, RepoError> {
+        let mut c = self.conn.lock().map_err(|_| RepoError::Poisoned)?;
+        Ok(f(&mut c)?)
+    }
+}
+
+fn is_constraint(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+impl Repository for SqliteRepo {
+    fn put_customer(&self, c: &CustomerRow) -> Result<(), RepoError> {
+        let r = self.with(|db| {
+            db.execute(
+                "INSERT INTO customers (access_key_id, tenant_id, wrapped_secret) VALUES (?1, ?2, ?3)",
+                params![c.access_key_id, c.tenant_id, c.wrapped_secret],
+            )
+        });
+        match r {
+            Err(RepoError::Sqlite(e)) if is_constraint(&e) => Err(RepoError::Conflict),
+            r => r.map(|_| ()),
+        }
+    }
+
+    fn customer(&self, akid: &str) -> Result<Option<CustomerRow>, RepoError> {
+        self.with(|db| {
+            db.query_row(
+                "SELECT access_key_id, tenant_id, wrapped_secret FROM customers WHERE access_key_id = ?1",
+                params![akid],
+                |r| Ok(CustomerRow { access_key_id: r.get(0)?, tenant_id: r.get(1)?, wrapped_secret: r.get(2)? }),
+            )
+            .optional()
+        })
+    }
+
+    fn first_use_of_signature(
+        &self,
+        sig: &str,
+        now: u64,
+        forget_before: u64,
+    ) -> Result<bool, RepoError> {
+        self.with(|db| {
+            db.execute(
+                "DELETE FROM signatures WHERE seen < ?1",
+                params![i(forget_before)],
+            )?;
+            let n = db.execute(
+                "INSERT OR IGNORE INTO signatures (signature, seen) VALUES (?1, ?2)",
+                params![sig, i(now)],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn idempotency(
+        &self,
+        tenant: &str,
+        action: &str,
+        token: &str,
+    ) -> Result<Option<(String, String)>, RepoError> {
+        self.with(|db| {
+            db.query_row(
+                "SELECT request_hash, response FROM idempotency WHERE tenant_id = ?1 AND action = ?2 AND token = ?3",
+                params![tenant, action, token],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+    }
+
+    fn put_idempotency(
+        &self,
+        tenant: &str,
+        action: &str,
+        token: &str,
+        hash: &str,
+        response: &str,
+    ) -> Result<(), RepoError> {
+        self.with(|db| {
+            db.execute(
+                "INSERT OR IGNORE INTO idempotency (tenant_id, action, token, request_hash, response) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![tenant, action, token, hash, response],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn upsert_host(&self, h: &HostRow) -> Result<(), RepoError> {
+        self.with(|db| {
+            db.execute(
+                "INSERT INTO hosts (host_id, addr, cores) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(host_id) DO UPDATE SET addr = excluded.addr, cores = excluded.cores",
+                params![h.host_id, h.addr, h.cores],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn hosts(&self) -> Result<Vec<HostRow>, RepoError> {
+        self.with(|db| {
+            let mut s = db.prepare(
+                "SELECT host_id, addr, cores, dedicated_tenant FROM hosts ORDER BY host_id",
+            )?;
+            let rows = s.query_map([], |r| {
+                Ok(HostRow {
+                    host_id: r.get(0)?,
+                    addr: r.get(1)?,
+                    cores: u32_of(r.get(2)?),
+                    dedicated_tenant: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn set_host_dedicated(&self, host_id: &str, tenant: Option<&str>) -> Result<(), RepoError> {
+        self.with(|db| {
+            db.execute(
+                "UPDATE hosts SET dedicated_tenant = ?2 WHERE host_id = ?1",
+                params![host_id, tenant],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn set_host_status(&self, host_id: &str, status: &str, now: u64) -> Result<(), RepoError> {
+        self.with(|db| {
+            db.execute(
+                "UPDATE hosts SET status = ?2, polled = ?3 WHERE host_id = ?1",
+                params![host_id, status, i(now)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn host_status(&self, host_id: &str) -> Result<Option<(String, u64)>, RepoError> {
+        self.with(|db| {
+            db.query_row(
+                "SELECT status, polled FROM hosts WHERE host_id = ?1 AND status IS NOT NULL",
+                params![host_id],
+                |r| Ok((r.get(0)?, u(r.get(1)?))),
+            )
+            .optional()
+        })
+    }
+
+    fn host_audit_cursor(&self, host_id: &str) -> Result<u64, RepoError> {
+        self.with(|db| {
+            db.query_row(
+                "SELECT audit_cursor FROM hosts WHERE host_id = ?1",
+                params![host_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|o| o.map(u).unwrap_or(0))
+        })
+    }
+
+    fn append_host_audit(&self, host_id: &str, records: &[(u64, String)]) -> Result<(), RepoError> {
+        self.with(|db| {
+            let tx = db.transaction()?;
+            let mut max = 0u64;
+            for (seq, line) in records {
+                tx.execute(
+                    "INSERT OR IGNORE INTO host_audit (host_id, seq, line) VALUES (?1, ?2, ?3)",
+                    params![host_id, i(*seq), line],
+                )?;
+                max = max.max(*seq);
+            }
+            tx.execute(
+                "UPDATE hosts SET audit_cursor = MAX(audit_cursor, ?2) WHERE host_id = ?1",
+                params![host_id, i(max)],
+            )?;
+            tx.commit()
+        })
+    }
+
+    fn host_audit_count(&self, host_id: &str) -> Result<u64, RepoError> {
+        self.with(|db| {
+            db.query_row(
+                "SELECT COUNT(*) FROM host_audit WHERE host_id = ?1",
+                params![host_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(u)
+        })
+    }
+
+    fn insert_instance(&self, x: &InstanceRow) -> Result<(), RepoError> {
+        self.with(|db| {
+            db.execute(
+                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                params![
+                    x.instance_id, x.tenant_id, x.host_id, x.image_id, x.vcpus, x.memory_mib, x.cores,
+                    i64::from(x.dedicated), x.state, i(x.created)
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn instance(&self, tenant: &str, id: &str) -> Result<Option<InstanceRow>, RepoError> {
+        self.with(|db| {
+            db.query_row(
+                &format!("SELECT {INSTANCE_COLS} FROM instances WHERE tenant_id = ?1 AND instance_id = ?2"),
+                params![tenant, id],
+                instance_row,
+            )
+            .optional()
+        })
+    }
+
+    fn instances(&self, tenant: &str) -> Result<Vec<InstanceRow>, RepoError> {
+        self.with(|db| {
+            let mut s = db.prepare(&format!("SELECT {INSTANCE_COLS} FROM instances WHERE tenant_id = ?1 ORDER BY created, instance_id"))?;
+            let rows = s.query_map(params![tenant], instance_row)?;
+            rows.collect()
+        })
+    }
+
+    fn live_instances(&self) -> Result<Vec<InstanceRow>, RepoError> {
+        self.with(|db| {
+            let mut s = db.prepare(&format!(
+                "SELECT {INSTANCE_COLS} FROM instances WHERE state != 'terminated'"
+            ))?;
+            let rows = s.query_map([], instance_row)?;
+            rows.collect()
+        })
+    }
+
+    fn set_instance_state(&self, tenant: &str, id: &str, state: &str) -> Result<(), RepoError> {
+        self.with(|db| {
+            db.execute(
+                "UPDATE instances SET state = ?3 WHERE tenant_id = ?1 AND instance_id = ?2",
+                params![tenant, id, state],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn insert_volume(&self, v: &VolumeRow) -> Result<(), RepoError> {
+        self.with(|db| {
+            db.execute(
+                &format!("INSERT INTO volumes ({VOLUME_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                params![
+                    v.volume_id, v.tenant_id, v.size_gib, v.kms_key_id, v.ciphertext_blob, v.state, v.instance_id,
+                    v.host_id, i(v.created)
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn volume(&self, tenant: &str, id: &str) -> Result<Option<VolumeRow>, RepoError> {
+        self.with(|db| {
+            db.query_row(
+                &format!(
+                    "SELECT {VOLUME_COLS} FROM volumes WHERE tenant_id = ?1 AND volume_id = ?2"
+                ),
+                params![tenant, id],
+                volume_row,
+            )
+            .optional()
+        })
+    }
+
+    fn volumes(&self, tenant: &str) -> Result<Vec<VolumeRow>, RepoError> {
+        self.with(|db| {
+            let mut s = db.prepare(&format!("SELECT {VOLUME_COLS} FROM volumes WHERE tenant_id = ?1 ORDER BY created, volume_id"))?;
+            let rows = s.query_map(params![tenant], volume_row)?;
+            rows.collect()
+        })
+    }
+
+    fn transition_volume(
+        &self,
+        tenant: &str,
+        id: &str,
+        from: &str,
+        to: &str,
+        instance: Option<&str>,
+        host: Option<&str>,
+    ) -> Result<(), RepoError> {
+        let n = self.with(|db| {
+            db.execute(
+                "UPDATE volumes SET state = ?4, instance_id = ?5, host_id = ?6
+                 WHERE tenant_id = ?1 AND volume_id = ?2 AND state = ?3",
+                params![tenant, id, from, to, instance, host],
+            )
+        })?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(RepoError::Stale)
+        }
+    }
+
+    fn delete_volume(&self, tenant: &str, id: &str) -> Result<bool, RepoError> {
+        self.with(|db| {
+            db.execute("DELETE FROM volumes WHERE tenant_id = ?1 AND volume_id = ?2 AND state = 'available'", params![tenant, id])
+                .map(|n| n == 1)
+        })
+    }
+
+    fn volumes_in_transition(&self) -> Result<Vec<VolumeRow>, RepoError> {
+        self.with(|db| {
+            let mut s = db.prepare(&format!(
+                "SELECT {VOLUME_COLS} FROM volumes WHERE state IN ('attaching', 'detaching')"
+            ))?;
+            let rows = s.query_map([], volume_row)?;
+            rows.collect()
+        })
+    }
+}
+
+/// The repository contract, run against every backend (`SqliteRepo` here; the PostgreSQL
+/// backend is to run the same function).
+#[doc(hidden)]
+#[allow(clippy::unwrap_used)]
+pub fn contract_suite(r: &dyn Repository) {
+    r.put_customer(&CustomerRow {
+        access_key_id: "AKIDA0000001".into(),
+        tenant_id: "t-a".into(),
+        wrapped_secret: vec![1, 2],
+    })
+    .unwrap();
+    assert!(matches!(
+        r.put_customer(&CustomerRow {
+            access_key_id: "AKIDA0000001".into(),
+            tenant_id: "t-b".into(),
+            wrapped_secret: vec![]
+        }),
+        Err(RepoError::Conflict)
+    ));
+    assert_eq!(
+        r.customer("AKIDA0000001").unwrap().unwrap().tenant_id,
+        "t-a"
+    );
+    assert!(r.first_use_of_signature("s1", 100, 0).unwrap());
+    assert!(!r.first_use_of_signature("s1", 101, 0).unwrap());
+    assert!(
+        r.first_use_of_signature("s1", 500, 400).unwrap(),
+        "old signatures are forgotten"
+    );
+    r.put_idempotency("t-a", "RunInstances", "tok", "h1", "{\"x\":1}")
+        .unwrap();
+    assert_eq!(
+        r.idempotency("t-a", "RunInstances", "tok")
+            .unwrap()
+            .unwrap()
+            .0,
+        "h1"
+    );
+    assert!(r
+        .idempotency("t-b", "RunInstances", "tok")
+        .unwrap()
+        .is_none());
+    r.upsert_host(&HostRow {
+        host_id: "host-1".into(),
+        addr: "127.0.0.1:1".into(),
+        cores: 4,
+        dedicated_tenant: None,
+    })
+    .unwrap();
+    r.set_host_dedicated("host-1", Some("t-a")).unwrap();
+    assert_eq!(
+        r.hosts().unwrap()[0].dedicated_tenant.as_deref(),
+        Some("t-a")
+    );
+    r.append_host_audit("host-1", &[(1, "a".into()), (2, "b".into())])
+        .unwrap();
+    r.append_host_audit("host-1", &[(2, "b".into())]).unwrap();
+    assert_eq!(r.host_audit_cursor("host-1").unwrap(), 2);
+    assert_eq!(r.host_audit_count("host-1").unwrap(), 2);
+    let inst = InstanceRow {
+        instance_id: "i-1".into(),
+        tenant_id: "t-a".into(),
+        host_id: "host-1".into(),
+        image_id: "img".into(),
+        vcpus: 2,
+        memory_mib: 128,
+        cores: 1,
+        dedicated: false,
+        state: "running".into(),
+        created: 1,
+    };
+    r.insert_instance(&inst).unwrap();
+    assert!(
+        r.instance("t-b", "i-1").unwrap().is_none(),
+        "tenant isolation"
+    );
+    assert_eq!(r.instances("t-a").unwrap(), vec![inst.clone()]);
+    assert!(r.instances("t-b").unwrap().is_empty());
+    r.set_instance_state("t-b", "i-1", "terminated").unwrap();
+    assert_eq!(
+        r.instance("t-a", "i-1").unwrap().unwrap().state,
+        "running",
+        "other tenant cannot change it"
+    );
+    assert_eq!(r.live_instances().unwrap().len(), 1);
+    let vol = VolumeRow {
+        volume_id: "vol-1".into(),
+        tenant_id: "t-a".into(),
+        size_gib: 1,
+        kms_key_id: "key-1".into(),
+        ciphertext_blob: vec![9; 10],
+        state: "available".into(),
+        instance_id: None,
+        host_id: None,
+        created: 1,
+    };
+    r.insert_volume(&vol).unwrap();
+    assert!(r.volume("t-b", "vol-1").unwrap().is_none());
+    assert!(matches!(
+        r.transition_volume("t-b", "vol-1", "available", "attaching", None, None),
+        Err(RepoError::Stale)
+    ));
+    r.transition_volume(
+        "t-a",
+        "vol-1",
+        "available",
+        "attaching",
+        Some("i-1"),
+        Some("host-1"),
+    )
+    .unwrap();
+    assert!(matches!(
+        r.transition_volume("t-a", "vol-1", "available", "attaching", None, None),
+        Err(RepoError::Stale)
+    ));
+    assert_eq!(r.volumes_in_transition().unwrap().len(), 1);
+    assert!(
+        !r.delete_volume("t-a", "vol-1").unwrap(),
+        "attached volume cannot be deleted"
+    );
+    r.transition_volume("t-a", "vol-1", "attaching", "available", None, None)
+        .unwrap();
+    assert!(!r.delete_volume("t-b", "vol-1").unwrap());
+    assert!(r.delete_volume("t-a", "vol-1").unwrap());
+    assert!(r.volumes("t-a").unwrap().is_empty());
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn sqlite_passes_repository_contract() {
+        contract_suite(&SqliteRepo::open_in_memory().unwrap());
+    }
+
+    #[test]
+    fn sqlite_file_reopens_at_same_schema() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.db");
+        contract_suite(&SqliteRepo::open(&p).unwrap());
+        let r = SqliteRepo::open(&p).unwrap();
+        assert_eq!(
+            r.customer("AKIDA0000001").unwrap().unwrap().tenant_id,
+            "t-a"
+        );
+    }
+}
