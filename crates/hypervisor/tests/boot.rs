@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[test]
 fn boots_one_vcpu_and_runs_a_script() {

@@ -183,7 +183,7 @@ fn channel_controls_a_real_guest() {
     // Read the console by cursor until the script's output appears.
     let mut cursor = 0u64;
     let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + Duration::from_secs(600);
     while Instant::now() < deadline {
         match ch.cmd(Command::ReadConsole { cursor, max: 4096 }) {
             Ok(Reply::Console { data, next, lost }) => {
