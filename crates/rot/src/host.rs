@@ -59,6 +59,7 @@ pub struct Host {
     key: Option<HostKey>,
     log: Option<EventLog>,
     health: Option<HostHealth>,
+    audit: Option<bulkhead_audit::AuditLog>,
 }
 
 impl std::fmt::Debug for Host {
@@ -79,7 +80,34 @@ impl Host {
             key: None,
             log: None,
             health: None,
+            audit: None,
         })
+    }
+
+    /// Where refusals are raised as alerts (the host's audit log, pulled by the control plane).
+    pub fn set_audit(&mut self, audit: bulkhead_audit::AuditLog) {
+        self.audit = Some(audit);
+    }
+
+    fn raise_alerts(&self, h: &HostHealth) {
+        let Some(audit) = &self.audit else { return };
+        for r in &h.reasons {
+            let entry = bulkhead_audit::AuditEntry {
+                kind: bulkhead_audit::EntryKind::Alert,
+                request_id: "-".into(),
+                caller: "bulkhead-launcher".into(),
+                cert_sha256: None,
+                token_id: None,
+                op: "MeasuredStart".into(),
+                resources: vec![format!("host:{}", self.cfg.name)],
+                params_sha256: h.pcr_value.clone(),
+                decision: bulkhead_audit::Decision::None,
+                code: r.code().into(),
+            };
+            if let Err(e) = audit.append_blocking(entry) {
+                tracing::error!(error = %e, "could not write alert to the audit log");
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -280,6 +308,9 @@ impl Host {
             h.reasons.push(r);
         }
         h.accepts_customer_work = h.reasons.is_empty() && self.key.is_some();
+        if !h.accepts_customer_work {
+            self.raise_alerts(&h);
+        }
         self.health = Some(h.clone());
         h
     }

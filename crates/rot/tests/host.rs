@@ -60,6 +60,9 @@ fn tampered_binary_unseal_fails_host_refuses_and_kms_refuses_keys() {
         return;
     }
     let (_k, _art, mut h, mut v) = healthy_host("host-a");
+    let alerts = tempfile::tempdir().unwrap();
+    let alert_log = alerts.path().join("audit.log");
+    h.set_audit(bulkhead_audit::AuditLog::open(&alert_log).unwrap().0);
 
     // Healthy: the KMS seals a volume key to the attested host, and the host's unsealed key opens it.
     let vk = [7u8; 64];
@@ -92,6 +95,22 @@ fn tampered_binary_unseal_fails_host_refuses_and_kms_refuses_keys() {
     // The health verdict serializes for the controller's health API.
     let json = serde_json::to_string(&health).unwrap();
     assert!(json.contains("\"accepts_customer_work\":false") && json.contains("unseal_failed"));
+
+    // The refusal was raised as alerts in the host's audit log.
+    let alert_codes: Vec<String> = std::fs::read_to_string(&alert_log)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["entry"]["code"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        alert_codes.iter().any(|c| c == "artefact_mismatch"),
+        "{alert_codes:?}"
+    );
 
     // The KMS refuses: its verifier sees measurements no signed release has.
     let nonce = v.challenge("host-a").unwrap();

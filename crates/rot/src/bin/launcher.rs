@@ -42,6 +42,9 @@ struct Args {
     dev_swtpm: bool,
     #[arg(long, default_value_t = 23)]
     pcr: u8,
+    /// Audit log (hash-chained) where a refusal is raised as an alert.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -84,6 +87,13 @@ fn run(a: Args) -> Result<ExitCode, RotError> {
         trust_root,
     };
     let mut host = Host::open(cfg, &tcti)?;
+    if let Some(p) = &a.audit_log {
+        let (log, _) = bulkhead_audit::AuditLog::open(p).map_err(|e| RotError::Io {
+            path: p.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        host.set_audit(log);
+    }
     let out = |v: &dyn erased::Json| println!("{}", v.json());
     match a.cmd {
         Cmd::Provision { release, from } => {
