@@ -282,6 +282,7 @@ fn call(
         host: endpoint.to_string(),
         date: sigv::format_date(bulkhead_control::service::now()),
         body: body.clone(),
+        nonce: sigv::new_nonce(),
     };
     let auth = sigv::sign(akid, &secret, &parts);
     let c = tls::HttpsClient::new(tls::client_config(ca, None)?);
@@ -292,6 +293,7 @@ fn call(
         &[
             ("authorization", &auth),
             ("x-bh-date", &parts.date),
+            ("x-bh-nonce", &parts.nonce),
             ("content-type", "application/json"),
         ],
         body.into_bytes(),

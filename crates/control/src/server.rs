@@ -27,6 +27,7 @@ async fn handle(cp: Arc<ControlPlane>, req: Request<Body>) -> Response {
     let host = header(&req, "host").unwrap_or_default();
     let date = header(&req, "x-bh-date");
     let authorization = header(&req, "authorization");
+    let nonce = header(&req, "x-bh-nonce");
     let reply = |e: ControlError| {
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
         (
@@ -53,6 +54,7 @@ async fn handle(cp: Arc<ControlPlane>, req: Request<Body>) -> Response {
             host,
             date,
             authorization,
+            nonce,
             body,
         })
         .await;

@@ -54,6 +54,7 @@ pub struct RawRequest {
     pub host: String,
     pub date: Option<String>,
     pub authorization: Option<String>,
+    pub nonce: Option<String>,
     pub body: String,
 }
 
@@ -150,6 +151,7 @@ impl ControlPlane {
                 .clone()
                 .ok_or(ControlError::Auth(sigv::SigError::BadDate))?,
             body: r.body.clone(),
+            nonce: r.nonce.clone().unwrap_or_default(),
         };
         let t = now();
         sigv::verify(&auth, secret.as_ref(), &parts, t, REQUEST_WINDOW_SECS)

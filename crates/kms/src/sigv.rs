@@ -9,11 +9,11 @@
 //!
 //! ```text
 //! canonical request = METHOD \n PATH \n QUERY \n host:HOST \n x-bh-date:DATE \n
-//!                     \n host;x-bh-date \n hex(SHA-256(body))
+//!                     x-bh-nonce:NONCE \n \n host;x-bh-date;x-bh-nonce \n hex(SHA-256(body))
 //! string to sign    = "BH1-HMAC-SHA256" \n DATE \n SCOPE \n hex(SHA-256(canonical request))
 //! scope             = YYYYMMDD/SERVICE/bh1_request
 //! signing key       = HMAC(HMAC(HMAC("BH1" || secret, YYYYMMDD), SERVICE), "bh1_request")
-//! Authorization     = BH1-HMAC-SHA256 Credential=AKID/SCOPE, SignedHeaders=host;x-bh-date, Signature=HEX
+//! Authorization     = BH1-HMAC-SHA256 Credential=AKID/SCOPE, SignedHeaders=host;x-bh-date;x-bh-nonce, Signature=HEX
 //! ```
 //! `DATE` is `YYYYMMDDTHHMMSSZ` (UTC) and travels in the `x-bh-date` header.
 
@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 type HmacSha256 = Hmac<Sha256>;
 
 pub const ALGORITHM: &str = "BH1-HMAC-SHA256";
-pub const SIGNED_HEADERS: &str = "host;x-bh-date";
+pub const SIGNED_HEADERS: &str = "host;x-bh-date;x-bh-nonce";
 pub const TERMINATOR: &str = "bh1_request";
 /// The service name customers sign for.
 pub const SERVICE: &str = "ec2";
@@ -75,6 +75,9 @@ pub struct SignedParts {
     pub date: String,
     /// The request body, exactly as sent (UTF-8 JSON).
     pub body: String,
+    /// `x-bh-nonce`: 16-64 of `A-Za-z0-9`, fresh per request, so that two identical calls in the
+    /// same second have different signatures and a replay is recognisable.
+    pub nonce: String,
 }
 
 /// A customer's signed request, as forwarded by the control plane to the KMS.
@@ -186,12 +189,13 @@ fn signing_key(secret: &[u8], day: &str, service: &str) -> [u8; 32] {
 /// The canonical request.
 pub fn canonical_request(p: &SignedParts) -> String {
     format!(
-        "{}\n{}\n{}\nhost:{}\nx-bh-date:{}\n\n{}\n{}",
+        "{}\n{}\n{}\nhost:{}\nx-bh-date:{}\nx-bh-nonce:{}\n\n{}\n{}",
         p.method,
         p.path,
         p.query,
         p.host,
         p.date,
+        p.nonce,
         SIGNED_HEADERS,
         hex::encode(Sha256::digest(p.body.as_bytes()))
     )
@@ -227,6 +231,9 @@ pub fn verify(
     now: u64,
     window_secs: u64,
 ) -> Result<u64, SigError> {
+    if !(16..=64).contains(&p.nonce.len()) || !p.nonce.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(SigError::Malformed);
+    }
     let t = parse_date(&p.date)?;
     if t.abs_diff(now) > window_secs {
         return Err(SigError::Stale);
@@ -282,6 +289,13 @@ pub fn parse_date(s: &str) -> Result<u64, SigError> {
     u64::try_from(secs).map_err(|_| SigError::BadDate)
 }
 
+/// A fresh request nonce (32 hex digits from the kernel CSPRNG).
+pub fn new_nonce() -> String {
+    let mut b = [0u8; 16];
+    let _ = bulkhead_sealing::fill_random(&mut b);
+    hex::encode(b)
+}
+
 /// Unix seconds → `YYYYMMDDTHHMMSSZ`.
 pub fn format_date(secs: u64) -> String {
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
@@ -308,6 +322,7 @@ mod tests {
             host: "127.0.0.1:9000".into(),
             date: format_date(now),
             body: r#"{"VolumeId":"vol-1"}"#.into(),
+            nonce: new_nonce(),
         }
     }
 

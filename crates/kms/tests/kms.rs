@@ -111,6 +111,7 @@ fn signed(akid: &str, secret: &[u8], action: &str, body: &Value, at: u64) -> Val
         host: "control.example".into(),
         date: sigv::format_date(at),
         body: body.to_string(),
+        nonce: sigv::new_nonce(),
     };
     let f = ForwardedRequest {
         authorization: sigv::sign(akid, secret, &parts),

@@ -1,0 +1,585 @@
+//! End to end across separate processes: the real `bulkhead-kms`, two real
+//! `bulkhead-controller`s and the real `bulkhead-control`, every link mutual TLS 1.3, every
+//! inter-service byte recorded by relays. Needs the workspace binaries
+//! (`cargo build --release --workspace --bins`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bulkhead_control::cluster::{self, Cluster, StartOptions};
+use bulkhead_kms::sigv::{self, ForwardedRequest, SignedParts};
+use bulkhead_kms::tls::{client_config, HttpsClient};
+use serde_json::{json, Value};
+
+fn bins() -> PathBuf {
+    let b = Path::new(env!("CARGO_BIN_EXE_bulkhead-control"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    for n in ["bulkhead-kms", "bulkhead-controller"] {
+        assert!(
+            b.join(n).is_file(),
+            "{n} missing in {}: run `cargo build --release --workspace --bins` first",
+            b.display()
+        );
+    }
+    b
+}
+
+fn backend_args(bins: &Path) -> Vec<String> {
+    let help = Command::new(bins.join("bulkhead-controller"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    if String::from_utf8_lossy(&help.stdout).contains("--backend") {
+        vec!["--backend".into(), "detached".into()]
+    } else {
+        Vec::new()
+    }
+}
+
+fn up(dir: &Path, record: bool) -> Cluster {
+    let b = bins();
+    cluster::start(
+        dir,
+        &StartOptions {
+            hosts: 2,
+            controller_args: backend_args(&b),
+            bins: b,
+            record,
+            poll_interval_ms: 200,
+        },
+    )
+    .unwrap()
+}
+
+struct Customer {
+    akid: String,
+    secret: Vec<u8>,
+    endpoint: String,
+    client: HttpsClient,
+}
+
+fn customer(c: &Cluster, tenant: &str) -> Customer {
+    let out = c.dir.join(format!("{tenant}.json"));
+    let st = Command::new(bins().join("bulkhead-control"))
+        .args(["create-customer", "--config"])
+        .arg(c.dir.join("control.toml"))
+        .args(["--tenant", tenant, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    Customer {
+        akid: v["access_key_id"].as_str().unwrap().into(),
+        secret: B64.decode(v["secret"].as_str().unwrap()).unwrap(),
+        endpoint: c.control_addr.clone(),
+        client: HttpsClient::new(client_config(&c.dir.join("ca/ca.pem"), None).unwrap()),
+    }
+}
+
+fn now() -> u64 {
+    bulkhead_control::service::now()
+}
+
+impl Customer {
+    fn parts(&self, action: &str, body: &str, at: u64) -> SignedParts {
+        SignedParts {
+            method: "POST".into(),
+            path: format!("/v1/{action}"),
+            query: String::new(),
+            host: self.endpoint.clone(),
+            date: sigv::format_date(at),
+            body: body.into(),
+            nonce: sigv::new_nonce(),
+        }
+    }
+
+    fn send(&self, p: &SignedParts, auth: &str) -> (u16, Value) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt
+            .block_on(self.client.request(
+                &self.endpoint,
+                &p.method,
+                &p.path,
+                &[
+                    ("authorization", auth),
+                    ("x-bh-date", &p.date),
+                    ("x-bh-nonce", &p.nonce),
+                    ("content-type", "application/json"),
+                ],
+                p.body.clone().into_bytes(),
+            ))
+            .unwrap();
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        )
+    }
+
+    fn call(&self, action: &str, body: Value) -> (u16, Value) {
+        let p = self.parts(action, &body.to_string(), now());
+        let auth = sigv::sign(&self.akid, &self.secret, &p);
+        self.send(&p, &auth)
+    }
+
+    fn ok(&self, action: &str, body: Value) -> Value {
+        let (st, v) = self.call(action, body);
+        assert_eq!(st, 200, "{action}: {v}");
+        v
+    }
+
+    /// A signed request in the form the control plane forwards to the KMS.
+    fn forwarded(&self, action: &str, body: Value) -> Value {
+        let p = self.parts(action, &body.to_string(), now());
+        serde_json::to_value(ForwardedRequest {
+            authorization: sigv::sign(&self.akid, &self.secret, &p),
+            parts: p,
+        })
+        .unwrap()
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+fn run(c: &Customer) -> String {
+    c.ok("RunInstances", json!({"ImageId": "img-1"}))["Instances"][0]["InstanceId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn volume(c: &Customer) -> String {
+    c.ok("CreateVolume", json!({"SizeGiB": 1}))["VolumeId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn attach_flow_across_processes_leaves_no_plaintext_key_on_any_wire_database_or_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path(), true);
+    let a = customer(&c, "tenant-a");
+    let b = customer(&c, "tenant-b");
+    // Two hosts with one whole core each: the two tenants' instances land on different hosts.
+    let ia = run(&a);
+    let ib = run(&b);
+    let va = volume(&a);
+    let vb = volume(&b);
+    let r = a.ok("AttachVolume", json!({"VolumeId": va, "InstanceId": ia}));
+    assert_eq!(r["State"], "attached");
+    let r = b.ok("AttachVolume", json!({"VolumeId": vb, "InstanceId": ib}));
+    assert_eq!(r["State"], "attached");
+    assert_eq!(
+        a.ok("DescribeVolumes", json!({}))["Volumes"][0]["State"],
+        "in-use"
+    );
+    // Both hosts were used.
+    let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
+    let hosts: i64 = db
+        .query_row("SELECT COUNT(DISTINCT host_id) FROM instances", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(hosts, 2);
+
+    // Learn tenant A's plaintext data key the only legitimate way: as the control plane, with
+    // a fresh AttachVolume signed by A, ask the KMS to seal it to host-1's key, then open it with
+    // that host key (what the block card does).
+    let blob: Vec<u8> = db
+        .query_row(
+            "SELECT ciphertext_blob FROM volumes WHERE volume_id = ?1",
+            [&va],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let host_of: String = db
+        .query_row(
+            "SELECT host_id FROM instances WHERE instance_id = ?1",
+            [&ia],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let host_dir = dir.path().join(&host_of);
+    let kms = HttpsClient::new(
+        client_config(
+            &dir.path().join("ca/ca.pem"),
+            Some((
+                &dir.path().join("ca/control-plane.pem"),
+                &dir.path().join("ca/control-plane.key"),
+            )),
+        )
+        .unwrap(),
+    );
+    let body = json!({
+        "volume_id": va,
+        "ciphertext_blob": B64.encode(&blob),
+        "host_id": host_of,
+        "host_public_key": B64.encode(std::fs::read(host_dir.join("host.pub")).unwrap()),
+        "customer_request": a.forwarded("AttachVolume", json!({"VolumeId": va, "InstanceId": ia})),
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt
+        .block_on(kms.request(
+            &c.kms_addr,
+            "POST",
+            "/v1/DecryptForHost",
+            &[],
+            body.to_string().into_bytes(),
+        ))
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    let sealed = B64.decode(v["sealed_key"].as_str().unwrap()).unwrap();
+    let host_key = bulkhead_sealing::HostKey::read_file(&host_dir.join("host.key")).unwrap();
+    let dk = bulkhead_sealing::open_volume_key(&host_key, &va, &sealed).unwrap();
+
+    a.ok("DetachVolume", json!({"VolumeId": va}));
+    std::thread::sleep(std::time::Duration::from_millis(600)); // a polling round
+    drop(c); // stop every daemon so databases, WALs and logs are final
+
+    let needles: Vec<(String, Vec<u8>)> = vec![
+        ("raw".into(), dk.as_ref().to_vec()),
+        ("raw first half".into(), dk.as_ref()[..32].to_vec()),
+        ("hex".into(), hex::encode(dk.as_ref()).into_bytes()),
+        ("HEX".into(), hex::encode_upper(dk.as_ref()).into_bytes()),
+        ("base64".into(), B64.encode(dk.as_ref()).into_bytes()),
+    ];
+    let mut files = Vec::new();
+    files_under(dir.path(), &mut files);
+    let mut kinds = std::collections::BTreeSet::new();
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        // The host key files are the only legitimate holders of key material (the card's).
+        if name == "host.key" {
+            continue;
+        }
+        let hay = std::fs::read(f).unwrap();
+        for (what, n) in &needles {
+            assert!(
+                !hay.windows(n.len()).any(|w| w == n.as_slice()),
+                "plaintext data key ({what}) found in {}",
+                f.display()
+            );
+        }
+        if name.ends_with(".bin") {
+            kinds.insert("capture");
+        } else if name.ends_with(".db") || name.ends_with(".db-wal") {
+            kinds.insert("database");
+        } else if name.ends_with(".log") {
+            kinds.insert("log");
+        }
+    }
+    assert_eq!(kinds.len(), 3, "scanned {kinds:?}");
+    // The capture saw every link, and each link carried traffic.
+    for link in [
+        "customer-to-control",
+        "control-to-kms",
+        "control-to-host-1",
+        "control-to-host-2",
+    ] {
+        let len = std::fs::metadata(dir.path().join(format!("capture/{link}.bin")))
+            .unwrap()
+            .len();
+        assert!(len > 1000, "{link}: {len} bytes");
+    }
+    // The KMS, the controllers and the control plane each audited the flow; chains verify.
+    for log in [
+        "kms/audit.log",
+        "host-1/audit.log",
+        "host-2/audit.log",
+        "control/audit.log",
+    ] {
+        let h = bulkhead_audit::verify(&dir.path().join(log)).unwrap();
+        assert!(h.records > 2, "{log}");
+    }
+    let kms_audit = std::fs::read_to_string(dir.path().join("kms/audit.log")).unwrap();
+    assert!(kms_audit.contains("DecryptForHost"));
+    let host_audit = std::fs::read_to_string(host_dir.join("audit.log")).unwrap();
+    assert!(host_audit.contains("AttachVolume") && host_audit.contains("DetachVolume"));
+}
+
+#[test]
+fn tenants_can_neither_see_nor_act_on_each_others_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path(), false);
+    let a = customer(&c, "tenant-a");
+    let b = customer(&c, "tenant-b");
+    let ia = run(&a);
+    let va = volume(&a);
+    let va2 = volume(&a);
+    a.ok("AttachVolume", json!({"VolumeId": va, "InstanceId": ia}));
+    let key_a = a.ok("CreateKey", json!({"Description": "a's key"}))["KeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ib = run(&b);
+    let vb = volume(&b);
+
+    // Listing shows only one's own.
+    let list = b.ok("DescribeInstances", json!({}));
+    assert_eq!(list["Instances"].as_array().unwrap().len(), 1);
+    assert_eq!(list["Instances"][0]["InstanceId"], ib.as_str());
+    let list = b.ok("DescribeVolumes", json!({}));
+    assert_eq!(list["Volumes"].as_array().unwrap().len(), 1);
+
+    // Every operation naming A's resources, called by B, is refused as if they did not exist.
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "DescribeInstances",
+            json!({"InstanceIds": [ia]}),
+            "no_such_instance",
+        ),
+        (
+            "StopInstances",
+            json!({"InstanceIds": [ia]}),
+            "no_such_instance",
+        ),
+        (
+            "StartInstances",
+            json!({"InstanceIds": [ia]}),
+            "no_such_instance",
+        ),
+        (
+            "TerminateInstances",
+            json!({"InstanceIds": [ia]}),
+            "no_such_instance",
+        ),
+        (
+            "GetConsoleOutput",
+            json!({"InstanceId": ia}),
+            "no_such_instance",
+        ),
+        (
+            "DescribeVolumes",
+            json!({"VolumeIds": [va]}),
+            "no_such_volume",
+        ),
+        (
+            "AttachVolume",
+            json!({"VolumeId": va2, "InstanceId": ib}),
+            "no_such_volume",
+        ),
+        (
+            "AttachVolume",
+            json!({"VolumeId": vb, "InstanceId": ia}),
+            "no_such_instance",
+        ),
+        ("DetachVolume", json!({"VolumeId": va}), "no_such_volume"),
+        ("DeleteVolume", json!({"VolumeId": va2}), "no_such_volume"),
+        (
+            "CreateVolume",
+            json!({"SizeGiB": 1, "KmsKeyId": key_a}),
+            "no_such_key",
+        ),
+        (
+            "RevokeGrant",
+            json!({"KeyId": key_a, "VolumeId": va}),
+            "no_such_key",
+        ),
+    ];
+    for (action, body, want) in cases {
+        let (st, v) = b.call(action, body);
+        assert!(st == 404 || st == 403, "{action}: {st} {v}");
+        assert_eq!(code(&v), want, "{action}: {v}");
+    }
+    // RunInstances is tenant-scoped by construction: B's new instance is B's.
+    // Nothing of A's changed.
+    let mine = a.ok("DescribeInstances", json!({"InstanceIds": [ia]}));
+    assert_eq!(mine["Instances"][0]["State"], "running");
+    let vols = a.ok("DescribeVolumes", json!({}));
+    let states: Vec<&str> = vols["Volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["State"].as_str().unwrap())
+        .collect();
+    assert!(states.contains(&"in-use") && states.contains(&"available"));
+    // And A still can use all of it.
+    a.ok("GetConsoleOutput", json!({"InstanceId": ia}));
+    a.ok("DetachVolume", json!({"VolumeId": va}));
+    a.ok("DeleteVolume", json!({"VolumeId": va2}));
+    a.ok("StopInstances", json!({"InstanceIds": [ia]}));
+    a.ok("StartInstances", json!({"InstanceIds": [ia]}));
+    a.ok("TerminateInstances", json!({"InstanceIds": [ia]}));
+}
+
+#[test]
+fn bad_signatures_replays_stale_dates_and_bad_bodies_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path(), false);
+    let a = customer(&c, "tenant-a");
+    let run_body = json!({"ImageId": "img-1"}).to_string();
+
+    let p = a.parts("RunInstances", &run_body, now());
+    let good = sigv::sign(&a.akid, &a.secret, &p);
+    let (st, v) = a.send(&p, &sigv::sign(&a.akid, b"wrong secret", &p));
+    assert_eq!((st, code(&v)), (401, "auth_bad_signature"));
+    let (st, v) = a.send(&p, "");
+    assert_eq!((st, code(&v)), (401, "auth_malformed"));
+    let (st, v) = a.send(&p, &good.replace(&a.akid, "AKIDNOBODY00000000"));
+    assert_eq!((st, code(&v)), (401, "auth_unknown_access_key"));
+    let old = a.parts("RunInstances", &run_body, now() - 900);
+    let (st, v) = a.send(&old, &sigv::sign(&a.akid, &a.secret, &old));
+    assert_eq!((st, code(&v)), (401, "auth_stale"));
+    // Tampered body under a valid signature.
+    let mut t = p.clone();
+    t.body = json!({"ImageId": "img-2"}).to_string();
+    let (st, v) = a.send(&t, &good);
+    assert_eq!((st, code(&v)), (401, "auth_bad_signature"));
+    // The genuine request once, then its replay.
+    let (st, _) = a.send(&p, &good);
+    assert_eq!(st, 200);
+    let (st, v) = a.send(&p, &good);
+    assert_eq!((st, code(&v)), (401, "auth_replayed"));
+
+    let (st, v) = a.call("RunInstances", json!({"ImageId": "img-1", "Evil": true}));
+    assert_eq!((st, code(&v)), (400, "body_unknown_field"));
+    let (st, v) = a.call("Exec", json!({}));
+    assert_eq!((st, code(&v)), (404, "no_such_action"));
+    let (st, v) = a.call(
+        "AttachVolume",
+        json!({"VolumeId": "../../etc", "InstanceId": "i-1"}),
+    );
+    assert_eq!((st, code(&v)), (400, "bad_resource_id"));
+    let (st, v) = a.call("CreateVolume", json!({"SizeGiB": 1, "Encrypted": false}));
+    assert_eq!((st, code(&v)), (400, "encryption_required"));
+    let (st, v) = a.call("RunInstances", json!({"ImageId": "x".repeat(20_000)}));
+    assert_eq!((st, code(&v)), (413, "body_too_large"));
+
+    // Exactly one instance exists: only the one genuine request did anything.
+    assert_eq!(
+        a.ok("DescribeInstances", json!({}))["Instances"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // Every refusal was audited.
+    let audit = std::fs::read_to_string(dir.path().join("control/audit.log")).unwrap();
+    for want in [
+        "auth_bad_signature",
+        "auth_stale",
+        "auth_replayed",
+        "body_unknown_field",
+        "no_such_action",
+    ] {
+        assert!(audit.contains(want), "{want} not audited");
+    }
+}
+
+#[test]
+fn idempotency_tokens_return_the_first_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path(), false);
+    let a = customer(&c, "tenant-a");
+    let body = json!({"SizeGiB": 2, "ClientToken": "create-vol-1"});
+    let v1 = a.ok("CreateVolume", body.clone());
+    let v2 = a.ok("CreateVolume", body);
+    assert_eq!(v1["VolumeId"], v2["VolumeId"]);
+    assert_eq!(
+        a.ok("DescribeVolumes", json!({}))["Volumes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let (st, v) = a.call(
+        "CreateVolume",
+        json!({"SizeGiB": 3, "ClientToken": "create-vol-1"}),
+    );
+    assert_eq!((st, code(&v)), (409, "idempotency_mismatch"));
+}
+
+#[test]
+fn revoked_grant_fails_next_attach_and_kms_outage_rolls_back_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = up(dir.path(), false);
+    let a = customer(&c, "tenant-a");
+    let i = run(&a);
+    let v = volume(&a);
+    let key = a.ok("DescribeVolumes", json!({}))["Volumes"][0]["KmsKeyId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i}));
+    a.ok("DetachVolume", json!({"VolumeId": v}));
+    a.ok("RevokeGrant", json!({"KeyId": key, "VolumeId": v}));
+    let (st, r) = a.call("AttachVolume", json!({"VolumeId": v, "InstanceId": i}));
+    assert_eq!((st, code(&r)), (403, "no_grant"));
+    assert_eq!(
+        a.ok("DescribeVolumes", json!({}))["Volumes"][0]["State"],
+        "available"
+    );
+
+    // KMS killed: the attach fails with a typed error and the volume is not left half-attached.
+    let v2 = volume(&a);
+    c.kill9("kms");
+    let (st, r) = a.call("AttachVolume", json!({"VolumeId": v2, "InstanceId": i}));
+    assert_eq!((st, code(&r)), (503, "upstream_unreachable"));
+    let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v2]}));
+    assert_eq!(vols["Volumes"][0]["State"], "available");
+}
+
+#[test]
+fn control_plane_killed_mid_attach_converges_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = up(dir.path(), false);
+    let a = customer(&c, "tenant-a");
+    let i = run(&a);
+    let v = volume(&a);
+    a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i}));
+    // kill -9, then leave the row exactly as a crash between "attaching" and "in-use" would:
+    // the card may hold the key, the control plane's record says attaching.
+    c.kill9("control");
+    let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
+    db.execute(
+        "UPDATE volumes SET state = 'attaching' WHERE volume_id = ?1",
+        [&v],
+    )
+    .unwrap();
+    drop(db);
+    c.restart_control(&bins()).unwrap();
+    // Converged: rolled back (and detached on the host), and the attach can be retried.
+    let vols = a.ok("DescribeVolumes", json!({}));
+    assert_eq!(vols["Volumes"][0]["State"], "available");
+    let host_audit = std::fs::read_to_string(dir.path().join("host-1/audit.log")).unwrap()
+        + &std::fs::read_to_string(dir.path().join("host-2/audit.log")).unwrap();
+    assert!(
+        host_audit.contains("DetachVolume"),
+        "the host was told to drop the key"
+    );
+    a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i}));
+    assert_eq!(
+        a.ok("DescribeVolumes", json!({}))["Volumes"][0]["State"],
+        "in-use"
+    );
+}
