@@ -152,16 +152,22 @@ fn wait_for_attach(
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, "bad control message");
-                    respond(&mut stream, &err_resp(ErrorCode::BadRequest, e.to_string()))?;
+                    if respond(&mut stream, &err_resp(ErrorCode::BadRequest, e.to_string())).is_err() {
+                        break;
+                    }
                     continue;
                 }
             };
             match req {
                 ControlRequest::GetMetrics => {
-                    respond(&mut stream, &ControlResponse::Metrics(metrics_list(metrics)))?;
+                    if respond(&mut stream, &ControlResponse::Metrics(metrics_list(metrics))).is_err() {
+                        break;
+                    }
                 }
                 ControlRequest::Detach => {
-                    respond(&mut stream, &err_resp(ErrorCode::NotAttached, "no volume attached".into()))?;
+                    if respond(&mut stream, &err_resp(ErrorCode::NotAttached, "no volume attached".into())).is_err() {
+                        break;
+                    }
                 }
                 ControlRequest::Attach(spec) => {
                     let Some(st) = store.take() else {
@@ -171,15 +177,19 @@ fn wait_for_attach(
                     let whole = st.size_bytes() / sector * sector;
                     if whole == 0 {
                         let e = AttachError::TooSmall { size: st.size_bytes(), sector };
-                        respond(&mut stream, &err_resp(ErrorCode::BadRequest, e.to_string()))?;
                         store = Some(st);
+                        if respond(&mut stream, &err_resp(ErrorCode::BadRequest, e.to_string())).is_err() {
+                            break;
+                        }
                         continue;
                     }
                     match key_queues(&spec, host.as_ref(), cfg.queues) {
                         Err(e) => {
                             warn!(volume = spec.volume_id.as_str(), error = %e, "attach refused");
-                            respond(&mut stream, &err_resp(ErrorCode::KeyRefused, e.to_string()))?;
                             store = Some(st);
+                            if respond(&mut stream, &err_resp(ErrorCode::KeyRefused, e.to_string())).is_err() {
+                                break;
+                            }
                         }
                         Ok((ciphers, encrypted)) => {
                             let mut workers = Vec::with_capacity(ciphers.len());
@@ -213,7 +223,8 @@ fn wait_for_attach(
                             drop(host);
                             let capacity = whole / 512;
                             lock_down(cfg)?;
-                            respond(&mut stream, &ControlResponse::Attached { capacity_sectors: capacity, encrypted })?;
+                            // If the controller is gone, it reconnects and sees `AlreadyAttached`.
+                            let _ = respond(&mut stream, &ControlResponse::Attached { capacity_sectors: capacity, encrypted });
                             return Ok(Attached { stream, backend });
                         }
                     }

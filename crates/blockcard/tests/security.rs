@@ -283,3 +283,25 @@ fn sigterm_exits_cleanly() {
     assert!(st.success(), "exit status {st}");
     drop(h);
 }
+
+/// Garbage on the control socket gets an error and a closed connection; the card keeps serving
+/// the next controller connection.
+#[test]
+fn control_socket_survives_garbage() {
+    use std::io::Write;
+    let env = Env::new(VOL_BYTES);
+    let mut card = Card::start(&env, CardOpts::default());
+    let mut conn = card.conn.take().expect("conn");
+    conn.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3]).expect("write");
+    let body = bulkhead_blockcard::control::read_frame(&mut conn).expect("frame").expect("some");
+    assert!(matches!(
+        bulkhead_blockcard::control::ControlResponse::parse(&body).expect("parse"),
+        ControlResponse::Error { code: ErrorCode::BadRequest, .. }
+    ));
+    drop(conn);
+    let s = std::os::unix::net::UnixStream::connect(&card.control).expect("reconnect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    card.conn = Some(s);
+    assert!(matches!(card.attach("g", CryptoSectorSize::S4096, KeySource::Ephemeral), ControlResponse::Attached { .. }));
+    card.detach();
+}
