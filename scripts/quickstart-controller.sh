@@ -20,7 +20,12 @@ call() { # NAME TOKEN METHOD PATH
     -H "Authorization: Bearer $2" -X "$3" "https://127.0.0.1:$PORT$4"; echo; }
 
 say "Act: the controller — the host's only door (mTLS 1.3 + certificate-bound tokens + audit)"
-echo "dev controller for host-1 on 127.0.0.1:$PORT, state in $DIR (instance backend: detached, no hypervisor wired)"
+BACKEND=$(sed -n 's/.*"backend":"\([a-z]*\)".*/\1/p' "$DIR/ready.json")
+case "$BACKEND" in
+  host) NOTE="host: real bulkhead-hypervisor and bulkhead-blockcard processes, guest from target/guest" ;;
+  *) NOTE="detached: no guest kernel found (make guest), nothing runs" ;;
+esac
+echo "dev controller for host-1 on 127.0.0.1:$PORT, state in $DIR (instance backend: $NOTE)"
 echo "\$ bulkhead token mint --dev-dir DIR --caller operator --host host-1 --ops DescribeHost --ttl 5m"
 T=$("$BIN/bulkhead" token mint --dev-dir "$DIR" --caller operator --host host-1 --ops DescribeHost --ttl 5m)
 echo "${T:0:48}… (${#T} chars)"

@@ -269,7 +269,8 @@ impl Launcher {
         let json = serde_json::to_string(cfg)
             .map_err(|e| LauncherError::Start(std::io::Error::other(e)))?;
         let mut cmd = Proc::new("/proc/self/exe");
-        cmd.arg("--launcher-fd")
+        cmd.arg0("bulkhead-controller-launcher")
+            .arg("--launcher-fd")
             .arg(child_fd.to_string())
             .arg("--launcher-config")
             .arg(json)

@@ -339,6 +339,22 @@ fn run(args: Args) -> Result<(), StartError> {
     rt.block_on(async move {
         if let Some(target) = args.sandbox_self_test {
             let attempt = std::net::TcpStream::connect(&target);
+            // The controller cannot run a program either (only its launcher can).
+            // Our own binary certainly exists, so a failure is the filter's doing: EPERM from
+            // the trap, or (posix_spawn resets handlers in the child) a child killed by SIGSYS.
+            let exec = std::process::Command::new("/proc/self/exe")
+                .arg("--help")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+            let exec_blocked = match &exec {
+                Err(e) => e.raw_os_error() == Some(libc::EPERM),
+                Ok(st) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    st.signal() == Some(libc::SIGSYS)
+                }
+            };
             ctrl.poll_sandbox();
             // A durable record after the queued alert makes the alert durable too.
             let _ = ctrl.audit_lifecycle("SandboxSelfTest").await;
@@ -349,11 +365,12 @@ fn run(args: Args) -> Result<(), StartError> {
                     "event": "sandbox_self_test",
                     "target": target,
                     "blocked": blocked,
+                    "exec_blocked": exec_blocked,
                     "blocked_attempts": sandbox::blocked_attempts(),
                     "error": attempt.err().map(|e| e.to_string()),
                 })
             );
-            if blocked {
+            if blocked && exec_blocked {
                 return Ok(());
             }
             std::process::exit(1);

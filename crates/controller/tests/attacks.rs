@@ -497,6 +497,8 @@ fn sandbox_blocks_outbound_connect_and_alerts() {
     assert!(out.status.success(), "self-test failed: {stdout}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["blocked"], true);
+    // execve is trapped too: hypervisors and cards are started only by the launcher.
+    assert_eq!(v["exec_blocked"], true);
     // Nothing reached the target.
     assert!(target.accept().is_err());
     let recs = audit_records(&dir.path().join("audit.log"));
