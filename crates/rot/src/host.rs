@@ -267,12 +267,31 @@ impl Host {
     }
 
     /// Raises the anti-rollback floor to the active version (after the deploy passed).
+    /// Also deletes the sealed identities of releases below the new floor, so the host itself
+    /// can no longer start an older release with its identity. (A copy of an old sealed blob
+    /// taken earlier would still unseal under that old release's PCR value; binding the policy
+    /// to a TPM NV counter with `PolicyNV` closes that, see docs/rot.md.)
     pub fn commit(&mut self) -> Result<(), RotError> {
         let mut s = self.state()?;
         if let Some(v) = s.active_version {
             s.committed_version = s.committed_version.max(v);
         }
-        self.set_state(&s)
+        self.set_state(&s)?;
+        let entries = std::fs::read_dir(&self.cfg.root).map_err(RotError::io(&self.cfg.root))?;
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let old = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("identity-v"))
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|v| v < s.committed_version);
+            if old {
+                let p = e.path();
+                std::fs::remove_file(&p).map_err(RotError::io(&p))?;
+            }
+        }
+        Ok(())
     }
 
     fn verify_installed(&self, signed: &SignedRelease) -> Result<Manifest, RotError> {

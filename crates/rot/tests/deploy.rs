@@ -253,6 +253,9 @@ fn failed_wave_one_rolls_back_and_leaves_later_waves_untouched_then_good_release
     for h in &f.hosts {
         assert_eq!(h.versions().unwrap(), (Some(3), 3));
         assert!(h.health().unwrap().accepts_customer_work);
+        // The committed host can no longer unseal its identity under release 1.
+        assert!(!h.root.path().join("identity-v1.json").exists());
+        assert!(h.root.path().join("identity-v3.json").exists());
     }
     // Old release 1 is now a downgrade for the whole fleet.
     let rel1 = f.v1.release(&f.k, 1, &staging, &[0, 1]);
