@@ -30,6 +30,8 @@ enum Command {
     Release(cmd::release::ReleaseCommand),
     /// Deploy a signed release in waves (simulated swtpm fleet).
     Deploy(cmd::deploy::DeployArgs),
+    /// Start a local cluster: KMS, N hosts (controllers), control plane.
+    Up(cmd::up::UpArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         Command::Audit(c) => cmd::audit::run(c),
         Command::Release(c) => cmd::release::run(c),
         Command::Deploy(c) => cmd::deploy::run(c),
+        Command::Up(c) => cmd::up::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ pub mod ca;
 pub mod deploy;
 pub mod release;
 pub mod token;
+pub mod up;
 
 /// Every failure of a subcommand. `code()` is stable and printed.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,65 @@
+//! `bulkhead up --hosts N`: starts a local cluster — the KMS, N simulated hosts (one
+//! `bulkhead-controller` each, with its own sealing host key enrolled with the KMS), and the
+//! control plane — creating the CA and every certificate, then prints how to use it. The work is
+//! done by `bulkhead-control up` (found next to this binary), which this command becomes.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use super::CliError;
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Number of simulated hosts.
+    #[arg(long, default_value_t = 2)]
+    pub hosts: usize,
+    /// Cluster directory (CA, state, logs, cluster.json). Default: a new directory under /tmp.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Record every inter-service link into DIR/capture/ (for the no-plaintext check).
+    #[arg(long)]
+    pub record: bool,
+    /// Controller instance backend (`auto`, `host`, `detached`) where the controller offers it.
+    #[arg(long)]
+    pub backend: Option<String>,
+}
+
+pub fn run(a: UpArgs) -> Result<(), CliError> {
+    if a.hosts == 0 || a.hosts > 64 {
+        return Err(CliError::BadArgument("--hosts must be 1..=64".into()));
+    }
+    let me = std::env::current_exe().map_err(|e| CliError::Io("current_exe".into(), e))?;
+    let bin = me
+        .parent()
+        .map(|d| d.join("bulkhead-control"))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| {
+            CliError::BadArgument(
+                "bulkhead-control not found next to bulkhead; run `make build`".into(),
+            )
+        })?;
+    let dir = match a.dir {
+        Some(d) => d,
+        None => {
+            let d = std::env::temp_dir().join(format!("bulkhead-cluster-{}", std::process::id()));
+            std::fs::create_dir_all(&d).map_err(|e| CliError::Io(d.display().to_string(), e))?;
+            d
+        }
+    };
+    let mut cmd = Command::new(&bin);
+    cmd.arg("up")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--hosts")
+        .arg(a.hosts.to_string());
+    if a.record {
+        cmd.arg("--record");
+    }
+    if let Some(b) = a.backend {
+        cmd.arg("--controller-backend").arg(b);
+    }
+    // Only returns on failure.
+    let e = cmd.exec();
+    Err(CliError::Io(bin.display().to_string(), e))
+}
