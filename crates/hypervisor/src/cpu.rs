@@ -62,6 +62,10 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_ECX_PCID: u32 = 1 << 17;
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 const LEAF7_EBX_FSGSBASE: u32 = 1 << 0;
 const LEAF7_EBX_SMEP: u32 = 1 << 7;
 const LEAF7_EBX_INVPCID: u32 = 1 << 10;
@@ -132,6 +136,13 @@ pub fn build_cpuid(kvm: &Kvm, topo: GuestTopology, index: u8) -> Result<CpuId, E
                 // masks, so the test guest's command line clears them too: guest/cmdline.)
                 e.ebx &= !(LEAF7_EBX_FSGSBASE | LEAF7_EBX_SMEP | LEAF7_EBX_INVPCID);
                 e.ecx &= !(LEAF7_ECX_UMIP | LEAF7_ECX_PKU | LEAF7_ECX_OSPKE);
+            }
+            KVM_CPUID_FEATURES => {
+                // No paravirtual features that work by hypercall (PV unhalt/kick, PV IPIs, PV
+                // sched-yield): IPIs go through the emulated LAPIC. On this project's software
+                // KVM a guest vCPU spins forever on the hypercall instruction.
+                e.eax &=
+                    !(KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD);
             }
             0x8000_0007 => {
                 // No invariant-TSC claim: the guest keeps kvm-clock (stable across vCPU
