@@ -5,6 +5,15 @@ set -euo pipefail
 PKGS=(linux-source-6.1 busybox-static build-essential bc flex bison libelf-dev libssl-dev
       cpio lz4 xz-utils qemu-system-x86 qemu-utils python3-cryptography swtpm swtpm-tools
       tpm2-tools libtss2-dev pkg-config clang iproute2 curl)
+# The tests' independent AES-XTS decryptor uses Python's `cryptography`; the python3 on PATH may
+# not be Debian's (e.g. pyenv), so make sure that interpreter has it.
+python_deps() {
+  python3 -c 'import cryptography' 2>/dev/null && return 0
+  echo "install-deps: installing python cryptography for $(command -v python3)"
+  python3 -m pip install --quiet cryptography 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages cryptography
+}
+trap python_deps EXIT
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
