@@ -55,14 +55,14 @@ run_workloads() { # backend socket
 bench_card() { # backend keymode
   local img=$W/card.img
   dd if=/dev/zero of="$img" bs=1M count="$SIZE_MB" status=none
-  "$CARD" --control-socket "$W/card.ctl" --vhost-socket "$W/card.sock" --backing "$img" \
+  local ctl=$W/$1.ctl sock=$W/$1.sock
+  "$CARD" --control-socket "$ctl" --vhost-socket "$sock" --backing "$img" \
     --uid 65534 --gid 65534 2>>"$W/card.log" &
   PIDS+=($!)
-  wait_sock "$W/card.ctl"
-  "$BB" attach "$W/card.ctl" bench "$2" 4096 >/dev/null
-  # Encrypted volumes are noise until written: zero them through the card first (not timed).
-  run_workloads "$1" "$W/card.sock"
-  "$BB" detach "$W/card.ctl" >/dev/null
+  wait_sock "$ctl"
+  "$BB" attach "$ctl" bench "$2" 4096 >/dev/null
+  run_workloads "$1" "$sock"
+  "$BB" detach "$ctl" >/dev/null
   wait "${PIDS[-1]}" 2>/dev/null || true
   rm -f "$img"
 }
