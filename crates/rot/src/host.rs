@@ -328,6 +328,9 @@ impl Host {
         }
         h.accepts_customer_work = h.reasons.is_empty() && self.key.is_some();
         if !h.accepts_customer_work {
+            // A host that refuses work does not keep its identity either (e.g. it unsealed but a
+            // service failed its self-test): nothing can open a volume key on it.
+            self.key = None;
             self.raise_alerts(&h);
         }
         self.health = Some(h.clone());
