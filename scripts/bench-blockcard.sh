@@ -6,16 +6,21 @@
 #   (d) qemu-storage-daemon over a LUKS image, aes-xts-plain64 (QEMU's luks driver writes LUKS1:
 #       QEMU 7.2 cannot open LUKS2; the data path cipher, AES-256-XTS plain64, is the same),
 # plus the per-core XTS throughput of the card's cipher against `openssl speed -evp aes-256-xts`.
-# Writes the "Block card" section of docs/benchmarks.md (between markers) and prints it.
+# Prints the "Block card" markdown section on stdout (progress goes to stderr), so
+# scripts/bench.sh can append it to docs/benchmarks.md. Run alone on a terminal, or with BENCH_OUT
+# set, it also replaces its section (between markers) in that file.
 #
 # Env: BENCH_SECONDS (per workload, default 3), BENCH_SIZE_MB (volume, default 256),
-#      BENCH_OUT (default docs/benchmarks.md). Needs root (the card drops to uid 65534).
+#      BENCH_OUT (file to update). Needs root (the card drops to uid 65534).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 SECS=${BENCH_SECONDS:-3}
 SIZE_MB=${BENCH_SIZE_MB:-256}
-OUT=${BENCH_OUT:-docs/benchmarks.md}
+OUT=${BENCH_OUT:-}
+if [ -z "$OUT" ] && [ -t 1 ]; then OUT=docs/benchmarks.md; fi
+# Everything but the final section goes to stderr.
+exec 3>&1 1>&2
 
 for tool in qemu-storage-daemon qemu-img openssl python3; do
   command -v "$tool" >/dev/null || { echo "bench-blockcard: $tool missing (scripts/install-deps.sh)"; exit 1; }
@@ -100,7 +105,7 @@ OSSL=$(openssl speed -evp aes-256-xts -seconds "$SECS" 2>/dev/null | tail -1)
 echo "xts: $XTS"
 echo "openssl: $OSSL"
 
-python3 - "$RESULTS" "$XTS" "$OSSL" "$OUT" "$SECS" "$SIZE_MB" <<'EOF'
+python3 - "$RESULTS" "$XTS" "$OSSL" "$OUT" "$SECS" "$SIZE_MB" >&3 <<'EOF'
 import json, sys, datetime, os, platform
 res_path, xts, ossl, out, secs, size_mb = sys.argv[1:7]
 rows = {}
@@ -155,6 +160,9 @@ lines += [
     "<!-- blockcard:end -->",
 ]
 section = "\n".join(lines) + "\n"
+print(section)
+if not out:
+    sys.exit(0)
 doc = open(out).read() if os.path.exists(out) else "# Benchmarks\n\n"
 b, e = "<!-- blockcard:begin -->", "<!-- blockcard:end -->"
 if b in doc and e in doc:
@@ -163,5 +171,4 @@ else:
     doc = doc.rstrip("\n") + "\n\n" + section
 os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
 open(out, "w").write(doc)
-print(section)
 EOF

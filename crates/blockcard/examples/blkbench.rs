@@ -53,7 +53,11 @@ fn run(socket: &str, workload: &str, qd: u16, seconds: u64) {
             o
         }
     };
-    let kind = if write { VIRTIO_BLK_T_OUT } else { VIRTIO_BLK_T_IN };
+    let kind = if write {
+        VIRTIO_BLK_T_OUT
+    } else {
+        VIRTIO_BLK_T_IN
+    };
     let mut started = vec![Instant::now(); usize::from(qd)];
     let mut lat: Vec<u32> = Vec::with_capacity(1 << 20);
     let begin = Instant::now();
@@ -128,17 +132,28 @@ fn main() {
                 "ephemeral" => KeySource::Ephemeral,
                 other => panic!("key {other}"),
             };
-            let sector = if a[5] == "512" { CryptoSectorSize::S512 } else { CryptoSectorSize::S4096 };
+            let sector = if a[5] == "512" {
+                CryptoSectorSize::S512
+            } else {
+                CryptoSectorSize::S4096
+            };
             let r = control::call(
                 &mut s,
-                &ControlRequest::Attach(AttachSpec { volume_id: VolumeId::new(&a[3]).unwrap(), sector_size: sector, key }),
+                &ControlRequest::Attach(AttachSpec {
+                    volume_id: VolumeId::new(&a[3]).unwrap(),
+                    sector_size: sector,
+                    key,
+                }),
             )
             .unwrap();
             println!("{r:?}");
         }
         Some("detach") => {
             let mut s = std::os::unix::net::UnixStream::connect(&a[2]).unwrap();
-            println!("{:?}", control::call(&mut s, &ControlRequest::Detach).unwrap());
+            println!(
+                "{:?}",
+                control::call(&mut s, &ControlRequest::Detach).unwrap()
+            );
         }
         Some("xts") => xts(a[2].parse().unwrap()),
         _ => {

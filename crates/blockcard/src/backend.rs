@@ -14,9 +14,13 @@ use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 /// Bytes of each queue's bounce buffer; requests larger than this are processed in chunks.
 pub const BOUNCE_BYTES: usize = 1 << 20;
@@ -63,7 +67,10 @@ pub struct QueueWorker {
 impl QueueWorker {
     /// A worker with its own cipher state and bounce buffer.
     pub fn new(cipher: CipherState) -> Result<Self, StoreError> {
-        Ok(Self { cipher, bounce: AlignedBuf::new(BOUNCE_BYTES)? })
+        Ok(Self {
+            cipher,
+            bounce: AlignedBuf::new(BOUNCE_BYTES)?,
+        })
     }
 }
 
@@ -164,7 +171,10 @@ impl BlockBackend {
                 return Err(io::Error::other("queue without lanes"));
             };
             let mut w = lock(lane);
-            chains.into_iter().map(|c| (c.head_index(), self.process_chain(c, &mem, &mut w))).collect()
+            chains
+                .into_iter()
+                .map(|c| (c.head_index(), self.process_chain(c, &mem, &mut w)))
+                .collect()
         } else {
             let mut buckets: Vec<Vec<_>> = (0..n).map(|_| Vec::new()).collect();
             for (i, c) in chains.into_iter().enumerate() {
@@ -187,11 +197,16 @@ impl BlockBackend {
                         })
                     })
                     .collect();
-                handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect()
             })
         };
         for (head, used) in done {
-            vring.add_used(head, used).map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+            vring
+                .add_used(head, used)
+                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
         }
         Ok(true)
     }
@@ -229,7 +244,12 @@ impl BlockBackend {
     }
 
     /// Runs a checked request; returns the bytes written into guest buffers (excluding status).
-    fn execute(&self, req: &BlkRequest, mem: &GuestMemoryMmap<()>, w: &mut QueueWorker) -> Result<u32, ExecError> {
+    fn execute(
+        &self,
+        req: &BlkRequest,
+        mem: &GuestMemoryMmap<()>,
+        w: &mut QueueWorker,
+    ) -> Result<u32, ExecError> {
         if matches!(w.cipher, CipherState::Erased) {
             return Err(ExecError::Erased);
         }
@@ -254,9 +274,12 @@ impl BlockBackend {
                 Ok(0)
             }
             BlkOp::GetId { buf } => {
-                let n = usize::try_from(buf.len).map_err(|_| ExecError::Overflow)?.min(request::ID_LEN);
+                let n = usize::try_from(buf.len)
+                    .map_err(|_| ExecError::Overflow)?
+                    .min(request::ID_LEN);
                 let id = self.vol.serial.get(..n).ok_or(ExecError::Overflow)?;
-                mem.write_slice(id, buf.addr).map_err(|_| ExecError::GuestMemory)?;
+                mem.write_slice(id, buf.addr)
+                    .map_err(|_| ExecError::GuestMemory)?;
                 BlkMetrics::inc(&m.get_ids);
                 u32::try_from(n).map_err(|_| ExecError::Overflow)
             }
@@ -290,13 +313,16 @@ impl BlockBackend {
         mem: &GuestMemoryMmap<()>,
         w: &mut QueueWorker,
     ) -> Result<(), ExecError> {
-        let total = usize::try_from(len.bytes().ok_or(ExecError::Overflow)?).map_err(|_| ExecError::Overflow)?;
+        let total = usize::try_from(len.bytes().ok_or(ExecError::Overflow)?)
+            .map_err(|_| ExecError::Overflow)?;
         let base = start.0.checked_mul(512).ok_or(ExecError::Overflow)?;
         let sector_bytes = self.vol.sector.bytes();
         let mut done = 0usize;
         while done < total {
             let n = (total - done).min(w.bounce.len());
-            let off = base.checked_add(u64::try_from(done).map_err(|_| ExecError::Overflow)?).ok_or(ExecError::Overflow)?;
+            let off = base
+                .checked_add(u64::try_from(done).map_err(|_| ExecError::Overflow)?)
+                .ok_or(ExecError::Overflow)?;
             let chunk = w.bounce.get_mut(..n).ok_or(ExecError::Overflow)?;
             self.vol.store.read_at(chunk, off)?;
             if let CipherState::Xts(x) = &mut w.cipher {
@@ -316,13 +342,16 @@ impl BlockBackend {
         mem: &GuestMemoryMmap<()>,
         w: &mut QueueWorker,
     ) -> Result<(), ExecError> {
-        let total = usize::try_from(len.bytes().ok_or(ExecError::Overflow)?).map_err(|_| ExecError::Overflow)?;
+        let total = usize::try_from(len.bytes().ok_or(ExecError::Overflow)?)
+            .map_err(|_| ExecError::Overflow)?;
         let base = start.0.checked_mul(512).ok_or(ExecError::Overflow)?;
         let sector_bytes = self.vol.sector.bytes();
         let mut done = 0usize;
         while done < total {
             let n = (total - done).min(w.bounce.len());
-            let off = base.checked_add(u64::try_from(done).map_err(|_| ExecError::Overflow)?).ok_or(ExecError::Overflow)?;
+            let off = base
+                .checked_add(u64::try_from(done).map_err(|_| ExecError::Overflow)?)
+                .ok_or(ExecError::Overflow)?;
             let chunk = w.bounce.get_mut(..n).ok_or(ExecError::Overflow)?;
             gather(mem, bufs, done, chunk)?;
             if let CipherState::Xts(x) = &mut w.cipher {
@@ -340,9 +369,13 @@ impl BlockBackend {
         let sector_bytes = self.vol.sector.bytes();
         let mut done = 0u64;
         while done < total {
-            let n = (total - done).min(u64::try_from(w.bounce.len()).map_err(|_| ExecError::Overflow)?);
+            let n =
+                (total - done).min(u64::try_from(w.bounce.len()).map_err(|_| ExecError::Overflow)?);
             let off = base.checked_add(done).ok_or(ExecError::Overflow)?;
-            let chunk = w.bounce.get_mut(..usize::try_from(n).map_err(|_| ExecError::Overflow)?).ok_or(ExecError::Overflow)?;
+            let chunk = w
+                .bounce
+                .get_mut(..usize::try_from(n).map_err(|_| ExecError::Overflow)?)
+                .ok_or(ExecError::Overflow)?;
             chunk.fill(0);
             if let CipherState::Xts(x) = &mut w.cipher {
                 // Encrypted zeros, so the guest reads back zeros (a hole would decrypt to noise).
@@ -380,7 +413,10 @@ fn pieces(
         let s = bstart.max(off);
         let e = bend.min(end);
         if s < e {
-            let addr = b.addr.checked_add(u64::try_from(s - bstart).map_err(|_| ExecError::Overflow)?).ok_or(ExecError::Overflow)?;
+            let addr = b
+                .addr
+                .checked_add(u64::try_from(s - bstart).map_err(|_| ExecError::Overflow)?)
+                .ok_or(ExecError::Overflow)?;
             f(addr, (s - off)..(e - off))?;
         }
         if pos >= end {
@@ -390,18 +426,30 @@ fn pieces(
     Ok(())
 }
 
-fn gather(mem: &GuestMemoryMmap<()>, bufs: &[GuestBuf], off: usize, chunk: &mut [u8]) -> Result<(), ExecError> {
+fn gather(
+    mem: &GuestMemoryMmap<()>,
+    bufs: &[GuestBuf],
+    off: usize,
+    chunk: &mut [u8],
+) -> Result<(), ExecError> {
     let len = chunk.len();
     pieces(bufs, off, len, |addr, r| {
         let dst = chunk.get_mut(r).ok_or(ExecError::Overflow)?;
-        mem.read_slice(dst, addr).map_err(|_| ExecError::GuestMemory)
+        mem.read_slice(dst, addr)
+            .map_err(|_| ExecError::GuestMemory)
     })
 }
 
-fn scatter(mem: &GuestMemoryMmap<()>, bufs: &[GuestBuf], off: usize, chunk: &[u8]) -> Result<(), ExecError> {
+fn scatter(
+    mem: &GuestMemoryMmap<()>,
+    bufs: &[GuestBuf],
+    off: usize,
+    chunk: &[u8],
+) -> Result<(), ExecError> {
     pieces(bufs, off, chunk.len(), |addr, r| {
         let src = chunk.get(r).ok_or(ExecError::Overflow)?;
-        mem.write_slice(src, addr).map_err(|_| ExecError::GuestMemory)
+        mem.write_slice(src, addr)
+            .map_err(|_| ExecError::GuestMemory)
     })
 }
 
@@ -420,7 +468,11 @@ fn build_config(vol: &Volume, queues: usize) -> Vec<u8> {
     put(&mut c, 20, &blk_size.to_le_bytes());
     // Topology: one logical block per physical block, min I/O one block.
     put(&mut c, 26, &1u16.to_le_bytes());
-    put(&mut c, 34, &u16::try_from(queues).unwrap_or(1).to_le_bytes());
+    put(
+        &mut c,
+        34,
+        &u16::try_from(queues).unwrap_or(1).to_le_bytes(),
+    );
     put(&mut c, 36, &request::MAX_DISCARD_SECTORS.to_le_bytes());
     put(&mut c, 40, &request::MAX_DISCARD_SEGMENTS.to_le_bytes());
     let align = u32::try_from(vol.limits.align).unwrap_or(1);
@@ -466,7 +518,9 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -505,7 +559,13 @@ impl VhostUserBackend for BlockBackend {
         (0..self.lanes.len()).map(|i| 1u64 << i).collect()
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread_id: usize) -> io::Result<()> {
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other("unexpected epoll event"));
         }
@@ -516,16 +576,25 @@ impl VhostUserBackend for BlockBackend {
         let mut any = false;
         if self.event_idx.load(Ordering::Relaxed) {
             loop {
-                vring.disable_notification().map_err(|e| io::Error::other(format!("{e}")))?;
+                vring
+                    .disable_notification()
+                    .map_err(|e| io::Error::other(format!("{e}")))?;
                 any |= self.process_queue(vring, lanes)?;
-                if !vring.enable_notification().map_err(|e| io::Error::other(format!("{e}")))? {
+                if !vring
+                    .enable_notification()
+                    .map_err(|e| io::Error::other(format!("{e}")))?
+                {
                     break;
                 }
             }
         } else {
             any = self.process_queue(vring, lanes)?;
         }
-        if any && vring.needs_notification().map_err(|e| io::Error::other(format!("{e}")))? {
+        if any
+            && vring
+                .needs_notification()
+                .map_err(|e| io::Error::other(format!("{e}")))?
+        {
             vring.signal_used_queue()?;
         }
         Ok(())

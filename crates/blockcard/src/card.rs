@@ -12,7 +12,9 @@
 //!    exits.
 
 use crate::backend::{BlockBackend, CipherState, QueueWorker, Volume, IO_LANES, MAX_QUEUES};
-use crate::control::{self, AttachSpec, ControlError, ControlRequest, ControlResponse, ErrorCode, KeySource};
+use crate::control::{
+    self, AttachSpec, ControlError, ControlRequest, ControlResponse, ErrorCode, KeySource,
+};
 use crate::metrics::BlkMetrics;
 use crate::request::{DiskLimits, SectorCount, ID_LEN};
 use crate::sandbox::{self, SandboxError};
@@ -50,7 +52,10 @@ pub enum CardError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error("binding {what} socket: {source}")]
-    Bind { what: &'static str, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("vhost-user: {0}")]
     Vhost(String),
     #[error("control: {0}")]
@@ -81,9 +86,16 @@ fn bind_control(path: &PathBuf) -> Result<UnixListener, CardError> {
             let _ = std::fs::remove_file(path);
         }
     }
-    let l = UnixListener::bind(path).map_err(|source| CardError::Bind { what: "control", source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|source| CardError::Bind { what: "control", source })?;
+    let l = UnixListener::bind(path).map_err(|source| CardError::Bind {
+        what: "control",
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        CardError::Bind {
+            what: "control",
+            source,
+        }
+    })?;
     Ok(l)
 }
 
@@ -96,11 +108,20 @@ fn err_resp(code: ErrorCode, message: String) -> ControlResponse {
 }
 
 /// Keys one cipher state per I/O lane (`queues * IO_LANES`) from the attach request.
-fn key_queues(spec: &AttachSpec, host: Option<&HostKey>, queues: u16) -> Result<(Vec<CipherState>, bool), AttachError> {
+fn key_queues(
+    spec: &AttachSpec,
+    host: Option<&HostKey>,
+    queues: u16,
+) -> Result<(Vec<CipherState>, bool), AttachError> {
     let lanes = usize::from(queues) * IO_LANES;
     let make = |key: &VolumeKey| -> Result<Vec<CipherState>, AttachError> {
         (0..lanes)
-            .map(|_| Ok(CipherState::Xts(Box::new(XtsCipher::new(key.as_ref(), spec.sector_size)?))))
+            .map(|_| {
+                Ok(CipherState::Xts(Box::new(XtsCipher::new(
+                    key.as_ref(),
+                    spec.sector_size,
+                )?)))
+            })
             .collect()
     };
     match &spec.key {
@@ -137,7 +158,9 @@ fn wait_for_attach(
 ) -> Result<Attached, CardError> {
     let mut store = Some(store);
     loop {
-        let (mut stream, _) = control.accept().map_err(|e| CardError::Control(ControlError::Io(e)))?;
+        let (mut stream, _) = control
+            .accept()
+            .map_err(|e| CardError::Control(ControlError::Io(e)))?;
         loop {
             let body = match control::read_frame(&mut stream) {
                 Ok(Some(b)) => b,
@@ -152,7 +175,9 @@ fn wait_for_attach(
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, "bad control message");
-                    if respond(&mut stream, &err_resp(ErrorCode::BadRequest, e.to_string())).is_err() {
+                    if respond(&mut stream, &err_resp(ErrorCode::BadRequest, e.to_string()))
+                        .is_err()
+                    {
                         break;
                     }
                     continue;
@@ -160,12 +185,22 @@ fn wait_for_attach(
             };
             match req {
                 ControlRequest::GetMetrics => {
-                    if respond(&mut stream, &ControlResponse::Metrics(metrics_list(metrics))).is_err() {
+                    if respond(
+                        &mut stream,
+                        &ControlResponse::Metrics(metrics_list(metrics)),
+                    )
+                    .is_err()
+                    {
                         break;
                     }
                 }
                 ControlRequest::Detach => {
-                    if respond(&mut stream, &err_resp(ErrorCode::NotAttached, "no volume attached".into())).is_err() {
+                    if respond(
+                        &mut stream,
+                        &err_resp(ErrorCode::NotAttached, "no volume attached".into()),
+                    )
+                    .is_err()
+                    {
                         break;
                     }
                 }
@@ -176,9 +211,14 @@ fn wait_for_attach(
                     let sector = spec.sector_size.bytes();
                     let whole = st.size_bytes() / sector * sector;
                     if whole == 0 {
-                        let e = AttachError::TooSmall { size: st.size_bytes(), sector };
+                        let e = AttachError::TooSmall {
+                            size: st.size_bytes(),
+                            sector,
+                        };
                         store = Some(st);
-                        if respond(&mut stream, &err_resp(ErrorCode::BadRequest, e.to_string())).is_err() {
+                        if respond(&mut stream, &err_resp(ErrorCode::BadRequest, e.to_string()))
+                            .is_err()
+                        {
                             break;
                         }
                         continue;
@@ -187,7 +227,9 @@ fn wait_for_attach(
                         Err(e) => {
                             warn!(volume = spec.volume_id.as_str(), error = %e, "attach refused");
                             store = Some(st);
-                            if respond(&mut stream, &err_resp(ErrorCode::KeyRefused, e.to_string())).is_err() {
+                            if respond(&mut stream, &err_resp(ErrorCode::KeyRefused, e.to_string()))
+                                .is_err()
+                            {
                                 break;
                             }
                         }
@@ -218,13 +260,23 @@ fn wait_for_attach(
                                 queues = cfg.queues,
                                 "volume keyed"
                             );
-                            let backend = Arc::new(BlockBackend::new(Arc::new(vol), workers, metrics.clone()));
+                            let backend = Arc::new(BlockBackend::new(
+                                Arc::new(vol),
+                                workers,
+                                metrics.clone(),
+                            ));
                             // The host key is zeroized here: one card serves one volume.
                             drop(host);
                             let capacity = whole / 512;
                             lock_down(cfg)?;
                             // If the controller is gone, it reconnects and sees `AlreadyAttached`.
-                            let _ = respond(&mut stream, &ControlResponse::Attached { capacity_sectors: capacity, encrypted });
+                            let _ = respond(
+                                &mut stream,
+                                &ControlResponse::Attached {
+                                    capacity_sectors: capacity,
+                                    encrypted,
+                                },
+                            );
                             return Ok(Attached { stream, backend });
                         }
                     }
@@ -245,10 +297,18 @@ fn lock_down(cfg: &CardConfig) -> Result<(), CardError> {
 }
 
 fn metrics_list(m: &BlkMetrics) -> Vec<(String, u64)> {
-    m.snapshot().into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    m.snapshot()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
 }
 
-fn serve_attached(control: UnixListener, first: UnixStream, backend: Arc<BlockBackend>, metrics: Arc<BlkMetrics>) {
+fn serve_attached(
+    control: UnixListener,
+    first: UnixStream,
+    backend: Arc<BlockBackend>,
+    metrics: Arc<BlkMetrics>,
+) {
     let mut stream = first;
     loop {
         loop {
@@ -263,7 +323,10 @@ fn serve_attached(control: UnixListener, first: UnixStream, backend: Arc<BlockBa
             let resp = match ControlRequest::parse(&body) {
                 Err(e) => err_resp(ErrorCode::BadRequest, e.to_string()),
                 Ok(ControlRequest::GetMetrics) => ControlResponse::Metrics(metrics_list(&metrics)),
-                Ok(ControlRequest::Attach(_)) => err_resp(ErrorCode::AlreadyAttached, "a volume is already attached".into()),
+                Ok(ControlRequest::Attach(_)) => err_resp(
+                    ErrorCode::AlreadyAttached,
+                    "a volume is already attached".into(),
+                ),
                 Ok(ControlRequest::Detach) => {
                     backend.erase_keys();
                     if let Err(e) = backend.volume().store.flush() {
@@ -344,7 +407,9 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
         let mut daemon = VhostUserDaemon::new("bulkhead-blockcard".into(), backend.clone(), mem)
             .map_err(|e| CardError::Vhost(e.to_string()))?;
-        daemon.start(&mut listener).map_err(|e| CardError::Vhost(e.to_string()))?;
+        daemon
+            .start(&mut listener)
+            .map_err(|e| CardError::Vhost(e.to_string()))?;
         info!("frontend connected");
         let res = daemon.wait();
         for h in daemon.get_epoll_handlers() {

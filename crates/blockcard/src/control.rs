@@ -75,7 +75,8 @@ impl VolumeId {
     pub fn new(s: &str) -> Result<Self, ControlError> {
         let ok = !s.is_empty()
             && s.len() <= MAX_VOLUME_ID_LEN
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -164,10 +165,16 @@ impl ErrorCode {
 /// Card -> controller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlResponse {
-    Attached { capacity_sectors: u64, encrypted: bool },
+    Attached {
+        capacity_sectors: u64,
+        encrypted: bool,
+    },
     Detached,
     Metrics(Vec<(String, u64)>),
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 struct Cursor<'a> {
@@ -184,7 +191,10 @@ impl<'a> Cursor<'a> {
         Ok(a)
     }
     fn u8(&mut self) -> Result<u8, ControlError> {
-        self.take(1)?.first().copied().ok_or(ControlError::Truncated)
+        self.take(1)?
+            .first()
+            .copied()
+            .ok_or(ControlError::Truncated)
     }
     fn u16(&mut self) -> Result<u16, ControlError> {
         let b = self.take(2)?;
@@ -218,7 +228,9 @@ fn header(raw: &[u8]) -> Result<(u8, Cursor<'_>), ControlError> {
 fn short_text(c: &mut Cursor<'_>) -> Result<String, ControlError> {
     let n = c.u8()?;
     let b = c.take(usize::from(n))?;
-    std::str::from_utf8(b).map(str::to_owned).map_err(|_| ControlError::Text)
+    std::str::from_utf8(b)
+        .map(str::to_owned)
+        .map_err(|_| ControlError::Text)
 }
 
 fn put_short_text(out: &mut Vec<u8>, s: &str) {
@@ -243,7 +255,8 @@ impl ControlRequest {
                 let vid = std::str::from_utf8(vid).map_err(|_| ControlError::VolumeId)?;
                 let volume_id = VolumeId::new(vid)?;
                 let shift = c.u8()?;
-                let sector_size = CryptoSectorSize::from_shift(shift).ok_or(ControlError::SectorShift(shift))?;
+                let sector_size =
+                    CryptoSectorSize::from_shift(shift).ok_or(ControlError::SectorShift(shift))?;
                 let key = match c.u8()? {
                     0 => KeySource::Plain,
                     1 => KeySource::Ephemeral,
@@ -259,7 +272,11 @@ impl ControlRequest {
                     }
                     other => return Err(ControlError::KeyKind(other)),
                 };
-                Self::Attach(AttachSpec { volume_id, sector_size, key })
+                Self::Attach(AttachSpec {
+                    volume_id,
+                    sector_size,
+                    key,
+                })
             }
             kind::DETACH => Self::Detach,
             kind::GET_METRICS => Self::GetMetrics,
@@ -309,7 +326,10 @@ impl ControlResponse {
                     1 => true,
                     _ => return Err(ControlError::Truncated),
                 };
-                Self::Attached { capacity_sectors, encrypted }
+                Self::Attached {
+                    capacity_sectors,
+                    encrypted,
+                }
             }
             kind::DETACHED => Self::Detached,
             kind::METRICS => {
@@ -320,7 +340,8 @@ impl ControlResponse {
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
                     let name = short_text(&mut c)?;
-                    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    {
                         return Err(ControlError::Text);
                     }
                     v.push((name, c.u64()?));
@@ -342,7 +363,10 @@ impl ControlResponse {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![VERSION];
         match self {
-            Self::Attached { capacity_sectors, encrypted } => {
+            Self::Attached {
+                capacity_sectors,
+                encrypted,
+            } => {
                 out.push(kind::ATTACHED);
                 out.extend_from_slice(&capacity_sectors.to_le_bytes());
                 out.push(u8::from(*encrypted));
@@ -412,7 +436,10 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> Result<(), ControlError> 
 }
 
 /// Sends a request and reads the response (the controller's side; also used by tests).
-pub fn call(stream: &mut (impl Read + Write), req: &ControlRequest) -> Result<ControlResponse, ControlError> {
+pub fn call(
+    stream: &mut (impl Read + Write),
+    req: &ControlRequest,
+) -> Result<ControlResponse, ControlError> {
     write_frame(stream, &req.encode())?;
     let body = read_frame(stream)?.ok_or(ControlError::Truncated)?;
     ControlResponse::parse(&body)
@@ -446,10 +473,16 @@ mod tests {
     #[test]
     fn responses_roundtrip() {
         for r in [
-            ControlResponse::Attached { capacity_sectors: 1 << 30, encrypted: true },
+            ControlResponse::Attached {
+                capacity_sectors: 1 << 30,
+                encrypted: true,
+            },
             ControlResponse::Detached,
             ControlResponse::Metrics(vec![("reads".into(), 3), ("io_errors".into(), 0)]),
-            ControlResponse::Error { code: ErrorCode::KeyRefused, message: "sealed blob failed".into() },
+            ControlResponse::Error {
+                code: ErrorCode::KeyRefused,
+                message: "sealed blob failed".into(),
+            },
         ] {
             assert_eq!(ControlResponse::parse(&r.encode()).expect("parse"), r);
         }
@@ -460,30 +493,66 @@ mod tests {
         let good = attach(KeySource::Sealed(Box::new([7u8; SEALED_BLOB_LEN]))).encode();
         // Every truncation fails.
         for n in 0..good.len() {
-            assert!(ControlRequest::parse(&good[..n]).is_err(), "truncated at {n} accepted");
+            assert!(
+                ControlRequest::parse(&good[..n]).is_err(),
+                "truncated at {n} accepted"
+            );
         }
         let mut trailing = good.clone();
         trailing.push(0);
-        assert!(matches!(ControlRequest::parse(&trailing), Err(ControlError::Trailing(1))));
-        assert!(matches!(ControlRequest::parse(&[2, 2]), Err(ControlError::Version(2))));
-        assert!(matches!(ControlRequest::parse(&[1, 0x42]), Err(ControlError::UnknownKind(0x42))));
-        assert!(matches!(ControlRequest::parse(&[1, 1, 2, b'a', b'/', 9, 0]), Err(ControlError::VolumeId)));
-        assert!(matches!(ControlRequest::parse(&[1, 1, 1, b'a', 10, 0]), Err(ControlError::SectorShift(10))));
-        assert!(matches!(ControlRequest::parse(&[1, 1, 1, b'a', 9, 5]), Err(ControlError::KeyKind(5))));
-        assert!(matches!(ControlRequest::parse(&[1, 1, 1, b'a', 9, 2, 5, 0]), Err(ControlError::BlobLength(5))));
+        assert!(matches!(
+            ControlRequest::parse(&trailing),
+            Err(ControlError::Trailing(1))
+        ));
+        assert!(matches!(
+            ControlRequest::parse(&[2, 2]),
+            Err(ControlError::Version(2))
+        ));
+        assert!(matches!(
+            ControlRequest::parse(&[1, 0x42]),
+            Err(ControlError::UnknownKind(0x42))
+        ));
+        assert!(matches!(
+            ControlRequest::parse(&[1, 1, 2, b'a', b'/', 9, 0]),
+            Err(ControlError::VolumeId)
+        ));
+        assert!(matches!(
+            ControlRequest::parse(&[1, 1, 1, b'a', 10, 0]),
+            Err(ControlError::SectorShift(10))
+        ));
+        assert!(matches!(
+            ControlRequest::parse(&[1, 1, 1, b'a', 9, 5]),
+            Err(ControlError::KeyKind(5))
+        ));
+        assert!(matches!(
+            ControlRequest::parse(&[1, 1, 1, b'a', 9, 2, 5, 0]),
+            Err(ControlError::BlobLength(5))
+        ));
     }
 
     #[test]
     fn frames_are_bounded() {
         let mut big = Vec::new();
         big.extend_from_slice(&(MAX_FRAME + 1).to_le_bytes());
-        assert!(matches!(read_frame(&mut &big[..]), Err(ControlError::FrameSize(_))));
-        assert!(matches!(read_frame(&mut &[0u8, 0, 0, 0][..]), Err(ControlError::FrameSize(0))));
-        assert!(matches!(read_frame(&mut &[5u8, 0, 0, 0, 1][..]), Err(ControlError::Truncated)));
+        assert!(matches!(
+            read_frame(&mut &big[..]),
+            Err(ControlError::FrameSize(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[0u8, 0, 0, 0][..]),
+            Err(ControlError::FrameSize(0))
+        ));
+        assert!(matches!(
+            read_frame(&mut &[5u8, 0, 0, 0, 1][..]),
+            Err(ControlError::Truncated)
+        ));
         assert!(matches!(read_frame(&mut &[][..]), Ok(None)));
         let mut buf = Vec::new();
         write_frame(&mut buf, &ControlRequest::Detach.encode()).expect("write");
         let body = read_frame(&mut &buf[..]).expect("read").expect("frame");
-        assert_eq!(ControlRequest::parse(&body).expect("parse"), ControlRequest::Detach);
+        assert_eq!(
+            ControlRequest::parse(&body).expect("parse"),
+            ControlRequest::Detach
+        );
     }
 }

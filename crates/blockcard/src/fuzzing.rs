@@ -45,7 +45,9 @@ pub fn request_parse(data: &[u8]) {
             break;
         };
         rest = tail;
-        let addr = u64::from_le_bytes([raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]]);
+        let addr = u64::from_le_bytes([
+            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+        ]);
         let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
         let flags = u16::from_le_bytes([raw[12], raw[13]]);
         let next = u16::from_le_bytes([raw[14], raw[15]]);
@@ -58,15 +60,26 @@ pub fn request_parse(data: &[u8]) {
     if let Some(src) = rest.get(..n) {
         let _ = vm_memory::Bytes::write_slice(&mem, src, GuestAddress(0));
     }
-    let disk = DiskLimits { capacity: SectorCount(4096), align: 1, read_only: false };
+    let disk = DiskLimits {
+        capacity: SectorCount(4096),
+        align: 1,
+        read_only: false,
+    };
     let ttl = table.len();
-    let chain = TableChain { table: &table, next: Some(0), ttl };
+    let chain = TableChain {
+        table: &table,
+        next: Some(0),
+        ttl,
+    };
     if let Ok(req) = BlkRequest::parse(chain, &mem, &disk) {
         // Invariants of an accepted request.
         assert!(GuestMemoryBackend::check_range(&mem, req.status, 1));
         match &req.op {
             BlkOp::Read { start, len, bufs } | BlkOp::Write { start, len, bufs } => {
-                assert!(start.0.checked_add(len.0).is_some_and(|e| e <= disk.capacity.0));
+                assert!(start
+                    .0
+                    .checked_add(len.0)
+                    .is_some_and(|e| e <= disk.capacity.0));
                 let total: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
                 assert!(total <= MAX_REQUEST_BYTES);
                 assert_eq!(Some(total), len.bytes());
@@ -77,7 +90,11 @@ pub fn request_parse(data: &[u8]) {
             }
             BlkOp::Discard { extents } | BlkOp::WriteZeroes { extents } => {
                 for e in extents {
-                    assert!(e.start.0.checked_add(e.len.0).is_some_and(|x| x <= disk.capacity.0));
+                    assert!(e
+                        .start
+                        .0
+                        .checked_add(e.len.0)
+                        .is_some_and(|x| x <= disk.capacity.0));
                 }
             }
             BlkOp::Flush | BlkOp::GetId { .. } => {}
@@ -161,7 +178,11 @@ mod tests {
         let seeds: Vec<Vec<u8>> = vec![
             ControlRequest::Detach.encode(),
             ControlRequest::GetMetrics.encode(),
-            ControlResponse::Attached { capacity_sectors: 8, encrypted: true }.encode(),
+            ControlResponse::Attached {
+                capacity_sectors: 8,
+                encrypted: true,
+            }
+            .encode(),
             vec![1, 1, 3, b'v', b'o', b'l', 12, 1],
         ];
         for seed in &seeds {

@@ -93,9 +93,17 @@ pub struct Extent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BlkOp {
     /// Read `len` sectors at `start` into the guest buffers.
-    Read { start: Sector, len: SectorCount, bufs: Vec<GuestBuf> },
+    Read {
+        start: Sector,
+        len: SectorCount,
+        bufs: Vec<GuestBuf>,
+    },
     /// Write the guest buffers to `len` sectors at `start`.
-    Write { start: Sector, len: SectorCount, bufs: Vec<GuestBuf> },
+    Write {
+        start: Sector,
+        len: SectorCount,
+        bufs: Vec<GuestBuf>,
+    },
     /// Make every completed write durable.
     Flush,
     /// Write the device id (up to 20 bytes) into `buf`.
@@ -117,7 +125,9 @@ pub struct BlkRequest {
 /// Why a chain was rejected. Each variant has its own metric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BlkParseError {
-    #[error("descriptor chain has more than {MAX_DESCRIPTORS} descriptors, loops, or is cut short")]
+    #[error(
+        "descriptor chain has more than {MAX_DESCRIPTORS} descriptors, loops, or is cut short"
+    )]
     ChainTooLong,
     #[error("descriptor chain has {0} descriptors; a request needs a header and a status")]
     ChainTooShort(usize),
@@ -184,7 +194,15 @@ unsafe impl vm_memory::ByteValued for RawSegment {}
 
 fn in_memory<M: GuestMemory>(mem: &M, d: &Descriptor) -> bool {
     match usize::try_from(d.len()) {
-        Ok(len) => mem.check_range(d.addr(), len, if d.is_write_only() { Permissions::Write } else { Permissions::Read }),
+        Ok(len) => mem.check_range(
+            d.addr(),
+            len,
+            if d.is_write_only() {
+                Permissions::Write
+            } else {
+                Permissions::Read
+            },
+        ),
         Err(_) => false,
     }
 }
@@ -201,11 +219,17 @@ impl BlkRequest {
         let mut descs: Vec<Descriptor> = Vec::with_capacity(4);
         for d in chain {
             if descs.len() >= MAX_DESCRIPTORS {
-                return Err(Rejected { error: BlkParseError::ChainTooLong, status: None });
+                return Err(Rejected {
+                    error: BlkParseError::ChainTooLong,
+                    status: None,
+                });
             }
             descs.push(d);
         }
-        let reject = |error| Rejected { error, status: None };
+        let reject = |error| Rejected {
+            error,
+            status: None,
+        };
         let Some((status_desc, rest)) = descs.split_last() else {
             return Err(reject(BlkParseError::ChainTooShort(0)));
         };
@@ -225,16 +249,22 @@ impl BlkRequest {
             return Err(reject(BlkParseError::OutsideMemory));
         }
         let status_addr = status_desc.addr();
-        let fail = |error| Rejected { error, status: Some(status_addr) };
+        let fail = |error| Rejected {
+            error,
+            status: Some(status_addr),
+        };
 
         if header_desc.is_write_only() {
             return Err(fail(BlkParseError::WrongDirection));
         }
         if header_desc.len() < HEADER_LEN {
-            return Err(fail(BlkParseError::ShortHeader { got: header_desc.len() }));
+            return Err(fail(BlkParseError::ShortHeader {
+                got: header_desc.len(),
+            }));
         }
-        let header: RawHeader =
-            mem.read_obj(header_desc.addr()).map_err(|_| fail(BlkParseError::OutsideMemory))?;
+        let header: RawHeader = mem
+            .read_obj(header_desc.addr())
+            .map_err(|_| fail(BlkParseError::OutsideMemory))?;
         let kind = u32::from_le(header.kind);
         let start = Sector(u64::from_le(header.sector));
 
@@ -250,12 +280,20 @@ impl BlkRequest {
             if d.len() > MAX_SEGMENT_BYTES {
                 return Err(fail(BlkParseError::TooLarge));
             }
-            total = total.checked_add(u64::from(d.len())).ok_or(fail(BlkParseError::TooLarge))?;
+            total = total
+                .checked_add(u64::from(d.len()))
+                .ok_or(fail(BlkParseError::TooLarge))?;
         }
         if data.len() > MAX_DATA_SEGMENTS {
             return Err(fail(BlkParseError::ChainTooLong));
         }
-        let bufs: Vec<GuestBuf> = data.iter().map(|d| GuestBuf { addr: d.addr(), len: d.len() }).collect();
+        let bufs: Vec<GuestBuf> = data
+            .iter()
+            .map(|d| GuestBuf {
+                addr: d.addr(),
+                len: d.len(),
+            })
+            .collect();
         check_overlap(&bufs, status_addr).map_err(fail)?;
 
         let want_dir = |writable: bool| -> Result<(), Rejected> {
@@ -279,8 +317,14 @@ impl BlkRequest {
                 if total > MAX_REQUEST_BYTES {
                     return Err(fail(BlkParseError::TooLarge));
                 }
-                let align_bytes = disk.align.checked_mul(512).ok_or(fail(BlkParseError::Unaligned))?;
-                if align_bytes == 0 || !total.is_multiple_of(align_bytes) || !start.0.is_multiple_of(disk.align) {
+                let align_bytes = disk
+                    .align
+                    .checked_mul(512)
+                    .ok_or(fail(BlkParseError::Unaligned))?;
+                if align_bytes == 0
+                    || !total.is_multiple_of(align_bytes)
+                    || !start.0.is_multiple_of(disk.align)
+                {
                     return Err(fail(BlkParseError::Unaligned));
                 }
                 let len = SectorCount(total / 512);
@@ -309,7 +353,8 @@ impl BlkRequest {
                 if disk.read_only {
                     return Err(fail(BlkParseError::ReadOnly));
                 }
-                let extents = parse_extents(mem, &bufs, disk, kind == req_type::WRITE_ZEROES).map_err(fail)?;
+                let extents = parse_extents(mem, &bufs, disk, kind == req_type::WRITE_ZEROES)
+                    .map_err(fail)?;
                 if kind == req_type::DISCARD {
                     BlkOp::Discard { extents }
                 } else {
@@ -318,7 +363,10 @@ impl BlkRequest {
             }
             other => return Err(fail(BlkParseError::UnknownType(other))),
         };
-        Ok(Self { op, status: status_addr })
+        Ok(Self {
+            op,
+            status: status_addr,
+        })
     }
 }
 
@@ -335,10 +383,20 @@ fn check_range(start: Sector, len: SectorCount, disk: &DiskLimits) -> Result<(),
 fn check_overlap(bufs: &[GuestBuf], status: GuestAddress) -> Result<(), BlkParseError> {
     let mut spans: Vec<(u64, u64)> = Vec::with_capacity(bufs.len() + 1);
     for b in bufs {
-        let end = b.addr.0.checked_add(u64::from(b.len)).ok_or(BlkParseError::OutsideMemory)?;
+        let end = b
+            .addr
+            .0
+            .checked_add(u64::from(b.len))
+            .ok_or(BlkParseError::OutsideMemory)?;
         spans.push((b.addr.0, end));
     }
-    spans.push((status.0, status.0.checked_add(1).ok_or(BlkParseError::OutsideMemory)?));
+    spans.push((
+        status.0,
+        status
+            .0
+            .checked_add(1)
+            .ok_or(BlkParseError::OutsideMemory)?,
+    ));
     spans.sort_unstable();
     for pair in spans.windows(2) {
         if let [a, b] = pair {
@@ -366,11 +424,17 @@ fn parse_extents<M: GuestMemory>(
     if count > MAX_DISCARD_SEGMENTS {
         return Err(BlkParseError::TooLarge);
     }
-    let mut extents = Vec::with_capacity(usize::try_from(count).map_err(|_| BlkParseError::TooLarge)?);
+    let mut extents =
+        Vec::with_capacity(usize::try_from(count).map_err(|_| BlkParseError::TooLarge)?);
     for i in 0..count {
         let off = u64::from(i) * u64::from(SEGMENT_LEN);
-        let addr = buf.addr.checked_add(off).ok_or(BlkParseError::OutsideMemory)?;
-        let seg: RawSegment = mem.read_obj(addr).map_err(|_| BlkParseError::OutsideMemory)?;
+        let addr = buf
+            .addr
+            .checked_add(off)
+            .ok_or(BlkParseError::OutsideMemory)?;
+        let seg: RawSegment = mem
+            .read_obj(addr)
+            .map_err(|_| BlkParseError::OutsideMemory)?;
         let start = Sector(u64::from_le(seg.sector));
         let num = u32::from_le(seg.num_sectors);
         let flags = u32::from_le(seg.flags);
@@ -390,7 +454,11 @@ fn parse_extents<M: GuestMemory>(
             return Err(BlkParseError::Unaligned);
         }
         check_range(start, len, disk)?;
-        extents.push(Extent { start, len, unmap: flags & 1 != 0 });
+        extents.push(Extent {
+            start,
+            len,
+            unmap: flags & 1 != 0,
+        });
     }
     Ok(extents)
 }
@@ -420,12 +488,23 @@ mod tests {
     }
 
     fn disk() -> DiskLimits {
-        DiskLimits { capacity: SectorCount(2048), align: 1, read_only: false }
+        DiskLimits {
+            capacity: SectorCount(2048),
+            align: 1,
+            read_only: false,
+        }
     }
 
     fn header(m: &GuestMemoryMmap<()>, kind: u32, sector: u64) {
-        m.write_obj(RawHeader { kind: kind.to_le(), reserved: 0, sector: sector.to_le() }, GuestAddress(0x100))
-            .expect("hdr");
+        m.write_obj(
+            RawHeader {
+                kind: kind.to_le(),
+                reserved: 0,
+                sector: sector.to_le(),
+            },
+            GuestAddress(0x100),
+        )
+        .expect("hdr");
     }
 
     fn chain(data: &[(u64, u32, bool)]) -> Vec<Descriptor> {
@@ -448,15 +527,30 @@ mod tests {
         let r = parse(&m, chain(&[(0x1000, 4096, true)])).expect("read");
         assert_eq!(
             r.op,
-            BlkOp::Read { start: Sector(8), len: SectorCount(8), bufs: vec![GuestBuf { addr: GuestAddress(0x1000), len: 4096 }] }
+            BlkOp::Read {
+                start: Sector(8),
+                len: SectorCount(8),
+                bufs: vec![GuestBuf {
+                    addr: GuestAddress(0x1000),
+                    len: 4096
+                }]
+            }
         );
         assert_eq!(r.status, GuestAddress(0x200));
         header(&m, req_type::OUT, 0);
-        assert!(matches!(parse(&m, chain(&[(0x1000, 512, false), (0x3000, 512, false)])).expect("w").op, BlkOp::Write { .. }));
+        assert!(matches!(
+            parse(&m, chain(&[(0x1000, 512, false), (0x3000, 512, false)]))
+                .expect("w")
+                .op,
+            BlkOp::Write { .. }
+        ));
         header(&m, req_type::FLUSH, 0);
         assert_eq!(parse(&m, chain(&[])).expect("flush").op, BlkOp::Flush);
         header(&m, req_type::GET_ID, 0);
-        assert!(matches!(parse(&m, chain(&[(0x1000, 20, true)])).expect("id").op, BlkOp::GetId { .. }));
+        assert!(matches!(
+            parse(&m, chain(&[(0x1000, 20, true)])).expect("id").op,
+            BlkOp::GetId { .. }
+        ));
     }
 
     #[test]
@@ -465,21 +559,42 @@ mod tests {
         let err = |c| parse(&m, c).expect_err("must reject");
         header(&m, req_type::IN, 0);
         // Wrong direction: read into a device-readable buffer.
-        assert_eq!(err(chain(&[(0x1000, 512, false)])).error, BlkParseError::WrongDirection);
+        assert_eq!(
+            err(chain(&[(0x1000, 512, false)])).error,
+            BlkParseError::WrongDirection
+        );
         // Outside memory.
-        assert_eq!(err(chain(&[(MEM as u64 - 256, 512, true)])).error, BlkParseError::OutsideMemory);
+        assert_eq!(
+            err(chain(&[(MEM as u64 - 256, 512, true)])).error,
+            BlkParseError::OutsideMemory
+        );
         // Past end.
         header(&m, req_type::IN, 2047);
-        assert_eq!(err(chain(&[(0x1000, 1024, true)])).error, BlkParseError::PastEnd);
+        assert_eq!(
+            err(chain(&[(0x1000, 1024, true)])).error,
+            BlkParseError::PastEnd
+        );
         header(&m, req_type::IN, u64::MAX);
-        assert_eq!(err(chain(&[(0x1000, 512, true)])).error, BlkParseError::PastEnd);
+        assert_eq!(
+            err(chain(&[(0x1000, 512, true)])).error,
+            BlkParseError::PastEnd
+        );
         // Unaligned length.
         header(&m, req_type::IN, 0);
-        assert_eq!(err(chain(&[(0x1000, 100, true)])).error, BlkParseError::Unaligned);
+        assert_eq!(
+            err(chain(&[(0x1000, 100, true)])).error,
+            BlkParseError::Unaligned
+        );
         // Oversized single segment.
-        assert_eq!(err(chain(&[(0x1000, MAX_SEGMENT_BYTES + 512, true)])).error, BlkParseError::OutsideMemory);
+        assert_eq!(
+            err(chain(&[(0x1000, MAX_SEGMENT_BYTES + 512, true)])).error,
+            BlkParseError::OutsideMemory
+        );
         // Overlap with the status byte.
-        assert_eq!(err(chain(&[(0x0, 1024, true)])).error, BlkParseError::Overlap);
+        assert_eq!(
+            err(chain(&[(0x0, 1024, true)])).error,
+            BlkParseError::Overlap
+        );
         // Unknown type -> UNSUPP.
         header(&m, 99, 0);
         let r = err(chain(&[]));
@@ -497,37 +612,94 @@ mod tests {
         for i in 0..MAX_DESCRIPTORS {
             long.push(descriptor(0x1000 + 512 * i as u64, 512, true, Some(0)));
         }
-        assert_eq!(parse(&m, long).expect_err("long").error, BlkParseError::ChainTooLong);
+        assert_eq!(
+            parse(&m, long).expect_err("long").error,
+            BlkParseError::ChainTooLong
+        );
         // Loop cut short by the queue: last still has NEXT.
-        let looped = vec![descriptor(0x100, 16, false, Some(1)), descriptor(0x200, 1, true, Some(0))];
-        assert_eq!(parse(&m, looped).expect_err("loop").error, BlkParseError::ChainTooLong);
+        let looped = vec![
+            descriptor(0x100, 16, false, Some(1)),
+            descriptor(0x200, 1, true, Some(0)),
+        ];
+        assert_eq!(
+            parse(&m, looped).expect_err("loop").error,
+            BlkParseError::ChainTooLong
+        );
         // Status not writable: no status to report in.
         let mut c = chain(&[]);
         c[1] = descriptor(0x200, 1, false, None);
-        assert_eq!(parse(&m, c).expect_err("dir"), Rejected { error: BlkParseError::WrongDirection, status: None });
+        assert_eq!(
+            parse(&m, c).expect_err("dir"),
+            Rejected {
+                error: BlkParseError::WrongDirection,
+                status: None
+            }
+        );
         // Only one descriptor.
-        assert_eq!(parse(&m, vec![descriptor(0x200, 1, true, None)]).expect_err("short").error, BlkParseError::ChainTooShort(1));
+        assert_eq!(
+            parse(&m, vec![descriptor(0x200, 1, true, None)])
+                .expect_err("short")
+                .error,
+            BlkParseError::ChainTooShort(1)
+        );
         // Short header.
         let mut c = chain(&[]);
         c[0] = descriptor(0x100, 8, false, Some(1));
-        assert_eq!(parse(&m, c).expect_err("hdr").error, BlkParseError::ShortHeader { got: 8 });
+        assert_eq!(
+            parse(&m, c).expect_err("hdr").error,
+            BlkParseError::ShortHeader { got: 8 }
+        );
     }
 
     #[test]
     fn discard_segments_checked() {
         let m = mem();
-        let seg = |sector: u64, n: u32, flags: u32| RawSegment { sector: sector.to_le(), num_sectors: n.to_le(), flags: flags.to_le() };
-        m.write_obj(seg(0, 8, 0), GuestAddress(0x1000)).expect("seg");
+        let seg = |sector: u64, n: u32, flags: u32| RawSegment {
+            sector: sector.to_le(),
+            num_sectors: n.to_le(),
+            flags: flags.to_le(),
+        };
+        m.write_obj(seg(0, 8, 0), GuestAddress(0x1000))
+            .expect("seg");
         header(&m, req_type::DISCARD, 0);
         let r = parse(&m, chain(&[(0x1000, 16, false)])).expect("discard");
-        assert_eq!(r.op, BlkOp::Discard { extents: vec![Extent { start: Sector(0), len: SectorCount(8), unmap: false }] });
-        m.write_obj(seg(2040, 16, 0), GuestAddress(0x1000)).expect("seg");
-        assert_eq!(parse(&m, chain(&[(0x1000, 16, false)])).expect_err("past").error, BlkParseError::PastEnd);
-        m.write_obj(seg(0, 8, 1), GuestAddress(0x1000)).expect("seg");
-        assert_eq!(parse(&m, chain(&[(0x1000, 16, false)])).expect_err("flag").error, BlkParseError::BadData);
+        assert_eq!(
+            r.op,
+            BlkOp::Discard {
+                extents: vec![Extent {
+                    start: Sector(0),
+                    len: SectorCount(8),
+                    unmap: false
+                }]
+            }
+        );
+        m.write_obj(seg(2040, 16, 0), GuestAddress(0x1000))
+            .expect("seg");
+        assert_eq!(
+            parse(&m, chain(&[(0x1000, 16, false)]))
+                .expect_err("past")
+                .error,
+            BlkParseError::PastEnd
+        );
+        m.write_obj(seg(0, 8, 1), GuestAddress(0x1000))
+            .expect("seg");
+        assert_eq!(
+            parse(&m, chain(&[(0x1000, 16, false)]))
+                .expect_err("flag")
+                .error,
+            BlkParseError::BadData
+        );
         header(&m, req_type::WRITE_ZEROES, 0);
         assert!(parse(&m, chain(&[(0x1000, 16, false)])).is_ok());
-        let ro = DiskLimits { read_only: true, ..disk() };
-        assert_eq!(BlkRequest::parse(chain(&[(0x1000, 16, false)]).into_iter(), &m, &ro).expect_err("ro").error, BlkParseError::ReadOnly);
+        let ro = DiskLimits {
+            read_only: true,
+            ..disk()
+        };
+        assert_eq!(
+            BlkRequest::parse(chain(&[(0x1000, 16, false)]).into_iter(), &m, &ro)
+                .expect_err("ro")
+                .error,
+            BlkParseError::ReadOnly
+        );
     }
 }

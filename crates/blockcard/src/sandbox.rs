@@ -3,7 +3,8 @@
 //! seccomp allow-list without socket creation, exec, or opening paths.
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
 };
 use std::collections::BTreeMap;
 
@@ -11,11 +12,17 @@ use std::collections::BTreeMap;
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error("prctl({what}) failed: {source}")]
-    Prctl { what: &'static str, source: std::io::Error },
+    Prctl {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("setrlimit(RLIMIT_CORE) failed: {0}")]
     Rlimit(#[source] std::io::Error),
     #[error("dropping privileges failed at {what}: {source}")]
-    Drop { what: &'static str, source: std::io::Error },
+    Drop {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("running as root needs --uid and --gid to drop to")]
     RootWithoutUid,
     #[error("seccomp: {0}")]
@@ -26,9 +33,20 @@ pub enum SandboxError {
 
 fn prctl(what: &'static str, op: libc::c_int, arg: libc::c_ulong) -> Result<(), SandboxError> {
     // SAFETY: the prctl operations used here take integer arguments only.
-    let rc = unsafe { libc::prctl(op, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    let rc = unsafe {
+        libc::prctl(
+            op,
+            arg,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
     if rc != 0 {
-        return Err(SandboxError::Prctl { what, source: std::io::Error::last_os_error() });
+        return Err(SandboxError::Prctl {
+            what,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -36,7 +54,10 @@ fn prctl(what: &'static str, op: libc::c_int, arg: libc::c_ulong) -> Result<(), 
 /// No core dumps, no ptrace/`/proc/PID/mem` access by anyone without CAP_SYS_PTRACE.
 pub fn make_non_dumpable() -> Result<(), SandboxError> {
     prctl("PR_SET_DUMPABLE", libc::PR_SET_DUMPABLE, 0)?;
-    let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `zero` is a valid rlimit for the duration of the call.
     if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
         return Err(SandboxError::Rlimit(std::io::Error::last_os_error()));
@@ -65,7 +86,10 @@ pub fn drop_privileges(uid: Option<u32>, gid: Option<u32>) -> Result<(), Sandbox
         _ if euid == 0 => return Err(SandboxError::RootWithoutUid),
         _ => return Ok(()),
     };
-    let err = |what| SandboxError::Drop { what, source: std::io::Error::last_os_error() };
+    let err = |what| SandboxError::Drop {
+        what,
+        source: std::io::Error::last_os_error(),
+    };
     if euid == 0 {
         // SAFETY: an empty group list; the null pointer is allowed with size 0.
         if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
@@ -83,7 +107,10 @@ pub fn drop_privileges(uid: Option<u32>, gid: Option<u32>) -> Result<(), Sandbox
     // SAFETY: getuid/geteuid cannot fail.
     let (now_uid, now_euid) = unsafe { (libc::getuid(), libc::geteuid()) };
     if now_uid != uid || now_euid != uid {
-        return Err(SandboxError::Drop { what: "verify uid", source: std::io::Error::from(std::io::ErrorKind::PermissionDenied) });
+        return Err(SandboxError::Drop {
+            what: "verify uid",
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        });
     }
     // A credential change resets the dumpable flag from the suid_dumpable sysctl: set it again.
     make_non_dumpable()?;
@@ -109,7 +136,10 @@ pub fn block_exit_signals() -> Result<(), SandboxError> {
     // SAFETY: `set` is initialised; the old mask is not needed (null).
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
-        return Err(SandboxError::Prctl { what: "pthread_sigmask", source: std::io::Error::from_raw_os_error(rc) });
+        return Err(SandboxError::Prctl {
+            what: "pthread_sigmask",
+            source: std::io::Error::from_raw_os_error(rc),
+        });
     }
     Ok(())
 }
@@ -202,7 +232,12 @@ fn arg_eq(index: u8, values: &[u64]) -> Result<Vec<SeccompRule>, SandboxError> {
     values
         .iter()
         .map(|v| {
-            Ok(SeccompRule::new(vec![SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)?])?)
+            Ok(SeccompRule::new(vec![SeccompCondition::new(
+                index,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                *v,
+            )?])?)
         })
         .collect()
 }
@@ -221,22 +256,38 @@ pub fn card_filter() -> Result<BpfProgram, SandboxError> {
     rules.insert(libc::SYS_ioctl, arg_eq(1, ALLOWED_IOCTLS)?);
     rules.insert(libc::SYS_prctl, arg_eq(0, ALLOWED_PRCTLS)?);
     let arch = std::env::consts::ARCH.try_into()?;
-    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, arch)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        arch,
+    )?;
     Ok(filter.try_into()?)
 }
 
 /// Syscalls that open paths. libc sometimes tries them internally (e.g. glibc reads
 /// /sys/devices/system/cpu/online when a new thread gets its own malloc arena), so they fail with
 /// EACCES instead of killing the card; either way nothing is opened.
-const OPEN_SYSCALLS: &[i64] = &[libc::SYS_open, libc::SYS_openat, libc::SYS_openat2, libc::SYS_creat];
+const OPEN_SYSCALLS: &[i64] = &[
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_creat,
+];
 
 /// A filter that answers every path-opening syscall with EACCES and allows the rest (the main
 /// allow-list, stacked on top, decides about the rest).
 pub fn open_filter() -> Result<BpfProgram, SandboxError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = OPEN_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
+    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+        OPEN_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
     let arch = std::env::consts::ARCH.try_into()?;
     let eacces = u32::try_from(libc::EACCES).unwrap_or(13);
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(eacces), arch)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(eacces),
+        arch,
+    )?;
     Ok(filter.try_into()?)
 }
 
@@ -273,7 +324,8 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork");
         if pid == 0 {
-            let installed = super::prctl("PR_SET_NO_NEW_PRIVS", libc::PR_SET_NO_NEW_PRIVS, 1).is_ok()
+            let installed = super::prctl("PR_SET_NO_NEW_PRIVS", libc::PR_SET_NO_NEW_PRIVS, 1)
+                .is_ok()
                 && seccompiler::apply_filter(&deny_open).is_ok()
                 && seccompiler::apply_filter(&allow).is_ok();
             let code = match installed {
@@ -297,7 +349,11 @@ mod tests {
         let mut status = 0;
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFSIGNALED(status), "child exited with {}", libc::WEXITSTATUS(status));
+        assert!(
+            libc::WIFSIGNALED(status),
+            "child exited with {}",
+            libc::WEXITSTATUS(status)
+        );
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
     }
 }

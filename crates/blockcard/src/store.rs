@@ -46,11 +46,17 @@ impl Backing {
             if direct {
                 flags |= libc::O_DIRECT;
             }
-            std::fs::OpenOptions::new().read(true).write(!read_only).custom_flags(flags).open(path)
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .custom_flags(flags)
+                .open(path)
         };
         let (file, direct) = match open(true) {
             Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(false).map_err(StoreError::Open)?, false),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (open(false).map_err(StoreError::Open)?, false)
+            }
             Err(e) => return Err(StoreError::Open(e)),
         };
         let meta = file.metadata().map_err(StoreError::Size)?;
@@ -68,7 +74,12 @@ impl Backing {
         } else {
             return Err(StoreError::NotFileOrDevice);
         };
-        Ok(Self { file, size_bytes, direct, block_device })
+        Ok(Self {
+            file,
+            size_bytes,
+            direct,
+            block_device,
+        })
     }
 
     /// Size in bytes.
@@ -86,10 +97,19 @@ impl Backing {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = buf.get_mut(done..).ok_or(StoreError::Overflow)?;
-            let off = offset.checked_add(u64::try_from(done).map_err(|_| StoreError::Overflow)?).ok_or(StoreError::Overflow)?;
+            let off = offset
+                .checked_add(u64::try_from(done).map_err(|_| StoreError::Overflow)?)
+                .ok_or(StoreError::Overflow)?;
             let off = libc::off_t::try_from(off).map_err(|_| StoreError::Overflow)?;
             // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes; the fd is open.
-            let n = unsafe { libc::pread64(self.file.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), off) };
+            let n = unsafe {
+                libc::pread64(
+                    self.file.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    off,
+                )
+            };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -112,10 +132,14 @@ impl Backing {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = buf.get(done..).ok_or(StoreError::Overflow)?;
-            let off = offset.checked_add(u64::try_from(done).map_err(|_| StoreError::Overflow)?).ok_or(StoreError::Overflow)?;
+            let off = offset
+                .checked_add(u64::try_from(done).map_err(|_| StoreError::Overflow)?)
+                .ok_or(StoreError::Overflow)?;
             let off = libc::off_t::try_from(off).map_err(|_| StoreError::Overflow)?;
             // SAFETY: `rest` is a valid readable buffer of `rest.len()` bytes; the fd is open.
-            let n = unsafe { libc::pwrite64(self.file.as_raw_fd(), rest.as_ptr().cast(), rest.len(), off) };
+            let n = unsafe {
+                libc::pwrite64(self.file.as_raw_fd(), rest.as_ptr().cast(), rest.len(), off)
+            };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -124,7 +148,9 @@ impl Backing {
                 return Err(StoreError::Io(e));
             }
             if n == 0 {
-                return Err(StoreError::Io(std::io::Error::from(std::io::ErrorKind::WriteZero)));
+                return Err(StoreError::Io(std::io::Error::from(
+                    std::io::ErrorKind::WriteZero,
+                )));
             }
             done += usize::try_from(n).map_err(|_| StoreError::Overflow)?;
         }
@@ -156,7 +182,12 @@ impl Backing {
         let n = libc::off64_t::try_from(len).map_err(|_| StoreError::Overflow)?;
         // SAFETY: fallocate on an open fd has no memory-safety preconditions.
         let rc = unsafe {
-            libc::fallocate64(self.file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, n)
+            libc::fallocate64(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                n,
+            )
         };
         if rc != 0 {
             return Err(StoreError::Io(std::io::Error::last_os_error()));
@@ -180,7 +211,8 @@ impl AlignedBuf {
         if len == 0 || !len.is_multiple_of(IO_ALIGN) {
             return Err(StoreError::Alloc);
         }
-        let layout = std::alloc::Layout::from_size_align(len, IO_ALIGN).map_err(|_| StoreError::Alloc)?;
+        let layout =
+            std::alloc::Layout::from_size_align(len, IO_ALIGN).map_err(|_| StoreError::Alloc)?;
         // SAFETY: layout has non-zero size (checked above).
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = std::ptr::NonNull::new(raw).ok_or(StoreError::Alloc)?;

@@ -107,7 +107,14 @@ impl Ctx {
         // SAFETY: live keyed context; `tweak` is 16 readable bytes; cipher/key NULL and enc -1
         // keep the cipher, key schedule and direction and only load the IV.
         let rc = unsafe {
-            ffi::EVP_CipherInit_ex(self.0.as_ptr(), std::ptr::null(), std::ptr::null_mut(), std::ptr::null(), tweak.as_ptr(), -1)
+            ffi::EVP_CipherInit_ex(
+                self.0.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                tweak.as_ptr(),
+                -1,
+            )
         };
         if rc != 1 {
             return Err(crypto_err("tweak setup"));
@@ -116,7 +123,13 @@ impl Ctx {
         // SAFETY: `data` is valid for reads and writes of `len` bytes; XTS (block size 1, no
         // buffering) writes exactly `len` bytes, in place (`out == in` is allowed).
         let rc = unsafe {
-            ffi::EVP_CipherUpdate(self.0.as_ptr(), data.as_mut_ptr(), &mut out_len, data.as_ptr(), len)
+            ffi::EVP_CipherUpdate(
+                self.0.as_ptr(),
+                data.as_mut_ptr(),
+                &mut out_len,
+                data.as_ptr(),
+                len,
+            )
         };
         if rc != 1 || out_len != len {
             return Err(crypto_err("update"));
@@ -142,7 +155,9 @@ pub struct XtsCipher {
 
 impl std::fmt::Debug for XtsCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("XtsCipher").field("sector", &self.sector).finish_non_exhaustive()
+        f.debug_struct("XtsCipher")
+            .field("sector", &self.sector)
+            .finish_non_exhaustive()
     }
 }
 
@@ -153,7 +168,11 @@ impl XtsCipher {
         if key[..32] == key[32..] {
             return Err(XtsError::WeakKey);
         }
-        Ok(Self { enc: Ctx::new(key, true)?, dec: Ctx::new(key, false)?, sector })
+        Ok(Self {
+            enc: Ctx::new(key, true)?,
+            dec: Ctx::new(key, false)?,
+            sector,
+        })
     }
 
     /// The crypto sector size.
@@ -171,15 +190,25 @@ impl XtsCipher {
         Self::run(&mut self.dec, self.sector, buf, first_sector)
     }
 
-    fn run(ctx: &mut Ctx, sector: CryptoSectorSize, buf: &mut [u8], first_sector: u64) -> Result<(), XtsError> {
+    fn run(
+        ctx: &mut Ctx,
+        sector: CryptoSectorSize,
+        buf: &mut [u8],
+        first_sector: u64,
+    ) -> Result<(), XtsError> {
         let n = sector.bytes_usize();
         if !buf.len().is_multiple_of(n) {
-            return Err(XtsError::Unaligned { len: buf.len(), sector: n });
+            return Err(XtsError::Unaligned {
+                len: buf.len(),
+                sector: n,
+            });
         }
         let mut tweak = [0u8; 16];
         for (i, chunk) in buf.chunks_exact_mut(n).enumerate() {
             let idx = u64::try_from(i).map_err(|_| XtsError::SectorOverflow)?;
-            let s = first_sector.checked_add(idx).ok_or(XtsError::SectorOverflow)?;
+            let s = first_sector
+                .checked_add(idx)
+                .ok_or(XtsError::SectorOverflow)?;
             tweak[..8].copy_from_slice(&s.to_le_bytes());
             ctx.unit(chunk, &tweak)?;
         }
@@ -210,7 +239,9 @@ mod tests {
             "3141592653589793238462643383279502884197169399375105820974944592",
         ));
         let mut x = XtsCipher::new(&key, CryptoSectorSize::S512).expect("cipher");
-        let mut buf: Vec<u8> = (0..512u32).map(|i| u8::try_from(i % 256).unwrap_or(0)).collect();
+        let mut buf: Vec<u8> = (0..512u32)
+            .map(|i| u8::try_from(i % 256).unwrap_or(0))
+            .collect();
         let plain = buf.clone();
         x.encrypt(&mut buf, 0xff).expect("enc");
         assert_eq!(
@@ -234,7 +265,13 @@ mod tests {
         assert_eq!(one[..], buf[4096..]);
         x.decrypt(&mut buf, 10).expect("dec");
         assert!(buf.iter().all(|b| *b == 0));
-        assert!(matches!(x.encrypt(&mut [0u8; 100], 0), Err(XtsError::Unaligned { .. })));
-        assert!(matches!(XtsCipher::new(&[1u8; 64], CryptoSectorSize::S512), Err(XtsError::WeakKey)));
+        assert!(matches!(
+            x.encrypt(&mut [0u8; 100], 0),
+            Err(XtsError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            XtsCipher::new(&[1u8; 64], CryptoSectorSize::S512),
+            Err(XtsError::WeakKey)
+        ));
     }
 }

@@ -54,7 +54,13 @@ fn cases() -> Vec<Case> {
     }
     long.push((STATUS, 1, F_WRITE, 0));
     vec![
-        Case { name: "too long", descs: long, header: (VIRTIO_BLK_T_IN, 0), want: None, metric: "rejected_chain_too_long" },
+        Case {
+            name: "too long",
+            descs: long,
+            header: (VIRTIO_BLK_T_IN, 0),
+            want: None,
+            metric: "rejected_chain_too_long",
+        },
         Case {
             name: "loop",
             descs: vec![(HDR, 16, F_NEXT, d(1)), (STATUS, 1, F_WRITE | F_NEXT, d(0))],
@@ -85,7 +91,10 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "header outside guest memory",
-            descs: vec![((MEM_SIZE as u64) + 4096, 16, F_NEXT, d(1)), (STATUS, 1, F_WRITE, 0)],
+            descs: vec![
+                ((MEM_SIZE as u64) + 4096, 16, F_NEXT, d(1)),
+                (STATUS, 1, F_WRITE, 0),
+            ],
             header: (VIRTIO_BLK_T_IN, 0),
             want: Some(1),
             metric: "rejected_outside_memory",
@@ -175,28 +184,49 @@ fn malicious_chains_are_refused_and_volume_unchanged() {
     let env = Env::new(VOL_BYTES);
     let key = test_key(9);
     let mut card = Card::start(&env, CardOpts::default());
-    let r = card.attach("vol-evil", CryptoSectorSize::S4096, KeySource::Sealed(env.seal("vol-evil", &key)));
+    let r = card.attach(
+        "vol-evil",
+        CryptoSectorSize::S4096,
+        KeySource::Sealed(env.seal("vol-evil", &key)),
+    );
     assert!(matches!(r, ControlResponse::Attached { .. }));
     let mut h = Harness::connect(&card.vhost, 1);
 
     // Known content, durably on disk.
     let pattern: Vec<u8> = (0..VOL_BYTES as usize).map(|i| (i % 251) as u8).collect();
     for mib in 0..16usize {
-        assert_eq!(h.write(0, ((mib << 20) / 512) as u64, &pattern[mib << 20..(mib + 1) << 20]), 0);
+        assert_eq!(
+            h.write(
+                0,
+                ((mib << 20) / 512) as u64,
+                &pattern[mib << 20..(mib + 1) << 20]
+            ),
+            0
+        );
     }
     assert_eq!(h.flush(0), 0);
     let before = std::fs::read(&env.backing).expect("backing");
 
     for case in cases() {
         let metric_before = card.metric(case.metric);
-        h.mem.write_obj(case.header.0.to_le(), GuestAddress(HDR)).expect("hdr");
+        h.mem
+            .write_obj(case.header.0.to_le(), GuestAddress(HDR))
+            .expect("hdr");
         h.mem.write_obj(0u32, GuestAddress(HDR + 4)).expect("hdr");
-        h.mem.write_obj(case.header.1.to_le(), GuestAddress(HDR + 8)).expect("hdr");
+        h.mem
+            .write_obj(case.header.1.to_le(), GuestAddress(HDR + 8))
+            .expect("hdr");
         // A discard segment past the end, for the discard case.
-        h.mem.write_obj((CAP - 8).to_le(), GuestAddress(DATA)).expect("seg");
-        h.mem.write_obj(64u32.to_le(), GuestAddress(DATA + 8)).expect("seg");
+        h.mem
+            .write_obj((CAP - 8).to_le(), GuestAddress(DATA))
+            .expect("seg");
+        h.mem
+            .write_obj(64u32.to_le(), GuestAddress(DATA + 8))
+            .expect("seg");
         h.mem.write_obj(0u32, GuestAddress(DATA + 12)).expect("seg");
-        h.mem.write_obj(0xAAu8, GuestAddress(STATUS)).expect("status");
+        h.mem
+            .write_obj(0xAAu8, GuestAddress(STATUS))
+            .expect("status");
         for (i, (a, l, f, n)) in case.descs.iter().enumerate() {
             h.write_desc(0, d(i as u16), *a, *l, *f, *n);
         }
@@ -216,9 +246,20 @@ fn malicious_chains_are_refused_and_volume_unchanged() {
                 assert_eq!(c[0].len, 0, "{}: used len", case.name);
             }
         }
-        assert_eq!(card.metric(case.metric), metric_before + 1, "{}: metric {}", case.name, case.metric);
+        assert_eq!(
+            card.metric(case.metric),
+            metric_before + 1,
+            "{}: metric {}",
+            case.name,
+            case.metric
+        );
         // The card still serves correct requests.
-        assert_eq!(h.read(0, 0, 4096).expect("read after bad chain"), pattern[..4096], "{}", case.name);
+        assert_eq!(
+            h.read(0, 0, 4096).expect("read after bad chain"),
+            pattern[..4096],
+            "{}",
+            case.name
+        );
     }
     assert!(card.alive(), "card died");
     assert_eq!(h.flush(0), 0);

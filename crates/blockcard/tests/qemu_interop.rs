@@ -26,6 +26,12 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// `make test` passes the guest build directory; otherwise target/guest.
+fn guest_dir() -> PathBuf {
+    std::env::var_os("BULKHEAD_GUEST_DIR")
+        .map_or_else(|| repo_root().join("target/guest"), PathBuf::from)
+}
+
 fn encode_run(script: &str) -> String {
     let mut out = String::new();
     for b in script.bytes() {
@@ -40,12 +46,22 @@ fn encode_run(script: &str) -> String {
 
 /// Boots the guest once with `script`; returns the script's exit status from the console.
 fn boot(env: &Env, vhost: &Path, script: &str, tag: &str) -> i32 {
-    let guest = repo_root().join("target/guest");
+    let guest = guest_dir();
     let serial = env.path(&format!("serial-{tag}.log"));
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm,acpi=off,memory-backend=mem", "-m", "256M"])
         .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-        .args(["-accel", "tcg", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-accel",
+            "tcg",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-kernel")
@@ -72,7 +88,10 @@ fn boot(env: &Env, vhost: &Path, script: &str, tag: &str) -> i32 {
         if let Ok(Some(st)) = qemu.try_wait() {
             panic!("qemu exited ({st}) before the guest finished; console:\n{log}");
         }
-        assert!(Instant::now() < deadline, "guest did not finish; console:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "guest did not finish; console:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     // The guest resets itself; give QEMU a moment, then make sure it is gone.
@@ -90,8 +109,11 @@ fn boot(env: &Env, vhost: &Path, script: &str, tag: &str) -> i32 {
 
 #[test]
 fn qemu_guest_writes_and_reads_through_the_card() {
-    let guest = repo_root().join("target/guest");
-    let have_qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    let guest = guest_dir();
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !have_qemu || !guest.join("vmlinux").exists() || !guest.join("initramfs.cpio").exists() {
         eprintln!("SKIP qemu interop: needs qemu-system-x86_64 and target/guest/{{vmlinux,initramfs.cpio}} (make guest)");
         return;
@@ -100,7 +122,11 @@ fn qemu_guest_writes_and_reads_through_the_card() {
     let key = test_key(21);
     let mut card = Card::start(&env, CardOpts::default());
     assert!(matches!(
-        card.attach("vol-qemu", CryptoSectorSize::S4096, KeySource::Sealed(env.seal("vol-qemu", &key))),
+        card.attach(
+            "vol-qemu",
+            CryptoSectorSize::S4096,
+            KeySource::Sealed(env.seal("vol-qemu", &key))
+        ),
         ControlResponse::Attached { .. }
     ));
     // Boot 1: write /init (a file both sides know) at 64 KiB.
@@ -108,13 +134,23 @@ fn qemu_guest_writes_and_reads_through_the_card() {
     assert_eq!(boot(&env, &card.vhost, write, "1"), 0, "guest write failed");
     // Power cycle: a fresh VM (and a fresh vhost-user connection) reads it back.
     let verify = "n=$(busybox wc -c </init)\nbusybox dd if=/dev/vda of=/back bs=4096 skip=16 count=1 2>/dev/null || exit 4\nbusybox head -c $n /back >/back2\nbusybox cmp /init /back2 || exit 5\nexit 0\n";
-    assert_eq!(boot(&env, &card.vhost, verify, "2"), 0, "guest read-back failed");
+    assert_eq!(
+        boot(&env, &card.vhost, verify, "2"),
+        0,
+        "guest read-back failed"
+    );
     assert!(card.metric("writes") >= 1);
     card.detach();
 
     let init = std::fs::read(repo_root().join("guest/init")).expect("guest/init");
     let raw = std::fs::read(&env.backing).expect("backing");
-    assert!(!contains(&raw, b"BULKHEAD-GUEST-READY"), "guest plaintext on disk");
+    assert!(
+        !contains(&raw, b"BULKHEAD-GUEST-READY"),
+        "guest plaintext on disk"
+    );
     let plain = python_decrypt(&key, &env.backing, 4096, &env.path("plain.img"));
-    assert!(plain[65536..65536 + init.len()] == init[..], "decrypted backing file differs from what the guest wrote");
+    assert!(
+        plain[65536..65536 + init.len()] == init[..],
+        "decrypted backing file differs from what the guest wrote"
+    );
 }

@@ -15,10 +15,22 @@ const VOL_BYTES: u64 = 16 << 20;
 
 fn roundtrip(sector: CryptoSectorSize, key: KeySource, queues: u16) {
     let env = Env::new(VOL_BYTES);
-    let mut card = Card::start(&env, CardOpts { queues, ..Default::default() });
+    let mut card = Card::start(
+        &env,
+        CardOpts {
+            queues,
+            ..Default::default()
+        },
+    );
     let encrypted = !matches!(key, KeySource::Plain);
     let r = card.attach("vol-rt", sector, key);
-    assert_eq!(r, ControlResponse::Attached { capacity_sectors: VOL_BYTES / 512, encrypted });
+    assert_eq!(
+        r,
+        ControlResponse::Attached {
+            capacity_sectors: VOL_BYTES / 512,
+            encrypted
+        }
+    );
     let mut h = Harness::connect(&card.vhost, usize::from(queues));
     assert_eq!(h.capacity(), VOL_BYTES / 512);
     assert_eq!(u64::from(h.blk_size()), sector.bytes());
@@ -26,7 +38,10 @@ fn roundtrip(sector: CryptoSectorSize, key: KeySource, queues: u16) {
     assert_eq!(&id[..6], b"vol-rt");
     // A fresh encrypted volume reads as noise (zeros on disk decrypt to garbage, as with
     // dm-crypt): zero it through the card first.
-    assert_eq!(h.discard_like(0, VIRTIO_BLK_T_WRITE_ZEROES, 0, (VOL_BYTES / 512) as u32, 0), 0);
+    assert_eq!(
+        h.discard_like(0, VIRTIO_BLK_T_WRITE_ZEROES, 0, (VOL_BYTES / 512) as u32, 0),
+        0
+    );
 
     // Random patterns at random aligned offsets, spread over all queues; a shadow copy says
     // what every byte must read back as.
@@ -59,8 +74,20 @@ fn roundtrip(sector: CryptoSectorSize, key: KeySource, queues: u16) {
     let z_off = 64 * unit;
     let z_sectors = (8 * unit / 512) as u32;
     assert_eq!(h.write(0, (z_off / 512) as u64, &vec![0x5Au8; 8 * unit]), 0);
-    assert_eq!(h.discard_like(0, VIRTIO_BLK_T_WRITE_ZEROES, (z_off / 512) as u64, z_sectors, 0), 0);
-    assert_eq!(h.read(0, (z_off / 512) as u64, 8 * unit).expect("read"), vec![0u8; 8 * unit]);
+    assert_eq!(
+        h.discard_like(
+            0,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            (z_off / 512) as u64,
+            z_sectors,
+            0
+        ),
+        0
+    );
+    assert_eq!(
+        h.read(0, (z_off / 512) as u64, 8 * unit).expect("read"),
+        vec![0u8; 8 * unit]
+    );
     assert_eq!(h.discard_like(0, VIRTIO_BLK_T_DISCARD, 0, z_sectors, 0), 0);
     assert_eq!(h.flush(0), 0);
 
@@ -98,11 +125,26 @@ fn roundtrip_plain_explicit() {
 fn roundtrip_sealed(sector: CryptoSectorSize, key: [u8; 64], queues: u16) {
     let env = Env::new(VOL_BYTES);
     let blob = env.seal("vol-rt", &key);
-    let mut card = Card::start(&env, CardOpts { queues, ..Default::default() });
+    let mut card = Card::start(
+        &env,
+        CardOpts {
+            queues,
+            ..Default::default()
+        },
+    );
     let r = card.attach("vol-rt", sector, KeySource::Sealed(blob));
-    assert_eq!(r, ControlResponse::Attached { capacity_sectors: VOL_BYTES / 512, encrypted: true });
+    assert_eq!(
+        r,
+        ControlResponse::Attached {
+            capacity_sectors: VOL_BYTES / 512,
+            encrypted: true
+        }
+    );
     let mut h = Harness::connect(&card.vhost, usize::from(queues));
-    assert_eq!(h.discard_like(0, VIRTIO_BLK_T_WRITE_ZEROES, 0, (VOL_BYTES / 512) as u32, 0), 0);
+    assert_eq!(
+        h.discard_like(0, VIRTIO_BLK_T_WRITE_ZEROES, 0, (VOL_BYTES / 512) as u32, 0),
+        0
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
     let unit = sector.bytes() as usize;
     let mut shadow = vec![0u8; VOL_BYTES as usize];
@@ -120,7 +162,10 @@ fn roundtrip_sealed(sector: CryptoSectorSize, key: [u8; 64], queues: u16) {
     for q in 0..h.queues() {
         for mib in 0..4usize {
             let got = h.read(q, (mib << 20) as u64 / 512, 1 << 20).expect("read");
-            assert!(got == shadow[mib << 20..(mib + 1) << 20], "queue {q} read differs");
+            assert!(
+                got == shadow[mib << 20..(mib + 1) << 20],
+                "queue {q} read differs"
+            );
         }
     }
     // A VMM reconnecting (guest reboot, VMM restart) gets a working device with the same data.
@@ -130,7 +175,10 @@ fn roundtrip_sealed(sector: CryptoSectorSize, key: [u8; 64], queues: u16) {
     assert!(got == shadow[..1 << 20], "data differs after reconnect");
     // Independent check of what is on disk.
     let plain = python_decrypt(&key, &env.backing, unit, &env.path("plain.img"));
-    assert!(plain == shadow, "python decryption of the backing file differs from what was written");
+    assert!(
+        plain == shadow,
+        "python decryption of the backing file differs from what was written"
+    );
     drop(h);
     card.detach();
 }
@@ -140,7 +188,10 @@ fn roundtrip_sealed(sector: CryptoSectorSize, key: [u8; 64], queues: u16) {
 #[test]
 fn loop_device_backing() {
     let env = Env::new(VOL_BYTES);
-    let out = std::process::Command::new("losetup").args(["-f", "--show"]).arg(&env.backing).output();
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&env.backing)
+        .output();
     let dev = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
         _ => {
@@ -151,7 +202,10 @@ fn loop_device_backing() {
     struct Detach(String);
     impl Drop for Detach {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .status();
         }
     }
     let _guard = Detach(dev.clone());
@@ -159,8 +213,18 @@ fn loop_device_backing() {
     let file = std::mem::replace(&mut env.backing, std::path::PathBuf::from(&dev));
     let key = test_key(13);
     let mut card = Card::start(&env, CardOpts::default());
-    let r = card.attach("vol-loop", CryptoSectorSize::S4096, KeySource::Sealed(env.seal("vol-loop", &key)));
-    assert_eq!(r, ControlResponse::Attached { capacity_sectors: VOL_BYTES / 512, encrypted: true });
+    let r = card.attach(
+        "vol-loop",
+        CryptoSectorSize::S4096,
+        KeySource::Sealed(env.seal("vol-loop", &key)),
+    );
+    assert_eq!(
+        r,
+        ControlResponse::Attached {
+            capacity_sectors: VOL_BYTES / 512,
+            encrypted: true
+        }
+    );
     let mut h = Harness::connect(&card.vhost, 1);
     let data: Vec<u8> = (0..1usize << 20).map(|i| (i * 13 % 256) as u8).collect();
     assert_eq!(h.write(0, 2048, &data), 0);
@@ -170,5 +234,8 @@ fn loop_device_backing() {
     drop(h);
     card.detach();
     let plain = python_decrypt(&key, &file, 4096, &env.path("plain.img"));
-    assert!(plain[1 << 20..2 << 20] == data[..], "loop device contents do not decrypt to the data");
+    assert!(
+        plain[1 << 20..2 << 20] == data[..],
+        "loop device contents do not decrypt to the data"
+    );
 }

@@ -21,10 +21,28 @@ fn marker_block(len: usize) -> Vec<u8> {
     MARKER.iter().copied().cycle().take(len).collect()
 }
 
-fn sealed_card(env: &Env, volume: &str, key: &[u8; 64], sector: CryptoSectorSize, name: &str) -> Card {
-    let mut card = Card::start(env, CardOpts { name, ..Default::default() });
+fn sealed_card(
+    env: &Env,
+    volume: &str,
+    key: &[u8; 64],
+    sector: CryptoSectorSize,
+    name: &str,
+) -> Card {
+    let mut card = Card::start(
+        env,
+        CardOpts {
+            name,
+            ..Default::default()
+        },
+    );
     let r = card.attach(volume, sector, KeySource::Sealed(env.seal(volume, key)));
-    assert_eq!(r, ControlResponse::Attached { capacity_sectors: VOL_BYTES / 512, encrypted: true });
+    assert_eq!(
+        r,
+        ControlResponse::Attached {
+            capacity_sectors: VOL_BYTES / 512,
+            encrypted: true
+        }
+    );
     card
 }
 
@@ -33,7 +51,10 @@ fn sealed_card(env: &Env, volume: &str, key: &[u8; 64], sector: CryptoSectorSize
 /// used; tests/xts_decrypt.py applies the same transform with Python's `cryptography`.
 #[test]
 fn backing_file_is_aes_xts_plain64_and_holds_no_plaintext() {
-    for (sector, name) in [(CryptoSectorSize::S512, "s512"), (CryptoSectorSize::S4096, "s4k")] {
+    for (sector, name) in [
+        (CryptoSectorSize::S512, "s512"),
+        (CryptoSectorSize::S4096, "s4k"),
+    ] {
         let env = Env::new(VOL_BYTES);
         let key = test_key(3);
         let card = sealed_card(&env, "vol-fmt", &key, sector, name);
@@ -46,10 +67,21 @@ fn backing_file_is_aes_xts_plain64_and_holds_no_plaintext() {
         drop(h);
         card.detach();
         let raw = std::fs::read(&env.backing).expect("backing");
-        assert!(!contains(&raw, MARKER), "plaintext marker found in the backing file");
-        let plain = python_decrypt(&key, &env.backing, sector.bytes() as usize, &env.path("plain.img"));
+        assert!(
+            !contains(&raw, MARKER),
+            "plaintext marker found in the backing file"
+        );
+        let plain = python_decrypt(
+            &key,
+            &env.backing,
+            sector.bytes() as usize,
+            &env.path("plain.img"),
+        );
         for mib in [0usize, 5, 15] {
-            assert!(plain[mib << 20..(mib + 1) << 20] == data[..], "{name}: MiB {mib} does not decrypt to what was written");
+            assert!(
+                plain[mib << 20..(mib + 1) << 20] == data[..],
+                "{name}: MiB {mib} does not decrypt to what was written"
+            );
         }
     }
 }
@@ -61,7 +93,10 @@ fn ephemeral_detach_is_crypto_erase() {
     let mut card = Card::start(&env, CardOpts::default());
     assert!(matches!(
         card.attach("inst-0", CryptoSectorSize::S4096, KeySource::Ephemeral),
-        ControlResponse::Attached { encrypted: true, .. }
+        ControlResponse::Attached {
+            encrypted: true,
+            ..
+        }
     ));
     let mut h = Harness::connect(&card.vhost, 1);
     let data = marker_block(1 << 20);
@@ -74,8 +109,17 @@ fn ephemeral_detach_is_crypto_erase() {
     let raw = std::fs::read(&env.backing).expect("backing");
     assert!(!contains(&raw, MARKER), "plaintext on disk");
     // A new attach (new random key) sees only noise where the data was.
-    let mut card = Card::start(&env, CardOpts { name: "again", ..Default::default() });
-    assert!(matches!(card.attach("inst-0", CryptoSectorSize::S4096, KeySource::Ephemeral), ControlResponse::Attached { .. }));
+    let mut card = Card::start(
+        &env,
+        CardOpts {
+            name: "again",
+            ..Default::default()
+        },
+    );
+    assert!(matches!(
+        card.attach("inst-0", CryptoSectorSize::S4096, KeySource::Ephemeral),
+        ControlResponse::Attached { .. }
+    ));
     let mut h = Harness::connect(&card.vhost, 1);
     let back = h.read(0, 0, 1 << 20).expect("read");
     assert!(!contains(&back, MARKER), "data survived detach");
@@ -97,11 +141,25 @@ fn key_unreadable_and_sandbox_in_place() {
     let pid = card.pid();
 
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    assert!(status.contains("Seccomp:\t2"), "seccomp filter not active:\n{status}");
-    assert!(status.contains("NoNewPrivs:\t1"), "no_new_privs not set:\n{status}");
-    assert!(status.contains(&format!("Uid:\t{CARD_UID}\t{CARD_UID}\t{CARD_UID}")), "privileges not dropped:\n{status}");
+    assert!(
+        status.contains("Seccomp:\t2"),
+        "seccomp filter not active:\n{status}"
+    );
+    assert!(
+        status.contains("NoNewPrivs:\t1"),
+        "no_new_privs not set:\n{status}"
+    );
+    assert!(
+        status.contains(&format!("Uid:\t{CARD_UID}\t{CARD_UID}\t{CARD_UID}")),
+        "privileges not dropped:\n{status}"
+    );
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
-    assert!(limits.lines().any(|l| l.starts_with("Max core file size") && l.contains(" 0 ")), "core dumps enabled:\n{limits}");
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max core file size") && l.contains(" 0 ")),
+        "core dumps enabled:\n{limits}"
+    );
 
     // As the card's own uid and as an unrelated uid: open /proc/PID/mem and scan every readable
     // mapping for either half of the key.
@@ -137,8 +195,14 @@ print("FOUND" if found else "READ-NOT-FOUND"); sys.exit(1 if found else 0)
             .output()
             .expect("scanner");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "uid {uid}: key found in card memory: {text}");
-        assert!(text.starts_with("DENIED"), "uid {uid}: card memory was readable ({text})");
+        assert!(
+            out.status.success(),
+            "uid {uid}: key found in card memory: {text}"
+        );
+        assert!(
+            text.starts_with("DENIED"),
+            "uid {uid}: card memory was readable ({text})"
+        );
     }
     assert!(card.alive());
     drop(h);
@@ -153,10 +217,20 @@ fn kill9_keeps_flushed_writes() {
     let key = test_key(11);
     let card = sealed_card(&env, "vol-crash", &key, CryptoSectorSize::S4096, "c1");
     let mut h = Harness::connect(&card.vhost, 1);
-    assert_eq!(h.discard_like(0, VIRTIO_BLK_T_WRITE_ZEROES, 0, (VOL_BYTES / 512) as u32, 0), 0);
+    assert_eq!(
+        h.discard_like(0, VIRTIO_BLK_T_WRITE_ZEROES, 0, (VOL_BYTES / 512) as u32, 0),
+        0
+    );
     let a: Vec<u8> = (0..4usize << 20).map(|i| (i / 4096) as u8 ^ 0x3C).collect();
     for mib in 0..4usize {
-        assert_eq!(h.write(0, ((mib << 20) / 512) as u64, &a[mib << 20..(mib + 1) << 20]), 0);
+        assert_eq!(
+            h.write(
+                0,
+                ((mib << 20) / 512) as u64,
+                &a[mib << 20..(mib + 1) << 20]
+            ),
+            0
+        );
     }
     assert_eq!(h.flush(0), 0, "flush must complete before the crash");
 
@@ -164,7 +238,9 @@ fn kill9_keeps_flushed_writes() {
     let b = vec![0xB7u8; 128 << 10];
     for slot in 0..32u16 {
         let (_, _, d) = h.slot_addrs(0, slot);
-        h.mem.write_slice(&b, vm_memory::GuestAddress(d)).expect("data");
+        h.mem
+            .write_slice(&b, vm_memory::GuestAddress(d))
+            .expect("data");
         let sector = ((8u64 << 20) + u64::from(slot) * (128 << 10)) / 512;
         h.prepare(0, slot, VIRTIO_BLK_T_OUT, sector, 128 << 10, false);
     }
@@ -176,18 +252,29 @@ fn kill9_keeps_flushed_writes() {
     let card = sealed_card(&env, "vol-crash", &key, CryptoSectorSize::S4096, "c2");
     let mut h = Harness::connect(&card.vhost, 1);
     for mib in 0..4usize {
-        let got = h.read(0, ((mib << 20) / 512) as u64, 1 << 20).expect("read");
-        assert!(got == a[mib << 20..(mib + 1) << 20], "flushed data lost in MiB {mib}");
+        let got = h
+            .read(0, ((mib << 20) / 512) as u64, 1 << 20)
+            .expect("read");
+        assert!(
+            got == a[mib << 20..(mib + 1) << 20],
+            "flushed data lost in MiB {mib}"
+        );
     }
     let torn = {
         let mut v = Vec::new();
         for mib in 8..12usize {
-            v.extend(h.read(0, ((mib << 20) / 512) as u64, 1 << 20).expect("read"));
+            v.extend(
+                h.read(0, ((mib << 20) / 512) as u64, 1 << 20)
+                    .expect("read"),
+            );
         }
         v
     };
     for (i, blk) in torn.chunks(4096).enumerate() {
-        assert!(blk.iter().all(|x| *x == 0) || blk.iter().all(|x| *x == 0xB7), "sector {i} is neither old nor new");
+        assert!(
+            blk.iter().all(|x| *x == 0) || blk.iter().all(|x| *x == 0xB7),
+            "sector {i} is neither old nor new"
+        );
     }
     drop(h);
     card.detach();
@@ -201,47 +288,102 @@ fn bad_sealed_blobs_are_refused() {
     let key = test_key(5);
     let mut card = Card::start(&env, CardOpts::default());
     let refused = |r: ControlResponse, want: &str| match r {
-        ControlResponse::Error { code: ErrorCode::KeyRefused, message } => {
+        ControlResponse::Error {
+            code: ErrorCode::KeyRefused,
+            message,
+        } => {
             assert!(message.contains(want), "message {message:?} lacks {want:?}")
         }
         other => panic!("expected KeyRefused, got {other:?}"),
     };
     let mut corrupt = env.seal("vol-k", &key);
     corrupt[100] ^= 0x40;
-    refused(card.attach("vol-k", CryptoSectorSize::S4096, KeySource::Sealed(corrupt)), "failed authentication");
     refused(
-        card.attach("vol-other", CryptoSectorSize::S4096, KeySource::Sealed(env.seal("vol-k", &key))),
+        card.attach("vol-k", CryptoSectorSize::S4096, KeySource::Sealed(corrupt)),
+        "failed authentication",
+    );
+    refused(
+        card.attach(
+            "vol-other",
+            CryptoSectorSize::S4096,
+            KeySource::Sealed(env.seal("vol-k", &key)),
+        ),
         "failed authentication",
     );
     let other_host = Env::new(4096);
     refused(
-        card.attach("vol-k", CryptoSectorSize::S4096, KeySource::Sealed(other_host.seal("vol-k", &key))),
+        card.attach(
+            "vol-k",
+            CryptoSectorSize::S4096,
+            KeySource::Sealed(other_host.seal("vol-k", &key)),
+        ),
         "addressed to host key",
     );
     let mut bad_magic = env.seal("vol-k", &key);
     bad_magic[0] = b'X';
-    refused(card.attach("vol-k", CryptoSectorSize::S4096, KeySource::Sealed(bad_magic)), "bad magic");
+    refused(
+        card.attach(
+            "vol-k",
+            CryptoSectorSize::S4096,
+            KeySource::Sealed(bad_magic),
+        ),
+        "bad magic",
+    );
     assert!(card.metric("reads") == 0);
     assert!(matches!(
-        card.attach("vol-k", CryptoSectorSize::S4096, KeySource::Sealed(env.seal("vol-k", &key))),
-        ControlResponse::Attached { encrypted: true, .. }
+        card.attach(
+            "vol-k",
+            CryptoSectorSize::S4096,
+            KeySource::Sealed(env.seal("vol-k", &key))
+        ),
+        ControlResponse::Attached {
+            encrypted: true,
+            ..
+        }
     ));
     assert!(matches!(
         card.attach("vol-k", CryptoSectorSize::S4096, KeySource::Ephemeral),
-        ControlResponse::Error { code: ErrorCode::AlreadyAttached, .. }
+        ControlResponse::Error {
+            code: ErrorCode::AlreadyAttached,
+            ..
+        }
     ));
     card.detach();
 
     // No host key: sealed keys cannot be opened, and the card says why.
-    let mut card = Card::start(&env, CardOpts { host_key: false, name: "nokey", ..Default::default() });
-    refused(card.attach("vol-k", CryptoSectorSize::S4096, KeySource::Sealed(env.seal("vol-k", &key))), "--host-key");
+    let mut card = Card::start(
+        &env,
+        CardOpts {
+            host_key: false,
+            name: "nokey",
+            ..Default::default()
+        },
+    );
+    refused(
+        card.attach(
+            "vol-k",
+            CryptoSectorSize::S4096,
+            KeySource::Sealed(env.seal("vol-k", &key)),
+        ),
+        "--host-key",
+    );
     drop(card);
 
     // A host key file readable by others is refused at start-up.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&env.host_key_path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    std::fs::set_permissions(&env.host_key_path, std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
     let out = Command::new(env!("CARGO_BIN_EXE_bulkhead-blockcard"))
-        .args(["--control-socket", "/nonexistent/c", "--vhost-socket", "/nonexistent/v", "--uid", "65534", "--gid", "65534"])
+        .args([
+            "--control-socket",
+            "/nonexistent/c",
+            "--vhost-socket",
+            "/nonexistent/v",
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+        ])
         .arg("--backing")
         .arg(&env.backing)
         .arg("--host-key")
@@ -249,7 +391,11 @@ fn bad_sealed_blobs_are_refused() {
         .output()
         .expect("run");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("0600"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("0600"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Read-only volumes advertise VIRTIO_BLK_F_RO and refuse writes.
@@ -257,8 +403,20 @@ fn bad_sealed_blobs_are_refused() {
 fn read_only_volume_refuses_writes() {
     let env = Env::new(VOL_BYTES);
     std::fs::write(&env.backing, marker_block(VOL_BYTES as usize)).expect("fill");
-    let mut card = Card::start(&env, CardOpts { read_only: true, ..Default::default() });
-    assert!(matches!(card.attach("ro", CryptoSectorSize::S512, KeySource::Plain), ControlResponse::Attached { encrypted: false, .. }));
+    let mut card = Card::start(
+        &env,
+        CardOpts {
+            read_only: true,
+            ..Default::default()
+        },
+    );
+    assert!(matches!(
+        card.attach("ro", CryptoSectorSize::S512, KeySource::Plain),
+        ControlResponse::Attached {
+            encrypted: false,
+            ..
+        }
+    ));
     let mut h = Harness::connect(&card.vhost, 1);
     assert!(h.features & (1 << 5) != 0, "RO feature not offered");
     assert_eq!(h.write(0, 0, &[0u8; 4096]), 1);
@@ -266,7 +424,10 @@ fn read_only_volume_refuses_writes() {
     assert_eq!(card.metric("rejected_read_only"), 1);
     drop(h);
     card.detach();
-    assert_eq!(std::fs::read(&env.backing).expect("backing"), marker_block(VOL_BYTES as usize));
+    assert_eq!(
+        std::fs::read(&env.backing).expect("backing"),
+        marker_block(VOL_BYTES as usize)
+    );
 }
 
 /// SIGTERM: the card erases its keys and exits cleanly (zeroize on exit).
@@ -274,7 +435,10 @@ fn read_only_volume_refuses_writes() {
 fn sigterm_exits_cleanly() {
     let env = Env::new(VOL_BYTES);
     let mut card = Card::start(&env, CardOpts::default());
-    assert!(matches!(card.attach("t", CryptoSectorSize::S4096, KeySource::Ephemeral), ControlResponse::Attached { .. }));
+    assert!(matches!(
+        card.attach("t", CryptoSectorSize::S4096, KeySource::Ephemeral),
+        ControlResponse::Attached { .. }
+    ));
     let mut h = Harness::connect(&card.vhost, 1);
     assert_eq!(h.write(0, 0, &[1u8; 4096]), 0);
     // SAFETY: signalling our own child.
@@ -292,16 +456,26 @@ fn control_socket_survives_garbage() {
     let env = Env::new(VOL_BYTES);
     let mut card = Card::start(&env, CardOpts::default());
     let mut conn = card.conn.take().expect("conn");
-    conn.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3]).expect("write");
-    let body = bulkhead_blockcard::control::read_frame(&mut conn).expect("frame").expect("some");
+    conn.write_all(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3])
+        .expect("write");
+    let body = bulkhead_blockcard::control::read_frame(&mut conn)
+        .expect("frame")
+        .expect("some");
     assert!(matches!(
         bulkhead_blockcard::control::ControlResponse::parse(&body).expect("parse"),
-        ControlResponse::Error { code: ErrorCode::BadRequest, .. }
+        ControlResponse::Error {
+            code: ErrorCode::BadRequest,
+            ..
+        }
     ));
     drop(conn);
     let s = std::os::unix::net::UnixStream::connect(&card.control).expect("reconnect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     card.conn = Some(s);
-    assert!(matches!(card.attach("g", CryptoSectorSize::S4096, KeySource::Ephemeral), ControlResponse::Attached { .. }));
+    assert!(matches!(
+        card.attach("g", CryptoSectorSize::S4096, KeySource::Ephemeral),
+        ControlResponse::Attached { .. }
+    ));
     card.detach();
 }

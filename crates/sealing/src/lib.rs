@@ -160,7 +160,9 @@ pub struct HostKey {
 
 impl std::fmt::Debug for HostKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostKey").field("public", &self.public).finish_non_exhaustive()
+        f.debug_struct("HostKey")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
     }
 }
 
@@ -178,7 +180,10 @@ impl HostKey {
         let pk = <Kem as KemTrait>::sk_to_pk(&sk);
         let mut public = [0u8; 32];
         public.copy_from_slice(&pk.to_bytes());
-        Ok(Self { secret, public: HostPublicKey(public) })
+        Ok(Self {
+            secret,
+            public: HostPublicKey(public),
+        })
     }
 
     /// The public half.
@@ -208,7 +213,9 @@ impl HostKey {
         }
         check_header(raw, HOST_KEY_MAGIC, "host key")?;
         let mut secret = LockedSecret::<32>::new()?;
-        secret.as_mut().copy_from_slice(raw.get(6..38).ok_or(SealingError::InvalidKey)?);
+        secret
+            .as_mut()
+            .copy_from_slice(raw.get(6..38).ok_or(SealingError::InvalidKey)?);
         let key = Self::from_secret(secret)?;
         if raw.get(38..70) != Some(&key.public.0[..]) {
             return Err(SealingError::KeyMismatch);
@@ -237,20 +244,27 @@ impl HostKey {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let reader = unsafe { libc::geteuid() };
         if meta.uid() != reader {
-            return Err(SealingError::KeyFileOwner { owner: meta.uid(), reader });
+            return Err(SealingError::KeyFileOwner {
+                owner: meta.uid(),
+                reader,
+            });
         }
         if meta.len() != HOST_KEY_FILE_LEN as u64 {
-            return Err(SealingError::KeyFileLength { got: meta.len(), want: HOST_KEY_FILE_LEN });
+            return Err(SealingError::KeyFileLength {
+                got: meta.len(),
+                want: HOST_KEY_FILE_LEN,
+            });
         }
         let mut raw = LockedSecret::<HOST_KEY_FILE_LEN>::new()?;
         let mut done = 0usize;
         while done < HOST_KEY_FILE_LEN {
-            let rest = raw.as_mut().get_mut(done..).ok_or(SealingError::InvalidKey)?;
+            let rest = raw
+                .as_mut()
+                .get_mut(done..)
+                .ok_or(SealingError::InvalidKey)?;
             // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes inside the locked
             // page owned by `raw`; `file` is an open fd for the duration of the call.
-            let n = unsafe {
-                libc::read(file.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len())
-            };
+            let n = unsafe { libc::read(file.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
             if n < 0 {
                 let err = std::io::Error::last_os_error();
                 if err.kind() == std::io::ErrorKind::Interrupted {
@@ -307,7 +321,8 @@ pub fn seal_volume_key(
     key: &[u8; VOLUME_KEY_LEN],
 ) -> Result<[u8; SEALED_BLOB_LEN], SealingError> {
     let info = info_for(volume_id)?;
-    let pk = <Kem as KemTrait>::PublicKey::from_bytes(&host.0).map_err(|_| SealingError::InvalidKey)?;
+    let pk =
+        <Kem as KemTrait>::PublicKey::from_bytes(&host.0).map_err(|_| SealingError::InvalidKey)?;
     let mut blob = [0u8; SEALED_BLOB_LEN];
     blob[..4].copy_from_slice(BLOB_MAGIC);
     blob[4] = VERSION;
@@ -324,9 +339,7 @@ pub fn seal_volume_key(
         hpke::inout::InOutBuf::from(&mut ct[..]),
         header,
     )
-    .map_err(|_| {
-        SealingError::SealFailed
-    })?;
+    .map_err(|_| SealingError::SealFailed)?;
     enc_out.copy_from_slice(&enc.to_bytes());
     tag_out.copy_from_slice(&tag.to_bytes());
     Ok(blob)
@@ -334,9 +347,16 @@ pub fn seal_volume_key(
 
 /// Opens a sealed volume key blob with the host key; the plaintext is decrypted in place inside
 /// a locked page and never exists anywhere else.
-pub fn open_volume_key(host: &HostKey, volume_id: &str, blob: &[u8]) -> Result<VolumeKey, SealingError> {
+pub fn open_volume_key(
+    host: &HostKey,
+    volume_id: &str,
+    blob: &[u8],
+) -> Result<VolumeKey, SealingError> {
     if blob.len() != SEALED_BLOB_LEN {
-        return Err(SealingError::BlobLength { got: blob.len(), want: SEALED_BLOB_LEN });
+        return Err(SealingError::BlobLength {
+            got: blob.len(),
+            want: SEALED_BLOB_LEN,
+        });
     }
     check_header(blob, BLOB_MAGIC, "sealed key blob")?;
     let info = info_for(volume_id)?;
@@ -345,15 +365,23 @@ pub fn open_volume_key(host: &HostKey, volume_id: &str, blob: &[u8]) -> Result<V
     if blob_id != host_id {
         let mut b = [0u8; 8];
         b.copy_from_slice(blob_id);
-        return Err(SealingError::WrongHostKey { blob: hex8(&b), host: hex8(&host_id) });
+        return Err(SealingError::WrongHostKey {
+            blob: hex8(&b),
+            host: hex8(&host_id),
+        });
     }
     let header = blob.get(..HEADER_LEN).ok_or(SealingError::OpenFailed)?;
-    let enc_raw = blob.get(HEADER_LEN..HEADER_LEN + ENC_LEN).ok_or(SealingError::OpenFailed)?;
+    let enc_raw = blob
+        .get(HEADER_LEN..HEADER_LEN + ENC_LEN)
+        .ok_or(SealingError::OpenFailed)?;
     let tag_raw = blob
         .get(HEADER_LEN + ENC_LEN..HEADER_LEN + ENC_LEN + TAG_LEN)
         .ok_or(SealingError::OpenFailed)?;
-    let ct = blob.get(HEADER_LEN + ENC_LEN + TAG_LEN..).ok_or(SealingError::OpenFailed)?;
-    let enc = <Kem as KemTrait>::EncappedKey::from_bytes(enc_raw).map_err(|_| SealingError::OpenFailed)?;
+    let ct = blob
+        .get(HEADER_LEN + ENC_LEN + TAG_LEN..)
+        .ok_or(SealingError::OpenFailed)?;
+    let enc = <Kem as KemTrait>::EncappedKey::from_bytes(enc_raw)
+        .map_err(|_| SealingError::OpenFailed)?;
     let tag = AeadTag::<AesGcm256>::from_bytes(tag_raw).map_err(|_| SealingError::OpenFailed)?;
     let sk = <Kem as KemTrait>::PrivateKey::from_bytes(host.secret.as_ref())
         .map_err(|_| SealingError::InvalidKey)?;
@@ -413,7 +441,10 @@ mod tests {
         let host = HostKey::generate().expect("gen");
         let blob = seal_volume_key(host.public(), "vol-1", &key()).expect("seal");
         assert_eq!(blob.len(), SEALED_BLOB_LEN);
-        assert!(!blob.windows(16).any(|w| w == &key()[..16]), "plaintext visible in blob");
+        assert!(
+            !blob.windows(16).any(|w| w == &key()[..16]),
+            "plaintext visible in blob"
+        );
         let opened = open_volume_key(&host, "vol-1", &blob).expect("open");
         assert_eq!(opened.as_ref(), &key());
     }
@@ -423,12 +454,21 @@ mod tests {
         let host = HostKey::generate().expect("gen");
         let other = HostKey::generate().expect("gen");
         let blob = seal_volume_key(host.public(), "vol-1", &key()).expect("seal");
-        assert!(matches!(open_volume_key(&host, "vol-2", &blob), Err(SealingError::OpenFailed)));
-        assert!(matches!(open_volume_key(&other, "vol-1", &blob), Err(SealingError::WrongHostKey { .. })));
+        assert!(matches!(
+            open_volume_key(&host, "vol-2", &blob),
+            Err(SealingError::OpenFailed)
+        ));
+        assert!(matches!(
+            open_volume_key(&other, "vol-1", &blob),
+            Err(SealingError::WrongHostKey { .. })
+        ));
         for i in 0..SEALED_BLOB_LEN {
             let mut bad = blob;
             bad[i] ^= 0x01;
-            assert!(open_volume_key(&host, "vol-1", &bad).is_err(), "flip at {i} accepted");
+            assert!(
+                open_volume_key(&host, "vol-1", &bad).is_err(),
+                "flip at {i} accepted"
+            );
         }
         assert!(matches!(
             open_volume_key(&host, "vol-1", &blob[..100]),
@@ -444,18 +484,28 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("host.key");
         let mut f = std::fs::File::create(&path).expect("create");
-        f.write_all(host.to_file_bytes().expect("enc").as_ref()).expect("write");
+        f.write_all(host.to_file_bytes().expect("enc").as_ref())
+            .expect("write");
         drop(f);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert!(matches!(HostKey::read_file(&path), Err(SealingError::KeyFilePermissions { .. })));
+        assert!(matches!(
+            HostKey::read_file(&path),
+            Err(SealingError::KeyFilePermissions { .. })
+        ));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let back = HostKey::read_file(&path).expect("read");
         assert_eq!(back.public(), host.public());
         let pubf = host.public().to_file_bytes();
-        assert_eq!(HostPublicKey::from_file_bytes(&pubf).expect("pub"), *host.public());
+        assert_eq!(
+            HostPublicKey::from_file_bytes(&pubf).expect("pub"),
+            *host.public()
+        );
         let link = dir.path().join("link.key");
         std::os::unix::fs::symlink(&path, &link).expect("symlink");
-        assert!(matches!(HostKey::read_file(&link), Err(SealingError::KeyFileIo(_))));
+        assert!(matches!(
+            HostKey::read_file(&link),
+            Err(SealingError::KeyFileIo(_))
+        ));
     }
 
     #[test]
@@ -464,8 +514,14 @@ mod tests {
         let mut raw = [0u8; HOST_KEY_FILE_LEN];
         raw.copy_from_slice(host.to_file_bytes().expect("enc").as_ref());
         raw[69] ^= 1;
-        assert!(matches!(HostKey::from_file_bytes(&raw), Err(SealingError::KeyMismatch)));
+        assert!(matches!(
+            HostKey::from_file_bytes(&raw),
+            Err(SealingError::KeyMismatch)
+        ));
         raw[0] = b'X';
-        assert!(matches!(HostKey::from_file_bytes(&raw), Err(SealingError::BadMagic { .. })));
+        assert!(matches!(
+            HostKey::from_file_bytes(&raw),
+            Err(SealingError::BadMagic { .. })
+        ));
     }
 }

@@ -48,7 +48,9 @@ impl<const N: usize> LockedSecret<N> {
             return Err(LockedSecretError::Map(std::io::Error::last_os_error()));
         }
         let Some(ptr) = std::ptr::NonNull::new(raw.cast::<[u8; N]>()) else {
-            return Err(LockedSecretError::Map(std::io::Error::other("null mapping")));
+            return Err(LockedSecretError::Map(std::io::Error::other(
+                "null mapping",
+            )));
         };
         // From here on `Drop` unmaps the page on every error path.
         let this = Self { ptr };

@@ -8,7 +8,9 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::VhostUserConfigFlags;
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
@@ -90,21 +92,38 @@ impl Harness {
         assert!(offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
         let pf = fe.get_protocol_features().expect("get_protocol_features");
         assert!(pf.contains(VhostUserProtocolFeatures::CONFIG));
-        fe.set_protocol_features(pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ))
-            .expect("set_protocol_features");
+        fe.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
+        )
+        .expect("set_protocol_features");
         let nq = fe.get_queue_num().expect("get_queue_num");
         assert!(nq as usize >= queues, "card offers {nq} queues");
         // No EVENT_IDX / INDIRECT: keep the test driver simple.
-        let wanted: u64 = (1 << 32) | (1 << 1) | (1 << 2) | (1 << 5) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 12) | (1 << 13) | (1 << 14)
+        let wanted: u64 = (1 << 32)
+            | (1 << 1)
+            | (1 << 2)
+            | (1 << 5)
+            | (1 << 6)
+            | (1 << 9)
+            | (1 << 10)
+            | (1 << 12)
+            | (1 << 13)
+            | (1 << 14)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let features = offered & wanted;
         fe.set_features(features).expect("set_features");
-        let (_, config) = fe.get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60]).expect("get_config");
+        let (_, config) = fe
+            .get_config(0, 60, VhostUserConfigFlags::WRITABLE, &[0u8; 60])
+            .expect("get_config");
 
         let file = memfd(MEM_SIZE);
         let fd = file.as_raw_fd();
-        let region = GuestRegionMmap::<()>::from_range(GuestAddress(0), MEM_SIZE, Some(FileOffset::new(file, 0)))
-            .expect("region");
+        let region = GuestRegionMmap::<()>::from_range(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(file, 0)),
+        )
+        .expect("region");
         let mem = GuestMemoryMmap::from_regions(vec![region]).expect("mem");
         let hva = mem.get_host_address(GuestAddress(0)).expect("hva") as u64;
         fe.set_mem_table(&[VhostUserMemoryRegionInfo {
@@ -142,9 +161,21 @@ impl Harness {
             fe.set_vring_call(i, &call).expect("vring_call");
             fe.set_vring_kick(i, &kick).expect("vring_kick");
             fe.set_vring_enable(i, true).expect("vring_enable");
-            vqs.push(Vq { base, next_avail: 0, last_used: 0, kick, call });
+            vqs.push(Vq {
+                base,
+                next_avail: 0,
+                last_used: 0,
+                kick,
+                call,
+            });
         }
-        Self { _fe: fe, mem, vqs, features, config }
+        Self {
+            _fe: fe,
+            mem,
+            vqs,
+            features,
+            config,
+        }
     }
 
     /// Capacity in 512-byte sectors, from the config space.
@@ -165,9 +196,15 @@ impl Harness {
     pub fn write_desc(&self, q: usize, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let a = GuestAddress(self.vqs[q].base + 16 * u64::from(idx));
         self.mem.write_obj(addr.to_le(), a).expect("desc");
-        self.mem.write_obj(len.to_le(), GuestAddress(a.0 + 8)).expect("desc");
-        self.mem.write_obj(flags.to_le(), GuestAddress(a.0 + 12)).expect("desc");
-        self.mem.write_obj(next.to_le(), GuestAddress(a.0 + 14)).expect("desc");
+        self.mem
+            .write_obj(len.to_le(), GuestAddress(a.0 + 8))
+            .expect("desc");
+        self.mem
+            .write_obj(flags.to_le(), GuestAddress(a.0 + 12))
+            .expect("desc");
+        self.mem
+            .write_obj(next.to_le(), GuestAddress(a.0 + 14))
+            .expect("desc");
     }
 
     /// Puts `head` in the avail ring (no kick).
@@ -175,10 +212,14 @@ impl Harness {
         let vq = &mut self.vqs[q];
         let avail = vq.base + 0x1000;
         let slot = vq.next_avail % QUEUE_SIZE;
-        self.mem.write_obj(head.to_le(), GuestAddress(avail + 4 + 2 * u64::from(slot))).expect("ring");
+        self.mem
+            .write_obj(head.to_le(), GuestAddress(avail + 4 + 2 * u64::from(slot)))
+            .expect("ring");
         vq.next_avail = vq.next_avail.wrapping_add(1);
         fence(Ordering::SeqCst);
-        self.mem.write_obj(vq.next_avail.to_le(), GuestAddress(avail + 2)).expect("idx");
+        self.mem
+            .write_obj(vq.next_avail.to_le(), GuestAddress(avail + 2))
+            .expect("idx");
         fence(Ordering::SeqCst);
     }
 
@@ -195,8 +236,15 @@ impl Harness {
                 return got;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "timed out waiting for completions on queue {q}");
-            let mut pfd = libc::pollfd { fd: self.vqs[q].call.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for completions on queue {q}"
+            );
+            let mut pfd = libc::pollfd {
+                fd: self.vqs[q].call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             let ms = left.as_millis().min(100) as i32;
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -216,7 +264,10 @@ impl Harness {
             let e = used + 4 + 8 * u64::from(slot);
             let id: u32 = u32::from_le(self.mem.read_obj(GuestAddress(e)).expect("id"));
             let len: u32 = u32::from_le(self.mem.read_obj(GuestAddress(e + 4)).expect("len"));
-            out.push(Completion { head: id as u16, len });
+            out.push(Completion {
+                head: id as u16,
+                len,
+            });
             vq.last_used = vq.last_used.wrapping_add(1);
         }
         out
@@ -231,12 +282,28 @@ impl Harness {
 
     /// Lays out a standard request in slot `slot` (descriptors 3*slot..3*slot+2) and publishes
     /// it. `data_len` = 0 means no data descriptor. Returns the head index.
-    pub fn prepare(&mut self, q: usize, slot: u16, kind: u32, sector: u64, data_len: u32, device_writes: bool) -> u16 {
+    pub fn prepare(
+        &mut self,
+        q: usize,
+        slot: u16,
+        kind: u32,
+        sector: u64,
+        data_len: u32,
+        device_writes: bool,
+    ) -> u16 {
         let (hdr, status, data) = self.slot_addrs(q, slot);
-        self.mem.write_obj(kind.to_le(), GuestAddress(hdr)).expect("hdr");
-        self.mem.write_obj(0u32, GuestAddress(hdr + 4)).expect("hdr");
-        self.mem.write_obj(sector.to_le(), GuestAddress(hdr + 8)).expect("hdr");
-        self.mem.write_obj(0xAAu8, GuestAddress(status)).expect("status");
+        self.mem
+            .write_obj(kind.to_le(), GuestAddress(hdr))
+            .expect("hdr");
+        self.mem
+            .write_obj(0u32, GuestAddress(hdr + 4))
+            .expect("hdr");
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(hdr + 8))
+            .expect("hdr");
+        self.mem
+            .write_obj(0xAAu8, GuestAddress(status))
+            .expect("status");
         let d0 = slot * 3;
         if data_len == 0 {
             self.write_desc(q, d0, hdr, 16, F_NEXT, d0 + 2);
@@ -255,7 +322,15 @@ impl Harness {
         self.mem.read_obj(GuestAddress(status)).expect("status")
     }
 
-    fn run_one(&mut self, q: usize, slot: u16, kind: u32, sector: u64, data_len: u32, device_writes: bool) -> (u8, u32) {
+    fn run_one(
+        &mut self,
+        q: usize,
+        slot: u16,
+        kind: u32,
+        sector: u64,
+        data_len: u32,
+        device_writes: bool,
+    ) -> (u8, u32) {
         let head = self.prepare(q, slot, kind, sector, data_len, device_writes);
         self.kick(q);
         let c = self.wait_used(q, Duration::from_secs(30));
@@ -268,7 +343,8 @@ impl Harness {
     pub fn write(&mut self, q: usize, sector: u64, data: &[u8]) -> u8 {
         let (_, _, d) = self.slot_addrs(q, 0);
         self.mem.write_slice(data, GuestAddress(d)).expect("data");
-        self.run_one(q, 0, VIRTIO_BLK_T_OUT, sector, data.len() as u32, false).0
+        self.run_one(q, 0, VIRTIO_BLK_T_OUT, sector, data.len() as u32, false)
+            .0
     }
 
     /// Reads `len` bytes at `sector`.
@@ -280,7 +356,9 @@ impl Harness {
         }
         assert_eq!(used as usize, len + 1, "used length of a read");
         let mut out = vec![0u8; len];
-        self.mem.read_slice(&mut out, GuestAddress(d)).expect("data");
+        self.mem
+            .read_slice(&mut out, GuestAddress(d))
+            .expect("data");
         Ok(out)
     }
 
@@ -298,11 +376,24 @@ impl Harness {
     }
 
     /// Discard (or write-zeroes) one extent.
-    pub fn discard_like(&mut self, q: usize, kind: u32, sector: u64, sectors: u32, flags: u32) -> u8 {
+    pub fn discard_like(
+        &mut self,
+        q: usize,
+        kind: u32,
+        sector: u64,
+        sectors: u32,
+        flags: u32,
+    ) -> u8 {
         let (_, _, d) = self.slot_addrs(q, 0);
-        self.mem.write_obj(sector.to_le(), GuestAddress(d)).expect("seg");
-        self.mem.write_obj(sectors.to_le(), GuestAddress(d + 8)).expect("seg");
-        self.mem.write_obj(flags.to_le(), GuestAddress(d + 12)).expect("seg");
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(d))
+            .expect("seg");
+        self.mem
+            .write_obj(sectors.to_le(), GuestAddress(d + 8))
+            .expect("seg");
+        self.mem
+            .write_obj(flags.to_le(), GuestAddress(d + 12))
+            .expect("seg");
         self.run_one(q, 0, kind, 0, 16, false).0
     }
 }

@@ -4,7 +4,9 @@
 
 pub mod frontend;
 
-use bulkhead_blockcard::control::{self, AttachSpec, ControlRequest, ControlResponse, KeySource, VolumeId};
+use bulkhead_blockcard::control::{
+    self, AttachSpec, ControlRequest, ControlResponse, KeySource, VolumeId,
+};
 use bulkhead_blockcard::xts::CryptoSectorSize;
 use bulkhead_sealing::{seal_volume_key, HostKey};
 use std::io::Write;
@@ -27,17 +29,27 @@ pub struct Env {
 
 impl Env {
     pub fn new(backing_bytes: u64) -> Self {
-        let dir = tempfile::Builder::new().prefix("bhcard").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("bhcard")
+            .tempdir()
+            .expect("tempdir");
         let host = HostKey::generate().expect("host key");
         let host_key_path = dir.path().join("host.key");
         let mut f = std::fs::File::create(&host_key_path).expect("key file");
-        f.write_all(host.to_file_bytes().expect("encode").as_ref()).expect("write key");
+        f.write_all(host.to_file_bytes().expect("encode").as_ref())
+            .expect("write key");
         drop(f);
-        std::fs::set_permissions(&host_key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        std::fs::set_permissions(&host_key_path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
         let backing = dir.path().join("volume.img");
         let f = std::fs::File::create(&backing).expect("backing");
         f.set_len(backing_bytes).expect("size");
-        Self { dir, host, host_key_path, backing }
+        Self {
+            dir,
+            host,
+            host_key_path,
+            backing,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -45,7 +57,11 @@ impl Env {
     }
 
     /// Seals `key` for `volume` to this env's host key.
-    pub fn seal(&self, volume: &str, key: &[u8; 64]) -> Box<[u8; bulkhead_sealing::SEALED_BLOB_LEN]> {
+    pub fn seal(
+        &self,
+        volume: &str,
+        key: &[u8; 64],
+    ) -> Box<[u8; bulkhead_sealing::SEALED_BLOB_LEN]> {
         Box::new(seal_volume_key(self.host.public(), volume, key).expect("seal"))
     }
 }
@@ -67,7 +83,12 @@ pub struct CardOpts<'a> {
 
 impl Default for CardOpts<'_> {
     fn default() -> Self {
-        Self { queues: 1, read_only: false, host_key: true, name: "card" }
+        Self {
+            queues: 1,
+            read_only: false,
+            host_key: true,
+            name: "card",
+        }
     }
 }
 
@@ -99,7 +120,12 @@ impl Card {
             cmd.arg("--host-key").arg(&env.host_key_path);
         }
         let child = cmd.spawn().expect("spawn card");
-        let mut card = Self { child, control, vhost, conn: None };
+        let mut card = Self {
+            child,
+            control,
+            vhost,
+            conn: None,
+        };
         card.connect_control();
         card
     }
@@ -108,7 +134,8 @@ impl Card {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(s) = UnixStream::connect(&self.control) {
-                s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+                s.set_read_timeout(Some(Duration::from_secs(30)))
+                    .expect("timeout");
                 self.conn = Some(s);
                 return;
             }
@@ -129,7 +156,12 @@ impl Card {
         control::call(conn, req).expect("control call")
     }
 
-    pub fn attach(&mut self, volume: &str, sector: CryptoSectorSize, key: KeySource) -> ControlResponse {
+    pub fn attach(
+        &mut self,
+        volume: &str,
+        sector: CryptoSectorSize,
+        key: KeySource,
+    ) -> ControlResponse {
         self.call(&ControlRequest::Attach(AttachSpec {
             volume_id: VolumeId::new(volume).expect("volume id"),
             sector_size: sector,
@@ -147,7 +179,11 @@ impl Card {
 
     pub fn metric(&mut self, name: &str) -> u64 {
         match self.call(&ControlRequest::GetMetrics) {
-            ControlResponse::Metrics(v) => v.iter().find(|(k, _)| k == name).map(|(_, v)| *v).expect("metric"),
+            ControlResponse::Metrics(v) => v
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| *v)
+                .expect("metric"),
             other => panic!("unexpected {other:?}"),
         }
     }
