@@ -50,9 +50,10 @@ cache=$cache_root/$key
 mkdir -p "$cache_root"
 
 # --- build (under a lock, so concurrent `make guest` runs build once) -----------------------
+work=$cache_root/work-$key
 build() {
-  local work=$cache_root/work-$key
-  rm -rf "$work"
+  # Trees of earlier failed or interrupted builds are kept for debugging until the next build.
+  rm -rf "$cache_root"/work-* "$cache_root"/stage-*
   mkdir -p "$work"
   log "cache miss ($key): building in $work"
 
@@ -122,7 +123,6 @@ build() {
   cp "$work/initramfs.cpio" "$stage/initramfs.cpio"
   rm -rf "$cache"
   mv "$stage" "$cache"
-  if [ -z "${BULKHEAD_GUEST_KEEP_WORK:-}" ]; then rm -rf "$work"; fi
 }
 
 exec 9>"$cache_root/lock"
@@ -142,3 +142,10 @@ for f in vmlinux initramfs.cpio; do
   mv "$out_dir/$f.tmp" "$out_dir/$f"
 done
 (cd "$out_dir" && sha384sum vmlinux initramfs.cpio)
+
+# The kernel tree is ~1.5 GB; remove it last, once the outputs are in place.
+if [ -d "$work" ] && [ -z "${BULKHEAD_GUEST_KEEP_WORK:-}" ]; then
+  log "removing $work"
+  flock 9
+  rm -rf "$work"
+fi
