@@ -456,13 +456,22 @@ impl InstanceBackend for HostBackend {
         let mut g = lock(&inst);
         if g.desc.state == InstanceState::Running {
             if let Some(vm) = g.vm.as_mut() {
-                if let Ok(Reply::Stats {
-                    state: VmState::Stopped,
-                    ..
-                }) = vm.chan.call(Command::Stats, None)
-                {
-                    // The guest powered itself off.
-                    g.desc.state = InstanceState::Stopped;
+                match vm.chan.call(Command::Stats, None) {
+                    // The guest powered itself off (the VM stays for its console).
+                    Ok(Reply::Stats {
+                        state: VmState::Stopped,
+                        ..
+                    }) => g.desc.state = InstanceState::Stopped,
+                    Ok(_) | Err(ClientError::Refused(_)) => {}
+                    // The hypervisor process is gone (crashed or killed): nothing runs.
+                    Err(e) => {
+                        tracing::warn!(instance = %id, error = %e, "hypervisor gone");
+                        Self::drain_console(&mut g);
+                        if let Some(vm) = g.vm.take() {
+                            self.end_vm(vm);
+                        }
+                        g.desc.state = InstanceState::Stopped;
+                    }
                 }
             }
         }

@@ -237,6 +237,20 @@ fn boots_a_guest_with_an_encrypted_volume() {
         if out.contains("BULKHEAD-RUN-EXIT=") {
             break out;
         }
+        // Fail fast if the VM is no longer running (hypervisor died, guest reset early).
+        let st = api.ok("GET", "/v1/instances/i-boot", "");
+        if st.json["state"] != "running" {
+            let r = api.ok("GET", "/v1/instances/i-boot/console", "");
+            let out = r.json["output"].as_str().unwrap_or("").to_string();
+            if out.contains("BULKHEAD-RUN-EXIT=") {
+                break out;
+            }
+            panic!(
+                "instance is {} before the script finished ({:?}); console:\n{out}",
+                st.json["state"],
+                started.elapsed()
+            );
+        }
         assert!(
             started.elapsed() < boot_timeout(),
             "no BULKHEAD-RUN-EXIT after {:?}; console so far:\n{out}",
