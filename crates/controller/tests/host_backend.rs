@@ -352,6 +352,14 @@ fn attach_to_running_instance_is_refused_and_planes_hold() {
     let good = sealed_b64(&host, "vol-a", &volume_key(2));
     let body = serde_json::json!({"volume_id": "vol-a", "sealed_key": good}).to_string();
     api.ok("POST", "/v1/instances/i-hp/volumes", &body);
+    assert_eq!(card_sockets(dir.path()).len(), 2);
+    // Before the first start a volume also detaches: DetachBlock + card Detach (key zeroized,
+    // card exits and is reaped), then it attaches again.
+    api.ok("DELETE", "/v1/instances/i-hp/volumes/vol-a", "");
+    let r = api.ok("GET", "/v1/instances/i-hp", "");
+    assert_eq!(r.json["volumes"], serde_json::json!([]));
+    assert!(card_sockets(dir.path()).is_empty());
+    api.ok("POST", "/v1/instances/i-hp/volumes", &body);
     api.ok("POST", "/v1/instances/i-hp/start", "");
     let r = api.ok("GET", "/v1/instances/i-hp", "");
     assert_eq!(r.json["state"], "running");
