@@ -82,6 +82,18 @@ enum Cmd {
         #[arg(long)]
         bins: Option<PathBuf>,
     },
+    /// Benchmark a local cluster: RunInstances and AttachVolume latency, API throughput.
+    /// Prints a markdown section.
+    Bench {
+        #[arg(long, default_value_t = 2)]
+        hosts: usize,
+        #[arg(long, default_value_t = 40)]
+        iterations: usize,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
     /// Operator view: hosts, their last pulled status and how many audit records were pulled.
     Hosts {
         #[arg(long)]
@@ -206,7 +218,7 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
     })
 }
 
-fn create_customer(config: &Path, tenant: &str, out: &Path) -> Result<(), CliError> {
+fn create_customer(config: &Path, tenant: &str, out: &Path, quiet: bool) -> Result<(), CliError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if !bulkhead_kms::valid_id(tenant) {
@@ -247,10 +259,12 @@ fn create_customer(config: &Path, tenant: &str, out: &Path) -> Result<(), CliErr
         .open(out)
         .map_err(io(out))?;
     f.write_all(creds.to_string().as_bytes()).map_err(io(out))?;
-    println!(
-        "{}",
-        json!({"tenant_id": tenant, "access_key_id": akid, "credentials": out.display().to_string()})
-    );
+    if !quiet {
+        println!(
+            "{}",
+            json!({"tenant_id": tenant, "access_key_id": akid, "credentials": out.display().to_string()})
+        );
+    }
     Ok(())
 }
 
@@ -398,6 +412,170 @@ fn up(
     Ok(())
 }
 
+/// A signing customer client for the bench.
+struct Signer {
+    akid: String,
+    secret: Vec<u8>,
+    endpoint: String,
+    client: tls::HttpsClient,
+}
+
+impl Signer {
+    async fn call(&self, action: &str, body: &Value) -> Result<(u16, Value), CliError> {
+        let body = body.to_string();
+        let parts = sigv::SignedParts {
+            method: "POST".into(),
+            path: format!("/v1/{action}"),
+            query: String::new(),
+            host: self.endpoint.clone(),
+            date: sigv::format_date(bulkhead_control::service::now()),
+            body: body.clone(),
+            nonce: sigv::new_nonce(),
+        };
+        let auth = sigv::sign(&self.akid, &self.secret, &parts);
+        let r = self
+            .client
+            .request(
+                &self.endpoint,
+                "POST",
+                &parts.path,
+                &[
+                    ("authorization", &auth),
+                    ("x-bh-date", &parts.date),
+                    ("x-bh-nonce", &parts.nonce),
+                ],
+                body.into_bytes(),
+            )
+            .await?;
+        Ok((
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        ))
+    }
+
+    async fn ok(&self, action: &str, body: Value) -> Result<Value, CliError> {
+        match self.call(action, &body).await? {
+            (200, v) => Ok(v),
+            (st, v) => {
+                eprintln!("{action}: {v}");
+                Err(CliError::CallFailed(st))
+            }
+        }
+    }
+}
+
+/// Nearest-rank percentile, `permille` of 1000.
+fn pct(sorted: &[f64], permille: usize) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return 0.0;
+    };
+    let i = (last * permille + 500) / 1000;
+    sorted.get(i.min(last)).copied().unwrap_or(0.0)
+}
+
+fn bench(
+    hosts: usize,
+    iterations: usize,
+    seconds: u64,
+    concurrency: usize,
+) -> Result<(), CliError> {
+    let bins = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .ok_or(CliError::BadArgument("cannot locate binaries"))?;
+    let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let opts = cluster::StartOptions {
+        hosts,
+        controller_args: controller_backend_args(&bins, Some("detached")),
+        bins: bins.clone(),
+        record: false,
+        poll_interval_ms: 1000,
+    };
+    let c = cluster::start(&dir, &opts)?;
+    let creds = dir.join("bench.json");
+    create_customer(&dir.join("control.toml"), "bench", &creds, true)?;
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(&creds).map_err(io(&creds))?).unwrap_or(Value::Null);
+    let signer = Arc::new(Signer {
+        akid: v["access_key_id"].as_str().unwrap_or("").to_string(),
+        secret: v["secret"]
+            .as_str()
+            .and_then(|s| B64.decode(s).ok())
+            .unwrap_or_default(),
+        endpoint: c.control_addr.clone(),
+        client: tls::HttpsClient::new(tls::client_config(&dir.join("ca/ca.pem"), None)?),
+    });
+    let result = runtime()?.block_on(async {
+        let mut run_ms = Vec::new();
+        let mut attach_ms = Vec::new();
+        for _ in 0..iterations {
+            let t = std::time::Instant::now();
+            let r = signer
+                .ok("RunInstances", json!({"ImageId": "test-guest"}))
+                .await?;
+            run_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let id = r["Instances"][0]["InstanceId"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            let vol = signer.ok("CreateVolume", json!({"SizeGiB": 1})).await?;
+            let vid = vol["VolumeId"].as_str().unwrap_or("").to_string();
+            let t = std::time::Instant::now();
+            signer
+                .ok("AttachVolume", json!({"VolumeId": vid, "InstanceId": id}))
+                .await?;
+            attach_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            signer
+                .ok("TerminateInstances", json!({"InstanceIds": [id]}))
+                .await?;
+            signer.ok("DeleteVolume", json!({"VolumeId": vid})).await?;
+        }
+        // Throughput: concurrent signed DescribeInstances for `seconds`.
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency.max(1) {
+            let s = Arc::clone(&signer);
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while std::time::Instant::now() < deadline {
+                    if matches!(s.call("DescribeInstances", &json!({})).await, Ok((200, _))) {
+                        n += 1;
+                    }
+                }
+                n
+            }));
+        }
+        let mut total = 0u64;
+        for t in tasks {
+            total += t.await.unwrap_or(0);
+        }
+        Ok::<_, CliError>((run_ms, attach_ms, total))
+    });
+    drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+    let (mut run_ms, mut attach_ms, total) = result?;
+    run_ms.sort_by(f64::total_cmp);
+    attach_ms.sort_by(f64::total_cmp);
+    let backend = "detached backend: controllers record state, no guest boots, no card starts";
+    println!("## Control plane");
+    println!();
+    println!("Local cluster: {hosts} host controllers ({backend}), KMS and control plane as separate processes, mTLS 1.3 on every link, SQLite (WAL, synchronous=FULL), every call audited with fsync. {iterations} iterations; throughput with {concurrency} concurrent clients for {seconds} s. Each latency is one signed customer call end to end.");
+    println!();
+    println!("| Measure | p50 | p99 |");
+    println!("|---|---|---|");
+    println!("| RunInstances → running (control plane → scheduler → controller Create+Start) | {:.1} ms | {:.1} ms |", pct(&run_ms, 500), pct(&run_ms, 990));
+    println!("| AttachVolume → attached (control plane → KMS decrypt+HPKE re-wrap → controller) | {:.1} ms | {:.1} ms |", pct(&attach_ms, 500), pct(&attach_ms, 990));
+    println!();
+    println!(
+        "| API throughput (signed DescribeInstances, SQLite) | {:.0} req/s |",
+        total as f64 / seconds.max(1) as f64
+    );
+    println!("|---|---|");
+    println!("| API throughput, PostgreSQL | not measured: no PostgreSQL repository yet |");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -412,7 +590,7 @@ fn main() -> ExitCode {
             config,
             tenant,
             out,
-        } => create_customer(&config, &tenant, &out),
+        } => create_customer(&config, &tenant, &out, false),
         Cmd::Call {
             endpoint,
             ca,
@@ -421,6 +599,12 @@ fn main() -> ExitCode {
             body,
         } => call(&endpoint, &ca, &credentials, &action, body),
         Cmd::Hosts { config } => hosts(&config),
+        Cmd::Bench {
+            hosts,
+            iterations,
+            seconds,
+            concurrency,
+        } => bench(hosts, iterations, seconds, concurrency),
         Cmd::Up {
             dir,
             hosts,
