@@ -127,6 +127,17 @@ impl Host {
         self.key.as_ref()
     }
 
+    /// Hands the unsealed identity to the block card: writes the `bulkhead-sealing` host key
+    /// file (70 bytes, mode 0600) to `path`, which should be on a tmpfs (`/run/bulkhead/`) so it
+    /// never reaches a disk. Refused unless the host booted healthy.
+    pub fn write_host_key(&self, path: &Path) -> Result<(), RotError> {
+        let key = self.key.as_ref().ok_or(RotError::Malformed(
+            "host is not healthy: no identity to hand out",
+        ))?;
+        let bytes = key.to_file_bytes()?;
+        write_private(path, bytes.as_ref())
+    }
+
     pub fn health(&self) -> Option<&HostHealth> {
         self.health.as_ref()
     }

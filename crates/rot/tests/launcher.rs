@@ -64,7 +64,12 @@ fn launcher_binary_boots_healthy_then_refuses_a_tampered_binary() {
     let enrol: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(enrol["environment"], "staging");
 
-    let out = launcher(&root, &trust, &["boot"]);
+    let key_out = work.path().join("host.key");
+    let out = launcher(
+        &root,
+        &trust,
+        &["boot", "--host-key-out", key_out.to_str().unwrap()],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -72,6 +77,13 @@ fn launcher_binary_boots_healthy_then_refuses_a_tampered_binary() {
     );
     let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(health["accepts_customer_work"], true);
+    // The unsealed identity is the block card's host key file, and it is the enrolled one.
+    let key = bulkhead_sealing::HostKey::read_file(&key_out).expect("host key file");
+    assert_eq!(
+        hex::encode(key.public().to_file_bytes()),
+        enrol["host_public"].as_str().unwrap()
+    );
+    std::fs::remove_file(&key_out).unwrap();
     // The same TPM (state kept in ROOT/swtpm) across launcher runs: same AK.
     let again = launcher(&root, &trust, &["attest", "--nonce", &"ab".repeat(32)]);
     assert!(
@@ -84,8 +96,13 @@ fn launcher_binary_boots_healthy_then_refuses_a_tampered_binary() {
     let mut bytes = std::fs::read(&bin).unwrap();
     bytes[3] ^= 0x20;
     std::fs::write(&bin, bytes).unwrap();
-    let out = launcher(&root, &trust, &["boot"]);
+    let out = launcher(
+        &root,
+        &trust,
+        &["boot", "--host-key-out", key_out.to_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(3));
+    assert!(!key_out.exists(), "a refusing host hands out no key");
     let health: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(health["accepts_customer_work"], false);
     let codes: Vec<&str> = health["reasons"]

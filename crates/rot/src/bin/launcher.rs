@@ -57,7 +57,12 @@ enum Cmd {
         #[arg(long)]
         from: PathBuf,
     },
-    Boot,
+    Boot {
+        /// When healthy, write the unsealed host key file (0600) here for the block card
+        /// (a tmpfs path such as /run/bulkhead/host.key).
+        #[arg(long)]
+        host_key_out: Option<PathBuf>,
+    },
     Attest {
         #[arg(long)]
         nonce: String,
@@ -106,9 +111,12 @@ fn run(a: Args) -> Result<ExitCode, RotError> {
             out(&enrol);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Boot => {
+        Cmd::Boot { host_key_out } => {
             let h = host.boot();
             eprintln!("{}", h.summary());
+            if let (Some(p), true) = (&host_key_out, h.accepts_customer_work) {
+                host.write_host_key(p)?;
+            }
             out(&h);
             Ok(if h.accepts_customer_work {
                 ExitCode::SUCCESS
