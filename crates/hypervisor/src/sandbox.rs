@@ -71,6 +71,9 @@ const MAIN: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_pread64,
     libc::SYS_shutdown,
+    // vCPU threads started after this filter install their own, narrower one. seccomp(2) can
+    // only ever add restrictions.
+    libc::SYS_seccomp,
 ];
 
 /// Extra system calls of a vCPU thread. A vCPU thread activates devices when the guest driver
