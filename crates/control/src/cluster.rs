@@ -294,6 +294,8 @@ pub struct StartOptions {
     pub poll_interval_ms: u64,
     /// Extra arguments for each controller (e.g. `--backend detached` where supported).
     pub controller_args: Vec<String>,
+    /// PostgreSQL for the control plane's state (default SQLite).
+    pub database_url: Option<String>,
 }
 
 /// Prepares and starts the whole cluster; returns once every daemon printed its ready line.
@@ -366,6 +368,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         ca_dir: dir.join("ca"),
         kms_addr: via("control-to-kms", cluster.kms_addr.clone())?,
         poll_interval_ms: opts.poll_interval_ms,
+        database_url: opts.database_url.clone(),
         hosts,
     };
     let cfg_path = dir.join("control.toml");

@@ -17,6 +17,9 @@ pub struct Config {
     pub kms_addr: String,
     #[serde(default = "default_poll")]
     pub poll_interval_ms: u64,
+    /// PostgreSQL connection string; unset: SQLite in `state_dir/control.db`.
+    #[serde(default)]
+    pub database_url: Option<String>,
     #[serde(default)]
     pub hosts: Vec<HostConfig>,
 }

@@ -93,6 +93,9 @@ enum Cmd {
         seconds: u64,
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
+        /// Also measure with the control plane on this PostgreSQL server.
+        #[arg(long)]
+        database_url: Option<String>,
     },
     /// Operator view: hosts, their last pulled status and how many audit records were pulled.
     Hosts {
@@ -151,7 +154,10 @@ fn client(cfg: &Config) -> Result<tls::HttpsClient, CliError> {
 
 fn open_repo(cfg: &Config) -> Result<(Arc<dyn Repository>, crypto::Key32), CliError> {
     std::fs::create_dir_all(&cfg.state_dir).map_err(io(&cfg.state_dir))?;
-    let repo: Arc<dyn Repository> = Arc::new(SqliteRepo::open(&cfg.state_dir.join("control.db"))?);
+    let repo: Arc<dyn Repository> = match &cfg.database_url {
+        Some(url) => Arc::new(bulkhead_control::pg::PgRepo::connect(url)?),
+        None => Arc::new(SqliteRepo::open(&cfg.state_dir.join("control.db"))?),
+    };
     let root = crypto::load_root_key(&cfg.state_dir.join("root.key"), true)?;
     Ok((repo, root))
 }
@@ -375,6 +381,7 @@ fn up(
         bins: bins.clone(),
         record,
         poll_interval_ms: 1000,
+        database_url: None,
     };
     let c = cluster::start(dir, &opts)?;
     let ca = dir.join("ca/ca.pem");
@@ -473,17 +480,23 @@ fn pct(sorted: &[f64], permille: usize) -> f64 {
     sorted.get(i.min(last)).copied().unwrap_or(0.0)
 }
 
-fn bench(
+/// (RunInstances ms, AttachVolume ms, DescribeInstances completed) on a fresh cluster.
+fn measure(
     hosts: usize,
     iterations: usize,
     seconds: u64,
     concurrency: usize,
-) -> Result<(), CliError> {
+    database_url: Option<String>,
+) -> Result<(Vec<f64>, Vec<f64>, u64), CliError> {
     let bins = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .ok_or(CliError::BadArgument("cannot locate binaries"))?;
-    let dir = std::env::temp_dir().join(format!("bulkhead-bench-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "bulkhead-bench-{}-{}",
+        std::process::id(),
+        database_url.is_some()
+    ));
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let opts = cluster::StartOptions {
         hosts,
@@ -491,6 +504,7 @@ fn bench(
         bins: bins.clone(),
         record: false,
         poll_interval_ms: 1000,
+        database_url,
     };
     let c = cluster::start(&dir, &opts)?;
     let creds = dir.join("bench.json");
@@ -557,22 +571,52 @@ fn bench(
     let (mut run_ms, mut attach_ms, total) = result?;
     run_ms.sort_by(f64::total_cmp);
     attach_ms.sort_by(f64::total_cmp);
-    let backend = "detached backend: controllers record state, no guest boots, no card starts";
+    Ok((run_ms, attach_ms, total))
+}
+
+fn bench(
+    hosts: usize,
+    iterations: usize,
+    seconds: u64,
+    concurrency: usize,
+    database_url: Option<String>,
+) -> Result<(), CliError> {
+    let mut rows = vec![(
+        "SQLite (WAL, synchronous=FULL)",
+        measure(hosts, iterations, seconds, concurrency, None)?,
+    )];
+    if let Some(url) = database_url {
+        rows.push((
+            "PostgreSQL 15 (local, loopback)",
+            measure(hosts, iterations, seconds, concurrency, Some(url))?,
+        ));
+    }
     println!("## Control plane");
     println!();
-    println!("Local cluster: {hosts} host controllers ({backend}), KMS and control plane as separate processes, mTLS 1.3 on every link, SQLite (WAL, synchronous=FULL), every call audited with fsync. {iterations} iterations; throughput with {concurrency} concurrent clients for {seconds} s. Each latency is one signed customer call end to end.");
-    println!();
-    println!("| Measure | p50 | p99 |");
-    println!("|---|---|---|");
-    println!("| RunInstances → running (control plane → scheduler → controller Create+Start) | {:.1} ms | {:.1} ms |", pct(&run_ms, 500), pct(&run_ms, 990));
-    println!("| AttachVolume → attached (control plane → KMS decrypt+HPKE re-wrap → controller) | {:.1} ms | {:.1} ms |", pct(&attach_ms, 500), pct(&attach_ms, 990));
-    println!();
     println!(
-        "| API throughput (signed DescribeInstances, SQLite) | {:.0} req/s |",
-        total as f64 / seconds.max(1) as f64
+        "Local cluster: {hosts} host controllers (detached backend: controllers record state, no guest \
+         boots, no card starts), KMS and control plane as separate processes, mTLS 1.3 on every link, \
+         every call audited with fsync. {iterations} iterations per store; throughput = signed \
+         DescribeInstances from {concurrency} concurrent clients for {seconds} s. Each latency is one \
+         signed customer call end to end."
     );
-    println!("|---|---|");
-    println!("| API throughput, PostgreSQL | not measured: no PostgreSQL repository yet |");
+    println!();
+    println!("| Store | RunInstances→running p50 | p99 | AttachVolume→attached p50 | p99 | API throughput |");
+    println!("|---|---|---|---|---|---|");
+    for (name, (run_ms, attach_ms, total)) in &rows {
+        println!(
+            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.0} req/s |",
+            pct(run_ms, 500),
+            pct(run_ms, 990),
+            pct(attach_ms, 500),
+            pct(attach_ms, 990),
+            *total as f64 / seconds.max(1) as f64
+        );
+    }
+    if rows.len() == 1 {
+        println!();
+        println!("PostgreSQL: not measured in this run (run under scripts/with-postgres.sh).");
+    }
     Ok(())
 }
 
@@ -604,7 +648,8 @@ fn main() -> ExitCode {
             iterations,
             seconds,
             concurrency,
-        } => bench(hosts, iterations, seconds, concurrency),
+            database_url,
+        } => bench(hosts, iterations, seconds, concurrency, database_url),
         Cmd::Up {
             dir,
             hosts,

@@ -23,6 +23,8 @@ pub enum RepoError {
     Conflict,
     #[error("row changed concurrently")]
     Stale,
+    #[error("postgres error (see log)")]
+    Postgres,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -51,6 +51,7 @@ fn up(dir: &Path, record: bool) -> Cluster {
             bins: b,
             record,
             poll_interval_ms: 200,
+            database_url: None,
         },
     )
     .unwrap()
