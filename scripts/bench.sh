@@ -19,7 +19,7 @@ tmp=$(mktemp)
   echo
 } > "$tmp"
 python3 scripts/bench_hypervisor.py >> "$tmp"
-for extra in scripts/bench-blockcard.sh scripts/bench-controller.sh; do
+for extra in scripts/bench-blockcard.sh scripts/bench-controller.sh scripts/bench-rot.sh scripts/bench-control.sh; do
   if [ -x "$extra" ]; then "$extra" >> "$tmp"; fi
 done
 mv "$tmp" "$out"

@@ -19,6 +19,9 @@ dd if=/dev/hwrng of=/r bs=8 count=1 2>/dev/null; md5sum /r >/s; read -r h f </s;
   --memory-mib 128 --vcpus 2 --cmdline "$ARGS bulkhead.run=$(enc "$script")"
 echo "(the guest powered off through the i8042 reset line; the hypervisor exited with status $?)"
 
+say "Act: the root of trust — a host attests before it gets a volume key; a tampered host is refused"
+cargo run --release -q -p bulkhead-rot --example quickstart_rot
+
 for act in scripts/quickstart-*.sh; do
   [ -x "$act" ] && "$act"
 done
