@@ -16,6 +16,9 @@ HV = os.environ.get("BULKHEAD_HV", "target/release/bulkhead-hypervisor")
 ARGS = open("guest/cmdline").read().strip()
 MEM = 128
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+# BENCH_QUICK=1: skip (2) and sample (3) SAMPLE_S seconds after start instead of at READY.
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+SAMPLE_S = float(os.environ.get("BENCH_SAMPLE_S", "10"))
 SCRIPT = "sleep\\0040600"  # "sleep 600", octal-escaped (guest/README.md): keeps the guest up for the memory sample
 
 
@@ -41,6 +44,9 @@ def pss_minus_guest(pid, guest_bytes):
 
 
 def wait_ready(proc, t0, timeout=600):
+    if QUICK:
+        time.sleep(SAMPLE_S)
+        return float("nan")
     buf = b""
     os.set_blocking(proc.stdout.fileno(), False)
     end = time.time() + timeout
@@ -65,7 +71,8 @@ def bulkhead_run():
     ready = wait_ready(p, t0)
     mem = pss_minus_guest(p.pid, MEM << 20)
     p.kill(); _, err = p.communicate()
-    m = re.search(rb"mono_ns\S*?=\S*?(\d+)", err)
+    err = re.sub(rb"\x1b\[[0-9;]*m", b"", err)
+    m = re.search(rb"mono_ns=(\d+)", err)
     start = (int(m.group(1)) - t0) / 1e6 if m else float("nan")
     return start, ready, mem
 
@@ -110,8 +117,12 @@ def main():
     print("| metric | Bulkhead | QEMU microvm | ratio (Bulkhead/QEMU) | target |")
     print("|---|---|---|---|---|")
     print(f"| (1) process start → first guest instruction | {b[0]:.1f} ms | {q[0]:.1f} ms | {b[0]/q[0]:.2f} | ≤ 10 ms, ≤ 0.5× |")
-    print(f"| (2) process start → BULKHEAD-GUEST-READY | {b[1]:.2f} s | {q[1]:.2f} s | {b[1]/q[1]:.2f} | ≤ 1.0× |")
-    print(f"| (3) VMM memory (PSS minus guest RAM) | {b[2]:.2f} MiB | {q[2]:.2f} MiB | {b[2]/q[2]:.2f} | ≤ 5 MiB |")
+    if not QUICK:
+        print(f"| (2) process start → BULKHEAD-GUEST-READY | {b[1]:.2f} s | {q[1]:.2f} s | {b[1]/q[1]:.2f} | ≤ 1.0× |")
+    when = f"{SAMPLE_S:.0f} s after start (quick mode)" if QUICK else "at READY"
+    print(f"| (3) VMM memory (PSS minus guest RAM, {when}) | {b[2]:.2f} MiB | {q[2]:.2f} MiB | {b[2]/q[2]:.2f} | ≤ 5 MiB |")
+    if QUICK:
+        print("\n(2) was not measured in this run (BENCH_QUICK=1): see docs/status.md.")
     print()
     print("Raw runs (start ms, ready s, MiB): " + json.dumps({k: [[round(x, 2) for x in r] for r in v] for k, v in rows.items()}))
     print()

@@ -124,6 +124,7 @@ fn serve(vm_args: VmArgs, channel_fd: i32) -> Result<(), Error> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
                 .unwrap_or_else(|_| "warn".into()),
