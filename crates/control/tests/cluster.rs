@@ -521,7 +521,7 @@ fn idempotency_tokens_return_the_first_result() {
 }
 
 #[test]
-fn revoked_grant_fails_next_attach_and_kms_outage_rolls_back_cleanly() {
+fn revoked_grant_fails_next_attach_and_controller_or_kms_outage_rolls_back_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = up(dir.path(), false);
     let a = customer(&c, "tenant-a");
@@ -541,8 +541,28 @@ fn revoked_grant_fails_next_attach_and_kms_outage_rolls_back_cleanly() {
         "available"
     );
 
-    // KMS killed: the attach fails with a typed error and the volume is not left half-attached.
     let v2 = volume(&a);
+    // The instance's host controller killed: same, typed error and a clean rollback.
+    let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
+    let host: String = db
+        .query_row(
+            "SELECT host_id FROM instances WHERE instance_id = ?1",
+            [&i],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(db);
+    c.kill9(&host);
+    let (st, r) = a.call("AttachVolume", json!({"VolumeId": v2, "InstanceId": i}));
+    assert_eq!((st, code(&r)), (503, "upstream_unreachable"));
+    let (st, r) = a.call("GetConsoleOutput", json!({"InstanceId": i}));
+    assert_eq!((st, code(&r)), (503, "upstream_unreachable"));
+    let (st, r) = a.call("DetachVolume", json!({"VolumeId": v2}));
+    assert_eq!((st, code(&r)), (409, "incorrect_state"));
+    let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v2]}));
+    assert_eq!(vols["Volumes"][0]["State"], "available");
+
+    // KMS killed: the attach fails with a typed error and the volume is not left half-attached.
     c.kill9("kms");
     let (st, r) = a.call("AttachVolume", json!({"VolumeId": v2, "InstanceId": i}));
     assert_eq!((st, code(&r)), (503, "upstream_unreachable"));
