@@ -76,24 +76,35 @@ fn two_vcpus_are_set_up_pinned_and_started() {
         }
     );
     // Two vCPU threads, each pinned where asked.
-    let tasks: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("tasks")
-        .filter_map(|e| {
-            let p = e.ok()?.path();
-            let comm = std::fs::read_to_string(p.join("comm"))
-                .ok()?
-                .trim()
-                .to_string();
-            let status = std::fs::read_to_string(p.join("status")).ok()?;
-            let allowed = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
-                .trim()
-                .to_string();
-            Some((comm, allowed))
-        })
-        .filter(|(c, _)| c.starts_with("vcpu"))
-        .collect();
+    // Threads name themselves when they start running: poll briefly.
+    let vcpu_tasks = || -> Vec<(String, String)> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks")
+            .filter_map(|e| {
+                let p = e.ok()?.path();
+                let comm = std::fs::read_to_string(p.join("comm"))
+                    .ok()?
+                    .trim()
+                    .to_string();
+                let status = std::fs::read_to_string(p.join("status")).ok()?;
+                let allowed = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?
+                    .trim()
+                    .to_string();
+                Some((comm, allowed))
+            })
+            .filter(|(c, _)| c.starts_with("vcpu"))
+            .collect()
+    };
+    let mut tasks = vcpu_tasks();
+    for _ in 0..100 {
+        if tasks.len() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        tasks = vcpu_tasks();
+    }
     assert_eq!(tasks.len(), 2, "{tasks:?}");
     for (comm, allowed) in &tasks {
         let i: usize = comm.trim_start_matches("vcpu").parse().expect("vcpu index");
