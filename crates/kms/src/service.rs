@@ -55,6 +55,25 @@ fn cmk_aad(key_id: &str) -> Vec<u8> {
     a
 }
 
+/// For a refused call's audit record: the (well-formed) identifiers the body claims to be about.
+fn claimed_resources(body: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    [
+        ("key_id", "key"),
+        ("volume_id", "volume"),
+        ("host_id", "host"),
+        ("tenant_id", "tenant"),
+    ]
+    .iter()
+    .filter_map(|(field, kind)| {
+        let id = v.get(field)?.as_str()?;
+        crate::valid_id(id).then(|| format!("{kind}:{id}"))
+    })
+    .collect()
+}
+
 /// A customer authenticated by a forwarded signed request.
 #[derive(Debug)]
 struct Customer {
@@ -124,7 +143,7 @@ impl Kms {
         };
         let (resources, code) = match &decided {
             Ok((res, _)) => (res.clone(), "ok".to_string()),
-            Err(e) => (Vec::new(), e.code().to_string()),
+            Err(e) => (claimed_resources(body), e.code().to_string()),
         };
         let entry = AuditEntry {
             kind: EntryKind::Request,
