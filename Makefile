@@ -25,6 +25,7 @@ test: deps guest
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 	$(CARGO) build --release --workspace --bins
 	BULKHEAD_GUEST_DIR=$(GUEST_DIR) $(CARGO) test --release --workspace -- --test-threads=2
+	scripts/with-postgres.sh $(CARGO) test --release -p bulkhead-control pg:: -- --test-threads=1
 	@scripts/fuzz-smoke.sh
 
 bench: deps guest build
