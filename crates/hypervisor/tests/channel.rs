@@ -99,11 +99,22 @@ fn channel_controls_a_real_guest() {
     };
 
     // Garbage, truncation, oversize claims, wrong version: typed errors, state unchanged.
+    let r = ch.raw(&[5, 0, 0, 0, 1]);
+    assert!(
+        matches!(
+            r.result,
+            Err(CommandError::Malformed(DecodeError::Truncated {
+                want: 5,
+                got: 1
+            }))
+        ),
+        "{r:?}"
+    );
     let r = ch.raw(&[1, 2, 3]);
     assert!(
         matches!(
             r.result,
-            Err(CommandError::Malformed(DecodeError::Truncated { .. }))
+            Err(CommandError::Malformed(DecodeError::ShortHeader { got: 3 }))
         ),
         "{r:?}"
     );
