@@ -64,7 +64,9 @@ pub struct Channel {
 /// How long [`Channel::call`] waits for a reply.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
+/// A CLOEXEC `SOCK_SEQPACKET` socketpair: one packet is one frame, fds ride on the same packet.
+/// Shared by the hypervisor channel and the controller's launcher channel.
+pub fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` is a valid two-element array; the flags create CLOEXEC sockets.
     let rc = unsafe {
@@ -79,12 +81,12 @@ fn socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: both fds were just created by socketpair and are owned by nobody else.
-    Ok(unsafe {
-        (
-            UnixStream::from_raw_fd(fds[0]),
-            OwnedFd::from_raw_fd(fds[1]),
-        )
-    })
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
+    let (ours, theirs) = seqpacket_pair()?;
+    Ok((UnixStream::from(ours), theirs))
 }
 
 /// Starts `bulkhead-hypervisor serve` for `spec` and returns the process and our end of its
