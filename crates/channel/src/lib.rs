@@ -83,8 +83,10 @@ pub enum Command {
     /// End the VM. The hypervisor exits after replying.
     Shutdown,
     /// Attach a vhost-user block device; the connected vhost-user socket travels as SCM_RIGHTS.
+    /// Before `Start` the device is present at boot; on a running or paused VM it is
+    /// hot-plugged.
     AttachBlock { id: DeviceId, read_only: bool },
-    /// Detach a block device by id.
+    /// Detach a block device by id (hot-unplug on a running or paused VM).
     DetachBlock { id: DeviceId },
     /// Read console output from `cursor` (a byte offset in the console stream).
     ReadConsole { cursor: u64, max: u32 },
@@ -132,6 +134,14 @@ pub enum Reply {
     Console { data: Vec<u8>, next: u64, lost: u64 },
     /// Counters.
     Stats { state: VmState, stats: VmStats },
+    /// A block device was attached or detached. On a running guest (hot-plug),
+    /// `guest_acknowledged` says whether the guest's driver brought the device up (attach) or
+    /// released it (detach) within the hypervisor's timeout; before boot it is always true for
+    /// detach and false for attach (the guest has not run yet).
+    Device {
+        state: VmState,
+        guest_acknowledged: bool,
+    },
 }
 
 /// Why the hypervisor refused or failed a command. Stable, matchable codes.

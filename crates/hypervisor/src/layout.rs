@@ -30,8 +30,10 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// virtio-mmio device windows: one 4 KiB page per slot.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
-/// Number of virtio-mmio slots (rng + block devices).
-pub const VIRTIO_SLOTS: u32 = 8;
+/// Number of virtio-mmio slots (the rng; block devices go on PCI).
+pub const VIRTIO_SLOTS: u32 = 4;
+/// PCIe root ports, one hot-plug slot (one block device) each.
+pub const HOTPLUG_SLOTS: u8 = 4;
 /// First IRQ line given to virtio-mmio devices (0-4 are PIT/keyboard/cascade/COM2/COM1).
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// IRQ of COM1.

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod console;
 pub mod cpu;
 pub mod devices;
+pub mod irq;
 pub mod layout;
 pub mod memory;
 pub mod mptable;

@@ -134,21 +134,26 @@ fn handle(vm: &mut Vm, frame: &[u8], fd: Option<OwnedFd>) -> (Response, Next) {
             (done(vm), Next::Exit)
         }
         Command::AttachBlock { id, read_only } => {
-            let result = if vm.state() != VmState::Created {
-                // No hot-plug yet: devices are attached before the guest boots.
+            let result = if vm.state() == VmState::Stopped {
                 Err(CommandError::WrongState(vm.state()))
             } else if let Some(fd) = fd {
                 // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
                 let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
                 match vm.attach_block(id.as_str(), stream, read_only) {
-                    Ok(()) => done(vm),
+                    Ok(ack) => Ok(Reply::Device {
+                        state: vm.state(),
+                        guest_acknowledged: ack,
+                    }),
                     Err(crate::Error::Device(_)) => Err(CommandError::DeviceExists),
                     Err(crate::Error::NoFreeSlot) => Err(CommandError::NoFreeSlot),
                     Err(crate::Error::VhostUser(e)) => {
                         tracing::warn!(error = %e, "vhost-user attach failed");
                         Err(CommandError::Backend(BackendFailure::Handshake))
                     }
-                    Err(_) => Err(CommandError::Internal),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "attach failed");
+                        Err(CommandError::Internal)
+                    }
                 }
             } else {
                 Err(CommandError::MissingFd)
@@ -156,13 +161,13 @@ fn handle(vm: &mut Vm, frame: &[u8], fd: Option<OwnedFd>) -> (Response, Next) {
             (result, Next::Continue)
         }
         Command::DetachBlock { id } => {
-            let result = if vm.state() != VmState::Created {
-                Err(CommandError::WrongState(vm.state()))
-            } else {
-                vm.detach_block(id.as_str())
-                    .map_err(|_| CommandError::NoSuchDevice)
-                    .and_then(|_| done(vm))
-            };
+            let result = vm
+                .detach_block(id.as_str())
+                .map_err(|_| CommandError::NoSuchDevice)
+                .map(|ack| Reply::Device {
+                    state: vm.state(),
+                    guest_acknowledged: ack,
+                });
             (result, Next::Continue)
         }
         Command::ReadConsole { cursor, max } => {

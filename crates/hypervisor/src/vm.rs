@@ -1,6 +1,5 @@
 //! One VM: its KVM objects, memory, devices and vCPU threads.
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
@@ -8,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bulkhead_channel::{VmState, VmStats};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -19,9 +18,13 @@ use crate::boot::{self, EntryPoint};
 use crate::console::Console;
 use crate::cpu::{self, GuestTopology};
 use crate::devices::legacy::{PioBus, PioOutcome};
+use crate::devices::pci::PciBus;
 use crate::devices::vhost_blk::VhostUserBlk;
-use crate::devices::virtio_mmio::{MmioTransport, VirtioDevice, QUEUE_NOTIFY};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY};
+use crate::devices::virtio_pci::VirtioPciDevice;
 use crate::devices::virtio_rng::VirtioRng;
+use crate::irq::IrqRouter;
 use crate::layout::*;
 use crate::memory::GuestRam;
 use crate::{mptable, Error};
@@ -73,6 +76,8 @@ struct Shared {
     ram: GuestRam,
     pio: Mutex<PioBus>,
     slots: Mutex<Vec<Option<MmioTransport>>>,
+    pci: Mutex<PciBus>,
+    router: Arc<IrqRouter>,
     run: Mutex<RunState>,
     cv: Condvar,
     exit_evt: EventFd,
@@ -80,7 +85,7 @@ struct Shared {
     bad_guest: Arc<AtomicU64>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -91,16 +96,19 @@ fn kick_signal() -> libc::c_int {
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// How long attach and detach wait for a running guest to bring a hot-plugged card up or to
+/// release a pulled one. Software KVM guests are slow; on hardware this takes milliseconds.
+pub const HOTPLUG_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// A built VM.
 pub struct Vm {
     _kvm: Kvm,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     shared: Arc<Shared>,
     console: Console,
     config: VmConfig,
     pending_vcpus: Vec<(u8, VcpuFd)>,
     threads: Vec<JoinHandle<()>>,
-    devices: HashMap<String, usize>,
     entry: EntryPoint,
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
     pending_initrd: Option<(vm_memory::GuestAddress, usize)>,
@@ -140,6 +148,8 @@ impl Vm {
         vm_fd
             .create_pit2(pit)
             .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+        let vm_fd = Arc::new(vm_fd);
+        let router = Arc::new(IrqRouter::new(vm_fd.clone()));
 
         let ram = GuestRam::new(config.memory_mib)?;
         for (slot, (gpa, size, _)) in ram.regions.iter().enumerate() {
@@ -177,6 +187,8 @@ impl Vm {
             ram,
             pio: Mutex::new(PioBus::new(console.clone(), serial_irq)),
             slots: Mutex::new((0..VIRTIO_SLOTS).map(|_| None).collect()),
+            pci: Mutex::new(PciBus::new(HOTPLUG_SLOTS, router.clone())),
+            router,
             run: Mutex::new(RunState {
                 state: VmState::Created,
                 paused_vcpus: 0,
@@ -213,7 +225,6 @@ impl Vm {
             config,
             pending_vcpus: pending,
             threads: Vec::new(),
-            devices: HashMap::new(),
             entry: loaded.entry,
             setup_header: loaded.setup_header,
             pending_initrd: initrd,
@@ -236,7 +247,7 @@ impl Vm {
         let t = MmioTransport::new(device, irq, self.shared.bad_guest.clone())
             .map_err(|e| Error::Device(e.to_string()))?;
         let base = VIRTIO_MMIO_BASE + (slot as u64) * VIRTIO_MMIO_SIZE;
-        for (q, kick) in t.kicks.iter().enumerate() {
+        for (q, kick) in t.kicks().iter().enumerate() {
             let q = u32::try_from(q).map_err(|_| Error::NoFreeSlot)?;
             self.vm_fd
                 .register_ioevent(kick, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q)
@@ -248,58 +259,131 @@ impl Vm {
         Ok(slot)
     }
 
-    /// Attaches a vhost-user block device whose backend is connected on `stream`.
-    /// Without hot-plug support the guest only sees devices attached before `start`.
+    /// Attaches a vhost-user block device whose backend is connected on `stream`, as a
+    /// virtio-pci card in a free hot-plug slot.
+    ///
+    /// Before `start` the card is simply present when the guest enumerates PCI. On a running
+    /// guest it is hot-plugged (PCIe native hot-plug) and this waits up to `HOTPLUG_TIMEOUT`
+    /// for the guest's driver to bring it up; the result says whether it did.
     pub fn attach_block(
         &mut self,
         id: &str,
         stream: UnixStream,
         read_only: bool,
-    ) -> Result<(), Error> {
-        if self.devices.contains_key(id) {
-            return Err(Error::Device(format!("device {id} exists")));
+    ) -> Result<bool, Error> {
+        let state = self.state();
+        if state == VmState::Stopped {
+            return Err(Error::Device("the VM has stopped".into()));
+        }
+        {
+            let pci = lock(&self.shared.pci);
+            if pci.port_of(id).is_some() {
+                return Err(Error::Device(format!("device {id} exists")));
+            }
+            if pci.free_port().is_none() {
+                return Err(Error::NoFreeSlot);
+            }
         }
         let dev = VhostUserBlk::connect(stream, read_only)?;
+        let sectors = dev.capacity_sectors();
+        let card = VirtioPciDevice::new(
+            id,
+            Box::new(dev),
+            &self.shared.router,
+            self.shared.bad_guest.clone(),
+        )?;
+        let announce = state != VmState::Created;
+        let port = {
+            let mut pci = lock(&self.shared.pci);
+            let port = pci.free_port().ok_or(Error::NoFreeSlot)?;
+            let router = self.shared.router.clone();
+            let p = pci.ports.get_mut(port).ok_or(Error::NoFreeSlot)?;
+            p.plug(card, announce, &router);
+            port
+        };
         tracing::info!(
             device = id,
-            sectors = dev.capacity_sectors(),
+            port,
+            sectors,
+            hotplug = announce,
             "vhost-user block attached"
         );
-        let slot = self.add_device(Box::new(dev))?;
-        self.devices.insert(id.to_owned(), slot);
-        Ok(())
+        if state != VmState::Running {
+            return Ok(false);
+        }
+        let ready = self.wait_for(port, |p| {
+            p.card.as_ref().is_some_and(VirtioPciDevice::driver_ok)
+        });
+        tracing::info!(
+            device = id,
+            ready,
+            "hot-plugged card: guest driver {}",
+            if ready { "bound" } else { "not bound yet" }
+        );
+        Ok(ready)
     }
 
-    /// Detaches a block device that the guest has not been started with.
-    pub fn detach_block(&mut self, id: &str) -> Result<(), Error> {
-        let slot = *self
-            .devices
-            .get(id)
-            .ok_or_else(|| Error::Device(format!("no device {id}")))?;
-        let mut slots = lock(&self.shared.slots);
-        if let Some(Some(t)) = slots.get(slot) {
-            let base = VIRTIO_MMIO_BASE + (slot as u64) * VIRTIO_MMIO_SIZE;
-            for (q, kick) in t.kicks.iter().enumerate() {
-                let _ = self.vm_fd.unregister_ioevent(
-                    kick,
-                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY),
-                    u32::try_from(q).unwrap_or(u32::MAX),
-                );
+    /// Polls `port` until `done` holds or `HOTPLUG_TIMEOUT` passes.
+    fn wait_for(&self, port: usize, done: impl Fn(&crate::devices::pci::RootPort) -> bool) -> bool {
+        let deadline = Instant::now() + HOTPLUG_TIMEOUT;
+        loop {
+            {
+                let pci = lock(&self.shared.pci);
+                if pci.ports.get(port).is_none_or(&done) {
+                    return true;
+                }
             }
-            let gsi = VIRTIO_IRQ_BASE + u32::try_from(slot).unwrap_or(0);
-            let _ = self.vm_fd.unregister_irqfd(&t.irq, gsi);
+            if Instant::now() >= deadline || self.state() == VmState::Stopped {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        if let Some(s) = slots.get_mut(slot) {
-            *s = None;
+    }
+
+    /// Detaches a block device. On a running guest the slot reports the card gone and this
+    /// waits up to `HOTPLUG_TIMEOUT` for the guest driver to release (reset) it; then the
+    /// backend connection is stopped and closed either way. The result says whether the guest
+    /// released the card before that.
+    pub fn detach_block(&mut self, id: &str) -> Result<bool, Error> {
+        let state = self.state();
+        let router = self.shared.router.clone();
+        let port = {
+            let mut pci = lock(&self.shared.pci);
+            let port = pci
+                .port_of(id)
+                .ok_or_else(|| Error::Device(format!("no device {id}")))?;
+            let p = pci.ports.get_mut(port).ok_or(Error::NoFreeSlot)?;
+            let bound = p.card.as_ref().is_some_and(|c| c.core.status != 0);
+            if matches!(state, VmState::Created | VmState::Stopped) {
+                p.unplug(&router, false);
+                tracing::info!(device = id, port, "block device detached");
+                return Ok(true);
+            }
+            p.pull(&router);
+            if !bound {
+                p.unplug(&router, true);
+                tracing::info!(device = id, port, "unbound block device hot-unplugged");
+                return Ok(true);
+            }
+            port
+        };
+        let released = state == VmState::Running
+            && self.wait_for(port, |p| p.card.as_ref().is_none_or(|c| c.core.status == 0));
+        let mut pci = lock(&self.shared.pci);
+        if let Some(p) = pci.ports.get_mut(port) {
+            p.unplug(&router, false);
         }
-        drop(slots);
-        self.devices.remove(id);
-        Ok(())
+        tracing::info!(device = id, port, released, "block device hot-unplugged");
+        Ok(released)
     }
 
     /// Number of attached block devices.
     pub fn block_devices(&self) -> usize {
-        self.devices.len()
+        lock(&self.shared.pci)
+            .ports
+            .iter()
+            .filter(|p| p.card.is_some())
+            .count()
     }
 
     /// The console handle.
@@ -468,7 +552,7 @@ impl Vm {
             pio_exits: c.pio.load(Ordering::Relaxed),
             console_bytes,
             console_dropped,
-            block_devices: u32::try_from(self.devices.len()).unwrap_or(u32::MAX),
+            block_devices: u32::try_from(self.block_devices()).unwrap_or(u32::MAX),
             bad_guest_accesses: self.shared.bad_guest.load(Ordering::Relaxed)
                 + lock(&self.shared.pio)
                     .unknown_accesses
@@ -514,6 +598,28 @@ fn mmio_slot(addr: u64) -> Option<(usize, u64)> {
     (slot < VIRTIO_SLOTS as usize).then_some((slot, off % VIRTIO_MMIO_SIZE))
 }
 
+/// A guest read outside the virtio-mmio windows: a PCI card's BAR, a pulled card's husk, or
+/// nothing (all ones).
+fn pci_read(shared: &Shared, addr: u64, data: &mut [u8]) {
+    let mut pci = lock(&shared.pci);
+    if let Some((card, off)) = pci.card_at(addr) {
+        card.mmio_read(off, data);
+    } else if pci.husk_at(addr) {
+        data.fill(0);
+    } else {
+        data.fill(0xff);
+    }
+}
+
+fn pci_write(shared: &Shared, addr: u64, data: &[u8]) {
+    let mut pci = lock(&shared.pci);
+    if let Some((card, off)) = pci.card_at(addr) {
+        card.mmio_write(off, data, &shared.ram, &shared.router);
+    } else if !pci.husk_at(addr) {
+        shared.bad_guest.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usize>) {
     if let Some(cpu) = pin {
         pin_to(cpu);
@@ -546,7 +652,9 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
             Ok(VcpuExit::IoOut(port, data)) => {
                 tracing::trace!(vcpu = index, port = format_args!("{port:#x}"), data = ?data, "pio out");
                 shared.counters.pio.fetch_add(1, Ordering::Relaxed);
-                if lock(&shared.pio).write(port, data) == PioOutcome::Reset {
+                if PciBus::claims_port(port) {
+                    lock(&shared.pci).pio_write(port, data);
+                } else if lock(&shared.pio).write(port, data) == PioOutcome::Reset {
                     tracing::info!(vcpu = index, "guest reset via i8042");
                     request_exit(&shared, ExitReason::GuestReset);
                     return;
@@ -555,7 +663,11 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
             Ok(VcpuExit::IoIn(port, data)) => {
                 tracing::trace!(vcpu = index, port = format_args!("{port:#x}"), "pio in");
                 shared.counters.pio.fetch_add(1, Ordering::Relaxed);
-                lock(&shared.pio).read(port, data);
+                if PciBus::claims_port(port) {
+                    lock(&shared.pci).pio_read(port, data);
+                } else {
+                    lock(&shared.pio).read(port, data);
+                }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 tracing::trace!(
@@ -570,7 +682,10 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
                     .and_then(|(s, off)| slots.get_mut(s)?.as_mut().map(|t| (t, off)))
                 {
                     Some((t, off)) => t.read(off, data),
-                    None => data.fill(0xff),
+                    None => {
+                        drop(slots);
+                        pci_read(&shared, addr, data);
+                    }
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
@@ -580,15 +695,10 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
                 match mmio_slot(addr)
                     .and_then(|(s, off)| slots.get_mut(s)?.as_mut().map(|t| (t, off)))
                 {
-                    Some((t, off)) => t.write(
-                        off,
-                        data,
-                        &shared.ram.mem,
-                        &shared.ram.regions,
-                        shared.ram.memfd.as_raw_fd(),
-                    ),
+                    Some((t, off)) => t.write(off, data, &shared.ram),
                     None => {
-                        shared.bad_guest.fetch_add(1, Ordering::Relaxed);
+                        drop(slots);
+                        pci_write(&shared, addr, data);
                     }
                 }
             }

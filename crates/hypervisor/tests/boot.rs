@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -146,35 +146,14 @@ fn disk_over_vhost_user_from_qemu_storage_daemon() {
     let Some(_) = guest_or_skip("disk_over_vhost_user_from_qemu_storage_daemon") else {
         return;
     };
-    let Some(qsd) = which("qemu-storage-daemon") else {
-        eprintln!("\n*** SKIPPED disk_over_vhost_user_from_qemu_storage_daemon: qemu-storage-daemon absent ***\n");
-        return;
-    };
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("disk.raw");
     std::fs::write(&img, vec![0u8; 8 << 20]).expect("image");
     let sock = dir.path().join("vhost.sock");
-    let mut daemon = Command::new(qsd)
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=file0,filename={}",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu-storage-daemon");
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let Some(mut daemon) = qsd_export("disk_over_vhost_user_from_qemu_storage_daemon", &img, &sock)
+    else {
+        return;
+    };
     let script = "read -r n </sys/block/vda/size; echo sectors:$n\n\
                   echo BULKHEAD-DISK-MARKER-7f3a >/m\n\
                   dd if=/m of=/dev/vda bs=512 seek=100 count=1 conv=sync,fsync 2>/dev/null\n\

@@ -268,37 +268,13 @@ fn attach_and_detach_over_the_channel_with_scm_rights() {
     else {
         return;
     };
-    let Some(qsd) = which("qemu-storage-daemon") else {
-        eprintln!(
-            "\n*** SKIPPED attach_and_detach_over_the_channel: qemu-storage-daemon absent ***\n"
-        );
-        return;
-    };
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("disk.raw");
     std::fs::write(&img, vec![0u8; 4 << 20]).expect("image");
     let sock = dir.path().join("vhost.sock");
-    let mut daemon = Proc::new(qsd)
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
-            sock.display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon");
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    let Some(mut daemon) = qsd_export("attach_and_detach_over_the_channel", &img, &sock) else {
+        return;
+    };
     let spec = VmSpec {
         binary: hypervisor(),
         kernel,
@@ -322,8 +298,9 @@ fn attach_and_detach_over_the_channel_with_scm_rights() {
     drop(stream);
     assert_eq!(
         r.expect("attach"),
-        Reply::Done {
-            state: VmState::Created
+        Reply::Device {
+            state: VmState::Created,
+            guest_acknowledged: false
         }
     );
     match hv.call(Command::Stats, None).expect("stats") {
@@ -345,8 +322,9 @@ fn attach_and_detach_over_the_channel_with_scm_rights() {
     assert_eq!(
         hv.call(Command::DetachBlock { id: id.clone() }, None)
             .expect("detach"),
-        Reply::Done {
-            state: VmState::Created
+        Reply::Device {
+            state: VmState::Created,
+            guest_acknowledged: true
         }
     );
     assert!(matches!(

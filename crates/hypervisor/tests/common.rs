@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -146,4 +146,35 @@ pub fn which(bin: &str) -> Option<PathBuf> {
         .split(':')
         .map(|d| PathBuf::from(d).join(bin))
         .find(|p| p.exists())
+}
+
+/// Serves `img` over vhost-user-blk at `sock` with qemu-storage-daemon (the independent peer),
+/// waiting until the socket exists. `None` (after a loud message) when qsd is not installed.
+pub fn qsd_export(test: &str, img: &Path, sock: &Path) -> Option<Child> {
+    let Some(qsd) = which("qemu-storage-daemon") else {
+        eprintln!("\n*** SKIPPED {test}: qemu-storage-daemon absent ***\n");
+        return None;
+    };
+    let child = Command::new(qsd)
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            img.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on",
+            sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-storage-daemon");
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Some(child)
 }

@@ -1,8 +1,11 @@
 //! The devices a guest sees. Each one is attack surface, so there are few: a 16550 UART for
-//! the console, an i8042 stub for reset, and virtio-mmio slots holding a virtio-rng and
-//! vhost-user block devices.
+//! the console, an i8042 stub for reset, a virtio-rng on virtio-mmio, and vhost-user block
+//! devices on virtio-pci behind PCIe root ports with native hot-plug.
 
 pub mod legacy;
+pub mod pci;
 pub mod vhost_blk;
+pub mod virtio;
 pub mod virtio_mmio;
+pub mod virtio_pci;
 pub mod virtio_rng;

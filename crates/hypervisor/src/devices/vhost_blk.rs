@@ -12,7 +12,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::virtio_mmio::{ActivateError, Activation, VirtioDevice};
+use super::virtio::{ActivateError, Activation, VirtioDevice};
 
 const VIRTIO_ID_BLOCK: u32 = 2;
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -172,7 +172,8 @@ impl VirtioDevice for VhostUserBlk {
             self.frontend.set_vring_num(i, q.size)?;
             self.frontend.set_vring_addr(i, &cfg)?;
             self.frontend.set_vring_base(i, 0)?;
-            self.frontend.set_vring_call(i, act.irq)?;
+            let call = act.irqs.get(i).ok_or(ActivateError::BadQueue(i))?;
+            self.frontend.set_vring_call(i, call)?;
             let kick = act.kicks.get(i).ok_or(ActivateError::BadQueue(i))?;
             self.frontend.set_vring_kick(i, kick)?;
             if self.protocol {

@@ -7,7 +7,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::virtio_mmio::{ActivateError, Activation, VirtioDevice, INT_VRING};
+use super::virtio::{ActivateError, Activation, VirtioDevice, INT_VRING};
 
 const VIRTIO_ID_RNG: u32 = 4;
 const QUEUE_SIZE: u16 = 64;
@@ -75,7 +75,7 @@ impl VirtioDevice for VirtioRng {
             return Err(ActivateError::BadQueue(0));
         }
         self.queue = Some(q);
-        self.irq = Some(act.irq.clone());
+        self.irq = Some(act.irqs.first().ok_or(ActivateError::BadQueue(0))?.clone());
         self.irq_status = Some(act.irq_status.clone());
         Ok(())
     }

@@ -1,0 +1,500 @@
+//! A minimal PCI Express topology for hot-plug: a host bridge and a few root ports, each with
+//! one hot-plug slot (PCIe native hot-plug, handled by Linux's stock `pciehp` driver).
+//!
+//! Configuration space is reached through configuration mechanism #1 (ports 0xCF8/0xCFC), which
+//! a guest without ACPI finds by itself; no MMCONFIG, so only the first 256 bytes of each
+//! function exist. Bus 0 holds the host bridge (device 0) and the root ports (devices 1..=N);
+//! each root port's secondary bus holds at most one device, the card in its slot.
+//!
+//! The slot models a surprise-removal-capable slot without power controller, indicators,
+//! attention button or latch, and with "no command completed support": the simplest slot
+//! `pciehp` drives. Plugging sets Presence Detect State and Data Link Layer Link Active and
+//! raises Presence Detect Changed + Data Link Layer State Changed with the port's MSI; pulling
+//! clears both and raises the same events.
+
+use std::sync::Arc;
+
+use crate::irq::{IrqRouter, MsiMessage};
+
+use super::virtio_pci::{VirtioPciDevice, BAR_SIZE};
+
+/// CONFIG_ADDRESS and CONFIG_DATA of configuration mechanism #1.
+pub const CONFIG_ADDRESS: u16 = 0xcf8;
+pub const CONFIG_DATA: u16 = 0xcfc;
+
+/// Size of a conventional configuration space.
+pub const CONFIG_SIZE: usize = 256;
+
+/// One function's configuration space with per-bit write masks.
+pub struct ConfigSpace {
+    bytes: [u8; CONFIG_SIZE],
+    /// Bits the guest may write.
+    wmask: [u8; CONFIG_SIZE],
+    /// Bits a guest write of 1 clears (status registers).
+    w1c: [u8; CONFIG_SIZE],
+}
+
+impl Default for ConfigSpace {
+    fn default() -> Self {
+        ConfigSpace {
+            bytes: [0; CONFIG_SIZE],
+            wmask: [0; CONFIG_SIZE],
+            w1c: [0; CONFIG_SIZE],
+        }
+    }
+}
+
+impl ConfigSpace {
+    /// Reads `data.len()` bytes at `off`; bytes past the end read as all ones.
+    pub fn read(&self, off: usize, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = off
+                .checked_add(i)
+                .and_then(|o| self.bytes.get(o))
+                .copied()
+                .unwrap_or(0xff);
+        }
+    }
+
+    /// A guest write: only writable bits change; write-one-to-clear bits clear.
+    pub fn write(&mut self, off: usize, data: &[u8]) {
+        for (i, v) in data.iter().enumerate() {
+            let Some(o) = off.checked_add(i).filter(|o| *o < CONFIG_SIZE) else {
+                return;
+            };
+            let (cur, wm, wc) = (self.bytes[o], self.wmask[o], self.w1c[o]);
+            self.bytes[o] = ((cur & !wm) | (v & wm)) & !(v & wc);
+        }
+    }
+
+    pub fn u8_at(&self, off: usize) -> u8 {
+        self.bytes.get(off).copied().unwrap_or(0)
+    }
+    pub fn u16_at(&self, off: usize) -> u16 {
+        u16::from_le_bytes([self.u8_at(off), self.u8_at(off + 1)])
+    }
+    pub fn u32_at(&self, off: usize) -> u32 {
+        u32::from_le_bytes([
+            self.u8_at(off),
+            self.u8_at(off + 1),
+            self.u8_at(off + 2),
+            self.u8_at(off + 3),
+        ])
+    }
+
+    /// Sets a value the VMM owns (not subject to masks).
+    pub fn set(&mut self, off: usize, v: &[u8]) {
+        if let Some(dst) = self.bytes.get_mut(off..off + v.len()) {
+            dst.copy_from_slice(v);
+        }
+    }
+    pub fn set_u16(&mut self, off: usize, v: u16) {
+        self.set(off, &v.to_le_bytes());
+    }
+    pub fn set_u32(&mut self, off: usize, v: u32) {
+        self.set(off, &v.to_le_bytes());
+    }
+    /// Marks bits writable by the guest.
+    pub fn writable(&mut self, off: usize, mask: &[u8]) {
+        if let Some(dst) = self.wmask.get_mut(off..off + mask.len()) {
+            dst.copy_from_slice(mask);
+        }
+    }
+    /// Marks bits write-one-to-clear.
+    pub fn clear_on_write(&mut self, off: usize, mask: &[u8]) {
+        if let Some(dst) = self.w1c.get_mut(off..off + mask.len()) {
+            dst.copy_from_slice(mask);
+        }
+    }
+
+    /// The common type-0/type-1 header fields.
+    pub fn header(&mut self, vendor: u16, device: u16, class: u32, revision: u8, header: u8) {
+        self.set_u16(0x00, vendor);
+        self.set_u16(0x02, device);
+        // Command: I/O, memory, bus master, parity, SERR#, INTx disable.
+        self.writable(0x04, &[0x47, 0x05]);
+        // Status: capabilities list.
+        self.set_u16(0x06, 0x0010);
+        self.set_u32(0x08, (class << 8) | u32::from(revision));
+        self.set(0x0e, &[header]);
+        self.writable(0x3c, &[0xff]);
+    }
+}
+
+const PCI_VENDOR_REDHAT: u16 = 0x1b36;
+/// "PCIe root port" as QEMU numbers it; Linux applies no quirk to it.
+const PCI_DEVICE_ROOT_PORT: u16 = 0x000c;
+/// "PCIe host bridge".
+const PCI_DEVICE_HOST_BRIDGE: u16 = 0x0008;
+
+const CLASS_HOST_BRIDGE: u32 = 0x06_00_00;
+const CLASS_PCI_BRIDGE: u32 = 0x06_04_00;
+
+// Root port capability offsets.
+const MSI_CAP_AT: u8 = 0x40;
+const EXP_CAP_AT: u8 = 0x50;
+const MSI_CAP: usize = MSI_CAP_AT as usize;
+const EXP_CAP: usize = EXP_CAP_AT as usize;
+const LNKSTA: usize = EXP_CAP + 0x12;
+const SLTCTL: usize = EXP_CAP + 0x18;
+const SLTSTA: usize = EXP_CAP + 0x1a;
+
+// Slot control bits.
+const SLTCTL_PDCE: u16 = 1 << 3;
+const SLTCTL_HPIE: u16 = 1 << 5;
+const SLTCTL_DLLSCE: u16 = 1 << 12;
+// Slot status bits.
+const SLTSTA_PDC: u16 = 1 << 3;
+const SLTSTA_PDS: u16 = 1 << 6;
+const SLTSTA_DLLSC: u16 = 1 << 8;
+// Link status bits: 2.5 GT/s, x1, and Data Link Layer Link Active.
+const LNKSTA_UP: u16 = 0x0011;
+const LNKSTA_DLLLA: u16 = 1 << 13;
+
+/// A PCIe root port with one hot-plug slot.
+pub struct RootPort {
+    cfg: ConfigSpace,
+    /// The card in the slot. While it is being pulled it stays here (its BAR still answers so
+    /// the guest driver can reset it) but the slot reports empty.
+    pub card: Option<VirtioPciDevice>,
+    /// BAR of a card that was pulled while a guest driver may still touch it: reads return
+    /// zeros (a reset device), writes are dropped, until another card takes the slot.
+    husk_bar: Option<u64>,
+    present: bool,
+}
+
+impl RootPort {
+    fn new(index: u8) -> Self {
+        let mut c = ConfigSpace::default();
+        c.header(
+            PCI_VENDOR_REDHAT,
+            PCI_DEVICE_ROOT_PORT,
+            CLASS_PCI_BRIDGE,
+            0,
+            0x01,
+        );
+        // Primary, secondary, subordinate bus numbers and secondary latency: the guest numbers
+        // the buses.
+        c.writable(0x18, &[0xff, 0xff, 0xff, 0xff]);
+        // A 32-bit memory window; no I/O and no prefetchable window (read-only zero).
+        c.writable(0x20, &[0xf0, 0xff, 0xf0, 0xff]);
+        c.writable(0x3e, &[0xff, 0x0f]);
+        c.set(0x34, &[MSI_CAP_AT]);
+        // MSI: 64-bit capable, one vector.
+        c.set(MSI_CAP, &[0x05, EXP_CAP_AT]);
+        c.set_u16(MSI_CAP + 2, 0x0080);
+        c.writable(MSI_CAP + 2, &[0x71, 0x00]);
+        c.writable(
+            MSI_CAP + 4,
+            &[0xfc, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        );
+        c.writable(MSI_CAP + 12, &[0xff, 0xff]);
+        // PCI Express capability v2, root port, slot implemented.
+        c.set(EXP_CAP, &[0x10, 0x00]);
+        c.set_u16(EXP_CAP + 2, 0x0142);
+        c.writable(EXP_CAP + 8, &[0xff, 0xff]);
+        c.clear_on_write(EXP_CAP + 0x0a, &[0x0f]);
+        // Link: 2.5 GT/s x1, Data Link Layer Link Active reporting, port number.
+        c.set_u32(
+            EXP_CAP + 0x0c,
+            0x1 | (1 << 4) | (1 << 20) | (u32::from(index) << 24),
+        );
+        c.writable(EXP_CAP + 0x10, &[0xff, 0x0f]);
+        c.set_u16(LNKSTA, LNKSTA_UP);
+        // Slot: hot-plug surprise, hot-plug capable, no command completed support, physical
+        // slot number index+1.
+        let sltcap = (1 << 5) | (1 << 6) | (1 << 18) | ((u32::from(index) + 1) << 19);
+        c.set_u32(EXP_CAP + 0x14, sltcap);
+        c.writable(SLTCTL, &[0xff, 0x1f]);
+        c.clear_on_write(SLTSTA, &[0x1f, 0x01]);
+        c.writable(EXP_CAP + 0x1c, &[0x1f]);
+        RootPort {
+            cfg: c,
+            card: None,
+            husk_bar: None,
+            present: false,
+        }
+    }
+
+    /// The bus number the guest gave this port's slot (0 until it has numbered it).
+    pub fn secondary_bus(&self) -> u8 {
+        self.cfg.u8_at(0x19)
+    }
+
+    /// Whether the slot reports a card present.
+    pub fn is_present(&self) -> bool {
+        self.present
+    }
+
+    fn set_presence(&mut self, present: bool) {
+        self.present = present;
+        let mut sta = self.cfg.u16_at(SLTSTA) & !SLTSTA_PDS;
+        let mut lnk = LNKSTA_UP;
+        if present {
+            sta |= SLTSTA_PDS;
+            lnk |= LNKSTA_DLLLA;
+        }
+        self.cfg.set_u16(SLTSTA, sta);
+        self.cfg.set_u16(LNKSTA, lnk);
+    }
+
+    /// Puts `card` in the slot. With `announce`, raises the hot-plug events (a running guest);
+    /// without, the card is simply there when the guest enumerates (cold plug).
+    pub fn plug(&mut self, card: VirtioPciDevice, announce: bool, router: &IrqRouter) {
+        self.card = Some(card);
+        self.husk_bar = None;
+        self.set_presence(true);
+        if announce {
+            self.event(router);
+        }
+    }
+
+    /// Reports the slot empty and tells the guest; the card stays until [`RootPort::take`].
+    pub fn pull(&mut self, router: &IrqRouter) {
+        self.set_presence(false);
+        self.event(router);
+    }
+
+    /// Takes the card out: its backend is stopped and its connection closed. With
+    /// `leave_husk`, its BAR keeps answering as a reset device, so that a guest driver still
+    /// tearing it down does not wait forever on a register that reads all ones.
+    pub fn unplug(&mut self, router: &IrqRouter, leave_husk: bool) {
+        if self.present {
+            self.set_presence(false);
+        }
+        if let Some(mut c) = self.card.take() {
+            self.husk_bar = if leave_husk { c.bar_base() } else { None };
+            c.shut_down(router);
+        }
+    }
+
+    /// Latches Presence Detect Changed and Data Link Layer State Changed and, if the guest
+    /// enabled hot-plug interrupts, sends the port's MSI.
+    fn event(&mut self, router: &IrqRouter) {
+        let sta = self.cfg.u16_at(SLTSTA) | SLTSTA_PDC | SLTSTA_DLLSC;
+        self.cfg.set_u16(SLTSTA, sta);
+        let ctl = self.cfg.u16_at(SLTCTL);
+        let msi_on = self.cfg.u16_at(MSI_CAP + 2) & 1 != 0;
+        if msi_on && ctl & SLTCTL_HPIE != 0 && ctl & (SLTCTL_PDCE | SLTCTL_DLLSCE) != 0 {
+            let address = u64::from(self.cfg.u32_at(MSI_CAP + 4))
+                | (u64::from(self.cfg.u32_at(MSI_CAP + 8)) << 32);
+            let data = u32::from(self.cfg.u16_at(MSI_CAP + 12));
+            router.signal(MsiMessage { address, data });
+        } else {
+            tracing::debug!(
+                ctl,
+                msi_on,
+                "hot-plug event latched; guest has no interrupt enabled"
+            );
+        }
+    }
+}
+
+/// Where a configuration access goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    HostBridge,
+    Port(usize),
+    Card(usize),
+    Nothing,
+}
+
+/// The PCI side of a VM: host bridge, root ports, configuration mechanism #1.
+pub struct PciBus {
+    address: u32,
+    host: ConfigSpace,
+    pub ports: Vec<RootPort>,
+    pub router: Arc<IrqRouter>,
+}
+
+impl PciBus {
+    pub fn new(slots: u8, router: Arc<IrqRouter>) -> Self {
+        let mut host = ConfigSpace::default();
+        host.header(
+            PCI_VENDOR_REDHAT,
+            PCI_DEVICE_HOST_BRIDGE,
+            CLASS_HOST_BRIDGE,
+            0,
+            0x00,
+        );
+        host.set_u16(0x06, 0);
+        PciBus {
+            address: 0,
+            host,
+            ports: (0..slots).map(RootPort::new).collect(),
+            router,
+        }
+    }
+
+    /// Whether `port` is one of ours (0xCF8-0xCFF).
+    pub fn claims_port(port: u16) -> bool {
+        (CONFIG_ADDRESS..CONFIG_DATA + 4).contains(&port)
+    }
+
+    fn target(&self) -> Option<(Target, usize)> {
+        let a = self.address;
+        if a & 0x8000_0000 == 0 {
+            return None;
+        }
+        let bus = ((a >> 16) & 0xff) as u8;
+        let dev = ((a >> 11) & 0x1f) as usize;
+        let func = (a >> 8) & 0x7;
+        let reg = (a & 0xfc) as usize;
+        if func != 0 {
+            return Some((Target::Nothing, reg));
+        }
+        let t = if bus == 0 {
+            match dev {
+                0 => Target::HostBridge,
+                d if d <= self.ports.len() => Target::Port(d - 1),
+                _ => Target::Nothing,
+            }
+        } else {
+            match self
+                .ports
+                .iter()
+                .position(|p| p.secondary_bus() == bus && p.present && p.card.is_some())
+            {
+                Some(i) if dev == 0 => Target::Card(i),
+                _ => Target::Nothing,
+            }
+        };
+        Some((t, reg))
+    }
+
+    /// A guest `in` from 0xCF8-0xCFF.
+    pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        if port == CONFIG_ADDRESS && data.len() == 4 {
+            data.copy_from_slice(&self.address.to_le_bytes());
+            return;
+        }
+        data.fill(0xff);
+        if port < CONFIG_DATA {
+            return;
+        }
+        let Some((t, reg)) = self.target() else {
+            return;
+        };
+        let off = reg + usize::from(port - CONFIG_DATA);
+        match t {
+            Target::HostBridge => self.host.read(off, data),
+            Target::Port(i) => {
+                if let Some(p) = self.ports.get(i) {
+                    p.cfg.read(off, data)
+                }
+            }
+            Target::Card(i) => {
+                if let Some(c) = self.ports.get(i).and_then(|p| p.card.as_ref()) {
+                    c.config_read(off, data)
+                }
+            }
+            Target::Nothing => {}
+        }
+    }
+
+    /// A guest `out` to 0xCF8-0xCFF.
+    pub fn pio_write(&mut self, port: u16, data: &[u8]) {
+        if port == CONFIG_ADDRESS {
+            if let Ok(b) = <[u8; 4]>::try_from(data) {
+                self.address = u32::from_le_bytes(b);
+            }
+            return;
+        }
+        if port < CONFIG_DATA {
+            return;
+        }
+        let Some((t, reg)) = self.target() else {
+            return;
+        };
+        let off = reg + usize::from(port - CONFIG_DATA);
+        match t {
+            Target::HostBridge => self.host.write(off, data),
+            Target::Port(i) => {
+                if let Some(p) = self.ports.get_mut(i) {
+                    p.cfg.write(off, data)
+                }
+            }
+            Target::Card(i) => {
+                let router = self.router.clone();
+                if let Some(c) = self.ports.get_mut(i).and_then(|p| p.card.as_mut()) {
+                    c.config_write(off, data, &router)
+                }
+            }
+            Target::Nothing => {}
+        }
+    }
+
+    /// The card whose memory BAR holds `addr`, with the offset into the BAR.
+    pub fn card_at(&mut self, addr: u64) -> Option<(&mut VirtioPciDevice, u64)> {
+        self.ports.iter_mut().find_map(|p| {
+            let c = p.card.as_mut()?;
+            let base = c.bar_base()?;
+            let off = addr.checked_sub(base)?;
+            (off < c.bar_size()).then_some((c, off))
+        })
+    }
+
+    /// Whether `addr` is in the BAR of a pulled card.
+    pub fn husk_at(&self, addr: u64) -> bool {
+        self.ports.iter().any(|p| {
+            p.husk_bar
+                .and_then(|b| addr.checked_sub(b))
+                .is_some_and(|off| off < BAR_SIZE)
+        })
+    }
+
+    /// The port holding the card named `id`.
+    pub fn port_of(&self, id: &str) -> Option<usize> {
+        self.ports
+            .iter()
+            .position(|p| p.card.as_ref().is_some_and(|c| c.id == id))
+    }
+
+    /// A port with an empty slot.
+    pub fn free_port(&self) -> Option<usize> {
+        self.ports.iter().position(|p| p.card.is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_and_write_one_to_clear() {
+        let mut c = ConfigSpace::default();
+        c.set_u16(0x10, 0x00f0);
+        c.writable(0x10, &[0x0f]);
+        c.write(0x10, &[0xff, 0xff]);
+        assert_eq!(c.u16_at(0x10), 0x00ff, "only writable bits change");
+        c.set_u16(0x20, 0x0109);
+        c.clear_on_write(0x20, &[0x08, 0x01]);
+        c.write(0x20, &[0x08, 0x00]);
+        assert_eq!(c.u16_at(0x20), 0x0101, "1 clears a w1c bit, 0 leaves it");
+        let mut out = [0u8; 4];
+        c.read(254, &mut out);
+        assert_eq!(out[2..], [0xff, 0xff], "past the end reads all ones");
+    }
+
+    #[test]
+    fn root_port_reports_a_hotplug_slot_and_presence() {
+        let mut p = RootPort::new(2);
+        // Capabilities: MSI then PCIe, a root port with a slot.
+        assert_eq!(p.cfg.u8_at(0x34) as usize, MSI_CAP);
+        assert_eq!(p.cfg.u8_at(MSI_CAP + 1) as usize, EXP_CAP);
+        assert_eq!(p.cfg.u16_at(EXP_CAP + 2) & 0x01f0, 0x0140);
+        let sltcap = p.cfg.u32_at(EXP_CAP + 0x14);
+        assert_ne!(sltcap & (1 << 6), 0, "hot-plug capable");
+        assert_eq!(sltcap >> 19, 3, "physical slot number");
+        assert_eq!(p.cfg.u16_at(SLTSTA) & SLTSTA_PDS, 0);
+        p.set_presence(true);
+        assert_ne!(p.cfg.u16_at(SLTSTA) & SLTSTA_PDS, 0);
+        assert_ne!(p.cfg.u16_at(LNKSTA) & LNKSTA_DLLLA, 0);
+        // The guest cannot clear presence by writing the status register.
+        p.cfg.write(SLTSTA, &[0xff, 0xff]);
+        assert_ne!(p.cfg.u16_at(SLTSTA) & SLTSTA_PDS, 0);
+        // Bus numbers are the guest's to assign.
+        p.cfg.write(0x18, &[0, 5, 5, 0]);
+        assert_eq!(p.secondary_bus(), 5);
+    }
+}

@@ -1,0 +1,315 @@
+//! What every virtio transport shares: the device trait, the queue registers the driver
+//! writes, and the device-status state machine (virtio 1.x section 2.1 and 3.1).
+//!
+//! The transports (virtio-mmio for devices present at boot, virtio-pci for block devices that
+//! can be hot-plugged) only map their register layouts onto [`VirtioCore`].
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestRam;
+
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const INT_VRING: u32 = 1;
+
+/// Where a virtqueue lives in guest memory, as the driver wrote it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueRegs {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+impl QueueRegs {
+    /// Checks size and ring placement against guest RAM (virtio 1.x split ring).
+    pub fn is_valid(&self, mem: &GuestMemoryMmap) -> bool {
+        let n = u64::from(self.size);
+        self.size != 0
+            && self.size <= self.max_size
+            && self.size.is_power_of_two()
+            && self.desc.is_multiple_of(16)
+            && self.avail.is_multiple_of(2)
+            && self.used.is_multiple_of(4)
+            && mem.check_range(
+                GuestAddress(self.desc),
+                usize::try_from(16 * n).unwrap_or(usize::MAX),
+            )
+            && mem.check_range(
+                GuestAddress(self.avail),
+                usize::try_from(6 + 2 * n).unwrap_or(usize::MAX),
+            )
+            && mem.check_range(
+                GuestAddress(self.used),
+                usize::try_from(6 + 8 * n).unwrap_or(usize::MAX),
+            )
+    }
+}
+
+/// Why a device could not be activated.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not valid")]
+    BadQueue(usize),
+    #[error("vhost-user backend: {0}")]
+    Backend(#[from] vhost::Error),
+    #[error("guest address {0:#x} is not in RAM")]
+    NotInRam(u64),
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub memfd_regions: &'a [(GuestAddress, usize, u64)],
+    pub memfd: std::os::fd::RawFd,
+    pub queues: &'a [QueueRegs],
+    pub acked_features: u64,
+    /// The interrupt of each ready queue (the same eventfd for every queue on virtio-mmio; one
+    /// per MSI-X vector on virtio-pci).
+    pub irqs: &'a [Arc<EventFd>],
+    pub irq_status: &'a Arc<AtomicU32>,
+    pub kicks: &'a [EventFd],
+}
+
+/// A device behind the transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    fn features(&self) -> u64;
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    fn activate(&mut self, act: Activation<'_>) -> Result<(), ActivateError>;
+    /// The driver wrote QueueNotify (only for devices served inside the VMM).
+    fn notify(&mut self, _queue: u16, _mem: &GuestMemoryMmap) {}
+    fn reset(&mut self);
+    /// vhost-user devices signal the guest directly through the irqfd, so the transport
+    /// cannot know which interrupt cause was raised: it always reports "used buffer".
+    fn interrupt_always_vring(&self) -> bool {
+        false
+    }
+    /// Whether queue notifications go to ioeventfds (handled outside the VMM).
+    fn wants_ioeventfd(&self) -> bool {
+        false
+    }
+}
+
+/// What a status write asks the transport to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StatusAction {
+    /// Nothing beyond recording the new status.
+    None,
+    /// The driver wrote 0: the device was reset.
+    Reset,
+    /// The driver set DRIVER_OK with valid queues: wire interrupts and notifications, then call
+    /// [`VirtioCore::activate`].
+    Activate,
+}
+
+/// Device status, feature negotiation and queue registers of one virtio device.
+pub struct VirtioCore {
+    pub device: Box<dyn VirtioDevice>,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub queues: Vec<QueueRegs>,
+    pub irq_status: Arc<AtomicU32>,
+    pub config_generation: u32,
+    /// One ioeventfd per queue for devices served outside the VMM.
+    pub kicks: Vec<EventFd>,
+    active: bool,
+    bad_accesses: Arc<AtomicU64>,
+}
+
+impl VirtioCore {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        bad_accesses: Arc<AtomicU64>,
+    ) -> std::io::Result<Self> {
+        let queues: Vec<QueueRegs> = device
+            .queue_max_sizes()
+            .into_iter()
+            .map(|max_size| QueueRegs {
+                max_size,
+                ..Default::default()
+            })
+            .collect();
+        let kicks = if device.wants_ioeventfd() {
+            queues
+                .iter()
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+                .collect::<std::io::Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(VirtioCore {
+            device,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            queue_sel: 0,
+            queues,
+            irq_status: Arc::new(AtomicU32::new(0)),
+            config_generation: 0,
+            kicks,
+            active: false,
+            bad_accesses,
+        })
+    }
+
+    /// Counts a guest access that made no sense.
+    pub fn bad(&self) {
+        self.bad_accesses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The queue selected by `queue_sel`.
+    pub fn queue(&mut self) -> Option<&mut QueueRegs> {
+        let i = usize::try_from(self.queue_sel).ok()?;
+        self.queues.get_mut(i)
+    }
+
+    /// Whether the device was activated and not reset since.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    /// The 32 feature bits selected by `device_features_sel`.
+    pub fn device_features_word(&self) -> u32 {
+        let f = self.device.features() | VIRTIO_F_VERSION_1;
+        match self.device_features_sel {
+            0 => crate::bits::lo32(f),
+            1 => crate::bits::hi32(f),
+            _ => 0,
+        }
+    }
+
+    /// Between DRIVER and FEATURES_OK: the driver may write features.
+    pub fn features_phase(&self) -> bool {
+        self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER
+    }
+
+    /// Between FEATURES_OK and DRIVER_OK: the driver may set up queues.
+    pub fn queue_phase(&self) -> bool {
+        self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0
+    }
+
+    /// The driver acks 32 feature bits (selected by `driver_features_sel`); bits the device did
+    /// not offer are dropped.
+    pub fn write_driver_features(&mut self, v: u32) {
+        if !self.features_phase() {
+            self.bad();
+            return;
+        }
+        let offered = self.device.features() | VIRTIO_F_VERSION_1;
+        match self.driver_features_sel {
+            0 => set_low(&mut self.acked_features, v & crate::bits::lo32(offered)),
+            1 => set_high(&mut self.acked_features, v & crate::bits::hi32(offered)),
+            _ => self.bad(),
+        }
+    }
+
+    /// The driver wrote the device status register.
+    pub fn write_status(&mut self, v: u32, mem: &GuestMemoryMmap) -> StatusAction {
+        if v == 0 {
+            self.reset();
+            return StatusAction::Reset;
+        }
+        // Status bits only ever get added by the driver (virtio 1.x 2.1.2).
+        if v & self.status != self.status {
+            self.bad();
+            return StatusAction::None;
+        }
+        let newly = v & !self.status;
+        self.status = v;
+        if newly & STATUS_FEATURES_OK != 0 && self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            // A legacy driver: refuse the feature set.
+            self.status &= !STATUS_FEATURES_OK;
+            return StatusAction::None;
+        }
+        if newly & STATUS_DRIVER_OK != 0 {
+            if let Some(bad) = self.ready_queues().iter().position(|q| !q.is_valid(mem)) {
+                tracing::warn!(queue = bad, "guest set up an invalid virtqueue");
+                self.bad();
+                self.status |= STATUS_NEEDS_RESET;
+                return StatusAction::None;
+            }
+            return StatusAction::Activate;
+        }
+        StatusAction::None
+    }
+
+    /// The queues the driver marked ready, in order.
+    pub fn ready_queues(&self) -> Vec<QueueRegs> {
+        self.queues.iter().copied().filter(|q| q.ready).collect()
+    }
+
+    /// Hands the ready queues to the device; on failure the device asks for a reset.
+    pub fn activate(&mut self, ram: &GuestRam, irqs: &[Arc<EventFd>]) -> bool {
+        let ready = self.ready_queues();
+        let act = Activation {
+            mem: &ram.mem,
+            memfd_regions: &ram.regions,
+            memfd: std::os::fd::AsRawFd::as_raw_fd(&ram.memfd),
+            queues: &ready,
+            acked_features: self.acked_features,
+            irqs,
+            irq_status: &self.irq_status,
+            kicks: &self.kicks,
+        };
+        match self.device.activate(act) {
+            Ok(()) => {
+                self.active = true;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "device activation failed");
+                self.status |= STATUS_NEEDS_RESET;
+                self.config_generation = self.config_generation.wrapping_add(1);
+                false
+            }
+        }
+    }
+
+    /// Device reset: the backend stops, every register returns to its initial value.
+    pub fn reset(&mut self) {
+        self.device.reset();
+        self.active = false;
+        self.status = 0;
+        self.acked_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        for q in &mut self.queues {
+            *q = QueueRegs {
+                max_size: q.max_size,
+                ..Default::default()
+            };
+        }
+        self.irq_status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Replaces the low 32 bits of `v`.
+pub fn set_low(v: &mut u64, lo: u32) {
+    *v = (*v & 0xffff_ffff_0000_0000) | u64::from(lo);
+}
+
+/// Replaces the high 32 bits of `v`.
+pub fn set_high(v: &mut u64, hi: u32) {
+    *v = (*v & 0xffff_ffff) | (u64::from(hi) << 32);
+}

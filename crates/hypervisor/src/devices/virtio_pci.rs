@@ -1,0 +1,515 @@
+//! The virtio-pci transport (virtio 1.x "modern" only, no legacy I/O BAR) with MSI-X, for
+//! block devices that can be hot-plugged into a root port's slot.
+//!
+//! One 32-bit memory BAR holds every structure:
+//!
+//! | BAR offset | structure |
+//! |---|---|
+//! | 0x0000 | common configuration |
+//! | 0x1000 | ISR status |
+//! | 0x2000 | device configuration |
+//! | 0x3000 | notifications, 4 bytes per queue |
+//! | 0x4000 | MSI-X table (16 bytes per vector) |
+//! | 0x5000 | MSI-X pending bits |
+//!
+//! Queue notifications go to ioeventfds registered at the BAR address the guest assigned, and
+//! each queue's interrupt is an irqfd on a GSI routed to the MSI-X vector the driver chose, so
+//! I/O flows between the guest and the vhost-user backend without the VMM.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::pci::ConfigSpace;
+use super::virtio::{set_high, set_low, StatusAction, VirtioCore, VirtioDevice, STATUS_DRIVER_OK};
+use crate::irq::{IrqRouter, MsiMessage};
+use crate::memory::GuestRam;
+use crate::Error;
+
+const VENDOR_VIRTIO: u16 = 0x1af4;
+/// Modern virtio-pci device ids are 0x1040 + the virtio device type.
+const DEVICE_ID_BASE: u16 = 0x1040;
+/// Mass storage, "other".
+const CLASS_STORAGE_OTHER: u32 = 0x01_80_00;
+
+/// Size of BAR0.
+pub const BAR_SIZE: u64 = 0x8000;
+const COMMON: u64 = 0x0000;
+const COMMON_LEN: u64 = COMMON_BYTES as u64;
+const COMMON_BYTES: usize = 0x38;
+const ISR: u64 = 0x1000;
+const DEVICE_CFG: u64 = 0x2000;
+const DEVICE_CFG_LEN: u64 = 0x100;
+const NOTIFY: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u64 = 4;
+const MSIX_TABLE: u64 = 0x4000;
+const MSIX_PBA: u64 = 0x5000;
+/// Most MSI-X vectors (queues + 1 for configuration changes).
+const MAX_VECTORS: usize = 65;
+const NO_VECTOR: u16 = 0xffff;
+
+// Capability offsets in configuration space.
+const CAP_COMMON: u8 = 0x40;
+const CAP_NOTIFY: u8 = 0x50;
+const CAP_ISR: u8 = 0x68;
+const CAP_DEVICE: u8 = 0x78;
+const CAP_MSIX: u8 = 0x88;
+
+const CFG_TYPE_COMMON: u8 = 1;
+const CFG_TYPE_NOTIFY: u8 = 2;
+const CFG_TYPE_ISR: u8 = 3;
+const CFG_TYPE_DEVICE: u8 = 4;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct MsixEntry {
+    address: u64,
+    data: u32,
+    masked: bool,
+}
+
+/// What is registered with KVM while the device is active.
+struct Wiring {
+    notify_base: u64,
+    irqfds: Vec<(usize, u32)>,
+}
+
+/// A virtio device on PCI.
+pub struct VirtioPciDevice {
+    /// The id the controller attached it under.
+    pub id: String,
+    pub core: VirtioCore,
+    cfg: ConfigSpace,
+    msix: Vec<MsixEntry>,
+    msix_config: u16,
+    queue_vectors: Vec<u16>,
+    gsi_base: u32,
+    calls: Vec<Arc<EventFd>>,
+    wiring: Option<Wiring>,
+    bad_accesses: Arc<AtomicU64>,
+}
+
+fn vendor_cap(cfg: &mut ConfigSpace, at: u8, next: u8, kind: u8, offset: u64, len: u64) {
+    let at = usize::from(at);
+    let cap_len: u8 = if kind == CFG_TYPE_NOTIFY { 20 } else { 16 };
+    cfg.set(at, &[0x09, next, cap_len, kind, 0, 0, 0, 0]);
+    cfg.set_u32(at + 8, u32::try_from(offset).unwrap_or(0));
+    cfg.set_u32(at + 12, u32::try_from(len).unwrap_or(0));
+}
+
+impl VirtioPciDevice {
+    pub fn new(
+        id: &str,
+        device: Box<dyn VirtioDevice>,
+        router: &IrqRouter,
+        bad_accesses: Arc<AtomicU64>,
+    ) -> Result<Self, Error> {
+        let device_type = u16::try_from(device.device_type())
+            .map_err(|_| Error::Device("device type out of range".into()))?;
+        let core = VirtioCore::new(device, bad_accesses.clone())
+            .map_err(|e| Error::Device(e.to_string()))?;
+        let nq = core.queues.len();
+        let vectors = (nq + 1).min(MAX_VECTORS);
+        let nvec = u16::try_from(vectors).map_err(|_| Error::Device("too many queues".into()))?;
+        let gsi_base = router.allocate(u32::from(nvec))?;
+        let calls = (0..nq)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::Device(e.to_string()))?;
+
+        let mut c = ConfigSpace::default();
+        c.header(
+            VENDOR_VIRTIO,
+            DEVICE_ID_BASE + device_type,
+            CLASS_STORAGE_OTHER,
+            1,
+            0x00,
+        );
+        // BAR0: 32-bit, non-prefetchable memory; the write mask makes sizing work.
+        let bar_mask = u32::try_from(!(BAR_SIZE - 1) & 0xffff_fff0).unwrap_or(0);
+        c.writable(0x10, &bar_mask.to_le_bytes());
+        c.set_u16(0x2c, VENDOR_VIRTIO);
+        c.set_u16(0x2e, 0x0040 + device_type);
+        c.set(0x34, &[CAP_COMMON]);
+        vendor_cap(
+            &mut c,
+            CAP_COMMON,
+            CAP_NOTIFY,
+            CFG_TYPE_COMMON,
+            COMMON,
+            COMMON_LEN,
+        );
+        let notify_len = NOTIFY_MULTIPLIER * u64::try_from(nq).unwrap_or(0);
+        vendor_cap(
+            &mut c,
+            CAP_NOTIFY,
+            CAP_ISR,
+            CFG_TYPE_NOTIFY,
+            NOTIFY,
+            notify_len,
+        );
+        c.set_u32(
+            usize::from(CAP_NOTIFY) + 16,
+            u32::try_from(NOTIFY_MULTIPLIER).unwrap_or(4),
+        );
+        vendor_cap(&mut c, CAP_ISR, CAP_DEVICE, CFG_TYPE_ISR, ISR, 4);
+        vendor_cap(
+            &mut c,
+            CAP_DEVICE,
+            CAP_MSIX,
+            CFG_TYPE_DEVICE,
+            DEVICE_CFG,
+            DEVICE_CFG_LEN,
+        );
+        // MSI-X: table and PBA in BAR0; enable and function-mask bits writable.
+        let m = usize::from(CAP_MSIX);
+        c.set(m, &[0x11, 0x00]);
+        c.set_u16(m + 2, nvec - 1);
+        c.writable(m + 3, &[0xc0]);
+        c.set_u32(m + 4, u32::try_from(MSIX_TABLE).unwrap_or(0));
+        c.set_u32(m + 8, u32::try_from(MSIX_PBA).unwrap_or(0));
+
+        Ok(VirtioPciDevice {
+            id: id.to_owned(),
+            core,
+            cfg: c,
+            msix: vec![
+                MsixEntry {
+                    masked: true,
+                    ..Default::default()
+                };
+                vectors
+            ],
+            msix_config: NO_VECTOR,
+            queue_vectors: vec![NO_VECTOR; nq],
+            gsi_base,
+            calls,
+            wiring: None,
+            bad_accesses,
+        })
+    }
+
+    fn bad(&self) {
+        self.bad_accesses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Where the guest put BAR0, if it enabled memory decoding.
+    pub fn bar_base(&self) -> Option<u64> {
+        let mem_on = self.cfg.u16_at(0x04) & 0x2 != 0;
+        let base = u64::from(self.cfg.u32_at(0x10) & 0xffff_fff0);
+        (mem_on && base != 0).then_some(base)
+    }
+
+    pub fn bar_size(&self) -> u64 {
+        BAR_SIZE
+    }
+
+    /// Whether the driver has the device running.
+    pub fn driver_ok(&self) -> bool {
+        self.core.status & STATUS_DRIVER_OK != 0
+    }
+
+    pub fn config_read(&self, off: usize, data: &mut [u8]) {
+        self.cfg.read(off, data);
+    }
+
+    pub fn config_write(&mut self, off: usize, data: &[u8], router: &IrqRouter) {
+        self.cfg.write(off, data);
+        if self.wiring.is_some() {
+            self.route_all(router);
+        }
+    }
+
+    fn msix_enabled(&self) -> bool {
+        self.cfg.u16_at(usize::from(CAP_MSIX) + 2) & 0x8000 != 0
+    }
+
+    fn vector_gsi(&self, v: u16) -> Option<u32> {
+        (usize::from(v) < self.msix.len()).then(|| self.gsi_base + u32::from(v))
+    }
+
+    /// Points every vector a queue uses at the MSI-X entry the guest wrote.
+    fn route_all(&self, router: &IrqRouter) {
+        for v in self
+            .queue_vectors
+            .iter()
+            .copied()
+            .filter(|v| *v != NO_VECTOR)
+        {
+            let (Some(gsi), Some(e)) = (self.vector_gsi(v), self.msix.get(usize::from(v))) else {
+                continue;
+            };
+            let msg = MsiMessage {
+                address: e.address,
+                data: e.data,
+            };
+            let route = (self.msix_enabled() && msg.is_valid()).then_some(msg);
+            if let Err(e) = router.set_msi(gsi, route) {
+                tracing::warn!(error = %e, gsi, "MSI route update failed");
+            }
+        }
+    }
+
+    /// Registers ioeventfds and irqfds for the ready queues, at the BAR address in use now.
+    fn wire(&mut self, router: &IrqRouter) -> Result<(), Error> {
+        let base = self
+            .bar_base()
+            .ok_or_else(|| Error::Device("BAR0 is not enabled".into()))?;
+        self.route_all(router);
+        let vm = router.vm();
+        let notify_base = base + NOTIFY;
+        // Recorded first, so that `unwire` also undoes a partial wiring.
+        self.wiring = Some(Wiring {
+            notify_base,
+            irqfds: Vec::new(),
+        });
+        for (q, kick) in self.core.kicks.iter().enumerate() {
+            let addr = notify_base + NOTIFY_MULTIPLIER * u64::try_from(q).unwrap_or(0);
+            vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), NoDatamatch)
+                .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+        }
+        for q in 0..self.queue_vectors.len() {
+            let v = self.queue_vectors[q];
+            let (Some(gsi), Some(call)) = (self.vector_gsi(v), self.calls.get(q)) else {
+                continue;
+            };
+            vm.register_irqfd(call, gsi)
+                .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+            if let Some(w) = self.wiring.as_mut() {
+                w.irqfds.push((q, gsi));
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`VirtioPciDevice::wire`].
+    fn unwire(&mut self, router: &IrqRouter) {
+        let Some(w) = self.wiring.take() else { return };
+        let vm = router.vm();
+        for (q, kick) in self.core.kicks.iter().enumerate() {
+            let addr = w.notify_base + NOTIFY_MULTIPLIER * u64::try_from(q).unwrap_or(0);
+            let _ = vm.unregister_ioevent(kick, &IoEventAddress::Mmio(addr), NoDatamatch);
+        }
+        for (q, gsi) in &w.irqfds {
+            if let Some(call) = self.calls.get(*q) {
+                let _ = vm.unregister_irqfd(call, *gsi);
+            }
+            let _ = router.set_msi(*gsi, None);
+        }
+    }
+
+    /// Stops the backend and releases everything registered with KVM (the card is leaving).
+    pub fn shut_down(&mut self, router: &IrqRouter) {
+        self.core.reset();
+        self.unwire(router);
+    }
+
+    /// The common configuration structure as the guest reads it.
+    fn common_snapshot(&mut self) -> [u8; COMMON_BYTES] {
+        let mut s = [0u8; COMMON_BYTES];
+        let c = &mut self.core;
+        let acked = match c.driver_features_sel {
+            0 => crate::bits::lo32(c.acked_features),
+            1 => crate::bits::hi32(c.acked_features),
+            _ => 0,
+        };
+        let nq = u16::try_from(c.queues.len()).unwrap_or(0);
+        s[0..4].copy_from_slice(&c.device_features_sel.to_le_bytes());
+        s[4..8].copy_from_slice(&c.device_features_word().to_le_bytes());
+        s[8..12].copy_from_slice(&c.driver_features_sel.to_le_bytes());
+        s[12..16].copy_from_slice(&acked.to_le_bytes());
+        s[16..18].copy_from_slice(&self.msix_config.to_le_bytes());
+        s[18..20].copy_from_slice(&nq.to_le_bytes());
+        s[20] = u8::try_from(c.status & 0xff).unwrap_or(0);
+        s[21] = u8::try_from(c.config_generation & 0xff).unwrap_or(0);
+        let sel = u16::try_from(c.queue_sel).unwrap_or(u16::MAX);
+        s[22..24].copy_from_slice(&sel.to_le_bytes());
+        let vector = self
+            .queue_vectors
+            .get(usize::from(sel))
+            .copied()
+            .unwrap_or(NO_VECTOR);
+        if let Some(q) = self.core.queue() {
+            let size = if q.size == 0 { q.max_size } else { q.size };
+            s[24..26].copy_from_slice(&size.to_le_bytes());
+            s[26..28].copy_from_slice(&vector.to_le_bytes());
+            s[28..30].copy_from_slice(&u16::from(q.ready).to_le_bytes());
+            s[30..32].copy_from_slice(&sel.to_le_bytes());
+            s[32..40].copy_from_slice(&q.desc.to_le_bytes());
+            s[40..48].copy_from_slice(&q.avail.to_le_bytes());
+            s[48..56].copy_from_slice(&q.used.to_le_bytes());
+        }
+        s
+    }
+
+    fn write_common(&mut self, off: u64, data: &[u8], ram: &GuestRam, router: &IrqRouter) {
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        let v16 = u16::try_from(v & 0xffff).unwrap_or(0);
+        let queue_phase = self.core.queue_phase();
+        match (off, data.len()) {
+            (0x00, 4) => self.core.device_features_sel = v,
+            (0x08, 4) => self.core.driver_features_sel = v,
+            (0x0c, 4) => self.core.write_driver_features(v),
+            (0x10, 2) => {
+                self.msix_config = if self.vector_gsi(v16).is_some() {
+                    v16
+                } else {
+                    NO_VECTOR
+                }
+            }
+            (0x14, 1) => self.write_status(v, ram, router),
+            (0x16, 2) => self.core.queue_sel = v,
+            (0x18, 2) if queue_phase => {
+                if let Some(q) = self.core.queue() {
+                    q.size = v16;
+                }
+            }
+            (0x1a, 2) => {
+                let ok = self.vector_gsi(v16).is_some();
+                let sel = usize::try_from(self.core.queue_sel).unwrap_or(usize::MAX);
+                if let Some(slot) = self.queue_vectors.get_mut(sel) {
+                    *slot = if ok { v16 } else { NO_VECTOR };
+                }
+            }
+            (0x1c, 2) if queue_phase => {
+                if let Some(q) = self.core.queue() {
+                    q.ready = v16 == 1;
+                    if q.size == 0 {
+                        q.size = q.max_size;
+                    }
+                }
+            }
+            (0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34, 4) if queue_phase => {
+                if let Some(q) = self.core.queue() {
+                    match off {
+                        0x20 => set_low(&mut q.desc, v),
+                        0x24 => set_high(&mut q.desc, v),
+                        0x28 => set_low(&mut q.avail, v),
+                        0x2c => set_high(&mut q.avail, v),
+                        0x30 => set_low(&mut q.used, v),
+                        _ => set_high(&mut q.used, v),
+                    }
+                }
+            }
+            _ => self.bad(),
+        }
+    }
+
+    fn write_status(&mut self, v: u32, ram: &GuestRam, router: &IrqRouter) {
+        match self.core.write_status(v, &ram.mem) {
+            StatusAction::None => {}
+            StatusAction::Reset => self.unwire(router),
+            StatusAction::Activate => {
+                if let Err(e) = self.wire(router) {
+                    tracing::warn!(device = %self.id, error = %e, "cannot wire the device");
+                    self.unwire(router);
+                    self.core.status |= super::virtio::STATUS_NEEDS_RESET;
+                    return;
+                }
+                let calls = self.calls.clone();
+                if self.core.activate(ram, &calls) {
+                    tracing::info!(device = %self.id, "virtio-pci device activated");
+                } else {
+                    self.unwire(router);
+                }
+            }
+        }
+    }
+
+    /// A guest read in BAR0.
+    pub fn mmio_read(&mut self, off: u64, data: &mut [u8]) {
+        data.fill(0);
+        match off {
+            o if o < COMMON + COMMON_LEN => {
+                let s = self.common_snapshot();
+                let start = usize::try_from(o).unwrap_or(usize::MAX);
+                match s.get(start..start.saturating_add(data.len())) {
+                    Some(src) => data.copy_from_slice(src),
+                    None => self.bad(),
+                }
+            }
+            o if (ISR..ISR + 4).contains(&o) => {
+                if let Some(b) = data.first_mut() {
+                    let st = self.core.irq_status.swap(0, Ordering::SeqCst);
+                    *b = u8::try_from(st & 0xff).unwrap_or(0);
+                }
+            }
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                self.core.device.read_config(o - DEVICE_CFG, data);
+            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
+                let idx = usize::try_from((o - MSIX_TABLE) / 16).unwrap_or(usize::MAX);
+                let (Some(e), 4) = (self.msix.get(idx), data.len()) else {
+                    self.bad();
+                    return;
+                };
+                let v = match (o - MSIX_TABLE) % 16 {
+                    0 => crate::bits::lo32(e.address),
+                    4 => crate::bits::hi32(e.address),
+                    8 => e.data,
+                    _ => u32::from(e.masked),
+                };
+                data.copy_from_slice(&v.to_le_bytes());
+            }
+            o if (MSIX_PBA..MSIX_PBA + 8).contains(&o) => {}
+            _ => self.bad(),
+        }
+    }
+
+    /// A guest write in BAR0.
+    pub fn mmio_write(&mut self, off: u64, data: &[u8], ram: &GuestRam, router: &IrqRouter) {
+        match off {
+            o if o < COMMON + COMMON_LEN => self.write_common(o, data, ram, router),
+            o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
+                if self.driver_ok() {
+                    self.bad();
+                } else {
+                    self.core.device.write_config(o - DEVICE_CFG, data);
+                }
+            }
+            o if (NOTIFY..MSIX_TABLE).contains(&o) => {
+                // Reached only when no ioeventfd matched (e.g. before activation).
+                let q = usize::try_from((o - NOTIFY) / NOTIFY_MULTIPLIER).unwrap_or(usize::MAX);
+                if !self.core.is_active() {
+                    return;
+                }
+                match self.core.kicks.get(q) {
+                    Some(k) => {
+                        let _ = k.write(1);
+                    }
+                    None => {
+                        if let Ok(q) = u16::try_from(q) {
+                            self.core.device.notify(q, &ram.mem);
+                        }
+                    }
+                }
+            }
+            o if (MSIX_TABLE..MSIX_PBA).contains(&o) => {
+                let idx = usize::try_from((o - MSIX_TABLE) / 16).unwrap_or(usize::MAX);
+                let Ok(b) = <[u8; 4]>::try_from(data) else {
+                    self.bad();
+                    return;
+                };
+                let v = u32::from_le_bytes(b);
+                let Some(e) = self.msix.get_mut(idx) else {
+                    self.bad();
+                    return;
+                };
+                match (o - MSIX_TABLE) % 16 {
+                    0 => set_low(&mut e.address, v),
+                    4 => set_high(&mut e.address, v),
+                    8 => e.data = v,
+                    _ => e.masked = v & 1 != 0,
+                }
+                if self.wiring.is_some() {
+                    self.route_all(router);
+                }
+            }
+            _ => self.bad(),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! PCIe native hot-plug of a vhost-user disk into a running guest, and its removal, driven over
+//! the private channel the way the controller drives it. The backend is qemu-storage-daemon;
+//! the guest's stock `pciehp` and `virtio_pci` drivers must see the disk appear, use it, see it
+//! disappear, and see it again when it is plugged back.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use bulkhead_channel::{Command, CommandError, DeviceId, Reply, VmState};
+use bulkhead_hypervisor_client::{ClientError, Hypervisor, VmSpec};
+use common::*;
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Reads the console until `needle` appears (or the timeout); returns everything read.
+fn wait_console(hv: &mut Hypervisor, seen: &mut String, cursor: &mut u64, needle: &str) {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !seen.contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {needle:?}; console so far:\n{seen}"
+        );
+        match hv.call(
+            Command::ReadConsole {
+                cursor: *cursor,
+                max: 16384,
+            },
+            None,
+        ) {
+            Ok(Reply::Console { data, next, .. }) => {
+                seen.push_str(&String::from_utf8_lossy(&data));
+                *cursor = next;
+            }
+            other => panic!("read console: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn attach(hv: &mut Hypervisor, sock: &std::path::Path, id: &DeviceId) -> Reply {
+    let stream = UnixStream::connect(sock).expect("connect to qemu-storage-daemon");
+    let r = hv.call(
+        Command::AttachBlock {
+            id: id.clone(),
+            read_only: false,
+        },
+        Some(stream.as_raw_fd()),
+    );
+    drop(stream);
+    r.expect("attach")
+}
+
+fn block_devices(hv: &mut Hypervisor) -> u32 {
+    match hv.call(Command::Stats, None).expect("stats") {
+        Reply::Stats { stats, .. } => stats.block_devices,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn hotplug_and_unplug_a_disk_in_a_running_guest() {
+    let Some((kernel, initrd)) = guest_or_skip("hotplug_and_unplug_a_disk_in_a_running_guest")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0u8; 8 << 20]).expect("image");
+    let sock = dir.path().join("vhost.sock");
+    let Some(mut daemon) = qsd_export("hotplug_and_unplug_a_disk", &img, &sock) else {
+        return;
+    };
+    // The guest waits for a disk, writes a marker, waits for it to go, then for it to come
+    // back and reads the marker. Shell builtins only: every exec costs seconds here.
+    let script = "echo hp-waiting\n\
+        while [ ! -e /sys/block/vda ]; do :; done\n\
+        read -r n </sys/block/vda/size; echo hp-sectors:$n\n\
+        echo BULKHEAD-HOTPLUG-MARKER-51c2 >/m\n\
+        dd if=/m of=/dev/vda bs=512 seek=8 count=1 conv=sync,fsync 2>/dev/null\n\
+        echo hp-written\n\
+        while [ -e /sys/block/vda ]; do :; done\n\
+        echo hp-gone\n\
+        while [ ! -e /sys/block/vda ]; do :; done\n\
+        dd if=/dev/vda of=/r bs=512 skip=8 count=1 2>/dev/null\n\
+        read -r l </r; echo hp-readback:$l\n\
+        while :; do read -r x </proc/uptime; done\n";
+    let spec = VmSpec {
+        binary: hypervisor(),
+        kernel,
+        initrd: Some(initrd),
+        cmdline: format!("{GUEST_ARGS} {}", run_arg(script)),
+        memory_mib: 128,
+        vcpus: 1,
+        pin: vec![],
+        run_as: None,
+    };
+    let mut hv = Hypervisor::spawn(&spec).expect("spawn");
+    let (mut seen, mut cursor) = (String::new(), 0u64);
+    hv.call(Command::Start, None).expect("start");
+    wait_console(&mut hv, &mut seen, &mut cursor, "hp-waiting");
+    assert_eq!(block_devices(&mut hv), 0);
+
+    // Hot-plug: the guest's driver binds before the hypervisor answers.
+    let id = DeviceId::new("vol-hot").expect("id");
+    let r = attach(&mut hv, &sock, &id);
+    assert_eq!(
+        r,
+        Reply::Device {
+            state: VmState::Running,
+            guest_acknowledged: true
+        },
+        "console:\n{seen}"
+    );
+    assert_eq!(block_devices(&mut hv), 1);
+    wait_console(&mut hv, &mut seen, &mut cursor, "hp-written");
+    assert!(seen.contains("hp-sectors:16384"), "{seen}");
+    let data = std::fs::read(&img).expect("read image");
+    assert_eq!(
+        &data[8 * 512..8 * 512 + 29],
+        b"BULKHEAD-HOTPLUG-MARKER-51c2\n",
+        "data written to the hot-plugged disk is not in the backing file"
+    );
+
+    // Hot-unplug: the guest releases the device and its block device disappears.
+    let r = hv
+        .call(Command::DetachBlock { id: id.clone() }, None)
+        .expect("detach");
+    assert_eq!(
+        r,
+        Reply::Device {
+            state: VmState::Running,
+            guest_acknowledged: true
+        }
+    );
+    wait_console(&mut hv, &mut seen, &mut cursor, "hp-gone");
+    assert_eq!(block_devices(&mut hv), 0);
+    assert!(matches!(
+        hv.call(Command::DetachBlock { id: id.clone() }, None),
+        Err(ClientError::Refused(CommandError::NoSuchDevice))
+    ));
+
+    // Plugged back (a new backend connection), the same data is there.
+    let r = attach(&mut hv, &sock, &id);
+    assert!(
+        matches!(
+            r,
+            Reply::Device {
+                guest_acknowledged: true,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    wait_console(
+        &mut hv,
+        &mut seen,
+        &mut cursor,
+        "hp-readback:BULKHEAD-HOTPLUG-MARKER-51c2",
+    );
+    match hv.call(Command::Stats, None).expect("stats") {
+        Reply::Stats { stats, state } => {
+            assert_eq!(state, VmState::Running);
+            assert_eq!(stats.block_devices, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    hv.shutdown().expect("shutdown");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
