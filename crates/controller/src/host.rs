@@ -10,8 +10,8 @@
 //! | StopInstance | `Pause`: vCPUs stop, guest memory is kept (no ACPI power button yet) |
 //! | RebootInstance | `Shutdown`, respawn, re-attach every volume (new vhost-user connection to the same card), `Start` |
 //! | TerminateInstance | `Shutdown`, then every card gets `Detach` (it zeroizes the key and exits) |
-//! | AttachVolume | only before the first start (state `created`): launcher spawns a card for the volume's backing file, the controller sends it `Attach` with the sealed blob (unopened), launcher connects to the card's vhost-user socket and the fd goes to the hypervisor with `AttachBlock` (SCM_RIGHTS). After the first start: `hotplug_unsupported`, nothing changes |
-//! | DetachVolume | only before the first start: `DetachBlock`, card `Detach`, card reaped |
+//! | AttachVolume | launcher spawns a card for the volume's backing file, the controller sends it `Attach` with the sealed blob (unopened), launcher connects to the card's vhost-user socket and the fd goes to the hypervisor with `AttachBlock` (SCM_RIGHTS). Before the first start the disk is there at boot; on a running (or stopped = paused) instance the hypervisor hot-plugs it (PCIe native hot-plug) and, when running, answers once the guest driver has bound it |
+//! | DetachVolume | `DetachBlock` (on a running guest: hot-unplug, the hypervisor waits for the guest to release the disk), then card `Detach` (key zeroized), card reaped |
 //! | GetConsole | `ReadConsole` from the controller's cursor, appended to a bounded per-instance buffer |
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -239,10 +239,16 @@ impl HostBackend {
         );
         drop(fd);
         match r {
-            Ok(_) => Ok(()),
-            Err(ClientError::Refused(CommandError::WrongState(_))) => {
-                Err(BackendError::HotplugUnsupported)
+            Ok(Reply::Device {
+                guest_acknowledged: false,
+                state: VmState::Running,
+            }) => {
+                tracing::warn!(device = %att.device, "hot-plugged disk not bound by the guest in time");
+                Ok(())
             }
+            Ok(_) => Ok(()),
+            // The guest powered itself off: the disk is attached at the next boot instead.
+            Err(ClientError::Refused(CommandError::WrongState(_))) => Err(BackendError::WrongState),
             Err(e) => Err(channel_err("attach block")(e)),
         }
     }
@@ -614,10 +620,8 @@ impl VolumeBackend for HostBackend {
     ) -> Result<(), BackendError> {
         let inst = self.instance(instance)?;
         let mut g = lock(&inst);
-        match g.desc.state {
-            InstanceState::Terminated => return Err(BackendError::WrongState),
-            _ if g.booted => return Err(BackendError::HotplugUnsupported),
-            _ => {}
+        if g.desc.state == InstanceState::Terminated {
+            return Err(BackendError::WrongState);
         }
         if g.volumes.contains_key(volume.as_str()) {
             return Err(BackendError::VolumeAttached);
@@ -728,9 +732,6 @@ impl VolumeBackend for HostBackend {
         if !g.volumes.contains_key(volume.as_str()) {
             return Err(BackendError::NoSuchVolume);
         }
-        if g.booted {
-            return Err(BackendError::HotplugUnsupported);
-        }
         let device = g
             .volumes
             .get(volume.as_str())
@@ -738,10 +739,14 @@ impl VolumeBackend for HostBackend {
             .ok_or(BackendError::NoSuchVolume)?;
         let vm = g.vm.as_mut().ok_or(BackendError::Unavailable)?;
         match vm.chan.call(Command::DetachBlock { id: device }, None) {
-            Ok(_) | Err(ClientError::Refused(CommandError::NoSuchDevice)) => {}
-            Err(ClientError::Refused(CommandError::WrongState(_))) => {
-                return Err(BackendError::HotplugUnsupported)
+            Ok(Reply::Device {
+                guest_acknowledged, ..
+            }) => {
+                if !guest_acknowledged {
+                    tracing::warn!(instance = %instance, volume = %volume, "guest did not release the disk in time; backend disconnected anyway");
+                }
             }
+            Ok(_) | Err(ClientError::Refused(CommandError::NoSuchDevice)) => {}
             Err(e) => return Err(channel_err("detach block")(e)),
         }
         if let Some(att) = g.volumes.remove(volume.as_str()) {

@@ -158,6 +158,24 @@ impl Api<'_> {
     }
 }
 
+/// Polls the instance's console until `needle` shows up (bounded by the boot timeout).
+fn wait_console(api: &Api<'_>, id: &str, needle: &str) {
+    let started = Instant::now();
+    loop {
+        let r = api.ok("GET", &format!("/v1/instances/{id}/console"), "");
+        let out = r.json["output"].as_str().unwrap_or("").to_string();
+        if out.contains(needle) {
+            return;
+        }
+        assert!(
+            started.elapsed() < boot_timeout(),
+            "no {needle:?} after {:?}; console so far:\n{out}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 fn describe_backend(d: &Daemon) -> String {
     let t = d.mint("operator", HOST, &[Operation::DescribeHost], MIN10);
     let r = d
@@ -305,11 +323,13 @@ fn boots_a_guest_with_an_encrypted_volume() {
     assert_eq!(attach_rec["entry"]["code"], "ok");
 }
 
-/// No guest boot is waited for: a refused key, hot-plug refused on a running instance (typed
-/// error, nothing changes), and the operator plane still refused with the real backend.
+/// A refused key changes nothing; a volume attached before boot is there at boot; a second
+/// volume is hot-plugged into the running guest (which writes to it through the card) and the
+/// first is hot-unplugged (its card zeroizes the key and exits); the operator plane is still
+/// refused with the real backend.
 #[test]
-fn attach_to_running_instance_is_refused_and_planes_hold() {
-    if !can_boot("attach_to_running_instance_is_refused_and_planes_hold") {
+fn hot_attach_and_detach_on_a_running_instance() {
+    if !can_boot("hot_attach_and_detach_on_a_running_instance") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -323,8 +343,24 @@ fn attach_to_running_instance_is_refused_and_planes_hold() {
         d: &d,
         c: d.client("customer"),
     };
-    let create = r#"{"instance_id":"i-hp","image":"test-guest","vcpus":1,"memory_mib":128}"#;
-    api.ok("POST", "/v1/instances", create);
+    // The guest waits for the hot-plugged disk (vdb), writes a marker to it, then waits for
+    // the boot disk (vda) to be pulled.
+    let script = format!(
+        "while [ ! -e /sys/block/vdb ]; do :; done\n\
+         printf %s {MARKER} | dd of=/dev/vdb bs=32 seek=128 conv=fsync 2>/dev/null\n\
+         echo hot-written\n\
+         while [ -e /sys/block/vda ]; do :; done\n\
+         echo vda-gone\n"
+    );
+    let create = serde_json::json!({
+        "instance_id": "i-hp",
+        "image": "test-guest",
+        "vcpus": 1,
+        "memory_mib": 128,
+        "user_data": script,
+    })
+    .to_string();
+    api.ok("POST", "/v1/instances", &create);
 
     // Unknown image: typed error.
     let r = api.call(
@@ -348,7 +384,7 @@ fn attach_to_running_instance_is_refused_and_planes_hold() {
     assert_eq!(r.json["volumes"], serde_json::json!([]));
     assert!(card_sockets(dir.path()).is_empty());
 
-    // The right blob attaches; start; from then on the device set is fixed.
+    // The right blob attaches before boot.
     let good = sealed_b64(&host, "vol-a", &volume_key(2));
     let body = serde_json::json!({"volume_id": "vol-a", "sealed_key": good}).to_string();
     api.ok("POST", "/v1/instances/i-hp/volumes", &body);
@@ -364,21 +400,42 @@ fn attach_to_running_instance_is_refused_and_planes_hold() {
     let r = api.ok("GET", "/v1/instances/i-hp", "");
     assert_eq!(r.json["state"], "running");
 
-    let late = sealed_b64(&host, "vol-b", &volume_key(3));
+    // Hot-plug a second volume into the running guest: the call returns once the guest's
+    // driver has the disk, and the guest writes through the card.
+    let key_b = volume_key(3);
+    let late = sealed_b64(&host, "vol-b", &key_b);
     let body = serde_json::json!({"volume_id": "vol-b", "sealed_key": late}).to_string();
-    let r = api.call("POST", "/v1/instances/i-hp/volumes", &body);
-    assert_eq!((r.status, r.code()), (409, "hotplug_unsupported"));
-    let r = api.call("DELETE", "/v1/instances/i-hp/volumes/vol-a", "");
-    assert_eq!((r.status, r.code()), (409, "hotplug_unsupported"));
-    // Nothing changed: same volume list, no backing file or card for vol-b, audited outcome.
+    api.ok("POST", "/v1/instances/i-hp/volumes", &body);
     let r = api.ok("GET", "/v1/instances/i-hp", "");
-    assert_eq!(r.json["volumes"], serde_json::json!(["vol-a"]));
+    assert_eq!(r.json["volumes"], serde_json::json!(["vol-a", "vol-b"]));
+    assert_eq!(card_sockets(dir.path()).len(), 4);
+    wait_console(&api, "i-hp", "hot-written");
+
+    // Hot-unplug the boot volume: the guest sees vda go, the card leaves.
+    api.ok("DELETE", "/v1/instances/i-hp/volumes/vol-a", "");
+    let r = api.ok("GET", "/v1/instances/i-hp", "");
+    assert_eq!(r.json["volumes"], serde_json::json!(["vol-b"]));
     assert_eq!(r.json["state"], "running");
-    assert!(!dir.path().join("volumes/vol-b.img").exists());
     assert_eq!(card_sockets(dir.path()).len(), 2);
-    assert!(d.audit().iter().any(|x| x["entry"]["op"] == "AttachVolume"
+    wait_console(&api, "i-hp", "vda-gone");
+    assert!(d.audit().iter().any(|x| x["entry"]["op"] == "DetachVolume"
         && x["entry"]["kind"] == "outcome"
-        && x["entry"]["code"] == "hotplug_unsupported"));
+        && x["entry"]["code"] == "ok"));
+
+    // What the guest wrote to the hot-plugged disk is ciphertext under vol-b's key.
+    let backing = std::fs::read(dir.path().join("volumes/vol-b.img")).unwrap();
+    assert!(
+        !backing
+            .windows(MARKER.len())
+            .any(|w| w == MARKER.as_bytes()),
+        "marker found in plaintext in the backing file"
+    );
+    let mut sector = backing[MARKER_OFFSET..MARKER_OFFSET + 512].to_vec();
+    XtsCipher::new(&key_b, CryptoSectorSize::S512)
+        .unwrap()
+        .decrypt(&mut sector, 8)
+        .unwrap();
+    assert_eq!(&sector[..MARKER.len()], MARKER.as_bytes());
 
     // An operator's token still cannot reach any customer-plane operation.
     let t = d.mint("operator", HOST, &[Operation::DescribeHost], MIN10);

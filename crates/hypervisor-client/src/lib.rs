@@ -62,7 +62,7 @@ pub struct Channel {
 }
 
 /// How long [`Channel::call`] waits for a reply.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// A CLOEXEC `SOCK_SEQPACKET` socketpair: one packet is one frame, fds ride on the same packet.
 /// Shared by the hypervisor channel and the controller's launcher channel.

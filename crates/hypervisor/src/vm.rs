@@ -96,9 +96,13 @@ fn kick_signal() -> libc::c_int {
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// How long attach and detach wait for a running guest to bring a hot-plugged card up or to
-/// release a pulled one. Software KVM guests are slow; on hardware this takes milliseconds.
-pub const HOTPLUG_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long attach waits for a running guest's driver to bring a hot-plugged card up before
+/// answering (the card stays plugged either way; the reply says whether the guest was seen).
+/// Software KVM guests are slow; on hardware this takes milliseconds.
+pub const ATTACH_WAIT: Duration = Duration::from_secs(20);
+/// How long detach waits for a running guest's driver to release (reset) a pulled card before
+/// the backend connection is stopped regardless.
+pub const DETACH_WAIT: Duration = Duration::from_secs(45);
 
 /// A built VM.
 pub struct Vm {
@@ -263,7 +267,7 @@ impl Vm {
     /// virtio-pci card in a free hot-plug slot.
     ///
     /// Before `start` the card is simply present when the guest enumerates PCI. On a running
-    /// guest it is hot-plugged (PCIe native hot-plug) and this waits up to `HOTPLUG_TIMEOUT`
+    /// guest it is hot-plugged (PCIe native hot-plug) and this waits up to [`ATTACH_WAIT`]
     /// for the guest's driver to bring it up; the result says whether it did.
     pub fn attach_block(
         &mut self,
@@ -311,7 +315,7 @@ impl Vm {
         if state != VmState::Running {
             return Ok(false);
         }
-        let ready = self.wait_for(port, |p| {
+        let ready = self.wait_for(port, ATTACH_WAIT, |p| {
             p.card.as_ref().is_some_and(VirtioPciDevice::driver_ok)
         });
         tracing::info!(
@@ -323,9 +327,14 @@ impl Vm {
         Ok(ready)
     }
 
-    /// Polls `port` until `done` holds or `HOTPLUG_TIMEOUT` passes.
-    fn wait_for(&self, port: usize, done: impl Fn(&crate::devices::pci::RootPort) -> bool) -> bool {
-        let deadline = Instant::now() + HOTPLUG_TIMEOUT;
+    /// Polls `port` until `done` holds or `limit` passes.
+    fn wait_for(
+        &self,
+        port: usize,
+        limit: Duration,
+        done: impl Fn(&crate::devices::pci::RootPort) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + limit;
         loop {
             {
                 let pci = lock(&self.shared.pci);
@@ -341,7 +350,7 @@ impl Vm {
     }
 
     /// Detaches a block device. On a running guest the slot reports the card gone and this
-    /// waits up to `HOTPLUG_TIMEOUT` for the guest driver to release (reset) it; then the
+    /// waits up to [`DETACH_WAIT`] for the guest driver to release (reset) it; then the
     /// backend connection is stopped and closed either way. The result says whether the guest
     /// released the card before that.
     pub fn detach_block(&mut self, id: &str) -> Result<bool, Error> {
@@ -368,7 +377,9 @@ impl Vm {
             port
         };
         let released = state == VmState::Running
-            && self.wait_for(port, |p| p.card.as_ref().is_none_or(|c| c.core.status == 0));
+            && self.wait_for(port, DETACH_WAIT, |p| {
+                p.card.as_ref().is_none_or(|c| c.core.status == 0)
+            });
         let mut pci = lock(&self.shared.pci);
         if let Some(p) = pci.ports.get_mut(port) {
             p.unplug(&router, false);

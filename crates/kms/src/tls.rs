@@ -123,7 +123,9 @@ impl HttpsClient {
     pub fn new(cfg: rustls::ClientConfig) -> HttpsClient {
         HttpsClient {
             cfg: Arc::new(cfg),
-            timeout: Duration::from_secs(20),
+            // Covers a host's hot-plug of a volume into a running guest (the hypervisor waits up to
+            // 20 s for the guest's driver, 45 s for a detach).
+            timeout: Duration::from_secs(75),
         }
     }
 
