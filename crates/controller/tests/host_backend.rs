@@ -400,8 +400,9 @@ fn hot_attach_and_detach_on_a_running_instance() {
     let r = api.ok("GET", "/v1/instances/i-hp", "");
     assert_eq!(r.json["state"], "running");
 
-    // Hot-plug a second volume into the running guest: the call returns once the guest's
-    // driver has the disk, and the guest writes through the card.
+    // Once the guest is up, hot-plug a second volume into it: the call returns once the
+    // guest's driver has the disk, and the guest writes through the card.
+    wait_console(&api, "i-hp", "BULKHEAD-GUEST-READY");
     let key_b = volume_key(3);
     let late = sealed_b64(&host, "vol-b", &key_b);
     let body = serde_json::json!({"volume_id": "vol-b", "sealed_key": late}).to_string();
