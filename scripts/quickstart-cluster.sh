@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Quickstart act: the whole system. `bulkhead up` starts the KMS, two hosts (controllers) and the
 # control plane as separate processes; a customer runs an instance, creates an encrypted volume and
-# attaches it (customer → control plane → KMS → controller); an operator is refused every
-# customer-data operation; the audit trail of the flow is shown and verified. Real binaries, real
-# mutual TLS 1.3. Run from the repository root after `make build`.
+# attaches it to the running instance (customer → control plane → KMS → controller → block card →
+# hypervisor hot-plug → the guest sees a new disk and writes to it; the backing file holds only
+# ciphertext); an operator is refused every customer-data operation; the audit trail of the flow
+# is shown and verified. Real binaries, real mutual TLS 1.3, real guests when target/guest exists
+# (`make guest`; BULKHEAD_BACKEND=detached skips them). Run from the repository root after
+# `make build`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${CARGO_TARGET_DIR:-target}/release
@@ -11,7 +14,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 j() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))" "$1"; }
 
 DIR=$(mktemp -d)
-"$BIN/bulkhead" up --hosts 2 --record --backend "${BULKHEAD_BACKEND:-detached}" --dir "$DIR" >"$DIR/up.out" 2>"$DIR/up.err" &
+"$BIN/bulkhead" up --hosts 2 --record --backend "${BULKHEAD_BACKEND:-auto}" --dir "$DIR" >"$DIR/up.out" 2>"$DIR/up.err" &
 UP=$!
 trap 'kill "$UP" 2>/dev/null || true; wait "$UP" 2>/dev/null || true; rm -rf "$DIR"' EXIT
 for _ in $(seq 300); do [ -s "$DIR/cluster.json" ] && break; sleep 0.1; done
@@ -30,10 +33,32 @@ say "A customer signs up (access key + secret; the KMS gets its own wrapped copy
 acme() { "$BIN/bulkhead-control" call --endpoint "$CTL" --ca "$DIR/ca/ca.pem" --credentials "$DIR/acme.json" "$@"; }
 globex() { "$BIN/bulkhead-control" call --endpoint "$CTL" --ca "$DIR/ca/ca.pem" --credentials "$DIR/globex.json" "$@"; }
 
+# The guest's user data: wait for the attached disk, write a secret to it through the card, read
+# it back. The secret is assembled in the guest so it appears nowhere outside it in plaintext.
+GUEST_SCRIPT='while [ ! -e /sys/block/vda ]; do :; done
+read -r n </sys/block/vda/size; echo guest: new disk vda, $n sectors
+s=ACME-SECRET-; s=${s}PAYROLL-2026-Q4-0001
+printf %s $s | dd of=/dev/vda bs=32 seek=128 conv=fsync 2>/dev/null
+echo 3 >/proc/sys/vm/drop_caches
+R=$(dd if=/dev/vda bs=32 skip=128 count=1 2>/dev/null)
+[ "$R" = "$s" ] && echo guest: wrote the secret to vda and read it back'
+RUN=$(python3 -c 'import json,sys; print(json.dumps({"ImageId":"test-guest","VcpuCount":1,"UserData":sys.argv[1]}))' "$GUEST_SCRIPT")
+
 say "acme: RunInstances (scheduler places it on a host by whole cores; the control plane calls that host's controller with a token for just that host+operation)"
-echo '$ bulkhead-control call … RunInstances {"ImageId":"test-guest","VcpuCount":2}'
-OUT=$(acme RunInstances '{"ImageId":"test-guest","VcpuCount":2}'); echo "$OUT"
+echo '$ bulkhead-control call … RunInstances {"ImageId":"test-guest","VcpuCount":1,"UserData":"<wait for a disk, write a secret>"}'
+OUT=$(acme RunInstances "$RUN"); echo "$OUT"
 I=$(echo "$OUT" | j 'd["Instances"][0]["InstanceId"]')
+BACKEND=$("$BIN/bulkhead-control" hosts --config "$DIR/control.toml" | j 'd[0]["status"]["backend"] if d[0]["status"] else "unknown"')
+console() { acme GetConsoleOutput "{\"InstanceId\":\"$I\"}" | j 'd["Output"]'; }
+wait_console() { # NEEDLE: poll the customer's console API (software KVM boots take a minute)
+  for _ in $(seq 600); do [[ "$(console)" == *"$1"* ]] && return 0; sleep 1; done
+  echo "timed out waiting for '$1' on the console"; console | tail -20; exit 1
+}
+if [ "$BACKEND" = host ]; then
+  echo "(a real guest is booting under bulkhead-hypervisor on its host; waiting for it)"
+  wait_console BULKHEAD-GUEST-READY
+  echo "guest console: BULKHEAD-GUEST-READY"
+fi
 
 say "acme: CreateVolume — encrypted by default; the KMS returns only the data key's ciphertext"
 OUT=$(acme CreateVolume '{"SizeGiB":1}'); echo "$OUT"
@@ -46,13 +71,26 @@ PY
 
 say "acme: AttachVolume — control plane → KMS (decrypt under acme's forwarded signed request + grant, re-wrap to the host key with HPKE) → controller (sealed blob only)"
 acme AttachVolume "{\"VolumeId\":\"$V\",\"InstanceId\":\"$I\"}"
-BACKEND=$("$BIN/bulkhead-control" hosts --config "$DIR/control.toml" | j 'd[0]["status"]["backend"] if d[0]["status"] else "unknown"')
 echo "host backend reported by the controllers (pulled by the control plane): $BACKEND"
-if [ "$BACKEND" = detached ]; then
-  echo "(detached backend: the controller verified the token, audited, and holds the sealed blob; no block card or guest"
-  echo " runs in this act — set BULKHEAD_BACKEND=auto to drive the real hypervisor/card backend where it is wired)"
+if [ "$BACKEND" = host ]; then
+  echo "(the controller handed the sealed blob, unopened, to a new block card; the card unsealed the key in"
+  echo " its own memory; the hypervisor hot-plugged a virtio-pci disk into the running guest)"
+  wait_console "guest: wrote the secret"
+  echo "guest console:"; console | grep '^guest:' | sed 's/^/  /'
+  python3 - "$DIR" <<'PY'
+import glob, sys
+secret = b"ACME-SECRET-" + b"PAYROLL-2026-Q4-0001"
+for img in sorted(glob.glob(sys.argv[1] + "/host-*/volumes/*.img")):
+    data = open(img, "rb").read()
+    used = sum(1 for i in range(0, len(data), 512) if any(data[i:i+512]))
+    print(f"backing file {img.split('/')[-3]}/{img.split('/')[-1]}: {len(data)} bytes, {used} sectors written,"
+          f" plaintext secret present: {secret in data}")
+    assert secret not in data, "plaintext on disk"
+PY
+else
+  echo "(detached backend: no guest kernel found — run 'make guest'; the controller verified the token, audited,"
+  echo " and holds the sealed blob, but no block card or guest runs in this act)"
 fi
-acme GetConsoleOutput "{\"InstanceId\":\"$I\"}"
 
 say "Tenant isolation: globex can neither see nor touch acme's instance or volume"
 globex DescribeInstances '{}'

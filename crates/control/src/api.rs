@@ -42,7 +42,14 @@ pub struct RunInstances {
     pub tenancy: Option<String>,
     #[serde(rename = "ClientToken", default)]
     pub client_token: Option<String>,
+    /// A script the guest runs at boot (passed to the host's controller, never stored by the
+    /// control plane); at most [`MAX_USER_DATA_BYTES`].
+    #[serde(rename = "UserData", default)]
+    pub user_data: Option<String>,
 }
+
+/// Largest `UserData` (it ends up on the guest kernel's command line).
+pub const MAX_USER_DATA_BYTES: usize = 1024;
 
 fn default_vcpus() -> u32 {
     1
@@ -204,6 +211,12 @@ impl ControlRequest {
                 check_id(&r.image_id)?;
                 check_token(&r.client_token)?;
                 if r.vcpus == 0 || r.vcpus > 64 || r.memory_mib < 16 || r.memory_mib > 1 << 20 {
+                    return Err(ControlError::BadShape);
+                }
+                if r.user_data
+                    .as_ref()
+                    .is_some_and(|u| u.is_empty() || u.len() > MAX_USER_DATA_BYTES)
+                {
                     return Err(ControlError::BadShape);
                 }
                 match r.tenancy.as_deref() {

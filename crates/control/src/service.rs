@@ -576,11 +576,19 @@ impl ControlPlane {
                     &res,
                     "POST",
                     "/v1/instances",
-                    Some(json!({"instance_id": row.instance_id, "image": row.image_id, "vcpus": row.vcpus, "memory_mib": row.memory_mib})),
+                    Some(create_body(&row, r.user_data.as_deref())),
                 )
                 .await?;
             self.hosts
-                .call(&host.host_id, &host.addr, Operation::StartInstance, &res, "POST", &format!("/v1/instances/{}/start", row.instance_id), None)
+                .call(
+                    &host.host_id,
+                    &host.addr,
+                    Operation::StartInstance,
+                    &res,
+                    "POST",
+                    &format!("/v1/instances/{}/start", row.instance_id),
+                    None,
+                )
                 .await
         }
         .await;
@@ -977,6 +985,20 @@ fn error_body(e: &ControlError, request_id: &str) -> (u16, Value) {
         e.status(),
         json!({"error": {"code": e.code(), "message": e.to_string(), "request_id": request_id}}),
     )
+}
+
+/// The controller's CreateInstance body; `user_data` only when the customer gave one.
+fn create_body(row: &InstanceRow, user_data: Option<&str>) -> Value {
+    let mut body = json!({
+        "instance_id": row.instance_id,
+        "image": row.image_id,
+        "vcpus": row.vcpus,
+        "memory_mib": row.memory_mib,
+    });
+    if let (Some(u), Some(o)) = (user_data, body.as_object_mut()) {
+        o.insert("user_data".into(), Value::String(u.to_owned()));
+    }
+    body
 }
 
 #[cfg(test)]

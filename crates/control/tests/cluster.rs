@@ -181,58 +181,34 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-#[test]
-fn attach_flow_across_processes_leaves_no_plaintext_key_on_any_wire_database_or_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = up(dir.path(), true);
-    let a = customer(&c, "tenant-a");
-    let b = customer(&c, "tenant-b");
-    // Two hosts with one whole core each: the two tenants' instances land on different hosts.
-    let ia = run(&a);
-    let ib = run(&b);
-    let va = volume(&a);
-    let vb = volume(&b);
-    let r = a.ok("AttachVolume", json!({"VolumeId": va, "InstanceId": ia}));
-    assert_eq!(r["State"], "attached");
-    let r = b.ok("AttachVolume", json!({"VolumeId": vb, "InstanceId": ib}));
-    assert_eq!(r["State"], "attached");
-    assert_eq!(
-        a.ok("DescribeVolumes", json!({}))["Volumes"][0]["State"],
-        "in-use"
-    );
-    // Both hosts were used.
-    let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
-    let hosts: i64 = db
-        .query_row("SELECT COUNT(DISTINCT host_id) FROM instances", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(hosts, 2);
-
-    // Learn tenant A's plaintext data key the only legitimate way: as the control plane, with
-    // a fresh AttachVolume signed by A, ask the KMS to seal it to host-1's key, then open it with
-    // that host key (what the block card does).
+/// Tenant `a`'s plaintext data key for `va`, learned the only legitimate way: as the control
+/// plane, with a fresh AttachVolume signed by `a`, ask the KMS to seal it to the instance's
+/// host key, then open it with that host key (what the block card does). Returns the key and
+/// the host id.
+fn data_key(c: &Cluster, a: &Customer, va: &str, ia: &str) -> (Vec<u8>, String) {
+    let dir = &c.dir;
+    let db = rusqlite::Connection::open(dir.join("control/control.db")).unwrap();
     let blob: Vec<u8> = db
         .query_row(
             "SELECT ciphertext_blob FROM volumes WHERE volume_id = ?1",
-            [&va],
+            [va],
             |r| r.get(0),
         )
         .unwrap();
     let host_of: String = db
         .query_row(
             "SELECT host_id FROM instances WHERE instance_id = ?1",
-            [&ia],
+            [ia],
             |r| r.get(0),
         )
         .unwrap();
-    let host_dir = dir.path().join(&host_of);
+    let host_dir = dir.join(&host_of);
     let kms = HttpsClient::new(
         client_config(
-            &dir.path().join("ca/ca.pem"),
+            &dir.join("ca/ca.pem"),
             Some((
-                &dir.path().join("ca/control-plane.pem"),
-                &dir.path().join("ca/control-plane.key"),
+                &dir.join("ca/control-plane.pem"),
+                &dir.join("ca/control-plane.key"),
             )),
         )
         .unwrap(),
@@ -261,33 +237,43 @@ fn attach_flow_across_processes_leaves_no_plaintext_key_on_any_wire_database_or_
     let v: Value = serde_json::from_slice(&r.body).unwrap();
     let sealed = B64.decode(v["sealed_key"].as_str().unwrap()).unwrap();
     let host_key = bulkhead_sealing::HostKey::read_file(&host_dir.join("host.key")).unwrap();
-    let dk = bulkhead_sealing::open_volume_key(&host_key, &va, &sealed).unwrap();
+    let dk = bulkhead_sealing::open_volume_key(&host_key, va, &sealed).unwrap();
+    (dk.as_ref().to_vec(), host_of)
+}
 
-    a.ok("DetachVolume", json!({"VolumeId": va}));
-    std::thread::sleep(std::time::Duration::from_millis(600)); // a polling round
-    drop(c); // stop every daemon so databases, WALs and logs are final
+/// The encodings a leaked key could take.
+fn key_needles(dk: &[u8]) -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("raw".into(), dk.to_vec()),
+        ("raw first half".into(), dk[..32].to_vec()),
+        ("hex".into(), hex::encode(dk).into_bytes()),
+        ("HEX".into(), hex::encode_upper(dk).into_bytes()),
+        ("base64".into(), B64.encode(dk).into_bytes()),
+    ]
+}
 
-    let needles: Vec<(String, Vec<u8>)> = vec![
-        ("raw".into(), dk.as_ref().to_vec()),
-        ("raw first half".into(), dk.as_ref()[..32].to_vec()),
-        ("hex".into(), hex::encode(dk.as_ref()).into_bytes()),
-        ("HEX".into(), hex::encode_upper(dk.as_ref()).into_bytes()),
-        ("base64".into(), B64.encode(dk.as_ref()).into_bytes()),
-    ];
+/// Asserts that no needle occurs in any file under `dir` (captured traffic, databases, WALs,
+/// logs, backing files, ...) except the host key files and those `skip` names; returns the
+/// kinds of files scanned.
+fn assert_nowhere(
+    dir: &Path,
+    needles: &[(String, Vec<u8>)],
+    skip: impl Fn(&Path) -> bool,
+) -> std::collections::BTreeSet<&'static str> {
     let mut files = Vec::new();
-    files_under(dir.path(), &mut files);
+    files_under(dir, &mut files);
     let mut kinds = std::collections::BTreeSet::new();
     for f in &files {
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         // The host key files are the only legitimate holders of key material (the card's).
-        if name == "host.key" {
+        if name == "host.key" || skip(f) {
             continue;
         }
-        let hay = std::fs::read(f).unwrap();
-        for (what, n) in &needles {
+        let Ok(hay) = std::fs::read(f) else { continue };
+        for (what, n) in needles {
             assert!(
                 !hay.windows(n.len()).any(|w| w == n.as_slice()),
-                "plaintext data key ({what}) found in {}",
+                "{what} found in {}",
                 f.display()
             );
         }
@@ -297,8 +283,49 @@ fn attach_flow_across_processes_leaves_no_plaintext_key_on_any_wire_database_or_
             kinds.insert("database");
         } else if name.ends_with(".log") {
             kinds.insert("log");
+        } else if name.ends_with(".img") {
+            kinds.insert("backing file");
         }
     }
+    kinds
+}
+
+#[test]
+fn attach_flow_across_processes_leaves_no_plaintext_key_on_any_wire_database_or_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path(), true);
+    let a = customer(&c, "tenant-a");
+    let b = customer(&c, "tenant-b");
+    // Two hosts with one whole core each: the two tenants' instances land on different hosts.
+    let ia = run(&a);
+    let ib = run(&b);
+    let va = volume(&a);
+    let vb = volume(&b);
+    let r = a.ok("AttachVolume", json!({"VolumeId": va, "InstanceId": ia}));
+    assert_eq!(r["State"], "attached");
+    let r = b.ok("AttachVolume", json!({"VolumeId": vb, "InstanceId": ib}));
+    assert_eq!(r["State"], "attached");
+    assert_eq!(
+        a.ok("DescribeVolumes", json!({}))["Volumes"][0]["State"],
+        "in-use"
+    );
+    // Both hosts were used.
+    let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
+    let hosts: i64 = db
+        .query_row("SELECT COUNT(DISTINCT host_id) FROM instances", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(hosts, 2);
+
+    // Learn tenant A's plaintext data key the only legitimate way (see `data_key`).
+    let (dk, host_of) = data_key(&c, &a, &va, &ia);
+    let host_dir = dir.path().join(&host_of);
+    a.ok("DetachVolume", json!({"VolumeId": va}));
+    std::thread::sleep(std::time::Duration::from_millis(600)); // a polling round
+    drop(c); // stop every daemon so databases, WALs and logs are final
+
+    let kinds = assert_nowhere(dir.path(), &key_needles(&dk), |_| false);
     assert_eq!(kinds.len(), 3, "scanned {kinds:?}");
     // The capture saw every link, and each link carried traffic.
     for link in [
