@@ -303,6 +303,7 @@ impl Vm {
             let router = self.shared.router.clone();
             let p = pci.ports.get_mut(port).ok_or(Error::NoFreeSlot)?;
             p.plug(card, announce, &router);
+            pci.used(port);
             port
         };
         tracing::info!(

@@ -305,6 +305,9 @@ pub struct PciBus {
     host: ConfigSpace,
     pub ports: Vec<RootPort>,
     pub router: Arc<IrqRouter>,
+    /// Where the search for a free slot starts: slots are used in turn, so a card plugged right
+    /// after another was pulled lands in a slot the guest is not still tearing down.
+    rotor: usize,
 }
 
 impl PciBus {
@@ -323,6 +326,7 @@ impl PciBus {
             host,
             ports: (0..slots).map(RootPort::new).collect(),
             router,
+            rotor: 0,
         }
     }
 
@@ -450,9 +454,17 @@ impl PciBus {
             .position(|p| p.card.as_ref().is_some_and(|c| c.id == id))
     }
 
-    /// A port with an empty slot.
+    /// A port with an empty slot, taking slots in turn.
     pub fn free_port(&self) -> Option<usize> {
-        self.ports.iter().position(|p| p.card.is_none())
+        let n = self.ports.len();
+        (0..n)
+            .map(|i| (self.rotor + i) % n)
+            .find(|i| self.ports.get(*i).is_some_and(|p| p.card.is_none()))
+    }
+
+    /// Records that `port` was just used, so the next search starts after it.
+    pub fn used(&mut self, port: usize) {
+        self.rotor = port + 1;
     }
 }
 
