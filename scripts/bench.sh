@@ -22,6 +22,7 @@ python3 scripts/bench_hypervisor.py >> "$tmp"
 for extra in scripts/bench-blockcard.sh scripts/bench-controller.sh scripts/bench-rot.sh scripts/bench-control.sh; do
   if [ -x "$extra" ]; then "$extra" >> "$tmp"; fi
 done
+echo >> "$tmp"
 python3 scripts/bench_attach.py >> "$tmp"
 mv "$tmp" "$out"
 echo "bench: wrote $out"

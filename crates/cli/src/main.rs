@@ -32,6 +32,8 @@ enum Command {
     Deploy(cmd::deploy::DeployArgs),
     /// Start a local cluster: KMS, N hosts (controllers), control plane.
     Up(cmd::up::UpArgs),
+    /// The customer API, spelled like `aws ec2` (run-instances, attach-volume, ...).
+    Ec2(cmd::ec2::Ec2Args),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Command::Release(c) => cmd::release::run(c),
         Command::Deploy(c) => cmd::deploy::run(c),
         Command::Up(c) => cmd::up::run(c),
+        Command::Ec2(c) => cmd::ec2::run(c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

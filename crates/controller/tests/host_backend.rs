@@ -176,6 +176,19 @@ fn wait_console(api: &Api<'_>, id: &str, needle: &str) {
     }
 }
 
+/// The pid of the live block card serving `volume` (found by its backing file argument).
+fn card_pid(volume: &str) -> Option<i32> {
+    let needle = format!("{volume}.img");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd);
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let zombie = stat.rsplit(')').next()?.trim_start().starts_with('Z');
+        (cmd.contains("bulkhead-blockcard") && cmd.contains(&needle) && !zombie).then_some(pid)
+    })
+}
+
 fn describe_backend(d: &Daemon) -> String {
     let t = d.mint("operator", HOST, &[Operation::DescribeHost], MIN10);
     let r = d
@@ -350,7 +363,12 @@ fn hot_attach_and_detach_on_a_running_instance() {
          printf %s {MARKER} | dd of=/dev/vdb bs=32 seek=128 conv=fsync 2>/dev/null\n\
          echo hot-written\n\
          while [ -e /sys/block/vda ]; do :; done\n\
-         echo vda-gone\n"
+         echo vda-gone\n\
+         while [ -e /sys/block/vdb ]; do :; done\n\
+         echo vdb-gone\n\
+         while [ ! -e /sys/block/vda ]; do :; done\n\
+         R=$(dd if=/dev/vda bs=32 skip=128 count=1 2>/dev/null)\n\
+         echo back=$R\n"
     );
     let create = serde_json::json!({
         "instance_id": "i-hp",
@@ -437,6 +455,23 @@ fn hot_attach_and_detach_on_a_running_instance() {
         .decrypt(&mut sector, 8)
         .unwrap();
     assert_eq!(&sector[..MARKER.len()], MARKER.as_bytes());
+
+    // The card serving vol-b crashes (kill -9). The system converges: the detach still succeeds
+    // (the hypervisor pulls the disk, the dead card is reaped), and the volume attaches again
+    // with a new card, which serves what the guest wrote before the crash.
+    let pid = card_pid("vol-b").expect("vol-b's card is running");
+    // SAFETY: kill(2) with a pid we just found and a constant signal.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    api.ok("DELETE", "/v1/instances/i-hp/volumes/vol-b", "");
+    wait_console(&api, "i-hp", "vdb-gone");
+    assert!(card_pid("vol-b").is_none(), "the crashed card was not reaped");
+    let r = api.ok("GET", "/v1/instances/i-hp", "");
+    assert_eq!(r.json["volumes"], serde_json::json!([]));
+    api.ok("POST", "/v1/instances/i-hp/volumes", &body);
+    wait_console(&api, "i-hp", &format!("back={MARKER}"));
+    assert!(d.audit().iter().any(|x| x["entry"]["op"] == "AttachVolume"
+        && x["entry"]["kind"] == "outcome"
+        && x["entry"]["code"] == "ok"));
 
     // An operator's token still cannot reach any customer-plane operation.
     let t = d.mint("operator", HOST, &[Operation::DescribeHost], MIN10);

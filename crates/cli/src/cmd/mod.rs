@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod ca;
 pub mod deploy;
+pub mod ec2;
 pub mod release;
 pub mod token;
 pub mod up;
