@@ -31,6 +31,8 @@ say "A customer signs up (access key + secret; the KMS gets its own wrapped copy
 "$BIN/bulkhead-control" create-customer --config "$DIR/control.toml" --tenant acme --out "$DIR/acme.json"
 "$BIN/bulkhead-control" create-customer --config "$DIR/control.toml" --tenant globex --out "$DIR/globex.json" >/dev/null
 acme() { "$BIN/bulkhead-control" call --endpoint "$CTL" --ca "$DIR/ca/ca.pem" --credentials "$DIR/acme.json" "$@"; }
+# The customer's CLI, spelled like `aws ec2`: signs each request with acme's access key + secret.
+ec2() { BULKHEAD_CLUSTER="$DIR" BULKHEAD_CREDENTIALS="$DIR/acme.json" "$BIN/bulkhead" ec2 "$@"; }
 globex() { "$BIN/bulkhead-control" call --endpoint "$CTL" --ca "$DIR/ca/ca.pem" --credentials "$DIR/globex.json" "$@"; }
 
 # The guest's user data: wait for the attached disk, write a secret to it through the card, read
@@ -42,14 +44,13 @@ printf %s $s | dd of=/dev/vda bs=32 seek=128 conv=fsync 2>/dev/null
 echo 3 >/proc/sys/vm/drop_caches
 R=$(dd if=/dev/vda bs=32 skip=128 count=1 2>/dev/null)
 [ "$R" = "$s" ] && echo guest: wrote the secret to vda and read it back'
-RUN=$(python3 -c 'import json,sys; print(json.dumps({"ImageId":"test-guest","VcpuCount":1,"UserData":sys.argv[1]}))' "$GUEST_SCRIPT")
 
 say "acme: RunInstances (scheduler places it on a host by whole cores; the control plane calls that host's controller with a token for just that host+operation)"
-echo '$ bulkhead-control call … RunInstances {"ImageId":"test-guest","VcpuCount":1,"UserData":"<wait for a disk, write a secret>"}'
-OUT=$(acme RunInstances "$RUN"); echo "$OUT"
+echo '$ bulkhead ec2 run-instances --image-id test-guest --vcpu-count 1 --user-data "<wait for a disk, write a secret>"'
+OUT=$(ec2 run-instances --image-id test-guest --vcpu-count 1 --user-data "$GUEST_SCRIPT"); echo "$OUT"
 I=$(echo "$OUT" | j 'd["Instances"][0]["InstanceId"]')
 BACKEND=$("$BIN/bulkhead-control" hosts --config "$DIR/control.toml" | j 'd[0]["status"]["backend"] if d[0]["status"] else "unknown"')
-console() { acme GetConsoleOutput "{\"InstanceId\":\"$I\"}" | j 'd["Output"]'; }
+console() { ec2 get-console-output --instance-id "$I" --output text; }
 wait_console() { # NEEDLE: poll the customer's console API (software KVM boots take a minute)
   for _ in $(seq 600); do [[ "$(console)" == *"$1"* ]] && return 0; sleep 1; done
   echo "timed out waiting for '$1' on the console"; console | tail -20; exit 1
@@ -61,7 +62,8 @@ if [ "$BACKEND" = host ]; then
 fi
 
 say "acme: CreateVolume — encrypted by default; the KMS returns only the data key's ciphertext"
-OUT=$(acme CreateVolume '{"SizeGiB":1}'); echo "$OUT"
+echo '$ bulkhead ec2 create-volume --size 1'
+OUT=$(ec2 create-volume --size 1); echo "$OUT"
 V=$(echo "$OUT" | j 'd["VolumeId"]'); K=$(echo "$OUT" | j 'd["KmsKeyId"]')
 python3 - "$DIR/control/control.db" "$V" <<'PY'
 import sqlite3, sys
@@ -70,7 +72,8 @@ print(f"control.db stores for {sys.argv[2]}: {len(blob)}-byte KMS ciphertext blo
 PY
 
 say "acme: AttachVolume — control plane → KMS (decrypt under acme's forwarded signed request + grant, re-wrap to the host key with HPKE) → controller (sealed blob only)"
-acme AttachVolume "{\"VolumeId\":\"$V\",\"InstanceId\":\"$I\"}"
+echo "\$ bulkhead ec2 attach-volume --volume-id $V --instance-id $I"
+ec2 attach-volume --volume-id "$V" --instance-id "$I"
 echo "host backend reported by the controllers (pulled by the control plane): $BACKEND"
 if [ "$BACKEND" = host ]; then
   echo "(the controller handed the sealed blob, unopened, to a new block card; the card unsealed the key in"

@@ -644,9 +644,13 @@ impl VolumeBackend for HostBackend {
                 return Err(e);
             }
         };
+        // One request queue per guest vCPU: the hypervisor offers the guest as many as the card
+        // serves, up to the vCPU count.
+        let queues = u16::try_from(g.desc.vcpus).unwrap_or(1);
         let spawned = self.launcher.call_fd(&LaunchRequest::SpawnCard {
             backing,
             read_only: false,
+            queues,
             run_as: self.cfg.run_as,
         });
         let (pid, control) = match spawned {

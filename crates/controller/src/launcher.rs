@@ -37,6 +37,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+/// Most request queues a card is started with.
+pub const MAX_CARD_QUEUES: u16 = 16;
+
+fn one_queue() -> u16 {
+    1
+}
+
 /// Largest launcher message (either direction).
 pub const MAX_MESSAGE: usize = 8 * 1024;
 /// How long the launcher waits for a card's control socket to come up.
@@ -75,6 +82,9 @@ pub enum LaunchRequest {
     SpawnCard {
         backing: PathBuf,
         read_only: bool,
+        /// Request queues the card serves (one per guest vCPU), 1..=MAX_CARD_QUEUES.
+        #[serde(default = "one_queue")]
+        queues: u16,
         run_as: Option<(u32, u32)>,
     },
     ConnectVhost {
@@ -485,8 +495,9 @@ impl LauncherState {
             LaunchRequest::SpawnCard {
                 backing,
                 read_only,
+                queues,
                 run_as,
-            } => self.spawn_card(backing, read_only, run_as),
+            } => self.spawn_card(backing, read_only, queues, run_as),
             LaunchRequest::ConnectVhost { pid } => {
                 let Some(card) = self.cards.get(&pid) else {
                     return Self::refuse(LaunchRefusal::NoSuchChild);
@@ -532,8 +543,10 @@ impl LauncherState {
         &mut self,
         backing: PathBuf,
         read_only: bool,
+        queues: u16,
         run_as: Option<(u32, u32)>,
     ) -> (LaunchReply, Option<OwnedFd>) {
+        let queues = queues.clamp(1, MAX_CARD_QUEUES);
         if !inside(&backing, &self.cfg.volume_dir) {
             return Self::refuse(LaunchRefusal::PathNotAllowed);
         }
@@ -552,7 +565,7 @@ impl LauncherState {
             .arg("--backing")
             .arg(&backing)
             .arg("--queues")
-            .arg("1")
+            .arg(queues.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         if read_only {

@@ -464,7 +464,10 @@ fn hot_attach_and_detach_on_a_running_instance() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     api.ok("DELETE", "/v1/instances/i-hp/volumes/vol-b", "");
     wait_console(&api, "i-hp", "vdb-gone");
-    assert!(card_pid("vol-b").is_none(), "the crashed card was not reaped");
+    assert!(
+        card_pid("vol-b").is_none(),
+        "the crashed card was not reaped"
+    );
     let r = api.ok("GET", "/v1/instances/i-hp", "");
     assert_eq!(r.json["volumes"], serde_json::json!([]));
     api.ok("POST", "/v1/instances/i-hp/volumes", &body);

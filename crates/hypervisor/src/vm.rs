@@ -288,8 +288,12 @@ impl Vm {
                 return Err(Error::NoFreeSlot);
             }
         }
-        let dev = VhostUserBlk::connect(stream, read_only)?;
+        // One request queue per vCPU at most (what the guest's blk-mq uses); MSI-X has room
+        // for 64 queues plus the configuration vector.
+        let max_queues = u16::from(self.config.vcpus).min(64);
+        let dev = VhostUserBlk::connect(stream, read_only, max_queues)?;
         let sectors = dev.capacity_sectors();
+        let queues = dev.queues();
         let card = VirtioPciDevice::new(
             id,
             Box::new(dev),
@@ -310,6 +314,7 @@ impl Vm {
             device = id,
             port,
             sectors,
+            queues,
             hotplug = announce,
             "vhost-user block attached"
         );

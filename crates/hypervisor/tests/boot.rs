@@ -60,7 +60,8 @@ fn two_vcpus_are_set_up_pinned_and_started() {
         cmdline: format!(
             "{} {}",
             GUEST_ARGS.replace(" quiet", ""),
-            run_arg("n=0; while read -r l; do case \"$l\" in processor*) n=$((n+1));; esac; done </proc/cpuinfo; echo cpus=$n\n")
+            run_arg("n=0; while read -r l; do case \"$l\" in processor*) n=$((n+1));; esac; done </proc/cpuinfo; echo cpus=$n\n\
+                     m=0; for q in /sys/block/vda/mq/*; do m=$((m+1)); done; echo mq=$m\n")
         ),
         memory_mib: 128,
         vcpus: 2,
@@ -69,6 +70,24 @@ fn two_vcpus_are_set_up_pinned_and_started() {
     };
     let mut hv = Hypervisor::spawn(&spec).expect("spawn");
     let pid = hv.pid();
+    // A disk whose backend serves two queues: with two vCPUs the guest gets one queue each.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    std::fs::write(&img, vec![0u8; 4 << 20]).expect("image");
+    let sock = dir.path().join("vhost.sock");
+    let mut daemon = qsd_export_queues("two_vcpus (multi-queue disk)", &img, &sock, 2);
+    if daemon.is_some() {
+        let stream = std::os::unix::net::UnixStream::connect(&sock).expect("connect to qsd");
+        let id = bulkhead_channel::DeviceId::new("mq").expect("id");
+        hv.call(
+            Command::AttachBlock {
+                id,
+                read_only: false,
+            },
+            Some(std::os::fd::AsRawFd::as_raw_fd(&stream)),
+        )
+        .expect("attach a two-queue disk");
+    }
     assert_eq!(
         hv.call(Command::Start, None).expect("start"),
         Reply::Done {
@@ -138,6 +157,14 @@ fn two_vcpus_are_set_up_pinned_and_started() {
         text.contains("cpus=2"),
         "user space does not see two CPUs:\n{text}"
     );
+    if let Some(mut d) = daemon.take() {
+        let _ = d.kill();
+        let _ = d.wait();
+        assert!(
+            text.contains("mq=2"),
+            "the disk does not have one queue per vCPU:\n{text}"
+        );
+    }
     assert!(text.contains("BULKHEAD-RUN-EXIT=0"), "{text}");
 }
 

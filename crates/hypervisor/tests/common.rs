@@ -151,6 +151,11 @@ pub fn which(bin: &str) -> Option<PathBuf> {
 /// Serves `img` over vhost-user-blk at `sock` with qemu-storage-daemon (the independent peer),
 /// waiting until the socket exists. `None` (after a loud message) when qsd is not installed.
 pub fn qsd_export(test: &str, img: &Path, sock: &Path) -> Option<Child> {
+    qsd_export_queues(test, img, sock, 1)
+}
+
+/// [`qsd_export`] with `queues` request queues.
+pub fn qsd_export_queues(test: &str, img: &Path, sock: &Path, queues: u16) -> Option<Child> {
     let Some(qsd) = which("qemu-storage-daemon") else {
         eprintln!("\n*** SKIPPED {test}: qemu-storage-daemon absent ***\n");
         return None;
@@ -163,7 +168,7 @@ pub fn qsd_export(test: &str, img: &Path, sock: &Path) -> Option<Child> {
         ))
         .arg("--export")
         .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on",
+            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
             sock.display()
         ))
         .stdout(Stdio::null())

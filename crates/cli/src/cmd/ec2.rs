@@ -143,7 +143,11 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
                 None => user_data.clone(),
             };
             put(&mut m, "UserData", ud.map(|v| json!(v)));
-            put(&mut m, "ClientToken", client_token.as_ref().map(|v| json!(v)));
+            put(
+                &mut m,
+                "ClientToken",
+                client_token.as_ref().map(|v| json!(v)),
+            );
             ("RunInstances", Value::Object(m))
         }
         Ec2Action::DescribeInstances { instance_ids } => {
@@ -166,7 +170,11 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
             let mut m = Map::new();
             m.insert("SizeGiB".into(), json!(size));
             put(&mut m, "KmsKeyId", kms_key_id.as_ref().map(|v| json!(v)));
-            put(&mut m, "ClientToken", client_token.as_ref().map(|v| json!(v)));
+            put(
+                &mut m,
+                "ClientToken",
+                client_token.as_ref().map(|v| json!(v)),
+            );
             ("CreateVolume", Value::Object(m))
         }
         Ec2Action::DescribeVolumes { volume_ids } => {
@@ -179,12 +187,8 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
             "AttachVolume",
             json!({"VolumeId": volume_id, "InstanceId": instance_id}),
         ),
-        Ec2Action::DetachVolume { volume_id } => {
-            ("DetachVolume", json!({ "VolumeId": volume_id }))
-        }
-        Ec2Action::DeleteVolume { volume_id } => {
-            ("DeleteVolume", json!({ "VolumeId": volume_id }))
-        }
+        Ec2Action::DetachVolume { volume_id } => ("DetachVolume", json!({ "VolumeId": volume_id })),
+        Ec2Action::DeleteVolume { volume_id } => ("DeleteVolume", json!({ "VolumeId": volume_id })),
         Ec2Action::GetConsoleOutput { instance_id, .. } => {
             ("GetConsoleOutput", json!({ "InstanceId": instance_id }))
         }

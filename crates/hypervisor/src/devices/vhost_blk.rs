@@ -19,6 +19,9 @@ const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// virtio_blk_config is 60 bytes in virtio 1.2; read what the backend gives us.
 const BLK_CONFIG_LEN: u32 = 60;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+/// Offset of `num_queues` (le16) in virtio_blk_config.
+const CONFIG_NUM_QUEUES: usize = 34;
 const QUEUE_SIZE: u16 = 256;
 /// Features the guest may see from a block backend.
 const ALLOWED_FEATURES: u64 = (1 << 1) // SIZE_MAX
@@ -58,8 +61,13 @@ pub struct VhostUserBlk {
 }
 
 impl VhostUserBlk {
-    /// Performs the handshake on an already connected socket.
-    pub fn connect(stream: UnixStream, read_only: bool) -> Result<Self, ConnectError> {
+    /// Performs the handshake on an already connected socket. The device gets as many queues
+    /// as the backend serves, at most `max_queues` (one per vCPU is what the guest uses).
+    pub fn connect(
+        stream: UnixStream,
+        read_only: bool,
+        max_queues: u16,
+    ) -> Result<Self, ConnectError> {
         let mut frontend = Frontend::from_stream(stream, 1);
         frontend.set_owner().map_err(ConnectError::Handshake)?;
         let backend_features = frontend.get_features().map_err(ConnectError::Handshake)?;
@@ -68,6 +76,7 @@ impl VhostUserBlk {
         }
         let protocol = backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
         let mut config = vec![0u8; BLK_CONFIG_LEN as usize];
+        let mut queues = 1u16;
         if protocol {
             let offered = frontend
                 .get_protocol_features()
@@ -77,6 +86,14 @@ impl VhostUserBlk {
             frontend
                 .set_protocol_features(want)
                 .map_err(ConnectError::Handshake)?;
+            if want.contains(VhostUserProtocolFeatures::MQ)
+                && backend_features & VIRTIO_BLK_F_MQ != 0
+            {
+                let n = frontend.get_queue_num().map_err(ConnectError::Handshake)?;
+                queues = u16::try_from(n)
+                    .unwrap_or(u16::MAX)
+                    .clamp(1, max_queues.max(1));
+            }
             if want.contains(VhostUserProtocolFeatures::CONFIG) {
                 let (_, payload) = frontend
                     .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &config)
@@ -85,15 +102,23 @@ impl VhostUserBlk {
                 config[..n].copy_from_slice(&payload[..n]);
             }
         }
+        if let Some(nq) = config.get_mut(CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2) {
+            nq.copy_from_slice(&queues.to_le_bytes());
+        }
         Ok(VhostUserBlk {
             frontend,
             backend_features,
             protocol,
             config,
-            queues: 1,
+            queues,
             read_only,
             active: false,
         })
+    }
+
+    /// Number of request queues the guest will see.
+    pub fn queues(&self) -> u16 {
+        self.queues
     }
 
     /// Capacity in 512-byte sectors, as the backend reports it.
@@ -116,8 +141,10 @@ impl VirtioDevice for VhostUserBlk {
         VIRTIO_ID_BLOCK
     }
     fn features(&self) -> u64 {
-        // No multi-queue until the transport grows it: one queue.
-        let mut f = self.backend_features & ALLOWED_FEATURES & !(1 << 12);
+        let mut f = self.backend_features & ALLOWED_FEATURES;
+        if self.queues <= 1 {
+            f &= !VIRTIO_BLK_F_MQ;
+        }
         if self.read_only {
             f |= VIRTIO_BLK_F_RO;
         }
