@@ -156,27 +156,24 @@ impl Vm {
         let router = Arc::new(IrqRouter::new(vm_fd.clone()));
 
         let ram = GuestRam::new(config.memory_mib)?;
-        for (slot, (gpa, size, _)) in ram.regions.iter().enumerate() {
-            let host = vm_memory::GuestMemoryBackend::get_host_address(&ram.mem, *gpa)
-                .map_err(|_| Error::MemoryLayout)?;
-            let region = kvm_bindings::kvm_userspace_memory_region {
-                slot: u32::try_from(slot).map_err(|_| Error::MemoryLayout)?,
-                guest_phys_addr: gpa.0,
-                memory_size: *size as u64,
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: `region` describes a mapping owned by `ram`, which lives in `Shared` for
-            // as long as the VM fd (and so the memory slot) exists.
-            unsafe { vm_fd.set_user_memory_region(region) }
-                .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        }
-
-        let loaded = boot::load_kernel(&ram, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(p) => Some(boot::load_initrd(&ram, p)?),
-            None => None,
-        };
+        // Loading the kernel and initrd (reads + first touch of guest pages) and registering the
+        // memory with KVM are independent and each take several milliseconds: overlap them.
+        let (loaded, initrd, slots) = std::thread::scope(|sc| {
+            let loader = sc.spawn(|| -> Result<_, Error> {
+                let loaded = boot::load_kernel(&ram, &config.kernel)?;
+                let initrd = match &config.initrd {
+                    Some(p) => Some(boot::load_initrd(&ram, p)?),
+                    None => None,
+                };
+                Ok((loaded, initrd))
+            });
+            let slots = register_memory(&vm_fd, &ram);
+            let (loaded, initrd) = loader
+                .join()
+                .map_err(|_| Error::Thread(std::io::Error::other("kernel loader panicked")))??;
+            Ok::<_, Error>((loaded, initrd, slots))
+        })?;
+        slots?;
 
         let console = Console::new(crate::console::DEFAULT_CAPACITY, config.echo_console);
         let serial_irq =
@@ -576,6 +573,26 @@ impl Vm {
                     .load(Ordering::Relaxed),
         }
     }
+}
+
+/// Registers every region of `ram` as a KVM memory slot.
+fn register_memory(vm_fd: &VmFd, ram: &GuestRam) -> Result<(), Error> {
+    for (slot, (gpa, size, _)) in ram.regions.iter().enumerate() {
+        let host = vm_memory::GuestMemoryBackend::get_host_address(&ram.mem, *gpa)
+            .map_err(|_| Error::MemoryLayout)?;
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: u32::try_from(slot).map_err(|_| Error::MemoryLayout)?,
+            guest_phys_addr: gpa.0,
+            memory_size: *size as u64,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: `region` describes a mapping owned by `ram`, which lives in `Shared` for as
+        // long as the VM fd (and so the memory slot) exists.
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(())
 }
 
 fn request_exit(shared: &Shared, reason: ExitReason) {
