@@ -7,7 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use crate::Error;
 
@@ -86,6 +89,47 @@ const VCPU: &[i64] = &[
     libc::SYS_recvfrom,
 ];
 
+const KVMIO: u64 = 0xae;
+
+const fn io(nr: u64) -> u64 {
+    (KVMIO << 8) | nr
+}
+
+/// `_IOW(KVMIO, nr, T)`.
+const fn iow(nr: u64, size: usize) -> u64 {
+    (1 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+
+/// `_IOR(KVMIO, nr, T)`.
+const fn ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+
+pub const KVM_RUN: u64 = io(0x80);
+pub const KVM_GET_REGS: u64 = ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>());
+pub const KVM_SET_GSI_ROUTING: u64 =
+    iow(0x6a, std::mem::size_of::<kvm_bindings::kvm_irq_routing>());
+pub const KVM_IRQFD: u64 = iow(0x76, std::mem::size_of::<kvm_bindings::kvm_irqfd>());
+pub const KVM_IOEVENTFD: u64 = iow(0x79, std::mem::size_of::<kvm_bindings::kvm_ioeventfd>());
+pub const KVM_SIGNAL_MSI: u64 = iow(0xa5, std::mem::size_of::<kvm_bindings::kvm_msi>());
+/// Never allowed after set-up: remapping guest memory, new vCPUs or VMs.
+pub const KVM_SET_USER_MEMORY_REGION: u64 = iow(
+    0x46,
+    std::mem::size_of::<kvm_bindings::kvm_userspace_memory_region>(),
+);
+
+/// The only ioctls any thread may issue once the sandbox is up: run a vCPU (and read its
+/// registers for diagnostics), and wire interrupts and notifications of hot-plugged devices.
+/// Everything that creates or reshapes a VM (memory slots, vCPUs, CPUID, MSRs) happens before.
+pub const IOCTLS: &[u64] = &[
+    KVM_RUN,
+    KVM_GET_REGS,
+    KVM_SET_GSI_ROUTING,
+    KVM_IRQFD,
+    KVM_IOEVENTFD,
+    KVM_SIGNAL_MSI,
+];
+
 /// The syscalls allowed for `role`.
 pub fn allowed(role: ThreadRole) -> Vec<i64> {
     let mut v: Vec<i64> = COMMON.to_vec();
@@ -105,8 +149,18 @@ pub fn allowed(role: ThreadRole) -> Vec<i64> {
 
 /// Compiles the filter for `role`.
 pub fn filter(role: ThreadRole) -> Result<BpfProgram, Error> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         allowed(role).into_iter().map(|s| (s, vec![])).collect();
+    // ioctl only with the request numbers in IOCTLS.
+    let ioctl_rules = IOCTLS
+        .iter()
+        .map(|nr| {
+            let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *nr)
+                .map_err(|e| Error::Sandbox(format!("seccomp condition: {e}")))?;
+            SeccompRule::new(vec![c]).map_err(|e| Error::Sandbox(format!("seccomp rule: {e}")))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    rules.insert(libc::SYS_ioctl, ioctl_rules);
     let f = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,

@@ -99,7 +99,10 @@ extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 /// How long attach waits for a running guest's driver to bring a hot-plugged card up before
 /// answering (the card stays plugged either way; the reply says whether the guest was seen).
 /// Software KVM guests are slow; on hardware this takes milliseconds.
-pub const ATTACH_WAIT: Duration = Duration::from_secs(20);
+pub const ATTACH_WAIT: Duration = Duration::from_secs(30);
+/// How long attach waits before raising the hot-plug event again for a card the guest has not
+/// started to enumerate.
+const REANNOUNCE_AFTER: Duration = Duration::from_secs(5);
 /// How long detach waits for a running guest's driver to release (reset) a pulled card before
 /// the backend connection is stopped regardless.
 pub const DETACH_WAIT: Duration = Duration::from_secs(45);
@@ -318,9 +321,27 @@ impl Vm {
         if state != VmState::Running {
             return Ok(false);
         }
-        let ready = self.wait_for(port, ATTACH_WAIT, |p| {
-            p.card.as_ref().is_some_and(VirtioPciDevice::driver_ok)
-        });
+        // If the guest has not even looked at the card after a while, raise the event again.
+        let mut ready = false;
+        for _ in 0..ATTACH_WAIT.as_secs().div_ceil(REANNOUNCE_AFTER.as_secs()) {
+            ready = self.wait_for(port, REANNOUNCE_AFTER, |p| {
+                p.card.as_ref().is_some_and(VirtioPciDevice::driver_ok)
+            });
+            if ready || self.state() != VmState::Running {
+                break;
+            }
+            let router = self.shared.router.clone();
+            let mut pci = lock(&self.shared.pci);
+            if let Some(p) = pci.ports.get_mut(port) {
+                if p.reannounce(&router) {
+                    tracing::info!(
+                        device = id,
+                        port,
+                        "guest has not enumerated the card yet: hot-plug event raised again"
+                    );
+                }
+            }
+        }
         tracing::info!(
             device = id,
             ready,

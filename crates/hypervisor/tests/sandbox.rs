@@ -69,6 +69,37 @@ fn forbidden_calls_kill_the_process() {
             "{role:?}: execve() was allowed"
         );
     }
+    // ioctl is limited to its request numbers: remapping guest memory is not among them.
+    for role in [ThreadRole::Main, ThreadRole::Vcpu] {
+        assert!(
+            dies_of_sigsys(role, || {
+                // SAFETY: ioctl on an invalid fd; seccomp decides before the fd is looked at.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_ioctl,
+                        -1,
+                        bulkhead_hypervisor::sandbox::KVM_SET_USER_MEMORY_REGION,
+                        0,
+                    )
+                };
+            }),
+            "{role:?}: KVM_SET_USER_MEMORY_REGION was allowed"
+        );
+        assert!(
+            !dies_of_sigsys(role, || {
+                // SAFETY: ioctl on an invalid fd: fails with EBADF.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_ioctl,
+                        -1,
+                        bulkhead_hypervisor::sandbox::KVM_RUN,
+                        0,
+                    )
+                };
+            }),
+            "{role:?}: KVM_RUN was refused"
+        );
+    }
     // And an allowed call does not kill.
     assert!(!dies_of_sigsys(ThreadRole::Vcpu, || {
         // SAFETY: getpid has no arguments.

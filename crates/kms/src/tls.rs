@@ -124,7 +124,7 @@ impl HttpsClient {
         HttpsClient {
             cfg: Arc::new(cfg),
             // Covers a host's hot-plug of a volume into a running guest (the hypervisor waits up to
-            // 20 s for the guest's driver, 45 s for a detach).
+            // 30 s for the guest's driver, 45 s for a detach).
             timeout: Duration::from_secs(75),
         }
     }

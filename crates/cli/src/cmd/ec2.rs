@@ -219,16 +219,7 @@ pub fn run(a: Ec2Args) -> Result<(), CliError> {
     let endpoint = endpoint.ok_or_else(|| missing("endpoint"))?;
     let ca = ca.ok_or_else(|| missing("ca-bundle"))?;
     let creds = a.credentials.ok_or_else(|| missing("credentials"))?;
-    let me = std::env::current_exe().map_err(|e| CliError::Io("current_exe".into(), e))?;
-    let bin = me
-        .parent()
-        .map(|d| d.join("bulkhead-control"))
-        .filter(|p| p.is_file())
-        .ok_or_else(|| {
-            CliError::BadArgument(
-                "bulkhead-control not found next to bulkhead; run `make build`".into(),
-            )
-        })?;
+    let bin = super::sibling_binary("bulkhead-control")?;
     let mut cmd = Command::new(bin);
     cmd.arg("call")
         .arg("--endpoint")

@@ -30,6 +30,19 @@ pub enum CliError {
     Rot(#[from] bulkhead_rot::RotError),
 }
 
+/// A Bulkhead binary installed next to this one (`make build` puts them together).
+pub fn sibling_binary(name: &str) -> Result<std::path::PathBuf, CliError> {
+    let me = std::env::current_exe().map_err(|e| CliError::Io("current_exe".into(), e))?;
+    me.parent()
+        .map(|d| d.join(name))
+        .filter(|p| p.is_file())
+        .ok_or_else(|| {
+            CliError::BadArgument(format!(
+                "{name} not found next to bulkhead; run `make build`"
+            ))
+        })
+}
+
 impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {

@@ -29,16 +29,7 @@ pub fn run(a: UpArgs) -> Result<(), CliError> {
     if a.hosts == 0 || a.hosts > 64 {
         return Err(CliError::BadArgument("--hosts must be 1..=64".into()));
     }
-    let me = std::env::current_exe().map_err(|e| CliError::Io("current_exe".into(), e))?;
-    let bin = me
-        .parent()
-        .map(|d| d.join("bulkhead-control"))
-        .filter(|p| p.is_file())
-        .ok_or_else(|| {
-            CliError::BadArgument(
-                "bulkhead-control not found next to bulkhead; run `make build`".into(),
-            )
-        })?;
+    let bin = super::sibling_binary("bulkhead-control")?;
     let dir = match a.dir {
         Some(d) => d,
         None => {

@@ -181,7 +181,7 @@ impl Client {
             .build()
             .unwrap();
         rt.block_on(async {
-            // Covers a hot-plug, which waits for the guest's driver (≤20 s) or release (≤45 s).
+            // Covers a hot-plug, which waits for the guest's driver (≤30 s) or release (≤45 s).
             tokio::time::timeout(
                 Duration::from_secs(90),
                 self.request_async(method, path, token, body),

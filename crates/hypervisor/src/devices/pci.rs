@@ -268,6 +268,17 @@ impl RootPort {
         }
     }
 
+    /// Raises the plug event again for a card the guest has not started to enumerate (an
+    /// interrupt it may have missed). Never for a card it has touched: pciehp treats a new
+    /// presence event on an occupied slot as a removal.
+    pub fn reannounce(&mut self, router: &IrqRouter) -> bool {
+        if self.present && self.card.as_ref().is_some_and(|c| !c.touched()) {
+            self.event(router);
+            return true;
+        }
+        false
+    }
+
     /// Latches Presence Detect Changed and Data Link Layer State Changed and, if the guest
     /// enabled hot-plug interrupts, sends the port's MSI.
     fn event(&mut self, router: &IrqRouter) {
@@ -335,9 +346,10 @@ impl PciBus {
         (CONFIG_ADDRESS..CONFIG_DATA + 4).contains(&port)
     }
 
-    fn target(&self) -> Option<(Target, usize)> {
+    /// The function a data-port access at `port` reaches, with the offset in its space.
+    fn target(&self, port: u16) -> Option<(Target, usize)> {
         let a = self.address;
-        if a & 0x8000_0000 == 0 {
+        if a & 0x8000_0000 == 0 || port < CONFIG_DATA {
             return None;
         }
         let bus = ((a >> 16) & 0xff) as u8;
@@ -363,7 +375,7 @@ impl PciBus {
                 _ => Target::Nothing,
             }
         };
-        Some((t, reg))
+        Some((t, reg + usize::from(port - CONFIG_DATA)))
     }
 
     /// A guest `in` from 0xCF8-0xCFF.
@@ -373,13 +385,9 @@ impl PciBus {
             return;
         }
         data.fill(0xff);
-        if port < CONFIG_DATA {
-            return;
-        }
-        let Some((t, reg)) = self.target() else {
+        let Some((t, off)) = self.target(port) else {
             return;
         };
-        let off = reg + usize::from(port - CONFIG_DATA);
         match t {
             Target::HostBridge => self.host.read(off, data),
             Target::Port(i) => {
@@ -388,7 +396,7 @@ impl PciBus {
                 }
             }
             Target::Card(i) => {
-                if let Some(c) = self.ports.get(i).and_then(|p| p.card.as_ref()) {
+                if let Some(c) = self.ports.get_mut(i).and_then(|p| p.card.as_mut()) {
                     c.config_read(off, data)
                 }
             }
@@ -404,13 +412,9 @@ impl PciBus {
             }
             return;
         }
-        if port < CONFIG_DATA {
-            return;
-        }
-        let Some((t, reg)) = self.target() else {
+        let Some((t, off)) = self.target(port) else {
             return;
         };
-        let off = reg + usize::from(port - CONFIG_DATA);
         match t {
             Target::HostBridge => self.host.write(off, data),
             Target::Port(i) => {

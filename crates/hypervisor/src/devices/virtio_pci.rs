@@ -87,6 +87,7 @@ pub struct VirtioPciDevice {
     gsi_base: u32,
     calls: Vec<Arc<EventFd>>,
     wiring: Option<Wiring>,
+    touched: bool,
     bad_accesses: Arc<AtomicU64>,
 }
 
@@ -186,6 +187,7 @@ impl VirtioPciDevice {
             gsi_base,
             calls,
             wiring: None,
+            touched: false,
             bad_accesses,
         })
     }
@@ -210,8 +212,15 @@ impl VirtioPciDevice {
         self.core.status & STATUS_DRIVER_OK != 0
     }
 
-    pub fn config_read(&self, off: usize, data: &mut [u8]) {
+    pub fn config_read(&mut self, off: usize, data: &mut [u8]) {
+        self.touched = true;
         self.cfg.read(off, data);
+    }
+
+    /// Whether the guest has read this function's configuration space (it has started to
+    /// enumerate it).
+    pub fn touched(&self) -> bool {
+        self.touched
     }
 
     pub fn config_write(&mut self, off: usize, data: &[u8], router: &IrqRouter) {
