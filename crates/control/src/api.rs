@@ -3,6 +3,7 @@
 //! table; [`ControlRequest::parse`] is the one parser between bytes and the service.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::ControlError;
 
@@ -28,7 +29,7 @@ pub const ACTIONS: &[(&str, bool)] = &[
     ("RevokeGrant", true),
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunInstances {
     #[serde(rename = "ImageId")]
@@ -59,7 +60,7 @@ fn default_memory() -> u32 {
     128
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceIds {
     #[serde(rename = "InstanceIds", default)]
@@ -68,7 +69,7 @@ pub struct InstanceIds {
     pub client_token: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     #[serde(rename = "SizeGiB")]
@@ -83,14 +84,14 @@ pub struct CreateVolume {
     pub client_token: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeIds {
     #[serde(rename = "VolumeIds", default)]
     pub volume_ids: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttachVolume {
     #[serde(rename = "VolumeId")]
@@ -101,7 +102,7 @@ pub struct AttachVolume {
     pub client_token: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeRef {
     #[serde(rename = "VolumeId")]
@@ -110,14 +111,14 @@ pub struct VolumeRef {
     pub client_token: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceRef {
     #[serde(rename = "InstanceId")]
     pub instance_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     #[serde(rename = "Description", default)]
@@ -126,7 +127,7 @@ pub struct CreateKey {
     pub client_token: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeGrant {
     #[serde(rename = "KeyId")]

@@ -14,6 +14,7 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod hosts;
+pub mod openapi;
 pub mod pg;
 pub mod repo;
 pub mod server;

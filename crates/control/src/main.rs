@@ -49,6 +49,8 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the customer API's OpenAPI document (the checked-in copy is openapi/control.json).
+    PrintOpenapi,
     /// Sign and send one customer API call; prints the JSON answer.
     Call {
         /// Control plane address (host:port).
@@ -630,6 +632,10 @@ fn main() -> ExitCode {
         .init();
     let r = match Cli::parse().cmd {
         Cmd::Serve { config, dev } => serve(&config, dev),
+        Cmd::PrintOpenapi => {
+            print!("{}", bulkhead_control::openapi::document_json());
+            Ok(())
+        }
         Cmd::CreateCustomer {
             config,
             tenant,
