@@ -58,7 +58,10 @@ pub fn document() -> utoipa::openapi::OpenApi {
             .operation_id(Some(*action))
             .summary(Some(summary))
             .tag("customer-api-v1")
-            .security(SecurityRequirement::new("bulkhead-sig", Vec::<String>::new()))
+            .security(SecurityRequirement::new(
+                "bulkhead-sig",
+                Vec::<String>::new(),
+            ))
             .request_body(Some(
                 RequestBodyBuilder::new()
                     .required(Some(Required::True))
@@ -171,6 +174,9 @@ mod tests {
         assert_eq!(paths, ACTIONS.len());
         // Wire names, not Rust names.
         let run = &doc["components"]["schemas"]["RunInstances"]["properties"];
-        assert!(run.get("ImageId").is_some() && run.get("UserData").is_some(), "{run}");
+        assert!(
+            run.get("ImageId").is_some() && run.get("UserData").is_some(),
+            "{run}"
+        );
     }
 }

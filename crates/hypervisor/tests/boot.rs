@@ -71,13 +71,9 @@ fn two_vcpus_are_set_up_pinned_and_started() {
     let mut hv = Hypervisor::spawn(&spec).expect("spawn");
     let pid = hv.pid();
     // A disk whose backend serves two queues: with two vCPUs the guest gets one queue each.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("disk.raw");
-    std::fs::write(&img, vec![0u8; 4 << 20]).expect("image");
-    let sock = dir.path().join("vhost.sock");
-    let mut daemon = qsd_export_queues("two_vcpus (multi-queue disk)", &img, &sock, 2);
-    if daemon.is_some() {
-        let stream = std::os::unix::net::UnixStream::connect(&sock).expect("connect to qsd");
+    let disk = QsdDisk::new("two_vcpus (multi-queue disk)", 4, 2);
+    if let Some(d) = &disk {
+        let stream = d.connect();
         let id = bulkhead_channel::DeviceId::new("mq").expect("id");
         hv.call(
             Command::AttachBlock {
@@ -157,9 +153,7 @@ fn two_vcpus_are_set_up_pinned_and_started() {
         text.contains("cpus=2"),
         "user space does not see two CPUs:\n{text}"
     );
-    if let Some(mut d) = daemon.take() {
-        let _ = d.kill();
-        let _ = d.wait();
+    if disk.is_some() {
         assert!(
             text.contains("mq=2"),
             "the disk does not have one queue per vCPU:\n{text}"
@@ -173,12 +167,7 @@ fn disk_over_vhost_user_from_qemu_storage_daemon() {
     let Some(_) = guest_or_skip("disk_over_vhost_user_from_qemu_storage_daemon") else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("disk.raw");
-    std::fs::write(&img, vec![0u8; 8 << 20]).expect("image");
-    let sock = dir.path().join("vhost.sock");
-    let Some(mut daemon) = qsd_export("disk_over_vhost_user_from_qemu_storage_daemon", &img, &sock)
-    else {
+    let Some(disk) = QsdDisk::new("disk_over_vhost_user_from_qemu_storage_daemon", 8, 1) else {
         return;
     };
     let script = "read -r n </sys/block/vda/size; echo sectors:$n\n\
@@ -193,20 +182,18 @@ fn disk_over_vhost_user_from_qemu_storage_daemon() {
             "--memory-mib",
             "128",
             "--block",
-            sock.to_str().expect("path"),
+            disk.sock.to_str().expect("path"),
         ],
         Some(script),
         BOOT_TIMEOUT,
     );
-    let _ = daemon.kill();
-    let _ = daemon.wait();
     assert!(
         out.contains("sectors:16384"),
         "guest did not see an 8 MiB disk:\n{out}\n{err}"
     );
     assert!(out.contains("readback:BULKHEAD-DISK-MARKER-7f3a"), "{out}");
     assert_eq!(code, Some(0), "{err}");
-    let data = std::fs::read(&img).expect("read image");
+    let data = std::fs::read(&disk.img).expect("read image");
     let at = &data[100 * 512..100 * 512 + 26];
     assert_eq!(
         at, b"BULKHEAD-DISK-MARKER-7f3a\n",

@@ -268,11 +268,7 @@ fn attach_and_detach_over_the_channel_with_scm_rights() {
     else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("disk.raw");
-    std::fs::write(&img, vec![0u8; 4 << 20]).expect("image");
-    let sock = dir.path().join("vhost.sock");
-    let Some(mut daemon) = qsd_export("attach_and_detach_over_the_channel", &img, &sock) else {
+    let Some(disk) = QsdDisk::new("attach_and_detach_over_the_channel", 4, 1) else {
         return;
     };
     let spec = VmSpec {
@@ -286,7 +282,7 @@ fn attach_and_detach_over_the_channel_with_scm_rights() {
         run_as: None,
     };
     let mut hv = Hypervisor::spawn(&spec).expect("spawn");
-    let stream = UnixStream::connect(&sock).expect("connect to qsd");
+    let stream = disk.connect();
     let id = DeviceId::new("vol-1").expect("id");
     let r = hv.call(
         Command::AttachBlock {
@@ -308,7 +304,7 @@ fn attach_and_detach_over_the_channel_with_scm_rights() {
         other => panic!("{other:?}"),
     }
     // The same id twice is refused and changes nothing.
-    let again = UnixStream::connect(&sock);
+    let again = UnixStream::connect(&disk.sock);
     if let Ok(s) = again {
         let r = hv.call(
             Command::AttachBlock {
@@ -336,6 +332,4 @@ fn attach_and_detach_over_the_channel_with_scm_rights() {
         other => panic!("{other:?}"),
     }
     hv.shutdown().expect("shutdown");
-    let _ = daemon.kill();
-    let _ = daemon.wait();
 }

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -148,38 +148,64 @@ pub fn which(bin: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// Serves `img` over vhost-user-blk at `sock` with qemu-storage-daemon (the independent peer),
-/// waiting until the socket exists. `None` (after a loud message) when qsd is not installed.
-pub fn qsd_export(test: &str, img: &Path, sock: &Path) -> Option<Child> {
-    qsd_export_queues(test, img, sock, 1)
+/// A zeroed disk image in a temporary directory, served over vhost-user-blk by
+/// qemu-storage-daemon (the independent peer); the daemon is stopped on drop.
+pub struct QsdDisk {
+    pub img: PathBuf,
+    pub sock: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
 }
 
-/// [`qsd_export`] with `queues` request queues.
-pub fn qsd_export_queues(test: &str, img: &Path, sock: &Path, queues: u16) -> Option<Child> {
-    let Some(qsd) = which("qemu-storage-daemon") else {
-        eprintln!("\n*** SKIPPED {test}: qemu-storage-daemon absent ***\n");
-        return None;
-    };
-    let child = Command::new(qsd)
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=file0,filename={}",
-            img.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
-            sock.display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-storage-daemon");
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
+impl QsdDisk {
+    /// `None` (after a loud message) when qemu-storage-daemon is not installed.
+    pub fn new(test: &str, mib: usize, queues: u16) -> Option<QsdDisk> {
+        let Some(qsd) = which("qemu-storage-daemon") else {
+            eprintln!("\n*** SKIPPED {test}: qemu-storage-daemon absent ***\n");
+            return None;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("disk.raw");
+        std::fs::write(&img, vec![0u8; mib << 20]).expect("image");
+        let sock = dir.path().join("vhost.sock");
+        let child = Command::new(qsd)
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,filename={}",
+                img.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                sock.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon");
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
         }
-        std::thread::sleep(Duration::from_millis(25));
+        Some(QsdDisk {
+            img,
+            sock,
+            child,
+            _dir: dir,
+        })
     }
-    Some(child)
+
+    /// A new vhost-user connection to the daemon.
+    pub fn connect(&self) -> std::os::unix::net::UnixStream {
+        std::os::unix::net::UnixStream::connect(&self.sock).expect("connect to qemu-storage-daemon")
+    }
+}
+
+impl Drop for QsdDisk {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

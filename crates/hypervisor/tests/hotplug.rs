@@ -6,7 +6,6 @@
 mod common;
 
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use bulkhead_channel::{Command, CommandError, DeviceId, Reply, VmState};
@@ -63,8 +62,8 @@ fn drain_console(hv: &mut Hypervisor, seen: &mut String, cursor: &mut u64) {
     }
 }
 
-fn attach(hv: &mut Hypervisor, sock: &std::path::Path, id: &DeviceId) -> Reply {
-    let stream = UnixStream::connect(sock).expect("connect to qemu-storage-daemon");
+fn attach(hv: &mut Hypervisor, disk: &QsdDisk, id: &DeviceId) -> Reply {
+    let stream = disk.connect();
     let r = hv.call(
         Command::AttachBlock {
             id: id.clone(),
@@ -89,11 +88,7 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
     else {
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("disk.raw");
-    std::fs::write(&img, vec![0u8; 8 << 20]).expect("image");
-    let sock = dir.path().join("vhost.sock");
-    let Some(mut daemon) = qsd_export("hotplug_and_unplug_a_disk", &img, &sock) else {
+    let Some(disk) = QsdDisk::new("hotplug_and_unplug_a_disk", 8, 1) else {
         return;
     };
     // The guest waits for a disk, writes a marker, waits for it to go, then for it to come
@@ -129,7 +124,7 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
 
     // Hot-plug: the guest's driver binds before the hypervisor answers.
     let id = DeviceId::new("vol-hot").expect("id");
-    let r = attach(&mut hv, &sock, &id);
+    let r = attach(&mut hv, &disk, &id);
     assert_eq!(
         r,
         Reply::Device {
@@ -141,7 +136,7 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
     assert_eq!(block_devices(&mut hv), 1);
     wait_console(&mut hv, &mut seen, &mut cursor, "hp-written");
     assert!(seen.contains("hp-sectors:16384"), "{seen}");
-    let data = std::fs::read(&img).expect("read image");
+    let data = std::fs::read(&disk.img).expect("read image");
     assert_eq!(
         &data[8 * 512..8 * 512 + 29],
         b"BULKHEAD-HOTPLUG-MARKER-51c2\n",
@@ -167,7 +162,7 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
     ));
 
     // Plugged back (a new backend connection), the same data is there.
-    let r = attach(&mut hv, &sock, &id);
+    let r = attach(&mut hv, &disk, &id);
     if !matches!(
         r,
         Reply::Device {
@@ -194,6 +189,4 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
         other => panic!("{other:?}"),
     }
     hv.shutdown().expect("shutdown");
-    let _ = daemon.kill();
-    let _ = daemon.wait();
 }
