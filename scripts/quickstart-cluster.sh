@@ -21,6 +21,7 @@ for _ in $(seq 300); do [ -s "$DIR/cluster.json" ] && break; sleep 0.1; done
 [ -s "$DIR/cluster.json" ] || { echo "cluster did not start:"; cat "$DIR/up.err" "$DIR"/logs/*.log 2>/dev/null | tail -20; exit 1; }
 CTL=$(j 'd["control"]' <"$DIR/cluster.json")
 KMS=$(j 'd["kms"]' <"$DIR/cluster.json")
+TOKENS=$(j 'd["tokens"]' <"$DIR/cluster.json")
 H1=$(j 'd["hosts"][0]["addr"]' <"$DIR/cluster.json")
 
 say "Act: the cluster — bulkhead up --hosts 2 (KMS, 2 host controllers, control plane; every link mTLS 1.3)"
@@ -101,10 +102,13 @@ globex DetachVolume "{\"VolumeId\":\"$V\"}" || true
 globex GetConsoleOutput "{\"InstanceId\":\"$I\"}" || true
 
 say "The operator: refused every customer-data operation (token service, controller, KMS, customer API)"
-echo '$ bulkhead token mint --caller operator --ops GetConsole   (customer plane)'
-"$BIN/bulkhead" token mint --dev-dir "$DIR/ca" --caller operator --host host-1 --ops GetConsole --ttl 5m 2>&1 \
-  && { echo "UNEXPECTED: minted"; exit 1; } || true
-T=$("$BIN/bulkhead" token mint --dev-dir "$DIR/ca" --caller operator --host host-1 --ops DescribeHost --ttl 5m)
+# The operator asks the token service (its own process, the only holder of the signing key) with
+# the operator's client certificate; the caller is whoever that certificate names.
+mint() { curl -sS --cacert "$DIR/ca/ca.pem" --cert "$DIR/ca/operator.pem" --key "$DIR/ca/operator.key" \
+  -H 'content-type: application/json' -d "$1" "https://$TOKENS/v1/Mint"; }
+echo '$ curl --cert operator.pem https://TOKEN-SERVICE/v1/Mint {"operations":["GetConsole"],…}   (customer plane)'
+mint '{"hosts":["host-1"],"operations":["GetConsole"],"ttl_secs":300}' | j 'd["error"]["code"]'
+T=$(mint '{"hosts":["host-1"],"operations":["DescribeHost"],"ttl_secs":300}' | j 'd["token"]')
 op() { curl -sS --cacert "$DIR/ca/ca.pem" --cert "$DIR/ca/operator.pem" --key "$DIR/ca/operator.key" -H "Authorization: Bearer $T" "$@"; echo; }
 for call in "GET /v1/instances/$I/console" "GET /v1/instances/$I" "POST /v1/instances/$I/stop" \
             "DELETE /v1/instances/$I/volumes/$V" "POST /v1/instances/$I/terminate"; do
@@ -136,6 +140,9 @@ PY
 }
 echo "-- KMS (kms/audit.log):"
 show 'GenerateDataKey|DecryptForHost|RevokeGrant' "$DIR/kms/audit.log"
+echo "-- token service (tokens/audit.log; every mint is audited — here the flow's and the operator's):"
+show 'Mint:(CreateInstance|StartInstance|AttachVolume|DetachVolume)' "$DIR/tokens/audit.log"
+show 'Mint' "$DIR/tokens/audit.log" | grep '^  operator' || true
 echo "-- controllers (host-*/audit.log; customer-data operations):"
 show 'AttachVolume|DetachVolume|GetConsole|StopInstance|TerminateInstance|CreateInstance' "$DIR"/host-*/audit.log
 echo "-- control plane operator view (state and audit records pulled from each host):"
@@ -143,7 +150,7 @@ echo "-- control plane operator view (state and audit records pulled from each h
 import json, sys
 for h in json.load(sys.stdin):
     print("  %s: backend=%s audit records pulled=%s" % (h["host_id"], (h["status"] or {}).get("backend"), h["audit_records_pulled"]))'
-for log in kms/audit.log host-1/audit.log host-2/audit.log control/audit.log; do
+for log in kms/audit.log tokens/audit.log host-1/audit.log host-2/audit.log control/audit.log; do
   printf '  verify %-18s ' "$log"; "$BIN/bulkhead" audit verify "$DIR/$log"
 done
 echo "captured inter-service traffic: $(cat "$DIR"/capture/*.bin | wc -c) bytes on $(ls "$DIR"/capture | wc -l) links (TLS 1.3); the test"

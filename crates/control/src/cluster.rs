@@ -1,12 +1,14 @@
 //! A local cluster in one directory: the dev CA and every certificate, the token-service key and
 //! rights policy, one sealing host key per host (enrolled with the KMS), then the real daemons as
-//! separate processes: `bulkhead-kms`, N × `bulkhead-controller`, `bulkhead-control`.
+//! separate processes: `bulkhead-kms`, `bulkhead-token-service` (the only holder of the token
+//! signing key), N × `bulkhead-controller`, `bulkhead-control`.
 //!
 //! With `record`, every inter-service link (customer → control plane, control plane → KMS,
-//! control plane → each controller) goes through a recording TCP relay in this orchestrating
+//! control plane → token service, control plane → each controller) goes through a recording TCP relay in this orchestrating
 //! process, so a test can grep everything that crossed the wire.
 //!
-//! Layout: `ca/` (CA, certificates, token key, rights), `kms/` (its db, root key, audit,
+//! Layout: `ca/` (CA, certificates, token public key, rights), `tokens/` (token signing key,
+//! token-service audit log), `kms/` (its db, root key, audit,
 //! `hosts/*.pub`), `host-N/` (each controller's state dir, `host.key`), `control/` + `control.toml`,
 //! `logs/*.log`, `capture/*.bin`, and `cluster.json` (endpoints) once everything is up.
 
@@ -52,6 +54,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub control_addr: String,
     pub kms_addr: String,
+    /// The token service (the only process holding the token signing key).
+    pub token_addr: String,
     pub host_addrs: Vec<(String, String)>,
     children: Vec<(String, Child)>,
 }
@@ -157,10 +161,25 @@ pub fn prepare(dir: &Path, hosts: usize) -> Result<(), ClusterError> {
     if !rights.exists() {
         std::fs::write(&rights, cluster_rights()).map_err(io(&rights))?;
     }
+    // The token signing key lives only in tokens/, read by the token service alone. The dev
+    // state-dir helper expects it in ca/ (and would mint a new one if it were missing), so it
+    // goes back there for the duration of `ensure_dev` only.
+    let tokens_dir = dir.join("tokens");
+    std::fs::create_dir_all(&tokens_dir).map_err(io(&tokens_dir))?;
+    let held = tokens_dir.join("token-service.key");
     let st = StateDir::new(&ca_dir);
+    if held.exists() && !st.token_key().exists() {
+        std::fs::rename(&held, st.token_key()).map_err(io(&held))?;
+    }
     st.ensure_dev("host-1")?;
+    std::fs::rename(st.token_key(), &held).map_err(io(&held))?;
     let ca = CaDir::new(&ca_dir);
-    for (name, role) in [("kms", Role::Host), ("control", Role::Host)] {
+    for (name, role) in [
+        ("kms", Role::Host),
+        ("control", Role::Host),
+        // The token service's TLS identity ("tokens"; `token-service.*` is the signing key).
+        ("tokens", Role::Host),
+    ] {
         if !ca.cert(name).exists() {
             ca.issue(name, role, true)?;
         }
@@ -185,6 +204,8 @@ pub fn prepare(dir: &Path, hosts: usize) -> Result<(), ClusterError> {
                 && !hd.join(name).exists()
                 && !name.starts_with("kms")
                 && !name.starts_with("control.")
+                && !name.starts_with("tokens.")
+                && (!name.starts_with("token-service.") || name == "token-service.pub")
             {
                 copy_into(&p, &hd)?;
             }
@@ -300,7 +321,12 @@ pub struct StartOptions {
 
 /// Prepares and starts the whole cluster; returns once every daemon printed its ready line.
 pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
-    for b in ["bulkhead-kms", "bulkhead-controller", "bulkhead-control"] {
+    for b in [
+        "bulkhead-kms",
+        "bulkhead-token-service",
+        "bulkhead-controller",
+        "bulkhead-control",
+    ] {
         if !opts.bins.join(b).is_file() {
             return Err(ClusterError::MissingBinary(opts.bins.join(b)));
         }
@@ -315,6 +341,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         dir: dir.to_path_buf(),
         control_addr: String::new(),
         kms_addr: String::new(),
+        token_addr: String::new(),
         host_addrs: Vec::new(),
         children: Vec::new(),
     };
@@ -336,6 +363,21 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
     )?;
     cluster.children.push(("kms".into(), kms));
     cluster.kms_addr = listen_of(&v);
+    let (tokens, v) = spawn_ready(
+        "token-service",
+        Command::new(opts.bins.join("bulkhead-token-service"))
+            .args(["--listen", "127.0.0.1:0", "--ca-dir"])
+            .arg(dir.join("ca"))
+            .arg("--signing-key")
+            .arg(dir.join("tokens/token-service.key"))
+            .arg("--rights")
+            .arg(dir.join("ca/rights.toml"))
+            .arg("--state-dir")
+            .arg(dir.join("tokens")),
+        &logs,
+    )?;
+    cluster.children.push(("token-service".into(), tokens));
+    cluster.token_addr = listen_of(&v);
     let mut hosts = Vec::new();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -367,6 +409,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         state_dir: dir.join("control"),
         ca_dir: dir.join("ca"),
         kms_addr: via("control-to-kms", cluster.kms_addr.clone())?,
+        token_service_addr: Some(via("control-to-tokens", cluster.token_addr.clone())?),
         poll_interval_ms: opts.poll_interval_ms,
         database_url: opts.database_url.clone(),
         hosts,
@@ -405,6 +448,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
     let info = json!({
         "control": cluster.control_addr,
         "kms": cluster.kms_addr,
+        "tokens": cluster.token_addr,
         "hosts": cluster.host_addrs.iter().map(|(h, a)| json!({"host_id": h, "addr": a})).collect::<Vec<_>>(),
         "ca": dir.join("ca/ca.pem"),
         "config": cfg_path,

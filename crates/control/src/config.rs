@@ -12,9 +12,14 @@ pub struct Config {
     /// `control.db`, `root.key`, `audit.log`.
     pub state_dir: PathBuf,
     /// The CA directory (`bulkhead-tokens` layout): `ca.pem`, `control.pem`/`.key` (server),
-    /// `control-plane.pem`/`.key` (client to KMS and hosts), `token-service.key`, `rights.toml`.
+    /// `control-plane.pem`/`.key` (client to KMS, hosts and the token service); with no
+    /// `token_service_addr`, also `token-service.key` and `rights.toml` (in-process dev minting).
     pub ca_dir: PathBuf,
     pub kms_addr: String,
+    /// The token service (`bulkhead-token-service`, mTLS). Set, the control plane never holds
+    /// the signing key: it asks for every host token with its own certificate.
+    #[serde(default)]
+    pub token_service_addr: Option<String>,
     #[serde(default = "default_poll")]
     pub poll_interval_ms: u64,
     /// PostgreSQL connection string; unset: SQLite in `state_dir/control.db`.
@@ -56,11 +61,14 @@ impl Config {
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
         let cfg: Config =
             toml::from_str(&text).map_err(|e| ConfigError::Syntax(path.to_path_buf(), e))?;
-        for p in [
+        let mut needed = vec![
             cfg.ca_dir.join("ca.pem"),
             cfg.ca_dir.join("control-plane.pem"),
-            cfg.ca_dir.join("token-service.key"),
-        ] {
+        ];
+        if cfg.token_service_addr.is_none() {
+            needed.push(cfg.ca_dir.join("token-service.key"));
+        }
+        for p in needed {
             if !p.is_file() {
                 return Err(ConfigError::Missing(p));
             }

@@ -12,14 +12,68 @@ use crate::{upstream_code, ControlError};
 /// Lifetime of a per-call host token.
 pub const HOST_TOKEN_TTL: Duration = Duration::from_secs(60);
 
+/// Where host tokens come from.
+pub enum TokenSource {
+    /// The token service process, over mTLS with the control plane's certificate: the normal
+    /// deployment (the control plane never holds the signing key).
+    Remote { addr: String, https: HttpsClient },
+    /// In-process minting with a key on disk (`bulkhead-control serve --dev` without a token
+    /// service).
+    Local(Box<TokenService>),
+}
+
+impl TokenSource {
+    async fn mint(&self, req: &MintRequest) -> Result<(String, String), ControlError> {
+        match self {
+            TokenSource::Local(t) => t
+                .mint(req)
+                .map(|(token, claims)| (token, claims.token_id))
+                .map_err(|e| {
+                    tracing::error!(error = %e, "token service refused");
+                    ControlError::Host("token_refused")
+                }),
+            TokenSource::Remote { addr, https } => {
+                let body = serde_json::json!({
+                    "hosts": req.hosts,
+                    "operations": req.operations.iter().map(|o| o.name()).collect::<Vec<_>>(),
+                    "resources": req.resources.as_ref().map(|rs| rs.iter().map(|r| r.as_str().to_owned()).collect::<Vec<_>>()),
+                    "ttl_secs": req.ttl.as_secs(),
+                });
+                let r = https
+                    .request(
+                        addr,
+                        "POST",
+                        "/v1/Mint",
+                        &[("content-type", "application/json")],
+                        body.to_string().into_bytes(),
+                    )
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "token service unreachable");
+                        ControlError::Upstream
+                    })?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+                match (r.status, v["token"].as_str(), v["token_id"].as_str()) {
+                    (200, Some(t), Some(id)) => Ok((t.to_owned(), id.to_owned())),
+                    _ => {
+                        tracing::error!(status = r.status, code = %v["error"]["code"], "token service refused");
+                        Err(ControlError::Host("token_refused"))
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub struct HostClient {
     https: HttpsClient,
-    tokens: TokenService,
+    tokens: TokenSource,
     identity: Identity,
 }
 
 impl HostClient {
-    pub fn new(https: HttpsClient, tokens: TokenService, identity: Identity) -> HostClient {
+    pub fn new(https: HttpsClient, tokens: TokenSource, identity: Identity) -> HostClient {
         HostClient {
             https,
             tokens,
@@ -43,7 +97,7 @@ impl HostClient {
             .iter()
             .map(|r| ResourcePattern::parse(r).map_err(|_| ControlError::Internal))
             .collect::<Result<Vec<_>, _>>()?;
-        let (token, claims) = self
+        let (token, token_id) = self
             .tokens
             .mint(&MintRequest {
                 caller: self.identity.clone(),
@@ -52,10 +106,7 @@ impl HostClient {
                 resources: Some(resources),
                 ttl: HOST_TOKEN_TTL,
             })
-            .map_err(|e| {
-                tracing::error!(error = %e, host = host_id, op = %op, "token service refused");
-                ControlError::Host("token_refused")
-            })?;
+            .await?;
         let auth = format!("Bearer {token}");
         let mut headers = vec![("authorization", auth.as_str())];
         let payload = match &body {
@@ -75,7 +126,7 @@ impl HostClient {
             })?;
         let v: serde_json::Value =
             serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
-        tracing::debug!(host = host_id, op = %op, token_id = %claims.token_id, status = r.status, "host call");
+        tracing::debug!(host = host_id, op = %op, token_id = %token_id, status = r.status, "host call");
         if (200..300).contains(&r.status) {
             Ok(v)
         } else {

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_audit::AuditLog;
 use bulkhead_control::config::Config;
-use bulkhead_control::hosts::HostClient;
+use bulkhead_control::hosts::{HostClient, TokenSource};
 use bulkhead_control::repo::{CustomerRow, HostRow, Repository, SqliteRepo};
 use bulkhead_control::service::{secret_aad, ControlPlane};
 use bulkhead_control::{cluster, server};
@@ -171,9 +171,15 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
         ca.issue("control", Role::Host, true)?;
     }
     let (repo, root) = open_repo(&cfg)?;
-    let st = StateDir::new(&cfg.ca_dir);
     let (identity, _) = ca.identity("control-plane")?;
-    let hosts = HostClient::new(client(&cfg)?, st.token_service()?, identity);
+    let tokens = match &cfg.token_service_addr {
+        Some(addr) => TokenSource::Remote {
+            addr: addr.clone(),
+            https: client(&cfg)?,
+        },
+        None => TokenSource::Local(Box::new(StateDir::new(&cfg.ca_dir).token_service()?)),
+    };
+    let hosts = HostClient::new(client(&cfg)?, tokens, identity);
     let mut keys = BTreeMap::new();
     for h in &cfg.hosts {
         repo.upsert_host(&HostRow {
@@ -389,6 +395,10 @@ fn up(
     let ca = dir.join("ca/ca.pem");
     println!("Bulkhead cluster up in {}", dir.display());
     println!("  KMS            {} (mTLS, control plane only)", c.kms_addr);
+    println!(
+        "  token service  {} (mTLS; the only holder of the token signing key)",
+        c.token_addr
+    );
     for (h, a) in &c.host_addrs {
         println!("  controller     {a} ({h}, mTLS + tokens)");
     }

@@ -19,7 +19,11 @@ fn bins() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf();
-    for n in ["bulkhead-kms", "bulkhead-controller"] {
+    for n in [
+        "bulkhead-kms",
+        "bulkhead-token-service",
+        "bulkhead-controller",
+    ] {
         assert!(
             b.join(n).is_file(),
             "{n} missing in {}: run `cargo build --release --workspace --bins` first",
@@ -769,4 +773,97 @@ fn attach_flow_with_real_guests_and_cards_on_two_hosts() {
         .decrypt(&mut sector, 8)
         .unwrap();
     assert_eq!(&sector[..32], secret);
+}
+
+/// The token service is its own process and the only holder of the signing key; it mints for
+/// the caller its client certificate names, by the policy, and audits every request.
+#[test]
+fn token_service_alone_holds_the_key_and_mints_only_what_a_certificate_may_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path(), false);
+    // The signing key is in tokens/ and nowhere else.
+    let mut files = Vec::new();
+    files_under(dir.path(), &mut files);
+    let holders: Vec<_> = files
+        .iter()
+        .filter(|f| f.file_name().is_some_and(|n| n == "token-service.key"))
+        .collect();
+    assert_eq!(holders, vec![&dir.path().join("tokens/token-service.key")]);
+
+    let ca = dir.path().join("ca");
+    let as_caller = |name: &str| {
+        HttpsClient::new(
+            client_config(
+                &ca.join("ca.pem"),
+                Some((
+                    &ca.join(format!("{name}.pem")),
+                    &ca.join(format!("{name}.key")),
+                )),
+            )
+            .unwrap(),
+        )
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mint = |client: &HttpsClient, body: Value| {
+        let r = rt
+            .block_on(client.request(
+                &c.token_addr,
+                "POST",
+                "/v1/Mint",
+                &[("content-type", "application/json")],
+                body.to_string().into_bytes(),
+            ))
+            .unwrap();
+        (
+            r.status,
+            serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null),
+        )
+    };
+    let operator = as_caller("operator");
+    // An operator may never hold a customer-plane operation.
+    let (st, v) = mint(
+        &operator,
+        json!({"hosts": ["host-1"], "operations": ["GetConsole"], "ttl_secs": 60}),
+    );
+    assert_eq!((st, code(&v)), (403, "mint_plane_violation"), "{v}");
+    // What the policy grants it, it gets.
+    let (st, v) = mint(
+        &operator,
+        json!({"hosts": ["host-1"], "operations": ["DescribeHost"], "ttl_secs": 60}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let token = v["token"].as_str().unwrap_or("").to_string();
+    assert!(token.len() > 40, "{v}");
+    // The caller is the certificate, never a name in the body.
+    let (st, v) = mint(
+        &as_caller("control-plane"),
+        json!({"hosts": ["host-1"], "operations": ["DescribeHost"], "ttl_secs": 60, "caller": "operator"}),
+    );
+    assert_eq!((st, code(&v)), (400, "bad_request"), "{v}");
+    // No client certificate: no TLS session at all.
+    let anonymous = HttpsClient::new(client_config(&ca.join("ca.pem"), None).unwrap());
+    let r = rt.block_on(anonymous.request(&c.token_addr, "POST", "/v1/Mint", &[], b"{}".to_vec()));
+    assert!(
+        r.as_ref().map(|r| r.status != 200).unwrap_or(true),
+        "minted without a certificate"
+    );
+    drop(c);
+    // Every request was audited; the chain verifies; no token is in the log.
+    let head = bulkhead_audit::verify(&dir.path().join("tokens/audit.log")).unwrap();
+    assert!(head.records >= 3, "{head:?}");
+    let log = std::fs::read_to_string(dir.path().join("tokens/audit.log")).unwrap();
+    assert!(log.contains("mint_plane_violation") && log.contains("bad_request"));
+    assert!(
+        !log.contains(v_token_prefix(&log)),
+        "a token reached the audit log"
+    );
+}
+
+/// Biscuit tokens are base64url starting with "E"; a marker that never appears in a log line
+/// made of JSON keys and hex digests unless a token was written.
+fn v_token_prefix(_log: &str) -> &'static str {
+    "\"token\":"
 }

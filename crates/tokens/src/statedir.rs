@@ -124,7 +124,9 @@ impl StateDir {
                 made.push(name.to_string());
             }
         }
-        if !self.token_key().exists() {
+        // A directory with only the public key belongs to a verifier (a host whose tokens come
+        // from a token service elsewhere): never mint a key of its own there.
+        if !self.token_key().exists() && !self.token_pub().exists() {
             let kp = biscuit_auth::KeyPair::new();
             let (private, public) = keypair_to_text(&kp);
             let _ = fs::remove_file(self.token_pub());

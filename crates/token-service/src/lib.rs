@@ -1,0 +1,270 @@
+//! `bulkhead-token-service`: the token service as its own process.
+//!
+//! It alone holds the token signing key. A caller authenticates with its client certificate
+//! (mutual TLS 1.3); the caller a token is minted for is the one that certificate names (name,
+//! role, certificate hash) — never a name in the request — and the reviewed policy
+//! (`rights.toml`) decides whether that caller may have those operations on those hosts and
+//! resources. Every request is audited (hash-chained, fsync'd) before it is answered; the log
+//! never holds a token, only its id.
+//!
+//! One route: `POST /v1/Mint` with `{"hosts": [...], "operations": [...], "resources": [...]?,
+//! "ttl_secs": N}` → `{"token", "token_id", "expires"}`. Refusals carry the token library's
+//! stable codes (`mint_plane_violation`, `mint_not_granted`, ...).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
+use bulkhead_kms::tls::Peer;
+use bulkhead_tokens::{Identity, MintRequest, Operation, ResourcePattern, TokenService};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 8 * 1024;
+/// Most hosts, operations or resources in one request.
+const MAX_ITEMS: usize = 64;
+
+/// The mint request as it arrives (parsed strictly; unknown fields refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MintBody {
+    pub hosts: Vec<String>,
+    pub operations: Vec<String>,
+    #[serde(default)]
+    pub resources: Option<Vec<String>>,
+    pub ttl_secs: u64,
+}
+
+/// Why a request was refused before the policy was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("not a mint request: {0}")]
+    BadBody(String),
+    #[error("unknown operation {0}")]
+    UnknownOperation(String),
+    #[error("bad resource pattern {0}")]
+    BadResource(String),
+    #[error("route not found")]
+    NoSuchRoute,
+    #[error("body larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+    #[error("audit log unavailable")]
+    AuditUnavailable,
+}
+
+impl RequestError {
+    fn code(&self) -> &'static str {
+        match self {
+            RequestError::NoCertificate => "caller_unknown",
+            RequestError::BadBody(_) => "bad_request",
+            RequestError::UnknownOperation(_) => "unknown_operation",
+            RequestError::BadResource(_) => "bad_resource",
+            RequestError::NoSuchRoute => "no_such_route",
+            RequestError::TooLarge => "body_too_large",
+            RequestError::AuditUnavailable => "audit_unavailable",
+        }
+    }
+    fn status(&self) -> StatusCode {
+        match self {
+            RequestError::NoCertificate => StatusCode::UNAUTHORIZED,
+            RequestError::NoSuchRoute => StatusCode::NOT_FOUND,
+            RequestError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestError::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+fn refusal(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+/// Parses a body into a [`MintRequest`] for `caller`.
+pub fn parse(caller: &Identity, body: &[u8]) -> Result<MintRequest, RequestError> {
+    let b: MintBody =
+        serde_json::from_slice(body).map_err(|e| RequestError::BadBody(e.to_string()))?;
+    if b.hosts.len() > MAX_ITEMS
+        || b.operations.len() > MAX_ITEMS
+        || b.resources.as_ref().is_some_and(|r| r.len() > MAX_ITEMS)
+    {
+        return Err(RequestError::BadBody("too many items".into()));
+    }
+    let operations = b
+        .operations
+        .iter()
+        .map(|o| Operation::from_name(o).ok_or_else(|| RequestError::UnknownOperation(o.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let resources = match b.resources {
+        None => None,
+        Some(rs) => Some(
+            rs.iter()
+                .map(|r| {
+                    ResourcePattern::parse(r).map_err(|_| RequestError::BadResource(r.clone()))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    Ok(MintRequest {
+        caller: caller.clone(),
+        hosts: b.hosts,
+        operations,
+        resources,
+        ttl: Duration::from_secs(b.ttl_secs),
+    })
+}
+
+/// The service: the signing key (inside [`TokenService`]) and the audit log.
+pub struct Minter {
+    pub tokens: TokenService,
+    pub audit: AuditLog,
+}
+
+impl Minter {
+    async fn mint(&self, peer: Option<&Identity>, body: &[u8]) -> Response {
+        let request_id = format!("tok-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let parsed = match peer {
+            None => Err(RequestError::NoCertificate),
+            Some(p) => parse(p, body),
+        };
+        let (decision, code, minted) = match &parsed {
+            Err(e) => (Decision::Deny, e.code().to_string(), None),
+            Ok(req) => match self.tokens.mint(req) {
+                Ok(t) => (Decision::Allow, "ok".to_string(), Some(Ok(t))),
+                Err(e) => (Decision::Deny, e.code().to_string(), Some(Err(e))),
+            },
+        };
+        let (resources, ops) = match &parsed {
+            Ok(r) => (
+                r.hosts.iter().map(|h| format!("host:{h}")).collect(),
+                r.operations
+                    .iter()
+                    .map(|o| o.name())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            Err(_) => (Vec::new(), String::new()),
+        };
+        let token_id = match &minted {
+            Some(Ok((_, claims))) => Some(claims.token_id.clone()),
+            _ => None,
+        };
+        let entry = AuditEntry {
+            kind: EntryKind::Request,
+            request_id: request_id.clone(),
+            caller: peer.map(|p| p.name.clone()).unwrap_or_else(|| "-".into()),
+            cert_sha256: peer.map(|p| p.cert_sha256.clone()),
+            token_id,
+            op: if ops.is_empty() {
+                "Mint".into()
+            } else {
+                format!("Mint:{ops}")
+            },
+            resources,
+            params_sha256: Some(hex::encode(Sha256::digest(body))),
+            decision,
+            code: code.clone(),
+        };
+        // Audited before answering: no token leaves without its record.
+        if let Err(e) = self.audit.append(entry).await {
+            tracing::error!(error = %e, "audit log unavailable: refusing");
+            let e = RequestError::AuditUnavailable;
+            return refusal(e.status(), e.code(), e.to_string());
+        }
+        tracing::info!(request_id, caller = ?peer.map(|p| &p.name), %code, "mint");
+        match (parsed, minted) {
+            (Err(e), _) => refusal(e.status(), e.code(), e.to_string()),
+            (Ok(_), Some(Ok((token, claims)))) => (
+                StatusCode::OK,
+                axum::Json(json!({
+                    "token": token,
+                    "token_id": claims.token_id,
+                    "expires": claims.expires,
+                })),
+            )
+                .into_response(),
+            (Ok(_), Some(Err(e))) => refusal(StatusCode::FORBIDDEN, e.code(), e.to_string()),
+            (Ok(_), None) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "internal", String::new()),
+        }
+    }
+}
+
+async fn handle(m: Arc<Minter>, req: Request<Body>) -> Response {
+    let peer = req.extensions().get::<Peer>().and_then(|p| p.0.clone());
+    if req.uri().path() != "/v1/Mint" || req.method() != axum::http::Method::POST {
+        let e = RequestError::NoSuchRoute;
+        return refusal(e.status(), e.code(), e.to_string());
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            let e = RequestError::TooLarge;
+            return refusal(e.status(), e.code(), e.to_string());
+        }
+    };
+    m.mint(peer.as_deref(), &body).await
+}
+
+/// The HTTP surface: one route, everything else `no_such_route`.
+pub fn router(m: Arc<Minter>) -> axum::Router {
+    axum::Router::new().fallback(move |req: Request<Body>| {
+        let m = Arc::clone(&m);
+        async move { handle(m, req).await }
+    })
+}
+
+/// Parses a mint response body into the token.
+pub fn token_from_response(v: &Value) -> Option<String> {
+    v["token"].as_str().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_tokens::Role;
+
+    fn caller() -> Identity {
+        Identity {
+            name: "control-plane".into(),
+            role: Role::ControlPlane,
+            cert_sha256: "00".repeat(32),
+        }
+    }
+
+    #[test]
+    fn parses_strictly_and_takes_the_caller_from_the_certificate() {
+        let r = parse(
+            &caller(),
+            br#"{"hosts":["host-1"],"operations":["GetConsole"],"resources":["instance:i-1"],"ttl_secs":60}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.caller.name, "control-plane");
+        assert_eq!(r.operations, vec![Operation::GetConsole]);
+        for bad in [
+            &br#"{"hosts":["h"],"operations":["GetConsole"],"ttl_secs":60,"caller":"operator"}"#[..],
+            br#"{"hosts":["h"],"operations":["Shell"],"ttl_secs":60}"#,
+            br#"{"hosts":["h"],"operations":[],"resources":["??"],"ttl_secs":60}"#,
+            br#"[1,2"#,
+        ] {
+            assert!(
+                parse(&caller(), bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! `bulkhead-token-service`: see the crate documentation.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bulkhead_audit::AuditLog;
+use bulkhead_kms::tls;
+use bulkhead_token_service::{router, Minter};
+use bulkhead_tokens::pki::CaDir;
+use bulkhead_tokens::policy::Policy;
+use bulkhead_tokens::token::keypair_from_text;
+use bulkhead_tokens::TokenService;
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bulkhead-token-service",
+    about = "Bulkhead token service: mints host tokens over mutual TLS 1.3 for the caller its certificate names"
+)]
+struct Args {
+    /// CA directory: `ca.pem` and this service's TLS certificate `tokens.pem`/`.key`.
+    #[arg(long)]
+    ca_dir: PathBuf,
+    /// The token signing key (only this process reads it).
+    #[arg(long)]
+    signing_key: PathBuf,
+    /// The reviewed policy.
+    #[arg(long)]
+    rights: PathBuf,
+    /// Where `audit.log` goes.
+    #[arg(long)]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8700")]
+    listen: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("audit log: {0}")]
+    Audit(#[from] bulkhead_audit::AuditError),
+    #[error("{0}: not a token signing key")]
+    BadKey(PathBuf),
+    #[error("policy {0}: {1}")]
+    Policy(PathBuf, bulkhead_tokens::policy::PolicyError),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+fn read(p: &PathBuf) -> Result<String, StartError> {
+    std::fs::read_to_string(p).map_err(|e| StartError::Io(p.display().to_string(), e))
+}
+
+fn run(args: Args) -> Result<(), StartError> {
+    let ca = CaDir::new(&args.ca_dir);
+    std::fs::create_dir_all(&args.state_dir)
+        .map_err(|e| StartError::Io(args.state_dir.display().to_string(), e))?;
+    let tls_cfg = tls::server_config(
+        &ca.ca_pem(),
+        &ca.cert("tokens"),
+        &ca.key("tokens"),
+        true,
+    )?;
+    let key = keypair_from_text(&read(&args.signing_key)?)
+        .ok_or_else(|| StartError::BadKey(args.signing_key.clone()))?;
+    let policy = Policy::parse(&read(&args.rights)?)
+        .map_err(|e| StartError::Policy(args.rights.clone(), e))?;
+    let (audit, report) = AuditLog::open(&args.state_dir.join("audit.log"))?;
+    let minter = Arc::new(Minter {
+        tokens: TokenService::new(key, policy),
+        audit,
+    });
+    let std_listener = std::net::TcpListener::bind(&args.listen)
+        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
+    let local = std_listener
+        .local_addr()
+        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::Io("runtime".into(), e))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(std_listener)
+            .map_err(|e| StartError::Io(local.to_string(), e))?;
+        println!(
+            "{}",
+            serde_json::json!({"event": "ready", "service": "token-service", "listen": local.to_string(), "audit_records": report.records})
+        );
+        tracing::info!(listen = %local, "token service ready");
+        tls::serve(listener, tls_cfg, router(minter))
+            .await
+            .map_err(|e| StartError::Io(local.to_string(), e))
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead-token-service: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
