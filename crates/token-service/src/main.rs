@@ -57,12 +57,7 @@ fn run(args: Args) -> Result<(), StartError> {
     let ca = CaDir::new(&args.ca_dir);
     std::fs::create_dir_all(&args.state_dir)
         .map_err(|e| StartError::Io(args.state_dir.display().to_string(), e))?;
-    let tls_cfg = tls::server_config(
-        &ca.ca_pem(),
-        &ca.cert("tokens"),
-        &ca.key("tokens"),
-        true,
-    )?;
+    let tls_cfg = tls::server_config(&ca.ca_pem(), &ca.cert("tokens"), &ca.key("tokens"), true)?;
     let key = keypair_from_text(&read(&args.signing_key)?)
         .ok_or_else(|| StartError::BadKey(args.signing_key.clone()))?;
     let policy = Policy::parse(&read(&args.rights)?)
