@@ -74,28 +74,14 @@ fn run(args: Args) -> Result<(), StartError> {
     let store = Store::open(&args.state_dir.join("kms.db"))?;
     let (audit, report) = AuditLog::open(&args.state_dir.join("audit.log"))?;
     let kms = Arc::new(Kms::new(store, root, audit, hosts_dir));
-    let std_listener = std::net::TcpListener::bind(&args.listen)
-        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
-    std_listener
-        .set_nonblocking(true)
-        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
-    let local = std_listener
-        .local_addr()
-        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| StartError::Io("runtime".into(), e))?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| StartError::Io(local.to_string(), e))?;
-        println!(
-            "{}",
-            serde_json::json!({"event": "ready", "service": "kms", "listen": local.to_string(), "audit_records": report.records})
-        );
-        tracing::info!(listen = %local, "kms ready");
-        tls::serve(listener, tls_cfg, server::router(kms)).await.map_err(|e| StartError::Io(local.to_string(), e))
-    })
+    tls::run_daemon(
+        &args.listen,
+        tls_cfg,
+        server::router(kms),
+        "kms",
+        serde_json::json!({"audit_records": report.records}),
+    )
+    .map_err(|e| StartError::Io(args.listen.clone(), e))
 }
 
 fn main() -> ExitCode {

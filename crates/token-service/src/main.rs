@@ -67,31 +67,14 @@ fn run(args: Args) -> Result<(), StartError> {
         tokens: TokenService::new(key, policy),
         audit,
     });
-    let std_listener = std::net::TcpListener::bind(&args.listen)
-        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
-    std_listener
-        .set_nonblocking(true)
-        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
-    let local = std_listener
-        .local_addr()
-        .map_err(|e| StartError::Io(args.listen.clone(), e))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| StartError::Io("runtime".into(), e))?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(std_listener)
-            .map_err(|e| StartError::Io(local.to_string(), e))?;
-        println!(
-            "{}",
-            serde_json::json!({"event": "ready", "service": "token-service", "listen": local.to_string(), "audit_records": report.records})
-        );
-        tracing::info!(listen = %local, "token service ready");
-        tls::serve(listener, tls_cfg, router(minter))
-            .await
-            .map_err(|e| StartError::Io(local.to_string(), e))
-    })
+    tls::run_daemon(
+        &args.listen,
+        tls_cfg,
+        router(minter),
+        "token-service",
+        serde_json::json!({"audit_records": report.records}),
+    )
+    .map_err(|e| StartError::Io(args.listen.clone(), e))
 }
 
 fn main() -> ExitCode {
