@@ -74,8 +74,8 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
     let Some(disk) = QsdDisk::new("hotplug_and_unplug_a_disk", 8, 1) else {
         return;
     };
-    // The guest waits for a disk, writes a marker, waits for it to go, then for it to come
-    // back and reads the marker. Shell builtins only: every exec costs seconds here.
+    // The guest waits for a disk, writes a marker and waits for it to go. Shell builtins only:
+    // every exec costs seconds here.
     let script = "echo hp-waiting\n\
         while [ ! -e /sys/block/vda ]; do :; done\n\
         read -r n </sys/block/vda/size; echo hp-sectors:$n\n\
