@@ -158,6 +158,24 @@ impl Api<'_> {
     }
 }
 
+/// The backing file holds no plaintext marker, and the sector the guest wrote it to decrypts
+/// to the marker with `key` (AES-256-XTS, 512-byte sectors, tweak = sector number).
+fn assert_marker_encrypted(backing: &Path, key: &[u8; 64]) {
+    let data = std::fs::read(backing).unwrap();
+    assert!(
+        !data.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        "marker found in plaintext in {}",
+        backing.display()
+    );
+    let mut sector = data[MARKER_OFFSET..MARKER_OFFSET + 512].to_vec();
+    assert!(sector.iter().any(|b| *b != 0), "nothing was written");
+    XtsCipher::new(key, CryptoSectorSize::S512)
+        .unwrap()
+        .decrypt(&mut sector, 8)
+        .unwrap();
+    assert_eq!(&sector[..MARKER.len()], MARKER.as_bytes());
+}
+
 /// Polls the instance's console until `needle` shows up (bounded by the boot timeout).
 fn wait_console(api: &Api<'_>, id: &str, needle: &str) {
     let started = Instant::now();
@@ -310,20 +328,7 @@ fn boots_a_guest_with_an_encrypted_volume() {
 
     // The backing file: no plaintext marker anywhere, ciphertext where the guest wrote it, and
     // that ciphertext decrypts with the volume key (AES-256-XTS, tweak = sector number).
-    let backing = std::fs::read(dir.path().join("volumes/vol-boot.img")).unwrap();
-    assert!(
-        !backing
-            .windows(MARKER.len())
-            .any(|w| w == MARKER.as_bytes()),
-        "marker found in plaintext in the backing file"
-    );
-    let mut sector = backing[MARKER_OFFSET..MARKER_OFFSET + 512].to_vec();
-    assert!(sector.iter().any(|b| *b != 0), "nothing was written");
-    XtsCipher::new(&key, CryptoSectorSize::S512)
-        .unwrap()
-        .decrypt(&mut sector, 8)
-        .unwrap();
-    assert_eq!(&sector[..MARKER.len()], MARKER.as_bytes());
+    assert_marker_encrypted(&dir.path().join("volumes/vol-boot.img"), &key);
 
     // The sealed blob never reached the audit log (only a digest of the body did).
     let log = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
@@ -439,19 +444,7 @@ fn hot_attach_and_detach_on_a_running_instance() {
         && x["entry"]["code"] == "ok"));
 
     // What the guest wrote to the hot-plugged disk is ciphertext under vol-b's key.
-    let backing = std::fs::read(dir.path().join("volumes/vol-b.img")).unwrap();
-    assert!(
-        !backing
-            .windows(MARKER.len())
-            .any(|w| w == MARKER.as_bytes()),
-        "marker found in plaintext in the backing file"
-    );
-    let mut sector = backing[MARKER_OFFSET..MARKER_OFFSET + 512].to_vec();
-    XtsCipher::new(&key_b, CryptoSectorSize::S512)
-        .unwrap()
-        .decrypt(&mut sector, 8)
-        .unwrap();
-    assert_eq!(&sector[..MARKER.len()], MARKER.as_bytes());
+    assert_marker_encrypted(&dir.path().join("volumes/vol-b.img"), &key_b);
 
     // The card serving vol-b crashes (kill -9). The system converges: the detach still succeeds
     // (the hypervisor pulls the disk, the guest lets it go, the dead card is reaped, the volume
