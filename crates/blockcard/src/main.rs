@@ -34,7 +34,21 @@ struct Args {
     gid: Option<u32>,
 }
 
+/// `--self-test`, run by the host's measured start before it takes customer work: both seccomp
+/// filters compile for this kernel's architecture.
+fn self_test() -> ! {
+    use bulkhead_blockcard::sandbox;
+    if let Err(e) = sandbox::card_filter().and_then(|_| sandbox::open_filter()) {
+        eprintln!("bulkhead-blockcard: self-test failed: {e}");
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--self-test") {
+        self_test();
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

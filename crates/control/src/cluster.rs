@@ -42,6 +42,8 @@ pub enum ClusterError {
     MissingBinary(PathBuf),
     #[error("bad hosts count")]
     BadHosts,
+    #[error("root of trust: {0}")]
+    Rot(String),
 }
 
 fn io(p: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -120,23 +122,6 @@ pub fn cluster_rights() -> String {
     }
 }
 
-fn copy_into(src: &Path, dst_dir: &Path) -> Result<(), ClusterError> {
-    use std::os::unix::fs::PermissionsExt;
-    let name = src.file_name().unwrap_or_default();
-    let dst = dst_dir.join(name);
-    std::fs::copy(src, &dst).map_err(io(&dst))?;
-    let mode = std::fs::metadata(src)
-        .map_err(io(src))?
-        .permissions()
-        .mode();
-    std::fs::set_permissions(
-        &dst,
-        std::fs::Permissions::from_mode(mode & 0o700 | mode & 0o044),
-    )
-    .map_err(io(&dst))?;
-    Ok(())
-}
-
 fn write_private(path: &Path, data: &[u8]) -> Result<(), ClusterError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -149,7 +134,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), ClusterError> {
 }
 
 /// Creates the cluster's files for `hosts` hosts (idempotent for what already exists).
-pub fn prepare(dir: &Path, hosts: usize) -> Result<(), ClusterError> {
+pub fn prepare(dir: &Path, hosts: usize, attested: bool) -> Result<(), ClusterError> {
     if hosts == 0 || hosts > 64 {
         return Err(ClusterError::BadHosts);
     }
@@ -191,27 +176,10 @@ pub fn prepare(dir: &Path, hosts: usize) -> Result<(), ClusterError> {
         }
         let hd = dir.join(&host);
         std::fs::create_dir_all(&hd).map_err(io(&hd))?;
-        // The controller's dev state dir: the shared CA, token key and policy, its own audit log.
-        for entry in std::fs::read_dir(&ca_dir).map_err(io(&ca_dir))? {
-            let p = entry.map_err(io(&ca_dir))?.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let wanted = name.ends_with(".pem")
-                || name.ends_with(".key")
-                || name == "rights.toml"
-                || name == "revoked.txt"
-                || name == "token-service.pub";
-            if wanted
-                && !hd.join(name).exists()
-                && !name.starts_with("kms")
-                && !name.starts_with("control.")
-                && !name.starts_with("tokens.")
-                && (!name.starts_with("token-service.") || name == "token-service.pub")
-            {
-                copy_into(&p, &hd)?;
-            }
-        }
         let key_file = hd.join("host.key");
-        if !key_file.exists() {
+        // An attested host's key is created in its TPM at provisioning and unsealed by its
+        // measured start ([`provision_attested`]); only an unattested host gets one here.
+        if !attested && !key_file.exists() {
             let key = bulkhead_sealing::HostKey::generate()?;
             let bytes = key.to_file_bytes()?;
             write_private(&key_file, bytes.as_ref())?;
@@ -223,6 +191,169 @@ pub fn prepare(dir: &Path, hosts: usize) -> Result<(), ClusterError> {
         }
     }
     Ok(())
+}
+
+/// The environment every dev cluster is provisioned and measured in.
+pub const DEV_ENVIRONMENT: &str = "dev";
+
+/// What a host runs, in measurement order: the three host binaries, then the rights policy.
+const HOST_ARTEFACTS: &[&str] = &[
+    "bulkhead-controller",
+    "bulkhead-hypervisor",
+    "bulkhead-blockcard",
+];
+
+/// The attested cluster's release and enrolments (idempotent):
+///
+/// * `release/`: three dev release keys (2-of-3 trust root, `trust-root.json`), the artefacts
+///   of release 1 (`v1/`: the host binaries from `bins` and the rights policy) and the signed
+///   release `v1.json`;
+/// * each host is provisioned by `bulkhead-launcher provision` into `host-N/rot/`: its own TPM
+///   (swtpm state in `host-N/rot/swtpm`), the release installed, a fresh host identity sealed to
+///   the release's expected PCR value; the enrolment it prints (AK, host public key,
+///   environment) goes to `kms/attest/host-N.json`;
+/// * `kms/attest.json`: the KMS's attestation policy naming all of the above.
+pub fn provision_attested(dir: &Path, bins: &Path, hosts: usize) -> Result<(), ClusterError> {
+    use bulkhead_rot::measure::{Environment, EventKind};
+    use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease, TrustRoot};
+    use bulkhead_rot::tpm::MeasurePcr;
+    let rot = |e: bulkhead_rot::RotError| ClusterError::Rot(e.to_string());
+    let rel = dir.join("release");
+    let v1 = rel.join("v1");
+    let signed_path = rel.join("v1.json");
+    let trust_path = rel.join("trust-root.json");
+    if !signed_path.exists() {
+        std::fs::create_dir_all(rel.join("keys")).map_err(io(&rel))?;
+        std::fs::create_dir_all(&v1).map_err(io(&v1))?;
+        let keys = (0..3)
+            .map(|_| ReleaseKey::generate())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(rot)?;
+        for (n, k) in keys.iter().enumerate() {
+            let p = rel.join(format!("keys/release-{n}.secret"));
+            if !p.exists() {
+                write_private(&p, k.to_secret_text().as_bytes())?;
+            }
+        }
+        let root = TrustRoot::new(2, keys.iter().map(ReleaseKey::public).collect()).map_err(rot)?;
+        let text =
+            serde_json::to_vec_pretty(&root).map_err(|e| ClusterError::Rot(e.to_string()))?;
+        std::fs::write(&trust_path, text).map_err(io(&trust_path))?;
+        let mut files = Vec::new();
+        for name in HOST_ARTEFACTS {
+            let dst = v1.join(name);
+            std::fs::copy(bins.join(name), &dst).map_err(io(&dst))?;
+            files.push((EventKind::Binary, dst));
+        }
+        let rights = v1.join("rights.toml");
+        std::fs::copy(dir.join("ca/rights.toml"), &rights).map_err(io(&rights))?;
+        files.push((EventKind::Policy, rights));
+        let refs: Vec<(EventKind, &Path)> = files.iter().map(|(k, p)| (*k, p.as_path())).collect();
+        let env = Environment::parse(DEV_ENVIRONMENT).map_err(rot)?;
+        let expires = bulkhead_rot::unix_now() + 90 * 24 * 3600;
+        let m = Manifest::from_files(1, env, expires, MeasurePcr::DEV, &refs).map_err(rot)?;
+        let mut signed = SignedRelease::new(&m).map_err(rot)?;
+        for k in keys.iter().take(2) {
+            signed.sign(k);
+        }
+        let text = signed.to_json().map_err(rot)?;
+        std::fs::write(&signed_path, text).map_err(io(&signed_path))?;
+    }
+    let enrol_dir = dir.join("kms/attest");
+    std::fs::create_dir_all(&enrol_dir).map_err(io(&enrol_dir))?;
+    let mut enrollments = Vec::new();
+    for n in 1..=hosts {
+        let host = format!("host-{n}");
+        let enrol = enrol_dir.join(format!("{host}.json"));
+        if !enrol.exists() {
+            let out = launcher(bins, dir, &host)
+                .arg("provision")
+                .arg("--release")
+                .arg(&signed_path)
+                .arg("--from")
+                .arg(&v1)
+                .output()
+                .map_err(io("bulkhead-launcher"))?;
+            if !out.status.success() {
+                return Err(ClusterError::Rot(format!(
+                    "provisioning {host}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            let e: bulkhead_rot::attest::Enrollment = serde_json::from_slice(&out.stdout)
+                .map_err(|e| ClusterError::Rot(format!("enrolment of {host}: {e}")))?;
+            let public = hex::decode(&e.host_public)
+                .map_err(|_| ClusterError::Rot(format!("enrolment of {host}: host key")))?;
+            // The control plane presents this key; the KMS seals to the enrolment's copy.
+            std::fs::write(dir.join(&host).join("host.pub"), &public).map_err(io(&host))?;
+            std::fs::write(dir.join("kms/hosts").join(format!("{host}.pub")), &public)
+                .map_err(io(&host))?;
+            std::fs::write(&enrol, &out.stdout).map_err(io(&enrol))?;
+        }
+        enrollments.push(enrol);
+    }
+    let policy = bulkhead_kms::attest::AttestConfig {
+        environment: DEV_ENVIRONMENT.into(),
+        pcr: MeasurePcr::DEV.index(),
+        trust_root: trust_path,
+        releases: vec![signed_path],
+        enrollments,
+    };
+    let p = dir.join("kms/attest.json");
+    let text = serde_json::to_vec_pretty(&policy).map_err(|e| ClusterError::Rot(e.to_string()))?;
+    std::fs::write(&p, text).map_err(io(&p))?;
+    Ok(())
+}
+
+/// `bulkhead-launcher` for `host` with the cluster's common arguments (its own dev TPM).
+fn launcher(bins: &Path, dir: &Path, host: &str) -> Command {
+    let mut c = Command::new(bins.join("bulkhead-launcher"));
+    c.arg("--root")
+        .arg(dir.join(host).join("rot"))
+        .args(["--name", host, "--env", DEV_ENVIRONMENT, "--trust-root"])
+        .arg(dir.join("release/trust-root.json"))
+        .arg("--dev-swtpm")
+        .arg("--audit-log")
+        .arg(dir.join(host).join("launcher-audit.log"));
+    c
+}
+
+/// Each controller's configuration (`host-N/controller.toml`, production form): it names only
+/// the files this host needs — the CA certificate, its own TLS certificate and key, the token
+/// public key, the policy — so no host directory holds any other key.
+fn write_controller_config(
+    dir: &Path,
+    host: &str,
+    guest_dir: Option<PathBuf>,
+    attested: bool,
+) -> Result<PathBuf, ClusterError> {
+    let ca = dir.join("ca");
+    let hd = dir.join(host);
+    let mut t = toml::map::Map::new();
+    let mut put = |k: &str, v: &Path| {
+        t.insert(k.into(), toml::Value::String(v.display().to_string()));
+    };
+    put("ca_cert", &ca.join("ca.pem"));
+    put("host_cert", &ca.join(format!("{host}.pem")));
+    put("host_key", &ca.join(format!("{host}.key")));
+    put("token_public_key", &ca.join("token-service.pub"));
+    put("rights", &ca.join("rights.toml"));
+    put("revocations", &ca.join("revoked.txt"));
+    put("audit_log", &hd.join("audit.log"));
+    put("volume_dir", &hd.join("volumes"));
+    put("run_dir", &hd.join("run"));
+    put("card_host_key", &hd.join("host.key"));
+    if let Some(g) = guest_dir {
+        put("guest_dir", &g);
+    }
+    if attested {
+        put("attest_socket", &hd.join("attest.sock"));
+    }
+    t.insert("host_id".into(), toml::Value::String(host.into()));
+    t.insert("listen".into(), toml::Value::String("127.0.0.1:0".into()));
+    let p = hd.join("controller.toml");
+    std::fs::write(&p, toml::to_string(&t).unwrap_or_default()).map_err(io(&p))?;
+    Ok(p)
 }
 
 fn spawn_ready(name: &str, cmd: &mut Command, logs: &Path) -> Result<(Child, Value), ClusterError> {
@@ -317,6 +448,14 @@ pub struct StartOptions {
     pub controller_args: Vec<String>,
     /// PostgreSQL for the control plane's state (default SQLite).
     pub database_url: Option<String>,
+    /// Hosts with a TPM (swtpm), measured start and attestation, and a KMS that requires it.
+    /// `None`: when `swtpm` and `bulkhead-launcher` are present.
+    pub attest: Option<bool>,
+}
+
+/// Whether this machine can run attested hosts (swtpm on PATH, the launcher built).
+pub fn can_attest(bins: &Path) -> bool {
+    bulkhead_rot::swtpm::swtpm_available() && bins.join("bulkhead-launcher").is_file()
 }
 
 /// Prepares and starts the whole cluster; returns once every daemon printed its ready line.
@@ -331,7 +470,26 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
             return Err(ClusterError::MissingBinary(opts.bins.join(b)));
         }
     }
-    prepare(dir, opts.hosts)?;
+    let attested = opts.attest.unwrap_or_else(|| can_attest(&opts.bins));
+    if attested && !can_attest(&opts.bins) {
+        return Err(ClusterError::Rot(
+            "attested hosts need swtpm on PATH and bulkhead-launcher".into(),
+        ));
+    }
+    prepare(dir, opts.hosts, attested)?;
+    if attested {
+        provision_attested(dir, &opts.bins, opts.hosts)?;
+    } else {
+        tracing::warn!(
+            "hosts without a TPM: the KMS trusts enrolled host keys without attestation"
+        );
+        let _ = std::fs::remove_file(dir.join("kms/attest.json"));
+    }
+    let guest_dir = opts
+        .bins
+        .parent()
+        .map(|t| t.join("guest"))
+        .filter(|g| g.join("vmlinux").is_file());
     let logs = dir.join("logs");
     let cap = dir.join("capture");
     if opts.record {
@@ -385,12 +543,31 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
     let cores = u32::try_from((cores / 2).max(1)).unwrap_or(1);
     for n in 1..=opts.hosts {
         let host = format!("host-{n}");
+        let controller_bin = if attested {
+            // Measured start: the agent measures the installed release and unseals the host
+            // key; the controller that runs is the measured copy (its hypervisor and block
+            // card are found next to it).
+            let (agent, _) = spawn_ready(
+                &format!("attest-{host}"),
+                launcher(&opts.bins, dir, &host)
+                    .arg("serve")
+                    .arg("--socket")
+                    .arg(dir.join(&host).join("attest.sock"))
+                    .arg("--host-key-out")
+                    .arg(dir.join(&host).join("host.key")),
+                &logs,
+            )?;
+            cluster.children.push((format!("attest-{host}"), agent));
+            dir.join(&host).join("rot/releases/v1/bulkhead-controller")
+        } else {
+            opts.bins.join("bulkhead-controller")
+        };
+        let cfg = write_controller_config(dir, &host, guest_dir.clone(), attested)?;
         let (child, v) = spawn_ready(
             &host,
-            Command::new(opts.bins.join("bulkhead-controller"))
-                .args(["--dev", "--state-dir"])
-                .arg(dir.join(&host))
-                .args(["--host-id", &host, "--listen", "127.0.0.1:0"])
+            Command::new(controller_bin)
+                .arg("--config")
+                .arg(&cfg)
                 .args(&opts.controller_args),
             &logs,
         )?;
@@ -452,6 +629,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         "hosts": cluster.host_addrs.iter().map(|(h, a)| json!({"host_id": h, "addr": a})).collect::<Vec<_>>(),
         "ca": dir.join("ca/ca.pem"),
         "config": cfg_path,
+        "attested": attested,
         "pids": cluster.pids().into_iter().map(|(n, p)| json!({"name": n, "pid": p})).collect::<Vec<_>>(),
     });
     let info_path = dir.join("cluster.json");

@@ -96,6 +96,21 @@ const UPSTREAM_CODES: &[&str] = &[
     "policy_denied",
     "token_operation_not_granted",
     "token_resource_not_granted",
+    "authorization_replayed",
+    "attestation_required",
+    "evidence_for_another_host",
+    "attestation_unavailable",
+    "attestation_failed",
+    "attest_malformed",
+    "attest_unknown_host",
+    "attest_environment_mismatch",
+    "attest_bad_signature",
+    "attest_nonce_replayed",
+    "attest_nonce_expired",
+    "attest_wrong_pcr_selection",
+    "attest_bad_event_log",
+    "attest_log_mismatch",
+    "attest_unknown_measurements",
 ];
 
 /// Maps an upstream code to its stable static form.

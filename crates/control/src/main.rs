@@ -390,6 +390,7 @@ fn up(
         record,
         poll_interval_ms: 1000,
         database_url: None,
+        attest: None,
     };
     let c = cluster::start(dir, &opts)?;
     let ca = dir.join("ca/ca.pem");
@@ -515,6 +516,7 @@ fn measure(
         controller_args: controller_backend_args(&bins, Some("detached")),
         bins: bins.clone(),
         record: false,
+        attest: None,
         poll_interval_ms: 1000,
         database_url,
     };

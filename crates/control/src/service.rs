@@ -716,6 +716,29 @@ impl ControlPlane {
             format!("volume:{volume_id}"),
         ];
         let flow = async {
+            // Host attestation: a one-time KMS nonce, quoted by the host's TPM (relayed by its
+            // controller), checked by the KMS before it releases the key.
+            let challenge = self
+                .kms_call("Challenge", &json!({ "host_id": host.host_id }))
+                .await?;
+            let evidence = if challenge["required"] == true {
+                let nonce = challenge["nonce"].as_str().ok_or(ControlError::Internal)?;
+                Some(
+                    self.hosts
+                        .call(
+                            &host.host_id,
+                            &host.addr,
+                            Operation::AttestHost,
+                            &["host".to_string()],
+                            "POST",
+                            "/v1/host/attest",
+                            Some(json!({ "nonce": nonce })),
+                        )
+                        .await?,
+                )
+            } else {
+                None
+            };
             let sealed = self
                 .kms_call(
                     "DecryptForHost",
@@ -725,6 +748,7 @@ impl ControlPlane {
                         "host_id": host.host_id,
                         "host_public_key": B64.encode(host_pub),
                         "customer_request": c.forwarded,
+                        "evidence": evidence,
                     }),
                 )
                 .await?;

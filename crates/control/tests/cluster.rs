@@ -56,6 +56,7 @@ fn up(dir: &Path, record: bool) -> Cluster {
             record,
             poll_interval_ms: 200,
             database_url: None,
+            attest: None,
         },
     )
     .unwrap()
@@ -189,6 +190,85 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
 /// plane, with a fresh AttachVolume signed by `a`, ask the KMS to seal it to the instance's
 /// host key, then open it with that host key (what the block card does). Returns the key and
 /// the host id.
+/// A client with the control plane's certificate (what the KMS and the token service accept).
+fn as_control_plane(c: &Cluster) -> HttpsClient {
+    let ca = c.dir.join("ca");
+    HttpsClient::new(
+        client_config(
+            &ca.join("ca.pem"),
+            Some((&ca.join("control-plane.pem"), &ca.join("control-plane.key"))),
+        )
+        .unwrap(),
+    )
+}
+
+fn post(
+    client: &HttpsClient,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    let r = rt
+        .block_on(client.request(addr, "POST", path, &headers, body.to_string().into_bytes()))
+        .unwrap();
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+/// What the control plane does before DecryptForHost: a KMS nonce for `host`, quoted by the
+/// host's TPM through its controller (with a token minted for AttestHost on that host).
+/// `None` when the cluster's KMS does not require attestation.
+fn evidence(c: &Cluster, host: &str) -> Option<Value> {
+    let cp = as_control_plane(c);
+    let (st, ch) = post(
+        &cp,
+        &c.kms_addr,
+        "/v1/Challenge",
+        None,
+        &json!({"host_id": host}),
+    );
+    assert_eq!(st, 200, "{ch}");
+    if ch["required"] != true {
+        return None;
+    }
+    Some(quote(c, host, ch["nonce"].as_str().unwrap()))
+}
+
+/// The host's evidence over `nonce`, through its controller.
+fn quote(c: &Cluster, host: &str, nonce: &str) -> Value {
+    let cp = as_control_plane(c);
+    let (st, t) = post(
+        &cp,
+        &c.token_addr,
+        "/v1/Mint",
+        None,
+        &json!({"hosts": [host], "operations": ["AttestHost"], "resources": ["host"], "ttl_secs": 60}),
+    );
+    assert_eq!(st, 200, "{t}");
+    let addr = &c.host_addrs.iter().find(|(h, _)| h == host).unwrap().1;
+    let (st, ev) = post(
+        &cp,
+        addr,
+        "/v1/host/attest",
+        t["token"].as_str(),
+        &json!({"nonce": nonce}),
+    );
+    assert_eq!(st, 200, "{ev}");
+    ev
+}
+
 fn data_key(c: &Cluster, a: &Customer, va: &str, ia: &str) -> (Vec<u8>, String) {
     let dir = &c.dir;
     let db = rusqlite::Connection::open(dir.join("control/control.db")).unwrap();
@@ -223,6 +303,7 @@ fn data_key(c: &Cluster, a: &Customer, va: &str, ia: &str) -> (Vec<u8>, String) 
         "host_id": host_of,
         "host_public_key": B64.encode(std::fs::read(host_dir.join("host.pub")).unwrap()),
         "customer_request": a.forwarded("AttachVolume", json!({"VolumeId": va, "InstanceId": ia})),
+        "evidence": evidence(c, &host_of),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -701,6 +782,7 @@ fn attach_flow_with_real_guests_and_cards_on_two_hosts() {
             record: true,
             poll_interval_ms: 500,
             database_url: None,
+            attest: None,
         },
     )
     .unwrap();
@@ -866,4 +948,165 @@ fn token_service_alone_holds_the_key_and_mints_only_what_a_certificate_may_hold(
 /// made of JSON keys and hex digests unless a token was written.
 fn v_token_prefix(_log: &str) -> &'static str {
     "\"token\":"
+}
+
+/// Claim: the KMS releases a volume key only to a host whose TPM just proved (quote over a
+/// one-time KMS nonce, event log, enrolled attestation key) that it runs a signed release — and
+/// each customer authorization opens the key once, for one host. Host 2's installed block card
+/// is altered by one byte before it starts: its measured start shows it, it refuses work, and
+/// the KMS refuses its evidence.
+#[test]
+fn kms_releases_volume_keys_only_to_freshly_attested_hosts() {
+    let b = bins();
+    if !cluster::can_attest(&b) {
+        eprintln!(
+            "*** SKIPPED kms_releases_volume_keys_only_to_freshly_attested_hosts: swtpm not on PATH or bulkhead-launcher not built ***"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    cluster::prepare(dir.path(), 2, true).unwrap();
+    cluster::provision_attested(dir.path(), &b, 2).unwrap();
+    let tampered = dir.path().join("host-2/rot/releases/v1/bulkhead-blockcard");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&tampered)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"\0").unwrap();
+    drop(f);
+    let c = cluster::start(
+        dir.path(),
+        &StartOptions {
+            hosts: 2,
+            controller_args: backend_args(&b),
+            bins: b,
+            record: false,
+            poll_interval_ms: 200,
+            database_url: None,
+            attest: Some(true),
+        },
+    )
+    .unwrap();
+    // The altered host measured the change, raised an alert and holds no host key.
+    assert!(!dir.path().join("host-2/host.key").exists());
+    assert!(dir.path().join("host-1/host.key").exists());
+    let alerts = std::fs::read_to_string(dir.path().join("host-2/launcher-audit.log")).unwrap();
+    assert!(alerts.contains("artefact_mismatch"), "{alerts}");
+
+    let a = customer(&c, "tenant-a");
+    let v = volume(&a);
+    let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
+    let blob: Vec<u8> = db
+        .query_row(
+            "SELECT ciphertext_blob FROM volumes WHERE volume_id = ?1",
+            [&v],
+            |r| r.get(0),
+        )
+        .unwrap();
+    drop(db);
+    let cp = as_control_plane(&c);
+    let mut n = 0;
+    // A fresh customer authorization each time (distinct bodies: same-second signatures of the
+    // same body would be the same authorization).
+    let mut auth = || {
+        n += 1;
+        a.forwarded(
+            "AttachVolume",
+            json!({"VolumeId": v, "InstanceId": "i-x", "ClientToken": format!("t{n}")}),
+        )
+    };
+    let decrypt = |host: &str, auth: Value, ev: Option<Value>| {
+        let pubkey = std::fs::read(dir.path().join(host).join("host.pub")).unwrap();
+        post(
+            &cp,
+            &c.kms_addr,
+            "/v1/DecryptForHost",
+            None,
+            &json!({
+                "volume_id": v,
+                "ciphertext_blob": B64.encode(&blob),
+                "host_id": host,
+                "host_public_key": B64.encode(pubkey),
+                "customer_request": auth,
+                "evidence": ev,
+            }),
+        )
+    };
+    let challenge = |host: &str| {
+        let (st, ch) = post(
+            &cp,
+            &c.kms_addr,
+            "/v1/Challenge",
+            None,
+            &json!({"host_id": host}),
+        );
+        assert_eq!((st, ch["required"].clone()), (200, json!(true)), "{ch}");
+        ch["nonce"].as_str().unwrap().to_string()
+    };
+
+    // No evidence: refused.
+    let (st, r) = decrypt("host-1", auth(), None);
+    assert_eq!((st, code(&r)), (403, "attestation_required"), "{r}");
+    // Host 1's evidence presented for host 2: refused.
+    let ev1 = quote(&c, "host-1", &challenge("host-1"));
+    let (st, r) = decrypt("host-2", auth(), Some(ev1.clone()));
+    assert_eq!((st, code(&r)), (403, "evidence_for_another_host"), "{r}");
+    // A quote over a nonce the KMS never issued: refused.
+    let forged = quote(&c, "host-1", &"ab".repeat(32));
+    let (st, r) = decrypt("host-1", auth(), Some(forged));
+    assert_eq!((st, code(&r)), (403, "attest_nonce_replayed"), "{r}");
+    // A nonce issued for host 2, quoted by host 1: refused.
+    let stolen = quote(&c, "host-1", &challenge("host-2"));
+    let (st, r) = decrypt("host-1", auth(), Some(stolen));
+    assert_eq!((st, code(&r)), (403, "attest_nonce_replayed"), "{r}");
+    // Genuine evidence whose event log was edited (one digest changed): refused.
+    let mut edited = quote(&c, "host-1", &challenge("host-1"));
+    let mut events: Vec<Value> = edited["event_log"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = events.last_mut().unwrap();
+    let h = last["sha384"].as_str().unwrap().to_string();
+    let flipped = if h.starts_with('0') { "1" } else { "0" };
+    last["sha384"] = json!(format!("{flipped}{}", &h[1..]));
+    let text: String = events.iter().map(|e| format!("{e}\n")).collect();
+    edited["event_log"] = json!(text);
+    let (st, r) = decrypt("host-1", auth(), Some(edited));
+    assert_eq!((st, code(&r)), (403, "attest_log_mismatch"), "{r}");
+
+    // Fresh, genuine evidence from the healthy host: the sealed key opens with its host key.
+    let good = auth();
+    let (st, r) = decrypt("host-1", good.clone(), Some(ev1.clone()));
+    assert_eq!(st, 200, "{r}");
+    let sealed = B64.decode(r["sealed_key"].as_str().unwrap()).unwrap();
+    let hk = bulkhead_sealing::HostKey::read_file(&dir.path().join("host-1/host.key")).unwrap();
+    bulkhead_sealing::open_volume_key(&hk, &v, &sealed).unwrap();
+    // The same evidence again (its nonce is spent): refused.
+    let (st, r) = decrypt("host-1", auth(), Some(ev1));
+    assert_eq!((st, code(&r)), (403, "attest_nonce_replayed"), "{r}");
+    // The same customer authorization again, even with fresh evidence: refused (one use).
+    let ev = quote(&c, "host-1", &challenge("host-1"));
+    let (st, r) = decrypt("host-1", good, Some(ev));
+    assert_eq!((st, code(&r)), (403, "authorization_replayed"), "{r}");
+
+    // The altered host's genuine quote shows measurements no signed release has: refused.
+    let ev2 = quote(&c, "host-2", &challenge("host-2"));
+    let (st, r) = decrypt("host-2", auth(), Some(ev2));
+    assert_eq!((st, code(&r)), (403, "attest_unknown_measurements"), "{r}");
+
+    // Every refusal is in the KMS's audit chain.
+    drop(c);
+    bulkhead_audit::verify(&dir.path().join("kms/audit.log")).unwrap();
+    let audit = std::fs::read_to_string(dir.path().join("kms/audit.log")).unwrap();
+    for code in [
+        "attestation_required",
+        "evidence_for_another_host",
+        "attest_nonce_replayed",
+        "authorization_replayed",
+        "attest_unknown_measurements",
+    ] {
+        assert!(audit.contains(code), "{code} not audited");
+    }
 }

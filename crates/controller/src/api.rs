@@ -41,6 +41,7 @@ impl Method {
 pub enum BodyKind {
     None,
     Drain,
+    Attest,
     CreateInstance,
     AttachVolume,
 }
@@ -76,6 +77,7 @@ pub const ROUTES: &[RouteSpec] = &[
     route!(Get "/v1/audit" => ReadAudit, None, "Audit records after a cursor (pull only)"),
     route!(Get "/v1/alerts" => ListAlerts, None, "Alerts raised by the monitoring rules"),
     route!(Post "/v1/host/drain" => DrainHost, Drain, "Stop placing new instances on this host"),
+    route!(Post "/v1/host/attest" => AttestHost, Attest, "Quote of the host's measurements over a verifier's nonce (relayed from the attestation agent)"),
     route!(Post "/v1/instances" => CreateInstance, CreateInstance, "Create an instance from an image"),
     route!(Get "/v1/instances/{id}" => DescribeInstance, None, "Describe one instance"),
     route!(Post "/v1/instances/{id}/start" => StartInstance, None, "Start an instance"),
@@ -94,6 +96,14 @@ pub struct DrainRequest {
     /// Why (kept in the audit log's parameter digest, never interpreted).
     #[serde(default)]
     pub reason: Option<String>,
+}
+
+/// Body of `POST /v1/host/attest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttestRequest {
+    /// The verifier's one-time nonce: 32 bytes, hex.
+    pub nonce: String,
 }
 
 /// Body of `POST /v1/instances`.
@@ -167,6 +177,9 @@ pub enum ApiRequest {
     },
     ListAlerts,
     DrainHost,
+    AttestHost {
+        nonce: [u8; 32],
+    },
     CreateInstance {
         id: ResourceId,
         image: String,
@@ -348,6 +361,14 @@ impl ApiRequest {
                 let _: DrainRequest = json(body)?;
                 ApiRequest::DrainHost
             }
+            Operation::AttestHost => {
+                let r: AttestRequest = json(body)?;
+                let nonce = hex::decode(&r.nonce)
+                    .ok()
+                    .and_then(|n| <[u8; 32]>::try_from(n).ok())
+                    .ok_or(RequestError::Invalid)?;
+                ApiRequest::AttestHost { nonce }
+            }
             Operation::CreateInstance => {
                 let r: CreateInstanceRequest = json(body)?;
                 if r.image.is_empty()
@@ -409,6 +430,7 @@ impl ApiRequest {
             ApiRequest::ReadAudit { .. } => Operation::ReadAudit,
             ApiRequest::ListAlerts => Operation::ListAlerts,
             ApiRequest::DrainHost => Operation::DrainHost,
+            ApiRequest::AttestHost { .. } => Operation::AttestHost,
             ApiRequest::CreateInstance { .. } => Operation::CreateInstance,
             ApiRequest::DescribeInstance(_) => Operation::DescribeInstance,
             ApiRequest::StartInstance(_) => Operation::StartInstance,
@@ -430,7 +452,8 @@ impl ApiRequest {
             | ApiRequest::GetMetrics
             | ApiRequest::ReadAudit { .. }
             | ApiRequest::ListAlerts
-            | ApiRequest::DrainHost => vec!["host".to_string()],
+            | ApiRequest::DrainHost
+            | ApiRequest::AttestHost { .. } => vec!["host".to_string()],
             ApiRequest::CreateInstance { id, .. }
             | ApiRequest::DescribeInstance(id)
             | ApiRequest::StartInstance(id)

@@ -41,6 +41,11 @@ pub struct Config {
     /// Guest kernel arguments (default: [`crate::host::DEFAULT_KERNEL_ARGS`]).
     #[serde(default)]
     pub kernel_args: Option<String>,
+    /// The attestation agent's socket (`bulkhead-launcher serve --socket`). Without it
+    /// `POST /v1/host/attest` answers `attestation_unavailable`, and a KMS that requires
+    /// attestation releases no volume key to this host.
+    #[serde(default)]
+    pub attest_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +120,7 @@ impl Config {
             volume_dir: Some(dir.root().join("volumes")),
             run_dir: Some(dir.root().join("run")),
             kernel_args: None,
+            attest_socket: Some(dir.root().join("attest.sock")).filter(|p| p.exists()),
             host_id: host_id.to_string(),
             listen: listen.to_string(),
             ca_cert: dir.ca().ca_pem(),

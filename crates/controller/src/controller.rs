@@ -38,6 +38,7 @@ pub struct Controller {
     pub metrics: Metrics,
     monitor: Mutex<Monitor>,
     outbound_seen: Mutex<u64>,
+    attest: Arc<crate::attest::AgentLink>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -62,6 +63,8 @@ pub enum Refusal {
     AuditUnavailable,
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Attest(#[from] crate::attest::AttestError),
     #[error("internal error")]
     Internal,
 }
@@ -75,6 +78,7 @@ impl Refusal {
             Refusal::Quota { .. } => "quota_exceeded",
             Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::Backend(e) => e.code(),
+            Refusal::Attest(e) => e.code(),
             Refusal::Internal => "internal_error",
         }
     }
@@ -94,6 +98,7 @@ impl Refusal {
             Refusal::Quota { .. } => 429,
             Refusal::AuditUnavailable => 503,
             Refusal::Backend(e) => e.status(),
+            Refusal::Attest(e) => e.status(),
             Refusal::Internal => 500,
         };
         StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -177,9 +182,16 @@ impl Controller {
             metrics: Metrics::default(),
             monitor: Mutex::new(Monitor::default()),
             outbound_seen: Mutex::new(0),
+            attest: Arc::new(crate::attest::AgentLink::none()),
         };
         c.rebuild_quotas();
         c
+    }
+
+    /// Relays `POST /v1/host/attest` to this attestation agent.
+    pub fn with_attestation(mut self, link: crate::attest::AgentLink) -> Self {
+        self.attest = Arc::new(link);
+        self
     }
 
     /// Re-counts allowed calls from the audit log so a restart does not reset quotas.
@@ -539,6 +551,13 @@ impl Controller {
             ApiRequest::DrainHost => {
                 self.instances.set_draining(true);
                 ack("draining")
+            }
+            ApiRequest::AttestHost { nonce } => {
+                let link = Arc::clone(&self.attest);
+                let evidence = tokio::task::spawn_blocking(move || link.quote(&nonce))
+                    .await
+                    .map_err(|_| Refusal::Internal)??;
+                json_ok(request_id, StatusCode::OK, &evidence)
             }
             ApiRequest::CreateInstance {
                 id,

@@ -1,6 +1,7 @@
 //! `bulkhead-controller`: the host's only management door (the Nitro Controller's role).
 //!
 //! - [`api`]: the route table and the one parser of the HTTP boundary.
+//! - [`attest`]: the link to the host's attestation agent (quotes relayed, never made here).
 //! - [`controller`]: parse → token check → host policy re-check → quota → durable audit → act.
 //! - [`server`]: TLS 1.3 mutual-TLS listener (rustls + aws-lc-rs).
 //! - [`backend`]: `InstanceBackend` / `VolumeBackend` traits and `DetachedBackend` (the explicit
@@ -12,6 +13,7 @@
 //! - [`openapi`]: the OpenAPI document generated from the route table.
 
 pub mod api;
+pub mod attest;
 pub mod backend;
 pub mod card_control;
 pub mod config;

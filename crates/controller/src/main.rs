@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bulkhead_audit::AuditLog;
+use bulkhead_controller::attest::AgentLink;
 use bulkhead_controller::backend::{DetachedBackend, InstanceBackend, VolumeBackend};
 use bulkhead_controller::config::Config;
 use bulkhead_controller::controller::Controller;
@@ -98,6 +99,8 @@ enum StartError {
     Pem(PathBuf),
     #[error("{0}: not a valid token-service public key")]
     TokenKey(PathBuf),
+    #[error("attestation agent at {0}: {1}")]
+    Attest(PathBuf, std::io::Error),
     #[error("policy: {0}")]
     Policy(#[from] bulkhead_tokens::policy::PolicyError),
     #[error("audit log: {0}")]
@@ -309,15 +312,32 @@ fn run(args: Args) -> Result<(), StartError> {
         }
     };
     let backend_kind = instances.kind();
-    let ctrl = Arc::new(Controller::new(
-        cfg.host_id.clone(),
-        verifier,
-        policy,
-        cfg.revocations.clone(),
-        audit,
-        instances,
-        volumes,
-    ));
+    // Connected now: once the sandbox is on, the controller can connect nowhere.
+    let attest = match &cfg.attest_socket {
+        Some(p) => match AgentLink::connect(p) {
+            Ok(l) => {
+                tracing::info!(socket = %p.display(), "attestation agent connected");
+                l
+            }
+            Err(e) => return Err(StartError::Attest(p.clone(), e)),
+        },
+        None => {
+            tracing::warn!("no attestation agent configured: this host cannot attest, and a KMS that requires attestation will release no volume key to it");
+            AgentLink::none()
+        }
+    };
+    let ctrl = Arc::new(
+        Controller::new(
+            cfg.host_id.clone(),
+            verifier,
+            policy,
+            cfg.revocations.clone(),
+            audit,
+            instances,
+            volumes,
+        )
+        .with_attestation(attest),
+    );
 
     // Bind before the sandbox forbids new inet sockets.
     let std_listener = std::net::TcpListener::bind(&cfg.listen)
@@ -404,6 +424,17 @@ fn run(args: Args) -> Result<(), StartError> {
 }
 
 fn main() -> ExitCode {
+    // Run by the host's measured start before it takes customer work: the outbound-blocking
+    // filter compiles for this kernel's architecture.
+    if std::env::args().nth(1).as_deref() == Some("--self-test") {
+        return match sandbox::outbound_filter() {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bulkhead-controller: self-test failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -74,6 +74,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         let body = match r.body {
             BodyKind::None => None,
             BodyKind::Drain => Some("DrainRequest"),
+            BodyKind::Attest => Some("AttestRequest"),
             BodyKind::CreateInstance => Some("CreateInstanceRequest"),
             BodyKind::AttachVolume => Some("AttachVolumeRequest"),
         };
@@ -135,6 +136,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         .schema_from::<api::ErrorBody>()
         .schema_from::<api::ErrorDetail>()
         .schema_from::<api::DrainRequest>()
+        .schema_from::<api::AttestRequest>()
         .schema_from::<api::CreateInstanceRequest>()
         .schema_from::<api::AttachVolumeRequest>()
         .security_scheme(

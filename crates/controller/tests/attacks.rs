@@ -21,6 +21,9 @@ fn sample_body(kind: BodyKind) -> &'static [u8] {
     match kind {
         BodyKind::None => b"",
         BodyKind::Drain => b"{}",
+        BodyKind::Attest => {
+            br#"{"nonce":"abababababababababababababababababababababababababababababababab"}"#
+        }
         BodyKind::CreateInstance => {
             br#"{"instance_id":"i-1","image":"img-1","vcpus":1,"memory_mib":128}"#
         }

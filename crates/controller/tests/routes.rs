@@ -16,6 +16,7 @@ const ALLOWED: &[(&str, &str, &str)] = &[
     ("GET", "/v1/audit", "ReadAudit"),
     ("GET", "/v1/alerts", "ListAlerts"),
     ("POST", "/v1/host/drain", "DrainHost"),
+    ("POST", "/v1/host/attest", "AttestHost"),
     ("POST", "/v1/instances", "CreateInstance"),
     ("GET", "/v1/instances/{id}", "DescribeInstance"),
     ("POST", "/v1/instances/{id}/start", "StartInstance"),

@@ -7,11 +7,14 @@
 //!   when (1) the customer's own signed AttachVolume request is forwarded and recent
 //!   (forward-access session, [`service::FORWARD_WINDOW_SECS`]), (2) an unrevoked grant lets that
 //!   customer use the key for that volume, (3) the presented host public key is the one enrolled
-//!   for that host; then it re-wraps the key to the host key with HPKE (`bulkhead-sealing`) and
+//!   for that host — and, when the KMS enforces attestation, the host's fresh TPM quote over a
+//!   KMS nonce verifies against its enrolment and a signed release ([`attest`]); each customer
+//!   authorization opens a key once, for one host; then it re-wraps the key to the host key with HPKE (`bulkhead-sealing`) and
 //!   returns only that sealed blob.
 //! * Only the control plane's certificate may call it (mutual TLS 1.3, [`tls`]); every call is
 //!   written to a hash-chained audit log before anything happens ([`service`]).
 
+pub mod attest;
 pub mod crypto;
 pub mod server;
 pub mod service;
@@ -47,6 +50,14 @@ pub enum KmsError {
     UnknownHost,
     #[error("presented host key is not the key enrolled for this host")]
     HostKeyMismatch,
+    #[error("this customer authorization already opened a data key (one use, one host)")]
+    AuthorizationReplayed,
+    #[error("this KMS releases volume keys only to hosts with fresh attestation evidence")]
+    AttestationRequired,
+    #[error("the attestation evidence is another host's")]
+    EvidenceForAnotherHost,
+    #[error("host attestation refused: {0}")]
+    Attestation(bulkhead_rot::attest::AttestError),
     #[error("customer or access key already registered")]
     CustomerExists,
     #[error("audit log unavailable; nothing was done")]
@@ -74,6 +85,10 @@ impl KmsError {
             KmsError::NoGrant => "no_grant",
             KmsError::UnknownHost => "unknown_host",
             KmsError::HostKeyMismatch => "host_key_mismatch",
+            KmsError::AuthorizationReplayed => "authorization_replayed",
+            KmsError::AttestationRequired => "attestation_required",
+            KmsError::EvidenceForAnotherHost => "evidence_for_another_host",
+            KmsError::Attestation(e) => e.code(),
             KmsError::CustomerExists => "customer_exists",
             KmsError::AuditUnavailable => "audit_unavailable",
             KmsError::Store(_) => "store_error",
@@ -94,7 +109,11 @@ impl KmsError {
             KmsError::CallerNotAllowed
             | KmsError::WrongCustomerAction
             | KmsError::NoGrant
-            | KmsError::HostKeyMismatch => 403,
+            | KmsError::HostKeyMismatch
+            | KmsError::AuthorizationReplayed
+            | KmsError::AttestationRequired
+            | KmsError::EvidenceForAnotherHost
+            | KmsError::Attestation(_) => 403,
             KmsError::CustomerExists => 409,
             KmsError::AuditUnavailable => 503,
             _ => 500,

@@ -32,6 +32,10 @@ struct Args {
     dev: bool,
     #[arg(long, default_value = "127.0.0.1:8600")]
     listen: String,
+    /// Require host attestation for DecryptForHost, with this policy (enrolments, signed
+    /// releases; see `bulkhead_kms::attest`). Dev default: STATE_DIR/attest.json if present.
+    #[arg(long)]
+    attest_config: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,8 @@ enum StartError {
     Audit(#[from] bulkhead_audit::AuditError),
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    #[error("attestation policy: {0}")]
+    Attest(#[from] bulkhead_kms::attest::AttestConfigError),
 }
 
 fn run(args: Args) -> Result<(), StartError> {
@@ -73,13 +79,29 @@ fn run(args: Args) -> Result<(), StartError> {
     let root = crypto::load_root_key(&args.state_dir.join("root.key"), args.dev)?;
     let store = Store::open(&args.state_dir.join("kms.db"))?;
     let (audit, report) = AuditLog::open(&args.state_dir.join("audit.log"))?;
-    let kms = Arc::new(Kms::new(store, root, audit, hosts_dir));
+    let mut kms = Kms::new(store, root, audit, hosts_dir);
+    let attest_cfg = args
+        .attest_config
+        .clone()
+        .or_else(|| Some(args.state_dir.join("attest.json")).filter(|p| args.dev && p.is_file()));
+    let attested = match &attest_cfg {
+        Some(p) => {
+            kms = kms.with_attestation(bulkhead_kms::attest::load_verifier(p)?);
+            tracing::info!(policy = %p.display(), "attestation required for DecryptForHost");
+            true
+        }
+        None => {
+            tracing::warn!("no attestation policy: DecryptForHost trusts enrolled host keys without a TPM quote");
+            false
+        }
+    };
+    let kms = Arc::new(kms);
     tls::run_daemon(
         &args.listen,
         tls_cfg,
         server::router(kms),
         "kms",
-        serde_json::json!({"audit_records": report.records}),
+        serde_json::json!({"audit_records": report.records, "attestation_required": attested}),
     )
     .map_err(|e| StartError::Io(args.listen.clone(), e))
 }

@@ -17,6 +17,7 @@ use crate::sigv::{self, Authorization, ForwardedRequest};
 use crate::store::{CmkRow, GrantRow, Store};
 use crate::wire::*;
 use crate::KmsError;
+use bulkhead_rot::attest::Verifier;
 
 /// How old a forwarded customer request may be: a forward-access session lasts minutes.
 pub const FORWARD_WINDOW_SECS: u64 = 300;
@@ -28,6 +29,9 @@ pub struct Kms {
     /// `HOST_ID.pub` files (38-byte host public key files), enrolled out of band.
     hosts_dir: PathBuf,
     window_secs: u64,
+    /// When set, `DecryptForHost` requires the host's fresh attestation evidence, and the key
+    /// is sealed to the host key of the attested enrolment.
+    attestation: Option<std::sync::Mutex<Verifier>>,
 }
 
 pub fn now() -> u64 {
@@ -79,6 +83,8 @@ fn claimed_resources(body: &[u8]) -> Vec<String> {
 struct Customer {
     tenant: String,
     body: Value,
+    /// The request signature, hex: what makes one authorization single-use.
+    signature: String,
 }
 
 /// What a decided request will do once audited.
@@ -103,6 +109,11 @@ enum Plan {
         volume: String,
         host: HostPublicKey,
         grant_id: String,
+        /// Consumed atomically before the key is opened.
+        authorization: String,
+    },
+    Challenge {
+        host: String,
     },
     Revoke {
         key_id: String,
@@ -119,7 +130,21 @@ impl Kms {
             audit,
             hosts_dir,
             window_secs: FORWARD_WINDOW_SECS,
+            attestation: None,
         }
+    }
+
+    /// Requires attestation for every `DecryptForHost`, checked by `verifier` (its enrolments
+    /// and accepted releases).
+    pub fn with_attestation(mut self, verifier: Verifier) -> Kms {
+        self.attestation = Some(std::sync::Mutex::new(verifier));
+        self
+    }
+
+    fn verifier(&self) -> Option<std::sync::MutexGuard<'_, Verifier>> {
+        self.attestation
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Shortens the forward-access window (tests).
@@ -199,7 +224,11 @@ impl Kms {
         }
         let body: Value =
             serde_json::from_str(&f.parts.body).map_err(|_| KmsError::WrongCustomerAction)?;
-        Ok(Customer { tenant, body })
+        Ok(Customer {
+            tenant,
+            body,
+            signature: hex::encode(auth.signature),
+        })
     }
 
     fn owned_key(&self, key_id: &str, tenant: &str) -> Result<CmkRow, KmsError> {
@@ -210,15 +239,20 @@ impl Kms {
         }
     }
 
+    fn presented_key(&self, presented_b64: &str) -> Result<HostPublicKey, KmsError> {
+        let presented = B64
+            .decode(presented_b64)
+            .map_err(|_| KmsError::BadRequest("host_public_key"))?;
+        HostPublicKey::from_file_bytes(&presented)
+            .map_err(|_| KmsError::BadRequest("host_public_key"))
+    }
+
+    /// Without attestation: the presented key must be the one enrolled out of band.
     fn host_key(&self, host_id: &str, presented_b64: &str) -> Result<HostPublicKey, KmsError> {
         if !bulkhead_tokens::pki::valid_name(host_id) {
             return Err(KmsError::BadRequest("host_id"));
         }
-        let presented = B64
-            .decode(presented_b64)
-            .map_err(|_| KmsError::BadRequest("host_public_key"))?;
-        let presented = HostPublicKey::from_file_bytes(&presented)
-            .map_err(|_| KmsError::BadRequest("host_public_key"))?;
+        let presented = self.presented_key(presented_b64)?;
         let enrolled = std::fs::read(self.hosts_dir.join(format!("{host_id}.pub")))
             .ok()
             .and_then(|raw| HostPublicKey::from_file_bytes(&raw).ok())
@@ -331,7 +365,27 @@ impl Kms {
                     .store
                     .active_grant(&cmk.key_id, &c.tenant, &r.volume_id)?
                     .ok_or(KmsError::NoGrant)?;
-                let host = self.host_key(&r.host_id, &r.host_public_key)?;
+                if self.store.authorization_used(&c.signature)? {
+                    return Err(KmsError::AuthorizationReplayed);
+                }
+                let host = match self.verifier() {
+                    Some(mut v) => {
+                        let ev = r.evidence.as_ref().ok_or(KmsError::AttestationRequired)?;
+                        if ev.host != r.host_id {
+                            return Err(KmsError::EvidenceForAnotherHost);
+                        }
+                        let ok = v.verify(ev).map_err(KmsError::Attestation)?;
+                        let enrolled = hex::decode(&ok.host_public)
+                            .ok()
+                            .and_then(|raw| HostPublicKey::from_file_bytes(&raw).ok())
+                            .ok_or(KmsError::Internal)?;
+                        if self.presented_key(&r.host_public_key)? != enrolled {
+                            return Err(KmsError::HostKeyMismatch);
+                        }
+                        enrolled
+                    }
+                    None => self.host_key(&r.host_id, &r.host_public_key)?,
+                };
                 Ok((
                     vec![
                         format!("tenant:{}", c.tenant),
@@ -346,7 +400,23 @@ impl Kms {
                         volume: r.volume_id,
                         host,
                         grant_id,
+                        authorization: c.signature,
                     },
+                ))
+            }
+            KmsOp::Challenge => {
+                let r: ChallengeRequest = parse(body)?;
+                if !bulkhead_tokens::pki::valid_name(&r.host_id) {
+                    return Err(KmsError::BadRequest("host_id"));
+                }
+                if let Some(v) = self.verifier() {
+                    if v.enrollment(&r.host_id).is_none() {
+                        return Err(KmsError::UnknownHost);
+                    }
+                }
+                Ok((
+                    vec![format!("host:{}", r.host_id)],
+                    Plan::Challenge { host: r.host_id },
                 ))
             }
             KmsOp::RevokeGrant => {
@@ -451,7 +521,16 @@ impl Kms {
                 volume,
                 host,
                 grant_id,
+                authorization,
             } => {
+                let t = now();
+                let forget = t.saturating_sub(self.window_secs.saturating_mul(2));
+                if !self
+                    .store
+                    .consume_authorization(&authorization, t, forget)?
+                {
+                    return Err(KmsError::AuthorizationReplayed);
+                }
                 let cmk_key =
                     crypto::unwrap::<32>(&self.root, &cmk_aad(&cmk.key_id), &cmk.wrapped)?;
                 let dk = blob.open(&cmk_key, &volume)?;
@@ -463,6 +542,19 @@ impl Kms {
                     grant_id,
                 })
                 .map_err(|_| KmsError::Internal)?)
+            }
+            Plan::Challenge { host } => {
+                let resp = match self.verifier() {
+                    Some(mut v) => ChallengeResponse {
+                        nonce: hex::encode(v.challenge(&host).map_err(|_| KmsError::Internal)?),
+                        required: true,
+                    },
+                    None => ChallengeResponse {
+                        nonce: String::new(),
+                        required: false,
+                    },
+                };
+                Ok(serde_json::to_value(resp).map_err(|_| KmsError::Internal)?)
             }
             Plan::Revoke {
                 key_id,

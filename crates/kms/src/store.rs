@@ -18,7 +18,8 @@ pub enum StoreError {
 }
 
 /// Versioned migrations; index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &["CREATE TABLE customers (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE customers (
         access_key_id TEXT PRIMARY KEY,
         tenant_id TEXT NOT NULL,
         wrapped_secret BLOB NOT NULL,
@@ -36,7 +37,12 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE customers (
         volume_id TEXT NOT NULL,
         created INTEGER NOT NULL,
         revoked INTEGER);
-     CREATE INDEX grants_by_key ON grants(key_id, tenant_id, volume_id);"];
+     CREATE INDEX grants_by_key ON grants(key_id, tenant_id, volume_id);",
+    // A forwarded customer authorization opens a data key for one host, once.
+    "CREATE TABLE used_authorizations (
+        signature TEXT PRIMARY KEY,
+        used INTEGER NOT NULL);",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CmkRow {
@@ -202,6 +208,41 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()
+        })
+    }
+
+    /// Whether this customer authorization (its signature, hex) already opened a data key.
+    pub fn authorization_used(&self, signature: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT 1 FROM used_authorizations WHERE signature = ?1",
+                params![signature],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|o| o.is_some())
+        })
+    }
+
+    /// Marks an authorization used; false if it already was (atomic: of two concurrent uses
+    /// exactly one wins). Entries older than `forget_before` are pruned (a signature that old is
+    /// refused as stale anyway).
+    pub fn consume_authorization(
+        &self,
+        signature: &str,
+        now: u64,
+        forget_before: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM used_authorizations WHERE used < ?1",
+                params![secs(forget_before)],
+            )?;
+            let n = c.execute(
+                "INSERT OR IGNORE INTO used_authorizations (signature, used) VALUES (?1, ?2)",
+                params![signature, secs(now)],
+            )?;
+            Ok(n == 1)
         })
     }
 

@@ -17,6 +17,7 @@ pub enum KmsOp {
     GenerateDataKey,
     DecryptForHost,
     RevokeGrant,
+    Challenge,
 }
 
 impl KmsOp {
@@ -26,6 +27,7 @@ impl KmsOp {
         KmsOp::GenerateDataKey,
         KmsOp::DecryptForHost,
         KmsOp::RevokeGrant,
+        KmsOp::Challenge,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +37,7 @@ impl KmsOp {
             KmsOp::GenerateDataKey => "GenerateDataKey",
             KmsOp::DecryptForHost => "DecryptForHost",
             KmsOp::RevokeGrant => "RevokeGrant",
+            KmsOp::Challenge => "Challenge",
         }
     }
 
@@ -46,7 +49,7 @@ impl KmsOp {
     /// The customer-API action whose signed request must be forwarded for this operation.
     pub fn customer_action(self) -> Option<&'static str> {
         match self {
-            KmsOp::RegisterCustomer => None,
+            KmsOp::RegisterCustomer | KmsOp::Challenge => None,
             KmsOp::CreateKey => Some("CreateKey"),
             KmsOp::GenerateDataKey => Some("CreateVolume"),
             KmsOp::DecryptForHost => Some("AttachVolume"),
@@ -103,6 +106,26 @@ pub struct DecryptForHostRequest {
     /// The host's 38-byte public key file, base64.
     pub host_public_key: String,
     pub customer_request: ForwardedRequest,
+    /// The host's fresh attestation evidence (a TPM quote over a nonce from
+    /// [`KmsOp::Challenge`], and its event log). Required when the KMS enforces attestation.
+    #[serde(default)]
+    pub evidence: Option<bulkhead_rot::attest::Evidence>,
+}
+
+/// `Challenge`: a one-time nonce for one host's next quote.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeRequest {
+    pub host_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChallengeResponse {
+    /// 32 bytes, hex. Valid for one quote by that host, for a minute.
+    pub nonce: String,
+    /// Whether this KMS requires attestation evidence in `DecryptForHost`.
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

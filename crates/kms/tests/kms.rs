@@ -160,12 +160,16 @@ fn decrypt_body(blob: &str, host: &str, key: &HostKey, auth: Value) -> Value {
     })
 }
 
+/// A customer's AttachVolume authorization. Each is distinct (its own client token), as two
+/// real requests are: the KMS lets one authorization open a key once.
 fn attach_auth(akid: &str, secret: &[u8], at: u64) -> Value {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     signed(
         akid,
         secret,
         "AttachVolume",
-        &json!({"VolumeId": "vol-1", "InstanceId": "i-1"}),
+        &json!({"VolumeId": "vol-1", "InstanceId": "i-1", "ClientToken": format!("t{n}")}),
         at,
     )
 }
@@ -179,14 +183,26 @@ fn decrypt_for_host_needs_recent_customer_authorization_grant_and_enrolled_host_
     k.enroll("host-1", &host);
 
     // Happy path: the sealed blob opens only with that host's key, for that volume.
+    let first = attach_auth(AKID, &SECRET, now());
     let (st, v) = k.call(
         "DecryptForHost",
-        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+        &decrypt_body(&blob, "host-1", &host, first.clone()),
     );
     assert_eq!(st, 200, "{v}");
     let sealed = B64.decode(v["sealed_key"].as_str().unwrap()).unwrap();
     let dk = open_volume_key(&host, "vol-1", &sealed).unwrap();
     assert!(open_volume_key(&host, "vol-2", &sealed).is_err());
+    // One authorization, one use: the same one again (for this or any other enrolled host) is
+    // refused, so a control plane cannot take a customer's attach to a second host.
+    let other = HostKey::generate().unwrap();
+    k.enroll("host-2", &other);
+    for (h, key) in [("host-1", &host), ("host-2", &other)] {
+        let (st, v) = k.call(
+            "DecryptForHost",
+            &decrypt_body(&blob, h, key, first.clone()),
+        );
+        assert_eq!((st, code(&v)), (403, "authorization_replayed"), "{v}");
+    }
 
     // (1) no recent customer authorization: 10 minutes old, or signed by someone else.
     let (st, v) = k.call(
@@ -274,6 +290,7 @@ fn decrypt_for_host_needs_recent_customer_authorization_grant_and_enrolled_host_
         "host_key_mismatch",
         "caller_not_allowed",
         "no_such_key",
+        "authorization_replayed",
     ] {
         assert!(audit.contains(c), "audit lacks {c}");
     }

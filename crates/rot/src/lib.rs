@@ -6,6 +6,7 @@
 //! - [`measure`]: measured start and its JSON-lines event log, replayable by a verifier.
 //! - [`identity`]: the host identity (an X25519 host key in `bulkhead-sealing`'s format) sealed to
 //!   the PCR value; [`identity::HostHealth`] says whether the host may take customer work and why.
+//! - [`agent`]: the host's attestation agent (quotes over verifier nonces on a unix socket).
 //! - [`attest`]: quotes with verifier nonces; the [`attest::Verifier`] used by the control plane
 //!   and the KMS (nonce one-time use, enrolled AK, environment, PCR = signed release's value).
 //! - [`release`]: threshold-signed release manifests (2-of-3 Ed25519, TUF-like, small).
@@ -14,6 +15,7 @@
 //!
 //! See `docs/rot.md` for formats, PCR choice and what production must change.
 
+pub mod agent;
 pub mod attest;
 pub mod deploy;
 pub mod host;
@@ -81,7 +83,7 @@ impl RotError {
         }
     }
 
-    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> RotError + '_ {
+    pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> RotError + '_ {
         move |source| RotError::Io {
             path: path.to_path_buf(),
             source,

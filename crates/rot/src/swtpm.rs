@@ -10,6 +10,7 @@
 //! Production hosts use the kernel's resource manager: TCTI `device:/dev/tpmrm0`.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,16 +75,24 @@ impl Swtpm {
             .prefix("bulkhead-swtpm-")
             .tempdir()
             .map_err(RotError::Swtpm)?;
-        Self::start_in(StateDir::Owned(dir))
+        Self::start_in(StateDir::Owned(dir), false)
     }
 
     /// Starts an emulator whose state lives in `dir` (kept after drop: the same TPM next time).
     pub fn start_with_state(dir: &Path) -> Result<Self, RotError> {
         std::fs::create_dir_all(dir).map_err(RotError::Swtpm)?;
-        Self::start_in(StateDir::Borrowed(dir.to_path_buf()))
+        Self::start_in(StateDir::Borrowed(dir.to_path_buf()), false)
     }
 
-    fn start_in(state: StateDir) -> Result<Self, RotError> {
+    /// As [`Swtpm::start_with_state`], and the emulator is killed by the kernel when the thread
+    /// that started it exits (`PR_SET_PDEATHSIG`): for a long-lived process's main thread, so a
+    /// killed agent leaves no orphan TPM behind.
+    pub fn start_with_state_tied(dir: &Path) -> Result<Self, RotError> {
+        std::fs::create_dir_all(dir).map_err(RotError::Swtpm)?;
+        Self::start_in(StateDir::Borrowed(dir.to_path_buf()), true)
+    }
+
+    fn start_in(state: StateDir, die_with_parent: bool) -> Result<Self, RotError> {
         let bin = find_on_path(SWTPM_BIN).ok_or(RotError::SwtpmMissing)?;
         let mut last_err = None;
         for _ in 0..20 {
@@ -93,7 +102,22 @@ impl Swtpm {
                 .ok_or(RotError::SwtpmStart("port overflow"))?;
             let log = state.path().join("swtpm.log");
             let stderr = std::fs::File::create(&log).map_err(RotError::Swtpm)?;
-            let mut child = Command::new(&bin)
+            let mut cmd = Command::new(&bin);
+            // The emulator dies with the thread that started it (a killed launcher leaves no
+            // orphan TPM).
+            if die_with_parent {
+                // SAFETY: the closure runs in the forked child before exec and only calls
+                // prctl, which is async-signal-safe and touches no memory of ours.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+            let mut child = cmd
                 .arg("socket")
                 .arg("--tpm2")
                 .arg("--server")

@@ -43,6 +43,7 @@ operations! {
     ReadAudit => Operator,
     ListAlerts => Operator,
     DrainHost => Operator,
+    AttestHost => Operator,
     CreateInstance => Customer,
     DescribeInstance => Customer,
     StartInstance => Customer,

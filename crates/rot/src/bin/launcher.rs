@@ -6,6 +6,8 @@
 //!   provision --release FILE --from DIR   first release + fresh sealed identity; prints the enrolment
 //!   boot                                  measured start + unseal; prints HostHealth; exit 3 if refused
 //!   attest --nonce HEX                    boot, then a quote over the PCR; prints the evidence
+//!   serve --socket PATH [--host-key-out F] boot once, then answer challenges on a unix socket
+//!                                         (the attestation agent, see `bulkhead_rot::agent`)
 //! ```
 //!
 //! `--dev-swtpm` runs a private `swtpm` whose state lives in `DIR/swtpm` (a dev host's TPM).
@@ -67,6 +69,15 @@ enum Cmd {
         #[arg(long)]
         nonce: String,
     },
+    /// Measured start once, then the attestation agent: quotes over verifier nonces on a unix
+    /// socket (mode 0600) until killed. Prints one ready line (JSON) on stdout.
+    Serve {
+        #[arg(long)]
+        socket: PathBuf,
+        /// As for `boot`: the unsealed host key, written only when the host is healthy.
+        #[arg(long)]
+        host_key_out: Option<PathBuf>,
+    },
 }
 
 fn run(a: Args) -> Result<ExitCode, RotError> {
@@ -78,7 +89,7 @@ fn run(a: Args) -> Result<ExitCode, RotError> {
     })?;
     let trust_root = TrustRoot::parse(&raw)?;
     let swtpm = if a.dev_swtpm {
-        Some(Swtpm::start_with_state(&a.root.join("swtpm"))?)
+        Some(Swtpm::start_with_state_tied(&a.root.join("swtpm"))?)
     } else {
         None
     };
@@ -130,6 +141,38 @@ fn run(a: Args) -> Result<ExitCode, RotError> {
             eprintln!("{}", h.summary());
             let ev = host.attest(&n)?;
             out(&ev);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve {
+            socket,
+            host_key_out,
+        } => {
+            use std::os::unix::fs::PermissionsExt;
+            let h = host.boot();
+            eprintln!("{}", h.summary());
+            if let Some(p) = &host_key_out {
+                // A stale key from an earlier healthy start must not outlive a refusal.
+                let _ = std::fs::remove_file(p);
+                if h.accepts_customer_work {
+                    host.write_host_key(p)?;
+                }
+            }
+            let _ = std::fs::remove_file(&socket);
+            let listener =
+                std::os::unix::net::UnixListener::bind(&socket).map_err(RotError::io(&socket))?;
+            std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+                .map_err(RotError::io(&socket))?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "ready",
+                    "socket": socket,
+                    "accepts_customer_work": h.accepts_customer_work,
+                    "release_version": h.release_version,
+                    "pcr_value": h.pcr_value,
+                })
+            );
+            bulkhead_rot::agent::serve(&mut host, &listener);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,0 +1,130 @@
+//! The controller's link to the host's attestation agent (`bulkhead-launcher serve`, see
+//! `bulkhead_rot::agent`): one unix-socket connection made at start-up, before the sandbox forbids
+//! `connect`, over which `POST /v1/host/attest` is relayed.
+//!
+//! The controller holds no TPM key and cannot make a quote itself; it passes the verifier's nonce
+//! to the agent and the agent's evidence back, unmodified. The verifier (KMS, control plane) is
+//! where the evidence is checked. If the link breaks, attestation stays unavailable until the
+//! controller restarts (it may not reconnect from inside its sandbox), and the KMS then releases
+//! no volume key to this host.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Longest evidence line accepted from the agent.
+pub const MAX_EVIDENCE_BYTES: usize = 64 * 1024;
+/// How long one quote may take (a TPM quote is tens of milliseconds; swtpm similar).
+pub const QUOTE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why no evidence came back. Codes are stable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttestError {
+    #[error("this host has no attestation agent, or the link to it is broken")]
+    Unavailable,
+    #[error("the attestation agent refused or failed ({0})")]
+    Agent(String),
+}
+
+impl AttestError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AttestError::Unavailable => "attestation_unavailable",
+            AttestError::Agent(_) => "attestation_failed",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            AttestError::Unavailable => 503,
+            AttestError::Agent(_) => 502,
+        }
+    }
+}
+
+struct Link {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+/// The connected agent (or none).
+#[derive(Default)]
+pub struct AgentLink {
+    link: Mutex<Option<Link>>,
+}
+
+impl std::fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLink").finish_non_exhaustive()
+    }
+}
+
+impl AgentLink {
+    /// Connects to the agent's socket. Call before the sandbox is installed.
+    pub fn connect(path: &Path) -> std::io::Result<AgentLink> {
+        let s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(QUOTE_TIMEOUT))?;
+        s.set_write_timeout(Some(QUOTE_TIMEOUT))?;
+        let writer = s.try_clone()?;
+        Ok(AgentLink {
+            link: Mutex::new(Some(Link {
+                reader: BufReader::new(s),
+                writer,
+            })),
+        })
+    }
+
+    /// No agent: every attestation request is refused as unavailable.
+    pub fn none() -> AgentLink {
+        AgentLink::default()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.link.lock().map(|g| g.is_some()).unwrap_or(false)
+    }
+
+    /// One quote over `nonce`. Returns the agent's evidence as JSON, unmodified.
+    pub fn quote(&self, nonce: &[u8; 32]) -> Result<serde_json::Value, AttestError> {
+        let mut guard = match self.link.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let link = guard.as_mut().ok_or(AttestError::Unavailable)?;
+        let result = exchange(link, nonce);
+        if matches!(result, Err(AttestError::Unavailable)) {
+            // A timed-out or broken link may be out of step with the agent: drop it.
+            tracing::error!("attestation agent link broken; attestation unavailable until restart");
+            *guard = None;
+        }
+        result
+    }
+}
+
+fn exchange(link: &mut Link, nonce: &[u8; 32]) -> Result<serde_json::Value, AttestError> {
+    let req = format!("{{\"nonce\":\"{}\"}}\n", hex::encode(nonce));
+    link.writer
+        .write_all(req.as_bytes())
+        .map_err(|_| AttestError::Unavailable)?;
+    let mut line = Vec::new();
+    let limit = u64::try_from(MAX_EVIDENCE_BYTES).unwrap_or(u64::MAX) + 1;
+    let n = link
+        .reader
+        .by_ref()
+        .take(limit)
+        .read_until(b'\n', &mut line)
+        .map_err(|_| AttestError::Unavailable)?;
+    if n == 0 || line.last() != Some(&b'\n') {
+        return Err(AttestError::Unavailable);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&line).map_err(|_| AttestError::Agent("bad_reply".into()))?;
+    if !v.is_object() {
+        return Err(AttestError::Agent("bad_reply".into()));
+    }
+    if let Some(code) = v.get("error").and_then(|c| c.as_str()) {
+        return Err(AttestError::Agent(code.chars().take(64).collect()));
+    }
+    Ok(v)
+}

@@ -1,0 +1,143 @@
+//! The host's attestation agent: after measured start it keeps the TPM open and answers
+//! verifier challenges with quotes, on one local unix socket.
+//!
+//! The controller (the host's only door) connects once, before its sandbox forbids `connect`,
+//! and relays `POST /v1/host/attest` to the agent. The agent never sees a token, a request from
+//! the network or a volume key: it only quotes the measurement PCR over a nonce it is given.
+//!
+//! Wire format, one JSON object per line each way (a request line is at most
+//! [`MAX_REQUEST_LINE`] bytes): request `{"nonce":"<64 hex>"}`; answer the
+//! [`crate::attest::Evidence`] or `{"error":"<code>"}`. Requests on one connection are served in
+//! order; connections one at a time (the TPM is one device).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use crate::host::Host;
+use crate::tpm::MAX_NONCE_LEN;
+
+/// Longest request line, newline included.
+pub const MAX_REQUEST_LINE: usize = 256;
+
+/// One challenge.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRequest {
+    /// The verifier's nonce, hex (exactly 32 bytes).
+    pub nonce: String,
+}
+
+/// Why a request line was refused. Codes are stable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    #[error("request line longer than {MAX_REQUEST_LINE} bytes")]
+    TooLong,
+    #[error("request is not the expected JSON")]
+    BadRequest,
+    #[error("nonce must be {MAX_NONCE_LEN} bytes of hex")]
+    BadNonce,
+    #[error("the TPM could not quote")]
+    QuoteFailed,
+}
+
+impl AgentError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::TooLong => "agent_line_too_long",
+            AgentError::BadRequest => "agent_bad_request",
+            AgentError::BadNonce => "agent_bad_nonce",
+            AgentError::QuoteFailed => "agent_quote_failed",
+        }
+    }
+}
+
+/// The only parser of the agent's input.
+pub fn parse_request(line: &[u8]) -> Result<[u8; MAX_NONCE_LEN], AgentError> {
+    if line.len() > MAX_REQUEST_LINE {
+        return Err(AgentError::TooLong);
+    }
+    let r: AgentRequest = serde_json::from_slice(line).map_err(|_| AgentError::BadRequest)?;
+    let raw = hex::decode(r.nonce).map_err(|_| AgentError::BadNonce)?;
+    raw.try_into().map_err(|_| AgentError::BadNonce)
+}
+
+fn answer(host: &mut Host, line: &[u8]) -> String {
+    let result = parse_request(line).and_then(|nonce| {
+        host.attest(&nonce).map_err(|e| {
+            tracing::warn!(error = %e, "quote failed");
+            AgentError::QuoteFailed
+        })
+    });
+    match result {
+        Ok(ev) => serde_json::to_string(&ev)
+            .unwrap_or_else(|_| r#"{"error":"agent_quote_failed"}"#.to_string()),
+        Err(e) => {
+            tracing::info!(code = e.code(), "challenge refused");
+            serde_json::json!({ "error": e.code() }).to_string()
+        }
+    }
+}
+
+/// Serves one connection until the peer closes it or sends a line that is too long.
+pub fn serve_connection(host: &mut Host, stream: UnixStream) {
+    let Ok(w) = stream.try_clone() else { return };
+    let mut w = w;
+    let mut r = BufReader::new(stream);
+    loop {
+        let mut line = Vec::with_capacity(MAX_REQUEST_LINE);
+        // Read at most one byte more than allowed: a longer line is refused without buffering it.
+        let limit = u64::try_from(MAX_REQUEST_LINE).unwrap_or(u64::MAX) + 1;
+        match r.by_ref().take(limit).read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let too_long = line.last() != Some(&b'\n');
+        let reply = if too_long {
+            serde_json::json!({ "error": AgentError::TooLong.code() }).to_string()
+        } else {
+            line.pop();
+            answer(host, &line)
+        };
+        if w.write_all(reply.as_bytes()).is_err() || w.write_all(b"\n").is_err() {
+            return;
+        }
+        if too_long {
+            return;
+        }
+    }
+}
+
+/// Accepts connections one at a time, forever.
+pub fn serve(host: &mut Host, listener: &UnixListener) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(s) => serve_connection(host, s),
+            Err(e) => tracing::warn!(error = %e, "accept failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_strict() {
+        let n = "ab".repeat(32);
+        assert!(parse_request(format!(r#"{{"nonce":"{n}"}}"#).as_bytes()).is_ok());
+        for bad in [
+            String::new(),
+            "{}".to_string(),
+            r#"{"nonce":"abcd"}"#.to_string(),
+            format!(r#"{{"nonce":"{}"}}"#, "zz".repeat(32)),
+            format!(r#"{{"nonce":"{n}","pcr":7}}"#),
+            format!(r#"{{"nonce":"{}"}}"#, "ab".repeat(33)),
+        ] {
+            assert!(parse_request(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_request(&[b' '; MAX_REQUEST_LINE + 1]),
+            Err(AgentError::TooLong)
+        );
+    }
+}
