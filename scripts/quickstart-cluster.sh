@@ -24,8 +24,11 @@ KMS=$(j 'd["kms"]' <"$DIR/cluster.json")
 TOKENS=$(j 'd["tokens"]' <"$DIR/cluster.json")
 H1=$(j 'd["hosts"][0]["addr"]' <"$DIR/cluster.json")
 
-say "Act: the cluster — bulkhead up --hosts 2 (KMS, 2 host controllers, control plane; every link mTLS 1.3)"
-sed -n '1,6p' "$DIR/up.out"
+say "Act: the cluster — bulkhead up --hosts 2 (KMS, token service, 2 hosts, control plane; every link mTLS 1.3)"
+sed -n '1,7p' "$DIR/up.out"
+for log in "$DIR"/logs/attest-host-*.log; do
+  [ -e "$log" ] && echo "measured start: $(grep -E '^host-[0-9]+: ' "$log" | tail -1)"
+done
 echo "(inter-service traffic is recorded through relays into DIR/capture/ for the plaintext check)"
 
 say "A customer signs up (access key + secret; the KMS gets its own wrapped copy to verify forwarded requests)"
@@ -72,7 +75,7 @@ db = sqlite3.connect(sys.argv[1]); (blob,) = db.execute("SELECT ciphertext_blob 
 print(f"control.db stores for {sys.argv[2]}: {len(blob)}-byte KMS ciphertext blob, magic {bytes(blob[:4])!r} — no key")
 PY
 
-say "acme: AttachVolume — control plane → KMS (decrypt under acme's forwarded signed request + grant, re-wrap to the host key with HPKE) → controller (sealed blob only)"
+say "acme: AttachVolume — control plane → KMS nonce → the host's TPM quotes its measurements (via its controller) → KMS (checks the quote, acme's forwarded signed request and grant; re-wraps to the attested host key with HPKE) → controller (sealed blob only)"
 echo "\$ bulkhead ec2 attach-volume --volume-id $V --instance-id $I"
 ec2 attach-volume --volume-id "$V" --instance-id "$I"
 echo "host backend reported by the controllers (pulled by the control plane): $BACKEND"
@@ -130,21 +133,30 @@ show() { # FILTER-REGEX FILES...: request records of the audit logs, one line ea
   python3 - "$@" <<'PY'
 import json, re, sys
 pat = re.compile(sys.argv[1])
+last, n = None, 0
+def flush():
+    if last:
+        print(last + ("   (×%d in a row)" % n if n > 1 else ""))
 for path in sys.argv[2:]:
     for line in open(path):
         e = json.loads(line)["entry"]
         if e["kind"] == "request" and pat.search(e["op"]):
             res = " ".join(e["resources"][:4])
-            print("  %-14s %-16s %-5s %-26s %s" % (e["caller"], e["op"], e["decision"], e["code"], res))
+            row = "  %-14s %-17s %-5s %-26s %s" % (e["caller"], e["op"], e["decision"], e["code"], res)
+            if row == last:
+                n += 1
+            else:
+                flush(); last, n = row, 1
+flush()
 PY
 }
 echo "-- KMS (kms/audit.log):"
-show 'GenerateDataKey|DecryptForHost|RevokeGrant' "$DIR/kms/audit.log"
+show 'GenerateDataKey|Challenge|DecryptForHost|RevokeGrant' "$DIR/kms/audit.log"
 echo "-- token service (tokens/audit.log; every mint is audited — here the flow's and the operator's):"
-show 'Mint:(CreateInstance|StartInstance|AttachVolume|DetachVolume)' "$DIR/tokens/audit.log"
+show 'Mint:(CreateInstance|StartInstance|AttestHost|AttachVolume|DetachVolume)' "$DIR/tokens/audit.log"
 show 'Mint' "$DIR/tokens/audit.log" | grep '^  operator' || true
 echo "-- controllers (host-*/audit.log; customer-data operations):"
-show 'AttachVolume|DetachVolume|GetConsole|StopInstance|TerminateInstance|CreateInstance' "$DIR"/host-*/audit.log
+show 'AttestHost|AttachVolume|DetachVolume|GetConsole|StopInstance|TerminateInstance|CreateInstance' "$DIR"/host-*/audit.log
 echo "-- control plane operator view (state and audit records pulled from each host):"
 "$BIN/bulkhead-control" hosts --config "$DIR/control.toml" | python3 -c '
 import json, sys

@@ -59,6 +59,8 @@ pub struct Cluster {
     /// The token service (the only process holding the token signing key).
     pub token_addr: String,
     pub host_addrs: Vec<(String, String)>,
+    /// Hosts run measured start on their own TPM and the KMS requires their attestation.
+    pub attested: bool,
     children: Vec<(String, Child)>,
 }
 
@@ -501,6 +503,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         kms_addr: String::new(),
         token_addr: String::new(),
         host_addrs: Vec::new(),
+        attested,
         children: Vec::new(),
     };
     let via = |name: &str, target: String| -> Result<String, ClusterError> {

@@ -403,6 +403,11 @@ fn up(
     for (h, a) in &c.host_addrs {
         println!("  controller     {a} ({h}, mTLS + tokens)");
     }
+    if c.attested {
+        println!("  attestation    each host: own TPM (swtpm), measured start of a 2-of-3 signed release; the KMS seals keys only after a fresh quote");
+    } else {
+        println!("  attestation    OFF (swtpm or bulkhead-launcher missing): the KMS trusts enrolled host keys without a quote");
+    }
     println!(
         "  control plane  {} (customer API, signed requests)",
         c.control_addr

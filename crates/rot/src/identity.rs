@@ -147,9 +147,12 @@ impl HostHealth {
     /// One line for logs and CLI output.
     pub fn summary(&self) -> String {
         if self.accepts_customer_work {
+            let pcr = self.pcr_value.as_deref().unwrap_or("");
             format!(
-                "{}: healthy (release {:?})",
-                self.host, self.release_version
+                "{}: healthy, release v{}, measurement PCR {}…",
+                self.host,
+                self.release_version.unwrap_or(0),
+                pcr.get(..16).unwrap_or(pcr)
             )
         } else {
             let why: Vec<String> = self
