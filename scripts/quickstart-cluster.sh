@@ -25,7 +25,7 @@ TOKENS=$(j 'd["tokens"]' <"$DIR/cluster.json")
 H1=$(j 'd["hosts"][0]["addr"]' <"$DIR/cluster.json")
 
 say "Act: the cluster — bulkhead up --hosts 2 (KMS, token service, 2 hosts, control plane; every link mTLS 1.3)"
-sed -n '1,7p' "$DIR/up.out"
+sed -n '1,9p' "$DIR/up.out"
 for log in "$DIR"/logs/attest-host-*.log; do
   [ -e "$log" ] && echo "measured start: $(grep -E '^host-[0-9]+: ' "$log" | tail -1)"
 done

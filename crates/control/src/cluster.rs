@@ -25,6 +25,7 @@ use bulkhead_tokens::Role;
 use serde_json::{json, Value};
 
 use crate::config::{Config, HostConfig};
+use crate::netns::{self, HostNet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -44,6 +45,8 @@ pub enum ClusterError {
     BadHosts,
     #[error("root of trust: {0}")]
     Rot(String),
+    #[error("{0}")]
+    Net(String),
 }
 
 fn io(p: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -58,9 +61,13 @@ pub struct Cluster {
     pub kms_addr: String,
     /// The token service (the only process holding the token signing key).
     pub token_addr: String,
+    /// The control plane's operator API (mTLS, operator certificates only).
+    pub operator_addr: String,
     pub host_addrs: Vec<(String, String)>,
     /// Hosts run measured start on their own TPM and the KMS requires their attestation.
     pub attested: bool,
+    /// Each host's network namespace (empty: loopback ports).
+    pub nets: Vec<HostNet>,
     children: Vec<(String, Child)>,
 }
 
@@ -69,6 +76,20 @@ impl Drop for Cluster {
         for (_, c) in self.children.iter_mut().rev() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for n in &self.nets {
+            netns::teardown(n);
+        }
+    }
+}
+
+/// Namespaces made before the cluster exists; removed if start-up fails.
+struct NetGuard(Vec<HostNet>);
+
+impl Drop for NetGuard {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            netns::teardown(n);
         }
     }
 }
@@ -136,7 +157,15 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), ClusterError> {
 }
 
 /// Creates the cluster's files for `hosts` hosts (idempotent for what already exists).
-pub fn prepare(dir: &Path, hosts: usize, attested: bool) -> Result<(), ClusterError> {
+///
+/// `host_ips[n-1]`, when given, is host n's address in its network namespace: its TLS
+/// certificate is (re-)issued to name it.
+pub fn prepare(
+    dir: &Path,
+    hosts: usize,
+    attested: bool,
+    host_ips: &[String],
+) -> Result<(), ClusterError> {
     if hosts == 0 || hosts > 64 {
         return Err(ClusterError::BadHosts);
     }
@@ -173,8 +202,14 @@ pub fn prepare(dir: &Path, hosts: usize, attested: bool) -> Result<(), ClusterEr
     }
     for n in 1..=hosts {
         let host = format!("host-{n}");
-        if !ca.cert(&host).exists() {
-            ca.issue(&host, Role::Host, true)?;
+        match host_ips.get(n - 1) {
+            Some(ip) => {
+                ca.issue_with_sans(&host, Role::Host, true, std::slice::from_ref(ip))?;
+            }
+            None if !ca.cert(&host).exists() => {
+                ca.issue(&host, Role::Host, true)?;
+            }
+            None => {}
         }
         let hd = dir.join(&host);
         std::fs::create_dir_all(&hd).map_err(io(&hd))?;
@@ -268,7 +303,7 @@ pub fn provision_attested(dir: &Path, bins: &Path, hosts: usize) -> Result<(), C
         let host = format!("host-{n}");
         let enrol = enrol_dir.join(format!("{host}.json"));
         if !enrol.exists() {
-            let out = launcher(bins, dir, &host)
+            let out = launcher(bins, dir, &host, None)
                 .arg("provision")
                 .arg("--release")
                 .arg(&signed_path)
@@ -308,8 +343,12 @@ pub fn provision_attested(dir: &Path, bins: &Path, hosts: usize) -> Result<(), C
 }
 
 /// `bulkhead-launcher` for `host` with the cluster's common arguments (its own dev TPM).
-fn launcher(bins: &Path, dir: &Path, host: &str) -> Command {
-    let mut c = Command::new(bins.join("bulkhead-launcher"));
+fn launcher(bins: &Path, dir: &Path, host: &str, net: Option<&HostNet>) -> Command {
+    let program = bins.join("bulkhead-launcher");
+    let mut c = match net {
+        Some(n) => netns::command_in(n, &program),
+        None => Command::new(program),
+    };
     c.arg("--root")
         .arg(dir.join(host).join("rot"))
         .args(["--name", host, "--env", DEV_ENVIRONMENT, "--trust-root"])
@@ -328,6 +367,7 @@ fn write_controller_config(
     host: &str,
     guest_dir: Option<PathBuf>,
     attested: bool,
+    listen_ip: &str,
 ) -> Result<PathBuf, ClusterError> {
     let ca = dir.join("ca");
     let hd = dir.join(host);
@@ -352,7 +392,10 @@ fn write_controller_config(
         put("attest_socket", &hd.join("attest.sock"));
     }
     t.insert("host_id".into(), toml::Value::String(host.into()));
-    t.insert("listen".into(), toml::Value::String("127.0.0.1:0".into()));
+    t.insert(
+        "listen".into(),
+        toml::Value::String(format!("{listen_ip}:0")),
+    );
     let p = hd.join("controller.toml");
     std::fs::write(&p, toml::to_string(&t).unwrap_or_default()).map_err(io(&p))?;
     Ok(p)
@@ -453,6 +496,9 @@ pub struct StartOptions {
     /// Hosts with a TPM (swtpm), measured start and attestation, and a KMS that requires it.
     /// `None`: when `swtpm` and `bulkhead-launcher` are present.
     pub attest: Option<bool>,
+    /// Each host in its own network namespace. `None`: when running as root and namespaces can
+    /// be created here.
+    pub netns: Option<bool>,
 }
 
 /// Whether this machine can run attested hosts (swtpm on PATH, the launcher built).
@@ -478,7 +524,33 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
             "attested hosts need swtpm on PATH and bulkhead-launcher".into(),
         ));
     }
-    prepare(dir, opts.hosts, attested)?;
+    let use_netns = opts.netns.unwrap_or_else(netns::available);
+    let mut guard = NetGuard(Vec::new());
+    if use_netns {
+        let tag = netns::tag_for(dir);
+        // Stale namespaces of an earlier run in this directory go first, so the subnet they
+        // held is free again.
+        for n in 1..=opts.hosts {
+            netns::teardown(&HostNet {
+                ns: format!("bulkhead-{tag}-host-{n}"),
+                outer_if: format!("bk{tag}o{n}"),
+                host_ip: String::new(),
+                outer_ip: String::new(),
+            });
+        }
+        let subnet = netns::subnet(&tag);
+        for n in 1..=opts.hosts {
+            guard
+                .0
+                .push(netns::setup(&tag, subnet, n).map_err(|e| ClusterError::Net(e.to_string()))?);
+        }
+    } else {
+        tracing::warn!(
+            "hosts share the loopback network (not root, or namespaces unavailable here)"
+        );
+    }
+    let host_ips: Vec<String> = guard.0.iter().map(|n| n.host_ip.clone()).collect();
+    prepare(dir, opts.hosts, attested, &host_ips)?;
     if attested {
         provision_attested(dir, &opts.bins, opts.hosts)?;
     } else {
@@ -502,10 +574,13 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         control_addr: String::new(),
         kms_addr: String::new(),
         token_addr: String::new(),
+        operator_addr: String::new(),
         host_addrs: Vec::new(),
         attested,
+        nets: std::mem::take(&mut guard.0),
         children: Vec::new(),
     };
+    let nets = cluster.nets.clone();
     let via = |name: &str, target: String| -> Result<String, ClusterError> {
         if opts.record {
             relay(target, cap.join(format!("{name}.bin")))
@@ -552,7 +627,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
             // card are found next to it).
             let (agent, _) = spawn_ready(
                 &format!("attest-{host}"),
-                launcher(&opts.bins, dir, &host)
+                launcher(&opts.bins, dir, &host, nets.get(n - 1))
                     .arg("serve")
                     .arg("--socket")
                     .arg(dir.join(&host).join("attest.sock"))
@@ -565,13 +640,18 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         } else {
             opts.bins.join("bulkhead-controller")
         };
-        let cfg = write_controller_config(dir, &host, guest_dir.clone(), attested)?;
+        let net = nets.get(n - 1);
+        let listen = net.map_or("127.0.0.1".to_string(), |x| x.host_ip.clone());
+        let cfg = write_controller_config(dir, &host, guest_dir.clone(), attested, &listen)?;
         let (child, v) = spawn_ready(
             &host,
-            Command::new(controller_bin)
-                .arg("--config")
-                .arg(&cfg)
-                .args(&opts.controller_args),
+            match net {
+                Some(x) => netns::command_in(x, &controller_bin),
+                None => Command::new(&controller_bin),
+            }
+            .arg("--config")
+            .arg(&cfg)
+            .args(&opts.controller_args),
             &logs,
         )?;
         cluster.children.push((host.clone(), child));
@@ -592,6 +672,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         token_service_addr: Some(via("control-to-tokens", cluster.token_addr.clone())?),
         poll_interval_ms: opts.poll_interval_ms,
         database_url: opts.database_url.clone(),
+        operator_listen: Some("127.0.0.1:0".into()),
         hosts,
     };
     let cfg_path = dir.join("control.toml");
@@ -612,9 +693,11 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         &logs,
     )?;
     cluster.children.push(("control".into(), control));
-    // Pin the port so a restarted control plane comes back at the same address.
+    cluster.operator_addr = v["operator_listen"].as_str().unwrap_or("").to_string();
+    // Pin the ports so a restarted control plane comes back at the same addresses.
     let cfg = Config {
         listen: listen_of(&v),
+        operator_listen: Some(cluster.operator_addr.clone()),
         ..cfg
     };
     let text = toml::to_string(&cfg).map_err(|_| {
@@ -629,10 +712,12 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         "control": cluster.control_addr,
         "kms": cluster.kms_addr,
         "tokens": cluster.token_addr,
+        "operator": cluster.operator_addr,
         "hosts": cluster.host_addrs.iter().map(|(h, a)| json!({"host_id": h, "addr": a})).collect::<Vec<_>>(),
         "ca": dir.join("ca/ca.pem"),
         "config": cfg_path,
         "attested": attested,
+        "netns": cluster.nets.iter().map(|n| json!({"ns": n.ns, "host_ip": n.host_ip})).collect::<Vec<_>>(),
         "pids": cluster.pids().into_iter().map(|(n, p)| json!({"name": n, "pid": p})).collect::<Vec<_>>(),
     });
     let info_path = dir.join("cluster.json");

@@ -25,6 +25,10 @@ pub struct Config {
     /// PostgreSQL connection string; unset: SQLite in `state_dir/control.db`.
     #[serde(default)]
     pub database_url: Option<String>,
+    /// The operators' read-only API over pulled host data (mutual TLS, operator certificates
+    /// only; see [`crate::operator`]). Unset: not served.
+    #[serde(default)]
+    pub operator_listen: Option<String>,
     #[serde(default)]
     pub hosts: Vec<HostConfig>,
 }

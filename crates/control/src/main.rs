@@ -212,7 +212,33 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
     let local = std_listener
         .local_addr()
         .map_err(|e| CliError::Io(cfg.listen.clone(), e))?;
+    // The operators' API: its own listener, client certificates required.
+    let operator = match &cfg.operator_listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr).map_err(|e| CliError::Io(addr.clone(), e))?;
+            l.set_nonblocking(true)
+                .map_err(|e| CliError::Io(addr.clone(), e))?;
+            let tls_op =
+                tls::server_config(&ca.ca_pem(), &ca.cert("control"), &ca.key("control"), true)?;
+            Some((l, tls_op))
+        }
+        None => None,
+    };
+    let operator_local = operator
+        .as_ref()
+        .and_then(|(l, _)| l.local_addr().ok())
+        .map(|a| a.to_string());
     runtime()?.block_on(async move {
+        if let Some((l, tls_op)) = operator {
+            let l = tokio::net::TcpListener::from_std(l)
+                .map_err(|e| CliError::Io("operator listener".into(), e))?;
+            let app = bulkhead_control::operator::router(Arc::clone(&cp));
+            tokio::spawn(async move {
+                if let Err(e) = tls::serve(l, tls_op, app).await {
+                    tracing::error!(error = %e, "operator API stopped");
+                }
+            });
+        }
         let rolled = cp.reconcile().await.unwrap_or(0);
         let poller = Arc::clone(&cp);
         let every = Duration::from_millis(cfg.poll_interval_ms.max(100));
@@ -226,7 +252,7 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
             }
         });
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| CliError::Io(local.to_string(), e))?;
-        println!("{}", json!({"event": "ready", "service": "control", "listen": local.to_string(), "reconciled": rolled}));
+        println!("{}", json!({"event": "ready", "service": "control", "listen": local.to_string(), "operator_listen": operator_local, "reconciled": rolled}));
         tracing::info!(listen = %local, "control plane ready");
         tls::serve(listener, tls_cfg, server::router(cp)).await.map_err(|e| CliError::Io(local.to_string(), e))
     })
@@ -338,19 +364,7 @@ fn call(
 fn hosts(config: &Path) -> Result<(), CliError> {
     let cfg = Config::load(config)?;
     let (repo, _) = open_repo(&cfg)?;
-    let mut out = Vec::new();
-    for h in repo.hosts()? {
-        let status = repo.host_status(&h.host_id)?;
-        out.push(json!({
-            "host_id": h.host_id,
-            "addr": h.addr,
-            "cores": h.cores,
-            "dedicated_tenant": h.dedicated_tenant,
-            "last_polled": status.as_ref().map(|s| s.1),
-            "status": status.and_then(|s| serde_json::from_str::<Value>(&s.0).ok()),
-            "audit_records_pulled": repo.host_audit_count(&h.host_id)?,
-        }));
-    }
+    let out = bulkhead_control::operator::host_list(repo.as_ref())?;
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     Ok(())
 }
@@ -391,6 +405,7 @@ fn up(
         poll_interval_ms: 1000,
         database_url: None,
         attest: None,
+        netns: None,
     };
     let c = cluster::start(dir, &opts)?;
     let ca = dir.join("ca/ca.pem");
@@ -403,6 +418,20 @@ fn up(
     for (h, a) in &c.host_addrs {
         println!("  controller     {a} ({h}, mTLS + tokens)");
     }
+    if c.nets.is_empty() {
+        println!(
+            "  network        loopback ports (run as root for one network namespace per host)"
+        );
+    } else {
+        println!(
+            "  network        one namespace per host, reached only over its veth link ({})",
+            c.nets
+                .iter()
+                .map(|n| format!("{} {}", n.ns, n.host_ip))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if c.attested {
         println!("  attestation    each host: own TPM (swtpm), measured start of a 2-of-3 signed release; the KMS seals keys only after a fresh quote");
     } else {
@@ -411,6 +440,10 @@ fn up(
     println!(
         "  control plane  {} (customer API, signed requests)",
         c.control_addr
+    );
+    println!(
+        "  operator API   {} (mTLS, operator certificates only: GET /v1/operator/hosts, /v1/operator/hosts/ID/audit)",
+        c.operator_addr
     );
     println!("Create a customer and call the API:");
     println!("  {}/bulkhead-control create-customer --config {}/control.toml --tenant acme --out acme.json", bins.display(), dir.display());
@@ -522,6 +555,7 @@ fn measure(
         bins: bins.clone(),
         record: false,
         attest: None,
+        netns: None,
         poll_interval_ms: 1000,
         database_url,
     };

@@ -348,6 +348,26 @@ impl Repository for PgRepo {
         })
     }
 
+    fn host_audit_after(
+        &self,
+        host_id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, String)>, RepoError> {
+        let h = s(host_id);
+        self.run(move |db| {
+            Ok(db
+                .query(
+                    "SELECT seq, line FROM host_audit WHERE host_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                    &[&h, &i(after), &i64::from(limit)],
+                )
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| (u(r.get(0)), r.get(1)))
+                .collect())
+        })
+    }
+
     fn insert_instance(&self, x: &InstanceRow) -> Result<(), RepoError> {
         let x = x.clone();
         self.run(move |db| {

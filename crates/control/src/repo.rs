@@ -111,6 +111,13 @@ pub trait Repository: Send + Sync {
     /// Stores pulled audit records `(seq, line)` and advances the cursor.
     fn append_host_audit(&self, host_id: &str, records: &[(u64, String)]) -> Result<(), RepoError>;
     fn host_audit_count(&self, host_id: &str) -> Result<u64, RepoError>;
+    /// Pulled audit records of a host with `seq > after`, in order, at most `limit`.
+    fn host_audit_after(
+        &self,
+        host_id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, String)>, RepoError>;
 
     fn insert_instance(&self, i: &InstanceRow) -> Result<(), RepoError>;
     fn instance(&self, tenant: &str, id: &str) -> Result<Option<InstanceRow>, RepoError>;
@@ -436,6 +443,23 @@ impl Repository for SqliteRepo {
         })
     }
 
+    fn host_audit_after(
+        &self,
+        host_id: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, String)>, RepoError> {
+        self.with(|db| {
+            let mut s = db.prepare(
+                "SELECT seq, line FROM host_audit WHERE host_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = s.query_map(params![host_id, i(after), i64::from(limit)], |r| {
+                Ok((u(r.get::<_, i64>(0)?), r.get::<_, String>(1)?))
+            })?;
+            rows.collect()
+        })
+    }
+
     fn insert_instance(&self, x: &InstanceRow) -> Result<(), RepoError> {
         self.with(|db| {
             db.execute(
@@ -622,6 +646,16 @@ pub fn contract_suite(r: &dyn Repository) {
     r.append_host_audit("host-1", &[(2, "b".into())]).unwrap();
     assert_eq!(r.host_audit_cursor("host-1").unwrap(), 2);
     assert_eq!(r.host_audit_count("host-1").unwrap(), 2);
+    assert_eq!(
+        r.host_audit_after("host-1", 0, 10).unwrap(),
+        vec![(1, "a".to_string()), (2, "b".to_string())]
+    );
+    assert_eq!(
+        r.host_audit_after("host-1", 1, 10).unwrap(),
+        vec![(2, "b".to_string())]
+    );
+    assert_eq!(r.host_audit_after("host-1", 0, 1).unwrap().len(), 1);
+    assert!(r.host_audit_after("host-2", 0, 10).unwrap().is_empty());
     let inst = InstanceRow {
         instance_id: "i-1".into(),
         tenant_id: "t-a".into(),

@@ -33,7 +33,7 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     let mut b = [0u8; 8];
     let _ = bulkhead_sealing::fill_random(&mut b);
     format!("{prefix}-{}", hex::encode(b))
@@ -174,7 +174,7 @@ impl ControlPlane {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn audit(
+    pub(crate) async fn audit(
         &self,
         kind: EntryKind,
         request_id: &str,

@@ -57,6 +57,7 @@ fn up(dir: &Path, record: bool) -> Cluster {
             poll_interval_ms: 200,
             database_url: None,
             attest: None,
+            netns: None,
         },
     )
     .unwrap()
@@ -783,6 +784,7 @@ fn attach_flow_with_real_guests_and_cards_on_two_hosts() {
             poll_interval_ms: 500,
             database_url: None,
             attest: None,
+            netns: None,
         },
     )
     .unwrap();
@@ -965,7 +967,7 @@ fn kms_releases_volume_keys_only_to_freshly_attested_hosts() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    cluster::prepare(dir.path(), 2, true).unwrap();
+    cluster::prepare(dir.path(), 2, true, &[]).unwrap();
     cluster::provision_attested(dir.path(), &b, 2).unwrap();
     let tampered = dir.path().join("host-2/rot/releases/v1/bulkhead-blockcard");
     let mut f = std::fs::OpenOptions::new()
@@ -984,6 +986,7 @@ fn kms_releases_volume_keys_only_to_freshly_attested_hosts() {
             poll_interval_ms: 200,
             database_url: None,
             attest: Some(true),
+            netns: None,
         },
     )
     .unwrap();
@@ -1108,5 +1111,243 @@ fn kms_releases_volume_keys_only_to_freshly_attested_hosts() {
         "attest_unknown_measurements",
     ] {
         assert!(audit.contains(code), "{code} not audited");
+    }
+}
+
+/// As root, each host runs in its own network namespace, reachable only over its veth link: its
+/// controller is not on the orchestrator's loopback, and from inside a host neither another host
+/// nor the KMS, token service or control plane can be reached (hosts never call out; the
+/// control plane pulls).
+#[test]
+fn each_host_is_in_its_own_network_namespace() {
+    if !bulkhead_control::netns::available() {
+        eprintln!(
+            "*** SKIPPED each_host_is_in_its_own_network_namespace: not root, or network namespaces cannot be created here ***"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path(), false);
+    assert_eq!(c.nets.len(), 2);
+    let ns_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let pids = c.pids();
+    let pid = |name: &str| pids.iter().find(|(n, _)| n == name).unwrap().1;
+    let (h1, h2) = (ns_of(pid("host-1")), ns_of(pid("host-2")));
+    assert!(
+        h1 != mine && h2 != mine && h1 != h2,
+        "{h1:?} {h2:?} {mine:?}"
+    );
+    assert_eq!(ns_of(pid("kms")), mine);
+
+    // The controller listens on its namespace's address only.
+    let (_, addr1) = &c.host_addrs[0];
+    assert!(
+        addr1.starts_with(&format!("{}:", c.nets[0].host_ip)),
+        "{addr1}"
+    );
+    let port1 = addr1.rsplit_once(':').unwrap().1;
+    assert!(std::net::TcpStream::connect(format!("127.0.0.1:{port1}")).is_err());
+    assert!(std::net::TcpStream::connect(addr1).is_ok());
+
+    // From inside host 1: nothing else is reachable.
+    let try_from_host1 = |target: &str| {
+        let (ip, port) = target.rsplit_once(':').unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &c.nets[0].ns, "timeout", "3", "bash", "-c"])
+            .arg(format!("exec 3<>/dev/tcp/{ip}/{port}"))
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(try_from_host1(addr1), "a host can reach its own controller");
+    for (what, target) in [
+        ("host 2's controller", c.host_addrs[1].1.clone()),
+        ("the KMS", c.kms_addr.clone()),
+        ("the token service", c.token_addr.clone()),
+        ("the control plane", c.control_addr.clone()),
+    ] {
+        assert!(
+            !try_from_host1(&target),
+            "host 1 reached {what} at {target}"
+        );
+    }
+
+    // And the customer path across the links still works.
+    let a = customer(&c, "tenant-a");
+    let i = run(&a);
+    let v = volume(&a);
+    a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i}));
+    let nets = c.nets.clone();
+    drop(c);
+    let listed = String::from_utf8(
+        Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for n in nets {
+        assert!(!listed.contains(&n.ns), "{} left behind", n.ns);
+    }
+}
+
+/// Pull, never push, and the operators' view of it: the control plane serves what it pulled
+/// from the hosts (state, audit records after a cursor) on its own mutual-TLS listener, to
+/// operator certificates only, read-only, every request audited.
+#[test]
+fn operators_read_pulled_host_state_and_audit_over_their_own_mtls_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path(), false);
+    let a = customer(&c, "tenant-a");
+    let _ = run(&a);
+    let ca = dir.path().join("ca");
+    let as_caller = |name: &str| {
+        HttpsClient::new(
+            client_config(
+                &ca.join("ca.pem"),
+                Some((
+                    &ca.join(format!("{name}.pem")),
+                    &ca.join(format!("{name}.key")),
+                )),
+            )
+            .unwrap(),
+        )
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let call = |client: &HttpsClient, method: &str, path: &str| {
+        let r = rt
+            .block_on(client.request(&c.operator_addr, method, path, &[], Vec::new()))
+            .unwrap();
+        (
+            r.status,
+            serde_json::from_slice::<Value>(&r.body).unwrap_or(Value::Null),
+        )
+    };
+    let op = as_caller("operator");
+    // The poller has pulled every host's state and its audit records (CreateInstance among them).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let hosts = loop {
+        let (st, v) = call(&op, "GET", "/v1/operator/hosts");
+        assert_eq!(st, 200, "{v}");
+        let pulled: u64 = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["audit_records_pulled"].as_u64().unwrap())
+            .sum();
+        if pulled > 0 && v.as_array().unwrap().iter().all(|h| !h["status"].is_null()) {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing pulled: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(hosts.as_array().unwrap().len(), 2);
+    let with_instance = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["status"]["instances"].as_u64() == Some(1))
+        .expect("one host runs the instance")["host_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let page = loop {
+        let (st, page) = call(
+            &op,
+            "GET",
+            &format!("/v1/operator/hosts/{with_instance}/audit?after=0&limit=500"),
+        );
+        assert_eq!(st, 200, "{page}");
+        if page.to_string().contains("CreateInstance") {
+            break page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "CreateInstance not pulled: {page}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // The cursor pages forward.
+    let next = page["next_after"].as_u64().unwrap();
+    assert!(next > 0);
+    let (st, rest) = call(
+        &op,
+        "GET",
+        &format!("/v1/operator/hosts/{with_instance}/audit?after={next}"),
+    );
+    assert_eq!(st, 200);
+    assert!(rest["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["seq"].as_u64().unwrap() > next));
+
+    // Refusals: another role, a write, an unknown route or host, a bad query; no certificate at all.
+    for (client, method, path, want) in [
+        (
+            as_caller("control-plane"),
+            "GET",
+            "/v1/operator/hosts",
+            (403, "operator_only"),
+        ),
+        (
+            as_caller("operator"),
+            "POST",
+            "/v1/operator/hosts",
+            (404, "no_such_route"),
+        ),
+        (
+            as_caller("operator"),
+            "GET",
+            "/v1/operator/hosts/host-1/console",
+            (404, "no_such_route"),
+        ),
+        (
+            as_caller("operator"),
+            "GET",
+            "/v1/operator/hosts/host-9/audit",
+            (404, "no_such_host"),
+        ),
+        (
+            as_caller("operator"),
+            "GET",
+            "/v1/operator/hosts/host-1/audit?limit=0",
+            (400, "bad_query"),
+        ),
+    ] {
+        let (st, v) = call(&client, method, path);
+        assert_eq!((st, code(&v)), want, "{method} {path}: {v}");
+    }
+    let anonymous = HttpsClient::new(client_config(&ca.join("ca.pem"), None).unwrap());
+    let r = rt.block_on(anonymous.request(
+        &c.operator_addr,
+        "GET",
+        "/v1/operator/hosts",
+        &[],
+        Vec::new(),
+    ));
+    assert!(
+        r.map(|r| r.status != 200).unwrap_or(true),
+        "served without a certificate"
+    );
+
+    // Every operator request is in the control plane's audit chain.
+    drop(c);
+    bulkhead_audit::verify(&dir.path().join("control/audit.log")).unwrap();
+    let audit = std::fs::read_to_string(dir.path().join("control/audit.log")).unwrap();
+    for needle in [
+        "Operator:ListHosts",
+        "Operator:HostAudit",
+        "operator_only",
+        "no_such_host",
+        "bad_query",
+    ] {
+        assert!(audit.contains(needle), "{needle} not audited");
     }
 }

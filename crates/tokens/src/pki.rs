@@ -209,6 +209,18 @@ impl CaDir {
 
     /// Issues `NAME.pem` / `NAME.key` for `role`. Refuses to overwrite unless `rotate`.
     pub fn issue(&self, name: &str, role: Role, rotate: bool) -> Result<Identity, PkiError> {
+        self.issue_with_sans(name, role, rotate, &[])
+    }
+
+    /// As [`CaDir::issue`], with extra subject alternative names (IP addresses or DNS names) —
+    /// e.g. the address of a host's network namespace.
+    pub fn issue_with_sans(
+        &self,
+        name: &str,
+        role: Role,
+        rotate: bool,
+        extra_sans: &[String],
+    ) -> Result<Identity, PkiError> {
         if !valid_name(name) || name == "ca" {
             return Err(PkiError::BadName(name.to_string()));
         }
@@ -224,6 +236,7 @@ impl CaDir {
             sans.push("localhost".into());
             sans.push("127.0.0.1".into());
         }
+        sans.extend(extra_sans.iter().cloned());
         let mut params = CertificateParams::new(sans)?;
         params.distinguished_name.push(DnType::CommonName, name);
         params

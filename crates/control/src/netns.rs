@@ -1,0 +1,155 @@
+//! One network namespace per simulated host, when the cluster runs as root.
+//!
+//! Each host's agent and controller (and so its hypervisors and block cards) run inside
+//! `bulkhead-<tag>-host-N`, which has only its own loopback and one veth link to the
+//! orchestrating namespace: `10.A.B.1/30` outside, `10.A.B.2/30` inside. The controller listens on
+//! the inside address only, so the host is reachable from the control plane over that link and
+//! from nowhere else, and nothing on the host can reach another host's loopback services (its
+//! TPM emulator, its block-card sockets are unix sockets in its own directory).
+//!
+//! Set-up uses `ip` (iproute2). Without root, or if namespaces cannot be created here (a
+//! container without `CAP_SYS_ADMIN`), the cluster says so and uses loopback ports.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+/// One host's namespace and link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostNet {
+    pub ns: String,
+    /// The orchestrating side of the veth pair (deleted with the namespace).
+    pub outer_if: String,
+    /// The host's address (inside the namespace).
+    pub host_ip: String,
+    /// The orchestrator's address on the link.
+    pub outer_ip: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("network namespace set-up: `ip {cmd}` failed: {detail}")]
+pub struct NetnsError {
+    pub cmd: String,
+    pub detail: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), NetnsError> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| NetnsError {
+            cmd: args.join(" "),
+            detail: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetnsError {
+            cmd: args.join(" "),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Whether this process can create network namespaces (root, `ip` present, allowed here).
+pub fn available() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return false;
+    }
+    let probe = format!("bulkhead-probe-{}", std::process::id());
+    let ok = ip(&["netns", "add", &probe]).is_ok();
+    if ok {
+        let _ = ip(&["netns", "del", &probe]);
+    }
+    ok
+}
+
+/// A short tag naming this cluster's namespaces and links, stable for its directory.
+pub fn tag_for(dir: &Path) -> String {
+    let h = Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    hex::encode(h.get(..3).unwrap_or_default())
+}
+
+/// The cluster's /24 inside 10.0.0.0/8 (`10.A.B.0/24`): derived from the tag, moved along while
+/// any interface here already uses it (another cluster running at the same time). Call once per
+/// cluster, before [`setup`].
+pub fn subnet(tag: &str) -> (u8, u8) {
+    let raw = hex::decode(tag).unwrap_or_default();
+    let mut a = raw.first().copied().unwrap_or(0) % 128 + 64;
+    let b = raw.get(1).copied().unwrap_or(0);
+    let in_use = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    for _ in 0..128 {
+        if !in_use.contains(&format!(" 10.{a}.{b}.")) {
+            break;
+        }
+        a = if a >= 191 { 64 } else { a + 1 };
+    }
+    (a, b)
+}
+
+/// Creates (replacing any stale one) the namespace and link of host `n` (1-based, ≤ 63) in the
+/// cluster's `subnet`.
+pub fn setup(tag: &str, (a, b): (u8, u8), n: usize) -> Result<HostNet, NetnsError> {
+    let ns = format!("bulkhead-{tag}-host-{n}");
+    let outer_if = format!("bk{tag}o{n}");
+    let inner_if = format!("bk{tag}i{n}");
+    // Host n uses 10.a.b.(4n+1)/30 outside and 10.a.b.(4n+2)/30 inside.
+    let base = u8::try_from(n.saturating_mul(4)).map_err(|_| NetnsError {
+        cmd: "addr".into(),
+        detail: format!("host number {n} too large"),
+    })?;
+    let outer_ip = format!("10.{a}.{b}.{}", base + 1);
+    let host_ip = format!("10.{a}.{b}.{}", base + 2);
+    let _ = ip(&["netns", "del", &ns]);
+    let _ = ip(&["link", "del", &outer_if]);
+    ip(&["netns", "add", &ns])?;
+    let made = (|| {
+        ip(&[
+            "link", "add", &outer_if, "type", "veth", "peer", "name", &inner_if, "netns", &ns,
+        ])?;
+        ip(&["addr", "add", &format!("{outer_ip}/30"), "dev", &outer_if])?;
+        ip(&["link", "set", &outer_if, "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &inner_if,
+        ])?;
+        ip(&["-n", &ns, "link", "set", &inner_if, "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])
+    })();
+    if let Err(e) = made {
+        let _ = ip(&["netns", "del", &ns]);
+        return Err(e);
+    }
+    tracing::info!(ns = %ns, host_ip = %host_ip, "host network namespace ready");
+    Ok(HostNet {
+        ns,
+        outer_if,
+        host_ip,
+        outer_ip,
+    })
+}
+
+/// Removes the namespace (its veth pair goes with it).
+pub fn teardown(net: &HostNet) {
+    let _ = ip(&["netns", "del", &net.ns]);
+    let _ = ip(&["link", "del", &net.outer_if]);
+}
+
+/// `cmd` run inside the namespace (`ip netns exec NS …`: the same process, after `setns`).
+pub fn command_in(net: &HostNet, program: &Path) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &net.ns]).arg(program);
+    c
+}
