@@ -157,11 +157,21 @@ show 'Mint:(CreateInstance|StartInstance|AttestHost|AttachVolume|DetachVolume)' 
 show 'Mint' "$DIR/tokens/audit.log" | grep '^  operator' || true
 echo "-- controllers (host-*/audit.log; customer-data operations):"
 show 'AttestHost|AttachVolume|DetachVolume|GetConsole|StopInstance|TerminateInstance|CreateInstance' "$DIR"/host-*/audit.log
-echo "-- control plane operator view (state and audit records pulled from each host):"
-"$BIN/bulkhead-control" hosts --config "$DIR/control.toml" | python3 -c '
+echo "-- the operators' API on the control plane (mTLS, operator certificate; state and audit records it pulled from each host):"
+OPAPI=$(j 'd["operator"]' <"$DIR/cluster.json")
+opget() { curl -sS --cacert "$DIR/ca/ca.pem" --cert "$DIR/ca/operator.pem" --key "$DIR/ca/operator.key" "https://$OPAPI$1"; }
+echo '$ curl --cert operator.pem https://CONTROL-PLANE-OPERATOR-API/v1/operator/hosts'
+opget /v1/operator/hosts | python3 -c '
 import json, sys
 for h in json.load(sys.stdin):
-    print("  %s: backend=%s audit records pulled=%s" % (h["host_id"], (h["status"] or {}).get("backend"), h["audit_records_pulled"]))'
+    print("  %s: backend=%s instances=%s audit records pulled=%s" % (h["host_id"], (h["status"] or {}).get("backend"), (h["status"] or {}).get("instances"), h["audit_records_pulled"]))'
+echo '$ curl --cert operator.pem https://CONTROL-PLANE-OPERATOR-API/v1/operator/hosts/host-1/audit?after=0&limit=3'
+opget '/v1/operator/hosts/host-1/audit?after=0&limit=3' | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+for r in d["records"]:
+    e = r["entry"]; print("  seq %s: %s %s %s %s" % (r["seq"], e["caller"], e["op"], e["decision"], e["code"]))
+print("  next_after:", d["next_after"])'
 for log in kms/audit.log tokens/audit.log host-1/audit.log host-2/audit.log control/audit.log; do
   printf '  verify %-18s ' "$log"; "$BIN/bulkhead" audit verify "$DIR/$log"
 done
