@@ -673,6 +673,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         poll_interval_ms: opts.poll_interval_ms,
         database_url: opts.database_url.clone(),
         operator_listen: Some("127.0.0.1:0".into()),
+        attest_config: attested.then(|| dir.join("kms/attest.json")),
         hosts,
     };
     let cfg_path = dir.join("control.toml");

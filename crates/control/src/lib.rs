@@ -57,6 +57,8 @@ pub enum ControlError {
     VolumeInUse,
     #[error("no host has enough free whole cores")]
     NoCapacity,
+    #[error("no host with free capacity passed attestation")]
+    NoAttestedHost,
     #[error("idempotency token reused with different parameters")]
     IdempotencyMismatch,
     #[error("KMS refused: {0}")]
@@ -142,6 +144,7 @@ impl ControlError {
             ControlError::WrongState => "incorrect_state",
             ControlError::VolumeInUse => "volume_in_use",
             ControlError::NoCapacity => "insufficient_capacity",
+            ControlError::NoAttestedHost => "no_attested_host",
             ControlError::IdempotencyMismatch => "idempotency_mismatch",
             ControlError::Kms(c) => c,
             ControlError::Host(c) => c,
@@ -171,7 +174,9 @@ impl ControlError {
             | ControlError::IdempotencyMismatch => 409,
             ControlError::Kms(_) => 403,
             ControlError::Host(_) => 502,
-            ControlError::Upstream | ControlError::AuditUnavailable => 503,
+            ControlError::Upstream
+            | ControlError::AuditUnavailable
+            | ControlError::NoAttestedHost => 503,
             ControlError::Repo(_) | ControlError::Internal => 500,
         }
     }

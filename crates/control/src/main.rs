@@ -110,6 +110,8 @@ enum Cmd {
 enum CliError {
     #[error("config: {0}")]
     Config(#[from] bulkhead_control::config::ConfigError),
+    #[error("attestation policy: {0}")]
+    Attest(#[from] bulkhead_kms::attest::AttestConfigError),
     #[error("state: {0}")]
     State(#[from] bulkhead_tokens::statedir::StateError),
     #[error("pki: {0}")]
@@ -195,7 +197,7 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
     }
     let (audit, _) = AuditLog::open(&cfg.state_dir.join("audit.log"))?;
     let tls_cfg = tls::server_config(&ca.ca_pem(), &ca.cert("control"), &ca.key("control"), false)?;
-    let cp = Arc::new(ControlPlane::new(
+    let mut cp = ControlPlane::new(
         repo,
         root,
         client(&cfg)?,
@@ -203,7 +205,12 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
         hosts,
         keys,
         audit,
-    ));
+    );
+    if let Some(p) = &cfg.attest_config {
+        cp = cp.with_attestation(bulkhead_kms::attest::load_verifier(p)?);
+        tracing::info!(policy = %p.display(), "instances are placed only on attested hosts");
+    }
+    let cp = Arc::new(cp);
     let std_listener = std::net::TcpListener::bind(&cfg.listen)
         .map_err(|e| CliError::Io(cfg.listen.clone(), e))?;
     std_listener

@@ -2,9 +2,9 @@
 //! (date window, replay), parse, audit the decision (durably, before acting), honour the
 //! idempotency token, act, audit the outcome.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -12,6 +12,7 @@ use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
 use bulkhead_kms::crypto::Key32;
 use bulkhead_kms::sigv::{self, Authorization, ForwardedRequest, SignedParts};
 use bulkhead_kms::tls::HttpsClient;
+use bulkhead_rot::attest::Verifier;
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -77,7 +78,18 @@ pub struct ControlPlane {
     host_keys: BTreeMap<String, Vec<u8>>,
     audit: AuditLog,
     placement: tokio::sync::Mutex<()>,
+    /// When set, instances are placed only on hosts that attested (fresh TPM quote of a signed
+    /// release's measurements) within [`ATTESTATION_TTL`].
+    attestation: Option<std::sync::Mutex<Verifier>>,
+    attested: std::sync::Mutex<HashMap<String, Instant>>,
 }
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How long a host's successful attestation lets the scheduler place work on it.
+pub const ATTESTATION_TTL: Duration = Duration::from_secs(60);
 
 fn instance_json(i: &InstanceRow) -> Value {
     json!({
@@ -122,7 +134,57 @@ impl ControlPlane {
             host_keys,
             audit,
             placement: tokio::sync::Mutex::new(()),
+            attestation: None,
+            attested: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Places instances only on hosts that attest against `verifier` (the same policy the KMS
+    /// enforces before releasing a volume key).
+    pub fn with_attestation(mut self, verifier: Verifier) -> ControlPlane {
+        self.attestation = Some(std::sync::Mutex::new(verifier));
+        self
+    }
+
+    /// Attests `host` unless it did within [`ATTESTATION_TTL`]: a nonce from this control plane's
+    /// verifier, the host's quote over it (relayed by its controller), verified here.
+    async fn ensure_attested(&self, host: &HostRow) -> Result<(), ControlError> {
+        let Some(v) = &self.attestation else {
+            return Ok(());
+        };
+        let fresh = lock(&self.attested)
+            .get(&host.host_id)
+            .is_some_and(|t| t.elapsed() < ATTESTATION_TTL);
+        if fresh {
+            return Ok(());
+        }
+        let nonce = lock(v)
+            .challenge(&host.host_id)
+            .map_err(|_| ControlError::Internal)?;
+        let ev = self
+            .hosts
+            .call(
+                &host.host_id,
+                &host.addr,
+                Operation::AttestHost,
+                &["host".to_string()],
+                "POST",
+                "/v1/host/attest",
+                Some(json!({ "nonce": hex::encode(nonce) })),
+            )
+            .await?;
+        let ev: bulkhead_rot::attest::Evidence =
+            serde_json::from_value(ev).map_err(|_| ControlError::Host("attest_malformed"))?;
+        if ev.host != host.host_id {
+            return Err(ControlError::Host("evidence_for_another_host"));
+        }
+        let ok = lock(v).verify(&ev).map_err(|e| {
+            tracing::warn!(host = %host.host_id, code = e.code(), "host failed attestation: no work placed on it");
+            ControlError::Host(crate::upstream_code(e.code()))
+        })?;
+        tracing::info!(host = %host.host_id, release = ok.release_version, "host attested for placement");
+        lock(&self.attested).insert(host.host_id.clone(), Instant::now());
+        Ok(())
     }
 
     fn authenticate(&self, r: &RawRequest) -> Result<Caller, ControlError> {
@@ -544,10 +606,34 @@ impl ControlPlane {
         let dedicated = r.tenancy.as_deref() == Some("dedicated");
         let row = {
             let _g = self.placement.lock().await;
-            let hosts = self.repo.hosts()?;
+            let mut hosts = self.repo.hosts()?;
             let live = self.repo.live_instances()?;
-            let (host_id, _) = Self::place(&hosts, &live, &c.tenant, cores, dedicated)
-                .ok_or(ControlError::NoCapacity)?;
+            // The best host with room that attests; a host that fails is left out and the
+            // next best is tried.
+            let mut refused = 0;
+            let host_id = loop {
+                let Some((host_id, _)) = Self::place(&hosts, &live, &c.tenant, cores, dedicated)
+                else {
+                    return Err(if refused > 0 {
+                        ControlError::NoAttestedHost
+                    } else {
+                        ControlError::NoCapacity
+                    });
+                };
+                let h = hosts
+                    .iter()
+                    .find(|h| h.host_id == host_id)
+                    .cloned()
+                    .ok_or(ControlError::Internal)?;
+                match self.ensure_attested(&h).await {
+                    Ok(()) => break host_id,
+                    Err(e) => {
+                        tracing::warn!(host = %host_id, code = e.code(), "not placing on a host that did not attest");
+                        refused += 1;
+                        hosts.retain(|x| x.host_id != host_id);
+                    }
+                }
+            };
             let row = InstanceRow {
                 instance_id: new_id("i"),
                 tenant_id: c.tenant.clone(),

@@ -954,7 +954,8 @@ fn v_token_prefix(_log: &str) -> &'static str {
 
 /// Claim: the KMS releases a volume key only to a host whose TPM just proved (quote over a
 /// one-time KMS nonce, event log, enrolled attestation key) that it runs a signed release — and
-/// each customer authorization opens the key once, for one host. Host 2's installed block card
+/// each customer authorization opens the key once, for one host. The scheduler, too, places
+/// instances only on hosts that attest. Host 2's installed block card
 /// is altered by one byte before it starts: its measured start shows it, it refuses work, and
 /// the KMS refuses its evidence.
 #[test]
@@ -997,8 +998,22 @@ fn kms_releases_volume_keys_only_to_freshly_attested_hosts() {
     assert!(alerts.contains("artefact_mismatch"), "{alerts}");
 
     let a = customer(&c, "tenant-a");
+    // The scheduler places work only on hosts that attest. Each host has one whole core here:
+    // the first instance goes to host 1; for the second, host 2 has the free core but fails
+    // attestation, so there is nowhere to put it.
+    run(&a);
+    let (st, r) = a.call("RunInstances", json!({"ImageId": "img-1"}));
+    assert_eq!((st, code(&r)), (503, "no_attested_host"), "{r}");
     let v = volume(&a);
     let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
+    let placed: Vec<(String, String)> = db
+        .prepare("SELECT host_id, state FROM instances")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(placed, vec![("host-1".to_string(), "running".to_string())]);
     let blob: Vec<u8> = db
         .query_row(
             "SELECT ciphertext_blob FROM volumes WHERE volume_id = ?1",
