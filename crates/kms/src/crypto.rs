@@ -143,7 +143,7 @@ pub struct DataKeyBlob {
     pub wrapped: Vec<u8>,
 }
 
-fn dk_aad(key_id: &str, volume_id: &str) -> Vec<u8> {
+pub(crate) fn dk_aad(key_id: &str, volume_id: &str) -> Vec<u8> {
     let mut aad = b"bulkhead data key v1\0".to_vec();
     aad.extend_from_slice(key_id.as_bytes());
     aad.push(0);
@@ -184,21 +184,38 @@ impl DataKeyBlob {
 
     /// Generates a fresh data key for `volume_id` and encrypts it under `cmk`. The plaintext is
     /// dropped (zeroized) before returning.
-    pub fn generate(cmk: &Key32, key_id: &str, volume_id: &str) -> Result<Self, CryptoError> {
+    /// A fresh data key, sealed under CMK `key_id` by `keys` (`stored`: the store's record of
+    /// the CMK), bound to `volume_id`.
+    pub fn generate(
+        keys: &dyn crate::keystore::KeyStore,
+        stored: &[u8],
+        key_id: &str,
+        volume_id: &str,
+    ) -> Result<Self, CryptoError> {
         if key_id.is_empty() || key_id.len() > MAX_KEY_ID_LEN {
             return Err(CryptoError::BadBlob);
         }
         let dk: VolumeKey = random_secret::<VOLUME_KEY_LEN>()?;
-        let wrapped = wrap(cmk, &dk_aad(key_id, volume_id), dk.as_ref())?;
+        let wrapped = keys.seal(key_id, stored, &dk_aad(key_id, volume_id), dk.as_ref())?;
         Ok(DataKeyBlob {
             key_id: key_id.to_string(),
             wrapped,
         })
     }
 
-    /// Decrypts into a locked page; only Decrypt-for-host calls this, and seals the result.
-    pub fn open(&self, cmk: &Key32, volume_id: &str) -> Result<VolumeKey, CryptoError> {
-        unwrap::<VOLUME_KEY_LEN>(cmk, &dk_aad(&self.key_id, volume_id), &self.wrapped)
+    /// The data key, for `volume_id` only.
+    pub fn open(
+        &self,
+        keys: &dyn crate::keystore::KeyStore,
+        stored: &[u8],
+        volume_id: &str,
+    ) -> Result<VolumeKey, CryptoError> {
+        keys.open(
+            &self.key_id,
+            stored,
+            &dk_aad(&self.key_id, volume_id),
+            &self.wrapped,
+        )
     }
 }
 
@@ -209,15 +226,19 @@ mod tests {
 
     #[test]
     fn data_key_roundtrip_and_binding() {
-        let cmk = random_secret::<32>().unwrap();
-        let b = DataKeyBlob::generate(&cmk, "key-1", "vol-1").unwrap();
+        use crate::keystore::{Embedded, KeyStore};
+        let keys = Embedded::new(random_secret::<32>().unwrap());
+        let cmk = keys.create("key-1").unwrap();
+        let b = DataKeyBlob::generate(&keys, &cmk, "key-1", "vol-1").unwrap();
         let raw = b.to_bytes();
         let back = DataKeyBlob::parse(&raw).unwrap();
         assert_eq!(back, b);
-        assert!(back.open(&cmk, "vol-1").is_ok());
-        assert!(back.open(&cmk, "vol-2").is_err());
-        let other = random_secret::<32>().unwrap();
-        assert!(back.open(&other, "vol-1").is_err());
+        assert!(back.open(&keys, &cmk, "vol-1").is_ok());
+        assert!(back.open(&keys, &cmk, "vol-2").is_err());
+        let other = keys.create("key-1").unwrap();
+        assert!(back.open(&keys, &other, "vol-1").is_err());
+        let elsewhere = Embedded::new(random_secret::<32>().unwrap());
+        assert!(back.open(&elsewhere, &cmk, "vol-1").is_err());
         assert!(DataKeyBlob::parse(&raw[..raw.len() - 1]).is_err());
         assert!(DataKeyBlob::parse(b"BHDK").is_err());
     }

@@ -16,6 +16,7 @@
 
 pub mod attest;
 pub mod crypto;
+pub mod keystore;
 pub mod server;
 pub mod service;
 pub mod sigv;

@@ -36,6 +36,16 @@ struct Args {
     /// releases; see `bulkhead_kms::attest`). Dev default: STATE_DIR/attest.json if present.
     #[arg(long)]
     attest_config: Option<PathBuf>,
+    /// Keep customer master keys in this PKCS#11 module's token (e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so) instead of wrapped in the KMS's own store.
+    #[arg(long, requires_all = ["pkcs11_token", "pkcs11_pin_file"])]
+    pkcs11_module: Option<PathBuf>,
+    /// Label of the token to use.
+    #[arg(long)]
+    pkcs11_token: Option<String>,
+    /// File whose first line is the token's user PIN (mode 0600).
+    #[arg(long)]
+    pkcs11_pin_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +64,10 @@ enum StartError {
     Io(String, std::io::Error),
     #[error("attestation policy: {0}")]
     Attest(#[from] bulkhead_kms::attest::AttestConfigError),
+    #[error("{0}")]
+    Kms(#[from] bulkhead_kms::KmsError),
+    #[error("{0}")]
+    Pkcs11(#[from] bulkhead_kms::keystore::Pkcs11Error),
 }
 
 fn run(args: Args) -> Result<(), StartError> {
@@ -79,7 +93,18 @@ fn run(args: Args) -> Result<(), StartError> {
     let root = crypto::load_root_key(&args.state_dir.join("root.key"), args.dev)?;
     let store = Store::open(&args.state_dir.join("kms.db"))?;
     let (audit, report) = AuditLog::open(&args.state_dir.join("audit.log"))?;
-    let mut kms = Kms::new(store, root, audit, hosts_dir);
+    let mut kms = Kms::new(store, root, audit, hosts_dir)?;
+    let keystore = match (
+        &args.pkcs11_module,
+        &args.pkcs11_token,
+        &args.pkcs11_pin_file,
+    ) {
+        (Some(m), Some(t), Some(p)) => {
+            kms = kms.with_keystore(Box::new(bulkhead_kms::keystore::Pkcs11::open(m, t, p)?));
+            "pkcs11"
+        }
+        _ => "embedded",
+    };
     let attest_cfg = args
         .attest_config
         .clone()
@@ -101,7 +126,7 @@ fn run(args: Args) -> Result<(), StartError> {
         tls_cfg,
         server::router(kms),
         "kms",
-        serde_json::json!({"audit_records": report.records, "attestation_required": attested}),
+        serde_json::json!({"audit_records": report.records, "attestation_required": attested, "keystore": keystore}),
     )
     .map_err(|e| StartError::Io(args.listen.clone(), e))
 }

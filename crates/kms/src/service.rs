@@ -13,6 +13,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{self, DataKeyBlob, Key32};
+use crate::keystore::{Embedded, KeyStore};
 use crate::sigv::{self, Authorization, ForwardedRequest};
 use crate::store::{CmkRow, GrantRow, Store};
 use crate::wire::*;
@@ -24,7 +25,10 @@ pub const FORWARD_WINDOW_SECS: u64 = 300;
 
 pub struct Kms {
     store: Store,
+    /// Wraps customer signing secrets (never CMKs when a token holds them).
     root: Key32,
+    /// Where the CMKs live: wrapped under the root key (default) or in a PKCS#11 token.
+    keys: Box<dyn KeyStore>,
     audit: AuditLog,
     /// `HOST_ID.pub` files (38-byte host public key files), enrolled out of band.
     hosts_dir: PathBuf,
@@ -50,12 +54,6 @@ fn new_id(prefix: &str) -> String {
 fn cust_aad(akid: &str) -> Vec<u8> {
     let mut a = b"bulkhead customer secret v1\0".to_vec();
     a.extend_from_slice(akid.as_bytes());
-    a
-}
-
-fn cmk_aad(key_id: &str) -> Vec<u8> {
-    let mut a = b"bulkhead cmk v1\0".to_vec();
-    a.extend_from_slice(key_id.as_bytes());
     a
 }
 
@@ -123,15 +121,29 @@ enum Plan {
 }
 
 impl Kms {
-    pub fn new(store: Store, root: Key32, audit: AuditLog, hosts_dir: PathBuf) -> Kms {
-        Kms {
+    pub fn new(
+        store: Store,
+        root: Key32,
+        audit: AuditLog,
+        hosts_dir: PathBuf,
+    ) -> Result<Kms, KmsError> {
+        let mut copy = Key32::new().map_err(crypto::CryptoError::from)?;
+        copy.as_mut().copy_from_slice(root.as_ref());
+        Ok(Kms {
             store,
+            keys: Box::new(Embedded::new(copy)),
             root,
             audit,
             hosts_dir,
             window_secs: FORWARD_WINDOW_SECS,
             attestation: None,
-        }
+        })
+    }
+
+    /// Keeps CMKs in `keys` (e.g. a PKCS#11 token) instead of the embedded store.
+    pub fn with_keystore(mut self, keys: Box<dyn KeyStore>) -> Kms {
+        self.keys = keys;
+        self
     }
 
     /// Requires attestation for every `DecryptForHost`, checked by `verifier` (its enrolments
@@ -446,9 +458,8 @@ impl Kms {
 
     fn create_cmk(&self, tenant: &str, description: &str) -> Result<CmkRow, KmsError> {
         let key_id = new_id("key");
-        let cmk = crypto::random_secret::<32>()?;
         let row = CmkRow {
-            wrapped: crypto::wrap(&self.root, &cmk_aad(&key_id), cmk.as_ref())?,
+            wrapped: self.keys.create(&key_id)?,
             key_id,
             tenant_id: tenant.to_string(),
             description: description.to_string(),
@@ -492,8 +503,8 @@ impl Kms {
                     Some(k) => k,
                     None => self.default_key(&tenant)?,
                 };
-                let cmk = crypto::unwrap::<32>(&self.root, &cmk_aad(&key.key_id), &key.wrapped)?;
-                let blob = DataKeyBlob::generate(&cmk, &key.key_id, &volume)?;
+                let blob =
+                    DataKeyBlob::generate(self.keys.as_ref(), &key.wrapped, &key.key_id, &volume)?;
                 let grant_id = match self.store.active_grant(&key.key_id, &tenant, &volume)? {
                     Some(g) => g,
                     None => {
@@ -531,9 +542,7 @@ impl Kms {
                 {
                     return Err(KmsError::AuthorizationReplayed);
                 }
-                let cmk_key =
-                    crypto::unwrap::<32>(&self.root, &cmk_aad(&cmk.key_id), &cmk.wrapped)?;
-                let dk = blob.open(&cmk_key, &volume)?;
+                let dk = blob.open(self.keys.as_ref(), &cmk.wrapped, &volume)?;
                 let sealed =
                     seal_volume_key(&host, &volume, dk.as_ref()).map_err(|_| KmsError::Internal)?;
                 drop(dk);
@@ -579,9 +588,8 @@ impl Kms {
         if let Some(k) = self.store.cmk(&id)? {
             return Ok(k);
         }
-        let cmk = crypto::random_secret::<32>()?;
         let row = CmkRow {
-            wrapped: crypto::wrap(&self.root, &cmk_aad(&id), cmk.as_ref())?,
+            wrapped: self.keys.create(&id)?,
             key_id: id,
             tenant_id: tenant.to_string(),
             description: "default volume key".into(),

@@ -24,6 +24,7 @@ struct Kms {
     child: Child,
     addr: String,
     dir: PathBuf,
+    ready: Value,
 }
 
 impl Drop for Kms {
@@ -34,6 +35,10 @@ impl Drop for Kms {
 }
 
 fn start(dir: &Path) -> Kms {
+    start_with(dir, &[], &[])
+}
+
+fn start_with(dir: &Path, args: &[String], env: &[(&str, PathBuf)]) -> Kms {
     let ca = CaDir::new(dir.join("ca"));
     if !ca.exists() {
         ca.init().unwrap();
@@ -47,6 +52,8 @@ fn start(dir: &Path) -> Kms {
         .arg(dir.join("ca"))
         .arg("--state-dir")
         .arg(dir.join("kms"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
         .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
         .stderr(log)
@@ -62,6 +69,7 @@ fn start(dir: &Path) -> Kms {
         child,
         addr: v["listen"].as_str().unwrap().to_string(),
         dir: dir.to_path_buf(),
+        ready: v,
     }
 }
 
@@ -351,4 +359,177 @@ fn bad_input_is_refused_with_typed_errors() {
         &json!({"key_id": key_a, "volume_id": "vol-x", "customer_request": signed(AKID_B, &SECRET_B, "CreateVolume", &cv, now())}),
     );
     assert_eq!((st, code(&v)), (404, "no_such_key"));
+}
+
+/// SoftHSM2 (the PKCS#11 module and its token tool), or `None` after a loud skip.
+fn softhsm(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let module = [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file());
+    let util = Command::new("softhsm2-util")
+        .arg("--version")
+        .output()
+        .is_ok();
+    let Some(module) = module.filter(|_| util) else {
+        eprintln!(
+            "*** SKIPPED PKCS#11 test: SoftHSM2 not installed (apt-get install softhsm2) ***"
+        );
+        return None;
+    };
+    let tokens = dir.join("softhsm-tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "bulkhead-kms",
+            "--pin",
+            "246810",
+            "--so-pin",
+            "135791",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pin = dir.join("pin");
+    std::fs::write(&pin, "246810\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Some((module, conf, pin))
+}
+
+/// Customer master keys held in a PKCS#11 token (SoftHSM2): created inside it, sensitive and
+/// never extractable, used by the token for every data-key operation; the KMS's database holds
+/// only a marker; a KMS restarted on the same token still serves, and the same database without
+/// the token opens nothing.
+#[test]
+fn cmks_in_a_pkcs11_token_never_leave_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((module, conf, pin)) = softhsm(dir.path()) else {
+        return;
+    };
+    let args = vec![
+        "--pkcs11-module".to_string(),
+        module.display().to_string(),
+        "--pkcs11-token".into(),
+        "bulkhead-kms".into(),
+        "--pkcs11-pin-file".into(),
+        pin.display().to_string(),
+    ];
+    let env = [("SOFTHSM2_CONF", conf.clone())];
+    let k = start_with(dir.path(), &args, &env);
+    assert_eq!(k.ready["keystore"], "pkcs11", "{}", k.ready);
+    let (key_id, blob) = setup(&k);
+    let host = HostKey::generate().unwrap();
+    k.enroll("host-1", &host);
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!(st, 200, "{v}");
+    let sealed = B64.decode(v["sealed_key"].as_str().unwrap()).unwrap();
+    let dk = open_volume_key(&host, "vol-1", &sealed).unwrap();
+
+    // The store keeps a marker, not a wrapped key.
+    let db = rusqlite::Connection::open(dir.path().join("kms/kms.db")).unwrap();
+    let stored: Vec<Vec<u8>> = db
+        .prepare("SELECT wrapped FROM cmks")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!stored.is_empty());
+    assert!(stored
+        .iter()
+        .all(|w| w == bulkhead_kms::keystore::PKCS11_MARKER));
+    drop(db);
+
+    // Inside the token: the CMK is there, sensitive, never extractable; its value is not given out.
+    {
+        use cryptoki::context::{CInitializeArgs, Pkcs11};
+        use cryptoki::object::{Attribute, AttributeType};
+        use cryptoki::session::UserType;
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        let p = Pkcs11::new(&module).unwrap();
+        p.initialize(CInitializeArgs::OsThreads).unwrap();
+        let slot = p
+            .get_slots_with_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| p.get_token_info(*s).unwrap().label().trim_end() == "bulkhead-kms")
+            .unwrap();
+        let s = p.open_ro_session(slot).unwrap();
+        s.login(UserType::User, Some(&"246810".to_string().into()))
+            .unwrap();
+        let found = s
+            .find_objects(&[Attribute::Label(key_id.as_bytes().to_vec())])
+            .unwrap();
+        assert_eq!(found.len(), 1, "the CMK is one object in the token");
+        let attrs = s
+            .get_attributes(
+                found[0],
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::NeverExtractable,
+                    AttributeType::Value,
+                ],
+            )
+            .unwrap_or_default();
+        assert!(attrs.contains(&Attribute::Sensitive(true)), "{attrs:?}");
+        assert!(attrs.contains(&Attribute::Extractable(false)), "{attrs:?}");
+        assert!(
+            attrs.contains(&Attribute::NeverExtractable(true)),
+            "{attrs:?}"
+        );
+        assert!(
+            !attrs.iter().any(|a| matches!(a, Attribute::Value(_))),
+            "the token handed out the CMK's value"
+        );
+    }
+
+    // A restarted KMS on the same token still opens the data key.
+    drop(k);
+    let k = start_with(dir.path(), &args, &env);
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!(st, 200, "{v}");
+    let again = B64.decode(v["sealed_key"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        open_volume_key(&host, "vol-1", &again).unwrap().as_ref(),
+        dk.as_ref()
+    );
+    drop(k);
+
+    // The same database and root key without the token: nothing opens.
+    let k = start(dir.path());
+    assert_eq!(k.ready["keystore"], "embedded");
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(code(&v), "ciphertext_rejected", "{v}");
 }
