@@ -68,7 +68,29 @@ pub struct Cluster {
     pub attested: bool,
     /// Each host's network namespace (empty: loopback ports).
     pub nets: Vec<HostNet>,
+    launches: Vec<HostLaunch>,
     children: Vec<(String, Child)>,
+}
+
+/// How a host's controller was started (to start it again after a kill).
+#[derive(Debug, Clone)]
+struct HostLaunch {
+    name: String,
+    bin: PathBuf,
+    config: PathBuf,
+    args: Vec<String>,
+    net: Option<HostNet>,
+}
+
+impl HostLaunch {
+    fn command(&self) -> Command {
+        let mut c = match &self.net {
+            Some(x) => netns::command_in(x, &self.bin),
+            None => Command::new(&self.bin),
+        };
+        c.arg("--config").arg(&self.config).args(&self.args);
+        c
+    }
 }
 
 impl Drop for Cluster {
@@ -111,6 +133,21 @@ impl Cluster {
             .iter()
             .map(|(n, c)| (n.clone(), c.id()))
             .collect()
+    }
+
+    /// Restarts host `name`'s controller (after [`Cluster::kill9`]) with the same configuration
+    /// and address. Its guests and block cards died with the old one.
+    pub fn restart_host(&mut self, name: &str) -> Result<(), ClusterError> {
+        let launch = self
+            .launches
+            .iter()
+            .find(|l| l.name == name)
+            .cloned()
+            .ok_or(ClusterError::BadHosts)?;
+        self.children.retain(|(n, _)| n != name);
+        let (child, _) = spawn_ready(name, &mut launch.command(), &self.dir.join("logs"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
     }
 
     /// Restarts the control plane (after [`Cluster::kill9`]) with the same configuration.
@@ -367,7 +404,7 @@ fn write_controller_config(
     host: &str,
     guest_dir: Option<PathBuf>,
     attested: bool,
-    listen_ip: &str,
+    listen: &str,
 ) -> Result<PathBuf, ClusterError> {
     let ca = dir.join("ca");
     let hd = dir.join(host);
@@ -392,10 +429,7 @@ fn write_controller_config(
         put("attest_socket", &hd.join("attest.sock"));
     }
     t.insert("host_id".into(), toml::Value::String(host.into()));
-    t.insert(
-        "listen".into(),
-        toml::Value::String(format!("{listen_ip}:0")),
-    );
+    t.insert("listen".into(), toml::Value::String(listen.into()));
     let p = hd.join("controller.toml");
     std::fs::write(&p, toml::to_string(&t).unwrap_or_default()).map_err(io(&p))?;
     Ok(p)
@@ -403,7 +437,12 @@ fn write_controller_config(
 
 fn spawn_ready(name: &str, cmd: &mut Command, logs: &Path) -> Result<(Child, Value), ClusterError> {
     let log_path = logs.join(format!("{name}.log"));
-    let log = std::fs::File::create(&log_path).map_err(io(&log_path))?;
+    // Appended: a restarted daemon's log follows its predecessor's.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io(&log_path))?;
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(log)
@@ -578,6 +617,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         host_addrs: Vec::new(),
         attested,
         nets: std::mem::take(&mut guard.0),
+        launches: Vec::new(),
         children: Vec::new(),
     };
     let nets = cluster.nets.clone();
@@ -641,21 +681,22 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
             opts.bins.join("bulkhead-controller")
         };
         let net = nets.get(n - 1);
-        let listen = net.map_or("127.0.0.1".to_string(), |x| x.host_ip.clone());
-        let cfg = write_controller_config(dir, &host, guest_dir.clone(), attested, &listen)?;
-        let (child, v) = spawn_ready(
-            &host,
-            match net {
-                Some(x) => netns::command_in(x, &controller_bin),
-                None => Command::new(&controller_bin),
-            }
-            .arg("--config")
-            .arg(&cfg)
-            .args(&opts.controller_args),
-            &logs,
-        )?;
+        let ip = net.map_or("127.0.0.1".to_string(), |x| x.host_ip.clone());
+        let cfg =
+            write_controller_config(dir, &host, guest_dir.clone(), attested, &format!("{ip}:0"))?;
+        let launch = HostLaunch {
+            name: host.clone(),
+            bin: controller_bin.clone(),
+            config: cfg,
+            args: opts.controller_args.clone(),
+            net: net.cloned(),
+        };
+        let (child, v) = spawn_ready(&host, &mut launch.command(), &logs)?;
         cluster.children.push((host.clone(), child));
         let addr = listen_of(&v);
+        // Pinned, so a restarted controller comes back at the same address.
+        write_controller_config(dir, &host, guest_dir.clone(), attested, &addr)?;
+        cluster.launches.push(launch);
         cluster.host_addrs.push((host.clone(), addr.clone()));
         hosts.push(HostConfig {
             host_id: host.clone(),

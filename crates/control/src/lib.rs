@@ -88,6 +88,7 @@ const UPSTREAM_CODES: &[&str] = &[
     "auth_stale",
     "customer_exists",
     "no_such_instance",
+    "no_such_image",
     "no_such_volume",
     "wrong_state",
     "no_capacity",

@@ -1023,6 +1023,59 @@ impl ControlPlane {
         Ok(n)
     }
 
+    /// When a host reports fewer instances than the records place on it (its controller was
+    /// killed and restarted: its guests and cards died with it), the instances it no longer
+    /// knows are marked terminated and their volumes released, so the state converges and the
+    /// volumes can be attached again. Returns how many instances were lost.
+    async fn reconcile_lost(&self, h: &HostRow, reported: u64) -> Result<usize, ControlError> {
+        let recorded: Vec<InstanceRow> = self
+            .repo
+            .live_instances()?
+            .into_iter()
+            .filter(|i| i.host_id == h.host_id && (i.state == "running" || i.state == "stopped"))
+            .collect();
+        if u64::try_from(recorded.len()).unwrap_or(0) <= reported {
+            return Ok(0);
+        }
+        let mut lost = 0;
+        for i in recorded {
+            let r = self
+                .hosts
+                .call(
+                    &h.host_id,
+                    &h.addr,
+                    Operation::DescribeInstance,
+                    &[format!("instance:{}", i.instance_id)],
+                    "GET",
+                    &format!("/v1/instances/{}", i.instance_id),
+                    None,
+                )
+                .await;
+            if !matches!(r, Err(ControlError::Host("no_such_instance"))) {
+                continue;
+            }
+            for v in
+                self.repo.volumes(&i.tenant_id)?.into_iter().filter(|v| {
+                    v.instance_id.as_deref() == Some(&i.instance_id) && v.state == "in-use"
+                })
+            {
+                self.repo.transition_volume(
+                    &i.tenant_id,
+                    &v.volume_id,
+                    "in-use",
+                    "available",
+                    None,
+                    None,
+                )?;
+            }
+            self.repo
+                .set_instance_state(&i.tenant_id, &i.instance_id, "terminated")?;
+            tracing::warn!(host = %h.host_id, instance = %i.instance_id, "instance lost with its host's controller: marked terminated, volumes released");
+            lost += 1;
+        }
+        Ok(lost)
+    }
+
     /// One polling round (pull, never push): each host's description and its new audit records
     /// after the stored cursor. Returns how many audit records were pulled.
     pub async fn poll_hosts(&self) -> Result<u64, ControlError> {
@@ -1041,9 +1094,14 @@ impl ControlPlane {
                 )
                 .await
             {
-                Ok(v) => self
-                    .repo
-                    .set_host_status(&h.host_id, &v.to_string(), now())?,
+                Ok(v) => {
+                    self.repo
+                        .set_host_status(&h.host_id, &v.to_string(), now())?;
+                    let reported = v["instances"].as_u64().unwrap_or(u64::MAX);
+                    if let Err(e) = self.reconcile_lost(&h, reported).await {
+                        tracing::warn!(host = %h.host_id, code = e.code(), "reconciling lost instances failed");
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(host = %h.host_id, code = e.code(), "poll failed");
                     continue;

@@ -1366,3 +1366,142 @@ fn operators_read_pulled_host_state_and_audit_over_their_own_mtls_api() {
         assert!(audit.contains(needle), "{needle} not audited");
     }
 }
+
+/// An instance of the real test guest.
+fn run_guest(c: &Customer) -> String {
+    c.ok("RunInstances", json!({"ImageId": "test-guest"}))["Instances"][0]["InstanceId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Children of `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: the comm may hold spaces, so split after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// kill -9 of a host's controller in the middle of a real attach (the hot-plug is waiting for the
+/// booting guest's driver): the attach fails cleanly, the guest and the block card holding the
+/// key die with the controller (no key left in any memory), the controller's audit chain is
+/// intact with the attach recorded; once the controller is back, the control plane's polling
+/// notices the lost instance and releases the volume, which then attaches again.
+#[test]
+fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
+    let Some(guest) =
+        guest_dir_or_skip("controller_killed_mid_attach_converges_and_the_volume_attaches_again")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cluster::start(
+        dir.path(),
+        &StartOptions {
+            hosts: 1,
+            controller_args: vec![
+                "--backend".into(),
+                "host".into(),
+                "--guest-dir".into(),
+                guest.display().to_string(),
+            ],
+            bins: bins(),
+            record: false,
+            poll_interval_ms: 300,
+            database_url: None,
+            attest: None,
+            netns: None,
+        },
+    )
+    .unwrap();
+    let a = customer(&c, "tenant-a");
+    let i = run_guest(&a);
+    let v = volume(&a);
+    let controller = c.pids().iter().find(|(n, _)| n == "host-1").unwrap().1;
+    let mut doomed = Vec::new();
+    let (st, r) = std::thread::scope(|s| {
+        let attach = s.spawn(|| a.call("AttachVolume", json!({"VolumeId": v, "InstanceId": i})));
+        // Wait until the block card for the volume is running (the key is in its memory), then
+        // kill the controller while the hot-plug waits for the guest.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let launcher = children_of(controller);
+            let grand: Vec<u32> = launcher.iter().flat_map(|l| children_of(*l)).collect();
+            let card = grand.iter().any(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .unwrap_or_default()
+                    .contains("bulkhead-blockcard")
+            });
+            if card {
+                doomed = launcher.into_iter().chain(grand).collect();
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no block card started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        c.kill9("host-1");
+        attach.join().unwrap()
+    });
+    eprintln!("AttachVolume with the controller killed mid-way: {st} {r}");
+    assert_ne!(st, 200, "the attach finished before the kill: {r}");
+    // The volume is rolled back at once.
+    let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v]}));
+    assert_eq!(vols["Volumes"][0]["State"], "available", "{vols}");
+    // The launcher, the guest's hypervisor and the card holding the key are gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while doomed
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "children outlived the controller: {doomed:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The controller logged the attach before acting; its chain is intact.
+    bulkhead_audit::verify(&dir.path().join("host-1/audit.log")).unwrap();
+    let audit = std::fs::read_to_string(dir.path().join("host-1/audit.log")).unwrap();
+    assert!(
+        audit.contains("\"AttachVolume\""),
+        "attach not in the host's audit log"
+    );
+
+    // Back up: polling finds the instance gone, marks it terminated, and the volume attaches to a
+    // new instance.
+    c.restart_host("host-1").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let d = a.ok("DescribeInstances", json!({"InstanceIds": [i]}));
+        if d["Instances"][0]["State"] == "terminated" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lost instance never reconciled: {d}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let i2 = run_guest(&a);
+    a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i2}));
+    let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v]}));
+    assert_eq!(vols["Volumes"][0]["State"], "in-use", "{vols}");
+}
