@@ -12,46 +12,28 @@
 //! stable codes (`mint_plane_violation`, `mint_not_granted`, ...).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
 use bulkhead_kms::tls::Peer;
-use bulkhead_tokens::{Identity, MintRequest, Operation, ResourcePattern, TokenService};
+use bulkhead_tokens::{Identity, TokenService};
 use http_body_util::BodyExt;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 8 * 1024;
-/// Most hosts, operations or resources in one request.
-const MAX_ITEMS: usize = 64;
-
-/// The mint request as it arrives (parsed strictly; unknown fields refused).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MintBody {
-    pub hosts: Vec<String>,
-    pub operations: Vec<String>,
-    #[serde(default)]
-    pub resources: Option<Vec<String>>,
-    pub ttl_secs: u64,
-}
+pub use bulkhead_tokens::wire::{parse_mint as parse, MintBody, MintParseError};
 
 /// Why a request was refused before the policy was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     #[error("no client certificate")]
     NoCertificate,
-    #[error("not a mint request: {0}")]
-    BadBody(String),
-    #[error("unknown operation {0}")]
-    UnknownOperation(String),
-    #[error("bad resource pattern {0}")]
-    BadResource(String),
+    #[error(transparent)]
+    Parse(#[from] MintParseError),
     #[error("route not found")]
     NoSuchRoute,
     #[error("body larger than {MAX_BODY_BYTES} bytes")]
@@ -64,9 +46,7 @@ impl RequestError {
     fn code(&self) -> &'static str {
         match self {
             RequestError::NoCertificate => "caller_unknown",
-            RequestError::BadBody(_) => "bad_request",
-            RequestError::UnknownOperation(_) => "unknown_operation",
-            RequestError::BadResource(_) => "bad_resource",
+            RequestError::Parse(e) => e.code(),
             RequestError::NoSuchRoute => "no_such_route",
             RequestError::TooLarge => "body_too_large",
             RequestError::AuditUnavailable => "audit_unavailable",
@@ -91,40 +71,6 @@ fn refusal(status: StatusCode, code: &str, message: String) -> Response {
         .into_response()
 }
 
-/// Parses a body into a [`MintRequest`] for `caller`.
-pub fn parse(caller: &Identity, body: &[u8]) -> Result<MintRequest, RequestError> {
-    let b: MintBody =
-        serde_json::from_slice(body).map_err(|e| RequestError::BadBody(e.to_string()))?;
-    if b.hosts.len() > MAX_ITEMS
-        || b.operations.len() > MAX_ITEMS
-        || b.resources.as_ref().is_some_and(|r| r.len() > MAX_ITEMS)
-    {
-        return Err(RequestError::BadBody("too many items".into()));
-    }
-    let operations = b
-        .operations
-        .iter()
-        .map(|o| Operation::from_name(o).ok_or_else(|| RequestError::UnknownOperation(o.clone())))
-        .collect::<Result<Vec<_>, _>>()?;
-    let resources = match b.resources {
-        None => None,
-        Some(rs) => Some(
-            rs.iter()
-                .map(|r| {
-                    ResourcePattern::parse(r).map_err(|_| RequestError::BadResource(r.clone()))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-    };
-    Ok(MintRequest {
-        caller: caller.clone(),
-        hosts: b.hosts,
-        operations,
-        resources,
-        ttl: Duration::from_secs(b.ttl_secs),
-    })
-}
-
 /// The service: the signing key (inside [`TokenService`]) and the audit log.
 pub struct Minter {
     pub tokens: TokenService,
@@ -136,7 +82,7 @@ impl Minter {
         let request_id = format!("tok-{}", hex::encode(rand::random::<[u8; 8]>()));
         let parsed = match peer {
             None => Err(RequestError::NoCertificate),
-            Some(p) => parse(p, body),
+            Some(p) => parse(p, body).map_err(RequestError::from),
         };
         let (decision, code, minted) = match &parsed {
             Err(e) => (Decision::Deny, e.code().to_string(), None),
@@ -235,7 +181,7 @@ pub fn token_from_response(v: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulkhead_tokens::Role;
+    use bulkhead_tokens::{Operation, Role};
 
     fn caller() -> Identity {
         Identity {

@@ -15,6 +15,7 @@ pub mod policy;
 pub mod quota;
 pub mod statedir;
 pub mod token;
+pub mod wire;
 
 pub use ops::{Operation, Plane, ResourcePattern, Role};
 pub use pki::Identity;
