@@ -191,16 +191,24 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
 /// plane, with a fresh AttachVolume signed by `a`, ask the KMS to seal it to the instance's
 /// host key, then open it with that host key (what the block card does). Returns the key and
 /// the host id.
-/// A client with the control plane's certificate (what the KMS and the token service accept).
-fn as_control_plane(c: &Cluster) -> HttpsClient {
+/// A client presenting `name`'s certificate from the cluster's CA directory.
+fn client_as(c: &Cluster, name: &str) -> HttpsClient {
     let ca = c.dir.join("ca");
     HttpsClient::new(
         client_config(
             &ca.join("ca.pem"),
-            Some((&ca.join("control-plane.pem"), &ca.join("control-plane.key"))),
+            Some((
+                &ca.join(format!("{name}.pem")),
+                &ca.join(format!("{name}.key")),
+            )),
         )
         .unwrap(),
     )
+}
+
+/// A client with the control plane's certificate (what the KMS and the token service accept).
+fn as_control_plane(c: &Cluster) -> HttpsClient {
+    client_as(c, "control-plane")
 }
 
 fn post(
@@ -875,18 +883,7 @@ fn token_service_alone_holds_the_key_and_mints_only_what_a_certificate_may_hold(
     assert_eq!(holders, vec![&dir.path().join("tokens/token-service.key")]);
 
     let ca = dir.path().join("ca");
-    let as_caller = |name: &str| {
-        HttpsClient::new(
-            client_config(
-                &ca.join("ca.pem"),
-                Some((
-                    &ca.join(format!("{name}.pem")),
-                    &ca.join(format!("{name}.key")),
-                )),
-            )
-            .unwrap(),
-        )
-    };
+    let as_caller = |name: &str| client_as(&c, name);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1218,18 +1215,7 @@ fn operators_read_pulled_host_state_and_audit_over_their_own_mtls_api() {
     let a = customer(&c, "tenant-a");
     let _ = run(&a);
     let ca = dir.path().join("ca");
-    let as_caller = |name: &str| {
-        HttpsClient::new(
-            client_config(
-                &ca.join("ca.pem"),
-                Some((
-                    &ca.join(format!("{name}.pem")),
-                    &ca.join(format!("{name}.key")),
-                )),
-            )
-            .unwrap(),
-        )
-    };
+    let as_caller = |name: &str| client_as(&c, name);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
