@@ -56,9 +56,7 @@ pub fn parse_mint(caller: &Identity, body: &[u8]) -> Result<MintRequest, MintPar
     let operations = b
         .operations
         .iter()
-        .map(|o| {
-            Operation::from_name(o).ok_or_else(|| MintParseError::UnknownOperation(o.clone()))
-        })
+        .map(|o| Operation::from_name(o).ok_or_else(|| MintParseError::UnknownOperation(o.clone())))
         .collect::<Result<Vec<_>, _>>()?;
     let resources = match b.resources {
         None => None,
