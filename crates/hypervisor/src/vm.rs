@@ -404,9 +404,11 @@ impl Vm {
             && self.wait_for(port, DETACH_WAIT, |p| {
                 p.card.as_ref().is_none_or(|c| c.core.status == 0)
             });
+        // A husk even when the driver has reset the device: it writes 0 to the status and
+        // then reads it back until it reads 0, and that read may come after this.
         let mut pci = lock(&self.shared.pci);
         if let Some(p) = pci.ports.get_mut(port) {
-            p.unplug(&router, false);
+            p.unplug(&router, true);
         }
         tracing::info!(device = id, port, released, "block device hot-unplugged");
         Ok(released)
