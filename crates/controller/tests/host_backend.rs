@@ -370,7 +370,10 @@ fn hot_attach_and_detach_on_a_running_instance() {
          while [ -e /sys/block/vda ]; do :; done\n\
          echo vda-gone\n\
          while [ -e /sys/block/vdb ]; do :; done\n\
-         echo vdb-gone\n"
+         echo vdb-gone\n\
+         d=; while [ -z \"$d\" ]; do for x in /sys/block/vd*; do [ -e \"$x\" ] && d=${{x##*/}}; done; done\n\
+         r=$(dd if=/dev/$d bs=32 skip=128 count=1 2>/dev/null)\n\
+         [ \"$r\" = {MARKER} ] && echo reattached-$((40+2))\n"
     );
     let create = serde_json::json!({
         "instance_id": "i-hp",
@@ -448,9 +451,8 @@ fn hot_attach_and_detach_on_a_running_instance() {
 
     // The card serving vol-b crashes (kill -9). The system converges: the detach still succeeds
     // (the hypervisor pulls the disk, the guest lets it go, the dead card is reaped, the volume
-    // is free), and what the guest wrote before the crash is on disk under vol-b's key (checked
-    // above). Re-attaching it to the same running guest is not tested: see docs/status.md (a
-    // re-plug right after an unplug was twice never enumerated by the guest on this machine).
+    // is free), what the guest wrote before the crash is on disk under vol-b's key (checked
+    // above), and the volume attaches again to the same running guest, which reads it back.
     let pid = card_pid("vol-b").expect("vol-b's card is running");
     // SAFETY: kill(2) with a pid we just found and a constant signal.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -462,6 +464,9 @@ fn hot_attach_and_detach_on_a_running_instance() {
     );
     let r = api.ok("GET", "/v1/instances/i-hp", "");
     assert_eq!(r.json["volumes"], serde_json::json!([]));
+    api.ok("POST", "/v1/instances/i-hp/volumes", &body);
+    wait_console(&api, "i-hp", "reattached-42");
+    api.ok("DELETE", "/v1/instances/i-hp/volumes/vol-b", "");
 
     // An operator's token still cannot reach any customer-plane operation.
     let t = d.mint("operator", HOST, &[Operation::DescribeHost], MIN10);
