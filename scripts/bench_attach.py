@@ -80,9 +80,11 @@ def main():
         subprocess.run(["rm", "-rf", d])
 
     print("## Attach with real guests\n")
-    print("One host (`bulkhead up --hosts 1`, real backend), one 1-vCPU guest booted under "
+    print("One host (`bulkhead up --hosts 1`, real backend; attested by its own swtpm and in its own "
+          "network namespace when swtpm and root are available), one 1-vCPU guest booted under "
           "bulkhead-hypervisor; each figure is one signed customer call through the CLI "
-          "(process start included), end to end over mTLS. No peer in this run: QEMU's "
+          "(process start included), end to end over mTLS; every AttachVolume includes the "
+          "KMS nonce → TPM quote → verification round. No peer in this run: QEMU's "
           "device_add of a vhost-user-blk-pci disk into the same guest is not scripted yet.\n")
     print("| metric | p50 | p99 (max of N) | N |")
     print("|---|---|---|---|")
