@@ -191,6 +191,15 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
 /// plane, with a fresh AttachVolume signed by `a`, ask the KMS to seal it to the instance's
 /// host key, then open it with that host key (what the block card does). Returns the key and
 /// the host id.
+/// The audit log's hash chain verifies and every needle is in it.
+fn assert_audited(log: &Path, needles: &[&str]) {
+    bulkhead_audit::verify(log).unwrap();
+    let audit = std::fs::read_to_string(log).unwrap();
+    for n in needles {
+        assert!(audit.contains(n), "{n} not in {}", log.display());
+    }
+}
+
 /// A client presenting `name`'s certificate from the cluster's CA directory.
 fn client_as(c: &Cluster, name: &str) -> HttpsClient {
     let ca = c.dir.join("ca");
@@ -1113,17 +1122,16 @@ fn kms_releases_volume_keys_only_to_freshly_attested_hosts() {
 
     // Every refusal is in the KMS's audit chain.
     drop(c);
-    bulkhead_audit::verify(&dir.path().join("kms/audit.log")).unwrap();
-    let audit = std::fs::read_to_string(dir.path().join("kms/audit.log")).unwrap();
-    for code in [
-        "attestation_required",
-        "evidence_for_another_host",
-        "attest_nonce_replayed",
-        "authorization_replayed",
-        "attest_unknown_measurements",
-    ] {
-        assert!(audit.contains(code), "{code} not audited");
-    }
+    assert_audited(
+        &dir.path().join("kms/audit.log"),
+        &[
+            "attestation_required",
+            "evidence_for_another_host",
+            "attest_nonce_replayed",
+            "authorization_replayed",
+            "attest_unknown_measurements",
+        ],
+    );
 }
 
 /// As root, each host runs in its own network namespace, reachable only over its veth link: its
@@ -1340,17 +1348,16 @@ fn operators_read_pulled_host_state_and_audit_over_their_own_mtls_api() {
 
     // Every operator request is in the control plane's audit chain.
     drop(c);
-    bulkhead_audit::verify(&dir.path().join("control/audit.log")).unwrap();
-    let audit = std::fs::read_to_string(dir.path().join("control/audit.log")).unwrap();
-    for needle in [
-        "Operator:ListHosts",
-        "Operator:HostAudit",
-        "operator_only",
-        "no_such_host",
-        "bad_query",
-    ] {
-        assert!(audit.contains(needle), "{needle} not audited");
-    }
+    assert_audited(
+        &dir.path().join("control/audit.log"),
+        &[
+            "Operator:ListHosts",
+            "Operator:HostAudit",
+            "operator_only",
+            "no_such_host",
+            "bad_query",
+        ],
+    );
 }
 
 /// An instance of the real test guest.

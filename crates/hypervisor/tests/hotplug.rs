@@ -45,6 +45,21 @@ fn wait_console(hv: &mut Hypervisor, seen: &mut String, cursor: &mut u64, needle
     }
 }
 
+/// Hot-unplugs `id` and checks the running guest's driver let the device go.
+fn assert_detached_by_guest(hv: &mut Hypervisor, id: &DeviceId, what: &str) {
+    let r = hv
+        .call(Command::DetachBlock { id: id.clone() }, None)
+        .expect("detach");
+    assert_eq!(
+        r,
+        Reply::Device {
+            state: VmState::Running,
+            guest_acknowledged: true
+        },
+        "{what}"
+    );
+}
+
 fn attach(hv: &mut Hypervisor, disk: &QsdDisk, id: &DeviceId) -> Reply {
     let stream = disk.connect();
     let r = hv.call(
@@ -124,16 +139,7 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
     );
 
     // Hot-unplug: the guest releases the device and its block device disappears.
-    let r = hv
-        .call(Command::DetachBlock { id: id.clone() }, None)
-        .expect("detach");
-    assert_eq!(
-        r,
-        Reply::Device {
-            state: VmState::Running,
-            guest_acknowledged: true
-        }
-    );
+    assert_detached_by_guest(&mut hv, &id, "unplug");
     wait_console(&mut hv, &mut seen, &mut cursor, "hp-gone");
     assert_eq!(block_devices(&mut hv), 0);
     assert!(matches!(
@@ -242,17 +248,7 @@ fn replug_disks_into_a_running_guest() {
             marker.as_bytes(),
             "plug {i}: the marker is not in the backing file"
         );
-        let r = hv
-            .call(Command::DetachBlock { id: id.clone() }, None)
-            .expect("detach");
-        assert_eq!(
-            r,
-            Reply::Device {
-                state: VmState::Running,
-                guest_acknowledged: true
-            },
-            "unplug {i}"
-        );
+        assert_detached_by_guest(&mut hv, &id, &format!("unplug {i}"));
         wait_console(&mut hv, &mut seen, &mut cursor, &format!("hp-gone:{i}."));
         assert_eq!(block_devices(&mut hv), 0);
         eprintln!("plug/unplug {i} took {:?}", started.elapsed());
