@@ -53,17 +53,24 @@ fn ip(args: &[&str]) -> Result<(), NetnsError> {
     }
 }
 
-/// Whether this process can create network namespaces (root, `ip` present, allowed here).
+/// Whether this process can build what [`setup`] builds here: root, `ip` present, and a
+/// namespace with a veth pair into it allowed (a container may allow the one but not the other).
 pub fn available() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return false;
     }
-    let probe = format!("bulkhead-probe-{}", std::process::id());
-    let ok = ip(&["netns", "add", &probe]).is_ok();
-    if ok {
-        let _ = ip(&["netns", "del", &probe]);
-    }
+    let id = std::process::id() % 100_000;
+    let probe = format!("bulkhead-probe-{id}");
+    let (outer, inner) = (format!("bkprobe{id}o"), format!("bkprobe{id}i"));
+    let ok = ip(&["netns", "add", &probe]).is_ok()
+        && ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &probe,
+        ])
+        .is_ok()
+        && ip(&["-n", &probe, "link", "set", "lo", "up"]).is_ok();
+    let _ = ip(&["netns", "del", &probe]);
+    let _ = ip(&["link", "del", &outer]);
     ok
 }
 
