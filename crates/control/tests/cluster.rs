@@ -1454,10 +1454,17 @@ fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
         attach.join().unwrap()
     });
     eprintln!("AttachVolume with the controller killed mid-way: {st} {r}");
-    assert_ne!(st, 200, "the attach finished before the kill: {r}");
-    // The volume is rolled back at once.
     let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v]}));
-    assert_eq!(vols["Volumes"][0]["State"], "available", "{vols}");
+    if st == 200 {
+        // A guest that boots fast (hardware KVM) can bind the disk before the kill lands: the
+        // attach completed, and the volume is released below when the lost instance is found.
+        eprintln!("note: the attach completed before the kill; checking convergence from in-use");
+        assert_eq!(vols["Volumes"][0]["State"], "in-use", "{vols}");
+    } else {
+        // Interrupted: a typed error, and the volume is rolled back at once.
+        assert_eq!((st, code(&r)), (503, "upstream_unreachable"), "{r}");
+        assert_eq!(vols["Volumes"][0]["State"], "available", "{vols}");
+    }
     // The launcher, the guest's hypervisor and the card holding the key are gone.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while doomed
@@ -1493,6 +1500,8 @@ fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
+    let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v]}));
+    assert_eq!(vols["Volumes"][0]["State"], "available", "{vols}");
     let i2 = run_guest(&a);
     a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i2}));
     let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v]}));
