@@ -80,6 +80,18 @@ fn block_devices(hv: &mut Hypervisor) -> u32 {
     }
 }
 
+/// The guest still runs, every disk is gone from the VM, and it shuts down cleanly.
+fn assert_running_without_disks_then_shut_down(mut hv: Hypervisor) {
+    match hv.call(Command::Stats, None).expect("stats") {
+        Reply::Stats { stats, state } => {
+            assert_eq!(state, VmState::Running);
+            assert_eq!(stats.block_devices, 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    hv.shutdown().expect("shutdown");
+}
+
 #[test]
 fn hotplug_and_unplug_a_disk_in_a_running_guest() {
     let Some((kernel, initrd)) = guest_or_skip("hotplug_and_unplug_a_disk_in_a_running_guest")
@@ -149,14 +161,7 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
 
     // Plugging disks back into the same running guest: see
     // `replug_disks_into_a_running_guest`.
-    match hv.call(Command::Stats, None).expect("stats") {
-        Reply::Stats { stats, state } => {
-            assert_eq!(state, VmState::Running);
-            assert_eq!(stats.block_devices, 0);
-        }
-        other => panic!("{other:?}"),
-    }
-    hv.shutdown().expect("shutdown");
+    assert_running_without_disks_then_shut_down(hv);
 }
 
 /// Plugs a disk into a running guest, has the guest write to it, unplugs it, and does it again
@@ -253,12 +258,5 @@ fn replug_disks_into_a_running_guest() {
         assert_eq!(block_devices(&mut hv), 0);
         eprintln!("plug/unplug {i} took {:?}", started.elapsed());
     }
-    match hv.call(Command::Stats, None).expect("stats") {
-        Reply::Stats { stats, state } => {
-            assert_eq!(state, VmState::Running);
-            assert_eq!(stats.block_devices, 0);
-        }
-        other => panic!("{other:?}"),
-    }
-    hv.shutdown().expect("shutdown");
+    assert_running_without_disks_then_shut_down(hv);
 }
