@@ -26,6 +26,12 @@ struct RawGroup {
     role: String,
     members: Vec<String>,
     hosts: Vec<String>,
+    /// Longest token lifetime for this group (at most the policy's `max_ttl`).
+    #[serde(default)]
+    max_ttl: Option<String>,
+    /// The fleet-wide right: tokens for audience `*` (every host). Off unless granted.
+    #[serde(default)]
+    fleet: bool,
     operations: Vec<String>,
     resources: Vec<String>,
     #[serde(default)]
@@ -53,16 +59,41 @@ pub struct Group {
     pub name: String,
     pub role: Role,
     pub members: BTreeSet<String>,
-    /// Host names, or `*` for any host.
+    /// Host names, or `*` for any one host (each token still names its hosts).
     pub hosts: BTreeSet<String>,
+    /// Longest lifetime (`expires - issued`) of a token minted through this group: the group's
+    /// own `max_ttl`, or the policy's.
+    pub max_ttl: Duration,
+    /// Whether the group holds the fleet-wide right: tokens whose audience is `*`, valid on
+    /// every host. Without it a token must name its hosts.
+    pub fleet: bool,
     pub operations: BTreeSet<Operation>,
     pub resources: Vec<ResourcePattern>,
     pub quotas: Vec<Quota>,
 }
 
 impl Group {
+    /// Whether a token of this group may name `host` in its audience. The audience `*` (every
+    /// host) needs the separately granted fleet right, whatever `hosts` says.
     pub fn allows_host(&self, host: &str) -> bool {
+        if host == FLEET_AUDIENCE {
+            return self.fleet;
+        }
         self.hosts.contains("*") || self.hosts.contains(host)
+    }
+
+    /// Whether a token with these claims is within what this group may hold: its lifetime
+    /// within the group's cap, and a fleet-wide audience only with the fleet right.
+    pub fn admits(&self, claims: &crate::token::Claims) -> Result<(), crate::token::TokenError> {
+        use crate::token::TokenError;
+        let lifetime = claims.expires.saturating_sub(claims.issued);
+        if claims.expires < claims.issued || lifetime > self.max_ttl.as_secs() {
+            return Err(TokenError::LifetimeTooLong);
+        }
+        if claims.audience.iter().any(|h| h == FLEET_AUDIENCE) && !self.fleet {
+            return Err(TokenError::FleetNotGranted);
+        }
+        Ok(())
     }
 
     /// Whether some resource pattern of the group covers `r`.
@@ -77,6 +108,9 @@ pub struct Policy {
     pub max_ttl: Duration,
     pub groups: Vec<Group>,
 }
+
+/// The audience naming every host. Only a group with `fleet = true` may mint it.
+pub const FLEET_AUDIENCE: &str = "*";
 
 /// Longest token lifetime any policy may allow.
 pub const MAX_TTL_CEILING: Duration = Duration::from_secs(3600);
@@ -113,6 +147,15 @@ pub enum PolicyError {
     },
     #[error("group {group}: is empty (members, hosts and operations must be non-empty)")]
     EmptyGroup { group: String },
+    #[error("group {group}: max_ttl: {source}")]
+    GroupMaxTtl {
+        group: String,
+        source: crate::clock::BadDuration,
+    },
+    #[error("group {group}: max_ttl exceeds the policy's max_ttl")]
+    GroupMaxTtlTooLong { group: String },
+    #[error("group {group}: fleet = true needs hosts = [\"*\"]")]
+    FleetWithoutAllHosts { group: String },
     #[error("duplicate group name {0}")]
     DuplicateGroup(String),
 }
@@ -140,7 +183,7 @@ impl Policy {
             if !names.insert(g.name.clone()) {
                 return Err(PolicyError::DuplicateGroup(g.name));
             }
-            groups.push(check_group(g)?);
+            groups.push(check_group(g, max_ttl)?);
         }
         Ok(Policy { max_ttl, groups })
     }
@@ -152,6 +195,27 @@ impl Policy {
             .filter(move |g| g.members.contains(caller))
     }
 
+    /// A controller's check of a verified token against this host's own copy of the policy:
+    /// the group the token names must exist, hold the caller (with the certificate's role),
+    /// and admit the token's lifetime and audience ([`Group::admits`]). A token minted under an
+    /// older, looser policy, or forged by a compromised token service, stops here.
+    pub fn admits_token(
+        &self,
+        peer: &crate::pki::Identity,
+        claims: &crate::token::Claims,
+    ) -> Result<(), crate::token::TokenError> {
+        use crate::token::TokenError;
+        let lifetime = claims.expires.saturating_sub(claims.issued);
+        if lifetime > self.max_ttl.as_secs() {
+            return Err(TokenError::LifetimeTooLong);
+        }
+        let group = self
+            .groups_of(&peer.name)
+            .find(|g| g.name == claims.group && g.role == peer.role)
+            .ok_or(TokenError::GroupNotGranted)?;
+        group.admits(claims)
+    }
+
     /// Tightest quota on `op` for `caller` across its groups.
     pub fn quota_for<'a>(&'a self, caller: &'a str, op: Operation) -> Option<&'a Quota> {
         self.groups_of(caller)
@@ -161,7 +225,7 @@ impl Policy {
     }
 }
 
-fn check_group(g: RawGroup) -> Result<Group, PolicyError> {
+fn check_group(g: RawGroup, policy_max_ttl: Duration) -> Result<Group, PolicyError> {
     let role = Role::from_name(&g.role).ok_or_else(|| PolicyError::UnknownRole {
         group: g.name.clone(),
         role: g.role.clone(),
@@ -169,6 +233,22 @@ fn check_group(g: RawGroup) -> Result<Group, PolicyError> {
     if g.members.is_empty() || g.hosts.is_empty() || g.operations.is_empty() {
         return Err(PolicyError::EmptyGroup { group: g.name });
     }
+    if g.fleet && !g.hosts.iter().any(|h| h == "*") {
+        return Err(PolicyError::FleetWithoutAllHosts { group: g.name });
+    }
+    let max_ttl = match &g.max_ttl {
+        None => policy_max_ttl,
+        Some(t) => {
+            let t = parse_duration(t).map_err(|source| PolicyError::GroupMaxTtl {
+                group: g.name.clone(),
+                source,
+            })?;
+            if t > policy_max_ttl {
+                return Err(PolicyError::GroupMaxTtlTooLong { group: g.name });
+            }
+            t
+        }
+    };
     let mut operations = BTreeSet::new();
     for name in &g.operations {
         let op = Operation::from_name(name).ok_or_else(|| PolicyError::UnknownOperation {
@@ -217,6 +297,8 @@ fn check_group(g: RawGroup) -> Result<Group, PolicyError> {
         role,
         members: g.members.into_iter().collect(),
         hosts: g.hosts.into_iter().collect(),
+        max_ttl,
+        fleet: g.fleet,
         operations,
         resources,
         quotas,

@@ -51,8 +51,10 @@ pub enum MintError {
     PlaneViolation { role: Role, op: Operation },
     #[error("requested resource {0} is not in the group's resource set")]
     ResourceNotGranted(String),
-    #[error("ttl exceeds the policy's max_ttl")]
+    #[error("ttl exceeds the policy's max_ttl for the granting group")]
     TtlTooLong,
+    #[error("audience * (every host) needs a group with the fleet right")]
+    FleetNotGranted,
     #[error("nothing requested")]
     Empty,
     #[error("token could not be built")]
@@ -67,6 +69,7 @@ impl MintError {
             MintError::PlaneViolation { .. } => "mint_plane_violation",
             MintError::ResourceNotGranted(_) => "mint_resource_not_granted",
             MintError::TtlTooLong => "mint_ttl_too_long",
+            MintError::FleetNotGranted => "mint_fleet_not_granted",
             MintError::Empty => "mint_empty",
             MintError::Build => "mint_failed",
         }
@@ -102,6 +105,12 @@ pub enum TokenError {
     PlaneViolation,
     #[error("a check in the token failed")]
     CheckFailed,
+    #[error("token lifetime exceeds this host's policy cap")]
+    LifetimeTooLong,
+    #[error("token is valid on every host but its group lacks the fleet right")]
+    FleetNotGranted,
+    #[error("token names a group that does not grant this caller here")]
+    GroupNotGranted,
 }
 
 impl TokenError {
@@ -120,6 +129,9 @@ impl TokenError {
             TokenError::ResourceNotGranted => "token_resource_not_granted",
             TokenError::PlaneViolation => "plane_violation",
             TokenError::CheckFailed => "token_check_failed",
+            TokenError::LifetimeTooLong => "token_lifetime_too_long",
+            TokenError::FleetNotGranted => "token_fleet_not_granted",
+            TokenError::GroupNotGranted => "token_group_not_granted",
         }
     }
 }
@@ -173,19 +185,31 @@ impl TokenService {
                 return Err(MintError::PlaneViolation { role, op: *op });
             }
         }
-        let group = self
-            .policy
-            .groups_of(&req.caller.name)
-            .filter(|g| g.role == role)
-            .find(|g| {
-                req.hosts.iter().all(|h| g.allows_host(h))
-                    && req.operations.iter().all(|o| g.operations.contains(o))
-            })
-            .ok_or_else(|| MintError::NotGranted {
-                caller: req.caller.name.clone(),
-                role,
-                host: req.hosts.join(","),
-            })?;
+        let granting = || {
+            self.policy
+                .groups_of(&req.caller.name)
+                .filter(move |g| g.role == role)
+                .filter(|g| req.operations.iter().all(|o| g.operations.contains(o)))
+        };
+        let group = granting()
+            .filter(|g| req.hosts.iter().all(|h| g.allows_host(h)))
+            .find(|g| req.ttl <= g.max_ttl);
+        let group = match group {
+            Some(g) => g,
+            None if granting().any(|g| req.hosts.iter().all(|h| g.allows_host(h))) => {
+                return Err(MintError::TtlTooLong);
+            }
+            None if req.hosts.iter().any(|h| h == crate::policy::FLEET_AUDIENCE) => {
+                return Err(MintError::FleetNotGranted);
+            }
+            None => {
+                return Err(MintError::NotGranted {
+                    caller: req.caller.name.clone(),
+                    role,
+                    host: req.hosts.join(","),
+                })
+            }
+        };
         let resources = match &req.resources {
             None => group.resources.clone(),
             Some(rs) => {
@@ -341,6 +365,12 @@ impl Verifier {
             return Err(TokenError::TooLarge);
         }
         let biscuit = Biscuit::from_base64(token, self.root).map_err(|_| TokenError::Invalid)?;
+        // The protobuf decoder merges concatenated messages and the base64 decoder tolerates
+        // some slack, so a token followed by more bytes (even a copy of itself) can decode. A
+        // token is accepted only as exactly the bytes its serialization gives back.
+        if biscuit.to_base64().map_err(|_| TokenError::Invalid)? != token {
+            return Err(TokenError::Invalid);
+        }
         let mut a = AuthorizerBuilder::new()
             .set_limits(limits())
             .build(&biscuit)
