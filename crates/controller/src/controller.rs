@@ -288,6 +288,16 @@ impl Controller {
         }
     }
 
+    /// Raises alerts for damage the audit log found when it was opened (already recorded in the
+    /// log itself by `bulkhead_audit`).
+    pub fn audit_damage_found(&self, what: &[String]) {
+        if what.is_empty() {
+            return;
+        }
+        let alerts = lock(&self.monitor).audit_damaged(what, unix_now());
+        self.audit_alerts(alerts);
+    }
+
     /// Turns newly blocked outbound attempts into alerts. Called periodically.
     pub fn poll_sandbox(&self) {
         let now_blocked = crate::sandbox::blocked_attempts();
@@ -321,6 +331,22 @@ impl Controller {
         }
         self.metrics.count("TlsHandshake", code);
         self.observe("-", "TlsHandshake", code);
+    }
+
+    /// Audits a connection or request refused before the audited pipeline (by the TLS server
+    /// loop: handshakes, connection caps, malformed HTTP). Queued: a refusal acts on nothing.
+    pub fn audit_refusal(&self, r: &bulkhead_mtls::Refusal) {
+        self.audit.append_queued(r.audit_entry(new_request_id()));
+        let op = r.stage.op();
+        self.metrics.count(op, r.code);
+        let caller = r.identity.as_ref().map_or("-", |i| i.name.as_str());
+        self.observe(caller, op, r.code);
+    }
+
+    /// Audits how many refusals of one code were counted but not written one by one.
+    pub fn audit_refusal_summary(&self, s: &bulkhead_mtls::Summary) {
+        self.audit.append_queued(s.audit_entry(new_request_id()));
+        self.metrics.count_n(s.stage.op(), s.code, s.suppressed);
     }
 
     /// Records a lifecycle event (start-up).
@@ -437,9 +463,15 @@ impl Controller {
         // Route first, so probes of routes that do not exist are reported as such.
         api::find_route(method, path)?;
         let body = body.map_err(|_| RequestError::BodyTooLarge)?;
-        entry.params_sha256 = Some(hex::encode(Sha256::digest(&body)));
         let parsed = ApiRequest::parse(method, path, query, &body)?;
         let op = parsed.operation();
+        // Claim 2: nothing an operator can read may be a function of customer content that can be
+        // tested offline. A customer-plane body (an instance's user data, a sealed key) gets no
+        // digest, length or prefix in the record; only operator-plane bodies, the operators' own
+        // input, are digested.
+        if op.plane() == bulkhead_tokens::Plane::Operator {
+            entry.params_sha256 = Some(hex::encode(Sha256::digest(&body)));
+        }
         let resources = parsed.resources();
         entry.op = op.name().to_string();
         entry.resources = resources.clone();
@@ -455,6 +487,9 @@ impl Controller {
         let vt = self.tokens.get_or_verify(&self.verifier, &token)?;
         entry.token_id = Some(vt.claims.token_id.clone());
         self.verifier.check(&token, &vt, &revoked, &ctx)?;
+        // This host's copy of the reviewed policy caps the token's lifetime and admits a
+        // fleet-wide (`*`) audience only for a group with the fleet right.
+        self.policy.admits_token(peer, &vt.claims)?;
         if !self.policy_allows(peer, op, &resources) {
             return Err(Refusal::PolicyDenied);
         }
@@ -489,6 +524,7 @@ impl Controller {
                         memory_mib_total: c.memory_mib_total,
                         memory_mib_free: c.memory_mib_free,
                         instances: c.instances,
+                        audit_head: self.audit.head(),
                     },
                 )
             }
@@ -501,6 +537,7 @@ impl Controller {
                         status: if s.poisoned { "degraded" } else { "ok" }.to_string(),
                         audit_records: s.records,
                         audit_writable: !s.poisoned,
+                        audit_head: self.audit.head(),
                         alerts: lock(&self.monitor).counts().iter().map(|(_, n)| n).sum(),
                     },
                 )
