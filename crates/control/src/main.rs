@@ -17,7 +17,7 @@ use bulkhead_control::repo::{CustomerRow, HostRow, Repository, SqliteRepo};
 use bulkhead_control::service::{secret_aad, ControlPlane};
 use bulkhead_control::{cluster, server};
 use bulkhead_kms::{crypto, sigv, tls};
-use bulkhead_tokens::pki::CaDir;
+use bulkhead_tokens::pki::{CaDir, ServerIdentity};
 use bulkhead_tokens::statedir::StateDir;
 use bulkhead_tokens::Role;
 use clap::{Parser, Subcommand};
@@ -148,12 +148,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| CliError::Io("runtime".into(), e))
 }
 
-fn client(cfg: &Config) -> Result<tls::HttpsClient, CliError> {
+/// The control plane's client (its `control-plane` certificate), pinned to the server it must
+/// reach: the KMS, the token service, or (per call, in `HostClient`) one host.
+fn client(cfg: &Config, expect: Option<ServerIdentity>) -> Result<tls::HttpsClient, CliError> {
     let ca = CaDir::new(&cfg.ca_dir);
-    Ok(tls::HttpsClient::new(tls::client_config(
+    let c = tls::HttpsClient::from_ca(
         &ca.ca_pem(),
         Some((&ca.cert("control-plane"), &ca.key("control-plane"))),
-    )?))
+    )?;
+    Ok(match expect {
+        Some(e) => c.expecting(e)?,
+        None => c,
+    })
 }
 
 fn open_repo(cfg: &Config) -> Result<(Arc<dyn Repository>, crypto::Key32), CliError> {
@@ -170,18 +176,18 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
     let cfg = Config::load(config)?;
     let ca = CaDir::new(&cfg.ca_dir);
     if dev && !ca.cert("control").exists() {
-        ca.issue("control", Role::Host, true)?;
+        ca.issue("control", Role::Service, true)?;
     }
     let (repo, root) = open_repo(&cfg)?;
     let (identity, _) = ca.identity("control-plane")?;
     let tokens = match &cfg.token_service_addr {
         Some(addr) => TokenSource::Remote {
             addr: addr.clone(),
-            https: client(&cfg)?,
+            https: client(&cfg, Some(ServerIdentity::token_service()))?,
         },
         None => TokenSource::Local(Box::new(StateDir::new(&cfg.ca_dir).token_service()?)),
     };
-    let hosts = HostClient::new(client(&cfg)?, tokens, identity);
+    let hosts = HostClient::new(client(&cfg, None)?, tokens, identity);
     let mut keys = BTreeMap::new();
     for h in &cfg.hosts {
         repo.upsert_host(&HostRow {
@@ -195,17 +201,31 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
             std::fs::read(&h.public_key).map_err(io(&h.public_key))?,
         );
     }
-    let (audit, _) = AuditLog::open(&cfg.state_dir.join("audit.log"))?;
+    let (audit, _) =
+        AuditLog::open_signed(&cfg.state_dir.join("audit.log"), &ca.key("control"))?;
     let tls_cfg = tls::server_config(&ca.ca_pem(), &ca.cert("control"), &ca.key("control"), false)?;
     let mut cp = ControlPlane::new(
         repo,
         root,
-        client(&cfg)?,
+        client(&cfg, Some(ServerIdentity::kms()))?,
         cfg.kms_addr.clone(),
         hosts,
         keys,
         audit,
     );
+    // Each host's audit checkpoints are signed with its TLS key: its certificate, where the CA
+    // directory has it, is what pulled chains are verified against.
+    let mut audit_keys = BTreeMap::new();
+    for h in &cfg.hosts {
+        let pem = std::fs::read(ca.cert(&h.host_id)).ok();
+        match pem.map(|p| bulkhead_audit::CheckpointKey::from_cert_pem(&p)) {
+            Some(Ok(k)) => {
+                audit_keys.insert(h.host_id.clone(), k);
+            }
+            _ => tracing::warn!(host = %h.host_id, "no certificate for this host in the CA directory: its pulled audit chain is checked for continuity, not for signatures"),
+        }
+    }
+    cp = cp.with_audit_keys(audit_keys);
     if let Some(p) = &cfg.attest_config {
         cp = cp.with_attestation(bulkhead_kms::attest::load_verifier(p)?);
         tracing::info!(policy = %p.display(), "instances are placed only on attested hosts");
@@ -235,13 +255,15 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
         .as_ref()
         .and_then(|(l, _)| l.local_addr().ok())
         .map(|a| a.to_string());
+    let refusals = server::refusals(&cp);
     runtime()?.block_on(async move {
         if let Some((l, tls_op)) = operator {
             let l = tokio::net::TcpListener::from_std(l)
                 .map_err(|e| CliError::Io("operator listener".into(), e))?;
             let app = bulkhead_control::operator::router(Arc::clone(&cp));
+            let op_refusals = Arc::clone(&refusals);
             tokio::spawn(async move {
-                if let Err(e) = tls::serve(l, tls_op, app).await {
+                if let Err(e) = tls::serve(l, tls_op, app, op_refusals).await {
                     tracing::error!(error = %e, "operator API stopped");
                 }
             });
@@ -261,7 +283,8 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| CliError::Io(local.to_string(), e))?;
         println!("{}", json!({"event": "ready", "service": "control", "listen": local.to_string(), "operator_listen": operator_local, "reconciled": rolled}));
         tracing::info!(listen = %local, "control plane ready");
-        tls::serve(listener, tls_cfg, server::router(cp)).await.map_err(|e| CliError::Io(local.to_string(), e))
+        let app = server::router(cp, Arc::clone(&refusals));
+        tls::serve(listener, tls_cfg, app, refusals).await.map_err(|e| CliError::Io(local.to_string(), e))
     })
 }
 
@@ -278,7 +301,7 @@ fn create_customer(config: &Path, tenant: &str, out: &Path, quiet: bool) -> Resu
     let akid = format!("AKID{}", hex::encode_upper(raw));
     let secret = crypto::random_secret::<32>()?;
     let wrapped = crypto::wrap(&root, &secret_aad(&akid), secret.as_ref())?;
-    let kms = client(&cfg)?;
+    let kms = client(&cfg, Some(ServerIdentity::kms()))?;
     let body =
         json!({"tenant_id": tenant, "access_key_id": akid, "secret": B64.encode(secret.as_ref())});
     let r = runtime()?.block_on(kms.request(
@@ -346,7 +369,7 @@ fn call(
         nonce: sigv::new_nonce(),
     };
     let auth = sigv::sign(akid, &secret, &parts);
-    let c = tls::HttpsClient::new(tls::client_config(ca, None)?);
+    let c = tls::HttpsClient::pinned(ca, None, ServerIdentity::control_plane())?;
     let r = runtime()?.block_on(c.request(
         endpoint,
         "POST",
@@ -371,7 +394,7 @@ fn call(
 fn hosts(config: &Path) -> Result<(), CliError> {
     let cfg = Config::load(config)?;
     let (repo, _) = open_repo(&cfg)?;
-    let out = bulkhead_control::operator::host_list(repo.as_ref())?;
+    let out = bulkhead_control::operator::host_list(repo.as_ref(), |_| None)?;
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     Ok(())
 }
@@ -578,7 +601,11 @@ fn measure(
             .and_then(|s| B64.decode(s).ok())
             .unwrap_or_default(),
         endpoint: c.control_addr.clone(),
-        client: tls::HttpsClient::new(tls::client_config(&dir.join("ca/ca.pem"), None)?),
+        client: tls::HttpsClient::pinned(
+            &dir.join("ca/ca.pem"),
+            None,
+            ServerIdentity::control_plane(),
+        )?,
     });
     let result = runtime()?.block_on(async {
         let mut run_ms = Vec::new();

@@ -1,17 +1,37 @@
 //! The customer API's HTTP surface (TLS 1.3, server-authenticated; customers authenticate by
 //! signature). Every request goes to [`ControlPlane::handle`]; the body is capped before it is
-//! buffered.
+//! buffered. A body refused before that (too large, not UTF-8) and everything the TLS server
+//! loop refuses on either listener (handshakes, caps, malformed HTTP) is audited into the
+//! control plane's own log through [`ControlRefusals`], rate-summarised; never the body.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bulkhead_mtls::{Refusal, RefusalSink, Refusals, Stage, Summary};
 use http_body_util::BodyExt;
 
 use crate::api::MAX_BODY_BYTES;
-use crate::service::{ControlPlane, RawRequest};
+use crate::service::{new_id, ControlPlane, RawRequest};
 use crate::ControlError;
+
+/// Writes refusals of the control plane's listeners into its own audit log, queued.
+pub struct ControlRefusals(pub Arc<ControlPlane>);
+
+impl RefusalSink for ControlRefusals {
+    fn record(&self, r: &Refusal) {
+        self.0.audit_log().append_queued(r.audit_entry(new_id("ref")));
+    }
+    fn summary(&self, s: &Summary) {
+        self.0.audit_log().append_queued(s.audit_entry(new_id("ref")));
+    }
+}
+
+/// The refusal hub of a control plane (shared by both listeners and [`router`]).
+pub fn refusals(cp: &Arc<ControlPlane>) -> Arc<Refusals> {
+    Refusals::new(Arc::new(ControlRefusals(Arc::clone(cp))))
+}
 
 fn header(req: &Request<Body>, name: &str) -> Option<String> {
     req.headers()
@@ -20,7 +40,7 @@ fn header(req: &Request<Body>, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-async fn handle(cp: Arc<ControlPlane>, req: Request<Body>) -> Response {
+async fn handle(cp: Arc<ControlPlane>, refusals: Arc<Refusals>, req: Request<Body>) -> Response {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -28,6 +48,7 @@ async fn handle(cp: Arc<ControlPlane>, req: Request<Body>) -> Response {
     let date = header(&req, "x-bh-date");
     let authorization = header(&req, "authorization");
     let nonce = header(&req, "x-bh-nonce");
+    let refused = Refusal::new(Stage::Handler, "").at(&method, &path);
     let reply = |e: ControlError| {
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
         (
@@ -41,10 +62,22 @@ async fn handle(cp: Arc<ControlPlane>, req: Request<Body>) -> Response {
         .await
     {
         Ok(b) => b.to_bytes(),
-        Err(_) => return reply(ControlError::BodyTooLarge),
+        Err(_) => {
+            let e = ControlError::BodyTooLarge;
+            refusals.refuse(Refusal {
+                code: e.code(),
+                ..refused
+            });
+            return reply(e);
+        }
     };
     let Ok(body) = String::from_utf8(bytes.to_vec()) else {
-        return reply(ControlError::BadBody);
+        let e = ControlError::BadBody;
+        refusals.refuse(Refusal {
+            code: e.code(),
+            ..refused
+        });
+        return reply(e);
     };
     let (status, v) = cp
         .handle(RawRequest {
@@ -65,9 +98,11 @@ async fn handle(cp: Arc<ControlPlane>, req: Request<Body>) -> Response {
         .into_response()
 }
 
-pub fn router(cp: Arc<ControlPlane>) -> axum::Router {
+/// The customer API; refusals before [`ControlPlane::handle`] go to `refusals`.
+pub fn router(cp: Arc<ControlPlane>, refusals: Arc<Refusals>) -> axum::Router {
     axum::Router::new().fallback(move |req: Request<Body>| {
         let cp = Arc::clone(&cp);
-        async move { handle(cp, req).await }
+        let refusals = Arc::clone(&refusals);
+        async move { handle(cp, refusals, req).await }
     })
 }

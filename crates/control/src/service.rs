@@ -82,6 +82,10 @@ pub struct ControlPlane {
     /// release's measurements) within [`ATTESTATION_TTL`].
     attestation: Option<std::sync::Mutex<Verifier>>,
     attested: std::sync::Mutex<HashMap<String, Instant>>,
+    /// host id → the key its audit checkpoints must verify under (fleet monitoring).
+    audit_keys: BTreeMap<String, bulkhead_audit::CheckpointKey>,
+    /// Hosts whose pulled audit failed a check, and the rule (their pulls stop).
+    flagged: std::sync::Mutex<HashMap<String, &'static str>>,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,6 +140,8 @@ impl ControlPlane {
             placement: tokio::sync::Mutex::new(()),
             attestation: None,
             attested: std::sync::Mutex::new(HashMap::new()),
+            audit_keys: BTreeMap::new(),
+            flagged: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -235,6 +241,11 @@ impl ControlPlane {
         })
     }
 
+    /// The control plane's own audit log (refusals of its listeners are queued into it).
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.audit
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn audit(
         &self,
@@ -243,7 +254,8 @@ impl ControlPlane {
         who: (&str, &str),
         op: &str,
         res: Vec<String>,
-        body: Option<&str>,
+        // The body is never recorded (claim 2); callers still say what they were sent.
+        _body: Option<&str>,
         code: &str,
     ) -> Result<(), ControlError> {
         let entry = AuditEntry {
@@ -254,7 +266,9 @@ impl ControlPlane {
             token_id: Some(who.1.to_string()).filter(|s| !s.is_empty()),
             op: op.to_string(),
             resources: res,
-            params_sha256: body.map(|b| hex::encode(Sha256::digest(b.as_bytes()))),
+            // Claim 2: a customer's request body (user data, …) leaves no digest, length or
+            // prefix in a record an operator can read.
+            params_sha256: None,
             decision: match kind {
                 EntryKind::Request if code == "ok" => Decision::Allow,
                 EntryKind::Request => Decision::Deny,
@@ -271,6 +285,68 @@ impl ControlPlane {
             self.audit.append_queued(entry);
         }
         Ok(())
+    }
+
+    /// A central alert (fleet monitoring), durable before this returns.
+    pub(crate) async fn audit_alert(
+        &self,
+        request_id: &str,
+        rule: &str,
+        host: &str,
+        evidence: &str,
+    ) -> Result<u64, bulkhead_audit::AuditError> {
+        self.audit
+            .append(AuditEntry {
+                kind: EntryKind::Alert,
+                request_id: request_id.to_string(),
+                caller: host.to_string(),
+                cert_sha256: None,
+                token_id: None,
+                op: rule.to_string(),
+                resources: vec![format!("host:{host}")],
+                params_sha256: None,
+                decision: Decision::None,
+                code: evidence.chars().take(512).collect(),
+            })
+            .await
+    }
+
+    pub(crate) fn flagged_hosts(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, &'static str>> {
+        lock(&self.flagged)
+    }
+
+    /// Checkpoint keys (the hosts' certificates) to verify pulled audit chains with.
+    pub fn with_audit_keys(
+        mut self,
+        keys: BTreeMap<String, bulkhead_audit::CheckpointKey>,
+    ) -> Self {
+        self.audit_keys = keys;
+        self
+    }
+
+    /// The central alerts recorded so far (newest last), at most `limit`.
+    pub fn alerts(&self, limit: usize) -> Vec<Value> {
+        let lines =
+            bulkhead_audit::read_after(self.audit.path(), 0, usize::MAX).unwrap_or_default();
+        let mut out: Vec<Value> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<bulkhead_audit::AuditRecord>(l).ok())
+            .filter(|r| r.entry.kind == EntryKind::Alert)
+            .map(|r| {
+                json!({
+                    "rule": r.entry.op,
+                    "host": r.entry.caller,
+                    "evidence": r.entry.code,
+                    "time_ms": r.time_ms,
+                    "seq": r.seq,
+                })
+            })
+            .collect();
+        let skip = out.len().saturating_sub(limit);
+        out.drain(..skip);
+        out
     }
 
     /// Handles one customer request end to end. Returns (status, JSON body).
@@ -1081,7 +1157,7 @@ impl ControlPlane {
     pub async fn poll_hosts(&self) -> Result<u64, ControlError> {
         let mut pulled = 0u64;
         for h in self.repo.hosts()? {
-            match self
+            let described = self
                 .hosts
                 .call(
                     &h.host_id,
@@ -1092,8 +1168,8 @@ impl ControlPlane {
                     "/v1/host",
                     None,
                 )
-                .await
-            {
+                .await;
+            let v = match described {
                 Ok(v) => {
                     self.repo
                         .set_host_status(&h.host_id, &v.to_string(), now())?;
@@ -1101,50 +1177,74 @@ impl ControlPlane {
                     if let Err(e) = self.reconcile_lost(&h, reported).await {
                         tracing::warn!(host = %h.host_id, code = e.code(), "reconciling lost instances failed");
                     }
+                    v
                 }
                 Err(e) => {
                     tracing::warn!(host = %h.host_id, code = e.code(), "poll failed");
                     continue;
                 }
-            }
-            let after = self.repo.host_audit_cursor(&h.host_id)?;
-            let path = format!("/v1/audit?after={after}&limit=500");
-            if let Ok(v) = self
-                .hosts
-                .call(
-                    &h.host_id,
-                    &h.addr,
-                    Operation::ReadAudit,
-                    &["host".into()],
-                    "GET",
-                    &path,
-                    None,
-                )
-                .await
-            {
-                let recs: Vec<(u64, String)> = v["records"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|r| {
-                                let line = r
-                                    .as_str()
-                                    .map(str::to_string)
-                                    .unwrap_or_else(|| r.to_string());
-                                let seq =
-                                    serde_json::from_str::<Value>(&line).ok()?["seq"].as_u64()?;
-                                Some((seq, line))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                pulled += u64::try_from(recs.len()).unwrap_or(0);
-                if !recs.is_empty() {
-                    self.repo.append_host_audit(&h.host_id, &recs)?;
-                }
-            }
+            };
+            pulled += self.pull_host_audit(&h, &v).await?;
         }
         Ok(pulled)
+    }
+}
+
+impl ControlPlane {
+    /// Pulls `h`'s audit records after the last stored one and stores them only if they
+    /// continue its chain (see [`crate::fleet`]). `described` is the host's `DescribeHost`
+    /// answer of this round (its audit head). Returns how many records were stored.
+    async fn pull_host_audit(&self, h: &HostRow, described: &Value) -> Result<u64, ControlError> {
+        use crate::fleet;
+        if self.flagged(&h.host_id).is_some() {
+            return Ok(0);
+        }
+        let anchor = fleet::stored_anchor(self.repo.as_ref(), &h.host_id)?;
+        if let Ok(head) =
+            serde_json::from_value::<bulkhead_audit::Head>(described["audit_head"].clone())
+        {
+            if let Some(f) = fleet::check_head(&h.host_id, anchor.as_ref(), &head) {
+                if self.flag(&h.host_id, f.rule) {
+                    self.raise(&f).await;
+                }
+                return Ok(0);
+            }
+        }
+        let after = anchor.as_ref().map_or(0, |a| a.seq);
+        let path = format!("/v1/audit?after={after}&limit=500");
+        let Ok(v) = self
+            .hosts
+            .call(
+                &h.host_id,
+                &h.addr,
+                Operation::ReadAudit,
+                &["host".into()],
+                "GET",
+                &path,
+                None,
+            )
+            .await
+        else {
+            return Ok(0);
+        };
+        let lines = fleet::lines_of(&v);
+        let (keep, found) = fleet::check_page(
+            &h.host_id,
+            anchor.as_ref(),
+            self.audit_keys.get(&h.host_id),
+            &lines,
+        );
+        for f in &found {
+            if f.rule == fleet::rule::CHAIN_BROKEN && !self.flag(&h.host_id, f.rule) {
+                continue;
+            }
+            self.raise(f).await;
+        }
+        if keep.is_empty() {
+            return Ok(0);
+        }
+        self.repo.append_host_audit(&h.host_id, &keep)?;
+        Ok(u64::try_from(keep.len()).unwrap_or(0))
     }
 }
 

@@ -1,25 +1,17 @@
 //! The listener: TLS 1.3 only, client certificates from the Bulkhead CA required, one axum
-//! router behind it. Handshake refusals are audited.
+//! router behind it, served by the shared loop in `bulkhead-mtls` (handshake and idle timeouts,
+//! budgets before and after the handshake, a cap per client identity). Everything that loop
+//! refuses (handshakes, caps, malformed HTTP) is audited, rate-summarised.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use bulkhead_tokens::pki::{cert_sha256, identity_from_der};
-use bulkhead_tokens::Identity;
-use hyper_util::rt::TokioIo;
+use bulkhead_mtls::{Limits, Refusal, RefusalSink, Refusals, Summary};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
-use tower::Service;
 
 use crate::controller::{router, Controller};
-
-/// Most connections served at once.
-pub const MAX_CONNECTIONS: usize = 256;
-/// Time allowed for a TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -49,85 +41,32 @@ pub fn tls_config(
     Ok(cfg)
 }
 
-fn classify(e: &std::io::Error) -> Option<&'static str> {
-    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::NoCertificatesPresented) => Some("tls_no_client_cert"),
-        Some(rustls::Error::InvalidCertificate(_)) => Some("tls_bad_client_cert"),
-        Some(_) => Some("tls_handshake_failed"),
-        // A TCP connect that sent nothing is not an authentication attempt.
-        None => None,
+/// Writes the server loop's refusals into the controller's audit log, metrics and monitor.
+pub struct ControllerRefusals(pub Arc<Controller>);
+
+impl RefusalSink for ControllerRefusals {
+    fn record(&self, r: &Refusal) {
+        self.0.audit_refusal(r);
+    }
+    fn summary(&self, s: &Summary) {
+        self.0.audit_refusal_summary(s);
     }
 }
 
-/// Serves until the process ends.
+/// The controller's connection limits: a verified Bulkhead identity is required.
+pub fn limits() -> Limits {
+    Limits {
+        require_identity: true,
+        ..Limits::default()
+    }
+}
+
+/// Serves until the process ends, on the shared server loop ([`bulkhead_mtls::serve`]).
 pub async fn serve(
     listener: TcpListener,
     tls: rustls::ServerConfig,
     ctrl: Arc<Controller>,
 ) -> std::io::Result<()> {
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let app = router(Arc::clone(&ctrl));
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return Ok(());
-        };
-        let (tcp, addr) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let ctrl = Arc::clone(&ctrl);
-        let app = app.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    if let Some(code) = classify(&e) {
-                        tracing::info!(peer = %addr, code, "TLS handshake refused");
-                        ctrl.audit_tls_refusal(code, None).await;
-                    }
-                    return;
-                }
-                Err(_) => {
-                    ctrl.audit_tls_refusal("tls_handshake_timeout", None).await;
-                    return;
-                }
-            };
-            let der = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.as_ref().to_vec());
-            let identity: Identity = match der.as_deref().map(identity_from_der) {
-                Some(Ok(id)) => id,
-                _ => {
-                    ctrl.audit_tls_refusal("bad_certificate", der.as_deref().map(cert_sha256))
-                        .await;
-                    return;
-                }
-            };
-            let peer = Arc::new(identity);
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(Arc::clone(&peer));
-                    let mut app = app.clone();
-                    async move { app.call(req.map(axum::body::Body::new)).await }
-                },
-            );
-            let conn = hyper::server::conn::http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with error");
-            }
-        });
-    }
+    let refusals = Refusals::new(Arc::new(ControllerRefusals(Arc::clone(&ctrl))));
+    bulkhead_mtls::serve(listener, tls, router(ctrl), limits(), refusals).await
 }

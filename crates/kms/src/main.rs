@@ -84,7 +84,7 @@ fn run(args: Args) -> Result<(), StartError> {
         }
         if !ca.cert("kms").exists() {
             // A server certificate (serverAuth, SANs kms/localhost/127.0.0.1) from the dev CA.
-            ca.issue("kms", Role::Host, true)?;
+            ca.issue("kms", Role::Service, true)?;
         }
         std::fs::create_dir_all(&hosts_dir)
             .map_err(|e| StartError::Io(hosts_dir.display().to_string(), e))?;
@@ -92,7 +92,8 @@ fn run(args: Args) -> Result<(), StartError> {
     let tls_cfg = tls::server_config(&ca.ca_pem(), &ca.cert("kms"), &ca.key("kms"), true)?;
     let root = crypto::load_root_key(&args.state_dir.join("root.key"), args.dev)?;
     let store = Store::open(&args.state_dir.join("kms.db"))?;
-    let (audit, report) = AuditLog::open(&args.state_dir.join("audit.log"))?;
+    let (audit, report) =
+        AuditLog::open_signed(&args.state_dir.join("audit.log"), &ca.key("kms"))?;
     let mut kms = Kms::new(store, root, audit, hosts_dir)?;
     let keystore = match (
         &args.pkcs11_module,
@@ -121,12 +122,14 @@ fn run(args: Args) -> Result<(), StartError> {
         }
     };
     let kms = Arc::new(kms);
+    let refusals = server::refusals(&kms);
     tls::run_daemon(
         &args.listen,
         tls_cfg,
-        server::router(kms),
+        server::router(kms, Arc::clone(&refusals)),
         "kms",
         serde_json::json!({"audit_records": report.records, "attestation_required": attested, "keystore": keystore}),
+        refusals,
     )
     .map_err(|e| StartError::Io(args.listen.clone(), e))
 }

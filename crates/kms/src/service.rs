@@ -10,7 +10,6 @@ use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
 use bulkhead_sealing::{seal_volume_key, HostPublicKey};
 use bulkhead_tokens::{Identity, Role};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::crypto::{self, DataKeyBlob, Key32};
 use crate::keystore::{Embedded, KeyStore};
@@ -45,7 +44,7 @@ pub fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     let mut b = [0u8; 8];
     let _ = bulkhead_sealing::fill_random(&mut b);
     format!("{prefix}-{}", hex::encode(b))
@@ -172,7 +171,8 @@ impl Kms {
     /// Handles one parsed call from an authenticated peer. Returns the JSON response.
     pub async fn handle(&self, peer: &Identity, op: KmsOp, body: &[u8]) -> Result<Value, KmsError> {
         let request_id = new_id("req");
-        let params_sha256 = Some(hex::encode(Sha256::digest(body)));
+        // Claim 2: bodies carry customers' forwarded requests; no digest of them is recorded.
+        let params_sha256: Option<String> = None;
         let decided = if peer.role != Role::ControlPlane {
             Err(KmsError::CallerNotAllowed)
         } else {

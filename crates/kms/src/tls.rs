@@ -2,13 +2,11 @@
 //! configurations built from the Bulkhead dev CA (`bulkhead-tokens`), a one-connection-per-call
 //! HTTP/1.1 client, and the accept loop that hands each request its peer's verified identity.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_tokens::pki::identity_from_der;
-use bulkhead_tokens::Identity;
+use bulkhead_tokens::pki::ServerIdentity;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls::server::WebPkiClientVerifier;
@@ -16,8 +14,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpListener;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tower::Service;
+use tokio_rustls::TlsConnector;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -102,6 +99,103 @@ pub fn client_config(
     })
 }
 
+/// Runs the CA check (chain and address, webpki) and then requires the server certificate to
+/// name the service the client meant to reach (role in OU, name in CN): any other certificate of
+/// the same CA — a host's presented at the KMS's address, say — fails the handshake.
+#[derive(Debug)]
+pub struct PinnedServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expect: ServerIdentity,
+}
+
+impl PinnedServerVerifier {
+    pub fn new(roots: Arc<RootCertStore>, expect: ServerIdentity) -> Result<Self, TlsError> {
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsError::Http(format!("server verifier: {e}")))?;
+        Ok(PinnedServerVerifier { inner, expect })
+    }
+}
+
+/// Why a CA-valid server certificate was refused: it names another service.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct WrongServer(String);
+
+impl rustls::client::danger::ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match self.expect.check_der(end_entity.as_ref()) {
+            Ok(_) => Ok(ok),
+            Err(e) => {
+                tracing::warn!(want = %self.expect, error = %e, "server identity refused");
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Other(rustls::OtherError(Arc::new(WrongServer(
+                        e.to_string(),
+                    )))),
+                ))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+        self.inner.root_hint_subjects()
+    }
+}
+
+fn roots(ca_pem: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(cert(ca_pem)?)?;
+    Ok(Arc::new(roots))
+}
+
+/// As [`client_config`], accepting only a server whose certificate names `expect`.
+pub fn pinned_client_config(
+    ca_pem: &Path,
+    client: Option<(&Path, &Path)>,
+    expect: ServerIdentity,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut cfg = client_config(ca_pem, client)?;
+    cfg.dangerous()
+        .set_certificate_verifier(Arc::new(PinnedServerVerifier::new(roots(ca_pem)?, expect)?));
+    Ok(cfg)
+}
+
 /// An HTTP response.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
@@ -116,17 +210,62 @@ pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct HttpsClient {
     cfg: Arc<rustls::ClientConfig>,
+    /// The CA, when known, so that [`HttpsClient::expecting`] can pin each server.
+    roots: Option<Arc<RootCertStore>>,
     timeout: Duration,
 }
 
 impl HttpsClient {
+    /// A client that checks only the CA and the address. Service clients use
+    /// [`HttpsClient::pinned`] or [`HttpsClient::expecting`] instead.
     pub fn new(cfg: rustls::ClientConfig) -> HttpsClient {
         HttpsClient {
             cfg: Arc::new(cfg),
+            roots: None,
             // Covers a host's hot-plug of a volume into a running guest (the hypervisor waits up to
             // 30 s for the guest's driver, 45 s for a detach).
             timeout: Duration::from_secs(75),
         }
+    }
+
+    /// A client trusting `ca_pem` (presenting `client`'s certificate) whose every connection
+    /// must reach the server named `expect`.
+    pub fn pinned(
+        ca_pem: &Path,
+        client: Option<(&Path, &Path)>,
+        expect: ServerIdentity,
+    ) -> Result<HttpsClient, TlsError> {
+        let mut c = HttpsClient::new(pinned_client_config(ca_pem, client, expect)?);
+        c.roots = Some(roots(ca_pem)?);
+        Ok(c)
+    }
+
+    /// A client trusting `ca_pem` that keeps the CA so that each call can name its server
+    /// with [`HttpsClient::expecting`] (e.g. one host of many).
+    pub fn from_ca(ca_pem: &Path, client: Option<(&Path, &Path)>) -> Result<HttpsClient, TlsError> {
+        let mut c = HttpsClient::new(client_config(ca_pem, client)?);
+        c.roots = Some(roots(ca_pem)?);
+        Ok(c)
+    }
+
+    /// The same client (certificate, timeout), accepting only a server named `expect`.
+    /// Refuses if this client was built without its CA ([`HttpsClient::new`]).
+    pub fn expecting(&self, expect: ServerIdentity) -> Result<HttpsClient, TlsError> {
+        let roots = self
+            .roots
+            .clone()
+            .ok_or_else(|| TlsError::Http("client has no CA to pin a server with".into()))?;
+        let mut cfg = (*self.cfg).clone();
+        cfg.dangerous()
+            .set_certificate_verifier(Arc::new(PinnedServerVerifier::new(
+                Arc::clone(&roots),
+                expect,
+            )?));
+        Ok(HttpsClient {
+            cfg: Arc::new(cfg),
+            roots: Some(roots),
+            timeout: self.timeout,
+        })
     }
 
     pub async fn request(
@@ -200,78 +339,32 @@ impl HttpsClient {
 }
 
 /// The verified client certificate identity, inserted into every request's extensions.
-#[derive(Debug, Clone)]
-pub struct Peer(pub Option<Arc<Identity>>);
+pub use bulkhead_mtls::Peer;
+pub use bulkhead_mtls::{Limits, Refusals};
 
-/// Serves `app` behind TLS until the process ends. Handshake failures are logged and dropped.
+/// Serves `app` behind TLS until the process ends, on the one server loop every daemon shares
+/// ([`bulkhead_mtls::serve`]): handshake and idle timeouts, separate budgets before and after
+/// the handshake, a cap per client identity, and every refusal handed to `refusals`.
 pub async fn serve(
     listener: TcpListener,
     tls: rustls::ServerConfig,
     app: axum::Router,
+    refusals: Arc<Refusals>,
 ) -> std::io::Result<()> {
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let slots = Arc::new(tokio::sync::Semaphore::new(256));
-    loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return Ok(());
-        };
-        let (tcp, addr): (_, SocketAddr) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let stream =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::info!(peer = %addr, error = %e, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let peer = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| identity_from_der(c.as_ref()).ok())
-                .map(Arc::new);
-            let peer = Peer(peer);
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer.clone());
-                    let mut app = app.clone();
-                    async move { app.call(req.map(axum::body::Body::new)).await }
-                },
-            );
-            let conn = hyper::server::conn::http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with error");
-            }
-        });
-    }
+    bulkhead_mtls::serve(listener, tls, app, Limits::default(), refusals).await
 }
 
 /// Runs a service daemon's server: binds `listen`, prints the one-line JSON ready event on
 /// stdout (`{"event":"ready","service":…,"listen":…}` plus `extra`'s fields, what the cluster
 /// launcher waits for), then serves `app` behind TLS on a two-worker runtime until the process
-/// ends. Errors name the address.
+/// ends; refusals go to `refusals` (the daemon's audit log). Errors name the address.
 pub fn run_daemon(
     listen: &str,
     tls: rustls::ServerConfig,
     app: axum::Router,
     service: &str,
     extra: serde_json::Value,
+    refusals: Arc<Refusals>,
 ) -> std::io::Result<()> {
     let ctx = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{listen}: {e}"));
     let std_listener = std::net::TcpListener::bind(listen).map_err(ctx)?;
@@ -290,6 +383,6 @@ pub fn run_daemon(
         }
         println!("{ready}");
         tracing::info!(listen = %local, service, "ready");
-        serve(listener, tls, app).await.map_err(ctx)
+        serve(listener, tls, app, refusals).await.map_err(ctx)
     })
 }

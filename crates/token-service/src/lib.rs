@@ -9,7 +9,9 @@
 //!
 //! One route: `POST /v1/Mint` with `{"hosts": [...], "operations": [...], "resources": [...]?,
 //! "ttl_secs": N}` → `{"token", "token_id", "expires"}`. Refusals carry the token library's
-//! stable codes (`mint_plane_violation`, `mint_not_granted`, ...).
+//! stable codes (`mint_plane_violation`, `mint_not_granted`, ...). Every other route, an
+//! oversized body, and everything the TLS server loop refuses (handshakes, caps, malformed
+//! HTTP) is audited too, rate-summarised ([`MinterRefusals`]).
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
 use bulkhead_kms::tls::Peer;
+use bulkhead_mtls::{Refusal, RefusalSink, Refusals, Stage, Summary};
 use bulkhead_tokens::{Identity, TokenService};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -79,7 +82,7 @@ pub struct Minter {
 
 impl Minter {
     async fn mint(&self, peer: Option<&Identity>, body: &[u8]) -> Response {
-        let request_id = format!("tok-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let request_id = request_id();
         let parsed = match peer {
             None => Err(RequestError::NoCertificate),
             Some(p) => parse(p, body).map_err(RequestError::from),
@@ -146,10 +149,41 @@ impl Minter {
     }
 }
 
-async fn handle(m: Arc<Minter>, req: Request<Body>) -> Response {
+/// Writes the token service's refusals (server loop and handlers) into its own audit log,
+/// queued: a refusal mints nothing.
+pub struct MinterRefusals(pub Arc<Minter>);
+
+impl RefusalSink for MinterRefusals {
+    fn record(&self, r: &Refusal) {
+        self.0.audit.append_queued(r.audit_entry(request_id()));
+    }
+    fn summary(&self, s: &Summary) {
+        self.0.audit.append_queued(s.audit_entry(request_id()));
+    }
+}
+
+/// The refusal hub of a token service (shared by its listener and [`router`]).
+pub fn refusals(m: &Arc<Minter>) -> Arc<Refusals> {
+    Refusals::new(Arc::new(MinterRefusals(Arc::clone(m))))
+}
+
+fn request_id() -> String {
+    format!("tok-{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+async fn handle(m: Arc<Minter>, refusals: Arc<Refusals>, req: Request<Body>) -> Response {
     let peer = req.extensions().get::<Peer>().and_then(|p| p.0.clone());
+    // Recorded for every refusal before the mint pipeline: the route (escaped, bounded) and
+    // the caller, never the body.
+    let refused = Refusal::new(Stage::Handler, "")
+        .by(peer.clone())
+        .at(req.method().as_str(), req.uri().path());
     if req.uri().path() != "/v1/Mint" || req.method() != axum::http::Method::POST {
         let e = RequestError::NoSuchRoute;
+        refusals.refuse(Refusal {
+            code: e.code(),
+            ..refused
+        });
         return refusal(e.status(), e.code(), e.to_string());
     }
     let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES)
@@ -159,17 +193,22 @@ async fn handle(m: Arc<Minter>, req: Request<Body>) -> Response {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             let e = RequestError::TooLarge;
+            refusals.refuse(Refusal {
+                code: e.code(),
+                ..refused
+            });
             return refusal(e.status(), e.code(), e.to_string());
         }
     };
     m.mint(peer.as_deref(), &body).await
 }
 
-/// The HTTP surface: one route, everything else `no_such_route`.
-pub fn router(m: Arc<Minter>) -> axum::Router {
+/// The HTTP surface: one route, everything else `no_such_route` (audited through `refusals`).
+pub fn router(m: Arc<Minter>, refusals: Arc<Refusals>) -> axum::Router {
     axum::Router::new().fallback(move |req: Request<Body>| {
         let m = Arc::clone(&m);
-        async move { handle(m, req).await }
+        let refusals = Arc::clone(&refusals);
+        async move { handle(m, refusals, req).await }
     })
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bulkhead_audit::AuditLog;
 use bulkhead_kms::tls;
-use bulkhead_token_service::{router, Minter};
+use bulkhead_token_service::{refusals, router, Minter};
 use bulkhead_tokens::pki::CaDir;
 use bulkhead_tokens::policy::Policy;
 use bulkhead_tokens::token::keypair_from_text;
@@ -62,17 +62,20 @@ fn run(args: Args) -> Result<(), StartError> {
         .ok_or_else(|| StartError::BadKey(args.signing_key.clone()))?;
     let policy = Policy::parse(&read(&args.rights)?)
         .map_err(|e| StartError::Policy(args.rights.clone(), e))?;
-    let (audit, report) = AuditLog::open(&args.state_dir.join("audit.log"))?;
+    let (audit, report) =
+        AuditLog::open_signed(&args.state_dir.join("audit.log"), &ca.key("tokens"))?;
     let minter = Arc::new(Minter {
         tokens: TokenService::new(key, policy),
         audit,
     });
+    let refusals = refusals(&minter);
     tls::run_daemon(
         &args.listen,
         tls_cfg,
-        router(minter),
+        router(minter, Arc::clone(&refusals)),
         "token-service",
         serde_json::json!({"audit_records": report.records}),
+        refusals,
     )
     .map_err(|e| StartError::Io(args.listen.clone(), e))
 }
