@@ -13,6 +13,7 @@
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod fleet;
 pub mod hosts;
 pub mod netns;
 pub mod openapi;

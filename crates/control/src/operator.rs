@@ -9,6 +9,8 @@
 //!   audit_records_pulled}]`
 //! * `/v1/operator/hosts/{host_id}/audit?after=N&limit=M` → `{records: [<audit line JSON>],
 //!   next_after}` (`limit` ≤ 500, default 100)
+//! * `/v1/operator/alerts` → `{alerts: [{rule, host, evidence, time_ms, seq}]}`: the central
+//!   alerts of fleet monitoring ([`crate::fleet`]), newest last, at most 1000
 //!
 //! Nothing here reaches a customer's content: host descriptions hold capacity and counts, audit
 //! records hold operation names, resource ids, decisions and digests — never bodies or keys.
@@ -74,6 +76,7 @@ impl OperatorError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OperatorRequest {
     ListHosts,
+    ListAlerts,
     HostAudit {
         host_id: String,
         after: u64,
@@ -95,6 +98,12 @@ impl OperatorRequest {
                 }
                 Ok(OperatorRequest::ListHosts)
             }
+            ["", "v1", "operator", "alerts"] => {
+                if query.is_some_and(|q| !q.is_empty()) {
+                    return Err(OperatorError::BadQuery);
+                }
+                Ok(OperatorRequest::ListAlerts)
+            }
             ["", "v1", "operator", "hosts", host, "audit"]
                 if bulkhead_tokens::pki::valid_name(host) =>
             {
@@ -112,6 +121,7 @@ impl OperatorRequest {
     fn op(&self) -> &'static str {
         match self {
             OperatorRequest::ListHosts => "Operator:ListHosts",
+            OperatorRequest::ListAlerts => "Operator:ListAlerts",
             OperatorRequest::HostAudit { .. } => "Operator:HostAudit",
         }
     }
@@ -140,7 +150,10 @@ fn parse_query(q: &str) -> Result<(u64, u32), OperatorError> {
 }
 
 /// The operator view of every host (also what `bulkhead-control hosts` prints).
-pub fn host_list(repo: &dyn Repository) -> Result<Value, ControlError> {
+pub fn host_list(
+    repo: &dyn Repository,
+    flagged: impl Fn(&str) -> Option<&'static str>,
+) -> Result<Value, ControlError> {
     let mut out = Vec::new();
     for h in repo.hosts()? {
         let status = repo.host_status(&h.host_id)?;
@@ -152,6 +165,7 @@ pub fn host_list(repo: &dyn Repository) -> Result<Value, ControlError> {
             "last_polled": status.as_ref().map(|s| s.1),
             "status": status.and_then(|s| serde_json::from_str::<Value>(&s.0).ok()),
             "audit_records_pulled": repo.host_audit_count(&h.host_id)?,
+            "flagged": flagged(&h.host_id),
         }));
     }
     Ok(Value::Array(out))
@@ -163,7 +177,10 @@ fn answer(cp: &ControlPlane, req: &OperatorRequest) -> Result<Value, OperatorErr
         OperatorError::Internal
     };
     match req {
-        OperatorRequest::ListHosts => host_list(cp.repo.as_ref()).map_err(internal),
+        OperatorRequest::ListHosts => {
+            host_list(cp.repo.as_ref(), |h| cp.flagged(h)).map_err(internal)
+        }
+        OperatorRequest::ListAlerts => Ok(json!({ "alerts": cp.alerts(1000) })),
         OperatorRequest::HostAudit {
             host_id,
             after,

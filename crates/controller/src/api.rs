@@ -483,6 +483,9 @@ pub struct HostDescription {
     pub memory_mib_total: u64,
     pub memory_mib_free: u64,
     pub instances: u32,
+    /// The audit log's durable head: the control plane anchors each pull to it.
+    #[schema(value_type = Object)]
+    pub audit_head: bulkhead_audit::Head,
 }
 
 /// `GET /v1/health`.
@@ -492,6 +495,10 @@ pub struct Health {
     pub audit_records: u64,
     pub audit_writable: bool,
     pub alerts: u64,
+    /// The audit log's durable head (last record, its hash, last checkpoint number): what a
+    /// puller anchors its next pull to, so a cut or rewritten history shows.
+    #[schema(value_type = Object)]
+    pub audit_head: bulkhead_audit::Head,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

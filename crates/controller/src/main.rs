@@ -294,13 +294,17 @@ fn run(args: Args) -> Result<(), StartError> {
         .map_err(|_| StartError::Pem(cfg.host_cert.clone()))?;
     let key = PrivateKeyDer::from_pem_slice(&read(&cfg.host_key)?)
         .map_err(|_| StartError::Pem(cfg.host_key.clone()))?;
+    // The audit log's checkpoints are signed with this host's own TLS key, so whoever holds the
+    // host's certificate can check that no record was edited, cut or rewritten.
+    let audit_signer = bulkhead_audit::CheckpointSigner::from_pkcs8_der(key.secret_der())
+        .map_err(|_| StartError::Pem(cfg.host_key.clone()))?;
     let tls = server::tls_config(ca, chain, key)?;
     let pk_text = String::from_utf8_lossy(&read(&cfg.token_public_key)?).to_string();
     let verifier = Verifier::new(
         public_key_from_text(&pk_text).ok_or(StartError::TokenKey(cfg.token_public_key.clone()))?,
     );
     let policy = Policy::parse(&String::from_utf8_lossy(&read(&cfg.rights)?))?;
-    let (audit, report) = AuditLog::open(&cfg.audit_log)?;
+    let (audit, report) = AuditLog::open_with(&cfg.audit_log, Some(Arc::new(audit_signer)))?;
     let (instances, volumes): (Arc<dyn InstanceBackend>, Arc<dyn VolumeBackend>) = match host {
         Some(h) => (h.clone(), h),
         None => {
@@ -396,6 +400,7 @@ fn run(args: Args) -> Result<(), StartError> {
             std::process::exit(1);
         }
         ctrl.audit_lifecycle("ControllerStart").await?;
+        ctrl.audit_damage_found(&report.alerts);
         let listener = tokio::net::TcpListener::from_std(std_listener)
             .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
         let poller = Arc::clone(&ctrl);

@@ -24,7 +24,11 @@ pub mod rule {
     pub const FORBIDDEN_ROUTE: &str = "forbidden_route_probe";
     pub const MANY_REBOOTS: &str = "many_reboots";
     pub const OUTBOUND_BLOCKED: &str = "outbound_connect_blocked";
+    /// The audit log was found damaged at start (a torn record cut off, or records after its
+    /// last signed checkpoint).
+    pub const AUDIT_DAMAGED: &str = "audit_log_damaged";
     pub const ALL: &[&str] = &[
+        AUDIT_DAMAGED,
         AUTH_FAILURES,
         OUTSIDE_GRANTS,
         FORBIDDEN_ROUTE,
@@ -134,6 +138,20 @@ impl Monitor {
         )
         .into_iter()
         .collect()
+    }
+
+    /// Reports damage the audit log found at open (`bulkhead_audit::OpenReport::alerts`).
+    pub fn audit_damaged(&mut self, what: &[String], now: u64) -> Vec<Alert> {
+        what.iter()
+            .filter_map(|w| {
+                self.fire(
+                    rule::AUDIT_DAMAGED,
+                    w,
+                    format!("{w} found when the audit log was opened; recorded in the log"),
+                    now,
+                )
+            })
+            .collect()
     }
 
     fn fire(

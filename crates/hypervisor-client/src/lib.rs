@@ -84,6 +84,18 @@ pub fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// A CLOEXEC pipe: (read end, write end).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 fn socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
     let (ours, theirs) = seqpacket_pair()?;
     Ok((UnixStream::from(ours), theirs))
@@ -95,12 +107,23 @@ fn socketpair() -> std::io::Result<(UnixStream, OwnedFd)> {
 pub fn spawn_process(spec: &VmSpec) -> Result<(Child, OwnedFd), ClientError> {
     let (ours, theirs) = socketpair().map_err(ClientError::Spawn)?;
     let child_fd = theirs.as_raw_fd();
+    // The guest command line can hold the customer's user data: it goes through a pipe, never
+    // through argv (which every local user can read in /proc/PID/cmdline). It is far smaller
+    // than a pipe's buffer, so writing it all before the child starts cannot block.
+    let (cmdline_read, cmdline_write) = pipe().map_err(ClientError::Spawn)?;
+    {
+        use std::io::Write as _;
+        let mut w = std::fs::File::from(cmdline_write);
+        w.write_all(spec.cmdline.as_bytes())
+            .map_err(ClientError::Spawn)?;
+    }
+    let cmdline_fd = cmdline_read.as_raw_fd();
     let mut cmd = Proc::new(&spec.binary);
     cmd.arg("serve")
         .arg("--kernel")
         .arg(&spec.kernel)
-        .arg("--cmdline")
-        .arg(&spec.cmdline)
+        .arg("--cmdline-fd")
+        .arg(cmdline_fd.to_string())
         .arg("--memory-mib")
         .arg(spec.memory_mib.to_string())
         .arg("--vcpus")
@@ -120,17 +143,20 @@ pub fn spawn_process(spec: &VmSpec) -> Result<(Child, OwnedFd), ClientError> {
         cmd.arg("--run-as").arg(format!("{u}:{g}"));
     }
     // SAFETY: the closure only calls fcntl, which is async-signal-safe, to clear CLOEXEC
-    // on the one fd the child must inherit.
+    // on the two fds the child must inherit.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::fcntl(child_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
+            for fd in [child_fd, cmdline_fd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
     let child = cmd.spawn().map_err(ClientError::Spawn)?;
     drop(theirs);
+    drop(cmdline_read);
     Ok((child, OwnedFd::from(ours)))
 }
 

@@ -39,6 +39,10 @@ enum Cmd {
         vm: VmArgs,
         #[arg(long)]
         channel_fd: i32,
+        /// Read the guest command line from inherited fd N (a pipe) instead of `--cmdline`, so
+        /// the customer's user data in it never shows in `/proc/PID/cmdline`.
+        #[arg(long)]
+        cmdline_fd: Option<i32>,
     },
 }
 
@@ -110,7 +114,30 @@ fn run(vm_args: VmArgs, blocks: Vec<String>) -> Result<ExitReason, Error> {
     Ok(vm.wait())
 }
 
-fn serve(vm_args: VmArgs, channel_fd: i32) -> Result<(), Error> {
+/// Most bytes read from `--cmdline-fd`.
+const MAX_CMDLINE_FD_BYTES: u64 = 64 * 1024;
+
+/// Reads the guest command line from an inherited pipe and closes it.
+fn read_cmdline_fd(fd: i32) -> Result<String, Error> {
+    use std::io::Read as _;
+    use std::os::fd::FromRawFd as _;
+    if fd < 3 {
+        return Err(Error::Device(format!("--cmdline-fd {fd} is not an inherited fd")));
+    }
+    // SAFETY: the parent passed `fd` to us for this purpose alone and nothing else in this
+    // process uses it; `File` takes ownership and closes it when dropped.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut s = String::new();
+    f.take(MAX_CMDLINE_FD_BYTES)
+        .read_to_string(&mut s)
+        .map_err(|e| Error::Device(format!("cmdline fd: {e}")))?;
+    Ok(s)
+}
+
+fn serve(mut vm_args: VmArgs, channel_fd: i32, cmdline_fd: Option<i32>) -> Result<(), Error> {
+    if let Some(fd) = cmdline_fd {
+        vm_args.cmdline = read_cmdline_fd(fd)?;
+    }
     sandbox::close_other_fds(&[channel_fd]);
     let channel = server::channel_from_fd(channel_fd)
         .map_err(|e| Error::Device(format!("channel fd: {e}")))?;
@@ -154,7 +181,11 @@ fn main() -> ExitCode {
                 ExitCode::from(3)
             }
         }),
-        Cmd::Serve { vm, channel_fd } => serve(vm, channel_fd).map(|_| ExitCode::SUCCESS),
+        Cmd::Serve {
+            vm,
+            channel_fd,
+            cmdline_fd,
+        } => serve(vm, channel_fd, cmdline_fd).map(|_| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("bulkhead-hypervisor: {e}");
