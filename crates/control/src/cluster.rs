@@ -227,14 +227,18 @@ pub fn prepare(
     st.ensure_dev("host-1")?;
     std::fs::rename(st.token_key(), &held).map_err(io(&held))?;
     let ca = CaDir::new(&ca_dir);
-    for (name, role) in [
-        ("kms", Role::Host),
-        ("control", Role::Host),
+    // The services' TLS identities name their role (`service`) and which service they are, and
+    // every client pins the one it means to reach (`ServerIdentity`). A certificate from before
+    // that (role `host`) is re-issued.
+    for name in [
+        bulkhead_tokens::pki::KMS_NAME,
+        bulkhead_tokens::pki::CONTROL_PLANE_NAME,
         // The token service's TLS identity ("tokens"; `token-service.*` is the signing key).
-        ("tokens", Role::Host),
+        bulkhead_tokens::pki::TOKEN_SERVICE_NAME,
     ] {
-        if !ca.cert(name).exists() {
-            ca.issue(name, role, true)?;
+        let current = ca.identity(name).ok().map(|(id, _)| id.role);
+        if current != Some(Role::Service) {
+            ca.issue(name, Role::Service, true)?;
         }
     }
     for n in 1..=hosts {

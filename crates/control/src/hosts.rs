@@ -1,10 +1,13 @@
 //! Calls from the control plane to host controllers: mutual TLS 1.3 with the control plane's
 //! certificate, and for every call a fresh token from the token service (`bulkhead-tokens`)
-//! naming just that host, that one operation and those resources, valid for one minute.
+//! naming just that host, that one operation and those resources, valid for one minute. Each
+//! call accepts only the certificate of the host it names (role `host`, CN = the host id): no
+//! other certificate of the cluster's CA — another host's, the KMS's — is taken for it.
 
 use std::time::Duration;
 
 use bulkhead_kms::tls::{HttpResponse, HttpsClient};
+use bulkhead_tokens::pki::ServerIdentity;
 use bulkhead_tokens::{Identity, MintRequest, Operation, ResourcePattern, TokenService};
 
 use crate::{upstream_code, ControlError};
@@ -116,8 +119,14 @@ impl HostClient {
             }
             None => Vec::new(),
         };
-        let r: HttpResponse = self
+        let https = self
             .https
+            .expecting(ServerIdentity::host(host_id))
+            .map_err(|e| {
+                tracing::error!(error = %e, "no CA to pin host {host_id} with");
+                ControlError::Internal
+            })?;
+        let r: HttpResponse = https
             .request(addr, method, path, &headers, payload)
             .await
             .map_err(|e| {

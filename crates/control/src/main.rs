@@ -201,8 +201,7 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
             std::fs::read(&h.public_key).map_err(io(&h.public_key))?,
         );
     }
-    let (audit, _) =
-        AuditLog::open_signed(&cfg.state_dir.join("audit.log"), &ca.key("control"))?;
+    let (audit, _) = AuditLog::open_signed(&cfg.state_dir.join("audit.log"), &ca.key("control"))?;
     let tls_cfg = tls::server_config(&ca.ca_pem(), &ca.cert("control"), &ca.key("control"), false)?;
     let mut cp = ControlPlane::new(
         repo,
@@ -222,7 +221,9 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
             Some(Ok(k)) => {
                 audit_keys.insert(h.host_id.clone(), k);
             }
-            _ => tracing::warn!(host = %h.host_id, "no certificate for this host in the CA directory: its pulled audit chain is checked for continuity, not for signatures"),
+            _ => {
+                tracing::warn!(host = %h.host_id, "no certificate for this host in the CA directory: its pulled audit chain is checked for continuity, not for signatures")
+            }
         }
     }
     cp = cp.with_audit_keys(audit_keys);

@@ -92,8 +92,7 @@ fn run(args: Args) -> Result<(), StartError> {
     let tls_cfg = tls::server_config(&ca.ca_pem(), &ca.cert("kms"), &ca.key("kms"), true)?;
     let root = crypto::load_root_key(&args.state_dir.join("root.key"), args.dev)?;
     let store = Store::open(&args.state_dir.join("kms.db"))?;
-    let (audit, report) =
-        AuditLog::open_signed(&args.state_dir.join("audit.log"), &ca.key("kms"))?;
+    let (audit, report) = AuditLog::open_signed(&args.state_dir.join("audit.log"), &ca.key("kms"))?;
     let mut kms = Kms::new(store, root, audit, hosts_dir)?;
     let keystore = match (
         &args.pkcs11_module,

@@ -69,6 +69,9 @@ pub enum Role {
     Customer,
     ControlPlane,
     Host,
+    /// A service above the hosts (the KMS, the token service, the control plane's API), as a
+    /// TLS server; the certificate's CN names which. Holds no plane.
+    Service,
 }
 
 impl Role {
@@ -78,6 +81,7 @@ impl Role {
             Role::Customer => "customer",
             Role::ControlPlane => "control-plane",
             Role::Host => "host",
+            Role::Service => "service",
         }
     }
 
@@ -87,6 +91,7 @@ impl Role {
             "customer" => Some(Role::Customer),
             "control-plane" => Some(Role::ControlPlane),
             "host" => Some(Role::Host),
+            "service" => Some(Role::Service),
             _ => None,
         }
     }

@@ -34,6 +34,8 @@ pub enum PkiError {
     NoRole,
     #[error("bad name {0:?}: use 1-40 of a-z, 0-9 and -")]
     BadName(String),
+    #[error("server certificate names {got}, not the {want} this client meant to reach")]
+    WrongServer { want: String, got: String },
     #[error("{0} already exists; refusing to overwrite (use rotate)")]
     Exists(PathBuf),
     #[error("{0} is missing")]
@@ -46,6 +48,7 @@ impl PkiError {
             PkiError::BadPem | PkiError::BadCertificate | PkiError::NoName | PkiError::NoRole => {
                 "bad_certificate"
             }
+            PkiError::WrongServer { .. } => "wrong_server_identity",
             _ => "pki_error",
         }
     }
@@ -58,6 +61,68 @@ pub struct Identity {
     pub role: Role,
     /// SHA-256 of the certificate's DER, hex. Tokens are bound to it.
     pub cert_sha256: String,
+}
+
+/// The server a client means to reach: the role and name (CN) its certificate must carry.
+/// Every client of a Bulkhead service pins one, so that no other certificate of the same CA —
+/// a host's presented as the KMS, the KMS's presented as a host — is accepted in its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    pub role: Role,
+    pub name: String,
+}
+
+/// Certificate names of the services above the hosts (role [`Role::Service`]).
+pub const KMS_NAME: &str = "kms";
+pub const TOKEN_SERVICE_NAME: &str = "tokens";
+pub const CONTROL_PLANE_NAME: &str = "control";
+
+impl ServerIdentity {
+    pub fn kms() -> Self {
+        ServerIdentity::service(KMS_NAME)
+    }
+
+    pub fn token_service() -> Self {
+        ServerIdentity::service(TOKEN_SERVICE_NAME)
+    }
+
+    pub fn control_plane() -> Self {
+        ServerIdentity::service(CONTROL_PLANE_NAME)
+    }
+
+    pub fn service(name: &str) -> Self {
+        ServerIdentity {
+            role: Role::Service,
+            name: name.to_string(),
+        }
+    }
+
+    /// A host's controller, by host name.
+    pub fn host(name: &str) -> Self {
+        ServerIdentity {
+            role: Role::Host,
+            name: name.to_string(),
+        }
+    }
+
+    /// Checks a (CA-verified) server certificate names exactly this identity.
+    pub fn check_der(&self, der: &[u8]) -> Result<Identity, PkiError> {
+        let got = identity_from_der(der)?;
+        if got.role == self.role && got.name == self.name {
+            Ok(got)
+        } else {
+            Err(PkiError::WrongServer {
+                want: self.to_string(),
+                got: format!("{} {}", got.role, got.name),
+            })
+        }
+    }
+}
+
+impl std::fmt::Display for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.role, self.name)
+    }
 }
 
 /// SHA-256 of a certificate's DER encoding, hex.
@@ -232,7 +297,8 @@ impl CaDir {
             return Err(PkiError::Exists(self.cert(name)));
         }
         let mut sans = vec![name.to_string()];
-        if role == Role::Host {
+        let server = matches!(role, Role::Host | Role::Service);
+        if server {
             sans.push("localhost".into());
             sans.push("127.0.0.1".into());
         }
@@ -245,7 +311,7 @@ impl CaDir {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        if role == Role::Host {
+        if server {
             params
                 .extended_key_usages
                 .push(ExtendedKeyUsagePurpose::ServerAuth);
