@@ -131,8 +131,9 @@ impl BlockBackend {
         }
     }
 
-    /// Drops every cipher context (OpenSSL cleanses the key schedules on free). Waits for
-    /// in-flight requests of each queue to finish first.
+    /// Drops every cipher context: each one's locked key page is zeroized, verified and unmapped
+    /// (counted in [`crate::xts::key_pages_wiped`]). Waits for in-flight requests of each queue to
+    /// finish first.
     pub fn erase_keys(&self) {
         for w in self.lanes.iter().flatten() {
             lock(w).cipher = CipherState::Erased;

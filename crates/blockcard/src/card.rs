@@ -288,7 +288,7 @@ fn wait_for_attach(
 
 fn lock_down(cfg: &CardConfig) -> Result<(), CardError> {
     if let Err(e) = sandbox::lock_current_memory() {
-        warn!(error = %e, "mlockall(MCL_CURRENT) failed; key schedules may be swappable");
+        warn!(error = %e, "mlockall(MCL_CURRENT) failed; the rest of the card may be swapped (key schedules are in their own locked pages)");
     }
     sandbox::drop_privileges(cfg.uid, cfg.gid)?;
     sandbox::install_seccomp()?;
@@ -332,7 +332,10 @@ fn serve_attached(
                     if let Err(e) = backend.volume().store.flush() {
                         error!(error = %e, "flush at detach failed");
                     }
-                    info!("keys erased; detached");
+                    info!(
+                        key_pages_wiped = crate::xts::key_pages_wiped(),
+                        "keys erased; detached"
+                    );
                     let _ = respond(&mut stream, &ControlResponse::Detached);
                     std::process::exit(0);
                 }
@@ -389,7 +392,11 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
                 let sig = sandbox::wait_exit_signal();
                 backend.erase_keys();
                 let _ = backend.volume().store.flush();
-                info!(signal = sig, "terminated; keys erased");
+                info!(
+                    signal = sig,
+                    key_pages_wiped = crate::xts::key_pages_wiped(),
+                    "terminated; keys erased"
+                );
                 std::process::exit(0);
             })
             .map_err(|e| CardError::Vhost(e.to_string()))?;

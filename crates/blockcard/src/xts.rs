@@ -4,9 +4,57 @@
 //! The cipher is AWS-LC's EVP AES-256-XTS (AES-NI / VAES code paths), the library rustls already
 //! brings into the tree through aws-lc-rs. One [`XtsCipher`] per queue: the key schedule is
 //! expanded once into an encrypt and a decrypt context, and each sector only sets a new tweak.
-
+//!
+//! Key schedules never touch the heap: each [`XtsCipher`] owns one secret page (a private
+//! anonymous mapping, `mlock`'d, `MADV_DONTDUMP`, `MADV_WIPEONFORK`: [`LockedSecret`]) that holds
+//! both `EVP_CIPHER_CTX`s and both expanded key schedules (`cipher_data`). AWS-LC allocates
+//! `cipher_data` itself when a cipher is set, so the context is first set up *without* a key,
+//! the (keyless) heap block is freed and replaced by a slot of the page, and only then is the
+//! key expanded, straight into the page. On drop the contexts are released, the page is zeroized
+//! and checked to read back as zeros, counted in [`key_pages_wiped`], and unmapped.
 use aws_lc_sys as ffi;
+use bulkhead_sealing::{LockedSecret, LockedSecretError};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use zeroize::Zeroize;
+
+/// One secret page per [`XtsCipher`].
+const PAGE: usize = 4096;
+/// Offset of the decrypt `EVP_CIPHER_CTX` in the page (the encrypt one is at 0).
+const DEC_CTX: usize = 512;
+/// Offsets of the two `cipher_data` slots (AWS-LC's `EVP_AES_XTS_CTX`: two `AES_KEY`s of 244
+/// bytes, each padded to 248, an `XTS128_CONTEXT` of 32 and a counter: 536 bytes in 0.47).
+const ENC_DATA: usize = 1024;
+const DEC_DATA: usize = 2048;
+const SLOT: usize = 1024;
+/// A pattern in the last bytes of each slot, checked after the key is expanded: a future AWS-LC
+/// whose XTS context outgrew the slot is refused instead of writing past it.
+const CANARY: [u8; 16] = *b"bulkhead-xts-end";
+
+static KEY_PAGES_WIPED: AtomicU64 = AtomicU64::new(0);
+
+/// How many key pages this process has zeroized (and verified as zero) and unmapped so far.
+pub fn key_pages_wiped() -> u64 {
+    KEY_PAGES_WIPED.load(Ordering::Relaxed)
+}
+
+/// The locked page; on drop it is zeroized, verified, counted, then unmapped.
+struct KeyPage(LockedSecret<PAGE>);
+
+impl Drop for KeyPage {
+    fn drop(&mut self) {
+        let page = self.0.as_mut();
+        page.zeroize();
+        // A volatile read-back, so the check cannot be folded into the zeroize above.
+        let clean = page.iter().all(|b| {
+            // SAFETY: `b` is a valid reference into the live page.
+            unsafe { std::ptr::read_volatile(b) == 0 }
+        });
+        if clean {
+            KEY_PAGES_WIPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 /// Size of a crypto sector (the XTS data unit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +111,10 @@ pub enum XtsError {
     WeakKey,
     #[error("sector number overflows")]
     SectorOverflow,
+    #[error("secret page for the key schedules: {0}")]
+    Locked(#[from] LockedSecretError),
+    #[error("AWS-LC's AES-256-XTS context does not fit its {SLOT}-byte slot in the key page")]
+    SlotTooSmall,
 }
 
 fn crypto_err(op: &'static str) -> XtsError {
@@ -71,24 +123,71 @@ fn crypto_err(op: &'static str) -> XtsError {
     XtsError::Crypto { op, code }
 }
 
-/// An owned `EVP_CIPHER_CTX` keyed for AES-256-XTS in one direction.
-struct Ctx(NonNull<ffi::EVP_CIPHER_CTX>);
+/// An `EVP_CIPHER_CTX` keyed for AES-256-XTS in one direction, living in a [`KeyPage`] together
+/// with its key schedule. The page outlives it (field order in [`XtsCipher`]).
+struct Ctx {
+    ctx: NonNull<ffi::EVP_CIPHER_CTX>,
+    /// The slot of the page that holds this context's key schedule.
+    slot: *mut u8,
+}
 
 // SAFETY: the context is exclusively owned and only used through `&mut self`; AWS-LC cipher
 // contexts have no thread affinity.
 unsafe impl Send for Ctx {}
 
 impl Ctx {
-    fn new(key: &[u8; 64], encrypt: bool) -> Result<Self, XtsError> {
-        // SAFETY: EVP_CIPHER_CTX_new has no preconditions; NULL is checked.
-        let raw = unsafe { ffi::EVP_CIPHER_CTX_new() };
-        let ctx = Self(NonNull::new(raw).ok_or_else(|| crypto_err("context allocation"))?);
-        // SAFETY: `ctx` is a live context; EVP_aes_256_xts returns a static cipher; `key` points
-        // to the 64 bytes AES-256-XTS reads; no IV yet (NULL is allowed).
+    /// Sets up a context at `ctx` whose key schedule lives at `data` (`SLOT` bytes).
+    ///
+    /// # Safety
+    /// `ctx` and `data` point into a live, zeroed, exclusively owned page that outlives the
+    /// returned value; `ctx` is aligned for `EVP_CIPHER_CTX` and has room for one, `data` is
+    /// 16-byte aligned with `SLOT` bytes of room, and the two do not overlap.
+    unsafe fn new_in(
+        ctx: *mut ffi::EVP_CIPHER_CTX,
+        data: *mut u8,
+        key: &[u8; 64],
+        encrypt: bool,
+    ) -> Result<Self, XtsError> {
+        let raw = NonNull::new(ctx).ok_or(XtsError::SlotTooSmall)?;
+        // SAFETY: `ctx` is valid for writes of one EVP_CIPHER_CTX (caller).
+        unsafe { ffi::EVP_CIPHER_CTX_init(ctx) };
+        // From here `Drop` releases whatever AWS-LC allocated.
+        let this = Self {
+            ctx: raw,
+            slot: data,
+        };
+        // SAFETY: `ctx` is an initialised context; no key and no IV: AWS-LC allocates the
+        // (keyless) cipher_data on the heap and runs the XTS init, which returns at once
+        // without a key or an IV.
         let rc = unsafe {
             ffi::EVP_CipherInit_ex(
-                ctx.0.as_ptr(),
+                ctx,
                 ffi::EVP_aes_256_xts(),
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+                i32::from(encrypt),
+            )
+        };
+        if rc != 1 {
+            return Err(crypto_err("context setup"));
+        }
+        // SAFETY: `data` has SLOT writable bytes (caller); the canary sits in the slot's tail.
+        unsafe { std::ptr::copy_nonoverlapping(CANARY.as_ptr(), data.add(SLOT - 16), 16) };
+        // SAFETY: `ctx` is a live context set up above. Its heap cipher_data holds no key yet
+        // (only the NULL key pointers of the XTS init ctrl); it is freed (OPENSSL_free
+        // cleanses) and replaced by the zeroed slot of the locked page, in which the same key
+        // pointers read as NULL.
+        unsafe {
+            ffi::OPENSSL_free((*ctx).cipher_data);
+            (*ctx).cipher_data = data.cast();
+        }
+        // SAFETY: live context with its cipher set; cipher NULL keeps it, `key` points to the
+        // 64 bytes AES-256-XTS reads, no IV yet; the schedule is expanded into the slot.
+        let rc = unsafe {
+            ffi::EVP_CipherInit_ex(
+                ctx,
+                std::ptr::null(),
                 std::ptr::null_mut(),
                 key.as_ptr(),
                 std::ptr::null(),
@@ -98,7 +197,13 @@ impl Ctx {
         if rc != 1 {
             return Err(crypto_err("key setup"));
         }
-        Ok(ctx)
+        let mut tail = [0u8; 16];
+        // SAFETY: as above: the slot's last 16 bytes are readable.
+        unsafe { std::ptr::copy_nonoverlapping(data.add(SLOT - 16), tail.as_mut_ptr(), 16) };
+        if tail != CANARY {
+            return Err(XtsError::SlotTooSmall);
+        }
+        Ok(this)
     }
 
     /// Processes one data unit in place with `tweak`.
@@ -108,7 +213,7 @@ impl Ctx {
         // keep the cipher, key schedule and direction and only load the IV.
         let rc = unsafe {
             ffi::EVP_CipherInit_ex(
-                self.0.as_ptr(),
+                self.ctx.as_ptr(),
                 std::ptr::null(),
                 std::ptr::null_mut(),
                 std::ptr::null(),
@@ -124,7 +229,7 @@ impl Ctx {
         // buffering) writes exactly `len` bytes, in place (`out == in` is allowed).
         let rc = unsafe {
             ffi::EVP_CipherUpdate(
-                self.0.as_ptr(),
+                self.ctx.as_ptr(),
                 data.as_mut_ptr(),
                 &mut out_len,
                 data.as_ptr(),
@@ -140,17 +245,27 @@ impl Ctx {
 
 impl Drop for Ctx {
     fn drop(&mut self) {
-        // SAFETY: the context was created by EVP_CIPHER_CTX_new and is freed once; AWS-LC
-        // cleanses the key schedule (OPENSSL_free zeroizes) when freeing it.
-        unsafe { ffi::EVP_CIPHER_CTX_free(self.0.as_ptr()) };
+        let ctx = self.ctx.as_ptr();
+        // SAFETY: `ctx` is the live context set up in `new_in`, inside the page that outlives
+        // it. cipher_data is either the page's slot (not AWS-LC's to free: detached first) or
+        // the keyless heap block of a failed set-up (freed by the cleanup). AES-XTS has no
+        // cleanup hook, so the cleanup only frees cipher_data and clears the context.
+        unsafe {
+            if (*ctx).cipher_data.cast::<u8>() == self.slot {
+                (*ctx).cipher_data = std::ptr::null_mut();
+            }
+            ffi::EVP_CIPHER_CTX_cleanup(ctx);
+        }
     }
 }
 
 /// A keyed AES-256-XTS engine for one queue.
 pub struct XtsCipher {
+    // Field order is drop order: both contexts are released before their page is wiped.
     enc: Ctx,
     dec: Ctx,
     sector: CryptoSectorSize,
+    _page: KeyPage,
 }
 
 impl std::fmt::Debug for XtsCipher {
@@ -162,16 +277,36 @@ impl std::fmt::Debug for XtsCipher {
 }
 
 impl XtsCipher {
-    /// Expands `key` (two AES-256 keys) into encrypt and decrypt contexts. AWS-LC keeps the key
-    /// schedules in its own context memory and cleanses them when the contexts are freed.
+    /// Expands `key` (two AES-256 keys) into encrypt and decrypt contexts, both (context and key
+    /// schedule) inside one fresh locked, `MADV_DONTDUMP` page that is zeroized on drop.
     pub fn new(key: &[u8; 64], sector: CryptoSectorSize) -> Result<Self, XtsError> {
+        const {
+            assert!(std::mem::size_of::<ffi::EVP_CIPHER_CTX>() <= DEC_CTX);
+            assert!(DEC_CTX + std::mem::size_of::<ffi::EVP_CIPHER_CTX>() <= ENC_DATA);
+            assert!(DEC_DATA + SLOT <= PAGE);
+        }
         if key[..32] == key[32..] {
             return Err(XtsError::WeakKey);
         }
+        let mut page = KeyPage(LockedSecret::<PAGE>::new()?);
+        // The page is a page-aligned mapping that does not move while `page` lives; the raw
+        // pointer is taken once and every later access goes through it.
+        let base = page.0.as_mut().as_mut_ptr();
+        // SAFETY: `base` is a zeroed, page-aligned, exclusively owned PAGE-byte mapping; the
+        // four regions (two contexts at 0 and DEC_CTX, two slots at ENC_DATA and DEC_DATA) are
+        // disjoint and in bounds (checked above) and suitably aligned (multiples of 512).
+        // `page` is stored after both contexts in `Self`, so it outlives them; on an error here
+        // the contexts built so far drop before `page` does.
+        let (enc, dec) = unsafe {
+            let enc = Ctx::new_in(base.cast(), base.add(ENC_DATA), key, true)?;
+            let dec = Ctx::new_in(base.add(DEC_CTX).cast(), base.add(DEC_DATA), key, false)?;
+            (enc, dec)
+        };
         Ok(Self {
-            enc: Ctx::new(key, true)?,
-            dec: Ctx::new(key, false)?,
+            enc,
+            dec,
             sector,
+            _page: page,
         })
     }
 

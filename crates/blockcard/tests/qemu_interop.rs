@@ -115,7 +115,9 @@ fn qemu_guest_writes_and_reads_through_the_card() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !have_qemu || !guest.join("vmlinux").exists() || !guest.join("initramfs.cpio").exists() {
-        eprintln!("SKIP qemu interop: needs qemu-system-x86_64 and target/guest/{{vmlinux,initramfs.cpio}} (make guest)");
+        bulkhead_testkit::skip_or_fail(
+            "qemu interop: needs qemu-system-x86_64 and target/guest/{vmlinux,initramfs.cpio} (make guest)",
+        );
         return;
     }
     let env = Env::new(VOL_BYTES);

@@ -195,7 +195,7 @@ fn loop_device_backing() {
     let dev = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
         _ => {
-            eprintln!("SKIP loop_device_backing: losetup unavailable");
+            bulkhead_testkit::skip_or_fail("loop_device_backing: losetup unavailable");
             return;
         }
     };

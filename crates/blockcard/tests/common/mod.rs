@@ -79,6 +79,8 @@ pub struct CardOpts<'a> {
     pub read_only: bool,
     pub host_key: bool,
     pub name: &'a str,
+    /// Where the card's log (stderr) goes; the test's stderr when `None`.
+    pub log: Option<&'a std::path::Path>,
 }
 
 impl Default for CardOpts<'_> {
@@ -88,6 +90,7 @@ impl Default for CardOpts<'_> {
             read_only: false,
             host_key: true,
             name: "card",
+            log: None,
         }
     }
 }
@@ -112,7 +115,26 @@ impl Card {
             .env("BULKHEAD_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(match opts.log {
+                Some(p) => Stdio::from(std::fs::File::create(p).expect("card log")),
+                None => Stdio::inherit(),
+            });
+        // Start the card with core dumps allowed (as a careless operator might), so the test's
+        // "core file size 0" check sees what the card set itself, not what it inherited.
+        // SAFETY: setrlimit is async-signal-safe and only reads the local struct.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                let unlimited = libc::rlimit {
+                    rlim_cur: libc::RLIM_INFINITY,
+                    rlim_max: libc::RLIM_INFINITY,
+                };
+                if libc::setrlimit(libc::RLIMIT_CORE, &unlimited) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         if opts.read_only {
             cmd.arg("--read-only");
         }
