@@ -22,6 +22,35 @@ use crate::hosts::HostClient;
 use crate::repo::{HostRow, InstanceRow, Repository, VolumeRow};
 use crate::{upstream_code, ControlError};
 
+/// Test-only switch: with this variable naming a file in the control plane's own environment,
+/// every KMS exchange is appended to that file as one JSON line
+/// `{"op", "status", "request", "response_b64"}`: the decrypted traffic of the control
+/// plane↔KMS link as the control plane sent and received it, so a test can check what crossed
+/// that link instead of grepping TLS ciphertext. Off unless set; read once; no API,
+/// configuration file or token can set it.
+pub const KMS_DUMP_ENV: &str = "BULKHEAD_TEST_DUMP_KMS_BODIES";
+
+fn kms_dump(op: &str, request: &Value, status: u16, response: &[u8]) {
+    static DUMP: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    let Some(path) = DUMP.get_or_init(|| std::env::var_os(KMS_DUMP_ENV).map(Into::into)) else {
+        return;
+    };
+    let line = json!({
+        "op": op,
+        "status": status,
+        "request": request,
+        "response_b64": B64.encode(response),
+    });
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "{KMS_DUMP_ENV}: writing the KMS body dump failed");
+    }
+}
+
 /// Allowed clock difference for a customer's signed request.
 pub const REQUEST_WINDOW_SECS: u64 = 300;
 /// SMT threads per physical core: instances get whole cores.
@@ -311,9 +340,7 @@ impl ControlPlane {
             .await
     }
 
-    pub(crate) fn flagged_hosts(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, &'static str>> {
+    pub(crate) fn flagged_hosts(&self) -> std::sync::MutexGuard<'_, HashMap<String, &'static str>> {
         lock(&self.flagged)
     }
 
@@ -604,6 +631,7 @@ impl ControlPlane {
         }
     }
 
+    /// One call to the KMS (JSON in, JSON out; non-200 becomes a typed upstream error).
     async fn kms_call(&self, op: &str, body: &Value) -> Result<Value, ControlError> {
         let r = self
             .kms
@@ -619,6 +647,7 @@ impl ControlPlane {
                 tracing::warn!(error = %e, "kms unreachable");
                 ControlError::Upstream
             })?;
+        kms_dump(op, body, r.status, &r.body);
         let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
         if r.status == 200 {
             Ok(v)
@@ -891,10 +920,12 @@ impl ControlPlane {
                             &host.host_id,
                             &host.addr,
                             Operation::AttestHost,
-                            &["host".to_string()],
+                            &["host".to_string(), format!("instance:{instance_id}")],
                             "POST",
                             "/v1/host/attest",
-                            Some(json!({ "nonce": nonce })),
+                            // Bound to the instance: the host quotes only if it runs it, and the
+                            // KMS recomputes the binding from the customer's signed request.
+                            Some(json!({ "nonce": nonce, "instance_id": instance_id })),
                         )
                         .await?,
                 )

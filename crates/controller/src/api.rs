@@ -104,6 +104,11 @@ pub struct DrainRequest {
 pub struct AttestRequest {
     /// The verifier's one-time nonce: 32 bytes, hex.
     pub nonce: String,
+    /// Bind the quote to this instance (qualifying data = SHA-256(nonce || instance_id)). The
+    /// controller quotes only if the instance runs on this host; the token must also grant
+    /// `instance:<id>`. Used by the control plane before the KMS releases a volume key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
 }
 
 /// Body of `POST /v1/instances`.
@@ -179,6 +184,8 @@ pub enum ApiRequest {
     DrainHost,
     AttestHost {
         nonce: [u8; 32],
+        /// The instance the quote is bound to, which must run on this host.
+        instance: Option<ResourceId>,
     },
     CreateInstance {
         id: ResourceId,
@@ -367,7 +374,12 @@ impl ApiRequest {
                     .ok()
                     .and_then(|n| <[u8; 32]>::try_from(n).ok())
                     .ok_or(RequestError::Invalid)?;
-                ApiRequest::AttestHost { nonce }
+                let instance = r
+                    .instance_id
+                    .as_deref()
+                    .map(ResourceId::parse)
+                    .transpose()?;
+                ApiRequest::AttestHost { nonce, instance }
             }
             Operation::CreateInstance => {
                 let r: CreateInstanceRequest = json(body)?;
@@ -453,7 +465,10 @@ impl ApiRequest {
             | ApiRequest::ReadAudit { .. }
             | ApiRequest::ListAlerts
             | ApiRequest::DrainHost
-            | ApiRequest::AttestHost { .. } => vec!["host".to_string()],
+            | ApiRequest::AttestHost { instance: None, .. } => vec!["host".to_string()],
+            ApiRequest::AttestHost {
+                instance: Some(id), ..
+            } => vec!["host".to_string(), inst(id)],
             ApiRequest::CreateInstance { id, .. }
             | ApiRequest::DescribeInstance(id)
             | ApiRequest::StartInstance(id)

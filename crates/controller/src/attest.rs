@@ -7,6 +7,11 @@
 //! where the evidence is checked. If the link breaks, attestation stays unavailable until the
 //! controller restarts (it may not reconnect from inside its sandbox), and the KMS then releases
 //! no volume key to this host.
+//!
+//! A quote may be bound to an instance (qualifying data = SHA-256(nonce || instance id), made
+//! by the agent): the controller asks for that only for an instance its backend runs, so the KMS,
+//! which recomputes the binding from the customer's signed AttachVolume, releases a volume key
+//! only to the host that runs the instance the customer named.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -85,14 +90,19 @@ impl AgentLink {
         self.link.lock().map(|g| g.is_some()).unwrap_or(false)
     }
 
-    /// One quote over `nonce`. Returns the agent's evidence as JSON, unmodified.
-    pub fn quote(&self, nonce: &[u8; 32]) -> Result<serde_json::Value, AttestError> {
+    /// One quote over `nonce`, bound to `instance` if given (the caller has checked that this
+    /// host runs it). Returns the agent's evidence as JSON, unmodified.
+    pub fn quote(
+        &self,
+        nonce: &[u8; 32],
+        instance: Option<&str>,
+    ) -> Result<serde_json::Value, AttestError> {
         let mut guard = match self.link.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         let link = guard.as_mut().ok_or(AttestError::Unavailable)?;
-        let result = exchange(link, nonce);
+        let result = exchange(link, nonce, instance);
         if matches!(result, Err(AttestError::Unavailable)) {
             // A timed-out or broken link may be out of step with the agent: drop it.
             tracing::error!("attestation agent link broken; attestation unavailable until restart");
@@ -102,8 +112,17 @@ impl AgentLink {
     }
 }
 
-fn exchange(link: &mut Link, nonce: &[u8; 32]) -> Result<serde_json::Value, AttestError> {
-    let req = format!("{{\"nonce\":\"{}\"}}\n", hex::encode(nonce));
+fn exchange(
+    link: &mut Link,
+    nonce: &[u8; 32],
+    instance: Option<&str>,
+) -> Result<serde_json::Value, AttestError> {
+    let mut req = match instance {
+        None => serde_json::json!({ "nonce": hex::encode(nonce) }),
+        Some(i) => serde_json::json!({ "nonce": hex::encode(nonce), "instance": i }),
+    }
+    .to_string();
+    req.push('\n');
     link.writer
         .write_all(req.as_bytes())
         .map_err(|_| AttestError::Unavailable)?;

@@ -589,9 +589,18 @@ impl Controller {
                 self.instances.set_draining(true);
                 ack("draining")
             }
-            ApiRequest::AttestHost { nonce } => {
+            ApiRequest::AttestHost { nonce, instance } => {
+                // A quote bound to an instance says this host runs it: only if the backend does.
+                if let Some(id) = instance.clone() {
+                    let d = self.blocking(move |b| b.describe(&id)).await?;
+                    if d.state == api::InstanceState::Terminated {
+                        return Err(BackendError::NoSuchInstance.into());
+                    }
+                }
                 let link = Arc::clone(&self.attest);
-                let evidence = tokio::task::spawn_blocking(move || link.quote(&nonce))
+                let instance = instance.map(|i| i.as_str().to_string());
+                let evidence =
+                    tokio::task::spawn_blocking(move || link.quote(&nonce, instance.as_deref()))
                     .await
                     .map_err(|_| Refusal::Internal)??;
                 json_ok(request_id, StatusCode::OK, &evidence)

@@ -99,6 +99,8 @@ enum Plan {
         tenant: String,
         key: Option<CmkRow>,
         volume: String,
+        /// The customer's CreateVolume signature: used once, for this one volume.
+        authorization: String,
     },
     Decrypt {
         blob: DataKeyBlob,
@@ -335,6 +337,11 @@ impl Kms {
                     return Err(KmsError::BadRequest("volume_id"));
                 }
                 let c = self.forwarded(&r.customer_request, "CreateVolume")?;
+                // One signed CreateVolume, one volume: the authorization is used once (below,
+                // atomically), so it creates a grant for exactly the one volume id it came with.
+                if self.store.authorization_used(&c.signature)? {
+                    return Err(KmsError::AuthorizationReplayed);
+                }
                 let signed_key = str_field(&c.body, "KmsKeyId");
                 if signed_key != r.key_id {
                     return Err(KmsError::WrongCustomerAction);
@@ -356,6 +363,7 @@ impl Kms {
                         tenant: c.tenant,
                         key,
                         volume: r.volume_id,
+                        authorization: c.signature,
                     },
                 ))
             }
@@ -386,7 +394,15 @@ impl Kms {
                         if ev.host != r.host_id {
                             return Err(KmsError::EvidenceForAnotherHost);
                         }
-                        let ok = v.verify(ev).map_err(KmsError::Attestation)?;
+                        // The key goes to the host that runs the instance the customer named in
+                        // the signed AttachVolume: the quote must be bound to that instance
+                        // (qualifying data = SHA-256(nonce || InstanceId)), which the host's
+                        // controller quotes only for an instance it runs.
+                        let instance = str_field(&c.body, "InstanceId")
+                            .ok_or(KmsError::WrongCustomerAction)?;
+                        let ok = v
+                            .verify_for_instance(ev, &instance)
+                            .map_err(KmsError::Attestation)?;
                         let enrolled = hex::decode(&ok.host_public)
                             .ok()
                             .and_then(|raw| HostPublicKey::from_file_bytes(&raw).ok())
@@ -498,7 +514,16 @@ impl Kms {
                 tenant,
                 key,
                 volume,
+                authorization,
             } => {
+                let t = now();
+                let forget = t.saturating_sub(self.window_secs.saturating_mul(2));
+                if !self
+                    .store
+                    .consume_authorization(&authorization, t, forget)?
+                {
+                    return Err(KmsError::AuthorizationReplayed);
+                }
                 let key = match key {
                     Some(k) => k,
                     None => self.default_key(&tenant)?,

@@ -6,9 +6,16 @@
 //! the network or a volume key: it only quotes the measurement PCR over a nonce it is given.
 //!
 //! Wire format, one JSON object per line each way (a request line is at most
-//! [`MAX_REQUEST_LINE`] bytes): request `{"nonce":"<64 hex>"}`; answer the
-//! [`crate::attest::Evidence`] or `{"error":"<code>"}`. Requests on one connection are served in
-//! order; connections one at a time (the TPM is one device).
+//! [`MAX_REQUEST_LINE`] bytes): request `{"nonce":"<64 hex>"}` or
+//! `{"nonce":"<64 hex>","instance":"<id>"}`; answer the [`crate::attest::Evidence`] or
+//! `{"error":"<code>"}`. Requests on one connection are served in order; connections one at a
+//! time (the TPM is one device).
+//!
+//! With an instance, the quote's qualifying data is
+//! [`crate::attest::qualifying_data`]`(nonce, instance)` = SHA-256(nonce || instance id): the
+//! evidence then says "this host, measured so, runs this instance", and a verifier expecting
+//! another instance (or none) refuses it. The controller asks for it only for an instance its
+//! backend runs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -25,6 +32,9 @@ pub const MAX_REQUEST_LINE: usize = 256;
 pub struct AgentRequest {
     /// The verifier's nonce, hex (exactly 32 bytes).
     pub nonce: String,
+    /// The instance the quote is bound to, if any (a resource id: 1-64 of `A-Za-z0-9-_.`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// Why a request line was refused. Codes are stable.
@@ -36,6 +46,8 @@ pub enum AgentError {
     BadRequest,
     #[error("nonce must be {MAX_NONCE_LEN} bytes of hex")]
     BadNonce,
+    #[error("instance id must be 1-64 of A-Za-z0-9-_.")]
+    BadInstance,
     #[error("the TPM could not quote")]
     QuoteFailed,
 }
@@ -46,24 +58,33 @@ impl AgentError {
             AgentError::TooLong => "agent_line_too_long",
             AgentError::BadRequest => "agent_bad_request",
             AgentError::BadNonce => "agent_bad_nonce",
+            AgentError::BadInstance => "agent_bad_instance",
             AgentError::QuoteFailed => "agent_quote_failed",
         }
     }
 }
 
-/// The only parser of the agent's input.
-pub fn parse_request(line: &[u8]) -> Result<[u8; MAX_NONCE_LEN], AgentError> {
+/// The only parser of the agent's input. Returns what the quote's qualifying data is made of:
+/// the nonce, and the instance it is bound to (if any).
+pub fn parse_request(line: &[u8]) -> Result<([u8; MAX_NONCE_LEN], Option<String>), AgentError> {
     if line.len() > MAX_REQUEST_LINE {
         return Err(AgentError::TooLong);
     }
     let r: AgentRequest = serde_json::from_slice(line).map_err(|_| AgentError::BadRequest)?;
     let raw = hex::decode(r.nonce).map_err(|_| AgentError::BadNonce)?;
-    raw.try_into().map_err(|_| AgentError::BadNonce)
+    let nonce = raw.try_into().map_err(|_| AgentError::BadNonce)?;
+    if let Some(i) = &r.instance {
+        if !crate::attest::valid_instance_id(i) {
+            return Err(AgentError::BadInstance);
+        }
+    }
+    Ok((nonce, r.instance))
 }
 
 fn answer(host: &mut Host, line: &[u8]) -> String {
-    let result = parse_request(line).and_then(|nonce| {
-        host.attest(&nonce).map_err(|e| {
+    let result = parse_request(line).and_then(|(nonce, instance)| {
+        let qualifying = crate::attest::qualifying_data(&nonce, instance.as_deref());
+        host.attest(&qualifying).map_err(|e| {
             tracing::warn!(error = %e, "quote failed");
             AgentError::QuoteFailed
         })
@@ -119,12 +140,24 @@ pub fn serve(host: &mut Host, listener: &UnixListener) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
     fn requests_are_strict() {
         let n = "ab".repeat(32);
         assert!(parse_request(format!(r#"{{"nonce":"{n}"}}"#).as_bytes()).is_ok());
+        let (_, i) =
+            parse_request(format!(r#"{{"nonce":"{n}","instance":"i-1"}}"#).as_bytes()).unwrap();
+        assert_eq!(i.as_deref(), Some("i-1"));
+        assert_eq!(
+            parse_request(format!(r#"{{"nonce":"{n}","instance":"../x"}}"#).as_bytes()),
+            Err(AgentError::BadInstance)
+        );
+        assert_eq!(
+            parse_request(format!(r#"{{"nonce":"{n}","instance":""}}"#).as_bytes()),
+            Err(AgentError::BadInstance)
+        );
         for bad in [
             String::new(),
             "{}".to_string(),

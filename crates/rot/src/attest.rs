@@ -8,7 +8,10 @@
 //! 3. the ECDSA P-256 signature over the attest bytes verifies under the host's **enrolled** AK
 //!    (a quote made by any other TPM, or altered, fails here);
 //! 4. the qualifying data is a nonce this verifier issued to this host, not yet used and not
-//!    older than the nonce lifetime (it is consumed: a replayed quote fails);
+//!    older than the nonce lifetime (it is consumed: a replayed quote fails) — or, for
+//!    [`Verifier::verify_for_instance`], SHA-256(that nonce || the instance id the verifier
+//!    expects), so that the evidence also says which instance the host runs
+//!    ([`qualifying_data`]);
 //! 5. the quote covers exactly the SHA-384 measurement PCR;
 //! 6. the event log parses, names this environment, and replays to the quoted PCR digest;
 //! 7. the replayed value is the expected PCR value of a signed release accepted for this
@@ -32,6 +35,31 @@ use crate::RotError;
 pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(60);
 /// Most outstanding nonces (oldest are dropped beyond this).
 pub const MAX_OUTSTANDING_NONCES: usize = 4096;
+
+/// The quote's qualifying data: the verifier's nonce, or, bound to an instance,
+/// SHA-256(nonce || instance id). The attestation agent quotes over it; the host's controller
+/// asks for the bound form only for an instance it runs; a verifier expecting an instance
+/// recomputes it.
+pub fn qualifying_data(nonce: &[u8; MAX_NONCE_LEN], instance: Option<&str>) -> [u8; MAX_NONCE_LEN] {
+    match instance {
+        None => *nonce,
+        Some(id) => {
+            let mut h = Sha256::new();
+            h.update(nonce);
+            h.update(id.as_bytes());
+            h.finalize().into()
+        }
+    }
+}
+
+/// An instance identifier as the controller accepts it: 1-64 of `A-Za-z0-9-_.`.
+pub fn valid_instance_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
 
 /// What a host presents.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -72,6 +100,11 @@ pub enum AttestError {
     BadSignature(String),
     #[error("nonce was not issued to this host, or was already used (replay)")]
     NonceUnknownOrReplayed,
+    #[error(
+        "quote is not bound to instance {0} over a nonce issued to this host (the host does not \
+         run it, quoted for another instance, or the nonce is unknown or spent)"
+    )]
+    NotBoundToInstance(String),
     #[error("nonce expired")]
     NonceExpired,
     #[error("quote does not cover exactly the measurement PCR")]
@@ -92,6 +125,7 @@ impl AttestError {
             AttestError::EnvironmentMismatch { .. } => "attest_environment_mismatch",
             AttestError::BadSignature(_) => "attest_bad_signature",
             AttestError::NonceUnknownOrReplayed => "attest_nonce_replayed",
+            AttestError::NotBoundToInstance(_) => "attest_not_bound_to_instance",
             AttestError::NonceExpired => "attest_nonce_expired",
             AttestError::WrongPcrSelection => "attest_wrong_pcr_selection",
             AttestError::BadEventLog(_) => "attest_bad_event_log",
@@ -209,6 +243,25 @@ impl Verifier {
 
     /// Full check of `evidence`; see the module documentation for the order.
     pub fn verify(&mut self, evidence: &Evidence) -> Result<Attested, AttestError> {
+        self.verify_bound(evidence, None)
+    }
+
+    /// As [`Verifier::verify`], and the quote must be bound to `instance`: its qualifying data
+    /// is SHA-256(nonce || instance) for a nonce this verifier issued to the host. Evidence the
+    /// host quoted for another instance, or unbound, is refused.
+    pub fn verify_for_instance(
+        &mut self,
+        evidence: &Evidence,
+        instance: &str,
+    ) -> Result<Attested, AttestError> {
+        self.verify_bound(evidence, Some(instance))
+    }
+
+    fn verify_bound(
+        &mut self,
+        evidence: &Evidence,
+        instance: Option<&str>,
+    ) -> Result<Attested, AttestError> {
         let attest_raw =
             hex::decode(&evidence.quote.attest).map_err(|_| AttestError::MalformedQuote)?;
         let sig =
@@ -237,11 +290,23 @@ impl Verifier {
             .map_err(|_| AttestError::BadSignature(evidence.host.clone()))?;
         let host_public = enrolled.host_public.clone();
 
-        let nonce: [u8; MAX_NONCE_LEN] = attest
+        let qualifying: [u8; MAX_NONCE_LEN] = attest
             .extra_data()
             .value()
             .try_into()
             .map_err(|_| AttestError::NonceUnknownOrReplayed)?;
+        let nonce = match instance {
+            None => qualifying,
+            // The nonce this verifier issued to the host for which the qualifying data is the
+            // binding to `id` (a host has few outstanding nonces).
+            Some(id) => self
+                .nonces
+                .iter()
+                .filter(|(_, o)| o.host == evidence.host)
+                .map(|(n, _)| *n)
+                .find(|n| qualifying_data(n, Some(id)) == qualifying)
+                .ok_or_else(|| AttestError::NotBoundToInstance(id.to_string()))?,
+        };
         let out = self
             .nonces
             .remove(&nonce)
