@@ -4,6 +4,8 @@
 #   BULKHEAD_PG_URL="host=127.0.0.1 port=PORT user=bulkhead dbname=bulkhead"
 # and runs the command; the server and its directory are removed afterwards.
 # Usage: scripts/with-postgres.sh cargo test --release -p bulkhead-control pg::
+# `make test` runs it with BULKHEAD_REQUIRE_ALL=1 (passed through to the command), so the
+# PostgreSQL test fails instead of skipping if BULKHEAD_PG_URL does not reach it.
 # Needs Debian's postgresql package (scripts/install-deps.sh). As root, the server runs as the
 # `postgres` system user (initdb refuses to run as root).
 set -euo pipefail

@@ -140,7 +140,9 @@ fn target_bin(name: &str) -> std::path::PathBuf {
 fn audit_verify_counts_and_finds_the_first_broken_record() {
     let controller = target_bin("bulkhead-controller");
     if !controller.exists() {
-        eprintln!("*** SKIPPED: build bulkhead-controller first (cargo build --release) ***");
+        bulkhead_testkit::skip_or_fail(
+            "audit_verify_counts_and_finds_the_first_broken_record: build bulkhead-controller first (cargo build --release)",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -172,17 +174,31 @@ fn audit_verify_counts_and_finds_the_first_broken_record() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("5 records"));
     // Tamper with record 3: verification stops at record 4 (whose prev no longer matches).
     let text = std::fs::read_to_string(&log).unwrap();
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let intact: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut lines = intact.clone();
+    assert!(lines[2].contains("\"allow\""), "{}", lines[2]);
     lines[2] = lines[2].replace("\"allow\"", "\"deny\"");
     std::fs::write(&log, lines.join("\n") + "\n").unwrap();
     let out = bulkhead(&["audit", "verify", s(&log)]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 4"), "{err}");
-    // Deleting a record is found too.
-    lines.remove(1);
-    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
-    assert!(!bulkhead(&["audit", "verify", s(&log)]).status.success());
+    // Deleting a record is found too, on an otherwise intact log: restore the original, check
+    // it verifies again (so only the deletion can break it), then delete record 2.
+    std::fs::write(&log, intact.join("\n") + "\n").unwrap();
+    let out = bulkhead(&["audit", "verify", s(&log)]);
+    assert!(
+        out.status.success(),
+        "the restored log must verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut deleted = intact.clone();
+    deleted.remove(1);
+    std::fs::write(&log, deleted.join("\n") + "\n").unwrap();
+    let out = bulkhead(&["audit", "verify", s(&log)]);
+    assert!(!out.status.success(), "a deleted middle record verified");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2"), "{err}");
 }
 
 fn tokio_free_append(log: &Path, n: usize) -> u64 {

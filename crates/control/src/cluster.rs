@@ -138,6 +138,16 @@ impl Cluster {
     /// Restarts host `name`'s controller (after [`Cluster::kill9`]) with the same configuration
     /// and address. Its guests and block cards died with the old one.
     pub fn restart_host(&mut self, name: &str) -> Result<(), ClusterError> {
+        self.restart_host_with_env(name, &[])
+    }
+
+    /// As [`Cluster::restart_host`], with extra environment variables for the new controller
+    /// process only (tests use it to arm the controller's `BULKHEAD_FAULT` hook on one host).
+    pub fn restart_host_with_env(
+        &mut self,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(), ClusterError> {
         let launch = self
             .launches
             .iter()
@@ -145,13 +155,25 @@ impl Cluster {
             .cloned()
             .ok_or(ClusterError::BadHosts)?;
         self.children.retain(|(n, _)| n != name);
-        let (child, _) = spawn_ready(name, &mut launch.command(), &self.dir.join("logs"))?;
+        let mut cmd = launch.command();
+        cmd.envs(env.iter().copied());
+        let (child, _) = spawn_ready(name, &mut cmd, &self.dir.join("logs"))?;
         self.children.push((name.to_string(), child));
         Ok(())
     }
 
     /// Restarts the control plane (after [`Cluster::kill9`]) with the same configuration.
     pub fn restart_control(&mut self, bins: &Path) -> Result<(), ClusterError> {
+        self.restart_control_with_env(bins, &[])
+    }
+
+    /// As [`Cluster::restart_control`], with extra environment variables for the new control
+    /// plane process only (tests use it for its `BULKHEAD_TEST_DUMP_KMS_BODIES` switch).
+    pub fn restart_control_with_env(
+        &mut self,
+        bins: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<(), ClusterError> {
         self.children.retain(|(n, _)| n != "control");
         let cfg = self.dir.join("control.toml");
         let (child, _) = spawn_ready(
@@ -160,7 +182,8 @@ impl Cluster {
                 .arg("serve")
                 .arg("--config")
                 .arg(&cfg)
-                .arg("--dev"),
+                .arg("--dev")
+                .envs(env.iter().copied()),
             &self.dir.join("logs"),
         )?;
         self.children.push(("control".into(), child));

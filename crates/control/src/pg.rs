@@ -566,7 +566,9 @@ mod tests {
     #[test]
     fn postgres_passes_repository_contract() {
         let Ok(url) = std::env::var("BULKHEAD_PG_URL") else {
-            eprintln!("SKIPPED: BULKHEAD_PG_URL not set (run under scripts/with-postgres.sh)");
+            bulkhead_testkit::skip_or_fail(
+                "postgres_passes_repository_contract: BULKHEAD_PG_URL not set (run under scripts/with-postgres.sh)",
+            );
             return;
         };
         // A fresh schema per run: drop what an earlier run left.

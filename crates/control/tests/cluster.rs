@@ -263,7 +263,7 @@ fn post(
 /// What the control plane does before DecryptForHost: a KMS nonce for `host`, quoted by the
 /// host's TPM through its controller (with a token minted for AttestHost on that host).
 /// `None` when the cluster's KMS does not require attestation.
-fn evidence(c: &Cluster, host: &str) -> Option<Value> {
+fn evidence(c: &Cluster, host: &str, instance: &str) -> Option<Value> {
     let cp = as_control_plane(c);
     let (st, ch) = post(
         &cp,
@@ -276,7 +276,12 @@ fn evidence(c: &Cluster, host: &str) -> Option<Value> {
     if ch["required"] != true {
         return None;
     }
-    Some(quote(c, host, ch["nonce"].as_str().unwrap()))
+    Some(quote_for(
+        c,
+        host,
+        ch["nonce"].as_str().unwrap(),
+        Some(instance),
+    ))
 }
 
 /// The host's evidence over `nonce`, through its controller.
@@ -342,7 +347,7 @@ fn data_key(c: &Cluster, a: &Customer, va: &str, ia: &str) -> (Vec<u8>, String) 
         "host_id": host_of,
         "host_public_key": B64.encode(std::fs::read(host_dir.join("host.pub")).unwrap()),
         "customer_request": a.forwarded("AttachVolume", json!({"VolumeId": va, "InstanceId": ia})),
-        "evidence": evidence(c, &host_of),
+        "evidence": evidence(c, &host_of, ia),
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1037,7 +1042,10 @@ fn token_service_alone_holds_the_key_and_mints_only_what_a_certificate_may_hold(
     let key = hex::decode(&key_hex).unwrap();
     assert_eq!(key.len(), 32, "unexpected key file format: {key_text}");
     let mut needles = vec![
-        ("key file text".to_string(), key_text.trim().as_bytes().to_vec()),
+        (
+            "key file text".to_string(),
+            key_text.trim().as_bytes().to_vec(),
+        ),
         ("hex key".into(), key_hex.to_lowercase().into_bytes()),
         ("HEX key".into(), key_hex.to_uppercase().into_bytes()),
         ("base64 key".into(), B64.encode(&key).into_bytes()),
@@ -1073,7 +1081,10 @@ fn token_service_alone_holds_the_key_and_mints_only_what_a_certificate_may_hold(
         &token.as_bytes()[..40],
         &token.as_bytes()[token.len() - 40..],
     ];
-    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "log")) {
+    for f in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "log"))
+    {
         let hay = std::fs::read(f).unwrap();
         for n in token_needles {
             assert!(

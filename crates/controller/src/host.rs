@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use bulkhead_hypervisor_client::{
@@ -172,8 +172,46 @@ fn channel_err(what: &'static str) -> impl Fn(ClientError) -> BackendError {
     }
 }
 
+/// The environment variable of the test-only fault hook.
+pub const FAULT_ENV: &str = "BULKHEAD_FAULT";
+
+/// A test-only fault the controller injects at a fixed point, so a test can make a crash land
+/// at exactly that point instead of racing a `kill -9` against the work. Read once from
+/// [`FAULT_ENV`] when the backend is built (controller start); compiled in always, inert unless
+/// the variable is set in the controller's own environment, which only whoever starts the
+/// process controls: no API, configuration file or token can set it. Values:
+/// * `attach:after_card_keyed:exit` — AttachVolume exits the controller (status 70) right after
+///   the block card has keyed the volume, before the disk is plugged into the guest;
+/// * `attach:after_card_keyed:stall` — the same point, but the attach blocks forever (the test
+///   then kills the controller with SIGKILL, mid-attach by construction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    AttachAfterCardKeyedExit,
+    AttachAfterCardKeyedStall,
+}
+
+static FAULT: OnceLock<Option<Fault>> = OnceLock::new();
+
+fn fault() -> Option<Fault> {
+    *FAULT.get_or_init(|| {
+        let v = std::env::var(FAULT_ENV).ok()?;
+        let f = match v.as_str() {
+            "attach:after_card_keyed:exit" => Fault::AttachAfterCardKeyedExit,
+            "attach:after_card_keyed:stall" => Fault::AttachAfterCardKeyedStall,
+            _ => {
+                tracing::warn!(value = %v, "unknown {FAULT_ENV} ignored");
+                return None;
+            }
+        };
+        tracing::warn!(fault = ?f, "{FAULT_ENV} is set: a test fault hook is armed");
+        Some(f)
+    })
+}
+
 impl HostBackend {
     pub fn new(cfg: HostConfig, launcher: Launcher) -> Self {
+        // The fault hook is read here, once, at controller start.
+        let _ = fault();
         HostBackend {
             cfg,
             launcher,
@@ -710,6 +748,19 @@ impl VolumeBackend for HostBackend {
             self.kill_unkeyed_card(att.card_pid);
             release();
             return Err(e);
+        }
+        match fault() {
+            None => {}
+            Some(Fault::AttachAfterCardKeyedExit) => {
+                tracing::error!(volume = %volume, "fault hook: exiting mid-attach (card keyed)");
+                std::process::exit(70);
+            }
+            Some(Fault::AttachAfterCardKeyedStall) => {
+                tracing::error!(volume = %volume, "fault hook: stalling mid-attach (card keyed)");
+                loop {
+                    std::thread::park();
+                }
+            }
         }
         let plugged = match g.vm.as_mut() {
             Some(vm) => self.plug(vm, &att),

@@ -545,3 +545,65 @@ fn production_mode_refuses_to_start_with_missing_inputs() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// A token scoped to one instance cannot act on another instance of the same customer on the
+/// same host: refused with `token_resource_not_granted` (a 403, never a 500), audited as a deny,
+/// and the other instance is untouched.
+#[test]
+fn token_scoped_to_one_instance_is_refused_on_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = d.client("customer");
+    let broad = d.mint(
+        "customer",
+        HOST,
+        &[Operation::CreateInstance, Operation::DescribeInstance],
+        MIN5,
+    );
+    for id in ["i-a", "i-b"] {
+        let body =
+            format!(r#"{{"instance_id":"{id}","image":"img-1","vcpus":1,"memory_mib":128}}"#);
+        let r = c
+            .request("POST", "/v1/instances", Some(&broad), body.as_bytes())
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let st = d.state();
+    let (id, _) = st.ca().identity("customer").unwrap();
+    let (scoped, _) = st
+        .token_service()
+        .unwrap()
+        .mint(&bulkhead_tokens::MintRequest {
+            caller: id,
+            hosts: vec![HOST.into()],
+            operations: vec![Operation::DescribeInstance, Operation::TerminateInstance],
+            resources: Some(vec![bulkhead_tokens::ResourcePattern::parse(
+                "instance:i-a",
+            )
+            .unwrap()]),
+            ttl: MIN5,
+        })
+        .unwrap();
+    // On its own instance the token works.
+    let r = c
+        .request("GET", "/v1/instances/i-a", Some(&scoped), b"")
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // On the other instance: refused, both reading and acting.
+    let r = c
+        .request("GET", "/v1/instances/i-b", Some(&scoped), b"")
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_denied_and_audited(&d, &r, "token_resource_not_granted");
+    let r = c
+        .request("POST", "/v1/instances/i-b/terminate", Some(&scoped), b"")
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_denied_and_audited(&d, &r, "token_resource_not_granted");
+    // Instance B is untouched.
+    let r = c
+        .request("GET", "/v1/instances/i-b", Some(&broad), b"")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_ne!(r.json["state"], "terminated", "{}", r.json);
+}

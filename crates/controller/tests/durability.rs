@@ -95,9 +95,8 @@ impl Drop for Mount {
 #[test]
 fn full_disk_under_the_audit_log_fails_closed() {
     if !is_root() {
-        eprintln!(
-            "\n*** SKIPPED full_disk_under_the_audit_log_fails_closed: needs root to mount a \
-             tmpfs. This test did NOT run. ***\n"
+        bulkhead_testkit::skip_or_fail(
+            "full_disk_under_the_audit_log_fails_closed: needs root to mount a tmpfs",
         );
         return;
     }
@@ -111,9 +110,8 @@ fn full_disk_under_the_audit_log_fails_closed() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!(
-            "\n*** SKIPPED full_disk_under_the_audit_log_fails_closed: mount -t tmpfs failed \
-             (no CAP_SYS_ADMIN in this sandbox?). This test did NOT run. ***\n"
+        bulkhead_testkit::skip_or_fail(
+            "full_disk_under_the_audit_log_fails_closed: mount -t tmpfs failed (no CAP_SYS_ADMIN in this sandbox?)",
         );
         return;
     }

@@ -89,12 +89,12 @@ fn can_boot(test: &str) -> bool {
     let guest = guest_dir();
     let have_guest = guest.join("vmlinux").is_file() && guest.join("initramfs.cpio").is_file();
     if !kvm || !have_guest {
-        eprintln!(
-            "*** SKIPPED {test}: needs /dev/kvm ({}) and the test guest in {} ({}); run `make guest`",
+        bulkhead_testkit::skip_or_fail(&format!(
+            "{test}: needs /dev/kvm ({}) and the test guest in {} ({}); run `make guest`",
             if kvm { "present" } else { "ABSENT" },
             guest.display(),
             if have_guest { "present" } else { "ABSENT" },
-        );
+        ));
         return false;
     }
     let release = Path::new(controller_bin()).parent().unwrap();

@@ -25,16 +25,16 @@ pub fn guest_dir() -> PathBuf {
 /// is truly absent.
 pub fn guest_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
     if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("\n*** SKIPPED {test}: /dev/kvm is absent on this machine ***\n");
+        bulkhead_testkit::skip_or_fail(&format!("{test}: /dev/kvm is absent on this machine"));
         return None;
     }
     let d = guest_dir();
     let (k, i) = (d.join("vmlinux"), d.join("initramfs.cpio"));
     if !k.exists() || !i.exists() {
-        eprintln!(
-            "\n*** SKIPPED {test}: no test guest in {} (run `make guest`) ***\n",
+        bulkhead_testkit::skip_or_fail(&format!(
+            "{test}: no test guest in {} (run `make guest`)",
             d.display()
-        );
+        ));
         return None;
     }
     Some((k, i))
@@ -161,7 +161,7 @@ impl QsdDisk {
     /// `None` (after a loud message) when qemu-storage-daemon is not installed.
     pub fn new(test: &str, mib: usize, queues: u16) -> Option<QsdDisk> {
         let Some(qsd) = which("qemu-storage-daemon") else {
-            eprintln!("\n*** SKIPPED {test}: qemu-storage-daemon absent ***\n");
+            bulkhead_testkit::skip_or_fail(&format!("{test}: qemu-storage-daemon absent"));
             return None;
         };
         let dir = tempfile::tempdir().expect("tempdir");

@@ -375,8 +375,8 @@ fn softhsm(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
         .output()
         .is_ok();
     let Some(module) = module.filter(|_| util) else {
-        eprintln!(
-            "*** SKIPPED PKCS#11 test: SoftHSM2 not installed (apt-get install softhsm2) ***"
+        bulkhead_testkit::skip_or_fail(
+            "PKCS#11 test: SoftHSM2 not installed (apt-get install softhsm2)",
         );
         return None;
     };

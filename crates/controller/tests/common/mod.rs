@@ -271,7 +271,11 @@ pub fn assert_denied_and_audited(d: &Daemon, r: &Resp, code: &str) {
         "response: {}",
         String::from_utf8_lossy(&r.body)
     );
-    assert!(r.status >= 400);
+    assert!(
+        (400..500).contains(&r.status),
+        "a refusal must be a 4xx, got {} ({code})",
+        r.status
+    );
     let rec = request_record(&d.audit(), &r.request_id);
     assert_eq!(rec["entry"]["decision"], "deny");
     assert_eq!(rec["entry"]["code"], code);
