@@ -124,7 +124,11 @@ pub fn lines_of(v: &Value) -> Vec<String> {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|r| r.as_str().map(str::to_string).unwrap_or_else(|| r.to_string()))
+                .map(|r| {
+                    r.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| r.to_string())
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -135,17 +139,16 @@ impl ControlPlane {
     pub(crate) async fn raise(&self, f: &Finding) {
         tracing::error!(rule = f.rule, host = %f.host, evidence = %f.evidence, "fleet alert");
         let id = crate::service::new_id("alert");
-        if let Err(e) = self
-            .audit_alert(&id, f.rule, &f.host, &f.evidence)
-            .await
-        {
+        if let Err(e) = self.audit_alert(&id, f.rule, &f.host, &f.evidence).await {
             tracing::error!(error = %e, "could not record fleet alert");
         }
     }
 
     /// Marks `host` as flagged by `rule` (its pulls stop); returns false if it already was.
     pub(crate) fn flag(&self, host: &str, rule: &'static str) -> bool {
-        self.flagged_hosts().insert(host.to_string(), rule).is_none()
+        self.flagged_hosts()
+            .insert(host.to_string(), rule)
+            .is_none()
     }
 
     /// The rule that flagged `host`, if any.
