@@ -327,3 +327,62 @@ fn every_refusal_of_the_token_service_kms_and_control_plane_is_audited() {
         assert!(!text.contains("PIN"), "{l} holds a refused body");
     }
 }
+
+#[test]
+fn an_operator_call_is_answered_within_1s_while_2000_idle_connections_are_open() {
+    bulkhead_mtls::raise_nofile_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path());
+    let ca = dir.path().join("ca");
+    let other = tls(&ca, Some("control-plane"));
+    let addr = c.operator_addr.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // 1,000 TLS connections of one (non-operator) identity that never send a request, then
+    // 1,000 TCP connections that never start a handshake.
+    let (held_tls, held_tcp) = rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..1000u64 {
+            let cfg = Arc::clone(&other);
+            let addr = addr.clone();
+            tasks.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(i % 50)).await;
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                tokio_rustls::TlsConnector::from(cfg)
+                    .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+                    .await
+            });
+        }
+        let mut tls = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(s) = r.unwrap() {
+                tls.push(s);
+            }
+        }
+        let mut tcp = Vec::new();
+        for _ in 0..1000 {
+            tcp.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        }
+        (tls, tcp)
+    });
+    let op = tls(&ca, Some("operator"));
+    let started = Instant::now();
+    let r = raw(
+        &op,
+        &c.operator_addr,
+        &request("GET", "/v1/operator/hosts", b""),
+    );
+    let took = started.elapsed();
+    eprintln!(
+        "operator call with {} TLS + {} TCP idle connections open: {took:?}",
+        held_tls.len(),
+        held_tcp.len()
+    );
+    assert_eq!(status(&r), 200, "{}", String::from_utf8_lossy(&r));
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    drop(held_tcp);
+    drop(held_tls);
+}
