@@ -14,11 +14,39 @@
 //! File descriptors (a vhost-user socket for `AttachBlock`) travel beside the frame as
 //! `SCM_RIGHTS` ancillary data. This crate does no I/O: it turns bytes into checked types and
 //! back, so the same code runs in the hypervisor, the controller and the fuzz target.
+//!
+//! ## Long operations: accepted now, completed later, polled by request id
+//!
+//! Every exchange is one request and one response, in order: the hypervisor never sends a
+//! frame nobody asked for. `AttachBlock` and `DetachBlock` on a running guest must wait for the
+//! guest's driver (bind a hot-plugged card, release a pulled one: seconds on software KVM), so
+//! they do not hold the channel meanwhile:
+//!
+//! 1. The request is checked at once (state, device id, free slot, the vhost-user handshake).
+//!    A refusal comes back as `Err(CommandError::..)` and nothing changed.
+//! 2. Otherwise the reply is [`Reply::Accepted`]`{ op }`, where `op` is the *request id* of
+//!    the `AttachBlock`/`DetachBlock` (so request ids of long commands must be non-zero and not
+//!    reused while their operation is held: [`CommandError::OpIdInUse`]).
+//! 3. The client asks [`Command::OpStatus`]`{ op }` whenever it likes: the answer is
+//!    [`Reply::Op`] with [`OpStatus::Pending`], or [`OpStatus::Done`] exactly once, after which
+//!    the hypervisor forgets the operation (a later `OpStatus` for it is
+//!    [`CommandError::NoSuchOp`]).
+//! 4. Between those polls any other command is served at once: `Stats`, `ReadConsole`,
+//!    `Pause`, `Shutdown` (which abandons the waits: the VM is gone), and further hot-plugs of
+//!    other devices. A command for a device that has an operation in flight is refused with
+//!    [`CommandError::DeviceBusy`]. At most [`MAX_OPS`] operations are held (pending or done but
+//!    not yet collected); beyond that: [`CommandError::TooManyOps`].
+//!
+//! The hypervisor bounds every wait (the card stays plugged on an attach the guest did not bind
+//! in time; a detach closes the backend connection at the deadline regardless), so every
+//! accepted operation reaches `Done`. [`OpTable`] is the bookkeeping both rules above need, kept
+//! here so it is tested without a VM.
 
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in every envelope. Bumped on any incompatible change.
-pub const VERSION: u16 = 1;
+/// Version 2: long operations answered by `Accepted` + `OpStatus`, more error kinds.
+pub const VERSION: u16 = 2;
 /// Largest body accepted, in bytes. Console reads are capped well below it.
 pub const MAX_FRAME: u32 = 64 * 1024;
 /// Largest console chunk returned by one `ReadConsole`.
@@ -27,6 +55,8 @@ pub const MAX_CONSOLE_CHUNK: u32 = 32 * 1024;
 pub const MAX_DEVICE_ID: usize = 32;
 /// Size of the length prefix.
 pub const HEADER_LEN: usize = 4;
+/// Most long operations the hypervisor holds at once (pending, or done and not yet collected).
+pub const MAX_OPS: usize = 16;
 
 /// A device id: 1–32 bytes of `[a-z0-9-]`, checked at the boundary.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -92,12 +122,31 @@ pub enum Command {
     ReadConsole { cursor: u64, max: u32 },
     /// Report counters.
     Stats,
+    /// How is the long operation accepted under request id `op` doing? (See the module docs.)
+    OpStatus { op: u64 },
 }
 
 impl Command {
     /// Whether this command must carry exactly one file descriptor.
     pub fn wants_fd(&self) -> bool {
         matches!(self, Command::AttachBlock { .. })
+    }
+
+    /// Whether this command is a long operation: answered with [`Reply::Accepted`] and
+    /// completed later ([`Command::OpStatus`]).
+    pub fn is_long(&self) -> bool {
+        matches!(
+            self,
+            Command::AttachBlock { .. } | Command::DetachBlock { .. }
+        )
+    }
+
+    /// The device a command names, if any.
+    pub fn device(&self) -> Option<&DeviceId> {
+        match self {
+            Command::AttachBlock { id, .. } | Command::DetachBlock { id } => Some(id),
+            _ => None,
+        }
     }
 }
 
@@ -142,6 +191,23 @@ pub enum Reply {
         state: VmState,
         guest_acknowledged: bool,
     },
+    /// A long command (`AttachBlock`/`DetachBlock`) passed its checks and runs on; `op` (its
+    /// request id) names it for [`Command::OpStatus`].
+    Accepted { op: u64 },
+    /// Where the long operation `op` stands.
+    Op { op: u64, status: OpStatus },
+}
+
+/// Where a long operation stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpStatus {
+    /// Still waiting for the guest.
+    Pending,
+    /// Finished; the same meaning as [`Reply::Device`]. Reported once, then forgotten.
+    Done {
+        state: VmState,
+        guest_acknowledged: bool,
+    },
 }
 
 /// Why the hypervisor refused or failed a command. Stable, matchable codes.
@@ -161,6 +227,16 @@ pub enum CommandError {
     MissingFd,
     #[error("the vhost-user backend failed: {0:?}")]
     Backend(BackendFailure),
+    #[error("the VM has no interrupt routes left for another device")]
+    OutOfInterruptRoutes,
+    #[error("an operation on that device is still in flight")]
+    DeviceBusy,
+    #[error("no long operation with that id is held")]
+    NoSuchOp,
+    #[error("an operation with that request id is still held")]
+    OpIdInUse,
+    #[error("too many long operations held")]
+    TooManyOps,
     #[error("the hypervisor failed internally")]
     Internal,
 }
@@ -210,6 +286,8 @@ pub enum DecodeError {
     BadDeviceId,
     #[error("console read of {max} bytes exceeds {limit}")]
     ConsoleTooLarge { max: u32, limit: u32 },
+    #[error("a long operation needs a non-zero request id")]
+    ZeroOpId,
 }
 
 /// Reads the body length from a 4-byte header, refusing oversized frames before any buffering.
@@ -275,6 +353,10 @@ impl Request {
                 });
             }
         }
+        let op_zero = matches!(req.command, Command::OpStatus { op: 0 });
+        if op_zero || (req.command.is_long() && req.id == 0) {
+            return Err(DecodeError::ZeroOpId);
+        }
         Ok(req)
     }
 
@@ -305,6 +387,109 @@ impl Response {
     /// Encodes a response as a frame.
     pub fn encode(&self) -> Vec<u8> {
         encode(self)
+    }
+}
+
+/// The hypervisor's table of long operations: which request ids are held, which device each
+/// names, and each one's outcome once known. Bounded by [`MAX_OPS`]; every refusal is a
+/// [`CommandError`] the caller sends back unchanged.
+#[derive(Debug)]
+pub struct OpTable<W> {
+    ops: Vec<HeldOp<W>>,
+}
+
+#[derive(Debug)]
+struct HeldOp<W> {
+    op: u64,
+    device: DeviceId,
+    /// What the hypervisor is waiting for (`None` once done).
+    wait: Option<W>,
+    done: Option<(VmState, bool)>,
+}
+
+impl<W> Default for OpTable<W> {
+    fn default() -> Self {
+        OpTable { ops: Vec::new() }
+    }
+}
+
+impl<W> OpTable<W> {
+    /// Whether a new long operation `op` on `device` may start: refuses a reused id, a device
+    /// with an operation in flight, and a full table. Call before doing any of the work.
+    pub fn admit(&self, op: u64, device: &DeviceId) -> Result<(), CommandError> {
+        if op == 0 {
+            return Err(CommandError::Malformed(DecodeError::ZeroOpId));
+        }
+        if self.ops.iter().any(|o| o.op == op) {
+            return Err(CommandError::OpIdInUse);
+        }
+        if self
+            .ops
+            .iter()
+            .any(|o| o.wait.is_some() && &o.device == device)
+        {
+            return Err(CommandError::DeviceBusy);
+        }
+        if self.ops.len() >= MAX_OPS {
+            return Err(CommandError::TooManyOps);
+        }
+        Ok(())
+    }
+
+    /// Whether an operation on `device` is still waiting.
+    pub fn busy(&self, device: &DeviceId) -> bool {
+        self.ops
+            .iter()
+            .any(|o| o.wait.is_some() && &o.device == device)
+    }
+
+    /// Records an admitted operation: still waiting on `wait`, or already finished.
+    pub fn insert(&mut self, op: u64, device: DeviceId, outcome: Result<(VmState, bool), W>) {
+        let (wait, done) = match outcome {
+            Ok(d) => (None, Some(d)),
+            Err(w) => (Some(w), None),
+        };
+        self.ops.push(HeldOp {
+            op,
+            device,
+            wait,
+            done,
+        });
+    }
+
+    /// Whether any operation is still waiting.
+    pub fn any_pending(&self) -> bool {
+        self.ops.iter().any(|o| o.wait.is_some())
+    }
+
+    /// Lets `step` advance every waiting operation; `Some(outcome)` finishes it.
+    pub fn advance(&mut self, mut step: impl FnMut(&DeviceId, &mut W) -> Option<(VmState, bool)>) {
+        for o in &mut self.ops {
+            let Some(w) = o.wait.as_mut() else { continue };
+            if let Some(d) = step(&o.device, w) {
+                o.wait = None;
+                o.done = Some(d);
+            }
+        }
+    }
+
+    /// The answer to `OpStatus { op }`: pending, or done (and then forgotten), or unknown.
+    pub fn status(&mut self, op: u64) -> Result<OpStatus, CommandError> {
+        let i = self
+            .ops
+            .iter()
+            .position(|o| o.op == op)
+            .ok_or(CommandError::NoSuchOp)?;
+        match self.ops.get(i).and_then(|o| o.done) {
+            None => Ok(OpStatus::Pending),
+            Some((state, guest_acknowledged)) => {
+                self.ops.remove(i);
+                Ok(OpStatus::Done {
+                    state,
+                    guest_acknowledged,
+                })
+            }
+        }
     }
 }
 
@@ -349,6 +534,7 @@ mod tests {
                 max: 4096,
             }),
             req(Command::Stats),
+            req(Command::OpStatus { op: 7 }),
         ]
     }
 
@@ -384,11 +570,16 @@ mod tests {
     #[test]
     fn wrong_version_is_refused() {
         let mut r = req(Command::Start);
-        r.version = 2;
-        assert_eq!(
-            Request::parse_frame(&r.encode()),
-            Err(DecodeError::Version { got: 2, want: 1 })
-        );
+        for old in [1, VERSION + 1] {
+            r.version = old;
+            assert_eq!(
+                Request::parse_frame(&r.encode()),
+                Err(DecodeError::Version {
+                    got: old,
+                    want: VERSION
+                })
+            );
+        }
     }
 
     #[test]
@@ -448,5 +639,124 @@ mod tests {
             result: Err(CommandError::Malformed(DecodeError::Body)),
         };
         assert_eq!(Response::parse_frame(&r.encode()), Ok(r));
+    }
+
+    #[test]
+    fn long_operation_frames_round_trip() {
+        let results = [
+            Ok(Reply::Accepted { op: 9 }),
+            Ok(Reply::Op {
+                op: 9,
+                status: OpStatus::Pending,
+            }),
+            Ok(Reply::Op {
+                op: 9,
+                status: OpStatus::Done {
+                    state: VmState::Running,
+                    guest_acknowledged: true,
+                },
+            }),
+            Err(CommandError::NoSuchOp),
+            Err(CommandError::OpIdInUse),
+            Err(CommandError::DeviceBusy),
+            Err(CommandError::TooManyOps),
+            Err(CommandError::OutOfInterruptRoutes),
+            Err(CommandError::Backend(BackendFailure::FeatureMismatch)),
+        ];
+        for result in results {
+            let r = Response {
+                version: VERSION,
+                id: 9,
+                result,
+            };
+            assert_eq!(Response::parse_frame(&r.encode()), Ok(r));
+        }
+    }
+
+    #[test]
+    fn long_operations_need_a_nonzero_id() {
+        let mut r = req(Command::OpStatus { op: 0 });
+        assert_eq!(
+            Request::parse_frame(&r.encode()),
+            Err(DecodeError::ZeroOpId)
+        );
+        r.command = Command::DetachBlock {
+            id: DeviceId::new("vol-1").expect("valid id"),
+        };
+        r.id = 0;
+        assert_eq!(
+            Request::parse_frame(&r.encode()),
+            Err(DecodeError::ZeroOpId)
+        );
+        // Short commands keep working with id 0.
+        r.command = Command::Stats;
+        assert!(Request::parse_frame(&r.encode()).is_ok());
+    }
+
+    #[test]
+    fn op_status_frames_with_bad_bodies_are_refused() {
+        let good = req(Command::OpStatus { op: 300 }).encode();
+        for cut in 0..good.len() {
+            assert!(Request::parse_frame(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert!(Request::parse_frame(&long).is_err());
+        // An op id that is not a valid varint (11 continuation bytes).
+        let mut body = postcard::to_stdvec(&(VERSION, 1u64)).expect("encode");
+        body.push(8); // OpStatus tag
+        body.extend_from_slice(&[0xff; 11]);
+        assert_eq!(Request::parse_body(&body), Err(DecodeError::Body));
+    }
+
+    fn dev(s: &str) -> DeviceId {
+        DeviceId::new(s).expect("valid id")
+    }
+
+    #[test]
+    fn op_table_refuses_unknown_reused_busy_and_excess_ids() {
+        let mut t: OpTable<u32> = OpTable::default();
+        assert_eq!(t.status(5), Err(CommandError::NoSuchOp));
+        t.admit(5, &dev("a")).expect("admit");
+        t.insert(5, dev("a"), Err(0));
+        assert!(t.any_pending() && t.busy(&dev("a")));
+        assert_eq!(t.admit(5, &dev("b")), Err(CommandError::OpIdInUse));
+        assert_eq!(t.admit(6, &dev("a")), Err(CommandError::DeviceBusy));
+        assert_eq!(
+            t.admit(0, &dev("b")),
+            Err(CommandError::Malformed(DecodeError::ZeroOpId))
+        );
+        assert_eq!(t.status(5), Ok(OpStatus::Pending));
+        // The waiter finishes after three steps.
+        for _ in 0..3 {
+            t.advance(|_, w| {
+                *w += 1;
+                (*w == 3).then_some((VmState::Running, true))
+            });
+        }
+        assert!(!t.any_pending());
+        // A finished device is free again even before its outcome is collected.
+        t.admit(6, &dev("a")).expect("device free");
+        assert_eq!(
+            t.status(5),
+            Ok(OpStatus::Done {
+                state: VmState::Running,
+                guest_acknowledged: true
+            })
+        );
+        assert_eq!(t.status(5), Err(CommandError::NoSuchOp), "reported once");
+        for op in 1..=u64::try_from(MAX_OPS).expect("small") {
+            t.admit(op, &dev("x")).expect("room");
+            t.insert(op, dev("x"), Ok((VmState::Created, false)));
+        }
+        assert_eq!(t.admit(99, &dev("y")), Err(CommandError::TooManyOps));
+        assert_eq!(
+            t.status(1),
+            Ok(OpStatus::Done {
+                state: VmState::Created,
+                guest_acknowledged: false
+            })
+        );
+        t.admit(99, &dev("y")).expect("room after collecting one");
     }
 }

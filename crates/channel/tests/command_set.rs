@@ -4,7 +4,9 @@
 //! until it is reviewed and classified below, and nothing in the set may read guest memory or a
 //! guest disk. The wire format is pinned too: no variant tag beyond the listed ones decodes.
 
-use bulkhead_channel::{Command, DecodeError, DeviceId, Reply, Request, VmState, VERSION};
+use bulkhead_channel::{
+    Command, DecodeError, DeviceId, OpStatus, Reply, Request, VmState, VERSION,
+};
 
 /// What a command touches. There is deliberately no "guest memory" or "guest disk" class: a
 /// command that needed one could not be classified without adding it here, in review.
@@ -20,6 +22,9 @@ enum Touches {
     ConsoleOutput,
     /// Counters (exit counts, sizes).
     Counters,
+    /// Where an accepted long operation (a device attach or detach) stands: a state and a
+    /// flag, keyed by the request id that started it.
+    OperationStatus,
 }
 
 fn classify(c: &Command) -> Touches {
@@ -33,6 +38,7 @@ fn classify(c: &Command) -> Touches {
         | Command::DetachBlock { id: _ } => Touches::DevicePlumbing,
         Command::ReadConsole { cursor: _, max: _ } => Touches::ConsoleOutput,
         Command::Stats => Touches::Counters,
+        Command::OpStatus { op: _ } => Touches::OperationStatus,
     }
 }
 
@@ -49,6 +55,16 @@ fn guest_bytes(r: &Reply) -> Option<&[u8]> {
         Reply::Device {
             state: _,
             guest_acknowledged: _,
+        } => None,
+        Reply::Accepted { op: _ } => None,
+        Reply::Op {
+            op: _,
+            status:
+                OpStatus::Pending
+                | OpStatus::Done {
+                    state: _,
+                    guest_acknowledged: _,
+                },
         } => None,
     }
 }
@@ -67,14 +83,15 @@ fn every_command() -> Vec<Command> {
         Command::DetachBlock { id },
         Command::ReadConsole { cursor: 0, max: 1 },
         Command::Stats,
+        Command::OpStatus { op: 1 },
     ]
 }
 
 #[test]
 fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
     let all = every_command();
-    // Exactly these eight, in this wire order (the postcard variant tag is the index).
-    assert_eq!(all.len(), 8);
+    // Exactly these nine, in this wire order (the postcard variant tag is the index).
+    assert_eq!(all.len(), 9);
     let classes: Vec<Touches> = all.iter().map(classify).collect();
     assert_eq!(
         classes,
@@ -87,13 +104,14 @@ fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
             Touches::DevicePlumbing,
             Touches::ConsoleOutput,
             Touches::Counters,
+            Touches::OperationStatus,
         ]
     );
     // Only AttachBlock carries a descriptor, and it is a socket the hypervisor hands on.
     let with_fd: Vec<bool> = all.iter().map(Command::wants_fd).collect();
     assert_eq!(
         with_fd,
-        vec![false, false, false, false, true, false, false, false]
+        vec![false, false, false, false, true, false, false, false, false]
     );
     for (tag, c) in all.iter().enumerate() {
         let req = Request {
@@ -103,18 +121,20 @@ fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
         };
         let frame = req.encode();
         assert_eq!(Request::parse_frame(&frame).expect("roundtrip"), req);
-        // version (varint 1) + id (varint 7) + the command's tag.
-        assert_eq!(frame[4..7], [1, 7, u8::try_from(tag).expect("tag")]);
+        // version (one-byte varint) + id (varint 7) + the command's tag.
+        let version = u8::try_from(VERSION).expect("one-byte version");
+        assert_eq!(frame[4..7], [version, 7, u8::try_from(tag).expect("tag")]);
     }
 }
 
-/// No tag past the eight pinned commands decodes to anything: a command added to the enum but
+/// No tag past the nine pinned commands decodes to anything: a command added to the enum but
 /// hidden from this list would be caught here on the wire even if `classify` were bypassed.
 #[test]
 fn no_unlisted_command_tag_decodes() {
     let known = u8::try_from(every_command().len()).expect("count");
     for tag in known..=127u8 {
-        let body = [1u8, 7, tag, 0, 0, 0, 0, 0, 0, 0, 0];
+        let version = u8::try_from(VERSION).expect("one-byte version");
+        let body = [version, 7, tag, 0, 0, 0, 0, 0, 0, 0, 0];
         for len in 3..=body.len() {
             assert_eq!(
                 Request::parse_body(&body[..len]),
@@ -145,7 +165,15 @@ fn only_console_replies_carry_guest_bytes() {
             state: VmState::Running,
             guest_acknowledged: true,
         },
+        Reply::Accepted { op: 3 },
+        Reply::Op {
+            op: 3,
+            status: OpStatus::Done {
+                state: VmState::Running,
+                guest_acknowledged: true,
+            },
+        },
     ];
     let carrying: Vec<bool> = replies.iter().map(|r| guest_bytes(r).is_some()).collect();
-    assert_eq!(carrying, vec![false, true, false, false]);
+    assert_eq!(carrying, vec![false, true, false, false, false, false]);
 }

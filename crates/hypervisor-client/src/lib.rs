@@ -4,6 +4,13 @@
 //! with one end inherited as `--channel-fd` (no listening socket, no path on disk), and keeps the
 //! other end. [`Hypervisor::call`] sends one typed command (optionally with one fd, e.g. a
 //! connected vhost-user socket) and waits for its typed response.
+//!
+//! Long commands (`AttachBlock`, `DetachBlock`) are accepted at once by the hypervisor and
+//! finish later (see `bulkhead_channel`'s module docs). [`Channel::call`] keeps a blocking API
+//! for them: it submits, then asks `OpStatus` every [`OP_POLL`] until the operation is done,
+//! taking the channel only for each short exchange. A [`Channel`] is `Sync`: other threads may
+//! send `Stats`, `ReadConsole`, `Pause` or `Shutdown` on the same channel meanwhile, and the
+//! hypervisor answers them while the guest is still being waited for.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -12,9 +19,12 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command as Proc, Stdio};
-use std::time::Duration;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-pub use bulkhead_channel::{Command, CommandError, DeviceId, Reply, VmState, VmStats};
+pub use bulkhead_channel::{
+    BackendFailure, Command, CommandError, DeviceId, OpStatus, Reply, VmState, VmStats,
+};
 use bulkhead_channel::{Request, Response, HEADER_LEN, MAX_FRAME, VERSION};
 
 /// Why talking to a hypervisor failed.
@@ -32,6 +42,13 @@ pub enum ClientError {
     Refused(CommandError),
     #[error("the hypervisor closed the channel")]
     Closed,
+    #[error("unexpected reply to {command}: {reply:?}")]
+    UnexpectedReply {
+        command: &'static str,
+        reply: Box<Reply>,
+    },
+    #[error("operation {op} did not finish within {secs} s")]
+    OpTimeout { op: u64, secs: u64 },
 }
 
 /// How to start a VM.
@@ -56,13 +73,25 @@ pub struct Hypervisor {
 
 /// Our end of a hypervisor's channel, without the process handle: for a parent that receives
 /// the channel fd from whoever spawned the process (the controller's launcher, over SCM_RIGHTS).
+/// Shareable between threads: each exchange (one request, its response) holds the socket
+/// alone, nothing longer.
 pub struct Channel {
-    chan: UnixStream,
+    chan: Mutex<Link>,
+}
+
+struct Link {
+    sock: UnixStream,
     next_id: u64,
 }
 
-/// How long [`Channel::call`] waits for a reply.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long one exchange waits for its reply (the hypervisor answers every command at once;
+/// only a wedged or stopped process takes longer).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often [`Channel::wait_op`] asks about a long operation.
+pub const OP_POLL: Duration = Duration::from_millis(25);
+/// How long [`Channel::wait_op`] waits for a long operation. The hypervisor bounds its own
+/// waits (30 s attach, 45 s detach); this is a backstop well beyond them.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A CLOEXEC `SOCK_SEQPACKET` socketpair: one packet is one frame, fds ride on the same packet.
 /// Shared by the hypervisor channel and the controller's launcher channel.
@@ -175,9 +204,15 @@ impl Hypervisor {
         self.child.id()
     }
 
-    /// Sends `command` (with `fd` for `AttachBlock`) and returns the hypervisor's reply.
+    /// Sends `command` (with `fd` for `AttachBlock`) and returns the hypervisor's reply; a long
+    /// command's final outcome (see [`Channel::call`]).
     pub fn call(&mut self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {
         self.chan.call(command, fd)
+    }
+
+    /// Our end of the channel, shareable with other threads.
+    pub fn channel(&self) -> &Channel {
+        &self.chan
     }
 
     /// Asks the VM to shut down and reaps the process.
@@ -197,16 +232,83 @@ impl Hypervisor {
 impl Channel {
     /// Wraps our end of a hypervisor channel (a `SOCK_SEQPACKET` socket) received from elsewhere.
     pub fn from_fd(fd: OwnedFd) -> Result<Self, ClientError> {
-        let chan = UnixStream::from(fd);
-        chan.set_read_timeout(Some(REPLY_TIMEOUT))
+        let sock = UnixStream::from(fd);
+        sock.set_read_timeout(Some(REPLY_TIMEOUT))
             .map_err(ClientError::Io)?;
-        Ok(Channel { chan, next_id: 0 })
+        Ok(Channel {
+            chan: Mutex::new(Link { sock, next_id: 0 }),
+        })
     }
 
-    /// Sends `command` (with `fd` for `AttachBlock`) and returns the hypervisor's reply.
-    pub fn call(&mut self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {
-        self.next_id += 1;
-        let id = self.next_id;
+    fn link(&self) -> MutexGuard<'_, Link> {
+        self.chan.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends `command` (with `fd` for `AttachBlock`) and returns the hypervisor's reply. For a
+    /// long command (`AttachBlock`, `DetachBlock`) this is its final outcome,
+    /// [`Reply::Device`]: it submits, then waits with [`Channel::wait_op`], leaving the channel
+    /// free for other callers between polls.
+    pub fn call(&self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {
+        if command.is_long() {
+            let op = self.submit(command, fd)?;
+            return self.wait_op(op);
+        }
+        self.exchange(command, fd)
+    }
+
+    /// Sends a long command and returns the id of the accepted operation (its request id).
+    /// A refusal (nothing changed) is `Err(ClientError::Refused(..))`.
+    pub fn submit(&self, command: Command, fd: Option<RawFd>) -> Result<u64, ClientError> {
+        match self.exchange(command, fd)? {
+            Reply::Accepted { op } => Ok(op),
+            other => Err(ClientError::UnexpectedReply {
+                command: "a long command",
+                reply: Box::new(other),
+            }),
+        }
+    }
+
+    /// One `OpStatus` exchange: where operation `op` stands. `Done` is reported once.
+    pub fn op_status(&self, op: u64) -> Result<OpStatus, ClientError> {
+        match self.exchange(Command::OpStatus { op }, None)? {
+            Reply::Op { op: got, status } if got == op => Ok(status),
+            other => Err(ClientError::UnexpectedReply {
+                command: "OpStatus",
+                reply: Box::new(other),
+            }),
+        }
+    }
+
+    /// Polls operation `op` every [`OP_POLL`] until it is done (at most [`OP_TIMEOUT`]) and
+    /// returns its outcome as a [`Reply::Device`].
+    pub fn wait_op(&self, op: u64) -> Result<Reply, ClientError> {
+        let deadline = Instant::now() + OP_TIMEOUT;
+        loop {
+            if let OpStatus::Done {
+                state,
+                guest_acknowledged,
+            } = self.op_status(op)?
+            {
+                return Ok(Reply::Device {
+                    state,
+                    guest_acknowledged,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::OpTimeout {
+                    op,
+                    secs: OP_TIMEOUT.as_secs(),
+                });
+            }
+            std::thread::sleep(OP_POLL);
+        }
+    }
+
+    /// One request and its response, holding the socket for just that.
+    pub fn exchange(&self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {
+        let mut link = self.link();
+        link.next_id += 1;
+        let id = link.next_id;
         let frame = Request {
             version: VERSION,
             id,
@@ -214,11 +316,12 @@ impl Channel {
         }
         .encode();
         match fd {
-            Some(fd) => send_with_fd(&self.chan, &frame, fd).map_err(ClientError::Io)?,
-            None => (&self.chan).write_all(&frame).map_err(ClientError::Io)?,
+            Some(fd) => send_with_fd(&link.sock, &frame, fd).map_err(ClientError::Io)?,
+            None => (&link.sock).write_all(&frame).map_err(ClientError::Io)?,
         }
         let mut buf = vec![0u8; HEADER_LEN + MAX_FRAME as usize];
-        let n = (&self.chan).read(&mut buf).map_err(ClientError::Io)?;
+        let n = (&link.sock).read(&mut buf).map_err(ClientError::Io)?;
+        drop(link);
         if n == 0 {
             return Err(ClientError::Closed);
         }

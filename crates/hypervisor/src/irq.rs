@@ -73,7 +73,7 @@ impl IrqRouter {
         let end = base
             .checked_add(n)
             .filter(|e| *e <= IOAPIC_PINS + MAX_MSI_ROUTES)
-            .ok_or_else(|| Error::Device("out of MSI routes".into()))?;
+            .ok_or(Error::OutOfMsiRoutes)?;
         *next = end;
         Ok(base)
     }
@@ -112,8 +112,7 @@ impl IrqRouter {
             e.u.msi.data = m.data;
             entries.push(e);
         }
-        let table = KvmIrqRouting::from_entries(&entries)
-            .map_err(|_| Error::Device("too many interrupt routes".into()))?;
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| Error::RoutingTableFull)?;
         self.vm
             .set_gsi_routing(&table)
             .map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))

@@ -52,12 +52,34 @@ pub enum Error {
     BootParams(String),
     #[error("KVM accepted {set} of {want} MSRs")]
     MsrsRefused { set: usize, want: usize },
-    #[error("device: {0}")]
-    Device(String),
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("a device with that id is attached")]
+    DeviceExists,
+    #[error("no device with that id")]
+    NoSuchDevice,
+    #[error("not possible while the VM is {0:?}")]
+    WrongState(bulkhead_channel::VmState),
+    #[error("virtio device type {0} does not fit a PCI device id")]
+    DeviceType(u32),
+    #[error("the device has more queues than MSI-X vectors")]
+    TooManyQueues,
+    #[error("the guest has not enabled the card's BAR")]
+    BarDisabled,
+    #[error("out of MSI routes")]
+    OutOfMsiRoutes,
+    #[error("the interrupt routing table is full")]
+    RoutingTableFull,
     #[error("vhost-user block device: {0}")]
     VhostUser(#[from] devices::vhost_blk::ConnectError),
-    #[error("no free virtio slot")]
+    #[error("no free device slot")]
     NoFreeSlot,
+    #[error("connecting a --disk socket: {0}")]
+    DiskSocket(std::io::Error),
+    #[error("--cmdline-fd: {0}")]
+    CmdlineFd(std::io::Error),
+    #[error("--channel-fd: {0}")]
+    ChannelFd(std::io::Error),
     #[error("sandbox: {0}")]
     Sandbox(String),
     #[error("thread: {0}")]

@@ -104,8 +104,7 @@ fn run(vm_args: VmArgs, blocks: Vec<String>) -> Result<ExitReason, Error> {
             Some(p) => (p, true),
             None => (spec.as_str(), false),
         };
-        let stream = UnixStream::connect(path)
-            .map_err(|e| Error::Device(format!("connecting to {path}: {e}")))?;
+        let stream = UnixStream::connect(path).map_err(Error::DiskSocket)?;
         vm.attach_block(&format!("blk{i}"), stream, ro)?;
     }
     sandbox::harden_process(vm_args.run_as()?)?;
@@ -122,7 +121,10 @@ fn read_cmdline_fd(fd: i32) -> Result<String, Error> {
     use std::io::Read as _;
     use std::os::fd::FromRawFd as _;
     if fd < 3 {
-        return Err(Error::Device(format!("--cmdline-fd {fd} is not an inherited fd")));
+        return Err(Error::CmdlineFd(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not an inherited fd",
+        )));
     }
     // SAFETY: the parent passed `fd` to us for this purpose alone and nothing else in this
     // process uses it; `File` takes ownership and closes it when dropped.
@@ -130,7 +132,7 @@ fn read_cmdline_fd(fd: i32) -> Result<String, Error> {
     let mut s = String::new();
     f.take(MAX_CMDLINE_FD_BYTES)
         .read_to_string(&mut s)
-        .map_err(|e| Error::Device(format!("cmdline fd: {e}")))?;
+        .map_err(Error::CmdlineFd)?;
     Ok(s)
 }
 
@@ -139,8 +141,7 @@ fn serve(mut vm_args: VmArgs, channel_fd: i32, cmdline_fd: Option<i32>) -> Resul
         vm_args.cmdline = read_cmdline_fd(fd)?;
     }
     sandbox::close_other_fds(&[channel_fd]);
-    let channel = server::channel_from_fd(channel_fd)
-        .map_err(|e| Error::Device(format!("channel fd: {e}")))?;
+    let channel = server::channel_from_fd(channel_fd).map_err(Error::ChannelFd)?;
     let mut vm = Vm::new(vm_args.config(false))?;
     sandbox::harden_process(vm_args.run_as()?)?;
     sandbox::apply_thread_filter(ThreadRole::Main)?;

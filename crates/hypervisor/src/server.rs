@@ -3,17 +3,32 @@
 //! The channel is one end of a `SOCK_SEQPACKET` socketpair inherited from the parent: one
 //! packet is one frame, and an fd (for `AttachBlock`) rides on the same packet. Every packet is
 //! parsed by [`Request::parse_frame`]; anything invalid gets a typed error and changes nothing.
+//!
+//! The loop never waits for the guest. `AttachBlock`/`DetachBlock` do their immediate part and
+//! answer `Accepted`; what is left (the guest's driver binding or releasing the card) is held in
+//! an [`OpTable`] and looked at every [`OP_TICK`] while any is pending, between commands, and
+//! reported through `OpStatus` (the protocol is described in `bulkhead_channel`).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use std::time::{Duration, Instant};
+
 use bulkhead_channel::{
-    BackendFailure, Command, CommandError, DecodeError, Reply, Request, Response, VmState,
+    BackendFailure, Command, CommandError, DecodeError, OpTable, Reply, Request, Response, VmState,
     HEADER_LEN, MAX_FRAME, VERSION,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::vm::Vm;
+use crate::devices::vhost_blk::ConnectError;
+use crate::vm::{Hotplug, HotplugWait, Vm};
+use crate::Error;
+
+/// How often pending hot-plug operations are looked at.
+pub const OP_TICK: Duration = Duration::from_millis(20);
+
+/// The long operations in flight.
+type Ops = OpTable<HotplugWait>;
 
 /// What the loop should do after a command.
 enum Next {
@@ -24,6 +39,7 @@ enum Next {
 /// Serves commands until `Shutdown` or until the parent closes its end.
 pub fn serve(vm: &mut Vm, channel: UnixStream) {
     let mut buf = vec![0u8; HEADER_LEN + MAX_FRAME as usize + 1];
+    let mut ops = Ops::default();
     loop {
         let mut fds = [
             libc::pollfd {
@@ -37,8 +53,17 @@ pub fn serve(vm: &mut Vm, channel: UnixStream) {
                 revents: 0,
             },
         ];
+        let timeout = if ops.any_pending() {
+            i32::try_from(OP_TICK.as_millis()).unwrap_or(20)
+        } else {
+            -1
+        };
         // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if ops.any_pending() {
+            let now = Instant::now();
+            ops.advance(|_, w| vm.poll_hotplug(w, now).map(|ack| (vm.state(), ack)));
+        }
         if rc < 0 {
             if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                 continue;
@@ -67,7 +92,7 @@ pub fn serve(vm: &mut Vm, channel: UnixStream) {
             break;
         }
         let fd: Option<OwnedFd> = file.map(OwnedFd::from);
-        let (resp, next) = handle(vm, buf.get(..n).unwrap_or(&[]), fd);
+        let (resp, next) = handle(vm, &mut ops, buf.get(..n).unwrap_or(&[]), fd);
         if let Err(e) = std::io::Write::write_all(&mut &channel, &resp.encode()) {
             tracing::warn!(error = %e, "channel send failed");
             break;
@@ -87,7 +112,46 @@ fn respond(id: u64, result: Result<Reply, CommandError>) -> Response {
     }
 }
 
-fn handle(vm: &mut Vm, frame: &[u8], fd: Option<OwnedFd>) -> (Response, Next) {
+/// The channel's error for a hypervisor error: one kind each, so the controller learns what
+/// failed. Errors that can only mean a fault inside the hypervisor are `Internal` (and logged).
+fn command_error(e: &Error) -> CommandError {
+    match e {
+        Error::DeviceExists => CommandError::DeviceExists,
+        Error::NoSuchDevice => CommandError::NoSuchDevice,
+        Error::NoFreeSlot => CommandError::NoFreeSlot,
+        Error::WrongState(s) => CommandError::WrongState(*s),
+        Error::OutOfMsiRoutes | Error::RoutingTableFull => CommandError::OutOfInterruptRoutes,
+        Error::VhostUser(ConnectError::Handshake(_)) => {
+            CommandError::Backend(BackendFailure::Handshake)
+        }
+        Error::VhostUser(ConnectError::NotModern) => {
+            CommandError::Backend(BackendFailure::FeatureMismatch)
+        }
+        Error::VhostUser(ConnectError::Config(_)) => CommandError::Backend(BackendFailure::Config),
+        other => {
+            tracing::warn!(error = %other, "command failed inside the hypervisor");
+            CommandError::Internal
+        }
+    }
+}
+
+/// Records a started hot-plug operation under request id `op` and answers `Accepted`.
+fn accept(
+    ops: &mut Ops,
+    vm: &Vm,
+    op: u64,
+    device: bulkhead_channel::DeviceId,
+    h: Hotplug,
+) -> Reply {
+    let outcome = match h {
+        Hotplug::Done(ack) => Ok((vm.state(), ack)),
+        Hotplug::Waiting(w) => Err(w),
+    };
+    ops.insert(op, device, outcome);
+    Reply::Accepted { op }
+}
+
+fn handle(vm: &mut Vm, ops: &mut Ops, frame: &[u8], fd: Option<OwnedFd>) -> (Response, Next) {
     if frame.len() > HEADER_LEN + MAX_FRAME as usize {
         let e = DecodeError::Oversized {
             len: u32::try_from(frame.len()).unwrap_or(u32::MAX),
@@ -134,26 +198,16 @@ fn handle(vm: &mut Vm, frame: &[u8], fd: Option<OwnedFd>) -> (Response, Next) {
             (done(vm), Next::Exit)
         }
         Command::AttachBlock { id, read_only } => {
-            let result = if vm.state() == VmState::Stopped {
+            let result = if let Err(e) = ops.admit(req.id, &id) {
+                Err(e)
+            } else if vm.state() == VmState::Stopped {
                 Err(CommandError::WrongState(vm.state()))
             } else if let Some(fd) = fd {
                 // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
                 let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
-                match vm.attach_block(id.as_str(), stream, read_only) {
-                    Ok(ack) => Ok(Reply::Device {
-                        state: vm.state(),
-                        guest_acknowledged: ack,
-                    }),
-                    Err(crate::Error::Device(_)) => Err(CommandError::DeviceExists),
-                    Err(crate::Error::NoFreeSlot) => Err(CommandError::NoFreeSlot),
-                    Err(crate::Error::VhostUser(e)) => {
-                        tracing::warn!(error = %e, "vhost-user attach failed");
-                        Err(CommandError::Backend(BackendFailure::Handshake))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "attach failed");
-                        Err(CommandError::Internal)
-                    }
+                match vm.begin_attach(id.as_str(), stream, read_only) {
+                    Ok(h) => Ok(accept(ops, vm, req.id, id, h)),
+                    Err(e) => Err(command_error(&e)),
                 }
             } else {
                 Err(CommandError::MissingFd)
@@ -161,15 +215,19 @@ fn handle(vm: &mut Vm, frame: &[u8], fd: Option<OwnedFd>) -> (Response, Next) {
             (result, Next::Continue)
         }
         Command::DetachBlock { id } => {
-            let result = vm
-                .detach_block(id.as_str())
-                .map_err(|_| CommandError::NoSuchDevice)
-                .map(|ack| Reply::Device {
-                    state: vm.state(),
-                    guest_acknowledged: ack,
-                });
+            let result = match ops.admit(req.id, &id) {
+                Err(e) => Err(e),
+                Ok(()) => match vm.begin_detach(id.as_str()) {
+                    Ok(h) => Ok(accept(ops, vm, req.id, id, h)),
+                    Err(e) => Err(command_error(&e)),
+                },
+            };
             (result, Next::Continue)
         }
+        Command::OpStatus { op } => (
+            ops.status(op).map(|status| Reply::Op { op, status }),
+            Next::Continue,
+        ),
         Command::ReadConsole { cursor, max } => {
             let chunk = vm.console().read(cursor, usize::try_from(max).unwrap_or(0));
             (

@@ -107,6 +107,36 @@ const REANNOUNCE_AFTER: Duration = Duration::from_secs(5);
 /// the backend connection is stopped regardless.
 pub const DETACH_WAIT: Duration = Duration::from_secs(45);
 
+/// How often the blocking [`Vm::attach_block`]/[`Vm::detach_block`] look at a wait.
+const HOTPLUG_POLL: Duration = Duration::from_millis(20);
+
+/// What a hot-plug operation still waits for.
+#[derive(Debug)]
+enum WaitKind {
+    /// The guest's driver to bring the card up (`DRIVER_OK`).
+    Bind { reannounce_at: Instant },
+    /// The guest's driver to reset the pulled card.
+    Release,
+}
+
+/// A hot-plug operation waiting for the guest; advanced by [`Vm::poll_hotplug`].
+#[derive(Debug)]
+pub struct HotplugWait {
+    id: String,
+    port: usize,
+    deadline: Instant,
+    kind: WaitKind,
+}
+
+/// What starting a hot-plug operation gave.
+#[derive(Debug)]
+pub enum Hotplug {
+    /// Over already; whether the guest acknowledged it (see [`bulkhead_channel::Reply::Device`]).
+    Done(bool),
+    /// Waiting for the guest.
+    Waiting(HotplugWait),
+}
+
 /// A built VM.
 pub struct Vm {
     _kvm: Kvm,
@@ -179,14 +209,12 @@ impl Vm {
         slots?;
 
         let console = Console::new(crate::console::DEFAULT_CAPACITY, config.echo_console);
-        let serial_irq =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()))?;
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         vm_fd
             .register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
         let bad_guest = Arc::new(AtomicU64::new(0));
-        let exit_evt =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()))?;
+        let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         let shared = Arc::new(Shared {
             ram,
             pio: Mutex::new(PioBus::new(console.clone(), serial_irq)),
@@ -244,12 +272,12 @@ impl Vm {
             .position(Option::is_none)
             .ok_or(Error::NoFreeSlot)?;
         let gsi = VIRTIO_IRQ_BASE + u32::try_from(slot).map_err(|_| Error::NoFreeSlot)?;
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(e.to_string()))?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
         self.vm_fd
             .register_irqfd(&irq, gsi)
             .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
         let t = MmioTransport::new(device, irq, self.shared.bad_guest.clone())
-            .map_err(|e| Error::Device(e.to_string()))?;
+            .map_err(Error::EventFd)?;
         let base = VIRTIO_MMIO_BASE + (slot as u64) * VIRTIO_MMIO_SIZE;
         for (q, kick) in t.kicks().iter().enumerate() {
             let q = u32::try_from(q).map_err(|_| Error::NoFreeSlot)?;
@@ -264,25 +292,58 @@ impl Vm {
     }
 
     /// Attaches a vhost-user block device whose backend is connected on `stream`, as a
-    /// virtio-pci card in a free hot-plug slot.
-    ///
-    /// Before `start` the card is simply present when the guest enumerates PCI. On a running
-    /// guest it is hot-plugged (PCIe native hot-plug) and this waits up to [`ATTACH_WAIT`]
-    /// for the guest's driver to bring it up; the result says whether it did.
+    /// virtio-pci card in a free hot-plug slot, and waits for the guest (blocking; for the
+    /// command loop see [`Vm::begin_attach`]).
     pub fn attach_block(
         &mut self,
         id: &str,
         stream: UnixStream,
         read_only: bool,
     ) -> Result<bool, Error> {
+        let h = self.begin_attach(id, stream, read_only)?;
+        Ok(self.finish(h))
+    }
+
+    /// Detaches a block device and waits for the guest (blocking; for the command loop see
+    /// [`Vm::begin_detach`]).
+    pub fn detach_block(&mut self, id: &str) -> Result<bool, Error> {
+        let h = self.begin_detach(id)?;
+        Ok(self.finish(h))
+    }
+
+    /// Drives `h` to its end, sleeping between looks.
+    fn finish(&self, h: Hotplug) -> bool {
+        match h {
+            Hotplug::Done(ack) => ack,
+            Hotplug::Waiting(mut w) => loop {
+                if let Some(ack) = self.poll_hotplug(&mut w, Instant::now()) {
+                    return ack;
+                }
+                std::thread::sleep(HOTPLUG_POLL);
+            },
+        }
+    }
+
+    /// The part of an attach that does not wait for the guest: checks, the vhost-user
+    /// handshake, and the card put in a free slot. Before `start` the card is simply present
+    /// when the guest enumerates PCI ([`Hotplug::Done`]`(false)`: the guest has not run). On a
+    /// running guest it is hot-plugged (PCIe native hot-plug) and the result is a wait that
+    /// [`Vm::poll_hotplug`] ends once the guest's driver brought the card up or after
+    /// [`ATTACH_WAIT`]; the card stays plugged either way.
+    pub fn begin_attach(
+        &mut self,
+        id: &str,
+        stream: UnixStream,
+        read_only: bool,
+    ) -> Result<Hotplug, Error> {
         let state = self.state();
         if state == VmState::Stopped {
-            return Err(Error::Device("the VM has stopped".into()));
+            return Err(Error::WrongState(state));
         }
         {
             let pci = lock(&self.shared.pci);
             if pci.port_of(id).is_some() {
-                return Err(Error::Device(format!("device {id} exists")));
+                return Err(Error::DeviceExists);
             }
             if pci.free_port().is_none() {
                 return Err(Error::NoFreeSlot);
@@ -319,101 +380,119 @@ impl Vm {
             "vhost-user block attached"
         );
         if state != VmState::Running {
-            return Ok(false);
+            return Ok(Hotplug::Done(false));
         }
-        // If the guest has not even looked at the card after a while, raise the event again.
-        let mut ready = false;
-        for _ in 0..ATTACH_WAIT.as_secs().div_ceil(REANNOUNCE_AFTER.as_secs()) {
-            ready = self.wait_for(port, REANNOUNCE_AFTER, |p| {
-                p.card.as_ref().is_some_and(VirtioPciDevice::driver_ok)
-            });
-            if ready || self.state() != VmState::Running {
-                break;
-            }
-            let router = self.shared.router.clone();
-            let mut pci = lock(&self.shared.pci);
-            if let Some(p) = pci.ports.get_mut(port) {
-                if p.reannounce(&router) {
-                    tracing::info!(
-                        device = id,
-                        port,
-                        "guest has not enumerated the card yet: hot-plug event raised again"
-                    );
-                }
-            }
-        }
-        tracing::info!(
-            device = id,
-            ready,
-            "hot-plugged card: guest driver {}",
-            if ready { "bound" } else { "not bound yet" }
-        );
-        Ok(ready)
+        let now = Instant::now();
+        Ok(Hotplug::Waiting(HotplugWait {
+            id: id.to_owned(),
+            port,
+            deadline: now + ATTACH_WAIT,
+            kind: WaitKind::Bind {
+                reannounce_at: now + REANNOUNCE_AFTER,
+            },
+        }))
     }
 
-    /// Polls `port` until `done` holds or `limit` passes.
-    fn wait_for(
-        &self,
-        port: usize,
-        limit: Duration,
-        done: impl Fn(&crate::devices::pci::RootPort) -> bool,
-    ) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            {
-                let pci = lock(&self.shared.pci);
-                if pci.ports.get(port).is_none_or(&done) {
-                    return true;
-                }
-            }
-            if Instant::now() >= deadline || self.state() == VmState::Stopped {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Detaches a block device. On a running guest the slot reports the card gone and this
-    /// waits up to [`DETACH_WAIT`] for the guest driver to release (reset) it; then the
-    /// backend connection is stopped and closed either way. The result says whether the guest
-    /// released the card before that.
-    pub fn detach_block(&mut self, id: &str) -> Result<bool, Error> {
+    /// The part of a detach that does not wait for the guest. Before boot, after the VM
+    /// stopped, or for a card the guest never bound, the card is taken out at once
+    /// ([`Hotplug::Done`]`(true)`). Otherwise the slot reports the card gone and the result is
+    /// a wait that [`Vm::poll_hotplug`] ends once the guest's driver released (reset) the card
+    /// or after [`DETACH_WAIT`]; then the backend connection is stopped and closed either way.
+    pub fn begin_detach(&mut self, id: &str) -> Result<Hotplug, Error> {
         let state = self.state();
         let router = self.shared.router.clone();
-        let port = {
-            let mut pci = lock(&self.shared.pci);
-            let port = pci
-                .port_of(id)
-                .ok_or_else(|| Error::Device(format!("no device {id}")))?;
-            let p = pci.ports.get_mut(port).ok_or(Error::NoFreeSlot)?;
-            let bound = p.card.as_ref().is_some_and(|c| c.core.status != 0);
-            if matches!(state, VmState::Created | VmState::Stopped) {
-                p.unplug(&router, false);
-                tracing::info!(device = id, port, "block device detached");
-                return Ok(true);
-            }
-            p.pull(&router);
-            if !bound {
-                p.unplug(&router, true);
-                tracing::info!(device = id, port, "unbound block device hot-unplugged");
-                return Ok(true);
-            }
-            port
-        };
-        let released = state == VmState::Running
-            && self.wait_for(port, DETACH_WAIT, |p| {
-                p.card.as_ref().is_none_or(|c| c.core.status == 0)
-            });
-        // A husk even when the driver has reset the device: it writes 0 to the status and
-        // then reads it back until it reads 0, and that read may come after this.
         let mut pci = lock(&self.shared.pci);
-        if let Some(p) = pci.ports.get_mut(port) {
-            p.unplug(&router, true);
+        let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
+        let p = pci.ports.get_mut(port).ok_or(Error::NoSuchDevice)?;
+        let bound = p.card.as_ref().is_some_and(|c| c.core.status != 0);
+        if matches!(state, VmState::Created | VmState::Stopped) {
+            p.unplug(&router, false);
+            tracing::info!(device = id, port, "block device detached");
+            return Ok(Hotplug::Done(true));
         }
-        tracing::info!(device = id, port, released, "block device hot-unplugged");
-        Ok(released)
+        p.pull(&router);
+        if !bound {
+            p.unplug(&router, true);
+            tracing::info!(device = id, port, "unbound block device hot-unplugged");
+            return Ok(Hotplug::Done(true));
+        }
+        if state != VmState::Running {
+            // A paused guest cannot release it: take it out now.
+            p.unplug(&router, true);
+            tracing::info!(
+                device = id,
+                port,
+                "block device hot-unplugged from a paused guest"
+            );
+            return Ok(Hotplug::Done(false));
+        }
+        Ok(Hotplug::Waiting(HotplugWait {
+            id: id.to_owned(),
+            port,
+            deadline: Instant::now() + DETACH_WAIT,
+            kind: WaitKind::Release,
+        }))
     }
 
+    /// One look at a hot-plug wait, never blocking: `Some(acknowledged)` once it is over.
+    /// An attach is over when the guest's driver has the card running, when the VM no longer
+    /// runs, or at its deadline (meanwhile the plug event is raised again every
+    /// [`REANNOUNCE_AFTER`] for a card the guest has not started to enumerate). A detach is
+    /// over when the driver has reset the card, when the VM has stopped, or at its deadline;
+    /// it then takes the card out (leaving a husk: see [`crate::devices::pci::RootPort::unplug`]).
+    pub fn poll_hotplug(&self, w: &mut HotplugWait, now: Instant) -> Option<bool> {
+        let state = self.state();
+        let router = self.shared.router.clone();
+        let mut pci = lock(&self.shared.pci);
+        let port = w.port;
+        match &mut w.kind {
+            WaitKind::Bind { reannounce_at } => {
+                let ready = pci
+                    .ports
+                    .get(port)
+                    .is_none_or(|p| p.card.as_ref().is_some_and(VirtioPciDevice::driver_ok));
+                if ready || state != VmState::Running || now >= w.deadline {
+                    tracing::info!(
+                        device = %w.id,
+                        ready,
+                        "hot-plugged card: guest driver {}",
+                        if ready { "bound" } else { "not bound yet" }
+                    );
+                    return Some(ready);
+                }
+                if now >= *reannounce_at {
+                    *reannounce_at = now + REANNOUNCE_AFTER;
+                    if let Some(p) = pci.ports.get_mut(port) {
+                        if p.reannounce(&router) {
+                            tracing::info!(
+                                device = %w.id,
+                                port,
+                                "guest has not enumerated the card yet: hot-plug event raised again"
+                            );
+                        }
+                    }
+                }
+                None
+            }
+            WaitKind::Release => {
+                let released = pci
+                    .ports
+                    .get(port)
+                    .is_none_or(|p| p.card.as_ref().is_none_or(|c| c.core.status == 0));
+                if !released && state != VmState::Stopped && now < w.deadline {
+                    return None;
+                }
+                // A husk even when the driver has reset the device: it writes 0 to the status
+                // and then reads it back until it reads 0, and that read may come after this.
+                if let Some(p) = pci.ports.get_mut(port) {
+                    p.unplug(&router, true);
+                }
+                let released = released && state != VmState::Stopped;
+                tracing::info!(device = %w.id, port, released, "block device hot-unplugged");
+                Some(released)
+            }
+        }
+    }
     /// Number of attached block devices.
     pub fn block_devices(&self) -> usize {
         lock(&self.shared.pci)
@@ -461,10 +540,7 @@ impl Vm {
         {
             let st = lock(&self.shared.run);
             if st.state != VmState::Created {
-                return Err(Error::Device(format!(
-                    "cannot start in state {:?}",
-                    st.state
-                )));
+                return Err(Error::WrongState(st.state));
             }
         }
         let cmdline = self.kernel_cmdline();

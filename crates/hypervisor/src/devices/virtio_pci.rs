@@ -106,18 +106,20 @@ impl VirtioPciDevice {
         router: &IrqRouter,
         bad_accesses: Arc<AtomicU64>,
     ) -> Result<Self, Error> {
-        let device_type = u16::try_from(device.device_type())
-            .map_err(|_| Error::Device("device type out of range".into()))?;
-        let core = VirtioCore::new(device, bad_accesses.clone())
-            .map_err(|e| Error::Device(e.to_string()))?;
+        let kind = device.device_type();
+        let device_type = u16::try_from(kind)
+            .ok()
+            .filter(|t| *t < 0x40)
+            .ok_or(Error::DeviceType(kind))?;
+        let core = VirtioCore::new(device, bad_accesses.clone()).map_err(Error::EventFd)?;
         let nq = core.queues.len();
         let vectors = (nq + 1).min(MAX_VECTORS);
-        let nvec = u16::try_from(vectors).map_err(|_| Error::Device("too many queues".into()))?;
+        let nvec = u16::try_from(vectors).map_err(|_| Error::TooManyQueues)?;
         let gsi_base = router.allocate(u32::from(nvec))?;
         let calls = (0..nq)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
             .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| Error::Device(e.to_string()))?;
+            .map_err(Error::EventFd)?;
 
         let mut c = ConfigSpace::default();
         c.header(
@@ -262,9 +264,7 @@ impl VirtioPciDevice {
 
     /// Registers ioeventfds and irqfds for the ready queues, at the BAR address in use now.
     fn wire(&mut self, router: &IrqRouter) -> Result<(), Error> {
-        let base = self
-            .bar_base()
-            .ok_or_else(|| Error::Device("BAR0 is not enabled".into()))?;
+        let base = self.bar_base().ok_or(Error::BarDisabled)?;
         self.route_all(router);
         let vm = router.vm();
         let notify_base = base + NOTIFY;
