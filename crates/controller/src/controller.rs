@@ -311,28 +311,6 @@ impl Controller {
         self.audit_alerts(alerts);
     }
 
-    /// Audits a connection refused during the TLS handshake.
-    pub async fn audit_tls_refusal(&self, code: &'static str, cert_sha256: Option<String>) {
-        let request_id = new_request_id();
-        let entry = AuditEntry {
-            kind: EntryKind::Request,
-            request_id,
-            caller: "-".into(),
-            cert_sha256,
-            token_id: None,
-            op: "TlsHandshake".into(),
-            resources: vec![],
-            params_sha256: None,
-            decision: Decision::Deny,
-            code: code.into(),
-        };
-        if let Err(e) = self.audit.append(entry).await {
-            tracing::error!(error = %e, "could not audit TLS refusal");
-        }
-        self.metrics.count("TlsHandshake", code);
-        self.observe("-", "TlsHandshake", code);
-    }
-
     /// Audits a connection or request refused before the audited pipeline (by the TLS server
     /// loop: handshakes, connection caps, malformed HTTP). Queued: a refusal acts on nothing.
     pub fn audit_refusal(&self, r: &bulkhead_mtls::Refusal) {
@@ -601,8 +579,8 @@ impl Controller {
                 let instance = instance.map(|i| i.as_str().to_string());
                 let evidence =
                     tokio::task::spawn_blocking(move || link.quote(&nonce, instance.as_deref()))
-                    .await
-                    .map_err(|_| Refusal::Internal)??;
+                        .await
+                        .map_err(|_| Refusal::Internal)??;
                 json_ok(request_id, StatusCode::OK, &evidence)
             }
             ApiRequest::CreateInstance {
