@@ -166,23 +166,30 @@ fn audit_verify_counts_and_finds_the_first_broken_record() {
     child.kill().unwrap();
     child.wait().unwrap();
     let log = dir.path().join("audit.log");
+    let before = std::fs::read_to_string(&log).unwrap().lines().count() as u64;
     // Append a few records through the library (the same writer the controller uses).
     let rt = tokio_free_append(&log, 4);
-    assert_eq!(rt, 5);
+    assert_eq!(rt, before + 4);
     let out = bulkhead(&["audit", "verify", s(&log)]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("5 records"));
-    // Tamper with record 3: verification stops at record 4 (whose prev no longer matches).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with(&format!("{rt} records")), "{stdout}");
+    // Tamper with an appended "allow" record that is not the last: verification stops at the
+    // record after it (whose prev no longer matches).
     let text = std::fs::read_to_string(&log).unwrap();
     let intact: Vec<String> = text.lines().map(str::to_string).collect();
     let mut lines = intact.clone();
-    assert!(lines[2].contains("\"allow\""), "{}", lines[2]);
-    lines[2] = lines[2].replace("\"allow\"", "\"deny\"");
+    let t = lines
+        .iter()
+        .position(|l| l.contains("\"r1\"") && l.contains("\"allow\""))
+        .unwrap_or_else(|| panic!("no appended allow record in\n{text}"));
+    assert!(t + 1 < lines.len(), "{text}");
+    lines[t] = lines[t].replace("\"allow\"", "\"deny\"");
     std::fs::write(&log, lines.join("\n") + "\n").unwrap();
     let out = bulkhead(&["audit", "verify", s(&log)]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 4"), "{err}");
+    assert!(err.contains(&format!("line {}", t + 2)), "{err}\n{text}");
     // Deleting a record is found too, on an otherwise intact log: restore the original, check
     // it verifies again (so only the deletion can break it), then delete record 2.
     std::fs::write(&log, intact.join("\n") + "\n").unwrap();
@@ -193,12 +200,12 @@ fn audit_verify_counts_and_finds_the_first_broken_record() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut deleted = intact.clone();
-    deleted.remove(1);
+    deleted.remove(t);
     std::fs::write(&log, deleted.join("\n") + "\n").unwrap();
     let out = bulkhead(&["audit", "verify", s(&log)]);
     assert!(!out.status.success(), "a deleted middle record verified");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 2"), "{err}");
+    assert!(err.contains(&format!("line {}", t + 1)), "{err}\n{text}");
 }
 
 fn tokio_free_append(log: &Path, n: usize) -> u64 {
