@@ -1923,15 +1923,18 @@ fn audit_tampering_is_caught_by_verify_the_control_planes_pull_and_alerts() {
     assert!(cli_verify(&["--cert", cert_s, &copy_s]).0);
     let (ok, out) = cli_verify(&["--cert", cert_s, "--head", &head, &copy_s]);
     assert!(!ok && out.contains("records deleted"), "{out}");
-    // Rewritten from a middle record on: denials flipped to allows, hashes recomputed.
+    // Rewritten from a middle record on: decisions flipped, hashes recomputed.
     let mid = good.len() / 2;
     let mut out_lines: Vec<String> = good[..mid].to_vec();
     let mut prev = bulkhead_audit::line_hash(out_lines[mid - 1].as_bytes());
     for line in &good[mid..] {
         let mut rec: bulkhead_audit::AuditRecord = serde_json::from_str(line).unwrap();
-        if rec.entry.decision == bulkhead_audit::Decision::Deny {
-            rec.entry.decision = bulkhead_audit::Decision::Allow;
-        }
+        // Denials become allows and allows denials (an action hidden, a probe erased).
+        rec.entry.decision = match rec.entry.decision {
+            bulkhead_audit::Decision::Deny => bulkhead_audit::Decision::Allow,
+            bulkhead_audit::Decision::Allow => bulkhead_audit::Decision::Deny,
+            d => d,
+        };
         rec.prev = prev.clone();
         let t = serde_json::to_string(&rec).unwrap();
         prev = bulkhead_audit::line_hash(t.as_bytes());
