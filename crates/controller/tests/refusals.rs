@@ -258,7 +258,10 @@ fn a_flood_leaves_bounded_records_and_summaries_that_count_every_refusal() {
 
 /// A minimal check of the Prometheus text format: every sample line is
 /// `name{label="value",...} number` with values escaped, and no line is anything else.
-fn parse_exposition(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// One sample: metric name, labels (name, unescaped value), value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+fn parse_exposition(text: &str) -> Vec<Sample> {
     let mut out = Vec::new();
     for line in text.lines() {
         if line.starts_with("# HELP ") || line.starts_with("# TYPE ") || line.is_empty() {
