@@ -148,7 +148,11 @@ fn one_signed_create_volume_grants_one_volume() {
             "GenerateDataKey",
             &json!({"key_id": key_id, "volume_id": other, "customer_request": create}),
         );
-        assert_eq!((st, code(&v)), (403, "authorization_replayed"), "{other}: {v}");
+        assert_eq!(
+            (st, code(&v)),
+            (403, "authorization_replayed"),
+            "{other}: {v}"
+        );
     }
     let attach = |vol: &str| {
         signed(
