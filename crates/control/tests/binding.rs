@@ -271,7 +271,12 @@ fn key_release_is_bound_to_the_host_running_the_named_instance() {
     let mut placed = Vec::new();
     for _ in 0..2 {
         let r = a.ok("RunInstances", json!({"ImageId": "img-1"}));
-        placed.push(r["Instances"][0]["InstanceId"].as_str().unwrap().to_string());
+        placed.push(
+            r["Instances"][0]["InstanceId"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
     let host_of = |i: &str| -> String {

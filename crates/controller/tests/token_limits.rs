@@ -120,7 +120,9 @@ fn fleet_wide_token_needs_the_fleet_right() {
     let loose = signer(&d, LOOSE);
     // The operators group here may name any one host, but not every host.
     let everywhere = mint_with(&loose, &d, "*", Operation::DescribeHost, 60);
-    let r = c.request("GET", "/v1/host", Some(&everywhere), b"").unwrap();
+    let r = c
+        .request("GET", "/v1/host", Some(&everywhere), b"")
+        .unwrap();
     assert_eq!(r.status, 403);
     assert_denied_and_audited(&d, &r, "token_fleet_not_granted");
     // Scoped to this host, the same grant is served.
