@@ -53,6 +53,11 @@ fn up(dir: &Path) -> Cluster {
 }
 
 fn tls(ca: &Path, name: Option<&str>) -> Arc<rustls::ClientConfig> {
+    tls_from(ca, ca, name)
+}
+
+/// Trusts `ca`'s CA; presents `name`'s certificate from `certs` (possibly another CA's).
+fn tls_from(ca: &Path, certs: &Path, name: Option<&str>) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots
@@ -66,8 +71,8 @@ fn tls(ca: &Path, name: Option<&str>) -> Arc<rustls::ClientConfig> {
         None => b.with_no_client_auth(),
         Some(n) => b
             .with_client_auth_cert(
-                vec![CertificateDer::from_pem_file(ca.join(format!("{n}.pem"))).unwrap()],
-                PrivateKeyDer::from_pem_file(ca.join(format!("{n}.key"))).unwrap(),
+                vec![CertificateDer::from_pem_file(certs.join(format!("{n}.pem"))).unwrap()],
+                PrivateKeyDer::from_pem_file(certs.join(format!("{n}.key"))).unwrap(),
             )
             .unwrap(),
     })
@@ -197,6 +202,22 @@ fn every_refusal_of_the_token_service_kms_and_control_plane_is_audited() {
         "no client certificate",
         "TlsHandshake",
         "tls_no_client_cert",
+        None,
+    );
+    // A certificate of the same name from another CA.
+    let rogue = tempfile::tempdir().unwrap();
+    let rogue_ca = bulkhead_tokens::pki::CaDir::new(rogue.path());
+    rogue_ca.init().unwrap();
+    rogue_ca
+        .issue("control-plane", bulkhead_tokens::Role::ControlPlane, false)
+        .unwrap();
+    let forged = tls_from(&ca, rogue.path(), Some("control-plane"));
+    assert!(raw(&forged, &c.token_addr, &request("POST", "/v1/Mint", b"{}")).is_empty());
+    wait_refusal(
+        &log,
+        "certificate from another CA",
+        "TlsHandshake",
+        "tls_bad_client_cert",
         None,
     );
     let r = raw(
