@@ -1,6 +1,8 @@
 //! Mutual TLS 1.3 for the services above the hosts (KMS, control plane): server and client
 //! configurations built from the Bulkhead dev CA (`bulkhead-tokens`), a one-connection-per-call
-//! HTTP/1.1 client, and the accept loop that hands each request its peer's verified identity.
+//! HTTP/1.1 client, and thin wrappers over the one server loop every daemon shares
+//! (`bulkhead-mtls`), which hands each request its peer's verified identity and each refusal to
+//! the daemon's audit sink.
 
 use std::path::Path;
 use std::sync::Arc;
