@@ -21,10 +21,14 @@ pub struct ControlRefusals(pub Arc<ControlPlane>);
 
 impl RefusalSink for ControlRefusals {
     fn record(&self, r: &Refusal) {
-        self.0.audit_log().append_queued(r.audit_entry(new_id("ref")));
+        self.0
+            .audit_log()
+            .append_queued(r.audit_entry(new_id("ref")));
     }
     fn summary(&self, s: &Summary) {
-        self.0.audit_log().append_queued(s.audit_entry(new_id("ref")));
+        self.0
+            .audit_log()
+            .append_queued(s.audit_entry(new_id("ref")));
     }
 }
 

@@ -32,7 +32,8 @@ pub const UNKNOWN_ROUTE: &str = "unknown_route";
 fn is_name(s: &str) -> bool {
     s.len() <= 64
         && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
 /// Escapes a label value per the Prometheus text exposition format: `\` → `\\`, `"` → `\"`,

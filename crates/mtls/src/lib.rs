@@ -346,10 +346,19 @@ mod tests {
         let a1 = s.take("a".into(), 2);
         let a2 = s.take("a".into(), 2);
         assert!(a1.is_some() && a2.is_some());
-        assert!(s.take("a".into(), 2).is_none(), "third slot for one identity");
-        assert!(s.take("b".into(), 2).is_some(), "another identity is not affected");
+        assert!(
+            s.take("a".into(), 2).is_none(),
+            "third slot for one identity"
+        );
+        assert!(
+            s.take("b".into(), 2).is_some(),
+            "another identity is not affected"
+        );
         drop(a1);
-        assert!(s.take("a".into(), 2).is_some(), "a released slot is free again");
+        assert!(
+            s.take("a".into(), 2).is_some(),
+            "a released slot is free again"
+        );
     }
 
     #[test]

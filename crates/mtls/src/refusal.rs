@@ -120,11 +120,7 @@ impl Refusal {
             cert_sha256: self.cert_sha256.clone(),
             token_id: None,
             op: self.stage.op().to_string(),
-            resources: self
-                .route
-                .iter()
-                .map(|r| format!("route:{r}"))
-                .collect(),
+            resources: self.route.iter().map(|r| format!("route:{r}")).collect(),
             params_sha256: None,
             decision: Decision::Deny,
             code: self.code.to_string(),
@@ -226,7 +222,9 @@ impl Summariser {
     pub fn new(per_second: u32, interval: Duration) -> Summariser {
         Summariser {
             per_second,
-            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1),
+            interval_ms: u64::try_from(interval.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
             window_start_ms: 0,
             codes: BTreeMap::new(),
         }
@@ -406,9 +404,14 @@ mod tests {
         assert!(s.admit(Stage::Http, "a", 3), "same code, other stage");
         // A new second admits again.
         assert!(s.admit(Stage::Handshake, "a", 1000));
-        assert!(s.take_due(999, false).is_empty(), "not due within the interval");
+        assert!(
+            s.take_due(999, false).is_empty(),
+            "not due within the interval"
+        );
         let due = s.take_due(5000, true);
-        assert!(due.iter().all(|d| d.code == "a" && d.stage == Stage::Handshake));
+        assert!(due
+            .iter()
+            .all(|d| d.code == "a" && d.stage == Stage::Handshake));
         assert_eq!(due.iter().map(|d| d.suppressed).sum::<u64>(), 1);
         assert!(s.take_due(9000, true).is_empty());
     }
