@@ -161,6 +161,7 @@ async fn baseline(dir: &Path) -> u16 {
                 memory_mib_total: 1,
                 memory_mib_free: 1,
                 instances: 0,
+                audit_head: Default::default(),
             })
         }),
     );
