@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use bulkhead_hypervisor_client::{BackendFailure, CommandError};
+
 use crate::api::{InstanceDescription, InstanceState, ResourceId, SealedKeyBlob};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +42,115 @@ pub enum BackendError {
     KeyRefused,
     #[error("user data makes the guest command line too long")]
     UserDataTooLarge,
+    /// The hypervisor refused or failed a command, with its own typed reason (mapped 1:1 to a
+    /// code by [`hypervisor_code`]). `WrongState` never lands here: it is
+    /// [`BackendError::WrongState`].
+    #[error("the hypervisor refused: {0}")]
+    Hypervisor(CommandError),
+}
+
+/// The stable code of each hypervisor refusal: one per kind, never reused.
+pub fn hypervisor_code(e: &CommandError) -> &'static str {
+    match e {
+        CommandError::Malformed(_) => "hypervisor_malformed_request",
+        CommandError::WrongState(_) => "wrong_state",
+        CommandError::NoSuchDevice => "no_such_device",
+        CommandError::DeviceExists => "device_exists",
+        CommandError::NoFreeSlot => "no_device_slot",
+        CommandError::MissingFd => "hypervisor_missing_fd",
+        CommandError::Backend(BackendFailure::Handshake) => "card_handshake_failed",
+        CommandError::Backend(BackendFailure::FeatureMismatch) => "card_feature_mismatch",
+        CommandError::Backend(BackendFailure::MemoryTable) => "card_memory_table_failed",
+        CommandError::Backend(BackendFailure::Vring) => "card_vring_failed",
+        CommandError::Backend(BackendFailure::Config) => "card_config_failed",
+        CommandError::OutOfInterruptRoutes => "no_interrupt_routes",
+        CommandError::DeviceBusy => "device_busy",
+        CommandError::NoSuchOp => "hypervisor_no_such_op",
+        CommandError::OpIdInUse => "hypervisor_op_id_in_use",
+        CommandError::TooManyOps => "hypervisor_too_many_ops",
+        CommandError::Internal => "hypervisor_internal",
+    }
+}
+
+#[cfg(test)]
+mod hypervisor_code_tests {
+    use super::*;
+    use bulkhead_hypervisor_client::VmState;
+
+    /// Every hypervisor refusal kind reaches the API under its own code (none is folded into
+    /// another, none reuses a backend code other than `wrong_state`).
+    #[test]
+    fn each_hypervisor_refusal_has_its_own_code() {
+        let all = [
+            CommandError::Malformed(bulkhead_channel_decode_error()),
+            CommandError::NoSuchDevice,
+            CommandError::DeviceExists,
+            CommandError::NoFreeSlot,
+            CommandError::MissingFd,
+            CommandError::Backend(BackendFailure::Handshake),
+            CommandError::Backend(BackendFailure::FeatureMismatch),
+            CommandError::Backend(BackendFailure::MemoryTable),
+            CommandError::Backend(BackendFailure::Vring),
+            CommandError::Backend(BackendFailure::Config),
+            CommandError::OutOfInterruptRoutes,
+            CommandError::DeviceBusy,
+            CommandError::NoSuchOp,
+            CommandError::OpIdInUse,
+            CommandError::TooManyOps,
+            CommandError::Internal,
+        ];
+        let codes: std::collections::BTreeSet<&str> = all.iter().map(hypervisor_code).collect();
+        assert_eq!(codes.len(), all.len(), "{codes:?}");
+        let backend = [
+            BackendError::NoSuchInstance,
+            BackendError::AlreadyExists,
+            BackendError::NoCapacity,
+            BackendError::Draining,
+            BackendError::VolumeAttached,
+            BackendError::NoSuchVolume,
+            BackendError::Unavailable,
+            BackendError::HotplugUnsupported,
+            BackendError::NoSuchImage,
+            BackendError::KeyRefused,
+            BackendError::UserDataTooLarge,
+        ];
+        for b in backend {
+            assert!(!codes.contains(b.code()), "{} reused", b.code());
+        }
+        assert_eq!(
+            hypervisor_code(&CommandError::WrongState(VmState::Stopped)),
+            BackendError::WrongState.code()
+        );
+        assert_eq!(
+            BackendError::Hypervisor(CommandError::NoFreeSlot).status(),
+            409
+        );
+    }
+
+    fn bulkhead_channel_decode_error() -> bulkhead_hypervisor_client::DecodeError {
+        bulkhead_hypervisor_client::DecodeError::Body
+    }
+}
+
+fn hypervisor_status(e: &CommandError) -> u16 {
+    match e {
+        CommandError::NoSuchDevice => 404,
+        CommandError::WrongState(_)
+        | CommandError::DeviceExists
+        | CommandError::NoFreeSlot
+        | CommandError::OutOfInterruptRoutes
+        | CommandError::DeviceBusy => 409,
+        // The block card's end of the vhost-user connection misbehaved.
+        CommandError::Backend(_) => 502,
+        CommandError::TooManyOps => 503,
+        // The controller and the hypervisor disagree about the protocol, or the hypervisor
+        // failed inside: a fault on our side.
+        CommandError::Malformed(_)
+        | CommandError::MissingFd
+        | CommandError::NoSuchOp
+        | CommandError::OpIdInUse
+        | CommandError::Internal => 500,
+    }
 }
 
 impl BackendError {
@@ -57,6 +168,7 @@ impl BackendError {
             BackendError::NoSuchImage => "no_such_image",
             BackendError::KeyRefused => "volume_key_refused",
             BackendError::UserDataTooLarge => "user_data_too_large",
+            BackendError::Hypervisor(e) => hypervisor_code(e),
         }
     }
 
@@ -67,6 +179,7 @@ impl BackendError {
             | BackendError::NoSuchImage => 404,
             BackendError::KeyRefused | BackendError::UserDataTooLarge => 400,
             BackendError::Unavailable => 503,
+            BackendError::Hypervisor(e) => hypervisor_status(e),
             _ => 409,
         }
     }

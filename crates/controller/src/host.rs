@@ -159,11 +159,18 @@ fn launcher_err(what: &'static str) -> impl Fn(LauncherError) -> BackendError {
     }
 }
 
+/// Maps a channel failure to what the caller learns: each hypervisor refusal keeps its own kind
+/// ([`BackendError::Hypervisor`], one code each), `WrongState` stays `WrongState`, and a channel
+/// that no longer works (the process is gone or wedged) is `Unavailable`.
 fn channel_err(what: &'static str) -> impl Fn(ClientError) -> BackendError {
     move |e| match e {
         ClientError::Refused(CommandError::WrongState(s)) => {
             tracing::info!(state = ?s, what, "hypervisor: wrong state");
             BackendError::WrongState
+        }
+        ClientError::Refused(r) => {
+            tracing::warn!(error = %r, what, "hypervisor refused");
+            BackendError::Hypervisor(r)
         }
         e => {
             tracing::warn!(error = %e, what, "hypervisor call failed");
@@ -249,7 +256,7 @@ impl HostBackend {
     }
 
     /// Shuts a VM down (best effort) and reaps its process.
-    fn end_vm(&self, mut vm: Vm) {
+    fn end_vm(&self, vm: Vm) {
         if let Err(e) = vm.chan.call(Command::Shutdown, None) {
             tracing::warn!(pid = vm.pid, error = %e, "shutdown over the channel failed; killing");
         }

@@ -23,7 +23,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use bulkhead_channel::{
-    BackendFailure, Command, CommandError, DeviceId, OpStatus, Reply, VmState, VmStats,
+    BackendFailure, Command, CommandError, DecodeError, DeviceId, OpStatus, Reply, VmState, VmStats,
 };
 use bulkhead_channel::{Request, Response, HEADER_LEN, MAX_FRAME, VERSION};
 

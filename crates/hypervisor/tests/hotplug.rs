@@ -8,7 +8,7 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use bulkhead_channel::{Command, CommandError, DeviceId, Reply, VmState};
+use bulkhead_channel::{Command, CommandError, DeviceId, OpStatus, Reply, VmState};
 use bulkhead_hypervisor_client::{ClientError, Hypervisor, VmSpec};
 use common::*;
 
@@ -150,8 +150,75 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
         "data written to the hot-plugged disk is not in the backing file"
     );
 
-    // Hot-unplug: the guest releases the device and its block device disappears.
-    assert_detached_by_guest(&mut hv, &id, "unplug");
+    // Hot-unplug, driven the asynchronous way: the hypervisor accepts the detach at once and
+    // keeps serving the channel while the guest's driver lets the card go. Pausing the guest
+    // right after the detach was accepted holds the operation pending for as long as we like
+    // (a paused guest cannot release the card), so what follows does not race the guest.
+    let chan = hv.channel();
+    let op = chan
+        .submit(Command::DetachBlock { id: id.clone() }, None)
+        .expect("detach accepted");
+    chan.call(Command::Pause, None)
+        .expect("pause during the detach");
+    let waiting_since = Instant::now();
+    let mut answered = 0u32;
+    while waiting_since.elapsed() < Duration::from_secs(2) {
+        let asked = Instant::now();
+        match chan
+            .call(Command::Stats, None)
+            .expect("stats during the detach")
+        {
+            Reply::Stats { state, stats } => {
+                assert_eq!(state, VmState::Paused);
+                assert_eq!(stats.block_devices, 1, "the pulled card is still held");
+            }
+            other => panic!("{other:?}"),
+        }
+        match chan
+            .call(Command::ReadConsole { cursor: 0, max: 64 }, None)
+            .expect("console during the detach")
+        {
+            Reply::Console { data, .. } => assert!(!data.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "Stats and ReadConsole took {:?} while a detach waited",
+            asked.elapsed()
+        );
+        assert_eq!(
+            chan.op_status(op).expect("op status"),
+            OpStatus::Pending,
+            "the detach must still wait for the (paused) guest"
+        );
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answered >= 5, "only {answered} rounds answered in 2 s");
+    // While the detach is in flight: the same device is busy, an unknown operation is refused,
+    // and a reused request id is refused, each with its own typed error.
+    assert!(matches!(
+        chan.exchange(Command::DetachBlock { id: id.clone() }, None),
+        Err(ClientError::Refused(CommandError::DeviceBusy))
+    ));
+    assert!(matches!(
+        chan.op_status(op + 1_000_000),
+        Err(ClientError::Refused(CommandError::NoSuchOp))
+    ));
+    // Resumed, the guest releases the card and the operation completes, once.
+    chan.call(Command::Resume, None).expect("resume");
+    assert_eq!(
+        chan.wait_op(op).expect("detach completes"),
+        Reply::Device {
+            state: VmState::Running,
+            guest_acknowledged: true
+        },
+        "console:\n{seen}"
+    );
+    assert!(matches!(
+        chan.op_status(op),
+        Err(ClientError::Refused(CommandError::NoSuchOp))
+    ));
     wait_console(&mut hv, &mut seen, &mut cursor, "hp-gone");
     assert_eq!(block_devices(&mut hv), 0);
     assert!(matches!(
@@ -159,9 +226,32 @@ fn hotplug_and_unplug_a_disk_in_a_running_guest() {
         Err(ClientError::Refused(CommandError::NoSuchDevice))
     ));
 
-    // Plugging disks back into the same running guest: see
-    // `replug_disks_into_a_running_guest`.
-    assert_running_without_disks_then_shut_down(hv);
+    // Shutdown is served while a hot-plug waits: plug the disk again, start unplugging it, and
+    // end the VM while the (paused) guest still holds the card.
+    assert_eq!(
+        attach(&mut hv, &disk, &id),
+        Reply::Device {
+            state: VmState::Running,
+            guest_acknowledged: true
+        }
+    );
+    let op = hv
+        .channel()
+        .submit(Command::DetachBlock { id: id.clone() }, None)
+        .expect("detach accepted");
+    hv.call(Command::Pause, None)
+        .expect("pause during the detach");
+    assert_eq!(
+        hv.channel().op_status(op).expect("op status"),
+        OpStatus::Pending
+    );
+    let asked = Instant::now();
+    hv.shutdown().expect("shutdown while a detach waits");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        asked.elapsed()
+    );
 }
 
 /// Plugs a disk into a running guest, has the guest write to it, unplugs it, and does it again
