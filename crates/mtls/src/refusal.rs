@@ -319,10 +319,17 @@ impl Refusals {
 
     /// Records `r` (or counts it for the next summary).
     pub fn refuse(&self, r: Refusal) {
-        tracing::info!(stage = r.stage.op(), code = r.code, caller = ?r.identity.as_ref().map(|i| &i.name), route = ?r.route, "refused");
         let now = self.now_ms();
         let write = self.lock().admit(r.stage, r.code, now);
         if write {
+            // Logged at the same rate as recorded: a flood does not flood the log either.
+            tracing::info!(
+                stage = r.stage.op(),
+                code = r.code,
+                caller = ?r.identity.as_ref().map(|i| &i.name),
+                route = ?r.route,
+                "refused"
+            );
             self.sink.record(&r);
         }
         self.flush(false);
