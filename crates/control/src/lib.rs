@@ -22,6 +22,7 @@ pub mod pg;
 pub mod repo;
 pub mod server;
 pub mod service;
+pub mod state;
 
 use bulkhead_kms::sigv::SigError;
 

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 
 use postgres::{Client, NoTls};
 
-use crate::repo::{CustomerRow, HostRow, InstanceRow, RepoError, Repository, VolumeRow};
+use crate::repo::{
+    CustomerRow, HostRow, InstanceRow, InstanceState, RepoError, Repository, VolumeRow, VolumeState,
+};
 
 type Job = Box<dyn FnOnce(&mut Client) + Send>;
 
@@ -63,8 +65,8 @@ const INSTANCE_COLS: &str =
     "instance_id, tenant_id, host_id, image_id, vcpus, memory_mib, cores, dedicated, state, created";
 const VOLUME_COLS: &str = "volume_id, tenant_id, size_gib, kms_key_id, ciphertext_blob, state, instance_id, host_id, created";
 
-fn instance_row(r: &postgres::Row) -> InstanceRow {
-    InstanceRow {
+fn instance_row(r: &postgres::Row) -> Result<InstanceRow, RepoError> {
+    Ok(InstanceRow {
         instance_id: r.get(0),
         tenant_id: r.get(1),
         host_id: r.get(2),
@@ -73,23 +75,23 @@ fn instance_row(r: &postgres::Row) -> InstanceRow {
         memory_mib: u32_of(r.get(5)),
         cores: u32_of(r.get(6)),
         dedicated: r.get(7),
-        state: r.get(8),
+        state: InstanceState::parse(&r.get::<_, String>(8))?,
         created: u(r.get(9)),
-    }
+    })
 }
 
-fn volume_row(r: &postgres::Row) -> VolumeRow {
-    VolumeRow {
+fn volume_row(r: &postgres::Row) -> Result<VolumeRow, RepoError> {
+    Ok(VolumeRow {
         volume_id: r.get(0),
         tenant_id: r.get(1),
         size_gib: u32_of(r.get(2)),
         kms_key_id: r.get(3),
         ciphertext_blob: r.get(4),
-        state: r.get(5),
+        state: VolumeState::parse(&r.get::<_, String>(5))?,
         instance_id: r.get(6),
         host_id: r.get(7),
         created: u(r.get(8)),
-    }
+    })
 }
 
 impl PgRepo {
@@ -382,7 +384,7 @@ impl Repository for PgRepo {
                     &i64::from(x.memory_mib),
                     &i64::from(x.cores),
                     &x.dedicated,
-                    &x.state,
+                    &x.state.as_str(),
                     &i(x.created),
                 ],
             )
@@ -400,7 +402,7 @@ impl Repository for PgRepo {
                     &[&t, &id],
                 )
                 .map_err(pg_err)?
-                .map(|r| instance_row(&r)))
+                .map(|r| instance_row(&r)).transpose()?)
         })
     }
 
@@ -415,7 +417,7 @@ impl Repository for PgRepo {
                 .map_err(pg_err)?
                 .iter()
                 .map(instance_row)
-                .collect())
+                .collect::<Result<Vec<_>, _>>()?)
         })
     }
 
@@ -429,20 +431,31 @@ impl Repository for PgRepo {
                 .map_err(pg_err)?
                 .iter()
                 .map(instance_row)
-                .collect())
+                .collect::<Result<Vec<_>, _>>()?)
         })
     }
 
-    fn set_instance_state(&self, tenant: &str, id: &str, state: &str) -> Result<(), RepoError> {
-        let (t, id, st) = (s(tenant), s(id), s(state));
-        self.run(move |db| {
+    fn set_instance_state(
+        &self,
+        tenant: &str,
+        id: &str,
+        from: InstanceState,
+        to: InstanceState,
+    ) -> Result<(), RepoError> {
+        from.check(to)?;
+        let (t, id, f, st) = (s(tenant), s(id), from.as_str(), to.as_str());
+        let n = self.run(move |db| {
             db.execute(
-                "UPDATE instances SET state = $3 WHERE tenant_id = $1 AND instance_id = $2",
-                &[&t, &id, &st],
+                "UPDATE instances SET state = $4 WHERE tenant_id = $1 AND instance_id = $2 AND state = $3",
+                &[&t, &id, &f, &st],
             )
-            .map(|_| ())
             .map_err(pg_err)
-        })
+        })?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(RepoError::Stale)
+        }
     }
 
     fn insert_volume(&self, v: &VolumeRow) -> Result<(), RepoError> {
@@ -456,7 +469,7 @@ impl Repository for PgRepo {
                     &i64::from(v.size_gib),
                     &v.kms_key_id,
                     &v.ciphertext_blob,
-                    &v.state,
+                    &v.state.as_str(),
                     &v.instance_id,
                     &v.host_id,
                     &i(v.created),
@@ -478,7 +491,8 @@ impl Repository for PgRepo {
                     &[&t, &id],
                 )
                 .map_err(pg_err)?
-                .map(|r| volume_row(&r)))
+                .map(|r| volume_row(&r))
+                .transpose()?)
         })
     }
 
@@ -493,7 +507,7 @@ impl Repository for PgRepo {
                 .map_err(pg_err)?
                 .iter()
                 .map(volume_row)
-                .collect())
+                .collect::<Result<Vec<_>, _>>()?)
         })
     }
 
@@ -501,16 +515,17 @@ impl Repository for PgRepo {
         &self,
         tenant: &str,
         id: &str,
-        from: &str,
-        to: &str,
+        from: VolumeState,
+        to: VolumeState,
         instance: Option<&str>,
         host: Option<&str>,
     ) -> Result<(), RepoError> {
+        from.check(to)?;
         let (t, id, f, to, inst, h) = (
             s(tenant),
             s(id),
-            s(from),
-            s(to),
+            from.as_str(),
+            to.as_str(),
             instance.map(s),
             host.map(s),
         );
@@ -551,7 +566,7 @@ impl Repository for PgRepo {
                 .map_err(pg_err)?
                 .iter()
                 .map(volume_row)
-                .collect())
+                .collect::<Result<Vec<_>, _>>()?)
         })
     }
 }

@@ -11,6 +11,8 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 
+pub use crate::state::{BadTransition, InstanceState, UnknownState, VolumeState};
+
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
     #[error("sqlite: {0}")]
@@ -25,6 +27,10 @@ pub enum RepoError {
     Stale,
     #[error("postgres error (see log)")]
     Postgres,
+    #[error(transparent)]
+    BadState(#[from] UnknownState),
+    #[error(transparent)]
+    Transition(#[from] BadTransition),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +60,7 @@ pub struct InstanceRow {
     /// Whole physical cores reserved (both SMT siblings of each).
     pub cores: u32,
     pub dedicated: bool,
-    /// pending | running | stopped | terminated
-    pub state: String,
+    pub state: InstanceState,
     pub created: u64,
 }
 
@@ -67,8 +72,7 @@ pub struct VolumeRow {
     pub kms_key_id: String,
     /// KMS ciphertext of the data key (never the key).
     pub ciphertext_blob: Vec<u8>,
-    /// available | attaching | in-use | detaching
-    pub state: String,
+    pub state: VolumeState,
     pub instance_id: Option<String>,
     pub host_id: Option<String>,
     pub created: u64,
@@ -124,18 +128,27 @@ pub trait Repository: Send + Sync {
     fn instances(&self, tenant: &str) -> Result<Vec<InstanceRow>, RepoError>;
     /// Every non-terminated instance of every tenant (scheduler and poller only).
     fn live_instances(&self) -> Result<Vec<InstanceRow>, RepoError>;
-    fn set_instance_state(&self, tenant: &str, id: &str, state: &str) -> Result<(), RepoError>;
+    /// Compare-and-set of an instance's state: allowed by [`InstanceState::can_become`] and
+    /// only if its state is still `from` (else [`RepoError::Stale`]).
+    fn set_instance_state(
+        &self,
+        tenant: &str,
+        id: &str,
+        from: InstanceState,
+        to: InstanceState,
+    ) -> Result<(), RepoError>;
 
     fn insert_volume(&self, v: &VolumeRow) -> Result<(), RepoError>;
     fn volume(&self, tenant: &str, id: &str) -> Result<Option<VolumeRow>, RepoError>;
     fn volumes(&self, tenant: &str) -> Result<Vec<VolumeRow>, RepoError>;
-    /// Compare-and-set of a volume's attachment: succeeds only if its state is `from`.
+    /// Compare-and-set of a volume's attachment: allowed by [`VolumeState::can_become`] and
+    /// only if its state is still `from` (else [`RepoError::Stale`]).
     fn transition_volume(
         &self,
         tenant: &str,
         id: &str,
-        from: &str,
-        to: &str,
+        from: VolumeState,
+        to: VolumeState,
         instance: Option<&str>,
         host: Option<&str>,
     ) -> Result<(), RepoError>;
@@ -185,6 +198,26 @@ fn u(v: i64) -> u64 {
 fn u32_of(v: i64) -> u32 {
     u32::try_from(v).unwrap_or(0)
 }
+
+macro_rules! state_sql {
+    ($t:ty) => {
+        impl rusqlite::types::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+        impl rusqlite::types::FromSql for $t {
+            fn column_result(
+                v: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                let s = v.as_str()?;
+                <$t>::parse(s).map_err(|e| rusqlite::types::FromSqlError::Other(Box::new(e)))
+            }
+        }
+    };
+}
+state_sql!(InstanceState);
+state_sql!(VolumeState);
 
 fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
     Ok(InstanceRow {
@@ -502,14 +535,25 @@ impl Repository for SqliteRepo {
         })
     }
 
-    fn set_instance_state(&self, tenant: &str, id: &str, state: &str) -> Result<(), RepoError> {
-        self.with(|db| {
+    fn set_instance_state(
+        &self,
+        tenant: &str,
+        id: &str,
+        from: InstanceState,
+        to: InstanceState,
+    ) -> Result<(), RepoError> {
+        from.check(to)?;
+        let n = self.with(|db| {
             db.execute(
-                "UPDATE instances SET state = ?3 WHERE tenant_id = ?1 AND instance_id = ?2",
-                params![tenant, id, state],
+                "UPDATE instances SET state = ?4 WHERE tenant_id = ?1 AND instance_id = ?2 AND state = ?3",
+                params![tenant, id, from, to],
             )
-            .map(|_| ())
-        })
+        })?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(RepoError::Stale)
+        }
     }
 
     fn insert_volume(&self, v: &VolumeRow) -> Result<(), RepoError> {
@@ -550,11 +594,12 @@ impl Repository for SqliteRepo {
         &self,
         tenant: &str,
         id: &str,
-        from: &str,
-        to: &str,
+        from: VolumeState,
+        to: VolumeState,
         instance: Option<&str>,
         host: Option<&str>,
     ) -> Result<(), RepoError> {
+        from.check(to)?;
         let n = self.with(|db| {
             db.execute(
                 "UPDATE volumes SET state = ?4, instance_id = ?5, host_id = ?6
@@ -665,7 +710,7 @@ pub fn contract_suite(r: &dyn Repository) {
         memory_mib: 128,
         cores: 1,
         dedicated: false,
-        state: "running".into(),
+        state: InstanceState::Running,
         created: 1,
     };
     r.insert_instance(&inst).unwrap();
@@ -675,12 +720,30 @@ pub fn contract_suite(r: &dyn Repository) {
     );
     assert_eq!(r.instances("t-a").unwrap(), vec![inst.clone()]);
     assert!(r.instances("t-b").unwrap().is_empty());
-    r.set_instance_state("t-b", "i-1", "terminated").unwrap();
+    assert!(matches!(
+        r.set_instance_state(
+            "t-b",
+            "i-1",
+            InstanceState::Running,
+            InstanceState::Terminated
+        ),
+        Err(RepoError::Stale)
+    ));
     assert_eq!(
         r.instance("t-a", "i-1").unwrap().unwrap().state,
-        "running",
+        InstanceState::Running,
         "other tenant cannot change it"
     );
+    // Not in the table: refused before the database is asked.
+    assert!(matches!(
+        r.set_instance_state("t-a", "i-1", InstanceState::Running, InstanceState::Pending),
+        Err(RepoError::Transition(_))
+    ));
+    // From a state it is no longer in: stale.
+    assert!(matches!(
+        r.set_instance_state("t-a", "i-1", InstanceState::Stopped, InstanceState::Running),
+        Err(RepoError::Stale)
+    ));
     assert_eq!(r.live_instances().unwrap().len(), 1);
     let vol = VolumeRow {
         volume_id: "vol-1".into(),
@@ -688,7 +751,7 @@ pub fn contract_suite(r: &dyn Repository) {
         size_gib: 1,
         kms_key_id: "key-1".into(),
         ciphertext_blob: vec![9; 10],
-        state: "available".into(),
+        state: VolumeState::Available,
         instance_id: None,
         host_id: None,
         created: 1,
@@ -696,20 +759,34 @@ pub fn contract_suite(r: &dyn Repository) {
     r.insert_volume(&vol).unwrap();
     assert!(r.volume("t-b", "vol-1").unwrap().is_none());
     assert!(matches!(
-        r.transition_volume("t-b", "vol-1", "available", "attaching", None, None),
+        r.transition_volume(
+            "t-b",
+            "vol-1",
+            VolumeState::Available,
+            VolumeState::Attaching,
+            None,
+            None
+        ),
         Err(RepoError::Stale)
     ));
     r.transition_volume(
         "t-a",
         "vol-1",
-        "available",
-        "attaching",
+        VolumeState::Available,
+        VolumeState::Attaching,
         Some("i-1"),
         Some("host-1"),
     )
     .unwrap();
     assert!(matches!(
-        r.transition_volume("t-a", "vol-1", "available", "attaching", None, None),
+        r.transition_volume(
+            "t-a",
+            "vol-1",
+            VolumeState::Available,
+            VolumeState::Attaching,
+            None,
+            None
+        ),
         Err(RepoError::Stale)
     ));
     assert_eq!(r.volumes_in_transition().unwrap().len(), 1);
@@ -717,8 +794,15 @@ pub fn contract_suite(r: &dyn Repository) {
         !r.delete_volume("t-a", "vol-1").unwrap(),
         "attached volume cannot be deleted"
     );
-    r.transition_volume("t-a", "vol-1", "attaching", "available", None, None)
-        .unwrap();
+    r.transition_volume(
+        "t-a",
+        "vol-1",
+        VolumeState::Attaching,
+        VolumeState::Available,
+        None,
+        None,
+    )
+    .unwrap();
     assert!(!r.delete_volume("t-b", "vol-1").unwrap());
     assert!(r.delete_volume("t-a", "vol-1").unwrap());
     assert!(r.volumes("t-a").unwrap().is_empty());

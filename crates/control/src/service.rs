@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::api::{self, ControlRequest};
 use crate::hosts::HostClient;
 use crate::repo::{HostRow, InstanceRow, Repository, VolumeRow};
+use crate::state::{InstanceState, VolumeState};
 use crate::{upstream_code, ControlError};
 
 /// Test-only switch: with this variable naming a file in the control plane's own environment,
@@ -128,7 +129,7 @@ fn instance_json(i: &InstanceRow) -> Value {
     json!({
         "InstanceId": i.instance_id,
         "ImageId": i.image_id,
-        "State": i.state,
+        "State": i.state.as_str(),
         "VcpuCount": i.vcpus,
         "MemoryMiB": i.memory_mib,
         "Cores": i.cores,
@@ -142,7 +143,7 @@ fn volume_json(v: &VolumeRow) -> Value {
         "SizeGiB": v.size_gib,
         "Encrypted": true,
         "KmsKeyId": v.kms_key_id,
-        "State": v.state,
+        "State": v.state.as_str(),
         "InstanceId": v.instance_id,
     })
 }
@@ -516,7 +517,7 @@ impl ControlPlane {
                     &r.instance_ids,
                     Operation::StopInstance,
                     "stop",
-                    "stopped",
+                    InstanceState::Stopped,
                 )
                 .await
             }
@@ -526,7 +527,7 @@ impl ControlPlane {
                     &r.instance_ids,
                     Operation::StartInstance,
                     "start",
-                    "running",
+                    InstanceState::Running,
                 )
                 .await
             }
@@ -536,7 +537,7 @@ impl ControlPlane {
                     &r.instance_ids,
                     Operation::TerminateInstance,
                     "terminate",
-                    "terminated",
+                    InstanceState::Terminated,
                 )
                 .await
             }
@@ -562,7 +563,7 @@ impl ControlPlane {
                     size_gib: r.size_gib,
                     kms_key_id: key_id,
                     ciphertext_blob: blob,
-                    state: "available".into(),
+                    state: VolumeState::Available,
                     instance_id: None,
                     host_id: None,
                     created: now(),
@@ -591,7 +592,9 @@ impl ControlPlane {
                     .repo
                     .volume(&c.tenant, &r.volume_id)?
                     .ok_or(ControlError::NoSuchVolume)?;
-                if v.state != "available" || !self.repo.delete_volume(&c.tenant, &r.volume_id)? {
+                if v.state != VolumeState::Available
+                    || !self.repo.delete_volume(&c.tenant, &r.volume_id)?
+                {
                     return Err(ControlError::VolumeInUse);
                 }
                 Ok(json!({ "VolumeId": r.volume_id, "State": "deleted" }))
@@ -748,7 +751,7 @@ impl ControlPlane {
                 memory_mib: r.memory_mib,
                 cores,
                 dedicated,
-                state: "pending".into(),
+                state: InstanceState::Pending,
                 created: now(),
             };
             self.repo.insert_instance(&row)?;
@@ -797,14 +800,22 @@ impl ControlPlane {
                     None,
                 )
                 .await;
-            self.repo
-                .set_instance_state(&c.tenant, &row.instance_id, "terminated")?;
+            self.repo.set_instance_state(
+                &c.tenant,
+                &row.instance_id,
+                InstanceState::Pending,
+                InstanceState::Terminated,
+            )?;
             return Err(e);
         }
-        self.repo
-            .set_instance_state(&c.tenant, &row.instance_id, "running")?;
+        self.repo.set_instance_state(
+            &c.tenant,
+            &row.instance_id,
+            InstanceState::Pending,
+            InstanceState::Running,
+        )?;
         let mut out = row;
-        out.state = "running".into();
+        out.state = InstanceState::Running;
         Ok(json!({ "Instances": [instance_json(&out)] }))
     }
 
@@ -814,7 +825,7 @@ impl ControlPlane {
         ids: &[String],
         op: Operation,
         verb: &str,
-        to: &str,
+        to: InstanceState,
     ) -> Result<Value, ControlError> {
         if ids.is_empty() {
             return Err(ControlError::BadShape);
@@ -829,7 +840,7 @@ impl ControlPlane {
         }
         let mut out = Vec::new();
         for i in rows {
-            if i.state == "terminated" || i.state == "pending" {
+            if !i.state.can_become(to) {
                 return Err(ControlError::WrongState);
             }
             let host = self.host(&i.host_id)?;
@@ -855,10 +866,12 @@ impl ControlPlane {
                 )
                 .await?;
             self.repo
-                .set_instance_state(&c.tenant, &i.instance_id, to)?;
-            out.push(
-                json!({"InstanceId": i.instance_id, "PreviousState": i.state, "CurrentState": to}),
-            );
+                .set_instance_state(&c.tenant, &i.instance_id, i.state, to)?;
+            out.push(json!({
+                "InstanceId": i.instance_id,
+                "PreviousState": i.state.as_str(),
+                "CurrentState": to.as_str(),
+            }));
         }
         Ok(json!({ "Instances": out }))
     }
@@ -881,10 +894,10 @@ impl ControlPlane {
             .repo
             .instance(&c.tenant, instance_id)?
             .ok_or(ControlError::NoSuchInstance)?;
-        if i.state != "running" && i.state != "stopped" {
+        if !matches!(i.state, InstanceState::Running | InstanceState::Stopped) {
             return Err(ControlError::WrongState);
         }
-        if v.state != "available" {
+        if v.state != VolumeState::Available {
             return Err(ControlError::VolumeInUse);
         }
         let host = self.host(&i.host_id)?;
@@ -896,8 +909,8 @@ impl ControlPlane {
             .transition_volume(
                 &c.tenant,
                 volume_id,
-                "available",
-                "attaching",
+                VolumeState::Available,
+                VolumeState::Attaching,
                 Some(instance_id),
                 Some(&host.host_id),
             )
@@ -967,8 +980,8 @@ impl ControlPlane {
                 self.repo.transition_volume(
                     &c.tenant,
                     volume_id,
-                    "attaching",
-                    "in-use",
+                    VolumeState::Attaching,
+                    VolumeState::InUse,
                     Some(instance_id),
                     Some(&host.host_id),
                 )?;
@@ -992,8 +1005,8 @@ impl ControlPlane {
                 self.repo.transition_volume(
                     &c.tenant,
                     volume_id,
-                    "attaching",
-                    "available",
+                    VolumeState::Attaching,
+                    VolumeState::Available,
                     None,
                     None,
                 )?;
@@ -1007,7 +1020,7 @@ impl ControlPlane {
             .repo
             .volume(&c.tenant, volume_id)?
             .ok_or(ControlError::NoSuchVolume)?;
-        if v.state != "in-use" {
+        if v.state != VolumeState::InUse {
             return Err(ControlError::WrongState);
         }
         let (Some(instance_id), Some(host_id)) = (v.instance_id.clone(), v.host_id.clone()) else {
@@ -1017,8 +1030,8 @@ impl ControlPlane {
             .transition_volume(
                 &c.tenant,
                 volume_id,
-                "in-use",
-                "detaching",
+                VolumeState::InUse,
+                VolumeState::Detaching,
                 Some(&instance_id),
                 Some(&host_id),
             )
@@ -1046,8 +1059,8 @@ impl ControlPlane {
                 self.repo.transition_volume(
                     &c.tenant,
                     volume_id,
-                    "detaching",
-                    "available",
+                    VolumeState::Detaching,
+                    VolumeState::Available,
                     None,
                     None,
                 )?;
@@ -1057,8 +1070,8 @@ impl ControlPlane {
                 self.repo.transition_volume(
                     &c.tenant,
                     volume_id,
-                    "detaching",
-                    "in-use",
+                    VolumeState::Detaching,
+                    VolumeState::InUse,
                     Some(&instance_id),
                     Some(&host_id),
                 )?;
@@ -1095,8 +1108,8 @@ impl ControlPlane {
             self.repo.transition_volume(
                 &v.tenant_id,
                 &v.volume_id,
-                &v.state,
-                "available",
+                v.state,
+                VolumeState::Available,
                 None,
                 None,
             )?;
@@ -1107,7 +1120,7 @@ impl ControlPlane {
             .repo
             .live_instances()?
             .into_iter()
-            .filter(|i| i.state == "pending")
+            .filter(|i| i.state == InstanceState::Pending)
         {
             if let Ok(host) = self.host(&i.host_id) {
                 let _ = self
@@ -1123,8 +1136,12 @@ impl ControlPlane {
                     )
                     .await;
             }
-            self.repo
-                .set_instance_state(&i.tenant_id, &i.instance_id, "terminated")?;
+            self.repo.set_instance_state(
+                &i.tenant_id,
+                &i.instance_id,
+                InstanceState::Pending,
+                InstanceState::Terminated,
+            )?;
             n += 1;
         }
         Ok(n)
@@ -1139,7 +1156,10 @@ impl ControlPlane {
             .repo
             .live_instances()?
             .into_iter()
-            .filter(|i| i.host_id == h.host_id && (i.state == "running" || i.state == "stopped"))
+            .filter(|i| {
+                i.host_id == h.host_id
+                    && matches!(i.state, InstanceState::Running | InstanceState::Stopped)
+            })
             .collect();
         if u64::try_from(recorded.len()).unwrap_or(0) <= reported {
             return Ok(0);
@@ -1161,22 +1181,24 @@ impl ControlPlane {
             if !matches!(r, Err(ControlError::Host("no_such_instance"))) {
                 continue;
             }
-            for v in
-                self.repo.volumes(&i.tenant_id)?.into_iter().filter(|v| {
-                    v.instance_id.as_deref() == Some(&i.instance_id) && v.state == "in-use"
-                })
-            {
+            for v in self.repo.volumes(&i.tenant_id)?.into_iter().filter(|v| {
+                v.instance_id.as_deref() == Some(&i.instance_id) && v.state == VolumeState::InUse
+            }) {
                 self.repo.transition_volume(
                     &i.tenant_id,
                     &v.volume_id,
-                    "in-use",
-                    "available",
+                    VolumeState::InUse,
+                    VolumeState::Available,
                     None,
                     None,
                 )?;
             }
-            self.repo
-                .set_instance_state(&i.tenant_id, &i.instance_id, "terminated")?;
+            self.repo.set_instance_state(
+                &i.tenant_id,
+                &i.instance_id,
+                i.state,
+                InstanceState::Terminated,
+            )?;
             tracing::warn!(host = %h.host_id, instance = %i.instance_id, "instance lost with its host's controller: marked terminated, volumes released");
             lost += 1;
         }
@@ -1323,7 +1345,7 @@ mod tests {
             memory_mib: 128,
             cores,
             dedicated,
-            state: "running".into(),
+            state: InstanceState::Running,
             created: 0,
         }
     }
