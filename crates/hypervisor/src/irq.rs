@@ -3,6 +3,9 @@
 //! `KVM_SET_GSI_ROUTING` replaces the whole table, so the router keeps every route and
 //! re-sends all of them on each change: GSIs 0-23 to the IOAPIC (0-15 also to the PIC), as
 //! KVM's default table has them, then one MSI route per vector a PCI device uses.
+//!
+//! Devices and the PCI bus reach the router only through [`MsiRouting`], handed to them by the
+//! VM on each access that needs it: this module knows no device and no bus.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +16,35 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
-use crate::Error;
+use crate::{lock, Error};
+
+/// What a PCI device model or the bus may do with interrupts: reserve GSIs for its vectors,
+/// point them at MSI messages, raise one MSI, and reach the VM to attach irqfds/ioeventfds.
+pub trait MsiRouting: Send + Sync {
+    /// Reserves `n` consecutive GSIs for a device's MSI vectors.
+    fn allocate(&self, n: u32) -> Result<u32, Error>;
+    /// Points `gsi` at `msg` (or removes its route when `msg` is `None`).
+    fn set_msi(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), Error>;
+    /// Injects one MSI directly (for interrupts the VMM itself raises).
+    fn signal(&self, msg: MsiMessage);
+    /// The VM the routes belong to (for irqfd and ioeventfd registration).
+    fn vm(&self) -> &VmFd;
+}
+
+impl MsiRouting for IrqRouter {
+    fn allocate(&self, n: u32) -> Result<u32, Error> {
+        IrqRouter::allocate(self, n)
+    }
+    fn set_msi(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), Error> {
+        IrqRouter::set_msi(self, gsi, msg)
+    }
+    fn signal(&self, msg: MsiMessage) {
+        IrqRouter::signal(self, msg)
+    }
+    fn vm(&self) -> &VmFd {
+        IrqRouter::vm(self)
+    }
+}
 
 /// GSIs below this are IOAPIC pins.
 pub const IOAPIC_PINS: u32 = 24;
@@ -68,7 +99,7 @@ impl IrqRouter {
 
     /// Reserves `n` consecutive GSIs for a device's MSI vectors.
     pub fn allocate(&self, n: u32) -> Result<u32, Error> {
-        let mut next = crate::vm::lock(&self.next_gsi);
+        let mut next = lock(&self.next_gsi);
         let base = *next;
         let end = base
             .checked_add(n)
@@ -80,7 +111,7 @@ impl IrqRouter {
 
     /// Points `gsi` at `msg` (or removes its route when `msg` is `None`) and updates KVM.
     pub fn set_msi(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), Error> {
-        let mut msi = crate::vm::lock(&self.msi);
+        let mut msi = lock(&self.msi);
         let changed = match msg {
             Some(m) => msi.insert(gsi, m) != Some(m),
             None => msi.remove(&gsi).is_some(),

@@ -20,6 +20,12 @@ pub mod topology;
 pub mod vm;
 
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks `m`, carrying on through poisoning (a panicked holder leaves plain data behind).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Everything that can go wrong building or running a VM.
 #[derive(Debug, thiserror::Error)]

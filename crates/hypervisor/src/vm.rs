@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ use crate::devices::virtio_rng::VirtioRng;
 use crate::irq::IrqRouter;
 use crate::layout::*;
 use crate::memory::GuestRam;
-use crate::{mptable, Error};
+use crate::{lock, mptable, Error};
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -83,10 +83,6 @@ struct Shared {
     exit_evt: EventFd,
     counters: Counters,
     bad_guest: Arc<AtomicU64>,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
@@ -358,7 +354,7 @@ impl Vm {
         let card = VirtioPciDevice::new(
             id,
             Box::new(dev),
-            &self.shared.router,
+            self.shared.router.as_ref(),
             self.shared.bad_guest.clone(),
         )?;
         let announce = state != VmState::Created;
@@ -367,7 +363,7 @@ impl Vm {
             let port = pci.free_port().ok_or(Error::NoFreeSlot)?;
             let router = self.shared.router.clone();
             let p = pci.ports.get_mut(port).ok_or(Error::NoFreeSlot)?;
-            p.plug(card, announce, &router);
+            p.plug(Box::new(card), announce, router.as_ref());
             pci.used(port);
             port
         };
@@ -404,21 +400,21 @@ impl Vm {
         let mut pci = lock(&self.shared.pci);
         let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
         let p = pci.ports.get_mut(port).ok_or(Error::NoSuchDevice)?;
-        let bound = p.card.as_ref().is_some_and(|c| c.core.status != 0);
+        let bound = p.card.as_ref().is_some_and(|c| c.driver_attached());
         if matches!(state, VmState::Created | VmState::Stopped) {
-            p.unplug(&router, false);
+            p.unplug(router.as_ref(), false);
             tracing::info!(device = id, port, "block device detached");
             return Ok(Hotplug::Done(true));
         }
-        p.pull(&router);
+        p.pull(router.as_ref());
         if !bound {
-            p.unplug(&router, true);
+            p.unplug(router.as_ref(), true);
             tracing::info!(device = id, port, "unbound block device hot-unplugged");
             return Ok(Hotplug::Done(true));
         }
         if state != VmState::Running {
             // A paused guest cannot release it: take it out now.
-            p.unplug(&router, true);
+            p.unplug(router.as_ref(), true);
             tracing::info!(
                 device = id,
                 port,
@@ -450,7 +446,7 @@ impl Vm {
                 let ready = pci
                     .ports
                     .get(port)
-                    .is_none_or(|p| p.card.as_ref().is_some_and(VirtioPciDevice::driver_ok));
+                    .is_none_or(|p| p.card.as_ref().is_some_and(|c| c.driver_ready()));
                 if ready || state != VmState::Running || now >= w.deadline {
                     tracing::info!(
                         device = %w.id,
@@ -463,7 +459,7 @@ impl Vm {
                 if now >= *reannounce_at {
                     *reannounce_at = now + REANNOUNCE_AFTER;
                     if let Some(p) = pci.ports.get_mut(port) {
-                        if p.reannounce(&router) {
+                        if p.reannounce(router.as_ref()) {
                             tracing::info!(
                                 device = %w.id,
                                 port,
@@ -478,14 +474,14 @@ impl Vm {
                 let released = pci
                     .ports
                     .get(port)
-                    .is_none_or(|p| p.card.as_ref().is_none_or(|c| c.core.status == 0));
+                    .is_none_or(|p| p.card.as_ref().is_none_or(|c| !c.driver_attached()));
                 if !released && state != VmState::Stopped && now < w.deadline {
                     return None;
                 }
                 // A husk even when the driver has reset the device: it writes 0 to the status
                 // and then reads it back until it reads 0, and that read may come after this.
                 if let Some(p) = pci.ports.get_mut(port) {
-                    p.unplug(&router, true);
+                    p.unplug(router.as_ref(), true);
                 }
                 let released = released && state != VmState::Stopped;
                 tracing::info!(device = %w.id, port, released, "block device hot-unplugged");
@@ -736,7 +732,7 @@ fn mmio_slot(addr: u64) -> Option<(usize, u64)> {
 fn pci_read(shared: &Shared, addr: u64, data: &mut [u8]) {
     let mut pci = lock(&shared.pci);
     if let Some((card, off)) = pci.card_at(addr) {
-        card.mmio_read(off, data);
+        card.bar_read(off, data);
     } else if pci.husk_at(addr) {
         data.fill(0);
     } else {
@@ -747,7 +743,7 @@ fn pci_read(shared: &Shared, addr: u64, data: &mut [u8]) {
 fn pci_write(shared: &Shared, addr: u64, data: &[u8]) {
     let mut pci = lock(&shared.pci);
     if let Some((card, off)) = pci.card_at(addr) {
-        card.mmio_write(off, data, &shared.ram, &shared.router);
+        card.bar_write(off, data, &shared.ram, shared.router.as_ref());
     } else if !pci.husk_at(addr) {
         shared.bad_guest.fetch_add(1, Ordering::Relaxed);
     }

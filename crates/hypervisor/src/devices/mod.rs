@@ -2,6 +2,7 @@
 //! the console, an i8042 stub for reset, a virtio-rng on virtio-mmio, and vhost-user block
 //! devices on virtio-pci behind PCIe root ports with native hot-plug.
 
+pub mod config_space;
 pub mod legacy;
 pub mod pci;
 pub mod vhost_blk;

@@ -22,9 +22,10 @@ use std::sync::Arc;
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::pci::ConfigSpace;
+use super::config_space::ConfigSpace;
+use super::pci::PciDevice;
 use super::virtio::{set_high, set_low, StatusAction, VirtioCore, VirtioDevice, STATUS_DRIVER_OK};
-use crate::irq::{IrqRouter, MsiMessage};
+use crate::irq::{MsiMessage, MsiRouting};
 use crate::memory::GuestRam;
 use crate::Error;
 
@@ -103,7 +104,7 @@ impl VirtioPciDevice {
     pub fn new(
         id: &str,
         device: Box<dyn VirtioDevice>,
-        router: &IrqRouter,
+        router: &dyn MsiRouting,
         bad_accesses: Arc<AtomicU64>,
     ) -> Result<Self, Error> {
         let kind = device.device_type();
@@ -205,10 +206,6 @@ impl VirtioPciDevice {
         (mem_on && base != 0).then_some(base)
     }
 
-    pub fn bar_size(&self) -> u64 {
-        BAR_SIZE
-    }
-
     /// Whether the driver has the device running.
     pub fn driver_ok(&self) -> bool {
         self.core.status & STATUS_DRIVER_OK != 0
@@ -225,7 +222,7 @@ impl VirtioPciDevice {
         self.touched
     }
 
-    pub fn config_write(&mut self, off: usize, data: &[u8], router: &IrqRouter) {
+    pub fn config_write(&mut self, off: usize, data: &[u8], router: &dyn MsiRouting) {
         self.cfg.write(off, data);
         if self.wiring.is_some() {
             self.route_all(router);
@@ -241,7 +238,7 @@ impl VirtioPciDevice {
     }
 
     /// Points every vector a queue uses at the MSI-X entry the guest wrote.
-    fn route_all(&self, router: &IrqRouter) {
+    fn route_all(&self, router: &dyn MsiRouting) {
         for v in self
             .queue_vectors
             .iter()
@@ -263,7 +260,7 @@ impl VirtioPciDevice {
     }
 
     /// Registers ioeventfds and irqfds for the ready queues, at the BAR address in use now.
-    fn wire(&mut self, router: &IrqRouter) -> Result<(), Error> {
+    fn wire(&mut self, router: &dyn MsiRouting) -> Result<(), Error> {
         let base = self.bar_base().ok_or(Error::BarDisabled)?;
         self.route_all(router);
         let vm = router.vm();
@@ -293,7 +290,7 @@ impl VirtioPciDevice {
     }
 
     /// Undoes [`VirtioPciDevice::wire`].
-    fn unwire(&mut self, router: &IrqRouter) {
+    fn unwire(&mut self, router: &dyn MsiRouting) {
         let Some(w) = self.wiring.take() else { return };
         let vm = router.vm();
         for (q, kick) in self.core.kicks.iter().enumerate() {
@@ -309,7 +306,7 @@ impl VirtioPciDevice {
     }
 
     /// Stops the backend and releases everything registered with KVM (the card is leaving).
-    pub fn shut_down(&mut self, router: &IrqRouter) {
+    pub fn shut_down(&mut self, router: &dyn MsiRouting) {
         self.core.reset();
         self.unwire(router);
     }
@@ -352,7 +349,7 @@ impl VirtioPciDevice {
         s
     }
 
-    fn write_common(&mut self, off: u64, data: &[u8], ram: &GuestRam, router: &IrqRouter) {
+    fn write_common(&mut self, off: u64, data: &[u8], ram: &GuestRam, router: &dyn MsiRouting) {
         let mut b = [0u8; 4];
         let n = data.len().min(4);
         b[..n].copy_from_slice(&data[..n]);
@@ -408,7 +405,7 @@ impl VirtioPciDevice {
         }
     }
 
-    fn write_status(&mut self, v: u32, ram: &GuestRam, router: &IrqRouter) {
+    fn write_status(&mut self, v: u32, ram: &GuestRam, router: &dyn MsiRouting) {
         match self.core.write_status(v, &ram.mem) {
             StatusAction::None => {}
             StatusAction::Reset => self.unwire(router),
@@ -470,7 +467,7 @@ impl VirtioPciDevice {
     }
 
     /// A guest write in BAR0.
-    pub fn mmio_write(&mut self, off: u64, data: &[u8], ram: &GuestRam, router: &IrqRouter) {
+    pub fn mmio_write(&mut self, off: u64, data: &[u8], ram: &GuestRam, router: &dyn MsiRouting) {
         match off {
             o if o < COMMON + COMMON_LEN => self.write_common(o, data, ram, router),
             o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
@@ -520,5 +517,120 @@ impl VirtioPciDevice {
             }
             _ => self.bad(),
         }
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn config_read(&mut self, off: usize, data: &mut [u8]) {
+        VirtioPciDevice::config_read(self, off, data)
+    }
+    fn config_write(&mut self, off: usize, data: &[u8], irq: &dyn MsiRouting) {
+        VirtioPciDevice::config_write(self, off, data, irq)
+    }
+    fn bar_base(&self) -> Option<u64> {
+        VirtioPciDevice::bar_base(self)
+    }
+    fn bar_size(&self) -> u64 {
+        BAR_SIZE
+    }
+    fn bar_read(&mut self, off: u64, data: &mut [u8]) {
+        self.mmio_read(off, data)
+    }
+    fn bar_write(&mut self, off: u64, data: &[u8], ram: &GuestRam, irq: &dyn MsiRouting) {
+        self.mmio_write(off, data, ram, irq)
+    }
+    fn reset(&mut self, irq: &dyn MsiRouting) {
+        self.shut_down(irq)
+    }
+    fn touched(&self) -> bool {
+        VirtioPciDevice::touched(self)
+    }
+    fn driver_ready(&self) -> bool {
+        self.driver_ok()
+    }
+    fn driver_attached(&self) -> bool {
+        self.core.status != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::devices::pci::PciBus;
+    use crate::irq::IrqRouter;
+
+    /// A card on `port` of `bus` whose BAR0 the guest put at `bar`, memory decoding on.
+    fn card_with_bar(bus: &mut PciBus, port: usize, id: &str, bar: Option<u32>) {
+        let router = bus.router.clone();
+        let card = VirtioPciDevice::new(
+            id,
+            Box::new(crate::devices::virtio_rng::VirtioRng::new()),
+            router.as_ref(),
+            Arc::default(),
+        )
+        .expect("card");
+        let p = bus.ports.get_mut(port).expect("port");
+        p.plug(Box::new(card), false, router.as_ref());
+        if let (Some(bar), Some(c)) = (bar, p.card.as_mut()) {
+            c.config_write(0x10, &bar.to_le_bytes(), router.as_ref());
+            c.config_write(0x04, &[0x02, 0x00], router.as_ref());
+            assert_eq!(c.bar_base(), Some(u64::from(bar)));
+        }
+    }
+
+    /// The regression behind "a card plugged right after an unplug is never enumerated": a
+    /// hot-unplugged card's BAR must keep reading as a reset device (status 0) after the card
+    /// is taken out, also once another card sits in the slot, or the guest's `vp_reset()`
+    /// polls a status of 0xff forever while holding the PCI rescan/remove lock.
+    #[test]
+    fn a_pulled_card_leaves_a_husk_that_outlives_the_next_plug() {
+        let Ok(vm) = kvm_ioctls::Kvm::new().and_then(|k| k.create_vm()) else {
+            bulkhead_testkit::skip_or_fail("husk test: /dev/kvm is not usable");
+            return;
+        };
+        let router = Arc::new(IrqRouter::new(Arc::new(vm)));
+        let mut bus = PciBus::new(2, router.clone());
+        let bar: u32 = 0x0800_0000;
+        let status = u64::from(bar) + 0x14;
+        card_with_bar(&mut bus, 0, "a", Some(bar));
+        assert!(bus.card_at(status).is_some());
+
+        // Hot-unplug from a running guest: pull, then take the card out.
+        let p = bus.ports.get_mut(0).expect("port");
+        p.pull(router.as_ref());
+        p.unplug(router.as_ref(), true);
+        assert!(bus.card_at(status).is_none());
+        assert!(
+            bus.husk_at(status),
+            "the pulled card's BAR answers as a reset device"
+        );
+
+        // Another card in the same slot has no BAR until the guest enumerates it: the husk
+        // still answers; once the new card claims the addresses, it answers first.
+        card_with_bar(&mut bus, 0, "b", None);
+        assert!(bus.card_at(status).is_none());
+        assert!(
+            bus.husk_at(status),
+            "a new card must not drop the old card's husk"
+        );
+        if let Some(c) = bus.ports.get_mut(0).and_then(|p| p.card.as_mut()) {
+            c.config_write(0x10, &bar.to_le_bytes(), router.as_ref());
+            c.config_write(0x04, &[0x02, 0x00], router.as_ref());
+        }
+        assert!(bus
+            .card_at(status)
+            .is_some_and(|(c, off)| c.id() == "b" && off == 0x14));
+
+        // Taking a card out of a guest that no longer runs leaves nothing behind.
+        bus.ports
+            .get_mut(0)
+            .expect("port")
+            .unplug(router.as_ref(), false);
+        assert!(!bus.husk_at(status));
     }
 }
