@@ -591,6 +591,18 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         ));
     }
     let use_netns = opts.netns.unwrap_or_else(netns::available);
+    // A fallback is said out loud (tests with BULKHEAD_REQUIRE_ALL=1 also fail on it: they check
+    // `Cluster::attested` and `Cluster::nets`).
+    if !attested {
+        tracing::warn!(
+            "hosts run UNATTESTED: swtpm or bulkhead-launcher missing, or not asked for"
+        );
+    }
+    if !use_netns {
+        tracing::warn!(
+            "hosts share the loopback network: not root, or network namespaces not allowed here"
+        );
+    }
     let mut guard = NetGuard(Vec::new());
     if use_netns {
         let tag = netns::tag_for(dir);

@@ -11,18 +11,23 @@
 //!   (hosts never call out).
 
 pub mod api;
+mod auth;
 pub mod cluster;
 pub mod config;
 pub mod fleet;
 pub mod hosts;
+mod instances;
 pub mod netns;
 pub mod openapi;
 pub mod operator;
 pub mod pg;
+pub mod reconciler;
 pub mod repo;
+pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod state;
+mod volumes;
 
 use bulkhead_kms::sigv::SigError;
 

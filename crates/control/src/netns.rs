@@ -55,7 +55,15 @@ fn ip(args: &[&str]) -> Result<(), NetnsError> {
 
 /// Whether this process can build what [`setup`] builds here: root, `ip` present, and a
 /// namespace with a veth pair into it allowed (a container may allow the one but not the other).
+/// Probed once per process: the probe's names derive from the pid, so two probes running at
+/// the same time (clusters started by parallel tests) would collide and one would wrongly
+/// report "unavailable", silently putting its cluster on loopback.
 pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(probe)
+}
+
+fn probe() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return false;

@@ -396,20 +396,20 @@ impl Repository for PgRepo {
     fn instance(&self, tenant: &str, id: &str) -> Result<Option<InstanceRow>, RepoError> {
         let (t, id) = (s(tenant), s(id));
         self.run(move |db| {
-            Ok(db
+            db
                 .query_opt(
                     &format!("SELECT {INSTANCE_COLS} FROM instances WHERE tenant_id = $1 AND instance_id = $2"),
                     &[&t, &id],
                 )
                 .map_err(pg_err)?
-                .map(|r| instance_row(&r)).transpose()?)
+                .map(|r| instance_row(&r)).transpose()
         })
     }
 
     fn instances(&self, tenant: &str) -> Result<Vec<InstanceRow>, RepoError> {
         let t = s(tenant);
         self.run(move |db| {
-            Ok(db
+            db
                 .query(
                     &format!("SELECT {INSTANCE_COLS} FROM instances WHERE tenant_id = $1 ORDER BY created, instance_id"),
                     &[&t],
@@ -417,21 +417,20 @@ impl Repository for PgRepo {
                 .map_err(pg_err)?
                 .iter()
                 .map(instance_row)
-                .collect::<Result<Vec<_>, _>>()?)
+                .collect::<Result<Vec<_>, _>>()
         })
     }
 
     fn live_instances(&self) -> Result<Vec<InstanceRow>, RepoError> {
         self.run(move |db| {
-            Ok(db
-                .query(
-                    &format!("SELECT {INSTANCE_COLS} FROM instances WHERE state != 'terminated'"),
-                    &[],
-                )
-                .map_err(pg_err)?
-                .iter()
-                .map(instance_row)
-                .collect::<Result<Vec<_>, _>>()?)
+            db.query(
+                &format!("SELECT {INSTANCE_COLS} FROM instances WHERE state != 'terminated'"),
+                &[],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(instance_row)
+            .collect::<Result<Vec<_>, _>>()
         })
     }
 
@@ -483,23 +482,22 @@ impl Repository for PgRepo {
     fn volume(&self, tenant: &str, id: &str) -> Result<Option<VolumeRow>, RepoError> {
         let (t, id) = (s(tenant), s(id));
         self.run(move |db| {
-            Ok(db
-                .query_opt(
-                    &format!(
-                        "SELECT {VOLUME_COLS} FROM volumes WHERE tenant_id = $1 AND volume_id = $2"
-                    ),
-                    &[&t, &id],
-                )
-                .map_err(pg_err)?
-                .map(|r| volume_row(&r))
-                .transpose()?)
+            db.query_opt(
+                &format!(
+                    "SELECT {VOLUME_COLS} FROM volumes WHERE tenant_id = $1 AND volume_id = $2"
+                ),
+                &[&t, &id],
+            )
+            .map_err(pg_err)?
+            .map(|r| volume_row(&r))
+            .transpose()
         })
     }
 
     fn volumes(&self, tenant: &str) -> Result<Vec<VolumeRow>, RepoError> {
         let t = s(tenant);
         self.run(move |db| {
-            Ok(db
+            db
                 .query(
                     &format!("SELECT {VOLUME_COLS} FROM volumes WHERE tenant_id = $1 ORDER BY created, volume_id"),
                     &[&t],
@@ -507,7 +505,7 @@ impl Repository for PgRepo {
                 .map_err(pg_err)?
                 .iter()
                 .map(volume_row)
-                .collect::<Result<Vec<_>, _>>()?)
+                .collect::<Result<Vec<_>, _>>()
         })
     }
 
@@ -558,15 +556,16 @@ impl Repository for PgRepo {
 
     fn volumes_in_transition(&self) -> Result<Vec<VolumeRow>, RepoError> {
         self.run(move |db| {
-            Ok(db
-                .query(
-                    &format!("SELECT {VOLUME_COLS} FROM volumes WHERE state IN ('attaching', 'detaching')"),
-                    &[],
-                )
-                .map_err(pg_err)?
-                .iter()
-                .map(volume_row)
-                .collect::<Result<Vec<_>, _>>()?)
+            db.query(
+                &format!(
+                    "SELECT {VOLUME_COLS} FROM volumes WHERE state IN ('attaching', 'detaching')"
+                ),
+                &[],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(volume_row)
+            .collect::<Result<Vec<_>, _>>()
         })
     }
 }

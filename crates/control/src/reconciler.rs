@@ -1,0 +1,239 @@
+//! Convergence after faults, and the pull loop: work left mid-flight by a crash is unwound,
+//! instances a host lost are released, and each host's state and audit are pulled (never
+//! pushed) and checked ([`crate::fleet`]).
+
+use bulkhead_tokens::Operation;
+use serde_json::Value;
+
+use crate::repo::{HostRow, InstanceRow};
+use crate::service::{now, ControlPlane};
+use crate::state::{InstanceState, VolumeState};
+use crate::ControlError;
+
+impl ControlPlane {
+    /// Start-up convergence after a crash: volumes caught mid-attach or mid-detach are detached
+    /// on their host (dropping any key the card got) and made available again; instances caught
+    /// mid-launch are terminated.
+    pub async fn reconcile(&self) -> Result<usize, ControlError> {
+        let mut n = 0;
+        for v in self.repo.volumes_in_transition()? {
+            if let (Some(inst), Some(host_id)) = (&v.instance_id, &v.host_id) {
+                if let Ok(host) = self.host(host_id) {
+                    let _ = self
+                        .hosts
+                        .call(
+                            &host.host_id,
+                            &host.addr,
+                            Operation::DetachVolume,
+                            &[
+                                format!("instance:{inst}"),
+                                format!("volume:{}", v.volume_id),
+                            ],
+                            "DELETE",
+                            &format!("/v1/instances/{inst}/volumes/{}", v.volume_id),
+                            None,
+                        )
+                        .await;
+                }
+            }
+            self.repo.transition_volume(
+                &v.tenant_id,
+                &v.volume_id,
+                v.state,
+                VolumeState::Available,
+                None,
+                None,
+            )?;
+            tracing::warn!(volume = %v.volume_id, from = %v.state, "rolled back interrupted volume transition");
+            n += 1;
+        }
+        for i in self
+            .repo
+            .live_instances()?
+            .into_iter()
+            .filter(|i| i.state == InstanceState::Pending)
+        {
+            if let Ok(host) = self.host(&i.host_id) {
+                let _ = self
+                    .hosts
+                    .call(
+                        &host.host_id,
+                        &host.addr,
+                        Operation::TerminateInstance,
+                        &[format!("instance:{}", i.instance_id)],
+                        "POST",
+                        &format!("/v1/instances/{}/terminate", i.instance_id),
+                        None,
+                    )
+                    .await;
+            }
+            self.repo.set_instance_state(
+                &i.tenant_id,
+                &i.instance_id,
+                InstanceState::Pending,
+                InstanceState::Terminated,
+            )?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// When a host reports fewer instances than the records place on it (its controller was
+    /// killed and restarted: its guests and cards died with it), the instances it no longer
+    /// knows are marked terminated and their volumes released, so the state converges and the
+    /// volumes can be attached again. Returns how many instances were lost.
+    pub(crate) async fn reconcile_lost(
+        &self,
+        h: &HostRow,
+        reported: u64,
+    ) -> Result<usize, ControlError> {
+        let recorded: Vec<InstanceRow> = self
+            .repo
+            .live_instances()?
+            .into_iter()
+            .filter(|i| {
+                i.host_id == h.host_id
+                    && matches!(i.state, InstanceState::Running | InstanceState::Stopped)
+            })
+            .collect();
+        if u64::try_from(recorded.len()).unwrap_or(0) <= reported {
+            return Ok(0);
+        }
+        let mut lost = 0;
+        for i in recorded {
+            let r = self
+                .hosts
+                .call(
+                    &h.host_id,
+                    &h.addr,
+                    Operation::DescribeInstance,
+                    &[format!("instance:{}", i.instance_id)],
+                    "GET",
+                    &format!("/v1/instances/{}", i.instance_id),
+                    None,
+                )
+                .await;
+            if !matches!(r, Err(ControlError::Host("no_such_instance"))) {
+                continue;
+            }
+            for v in self.repo.volumes(&i.tenant_id)?.into_iter().filter(|v| {
+                v.instance_id.as_deref() == Some(&i.instance_id) && v.state == VolumeState::InUse
+            }) {
+                self.repo.transition_volume(
+                    &i.tenant_id,
+                    &v.volume_id,
+                    VolumeState::InUse,
+                    VolumeState::Available,
+                    None,
+                    None,
+                )?;
+            }
+            self.repo.set_instance_state(
+                &i.tenant_id,
+                &i.instance_id,
+                i.state,
+                InstanceState::Terminated,
+            )?;
+            tracing::warn!(host = %h.host_id, instance = %i.instance_id, "instance lost with its host's controller: marked terminated, volumes released");
+            lost += 1;
+        }
+        Ok(lost)
+    }
+
+    /// One polling round (pull, never push): each host's description and its new audit records
+    /// after the stored cursor. Returns how many audit records were pulled.
+    pub async fn poll_hosts(&self) -> Result<u64, ControlError> {
+        let mut pulled = 0u64;
+        for h in self.repo.hosts()? {
+            let described = self
+                .hosts
+                .call(
+                    &h.host_id,
+                    &h.addr,
+                    Operation::DescribeHost,
+                    &["host".into()],
+                    "GET",
+                    "/v1/host",
+                    None,
+                )
+                .await;
+            let v = match described {
+                Ok(v) => {
+                    self.repo
+                        .set_host_status(&h.host_id, &v.to_string(), now())?;
+                    let reported = v["instances"].as_u64().unwrap_or(u64::MAX);
+                    if let Err(e) = self.reconcile_lost(&h, reported).await {
+                        tracing::warn!(host = %h.host_id, code = e.code(), "reconciling lost instances failed");
+                    }
+                    v
+                }
+                Err(e) => {
+                    tracing::warn!(host = %h.host_id, code = e.code(), "poll failed");
+                    continue;
+                }
+            };
+            pulled += self.pull_host_audit(&h, &v).await?;
+        }
+        Ok(pulled)
+    }
+
+    /// Pulls `h`'s audit records after the last stored one and stores them only if they
+    /// continue its chain (see [`crate::fleet`]). `described` is the host's `DescribeHost`
+    /// answer of this round (its audit head). Returns how many records were stored.
+    pub(crate) async fn pull_host_audit(
+        &self,
+        h: &HostRow,
+        described: &Value,
+    ) -> Result<u64, ControlError> {
+        use crate::fleet;
+        if self.flagged(&h.host_id).is_some() {
+            return Ok(0);
+        }
+        let anchor = fleet::stored_anchor(self.repo.as_ref(), &h.host_id)?;
+        if let Ok(head) =
+            serde_json::from_value::<bulkhead_audit::Head>(described["audit_head"].clone())
+        {
+            if let Some(f) = fleet::check_head(&h.host_id, anchor.as_ref(), &head) {
+                if self.flag(&h.host_id, f.rule) {
+                    self.raise(&f).await;
+                }
+                return Ok(0);
+            }
+        }
+        let after = anchor.as_ref().map_or(0, |a| a.seq);
+        let path = format!("/v1/audit?after={after}&limit=500");
+        let Ok(v) = self
+            .hosts
+            .call(
+                &h.host_id,
+                &h.addr,
+                Operation::ReadAudit,
+                &["host".into()],
+                "GET",
+                &path,
+                None,
+            )
+            .await
+        else {
+            return Ok(0);
+        };
+        let lines = fleet::lines_of(&v);
+        let (keep, found) = fleet::check_page(
+            &h.host_id,
+            anchor.as_ref(),
+            self.audit_keys.get(&h.host_id),
+            &lines,
+        );
+        for f in &found {
+            if f.rule == fleet::rule::CHAIN_BROKEN && !self.flag(&h.host_id, f.rule) {
+                continue;
+            }
+            self.raise(f).await;
+        }
+        if keep.is_empty() {
+            return Ok(0);
+        }
+        self.repo.append_host_audit(&h.host_id, &keep)?;
+        Ok(u64::try_from(keep.len()).unwrap_or(0))
+    }
+}
