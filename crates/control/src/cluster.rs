@@ -191,6 +191,13 @@ impl Cluster {
     }
 }
 
+/// The reviewed central monitoring rules, written into the cluster directory.
+fn fleet_rules_file(dir: &Path) -> Result<PathBuf, ClusterError> {
+    let p = dir.join("fleet-rules.toml");
+    std::fs::write(&p, include_str!("../../../policy/fleet-rules.toml")).map_err(io(&p))?;
+    Ok(p)
+}
+
 /// `rights.toml` for the cluster: the reviewed default, plus GetConsole for the control plane
 /// (it serves the customer's GetConsoleOutput).
 pub fn cluster_rights() -> String {
@@ -754,6 +761,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         database_url: opts.database_url.clone(),
         operator_listen: Some("127.0.0.1:0".into()),
         attest_config: attested.then(|| dir.join("kms/attest.json")),
+        fleet_rules: Some(fleet_rules_file(dir)?),
         hosts,
     };
     let cfg_path = dir.join("control.toml");

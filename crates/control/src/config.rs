@@ -33,6 +33,9 @@ pub struct Config {
     /// placed only on hosts whose fresh TPM quote verifies against it.
     #[serde(default)]
     pub attest_config: Option<PathBuf>,
+    /// Thresholds of the central monitoring rules (`crate::fleet::Rules`); unset: defaults.
+    #[serde(default)]
+    pub fleet_rules: Option<PathBuf>,
     #[serde(default)]
     pub hosts: Vec<HostConfig>,
 }
@@ -80,6 +83,9 @@ impl Config {
             if !p.is_file() {
                 return Err(ConfigError::Missing(p));
             }
+        }
+        if let Some(p) = cfg.fleet_rules.as_ref().filter(|p| !p.is_file()) {
+            return Err(ConfigError::Missing(p.clone()));
         }
         for h in &cfg.hosts {
             if !h.public_key.is_file() {

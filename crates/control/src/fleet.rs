@@ -11,6 +11,19 @@
 //! (kind `alert` in its pulled log, e.g. `audit_torn_tail`) are raised centrally as
 //! `host_alert`.
 
+//!
+//! Beside the chain checks, [`FleetMonitor`] applies the central rules of `fleet-rules.toml`
+//! ([`Rules`]): a host that stops answering polls (`host_silent`), a host whose pulled log shows
+//! many refused requests in a window (`repeated_authz_failures`), a host that fails attestation
+//! (`host_attestation_failed`), and any host-raised alert, named after the host's own rule
+//! (`host_alert`, or `sandbox_kill` when the host's sandbox killed one of its processes). Each
+//! alert is a durable record in the control plane's audit log and a counter in
+//! `GET /v1/operator/metrics`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use bulkhead_audit::{line_hash, Anchor, AuditRecord, ChainFollower, EntryKind, Head};
 use serde_json::Value;
 
@@ -29,6 +42,229 @@ pub mod rule {
     pub const REWRITTEN: &str = "host_audit_rewritten";
     /// The host's own log holds an alert (raised by the host, pulled).
     pub const HOST_ALERT: &str = "host_alert";
+    /// A host's sandbox killed (or blocked) one of its processes: a fault or a compromise.
+    pub const SANDBOX_KILL: &str = "sandbox_kill";
+    /// A host has not answered polls for `silent_after_secs`.
+    pub const SILENT: &str = "host_silent";
+    /// `authz_failures` refused requests within `window_secs` in one host's pulled log.
+    pub const AUTHZ_FAILURES: &str = "repeated_authz_failures";
+    /// A host failed attestation (no work is placed on it).
+    pub const ATTESTATION_FAILED: &str = "host_attestation_failed";
+    pub const ALL: &[&str] = &[
+        CHAIN_BROKEN,
+        TRUNCATED,
+        REWRITTEN,
+        HOST_ALERT,
+        SANDBOX_KILL,
+        SILENT,
+        AUTHZ_FAILURES,
+        ATTESTATION_FAILED,
+    ];
+    /// Host-side alert rules that mean the host's sandbox stopped one of its processes.
+    pub const HOST_SANDBOX_RULES: &[&str] = &["outbound_connect_blocked", "sandbox_kill"];
+}
+
+/// Thresholds of the central rules, from `fleet-rules.toml` (every field optional).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rules {
+    /// A host that has not answered a poll for this long raises `host_silent`.
+    pub silent_after_secs: u64,
+    /// This many refused requests in one host's pulled log …
+    pub authz_failures: u32,
+    /// … within this many seconds raise `repeated_authz_failures`.
+    pub window_secs: u64,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Rules {
+            silent_after_secs: 30,
+            authz_failures: 20,
+            window_secs: 60,
+        }
+    }
+}
+
+/// Why a rules file was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RulesError {
+    #[error("not a rules file: {0}")]
+    Syntax(String),
+    #[error("{field} must be between {min} and {max}")]
+    OutOfRange {
+        field: &'static str,
+        min: u64,
+        max: u64,
+    },
+}
+
+impl Rules {
+    /// The one parser of the rules file.
+    pub fn parse(text: &str) -> Result<Rules, RulesError> {
+        let r: Rules = toml::from_str(text).map_err(|e| RulesError::Syntax(e.message().into()))?;
+        let check = |field, v: u64, min, max| {
+            if (min..=max).contains(&v) {
+                Ok(())
+            } else {
+                Err(RulesError::OutOfRange { field, min, max })
+            }
+        };
+        check("silent_after_secs", r.silent_after_secs, 1, 86_400)?;
+        check("authz_failures", u64::from(r.authz_failures), 1, 1_000_000)?;
+        check("window_secs", r.window_secs, 1, 86_400)?;
+        Ok(r)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The state the central rules keep between polls.
+#[derive(Debug, Default)]
+pub struct FleetMonitor {
+    pub rules: Rules,
+    flagged: Mutex<HashMap<String, &'static str>>,
+    last_seen: Mutex<HashMap<String, Instant>>,
+    silent: Mutex<HashSet<String>>,
+    denies: Mutex<HashMap<String, VecDeque<u64>>>,
+    /// (rule, host) of the last `repeated_authz_failures`, with the time it fired (ms).
+    authz_fired: Mutex<HashMap<String, u64>>,
+    attest_failed: Mutex<HashSet<String>>,
+    counts: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl FleetMonitor {
+    pub fn new(rules: Rules) -> Self {
+        FleetMonitor {
+            rules,
+            ..FleetMonitor::default()
+        }
+    }
+
+    /// Marks `host` as flagged by `rule` (its pulls stop); false if it already was.
+    pub fn flag(&self, host: &str, rule: &'static str) -> bool {
+        lock(&self.flagged).insert(host.to_string(), rule).is_none()
+    }
+
+    pub fn flagged(&self, host: &str) -> Option<&'static str> {
+        lock(&self.flagged).get(host).copied()
+    }
+
+    /// A poll of `host` answered.
+    pub fn seen(&self, host: &str) {
+        lock(&self.last_seen).insert(host.to_string(), Instant::now());
+        lock(&self.silent).remove(host);
+    }
+
+    /// A poll of `host` failed: a finding once it has been silent too long (once per silence).
+    pub fn unanswered(&self, host: &str) -> Option<Finding> {
+        let since = *lock(&self.last_seen)
+            .entry(host.to_string())
+            .or_insert_with(Instant::now);
+        let quiet = since.elapsed();
+        if quiet < Duration::from_secs(self.rules.silent_after_secs)
+            || !lock(&self.silent).insert(host.to_string())
+        {
+            return None;
+        }
+        Some(Finding {
+            rule: rule::SILENT,
+            host: host.into(),
+            evidence: format!("no answer to polls for {} s", quiet.as_secs()),
+        })
+    }
+
+    /// Attestation of `host` failed with `code` (once until it attests again).
+    pub fn attestation_failed(&self, host: &str, code: &str) -> Option<Finding> {
+        lock(&self.attest_failed)
+            .insert(host.to_string())
+            .then(|| Finding {
+                rule: rule::ATTESTATION_FAILED,
+                host: host.into(),
+                evidence: format!("attestation refused: {code}"),
+            })
+    }
+
+    pub fn attested(&self, host: &str) {
+        lock(&self.attest_failed).remove(host);
+    }
+
+    /// Counts refused requests in records pulled from `host`; a finding when the window holds
+    /// the threshold (at most once per window).
+    pub fn denials(&self, host: &str, times_ms: &[u64]) -> Option<Finding> {
+        if times_ms.is_empty() {
+            return None;
+        }
+        let window = self.rules.window_secs.saturating_mul(1000);
+        let mut all = lock(&self.denies);
+        let q = all.entry(host.to_string()).or_default();
+        q.extend(times_ms.iter().copied());
+        let newest = q.iter().copied().max().unwrap_or(0);
+        while q.front().is_some_and(|t| t.saturating_add(window) < newest) {
+            q.pop_front();
+        }
+        if q.len() < usize::try_from(self.rules.authz_failures).unwrap_or(usize::MAX) {
+            return None;
+        }
+        let mut fired = lock(&self.authz_fired);
+        if fired
+            .get(host)
+            .is_some_and(|t| t.saturating_add(window) > newest)
+        {
+            return None;
+        }
+        fired.insert(host.to_string(), newest);
+        Some(Finding {
+            rule: rule::AUTHZ_FAILURES,
+            host: host.into(),
+            evidence: format!(
+                "{} refused requests within {} s",
+                q.len(),
+                self.rules.window_secs
+            ),
+        })
+    }
+
+    pub fn count(&self, rule: &'static str) {
+        *lock(&self.counts).entry(rule).or_default() += 1;
+    }
+
+    /// Prometheus text: alerts raised per rule since start, and which hosts are flagged.
+    pub fn render_metrics(&self, hosts: &[String]) -> String {
+        let counts = lock(&self.counts);
+        let mut out = String::from(
+            "# HELP bulkhead_fleet_alerts_total Central alerts raised since start, by rule.\n\
+             # TYPE bulkhead_fleet_alerts_total counter\n",
+        );
+        for r in rule::ALL {
+            let n = counts.get(r).copied().unwrap_or(0);
+            out.push_str(&format!(
+                "bulkhead_fleet_alerts_total{{rule=\"{r}\"}} {n}\n"
+            ));
+        }
+        out.push_str(
+            "# HELP bulkhead_fleet_host_flagged 1 when the host's pulled audit failed a check.\n\
+             # TYPE bulkhead_fleet_host_flagged gauge\n",
+        );
+        for h in hosts {
+            // Host ids are checked names (letters, digits, '-', '.'), nothing to escape.
+            let f = u8::from(self.flagged(h).is_some());
+            out.push_str(&format!(
+                "bulkhead_fleet_host_flagged{{host=\"{}\"}} {f}\n",
+                escape_label(h)
+            ));
+        }
+        out
+    }
+}
+
+/// A label value escaped per the Prometheus text format.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// What was found about one host's pulled audit.
@@ -107,8 +343,13 @@ pub fn check_page(
             }
         };
         if rec.entry.kind == EntryKind::Alert {
+            let r = if rule::HOST_SANDBOX_RULES.contains(&rec.entry.op.as_str()) {
+                rule::SANDBOX_KILL
+            } else {
+                rule::HOST_ALERT
+            };
             found.push(Finding {
-                rule: rule::HOST_ALERT,
+                rule: r,
                 host: host.into(),
                 evidence: format!("{}: {} (seq {})", rec.entry.op, rec.entry.code, rec.seq),
             });
@@ -138,6 +379,7 @@ impl ControlPlane {
     /// Raises a central alert: one durable record in the control plane's audit log.
     pub(crate) async fn raise(&self, f: &Finding) {
         tracing::error!(rule = f.rule, host = %f.host, evidence = %f.evidence, "fleet alert");
+        self.fleet.count(f.rule);
         let id = crate::service::new_id("alert");
         if let Err(e) = self.audit_alert(&id, f.rule, &f.host, &f.evidence).await {
             tracing::error!(error = %e, "could not record fleet alert");
@@ -146,14 +388,29 @@ impl ControlPlane {
 
     /// Marks `host` as flagged by `rule` (its pulls stop); returns false if it already was.
     pub(crate) fn flag(&self, host: &str, rule: &'static str) -> bool {
-        self.flagged_hosts()
-            .insert(host.to_string(), rule)
-            .is_none()
+        self.fleet.flag(host, rule)
     }
 
     /// The rule that flagged `host`, if any.
     pub fn flagged(&self, host: &str) -> Option<&'static str> {
-        self.flagged_hosts().get(host).copied()
+        self.fleet.flagged(host)
+    }
+
+    /// Counts the refused requests in a page pulled from `host` (the central authorization-
+    /// failure rule).
+    pub(crate) async fn observe_denials(&self, host: &str, page: &[(u64, String)]) {
+        let times: Vec<u64> = page
+            .iter()
+            .filter_map(|(_, l)| serde_json::from_str::<AuditRecord>(l).ok())
+            .filter(|r| {
+                r.entry.kind == EntryKind::Request
+                    && r.entry.decision == bulkhead_audit::Decision::Deny
+            })
+            .map(|r| r.time_ms)
+            .collect();
+        if let Some(f) = self.fleet.denials(host, &times) {
+            self.raise(&f).await;
+        }
     }
 }
 
@@ -217,6 +474,63 @@ mod tests {
         let (keep, found) = check_page("h", Some(&anchor), None, &other[3..]);
         assert!(keep.is_empty());
         assert_eq!(found[0].rule, rule::CHAIN_BROKEN);
+    }
+
+    #[test]
+    fn rules_parse_strictly() {
+        assert_eq!(Rules::parse("").unwrap(), Rules::default());
+        let r = Rules::parse("silent_after_secs = 5\nauthz_failures = 3").unwrap();
+        assert_eq!(
+            (r.silent_after_secs, r.authz_failures, r.window_secs),
+            (5, 3, 60)
+        );
+        assert!(matches!(
+            Rules::parse("silent_after_secs = 0"),
+            Err(RulesError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            Rules::parse("silent = 5"),
+            Err(RulesError::Syntax(_))
+        ));
+        assert!(Rules::parse("window_secs = -1").is_err());
+    }
+
+    #[test]
+    fn each_central_rule_fires_on_its_cause_and_once() {
+        let m = FleetMonitor::new(Rules {
+            silent_after_secs: 1,
+            authz_failures: 3,
+            window_secs: 10,
+        });
+        // Silence.
+        m.seen("h");
+        assert!(m.unanswered("h").is_none(), "not silent long enough");
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(m.unanswered("h").unwrap().rule, rule::SILENT);
+        assert!(m.unanswered("h").is_none(), "once per silence");
+        m.seen("h");
+        assert!(m.unanswered("h").is_none());
+        // Denials: two, then a third within the window; spread-out ones do not count.
+        assert!(m.denials("h", &[1_000, 2_000]).is_none());
+        assert_eq!(m.denials("h", &[3_000]).unwrap().rule, rule::AUTHZ_FAILURES);
+        assert!(m.denials("h", &[4_000]).is_none(), "once per window");
+        assert!(m.denials("g", &[0, 20_000, 40_000]).is_none());
+        // Attestation.
+        assert_eq!(
+            m.attestation_failed("h", "attest_bad_pcr").unwrap().rule,
+            rule::ATTESTATION_FAILED
+        );
+        assert!(m.attestation_failed("h", "attest_bad_pcr").is_none());
+        m.attested("h");
+        assert!(m.attestation_failed("h", "x").is_some());
+        // Metrics.
+        m.count(rule::SILENT);
+        m.flag("h", rule::TRUNCATED);
+        let text = m.render_metrics(&["h".into(), "g".into()]);
+        assert!(text.contains("bulkhead_fleet_alerts_total{rule=\"host_silent\"} 1"));
+        assert!(text.contains("bulkhead_fleet_host_flagged{host=\"h\"} 1"));
+        assert!(text.contains("bulkhead_fleet_host_flagged{host=\"g\"} 0"));
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }
 
     #[test]

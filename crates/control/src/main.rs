@@ -110,6 +110,8 @@ enum Cmd {
 enum CliError {
     #[error("config: {0}")]
     Config(#[from] bulkhead_control::config::ConfigError),
+    #[error("fleet rules {0}: {1}")]
+    Rules(String, bulkhead_control::fleet::RulesError),
     #[error("attestation policy: {0}")]
     Attest(#[from] bulkhead_kms::attest::AttestConfigError),
     #[error("state: {0}")]
@@ -227,6 +229,12 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
         }
     }
     cp = cp.with_audit_keys(audit_keys);
+    if let Some(p) = &cfg.fleet_rules {
+        let text = std::fs::read_to_string(p).map_err(io(p))?;
+        let rules = bulkhead_control::fleet::Rules::parse(&text)
+            .map_err(|e| CliError::Rules(p.display().to_string(), e))?;
+        cp = cp.with_fleet_rules(rules);
+    }
     if let Some(p) = &cfg.attest_config {
         cp = cp.with_attestation(bulkhead_kms::attest::load_verifier(p)?);
         tracing::info!(policy = %p.display(), "instances are placed only on attested hosts");

@@ -11,6 +11,8 @@
 //!   next_after}` (`limit` ≤ 500, default 100)
 //! * `/v1/operator/alerts` → `{alerts: [{rule, host, evidence, time_ms, seq}]}`: the central
 //!   alerts of fleet monitoring ([`crate::fleet`]), newest last, at most 1000
+//! * `/v1/operator/metrics` → Prometheus text (`text/plain; version=0.0.4`): central alerts per
+//!   rule, flagged hosts
 //!
 //! Nothing here reaches a customer's content: host descriptions hold capacity and counts, audit
 //! records hold operation names, resource ids, decisions and digests — never bodies or keys.
@@ -77,6 +79,7 @@ impl OperatorError {
 pub enum OperatorRequest {
     ListHosts,
     ListAlerts,
+    Metrics,
     HostAudit {
         host_id: String,
         after: u64,
@@ -104,6 +107,12 @@ impl OperatorRequest {
                 }
                 Ok(OperatorRequest::ListAlerts)
             }
+            ["", "v1", "operator", "metrics"] => {
+                if query.is_some_and(|q| !q.is_empty()) {
+                    return Err(OperatorError::BadQuery);
+                }
+                Ok(OperatorRequest::Metrics)
+            }
             ["", "v1", "operator", "hosts", host, "audit"]
                 if bulkhead_tokens::pki::valid_name(host) =>
             {
@@ -122,6 +131,7 @@ impl OperatorRequest {
         match self {
             OperatorRequest::ListHosts => "Operator:ListHosts",
             OperatorRequest::ListAlerts => "Operator:ListAlerts",
+            OperatorRequest::Metrics => "Operator:Metrics",
             OperatorRequest::HostAudit { .. } => "Operator:HostAudit",
         }
     }
@@ -181,6 +191,7 @@ fn answer(cp: &ControlPlane, req: &OperatorRequest) -> Result<Value, OperatorErr
             host_list(cp.repo.as_ref(), |h| cp.flagged(h)).map_err(internal)
         }
         OperatorRequest::ListAlerts => Ok(json!({ "alerts": cp.alerts(1000) })),
+        OperatorRequest::Metrics => Ok(Value::String(cp.fleet_metrics())),
         OperatorRequest::HostAudit {
             host_id,
             after,
@@ -255,6 +266,16 @@ async fn handle(cp: Arc<ControlPlane>, req: Request<Body>) -> Response {
         return reply(OperatorError::AuditUnavailable);
     }
     match decided.and_then(|r| answer(&cp, &r)) {
+        // Metrics are Prometheus text, everything else JSON.
+        Ok(Value::String(text)) => (
+            StatusCode::OK,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            text,
+        )
+            .into_response(),
         Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
         Err(e) => reply(e),
     }

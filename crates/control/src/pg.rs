@@ -39,7 +39,9 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE customers (
         volume_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, size_gib BIGINT NOT NULL,
         kms_key_id TEXT NOT NULL, ciphertext_blob BYTEA NOT NULL, state TEXT NOT NULL,
         instance_id TEXT, host_id TEXT, created BIGINT NOT NULL);
-     CREATE INDEX volumes_by_tenant ON volumes(tenant_id);"];
+     CREATE INDEX volumes_by_tenant ON volumes(tenant_id);",
+    crate::workflow::store::SCHEMA,
+];
 
 fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -53,7 +55,7 @@ fn u32_of(v: i64) -> u32 {
     u32::try_from(v).unwrap_or(0)
 }
 
-fn pg_err(e: postgres::Error) -> RepoError {
+pub(crate) fn pg_err(e: postgres::Error) -> RepoError {
     if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
         return RepoError::Conflict;
     }
@@ -134,7 +136,7 @@ impl PgRepo {
         Ok(PgRepo { tx: Mutex::new(tx) })
     }
 
-    fn run<T: Send + 'static>(
+    pub(crate) fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, RepoError> + Send + 'static,
     ) -> Result<T, RepoError> {
@@ -588,7 +590,7 @@ mod tests {
         // A fresh schema per run: drop what an earlier run left.
         let mut c = Client::connect(&url, NoTls).unwrap();
         c.batch_execute(
-            "DROP TABLE IF EXISTS customers, signatures, idempotency, hosts, host_audit, instances, volumes, schema_version",
+            "DROP TABLE IF EXISTS customers, signatures, idempotency, hosts, host_audit, instances, volumes, workflows, schema_version",
         )
         .unwrap();
         drop(c);

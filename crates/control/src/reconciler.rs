@@ -159,6 +159,7 @@ impl ControlPlane {
                 .await;
             let v = match described {
                 Ok(v) => {
+                    self.fleet.seen(&h.host_id);
                     self.repo
                         .set_host_status(&h.host_id, &v.to_string(), now())?;
                     let reported = v["instances"].as_u64().unwrap_or(u64::MAX);
@@ -169,6 +170,9 @@ impl ControlPlane {
                 }
                 Err(e) => {
                     tracing::warn!(host = %h.host_id, code = e.code(), "poll failed");
+                    if let Some(f) = self.fleet.unanswered(&h.host_id) {
+                        self.raise(&f).await;
+                    }
                     continue;
                 }
             };
@@ -234,6 +238,7 @@ impl ControlPlane {
             return Ok(0);
         }
         self.repo.append_host_audit(&h.host_id, &keep)?;
+        self.observe_denials(&h.host_id, &keep).await;
         Ok(u64::try_from(keep.len()).unwrap_or(0))
     }
 }

@@ -79,7 +79,7 @@ pub struct VolumeRow {
 }
 
 /// The repository every backend implements; the same test suite runs against each.
-pub trait Repository: Send + Sync {
+pub trait Repository: crate::workflow::WorkflowStore + Send + Sync {
     fn put_customer(&self, c: &CustomerRow) -> Result<(), RepoError>;
     fn customer(&self, access_key_id: &str) -> Result<Option<CustomerRow>, RepoError>;
     /// Records a request signature; `false` if it was already seen (a replay). Forgets
@@ -181,6 +181,7 @@ const MIGRATIONS: &[&str] = &[
         kms_key_id TEXT NOT NULL, ciphertext_blob BLOB NOT NULL, state TEXT NOT NULL,
         instance_id TEXT, host_id TEXT, created INTEGER NOT NULL);
      CREATE INDEX volumes_by_tenant ON volumes(tenant_id);",
+    crate::workflow::store::SCHEMA,
 ];
 
 pub struct SqliteRepo {
@@ -285,7 +286,7 @@ impl SqliteRepo {
         })
     }
 
-    fn with<T>(
+    pub(crate) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, RepoError> {
@@ -806,6 +807,7 @@ pub fn contract_suite(r: &dyn Repository) {
     assert!(!r.delete_volume("t-b", "vol-1").unwrap());
     assert!(r.delete_volume("t-a", "vol-1").unwrap());
     assert!(r.volumes("t-a").unwrap().is_empty());
+    crate::workflow::store::contract(r);
 }
 
 #[cfg(test)]

@@ -23,6 +23,30 @@ impl ControlPlane {
         if fresh {
             return Ok(());
         }
+        match self.attest_once(host, v).await {
+            Ok(release) => {
+                tracing::info!(host = %host.host_id, release, "host attested for placement");
+                self.fleet.attested(&host.host_id);
+            }
+            Err(e) => {
+                tracing::warn!(host = %host.host_id, code = e.code(), "host failed attestation: no work placed on it");
+                if let Some(f) = self.fleet.attestation_failed(&host.host_id, e.code()) {
+                    self.raise(&f).await;
+                }
+                return Err(e);
+            }
+        }
+        lock(&self.attested).insert(host.host_id.clone(), Instant::now());
+        Ok(())
+    }
+
+    /// One attestation round: a nonce, the host's quote over it, verified here. Returns the
+    /// attested release's version.
+    async fn attest_once(
+        &self,
+        host: &HostRow,
+        v: &std::sync::Mutex<bulkhead_rot::attest::Verifier>,
+    ) -> Result<String, ControlError> {
         let nonce = lock(v)
             .challenge(&host.host_id)
             .map_err(|_| ControlError::Internal)?;
@@ -43,13 +67,10 @@ impl ControlPlane {
         if ev.host != host.host_id {
             return Err(ControlError::Host("evidence_for_another_host"));
         }
-        let ok = lock(v).verify(&ev).map_err(|e| {
-            tracing::warn!(host = %host.host_id, code = e.code(), "host failed attestation: no work placed on it");
-            ControlError::Host(crate::upstream_code(e.code()))
-        })?;
-        tracing::info!(host = %host.host_id, release = ok.release_version, "host attested for placement");
-        lock(&self.attested).insert(host.host_id.clone(), Instant::now());
-        Ok(())
+        let ok = lock(v)
+            .verify(&ev)
+            .map_err(|e| ControlError::Host(crate::upstream_code(e.code())))?;
+        Ok(ok.release_version.to_string())
     }
 
     pub(crate) fn host(&self, host_id: &str) -> Result<HostRow, ControlError> {

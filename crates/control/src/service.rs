@@ -115,7 +115,7 @@ pub struct ControlPlane {
     /// host id → the key its audit checkpoints must verify under (fleet monitoring).
     pub(crate) audit_keys: BTreeMap<String, bulkhead_audit::CheckpointKey>,
     /// Hosts whose pulled audit failed a check, and the rule (their pulls stop).
-    pub(crate) flagged: std::sync::Mutex<HashMap<String, &'static str>>,
+    pub(crate) fleet: crate::fleet::FleetMonitor,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -171,7 +171,7 @@ impl ControlPlane {
             attestation: None,
             attested: std::sync::Mutex::new(HashMap::new()),
             audit_keys: BTreeMap::new(),
-            flagged: std::sync::Mutex::new(HashMap::new()),
+            fleet: crate::fleet::FleetMonitor::default(),
         }
     }
 
@@ -252,8 +252,22 @@ impl ControlPlane {
             .await
     }
 
-    pub(crate) fn flagged_hosts(&self) -> std::sync::MutexGuard<'_, HashMap<String, &'static str>> {
-        lock(&self.flagged)
+    /// The central monitoring rules' thresholds (`fleet-rules.toml`).
+    pub fn with_fleet_rules(mut self, rules: crate::fleet::Rules) -> Self {
+        self.fleet = crate::fleet::FleetMonitor::new(rules);
+        self
+    }
+
+    /// Prometheus text of the central monitoring (operators' API).
+    pub fn fleet_metrics(&self) -> String {
+        let hosts: Vec<String> = self
+            .repo
+            .hosts()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| h.host_id)
+            .collect();
+        self.fleet.render_metrics(&hosts)
     }
 
     /// Checkpoint keys (the hosts' certificates) to verify pulled audit chains with.

@@ -1,20 +1,318 @@
-//! The attach and detach flows: KMS re-wrap to the instance's attested host, the host's block
-//! card, and the undo of every step that ran when a later one fails.
+//! The attach and detach workflows ([`crate::workflow`]): KMS re-wrap to the instance's attested
+//! host, the host's block card, each step with its undo.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
+use crate::repo::RepoError;
 use crate::service::{Caller, ControlPlane};
 use crate::state::{InstanceState, VolumeState};
+use crate::workflow::{Kind, Live, StepFuture, Steps, WorkflowRow};
 use crate::ControlError;
 
+/// AttachVolume, in order. Every step but [`AttachStep::Release`] is safe to repeat; that one
+/// spends the customer's forwarded authorization (the KMS honours it once), so an attach
+/// interrupted before its sealed key was recorded is unwound, and one interrupted after it is
+/// finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachStep {
+    /// Volume `available → attaching`, naming the instance and host. Undo: back to available.
+    Mark,
+    /// A one-time KMS nonce for the host (`{"nonce"}`; null when the KMS needs no attestation).
+    Challenge,
+    /// The host's TPM quote of the nonce, bound to the instance (`{"evidence"}`).
+    Attest,
+    /// KMS DecryptForHost under the customer's forwarded AttachVolume (`{"sealed_key"}`).
+    Release,
+    /// The host's controller starts the block card with the sealed key and hot-plugs the disk.
+    /// Undo: DetachVolume on the host (the card zeroizes the key).
+    Plug,
+    /// Volume `attaching → in-use`.
+    Commit,
+}
+
+/// DetachVolume, in order; every step is safe to repeat, so an interrupted detach is finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetachStep {
+    /// Volume `in-use → detaching`. Undo: back to in-use.
+    Mark,
+    /// DetachVolume on the host (the card zeroizes the key; a host that no longer has the
+    /// volume or instance counts as done).
+    Unplug,
+    /// Volume `detaching → available`.
+    Commit,
+}
+
+fn res(w: &WorkflowRow) -> Result<[String; 2], ControlError> {
+    Ok([
+        format!("instance:{}", w.instance()?),
+        format!("volume:{}", w.volume()?),
+    ])
+}
+
+/// Moves `w`'s volume `from → to`; when it is already at `to` for the same instance (a step
+/// repeated after a crash), that is success.
+fn move_volume(
+    cp: &ControlPlane,
+    w: &WorkflowRow,
+    from: VolumeState,
+    to: VolumeState,
+) -> Result<(), ControlError> {
+    let attached = matches!(to, VolumeState::Attaching | VolumeState::InUse | VolumeState::Detaching);
+    let (inst, host) = if attached {
+        (Some(w.instance()?), Some(w.host()?))
+    } else {
+        (None, None)
+    };
+    match cp
+        .repo
+        .transition_volume(&w.tenant_id, w.volume()?, from, to, inst, host)
+    {
+        Ok(()) => Ok(()),
+        Err(RepoError::Stale) => {
+            let v = cp.repo.volume(&w.tenant_id, w.volume()?)?;
+            match v {
+                Some(v) if v.state == to && v.instance_id.as_deref() == inst => Ok(()),
+                _ => Err(ControlError::WrongState),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Undo of a volume move: back `to → from`, only if the volume is still where this workflow
+/// left it (for this instance); anything else is not ours to change.
+fn move_back(
+    cp: &ControlPlane,
+    w: &WorkflowRow,
+    at: VolumeState,
+    back: VolumeState,
+) -> Result<(), ControlError> {
+    let Some(v) = cp.repo.volume(&w.tenant_id, w.volume()?)? else {
+        return Ok(());
+    };
+    if v.state != at || v.instance_id.as_deref() != Some(w.instance()?) {
+        return Ok(());
+    }
+    let keep = back == VolumeState::InUse;
+    cp.repo.transition_volume(
+        &w.tenant_id,
+        w.volume()?,
+        at,
+        back,
+        keep.then_some(w.instance()?),
+        if keep { w.host_id.as_deref() } else { None },
+    )?;
+    Ok(())
+}
+
+/// DetachVolume on `w`'s host; a host that no longer has the volume or the instance is done.
+async fn unplug(cp: &ControlPlane, w: &WorkflowRow) -> Result<(), ControlError> {
+    let r = cp
+        .on_host(
+            w.host()?,
+            Operation::DetachVolume,
+            &res(w)?,
+            "DELETE",
+            &format!("/v1/instances/{}/volumes/{}", w.instance()?, w.volume()?),
+            None,
+        )
+        .await;
+    match r {
+        Ok(_)
+        | Err(ControlError::Host("no_such_volume"))
+        | Err(ControlError::Host("no_such_instance")) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn done<'a>() -> StepFuture<'a, ()> {
+    Box::pin(async { Ok(()) })
+}
+
+impl AttachStep {
+    async fn run(self, cp: &ControlPlane, w: &WorkflowRow, live: Live<'_>) -> Result<Value, ControlError> {
+        let host_id = w.host()?;
+        match self {
+            // Strict (never repeated): a volume another attach holds is refused.
+            AttachStep::Mark => {
+                cp.repo
+                    .transition_volume(
+                        &w.tenant_id,
+                        w.volume()?,
+                        VolumeState::Available,
+                        VolumeState::Attaching,
+                        Some(w.instance()?),
+                        Some(host_id),
+                    )
+                    .map_err(|_| ControlError::VolumeInUse)?;
+                Ok(Value::Null)
+            }
+            // Host attestation: a one-time KMS nonce, quoted by the host's TPM (relayed by its
+            // controller), checked by the KMS before it releases the key.
+            AttachStep::Challenge => {
+                let c = cp.kms_call("Challenge", &json!({ "host_id": host_id })).await?;
+                let nonce = if c["required"] == true {
+                    Some(c["nonce"].as_str().ok_or(ControlError::Internal)?.to_string())
+                } else {
+                    None
+                };
+                Ok(json!({ "nonce": nonce }))
+            }
+            AttachStep::Attest => {
+                let Some(nonce) = w.output("nonce") else {
+                    return Ok(json!({ "evidence": null }));
+                };
+                // Bound to the instance: the host quotes only if it runs it, and the KMS
+                // recomputes the binding from the customer's signed request.
+                let evidence = cp
+                    .on_host(
+                        host_id,
+                        Operation::AttestHost,
+                        &["host".to_string(), format!("instance:{}", w.instance()?)],
+                        "POST",
+                        "/v1/host/attest",
+                        Some(json!({ "nonce": nonce, "instance_id": w.instance()? })),
+                    )
+                    .await?;
+                Ok(json!({ "evidence": evidence }))
+            }
+            AttachStep::Release => {
+                // Only a live call holds the customer's authorization; it is never stored.
+                let c = live.caller.ok_or(ControlError::Internal)?;
+                let v = cp
+                    .repo
+                    .volume(&w.tenant_id, w.volume()?)?
+                    .ok_or(ControlError::NoSuchVolume)?;
+                let host_pub = cp.host_keys.get(host_id).ok_or(ControlError::Internal)?;
+                let sealed = cp
+                    .kms_call(
+                        "DecryptForHost",
+                        &json!({
+                            "volume_id": v.volume_id,
+                            "ciphertext_blob": B64.encode(&v.ciphertext_blob),
+                            "host_id": host_id,
+                            "host_public_key": B64.encode(host_pub),
+                            "customer_request": c.forwarded,
+                            "evidence": w.outputs.get("evidence").cloned().unwrap_or(Value::Null),
+                        }),
+                    )
+                    .await?;
+                let sealed_key = sealed["sealed_key"].as_str().ok_or(ControlError::Internal)?;
+                Ok(json!({ "sealed_key": sealed_key }))
+            }
+            AttachStep::Plug => {
+                let sealed_key = w.output("sealed_key").ok_or(ControlError::Internal)?;
+                let r = cp
+                    .on_host(
+                        host_id,
+                        Operation::AttachVolume,
+                        &res(w)?,
+                        "POST",
+                        &format!("/v1/instances/{}/volumes", w.instance()?),
+                        Some(json!({"volume_id": w.volume()?, "sealed_key": sealed_key})),
+                    )
+                    .await;
+                match r {
+                    // Repeated after a crash: the card already has it.
+                    Ok(_) | Err(ControlError::Host("volume_attached")) => Ok(Value::Null),
+                    Err(e) => Err(e),
+                }
+            }
+            AttachStep::Commit => {
+                move_volume(cp, w, VolumeState::Attaching, VolumeState::InUse)?;
+                Ok(Value::Null)
+            }
+        }
+    }
+}
+
+impl Steps for AttachStep {
+    const KIND: Kind = Kind::Attach;
+    const ALL: &'static [Self] = &[
+        AttachStep::Mark,
+        AttachStep::Challenge,
+        AttachStep::Attest,
+        AttachStep::Release,
+        AttachStep::Plug,
+        AttachStep::Commit,
+    ];
+
+    fn repeatable(self) -> bool {
+        // Mark is a compare-and-set from available: after a crash the volume is no longer
+        // available, and a fresh nonce, quote and release would need the spent authorization.
+        matches!(
+            self,
+            AttachStep::Challenge | AttachStep::Attest | AttachStep::Plug | AttachStep::Commit
+        )
+    }
+
+    fn may_act_on_error(self) -> bool {
+        // A failed or timed-out hot-plug may have left the card keyed.
+        self == AttachStep::Plug
+    }
+
+    fn forward<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow, live: Live<'a>) -> StepFuture<'a, Value> {
+        Box::pin(self.run(cp, w, live))
+    }
+
+    fn undo<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow) -> StepFuture<'a, ()> {
+        match self {
+            AttachStep::Mark => Box::pin(async move {
+                move_back(cp, w, VolumeState::Attaching, VolumeState::Available)
+            }),
+            AttachStep::Plug => Box::pin(unplug(cp, w)),
+            // Nothing to take back: a nonce expires, a quote is public, a sealed key only opens
+            // on that host and is dropped with the workflow's outputs.
+            _ => done(),
+        }
+    }
+}
+
+impl DetachStep {
+    async fn run(self, cp: &ControlPlane, w: &WorkflowRow) -> Result<Value, ControlError> {
+        match self {
+            DetachStep::Mark => move_volume(cp, w, VolumeState::InUse, VolumeState::Detaching)?,
+            DetachStep::Unplug => unplug(cp, w).await?,
+            DetachStep::Commit => {
+                move_volume(cp, w, VolumeState::Detaching, VolumeState::Available)?
+            }
+        }
+        Ok(Value::Null)
+    }
+}
+
+impl Steps for DetachStep {
+    const KIND: Kind = Kind::Detach;
+    const ALL: &'static [Self] = &[DetachStep::Mark, DetachStep::Unplug, DetachStep::Commit];
+
+    fn repeatable(self) -> bool {
+        true
+    }
+
+    fn may_act_on_error(self) -> bool {
+        false
+    }
+
+    fn forward<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow, _: Live<'a>) -> StepFuture<'a, Value> {
+        Box::pin(self.run(cp, w))
+    }
+
+    fn undo<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow) -> StepFuture<'a, ()> {
+        match self {
+            DetachStep::Mark => Box::pin(async move {
+                move_back(cp, w, VolumeState::Detaching, VolumeState::InUse)
+            }),
+            // A card that was stopped cannot be re-keyed without the customer: not undone.
+            _ => done(),
+        }
+    }
+}
+
 impl ControlPlane {
-    /// The attach flow: volume + instance owned by the caller → mark attaching → KMS re-wraps
-    /// the data key to the instance's host key under the customer's forwarded AttachVolume →
-    /// the host controller hands the sealed blob to the block card → in-use. Any failure rolls
-    /// the volume back to available (and asks the host to drop the key).
+    /// AttachVolume: volume and instance owned by the caller, then the [`AttachStep`]s.
     pub(crate) async fn attach(
         &self,
         c: &Caller,
@@ -36,182 +334,39 @@ impl ControlPlane {
             return Err(ControlError::VolumeInUse);
         }
         let host = self.host(&i.host_id)?;
-        let host_pub = self
-            .host_keys
-            .get(&host.host_id)
-            .ok_or(ControlError::Internal)?;
-        self.repo
-            .transition_volume(
-                &c.tenant,
-                volume_id,
-                VolumeState::Available,
-                VolumeState::Attaching,
-                Some(instance_id),
-                Some(&host.host_id),
-            )
-            .map_err(|_| ControlError::VolumeInUse)?;
-        let res = [
-            format!("instance:{instance_id}"),
-            format!("volume:{volume_id}"),
-        ];
-        let flow = async {
-            // Host attestation: a one-time KMS nonce, quoted by the host's TPM (relayed by its
-            // controller), checked by the KMS before it releases the key.
-            let challenge = self
-                .kms_call("Challenge", &json!({ "host_id": host.host_id }))
-                .await?;
-            let evidence = if challenge["required"] == true {
-                let nonce = challenge["nonce"].as_str().ok_or(ControlError::Internal)?;
-                Some(
-                    self.hosts
-                        .call(
-                            &host.host_id,
-                            &host.addr,
-                            Operation::AttestHost,
-                            &["host".to_string(), format!("instance:{instance_id}")],
-                            "POST",
-                            "/v1/host/attest",
-                            // Bound to the instance: the host quotes only if it runs it, and the
-                            // KMS recomputes the binding from the customer's signed request.
-                            Some(json!({ "nonce": nonce, "instance_id": instance_id })),
-                        )
-                        .await?,
-                )
-            } else {
-                None
-            };
-            let sealed = self
-                .kms_call(
-                    "DecryptForHost",
-                    &json!({
-                        "volume_id": volume_id,
-                        "ciphertext_blob": B64.encode(&v.ciphertext_blob),
-                        "host_id": host.host_id,
-                        "host_public_key": B64.encode(host_pub),
-                        "customer_request": c.forwarded,
-                        "evidence": evidence,
-                    }),
-                )
-                .await?;
-            let sealed_key = sealed["sealed_key"]
-                .as_str()
-                .ok_or(ControlError::Internal)?
-                .to_string();
-            self.hosts
-                .call(
-                    &host.host_id,
-                    &host.addr,
-                    Operation::AttachVolume,
-                    &res,
-                    "POST",
-                    &format!("/v1/instances/{instance_id}/volumes"),
-                    Some(json!({"volume_id": volume_id, "sealed_key": sealed_key})),
-                )
-                .await
+        if !self.host_keys.contains_key(&host.host_id) {
+            return Err(ControlError::Internal);
         }
-        .await;
-        match flow {
-            Ok(_) => {
-                self.repo.transition_volume(
-                    &c.tenant,
-                    volume_id,
-                    VolumeState::Attaching,
-                    VolumeState::InUse,
-                    Some(instance_id),
-                    Some(&host.host_id),
-                )?;
-                Ok(json!({"VolumeId": volume_id, "InstanceId": instance_id, "State": "attached"}))
-            }
-            Err(e) => {
-                if matches!(e, ControlError::Upstream | ControlError::Host(_)) {
-                    let _ = self
-                        .hosts
-                        .call(
-                            &host.host_id,
-                            &host.addr,
-                            Operation::DetachVolume,
-                            &res,
-                            "DELETE",
-                            &format!("/v1/instances/{instance_id}/volumes/{volume_id}"),
-                            None,
-                        )
-                        .await;
-                }
-                self.repo.transition_volume(
-                    &c.tenant,
-                    volume_id,
-                    VolumeState::Attaching,
-                    VolumeState::Available,
-                    None,
-                    None,
-                )?;
-                Err(e)
-            }
-        }
+        let mut w = self.begin(
+            Kind::Attach,
+            &c.tenant,
+            Some(instance_id),
+            Some(volume_id),
+            Some(&host.host_id),
+        )?;
+        let live = Live {
+            caller: Some(c),
+            run: None,
+        };
+        self.drive::<AttachStep>(&mut w, live).await?;
+        Ok(json!({"VolumeId": volume_id, "InstanceId": instance_id, "State": "attached"}))
     }
 
-    pub(crate) async fn detach(&self, c: &Caller, volume_id: &str) -> Result<Value, ControlError> {
+    /// DetachVolume (and the detaches of TerminateInstances): the [`DetachStep`]s.
+    pub(crate) async fn detach(&self, tenant: &str, volume_id: &str) -> Result<Value, ControlError> {
         let v = self
             .repo
-            .volume(&c.tenant, volume_id)?
+            .volume(tenant, volume_id)?
             .ok_or(ControlError::NoSuchVolume)?;
         if v.state != VolumeState::InUse {
             return Err(ControlError::WrongState);
         }
-        let (Some(instance_id), Some(host_id)) = (v.instance_id.clone(), v.host_id.clone()) else {
+        let (Some(instance_id), Some(host_id)) = (v.instance_id.as_deref(), v.host_id.as_deref())
+        else {
             return Err(ControlError::Internal);
         };
-        self.repo
-            .transition_volume(
-                &c.tenant,
-                volume_id,
-                VolumeState::InUse,
-                VolumeState::Detaching,
-                Some(&instance_id),
-                Some(&host_id),
-            )
-            .map_err(|_| ControlError::WrongState)?;
-        let host = self.host(&host_id)?;
-        let r = self
-            .hosts
-            .call(
-                &host.host_id,
-                &host.addr,
-                Operation::DetachVolume,
-                &[
-                    format!("instance:{instance_id}"),
-                    format!("volume:{volume_id}"),
-                ],
-                "DELETE",
-                &format!("/v1/instances/{instance_id}/volumes/{volume_id}"),
-                None,
-            )
-            .await;
-        match r {
-            Ok(_)
-            | Err(ControlError::Host("no_such_volume"))
-            | Err(ControlError::Host("no_such_instance")) => {
-                self.repo.transition_volume(
-                    &c.tenant,
-                    volume_id,
-                    VolumeState::Detaching,
-                    VolumeState::Available,
-                    None,
-                    None,
-                )?;
-                Ok(json!({"VolumeId": volume_id, "InstanceId": instance_id, "State": "detached"}))
-            }
-            Err(e) => {
-                self.repo.transition_volume(
-                    &c.tenant,
-                    volume_id,
-                    VolumeState::Detaching,
-                    VolumeState::InUse,
-                    Some(&instance_id),
-                    Some(&host_id),
-                )?;
-                Err(e)
-            }
-        }
+        let mut w = self.begin(Kind::Detach, tenant, Some(instance_id), Some(volume_id), Some(host_id))?;
+        self.drive::<DetachStep>(&mut w, Live::default()).await?;
+        Ok(json!({"VolumeId": volume_id, "InstanceId": instance_id, "State": "detached"}))
     }
 }

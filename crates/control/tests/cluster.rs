@@ -1155,6 +1155,19 @@ fn kms_releases_volume_keys_only_to_freshly_attested_hosts() {
     let inst = run(&a);
     let (st, r) = a.call("RunInstances", json!({"ImageId": "img-1"}));
     assert_eq!((st, code(&r)), (503, "no_attested_host"), "{r}");
+    // Fleet monitoring: the tampered host's failed attestation is a central alert, the healthy
+    // host raised none.
+    let (_, al) = operator_get(&c, "/v1/operator/alerts");
+    let al = al["alerts"].as_array().unwrap().clone();
+    assert!(
+        al.iter()
+            .any(|x| x["rule"] == "host_attestation_failed" && x["host"] == "host-2"),
+        "{al:?}"
+    );
+    assert!(
+        !al.iter().any(|x| x["host"] == "host-1"),
+        "healthy host-1 raised an alert: {al:?}"
+    );
     let v = volume(&a);
     let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
     let placed: Vec<(String, String)> = db
@@ -2039,4 +2052,77 @@ fn audit_tampering_is_caught_by_verify_the_control_planes_pull_and_alerts() {
         1,
         "nothing after the cut record was stored: {page}"
     );
+}
+
+/// Fleet monitoring: a healthy cluster raises no central alert; refused calls beyond the rules'
+/// threshold raise `repeated_authz_failures` for that host; a stopped host raises
+/// `host_silent`; each shows in the operators' Prometheus metrics.
+#[test]
+fn fleet_rules_fire_on_their_causes_and_not_on_a_healthy_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = up(dir.path(), false);
+    let a = customer(&c, "tenant-a");
+    let _ = run(&a);
+    wait_pulled(&c, "host-1", 4);
+    wait_pulled(&c, "host-2", 4);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let alerts = |c: &Cluster| {
+        let (st, v) = operator_get(c, "/v1/operator/alerts");
+        assert_eq!(st, 200, "{v}");
+        v["alerts"].as_array().unwrap().clone()
+    };
+    assert!(alerts(&c).is_empty(), "healthy: {:?}", alerts(&c));
+
+    // 25 calls without a token at host-1: each refused and audited there, pulled, counted.
+    let op = client_as(&c, "operator");
+    let host1 = c
+        .host_addrs
+        .iter()
+        .find(|(h, _)| h == "host-1")
+        .unwrap()
+        .1
+        .clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for _ in 0..25 {
+        let r = rt
+            .block_on(op.request(&host1, "GET", "/v1/host", &[], Vec::new()))
+            .unwrap();
+        assert_eq!(r.status, 401);
+    }
+    // host-2 stops answering.
+    c.kill9("host-2");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        let al = alerts(&c);
+        let has =
+            |rule: &str, host: &str| al.iter().any(|x| x["rule"] == rule && x["host"] == host);
+        if has("repeated_authz_failures", "host-1") && has("host_silent", "host-2") {
+            assert!(!has("host_silent", "host-1"), "{al:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{al:?}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let r = rt
+        .block_on(op.request(
+            &c.operator_addr,
+            "GET",
+            "/v1/operator/metrics",
+            &[],
+            Vec::new(),
+        ))
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).unwrap();
+    for line in [
+        "bulkhead_fleet_alerts_total{rule=\"host_silent\"} 1",
+        "bulkhead_fleet_alerts_total{rule=\"repeated_authz_failures\"} 1",
+        "bulkhead_fleet_alerts_total{rule=\"host_audit_chain_broken\"} 0",
+        "bulkhead_fleet_host_flagged{host=\"host-1\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} not in {text}");
+    }
 }
