@@ -25,9 +25,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bulkhead_audit::{line_hash, Anchor, AuditRecord, ChainFollower, EntryKind, Head};
+use bulkhead_tokens::Operation;
 use serde_json::Value;
 
-use crate::repo::Repository;
+use crate::repo::{HostRow, Repository};
 use crate::service::ControlPlane;
 use crate::ControlError;
 
@@ -394,6 +395,83 @@ impl ControlPlane {
     /// The rule that flagged `host`, if any.
     pub fn flagged(&self, host: &str) -> Option<&'static str> {
         self.fleet.flagged(host)
+    }
+
+    /// Pulls `h`'s audit records after the last stored one and stores them only if they
+    /// continue its chain (see [`crate::fleet`]). `described` is the host's `DescribeHost`
+    /// answer of this round (its audit head). Returns how many records were stored.
+    pub(crate) async fn pull_host_audit(
+        &self,
+        h: &HostRow,
+        described: &Value,
+    ) -> Result<u64, ControlError> {
+        if self.flagged(&h.host_id).is_some() {
+            return Ok(0);
+        }
+        let anchor = stored_anchor(self.repo.as_ref(), &h.host_id)?;
+        let mut head_seq = 0;
+        if let Ok(head) =
+            serde_json::from_value::<bulkhead_audit::Head>(described["audit_head"].clone())
+        {
+            head_seq = head.seq;
+            if let Some(f) = check_head(&h.host_id, anchor.as_ref(), &head) {
+                if self.flag(&h.host_id, f.rule) {
+                    self.raise(&f).await;
+                }
+                return Ok(0);
+            }
+        }
+        let after = anchor.as_ref().map_or(0, |a| a.seq);
+        let path = format!("/v1/audit?after={after}&limit=500");
+        let Ok(v) = self
+            .hosts
+            .call(
+                &h.host_id,
+                &h.addr,
+                Operation::ReadAudit,
+                &["host".into()],
+                "GET",
+                &path,
+                None,
+            )
+            .await
+        else {
+            return Ok(0);
+        };
+        let lines = lines_of(&v);
+        if lines.is_empty() && head_seq > after {
+            // The host says its log reaches `head_seq` yet serves nothing after `after`:
+            // records were cut out from under the running controller.
+            let f = Finding {
+                rule: rule::TRUNCATED,
+                host: h.host_id.clone(),
+                evidence: format!(
+                    "host reports head seq {head_seq} but serves no record after seq {after}"
+                ),
+            };
+            if self.flag(&h.host_id, f.rule) {
+                self.raise(&f).await;
+            }
+            return Ok(0);
+        }
+        let (keep, found) = check_page(
+            &h.host_id,
+            anchor.as_ref(),
+            self.audit_keys.get(&h.host_id),
+            &lines,
+        );
+        for f in &found {
+            if f.rule == rule::CHAIN_BROKEN && !self.flag(&h.host_id, f.rule) {
+                continue;
+            }
+            self.raise(f).await;
+        }
+        if keep.is_empty() {
+            return Ok(0);
+        }
+        self.repo.append_host_audit(&h.host_id, &keep)?;
+        self.observe_denials(&h.host_id, &keep).await;
+        Ok(u64::try_from(keep.len()).unwrap_or(0))
     }
 
     /// Counts the refused requests in a page pulled from `host` (the central authorization-

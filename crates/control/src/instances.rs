@@ -1,129 +1,324 @@
-//! RunInstances and the lifecycle calls (Start/Stop/TerminateInstances) against the hosts.
+//! RunInstances and TerminateInstances as workflows ([`crate::workflow`]), and the single-call
+//! lifecycle operations (Start/StopInstances).
 
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
 use crate::api;
-use crate::repo::InstanceRow;
+use crate::repo::{InstanceRow, RepoError};
 use crate::service::{instance_json, new_id, now, Caller, ControlPlane, THREADS_PER_CORE};
-use crate::state::InstanceState;
+use crate::state::{InstanceState, VolumeState};
+use crate::workflow::{Kind, Live, StepFuture, Steps, WorkflowRow};
 use crate::ControlError;
 
-impl ControlPlane {
-    pub(crate) async fn run_instance(
-        &self,
-        c: &Caller,
-        r: api::RunInstances,
+/// RunInstances, in order. An interrupted run is finished once the host created the instance
+/// (starting it and recording it are safe to repeat), and unwound before that (placement is
+/// decided under the placement lock of a live call, and the user data is never stored, so
+/// neither is redone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStep {
+    /// Placement (best attested host with room) and the `pending` row that holds its cores
+    /// (`{"host_id"}`). Undo: the row `pending → terminated`, releasing the cores.
+    Reserve,
+    /// CreateInstance on the host. Undo: TerminateInstance on the host.
+    Create,
+    /// StartInstance on the host.
+    Start,
+    /// The row `pending → running`.
+    Commit,
+}
+
+/// TerminateInstances, per instance; every step is safe to repeat, so an interrupted
+/// termination is finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TerminateStep {
+    /// Each volume attached to the instance is detached (a detach workflow each).
+    Detach,
+    /// TerminateInstance on the host.
+    Stop,
+    /// The row → `terminated`.
+    Commit,
+}
+
+fn inst_res(w: &WorkflowRow) -> Result<[String; 1], ControlError> {
+    Ok([format!("instance:{}", w.instance()?)])
+}
+
+/// A lifecycle call (`verb`) for `w`'s instance on its host; `also_ok` codes count as done
+/// (the call was repeated after a crash).
+async fn host_lifecycle(
+    cp: &ControlPlane,
+    w: &WorkflowRow,
+    op: Operation,
+    verb: &str,
+    also_ok: &[&str],
+) -> Result<(), ControlError> {
+    let r = cp
+        .on_host(
+            w.host()?,
+            op,
+            &inst_res(w)?,
+            "POST",
+            &format!("/v1/instances/{}/{verb}", w.instance()?),
+            None,
+        )
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(ControlError::Host(c)) if also_ok.contains(&c) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The instance row `→ to`, from whatever it is now; already at `to` is success.
+fn set_state(cp: &ControlPlane, w: &WorkflowRow, to: InstanceState) -> Result<(), ControlError> {
+    let i = cp
+        .repo
+        .instance(&w.tenant_id, w.instance()?)?
+        .ok_or(ControlError::NoSuchInstance)?;
+    if i.state == to {
+        return Ok(());
+    }
+    match cp
+        .repo
+        .set_instance_state(&w.tenant_id, w.instance()?, i.state, to)
+    {
+        Err(RepoError::Transition(_)) => Err(ControlError::WrongState),
+        r => Ok(r?),
+    }
+}
+
+impl RunStep {
+    async fn run(
+        self,
+        cp: &ControlPlane,
+        w: &WorkflowRow,
+        live: Live<'_>,
     ) -> Result<Value, ControlError> {
-        let cores = r.vcpus.div_ceil(THREADS_PER_CORE);
-        let dedicated = r.tenancy.as_deref() == Some("dedicated");
-        let row = {
-            let _g = self.placement.lock().await;
-            let mut hosts = self.repo.hosts()?;
-            let live = self.repo.live_instances()?;
-            // The best host with room that attests; a host that fails is left out and the
-            // next best is tried.
-            let mut refused = 0;
-            let host_id = loop {
-                let Some((host_id, _)) = Self::place(&hosts, &live, &c.tenant, cores, dedicated)
-                else {
-                    return Err(if refused > 0 {
-                        ControlError::NoAttestedHost
-                    } else {
-                        ControlError::NoCapacity
-                    });
-                };
-                let h = hosts
-                    .iter()
-                    .find(|h| h.host_id == host_id)
-                    .cloned()
-                    .ok_or(ControlError::Internal)?;
-                match self.ensure_attested(&h).await {
-                    Ok(()) => break host_id,
-                    Err(e) => {
-                        tracing::warn!(host = %host_id, code = e.code(), "not placing on a host that did not attest");
-                        refused += 1;
-                        hosts.retain(|x| x.host_id != host_id);
-                    }
-                }
-            };
-            let row = InstanceRow {
-                instance_id: new_id("i"),
-                tenant_id: c.tenant.clone(),
-                host_id: host_id.clone(),
-                image_id: r.image_id.clone(),
-                vcpus: r.vcpus,
-                memory_mib: r.memory_mib,
-                cores,
-                dedicated,
-                state: InstanceState::Pending,
-                created: now(),
-            };
-            self.repo.insert_instance(&row)?;
-            self.repo
-                .set_host_dedicated(&host_id, if dedicated { Some(&c.tenant) } else { None })?;
-            row
-        };
-        let host = self.host(&row.host_id)?;
-        let res = [format!("instance:{}", row.instance_id)];
-        let created = async {
-            self.hosts
-                .call(
-                    &host.host_id,
-                    &host.addr,
+        match self {
+            RunStep::Reserve => {
+                let r = live.run.ok_or(ControlError::Internal)?;
+                let host_id = cp.reserve(w, r).await?;
+                Ok(json!({ "host_id": host_id }))
+            }
+            RunStep::Create => {
+                let r = live.run.ok_or(ControlError::Internal)?;
+                let row = cp
+                    .repo
+                    .instance(&w.tenant_id, w.instance()?)?
+                    .ok_or(ControlError::NoSuchInstance)?;
+                cp.on_host(
+                    w.host()?,
                     Operation::CreateInstance,
-                    &res,
+                    &inst_res(w)?,
                     "POST",
                     "/v1/instances",
                     Some(create_body(&row, r.user_data.as_deref())),
                 )
                 .await?;
-            self.hosts
-                .call(
-                    &host.host_id,
-                    &host.addr,
-                    Operation::StartInstance,
-                    &res,
-                    "POST",
-                    &format!("/v1/instances/{}/start", row.instance_id),
-                    None,
-                )
-                .await
+                Ok(Value::Null)
+            }
+            RunStep::Start => {
+                // Repeated after a crash, the host may already run it.
+                host_lifecycle(cp, w, Operation::StartInstance, "start", &["wrong_state"]).await?;
+                Ok(Value::Null)
+            }
+            RunStep::Commit => {
+                set_state(cp, w, InstanceState::Running)?;
+                Ok(Value::Null)
+            }
         }
-        .await;
-        if let Err(e) = created {
-            // Release the reservation; the instance never ran.
-            let _ = self
-                .hosts
-                .call(
-                    &host.host_id,
-                    &host.addr,
-                    Operation::TerminateInstance,
-                    &res,
-                    "POST",
-                    &format!("/v1/instances/{}/terminate", row.instance_id),
-                    None,
-                )
-                .await;
-            self.repo.set_instance_state(
-                &c.tenant,
-                &row.instance_id,
-                InstanceState::Pending,
-                InstanceState::Terminated,
-            )?;
-            return Err(e);
-        }
-        self.repo.set_instance_state(
-            &c.tenant,
-            &row.instance_id,
-            InstanceState::Pending,
-            InstanceState::Running,
-        )?;
-        let mut out = row;
-        out.state = InstanceState::Running;
-        Ok(json!({ "Instances": [instance_json(&out)] }))
+    }
+}
+
+impl Steps for RunStep {
+    const KIND: Kind = Kind::Run;
+    const ALL: &'static [Self] = &[
+        RunStep::Reserve,
+        RunStep::Create,
+        RunStep::Start,
+        RunStep::Commit,
+    ];
+
+    fn repeatable(self) -> bool {
+        matches!(self, RunStep::Start | RunStep::Commit)
     }
 
+    fn may_act_on_error(self) -> bool {
+        matches!(self, RunStep::Create | RunStep::Start)
+    }
+
+    fn forward<'a>(
+        self,
+        cp: &'a ControlPlane,
+        w: &'a WorkflowRow,
+        live: Live<'a>,
+    ) -> StepFuture<'a, Value> {
+        Box::pin(self.run(cp, w, live))
+    }
+
+    fn undo<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow) -> StepFuture<'a, ()> {
+        Box::pin(async move {
+            match self {
+                // Release the reservation; the instance never ran.
+                RunStep::Reserve => {
+                    let i = cp.repo.instance(&w.tenant_id, w.instance()?)?;
+                    if i.is_some_and(|i| i.state == InstanceState::Pending) {
+                        set_state(cp, w, InstanceState::Terminated)?;
+                    }
+                    Ok(())
+                }
+                RunStep::Create if w.host_id.is_some() => {
+                    host_lifecycle(
+                        cp,
+                        w,
+                        Operation::TerminateInstance,
+                        "terminate",
+                        &["no_such_instance", "wrong_state"],
+                    )
+                    .await
+                }
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
+impl TerminateStep {
+    async fn run(self, cp: &ControlPlane, w: &WorkflowRow) -> Result<Value, ControlError> {
+        match self {
+            TerminateStep::Detach => {
+                for v in cp.repo.volumes(&w.tenant_id)?.into_iter().filter(|v| {
+                    v.instance_id.as_deref() == w.instance_id.as_deref()
+                        && v.state == VolumeState::InUse
+                }) {
+                    if let Err(e) = cp.detach(&w.tenant_id, &v.volume_id).await {
+                        tracing::warn!(volume = %v.volume_id, code = e.code(), "detach before terminate failed");
+                    }
+                }
+            }
+            TerminateStep::Stop => {
+                host_lifecycle(
+                    cp,
+                    w,
+                    Operation::TerminateInstance,
+                    "terminate",
+                    &["no_such_instance", "wrong_state"],
+                )
+                .await?
+            }
+            TerminateStep::Commit => set_state(cp, w, InstanceState::Terminated)?,
+        }
+        Ok(Value::Null)
+    }
+}
+
+impl Steps for TerminateStep {
+    const KIND: Kind = Kind::Terminate;
+    const ALL: &'static [Self] = &[
+        TerminateStep::Detach,
+        TerminateStep::Stop,
+        TerminateStep::Commit,
+    ];
+
+    fn repeatable(self) -> bool {
+        true
+    }
+
+    fn may_act_on_error(self) -> bool {
+        false
+    }
+
+    fn forward<'a>(
+        self,
+        cp: &'a ControlPlane,
+        w: &'a WorkflowRow,
+        _: Live<'a>,
+    ) -> StepFuture<'a, Value> {
+        Box::pin(self.run(cp, w))
+    }
+
+    fn undo<'a>(self, _: &'a ControlPlane, _: &'a WorkflowRow) -> StepFuture<'a, ()> {
+        // A detached card or a terminated guest cannot be brought back: nothing is undone.
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl ControlPlane {
+    /// Placement and the `pending` row, under the placement lock: the best host with room that
+    /// attests; a host that fails is left out and the next best is tried.
+    async fn reserve(
+        &self,
+        w: &WorkflowRow,
+        r: &api::RunInstances,
+    ) -> Result<String, ControlError> {
+        let cores = r.vcpus.div_ceil(THREADS_PER_CORE);
+        let dedicated = r.tenancy.as_deref() == Some("dedicated");
+        let tenant = &w.tenant_id;
+        let _g = self.placement.lock().await;
+        let mut hosts = self.repo.hosts()?;
+        let live = self.repo.live_instances()?;
+        let mut refused = 0;
+        let host_id = loop {
+            let Some((host_id, _)) = Self::place(&hosts, &live, tenant, cores, dedicated) else {
+                return Err(if refused > 0 {
+                    ControlError::NoAttestedHost
+                } else {
+                    ControlError::NoCapacity
+                });
+            };
+            let h = hosts
+                .iter()
+                .find(|h| h.host_id == host_id)
+                .cloned()
+                .ok_or(ControlError::Internal)?;
+            match self.ensure_attested(&h).await {
+                Ok(()) => break host_id,
+                Err(e) => {
+                    tracing::warn!(host = %host_id, code = e.code(), "not placing on a host that did not attest");
+                    refused += 1;
+                    hosts.retain(|x| x.host_id != host_id);
+                }
+            }
+        };
+        self.repo.insert_instance(&InstanceRow {
+            instance_id: w.instance()?.to_string(),
+            tenant_id: tenant.clone(),
+            host_id: host_id.clone(),
+            image_id: r.image_id.clone(),
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            cores,
+            dedicated,
+            state: InstanceState::Pending,
+            created: now(),
+        })?;
+        self.repo
+            .set_host_dedicated(&host_id, if dedicated { Some(tenant) } else { None })?;
+        Ok(host_id)
+    }
+
+    /// RunInstances: the [`RunStep`]s for a new instance id.
+    pub(crate) async fn run_instance(
+        &self,
+        c: &Caller,
+        r: api::RunInstances,
+    ) -> Result<Value, ControlError> {
+        let id = new_id("i");
+        let mut w = self.begin(Kind::Run, &c.tenant, Some(&id), None, None)?;
+        let live = Live {
+            caller: Some(c),
+            run: Some(&r),
+        };
+        self.drive::<RunStep>(&mut w, live).await?;
+        let row = self
+            .repo
+            .instance(&c.tenant, &id)?
+            .ok_or(ControlError::Internal)?;
+        Ok(json!({ "Instances": [instance_json(&row)] }))
+    }
+
+    /// Start/Stop/TerminateInstances; a termination is a [`TerminateStep`] workflow.
     pub(crate) async fn lifecycle(
         &self,
         c: &Caller,
@@ -148,30 +343,17 @@ impl ControlPlane {
             if !i.state.can_become(to) {
                 return Err(ControlError::WrongState);
             }
-            let host = self.host(&i.host_id)?;
+            let ids = (Some(i.instance_id.as_str()), None, Some(i.host_id.as_str()));
             if op == Operation::TerminateInstance {
-                for v in self
-                    .repo
-                    .volumes(&c.tenant)?
-                    .into_iter()
-                    .filter(|v| v.instance_id.as_deref() == Some(&i.instance_id))
-                {
-                    let _ = self.detach(c, &v.volume_id).await;
-                }
+                let mut w = self.begin(Kind::Terminate, &c.tenant, ids.0, ids.1, ids.2)?;
+                self.drive::<TerminateStep>(&mut w, Live::default()).await?;
+            } else {
+                // One host call: not a workflow (nothing to resume or undo), not stored.
+                let w = WorkflowRow::new(Kind::Terminate, &c.tenant, ids.0, ids.1, ids.2);
+                host_lifecycle(self, &w, op, verb, &[]).await?;
+                self.repo
+                    .set_instance_state(&c.tenant, &i.instance_id, i.state, to)?;
             }
-            self.hosts
-                .call(
-                    &host.host_id,
-                    &host.addr,
-                    op,
-                    &[format!("instance:{}", i.instance_id)],
-                    "POST",
-                    &format!("/v1/instances/{}/{verb}", i.instance_id),
-                    None,
-                )
-                .await?;
-            self.repo
-                .set_instance_state(&c.tenant, &i.instance_id, i.state, to)?;
             out.push(json!({
                 "InstanceId": i.instance_id,
                 "PreviousState": i.state.as_str(),

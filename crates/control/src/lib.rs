@@ -28,6 +28,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 mod volumes;
+pub mod workflow;
 
 use bulkhead_kms::sigv::SigError;
 

@@ -175,6 +175,8 @@ fn open_repo(cfg: &Config) -> Result<(Arc<dyn Repository>, crypto::Key32), CliEr
 }
 
 fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
+    // The test-only workflow fault hook: read once, here, inert unless set (README).
+    let _ = bulkhead_control::workflow::arm_fault();
     let cfg = Config::load(config)?;
     let ca = CaDir::new(&cfg.ca_dir);
     if dev && !ca.cert("control").exists() {

@@ -17,7 +17,8 @@ pub struct PgRepo {
     tx: Mutex<mpsc::Sender<Job>>,
 }
 
-const MIGRATIONS: &[&str] = &["CREATE TABLE customers (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE customers (
         access_key_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, wrapped_secret BYTEA NOT NULL);
      CREATE TABLE signatures (signature TEXT PRIMARY KEY, seen BIGINT NOT NULL);
      CREATE TABLE idempotency (

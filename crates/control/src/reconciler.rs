@@ -3,7 +3,6 @@
 //! pushed) and checked ([`crate::fleet`]).
 
 use bulkhead_tokens::Operation;
-use serde_json::Value;
 
 use crate::repo::{HostRow, InstanceRow};
 use crate::service::{now, ControlPlane};
@@ -11,11 +10,19 @@ use crate::state::{InstanceState, VolumeState};
 use crate::ControlError;
 
 impl ControlPlane {
-    /// Start-up convergence after a crash: volumes caught mid-attach or mid-detach are detached
-    /// on their host (dropping any key the card got) and made available again; instances caught
-    /// mid-launch are terminated.
+    /// Start-up convergence after a crash: every workflow left running is finished or unwound
+    /// from the step it reached ([`crate::workflow`]); then whatever no workflow owns (rows
+    /// written before workflows existed) is rolled back: volumes caught mid-attach or mid-detach
+    /// are detached on their host (dropping any key the card got) and made available again;
+    /// instances caught mid-launch are terminated.
     pub async fn reconcile(&self) -> Result<usize, ControlError> {
         let mut n = 0;
+        for w in self.repo.running_workflows()? {
+            let (id, kind) = (w.workflow_id.clone(), w.kind);
+            let how = self.resume_any(w).await;
+            tracing::warn!(workflow = %id, kind = kind.as_str(), outcome = ?how, "interrupted workflow converged");
+            n += 1;
+        }
         for v in self.repo.volumes_in_transition()? {
             if let (Some(inst), Some(host_id)) = (&v.instance_id, &v.host_id) {
                 if let Ok(host) = self.host(host_id) {
@@ -179,66 +186,5 @@ impl ControlPlane {
             pulled += self.pull_host_audit(&h, &v).await?;
         }
         Ok(pulled)
-    }
-
-    /// Pulls `h`'s audit records after the last stored one and stores them only if they
-    /// continue its chain (see [`crate::fleet`]). `described` is the host's `DescribeHost`
-    /// answer of this round (its audit head). Returns how many records were stored.
-    pub(crate) async fn pull_host_audit(
-        &self,
-        h: &HostRow,
-        described: &Value,
-    ) -> Result<u64, ControlError> {
-        use crate::fleet;
-        if self.flagged(&h.host_id).is_some() {
-            return Ok(0);
-        }
-        let anchor = fleet::stored_anchor(self.repo.as_ref(), &h.host_id)?;
-        if let Ok(head) =
-            serde_json::from_value::<bulkhead_audit::Head>(described["audit_head"].clone())
-        {
-            if let Some(f) = fleet::check_head(&h.host_id, anchor.as_ref(), &head) {
-                if self.flag(&h.host_id, f.rule) {
-                    self.raise(&f).await;
-                }
-                return Ok(0);
-            }
-        }
-        let after = anchor.as_ref().map_or(0, |a| a.seq);
-        let path = format!("/v1/audit?after={after}&limit=500");
-        let Ok(v) = self
-            .hosts
-            .call(
-                &h.host_id,
-                &h.addr,
-                Operation::ReadAudit,
-                &["host".into()],
-                "GET",
-                &path,
-                None,
-            )
-            .await
-        else {
-            return Ok(0);
-        };
-        let lines = fleet::lines_of(&v);
-        let (keep, found) = fleet::check_page(
-            &h.host_id,
-            anchor.as_ref(),
-            self.audit_keys.get(&h.host_id),
-            &lines,
-        );
-        for f in &found {
-            if f.rule == fleet::rule::CHAIN_BROKEN && !self.flag(&h.host_id, f.rule) {
-                continue;
-            }
-            self.raise(f).await;
-        }
-        if keep.is_empty() {
-            return Ok(0);
-        }
-        self.repo.append_host_audit(&h.host_id, &keep)?;
-        self.observe_denials(&h.host_id, &keep).await;
-        Ok(u64::try_from(keep.len()).unwrap_or(0))
     }
 }

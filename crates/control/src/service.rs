@@ -511,7 +511,7 @@ impl ControlPlane {
                 Ok(json!({ "Volumes": out }))
             }
             ControlRequest::AttachVolume(r) => self.attach(c, &r.volume_id, &r.instance_id).await,
-            ControlRequest::DetachVolume(r) => self.detach(c, &r.volume_id).await,
+            ControlRequest::DetachVolume(r) => self.detach(&c.tenant, &r.volume_id).await,
             ControlRequest::DeleteVolume(r) => {
                 let v = self
                     .repo

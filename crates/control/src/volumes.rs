@@ -60,7 +60,10 @@ fn move_volume(
     from: VolumeState,
     to: VolumeState,
 ) -> Result<(), ControlError> {
-    let attached = matches!(to, VolumeState::Attaching | VolumeState::InUse | VolumeState::Detaching);
+    let attached = matches!(
+        to,
+        VolumeState::Attaching | VolumeState::InUse | VolumeState::Detaching
+    );
     let (inst, host) = if attached {
         (Some(w.instance()?), Some(w.host()?))
     } else {
@@ -133,7 +136,12 @@ fn done<'a>() -> StepFuture<'a, ()> {
 }
 
 impl AttachStep {
-    async fn run(self, cp: &ControlPlane, w: &WorkflowRow, live: Live<'_>) -> Result<Value, ControlError> {
+    async fn run(
+        self,
+        cp: &ControlPlane,
+        w: &WorkflowRow,
+        live: Live<'_>,
+    ) -> Result<Value, ControlError> {
         let host_id = w.host()?;
         match self {
             // Strict (never repeated): a volume another attach holds is refused.
@@ -153,9 +161,16 @@ impl AttachStep {
             // Host attestation: a one-time KMS nonce, quoted by the host's TPM (relayed by its
             // controller), checked by the KMS before it releases the key.
             AttachStep::Challenge => {
-                let c = cp.kms_call("Challenge", &json!({ "host_id": host_id })).await?;
+                let c = cp
+                    .kms_call("Challenge", &json!({ "host_id": host_id }))
+                    .await?;
                 let nonce = if c["required"] == true {
-                    Some(c["nonce"].as_str().ok_or(ControlError::Internal)?.to_string())
+                    Some(
+                        c["nonce"]
+                            .as_str()
+                            .ok_or(ControlError::Internal)?
+                            .to_string(),
+                    )
                 } else {
                     None
                 };
@@ -200,7 +215,9 @@ impl AttachStep {
                         }),
                     )
                     .await?;
-                let sealed_key = sealed["sealed_key"].as_str().ok_or(ControlError::Internal)?;
+                let sealed_key = sealed["sealed_key"]
+                    .as_str()
+                    .ok_or(ControlError::Internal)?;
                 Ok(json!({ "sealed_key": sealed_key }))
             }
             AttachStep::Plug => {
@@ -254,15 +271,22 @@ impl Steps for AttachStep {
         self == AttachStep::Plug
     }
 
-    fn forward<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow, live: Live<'a>) -> StepFuture<'a, Value> {
+    fn forward<'a>(
+        self,
+        cp: &'a ControlPlane,
+        w: &'a WorkflowRow,
+        live: Live<'a>,
+    ) -> StepFuture<'a, Value> {
         Box::pin(self.run(cp, w, live))
     }
 
     fn undo<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow) -> StepFuture<'a, ()> {
         match self {
-            AttachStep::Mark => Box::pin(async move {
-                move_back(cp, w, VolumeState::Attaching, VolumeState::Available)
-            }),
+            AttachStep::Mark => {
+                Box::pin(
+                    async move { move_back(cp, w, VolumeState::Attaching, VolumeState::Available) },
+                )
+            }
             AttachStep::Plug => Box::pin(unplug(cp, w)),
             // Nothing to take back: a nonce expires, a quote is public, a sealed key only opens
             // on that host and is dropped with the workflow's outputs.
@@ -296,15 +320,22 @@ impl Steps for DetachStep {
         false
     }
 
-    fn forward<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow, _: Live<'a>) -> StepFuture<'a, Value> {
+    fn forward<'a>(
+        self,
+        cp: &'a ControlPlane,
+        w: &'a WorkflowRow,
+        _: Live<'a>,
+    ) -> StepFuture<'a, Value> {
         Box::pin(self.run(cp, w))
     }
 
     fn undo<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow) -> StepFuture<'a, ()> {
         match self {
-            DetachStep::Mark => Box::pin(async move {
-                move_back(cp, w, VolumeState::Detaching, VolumeState::InUse)
-            }),
+            DetachStep::Mark => {
+                Box::pin(
+                    async move { move_back(cp, w, VolumeState::Detaching, VolumeState::InUse) },
+                )
+            }
             // A card that was stopped cannot be re-keyed without the customer: not undone.
             _ => done(),
         }
@@ -353,7 +384,11 @@ impl ControlPlane {
     }
 
     /// DetachVolume (and the detaches of TerminateInstances): the [`DetachStep`]s.
-    pub(crate) async fn detach(&self, tenant: &str, volume_id: &str) -> Result<Value, ControlError> {
+    pub(crate) async fn detach(
+        &self,
+        tenant: &str,
+        volume_id: &str,
+    ) -> Result<Value, ControlError> {
         let v = self
             .repo
             .volume(tenant, volume_id)?
@@ -365,7 +400,13 @@ impl ControlPlane {
         else {
             return Err(ControlError::Internal);
         };
-        let mut w = self.begin(Kind::Detach, tenant, Some(instance_id), Some(volume_id), Some(host_id))?;
+        let mut w = self.begin(
+            Kind::Detach,
+            tenant,
+            Some(instance_id),
+            Some(volume_id),
+            Some(host_id),
+        )?;
         self.drive::<DetachStep>(&mut w, Live::default()).await?;
         Ok(json!({"VolumeId": volume_id, "InstanceId": instance_id, "State": "detached"}))
     }
