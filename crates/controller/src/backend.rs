@@ -221,6 +221,10 @@ pub trait InstanceBackend: Send + Sync {
     fn console(&self, id: &ResourceId) -> Result<String, BackendError>;
     fn set_draining(&self, draining: bool);
     fn draining(&self) -> bool;
+    /// Processes (`card`, `hypervisor`) their sandbox killed since the last call, by pid.
+    fn sandbox_kills(&self) -> Vec<(u32, String)> {
+        Vec::new()
+    }
 }
 
 /// Volume attachment, as the block card will take it. The sealed key is passed through unopened.

@@ -298,6 +298,17 @@ impl Controller {
         self.audit_alerts(alerts);
     }
 
+    /// Turns hypervisors and cards their sandbox killed into alerts. Called periodically (it
+    /// asks the launcher, so off the async workers).
+    pub fn poll_children(&self) {
+        let kills = self.instances.sandbox_kills();
+        if kills.is_empty() {
+            return;
+        }
+        let alerts = lock(&self.monitor).sandbox_killed(&kills, unix_now());
+        self.audit_alerts(alerts);
+    }
+
     /// Turns newly blocked outbound attempts into alerts. Called periodically.
     pub fn poll_sandbox(&self) {
         let now_blocked = crate::sandbox::blocked_attempts();

@@ -634,6 +634,19 @@ impl InstanceBackend for HostBackend {
     fn draining(&self) -> bool {
         lock(&self.inner).draining
     }
+
+    fn sandbox_kills(&self) -> Vec<(u32, String)> {
+        match self.launcher.call(&LaunchRequest::SandboxKills) {
+            Ok((LaunchReply::SandboxKills { kills }, _)) => {
+                kills.into_iter().map(|k| (k.pid, k.process)).collect()
+            }
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "launcher: sandbox kills unavailable");
+                Vec::new()
+            }
+        }
+    }
 }
 
 impl HostBackend {

@@ -94,6 +94,17 @@ pub enum LaunchRequest {
         pid: u32,
         grace_ms: u64,
     },
+    /// Children the sandbox killed (died of SIGSYS) since the last ask.
+    SandboxKills,
+}
+
+/// A child that died of SIGSYS: its seccomp filter killed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxKill {
+    pub pid: u32,
+    /// `card` or `hypervisor`.
+    pub process: String,
 }
 
 /// Launcher → controller.
@@ -112,6 +123,9 @@ pub enum LaunchReply {
     },
     Refused {
         code: LaunchRefusal,
+    },
+    SandboxKills {
+        kills: Vec<SandboxKill>,
     },
 }
 
@@ -349,6 +363,9 @@ struct LauncherState {
     children: BTreeMap<u32, Child>,
     cards: BTreeMap<u32, CardChild>,
     seq: u64,
+    /// Children whose exit was already looked at.
+    exited: std::collections::BTreeSet<u32>,
+    sandbox_kills: Vec<SandboxKill>,
 }
 
 fn launcher_filter() -> Result<seccompiler::BpfProgram, crate::sandbox::SandboxError> {
@@ -410,6 +427,8 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
         children: BTreeMap::new(),
         cards: BTreeMap::new(),
         seq: 0,
+        exited: std::collections::BTreeSet::new(),
+        sandbox_kills: Vec::new(),
     };
     loop {
         let packet = match recv_packet(sock.as_raw_fd()) {
@@ -518,7 +537,10 @@ impl LauncherState {
                 let mut killed = false;
                 loop {
                     match child.try_wait() {
-                        Ok(Some(_)) => break,
+                        Ok(Some(st)) => {
+                            self.note_exit(pid, &st);
+                            break;
+                        }
                         Ok(None) if Instant::now() < deadline => {
                             std::thread::sleep(Duration::from_millis(20))
                         }
@@ -536,7 +558,30 @@ impl LauncherState {
                 }
                 (LaunchReply::Reaped { killed }, None)
             }
+            LaunchRequest::SandboxKills => {
+                self.reap_exited();
+                let kills = std::mem::take(&mut self.sandbox_kills);
+                (LaunchReply::SandboxKills { kills }, None)
+            }
         }
+    }
+
+    /// Records a child's exit once; a death by SIGSYS is a sandbox kill.
+    fn note_exit(&mut self, pid: u32, st: &std::process::ExitStatus) {
+        use std::os::unix::process::ExitStatusExt;
+        if !self.exited.insert(pid) || st.signal() != Some(libc::SIGSYS) {
+            return;
+        }
+        let process = if self.cards.contains_key(&pid) {
+            "card"
+        } else {
+            "hypervisor"
+        };
+        tracing::error!(pid, process, "launcher: child killed by its sandbox (SIGSYS)");
+        self.sandbox_kills.push(SandboxKill {
+            pid,
+            process: process.into(),
+        });
     }
 
     fn spawn_card(
@@ -615,8 +660,14 @@ impl LauncherState {
     /// Reaps children that exited on their own, so none stays a zombie. They stay listed (with
     /// their cached exit status) until the controller's `Reap`.
     fn reap_exited(&mut self) {
-        for c in self.children.values_mut() {
-            let _ = c.try_wait();
+        let mut done = Vec::new();
+        for (pid, c) in self.children.iter_mut() {
+            if let Ok(Some(st)) = c.try_wait() {
+                done.push((*pid, st));
+            }
+        }
+        for (pid, st) in done {
+            self.note_exit(pid, &st);
         }
     }
 

@@ -409,6 +409,8 @@ fn run(args: Args) -> Result<(), StartError> {
             loop {
                 tick.tick().await;
                 poller.poll_sandbox();
+                let p = Arc::clone(&poller);
+                let _ = tokio::task::spawn_blocking(move || p.poll_children()).await;
             }
         });
         println!(

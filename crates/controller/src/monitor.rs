@@ -27,8 +27,11 @@ pub mod rule {
     /// The audit log was found damaged at start (a torn record cut off, or records after its
     /// last signed checkpoint).
     pub const AUDIT_DAMAGED: &str = "audit_log_damaged";
+    /// A hypervisor or block card died of SIGSYS: its seccomp filter killed it.
+    pub const SANDBOX_KILL: &str = "sandbox_kill";
     pub const ALL: &[&str] = &[
         AUDIT_DAMAGED,
+        SANDBOX_KILL,
         AUTH_FAILURES,
         OUTSIDE_GRANTS,
         FORBIDDEN_ROUTE,
@@ -138,6 +141,21 @@ impl Monitor {
         )
         .into_iter()
         .collect()
+    }
+
+    /// Reports processes their sandbox killed (always fires: a fault or a compromise).
+    pub fn sandbox_killed(&mut self, kills: &[(u32, String)], now: u64) -> Vec<Alert> {
+        kills
+            .iter()
+            .filter_map(|(pid, what)| {
+                self.fire(
+                    rule::SANDBOX_KILL,
+                    &format!("{what}-{pid}"),
+                    format!("{what} (pid {pid}) was killed by its seccomp sandbox (SIGSYS)"),
+                    now,
+                )
+            })
+            .collect()
     }
 
     /// Reports damage the audit log found at open (`bulkhead_audit::OpenReport::alerts`).

@@ -449,19 +449,32 @@ fn hot_attach_and_detach_on_a_running_instance() {
     // What the guest wrote to the hot-plugged disk is ciphertext under vol-b's key.
     assert_marker_encrypted(&dir.path().join("volumes/vol-b.img"), &key_b);
 
-    // The card serving vol-b crashes (kill -9). The system converges: the detach still succeeds
-    // (the hypervisor pulls the disk, the guest lets it go, the dead card is reaped, the volume
-    // is free), what the guest wrote before the crash is on disk under vol-b's key (checked
-    // above), and the volume attaches again to the same running guest, which reads it back.
+    // The card serving vol-b dies of SIGSYS, as it would when its seccomp filter kills it. The
+    // system converges: the detach still succeeds (the hypervisor pulls the disk, the guest lets
+    // it go, the dead card is reaped, the volume is free), what the guest wrote before the crash
+    // is on disk under vol-b's key (checked above), and the volume attaches again to the same
+    // running guest, which reads it back. The death is a `sandbox_kill` alert, audited.
     let pid = card_pid("vol-b").expect("vol-b's card is running");
     // SAFETY: kill(2) with a pid we just found and a constant signal.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSYS) }, 0);
     api.ok("DELETE", "/v1/instances/i-hp/volumes/vol-b", "");
     wait_console(&api, "i-hp", "vdb-gone");
     assert!(
         card_pid("vol-b").is_none(),
         "the crashed card was not reaped"
     );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !d.audit().iter().any(|x| {
+        x["entry"]["kind"] == "alert"
+            && x["entry"]["op"] == "sandbox_kill"
+            && x["entry"]["caller"] == format!("card-{pid}")
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sandbox_kill alert for the card"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let r = api.ok("GET", "/v1/instances/i-hp", "");
     assert_eq!(r.json["volumes"], serde_json::json!([]));
     api.ok("POST", "/v1/instances/i-hp/volumes", &body);
