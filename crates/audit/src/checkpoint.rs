@@ -215,7 +215,15 @@ mod tests {
         assert!(!k.verify(8, 100, "ab", &cp));
         assert!(!k.verify(7, 101, "ab", &cp));
         assert!(!k.verify(7, 100, "ac", &cp));
-        assert!(!k.verify(7, 100, "ab", &Checkpoint { number: 4, ..cp.clone() }));
+        assert!(!k.verify(
+            7,
+            100,
+            "ab",
+            &Checkpoint {
+                number: 4,
+                ..cp.clone()
+            }
+        ));
         let other = test_signer().verifying_key();
         assert!(!other.verify(7, 100, "ab", &cp));
     }

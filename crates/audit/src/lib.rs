@@ -150,7 +150,9 @@ pub enum VerifyError {
     UnsealedTail { line: u64 },
     #[error("line {line}: record differs from the anchored head (history rewritten)")]
     AnchorMismatch { line: u64 },
-    #[error("line {line}: log ends at {have} records but {want} were seen before (records deleted)")]
+    #[error(
+        "line {line}: log ends at {have} records but {want} were seen before (records deleted)"
+    )]
     Truncated { line: u64, have: u64, want: u64 },
     #[error("line {line}: last checkpoint is number {have}, but number {want} was seen before (rolled back)")]
     RolledBack { line: u64, have: u64, want: u64 },
@@ -1002,7 +1004,10 @@ mod tests {
     async fn every_batch_is_sealed_and_the_seal_verifies() {
         let (_d, path, s) = signed_log(10).await;
         let head = verify_with(&path, &keyed(&s)).unwrap();
-        assert_eq!(head.records, 20, "each request is followed by its checkpoint");
+        assert_eq!(
+            head.records, 20,
+            "each request is followed by its checkpoint"
+        );
         assert_eq!(head.checkpoint, 10);
         assert_eq!(head.sealed_through, 20);
         // Reopened: numbering and sealing continue.
@@ -1062,7 +1067,11 @@ mod tests {
         };
         assert!(matches!(
             verify_with(&path, &anchored).unwrap_err(),
-            VerifyError::Truncated { have: 30, want: 80, .. }
+            VerifyError::Truncated {
+                have: 30,
+                want: 80,
+                ..
+            }
         ));
         let numbered = VerifyOptions {
             min_checkpoint: Some(40),
@@ -1070,7 +1079,11 @@ mod tests {
         };
         assert!(matches!(
             verify_with(&path, &numbered).unwrap_err(),
-            VerifyError::RolledBack { have: 15, want: 40, .. }
+            VerifyError::RolledBack {
+                have: 15,
+                want: 40,
+                ..
+            }
         ));
 
         // Rewritten from a middle record on: a deny flipped to allow and every later hash
@@ -1155,7 +1168,11 @@ mod tests {
             .find(|r| r.entry.op == "audit_torn_tail")
             .expect("the cut is on record");
         assert_eq!(alert.entry.kind, EntryKind::Alert);
-        assert!(alert.entry.code.contains("cut 40 bytes"), "{}", alert.entry.code);
+        assert!(
+            alert.entry.code.contains("cut 40 bytes"),
+            "{}",
+            alert.entry.code
+        );
         assert!(verify_with(&path, &keyed(&s)).is_ok());
     }
 
@@ -1168,11 +1185,16 @@ mod tests {
             log.append(entry("DescribeHost")).await.unwrap();
         }
         drop(log);
-        assert!(!std::fs::read_to_string(&path).unwrap().contains("checkpoint\":"));
+        assert!(!std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("checkpoint\":"));
         assert_eq!(verify(&path).unwrap().records, 3);
         let s = signer();
         let (log, rep) = AuditLog::open_with(&path, Some(Arc::clone(&s))).unwrap();
-        assert!(rep.alerts.is_empty(), "no checkpoint before: an upgrade, not an alert");
+        assert!(
+            rep.alerts.is_empty(),
+            "no checkpoint before: an upgrade, not an alert"
+        );
         log.append(entry("x")).await.unwrap();
         drop(log);
         let h = verify_with(&path, &keyed(&s)).unwrap();

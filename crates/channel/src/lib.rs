@@ -550,7 +550,10 @@ mod tests {
     /// re-seed would leave the fuzzer starting from frames refused at the version check.
     #[test]
     fn fuzz_seeds_parse() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/seeds/channel_decode");
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fuzz/seeds/channel_decode"
+        );
         let Ok(entries) = std::fs::read_dir(dir) else {
             return; // not in a full checkout
         };

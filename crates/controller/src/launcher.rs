@@ -577,7 +577,11 @@ impl LauncherState {
         } else {
             "hypervisor"
         };
-        tracing::error!(pid, process, "launcher: child killed by its sandbox (SIGSYS)");
+        tracing::error!(
+            pid,
+            process,
+            "launcher: child killed by its sandbox (SIGSYS)"
+        );
         self.sandbox_kills.push(SandboxKill {
             pid,
             process: process.into(),

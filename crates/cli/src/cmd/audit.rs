@@ -65,7 +65,11 @@ pub fn run(c: AuditCommand) -> Result<(), CliError> {
                     println!(
                         "{} records, chain intact{}, head {}:{}, checkpoint {}",
                         head.records,
-                        if signed { ", every checkpoint signed" } else { "" },
+                        if signed {
+                            ", every checkpoint signed"
+                        } else {
+                            ""
+                        },
                         head.records,
                         head.last_hash,
                         head.checkpoint
