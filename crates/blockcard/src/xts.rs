@@ -56,49 +56,8 @@ impl Drop for KeyPage {
     }
 }
 
-/// Size of a crypto sector (the XTS data unit).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CryptoSectorSize {
-    /// 512 bytes (dm-crypt default).
-    S512,
-    /// 4096 bytes (`cryptsetup --sector-size 4096`).
-    S4096,
-}
-
-impl CryptoSectorSize {
-    /// Bytes per crypto sector.
-    pub fn bytes(self) -> u64 {
-        match self {
-            Self::S512 => 512,
-            Self::S4096 => 4096,
-        }
-    }
-
-    /// Bytes per crypto sector as usize.
-    pub fn bytes_usize(self) -> usize {
-        match self {
-            Self::S512 => 512,
-            Self::S4096 => 4096,
-        }
-    }
-
-    /// log2 of the size, as carried in the control protocol.
-    pub fn shift(self) -> u8 {
-        match self {
-            Self::S512 => 9,
-            Self::S4096 => 12,
-        }
-    }
-
-    /// From log2 of the size.
-    pub fn from_shift(shift: u8) -> Option<Self> {
-        match shift {
-            9 => Some(Self::S512),
-            12 => Some(Self::S4096),
-            _ => None,
-        }
-    }
-}
+/// Size of a crypto sector (the XTS data unit); part of the card's control protocol.
+pub use bulkhead_card_proto::CryptoSectorSize;
 
 /// XTS errors.
 #[derive(Debug, thiserror::Error)]
