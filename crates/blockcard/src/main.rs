@@ -50,14 +50,7 @@ fn main() {
         self_test();
     }
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    bulkhead_daemon::init_logging("BULKHEAD_LOG", "info");
     let cfg = CardConfig {
         control_socket: args.control_socket,
         vhost_socket: args.vhost_socket,

@@ -734,13 +734,7 @@ fn bench(
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bulkhead_daemon::init_logging("BULKHEAD_LOG", "info");
     let r = match Cli::parse().cmd {
         Cmd::Serve { config, dev } => serve(&config, dev),
         Cmd::PrintOpenapi => {

@@ -165,14 +165,7 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("--self-test") {
         return self_test();
     }
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    bulkhead_daemon::init_logging("BULKHEAD_LOG", "warn");
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Run { vm, blocks } => run(vm, blocks).map(|r| match r {

@@ -134,18 +134,6 @@ fn run(args: Args) -> Result<(), StartError> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bulkhead-kms: {e}");
-            ExitCode::from(2)
-        }
-    }
+    bulkhead_daemon::init_logging("BULKHEAD_LOG", "info");
+    bulkhead_daemon::exit("bulkhead-kms", run(Args::parse()))
 }

@@ -195,10 +195,7 @@ fn main() -> ExitCode {
     if std::env::var_os("TSS2_LOG").is_none() {
         std::env::set_var("TSS2_LOG", "all+none");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    bulkhead_daemon::init_logging("BULKHEAD_LOG", "error");
     match run(Args::parse()) {
         Ok(c) => c,
         Err(e) => {

@@ -1,0 +1,50 @@
+//! `bulkhead-daemon`: what every Bulkhead binary does first and last.
+//!
+//! [`init_logging`] sends `tracing` output to stderr (stdout carries each daemon's one-line
+//! JSON events, e.g. `ready`), filtered by the binary's own environment variable or `RUST_LOG`,
+//! with the binary's default level otherwise. [`exit`] turns the result of a daemon's `run` into
+//! its exit code, printing a fatal error once, prefixed with the binary's name.
+
+use std::fmt::Display;
+use std::process::ExitCode;
+
+/// Exit code of a daemon that could not start or stopped on an error.
+pub const FATAL: u8 = 2;
+
+/// Logs to stderr. The filter comes from `env_var` (e.g. `BULKHEAD_LOG`), else `RUST_LOG`,
+/// else `default` (e.g. `"info"`). Colours only on a terminal.
+pub fn init_logging(env_var: &str, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(env_var)
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A second call (tests linking several mains) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(filter)
+        .try_init();
+}
+
+/// The exit code for `result`; an error is printed as `name: error` on stderr.
+pub fn exit<E: Display>(name: &str, result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::from(FATAL)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit::<String>("x", Ok(())), ExitCode::SUCCESS);
+        assert_eq!(exit("x", Err("boom")), ExitCode::from(FATAL));
+        init_logging("BULKHEAD_TEST_LOG", "info");
+        init_logging("BULKHEAD_TEST_LOG", "info");
+    }
+}
