@@ -221,14 +221,6 @@ impl Steps for TerminateStep {
         TerminateStep::Commit,
     ];
 
-    fn repeatable(self) -> bool {
-        true
-    }
-
-    fn may_act_on_error(self) -> bool {
-        false
-    }
-
     fn forward<'a>(
         self,
         cp: &'a ControlPlane,
@@ -238,10 +230,7 @@ impl Steps for TerminateStep {
         Box::pin(self.run(cp, w))
     }
 
-    fn undo<'a>(self, _: &'a ControlPlane, _: &'a WorkflowRow) -> StepFuture<'a, ()> {
-        // A detached card or a terminated guest cannot be brought back: nothing is undone.
-        Box::pin(async { Ok(()) })
-    }
+    // No undo: a detached card or a terminated guest cannot be brought back.
 }
 
 impl ControlPlane {

@@ -312,14 +312,6 @@ impl Steps for DetachStep {
     const KIND: Kind = Kind::Detach;
     const ALL: &'static [Self] = &[DetachStep::Mark, DetachStep::Unplug, DetachStep::Commit];
 
-    fn repeatable(self) -> bool {
-        true
-    }
-
-    fn may_act_on_error(self) -> bool {
-        false
-    }
-
     fn forward<'a>(
         self,
         cp: &'a ControlPlane,

@@ -151,10 +151,14 @@ pub(crate) trait Steps: Copy + Send + Sync + std::fmt::Debug + 'static {
     const KIND: Kind;
     const ALL: &'static [Self];
     /// Safe to run again after a crash during or after it (the resume may go forward through it).
-    fn repeatable(self) -> bool;
+    fn repeatable(self) -> bool {
+        true
+    }
     /// A failure of this step may still have left an effect (a remote call that may have acted),
     /// so its own undo runs when it fails.
-    fn may_act_on_error(self) -> bool;
+    fn may_act_on_error(self) -> bool {
+        false
+    }
     /// Runs the step; its outputs (a JSON object, or null) are merged into the row's.
     fn forward<'a>(
         self,
@@ -162,8 +166,10 @@ pub(crate) trait Steps: Copy + Send + Sync + std::fmt::Debug + 'static {
         w: &'a WorkflowRow,
         live: Live<'a>,
     ) -> StepFuture<'a, Value>;
-    /// Undoes the step; harmless when the step did nothing.
-    fn undo<'a>(self, cp: &'a ControlPlane, w: &'a WorkflowRow) -> StepFuture<'a, ()>;
+    /// Undoes the step; harmless when the step did nothing. By default there is nothing to undo.
+    fn undo<'a>(self, _cp: &'a ControlPlane, _w: &'a WorkflowRow) -> StepFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The environment variable of the test-only fault hook.
