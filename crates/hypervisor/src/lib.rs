@@ -88,6 +88,8 @@ pub enum Error {
     ChannelFd(std::io::Error),
     #[error("sandbox: {0}")]
     Sandbox(String),
+    #[error("sandbox: {0}")]
+    Harden(#[from] bulkhead_harden::HardenError),
     #[error("thread: {0}")]
     Thread(std::io::Error),
     #[error("cpu topology: {0}")]

@@ -97,7 +97,7 @@ impl VmArgs {
 
 fn run(vm_args: VmArgs, blocks: Vec<String>) -> Result<ExitReason, Error> {
     // Nothing inherited survives except stdio; everything the VM needs is opened below.
-    sandbox::close_other_fds(&[]);
+    sandbox::close_other_fds(&[])?;
     let mut vm = Vm::new(vm_args.config(true))?;
     for (i, spec) in blocks.iter().enumerate() {
         let (path, ro) = match spec.strip_suffix(",ro") {
@@ -140,7 +140,7 @@ fn serve(mut vm_args: VmArgs, channel_fd: i32, cmdline_fd: Option<i32>) -> Resul
     if let Some(fd) = cmdline_fd {
         vm_args.cmdline = read_cmdline_fd(fd)?;
     }
-    sandbox::close_other_fds(&[channel_fd]);
+    sandbox::close_other_fds(&[channel_fd])?;
     let channel = server::channel_from_fd(channel_fd).map_err(Error::ChannelFd)?;
     let mut vm = Vm::new(vm_args.config(false))?;
     sandbox::harden_process(vm_args.run_as()?)?;
@@ -152,13 +152,13 @@ fn serve(mut vm_args: VmArgs, channel_fd: i32, cmdline_fd: Option<i32>) -> Resul
 /// `--self-test`, run by the host's measured start before it takes customer work: the
 /// sandbox filters of every thread role compile for this kernel's architecture.
 fn self_test() -> ExitCode {
-    for role in [ThreadRole::Main, ThreadRole::Vcpu] {
-        if let Err(e) = sandbox::filter(role) {
+    match bulkhead_harden::self_test(sandbox::FILTERS) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
             eprintln!("bulkhead-hypervisor: self-test failed: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
     }
-    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {

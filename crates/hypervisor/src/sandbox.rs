@@ -1,16 +1,14 @@
 //! The hypervisor's sandbox: per-thread seccomp filters, no_new_privs, non-dumpable, an
 //! unprivileged uid/gid, and no stray file descriptors.
 //!
+//! This module holds the hypervisor's policy only, as data: one allow-list per thread role.
+//! The mechanism (compiling, installing, dropping privileges) is `bulkhead-harden`.
+//!
 //! Filters kill the whole process on any system call outside the role's allow-list. None of
 //! them allows `socket`, `connect`, `execve` or any `open`: after start-up the hypervisor can
 //! neither reach the network nor open a file.
 
-use std::collections::BTreeMap;
-
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use bulkhead_harden::{Action, BpfProgram, Filter, Rule};
 
 use crate::Error;
 
@@ -24,69 +22,68 @@ pub enum ThreadRole {
 }
 
 /// System calls every thread needs (memory, futexes, signals, time, exit).
-const COMMON: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_writev,
-    libc::SYS_close,
-    libc::SYS_futex,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_sched_yield,
-    libc::SYS_getrandom,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    libc::SYS_tgkill,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_ioctl,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_rseq,
+const COMMON: &[Rule] = &[
+    Rule::any(libc::SYS_read),
+    Rule::any(libc::SYS_write),
+    Rule::any(libc::SYS_writev),
+    Rule::any(libc::SYS_close),
+    Rule::any(libc::SYS_futex),
+    Rule::any(libc::SYS_mmap),
+    Rule::any(libc::SYS_munmap),
+    Rule::any(libc::SYS_mremap),
+    Rule::any(libc::SYS_mprotect),
+    Rule::any(libc::SYS_madvise),
+    Rule::any(libc::SYS_brk),
+    Rule::any(libc::SYS_rt_sigreturn),
+    Rule::any(libc::SYS_rt_sigprocmask),
+    Rule::any(libc::SYS_sigaltstack),
+    Rule::any(libc::SYS_clock_gettime),
+    Rule::any(libc::SYS_clock_nanosleep),
+    Rule::any(libc::SYS_nanosleep),
+    Rule::any(libc::SYS_sched_yield),
+    Rule::any(libc::SYS_getrandom),
+    Rule::any(libc::SYS_gettid),
+    Rule::any(libc::SYS_getpid),
+    Rule::any(libc::SYS_tgkill),
+    Rule::any(libc::SYS_exit),
+    Rule::any(libc::SYS_exit_group),
+    Rule::any(libc::SYS_sched_getaffinity),
+    Rule::any(libc::SYS_rseq),
 ];
 
 /// Extra system calls of the main thread.
-const MAIN: &[i64] = &[
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_set_robust_list,
-    libc::SYS_sched_setaffinity,
-    libc::SYS_rt_sigaction,
-    libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_fcntl,
-    libc::SYS_eventfd2,
-    libc::SYS_prctl,
-    libc::SYS_fstat,
-    libc::SYS_statx,
-    libc::SYS_newfstatat,
-    libc::SYS_lseek,
-    libc::SYS_pread64,
-    libc::SYS_shutdown,
+const MAIN: &[Rule] = &[
+    Rule::any(libc::SYS_clone),
+    Rule::any(libc::SYS_clone3),
+    Rule::any(libc::SYS_set_robust_list),
+    Rule::any(libc::SYS_sched_setaffinity),
+    Rule::any(libc::SYS_rt_sigaction),
+    Rule::any(libc::SYS_recvmsg),
+    Rule::any(libc::SYS_sendmsg),
+    Rule::any(libc::SYS_poll),
+    Rule::any(libc::SYS_ppoll),
+    Rule::any(libc::SYS_fcntl),
+    Rule::any(libc::SYS_eventfd2),
+    Rule::any(libc::SYS_prctl),
+    Rule::any(libc::SYS_fstat),
+    Rule::any(libc::SYS_statx),
+    Rule::any(libc::SYS_newfstatat),
+    Rule::any(libc::SYS_lseek),
+    Rule::any(libc::SYS_pread64),
+    Rule::any(libc::SYS_shutdown),
     // vCPU threads started after this filter install their own, narrower one. seccomp(2) can
     // only ever add restrictions.
-    libc::SYS_seccomp,
+    Rule::any(libc::SYS_seccomp),
 ];
 
 /// Extra system calls of a vCPU thread. A vCPU thread activates devices when the guest driver
 /// sets DRIVER_OK, which for vhost-user means messages on the already connected backend socket.
-const VCPU: &[i64] = &[
-    libc::SYS_sched_setaffinity,
-    libc::SYS_sendmsg,
-    libc::SYS_recvmsg,
-    libc::SYS_sendto,
-    libc::SYS_recvfrom,
+const VCPU: &[Rule] = &[
+    Rule::any(libc::SYS_sched_setaffinity),
+    Rule::any(libc::SYS_sendmsg),
+    Rule::any(libc::SYS_recvmsg),
+    Rule::any(libc::SYS_sendto),
+    Rule::any(libc::SYS_recvfrom),
 ];
 
 const KVMIO: u64 = 0xae;
@@ -130,104 +127,66 @@ pub const IOCTLS: &[u64] = &[
     KVM_SIGNAL_MSI,
 ];
 
-/// The syscalls allowed for `role`.
-pub fn allowed(role: ThreadRole) -> Vec<i64> {
-    let mut v: Vec<i64> = COMMON.to_vec();
+/// ioctl only with the request numbers in [`IOCTLS`] (argument 1).
+const IOCTL: &[Rule] = &[Rule::arg_one_of(libc::SYS_ioctl, 1, IOCTLS)];
+
+/// The main thread's filter. It is inherited by vCPU threads it starts later, so it must also
+/// hold everything a vCPU thread needs.
+pub static MAIN_FILTER: Filter = Filter {
+    name: "hypervisor-main",
+    tables: &[COMMON, MAIN, VCPU, IOCTL],
+    listed: Action::Allow,
+    otherwise: Action::KillProcess,
+};
+
+/// A vCPU thread's filter, stacked on the main thread's.
+pub static VCPU_FILTER: Filter = Filter {
+    name: "hypervisor-vcpu",
+    tables: &[COMMON, VCPU, IOCTL],
+    listed: Action::Allow,
+    otherwise: Action::KillProcess,
+};
+
+/// Every filter of the hypervisor, for `--self-test`.
+pub static FILTERS: &[&Filter] = &[&MAIN_FILTER, &VCPU_FILTER];
+
+/// The filter of `role`, as data.
+pub fn filter_of(role: ThreadRole) -> &'static Filter {
     match role {
-        // The main thread's filter is inherited by vCPU threads it starts later, so it must
-        // also hold everything a vCPU thread needs.
-        ThreadRole::Main => {
-            v.extend_from_slice(MAIN);
-            v.extend_from_slice(VCPU);
-        }
-        ThreadRole::Vcpu => v.extend_from_slice(VCPU),
+        ThreadRole::Main => &MAIN_FILTER,
+        ThreadRole::Vcpu => &VCPU_FILTER,
     }
-    v.sort_unstable();
-    v.dedup();
-    v
+}
+
+/// The syscalls allowed for `role` (ioctl with conditions on its request number).
+pub fn allowed(role: ThreadRole) -> Vec<i64> {
+    filter_of(role).syscalls()
 }
 
 /// Compiles the filter for `role`.
 pub fn filter(role: ThreadRole) -> Result<BpfProgram, Error> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed(role).into_iter().map(|s| (s, vec![])).collect();
-    // ioctl only with the request numbers in IOCTLS.
-    let ioctl_rules = IOCTLS
-        .iter()
-        .map(|nr| {
-            let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *nr)
-                .map_err(|e| Error::Sandbox(format!("seccomp condition: {e}")))?;
-            SeccompRule::new(vec![c]).map_err(|e| Error::Sandbox(format!("seccomp rule: {e}")))
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    rules.insert(libc::SYS_ioctl, ioctl_rules);
-    let f = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| Error::Sandbox(format!("seccomp filter: {e}")))?;
-    BpfProgram::try_from(f).map_err(|e| Error::Sandbox(format!("seccomp compile: {e}")))
+    Ok(filter_of(role).compile()?)
 }
 
 /// Installs the filter for `role` on the calling thread.
 pub fn apply_thread_filter(role: ThreadRole) -> Result<(), Error> {
-    let bpf = filter(role)?;
-    seccompiler::apply_filter(&bpf).map_err(|e| Error::Sandbox(format!("seccomp apply: {e}")))
-}
-
-fn prctl(option: libc::c_int, arg: libc::c_ulong) -> Result<(), Error> {
-    // SAFETY: prctl with integer arguments only; no pointers are passed.
-    let rc = unsafe { libc::prctl(option, arg, 0, 0, 0) };
-    if rc != 0 {
-        return Err(Error::Sandbox(format!(
-            "prctl({option}): {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    Ok(filter_of(role).install()?)
 }
 
 /// Process-wide hardening done once, after every file the VM needs is open:
 /// drop to `uid`/`gid` when running as root, then no_new_privs and non-dumpable.
 pub fn harden_process(drop_to: Option<(u32, u32)>) -> Result<(), Error> {
     if let Some((uid, gid)) = drop_to {
-        // SAFETY: plain credential system calls with integer arguments; setgroups gets a null
-        // pointer with a zero count, which clears the supplementary groups.
-        unsafe {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setresgid(gid, gid, gid) != 0
-                || libc::setresuid(uid, uid, uid) != 0
-            {
-                return Err(Error::Sandbox(format!(
-                    "dropping to {uid}:{gid}: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
-        }
+        bulkhead_harden::drop_privileges(uid, gid)?;
     }
-    prctl(libc::PR_SET_NO_NEW_PRIVS, 1)?;
-    prctl(libc::PR_SET_DUMPABLE, 0)?;
+    bulkhead_harden::no_new_privs()?;
+    bulkhead_harden::set_non_dumpable()?;
     Ok(())
 }
 
 /// Closes every fd above stderr except those in `keep`.
-pub fn close_other_fds(keep: &[i32]) {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<i32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2 && !keep.contains(fd))
-        .collect();
-    for fd in fds {
-        // SAFETY: closing an fd number we own; the read_dir handle's own fd may already be
-        // closed, in which case close returns EBADF harmlessly.
-        unsafe {
-            libc::close(fd);
-        }
-    }
+pub fn close_other_fds(keep: &[i32]) -> Result<(), Error> {
+    Ok(bulkhead_harden::close_other_fds(keep)?)
 }
 
 #[cfg(test)]
@@ -264,7 +223,14 @@ mod tests {
     fn vcpu_filter_is_narrower_than_main() {
         let main = allowed(ThreadRole::Main);
         assert!(allowed(ThreadRole::Vcpu).iter().all(|s| main.contains(s)));
-        assert!(filter(ThreadRole::Main).is_ok());
-        assert!(filter(ThreadRole::Vcpu).is_ok());
+        assert!(bulkhead_harden::self_test(FILTERS).is_ok());
+    }
+
+    #[test]
+    fn ioctl_is_only_allowed_by_request_number() {
+        for role in [ThreadRole::Main, ThreadRole::Vcpu] {
+            assert!(allowed(role).contains(&libc::SYS_ioctl));
+            assert!(!filter_of(role).lists_unconditionally(libc::SYS_ioctl));
+        }
     }
 }
