@@ -38,7 +38,7 @@ struct Args {
 /// filters compile for this kernel's architecture.
 fn self_test() -> ! {
     use bulkhead_blockcard::sandbox;
-    if let Err(e) = sandbox::card_filter().and_then(|_| sandbox::open_filter()) {
+    if let Err(e) = bulkhead_harden::self_test(sandbox::FILTERS) {
         eprintln!("bulkhead-blockcard: self-test failed: {e}");
         std::process::exit(1);
     }

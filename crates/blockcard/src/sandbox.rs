@@ -1,67 +1,27 @@
 //! Process hardening: non-dumpable from the first instruction of `main`, then, once the backing
 //! fd and both sockets are open and the key is set up, privileges dropped, no_new_privs, and a
 //! seccomp allow-list without socket creation, exec, or opening paths.
+//!
+//! This module holds the card's policy (its allow-lists, as data, and when to drop to which
+//! ids); the mechanism is `bulkhead-harden`.
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule,
-};
-use std::collections::BTreeMap;
+use bulkhead_harden::{Action, BpfProgram, Filter, HardenError, Rule};
 
 /// Sandbox errors.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("prctl({what}) failed: {source}")]
-    Prctl {
-        what: &'static str,
-        source: std::io::Error,
-    },
-    #[error("setrlimit(RLIMIT_CORE) failed: {0}")]
-    Rlimit(#[source] std::io::Error),
-    #[error("dropping privileges failed at {what}: {source}")]
-    Drop {
-        what: &'static str,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Harden(#[from] HardenError),
+    #[error("pthread_sigmask failed: {0}")]
+    SignalMask(#[source] std::io::Error),
     #[error("running as root needs --uid and --gid to drop to")]
     RootWithoutUid,
-    #[error("seccomp: {0}")]
-    Seccomp(#[from] seccompiler::Error),
-    #[error("seccomp filter: {0}")]
-    SeccompBackend(#[from] seccompiler::BackendError),
-}
-
-fn prctl(what: &'static str, op: libc::c_int, arg: libc::c_ulong) -> Result<(), SandboxError> {
-    // SAFETY: the prctl operations used here take integer arguments only.
-    let rc = unsafe {
-        libc::prctl(
-            op,
-            arg,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if rc != 0 {
-        return Err(SandboxError::Prctl {
-            what,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 /// No core dumps, no ptrace/`/proc/PID/mem` access by anyone without CAP_SYS_PTRACE.
 pub fn make_non_dumpable() -> Result<(), SandboxError> {
-    prctl("PR_SET_DUMPABLE", libc::PR_SET_DUMPABLE, 0)?;
-    let zero = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `zero` is a valid rlimit for the duration of the call.
-    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
-        return Err(SandboxError::Rlimit(std::io::Error::last_os_error()));
-    }
+    bulkhead_harden::set_non_dumpable()?;
+    bulkhead_harden::lock_core_dumps()?;
     Ok(())
 }
 
@@ -76,45 +36,16 @@ pub fn lock_current_memory() -> Result<(), std::io::Error> {
     Ok(())
 }
 
-/// Drops to `uid`/`gid` (all of real, effective, saved; no supplementary groups).
-/// As root without a target this is refused.
+/// Drops to `uid`/`gid` (all of real, effective, saved; no supplementary groups), checked
+/// afterwards, and non-dumpable again. As root without a target this is refused.
 pub fn drop_privileges(uid: Option<u32>, gid: Option<u32>) -> Result<(), SandboxError> {
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
-    let (uid, gid) = match (uid, gid) {
-        (Some(u), Some(g)) => (u, g),
-        _ if euid == 0 => return Err(SandboxError::RootWithoutUid),
-        _ => return Ok(()),
-    };
-    let err = |what| SandboxError::Drop {
-        what,
-        source: std::io::Error::last_os_error(),
-    };
-    if euid == 0 {
-        // SAFETY: an empty group list; the null pointer is allowed with size 0.
-        if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
-            return Err(err("setgroups"));
-        }
+    match (uid, gid) {
+        (Some(u), Some(g)) => Ok(bulkhead_harden::drop_privileges(u, g)?),
+        _ if euid == 0 => Err(SandboxError::RootWithoutUid),
+        _ => Ok(()),
     }
-    // SAFETY: integer arguments only.
-    if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
-        return Err(err("setresgid"));
-    }
-    // SAFETY: integer arguments only.
-    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
-        return Err(err("setresuid"));
-    }
-    // SAFETY: getuid/geteuid cannot fail.
-    let (now_uid, now_euid) = unsafe { (libc::getuid(), libc::geteuid()) };
-    if now_uid != uid || now_euid != uid {
-        return Err(SandboxError::Drop {
-            what: "verify uid",
-            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
-        });
-    }
-    // A credential change resets the dumpable flag from the suid_dumpable sysctl: set it again.
-    make_non_dumpable()?;
-    Ok(())
 }
 
 fn exit_sigset() -> libc::sigset_t {
@@ -136,10 +67,7 @@ pub fn block_exit_signals() -> Result<(), SandboxError> {
     // SAFETY: `set` is initialised; the old mask is not needed (null).
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
-        return Err(SandboxError::Prctl {
-            what: "pthread_sigmask",
-            source: std::io::Error::from_raw_os_error(rc),
-        });
+        return Err(SandboxError::SignalMask(std::io::Error::from_raw_os_error(rc)));
     }
     Ok(())
 }
@@ -159,150 +87,134 @@ pub fn wait_exit_signal() -> i32 {
 /// The syscalls the card needs once running: vhost-user message handling (recvmsg with fds,
 /// mmap of guest memory), the per-queue epoll threads, pread/pwrite/fdatasync/fallocate on the
 /// backing fd, and accepting on the two already-bound sockets.
-const ALLOWED: &[i64] = &[
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_readv,
-    libc::SYS_writev,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_close,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_lseek,
-    libc::SYS_fcntl,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_mlock,
-    libc::SYS_munlock,
-    libc::SYS_rt_sigaction,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_sigaltstack,
-    libc::SYS_futex,
-    libc::SYS_sched_yield,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_set_robust_list,
-    libc::SYS_rseq,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    libc::SYS_tgkill,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    libc::SYS_accept,
-    libc::SYS_accept4,
-    libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_shutdown,
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_eventfd2,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_fallocate,
-    libc::SYS_getrandom,
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_restart_syscall,
-    libc::SYS_rt_sigtimedwait,
+const ALLOWED: &[Rule] = &[
+    Rule::any(libc::SYS_read),
+    Rule::any(libc::SYS_write),
+    Rule::any(libc::SYS_readv),
+    Rule::any(libc::SYS_writev),
+    Rule::any(libc::SYS_pread64),
+    Rule::any(libc::SYS_pwrite64),
+    Rule::any(libc::SYS_preadv),
+    Rule::any(libc::SYS_pwritev),
+    Rule::any(libc::SYS_close),
+    Rule::any(libc::SYS_fstat),
+    Rule::any(libc::SYS_newfstatat),
+    Rule::any(libc::SYS_statx),
+    Rule::any(libc::SYS_lseek),
+    Rule::any(libc::SYS_fcntl),
+    Rule::any(libc::SYS_mmap),
+    Rule::any(libc::SYS_munmap),
+    Rule::any(libc::SYS_mremap),
+    Rule::any(libc::SYS_mprotect),
+    Rule::any(libc::SYS_madvise),
+    Rule::any(libc::SYS_brk),
+    Rule::any(libc::SYS_mlock),
+    Rule::any(libc::SYS_munlock),
+    Rule::any(libc::SYS_rt_sigaction),
+    Rule::any(libc::SYS_rt_sigprocmask),
+    Rule::any(libc::SYS_rt_sigreturn),
+    Rule::any(libc::SYS_sigaltstack),
+    Rule::any(libc::SYS_futex),
+    Rule::any(libc::SYS_sched_yield),
+    Rule::any(libc::SYS_sched_getaffinity),
+    Rule::any(libc::SYS_clone),
+    Rule::any(libc::SYS_clone3),
+    Rule::any(libc::SYS_set_robust_list),
+    Rule::any(libc::SYS_rseq),
+    Rule::any(libc::SYS_gettid),
+    Rule::any(libc::SYS_getpid),
+    Rule::any(libc::SYS_tgkill),
+    Rule::any(libc::SYS_exit),
+    Rule::any(libc::SYS_exit_group),
+    Rule::any(libc::SYS_accept),
+    Rule::any(libc::SYS_accept4),
+    Rule::any(libc::SYS_recvmsg),
+    Rule::any(libc::SYS_sendmsg),
+    Rule::any(libc::SYS_recvfrom),
+    Rule::any(libc::SYS_sendto),
+    Rule::any(libc::SYS_shutdown),
+    Rule::any(libc::SYS_epoll_create1),
+    Rule::any(libc::SYS_epoll_ctl),
+    Rule::any(libc::SYS_epoll_wait),
+    Rule::any(libc::SYS_epoll_pwait),
+    Rule::any(libc::SYS_eventfd2),
+    Rule::any(libc::SYS_poll),
+    Rule::any(libc::SYS_ppoll),
+    Rule::any(libc::SYS_fsync),
+    Rule::any(libc::SYS_fdatasync),
+    Rule::any(libc::SYS_fallocate),
+    Rule::any(libc::SYS_getrandom),
+    Rule::any(libc::SYS_clock_gettime),
+    Rule::any(libc::SYS_clock_nanosleep),
+    Rule::any(libc::SYS_nanosleep),
+    Rule::any(libc::SYS_restart_syscall),
+    Rule::any(libc::SYS_rt_sigtimedwait),
 ];
 
 /// ioctls allowed: BLKDISCARD on the backing device, FIONBIO/FIOCLEX on fds, TCGETS (isatty).
 const ALLOWED_IOCTLS: &[u64] = &[0x1277, 0x5421, 0x5451, 0x5401];
 /// prctl ops allowed: PR_SET_NAME / PR_GET_NAME (thread names) and PR_SET_DUMPABLE.
 const ALLOWED_PRCTLS: &[u64] = &[15, 16, 4];
+/// ioctl(fd, request, ...) filtered on the request (argument 1); prctl on the option
+/// (argument 0).
+const CONDITIONAL: &[Rule] = &[
+    Rule::arg_one_of(libc::SYS_ioctl, 1, ALLOWED_IOCTLS),
+    Rule::arg_one_of(libc::SYS_prctl, 0, ALLOWED_PRCTLS),
+];
 
-fn arg_eq(index: u8, values: &[u64]) -> Result<Vec<SeccompRule>, SandboxError> {
-    values
-        .iter()
-        .map(|v| {
-            Ok(SeccompRule::new(vec![SeccompCondition::new(
-                index,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::Eq,
-                *v,
-            )?])?)
-        })
-        .collect()
+/// The card's allow-list. Anything not listed kills the process. Opens pass this filter only
+/// to get EACCES from [`OPEN_FILTER`].
+pub static CARD_FILTER: Filter = Filter {
+    name: "blockcard",
+    tables: &[ALLOWED, OPEN_SYSCALLS, CONDITIONAL],
+    listed: Action::Allow,
+    otherwise: Action::KillProcess,
+};
+
+/// Answers every path-opening syscall with EACCES and allows the rest (the main allow-list,
+/// stacked on top, decides about the rest).
+pub static OPEN_FILTER: Filter = Filter {
+    name: "blockcard-open",
+    tables: &[OPEN_SYSCALLS],
+    listed: Action::Errno(libc::EACCES),
+    otherwise: Action::Allow,
+};
+
+/// Every filter of the card, for `--self-test`.
+pub static FILTERS: &[&Filter] = &[&OPEN_FILTER, &CARD_FILTER];
+
+/// Builds the card's seccomp program.
+pub fn card_filter() -> Result<BpfProgram, SandboxError> {
+    Ok(CARD_FILTER.compile()?)
 }
 
-/// Builds the card's seccomp program. Anything not listed kills the process.
-pub fn card_filter() -> Result<BpfProgram, SandboxError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for nr in ALLOWED {
-        rules.insert(*nr, Vec::new());
-    }
-    // ioctl(fd, request, ...): filter on the request (argument 1).
-    // Opens pass this filter only to get EACCES from `open_filter`.
-    for nr in OPEN_SYSCALLS {
-        rules.insert(*nr, Vec::new());
-    }
-    rules.insert(libc::SYS_ioctl, arg_eq(1, ALLOWED_IOCTLS)?);
-    rules.insert(libc::SYS_prctl, arg_eq(0, ALLOWED_PRCTLS)?);
-    let arch = std::env::consts::ARCH.try_into()?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::KillProcess,
-        SeccompAction::Allow,
-        arch,
-    )?;
-    Ok(filter.try_into()?)
+/// Builds the program of [`OPEN_FILTER`].
+pub fn open_filter() -> Result<BpfProgram, SandboxError> {
+    Ok(OPEN_FILTER.compile()?)
+}
+
+/// Sets no_new_privs and installs [`OPEN_FILTER`] and [`CARD_FILTER`] on the calling thread;
+/// threads created afterwards inherit them. Call before any other thread exists. The kernel
+/// applies the most restrictive verdict of all filters: an open gets EACCES, anything outside
+/// the allow-list kills the process.
+pub fn install_seccomp() -> Result<(), SandboxError> {
+    bulkhead_harden::no_new_privs()?;
+    let deny_open = open_filter()?;
+    let allow = card_filter()?;
+    bulkhead_harden::apply(&deny_open)?;
+    bulkhead_harden::apply(&allow)?;
+    Ok(())
 }
 
 /// Syscalls that open paths. libc sometimes tries them internally (e.g. glibc reads
 /// /sys/devices/system/cpu/online when a new thread gets its own malloc arena), so they fail with
 /// EACCES instead of killing the card; either way nothing is opened.
-const OPEN_SYSCALLS: &[i64] = &[
-    libc::SYS_open,
-    libc::SYS_openat,
-    libc::SYS_openat2,
-    libc::SYS_creat,
+const OPEN_SYSCALLS: &[Rule] = &[
+    Rule::any(libc::SYS_open),
+    Rule::any(libc::SYS_openat),
+    Rule::any(libc::SYS_openat2),
+    Rule::any(libc::SYS_creat),
 ];
-
-/// A filter that answers every path-opening syscall with EACCES and allows the rest (the main
-/// allow-list, stacked on top, decides about the rest).
-pub fn open_filter() -> Result<BpfProgram, SandboxError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        OPEN_SYSCALLS.iter().map(|nr| (*nr, Vec::new())).collect();
-    let arch = std::env::consts::ARCH.try_into()?;
-    let eacces = u32::try_from(libc::EACCES).unwrap_or(13);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(eacces),
-        arch,
-    )?;
-    Ok(filter.try_into()?)
-}
-
-/// Sets no_new_privs and installs [`open_filter`] and [`card_filter`] on the calling thread;
-/// threads created afterwards inherit them. Call before any other thread exists. The kernel
-/// applies the most restrictive verdict of all filters: an open gets EACCES, anything outside
-/// the allow-list kills the process.
-pub fn install_seccomp() -> Result<(), SandboxError> {
-    prctl("PR_SET_NO_NEW_PRIVS", libc::PR_SET_NO_NEW_PRIVS, 1)?;
-    let deny_open = open_filter()?;
-    let allow = card_filter()?;
-    seccompiler::apply_filter(&deny_open)?;
-    seccompiler::apply_filter(&allow)?;
-    Ok(())
-}
 
 #[cfg(test)]
 mod tests {
@@ -311,6 +223,18 @@ mod tests {
         let prog = super::card_filter().expect("filter");
         assert!(!prog.is_empty());
         assert!(!super::open_filter().expect("filter").is_empty());
+        bulkhead_harden::self_test(super::FILTERS).expect("self-test");
+    }
+
+    #[test]
+    fn ioctl_and_prctl_are_conditional() {
+        for nr in [libc::SYS_ioctl, libc::SYS_prctl] {
+            assert!(super::CARD_FILTER.syscalls().contains(&nr));
+            assert!(!super::CARD_FILTER.lists_unconditionally(nr));
+        }
+        for nr in [libc::SYS_socket, libc::SYS_connect, libc::SYS_execve, libc::SYS_bind] {
+            assert!(!super::CARD_FILTER.syscalls().contains(&nr));
+        }
     }
 
     /// In a child process (seccomp cannot be undone): install the filters, then opening a file
@@ -324,10 +248,9 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork");
         if pid == 0 {
-            let installed = super::prctl("PR_SET_NO_NEW_PRIVS", libc::PR_SET_NO_NEW_PRIVS, 1)
-                .is_ok()
-                && seccompiler::apply_filter(&deny_open).is_ok()
-                && seccompiler::apply_filter(&allow).is_ok();
+            let installed = bulkhead_harden::no_new_privs().is_ok()
+                && bulkhead_harden::apply(&deny_open).is_ok()
+                && bulkhead_harden::apply(&allow).is_ok();
             let code = match installed {
                 false => 10,
                 true => {
