@@ -1255,7 +1255,14 @@ fn operators_read_pulled_host_state_and_audit_over_their_own_mtls_api() {
             .iter()
             .map(|h| h["audit_records_pulled"].as_u64().unwrap())
             .sum();
-        if pulled > 0 && v.as_array().unwrap().iter().all(|h| !h["status"].is_null()) {
+        // Statuses pulled after the instance was created (a poll may have run just before).
+        let hosts = v.as_array().unwrap();
+        if pulled > 0
+            && hosts.iter().all(|h| !h["status"].is_null())
+            && hosts
+                .iter()
+                .any(|h| h["status"]["instances"].as_u64() == Some(1))
+        {
             break v;
         }
         assert!(std::time::Instant::now() < deadline, "nothing pulled: {v}");
