@@ -67,7 +67,9 @@ pub fn block_exit_signals() -> Result<(), SandboxError> {
     // SAFETY: `set` is initialised; the old mask is not needed (null).
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
-        return Err(SandboxError::SignalMask(std::io::Error::from_raw_os_error(rc)));
+        return Err(SandboxError::SignalMask(std::io::Error::from_raw_os_error(
+            rc,
+        )));
     }
     Ok(())
 }
@@ -232,7 +234,12 @@ mod tests {
             assert!(super::CARD_FILTER.syscalls().contains(&nr));
             assert!(!super::CARD_FILTER.lists_unconditionally(nr));
         }
-        for nr in [libc::SYS_socket, libc::SYS_connect, libc::SYS_execve, libc::SYS_bind] {
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_execve,
+            libc::SYS_bind,
+        ] {
             assert!(!super::CARD_FILTER.syscalls().contains(&nr));
         }
     }

@@ -368,59 +368,37 @@ struct LauncherState {
     sandbox_kills: Vec<SandboxKill>,
 }
 
-fn launcher_filter() -> Result<seccompiler::BpfProgram, crate::sandbox::SandboxError> {
-    use seccompiler::{
-        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    };
-    let not_unix = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Ne,
-        u64::try_from(libc::AF_UNIX).map_err(|_| crate::sandbox::SandboxError::Arch)?,
-    )?;
-    let mut rules = BTreeMap::new();
-    rules.insert(libc::SYS_socket, vec![SeccompRule::new(vec![not_unix])?]);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::KillProcess,
-        crate::sandbox::target_arch()?,
-    )?;
-    Ok(filter.try_into()?)
-}
+/// The launcher's filter: `socket()` of any family but `AF_UNIX` kills it; everything else
+/// runs (it must exec the hypervisor and card binaries and connect to the cards' sockets).
+const LAUNCHER_DENY: &[bulkhead_harden::Rule] = &[bulkhead_harden::Rule::arg_not(
+    libc::SYS_socket,
+    0,
+    // AF_UNIX is a small positive constant: the cast is lossless.
+    libc::AF_UNIX as u64,
+)];
 
-/// Closes every fd above stderr except `keep`.
-fn close_other_fds(keep: RawFd) {
-    let fds: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
-        Ok(dir) => dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .filter(|fd| *fd > 2 && *fd != keep)
-            .collect(),
-        Err(_) => return,
-    };
-    for fd in fds {
-        // SAFETY: closing an fd number this process owns; nothing else in this fresh,
-        // single-threaded process refers to it (the read_dir fd is already closed).
-        unsafe { libc::close(fd) };
-    }
-}
+/// The launcher's seccomp filter, as data.
+pub(crate) static LAUNCHER_FILTER: bulkhead_harden::Filter = bulkhead_harden::Filter {
+    name: "controller-launcher",
+    tables: &[LAUNCHER_DENY],
+    listed: bulkhead_harden::Action::KillProcess,
+    otherwise: bulkhead_harden::Action::Allow,
+};
 
 /// Runs the launcher loop on the inherited fd. Returns when the controller goes away.
 pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError> {
-    close_other_fds(fd);
+    let hardening =
+        |e: bulkhead_harden::HardenError| LauncherError::Start(std::io::Error::other(e));
+    // Nothing else in this fresh, single-threaded process refers to the fds closed here.
+    bulkhead_harden::close_other_fds(&[fd]).map_err(hardening)?;
     // SAFETY: `fd` was inherited from the controller for exactly this purpose and nothing else
     // in this process owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: re-set CLOEXEC on our own fd so no child inherits the controller's channel.
     unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(LauncherError::Start(std::io::Error::last_os_error()));
-    }
-    // SAFETY: as above.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    let prog = launcher_filter().map_err(|e| LauncherError::Start(std::io::Error::other(e)))?;
-    seccompiler::apply_filter(&prog).map_err(|e| LauncherError::Start(std::io::Error::other(e)))?;
+    bulkhead_harden::no_new_privs().map_err(hardening)?;
+    bulkhead_harden::set_non_dumpable().map_err(hardening)?;
+    LAUNCHER_FILTER.install().map_err(hardening)?;
     std::fs::create_dir_all(&cfg.run_dir).map_err(LauncherError::Start)?;
     let mut st = LauncherState {
         cfg,

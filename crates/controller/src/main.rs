@@ -431,11 +431,11 @@ fn run(args: Args) -> Result<(), StartError> {
 }
 
 fn main() -> ExitCode {
-    // Run by the host's measured start before it takes customer work: the outbound-blocking
-    // filter compiles for this kernel's architecture.
+    // Run by the host's measured start before it takes customer work: the controller's
+    // outbound-blocking filter and its launcher's filter compile for this kernel's architecture.
     if std::env::args().nth(1).as_deref() == Some("--self-test") {
-        return match sandbox::outbound_filter() {
-            Ok(_) => ExitCode::SUCCESS,
+        return match bulkhead_harden::self_test(sandbox::FILTERS) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("bulkhead-controller: self-test failed: {e}");
                 ExitCode::FAILURE
