@@ -47,6 +47,8 @@ pub enum ClusterError {
     Rot(String),
     #[error("{0}")]
     Net(String),
+    #[error("control-plane replicas share a PostgreSQL database: set database_url")]
+    ReplicasNeedPostgres,
 }
 
 fn io(p: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -64,6 +66,8 @@ pub struct Cluster {
     /// The control plane's operator API (mTLS, operator certificates only).
     pub operator_addr: String,
     pub host_addrs: Vec<(String, String)>,
+    /// Every control-plane replica's customer address, replica 1 (`control`) first.
+    pub replica_addrs: Vec<String>,
     /// Hosts run measured start on their own TPM and the KMS requires their attestation.
     pub attested: bool,
     /// Each host's network namespace (empty: loopback ports).
@@ -579,8 +583,35 @@ pub fn can_attest(bins: &Path) -> bool {
     bulkhead_rot::swtpm::swtpm_available() && bins.join("bulkhead-launcher").is_file()
 }
 
+/// Control-plane replicas and sizes for [`start_replicated`] (the defaults are [`start`]'s).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaOptions {
+    /// Control-plane processes serving the cluster (0 or 1: one). More than one needs
+    /// `database_url` (PostgreSQL is what they share); replica 1 is `control` (at
+    /// [`Cluster::control_addr`]), replica N is `control-N`, each with its own state directory
+    /// (its audit log) and the same root key; [`Cluster::replica_addrs`] lists them all.
+    pub replicas: usize,
+    /// Each replica's workflow lease (ms; default the control plane's).
+    pub workflow_lease_ms: Option<u64>,
+    /// Whole cores each host offers (default: half this machine's threads). With the detached
+    /// controller backend no guest runs, so a test may offer more than the machine has.
+    pub host_cores: Option<u32>,
+}
+
 /// Prepares and starts the whole cluster; returns once every daemon printed its ready line.
 pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
+    start_replicated(dir, opts, &ReplicaOptions::default())
+}
+
+/// As [`start`], with [`ReplicaOptions`].
+pub fn start_replicated(
+    dir: &Path,
+    opts: &StartOptions,
+    more: &ReplicaOptions,
+) -> Result<Cluster, ClusterError> {
+    if more.replicas > 1 && opts.database_url.is_none() {
+        return Err(ClusterError::ReplicasNeedPostgres);
+    }
     for b in [
         "bulkhead-kms",
         "bulkhead-token-service",
@@ -661,6 +692,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         token_addr: String::new(),
         operator_addr: String::new(),
         host_addrs: Vec::new(),
+        replica_addrs: Vec::new(),
         attested,
         nets: std::mem::take(&mut guard.0),
         launches: Vec::new(),
@@ -704,7 +736,9 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
-    let cores = u32::try_from((cores / 2).max(1)).unwrap_or(1);
+    let cores = more
+        .host_cores
+        .unwrap_or_else(|| u32::try_from((cores / 2).max(1)).unwrap_or(1));
     for n in 1..=opts.hosts {
         let host = format!("host-{n}");
         let controller_bin = if attested {
@@ -762,6 +796,7 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
         operator_listen: Some("127.0.0.1:0".into()),
         attest_config: attested.then(|| dir.join("kms/attest.json")),
         fleet_rules: Some(fleet_rules_file(dir)?),
+        workflow_lease_ms: more.workflow_lease_ms,
         hosts,
     };
     let cfg_path = dir.join("control.toml");
@@ -797,6 +832,39 @@ pub fn start(dir: &Path, opts: &StartOptions) -> Result<Cluster, ClusterError> {
     })?;
     std::fs::write(&cfg_path, text).map_err(io(&cfg_path))?;
     cluster.control_addr = via("customer-to-control", listen_of(&v))?;
+    cluster.replica_addrs.push(cluster.control_addr.clone());
+    // Further replicas: the same hosts, KMS and database; their own state directory (audit
+    // log) holding the same root key (the customers' wrapped secrets open under it).
+    for n in 2..=more.replicas {
+        let name = format!("control-{n}");
+        let state = dir.join(&name);
+        std::fs::create_dir_all(&state).map_err(io(&state))?;
+        let key = state.join("root.key");
+        std::fs::copy(dir.join("control/root.key"), &key).map_err(io(&key))?;
+        let rcfg = Config {
+            listen: "127.0.0.1:0".into(),
+            operator_listen: Some("127.0.0.1:0".into()),
+            state_dir: state,
+            ..cfg.clone()
+        };
+        let path = dir.join(format!("{name}.toml"));
+        let text = toml::to_string(&rcfg)
+            .map_err(|_| ClusterError::Io(name.clone(), std::io::ErrorKind::InvalidData.into()))?;
+        std::fs::write(&path, text).map_err(io(&path))?;
+        let (child, v) = spawn_ready(
+            &name,
+            Command::new(opts.bins.join("bulkhead-control"))
+                .arg("serve")
+                .arg("--config")
+                .arg(&path)
+                .arg("--dev"),
+            &logs,
+        )?;
+        cluster.children.push((name.clone(), child));
+        cluster
+            .replica_addrs
+            .push(via(&format!("customer-to-{name}"), listen_of(&v))?);
+    }
     let info = json!({
         "control": cluster.control_addr,
         "kms": cluster.kms_addr,

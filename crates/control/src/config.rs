@@ -36,6 +36,11 @@ pub struct Config {
     /// Thresholds of the central monitoring rules (`crate::fleet::Rules`); unset: defaults.
     #[serde(default)]
     pub fleet_rules: Option<PathBuf>,
+    /// How long this replica's hold on a running workflow lasts unless renewed (ms; default
+    /// `crate::workflow::DEFAULT_LEASE`). Another replica takes a workflow over this long
+    /// after its owner died; each replica sweeps for such workflows every half of it.
+    #[serde(default)]
+    pub workflow_lease_ms: Option<u64>,
     #[serde(default)]
     pub hosts: Vec<HostConfig>,
 }

@@ -6,14 +6,14 @@ use serde_json::{json, Value};
 
 use crate::api;
 use crate::repo::{InstanceRow, RepoError};
-use crate::service::{instance_json, new_id, now, Caller, ControlPlane, THREADS_PER_CORE};
+use crate::service::{instance_json, new_id, Caller, ControlPlane};
 use crate::state::{InstanceState, VolumeState};
 use crate::workflow::{Kind, Live, StepFuture, Steps, WorkflowRow};
 use crate::ControlError;
 
 /// RunInstances, in order. An interrupted run is finished once the host created the instance
 /// (starting it and recording it are safe to repeat), and unwound before that (placement is
-/// decided under the placement lock of a live call, and the user data is never stored, so
+/// decided under the placement lock of a live call (`scheduler`), and the user data is never stored, so
 /// neither is redone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunStep {
@@ -234,59 +234,6 @@ impl Steps for TerminateStep {
 }
 
 impl ControlPlane {
-    /// Placement and the `pending` row, under the placement lock: the best host with room that
-    /// attests; a host that fails is left out and the next best is tried.
-    async fn reserve(
-        &self,
-        w: &WorkflowRow,
-        r: &api::RunInstances,
-    ) -> Result<String, ControlError> {
-        let cores = r.vcpus.div_ceil(THREADS_PER_CORE);
-        let dedicated = r.tenancy.as_deref() == Some("dedicated");
-        let tenant = &w.tenant_id;
-        let _g = self.placement.lock().await;
-        let mut hosts = self.repo.hosts()?;
-        let live = self.repo.live_instances()?;
-        let mut refused = 0;
-        let host_id = loop {
-            let Some((host_id, _)) = Self::place(&hosts, &live, tenant, cores, dedicated) else {
-                return Err(if refused > 0 {
-                    ControlError::NoAttestedHost
-                } else {
-                    ControlError::NoCapacity
-                });
-            };
-            let h = hosts
-                .iter()
-                .find(|h| h.host_id == host_id)
-                .cloned()
-                .ok_or(ControlError::Internal)?;
-            match self.ensure_attested(&h).await {
-                Ok(()) => break host_id,
-                Err(e) => {
-                    tracing::warn!(host = %host_id, code = e.code(), "not placing on a host that did not attest");
-                    refused += 1;
-                    hosts.retain(|x| x.host_id != host_id);
-                }
-            }
-        };
-        self.repo.insert_instance(&InstanceRow {
-            instance_id: w.instance()?.to_string(),
-            tenant_id: tenant.clone(),
-            host_id: host_id.clone(),
-            image_id: r.image_id.clone(),
-            vcpus: r.vcpus,
-            memory_mib: r.memory_mib,
-            cores,
-            dedicated,
-            state: InstanceState::Pending,
-            created: now(),
-        })?;
-        self.repo
-            .set_host_dedicated(&host_id, if dedicated { Some(tenant) } else { None })?;
-        Ok(host_id)
-    }
-
     /// RunInstances: the [`RunStep`]s for a new instance id.
     pub(crate) async fn run_instance(
         &self,

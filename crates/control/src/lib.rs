@@ -159,6 +159,9 @@ impl ControlError {
             ControlError::Host(c) => c,
             ControlError::Upstream => "upstream_unreachable",
             ControlError::AuditUnavailable => "audit_unavailable",
+            ControlError::Repo(repo::RepoError::Unavailable | repo::RepoError::LeaseLost) => {
+                "store_unavailable"
+            }
             ControlError::Repo(_) => "store_error",
             ControlError::Internal => "internal_error",
         }
@@ -185,7 +188,8 @@ impl ControlError {
             ControlError::Host(_) => 502,
             ControlError::Upstream
             | ControlError::AuditUnavailable
-            | ControlError::NoAttestedHost => 503,
+            | ControlError::NoAttestedHost
+            | ControlError::Repo(repo::RepoError::Unavailable | repo::RepoError::LeaseLost) => 503,
             ControlError::Repo(_) | ControlError::Internal => 500,
         }
     }

@@ -237,6 +237,9 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
             .map_err(|e| CliError::Rules(p.display().to_string(), e))?;
         cp = cp.with_fleet_rules(rules);
     }
+    if let Some(ms) = cfg.workflow_lease_ms {
+        cp = cp.with_workflow_lease(Duration::from_millis(ms));
+    }
     if let Some(p) = &cfg.attest_config {
         cp = cp.with_attestation(bulkhead_kms::attest::load_verifier(p)?);
         tracing::info!(policy = %p.display(), "instances are placed only on attested hosts");
@@ -280,6 +283,18 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
             });
         }
         let rolled = cp.reconcile().await.unwrap_or(0);
+        // Workflows whose owner (another replica, or this process before a restart) stopped
+        // renewing its lease are taken over here.
+        let sweeper = Arc::clone(&cp);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(sweeper.workflow_lease() / 2);
+            loop {
+                tick.tick().await;
+                if let Err(e) = sweeper.sweep_workflows().await {
+                    tracing::warn!(code = e.code(), "workflow sweep failed");
+                }
+            }
+        });
         let poller = Arc::clone(&cp);
         let every = Duration::from_millis(cfg.poll_interval_ms.max(100));
         tokio::spawn(async move {

@@ -2,8 +2,10 @@
 //! tenant scoping, the same contract suite. The synchronous `postgres` client lives on one
 //! dedicated thread (outside any async runtime); calls are shipped to it as closures.
 
+use std::str::FromStr;
 use std::sync::mpsc;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use postgres::{Client, NoTls};
 
@@ -11,11 +13,20 @@ use crate::repo::{
     CustomerRow, HostRow, InstanceRow, InstanceState, RepoError, Repository, VolumeRow, VolumeState,
 };
 
-type Job = Box<dyn FnOnce(&mut Client) + Send>;
+/// A call shipped to the worker: the live connection, or `None` when the server cannot be
+/// reached (the call then answers [`RepoError::Unavailable`] without running).
+type Job = Box<dyn FnOnce(Option<&mut Client>) + Send>;
 
 pub struct PgRepo {
     tx: Mutex<mpsc::Sender<Job>>,
 }
+
+/// How long a (re)connection attempt may take before the call is answered `Unavailable`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The advisory lock every replica's scheduler takes around read-free-capacity + insert
+/// (transaction-scoped: released at commit or when the connection dies).
+const PLACEMENT_LOCK: i64 = 0x6275_6c6b_0001;
 
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE customers (
@@ -42,6 +53,7 @@ const MIGRATIONS: &[&str] = &[
         instance_id TEXT, host_id TEXT, created BIGINT NOT NULL);
      CREATE INDEX volumes_by_tenant ON volumes(tenant_id);",
     crate::workflow::store::SCHEMA,
+    crate::workflow::store::LEASES,
 ];
 
 fn i(v: u64) -> i64 {
@@ -59,6 +71,17 @@ fn u32_of(v: i64) -> u32 {
 pub(crate) fn pg_err(e: postgres::Error) -> RepoError {
     if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
         return RepoError::Conflict;
+    }
+    // Connection exceptions (08…), operator intervention (57P…: shutdown, terminated backend),
+    // a closed socket or an I/O failure: the store is gone, not the statement wrong.
+    let class = e.code().map(|c| c.code().to_string()).unwrap_or_default();
+    if e.is_closed()
+        || class.starts_with("08")
+        || class.starts_with("57P")
+        || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>())
+    {
+        tracing::warn!(error = %e, "postgres unreachable");
+        return RepoError::Unavailable;
     }
     tracing::warn!(error = %e, "postgres");
     RepoError::Postgres
@@ -100,7 +123,7 @@ fn volume_row(r: &postgres::Row) -> Result<VolumeRow, RepoError> {
 impl PgRepo {
     /// Connects (e.g. `host=127.0.0.1 port=5432 user=bulkhead dbname=bulkhead`) and migrates.
     pub fn connect(url: &str) -> Result<PgRepo, RepoError> {
-        let mut client = Client::connect(url, NoTls).map_err(pg_err)?;
+        let mut client = config(url)?.connect(NoTls).map_err(pg_err)?;
         client
             .batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
             .map_err(pg_err)?;
@@ -126,11 +149,27 @@ impl PgRepo {
             }
         }
         let (tx, rx) = mpsc::channel::<Job>();
+        let cfg = config(url)?;
         std::thread::Builder::new()
             .name("pg-repo".into())
             .spawn(move || {
+                let mut live = Some(client);
                 for job in rx {
-                    job(&mut client);
+                    // A lost connection is replaced before the next call; while the server is
+                    // unreachable every call answers `Unavailable` (never a cached answer).
+                    if live.as_ref().is_none_or(Client::is_closed) {
+                        live = match cfg.connect(NoTls) {
+                            Ok(c) => {
+                                tracing::info!("postgres connection re-established");
+                                Some(c)
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "postgres unreachable");
+                                None
+                            }
+                        };
+                    }
+                    job(live.as_mut());
                 }
             })
             .map_err(|_| RepoError::Postgres)?;
@@ -143,7 +182,10 @@ impl PgRepo {
     ) -> Result<T, RepoError> {
         let (reply, rx) = mpsc::channel();
         let job: Job = Box::new(move |c| {
-            let _ = reply.send(f(c));
+            let _ = reply.send(match c {
+                Some(c) => f(c),
+                None => Err(RepoError::Unavailable),
+            });
         });
         self.tx
             .lock()
@@ -154,11 +196,88 @@ impl PgRepo {
     }
 }
 
+fn config(url: &str) -> Result<postgres::Config, RepoError> {
+    let mut cfg = postgres::Config::from_str(url).map_err(pg_err)?;
+    cfg.connect_timeout(CONNECT_TIMEOUT);
+    Ok(cfg)
+}
+
 fn s(v: &str) -> String {
     v.to_string()
 }
 
 impl Repository for PgRepo {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn reserve_instance(
+        &self,
+        row: &InstanceRow,
+        choose: crate::repo::Chooser,
+    ) -> Result<Option<String>, RepoError> {
+        let row = row.clone();
+        self.run(move |db| {
+            let mut tx = db.transaction().map_err(pg_err)?;
+            // Every replica's scheduler serializes here; the lock ends with the transaction.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PLACEMENT_LOCK])
+                .map_err(pg_err)?;
+            let hosts: Vec<HostRow> = tx
+                .query(
+                    "SELECT host_id, addr, cores, dedicated_tenant FROM hosts ORDER BY host_id",
+                    &[],
+                )
+                .map_err(pg_err)?
+                .iter()
+                .map(|r| HostRow {
+                    host_id: r.get(0),
+                    addr: r.get(1),
+                    cores: u32_of(r.get(2)),
+                    dedicated_tenant: r.get(3),
+                })
+                .collect();
+            let live = tx
+                .query(
+                    &format!("SELECT {INSTANCE_COLS} FROM instances WHERE state != 'terminated'"),
+                    &[],
+                )
+                .map_err(pg_err)?
+                .iter()
+                .map(instance_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            let Some(host_id) = choose(&hosts, &live) else {
+                return Ok(None);
+            };
+            let x = InstanceRow {
+                host_id: host_id.clone(),
+                ..row
+            };
+            tx.execute(
+                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
+                &[
+                    &x.instance_id,
+                    &x.tenant_id,
+                    &x.host_id,
+                    &x.image_id,
+                    &i64::from(x.vcpus),
+                    &i64::from(x.memory_mib),
+                    &i64::from(x.cores),
+                    &x.dedicated,
+                    &x.state.as_str(),
+                    &i(x.created),
+                ],
+            )
+            .map_err(pg_err)?;
+            tx.execute(
+                "UPDATE hosts SET dedicated_tenant = $2 WHERE host_id = $1",
+                &[&host_id, &x.dedicated.then_some(x.tenant_id.as_str())],
+            )
+            .map_err(pg_err)?;
+            tx.commit().map_err(pg_err)?;
+            Ok(Some(host_id))
+        })
+    }
+
     fn put_customer(&self, c: &CustomerRow) -> Result<(), RepoError> {
         let c = c.clone();
         self.run(move |db| {
@@ -591,7 +710,7 @@ mod tests {
         // A fresh schema per run: drop what an earlier run left.
         let mut c = Client::connect(&url, NoTls).unwrap();
         c.batch_execute(
-            "DROP TABLE IF EXISTS customers, signatures, idempotency, hosts, host_audit, instances, volumes, workflows, schema_version",
+            "DROP TABLE IF EXISTS customers, signatures, idempotency, hosts, host_audit, instances, volumes, workflows, leader_leases, schema_version",
         )
         .unwrap();
         drop(c);

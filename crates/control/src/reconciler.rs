@@ -7,7 +7,11 @@ use bulkhead_tokens::Operation;
 use crate::repo::{HostRow, InstanceRow};
 use crate::service::{now, ControlPlane};
 use crate::state::{InstanceState, VolumeState};
+use crate::workflow::now_ms;
 use crate::ControlError;
+
+/// The leader lease of the host poller.
+const POLLER: &str = "poller";
 
 impl ControlPlane {
     /// Start-up convergence after a crash: every workflow left running is finished or unwound
@@ -15,13 +19,16 @@ impl ControlPlane {
     /// written before workflows existed) is rolled back: volumes caught mid-attach or mid-detach
     /// are detached on their host (dropping any key the card got) and made available again;
     /// instances caught mid-launch are terminated.
+    ///
+    /// On a store several replicas share (PostgreSQL), only workflows whose owner's lease ended
+    /// are taken here (the others are still being run), and the pre-workflow roll-back is not
+    /// done (another replica's live workflow would look interrupted to it); the periodic
+    /// [`ControlPlane::sweep_workflows`] takes the rest as their leases end.
     pub async fn reconcile(&self) -> Result<usize, ControlError> {
-        let mut n = 0;
-        for w in self.repo.running_workflows()? {
-            let (id, kind) = (w.workflow_id.clone(), w.kind);
-            let how = self.resume_any(w).await;
-            tracing::warn!(workflow = %id, kind = kind.as_str(), outcome = ?how, "interrupted workflow converged");
-            n += 1;
+        let shared = self.repo.shared();
+        let mut n = self.converge_workflows(!shared).await?;
+        if shared {
+            return Ok(n);
         }
         for v in self.repo.volumes_in_transition()? {
             if let (Some(inst), Some(host_id)) = (&v.instance_id, &v.host_id) {
@@ -83,6 +90,29 @@ impl ControlPlane {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Claims running workflows (those whose lease ended, or every one when `all`) and
+    /// finishes or unwinds each. Returns how many.
+    async fn converge_workflows(&self, all: bool) -> Result<usize, ControlError> {
+        let claimed = self
+            .repo
+            .claim_workflows(&self.lease.claim(), now_ms(), all)?;
+        let mut n = 0;
+        for w in claimed {
+            let (id, kind, owner) = (w.workflow_id.clone(), w.kind, self.replica_id().to_string());
+            let how = self.resume_any(w).await;
+            tracing::warn!(workflow = %id, kind = kind.as_str(), replica = %owner, outcome = ?how, "interrupted workflow converged");
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The periodic take-over (every replica runs it): workflows whose owner stopped renewing
+    /// its lease (killed, or cut off from the store) are claimed by exactly one replica and
+    /// finished or unwound from the step they reached, by the rules of a restart.
+    pub async fn sweep_workflows(&self) -> Result<usize, ControlError> {
+        self.converge_workflows(false).await
     }
 
     /// When a host reports fewer instances than the records place on it (its controller was
@@ -149,7 +179,14 @@ impl ControlPlane {
 
     /// One polling round (pull, never push): each host's description and its new audit records
     /// after the stored cursor. Returns how many audit records were pulled.
+    ///
+    /// With replicas sharing the store, one polls: the holder of the `poller` leader lease
+    /// (renewed each round, taken over once it ends), so the chain checks and the lost-instance
+    /// roll-back never race between replicas. The others return 0.
     pub async fn poll_hosts(&self) -> Result<u64, ControlError> {
+        if self.repo.shared() && !self.repo.lead(POLLER, &self.lease.claim(), now_ms())? {
+            return Ok(0);
+        }
         let mut pulled = 0u64;
         for h in self.repo.hosts()? {
             let described = self

@@ -27,6 +27,13 @@ pub enum RepoError {
     Stale,
     #[error("postgres error (see log)")]
     Postgres,
+    /// The database cannot be reached (connection lost, server down): nothing was done, and
+    /// nothing read from this replica's memory is acted on instead.
+    #[error("state store unreachable")]
+    Unavailable,
+    /// Another replica took over this workflow (its lease expired): this one stops acting.
+    #[error("workflow lease lost to another replica")]
+    LeaseLost,
     #[error(transparent)]
     BadState(#[from] UnknownState),
     #[error(transparent)]
@@ -155,7 +162,28 @@ pub trait Repository: crate::workflow::WorkflowStore + Send + Sync {
     fn delete_volume(&self, tenant: &str, id: &str) -> Result<bool, RepoError>;
     /// Volumes left mid-transition (attaching/detaching) by a crash, any tenant.
     fn volumes_in_transition(&self) -> Result<Vec<VolumeRow>, RepoError>;
+
+    /// Placement and reservation as one atomic step: under a lock every scheduler of this
+    /// store takes (the connection's on SQLite, a transaction-scoped advisory lock on
+    /// PostgreSQL, shared by every replica), reads the hosts and live instances, asks `choose`
+    /// for a host and inserts `row` there as `pending` (its host set to the choice), reserving
+    /// the host for the tenant when `row.dedicated`. `None` when `choose` finds no host: nothing
+    /// written. No two reservations ever see the same free cores.
+    fn reserve_instance(
+        &self,
+        row: &InstanceRow,
+        choose: Chooser,
+    ) -> Result<Option<String>, RepoError>;
+
+    /// Whether several control-plane processes may share this store (PostgreSQL): workflows
+    /// are then resumed only once their owner's lease expired, and one replica polls hosts.
+    fn shared(&self) -> bool {
+        false
+    }
 }
+
+/// The placement function [`Repository::reserve_instance`] runs under its lock.
+pub type Chooser = Box<dyn FnOnce(&[HostRow], &[InstanceRow]) -> Option<String> + Send>;
 
 const MIGRATIONS: &[&str] = &[
     "CREATE TABLE customers (
@@ -182,6 +210,7 @@ const MIGRATIONS: &[&str] = &[
         instance_id TEXT, host_id TEXT, created INTEGER NOT NULL);
      CREATE INDEX volumes_by_tenant ON volumes(tenant_id);",
     crate::workflow::store::SCHEMA,
+    crate::workflow::store::LEASES,
 ];
 
 pub struct SqliteRepo {
@@ -631,6 +660,58 @@ impl Repository for SqliteRepo {
             rows.collect()
         })
     }
+
+    fn reserve_instance(
+        &self,
+        row: &InstanceRow,
+        choose: Chooser,
+    ) -> Result<Option<String>, RepoError> {
+        // The connection's mutex is the lock: one process, one connection.
+        self.with(|db| {
+            let tx = db.transaction()?;
+            let hosts = {
+                let mut s = tx.prepare(
+                    "SELECT host_id, addr, cores, dedicated_tenant FROM hosts ORDER BY host_id",
+                )?;
+                let rows = s.query_map([], |r| {
+                    Ok(HostRow {
+                        host_id: r.get(0)?,
+                        addr: r.get(1)?,
+                        cores: u32_of(r.get(2)?),
+                        dedicated_tenant: r.get(3)?,
+                    })
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            let live = {
+                let mut s = tx.prepare(&format!(
+                    "SELECT {INSTANCE_COLS} FROM instances WHERE state != 'terminated'"
+                ))?;
+                let rows = s.query_map([], instance_row)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            let Some(host_id) = choose(&hosts, &live) else {
+                return Ok(None);
+            };
+            let x = InstanceRow {
+                host_id: host_id.clone(),
+                ..row.clone()
+            };
+            tx.execute(
+                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                params![
+                    x.instance_id, x.tenant_id, x.host_id, x.image_id, x.vcpus, x.memory_mib, x.cores,
+                    i64::from(x.dedicated), x.state, i(x.created)
+                ],
+            )?;
+            tx.execute(
+                "UPDATE hosts SET dedicated_tenant = ?2 WHERE host_id = ?1",
+                params![host_id, x.dedicated.then_some(x.tenant_id.as_str())],
+            )?;
+            tx.commit()?;
+            Ok(Some(host_id))
+        })
+    }
 }
 
 /// The repository contract, run against every backend (`SqliteRepo` here; the PostgreSQL
@@ -807,7 +888,50 @@ pub fn contract_suite(r: &dyn Repository) {
     assert!(!r.delete_volume("t-b", "vol-1").unwrap());
     assert!(r.delete_volume("t-a", "vol-1").unwrap());
     assert!(r.volumes("t-a").unwrap().is_empty());
+    reserve_contract(r);
     crate::workflow::store::contract(r);
+}
+
+/// Placement + insert is one step: a full host is seen full by the next reservation.
+#[allow(clippy::unwrap_used)]
+fn reserve_contract(r: &dyn Repository) {
+    r.upsert_host(&HostRow {
+        host_id: "h-res".into(),
+        addr: "127.0.0.1:1".into(),
+        cores: 3,
+        dedicated_tenant: None,
+    })
+    .unwrap();
+    let row = |id: &str| InstanceRow {
+        instance_id: id.into(),
+        tenant_id: "t-r".into(),
+        host_id: String::new(),
+        image_id: "img".into(),
+        vcpus: 4,
+        memory_mib: 64,
+        cores: 2,
+        dedicated: false,
+        state: InstanceState::Pending,
+        created: 1,
+    };
+    let fits = || -> Chooser {
+        Box::new(|hosts: &[HostRow], live: &[InstanceRow]| {
+            let h = hosts.iter().find(|h| h.host_id == "h-res")?;
+            let used: u32 = live
+                .iter()
+                .filter(|i| i.host_id == h.host_id)
+                .map(|i| i.cores)
+                .sum();
+            (h.cores.saturating_sub(used) >= 2).then(|| h.host_id.clone())
+        })
+    };
+    assert_eq!(
+        r.reserve_instance(&row("i-r1"), fits()).unwrap().as_deref(),
+        Some("h-res")
+    );
+    assert_eq!(r.instance("t-r", "i-r1").unwrap().unwrap().host_id, "h-res");
+    assert_eq!(r.reserve_instance(&row("i-r2"), fits()).unwrap(), None);
+    assert!(r.instance("t-r", "i-r2").unwrap().is_none());
 }
 
 #[cfg(test)]

@@ -6,9 +6,16 @@ use std::time::Instant;
 use bulkhead_tokens::Operation;
 use serde_json::json;
 
+use crate::api;
 use crate::repo::{HostRow, InstanceRow};
-use crate::service::{lock, ControlPlane, ATTESTATION_TTL};
+use crate::service::{lock, now, ControlPlane, ATTESTATION_TTL, THREADS_PER_CORE};
+use crate::state::InstanceState;
+use crate::workflow::WorkflowRow;
 use crate::ControlError;
+
+/// How many times a reservation re-reads capacity when the host it attested filled up
+/// meanwhile (another call, or another replica, took the cores).
+const RESERVE_ROUNDS: usize = 16;
 
 impl ControlPlane {
     /// Attests `host` unless it did within [`ATTESTATION_TTL`]: a nonce from this control plane's
@@ -71,6 +78,85 @@ impl ControlPlane {
             .verify(&ev)
             .map_err(|e| ControlError::Host(crate::upstream_code(e.code())))?;
         Ok(ok.release_version.to_string())
+    }
+
+    /// Placement and the `pending` row that holds the cores: the best host with room that
+    /// attests (a host that fails is left out and the next best tried). The choice and the
+    /// insert are one atomic step of the store ([`crate::repo::Repository::reserve_instance`]:
+    /// on PostgreSQL under an advisory lock every replica takes), so no two reservations, in
+    /// this process or another, count the same free core. Attestation (a network round trip)
+    /// happens before, outside that lock; the atomic step places only on hosts attested here.
+    pub(crate) async fn reserve(
+        &self,
+        w: &WorkflowRow,
+        r: &api::RunInstances,
+    ) -> Result<String, ControlError> {
+        let cores = r.vcpus.div_ceil(THREADS_PER_CORE);
+        let dedicated = r.tenancy.as_deref() == Some("dedicated");
+        let tenant = w.tenant_id.clone();
+        // In-process: calls of this replica queue here instead of on the store's lock.
+        let _g = self.placement.lock().await;
+        let row = InstanceRow {
+            instance_id: w.instance()?.to_string(),
+            tenant_id: tenant.clone(),
+            host_id: String::new(),
+            image_id: r.image_id.clone(),
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            cores,
+            dedicated,
+            state: InstanceState::Pending,
+            created: now(),
+        };
+        let mut refused: Vec<String> = Vec::new();
+        let mut attested: Vec<String> = Vec::new();
+        for _ in 0..RESERVE_ROUNDS {
+            let hosts: Vec<HostRow> = self
+                .repo
+                .hosts()?
+                .into_iter()
+                .filter(|h| !refused.contains(&h.host_id))
+                .collect();
+            let live = self.repo.live_instances()?;
+            let Some((host_id, _)) = Self::place(&hosts, &live, &tenant, cores, dedicated) else {
+                return Err(if refused.is_empty() {
+                    ControlError::NoCapacity
+                } else {
+                    ControlError::NoAttestedHost
+                });
+            };
+            if !attested.contains(&host_id) {
+                let h = hosts
+                    .iter()
+                    .find(|h| h.host_id == host_id)
+                    .cloned()
+                    .ok_or(ControlError::Internal)?;
+                if let Err(e) = self.ensure_attested(&h).await {
+                    tracing::warn!(host = %host_id, code = e.code(), "not placing on a host that did not attest");
+                    refused.push(host_id);
+                    continue;
+                }
+                attested.push(host_id);
+            }
+            let ok = attested.clone();
+            let t = tenant.clone();
+            let chosen = self.repo.reserve_instance(
+                &row,
+                Box::new(move |hosts: &[HostRow], live: &[InstanceRow]| {
+                    let hosts: Vec<HostRow> = hosts
+                        .iter()
+                        .filter(|h| ok.contains(&h.host_id))
+                        .cloned()
+                        .collect();
+                    Self::place(&hosts, live, &t, cores, dedicated).map(|p| p.0)
+                }),
+            )?;
+            if let Some(host_id) = chosen {
+                return Ok(host_id);
+            }
+            // The attested hosts filled up meanwhile: read capacity again.
+        }
+        Err(ControlError::NoCapacity)
     }
 
     pub(crate) fn host(&self, host_id: &str) -> Result<HostRow, ControlError> {

@@ -116,6 +116,8 @@ pub struct ControlPlane {
     pub(crate) audit_keys: BTreeMap<String, bulkhead_audit::CheckpointKey>,
     /// Hosts whose pulled audit failed a check, and the rule (their pulls stop).
     pub(crate) fleet: crate::fleet::FleetMonitor,
+    /// This replica's id and workflow lease ([`crate::workflow::Lease`]).
+    pub(crate) lease: crate::workflow::Lease,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -172,6 +174,7 @@ impl ControlPlane {
             attested: std::sync::Mutex::new(HashMap::new()),
             audit_keys: BTreeMap::new(),
             fleet: crate::fleet::FleetMonitor::default(),
+            lease: crate::workflow::Lease::default(),
         }
     }
 

@@ -24,14 +24,73 @@ pub mod store;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
 use crate::api;
+use crate::repo::RepoError;
 use crate::service::{new_id, now, Caller, ControlPlane};
 use crate::ControlError;
 
-pub use store::WorkflowStore;
+pub use store::{Claim, WorkflowStore};
+
+/// How long a replica's hold on a running workflow lasts unless renewed (it renews every third
+/// of it while a step runs, and with every step's progress).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// This replica's workflow ownership: its id (fresh per process) and its lease length.
+///
+/// Replicas share one PostgreSQL. A workflow is written only by the replica whose id the row
+/// names, and only while it is `running`; the owner renews the lease while a step runs. A
+/// replica that cannot renew (store unreachable) stops the step before its lease can run out,
+/// and a replica killed -9 simply stops renewing: once the lease ended, any replica's periodic
+/// sweep ([`ControlPlane::sweep_workflows`]) claims the row (one `UPDATE`, so exactly one
+/// replica wins) and resumes or unwinds it by the same rules as after a restart. Lease times
+/// are wall-clock milliseconds of the replicas' hosts (kept in sync by NTP; a skew shortens or
+/// lengthens the take-over delay, and the self-stop margin of a third of the lease absorbs it).
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub owner: String,
+    pub ttl: Duration,
+}
+
+impl Default for Lease {
+    fn default() -> Lease {
+        Lease {
+            owner: new_id("cp"),
+            ttl: DEFAULT_LEASE,
+        }
+    }
+}
+
+impl Lease {
+    /// A hold from now for one lease length.
+    pub fn claim(&self) -> Claim {
+        let ttl = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        Claim {
+            owner: self.owner.clone(),
+            until_ms: now_ms().saturating_add(ttl),
+        }
+    }
+}
+
+/// Wall-clock milliseconds since the epoch (lease times).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The store is gone or the workflow is another replica's now: stop acting, undo nothing
+/// (the lease holder, or the sweep once the lease ends, finishes or unwinds it).
+fn store_lost(e: &ControlError) -> bool {
+    matches!(
+        e,
+        ControlError::Repo(RepoError::Unavailable | RepoError::LeaseLost)
+    )
+}
 
 /// What a workflow does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -275,14 +334,50 @@ impl ControlPlane {
         host: Option<&str>,
     ) -> Result<WorkflowRow, ControlError> {
         let w = WorkflowRow::new(kind, tenant, instance, volume, host);
-        self.repo.insert_workflow(&w)?;
-        Ok(w)
+        match self.repo.insert_workflow(&w, &self.lease.claim()) {
+            Ok(()) => Ok(w),
+            // The volume already has a workflow running (on this replica or another).
+            Err(RepoError::Conflict) if kind == Kind::Attach => Err(ControlError::VolumeInUse),
+            Err(RepoError::Conflict) => Err(ControlError::WrongState),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn save(&self, w: &mut WorkflowRow) -> Result<(), ControlError> {
         w.updated = now();
-        self.repo.save_workflow(w)?;
+        self.repo.save_workflow(w, &self.lease.claim())?;
         Ok(())
+    }
+
+    /// Awaits a step while renewing the workflow's lease every third of it. When the lease is
+    /// lost, or cannot be renewed before it would run out, the step is dropped (as a crash
+    /// would drop it) and [`store_lost`]'s error returned.
+    async fn renewing<T>(&self, id: &str, mut step: StepFuture<'_, T>) -> Result<T, ControlError> {
+        let every = (self.lease.ttl / 3).max(Duration::from_millis(50));
+        let mut held_until = Instant::now() + self.lease.ttl;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                r = &mut step => return r,
+                _ = tick.tick() => {
+                    let asked = Instant::now();
+                    match self.repo.renew_workflow(id, &self.lease.claim()) {
+                        Ok(()) => held_until = asked + self.lease.ttl,
+                        Err(RepoError::LeaseLost) => {
+                            tracing::error!(workflow = %id, "workflow lease lost to another replica: step abandoned");
+                            return Err(RepoError::LeaseLost.into());
+                        }
+                        Err(e) => {
+                            tracing::warn!(workflow = %id, error = %e, "workflow lease not renewed");
+                            if held_until.saturating_duration_since(Instant::now()) <= every {
+                                tracing::error!(workflow = %id, "workflow lease about to end: step abandoned");
+                                return Err(RepoError::Unavailable.into());
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Runs `w`'s steps from the one it reached to the end, durable after each; on a failure the
@@ -293,8 +388,9 @@ impl ControlPlane {
         live: Live<'_>,
     ) -> Result<(), ControlError> {
         let from = usize::try_from(w.step).unwrap_or(usize::MAX);
+        let id = w.workflow_id.clone();
         for (idx, s) in S::ALL.iter().enumerate().skip(from) {
-            match s.forward(self, w, live).await {
+            match self.renewing(&id, s.forward(self, w, live)).await {
                 Ok(out) => {
                     // A step may choose the host (RunInstances' placement).
                     if let Some(h) = out.get("host_id").and_then(Value::as_str) {
@@ -309,11 +405,19 @@ impl ControlPlane {
                     }
                     fault_point(S::KIND, w.step, false);
                     if let Err(e) = self.save(w) {
+                        if store_lost(&e) {
+                            tracing::error!(workflow = %w.workflow_id, code = e.code(), "workflow progress not stored and the store is lost: left to the lease");
+                            return Err(e);
+                        }
                         tracing::error!(workflow = %w.workflow_id, code = e.code(), "workflow progress not stored: unwinding");
                         self.unwind::<S>(w, true, Some(e.code())).await;
                         return Err(e);
                     }
                     fault_point(S::KIND, w.step, true);
+                }
+                Err(e) if store_lost(&e) => {
+                    tracing::error!(workflow = %w.workflow_id, kind = S::KIND.as_str(), step = ?s, code = e.code(), "workflow stopped: store lost, left to the lease");
+                    return Err(e);
                 }
                 Err(e) => {
                     tracing::warn!(workflow = %w.workflow_id, kind = S::KIND.as_str(), step = ?s, code = e.code(), "workflow step failed: unwinding");
@@ -370,6 +474,22 @@ impl ControlPlane {
             self.unwind::<S>(&mut w, true, Some("interrupted")).await;
             Resumed::Unwound
         }
+    }
+
+    /// Uses `ttl` as this replica's workflow lease (default [`DEFAULT_LEASE`]).
+    pub fn with_workflow_lease(mut self, ttl: Duration) -> ControlPlane {
+        self.lease.ttl = ttl.max(Duration::from_millis(300));
+        self
+    }
+
+    /// This replica's workflow lease length.
+    pub fn workflow_lease(&self) -> Duration {
+        self.lease.ttl
+    }
+
+    /// This replica's id (owner of the workflows it runs).
+    pub fn replica_id(&self) -> &str {
+        &self.lease.owner
     }
 
     /// Resumes `w` with its kind's steps.

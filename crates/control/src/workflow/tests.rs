@@ -110,7 +110,7 @@ fn started(cp: &ControlPlane, fail_at: Option<&str>) -> WorkflowRow {
     let mut w = cp.begin(Kind::Run, "t-a", Some("i-1"), None, None).unwrap();
     if let Some(f) = fail_at {
         w.outputs = json!({ "fail_at": f });
-        cp.repo.save_workflow(&w).unwrap();
+        cp.repo.save_workflow(&w, &cp.lease.claim()).unwrap();
     }
     w
 }
@@ -156,7 +156,7 @@ fn resume_goes_forward_only_through_repeatable_steps() {
     // have been in flight).
     let mut w = started(&cp, None);
     w.step = 1;
-    cp.repo.save_workflow(&w).unwrap();
+    cp.repo.save_workflow(&w, &cp.lease.claim()).unwrap();
     let w1 = cp.repo.workflow(&w.workflow_id).unwrap().unwrap();
     assert_eq!(rt().block_on(cp.resume::<T>(w1)), Resumed::Unwound);
     assert_eq!(logged(&w), ["undo B", "undo A"]);
@@ -167,14 +167,14 @@ fn resume_goes_forward_only_through_repeatable_steps() {
     // Crashed after B: C and D are repeatable: finished.
     let mut w = started(&cp, None);
     w.step = 2;
-    cp.repo.save_workflow(&w).unwrap();
+    cp.repo.save_workflow(&w, &cp.lease.claim()).unwrap();
     let w2 = cp.repo.workflow(&w.workflow_id).unwrap().unwrap();
     assert_eq!(rt().block_on(cp.resume::<T>(w2)), Resumed::Finished);
     assert_eq!(logged(&w), ["do C", "do D"]);
     // A forward resume that fails unwinds everything, the failed step included if it may act.
     let mut w = started(&cp, Some("D"));
     w.step = 3;
-    cp.repo.save_workflow(&w).unwrap();
+    cp.repo.save_workflow(&w, &cp.lease.claim()).unwrap();
     let w3 = cp.repo.workflow(&w.workflow_id).unwrap().unwrap();
     assert_eq!(rt().block_on(cp.resume::<T>(w3)), Resumed::Unwound);
     assert_eq!(logged(&w), ["do D", "undo D", "undo C", "undo B", "undo A"]);
