@@ -1,0 +1,78 @@
+//! The Bulkhead net card: one process per instance network interface, its own trust domain.
+//!
+//! * [`frame`]: typed parsers (and builders) for the guest's Ethernet/ARP/IPv4/UDP/TCP/ICMP.
+//! * [`encap`]: the sealed encapsulation between hosts (AES-256-GCM, replay window), keys in a
+//!   locked, non-dumpable page.
+//! * [`responder`]: the card's own services for its guest (ARP for the gateway, DHCP) and
+//!   anti-spoofing.
+//! * [`secgroup`]: stateful security groups (ingress rules, a bounded conntrack table).
+//! * [`tap`]: the TAP mode data path (a TAP device stands in for the guest until the
+//!   vhost-user-net backend exists), [`sandbox`]: the card's hardening policy.
+//!
+//! See README.md for the key schedule and the wire format.
+
+pub mod encap;
+pub mod frame;
+pub mod fuzzing;
+pub mod metrics;
+pub mod responder;
+pub mod sandbox;
+pub mod secgroup;
+pub mod tap;
+
+/// Every error of the net card. Parse errors of untrusted bytes are values here, never panics;
+/// the data path turns them into a counted drop.
+#[derive(Debug, thiserror::Error)]
+pub enum NetcardError {
+    #[error("{what} is {got} bytes, need at least {want}")]
+    Truncated {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
+    #[error("{what}: bad field {field} = {value:#x}")]
+    BadField {
+        what: &'static str,
+        field: &'static str,
+        value: u64,
+    },
+    #[error("IPv4 header checksum does not verify")]
+    BadChecksum,
+    #[error("IPv4 fragment (not handled by the card)")]
+    Fragment,
+    #[error("frame too large: {len} bytes, limit {limit}")]
+    TooLarge { len: usize, limit: usize },
+    #[error("encapsulation: {0}")]
+    Drop(#[from] encap::DropReason),
+    #[error("AWS-LC {op} failed")]
+    Crypto { op: &'static str },
+    #[error("sequence numbers of this key epoch are exhausted")]
+    SequenceExhausted,
+    #[error("secret page: {0}")]
+    Locked(#[from] bulkhead_sealing::LockedSecretError),
+    #[error("key file {path}: {source}")]
+    KeyFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad {what} {value:?}: {why}")]
+    Config {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Harden(#[from] bulkhead_harden::HardenError),
+    #[error("running as root needs --uid and --gid to drop to")]
+    RootWithoutUid,
+}
+
+/// Crate result type.
+pub type Result<T, E = NetcardError> = std::result::Result<T, E>;

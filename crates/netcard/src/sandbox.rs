@@ -1,0 +1,1 @@
+//! Sandbox (next commit).

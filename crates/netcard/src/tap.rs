@@ -1,0 +1,1 @@
+//! TAP mode (next commit).
