@@ -1,1 +1,166 @@
-fn main() {}
+//! `bulkhead-netcard`: one process per instance network interface.
+
+use bulkhead_netcard::encap::{CardId, KeyEpoch, PayloadKind, TunnelParams, VpcId};
+use bulkhead_netcard::frame::MacAddr;
+use bulkhead_netcard::responder::InterfaceConfig;
+use bulkhead_netcard::secgroup::{Cidr, IngressRule};
+use bulkhead_netcard::tap::{self, TapConfig};
+use bulkhead_netcard::NetcardError;
+use clap::{Parser, Subcommand};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead-netcard", version, about = "The Bulkhead net card")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Serve a TAP device as the guest's interface; tunnel to one peer card over UDP.
+    Tap(TapArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TapArgs {
+    /// TAP device to attach to (created if absent).
+    #[arg(long)]
+    tap: String,
+    /// UDP address to receive the peer's datagrams on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The peer card's UDP address.
+    #[arg(long)]
+    peer: SocketAddr,
+    /// The VPC's epoch key: 32 raw bytes (a later slice delivers it HPKE-sealed to the host key).
+    #[arg(long)]
+    key_file: PathBuf,
+    /// VPC id.
+    #[arg(long)]
+    vpc: u32,
+    /// Key epoch.
+    #[arg(long, default_value_t = 1)]
+    epoch: u32,
+    /// This card's id within the VPC.
+    #[arg(long)]
+    card_id: u32,
+    /// The peer card's id.
+    #[arg(long)]
+    peer_card_id: u32,
+    /// The guest's MAC (frames from any other source MAC are dropped as spoofed).
+    #[arg(long)]
+    mac: String,
+    /// The guest's address with the subnet prefix, e.g. 10.0.1.10/24.
+    #[arg(long)]
+    ip: String,
+    /// The subnet gateway (the card itself). Default: the subnet's first address.
+    #[arg(long)]
+    gateway: Option<Ipv4Addr>,
+    /// The gateway's MAC.
+    #[arg(long, default_value = "02:00:00:00:00:01")]
+    gateway_mac: String,
+    /// MTU offered by DHCP.
+    #[arg(long, default_value_t = 1400)]
+    mtu: u16,
+    /// Ingress rule, repeatable: tcp|udp:PORT[-PORT]:CIDR or icmp|all:CIDR.
+    #[arg(long = "allow")]
+    allow: Vec<String>,
+    /// Conntrack table bound.
+    #[arg(long, default_value_t = 4096)]
+    max_flows: usize,
+    /// Send frames in clear (benchmarks only: measures the cost of the crypto). Both ends
+    /// must agree; a sealed card refuses plain datagrams.
+    #[arg(long)]
+    plain: bool,
+    /// User to drop to after start-up (required when started as root).
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Group to drop to after start-up (required when started as root).
+    #[arg(long)]
+    gid: Option<u32>,
+}
+
+fn config(a: TapArgs) -> Result<TapConfig, NetcardError> {
+    let (ip, prefix) = a.ip.split_once('/').ok_or(NetcardError::Config {
+        what: "--ip",
+        value: a.ip.clone(),
+        why: "want ADDRESS/PREFIX",
+    })?;
+    let subnet = Cidr::parse_text(&a.ip)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| NetcardError::Config {
+        what: "--ip",
+        value: a.ip.clone(),
+        why: "not an IPv4 address",
+    })?;
+    let _ = prefix;
+    let net = Ipv4Addr::from(u32::from(ip) & subnet.mask());
+    let subnet = Cidr {
+        addr: net,
+        prefix: subnet.prefix,
+    };
+    let gateway_ip = a
+        .gateway
+        .unwrap_or_else(|| Ipv4Addr::from(u32::from(net).wrapping_add(1)));
+    Ok(TapConfig {
+        tap: a.tap,
+        listen: a.listen,
+        peer: a.peer,
+        key_file: a.key_file,
+        params: TunnelParams {
+            vpc: VpcId(a.vpc),
+            epoch: KeyEpoch(a.epoch),
+            local: CardId(a.card_id),
+            peer: CardId(a.peer_card_id),
+            kind: if a.plain {
+                PayloadKind::Plain
+            } else {
+                PayloadKind::Sealed
+            },
+        },
+        iface: InterfaceConfig {
+            mac: MacAddr::parse_text(&a.mac)?,
+            ip,
+            subnet,
+            gateway_ip,
+            gateway_mac: MacAddr::parse_text(&a.gateway_mac)?,
+            mtu: a.mtu,
+            lease_secs: 3600,
+        },
+        rules: a
+            .allow
+            .iter()
+            .map(|r| IngressRule::parse_text(r))
+            .collect::<Result<_, _>>()?,
+        max_flows: a.max_flows,
+        flow_idle: Duration::from_secs(300),
+        uid: a.uid,
+        gid: a.gid,
+    })
+}
+
+fn main() -> ExitCode {
+    // Non-dumpable before anything else is read or derived.
+    if let Err(e) = bulkhead_netcard::sandbox::make_non_dumpable() {
+        eprintln!("bulkhead-netcard: {e}");
+        return ExitCode::FAILURE;
+    }
+    if std::env::args().nth(1).as_deref() == Some("--self-test") {
+        return match bulkhead_harden::self_test(bulkhead_netcard::sandbox::FILTERS) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bulkhead-netcard: self-test failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cli = Cli::parse();
+    bulkhead_daemon::init_logging("BULKHEAD_LOG", "info");
+    let result = match cli.mode {
+        Mode::Tap(a) => config(a).and_then(tap::run),
+    };
+    bulkhead_daemon::exit("bulkhead-netcard", result)
+}

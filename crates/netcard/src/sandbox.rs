@@ -1,1 +1,129 @@
-//! Sandbox (next commit).
+//! The card's hardening policy (the mechanism is `bulkhead-harden`): non-dumpable from the first
+//! instruction, then, once the TAP device and the UDP socket are open and the keys derived,
+//! privileges dropped, no_new_privs, and a seccomp allow-list without socket creation, bind,
+//! connect, exec, ioctl or opening paths. This module holds the allow-lists, as data.
+
+use crate::{NetcardError, Result};
+use bulkhead_harden::{Action, Filter, Rule};
+
+/// No core dumps, no ptrace by anyone without CAP_SYS_PTRACE.
+pub fn make_non_dumpable() -> Result<()> {
+    bulkhead_harden::set_non_dumpable()?;
+    bulkhead_harden::lock_core_dumps()?;
+    Ok(())
+}
+
+/// Drops to `uid`/`gid` (checked); as root without a target this is refused.
+pub fn drop_privileges(uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    match (uid, gid) {
+        (Some(u), Some(g)) => Ok(bulkhead_harden::drop_privileges(u, g)?),
+        _ if euid == 0 => Err(NetcardError::RootWithoutUid),
+        _ => Ok(()),
+    }
+}
+
+/// What the running card needs: read/write on the TAP fd, recvfrom/sendto on the bound socket,
+/// poll, the signal thread (sigtimedwait), memory, and creating its two worker threads.
+const ALLOWED: &[Rule] = &[
+    Rule::any(libc::SYS_read),
+    Rule::any(libc::SYS_write),
+    Rule::any(libc::SYS_readv),
+    Rule::any(libc::SYS_writev),
+    Rule::any(libc::SYS_recvfrom),
+    Rule::any(libc::SYS_sendto),
+    Rule::any(libc::SYS_recvmsg),
+    Rule::any(libc::SYS_sendmsg),
+    Rule::any(libc::SYS_poll),
+    Rule::any(libc::SYS_ppoll),
+    Rule::any(libc::SYS_close),
+    Rule::any(libc::SYS_mmap),
+    Rule::any(libc::SYS_munmap),
+    Rule::any(libc::SYS_mremap),
+    Rule::any(libc::SYS_mprotect),
+    Rule::any(libc::SYS_madvise),
+    Rule::any(libc::SYS_munlock),
+    Rule::any(libc::SYS_brk),
+    Rule::any(libc::SYS_futex),
+    Rule::any(libc::SYS_clone),
+    Rule::any(libc::SYS_clone3),
+    Rule::any(libc::SYS_set_robust_list),
+    Rule::any(libc::SYS_rseq),
+    Rule::any(libc::SYS_sigaltstack),
+    Rule::any(libc::SYS_rt_sigaction),
+    Rule::any(libc::SYS_rt_sigprocmask),
+    Rule::any(libc::SYS_rt_sigreturn),
+    Rule::any(libc::SYS_rt_sigtimedwait),
+    Rule::any(libc::SYS_sched_yield),
+    Rule::any(libc::SYS_sched_getaffinity),
+    Rule::any(libc::SYS_gettid),
+    Rule::any(libc::SYS_getpid),
+    Rule::any(libc::SYS_tgkill),
+    Rule::any(libc::SYS_getrandom),
+    Rule::any(libc::SYS_clock_gettime),
+    Rule::any(libc::SYS_clock_nanosleep),
+    Rule::any(libc::SYS_nanosleep),
+    Rule::any(libc::SYS_restart_syscall),
+    Rule::any(libc::SYS_exit),
+    Rule::any(libc::SYS_exit_group),
+];
+
+/// prctl: PR_SET_NAME / PR_GET_NAME (thread names).
+const ALLOWED_PRCTLS: &[u64] = &[15, 16];
+const CONDITIONAL: &[Rule] = &[Rule::arg_one_of(libc::SYS_prctl, 0, ALLOWED_PRCTLS)];
+
+/// Path-opening syscalls answer EACCES (glibc probes files when it makes a thread arena).
+const OPEN_SYSCALLS: &[Rule] = &[
+    Rule::any(libc::SYS_open),
+    Rule::any(libc::SYS_openat),
+    Rule::any(libc::SYS_openat2),
+    Rule::any(libc::SYS_creat),
+];
+
+/// The card's allow-list; anything else kills the process.
+pub static CARD_FILTER: Filter = Filter {
+    name: "netcard",
+    tables: &[ALLOWED, CONDITIONAL, OPEN_SYSCALLS],
+    listed: Action::Allow,
+    otherwise: Action::KillProcess,
+};
+
+/// Opens fail with EACCES instead of killing.
+pub static OPEN_FILTER: Filter = Filter {
+    name: "netcard-open",
+    tables: &[OPEN_SYSCALLS],
+    listed: Action::Errno(libc::EACCES),
+    otherwise: Action::Allow,
+};
+
+/// Every filter of the card, for `--self-test`.
+pub static FILTERS: &[&Filter] = &[&OPEN_FILTER, &CARD_FILTER];
+
+/// no_new_privs, then both filters on the calling thread; threads created later inherit them.
+pub fn install_seccomp() -> Result<()> {
+    bulkhead_harden::no_new_privs()?;
+    let deny_open = OPEN_FILTER.compile()?;
+    let allow = CARD_FILTER.compile()?;
+    bulkhead_harden::apply(&deny_open)?;
+    bulkhead_harden::apply(&allow)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn filters_compile_and_leave_out_sockets_exec_ioctl() {
+        bulkhead_harden::self_test(super::FILTERS).expect("self-test");
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_bind,
+            libc::SYS_execve,
+            libc::SYS_ioctl,
+            libc::SYS_ptrace,
+        ] {
+            assert!(!super::CARD_FILTER.syscalls().contains(&nr), "{nr} listed");
+        }
+    }
+}
