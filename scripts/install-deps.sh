@@ -4,7 +4,8 @@
 set -euo pipefail
 PKGS=(linux-source-6.1 busybox-static build-essential bc flex bison libelf-dev libssl-dev
       cpio lz4 xz-utils qemu-system-x86 qemu-utils python3-cryptography swtpm swtpm-tools
-      tpm2-tools libtss2-dev pkg-config clang iproute2 curl postgresql softhsm2)
+      tpm2-tools libtss2-dev pkg-config clang iproute2 curl postgresql softhsm2
+      tcpdump iputils-ping iperf3 wireguard-go wireguard-tools)
 # The tests' independent AES-XTS decryptor uses Python's `cryptography`; the python3 on PATH may
 # not be Debian's (e.g. pyenv), so make sure that interpreter has it.
 python_deps() {

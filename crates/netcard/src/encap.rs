@@ -559,6 +559,9 @@ impl Opener {
         if hdr.sender != self.params.peer {
             return Err(DropReason::UnknownSender);
         }
+        if hdr.kind == PayloadKind::Sealed && body.len() < TAG_LEN {
+            return Err(DropReason::Truncated);
+        }
         self.window.check(hdr.seq)?;
         match hdr.kind {
             PayloadKind::Sealed => {
@@ -618,6 +621,11 @@ mod tests {
         let mut out = Vec::new();
         o.open_datagram(&dg, &mut out).expect("first");
         assert_eq!(o.open_datagram(&dg, &mut out), Err(DropReason::Replayed));
+        // A truncated copy is counted as truncated, not as a replay.
+        assert_eq!(
+            o.open_datagram(&dg[..HEADER_LEN + 5], &mut out),
+            Err(DropReason::Truncated)
+        );
         let mut dg2 = Vec::new();
         s.seal_frame(b"frame two", &mut dg2).expect("seal");
         for n in [0, 10, HEADER_LEN - 1] {
