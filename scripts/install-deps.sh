@@ -6,13 +6,17 @@ PKGS=(linux-source-6.1 busybox-static build-essential bc flex bison libelf-dev l
       cpio lz4 xz-utils qemu-system-x86 qemu-utils python3-cryptography swtpm swtpm-tools
       tpm2-tools libtss2-dev pkg-config clang iproute2 curl postgresql softhsm2
       tcpdump iputils-ping iperf3 wireguard-go wireguard-tools)
-# The tests' independent AES-XTS decryptor uses Python's `cryptography`; the python3 on PATH may
-# not be Debian's (e.g. pyenv), so make sure that interpreter has it.
+# The tests' independent AES-XTS decryptor uses Python's `cryptography`, and the EC2 Query tests
+# run botocore (the AWS SDK for Python's core, unmodified from PyPI); the python3 on PATH may not
+# be Debian's (e.g. pyenv), so make sure that interpreter has them.
 python_deps() {
-  python3 -c 'import cryptography' 2>/dev/null && return 0
-  echo "install-deps: installing python cryptography for $(command -v python3)"
-  python3 -m pip install --quiet cryptography 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages cryptography
+  local mod
+  for mod in cryptography botocore; do
+    python3 -c "import $mod" 2>/dev/null && continue
+    echo "install-deps: installing python $mod for $(command -v python3)"
+    python3 -m pip install --quiet "$mod" 2>/dev/null \
+      || python3 -m pip install --quiet --break-system-packages "$mod"
+  done
 }
 trap python_deps EXIT
 missing=()

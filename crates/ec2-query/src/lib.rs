@@ -1,0 +1,15 @@
+//! The EC2 Query API boundary, as the unmodified AWS SDKs and the aws CLI speak it: bytes in,
+//! checked types out, no I/O.
+//!
+//! - [`sigv4`]: AWS Signature Version 4 verification ([`Verifier::verify`]).
+//!
+//! Every refusal is a typed error with the [`Ec2ErrorCode`] a real SDK understands.
+
+pub mod code;
+pub mod sigv4;
+
+pub use code::Ec2ErrorCode;
+pub use sigv4::{
+    AmzDate, Authorization, HttpRequestParts, SecretKey, SecretLookup, SigV4Error, VerifiedRequest,
+    Verifier,
+};
