@@ -423,7 +423,7 @@ impl TunnelKeys {
     }
 
     /// Opens `body` (ciphertext and tag) under `raw_header` into `out`.
-    fn open(
+    pub(crate) fn open(
         &self,
         hdr: &EncapHeader,
         raw_header: &[u8],

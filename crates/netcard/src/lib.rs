@@ -11,11 +11,14 @@
 //!
 //! See README.md for the key schedule and the wire format.
 
+pub mod control;
 pub mod encap;
 pub mod frame;
 pub mod fuzzing;
+pub mod keyring;
 pub mod metrics;
 pub mod responder;
+pub mod routes;
 pub mod sandbox;
 pub mod secgroup;
 pub mod tap;
@@ -46,8 +49,16 @@ pub enum NetcardError {
     Drop(#[from] encap::DropReason),
     #[error("AWS-LC {op} failed")]
     Crypto { op: &'static str },
+    #[error("no key for this peer in the send epoch")]
+    NoKey,
     #[error("sequence numbers of this key epoch are exhausted")]
     SequenceExhausted,
+    #[error("sealed epoch key: {0}")]
+    Sealing(#[from] bulkhead_sealing::SealingError),
+    #[error("sealed epoch key: reserved bytes are not zero")]
+    SealedKeyReserved,
+    #[error("control request: {0}")]
+    Control(String),
     #[error("secret page: {0}")]
     Locked(#[from] bulkhead_sealing::LockedSecretError),
     #[error("key file {path}: {source}")]

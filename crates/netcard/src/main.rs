@@ -1,10 +1,11 @@
 //! `bulkhead-netcard`: one process per instance network interface.
 
-use bulkhead_netcard::encap::{CardId, KeyEpoch, PayloadKind, TunnelParams, VpcId};
+use bulkhead_netcard::encap::{CardId, KeyEpoch, PayloadKind, VpcId};
 use bulkhead_netcard::frame::MacAddr;
 use bulkhead_netcard::responder::InterfaceConfig;
+use bulkhead_netcard::routes::{Route, RouteTable};
 use bulkhead_netcard::secgroup::{Cidr, IngressRule};
-use bulkhead_netcard::tap::{self, TapConfig};
+use bulkhead_netcard::tap::{self, KeySource, TapConfig};
 use bulkhead_netcard::NetcardError;
 use clap::{Parser, Subcommand};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -21,7 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Mode {
-    /// Serve a TAP device as the guest's interface; tunnel to one peer card over UDP.
+    /// Serve a TAP device as the guest's interface; tunnel to the VPC's peer cards over UDP.
     Tap(TapArgs),
 }
 
@@ -33,24 +34,44 @@ struct TapArgs {
     /// UDP address to receive the peer's datagrams on.
     #[arg(long)]
     listen: SocketAddr,
-    /// The peer card's UDP address.
+    /// VPC route, repeatable: GUEST_IP=CARD_ID@HOST_IP:PORT (the peer card owning that guest
+    /// address, and the host address its datagrams must come from).
+    #[arg(long = "route")]
+    routes: Vec<String>,
+    /// Point-to-point shorthand (benchmarks): every destination goes to this peer card's UDP
+    /// address (with --peer-card-id).
+    #[arg(long, requires = "peer_card_id")]
+    peer: Option<SocketAddr>,
+    /// The point-to-point peer card's id.
+    #[arg(long, requires = "peer")]
+    peer_card_id: Option<u32>,
+    /// The first epoch's key, HPKE-sealed to the host key (a bulkhead-sealing blob; see
+    /// README.md). Without it (and without --key-file) the card waits for an `install` on
+    /// --control.
+    #[arg(long, requires = "host_key", conflicts_with = "key_file")]
+    sealed_key: Option<PathBuf>,
+    /// The host key file (opens sealed epoch keys; read before the sandbox, kept locked).
     #[arg(long)]
-    peer: SocketAddr,
-    /// The VPC's epoch key: 32 raw bytes (a later slice delivers it HPKE-sealed to the host key).
+    host_key: Option<PathBuf>,
+    /// DEVELOPMENT AND BENCHMARKS ONLY: the epoch key as 32 raw bytes in a file. Production
+    /// cards get keys only HPKE-sealed to the host key (--sealed-key / --control).
     #[arg(long)]
-    key_file: PathBuf,
+    key_file: Option<PathBuf>,
+    /// Unix socket for key install/switch/retire and counters (see README.md).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Sequence-floor file: keeps sequence numbers unique across restarts (see README.md).
+    #[arg(long)]
+    seq_state: Option<PathBuf>,
     /// VPC id.
     #[arg(long)]
     vpc: u32,
-    /// Key epoch.
+    /// The first key epoch.
     #[arg(long, default_value_t = 1)]
     epoch: u32,
     /// This card's id within the VPC.
     #[arg(long)]
     card_id: u32,
-    /// The peer card's id.
-    #[arg(long)]
-    peer_card_id: u32,
     /// The guest's MAC (frames from any other source MAC are dropped as spoofed).
     #[arg(long)]
     mac: String,
@@ -105,22 +126,41 @@ fn config(a: TapArgs) -> Result<TapConfig, NetcardError> {
     let gateway_ip = a
         .gateway
         .unwrap_or_else(|| Ipv4Addr::from(u32::from(net).wrapping_add(1)));
+    let local = CardId(a.card_id);
+    let mut routes = RouteTable::new();
+    for r in &a.routes {
+        routes.add_text(local, r)?;
+    }
+    if let (Some(host), Some(card)) = (a.peer, a.peer_card_id) {
+        routes.set_default(
+            local,
+            Route {
+                card: CardId(card),
+                host,
+            },
+        )?;
+    }
+    let key = match (a.sealed_key, a.key_file) {
+        (Some(p), _) => KeySource::Sealed(p),
+        (None, Some(p)) => KeySource::DevRawFile(p),
+        (None, None) => KeySource::Control,
+    };
     Ok(TapConfig {
         tap: a.tap,
         listen: a.listen,
-        peer: a.peer,
-        key_file: a.key_file,
-        params: TunnelParams {
-            vpc: VpcId(a.vpc),
-            epoch: KeyEpoch(a.epoch),
-            local: CardId(a.card_id),
-            peer: CardId(a.peer_card_id),
-            kind: if a.plain {
-                PayloadKind::Plain
-            } else {
-                PayloadKind::Sealed
-            },
+        routes,
+        vpc: VpcId(a.vpc),
+        local,
+        kind: if a.plain {
+            PayloadKind::Plain
+        } else {
+            PayloadKind::Sealed
         },
+        epoch: KeyEpoch(a.epoch),
+        key,
+        host_key: a.host_key,
+        control: a.control,
+        seq_state: a.seq_state,
         iface: InterfaceConfig {
             mac: MacAddr::parse_text(&a.mac)?,
             ip,

@@ -28,6 +28,14 @@ pub struct Counters {
     pub wrong_vpc: AtomicU64,
     pub bad_header: AtomicU64,
     pub unknown_sender: AtomicU64,
+    pub unknown_epoch: AtomicU64,
+    pub forged_source: AtomicU64,
+    pub unknown_destination: AtomicU64,
+    pub peer_spoofed: AtomicU64,
+    pub no_key: AtomicU64,
+    pub key_installs: AtomicU64,
+    pub key_retires: AtomicU64,
+    pub key_switches: AtomicU64,
     pub misdelivered: AtomicU64,
     pub io_errors: AtomicU64,
 }
@@ -54,11 +62,11 @@ impl Counters {
             DropReason::Truncated => &self.truncated,
             DropReason::WrongVpc => &self.wrong_vpc,
             DropReason::UnknownSender => &self.unknown_sender,
+            DropReason::UnknownEpoch => &self.unknown_epoch,
             DropReason::Oversized
             | DropReason::BadVersion
             | DropReason::BadKind
             | DropReason::Reserved
-            | DropReason::UnknownEpoch
             | DropReason::ZeroSequence => &self.bad_header,
         });
     }
@@ -91,6 +99,14 @@ impl Counters {
             "wrong_vpc": v(&self.wrong_vpc),
             "bad_header": v(&self.bad_header),
             "unknown_sender": v(&self.unknown_sender),
+            "unknown_epoch": v(&self.unknown_epoch),
+            "forged_source": v(&self.forged_source),
+            "unknown_destination": v(&self.unknown_destination),
+            "peer_spoofed": v(&self.peer_spoofed),
+            "no_key": v(&self.no_key),
+            "key_installs": v(&self.key_installs),
+            "key_retires": v(&self.key_retires),
+            "key_switches": v(&self.key_switches),
             "misdelivered": v(&self.misdelivered),
             "io_errors": v(&self.io_errors),
             "seccomp_traps": bulkhead_harden::trapped_syscalls(),

@@ -36,6 +36,10 @@ const ALLOWED: &[Rule] = &[
     Rule::any(libc::SYS_recvmsg),
     Rule::any(libc::SYS_sendmsg),
     Rule::any(libc::SYS_poll),
+    // The control socket (bound before the sandbox) and the sequence-floor file (opened before).
+    Rule::any(libc::SYS_accept4),
+    Rule::any(libc::SYS_pwrite64),
+    Rule::any(libc::SYS_fdatasync),
     Rule::any(libc::SYS_ppoll),
     Rule::any(libc::SYS_close),
     Rule::any(libc::SYS_mmap),

@@ -1,11 +1,17 @@
 //! TAP mode: a TAP device stands in for the guest's virtio-net queues until the vhost-user-net
 //! backend exists. Frames the kernel sends out of the TAP are the "guest's"; the card answers
 //! ARP/DHCP, drops spoofed frames, applies the security groups and seals the rest to the peer
-//! over UDP; what it opens from the peer passes the security groups and is written to the TAP.
+//! to the peer card the VPC routing table names for the destination, over UDP; what it opens
+//! from a peer (pinned to the host address the table names for that card) passes the security
+//! groups and is written to the TAP. A control socket installs, switches and retires key epochs
+//! (keys HPKE-sealed to the host key, see [`crate::control`]).
 
-use crate::encap::{EpochKey, Opener, Sealer, TunnelKeys, TunnelParams, MAX_DATAGRAM};
+use crate::control::{self, Effect};
+use crate::encap::{CardId, EpochKey, KeyEpoch, PayloadKind, VpcId, MAX_DATAGRAM};
+use crate::keyring::{KeyRing, Receiver, RxDrop, SeqSource, SEQ_BLOCK};
 use crate::metrics::Counters;
 use crate::responder::{from_guest, to_guest, GuestDrop, GuestVerdict, InterfaceConfig};
+use crate::routes::RouteTable;
 use crate::sandbox;
 use crate::secgroup::{Firewall, IngressRule, Refusal};
 use crate::{NetcardError, Result};
@@ -13,9 +19,10 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -24,15 +31,36 @@ use tracing::{info, warn};
 pub struct TapConfig {
     pub tap: String,
     pub listen: SocketAddr,
-    pub peer: SocketAddr,
-    pub key_file: PathBuf,
-    pub params: TunnelParams,
+    pub routes: RouteTable,
+    pub vpc: VpcId,
+    pub local: CardId,
+    pub kind: PayloadKind,
+    /// The first epoch and where its key comes from.
+    pub epoch: KeyEpoch,
+    pub key: KeySource,
+    /// The host key that opens sealed epoch keys (read before the sandbox, kept locked).
+    pub host_key: Option<PathBuf>,
+    /// Unix socket for key install/switch/retire and counters.
+    pub control: Option<PathBuf>,
+    /// The sequence-floor file (see [`crate::keyring`]).
+    pub seq_state: Option<PathBuf>,
     pub iface: InterfaceConfig,
     pub rules: Vec<IngressRule>,
     pub max_flows: usize,
     pub flow_idle: Duration,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+}
+
+/// Where the first epoch key comes from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A `bulkhead-sealing` blob sealed to the host key (ciphertext on disk, never the key).
+    Sealed(PathBuf),
+    /// DEV ONLY (benchmarks): 32 raw key bytes in a file.
+    DevRawFile(PathBuf),
+    /// Wait for an `install` on the control socket; frames are dropped (`no_key`) until then.
+    Control,
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -114,7 +142,10 @@ struct Shared {
     stop: AtomicBool,
     tap: File,
     sock: UdpSocket,
-    peer: SocketAddr,
+    routes: RouteTable,
+    ring: RwLock<KeyRing>,
+    host_key: Option<bulkhead_sealing::HostKey>,
+    vpc: VpcId,
 }
 
 fn firewall_refused(c: &Counters, r: Refusal, inbound: bool) {
@@ -127,7 +158,7 @@ fn firewall_refused(c: &Counters, r: Refusal, inbound: bool) {
 }
 
 /// Guest → peer.
-fn guest_to_peer(sh: &Shared, mut sealer: Sealer) {
+fn guest_to_peer(sh: &Shared, mut seq: SeqSource) {
     let mut buf = vec![0u8; 65536];
     let mut out = Vec::with_capacity(MAX_DATAGRAM);
     let c = &sh.counters;
@@ -157,13 +188,31 @@ fn guest_to_peer(sh: &Shared, mut sealer: Sealer) {
                     Ok(mut fw) => fw.outbound(&ip, &t, Instant::now()),
                     Err(_) => Err(Refusal::TableFull),
                 };
+                let Some(route) = sh.routes.lookup(ip.dst) else {
+                    c.unknown_destination.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
                 if let Err(r) = verdict {
                     firewall_refused(c, r, false);
                     continue;
                 }
-                if sealer.seal_frame(frame, &mut out).is_err()
-                    || sh.sock.send_to(&out, sh.peer).is_err()
-                {
+                let sealed = match sh.ring.read() {
+                    Ok(ring) => ring.seal_to(&mut seq, route.card, frame, &mut out),
+                    Err(_) => Err(NetcardError::NoKey),
+                };
+                match sealed {
+                    Ok(()) => {}
+                    Err(NetcardError::NoKey) => {
+                        c.no_key.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "sealing failed");
+                        c.io_errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+                if sh.sock.send_to(&out, route.host).is_err() {
                     c.io_errors.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -177,7 +226,8 @@ fn guest_to_peer(sh: &Shared, mut sealer: Sealer) {
 }
 
 /// Peer → guest.
-fn peer_to_guest(sh: &Shared, mut opener: Opener) {
+fn peer_to_guest(sh: &Shared) {
+    let mut rx = Receiver::new();
     let mut buf = vec![0u8; 65536];
     let mut frame = Vec::with_capacity(MAX_DATAGRAM);
     let c = &sh.counters;
@@ -185,18 +235,34 @@ fn peer_to_guest(sh: &Shared, mut opener: Opener) {
         if !readable(sh.sock.as_raw_fd(), 200) {
             continue;
         }
-        let n = match sh.sock.recv_from(&mut buf) {
-            Ok((n, _from)) => n,
+        let (n, from) = match sh.sock.recv_from(&mut buf) {
+            Ok(r) => r,
             Err(_) => {
                 c.io_errors.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
         };
-        if let Err(d) = opener.open_datagram(buf.get(..n).unwrap_or_default(), &mut frame) {
-            c.tunnel_drop(d);
-            continue;
-        }
+        let raw = buf.get(..n).unwrap_or_default();
+        let opened = match sh.ring.read() {
+            Ok(ring) => rx.open(&ring, &sh.routes, from, raw, &mut frame),
+            Err(_) => Err(RxDrop::Encap(crate::encap::DropReason::UnknownEpoch)),
+        };
+        let sender = match opened {
+            Ok(s) => s,
+            Err(RxDrop::Encap(d)) => {
+                c.tunnel_drop(d);
+                continue;
+            }
+            Err(RxDrop::ForgedSource) => {
+                c.forged_source.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
         let verdict = match to_guest(&sh.iface, &mut frame) {
+            Ok((ip, _)) if !sh.routes.owns(sender, ip.src) => {
+                c.peer_spoofed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Ok((ip, t)) => match sh.firewall.lock() {
                 Ok(mut fw) => fw.inbound(&ip, &t, Instant::now()),
                 Err(_) => Err(Refusal::TableFull),
@@ -223,22 +289,115 @@ fn peer_to_guest(sh: &Shared, mut opener: Opener) {
     }
 }
 
-fn print_counters(c: &Counters, keys_wiped: Option<u64>) {
+fn counters_line(c: &Counters, keys_wiped: Option<u64>) -> String {
     let mut line = c.to_json();
     if let Some(w) = keys_wiped {
         // Splice one more field into the object.
         line.pop();
         line.push_str(&format!(",\"key_pages_wiped\":{w}}}"));
     }
+    line
+}
+
+fn print_counters(c: &Counters, keys_wiped: Option<u64>) {
+    let line = counters_line(c, keys_wiped);
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// Longest control request accepted.
+const MAX_REQUEST: usize = 4096;
+
+/// Reads one request line (bounded in size and time) and answers it.
+fn serve_control(sh: &Shared, mut conn: UnixStream) {
+    let mut req = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut chunk = [0u8; 512];
+    while !req.contains(&b'\n') && req.len() <= MAX_REQUEST && Instant::now() < deadline {
+        if !readable(conn.as_raw_fd(), 100) {
+            continue;
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => req.extend_from_slice(chunk.get(..n).unwrap_or_default()),
+        }
+    }
+    let c = &sh.counters;
+    let reply = match serde_json::from_slice::<serde_json::Value>(
+        req.split(|b| *b == b'\n').next().unwrap_or_default(),
+    ) {
+        Err(_) => serde_json::json!({"ok": false, "error": "want one JSON object per line"}),
+        Ok(v) if v.get("op").and_then(serde_json::Value::as_str) == Some("counters") => {
+            let line = counters_line(c, Some(crate::encap::key_pages_wiped()));
+            serde_json::from_str(&line).unwrap_or_default()
+        }
+        Ok(v) => {
+            let res = match sh.ring.write() {
+                Ok(mut ring) => {
+                    let r = control::apply(&v, &mut ring, sh.host_key.as_ref(), sh.vpc, &sh.routes);
+                    (r, ring.live_epochs(), ring.send_epoch().map(|e| e.0))
+                }
+                Err(_) => (
+                    Err(NetcardError::Control("key ring poisoned".into())),
+                    Vec::new(),
+                    None,
+                ),
+            };
+            match res {
+                (Ok(effect), live, send) => {
+                    match effect {
+                        Effect::Installed => &c.key_installs,
+                        Effect::Retired => &c.key_retires,
+                        Effect::Other => &c.key_switches,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
+                    info!(op = ?v.get("op"), epoch = ?v.get("epoch"), ?live, ?send, "key request");
+                    serde_json::json!({"ok": true, "live": live, "send": send,
+                        "key_pages_wiped": crate::encap::key_pages_wiped()})
+                }
+                (Err(e), live, send) => {
+                    warn!(error = %e, "key request refused");
+                    serde_json::json!({"ok": false, "error": e.to_string(), "live": live, "send": send})
+                }
+            }
+        }
+    };
+    let _ = conn.write_all(format!("{reply}\n").as_bytes());
+}
+
+fn control_loop(sh: &Shared, listener: UnixListener) {
+    while !sh.stop.load(Ordering::Relaxed) {
+        if !readable(listener.as_raw_fd(), 200) {
+            continue;
+        }
+        if let Ok((conn, _)) = listener.accept() {
+            serve_control(sh, conn);
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|source| NetcardError::Io {
+            op: "spawn",
+            source,
+        })
 }
 
 /// Runs TAP mode until SIGTERM/SIGINT/SIGHUP. Prints the counters as one JSON line on stdout
 /// on SIGUSR1 and at exit.
 pub fn run(cfg: TapConfig) -> Result<()> {
     cfg.iface.check()?;
+    if cfg.routes.is_empty() {
+        return Err(NetcardError::Config {
+            what: "--route",
+            value: String::new(),
+            why: "a card needs at least one peer",
+        });
+    }
     // Signals go to the main thread's sigtimedwait only: block them before any thread exists.
     let set = signal_set();
     // SAFETY: `set` is initialised; the old mask is not needed.
@@ -249,23 +408,82 @@ pub fn run(cfg: TapConfig) -> Result<()> {
             source: std::io::Error::from_raw_os_error(rc),
         });
     }
-    let keys = {
-        let epoch_key = EpochKey::from_file(&cfg.key_file)?;
-        Arc::new(TunnelKeys::new(&epoch_key, &cfg.params)?)
-        // The epoch key's page is wiped here; only the two direction keys stay.
+    let host_key = match &cfg.host_key {
+        Some(p) => Some(bulkhead_sealing::HostKey::read_file(p)?),
+        None => None,
     };
+    let mut ring = KeyRing::new(cfg.vpc, cfg.local, cfg.kind);
+    {
+        let first = match &cfg.key {
+            KeySource::Sealed(path) => {
+                let host = host_key.as_ref().ok_or(NetcardError::Config {
+                    what: "--sealed-key",
+                    value: path.display().to_string(),
+                    why: "needs --host-key",
+                })?;
+                let blob = std::fs::read(path).map_err(|source| NetcardError::KeyFile {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Some(control::open_epoch_key(host, cfg.vpc, cfg.epoch, &blob)?)
+            }
+            KeySource::DevRawFile(path) => {
+                warn!("--key-file: raw key on disk, for development and benchmarks only");
+                Some(EpochKey::from_file(path)?)
+            }
+            KeySource::Control => None,
+        };
+        if let Some(k) = first {
+            ring.install(cfg.epoch, &k, cfg.routes.peers())?;
+        }
+        // The epoch key's page is wiped here; only the direction keys stay.
+    }
+    let seq_file = match &cfg.seq_state {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .map_err(|source| NetcardError::Io {
+                    op: "open --seq-state",
+                    source,
+                })?,
+        ),
+        None => {
+            warn!("no --seq-state: only the clock orders sequence numbers across restarts");
+            None
+        }
+    };
+    let seq = SeqSource::open(seq_file, SEQ_BLOCK)?;
     let tap = open_tap(&cfg.tap)?;
     let sock = UdpSocket::bind(cfg.listen).map_err(|source| NetcardError::Io {
         op: "bind UDP",
         source,
     })?;
+    let listener = match &cfg.control {
+        Some(p) => {
+            let _ = std::fs::remove_file(p);
+            let l = UnixListener::bind(p).map_err(|source| NetcardError::Io {
+                op: "bind control socket",
+                source,
+            })?;
+            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|source| NetcardError::Io {
+                    op: "chmod control socket",
+                    source,
+                })?;
+            Some(l)
+        }
+        None => None,
+    };
     sandbox::drop_privileges(cfg.uid, cfg.gid)?;
     sandbox::install_seccomp()?;
     info!(
-        tap = %cfg.tap, listen = %cfg.listen, peer = %cfg.peer, vpc = cfg.params.vpc.0,
-        epoch = cfg.params.epoch.0, local = cfg.params.local.0, peer_card = cfg.params.peer.0,
-        mode = ?cfg.params.kind, ip = %cfg.iface.ip, mac = %cfg.iface.mac,
-        "net card running (TAP mode, sandboxed)"
+        tap = %cfg.tap, listen = %cfg.listen, vpc = cfg.vpc.0, epoch = ?ring.send_epoch(),
+        local = cfg.local.0, mode = ?cfg.kind, ip = %cfg.iface.ip, mac = %cfg.iface.mac,
+        control = ?cfg.control, "net card running (TAP mode, sandboxed)"
     );
     let shared = Arc::new(Shared {
         iface: cfg.iface,
@@ -274,30 +492,24 @@ pub fn run(cfg: TapConfig) -> Result<()> {
         stop: AtomicBool::new(false),
         tap,
         sock,
-        peer: cfg.peer,
+        routes: cfg.routes,
+        ring: RwLock::new(ring),
+        host_key,
+        vpc: cfg.vpc,
     });
-    let sealer = Sealer::new(Arc::clone(&keys), cfg.params);
-    let opener = Opener::new(Arc::clone(&keys), cfg.params);
-    let tx = {
+    let mut workers = Vec::new();
+    {
         let sh = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("guest-to-peer".into())
-            .spawn(move || guest_to_peer(&sh, sealer))
-            .map_err(|source| NetcardError::Io {
-                op: "spawn",
-                source,
-            })?
-    };
-    let rx = {
+        workers.push(spawn("guest-to-peer", move || guest_to_peer(&sh, seq))?);
+    }
+    {
         let sh = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("peer-to-guest".into())
-            .spawn(move || peer_to_guest(&sh, opener))
-            .map_err(|source| NetcardError::Io {
-                op: "spawn",
-                source,
-            })?
-    };
+        workers.push(spawn("peer-to-guest", move || peer_to_guest(&sh))?);
+    }
+    if let Some(l) = listener {
+        let sh = Arc::clone(&shared);
+        workers.push(spawn("control", move || control_loop(&sh, l))?);
+    }
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
@@ -312,11 +524,16 @@ pub fn run(cfg: TapConfig) -> Result<()> {
         break;
     }
     shared.stop.store(true, Ordering::Relaxed);
-    if tx.join().is_err() || rx.join().is_err() {
-        warn!("a data-path thread panicked");
+    for w in workers {
+        if w.join().is_err() {
+            warn!("a card thread panicked");
+        }
     }
-    // Both workers are gone: this is the last reference, so the key page is wiped now.
-    drop(keys);
+    // Every worker is gone: wipe every live epoch's key pages now.
+    if let Ok(mut ring) = shared.ring.write() {
+        *ring = KeyRing::new(shared.vpc, CardId(0), PayloadKind::Sealed);
+    }
+    // Pages wiped over the card's life (retired epochs and the ones wiped just now).
     print_counters(&shared.counters, Some(crate::encap::key_pages_wiped()));
     Ok(())
 }

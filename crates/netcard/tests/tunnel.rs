@@ -6,7 +6,8 @@
 //! source address are dropped and counted; `tcpdump` on the veth sees no plaintext marker, and
 //! an independent decryptor (Python `cryptography`, given the key) recovers it from the
 //! captured datagrams; a captured datagram replayed, one with a bit flipped and a truncated one
-//! are dropped and counted while the exchange still works; at exit each card wipes its key
+//! (sent with the source spoofed to the pinned peer address) are dropped and counted, and one
+//! from an unpinned source is counted as `forged_source`, while the exchange still works; at exit each card wipes its key
 //! page. Needs root (namespaces, TAP); skips loudly otherwise.
 
 use bulkhead_testkit::skip_or_fail;
@@ -257,11 +258,21 @@ print(json.dumps({"datagrams": len(dgrams), "opened": opened, "marker_found": fo
                   "plaintext_marker_in_capture": marker in raw}))
 "#;
 
+/// The host-network attacker: sends each file as a UDP datagram whose source is spoofed to card
+/// A's pinned address (raw socket, so the receiver's source pin does not stop it and the crypto
+/// and replay window must), then the first file once more from an ordinary socket (an
+/// unpinned source: `forged_source`).
 const SENDER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+import socket, struct, sys
+src, dst = socket.inet_aton("192.168.213.1"), socket.inet_aton("192.168.213.2")
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 for f in sys.argv[1:]:
-    s.sendto(open(f, "rb").read(), ("192.168.213.2", 4789))
+    body = open(f, "rb").read()
+    udp = struct.pack(">HHHH", 4789, 4789, 8 + len(body), 0) + body
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, src, dst)
+    raw.sendto(ip + udp, ("192.168.213.2", 0))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(open(sys.argv[1], "rb").read(), ("192.168.213.2", 4789))
 "#;
 
 const DHCP_SCRIPT: &str = "#!/bin/sh\necho \"$1 ip=$ip subnet=$subnet router=$router mtu=$mtu\" >> \"$(dirname \"$0\")/lease.txt\"\n";
@@ -513,6 +524,11 @@ fn two_cards_tunnel_tcp_and_ping_with_ciphertext_on_the_wire() {
             "{what} dropped and counted: {after_b}"
         );
     }
+    assert_eq!(
+        n(&after_b, "forged_source"),
+        n(&before_b, "forged_source") + 1,
+        "datagram from an unpinned source dropped and counted: {after_b}"
+    );
     assert_eq!(
         n(&after_b, "rx_packets"),
         n(&before_b, "rx_packets"),
