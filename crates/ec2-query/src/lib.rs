@@ -2,13 +2,16 @@
 //! checked types out, no I/O.
 //!
 //! - [`sigv4`]: AWS Signature Version 4 verification ([`Verifier::verify`]).
+//! - [`form`]: the form-encoded Query body into a typed [`Ec2Request`] ([`Ec2Request::parse`]).
 //!
 //! Every refusal is a typed error with the [`Ec2ErrorCode`] a real SDK understands.
 
 pub mod code;
+pub mod form;
 pub mod sigv4;
 
 pub use code::Ec2ErrorCode;
+pub use form::{Ec2Call, Ec2Request, QueryError};
 pub use sigv4::{
     AmzDate, Authorization, HttpRequestParts, SecretKey, SecretLookup, SigV4Error, VerifiedRequest,
     Verifier,
