@@ -47,6 +47,8 @@ const ALLOWED: &[Rule] = &[
     Rule::any(libc::SYS_mremap),
     Rule::any(libc::SYS_mprotect),
     Rule::any(libc::SYS_madvise),
+    // Key pages for epochs installed after start (LockedSecret: mmap, madvise, mlock).
+    Rule::any(libc::SYS_mlock),
     Rule::any(libc::SYS_munlock),
     Rule::any(libc::SYS_brk),
     Rule::any(libc::SYS_futex),
