@@ -64,7 +64,7 @@ pub fn open_epoch_key(
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || s.len() > 2 * SEALED_BLOB_LEN {
+    if !s.len().is_multiple_of(2) || s.len() > 2 * SEALED_BLOB_LEN {
         return None;
     }
     (0..s.len())

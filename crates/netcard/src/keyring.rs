@@ -154,7 +154,7 @@ impl KeyRing {
             vpc: self.vpc,
             epoch,
             sender: self.local,
-            seq: seq.next()?,
+            seq: seq.take()?,
         };
         match self.kind {
             PayloadKind::Sealed => keys.seal(&hdr, frame, out),
@@ -228,7 +228,7 @@ impl SeqSource {
     }
 
     /// The next sequence number; never one used before by this card, restarts included.
-    pub fn next(&mut self) -> Result<u64> {
+    pub fn take(&mut self) -> Result<u64> {
         if self.next > self.reserved {
             self.reserve()?;
         }
@@ -436,11 +436,11 @@ mod tests {
         };
         // A tiny block, so reservations happen often.
         let mut s = SeqSource::open(Some(open()), 8).expect("seq");
-        let mut used: Vec<u64> = (0..20).map(|_| s.next().expect("seq")).collect();
+        let mut used: Vec<u64> = (0..20).map(|_| s.take().expect("seq")).collect();
         // "kill -9": the process state is gone, only the file remains.
         drop(s);
         let mut s = SeqSource::open(Some(open()), 8).expect("restart");
-        let first = s.next().expect("seq");
+        let first = s.take().expect("seq");
         assert!(
             first > *used.iter().max().expect("used"),
             "{first} <= {used:?}"
@@ -449,14 +449,14 @@ mod tests {
         // Even with the clock far behind the floor (a floor from the future).
         std::fs::write(&path, (u64::MAX / 2).to_be_bytes()).expect("floor");
         let mut s = SeqSource::open(Some(open()), 8).expect("restart");
-        assert!(s.next().expect("seq") > u64::MAX / 2);
+        assert!(s.take().expect("seq") > u64::MAX / 2);
         // A floor at the very end refuses instead of wrapping.
         std::fs::write(&path, u64::MAX.to_be_bytes()).expect("floor");
         assert!(SeqSource::open(Some(open()), 8).is_err());
         // Without a file the clock alone orders restarts.
-        let a = SeqSource::open(None, 8).expect("a").next().expect("n");
+        let a = SeqSource::open(None, 8).expect("a").take().expect("n");
         std::thread::sleep(std::time::Duration::from_millis(2));
-        let b = SeqSource::open(None, 8).expect("b").next().expect("n");
+        let b = SeqSource::open(None, 8).expect("b").take().expect("n");
         assert!(b > a);
     }
 }

@@ -123,15 +123,15 @@ impl World {
         ok(&[
             "ip", "link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1],
         ]);
-        for h in 0..2 {
-            ok(&["ip", "link", "set", &veth[h], "netns", &w.hosts[h]]);
+        for (h, v) in veth.iter().enumerate() {
+            ok(&["ip", "link", "set", v, "netns", &w.hosts[h]]);
             ok(&[
                 "ip",
                 "-n",
                 &w.hosts[h],
                 "link",
                 "set",
-                &veth[h],
+                v,
                 "name",
                 "hostlink",
             ]);
