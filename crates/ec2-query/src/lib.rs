@@ -2,6 +2,7 @@
 //! checked types out, no I/O.
 //!
 //! - [`sigv4`]: AWS Signature Version 4 verification ([`Verifier::verify`]).
+//! - [`xml`]: the XML answers and error documents ([`Ec2Response::to_xml`], [`xml::error_xml`]).
 //! - [`form`]: the form-encoded Query body into a typed [`Ec2Request`] ([`Ec2Request::parse`]).
 //!
 //! Every refusal is a typed error with the [`Ec2ErrorCode`] a real SDK understands.
@@ -9,6 +10,7 @@
 pub mod code;
 pub mod form;
 pub mod sigv4;
+pub mod xml;
 
 pub use code::Ec2ErrorCode;
 pub use form::{Ec2Call, Ec2Request, QueryError};
@@ -16,3 +18,4 @@ pub use sigv4::{
     AmzDate, Authorization, HttpRequestParts, SecretKey, SecretLookup, SigV4Error, VerifiedRequest,
     Verifier,
 };
+pub use xml::{error_xml, Ec2Response};
