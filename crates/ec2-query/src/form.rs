@@ -443,6 +443,9 @@ fn create_volume(p: &mut Params) -> Result<Ec2Request, QueryError> {
     }))
 }
 
+/// `Filter.N` while it is gathered: its name, and its values with their `.M`.
+type RawFilter = (Option<String>, Vec<(usize, String)>);
+
 /// The decoded form: each key once.
 struct Params(BTreeMap<String, String>);
 
@@ -637,8 +640,7 @@ impl Params {
             .take_while(|(k, _)| k.starts_with("Filter."))
             .map(|(k, _)| k.clone())
             .collect();
-        // index → (name, [(m, value)])
-        let mut by_index: BTreeMap<usize, (Option<String>, Vec<(usize, String)>)> = BTreeMap::new();
+        let mut by_index: BTreeMap<usize, RawFilter> = BTreeMap::new();
         for k in keys {
             let rest = k.get("Filter.".len()..).unwrap_or_default();
             let (n, field) = rest.split_once('.').ok_or(QueryError::BadIndex(NAME))?;
@@ -673,6 +675,7 @@ impl Params {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn parse(s: &str) -> Result<Ec2Call, QueryError> {

@@ -404,6 +404,7 @@ pub fn error_xml(code: Ec2ErrorCode, message: &str, request_id: &str) -> String 
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
