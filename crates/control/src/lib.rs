@@ -24,6 +24,7 @@ pub mod pg;
 pub mod reconciler;
 pub mod repo;
 pub mod scheduler;
+pub mod schema;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -28,34 +28,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// (transaction-scoped: released at commit or when the connection dies).
 const PLACEMENT_LOCK: i64 = 0x6275_6c6b_0001;
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE customers (
-        access_key_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, wrapped_secret BYTEA NOT NULL);
-     CREATE TABLE signatures (signature TEXT PRIMARY KEY, seen BIGINT NOT NULL);
-     CREATE TABLE idempotency (
-        tenant_id TEXT NOT NULL, action TEXT NOT NULL, token TEXT NOT NULL,
-        request_hash TEXT NOT NULL, response TEXT NOT NULL,
-        PRIMARY KEY (tenant_id, action, token));
-     CREATE TABLE hosts (
-        host_id TEXT PRIMARY KEY, addr TEXT NOT NULL, cores BIGINT NOT NULL,
-        dedicated_tenant TEXT, status TEXT, polled BIGINT, audit_cursor BIGINT NOT NULL DEFAULT 0);
-     CREATE TABLE host_audit (
-        host_id TEXT NOT NULL, seq BIGINT NOT NULL, line TEXT NOT NULL, PRIMARY KEY (host_id, seq));
-     CREATE TABLE instances (
-        instance_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, host_id TEXT NOT NULL,
-        image_id TEXT NOT NULL, vcpus BIGINT NOT NULL, memory_mib BIGINT NOT NULL,
-        cores BIGINT NOT NULL, dedicated BOOLEAN NOT NULL, state TEXT NOT NULL,
-        created BIGINT NOT NULL);
-     CREATE INDEX instances_by_tenant ON instances(tenant_id);
-     CREATE TABLE volumes (
-        volume_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, size_gib BIGINT NOT NULL,
-        kms_key_id TEXT NOT NULL, ciphertext_blob BYTEA NOT NULL, state TEXT NOT NULL,
-        instance_id TEXT, host_id TEXT, created BIGINT NOT NULL);
-     CREATE INDEX volumes_by_tenant ON volumes(tenant_id);",
-    crate::workflow::store::SCHEMA,
-    crate::workflow::store::LEASES,
-];
-
 fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -132,11 +104,12 @@ impl PgRepo {
             .map_err(pg_err)?
             .map(|r| r.get(0))
             .unwrap_or(0);
-        let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+        let migrations = crate::schema::migrations(crate::schema::Dialect::Postgres);
+        let known = i64::try_from(migrations.len()).unwrap_or(i64::MAX);
         if version > known {
             return Err(RepoError::TooNew(version));
         }
-        for (n, m) in MIGRATIONS.iter().enumerate() {
+        for (n, m) in migrations.iter().enumerate() {
             let v = i64::try_from(n + 1).unwrap_or(i64::MAX);
             if v > version {
                 let mut tx = client.transaction().map_err(pg_err)?;

@@ -185,34 +185,6 @@ pub trait Repository: crate::workflow::WorkflowStore + Send + Sync {
 /// The placement function [`Repository::reserve_instance`] runs under its lock.
 pub type Chooser = Box<dyn FnOnce(&[HostRow], &[InstanceRow]) -> Option<String> + Send>;
 
-const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE customers (
-        access_key_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, wrapped_secret BLOB NOT NULL);
-     CREATE TABLE signatures (signature TEXT PRIMARY KEY, seen INTEGER NOT NULL);
-     CREATE TABLE idempotency (
-        tenant_id TEXT NOT NULL, action TEXT NOT NULL, token TEXT NOT NULL,
-        request_hash TEXT NOT NULL, response TEXT NOT NULL,
-        PRIMARY KEY (tenant_id, action, token));
-     CREATE TABLE hosts (
-        host_id TEXT PRIMARY KEY, addr TEXT NOT NULL, cores INTEGER NOT NULL,
-        dedicated_tenant TEXT, status TEXT, polled INTEGER, audit_cursor INTEGER NOT NULL DEFAULT 0);
-     CREATE TABLE host_audit (
-        host_id TEXT NOT NULL, seq INTEGER NOT NULL, line TEXT NOT NULL, PRIMARY KEY (host_id, seq));
-     CREATE TABLE instances (
-        instance_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, host_id TEXT NOT NULL,
-        image_id TEXT NOT NULL, vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL,
-        cores INTEGER NOT NULL, dedicated INTEGER NOT NULL, state TEXT NOT NULL,
-        created INTEGER NOT NULL);
-     CREATE INDEX instances_by_tenant ON instances(tenant_id);
-     CREATE TABLE volumes (
-        volume_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, size_gib INTEGER NOT NULL,
-        kms_key_id TEXT NOT NULL, ciphertext_blob BLOB NOT NULL, state TEXT NOT NULL,
-        instance_id TEXT, host_id TEXT, created INTEGER NOT NULL);
-     CREATE INDEX volumes_by_tenant ON volumes(tenant_id);",
-    crate::workflow::store::SCHEMA,
-    crate::workflow::store::LEASES,
-];
-
 pub struct SqliteRepo {
     conn: Mutex<Connection>,
 }
@@ -297,11 +269,12 @@ impl SqliteRepo {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+        let migrations = crate::schema::migrations(crate::schema::Dialect::Sqlite);
+        let known = i64::try_from(migrations.len()).unwrap_or(i64::MAX);
         if version > known {
             return Err(RepoError::TooNew(version));
         }
-        for (n, m) in MIGRATIONS.iter().enumerate() {
+        for (n, m) in migrations.iter().enumerate() {
             let v = i64::try_from(n + 1).unwrap_or(i64::MAX);
             if v > version {
                 let tx = conn.transaction()?;
