@@ -23,6 +23,8 @@ pub mod operator;
 pub mod pg;
 pub mod reconciler;
 pub mod repo;
+#[doc(hidden)]
+pub mod repo_contract;
 pub mod scheduler;
 pub mod schema;
 pub mod server;
