@@ -12,5 +12,5 @@ if [ -z "${BULKHEAD_PG_URL:-}" ] && [ -z "${BENCH_NO_PG:-}" ] && ls /usr/lib/pos
 fi
 PG=()
 [ -n "${BULKHEAD_PG_URL:-}" ] && PG=(--database-url "$BULKHEAD_PG_URL")
-"$BIN/bulkhead-control" bench --hosts 2 --iterations "${BENCH_ITERATIONS:-40}" \
+"$BIN/bulkhead-devcluster" bench --hosts 2 --iterations "${BENCH_ITERATIONS:-40}" \
   --seconds "${BENCH_SECONDS:-3}" --concurrency "${BENCH_CONCURRENCY:-8}" "${PG[@]}" 2>/dev/null

@@ -12,12 +12,10 @@
 
 pub mod api;
 mod auth;
-pub mod cluster;
 pub mod config;
 pub mod fleet;
 pub mod hosts;
 mod instances;
-pub mod netns;
 pub mod openapi;
 pub mod operator;
 pub mod pg;

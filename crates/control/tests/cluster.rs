@@ -9,7 +9,7 @@ use std::process::Command;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use bulkhead_control::cluster::{self, Cluster, StartOptions};
+use bulkhead_devcluster::cluster::{self, Cluster, StartOptions};
 use bulkhead_kms::sigv;
 use bulkhead_kms::tls::{client_config, HttpsClient};
 use serde_json::{json, Value};
@@ -1146,7 +1146,7 @@ fn kms_releases_volume_keys_only_to_freshly_attested_hosts() {
 /// control plane pulls).
 #[test]
 fn each_host_is_in_its_own_network_namespace() {
-    if !bulkhead_control::netns::available() {
+    if !bulkhead_devcluster::netns::available() {
         bulkhead_testkit::skip_or_fail(
             "each_host_is_in_its_own_network_namespace: not root, or network namespaces cannot be created here",
         );

@@ -114,7 +114,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 #[test]
 fn cluster_certificates_name_their_role_and_service() {
     let dir = tempfile::tempdir().unwrap();
-    bulkhead_control::cluster::prepare(dir.path(), 2, false, &[]).unwrap();
+    bulkhead_devcluster::cluster::prepare(dir.path(), 2, false, &[]).unwrap();
     let ca = CaDir::new(dir.path().join("ca"));
     for (name, role) in [
         ("kms", Role::Service),
@@ -143,14 +143,14 @@ fn cluster_certificates_name_their_role_and_service() {
     assert!(ServerIdentity::host("host-2").check_der(&host_der).is_err());
     // A cluster directory from before (services with `host` certificates) is re-issued.
     ca.issue("kms", Role::Host, true).unwrap();
-    bulkhead_control::cluster::prepare(dir.path(), 2, false, &[]).unwrap();
+    bulkhead_devcluster::cluster::prepare(dir.path(), 2, false, &[]).unwrap();
     assert_eq!(ca.identity("kms").unwrap().0.role, Role::Service);
 }
 
 #[test]
 fn host_certificate_presented_as_the_kms_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    bulkhead_control::cluster::prepare(dir.path(), 2, false, &[]).unwrap();
+    bulkhead_devcluster::cluster::prepare(dir.path(), 2, false, &[]).unwrap();
     let ca_dir = dir.path().join("ca");
     let ca = CaDir::new(&ca_dir);
 

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bulkhead_audit::{AuditRecord, Decision, EntryKind};
-use bulkhead_control::cluster::{self, Cluster, ReplicaOptions, StartOptions};
+use bulkhead_devcluster::cluster::{self, Cluster, ReplicaOptions, StartOptions};
 use bulkhead_kms::tls::{client_config, HttpsClient};
 use common::*;
 use postgres::{Client, NoTls};

@@ -12,7 +12,7 @@ mod common;
 use std::path::Path;
 
 use bulkhead_audit::{AuditRecord, Decision, EntryKind};
-use bulkhead_control::cluster::Cluster;
+use bulkhead_devcluster::cluster::Cluster;
 use common::*;
 use serde_json::{json, Value};
 

@@ -1,7 +1,7 @@
 //! `bulkhead up --hosts N`: starts a local cluster — the KMS, N simulated hosts (one
 //! `bulkhead-controller` each, with its own sealing host key enrolled with the KMS), and the
 //! control plane — creating the CA and every certificate, then prints how to use it. The work is
-//! done by `bulkhead-control up` (found next to this binary), which this command becomes.
+//! done by `bulkhead-devcluster up` (found next to this binary), which this command becomes.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ pub fn run(a: UpArgs) -> Result<(), CliError> {
     if a.hosts == 0 || a.hosts > 64 {
         return Err(CliError::BadArgument("--hosts must be 1..=64".into()));
     }
-    let bin = super::sibling_binary("bulkhead-control")?;
+    let bin = super::sibling_binary("bulkhead-devcluster")?;
     let dir = match a.dir {
         Some(d) => d,
         None => {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use bulkhead_control::cluster::{self, Cluster, StartOptions};
+use bulkhead_devcluster::cluster::{self, Cluster, StartOptions};
 use bulkhead_kms::sigv::{self, ForwardedRequest, SignedParts};
 use bulkhead_kms::tls::{client_config, HttpsClient};
 use serde_json::{json, Value};

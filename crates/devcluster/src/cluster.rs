@@ -24,8 +24,8 @@ use bulkhead_tokens::statedir::StateDir;
 use bulkhead_tokens::Role;
 use serde_json::{json, Value};
 
-use crate::config::{Config, HostConfig};
 use crate::netns::{self, HostNet};
+use bulkhead_control::config::{Config, HostConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
