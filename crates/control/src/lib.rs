@@ -14,6 +14,7 @@ pub mod api;
 mod auth;
 pub mod config;
 pub mod fleet;
+mod fleet_rules;
 pub mod hosts;
 mod instances;
 pub mod openapi;
