@@ -53,6 +53,10 @@ pub struct Limits {
     pub max_established: usize,
     /// Established connections one client identity may hold.
     pub per_identity: usize,
+    /// … and the control plane's identity, the one caller that legitimately fans out (every
+    /// customer call becomes KMS, token-service and host calls). Still bounded by
+    /// `max_established`, and every request it sends is token-checked and audited as before.
+    pub per_control_plane: usize,
     /// Time allowed for a complete request head, at the start and between keep-alive
     /// requests (the idle limit).
     pub header_read_timeout: Duration,
@@ -69,6 +73,7 @@ impl Default for Limits {
             max_handshaking: 2048,
             max_established: 1024,
             per_identity: 64,
+            per_control_plane: 512,
             header_read_timeout: Duration::from_secs(10),
             max_buf_size: 64 * 1024,
             require_identity: false,
@@ -298,7 +303,11 @@ impl Connection {
             Some(c) => format!("cert:{c}"),
             None => format!("anonymous:{}", addr.ip()),
         };
-        let Some(_slot) = self.per_identity.take(key, self.limits.per_identity) else {
+        let cap = match identity.as_deref().map(|i| i.role) {
+            Some(bulkhead_tokens::Role::ControlPlane) => self.limits.per_control_plane,
+            _ => self.limits.per_identity,
+        };
+        let Some(_slot) = self.per_identity.take(key, cap) else {
             self.refusals
                 .refuse(refusal(Stage::Admission, codes::IDENTITY_CONNECTION_CAP));
             return;
