@@ -9,53 +9,16 @@
 //! cluster as in `cluster.rs::kms_releases_volume_keys_only_to_freshly_attested_hosts`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_devcluster::cluster::{self, Cluster, StartOptions};
-use bulkhead_kms::sigv::{self, ForwardedRequest, SignedParts};
 use bulkhead_kms::tls::{client_config, HttpsClient};
+use common::{backend_args, bins, code, customer};
 use serde_json::{json, Value};
-
-fn bins() -> PathBuf {
-    let b = Path::new(env!("CARGO_BIN_EXE_bulkhead-control"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    for n in [
-        "bulkhead-kms",
-        "bulkhead-token-service",
-        "bulkhead-controller",
-    ] {
-        assert!(
-            b.join(n).is_file(),
-            "{n} missing in {}: run `cargo build --release --workspace --bins` first",
-            b.display()
-        );
-    }
-    b
-}
-
-fn backend_args(bins: &Path) -> Vec<String> {
-    let help = Command::new(bins.join("bulkhead-controller"))
-        .arg("--help")
-        .output()
-        .unwrap();
-    if String::from_utf8_lossy(&help.stdout).contains("--backend") {
-        vec!["--backend".into(), "detached".into()]
-    } else {
-        Vec::new()
-    }
-}
-
-struct Customer {
-    akid: String,
-    secret: Vec<u8>,
-    endpoint: String,
-    client: HttpsClient,
-}
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -63,85 +26,6 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .unwrap()
         .block_on(f)
-}
-
-impl Customer {
-    fn parts(&self, action: &str, body: &str) -> SignedParts {
-        SignedParts {
-            method: "POST".into(),
-            path: format!("/v1/{action}"),
-            query: String::new(),
-            host: self.endpoint.clone(),
-            date: sigv::format_date(bulkhead_control::service::now()),
-            body: body.into(),
-            nonce: sigv::new_nonce(),
-        }
-    }
-
-    fn call(&self, action: &str, body: Value) -> (u16, Value) {
-        let p = self.parts(action, &body.to_string());
-        let auth = sigv::sign(&self.akid, &self.secret, &p);
-        let r = block_on(self.client.request(
-            &self.endpoint,
-            &p.method,
-            &p.path,
-            &[
-                ("authorization", auth.as_str()),
-                ("x-bh-date", &p.date),
-                ("x-bh-nonce", &p.nonce),
-                ("content-type", "application/json"),
-            ],
-            p.body.clone().into_bytes(),
-        ))
-        .unwrap();
-        (
-            r.status,
-            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-        )
-    }
-
-    fn ok(&self, action: &str, body: Value) -> Value {
-        let (st, v) = self.call(action, body);
-        assert_eq!(st, 200, "{action}: {v}");
-        v
-    }
-
-    /// A signed request in the form the control plane forwards to the KMS.
-    fn forwarded(&self, action: &str, body: Value) -> Value {
-        let p = self.parts(action, &body.to_string());
-        serde_json::to_value(ForwardedRequest {
-            authorization: sigv::sign(&self.akid, &self.secret, &p),
-            parts: p,
-        })
-        .unwrap()
-    }
-}
-
-fn customer(c: &Cluster, tenant: &str) -> Customer {
-    let out = c.dir.join(format!("{tenant}.json"));
-    let st = Command::new(bins().join("bulkhead-control"))
-        .args(["create-customer", "--config"])
-        .arg(c.dir.join("control.toml"))
-        .args(["--tenant", tenant, "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let v: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    Customer {
-        akid: v["access_key_id"].as_str().unwrap().into(),
-        secret: B64.decode(v["secret"].as_str().unwrap()).unwrap(),
-        endpoint: c.control_addr.clone(),
-        client: HttpsClient::new(client_config(&c.dir.join("ca/ca.pem"), None).unwrap()),
-    }
-}
-
-fn code(v: &Value) -> &str {
-    v["error"]["code"].as_str().unwrap_or("")
 }
 
 /// What the control plane's certificate can do: the KMS, the token service, every host.
