@@ -10,49 +10,19 @@
 //! from an unpinned source is counted as `forged_source`, while the exchange still works; at exit each card wipes its key
 //! page. Needs root (namespaces, TAP); skips loudly otherwise.
 
+mod common;
+
 use bulkhead_testkit::skip_or_fail;
+use common::{have, in_ns, ok, run};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-netcard");
 const PORT: u16 = 4789;
 const MARKER: &str = "BULKHEAD-NETCARD-MARKER-7d41";
-
-/// Runs a command, returns its output (never panics on failure to spawn: reported in stderr).
-fn run(args: &[&str]) -> Output {
-    match Command::new(args[0]).args(&args[1..]).output() {
-        Ok(o) => o,
-        Err(e) => Output {
-            status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
-            stdout: Vec::new(),
-            stderr: format!("spawn {args:?}: {e}").into_bytes(),
-        },
-    }
-}
-
-fn ok(args: &[&str]) {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn in_ns(ns: &str, args: &[&str]) -> Output {
-    let mut v = vec!["ip", "netns", "exec", ns];
-    v.extend_from_slice(args);
-    run(&v)
-}
-
-fn have(tool: &str) -> bool {
-    run(&["sh", "-c", &format!("command -v {tool}")])
-        .status
-        .success()
-}
 
 /// Namespaces, card processes and tcpdump, torn down on drop (also when the test fails).
 struct World {

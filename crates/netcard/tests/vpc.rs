@@ -13,53 +13,24 @@
 //! opened by an independent Python decryptor shows no plaintext, every datagram authentic, and
 //! no (key, nonce) pair used twice. Needs root; skips loudly otherwise.
 
+mod common;
+
 use bulkhead_netcard::control::seal_epoch_key;
 use bulkhead_netcard::encap::{KeyEpoch, VpcId};
 use bulkhead_sealing::HostKey;
 use bulkhead_testkit::skip_or_fail;
+use common::{have, in_ns, ok, run};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bulkhead-netcard");
 const MARKER: &str = "BULKHEAD-VPC-MARKER-93c2";
 const VPC: u32 = 9;
-
-fn run(args: &[&str]) -> Output {
-    match Command::new(args[0]).args(&args[1..]).output() {
-        Ok(o) => o,
-        Err(e) => Output {
-            status: std::os::unix::process::ExitStatusExt::from_raw(127 << 8),
-            stdout: Vec::new(),
-            stderr: format!("spawn {args:?}: {e}").into_bytes(),
-        },
-    }
-}
-
-fn ok(args: &[&str]) {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn in_ns(ns: &str, args: &[&str]) -> Output {
-    let mut v = vec!["ip", "netns", "exec", ns];
-    v.extend_from_slice(args);
-    run(&v)
-}
-
-fn have(tool: &str) -> bool {
-    run(&["sh", "-c", &format!("command -v {tool}")])
-        .status
-        .success()
-}
 
 /// Card `i` (1..=3): its host namespace index, UDP address, guest IP and MAC.
 fn host_of(i: usize) -> usize {
