@@ -112,9 +112,21 @@ fn two_vcpus_are_set_up_pinned_and_started() {
             .filter(|(c, _)| c.starts_with("vcpu"))
             .collect()
     };
+    // A vCPU thread pins itself as its first act, before its filter and its first KVM_RUN; a
+    // read just after the thread appears can see it unpinned, so wait for both to settle.
+    let pinned = |t: &[(String, String)]| {
+        t.len() == 2
+            && t.iter().all(|(comm, allowed)| {
+                comm.trim_start_matches("vcpu")
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| pin.get(i))
+                    .is_some_and(|c| allowed == &c.to_string())
+            })
+    };
     let mut tasks = vcpu_tasks();
     for _ in 0..100 {
-        if tasks.len() == 2 {
+        if pinned(&tasks) {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
