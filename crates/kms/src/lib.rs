@@ -61,6 +61,12 @@ pub enum KmsError {
     Attestation(bulkhead_rot::attest::AttestError),
     #[error("customer or access key already registered")]
     CustomerExists,
+    #[error("no such VPC")]
+    NoSuchVpc,
+    #[error("the VPC has no key of that epoch")]
+    NoSuchEpoch,
+    #[error("a VPC with that id or number already exists")]
+    VpcExists,
     #[error("audit log unavailable; nothing was done")]
     AuditUnavailable,
     #[error("store: {0}")]
@@ -91,6 +97,9 @@ impl KmsError {
             KmsError::EvidenceForAnotherHost => "evidence_for_another_host",
             KmsError::Attestation(e) => e.code(),
             KmsError::CustomerExists => "customer_exists",
+            KmsError::NoSuchVpc => "no_such_vpc",
+            KmsError::NoSuchEpoch => "no_such_epoch",
+            KmsError::VpcExists => "vpc_exists",
             KmsError::AuditUnavailable => "audit_unavailable",
             KmsError::Store(_) => "store_error",
             KmsError::Crypto(crypto::CryptoError::BadBlob) => "bad_ciphertext_blob",
@@ -102,7 +111,11 @@ impl KmsError {
 
     pub fn status(&self) -> u16 {
         match self {
-            KmsError::NoSuchRoute | KmsError::NoSuchKey | KmsError::UnknownHost => 404,
+            KmsError::NoSuchRoute
+            | KmsError::NoSuchKey
+            | KmsError::UnknownHost
+            | KmsError::NoSuchVpc
+            | KmsError::NoSuchEpoch => 404,
             KmsError::BodyTooLarge => 413,
             KmsError::BadBody | KmsError::BadRequest(_) => 400,
             KmsError::Crypto(crypto::CryptoError::BadBlob | crypto::CryptoError::Unwrap) => 400,
@@ -115,7 +128,7 @@ impl KmsError {
             | KmsError::AttestationRequired
             | KmsError::EvidenceForAnotherHost
             | KmsError::Attestation(_) => 403,
-            KmsError::CustomerExists => 409,
+            KmsError::CustomerExists | KmsError::VpcExists => 409,
             KmsError::AuditUnavailable => 503,
             _ => 500,
         }

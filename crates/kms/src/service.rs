@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::crypto::{self, DataKeyBlob, Key32};
 use crate::keystore::{Embedded, KeyStore};
 use crate::sigv::{self, Authorization, ForwardedRequest};
-use crate::store::{CmkRow, GrantRow, Store};
+use crate::store::{CmkRow, GrantRow, Store, VpcRow};
 use crate::wire::*;
 use crate::KmsError;
 use bulkhead_rot::attest::Verifier;
@@ -50,6 +50,21 @@ pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(b))
 }
 
+/// Binds a wrapped VPC epoch key to its VPC and epoch.
+fn vpc_aad(vpc_id: &str, epoch: u32) -> Vec<u8> {
+    let mut a = b"bulkhead vpc epoch key v1\0".to_vec();
+    a.extend_from_slice(vpc_id.as_bytes());
+    a.push(0);
+    a.extend_from_slice(&epoch.to_be_bytes());
+    a
+}
+
+/// The single-use mark of a forwarded `RunInstances` authorization sealing a VPC key for one
+/// instance (kept apart from the marks of volume-key authorizations).
+fn vpc_seal_mark(signature: &str, instance: &str) -> String {
+    format!("{signature}/seal-vpc-key/{instance}")
+}
+
 fn cust_aad(akid: &str) -> Vec<u8> {
     let mut a = b"bulkhead customer secret v1\0".to_vec();
     a.extend_from_slice(akid.as_bytes());
@@ -66,6 +81,8 @@ fn claimed_resources(body: &[u8]) -> Vec<String> {
         ("volume_id", "volume"),
         ("host_id", "host"),
         ("tenant_id", "tenant"),
+        ("vpc_id", "vpc"),
+        ("instance_id", "instance"),
     ]
     .iter()
     .filter_map(|(field, kind)| {
@@ -73,6 +90,11 @@ fn claimed_resources(body: &[u8]) -> Vec<String> {
         crate::valid_id(id).then(|| format!("{kind}:{id}"))
     })
     .collect()
+}
+
+/// `vpc-` and then an identifier.
+fn valid_vpc_id(s: &str) -> bool {
+    s.starts_with("vpc-") && crate::valid_id(s)
 }
 
 /// A customer authenticated by a forwarded signed request.
@@ -118,6 +140,22 @@ enum Plan {
         key_id: String,
         tenant: String,
         volume: String,
+    },
+    CreateVpc {
+        row: VpcRow,
+    },
+    /// A retried `CreateVpcKey` for a VPC this tenant already has: answered, nothing made.
+    VpcExisting {
+        row: VpcRow,
+    },
+    SealVpc {
+        vpc_number: u32,
+        vpc_id: String,
+        epoch: u32,
+        wrapped: Vec<u8>,
+        host: HostPublicKey,
+        /// [`vpc_seal_mark`]: consumed atomically before the key is opened.
+        mark: String,
     },
 }
 
@@ -221,6 +259,11 @@ impl Kms {
     }
 
     fn forwarded(&self, f: &ForwardedRequest, action: &str) -> Result<Customer, KmsError> {
+        self.forwarded_any(f, &[action])
+    }
+
+    /// A forwarded signed request for any one of `actions`.
+    fn forwarded_any(&self, f: &ForwardedRequest, actions: &[&str]) -> Result<Customer, KmsError> {
         let auth = Authorization::parse(&f.authorization).map_err(KmsError::Signature)?;
         let (tenant, wrapped) = self
             .store
@@ -233,7 +276,11 @@ impl Kms {
                 e => KmsError::Signature(e),
             },
         )?;
-        if f.parts.method != "POST" || f.parts.path != format!("/v1/{action}") {
+        if f.parts.method != "POST"
+            || !actions
+                .iter()
+                .any(|action| f.parts.path == format!("/v1/{action}"))
+        {
             return Err(KmsError::WrongCustomerAction);
         }
         let body: Value =
@@ -275,6 +322,39 @@ impl Kms {
             return Err(KmsError::HostKeyMismatch);
         }
         Ok(presented)
+    }
+
+    /// The host key a key may be sealed to for `instance` on `host_id`. With attestation: the
+    /// host's fresh quote must verify and be bound to `instance` (qualifying data =
+    /// SHA-256(nonce || instance), which the host's controller quotes only for an instance it
+    /// runs), and the key is that of the attested enrolment. Without: the enrolled key file.
+    fn host_for_instance(
+        &self,
+        evidence: Option<&bulkhead_rot::attest::Evidence>,
+        host_id: &str,
+        presented_b64: &str,
+        instance: &str,
+    ) -> Result<HostPublicKey, KmsError> {
+        match self.verifier() {
+            Some(mut v) => {
+                let ev = evidence.ok_or(KmsError::AttestationRequired)?;
+                if ev.host != host_id {
+                    return Err(KmsError::EvidenceForAnotherHost);
+                }
+                let ok = v
+                    .verify_for_instance(ev, instance)
+                    .map_err(KmsError::Attestation)?;
+                let enrolled = hex::decode(&ok.host_public)
+                    .ok()
+                    .and_then(|raw| HostPublicKey::from_file_bytes(&raw).ok())
+                    .ok_or(KmsError::Internal)?;
+                if self.presented_key(presented_b64)? != enrolled {
+                    return Err(KmsError::HostKeyMismatch);
+                }
+                Ok(enrolled)
+            }
+            None => self.host_key(host_id, presented_b64),
+        }
     }
 
     fn decide(&self, op: KmsOp, body: &[u8]) -> Result<(Vec<String>, Plan), KmsError> {
@@ -388,31 +468,19 @@ impl Kms {
                 if self.store.authorization_used(&c.signature)? {
                     return Err(KmsError::AuthorizationReplayed);
                 }
-                let host = match self.verifier() {
-                    Some(mut v) => {
-                        let ev = r.evidence.as_ref().ok_or(KmsError::AttestationRequired)?;
-                        if ev.host != r.host_id {
-                            return Err(KmsError::EvidenceForAnotherHost);
-                        }
-                        // The key goes to the host that runs the instance the customer named in
-                        // the signed AttachVolume: the quote must be bound to that instance
-                        // (qualifying data = SHA-256(nonce || InstanceId)), which the host's
-                        // controller quotes only for an instance it runs.
-                        let instance = str_field(&c.body, "InstanceId")
-                            .ok_or(KmsError::WrongCustomerAction)?;
-                        let ok = v
-                            .verify_for_instance(ev, &instance)
-                            .map_err(KmsError::Attestation)?;
-                        let enrolled = hex::decode(&ok.host_public)
-                            .ok()
-                            .and_then(|raw| HostPublicKey::from_file_bytes(&raw).ok())
-                            .ok_or(KmsError::Internal)?;
-                        if self.presented_key(&r.host_public_key)? != enrolled {
-                            return Err(KmsError::HostKeyMismatch);
-                        }
-                        enrolled
-                    }
-                    None => self.host_key(&r.host_id, &r.host_public_key)?,
+                // The key goes to the host that runs the instance the customer named in the
+                // signed AttachVolume.
+                let host = if self.attestation.is_some() {
+                    let instance =
+                        str_field(&c.body, "InstanceId").ok_or(KmsError::WrongCustomerAction)?;
+                    self.host_for_instance(
+                        r.evidence.as_ref(),
+                        &r.host_id,
+                        &r.host_public_key,
+                        &instance,
+                    )?
+                } else {
+                    self.host_key(&r.host_id, &r.host_public_key)?
                 };
                 Ok((
                     vec![
@@ -445,6 +513,79 @@ impl Kms {
                 Ok((
                     vec![format!("host:{}", r.host_id)],
                     Plan::Challenge { host: r.host_id },
+                ))
+            }
+            KmsOp::CreateVpcKey => {
+                let r: CreateVpcKeyRequest = parse(body)?;
+                if !valid_vpc_id(&r.vpc_id) {
+                    return Err(KmsError::BadRequest("vpc_id"));
+                }
+                if r.vpc_number == 0 {
+                    return Err(KmsError::BadRequest("vpc_number"));
+                }
+                let c = self.forwarded_any(&r.customer_request, CREATE_VPC_ACTIONS)?;
+                let row = VpcRow {
+                    vpc_id: r.vpc_id,
+                    vpc_number: r.vpc_number,
+                    tenant_id: c.tenant,
+                };
+                let res = vec![
+                    format!("tenant:{}", row.tenant_id),
+                    format!("vpc:{}", row.vpc_id),
+                ];
+                match self.store.vpc(&row.vpc_id, row.vpc_number)? {
+                    // The control plane retrying the same VPC for the same owner.
+                    Some(v) if v == row => Ok((res, Plan::VpcExisting { row })),
+                    Some(_) => Err(KmsError::VpcExists),
+                    None => Ok((res, Plan::CreateVpc { row })),
+                }
+            }
+            KmsOp::SealVpcKey => {
+                let r: SealVpcKeyRequest = parse(body)?;
+                if !valid_vpc_id(&r.vpc_id) {
+                    return Err(KmsError::BadRequest("vpc_id"));
+                }
+                if !crate::valid_id(&r.instance_id) {
+                    return Err(KmsError::BadRequest("instance_id"));
+                }
+                let c = self.forwarded(&r.customer_request, "RunInstances")?;
+                // Another tenant's VPC is indistinguishable from a missing one.
+                let vpc = self
+                    .store
+                    .vpc_by_id(&r.vpc_id)?
+                    .filter(|v| v.tenant_id == c.tenant)
+                    .ok_or(KmsError::NoSuchVpc)?;
+                let wrapped = self
+                    .store
+                    .vpc_epoch(&vpc.vpc_id, r.epoch)?
+                    .ok_or(KmsError::NoSuchEpoch)?;
+                // One signed RunInstances seals the VPC key once per instance it launches.
+                let mark = vpc_seal_mark(&c.signature, &r.instance_id);
+                if self.store.authorization_used(&mark)? {
+                    return Err(KmsError::AuthorizationReplayed);
+                }
+                let host = self.host_for_instance(
+                    r.evidence.as_ref(),
+                    &r.host_id,
+                    &r.host_public_key,
+                    &r.instance_id,
+                )?;
+                Ok((
+                    vec![
+                        format!("tenant:{}", c.tenant),
+                        format!("vpc:{}", vpc.vpc_id),
+                        format!("epoch:{}", r.epoch),
+                        format!("instance:{}", r.instance_id),
+                        format!("host:{}", r.host_id),
+                    ],
+                    Plan::SealVpc {
+                        vpc_number: vpc.vpc_number,
+                        vpc_id: vpc.vpc_id,
+                        epoch: r.epoch,
+                        wrapped,
+                        host,
+                        mark,
+                    },
                 ))
             }
             KmsOp::RevokeGrant => {
@@ -598,6 +739,68 @@ impl Kms {
                 let n = self.store.revoke_grants(&key_id, &tenant, &volume, now())?;
                 Ok(serde_json::to_value(RevokeGrantResponse { revoked: n })
                     .map_err(|_| KmsError::Internal)?)
+            }
+            Plan::CreateVpc { row } => {
+                const FIRST_EPOCH: u32 = 1;
+                let key = crypto::random_secret::<32>()?;
+                let wrapped =
+                    crypto::wrap(&self.root, &vpc_aad(&row.vpc_id, FIRST_EPOCH), key.as_ref())?;
+                drop(key);
+                if !self.store.insert_vpc(&row, FIRST_EPOCH, &wrapped, now())? {
+                    return Err(KmsError::VpcExists);
+                }
+                Ok(serde_json::to_value(CreateVpcKeyResponse {
+                    vpc_id: row.vpc_id,
+                    vpc_number: row.vpc_number,
+                    epoch: FIRST_EPOCH,
+                })
+                .map_err(|_| KmsError::Internal)?)
+            }
+            Plan::VpcExisting { row } => {
+                let epoch = self
+                    .store
+                    .vpc_latest_epoch(&row.vpc_id)?
+                    .ok_or(KmsError::Internal)?;
+                Ok(serde_json::to_value(CreateVpcKeyResponse {
+                    vpc_id: row.vpc_id,
+                    vpc_number: row.vpc_number,
+                    epoch,
+                })
+                .map_err(|_| KmsError::Internal)?)
+            }
+            Plan::SealVpc {
+                vpc_number,
+                vpc_id,
+                epoch,
+                wrapped,
+                host,
+                mark,
+            } => {
+                let t = now();
+                let forget = t.saturating_sub(self.window_secs.saturating_mul(2));
+                if !self.store.consume_authorization(&mark, t, forget)? {
+                    return Err(KmsError::AuthorizationReplayed);
+                }
+                let key = crypto::unwrap::<32>(&self.root, &vpc_aad(&vpc_id, epoch), &wrapped)?;
+                // The net card's sealed-key layout: bytes 0..32 the epoch key, 32..64 zero.
+                let mut padded =
+                    bulkhead_sealing::LockedSecret::<{ bulkhead_sealing::VOLUME_KEY_LEN }>::new()
+                        .map_err(crypto::CryptoError::from)?;
+                padded.as_mut().fill(0);
+                if let Some(head) = padded.as_mut().get_mut(..32) {
+                    head.copy_from_slice(key.as_ref());
+                }
+                drop(key);
+                let sealed =
+                    seal_volume_key(&host, &vpc_sealing_id(vpc_number, epoch), padded.as_ref())
+                        .map_err(|_| KmsError::Internal)?;
+                drop(padded);
+                Ok(serde_json::to_value(SealVpcKeyResponse {
+                    vpc_number,
+                    epoch,
+                    sealed_epoch_key: hex::encode(sealed),
+                })
+                .map_err(|_| KmsError::Internal)?)
             }
         }
     }

@@ -42,7 +42,27 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE used_authorizations (
         signature TEXT PRIMARY KEY,
         used INTEGER NOT NULL);",
+    // VPC epoch keys: the owner of each VPC, and its keys wrapped under the root key.
+    "CREATE TABLE vpcs (
+        vpc_id TEXT PRIMARY KEY,
+        vpc_number INTEGER NOT NULL UNIQUE,
+        tenant_id TEXT NOT NULL,
+        created INTEGER NOT NULL);
+     CREATE TABLE vpc_epochs (
+        vpc_id TEXT NOT NULL REFERENCES vpcs(vpc_id),
+        epoch INTEGER NOT NULL,
+        wrapped BLOB NOT NULL,
+        created INTEGER NOT NULL,
+        PRIMARY KEY (vpc_id, epoch));",
 ];
+
+/// A VPC the KMS keeps epoch keys for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VpcRow {
+    pub vpc_id: String,
+    pub vpc_number: u32,
+    pub tenant_id: String,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CmkRow {
@@ -259,6 +279,80 @@ impl Store {
                 "UPDATE grants SET revoked = ?4 WHERE key_id = ?1 AND tenant_id = ?2 AND volume_id = ?3 AND revoked IS NULL",
                 params![key_id, tenant, volume_id, secs(now)],
             )
+        })
+    }
+
+    /// The VPC with this id, or the one with this number (either clash matters to a create).
+    pub fn vpc(&self, vpc_id: &str, vpc_number: u32) -> Result<Option<VpcRow>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT vpc_id, vpc_number, tenant_id FROM vpcs WHERE vpc_id = ?1 OR vpc_number = ?2 LIMIT 1",
+                params![vpc_id, i64::from(vpc_number)],
+                |r| {
+                    Ok(VpcRow {
+                        vpc_id: r.get(0)?,
+                        vpc_number: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                        tenant_id: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    /// The VPC with this id.
+    pub fn vpc_by_id(&self, vpc_id: &str) -> Result<Option<VpcRow>, StoreError> {
+        Ok(self.vpc(vpc_id, u32::MAX)?.filter(|v| v.vpc_id == vpc_id))
+    }
+
+    /// Records a VPC and its first epoch key (one transaction); false if the id or number is
+    /// taken.
+    pub fn insert_vpc(
+        &self,
+        row: &VpcRow,
+        epoch: u32,
+        wrapped: &[u8],
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO vpcs (vpc_id, vpc_number, tenant_id, created) VALUES (?1, ?2, ?3, ?4)",
+                params![row.vpc_id, i64::from(row.vpc_number), row.tenant_id, secs(now)],
+            )?;
+            if n != 1 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO vpc_epochs (vpc_id, epoch, wrapped, created) VALUES (?1, ?2, ?3, ?4)",
+                params![row.vpc_id, i64::from(epoch), wrapped, secs(now)],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// The wrapped key of one epoch of a VPC.
+    pub fn vpc_epoch(&self, vpc_id: &str, epoch: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT wrapped FROM vpc_epochs WHERE vpc_id = ?1 AND epoch = ?2",
+                params![vpc_id, i64::from(epoch)],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    /// The newest epoch of a VPC.
+    pub fn vpc_latest_epoch(&self, vpc_id: &str) -> Result<Option<u32>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT MAX(epoch) FROM vpc_epochs WHERE vpc_id = ?1",
+                params![vpc_id],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|o| o.and_then(|e| u32::try_from(e).ok()))
         })
     }
 }

@@ -18,6 +18,8 @@ pub enum KmsOp {
     DecryptForHost,
     RevokeGrant,
     Challenge,
+    CreateVpcKey,
+    SealVpcKey,
 }
 
 impl KmsOp {
@@ -28,6 +30,8 @@ impl KmsOp {
         KmsOp::DecryptForHost,
         KmsOp::RevokeGrant,
         KmsOp::Challenge,
+        KmsOp::CreateVpcKey,
+        KmsOp::SealVpcKey,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +42,8 @@ impl KmsOp {
             KmsOp::DecryptForHost => "DecryptForHost",
             KmsOp::RevokeGrant => "RevokeGrant",
             KmsOp::Challenge => "Challenge",
+            KmsOp::CreateVpcKey => "CreateVpcKey",
+            KmsOp::SealVpcKey => "SealVpcKey",
         }
     }
 
@@ -54,6 +60,9 @@ impl KmsOp {
             KmsOp::GenerateDataKey => Some("CreateVolume"),
             KmsOp::DecryptForHost => Some("AttachVolume"),
             KmsOp::RevokeGrant => Some("RevokeGrant"),
+            // A default VPC is made by the tenant's first RunInstances (see `CREATE_VPC_ACTIONS`).
+            KmsOp::CreateVpcKey => Some("CreateVpc"),
+            KmsOp::SealVpcKey => Some("RunInstances"),
         }
     }
 }
@@ -148,6 +157,66 @@ pub struct RevokeGrantRequest {
 #[serde(deny_unknown_fields)]
 pub struct RevokeGrantResponse {
     pub revoked: usize,
+}
+
+/// The customer actions whose forwarded signed request may create a VPC's key: an explicit
+/// `CreateVpc`, or the first `RunInstances` of a tenant without a VPC (its default VPC).
+pub const CREATE_VPC_ACTIONS: &[&str] = &["CreateVpc", "RunInstances"];
+
+/// `CreateVpcKey`: records the VPC's owner (the tenant whose signed request is forwarded) and
+/// makes its epoch-1 key, kept only wrapped under the KMS root key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVpcKeyRequest {
+    pub customer_request: ForwardedRequest,
+    /// `vpc-…`: the control plane's VPC id.
+    pub vpc_id: String,
+    /// The VPC number the net cards carry in their encapsulation header (unique per KMS).
+    pub vpc_number: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVpcKeyResponse {
+    pub vpc_id: String,
+    pub vpc_number: u32,
+    /// The newest epoch of the VPC's key (1 for a new VPC).
+    pub epoch: u32,
+}
+
+/// `SealVpcKey`: one VPC epoch key sealed to the attested host that runs `instance_id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealVpcKeyRequest {
+    /// The VPC owner's own signed `RunInstances`, forwarded. One authorization seals a key
+    /// once per instance.
+    pub customer_request: ForwardedRequest,
+    pub vpc_id: String,
+    pub epoch: u32,
+    pub instance_id: String,
+    pub host_id: String,
+    /// The host's 38-byte public key file, base64.
+    pub host_public_key: String,
+    /// The host's fresh quote bound to `instance_id` (required when the KMS enforces
+    /// attestation), as for `DecryptForHost`.
+    #[serde(default)]
+    pub evidence: Option<bulkhead_rot::attest::Evidence>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealVpcKeyResponse {
+    pub vpc_number: u32,
+    pub epoch: u32,
+    /// The 64-byte `bulkhead-sealing` blob for id `netcard-vpc-{vpc_number}-epoch-{epoch}`,
+    /// hex (what the controller's `POST /v1/instances/{id}/network` takes as-is).
+    pub sealed_epoch_key: String,
+}
+
+/// The sealing id of a VPC epoch key: the same bytes as the net card's
+/// `bulkhead_netcard::control::sealed_key_id`.
+pub fn vpc_sealing_id(vpc_number: u32, epoch: u32) -> String {
+    format!("netcard-vpc-{vpc_number}-epoch-{epoch}")
 }
 
 /// `{"error":{"code","message"}}`.

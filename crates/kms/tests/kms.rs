@@ -533,3 +533,287 @@ fn cmks_in_a_pkcs11_token_never_leave_it() {
     assert_eq!(st, 400, "{v}");
     assert_eq!(code(&v), "ciphertext_rejected", "{v}");
 }
+
+/// A customer's signed RunInstances (distinct per call, as two real requests are).
+fn run_auth(akid: &str, secret: &[u8], at: u64) -> Value {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    signed(
+        akid,
+        secret,
+        "RunInstances",
+        &json!({"ImageId": "img-1", "ClientToken": format!("r{n}")}),
+        at,
+    )
+}
+
+fn seal_body(
+    vpc: &str,
+    epoch: u32,
+    instance: &str,
+    host: &str,
+    key: &HostKey,
+    auth: &Value,
+) -> Value {
+    json!({
+        "customer_request": auth,
+        "vpc_id": vpc,
+        "epoch": epoch,
+        "instance_id": instance,
+        "host_id": host,
+        "host_public_key": B64.encode(key.public().to_file_bytes()),
+    })
+}
+
+/// Opens a sealed epoch key as the net card does (the sealing id binds VPC number and epoch;
+/// bytes 32..64 are zero).
+fn open_epoch(host: &HostKey, vpc_number: u32, epoch: u32, hex_blob: &str) -> [u8; 32] {
+    let blob = hex::decode(hex_blob).unwrap();
+    assert_eq!(blob.len(), bulkhead_sealing::SEALED_BLOB_LEN);
+    let opened = open_volume_key(
+        host,
+        &format!("netcard-vpc-{vpc_number}-epoch-{epoch}"),
+        &blob,
+    )
+    .unwrap();
+    assert!(opened.as_ref()[32..].iter().all(|b| *b == 0));
+    let mut k = [0u8; 32];
+    k.copy_from_slice(&opened.as_ref()[..32]);
+    k
+}
+
+#[test]
+fn vpc_epoch_keys_are_sealed_only_for_the_owners_instances_to_enrolled_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = start(dir.path());
+    setup(&k);
+    let host = HostKey::generate().unwrap();
+    k.enroll("host-1", &host);
+    let create = |akid: &str, secret: &[u8], action: &str, vpc: &str, n: u32| {
+        k.call(
+            "CreateVpcKey",
+            &json!({"customer_request": signed(akid, secret, action, &json!({"CidrBlock": "10.0.0.0/16"}), now()),
+                    "vpc_id": vpc, "vpc_number": n}),
+        )
+    };
+
+    // Tenant A's VPC 7 (explicit CreateVpc) and default VPC 8 (made by a RunInstances).
+    let (st, v) = create(AKID, &SECRET, "CreateVpc", "vpc-a", 7);
+    assert_eq!((st, v["epoch"].as_u64()), (200, Some(1)), "{v}");
+    let (st, v) = create(AKID, &SECRET, "RunInstances", "vpc-a-default", 8);
+    assert_eq!(st, 200, "{v}");
+    // A retry of the same VPC by its owner answers the same; anyone else's clash is refused.
+    let (st, v) = create(AKID, &SECRET, "CreateVpc", "vpc-a", 7);
+    assert_eq!((st, v["epoch"].as_u64()), (200, Some(1)), "{v}");
+    let (st, v) = create(AKID_B, &SECRET_B, "CreateVpc", "vpc-a", 7);
+    assert_eq!((st, code(&v)), (409, "vpc_exists"), "{v}");
+    let (st, v) = create(AKID_B, &SECRET_B, "CreateVpc", "vpc-b", 7);
+    assert_eq!((st, code(&v)), (409, "vpc_exists"), "{v}");
+    let (st, v) = create(AKID, &SECRET, "CreateVolume", "vpc-c", 9);
+    assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    let (st, v) = create(AKID, &SECRET, "CreateVpc", "subnet-1", 9);
+    assert_eq!((st, code(&v)), (400, "bad_request"), "{v}");
+    let (st, v) = create(AKID, &SECRET, "CreateVpc", "vpc-c", 0);
+    assert_eq!((st, code(&v)), (400, "bad_request"), "{v}");
+    let (st, v) = create(AKID_B, &SECRET_B, "CreateVpc", "vpc-b", 10);
+    assert_eq!(st, 200, "{v}");
+
+    // Sealed to the enrolled host for one instance: the card's sealed-key layout, and every
+    // instance of the VPC gets the same epoch key.
+    let auth = run_auth(AKID, &SECRET, now());
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body("vpc-a", 1, "i-1", "host-1", &host, &auth),
+    );
+    assert_eq!((st, v["vpc_number"].as_u64()), (200, Some(7)), "{v}");
+    let key1 = open_epoch(&host, 7, 1, v["sealed_epoch_key"].as_str().unwrap());
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body("vpc-a", 1, "i-2", "host-1", &host, &auth),
+    );
+    assert_eq!(st, 200, "{v}");
+    let blob2 = v["sealed_epoch_key"].as_str().unwrap().to_string();
+    assert_eq!(open_epoch(&host, 7, 1, &blob2), key1);
+    // The blob is bound to its VPC number and epoch.
+    let raw2 = hex::decode(&blob2).unwrap();
+    assert!(open_volume_key(&host, "netcard-vpc-8-epoch-1", &raw2).is_err());
+    assert!(open_volume_key(&host, "netcard-vpc-7-epoch-2", &raw2).is_err());
+    // Another VPC has another key.
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body(
+            "vpc-a-default",
+            1,
+            "i-3",
+            "host-1",
+            &host,
+            &run_auth(AKID, &SECRET, now()),
+        ),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_ne!(
+        open_epoch(&host, 8, 1, v["sealed_epoch_key"].as_str().unwrap()),
+        key1
+    );
+
+    // Attacks.
+    // One RunInstances authorization seals the key once per instance.
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body("vpc-a", 1, "i-1", "host-1", &host, &auth),
+    );
+    assert_eq!((st, code(&v)), (403, "authorization_replayed"), "{v}");
+    // Tenant B's RunInstances cannot get A's VPC key (indistinguishable from no VPC).
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body(
+            "vpc-a",
+            1,
+            "i-9",
+            "host-1",
+            &host,
+            &run_auth(AKID_B, &SECRET_B, now()),
+        ),
+    );
+    assert_eq!((st, code(&v)), (404, "no_such_vpc"), "{v}");
+    // Another action's signature does not authorize a seal.
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body(
+            "vpc-a",
+            1,
+            "i-9",
+            "host-1",
+            &host,
+            &attach_auth(AKID, &SECRET, now()),
+        ),
+    );
+    assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    // A stale authorization.
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body(
+            "vpc-a",
+            1,
+            "i-9",
+            "host-1",
+            &host,
+            &run_auth(AKID, &SECRET, now() - 3600),
+        ),
+    );
+    assert_eq!((st, code(&v)), (401, "authorization_not_recent"), "{v}");
+    // An epoch that was never made.
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body(
+            "vpc-a",
+            2,
+            "i-9",
+            "host-1",
+            &host,
+            &run_auth(AKID, &SECRET, now()),
+        ),
+    );
+    assert_eq!((st, code(&v)), (404, "no_such_epoch"), "{v}");
+    // A host key that is not the enrolled one, or an unenrolled host.
+    let rogue = HostKey::generate().unwrap();
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body(
+            "vpc-a",
+            1,
+            "i-9",
+            "host-1",
+            &rogue,
+            &run_auth(AKID, &SECRET, now()),
+        ),
+    );
+    assert_eq!((st, code(&v)), (403, "host_key_mismatch"), "{v}");
+    let (st, v) = k.call(
+        "SealVpcKey",
+        &seal_body(
+            "vpc-a",
+            1,
+            "i-9",
+            "host-9",
+            &rogue,
+            &run_auth(AKID, &SECRET, now()),
+        ),
+    );
+    assert_eq!((st, code(&v)), (404, "unknown_host"), "{v}");
+    // The operator's certificate may call neither operation.
+    let (st, v) = k.call_as(
+        "operator",
+        "SealVpcKey",
+        &seal_body(
+            "vpc-a",
+            1,
+            "i-9",
+            "host-1",
+            &host,
+            &run_auth(AKID, &SECRET, now()),
+        ),
+    );
+    assert_eq!((st, code(&v)), (403, "caller_not_allowed"), "{v}");
+    let (st, v) = k.call_as(
+        "operator",
+        "CreateVpcKey",
+        &json!({"customer_request": run_auth(AKID, &SECRET, now()), "vpc_id": "vpc-op", "vpc_number": 99}),
+    );
+    assert_eq!((st, code(&v)), (403, "caller_not_allowed"), "{v}");
+    // Unknown fields are refused.
+    let mut extra = seal_body(
+        "vpc-a",
+        1,
+        "i-9",
+        "host-1",
+        &host,
+        &run_auth(AKID, &SECRET, now()),
+    );
+    extra["plaintext"] = json!(true);
+    let (st, v) = k.call("SealVpcKey", &extra);
+    assert_eq!((st, code(&v)), (400, "body_invalid"), "{v}");
+
+    // Audited, refusals included.
+    bulkhead_audit::verify(&dir.path().join("kms/audit.log")).unwrap();
+    let audit = std::fs::read_to_string(dir.path().join("kms/audit.log")).unwrap();
+    for c in [
+        "CreateVpcKey",
+        "SealVpcKey",
+        "vpc_exists",
+        "no_such_vpc",
+        "no_such_epoch",
+        "vpc:vpc-a",
+        "instance:i-1",
+    ] {
+        assert!(audit.contains(c), "audit lacks {c}");
+    }
+
+    // The plaintext epoch key is nowhere on the KMS's disk or in its log.
+    drop(k);
+    let needles: Vec<Vec<u8>> = vec![
+        key1.to_vec(),
+        hex::encode(key1).into_bytes(),
+        B64.encode(key1).into_bytes(),
+        key1[..16].to_vec(),
+    ];
+    let mut scanned = 0;
+    for f in [
+        "kms/kms.db",
+        "kms/kms.db-wal",
+        "kms/audit.log",
+        "kms.stderr",
+    ] {
+        let Ok(hay) = std::fs::read(dir.path().join(f)) else {
+            continue;
+        };
+        scanned += 1;
+        for n in &needles {
+            assert!(
+                !hay.windows(n.len()).any(|w| w == n.as_slice()),
+                "plaintext epoch key in {f}"
+            );
+        }
+    }
+    assert!(scanned >= 3);
+}
