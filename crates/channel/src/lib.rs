@@ -11,21 +11,21 @@
 //!
 //! `len` is capped at [`MAX_FRAME`] *before* anything is buffered, the body must decode to
 //! exactly one envelope with no trailing bytes, and its `version` must equal [`VERSION`].
-//! File descriptors (a vhost-user socket for `AttachBlock`) travel beside the frame as
+//! File descriptors (a vhost-user socket for `AttachBlock`/`AttachNet`) travel beside the frame as
 //! `SCM_RIGHTS` ancillary data. This crate does no I/O: it turns bytes into checked types and
 //! back, so the same code runs in the hypervisor, the controller and the fuzz target.
 //!
 //! ## Long operations: accepted now, completed later, polled by request id
 //!
 //! Every exchange is one request and one response, in order: the hypervisor never sends a
-//! frame nobody asked for. `AttachBlock` and `DetachBlock` on a running guest must wait for the
-//! guest's driver (bind a hot-plugged card, release a pulled one: seconds on software KVM), so
+//! frame nobody asked for. `AttachBlock`, `DetachBlock`, `AttachNet` and `DetachNet` on a
+//! running guest must wait for the guest's driver (bind a hot-plugged card, release a pulled one: seconds on software KVM), so
 //! they do not hold the channel meanwhile:
 //!
 //! 1. The request is checked at once (state, device id, free slot, the vhost-user handshake).
 //!    A refusal comes back as `Err(CommandError::..)` and nothing changed.
 //! 2. Otherwise the reply is [`Reply::Accepted`]`{ op }`, where `op` is the *request id* of
-//!    the `AttachBlock`/`DetachBlock` (so request ids of long commands must be non-zero and not
+//!    the attach or detach (so request ids of long commands must be non-zero and not
 //!    reused while their operation is held: [`CommandError::OpIdInUse`]).
 //! 3. The client asks [`Command::OpStatus`]`{ op }` whenever it likes: the answer is
 //!    [`Reply::Op`] with [`OpStatus::Pending`], or [`OpStatus::Done`] exactly once, after which
@@ -46,7 +46,8 @@ use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in every envelope. Bumped on any incompatible change.
 /// Version 2: long operations answered by `Accepted` + `OpStatus`, more error kinds.
-pub const VERSION: u16 = 2;
+/// Version 3: `AttachNet`/`DetachNet`, `VmStats::net_devices`, `CommandError::WrongDeviceKind`.
+pub const VERSION: u16 = 3;
 /// Largest body accepted, in bytes. Console reads are capped well below it.
 pub const MAX_FRAME: u32 = 64 * 1024;
 /// Largest console chunk returned by one `ReadConsole`.
@@ -124,12 +125,23 @@ pub enum Command {
     Stats,
     /// How is the long operation accepted under request id `op` doing? (See the module docs.)
     OpStatus { op: u64 },
+    /// Attach a vhost-user net device (a net card); the connected vhost-user socket travels as
+    /// SCM_RIGHTS. The card decides the MAC. Like `AttachBlock`: present at boot before
+    /// `Start`, hot-plugged on a running or paused VM, into the same slots disks use.
+    AttachNet { id: DeviceId },
+    /// Detach a net device by id (hot-unplug on a running or paused VM). Refused with
+    /// [`CommandError::WrongDeviceKind`] for a block device's id (and `DetachBlock` for a net
+    /// device's).
+    DetachNet { id: DeviceId },
 }
 
 impl Command {
     /// Whether this command must carry exactly one file descriptor.
     pub fn wants_fd(&self) -> bool {
-        matches!(self, Command::AttachBlock { .. })
+        matches!(
+            self,
+            Command::AttachBlock { .. } | Command::AttachNet { .. }
+        )
     }
 
     /// Whether this command is a long operation: answered with [`Reply::Accepted`] and
@@ -137,14 +149,20 @@ impl Command {
     pub fn is_long(&self) -> bool {
         matches!(
             self,
-            Command::AttachBlock { .. } | Command::DetachBlock { .. }
+            Command::AttachBlock { .. }
+                | Command::DetachBlock { .. }
+                | Command::AttachNet { .. }
+                | Command::DetachNet { .. }
         )
     }
 
     /// The device a command names, if any.
     pub fn device(&self) -> Option<&DeviceId> {
         match self {
-            Command::AttachBlock { id, .. } | Command::DetachBlock { id } => Some(id),
+            Command::AttachBlock { id, .. }
+            | Command::DetachBlock { id }
+            | Command::AttachNet { id }
+            | Command::DetachNet { id } => Some(id),
             _ => None,
         }
     }
@@ -171,6 +189,7 @@ pub struct VmStats {
     pub console_dropped: u64,
     pub block_devices: u32,
     pub bad_guest_accesses: u64,
+    pub net_devices: u32,
 }
 
 /// A successful reply.
@@ -183,7 +202,7 @@ pub enum Reply {
     Console { data: Vec<u8>, next: u64, lost: u64 },
     /// Counters.
     Stats { state: VmState, stats: VmStats },
-    /// A block device was attached or detached. On a running guest (hot-plug),
+    /// A block or net device was attached or detached. On a running guest (hot-plug),
     /// `guest_acknowledged` says whether the guest's driver brought the device up (attach) or
     /// released it (detach) within the hypervisor's timeout; before boot it is always true for
     /// detach and false for attach (the guest has not run yet).
@@ -191,7 +210,7 @@ pub enum Reply {
         state: VmState,
         guest_acknowledged: bool,
     },
-    /// A long command (`AttachBlock`/`DetachBlock`) passed its checks and runs on; `op` (its
+    /// A long command (an attach or detach) passed its checks and runs on; `op` (its
     /// request id) names it for [`Command::OpStatus`].
     Accepted { op: u64 },
     /// Where the long operation `op` stands.
@@ -223,7 +242,7 @@ pub enum CommandError {
     DeviceExists,
     #[error("no free device slot")]
     NoFreeSlot,
-    #[error("attach-block needs exactly one fd")]
+    #[error("attach-block and attach-net need exactly one fd; other commands none")]
     MissingFd,
     #[error("the vhost-user backend failed: {0:?}")]
     Backend(BackendFailure),
@@ -239,9 +258,16 @@ pub enum CommandError {
     TooManyOps,
     #[error("the hypervisor failed internally")]
     Internal,
+    #[error(
+        "the device with that id is of another kind (a disk for DetachNet, a NIC for DetachBlock)"
+    )]
+    WrongDeviceKind,
 }
 
-/// Coarse vhost-user failure kinds (no free text crosses the channel).
+/// Coarse vhost-user failure kinds (no free text crosses the channel). `FeatureMismatch` also
+/// covers a backend that lacks a feature the device requires (a net card without
+/// `VIRTIO_NET_F_MAC` or the CONFIG protocol feature); `Config` covers a configuration that
+/// could not be read or is invalid (e.g. a multicast MAC).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BackendFailure {
     Handshake,
@@ -535,6 +561,12 @@ mod tests {
             }),
             req(Command::Stats),
             req(Command::OpStatus { op: 7 }),
+            req(Command::AttachNet {
+                id: DeviceId::new("eni-1").expect("valid id"),
+            }),
+            req(Command::DetachNet {
+                id: DeviceId::new("eni-1").expect("valid id"),
+            }),
         ]
     }
 
@@ -641,6 +673,42 @@ mod tests {
     }
 
     #[test]
+    fn net_commands_carry_an_fd_are_long_and_name_a_checked_device() {
+        let id = DeviceId::new("eni-1").expect("valid id");
+        let attach = Command::AttachNet { id: id.clone() };
+        let detach = Command::DetachNet { id: id.clone() };
+        assert!(attach.wants_fd() && !detach.wants_fd());
+        assert!(attach.is_long() && detach.is_long());
+        assert_eq!(attach.device(), Some(&id));
+        assert_eq!(detach.device(), Some(&id));
+        for c in [attach, detach] {
+            let r = Request {
+                version: VERSION,
+                id: 0,
+                command: c,
+            };
+            assert_eq!(
+                Request::parse_frame(&r.encode()),
+                Err(DecodeError::ZeroOpId),
+                "a long command needs a non-zero id"
+            );
+        }
+        // AttachNet (tag 9) and DetachNet (tag 10) with ids outside [a-z0-9-]{1,32}.
+        for tag in [9u8, 10] {
+            for bad in ["", "ETH0", "eth 0", "../x", &"n".repeat(33)] {
+                let mut body = postcard::to_stdvec(&(VERSION, 1u64)).expect("encode");
+                body.push(tag);
+                body.extend(postcard::to_stdvec(bad).expect("encode"));
+                assert_eq!(
+                    Request::parse_body(&body),
+                    Err(DecodeError::Body),
+                    "tag {tag} id {bad:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn console_read_is_bounded() {
         let r = req(Command::ReadConsole {
             cursor: 0,
@@ -683,6 +751,15 @@ mod tests {
             Err(CommandError::TooManyOps),
             Err(CommandError::OutOfInterruptRoutes),
             Err(CommandError::Backend(BackendFailure::FeatureMismatch)),
+            Err(CommandError::WrongDeviceKind),
+            Ok(Reply::Stats {
+                state: VmState::Running,
+                stats: VmStats {
+                    block_devices: 1,
+                    net_devices: 2,
+                    ..Default::default()
+                },
+            }),
         ];
         for result in results {
             let r = Response {

@@ -14,8 +14,9 @@ use bulkhead_channel::{
 enum Touches {
     /// Starts, pauses, resumes or ends the vCPUs; moves no data.
     Lifecycle,
-    /// Hands the guest a vhost-user socket (served by the block card) or takes it away. The
-    /// hypervisor passes the descriptor on; it never opens, reads or writes the disk.
+    /// Hands the guest a vhost-user socket (served by the block card or the net card) or takes
+    /// it away. The hypervisor passes the descriptor on; it never opens, reads or writes the
+    /// disk, and never sees a packet.
     DevicePlumbing,
     /// The serial console's output ring (what the guest chose to print), for the customer plane
     /// only (the controller refuses it to operator tokens).
@@ -35,7 +36,9 @@ fn classify(c: &Command) -> Touches {
             id: _,
             read_only: _,
         }
-        | Command::DetachBlock { id: _ } => Touches::DevicePlumbing,
+        | Command::DetachBlock { id: _ }
+        | Command::AttachNet { id: _ }
+        | Command::DetachNet { id: _ } => Touches::DevicePlumbing,
         Command::ReadConsole { cursor: _, max: _ } => Touches::ConsoleOutput,
         Command::Stats => Touches::Counters,
         Command::OpStatus { op: _ } => Touches::OperationStatus,
@@ -84,14 +87,20 @@ fn every_command() -> Vec<Command> {
         Command::ReadConsole { cursor: 0, max: 1 },
         Command::Stats,
         Command::OpStatus { op: 1 },
+        Command::AttachNet {
+            id: DeviceId::new("eni-1").expect("id"),
+        },
+        Command::DetachNet {
+            id: DeviceId::new("eni-1").expect("id"),
+        },
     ]
 }
 
 #[test]
 fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
     let all = every_command();
-    // Exactly these nine, in this wire order (the postcard variant tag is the index).
-    assert_eq!(all.len(), 9);
+    // Exactly these eleven, in this wire order (the postcard variant tag is the index).
+    assert_eq!(all.len(), 11);
     let classes: Vec<Touches> = all.iter().map(classify).collect();
     assert_eq!(
         classes,
@@ -105,13 +114,15 @@ fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
             Touches::ConsoleOutput,
             Touches::Counters,
             Touches::OperationStatus,
+            Touches::DevicePlumbing,
+            Touches::DevicePlumbing,
         ]
     );
-    // Only AttachBlock carries a descriptor, and it is a socket the hypervisor hands on.
+    // Only AttachBlock and AttachNet carry a descriptor, a socket the hypervisor hands on.
     let with_fd: Vec<bool> = all.iter().map(Command::wants_fd).collect();
     assert_eq!(
         with_fd,
-        vec![false, false, false, false, true, false, false, false, false]
+        vec![false, false, false, false, true, false, false, false, false, true, false]
     );
     for (tag, c) in all.iter().enumerate() {
         let req = Request {
@@ -127,7 +138,7 @@ fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
     }
 }
 
-/// No tag past the nine pinned commands decodes to anything: a command added to the enum but
+/// No tag past the eleven pinned commands decodes to anything: a command added to the enum but
 /// hidden from this list would be caught here on the wire even if `classify` were bypassed.
 #[test]
 fn no_unlisted_command_tag_decodes() {

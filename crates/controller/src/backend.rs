@@ -69,6 +69,7 @@ pub fn hypervisor_code(e: &CommandError) -> &'static str {
         CommandError::OpIdInUse => "hypervisor_op_id_in_use",
         CommandError::TooManyOps => "hypervisor_too_many_ops",
         CommandError::Internal => "hypervisor_internal",
+        CommandError::WrongDeviceKind => "wrong_device_kind",
     }
 }
 
@@ -98,6 +99,7 @@ mod hypervisor_code_tests {
             CommandError::OpIdInUse,
             CommandError::TooManyOps,
             CommandError::Internal,
+            CommandError::WrongDeviceKind,
         ];
         let codes: std::collections::BTreeSet<&str> = all.iter().map(hypervisor_code).collect();
         assert_eq!(codes.len(), all.len(), "{codes:?}");
@@ -139,7 +141,8 @@ fn hypervisor_status(e: &CommandError) -> u16 {
         | CommandError::DeviceExists
         | CommandError::NoFreeSlot
         | CommandError::OutOfInterruptRoutes
-        | CommandError::DeviceBusy => 409,
+        | CommandError::DeviceBusy
+        | CommandError::WrongDeviceKind => 409,
         // The block card's end of the vhost-user connection misbehaved.
         CommandError::Backend(_) => 502,
         CommandError::TooManyOps => 503,

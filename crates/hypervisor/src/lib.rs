@@ -1,7 +1,8 @@
 //! `bulkhead-hypervisor`: the Nitro Hypervisor of Bulkhead.
 //!
 //! A deliberately small KVM VMM. It partitions CPU and memory, presents a UART, an i8042 reset
-//! line, a virtio-rng and vhost-user block devices, and takes orders over one private channel
+//! line, a virtio-rng and vhost-user block and net devices (the cards serve them; no disk
+//! block or packet passes through the hypervisor), and takes orders over one private channel
 //! inherited from its parent. It has no network stack, opens no files after start, and has no
 //! shell and no interactive access: the console is output only.
 
@@ -76,12 +77,16 @@ pub enum Error {
     OutOfMsiRoutes,
     #[error("the interrupt routing table is full")]
     RoutingTableFull,
-    #[error("vhost-user block device: {0}")]
-    VhostUser(#[from] devices::vhost_blk::ConnectError),
+    #[error("vhost-user device: {0}")]
+    VhostUser(#[from] devices::vhost_user::ConnectError),
+    #[error("the device with that id is of another kind")]
+    WrongDeviceKind,
     #[error("no free device slot")]
     NoFreeSlot,
-    #[error("connecting a --disk socket: {0}")]
+    #[error("connecting a --block socket: {0}")]
     DiskSocket(std::io::Error),
+    #[error("connecting a --net socket: {0}")]
+    NetSocket(std::io::Error),
     #[error("--cmdline-fd: {0}")]
     CmdlineFd(std::io::Error),
     #[error("--channel-fd: {0}")]

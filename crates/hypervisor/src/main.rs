@@ -32,6 +32,10 @@ enum Cmd {
         /// vhost-user block backend socket to attach (repeatable); `PATH` or `PATH,ro`.
         #[arg(long = "block")]
         blocks: Vec<String>,
+        /// vhost-user net backend (net card) socket to attach (repeatable); the card decides
+        /// the MAC. The guest sees the cards as eth0, eth1, ... in this order.
+        #[arg(long = "net")]
+        nets: Vec<PathBuf>,
     },
     /// Serve the private command channel inherited as fd N (used by the controller).
     Serve {
@@ -95,7 +99,7 @@ impl VmArgs {
     }
 }
 
-fn run(vm_args: VmArgs, blocks: Vec<String>) -> Result<ExitReason, Error> {
+fn run(vm_args: VmArgs, blocks: Vec<String>, nets: Vec<PathBuf>) -> Result<ExitReason, Error> {
     // Nothing inherited survives except stdio; everything the VM needs is opened below.
     sandbox::close_other_fds(&[])?;
     let mut vm = Vm::new(vm_args.config(true))?;
@@ -106,6 +110,10 @@ fn run(vm_args: VmArgs, blocks: Vec<String>) -> Result<ExitReason, Error> {
         };
         let stream = UnixStream::connect(path).map_err(Error::DiskSocket)?;
         vm.attach_block(&format!("blk{i}"), stream, ro)?;
+    }
+    for (i, path) in nets.iter().enumerate() {
+        let stream = UnixStream::connect(path).map_err(Error::NetSocket)?;
+        vm.attach_net(&format!("net{i}"), stream)?;
     }
     sandbox::harden_process(vm_args.run_as()?)?;
     vm.start()?;
@@ -168,7 +176,7 @@ fn main() -> ExitCode {
     bulkhead_daemon::init_logging("BULKHEAD_LOG", "warn");
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Run { vm, blocks } => run(vm, blocks).map(|r| match r {
+        Cmd::Run { vm, blocks, nets } => run(vm, blocks, nets).map(|r| match r {
             ExitReason::GuestReset | ExitReason::Commanded => ExitCode::SUCCESS,
             other => {
                 eprintln!("bulkhead-hypervisor: guest stopped: {other:?}");

@@ -1,10 +1,10 @@
 //! The private command channel, served on the main thread.
 //!
 //! The channel is one end of a `SOCK_SEQPACKET` socketpair inherited from the parent: one
-//! packet is one frame, and an fd (for `AttachBlock`) rides on the same packet. Every packet is
+//! packet is one frame, and an fd (for `AttachBlock`/`AttachNet`) rides on the same packet. Every packet is
 //! parsed by [`Request::parse_frame`]; anything invalid gets a typed error and changes nothing.
 //!
-//! The loop never waits for the guest. `AttachBlock`/`DetachBlock` do their immediate part and
+//! The loop never waits for the guest. Attaches and detaches (block and net) do their immediate part and
 //! answer `Accepted`; what is left (the guest's driver binding or releasing the card) is held in
 //! an [`OpTable`] and looked at every [`OP_TICK`] while any is pending, between commands, and
 //! reported through `OpStatus` (the protocol is described in `bulkhead_channel`).
@@ -20,8 +20,8 @@ use bulkhead_channel::{
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::devices::vhost_blk::ConnectError;
-use crate::vm::{Hotplug, HotplugWait, Vm};
+use crate::devices::vhost_user::ConnectError;
+use crate::vm::{DeviceKind, Hotplug, HotplugWait, Vm};
 use crate::Error;
 
 /// How often pending hot-plug operations are looked at.
@@ -124,10 +124,13 @@ fn command_error(e: &Error) -> CommandError {
         Error::VhostUser(ConnectError::Handshake(_)) => {
             CommandError::Backend(BackendFailure::Handshake)
         }
-        Error::VhostUser(ConnectError::NotModern) => {
-            CommandError::Backend(BackendFailure::FeatureMismatch)
+        Error::VhostUser(
+            ConnectError::NotModern | ConnectError::NoConfig | ConnectError::MissingFeature(_),
+        ) => CommandError::Backend(BackendFailure::FeatureMismatch),
+        Error::VhostUser(ConnectError::Config(_) | ConnectError::InvalidConfig(_)) => {
+            CommandError::Backend(BackendFailure::Config)
         }
-        Error::VhostUser(ConnectError::Config(_)) => CommandError::Backend(BackendFailure::Config),
+        Error::WrongDeviceKind => CommandError::WrongDeviceKind,
         other => {
             tracing::warn!(error = %other, "command failed inside the hypervisor");
             CommandError::Internal
@@ -197,33 +200,23 @@ fn handle(vm: &mut Vm, ops: &mut Ops, frame: &[u8], fd: Option<OwnedFd>) -> (Res
             vm.shutdown();
             (done(vm), Next::Exit)
         }
-        Command::AttachBlock { id, read_only } => {
-            let result = if let Err(e) = ops.admit(req.id, &id) {
-                Err(e)
-            } else if vm.state() == VmState::Stopped {
-                Err(CommandError::WrongState(vm.state()))
-            } else if let Some(fd) = fd {
-                // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
-                let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
-                match vm.begin_attach(id.as_str(), stream, read_only) {
-                    Ok(h) => Ok(accept(ops, vm, req.id, id, h)),
-                    Err(e) => Err(command_error(&e)),
-                }
-            } else {
-                Err(CommandError::MissingFd)
-            };
-            (result, Next::Continue)
-        }
-        Command::DetachBlock { id } => {
-            let result = match ops.admit(req.id, &id) {
-                Err(e) => Err(e),
-                Ok(()) => match vm.begin_detach(id.as_str()) {
-                    Ok(h) => Ok(accept(ops, vm, req.id, id, h)),
-                    Err(e) => Err(command_error(&e)),
-                },
-            };
-            (result, Next::Continue)
-        }
+        Command::AttachBlock { id, read_only } => (
+            attach(vm, ops, req.id, id, fd, |vm, id, stream| {
+                vm.begin_attach(id, stream, read_only)
+            }),
+            Next::Continue,
+        ),
+        Command::AttachNet { id } => (
+            attach(vm, ops, req.id, id, fd, |vm, id, stream| {
+                vm.begin_attach_net(id, stream)
+            }),
+            Next::Continue,
+        ),
+        Command::DetachBlock { id } => (
+            detach(vm, ops, req.id, id, DeviceKind::Block),
+            Next::Continue,
+        ),
+        Command::DetachNet { id } => (detach(vm, ops, req.id, id, DeviceKind::Net), Next::Continue),
         Command::OpStatus { op } => (
             ops.status(op).map(|status| Reply::Op { op, status }),
             Next::Continue,
@@ -248,6 +241,44 @@ fn handle(vm: &mut Vm, ops: &mut Ops, frame: &[u8], fd: Option<OwnedFd>) -> (Res
         ),
     };
     (respond(req.id, result), next)
+}
+
+/// An attach (block or net): admitted by the op table, refused on a stopped VM, then `begin`
+/// does the handshake and plugs the card.
+fn attach(
+    vm: &mut Vm,
+    ops: &mut Ops,
+    op: u64,
+    id: bulkhead_channel::DeviceId,
+    fd: Option<OwnedFd>,
+    begin: impl FnOnce(&mut Vm, &str, UnixStream) -> Result<Hotplug, Error>,
+) -> Result<Reply, CommandError> {
+    ops.admit(op, &id)?;
+    if vm.state() == VmState::Stopped {
+        return Err(CommandError::WrongState(vm.state()));
+    }
+    let fd = fd.ok_or(CommandError::MissingFd)?;
+    // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
+    let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
+    match begin(vm, id.as_str(), stream) {
+        Ok(h) => Ok(accept(ops, vm, op, id, h)),
+        Err(e) => Err(command_error(&e)),
+    }
+}
+
+/// A detach of a card of `kind`.
+fn detach(
+    vm: &mut Vm,
+    ops: &mut Ops,
+    op: u64,
+    id: bulkhead_channel::DeviceId,
+    kind: DeviceKind,
+) -> Result<Reply, CommandError> {
+    ops.admit(op, &id)?;
+    match vm.begin_detach(id.as_str(), kind) {
+        Ok(h) => Ok(accept(ops, vm, op, id, h)),
+        Err(e) => Err(command_error(&e)),
+    }
 }
 
 fn into_raw(fd: OwnedFd) -> RawFd {

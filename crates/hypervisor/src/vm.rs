@@ -20,9 +20,10 @@ use crate::cpu::{self, GuestTopology};
 use crate::devices::legacy::{PioBus, PioOutcome};
 use crate::devices::pci::PciBus;
 use crate::devices::vhost_blk::VhostUserBlk;
+use crate::devices::vhost_net::VhostUserNet;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY};
-use crate::devices::virtio_pci::VirtioPciDevice;
+use crate::devices::virtio_pci::{self, VirtioPciDevice};
 use crate::devices::virtio_rng::VirtioRng;
 use crate::irq::IrqRouter;
 use crate::layout::*;
@@ -105,6 +106,24 @@ pub const DETACH_WAIT: Duration = Duration::from_secs(45);
 
 /// How often the blocking [`Vm::attach_block`]/[`Vm::detach_block`] look at a wait.
 const HOTPLUG_POLL: Duration = Duration::from_millis(20);
+
+/// What a card in a hot-plug slot is. Block and net cards share the slots and the id space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Block,
+    Net,
+}
+
+impl DeviceKind {
+    /// The kind of a card by the PCI class code it reports.
+    pub fn of_class(class: u32) -> Option<Self> {
+        match class {
+            virtio_pci::CLASS_STORAGE_OTHER => Some(DeviceKind::Block),
+            virtio_pci::CLASS_NETWORK_ETHERNET => Some(DeviceKind::Net),
+            _ => None,
+        }
+    }
+}
 
 /// What a hot-plug operation still waits for.
 #[derive(Debug)]
@@ -300,10 +319,24 @@ impl Vm {
         Ok(self.finish(h))
     }
 
+    /// Attaches a vhost-user net device (a net card) connected on `stream`, as a virtio-pci
+    /// card in a free hot-plug slot, and waits for the guest (blocking; for the command loop
+    /// see [`Vm::begin_attach_net`]).
+    pub fn attach_net(&mut self, id: &str, stream: UnixStream) -> Result<bool, Error> {
+        let h = self.begin_attach_net(id, stream)?;
+        Ok(self.finish(h))
+    }
+
     /// Detaches a block device and waits for the guest (blocking; for the command loop see
     /// [`Vm::begin_detach`]).
     pub fn detach_block(&mut self, id: &str) -> Result<bool, Error> {
-        let h = self.begin_detach(id)?;
+        let h = self.begin_detach(id, DeviceKind::Block)?;
+        Ok(self.finish(h))
+    }
+
+    /// Detaches a net device and waits for the guest (blocking).
+    pub fn detach_net(&mut self, id: &str) -> Result<bool, Error> {
+        let h = self.begin_detach(id, DeviceKind::Net)?;
         Ok(self.finish(h))
     }
 
@@ -320,6 +353,23 @@ impl Vm {
         }
     }
 
+    /// The checks every attach makes before talking to the backend: the VM has not stopped,
+    /// the id is new, and a slot is free (block and net cards share the slots).
+    fn check_attach(&self, id: &str) -> Result<VmState, Error> {
+        let state = self.state();
+        if state == VmState::Stopped {
+            return Err(Error::WrongState(state));
+        }
+        let pci = lock(&self.shared.pci);
+        if pci.port_of(id).is_some() {
+            return Err(Error::DeviceExists);
+        }
+        if pci.free_port().is_none() {
+            return Err(Error::NoFreeSlot);
+        }
+        Ok(state)
+    }
+
     /// The part of an attach that does not wait for the guest: checks, the vhost-user
     /// handshake, and the card put in a free slot. Before `start` the card is simply present
     /// when the guest enumerates PCI ([`Hotplug::Done`]`(false)`: the guest has not run). On a
@@ -332,28 +382,45 @@ impl Vm {
         stream: UnixStream,
         read_only: bool,
     ) -> Result<Hotplug, Error> {
-        let state = self.state();
-        if state == VmState::Stopped {
-            return Err(Error::WrongState(state));
-        }
-        {
-            let pci = lock(&self.shared.pci);
-            if pci.port_of(id).is_some() {
-                return Err(Error::DeviceExists);
-            }
-            if pci.free_port().is_none() {
-                return Err(Error::NoFreeSlot);
-            }
-        }
+        let state = self.check_attach(id)?;
         // One request queue per vCPU at most (what the guest's blk-mq uses); MSI-X has room
         // for 64 queues plus the configuration vector.
         let max_queues = u16::from(self.config.vcpus).min(64);
         let dev = VhostUserBlk::connect(stream, read_only, max_queues)?;
-        let sectors = dev.capacity_sectors();
-        let queues = dev.queues();
+        tracing::info!(
+            device = id,
+            sectors = dev.capacity_sectors(),
+            queues = dev.queues(),
+            "vhost-user block backend connected"
+        );
+        self.plug_card(id, state, DeviceKind::Block, Box::new(dev))
+    }
+
+    /// [`Vm::begin_attach`] for a net card: the handshake reads the card's MAC and MTU; one
+    /// queue pair (RX, TX).
+    pub fn begin_attach_net(&mut self, id: &str, stream: UnixStream) -> Result<Hotplug, Error> {
+        let state = self.check_attach(id)?;
+        let dev = VhostUserNet::connect(stream)?;
+        tracing::info!(
+            device = id,
+            mac = %dev.mac(),
+            mtu = ?dev.mtu(),
+            "vhost-user net backend connected"
+        );
+        self.plug_card(id, state, DeviceKind::Net, Box::new(dev))
+    }
+
+    /// Puts a connected device in a free slot as a virtio-pci card (see [`Vm::begin_attach`]).
+    fn plug_card(
+        &mut self,
+        id: &str,
+        state: VmState,
+        kind: DeviceKind,
+        dev: Box<dyn VirtioDevice>,
+    ) -> Result<Hotplug, Error> {
         let card = VirtioPciDevice::new(
             id,
-            Box::new(dev),
+            dev,
             self.shared.router.as_ref(),
             self.shared.bad_guest.clone(),
         )?;
@@ -369,11 +436,10 @@ impl Vm {
         };
         tracing::info!(
             device = id,
+            ?kind,
             port,
-            sectors,
-            queues,
             hotplug = announce,
-            "vhost-user block attached"
+            "card attached"
         );
         if state != VmState::Running {
             return Ok(Hotplug::Done(false));
@@ -389,27 +455,36 @@ impl Vm {
         }))
     }
 
-    /// The part of a detach that does not wait for the guest. Before boot, after the VM
-    /// stopped, or for a card the guest never bound, the card is taken out at once
-    /// ([`Hotplug::Done`]`(true)`). Otherwise the slot reports the card gone and the result is
-    /// a wait that [`Vm::poll_hotplug`] ends once the guest's driver released (reset) the card
-    /// or after [`DETACH_WAIT`]; then the backend connection is stopped and closed either way.
-    pub fn begin_detach(&mut self, id: &str) -> Result<Hotplug, Error> {
+    /// The part of a detach that does not wait for the guest. The card named `id` must be of
+    /// `kind` ([`Error::WrongDeviceKind`] otherwise: a DetachNet never pulls a disk). Before
+    /// boot, after the VM stopped, or for a card the guest never bound, the card is taken out
+    /// at once ([`Hotplug::Done`]`(true)`). Otherwise the slot reports the card gone and the
+    /// result is a wait that [`Vm::poll_hotplug`] ends once the guest's driver released (reset)
+    /// the card or after [`DETACH_WAIT`]; then the backend connection is stopped and closed
+    /// either way.
+    pub fn begin_detach(&mut self, id: &str, kind: DeviceKind) -> Result<Hotplug, Error> {
         let state = self.state();
         let router = self.shared.router.clone();
         let mut pci = lock(&self.shared.pci);
         let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
         let p = pci.ports.get_mut(port).ok_or(Error::NoSuchDevice)?;
+        let found = p
+            .card
+            .as_ref()
+            .and_then(|c| DeviceKind::of_class(c.class_code()));
+        if found != Some(kind) {
+            return Err(Error::WrongDeviceKind);
+        }
         let bound = p.card.as_ref().is_some_and(|c| c.driver_attached());
         if matches!(state, VmState::Created | VmState::Stopped) {
             p.unplug(router.as_ref(), false);
-            tracing::info!(device = id, port, "block device detached");
+            tracing::info!(device = id, ?kind, port, "card detached");
             return Ok(Hotplug::Done(true));
         }
         p.pull(router.as_ref());
         if !bound {
             p.unplug(router.as_ref(), true);
-            tracing::info!(device = id, port, "unbound block device hot-unplugged");
+            tracing::info!(device = id, ?kind, port, "unbound card hot-unplugged");
             return Ok(Hotplug::Done(true));
         }
         if state != VmState::Running {
@@ -417,8 +492,9 @@ impl Vm {
             p.unplug(router.as_ref(), true);
             tracing::info!(
                 device = id,
+                ?kind,
                 port,
-                "block device hot-unplugged from a paused guest"
+                "card hot-unplugged from a paused guest"
             );
             return Ok(Hotplug::Done(false));
         }
@@ -484,17 +560,27 @@ impl Vm {
                     p.unplug(router.as_ref(), true);
                 }
                 let released = released && state != VmState::Stopped;
-                tracing::info!(device = %w.id, port, released, "block device hot-unplugged");
+                tracing::info!(device = %w.id, port, released, "card hot-unplugged");
                 Some(released)
             }
         }
     }
     /// Number of attached block devices.
     pub fn block_devices(&self) -> usize {
+        self.devices_of(DeviceKind::Block)
+    }
+
+    /// Number of attached net devices.
+    pub fn net_devices(&self) -> usize {
+        self.devices_of(DeviceKind::Net)
+    }
+
+    fn devices_of(&self, kind: DeviceKind) -> usize {
         lock(&self.shared.pci)
             .ports
             .iter()
-            .filter(|p| p.card.is_some())
+            .filter_map(|p| p.card.as_ref())
+            .filter(|c| DeviceKind::of_class(c.class_code()) == Some(kind))
             .count()
     }
 
@@ -662,6 +748,7 @@ impl Vm {
             console_bytes,
             console_dropped,
             block_devices: u32::try_from(self.block_devices()).unwrap_or(u32::MAX),
+            net_devices: u32::try_from(self.net_devices()).unwrap_or(u32::MAX),
             bad_guest_accesses: self.shared.bad_guest.load(Ordering::Relaxed)
                 + lock(&self.shared.pio)
                     .unknown_accesses

@@ -36,6 +36,8 @@ pub trait PciDevice: Send {
     fn bar_base(&self) -> Option<u64>;
     /// Size of the memory BAR.
     fn bar_size(&self) -> u64;
+    /// The 24-bit class code (base class, subclass, programming interface) the card reports.
+    fn class_code(&self) -> u32;
     /// A guest read at `off` in the BAR.
     fn bar_read(&mut self, off: u64, data: &mut [u8]);
     /// A guest write at `off` in the BAR.

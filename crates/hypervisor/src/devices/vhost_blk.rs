@@ -7,15 +7,14 @@
 
 use std::os::unix::net::UnixStream;
 
-use vhost::vhost_user::message::VhostUserConfigFlags;
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vhost::vhost_user::VhostUserProtocolFeatures;
 
-use super::virtio::{ActivateError, Activation, VirtioDevice};
+use super::vhost_user::{VhostUserConn, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use super::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+
+pub use super::vhost_user::ConnectError;
 
 const VIRTIO_ID_BLOCK: u32 = 2;
-const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// virtio_blk_config is 60 bytes in virtio 1.2; read what the backend gives us.
 const BLK_CONFIG_LEN: u32 = 60;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -32,32 +31,18 @@ const ALLOWED_FEATURES: u64 = (1 << 1) // SIZE_MAX
     | (1 << 9) // FLUSH
     | (1 << 10) // TOPOLOGY
     | (1 << 11) // CONFIG_WCE
-    | (1 << 12) // MQ
+    | VIRTIO_BLK_F_MQ
     | (1 << 13) // DISCARD
     | (1 << 14) // WRITE_ZEROES
-    | (1 << 28) // RING_INDIRECT_DESC
-    | (1 << 29) // RING_EVENT_IDX
-    | (1 << 32); // VERSION_1
-
-/// Why connecting to a backend failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("vhost-user handshake: {0}")]
-    Handshake(vhost::Error),
-    #[error("backend does not offer VIRTIO_F_VERSION_1")]
-    NotModern,
-    #[error("reading the device config: {0}")]
-    Config(vhost::Error),
-}
+    | VIRTIO_RING_F_INDIRECT_DESC
+    | VIRTIO_RING_F_EVENT_IDX
+    | VIRTIO_F_VERSION_1;
 
 pub struct VhostUserBlk {
-    frontend: Frontend,
-    backend_features: u64,
-    protocol: bool,
+    conn: VhostUserConn,
     config: Vec<u8>,
     queues: u16,
     read_only: bool,
-    active: bool,
 }
 
 impl VhostUserBlk {
@@ -68,51 +53,32 @@ impl VhostUserBlk {
         read_only: bool,
         max_queues: u16,
     ) -> Result<Self, ConnectError> {
-        let mut frontend = Frontend::from_stream(stream, 1);
-        frontend.set_owner().map_err(ConnectError::Handshake)?;
-        let backend_features = frontend.get_features().map_err(ConnectError::Handshake)?;
-        if backend_features & (1 << 32) == 0 {
-            return Err(ConnectError::NotModern);
-        }
-        let protocol = backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
-        let mut config = vec![0u8; BLK_CONFIG_LEN as usize];
+        let mut conn = VhostUserConn::handshake(
+            stream,
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ,
+        )?;
         let mut queues = 1u16;
-        if protocol {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(ConnectError::Handshake)?;
-            let want =
-                offered & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ);
-            frontend
-                .set_protocol_features(want)
-                .map_err(ConnectError::Handshake)?;
-            if want.contains(VhostUserProtocolFeatures::MQ)
-                && backend_features & VIRTIO_BLK_F_MQ != 0
-            {
-                let n = frontend.get_queue_num().map_err(ConnectError::Handshake)?;
-                queues = u16::try_from(n)
-                    .unwrap_or(u16::MAX)
-                    .clamp(1, max_queues.max(1));
-            }
-            if want.contains(VhostUserProtocolFeatures::CONFIG) {
-                let (_, payload) = frontend
-                    .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &config)
-                    .map_err(ConnectError::Config)?;
-                let n = payload.len().min(config.len());
-                config[..n].copy_from_slice(&payload[..n]);
-            }
+        if conn.has_protocol(VhostUserProtocolFeatures::MQ)
+            && conn.backend_features() & VIRTIO_BLK_F_MQ != 0
+        {
+            let n = conn.queue_num()?;
+            queues = u16::try_from(n)
+                .unwrap_or(u16::MAX)
+                .clamp(1, max_queues.max(1));
         }
+        let mut config = if conn.has_protocol(VhostUserProtocolFeatures::CONFIG) {
+            conn.read_config(BLK_CONFIG_LEN)?
+        } else {
+            vec![0u8; BLK_CONFIG_LEN as usize]
+        };
         if let Some(nq) = config.get_mut(CONFIG_NUM_QUEUES..CONFIG_NUM_QUEUES + 2) {
             nq.copy_from_slice(&queues.to_le_bytes());
         }
         Ok(VhostUserBlk {
-            frontend,
-            backend_features,
-            protocol,
+            conn,
             config,
             queues,
             read_only,
-            active: false,
         })
     }
 
@@ -124,15 +90,10 @@ impl VhostUserBlk {
     /// Capacity in 512-byte sectors, as the backend reports it.
     pub fn capacity_sectors(&self) -> u64 {
         let mut b = [0u8; 8];
-        b.copy_from_slice(&self.config[..8]);
+        if let Some(c) = self.config.get(..8) {
+            b.copy_from_slice(c);
+        }
         u64::from_le_bytes(b)
-    }
-
-    fn host_addr(act: &Activation<'_>, gpa: u64) -> Result<u64, ActivateError> {
-        act.mem
-            .get_host_address(GuestAddress(gpa))
-            .map(|p| p as u64)
-            .map_err(|_| ActivateError::NotInRam(gpa))
     }
 }
 
@@ -141,7 +102,7 @@ impl VirtioDevice for VhostUserBlk {
         VIRTIO_ID_BLOCK
     }
     fn features(&self) -> u64 {
-        let mut f = self.backend_features & ALLOWED_FEATURES;
+        let mut f = self.conn.backend_features() & ALLOWED_FEATURES;
         if self.queues <= 1 {
             f &= !VIRTIO_BLK_F_MQ;
         }
@@ -167,58 +128,9 @@ impl VirtioDevice for VhostUserBlk {
         true
     }
     fn activate(&mut self, act: Activation<'_>) -> Result<(), ActivateError> {
-        let mut features = act.acked_features & self.backend_features;
-        if self.protocol {
-            features |= VHOST_USER_F_PROTOCOL_FEATURES;
-        }
-        self.frontend.set_features(features)?;
-        let regions: Vec<VhostUserMemoryRegionInfo> = act
-            .memfd_regions
-            .iter()
-            .map(|(gpa, size, off)| {
-                Ok(VhostUserMemoryRegionInfo {
-                    guest_phys_addr: gpa.0,
-                    memory_size: *size as u64,
-                    userspace_addr: Self::host_addr(&act, gpa.0)?,
-                    mmap_offset: *off,
-                    mmap_handle: act.memfd,
-                })
-            })
-            .collect::<Result<_, ActivateError>>()?;
-        self.frontend.set_mem_table(&regions)?;
-        for (i, q) in act.queues.iter().enumerate() {
-            let cfg = VringConfigData {
-                queue_max_size: q.max_size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: Self::host_addr(&act, q.desc)?,
-                used_ring_addr: Self::host_addr(&act, q.used)?,
-                avail_ring_addr: Self::host_addr(&act, q.avail)?,
-                log_addr: None,
-            };
-            self.frontend.set_vring_num(i, q.size)?;
-            self.frontend.set_vring_addr(i, &cfg)?;
-            self.frontend.set_vring_base(i, 0)?;
-            let call = act.irqs.get(i).ok_or(ActivateError::BadQueue(i))?;
-            self.frontend.set_vring_call(i, call)?;
-            let kick = act.kicks.get(i).ok_or(ActivateError::BadQueue(i))?;
-            self.frontend.set_vring_kick(i, kick)?;
-            if self.protocol {
-                self.frontend.set_vring_enable(i, true)?;
-            }
-        }
-        self.active = true;
-        Ok(())
+        self.conn.activate(&act)
     }
     fn reset(&mut self) {
-        if self.active {
-            for i in 0..usize::from(self.queues) {
-                if self.protocol {
-                    let _ = self.frontend.set_vring_enable(i, false);
-                }
-                let _ = self.frontend.get_vring_base(i);
-            }
-            self.active = false;
-        }
+        self.conn.reset();
     }
 }

@@ -1,5 +1,5 @@
 //! The virtio-pci transport (virtio 1.x "modern" only, no legacy I/O BAR) with MSI-X, for
-//! block devices that can be hot-plugged into a root port's slot.
+//! block and net devices that can be hot-plugged into a root port's slot.
 //!
 //! One 32-bit memory BAR holds every structure:
 //!
@@ -32,8 +32,21 @@ use crate::Error;
 const VENDOR_VIRTIO: u16 = 0x1af4;
 /// Modern virtio-pci device ids are 0x1040 + the virtio device type.
 const DEVICE_ID_BASE: u16 = 0x1040;
+/// Network controller, Ethernet.
+pub const CLASS_NETWORK_ETHERNET: u32 = 0x02_00_00;
 /// Mass storage, "other".
-const CLASS_STORAGE_OTHER: u32 = 0x01_80_00;
+pub const CLASS_STORAGE_OTHER: u32 = 0x01_80_00;
+/// "Device does not fit any defined class".
+pub const CLASS_UNCLASSIFIED: u32 = 0xff_00_00;
+
+/// The PCI class code a virtio device of `device_type` reports (what QEMU reports too).
+pub fn class_for(device_type: u16) -> u32 {
+    match device_type {
+        1 => CLASS_NETWORK_ETHERNET,
+        2 => CLASS_STORAGE_OTHER,
+        _ => CLASS_UNCLASSIFIED,
+    }
+}
 
 /// Size of BAR0.
 pub const BAR_SIZE: u64 = 0x8000;
@@ -126,7 +139,7 @@ impl VirtioPciDevice {
         c.header(
             VENDOR_VIRTIO,
             DEVICE_ID_BASE + device_type,
-            CLASS_STORAGE_OTHER,
+            class_for(device_type),
             1,
             0x00,
         );
@@ -536,6 +549,9 @@ impl PciDevice for VirtioPciDevice {
     fn bar_size(&self) -> u64 {
         BAR_SIZE
     }
+    fn class_code(&self) -> u32 {
+        self.cfg.u32_at(0x08) >> 8
+    }
     fn bar_read(&mut self, off: u64, data: &mut [u8]) {
         self.mmio_read(off, data)
     }
@@ -581,6 +597,17 @@ mod tests {
             c.config_write(0x04, &[0x02, 0x00], router.as_ref());
             assert_eq!(c.bar_base(), Some(u64::from(bar)));
         }
+    }
+
+    #[test]
+    fn class_codes_follow_the_device_type() {
+        assert_eq!(
+            class_for(1),
+            0x02_00_00,
+            "net: network controller, Ethernet"
+        );
+        assert_eq!(class_for(2), 0x01_80_00, "block: mass storage, other");
+        assert_eq!(class_for(4), 0xff_00_00);
     }
 
     /// The regression behind "a card plugged right after an unplug is never enumerated": a
