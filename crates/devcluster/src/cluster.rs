@@ -72,6 +72,8 @@ pub struct Cluster {
     pub attested: bool,
     /// Each host's network namespace (empty: loopback ports).
     pub nets: Vec<HostNet>,
+    /// The hosts' data network (with namespaces only).
+    pub fabric: Option<netns::Fabric>,
     launches: Vec<HostLaunch>,
     children: Vec<(String, Child)>,
 }
@@ -106,16 +108,22 @@ impl Drop for Cluster {
         for n in &self.nets {
             netns::teardown(n);
         }
+        if let Some(f) = &self.fabric {
+            netns::teardown_fabric(f);
+        }
     }
 }
 
 /// Namespaces made before the cluster exists; removed if start-up fails.
-struct NetGuard(Vec<HostNet>);
+struct NetGuard(Vec<HostNet>, Option<netns::Fabric>);
 
 impl Drop for NetGuard {
     fn drop(&mut self) {
         for n in &self.0 {
             netns::teardown(n);
+        }
+        if let Some(f) = &self.1 {
+            netns::teardown_fabric(f);
         }
     }
 }
@@ -641,7 +649,7 @@ pub fn start_replicated(
             "hosts share the loopback network: not root, or network namespaces not allowed here"
         );
     }
-    let mut guard = NetGuard(Vec::new());
+    let mut guard = NetGuard(Vec::new(), None);
     if use_netns {
         let tag = netns::tag_for(dir);
         // Stale namespaces of an earlier run in this directory go first, so the subnet they
@@ -652,14 +660,23 @@ pub fn start_replicated(
                 outer_if: format!("bk{tag}o{n}"),
                 host_ip: String::new(),
                 outer_ip: String::new(),
+                fabric_ip: None,
             });
         }
+        netns::teardown_fabric(&netns::Fabric {
+            ns: netns::fabric_ns(&tag),
+            links: Vec::new(),
+        });
         let subnet = netns::subnet(&tag);
         for n in 1..=opts.hosts {
             guard
                 .0
                 .push(netns::setup(&tag, subnet, n).map_err(|e| ClusterError::Net(e.to_string()))?);
         }
+        guard.1 = Some(
+            netns::setup_fabric(&tag, subnet, &mut guard.0)
+                .map_err(|e| ClusterError::Net(e.to_string()))?,
+        );
     } else {
         tracing::warn!(
             "hosts share the loopback network (not root, or namespaces unavailable here)"
@@ -695,6 +712,7 @@ pub fn start_replicated(
         replica_addrs: Vec::new(),
         attested,
         nets: std::mem::take(&mut guard.0),
+        fabric: guard.1.take(),
         launches: Vec::new(),
         children: Vec::new(),
     };
@@ -874,7 +892,8 @@ pub fn start_replicated(
         "ca": dir.join("ca/ca.pem"),
         "config": cfg_path,
         "attested": attested,
-        "netns": cluster.nets.iter().map(|n| json!({"ns": n.ns, "host_ip": n.host_ip})).collect::<Vec<_>>(),
+        "netns": cluster.nets.iter().map(|n| json!({"ns": n.ns, "host_ip": n.host_ip, "fabric_ip": n.fabric_ip})).collect::<Vec<_>>(),
+        "fabric": cluster.fabric.as_ref().map(|f| json!({"ns": f.ns, "links": f.links})),
         "pids": cluster.pids().into_iter().map(|(n, p)| json!({"name": n, "pid": p})).collect::<Vec<_>>(),
     });
     let info_path = dir.join("cluster.json");

@@ -25,6 +25,19 @@ pub struct HostNet {
     pub host_ip: String,
     /// The orchestrator's address on the link.
     pub outer_ip: String,
+    /// The host's address on the cluster's data network (the [`Fabric`]), once joined.
+    pub fabric_ip: Option<String>,
+}
+
+/// The hosts' data network: one namespace holding a bridge, and one veth link per host into it.
+/// Host `n` has `10.A.B.(128+n)/25` on its end (`fab0`); the bridge end is `bk{tag}f{n}`, where a
+/// capture sees exactly what crosses between that host and the others. Net cards send their
+/// sealed datagrams over it; nothing else of the cluster uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fabric {
+    pub ns: String,
+    /// The bridge ends of the host links, host 1 first.
+    pub links: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +166,71 @@ pub fn setup(tag: &str, (a, b): (u8, u8), n: usize) -> Result<HostNet, NetnsErro
         outer_if,
         host_ip,
         outer_ip,
+        fabric_ip: None,
     })
+}
+
+/// The fabric's namespace name for a cluster tag.
+pub fn fabric_ns(tag: &str) -> String {
+    format!("bulkhead-{tag}-fabric")
+}
+
+/// Builds the data network and joins every host of `hosts` to it (setting their `fabric_ip`).
+pub fn setup_fabric(
+    tag: &str,
+    (a, b): (u8, u8),
+    hosts: &mut [HostNet],
+) -> Result<Fabric, NetnsError> {
+    let ns = fabric_ns(tag);
+    let _ = ip(&["netns", "del", &ns]);
+    ip(&["netns", "add", &ns])?;
+    let mut fabric = Fabric {
+        ns: ns.clone(),
+        links: Vec::new(),
+    };
+    let made = (|| {
+        ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+        for (i, h) in hosts.iter_mut().enumerate() {
+            let n = i + 1;
+            let last = u8::try_from(128 + n).map_err(|_| NetnsError {
+                cmd: "fabric".into(),
+                detail: format!("host number {n} too large"),
+            })?;
+            let outer = format!("bk{tag}f{n}");
+            ip(&[
+                "-n", &ns, "link", "add", &outer, "type", "veth", "peer", "name", "fab0", "netns",
+                &h.ns,
+            ])?;
+            ip(&["-n", &ns, "link", "set", &outer, "master", "br0"])?;
+            ip(&["-n", &ns, "link", "set", &outer, "up"])?;
+            let addr = format!("10.{a}.{b}.{last}");
+            ip(&[
+                "-n",
+                &h.ns,
+                "addr",
+                "add",
+                &format!("{addr}/25"),
+                "dev",
+                "fab0",
+            ])?;
+            ip(&["-n", &h.ns, "link", "set", "fab0", "up"])?;
+            h.fabric_ip = Some(addr);
+            fabric.links.push(outer);
+        }
+        Ok(())
+    })();
+    if let Err(e) = made {
+        let _ = ip(&["netns", "del", &ns]);
+        return Err(e);
+    }
+    tracing::info!(ns = %ns, hosts = hosts.len(), "host data network ready");
+    Ok(fabric)
+}
+
+/// Removes the fabric (its links go with the namespace).
+pub fn teardown_fabric(f: &Fabric) {
+    let _ = ip(&["netns", "del", &f.ns]);
 }
 
 /// Removes the namespace (its veth pair goes with it).
@@ -167,4 +244,49 @@ pub fn command_in(net: &HostNet, program: &Path) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &net.ns]).arg(program);
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two hosts joined by the fabric reach each other over it (and only the fabric carries
+    /// their traffic: the management links are /30s to the orchestrator).
+    #[test]
+    fn fabric_joins_hosts() {
+        if !available() {
+            bulkhead_testkit::skip_or_fail("network namespaces need root and ip(8)");
+            return;
+        }
+        let tag = format!("t{:05}", std::process::id() % 100_000);
+        let subnet = subnet(&tag);
+        let mut hosts = vec![
+            setup(&tag, subnet, 1).expect("host 1"),
+            setup(&tag, subnet, 2).expect("host 2"),
+        ];
+        let fabric = setup_fabric(&tag, subnet, &mut hosts).expect("fabric");
+        let peer = hosts[1].fabric_ip.clone().expect("host 2 joined");
+        let ok = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &hosts[0].ns,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                &peer,
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        teardown_fabric(&fabric);
+        for h in &hosts {
+            teardown(h);
+        }
+        assert!(ok, "host 1 cannot reach host 2 at {peer} over the fabric");
+        assert_eq!(fabric.links.len(), 2);
+    }
 }
