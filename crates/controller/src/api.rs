@@ -18,11 +18,18 @@ pub const MAX_USER_DATA_BYTES: usize = 1024;
 pub const MAX_SEALED_KEY_BYTES: usize = 4096;
 /// Most audit records returned by one read.
 pub const MAX_AUDIT_PAGE: u32 = 1000;
+/// Most ingress rules on one interface.
+pub const MAX_NET_RULES: usize = 64;
+/// Most VPC routes on one interface (one request body bounds it further).
+pub const MAX_NET_ROUTES: usize = 1024;
+/// Longest rule or route text.
+const MAX_NET_ENTRY_LEN: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Method {
     Get,
     Post,
+    Put,
     Delete,
 }
 
@@ -31,6 +38,7 @@ impl Method {
         match self {
             Method::Get => "GET",
             Method::Post => "POST",
+            Method::Put => "PUT",
             Method::Delete => "DELETE",
         }
     }
@@ -44,6 +52,9 @@ pub enum BodyKind {
     Attest,
     CreateInstance,
     AttachVolume,
+    AttachNetwork,
+    NetworkRoutes,
+    NetworkRules,
 }
 
 /// One entry of the route table.
@@ -87,6 +98,9 @@ pub const ROUTES: &[RouteSpec] = &[
     route!(Post "/v1/instances/{id}/volumes" => AttachVolume, AttachVolume, "Attach a volume with its sealed key"),
     route!(Delete "/v1/instances/{id}/volumes/{volume_id}" => DetachVolume, None, "Detach a volume"),
     route!(Get "/v1/instances/{id}/console" => GetConsole, None, "Read the instance's console output"),
+    route!(Post "/v1/instances/{id}/network" => AttachNetwork, AttachNetwork, "Start the instance's net card with its sealed VPC epoch key and plug it into the VM"),
+    route!(Put "/v1/instances/{id}/network/routes" => SetNetworkRoutes, NetworkRoutes, "Replace the net card's VPC routing table"),
+    route!(Put "/v1/instances/{id}/network/rules" => SetNetworkRules, NetworkRules, "Replace the net card's ingress rules"),
 ];
 
 /// Body of `POST /v1/host/drain`.
@@ -124,6 +138,183 @@ pub struct CreateInstanceRequest {
     /// 1024 bytes. Customer data: passed to the customer's own guest, never interpreted.
     #[serde(default)]
     pub user_data: Option<String>,
+    /// The instance's VPC interface. The instance is created with it but has no net card until
+    /// `POST /v1/instances/{id}/network` brings its sealed key.
+    #[serde(default)]
+    pub network: Option<NetworkRequest>,
+}
+
+/// The `network` object of `POST /v1/instances`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    /// The VPC number (as in the net cards' encapsulation header), 1 or more.
+    pub vpc: u32,
+    /// This interface's card id within the VPC.
+    pub card_id: u32,
+    /// The guest's MAC: unicast, not all zero.
+    pub mac: String,
+    /// The guest's private IPv4 address, inside `ip/prefix` (not its network or broadcast
+    /// address).
+    pub ip: String,
+    /// Subnet prefix length, 8..=30.
+    pub prefix: u8,
+    /// The subnet gateway (the card answers for it). Default: the subnet's first address.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// MTU offered to the guest by DHCP, 576..=9000 (default 1400).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Ingress rules, `tcp|udp:PORT[-PORT]:CIDR` or `icmp|all:CIDR`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// VPC routes, `IP=CARD@HOST:PORT`.
+    #[serde(default)]
+    pub routes: Vec<String>,
+}
+
+/// Body of `POST /v1/instances/{id}/network`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachNetworkRequest {
+    /// The key epoch the sealed key is for (1 or more).
+    pub epoch: u32,
+    /// The VPC epoch key sealed to this host's key (the KMS's `SealVpcKey` blob), hex. The
+    /// controller never opens it; only the net card can.
+    pub sealed_epoch_key: String,
+}
+
+/// `POST /v1/instances/{id}/network`: where the interface's net card receives its VPC peers'
+/// datagrams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkAttached {
+    pub request_id: String,
+    /// `HOSTIP:PORT`.
+    pub net_endpoint: String,
+}
+
+/// Body of `PUT /v1/instances/{id}/network/routes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRoutesRequest {
+    pub routes: Vec<String>,
+}
+
+/// Body of `PUT /v1/instances/{id}/network/rules`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRulesRequest {
+    pub allow: Vec<String>,
+}
+
+/// A checked VPC interface: every field parsed by the net card's own parsers, so a card never
+/// gets a configuration it would refuse. Rules and routes are kept as their (checked) text: it
+/// is what the card's command line and control socket take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub vpc: u32,
+    pub card_id: u32,
+    pub mac: bulkhead_netcard::frame::MacAddr,
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: std::net::Ipv4Addr,
+    pub mtu: u16,
+    pub allow: Vec<String>,
+    pub routes: Vec<String>,
+}
+
+/// Checks ingress rules with the card's parser.
+pub fn check_rules(allow: &[String]) -> Result<(), RequestError> {
+    if allow.len() > MAX_NET_RULES
+        || allow.iter().any(|r| {
+            r.len() > MAX_NET_ENTRY_LEN
+                || bulkhead_netcard::secgroup::IngressRule::parse_text(r).is_err()
+        })
+    {
+        return Err(RequestError::BadNetwork(NetworkField::Rule));
+    }
+    Ok(())
+}
+
+/// Checks VPC routes with the card's parser (as one table: no address twice, no card at two
+/// host addresses, not a route to `local`).
+pub fn check_routes(routes: &[String], local: u32) -> Result<(), RequestError> {
+    if routes.len() > MAX_NET_ROUTES {
+        return Err(RequestError::BadNetwork(NetworkField::Route));
+    }
+    let mut table = bulkhead_netcard::routes::RouteTable::new();
+    for r in routes {
+        if r.len() > MAX_NET_ENTRY_LEN
+            || table
+                .add_text(bulkhead_netcard::encap::CardId(local), r)
+                .is_err()
+        {
+            return Err(RequestError::BadNetwork(NetworkField::Route));
+        }
+    }
+    Ok(())
+}
+
+impl NetworkSpec {
+    pub fn parse(r: NetworkRequest) -> Result<NetworkSpec, RequestError> {
+        let bad = RequestError::BadNetwork;
+        if r.vpc == 0 {
+            return Err(bad(NetworkField::Vpc));
+        }
+        let mac = bulkhead_netcard::frame::MacAddr::parse_text(&r.mac)
+            .ok()
+            .filter(|m| m.0[0] & 1 == 0 && m.0 != [0; 6])
+            .ok_or(bad(NetworkField::Mac))?;
+        if !(8..=30).contains(&r.prefix) {
+            return Err(bad(NetworkField::Ip));
+        }
+        let ip: std::net::Ipv4Addr = r.ip.parse().map_err(|_| bad(NetworkField::Ip))?;
+        let mask = u32::MAX << (32 - u32::from(r.prefix));
+        let net = u32::from(ip) & mask;
+        let host_part = u32::from(ip) & !mask;
+        if host_part == 0 || host_part == !mask {
+            return Err(bad(NetworkField::Ip));
+        }
+        let gateway = match &r.gateway {
+            Some(g) => g.parse().map_err(|_| bad(NetworkField::Gateway))?,
+            None => std::net::Ipv4Addr::from(net.wrapping_add(1)),
+        };
+        let gw_host = u32::from(gateway) & !mask;
+        if u32::from(gateway) & mask != net || gateway == ip || gw_host == 0 || gw_host == !mask {
+            return Err(bad(NetworkField::Gateway));
+        }
+        let mtu = r.mtu.unwrap_or(1400);
+        if !(576..=9000).contains(&mtu) {
+            return Err(bad(NetworkField::Mtu));
+        }
+        check_rules(&r.allow)?;
+        check_routes(&r.routes, r.card_id)?;
+        Ok(NetworkSpec {
+            vpc: r.vpc,
+            card_id: r.card_id,
+            mac,
+            ip,
+            prefix: r.prefix,
+            gateway,
+            mtu,
+            allow: r.allow,
+            routes: r.routes,
+        })
+    }
+}
+
+/// Which part of a `network` request is wrong (each has its own code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkField {
+    Vpc,
+    Mac,
+    Ip,
+    Gateway,
+    Mtu,
+    Rule,
+    Route,
+    Epoch,
+    SealedKey,
 }
 
 /// Body of `POST /v1/instances/{id}/volumes`.
@@ -193,6 +384,7 @@ pub enum ApiRequest {
         vcpus: u32,
         memory_mib: u32,
         user_data: Option<String>,
+        network: Option<NetworkSpec>,
     },
     DescribeInstance(ResourceId),
     StartInstance(ResourceId),
@@ -209,6 +401,19 @@ pub enum ApiRequest {
         volume: ResourceId,
     },
     GetConsole(ResourceId),
+    AttachNetwork {
+        id: ResourceId,
+        epoch: u32,
+        sealed_key: SealedKeyBlob,
+    },
+    SetNetworkRoutes {
+        id: ResourceId,
+        routes: Vec<String>,
+    },
+    SetNetworkRules {
+        id: ResourceId,
+        allow: Vec<String>,
+    },
 }
 
 /// Why a request was not understood. Codes are stable.
@@ -236,6 +441,8 @@ pub enum RequestError {
     BadQuery,
     #[error("sealed key is not valid base64 or is too large")]
     BadSealedKey,
+    #[error("bad network {0:?}")]
+    BadNetwork(NetworkField),
 }
 
 impl RequestError {
@@ -252,6 +459,17 @@ impl RequestError {
             RequestError::BadId => "bad_resource_id",
             RequestError::BadQuery => "bad_query",
             RequestError::BadSealedKey => "bad_sealed_key",
+            RequestError::BadNetwork(f) => match f {
+                NetworkField::Vpc => "bad_network_vpc",
+                NetworkField::Mac => "bad_network_mac",
+                NetworkField::Ip => "bad_network_ip",
+                NetworkField::Gateway => "bad_network_gateway",
+                NetworkField::Mtu => "bad_network_mtu",
+                NetworkField::Rule => "bad_network_rule",
+                NetworkField::Route => "bad_network_route",
+                NetworkField::Epoch => "bad_network_epoch",
+                NetworkField::SealedKey => "bad_sealed_epoch_key",
+            },
         }
     }
 
@@ -403,6 +621,7 @@ impl ApiRequest {
                     vcpus: r.vcpus,
                     memory_mib: r.memory_mib,
                     user_data: r.user_data,
+                    network: r.network.map(NetworkSpec::parse).transpose()?,
                 }
             }
             Operation::DescribeInstance => ApiRequest::DescribeInstance(id()?),
@@ -431,6 +650,38 @@ impl ApiRequest {
                 volume: id_at(&ids, 1)?,
             },
             Operation::GetConsole => ApiRequest::GetConsole(id()?),
+            Operation::AttachNetwork => {
+                let r: AttachNetworkRequest = json(body)?;
+                if r.epoch == 0 {
+                    return Err(RequestError::BadNetwork(NetworkField::Epoch));
+                }
+                let blob = hex::decode(&r.sealed_epoch_key)
+                    .ok()
+                    .filter(|b| b.len() == bulkhead_sealing::SEALED_BLOB_LEN)
+                    .ok_or(RequestError::BadNetwork(NetworkField::SealedKey))?;
+                ApiRequest::AttachNetwork {
+                    id: id()?,
+                    epoch: r.epoch,
+                    sealed_key: SealedKeyBlob(blob),
+                }
+            }
+            Operation::SetNetworkRoutes => {
+                let r: NetworkRoutesRequest = json(body)?;
+                // The card checks the table against its own card id too.
+                check_routes(&r.routes, u32::MAX)?;
+                ApiRequest::SetNetworkRoutes {
+                    id: id()?,
+                    routes: r.routes,
+                }
+            }
+            Operation::SetNetworkRules => {
+                let r: NetworkRulesRequest = json(body)?;
+                check_rules(&r.allow)?;
+                ApiRequest::SetNetworkRules {
+                    id: id()?,
+                    allow: r.allow,
+                }
+            }
         })
     }
 
@@ -452,6 +703,9 @@ impl ApiRequest {
             ApiRequest::AttachVolume { .. } => Operation::AttachVolume,
             ApiRequest::DetachVolume { .. } => Operation::DetachVolume,
             ApiRequest::GetConsole(_) => Operation::GetConsole,
+            ApiRequest::AttachNetwork { .. } => Operation::AttachNetwork,
+            ApiRequest::SetNetworkRoutes { .. } => Operation::SetNetworkRoutes,
+            ApiRequest::SetNetworkRules { .. } => Operation::SetNetworkRules,
         }
     }
 
@@ -475,7 +729,10 @@ impl ApiRequest {
             | ApiRequest::StopInstance(id)
             | ApiRequest::RebootInstance(id)
             | ApiRequest::TerminateInstance(id)
-            | ApiRequest::GetConsole(id) => vec![inst(id)],
+            | ApiRequest::GetConsole(id)
+            | ApiRequest::AttachNetwork { id, .. }
+            | ApiRequest::SetNetworkRoutes { id, .. }
+            | ApiRequest::SetNetworkRules { id, .. } => vec![inst(id)],
             ApiRequest::AttachVolume { id, volume, .. }
             | ApiRequest::DetachVolume { id, volume } => {
                 vec![inst(id), format!("volume:{volume}")]
@@ -534,6 +791,9 @@ pub struct InstanceDescription {
     pub memory_mib: u32,
     pub state: InstanceState,
     pub volumes: Vec<String>,
+    /// The net card's UDP endpoint (`HOSTIP:PORT`) once the interface is attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_endpoint: Option<String>,
 }
 
 /// `GET /v1/instances/{id}/console`.

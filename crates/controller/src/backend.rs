@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use bulkhead_hypervisor_client::{BackendFailure, CommandError};
 
-use crate::api::{InstanceDescription, InstanceState, ResourceId, SealedKeyBlob};
+use crate::api::{InstanceDescription, InstanceState, NetworkSpec, ResourceId, SealedKeyBlob};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
@@ -42,6 +42,16 @@ pub enum BackendError {
     KeyRefused,
     #[error("user data makes the guest command line too long")]
     UserDataTooLarge,
+    #[error("the instance has no network interface")]
+    NoNetwork,
+    #[error("the instance's net card is already running")]
+    NetworkAttached,
+    #[error("the net card refused the request (sealed key, routes or rules)")]
+    NetCardRefused,
+    #[error(
+        "this host runs no net cards (no net card binary, host key or host address configured)"
+    )]
+    NetworkUnavailable,
     /// The hypervisor refused or failed a command, with its own typed reason (mapped 1:1 to a
     /// code by [`hypervisor_code`]). `WrongState` never lands here: it is
     /// [`BackendError::WrongState`].
@@ -115,6 +125,10 @@ mod hypervisor_code_tests {
             BackendError::NoSuchImage,
             BackendError::KeyRefused,
             BackendError::UserDataTooLarge,
+            BackendError::NoNetwork,
+            BackendError::NetworkAttached,
+            BackendError::NetCardRefused,
+            BackendError::NetworkUnavailable,
         ];
         for b in backend {
             assert!(!codes.contains(b.code()), "{} reused", b.code());
@@ -171,6 +185,10 @@ impl BackendError {
             BackendError::NoSuchImage => "no_such_image",
             BackendError::KeyRefused => "volume_key_refused",
             BackendError::UserDataTooLarge => "user_data_too_large",
+            BackendError::NoNetwork => "no_network",
+            BackendError::NetworkAttached => "network_attached",
+            BackendError::NetCardRefused => "net_card_refused",
+            BackendError::NetworkUnavailable => "network_unavailable",
             BackendError::Hypervisor(e) => hypervisor_code(e),
         }
     }
@@ -180,8 +198,10 @@ impl BackendError {
             BackendError::NoSuchInstance
             | BackendError::NoSuchVolume
             | BackendError::NoSuchImage => 404,
-            BackendError::KeyRefused | BackendError::UserDataTooLarge => 400,
-            BackendError::Unavailable => 503,
+            BackendError::KeyRefused
+            | BackendError::UserDataTooLarge
+            | BackendError::NetCardRefused => 400,
+            BackendError::Unavailable | BackendError::NetworkUnavailable => 503,
             BackendError::Hypervisor(e) => hypervisor_status(e),
             _ => 409,
         }
@@ -197,6 +217,24 @@ pub struct InstanceSpec {
     pub memory_mib: u32,
     /// Customer script for the guest (customer plane only; never interpreted by the controller).
     pub user_data: Option<String>,
+    /// The VPC interface (its card starts with `attach_network`).
+    pub network: Option<NetworkSpec>,
+}
+
+/// One interface's net card counters (numbers only), for `/v1/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetCounters {
+    pub instance: String,
+    pub counters: Vec<(String, u64)>,
+}
+
+/// A net card the controller restarted after it died (audited by the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetCardRestart {
+    pub instance: String,
+    pub old_pid: u32,
+    /// The new card's pid, or the refusal code if it could not be restarted.
+    pub outcome: Result<u32, &'static str>,
 }
 
 /// Host capacity.
@@ -228,6 +266,33 @@ pub trait InstanceBackend: Send + Sync {
     fn sandbox_kills(&self) -> Vec<(u32, String)> {
         Vec::new()
     }
+    /// Starts the instance's net card with its sealed epoch key (never opened here) and plugs
+    /// it into the VM. Returns the card's UDP endpoint.
+    fn attach_network(
+        &self,
+        _id: &ResourceId,
+        _epoch: u32,
+        _sealed_key: SealedKeyBlob,
+    ) -> Result<String, BackendError> {
+        Err(BackendError::NetworkUnavailable)
+    }
+    /// Replaces the card's routing table.
+    fn set_net_routes(&self, _id: &ResourceId, _routes: &[String]) -> Result<(), BackendError> {
+        Err(BackendError::NetworkUnavailable)
+    }
+    /// Replaces the card's ingress rules.
+    fn set_net_rules(&self, _id: &ResourceId, _allow: &[String]) -> Result<(), BackendError> {
+        Err(BackendError::NetworkUnavailable)
+    }
+    /// Every running card's counters.
+    fn net_counters(&self) -> Vec<NetCounters> {
+        Vec::new()
+    }
+    /// Restarts net cards that died (with their config and kept sealed key); called
+    /// periodically.
+    fn restart_dead_net_cards(&self) -> Vec<NetCardRestart> {
+        Vec::new()
+    }
 }
 
 /// Volume attachment, as the block card will take it. The sealed key is passed through unopened.
@@ -246,6 +311,9 @@ struct Instance {
     console: String,
     /// Held only so the blob's lifetime matches the attachment; never read.
     sealed: BTreeMap<String, SealedKeyBlob>,
+    network: Option<NetworkSpec>,
+    /// The sealed epoch key of an "attached" interface (nothing runs; never read).
+    net_sealed: Option<SealedKeyBlob>,
 }
 
 #[derive(Default)]
@@ -354,6 +422,7 @@ impl InstanceBackend for DetachedBackend {
                 memory_mib: spec.memory_mib,
                 state: InstanceState::Created,
                 volumes: Vec::new(),
+                net_endpoint: None,
             };
             i.instances.insert(
                 spec.id.clone(),
@@ -361,6 +430,8 @@ impl InstanceBackend for DetachedBackend {
                     desc: desc.clone(),
                     console: "[detached backend: no hypervisor wired; no guest runs]\n".into(),
                     sealed: BTreeMap::new(),
+                    network: spec.network.clone(),
+                    net_sealed: None,
                 },
             );
             Ok(desc)
@@ -403,6 +474,7 @@ impl InstanceBackend for DetachedBackend {
             if let Some(inst) = i.instances.get_mut(id) {
                 inst.sealed.clear();
                 inst.desc.volumes.clear();
+                inst.net_sealed = None;
             }
         });
         Ok(())
@@ -423,6 +495,46 @@ impl InstanceBackend for DetachedBackend {
 
     fn draining(&self) -> bool {
         self.with(|i| i.draining)
+    }
+
+    /// Records the interface as attached; no card runs, so the endpoint is `0.0.0.0:0`.
+    fn attach_network(
+        &self,
+        id: &ResourceId,
+        _epoch: u32,
+        sealed_key: SealedKeyBlob,
+    ) -> Result<String, BackendError> {
+        self.with(|i| {
+            let inst = i
+                .instances
+                .get_mut(id)
+                .ok_or(BackendError::NoSuchInstance)?;
+            if inst.desc.state == InstanceState::Terminated {
+                return Err(BackendError::WrongState);
+            }
+            if inst.network.is_none() {
+                return Err(BackendError::NoNetwork);
+            }
+            if inst.net_sealed.is_some() {
+                return Err(BackendError::NetworkAttached);
+            }
+            inst.net_sealed = Some(sealed_key);
+            let ep = "0.0.0.0:0".to_string();
+            inst.desc.net_endpoint = Some(ep.clone());
+            Ok(ep)
+        })
+    }
+
+    fn set_net_routes(&self, id: &ResourceId, _routes: &[String]) -> Result<(), BackendError> {
+        self.with(|i| match i.instances.get(id) {
+            None => Err(BackendError::NoSuchInstance),
+            Some(x) if x.net_sealed.is_none() => Err(BackendError::NoNetwork),
+            Some(_) => Ok(()),
+        })
+    }
+
+    fn set_net_rules(&self, id: &ResourceId, allow: &[String]) -> Result<(), BackendError> {
+        self.set_net_routes(id, allow)
     }
 }
 

@@ -46,6 +46,12 @@ pub struct Config {
     /// attestation releases no volume key to this host.
     #[serde(default)]
     pub attest_socket: Option<PathBuf>,
+    /// `bulkhead-netcard` binary (default: next to the controller's own binary).
+    #[serde(default)]
+    pub netcard_bin: Option<PathBuf>,
+    /// This host's address for VPC datagrams (net cards listen on it).
+    #[serde(default)]
+    pub net_host_ip: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +127,8 @@ impl Config {
             run_dir: Some(dir.root().join("run")),
             kernel_args: None,
             attest_socket: Some(dir.root().join("attest.sock")).filter(|p| p.exists()),
+            netcard_bin: None,
+            net_host_ip: None,
             host_id: host_id.to_string(),
             listen: listen.to_string(),
             ca_cert: dir.ca().ca_pem(),

@@ -301,6 +301,25 @@ impl Controller {
     /// Turns hypervisors and cards their sandbox killed into alerts. Called periodically (it
     /// asks the launcher, so off the async workers).
     pub fn poll_children(&self) {
+        for r in self.instances.restart_dead_net_cards() {
+            let (code, new_pid) = match r.outcome {
+                Ok(pid) => ("ok", Some(pid)),
+                Err(code) => (code, None),
+            };
+            tracing::warn!(instance = %r.instance, old_pid = r.old_pid, ?new_pid, code, "net card died; restart audited");
+            self.audit.append_queued(AuditEntry {
+                kind: EntryKind::Lifecycle,
+                request_id: new_request_id(),
+                caller: "controller".into(),
+                cert_sha256: None,
+                token_id: None,
+                op: "RestartNetCard".into(),
+                resources: vec![format!("instance:{}", r.instance)],
+                params_sha256: None,
+                decision: Decision::None,
+                code: code.into(),
+            });
+        }
         let kills = self.instances.sandbox_kills();
         if kills.is_empty() {
             return;
@@ -532,6 +551,10 @@ impl Controller {
                 )
             }
             ApiRequest::GetMetrics => {
+                let b = Arc::clone(&self.instances);
+                let net = tokio::task::spawn_blocking(move || b.net_counters())
+                    .await
+                    .unwrap_or_default();
                 let s = self.audit.stats();
                 let text = self.metrics.render(&Sampled {
                     audit_records: s.records,
@@ -540,6 +563,7 @@ impl Controller {
                     outbound_blocked: crate::sandbox::blocked_attempts(),
                     alerts: lock(&self.monitor).counts(),
                     instances: self.instances.capacity().instances,
+                    net,
                 });
                 let mut resp = Response::new(Body::from(text));
                 resp.headers_mut().insert(
@@ -600,6 +624,7 @@ impl Controller {
                 vcpus,
                 memory_mib,
                 user_data,
+                network,
             } => {
                 let spec = InstanceSpec {
                     id,
@@ -607,6 +632,7 @@ impl Controller {
                     vcpus,
                     memory_mib,
                     user_data,
+                    network,
                 };
                 let d = self.blocking(move |b| b.create(&spec)).await?;
                 json_ok(request_id, StatusCode::CREATED, &d)
@@ -656,6 +682,32 @@ impl Controller {
                         output,
                     },
                 )
+            }
+            ApiRequest::AttachNetwork {
+                id,
+                epoch,
+                sealed_key,
+            } => {
+                let net_endpoint = self
+                    .blocking(move |b| b.attach_network(&id, epoch, sealed_key))
+                    .await?;
+                json_ok(
+                    request_id,
+                    StatusCode::OK,
+                    &api::NetworkAttached {
+                        request_id: request_id.to_string(),
+                        net_endpoint,
+                    },
+                )
+            }
+            ApiRequest::SetNetworkRoutes { id, routes } => {
+                self.blocking(move |b| b.set_net_routes(&id, &routes))
+                    .await?;
+                ack("routes_replaced")
+            }
+            ApiRequest::SetNetworkRules { id, allow } => {
+                self.blocking(move |b| b.set_net_rules(&id, &allow)).await?;
+                ack("rules_replaced")
             }
         })
     }

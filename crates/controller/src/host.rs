@@ -13,6 +13,10 @@
 //! | AttachVolume | launcher spawns a card for the volume's backing file, the controller sends it `Attach` with the sealed blob (unopened), launcher connects to the card's vhost-user socket and the fd goes to the hypervisor with `AttachBlock` (SCM_RIGHTS). Before the first start the disk is there at boot; on a running (or stopped = paused) instance the hypervisor hot-plugs it (PCIe native hot-plug) and, when running, answers once the guest driver has bound it |
 //! | DetachVolume | `DetachBlock` (on a running guest: hot-unplug, the hypervisor waits for the guest to release the disk), then card `Detach` (key zeroized), card reaped |
 //! | GetConsole | `ReadConsole` from the controller's cursor, appended to a bounded per-instance buffer |
+//! | AttachNetwork | launcher spawns `bulkhead-netcard vhost` for the instance's interface (created with CreateInstance's `network`) with the sealed VPC epoch key (unopened: it goes to a 0600 file the card reads before its sandbox), a UDP port of this host's range and the interface's sequence-floor file; then a vhost-user connection to the card goes to the hypervisor with `AttachNet`: before the first start the NIC is there at boot, on a running guest it is hot-plugged |
+//! | SetNetworkRoutes / SetNetworkRules | relayed to the card's control socket (`routes` / `rules`); kept, so a restarted card gets the current ones |
+//! | (card dies) | the launcher reports the exit; the controller restarts the card with the same configuration, port, sequence-floor file and the sealed key blob it kept (sealed to this host's key, useless elsewhere), re-plugs it, and audits the restart |
+//! | TerminateInstance | also: the net card gets SIGTERM (it wipes its key pages) and is reaped |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsRawFd;
@@ -28,10 +32,15 @@ use bulkhead_hypervisor_client::{
 /// Largest console chunk one `ReadConsole` may ask for (`bulkhead_channel::MAX_CONSOLE_CHUNK`).
 const MAX_CONSOLE_CHUNK: u32 = 32 * 1024;
 
-use crate::api::{InstanceDescription, InstanceState, ResourceId, SealedKeyBlob};
-use crate::backend::{BackendError, Capacity, InstanceBackend, InstanceSpec, VolumeBackend};
+use crate::api::{InstanceDescription, InstanceState, NetworkSpec, ResourceId, SealedKeyBlob};
+use crate::backend::{
+    BackendError, Capacity, InstanceBackend, InstanceSpec, NetCardRestart, NetCounters,
+    VolumeBackend,
+};
 use crate::card_control::{self, CardReply};
-use crate::launcher::{LaunchReply, LaunchRequest, Launcher, LauncherError};
+use crate::launcher::{
+    LaunchRefusal, LaunchReply, LaunchRequest, Launcher, LauncherError, NetCardLaunch,
+};
 
 /// Guest kernel arguments that boot the test guest on the development machines' software KVM:
 /// the same as `guest/cmdline` (a unit test keeps them equal); configurable with
@@ -63,6 +72,35 @@ pub struct HostConfig {
     pub run_as: Option<(u32, u32)>,
     pub vcpus_total: u32,
     pub memory_mib_total: u64,
+    /// Net cards: this host's address for VPC datagrams and its UDP port range. `None`: no
+    /// net card runs here (AttachNetwork answers `network_unavailable`).
+    pub net: Option<NetHostConfig>,
+}
+
+/// Where this host's net cards listen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetHostConfig {
+    pub host_ip: std::net::Ipv4Addr,
+    /// First UDP port handed to a card.
+    pub port_base: u16,
+    /// How many ports (one per card) from `port_base`.
+    pub ports: u16,
+}
+
+/// The device id of an instance's (single) VPC interface.
+const NET_DEVICE: &str = "net0";
+/// How many ports a card start tries before giving up (a port may be taken by someone else).
+const NET_PORT_TRIES: usize = 4;
+
+/// A running net card and everything needed to start it again.
+struct NetCard {
+    pid: u32,
+    listen: std::net::SocketAddr,
+    epoch: u32,
+    /// The sealed epoch key, kept only to restart the card; never opened here.
+    sealed: SealedKeyBlob,
+    routes: Vec<String>,
+    allow: Vec<String>,
 }
 
 struct Vm {
@@ -86,6 +124,8 @@ struct HostInstance {
     console_cursor: u64,
     volumes: BTreeMap<String, Attachment>,
     next_device: u32,
+    network: Option<NetworkSpec>,
+    net: Option<NetCard>,
 }
 
 struct Slot {
@@ -101,6 +141,10 @@ struct Inner {
     /// Volume ids attached anywhere on this host (one card per backing file).
     attached: BTreeSet<String>,
     draining: bool,
+    /// UDP ports held by net cards.
+    net_ports: BTreeSet<u16>,
+    /// Net card pid → its instance.
+    net_pids: BTreeMap<u32, ResourceId>,
 }
 
 /// The real backend. See the module docs.
@@ -337,6 +381,12 @@ impl HostBackend {
                 return Err(e);
             }
         }
+        if let Some(pid) = inst.net.as_ref().map(|n| n.pid) {
+            if let Err(e) = self.plug_net(&mut vm, pid) {
+                self.end_vm(vm);
+                return Err(e);
+            }
+        }
         if let Err(e) = vm.chan.call(Command::Start, None) {
             self.end_vm(vm);
             return Err(channel_err("start")(e));
@@ -454,6 +504,7 @@ impl InstanceBackend for HostBackend {
             memory_mib: spec.memory_mib,
             state: InstanceState::Created,
             volumes: Vec::new(),
+            net_endpoint: None,
         };
         let inst = Arc::new(Mutex::new(HostInstance {
             desc: desc.clone(),
@@ -464,6 +515,8 @@ impl InstanceBackend for HostBackend {
             console_cursor: 0,
             volumes: BTreeMap::new(),
             next_device: 0,
+            network: spec.network.clone(),
+            net: None,
         }));
         // Reserve the id and the capacity, then spawn without holding the host-wide lock.
         let mut g = lock(&inst);
@@ -613,6 +666,10 @@ impl InstanceBackend for HostBackend {
             lock(&self.inner).attached.remove(&vol);
         }
         g.desc.volumes.clear();
+        if let Some(card) = g.net.take() {
+            self.end_net_card(&card);
+        }
+        g.desc.net_endpoint = None;
         g.desc.state = InstanceState::Terminated;
         drop(g);
         self.set_live(id, false);
@@ -645,6 +702,316 @@ impl InstanceBackend for HostBackend {
                 tracing::warn!(error = %e, "launcher: sandbox kills unavailable");
                 Vec::new()
             }
+        }
+    }
+
+    fn attach_network(
+        &self,
+        id: &ResourceId,
+        epoch: u32,
+        sealed_key: SealedKeyBlob,
+    ) -> Result<String, BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        if g.desc.state == InstanceState::Terminated {
+            return Err(BackendError::WrongState);
+        }
+        let spec = g.network.clone().ok_or(BackendError::NoNetwork)?;
+        if g.net.is_some() {
+            return Err(BackendError::NetworkAttached);
+        }
+        let mut card = NetCard {
+            pid: 0,
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            epoch,
+            sealed: sealed_key,
+            routes: spec.routes.clone(),
+            allow: spec.allow.clone(),
+        };
+        self.start_net_card(id, &spec, &mut card, None)?;
+        let plugged = match g.vm.as_mut() {
+            Some(vm) => self.plug_net(vm, card.pid),
+            None => Err(BackendError::Unavailable),
+        };
+        if let Err(e) = plugged {
+            self.end_net_card(&card);
+            return Err(e);
+        }
+        let ep = card.listen.to_string();
+        tracing::info!(instance = %id, card = card.pid, endpoint = %ep, epoch, "net card attached");
+        g.desc.net_endpoint = Some(ep.clone());
+        g.net = Some(card);
+        Ok(ep)
+    }
+
+    fn set_net_routes(&self, id: &ResourceId, routes: &[String]) -> Result<(), BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        let card = g.net.as_mut().ok_or(BackendError::NoNetwork)?;
+        let req = serde_json::json!({"op": "routes", "routes": routes});
+        self.net_update(card.pid, &req)?;
+        card.routes = routes.to_vec();
+        Ok(())
+    }
+
+    fn set_net_rules(&self, id: &ResourceId, allow: &[String]) -> Result<(), BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        let card = g.net.as_mut().ok_or(BackendError::NoNetwork)?;
+        let req = serde_json::json!({"op": "rules", "allow": allow});
+        self.net_update(card.pid, &req)?;
+        card.allow = allow.to_vec();
+        Ok(())
+    }
+
+    fn net_counters(&self) -> Vec<NetCounters> {
+        let cards: Vec<(u32, ResourceId)> = lock(&self.inner)
+            .net_pids
+            .iter()
+            .map(|(p, i)| (*p, i.clone()))
+            .collect();
+        let mut out = Vec::new();
+        for (pid, id) in cards {
+            let Ok(v) = self.net_control(pid, &serde_json::json!({"op": "counters"})) else {
+                continue;
+            };
+            let Some(obj) = v.as_object() else {
+                continue;
+            };
+            // Numbers only: a counter name is a short identifier, its value an integer.
+            let counters = obj
+                .iter()
+                .filter(|(k, _)| {
+                    k.len() <= 48 && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                })
+                .filter_map(|(k, v)| v.as_u64().map(|n| (k.clone(), n)))
+                .collect();
+            out.push(NetCounters {
+                instance: id.to_string(),
+                counters,
+            });
+        }
+        out
+    }
+
+    fn restart_dead_net_cards(&self) -> Vec<NetCardRestart> {
+        let pids = match self.launcher.call(&LaunchRequest::Exited) {
+            Ok((LaunchReply::Exited { pids }, _)) => pids,
+            Ok(_) => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "launcher: exits unavailable");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for pid in pids {
+            let Some(id) = lock(&self.inner).net_pids.remove(&pid) else {
+                continue;
+            };
+            let Ok(inst) = self.instance(&id) else {
+                continue;
+            };
+            let mut g = lock(&inst);
+            let (Some(spec), Some(mut card)) = (g.network.clone(), g.net.take()) else {
+                continue;
+            };
+            if card.pid != pid {
+                g.net = Some(card);
+                continue;
+            }
+            tracing::warn!(instance = %id, pid, "net card died; restarting it");
+            // Reap the dead card (its sockets go), keep its port for the new one.
+            let _ = self
+                .launcher
+                .call(&LaunchRequest::Reap { pid, grace_ms: 0 });
+            let listen = card.listen;
+            let started = self.start_net_card(&id, &spec, &mut card, Some(listen));
+            let outcome = match started {
+                Ok(()) => {
+                    let replug = match g.vm.as_mut() {
+                        Some(vm) => {
+                            let dev =
+                                DeviceId::new(NET_DEVICE).map_err(|_| BackendError::Unavailable);
+                            match dev {
+                                Ok(dev) => {
+                                    // The old backend is gone: unplug its device, plug the new one.
+                                    match vm.chan.call(Command::DetachNet { id: dev }, None) {
+                                        Ok(_) | Err(ClientError::Refused(_)) => {}
+                                        Err(e) => tracing::warn!(error = %e, "detach net"),
+                                    }
+                                    self.plug_net(vm, card.pid)
+                                }
+                                Err(e) => Err(e),
+                            }
+                        }
+                        None => Ok(()),
+                    };
+                    if let Err(e) = &replug {
+                        tracing::warn!(instance = %id, error = %e, "restarted net card not re-plugged");
+                    }
+                    let new_pid = card.pid;
+                    g.net = Some(card);
+                    Ok(new_pid)
+                }
+                Err(e) => {
+                    lock(&self.inner).net_ports.remove(&listen.port());
+                    g.desc.net_endpoint = None;
+                    Err(e.code())
+                }
+            };
+            out.push(NetCardRestart {
+                instance: id.to_string(),
+                old_pid: pid,
+                outcome,
+            });
+        }
+        out
+    }
+}
+
+impl HostBackend {
+    /// Starts `card`'s process (on `port` when restarting, else on a free port of the host's
+    /// range) and records its pid and endpoint in `card`.
+    fn start_net_card(
+        &self,
+        id: &ResourceId,
+        spec: &NetworkSpec,
+        card: &mut NetCard,
+        port: Option<std::net::SocketAddr>,
+    ) -> Result<(), BackendError> {
+        let net = self.cfg.net.ok_or(BackendError::NetworkUnavailable)?;
+        let tries = if port.is_some() { 1 } else { NET_PORT_TRIES };
+        let mut last = BackendError::Unavailable;
+        for _ in 0..tries {
+            let listen = match port {
+                Some(p) => p,
+                None => {
+                    let mut i = lock(&self.inner);
+                    let free = (0..net.ports)
+                        .filter_map(|k| net.port_base.checked_add(k))
+                        .find(|p| !i.net_ports.contains(p))
+                        .ok_or(BackendError::NoCapacity)?;
+                    i.net_ports.insert(free);
+                    std::net::SocketAddr::from((net.host_ip, free))
+                }
+            };
+            let req = LaunchRequest::SpawnNetCard {
+                card: NetCardLaunch {
+                    interface: id.to_string(),
+                    listen,
+                    vpc: spec.vpc,
+                    card_id: spec.card_id,
+                    epoch: card.epoch,
+                    sealed_key: hex::encode(&card.sealed.0),
+                    mac: spec.mac.to_string(),
+                    ip: format!("{}/{}", spec.ip, spec.prefix),
+                    gateway: spec.gateway,
+                    mtu: spec.mtu,
+                    routes: card.routes.clone(),
+                    allow: card.allow.clone(),
+                },
+                run_as: self.cfg.run_as,
+            };
+            match self.launcher.call(&req) {
+                Ok((LaunchReply::Spawned { pid }, _)) => {
+                    card.pid = pid;
+                    card.listen = listen;
+                    lock(&self.inner).net_pids.insert(pid, id.clone());
+                    tracing::info!(instance = %id, pid, %listen, "net card started");
+                    return Ok(());
+                }
+                // The card would not come up: most likely its port is taken (it exits when it
+                // cannot bind), or it refused the sealed key. Keep the port marked (someone
+                // holds it) and try the next one.
+                Err(LauncherError::Refused(LaunchRefusal::CardNotReady)) => {
+                    tracing::warn!(instance = %id, %listen, "net card did not come up");
+                    last = BackendError::NetCardRefused;
+                }
+                Ok(_) => {
+                    lock(&self.inner).net_ports.remove(&listen.port());
+                    return Err(BackendError::Unavailable);
+                }
+                Err(e) => {
+                    lock(&self.inner).net_ports.remove(&listen.port());
+                    return Err(launcher_err("spawn net card")(e));
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// A fresh vhost-user connection to the net card, handed to the hypervisor (`AttachNet`).
+    fn plug_net(&self, vm: &mut Vm, pid: u32) -> Result<(), BackendError> {
+        let (_, fd) = self
+            .launcher
+            .call_fd(&LaunchRequest::ConnectVhost { pid })
+            .map_err(launcher_err("connect net vhost"))?;
+        let id = DeviceId::new(NET_DEVICE).map_err(|_| BackendError::Unavailable)?;
+        let r = vm
+            .chan
+            .call(Command::AttachNet { id }, Some(fd.as_raw_fd()));
+        drop(fd);
+        match r {
+            Ok(Reply::Device {
+                guest_acknowledged: false,
+                state: VmState::Running,
+            }) => {
+                tracing::warn!("hot-plugged NIC not bound by the guest in time");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(ClientError::Refused(CommandError::WrongState(_))) => Err(BackendError::WrongState),
+            Err(e) => Err(channel_err("attach net")(e)),
+        }
+    }
+
+    /// SIGTERM (the card wipes its key pages), then reap; its port is free again.
+    fn end_net_card(&self, card: &NetCard) {
+        if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
+            pid: card.pid,
+            grace_ms: EXIT_GRACE_MS,
+        }) {
+            tracing::warn!(pid = card.pid, error = %e, "reaping net card failed");
+        }
+        let mut i = lock(&self.inner);
+        i.net_pids.remove(&card.pid);
+        i.net_ports.remove(&card.listen.port());
+    }
+
+    /// One request on a fresh connection to the card's control socket; its JSON reply.
+    fn net_control(
+        &self,
+        pid: u32,
+        req: &serde_json::Value,
+    ) -> Result<serde_json::Value, BackendError> {
+        use std::io::{BufRead, Write};
+        let (_, fd) = self
+            .launcher
+            .call_fd(&LaunchRequest::ConnectNetControl { pid })
+            .map_err(launcher_err("connect net control"))?;
+        let mut conn = UnixStream::from(fd);
+        let _ = conn.set_read_timeout(Some(CARD_TIMEOUT));
+        let _ = conn.set_write_timeout(Some(CARD_TIMEOUT));
+        let io = |e: std::io::Error| {
+            tracing::warn!(pid, error = %e, "net card control");
+            BackendError::Unavailable
+        };
+        conn.write_all(format!("{req}\n").as_bytes()).map_err(io)?;
+        let mut line = String::new();
+        std::io::BufReader::new(std::io::Read::take(&conn, 1 << 20))
+            .read_line(&mut line)
+            .map_err(io)?;
+        serde_json::from_str(&line).map_err(|_| BackendError::Unavailable)
+    }
+
+    /// A `routes` or `rules` update: the card's `ok` or its refusal.
+    fn net_update(&self, pid: u32, req: &serde_json::Value) -> Result<(), BackendError> {
+        let v = self.net_control(pid, req)?;
+        if v.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
+            Ok(())
+        } else {
+            tracing::info!(pid, reply = %v, "net card refused an update");
+            Err(BackendError::NetCardRefused)
         }
     }
 }

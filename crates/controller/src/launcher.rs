@@ -15,6 +15,9 @@
 //! | `SpawnCard` | starts the configured block-card binary for one backing file under the volume dir, waits for its control socket and connects to it | the control connection |
 //! | `ConnectVhost` | connects to the vhost-user socket of a card it started | the vhost-user connection |
 //! | `Reap` | waits for a child it started to exit (SIGKILL after a grace period) | none |
+//! | `SpawnNetCard` | starts the configured net-card binary (`vhost` mode) for one instance interface: writes the sealed epoch key to a 0600 file in its run directory (removed once the card has read it), keeps the interface's sequence-floor file there across restarts, waits for the card's control socket | none |
+//! | `ConnectNetControl` | connects to the control socket of a net card it started (one request per connection) | the control connection |
+//! | `Exited` | lists children that exited on their own since the last ask (a net card killed -9 is restarted by the controller) | none |
 //!
 //! The launcher runs exactly two binaries, fixed when it starts (never named in a request); kernel
 //! and initrd paths must lie in the configured guest directory and backing files in the volume
@@ -44,8 +47,8 @@ fn one_queue() -> u16 {
     1
 }
 
-/// Largest launcher message (either direction).
-pub const MAX_MESSAGE: usize = 8 * 1024;
+/// Largest launcher message (either direction): a net card's spawn request carries its routes.
+pub const MAX_MESSAGE: usize = 96 * 1024;
 /// How long the launcher waits for a card's control socket to come up.
 const CARD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest unix socket path (`sun_path` is 108 bytes including the NUL).
@@ -65,6 +68,35 @@ pub struct LauncherConfig {
     pub run_dir: PathBuf,
     /// Host key file handed to every card (`--host-key`); never read by the launcher.
     pub host_key: Option<PathBuf>,
+    /// `bulkhead-netcard` binary. Without it no net card is started.
+    #[serde(default)]
+    pub netcard_bin: Option<PathBuf>,
+}
+
+/// One instance interface's net card, as the launcher starts it (`bulkhead-netcard vhost`).
+/// Every socket and file path is the launcher's choice, derived from `interface` under its run
+/// directory; the request names none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetCardLaunch {
+    /// The interface's name (the instance id): names its files in the run directory. Its
+    /// sequence-floor file `net-<interface>.seq` is kept across card restarts.
+    pub interface: String,
+    /// `HOSTIP:PORT` the card receives its VPC peers' datagrams on.
+    pub listen: std::net::SocketAddr,
+    pub vpc: u32,
+    pub card_id: u32,
+    pub epoch: u32,
+    /// The sealed epoch key (hex of the `bulkhead-sealing` blob). Written to a 0600 file the
+    /// card reads before its sandbox; the launcher removes it once the card is up.
+    pub sealed_key: String,
+    pub mac: String,
+    /// `A.B.C.D/P`.
+    pub ip: String,
+    pub gateway: std::net::Ipv4Addr,
+    pub mtu: u16,
+    pub routes: Vec<String>,
+    pub allow: Vec<String>,
 }
 
 /// Controller → launcher.
@@ -90,6 +122,15 @@ pub enum LaunchRequest {
     ConnectVhost {
         pid: u32,
     },
+    SpawnNetCard {
+        card: NetCardLaunch,
+        run_as: Option<(u32, u32)>,
+    },
+    ConnectNetControl {
+        pid: u32,
+    },
+    /// Children that exited on their own since the last ask.
+    Exited,
     Reap {
         pid: u32,
         grace_ms: u64,
@@ -126,6 +167,9 @@ pub enum LaunchReply {
     },
     SandboxKills {
         kills: Vec<SandboxKill>,
+    },
+    Exited {
+        pids: Vec<u32>,
     },
 }
 
@@ -356,6 +400,8 @@ fn inside(path: &Path, dir: &Path) -> bool {
 struct CardChild {
     vhost: PathBuf,
     control: PathBuf,
+    /// Net cards: connections to `control` are one request each.
+    net: bool,
 }
 
 struct LauncherState {
@@ -365,6 +411,8 @@ struct LauncherState {
     seq: u64,
     /// Children whose exit was already looked at.
     exited: std::collections::BTreeSet<u32>,
+    /// Exits not yet reported by `Exited`.
+    unreported: Vec<u32>,
     sandbox_kills: Vec<SandboxKill>,
 }
 
@@ -406,6 +454,7 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
         cards: BTreeMap::new(),
         seq: 0,
         exited: std::collections::BTreeSet::new(),
+        unreported: Vec::new(),
         sandbox_kills: Vec::new(),
     };
     loop {
@@ -495,6 +544,24 @@ impl LauncherState {
                 queues,
                 run_as,
             } => self.spawn_card(backing, read_only, queues, run_as),
+            LaunchRequest::SpawnNetCard { card, run_as } => self.spawn_net_card(&card, run_as),
+            LaunchRequest::ConnectNetControl { pid } => {
+                let Some(card) = self.cards.get(&pid).filter(|c| c.net) else {
+                    return Self::refuse(LaunchRefusal::NoSuchChild);
+                };
+                match UnixStream::connect(&card.control) {
+                    Ok(s) => (LaunchReply::Connected, Some(OwnedFd::from(s))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, pid, "launcher: net card control connect failed");
+                        Self::refuse(LaunchRefusal::ConnectFailed)
+                    }
+                }
+            }
+            LaunchRequest::Exited => {
+                self.reap_exited();
+                let pids = std::mem::take(&mut self.unreported);
+                (LaunchReply::Exited { pids }, None)
+            }
             LaunchRequest::ConnectVhost { pid } => {
                 let Some(card) = self.cards.get(&pid) else {
                     return Self::refuse(LaunchRefusal::NoSuchChild);
@@ -511,6 +578,14 @@ impl LauncherState {
                 let Some(mut child) = self.children.remove(&pid) else {
                     return Self::refuse(LaunchRefusal::NoSuchChild);
                 };
+                if self.cards.get(&pid).is_some_and(|c| c.net) && grace_ms > 0 {
+                    // A net card exits on SIGTERM after wiping its key pages.
+                    if let Ok(p) = libc::pid_t::try_from(pid) {
+                        // SAFETY: `pid` is our own unreaped child (still in `children` until
+                        // just now, not yet waited for), so the pid cannot have been reused.
+                        unsafe { libc::kill(p, libc::SIGTERM) };
+                    }
+                }
                 let deadline = Instant::now() + Duration::from_millis(grace_ms.min(60_000));
                 let mut killed = false;
                 loop {
@@ -547,10 +622,16 @@ impl LauncherState {
     /// Records a child's exit once; a death by SIGSYS is a sandbox kill.
     fn note_exit(&mut self, pid: u32, st: &std::process::ExitStatus) {
         use std::os::unix::process::ExitStatusExt;
-        if !self.exited.insert(pid) || st.signal() != Some(libc::SIGSYS) {
+        if !self.exited.insert(pid) {
             return;
         }
-        let process = if self.cards.contains_key(&pid) {
+        self.unreported.push(pid);
+        if st.signal() != Some(libc::SIGSYS) {
+            return;
+        }
+        let process = if self.cards.get(&pid).is_some_and(|c| c.net) {
+            "netcard"
+        } else if self.cards.contains_key(&pid) {
             "card"
         } else {
             "hypervisor"
@@ -635,8 +716,125 @@ impl LauncherState {
         };
         tracing::info!(pid, "launcher: block card started");
         self.children.insert(pid, child);
-        self.cards.insert(pid, CardChild { vhost, control });
+        self.cards.insert(
+            pid,
+            CardChild {
+                vhost,
+                control,
+                net: false,
+            },
+        );
         (LaunchReply::Spawned { pid }, Some(OwnedFd::from(conn)))
+    }
+
+    /// Starts one interface's net card. Its arguments are re-checked here with the card's own
+    /// parsers and passed as `--flag=value`, so no value can read as another option.
+    fn spawn_net_card(
+        &mut self,
+        card: &NetCardLaunch,
+        run_as: Option<(u32, u32)>,
+    ) -> (LaunchReply, Option<OwnedFd>) {
+        let Some(bin) = self.cfg.netcard_bin.clone() else {
+            return Self::refuse(LaunchRefusal::SpawnFailed);
+        };
+        let Some(host_key) = self.cfg.host_key.clone() else {
+            return Self::refuse(LaunchRefusal::SpawnFailed);
+        };
+        if let Err(why) = check_net_card(card) {
+            tracing::warn!(why, "launcher: net card request refused");
+            return Self::refuse(LaunchRefusal::Malformed);
+        }
+        let base = self.cfg.run_dir.join(format!("net-{}", card.interface));
+        let file = |ext: &str| {
+            let mut p = base.clone().into_os_string();
+            p.push(ext);
+            PathBuf::from(p)
+        };
+        let (vhost, control, sealed, seq) =
+            (file(".vhost"), file(".ctl"), file(".sealed"), file(".seq"));
+        if !inside(&vhost, &self.cfg.run_dir)
+            || vhost.parent() != Some(self.cfg.run_dir.as_path())
+            || vhost.as_os_str().len() > MAX_SOCKET_PATH
+            || control.as_os_str().len() > MAX_SOCKET_PATH
+        {
+            return Self::refuse(LaunchRefusal::PathNotAllowed);
+        }
+        if self.cards.values().any(|c| c.net && c.control == control) {
+            // One card per interface at a time.
+            return Self::refuse(LaunchRefusal::SpawnFailed);
+        }
+        let Ok(blob) = hex::decode(&card.sealed_key) else {
+            return Self::refuse(LaunchRefusal::Malformed);
+        };
+        if let Err(e) = write_private(&sealed, &blob) {
+            tracing::warn!(error = %e, "launcher: sealed key file");
+            return Self::refuse(LaunchRefusal::SpawnFailed);
+        }
+        let _ = std::fs::remove_file(&vhost);
+        let _ = std::fs::remove_file(&control);
+        let mut cmd = Proc::new(&bin);
+        let arg = |k: &str, v: &dyn std::fmt::Display| format!("--{k}={v}");
+        cmd.arg("vhost")
+            .arg(arg("vhost-socket", &vhost.display()))
+            .arg(arg("control", &control.display()))
+            .arg(arg("listen", &card.listen))
+            .arg(arg("vpc", &card.vpc))
+            .arg(arg("card-id", &card.card_id))
+            .arg(arg("epoch", &card.epoch))
+            .arg(arg("host-key", &host_key.display()))
+            .arg(arg("sealed-key", &sealed.display()))
+            .arg(arg("seq-state", &seq.display()))
+            .arg(arg("mac", &card.mac))
+            .arg(arg("ip", &card.ip))
+            .arg(arg("gateway", &card.gateway))
+            .arg(arg("mtu", &card.mtu))
+            .args(card.routes.iter().map(|r| arg("route", r)))
+            .args(card.allow.iter().map(|r| arg("allow", r)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if let Some((u, g)) = run_as {
+            cmd.arg(arg("uid", &u)).arg(arg("gid", &g));
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&sealed);
+                tracing::warn!(error = %e, "launcher: net card spawn failed");
+                return Self::refuse(LaunchRefusal::SpawnFailed);
+            }
+        };
+        let pid = child.id();
+        let deadline = Instant::now() + CARD_READY_TIMEOUT;
+        let ready = loop {
+            if UnixStream::connect(&control).is_ok() {
+                break true;
+            }
+            if !matches!(child.try_wait(), Ok(None)) || Instant::now() >= deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The card read the sealed key before opening its control socket (or never will).
+        let _ = std::fs::remove_file(&sealed);
+        if !ready {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&control);
+            let _ = std::fs::remove_file(&vhost);
+            tracing::warn!(pid, "launcher: net card never opened its control socket");
+            return Self::refuse(LaunchRefusal::CardNotReady);
+        }
+        tracing::info!(pid, interface = %card.interface, "launcher: net card started");
+        self.children.insert(pid, child);
+        self.cards.insert(
+            pid,
+            CardChild {
+                vhost,
+                control,
+                net: true,
+            },
+        );
+        (LaunchReply::Spawned { pid }, None)
     }
 
     /// Reaps children that exited on their own, so none stays a zombie. They stay listed (with
@@ -666,10 +864,112 @@ impl LauncherState {
     }
 }
 
+/// Writes `data` to a new file readable by its owner only.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// What a net card request must be before anything is written or started.
+fn check_net_card(c: &NetCardLaunch) -> Result<(), &'static str> {
+    use bulkhead_netcard::{frame::MacAddr, secgroup::IngressRule};
+    if !bulkhead_tokens::ops::valid_resource_id(&c.interface) {
+        return Err("interface");
+    }
+    if c.sealed_key.len() != 2 * bulkhead_sealing::SEALED_BLOB_LEN
+        || !c.sealed_key.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Err("sealed key");
+    }
+    if MacAddr::parse_text(&c.mac).is_err() {
+        return Err("mac");
+    }
+    if bulkhead_netcard::secgroup::Cidr::parse_text(&c.ip).is_err() {
+        return Err("ip");
+    }
+    if c.allow.iter().any(|r| IngressRule::parse_text(r).is_err()) {
+        return Err("allow");
+    }
+    crate::api::check_routes(&c.routes, c.card_id).map_err(|_| "route")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn net_card() -> NetCardLaunch {
+        NetCardLaunch {
+            interface: "i-1".into(),
+            listen: "127.0.0.1:40000".parse().unwrap(),
+            vpc: 7,
+            card_id: 1,
+            epoch: 1,
+            sealed_key: "ab".repeat(bulkhead_sealing::SEALED_BLOB_LEN),
+            mac: "02:00:00:00:00:10".into(),
+            ip: "10.0.1.5/24".into(),
+            gateway: "10.0.1.1".parse().unwrap(),
+            mtu: 1400,
+            routes: vec!["10.0.1.6=2@127.0.0.1:40001".into()],
+            allow: vec!["tcp:7000:10.0.0.0/16".into()],
+        }
+    }
+
+    /// A net card request names no path and no binary; its interface name cannot leave the
+    /// run directory; its values cannot smuggle another option onto the card's command line.
+    #[test]
+    fn net_card_requests_are_confined() {
+        assert_eq!(check_net_card(&net_card()), Ok(()));
+        for bad in ["../x", "a/b", "", ".."] {
+            let c = NetCardLaunch {
+                interface: bad.into(),
+                ..net_card()
+            };
+            // `..` is a valid id, but `net-..` stays a file name in the run directory.
+            if bad == ".." {
+                assert_eq!(check_net_card(&c), Ok(()));
+                continue;
+            }
+            assert_eq!(check_net_card(&c), Err("interface"), "{bad}");
+        }
+        let c = NetCardLaunch {
+            allow: vec!["--uid=0".into()],
+            ..net_card()
+        };
+        assert_eq!(check_net_card(&c), Err("allow"));
+        let c = NetCardLaunch {
+            routes: vec!["--host-key=/etc/shadow".into()],
+            ..net_card()
+        };
+        assert_eq!(check_net_card(&c), Err("route"));
+        let c = NetCardLaunch {
+            sealed_key: "zz".repeat(bulkhead_sealing::SEALED_BLOB_LEN),
+            ..net_card()
+        };
+        assert_eq!(check_net_card(&c), Err("sealed key"));
+        let c = NetCardLaunch {
+            mac: "--vpc=1".into(),
+            ..net_card()
+        };
+        assert_eq!(check_net_card(&c), Err("mac"));
+        // Unknown fields (a binary, a socket path) are refused by the request parser.
+        let mut v = serde_json::to_value(LaunchRequest::SpawnNetCard {
+            card: net_card(),
+            run_as: None,
+        })
+        .unwrap();
+        v["spawn_net_card"]["card"]["control"] = serde_json::json!("/tmp/evil.sock");
+        assert!(serde_json::from_value::<LaunchRequest>(v).is_err());
+    }
 
     #[test]
     fn paths_must_stay_inside() {

@@ -61,6 +61,19 @@ struct Args {
     /// Sealing host key file handed to block cards (dev default: DIR/host.key if it exists).
     #[arg(long)]
     card_host_key: Option<PathBuf>,
+    /// The `bulkhead-netcard` binary (default: next to this binary, when it is there).
+    #[arg(long)]
+    netcard_bin: Option<PathBuf>,
+    /// This host's address for VPC datagrams: net cards listen on it (default: the listen
+    /// address's, when that is one IPv4 address). Without one no net card runs here.
+    #[arg(long)]
+    net_host_ip: Option<std::net::Ipv4Addr>,
+    /// First UDP port handed to a net card (one port per card).
+    #[arg(long, default_value_t = 40000)]
+    net_port_base: u16,
+    /// How many UDP ports from --net-port-base net cards may use.
+    #[arg(long, default_value_t = 1000)]
+    net_ports: u16,
     /// Guest kernel arguments.
     #[arg(long)]
     kernel_args: Option<String>,
@@ -205,6 +218,7 @@ fn host_backend(
         run_as,
         vcpus_total: vcpus,
         memory_mib_total: memory_mib(),
+        net: None,
     };
     let launch = LauncherConfig {
         hypervisor_bin: args
@@ -224,6 +238,32 @@ fn host_backend(
             .card_host_key
             .clone()
             .or_else(|| cfg.card_host_key.clone()),
+        netcard_bin: args
+            .netcard_bin
+            .clone()
+            .or_else(|| cfg.netcard_bin.clone())
+            .or_else(|| Some(next_to_exe("bulkhead-netcard")))
+            .filter(|b| b.is_file()),
+    };
+    let net_ip = args.net_host_ip.or(cfg.net_host_ip).or_else(|| {
+        match cfg.listen.parse::<std::net::SocketAddr>().ok()?.ip() {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+            _ => None,
+        }
+    });
+    let mut host = host;
+    host.net = match (net_ip, &launch.netcard_bin, &launch.host_key) {
+        (Some(host_ip), Some(_), Some(_)) => Some(bulkhead_controller::host::NetHostConfig {
+            host_ip,
+            port_base: args.net_port_base,
+            ports: args.net_ports,
+        }),
+        _ => {
+            tracing::info!(
+                "no net card binary, host key or host address: this host runs no net cards"
+            );
+            None
+        }
     };
     for b in [&launch.hypervisor_bin, &launch.blockcard_bin] {
         if !b.is_file() {

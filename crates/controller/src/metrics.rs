@@ -22,6 +22,8 @@ pub struct Sampled {
     pub outbound_blocked: u64,
     pub alerts: Vec<(&'static str, u64)>,
     pub instances: u32,
+    /// Each running net card's counters (numbers only), by instance.
+    pub net: Vec<crate::backend::NetCounters>,
 }
 
 /// The operation label every request to a route that does not exist is counted under.
@@ -131,6 +133,24 @@ impl Metrics {
                 escape_label(rule)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP bulkhead_netcard Net card counters by instance interface (numbers only)."
+        );
+        let _ = writeln!(out, "# TYPE bulkhead_netcard counter");
+        for n in &s.net {
+            for (name, v) in &n.counters {
+                if !is_name(name) {
+                    continue;
+                }
+                let _ = writeln!(
+                    out,
+                    "bulkhead_netcard{{instance=\"{}\",counter=\"{}\"}} {v}",
+                    escape_label(&n.instance),
+                    escape_label(name)
+                );
+            }
+        }
         out
     }
 }
@@ -153,6 +173,7 @@ mod tests {
             outbound_blocked: 0,
             alerts: vec![],
             instances: 0,
+            net: Vec::new(),
         });
         assert!(!out.contains("fake_metric"), "{out}");
         assert!(out.contains(

@@ -29,6 +29,7 @@ fn ok_schema(op: Operation) -> Option<&'static str> {
         Operation::ListAlerts => "AlertList",
         Operation::CreateInstance | Operation::DescribeInstance => "InstanceDescription",
         Operation::GetConsole => "ConsoleOutput",
+        Operation::AttachNetwork => "NetworkAttached",
         _ => "Ack",
     })
 }
@@ -77,6 +78,9 @@ pub fn document() -> utoipa::openapi::OpenApi {
             BodyKind::Attest => Some("AttestRequest"),
             BodyKind::CreateInstance => Some("CreateInstanceRequest"),
             BodyKind::AttachVolume => Some("AttachVolumeRequest"),
+            BodyKind::AttachNetwork => Some("AttachNetworkRequest"),
+            BodyKind::NetworkRoutes => Some("NetworkRoutesRequest"),
+            BodyKind::NetworkRules => Some("NetworkRulesRequest"),
         };
         if let Some(b) = body {
             op = op.request_body(Some(
@@ -114,6 +118,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         let method = match r.method {
             Method::Get => HttpMethod::Get,
             Method::Post => HttpMethod::Post,
+            Method::Put => HttpMethod::Put,
             Method::Delete => HttpMethod::Delete,
         };
         let item = by_path.remove(r.path).unwrap_or_default();
@@ -139,6 +144,11 @@ pub fn document() -> utoipa::openapi::OpenApi {
         .schema_from::<api::AttestRequest>()
         .schema_from::<api::CreateInstanceRequest>()
         .schema_from::<api::AttachVolumeRequest>()
+        .schema_from::<api::NetworkRequest>()
+        .schema_from::<api::AttachNetworkRequest>()
+        .schema_from::<api::NetworkAttached>()
+        .schema_from::<api::NetworkRoutesRequest>()
+        .schema_from::<api::NetworkRulesRequest>()
         .security_scheme(
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),

@@ -53,6 +53,9 @@ operations! {
     AttachVolume => Customer,
     DetachVolume => Customer,
     GetConsole => Customer,
+    AttachNetwork => Customer,
+    SetNetworkRoutes => Customer,
+    SetNetworkRules => Customer,
 }
 
 impl std::fmt::Display for Operation {
