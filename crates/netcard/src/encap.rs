@@ -272,6 +272,16 @@ impl EpochKey {
     }
 }
 
+impl EpochKey {
+    /// A second copy in its own locked page (the key ring keeps one per live epoch so that
+    /// peers added by a route update get their direction keys without a new sealed blob).
+    pub fn duplicate(&self) -> Result<Self> {
+        let mut s = LockedSecret::<KEY_LEN>::new()?;
+        s.as_mut().copy_from_slice(self.0.as_ref());
+        Ok(EpochKey(s))
+    }
+}
+
 impl Drop for EpochKey {
     fn drop(&mut self) {
         self.0.as_mut().zeroize();

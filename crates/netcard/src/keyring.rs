@@ -30,9 +30,11 @@ pub const MAX_LIVE_EPOCHS: usize = 2;
 /// Sequence numbers reserved per floor write.
 pub const SEQ_BLOCK: u64 = 1 << 20;
 
-/// One epoch's direction keys for every peer.
+/// One epoch's direction keys for every peer, and the epoch key itself (in its own locked
+/// page) so that a route update can derive keys for a new peer; both are wiped at retire.
 struct EpochKeys {
     epoch: KeyEpoch,
+    key: EpochKey,
     peers: HashMap<CardId, TunnelKeys>,
 }
 
@@ -80,18 +82,47 @@ impl KeyRing {
         }
         let mut map = HashMap::new();
         for peer in peers {
-            let p = TunnelParams {
-                vpc: self.vpc,
-                epoch,
-                local: self.local,
-                peer,
-                kind: self.kind,
-            };
-            map.insert(peer, TunnelKeys::new(key, &p)?);
+            map.insert(peer, self.derive(epoch, key, peer)?);
         }
-        self.live.push(EpochKeys { epoch, peers: map });
+        self.live.push(EpochKeys {
+            epoch,
+            key: key.duplicate()?,
+            peers: map,
+        });
         if self.send.is_none() {
             self.send = Some(epoch);
+        }
+        Ok(())
+    }
+
+    fn derive(&self, epoch: KeyEpoch, key: &EpochKey, peer: CardId) -> Result<TunnelKeys> {
+        let p = TunnelParams {
+            vpc: self.vpc,
+            epoch,
+            local: self.local,
+            peer,
+            kind: self.kind,
+        };
+        TunnelKeys::new(key, &p)
+    }
+
+    /// Makes the peer set of every live epoch exactly `peers`: derives direction keys for new
+    /// peers (from the kept epoch key) and drops (wipes) the keys of peers no longer listed.
+    /// Nothing changes if a derivation fails.
+    pub fn set_peers(&mut self, peers: &[CardId]) -> Result<()> {
+        let mut added: Vec<Vec<(CardId, TunnelKeys)>> = Vec::with_capacity(self.live.len());
+        for e in &self.live {
+            let mut new = Vec::new();
+            for p in peers {
+                if !e.peers.contains_key(p) && new.iter().all(|(q, _)| q != p) {
+                    new.push((*p, self.derive(e.epoch, &e.key, *p)?));
+                }
+            }
+            added.push(new);
+        }
+        for (e, new) in self.live.iter_mut().zip(added) {
+            e.peers.retain(|p, _| peers.contains(p));
+            e.peers.extend(new);
         }
         Ok(())
     }

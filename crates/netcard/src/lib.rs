@@ -6,12 +6,16 @@
 //! * [`responder`]: the card's own services for its guest (ARP for the gateway, DHCP) and
 //!   anti-spoofing.
 //! * [`secgroup`]: stateful security groups (ingress rules, a bounded conntrack table).
-//! * [`tap`]: the TAP mode data path (a TAP device stands in for the guest until the
-//!   vhost-user-net backend exists), [`sandbox`]: the card's hardening policy.
+//! * [`datapath`]: the transport-neutral data path (guest frame → peer datagram and back, the
+//!   control socket), shared by both guest sides:
+//! * [`vhost`]: the vhost-user-net backend (the guest's virtio-net device; [`virtio`] checks its
+//!   descriptor chains), and [`tap`]: a TAP device standing in for the guest (benchmarks,
+//!   netns tests). [`sandbox`]: the card's hardening policy.
 //!
 //! See README.md for the key schedule and the wire format.
 
 pub mod control;
+pub mod datapath;
 pub mod encap;
 pub mod frame;
 pub mod fuzzing;
@@ -22,6 +26,8 @@ pub mod routes;
 pub mod sandbox;
 pub mod secgroup;
 pub mod tap;
+pub mod vhost;
+pub mod virtio;
 
 /// Every error of the net card. Parse errors of untrusted bytes are values here, never panics;
 /// the data path turns them into a counted drop.
@@ -81,6 +87,8 @@ pub enum NetcardError {
     },
     #[error(transparent)]
     Harden(#[from] bulkhead_harden::HardenError),
+    #[error("vhost-user: {0}")]
+    Vhost(String),
     #[error("running as root needs --uid and --gid to drop to")]
     RootWithoutUid,
 }

@@ -5,7 +5,8 @@ use bulkhead_netcard::frame::MacAddr;
 use bulkhead_netcard::responder::InterfaceConfig;
 use bulkhead_netcard::routes::{Route, RouteTable};
 use bulkhead_netcard::secgroup::{Cidr, IngressRule};
-use bulkhead_netcard::tap::{self, KeySource, TapConfig};
+use bulkhead_netcard::datapath::{CardConfig, KeySource};
+use bulkhead_netcard::{tap, vhost};
 use bulkhead_netcard::NetcardError;
 use clap::{Parser, Subcommand};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -24,6 +25,9 @@ struct Cli {
 enum Mode {
     /// Serve a TAP device as the guest's interface; tunnel to the VPC's peer cards over UDP.
     Tap(TapArgs),
+    /// Be the guest's virtio-net device (vhost-user-net backend on --vhost-socket); tunnel to
+    /// the VPC's peer cards over UDP.
+    Vhost(VhostArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -31,6 +35,22 @@ struct TapArgs {
     /// TAP device to attach to (created if absent).
     #[arg(long)]
     tap: String,
+    #[command(flatten)]
+    card: CardArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct VhostArgs {
+    /// vhost-user socket to create and listen on (one frontend at a time; after a disconnect
+    /// the next one is accepted).
+    #[arg(long)]
+    vhost_socket: PathBuf,
+    #[command(flatten)]
+    card: CardArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct CardArgs {
     /// UDP address to receive the peer's datagrams on.
     #[arg(long)]
     listen: SocketAddr,
@@ -105,7 +125,7 @@ struct TapArgs {
     gid: Option<u32>,
 }
 
-fn config(a: TapArgs) -> Result<TapConfig, NetcardError> {
+fn config(a: CardArgs) -> Result<CardConfig, NetcardError> {
     let (ip, prefix) = a.ip.split_once('/').ok_or(NetcardError::Config {
         what: "--ip",
         value: a.ip.clone(),
@@ -145,8 +165,7 @@ fn config(a: TapArgs) -> Result<TapConfig, NetcardError> {
         (None, Some(p)) => KeySource::DevRawFile(p),
         (None, None) => KeySource::Control,
     };
-    Ok(TapConfig {
-        tap: a.tap,
+    Ok(CardConfig {
         listen: a.listen,
         routes,
         vpc: VpcId(a.vpc),
@@ -200,7 +219,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     bulkhead_daemon::init_logging("BULKHEAD_LOG", "info");
     let result = match cli.mode {
-        Mode::Tap(a) => config(a).and_then(tap::run),
+        Mode::Tap(a) => config(a.card).and_then(|c| tap::run(c, &a.tap)),
+        Mode::Vhost(a) => config(a.card).and_then(|c| vhost::run(c, a.vhost_socket)),
     };
     bulkhead_daemon::exit("bulkhead-netcard", result)
 }

@@ -38,6 +38,16 @@ pub struct Counters {
     pub key_switches: AtomicU64,
     pub misdelivered: AtomicU64,
     pub io_errors: AtomicU64,
+    pub route_updates: AtomicU64,
+    pub rule_updates: AtomicU64,
+    pub tx_bad_chain: AtomicU64,
+    pub tx_oversized: AtomicU64,
+    pub tx_short_header: AtomicU64,
+    pub tx_bad_header: AtomicU64,
+    pub rx_queued: AtomicU64,
+    pub rx_no_buffer: AtomicU64,
+    pub rx_buffer_too_small: AtomicU64,
+    pub rx_bad_chain: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -109,6 +119,16 @@ impl Counters {
             "key_switches": v(&self.key_switches),
             "misdelivered": v(&self.misdelivered),
             "io_errors": v(&self.io_errors),
+            "route_updates": v(&self.route_updates),
+            "rule_updates": v(&self.rule_updates),
+            "tx_bad_chain": v(&self.tx_bad_chain),
+            "tx_oversized": v(&self.tx_oversized),
+            "tx_short_header": v(&self.tx_short_header),
+            "tx_bad_header": v(&self.tx_bad_header),
+            "rx_queued": v(&self.rx_queued),
+            "rx_no_buffer": v(&self.rx_no_buffer),
+            "rx_buffer_too_small": v(&self.rx_buffer_too_small),
+            "rx_bad_chain": v(&self.rx_bad_chain),
             "seccomp_traps": bulkhead_harden::trapped_syscalls(),
         })
         .to_string()

@@ -109,6 +109,11 @@ impl RouteTable {
         Ok(())
     }
 
+    /// The single-peer default route, if set (`--peer`).
+    pub fn default_route(&self) -> Option<Route> {
+        self.default
+    }
+
     /// The peer for an inner destination, if any.
     pub fn lookup(&self, dst: Ipv4Addr) -> Option<Route> {
         self.by_ip.get(&dst).copied().or(self.default)

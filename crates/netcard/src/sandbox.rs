@@ -75,6 +75,32 @@ const ALLOWED: &[Rule] = &[
     Rule::any(libc::SYS_exit_group),
 ];
 
+/// What vhost-user-net mode needs on top: the frontend's messages arrive with fds (guest
+/// memory memfds, kick/call eventfds: recvmsg with SCM_RIGHTS, then mmap MAP_SHARED), the
+/// backend's epoll thread (epoll, eventfd writes), fstat/fcntl on received fds, accept4 on the
+/// already-bound vhost-user socket, shutdown of a finished connection.
+const VHOST_ALLOWED: &[Rule] = &[
+    Rule::any(libc::SYS_epoll_create1),
+    Rule::any(libc::SYS_epoll_ctl),
+    Rule::any(libc::SYS_epoll_wait),
+    Rule::any(libc::SYS_epoll_pwait),
+    Rule::any(libc::SYS_eventfd2),
+    Rule::any(libc::SYS_fstat),
+    Rule::any(libc::SYS_newfstatat),
+    Rule::any(libc::SYS_statx),
+    Rule::any(libc::SYS_fcntl),
+    Rule::any(libc::SYS_lseek),
+    Rule::any(libc::SYS_shutdown),
+    Rule::any(libc::SYS_accept),
+];
+
+/// ioctls of vhost mode: FIONBIO and FIOCLEX on fds (std and vmm-sys-util use them).
+const VHOST_IOCTLS: &[u64] = &[0x5421, 0x5451];
+const VHOST_CONDITIONAL: &[Rule] = &[
+    Rule::arg_one_of(libc::SYS_ioctl, 1, VHOST_IOCTLS),
+    Rule::arg_one_of(libc::SYS_prctl, 0, ALLOWED_PRCTLS),
+];
+
 /// prctl: PR_SET_NAME / PR_GET_NAME (thread names).
 const ALLOWED_PRCTLS: &[u64] = &[15, 16];
 const CONDITIONAL: &[Rule] = &[Rule::arg_one_of(libc::SYS_prctl, 0, ALLOWED_PRCTLS)];
@@ -95,6 +121,14 @@ pub static CARD_FILTER: Filter = Filter {
     otherwise: Action::KillProcess,
 };
 
+/// The vhost-user-net card's allow-list: [`CARD_FILTER`]'s plus [`VHOST_ALLOWED`].
+pub static VHOST_CARD_FILTER: Filter = Filter {
+    name: "netcard-vhost",
+    tables: &[ALLOWED, VHOST_ALLOWED, VHOST_CONDITIONAL, OPEN_SYSCALLS],
+    listed: Action::Allow,
+    otherwise: Action::KillProcess,
+};
+
 /// Opens fail with EACCES instead of killing.
 pub static OPEN_FILTER: Filter = Filter {
     name: "netcard-open",
@@ -104,7 +138,7 @@ pub static OPEN_FILTER: Filter = Filter {
 };
 
 /// Every filter of the card, for `--self-test`.
-pub static FILTERS: &[&Filter] = &[&OPEN_FILTER, &CARD_FILTER];
+pub static FILTERS: &[&Filter] = &[&OPEN_FILTER, &CARD_FILTER, &VHOST_CARD_FILTER];
 
 /// no_new_privs, then both filters on the calling thread; threads created later inherit them.
 pub fn install_seccomp() -> Result<()> {
@@ -113,6 +147,26 @@ pub fn install_seccomp() -> Result<()> {
     let allow = CARD_FILTER.compile()?;
     bulkhead_harden::apply(&deny_open)?;
     bulkhead_harden::apply(&allow)?;
+    Ok(())
+}
+
+/// no_new_privs, then [`OPEN_FILTER`] and [`VHOST_CARD_FILTER`] (vhost-user-net mode).
+pub fn install_vhost_seccomp() -> Result<()> {
+    bulkhead_harden::no_new_privs()?;
+    let deny_open = OPEN_FILTER.compile()?;
+    let allow = VHOST_CARD_FILTER.compile()?;
+    bulkhead_harden::apply(&deny_open)?;
+    bulkhead_harden::apply(&allow)?;
+    Ok(())
+}
+
+/// Locks every page mapped now (heap included) into RAM; guest memory, mapped later, is not
+/// affected. Best effort (the key pages are locked on their own either way).
+pub fn lock_current_memory() -> std::io::Result<()> {
+    // SAFETY: mlockall has no memory-safety preconditions.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -130,6 +184,13 @@ mod tests {
             libc::SYS_ptrace,
         ] {
             assert!(!super::CARD_FILTER.syscalls().contains(&nr), "{nr} listed");
+            if nr != libc::SYS_ioctl {
+                assert!(!super::VHOST_CARD_FILTER.syscalls().contains(&nr), "{nr} listed");
+            }
+        }
+        assert!(!super::VHOST_CARD_FILTER.lists_unconditionally(libc::SYS_ioctl));
+        for nr in [libc::SYS_epoll_wait, libc::SYS_eventfd2, libc::SYS_accept4] {
+            assert!(super::VHOST_CARD_FILTER.lists_unconditionally(nr));
         }
     }
 }

@@ -178,6 +178,12 @@ impl Firewall {
         }
     }
 
+    /// Replaces the ingress rules; tracked flows stay (a reply to a flow the guest opened
+    /// still passes, and an admitted inbound flow keeps its entry until it idles out).
+    pub fn set_rules(&mut self, rules: Vec<IngressRule>) {
+        self.rules = rules;
+    }
+
     pub fn tracked(&self) -> usize {
         self.flows.len()
     }
