@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::net::{Cidr, IngressRule, NetError, PortRange, Protocol};
 use crate::ControlError;
 
 /// Largest request body accepted.
@@ -27,6 +28,16 @@ pub const ACTIONS: &[(&str, bool)] = &[
     ("GetConsoleOutput", false),
     ("CreateKey", true),
     ("RevokeGrant", true),
+    ("CreateVpc", true),
+    ("DescribeVpcs", false),
+    ("DeleteVpc", true),
+    ("CreateSubnet", true),
+    ("DescribeSubnets", false),
+    ("DeleteSubnet", true),
+    ("CreateSecurityGroup", true),
+    ("AuthorizeSecurityGroupIngress", true),
+    ("RevokeSecurityGroupIngress", true),
+    ("DescribeSecurityGroups", false),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -47,6 +58,13 @@ pub struct RunInstances {
     /// control plane); at most [`MAX_USER_DATA_BYTES`].
     #[serde(rename = "UserData", default)]
     pub user_data: Option<String>,
+    /// The subnet the instance's interface is in; `None`: the tenant's default subnet (made on
+    /// first use).
+    #[serde(rename = "SubnetId", default)]
+    pub subnet_id: Option<String>,
+    /// Security groups of the subnet's VPC; empty: the VPC's `default` group.
+    #[serde(rename = "SecurityGroupIds", default)]
+    pub security_group_ids: Vec<String>,
 }
 
 /// Largest `UserData` (it ends up on the guest kernel's command line).
@@ -138,6 +156,212 @@ pub struct RevokeGrant {
     pub client_token: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVpc {
+    #[serde(rename = "CidrBlock")]
+    pub cidr_block: String,
+    #[serde(rename = "ClientToken", default)]
+    pub client_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VpcIds {
+    #[serde(rename = "VpcIds", default)]
+    pub vpc_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VpcRef {
+    #[serde(rename = "VpcId")]
+    pub vpc_id: String,
+    #[serde(rename = "ClientToken", default)]
+    pub client_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSubnet {
+    #[serde(rename = "VpcId")]
+    pub vpc_id: String,
+    #[serde(rename = "CidrBlock")]
+    pub cidr_block: String,
+    #[serde(rename = "ClientToken", default)]
+    pub client_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetIds {
+    #[serde(rename = "SubnetIds", default)]
+    pub subnet_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetRef {
+    #[serde(rename = "SubnetId")]
+    pub subnet_id: String,
+    #[serde(rename = "ClientToken", default)]
+    pub client_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSecurityGroup {
+    #[serde(rename = "GroupName")]
+    pub group_name: String,
+    #[serde(rename = "VpcId")]
+    pub vpc_id: String,
+    #[serde(rename = "Description", default)]
+    pub description: Option<String>,
+    #[serde(rename = "ClientToken", default)]
+    pub client_token: Option<String>,
+}
+
+/// EC2's `IpRanges` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IpRange {
+    #[serde(rename = "CidrIp")]
+    pub cidr_ip: String,
+}
+
+/// EC2's `IpPermissions` entry: `tcp`/`udp` take `FromPort`..`ToPort`; `icmp` and `-1`/`all`
+/// take no ports (or `-1`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IpPermission {
+    #[serde(rename = "IpProtocol")]
+    pub ip_protocol: String,
+    #[serde(rename = "FromPort", default)]
+    pub from_port: Option<i32>,
+    #[serde(rename = "ToPort", default)]
+    pub to_port: Option<i32>,
+    #[serde(rename = "IpRanges")]
+    pub ip_ranges: Vec<IpRange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupIngress {
+    #[serde(rename = "GroupId")]
+    pub group_id: String,
+    #[serde(rename = "IpPermissions")]
+    pub ip_permissions: Vec<IpPermission>,
+    #[serde(rename = "ClientToken", default)]
+    pub client_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupIds {
+    #[serde(rename = "GroupIds", default)]
+    pub group_ids: Vec<String>,
+}
+
+/// A checked CreateVpc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VpcCreate {
+    pub cidr: Cidr,
+    pub client_token: Option<String>,
+}
+
+/// A checked CreateSubnet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetCreate {
+    pub vpc_id: String,
+    pub cidr: Cidr,
+    pub client_token: Option<String>,
+}
+
+/// A checked CreateSecurityGroup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCreate {
+    pub group_name: String,
+    pub vpc_id: String,
+    pub description: String,
+    pub client_token: Option<String>,
+}
+
+/// A checked Authorize/RevokeSecurityGroupIngress: one rule per (permission, range).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressChange {
+    pub group_id: String,
+    pub rules: Vec<IngressRule>,
+    pub client_token: Option<String>,
+}
+
+/// Most rules in one Authorize/Revoke call.
+pub const MAX_RULES_PER_CALL: usize = 20;
+
+fn bad_net(e: NetError) -> ControlError {
+    ControlError::BadNetwork(e)
+}
+
+impl IngressChange {
+    fn check(r: SecurityGroupIngress) -> Result<IngressChange, ControlError> {
+        check_id(&r.group_id)?;
+        check_token(&r.client_token)?;
+        let mut rules = Vec::new();
+        if r.ip_permissions.is_empty() {
+            return Err(ControlError::BadShape);
+        }
+        for p in &r.ip_permissions {
+            let protocol = Protocol::parse(&p.ip_protocol).map_err(bad_net)?;
+            let ports = if protocol.has_ports() {
+                let (Some(from), Some(to)) = (p.from_port, p.to_port) else {
+                    return Err(bad_net(NetError::BadPorts));
+                };
+                let port = |n: i32| u16::try_from(n).map_err(|_| bad_net(NetError::BadPorts));
+                Some(PortRange::new(port(from)?, port(to)?).map_err(bad_net)?)
+            } else {
+                if p.from_port.is_some_and(|n| n != -1) || p.to_port.is_some_and(|n| n != -1) {
+                    return Err(bad_net(NetError::BadPorts));
+                }
+                None
+            };
+            if p.ip_ranges.is_empty() {
+                return Err(ControlError::BadShape);
+            }
+            for range in &p.ip_ranges {
+                let source = Cidr::parse(&range.cidr_ip).map_err(bad_net)?;
+                rules.push(IngressRule::new(protocol, ports, source).map_err(bad_net)?);
+            }
+        }
+        if rules.len() > MAX_RULES_PER_CALL {
+            return Err(ControlError::BadShape);
+        }
+        Ok(IngressChange {
+            group_id: r.group_id,
+            rules,
+            client_token: r.client_token,
+        })
+    }
+}
+
+fn check_group_name(name: &str) -> Result<(), ControlError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with("sg-")
+        && name.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if ok {
+        Ok(())
+    } else {
+        Err(ControlError::BadShape)
+    }
+}
+
+fn check_description(d: &str) -> Result<(), ControlError> {
+    if d.len() <= 255 && d.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        Ok(())
+    } else {
+        Err(ControlError::BadShape)
+    }
+}
+
 /// A checked customer request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlRequest {
@@ -154,6 +378,16 @@ pub enum ControlRequest {
     GetConsoleOutput(InstanceRef),
     CreateKey(CreateKey),
     RevokeGrant(RevokeGrant),
+    CreateVpc(VpcCreate),
+    DescribeVpcs(VpcIds),
+    DeleteVpc(VpcRef),
+    CreateSubnet(SubnetCreate),
+    DescribeSubnets(SubnetIds),
+    DeleteSubnet(SubnetRef),
+    CreateSecurityGroup(GroupCreate),
+    AuthorizeSecurityGroupIngress(IngressChange),
+    RevokeSecurityGroupIngress(IngressChange),
+    DescribeSecurityGroups(GroupIds),
 }
 
 fn json<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, ControlError> {
@@ -224,6 +458,17 @@ impl ControlRequest {
                     None | Some("default") | Some("dedicated") => {}
                     Some(_) => return Err(ControlError::BadShape),
                 }
+                if let Some(s) = &r.subnet_id {
+                    check_id(s)?;
+                }
+                check_ids(&r.security_group_ids)?;
+                if r.security_group_ids.len() > crate::net::MAX_GROUPS_PER_INSTANCE {
+                    return Err(ControlError::BadShape);
+                }
+                if r.subnet_id.is_none() && !r.security_group_ids.is_empty() {
+                    // Groups belong to a VPC; without a subnet there is none to check them in.
+                    return Err(ControlError::BadShape);
+                }
                 ControlRequest::RunInstances(r)
             }
             "DescribeInstances" | "StopInstances" | "StartInstances" | "TerminateInstances" => {
@@ -293,6 +538,71 @@ impl ControlRequest {
                 check_token(&r.client_token)?;
                 ControlRequest::RevokeGrant(r)
             }
+            "CreateVpc" => {
+                let r: CreateVpc = json(body)?;
+                check_token(&r.client_token)?;
+                ControlRequest::CreateVpc(VpcCreate {
+                    cidr: Cidr::parse_block(&r.cidr_block).map_err(bad_net)?,
+                    client_token: r.client_token,
+                })
+            }
+            "DescribeVpcs" => {
+                let r: VpcIds = json(body)?;
+                check_ids(&r.vpc_ids)?;
+                ControlRequest::DescribeVpcs(r)
+            }
+            "DeleteVpc" => {
+                let r: VpcRef = json(body)?;
+                check_id(&r.vpc_id)?;
+                check_token(&r.client_token)?;
+                ControlRequest::DeleteVpc(r)
+            }
+            "CreateSubnet" => {
+                let r: CreateSubnet = json(body)?;
+                check_id(&r.vpc_id)?;
+                check_token(&r.client_token)?;
+                ControlRequest::CreateSubnet(SubnetCreate {
+                    cidr: Cidr::parse_block(&r.cidr_block).map_err(bad_net)?,
+                    vpc_id: r.vpc_id,
+                    client_token: r.client_token,
+                })
+            }
+            "DescribeSubnets" => {
+                let r: SubnetIds = json(body)?;
+                check_ids(&r.subnet_ids)?;
+                ControlRequest::DescribeSubnets(r)
+            }
+            "DeleteSubnet" => {
+                let r: SubnetRef = json(body)?;
+                check_id(&r.subnet_id)?;
+                check_token(&r.client_token)?;
+                ControlRequest::DeleteSubnet(r)
+            }
+            "CreateSecurityGroup" => {
+                let r: CreateSecurityGroup = json(body)?;
+                check_id(&r.vpc_id)?;
+                check_token(&r.client_token)?;
+                check_group_name(&r.group_name)?;
+                let description = r.description.unwrap_or_default();
+                check_description(&description)?;
+                ControlRequest::CreateSecurityGroup(GroupCreate {
+                    group_name: r.group_name,
+                    vpc_id: r.vpc_id,
+                    description,
+                    client_token: r.client_token,
+                })
+            }
+            "AuthorizeSecurityGroupIngress" => {
+                ControlRequest::AuthorizeSecurityGroupIngress(IngressChange::check(json(body)?)?)
+            }
+            "RevokeSecurityGroupIngress" => {
+                ControlRequest::RevokeSecurityGroupIngress(IngressChange::check(json(body)?)?)
+            }
+            "DescribeSecurityGroups" => {
+                let r: GroupIds = json(body)?;
+                check_ids(&r.group_ids)?;
+                ControlRequest::DescribeSecurityGroups(r)
+            }
             _ => return Err(ControlError::NoSuchAction),
         };
         Ok(r)
@@ -313,6 +623,16 @@ impl ControlRequest {
             ControlRequest::GetConsoleOutput(_) => "GetConsoleOutput",
             ControlRequest::CreateKey(_) => "CreateKey",
             ControlRequest::RevokeGrant(_) => "RevokeGrant",
+            ControlRequest::CreateVpc(_) => "CreateVpc",
+            ControlRequest::DescribeVpcs(_) => "DescribeVpcs",
+            ControlRequest::DeleteVpc(_) => "DeleteVpc",
+            ControlRequest::CreateSubnet(_) => "CreateSubnet",
+            ControlRequest::DescribeSubnets(_) => "DescribeSubnets",
+            ControlRequest::DeleteSubnet(_) => "DeleteSubnet",
+            ControlRequest::CreateSecurityGroup(_) => "CreateSecurityGroup",
+            ControlRequest::AuthorizeSecurityGroupIngress(_) => "AuthorizeSecurityGroupIngress",
+            ControlRequest::RevokeSecurityGroupIngress(_) => "RevokeSecurityGroupIngress",
+            ControlRequest::DescribeSecurityGroups(_) => "DescribeSecurityGroups",
         }
     }
 
@@ -330,9 +650,19 @@ impl ControlRequest {
             }
             ControlRequest::CreateKey(r) => r.client_token.as_deref(),
             ControlRequest::RevokeGrant(r) => r.client_token.as_deref(),
+            ControlRequest::CreateVpc(r) => r.client_token.as_deref(),
+            ControlRequest::DeleteVpc(r) => r.client_token.as_deref(),
+            ControlRequest::CreateSubnet(r) => r.client_token.as_deref(),
+            ControlRequest::DeleteSubnet(r) => r.client_token.as_deref(),
+            ControlRequest::CreateSecurityGroup(r) => r.client_token.as_deref(),
+            ControlRequest::AuthorizeSecurityGroupIngress(r)
+            | ControlRequest::RevokeSecurityGroupIngress(r) => r.client_token.as_deref(),
             ControlRequest::DescribeInstances(_)
             | ControlRequest::DescribeVolumes(_)
-            | ControlRequest::GetConsoleOutput(_) => None,
+            | ControlRequest::GetConsoleOutput(_)
+            | ControlRequest::DescribeVpcs(_)
+            | ControlRequest::DescribeSubnets(_)
+            | ControlRequest::DescribeSecurityGroups(_) => None,
         }
     }
 }
@@ -381,5 +711,155 @@ mod tests {
             r#"{"ImageId":"img-1","ClientToken":"t1"}"#,
         );
         assert!(matches!(ok, Ok(ControlRequest::RunInstances(_))));
+    }
+
+    fn code(action: &str, body: &str) -> &'static str {
+        match ControlRequest::parse("POST", &format!("/v1/{action}"), body) {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        }
+    }
+
+    #[test]
+    fn vpc_parameters_are_typed_and_checked() {
+        assert_eq!(code("CreateVpc", r#"{"CidrBlock":"10.0.0.0/16"}"#), "ok");
+        assert_eq!(
+            code("CreateVpc", r#"{"CidrBlock":"10.0.0.0/8"}"#),
+            "bad_prefix_length"
+        );
+        assert_eq!(
+            code("CreateVpc", r#"{"CidrBlock":"10.0.0.0/29"}"#),
+            "bad_prefix_length"
+        );
+        assert_eq!(
+            code("CreateVpc", r#"{"CidrBlock":"10.0.0.1/16"}"#),
+            "cidr_has_host_bits"
+        );
+        assert_eq!(code("CreateVpc", r#"{"CidrBlock":"ten/16"}"#), "bad_cidr");
+        assert_eq!(code("CreateVpc", r#"{}"#), "body_malformed");
+        assert_eq!(
+            code("CreateVpc", r#"{"CidrBlock":"10.0.0.0/16","Tenant":"t-b"}"#),
+            "body_unknown_field"
+        );
+        assert_eq!(
+            code(
+                "CreateSubnet",
+                r#"{"VpcId":"vpc-1","CidrBlock":"10.0.1.0/24"}"#
+            ),
+            "ok"
+        );
+        assert_eq!(
+            code(
+                "CreateSubnet",
+                r#"{"VpcId":"../vpc","CidrBlock":"10.0.1.0/24"}"#
+            ),
+            "bad_resource_id"
+        );
+        assert_eq!(
+            code(
+                "CreateSecurityGroup",
+                r#"{"VpcId":"vpc-1","GroupName":"sg-web"}"#
+            ),
+            "bad_parameter"
+        );
+        assert_eq!(
+            code("CreateSecurityGroup", r#"{"VpcId":"vpc-1","GroupName":""}"#),
+            "bad_parameter"
+        );
+        assert_eq!(
+            code(
+                "CreateSecurityGroup",
+                r#"{"VpcId":"vpc-1","GroupName":"web","Description":"front"}"#
+            ),
+            "ok"
+        );
+        let perm = |p: &str| format!(r#"{{"GroupId":"sg-1","IpPermissions":[{p}]}}"#);
+        let ok = perm(
+            r#"{"IpProtocol":"tcp","FromPort":7000,"ToPort":7000,"IpRanges":[{"CidrIp":"10.0.0.0/16"}]}"#,
+        );
+        match ControlRequest::parse("POST", "/v1/AuthorizeSecurityGroupIngress", &ok) {
+            Ok(ControlRequest::AuthorizeSecurityGroupIngress(c)) => {
+                assert_eq!(c.rules.len(), 1);
+                assert_eq!(c.rules[0].card_text(), "tcp:7000:10.0.0.0/16");
+            }
+            other => panic!("{other:?}"),
+        }
+        for (bad, want) in [
+            (
+                r#"{"IpProtocol":"tcp","IpRanges":[{"CidrIp":"10.0.0.0/16"}]}"#,
+                "bad_port_range",
+            ),
+            (
+                r#"{"IpProtocol":"tcp","FromPort":0,"ToPort":5,"IpRanges":[{"CidrIp":"10.0.0.0/16"}]}"#,
+                "bad_port_range",
+            ),
+            (
+                r#"{"IpProtocol":"tcp","FromPort":9,"ToPort":8,"IpRanges":[{"CidrIp":"10.0.0.0/16"}]}"#,
+                "bad_port_range",
+            ),
+            (
+                r#"{"IpProtocol":"tcp","FromPort":1,"ToPort":70000,"IpRanges":[{"CidrIp":"10.0.0.0/16"}]}"#,
+                "bad_port_range",
+            ),
+            (
+                r#"{"IpProtocol":"icmp","FromPort":8,"ToPort":8,"IpRanges":[{"CidrIp":"10.0.0.0/16"}]}"#,
+                "bad_port_range",
+            ),
+            (
+                r#"{"IpProtocol":"gre","IpRanges":[{"CidrIp":"10.0.0.0/16"}]}"#,
+                "bad_protocol",
+            ),
+            (
+                r#"{"IpProtocol":"tcp","FromPort":1,"ToPort":2,"IpRanges":[{"CidrIp":"10.0.0.1/16"}]}"#,
+                "cidr_has_host_bits",
+            ),
+            (
+                r#"{"IpProtocol":"tcp","FromPort":1,"ToPort":2,"IpRanges":[]}"#,
+                "bad_parameter",
+            ),
+        ] {
+            assert_eq!(
+                code("AuthorizeSecurityGroupIngress", &perm(bad)),
+                want,
+                "{bad}"
+            );
+            assert_eq!(
+                code("RevokeSecurityGroupIngress", &perm(bad)),
+                want,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            code(
+                "AuthorizeSecurityGroupIngress",
+                r#"{"GroupId":"sg-1","IpPermissions":[]}"#
+            ),
+            "bad_parameter"
+        );
+        assert_eq!(
+            code(
+                "AuthorizeSecurityGroupIngress",
+                &perm(r#"{"IpProtocol":"-1","IpRanges":[{"CidrIp":"0.0.0.0/0"}]}"#)
+            ),
+            "ok"
+        );
+        assert_eq!(
+            code(
+                "RunInstances",
+                r#"{"ImageId":"img","SubnetId":"subnet-1","SecurityGroupIds":["sg-1"]}"#
+            ),
+            "ok"
+        );
+        assert_eq!(
+            code(
+                "RunInstances",
+                r#"{"ImageId":"img","SecurityGroupIds":["sg-1"]}"#
+            ),
+            "bad_parameter"
+        );
+        assert_eq!(
+            code("RunInstances", r#"{"ImageId":"img","SubnetId":"subnet/1"}"#),
+            "bad_resource_id"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! RunInstances and TerminateInstances as workflows ([`crate::workflow`]), and the single-call
 //! lifecycle operations (Start/StopInstances).
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
@@ -19,9 +21,20 @@ use crate::ControlError;
 pub enum RunStep {
     /// Placement (best attested host with room) and the `pending` row that holds its cores
     /// (`{"host_id"}`). Undo: the row `pending → terminated`, releasing the cores.
+    /// Also the instance's interface: the lowest free address of its subnet (the tenant's
+    /// default subnet, made on first use, when it names none), a card id and MAC.
+    /// Undo: the row `pending → terminated`, releasing the cores and the address.
     Reserve,
-    /// CreateInstance on the host. Undo: TerminateInstance on the host.
+    /// CreateInstance on the host, with its `network` (no key). Undo: TerminateInstance on the
+    /// host. A host that refuses the `network` field (no net support yet) gets the instance
+    /// without it (`{"net": "unsupported"}`) and [`RunStep::Network`] is skipped.
     Create,
+    /// The instance's net card: a KMS nonce, the host's quote bound to the instance, KMS
+    /// SealVpcKey under the customer's forwarded RunInstances (spent once: never repeated),
+    /// the controller launches the card (`{"net_endpoint"}`), and every other card of the VPC
+    /// gets the new route. Undo: none of its own (Create's undo terminates the instance and its
+    /// card with it).
+    Network,
     /// StartInstance on the host.
     Start,
     /// The row `pending → running`.
@@ -98,6 +111,16 @@ impl RunStep {
         match self {
             RunStep::Reserve => {
                 let r = live.run.ok_or(ControlError::Internal)?;
+                let c = live.caller.ok_or(ControlError::Internal)?;
+                // The address first: a subnet or group that is not the caller's is refused
+                // before any host is chosen.
+                let (subnet, groups) = cp
+                    .network_for(c, r.subnet_id.as_deref(), &r.security_group_ids)
+                    .await?;
+                let nic =
+                    cp.repo
+                        .allocate_interface(&w.tenant_id, w.instance()?, &subnet, &groups)?;
+                tracing::info!(instance = %nic.instance_id, ip = %nic.ip, subnet = %nic.subnet_id, card = nic.card_id, "private address allocated");
                 let host_id = cp.reserve(w, r).await?;
                 Ok(json!({ "host_id": host_id }))
             }
@@ -107,17 +130,40 @@ impl RunStep {
                     .repo
                     .instance(&w.tenant_id, w.instance()?)?
                     .ok_or(ControlError::NoSuchInstance)?;
-                cp.on_host(
-                    w.host()?,
-                    Operation::CreateInstance,
-                    &inst_res(w)?,
-                    "POST",
-                    "/v1/instances",
-                    Some(create_body(&row, r.user_data.as_deref())),
-                )
-                .await?;
-                Ok(Value::Null)
+                let mut body = create_body(&row, r.user_data.as_deref());
+                let network = cp.network_body(&w.tenant_id, w.instance()?)?;
+                let with_net = network.is_some();
+                if let (Some(n), Some(o)) = (network, body.as_object_mut()) {
+                    o.insert("network".into(), n);
+                }
+                let (host, res) = (w.host()?, inst_res(w)?);
+                let call = |body: Value| {
+                    cp.on_host(
+                        host,
+                        Operation::CreateInstance,
+                        &res,
+                        "POST",
+                        "/v1/instances",
+                        Some(body),
+                    )
+                };
+                match call(body.clone()).await {
+                    Ok(_) => Ok(Value::Null),
+                    Err(ControlError::Host("body_unknown_field")) if with_net => {
+                        // TODO(issue 13, part E): a controller without net support refuses
+                        // the `network` field (nothing was created); remove once every host
+                        // has it.
+                        tracing::warn!(instance = %row.instance_id, host = %row.host_id, "host has no net support: instance created without a network");
+                        if let Some(o) = body.as_object_mut() {
+                            o.remove("network");
+                        }
+                        call(body).await?;
+                        Ok(json!({ "net": "unsupported" }))
+                    }
+                    Err(e) => Err(e),
+                }
             }
+            RunStep::Network => cp.network_step(w, live).await,
             RunStep::Start => {
                 // Repeated after a crash, the host may already run it.
                 host_lifecycle(cp, w, Operation::StartInstance, "start", &["wrong_state"]).await?;
@@ -136,6 +182,7 @@ impl Steps for RunStep {
     const ALL: &'static [Self] = &[
         RunStep::Reserve,
         RunStep::Create,
+        RunStep::Network,
         RunStep::Start,
         RunStep::Commit,
     ];
@@ -145,7 +192,8 @@ impl Steps for RunStep {
     }
 
     fn may_act_on_error(self) -> bool {
-        matches!(self, RunStep::Create | RunStep::Start)
+        // Reserve may have allocated the address before placement failed.
+        matches!(self, RunStep::Reserve | RunStep::Create | RunStep::Start)
     }
 
     fn forward<'a>(
@@ -166,6 +214,7 @@ impl Steps for RunStep {
                     if i.is_some_and(|i| i.state == InstanceState::Pending) {
                         set_state(cp, w, InstanceState::Terminated)?;
                     }
+                    cp.release_address(&w.tenant_id, w.instance()?).await?;
                     Ok(())
                 }
                 RunStep::Create if w.host_id.is_some() => {
@@ -207,7 +256,10 @@ impl TerminateStep {
                 )
                 .await?
             }
-            TerminateStep::Commit => set_state(cp, w, InstanceState::Terminated)?,
+            TerminateStep::Commit => {
+                set_state(cp, w, InstanceState::Terminated)?;
+                cp.release_address(&w.tenant_id, w.instance()?).await?;
+            }
         }
         Ok(Value::Null)
     }
@@ -251,7 +303,167 @@ impl ControlPlane {
             .repo
             .instance(&c.tenant, &id)?
             .ok_or(ControlError::Internal)?;
-        Ok(json!({ "Instances": [instance_json(&row)] }))
+        let mut v = instance_json(&row);
+        if let Some(n) = self
+            .repo
+            .interfaces(&c.tenant)?
+            .iter()
+            .find(|n| n.instance_id == id)
+        {
+            crate::vpcs::add_interface_json(&mut v, n, &self.repo.security_groups(&c.tenant)?);
+        }
+        Ok(json!({ "Instances": [v] }))
+    }
+
+    /// Frees a terminated (or never started) instance's address, MAC and card id, and takes its
+    /// route off the other cards of its VPC. Safe to repeat.
+    pub(crate) async fn release_address(
+        &self,
+        tenant: &str,
+        instance: &str,
+    ) -> Result<(), ControlError> {
+        let nic = self
+            .repo
+            .interfaces(tenant)?
+            .into_iter()
+            .find(|n| n.instance_id == instance);
+        if let Some(n) = nic {
+            self.repo.release_interface(tenant, instance)?;
+            tracing::info!(instance, ip = %n.ip, "private address released");
+            if n.endpoint.is_some() {
+                self.push_routes(tenant, &n.vpc_id, instance).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `network` object of the controller's CreateInstance (contract 6), or `None` when
+    /// the instance has no interface.
+    pub(crate) fn network_body(
+        &self,
+        tenant: &str,
+        instance: &str,
+    ) -> Result<Option<Value>, ControlError> {
+        let all = self.repo.interfaces(tenant)?;
+        let Some(n) = all.iter().find(|n| n.instance_id == instance) else {
+            return Ok(None);
+        };
+        let vpc = self
+            .repo
+            .vpc(tenant, &n.vpc_id)?
+            .ok_or(ControlError::Internal)?;
+        let subnet = self
+            .repo
+            .subnets(tenant)?
+            .into_iter()
+            .find(|s| s.subnet_id == n.subnet_id)
+            .ok_or(ControlError::Internal)?;
+        let groups = self.repo.security_groups(tenant)?;
+        Ok(Some(json!({
+            "vpc": vpc.vpc_number,
+            "card_id": n.card_id,
+            "mac": n.mac.to_string(),
+            "ip": n.ip.to_string(),
+            "prefix": subnet.cidr.prefix(),
+            "gateway": subnet.cidr.gateway().to_string(),
+            "mtu": crate::net::GUEST_MTU,
+            "allow": self.allow_for(n, &groups),
+            "routes": self.routes_for(n, &all),
+        })))
+    }
+
+    /// [`RunStep::Network`].
+    async fn network_step(&self, w: &WorkflowRow, live: Live<'_>) -> Result<Value, ControlError> {
+        let instance = w.instance()?;
+        let host_id = w.host()?;
+        let skip = |why: &str| {
+            // TODO(issue 13, part E): the host's controller has no net card support yet; the
+            // instance runs without a network until it does.
+            tracing::warn!(
+                instance,
+                host = host_id,
+                why,
+                "Network step skipped: host has no net support"
+            );
+            Ok(json!({ "net": "skipped" }))
+        };
+        if w.output("net") == Some("unsupported") {
+            return skip("CreateInstance refused the network field");
+        }
+        let Some(attach_op) = crate::vpcs::net_op(crate::vpcs::OP_ATTACH_NETWORK) else {
+            return skip("no AttachNetwork operation");
+        };
+        let Some(nic) = self
+            .repo
+            .interfaces(&w.tenant_id)?
+            .into_iter()
+            .find(|n| n.instance_id == instance)
+        else {
+            return Ok(Value::Null);
+        };
+        let vpc = self
+            .repo
+            .vpc(&w.tenant_id, &nic.vpc_id)?
+            .ok_or(ControlError::Internal)?;
+        // Only a live call holds the customer's authorization; it is never stored.
+        let c = live.caller.ok_or(ControlError::Internal)?;
+        let ch = self
+            .kms_call("Challenge", &json!({ "host_id": host_id }))
+            .await?;
+        let evidence = if ch["required"] == true {
+            let nonce = ch["nonce"].as_str().ok_or(ControlError::Internal)?;
+            // Bound to the instance: the host quotes only if it runs it.
+            self.on_host(
+                host_id,
+                Operation::AttestHost,
+                &["host".to_string(), format!("instance:{instance}")],
+                "POST",
+                "/v1/host/attest",
+                Some(json!({ "nonce": nonce, "instance_id": instance })),
+            )
+            .await?
+        } else {
+            Value::Null
+        };
+        let host_pub = self.host_keys.get(host_id).ok_or(ControlError::Internal)?;
+        let sealed = self
+            .kms_call(
+                "SealVpcKey",
+                &json!({
+                    "customer_request": c.forwarded,
+                    "vpc_id": vpc.vpc_id,
+                    "epoch": vpc.epoch,
+                    "instance_id": instance,
+                    "host_id": host_id,
+                    "host_public_key": B64.encode(host_pub),
+                    "evidence": evidence,
+                }),
+            )
+            .await?;
+        let sealed_hex = sealed_epoch_key_hex(&sealed).ok_or(ControlError::Internal)?;
+        let r = self
+            .on_host(
+                host_id,
+                attach_op,
+                &inst_res(w)?,
+                "POST",
+                &format!("/v1/instances/{instance}/network"),
+                Some(json!({ "epoch": vpc.epoch, "sealed_epoch_key": sealed_hex })),
+            )
+            .await;
+        let v = match r {
+            Ok(v) => v,
+            Err(ControlError::Host("no_such_route")) => {
+                return skip("controller has no network route");
+            }
+            Err(e) => return Err(e),
+        };
+        let endpoint = v["net_endpoint"].as_str().ok_or(ControlError::Internal)?;
+        self.repo
+            .set_interface_endpoint(&w.tenant_id, instance, endpoint)?;
+        let told = self.push_routes(&w.tenant_id, &nic.vpc_id, instance).await;
+        tracing::info!(instance, endpoint, peers_told = told, "net card up");
+        Ok(json!({ "net_endpoint": endpoint }))
     }
 
     /// Start/Stop/TerminateInstances; a termination is a [`TerminateStep`] workflow.
@@ -298,6 +510,22 @@ impl ControlPlane {
         }
         Ok(json!({ "Instances": out }))
     }
+}
+
+/// The 64-byte sealed epoch key of a SealVpcKey answer, as hex (the KMS may give it as hex in
+/// `sealed_epoch_key` or as base64 in `sealed_key`).
+fn sealed_epoch_key_hex(v: &Value) -> Option<String> {
+    const LEN: usize = 64;
+    let s = v["sealed_epoch_key"]
+        .as_str()
+        .or(v["sealed_key"].as_str())?;
+    if let Ok(b) = hex::decode(s) {
+        return (b.len() == LEN).then(|| hex::encode(b));
+    }
+    B64.decode(s)
+        .ok()
+        .filter(|b| b.len() == LEN)
+        .map(hex::encode)
 }
 
 /// The controller's CreateInstance body; `user_data` only when the customer gave one.

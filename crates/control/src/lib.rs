@@ -17,6 +17,8 @@ pub mod fleet;
 mod fleet_rules;
 pub mod hosts;
 mod instances;
+pub mod net;
+pub mod net_store;
 pub mod openapi;
 pub mod operator;
 pub mod pg;
@@ -30,6 +32,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 mod volumes;
+mod vpcs;
 pub mod workflow;
 
 use bulkhead_kms::sigv::SigError;
@@ -79,6 +82,8 @@ pub enum ControlError {
     Upstream,
     #[error("audit log unavailable; nothing was done")]
     AuditUnavailable,
+    #[error("bad network parameter: {0}")]
+    BadNetwork(net::NetError),
     #[error("state store: {0}")]
     Repo(#[from] repo::RepoError),
     #[error("internal error")]
@@ -126,6 +131,10 @@ const UPSTREAM_CODES: &[&str] = &[
     "attest_bad_event_log",
     "attest_log_mismatch",
     "attest_unknown_measurements",
+    "no_such_route",
+    "body_unknown_field",
+    "no_such_vpc",
+    "no_net_card",
 ];
 
 /// Maps an upstream code to its stable static form.
@@ -161,6 +170,15 @@ impl ControlError {
             ControlError::Host(c) => c,
             ControlError::Upstream => "upstream_unreachable",
             ControlError::AuditUnavailable => "audit_unavailable",
+            ControlError::BadNetwork(e) => match e {
+                net::NetError::BadCidr => "bad_cidr",
+                net::NetError::HostBits => "cidr_has_host_bits",
+                net::NetError::PrefixOutOfRange => "bad_prefix_length",
+                net::NetError::BadProtocol => "bad_protocol",
+                net::NetError::BadPorts => "bad_port_range",
+                net::NetError::BadMac => "bad_mac",
+            },
+            ControlError::Repo(repo::RepoError::Refused(r)) => r.code(),
             ControlError::Repo(repo::RepoError::Unavailable | repo::RepoError::LeaseLost) => {
                 "store_unavailable"
             }
@@ -180,7 +198,9 @@ impl ControlError {
             | ControlError::UnknownField
             | ControlError::BadId
             | ControlError::BadShape
-            | ControlError::EncryptionRequired => 400,
+            | ControlError::EncryptionRequired
+            | ControlError::BadNetwork(_) => 400,
+            ControlError::Repo(repo::RepoError::Refused(r)) => r.status(),
             ControlError::Auth(_) | ControlError::Replayed => 401,
             ControlError::WrongState
             | ControlError::VolumeInUse

@@ -28,6 +28,15 @@ pub fn request_schema(action: &str) -> Option<&'static str> {
         "GetConsoleOutput" => "InstanceRef",
         "CreateKey" => "CreateKey",
         "RevokeGrant" => "RevokeGrant",
+        "CreateVpc" => "CreateVpc",
+        "DescribeVpcs" => "VpcIds",
+        "DeleteVpc" => "VpcRef",
+        "CreateSubnet" => "CreateSubnet",
+        "DescribeSubnets" => "SubnetIds",
+        "DeleteSubnet" => "SubnetRef",
+        "CreateSecurityGroup" => "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress" | "RevokeSecurityGroupIngress" => "SecurityGroupIngress",
+        "DescribeSecurityGroups" => "GroupIds",
         _ => return None,
     })
 }
@@ -108,6 +117,23 @@ pub fn document() -> utoipa::openapi::OpenApi {
         .schema(api::InstanceRef::name(), api::InstanceRef::schema())
         .schema(api::CreateKey::name(), api::CreateKey::schema())
         .schema(api::RevokeGrant::name(), api::RevokeGrant::schema())
+        .schema(api::CreateVpc::name(), api::CreateVpc::schema())
+        .schema(api::VpcIds::name(), api::VpcIds::schema())
+        .schema(api::VpcRef::name(), api::VpcRef::schema())
+        .schema(api::CreateSubnet::name(), api::CreateSubnet::schema())
+        .schema(api::SubnetIds::name(), api::SubnetIds::schema())
+        .schema(api::SubnetRef::name(), api::SubnetRef::schema())
+        .schema(
+            api::CreateSecurityGroup::name(),
+            api::CreateSecurityGroup::schema(),
+        )
+        .schema(api::IpRange::name(), api::IpRange::schema())
+        .schema(api::IpPermission::name(), api::IpPermission::schema())
+        .schema(
+            api::SecurityGroupIngress::name(),
+            api::SecurityGroupIngress::schema(),
+        )
+        .schema(api::GroupIds::name(), api::GroupIds::schema())
         .schema("ErrorBody", error_body())
         .security_scheme(
             "bulkhead-sig",

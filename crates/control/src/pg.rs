@@ -683,7 +683,7 @@ mod tests {
         // A fresh schema per run: drop what an earlier run left.
         let mut c = Client::connect(&url, NoTls).unwrap();
         c.batch_execute(
-            "DROP TABLE IF EXISTS customers, signatures, idempotency, hosts, host_audit, instances, volumes, workflows, leader_leases, schema_version",
+            "DROP TABLE IF EXISTS customers, signatures, idempotency, hosts, host_audit, instances, volumes, workflows, leader_leases, vpcs, subnets, security_groups, sg_ingress, interfaces, interface_groups, schema_version",
         )
         .unwrap();
         drop(c);

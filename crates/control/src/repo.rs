@@ -38,6 +38,12 @@ pub enum RepoError {
     BadState(#[from] UnknownState),
     #[error(transparent)]
     Transition(#[from] BadTransition),
+    /// A network change the state does not allow (nothing was written).
+    #[error(transparent)]
+    Refused(#[from] crate::net_store::NetRefusal),
+    /// A stored value that does not parse (a corrupt row, or a newer schema).
+    #[error("corrupt stored {0}")]
+    Corrupt(&'static str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +92,9 @@ pub struct VolumeRow {
 }
 
 /// The repository every backend implements; the same test suite runs against each.
-pub trait Repository: crate::workflow::WorkflowStore + Send + Sync {
+pub trait Repository:
+    crate::workflow::WorkflowStore + crate::net_store::NetStore + Send + Sync
+{
     fn put_customer(&self, c: &CustomerRow) -> Result<(), RepoError>;
     fn customer(&self, access_key_id: &str) -> Result<Option<CustomerRow>, RepoError>;
     /// Records a request signature; `false` if it was already seen (a replay). Forgets

@@ -181,7 +181,292 @@ pub fn contract_suite(r: &dyn Repository) {
     assert!(r.delete_volume("t-a", "vol-1").unwrap());
     assert!(r.volumes("t-a").unwrap().is_empty());
     reserve_contract(r);
+    net_contract(r);
     crate::workflow::store::contract(r);
+}
+
+fn refused<T>(e: Result<T, RepoError>) -> crate::net_store::NetRefusal {
+    match e {
+        Err(RepoError::Refused(n)) => n,
+        Err(e) => panic!("want a refusal, got {e:?}"),
+        Ok(_) => panic!("want a refusal, got success"),
+    }
+}
+
+/// VPCs, subnets, groups and interfaces: tenant scoping, the checks, atomic allocation and
+/// release, and that a refused change writes nothing.
+#[allow(clippy::unwrap_used)]
+fn net_contract(r: &dyn Repository) {
+    use crate::net::*;
+    use crate::net_store::NetRefusal;
+    let cidr = |s: &str| Cidr::parse(s).unwrap();
+    let vpc = |id: &str, tenant: &str, block: &str, default: bool| VpcRow {
+        vpc_id: id.into(),
+        tenant_id: tenant.into(),
+        cidr: cidr(block),
+        vpc_number: 0,
+        epoch: 1,
+        is_default: default,
+        created: 1,
+    };
+    let group = |id: &str, tenant: &str, vpc: &str, name: &str| SecurityGroupRow {
+        group_id: id.into(),
+        tenant_id: tenant.into(),
+        vpc_id: vpc.into(),
+        group_name: name.into(),
+        description: String::new(),
+        is_default: name == "default",
+        ingress: vec![],
+        created: 1,
+    };
+    let subnet = |id: &str, tenant: &str, vpc: &str, block: &str| SubnetRow {
+        subnet_id: id.into(),
+        tenant_id: tenant.into(),
+        vpc_id: vpc.into(),
+        cidr: cidr(block),
+        is_default: false,
+        created: 1,
+    };
+    let a = r
+        .create_vpc(
+            &vpc("vpc-a", "t-na", "10.0.0.0/16", false),
+            None,
+            &group("sg-a0", "t-na", "vpc-a", "default"),
+        )
+        .unwrap();
+    let b = r
+        .create_vpc(
+            &vpc("vpc-b", "t-nb", "10.0.0.0/16", false),
+            None,
+            &group("sg-b0", "t-nb", "vpc-b", "default"),
+        )
+        .unwrap();
+    assert!(
+        a.vpc_number >= 1 && b.vpc_number > a.vpc_number,
+        "fresh VPC numbers"
+    );
+    assert_eq!(r.vpcs("t-na").unwrap(), vec![a.clone()]);
+    assert!(
+        r.vpc("t-nb", "vpc-a").unwrap().is_none(),
+        "tenant isolation"
+    );
+    // One default VPC per tenant.
+    let d = r
+        .create_vpc(
+            &vpc("vpc-d", "t-na", "172.31.0.0/16", true),
+            Some(&SubnetRow {
+                is_default: true,
+                ..subnet("subnet-d", "t-na", "vpc-d", "172.31.0.0/20")
+            }),
+            &group("sg-d0", "t-na", "vpc-d", "default"),
+        )
+        .unwrap();
+    assert_eq!(r.default_vpc("t-na").unwrap(), Some(d.clone()));
+    assert!(r.default_vpc("t-nb").unwrap().is_none());
+    assert_eq!(
+        refused(r.create_vpc(
+            &vpc("vpc-d2", "t-na", "172.31.0.0/16", true),
+            None,
+            &group("sg-d2", "t-na", "vpc-d2", "default")
+        )),
+        NetRefusal::DefaultExists
+    );
+    assert!(
+        r.vpc("t-na", "vpc-d2").unwrap().is_none(),
+        "nothing written"
+    );
+
+    // Subnets: inside the VPC, no overlap, the tenant's VPC only.
+    r.create_subnet(&subnet("subnet-a1", "t-na", "vpc-a", "10.0.1.0/24"))
+        .unwrap();
+    assert_eq!(
+        refused(r.create_subnet(&subnet("subnet-x", "t-na", "vpc-a", "10.0.1.128/25"))),
+        NetRefusal::Overlap
+    );
+    assert_eq!(
+        refused(r.create_subnet(&subnet("subnet-x", "t-na", "vpc-a", "10.1.0.0/24"))),
+        NetRefusal::OutsideVpc
+    );
+    assert_eq!(
+        refused(r.create_subnet(&subnet("subnet-x", "t-nb", "vpc-a", "10.0.2.0/24"))),
+        NetRefusal::NoSuchVpc,
+        "another tenant's VPC does not exist for it"
+    );
+    // The same block in another tenant's VPC is fine.
+    r.create_subnet(&subnet("subnet-b1", "t-nb", "vpc-b", "10.0.1.0/24"))
+        .unwrap();
+    r.create_subnet(&subnet("subnet-a2", "t-na", "vpc-a", "10.0.3.0/28"))
+        .unwrap();
+    assert_eq!(r.subnets("t-nb").unwrap().len(), 1);
+    assert!(r
+        .subnets("t-na")
+        .unwrap()
+        .iter()
+        .all(|s| s.subnet_id != "subnet-x"));
+
+    // Groups: names unique per VPC, the tenant's VPC only.
+    r.create_security_group(&group("sg-a1", "t-na", "vpc-a", "web"))
+        .unwrap();
+    assert_eq!(
+        refused(r.create_security_group(&group("sg-a2", "t-na", "vpc-a", "web"))),
+        NetRefusal::DuplicateGroupName
+    );
+    r.create_security_group(&group("sg-b1", "t-nb", "vpc-b", "web"))
+        .unwrap();
+    assert_eq!(
+        refused(r.create_security_group(&group("sg-x", "t-nb", "vpc-a", "db"))),
+        NetRefusal::NoSuchVpc
+    );
+    let tcp = IngressRule::new(
+        Protocol::Tcp,
+        Some(PortRange::new(7000, 7000).unwrap()),
+        cidr("10.0.0.0/16"),
+    )
+    .unwrap();
+    let icmp = IngressRule::new(Protocol::Icmp, None, cidr("0.0.0.0/0")).unwrap();
+    let g = r
+        .change_ingress("t-na", "sg-a1", &[tcp, icmp], true)
+        .unwrap();
+    assert_eq!(g.ingress, vec![tcp, icmp]);
+    assert_eq!(
+        refused(r.change_ingress("t-na", "sg-a1", &[tcp], true)),
+        NetRefusal::DuplicateRule
+    );
+    assert_eq!(
+        refused(r.change_ingress("t-nb", "sg-a1", &[icmp], false)),
+        NetRefusal::NoSuchGroup,
+        "another tenant cannot revoke"
+    );
+    let udp = IngressRule::new(
+        Protocol::Udp,
+        Some(PortRange::new(53, 54).unwrap()),
+        cidr("10.0.0.0/8"),
+    )
+    .unwrap();
+    assert_eq!(
+        refused(r.change_ingress("t-na", "sg-a1", &[udp, tcp], false)),
+        NetRefusal::NoSuchRule,
+        "all or nothing"
+    );
+    let g = r.change_ingress("t-na", "sg-a1", &[tcp], false).unwrap();
+    assert_eq!(g.ingress, vec![icmp]);
+    let groups = r.security_groups("t-na").unwrap();
+    assert!(groups.iter().all(|g| g.tenant_id == "t-na"));
+    assert_eq!(
+        groups
+            .iter()
+            .find(|g| g.group_id == "sg-a1")
+            .unwrap()
+            .ingress,
+        vec![icmp]
+    );
+
+    // Interfaces: lowest free usable address, unique card ids and MACs, released and reused.
+    let n1 = r
+        .allocate_interface("t-na", "i-n1", "subnet-a1", &["sg-a1".into()])
+        .unwrap();
+    let n2 = r
+        .allocate_interface("t-na", "i-n2", "subnet-a1", &[])
+        .unwrap();
+    assert_eq!(n1.ip.to_string(), "10.0.1.4");
+    assert_eq!(n2.ip.to_string(), "10.0.1.5");
+    assert_ne!(n1.card_id, n2.card_id);
+    assert_ne!(n1.mac, n2.mac);
+    assert_eq!(n1.mac, Mac::for_card(n1.card_id));
+    assert_eq!(n1.vpc_id, "vpc-a");
+    let nb = r
+        .allocate_interface("t-nb", "i-nb", "subnet-b1", &["sg-b1".into()])
+        .unwrap();
+    assert_eq!(nb.ip.to_string(), "10.0.1.4", "addresses are per subnet");
+    assert_ne!(nb.card_id, n1.card_id, "card ids are global");
+    assert_eq!(
+        refused(r.allocate_interface("t-nb", "i-x", "subnet-a1", &[])),
+        NetRefusal::NoSuchSubnet
+    );
+    assert_eq!(
+        refused(r.allocate_interface("t-na", "i-x", "subnet-a1", &["sg-b1".into()])),
+        NetRefusal::NoSuchGroup
+    );
+    assert_eq!(
+        refused(r.allocate_interface("t-na", "i-x", "subnet-a1", &["sg-d0".into()])),
+        NetRefusal::GroupInOtherVpc
+    );
+    assert!(r
+        .interfaces("t-na")
+        .unwrap()
+        .iter()
+        .all(|n| n.instance_id != "i-x"));
+    // A /28 holds 11 instances; the 12th is refused.
+    for k in 0..11 {
+        r.allocate_interface("t-na", &format!("i-s{k}"), "subnet-a2", &[])
+            .unwrap();
+    }
+    assert_eq!(
+        refused(r.allocate_interface("t-na", "i-s11", "subnet-a2", &[])),
+        NetRefusal::NoFreeAddress
+    );
+    assert!(r.release_interface("t-na", "i-s3").unwrap());
+    let again = r
+        .allocate_interface("t-na", "i-s11", "subnet-a2", &[])
+        .unwrap();
+    assert_eq!(
+        again.ip.to_string(),
+        "10.0.3.7",
+        "a released address is reused"
+    );
+    for k in (0..12).filter(|k| *k != 3) {
+        assert!(r.release_interface("t-na", &format!("i-s{k}")).unwrap());
+    }
+    assert!(
+        !r.release_interface("t-nb", "i-n1").unwrap(),
+        "not another tenant's"
+    );
+    r.set_interface_endpoint("t-na", "i-n1", "10.77.0.2:40001")
+        .unwrap();
+    assert!(matches!(
+        r.set_interface_endpoint("t-nb", "i-n1", "10.0.0.9:1"),
+        Err(RepoError::Stale)
+    ));
+    let ifs = r.interfaces("t-na").unwrap();
+    let got = ifs.iter().find(|n| n.instance_id == "i-n1").unwrap();
+    assert_eq!(got.endpoint.as_deref(), Some("10.77.0.2:40001"));
+    assert_eq!(got.groups, vec!["sg-a1".to_string()]);
+
+    // Deletes: a subnet in use and a VPC with subnets are refused; another tenant's are absent.
+    assert_eq!(
+        refused(r.delete_subnet("t-na", "subnet-a1")),
+        NetRefusal::SubnetInUse
+    );
+    assert_eq!(
+        refused(r.delete_subnet("t-nb", "subnet-a1")),
+        NetRefusal::NoSuchSubnet
+    );
+    assert_eq!(
+        refused(r.delete_vpc("t-na", "vpc-a")),
+        NetRefusal::VpcHasSubnets
+    );
+    assert_eq!(
+        refused(r.delete_vpc("t-nb", "vpc-a")),
+        NetRefusal::NoSuchVpc
+    );
+    assert!(r.release_interface("t-na", "i-n1").unwrap());
+    assert!(r.release_interface("t-na", "i-n2").unwrap());
+    r.delete_subnet("t-na", "subnet-a1").unwrap();
+    r.delete_subnet("t-na", "subnet-a2").unwrap();
+    r.delete_vpc("t-na", "vpc-a").unwrap();
+    assert!(r.vpc("t-na", "vpc-a").unwrap().is_none());
+    assert!(
+        r.security_groups("t-na")
+            .unwrap()
+            .iter()
+            .all(|g| g.vpc_id != "vpc-a"),
+        "its groups went with it"
+    );
+    assert_eq!(
+        r.vpcs("t-nb").unwrap().len(),
+        1,
+        "the other tenant's VPC is untouched"
+    );
 }
 
 /// Placement + insert is one step: a full host is seen full by the next reservation.

@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     BASE,
     crate::workflow::store::SCHEMA,
     crate::workflow::store::LEASES,
+    crate::net_store::SCHEMA,
 ];
 
 /// The migrations rendered for `d`.

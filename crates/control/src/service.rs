@@ -430,12 +430,20 @@ impl ControlPlane {
                         return Err(ControlError::NoSuchInstance);
                     }
                 }
+                let ifs = self.repo.interfaces(&c.tenant)?;
+                let groups = self.repo.security_groups(&c.tenant)?;
                 let out: Vec<Value> = all
                     .iter()
                     .filter(|i| {
                         r.instance_ids.is_empty() || r.instance_ids.contains(&i.instance_id)
                     })
-                    .map(instance_json)
+                    .map(|i| {
+                        let mut v = instance_json(i);
+                        if let Some(n) = ifs.iter().find(|n| n.instance_id == i.instance_id) {
+                            crate::vpcs::add_interface_json(&mut v, n, &groups);
+                        }
+                        v
+                    })
                     .collect();
                 Ok(json!({ "Instances": out }))
             }
@@ -552,6 +560,22 @@ impl ControlPlane {
                     .kms_call("CreateKey", &json!({ "customer_request": c.forwarded }))
                     .await?;
                 Ok(json!({ "KeyId": v["key_id"] }))
+            }
+            ControlRequest::CreateVpc(r) => self.create_vpc(c, &r).await,
+            ControlRequest::DescribeVpcs(r) => self.describe_vpcs(&c.tenant, &r.vpc_ids),
+            ControlRequest::DeleteVpc(r) => self.delete_vpc(&c.tenant, &r.vpc_id),
+            ControlRequest::CreateSubnet(r) => self.create_subnet(&c.tenant, &r),
+            ControlRequest::DescribeSubnets(r) => self.describe_subnets(&c.tenant, &r.subnet_ids),
+            ControlRequest::DeleteSubnet(r) => self.delete_subnet(&c.tenant, &r.subnet_id),
+            ControlRequest::CreateSecurityGroup(r) => self.create_security_group(&c.tenant, &r),
+            ControlRequest::AuthorizeSecurityGroupIngress(r) => {
+                self.change_ingress(&c.tenant, &r, true).await
+            }
+            ControlRequest::RevokeSecurityGroupIngress(r) => {
+                self.change_ingress(&c.tenant, &r, false).await
+            }
+            ControlRequest::DescribeSecurityGroups(r) => {
+                self.describe_security_groups(&c.tenant, &r.group_ids)
             }
             ControlRequest::RevokeGrant(r) => {
                 let v = self

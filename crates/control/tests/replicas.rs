@@ -51,7 +51,8 @@ fn fresh_db(url: &str) -> Client {
     let mut db = Client::connect(url, NoTls).unwrap();
     db.batch_execute(
         "DROP TABLE IF EXISTS customers, signatures, idempotency, hosts, host_audit, instances,
-         volumes, workflows, leader_leases, schema_version",
+         volumes, workflows, leader_leases, vpcs, subnets, security_groups, sg_ingress,
+         interfaces, interface_groups, schema_version",
     )
     .unwrap();
     db

@@ -190,9 +190,12 @@ fn the_real_workflows_resume_where_their_design_says() {
     assert_eq!(attach, [false, false, false, false, true, true, true]);
     assert_eq!(AttachStep::ALL[3], AttachStep::Release);
     assert!(!AttachStep::Release.repeatable());
-    // Run: unwound until the host created the instance, finished after.
-    let run: Vec<bool> = (0..=4).map(goes_forward::<RunStep>).collect();
-    assert_eq!(run, [false, false, true, true, true]);
+    // Run: unwound until the net card's sealed epoch key was used (SealVpcKey spends the
+    // customer's authorization, like DecryptForHost), finished after.
+    let run: Vec<bool> = (0..=5).map(goes_forward::<RunStep>).collect();
+    assert_eq!(run, [false, false, false, true, true, true]);
+    assert_eq!(RunStep::ALL[2], RunStep::Network);
+    assert!(!RunStep::Network.repeatable());
     // Detach and terminate only ever go forward.
     assert!((0..=3).all(goes_forward::<DetachStep>));
     assert!((0..=3).all(goes_forward::<TerminateStep>));
