@@ -910,4 +910,129 @@ mod tests {
         );
         assert_eq!(p("GET", "/v1/host", b"x"), "body_unexpected");
     }
+
+    fn create_with(net: serde_json::Value) -> Result<ApiRequest, RequestError> {
+        let body = serde_json::json!({"instance_id": "i-1", "image": "test-guest", "vcpus": 1,
+            "memory_mib": 128, "network": net});
+        ApiRequest::parse("POST", "/v1/instances", None, body.to_string().as_bytes())
+    }
+
+    fn good_net() -> serde_json::Value {
+        serde_json::json!({"vpc": 7, "card_id": 1, "mac": "02:00:00:00:01:05", "ip": "10.0.1.5",
+            "prefix": 24, "allow": ["tcp:7000:10.0.0.0/16", "icmp:10.0.0.0/16"],
+            "routes": ["10.0.1.6=2@10.77.0.2:40007"]})
+    }
+
+    #[test]
+    fn network_object_is_typed_and_checked() {
+        let ApiRequest::CreateInstance {
+            network: Some(n), ..
+        } = create_with(good_net()).unwrap()
+        else {
+            panic!("no network");
+        };
+        assert_eq!(n.gateway, std::net::Ipv4Addr::new(10, 0, 1, 1));
+        assert_eq!(n.mtu, 1400);
+        assert_eq!(n.mac.to_string(), "02:00:00:00:01:05");
+        let bad = |k: &str, v: serde_json::Value| {
+            let mut n = good_net();
+            n[k] = v;
+            create_with(n).unwrap_err().code()
+        };
+        assert_eq!(bad("mac", "01:00:00:00:00:01".into()), "bad_network_mac");
+        assert_eq!(bad("mac", "00:00:00:00:00:00".into()), "bad_network_mac");
+        assert_eq!(bad("mac", "02:00:00:00:00".into()), "bad_network_mac");
+        // The address is inside its prefix; the gateway must be in the same subnet.
+        assert_eq!(bad("gateway", "10.0.2.1".into()), "bad_network_gateway");
+        assert_eq!(bad("gateway", "10.0.1.5".into()), "bad_network_gateway");
+        assert_eq!(bad("ip", "10.0.1.0".into()), "bad_network_ip");
+        assert_eq!(bad("ip", "10.0.1.255".into()), "bad_network_ip");
+        assert_eq!(bad("ip", "10.0.1".into()), "bad_network_ip");
+        assert_eq!(bad("prefix", 31.into()), "bad_network_ip");
+        assert_eq!(bad("vpc", 0.into()), "bad_network_vpc");
+        assert_eq!(bad("mtu", 100.into()), "bad_network_mtu");
+        assert_eq!(
+            bad("allow", serde_json::json!(["tcp:99999:10.0.0.0/8"])),
+            "bad_network_rule"
+        );
+        assert_eq!(
+            bad("allow", serde_json::json!(["--uid=0"])),
+            "bad_network_rule"
+        );
+        assert_eq!(
+            bad("routes", serde_json::json!(["10.0.1.6=1@10.77.0.2:40007"])),
+            "bad_network_route"
+        );
+        assert_eq!(
+            bad(
+                "routes",
+                serde_json::json!(["10.0.1.6=2@h:1", "10.0.1.6=3@10.0.0.1:1"])
+            ),
+            "bad_network_route"
+        );
+        assert_eq!(bad("key", "00".into()), "body_unknown_field");
+
+        let attach = |b: serde_json::Value| {
+            ApiRequest::parse(
+                "POST",
+                "/v1/instances/i-1/network",
+                None,
+                b.to_string().as_bytes(),
+            )
+        };
+        let blob = "ab".repeat(bulkhead_sealing::SEALED_BLOB_LEN);
+        let r = attach(serde_json::json!({"epoch": 1, "sealed_epoch_key": blob})).unwrap();
+        assert_eq!(r.operation(), Operation::AttachNetwork);
+        assert_eq!(r.resources(), vec!["instance:i-1".to_string()]);
+        let code = |b| attach(b).unwrap_err().code();
+        assert_eq!(
+            code(serde_json::json!({"epoch": 0, "sealed_epoch_key": blob})),
+            "bad_network_epoch"
+        );
+        assert_eq!(
+            code(serde_json::json!({"epoch": 1, "sealed_epoch_key": "abcd"})),
+            "bad_sealed_epoch_key"
+        );
+        assert_eq!(
+            code(serde_json::json!({"epoch": 1, "sealed_epoch_key": "zz".repeat(126)})),
+            "bad_sealed_epoch_key"
+        );
+        let put = |path: &str, b: serde_json::Value| {
+            ApiRequest::parse("PUT", path, None, b.to_string().as_bytes())
+        };
+        assert!(put(
+            "/v1/instances/i-1/network/routes",
+            serde_json::json!({"routes": ["10.0.1.6=2@10.77.0.2:40007"]})
+        )
+        .is_ok());
+        assert_eq!(
+            put(
+                "/v1/instances/i-1/network/routes",
+                serde_json::json!({"routes": ["x"]})
+            )
+            .unwrap_err()
+            .code(),
+            "bad_network_route"
+        );
+        assert!(put(
+            "/v1/instances/i-1/network/rules",
+            serde_json::json!({"allow": ["all:0.0.0.0/0"]})
+        )
+        .is_ok());
+        assert_eq!(
+            put(
+                "/v1/instances/i-1/network/rules",
+                serde_json::json!({"allow": ["ssh"]})
+            )
+            .unwrap_err()
+            .code(),
+            "bad_network_rule"
+        );
+        assert_eq!(
+            ApiRequest::parse("POST", "/v1/instances/i-1/network/rules", None, b"{}")
+                .unwrap_err()
+                .code(),
+            "method_not_allowed"
+        );
+    }
 }

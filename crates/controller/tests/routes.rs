@@ -30,7 +30,26 @@ const ALLOWED: &[(&str, &str, &str)] = &[
         "DetachVolume",
     ),
     ("GET", "/v1/instances/{id}/console", "GetConsole"),
+    ("POST", "/v1/instances/{id}/network", "AttachNetwork"),
+    (
+        "PUT",
+        "/v1/instances/{id}/network/routes",
+        "SetNetworkRoutes",
+    ),
+    ("PUT", "/v1/instances/{id}/network/rules", "SetNetworkRules"),
 ];
+
+/// The VPC interface routes carry customer configuration and a customer's sealed key: they
+/// belong to the customer plane (an operator-role caller can never hold them).
+#[test]
+fn network_routes_are_customer_plane() {
+    for r in ROUTES {
+        if r.path.contains("/network") {
+            assert_eq!(r.op.plane(), bulkhead_tokens::Plane::Customer, "{}", r.path);
+            assert!(!bulkhead_tokens::Role::Operator.may_use(r.op.plane()));
+        }
+    }
+}
 
 /// Words no route may contain: no command execution, shells, memory or disk access, copying
 /// volumes away, lowering encryption, or turning off logging.
