@@ -55,6 +55,12 @@ pub enum Ec2Action {
         user_data: Option<String>,
         #[arg(long)]
         user_data_file: Option<PathBuf>,
+        /// The subnet of the instance's interface (default: your default subnet).
+        #[arg(long)]
+        subnet_id: Option<String>,
+        /// Security groups of the subnet's VPC (default: the VPC's `default` group).
+        #[arg(long, num_args = 1.., requires = "subnet_id")]
+        security_group_ids: Vec<String>,
         #[arg(long)]
         client_token: Option<String>,
     },
@@ -109,6 +115,94 @@ pub enum Ec2Action {
         #[arg(long, default_value = "json")]
         output: String,
     },
+    /// Create a VPC (`--cidr-block 10.0.0.0/16`, /16 to /28).
+    CreateVpc {
+        #[arg(long)]
+        cidr_block: String,
+        #[arg(long)]
+        client_token: Option<String>,
+    },
+    /// Describe your VPCs (all, or the ids given).
+    DescribeVpcs {
+        #[arg(long, num_args = 1..)]
+        vpc_ids: Vec<String>,
+    },
+    /// Delete a VPC (it must have no subnets).
+    DeleteVpc {
+        #[arg(long)]
+        vpc_id: String,
+    },
+    /// Create a subnet inside a VPC's block.
+    CreateSubnet {
+        #[arg(long)]
+        vpc_id: String,
+        #[arg(long)]
+        cidr_block: String,
+        #[arg(long)]
+        client_token: Option<String>,
+    },
+    DescribeSubnets {
+        #[arg(long, num_args = 1..)]
+        subnet_ids: Vec<String>,
+    },
+    /// Delete a subnet (no instance may use it).
+    DeleteSubnet {
+        #[arg(long)]
+        subnet_id: String,
+    },
+    /// Create a security group in a VPC (no ingress; egress open).
+    CreateSecurityGroup {
+        #[arg(long)]
+        group_name: String,
+        #[arg(long)]
+        vpc_id: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[arg(long)]
+        client_token: Option<String>,
+    },
+    /// Let traffic in: `--protocol tcp --port 7000 --cidr 10.0.0.0/16` (`--port 7000-7100`;
+    /// no port for icmp and all).
+    AuthorizeSecurityGroupIngress(IngressArgs),
+    /// Remove an ingress rule (the same flags as authorize).
+    RevokeSecurityGroupIngress(IngressArgs),
+    DescribeSecurityGroups {
+        #[arg(long, num_args = 1..)]
+        group_ids: Vec<String>,
+    },
+}
+
+/// The flags of authorize/revoke-security-group-ingress (the `aws ec2` shorthand).
+#[derive(Debug, clap::Args)]
+pub struct IngressArgs {
+    #[arg(long)]
+    pub group_id: String,
+    /// `tcp`, `udp`, `icmp` or `all` (`-1`).
+    #[arg(long)]
+    pub protocol: String,
+    /// A port or `FROM-TO` (tcp and udp).
+    #[arg(long)]
+    pub port: Option<String>,
+    #[arg(long)]
+    pub cidr: String,
+}
+
+/// EC2's `IpPermissions` for the shorthand flags. Only the shape is built here; the control
+/// plane checks the values.
+fn ip_permissions(a: &IngressArgs) -> Result<Value, CliError> {
+    let mut p = Map::new();
+    p.insert("IpProtocol".into(), json!(a.protocol));
+    if let Some(port) = &a.port {
+        let (from, to) = port.split_once('-').unwrap_or((port, port));
+        let n = |s: &str| {
+            s.parse::<i32>()
+                .map_err(|_| CliError::BadArgument(format!("--port {port}: not a port or range")))
+        };
+        p.insert("FromPort".into(), json!(n(from)?));
+        p.insert("ToPort".into(), json!(n(to)?));
+    }
+    p.insert("IpRanges".into(), json!([{ "CidrIp": a.cidr }]));
+    Ok(json!({ "GroupId": a.group_id, "IpPermissions": [Value::Object(p)] }))
 }
 
 fn put(m: &mut Map<String, Value>, k: &str, v: Option<Value>) {
@@ -128,6 +222,8 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
             tenancy,
             user_data,
             user_data_file,
+            subnet_id,
+            security_group_ids,
             client_token,
         } => {
             let mut m = Map::new();
@@ -143,6 +239,10 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
                 None => user_data.clone(),
             };
             put(&mut m, "UserData", ud.map(|v| json!(v)));
+            put(&mut m, "SubnetId", subnet_id.as_ref().map(|v| json!(v)));
+            if !security_group_ids.is_empty() {
+                m.insert("SecurityGroupIds".into(), json!(security_group_ids));
+            }
             put(
                 &mut m,
                 "ClientToken",
@@ -191,6 +291,70 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
         Ec2Action::DeleteVolume { volume_id } => ("DeleteVolume", json!({ "VolumeId": volume_id })),
         Ec2Action::GetConsoleOutput { instance_id, .. } => {
             ("GetConsoleOutput", json!({ "InstanceId": instance_id }))
+        }
+        Ec2Action::CreateVpc {
+            cidr_block,
+            client_token,
+        } => {
+            let mut m = Map::new();
+            m.insert("CidrBlock".into(), json!(cidr_block));
+            put(
+                &mut m,
+                "ClientToken",
+                client_token.as_ref().map(|v| json!(v)),
+            );
+            ("CreateVpc", Value::Object(m))
+        }
+        Ec2Action::DescribeVpcs { vpc_ids } => ("DescribeVpcs", ids("VpcIds", vpc_ids)),
+        Ec2Action::DeleteVpc { vpc_id } => ("DeleteVpc", json!({ "VpcId": vpc_id })),
+        Ec2Action::CreateSubnet {
+            vpc_id,
+            cidr_block,
+            client_token,
+        } => {
+            let mut m = Map::new();
+            m.insert("VpcId".into(), json!(vpc_id));
+            m.insert("CidrBlock".into(), json!(cidr_block));
+            put(
+                &mut m,
+                "ClientToken",
+                client_token.as_ref().map(|v| json!(v)),
+            );
+            ("CreateSubnet", Value::Object(m))
+        }
+        Ec2Action::DescribeSubnets { subnet_ids } => {
+            ("DescribeSubnets", ids("SubnetIds", subnet_ids))
+        }
+        Ec2Action::DeleteSubnet { subnet_id } => ("DeleteSubnet", json!({ "SubnetId": subnet_id })),
+        Ec2Action::CreateSecurityGroup {
+            group_name,
+            vpc_id,
+            description,
+            client_token,
+        } => {
+            let mut m = Map::new();
+            m.insert("GroupName".into(), json!(group_name));
+            m.insert("VpcId".into(), json!(vpc_id));
+            put(
+                &mut m,
+                "Description",
+                description.as_ref().map(|v| json!(v)),
+            );
+            put(
+                &mut m,
+                "ClientToken",
+                client_token.as_ref().map(|v| json!(v)),
+            );
+            ("CreateSecurityGroup", Value::Object(m))
+        }
+        Ec2Action::AuthorizeSecurityGroupIngress(a) => {
+            ("AuthorizeSecurityGroupIngress", ip_permissions(a)?)
+        }
+        Ec2Action::RevokeSecurityGroupIngress(a) => {
+            ("RevokeSecurityGroupIngress", ip_permissions(a)?)
+        }
+        Ec2Action::DescribeSecurityGroups { group_ids } => {
+            ("DescribeSecurityGroups", ids("GroupIds", group_ids))
         }
     })
 }
@@ -262,6 +426,8 @@ mod tests {
             tenancy: Some("dedicated".into()),
             user_data: Some("echo hi".into()),
             user_data_file: None,
+            subnet_id: None,
+            security_group_ids: vec![],
             client_token: None,
         })
         .unwrap_or_else(|e| panic!("{e}"));
@@ -287,5 +453,120 @@ mod tests {
         })
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(b, json!({"InstanceIds": ["i-1", "i-2"]}));
+    }
+
+    fn parsed(args: &[&str]) -> (&'static str, Value) {
+        use clap::Parser;
+        #[derive(Debug, clap::Parser)]
+        struct Top {
+            #[command(subcommand)]
+            a: Ec2Action,
+        }
+        let t = Top::try_parse_from(std::iter::once("ec2").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        request(&t.a).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn vpc_commands_are_spelled_like_aws_ec2() {
+        assert_eq!(
+            parsed(&["create-vpc", "--cidr-block", "10.0.0.0/16"]),
+            ("CreateVpc", json!({"CidrBlock": "10.0.0.0/16"}))
+        );
+        assert_eq!(
+            parsed(&[
+                "create-subnet",
+                "--vpc-id",
+                "vpc-1",
+                "--cidr-block",
+                "10.0.1.0/24"
+            ]),
+            (
+                "CreateSubnet",
+                json!({"VpcId": "vpc-1", "CidrBlock": "10.0.1.0/24"})
+            )
+        );
+        assert_eq!(
+            parsed(&[
+                "create-security-group",
+                "--group-name",
+                "web",
+                "--vpc-id",
+                "vpc-1"
+            ]),
+            (
+                "CreateSecurityGroup",
+                json!({"GroupName": "web", "VpcId": "vpc-1"})
+            )
+        );
+        assert_eq!(
+            parsed(&[
+                "authorize-security-group-ingress",
+                "--group-id",
+                "sg-1",
+                "--protocol",
+                "tcp",
+                "--port",
+                "7000",
+                "--cidr",
+                "10.0.0.0/16"
+            ]),
+            (
+                "AuthorizeSecurityGroupIngress",
+                json!({"GroupId": "sg-1", "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 7000, "ToPort": 7000, "IpRanges": [{"CidrIp": "10.0.0.0/16"}]}]})
+            )
+        );
+        let (a, b) = parsed(&[
+            "revoke-security-group-ingress",
+            "--group-id",
+            "sg-1",
+            "--protocol",
+            "udp",
+            "--port",
+            "53-54",
+            "--cidr",
+            "0.0.0.0/0",
+        ]);
+        assert_eq!(a, "RevokeSecurityGroupIngress");
+        assert_eq!(b["IpPermissions"][0]["FromPort"], 53);
+        assert_eq!(b["IpPermissions"][0]["ToPort"], 54);
+        let (_, b) = parsed(&[
+            "authorize-security-group-ingress",
+            "--group-id",
+            "sg-1",
+            "--protocol",
+            "icmp",
+            "--cidr",
+            "0.0.0.0/0",
+        ]);
+        assert!(b["IpPermissions"][0].get("FromPort").is_none());
+        assert_eq!(
+            parsed(&[
+                "run-instances",
+                "--image-id",
+                "test-guest",
+                "--subnet-id",
+                "subnet-1",
+                "--security-group-ids",
+                "sg-1",
+                "sg-2"
+            ]),
+            (
+                "RunInstances",
+                json!({"ImageId": "test-guest", "SubnetId": "subnet-1", "SecurityGroupIds": ["sg-1", "sg-2"]})
+            )
+        );
+        assert_eq!(
+            parsed(&["describe-vpcs"]),
+            ("DescribeVpcs", json!({"VpcIds": []}))
+        );
+        assert_eq!(
+            parsed(&["delete-subnet", "--subnet-id", "subnet-1"]),
+            ("DeleteSubnet", json!({"SubnetId": "subnet-1"}))
+        );
+        assert_eq!(
+            parsed(&["describe-security-groups", "--group-ids", "sg-1"]),
+            ("DescribeSecurityGroups", json!({"GroupIds": ["sg-1"]}))
+        );
     }
 }
