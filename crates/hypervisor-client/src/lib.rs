@@ -5,8 +5,8 @@
 //! other end. [`Hypervisor::call`] sends one typed command (optionally with one fd, e.g. a
 //! connected vhost-user socket) and waits for its typed response.
 //!
-//! Long commands (`AttachBlock`, `DetachBlock`) are accepted at once by the hypervisor and
-//! finish later (see `bulkhead_channel`'s module docs). [`Channel::call`] keeps a blocking API
+//! Long commands (`AttachBlock`, `DetachBlock`, `AttachNet`, `DetachNet`) are accepted at once
+//! by the hypervisor and finish later (see `bulkhead_channel`'s module docs). [`Channel::call`] keeps a blocking API
 //! for them: it submits, then asks `OpStatus` every [`OP_POLL`] until the operation is done,
 //! taking the channel only for each short exchange. A [`Channel`] is `Sync`: other threads may
 //! send `Stats`, `ReadConsole`, `Pause` or `Shutdown` on the same channel meanwhile, and the
@@ -204,8 +204,8 @@ impl Hypervisor {
         self.child.id()
     }
 
-    /// Sends `command` (with `fd` for `AttachBlock`) and returns the hypervisor's reply; a long
-    /// command's final outcome (see [`Channel::call`]).
+    /// Sends `command` (with `fd` for `AttachBlock`/`AttachNet`) and returns the hypervisor's
+    /// reply; a long command's final outcome (see [`Channel::call`]).
     pub fn call(&mut self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {
         self.chan.call(command, fd)
     }
@@ -244,8 +244,8 @@ impl Channel {
         self.chan.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `command` (with `fd` for `AttachBlock`) and returns the hypervisor's reply. For a
-    /// long command (`AttachBlock`, `DetachBlock`) this is its final outcome,
+    /// Sends `command` (with `fd` for `AttachBlock`/`AttachNet`) and returns the hypervisor's
+    /// reply. For a long command (an attach or detach, block or net) this is its final outcome,
     /// [`Reply::Device`]: it submits, then waits with [`Channel::wait_op`], leaving the channel
     /// free for other callers between polls.
     pub fn call(&self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {

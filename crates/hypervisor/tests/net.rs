@@ -376,6 +376,7 @@ fn start_card(bin: &Path, dir: &Path, mac: &str, ip: &str) -> Card {
         .arg("--seq-state")
         .arg(dir.join("card.seq"))
         .args(["--mac", mac, "--ip", ip, "--mtu", "1400"])
+        .args(["--uid", "65534", "--gid", "65534"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -56,6 +56,7 @@ impl VhostUserBlk {
         let mut conn = VhostUserConn::handshake(
             stream,
             VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ,
+            1,
         )?;
         let mut queues = 1u16;
         if conn.has_protocol(VhostUserProtocolFeatures::MQ)

@@ -39,7 +39,7 @@ const CONFIG_MTU: usize = 10;
 /// The smallest MTU a virtio-net driver accepts (RFC 791's 68).
 const MIN_MTU: u16 = 68;
 /// RX and TX.
-const QUEUES: usize = 2;
+const QUEUES: u16 = 2;
 const QUEUE_SIZE: u16 = 256;
 
 /// A MAC address as the card configured it.
@@ -102,7 +102,7 @@ impl VhostUserNet {
     /// configuration. The card must offer VERSION_1, VIRTIO_NET_F_MAC and the CONFIG protocol
     /// feature.
     pub fn connect(stream: UnixStream) -> Result<Self, ConnectError> {
-        let mut conn = VhostUserConn::handshake(stream, VhostUserProtocolFeatures::CONFIG)?;
+        let mut conn = VhostUserConn::handshake(stream, VhostUserProtocolFeatures::CONFIG, QUEUES)?;
         if conn.backend_features() & VIRTIO_NET_F_MAC == 0 {
             return Err(ConnectError::MissingFeature("VIRTIO_NET_F_MAC"));
         }
@@ -140,7 +140,7 @@ impl VirtioDevice for VhostUserNet {
         guest_features(self.conn.backend_features(), &self.config)
     }
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE; QUEUES]
+        vec![QUEUE_SIZE; usize::from(QUEUES)]
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);

@@ -49,12 +49,14 @@ pub struct VhostUserConn {
 
 impl VhostUserConn {
     /// SET_OWNER, GET_FEATURES (VERSION_1 required) and, if the backend has the extension,
-    /// the protocol features in `wanted` that it offers.
+    /// the protocol features in `wanted` that it offers. `queues` is how many vrings the device
+    /// has (GET_QUEUE_NUM, if used, replaces it).
     pub fn handshake(
         stream: UnixStream,
         wanted: VhostUserProtocolFeatures,
+        queues: u16,
     ) -> Result<Self, ConnectError> {
-        let mut frontend = Frontend::from_stream(stream, 1);
+        let mut frontend = Frontend::from_stream(stream, u64::from(queues.max(1)));
         frontend.set_owner().map_err(ConnectError::Handshake)?;
         let backend_features = frontend.get_features().map_err(ConnectError::Handshake)?;
         if backend_features & VIRTIO_F_VERSION_1 == 0 {
