@@ -486,13 +486,8 @@ fn signal_set() -> libc::sigset_t {
 /// host key, the first epoch, the sequence floor, the UDP socket and the control socket.
 pub fn open_card(cfg: CardConfig) -> Result<OpenCard> {
     cfg.iface.check()?;
-    if cfg.routes.is_empty() {
-        return Err(NetcardError::Config {
-            what: "--route",
-            value: String::new(),
-            why: "a card needs at least one peer",
-        });
-    }
+    // An empty routing table is allowed: the first interface of a VPC has no peer yet, and the
+    // control plane pushes routes over the control socket as peers appear (`routes`).
     let set = signal_set();
     // SAFETY: `set` is initialised; the old mask is not needed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
