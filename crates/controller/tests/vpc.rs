@@ -1,0 +1,318 @@
+//! VPC interfaces end to end on one host: the real controller (`--backend host`) starts two
+//! real guests, each with a real `bulkhead-netcard vhost` card launched by its launcher with a
+//! sealed VPC epoch key and plugged in before boot (cold). The guests get DHCP leases from their
+//! cards; guest 1 sends a marker over TCP to guest 2 through the sealed tunnel, guest 2 prints
+//! it. Then: the per-interface counters in /v1/metrics, a card killed -9 is restarted by the
+//! controller (audited), and terminate reaps every card and leaves no sealed key on disk.
+//!
+//! Needs /dev/kvm, the test guest with networking in `target/guest` and the release binaries of
+//! the hypervisor and the net card next to the controller's (else `*** SKIPPED`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bulkhead_netcard::control::seal_epoch_key;
+use bulkhead_netcard::encap::{KeyEpoch, VpcId};
+use bulkhead_sealing::HostKey;
+use bulkhead_tokens::Operation;
+use common::*;
+
+const MIN10: Duration = Duration::from_secs(600);
+const MARK: &str = "VPCMARK-4c1e9a";
+
+const OPS: &[Operation] = &[
+    Operation::CreateInstance,
+    Operation::DescribeInstance,
+    Operation::StartInstance,
+    Operation::TerminateInstance,
+    Operation::GetConsole,
+    Operation::AttachNetwork,
+    Operation::SetNetworkRoutes,
+    Operation::SetNetworkRules,
+];
+
+fn boot_timeout() -> Duration {
+    std::env::var("BULKHEAD_TEST_BOOT_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(600))
+}
+
+fn release_dir() -> PathBuf {
+    Path::new(controller_bin()).parent().unwrap().to_path_buf()
+}
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("BULKHEAD_TEST_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| release_dir().parent().unwrap().join("guest"))
+}
+
+fn can_run(test: &str) -> bool {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let g = guest_dir();
+    let guest = g.join("vmlinux").is_file() && g.join("initramfs.cpio").is_file();
+    let bins = ["bulkhead-hypervisor", "bulkhead-netcard"]
+        .iter()
+        .all(|b| release_dir().join(b).is_file());
+    if !kvm || !guest || !bins {
+        bulkhead_testkit::skip_or_fail(&format!(
+            "{test}: needs /dev/kvm ({kvm}), the test guest in {} ({guest}) and \
+             bulkhead-hypervisor + bulkhead-netcard next to the controller ({bins})",
+            g.display()
+        ));
+        return false;
+    }
+    true
+}
+
+struct Api<'a> {
+    d: &'a Daemon,
+    c: Client,
+}
+
+impl Api<'_> {
+    fn call(&self, method: &str, path: &str, body: &str) -> Resp {
+        let t = self.d.mint("customer", HOST, OPS, MIN10);
+        self.c
+            .request(method, path, Some(&t), body.as_bytes())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    fn ok(&self, method: &str, path: &str, body: &str) -> Resp {
+        let r = self.call(method, path, body);
+        assert!(
+            r.status == 200 || r.status == 201,
+            "{method} {path}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        r
+    }
+
+    fn console(&self, id: &str) -> String {
+        let r = self.ok("GET", &format!("/v1/instances/{id}/console"), "");
+        r.json["output"].as_str().unwrap_or("").to_string()
+    }
+}
+
+fn metrics(d: &Daemon) -> String {
+    let t = d.mint("operator", HOST, &[Operation::GetMetrics], MIN10);
+    let r = d
+        .client("operator")
+        .request("GET", "/v1/metrics", Some(&t), b"")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    String::from_utf8_lossy(&r.body).to_string()
+}
+
+/// Live (non-zombie) net card pids whose command line names `needle`.
+fn netcard_pids(needle: &str) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd =
+                String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?).to_string();
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let zombie = stat.rsplit(')').next()?.trim_start().starts_with('Z');
+            (cmd.contains("bulkhead-netcard") && cmd.contains(needle) && !zombie).then_some(pid)
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < boot_timeout(), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn two_guests_in_one_vpc_talk_through_their_net_cards() {
+    if !can_run("two_guests_in_one_vpc_talk_through_their_net_cards") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    bulkhead_tokens::statedir::StateDir::new(dir.path())
+        .ensure_dev(HOST)
+        .unwrap();
+    let host = HostKey::generate().unwrap();
+    let p = dir.path().join("host.key");
+    std::fs::File::create(&p)
+        .unwrap()
+        .write_all(host.to_file_bytes().unwrap().as_ref())
+        .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A port range of its own per run (tests may run side by side).
+    let base = 20000 + (std::process::id() % 20000) as u16;
+    let g = guest_dir();
+    let d = Daemon::start_with(
+        dir.path(),
+        &[
+            "--backend",
+            "host",
+            "--guest-dir",
+            g.to_str().unwrap(),
+            "--net-host-ip",
+            "127.0.0.1",
+            "--net-port-base",
+            &base.to_string(),
+        ],
+    );
+    let api = Api {
+        d: &d,
+        c: d.client("customer"),
+    };
+
+    // The VPC's epoch key, sealed to this host as the KMS's SealVpcKey does.
+    let mut epoch_key = [0u8; 32];
+    bulkhead_sealing::fill_random(&mut epoch_key).unwrap();
+    let sealed =
+        hex::encode(seal_epoch_key(host.public(), VpcId(7), KeyEpoch(1), &epoch_key).unwrap());
+
+    let guests = [
+        (
+            "i-send",
+            1,
+            "10.0.1.5",
+            "02:00:00:00:01:05",
+            format!(
+                "n=0;while [ $n -lt 120 ];do echo {MARK}|nc -w 2 10.0.1.6 7000&&break;sleep 1;n=$((n+1));done;echo SENT=$n"
+            ),
+        ),
+        (
+            "i-recv",
+            2,
+            "10.0.1.6",
+            "02:00:00:00:01:06",
+            "nc -l -p 7000 >/tmp/g;echo GOT=$(cat /tmp/g)".to_string(),
+        ),
+    ];
+    let mut endpoints = Vec::new();
+    for (id, card, ip, mac, script) in &guests {
+        let body = serde_json::json!({
+            "instance_id": id, "image": "test-guest", "vcpus": 1, "memory_mib": 256,
+            "user_data": script,
+            "network": {"vpc": 7, "card_id": card, "mac": mac, "ip": ip, "prefix": 24,
+                        "allow": ["tcp:7000:10.0.0.0/16", "icmp:10.0.0.0/16"], "routes": []},
+        });
+        api.ok("POST", "/v1/instances", &body.to_string());
+        let r = api.ok(
+            "POST",
+            &format!("/v1/instances/{id}/network"),
+            &serde_json::json!({"epoch": 1, "sealed_epoch_key": sealed}).to_string(),
+        );
+        let ep = r.json["net_endpoint"].as_str().unwrap().to_string();
+        assert!(ep.starts_with("127.0.0.1:"), "{ep}");
+        endpoints.push(ep);
+    }
+    assert_ne!(endpoints[0], endpoints[1]);
+    // No sealed key file outlives a card's start.
+    let run: Vec<String> = std::fs::read_dir(dir.path().join("run"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert!(!run.iter().any(|f| f.ends_with(".sealed")), "{run:?}");
+    assert!(run.iter().any(|f| f == "net-i-send.seq"), "{run:?}");
+    // Each card learns where the other is.
+    api.ok(
+        "PUT",
+        "/v1/instances/i-send/network/routes",
+        &serde_json::json!({"routes": [format!("10.0.1.6=2@{}", endpoints[1])]}).to_string(),
+    );
+    api.ok(
+        "PUT",
+        "/v1/instances/i-recv/network/routes",
+        &serde_json::json!({"routes": [format!("10.0.1.5=1@{}", endpoints[0])]}).to_string(),
+    );
+    let r = api.ok("GET", "/v1/instances/i-recv", "");
+    assert_eq!(r.json["net_endpoint"], endpoints[1].as_str());
+
+    api.ok("POST", "/v1/instances/i-recv/start", "");
+    api.ok("POST", "/v1/instances/i-send/start", "");
+    let started = Instant::now();
+    loop {
+        let recv = api.console("i-recv");
+        if recv.contains(&format!("GOT={MARK}")) {
+            let send = api.console("i-send");
+            eprintln!("marker delivered after {:?}", started.elapsed());
+            assert!(recv.contains("BULKHEAD-NET-UP=10.0.1.6/24"), "{recv}");
+            assert!(send.contains("BULKHEAD-NET-UP=10.0.1.5/24"), "{send}");
+            break;
+        }
+        assert!(
+            started.elapsed() < boot_timeout(),
+            "no marker after {:?}\n--- i-recv:\n{recv}\n--- i-send:\n{}",
+            started.elapsed(),
+            api.console("i-send")
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+
+    // Counters, numbers only, per interface.
+    let m = metrics(&d);
+    for id in ["i-send", "i-recv"] {
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with(&format!("bulkhead_netcard{{instance=\"{id}\""))),
+            "{m}"
+        );
+    }
+    assert!(!m.contains("10.0.1."), "addresses in metrics");
+
+    // kill -9 the receiver's card: the controller restarts it (same port) and audits it.
+    let old = netcard_pids("net-i-recv");
+    assert_eq!(old.len(), 1, "{old:?}");
+    // SAFETY: kill has no memory-safety preconditions; `old[0]` is a net card of this test.
+    unsafe { libc::kill(old[0], libc::SIGKILL) };
+    wait_until("net card restart", || {
+        let now = netcard_pids("net-i-recv");
+        now.len() == 1 && now[0] != old[0]
+    });
+    wait_until("RestartNetCard audit", || {
+        d.audit().iter().any(|r| {
+            r["entry"]["op"] == "RestartNetCard"
+                && r["entry"]["code"] == "ok"
+                && r["entry"]["resources"][0] == "instance:i-recv"
+        })
+    });
+    let new = netcard_pids("net-i-recv");
+    let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", new[0])).unwrap())
+        .replace('\0', " ");
+    assert!(cmd.contains(&format!("--listen={}", endpoints[1])), "{cmd}");
+    assert!(
+        cmd.contains(&format!("--route=10.0.1.5=1@{}", endpoints[0])),
+        "{cmd}"
+    );
+
+    // Terminate: every card is reaped, nothing of them stays in the run directory.
+    for id in ["i-send", "i-recv"] {
+        api.ok("POST", &format!("/v1/instances/{id}/terminate"), "");
+        let r = api.ok("GET", &format!("/v1/instances/{id}"), "");
+        assert!(r.json.get("net_endpoint").is_none(), "{}", r.json);
+    }
+    wait_until("cards reaped", || netcard_pids("net-i-").is_empty());
+    let left: Vec<String> = std::fs::read_dir(dir.path().join("run"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f.ends_with(".vhost") || f.ends_with(".ctl") || f.ends_with(".sealed"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The audit log holds no sealed key.
+    let raw = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    assert!(!raw.contains(&sealed[..32]));
+}
