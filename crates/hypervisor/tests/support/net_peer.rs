@@ -1,14 +1,13 @@
 //! A test-only vhost-user-net backend: the *peer* on the far side of the hypervisor's virtio-net
 //! frontend (the frontend is what is under test; the real backend is `bulkhead-netcard vhost`).
 //! Built on the `vhost-user-backend` crate, it offers a fixed MAC and MTU over GET_CONFIG,
-//! records the features the frontend set and every frame the guest transmits, and puts one
-//! frame into the guest's RX queue after the guest's first transmitted frame, so a test sees
-//! both directions and both interrupt paths (kick ioeventfd, call irqfd) work.
+//! records the features the frontend set and every frame the guest transmits (the RX queue is
+//! left alone: the real card's DHCP answers prove that direction).
 #![allow(dead_code)]
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
@@ -30,8 +29,6 @@ pub const NET_F_CTRL_VQ: u64 = 1 << 17;
 pub const NET_F_MQ: u64 = 1 << 22;
 /// The virtio_net_hdr with VERSION_1.
 const NET_HDR_LEN: usize = 12;
-/// The EtherType of the frame the peer sends the guest (IEEE local experimental).
-pub const PEER_ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 
 /// How the peer behaves.
 #[derive(Clone, Debug)]
@@ -69,7 +66,6 @@ struct Inner {
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     acked: AtomicU64,
     tx_frames: Mutex<Vec<Vec<u8>>>,
-    rx_sent: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -113,41 +109,6 @@ impl Backend {
             any = true;
         }
         Ok(any)
-    }
-
-    /// Puts one broadcast frame from the peer into the guest's first RX buffer.
-    fn send_rx(&self, vring: &VringRwLock) -> io::Result<bool> {
-        let Some(atomic) = self.memory() else {
-            return Ok(false);
-        };
-        let mem = atomic.memory();
-        let Some(chain) = vring
-            .get_mut()
-            .get_queue_mut()
-            .pop_descriptor_chain(mem.clone())
-        else {
-            return Ok(false);
-        };
-        let head = chain.head_index();
-        let mut frame = vec![0u8; NET_HDR_LEN];
-        frame.extend_from_slice(&[0xff; 6]);
-        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0xfe]);
-        frame.extend_from_slice(&PEER_ETHERTYPE);
-        frame.extend_from_slice(&[0x5a; 46]);
-        let mut off = 0;
-        for d in chain {
-            if !d.is_write_only() || off >= frame.len() {
-                continue;
-            }
-            let n = (d.len() as usize).min(frame.len() - off);
-            mem.write_slice(&frame[off..off + n], d.addr())
-                .map_err(io::Error::other)?;
-            off += n;
-        }
-        vring
-            .add_used(head, u32::try_from(off).expect("small"))
-            .map_err(io::Error::other)?;
-        Ok(true)
     }
 }
 
@@ -200,16 +161,11 @@ impl VhostUserBackend for Backend {
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }
-        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
+        let Some(tx) = vrings.get(1) else {
             return Ok(());
         };
         if device_event == 1 && self.drain_tx(tx)? {
             tx.signal_used_queue()?;
-        }
-        let transmitted = !self.0.tx_frames.lock().expect("lock").is_empty();
-        if transmitted && !self.0.rx_sent.load(Ordering::SeqCst) && self.send_rx(rx)? {
-            self.0.rx_sent.store(true, Ordering::SeqCst);
-            rx.signal_used_queue()?;
         }
         Ok(())
     }
@@ -231,7 +187,6 @@ impl NetPeer {
             mem: RwLock::new(None),
             acked: AtomicU64::new(0),
             tx_frames: Mutex::new(Vec::new()),
-            rx_sent: AtomicBool::new(false),
         });
         let backend = Backend(inner.clone());
         // Every accepted connection gets its own daemon (and thread), so several frontends
@@ -269,10 +224,5 @@ impl NetPeer {
     /// Frames the guest sent so far (Ethernet, without the virtio-net header).
     pub fn tx_frames(&self) -> Vec<Vec<u8>> {
         self.inner.tx_frames.lock().expect("lock").clone()
-    }
-
-    /// Whether the peer's frame went into a guest RX buffer.
-    pub fn rx_delivered(&self) -> bool {
-        self.inner.rx_sent.load(Ordering::SeqCst)
     }
 }
