@@ -26,14 +26,14 @@ pub enum RunStep {
     /// Undo: the row `pending → terminated`, releasing the cores and the address.
     Reserve,
     /// CreateInstance on the host, with its `network` (no key). Undo: TerminateInstance on the
-    /// host. A host that refuses the `network` field (no net support yet) gets the instance
-    /// without it (`{"net": "unsupported"}`) and [`RunStep::Network`] is skipped.
+    /// host.
     Create,
     /// The instance's net card: a KMS nonce, the host's quote bound to the instance, KMS
     /// SealVpcKey under the customer's forwarded RunInstances (spent once: never repeated),
     /// the controller launches the card (`{"net_endpoint"}`), and every other card of the VPC
-    /// gets the new route. Undo: none of its own (Create's undo terminates the instance and its
-    /// card with it).
+    /// gets the new route. A host that reports no net support (`network_unavailable`) leaves
+    /// the instance without a network (`{"net": "skipped"}`, a warning). Undo: none of its own
+    /// (Create's undo terminates the instance and its card with it).
     Network,
     /// StartInstance on the host.
     Start,
@@ -132,36 +132,20 @@ impl RunStep {
                     .ok_or(ControlError::NoSuchInstance)?;
                 let mut body = create_body(&row, r.user_data.as_deref());
                 let network = cp.network_body(&w.tenant_id, w.instance()?)?;
-                let with_net = network.is_some();
                 if let (Some(n), Some(o)) = (network, body.as_object_mut()) {
                     o.insert("network".into(), n);
                 }
                 let (host, res) = (w.host()?, inst_res(w)?);
-                let call = |body: Value| {
-                    cp.on_host(
-                        host,
-                        Operation::CreateInstance,
-                        &res,
-                        "POST",
-                        "/v1/instances",
-                        Some(body),
-                    )
-                };
-                match call(body.clone()).await {
-                    Ok(_) => Ok(Value::Null),
-                    Err(ControlError::Host("body_unknown_field")) if with_net => {
-                        // TODO(issue 13, part E): a controller without net support refuses
-                        // the `network` field (nothing was created); remove once every host
-                        // has it.
-                        tracing::warn!(instance = %row.instance_id, host = %row.host_id, "host has no net support: instance created without a network");
-                        if let Some(o) = body.as_object_mut() {
-                            o.remove("network");
-                        }
-                        call(body).await?;
-                        Ok(json!({ "net": "unsupported" }))
-                    }
-                    Err(e) => Err(e),
-                }
+                cp.on_host(
+                    host,
+                    Operation::CreateInstance,
+                    &res,
+                    "POST",
+                    "/v1/instances",
+                    Some(body),
+                )
+                .await?;
+                Ok(Value::Null)
             }
             RunStep::Network => cp.network_step(w, live).await,
             RunStep::Start => {
@@ -376,23 +360,6 @@ impl ControlPlane {
     async fn network_step(&self, w: &WorkflowRow, live: Live<'_>) -> Result<Value, ControlError> {
         let instance = w.instance()?;
         let host_id = w.host()?;
-        let skip = |why: &str| {
-            // TODO(issue 13, part E): the host's controller has no net card support yet; the
-            // instance runs without a network until it does.
-            tracing::warn!(
-                instance,
-                host = host_id,
-                why,
-                "Network step skipped: host has no net support"
-            );
-            Ok(json!({ "net": "skipped" }))
-        };
-        if w.output("net") == Some("unsupported") {
-            return skip("CreateInstance refused the network field");
-        }
-        let Some(attach_op) = crate::vpcs::net_op(crate::vpcs::OP_ATTACH_NETWORK) else {
-            return skip("no AttachNetwork operation");
-        };
         let Some(nic) = self
             .repo
             .interfaces(&w.tenant_id)?
@@ -440,11 +407,17 @@ impl ControlPlane {
                 }),
             )
             .await?;
-        let sealed_hex = sealed_epoch_key_hex(&sealed).ok_or(ControlError::Internal)?;
+        let Some(sealed_hex) = sealed_epoch_key_hex(&sealed) else {
+            tracing::error!(
+                instance,
+                "SealVpcKey answered without a sealed epoch key blob"
+            );
+            return Err(ControlError::Internal);
+        };
         let r = self
             .on_host(
                 host_id,
-                attach_op,
+                Operation::AttachNetwork,
                 &inst_res(w)?,
                 "POST",
                 &format!("/v1/instances/{instance}/network"),
@@ -453,8 +426,15 @@ impl ControlPlane {
             .await;
         let v = match r {
             Ok(v) => v,
-            Err(ControlError::Host("no_such_route")) => {
-                return skip("controller has no network route");
+            Err(ControlError::Host("network_unavailable")) => {
+                // TODO(issue 13): a host without net cards (no data network configured) runs
+                // the instance without a network; the customer sees no sign of it yet.
+                tracing::warn!(
+                    instance,
+                    host = host_id,
+                    "Network step skipped: the host reports no net support"
+                );
+                return Ok(json!({ "net": "skipped" }));
             }
             Err(e) => return Err(e),
         };
@@ -512,17 +492,18 @@ impl ControlPlane {
     }
 }
 
-/// The 64-byte sealed epoch key of a SealVpcKey answer, as hex (the KMS may give it as hex in
-/// `sealed_epoch_key` or as base64 in `sealed_key`).
+/// The sealed epoch key of a SealVpcKey answer (a `bulkhead-sealing` blob of
+/// [`bulkhead_sealing::SEALED_BLOB_LEN`] bytes), as hex: `sealed_epoch_key` in hex, or
+/// `sealed_key` in base64.
 fn sealed_epoch_key_hex(v: &Value) -> Option<String> {
-    const LEN: usize = 64;
-    let s = v["sealed_epoch_key"]
-        .as_str()
-        .or(v["sealed_key"].as_str())?;
-    if let Ok(b) = hex::decode(s) {
-        return (b.len() == LEN).then(|| hex::encode(b));
+    const LEN: usize = bulkhead_sealing::SEALED_BLOB_LEN;
+    if let Some(h) = v["sealed_epoch_key"].as_str() {
+        return hex::decode(h)
+            .ok()
+            .filter(|b| b.len() == LEN)
+            .map(hex::encode);
     }
-    B64.decode(s)
+    B64.decode(v["sealed_key"].as_str()?)
         .ok()
         .filter(|b| b.len() == LEN)
         .map(hex::encode)
@@ -540,4 +521,31 @@ pub(crate) fn create_body(row: &InstanceRow, user_data: Option<&str>) -> Value {
         o.insert("user_data".into(), Value::String(u.to_owned()));
     }
     body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sealed_epoch_key_must_be_one_whole_blob() {
+        let blob = vec![7u8; bulkhead_sealing::SEALED_BLOB_LEN];
+        let want = Some(hex::encode(&blob));
+        assert_eq!(
+            sealed_epoch_key_hex(&json!({ "sealed_epoch_key": hex::encode(&blob) })),
+            want
+        );
+        assert_eq!(
+            sealed_epoch_key_hex(&json!({ "sealed_key": B64.encode(&blob) })),
+            want
+        );
+        for bad in [
+            json!({ "sealed_epoch_key": hex::encode(&blob[1..]) }),
+            json!({ "sealed_epoch_key": "zz" }),
+            json!({ "sealed_key": B64.encode(&blob[..64]) }),
+            json!({}),
+        ] {
+            assert_eq!(sealed_epoch_key_hex(&bad), None, "{bad}");
+        }
+    }
 }

@@ -134,7 +134,18 @@ const UPSTREAM_CODES: &[&str] = &[
     "no_such_route",
     "body_unknown_field",
     "no_such_vpc",
-    "no_net_card",
+    "vpc_exists",
+    "network_unavailable",
+    "network_attached",
+    "no_network",
+    "bad_network_vpc",
+    "bad_network_mac",
+    "bad_network_ip",
+    "bad_network_gateway",
+    "bad_network_mtu",
+    "bad_network_rule",
+    "bad_network_route",
+    "bad_network_epoch",
 ];
 
 /// Maps an upstream code to its stable static form.

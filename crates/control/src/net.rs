@@ -291,14 +291,16 @@ impl IngressRule {
     }
 }
 
-/// A locally administered unicast MAC (`02:…`), derived one-to-one from the card id.
+/// A locally administered unicast MAC (`02:42:…`), derived one-to-one from the card id. The
+/// `02:00:…` range is the cards' own (their gateway answers as `02:00:00:00:00:01`), so no
+/// instance can ever be given the gateway's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
     pub fn for_card(card_id: u32) -> Mac {
         let b = card_id.to_be_bytes();
-        Mac([0x02, 0x00, b[0], b[1], b[2], b[3]])
+        Mac([0x02, 0x42, b[0], b[1], b[2], b[3]])
     }
 
     pub fn parse(s: &str) -> Result<Mac, NetError> {
@@ -481,9 +483,14 @@ mod tests {
     #[test]
     fn macs_are_local_unicast_and_one_per_card() {
         let m = Mac::for_card(0x0102_0304);
-        assert_eq!(m.to_string(), "02:00:01:02:03:04");
+        assert_eq!(m.to_string(), "02:42:01:02:03:04");
         assert_eq!(Mac::parse(&m.to_string()), Ok(m));
         assert_ne!(Mac::for_card(1), Mac::for_card(2));
+        // The net card's gateway MAC is never an instance's.
+        let gateway = Mac::parse("02:00:00:00:00:01").unwrap();
+        for id in [0, 1, 2, u32::MAX] {
+            assert_ne!(Mac::for_card(id), gateway);
+        }
         assert_eq!(m.0[0] & 0x03, 0x02, "locally administered, unicast");
         assert!(Mac::parse("02:00:01:02:03").is_err());
         assert!(Mac::parse("02:00:01:02:03:04:05").is_err());

@@ -19,16 +19,6 @@ use crate::repo::RepoError;
 use crate::service::{new_id, now, Caller, ControlPlane};
 use crate::ControlError;
 
-/// Controller operation names for the net card calls of contract 6 (the token names the
-/// operation; the controller checks it). Looked up at run time: a token service that does not
-/// know them means the hosts have no net support yet, and the Network step is skipped.
-pub const OP_ATTACH_NETWORK: &str = "AttachNetwork";
-pub const OP_UPDATE_NETWORK: &str = "UpdateNetwork";
-
-pub(crate) fn net_op(name: &str) -> Option<Operation> {
-    Operation::from_name(name)
-}
-
 pub(crate) fn vpc_json(v: &VpcRow) -> Value {
     json!({
         "VpcId": v.vpc_id,
@@ -106,30 +96,28 @@ fn not_found(ids: &[String], have: &[&str], missing: NetRefusal) -> Result<(), C
     }
 }
 
+/// A card endpoint peers can send to (`HOSTIP:PORT`, neither unspecified nor port 0); a
+/// backend without real cards reports `0.0.0.0:0`, which no route may name.
+pub(crate) fn routable(ep: &str) -> Option<std::net::SocketAddrV4> {
+    ep.parse::<std::net::SocketAddrV4>()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+}
+
 impl ControlPlane {
     /// The KMS makes the VPC's epoch key under the customer's forwarded request (CreateVpc, or
-    /// the RunInstances that made a default VPC). A KMS without the operation yet (`no_such_route`)
-    /// is tolerated with a warning, so the rest keeps working while the KMS side lands.
+    /// the RunInstances that made a default VPC).
     async fn create_vpc_key(&self, c: &Caller, v: &VpcRow) -> Result<(), ControlError> {
-        let r = self
-            .kms_call(
-                "CreateVpcKey",
-                &json!({
-                    "customer_request": c.forwarded,
-                    "vpc_id": v.vpc_id,
-                    "vpc_number": v.vpc_number,
-                }),
-            )
-            .await;
-        match r {
-            Ok(_) => Ok(()),
-            Err(ControlError::Kms("no_such_route")) => {
-                // TODO(issue 13, part E): remove once every KMS has CreateVpcKey.
-                tracing::warn!(vpc = %v.vpc_id, "KMS has no CreateVpcKey: VPC made without an epoch key");
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        self.kms_call(
+            "CreateVpcKey",
+            &json!({
+                "customer_request": c.forwarded,
+                "vpc_id": v.vpc_id,
+                "vpc_number": v.vpc_number,
+            }),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Stores `v` (and its default group, and `subnet`), then has the KMS make its key; when
@@ -374,9 +362,8 @@ impl ControlPlane {
         all.iter()
             .filter(|o| o.vpc_id == i.vpc_id && o.instance_id != i.instance_id)
             .filter_map(|o| {
-                o.endpoint
-                    .as_ref()
-                    .map(|ep| format!("{}={}@{ep}", o.ip, o.card_id))
+                let ep = routable(o.endpoint.as_deref()?)?;
+                Some(format!("{}={}@{ep}", o.ip, o.card_id))
             })
             .collect()
     }
@@ -384,9 +371,9 @@ impl ControlPlane {
     /// One `PUT /v1/instances/{id}/network/{what}` to the host of `i` (best effort: the
     /// database is the truth, a card that missed an update gets the whole set with the next).
     async fn put_network(&self, i: &InterfaceRow, what: &str, body: Value) -> bool {
-        let Some(op) = net_op(OP_UPDATE_NETWORK) else {
-            tracing::warn!(instance = %i.instance_id, "no {OP_UPDATE_NETWORK} operation: hosts have no net support yet");
-            return false;
+        let op = match what {
+            "routes" => Operation::SetNetworkRoutes,
+            _ => Operation::SetNetworkRules,
         };
         let host = match self.repo.instance(&i.tenant_id, &i.instance_id) {
             Ok(Some(row)) if row.state.is_live() => row.host_id,

@@ -199,3 +199,138 @@ pub fn volume(c: &Customer) -> String {
         .unwrap()
         .to_string()
 }
+
+/// A client presenting `name`'s certificate from the cluster's CA directory.
+pub fn client_as(c: &Cluster, name: &str) -> HttpsClient {
+    let ca = c.dir.join("ca");
+    HttpsClient::new(
+        client_config(
+            &ca.join("ca.pem"),
+            Some((
+                &ca.join(format!("{name}.pem")),
+                &ca.join(format!("{name}.key")),
+            )),
+        )
+        .unwrap(),
+    )
+}
+
+/// A client with the control plane's certificate (what the KMS and the token service accept).
+pub fn as_control_plane(c: &Cluster) -> HttpsClient {
+    client_as(c, "control-plane")
+}
+
+pub fn post(
+    client: &HttpsClient,
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    let r = rt
+        .block_on(client.request(addr, "POST", path, &headers, body.to_string().into_bytes()))
+        .unwrap();
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+/// What the control plane does before DecryptForHost: a KMS nonce for `host`, quoted by the
+/// host's TPM through its controller (with a token minted for AttestHost on that host).
+/// `None` when the cluster's KMS does not require attestation.
+pub fn evidence(c: &Cluster, host: &str, instance: &str) -> Option<Value> {
+    let cp = as_control_plane(c);
+    let (st, ch) = post(
+        &cp,
+        &c.kms_addr,
+        "/v1/Challenge",
+        None,
+        &json!({"host_id": host}),
+    );
+    assert_eq!(st, 200, "{ch}");
+    if ch["required"] != true {
+        return None;
+    }
+    Some(quote_for(
+        c,
+        host,
+        ch["nonce"].as_str().unwrap(),
+        Some(instance),
+    ))
+}
+
+/// The host's evidence over `nonce`, through its controller.
+/// `host`'s quote over `nonce`, bound to `instance` if given (as the control plane asks for it
+/// before DecryptForHost).
+pub fn quote_for(c: &Cluster, host: &str, nonce: &str, instance: Option<&str>) -> Value {
+    let (st, ev) = quote_status(c, host, nonce, instance);
+    assert_eq!(st, 200, "{ev}");
+    ev
+}
+
+pub fn quote_status(c: &Cluster, host: &str, nonce: &str, instance: Option<&str>) -> (u16, Value) {
+    let cp = as_control_plane(c);
+    let mut resources = vec!["host".to_string()];
+    let mut body = json!({"nonce": nonce});
+    if let Some(i) = instance {
+        resources.push(format!("instance:{i}"));
+        body["instance_id"] = json!(i);
+    }
+    let (st, t) = post(
+        &cp,
+        &c.token_addr,
+        "/v1/Mint",
+        None,
+        &json!({"hosts": [host], "operations": ["AttestHost"], "resources": resources, "ttl_secs": 60}),
+    );
+    assert_eq!(st, 200, "{t}");
+    let addr = &c.host_addrs.iter().find(|(h, _)| h == host).unwrap().1;
+    post(&cp, addr, "/v1/host/attest", t["token"].as_str(), &body)
+}
+
+/// The test guest (`make guest`), or `None` after a loud skip when it or /dev/kvm is absent.
+pub fn guest_dir_or_skip(test: &str) -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let d = match std::env::var_os("BULKHEAD_GUEST_DIR").map(PathBuf::from) {
+        Some(p) if p.is_absolute() => p,
+        Some(p) => root.join(p),
+        None => root.join("target/guest"),
+    };
+    if !Path::new("/dev/kvm").exists() || !d.join("vmlinux").is_file() {
+        bulkhead_testkit::skip_or_fail(&format!(
+            "{test}: needs /dev/kvm and the test guest in {} (make guest)",
+            d.display()
+        ));
+        return None;
+    }
+    Some(d.canonicalize().unwrap())
+}
+
+impl Customer {
+    /// Polls GetConsoleOutput until `needle` shows up (software KVM boots take minutes).
+    pub fn wait_console(&self, instance: &str, needle: &str) -> String {
+        let started = std::time::Instant::now();
+        loop {
+            let v = self.ok("GetConsoleOutput", json!({"InstanceId": instance}));
+            let out = v["Output"].as_str().unwrap_or("").to_string();
+            if out.contains(needle) {
+                return out;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(900),
+                "no {needle:?} on {instance}'s console:\n{out}"
+            );
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        }
+    }
+}
