@@ -695,5 +695,79 @@ mod tests {
             again.customer("AKIDA0000001").unwrap().unwrap().tenant_id,
             "t-a"
         );
+        two_replicas_never_hand_out_one_address(repo, again);
+    }
+
+    /// Two replicas (two connections) allocating in one subnet at the same time: every
+    /// address, card id and MAC is handed out once, and a released one is handed out again.
+    fn two_replicas_never_hand_out_one_address(r1: PgRepo, r2: PgRepo) {
+        use crate::net::*;
+        use crate::net_store::NetStore;
+        let cidr = |s: &str| Cidr::parse(s).unwrap();
+        r1.create_vpc(
+            &VpcRow {
+                vpc_id: "vpc-race".into(),
+                tenant_id: "t-race".into(),
+                cidr: cidr("10.5.0.0/16"),
+                vpc_number: 0,
+                epoch: 1,
+                is_default: false,
+                created: 1,
+            },
+            Some(&SubnetRow {
+                subnet_id: "subnet-race".into(),
+                tenant_id: "t-race".into(),
+                vpc_id: "vpc-race".into(),
+                cidr: cidr("10.5.1.0/24"),
+                is_default: false,
+                created: 1,
+            }),
+            &SecurityGroupRow {
+                group_id: "sg-race".into(),
+                tenant_id: "t-race".into(),
+                vpc_id: "vpc-race".into(),
+                group_name: "default".into(),
+                description: String::new(),
+                is_default: true,
+                ingress: vec![],
+                created: 1,
+            },
+        )
+        .unwrap();
+        const EACH: usize = 25;
+        let go = |r: PgRepo, who: &'static str| {
+            std::thread::spawn(move || {
+                (0..EACH)
+                    .map(|k| {
+                        r.allocate_interface(
+                            "t-race",
+                            &format!("i-{who}-{k}"),
+                            "subnet-race",
+                            &["sg-race".into()],
+                        )
+                        .unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        let (a, b) = (go(r1, "a"), go(r2, "b"));
+        let mut all = a.join().unwrap();
+        all.extend(b.join().unwrap());
+        assert_eq!(all.len(), 2 * EACH);
+        let mut ips: Vec<u32> = all.iter().map(|n| n.ip.0).collect();
+        let mut cards: Vec<u32> = all.iter().map(|n| n.card_id).collect();
+        ips.sort_unstable();
+        ips.dedup();
+        cards.sort_unstable();
+        cards.dedup();
+        assert_eq!(ips.len(), 2 * EACH, "an address was handed out twice");
+        assert_eq!(cards.len(), 2 * EACH, "a card id was handed out twice");
+        // The lowest usable addresses, none reserved.
+        let lo = Ipv4::parse("10.5.1.4").unwrap().0;
+        assert_eq!(ips.first().copied(), Some(lo));
+        assert_eq!(
+            ips.last().copied(),
+            Some(lo + u32::try_from(2 * EACH - 1).unwrap())
+        );
     }
 }

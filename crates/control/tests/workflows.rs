@@ -164,14 +164,18 @@ fn control_plane_killed_at_every_run_step_finishes_or_unwinds_the_instance() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = up(dir.path(), false);
     let a = customer(&c, "tenant-a");
-    // (fault, the instance ends running): until the host created it (step 2 durable) the run
-    // is unwound (terminated, cores released); from then on it is finished.
+    // (fault, the instance ends running): until the net card's sealed epoch key was used
+    // (step 3, Network: KMS SealVpcKey spends the customer's forwarded RunInstances, which a
+    // restarted control plane does not have) the run is unwound (terminated, cores and private
+    // address released); from then on it is finished.
     let cases = [
         ("after:1", false),
         ("before:2", false),
-        ("after:2", true),
+        ("after:2", false),
+        ("before:3", false),
         ("after:3", true),
         ("after:4", true),
+        ("after:5", true),
     ];
     for (at, running) in cases {
         let fault = format!("workflow:run:{at}");
@@ -194,8 +198,14 @@ fn control_plane_killed_at_every_run_step_finishes_or_unwinds_the_instance() {
         let wfs = workflows_of(dir.path(), "instance_id", &id);
         assert_eq!(wfs[0].0, "run", "{fault}: {wfs:?}");
         let v = volume(&a);
+        let described =
+            a.ok("DescribeInstances", json!({"InstanceIds": [id]}))["Instances"][0].clone();
         if running {
             assert_eq!(instance_state(&a, &id), "running", "{fault}");
+            assert!(
+                described["PrivateIpAddress"].is_string(),
+                "{fault}: a finished run keeps its address: {described}"
+            );
             assert_eq!(wfs[0].2, "done", "{fault}: {wfs:?}");
             // The host really runs it: a volume attaches to it.
             a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": id}));
@@ -210,7 +220,11 @@ fn control_plane_killed_at_every_run_step_finishes_or_unwinds_the_instance() {
         } else {
             assert_eq!(instance_state(&a, &id), "terminated", "{fault}");
             assert_eq!(wfs[0].2, "unwound", "{fault}: {wfs:?}");
-            if at == "before:2" {
+            assert!(
+                described.get("PrivateIpAddress").is_none(),
+                "{fault}: an unwound run released its address: {described}"
+            );
+            if matches!(at, "before:2" | "after:2" | "before:3") {
                 // The host had created it: the unwind told it to terminate.
                 assert!(
                     host_audit(dir.path())
