@@ -233,12 +233,7 @@ impl DataPath {
 
     /// Reads one datagram (non-blocking callers get `None` on EAGAIN) and runs it through
     /// [`DataPath::from_peer`]; `Some(true)` when `frame` holds a frame for the guest.
-    pub fn recv_one(
-        &self,
-        rx: &mut Receiver,
-        buf: &mut [u8],
-        frame: &mut Vec<u8>,
-    ) -> Option<bool> {
+    pub fn recv_one(&self, rx: &mut Receiver, buf: &mut [u8], frame: &mut Vec<u8>) -> Option<bool> {
         match self.sock.recv_from(buf) {
             Ok((n, from)) => {
                 let raw = buf.get(..n).unwrap_or_default();
@@ -372,7 +367,9 @@ impl DataPath {
         let c = &self.counters;
         let v = match serde_json::from_slice::<serde_json::Value>(line) {
             Ok(v) => v,
-            Err(_) => return serde_json::json!({"ok": false, "error": "want one JSON object per line"}),
+            Err(_) => {
+                return serde_json::json!({"ok": false, "error": "want one JSON object per line"})
+            }
         };
         let answer = |what: &str, r: Result<usize>, ctr: &std::sync::atomic::AtomicU64| match r {
             Ok(n) => {

@@ -77,6 +77,58 @@ pub fn encap_open(data: &[u8]) {
     });
 }
 
+thread_local! {
+    /// Two regions with a hole between them: 0x1000..0x11000 and 0x20000..0x21000.
+    static GUEST: Option<vm_memory::GuestMemoryMmap<()>> = vm_memory::GuestMemoryMmap::from_ranges(&[
+        (vm_memory::GuestAddress(0x1000), 0x10000),
+        (vm_memory::GuestAddress(0x20000), 0x1000),
+    ])
+    .ok();
+}
+
+/// A virtio-net descriptor chain as a guest could build it, through the TX parser and the RX
+/// writer. Input: one byte of descriptor count (1..=8, or 70 to exceed the chain limit), then
+/// per descriptor 8 bytes address (LE), 4 bytes length (LE), 1 byte flags (bit 0 =
+/// device-writable); the rest is written into guest memory at 0x1000 first.
+pub fn virtio_chain(data: &[u8]) {
+    use crate::virtio::{read_tx, write_rx, Desc};
+    use vm_memory::{Bytes, GuestAddress};
+    let Some((&count, rest)) = data.split_first() else {
+        return;
+    };
+    let count = if count == 0xff {
+        70
+    } else {
+        usize::from(count % 8) + 1
+    };
+    let mut descs = Vec::with_capacity(count);
+    let mut rest = rest;
+    for _ in 0..count {
+        let Some((d, tail)) = rest.split_first_chunk::<13>() else {
+            break;
+        };
+        rest = tail;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&d[..8]);
+        let mut l = [0u8; 4];
+        l.copy_from_slice(&d[8..12]);
+        descs.push(Desc {
+            addr: u64::from_le_bytes(a),
+            len: u32::from_le_bytes(l),
+            write_only: d[12] & 1 != 0,
+        });
+    }
+    GUEST.with(|g| {
+        let Some(mem) = g else { return };
+        let n = rest.len().min(0x10000);
+        let _ = mem.write_slice(rest.get(..n).unwrap_or_default(), GuestAddress(0x1000));
+        let mut out = Vec::new();
+        let _ = read_tx(descs.iter().copied(), mem, 1418, &mut out);
+        let frame = rest.get(..rest.len().min(1500)).unwrap_or_default();
+        let _ = write_rx(descs.iter().copied(), mem, frame);
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +156,6 @@ mod tests {
         // And the entry points survive them.
         encap_open(include_bytes!("../fuzz/seeds/encap_open/sealed"));
         guest_frame(include_bytes!("../fuzz/seeds/guest_frame/dhcp"));
+        virtio_chain(include_bytes!("../fuzz/seeds/virtio_chain/two_descriptors"));
     }
 }

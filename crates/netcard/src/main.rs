@@ -1,13 +1,13 @@
 //! `bulkhead-netcard`: one process per instance network interface.
 
+use bulkhead_netcard::datapath::{CardConfig, KeySource};
 use bulkhead_netcard::encap::{CardId, KeyEpoch, PayloadKind, VpcId};
 use bulkhead_netcard::frame::MacAddr;
 use bulkhead_netcard::responder::InterfaceConfig;
 use bulkhead_netcard::routes::{Route, RouteTable};
 use bulkhead_netcard::secgroup::{Cidr, IngressRule};
-use bulkhead_netcard::datapath::{CardConfig, KeySource};
-use bulkhead_netcard::{tap, vhost};
 use bulkhead_netcard::NetcardError;
+use bulkhead_netcard::{tap, vhost};
 use clap::{Parser, Subcommand};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;

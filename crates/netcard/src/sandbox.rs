@@ -185,7 +185,10 @@ mod tests {
         ] {
             assert!(!super::CARD_FILTER.syscalls().contains(&nr), "{nr} listed");
             if nr != libc::SYS_ioctl {
-                assert!(!super::VHOST_CARD_FILTER.syscalls().contains(&nr), "{nr} listed");
+                assert!(
+                    !super::VHOST_CARD_FILTER.syscalls().contains(&nr),
+                    "{nr} listed"
+                );
             }
         }
         assert!(!super::VHOST_CARD_FILTER.lists_unconditionally(libc::SYS_ioctl));

@@ -55,7 +55,8 @@ pub const TX_QUEUE: usize = 1;
 const NUM_QUEUES: usize = 2;
 /// Epoll event id of the UDP socket (ids up to `NUM_QUEUES` are the queues' and the exit
 /// event's).
-pub const UDP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+pub const UDP_EVENT: u16 = 3;
+const _: () = assert!(UDP_EVENT as usize == NUM_QUEUES + 1);
 /// Largest queue a frontend may configure.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Frames for the guest held while it has no RX buffer.
@@ -194,7 +195,10 @@ impl NetBackend {
             if rx.backlog.is_empty() {
                 break;
             }
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else {
                 // No buffer: ask for a kick when the guest adds some, and retry once in case
                 // it already did (EVENT_IDX race).
@@ -209,7 +213,10 @@ impl NetBackend {
             };
             let written = write_rx(chain.map(Desc::from), &*mem, &frame);
             used = true;
-            if vring.add_used(head, *written.as_ref().unwrap_or(&0)).is_err() {
+            if vring
+                .add_used(head, *written.as_ref().unwrap_or(&0))
+                .is_err()
+            {
                 inc(&self.dp.counters.rx_bad_chain);
                 continue;
             }
@@ -234,7 +241,10 @@ impl NetBackend {
         let TxState { seq, frame, out } = &mut *tx;
         let mut used = false;
         loop {
-            let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem.clone());
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let parsed = read_tx(chain.map(Desc::from), &*mem, self.max_frame, frame);
@@ -312,7 +322,10 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Relaxed);
-        info!(features = format!("{features:#x}"), "frontend acked features");
+        info!(
+            features = format!("{features:#x}"),
+            "frontend acked features"
+        );
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

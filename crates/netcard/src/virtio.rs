@@ -181,6 +181,7 @@ pub fn write_rx<M: Bytes<GuestAddress>>(
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryMmap;
@@ -270,6 +271,81 @@ mod tests {
         m.write_slice(&[0u8, 0], GuestAddress(BASE)).expect("w");
         read_tx([r(BASE, 12 + 1514)], &m, 1514, &mut out).expect("max frame");
         assert_eq!(out.len(), 1514);
+    }
+
+    /// Chains as a guest driver puts them in a real split queue (virtio-queue's mock), walked
+    /// by virtio-queue's iterator as the backend does: loops, indirect tables outside memory,
+    /// heads beyond the queue and chains too long all end in a refusal, never a panic.
+    #[test]
+    fn chains_from_a_split_queue() {
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use virtio_queue::{Queue, QueueOwnedT};
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        const INDIRECT: u16 = 4;
+        let m: GuestMemoryMmap<()> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).expect("mem");
+        let data = 0x10_0000u64;
+        m.write_slice(&[0u8; 12], GuestAddress(data)).expect("hdr");
+        let run = |table: &[(u16, u64, u32, u16, u16)], head: u16| {
+            let vq = MockSplitQueue::new(&m, 256);
+            for (i, addr, len, flags, next) in table {
+                vq.desc_table()
+                    .store(
+                        *i,
+                        RawDescriptor::from(SplitDescriptor::new(*addr, *len, *flags, *next)),
+                    )
+                    .expect("desc");
+            }
+            vq.avail()
+                .ring()
+                .ref_at(0)
+                .expect("slot")
+                .store(head.to_le());
+            vq.avail().idx().store(1u16.to_le());
+            let mut q: Queue = vq.create_queue().expect("queue");
+            let chain = q.iter(&m).expect("iter").next().expect("a chain");
+            let mut out = Vec::new();
+            read_tx(chain.map(Desc::from), &m, 1514, &mut out).map(|()| out.len())
+        };
+        // Header and frame in two descriptors: fine.
+        assert_eq!(
+            run(&[(0, data, 12, NEXT, 1), (1, data + 12, 100, 0, 0)], 0),
+            Ok(100)
+        );
+        // The same through an indirect table.
+        let table = data + 0x1000;
+        for (k, (addr, len, flags, next)) in [(data, 12u32, NEXT, 1u16), (data + 12, 60, 0, 0)]
+            .into_iter()
+            .enumerate()
+        {
+            let raw = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            m.write_obj(raw, GuestAddress(table + 16 * k as u64))
+                .expect("indirect");
+        }
+        assert_eq!(run(&[(0, table, 32, INDIRECT, 0)], 0), Ok(60));
+        // A loop of zero-length descriptors.
+        assert!(run(&[(0, data, 0, NEXT, 0)], 0).is_err());
+        assert!(run(&[(0, data, 12, NEXT, 1), (1, data, 0, NEXT, 0)], 0).is_err());
+        // Indirect table outside memory, or of a length that is no multiple of 16.
+        assert!(run(&[(0, 0x4000_0000, 32, INDIRECT, 0)], 0).is_err());
+        assert!(run(&[(0, table, 17, INDIRECT, 0)], 0).is_err());
+        // Next index beyond the queue: the chain ends there (header only → refused).
+        assert_eq!(
+            run(&[(0, data, 8, NEXT, 999)], 0),
+            Err(ChainError::ShortHeader)
+        );
+        // Head beyond the queue.
+        assert_eq!(run(&[], 300), Err(ChainError::ShortHeader));
+        // Device-writable descriptor in TX.
+        assert_eq!(
+            run(&[(0, data, 12, NEXT, 1), (1, data, 60, WRITE, 0)], 0),
+            Err(ChainError::WritableInTx)
+        );
+        // 65 linked descriptors.
+        let long: Vec<_> = (0..65u16).map(|i| (i, data, 1, NEXT, i + 1)).collect();
+        assert_eq!(run(&long, 0), Err(ChainError::TooManyDescriptors));
     }
 
     #[test]

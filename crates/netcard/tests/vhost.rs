@@ -15,6 +15,8 @@
 //!   card, the guests ping each other and pass a TCP marker with `nc`; an oversized frame from
 //!   the guest is counted and the card keeps running.
 
+#![allow(clippy::cast_possible_truncation)]
+
 mod common;
 #[path = "common/frontend.rs"]
 mod frontend;
@@ -131,7 +133,12 @@ impl World {
             .arg(self.path(&format!("card{i}.seq")))
             .args(["--mac", &mac_text(i), "--ip", &format!("{}/24", ip_text(i))])
             .args(["--mtu", &mtu.to_string()])
-            .args(["--allow", "icmp:10.0.1.0/24", "--allow", "tcp:7000:10.0.1.0/24"])
+            .args([
+                "--allow",
+                "icmp:10.0.1.0/24",
+                "--allow",
+                "tcp:7000:10.0.1.0/24",
+            ])
             .args(["--route", &self.route(j)])
             .args(["--uid", "65534", "--gid", "65534"])
             .stdout(Stdio::piped())
@@ -289,7 +296,12 @@ fn frontends_exchange_frames_and_survive_bad_chains() {
     assert_eq!(f1.offered & want, want, "offered {:#x}", f1.offered);
     assert!(f1.offered & frontend::EVENT_IDX != 0);
     // No checksum/GSO offloads (bits 0, 1, 6..=15) and no MQ (22).
-    assert_eq!(f1.offered & 0x0040_ffc3, 0, "offloads offered: {:#x}", f1.offered);
+    assert_eq!(
+        f1.offered & 0x0040_ffc3,
+        0,
+        "offloads offered: {:#x}",
+        f1.offered
+    );
     assert_eq!(&f1.config[..6], &mac_of(1));
     assert_eq!(&f1.config[6..8], &[1, 0], "status LINK_UP");
     assert_eq!(&f1.config[8..10], &[1, 0], "one queue pair");
@@ -328,13 +340,20 @@ fn frontends_exchange_frames_and_survive_bad_chains() {
     f1.mem_zero(a, 64);
     let beyond = frontend::MEM_SIZE as u64 + 0x1000;
     // (descriptors as (addr, len, flags, next), counter)
-    let cases: Vec<(Vec<(u64, u32, u16, u16)>, &str)> = vec![
+    type Chain = Vec<(u64, u32, u16, u16)>;
+    let cases: Vec<(Chain, &str)> = vec![
         (vec![(beyond, 100, 0, 0)], "tx_bad_chain"),
-        (vec![(a, 12, F_NEXT, 201), (beyond, 60, 0, 0)], "tx_bad_chain"),
+        (
+            vec![(a, 12, F_NEXT, 201), (beyond, 60, 0, 0)],
+            "tx_bad_chain",
+        ),
         (vec![(u64::MAX - 8, 64, 0, 0)], "tx_bad_chain"),
         (vec![(a, 8, 0, 0)], "tx_short_header"),
         (vec![(a, 12 + 3000, 0, 0)], "tx_oversized"),
-        (vec![(a, 12, F_NEXT, 201), (a, 0x10_0000, 0, 0)], "tx_oversized"),
+        (
+            vec![(a, 12, F_NEXT, 201), (a, 0x10_0000, 0, 0)],
+            "tx_oversized",
+        ),
         (vec![(a, 60, F_WRITE, 0)], "tx_bad_chain"),
         // A descriptor that points at itself: a loop the parser cuts off.
         (vec![(a, 0, F_NEXT, 200)], "tx_bad_chain"),
@@ -359,7 +378,10 @@ fn frontends_exchange_frames_and_survive_bad_chains() {
         assert_eq!(n(&after, k) - n(&before, k), *d, "{k}: {before} → {after}");
     }
     assert_eq!(n(&after, "io_errors"), 0, "{after}");
-    assert!(ping(&mut f1, &mut f2, 1, 2, 2), "queue works after bad chains");
+    assert!(
+        ping(&mut f1, &mut f2, 1, 2, 2),
+        "queue works after bad chains"
+    );
 
     // RX backlog: 16 buffers posted, 20 frames sent: 4 wait in the card until buffers come
     // back; then a flood beyond the backlog is counted as dropped.
@@ -383,16 +405,31 @@ fn frontends_exchange_frames_and_survive_bad_chains() {
     assert!(got.len() >= 16 + 200, "{} delivered", got.len());
 
     // rules: without an ICMP rule card 2 drops echo requests; restored, they pass.
-    let r = control(&c2, serde_json::json!({"op": "rules", "allow": ["tcp:7000:10.0.1.0/24"]}));
+    let r = control(
+        &c2,
+        serde_json::json!({"op": "rules", "allow": ["tcp:7000:10.0.1.0/24"]}),
+    );
     assert_eq!(r["ok"], true, "{r}");
     let d0 = n(&counters(&c2), "dropped_secgroup_in");
-    assert!(!ping(&mut f1, &mut f2, 1, 2, 3), "ICMP passed without a rule");
+    assert!(
+        !ping(&mut f1, &mut f2, 1, 2, 3),
+        "ICMP passed without a rule"
+    );
     assert_eq!(n(&counters(&c2), "dropped_secgroup_in"), d0 + 1);
-    let bad = control(&c2, serde_json::json!({"op": "rules", "allow": ["tcp:nope"]}));
+    let bad = control(
+        &c2,
+        serde_json::json!({"op": "rules", "allow": ["tcp:nope"]}),
+    );
     assert_eq!(bad["ok"], false, "{bad}");
-    let r = control(&c2, serde_json::json!({"op": "rules", "allow": ["icmp:10.0.1.0/24"]}));
+    let r = control(
+        &c2,
+        serde_json::json!({"op": "rules", "allow": ["icmp:10.0.1.0/24"]}),
+    );
     assert_eq!(r["ok"], true, "{r}");
-    assert!(ping(&mut f1, &mut f2, 1, 2, 4), "ICMP after the rule is back");
+    assert!(
+        ping(&mut f1, &mut f2, 1, 2, 4),
+        "ICMP after the rule is back"
+    );
 
     // routes: card 2 removed from card 1's table (its keys dropped), then added back (keys
     // derived again from the kept epoch key, no new sealed blob).
@@ -404,9 +441,15 @@ fn frontends_exchange_frames_and_survive_bad_chains() {
     let u0 = n(&counters(&c1), "unknown_destination");
     assert!(!ping(&mut f1, &mut f2, 1, 2, 5));
     assert_eq!(n(&counters(&c1), "unknown_destination"), u0 + 1);
-    let bad = control(&c1, serde_json::json!({"op": "routes", "routes": ["10.0.1.60=1@127.0.0.1:9"]}));
+    let bad = control(
+        &c1,
+        serde_json::json!({"op": "routes", "routes": ["10.0.1.60=1@127.0.0.1:9"]}),
+    );
     assert_eq!(bad["ok"], false, "a route to the card itself: {bad}");
-    let r = control(&c1, serde_json::json!({"op": "routes", "routes": [w.route(2)]}));
+    let r = control(
+        &c1,
+        serde_json::json!({"op": "routes", "routes": [w.route(2)]}),
+    );
     assert_eq!(r["ok"], true, "{r}");
     assert!(ping(&mut f1, &mut f2, 1, 2, 6), "after the route came back");
 
@@ -418,7 +461,11 @@ fn frontends_exchange_frames_and_survive_bad_chains() {
     assert!(ping(&mut f1, &mut f2, 1, 2, 7), "after reconnect, 1 → 2");
     assert!(ping(&mut f2, &mut f1, 2, 1, 8), "after reconnect, 2 → 1");
     let v = counters(&c2);
-    assert_eq!(n(&v, "replayed") + n(&v, "forged") + n(&v, "too_old"), 0, "{v}");
+    assert_eq!(
+        n(&v, "replayed") + n(&v, "forged") + n(&v, "too_old"),
+        0,
+        "{v}"
+    );
 
     let v1 = stop(c1);
     let v2 = stop(c2);
@@ -433,9 +480,7 @@ fn frontends_exchange_frames_and_survive_bad_chains() {
 fn guest_dir() -> Option<PathBuf> {
     let d = std::env::var_os("BULKHEAD_GUEST_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest")
-        });
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest"));
     (d.join("vmlinux").exists() && d.join("initramfs.cpio").exists()).then_some(d)
 }
 
@@ -443,8 +488,17 @@ fn encode_run(script: &str) -> String {
     script
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'/' | b',' | b':' | b'='
-            | b'+' | b'-' => char::from(b).to_string(),
+            b'A'..=b'Z'
+            | b'a'..=b'z'
+            | b'0'..=b'9'
+            | b'_'
+            | b'.'
+            | b'/'
+            | b','
+            | b':'
+            | b'='
+            | b'+'
+            | b'-' => char::from(b).to_string(),
             _ => format!("\\0{b:03o}"),
         })
         .collect()
@@ -461,7 +515,13 @@ fn cmdline() -> String {
 /// Starts QEMU with the guest and the card's vhost-user socket; console lines go to a channel.
 /// QEMU 7.2 reaches the card through [`vu_proxy`] (see there: it sends SET_VRING_ENABLE
 /// before SET_FEATURES, which the vhost crate refuses).
-fn qemu(guest: &Path, card: &Card, i: usize, script: &str, log: &Path) -> (Child, mpsc::Receiver<String>) {
+fn qemu(
+    guest: &Path,
+    card: &Card,
+    i: usize,
+    script: &str,
+    log: &Path,
+) -> (Child, mpsc::Receiver<String>) {
     // Guest 1's device has no VIRTIO_NET_F_MTU (so its driver lets the script raise the MTU
     // and send a frame larger than the card's 1400); guest 2's has host_mtu=1400.
     // vectors=0: QEMU 7.2 segfaults in msix_set_vector_notifiers when a vhost-user device
@@ -470,33 +530,38 @@ fn qemu(guest: &Path, card: &Card, i: usize, script: &str, log: &Path) -> (Child
     let sock = card.vhost.with_extension("qemu");
     vu_proxy::start(&sock, card.vhost.clone()).expect("relay");
     let append = format!("{} bulkhead.run={}", cmdline(), encode_run(script));
-    let mut child = Command::new(std::env::var("BULKHEAD_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()))
-        .args(["-M", "q35", "-accel", "tcg", "-m", "256", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-serial", "stdio"])
-        .arg("-kernel")
-        .arg(guest.join("vmlinux"))
-        .arg("-initrd")
-        .arg(guest.join("initramfs.cpio"))
-        .args(["-append", &append])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=256M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", sock.display()))
-        .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
-        .args([
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={}{mtu},vectors=0", mac_text(i)),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qemu");
+    let mut child = Command::new(
+        std::env::var("BULKHEAD_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into()),
+    )
+    .args(["-M", "q35", "-accel", "tcg", "-m", "256", "-smp", "1"])
+    .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+    .args(["-serial", "stdio"])
+    .arg("-kernel")
+    .arg(guest.join("vmlinux"))
+    .arg("-initrd")
+    .arg(guest.join("initramfs.cpio"))
+    .args(["-append", &append])
+    .args([
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-numa",
+        "node,memdev=mem",
+    ])
+    .arg("-chardev")
+    .arg(format!("socket,id=c0,path={}", sock.display()))
+    .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
+    .args([
+        "-device",
+        &format!(
+            "virtio-net-pci,netdev=n0,mac={}{mtu},vectors=0",
+            mac_text(i)
+        ),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("qemu");
     let out = child.stdout.take().expect("stdout");
     let err = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
@@ -554,7 +619,8 @@ fn qemu_guests_dhcp_ping_and_tcp() {
     // Guest 1: serves one TCP connection on 7000 and prints what it got; then sends one
     // oversized frame (MTU raised above the card's 1400: the card must drop and count it).
     let s1 = format!(
-        "ping -c 3 -W 5 {peer} >/dev/null && echo PING-OK\n\
+        "p=0\n\
+         while [ $p -lt 30 ]; do ping -c 1 -W 1 {peer} >/dev/null && echo PING-OK && break; sleep 1; p=$((p+1)); done\n\
          nc -l -p 7000 -w 60 >/tmp/got\n\
          read -r got </tmp/got\n\
          echo \"GOT=$got\"\n\
@@ -565,7 +631,8 @@ fn qemu_guests_dhcp_ping_and_tcp() {
     );
     // Guest 2: pings guest 1, then connects until guest 1 listens.
     let s2 = format!(
-        "ping -c 3 -W 5 {peer} >/dev/null && echo PING-OK\n\
+        "p=0\n\
+         while [ $p -lt 30 ]; do ping -c 1 -W 1 {peer} >/dev/null && echo PING-OK && break; sleep 1; p=$((p+1)); done\n\
          i=0\n\
          while [ $i -lt 40 ]; do\n\
            echo BULKHEAD-VHOST-MARKER | nc -w 2 {peer} 7000 && break\n\
@@ -586,8 +653,16 @@ fn qemu_guests_dhcp_ping_and_tcp() {
     let _ = q2.wait();
     let has = |l: &[String], s: &str| l.iter().any(|x| x.contains(s));
     let show = |l: &[String]| l.join("\n");
-    assert!(has(&l1, "BULKHEAD-GUEST-READY"), "guest 1 did not boot:\n{}", show(&l1));
-    assert!(has(&l2, "BULKHEAD-GUEST-READY"), "guest 2 did not boot:\n{}", show(&l2));
+    assert!(
+        has(&l1, "BULKHEAD-GUEST-READY"),
+        "guest 1 did not boot:\n{}",
+        show(&l1)
+    );
+    assert!(
+        has(&l2, "BULKHEAD-GUEST-READY"),
+        "guest 2 did not boot:\n{}",
+        show(&l2)
+    );
     let v1 = counters(&c1);
     if !has(&l1, "BULKHEAD-NET-UP=") && !has(&l1, "BULKHEAD-NET-DOWN") {
         // A guest without networking (no CONFIG_VIRTIO_NET yet): only the negotiation and the
@@ -614,5 +689,8 @@ fn qemu_guests_dhcp_ping_and_tcp() {
     assert!(n(&v1, "tx_oversized") >= 1, "{v1}");
     let v1 = stop(c1);
     let v2 = stop(c2);
-    assert!(n(&v1, "rx_packets") >= 3 && n(&v2, "rx_packets") >= 3, "{v1} {v2}");
+    assert!(
+        n(&v1, "rx_packets") >= 3 && n(&v2, "rx_packets") >= 3,
+        "{v1} {v2}"
+    );
 }

@@ -88,7 +88,8 @@ impl NetFrontend {
         assert!(pf.contains(VhostUserProtocolFeatures::CONFIG), "{pf:?}");
         fe.set_protocol_features(pf & VhostUserProtocolFeatures::CONFIG)
             .expect("set_protocol_features");
-        let wanted = VERSION_1 | MAC | MTU | STATUS | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let wanted =
+            VERSION_1 | MAC | MTU | STATUS | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let features = offered & wanted;
         fe.set_features(features).expect("set_features");
         let (_, config) = fe
@@ -158,7 +159,9 @@ impl NetFrontend {
     /// Writes descriptor `idx` of queue `q`.
     pub fn write_desc(&self, q: usize, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let a = self.vqs[q].base + 16 * u64::from(idx);
-        self.mem.write_obj(addr.to_le(), GuestAddress(a)).expect("desc");
+        self.mem
+            .write_obj(addr.to_le(), GuestAddress(a))
+            .expect("desc");
         self.mem
             .write_obj(len.to_le(), GuestAddress(a + 8))
             .expect("desc");
@@ -249,7 +252,9 @@ impl NetFrontend {
             for (head, len) in self.wait_used(RX, left) {
                 let addr = RX_BASE + u64::from(head) * u64::from(RX_BUF);
                 let mut buf = vec![0u8; len as usize];
-                self.mem.read_slice(&mut buf, GuestAddress(addr)).expect("rx");
+                self.mem
+                    .read_slice(&mut buf, GuestAddress(addr))
+                    .expect("rx");
                 assert!(len >= 12, "used length {len} shorter than the header");
                 assert_eq!(&buf[..10], &[0u8; 10], "header not zeroed");
                 assert_eq!(&buf[10..12], &[1, 0], "num_buffers");
@@ -269,7 +274,9 @@ impl NetFrontend {
         let slot = self.tx_next % 64;
         self.tx_next = self.tx_next.wrapping_add(1);
         let addr = TX_BASE + u64::from(slot) * TX_SLOT;
-        self.mem.write_slice(&[0u8; 12], GuestAddress(addr)).expect("hdr");
+        self.mem
+            .write_slice(&[0u8; 12], GuestAddress(addr))
+            .expect("hdr");
         self.mem
             .write_slice(frame, GuestAddress(addr + 12))
             .expect("frame");

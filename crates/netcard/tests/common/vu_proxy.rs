@@ -100,7 +100,10 @@ fn relay(front: UnixStream, back: UnixStream) {
                 break;
             }
             if std::env::var_os("BULKHEAD_VU_TRACE").is_some() {
-                eprintln!("vu-proxy: req {req} flags {flags:#x} size {size} fds {nfds} body {:02x?}", &body[..body.len().min(16)]);
+                eprintln!(
+                    "vu-proxy: req {req} flags {flags:#x} size {size} fds {nfds} body {:02x?}",
+                    &body[..body.len().min(16)]
+                );
             }
             if req == SET_FEATURES {
                 features_seen = true;
@@ -125,10 +128,7 @@ fn relay(front: UnixStream, back: UnixStream) {
             }
             let mut msg = hdr.to_vec();
             msg.extend_from_slice(&body);
-            let raw: Vec<RawFd> = owned
-                .iter()
-                .map(|f| std::os::fd::AsRawFd::as_raw_fd(f))
-                .collect();
+            let raw: Vec<RawFd> = owned.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
             if back.send_with_fds(&[&msg[..]], &raw).is_err() {
                 break;
             }
