@@ -455,7 +455,7 @@ fn groups_where(
         let ingress = db
             .query(
                 "SELECT protocol, from_port, to_port, cidr FROM sg_ingress WHERE group_id = ?1 ORDER BY seq",
-                &[id.clone()],
+                std::slice::from_ref(id),
             )?
             .iter()
             .map(|r| rule_of(r))
@@ -491,7 +491,7 @@ fn interfaces_where(
         let groups = db
             .query(
                 "SELECT group_id FROM interface_groups WHERE instance_id = ?1 ORDER BY group_id",
-                &[inst.clone()],
+                std::slice::from_ref(inst),
             )?
             .iter()
             .filter_map(|g| g.first().map(V::text))

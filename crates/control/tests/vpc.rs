@@ -102,6 +102,7 @@ fn vpc_crud_checks_every_value_and_changes_nothing_on_bad_input() {
         404,
         "no_such_vpc",
     );
+    assert_eq!(snapshot(&a), before, "no refused subnet was made");
 
     let sg = a.ok(
         "CreateSecurityGroup",
