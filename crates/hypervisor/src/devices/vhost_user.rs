@@ -16,8 +16,6 @@ use super::virtio::{ActivateError, Activation, VIRTIO_F_VERSION_1};
 
 /// Feature bit 30: the backend speaks the vhost-user protocol-feature extension.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// Longest wait for one reply from a backend.
-pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// virtio 1.x ring features every vhost-user device may pass on to the guest.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
@@ -58,11 +56,6 @@ impl VhostUserConn {
         wanted: VhostUserProtocolFeatures,
         queues: u16,
     ) -> Result<Self, ConnectError> {
-        // A backend that stops answering must not wedge the VMM: replies are awaited on vCPU
-        // threads (device reset) and the command loop, so every wait is bounded.
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|e| ConnectError::Handshake(vhost::Error::IOError(e)))?;
         let mut frontend = Frontend::from_stream(stream, u64::from(queues.max(1)));
         frontend.set_owner().map_err(ConnectError::Handshake)?;
         let backend_features = frontend.get_features().map_err(ConnectError::Handshake)?;
