@@ -38,9 +38,6 @@ pub enum Args {
     OneOf { index: u8, values: &'static [u64] },
     /// Argument `index` (its low 32 bits) differs from `value`.
     Not { index: u8, value: u64 },
-    /// Every listed argument (its low 32 bits) equals its value: `(index, value)` pairs,
-    /// all of which must hold (e.g. setsockopt's level *and* option name).
-    AllEq(&'static [(u8, u64)]),
 }
 
 /// One entry of an allow-list (or deny-list): a system call number and the arguments it
@@ -65,14 +62,6 @@ impl Rule {
         Rule {
             syscall,
             args: Args::OneOf { index, values },
-        }
-    }
-
-    /// `syscall` when every `(index, value)` of `all` holds.
-    pub const fn args_all_eq(syscall: i64, all: &'static [(u8, u64)]) -> Self {
-        Rule {
-            syscall,
-            args: Args::AllEq(all),
         }
     }
 
@@ -175,21 +164,6 @@ impl Filter {
                     .collect::<Result<_, _>>()?,
             ),
             Args::Not { index, value } => Some(vec![one(index, SeccompCmpOp::Ne, value)?]),
-            Args::AllEq(all) => {
-                let conditions = all
-                    .iter()
-                    .map(|(index, value)| {
-                        SeccompCondition::new(
-                            *index,
-                            SeccompCmpArgLen::Dword,
-                            SeccompCmpOp::Eq,
-                            *value,
-                        )
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(err)?;
-                Some(vec![SeccompRule::new(conditions).map_err(err)?])
-            }
         })
     }
 
@@ -390,45 +364,6 @@ mod tests {
                 1
             }),
             Err(libc::SIGSYS)
-        );
-    }
-
-    /// fcntl only as F_SETFD *with* FD_CLOEXEC: both arguments must match.
-    const FCNTL_BOTH: &[Rule] = &[Rule::args_all_eq(
-        libc::SYS_fcntl,
-        &[(1, libc::F_SETFD as u64), (2, libc::FD_CLOEXEC as u64)],
-    )];
-    static BOTH: Filter = Filter {
-        name: "test-all-eq",
-        tables: &[BASE, FCNTL_BOTH],
-        listed: Action::Allow,
-        otherwise: Action::Errno(libc::EPERM),
-    };
-
-    fn fcntl_errno(cmd: i32, arg: i32) -> i32 {
-        // SAFETY: fcntl on stdin with an integer argument.
-        if unsafe { libc::fcntl(0, cmd, arg) } >= 0 {
-            return 0;
-        }
-        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-    }
-
-    #[test]
-    fn all_eq_needs_every_argument_to_match() {
-        assert!(!BOTH.lists_unconditionally(libc::SYS_fcntl));
-        assert_eq!(
-            attempt_under(&BOTH, || fcntl_errno(libc::F_SETFD, libc::FD_CLOEXEC)),
-            Ok(0)
-        );
-        assert_eq!(
-            attempt_under(&BOTH, || fcntl_errno(libc::F_SETFD, 0)),
-            Ok(libc::EPERM),
-            "second argument differs"
-        );
-        assert_eq!(
-            attempt_under(&BOTH, || fcntl_errno(libc::F_SETFL, libc::FD_CLOEXEC)),
-            Ok(libc::EPERM),
-            "first argument differs"
         );
     }
 
