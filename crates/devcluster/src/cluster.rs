@@ -316,11 +316,12 @@ pub fn prepare(
 /// The environment every dev cluster is provisioned and measured in.
 pub const DEV_ENVIRONMENT: &str = "dev";
 
-/// What a host runs, in measurement order: the three host binaries, then the rights policy.
+/// What a host runs, in measurement order: the four host binaries, then the rights policy.
 const HOST_ARTEFACTS: &[&str] = &[
     "bulkhead-controller",
     "bulkhead-hypervisor",
     "bulkhead-blockcard",
+    "bulkhead-netcard",
 ];
 
 /// The attested cluster's release and enrolments (idempotent):
@@ -782,11 +783,16 @@ pub fn start_replicated(
         let ip = net.map_or("127.0.0.1".to_string(), |x| x.host_ip.clone());
         let cfg =
             write_controller_config(dir, &host, guest_dir.clone(), attested, &format!("{ip}:0"))?;
+        let mut args = opts.controller_args.clone();
+        // Net cards listen on the host's data-network address (VPC datagrams between hosts).
+        if let Some(f) = net.and_then(|x| x.fabric_ip.clone()) {
+            args.extend(["--net-host-ip".to_string(), f]);
+        }
         let launch = HostLaunch {
             name: host.clone(),
             bin: controller_bin.clone(),
             config: cfg,
-            args: opts.controller_args.clone(),
+            args,
             net: net.cloned(),
         };
         let (child, v) = spawn_ready(&host, &mut launch.command(), &logs)?;
