@@ -190,6 +190,9 @@ pub struct VmStats {
     pub block_devices: u32,
     pub bad_guest_accesses: u64,
     pub net_devices: u32,
+    /// Attached cards (block or net) whose backend failed for good (see
+    /// [`BackendFailure::Unresponsive`]): the guest sees them as broken; detach them.
+    pub failed_devices: u32,
 }
 
 /// A successful reply.
@@ -226,6 +229,15 @@ pub enum OpStatus {
     Done {
         state: VmState,
         guest_acknowledged: bool,
+    },
+    /// Finished, but the device's backend (its card) failed during it: it stopped answering
+    /// within the hypervisor's bound ([`BackendFailure::Unresponsive`]) or its connection
+    /// failed. The hypervisor treats that backend as dead. After a detach the card is out of
+    /// the VM all the same; after an attach the card is plugged but unusable (detach it).
+    /// Reported once, then forgotten.
+    Failed {
+        state: VmState,
+        failure: BackendFailure,
     },
 }
 
@@ -275,6 +287,9 @@ pub enum BackendFailure {
     MemoryTable,
     Vring,
     Config,
+    /// The backend did not answer (or read) a request within the hypervisor's bound; the
+    /// hypervisor shut its connection down and will not use it again.
+    Unresponsive,
 }
 
 /// A request envelope.
@@ -430,7 +445,8 @@ struct HeldOp<W> {
     device: DeviceId,
     /// What the hypervisor is waiting for (`None` once done).
     wait: Option<W>,
-    done: Option<(VmState, bool)>,
+    /// The outcome, once known (never [`OpStatus::Pending`]).
+    done: Option<OpStatus>,
 }
 
 impl<W> Default for OpTable<W> {
@@ -469,8 +485,9 @@ impl<W> OpTable<W> {
             .any(|o| o.wait.is_some() && &o.device == device)
     }
 
-    /// Records an admitted operation: still waiting on `wait`, or already finished.
-    pub fn insert(&mut self, op: u64, device: DeviceId, outcome: Result<(VmState, bool), W>) {
+    /// Records an admitted operation: still waiting on `wait`, or already finished with the
+    /// given outcome.
+    pub fn insert(&mut self, op: u64, device: DeviceId, outcome: Result<OpStatus, W>) {
         let (wait, done) = match outcome {
             Ok(d) => (None, Some(d)),
             Err(w) => (Some(w), None),
@@ -489,7 +506,7 @@ impl<W> OpTable<W> {
     }
 
     /// Lets `step` advance every waiting operation; `Some(outcome)` finishes it.
-    pub fn advance(&mut self, mut step: impl FnMut(&DeviceId, &mut W) -> Option<(VmState, bool)>) {
+    pub fn advance(&mut self, mut step: impl FnMut(&DeviceId, &mut W) -> Option<OpStatus>) {
         for o in &mut self.ops {
             let Some(w) = o.wait.as_mut() else { continue };
             if let Some(d) = step(&o.device, w) {
@@ -507,13 +524,10 @@ impl<W> OpTable<W> {
             .position(|o| o.op == op)
             .ok_or(CommandError::NoSuchOp)?;
         match self.ops.get(i).and_then(|o| o.done) {
-            None => Ok(OpStatus::Pending),
-            Some((state, guest_acknowledged)) => {
+            None | Some(OpStatus::Pending) => Ok(OpStatus::Pending),
+            Some(done) => {
                 self.ops.remove(i);
-                Ok(OpStatus::Done {
-                    state,
-                    guest_acknowledged,
-                })
+                Ok(done)
             }
         }
     }
@@ -829,7 +843,10 @@ mod tests {
         for _ in 0..3 {
             t.advance(|_, w| {
                 *w += 1;
-                (*w == 3).then_some((VmState::Running, true))
+                (*w == 3).then_some(OpStatus::Done {
+                    state: VmState::Running,
+                    guest_acknowledged: true,
+                })
             });
         }
         assert!(!t.any_pending());
@@ -845,7 +862,18 @@ mod tests {
         assert_eq!(t.status(5), Err(CommandError::NoSuchOp), "reported once");
         for op in 1..=u64::try_from(MAX_OPS).expect("small") {
             t.admit(op, &dev("x")).expect("room");
-            t.insert(op, dev("x"), Ok((VmState::Created, false)));
+            let outcome = if op == 2 {
+                OpStatus::Failed {
+                    state: VmState::Running,
+                    failure: BackendFailure::Unresponsive,
+                }
+            } else {
+                OpStatus::Done {
+                    state: VmState::Created,
+                    guest_acknowledged: false,
+                }
+            };
+            t.insert(op, dev("x"), Ok(outcome));
         }
         assert_eq!(t.admit(99, &dev("y")), Err(CommandError::TooManyOps));
         assert_eq!(
@@ -856,5 +884,14 @@ mod tests {
             })
         );
         t.admit(99, &dev("y")).expect("room after collecting one");
+        assert_eq!(
+            t.status(2),
+            Ok(OpStatus::Failed {
+                state: VmState::Running,
+                failure: BackendFailure::Unresponsive
+            }),
+            "a failed operation is reported like a finished one"
+        );
+        assert_eq!(t.status(2), Err(CommandError::NoSuchOp));
     }
 }

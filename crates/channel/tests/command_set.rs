@@ -67,6 +67,11 @@ fn guest_bytes(r: &Reply) -> Option<&[u8]> {
                 | OpStatus::Done {
                     state: _,
                     guest_acknowledged: _,
+                }
+                // A state and a failure code: nothing from the guest or the card's data.
+                | OpStatus::Failed {
+                    state: _,
+                    failure: _,
                 },
         } => None,
     }

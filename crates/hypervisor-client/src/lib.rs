@@ -49,6 +49,14 @@ pub enum ClientError {
     },
     #[error("operation {op} did not finish within {secs} s")]
     OpTimeout { op: u64, secs: u64 },
+    /// A long operation finished, but the device's backend (its card) failed during it
+    /// ([`OpStatus::Failed`]): after a detach the card is out all the same; after an attach
+    /// it is plugged but unusable and should be detached.
+    #[error("the device's backend failed during the operation: {failure:?} (VM {state:?})")]
+    BackendFailed {
+        state: VmState,
+        failure: BackendFailure,
+    },
 }
 
 /// How to start a VM.
@@ -284,15 +292,20 @@ impl Channel {
     pub fn wait_op(&self, op: u64) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + OP_TIMEOUT;
         loop {
-            if let OpStatus::Done {
-                state,
-                guest_acknowledged,
-            } = self.op_status(op)?
-            {
-                return Ok(Reply::Device {
+            match self.op_status(op)? {
+                OpStatus::Done {
                     state,
                     guest_acknowledged,
-                });
+                } => {
+                    return Ok(Reply::Device {
+                        state,
+                        guest_acknowledged,
+                    })
+                }
+                OpStatus::Failed { state, failure } => {
+                    return Err(ClientError::BackendFailed { state, failure })
+                }
+                OpStatus::Pending => {}
             }
             if Instant::now() >= deadline {
                 return Err(ClientError::OpTimeout {

@@ -81,6 +81,8 @@ pub enum Error {
     VhostUser(#[from] devices::vhost_user::ConnectError),
     #[error("the device with that id is of another kind")]
     WrongDeviceKind,
+    #[error("the device's backend failed: {0:?}")]
+    BackendFailed(bulkhead_channel::BackendFailure),
     #[error("no free device slot")]
     NoFreeSlot,
     #[error("connecting a --block socket: {0}")]

@@ -19,6 +19,9 @@ pub enum ThreadRole {
     Main,
     /// A vCPU thread: runs KVM_RUN and emulates device registers.
     Vcpu,
+    /// The vhost-user backend watchdog: shuts down the socket of a backend that did not
+    /// answer in time (see `devices::watchdog`).
+    BackendWatchdog,
 }
 
 /// System calls every thread needs (memory, futexes, signals, time, exit).
@@ -76,6 +79,7 @@ const MAIN: &[Rule] = &[
     Rule::any(libc::SYS_seccomp),
 ];
 
+
 /// Extra system calls of a vCPU thread. A vCPU thread activates devices when the guest driver
 /// sets DRIVER_OK, which for vhost-user means messages on the already connected backend socket.
 const VCPU: &[Rule] = &[
@@ -85,6 +89,9 @@ const VCPU: &[Rule] = &[
     Rule::any(libc::SYS_sendto),
     Rule::any(libc::SYS_recvfrom),
 ];
+
+/// Extra system calls of the backend watchdog: ending a connection whose deadline passed.
+const WATCHDOG: &[Rule] = &[Rule::any(libc::SYS_shutdown)];
 
 const KVMIO: u64 = 0xae;
 
@@ -147,14 +154,24 @@ pub static VCPU_FILTER: Filter = Filter {
     otherwise: Action::KillProcess,
 };
 
+/// The backend watchdog's filter (on its own when the thread starts before the main thread's
+/// sandbox, stacked on the main thread's otherwise).
+pub static WATCHDOG_FILTER: Filter = Filter {
+    name: "hypervisor-backend-watchdog",
+    tables: &[COMMON, WATCHDOG],
+    listed: Action::Allow,
+    otherwise: Action::KillProcess,
+};
+
 /// Every filter of the hypervisor, for `--self-test`.
-pub static FILTERS: &[&Filter] = &[&MAIN_FILTER, &VCPU_FILTER];
+pub static FILTERS: &[&Filter] = &[&MAIN_FILTER, &VCPU_FILTER, &WATCHDOG_FILTER];
 
 /// The filter of `role`, as data.
 pub fn filter_of(role: ThreadRole) -> &'static Filter {
     match role {
         ThreadRole::Main => &MAIN_FILTER,
         ThreadRole::Vcpu => &VCPU_FILTER,
+        ThreadRole::BackendWatchdog => &WATCHDOG_FILTER,
     }
 }
 
@@ -195,7 +212,11 @@ mod tests {
 
     #[test]
     fn no_filter_allows_network_exec_or_open() {
-        for role in [ThreadRole::Main, ThreadRole::Vcpu] {
+        for role in [
+            ThreadRole::Main,
+            ThreadRole::Vcpu,
+            ThreadRole::BackendWatchdog,
+        ] {
             let a = allowed(role);
             for forbidden in [
                 libc::SYS_socket,
@@ -224,6 +245,25 @@ mod tests {
         let main = allowed(ThreadRole::Main);
         assert!(allowed(ThreadRole::Vcpu).iter().all(|s| main.contains(s)));
         assert!(bulkhead_harden::self_test(FILTERS).is_ok());
+    }
+
+    #[test]
+    fn the_backend_watchdog_may_only_shut_sockets_down() {
+        let w = allowed(ThreadRole::BackendWatchdog);
+        let main = allowed(ThreadRole::Main);
+        assert!(w.iter().all(|s| main.contains(s)));
+        assert!(w.contains(&libc::SYS_shutdown));
+        for forbidden in [
+            libc::SYS_ioctl,
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_setsockopt,
+        ] {
+            assert!(!w.contains(&forbidden), "watchdog allows {forbidden}");
+        }
+        assert!(!allowed(ThreadRole::Vcpu).contains(&libc::SYS_shutdown));
     }
 
     #[test]

@@ -15,13 +15,13 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use bulkhead_channel::{
-    BackendFailure, Command, CommandError, DecodeError, OpTable, Reply, Request, Response, VmState,
-    HEADER_LEN, MAX_FRAME, VERSION,
+    BackendFailure, Command, CommandError, DecodeError, OpStatus, OpTable, Reply, Request,
+    Response, VmState, HEADER_LEN, MAX_FRAME, VERSION,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::devices::vhost_user::ConnectError;
-use crate::vm::{DeviceKind, Hotplug, HotplugWait, Vm};
+use crate::vm::{DeviceKind, Ended, Hotplug, HotplugWait, Vm};
 use crate::Error;
 
 /// How often pending hot-plug operations are looked at.
@@ -62,7 +62,7 @@ pub fn serve(vm: &mut Vm, channel: UnixStream) {
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
         if ops.any_pending() {
             let now = Instant::now();
-            ops.advance(|_, w| vm.poll_hotplug(w, now).map(|ack| (vm.state(), ack)));
+            ops.advance(|_, w| vm.poll_hotplug(w, now).map(|e| op_status(vm, e)));
         }
         if rc < 0 {
             if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
@@ -130,11 +130,29 @@ fn command_error(e: &Error) -> CommandError {
         Error::VhostUser(ConnectError::Config(_) | ConnectError::InvalidConfig(_)) => {
             CommandError::Backend(BackendFailure::Config)
         }
+        Error::VhostUser(ConnectError::Unresponsive) => {
+            CommandError::Backend(BackendFailure::Unresponsive)
+        }
+        Error::BackendFailed(f) => CommandError::Backend(*f),
         Error::WrongDeviceKind => CommandError::WrongDeviceKind,
         other => {
             tracing::warn!(error = %other, "command failed inside the hypervisor");
             CommandError::Internal
         }
+    }
+}
+
+/// The finished operation's status: `Failed` when the card's backend died during it.
+fn op_status(vm: &Vm, e: Ended) -> OpStatus {
+    match e.failure {
+        Some(failure) => OpStatus::Failed {
+            state: vm.state(),
+            failure,
+        },
+        None => OpStatus::Done {
+            state: vm.state(),
+            guest_acknowledged: e.acknowledged,
+        },
     }
 }
 
@@ -147,7 +165,7 @@ fn accept(
     h: Hotplug,
 ) -> Reply {
     let outcome = match h {
-        Hotplug::Done(ack) => Ok((vm.state(), ack)),
+        Hotplug::Done(e) => Ok(op_status(vm, e)),
         Hotplug::Waiting(w) => Err(w),
     };
     ops.insert(op, device, outcome);

@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bulkhead_channel::{VmState, VmStats};
+use bulkhead_channel::{BackendFailure, VmState, VmStats};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -143,11 +143,30 @@ pub struct HotplugWait {
     kind: WaitKind,
 }
 
+/// How a hot-plug operation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ended {
+    /// Whether the guest acknowledged it (see [`bulkhead_channel::Reply::Device`]).
+    pub acknowledged: bool,
+    /// Set when the card's backend is dead (it stopped answering within
+    /// [`crate::devices::vhost_user::REPLY_TIMEOUT`], or its connection failed).
+    pub failure: Option<BackendFailure>,
+}
+
+impl Ended {
+    fn ok(acknowledged: bool) -> Self {
+        Ended {
+            acknowledged,
+            failure: None,
+        }
+    }
+}
+
 /// What starting a hot-plug operation gave.
 #[derive(Debug)]
 pub enum Hotplug {
-    /// Over already; whether the guest acknowledged it (see [`bulkhead_channel::Reply::Device`]).
-    Done(bool),
+    /// Over already.
+    Done(Ended),
     /// Waiting for the guest.
     Waiting(HotplugWait),
 }
@@ -316,7 +335,7 @@ impl Vm {
         read_only: bool,
     ) -> Result<bool, Error> {
         let h = self.begin_attach(id, stream, read_only)?;
-        Ok(self.finish(h))
+        self.finish(h)
     }
 
     /// Attaches a vhost-user net device (a net card) connected on `stream`, as a virtio-pci
@@ -324,32 +343,37 @@ impl Vm {
     /// see [`Vm::begin_attach_net`]).
     pub fn attach_net(&mut self, id: &str, stream: UnixStream) -> Result<bool, Error> {
         let h = self.begin_attach_net(id, stream)?;
-        Ok(self.finish(h))
+        self.finish(h)
     }
 
     /// Detaches a block device and waits for the guest (blocking; for the command loop see
     /// [`Vm::begin_detach`]).
     pub fn detach_block(&mut self, id: &str) -> Result<bool, Error> {
         let h = self.begin_detach(id, DeviceKind::Block)?;
-        Ok(self.finish(h))
+        self.finish(h)
     }
 
     /// Detaches a net device and waits for the guest (blocking).
     pub fn detach_net(&mut self, id: &str) -> Result<bool, Error> {
         let h = self.begin_detach(id, DeviceKind::Net)?;
-        Ok(self.finish(h))
+        self.finish(h)
     }
 
-    /// Drives `h` to its end, sleeping between looks.
-    fn finish(&self, h: Hotplug) -> bool {
-        match h {
-            Hotplug::Done(ack) => ack,
+    /// Drives `h` to its end, sleeping between looks: whether the guest acknowledged it, or
+    /// [`Error::BackendFailed`].
+    fn finish(&self, h: Hotplug) -> Result<bool, Error> {
+        let ended = match h {
+            Hotplug::Done(e) => e,
             Hotplug::Waiting(mut w) => loop {
-                if let Some(ack) = self.poll_hotplug(&mut w, Instant::now()) {
-                    return ack;
+                if let Some(e) = self.poll_hotplug(&mut w, Instant::now()) {
+                    break e;
                 }
                 std::thread::sleep(HOTPLUG_POLL);
             },
+        };
+        match ended.failure {
+            Some(f) => Err(Error::BackendFailed(f)),
+            None => Ok(ended.acknowledged),
         }
     }
 
@@ -442,7 +466,7 @@ impl Vm {
             "card attached"
         );
         if state != VmState::Running {
-            return Ok(Hotplug::Done(false));
+            return Ok(Hotplug::Done(Ended::ok(false)));
         }
         let now = Instant::now();
         Ok(Hotplug::Waiting(HotplugWait {
@@ -476,33 +500,32 @@ impl Vm {
             return Err(Error::WrongDeviceKind);
         }
         let bound = p.card.as_ref().is_some_and(|c| c.driver_attached());
-        if matches!(state, VmState::Created | VmState::Stopped) {
-            p.unplug(router.as_ref(), false);
+        let (out, acknowledged) = if matches!(state, VmState::Created | VmState::Stopped) {
             tracing::info!(device = id, ?kind, port, "card detached");
-            return Ok(Hotplug::Done(true));
-        }
-        p.pull(router.as_ref());
-        if !bound {
-            p.unplug(router.as_ref(), true);
-            tracing::info!(device = id, ?kind, port, "unbound card hot-unplugged");
-            return Ok(Hotplug::Done(true));
-        }
-        if state != VmState::Running {
-            // A paused guest cannot release it: take it out now.
-            p.unplug(router.as_ref(), true);
-            tracing::info!(
-                device = id,
-                ?kind,
-                port,
-                "card hot-unplugged from a paused guest"
-            );
-            return Ok(Hotplug::Done(false));
-        }
-        Ok(Hotplug::Waiting(HotplugWait {
-            id: id.to_owned(),
-            port,
-            deadline: Instant::now() + DETACH_WAIT,
-            kind: WaitKind::Release,
+            (p.unplug(router.as_ref(), false), true)
+        } else {
+            p.pull(router.as_ref());
+            if bound && state == VmState::Running {
+                return Ok(Hotplug::Waiting(HotplugWait {
+                    id: id.to_owned(),
+                    port,
+                    deadline: Instant::now() + DETACH_WAIT,
+                    kind: WaitKind::Release,
+                }));
+            }
+            if bound {
+                // A paused guest cannot release it: take it out now.
+                tracing::info!(device = id, ?kind, port, "card hot-unplugged from a paused guest");
+            } else {
+                tracing::info!(device = id, ?kind, port, "unbound card hot-unplugged");
+            }
+            (p.unplug(router.as_ref(), true), !bound)
+        };
+        // Stopping the backend may wait for it: never with the bus locked.
+        drop(pci);
+        Ok(Hotplug::Done(Ended {
+            acknowledged,
+            failure: out.finish(),
         }))
     }
 
@@ -512,17 +535,22 @@ impl Vm {
     /// [`REANNOUNCE_AFTER`] for a card the guest has not started to enumerate). A detach is
     /// over when the driver has reset the card, when the VM has stopped, or at its deadline;
     /// it then takes the card out (leaving a husk: see [`crate::devices::pci::RootPort::unplug`]).
-    pub fn poll_hotplug(&self, w: &mut HotplugWait, now: Instant) -> Option<bool> {
+    pub fn poll_hotplug(&self, w: &mut HotplugWait, now: Instant) -> Option<Ended> {
         let state = self.state();
         let router = self.shared.router.clone();
         let mut pci = lock(&self.shared.pci);
         let port = w.port;
         match &mut w.kind {
             WaitKind::Bind { reannounce_at } => {
-                let ready = pci
-                    .ports
-                    .get(port)
-                    .is_none_or(|p| p.card.as_ref().is_some_and(|c| c.driver_ready()));
+                let card = pci.ports.get(port).and_then(|p| p.card.as_ref());
+                if let Some(failure) = card.and_then(|c| c.backend_failure()) {
+                    tracing::warn!(device = %w.id, ?failure, "hot-plugged card: its backend failed");
+                    return Some(Ended {
+                        acknowledged: false,
+                        failure: Some(failure),
+                    });
+                }
+                let ready = card.is_none_or(|c| c.driver_ready());
                 if ready || state != VmState::Running || now >= w.deadline {
                     tracing::info!(
                         device = %w.id,
@@ -530,7 +558,7 @@ impl Vm {
                         "hot-plugged card: guest driver {}",
                         if ready { "bound" } else { "not bound yet" }
                     );
-                    return Some(ready);
+                    return Some(Ended::ok(ready));
                 }
                 if now >= *reannounce_at {
                     *reannounce_at = now + REANNOUNCE_AFTER;
@@ -556,12 +584,19 @@ impl Vm {
                 }
                 // A husk even when the driver has reset the device: it writes 0 to the status
                 // and then reads it back until it reads 0, and that read may come after this.
-                if let Some(p) = pci.ports.get_mut(port) {
-                    p.unplug(router.as_ref(), true);
-                }
+                let out = pci
+                    .ports
+                    .get_mut(port)
+                    .map(|p| p.unplug(router.as_ref(), true));
+                // Stopping the backend may wait for it: never with the bus locked.
+                drop(pci);
+                let failure = out.and_then(|o| o.finish());
                 let released = released && state != VmState::Stopped;
-                tracing::info!(device = %w.id, port, released, "card hot-unplugged");
-                Some(released)
+                tracing::info!(device = %w.id, port, released, ?failure, "card hot-unplugged");
+                Some(Ended {
+                    acknowledged: released,
+                    failure,
+                })
             }
         }
     }
@@ -573,6 +608,16 @@ impl Vm {
     /// Number of attached net devices.
     pub fn net_devices(&self) -> usize {
         self.devices_of(DeviceKind::Net)
+    }
+
+    /// Number of attached cards whose backend failed for good.
+    pub fn failed_devices(&self) -> usize {
+        lock(&self.shared.pci)
+            .ports
+            .iter()
+            .filter_map(|p| p.card.as_ref())
+            .filter(|c| c.backend_failure().is_some())
+            .count()
     }
 
     fn devices_of(&self, kind: DeviceKind) -> usize {
@@ -749,6 +794,7 @@ impl Vm {
             console_dropped,
             block_devices: u32::try_from(self.block_devices()).unwrap_or(u32::MAX),
             net_devices: u32::try_from(self.net_devices()).unwrap_or(u32::MAX),
+            failed_devices: u32::try_from(self.failed_devices()).unwrap_or(u32::MAX),
             bad_guest_accesses: self.shared.bad_guest.load(Ordering::Relaxed)
                 + lock(&self.shared.pio)
                     .unknown_accesses
@@ -827,12 +873,25 @@ fn pci_read(shared: &Shared, addr: u64, data: &mut [u8]) {
     }
 }
 
+/// A guest write outside the virtio-mmio windows. If it reset a card, stopping the card's
+/// backend (which waits for the card's answer, at most the backend watchdog's bound) happens
+/// after the bus is unlocked: a stuck card delays only this vCPU's write, never the command
+/// loop or the other vCPUs.
 fn pci_write(shared: &Shared, addr: u64, data: &[u8]) {
-    let mut pci = lock(&shared.pci);
-    if let Some((card, off)) = pci.card_at(addr) {
-        card.bar_write(off, data, &shared.ram, shared.router.as_ref());
-    } else if !pci.husk_at(addr) {
-        shared.bad_guest.fetch_add(1, Ordering::Relaxed);
+    let work = {
+        let mut pci = lock(&shared.pci);
+        if let Some((card, off)) = pci.card_at(addr) {
+            card.bar_write(off, data, &shared.ram, shared.router.as_ref());
+            card.take_backend_work()
+        } else {
+            if !pci.husk_at(addr) {
+                shared.bad_guest.fetch_add(1, Ordering::Relaxed);
+            }
+            None
+        }
+    };
+    if let Some(w) = work {
+        let _ = w.run();
     }
 }
 

@@ -9,6 +9,7 @@ pub mod pci;
 pub mod vhost_blk;
 pub mod vhost_net;
 pub mod vhost_user;
+pub mod watchdog;
 pub mod virtio;
 pub mod virtio_mmio;
 pub mod virtio_pci;

@@ -15,6 +15,25 @@
 use std::sync::Arc;
 
 use super::config_space::ConfigSpace;
+use super::virtio::BackendWork;
+use bulkhead_channel::BackendFailure;
+
+/// What taking a card out left to do: the work that stops its backend (run it once the bus is
+/// unlocked) and whether its backend had already failed.
+#[must_use = "the backend is only stopped when `finish` runs"]
+#[derive(Debug, Default)]
+pub struct Unplugged {
+    work: Option<BackendWork>,
+    failure: Option<BackendFailure>,
+}
+
+impl Unplugged {
+    /// Stops the backend (bounded by the backend watchdog); `Some` if it is dead.
+    pub fn finish(self) -> Option<BackendFailure> {
+        let later = self.work.and_then(BackendWork::run);
+        self.failure.or(later)
+    }
+}
 use crate::irq::{MsiMessage, MsiRouting};
 use crate::memory::GuestRam;
 
@@ -42,8 +61,14 @@ pub trait PciDevice: Send {
     fn bar_read(&mut self, off: u64, data: &mut [u8]);
     /// A guest write at `off` in the BAR.
     fn bar_write(&mut self, off: u64, data: &[u8], ram: &GuestRam, irq: &dyn MsiRouting);
-    /// The card leaves: stop its backend and release everything it registered with KVM.
+    /// The card leaves: reset it and release everything it registered with KVM. Stopping its
+    /// backend is left as [`PciDevice::take_backend_work`].
     fn reset(&mut self, irq: &dyn MsiRouting);
+    /// Backend work the last guest access or reset left, to run once the bus is unlocked
+    /// (see [`BackendWork`]).
+    fn take_backend_work(&mut self) -> Option<BackendWork>;
+    /// Why the card's backend failed for good, if it did.
+    fn backend_failure(&self) -> Option<BackendFailure>;
     /// Whether the guest has read the configuration space (it has started to enumerate it).
     fn touched(&self) -> bool;
     /// Whether a guest driver has the device running.
@@ -188,13 +213,14 @@ impl RootPort {
         self.event(router);
     }
 
-    /// Takes the card out: its backend is stopped and its connection closed. With
+    /// Takes the card out; the work that stops its backend is returned, for the caller to run
+    /// once it unlocked the bus (the connection closes when that work is done). With
     /// `leave_husk` (a guest that may still drive the card), its BAR keeps answering as a
     /// reset device, so that a guest driver still tearing it down does not wait forever on a
     /// register that reads all ones: Linux's virtio-pci `vp_reset()` writes 0 to the device
     /// status and then polls it until it reads 0, holding the PCI rescan/remove lock that
     /// every later hot-plug in the guest needs.
-    pub fn unplug(&mut self, router: &dyn MsiRouting, leave_husk: bool) {
+    pub fn unplug(&mut self, router: &dyn MsiRouting, leave_husk: bool) -> Unplugged {
         if self.present {
             self.set_presence(false);
         }
@@ -206,8 +232,14 @@ impl RootPort {
             } else {
                 self.husk_bar = None;
             }
+            let failure = c.backend_failure();
             c.reset(router);
+            return Unplugged {
+                work: c.take_backend_work(),
+                failure,
+            };
         }
+        Unplugged::default()
     }
 
     /// Raises the plug event again for a card the guest has not started to enumerate (an

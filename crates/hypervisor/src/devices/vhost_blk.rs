@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
 use super::vhost_user::{VhostUserConn, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use super::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::virtio::{ActivateError, Activation, BackendWork, VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub use super::vhost_user::ConnectError;
 
@@ -131,7 +131,13 @@ impl VirtioDevice for VhostUserBlk {
     fn activate(&mut self, act: Activation<'_>) -> Result<(), ActivateError> {
         self.conn.activate(&act)
     }
-    fn reset(&mut self) {
-        self.conn.reset();
+    fn reset(&mut self) -> Option<BackendWork> {
+        self.conn.reset()
+    }
+    fn failed(&self) -> Option<bulkhead_channel::BackendFailure> {
+        self.conn.failed()
+    }
+    fn settled(&self) -> bool {
+        self.conn.settled()
     }
 }

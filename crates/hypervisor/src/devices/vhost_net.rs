@@ -17,7 +17,7 @@ use vhost::vhost_user::VhostUserProtocolFeatures;
 use super::vhost_user::{
     ConnectError, VhostUserConn, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use super::virtio::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::virtio::{ActivateError, Activation, BackendWork, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
@@ -159,8 +159,14 @@ impl VirtioDevice for VhostUserNet {
     fn activate(&mut self, act: Activation<'_>) -> Result<(), ActivateError> {
         self.conn.activate(&act)
     }
-    fn reset(&mut self) {
-        self.conn.reset();
+    fn reset(&mut self) -> Option<BackendWork> {
+        self.conn.reset()
+    }
+    fn failed(&self) -> Option<bulkhead_channel::BackendFailure> {
+        self.conn.failed()
+    }
+    fn settled(&self) -> bool {
+        self.conn.settled()
     }
 }
 

@@ -6,19 +6,29 @@
 //! the guest sees; the hypervisor never touches the data either of them carries.
 
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::Duration;
 
+use bulkhead_channel::BackendFailure;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::virtio::{ActivateError, Activation, VIRTIO_F_VERSION_1};
+use super::virtio::{ActivateError, Activation, BackendWork, VIRTIO_F_VERSION_1};
+use super::watchdog::{self, Guard, Watchdog};
+use crate::lock;
 
 /// Feature bit 30: the backend speaks the vhost-user protocol-feature extension.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// virtio 1.x ring features every vhost-user device may pass on to the guest.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Longest a backend may take over one sequence of requests (the handshake, reading the
+/// configuration, an activation, stopping the rings). Past it the connection is shut down and
+/// the backend is dead for good (see [`super::watchdog`]).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why connecting to a backend failed. Every kind maps to one `BackendFailure` on the channel.
 #[derive(Debug, thiserror::Error)]
@@ -35,50 +45,129 @@ pub enum ConnectError {
     MissingFeature(&'static str),
     #[error("the backend's device configuration is invalid: {0}")]
     InvalidConfig(&'static str),
+    #[error("the backend did not answer within {REPLY_TIMEOUT:?}")]
+    Unresponsive,
+    #[error("cannot watch the backend's socket: {0}")]
+    Watch(std::io::Error),
+}
+
+/// Why a backend is dead, once it is (the first reason sticks).
+#[derive(Default)]
+struct Dead(AtomicU8);
+
+impl Dead {
+    fn set(&self, f: BackendFailure) {
+        let code = match f {
+            BackendFailure::Unresponsive => 1,
+            BackendFailure::MemoryTable => 2,
+            _ => 3,
+        };
+        let _ = self
+            .0
+            .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    fn get(&self) -> Option<BackendFailure> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            1 => Some(BackendFailure::Unresponsive),
+            2 => Some(BackendFailure::MemoryTable),
+            _ => Some(BackendFailure::Vring),
+        }
+    }
+}
+
+/// Clears a flag when dropped.
+struct Clear<'a>(&'a AtomicBool);
+
+impl Drop for Clear<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The connection proper: what only one thread at a time may talk over.
+struct Link {
+    frontend: Frontend,
+    /// How many vrings were handed to the backend at the last activation.
+    active_queues: usize,
 }
 
 /// One connected vhost-user backend, after the handshake.
+///
+/// Every request sequence runs under a watchdog deadline ([`REPLY_TIMEOUT`]). A backend that
+/// misses one, or whose connection fails, is *dead*: the connection is not used again, a
+/// later activation fails at once (the transport then asks the guest for a reset), and the
+/// device reports [`VhostUserConn::failed`].
+///
+/// Stopping the rings waits for the backend's answers, so [`VhostUserConn::reset`] does not
+/// do it: it returns the work, which the caller runs after letting go of the bus lock (a
+/// stuck card then delays only the thread that reset it, never the command loop or the other
+/// vCPUs).
 pub struct VhostUserConn {
-    frontend: Frontend,
+    link: Arc<Mutex<Link>>,
+    /// A duplicate of the backend's socket, for the watchdog to shut down.
+    sock: Arc<UnixStream>,
+    watchdog: &'static Watchdog,
+    dead: Arc<Dead>,
+    /// Set while the work returned by [`VhostUserConn::reset`] has not finished.
+    stopping: Arc<AtomicBool>,
+    /// Whether rings may have been handed to the backend since the last reset.
+    started: bool,
     backend_features: u64,
     /// Protocol features both sides agreed on (`None`: no protocol-feature extension).
     protocol: Option<VhostUserProtocolFeatures>,
-    /// How many vrings were handed to the backend at the last activation.
-    active_queues: usize,
+}
+
+/// What a failed request sequence means: `Unresponsive` if the watchdog cut it short.
+fn failure(guard: &Guard, e: vhost::Error, kind: fn(vhost::Error) -> ConnectError) -> ConnectError {
+    if guard.fired() {
+        ConnectError::Unresponsive
+    } else {
+        kind(e)
+    }
 }
 
 impl VhostUserConn {
     /// SET_OWNER, GET_FEATURES (VERSION_1 required) and, if the backend has the extension,
     /// the protocol features in `wanted` that it offers. `queues` is how many vrings the device
-    /// has (GET_QUEUE_NUM, if used, replaces it).
+    /// has (GET_QUEUE_NUM, if used, replaces it). Called on the main thread.
     pub fn handshake(
         stream: UnixStream,
         wanted: VhostUserProtocolFeatures,
         queues: u16,
     ) -> Result<Self, ConnectError> {
+        let watchdog = watchdog::get().map_err(ConnectError::Watch)?;
+        let sock = Arc::new(stream.try_clone().map_err(ConnectError::Watch)?);
         let mut frontend = Frontend::from_stream(stream, u64::from(queues.max(1)));
-        frontend.set_owner().map_err(ConnectError::Handshake)?;
-        let backend_features = frontend.get_features().map_err(ConnectError::Handshake)?;
+        let guard = watchdog.arm(&sock, REPLY_TIMEOUT);
+        let hs = |e| failure(&guard, e, ConnectError::Handshake);
+        frontend.set_owner().map_err(hs)?;
+        let backend_features = frontend.get_features().map_err(hs)?;
         if backend_features & VIRTIO_F_VERSION_1 == 0 {
             return Err(ConnectError::NotModern);
         }
         let protocol = if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(ConnectError::Handshake)?;
+            let offered = frontend.get_protocol_features().map_err(hs)?;
             let agreed = offered & wanted;
-            frontend
-                .set_protocol_features(agreed)
-                .map_err(ConnectError::Handshake)?;
+            frontend.set_protocol_features(agreed).map_err(hs)?;
             Some(agreed)
         } else {
             None
         };
+        drop(guard);
         Ok(VhostUserConn {
-            frontend,
+            link: Arc::new(Mutex::new(Link {
+                frontend,
+                active_queues: 0,
+            })),
+            sock,
+            watchdog,
+            dead: Arc::default(),
+            stopping: Arc::default(),
+            started: false,
             backend_features,
             protocol,
-            active_queues: 0,
         })
     }
 
@@ -92,25 +181,40 @@ impl VhostUserConn {
         self.protocol.is_some_and(|p| p.contains(f))
     }
 
-    /// GET_QUEUE_NUM (needs the MQ protocol feature).
+    /// Why the backend is dead, if it is: it stopped answering, or its connection failed.
+    pub fn failed(&self) -> Option<BackendFailure> {
+        self.dead.get()
+    }
+
+    /// Whether no ring-stopping work is in flight.
+    pub fn settled(&self) -> bool {
+        !self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// GET_QUEUE_NUM (needs the MQ protocol feature). Called on the main thread, right after
+    /// the handshake.
     pub fn queue_num(&mut self) -> Result<u64, ConnectError> {
-        self.frontend
+        let guard = self.watchdog.arm(&self.sock, REPLY_TIMEOUT);
+        lock(&self.link)
+            .frontend
             .get_queue_num()
-            .map_err(ConnectError::Handshake)
+            .map_err(|e| failure(&guard, e, ConnectError::Handshake))
     }
 
     /// GET_CONFIG of the first `len` bytes of the device configuration (needs the CONFIG
-    /// protocol feature; the backend must answer exactly `len` bytes).
+    /// protocol feature; the backend must answer exactly `len` bytes). Called on the main
+    /// thread, right after the handshake.
     pub fn read_config(&mut self, len: u32) -> Result<Vec<u8>, ConnectError> {
         if !self.has_protocol(VhostUserProtocolFeatures::CONFIG) {
             return Err(ConnectError::NoConfig);
         }
         let want = usize::try_from(len).unwrap_or(0);
         let zeros = vec![0u8; want];
-        let (_, payload) = self
+        let guard = self.watchdog.arm(&self.sock, REPLY_TIMEOUT);
+        let (_, payload) = lock(&self.link)
             .frontend
             .get_config(0, len, VhostUserConfigFlags::WRITABLE, &zeros)
-            .map_err(ConnectError::Config)?;
+            .map_err(|e| failure(&guard, e, ConnectError::Config))?;
         let mut config = zeros;
         let n = payload.len().min(want);
         config[..n].copy_from_slice(&payload[..n]);
@@ -126,13 +230,39 @@ impl VhostUserConn {
 
     /// Hands the backend the features the driver acked (only bits the backend offered), the
     /// guest memory table (the memfd) and every ready queue, with its kick (ioeventfd) and call
-    /// (irqfd) eventfds, and enables the rings.
+    /// (irqfd) eventfds, and enables the rings. These requests have no replies (REPLY_ACK is
+    /// never agreed), so this only waits if the backend stopped reading, and then no longer
+    /// than [`REPLY_TIMEOUT`]. A dead backend, or one whose rings are still being stopped,
+    /// is refused at once.
     pub fn activate(&mut self, act: &Activation<'_>) -> Result<(), ActivateError> {
+        if self.failed().is_some() {
+            return Err(ActivateError::BackendDead);
+        }
+        let mut link = match self.link.try_lock() {
+            Ok(l) => l,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(ActivateError::BackendBusy),
+        };
+        self.started = true;
+        let guard = self.watchdog.arm(&self.sock, REPLY_TIMEOUT);
+        let r = self.hand_over(&mut link, act);
+        if let Err(ActivateError::Backend(e)) = &r {
+            self.dead.set(if guard.fired() {
+                BackendFailure::Unresponsive
+            } else {
+                BackendFailure::Vring
+            });
+            tracing::warn!(error = %e, timed_out = guard.fired(), "vhost-user backend failed during activation: device dead");
+        }
+        r
+    }
+
+    fn hand_over(&self, link: &mut Link, act: &Activation<'_>) -> Result<(), ActivateError> {
         let mut features = act.acked_features & self.backend_features;
         if self.protocol.is_some() {
             features |= VHOST_USER_F_PROTOCOL_FEATURES;
         }
-        self.frontend.set_features(features)?;
+        link.frontend.set_features(features)?;
         let regions: Vec<VhostUserMemoryRegionInfo> = act
             .memfd_regions
             .iter()
@@ -146,7 +276,7 @@ impl VhostUserConn {
                 })
             })
             .collect::<Result<_, ActivateError>>()?;
-        self.frontend.set_mem_table(&regions)?;
+        link.frontend.set_mem_table(&regions)?;
         for (i, q) in act.queues.iter().enumerate() {
             let cfg = VringConfigData {
                 queue_max_size: q.max_size,
@@ -157,31 +287,73 @@ impl VhostUserConn {
                 avail_ring_addr: Self::host_addr(act, q.avail)?,
                 log_addr: None,
             };
-            self.frontend.set_vring_num(i, q.size)?;
-            self.frontend.set_vring_addr(i, &cfg)?;
-            self.frontend.set_vring_base(i, 0)?;
+            link.frontend.set_vring_num(i, q.size)?;
+            link.frontend.set_vring_addr(i, &cfg)?;
+            link.frontend.set_vring_base(i, 0)?;
             let call = act.irqs.get(i).ok_or(ActivateError::BadQueue(i))?;
-            self.frontend.set_vring_call(i, call)?;
+            link.frontend.set_vring_call(i, call)?;
             let kick = act.kicks.get(i).ok_or(ActivateError::BadQueue(i))?;
-            self.frontend.set_vring_kick(i, kick)?;
+            link.frontend.set_vring_kick(i, kick)?;
             // Recorded per ring, so that `reset` also stops a partly set-up device.
-            self.active_queues = i + 1;
+            link.active_queues = i + 1;
             if self.protocol.is_some() {
-                self.frontend.set_vring_enable(i, true)?;
+                link.frontend.set_vring_enable(i, true)?;
             }
         }
         Ok(())
     }
 
-    /// Stops every ring handed to the backend (disable, then GET_VRING_BASE, which the
-    /// backend answers once it stopped processing that ring).
-    pub fn reset(&mut self) {
-        for i in 0..self.active_queues {
-            if self.protocol.is_some() {
-                let _ = self.frontend.set_vring_enable(i, false);
-            }
-            let _ = self.frontend.get_vring_base(i);
+    /// The work that stops every ring handed to the backend (disable, then GET_VRING_BASE,
+    /// which the backend answers once it stopped processing that ring), or `None` if no ring
+    /// was handed over since the last reset. The caller runs it once it holds no lock another
+    /// thread needs; it waits at most [`REPLY_TIMEOUT`], and a backend that misses that is dead.
+    pub fn reset(&mut self) -> Option<BackendWork> {
+        if !std::mem::take(&mut self.started) {
+            return None;
         }
-        self.active_queues = 0;
+        let link = self.link.clone();
+        let sock = self.sock.clone();
+        let dead = self.dead.clone();
+        let stopping = self.stopping.clone();
+        stopping.store(true, Ordering::SeqCst);
+        let watchdog = self.watchdog;
+        let protocol = self.protocol.is_some();
+        Some(BackendWork::new(move || {
+            let _done = Clear(&stopping);
+            stop_rings(&link, watchdog, &sock, &dead, protocol);
+            dead.get()
+        }))
+    }
+}
+
+fn stop_rings(
+    link: &Mutex<Link>,
+    watchdog: &'static Watchdog,
+    sock: &Arc<UnixStream>,
+    dead: &Dead,
+    protocol: bool,
+) {
+    let mut link = lock(link);
+    let n = std::mem::take(&mut link.active_queues);
+    if n == 0 || dead.get().is_some() {
+        return;
+    }
+    let guard = watchdog.arm(sock, REPLY_TIMEOUT);
+    for i in 0..n {
+        let r = if protocol {
+            link.frontend.set_vring_enable(i, false)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = r.and_then(|()| link.frontend.get_vring_base(i).map(|_| ())) {
+            if guard.fired() {
+                dead.set(BackendFailure::Unresponsive);
+                tracing::warn!(ring = i, timeout = ?REPLY_TIMEOUT, "vhost-user backend did not stop its ring in time: device dead");
+            } else {
+                dead.set(BackendFailure::Vring);
+                tracing::warn!(ring = i, error = %e, "vhost-user backend failed to stop its ring: device dead");
+            }
+            return;
+        }
     }
 }

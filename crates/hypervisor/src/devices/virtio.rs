@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bulkhead_channel::BackendFailure;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -68,6 +69,42 @@ pub enum ActivateError {
     NotInRam(u64),
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("the vhost-user backend is dead (it stopped answering or its connection failed)")]
+    BackendDead,
+    #[error("the vhost-user backend's rings are still being stopped")]
+    BackendBusy,
+}
+
+/// Work on a device's backend that waits for the backend's answers (stopping a vhost-user
+/// backend's rings). The transport does not run it: whoever drove the transport takes it out
+/// ([`VirtioCore::take_backend_work`]) and runs it after letting go of the locks other threads
+/// need. Bounded by the backend watchdog.
+pub struct BackendWork(Box<dyn FnOnce() -> Option<BackendFailure> + Send>);
+
+impl BackendWork {
+    /// Work that answers why the backend is dead, if it is, once it is done.
+    pub fn new(f: impl FnOnce() -> Option<BackendFailure> + Send + 'static) -> Self {
+        BackendWork(Box::new(f))
+    }
+
+    /// Runs the work: `Some` if the backend is dead.
+    pub fn run(self) -> Option<BackendFailure> {
+        (self.0)()
+    }
+
+    /// `self`, then `next`.
+    pub fn then(self, next: BackendWork) -> BackendWork {
+        BackendWork::new(move || {
+            let first = self.run();
+            next.run().or(first)
+        })
+    }
+}
+
+impl std::fmt::Debug for BackendWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendWork")
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
@@ -94,7 +131,19 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, act: Activation<'_>) -> Result<(), ActivateError>;
     /// The driver wrote QueueNotify (only for devices served inside the VMM).
     fn notify(&mut self, _queue: u16, _mem: &GuestMemoryMmap) {}
-    fn reset(&mut self);
+    /// The driver reset the device. Work that must wait for a backend is returned, not done
+    /// (see [`BackendWork`]).
+    fn reset(&mut self) -> Option<BackendWork>;
+    /// Why the device's backend failed for good, if it did (a vhost-user backend that
+    /// stopped answering).
+    fn failed(&self) -> Option<BackendFailure> {
+        None
+    }
+    /// Whether no backend work a reset returned is still running (until then the driver's
+    /// reset is not over).
+    fn settled(&self) -> bool {
+        true
+    }
     /// vhost-user devices signal the guest directly through the irqfd, so the transport
     /// cannot know which interrupt cause was raised: it always reports "used buffer".
     fn interrupt_always_vring(&self) -> bool {
@@ -133,6 +182,8 @@ pub struct VirtioCore {
     pub kicks: Vec<EventFd>,
     active: bool,
     bad_accesses: Arc<AtomicU64>,
+    /// Backend work left by the last reset, for the caller to run outside its locks.
+    backend_work: Option<BackendWork>,
 }
 
 impl VirtioCore {
@@ -169,6 +220,7 @@ impl VirtioCore {
             kicks,
             active: false,
             bad_accesses,
+            backend_work: None,
         })
     }
 
@@ -285,9 +337,22 @@ impl VirtioCore {
         }
     }
 
-    /// Device reset: the backend stops, every register returns to its initial value.
+    /// Backend work the last reset left (see [`BackendWork`]). The guest's access that caused
+    /// it must not complete before it ran: run it on the same thread before re-entering the
+    /// guest.
+    pub fn take_backend_work(&mut self) -> Option<BackendWork> {
+        self.backend_work.take()
+    }
+
+    /// Device reset: every register returns to its initial value; stopping the backend is
+    /// left as [`VirtioCore::take_backend_work`].
     pub fn reset(&mut self) {
-        self.device.reset();
+        if let Some(w) = self.device.reset() {
+            self.backend_work = Some(match self.backend_work.take() {
+                Some(earlier) => earlier.then(w),
+                None => w,
+            });
+        }
         self.active = false;
         self.status = 0;
         self.acked_features = 0;

@@ -130,6 +130,11 @@ impl MmioTransport {
                     let irqs = vec![self.irq.clone(); n];
                     c.activate(ram, &irqs);
                 }
+                // Only devices served inside the VMM sit on virtio-mmio: no backend to wait
+                // for, whatever a reset left is run here.
+                if let Some(w) = c.take_backend_work() {
+                    let _ = w.run();
+                }
             }
             0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if queue_phase => {
                 if let Some(q) = c.queue() {

@@ -561,6 +561,12 @@ impl PciDevice for VirtioPciDevice {
     fn reset(&mut self, irq: &dyn MsiRouting) {
         self.shut_down(irq)
     }
+    fn take_backend_work(&mut self) -> Option<super::virtio::BackendWork> {
+        self.core.take_backend_work()
+    }
+    fn backend_failure(&self) -> Option<bulkhead_channel::BackendFailure> {
+        self.core.device.failed()
+    }
     fn touched(&self) -> bool {
         VirtioPciDevice::touched(self)
     }
@@ -568,7 +574,8 @@ impl PciDevice for VirtioPciDevice {
         self.driver_ok()
     }
     fn driver_attached(&self) -> bool {
-        self.core.status != 0
+        // A reset is over once the backend's rings are stopped (or it was found dead).
+        self.core.status != 0 || !self.core.device.settled()
     }
 }
 
@@ -630,7 +637,7 @@ mod tests {
         // Hot-unplug from a running guest: pull, then take the card out.
         let p = bus.ports.get_mut(0).expect("port");
         p.pull(router.as_ref());
-        p.unplug(router.as_ref(), true);
+        let _ = p.unplug(router.as_ref(), true).finish();
         assert!(bus.card_at(status).is_none());
         assert!(
             bus.husk_at(status),
@@ -654,10 +661,12 @@ mod tests {
             .is_some_and(|(c, off)| c.id() == "b" && off == 0x14));
 
         // Taking a card out of a guest that no longer runs leaves nothing behind.
-        bus.ports
+        let _ = bus
+            .ports
             .get_mut(0)
             .expect("port")
-            .unplug(router.as_ref(), false);
+            .unplug(router.as_ref(), false)
+            .finish();
         assert!(!bus.husk_at(status));
     }
 }

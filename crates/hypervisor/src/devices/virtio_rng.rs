@@ -114,7 +114,8 @@ impl VirtioDevice for VirtioRng {
             }
         }
     }
-    fn reset(&mut self) {
+    fn reset(&mut self) -> Option<super::virtio::BackendWork> {
         self.queue = None;
+        None
     }
 }
