@@ -42,6 +42,9 @@ enum Cmd {
         /// Directory with the daemons' binaries (default: next to this one).
         #[arg(long)]
         bins: Option<PathBuf>,
+        /// Whole cores each host offers (default: half this machine's threads).
+        #[arg(long)]
+        host_cores: Option<u32>,
     },
     /// Benchmark a local cluster: RunInstances and AttachVolume latency, API throughput.
     /// Prints a markdown section.
@@ -114,6 +117,7 @@ fn up(
     record: bool,
     backend: Option<String>,
     bins: Option<PathBuf>,
+    host_cores: Option<u32>,
 ) -> Result<(), CliError> {
     let bins = match bins {
         Some(b) => b,
@@ -129,7 +133,14 @@ fn up(
         attest: None,
         netns: None,
     };
-    let c = cluster::start(dir, &opts)?;
+    let c = cluster::start_replicated(
+        dir,
+        &opts,
+        &cluster::ReplicaOptions {
+            host_cores,
+            ..cluster::ReplicaOptions::default()
+        },
+    )?;
     let ca = dir.join("ca/ca.pem");
     println!("Bulkhead cluster up in {}", dir.display());
     println!("  KMS            {} (mTLS, control plane only)", c.kms_addr);
@@ -434,7 +445,8 @@ fn main() -> ExitCode {
             record,
             controller_backend,
             bins,
-        } => up(&dir, hosts, record, controller_backend, bins),
+            host_cores,
+        } => up(&dir, hosts, record, controller_backend, bins, host_cores),
         Cmd::Bench {
             hosts,
             iterations,

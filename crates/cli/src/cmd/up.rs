@@ -23,6 +23,9 @@ pub struct UpArgs {
     /// Controller instance backend (`auto`, `host`, `detached`) where the controller offers it.
     #[arg(long)]
     pub backend: Option<String>,
+    /// Whole cores each host offers (default: half this machine's threads).
+    #[arg(long)]
+    pub host_cores: Option<u32>,
 }
 
 pub fn run(a: UpArgs) -> Result<(), CliError> {
@@ -49,6 +52,9 @@ pub fn run(a: UpArgs) -> Result<(), CliError> {
     }
     if let Some(b) = a.backend {
         cmd.arg("--controller-backend").arg(b);
+    }
+    if let Some(n) = a.host_cores {
+        cmd.arg("--host-cores").arg(n.to_string());
     }
     // Only returns on failure.
     let e = cmd.exec();
