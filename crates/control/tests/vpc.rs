@@ -449,3 +449,98 @@ fn instances_get_unique_private_addresses_released_on_terminate_and_a_default_vp
     a.ok("DeleteSubnet", json!({"SubnetId": small}));
     a.ok("DeleteVpc", json!({"VpcId": vpc}));
 }
+
+/// The hosts' audit records of `op` naming `instance`.
+fn host_calls(dir: &std::path::Path, op: &str, instance: &str) -> usize {
+    let mut n = 0;
+    for h in ["host-1", "host-2"] {
+        let text = std::fs::read_to_string(dir.join(h).join("audit.log")).unwrap_or_default();
+        n += text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<bulkhead_audit::AuditRecord>(l).ok())
+            .filter(|r| {
+                r.entry.kind == bulkhead_audit::EntryKind::Request
+                    && r.entry.op == op
+                    && r.entry.decision == bulkhead_audit::Decision::Allow
+                    && r.entry.resources.iter().any(|x| x.contains(instance))
+            })
+            .count();
+    }
+    n
+}
+
+#[test]
+fn the_vpc_key_is_made_the_card_launched_and_routes_and_rules_reach_the_running_cards() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = up(dir.path(), false);
+    let a = customer(&c, "tenant-a");
+    let vpc = id(
+        &a.ok("CreateVpc", json!({"CidrBlock": "10.0.0.0/16"})),
+        &["Vpc", "VpcId"],
+    );
+    // The KMS made the VPC's key under the customer's own CreateVpc.
+    let kms = std::fs::read_to_string(dir.path().join("kms/audit.log")).unwrap();
+    assert!(
+        kms.lines()
+            .filter_map(|l| serde_json::from_str::<bulkhead_audit::AuditRecord>(l).ok())
+            .any(|r| r.entry.op == "CreateVpcKey"
+                && r.entry.decision == bulkhead_audit::Decision::Allow
+                && r.entry.resources.iter().any(|x| x == &format!("vpc:{vpc}"))),
+        "no CreateVpcKey for {vpc} in the KMS audit"
+    );
+    let subnet = id(
+        &a.ok(
+            "CreateSubnet",
+            json!({"VpcId": vpc, "CidrBlock": "10.0.1.0/24"}),
+        ),
+        &["Subnet", "SubnetId"],
+    );
+    let web = id(
+        &a.ok(
+            "CreateSecurityGroup",
+            json!({"GroupName": "web", "VpcId": vpc}),
+        ),
+        &["GroupId"],
+    );
+    let run = || {
+        id(
+            &a.ok(
+                "RunInstances",
+                json!({"ImageId": "img-1", "SubnetId": subnet, "SecurityGroupIds": [web]}),
+            ),
+            &["Instances", "0", "InstanceId"],
+        )
+    };
+    let i1 = run();
+    // The Network step: the host launched the card with a sealed key.
+    assert_eq!(host_calls(dir.path(), "AttachNetwork", &i1), 1);
+    let i2 = run();
+    assert_eq!(host_calls(dir.path(), "AttachNetwork", &i2), 1);
+    // The first card was told about the second instance.
+    assert!(host_calls(dir.path(), "SetNetworkRoutes", &i1) >= 1);
+    // An ingress change reaches both running cards, no restart.
+    let before = (
+        host_calls(dir.path(), "SetNetworkRules", &i1),
+        host_calls(dir.path(), "SetNetworkRules", &i2),
+    );
+    a.ok(
+        "AuthorizeSecurityGroupIngress",
+        json!({"GroupId": web, "IpPermissions": [
+            {"IpProtocol": "tcp", "FromPort": 7000, "ToPort": 7000, "IpRanges": [{"CidrIp": "10.0.0.0/16"}]}]}),
+    );
+    assert_eq!(
+        (
+            host_calls(dir.path(), "SetNetworkRules", &i1),
+            host_calls(dir.path(), "SetNetworkRules", &i2)
+        ),
+        (before.0 + 1, before.1 + 1)
+    );
+    // Terminating one tells the other card (its route is gone).
+    let routes_before = host_calls(dir.path(), "SetNetworkRoutes", &i2);
+    a.ok("TerminateInstances", json!({"InstanceIds": [i1]}));
+    assert_eq!(
+        host_calls(dir.path(), "SetNetworkRoutes", &i2),
+        routes_before + 1
+    );
+    a.ok("TerminateInstances", json!({"InstanceIds": [i2]}));
+}
