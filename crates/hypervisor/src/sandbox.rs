@@ -79,7 +79,6 @@ const MAIN: &[Rule] = &[
     Rule::any(libc::SYS_seccomp),
 ];
 
-
 /// Extra system calls of a vCPU thread. A vCPU thread activates devices when the guest driver
 /// sets DRIVER_OK, which for vhost-user means messages on the already connected backend socket.
 const VCPU: &[Rule] = &[

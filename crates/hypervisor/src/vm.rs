@@ -515,7 +515,12 @@ impl Vm {
             }
             if bound {
                 // A paused guest cannot release it: take it out now.
-                tracing::info!(device = id, ?kind, port, "card hot-unplugged from a paused guest");
+                tracing::info!(
+                    device = id,
+                    ?kind,
+                    port,
+                    "card hot-unplugged from a paused guest"
+                );
             } else {
                 tracing::info!(device = id, ?kind, port, "unbound card hot-unplugged");
             }

@@ -4,17 +4,24 @@
 //!
 //! * `net_attach_refusals_are_typed_and_slots_are_shared` (no boot): handshake failures reach
 //!   the channel as typed errors and plug nothing; ids, kinds and slots are shared with disks.
-//! * `net_hot_plug_and_unplug_in_a_running_guest` (one boot): a test-only vhost-user-net peer
-//!   (`support/net_peer.rs`; the frontend is what is under test) is hot-plugged, the guest's
-//!   stock drivers see eth0 with the peer's MAC and MTU, the guest's DHCP DISCOVER reaches the
-//!   peer through guest memory (TX ring, kick ioeventfd), offloads and multi-queue offered by
-//!   the peer are never acked, and the unplug removes eth0. (The RX ring and the call irqfd are
-//!   proven by the cold-plug test: the guest gets its lease from the card.)
+//! * `net_hot_plug_and_unplug_in_a_running_guest` (one boot): the real card,
+//!   `bulkhead-netcard vhost`, is hot-plugged; the guest's stock drivers see eth0 with the
+//!   card's MAC and MTU and get a DHCP lease from it (both rings, the kick ioeventfds and the
+//!   call irqfds), and the unplug (the guest resets the device, the card stops its rings)
+//!   removes eth0.
+//! * `a_net_card_that_stops_answering_cannot_stall_the_hypervisor` (one boot): a test-only
+//!   card that hangs (`support/mute_peer.rs`): one that never answers the handshake is refused
+//!   as `Unresponsive` within the bound; one that hangs when the guest resets the device makes
+//!   the detach end with `OpStatus::Failed(Unresponsive)` within the bound while `Stats` keeps
+//!   answering, its connection is shut down, the guest finishes its reset and runs on, and the
+//!   slot takes a card again. Offloads and multi-queue it offers are never acked.
 //! * `net_cold_plug_with_the_net_card` (one boot): `bulkhead-netcard vhost` (the real card) on
 //!   `run --net`: the guest boots with eth0, the card's MAC, a network-class PCI function, and
 //!   a DHCP lease from the card (BULKHEAD-NET-UP).
 
 mod common;
+#[path = "support/mute_peer.rs"]
+mod mute_peer;
 #[path = "support/net_peer.rs"]
 mod net_peer;
 
@@ -23,9 +30,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
-use bulkhead_channel::{BackendFailure, Command, CommandError, DeviceId, Reply, VmState};
+use bulkhead_channel::{BackendFailure, Command, CommandError, DeviceId, OpStatus, Reply, VmState};
 use bulkhead_hypervisor_client::{ClientError, Hypervisor, VmSpec};
 use common::*;
+use mute_peer::{Mute, MutePeer};
 use net_peer::{NetPeer, PeerSpec};
 
 const STEP_TIMEOUT: Duration = Duration::from_secs(300);
@@ -230,19 +238,25 @@ fn net_hot_plug_and_unplug_in_a_running_guest() {
     let Some((kernel, initrd)) = guest_or_skip("net_hot_plug_and_unplug_in_a_running_guest") else {
         return;
     };
+    let Some(bin) = netcard_bin() else {
+        bulkhead_testkit::skip_or_fail(
+            "net_hot_plug_and_unplug_in_a_running_guest: bulkhead-netcard with `vhost` mode is \
+             not built next to the hypervisor (cargo build --release -p bulkhead-netcard)",
+        );
+        return;
+    };
     let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
-    let mac = [0x02, 0x00, 0x0a, 0x00, 0x01, 0x2a];
-    let peer = NetPeer::start(dir.path(), "peer.sock", PeerSpec::good(mac));
-    // The guest waits for eth0, reports it, sends one DHCP DISCOVER (one exec), then waits for
-    // eth0 to go. Shell builtins otherwise.
+    let card = start_card(&bin, dir.path(), "02:00:0a:00:01:2a", "10.0.1.42/24", 1);
+    // The guest waits for eth0, reports it, gets a lease from the card (both rings and both
+    // eventfds), then waits for eth0 to go. Shell builtins otherwise.
     let script = "echo nh-waiting\n\
         while [ ! -e /sys/class/net/eth0/address ]; do :; done\n\
         read -r a </sys/class/net/eth0/address; echo nh-mac:$a\n\
         read -r m </sys/class/net/eth0/mtu; echo nh-mtu:$m\n\
         for d in /sys/bus/pci/devices/*; do read -r v <$d/vendor; read -r c <$d/class; echo nh-pci:$v:$c; done\n\
-        udhcpc -i eth0 -f -q -n -t 1 -T 1 -s /etc/udhcpc.script >/dev/null 2>&1\n\
-        echo nh-dhcp-tried\n\
+        udhcpc -i eth0 -f -q -n -t 4 -T 3 -s /etc/udhcpc.script >/dev/null 2>&1\n\
+        l=none; [ ! -e /tmp/bulkhead-net ] || read -r l </tmp/bulkhead-net; echo nh-lease:$l\n\
         while [ -e /sys/class/net/eth0 ]; do :; done\n\
         echo nh-gone\n\
         while :; do read -r x </proc/uptime; done\n";
@@ -258,7 +272,11 @@ fn net_hot_plug_and_unplug_in_a_running_guest() {
     assert_eq!(counts(&mut hv), (0, 0));
 
     let nic = id("eni-hot");
-    let r = attach_net(&mut hv, &peer, &nic).expect("attach");
+    let s = std::os::unix::net::UnixStream::connect(&card.sock).expect("connect to the card");
+    let r = hv
+        .call(Command::AttachNet { id: nic.clone() }, Some(s.as_raw_fd()))
+        .expect("attach");
+    drop(s);
     assert_eq!(
         r,
         Reply::Device {
@@ -268,9 +286,9 @@ fn net_hot_plug_and_unplug_in_a_running_guest() {
         "the guest's virtio-net driver did not bind; console:\n{seen}"
     );
     assert_eq!(counts(&mut hv), (0, 1));
-    wait_console(&mut hv, &mut seen, &mut cursor, "nh-dhcp-tried");
+    wait_console(&mut hv, &mut seen, &mut cursor, "nh-lease:");
     assert!(
-        seen.contains(&format!("nh-mac:{}", mac_text(mac))),
+        seen.contains("nh-mac:02:00:0a:00:01:2a"),
         "the guest's eth0 must carry the card's MAC:\n{seen}"
     );
     assert!(seen.contains("nh-mtu:1400"), "the card's MTU:\n{seen}");
@@ -278,10 +296,123 @@ fn net_hot_plug_and_unplug_in_a_running_guest() {
         seen.contains("nh-pci:0x1af4:0x020000"),
         "a virtio network-class PCI function:\n{seen}"
     );
+    assert!(
+        seen.contains("nh-lease:up 10.0.1.42/24"),
+        "no DHCP lease from the hot-plugged card (RX and TX through guest memory):\n{seen}"
+    );
 
-    // What the frontend set on the backend: VERSION_1 and MAC, never an offload, the control
-    // queue or multi-queue (all offered by the peer).
-    let acked = peer.acked_features();
+    // While plugged: kinds are not interchangeable.
+    assert!(matches!(
+        hv.call(Command::DetachBlock { id: nic.clone() }, None),
+        Err(ClientError::Refused(CommandError::WrongDeviceKind))
+    ));
+    // Unplug: the guest's driver resets the NIC (the card stops its rings and answers) and
+    // eth0 disappears.
+    let t = Instant::now();
+    assert_eq!(
+        hv.call(Command::DetachNet { id: nic.clone() }, None)
+            .expect("detach"),
+        Reply::Device {
+            state: VmState::Running,
+            guest_acknowledged: true
+        },
+        "console:\n{seen}"
+    );
+    eprintln!("detach took {:?}", t.elapsed());
+    wait_console(&mut hv, &mut seen, &mut cursor, "nh-gone");
+    assert_eq!(counts(&mut hv), (0, 0));
+    assert_eq!(failed(&mut hv), 0, "a card that answered is not failed");
+    hv.shutdown().expect("shutdown");
+    drop(card);
+}
+
+fn failed(hv: &mut Hypervisor) -> u32 {
+    match hv.call(Command::Stats, None).expect("stats") {
+        Reply::Stats { stats, .. } => stats.failed_devices,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Longest the hypervisor may take to give up on a silent card (its bound is 5 s per request
+/// sequence; this leaves room for a slow CI host).
+const GIVE_UP: Duration = Duration::from_secs(15);
+
+#[test]
+fn a_net_card_that_stops_answering_cannot_stall_the_hypervisor() {
+    let Some((kernel, initrd)) = guest_or_skip("a_net_card_that_stops_answering") else {
+        return;
+    };
+    let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mac = [0x02, 0x00, 0x0a, 0x00, 0x01, 0x33];
+    let features = PeerSpec::good(mac).features;
+    let silent = MutePeer::start(dir.path(), "silent.sock", mac, features, Mute::FromStart);
+    let hangs = MutePeer::start(dir.path(), "hangs.sock", mac, features, Mute::AtRingStop);
+    let script = "echo ms-waiting\n\
+        while [ ! -e /sys/class/net/eth0/address ]; do :; done\n\
+        read -r a </sys/class/net/eth0/address; echo ms-mac:$a\n\
+        echo ms-bound\n\
+        while [ -e /sys/class/net/eth0 ]; do :; done\n\
+        echo ms-gone\n\
+        n=0; while :; do n=$((n+1)); echo ms-alive-$n; read -r x </proc/uptime; sleep 1; done\n";
+    let cmdline = format!(
+        "{} bulkhead.nonet {}",
+        GUEST_ARGS.replace(" quiet", ""),
+        run_arg(script)
+    );
+    let mut hv = Hypervisor::spawn(&spec(kernel, initrd, cmdline)).expect("spawn");
+    let (mut seen, mut cursor) = (String::new(), 0u64);
+    hv.call(Command::Start, None).expect("start");
+    wait_console(&mut hv, &mut seen, &mut cursor, "ms-waiting");
+
+    // A card that never answers the handshake: refused, typed, bounded, nothing plugged.
+    let nic = id("eni-mute");
+    let t = Instant::now();
+    let s = silent.connect();
+    let r = hv.call(Command::AttachNet { id: nic.clone() }, Some(s.as_raw_fd()));
+    drop(s);
+    assert!(
+        matches!(
+            r,
+            Err(ClientError::Refused(CommandError::Backend(
+                BackendFailure::Unresponsive
+            )))
+        ),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < GIVE_UP, "gave up after {:?}", t.elapsed());
+    assert_eq!(counts(&mut hv), (0, 0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !silent.cut() {
+        assert!(
+            Instant::now() < deadline,
+            "the silent card's connection was not shut down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A card that answers until the guest resets the device, then hangs.
+    let s = hangs.connect();
+    let r = hv
+        .call(Command::AttachNet { id: nic.clone() }, Some(s.as_raw_fd()))
+        .expect("attach");
+    drop(s);
+    assert_eq!(
+        r,
+        Reply::Device {
+            state: VmState::Running,
+            guest_acknowledged: true
+        },
+        "console:\n{seen}"
+    );
+    wait_console(&mut hv, &mut seen, &mut cursor, "ms-bound");
+    assert!(
+        seen.contains(&format!("ms-mac:{}", mac_text(mac))),
+        "{seen}"
+    );
+    // What the frontend set on the card: VERSION_1 and MAC, never an offload, the control
+    // queue or multi-queue (all offered by the card).
+    let acked = hangs.acked_features();
     assert_ne!(acked & net_peer::VERSION_1, 0, "{acked:#x}");
     assert_ne!(acked & net_peer::NET_F_MAC, 0, "{acked:#x}");
     for (bit, name) in [
@@ -293,34 +424,71 @@ fn net_hot_plug_and_unplug_in_a_running_guest() {
     ] {
         assert_eq!(acked & bit, 0, "{name} reached the card: {acked:#x}");
     }
-    // TX: the guest's DISCOVER reached the peer through guest memory, from the card's MAC.
-    let frames = peer.tx_frames();
-    assert!(
-        frames
-            .iter()
-            .any(|f| f.len() >= 14 && f[6..12] == mac && f[12..14] == [0x08, 0x00]),
-        "no IPv4 frame from {}: {} frames; console:\n{seen}",
-        mac_text(mac),
-        frames.len()
-    );
+    assert!(!hangs.muted());
 
-    // While plugged: kinds are not interchangeable.
-    assert!(matches!(
-        hv.call(Command::DetachBlock { id: nic.clone() }, None),
-        Err(ClientError::Refused(CommandError::WrongDeviceKind))
-    ));
-    // Unplug: the guest's driver lets the NIC go and eth0 disappears.
+    // Unplug: the guest resets the device, the card never answers GET_VRING_BASE. The command
+    // loop keeps answering meanwhile, the operation ends within the bound with a typed
+    // failure, and the card is out.
+    let t = Instant::now();
+    let op = hv
+        .channel()
+        .submit(Command::DetachNet { id: nic.clone() }, None)
+        .expect("detach accepted");
+    let status = loop {
+        let q = Instant::now();
+        let stats = hv.channel().exchange(Command::Stats, None);
+        assert!(
+            matches!(
+                stats,
+                Ok(Reply::Stats {
+                    state: VmState::Running,
+                    ..
+                })
+            ),
+            "{stats:?}"
+        );
+        assert!(
+            q.elapsed() < Duration::from_secs(2),
+            "Stats took {:?} while the card hung",
+            q.elapsed()
+        );
+        match hv.channel().op_status(op).expect("op status") {
+            OpStatus::Pending => {}
+            done => break done,
+        }
+        assert!(
+            t.elapsed() < GIVE_UP,
+            "detach still pending after {:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("detach of a hung card ended after {:?}", t.elapsed());
+    assert!(hangs.muted(), "the card never got GET_VRING_BASE");
     assert_eq!(
-        hv.call(Command::DetachNet { id: nic.clone() }, None)
-            .expect("detach"),
-        Reply::Device {
+        status,
+        OpStatus::Failed {
             state: VmState::Running,
-            guest_acknowledged: true
-        },
-        "console:\n{seen}"
+            failure: BackendFailure::Unresponsive
+        }
     );
-    wait_console(&mut hv, &mut seen, &mut cursor, "nh-gone");
+    assert!(hangs.cut(), "the hung card's connection was not shut down");
     assert_eq!(counts(&mut hv), (0, 0));
+    assert_eq!(failed(&mut hv), 0, "the failed card is out");
+    // The guest finished its reset and runs on.
+    wait_console(&mut hv, &mut seen, &mut cursor, "ms-gone");
+    wait_console(&mut hv, &mut seen, &mut cursor, "ms-alive-3");
+    // And the slot takes a card again.
+    let s = hangs.connect();
+    let r = hv.call(
+        Command::AttachNet {
+            id: id("eni-again"),
+        },
+        Some(s.as_raw_fd()),
+    );
+    drop(s);
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(counts(&mut hv), (0, 1));
     hv.shutdown().expect("shutdown");
 }
 
@@ -350,12 +518,12 @@ impl Drop for Card {
 
 /// Starts a card serving `mac`/`ip` with a development key file and waits for its vhost-user
 /// socket.
-fn start_card(bin: &Path, dir: &Path, mac: &str, ip: &str) -> Card {
+fn start_card(bin: &Path, dir: &Path, mac: &str, ip: &str, port_offset: u32) -> Card {
     let key = dir.join("epoch.key");
     std::fs::write(&key, [7u8; 32]).expect("key");
     let sock = dir.join("card.sock");
     let control = dir.join("card.ctl");
-    let port = 40000 + (std::process::id() % 20000);
+    let port = 40000 + (std::process::id() % 20000) + port_offset;
     let child = Proc::new(bin)
         .arg("vhost")
         .arg("--vhost-socket")
@@ -396,7 +564,7 @@ fn net_cold_plug_with_the_net_card() {
     };
     let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
-    let card = start_card(&bin, dir.path(), "02:00:0a:00:01:05", "10.0.1.5/24");
+    let card = start_card(&bin, dir.path(), "02:00:0a:00:01:05", "10.0.1.5/24", 0);
     let script = "read -r a </sys/class/net/eth0/address; echo nc-mac:$a\n\
         read -r m </sys/class/net/eth0/mtu; echo nc-mtu:$m\n\
         for d in /sys/bus/pci/devices/*; do read -r v <$d/vendor; read -r c <$d/class; echo nc-pci:$v:$c; done\n";
