@@ -2,8 +2,9 @@
 //! real guests, each with a real `bulkhead-netcard vhost` card launched by its launcher with a
 //! sealed VPC epoch key and plugged in before boot (cold). The guests get DHCP leases from their
 //! cards; guest 1 sends a marker over TCP to guest 2 through the sealed tunnel, guest 2 prints
-//! it. Then: the per-interface counters in /v1/metrics, a card killed -9 is restarted by the
-//! controller (audited), and terminate reaps every card and leaves no sealed key on disk.
+//! it. A second test (no boot needed) covers the card's lifecycle: the per-interface counters in
+//! /v1/metrics, a card killed -9 restarted by the controller (audited, same port, current
+//! routes), and terminate reaping every card and leaving no sealed key on disk.
 //!
 //! Needs /dev/kvm, the test guest with networking in `target/guest` and the release binaries of
 //! the hypervisor and the net card next to the controller's (else `*** SKIPPED`).
@@ -199,7 +200,7 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
             2,
             "10.0.1.6",
             "02:00:00:00:01:06",
-            "nc -l -p 7000 >/tmp/g;echo GOT=$(cat /tmp/g)".to_string(),
+            "nc -l -p 7000 -w 60 >/tmp/g;read -r g </tmp/g;echo GOT=$g".to_string(),
         ),
     ];
     let mut endpoints = Vec::new();
@@ -263,6 +264,113 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
         std::thread::sleep(Duration::from_secs(3));
     }
 
+    for id in ["i-send", "i-recv"] {
+        api.ok("POST", &format!("/v1/instances/{id}/terminate"), "");
+    }
+}
+
+/// A host daemon with a fresh host key in its state directory, and an epoch-1 key of VPC 7
+/// sealed to that host key (hex).
+fn host_with_key(dir: &Path) -> (Daemon, String) {
+    bulkhead_tokens::statedir::StateDir::new(dir)
+        .ensure_dev(HOST)
+        .unwrap();
+    let host = HostKey::generate().unwrap();
+    let p = dir.join("host.key");
+    std::fs::File::create(&p)
+        .unwrap()
+        .write_all(host.to_file_bytes().unwrap().as_ref())
+        .unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let base = 20000 + (std::process::id() % 20000) as u16 + 100;
+    let g = guest_dir();
+    let d = Daemon::start_with(
+        dir,
+        &[
+            "--backend",
+            "host",
+            "--guest-dir",
+            g.to_str().unwrap(),
+            "--net-host-ip",
+            "127.0.0.1",
+            "--net-port-base",
+            &base.to_string(),
+        ],
+    );
+    let mut k = [0u8; 32];
+    bulkhead_sealing::fill_random(&mut k).unwrap();
+    let sealed = hex::encode(seal_epoch_key(host.public(), VpcId(7), KeyEpoch(1), &k).unwrap());
+    (d, sealed)
+}
+
+/// The card's lifecycle without booting a guest: cold-plugged into a created VM, counted in
+/// /v1/metrics, restarted after kill -9 with its port and current routes (audited), a key for
+/// the wrong VPC refused by the card, and every card reaped at terminate.
+#[test]
+fn net_cards_are_restarted_counted_and_reaped() {
+    if !can_run("net_cards_are_restarted_counted_and_reaped") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (d, sealed) = host_with_key(dir.path());
+    let api = Api {
+        d: &d,
+        c: d.client("customer"),
+    };
+    // A key sealed for this VPC opens only in this VPC's cards: an instance of VPC 8 given it
+    // has no card (the card refuses the blob and never comes up).
+    let body = serde_json::json!({
+        "instance_id": "i-other", "image": "test-guest", "vcpus": 1, "memory_mib": 128,
+        "network": {"vpc": 8, "card_id": 1, "mac": "02:00:00:00:08:01", "ip": "10.8.0.5",
+                    "prefix": 24, "allow": [], "routes": []},
+    });
+    api.ok("POST", "/v1/instances", &body.to_string());
+    let r = api.call(
+        "POST",
+        "/v1/instances/i-other/network",
+        &serde_json::json!({"epoch": 1, "sealed_epoch_key": sealed}).to_string(),
+    );
+    assert_eq!((r.status, r.code()), (400, "net_card_refused"));
+    assert!(netcard_pids("net-i-other").is_empty());
+    // (This host has room for two instances.)
+    api.ok("POST", "/v1/instances/i-other/terminate", "");
+    let mut endpoints = Vec::new();
+    for (id, card, ip) in [("i-send", 1, "10.0.1.5"), ("i-recv", 2, "10.0.1.6")] {
+        let body = serde_json::json!({
+            "instance_id": id, "image": "test-guest", "vcpus": 1, "memory_mib": 128,
+            "network": {"vpc": 7, "card_id": card, "mac": format!("02:00:00:00:01:0{card}"),
+                        "ip": ip, "prefix": 24, "allow": ["icmp:10.0.0.0/16"], "routes": []},
+        });
+        api.ok("POST", "/v1/instances", &body.to_string());
+        let r = api.ok(
+            "POST",
+            &format!("/v1/instances/{id}/network"),
+            &serde_json::json!({"epoch": 1, "sealed_epoch_key": sealed}).to_string(),
+        );
+        endpoints.push(r.json["net_endpoint"].as_str().unwrap().to_string());
+    }
+    // The routes/rules relay reaches the card and a refusal comes back typed.
+    api.ok(
+        "PUT",
+        "/v1/instances/i-recv/network/routes",
+        &serde_json::json!({"routes": [format!("10.0.1.5=1@{}", endpoints[0])]}).to_string(),
+    );
+    let r = api.call(
+        "PUT",
+        "/v1/instances/i-recv/network/routes",
+        &serde_json::json!({"routes": [format!("10.0.1.7=2@{}", endpoints[0])]}).to_string(),
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "net_card_refused"),
+        "a route to the card itself"
+    );
+    api.ok(
+        "PUT",
+        "/v1/instances/i-recv/network/rules",
+        &serde_json::json!({"allow": ["tcp:7000:10.0.0.0/16"]}).to_string(),
+    );
+
     // Counters, numbers only, per interface.
     let m = metrics(&d);
     for id in ["i-send", "i-recv"] {
@@ -315,4 +423,6 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
     // The audit log holds no sealed key.
     let raw = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
     assert!(!raw.contains(&sealed[..32]));
+    // The counters said the card updated its tables.
+    assert!(m.contains("counter=\"route_updates\"} 1"), "{m}");
 }
