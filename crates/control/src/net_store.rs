@@ -524,9 +524,18 @@ fn insert_group(db: &mut dyn Db, g: &SecurityGroupRow) -> Result<(), RepoError> 
             V::I(i(g.created)),
         ],
     ) {
-        Err(RepoError::Conflict) => Err(refused(NetRefusal::DuplicateGroupName)),
-        r => r.map(|_| ()),
+        Err(RepoError::Conflict) => return Err(refused(NetRefusal::DuplicateGroupName)),
+        r => r?,
+    };
+    for (n, r) in g.ingress.iter().enumerate() {
+        let mut p = rule_params(&g.group_id, r);
+        p.push(V::I(i64::try_from(n).unwrap_or(0).saturating_add(1)));
+        db.exec(
+            "INSERT INTO sg_ingress (group_id, protocol, from_port, to_port, cidr, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            &p,
+        )?;
     }
+    Ok(())
 }
 
 fn insert_subnet(db: &mut dyn Db, s: &SubnetRow) -> Result<(), RepoError> {

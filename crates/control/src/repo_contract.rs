@@ -258,9 +258,23 @@ fn net_contract(r: &dyn Repository) {
                 is_default: true,
                 ..subnet("subnet-d", "t-na", "vpc-d", "172.31.0.0/20")
             }),
-            &group("sg-d0", "t-na", "vpc-d", "default"),
+            &SecurityGroupRow {
+                ingress: vec![IngressRule::new(Protocol::All, None, cidr("172.31.0.0/16")).unwrap()],
+                ..group("sg-d0", "t-na", "vpc-d", "default")
+            },
         )
         .unwrap();
+    let d0 = r
+        .security_groups("t-na")
+        .unwrap()
+        .into_iter()
+        .find(|g| g.group_id == "sg-d0")
+        .unwrap();
+    assert_eq!(
+        d0.ingress.len(),
+        1,
+        "a new VPC's group keeps the rules it was made with"
+    );
     assert_eq!(r.default_vpc("t-na").unwrap(), Some(d.clone()));
     assert!(r.default_vpc("t-nb").unwrap().is_none());
     assert_eq!(

@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 
 use crate::api::{GroupCreate, IngressChange, SubnetCreate, VpcCreate};
 use crate::net::{
-    Cidr, InterfaceRow, SecurityGroupRow, SubnetRow, VpcRow, DEFAULT_GROUP_NAME,
-    DEFAULT_SUBNET_CIDR, DEFAULT_VPC_CIDR,
+    Cidr, IngressRule, InterfaceRow, Protocol, SecurityGroupRow, SubnetRow, VpcRow,
+    DEFAULT_GROUP_NAME, DEFAULT_SUBNET_CIDR, DEFAULT_VPC_CIDR,
 };
 use crate::net_store::NetRefusal;
 use crate::repo::RepoError;
@@ -76,16 +76,22 @@ pub(crate) fn add_interface_json(out: &mut Value, i: &InterfaceRow, groups: &[Se
     o.insert("SecurityGroups".into(), Value::Array(sgs));
 }
 
-fn default_group(tenant: &str, vpc_id: &str, t: u64) -> SecurityGroupRow {
+/// A VPC's `default` group. AWS's default group lets in all traffic from its own members; the
+/// net card filters by source block, not group, so here it lets in all traffic from the VPC's
+/// own block (only this tenant's instances can have an address there: other VPCs' frames never
+/// reach the card, as their keys differ).
+fn default_group(tenant: &str, vpc: &VpcRow) -> SecurityGroupRow {
     SecurityGroupRow {
         group_id: new_id("sg"),
         tenant_id: tenant.to_string(),
-        vpc_id: vpc_id.to_string(),
+        vpc_id: vpc.vpc_id.clone(),
         group_name: DEFAULT_GROUP_NAME.to_string(),
         description: "default VPC security group".to_string(),
         is_default: true,
-        ingress: Vec::new(),
-        created: t,
+        ingress: IngressRule::new(Protocol::All, None, vpc.cidr)
+            .into_iter()
+            .collect(),
+        created: vpc.created,
     }
 }
 
@@ -128,7 +134,7 @@ impl ControlPlane {
         v: VpcRow,
         subnet: Option<SubnetRow>,
     ) -> Result<VpcRow, ControlError> {
-        let group = default_group(&v.tenant_id, &v.vpc_id, v.created);
+        let group = default_group(&v.tenant_id, &v);
         let row = self.repo.create_vpc(&v, subnet.as_ref(), &group)?;
         if let Err(e) = self.create_vpc_key(c, &row).await {
             if let Some(s) = &subnet {

@@ -53,6 +53,11 @@ fn vpc_crud_checks_every_value_and_changes_nothing_on_bad_input() {
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0]["GroupName"], "default");
     assert_eq!(groups[0]["VpcId"], json!(vpc_id));
+    // It lets in what comes from the VPC's own block (AWS: from its own members).
+    assert_eq!(
+        groups[0]["IpPermissions"],
+        json!([{"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/16"}]}])
+    );
 
     for (cidr, want) in [
         ("10.0.0.0/8", "bad_prefix_length"),
