@@ -32,7 +32,7 @@ FABRIC=$(j 'd["fabric"]["ns"]' <"$DIR/cluster.json")
 say "Act: the VPC — two hosts joined by a data network ($FABRIC); every guest frame between them sealed by the net cards"
 "$BIN/bulkhead-control" create-customer --config "$DIR/control.toml" --tenant acme --out "$DIR/acme.json" >/dev/null
 ec2() { BULKHEAD_CLUSTER="$DIR" BULKHEAD_CREDENTIALS="$DIR/acme.json" "$BIN/bulkhead" ec2 "$@"; }
-run() { echo "\$ bulkhead ec2 $*" | cut -c1-150; ec2 "$@"; }
+run() { echo "\$ bulkhead ec2 $*" | cut -c1-150 >&2; ec2 "$@"; }
 
 VPC=$(run create-vpc --cidr-block 10.0.0.0/16 | tee /dev/stderr | j 'd["Vpc"]["VpcId"]')
 SUBNET=$(run create-subnet --vpc-id "$VPC" --cidr-block 10.0.1.0/24 | tee /dev/stderr | j 'd["Subnet"]["SubnetId"]')
