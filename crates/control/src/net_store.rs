@@ -348,15 +348,44 @@ impl SqliteRepo {
     }
 }
 
+impl SqliteRepo {
+    /// A read: the same transaction (SQLite has one connection anyway).
+    fn net_read<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Db) -> Result<T, RepoError>,
+    ) -> Result<T, RepoError> {
+        self.net(f)
+    }
+}
+
 impl PgRepo {
+    /// A change: one transaction under the network lock every replica takes.
     fn net<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Db) -> Result<T, RepoError> + Send + 'static,
     ) -> Result<T, RepoError> {
+        self.net_tx(true, f)
+    }
+
+    /// A read: one transaction (a consistent view), without the lock.
+    fn net_read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Db) -> Result<T, RepoError> + Send + 'static,
+    ) -> Result<T, RepoError> {
+        self.net_tx(false, f)
+    }
+
+    fn net_tx<T: Send + 'static>(
+        &self,
+        lock: bool,
+        f: impl FnOnce(&mut dyn Db) -> Result<T, RepoError> + Send + 'static,
+    ) -> Result<T, RepoError> {
         self.run(move |c| {
             let mut tx = c.transaction().map_err(pg_err)?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&NET_LOCK])
-                .map_err(pg_err)?;
+            if lock {
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&NET_LOCK])
+                    .map_err(pg_err)?;
+            }
             let r = f(&mut Pg(&mut tx))?;
             tx.commit().map_err(pg_err)?;
             Ok(r)
@@ -869,15 +898,15 @@ macro_rules! net_store {
             }
             fn vpcs(&self, tenant: &str) -> Result<Vec<VpcRow>, RepoError> {
                 let tn = t(tenant);
-                self.net(move |db| vpcs_where(db, "tenant_id = ?1", &[tn]))
+                self.net_read(move |db| vpcs_where(db, "tenant_id = ?1", &[tn]))
             }
             fn vpc(&self, tenant: &str, id: &str) -> Result<Option<VpcRow>, RepoError> {
                 let (tn, id) = (tenant.to_string(), id.to_string());
-                self.net(move |db| one_vpc(db, &tn, &id))
+                self.net_read(move |db| one_vpc(db, &tn, &id))
             }
             fn default_vpc(&self, tenant: &str) -> Result<Option<VpcRow>, RepoError> {
                 let tn = t(tenant);
-                self.net(move |db| {
+                self.net_read(move |db| {
                     Ok(
                         vpcs_where(db, "tenant_id = ?1 AND is_default = ?2", &[tn, V::B(true)])?
                             .into_iter()
@@ -895,7 +924,7 @@ macro_rules! net_store {
             }
             fn subnets(&self, tenant: &str) -> Result<Vec<SubnetRow>, RepoError> {
                 let tn = t(tenant);
-                self.net(move |db| subnets_where(db, "tenant_id = ?1", &[tn]))
+                self.net_read(move |db| subnets_where(db, "tenant_id = ?1", &[tn]))
             }
             fn delete_subnet(&self, tenant: &str, id: &str) -> Result<(), RepoError> {
                 let (tn, id) = (tenant.to_string(), id.to_string());
@@ -907,7 +936,7 @@ macro_rules! net_store {
             }
             fn security_groups(&self, tenant: &str) -> Result<Vec<SecurityGroupRow>, RepoError> {
                 let tn = t(tenant);
-                self.net(move |db| groups_where(db, "tenant_id = ?1", &[tn]))
+                self.net_read(move |db| groups_where(db, "tenant_id = ?1", &[tn]))
             }
             fn change_ingress(
                 &self,
@@ -936,7 +965,7 @@ macro_rules! net_store {
             }
             fn interfaces(&self, tenant: &str) -> Result<Vec<InterfaceRow>, RepoError> {
                 let tn = t(tenant);
-                self.net(move |db| interfaces_where(db, "tenant_id = ?1", &[tn]))
+                self.net_read(move |db| interfaces_where(db, "tenant_id = ?1", &[tn]))
             }
             fn set_interface_endpoint(
                 &self,
