@@ -62,7 +62,8 @@ pub struct RunInstances {
     /// first use).
     #[serde(rename = "SubnetId", default)]
     pub subnet_id: Option<String>,
-    /// Security groups of the subnet's VPC; empty: the VPC's `default` group.
+    /// Security groups of the subnet's VPC (of the default VPC without `SubnetId`); empty: the
+    /// VPC's `default` group.
     #[serde(rename = "SecurityGroupIds", default)]
     pub security_group_ids: Vec<String>,
 }
@@ -465,10 +466,6 @@ impl ControlRequest {
                 if r.security_group_ids.len() > crate::net::MAX_GROUPS_PER_INSTANCE {
                     return Err(ControlError::BadShape);
                 }
-                if r.subnet_id.is_none() && !r.security_group_ids.is_empty() {
-                    // Groups belong to a VPC; without a subnet there is none to check them in.
-                    return Err(ControlError::BadShape);
-                }
                 ControlRequest::RunInstances(r)
             }
             "DescribeInstances" | "StopInstances" | "StartInstances" | "TerminateInstances" => {
@@ -850,10 +847,18 @@ mod tests {
             ),
             "ok"
         );
+        // Groups without a subnet: the default subnet's VPC must hold them (checked at run).
         assert_eq!(
             code(
                 "RunInstances",
                 r#"{"ImageId":"img","SecurityGroupIds":["sg-1"]}"#
+            ),
+            "ok"
+        );
+        assert_eq!(
+            code(
+                "RunInstances",
+                r#"{"ImageId":"img","SecurityGroupIds":["a","b","c","d","e","f"]}"#
             ),
             "bad_parameter"
         );

@@ -440,6 +440,13 @@ fn instances_get_unique_private_addresses_released_on_terminate_and_a_default_vp
         n_before,
         "a refused RunInstances leaves no instance"
     );
+    refused(
+        &a,
+        "RunInstances",
+        json!({"ImageId": "img-1", "SecurityGroupIds": [web]}),
+        400,
+        "security_group_in_other_vpc",
+    );
     let w = a.ok(
         "RunInstances",
         json!({"ImageId": "img-1", "SubnetId": small, "SecurityGroupIds": [web]}),

@@ -59,7 +59,7 @@ pub enum Ec2Action {
         #[arg(long)]
         subnet_id: Option<String>,
         /// Security groups of the subnet's VPC (default: the VPC's `default` group).
-        #[arg(long, num_args = 1.., requires = "subnet_id")]
+        #[arg(long, num_args = 1..)]
         security_group_ids: Vec<String>,
         #[arg(long)]
         client_token: Option<String>,
