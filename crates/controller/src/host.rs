@@ -1189,6 +1189,11 @@ impl VolumeBackend for HostBackend {
                 }
             }
             Ok(_) | Err(ClientError::Refused(CommandError::NoSuchDevice)) => {}
+            // The card died (or stopped answering) during the unplug: the disk is out of the
+            // VM all the same, so the detach goes on and the card is reaped below.
+            Err(ClientError::BackendFailed { failure, .. }) => {
+                tracing::warn!(instance = %instance, volume = %volume, ?failure, "the disk's card failed during the unplug; detached anyway");
+            }
             Err(e) => return Err(channel_err("detach block")(e)),
         }
         if let Some(att) = g.volumes.remove(volume.as_str()) {
