@@ -314,6 +314,9 @@ fn net_cards_are_restarted_counted_and_reaped() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (d, sealed) = host_with_key(dir.path());
+    // Cards of this test only (the other test of this file runs cards of the same names).
+    let run_dir = dir.path().join("run");
+    let mine = |name: &str| format!("{}/net-{name}", run_dir.display());
     let api = Api {
         d: &d,
         c: d.client("customer"),
@@ -332,7 +335,7 @@ fn net_cards_are_restarted_counted_and_reaped() {
         &serde_json::json!({"epoch": 1, "sealed_epoch_key": sealed}).to_string(),
     );
     assert_eq!((r.status, r.code()), (400, "net_card_refused"));
-    assert!(netcard_pids("net-i-other").is_empty());
+    assert!(netcard_pids(&mine("i-other")).is_empty());
     // (This host has room for two instances.)
     api.ok("POST", "/v1/instances/i-other/terminate", "");
     let mut endpoints = Vec::new();
@@ -384,12 +387,12 @@ fn net_cards_are_restarted_counted_and_reaped() {
     assert!(!m.contains("10.0.1."), "addresses in metrics");
 
     // kill -9 the receiver's card: the controller restarts it (same port) and audits it.
-    let old = netcard_pids("net-i-recv");
+    let old = netcard_pids(&mine("i-recv"));
     assert_eq!(old.len(), 1, "{old:?}");
     // SAFETY: kill has no memory-safety preconditions; `old[0]` is a net card of this test.
     unsafe { libc::kill(old[0], libc::SIGKILL) };
     wait_until("net card restart", || {
-        let now = netcard_pids("net-i-recv");
+        let now = netcard_pids(&mine("i-recv"));
         now.len() == 1 && now[0] != old[0]
     });
     wait_until("RestartNetCard audit", || {
@@ -399,7 +402,7 @@ fn net_cards_are_restarted_counted_and_reaped() {
                 && r["entry"]["resources"][0] == "instance:i-recv"
         })
     });
-    let new = netcard_pids("net-i-recv");
+    let new = netcard_pids(&mine("i-recv"));
     let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", new[0])).unwrap())
         .replace('\0', " ");
     assert!(cmd.contains(&format!("--listen={}", endpoints[1])), "{cmd}");
@@ -414,7 +417,7 @@ fn net_cards_are_restarted_counted_and_reaped() {
         let r = api.ok("GET", &format!("/v1/instances/{id}"), "");
         assert!(r.json.get("net_endpoint").is_none(), "{}", r.json);
     }
-    wait_until("cards reaped", || netcard_pids("net-i-").is_empty());
+    wait_until("cards reaped", || netcard_pids(&mine("i-")).is_empty());
     let left: Vec<String> = std::fs::read_dir(dir.path().join("run"))
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
