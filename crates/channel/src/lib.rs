@@ -133,6 +133,14 @@ pub enum Command {
     /// [`CommandError::WrongDeviceKind`] for a block device's id (and `DetachBlock` for a net
     /// device's).
     DetachNet { id: DeviceId },
+    /// Replace the backend of net device `id` in place with the card whose connected
+    /// vhost-user socket travels as SCM_RIGHTS (a restarted card): no reset and no hot-plug
+    /// event reach the guest, its driver keeps the same NIC. The new card must offer every
+    /// feature the guest acked ([`BackendFailure::FeatureMismatch`] otherwise) and show the
+    /// same MAC and MTU ([`BackendFailure::IdentityMismatch`]); a refusal changes nothing.
+    /// A running device's rings resume where the guest's used rings stand (buffers the dead
+    /// card held are lost). Not a long operation: answered with [`Reply::Done`].
+    ReconnectNet { id: DeviceId },
 }
 
 impl Command {
@@ -140,7 +148,7 @@ impl Command {
     pub fn wants_fd(&self) -> bool {
         matches!(
             self,
-            Command::AttachBlock { .. } | Command::AttachNet { .. }
+            Command::AttachBlock { .. } | Command::AttachNet { .. } | Command::ReconnectNet { .. }
         )
     }
 
@@ -162,7 +170,8 @@ impl Command {
             Command::AttachBlock { id, .. }
             | Command::DetachBlock { id }
             | Command::AttachNet { id }
-            | Command::DetachNet { id } => Some(id),
+            | Command::DetachNet { id }
+            | Command::ReconnectNet { id } => Some(id),
             _ => None,
         }
     }
@@ -290,6 +299,9 @@ pub enum BackendFailure {
     /// The backend did not answer (or read) a request within the hypervisor's bound; the
     /// hypervisor shut its connection down and will not use it again.
     Unresponsive,
+    /// A replacement card (`ReconnectNet`) shows another MAC or MTU than the one the guest
+    /// sees.
+    IdentityMismatch,
 }
 
 /// A request envelope.
@@ -581,6 +593,9 @@ mod tests {
             req(Command::DetachNet {
                 id: DeviceId::new("eni-1").expect("valid id"),
             }),
+            req(Command::ReconnectNet {
+                id: DeviceId::new("eni-1").expect("valid id"),
+            }),
         ]
     }
 
@@ -719,6 +734,55 @@ mod tests {
                     "tag {tag} id {bad:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn reconnect_net_carries_an_fd_is_short_and_names_a_checked_device() {
+        let id = DeviceId::new("eni-1").expect("valid id");
+        let c = Command::ReconnectNet { id: id.clone() };
+        assert!(c.wants_fd() && !c.is_long());
+        assert_eq!(c.device(), Some(&id));
+        // The tags of the commands before it did not move: ReconnectNet is tag 11.
+        let r = req(c);
+        let body = postcard::to_stdvec(&r).expect("encode");
+        let head = postcard::to_stdvec(&(VERSION, 7u64)).expect("encode");
+        assert_eq!(body.get(head.len()), Some(&11u8));
+        // A short command: id 0 is fine.
+        let zero = Request {
+            version: VERSION,
+            id: 0,
+            command: r.command.clone(),
+        };
+        assert!(Request::parse_frame(&zero.encode()).is_ok());
+        for bad in ["", "ETH0", "eth 0", "../x", &"n".repeat(33)] {
+            let mut body = head.clone();
+            body.push(11);
+            body.extend(postcard::to_stdvec(bad).expect("encode"));
+            assert_eq!(
+                Request::parse_body(&body),
+                Err(DecodeError::Body),
+                "{bad:?}"
+            );
+        }
+        let good = r.encode();
+        for cut in 0..good.len() {
+            assert!(Request::parse_frame(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = good;
+        long.push(0);
+        assert!(Request::parse_frame(&long).is_err());
+        // Its refusals round-trip.
+        for f in [
+            BackendFailure::IdentityMismatch,
+            BackendFailure::FeatureMismatch,
+        ] {
+            let resp = Response {
+                version: VERSION,
+                id: 7,
+                result: Err(CommandError::Backend(f)),
+            };
+            assert_eq!(Response::parse_frame(&resp.encode()), Ok(resp));
         }
     }
 

@@ -38,7 +38,11 @@ fn classify(c: &Command) -> Touches {
         }
         | Command::DetachBlock { id: _ }
         | Command::AttachNet { id: _ }
-        | Command::DetachNet { id: _ } => Touches::DevicePlumbing,
+        | Command::DetachNet { id: _ }
+        // Hands a running NIC a restarted card's socket. To resume the rings where they
+        // stand, the hypervisor reads each ring's used index (ring bookkeeping the guest's
+        // driver keeps for the device, 2 bytes per ring), never a packet, and returns none.
+        | Command::ReconnectNet { id: _ } => Touches::DevicePlumbing,
         Command::ReadConsole { cursor: _, max: _ } => Touches::ConsoleOutput,
         Command::Stats => Touches::Counters,
         Command::OpStatus { op: _ } => Touches::OperationStatus,
@@ -98,14 +102,17 @@ fn every_command() -> Vec<Command> {
         Command::DetachNet {
             id: DeviceId::new("eni-1").expect("id"),
         },
+        Command::ReconnectNet {
+            id: DeviceId::new("eni-1").expect("id"),
+        },
     ]
 }
 
 #[test]
 fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
     let all = every_command();
-    // Exactly these eleven, in this wire order (the postcard variant tag is the index).
-    assert_eq!(all.len(), 11);
+    // Exactly these twelve, in this wire order (the postcard variant tag is the index).
+    assert_eq!(all.len(), 12);
     let classes: Vec<Touches> = all.iter().map(classify).collect();
     assert_eq!(
         classes,
@@ -121,13 +128,15 @@ fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
             Touches::OperationStatus,
             Touches::DevicePlumbing,
             Touches::DevicePlumbing,
+            Touches::DevicePlumbing,
         ]
     );
-    // Only AttachBlock and AttachNet carry a descriptor, a socket the hypervisor hands on.
+    // Only AttachBlock, AttachNet and ReconnectNet carry a descriptor, a socket the
+    // hypervisor hands on.
     let with_fd: Vec<bool> = all.iter().map(Command::wants_fd).collect();
     assert_eq!(
         with_fd,
-        vec![false, false, false, false, true, false, false, false, false, true, false]
+        vec![false, false, false, false, true, false, false, false, false, true, false, true]
     );
     for (tag, c) in all.iter().enumerate() {
         let req = Request {
@@ -143,7 +152,7 @@ fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
     }
 }
 
-/// No tag past the eleven pinned commands decodes to anything: a command added to the enum but
+/// No tag past the twelve pinned commands decodes to anything: a command added to the enum but
 /// hidden from this list would be caught here on the wire even if `classify` were bypassed.
 #[test]
 fn no_unlisted_command_tag_decodes() {

@@ -74,6 +74,7 @@ pub fn hypervisor_code(e: &CommandError) -> &'static str {
         CommandError::Backend(BackendFailure::Vring) => "card_vring_failed",
         CommandError::Backend(BackendFailure::Config) => "card_config_failed",
         CommandError::Backend(BackendFailure::Unresponsive) => "card_unresponsive",
+        CommandError::Backend(BackendFailure::IdentityMismatch) => "card_identity_mismatch",
         CommandError::OutOfInterruptRoutes => "no_interrupt_routes",
         CommandError::DeviceBusy => "device_busy",
         CommandError::NoSuchOp => "hypervisor_no_such_op",

@@ -833,14 +833,21 @@ impl InstanceBackend for HostBackend {
                             let dev =
                                 DeviceId::new(NET_DEVICE).map_err(|_| BackendError::Unavailable);
                             match dev {
-                                Ok(dev) => {
-                                    // The old backend is gone: unplug its device, plug the new one.
-                                    match vm.chan.call(Command::DetachNet { id: dev }, None) {
-                                        Ok(_) | Err(ClientError::Refused(_)) => {}
-                                        Err(e) => tracing::warn!(error = %e, "detach net"),
+                                // The guest keeps its NIC: the new card takes over the
+                                // device in place (same MAC, rings resumed where they stand).
+                                Ok(dev) => match self.reconnect_net(vm, card.pid, &dev) {
+                                    Ok(true) => Ok(()),
+                                    Ok(false) => {
+                                        // Refused (e.g. the device is busy or the card does
+                                        // not match): unplug the old device, plug the new one.
+                                        match vm.chan.call(Command::DetachNet { id: dev }, None) {
+                                            Ok(_) | Err(ClientError::Refused(_)) => {}
+                                            Err(e) => tracing::warn!(error = %e, "detach net"),
+                                        }
+                                        self.plug_net(vm, card.pid)
                                     }
-                                    self.plug_net(vm, card.pid)
-                                }
+                                    Err(e) => Err(e),
+                                },
                                 Err(e) => Err(e),
                             }
                         }
@@ -938,6 +945,35 @@ impl HostBackend {
             }
         }
         Err(last)
+    }
+
+    /// A fresh vhost-user connection to the restarted net card `pid`, handed to the hypervisor
+    /// to replace the backend of NIC `dev` in place (`ReconnectNet`): `Ok(true)` if it did,
+    /// `Ok(false)` if the hypervisor refused (nothing changed; re-plug instead).
+    fn reconnect_net(&self, vm: &mut Vm, pid: u32, dev: &DeviceId) -> Result<bool, BackendError> {
+        let (_, fd) = self
+            .launcher
+            .call_fd(&LaunchRequest::ConnectVhost { pid })
+            .map_err(launcher_err("connect net vhost"))?;
+        let r = vm.chan.call(
+            Command::ReconnectNet { id: dev.clone() },
+            Some(fd.as_raw_fd()),
+        );
+        drop(fd);
+        match r {
+            Ok(_) => {
+                tracing::info!(pid, "restarted net card reconnected in place");
+                Ok(true)
+            }
+            Err(ClientError::Refused(e)) => {
+                tracing::warn!(pid, error = %e, "in-place reconnect refused: re-plugging the NIC");
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "in-place reconnect failed");
+                Err(BackendError::Unavailable)
+            }
+        }
     }
 
     /// A fresh vhost-user connection to the net card, handed to the hypervisor (`AttachNet`).

@@ -85,6 +85,10 @@ pub enum Error {
     BackendFailed(bulkhead_channel::BackendFailure),
     #[error("no free device slot")]
     NoFreeSlot,
+    #[error("the device is busy (its backend is being stopped, or the guest reset it meanwhile)")]
+    DeviceBusy,
+    #[error("the replacement backend does not match the device: {0:?}")]
+    Replace(bulkhead_channel::BackendFailure),
     #[error("connecting a --block socket: {0}")]
     DiskSocket(std::io::Error),
     #[error("connecting a --net socket: {0}")]

@@ -135,6 +135,8 @@ fn command_error(e: &Error) -> CommandError {
         }
         Error::BackendFailed(f) => CommandError::Backend(*f),
         Error::WrongDeviceKind => CommandError::WrongDeviceKind,
+        Error::DeviceBusy => CommandError::DeviceBusy,
+        Error::Replace(f) => CommandError::Backend(*f),
         other => {
             tracing::warn!(error = %other, "command failed inside the hypervisor");
             CommandError::Internal
@@ -235,6 +237,7 @@ fn handle(vm: &mut Vm, ops: &mut Ops, frame: &[u8], fd: Option<OwnedFd>) -> (Res
             Next::Continue,
         ),
         Command::DetachNet { id } => (detach(vm, ops, req.id, id, DeviceKind::Net), Next::Continue),
+        Command::ReconnectNet { id } => (reconnect(vm, ops, id, fd), Next::Continue),
         Command::OpStatus { op } => (
             ops.status(op).map(|status| Reply::Op { op, status }),
             Next::Continue,
@@ -280,6 +283,26 @@ fn attach(
     let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
     match begin(vm, id.as_str(), stream) {
         Ok(h) => Ok(accept(ops, vm, op, id, h)),
+        Err(e) => Err(command_error(&e)),
+    }
+}
+
+/// A net card replaced in place (`ReconnectNet`): refused while an attach or detach of the
+/// same device is in flight.
+fn reconnect(
+    vm: &mut Vm,
+    ops: &Ops,
+    id: bulkhead_channel::DeviceId,
+    fd: Option<OwnedFd>,
+) -> Result<Reply, CommandError> {
+    if ops.busy(&id) {
+        return Err(CommandError::DeviceBusy);
+    }
+    let fd = fd.ok_or(CommandError::MissingFd)?;
+    // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
+    let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
+    match vm.reconnect_net(id.as_str(), stream) {
+        Ok(()) => Ok(Reply::Done { state: vm.state() }),
         Err(e) => Err(command_error(&e)),
     }
 }

@@ -434,6 +434,125 @@ impl Vm {
         self.plug_card(id, state, DeviceKind::Net, Box::new(dev))
     }
 
+    /// Replaces the backend of net device `id` with the card connected on `stream`, in place:
+    /// the guest sees no reset and no hot-plug event (what QEMU does when a vhost-user-net
+    /// backend reconnects). The new card must offer every feature the guest acked and show
+    /// the same MAC (and MTU, if acked); otherwise it is refused and the device stays as it
+    /// was. If the guest's driver has the device running, the new card gets the memory table
+    /// and every ring, each starting where the guest's used ring stands (buffers the dead
+    /// card had taken but not returned are lost: packet loss, which TCP recovers from), with
+    /// the same kick and interrupt eventfds. Backend round trips (bounded by the watchdog)
+    /// happen with the bus unlocked; if the guest reset or (re)activated the device meanwhile,
+    /// the new card is stopped again and the answer is [`Error::DeviceBusy`] (try again).
+    pub fn reconnect_net(&mut self, id: &str, stream: UnixStream) -> Result<(), Error> {
+        use crate::devices::vhost_net::{ReplaceError, NET_CONFIG_LEN};
+        let state = self.state();
+        if state == VmState::Stopped {
+            return Err(Error::WrongState(state));
+        }
+        let kind_of = |pci: &PciBus| {
+            let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
+            pci.ports
+                .get(port)
+                .and_then(|p| p.card.as_ref())
+                .map(|c| DeviceKind::of_class(c.class_code()))
+                .ok_or(Error::NoSuchDevice)
+        };
+        // Refuse what needs no backend first: an unknown id or a disk.
+        if kind_of(&lock(&self.shared.pci))? != Some(DeviceKind::Net) {
+            return Err(Error::WrongDeviceKind);
+        }
+        let mut dev = VhostUserNet::connect(stream)?;
+        let config_len = usize::try_from(NET_CONFIG_LEN).unwrap_or(12);
+        let st = {
+            let pci = lock(&self.shared.pci);
+            let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
+            let card = pci
+                .ports
+                .get(port)
+                .and_then(|p| p.card.as_ref())
+                .ok_or(Error::NoSuchDevice)?;
+            if DeviceKind::of_class(card.class_code()) != Some(DeviceKind::Net) {
+                return Err(Error::WrongDeviceKind);
+            }
+            card.backend_state(config_len)
+                .ok_or(Error::WrongDeviceKind)?
+                .map_err(Error::EventFd)?
+        };
+        if !st.settled {
+            return Err(Error::DeviceBusy);
+        }
+        dev.can_replace(st.acked_features, &st.config)
+            .map_err(|e| {
+                tracing::warn!(device = id, error = %e, "refused a replacement net card");
+                match e {
+                    ReplaceError::Features { .. } => {
+                        Error::Replace(BackendFailure::FeatureMismatch)
+                    }
+                    ReplaceError::Mac | ReplaceError::Mtu => {
+                        Error::Replace(BackendFailure::IdentityMismatch)
+                    }
+                }
+            })?;
+        let mut bases = Vec::with_capacity(st.queues.len());
+        if st.active {
+            let ram = &self.shared.ram;
+            for q in &st.queues {
+                // The used ring's idx: everything before it the guest got back.
+                use vm_memory::Bytes;
+                let idx: u16 = ram
+                    .mem
+                    .read_obj(vm_memory::GuestAddress(q.used.wrapping_add(2)))
+                    .map_err(|_| Error::BackendFailed(BackendFailure::Vring))?;
+                bases.push(u16::from_le(idx));
+            }
+            let irq_status = Arc::default();
+            let act = crate::devices::virtio::Activation {
+                mem: &ram.mem,
+                memfd_regions: &ram.regions,
+                memfd: ram.memfd.as_raw_fd(),
+                queues: &st.queues,
+                acked_features: st.acked_features,
+                irqs: &st.irqs,
+                irq_status: &irq_status,
+                kicks: &st.kicks,
+            };
+            dev.resume(&act, &bases).map_err(|e| {
+                tracing::warn!(device = id, error = %e, "the replacement net card failed taking over the rings");
+                Error::BackendFailed(dev.failed().unwrap_or(BackendFailure::Vring))
+            })?;
+        }
+        let swapped = {
+            let mut pci = lock(&self.shared.pci);
+            let card = pci
+                .port_of(id)
+                .and_then(|port| pci.ports.get_mut(port))
+                .and_then(|p| p.card.as_mut());
+            match card {
+                Some(c) => c.replace_device(Box::new(dev), st.epoch),
+                None => Err(Box::new(dev) as Box<dyn VirtioDevice>),
+            }
+        };
+        match swapped {
+            Ok(old) => {
+                // Closing the dead card's connection waits for nothing.
+                drop(old);
+                tracing::info!(device = id, active = st.active, rings = ?bases, "net card reconnected in place");
+                Ok(())
+            }
+            Err(mut new) => {
+                tracing::warn!(
+                    device = id,
+                    "the guest reset the device during a reconnect: refused, try again"
+                );
+                if let Some(w) = new.reset() {
+                    let _ = w.run();
+                }
+                Err(Error::DeviceBusy)
+            }
+        }
+    }
+
     /// Puts a connected device in a free slot as a virtio-pci card (see [`Vm::begin_attach`]).
     fn plug_card(
         &mut self,

@@ -585,3 +585,199 @@ fn net_cold_plug_with_the_net_card() {
     assert!(after.contains("BULKHEAD-RUN-EXIT=0"), "{out}\n{err}");
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// Lines of the console after byte `from` that start with `prefix`.
+fn lines_after<'a>(seen: &'a str, from: usize, prefix: &'a str) -> impl Iterator<Item = &'a str> {
+    seen.get(from..)
+        .unwrap_or("")
+        .lines()
+        .filter(move |l| l.starts_with(prefix))
+}
+
+/// Reads the console until `n` lines starting with `prefix` appeared after byte `from`.
+fn wait_lines(
+    hv: &mut Hypervisor,
+    seen: &mut String,
+    cursor: &mut u64,
+    from: usize,
+    prefix: &str,
+    n: usize,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    while lines_after(seen, from, prefix).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} {prefix:?} lines after byte {from}; console so far:\n{seen}"
+        );
+        match hv.call(
+            Command::ReadConsole {
+                cursor: *cursor,
+                max: 16384,
+            },
+            None,
+        ) {
+            Ok(Reply::Console { data, next, .. }) => {
+                seen.push_str(&String::from_utf8_lossy(&data));
+                *cursor = next;
+            }
+            other => panic!("console read: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn reconnect(hv: &mut Hypervisor, nic: &DeviceId, sock: &Path) -> Result<Reply, ClientError> {
+    let s = std::os::unix::net::UnixStream::connect(sock).expect("connect to the card");
+    let r = hv.call(
+        Command::ReconnectNet { id: nic.clone() },
+        Some(s.as_raw_fd()),
+    );
+    drop(s);
+    r
+}
+
+/// A card killed -9 and started again with the same configuration (MAC, address, key, sequence
+/// state) takes over the running guest's NIC in place (`ReconnectNet`): the guest, which asks
+/// the card for the gateway's MAC in a loop (ARP through both rings), sees answers stop while
+/// no card runs and resume after the reconnect, without a reset, a hot-plug event or DHCP
+/// again. A card with another MAC is refused (`IdentityMismatch`) and the NIC keeps working
+/// with the card it has; unknown ids, disks and a missing fd are refused.
+#[test]
+fn a_net_card_killed_and_restarted_is_reconnected_in_place() {
+    let Some((kernel, initrd)) =
+        guest_or_skip("a_net_card_killed_and_restarted_is_reconnected_in_place")
+    else {
+        return;
+    };
+    let Some(bin) = netcard_bin() else {
+        bulkhead_testkit::skip_or_fail(
+            "a_net_card_killed_and_restarted_is_reconnected_in_place: bulkhead-netcard with \
+             `vhost` mode is not built next to the hypervisor (cargo build --release -p \
+             bulkhead-netcard)",
+        );
+        return;
+    };
+    let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mac, ip) = ("02:00:0a:00:01:33", "10.0.1.51/24");
+    let mut card = start_card(&bin, dir.path(), mac, ip, 5);
+    // After /init's DHCP: ask for the gateway's MAC (the card answers) forever, one line per
+    // try. `arping` is one exec per try: about a second each on this guest.
+    let script = "n=0\n\
+        while :; do\n\
+        if busybox arping -q -f -c 1 -w 1 -I eth0 10.0.1.1; then n=$((n+1)); echo rc-ok:$n; else echo rc-miss; fi\n\
+        done\n";
+    let cmdline = format!("{} {}", GUEST_ARGS.replace(" quiet", ""), run_arg(script));
+    let mut hv = Hypervisor::spawn(&spec(kernel, initrd, cmdline)).expect("spawn");
+    let nic = id("eni-re");
+    let s = std::os::unix::net::UnixStream::connect(&card.sock).expect("connect to the card");
+    hv.call(Command::AttachNet { id: nic.clone() }, Some(s.as_raw_fd()))
+        .expect("cold-plug the card");
+    drop(s);
+    let (mut seen, mut cursor) = (String::new(), 0u64);
+    hv.call(Command::Start, None).expect("start");
+    let long = Duration::from_secs(120);
+    wait_lines(
+        &mut hv,
+        &mut seen,
+        &mut cursor,
+        0,
+        "rc-ok:",
+        2,
+        STEP_TIMEOUT,
+    );
+    assert!(
+        seen.contains(&format!("BULKHEAD-NET-UP={ip}")),
+        "no lease:\n{seen}"
+    );
+
+    // Refusals change nothing.
+    assert!(matches!(
+        reconnect(&mut hv, &id("eni-none"), &card.sock),
+        Err(ClientError::Refused(CommandError::NoSuchDevice))
+    ));
+    assert!(matches!(
+        hv.channel()
+            .exchange(Command::ReconnectNet { id: nic.clone() }, None),
+        Err(ClientError::Refused(CommandError::MissingFd))
+    ));
+
+    // kill -9: the guest's ARP requests go unanswered.
+    let _ = card.child.kill();
+    let _ = card.child.wait();
+    let killed_at = seen.len();
+    wait_lines(
+        &mut hv,
+        &mut seen,
+        &mut cursor,
+        killed_at,
+        "rc-miss",
+        2,
+        long,
+    );
+
+    // The same card again (same directory: key, sequence state, sockets), reconnected in place.
+    let card2 = start_card(&bin, dir.path(), mac, ip, 5);
+    let t = Instant::now();
+    let r = reconnect(&mut hv, &nic, &card2.sock).expect("reconnect");
+    eprintln!("reconnect took {:?}", t.elapsed());
+    assert_eq!(
+        r,
+        Reply::Done {
+            state: VmState::Running
+        }
+    );
+    let reconnected_at = seen.len();
+    wait_lines(
+        &mut hv,
+        &mut seen,
+        &mut cursor,
+        reconnected_at,
+        "rc-ok:",
+        3,
+        long,
+    );
+    assert_eq!(counts(&mut hv), (0, 1), "still one NIC, no new device");
+    assert_eq!(failed(&mut hv), 0);
+    let after = seen.get(killed_at..).unwrap_or("");
+    assert!(
+        !after.contains("BULKHEAD-NET-UP") && !after.contains("BULKHEAD-GUEST-READY"),
+        "no DHCP again, no reboot:\n{after}"
+    );
+    // The guest's counter ran on: the same shell loop, not a new one.
+    let oks: Vec<u64> = lines_after(&seen, 0, "rc-ok:")
+        .filter_map(|l| l.trim_start_matches("rc-ok:").trim().parse().ok())
+        .collect();
+    assert!(
+        oks.windows(2).all(|w| w[1] == w[0] + 1),
+        "one loop: {oks:?}"
+    );
+
+    // A card with another MAC may not stand in for this NIC.
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other = start_card(&bin, other_dir.path(), "02:00:0a:00:01:34", ip, 6);
+    assert!(
+        matches!(
+            reconnect(&mut hv, &nic, &other.sock),
+            Err(ClientError::Refused(CommandError::Backend(
+                BackendFailure::IdentityMismatch
+            )))
+        ),
+        "another MAC"
+    );
+    drop(other);
+    let refused_at = seen.len();
+    wait_lines(
+        &mut hv,
+        &mut seen,
+        &mut cursor,
+        refused_at,
+        "rc-ok:",
+        2,
+        long,
+    );
+    assert_eq!(counts(&mut hv), (0, 1));
+    hv.shutdown().expect("shutdown");
+    drop(card2);
+}

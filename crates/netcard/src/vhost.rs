@@ -92,6 +92,12 @@ pub struct NetBackend {
     acked: AtomicU64,
     config: [u8; 12],
     max_frame: usize,
+    /// Per ring (RX, TX): whether the ring's next used index was taken from the used ring in
+    /// guest memory since the frontend last sent its memory table. A frontend that hands a
+    /// running device over to this card (a restarted card, reconnected in place) starts each
+    /// ring at SET_VRING_BASE = the guest's used index; vhost-user-backend only moves the next
+    /// *available* index there, so the used index is synced here before the ring is used.
+    synced: [AtomicBool; 2],
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -152,7 +158,28 @@ impl NetBackend {
             acked: AtomicU64::new(0),
             config,
             max_frame,
+            synced: [AtomicBool::new(false), AtomicBool::new(false)],
         }
+    }
+
+    /// Takes each ready ring's next used index from the used ring in guest memory, once per
+    /// memory table (see [`NetBackend::synced`]). On a fresh activation that index is 0.
+    fn sync_used(&self, rings: [(usize, &VringRwLock); 2]) -> io::Result<()> {
+        for (i, vring) in rings {
+            let Some(flag) = self.synced.get(i) else {
+                continue;
+            };
+            if flag.load(Ordering::Acquire) || !vring.get_ref().get_queue().ready() {
+                continue;
+            }
+            let used = vring.queue_used_idx().map_err(qerr)?;
+            vring.set_queue_next_used(used);
+            flag.store(true, Ordering::Release);
+            if used != 0 {
+                info!(ring = i, used, "ring taken over at the guest's used index");
+            }
+        }
+        Ok(())
     }
 
     fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap<()>>> {
@@ -351,6 +378,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap<()>>) -> io::Result<()> {
+        for f in &self.synced {
+            f.store(false, Ordering::Release);
+        }
         match self.mem.write() {
             Ok(mut g) => *g = Some(mem),
             Err(p) => *p.into_inner() = Some(mem),
@@ -392,6 +422,7 @@ impl NetBackend {
             return Err(io::Error::other("queues missing"));
         };
         let mut rx = lock(&self.rx);
+        self.sync_used([(RX_QUEUE, rxq), (TX_QUEUE, txq)])?;
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         match usize::from(device_event) {
             RX_QUEUE => {}

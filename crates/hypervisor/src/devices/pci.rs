@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use super::config_space::ConfigSpace;
-use super::virtio::BackendWork;
+use super::virtio::{BackendState, BackendWork, VirtioDevice};
 use bulkhead_channel::BackendFailure;
 
 /// What taking a card out left to do: the work that stops its backend (run it once the bus is
@@ -75,6 +75,22 @@ pub trait PciDevice: Send {
     fn driver_ready(&self) -> bool;
     /// Whether a guest driver has started to drive the device (and not reset it since).
     fn driver_attached(&self) -> bool;
+    /// For a virtio card: what replacing its backend in place needs (`config_len` bytes of
+    /// the device configuration as the guest reads them). `None` for other cards.
+    fn backend_state(&self, _config_len: usize) -> Option<std::io::Result<BackendState>> {
+        None
+    }
+    /// For a virtio card: puts `device` in place of its device model if nothing changed
+    /// since [`PciDevice::backend_state`] gave `epoch` (see
+    /// [`super::virtio::VirtioCore::replace_device`]); the old device comes back, or `device`
+    /// when refused.
+    fn replace_device(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        _epoch: u64,
+    ) -> Result<Box<dyn VirtioDevice>, Box<dyn VirtioDevice>> {
+        Err(device)
+    }
 }
 
 const PCI_VENDOR_REDHAT: u16 = 0x1b36;

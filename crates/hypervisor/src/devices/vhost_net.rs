@@ -120,6 +120,46 @@ impl VhostUserNet {
     pub fn mtu(&self) -> Option<u16> {
         self.config.mtu
     }
+
+    /// Whether this card may stand in for a running device whose driver acked `acked` and
+    /// read the configuration `guest_config` (the first [`NET_CONFIG_LEN`] bytes the guest
+    /// sees): it offers every acked feature, and the guest sees the same MAC (and the same
+    /// MTU, when the MTU feature was acked).
+    pub fn can_replace(&self, acked: u64, guest_config: &[u8]) -> Result<(), ReplaceError> {
+        let offered =
+            guest_features(self.conn.backend_features(), &self.config) | VIRTIO_F_VERSION_1;
+        if acked & !offered != 0 {
+            return Err(ReplaceError::Features {
+                missing: acked & !offered,
+            });
+        }
+        if guest_config.get(..6) != Some(&self.config.raw[..6]) {
+            return Err(ReplaceError::Mac);
+        }
+        if acked & VIRTIO_NET_F_MTU != 0
+            && guest_config.get(CONFIG_MTU..CONFIG_MTU + 2)
+                != Some(&self.config.raw[CONFIG_MTU..CONFIG_MTU + 2])
+        {
+            return Err(ReplaceError::Mtu);
+        }
+        Ok(())
+    }
+
+    /// Hands a running device's rings to this card (see [`VhostUserConn::resume`]).
+    pub fn resume(&mut self, act: &Activation<'_>, bases: &[u16]) -> Result<(), ActivateError> {
+        self.conn.resume(act, bases)
+    }
+}
+
+/// Why a freshly connected card may not replace a device's backend in place.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplaceError {
+    #[error("the card lacks features the guest acked: {missing:#x}")]
+    Features { missing: u64 },
+    #[error("the card's MAC is not the one the guest sees")]
+    Mac,
+    #[error("the card's MTU is not the one the guest sees")]
+    Mtu,
 }
 
 /// The features the guest is offered: the card's, cut to the allow-list (no offloads, no

@@ -245,7 +245,7 @@ impl VhostUserConn {
         };
         self.started = true;
         let guard = self.watchdog.arm(&self.sock, REPLY_TIMEOUT);
-        let r = self.hand_over(&mut link, act);
+        let r = self.hand_over(&mut link, act, None);
         if let Err(ActivateError::Backend(e)) = &r {
             self.dead.set(if guard.fired() {
                 BackendFailure::Unresponsive
@@ -257,7 +257,47 @@ impl VhostUserConn {
         r
     }
 
-    fn hand_over(&self, link: &mut Link, act: &Activation<'_>) -> Result<(), ActivateError> {
+    /// Takes over a running device from a backend that died: the same hand-over as
+    /// [`VhostUserConn::activate`], but each ring starts at `bases[i]` (where the previous
+    /// backend left it) instead of 0, and every ring is kicked and its interrupt raised once
+    /// afterwards (buffers the guest posted while no backend ran are picked up; used buffers
+    /// the dead backend returned without an interrupt are seen). Spurious kicks and
+    /// interrupts are harmless. Called on the main thread, on a fresh connection that no
+    /// guest access can reach yet, under the watchdog's bound.
+    pub fn resume(&mut self, act: &Activation<'_>, bases: &[u16]) -> Result<(), ActivateError> {
+        if bases.len() < act.queues.len() {
+            return Err(ActivateError::BadQueue(bases.len()));
+        }
+        let mut link = lock(&self.link);
+        self.started = true;
+        let guard = self.watchdog.arm(&self.sock, REPLY_TIMEOUT);
+        let r = self.hand_over(&mut link, act, Some(bases));
+        if let Err(ActivateError::Backend(e)) = &r {
+            self.dead.set(if guard.fired() {
+                BackendFailure::Unresponsive
+            } else {
+                BackendFailure::Vring
+            });
+            tracing::warn!(error = %e, timed_out = guard.fired(), "vhost-user backend failed while taking over the rings");
+        }
+        r?;
+        for i in 0..act.queues.len() {
+            if let Some(k) = act.kicks.get(i) {
+                let _ = k.write(1);
+            }
+            if let Some(c) = act.irqs.get(i) {
+                let _ = c.write(1);
+            }
+        }
+        Ok(())
+    }
+
+    fn hand_over(
+        &self,
+        link: &mut Link,
+        act: &Activation<'_>,
+        bases: Option<&[u16]>,
+    ) -> Result<(), ActivateError> {
         let mut features = act.acked_features & self.backend_features;
         if self.protocol.is_some() {
             features |= VHOST_USER_F_PROTOCOL_FEATURES;
@@ -289,7 +329,8 @@ impl VhostUserConn {
             };
             link.frontend.set_vring_num(i, q.size)?;
             link.frontend.set_vring_addr(i, &cfg)?;
-            link.frontend.set_vring_base(i, 0)?;
+            let base = bases.and_then(|b| b.get(i)).copied().unwrap_or(0);
+            link.frontend.set_vring_base(i, base)?;
             let call = act.irqs.get(i).ok_or(ActivateError::BadQueue(i))?;
             link.frontend.set_vring_call(i, call)?;
             let kick = act.kicks.get(i).ok_or(ActivateError::BadQueue(i))?;

@@ -184,6 +184,41 @@ pub struct VirtioCore {
     bad_accesses: Arc<AtomicU64>,
     /// Backend work left by the last reset, for the caller to run outside its locks.
     backend_work: Option<BackendWork>,
+    /// Counts resets and activations: a backend replacement prepared outside the locks is
+    /// only swapped in if nothing of the kind happened meanwhile.
+    epoch: u64,
+}
+
+/// What replacing a running device's backend in place needs, taken under the bus lock and
+/// used after it is let go (see [`VirtioCore::backend_state`]).
+pub struct BackendState {
+    /// [`VirtioCore`]'s epoch when this was taken.
+    pub epoch: u64,
+    /// Whether the driver has the device running (DRIVER_OK, activated).
+    pub active: bool,
+    /// Whether no ring-stopping work of the old backend is still running.
+    pub settled: bool,
+    pub acked_features: u64,
+    /// The first bytes of the device configuration, as the guest reads them.
+    pub config: Vec<u8>,
+    /// The ready queues, in order.
+    pub queues: Vec<QueueRegs>,
+    /// Each ready queue's interrupt eventfd.
+    pub irqs: Vec<Arc<EventFd>>,
+    /// Duplicates of each queue's ioeventfd (the same eventfds KVM signals).
+    pub kicks: Vec<EventFd>,
+}
+
+/// Duplicates an eventfd with `fcntl(F_DUPFD_CLOEXEC)` (the sandbox allows `fcntl`, not `dup`).
+fn dup_eventfd(e: &EventFd) -> std::io::Result<EventFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own returns a new fd or -1; it touches no memory.
+    let fd = unsafe { libc::fcntl(e.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh duplicate of an eventfd, owned by nobody else.
+    Ok(unsafe { EventFd::from_raw_fd(fd) })
 }
 
 impl VirtioCore {
@@ -221,6 +256,7 @@ impl VirtioCore {
             active: false,
             bad_accesses,
             backend_work: None,
+            epoch: 0,
         })
     }
 
@@ -267,6 +303,7 @@ impl VirtioCore {
             self.bad();
             return;
         }
+        self.epoch = self.epoch.wrapping_add(1);
         let offered = self.device.features() | VIRTIO_F_VERSION_1;
         match self.driver_features_sel {
             0 => set_low(&mut self.acked_features, v & crate::bits::lo32(offered)),
@@ -323,6 +360,7 @@ impl VirtioCore {
             irq_status: &self.irq_status,
             kicks: &self.kicks,
         };
+        self.epoch = self.epoch.wrapping_add(1);
         match self.device.activate(act) {
             Ok(()) => {
                 self.active = true;
@@ -337,6 +375,55 @@ impl VirtioCore {
         }
     }
 
+    /// What replacing the backend in place needs (see [`BackendState`]); `irqs` are the
+    /// transport's interrupt eventfds, one per queue as given to [`VirtioCore::activate`].
+    pub fn backend_state(
+        &self,
+        irqs: &[Arc<EventFd>],
+        config_len: usize,
+    ) -> std::io::Result<BackendState> {
+        let mut config = vec![0u8; config_len];
+        self.device.read_config(0, &mut config);
+        let active = self.active;
+        let (queues, irqs, kicks) = if active {
+            let kicks = self
+                .kicks
+                .iter()
+                .map(dup_eventfd)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            (self.ready_queues(), irqs.to_vec(), kicks)
+        } else {
+            (Vec::new(), Vec::new(), Vec::new())
+        };
+        Ok(BackendState {
+            epoch: self.epoch,
+            active,
+            settled: self.device.settled(),
+            acked_features: self.acked_features,
+            config,
+            queues,
+            irqs,
+            kicks,
+        })
+    }
+
+    /// Puts `device` in place of the current one if nothing reset or activated the device
+    /// since [`VirtioCore::backend_state`] returned `epoch`; gives back the old device, or
+    /// `device` itself when refused.
+    pub fn replace_device(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        epoch: u64,
+    ) -> Result<Box<dyn VirtioDevice>, Box<dyn VirtioDevice>> {
+        if epoch != self.epoch || !self.device.settled() || self.backend_work.is_some() {
+            return Err(device);
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        // A device that asked for a reset because its dead backend refused an activation
+        // keeps asking: the guest driver resets it and the new backend gets the rings then.
+        Ok(std::mem::replace(&mut self.device, device))
+    }
+
     /// Backend work the last reset left (see [`BackendWork`]). The guest's access that caused
     /// it must not complete before it ran: run it on the same thread before re-entering the
     /// guest.
@@ -347,6 +434,7 @@ impl VirtioCore {
     /// Device reset: every register returns to its initial value; stopping the backend is
     /// left as [`VirtioCore::take_backend_work`].
     pub fn reset(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
         if let Some(w) = self.device.reset() {
             self.backend_work = Some(match self.backend_work.take() {
                 Some(earlier) => earlier.then(w),

@@ -577,6 +577,19 @@ impl PciDevice for VirtioPciDevice {
         // A reset is over once the backend's rings are stopped (or it was found dead).
         self.core.status != 0 || !self.core.device.settled()
     }
+    fn backend_state(
+        &self,
+        config_len: usize,
+    ) -> Option<std::io::Result<super::virtio::BackendState>> {
+        Some(self.core.backend_state(&self.calls, config_len))
+    }
+    fn replace_device(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        epoch: u64,
+    ) -> Result<Box<dyn VirtioDevice>, Box<dyn VirtioDevice>> {
+        self.core.replace_device(device, epoch)
+    }
 }
 
 #[cfg(test)]
