@@ -11,7 +11,7 @@
 //!
 //! `len` is capped at [`MAX_FRAME`] *before* anything is buffered, the body must decode to
 //! exactly one envelope with no trailing bytes, and its `version` must equal [`VERSION`].
-//! File descriptors (a vhost-user socket for `AttachBlock`/`AttachNet`) travel beside the frame as
+//! File descriptors (a vhost-user socket for `AttachBlock`/`AttachNet`/`ReconnectNet`) travel beside the frame as
 //! `SCM_RIGHTS` ancillary data. This crate does no I/O: it turns bytes into checked types and
 //! back, so the same code runs in the hypervisor, the controller and the fuzz target.
 //!

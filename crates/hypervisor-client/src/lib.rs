@@ -212,8 +212,8 @@ impl Hypervisor {
         self.child.id()
     }
 
-    /// Sends `command` (with `fd` for `AttachBlock`/`AttachNet`) and returns the hypervisor's
-    /// reply; a long command's final outcome (see [`Channel::call`]).
+    /// Sends `command` (with `fd` for `AttachBlock`/`AttachNet`/`ReconnectNet`) and returns
+    /// the hypervisor's reply; a long command's final outcome (see [`Channel::call`]).
     pub fn call(&mut self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {
         self.chan.call(command, fd)
     }
@@ -252,9 +252,9 @@ impl Channel {
         self.chan.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `command` (with `fd` for `AttachBlock`/`AttachNet`) and returns the hypervisor's
-    /// reply. For a long command (an attach or detach, block or net) this is its final outcome,
-    /// [`Reply::Device`]: it submits, then waits with [`Channel::wait_op`], leaving the channel
+    /// Sends `command` (with `fd` for `AttachBlock`/`AttachNet`/`ReconnectNet`) and returns
+    /// the hypervisor's reply. For a long command (an attach or detach, block or net) this is
+    /// its final outcome, [`Reply::Device`]: it submits, then waits with [`Channel::wait_op`], leaving the channel
     /// free for other callers between polls.
     pub fn call(&self, command: Command, fd: Option<RawFd>) -> Result<Reply, ClientError> {
         if command.is_long() {

@@ -1,7 +1,7 @@
 //! The private command channel, served on the main thread.
 //!
 //! The channel is one end of a `SOCK_SEQPACKET` socketpair inherited from the parent: one
-//! packet is one frame, and an fd (for `AttachBlock`/`AttachNet`) rides on the same packet. Every packet is
+//! packet is one frame, and an fd (for `AttachBlock`/`AttachNet`/`ReconnectNet`) rides on the same packet. Every packet is
 //! parsed by [`Request::parse_frame`]; anything invalid gets a typed error and changes nothing.
 //!
 //! The loop never waits for the guest. Attaches and detaches (block and net) do their immediate part and

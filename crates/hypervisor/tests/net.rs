@@ -18,6 +18,11 @@
 //! * `net_cold_plug_with_the_net_card` (one boot): `bulkhead-netcard vhost` (the real card) on
 //!   `run --net`: the guest boots with eth0, the card's MAC, a network-class PCI function, and
 //!   a DHCP lease from the card (BULKHEAD-NET-UP).
+//! * `a_net_card_killed_and_restarted_is_reconnected_in_place` (one boot): the real card is
+//!   killed -9 under a guest that ARPs for its gateway in a loop; answers stop; the same card
+//!   started again takes over the NIC with `ReconnectNet` (no reset, no hot-plug, no DHCP
+//!   again, rings resumed at the guest's used index) and answers resume in the same loop; a
+//!   card with another MAC is refused typed and changes nothing.
 
 mod common;
 #[path = "support/mute_peer.rs"]
