@@ -126,29 +126,43 @@ impl VhostUserNet {
     /// sees): it offers every acked feature, and the guest sees the same MAC (and the same
     /// MTU, when the MTU feature was acked).
     pub fn can_replace(&self, acked: u64, guest_config: &[u8]) -> Result<(), ReplaceError> {
-        let offered =
-            guest_features(self.conn.backend_features(), &self.config) | VIRTIO_F_VERSION_1;
-        if acked & !offered != 0 {
-            return Err(ReplaceError::Features {
-                missing: acked & !offered,
-            });
-        }
-        if guest_config.get(..6) != Some(&self.config.raw[..6]) {
-            return Err(ReplaceError::Mac);
-        }
-        if acked & VIRTIO_NET_F_MTU != 0
-            && guest_config.get(CONFIG_MTU..CONFIG_MTU + 2)
-                != Some(&self.config.raw[CONFIG_MTU..CONFIG_MTU + 2])
-        {
-            return Err(ReplaceError::Mtu);
-        }
-        Ok(())
+        check_replacement(
+            self.conn.backend_features(),
+            &self.config,
+            acked,
+            guest_config,
+        )
     }
 
     /// Hands a running device's rings to this card (see [`VhostUserConn::resume`]).
     pub fn resume(&mut self, act: &Activation<'_>, bases: &[u16]) -> Result<(), ActivateError> {
         self.conn.resume(act, bases)
     }
+}
+
+/// [`VhostUserNet::can_replace`] for a card that offered `backend_features` and `config`.
+fn check_replacement(
+    backend_features: u64,
+    config: &NetConfig,
+    acked: u64,
+    guest_config: &[u8],
+) -> Result<(), ReplaceError> {
+    let offered = guest_features(backend_features, config) | VIRTIO_F_VERSION_1;
+    if acked & !offered != 0 {
+        return Err(ReplaceError::Features {
+            missing: acked & !offered,
+        });
+    }
+    if guest_config.get(..6) != Some(&config.raw[..6]) {
+        return Err(ReplaceError::Mac);
+    }
+    if acked & VIRTIO_NET_F_MTU != 0
+        && guest_config.get(CONFIG_MTU..CONFIG_MTU + 2)
+            != Some(&config.raw[CONFIG_MTU..CONFIG_MTU + 2])
+    {
+        return Err(ReplaceError::Mtu);
+    }
+    Ok(())
 }
 
 /// Why a freshly connected card may not replace a device's backend in place.
@@ -274,6 +288,58 @@ mod tests {
         assert_eq!(
             guest_features(VIRTIO_NET_F_MTU | VIRTIO_NET_F_MAC, &no_mtu),
             VIRTIO_NET_F_MAC
+        );
+    }
+
+    #[test]
+    fn a_replacement_card_must_offer_the_acked_features_and_show_the_same_mac_and_mtu() {
+        let mac = [0x02, 0, 0, 0, 0, 9];
+        let offered = VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU | VIRTIO_RING_F_EVENT_IDX;
+        let old = NetConfig::parse(&raw(mac, 1, 1, 1400), offered).expect("valid");
+        let acked = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU;
+        // What the guest reads from the old device.
+        let seen = old.raw;
+        assert_eq!(check_replacement(offered, &old, acked, &seen), Ok(()));
+        // More features than acked, or another link status: fine.
+        let down = NetConfig::parse(&raw(mac, 0, 1, 1400), offered).expect("valid");
+        assert_eq!(
+            check_replacement(offered | VIRTIO_NET_F_STATUS, &down, acked, &seen),
+            Ok(())
+        );
+        // A feature the guest acked is missing.
+        assert_eq!(
+            check_replacement(
+                VIRTIO_NET_F_MAC | VIRTIO_NET_F_MTU,
+                &old,
+                acked | VIRTIO_RING_F_EVENT_IDX,
+                &seen
+            ),
+            Err(ReplaceError::Features {
+                missing: VIRTIO_RING_F_EVENT_IDX
+            })
+        );
+        // Another MAC.
+        let other =
+            NetConfig::parse(&raw([0x02, 0, 0, 0, 0, 8], 1, 1, 1400), offered).expect("valid");
+        assert_eq!(
+            check_replacement(offered, &other, acked, &seen),
+            Err(ReplaceError::Mac)
+        );
+        // Another MTU matters only if the guest acked the MTU feature.
+        let mtu = NetConfig::parse(&raw(mac, 1, 1, 1500), offered).expect("valid");
+        assert_eq!(
+            check_replacement(offered, &mtu, acked, &seen),
+            Err(ReplaceError::Mtu)
+        );
+        assert_eq!(
+            check_replacement(offered, &mtu, acked & !VIRTIO_NET_F_MTU, &seen),
+            Ok(())
+        );
+        // A guest that acked nothing yet: only the MAC counts.
+        assert_eq!(check_replacement(offered, &mtu, 0, &seen), Ok(()));
+        assert_eq!(
+            check_replacement(offered, &other, 0, &seen),
+            Err(ReplaceError::Mac)
         );
     }
 

@@ -466,3 +466,46 @@ pub fn set_low(v: &mut u64, lo: u32) {
 pub fn set_high(v: &mut u64, hi: u32) {
     *v = (*v & 0xffff_ffff) | (u64::from(hi) << 32);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio_rng::VirtioRng;
+
+    fn core() -> VirtioCore {
+        VirtioCore::new(Box::new(VirtioRng::new()), Arc::default()).expect("core")
+    }
+
+    /// A backend replacement prepared outside the bus lock is swapped in only if the driver did
+    /// not reset the device, activate it or ack features meanwhile.
+    #[test]
+    fn a_replacement_is_refused_if_the_driver_moved_meanwhile() {
+        let mut c = core();
+        let st = c.backend_state(&[], 4).expect("state");
+        assert!(!st.active && st.settled && st.queues.is_empty());
+        assert!(c
+            .replace_device(Box::new(VirtioRng::new()), st.epoch)
+            .is_ok());
+        // The swap itself moves the epoch: the same state cannot be used twice.
+        assert!(c
+            .replace_device(Box::new(VirtioRng::new()), st.epoch)
+            .is_err());
+
+        let st = c.backend_state(&[], 4).expect("state");
+        c.reset();
+        assert!(c
+            .replace_device(Box::new(VirtioRng::new()), st.epoch)
+            .is_err());
+
+        let st = c.backend_state(&[], 4).expect("state");
+        c.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
+        c.write_driver_features(0);
+        assert!(c
+            .replace_device(Box::new(VirtioRng::new()), st.epoch)
+            .is_err());
+        let st = c.backend_state(&[], 4).expect("state");
+        assert!(c
+            .replace_device(Box::new(VirtioRng::new()), st.epoch)
+            .is_ok());
+    }
+}
