@@ -359,7 +359,7 @@ def main():
     print("| Path | TCP Mbit/s (card counter, median) | runs | guest wall Mbit/s (median) | RTT median ms | RTT p99 ms | per-run RTT medians |")
     print("|---|---|---|---|---|---|---|")
     for name, r in (("sealed (AES-256-GCM)", S), ("plain (`--plain`)", P)):
-        print(f"| {name} | {fmt(med(r['rate']))} | {', '.join(fmt(x) for x in r['rate'])} | {fmt(med(r['wall']))} | "
+        print(f"| {name} | {fmt(med(r['rate']), 3)} | {', '.join(fmt(x, 3) for x in r['rate'])} | {fmt(med(r['wall']), 3)} | "
               f"{fmt(med(r['rtt']), 3)} | {fmt(pct(r['rtt'], 99), 3)} | {', '.join(fmt(x, 3) for x in r['rtt_med'])} |")
     print()
     print(f"CPU over the whole pair run (boots included): the four cards {fmt(cpu_cards)} s (sealed pair "
@@ -383,8 +383,9 @@ def main():
         notes.append(f"{BOOTS - len(ua)} of {BOOTS} lone boots got no BULKHEAD-NET-UP.")
     print()
     print("Not measured here: time from RunInstances (control plane → controller → card → hypervisor) to "
-          "network up — this is the hypervisor-process part of it; the card encapsulation rate without "
-          "guests' TCP (a frame generator) — see the tunnel section above for the TAP-mode figures.")
+          "network up — this is the hypervisor-process part of it (the controller's own start-up figures are "
+          "in its section); the card's rate without guests (frame generator, TAP mode) is in the tunnel "
+          "section above; a vhost-mode frame generator (a vhost-user frontend flooding the TX ring) is not built.")
     if notes:
         print()
         print("Notes: " + " ".join(notes))
