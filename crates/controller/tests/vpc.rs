@@ -2,7 +2,9 @@
 //! real guests, each with a real `bulkhead-netcard vhost` card launched by its launcher with a
 //! sealed VPC epoch key and plugged in before boot (cold). The guests get DHCP leases from their
 //! cards; guest 1 sends a marker over TCP to guest 2 through the sealed tunnel, guest 2 prints
-//! it. A second test (no boot needed) covers the card's lifecycle: the per-interface counters in
+//! it. Then the receiver's card is killed -9: the controller restarts it and the new card takes
+//! over the running guest's NIC in place (`ReconnectNet`), so the sender's later messages
+//! arrive again without a new NIC or a second DHCP. A second test (no boot needed) covers the card's lifecycle: the per-interface counters in
 //! /v1/metrics, a card killed -9 restarted by the controller (audited, same port, current
 //! routes), and terminate reaping every card and leaving no sealed key on disk.
 //!
@@ -192,7 +194,7 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
             "10.0.1.5",
             "02:00:00:00:01:05",
             format!(
-                "i=0;until echo {MARK}|nc -w 10 10.0.1.6 7000;do i=$((i+1));[ $i -gt 60 ]&&break;sleep 1;done;echo SENT=$i"
+                "i=0;until echo {MARK}|nc -w 10 10.0.1.6 7000;do i=$((i+1));[ $i -gt 60 ]&&break;sleep 1;done;echo SENT=$i;n=0;while :;do n=$((n+1));echo AFTER-$n|nc -w 5 10.0.1.6 7000;sleep 1;done"
             ),
         ),
         (
@@ -263,6 +265,40 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
             api.console("i-send")
         );
         std::thread::sleep(Duration::from_secs(3));
+    }
+
+    // kill -9 the receiver's card: the controller restarts it and the new card takes over the
+    // running guest's NIC in place (ReconnectNet): the sender's later messages arrive again,
+    // with no new NIC and no second DHCP in the receiver (a re-plugged NIC would come up
+    // unconfigured and nothing would arrive).
+    let mine = format!("{}/net-i-recv", dir.path().join("run").display());
+    let old = netcard_pids(&mine);
+    assert_eq!(old.len(), 1, "{old:?}");
+    let after = |c: &str| c.lines().filter(|l| l.trim().starts_with("AFTER-")).count();
+    let before = after(&api.console("i-recv"));
+    // SAFETY: kill has no memory-safety preconditions; `old[0]` is a net card of this test.
+    unsafe { libc::kill(old[0], libc::SIGKILL) };
+    wait_until("net card restart", || {
+        let now = netcard_pids(&mine);
+        now.len() == 1 && now[0] != old[0]
+    });
+    let restarted = Instant::now();
+    loop {
+        let recv = api.console("i-recv");
+        if after(&recv) >= before + 3 {
+            eprintln!(
+                "messages arrive again {:?} after the restart",
+                restarted.elapsed()
+            );
+            assert_eq!(recv.matches("BULKHEAD-NET-UP").count(), 1, "{recv}");
+            assert!(!recv.contains("eth1"), "{recv}");
+            break;
+        }
+        assert!(
+            restarted.elapsed() < boot_timeout(),
+            "no message after the card restart ({before} before)\n--- i-recv:\n{recv}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
     }
 
     for id in ["i-send", "i-recv"] {
