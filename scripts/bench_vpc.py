@@ -22,7 +22,7 @@ benchmark-only mode without the seal/open). Both paths are measured in the same 
 Environment: BENCH_VPC_RUNS (alternating rounds, default 3), BENCH_VPC_COUNT (64 KiB blocks per
 transfer, default 16 = 1 MiB: ~25 s per transfer on the software KVM), BENCH_VPC_PINGS (default 50), BENCH_VPC_BOOTS (default 3).
 """
-import json, os, re, socket, statistics, subprocess, sys, tempfile, threading, time
+import json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
@@ -349,6 +349,7 @@ def main():
             g.stop()
         for c in cards:
             c.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     S, P = res[SEALED], res[PLAIN]
     ms, mp = med(S["rate"]), med(P["rate"])
