@@ -248,6 +248,28 @@ impl Channel {
         })
     }
 
+    /// Takes over a channel another parent drove before (a controller adopting a running
+    /// hypervisor after a restart: the fd is a dup of the same socket end). Replies still queued
+    /// for the previous owner's requests are drained, and this owner's request ids start at
+    /// `first_id`, above every id the previous owner can have used (so a late reply to one of
+    /// its requests is recognised and skipped, and no long operation id collides).
+    pub fn adopt(fd: OwnedFd, first_id: u64) -> Result<Self, ClientError> {
+        let chan = Channel::from_fd(fd)?;
+        {
+            let link = chan.link();
+            link.sock.set_nonblocking(true).map_err(ClientError::Io)?;
+            let mut buf = vec![0u8; HEADER_LEN + MAX_FRAME as usize];
+            while let Ok(n) = (&link.sock).read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+            }
+            link.sock.set_nonblocking(false).map_err(ClientError::Io)?;
+        }
+        chan.link().next_id = first_id.saturating_sub(1);
+        Ok(chan)
+    }
+
     fn link(&self) -> MutexGuard<'_, Link> {
         self.chan.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -333,13 +355,23 @@ impl Channel {
             None => (&link.sock).write_all(&frame).map_err(ClientError::Io)?,
         }
         let mut buf = vec![0u8; HEADER_LEN + MAX_FRAME as usize];
-        let n = (&link.sock).read(&mut buf).map_err(ClientError::Io)?;
+        // A reply with a lower (non-zero) id answers a request of a previous owner of this
+        // channel (see [`Channel::adopt`]) that was still in flight when it went away: skipped.
+        let mut stale = 0;
+        let resp = loop {
+            let n = (&link.sock).read(&mut buf).map_err(ClientError::Io)?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            let resp = Response::parse_frame(buf.get(..n).unwrap_or(&[]))
+                .map_err(ClientError::BadResponse)?;
+            if resp.id != 0 && resp.id < id && stale < MAX_STALE_REPLIES {
+                stale += 1;
+                continue;
+            }
+            break resp;
+        };
         drop(link);
-        if n == 0 {
-            return Err(ClientError::Closed);
-        }
-        let resp =
-            Response::parse_frame(buf.get(..n).unwrap_or(&[])).map_err(ClientError::BadResponse)?;
         if resp.id != id {
             return Err(ClientError::IdMismatch {
                 got: resp.id,
@@ -349,6 +381,9 @@ impl Channel {
         resp.result.map_err(ClientError::Refused)
     }
 }
+
+/// How many stale replies (to a previous owner's requests) one exchange skips at most.
+const MAX_STALE_REPLIES: u32 = 64;
 
 /// Size of one fd in a control message (4 bytes).
 const FD_LEN: u32 = 4;
@@ -385,4 +420,45 @@ fn send_with_fd(sock: &UnixStream, data: &[u8], fd: RawFd) -> std::io::Result<()
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn reply(id: u64) -> Vec<u8> {
+        Response {
+            version: VERSION,
+            id,
+            result: Ok(Reply::Done {
+                state: VmState::Running,
+            }),
+        }
+        .encode()
+    }
+
+    /// An adopted channel drains what was queued for the previous owner, numbers its requests
+    /// from `first_id`, and skips a late reply to an older request.
+    #[test]
+    fn adopted_channel_skips_the_previous_owners_replies() {
+        let (ours, theirs) = seqpacket_pair().unwrap();
+        let peer = UnixStream::from(theirs);
+        (&peer).write_all(&reply(7)).unwrap();
+        let chan = Channel::adopt(ours, 1000).unwrap();
+        let t = std::thread::spawn(move || {
+            let mut buf = vec![0u8; HEADER_LEN + MAX_FRAME as usize];
+            let n = (&peer).read(&mut buf).unwrap();
+            let req = Request::parse_frame(&buf[..n]).unwrap();
+            assert_eq!(req.id, 1000);
+            (&peer).write_all(&reply(9)).unwrap();
+            (&peer).write_all(&reply(req.id)).unwrap();
+            peer
+        });
+        assert!(matches!(
+            chan.exchange(Command::Stats, None),
+            Ok(Reply::Done { .. })
+        ));
+        drop(t.join().unwrap());
+    }
 }
