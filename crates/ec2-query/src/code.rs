@@ -51,6 +51,50 @@ pub enum Ec2ErrorCode {
     DryRunOperation,
     /// Something failed on our side.
     InternalError,
+    /// A VPC id that is not a VPC id.
+    InvalidVpcIdMalformed,
+    /// A subnet id that is not a subnet id.
+    InvalidSubnetIdMalformed,
+    /// A security group id that is not a security group id.
+    InvalidGroupIdMalformed,
+    /// The named VPC does not exist (for the caller).
+    InvalidVpcIdNotFound,
+    /// The named subnet does not exist (for the caller).
+    InvalidSubnetIdNotFound,
+    /// The named security group does not exist (for the caller).
+    InvalidGroupNotFound,
+    /// A security group of that name exists in the VPC.
+    InvalidGroupDuplicate,
+    /// The rule is already in the group.
+    InvalidPermissionDuplicate,
+    /// The rule is not in the group.
+    InvalidPermissionNotFound,
+    /// The subnet's block overlaps another subnet of the VPC.
+    InvalidSubnetConflict,
+    /// The subnet's block is not inside the VPC's.
+    InvalidSubnetRange,
+    /// A VPC block EC2 does not accept (prefix outside /16../28).
+    InvalidVpcRange,
+    /// The resource still has dependents (subnets, instances).
+    DependencyViolation,
+    /// The instance is not in a state that allows this.
+    IncorrectInstanceState,
+    /// The resource is not in a state that allows this.
+    IncorrectState,
+    /// The volume is attached.
+    VolumeInUse,
+    /// No host has room for the instance.
+    InsufficientInstanceCapacity,
+    /// The image does not exist.
+    InvalidAmiIdNotFound,
+    /// The KMS key does not exist (for the caller).
+    InvalidKmsKeyNotFound,
+    /// A per-resource limit was reached.
+    RulesPerSecurityGroupLimitExceeded,
+    /// The subnet has no free address.
+    InsufficientFreeAddressesInSubnet,
+    /// A dependency of the service is unavailable; retry later.
+    Unavailable,
 }
 
 impl Ec2ErrorCode {
@@ -79,6 +123,28 @@ impl Ec2ErrorCode {
             Self::IdempotentParameterMismatch => "IdempotentParameterMismatch",
             Self::DryRunOperation => "DryRunOperation",
             Self::InternalError => "InternalError",
+            Self::InvalidVpcIdMalformed => "InvalidVpcID.Malformed",
+            Self::InvalidSubnetIdMalformed => "InvalidSubnetID.Malformed",
+            Self::InvalidGroupIdMalformed => "InvalidGroupId.Malformed",
+            Self::InvalidVpcIdNotFound => "InvalidVpcID.NotFound",
+            Self::InvalidSubnetIdNotFound => "InvalidSubnetID.NotFound",
+            Self::InvalidGroupNotFound => "InvalidGroup.NotFound",
+            Self::InvalidGroupDuplicate => "InvalidGroup.Duplicate",
+            Self::InvalidPermissionDuplicate => "InvalidPermission.Duplicate",
+            Self::InvalidPermissionNotFound => "InvalidPermission.NotFound",
+            Self::InvalidSubnetConflict => "InvalidSubnet.Conflict",
+            Self::InvalidSubnetRange => "InvalidSubnet.Range",
+            Self::InvalidVpcRange => "InvalidVpc.Range",
+            Self::DependencyViolation => "DependencyViolation",
+            Self::IncorrectInstanceState => "IncorrectInstanceState",
+            Self::IncorrectState => "IncorrectState",
+            Self::VolumeInUse => "VolumeInUse",
+            Self::InsufficientInstanceCapacity => "InsufficientInstanceCapacity",
+            Self::InvalidAmiIdNotFound => "InvalidAMIID.NotFound",
+            Self::InvalidKmsKeyNotFound => "InvalidKMSKey.NotFound",
+            Self::RulesPerSecurityGroupLimitExceeded => "RulesPerSecurityGroupLimitExceeded",
+            Self::InsufficientFreeAddressesInSubnet => "InsufficientFreeAddressesInSubnet",
+            Self::Unavailable => "Unavailable",
         }
     }
 
@@ -89,6 +155,8 @@ impl Ec2ErrorCode {
             Self::UnauthorizedOperation => 403,
             Self::DryRunOperation => 412,
             Self::InternalError => 500,
+            Self::InsufficientInstanceCapacity => 500,
+            Self::Unavailable => 503,
             _ => 400,
         }
     }

@@ -70,6 +70,12 @@ pub enum QueryError {
     MalformedInstanceId,
     #[error("Invalid id (malformed volume id)")]
     MalformedVolumeId,
+    #[error("Invalid id (malformed VPC id)")]
+    MalformedVpcId,
+    #[error("Invalid id (malformed subnet id)")]
+    MalformedSubnetId,
+    #[error("Invalid id (malformed security group id)")]
+    MalformedGroupId,
     #[error("UserData is not valid base64")]
     UserDataNotBase64,
     #[error("UserData is longer than {MAX_USER_DATA} bytes")]
@@ -108,6 +114,9 @@ impl QueryError {
             E::Combination(..) => Ec2ErrorCode::InvalidParameterCombination,
             E::MalformedInstanceId => Ec2ErrorCode::InvalidInstanceIdMalformed,
             E::MalformedVolumeId => Ec2ErrorCode::InvalidVolumeIdMalformed,
+            E::MalformedVpcId => Ec2ErrorCode::InvalidVpcIdMalformed,
+            E::MalformedSubnetId => Ec2ErrorCode::InvalidSubnetIdMalformed,
+            E::MalformedGroupId => Ec2ErrorCode::InvalidGroupIdMalformed,
         }
     }
 }
@@ -158,6 +167,24 @@ id_type!(
     VolumeId,
     "vol-",
     MalformedVolumeId
+);
+id_type!(
+    /// `vpc-…`
+    VpcId,
+    "vpc-",
+    MalformedVpcId
+);
+id_type!(
+    /// `subnet-…`
+    SubnetId,
+    "subnet-",
+    MalformedSubnetId
+);
+id_type!(
+    /// `sg-…`
+    GroupId,
+    "sg-",
+    MalformedGroupId
 );
 
 /// One `Filter.N`: a name and its values (at least one).
@@ -254,6 +281,16 @@ pub enum Ec2Request {
     AttachVolume(AttachVolume),
     DetachVolume(DetachVolume),
     DeleteVolume { volume_id: VolumeId },
+    CreateVpc(crate::vpc::CreateVpc),
+    DescribeVpcs(crate::vpc::Describe<VpcId>),
+    DeleteVpc { vpc_id: VpcId },
+    CreateSubnet(crate::vpc::CreateSubnet),
+    DescribeSubnets(crate::vpc::Describe<SubnetId>),
+    DeleteSubnet { subnet_id: SubnetId },
+    CreateSecurityGroup(crate::vpc::CreateSecurityGroup),
+    AuthorizeSecurityGroupIngress(crate::vpc::IngressChange),
+    RevokeSecurityGroupIngress(crate::vpc::IngressChange),
+    DescribeSecurityGroups(crate::vpc::DescribeSecurityGroups),
 }
 
 /// A parsed request and the `DryRun` flag every action takes.
@@ -278,6 +315,16 @@ impl Ec2Request {
             Self::AttachVolume(_) => "AttachVolume",
             Self::DetachVolume(_) => "DetachVolume",
             Self::DeleteVolume { .. } => "DeleteVolume",
+            Self::CreateVpc(_) => "CreateVpc",
+            Self::DescribeVpcs(_) => "DescribeVpcs",
+            Self::DeleteVpc { .. } => "DeleteVpc",
+            Self::CreateSubnet(_) => "CreateSubnet",
+            Self::DescribeSubnets(_) => "DescribeSubnets",
+            Self::DeleteSubnet { .. } => "DeleteSubnet",
+            Self::CreateSecurityGroup(_) => "CreateSecurityGroup",
+            Self::AuthorizeSecurityGroupIngress(_) => "AuthorizeSecurityGroupIngress",
+            Self::RevokeSecurityGroupIngress(_) => "RevokeSecurityGroupIngress",
+            Self::DescribeSecurityGroups(_) => "DescribeSecurityGroups",
         }
     }
 
@@ -338,7 +385,7 @@ impl Ec2Request {
                     volume_id: p.volume_id("VolumeId")?,
                 })
             },
-            _ => return Err(QueryError::UnknownAction),
+            other => crate::vpc::parser(other).ok_or(QueryError::UnknownAction)?,
         };
         match p.take("Version")? {
             None => return Err(QueryError::MissingVersion),
@@ -447,10 +494,10 @@ fn create_volume(p: &mut Params) -> Result<Ec2Request, QueryError> {
 type RawFilter = (Option<String>, Vec<(usize, String)>);
 
 /// The decoded form: each key once.
-struct Params(BTreeMap<String, String>);
+pub(crate) struct Params(pub(crate) BTreeMap<String, String>);
 
 /// Parses the decimal digits of a list index: no sign, no leading zero, at most `max`.
-fn list_index(raw: &str, name: &'static str, max: usize) -> Result<usize, QueryError> {
+pub(crate) fn list_index(raw: &str, name: &'static str, max: usize) -> Result<usize, QueryError> {
     if raw.is_empty()
         || raw.len() > 7
         || raw.starts_with('0')
@@ -466,7 +513,10 @@ fn list_index(raw: &str, name: &'static str, max: usize) -> Result<usize, QueryE
 }
 
 /// Checks that `items`' indexes run 1..=len and returns the values in index order.
-fn contiguous<T>(mut items: Vec<(usize, T)>, name: &'static str) -> Result<Vec<T>, QueryError> {
+pub(crate) fn contiguous<T>(
+    mut items: Vec<(usize, T)>,
+    name: &'static str,
+) -> Result<Vec<T>, QueryError> {
     items.sort_by_key(|(n, _)| *n);
     let mut out = Vec::with_capacity(items.len());
     for (want, (n, v)) in (1..).zip(items) {
@@ -479,7 +529,7 @@ fn contiguous<T>(mut items: Vec<(usize, T)>, name: &'static str) -> Result<Vec<T
 }
 
 /// A value is printable: no control characters.
-fn check_text(v: &str, name: &'static str, max: usize) -> Result<(), QueryError> {
+pub(crate) fn check_text(v: &str, name: &'static str, max: usize) -> Result<(), QueryError> {
     if v.len() > max {
         return Err(QueryError::ValueTooLong(name));
     }
@@ -518,18 +568,26 @@ impl Params {
         Ok(Self(map))
     }
 
-    fn take(&mut self, name: &str) -> Result<Option<String>, QueryError> {
+    pub(crate) fn take(&mut self, name: &str) -> Result<Option<String>, QueryError> {
         Ok(self.0.remove(name))
     }
 
-    fn take_len(&mut self, name: &'static str, max: usize) -> Result<Option<String>, QueryError> {
+    pub(crate) fn take_len(
+        &mut self,
+        name: &'static str,
+        max: usize,
+    ) -> Result<Option<String>, QueryError> {
         match self.0.remove(name) {
             Some(v) if v.len() > max => Err(QueryError::ValueTooLong(name)),
             other => Ok(other),
         }
     }
 
-    fn text(&mut self, name: &'static str, max: usize) -> Result<Option<String>, QueryError> {
+    pub(crate) fn text(
+        &mut self,
+        name: &'static str,
+        max: usize,
+    ) -> Result<Option<String>, QueryError> {
         match self.0.remove(name) {
             None => Ok(None),
             Some(v) => {
@@ -542,12 +600,16 @@ impl Params {
         }
     }
 
-    fn required_text(&mut self, name: &'static str, max: usize) -> Result<String, QueryError> {
+    pub(crate) fn required_text(
+        &mut self,
+        name: &'static str,
+        max: usize,
+    ) -> Result<String, QueryError> {
         self.text(name, max)?
             .ok_or(QueryError::MissingParameter(name))
     }
 
-    fn bool(&mut self, name: &'static str) -> Result<bool, QueryError> {
+    pub(crate) fn bool(&mut self, name: &'static str) -> Result<bool, QueryError> {
         match self.0.remove(name).as_deref() {
             None | Some("false") => Ok(false),
             Some("true") => Ok(true),
@@ -577,7 +639,11 @@ impl Params {
     }
 
     /// `NAME.1`, `NAME.2`, ... as strings.
-    fn list(&mut self, name: &'static str, max_len: usize) -> Result<Vec<String>, QueryError> {
+    pub(crate) fn list(
+        &mut self,
+        name: &'static str,
+        max_len: usize,
+    ) -> Result<Vec<String>, QueryError> {
         let prefix = format!("{name}.");
         let keys: Vec<String> = self
             .0
@@ -624,7 +690,7 @@ impl Params {
         Ok(ids)
     }
 
-    fn page(&mut self, min: usize, max: usize) -> Result<Page, QueryError> {
+    pub(crate) fn page(&mut self, min: usize, max: usize) -> Result<Page, QueryError> {
         Ok(Page {
             max_results: self.number("MaxResults", min, max)?,
             next_token: self.text("NextToken", MAX_VALUE_LEN)?,
@@ -632,7 +698,7 @@ impl Params {
     }
 
     /// `Filter.N.Name` and `Filter.N.Value.M`.
-    fn filters(&mut self) -> Result<Vec<Filter>, QueryError> {
+    pub(crate) fn filters(&mut self) -> Result<Vec<Filter>, QueryError> {
         const NAME: &str = "Filter";
         let keys: Vec<String> = self
             .0

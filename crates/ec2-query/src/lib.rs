@@ -10,6 +10,7 @@
 pub mod code;
 pub mod form;
 pub mod sigv4;
+pub mod vpc;
 pub mod xml;
 
 pub use code::Ec2ErrorCode;

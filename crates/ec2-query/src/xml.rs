@@ -33,42 +33,42 @@ fn escape_into(text: &str, out: &mut String) {
 }
 
 /// Appends elements to one document.
-struct XmlWriter {
-    out: String,
+pub(crate) struct XmlWriter {
+    pub(crate) out: String,
 }
 
 impl XmlWriter {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             out: String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"),
         }
     }
 
-    fn open(&mut self, tag: &str) {
+    pub(crate) fn open(&mut self, tag: &str) {
         self.out.push('<');
         self.out.push_str(tag);
         self.out.push('>');
     }
 
-    fn close(&mut self, tag: &str) {
+    pub(crate) fn close(&mut self, tag: &str) {
         self.out.push_str("</");
         self.out.push_str(tag);
         self.out.push('>');
     }
 
-    fn leaf(&mut self, tag: &str, text: &str) {
+    pub(crate) fn leaf(&mut self, tag: &str, text: &str) {
         self.open(tag);
         escape_into(text, &mut self.out);
         self.close(tag);
     }
 
-    fn leaf_opt(&mut self, tag: &str, text: Option<&str>) {
+    pub(crate) fn leaf_opt(&mut self, tag: &str, text: Option<&str>) {
         if let Some(t) = text {
             self.leaf(tag, t);
         }
     }
 
-    fn set<T>(&mut self, tag: &str, items: &[T], mut each: impl FnMut(&mut Self, &T)) {
+    pub(crate) fn set<T>(&mut self, tag: &str, items: &[T], mut each: impl FnMut(&mut Self, &T)) {
         self.open(tag);
         for item in items {
             self.open("item");
@@ -260,6 +260,8 @@ pub enum Ec2Response {
     AttachVolume(VolumeAttachment),
     DetachVolume(VolumeAttachment),
     DeleteVolume,
+    /// The VPC, subnet and security-group actions.
+    Vpc(crate::vpc::VpcResponse),
 }
 
 impl Ec2Response {
@@ -277,6 +279,7 @@ impl Ec2Response {
             Self::AttachVolume(_) => "AttachVolume",
             Self::DetachVolume(_) => "DetachVolume",
             Self::DeleteVolume => "DeleteVolume",
+            Self::Vpc(v) => v.action(),
         }
     }
 
@@ -324,6 +327,7 @@ impl Ec2Response {
             }
             Self::AttachVolume(a) | Self::DetachVolume(a) => attachment_body(&mut w, a),
             Self::DeleteVolume => w.leaf("return", "true"),
+            Self::Vpc(v) => v.body(&mut w),
         }
         w.close(&root);
         w.out
