@@ -46,7 +46,10 @@ use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in every envelope. Bumped on any incompatible change.
 /// Version 2: long operations answered by `Accepted` + `OpStatus`, more error kinds.
-/// Version 3: `AttachNet`/`DetachNet`, `VmStats::net_devices`, `CommandError::WrongDeviceKind`.
+/// Version 3: `AttachNet`/`DetachNet`, `VmStats::net_devices`, `CommandError::WrongDeviceKind`;
+/// later additions at the end of each enum (a peer that lacks them refuses them as
+/// [`DecodeError::Body`], nothing else changes): `ReconnectNet`, `LiveUpdate` with
+/// `Reply::Updated` and `CommandError::LiveUpdate`.
 pub const VERSION: u16 = 3;
 /// Largest body accepted, in bytes. Console reads are capped well below it.
 pub const MAX_FRAME: u32 = 64 * 1024;
@@ -141,6 +144,15 @@ pub enum Command {
     /// A running device's rings resume where the guest's used rings stand (buffers the dead
     /// card held are lost). Not a long operation: answered with [`Reply::Done`].
     ReconnectNet { id: DeviceId },
+    /// Live update: hand the VM over to a new hypervisor process, started by the parent in
+    /// `incoming` mode, whose hand-over socket (one end of a `SOCK_STREAM` socketpair, the
+    /// other end inherited by the new process) travels as SCM_RIGHTS. The guest pauses only
+    /// while its machine state crosses (guest memory is the same memfd, never copied). On
+    /// [`Reply::Updated`] the new process runs the guest and serves its own channel, and this
+    /// process exits right after replying. On [`CommandError::LiveUpdate`] nothing changed:
+    /// this process still runs the guest (resumed if it was running) and the new process
+    /// never ran it. Answered within seconds, not a long operation.
+    LiveUpdate,
 }
 
 impl Command {
@@ -148,7 +160,10 @@ impl Command {
     pub fn wants_fd(&self) -> bool {
         matches!(
             self,
-            Command::AttachBlock { .. } | Command::AttachNet { .. } | Command::ReconnectNet { .. }
+            Command::AttachBlock { .. }
+                | Command::AttachNet { .. }
+                | Command::ReconnectNet { .. }
+                | Command::LiveUpdate
         )
     }
 
@@ -227,6 +242,10 @@ pub enum Reply {
     Accepted { op: u64 },
     /// Where the long operation `op` stands.
     Op { op: u64, status: OpStatus },
+    /// `LiveUpdate` done: the new process runs the guest; this one exits after replying.
+    /// `pause_us` is the pause as the hypervisors measure it, from this process stopping the
+    /// vCPUs to the new process starting them (CLOCK_MONOTONIC, one host).
+    Updated { pause_us: u64 },
 }
 
 /// Where a long operation stands.
@@ -283,6 +302,47 @@ pub enum CommandError {
         "the device with that id is of another kind (a disk for DetachNet, a NIC for DetachBlock)"
     )]
     WrongDeviceKind,
+    #[error("live update failed, the guest runs on here: {0:?}")]
+    LiveUpdate(LiveUpdateFailure),
+}
+
+/// Why a live update did not happen. In every case the old hypervisor keeps the guest (it
+/// resumes it if it had paused it) and the new process never ran it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LiveUpdateFailure {
+    /// The new process closed its end of the hand-over socket (it exited or was killed).
+    PeerGone,
+    /// The new process did not answer within the hypervisor's bound.
+    PeerTimeout,
+    /// The new process refused the machine state, for this reason.
+    Refused(StateRefusal),
+    /// The hand-over socket carried bytes that are not the hand-over protocol.
+    Protocol,
+    /// This hypervisor could not read the machine state from KVM.
+    Capture,
+    /// A device that cannot be handed over is attached (a vhost-user card: not yet).
+    UnsupportedDevice,
+    /// A hot-plug operation is in flight: wait for it to finish.
+    OperationInFlight,
+}
+
+/// Why a new hypervisor refused the machine state it was handed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateRefusal {
+    /// The state blob ends before its header or body does.
+    Truncated,
+    /// The blob's magic, length or digest is wrong (bytes changed on the way).
+    Corrupted,
+    /// The blob is of a state format version this hypervisor cannot read.
+    UnknownVersion,
+    /// The digest matched but the body does not parse (a bug in the sender).
+    Malformed,
+    /// The state does not fit the VM described at the start of the hand-over.
+    Mismatch,
+    /// KVM refused restoring the state.
+    Restore,
+    /// Building the VM around the guest memory failed.
+    Build,
 }
 
 /// Coarse vhost-user failure kinds (no free text crosses the channel). `FeatureMismatch` also
@@ -596,6 +656,7 @@ mod tests {
             req(Command::ReconnectNet {
                 id: DeviceId::new("eni-1").expect("valid id"),
             }),
+            req(Command::LiveUpdate),
         ]
     }
 
@@ -806,6 +867,32 @@ mod tests {
             result: Err(CommandError::Malformed(DecodeError::Body)),
         };
         assert_eq!(Response::parse_frame(&r.encode()), Ok(r));
+        for result in [
+            Ok(Reply::Updated { pause_us: 612 }),
+            Err(CommandError::LiveUpdate(LiveUpdateFailure::Refused(
+                StateRefusal::UnknownVersion,
+            ))),
+            Err(CommandError::LiveUpdate(LiveUpdateFailure::PeerGone)),
+        ] {
+            let r = Response {
+                version: VERSION,
+                id: 4,
+                result,
+            };
+            assert_eq!(Response::parse_frame(&r.encode()), Ok(r));
+        }
+    }
+
+    #[test]
+    fn live_update_carries_an_fd_and_is_short() {
+        let c = Command::LiveUpdate;
+        assert!(c.wants_fd() && !c.is_long() && c.device().is_none());
+        let r = Request {
+            version: VERSION,
+            id: 0,
+            command: c,
+        };
+        assert_eq!(Request::parse_frame(&r.encode()), Ok(r));
     }
 
     #[test]

@@ -26,6 +26,10 @@ enum Touches {
     /// Where an accepted long operation (a device attach or detach) stands: a state and a
     /// flag, keyed by the request id that started it.
     OperationStatus,
+    /// Moves the VM to a new hypervisor process the caller started (live update): guest memory
+    /// (the memfd) and the machine state go from one hypervisor to the other over the socket
+    /// the command carries, never to the caller; the reply is a duration.
+    HandOver,
 }
 
 fn classify(c: &Command) -> Touches {
@@ -46,6 +50,7 @@ fn classify(c: &Command) -> Touches {
         Command::ReadConsole { cursor: _, max: _ } => Touches::ConsoleOutput,
         Command::Stats => Touches::Counters,
         Command::OpStatus { op: _ } => Touches::OperationStatus,
+        Command::LiveUpdate => Touches::HandOver,
     }
 }
 
@@ -78,6 +83,7 @@ fn guest_bytes(r: &Reply) -> Option<&[u8]> {
                     failure: _,
                 },
         } => None,
+        Reply::Updated { pause_us: _ } => None,
     }
 }
 
@@ -105,14 +111,15 @@ fn every_command() -> Vec<Command> {
         Command::ReconnectNet {
             id: DeviceId::new("eni-1").expect("id"),
         },
+        Command::LiveUpdate,
     ]
 }
 
 #[test]
 fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
     let all = every_command();
-    // Exactly these twelve, in this wire order (the postcard variant tag is the index).
-    assert_eq!(all.len(), 12);
+    // Exactly these thirteen, in this wire order (the postcard variant tag is the index).
+    assert_eq!(all.len(), 13);
     let classes: Vec<Touches> = all.iter().map(classify).collect();
     assert_eq!(
         classes,
@@ -129,14 +136,15 @@ fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
             Touches::DevicePlumbing,
             Touches::DevicePlumbing,
             Touches::DevicePlumbing,
+            Touches::HandOver,
         ]
     );
-    // Only AttachBlock, AttachNet and ReconnectNet carry a descriptor, a socket the
-    // hypervisor hands on.
+    // Only AttachBlock, AttachNet, ReconnectNet and LiveUpdate carry a descriptor, a socket
+    // the hypervisor hands on (or, for LiveUpdate, hands its VM over on).
     let with_fd: Vec<bool> = all.iter().map(Command::wants_fd).collect();
     assert_eq!(
         with_fd,
-        vec![false, false, false, false, true, false, false, false, false, true, false, true]
+        vec![false, false, false, false, true, false, false, false, false, true, false, true, true]
     );
     for (tag, c) in all.iter().enumerate() {
         let req = Request {
@@ -152,7 +160,7 @@ fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
     }
 }
 
-/// No tag past the twelve pinned commands decodes to anything: a command added to the enum but
+/// No tag past the thirteen pinned commands decodes to anything: a command added to the enum but
 /// hidden from this list would be caught here on the wire even if `classify` were bypassed.
 #[test]
 fn no_unlisted_command_tag_decodes() {
@@ -191,6 +199,7 @@ fn only_console_replies_carry_guest_bytes() {
             guest_acknowledged: true,
         },
         Reply::Accepted { op: 3 },
+        Reply::Updated { pause_us: 1 },
         Reply::Op {
             op: 3,
             status: OpStatus::Done {
@@ -200,5 +209,8 @@ fn only_console_replies_carry_guest_bytes() {
         },
     ];
     let carrying: Vec<bool> = replies.iter().map(|r| guest_bytes(r).is_some()).collect();
-    assert_eq!(carrying, vec![false, true, false, false, false, false]);
+    assert_eq!(
+        carrying,
+        vec![false, true, false, false, false, false, false]
+    );
 }

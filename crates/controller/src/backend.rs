@@ -82,6 +82,7 @@ pub fn hypervisor_code(e: &CommandError) -> &'static str {
         CommandError::TooManyOps => "hypervisor_too_many_ops",
         CommandError::Internal => "hypervisor_internal",
         CommandError::WrongDeviceKind => "wrong_device_kind",
+        CommandError::LiveUpdate(_) => "live_update_failed",
     }
 }
 
@@ -163,6 +164,8 @@ fn hypervisor_status(e: &CommandError) -> u16 {
         // The block card's end of the vhost-user connection misbehaved.
         CommandError::Backend(_) => 502,
         CommandError::TooManyOps => 503,
+        // The guest keeps running on the old hypervisor: try again later.
+        CommandError::LiveUpdate(_) => 503,
         // The controller and the hypervisor disagree about the protocol, or the hypervisor
         // failed inside: a fault on our side.
         CommandError::Malformed(_)

@@ -238,6 +238,12 @@ fn handle(vm: &mut Vm, ops: &mut Ops, frame: &[u8], fd: Option<OwnedFd>) -> (Res
         ),
         Command::DetachNet { id } => (detach(vm, ops, req.id, id, DeviceKind::Net), Next::Continue),
         Command::ReconnectNet { id } => (reconnect(vm, ops, id, fd), Next::Continue),
+        Command::LiveUpdate => (
+            Err(CommandError::LiveUpdate(
+                bulkhead_channel::LiveUpdateFailure::UnsupportedDevice,
+            )),
+            Next::Continue,
+        ),
         Command::OpStatus { op } => (
             ops.status(op).map(|status| Reply::Op { op, status }),
             Next::Continue,
