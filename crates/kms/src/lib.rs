@@ -16,6 +16,7 @@
 
 pub mod attest;
 pub mod crypto;
+pub mod forward;
 pub mod keystore;
 pub mod server;
 pub mod service;
@@ -39,6 +40,8 @@ pub enum KmsError {
     CallerNotAllowed,
     #[error("customer signature: {0}")]
     Signature(sigv::SigError),
+    #[error("forwarded SigV4 request: {0}")]
+    ForwardedSigV4(forward::ForwardError),
     #[error("the forwarded customer authorization is not recent (forward-access session expired)")]
     AuthorizationNotRecent,
     #[error("the forwarded customer request does not authorize this operation")]
@@ -86,6 +89,12 @@ impl KmsError {
             KmsError::BadRequest(_) => "bad_request",
             KmsError::CallerNotAllowed => "caller_not_allowed",
             KmsError::Signature(e) => e.code(),
+            KmsError::ForwardedSigV4(forward::ForwardError::Signature(e)) => match e {
+                bulkhead_ec2_query::SigV4Error::SignatureMismatch => "auth_bad_signature",
+                bulkhead_ec2_query::SigV4Error::UnknownAccessKey => "auth_unknown_access_key",
+                _ => "auth_malformed",
+            },
+            KmsError::ForwardedSigV4(_) => "wrong_customer_action",
             KmsError::AuthorizationNotRecent => "authorization_not_recent",
             KmsError::WrongCustomerAction => "wrong_customer_action",
             KmsError::NoSuchKey => "no_such_key",
@@ -120,6 +129,8 @@ impl KmsError {
             KmsError::BadBody | KmsError::BadRequest(_) => 400,
             KmsError::Crypto(crypto::CryptoError::BadBlob | crypto::CryptoError::Unwrap) => 400,
             KmsError::Signature(_) | KmsError::AuthorizationNotRecent => 401,
+            KmsError::ForwardedSigV4(forward::ForwardError::Signature(_)) => 401,
+            KmsError::ForwardedSigV4(_) => 403,
             KmsError::CallerNotAllowed
             | KmsError::WrongCustomerAction
             | KmsError::NoGrant

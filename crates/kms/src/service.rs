@@ -12,6 +12,7 @@ use bulkhead_tokens::{Identity, Role};
 use serde_json::Value;
 
 use crate::crypto::{self, DataKeyBlob, Key32};
+use crate::forward::{CustomerRequest, SigV4Forwarded};
 use crate::keystore::{Embedded, KeyStore};
 use crate::sigv::{self, Authorization, ForwardedRequest};
 use crate::store::{CmkRow, GrantRow, Store, VpcRow};
@@ -258,18 +259,63 @@ impl Kms {
         result
     }
 
-    fn forwarded(&self, f: &ForwardedRequest, action: &str) -> Result<Customer, KmsError> {
+    fn forwarded(&self, f: &CustomerRequest, action: &str) -> Result<Customer, KmsError> {
         self.forwarded_any(f, &[action])
     }
 
-    /// A forwarded signed request for any one of `actions`.
-    fn forwarded_any(&self, f: &ForwardedRequest, actions: &[&str]) -> Result<Customer, KmsError> {
+    /// A forwarded signed request for any one of `actions`, of either protocol.
+    fn forwarded_any(&self, f: &CustomerRequest, actions: &[&str]) -> Result<Customer, KmsError> {
+        match f {
+            CustomerRequest::Bh1(f) => self.forwarded_bh1(f, actions),
+            CustomerRequest::SigV4(e) => self.forwarded_sigv4(&e.sigv4, actions),
+        }
+    }
+
+    /// A customer's secret, unwrapped, by access key id (`None`: unknown key).
+    fn customer_secret(&self, akid: &str) -> Result<Option<(String, Key32)>, KmsError> {
+        let Some((tenant, wrapped)) = self.store.customer(akid)? else {
+            return Ok(None);
+        };
+        let secret = crypto::unwrap::<32>(&self.root, &cust_aad(akid), &wrapped)?;
+        Ok(Some((tenant, secret)))
+    }
+
+    /// An EC2 Query request signed with SigV4, verified here with the KMS's own copy of the
+    /// signer's secret (`crate::forward`).
+    fn forwarded_sigv4(&self, f: &SigV4Forwarded, actions: &[&str]) -> Result<Customer, KmsError> {
+        let akid = crate::forward::access_key_of(f).map_err(KmsError::ForwardedSigV4)?;
+        let (tenant, secret) = self
+            .customer_secret(&akid)?
+            .ok_or(KmsError::ForwardedSigV4(
+                crate::forward::ForwardError::Signature(
+                    bulkhead_ec2_query::SigV4Error::UnknownAccessKey,
+                ),
+            ))?;
+        let v = crate::forward::verify(
+            f,
+            crate::forward::sigv4_secret(secret.as_ref()),
+            now(),
+            self.window_secs,
+            actions,
+        )
+        .map_err(|e| match e {
+            crate::forward::ForwardError::Signature(
+                bulkhead_ec2_query::SigV4Error::OutsideWindow { .. },
+            ) => KmsError::AuthorizationNotRecent,
+            e => KmsError::ForwardedSigV4(e),
+        })?;
+        Ok(Customer {
+            tenant,
+            body: v.body,
+            signature: hex::encode(v.signature),
+        })
+    }
+
+    fn forwarded_bh1(&self, f: &ForwardedRequest, actions: &[&str]) -> Result<Customer, KmsError> {
         let auth = Authorization::parse(&f.authorization).map_err(KmsError::Signature)?;
-        let (tenant, wrapped) = self
-            .store
-            .customer(&auth.access_key_id)?
+        let (tenant, secret) = self
+            .customer_secret(&auth.access_key_id)?
             .ok_or(KmsError::Signature(sigv::SigError::UnknownAccessKey))?;
-        let secret = crypto::unwrap::<32>(&self.root, &cust_aad(&auth.access_key_id), &wrapped)?;
         sigv::verify(&auth, secret.as_ref(), &f.parts, now(), self.window_secs).map_err(
             |e| match e {
                 sigv::SigError::Stale => KmsError::AuthorizationNotRecent,

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::forward::CustomerRequest;
 pub use crate::sigv::{ForwardedRequest, SignedParts};
 
 /// Largest request body accepted.
@@ -79,7 +80,7 @@ pub struct RegisterCustomerRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKeyRequest {
-    pub customer_request: ForwardedRequest,
+    pub customer_request: CustomerRequest,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,7 +95,7 @@ pub struct GenerateDataKeyRequest {
     /// `None`: the tenant's default key (created on first use).
     pub key_id: Option<String>,
     pub volume_id: String,
-    pub customer_request: ForwardedRequest,
+    pub customer_request: CustomerRequest,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,7 +115,7 @@ pub struct DecryptForHostRequest {
     pub host_id: String,
     /// The host's 38-byte public key file, base64.
     pub host_public_key: String,
-    pub customer_request: ForwardedRequest,
+    pub customer_request: CustomerRequest,
     /// The host's fresh attestation evidence (a TPM quote over a nonce from
     /// [`KmsOp::Challenge`], and its event log). Required when the KMS enforces attestation.
     #[serde(default)]
@@ -150,7 +151,7 @@ pub struct DecryptForHostResponse {
 pub struct RevokeGrantRequest {
     pub key_id: String,
     pub volume_id: String,
-    pub customer_request: ForwardedRequest,
+    pub customer_request: CustomerRequest,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,7 +169,7 @@ pub const CREATE_VPC_ACTIONS: &[&str] = &["CreateVpc", "RunInstances"];
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVpcKeyRequest {
-    pub customer_request: ForwardedRequest,
+    pub customer_request: CustomerRequest,
     /// `vpc-…`: the control plane's VPC id.
     pub vpc_id: String,
     /// The VPC number the net cards carry in their encapsulation header (unique per KMS).
@@ -190,7 +191,7 @@ pub struct CreateVpcKeyResponse {
 pub struct SealVpcKeyRequest {
     /// The VPC owner's own signed `RunInstances`, forwarded. One authorization seals a key
     /// once per instance.
-    pub customer_request: ForwardedRequest,
+    pub customer_request: CustomerRequest,
     pub vpc_id: String,
     pub epoch: u32,
     pub instance_id: String,

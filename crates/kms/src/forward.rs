@@ -1,0 +1,215 @@
+//! The customer's own signed request, as the control plane forwards it to the KMS (a
+//! forward-access session): either Bulkhead's JSON API signed with `BH1-HMAC-SHA256`
+//! ([`ForwardedRequest`]) or an EC2 Query API request signed with AWS Signature Version 4
+//! ([`SigV4Forwarded`]), forwarded as the raw parts that were signed (method, path, query,
+//! headers, body) and verified here again with `bulkhead_ec2_query::sigv4` and the KMS's own
+//! copy of the customer's secret. The control plane alone cannot make either verify.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bulkhead_ec2_query::sigv4::{Authorization as V4Authorization, SigV4Error};
+use bulkhead_ec2_query::{Ec2Request, HttpRequestParts, SecretKey, Verifier};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub use crate::sigv::ForwardedRequest;
+
+/// Most headers a forwarded SigV4 request may carry.
+pub const MAX_FORWARDED_HEADERS: usize = 40;
+
+/// An EC2 Query request exactly as the customer signed it (SigV4).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigV4Forwarded {
+    pub method: String,
+    /// The request path as on the request line (`/`).
+    pub path: String,
+    /// The raw URL query, or `""`.
+    pub query: String,
+    /// The signed headers and `authorization`, as received (name, value).
+    pub headers: Vec<(String, String)>,
+    /// The form body exactly as received.
+    pub body: String,
+}
+
+/// `{"sigv4": {...}}` on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigV4Envelope {
+    pub sigv4: SigV4Forwarded,
+}
+
+/// A forwarded customer request of either protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CustomerRequest {
+    Bh1(ForwardedRequest),
+    SigV4(SigV4Envelope),
+}
+
+impl From<ForwardedRequest> for CustomerRequest {
+    fn from(f: ForwardedRequest) -> Self {
+        CustomerRequest::Bh1(f)
+    }
+}
+
+impl From<SigV4Forwarded> for CustomerRequest {
+    fn from(sigv4: SigV4Forwarded) -> Self {
+        CustomerRequest::SigV4(SigV4Envelope { sigv4 })
+    }
+}
+
+/// Why a forwarded SigV4 request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    #[error("signature: {0}")]
+    Signature(SigV4Error),
+    #[error("the signed request is not an EC2 Query request for an allowed action")]
+    WrongAction,
+    #[error("the forwarded request is malformed")]
+    Malformed,
+}
+
+/// A forwarded SigV4 request that verified: who signed, the signature (to record once), and
+/// the fields of the signed action the KMS checks (`VolumeId`, `InstanceId`, `KmsKeyId`), in
+/// the JSON API's names.
+#[derive(Debug, Clone)]
+pub struct VerifiedForward {
+    pub access_key_id: String,
+    pub signature: [u8; 32],
+    pub body: Value,
+}
+
+/// The SigV4 secret access key of a customer: the base64 text of its 32-byte secret (what the
+/// credentials file and `AWS_SECRET_ACCESS_KEY` carry).
+pub fn sigv4_secret(raw: &[u8]) -> SecretKey {
+    SecretKey::new(B64.encode(raw).into_bytes())
+}
+
+/// The access key id a forwarded SigV4 request names (before anything is verified).
+pub fn access_key_of(f: &SigV4Forwarded) -> Result<String, ForwardError> {
+    Ok(authorization(f)?.access_key_id)
+}
+
+fn authorization(f: &SigV4Forwarded) -> Result<V4Authorization, ForwardError> {
+    let mut it = f
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("authorization"));
+    let raw = it
+        .next()
+        .ok_or(ForwardError::Signature(SigV4Error::MissingAuthorization))?;
+    if it.next().is_some() {
+        return Err(ForwardError::Signature(SigV4Error::DuplicateAuthorization));
+    }
+    V4Authorization::parse(raw.1.as_bytes()).map_err(ForwardError::Signature)
+}
+
+/// Verifies `f` at `now` within `window_secs` with `secret` (the signer's), and checks that it
+/// is a POST of one of `actions` (not a dry run). The region is the one the customer signed
+/// for (the control plane checked it against its own).
+pub fn verify(
+    f: &SigV4Forwarded,
+    secret: SecretKey,
+    now: u64,
+    window_secs: u64,
+    actions: &[&str],
+) -> Result<VerifiedForward, ForwardError> {
+    if f.headers.len() > MAX_FORWARDED_HEADERS {
+        return Err(ForwardError::Malformed);
+    }
+    let auth = authorization(f)?;
+    let headers: Vec<(&str, &[u8])> = f
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    let parts = HttpRequestParts {
+        method: &f.method,
+        path: &f.path,
+        query: &f.query,
+        headers: &headers,
+        body: f.body.as_bytes(),
+    };
+    let now = i64::try_from(now).map_err(|_| ForwardError::Malformed)?;
+    let akid = auth.access_key_id.clone();
+    let secret = std::cell::Cell::new(Some(secret));
+    let lookup = |k: &str| if k == akid { secret.take() } else { None };
+    let v = Verifier::new(auth.region.clone())
+        .with_window_secs(window_secs)
+        .verify(&parts, now, &lookup)
+        .map_err(ForwardError::Signature)?;
+    if f.method != "POST" || f.path != "/" {
+        return Err(ForwardError::WrongAction);
+    }
+    let call = Ec2Request::parse(f.body.as_bytes()).map_err(|_| ForwardError::WrongAction)?;
+    if call.dry_run || !actions.contains(&call.request.action()) {
+        return Err(ForwardError::WrongAction);
+    }
+    let body = match &call.request {
+        Ec2Request::CreateVolume(c) => json!({ "KmsKeyId": c.kms_key_id }),
+        Ec2Request::AttachVolume(a) => {
+            json!({ "VolumeId": a.volume_id.as_str(), "InstanceId": a.instance_id.as_str() })
+        }
+        _ => json!({}),
+    };
+    Ok(VerifiedForward {
+        access_key_id: v.access_key_id,
+        signature: v.signature,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn bh1_and_sigv4_forwards_deserialize_to_their_variant() {
+        let v4 = json!({"sigv4": {"method": "POST", "path": "/", "query": "", "headers": [["host", "h"]], "body": "Action=AttachVolume"}});
+        assert!(matches!(
+            serde_json::from_value::<CustomerRequest>(v4).unwrap(),
+            CustomerRequest::SigV4(_)
+        ));
+        let bh1 = json!({"authorization": "x", "parts": {"method": "POST", "path": "/v1/AttachVolume", "query": "", "host": "h", "date": "d", "body": "{}", "nonce": "n"}});
+        assert!(matches!(
+            serde_json::from_value::<CustomerRequest>(bh1).unwrap(),
+            CustomerRequest::Bh1(_)
+        ));
+        let extra = json!({"sigv4": {"method": "POST", "path": "/", "query": "", "headers": [], "body": "", "evil": 1}});
+        assert!(serde_json::from_value::<CustomerRequest>(extra).is_err());
+    }
+
+    #[test]
+    fn unsigned_or_foreign_forwards_are_refused() {
+        let f = SigV4Forwarded {
+            method: "POST".into(),
+            path: "/".into(),
+            query: String::new(),
+            headers: vec![("host".into(), "h".into())],
+            body: "Action=AttachVolume&Version=2016-11-15".into(),
+        };
+        assert!(matches!(
+            verify(&f, sigv4_secret(b"k"), 0, 300, &["AttachVolume"]),
+            Err(ForwardError::Signature(SigV4Error::MissingAuthorization))
+        ));
+        let mut g = f.clone();
+        g.headers.push((
+            "authorization".into(),
+            "AWS4-HMAC-SHA256 Credential=AKID/20260101/us-east-1/ec2/aws4_request, SignedHeaders=host;x-amz-date, Signature=0000000000000000000000000000000000000000000000000000000000000000".into(),
+        ));
+        g.headers
+            .push(("x-amz-date".into(), "20260101T000000Z".into()));
+        assert!(matches!(
+            verify(
+                &g,
+                sigv4_secret(b"k"),
+                1_767_225_600,
+                300,
+                &["AttachVolume"]
+            ),
+            Err(ForwardError::Signature(SigV4Error::SignatureMismatch))
+        ));
+    }
+}
