@@ -357,6 +357,29 @@ impl Controller {
         self.metrics.count_n(s.stage.op(), s.code, s.suppressed);
     }
 
+    /// Records a lifecycle event about `resources` with its outcome `code`, durably.
+    pub async fn audit_lifecycle_about(
+        &self,
+        what: &str,
+        resources: Vec<String>,
+        code: &str,
+    ) -> Result<u64, bulkhead_audit::AuditError> {
+        self.audit
+            .append(AuditEntry {
+                kind: EntryKind::Lifecycle,
+                request_id: new_request_id(),
+                caller: "controller".into(),
+                cert_sha256: None,
+                token_id: None,
+                op: what.into(),
+                resources,
+                params_sha256: None,
+                decision: Decision::None,
+                code: code.into(),
+            })
+            .await
+    }
+
     /// Records a lifecycle event (start-up).
     pub async fn audit_lifecycle(&self, what: &str) -> Result<u64, bulkhead_audit::AuditError> {
         self.audit

@@ -39,7 +39,11 @@ use crate::backend::{
 };
 use crate::card_control::{self, CardReply};
 use crate::launcher::{
-    LaunchRefusal, LaunchReply, LaunchRequest, Launcher, LauncherError, NetCardLaunch,
+    ChildKind, LaunchRefusal, LaunchReply, LaunchRequest, Launcher, LauncherError, NetCardLaunch,
+};
+use crate::record::{
+    HostRecord, InstanceRecord, NetCardRecord, NetworkRecord, PendingAttach, RecordedState,
+    VolumeRecord,
 };
 
 /// Guest kernel arguments that boot the test guest on the development machines' software KVM:
@@ -126,6 +130,9 @@ struct HostInstance {
     next_device: u32,
     network: Option<NetworkSpec>,
     net: Option<NetCard>,
+    /// An attach in flight (recorded before the card starts, so a restarted controller undoes
+    /// it: it was never acknowledged).
+    attaching: Option<PendingAttach>,
 }
 
 struct Slot {
@@ -147,11 +154,41 @@ struct Inner {
     net_pids: BTreeMap<u32, ResourceId>,
 }
 
+/// The host record as the controller keeps it in memory, and where it is stored.
+struct Records {
+    path: Option<PathBuf>,
+    instances: BTreeMap<String, InstanceRecord>,
+    draining: bool,
+}
+
+/// What adopting one recorded instance found (one `AdoptInstance` audit record each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    pub instance: String,
+    /// `ok`, or what had to be done: `hypervisor_gone` (the VM died meanwhile: the instance is
+    /// stopped), `card_gone` (a volume's card died: detached), `attach_rolled_back` (an attach
+    /// the previous controller never acknowledged was undone).
+    pub codes: Vec<&'static str>,
+    pub hypervisor_pid: Option<u32>,
+}
+
+/// The result of [`HostBackend::adopt`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdoptReport {
+    pub instances: Vec<Adopted>,
+    /// Children no record named (started for an operation never acknowledged): reaped.
+    pub orphans_reaped: Vec<u32>,
+    pub millis: u64,
+}
+
 /// The real backend. See the module docs.
 pub struct HostBackend {
     cfg: HostConfig,
     launcher: Launcher,
     inner: Mutex<Inner>,
+    records: Mutex<Records>,
+    /// Net cards found dead at adoption: restarted by the next poll.
+    dead_net_cards: Mutex<Vec<u32>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -234,11 +271,15 @@ pub const FAULT_ENV: &str = "BULKHEAD_FAULT";
 /// * `attach:after_card_keyed:exit` — AttachVolume exits the controller (status 70) right after
 ///   the block card has keyed the volume, before the disk is plugged into the guest;
 /// * `attach:after_card_keyed:stall` — the same point, but the attach blocks forever (the test
-///   then kills the controller with SIGKILL, mid-attach by construction).
+///   then kills the controller with SIGKILL, mid-attach by construction);
+/// * `adopt:after_first:stall` — a restarted controller stops for ever in the middle of its
+///   adoption, right after it took over the first recorded instance's hypervisor (the test then
+///   kills it and starts another, which must adopt again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     AttachAfterCardKeyedExit,
     AttachAfterCardKeyedStall,
+    AdoptAfterFirstStall,
 }
 
 static FAULT: OnceLock<Option<Fault>> = OnceLock::new();
@@ -249,6 +290,7 @@ fn fault() -> Option<Fault> {
         let f = match v.as_str() {
             "attach:after_card_keyed:exit" => Fault::AttachAfterCardKeyedExit,
             "attach:after_card_keyed:stall" => Fault::AttachAfterCardKeyedStall,
+            "adopt:after_first:stall" => Fault::AdoptAfterFirstStall,
             _ => {
                 tracing::warn!(value = %v, "unknown {FAULT_ENV} ignored");
                 return None;
@@ -260,13 +302,124 @@ fn fault() -> Option<Fault> {
 }
 
 impl HostBackend {
-    pub fn new(cfg: HostConfig, launcher: Launcher) -> Self {
+    /// A backend that keeps its durable record at `record` (none: nothing survives a restart).
+    pub fn new(cfg: HostConfig, launcher: Launcher, record: Option<PathBuf>) -> Self {
         // The fault hook is read here, once, at controller start.
         let _ = fault();
         HostBackend {
             cfg,
             launcher,
             inner: Mutex::new(Inner::default()),
+            records: Mutex::new(Records {
+                path: record,
+                instances: BTreeMap::new(),
+                draining: false,
+            }),
+            dead_net_cards: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The launcher's (keeper's) pid.
+    pub fn keeper_pid(&self) -> u32 {
+        self.launcher.pid()
+    }
+
+    /// The durable record of one instance as it stands (`None` once terminated).
+    fn record_of(g: &HostInstance) -> Option<InstanceRecord> {
+        let state = match g.desc.state {
+            InstanceState::Created => RecordedState::Created,
+            InstanceState::Running => RecordedState::Running,
+            InstanceState::Stopped => RecordedState::Stopped,
+            InstanceState::Terminated => return None,
+        };
+        Some(InstanceRecord {
+            id: g.desc.instance_id.clone(),
+            image: g.desc.image.clone(),
+            vcpus: g.desc.vcpus,
+            memory_mib: g.desc.memory_mib,
+            state,
+            cmdline: g.cmdline.clone(),
+            booted: g.booted,
+            hypervisor_pid: g.vm.as_ref().map(|v| v.pid),
+            next_device: g.next_device,
+            volumes: g
+                .volumes
+                .iter()
+                .map(|(v, a)| VolumeRecord {
+                    volume: v.clone(),
+                    device: a.device.to_string(),
+                    card_pid: a.card_pid,
+                })
+                .collect(),
+            attaching: g.attaching.clone(),
+            network: g.network.as_ref().map(|n| NetworkRecord {
+                vpc: n.vpc,
+                card_id: n.card_id,
+                mac: n.mac.to_string(),
+                ip: n.ip,
+                prefix: n.prefix,
+                gateway: n.gateway,
+                mtu: n.mtu,
+                allow: n.allow.clone(),
+                routes: n.routes.clone(),
+            }),
+            net_card: g.net.as_ref().map(|c| NetCardRecord {
+                pid: c.pid,
+                listen: c.listen,
+                epoch: c.epoch,
+                sealed_key: hex::encode(&c.sealed.0),
+                routes: c.routes.clone(),
+                allow: c.allow.clone(),
+            }),
+        })
+    }
+
+    /// Makes the instance's current state durable before the operation is acknowledged: the
+    /// children `commit` names are first marked recorded at the keeper (so they outlive this
+    /// controller), then the record is written and fsync'd. A failure here fails the
+    /// operation (it is not acknowledged).
+    fn persist(&self, g: &HostInstance, commit: &[u32]) -> Result<(), BackendError> {
+        if let Err(e) = self.launcher.commit(commit) {
+            tracing::warn!(error = %e, "keeper: commit failed");
+            return Err(BackendError::Unavailable);
+        }
+        let mut r = lock(&self.records);
+        match Self::record_of(g) {
+            Some(rec) => {
+                r.instances.insert(rec.id.clone(), rec);
+            }
+            None => {
+                r.instances.remove(&g.desc.instance_id);
+            }
+        }
+        Self::store_locked(&r)
+    }
+
+    fn store_locked(r: &Records) -> Result<(), BackendError> {
+        let Some(path) = &r.path else {
+            return Ok(());
+        };
+        let rec = HostRecord {
+            instances: r.instances.values().cloned().collect(),
+            draining: r.draining,
+        };
+        rec.store(path).map_err(|e| {
+            tracing::error!(error = %e, "host record not written: the operation is not acknowledged");
+            BackendError::Unavailable
+        })
+    }
+
+    /// Best-effort persist of a restarted child.
+    fn persist_noticed_commit(&self, g: &HostInstance, pid: u32) {
+        if let Err(e) = self.persist(g, &[pid]) {
+            tracing::warn!(error = %e, instance = %g.desc.instance_id, "host record not updated");
+        }
+    }
+
+    /// Best-effort persist for changes the controller noticed rather than made.
+    fn persist_noticed(&self, g: &HostInstance) {
+        if let Err(e) = self.persist(g, &[]) {
+            tracing::warn!(error = %e, instance = %g.desc.instance_id, "host record not updated");
         }
     }
 
@@ -517,6 +670,7 @@ impl InstanceBackend for HostBackend {
             next_device: 0,
             network: spec.network.clone(),
             net: None,
+            attaching: None,
         }));
         // Reserve the id and the capacity, then spawn without holding the host-wide lock.
         let mut g = lock(&inst);
@@ -544,7 +698,16 @@ impl InstanceBackend for HostBackend {
         }
         match self.spawn_vm(&g) {
             Ok(vm) => {
+                let pid = vm.pid;
                 g.vm = Some(vm);
+                if let Err(e) = self.persist(&g, &[pid]) {
+                    if let Some(vm) = g.vm.take() {
+                        self.end_vm(vm);
+                    }
+                    drop(g);
+                    lock(&self.inner).instances.remove(&spec.id);
+                    return Err(e);
+                }
                 Ok(desc)
             }
             Err(e) => {
@@ -565,7 +728,10 @@ impl InstanceBackend for HostBackend {
                     Ok(Reply::Stats {
                         state: VmState::Stopped,
                         ..
-                    }) => g.desc.state = InstanceState::Stopped,
+                    }) => {
+                        g.desc.state = InstanceState::Stopped;
+                        self.persist_noticed(&g);
+                    }
                     Ok(_) | Err(ClientError::Refused(_)) => {}
                     // The hypervisor process is gone (crashed or killed): nothing runs.
                     Err(e) => {
@@ -575,6 +741,7 @@ impl InstanceBackend for HostBackend {
                             self.end_vm(vm);
                         }
                         g.desc.state = InstanceState::Stopped;
+                        self.persist_noticed(&g);
                     }
                 }
             }
@@ -608,6 +775,8 @@ impl InstanceBackend for HostBackend {
             }
         }
         g.desc.state = InstanceState::Running;
+        let pid: Vec<u32> = g.vm.as_ref().map(|v| v.pid).into_iter().collect();
+        self.persist(&g, &pid)?;
         tracing::info!(instance = %id, "instance running");
         Ok(())
     }
@@ -626,7 +795,7 @@ impl InstanceBackend for HostBackend {
             Err(e) => return Err(channel_err("pause")(e)),
         }
         g.desc.state = InstanceState::Stopped;
-        Ok(())
+        self.persist(&g, &[])
     }
 
     fn reboot(&self, id: &ResourceId) -> Result<(), BackendError> {
@@ -641,10 +810,12 @@ impl InstanceBackend for HostBackend {
         match self.fresh_boot(&mut g) {
             Ok(()) => {
                 g.desc.state = InstanceState::Running;
-                Ok(())
+                let pid: Vec<u32> = g.vm.as_ref().map(|v| v.pid).into_iter().collect();
+                self.persist(&g, &pid)
             }
             Err(e) => {
                 g.desc.state = InstanceState::Stopped;
+                self.persist_noticed(&g);
                 Err(e)
             }
         }
@@ -671,6 +842,7 @@ impl InstanceBackend for HostBackend {
         }
         g.desc.net_endpoint = None;
         g.desc.state = InstanceState::Terminated;
+        self.persist_noticed(&g);
         drop(g);
         self.set_live(id, false);
         tracing::info!(instance = %id, "instance terminated");
@@ -686,6 +858,11 @@ impl InstanceBackend for HostBackend {
 
     fn set_draining(&self, draining: bool) {
         lock(&self.inner).draining = draining;
+        let mut r = lock(&self.records);
+        r.draining = draining;
+        if let Err(e) = Self::store_locked(&r) {
+            tracing::warn!(error = %e, "host record: draining flag not written");
+        }
     }
 
     fn draining(&self) -> bool {
@@ -740,7 +917,9 @@ impl InstanceBackend for HostBackend {
         let ep = card.listen.to_string();
         tracing::info!(instance = %id, card = card.pid, endpoint = %ep, epoch, "net card attached");
         g.desc.net_endpoint = Some(ep.clone());
+        let pid = card.pid;
         g.net = Some(card);
+        self.persist(&g, &[pid])?;
         Ok(ep)
     }
 
@@ -751,7 +930,7 @@ impl InstanceBackend for HostBackend {
         let req = serde_json::json!({"op": "routes", "routes": routes});
         self.net_update(card.pid, &req)?;
         card.routes = routes.to_vec();
-        Ok(())
+        self.persist(&g, &[])
     }
 
     fn set_net_rules(&self, id: &ResourceId, allow: &[String]) -> Result<(), BackendError> {
@@ -761,7 +940,7 @@ impl InstanceBackend for HostBackend {
         let req = serde_json::json!({"op": "rules", "allow": allow});
         self.net_update(card.pid, &req)?;
         card.allow = allow.to_vec();
-        Ok(())
+        self.persist(&g, &[])
     }
 
     fn net_counters(&self) -> Vec<NetCounters> {
@@ -795,7 +974,7 @@ impl InstanceBackend for HostBackend {
     }
 
     fn restart_dead_net_cards(&self) -> Vec<NetCardRestart> {
-        let pids = match self.launcher.call(&LaunchRequest::Exited) {
+        let mut pids = match self.launcher.call(&LaunchRequest::Exited) {
             Ok((LaunchReply::Exited { pids }, _)) => pids,
             Ok(_) => return Vec::new(),
             Err(e) => {
@@ -803,6 +982,9 @@ impl InstanceBackend for HostBackend {
                 return Vec::new();
             }
         };
+        pids.append(&mut lock(&self.dead_net_cards));
+        pids.sort_unstable();
+        pids.dedup();
         let mut out = Vec::new();
         for pid in pids {
             let Some(id) = lock(&self.inner).net_pids.remove(&pid) else {
@@ -858,11 +1040,13 @@ impl InstanceBackend for HostBackend {
                     }
                     let new_pid = card.pid;
                     g.net = Some(card);
+                    self.persist_noticed_commit(&g, new_pid);
                     Ok(new_pid)
                 }
                 Err(e) => {
                     lock(&self.inner).net_ports.remove(&listen.port());
                     g.desc.net_endpoint = None;
+                    self.persist_noticed(&g);
                     Err(e.code())
                 }
             };
@@ -1095,110 +1279,38 @@ impl VolumeBackend for HostBackend {
         if !lock(&self.inner).attached.insert(volume.to_string()) {
             return Err(BackendError::VolumeAttached);
         }
-        let release = || {
-            lock(&self.inner).attached.remove(volume.as_str());
-        };
-        let backing = match self.ensure_backing(volume) {
-            Ok(p) => p,
-            Err(e) => {
-                release();
-                return Err(e);
-            }
-        };
-        // One request queue per guest vCPU: the hypervisor offers the guest as many as the card
-        // serves, up to the vCPU count.
-        let queues = u16::try_from(g.desc.vcpus).unwrap_or(1);
-        let spawned = self.launcher.call_fd(&LaunchRequest::SpawnCard {
-            backing,
-            read_only: false,
-            queues,
-            run_as: self.cfg.run_as,
-        });
-        let (pid, control) = match spawned {
-            Ok((LaunchReply::Spawned { pid }, fd)) => (pid, UnixStream::from(fd)),
-            Ok(_) => {
-                release();
-                return Err(BackendError::Unavailable);
-            }
-            Err(e) => {
-                release();
-                return Err(launcher_err("spawn card")(e));
-            }
-        };
-        let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
-        let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
         let device = match DeviceId::new(&format!("blk{}", g.next_device)) {
             Ok(d) => d,
             Err(_) => {
-                release();
+                lock(&self.inner).attached.remove(volume.as_str());
                 return Err(BackendError::Unavailable);
             }
         };
-        let mut att = Attachment {
-            device,
-            card_pid: pid,
-            control,
-        };
-        let keyed = card_control::call(&mut att.control, &body);
-        let outcome = match keyed {
-            Ok(CardReply::Attached {
-                encrypted: true,
-                capacity_sectors,
-            }) => {
-                tracing::info!(instance = %instance, volume = %volume, card = pid, sectors = capacity_sectors, "card keyed the volume");
-                Ok(())
-            }
-            Ok(CardReply::Attached {
-                encrypted: false, ..
-            }) => {
-                // A sealed key must never come back as a plaintext volume.
-                tracing::error!(volume = %volume, "card reported an unencrypted volume for a sealed key");
-                Err(BackendError::Unavailable)
-            }
-            Ok(CardReply::Error { code }) if code == card_control::CARD_KEY_REFUSED => {
-                Err(BackendError::KeyRefused)
-            }
-            Ok(other) => {
-                tracing::warn!(reply = ?other, "card refused attach");
-                Err(BackendError::Unavailable)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "card attach failed");
-                Err(BackendError::Unavailable)
-            }
-        };
-        if let Err(e) = outcome {
-            self.kill_unkeyed_card(att.card_pid);
-            release();
+        // The intent is durable before the card exists: a controller that dies from here on
+        // leaves a record its successor undoes (the attach was never acknowledged).
+        g.attaching = Some(PendingAttach {
+            volume: volume.to_string(),
+            device: device.to_string(),
+        });
+        if let Err(e) = self.persist(&g, &[]) {
+            g.attaching = None;
+            lock(&self.inner).attached.remove(volume.as_str());
             return Err(e);
         }
-        match fault() {
-            None => {}
-            Some(Fault::AttachAfterCardKeyedExit) => {
-                tracing::error!(volume = %volume, "fault hook: exiting mid-attach (card keyed)");
-                std::process::exit(70);
-            }
-            Some(Fault::AttachAfterCardKeyedStall) => {
-                tracing::error!(volume = %volume, "fault hook: stalling mid-attach (card keyed)");
-                loop {
-                    std::thread::park();
+        let result = self.attach_card(&mut g, instance, volume, device, &body);
+        g.attaching = None;
+        match result {
+            Ok(pid) => {
+                // Committed and recorded before the attach is acknowledged.
+                if let Err(e) = self.persist(&g, &[pid]) {
+                    tracing::error!(error = %e, volume = %volume, "attached, but the host record was not written");
+                    return Err(e);
                 }
-            }
-        }
-        let plugged = match g.vm.as_mut() {
-            Some(vm) => self.plug(vm, &att),
-            None => Err(BackendError::Unavailable),
-        };
-        match plugged {
-            Ok(()) => {
-                g.next_device = g.next_device.saturating_add(1);
-                g.desc.volumes.push(volume.to_string());
-                g.volumes.insert(volume.to_string(), att);
                 Ok(())
             }
             Err(e) => {
-                self.unplug_card(att);
-                release();
+                lock(&self.inner).attached.remove(volume.as_str());
+                self.persist_noticed(&g);
                 Err(e)
             }
         }
@@ -1237,7 +1349,374 @@ impl VolumeBackend for HostBackend {
         }
         g.desc.volumes.retain(|v| v != volume.as_str());
         lock(&self.inner).attached.remove(volume.as_str());
-        Ok(())
+        self.persist(&g, &[])
+    }
+}
+
+impl HostBackend {
+    /// Takes over what a previous controller left running, as its durable record names it: for
+    /// each recorded instance, the hypervisor's channel (a dup from the keeper, drained of the
+    /// old controller's replies) and each card's control socket; an attach that was never
+    /// acknowledged is undone; a hypervisor or card that died meanwhile is handled as a dead
+    /// process is today (the instance is stopped; the volume is detached; a net card is
+    /// restarted by the next poll). Children no record names are reaped. Adoption changes no
+    /// running process it keeps, so a controller killed in the middle of it can simply be
+    /// started again.
+    pub fn adopt(&self, rec: HostRecord) -> Result<AdoptReport, BackendError> {
+        let t0 = std::time::Instant::now();
+        let children = if self.launcher.adopted() {
+            self.launcher
+                .children()
+                .map_err(launcher_err("keeper children"))?
+        } else {
+            Vec::new()
+        };
+        let alive = |pid: u32, kind: ChildKind| {
+            children
+                .iter()
+                .any(|c| c.pid == pid && c.kind == kind && c.running)
+        };
+        let known = |pid: u32| children.iter().any(|c| c.pid == pid);
+        // Request ids above any the previous controller used (it numbered from an earlier time).
+        let first_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX >> 20))
+            .unwrap_or(0)
+            .saturating_mul(1 << 20);
+        let mut claimed: BTreeSet<u32> = BTreeSet::new();
+        let mut report = AdoptReport::default();
+        lock(&self.inner).draining = rec.draining;
+        lock(&self.records).draining = rec.draining;
+        for (n, r) in rec.instances.into_iter().enumerate() {
+            let Ok(id) = ResourceId::parse(&r.id) else {
+                continue;
+            };
+            let mut codes: Vec<&'static str> = Vec::new();
+            let mut state = match r.state {
+                RecordedState::Created => InstanceState::Created,
+                RecordedState::Running => InstanceState::Running,
+                RecordedState::Stopped => InstanceState::Stopped,
+            };
+            // The hypervisor.
+            let mut vm = None;
+            if let Some(pid) = r.hypervisor_pid {
+                claimed.insert(pid);
+                if alive(pid, ChildKind::Hypervisor) {
+                    match self.take_vm(pid, first_id) {
+                        Ok((v, vs)) => {
+                            if vs == VmState::Stopped && state == InstanceState::Running {
+                                state = InstanceState::Stopped;
+                            }
+                            vm = Some(v);
+                        }
+                        Err(e) => {
+                            tracing::warn!(instance = %id, pid, error = %e, "recorded hypervisor does not answer");
+                        }
+                    }
+                }
+                if vm.is_none() {
+                    codes.push("hypervisor_gone");
+                    if known(pid) {
+                        let _ = self
+                            .launcher
+                            .call(&LaunchRequest::Reap { pid, grace_ms: 0 });
+                    }
+                    if state != InstanceState::Created {
+                        state = InstanceState::Stopped;
+                    }
+                }
+            }
+            if n == 0 && fault() == Some(Fault::AdoptAfterFirstStall) {
+                tracing::error!(instance = %id, "fault hook: stalling mid-adoption");
+                loop {
+                    std::thread::park();
+                }
+            }
+            let mut inst = HostInstance {
+                desc: InstanceDescription {
+                    instance_id: r.id.clone(),
+                    image: r.image.clone(),
+                    vcpus: r.vcpus,
+                    memory_mib: r.memory_mib,
+                    state,
+                    volumes: Vec::new(),
+                    net_endpoint: None,
+                },
+                cmdline: r.cmdline.clone(),
+                vm,
+                booted: r.booted,
+                console: String::new(),
+                console_cursor: 0,
+                volumes: BTreeMap::new(),
+                next_device: r.next_device,
+                network: None,
+                net: None,
+                attaching: None,
+            };
+            // An attach that was never acknowledged: out of the VM (its card, never committed,
+            // died with the old controller or is reaped below as an orphan).
+            if let Some(p) = &r.attaching {
+                codes.push("attach_rolled_back");
+                if let (Some(v), Ok(dev)) = (inst.vm.as_mut(), DeviceId::new(&p.device)) {
+                    Self::detach_device(v, dev);
+                }
+            }
+            for v in &r.volumes {
+                claimed.insert(v.card_pid);
+                let dev = DeviceId::new(&v.device).map_err(|_| BackendError::Unavailable)?;
+                let control = if alive(v.card_pid, ChildKind::Card) {
+                    self.launcher
+                        .call_fd(&LaunchRequest::ConnectCardControl { pid: v.card_pid })
+                        .ok()
+                        .map(|(_, fd)| UnixStream::from(fd))
+                } else {
+                    None
+                };
+                match control {
+                    Some(control) => {
+                        let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
+                        let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
+                        inst.desc.volumes.push(v.volume.clone());
+                        lock(&self.inner).attached.insert(v.volume.clone());
+                        inst.volumes.insert(
+                            v.volume.clone(),
+                            Attachment {
+                                device: dev,
+                                card_pid: v.card_pid,
+                                control,
+                            },
+                        );
+                    }
+                    None => {
+                        // The card died while no controller ran: the disk leaves the VM, as
+                        // a detach whose card died does.
+                        tracing::warn!(instance = %id, volume = %v.volume, pid = v.card_pid, "volume's card gone: detached");
+                        codes.push("card_gone");
+                        if let Some(vm) = inst.vm.as_mut() {
+                            Self::detach_device(vm, dev);
+                        }
+                        if known(v.card_pid) {
+                            let _ = self.launcher.call(&LaunchRequest::Reap {
+                                pid: v.card_pid,
+                                grace_ms: 0,
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(n) = &r.network {
+                let mac = bulkhead_netcard::frame::MacAddr::parse_text(&n.mac)
+                    .map_err(|_| BackendError::Unavailable)?;
+                inst.network = Some(NetworkSpec {
+                    vpc: n.vpc,
+                    card_id: n.card_id,
+                    mac,
+                    ip: n.ip,
+                    prefix: n.prefix,
+                    gateway: n.gateway,
+                    mtu: n.mtu,
+                    allow: n.allow.clone(),
+                    routes: n.routes.clone(),
+                });
+            }
+            if let Some(c) = &r.net_card {
+                claimed.insert(c.pid);
+                let sealed = hex::decode(&c.sealed_key).map_err(|_| BackendError::Unavailable)?;
+                inst.net = Some(NetCard {
+                    pid: c.pid,
+                    listen: c.listen,
+                    epoch: c.epoch,
+                    sealed: SealedKeyBlob(sealed),
+                    routes: c.routes.clone(),
+                    allow: c.allow.clone(),
+                });
+                inst.desc.net_endpoint = Some(c.listen.to_string());
+                {
+                    let mut i = lock(&self.inner);
+                    i.net_ports.insert(c.listen.port());
+                    i.net_pids.insert(c.pid, id.clone());
+                }
+                if !alive(c.pid, ChildKind::NetCard) {
+                    // Restarted (same port, sequence floor and sealed key) by the next poll.
+                    codes.push("net_card_gone");
+                    lock(&self.dead_net_cards).push(c.pid);
+                }
+            }
+            if codes.is_empty() {
+                codes.push("ok");
+            }
+            report.instances.push(Adopted {
+                instance: r.id.clone(),
+                codes,
+                hypervisor_pid: inst.vm.as_ref().map(|v| v.pid),
+            });
+            let rec = Self::record_of(&inst);
+            lock(&self.inner).instances.insert(
+                id,
+                Slot {
+                    vcpus: inst.desc.vcpus,
+                    memory_mib: inst.desc.memory_mib,
+                    live: true,
+                    inst: Arc::new(Mutex::new(inst)),
+                },
+            );
+            if let Some(rec) = rec {
+                lock(&self.records).instances.insert(rec.id.clone(), rec);
+            }
+        }
+        // Whatever no record names belongs to an operation never acknowledged.
+        for c in &children {
+            if !claimed.contains(&c.pid) {
+                tracing::warn!(pid = c.pid, kind = ?c.kind, "keeper child no record names: reaped");
+                let _ = self.launcher.call(&LaunchRequest::Reap {
+                    pid: c.pid,
+                    grace_ms: if c.kind == ChildKind::NetCard {
+                        EXIT_GRACE_MS
+                    } else {
+                        0
+                    },
+                });
+                report.orphans_reaped.push(c.pid);
+            }
+        }
+        let keep: Vec<u32> = claimed.into_iter().collect();
+        self.launcher
+            .commit(&keep)
+            .map_err(launcher_err("keeper commit"))?;
+        Self::store_locked(&lock(&self.records))?;
+        report.millis = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Ok(report)
+    }
+
+    /// The recorded hypervisor `pid`'s channel, taken over from the keeper, and its state.
+    fn take_vm(&self, pid: u32, first_id: u64) -> Result<(Vm, VmState), BackendError> {
+        let (_, fd) = self
+            .launcher
+            .call_fd(&LaunchRequest::TakeChannel { pid })
+            .map_err(launcher_err("take channel"))?;
+        let chan = Channel::adopt(fd, first_id).map_err(channel_err("adopt channel"))?;
+        match chan.call(Command::Stats, None) {
+            Ok(Reply::Stats { state, .. }) => Ok((Vm { pid, chan }, state)),
+            Ok(_) => Err(BackendError::Unavailable),
+            Err(e) => Err(channel_err("stats")(e)),
+        }
+    }
+
+    /// Takes `dev` out of the VM (a device that is not there is fine); waits out an operation
+    /// on it still in flight from the previous controller.
+    fn detach_device(vm: &mut Vm, dev: DeviceId) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            match vm.chan.call(Command::DetachBlock { id: dev.clone() }, None) {
+                Err(ClientError::Refused(CommandError::DeviceBusy))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Ok(_) | Err(ClientError::Refused(CommandError::NoSuchDevice)) => return,
+                Err(e) => {
+                    tracing::warn!(device = %dev, error = %e, "detaching a device at adoption");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl HostBackend {
+    /// The card half of AttachVolume: start the card, key it, plug it. Returns the card's pid
+    /// (the attachment is in `g`); on failure nothing is left of it.
+    fn attach_card(
+        &self,
+        g: &mut HostInstance,
+        instance: &ResourceId,
+        volume: &ResourceId,
+        device: DeviceId,
+        body: &[u8],
+    ) -> Result<u32, BackendError> {
+        let backing = self.ensure_backing(volume)?;
+        // One request queue per guest vCPU: the hypervisor offers the guest as many as the card
+        // serves, up to the vCPU count.
+        let queues = u16::try_from(g.desc.vcpus).unwrap_or(1);
+        let spawned = self.launcher.call_fd(&LaunchRequest::SpawnCard {
+            backing,
+            read_only: false,
+            queues,
+            run_as: self.cfg.run_as,
+        });
+        let (pid, control) = match spawned {
+            Ok((LaunchReply::Spawned { pid }, fd)) => (pid, UnixStream::from(fd)),
+            Ok(_) => return Err(BackendError::Unavailable),
+            Err(e) => return Err(launcher_err("spawn card")(e)),
+        };
+        let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
+        let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
+        let mut att = Attachment {
+            device,
+            card_pid: pid,
+            control,
+        };
+        let keyed = card_control::call(&mut att.control, body);
+        let outcome = match keyed {
+            Ok(CardReply::Attached {
+                encrypted: true,
+                capacity_sectors,
+            }) => {
+                tracing::info!(instance = %instance, volume = %volume, card = pid, sectors = capacity_sectors, "card keyed the volume");
+                Ok(())
+            }
+            Ok(CardReply::Attached {
+                encrypted: false, ..
+            }) => {
+                // A sealed key must never come back as a plaintext volume.
+                tracing::error!(volume = %volume, "card reported an unencrypted volume for a sealed key");
+                Err(BackendError::Unavailable)
+            }
+            Ok(CardReply::Error { code }) if code == card_control::CARD_KEY_REFUSED => {
+                Err(BackendError::KeyRefused)
+            }
+            Ok(other) => {
+                tracing::warn!(reply = ?other, "card refused attach");
+                Err(BackendError::Unavailable)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "card attach failed");
+                Err(BackendError::Unavailable)
+            }
+        };
+        if let Err(e) = outcome {
+            self.kill_unkeyed_card(att.card_pid);
+            return Err(e);
+        }
+        match fault() {
+            None | Some(Fault::AdoptAfterFirstStall) => {}
+            Some(Fault::AttachAfterCardKeyedExit) => {
+                tracing::error!(volume = %volume, "fault hook: exiting mid-attach (card keyed)");
+                std::process::exit(70);
+            }
+            Some(Fault::AttachAfterCardKeyedStall) => {
+                tracing::error!(volume = %volume, "fault hook: stalling mid-attach (card keyed)");
+                loop {
+                    std::thread::park();
+                }
+            }
+        }
+        let plugged = match g.vm.as_mut() {
+            Some(vm) => self.plug(vm, &att),
+            None => Err(BackendError::Unavailable),
+        };
+        match plugged {
+            Ok(()) => {
+                g.next_device = g.next_device.saturating_add(1);
+                g.desc.volumes.push(volume.to_string());
+                g.volumes.insert(volume.to_string(), att);
+                Ok(pid)
+            }
+            Err(e) => {
+                self.unplug_card(att);
+                Err(e)
+            }
+        }
     }
 }
 

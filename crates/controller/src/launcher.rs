@@ -137,6 +137,43 @@ pub enum LaunchRequest {
     },
     /// Children the sandbox killed (died of SIGSYS) since the last ask.
     SandboxKills,
+    /// Keeper: every child it holds (a new controller's first question).
+    Children,
+    /// Keeper: a dup of the channel of hypervisor `pid` (the keeper holds one so the hypervisor
+    /// never sees its channel close while no controller runs; it never reads it).
+    TakeChannel {
+        pid: u32,
+    },
+    /// A new connection to the control socket of block card `pid`.
+    ConnectCardControl {
+        pid: u32,
+    },
+    /// Keeper: these children are in the controller's durable host record. A child not yet
+    /// committed is killed if the controller goes away (its operation was never acknowledged).
+    Commit {
+        pids: Vec<u32>,
+    },
+}
+
+/// What kind of process a child is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChildKind {
+    Hypervisor,
+    Card,
+    NetCard,
+}
+
+/// One child the keeper holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChildInfo {
+    pub pid: u32,
+    pub kind: ChildKind,
+    /// Still running (not exited).
+    pub running: bool,
+    /// Named in the controller's durable record (see `Commit`).
+    pub committed: bool,
 }
 
 /// A child that died of SIGSYS: its seccomp filter killed it.
@@ -171,6 +208,10 @@ pub enum LaunchReply {
     Exited {
         pids: Vec<u32>,
     },
+    Children {
+        children: Vec<ChildInfo>,
+    },
+    Committed,
 }
 
 /// Why the launcher refused (stable codes; details go to its log).
@@ -206,6 +247,113 @@ pub enum LauncherError {
     Refused(LaunchRefusal),
     #[error("launcher reply carried no fd")]
     MissingFd,
+    #[error("the host's keeper is held by another running controller")]
+    KeeperBusy,
+}
+
+/// The keeper's socket in its run directory (0600, `SOCK_SEQPACKET`): a restarted controller
+/// connects here to adopt the running children.
+pub const KEEPER_SOCKET: &str = "keeper.sock";
+/// The keeper's pid, written next to its socket (for operators and test harnesses).
+pub const KEEPER_PID_FILE: &str = "keeper.pid";
+
+/// A `sockaddr_un` for `path`, or `None` if it does not fit.
+fn unix_addr(path: &Path) -> Option<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).ok()?;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return None;
+    }
+    for (d, b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = libc::c_char::from_ne_bytes([*b]);
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Some((addr, libc::socklen_t::try_from(len).ok()?))
+}
+
+fn seqpacket_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connects a `SOCK_SEQPACKET` socket to `path`.
+fn seqpacket_connect(path: &Path) -> std::io::Result<OwnedFd> {
+    let (addr, len) =
+        unix_addr(path).ok_or_else(|| std::io::Error::other("socket path too long"))?;
+    let fd = seqpacket_socket()?;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes for the duration of the call.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Binds and listens on a 0600 `SOCK_SEQPACKET` socket at `path` (a stale file is replaced).
+fn seqpacket_listen(path: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let (addr, len) =
+        unix_addr(path).ok_or_else(|| std::io::Error::other("socket path too long"))?;
+    let fd = seqpacket_socket()?;
+    let _ = std::fs::remove_file(path);
+    // SAFETY: umask only changes this (single-threaded) process's file creation mask; the
+    // socket file is created 0600 from the start and the old mask is restored right after.
+    let old = unsafe { libc::umask(0o177) };
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes for the duration of the call.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    let bind_err = std::io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::umask(old) };
+    if rc != 0 {
+        return Err(bind_err);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // SAFETY: plain listen(2) on our own bound socket.
+    if unsafe { libc::listen(fd.as_raw_fd(), 4) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The uid and pid of the process at the other end of a unix socket.
+fn peer_cred(fd: RawFd) -> std::io::Result<(u32, u32)> {
+    // SAFETY: ucred is plain data; all-zero is a valid value.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(12);
+    // SAFETY: `cred` is a writable ucred and `len` holds its size, as SO_PEERCRED expects.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(cred).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((cred.uid, u32::try_from(cred.pid).unwrap_or(0)))
 }
 
 use bulkhead_hypervisor_client::seqpacket_pair;
@@ -310,6 +458,8 @@ fn recv_packet(sock: RawFd) -> std::io::Result<Option<(Vec<u8>, Option<OwnedFd>)
 pub struct Launcher {
     sock: Mutex<UnixStream>,
     pid: u32,
+    /// Reached through the keeper socket: a launcher a previous controller started.
+    adopted: bool,
 }
 
 impl Launcher {
@@ -348,12 +498,73 @@ impl Launcher {
         Ok(Launcher {
             sock: Mutex::new(sock),
             pid: child.id(),
+            adopted: false,
         })
+    }
+
+    /// Connects to the keeper a previous controller left running in `run_dir` (its children
+    /// kept running when that controller went away). `Ok(None)`: no keeper runs there (no
+    /// socket, or a stale one, which is removed). Call before the sandbox (it connects).
+    pub fn connect_keeper(run_dir: &Path) -> Result<Option<Launcher>, LauncherError> {
+        let path = run_dir.join(KEEPER_SOCKET);
+        let fd = match seqpacket_connect(&path) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                tracing::info!(socket = %path.display(), "stale keeper socket removed");
+                let _ = std::fs::remove_file(&path);
+                return Ok(None);
+            }
+            Err(e) => return Err(LauncherError::Start(e)),
+        };
+        let (_, pid) = peer_cred(fd.as_raw_fd()).map_err(LauncherError::Start)?;
+        let sock = UnixStream::from(fd);
+        sock.set_read_timeout(Some(CARD_READY_TIMEOUT + Duration::from_secs(30)))
+            .map_err(LauncherError::Start)?;
+        let l = Launcher {
+            sock: Mutex::new(sock),
+            pid,
+            adopted: true,
+        };
+        // A keeper that already serves a controller closes a second connection at once.
+        match l.call(&LaunchRequest::Children) {
+            Ok(_) => {}
+            Err(LauncherError::Closed) | Err(LauncherError::Io(_)) => {
+                return Err(LauncherError::KeeperBusy)
+            }
+            Err(e) => return Err(e),
+        }
+        tracing::info!(pid, "keeper found: adopting its children");
+        Ok(Some(l))
     }
 
     /// The launcher's pid.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Whether this launcher was started by a previous controller (found as a keeper).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Every child the keeper holds.
+    pub fn children(&self) -> Result<Vec<ChildInfo>, LauncherError> {
+        match self.call(&LaunchRequest::Children)? {
+            (LaunchReply::Children { children }, _) => Ok(children),
+            _ => Err(LauncherError::BadReply),
+        }
+    }
+
+    /// Marks children as recorded (see [`LaunchRequest::Commit`]).
+    pub fn commit(&self, pids: &[u32]) -> Result<(), LauncherError> {
+        if pids.is_empty() {
+            return Ok(());
+        }
+        self.call(&LaunchRequest::Commit {
+            pids: pids.to_vec(),
+        })
+        .map(|_| ())
     }
 
     /// One request, one reply (and the fd that rides with it, if any).
@@ -414,6 +625,10 @@ struct LauncherState {
     /// Exits not yet reported by `Exited`.
     unreported: Vec<u32>,
     sandbox_kills: Vec<SandboxKill>,
+    /// A dup of each hypervisor's channel (never read: it only keeps the channel open).
+    channels: BTreeMap<u32, OwnedFd>,
+    /// Children started but not yet in the controller's durable record.
+    uncommitted: std::collections::BTreeSet<u32>,
 }
 
 /// Every address family but `AF_UNIX` (1) and `AF_INET` (2), up to past the kernel's
@@ -445,7 +660,10 @@ pub(crate) static LAUNCHER_FILTER: bulkhead_harden::Filter = bulkhead_harden::Fi
     otherwise: bulkhead_harden::Action::Allow,
 };
 
-/// Runs the launcher loop on the inherited fd. Returns when the controller goes away.
+/// Runs the launcher loop on the inherited fd, then, as the host's keeper, for as long as it
+/// holds children: when the controller goes away, children it never committed are killed and
+/// the rest keep running; a restarted controller connects to the keeper socket and takes over.
+/// Returns when the controller is gone and no child is left.
 pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError> {
     let hardening =
         |e: bulkhead_harden::HardenError| LauncherError::Start(std::io::Error::other(e));
@@ -460,6 +678,12 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
     bulkhead_harden::set_non_dumpable().map_err(hardening)?;
     LAUNCHER_FILTER.install().map_err(hardening)?;
     std::fs::create_dir_all(&cfg.run_dir).map_err(LauncherError::Start)?;
+    let keeper_path = cfg.run_dir.join(KEEPER_SOCKET);
+    let pid_path = cfg.run_dir.join(KEEPER_PID_FILE);
+    let listener = seqpacket_listen(&keeper_path).map_err(LauncherError::Start)?;
+    let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let my_uid = unsafe { libc::geteuid() };
     let mut st = LauncherState {
         cfg,
         children: BTreeMap::new(),
@@ -468,8 +692,66 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
         exited: std::collections::BTreeSet::new(),
         unreported: Vec::new(),
         sandbox_kills: Vec::new(),
+        channels: BTreeMap::new(),
+        uncommitted: std::collections::BTreeSet::new(),
     };
+    let mut ctl: Option<OwnedFd> = Some(sock);
     loop {
+        let ctl_fd = ctl.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        let mut fds = [
+            libc::pollfd {
+                fd: ctl_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call
+        // (a negative fd is ignored by poll).
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        if rc < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            break;
+        }
+        if ctl.is_none() {
+            st.reap_exited();
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            // SAFETY: accept4 on our listening socket; the result is checked before use.
+            let c = unsafe {
+                libc::accept4(
+                    listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if c >= 0 {
+                // SAFETY: `c` was just returned by accept4 and is owned by nobody else.
+                let conn = unsafe { OwnedFd::from_raw_fd(c) };
+                let uid = peer_cred(conn.as_raw_fd()).ok().map(|(u, _)| u);
+                if ctl.is_some() {
+                    tracing::warn!("keeper: a second controller connected while one runs; closed");
+                } else if uid != Some(my_uid) {
+                    tracing::warn!(?uid, "keeper: connection from another user refused");
+                } else {
+                    tracing::info!("keeper: a new controller connected; it adopts the children");
+                    ctl = Some(conn);
+                }
+            }
+        }
+        let Some(sock) = ctl.as_ref() else {
+            continue;
+        };
+        if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) == 0 {
+            continue;
+        }
         let packet = match recv_packet(sock.as_raw_fd()) {
             Ok(p) => p,
             Err(e) => {
@@ -479,13 +761,20 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
                 };
                 let body = serde_json::to_vec(&reply).unwrap_or_default();
                 if send_packet(sock.as_raw_fd(), &body, None).is_err() {
-                    break;
+                    ctl = None;
+                    if st.controller_gone() {
+                        break;
+                    }
                 }
                 continue;
             }
         };
         let Some((bytes, _ignored_fd)) = packet else {
-            break;
+            ctl = None;
+            if st.controller_gone() {
+                break;
+            }
+            continue;
         };
         let (reply, fd) = match serde_json::from_slice::<LaunchRequest>(&bytes) {
             Ok(req) => st.handle(req),
@@ -498,11 +787,17 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
         };
         let body = serde_json::to_vec(&reply).unwrap_or_default();
         if send_packet(sock.as_raw_fd(), &body, fd.as_ref().map(AsRawFd::as_raw_fd)).is_err() {
-            break;
+            ctl = None;
+            if st.controller_gone() {
+                break;
+            }
+            continue;
         }
         st.reap_exited();
     }
     st.kill_all();
+    let _ = std::fs::remove_file(&keeper_path);
+    let _ = std::fs::remove_file(&pid_path);
     Ok(())
 }
 
@@ -542,6 +837,15 @@ impl LauncherState {
                         let pid = child.id();
                         tracing::info!(pid, "launcher: hypervisor started");
                         self.children.insert(pid, child);
+                        self.uncommitted.insert(pid);
+                        match chan.try_clone() {
+                            Ok(keep) => {
+                                self.channels.insert(pid, keep);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, pid, "keeper: cannot keep the channel; the VM will not outlive its controller");
+                            }
+                        }
                         (LaunchReply::Spawned { pid }, Some(chan))
                     }
                     Err(e) => {
@@ -621,12 +925,56 @@ impl LauncherState {
                     let _ = std::fs::remove_file(&card.vhost);
                     let _ = std::fs::remove_file(&card.control);
                 }
+                self.channels.remove(&pid);
+                self.uncommitted.remove(&pid);
                 (LaunchReply::Reaped { killed }, None)
             }
             LaunchRequest::SandboxKills => {
                 self.reap_exited();
                 let kills = std::mem::take(&mut self.sandbox_kills);
                 (LaunchReply::SandboxKills { kills }, None)
+            }
+            LaunchRequest::Children => {
+                self.reap_exited();
+                let children = self
+                    .children
+                    .keys()
+                    .map(|pid| ChildInfo {
+                        pid: *pid,
+                        kind: self.kind(*pid),
+                        running: !self.exited.contains(pid),
+                        committed: !self.uncommitted.contains(pid),
+                    })
+                    .collect();
+                (LaunchReply::Children { children }, None)
+            }
+            LaunchRequest::TakeChannel { pid } => match self.channels.get(&pid) {
+                Some(fd) => match fd.try_clone() {
+                    Ok(dup) => (LaunchReply::Connected, Some(dup)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, pid, "keeper: dup of a channel failed");
+                        Self::refuse(LaunchRefusal::ConnectFailed)
+                    }
+                },
+                None => Self::refuse(LaunchRefusal::NoSuchChild),
+            },
+            LaunchRequest::ConnectCardControl { pid } => {
+                let Some(card) = self.cards.get(&pid).filter(|c| !c.net) else {
+                    return Self::refuse(LaunchRefusal::NoSuchChild);
+                };
+                match UnixStream::connect(&card.control) {
+                    Ok(s) => (LaunchReply::Connected, Some(OwnedFd::from(s))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, pid, "launcher: card control connect failed");
+                        Self::refuse(LaunchRefusal::ConnectFailed)
+                    }
+                }
+            }
+            LaunchRequest::Commit { pids } => {
+                for pid in pids {
+                    self.uncommitted.remove(&pid);
+                }
+                (LaunchReply::Committed, None)
             }
         }
     }
@@ -728,6 +1076,7 @@ impl LauncherState {
         };
         tracing::info!(pid, "launcher: block card started");
         self.children.insert(pid, child);
+        self.uncommitted.insert(pid);
         self.cards.insert(
             pid,
             CardChild {
@@ -838,6 +1187,7 @@ impl LauncherState {
         }
         tracing::info!(pid, interface = %card.interface, "launcher: net card started");
         self.children.insert(pid, child);
+        self.uncommitted.insert(pid);
         self.cards.insert(
             pid,
             CardChild {
@@ -863,9 +1213,52 @@ impl LauncherState {
         }
     }
 
+    fn kind(&self, pid: u32) -> ChildKind {
+        match self.cards.get(&pid) {
+            Some(c) if c.net => ChildKind::NetCard,
+            Some(_) => ChildKind::Card,
+            None => ChildKind::Hypervisor,
+        }
+    }
+
+    /// The controller went away. Children it never committed to its record belong to an
+    /// operation it never acknowledged: they are killed (a card that was being keyed takes its
+    /// key with it). The rest keep running for the next controller. Returns whether nothing is
+    /// left to keep (the keeper then exits).
+    fn controller_gone(&mut self) -> bool {
+        for pid in std::mem::take(&mut self.uncommitted) {
+            if let Some(mut c) = self.children.remove(&pid) {
+                tracing::info!(
+                    pid,
+                    "keeper: controller gone; killing a child it never recorded"
+                );
+                let _ = c.kill();
+                if let Ok(st) = c.wait() {
+                    self.note_exit(pid, &st);
+                }
+            }
+            if let Some(card) = self.cards.remove(&pid) {
+                let _ = std::fs::remove_file(&card.vhost);
+                let _ = std::fs::remove_file(&card.control);
+            }
+            self.channels.remove(&pid);
+        }
+        self.reap_exited();
+        let running = self
+            .children
+            .keys()
+            .filter(|p| !self.exited.contains(p))
+            .count();
+        tracing::info!(
+            running,
+            "keeper: controller gone; children keep running until a new controller adopts them"
+        );
+        running == 0
+    }
+
     fn kill_all(&mut self) {
         for (pid, mut c) in std::mem::take(&mut self.children) {
-            tracing::info!(pid, "launcher: controller gone; killing child");
+            tracing::info!(pid, "keeper: exiting; killing child");
             let _ = c.kill();
             let _ = c.wait();
         }

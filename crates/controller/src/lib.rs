@@ -8,6 +8,8 @@
 //!   no-guest fallback); [`host`]: `HostBackend`, the real one (hypervisor and block-card
 //!   processes); [`launcher`]: the pre-sandbox process that starts them; [`card_control`]: the
 //!   block card's control messages.
+//! - [`record`]: the host's durable, versioned record of its instances and attachments, which a
+//!   restarted controller adopts them from.
 //! - [`monitor`]: alert rules over the audit stream; [`metrics`]: Prometheus text.
 //! - [`sandbox`]: no_new_privs, non-dumpable, seccomp blocking outbound connections.
 //! - [`openapi`]: the OpenAPI document generated from the route table.
@@ -23,5 +25,6 @@ pub mod launcher;
 pub mod metrics;
 pub mod monitor;
 pub mod openapi;
+pub mod record;
 pub mod sandbox;
 pub mod server;

@@ -11,6 +11,7 @@ use bulkhead_controller::config::Config;
 use bulkhead_controller::controller::Controller;
 use bulkhead_controller::host::{HostBackend, HostConfig, DEFAULT_IMAGE, DEFAULT_KERNEL_ARGS};
 use bulkhead_controller::launcher::{self, Launcher, LauncherConfig};
+use bulkhead_controller::record::HostRecord;
 use bulkhead_controller::{openapi, sandbox, server};
 use bulkhead_tokens::statedir::{StateDir, DEV_HOST};
 use bulkhead_tokens::token::public_key_from_text;
@@ -134,7 +135,14 @@ enum StartError {
     RunAs,
     #[error("launcher: {0}")]
     Launcher(#[from] launcher::LauncherError),
+    #[error("{0}")]
+    Record(#[from] bulkhead_controller::record::RecordError),
+    #[error("adopting the running instances failed: {0}")]
+    Adopt(&'static str),
 }
+
+/// The host record's file name, next to the audit log in the state directory.
+const HOST_RECORD_FILE: &str = "host-record";
 
 fn read(p: &PathBuf) -> Result<Vec<u8>, StartError> {
     std::fs::read(p).map_err(|e| StartError::Read(p.clone(), e))
@@ -307,23 +315,41 @@ fn run(args: Args) -> Result<(), StartError> {
 
     // The launcher is exec'd first: before any key is read, any thread exists or the sandbox
     // forbids exec.
-    let host = match host_backend(&args, &cfg)? {
+    // The host's durable record of its instances is read (and checked) before any process is
+    // touched: a record this controller cannot trust stops it here, and whatever runs keeps
+    // running for a controller that can.
+    let record_path = cfg.audit_log.with_file_name(HOST_RECORD_FILE);
+    let (host, record) = match host_backend(&args, &cfg)? {
         Some((host, launch)) => {
-            let l = Launcher::start(&launch)?;
+            let record = HostRecord::load(&record_path)?;
+            // A keeper left by the previous controller holds the running instances: adopt it.
+            let l = match Launcher::connect_keeper(&launch.run_dir)? {
+                Some(l) => l,
+                None => Launcher::start(&launch)?,
+            };
             tracing::info!(
                 guest = %launch.guest_dir.display(),
                 hypervisor = %launch.hypervisor_bin.display(),
                 blockcard = %launch.blockcard_bin.display(),
                 launcher = l.pid(),
+                adopted = l.adopted(),
+                recorded_instances = record.instances.len(),
                 "backend: host (real hypervisor and block-card processes)"
             );
-            Some(Arc::new(HostBackend::new(host, l)))
+            (
+                Some(Arc::new(HostBackend::new(
+                    host,
+                    l,
+                    Some(record_path.clone()),
+                ))),
+                Some(record),
+            )
         }
         None => {
             tracing::warn!(
                 "backend: detached — no guest kernel configured; instances are recorded in memory and NO GUEST RUNS"
             );
-            None
+            (None, None)
         }
     };
 
@@ -345,6 +371,8 @@ fn run(args: Args) -> Result<(), StartError> {
     );
     let policy = Policy::parse(&String::from_utf8_lossy(&read(&cfg.rights)?))?;
     let (audit, report) = AuditLog::open_with(&cfg.audit_log, Some(Arc::new(audit_signer)))?;
+    let adopt_from = host.clone().zip(record);
+    let keeper_pid = host.as_ref().map(|h| h.keeper_pid());
     let (instances, volumes): (Arc<dyn InstanceBackend>, Arc<dyn VolumeBackend>) = match host {
         Some(h) => (h.clone(), h),
         None => {
@@ -441,6 +469,45 @@ fn run(args: Args) -> Result<(), StartError> {
         }
         ctrl.audit_lifecycle("ControllerStart").await?;
         ctrl.audit_damage_found(&report.alerts);
+        // Adopt what the previous controller left running, before serving anyone.
+        let mut adopted = serde_json::Value::Null;
+        if let Some((h, rec)) = adopt_from {
+            let recorded = rec.instances.len();
+            let r = tokio::task::spawn_blocking(move || h.adopt(rec))
+                .await
+                .map_err(|_| StartError::Adopt("adoption task failed"))?
+                .map_err(|e| StartError::Adopt(e.code()))?;
+            for a in &r.instances {
+                tracing::info!(instance = %a.instance, codes = ?a.codes, pid = ?a.hypervisor_pid, "instance adopted");
+                ctrl.audit_lifecycle_about(
+                    "AdoptInstance",
+                    vec![format!("instance:{}", a.instance)],
+                    &a.codes.join(","),
+                )
+                .await?;
+            }
+            for pid in &r.orphans_reaped {
+                ctrl.audit_lifecycle_about(
+                    "ReapUnrecordedChild",
+                    vec![format!("pid:{pid}")],
+                    "ok",
+                )
+                .await?;
+            }
+            if recorded > 0 || !r.orphans_reaped.is_empty() {
+                ctrl.audit_lifecycle_about(
+                    "ControllerAdopted",
+                    vec![format!("instances:{}", r.instances.len())],
+                    "ok",
+                )
+                .await?;
+            }
+            adopted = serde_json::json!({
+                "instances": r.instances.len(),
+                "orphans_reaped": r.orphans_reaped.len(),
+                "adopt_ms": r.millis,
+            });
+        }
         let listener = tokio::net::TcpListener::from_std(std_listener)
             .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
         let poller = Arc::clone(&ctrl);
@@ -461,6 +528,8 @@ fn run(args: Args) -> Result<(), StartError> {
                 "host_id": cfg.host_id,
                 "backend": backend_kind,
                 "audit_records": report.records,
+                "keeper_pid": keeper_pid,
+                "adopted": adopted,
             })
         );
         tracing::info!(listen = %local, host = %cfg.host_id, "controller ready");
