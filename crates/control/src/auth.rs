@@ -51,7 +51,8 @@ impl ControlPlane {
             forwarded: ForwardedRequest {
                 authorization: header.to_string(),
                 parts,
-            },
+            }
+            .into(),
         })
     }
 }

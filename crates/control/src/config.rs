@@ -41,9 +41,16 @@ pub struct Config {
     /// after its owner died; each replica sweeps for such workflows every half of it.
     #[serde(default)]
     pub workflow_lease_ms: Option<u64>,
+    /// The region name of the EC2 Query API: what SigV4 credential scopes must name (and the
+    /// availability zone is this plus `a`). Unset: [`DEFAULT_REGION`].
+    #[serde(default)]
+    pub region: Option<String>,
     #[serde(default)]
     pub hosts: Vec<HostConfig>,
 }
+
+/// The region when the configuration names none.
+pub const DEFAULT_REGION: &str = "us-east-1";
 
 fn default_poll() -> u64 {
     1000
@@ -69,6 +76,8 @@ pub enum ConfigError {
     Syntax(PathBuf, toml::de::Error),
     #[error("missing: {0}")]
     Missing(PathBuf),
+    #[error("region: 1-32 of a-z0-9- starting with a letter")]
+    BadRegion,
 }
 
 impl Config {
@@ -97,6 +106,22 @@ impl Config {
                 return Err(ConfigError::Missing(h.public_key.clone()));
             }
         }
+        if cfg.region.as_deref().is_some_and(|r| !valid_region(r)) {
+            return Err(ConfigError::BadRegion);
+        }
         Ok(cfg)
     }
+
+    /// The configured region, or [`DEFAULT_REGION`].
+    pub fn region(&self) -> &str {
+        self.region.as_deref().unwrap_or(DEFAULT_REGION)
+    }
+}
+
+/// A region name: 1-32 of `a-z0-9-`, starting with a letter.
+pub fn valid_region(r: &str) -> bool {
+    (1..=32).contains(&r.len())
+        && r.starts_with(|c: char| c.is_ascii_lowercase())
+        && r.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }

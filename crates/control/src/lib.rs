@@ -22,6 +22,9 @@ pub mod net_store;
 pub mod openapi;
 pub mod operator;
 pub mod pg;
+pub mod query;
+mod query_map;
+mod query_render;
 pub mod reconciler;
 pub mod repo;
 #[doc(hidden)]
@@ -88,6 +91,14 @@ pub enum ControlError {
     Repo(#[from] repo::RepoError),
     #[error("internal error")]
     Internal,
+    #[error("EC2 Query signature: {0}")]
+    SigV4(bulkhead_ec2_query::SigV4Error),
+    #[error("EC2 Query request: {0}")]
+    Query(bulkhead_ec2_query::QueryError),
+    #[error("Request would have succeeded, but DryRun flag is set.")]
+    DryRun,
+    #[error("not supported by Bulkhead's EC2 Query API: {0}")]
+    Unsupported(&'static str),
 }
 
 /// KMS and controller error codes passed through to the customer (anything else is generic).
@@ -213,6 +224,10 @@ impl ControlError {
             }
             ControlError::Repo(_) => "store_error",
             ControlError::Internal => "internal_error",
+            ControlError::SigV4(e) => e.code().as_str(),
+            ControlError::Query(e) => e.code().as_str(),
+            ControlError::DryRun => "DryRunOperation",
+            ControlError::Unsupported(_) => "unsupported",
         }
     }
 
@@ -242,6 +257,10 @@ impl ControlError {
             | ControlError::NoAttestedHost
             | ControlError::Repo(repo::RepoError::Unavailable | repo::RepoError::LeaseLost) => 503,
             ControlError::Repo(_) | ControlError::Internal => 500,
+            ControlError::SigV4(e) => e.code().http_status(),
+            ControlError::Query(e) => e.code().http_status(),
+            ControlError::DryRun => 412,
+            ControlError::Unsupported(_) => 400,
         }
     }
 }

@@ -203,6 +203,7 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
             .map_err(|e| CliError::Rules(p.display().to_string(), e))?;
         cp = cp.with_fleet_rules(rules);
     }
+    cp = cp.with_region(cfg.region());
     if let Some(ms) = cfg.workflow_lease_ms {
         cp = cp.with_workflow_lease(Duration::from_millis(ms));
     }

@@ -1,5 +1,5 @@
 //! The customer API's HTTP surface (TLS 1.3, server-authenticated; customers authenticate by
-//! signature). Every request goes to [`ControlPlane::handle`]; the body is capped before it is
+//! signature): the JSON API under `/v1/` and the EC2 Query API at `/` ([`crate::query`]). Every request goes to [`ControlPlane::handle`]; the body is capped before it is
 //! buffered. A body refused before that (too large, not UTF-8) and everything the TLS server
 //! loop refuses on either listener (handshakes, caps, malformed HTTP) is audited into the
 //! control plane's own log through [`ControlRefusals`], rate-summarised; never the body.
@@ -52,8 +52,18 @@ async fn handle(cp: Arc<ControlPlane>, refusals: Arc<Refusals>, req: Request<Bod
     let date = header(&req, "x-bh-date");
     let authorization = header(&req, "authorization");
     let nonce = header(&req, "x-bh-nonce");
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let query_api = path == "/";
     let refused = Refusal::new(Stage::Handler, "").at(&method, &path);
     let reply = |e: ControlError| {
+        if query_api {
+            let (status, xml) = crate::query::query_error(&e, "-", &new_id("req"));
+            return xml_response(status, xml);
+        }
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
         (
             status,
@@ -83,18 +93,22 @@ async fn handle(cp: Arc<ControlPlane>, refusals: Arc<Refusals>, req: Request<Bod
         });
         return reply(e);
     };
-    let (status, v) = cp
-        .handle(RawRequest {
-            method,
-            path,
-            query,
-            host,
-            date,
-            authorization,
-            nonce,
-            body,
-        })
-        .await;
+    let raw = RawRequest {
+        method,
+        path,
+        query,
+        host,
+        date,
+        authorization,
+        nonce,
+        headers,
+        body,
+    };
+    if query_api {
+        let (status, xml) = cp.handle_query(raw).await;
+        return xml_response(status, xml);
+    }
+    let (status, v) = cp.handle(raw).await;
     (
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         axum::Json(v),
@@ -102,7 +116,19 @@ async fn handle(cp: Arc<ControlPlane>, refusals: Arc<Refusals>, req: Request<Bod
         .into_response()
 }
 
-/// The customer API; refusals before [`ControlPlane::handle`] go to `refusals`.
+fn xml_response(status: u16, xml: String) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::query::XML_CONTENT_TYPE,
+        )],
+        xml,
+    )
+        .into_response()
+}
+
+/// The customer API (the JSON API under `/v1/`, the EC2 Query API at `/`); refusals before [`ControlPlane::handle`] go to `refusals`.
 pub fn router(cp: Arc<ControlPlane>, refusals: Arc<Refusals>) -> axum::Router {
     axum::Router::new().fallback(move |req: Request<Body>| {
         let cp = Arc::clone(&cp);

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
 use bulkhead_kms::crypto::Key32;
-use bulkhead_kms::sigv::ForwardedRequest;
+use bulkhead_kms::forward::CustomerRequest;
 use bulkhead_kms::tls::HttpsClient;
 use bulkhead_rot::attest::Verifier;
 use bulkhead_tokens::Operation;
@@ -86,6 +86,8 @@ pub struct RawRequest {
     pub date: Option<String>,
     pub authorization: Option<String>,
     pub nonce: Option<String>,
+    /// Every header whose value is visible ASCII, in arrival order (SigV4 signs a chosen set).
+    pub headers: Vec<(String, String)>,
     pub body: String,
 }
 
@@ -95,7 +97,7 @@ pub struct Caller {
     pub tenant: String,
     pub access_key_id: String,
     /// The signed request, forwarded to the KMS as the customer's own authorization.
-    pub forwarded: ForwardedRequest,
+    pub forwarded: CustomerRequest,
 }
 
 pub struct ControlPlane {
@@ -118,6 +120,8 @@ pub struct ControlPlane {
     pub(crate) fleet: crate::fleet::FleetMonitor,
     /// This replica's id and workflow lease ([`crate::workflow::Lease`]).
     pub(crate) lease: crate::workflow::Lease,
+    /// The EC2 Query API's region (what SigV4 scopes must name).
+    pub(crate) region: String,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -132,6 +136,7 @@ pub(crate) fn instance_json(i: &InstanceRow) -> Value {
         "InstanceId": i.instance_id,
         "ImageId": i.image_id,
         "State": i.state.as_str(),
+        "LaunchTime": i.created,
         "VcpuCount": i.vcpus,
         "MemoryMiB": i.memory_mib,
         "Cores": i.cores,
@@ -147,6 +152,7 @@ pub(crate) fn volume_json(v: &VolumeRow) -> Value {
         "KmsKeyId": v.kms_key_id,
         "State": v.state.as_str(),
         "InstanceId": v.instance_id,
+        "CreateTime": v.created,
     })
 }
 
@@ -175,7 +181,18 @@ impl ControlPlane {
             audit_keys: BTreeMap::new(),
             fleet: crate::fleet::FleetMonitor::default(),
             lease: crate::workflow::Lease::default(),
+            region: crate::config::DEFAULT_REGION.to_string(),
         }
+    }
+
+    /// The region of the EC2 Query API (SigV4 credential scopes must name it).
+    pub fn with_region(mut self, region: &str) -> ControlPlane {
+        self.region = region.to_string();
+        self
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
     }
 
     /// Places instances only on hosts that attest against `verifier` (the same policy the KMS
@@ -336,28 +353,36 @@ impl ControlPlane {
                 return error_body(&e, &request_id);
             }
         };
-        let who = (caller.tenant.clone(), caller.access_key_id.clone());
-        let who = (who.0.as_str(), who.1.as_str());
-        if let Err(e) = self
-            .audit(
-                EntryKind::Request,
-                &request_id,
-                who,
-                req.action(),
-                vec![format!("tenant:{}", caller.tenant)],
-                Some(&r.body),
-                "ok",
-            )
-            .await
-        {
-            return error_body(&e, &request_id);
+        match self.perform(&request_id, &caller, req, &r.body).await {
+            Ok(v) => (200, v),
+            Err(e) => error_body(&e, &request_id),
         }
-        let idem = req.client_token().map(|t| {
-            (
-                t.to_string(),
-                hex::encode(Sha256::digest(r.body.as_bytes())),
-            )
-        });
+    }
+
+    /// One authenticated, parsed call, whichever front end it came through (the JSON API or the
+    /// EC2 Query API): audit the decision durably, honour the idempotency token (`body` is what
+    /// was signed: its hash tells a retry from a different call), act, audit the outcome.
+    pub(crate) async fn perform(
+        &self,
+        request_id: &str,
+        caller: &Caller,
+        req: ControlRequest,
+        body: &str,
+    ) -> Result<Value, ControlError> {
+        let who = (caller.tenant.as_str(), caller.access_key_id.as_str());
+        self.audit(
+            EntryKind::Request,
+            request_id,
+            who,
+            req.action(),
+            vec![format!("tenant:{}", caller.tenant)],
+            Some(body),
+            "ok",
+        )
+        .await?;
+        let idem = req
+            .client_token()
+            .map(|t| (t.to_string(), hex::encode(Sha256::digest(body.as_bytes()))));
         if let Some((token, hash)) = &idem {
             match self.repo.idempotency(&caller.tenant, req.action(), token) {
                 Ok(Some((h, resp))) if &h == hash => {
@@ -365,7 +390,7 @@ impl ControlPlane {
                     let _ = self
                         .audit(
                             EntryKind::Outcome,
-                            &request_id,
+                            request_id,
                             who,
                             req.action(),
                             vec![],
@@ -373,15 +398,15 @@ impl ControlPlane {
                             "idempotent_replay",
                         )
                         .await;
-                    return (200, v);
+                    return Ok(v);
                 }
-                Ok(Some(_)) => return error_body(&ControlError::IdempotencyMismatch, &request_id),
+                Ok(Some(_)) => return Err(ControlError::IdempotencyMismatch),
                 Ok(None) => {}
-                Err(e) => return error_body(&ControlError::Repo(e), &request_id),
+                Err(e) => return Err(ControlError::Repo(e)),
             }
         }
         let action = req.action();
-        let result = self.execute(&caller, req).await;
+        let result = self.execute(caller, req).await;
         let code = match &result {
             Ok(_) => "ok",
             Err(e) => e.code(),
@@ -389,7 +414,7 @@ impl ControlPlane {
         let _ = self
             .audit(
                 EntryKind::Outcome,
-                &request_id,
+                request_id,
                 who,
                 action,
                 vec![],
@@ -397,7 +422,7 @@ impl ControlPlane {
                 code,
             )
             .await;
-        match result {
+        match &result {
             Ok(v) => {
                 if let Some((token, hash)) = idem {
                     if let Err(e) = self.repo.put_idempotency(
@@ -411,13 +436,12 @@ impl ControlPlane {
                     }
                 }
                 tracing::info!(tenant = %caller.tenant, action, request_id, "ok");
-                (200, v)
             }
             Err(e) => {
                 tracing::info!(tenant = %caller.tenant, action, request_id, code = e.code(), "refused");
-                error_body(&e, &request_id)
             }
         }
+        result
     }
 
     async fn execute(&self, c: &Caller, req: ControlRequest) -> Result<Value, ControlError> {

@@ -821,6 +821,7 @@ pub fn start_replicated(
         attest_config: attested.then(|| dir.join("kms/attest.json")),
         fleet_rules: Some(fleet_rules_file(dir)?),
         workflow_lease_ms: more.workflow_lease_ms,
+        region: None,
         hosts,
     };
     let cfg_path = dir.join("control.toml");
