@@ -1,10 +1,10 @@
-//! The control plane killed at every step of AttachVolume and of RunInstances, by its own fault
-//! hook (`BULKHEAD_FAULT=workflow:<kind>:<after|before>:<N>`: the process exits right after step
-//! N's progress is durable, or right after step N acted but before that is written), against the
-//! real daemons (KMS, token service, two host controllers on the detached backend). After a
-//! restart the volume and instance must be consistent (finished or rolled back, as the workflow's
-//! design says for that step), the customer's authorization must have been used by the KMS at
-//! most once (its audit log), and a fresh AttachVolume must succeed.
+//! The control plane killed at every step of AttachVolume, RunInstances, DetachVolume and
+//! TerminateInstances, by its own fault hook (`BULKHEAD_FAULT=workflow:<kind>:<after|before>:<N>`:
+//! the process exits right after step N's progress is durable, or right after step N acted but
+//! before that is written), against the real daemons (KMS, token service, two host controllers on
+//! the detached backend). After a restart the volume and instance must be consistent (finished or
+//! rolled back, as the workflow's design says for that step), the customer's authorization must
+//! have been used by the KMS at most once (its audit log), and a fresh AttachVolume must succeed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -241,4 +241,114 @@ fn control_plane_killed_at_every_run_step_finishes_or_unwinds_the_instance() {
             a.ok("TerminateInstances", json!({"InstanceIds": [fresh]}));
         }
     }
+}
+
+/// The last workflow of `kind` stored for a resource: (step, status).
+fn last_workflow(dir: &Path, column: &str, id: &str, kind: &str) -> (i64, String) {
+    let wfs = workflows_of(dir, column, id);
+    let w = wfs
+        .iter()
+        .rev()
+        .find(|w| w.0 == kind)
+        .unwrap_or_else(|| panic!("no {kind} workflow for {id}: {wfs:?}"));
+    (w.1, w.2.clone())
+}
+
+/// Host audit records of `op` naming `id`.
+fn host_ops(dir: &Path, op: &str, id: &str) -> usize {
+    host_audit(dir)
+        .lines()
+        .filter(|l| l.contains(op) && l.contains(id))
+        .count()
+}
+
+#[test]
+fn control_plane_killed_at_every_detach_and_terminate_step_finishes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = up(dir.path(), false);
+    let a = customer(&c, "tenant-a");
+    let steps = [
+        "before:1", "after:1", "before:2", "after:2", "before:3", "after:3",
+    ];
+
+    // DetachVolume: every step is safe to repeat, so an interrupted detach is finished, the
+    // card told to drop the key, and the volume attaches again with a fresh authorization.
+    let i = run(&a);
+    let v = volume(&a);
+    for at in steps {
+        let fault = format!("workflow:detach:{at}");
+        a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i}));
+        let unplugs = host_ops(dir.path(), "DetachVolume", &v);
+        let (allowed, _) = kms_releases(dir.path(), &v);
+        restart(&mut c, Some(&fault));
+        let r = a.try_call("DetachVolume", json!({"VolumeId": v}));
+        assert!(r.is_none(), "{fault}: the control plane answered: {r:?}");
+        restart(&mut c, None);
+
+        assert_eq!(
+            volume_state(&a, &v),
+            ("available".to_string(), Value::Null),
+            "{fault}"
+        );
+        assert_eq!(
+            last_workflow(dir.path(), "volume_id", &v, "detach"),
+            (3, "done".to_string()),
+            "{fault}"
+        );
+        assert!(
+            host_ops(dir.path(), "DetachVolume", &v) > unplugs,
+            "{fault}: the host was told to detach {v}"
+        );
+        assert_eq!(instance_state(&a, &i), "running", "{fault}");
+        // No authorization was spent by the detach, none presented again.
+        assert_eq!(kms_releases(dir.path(), &v), (allowed, 0), "{fault}");
+    }
+    // Usable afterwards: one more attach, one more release.
+    let (allowed, _) = kms_releases(dir.path(), &v);
+    a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i}));
+    assert_eq!(kms_releases(dir.path(), &v), (allowed + 1, 0));
+    a.ok("DetachVolume", json!({"VolumeId": v}));
+
+    // TerminateInstances with a volume attached: finished whatever step it died at; the volume
+    // is detached and free, the host terminated the guest.
+    for at in steps {
+        let fault = format!("workflow:terminate:{at}");
+        let i = run(&a);
+        a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i}));
+        restart(&mut c, Some(&fault));
+        let r = a.try_call("TerminateInstances", json!({"InstanceIds": [i]}));
+        assert!(r.is_none(), "{fault}: the control plane answered: {r:?}");
+        restart(&mut c, None);
+
+        assert_eq!(instance_state(&a, &i), "terminated", "{fault}");
+        assert_eq!(
+            volume_state(&a, &v),
+            ("available".to_string(), Value::Null),
+            "{fault}: terminate detached the volume"
+        );
+        assert_eq!(
+            last_workflow(dir.path(), "instance_id", &i, "terminate"),
+            (3, "done".to_string()),
+            "{fault}"
+        );
+        assert!(
+            host_ops(dir.path(), "TerminateInstance", &i) >= 1,
+            "{fault}: the host was told to terminate {i}"
+        );
+        let described =
+            a.ok("DescribeInstances", json!({"InstanceIds": [i]}))["Instances"][0].clone();
+        assert!(
+            described.get("PrivateIpAddress").is_none(),
+            "{fault}: a terminated instance released its address: {described}"
+        );
+    }
+    let db = rusqlite::Connection::open(dir.path().join("control/control.db")).unwrap();
+    let running: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM workflows WHERE status = 'running'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(running, 0, "no workflow is left running");
 }
