@@ -89,6 +89,22 @@ impl Console {
         (r.start + r.buf.len() as u64, r.start)
     }
 
+    /// The ring for a live update: the absolute offset of its first byte and its bytes.
+    pub fn snapshot(&self) -> (u64, Vec<u8>) {
+        let r = self.lock();
+        (r.start, r.buf.iter().copied().collect())
+    }
+
+    /// Replaces the ring with a snapshot taken by [`Console::snapshot`] in the old process, so
+    /// readers' cursors go on where they were (at most the capacity is kept).
+    pub fn restore(&self, start: u64, data: &[u8]) {
+        let mut r = self.lock();
+        let skip = data.len().saturating_sub(r.cap);
+        r.buf.clear();
+        r.buf.extend(data.iter().skip(skip));
+        r.start = start.saturating_add(skip as u64);
+    }
+
     /// Whether `needle` appears in what the ring still holds.
     pub fn contains(&self, needle: &[u8]) -> bool {
         let r = self.lock();

@@ -149,6 +149,39 @@ impl IrqRouter {
             .map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))
     }
 
+    /// Every MSI route as (gsi, address, data) and the next free GSI (live update).
+    pub fn routes(&self) -> (Vec<(u32, u64, u32)>, u32) {
+        let msi = lock(&self.msi);
+        let routes = msi.iter().map(|(g, m)| (*g, m.address, m.data)).collect();
+        (routes, *lock(&self.next_gsi))
+    }
+
+    /// Puts back the routes [`IrqRouter::routes`] gave in the old process and commits them.
+    pub fn restore_routes(&self, routes: &[(u32, u64, u32)], next_gsi: u32) -> Result<(), Error> {
+        let mut msi = lock(&self.msi);
+        msi.clear();
+        for (gsi, address, data) in routes {
+            if *gsi < IOAPIC_PINS || *gsi >= next_gsi {
+                return Err(Error::RoutingTableFull);
+            }
+            msi.insert(
+                *gsi,
+                MsiMessage {
+                    address: *address,
+                    data: *data,
+                },
+            );
+        }
+        if !(IOAPIC_PINS..=IOAPIC_PINS + MAX_MSI_ROUTES).contains(&next_gsi) {
+            return Err(Error::RoutingTableFull);
+        }
+        *lock(&self.next_gsi) = next_gsi;
+        if !msi.is_empty() {
+            self.commit(&msi)?;
+        }
+        Ok(())
+    }
+
     /// Injects one MSI directly (for interrupts the VMM itself raises).
     pub fn signal(&self, msg: MsiMessage) {
         if !msg.is_valid() {

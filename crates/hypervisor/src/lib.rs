@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod devices;
 pub mod irq;
 pub mod layout;
+pub mod live_update;
 pub mod memory;
 pub mod mptable;
 pub mod sandbox;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use bulkhead_hypervisor::sandbox::{self, ThreadRole};
 use bulkhead_hypervisor::vm::{ExitReason, Vm, VmConfig};
-use bulkhead_hypervisor::{server, Error};
+use bulkhead_hypervisor::{live_update, server, Error};
 use clap::{Args, Parser, Subcommand};
 
 /// Default kernel arguments for the test guest on this kind of machine (see guest/README.md).
@@ -48,6 +48,18 @@ enum Cmd {
         #[arg(long)]
         cmdline_fd: Option<i32>,
     },
+    /// Live update, the new process's side: take over a running VM from the hypervisor at the
+    /// other end of the inherited hand-over socket (fd M), then serve the private command
+    /// channel inherited as fd N. The VM's shape and memory come from the old process.
+    Incoming {
+        #[arg(long)]
+        channel_fd: i32,
+        #[arg(long)]
+        handover_fd: i32,
+        /// Drop to this uid:gid once the VM is built (when started as root).
+        #[arg(long)]
+        run_as: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -87,16 +99,20 @@ impl VmArgs {
         }
     }
     fn run_as(&self) -> Result<Option<(u32, u32)>, Error> {
-        let Some(s) = &self.run_as else {
-            return Ok(None);
-        };
-        let bad = || Error::Sandbox(format!("--run-as wants UID:GID, got {s:?}"));
-        let (u, g) = s.split_once(':').ok_or_else(bad)?;
-        Ok(Some((
-            u.parse().map_err(|_| bad())?,
-            g.parse().map_err(|_| bad())?,
-        )))
+        parse_run_as(self.run_as.as_deref())
     }
+}
+
+fn parse_run_as(s: Option<&str>) -> Result<Option<(u32, u32)>, Error> {
+    let Some(s) = s else {
+        return Ok(None);
+    };
+    let bad = || Error::Sandbox(format!("--run-as wants UID:GID, got {s:?}"));
+    let (u, g) = s.split_once(':').ok_or_else(bad)?;
+    Ok(Some((
+        u.parse().map_err(|_| bad())?,
+        g.parse().map_err(|_| bad())?,
+    )))
 }
 
 fn run(vm_args: VmArgs, blocks: Vec<String>, nets: Vec<PathBuf>) -> Result<ExitReason, Error> {
@@ -157,6 +173,19 @@ fn serve(mut vm_args: VmArgs, channel_fd: i32, cmdline_fd: Option<i32>) -> Resul
     Ok(())
 }
 
+fn incoming(channel_fd: i32, handover_fd: i32, run_as: Option<String>) -> Result<(), Error> {
+    let run_as = parse_run_as(run_as.as_deref())?;
+    sandbox::close_other_fds(&[channel_fd, handover_fd])?;
+    let channel = server::channel_from_fd(channel_fd).map_err(Error::ChannelFd)?;
+    let handover = live_update::handover_from_fd(handover_fd).map_err(Error::ChannelFd)?;
+    let mut vm = live_update::incoming(&handover, run_as)?;
+    drop(handover);
+    // The vCPU threads installed their own filters; the main thread's comes after them.
+    sandbox::apply_thread_filter(ThreadRole::Main)?;
+    server::serve(&mut vm, channel);
+    Ok(())
+}
+
 /// `--self-test`, run by the host's measured start before it takes customer work: the
 /// sandbox filters of every thread role compile for this kernel's architecture.
 fn self_test() -> ExitCode {
@@ -188,6 +217,11 @@ fn main() -> ExitCode {
             channel_fd,
             cmdline_fd,
         } => serve(vm, channel_fd, cmdline_fd).map(|_| ExitCode::SUCCESS),
+        Cmd::Incoming {
+            channel_fd,
+            handover_fd,
+            run_as,
+        } => incoming(channel_fd, handover_fd, run_as).map(|_| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("bulkhead-hypervisor: {e}");

@@ -25,16 +25,21 @@ pub const MIN_MEMORY_MIB: u64 = 32;
 /// Largest guest this build supports.
 pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
 
+fn check_size(mib: u64) -> Result<(), Error> {
+    if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
+        return Err(Error::MemorySize {
+            mib,
+            min: MIN_MEMORY_MIB,
+            max: MAX_MEMORY_MIB,
+        });
+    }
+    Ok(())
+}
+
 impl GuestRam {
     /// Creates `mib` MiB of guest memory, split around the 32-bit MMIO gap.
     pub fn new(mib: u64) -> Result<Self, Error> {
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
-            return Err(Error::MemorySize {
-                mib,
-                min: MIN_MEMORY_MIB,
-                max: MAX_MEMORY_MIB,
-            });
-        }
+        check_size(mib)?;
         let total = mib << 20;
         let name = c"bulkhead-guest-ram";
         // SAFETY: `name` is a valid NUL-terminated string; memfd_create has no other inputs.
@@ -59,7 +64,26 @@ impl GuestRam {
         if rc < 0 {
             return Err(Error::Memory(std::io::Error::last_os_error()));
         }
+        Self::map(mib, memfd)
+    }
 
+    /// Maps guest memory handed over by another hypervisor process (live update): the same
+    /// memfd, `mib` MiB, sealed against growing and shrinking (checked), never copied.
+    pub fn from_memfd(mib: u64, memfd: File) -> Result<Self, Error> {
+        check_size(mib)?;
+        let len = memfd.metadata().map_err(Error::Memory)?.len();
+        // SAFETY: F_GET_SEALS on an fd we own, no pointer argument.
+        let seals = unsafe { libc::fcntl(memfd.as_raw_fd(), libc::F_GET_SEALS) };
+        let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        if len != mib << 20 || seals < 0 || seals & need != need {
+            return Err(Error::MemoryLayout);
+        }
+        Self::map(mib, memfd)
+    }
+
+    /// Maps `memfd` (`mib` MiB, size already set) as the guest's RAM.
+    fn map(mib: u64, memfd: File) -> Result<Self, Error> {
+        let total = mib << 20;
         let low = total.min(MMIO_GAP_START);
         let mut layout = vec![(GuestAddress(0), low, 0u64)];
         if total > MMIO_GAP_START {

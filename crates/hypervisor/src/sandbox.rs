@@ -103,6 +103,11 @@ const fn iow(nr: u64, size: usize) -> u64 {
     (1 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
 }
 
+/// `_IOWR(KVMIO, nr, T)`.
+const fn iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
+}
+
 /// `_IOR(KVMIO, nr, T)`.
 const fn ior(nr: u64, size: usize) -> u64 {
     (2 << 30) | ((size as u64) << 16) | (KVMIO << 8) | nr
@@ -121,9 +126,26 @@ pub const KVM_SET_USER_MEMORY_REGION: u64 = iow(
     std::mem::size_of::<kvm_bindings::kvm_userspace_memory_region>(),
 );
 
+// Reads of the machine state for a live update (`_IOR`/`_IOWR` request numbers of the kernel's
+// uapi, checked against kvm-ioctls' own in the tests below). Only reads: setting a state
+// happens in the new process before its sandbox is up.
+pub const KVM_GET_SREGS: u64 = ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>());
+pub const KVM_GET_MSRS: u64 = iowr(0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>());
+pub const KVM_GET_LAPIC: u64 = ior(0x8e, std::mem::size_of::<kvm_bindings::kvm_lapic_state>());
+pub const KVM_GET_MP_STATE: u64 = ior(0x98, std::mem::size_of::<kvm_bindings::kvm_mp_state>());
+pub const KVM_GET_VCPU_EVENTS: u64 =
+    ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_vcpu_events>());
+pub const KVM_GET_DEBUGREGS: u64 = ior(0xa1, std::mem::size_of::<kvm_bindings::kvm_debugregs>());
+pub const KVM_GET_XSAVE: u64 = ior(0xa4, std::mem::size_of::<kvm_bindings::kvm_xsave>());
+pub const KVM_GET_XCRS: u64 = ior(0xa6, std::mem::size_of::<kvm_bindings::kvm_xcrs>());
+pub const KVM_GET_IRQCHIP: u64 = iowr(0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>());
+pub const KVM_GET_CLOCK: u64 = ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>());
+pub const KVM_GET_PIT2: u64 = ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>());
+
 /// The only ioctls any thread may issue once the sandbox is up: run a vCPU (and read its
-/// registers for diagnostics), and wire interrupts and notifications of hot-plugged devices.
-/// Everything that creates or reshapes a VM (memory slots, vCPUs, CPUID, MSRs) happens before.
+/// registers for diagnostics), wire interrupts and notifications of hot-plugged devices, and
+/// read (never set) the machine state for a live update. Everything that creates or reshapes
+/// a VM (memory slots, vCPUs, CPUID, MSRs) happens before.
 pub const IOCTLS: &[u64] = &[
     KVM_RUN,
     KVM_GET_REGS,
@@ -131,6 +153,17 @@ pub const IOCTLS: &[u64] = &[
     KVM_IRQFD,
     KVM_IOEVENTFD,
     KVM_SIGNAL_MSI,
+    KVM_GET_SREGS,
+    KVM_GET_MSRS,
+    KVM_GET_LAPIC,
+    KVM_GET_MP_STATE,
+    KVM_GET_VCPU_EVENTS,
+    KVM_GET_DEBUGREGS,
+    KVM_GET_XSAVE,
+    KVM_GET_XCRS,
+    KVM_GET_IRQCHIP,
+    KVM_GET_CLOCK,
+    KVM_GET_PIT2,
 ];
 
 /// ioctl only with the request numbers in [`IOCTLS`] (argument 1).

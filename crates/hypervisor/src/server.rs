@@ -15,8 +15,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use bulkhead_channel::{
-    BackendFailure, Command, CommandError, DecodeError, OpStatus, OpTable, Reply, Request,
-    Response, VmState, HEADER_LEN, MAX_FRAME, VERSION,
+    BackendFailure, Command, CommandError, DecodeError, LiveUpdateFailure, OpStatus, OpTable,
+    Reply, Request, Response, VmState, HEADER_LEN, MAX_FRAME, VERSION,
 };
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -34,6 +34,8 @@ type Ops = OpTable<HotplugWait>;
 enum Next {
     Continue,
     Exit,
+    /// The VM was handed over to a new process (live update): exit without touching it.
+    HandedOver,
 }
 
 /// Serves commands until `Shutdown` or until the parent closes its end.
@@ -97,8 +99,15 @@ pub fn serve(vm: &mut Vm, channel: UnixStream) {
             tracing::warn!(error = %e, "channel send failed");
             break;
         }
-        if let Next::Exit = next {
-            break;
+        match next {
+            Next::Continue => {}
+            Next::Exit => break,
+            Next::HandedOver => {
+                // The vCPUs are parked and the guest is the new process's: stopping the
+                // threads here touches neither guest memory nor the guest's devices.
+                vm.shutdown();
+                return;
+            }
         }
     }
     vm.shutdown();
@@ -238,12 +247,7 @@ fn handle(vm: &mut Vm, ops: &mut Ops, frame: &[u8], fd: Option<OwnedFd>) -> (Res
         ),
         Command::DetachNet { id } => (detach(vm, ops, req.id, id, DeviceKind::Net), Next::Continue),
         Command::ReconnectNet { id } => (reconnect(vm, ops, id, fd), Next::Continue),
-        Command::LiveUpdate => (
-            Err(CommandError::LiveUpdate(
-                bulkhead_channel::LiveUpdateFailure::UnsupportedDevice,
-            )),
-            Next::Continue,
-        ),
+        Command::LiveUpdate => live_update(vm, ops, fd),
         Command::OpStatus { op } => (
             ops.status(op).map(|status| Reply::Op { op, status }),
             Next::Continue,
@@ -325,6 +329,32 @@ fn detach(
     match vm.begin_detach(id.as_str(), kind) {
         Ok(h) => Ok(accept(ops, vm, op, id, h)),
         Err(e) => Err(command_error(&e)),
+    }
+}
+
+/// `LiveUpdate`: refused while a hot-plug operation is in flight or before the guest started;
+/// otherwise the hand-over runs to its end (bounded by its deadlines) before the reply.
+fn live_update(vm: &mut Vm, ops: &Ops, fd: Option<OwnedFd>) -> (Result<Reply, CommandError>, Next) {
+    let state = vm.state();
+    if !matches!(state, VmState::Running | VmState::Paused) {
+        return (Err(CommandError::WrongState(state)), Next::Continue);
+    }
+    if ops.any_pending() {
+        return (
+            Err(CommandError::LiveUpdate(
+                LiveUpdateFailure::OperationInFlight,
+            )),
+            Next::Continue,
+        );
+    }
+    let Some(fd) = fd else {
+        return (Err(CommandError::MissingFd), Next::Continue);
+    };
+    // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
+    let sock = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
+    match crate::live_update::hand_over(vm, &sock) {
+        Ok(pause_us) => (Ok(Reply::Updated { pause_us }), Next::HandedOver),
+        Err(f) => (Err(CommandError::LiveUpdate(f)), Next::Continue),
     }
 }
 

@@ -60,10 +60,14 @@ pub enum ExitReason {
 }
 
 #[derive(Debug)]
-struct RunState {
-    state: VmState,
-    paused_vcpus: usize,
+pub(crate) struct RunState {
+    pub(crate) state: VmState,
+    pub(crate) paused_vcpus: usize,
     exit: Option<ExitReason>,
+    /// Bumped to ask every parked vCPU for its state (live update); each answers once per
+    /// generation into [`Shared::captured`] and counts itself in `captured`.
+    pub(crate) capture_gen: u64,
+    pub(crate) captured: usize,
 }
 
 #[derive(Default)]
@@ -73,17 +77,21 @@ struct Counters {
     pio: AtomicU64,
 }
 
-struct Shared {
-    ram: GuestRam,
-    pio: Mutex<PioBus>,
-    slots: Mutex<Vec<Option<MmioTransport>>>,
-    pci: Mutex<PciBus>,
-    router: Arc<IrqRouter>,
-    run: Mutex<RunState>,
-    cv: Condvar,
+pub(crate) struct Shared {
+    pub(crate) ram: GuestRam,
+    pub(crate) pio: Mutex<PioBus>,
+    pub(crate) slots: Mutex<Vec<Option<MmioTransport>>>,
+    pub(crate) pci: Mutex<PciBus>,
+    pub(crate) router: Arc<IrqRouter>,
+    pub(crate) run: Mutex<RunState>,
+    pub(crate) cv: Condvar,
     exit_evt: EventFd,
     counters: Counters,
     bad_guest: Arc<AtomicU64>,
+    /// The MSRs KVM saves and restores for a vCPU (live update).
+    pub(crate) msr_list: Vec<u32>,
+    /// Each vCPU's state, captured when parked at the main thread's request (live update).
+    pub(crate) captured: Mutex<Vec<Option<Result<crate::live_update::state::VcpuState, Error>>>>,
 }
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
@@ -173,12 +181,12 @@ pub enum Hotplug {
 
 /// A built VM.
 pub struct Vm {
-    _kvm: Kvm,
-    vm_fd: Arc<VmFd>,
-    shared: Arc<Shared>,
-    console: Console,
-    config: VmConfig,
-    pending_vcpus: Vec<(u8, VcpuFd)>,
+    pub(crate) kvm: Kvm,
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) console: Console,
+    pub(crate) config: VmConfig,
+    pub(crate) pending_vcpus: Vec<(u8, VcpuFd)>,
     threads: Vec<JoinHandle<()>>,
     entry: EntryPoint,
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
@@ -188,6 +196,19 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM (memory, kernel, devices, vCPUs); nothing runs until [`Vm::start`].
     pub fn new(config: VmConfig) -> Result<Self, Error> {
+        Self::build(config, None)
+    }
+
+    /// Builds a VM around guest memory handed over by another hypervisor process (live
+    /// update): memory slots, irqchip, PIT, vCPUs with their CPUID and devices in their reset
+    /// state, no kernel loaded. The machine state is restored into it before it starts
+    /// ([`crate::live_update`]).
+    pub fn incoming(config: VmConfig, memfd: std::fs::File) -> Result<Self, Error> {
+        Self::build(config, Some(memfd))
+    }
+
+    fn build(config: VmConfig, memfd: Option<std::fs::File>) -> Result<Self, Error> {
+        let incoming = memfd.is_some();
         if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
             return Err(Error::VcpuCount(u32::from(config.vcpus)));
         }
@@ -222,11 +243,25 @@ impl Vm {
         let vm_fd = Arc::new(vm_fd);
         let router = Arc::new(IrqRouter::new(vm_fd.clone()));
 
-        let ram = GuestRam::new(config.memory_mib)?;
+        let ram = match memfd {
+            Some(f) => GuestRam::from_memfd(config.memory_mib, f)?,
+            None => GuestRam::new(config.memory_mib)?,
+        };
         // Loading the kernel and initrd (reads + first touch of guest pages) and registering the
         // memory with KVM are independent and each take several milliseconds: overlap them.
         let (loaded, initrd, slots) = std::thread::scope(|sc| {
             let loader = sc.spawn(|| -> Result<_, Error> {
+                if incoming {
+                    // The guest's memory already holds its kernel, running.
+                    let entry = EntryPoint::Pvh {
+                        entry: vm_memory::GuestAddress(0),
+                    };
+                    let none = boot::LoadedKernel {
+                        entry,
+                        setup_header: None,
+                    };
+                    return Ok((none, None));
+                }
                 let loaded = boot::load_kernel(&ram, &config.kernel)?;
                 let initrd = match &config.initrd {
                     Some(p) => Some(boot::load_initrd(&ram, p)?),
@@ -259,32 +294,38 @@ impl Vm {
                 state: VmState::Created,
                 paused_vcpus: 0,
                 exit: None,
+                capture_gen: 0,
+                captured: 0,
             }),
             cv: Condvar::new(),
             exit_evt,
             counters: Counters::default(),
             bad_guest,
+            msr_list: crate::live_update::machine::saved_msrs(&kvm)?,
+            captured: Mutex::new((0..config.vcpus).map(|_| None).collect()),
         });
 
         let topo = GuestTopology {
             threads_per_core: tpc,
             cores: config.vcpus / tpc,
         };
-        mptable::write(&shared.ram.mem, config.vcpus)?;
+        if !incoming {
+            mptable::write(&shared.ram.mem, config.vcpus)?;
+        }
         let mut pending = Vec::new();
         for i in 0..config.vcpus {
             let vcpu = vm_fd
                 .create_vcpu(u64::from(topo.apic_id(i)))
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
             cpu::setup_vcpu(&kvm, &vcpu, topo, i)?;
-            if i == 0 {
+            if i == 0 && !incoming {
                 cpu::setup_boot_vcpu(&vcpu, &shared.ram.mem, loaded.entry)?;
             }
             pending.push((i, vcpu));
         }
 
         let mut vm = Vm {
-            _kvm: kvm,
+            kvm,
             vm_fd,
             shared,
             console,
@@ -753,6 +794,16 @@ impl Vm {
             .count()
     }
 
+    /// What the VM was built with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The guest memory's memfd (handed to a new process on a live update).
+    pub fn memfd(&self) -> std::os::fd::RawFd {
+        self.shared.ram.memfd.as_raw_fd()
+    }
+
     /// The console handle.
     pub fn console(&self) -> Console {
         self.console.clone()
@@ -814,11 +865,26 @@ impl Vm {
                 )?
             }
         }
+        self.spawn_vcpus(VmState::Running)
+    }
+
+    /// Starts the vCPU threads of a VM whose state was restored (live update), running or
+    /// paused as the old process had it.
+    pub(crate) fn start_restored(&mut self, running: bool) -> Result<(), Error> {
+        let state = if running {
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
+        self.spawn_vcpus(state)
+    }
+
+    fn spawn_vcpus(&mut self, state: VmState) -> Result<(), Error> {
         // SAFETY: `noop_handler` is async-signal-safe (it does nothing); the signal only serves
         // to interrupt KVM_RUN.
         vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
             .map_err(|e| Error::Thread(std::io::Error::other(e.to_string())))?;
-        lock(&self.shared.run).state = VmState::Running;
+        lock(&self.shared.run).state = state;
         for (i, vcpu) in self.pending_vcpus.drain(..) {
             let shared = self.shared.clone();
             let pin = self
@@ -1032,12 +1098,27 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
         // Benchmarks read this line: the moment the VMM first enters the guest.
         tracing::info!(mono_ns = monotonic_ns(), "entering guest");
     }
+    let mut answered_gen = 0;
     loop {
         {
             let mut st = lock(&shared.run);
             if st.state == VmState::Paused {
                 st.paused_vcpus += 1;
                 while st.state == VmState::Paused {
+                    if st.capture_gen != answered_gen {
+                        // A live update wants this vCPU's state: read it with the lock let go.
+                        answered_gen = st.capture_gen;
+                        drop(st);
+                        let r =
+                            crate::live_update::machine::capture_vcpu(&mut vcpu, &shared.msr_list);
+                        if let Some(slot) = lock(&shared.captured).get_mut(usize::from(index)) {
+                            *slot = Some(r);
+                        }
+                        st = lock(&shared.run);
+                        st.captured += 1;
+                        shared.cv.notify_all();
+                        continue;
+                    }
                     st = shared.cv.wait(st).unwrap_or_else(|p| p.into_inner());
                 }
                 st.paused_vcpus -= 1;

@@ -46,6 +46,16 @@ impl ConfigSpace {
         }
     }
 
+    /// Every byte as the guest reads it (live update; the masks are the model's, rebuilt).
+    pub fn bytes(&self) -> [u8; CONFIG_SIZE] {
+        self.bytes
+    }
+
+    /// Puts back the bytes [`ConfigSpace::bytes`] gave in the old process.
+    pub fn restore_bytes(&mut self, bytes: &[u8; CONFIG_SIZE]) {
+        self.bytes = *bytes;
+    }
+
     pub fn u8_at(&self, off: usize) -> u8 {
         self.bytes.get(off).copied().unwrap_or(0)
     }

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -47,6 +48,61 @@ impl PioBus {
             serial: Serial::new(IrqLine(serial_irq), ConsoleWriter(console)),
             unknown_accesses: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The eventfd the UART raises its interrupt on.
+    pub fn serial_irq(&self) -> &EventFd {
+        &self.serial.interrupt_evt().0
+    }
+
+    /// The UART's registers and receive FIFO (live update).
+    pub fn serial_regs(&self) -> crate::live_update::state::SerialRegs {
+        let s = self.serial.state();
+        crate::live_update::state::SerialRegs {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            fifo: s.in_buffer,
+        }
+    }
+
+    /// Rebuilds the UART from the registers the old process had (live update), raising its
+    /// interrupt on `irq` and writing into `console`. `None` if the FIFO is too long.
+    pub fn restore_serial(
+        &mut self,
+        regs: &crate::live_update::state::SerialRegs,
+        irq: EventFd,
+        console: Console,
+    ) -> Option<()> {
+        let [dll, dlm, ier, iir, lcr, lsr, mcr, msr, scr] = regs.regs;
+        let state = SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlm,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: regs.fifo.clone(),
+        };
+        self.serial = Serial::from_state(
+            &state,
+            IrqLine(irq),
+            vm_superio::serial::NoEvents,
+            ConsoleWriter(console),
+        )
+        .ok()?;
+        Some(())
     }
 
     /// A guest `in` instruction: fills `data`.

@@ -456,6 +456,46 @@ impl PciBus {
             .find(|i| self.ports.get(*i).is_some_and(|p| p.card.is_none()))
     }
 
+    /// The bus's state for a live update; `None` while a card is in a slot (cards are not
+    /// handed over yet).
+    pub fn state(&self) -> Option<crate::live_update::state::PciState> {
+        use crate::live_update::state::{PciState, PortState};
+        let mut ports = Vec::with_capacity(self.ports.len());
+        for p in &self.ports {
+            if p.card.is_some() {
+                return None;
+            }
+            ports.push(PortState {
+                cfg: p.cfg.bytes(),
+                present: p.present,
+                husk: p.husk_bar,
+            });
+        }
+        Some(PciState {
+            address: self.address,
+            host: self.host.bytes(),
+            ports,
+            rotor: u32::try_from(self.rotor).unwrap_or(0),
+        })
+    }
+
+    /// Puts back the state [`PciBus::state`] gave in the old process; `None` if it has
+    /// another number of ports or a slot reports a card.
+    pub fn restore(&mut self, st: &crate::live_update::state::PciState) -> Option<()> {
+        if st.ports.len() != self.ports.len() || st.ports.iter().any(|p| p.present) {
+            return None;
+        }
+        self.address = st.address;
+        self.host.restore_bytes(&st.host);
+        for (p, s) in self.ports.iter_mut().zip(&st.ports) {
+            p.cfg.restore_bytes(&s.cfg);
+            p.present = s.present;
+            p.husk_bar = s.husk;
+        }
+        self.rotor = usize::try_from(st.rotor).ok()?;
+        Some(())
+    }
+
     /// Records that `port` was just used, so the next search starts after it.
     pub fn used(&mut self, port: usize) {
         self.rotor = port + 1;

@@ -153,6 +153,14 @@ pub trait VirtioDevice: Send {
     fn wants_ioeventfd(&self) -> bool {
         false
     }
+    /// (next available, next used) of each active queue, for a live update (devices served
+    /// inside the VMM; a vhost-user device's positions are its backend's).
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        Vec::new()
+    }
+    /// Puts back the positions [`VirtioDevice::queue_positions`] gave in the old process,
+    /// after the device was activated again with the same queues.
+    fn set_queue_positions(&mut self, _positions: &[(u16, u16)]) {}
 }
 
 /// What a status write asks the transport to do.
@@ -429,6 +437,63 @@ impl VirtioCore {
     /// guest.
     pub fn take_backend_work(&mut self) -> Option<BackendWork> {
         self.backend_work.take()
+    }
+
+    /// The transport-independent state of an in-VMM device for a live update.
+    pub fn state(&self) -> crate::live_update::state::MmioState {
+        crate::live_update::state::MmioState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            irq_status: self.irq_status.load(Ordering::SeqCst),
+            active: self.active,
+            queues: self.queues.clone(),
+            positions: if self.active {
+                self.device.queue_positions()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Puts back a state [`VirtioCore::state`] gave in the old process: registers, then (for
+    /// an active device) activation with the same queues and interrupts, then the queue
+    /// positions. `false` if it does not fit this device.
+    pub fn restore(
+        &mut self,
+        st: &crate::live_update::state::MmioState,
+        ram: &GuestRam,
+        irqs: &[Arc<EventFd>],
+    ) -> bool {
+        let fits = st.device_type == self.device.device_type()
+            && st.queues.len() == self.queues.len()
+            && st
+                .queues
+                .iter()
+                .zip(&self.queues)
+                .all(|(a, b)| a.max_size == b.max_size);
+        if !fits {
+            return false;
+        }
+        self.status = st.status;
+        self.device_features_sel = st.device_features_sel;
+        self.driver_features_sel = st.driver_features_sel;
+        self.acked_features = st.acked_features;
+        self.queue_sel = st.queue_sel;
+        self.config_generation = st.config_generation;
+        self.queues.clone_from(&st.queues);
+        if st.active {
+            if !self.activate(ram, irqs) {
+                return false;
+            }
+            self.device.set_queue_positions(&st.positions);
+        }
+        self.irq_status.store(st.irq_status, Ordering::SeqCst);
+        true
     }
 
     /// Device reset: every register returns to its initial value; stopping the backend is

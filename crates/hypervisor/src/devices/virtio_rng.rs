@@ -114,6 +114,18 @@ impl VirtioDevice for VirtioRng {
             }
         }
     }
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.queue
+            .iter()
+            .map(|q| (q.next_avail(), q.next_used()))
+            .collect()
+    }
+    fn set_queue_positions(&mut self, positions: &[(u16, u16)]) {
+        if let (Some(q), Some((avail, used))) = (self.queue.as_mut(), positions.first()) {
+            q.set_next_avail(*avail);
+            q.set_next_used(*used);
+        }
+    }
     fn reset(&mut self) -> Option<super::virtio::BackendWork> {
         self.queue = None;
         None

@@ -1,0 +1,325 @@
+//! Live update on real guests: a running VM moves to a new `bulkhead-hypervisor incoming`
+//! process (same memfd, machine state over the hand-over socket) and keeps running; refused
+//! or interrupted hand-overs leave it running on the old process.
+//!
+//! The guest prints `C=<counter> U=<uptime>` in a tight loop (shell builtins only) and its
+//! boot id every 100 counts. After the updates the console must show one boot, one boot id,
+//! every counter value exactly once in order, and an uptime that never goes back.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command as Proc, Stdio};
+use std::time::{Duration, Instant};
+
+use bulkhead_channel::{LiveUpdateFailure, StateRefusal};
+use bulkhead_hypervisor::live_update::wire::{self, Msg};
+use bulkhead_hypervisor_client::{
+    seqpacket_pair, spawn_process, Channel, ClientError, Command, CommandError, Reply, VmSpec,
+};
+use common::*;
+
+const SCRIPT: &str = "read -r b </proc/sys/kernel/random/boot_id\n\
+echo B=$b\n\
+i=0\n\
+while [ $i -lt 1000000 ]; do\n\
+i=$((i+1))\n\
+read -r u x </proc/uptime\n\
+echo C=$i U=$u\n\
+case $i in *00) read -r b </proc/sys/kernel/random/boot_id; echo B=$b ;; esac\n\
+done\n";
+
+/// The guest as the test follows it: everything its console printed, read by cursor.
+struct Guest {
+    chan: Channel,
+    child: Child,
+    cursor: u64,
+    text: String,
+}
+
+impl Guest {
+    /// Reads what the console has; fails the test if the ring dropped bytes.
+    fn drain(&mut self) {
+        loop {
+            let r = self.chan.call(
+                Command::ReadConsole {
+                    cursor: self.cursor,
+                    max: 32 * 1024,
+                },
+                None,
+            );
+            let Ok(Reply::Console { data, next, lost }) = r else {
+                panic!("console read: {r:?}");
+            };
+            assert_eq!(lost, 0, "the console ring dropped bytes");
+            self.text.push_str(&String::from_utf8_lossy(&data));
+            self.cursor = next;
+            if data.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// The last counter value printed.
+    fn last_count(&self) -> u64 {
+        self.text
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("C=")?.split(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the counter passed `n` more values.
+    fn wait_counting(&mut self, more: u64, within: Duration) {
+        let start = self.last_count();
+        let until = Instant::now() + within;
+        while self.last_count() < start + more {
+            assert!(
+                Instant::now() < until,
+                "the guest stopped counting at {start}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            self.drain();
+        }
+    }
+}
+
+fn boot(test: &str, vcpus: u8) -> Option<Guest> {
+    let (kernel, initrd) = guest_or_skip(test)?;
+    let spec = VmSpec {
+        binary: hypervisor(),
+        kernel,
+        initrd: Some(initrd),
+        cmdline: format!("{GUEST_ARGS} {}", run_arg(SCRIPT)),
+        memory_mib: 128,
+        vcpus,
+        pin: Vec::new(),
+        run_as: None,
+    };
+    let (child, fd) = spawn_process(&spec).expect("spawn hypervisor");
+    let chan = Channel::from_fd(fd).expect("channel");
+    chan.call(Command::Start, None).expect("start");
+    let mut g = Guest {
+        chan,
+        child,
+        cursor: 0,
+        text: String::new(),
+    };
+    let until = Instant::now() + Duration::from_secs(240);
+    while g.last_count() < 50 {
+        assert!(Instant::now() < until, "guest never counted:\n{}", g.text);
+        std::thread::sleep(Duration::from_millis(250));
+        g.drain();
+    }
+    Some(g)
+}
+
+/// A new hypervisor in `incoming` mode: its process, our end of its channel, and the old
+/// process's end of the hand-over socket (for `LiveUpdate`).
+fn spawn_incoming() -> (Child, Channel, UnixStream) {
+    let (ours, theirs) = seqpacket_pair().expect("channel pair");
+    let (old_end, new_end) = UnixStream::pair().expect("hand-over pair");
+    let (cfd, hfd) = (theirs.as_raw_fd(), new_end.as_raw_fd());
+    let mut cmd = Proc::new(hypervisor());
+    cmd.arg("incoming")
+        .arg("--channel-fd")
+        .arg(cfd.to_string())
+        .arg("--handover-fd")
+        .arg(hfd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: only fcntl (async-signal-safe) runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in [cfd, hfd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn incoming hypervisor");
+    drop((theirs, new_end));
+    (child, Channel::from_fd(ours).expect("channel"), old_end)
+}
+
+fn live_update(g: &mut Guest) -> u64 {
+    g.drain();
+    let (child, chan, handover) = spawn_incoming();
+    let r = g
+        .chan
+        .call(Command::LiveUpdate, Some(handover.as_raw_fd()))
+        .expect("live update");
+    let Reply::Updated { pause_us } = r else {
+        panic!("unexpected reply {r:?}");
+    };
+    // The old process exits on its own once it replied.
+    let mut old = std::mem::replace(&mut g.child, child);
+    let until = Instant::now() + Duration::from_secs(10);
+    while old.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < until, "the old hypervisor did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    g.chan = chan;
+    pause_us
+}
+
+/// Every counter value once and in order, one boot, one boot id, uptime never going back;
+/// returns the longest gap between two consecutive uptime readings, in ms.
+fn check_continuity(text: &str) -> u64 {
+    assert_eq!(
+        text.matches("BULKHEAD-GUEST-READY").count(),
+        1,
+        "the guest rebooted"
+    );
+    let ids: std::collections::BTreeSet<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("B=")).collect();
+    assert_eq!(ids.len(), 1, "boot ids: {ids:?}");
+    let (mut prev_c, mut prev_u, mut gap) = (0u64, 0u64, 0u64);
+    for l in text.lines().filter(|l| l.starts_with("C=")) {
+        let mut f = l.split(' ');
+        let c: u64 = f.next().and_then(|s| s[2..].parse().ok()).expect("counter");
+        let u = f
+            .next()
+            .and_then(|s| s.strip_prefix("U="))
+            .and_then(|s| s.split_once('.'))
+            .and_then(|(a, b)| Some(a.parse::<u64>().ok()? * 1000 + b.parse::<u64>().ok()? * 10))
+            .expect("uptime");
+        assert_eq!(c, prev_c + 1, "counter jumped from {prev_c} to {c}");
+        assert!(u >= prev_u, "uptime went back at {c}");
+        if prev_c > 0 {
+            gap = gap.max(u - prev_u);
+        }
+        (prev_c, prev_u) = (c, u);
+    }
+    assert!(prev_c > 100, "too few counts: {prev_c}");
+    gap
+}
+
+#[test]
+fn live_update_twice_keeps_the_guest_counting() {
+    let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(mut g) = boot("live_update_twice_keeps_the_guest_counting", 2) else {
+        return;
+    };
+    let mut pauses = Vec::new();
+    for _ in 0..2 {
+        let before = g.last_count();
+        pauses.push(live_update(&mut g));
+        g.wait_counting(200, Duration::from_secs(60));
+        assert!(g.last_count() > before + 200);
+    }
+    let _ = g.chan.call(Command::Shutdown, None);
+    let _ = g.child.wait();
+    let gap = check_continuity(&g.text);
+    println!("live update pauses (hypervisor measure): {pauses:?} us; longest gap the guest saw: {gap} ms");
+}
+
+/// What the relay does to the hand-over between the old and the new process.
+#[derive(Clone, Copy, Debug)]
+enum Tamper {
+    FlipABodyByte,
+    Truncate,
+    UnknownVersion,
+    /// Kill the new process once it restored the state, before the old one hears of it.
+    KillNewAfterRestore,
+}
+
+/// Relays the hand-over from `old` to `new`, tampering as told; runs until either side is done.
+fn relay(old: UnixStream, new: UnixStream, tamper: Tamper, mut victim: Child) -> Child {
+    let soon = || Instant::now() + Duration::from_secs(20);
+    let (hello, memfd) = wire::recv(&old, soon()).expect("hello");
+    wire::send(&new, &hello, memfd.as_ref().map(|f| f.as_raw_fd())).expect("hello on");
+    drop(memfd);
+    let (ready, _) = wire::recv(&new, soon()).expect("ready");
+    wire::send(&old, &ready, None).expect("ready on");
+    let (Msg::State(mut blob), _) = wire::recv(&old, soon()).expect("state") else {
+        panic!("no state");
+    };
+    match tamper {
+        Tamper::FlipABodyByte => {
+            let i = blob.len() / 2;
+            blob[i] ^= 0x20;
+        }
+        Tamper::Truncate => blob.truncate(blob.len() - 100),
+        Tamper::UnknownVersion => blob[4..6].copy_from_slice(&99u16.to_le_bytes()),
+        Tamper::KillNewAfterRestore => {}
+    }
+    wire::send(&new, &Msg::State(blob), None).expect("state on");
+    let (answer, _) = wire::recv(&new, soon()).expect("answer");
+    if let Tamper::KillNewAfterRestore = tamper {
+        assert_eq!(answer, Msg::Restored);
+        victim.kill().expect("kill the new hypervisor");
+        return victim;
+    }
+    wire::send(&old, &answer, None).expect("answer on");
+    victim
+}
+
+#[test]
+fn refused_or_interrupted_hand_overs_leave_the_guest_on_the_old_hypervisor() {
+    let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(mut g) = boot(
+        "refused_or_interrupted_hand_overs_leave_the_guest_on_the_old_hypervisor",
+        1,
+    ) else {
+        return;
+    };
+    let old_pid = g.child.id();
+    let cases = [
+        (
+            Tamper::FlipABodyByte,
+            LiveUpdateFailure::Refused(StateRefusal::Corrupted),
+        ),
+        (
+            Tamper::Truncate,
+            LiveUpdateFailure::Refused(StateRefusal::Truncated),
+        ),
+        (
+            Tamper::UnknownVersion,
+            LiveUpdateFailure::Refused(StateRefusal::UnknownVersion),
+        ),
+        (Tamper::KillNewAfterRestore, LiveUpdateFailure::PeerGone),
+    ];
+    for (tamper, want) in cases {
+        g.drain();
+        let (child, _chan, new_end) = spawn_incoming();
+        let (old_end, relay_old) = UnixStream::pair().expect("pair");
+        let t = std::thread::spawn(move || relay(relay_old, new_end, tamper, child));
+        let r = g.chan.call(Command::LiveUpdate, Some(old_end.as_raw_fd()));
+        drop(old_end);
+        let mut new = t.join().expect("relay");
+        match r {
+            Err(ClientError::Refused(CommandError::LiveUpdate(f))) => {
+                assert_eq!(f, want, "{tamper:?}")
+            }
+            other => panic!("{tamper:?}: {other:?}"),
+        }
+        // The new process never ran the guest and is gone; the old one still counts.
+        let until = Instant::now() + Duration::from_secs(10);
+        while new.try_wait().expect("wait").is_none() {
+            assert!(
+                Instant::now() < until,
+                "{tamper:?}: the new hypervisor lingers"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            g.child.try_wait().expect("wait"),
+            None,
+            "the old one exited"
+        );
+        g.wait_counting(100, Duration::from_secs(60));
+        println!("{tamper:?}: refused as {want:?}; the guest counts on in pid {old_pid}");
+    }
+    // Nothing was left half-done: a real live update still works afterwards.
+    let pause = live_update(&mut g);
+    g.wait_counting(100, Duration::from_secs(60));
+    let _ = g.chan.call(Command::Shutdown, None);
+    let _ = g.child.wait();
+    let gap = check_continuity(&g.text);
+    println!("after the refusals: live update paused {pause} us; longest guest gap {gap} ms");
+}
