@@ -18,15 +18,26 @@
 //! | `SpawnNetCard` | starts the configured net-card binary (`vhost` mode) for one instance interface: writes the sealed epoch key to a 0600 file in its run directory (removed once the card has read it), keeps the interface's sequence-floor file there across restarts, waits for the card's control socket | none |
 //! | `ConnectNetControl` | connects to the control socket of a net card it started (one request per connection) | the control connection |
 //! | `Exited` | lists children that exited on their own since the last ask (a net card killed -9 is restarted by the controller) | none |
+//! | `Children` | (keeper) every child it holds: pid, kind, running, committed | none |
+//! | `TakeChannel` | (keeper) a dup of hypervisor `pid`'s channel, for a controller that adopts it | the channel |
+//! | `ConnectCardControl` | connects to the control socket of a block card it started | the control connection |
+//! | `Commit` | (keeper) these children are in the controller's durable record: they outlive it | none |
 //!
 //! The launcher runs exactly two binaries, fixed when it starts (never named in a request); kernel
 //! and initrd paths must lie in the configured guest directory and backing files in the volume
 //! directory; sockets are created under its own run directory with names it chooses. It has no
 //! network: its own seccomp filter kills it on `socket()` of any family but `AF_UNIX`, so its
 //! `connect` can only ever reach a unix socket. It holds no TLS key, token key or audit log (it
-//! was exec'd before the controller read any). When the controller goes away (its end of the
-//! socketpair closes) the launcher kills every child and exits: a VM or card never outlives the
-//! controller that could have driven it.
+//! was exec'd before the controller read any).
+//!
+//! It is also the host's **keeper**: it outlives the controller. It keeps a dup of each
+//! hypervisor's channel (never read), so a hypervisor never sees its channel close while the
+//! keeper lives, and listens on `run_dir/keeper.sock` (0600, peer uid checked). When the
+//! controller goes away, children it never committed to its host record (`Commit`) are killed
+//! (their operation was never acknowledged) and the rest keep running; a restarted controller
+//! connects to the keeper socket and adopts them (`Children`, `TakeChannel`,
+//! `ConnectCardControl`). With no child left the keeper exits. See ARCHITECTURE.md, "Controller
+//! restart".
 
 use std::collections::BTreeMap;
 use std::io::IoSliceMut;

@@ -221,6 +221,8 @@ fn card_sockets(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir.join("run"))
         .map(|rd| {
             rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                // The keeper's own socket and pid file stay while it runs.
+                .filter(|f| !f.starts_with("keeper."))
                 .collect()
         })
         .unwrap_or_default()

@@ -105,6 +105,13 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A host's keeper outlives its controller by design (a restarted controller adopts the
+        // running guests); a cluster that goes away takes its keepers and their children along.
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                kill_keeper(&e.path().join("run"));
+            }
+        }
         for n in &self.nets {
             netns::teardown(n);
         }
@@ -112,6 +119,43 @@ impl Drop for Cluster {
             netns::teardown_fabric(f);
         }
     }
+}
+
+/// Kills the keeper whose pid file is in `run_dir` (if any), after its children (hypervisors
+/// and cards, which would otherwise keep running).
+pub fn kill_keeper(run_dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(run_dir.join("keeper.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1)
+    else {
+        return;
+    };
+    let mut doomed = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let ppid = std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                        .and_then(|x| x.parse::<i32>().ok())
+                });
+            if ppid == Some(pid) {
+                doomed.push(child);
+            }
+        }
+    }
+    doomed.push(pid);
+    for p in doomed {
+        // SAFETY: kill(2) with a pid read from /proc (a child of this cluster's keeper) and
+        // SIGKILL; at worst the process is already gone (ESRCH).
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    let _ = std::fs::remove_file(run_dir.join("keeper.pid"));
 }
 
 /// Namespaces made before the cluster exists; removed if start-up fails.

@@ -25,6 +25,11 @@ pub struct Daemon {
     pub child: Child,
     pub port: u16,
     pub dir: PathBuf,
+    /// The ready line the controller printed.
+    pub ready: Value,
+    /// Whether dropping this daemon also kills the host's keeper and its children (true unless
+    /// [`Daemon::kill9_controller_only`] handed them over to a restarted controller).
+    pub owns_keeper: bool,
 }
 
 impl Daemon {
@@ -37,12 +42,18 @@ impl Daemon {
 
     /// Starts a dev-mode controller with extra arguments.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_env(dir, extra, &[])
+    }
+
+    /// Starts a dev-mode controller with extra arguments and environment variables.
+    pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(controller_bin())
             .args(["--dev", "--state-dir"])
             .arg(dir)
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -66,12 +77,21 @@ impl Daemon {
             child,
             port,
             dir: dir.to_path_buf(),
+            ready: v,
+            owns_keeper: true,
         }
     }
 
     pub fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();
+    }
+
+    /// SIGKILL to the controller alone: its keeper, hypervisors and cards keep running for
+    /// the next controller on the same state directory (which then owns their clean-up).
+    pub fn kill9_controller_only(&mut self) {
+        self.kill9();
+        self.owns_keeper = false;
     }
 
     pub fn state(&self) -> StateDir {
@@ -95,7 +115,48 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        if self.owns_keeper {
+            kill_keeper(&self.dir.join("run"));
+        }
     }
+}
+
+/// The pids of `pid`'s children (from /proc).
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    .and_then(|x| x.parse::<i32>().ok())
+            });
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Kills the keeper whose pid file is in `run_dir` (if any), after its children.
+pub fn kill_keeper(run_dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(run_dir.join("keeper.pid"))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1)
+    else {
+        return;
+    };
+    let mut doomed = children_of(pid);
+    doomed.push(pid);
+    for p in doomed {
+        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+    }
+    let _ = std::fs::remove_file(run_dir.join("keeper.pid"));
 }
 
 pub fn mint(dir: &Path, caller: &str, host: &str, ops: &[Operation], ttl: Duration) -> String {
