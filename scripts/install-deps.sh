@@ -7,11 +7,11 @@ PKGS=(linux-source-6.1 busybox-static build-essential bc flex bison libelf-dev l
       tpm2-tools libtss2-dev pkg-config clang iproute2 curl postgresql softhsm2
       tcpdump iputils-ping iperf3 wireguard-go wireguard-tools)
 # The tests' independent AES-XTS decryptor uses Python's `cryptography`, and the EC2 Query tests
-# run botocore (the AWS SDK for Python's core, unmodified from PyPI); the python3 on PATH may not
+# run botocore, boto3 and the aws CLI (unmodified from PyPI); the python3 on PATH may not
 # be Debian's (e.g. pyenv), so make sure that interpreter has them.
 python_deps() {
   local mod
-  for mod in cryptography botocore; do
+  for mod in cryptography botocore boto3 awscli; do
     python3 -c "import $mod" 2>/dev/null && continue
     echo "install-deps: installing python $mod for $(command -v python3)"
     python3 -m pip install --quiet "$mod" 2>/dev/null \
