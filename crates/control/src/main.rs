@@ -237,6 +237,8 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
         .and_then(|(l, _)| l.local_addr().ok())
         .map(|a| a.to_string());
     let refusals = server::refusals(&cp);
+    let ca_bundle = ca.ca_pem().display().to_string();
+    let region = cfg.region().to_string();
     runtime()?.block_on(async move {
         if let Some((l, tls_op)) = operator {
             let l = tokio::net::TcpListener::from_std(l)
@@ -274,7 +276,8 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
             }
         });
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|e| CliError::Io(local.to_string(), e))?;
-        println!("{}", json!({"event": "ready", "service": "control", "listen": local.to_string(), "operator_listen": operator_local, "reconciled": rolled}));
+        println!("{}", json!({"event": "ready", "service": "control", "listen": local.to_string(), "operator_listen": operator_local, "reconciled": rolled, "ec2_endpoint_url": format!("https://{local}"), "aws_ca_bundle": ca_bundle, "region": region}));
+        tracing::info!("EC2 Query API: aws ec2 ... --endpoint-url https://{local} with AWS_CA_BUNDLE={ca_bundle} AWS_DEFAULT_REGION={region} AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY = access_key_id/secret of a create-customer credentials file");
         tracing::info!(listen = %local, "control plane ready");
         let app = server::router(cp, Arc::clone(&refusals));
         tls::serve(listener, tls_cfg, app, refusals).await.map_err(|e| CliError::Io(local.to_string(), e))

@@ -181,6 +181,17 @@ fn up(
     println!("Create a customer and call the API:");
     println!("  {}/bulkhead-control create-customer --config {}/control.toml --tenant acme --out acme.json", bins.display(), dir.display());
     println!("  {}/bulkhead-control call --endpoint {} --ca {} --credentials acme.json RunInstances '{{\"ImageId\":\"img-1\"}}'", bins.display(), c.control_addr, ca.display());
+    println!("Or drive it with the aws CLI or any AWS SDK (EC2 Query API, AWS Signature Version 4, region {}):", bulkhead_control::config::DEFAULT_REGION);
+    println!("  export AWS_CA_BUNDLE={}", ca.display());
+    println!(
+        "  export AWS_DEFAULT_REGION={}",
+        bulkhead_control::config::DEFAULT_REGION
+    );
+    println!("  export AWS_ACCESS_KEY_ID=$(jq -r .access_key_id acme.json) AWS_SECRET_ACCESS_KEY=$(jq -r .secret acme.json)");
+    println!(
+        "  aws ec2 describe-instances --endpoint-url https://{}",
+        c.control_addr
+    );
     println!(
         "Operator view of pulled host state: bulkhead-control hosts --config {}/control.toml",
         dir.display()
@@ -188,7 +199,7 @@ fn up(
     println!("Stop with Ctrl-C (or SIGTERM).");
     println!(
         "{}",
-        json!({"event": "ready", "service": "cluster", "dir": dir.display().to_string(), "control": c.control_addr})
+        json!({"event": "ready", "service": "cluster", "dir": dir.display().to_string(), "control": c.control_addr, "ec2_endpoint_url": format!("https://{}", c.control_addr), "aws_ca_bundle": ca.display().to_string(), "region": bulkhead_control::config::DEFAULT_REGION})
     );
     runtime()?.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
