@@ -23,7 +23,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use bulkhead_channel::{
-    BackendFailure, Command, CommandError, DecodeError, DeviceId, OpStatus, Reply, VmState, VmStats,
+    BackendFailure, Command, CommandError, DecodeError, DeviceId, LiveUpdateFailure, OpStatus,
+    Reply, StateRefusal, VmState, VmStats,
 };
 use bulkhead_channel::{Request, Response, HEADER_LEN, MAX_FRAME, VERSION};
 
@@ -197,7 +198,93 @@ pub fn spawn_process(spec: &VmSpec) -> Result<(Child, OwnedFd), ClientError> {
     Ok((child, OwnedFd::from(ours)))
 }
 
+/// Starts `bulkhead-hypervisor incoming` (`binary`, the new release), the new process's side
+/// of a live update: the process, our end of its channel (CLOEXEC), and the socket connected
+/// to its hand-over end, which the *old* hypervisor must get with [`Command::LiveUpdate`].
+/// The new process waits (bounded) for the old one; it exits by itself if the hand-over does
+/// not happen.
+pub fn spawn_incoming(
+    binary: &std::path::Path,
+    run_as: Option<(u32, u32)>,
+) -> Result<(Child, OwnedFd, UnixStream), ClientError> {
+    let (ours, theirs) = seqpacket_pair().map_err(ClientError::Spawn)?;
+    let (old_end, new_end) = UnixStream::pair().map_err(ClientError::Spawn)?;
+    let (cfd, hfd) = (theirs.as_raw_fd(), new_end.as_raw_fd());
+    let mut cmd = Proc::new(binary);
+    cmd.arg("incoming")
+        .arg("--channel-fd")
+        .arg(cfd.to_string())
+        .arg("--handover-fd")
+        .arg(hfd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if let Some((u, g)) = run_as {
+        cmd.arg("--run-as").arg(format!("{u}:{g}"));
+    }
+    // SAFETY: the closure only calls fcntl, which is async-signal-safe, to clear CLOEXEC on
+    // the two fds the child must inherit.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in [cfd, hfd] {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(ClientError::Spawn)?;
+    drop(theirs);
+    drop(new_end);
+    Ok((child, ours, old_end))
+}
+
+/// How long [`Hypervisor::live_update`] waits for the old process to exit after handing over.
+const OLD_EXIT_WAIT: Duration = Duration::from_secs(10);
+
 impl Hypervisor {
+    /// Live update: moves the running VM to a new process of `binary` (see
+    /// [`Command::LiveUpdate`]) and from then on drives that one; the old process exits and is
+    /// reaped. Returns the pause the hypervisors measured, in microseconds. On an error the
+    /// old process still runs the guest, this handle still drives it, and the new process is
+    /// gone.
+    pub fn live_update(
+        &mut self,
+        binary: &std::path::Path,
+        run_as: Option<(u32, u32)>,
+    ) -> Result<u64, ClientError> {
+        let (mut child, ours, handover) = spawn_incoming(binary, run_as)?;
+        let r = self
+            .chan
+            .call(Command::LiveUpdate, Some(handover.as_raw_fd()));
+        drop(handover);
+        let pause_us = match r {
+            Ok(Reply::Updated { pause_us }) => pause_us,
+            other => {
+                // It never ran the guest: nothing of it is worth keeping.
+                let _ = child.kill();
+                let _ = child.wait();
+                return match other {
+                    Err(e) => Err(e),
+                    Ok(reply) => Err(ClientError::UnexpectedReply {
+                        command: "LiveUpdate",
+                        reply: Box::new(reply),
+                    }),
+                };
+            }
+        };
+        let chan = Channel::from_fd(ours)?;
+        let mut old = std::mem::replace(&mut self.child, child);
+        self.chan = chan;
+        let until = Instant::now() + OLD_EXIT_WAIT;
+        while matches!(old.try_wait(), Ok(None)) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = old.kill();
+        let _ = old.wait();
+        Ok(pause_us)
+    }
+
     /// Starts `bulkhead-hypervisor serve` for `spec`. The VM is created but not started.
     pub fn spawn(spec: &VmSpec) -> Result<Self, ClientError> {
         let (child, ours) = spawn_process(spec)?;

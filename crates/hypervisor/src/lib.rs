@@ -106,4 +106,6 @@ pub enum Error {
     Thread(std::io::Error),
     #[error("cpu topology: {0}")]
     Topology(String),
+    #[error("live update (incoming): {0}")]
+    Incoming(#[from] live_update::IncomingError),
 }

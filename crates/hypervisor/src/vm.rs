@@ -929,8 +929,8 @@ impl Vm {
             if st.paused_vcpus >= want || st.state == VmState::Stopped {
                 return Ok(());
             }
-            drop(st);
-            std::thread::sleep(Duration::from_millis(1));
+            // A vCPU that parks notifies: wake at once rather than after the whole millisecond.
+            let _ = self.shared.cv.wait_timeout(st, Duration::from_millis(1));
         }
         Ok(())
     }
@@ -1104,6 +1104,7 @@ fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usi
             let mut st = lock(&shared.run);
             if st.state == VmState::Paused {
                 st.paused_vcpus += 1;
+                shared.cv.notify_all();
                 while st.state == VmState::Paused {
                     if st.capture_gen != answered_gen {
                         // A live update wants this vCPU's state: read it with the lock let go.

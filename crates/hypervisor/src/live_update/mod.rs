@@ -43,6 +43,19 @@ const HELLO_WAIT: Duration = Duration::from_secs(30);
 const STATE_WAIT: Duration = Duration::from_secs(10);
 const GO_WAIT: Duration = Duration::from_secs(5);
 
+/// Why the new process gave up a hand-over (the guest stays with the old process).
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("hand-over socket: {0}")]
+    Wire(#[from] WireError),
+    #[error("the first message was not a hello carrying the guest memory")]
+    NoHello,
+    #[error("refused the hand-over: {0:?}")]
+    Refused(StateRefusal),
+    #[error("the old hypervisor did not send its go")]
+    NoGo,
+}
+
 /// CLOCK_MONOTONIC in nanoseconds (one clock for both processes on one host).
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -100,6 +113,7 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
     if running && vm.pause().is_err() {
         return Err(LiveUpdateFailure::Capture);
     }
+    let stopped_ns = monotonic_ns();
     let resume = |why: LiveUpdateFailure| {
         if running {
             let _ = vm.resume();
@@ -116,6 +130,7 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
         }
     };
     let captured_ns = monotonic_ns();
+    let stopped_us = stopped_ns.saturating_sub(paused_at_ns) / 1000;
     wire::send(sock, &Msg::State(st.encode()), None).map_err(|e| resume(failure(e)))?;
     expect(sock, &Msg::Restored, Instant::now() + RESTORE_WAIT).map_err(resume)?;
     // The point of no return: once `Go` is sent the guest is the new process's.
@@ -133,7 +148,8 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
     let pause_us = started.saturating_sub(paused_at_ns) / 1000;
     tracing::info!(
         pause_us,
-        capture_us = captured_ns.saturating_sub(paused_at_ns) / 1000,
+        stopped_us,
+        capture_us = captured_ns.saturating_sub(stopped_ns) / 1000,
         "live update: the guest runs in the new hypervisor"
     );
     Ok(pause_us)
@@ -143,18 +159,14 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
 /// builds the VM, restores the state, starts the vCPUs on the old one's go. `Err` means the
 /// guest never ran here (the old process keeps it) and this process should exit.
 pub fn incoming(sock: &UnixStream, run_as: Option<(u32, u32)>) -> Result<Vm, Error> {
-    let gone = |e: WireError| Error::Sandbox(format!("live update: {e}"));
+    let gone = |e: WireError| Error::Incoming(IncomingError::Wire(e));
     let (hello, memfd) = match wire::recv(sock, Instant::now() + HELLO_WAIT).map_err(gone)? {
         (Msg::Hello(h), Some(f)) => (h, f),
-        _ => {
-            return Err(Error::Sandbox(
-                "live update: no hello with guest memory".into(),
-            ))
-        }
+        _ => return Err(IncomingError::NoHello.into()),
     };
     let refuse = |why: StateRefusal| {
         let _ = wire::send(sock, &Msg::Refused(why), None);
-        Error::Sandbox(format!("live update refused: {why:?}"))
+        Error::Incoming(IncomingError::Refused(why))
     };
     if hello.version != HANDOVER_VERSION {
         return Err(refuse(StateRefusal::UnknownVersion));
@@ -186,6 +198,7 @@ pub fn incoming(sock: &UnixStream, run_as: Option<(u32, u32)>) -> Result<Vm, Err
         (Msg::State(b), None) => b,
         _ => return Err(refuse(StateRefusal::Malformed)),
     };
+    let received_ns = monotonic_ns();
     let st = MachineState::parse(&blob).map_err(|e| {
         tracing::warn!(error = %e, "refused the handed-over state");
         refuse(e.refusal())
@@ -200,16 +213,21 @@ pub fn incoming(sock: &UnixStream, run_as: Option<(u32, u32)>) -> Result<Vm, Err
         tracing::warn!(error = %e, "restoring the handed-over state failed");
         refuse(StateRefusal::Restore)
     })?;
+    let restored_ns = monotonic_ns();
     wire::send(sock, &Msg::Restored, None).map_err(gone)?;
     match wire::recv(sock, Instant::now() + GO_WAIT).map_err(gone)? {
         (Msg::Go, None) => {}
-        _ => return Err(Error::Sandbox("live update: no go".into())),
+        _ => return Err(IncomingError::NoGo.into()),
     }
     vm.start_restored(st.running)?;
     let started_at_ns = monotonic_ns();
     let _ = wire::send(sock, &Msg::Running { started_at_ns }, None);
+    let since_pause = |t: u64| t.saturating_sub(st.paused_at_ns) / 1000;
     tracing::info!(
-        pause_us = started_at_ns.saturating_sub(st.paused_at_ns) / 1000,
+        pause_us = since_pause(started_at_ns),
+        state_received_us = since_pause(received_ns),
+        restored_us = since_pause(restored_ns),
+        state_bytes = blob.len(),
         running = st.running,
         "live update: the guest runs here"
     );
