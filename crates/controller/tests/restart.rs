@@ -42,6 +42,8 @@ const CUSTOMER_OPS: &[Operation] = &[
     Operation::AttachVolume,
     Operation::DetachVolume,
     Operation::GetConsole,
+    Operation::AttachNetwork,
+    Operation::SetNetworkRules,
 ];
 
 fn guest_dir() -> PathBuf {
@@ -57,11 +59,17 @@ fn guest_dir() -> PathBuf {
 }
 
 fn host_args() -> Vec<String> {
+    // A port range of its own per run for net cards (tests may run side by side).
+    let base = 20000 + (std::process::id() % 20000);
     vec![
         "--backend".into(),
         "host".into(),
         "--guest-dir".into(),
         guest_dir().display().to_string(),
+        "--net-host-ip".into(),
+        "127.0.0.1".into(),
+        "--net-port-base".into(),
+        base.to_string(),
     ]
 }
 
@@ -240,8 +248,29 @@ fn a_running_guest_survives_controller_restarts_and_is_adopted() {
     let create = serde_json::json!({
         "instance_id": "i-count", "image": "test-guest", "vcpus": 1, "memory_mib": 128,
         "user_data": script,
+        "network": {"vpc": 7, "card_id": 1, "mac": "02:00:00:00:01:05", "ip": "10.0.1.5",
+                    "prefix": 24, "allow": ["tcp:7000:10.0.0.0/16"], "routes": []},
     });
     ok(&d1, "POST", "/v1/instances", &create.to_string());
+    // A VPC interface on its net card, the epoch key sealed to this host as the KMS seals it.
+    let mut epoch_key = [0u8; 32];
+    bulkhead_sealing::fill_random(&mut epoch_key).unwrap();
+    let sealed = hex::encode(
+        bulkhead_netcard::control::seal_epoch_key(
+            host.public(),
+            bulkhead_netcard::encap::VpcId(7),
+            bulkhead_netcard::encap::KeyEpoch(1),
+            &epoch_key,
+        )
+        .unwrap(),
+    );
+    let r = ok(
+        &d1,
+        "POST",
+        "/v1/instances/i-count/network",
+        &serde_json::json!({"epoch": 1, "sealed_epoch_key": sealed}).to_string(),
+    );
+    let endpoint = r.json["net_endpoint"].as_str().unwrap().to_string();
     let attach = |d: &Daemon, vol: &str, seed: u8| {
         let body =
             serde_json::json!({"volume_id": vol, "sealed_key": sealed_b64(&host, vol, seed)});
@@ -265,8 +294,13 @@ fn a_running_guest_survives_controller_restarts_and_is_adopted() {
     );
     let hv = kept(keeper, "bulkhead-hypervisor");
     let cards = kept(keeper, "bulkhead-blockcard");
-    assert_eq!((hv.len(), cards.len()), (1, 1), "hv {hv:?} cards {cards:?}");
-    let (hv, card) = (hv[0], cards[0]);
+    let nets = kept(keeper, "bulkhead-netcard");
+    assert_eq!(
+        (hv.len(), cards.len(), nets.len()),
+        (1, 1, 1),
+        "hv {hv:?} cards {cards:?} net {nets:?}"
+    );
+    let (hv, card, net) = (hv[0], cards[0], nets[0]);
 
     // 1. kill -9 the controller: the keeper, the hypervisor and the card keep running.
     d1.kill9_controller_only();
@@ -281,7 +315,7 @@ fn a_running_guest_survives_controller_restarts_and_is_adopted() {
         disk_count(&backing, 1)
     );
     assert!(
-        alive(keeper) && alive(hv) && alive(card),
+        alive(keeper) && alive(hv) && alive(card) && alive(net),
         "a child died with the controller"
     );
     let record = dir.path().join("host-record");
@@ -304,7 +338,7 @@ fn a_running_guest_survives_controller_restarts_and_is_adopted() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("does not match its digest"), "{err}");
     assert!(
-        alive(keeper) && alive(hv) && alive(card),
+        alive(keeper) && alive(hv) && alive(card) && alive(net),
         "a refused record killed a child"
     );
     std::fs::write(&record, &good).unwrap();
@@ -332,7 +366,7 @@ fn a_running_guest_survives_controller_restarts_and_is_adopted() {
     let _ = stalled.wait();
     std::thread::sleep(Duration::from_secs(2));
     assert!(
-        alive(keeper) && alive(hv) && alive(card),
+        alive(keeper) && alive(hv) && alive(card) && alive(net),
         "a child died mid-adoption"
     );
 
@@ -351,9 +385,18 @@ fn a_running_guest_survives_controller_restarts_and_is_adopted() {
     );
     assert_eq!(kept(keeper, "bulkhead-hypervisor"), vec![hv]);
     assert_eq!(kept(keeper, "bulkhead-blockcard"), vec![card]);
+    assert_eq!(kept(keeper, "bulkhead-netcard"), vec![net]);
     let desc = ok(&d3, "GET", "/v1/instances/i-count", "");
     assert_eq!(desc.json["state"], "running", "{}", desc.json);
     assert_eq!(desc.json["volumes"], serde_json::json!(["vol-count"]));
+    assert_eq!(desc.json["net_endpoint"], endpoint.as_str());
+    // The adopted net card answers the new controller (its control socket, through the keeper).
+    ok(
+        &d3,
+        "PUT",
+        "/v1/instances/i-count/network/rules",
+        &serde_json::json!({"allow": ["tcp:7001:10.0.0.0/16"]}).to_string(),
+    );
 
     // The whole console, through the new controller: the count went on with no gap or repeat
     // while no controller ran, and every count is on the disk.
