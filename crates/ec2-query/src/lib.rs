@@ -8,6 +8,7 @@
 //! Every refusal is a typed error with the [`Ec2ErrorCode`] a real SDK understands.
 
 pub mod code;
+pub mod doc;
 pub mod form;
 pub mod sigv4;
 pub mod vpc;
