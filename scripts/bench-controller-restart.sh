@@ -4,8 +4,8 @@
 # again, ROUNDS times. Markdown on stdout, for docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=${BULKHEAD_BENCH_INSTANCES:-4}
-ROUNDS=${BULKHEAD_BENCH_ROUNDS:-10}
+N=${BULKHEAD_BENCH_INSTANCES:-2}
+ROUNDS=${BULKHEAD_BENCH_ROUNDS:-20}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 echo "## Controller restart: every instance adopted"

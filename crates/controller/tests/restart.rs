@@ -510,10 +510,11 @@ impl Drop for KeeperGuard {
 }
 
 /// `make bench` (scripts/bench-controller-restart.sh): controller restart → every instance
-/// adopted. `BULKHEAD_BENCH_INSTANCES` instances (default 4), each a created VM (a running
+/// adopted. `BULKHEAD_BENCH_INSTANCES` instances (default 2: one vCPU each, as many as this two-core
+/// host has room for), each a created VM (a running
 /// hypervisor process, not booted: adoption does not depend on what the guest does) with one
 /// encrypted volume on its block card; the controller is killed -9 and restarted
-/// `BULKHEAD_BENCH_ROUNDS` times (default 10). Prints one `RESTART-BENCH` line per round: the
+/// `BULKHEAD_BENCH_ROUNDS` times (default 20). Prints one `RESTART-BENCH` line per round: the
 /// new process's start to its ready line (which follows adoption) and the adoption alone.
 #[test]
 #[ignore = "benchmark: run by scripts/bench-controller-restart.sh"]
@@ -524,11 +525,11 @@ fn bench_controller_restart_adopts_every_instance() {
     let n: usize = std::env::var("BULKHEAD_BENCH_INSTANCES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(2);
     let rounds: usize = std::env::var("BULKHEAD_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(20);
     let dir = tempfile::tempdir().unwrap();
     bulkhead_tokens::statedir::StateDir::new(dir.path())
         .ensure_dev(HOST)
