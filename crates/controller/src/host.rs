@@ -1421,9 +1421,9 @@ impl HostBackend {
                             .launcher
                             .call(&LaunchRequest::Reap { pid, grace_ms: 0 });
                     }
-                    if state != InstanceState::Created {
-                        state = InstanceState::Stopped;
-                    }
+                    // As when a running controller finds its hypervisor gone: stopped, and
+                    // StartInstance boots it afresh with its volumes.
+                    state = InstanceState::Stopped;
                 }
             }
             if n == 0 && fault() == Some(Fault::AdoptAfterFirstStall) {

@@ -574,3 +574,88 @@ fn bench_controller_restart_adopts_every_instance() {
     }
     bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
 }
+
+/// Reconciliation without a guest boot: while no controller runs, one instance's hypervisor and
+/// another's block card are killed -9. The next controller adopts both instances, audits what it
+/// found (`hypervisor_gone`, `card_gone`), reports the first `stopped` (StartInstance boots it
+/// afresh, its volume re-plugged from the card that kept running) and the second without the
+/// volume whose card died. A second controller on the same host while one runs is refused.
+#[test]
+fn children_that_died_meanwhile_are_reconciled() {
+    if !can_boot("children_that_died_meanwhile_are_reconciled") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    bulkhead_tokens::statedir::StateDir::new(dir.path())
+        .ensure_dev(HOST)
+        .unwrap();
+    let host = host_key(dir.path());
+    let _guard = KeeperGuard(dir.path().join("run"));
+    let args = host_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::start_with(dir.path(), &args);
+    let keeper = i32::try_from(d.ready["keeper_pid"].as_u64().unwrap()).unwrap();
+    for k in ["a", "b"] {
+        let create = serde_json::json!({
+            "instance_id": format!("i-{k}"), "image": "test-guest", "vcpus": 1, "memory_mib": 64,
+        });
+        ok(&d, "POST", "/v1/instances", &create.to_string());
+        let vol = format!("vol-{k}");
+        let body = serde_json::json!({"volume_id": vol, "sealed_key": sealed_b64(&host, &vol, 3)});
+        ok(
+            &d,
+            "POST",
+            &format!("/v1/instances/i-{k}/volumes"),
+            &body.to_string(),
+        );
+    }
+    // A second controller while this one runs: refused before it touches anything.
+    let (code, err) = start_expecting_exit(dir.path());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("held by another running controller"), "{err}");
+
+    let hvs = kept(keeper, "bulkhead-hypervisor");
+    let card_b: Vec<i32> = kept(keeper, "vol-b.img");
+    let card_a: Vec<i32> = kept(keeper, "vol-a.img");
+    assert_eq!((hvs.len(), card_a.len(), card_b.len()), (2, 1, 1));
+    // Which hypervisor is i-a's: the first one started.
+    let hv_a = *hvs.iter().min().unwrap();
+    d.kill9_controller_only();
+    for p in [hv_a, card_b[0]] {
+        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+    }
+    let mut d = Daemon::start_with(dir.path(), &args);
+    assert_eq!(d.ready["adopted"]["instances"], 2, "{}", d.ready);
+    let recs = d.audit();
+    let code_of = |id: &str| {
+        recs.iter()
+            .find(|r| {
+                r["entry"]["op"] == "AdoptInstance"
+                    && r["entry"]["resources"][0] == format!("instance:{id}")
+            })
+            .map(|r| r["entry"]["code"].as_str().unwrap().to_string())
+    };
+    assert_eq!(code_of("i-a").as_deref(), Some("hypervisor_gone"));
+    assert_eq!(code_of("i-b").as_deref(), Some("card_gone"));
+    let a = ok(&d, "GET", "/v1/instances/i-a", "");
+    assert_eq!(a.json["state"], "stopped", "{}", a.json);
+    assert_eq!(a.json["volumes"], serde_json::json!(["vol-a"]));
+    let b = ok(&d, "GET", "/v1/instances/i-b", "");
+    assert_eq!(b.json["volumes"], serde_json::json!([]), "{}", b.json);
+    assert_eq!(kept(keeper, "vol-a.img"), card_a, "i-a's card kept running");
+    // i-a boots afresh on a new hypervisor, its volume re-plugged from the same card.
+    ok(&d, "POST", "/v1/instances/i-a/start", "");
+    let a = ok(&d, "GET", "/v1/instances/i-a", "");
+    assert_eq!(a.json["state"], "running", "{}", a.json);
+    let now = kept(keeper, "bulkhead-hypervisor");
+    assert_eq!(now.len(), 2);
+    assert!(!now.contains(&hv_a));
+    for k in ["a", "b"] {
+        ok(&d, "POST", &format!("/v1/instances/i-{k}/terminate"), "");
+    }
+    bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
+    d.kill9_controller_only();
+    wait_for("the keeper to exit", Duration::from_secs(10), || {
+        !alive(keeper)
+    });
+}
