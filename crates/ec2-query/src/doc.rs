@@ -25,6 +25,8 @@ pub struct ParamDoc {
     pub requires: &'static [&'static str],
     /// A value the parser accepts (used by the tests and shown in the docs).
     pub sample: &'static str,
+    /// EC2's API has it (`false`: a Bulkhead extension no AWS SDK sends).
+    pub in_ec2: bool,
 }
 
 /// One action: what it takes, what it answers, how it can be refused.
@@ -85,6 +87,7 @@ const fn req(wire: &'static str, sample: &'static str) -> ParamDoc {
         required: true,
         requires: &[],
         sample,
+        in_ec2: true,
     }
 }
 
@@ -94,6 +97,7 @@ const fn opt(wire: &'static str, sample: &'static str) -> ParamDoc {
         required: false,
         requires: &[],
         sample,
+        in_ec2: true,
     }
 }
 
@@ -107,6 +111,18 @@ const fn with(
         required: false,
         requires,
         sample,
+        in_ec2: true,
+    }
+}
+
+/// Accepted by the parser, but not part of EC2's API for this action.
+const fn ext(wire: &'static str, sample: &'static str) -> ParamDoc {
+    ParamDoc {
+        wire,
+        required: false,
+        requires: &[],
+        sample,
+        in_ec2: false,
     }
 }
 
@@ -351,7 +367,7 @@ pub const ACTIONS: &[ActionDoc] = {
         },
         ActionDoc {
             name: "CreateVpc",
-            params: &[req("CidrBlock", "10.1.0.0/16"), opt("ClientToken", "tok-1")],
+            params: &[req("CidrBlock", "10.1.0.0/16"), ext("ClientToken", "tok-1")],
             output: &[
                 "vpc.vpcId",
                 "vpc.ownerId",
@@ -396,7 +412,7 @@ pub const ACTIONS: &[ActionDoc] = {
                 req("VpcId", "vpc-1"),
                 req("CidrBlock", "10.1.1.0/24"),
                 opt("AvailabilityZone", "bh-1a"),
-                opt("ClientToken", "tok-1"),
+                ext("ClientToken", "tok-1"),
             ],
             output: &[
                 "subnet.subnetId",
@@ -552,6 +568,8 @@ fn json_param(out: &mut String, p: &ParamDoc) {
     json_list(out, p.requires, |o, r| json_str(o, r));
     out.push_str(", \"sample\": ");
     json_str(out, p.sample);
+    out.push_str(", \"in_ec2\": ");
+    out.push_str(if p.in_ec2 { "true" } else { "false" });
     out.push('}');
 }
 
