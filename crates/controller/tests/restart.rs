@@ -659,3 +659,89 @@ fn children_that_died_meanwhile_are_reconciled() {
         !alive(keeper)
     });
 }
+
+/// A controller killed -9 in the middle of an AttachVolume (held by its fault hook right after
+/// the block card keyed the volume, before the disk is plugged): the keeper kills the card that
+/// holds the key (it was never in the host record) and keeps the instance's hypervisor; the next
+/// controller undoes the attach it never acknowledged (`attach_rolled_back`), the instance is
+/// there without the volume, and the volume attaches again.
+#[test]
+fn an_unacknowledged_attach_is_rolled_back_on_restart() {
+    if !can_boot("an_unacknowledged_attach_is_rolled_back_on_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    bulkhead_tokens::statedir::StateDir::new(dir.path())
+        .ensure_dev(HOST)
+        .unwrap();
+    let host = host_key(dir.path());
+    let _guard = KeeperGuard(dir.path().join("run"));
+    let args = host_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut d = Daemon::start_env(
+        dir.path(),
+        &args,
+        &[("BULKHEAD_FAULT", "attach:after_card_keyed:stall")],
+    );
+    let keeper = i32::try_from(d.ready["keeper_pid"].as_u64().unwrap()).unwrap();
+    let create = serde_json::json!({
+        "instance_id": "i-mid", "image": "test-guest", "vcpus": 1, "memory_mib": 64,
+    });
+    ok(&d, "POST", "/v1/instances", &create.to_string());
+    let hv = kept(keeper, "bulkhead-hypervisor");
+    assert_eq!(hv.len(), 1);
+    let body =
+        serde_json::json!({"volume_id": "vol-mid", "sealed_key": sealed_b64(&host, "vol-mid", 5)})
+            .to_string();
+    let token = d.mint("customer", HOST, CUSTOMER_OPS, MIN10);
+    let client = d.client("customer");
+    let attach = std::thread::spawn(move || {
+        client.request(
+            "POST",
+            "/v1/instances/i-mid/volumes",
+            Some(&token),
+            body.as_bytes(),
+        )
+    });
+    // The card is keyed and the controller is held before the plug.
+    wait_for("the keyed card", Duration::from_secs(60), || {
+        kept(keeper, "vol-mid.img").len() == 1
+    });
+    let card = kept(keeper, "vol-mid.img")[0];
+    // The card answers `Attached` after keying; the hook then holds the controller before the
+    // plug. A moment for the reply to arrive, then the kill lands mid-attach.
+    std::thread::sleep(Duration::from_secs(2));
+    d.kill9_controller_only();
+    let r = attach.join().unwrap();
+    assert!(
+        r.as_ref().map_or(true, |r| r.status >= 500),
+        "the interrupted attach was acknowledged: {r:?}"
+    );
+    // The key-holding card dies with the controller; the hypervisor does not.
+    wait_for(
+        "the unrecorded card to die",
+        Duration::from_secs(10),
+        || !alive(card),
+    );
+    assert_eq!(kept(keeper, "bulkhead-hypervisor"), hv);
+
+    let d = Daemon::start_with(dir.path(), &args);
+    let rolled = d
+        .audit()
+        .into_iter()
+        .find(|r| r["entry"]["op"] == "AdoptInstance")
+        .map(|r| r["entry"]["code"].as_str().unwrap().to_string());
+    assert_eq!(rolled.as_deref(), Some("attach_rolled_back"));
+    let desc = ok(&d, "GET", "/v1/instances/i-mid", "");
+    assert_eq!(desc.json["state"], "created", "{}", desc.json);
+    assert_eq!(desc.json["volumes"], serde_json::json!([]));
+    assert_eq!(kept(keeper, "bulkhead-hypervisor"), hv);
+    // The volume attaches again (a fresh card).
+    let body =
+        serde_json::json!({"volume_id": "vol-mid", "sealed_key": sealed_b64(&host, "vol-mid", 5)});
+    ok(&d, "POST", "/v1/instances/i-mid/volumes", &body.to_string());
+    let desc = ok(&d, "GET", "/v1/instances/i-mid", "");
+    assert_eq!(desc.json["volumes"], serde_json::json!(["vol-mid"]));
+    ok(&d, "POST", "/v1/instances/i-mid/terminate", "");
+    bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
+}
