@@ -17,6 +17,7 @@
 //! | SetNetworkRoutes / SetNetworkRules | relayed to the card's control socket (`routes` / `rules`); kept, so a restarted card gets the current ones |
 //! | (card dies) | the launcher reports the exit; the controller restarts the card with the same configuration, port, sequence-floor file and the sealed key blob it kept (sealed to this host's key, useless elsewhere), re-plugs it, and audits the restart |
 //! | TerminateInstance | also: the net card gets SIGTERM (it wipes its key pages) and is reaped |
+//! | (controller restart) | every change above is written to the durable host record before it is acknowledged; a restarted controller adopts what the record names from the keeper ([`HostBackend::adopt`]) |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsRawFd;
