@@ -4,6 +4,8 @@
 //! - [`sigv4`]: AWS Signature Version 4 verification ([`Verifier::verify`]).
 //! - [`xml`]: the XML answers and error documents ([`Ec2Response::to_xml`], [`xml::error_xml`]).
 //! - [`form`]: the form-encoded Query body into a typed [`Ec2Request`] ([`Ec2Request::parse`]).
+//! - [`doc`]: what the parser accepts and the writer emits, as data ([`doc::ACTIONS`]), from which
+//!   `scripts/ec2-model.py` writes the published model (`docs/ec2-query-model.json`).
 //!
 //! Every refusal is a typed error with the [`Ec2ErrorCode`] a real SDK understands.
 
