@@ -199,19 +199,40 @@ impl Vm {
             .any(|p| p.card.is_some())
     }
 
-    /// Reads the whole machine state. The vCPUs must be parked (paused); each reads its own
-    /// state on its thread at this request.
+    /// Asks every vCPU for its state the next time it is parked (at once for a parked one).
+    /// Made before pausing a running one-vCPU guest, so that its thread reads its state on the
+    /// same wake-up that parks it (one scheduling round, not two); see `hand_over`.
+    pub(crate) fn request_capture(&self) {
+        for slot in lock(&self.shared.captured).iter_mut() {
+            *slot = None;
+        }
+        let mut st = lock(&self.shared.run);
+        st.capture_gen = st.capture_gen.wrapping_add(1);
+        st.captured = 0;
+        self.shared.cv.notify_all();
+    }
+
+    /// Reads the whole machine state once the vCPUs are parked (paused). With `requested`
+    /// ([`Vm::request_capture`] made before the pause, one vCPU) it waits for the vCPU's own
+    /// read and then reads the in-kernel irqchip, PIT and clock. Otherwise it reads those first
+    /// and then asks the vCPUs: an interrupt the irqchip delivers in between is then found
+    /// twice (pending in the IOAPIC/PIC copy and in the LAPIC), never lost.
     pub(crate) fn capture(
         &self,
         paused_at_ns: u64,
         running: bool,
+        requested: bool,
     ) -> Result<MachineState, CaptureError> {
         let n = usize::from(self.config.vcpus);
+        let vm_first = if requested {
+            None
+        } else {
+            let s = capture_kvm_vm(&self.vm_fd).map_err(CaptureError::Kvm)?;
+            self.request_capture();
+            Some(s)
+        };
         {
             let mut st = lock(&self.shared.run);
-            st.capture_gen = st.capture_gen.wrapping_add(1);
-            st.captured = 0;
-            self.shared.cv.notify_all();
             let deadline = Instant::now() + CAPTURE_WAIT;
             while st.captured < n {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -240,7 +261,10 @@ impl Vm {
                 }
             }
         }
-        let vm = capture_kvm_vm(&self.vm_fd).map_err(CaptureError::Kvm)?;
+        let vm = match vm_first {
+            Some(s) => s,
+            None => capture_kvm_vm(&self.vm_fd).map_err(CaptureError::Kvm)?,
+        };
         let pci = lock(&self.shared.pci).state().ok_or(CaptureError::Cards)?;
         let serial = lock(&self.shared.pio).serial_regs();
         let (start, data) = self.console.snapshot();

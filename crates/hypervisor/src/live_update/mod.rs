@@ -110,6 +110,13 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
 
     let running = vm.state() == VmState::Running;
     let paused_at_ns = monotonic_ns();
+    // A single vCPU reads its state on the wake-up that parks it. With several, each reads
+    // its own only once all are parked (a vCPU still running could otherwise send an IPI to
+    // one whose LAPIC was already read, and the interrupt would be lost): `Vm::capture`.
+    let at_park = config.vcpus == 1;
+    if at_park {
+        vm.request_capture();
+    }
     if running && vm.pause().is_err() {
         return Err(LiveUpdateFailure::Capture);
     }
@@ -121,7 +128,7 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
         tracing::warn!(?why, "live update failed: the guest runs on here");
         why
     };
-    let st = match vm.capture(paused_at_ns, running) {
+    let st = match vm.capture(paused_at_ns, running, at_park) {
         Ok(s) => s,
         Err(CaptureError::Cards) => return Err(resume(LiveUpdateFailure::UnsupportedDevice)),
         Err(CaptureError::Kvm(e)) => {
