@@ -1,12 +1,28 @@
 //! The customer API, version 1: `POST /v1/<Action>` with a strict JSON body (unknown fields
 //! refused), signed by the customer (see `bulkhead_kms::sigv`). [`ACTIONS`] *is* the route
 //! table; [`ControlRequest::parse`] is the one parser between bytes and the service.
+//!
+//! The request bodies live by resource ([`compute`]: instances, volumes, keys; [`network`]:
+//! VPCs, subnets, security groups and their checked forms) and are re-exported here; the shared
+//! field checks are in `check`.
 
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+mod check;
+pub mod compute;
+pub mod network;
 
-use crate::net::{Cidr, IngressRule, NetError, PortRange, Protocol};
+use crate::net::Cidr;
 use crate::ControlError;
+use check::{check_id, check_ids, check_token, json};
+pub use compute::{
+    AttachVolume, CreateKey, CreateVolume, InstanceIds, InstanceRef, RevokeGrant, RunInstances,
+    VolumeIds, VolumeRef, MAX_USER_DATA_BYTES,
+};
+use network::{bad_net, check_description, check_group_name};
+pub use network::{
+    CreateSecurityGroup, CreateSubnet, CreateVpc, GroupCreate, GroupIds, IngressChange,
+    IpPermission, IpRange, SecurityGroupIngress, SubnetCreate, SubnetIds, SubnetRef, VpcCreate,
+    VpcIds, VpcRef, MAX_RULES_PER_CALL,
+};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -39,330 +55,6 @@ pub const ACTIONS: &[(&str, bool)] = &[
     ("RevokeSecurityGroupIngress", true),
     ("DescribeSecurityGroups", false),
 ];
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RunInstances {
-    #[serde(rename = "ImageId")]
-    pub image_id: String,
-    #[serde(rename = "VcpuCount", default = "default_vcpus")]
-    pub vcpus: u32,
-    #[serde(rename = "MemoryMiB", default = "default_memory")]
-    pub memory_mib: u32,
-    /// `default` or `dedicated` (a host running only this tenant's instances).
-    #[serde(rename = "Tenancy", default)]
-    pub tenancy: Option<String>,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-    /// A script the guest runs at boot (passed to the host's controller, never stored by the
-    /// control plane); at most [`MAX_USER_DATA_BYTES`].
-    #[serde(rename = "UserData", default)]
-    pub user_data: Option<String>,
-    /// The subnet the instance's interface is in; `None`: the tenant's default subnet (made on
-    /// first use).
-    #[serde(rename = "SubnetId", default)]
-    pub subnet_id: Option<String>,
-    /// Security groups of the subnet's VPC (of the default VPC without `SubnetId`); empty: the
-    /// VPC's `default` group.
-    #[serde(rename = "SecurityGroupIds", default)]
-    pub security_group_ids: Vec<String>,
-}
-
-/// Largest `UserData` (it ends up on the guest kernel's command line).
-pub const MAX_USER_DATA_BYTES: usize = 1024;
-
-fn default_vcpus() -> u32 {
-    1
-}
-
-fn default_memory() -> u32 {
-    128
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceIds {
-    #[serde(rename = "InstanceIds", default)]
-    pub instance_ids: Vec<String>,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVolume {
-    #[serde(rename = "SizeGiB")]
-    pub size_gib: u32,
-    /// Volumes are always encrypted; `false` is refused.
-    #[serde(rename = "Encrypted", default)]
-    pub encrypted: Option<bool>,
-    /// `None`: the tenant's default KMS key.
-    #[serde(rename = "KmsKeyId", default)]
-    pub kms_key_id: Option<String>,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeIds {
-    #[serde(rename = "VolumeIds", default)]
-    pub volume_ids: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AttachVolume {
-    #[serde(rename = "VolumeId")]
-    pub volume_id: String,
-    #[serde(rename = "InstanceId")]
-    pub instance_id: String,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeRef {
-    #[serde(rename = "VolumeId")]
-    pub volume_id: String,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceRef {
-    #[serde(rename = "InstanceId")]
-    pub instance_id: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateKey {
-    #[serde(rename = "Description", default)]
-    pub description: Option<String>,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RevokeGrant {
-    #[serde(rename = "KeyId")]
-    pub key_id: String,
-    #[serde(rename = "VolumeId")]
-    pub volume_id: String,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVpc {
-    #[serde(rename = "CidrBlock")]
-    pub cidr_block: String,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VpcIds {
-    #[serde(rename = "VpcIds", default)]
-    pub vpc_ids: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VpcRef {
-    #[serde(rename = "VpcId")]
-    pub vpc_id: String,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSubnet {
-    #[serde(rename = "VpcId")]
-    pub vpc_id: String,
-    #[serde(rename = "CidrBlock")]
-    pub cidr_block: String,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SubnetIds {
-    #[serde(rename = "SubnetIds", default)]
-    pub subnet_ids: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SubnetRef {
-    #[serde(rename = "SubnetId")]
-    pub subnet_id: String,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSecurityGroup {
-    #[serde(rename = "GroupName")]
-    pub group_name: String,
-    #[serde(rename = "VpcId")]
-    pub vpc_id: String,
-    #[serde(rename = "Description", default)]
-    pub description: Option<String>,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-/// EC2's `IpRanges` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct IpRange {
-    #[serde(rename = "CidrIp")]
-    pub cidr_ip: String,
-}
-
-/// EC2's `IpPermissions` entry: `tcp`/`udp` take `FromPort`..`ToPort`; `icmp` and `-1`/`all`
-/// take no ports (or `-1`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct IpPermission {
-    #[serde(rename = "IpProtocol")]
-    pub ip_protocol: String,
-    #[serde(rename = "FromPort", default)]
-    pub from_port: Option<i32>,
-    #[serde(rename = "ToPort", default)]
-    pub to_port: Option<i32>,
-    #[serde(rename = "IpRanges")]
-    pub ip_ranges: Vec<IpRange>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SecurityGroupIngress {
-    #[serde(rename = "GroupId")]
-    pub group_id: String,
-    #[serde(rename = "IpPermissions")]
-    pub ip_permissions: Vec<IpPermission>,
-    #[serde(rename = "ClientToken", default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GroupIds {
-    #[serde(rename = "GroupIds", default)]
-    pub group_ids: Vec<String>,
-}
-
-/// A checked CreateVpc.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VpcCreate {
-    pub cidr: Cidr,
-    pub client_token: Option<String>,
-}
-
-/// A checked CreateSubnet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubnetCreate {
-    pub vpc_id: String,
-    pub cidr: Cidr,
-    pub client_token: Option<String>,
-}
-
-/// A checked CreateSecurityGroup.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupCreate {
-    pub group_name: String,
-    pub vpc_id: String,
-    pub description: String,
-    pub client_token: Option<String>,
-}
-
-/// A checked Authorize/RevokeSecurityGroupIngress: one rule per (permission, range).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IngressChange {
-    pub group_id: String,
-    pub rules: Vec<IngressRule>,
-    pub client_token: Option<String>,
-}
-
-/// Most rules in one Authorize/Revoke call.
-pub const MAX_RULES_PER_CALL: usize = 20;
-
-fn bad_net(e: NetError) -> ControlError {
-    ControlError::BadNetwork(e)
-}
-
-impl IngressChange {
-    fn check(r: SecurityGroupIngress) -> Result<IngressChange, ControlError> {
-        check_id(&r.group_id)?;
-        check_token(&r.client_token)?;
-        let mut rules = Vec::new();
-        if r.ip_permissions.is_empty() {
-            return Err(ControlError::BadShape);
-        }
-        for p in &r.ip_permissions {
-            let protocol = Protocol::parse(&p.ip_protocol).map_err(bad_net)?;
-            let ports = if protocol.has_ports() {
-                let (Some(from), Some(to)) = (p.from_port, p.to_port) else {
-                    return Err(bad_net(NetError::BadPorts));
-                };
-                let port = |n: i32| u16::try_from(n).map_err(|_| bad_net(NetError::BadPorts));
-                Some(PortRange::new(port(from)?, port(to)?).map_err(bad_net)?)
-            } else {
-                if p.from_port.is_some_and(|n| n != -1) || p.to_port.is_some_and(|n| n != -1) {
-                    return Err(bad_net(NetError::BadPorts));
-                }
-                None
-            };
-            if p.ip_ranges.is_empty() {
-                return Err(ControlError::BadShape);
-            }
-            for range in &p.ip_ranges {
-                let source = Cidr::parse(&range.cidr_ip).map_err(bad_net)?;
-                rules.push(IngressRule::new(protocol, ports, source).map_err(bad_net)?);
-            }
-        }
-        if rules.len() > MAX_RULES_PER_CALL {
-            return Err(ControlError::BadShape);
-        }
-        Ok(IngressChange {
-            group_id: r.group_id,
-            rules,
-            client_token: r.client_token,
-        })
-    }
-}
-
-fn check_group_name(name: &str) -> Result<(), ControlError> {
-    let ok = !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with("sg-")
-        && name.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
-    if ok {
-        Ok(())
-    } else {
-        Err(ControlError::BadShape)
-    }
-}
-
-fn check_description(d: &str) -> Result<(), ControlError> {
-    if d.len() <= 255 && d.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-        Ok(())
-    } else {
-        Err(ControlError::BadShape)
-    }
-}
-
 /// A checked customer request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlRequest {
@@ -390,42 +82,6 @@ pub enum ControlRequest {
     RevokeSecurityGroupIngress(IngressChange),
     DescribeSecurityGroups(GroupIds),
 }
-
-fn json<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, ControlError> {
-    let body = if body.trim().is_empty() { "{}" } else { body };
-    serde_json::from_str(body).map_err(|e| {
-        if e.to_string().contains("unknown field") {
-            ControlError::UnknownField
-        } else {
-            ControlError::BadBody
-        }
-    })
-}
-
-fn check_id(s: &str) -> Result<(), ControlError> {
-    if bulkhead_tokens::ops::valid_resource_id(s) {
-        Ok(())
-    } else {
-        Err(ControlError::BadId)
-    }
-}
-
-fn check_ids(v: &[String]) -> Result<(), ControlError> {
-    if v.len() > MAX_IDS {
-        return Err(ControlError::BadId);
-    }
-    v.iter().try_for_each(|s| check_id(s))
-}
-
-fn check_token(t: &Option<String>) -> Result<(), ControlError> {
-    match t {
-        Some(t) if t.is_empty() || t.len() > 64 || !t.bytes().all(|b| b.is_ascii_graphic()) => {
-            Err(ControlError::BadId)
-        }
-        _ => Ok(()),
-    }
-}
-
 impl ControlRequest {
     /// Parses `POST /v1/<Action>` with `body`. `path` must be exactly one action.
     pub fn parse(method: &str, path: &str, body: &str) -> Result<ControlRequest, ControlError> {
