@@ -1,0 +1,317 @@
+//! One customer call end to end: authenticate and parse ([`ControlPlane::handle`]), audit the
+//! decision, honour the idempotency token, act ([`ControlPlane::perform`]), and the table from
+//! each [`ControlRequest`] to the operation that serves it.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bulkhead_audit::EntryKind;
+use bulkhead_tokens::Operation;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{instance_json, new_id, now, volume_json, Caller, ControlPlane, RawRequest};
+use crate::api::ControlRequest;
+use crate::repo::VolumeRow;
+use crate::state::{InstanceState, VolumeState};
+use crate::ControlError;
+
+impl ControlPlane {
+    /// Handles one customer request end to end. Returns (status, JSON body).
+    pub async fn handle(&self, r: RawRequest) -> (u16, Value) {
+        let request_id = new_id("req");
+        let op_name = r
+            .path
+            .strip_prefix("/v1/")
+            .unwrap_or("-")
+            .chars()
+            .take(40)
+            .collect::<String>();
+        let decided = self.authenticate(&r).and_then(|c| {
+            let req = ControlRequest::parse(&r.method, &r.path, &r.body)?;
+            Ok((c, req))
+        });
+        let (caller, req) = match decided {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = self
+                    .audit(
+                        EntryKind::Request,
+                        &request_id,
+                        ("-", ""),
+                        &op_name,
+                        vec![],
+                        Some(&r.body),
+                        e.code(),
+                    )
+                    .await;
+                return error_body(&e, &request_id);
+            }
+        };
+        match self.perform(&request_id, &caller, req, &r.body).await {
+            Ok(v) => (200, v),
+            Err(e) => error_body(&e, &request_id),
+        }
+    }
+
+    /// One authenticated, parsed call, whichever front end it came through (the JSON API or the
+    /// EC2 Query API): audit the decision durably, honour the idempotency token (`body` is what
+    /// was signed: its hash tells a retry from a different call), act, audit the outcome.
+    pub(crate) async fn perform(
+        &self,
+        request_id: &str,
+        caller: &Caller,
+        req: ControlRequest,
+        body: &str,
+    ) -> Result<Value, ControlError> {
+        let who = (caller.tenant.as_str(), caller.access_key_id.as_str());
+        self.audit(
+            EntryKind::Request,
+            request_id,
+            who,
+            req.action(),
+            vec![format!("tenant:{}", caller.tenant)],
+            Some(body),
+            "ok",
+        )
+        .await?;
+        let idem = req
+            .client_token()
+            .map(|t| (t.to_string(), hex::encode(Sha256::digest(body.as_bytes()))));
+        if let Some((token, hash)) = &idem {
+            match self.repo.idempotency(&caller.tenant, req.action(), token) {
+                Ok(Some((h, resp))) if &h == hash => {
+                    let v = serde_json::from_str(&resp).unwrap_or(Value::Null);
+                    let _ = self
+                        .audit(
+                            EntryKind::Outcome,
+                            request_id,
+                            who,
+                            req.action(),
+                            vec![],
+                            None,
+                            "idempotent_replay",
+                        )
+                        .await;
+                    return Ok(v);
+                }
+                Ok(Some(_)) => return Err(ControlError::IdempotencyMismatch),
+                Ok(None) => {}
+                Err(e) => return Err(ControlError::Repo(e)),
+            }
+        }
+        let action = req.action();
+        let result = self.execute(caller, req).await;
+        let code = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        };
+        let _ = self
+            .audit(
+                EntryKind::Outcome,
+                request_id,
+                who,
+                action,
+                vec![],
+                None,
+                code,
+            )
+            .await;
+        match &result {
+            Ok(v) => {
+                if let Some((token, hash)) = idem {
+                    if let Err(e) = self.repo.put_idempotency(
+                        &caller.tenant,
+                        action,
+                        &token,
+                        &hash,
+                        &v.to_string(),
+                    ) {
+                        tracing::error!(error = %e, "idempotency record not stored");
+                    }
+                }
+                tracing::info!(tenant = %caller.tenant, action, request_id, "ok");
+            }
+            Err(e) => {
+                tracing::info!(tenant = %caller.tenant, action, request_id, code = e.code(), "refused");
+            }
+        }
+        result
+    }
+
+    pub(super) async fn execute(
+        &self,
+        c: &Caller,
+        req: ControlRequest,
+    ) -> Result<Value, ControlError> {
+        match req {
+            ControlRequest::RunInstances(r) => self.run_instance(c, r).await,
+            ControlRequest::DescribeInstances(r) => {
+                let all = self.repo.instances(&c.tenant)?;
+                for id in &r.instance_ids {
+                    if !all.iter().any(|i| &i.instance_id == id) {
+                        return Err(ControlError::NoSuchInstance);
+                    }
+                }
+                let ifs = self.repo.interfaces(&c.tenant)?;
+                let groups = self.repo.security_groups(&c.tenant)?;
+                let out: Vec<Value> = all
+                    .iter()
+                    .filter(|i| {
+                        r.instance_ids.is_empty() || r.instance_ids.contains(&i.instance_id)
+                    })
+                    .map(|i| {
+                        let mut v = instance_json(i);
+                        if let Some(n) = ifs.iter().find(|n| n.instance_id == i.instance_id) {
+                            crate::vpcs::add_interface_json(&mut v, n, &groups);
+                        }
+                        v
+                    })
+                    .collect();
+                Ok(json!({ "Instances": out }))
+            }
+            ControlRequest::StopInstances(r) => {
+                self.lifecycle(
+                    c,
+                    &r.instance_ids,
+                    Operation::StopInstance,
+                    "stop",
+                    InstanceState::Stopped,
+                )
+                .await
+            }
+            ControlRequest::StartInstances(r) => {
+                self.lifecycle(
+                    c,
+                    &r.instance_ids,
+                    Operation::StartInstance,
+                    "start",
+                    InstanceState::Running,
+                )
+                .await
+            }
+            ControlRequest::TerminateInstances(r) => {
+                self.lifecycle(
+                    c,
+                    &r.instance_ids,
+                    Operation::TerminateInstance,
+                    "terminate",
+                    InstanceState::Terminated,
+                )
+                .await
+            }
+            ControlRequest::CreateVolume(r) => {
+                let volume_id = new_id("vol");
+                let body = json!({
+                    "key_id": r.kms_key_id,
+                    "volume_id": volume_id,
+                    "customer_request": c.forwarded,
+                });
+                let v = self.kms_call("GenerateDataKey", &body).await?;
+                let blob = v["ciphertext_blob"]
+                    .as_str()
+                    .and_then(|b| B64.decode(b).ok())
+                    .ok_or(ControlError::Internal)?;
+                let key_id = v["key_id"]
+                    .as_str()
+                    .ok_or(ControlError::Internal)?
+                    .to_string();
+                let row = VolumeRow {
+                    volume_id,
+                    tenant_id: c.tenant.clone(),
+                    size_gib: r.size_gib,
+                    kms_key_id: key_id,
+                    ciphertext_blob: blob,
+                    state: VolumeState::Available,
+                    instance_id: None,
+                    host_id: None,
+                    created: now(),
+                };
+                self.repo.insert_volume(&row)?;
+                Ok(volume_json(&row))
+            }
+            ControlRequest::DescribeVolumes(r) => {
+                let all = self.repo.volumes(&c.tenant)?;
+                for id in &r.volume_ids {
+                    if !all.iter().any(|v| &v.volume_id == id) {
+                        return Err(ControlError::NoSuchVolume);
+                    }
+                }
+                let out: Vec<Value> = all
+                    .iter()
+                    .filter(|v| r.volume_ids.is_empty() || r.volume_ids.contains(&v.volume_id))
+                    .map(volume_json)
+                    .collect();
+                Ok(json!({ "Volumes": out }))
+            }
+            ControlRequest::AttachVolume(r) => self.attach(c, &r.volume_id, &r.instance_id).await,
+            ControlRequest::DetachVolume(r) => self.detach(&c.tenant, &r.volume_id).await,
+            ControlRequest::DeleteVolume(r) => {
+                let v = self
+                    .repo
+                    .volume(&c.tenant, &r.volume_id)?
+                    .ok_or(ControlError::NoSuchVolume)?;
+                if v.state != VolumeState::Available
+                    || !self.repo.delete_volume(&c.tenant, &r.volume_id)?
+                {
+                    return Err(ControlError::VolumeInUse);
+                }
+                Ok(json!({ "VolumeId": r.volume_id, "State": "deleted" }))
+            }
+            ControlRequest::GetConsoleOutput(r) => {
+                let i = self
+                    .repo
+                    .instance(&c.tenant, &r.instance_id)?
+                    .ok_or(ControlError::NoSuchInstance)?;
+                let host = self.host(&i.host_id)?;
+                let v = self
+                    .hosts
+                    .call(
+                        &host.host_id,
+                        &host.addr,
+                        Operation::GetConsole,
+                        &[format!("instance:{}", i.instance_id)],
+                        "GET",
+                        &format!("/v1/instances/{}/console", i.instance_id),
+                        None,
+                    )
+                    .await?;
+                Ok(json!({ "InstanceId": i.instance_id, "Output": v["output"].clone() }))
+            }
+            ControlRequest::CreateKey(_) => {
+                let v = self
+                    .kms_call("CreateKey", &json!({ "customer_request": c.forwarded }))
+                    .await?;
+                Ok(json!({ "KeyId": v["key_id"] }))
+            }
+            ControlRequest::CreateVpc(r) => self.create_vpc(c, &r).await,
+            ControlRequest::DescribeVpcs(r) => self.describe_vpcs(&c.tenant, &r.vpc_ids),
+            ControlRequest::DeleteVpc(r) => self.delete_vpc(&c.tenant, &r.vpc_id),
+            ControlRequest::CreateSubnet(r) => self.create_subnet(&c.tenant, &r),
+            ControlRequest::DescribeSubnets(r) => self.describe_subnets(&c.tenant, &r.subnet_ids),
+            ControlRequest::DeleteSubnet(r) => self.delete_subnet(&c.tenant, &r.subnet_id),
+            ControlRequest::CreateSecurityGroup(r) => self.create_security_group(&c.tenant, &r),
+            ControlRequest::AuthorizeSecurityGroupIngress(r) => {
+                self.change_ingress(&c.tenant, &r, true).await
+            }
+            ControlRequest::RevokeSecurityGroupIngress(r) => {
+                self.change_ingress(&c.tenant, &r, false).await
+            }
+            ControlRequest::DescribeSecurityGroups(r) => {
+                self.describe_security_groups(&c.tenant, &r.group_ids)
+            }
+            ControlRequest::RevokeGrant(r) => {
+                let v = self
+                    .kms_call("RevokeGrant", &json!({ "key_id": r.key_id, "volume_id": r.volume_id, "customer_request": c.forwarded }))
+                    .await?;
+                Ok(json!({ "KeyId": r.key_id, "VolumeId": r.volume_id, "Revoked": v["revoked"] }))
+            }
+        }
+    }
+}
+
+pub(crate) fn error_body(e: &ControlError, request_id: &str) -> (u16, Value) {
+    (
+        e.status(),
+        json!({"error": {"code": e.code(), "message": e.to_string(), "request_id": request_id}}),
+    )
+}
