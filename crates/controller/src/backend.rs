@@ -114,6 +114,7 @@ mod hypervisor_code_tests {
             CommandError::TooManyOps,
             CommandError::Internal,
             CommandError::WrongDeviceKind,
+            CommandError::LiveUpdate(bulkhead_hypervisor_client::LiveUpdateFailure::PeerGone),
         ];
         let codes: std::collections::BTreeSet<&str> = all.iter().map(hypervisor_code).collect();
         assert_eq!(codes.len(), all.len(), "{codes:?}");
