@@ -16,6 +16,9 @@ members; documentation text from botocore is dropped.
   scripts/ec2-model.py --check          fail if the committed files are not what would be written
   scripts/ec2-model.py --botocore-members OP...   print, as JSON, every operation name botocore
                                         knows and every wire parameter of OP (for the tests)
+  scripts/ec2-model.py --sample-bodies  print, as JSON, the request bodies botocore's serializer
+                                        makes with the committed model for every documented
+                                        parameter (for the tests)
 """
 
 import argparse
@@ -327,14 +330,80 @@ def botocore_members(ops):
     json.dump(out, sys.stdout)
 
 
+def set_member(params, shapes, shape_name, mpath, sample):
+    """Puts `sample` at member path `mpath` of a botocore parameter dict (one item per list)."""
+    node = params
+    for i, m in enumerate(mpath):
+        ref = shapes[shape_name]["members"][m]
+        child = shapes[ref["shape"]]
+        last = i == len(mpath) - 1
+        if child["type"] == "list":
+            if last:
+                node[m] = [scalar(shapes[child["member"]["shape"]]["type"], sample)]
+                return
+            node = node.setdefault(m, [{}])[0]
+            shape_name = child["member"]["shape"]
+        elif child["type"] == "structure":
+            node = node.setdefault(m, {})
+            shape_name = ref["shape"]
+        else:
+            node[m] = scalar(child["type"], sample)
+            return
+
+
+def scalar(kind, sample):
+    if kind in ("integer", "long"):
+        return int(sample)
+    if kind == "boolean":
+        return sample == "true"
+    return sample
+
+
+def sample_bodies(table_path):
+    """Serializes, with botocore's EC2 serializer (validating) and the committed subset model,
+    each documented parameter with the action's required ones and those it requires."""
+    from botocore.awsrequest import create_request_object, prepare_request_dict
+    from botocore.serialize import create_serializer
+
+    table = load_table(table_path)
+    with open(os.path.join(ROOT, MODEL_PATH), encoding="utf-8") as f:
+        raw = json.load(f)
+    model = botocore.model.ServiceModel(copy.deepcopy(raw), "ec2")
+    serializer = create_serializer("ec2", include_validation=True)
+    out = []
+    for action in table["actions"]:
+        op = model.operation_model(action["name"])
+        in_shape = raw["operations"][action["name"]]["input"]["shape"]
+        by_wire = {w: m for w, m, _ in input_patterns(raw, in_shape)}
+        params = {p["wire"]: p for p in table["common_params"][2:] + action["params"]}
+        required = [w for w, p in params.items() if p["required"]]
+        for wire, p in params.items():
+            if not p["in_ec2"]:
+                continue
+            chosen = dict.fromkeys(required + [wire] + p["requires"])
+            call = {}
+            for w in chosen:
+                set_member(call, raw["shapes"], in_shape, by_wire[w], params[w]["sample"])
+            request = serializer.serialize_to_request(call, op)
+            prepare_request_dict(request, endpoint_url="https://ec2.bulkhead.test")
+            body = create_request_object(request).prepare().body
+            out.append({"op": action["name"], "wire": wire,
+                        "body": body.decode() if isinstance(body, bytes) else body})
+    json.dump(out, sys.stdout)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", help="the doc-table JSON (default: run the cargo example)")
     ap.add_argument("--check", action="store_true", help="compare with the committed files")
     ap.add_argument("--botocore-members", nargs="+", metavar="OP")
+    ap.add_argument("--sample-bodies", action="store_true",
+                    help="print each documented parameter serialized by botocore with the committed model")
     args = ap.parse_args()
     if args.botocore_members:
         return botocore_members(args.botocore_members)
+    if args.sample_bodies:
+        return sample_bodies(args.table)
     model, md = render(args.table)
     if not args.check:
         for path, text in ((MODEL_PATH, model), (MD_PATH, md)):

@@ -142,3 +142,50 @@ fn nothing_botocore_models_beyond_the_table_is_accepted() {
     eprintln!("refused {refused_actions} other botocore actions and {refused_members} undocumented members");
     assert!(refused_members > 100);
 }
+
+#[test]
+fn botocore_with_the_committed_model_sends_what_the_parser_accepts() {
+    let Some(python) = common::python_with_botocore() else {
+        return;
+    };
+    let table = std::env::temp_dir().join(format!(
+        "bulkhead-ec2-doc-table-samples-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(&table, doc::table_json()).expect("write the table");
+    let out = Command::new(python)
+        .arg(repo_root().join("scripts/ec2-model.py"))
+        .arg("--table")
+        .arg(&table)
+        .arg("--sample-bodies")
+        .output()
+        .expect("run scripts/ec2-model.py");
+    let _ = std::fs::remove_file(&table);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    let documented: usize = doc::ACTIONS
+        .iter()
+        .map(|a| a.params.iter().filter(|p| p.in_ec2).count() + 1)
+        .sum();
+    assert_eq!(cases.len(), documented, "one body per documented parameter");
+    for case in &cases {
+        let (op, wire, body) = (
+            case["op"].as_str().expect("op"),
+            case["wire"].as_str().expect("wire"),
+            case["body"].as_str().expect("body"),
+        );
+        let key = doc::first_key(wire);
+        assert!(
+            body.split('&')
+                .any(|kv| kv.split('=').next() == Some(key.as_str())),
+            "{op}: botocore did not send {key}: {body}"
+        );
+        let call = Ec2Request::parse(body.as_bytes())
+            .unwrap_or_else(|e| panic!("{op} {wire}: botocore's body {body} refused: {e}"));
+        assert_eq!(call.request.action(), op);
+    }
+}
