@@ -19,6 +19,9 @@ members; documentation text from botocore is dropped.
   scripts/ec2-model.py --sample-bodies  print, as JSON, the request bodies botocore's serializer
                                         makes with the committed model for every documented
                                         parameter (for the tests)
+  scripts/ec2-model.py --parse-answers  read {op: xml} answers on stdin; fail unless botocore's
+                                        parser with the committed model finds exactly the
+                                        documented members (for the tests)
 """
 
 import argparse
@@ -392,6 +395,45 @@ def sample_bodies(table_path):
     json.dump(out, sys.stdout)
 
 
+def leaf_members(value, path=()):
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            yield from leaf_members(v, path + (k,))
+    elif isinstance(value, list) and value:
+        yield from leaf_members(value[0], path)
+    else:
+        yield ".".join(path)
+
+
+def parse_answers(table_path):
+    """Reads {op: xml} on stdin; botocore's EC2 parser, with the committed subset model, must find
+    exactly the documented members in each answer."""
+    from botocore.parsers import create_parser
+
+    table = load_table(table_path)
+    raw, service = load_botocore()
+    _, rows = build(table, raw, service)
+    with open(os.path.join(ROOT, MODEL_PATH), encoding="utf-8") as f:
+        model = botocore.model.ServiceModel(json.load(f), "ec2")
+    answers = json.load(sys.stdin)
+    failed = False
+    for row in rows:
+        op = model.operation_model(row["name"])
+        want = {f["member"] for f in row["output"]}
+        got = set()
+        if op.output_shape is not None:
+            parsed = create_parser("ec2").parse(
+                {"body": answers[row["name"]].encode(), "headers": {}, "status_code": 200},
+                op.output_shape)
+            parsed.pop("ResponseMetadata", None)
+            got = set(leaf_members(parsed)) - {""}
+        if got != want:
+            print(f"{row['name']}: botocore read {sorted(got)}, documented {sorted(want)}",
+                  file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", help="the doc-table JSON (default: run the cargo example)")
@@ -399,7 +441,11 @@ def main():
     ap.add_argument("--botocore-members", nargs="+", metavar="OP")
     ap.add_argument("--sample-bodies", action="store_true",
                     help="print each documented parameter serialized by botocore with the committed model")
+    ap.add_argument("--parse-answers", action="store_true",
+                    help="parse {op: xml} from stdin with the committed model, compare the members")
     args = ap.parse_args()
+    if args.parse_answers:
+        return parse_answers(args.table)
     if args.botocore_members:
         return botocore_members(args.botocore_members)
     if args.sample_bodies:

@@ -13,6 +13,11 @@
 //! Wire names use `N` and `M` for list indexes: `InstanceId.N` is `InstanceId.1`, `InstanceId.2`...
 
 use crate::code::Ec2ErrorCode;
+use crate::vpc::{GroupItem, IpPermission, SubnetItem, VpcItem, VpcResponse};
+use crate::xml::{
+    AttachmentStateName, Ec2Response, InstanceItem, InstanceStateName, Reservation, StateChange,
+    VolumeAttachment, VolumeItem, VolumeStateName,
+};
 
 /// One wire parameter of an action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -534,6 +539,143 @@ pub fn first_key(wire: &str) -> String {
         .join(".")
 }
 
+fn attachment() -> VolumeAttachment {
+    VolumeAttachment {
+        volume_id: "vol-1".into(),
+        instance_id: "i-1".into(),
+        device: "/dev/vdb".into(),
+        state: AttachmentStateName::Attached,
+        attach_time_unix: 1,
+        delete_on_termination: false,
+    }
+}
+
+fn volume() -> VolumeItem {
+    VolumeItem {
+        volume_id: "vol-1".into(),
+        size_gib: 8,
+        availability_zone: "bh-1a".into(),
+        state: VolumeStateName::InUse,
+        create_time_unix: 1,
+        volume_type: "gp3".into(),
+        encrypted: true,
+        kms_key_id: Some("key-1".into()),
+        attachments: vec![attachment()],
+    }
+}
+
+fn reservation() -> Reservation {
+    Reservation {
+        reservation_id: "r-1".into(),
+        owner_id: "t".into(),
+        instances: vec![InstanceItem {
+            instance_id: "i-1".into(),
+            image_id: "ami-1".into(),
+            state: InstanceStateName::Running,
+            instance_type: "t3.micro".into(),
+            launch_time_unix: 1,
+            availability_zone: "bh-1a".into(),
+            subnet_id: Some("subnet-1".into()),
+            private_ip: Some("10.0.0.5".into()),
+            security_group_ids: vec!["sg-1".into()],
+        }],
+    }
+}
+
+fn changes() -> Vec<StateChange> {
+    vec![StateChange {
+        instance_id: "i-1".into(),
+        current: InstanceStateName::Stopping,
+        previous: InstanceStateName::Running,
+    }]
+}
+
+fn vpc() -> VpcItem {
+    VpcItem {
+        vpc_id: "vpc-1".into(),
+        cidr_block: "10.0.0.0/16".into(),
+        is_default: false,
+        owner_id: "t".into(),
+    }
+}
+
+fn subnet() -> SubnetItem {
+    SubnetItem {
+        subnet_id: "subnet-1".into(),
+        vpc_id: "vpc-1".into(),
+        cidr_block: "10.0.1.0/24".into(),
+        availability_zone: "bh-1a".into(),
+        available_ip_address_count: 250,
+        default_for_az: false,
+        owner_id: "t".into(),
+    }
+}
+
+/// An example answer to `action` with every optional field present and one item in every list
+/// (what the tests render to check [`ActionDoc::output`]); `None` for an action not in [`ACTIONS`].
+pub fn example_response(action: &str) -> Option<Ec2Response> {
+    let next = Some("n".to_owned());
+    Some(match action {
+        "RunInstances" => Ec2Response::RunInstances(reservation()),
+        "DescribeInstances" => Ec2Response::DescribeInstances {
+            reservations: vec![reservation()],
+            next_token: next,
+        },
+        "StartInstances" => Ec2Response::StartInstances(changes()),
+        "StopInstances" => Ec2Response::StopInstances(changes()),
+        "TerminateInstances" => Ec2Response::TerminateInstances(changes()),
+        "GetConsoleOutput" => Ec2Response::GetConsoleOutput {
+            instance_id: "i-1".into(),
+            timestamp_unix: 1,
+            output: b"boot".to_vec(),
+        },
+        "CreateVolume" => Ec2Response::CreateVolume(volume()),
+        "DescribeVolumes" => Ec2Response::DescribeVolumes {
+            volumes: vec![volume()],
+            next_token: next,
+        },
+        "AttachVolume" => Ec2Response::AttachVolume(attachment()),
+        "DetachVolume" => Ec2Response::DetachVolume(attachment()),
+        "DeleteVolume" => Ec2Response::DeleteVolume,
+        "CreateVpc" => Ec2Response::Vpc(VpcResponse::CreateVpc(vpc())),
+        "DescribeVpcs" => Ec2Response::Vpc(VpcResponse::DescribeVpcs {
+            vpcs: vec![vpc()],
+            next_token: next,
+        }),
+        "DeleteVpc" => Ec2Response::Vpc(VpcResponse::DeleteVpc),
+        "CreateSubnet" => Ec2Response::Vpc(VpcResponse::CreateSubnet(subnet())),
+        "DescribeSubnets" => Ec2Response::Vpc(VpcResponse::DescribeSubnets {
+            subnets: vec![subnet()],
+            next_token: next,
+        }),
+        "DeleteSubnet" => Ec2Response::Vpc(VpcResponse::DeleteSubnet),
+        "CreateSecurityGroup" => Ec2Response::Vpc(VpcResponse::CreateSecurityGroup {
+            group_id: "sg-1".into(),
+        }),
+        "AuthorizeSecurityGroupIngress" => {
+            Ec2Response::Vpc(VpcResponse::AuthorizeSecurityGroupIngress)
+        }
+        "RevokeSecurityGroupIngress" => Ec2Response::Vpc(VpcResponse::RevokeSecurityGroupIngress),
+        "DescribeSecurityGroups" => Ec2Response::Vpc(VpcResponse::DescribeSecurityGroups {
+            groups: vec![GroupItem {
+                group_id: "sg-1".into(),
+                group_name: "web".into(),
+                description: "d".into(),
+                vpc_id: "vpc-1".into(),
+                owner_id: "t".into(),
+                ingress: vec![IpPermission {
+                    ip_protocol: "tcp".into(),
+                    from_port: Some(22),
+                    to_port: Some(22),
+                    cidr_ips: vec!["10.0.0.0/8".into()],
+                }],
+            }],
+            next_token: next,
+        }),
+        _ => return None,
+    })
+}
+
 /// Appends `s` as a JSON string (the table holds only static ASCII text, but escape anyway).
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
@@ -610,11 +752,6 @@ mod tests {
 
     use super::*;
     use crate::form::{Ec2Request, QueryError};
-    use crate::vpc::{GroupItem, IpPermission, SubnetItem, VpcItem, VpcResponse};
-    use crate::xml::{
-        AttachmentStateName, Ec2Response, InstanceItem, InstanceStateName, Reservation,
-        StateChange, VolumeAttachment, VolumeItem, VolumeStateName,
-    };
 
     fn encode(s: &str) -> String {
         s.bytes()
@@ -763,148 +900,10 @@ mod tests {
         out
     }
 
-    fn attachment() -> VolumeAttachment {
-        VolumeAttachment {
-            volume_id: "vol-1".into(),
-            instance_id: "i-1".into(),
-            device: "/dev/vdb".into(),
-            state: AttachmentStateName::Attached,
-            attach_time_unix: 1,
-            delete_on_termination: false,
-        }
-    }
-
-    fn volume() -> VolumeItem {
-        VolumeItem {
-            volume_id: "vol-1".into(),
-            size_gib: 8,
-            availability_zone: "bh-1a".into(),
-            state: VolumeStateName::InUse,
-            create_time_unix: 1,
-            volume_type: "gp3".into(),
-            encrypted: true,
-            kms_key_id: Some("key-1".into()),
-            attachments: vec![attachment()],
-        }
-    }
-
-    fn reservation() -> Reservation {
-        Reservation {
-            reservation_id: "r-1".into(),
-            owner_id: "t".into(),
-            instances: vec![InstanceItem {
-                instance_id: "i-1".into(),
-                image_id: "ami-1".into(),
-                state: InstanceStateName::Running,
-                instance_type: "t3.micro".into(),
-                launch_time_unix: 1,
-                availability_zone: "bh-1a".into(),
-                subnet_id: Some("subnet-1".into()),
-                private_ip: Some("10.0.0.5".into()),
-                security_group_ids: vec!["sg-1".into()],
-            }],
-        }
-    }
-
-    fn changes() -> Vec<StateChange> {
-        vec![StateChange {
-            instance_id: "i-1".into(),
-            current: InstanceStateName::Stopping,
-            previous: InstanceStateName::Running,
-        }]
-    }
-
-    fn vpc() -> VpcItem {
-        VpcItem {
-            vpc_id: "vpc-1".into(),
-            cidr_block: "10.0.0.0/16".into(),
-            is_default: false,
-            owner_id: "t".into(),
-        }
-    }
-
-    fn subnet() -> SubnetItem {
-        SubnetItem {
-            subnet_id: "subnet-1".into(),
-            vpc_id: "vpc-1".into(),
-            cidr_block: "10.0.1.0/24".into(),
-            availability_zone: "bh-1a".into(),
-            available_ip_address_count: 250,
-            default_for_az: false,
-            owner_id: "t".into(),
-        }
-    }
-
-    /// Each answer with every optional field present and one item in every list.
-    fn full_response(action: &str) -> Ec2Response {
-        let next = Some("n".to_owned());
-        match action {
-            "RunInstances" => Ec2Response::RunInstances(reservation()),
-            "DescribeInstances" => Ec2Response::DescribeInstances {
-                reservations: vec![reservation()],
-                next_token: next,
-            },
-            "StartInstances" => Ec2Response::StartInstances(changes()),
-            "StopInstances" => Ec2Response::StopInstances(changes()),
-            "TerminateInstances" => Ec2Response::TerminateInstances(changes()),
-            "GetConsoleOutput" => Ec2Response::GetConsoleOutput {
-                instance_id: "i-1".into(),
-                timestamp_unix: 1,
-                output: b"boot".to_vec(),
-            },
-            "CreateVolume" => Ec2Response::CreateVolume(volume()),
-            "DescribeVolumes" => Ec2Response::DescribeVolumes {
-                volumes: vec![volume()],
-                next_token: next,
-            },
-            "AttachVolume" => Ec2Response::AttachVolume(attachment()),
-            "DetachVolume" => Ec2Response::DetachVolume(attachment()),
-            "DeleteVolume" => Ec2Response::DeleteVolume,
-            "CreateVpc" => Ec2Response::Vpc(VpcResponse::CreateVpc(vpc())),
-            "DescribeVpcs" => Ec2Response::Vpc(VpcResponse::DescribeVpcs {
-                vpcs: vec![vpc()],
-                next_token: next,
-            }),
-            "DeleteVpc" => Ec2Response::Vpc(VpcResponse::DeleteVpc),
-            "CreateSubnet" => Ec2Response::Vpc(VpcResponse::CreateSubnet(subnet())),
-            "DescribeSubnets" => Ec2Response::Vpc(VpcResponse::DescribeSubnets {
-                subnets: vec![subnet()],
-                next_token: next,
-            }),
-            "DeleteSubnet" => Ec2Response::Vpc(VpcResponse::DeleteSubnet),
-            "CreateSecurityGroup" => Ec2Response::Vpc(VpcResponse::CreateSecurityGroup {
-                group_id: "sg-1".into(),
-            }),
-            "AuthorizeSecurityGroupIngress" => {
-                Ec2Response::Vpc(VpcResponse::AuthorizeSecurityGroupIngress)
-            }
-            "RevokeSecurityGroupIngress" => {
-                Ec2Response::Vpc(VpcResponse::RevokeSecurityGroupIngress)
-            }
-            "DescribeSecurityGroups" => Ec2Response::Vpc(VpcResponse::DescribeSecurityGroups {
-                groups: vec![GroupItem {
-                    group_id: "sg-1".into(),
-                    group_name: "web".into(),
-                    description: "d".into(),
-                    vpc_id: "vpc-1".into(),
-                    owner_id: "t".into(),
-                    ingress: vec![IpPermission {
-                        ip_protocol: "tcp".into(),
-                        from_port: Some(22),
-                        to_port: Some(22),
-                        cidr_ips: vec!["10.0.0.0/8".into()],
-                    }],
-                }],
-                next_token: next,
-            }),
-            other => panic!("no answer written for {other}"),
-        }
-    }
-
     #[test]
     fn documented_output_is_what_the_writer_emits() {
         for a in ACTIONS {
-            let r = full_response(a.name);
+            let r = example_response(a.name).unwrap();
             assert_eq!(r.action(), a.name);
             let emitted = leaf_paths(&r.to_xml("req-1"));
             let documented: BTreeSet<String> = a.output.iter().map(|s| (*s).to_owned()).collect();

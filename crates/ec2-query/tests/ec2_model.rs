@@ -189,3 +189,43 @@ fn botocore_with_the_committed_model_sends_what_the_parser_accepts() {
         assert_eq!(call.request.action(), op);
     }
 }
+
+#[test]
+fn botocore_with_the_committed_model_reads_every_documented_field() {
+    use std::io::Write;
+    let Some(python) = common::python_with_botocore() else {
+        return;
+    };
+    let mut answers = serde_json::Map::new();
+    for a in doc::ACTIONS {
+        let r = doc::example_response(a.name).expect("an example answer for every action");
+        answers.insert(a.name.to_owned(), r.to_xml("req-1").into());
+    }
+    let table = std::env::temp_dir().join(format!(
+        "bulkhead-ec2-doc-table-answers-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(&table, doc::table_json()).expect("write the table");
+    let mut child = Command::new(python)
+        .arg(repo_root().join("scripts/ec2-model.py"))
+        .arg("--table")
+        .arg(&table)
+        .arg("--parse-answers")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run scripts/ec2-model.py");
+    child
+        .stdin
+        .take()
+        .expect("stdin piped")
+        .write_all(serde_json::Value::Object(answers).to_string().as_bytes())
+        .expect("write answers");
+    let out = child.wait_with_output().expect("script ran");
+    let _ = std::fs::remove_file(&table);
+    assert!(
+        out.status.success(),
+        "botocore's parser with docs/ec2-query-model.json: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
