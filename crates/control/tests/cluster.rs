@@ -1272,10 +1272,11 @@ fn children_of(pid: u32) -> Vec<u32> {
 /// kill -9 of a host's controller in the middle of a real attach: the controller's test fault
 /// hook (`BULKHEAD_FAULT=attach:after_card_keyed:stall`, armed for this host's controller only)
 /// holds the attach right after the block card keyed the volume and before the disk is plugged,
-/// so the kill lands mid-attach every time, however fast the guest. The attach fails cleanly, the guest and the block card holding the
-/// key die with the controller (no key left in any memory), the controller's audit chain is
-/// intact with the attach recorded; once the controller is back, the control plane's polling
-/// notices the lost instance and releases the volume, which then attaches again.
+/// so the kill lands mid-attach every time, however fast the guest. The attach fails cleanly;
+/// the block card holding the key dies with the controller (an unacknowledged attach keeps no
+/// key in any memory), while the keeper and the guest's hypervisor live on; the controller's
+/// audit chain is intact with the attach recorded; the next controller adopts the running guest,
+/// records the attach as rolled back, and the volume attaches to the same instance again.
 #[test]
 fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
     let Some(guest) =
@@ -1316,7 +1317,7 @@ fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
     let i = run_guest(&a);
     let v = volume(&a);
     let controller = c.pids().iter().find(|(n, _)| n == "host-1").unwrap().1;
-    let mut doomed = Vec::new();
+    let mut doomed: (Vec<u32>, Vec<u32>) = (Vec::new(), Vec::new());
     let (st, r) = std::thread::scope(|s| {
         let attach = s.spawn(|| a.call("AttachVolume", json!({"VolumeId": v, "InstanceId": i})));
         // Wait until the controller is held by the fault hook (the card has keyed the volume:
@@ -1336,13 +1337,16 @@ fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
             }
             let launcher = children_of(controller);
             let grand: Vec<u32> = launcher.iter().flat_map(|l| children_of(*l)).collect();
-            let card = grand.iter().any(|p| {
+            // By the program run (argv[0]): the launcher's own arguments name the card too.
+            let (cards, rest): (Vec<u32>, Vec<u32>) = grand.iter().partition(|p| {
                 std::fs::read_to_string(format!("/proc/{p}/cmdline"))
                     .unwrap_or_default()
-                    .contains("bulkhead-blockcard")
+                    .split('\0')
+                    .next()
+                    .is_some_and(|argv0| argv0.ends_with("bulkhead-blockcard"))
             });
-            if card {
-                doomed = launcher.into_iter().chain(grand).collect();
+            if !cards.is_empty() {
+                doomed = (cards, launcher.into_iter().chain(rest).collect());
                 break;
             }
             assert!(
@@ -1360,18 +1364,24 @@ fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
     // back at once.
     assert_eq!((st, code(&r)), (503, "upstream_unreachable"), "{r}");
     assert_eq!(vols["Volumes"][0]["State"], "available", "{vols}");
-    // The launcher, the guest's hypervisor and the card holding the key are gone.
+    // The card keyed by the unacknowledged attach dies with the controller (its key with it);
+    // the keeper (the launcher, which outlives its controller) and the guest's hypervisor stay.
+    let (cards, keep) = (&doomed.0, &doomed.1);
+    assert!(!cards.is_empty() && !keep.is_empty(), "{doomed:?}");
+    let alive = |p: &u32| Path::new(&format!("/proc/{p}")).exists();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while doomed
-        .iter()
-        .any(|p| Path::new(&format!("/proc/{p}")).exists())
-    {
+    while cards.iter().any(|p| alive(p)) {
         assert!(
             std::time::Instant::now() < deadline,
-            "children outlived the controller: {doomed:?}"
+            "the keyed card outlived its controller: {cards:?}; host log:\n{}",
+            std::fs::read_to_string(&host_log).unwrap_or_default()
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    assert!(
+        keep.iter().all(|p| alive(p)),
+        "the keeper and the guest's hypervisor must outlive the controller: {keep:?}"
+    );
     // The controller logged the attach before acting; its chain is intact.
     bulkhead_audit::verify(&dir.path().join("host-1/audit.log")).unwrap();
     let audit = std::fs::read_to_string(dir.path().join("host-1/audit.log")).unwrap();
@@ -1380,27 +1390,41 @@ fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
         "attach not in the host's audit log"
     );
 
-    // Back up: polling finds the instance gone, marks it terminated, and the volume attaches to a
-    // new instance.
+    // Back up: the new controller adopts the running guest and rolls the unacknowledged attach
+    // back (audited); the instance keeps running and the volume attaches to it again.
     c.restart_host("host-1").unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let d = a.ok("DescribeInstances", json!({"InstanceIds": [i]}));
-        if d["Instances"][0]["State"] == "terminated" {
+        let audit = std::fs::read_to_string(dir.path().join("host-1/audit.log")).unwrap();
+        if audit
+            .lines()
+            .any(|l| l.contains("AdoptInstance") && l.contains(&i))
+        {
+            assert!(
+                audit.contains("attach_rolled_back"),
+                "the adoption did not record the rolled-back attach"
+            );
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "lost instance never reconciled: {d}"
+            "the restarted controller never adopted {i}"
         );
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
+    bulkhead_audit::verify(&dir.path().join("host-1/audit.log")).unwrap();
+    assert!(
+        keep.iter().all(|p| alive(p)),
+        "adoption kept the same processes"
+    );
+    let d = a.ok("DescribeInstances", json!({"InstanceIds": [i]}));
+    assert_eq!(d["Instances"][0]["State"], "running", "{d}");
     let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v]}));
     assert_eq!(vols["Volumes"][0]["State"], "available", "{vols}");
-    let i2 = run_guest(&a);
-    a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i2}));
+    a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": i}));
     let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v]}));
     assert_eq!(vols["Volumes"][0]["State"], "in-use", "{vols}");
+    assert_eq!(vols["Volumes"][0]["InstanceId"], json!(i), "{vols}");
 }
 
 /// Everything an operator can read: every audit log and operator-API answer, every process's
