@@ -104,6 +104,25 @@ globex DescribeInstances '{}'
 globex DetachVolume "{\"VolumeId\":\"$V\"}" || true
 globex GetConsoleOutput "{\"InstanceId\":\"$I\"}" || true
 
+say "The same cluster through the unmodified aws CLI (EC2 Query API, AWS Signature Version 4)"
+if command -v aws >/dev/null 2>&1; then
+  awsas() { # TENANT ARGS...: the aws CLI with that tenant's access key and secret
+    local creds="$DIR/$1.json"; shift
+    AWS_CA_BUNDLE="$DIR/ca/ca.pem" AWS_DEFAULT_REGION=us-east-1 AWS_CONFIG_FILE=/dev/null \
+      AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_ACCESS_KEY_ID=$(j 'd["access_key_id"]' <"$creds") \
+      AWS_SECRET_ACCESS_KEY=$(j 'd["secret"]' <"$creds") aws ec2 --endpoint-url "https://$CTL" "$@"
+  }
+  echo '$ aws ec2 describe-instances --endpoint-url https://CONTROL-PLANE --query "Reservations[].Instances[].[InstanceId,State.Name,PrivateIpAddress]"'
+  awsas acme describe-instances --query 'Reservations[].Instances[].[InstanceId,State.Name,PrivateIpAddress]' --output text
+  echo "\$ aws ec2 describe-volumes --filters Name=attachment.instance-id,Values=$I"
+  awsas acme describe-volumes --filters "Name=attachment.instance-id,Values=$I" \
+    --query 'Volumes[].[VolumeId,State,Encrypted,Attachments[0].InstanceId]' --output text
+  echo "\$ aws ec2 describe-instances --instance-ids $I   (with globex's keys)"
+  awsas globex describe-instances --instance-ids "$I" 2>&1 | grep -v '^\s*$' | sed 's/^/  /' || true
+else
+  echo "(the aws CLI is not installed here: 'make deps' installs it)"
+fi
+
 say "The operator: refused every customer-data operation (token service, controller, KMS, customer API)"
 # The operator asks the token service (its own process, the only holder of the signing key) with
 # the operator's client certificate; the caller is whoever that certificate names.
