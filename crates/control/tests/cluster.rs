@@ -1370,7 +1370,7 @@ fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
     assert!(!cards.is_empty() && !keep.is_empty(), "{doomed:?}");
     let alive = |p: &u32| Path::new(&format!("/proc/{p}")).exists();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while cards.iter().any(|p| alive(p)) {
+    while cards.iter().any(&alive) {
         assert!(
             std::time::Instant::now() < deadline,
             "the keyed card outlived its controller: {cards:?}; host log:\n{}",
@@ -1379,7 +1379,7 @@ fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert!(
-        keep.iter().all(|p| alive(p)),
+        keep.iter().all(&alive),
         "the keeper and the guest's hypervisor must outlive the controller: {keep:?}"
     );
     // The controller logged the attach before acting; its chain is intact.
@@ -1413,10 +1413,7 @@ fn controller_killed_mid_attach_converges_and_the_volume_attaches_again() {
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     bulkhead_audit::verify(&dir.path().join("host-1/audit.log")).unwrap();
-    assert!(
-        keep.iter().all(|p| alive(p)),
-        "adoption kept the same processes"
-    );
+    assert!(keep.iter().all(&alive), "adoption kept the same processes");
     let d = a.ok("DescribeInstances", json!({"InstanceIds": [i]}));
     assert_eq!(d["Instances"][0]["State"], "running", "{d}");
     let vols = a.ok("DescribeVolumes", json!({"VolumeIds": [v]}));
