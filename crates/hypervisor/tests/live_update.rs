@@ -125,8 +125,53 @@ fn live_update(g: &mut Guest) -> u64 {
     // The old process is gone (reaped by the client).
     assert!(!std::path::Path::new(&format!("/proc/{old_pid}")).exists());
     g.wait_counting(1, Duration::from_secs(180));
+    // It has served a command by now, so its main thread's filter is up too.
+    assert_sandboxed(g.hv.pid());
     g.updates.push((before, g.last_count()));
     pause_us
+}
+
+/// The new process runs sandboxed like a `serve` one: every thread under a seccomp filter,
+/// no_new_privs, not dumpable, no file from disk open.
+fn assert_sandboxed(pid: u32) {
+    let field = |status: &str, name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|e| e.ok())
+        .collect();
+    assert!(tasks.len() >= 2, "no vCPU thread");
+    for t in tasks {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if status.is_empty() {
+            continue; // the thread ended meanwhile
+        }
+        assert_eq!(
+            field(&status, "Seccomp"),
+            "2",
+            "{:?} has no filter",
+            t.path()
+        );
+        assert_eq!(field(&status, "NoNewPrivs"), "1");
+    }
+    // Beyond stdio (whatever the test harness gave it): devices, memfds, sockets, anon inodes.
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) > Some(2))
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(
+        fds.iter()
+            .all(|f| !f.starts_with('/') || f.starts_with("/dev/") || f.starts_with("/memfd:")),
+        "the new hypervisor holds files from disk open: {fds:?}"
+    );
 }
 
 /// Every counter value once and in order, one boot, one boot id, uptime never going back.
