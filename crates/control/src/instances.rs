@@ -3,6 +3,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use bulkhead_kms::wire::{ChallengeRequest, SealVpcKeyRequest};
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
@@ -375,10 +376,12 @@ impl ControlPlane {
         // Only a live call holds the customer's authorization; it is never stored.
         let c = live.caller.ok_or(ControlError::Internal)?;
         let ch = self
-            .kms_call("Challenge", &json!({ "host_id": host_id }))
+            .kms(&ChallengeRequest {
+                host_id: host_id.to_string(),
+            })
             .await?;
-        let evidence = if ch["required"] == true {
-            let nonce = ch["nonce"].as_str().ok_or(ControlError::Internal)?;
+        let evidence = if ch.required {
+            let nonce = ch.nonce;
             // Bound to the instance: the host quotes only if it runs it.
             self.on_host(
                 host_id,
@@ -394,20 +397,17 @@ impl ControlPlane {
         };
         let host_pub = self.host_keys.get(host_id).ok_or(ControlError::Internal)?;
         let sealed = self
-            .kms_call(
-                "SealVpcKey",
-                &json!({
-                    "customer_request": c.forwarded,
-                    "vpc_id": vpc.vpc_id,
-                    "epoch": vpc.epoch,
-                    "instance_id": instance,
-                    "host_id": host_id,
-                    "host_public_key": B64.encode(host_pub),
-                    "evidence": evidence,
-                }),
-            )
+            .kms(&SealVpcKeyRequest {
+                customer_request: c.forwarded.clone(),
+                vpc_id: vpc.vpc_id.clone(),
+                epoch: vpc.epoch,
+                instance_id: instance.to_string(),
+                host_id: host_id.to_string(),
+                host_public_key: B64.encode(host_pub),
+                evidence: crate::evidence_of(Some(&evidence))?,
+            })
             .await?;
-        let Some(sealed_hex) = sealed_epoch_key_hex(&sealed) else {
+        let Some(sealed_hex) = sealed_epoch_key_hex(&sealed.sealed_epoch_key) else {
             tracing::error!(
                 instance,
                 "SealVpcKey answered without a sealed epoch key blob"
@@ -492,20 +492,13 @@ impl ControlPlane {
     }
 }
 
-/// The sealed epoch key of a SealVpcKey answer (a `bulkhead-sealing` blob of
-/// [`bulkhead_sealing::SEALED_BLOB_LEN`] bytes), as hex: `sealed_epoch_key` in hex, or
-/// `sealed_key` in base64.
-fn sealed_epoch_key_hex(v: &Value) -> Option<String> {
-    const LEN: usize = bulkhead_sealing::SEALED_BLOB_LEN;
-    if let Some(h) = v["sealed_epoch_key"].as_str() {
-        return hex::decode(h)
-            .ok()
-            .filter(|b| b.len() == LEN)
-            .map(hex::encode);
-    }
-    B64.decode(v["sealed_key"].as_str()?)
+/// The sealed epoch key of a SealVpcKey answer (hex of a `bulkhead-sealing` blob of
+/// [`bulkhead_sealing::SEALED_BLOB_LEN`] bytes), checked to be one whole blob before it is sent
+/// to a host.
+fn sealed_epoch_key_hex(h: &str) -> Option<String> {
+    hex::decode(h)
         .ok()
-        .filter(|b| b.len() == LEN)
+        .filter(|b| b.len() == bulkhead_sealing::SEALED_BLOB_LEN)
         .map(hex::encode)
 }
 
@@ -530,20 +523,15 @@ mod tests {
     #[test]
     fn the_sealed_epoch_key_must_be_one_whole_blob() {
         let blob = vec![7u8; bulkhead_sealing::SEALED_BLOB_LEN];
-        let want = Some(hex::encode(&blob));
         assert_eq!(
-            sealed_epoch_key_hex(&json!({ "sealed_epoch_key": hex::encode(&blob) })),
-            want
-        );
-        assert_eq!(
-            sealed_epoch_key_hex(&json!({ "sealed_key": B64.encode(&blob) })),
-            want
+            sealed_epoch_key_hex(&hex::encode(&blob)),
+            Some(hex::encode(&blob))
         );
         for bad in [
-            json!({ "sealed_epoch_key": hex::encode(&blob[1..]) }),
-            json!({ "sealed_epoch_key": "zz" }),
-            json!({ "sealed_key": B64.encode(&blob[..64]) }),
-            json!({}),
+            hex::encode(&blob[1..]),
+            "zz".to_string(),
+            hex::encode(&blob[..64]),
+            String::new(),
         ] {
             assert_eq!(sealed_epoch_key_hex(&bad), None, "{bad}");
         }

@@ -178,6 +178,21 @@ const UPSTREAM_CODES: &[&str] = &[
 ];
 
 /// Maps an upstream code to its stable static form.
+/// A host's attestation evidence as a workflow stored it (JSON from its controller's
+/// `/v1/host/attest`, or null when the KMS did not ask for one), typed for the KMS request. A
+/// host that answered something that is not evidence fails the step (the workflow unwinds).
+pub(crate) fn evidence_of<T: serde::de::DeserializeOwned>(
+    v: Option<&serde_json::Value>,
+) -> Result<Option<T>, ControlError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(e) => serde_json::from_value(e.clone()).map(Some).map_err(|err| {
+            tracing::warn!(error = %err, "a host's attestation evidence does not parse");
+            ControlError::Host("bad_evidence")
+        }),
+    }
+}
+
 pub fn upstream_code(code: &str) -> &'static str {
     UPSTREAM_CODES
         .iter()

@@ -3,6 +3,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use bulkhead_kms::wire::{ChallengeRequest, DecryptForHostRequest};
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
@@ -162,18 +163,11 @@ impl AttachStep {
             // controller), checked by the KMS before it releases the key.
             AttachStep::Challenge => {
                 let c = cp
-                    .kms_call("Challenge", &json!({ "host_id": host_id }))
+                    .kms(&ChallengeRequest {
+                        host_id: host_id.to_string(),
+                    })
                     .await?;
-                let nonce = if c["required"] == true {
-                    Some(
-                        c["nonce"]
-                            .as_str()
-                            .ok_or(ControlError::Internal)?
-                            .to_string(),
-                    )
-                } else {
-                    None
-                };
+                let nonce = c.required.then_some(c.nonce);
                 Ok(json!({ "nonce": nonce }))
             }
             AttachStep::Attest => {
@@ -203,22 +197,16 @@ impl AttachStep {
                     .ok_or(ControlError::NoSuchVolume)?;
                 let host_pub = cp.host_keys.get(host_id).ok_or(ControlError::Internal)?;
                 let sealed = cp
-                    .kms_call(
-                        "DecryptForHost",
-                        &json!({
-                            "volume_id": v.volume_id,
-                            "ciphertext_blob": B64.encode(&v.ciphertext_blob),
-                            "host_id": host_id,
-                            "host_public_key": B64.encode(host_pub),
-                            "customer_request": c.forwarded,
-                            "evidence": w.outputs.get("evidence").cloned().unwrap_or(Value::Null),
-                        }),
-                    )
+                    .kms(&DecryptForHostRequest {
+                        volume_id: v.volume_id,
+                        ciphertext_blob: B64.encode(&v.ciphertext_blob),
+                        host_id: host_id.to_string(),
+                        host_public_key: B64.encode(host_pub),
+                        customer_request: c.forwarded.clone(),
+                        evidence: crate::evidence_of(w.outputs.get("evidence"))?,
+                    })
                     .await?;
-                let sealed_key = sealed["sealed_key"]
-                    .as_str()
-                    .ok_or(ControlError::Internal)?;
-                Ok(json!({ "sealed_key": sealed_key }))
+                Ok(json!({ "sealed_key": sealed.sealed_key }))
             }
             AttachStep::Plug => {
                 let sealed_key = w.output("sealed_key").ok_or(ControlError::Internal)?;

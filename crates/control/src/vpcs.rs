@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use bulkhead_kms::wire::CreateVpcKeyRequest;
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
@@ -114,14 +115,11 @@ impl ControlPlane {
     /// The KMS makes the VPC's epoch key under the customer's forwarded request (CreateVpc, or
     /// the RunInstances that made a default VPC).
     async fn create_vpc_key(&self, c: &Caller, v: &VpcRow) -> Result<(), ControlError> {
-        self.kms_call(
-            "CreateVpcKey",
-            &json!({
-                "customer_request": c.forwarded,
-                "vpc_id": v.vpc_id,
-                "vpc_number": v.vpc_number,
-            }),
-        )
+        self.kms(&CreateVpcKeyRequest {
+            customer_request: c.forwarded.clone(),
+            vpc_id: v.vpc_id.clone(),
+            vpc_number: v.vpc_number,
+        })
         .await
         .map(|_| ())
     }

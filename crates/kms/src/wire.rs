@@ -214,6 +214,39 @@ pub struct SealVpcKeyResponse {
     pub sealed_epoch_key: String,
 }
 
+/// One KMS operation's request body, typed with its operation and its answer, so the control
+/// plane (the only caller) cannot send a body to the wrong path or read an answer as another
+/// operation's: the KMS parses the same structs it is sent.
+pub trait KmsCall: Serialize {
+    /// The operation (its path is `/v1/{OP.name()}`).
+    const OP: KmsOp;
+    /// What the KMS answers with 200.
+    type Response: serde::de::DeserializeOwned;
+}
+
+/// `RegisterCustomer` answers with a body nobody reads.
+pub type Ignored = serde::de::IgnoredAny;
+
+macro_rules! kms_calls {
+    ($($req:ty => $op:ident, $resp:ty;)+) => {
+        $(impl KmsCall for $req {
+            const OP: KmsOp = KmsOp::$op;
+            type Response = $resp;
+        })+
+    };
+}
+
+kms_calls! {
+    RegisterCustomerRequest => RegisterCustomer, Ignored;
+    CreateKeyRequest => CreateKey, CreateKeyResponse;
+    GenerateDataKeyRequest => GenerateDataKey, GenerateDataKeyResponse;
+    ChallengeRequest => Challenge, ChallengeResponse;
+    DecryptForHostRequest => DecryptForHost, DecryptForHostResponse;
+    RevokeGrantRequest => RevokeGrant, RevokeGrantResponse;
+    CreateVpcKeyRequest => CreateVpcKey, CreateVpcKeyResponse;
+    SealVpcKeyRequest => SealVpcKey, SealVpcKeyResponse;
+}
+
 /// The sealing id of a VPC epoch key: the same bytes as the net card's
 /// `bulkhead_netcard::control::sealed_key_id`.
 pub fn vpc_sealing_id(vpc_number: u32, epoch: u32) -> String {

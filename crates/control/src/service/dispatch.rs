@@ -5,6 +5,7 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_audit::EntryKind;
+use bulkhead_kms::wire::{CreateKeyRequest, GenerateDataKeyRequest, RevokeGrantRequest};
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -201,20 +202,17 @@ impl ControlPlane {
             }
             ControlRequest::CreateVolume(r) => {
                 let volume_id = new_id("vol");
-                let body = json!({
-                    "key_id": r.kms_key_id,
-                    "volume_id": volume_id,
-                    "customer_request": c.forwarded,
-                });
-                let v = self.kms_call("GenerateDataKey", &body).await?;
-                let blob = v["ciphertext_blob"]
-                    .as_str()
-                    .and_then(|b| B64.decode(b).ok())
-                    .ok_or(ControlError::Internal)?;
-                let key_id = v["key_id"]
-                    .as_str()
-                    .ok_or(ControlError::Internal)?
-                    .to_string();
+                let v = self
+                    .kms(&GenerateDataKeyRequest {
+                        key_id: r.kms_key_id.clone(),
+                        volume_id: volume_id.clone(),
+                        customer_request: c.forwarded.clone(),
+                    })
+                    .await?;
+                let blob = B64
+                    .decode(&v.ciphertext_blob)
+                    .map_err(|_| ControlError::Internal)?;
+                let key_id = v.key_id;
                 let row = VolumeRow {
                     volume_id,
                     tenant_id: c.tenant.clone(),
@@ -279,9 +277,11 @@ impl ControlPlane {
             }
             ControlRequest::CreateKey(_) => {
                 let v = self
-                    .kms_call("CreateKey", &json!({ "customer_request": c.forwarded }))
+                    .kms(&CreateKeyRequest {
+                        customer_request: c.forwarded.clone(),
+                    })
                     .await?;
-                Ok(json!({ "KeyId": v["key_id"] }))
+                Ok(json!({ "KeyId": v.key_id }))
             }
             ControlRequest::CreateVpc(r) => self.create_vpc(c, &r).await,
             ControlRequest::DescribeVpcs(r) => self.describe_vpcs(&c.tenant, &r.vpc_ids),
@@ -301,9 +301,13 @@ impl ControlPlane {
             }
             ControlRequest::RevokeGrant(r) => {
                 let v = self
-                    .kms_call("RevokeGrant", &json!({ "key_id": r.key_id, "volume_id": r.volume_id, "customer_request": c.forwarded }))
+                    .kms(&RevokeGrantRequest {
+                        key_id: r.key_id.clone(),
+                        volume_id: r.volume_id.clone(),
+                        customer_request: c.forwarded.clone(),
+                    })
                     .await?;
-                Ok(json!({ "KeyId": r.key_id, "VolumeId": r.volume_id, "Revoked": v["revoked"] }))
+                Ok(json!({ "KeyId": r.key_id, "VolumeId": r.volume_id, "Revoked": v.revoked }))
             }
         }
     }

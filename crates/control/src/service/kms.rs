@@ -5,6 +5,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+use bulkhead_kms::wire::{KmsCall, RegisterCustomerRequest};
+
 use super::ControlPlane;
 use crate::{upstream_code, ControlError};
 
@@ -16,11 +18,12 @@ use crate::{upstream_code, ControlError};
 /// configuration file or token can set it.
 pub const KMS_DUMP_ENV: &str = "BULKHEAD_TEST_DUMP_KMS_BODIES";
 
-fn kms_dump(op: &str, request: &Value, status: u16, response: &[u8]) {
+fn kms_dump(op: &str, request: &impl serde::Serialize, status: u16, response: &[u8]) {
     static DUMP: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
     let Some(path) = DUMP.get_or_init(|| std::env::var_os(KMS_DUMP_ENV).map(Into::into)) else {
         return;
     };
+    let request = serde_json::to_value(request).unwrap_or(Value::Null);
     let line = json!({
         "op": op,
         "status": status,
@@ -38,8 +41,12 @@ fn kms_dump(op: &str, request: &Value, status: u16, response: &[u8]) {
 }
 
 impl ControlPlane {
-    /// One call to the KMS (JSON in, JSON out; non-200 becomes a typed upstream error).
-    pub(crate) async fn kms_call(&self, op: &str, body: &Value) -> Result<Value, ControlError> {
+    /// One call to the KMS: the typed request of one operation in, that operation's typed
+    /// answer out (the structs the KMS itself parses and writes, `bulkhead_kms::wire`); non-200
+    /// becomes a typed upstream error, an answer that does not parse an internal one.
+    pub(crate) async fn kms<R: KmsCall>(&self, req: &R) -> Result<R::Response, ControlError> {
+        let op = R::OP.name();
+        let body = serde_json::to_vec(req).map_err(|_| ControlError::Internal)?;
         let r = self
             .kms
             .request(
@@ -47,18 +54,21 @@ impl ControlPlane {
                 "POST",
                 &format!("/v1/{op}"),
                 &[("content-type", "application/json")],
-                body.to_string().into_bytes(),
+                body,
             )
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "kms unreachable");
                 ControlError::Upstream
             })?;
-        kms_dump(op, body, r.status, &r.body);
-        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        kms_dump(op, req, r.status, &r.body);
         if r.status == 200 {
-            Ok(v)
+            serde_json::from_slice(&r.body).map_err(|e| {
+                tracing::error!(op, error = %e, "the KMS answered 200 with a body that does not parse");
+                ControlError::Internal
+            })
         } else {
+            let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
             Err(ControlError::Kms(upstream_code(
                 v["error"]["code"].as_str().unwrap_or(""),
             )))
@@ -72,10 +82,11 @@ impl ControlPlane {
         akid: &str,
         secret: &[u8],
     ) -> Result<(), ControlError> {
-        self.kms_call(
-            "RegisterCustomer",
-            &json!({"tenant_id": tenant, "access_key_id": akid, "secret": B64.encode(secret)}),
-        )
+        self.kms(&RegisterCustomerRequest {
+            tenant_id: tenant.to_string(),
+            access_key_id: akid.to_string(),
+            secret: B64.encode(secret),
+        })
         .await
         .map(|_| ())
     }
