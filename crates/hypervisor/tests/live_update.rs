@@ -244,6 +244,12 @@ enum Tamper {
     UnknownVersion,
     /// Kill the new process once it restored the state, before the old one hears of it.
     KillNewAfterRestore,
+    /// Stop (SIGSTOP) the new process as it gets the hello: it never answers.
+    StopNewBeforeReady,
+}
+
+fn pid_of(c: &Child) -> libc::pid_t {
+    libc::pid_t::try_from(c.id()).expect("pid")
 }
 
 /// Relays the hand-over from `old` to `new`, tampering as told; runs until either side is done.
@@ -252,6 +258,17 @@ fn relay(old: UnixStream, new: UnixStream, tamper: Tamper, mut victim: Child) ->
     let (hello, memfd) = wire::recv(&old, soon()).expect("hello");
     wire::send(&new, &hello, memfd.as_ref().map(|f| f.as_raw_fd())).expect("hello on");
     drop(memfd);
+    if let Tamper::StopNewBeforeReady = tamper {
+        // SAFETY: kill(2) on the pid of our own child, with a plain signal number.
+        unsafe { libc::kill(pid_of(&victim), libc::SIGSTOP) };
+        // The old process gives up after its bound and closes its end.
+        assert!(matches!(
+            wire::recv(&old, Instant::now() + Duration::from_secs(60)),
+            Err(wire::WireError::Gone)
+        ));
+        victim.kill().expect("kill the stopped hypervisor");
+        return victim;
+    }
     let (ready, _) = wire::recv(&new, soon()).expect("ready");
     wire::send(&old, &ready, None).expect("ready on");
     let (Msg::State(mut blob), _) = wire::recv(&old, soon()).expect("state") else {
@@ -264,7 +281,7 @@ fn relay(old: UnixStream, new: UnixStream, tamper: Tamper, mut victim: Child) ->
         }
         Tamper::Truncate => blob.truncate(blob.len() - 100),
         Tamper::UnknownVersion => blob[4..6].copy_from_slice(&99u16.to_le_bytes()),
-        Tamper::KillNewAfterRestore => {}
+        Tamper::KillNewAfterRestore | Tamper::StopNewBeforeReady => {}
     }
     wire::send(&new, &Msg::State(blob), None).expect("state on");
     let (answer, _) = wire::recv(&new, soon()).expect("answer");
@@ -301,6 +318,7 @@ fn refused_or_interrupted_hand_overs_leave_the_guest_on_the_old_hypervisor() {
             LiveUpdateFailure::Refused(StateRefusal::UnknownVersion),
         ),
         (Tamper::KillNewAfterRestore, LiveUpdateFailure::PeerGone),
+        (Tamper::StopNewBeforeReady, LiveUpdateFailure::PeerTimeout),
     ];
     for (tamper, want) in cases {
         g.drain();
