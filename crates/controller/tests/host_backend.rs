@@ -10,9 +10,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -21,16 +19,6 @@ use bulkhead_sealing::{seal_volume_key, HostKey};
 use bulkhead_tokens::Operation;
 use common::*;
 
-const MIN10: Duration = Duration::from_secs(600);
-/// A guest boot takes 1-5 minutes on the development machines' software KVM under load (more
-/// when several engineers boot at once): 10 minutes, or `BULKHEAD_TEST_BOOT_TIMEOUT_SECS`.
-fn boot_timeout() -> Duration {
-    std::env::var("BULKHEAD_TEST_BOOT_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(600))
-}
 /// 32 bytes, written by the guest at byte offset 4096 of /dev/vda (sector 8).
 const MARKER: &str = "BHMARK-5e1f0c9a7d3b2e4f6a8c0b1d3";
 const MARKER_OFFSET: usize = 4096;
@@ -46,19 +34,9 @@ const CUSTOMER_OPS: &[Operation] = &[
     Operation::GetConsole,
 ];
 
-fn target_dir() -> PathBuf {
-    Path::new(controller_bin())
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
-}
-
-/// The guest: `BULKHEAD_TEST_GUEST_DIR` if set, else `target/guest`.
-fn guest_dir() -> PathBuf {
-    std::env::var_os("BULKHEAD_TEST_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("guest"))
+/// Whether this machine can run the boot tests; prints the loud skip line if not.
+fn can_boot(test: &str) -> bool {
+    can_boot_with(test, &["bulkhead-hypervisor", "bulkhead-blockcard"])
 }
 
 /// `BULKHEAD_TEST_HYPERVISOR_BIN` overrides the hypervisor next to the controller (to try a
@@ -77,54 +55,6 @@ fn start_host_daemon(dir: &Path) -> Daemon {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Daemon::start_with(dir, &args)
-}
-
-/// Whether this machine can run the boot tests; prints the loud skip line if not.
-fn can_boot(test: &str) -> bool {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let guest = guest_dir();
-    let have_guest = guest.join("vmlinux").is_file() && guest.join("initramfs.cpio").is_file();
-    if !kvm || !have_guest {
-        bulkhead_testkit::skip_or_fail(&format!(
-            "{test}: needs /dev/kvm ({}) and the test guest in {} ({}); run `make guest`",
-            if kvm { "present" } else { "ABSENT" },
-            guest.display(),
-            if have_guest { "present" } else { "ABSENT" },
-        ));
-        return false;
-    }
-    let release = Path::new(controller_bin()).parent().unwrap();
-    for b in ["bulkhead-hypervisor", "bulkhead-blockcard"] {
-        assert!(
-            release.join(b).is_file(),
-            "{b} is not built next to the controller; run `cargo build --release -p {b}`"
-        );
-    }
-    true
-}
-
-/// Writes a fresh sealing host key to `dir/host.key` (0600), where the dev-mode controller
-/// picks it up and hands its path to every block card. The controller never reads it.
-fn host_key(dir: &Path) -> HostKey {
-    let host = HostKey::generate().unwrap();
-    let p = dir.join("host.key");
-    let mut f = std::fs::File::create(&p).unwrap();
-    f.write_all(host.to_file_bytes().unwrap().as_ref()).unwrap();
-    drop(f);
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    host
-}
-
-fn volume_key(seed: u8) -> [u8; 64] {
-    let mut k = [0u8; 64];
-    for (i, b) in k.iter_mut().enumerate() {
-        *b = u8::try_from(i).unwrap().wrapping_mul(37).wrapping_add(seed) ^ 0x5c;
-    }
-    k
 }
 
 fn sealed_b64(host: &HostKey, volume: &str, key: &[u8; 64]) -> String {

@@ -13,8 +13,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,16 +21,6 @@ use base64::Engine as _;
 use bulkhead_sealing::{seal_volume_key, HostKey};
 use bulkhead_tokens::Operation;
 use common::*;
-
-const MIN10: Duration = Duration::from_secs(600);
-
-fn boot_timeout() -> Duration {
-    std::env::var("BULKHEAD_TEST_BOOT_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(600))
-}
 
 const CUSTOMER_OPS: &[Operation] = &[
     Operation::CreateInstance,
@@ -46,16 +34,15 @@ const CUSTOMER_OPS: &[Operation] = &[
     Operation::SetNetworkRules,
 ];
 
-fn guest_dir() -> PathBuf {
-    std::env::var_os("BULKHEAD_TEST_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(controller_bin())
-                .parent()
-                .and_then(Path::parent)
-                .unwrap()
-                .join("guest")
-        })
+fn can_boot(test: &str) -> bool {
+    can_boot_with(
+        test,
+        &[
+            "bulkhead-hypervisor",
+            "bulkhead-blockcard",
+            "bulkhead-netcard",
+        ],
+    )
 }
 
 fn host_args() -> Vec<String> {
@@ -71,42 +58,6 @@ fn host_args() -> Vec<String> {
         "--net-port-base".into(),
         base.to_string(),
     ]
-}
-
-fn can_boot(test: &str) -> bool {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let g = guest_dir();
-    let have = g.join("vmlinux").is_file() && g.join("initramfs.cpio").is_file();
-    if !kvm || !have {
-        bulkhead_testkit::skip_or_fail(&format!(
-            "{test}: needs /dev/kvm and the test guest in {}; run `make guest`",
-            g.display()
-        ));
-        return false;
-    }
-    true
-}
-
-fn host_key(dir: &Path) -> HostKey {
-    let host = HostKey::generate().unwrap();
-    let p = dir.join("host.key");
-    let mut f = std::fs::File::create(&p).unwrap();
-    f.write_all(host.to_file_bytes().unwrap().as_ref()).unwrap();
-    drop(f);
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-    host
-}
-
-fn volume_key(seed: u8) -> [u8; 64] {
-    let mut k = [0u8; 64];
-    for (i, b) in k.iter_mut().enumerate() {
-        *b = u8::try_from(i).unwrap().wrapping_mul(29).wrapping_add(seed) ^ 0x3a;
-    }
-    k
 }
 
 /// The count the guest last wrote to sector 0 of its disk, read from the backing file and

@@ -14,18 +14,14 @@
 
 mod common;
 
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bulkhead_netcard::control::seal_epoch_key;
 use bulkhead_netcard::encap::{KeyEpoch, VpcId};
-use bulkhead_sealing::HostKey;
 use bulkhead_tokens::Operation;
 use common::*;
 
-const MIN10: Duration = Duration::from_secs(600);
 const MARK: &str = "VPCMARK-4c1e9a";
 
 const OPS: &[Operation] = &[
@@ -39,44 +35,8 @@ const OPS: &[Operation] = &[
     Operation::SetNetworkRules,
 ];
 
-fn boot_timeout() -> Duration {
-    std::env::var("BULKHEAD_TEST_BOOT_TIMEOUT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(Duration::from_secs(600))
-}
-
-fn release_dir() -> PathBuf {
-    Path::new(controller_bin()).parent().unwrap().to_path_buf()
-}
-
-fn guest_dir() -> PathBuf {
-    std::env::var_os("BULKHEAD_TEST_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| release_dir().parent().unwrap().join("guest"))
-}
-
 fn can_run(test: &str) -> bool {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    let g = guest_dir();
-    let guest = g.join("vmlinux").is_file() && g.join("initramfs.cpio").is_file();
-    let bins = ["bulkhead-hypervisor", "bulkhead-netcard"]
-        .iter()
-        .all(|b| release_dir().join(b).is_file());
-    if !kvm || !guest || !bins {
-        bulkhead_testkit::skip_or_fail(&format!(
-            "{test}: needs /dev/kvm ({kvm}), the test guest in {} ({guest}) and \
-             bulkhead-hypervisor + bulkhead-netcard next to the controller ({bins})",
-            g.display()
-        ));
-        return false;
-    }
-    true
+    can_boot_with(test, &["bulkhead-hypervisor", "bulkhead-netcard"])
 }
 
 struct Api<'a> {
@@ -153,13 +113,7 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
     bulkhead_tokens::statedir::StateDir::new(dir.path())
         .ensure_dev(HOST)
         .unwrap();
-    let host = HostKey::generate().unwrap();
-    let p = dir.path().join("host.key");
-    std::fs::File::create(&p)
-        .unwrap()
-        .write_all(host.to_file_bytes().unwrap().as_ref())
-        .unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let host = host_key(dir.path());
     // A port range of its own per run (tests may run side by side).
     let base = 20000 + (std::process::id() % 20000) as u16;
     let g = guest_dir();
@@ -312,13 +266,7 @@ fn host_with_key(dir: &Path) -> (Daemon, String) {
     bulkhead_tokens::statedir::StateDir::new(dir)
         .ensure_dev(HOST)
         .unwrap();
-    let host = HostKey::generate().unwrap();
-    let p = dir.join("host.key");
-    std::fs::File::create(&p)
-        .unwrap()
-        .write_all(host.to_file_bytes().unwrap().as_ref())
-        .unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let host = host_key(dir);
     let base = 20000 + (std::process::id() % 20000) as u16 + 100;
     let g = guest_dir();
     let d = Daemon::start_with(

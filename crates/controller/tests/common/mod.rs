@@ -15,6 +15,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 
+pub mod guest;
+#[allow(unused_imports)]
+pub use guest::*;
+
 pub const HOST: &str = "host-1";
 
 pub fn controller_bin() -> &'static str {
