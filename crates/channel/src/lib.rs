@@ -324,6 +324,10 @@ pub enum LiveUpdateFailure {
     UnsupportedDevice,
     /// A hot-plug operation is in flight: wait for it to finish.
     OperationInFlight,
+    /// The hand-over socket was not made by this hypervisor's parent (the launcher that
+    /// started it and runs only the measured binaries): nothing was sent on it, guest memory
+    /// least of all.
+    NotFromParent,
 }
 
 /// Why a new hypervisor refused the machine state it was handed.

@@ -26,9 +26,12 @@ enum Touches {
     /// Where an accepted long operation (a device attach or detach) stands: a state and a
     /// flag, keyed by the request id that started it.
     OperationStatus,
-    /// Moves the VM to a new hypervisor process the caller started (live update): guest memory
-    /// (the memfd) and the machine state go from one hypervisor to the other over the socket
-    /// the command carries, never to the caller; the reply is a duration.
+    /// Moves the VM to a new hypervisor process (live update): guest memory (the memfd) and the
+    /// machine state go from one hypervisor to the other over the socket the command carries,
+    /// never to the caller; the reply is a duration. The hypervisor sends nothing on that socket
+    /// unless the hypervisor's own parent (the launcher, which starts only the measured binary)
+    /// made it (`SO_PEERCRED`, `LiveUpdateFailure::NotFromParent`; attacked in
+    /// `hypervisor/tests/live_update.rs`).
     HandOver,
 }
 

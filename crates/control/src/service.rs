@@ -45,6 +45,29 @@ pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(b))
 }
 
+impl ControlPlane {
+    /// What the idempotency record keeps of a request body: HMAC-SHA256 under a key derived from
+    /// the control plane's root key, never a plain digest. A body holds customer content (user
+    /// data), and a plain SHA-256 next to everything else an operator can read from the database
+    /// (action, ids, the client token in clear) would let low-entropy content be guessed offline
+    /// (claim 2); without the root key the MAC tells nothing.
+    pub(crate) fn request_mac(&self, body: &str) -> Result<String, crate::ControlError> {
+        use hmac::{Hmac, Mac};
+        type HmacSha256 = Hmac<sha2::Sha256>;
+        let key = HmacSha256::new_from_slice(self.root.as_ref())
+            .map_err(|_| crate::ControlError::Internal)?
+            .chain_update(b"bulkhead control idempotency v1")
+            .finalize()
+            .into_bytes();
+        let mac = HmacSha256::new_from_slice(&key)
+            .map_err(|_| crate::ControlError::Internal)?
+            .chain_update(body.as_bytes())
+            .finalize()
+            .into_bytes();
+        Ok(hex::encode(mac))
+    }
+}
+
 pub fn secret_aad(akid: &str) -> Vec<u8> {
     let mut a = b"bulkhead control customer secret v1\0".to_vec();
     a.extend_from_slice(akid.as_bytes());

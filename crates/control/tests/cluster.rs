@@ -1487,16 +1487,20 @@ fn wait_pulled(c: &Cluster, host: &str, at_least: u64) -> u64 {
 
 /// Claim 2 under attack: an instance's user data holds a 4-digit PIN. Rebuilding every body
 /// the customer or the control plane could have sent with each of the 10,000 PINs, and hashing
-/// each, finds nothing in what an operator can read; nor does the PIN itself appear there.
+/// each, finds nothing in what an operator can read (audit logs, operator API, command lines,
+/// the control plane's database with its idempotency record); nor does the PIN itself appear.
 #[test]
 fn operators_cannot_guess_user_data_offline_from_anything_they_can_read() {
     let dir = tempfile::tempdir().unwrap();
     let c = up(dir.path(), false);
     let a = customer(&c, "tenant-a");
     let secret = "PIN=4821";
+    // With a client token, as the AWS SDKs always send one: the control plane's idempotency
+    // record then keeps something of the body (it must not be guessable).
+    let token = "claim2-token-1";
     let v = a.ok(
         "RunInstances",
-        json!({"ImageId": "img-1", "UserData": secret}),
+        json!({"ImageId": "img-1", "UserData": secret, "ClientToken": token}),
     );
     let inst = v["Instances"][0].clone();
     let id = inst["InstanceId"].as_str().unwrap().to_string();
@@ -1521,10 +1525,20 @@ fn operators_cannot_guess_user_data_offline_from_anything_they_can_read() {
     }
     let (_, alerts) = operator_get(&c, "/v1/operator/alerts");
     pages.push(alerts);
-    let readable = operator_readable(&c, &pages);
+    let mut readable = operator_readable(&c, &pages);
+    // The control plane's database (and its WAL), as root on its machine could copy it.
+    for f in ["control/control.db", "control/control.db-wal"] {
+        if let Ok(b) = std::fs::read(dir.path().join(f)) {
+            readable.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
     assert!(
         readable.contains(&id),
         "the test reads the records about the instance"
+    );
+    assert!(
+        readable.contains(token),
+        "the test reads the idempotency record"
     );
     assert!(
         !readable.contains(secret),
@@ -1545,6 +1559,7 @@ fn operators_cannot_guess_user_data_offline_from_anything_they_can_read() {
             json!({"instance_id": id, "image": "img-1", "vcpus": vcpus, "memory_mib": mem, "user_data": u})
                 .to_string(),
             json!({"ImageId": "img-1", "UserData": u}).to_string(),
+            json!({"ImageId": "img-1", "UserData": u, "ClientToken": token}).to_string(),
             u.clone(),
         ] {
             let d = hex::encode(Sha256::digest(body.as_bytes()));

@@ -141,6 +141,30 @@ enum StartError {
     Adopt(&'static str),
 }
 
+/// One controller per host at a time: an exclusive lock on `run_dir/controller.lock`, taken
+/// before the keeper is looked for or started and held until this process exits (the fd is
+/// close-on-exec, so the keeper does not inherit it and a restarted controller can take it).
+/// Without it two controllers started at the same moment could each start a keeper, the
+/// second replacing the first's socket and orphaning its children.
+fn hold_controller_lock(run_dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(run_dir).map_err(|e| StartError::Path(run_dir.to_path_buf(), e))?;
+    let path = run_dir.join("controller.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StartError::Path(path.clone(), e))?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(StartError::Launcher(launcher::LauncherError::KeeperBusy));
+    }
+    // Held for the life of the process (released by the kernel when it exits).
+    std::mem::forget(lock);
+    Ok(())
+}
+
 /// The host record's file name, next to the audit log in the state directory.
 const HOST_RECORD_FILE: &str = "host-record";
 
@@ -322,6 +346,7 @@ fn run(args: Args) -> Result<(), StartError> {
     let (host, record) = match host_backend(&args, &cfg)? {
         Some((host, launch)) => {
             let record = HostRecord::load(&record_path)?;
+            hold_controller_lock(&launch.run_dir)?;
             // A keeper left by the previous controller holds the running instances: adopt it.
             let l = match Launcher::connect_keeper(&launch.run_dir)? {
                 Some(l) => l,

@@ -74,6 +74,9 @@ const MAIN: &[Rule] = &[
     Rule::any(libc::SYS_lseek),
     Rule::any(libc::SYS_pread64),
     Rule::any(libc::SYS_shutdown),
+    // LiveUpdate: who made the hand-over socket (`SO_PEERCRED` only) and who our parent is.
+    Rule::arg_one_of(libc::SYS_getsockopt, 2, &[libc::SO_PEERCRED as u64]),
+    Rule::any(libc::SYS_getppid),
     // vCPU threads started after this filter install their own, narrower one. seccomp(2) can
     // only ever add restrictions.
     Rule::any(libc::SYS_seccomp),

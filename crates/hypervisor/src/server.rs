@@ -352,10 +352,55 @@ fn live_update(vm: &mut Vm, ops: &Ops, fd: Option<OwnedFd>) -> (Result<Reply, Co
     };
     // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
     let sock = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
+    // The hand-over gives away guest memory: only to a socket this hypervisor's own parent
+    // made, never to whoever else may hold the channel.
+    if !made_by_parent(&sock) {
+        return (
+            Err(CommandError::LiveUpdate(LiveUpdateFailure::NotFromParent)),
+            Next::Continue,
+        );
+    }
     match crate::live_update::hand_over(vm, &sock) {
         Ok(pause_us) => (Ok(Reply::Updated { pause_us }), Next::HandedOver),
         Err(f) => (Err(CommandError::LiveUpdate(f)), Next::Continue),
     }
+}
+
+/// Whether `sock` is one end of a socketpair made by this process's parent. The kernel records
+/// the credentials of the process that called socketpair(2) on both ends (`SO_PEERCRED`), so a
+/// process that holds the command channel but is not the parent (the launcher, which starts
+/// only the measured hypervisor binary for the new side) cannot make a socket that passes.
+fn made_by_parent(sock: &UnixStream) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let Ok(mut len) = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()) else {
+        return false;
+    };
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a `ucred` we own, and
+    // updates `len`; the fd is a socket we own for the duration of the call.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut cred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: getppid has no preconditions and cannot fail.
+    let parent = unsafe { libc::getppid() };
+    let ok = r == 0 && cred.pid == parent && parent > 1;
+    if !ok {
+        tracing::warn!(
+            peer = cred.pid,
+            parent,
+            "LiveUpdate refused: the hand-over socket was not made by this hypervisor's parent"
+        );
+    }
+    ok
 }
 
 fn into_raw(fd: OwnedFd) -> RawFd {

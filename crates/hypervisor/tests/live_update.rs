@@ -294,6 +294,57 @@ fn relay(old: UnixStream, new: UnixStream, tamper: Tamper, mut victim: Child) ->
     victim
 }
 
+/// The attacker: a process that is not the hypervisor's parent (here a Python interpreter)
+/// makes a socketpair and hands one end to whoever holds the channel, then waits on the other
+/// end for what a hand-over would send (the Hello with the guest's memfd).
+const THIEF: &str = "import socket\n\
+s = socket.socket(fileno=0)\n\
+a, b = socket.socketpair()\n\
+socket.send_fds(s, [b'x'], [a.fileno()])\n\
+a.close()\n\
+b.settimeout(30)\n\
+msg, fds, flags, addr = socket.recv_fds(b, 65536, 4)\n\
+print('FDS=%d BYTES=%d' % (len(fds), len(msg)))\n";
+
+/// A holder of the channel that is not the hypervisor's parent asks for a live update onto a
+/// socket it made: refused as `NotFromParent` before anything is sent (no memfd, no byte), and
+/// the guest never paused.
+fn a_socket_not_made_by_the_parent_gets_nothing(g: &mut Guest) {
+    use std::os::fd::OwnedFd;
+    use std::process::Stdio;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let (ours, theirs) = UnixStream::pair().expect("pair");
+    let thief = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(THIEF)
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 (the test's stand-in for a process that is not the parent)");
+    let mut buf = [0u8; 8];
+    let (_, fd) = ours.recv_with_fd(&mut buf).expect("the thief's socket");
+    let fd = fd.expect("the thief sent one end of its socketpair");
+    g.drain();
+    let before = g.last_count();
+    let r =
+        g.hv.channel()
+            .call(Command::LiveUpdate, Some(fd.as_raw_fd()));
+    drop(fd);
+    match r {
+        Err(ClientError::Refused(CommandError::LiveUpdate(LiveUpdateFailure::NotFromParent))) => {}
+        other => panic!("a hand-over socket from a non-parent: {other:?}"),
+    }
+    let out = thief.wait_with_output().expect("thief");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.trim(),
+        "FDS=0 BYTES=0",
+        "the thief's end must see only the close, no fd and no byte"
+    );
+    g.wait_counting(20, Duration::from_secs(180));
+    println!("a non-parent's hand-over socket: refused (NotFromParent) before any byte; the guest counted on from {before}");
+}
+
 #[test]
 fn refused_or_interrupted_hand_overs_leave_the_guest_on_the_old_hypervisor() {
     let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
@@ -304,6 +355,7 @@ fn refused_or_interrupted_hand_overs_leave_the_guest_on_the_old_hypervisor() {
         return;
     };
     let old_pid = g.hv.pid();
+    a_socket_not_made_by_the_parent_gets_nothing(&mut g);
     let cases = [
         (
             Tamper::FlipABodyByte,

@@ -8,7 +8,6 @@ use bulkhead_audit::EntryKind;
 use bulkhead_kms::wire::{CreateKeyRequest, GenerateDataKeyRequest, RevokeGrantRequest};
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::{instance_json, new_id, now, volume_json, Caller, ControlPlane, RawRequest};
 use crate::api::ControlRequest;
@@ -75,9 +74,10 @@ impl ControlPlane {
             "ok",
         )
         .await?;
-        let idem = req
-            .client_token()
-            .map(|t| (t.to_string(), hex::encode(Sha256::digest(body.as_bytes()))));
+        let idem = match req.client_token() {
+            Some(t) => Some((t.to_string(), self.request_mac(body)?)),
+            None => None,
+        };
         if let Some((token, hash)) = &idem {
             match self.repo.idempotency(&caller.tenant, req.action(), token) {
                 Ok(Some((h, resp))) if &h == hash => {
