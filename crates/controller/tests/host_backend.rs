@@ -152,7 +152,7 @@ fn card_sockets(dir: &Path) -> Vec<String> {
         .map(|rd| {
             rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
                 // The keeper's own socket and pid file stay while it runs.
-                .filter(|f| !f.starts_with("keeper."))
+                .filter(|f| !f.starts_with("keeper.") && f != "controller.lock")
                 .collect()
         })
         .unwrap_or_default()
