@@ -51,6 +51,10 @@ def code_of(fn, **kw):
 
 
 def wait_console(c, instance, needle, limit=900):
+    # SigV4 has no nonce and the control plane accepts a signature once: a GetConsoleOutput
+    # byte-identical to the last one of a previous wait, signed in the same second, would be
+    # refused as a replay. A new second, a new signature.
+    time.sleep(1.1)
     start = time.time()
     while True:
         out = c.get_console_output(InstanceId=instance).get("Output", "")
