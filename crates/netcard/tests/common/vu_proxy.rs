@@ -84,7 +84,11 @@ fn relay(front: UnixStream, back: UnixStream) {
             // SAFETY: the first `nfds` entries are fds we now own.
             let owned: Vec<OwnedFd> = fds[..nfds]
                 .iter()
-                .map(|fd| unsafe { OwnedFd::from_raw_fd(*fd) })
+                .map(|fd| {
+                    // SAFETY: the first `nfds` entries are descriptors this recvmsg just
+                    // received (SCM_RIGHTS); nothing else owns them.
+                    unsafe { OwnedFd::from_raw_fd(*fd) }
+                })
                 .collect();
             if n == 0 {
                 break;
