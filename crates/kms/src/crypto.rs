@@ -6,6 +6,10 @@
 //!   cannot be swapped for another key's row.
 //! * A **CMK** (32 bytes) encrypts data keys with AES-256-GCM. The data-key ciphertext blob
 //!   ([`DataKeyBlob`]) names its CMK and is bound (AAD) to the volume it was generated for.
+//! * **Crypto-erase** (blob version 2): the CMK wraps only a *key half*; the volume key is
+//!   HKDF-SHA256 over that half and a per-volume secret that exists only in the KMS's store
+//!   (wrapped under the root key). Destroying the secret makes the blob useless to anyone,
+//!   the KMS and a holder of the CMK included ([`DataKeyBlob::open`] needs both).
 //! * Plaintext CMKs and data keys live only in [`LockedSecret`] pages and in the AES key schedule
 //!   for the duration of one call.
 
@@ -16,7 +20,13 @@ use zeroize::Zeroizing;
 
 const TAG_LEN: usize = 16;
 const DK_MAGIC: &[u8; 4] = b"BHDK";
-const DK_VERSION: u8 = 1;
+/// Version 1: the CMK wraps the volume key itself (volumes made before crypto-erase; they can be
+/// tombstoned but not erased).
+const DK_VERSION_1: u8 = 1;
+/// Version 2: the CMK wraps a key half; the volume key also needs the per-volume secret.
+const DK_VERSION_2: u8 = 2;
+/// Length of the per-volume secret of a version-2 blob.
+pub const VOLUME_SECRET_LEN: usize = 32;
 /// Longest CMK identifier.
 pub const MAX_KEY_ID_LEN: usize = 64;
 
@@ -36,6 +46,8 @@ pub enum CryptoError {
     Wrap,
     #[error("data key blob is malformed")]
     BadBlob,
+    #[error("the volume's data key was destroyed (crypto-erased)")]
+    Destroyed,
 }
 
 /// A 32-byte AES-256 key in locked memory.
@@ -138,6 +150,8 @@ fn libc_o_nofollow() -> i32 {
 /// `BHDK | version | key_id_len | key_id | nonce(12) | ciphertext(64) | tag(16)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataKeyBlob {
+    /// 1 or 2 (see the module notes).
+    pub version: u8,
     pub key_id: String,
     /// `nonce || ciphertext || tag`.
     pub wrapped: Vec<u8>,
@@ -154,7 +168,11 @@ pub(crate) fn dk_aad(key_id: &str, volume_id: &str) -> Vec<u8> {
 impl DataKeyBlob {
     pub fn parse(raw: &[u8]) -> Result<Self, CryptoError> {
         let want_tail = NONCE_LEN + VOLUME_KEY_LEN + TAG_LEN;
-        if raw.get(..4) != Some(&DK_MAGIC[..]) || raw.get(4) != Some(&DK_VERSION) {
+        if raw.get(..4) != Some(&DK_MAGIC[..]) {
+            return Err(CryptoError::BadBlob);
+        }
+        let version = *raw.get(4).ok_or(CryptoError::BadBlob)?;
+        if version != DK_VERSION_1 && version != DK_VERSION_2 {
             return Err(CryptoError::BadBlob);
         }
         let n = usize::from(*raw.get(5).ok_or(CryptoError::BadBlob)?);
@@ -168,6 +186,7 @@ impl DataKeyBlob {
             return Err(CryptoError::BadBlob);
         }
         Ok(DataKeyBlob {
+            version,
             key_id,
             wrapped: raw.get(6 + n..).ok_or(CryptoError::BadBlob)?.to_vec(),
         })
@@ -175,48 +194,84 @@ impl DataKeyBlob {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = DK_MAGIC.to_vec();
-        out.push(DK_VERSION);
+        out.push(self.version);
         out.push(u8::try_from(self.key_id.len()).unwrap_or(0));
         out.extend_from_slice(self.key_id.as_bytes());
         out.extend_from_slice(&self.wrapped);
         out
     }
 
-    /// Generates a fresh data key for `volume_id` and encrypts it under `cmk`. The plaintext is
-    /// dropped (zeroized) before returning.
-    /// A fresh data key, sealed under CMK `key_id` by `keys` (`stored`: the store's record of
-    /// the CMK), bound to `volume_id`.
+    /// A fresh version-2 data key for `volume_id` under CMK `key_id` (`stored`: the store's
+    /// record of the CMK, opened by `keys`): the blob, and the per-volume secret the caller
+    /// must keep (wrapped) for the key to be usable. No plaintext outlives the call but the
+    /// secret's locked page.
     pub fn generate(
         keys: &dyn crate::keystore::KeyStore,
         stored: &[u8],
         key_id: &str,
         volume_id: &str,
-    ) -> Result<Self, CryptoError> {
+    ) -> Result<(Self, LockedSecret<VOLUME_SECRET_LEN>), CryptoError> {
         if key_id.is_empty() || key_id.len() > MAX_KEY_ID_LEN {
             return Err(CryptoError::BadBlob);
         }
-        let dk: VolumeKey = random_secret::<VOLUME_KEY_LEN>()?;
-        let wrapped = keys.seal(key_id, stored, &dk_aad(key_id, volume_id), dk.as_ref())?;
-        Ok(DataKeyBlob {
-            key_id: key_id.to_string(),
-            wrapped,
-        })
+        let half: VolumeKey = random_secret::<VOLUME_KEY_LEN>()?;
+        let secret = random_secret::<VOLUME_SECRET_LEN>()?;
+        let wrapped = keys.seal(key_id, stored, &dk_aad(key_id, volume_id), half.as_ref())?;
+        Ok((
+            DataKeyBlob {
+                version: DK_VERSION_2,
+                key_id: key_id.to_string(),
+                wrapped,
+            },
+            secret,
+        ))
     }
 
-    /// The data key, for `volume_id` only.
+    /// The volume key, for `volume_id` only. A version-2 blob needs the volume's secret
+    /// (`None`: destroyed or never made → [`CryptoError::Destroyed`]).
     pub fn open(
         &self,
         keys: &dyn crate::keystore::KeyStore,
         stored: &[u8],
         volume_id: &str,
+        secret: Option<&[u8; VOLUME_SECRET_LEN]>,
     ) -> Result<VolumeKey, CryptoError> {
-        keys.open(
+        let inner = keys.open(
             &self.key_id,
             stored,
             &dk_aad(&self.key_id, volume_id),
             &self.wrapped,
-        )
+        )?;
+        if self.version == DK_VERSION_1 {
+            return Ok(inner);
+        }
+        let secret = secret.ok_or(CryptoError::Destroyed)?;
+        derive_volume_key(inner.as_ref(), secret, volume_id)
     }
+}
+
+/// HKDF-SHA256(salt = label, ikm = half || secret, info = volume id) → the 64-byte XTS key.
+fn derive_volume_key(
+    half: &[u8; VOLUME_KEY_LEN],
+    secret: &[u8; VOLUME_SECRET_LEN],
+    volume_id: &str,
+) -> Result<VolumeKey, CryptoError> {
+    use aws_lc_rs::hkdf::{KeyType, Salt, HKDF_SHA256};
+    struct Len;
+    impl KeyType for Len {
+        fn len(&self) -> usize {
+            VOLUME_KEY_LEN
+        }
+    }
+    let mut ikm = Zeroizing::new([0u8; VOLUME_KEY_LEN + VOLUME_SECRET_LEN]);
+    ikm[..VOLUME_KEY_LEN].copy_from_slice(half);
+    ikm[VOLUME_KEY_LEN..].copy_from_slice(secret);
+    let prk = Salt::new(HKDF_SHA256, b"bulkhead volume key v2").extract(ikm.as_ref());
+    let info = [volume_id.as_bytes()];
+    let okm = prk.expand(&info, Len).map_err(|_| CryptoError::Wrap)?;
+    let mut key = LockedSecret::<VOLUME_KEY_LEN>::new()?;
+    okm.fill(key.as_mut()).map_err(|_| CryptoError::Wrap)?;
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -229,18 +284,48 @@ mod tests {
         use crate::keystore::{Embedded, KeyStore};
         let keys = Embedded::new(random_secret::<32>().unwrap());
         let cmk = keys.create("key-1").unwrap();
-        let b = DataKeyBlob::generate(&keys, &cmk, "key-1", "vol-1").unwrap();
+        let (b, secret) = DataKeyBlob::generate(&keys, &cmk, "key-1", "vol-1").unwrap();
+        let s = Some(secret.as_ref());
         let raw = b.to_bytes();
         let back = DataKeyBlob::parse(&raw).unwrap();
         assert_eq!(back, b);
-        assert!(back.open(&keys, &cmk, "vol-1").is_ok());
-        assert!(back.open(&keys, &cmk, "vol-2").is_err());
+        let k1 = back.open(&keys, &cmk, "vol-1", s).unwrap();
+        assert_eq!(
+            k1.as_ref(),
+            back.open(&keys, &cmk, "vol-1", s).unwrap().as_ref()
+        );
+        assert!(back.open(&keys, &cmk, "vol-2", s).is_err());
         let other = keys.create("key-1").unwrap();
-        assert!(back.open(&keys, &other, "vol-1").is_err());
+        assert!(back.open(&keys, &other, "vol-1", s).is_err());
         let elsewhere = Embedded::new(random_secret::<32>().unwrap());
-        assert!(back.open(&elsewhere, &cmk, "vol-1").is_err());
+        assert!(back.open(&elsewhere, &cmk, "vol-1", s).is_err());
         assert!(DataKeyBlob::parse(&raw[..raw.len() - 1]).is_err());
         assert!(DataKeyBlob::parse(b"BHDK").is_err());
+        let mut v9 = raw.clone();
+        v9[4] = 9;
+        assert!(DataKeyBlob::parse(&v9).is_err());
+    }
+
+    #[test]
+    fn without_its_secret_a_blob_opens_to_nothing() {
+        use crate::keystore::{Embedded, KeyStore};
+        let keys = Embedded::new(random_secret::<32>().unwrap());
+        let cmk = keys.create("key-1").unwrap();
+        let (b, secret) = DataKeyBlob::generate(&keys, &cmk, "key-1", "vol-1").unwrap();
+        assert!(matches!(
+            b.open(&keys, &cmk, "vol-1", None),
+            Err(CryptoError::Destroyed)
+        ));
+        // Another secret (a guess) gives another key, never this volume's.
+        let good = b.open(&keys, &cmk, "vol-1", Some(secret.as_ref())).unwrap();
+        let guess = random_secret::<VOLUME_SECRET_LEN>().unwrap();
+        let bad = b.open(&keys, &cmk, "vol-1", Some(guess.as_ref())).unwrap();
+        assert_ne!(good.as_ref(), bad.as_ref());
+        // The CMK alone yields only the half, which is not the volume key.
+        let half = keys
+            .open("key-1", &cmk, &dk_aad("key-1", "vol-1"), &b.wrapped)
+            .unwrap();
+        assert_ne!(half.as_ref(), good.as_ref());
     }
 
     #[test]

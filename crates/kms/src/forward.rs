@@ -151,6 +151,7 @@ pub fn verify(
         Ec2Request::AttachVolume(a) => {
             json!({ "VolumeId": a.volume_id.as_str(), "InstanceId": a.instance_id.as_str() })
         }
+        Ec2Request::DeleteVolume { volume_id } => json!({ "VolumeId": volume_id.as_str() }),
         _ => json!({}),
     };
     Ok(VerifiedForward {

@@ -62,6 +62,8 @@ pub enum KmsError {
     EvidenceForAnotherHost,
     #[error("host attestation refused: {0}")]
     Attestation(bulkhead_rot::attest::AttestError),
+    #[error("the volume's data key was destroyed (crypto-erased)")]
+    KeyDestroyed,
     #[error("customer or access key already registered")]
     CustomerExists,
     #[error("no such VPC")]
@@ -105,6 +107,9 @@ impl KmsError {
             KmsError::AttestationRequired => "attestation_required",
             KmsError::EvidenceForAnotherHost => "evidence_for_another_host",
             KmsError::Attestation(e) => e.code(),
+            KmsError::KeyDestroyed | KmsError::Crypto(crypto::CryptoError::Destroyed) => {
+                "key_destroyed"
+            }
             KmsError::CustomerExists => "customer_exists",
             KmsError::NoSuchVpc => "no_such_vpc",
             KmsError::NoSuchEpoch => "no_such_epoch",
@@ -140,6 +145,7 @@ impl KmsError {
             | KmsError::EvidenceForAnotherHost
             | KmsError::Attestation(_) => 403,
             KmsError::CustomerExists | KmsError::VpcExists => 409,
+            KmsError::KeyDestroyed | KmsError::Crypto(crypto::CryptoError::Destroyed) => 410,
             KmsError::AuditUnavailable => 503,
             _ => 500,
         }

@@ -15,7 +15,7 @@ use crate::crypto::{self, DataKeyBlob, Key32};
 use crate::forward::{CustomerRequest, SigV4Forwarded};
 use crate::keystore::{Embedded, KeyStore};
 use crate::sigv::{self, Authorization, ForwardedRequest};
-use crate::store::{CmkRow, GrantRow, Store, VpcRow};
+use crate::store::{CmkRow, GrantRow, Store, VolumeSecret, VpcRow};
 use crate::wire::*;
 use crate::KmsError;
 use bulkhead_rot::attest::Verifier;
@@ -64,6 +64,13 @@ fn vpc_aad(vpc_id: &str, epoch: u32) -> Vec<u8> {
 /// instance (kept apart from the marks of volume-key authorizations).
 fn vpc_seal_mark(signature: &str, instance: &str) -> String {
     format!("{signature}/seal-vpc-key/{instance}")
+}
+
+/// AAD of a volume's crypto-erase secret, wrapped under the root key.
+fn volume_secret_aad(volume_id: &str) -> Vec<u8> {
+    let mut aad = b"bulkhead volume secret v1\0".to_vec();
+    aad.extend_from_slice(volume_id.as_bytes());
+    aad
 }
 
 fn cust_aad(akid: &str) -> Vec<u8> {
@@ -136,6 +143,12 @@ enum Plan {
     },
     Challenge {
         host: String,
+    },
+    /// Crypto-erase of one volume's data key.
+    Destroy {
+        tenant: String,
+        volume: String,
+        authorization: String,
     },
     Revoke {
         key_id: String,
@@ -507,6 +520,12 @@ impl Kms {
                     .map_err(|_| KmsError::BadRequest("ciphertext_blob"))?;
                 let blob = DataKeyBlob::parse(&raw)?;
                 let cmk = self.owned_key(&blob.key_id, &c.tenant)?;
+                if matches!(
+                    self.store.volume_secret(&r.volume_id)?,
+                    VolumeSecret::Destroyed { .. }
+                ) {
+                    return Err(KmsError::KeyDestroyed);
+                }
                 let grant_id = self
                     .store
                     .active_grant(&cmk.key_id, &c.tenant, &r.volume_id)?
@@ -634,6 +653,41 @@ impl Kms {
                     },
                 ))
             }
+            KmsOp::DestroyDataKey => {
+                let r: DestroyDataKeyRequest = parse(body)?;
+                if !crate::valid_id(&r.volume_id) {
+                    return Err(KmsError::BadRequest("volume_id"));
+                }
+                let c = self.forwarded(&r.customer_request, "DeleteVolume")?;
+                if str_field(&c.body, "VolumeId").as_deref() != Some(r.volume_id.as_str()) {
+                    return Err(KmsError::WrongCustomerAction);
+                }
+                // Only the volume's owner erases it; a repeat by the owner is answered again.
+                let owner = match self.store.volume_secret(&r.volume_id)? {
+                    VolumeSecret::Live { tenant_id, .. }
+                    | VolumeSecret::Destroyed { tenant_id } => tenant_id == c.tenant,
+                    VolumeSecret::Unknown => self
+                        .store
+                        .tenant_has_volume_grant(&c.tenant, &r.volume_id)?,
+                };
+                if !owner {
+                    return Err(KmsError::NoGrant);
+                }
+                if self.store.authorization_used(&c.signature)? {
+                    return Err(KmsError::AuthorizationReplayed);
+                }
+                Ok((
+                    vec![
+                        format!("tenant:{}", c.tenant),
+                        format!("volume:{}", r.volume_id),
+                    ],
+                    Plan::Destroy {
+                        tenant: c.tenant,
+                        volume: r.volume_id,
+                        authorization: c.signature,
+                    },
+                ))
+            }
             KmsOp::RevokeGrant => {
                 let r: RevokeGrantRequest = parse(body)?;
                 let c = self.forwarded(&r.customer_request, "RevokeGrant")?;
@@ -715,8 +769,17 @@ impl Kms {
                     Some(k) => k,
                     None => self.default_key(&tenant)?,
                 };
-                let blob =
+                let (blob, secret) =
                     DataKeyBlob::generate(self.keys.as_ref(), &key.wrapped, &key.key_id, &volume)?;
+                let wrapped_secret =
+                    crypto::wrap(&self.root, &volume_secret_aad(&volume), secret.as_ref())?;
+                drop(secret);
+                if !self
+                    .store
+                    .insert_volume_secret(&volume, &tenant, &wrapped_secret, now())?
+                {
+                    return Err(KmsError::BadRequest("volume_id"));
+                }
                 let grant_id = match self.store.active_grant(&key.key_id, &tenant, &volume)? {
                     Some(g) => g,
                     None => {
@@ -754,7 +817,25 @@ impl Kms {
                 {
                     return Err(KmsError::AuthorizationReplayed);
                 }
-                let dk = blob.open(self.keys.as_ref(), &cmk.wrapped, &volume)?;
+                let secret = match self.store.volume_secret(&volume)? {
+                    VolumeSecret::Live { tenant_id, wrapped } if tenant_id == cmk.tenant_id => {
+                        Some(crypto::unwrap::<{ crypto::VOLUME_SECRET_LEN }>(
+                            &self.root,
+                            &volume_secret_aad(&volume),
+                            &wrapped,
+                        )?)
+                    }
+                    VolumeSecret::Live { .. } => return Err(KmsError::NoGrant),
+                    VolumeSecret::Destroyed { .. } => return Err(KmsError::KeyDestroyed),
+                    VolumeSecret::Unknown => None,
+                };
+                let dk = blob.open(
+                    self.keys.as_ref(),
+                    &cmk.wrapped,
+                    &volume,
+                    secret.as_ref().map(|s| s.as_ref()),
+                )?;
+                drop(secret);
                 let sealed =
                     seal_volume_key(&host, &volume, dk.as_ref()).map_err(|_| KmsError::Internal)?;
                 drop(dk);
@@ -776,6 +857,27 @@ impl Kms {
                     },
                 };
                 Ok(serde_json::to_value(resp).map_err(|_| KmsError::Internal)?)
+            }
+            Plan::Destroy {
+                tenant,
+                volume,
+                authorization,
+            } => {
+                let t = now();
+                let forget = t.saturating_sub(self.window_secs.saturating_mul(2));
+                if !self
+                    .store
+                    .consume_authorization(&authorization, t, forget)?
+                {
+                    return Err(KmsError::AuthorizationReplayed);
+                }
+                let erased = !matches!(self.store.volume_secret(&volume)?, VolumeSecret::Unknown);
+                self.store.destroy_volume_secret(&volume, &tenant, t)?;
+                Ok(serde_json::to_value(DestroyDataKeyResponse {
+                    volume_id: volume,
+                    erased,
+                })
+                .map_err(|_| KmsError::Internal)?)
             }
             Plan::Revoke {
                 key_id,

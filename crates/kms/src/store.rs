@@ -54,7 +54,30 @@ const MIGRATIONS: &[&str] = &[
         wrapped BLOB NOT NULL,
         created INTEGER NOT NULL,
         PRIMARY KEY (vpc_id, epoch));",
+    // Crypto-erase: each volume's data key (blob version 2) needs this per-volume secret, kept
+    // only here and only wrapped under the root key. DestroyDataKey deletes it (secure_delete:
+    // the page is overwritten, the WAL checkpointed) and leaves a tombstone naming the owner.
+    "CREATE TABLE volume_secrets (
+        volume_id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL,
+        wrapped BLOB NOT NULL,
+        created INTEGER NOT NULL);
+     CREATE TABLE destroyed_volumes (
+        volume_id TEXT PRIMARY KEY,
+        tenant_id TEXT NOT NULL,
+        destroyed INTEGER NOT NULL);",
 ];
+
+/// What the store knows about one volume's data-key secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSecret {
+    /// Live: the owner and the secret wrapped under the root key.
+    Live { tenant_id: String, wrapped: Vec<u8> },
+    /// Destroyed (crypto-erased) for this owner.
+    Destroyed { tenant_id: String },
+    /// Never made here (a version-1 blob, or another KMS's volume).
+    Unknown,
+}
 
 /// A VPC the KMS keeps epoch keys for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +127,8 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // A destroyed volume secret is overwritten in the file, not only unlinked from the tree.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
@@ -263,6 +288,108 @@ impl Store {
                 params![signature, secs(now)],
             )?;
             Ok(n == 1)
+        })
+    }
+
+    /// Records a new volume's secret (wrapped); false if the volume already has one or was
+    /// destroyed (a volume id is never keyed twice).
+    pub fn insert_volume_secret(
+        &self,
+        volume_id: &str,
+        tenant: &str,
+        wrapped: &[u8],
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let gone: bool = tx
+                .query_row(
+                    "SELECT 1 FROM destroyed_volumes WHERE volume_id = ?1",
+                    params![volume_id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if gone {
+                return Ok(false);
+            }
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO volume_secrets (volume_id, tenant_id, wrapped, created) VALUES (?1, ?2, ?3, ?4)",
+                params![volume_id, tenant, wrapped, secs(now)],
+            )?;
+            tx.commit()?;
+            Ok(n == 1)
+        })
+    }
+
+    /// The state of `volume_id`'s secret.
+    pub fn volume_secret(&self, volume_id: &str) -> Result<VolumeSecret, StoreError> {
+        self.with(|c| {
+            if let Some((tenant_id, wrapped)) = c
+                .query_row(
+                    "SELECT tenant_id, wrapped FROM volume_secrets WHERE volume_id = ?1",
+                    params![volume_id],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)),
+                )
+                .optional()?
+            {
+                return Ok(VolumeSecret::Live { tenant_id, wrapped });
+            }
+            Ok(c.query_row(
+                "SELECT tenant_id FROM destroyed_volumes WHERE volume_id = ?1",
+                params![volume_id],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+            .map_or(VolumeSecret::Unknown, |tenant_id| VolumeSecret::Destroyed {
+                tenant_id,
+            }))
+        })
+    }
+
+    /// Whether `tenant` ever held a grant for `volume_id` (the owner of a version-1 volume).
+    pub fn tenant_has_volume_grant(
+        &self,
+        tenant: &str,
+        volume_id: &str,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT 1 FROM grants WHERE tenant_id = ?1 AND volume_id = ?2 LIMIT 1",
+                params![tenant, volume_id],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+        })
+    }
+
+    /// Crypto-erase: deletes `volume_id`'s secret (its page overwritten: `secure_delete`),
+    /// records the tombstone, revokes the volume's grants, and checkpoints the WAL so no copy
+    /// of the secret stays in it. Idempotent.
+    pub fn destroy_volume_secret(
+        &self,
+        volume_id: &str,
+        tenant: &str,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM volume_secrets WHERE volume_id = ?1",
+                params![volume_id],
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO destroyed_volumes (volume_id, tenant_id, destroyed) VALUES (?1, ?2, ?3)",
+                params![volume_id, tenant, secs(now)],
+            )?;
+            tx.execute(
+                "UPDATE grants SET revoked = ?3 WHERE tenant_id = ?1 AND volume_id = ?2 AND revoked IS NULL",
+                params![tenant, volume_id, secs(now)],
+            )?;
+            tx.commit()?;
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            Ok(())
         })
     }
 

@@ -18,6 +18,7 @@ pub enum KmsOp {
     GenerateDataKey,
     DecryptForHost,
     RevokeGrant,
+    DestroyDataKey,
     Challenge,
     CreateVpcKey,
     SealVpcKey,
@@ -30,6 +31,7 @@ impl KmsOp {
         KmsOp::GenerateDataKey,
         KmsOp::DecryptForHost,
         KmsOp::RevokeGrant,
+        KmsOp::DestroyDataKey,
         KmsOp::Challenge,
         KmsOp::CreateVpcKey,
         KmsOp::SealVpcKey,
@@ -42,6 +44,7 @@ impl KmsOp {
             KmsOp::GenerateDataKey => "GenerateDataKey",
             KmsOp::DecryptForHost => "DecryptForHost",
             KmsOp::RevokeGrant => "RevokeGrant",
+            KmsOp::DestroyDataKey => "DestroyDataKey",
             KmsOp::Challenge => "Challenge",
             KmsOp::CreateVpcKey => "CreateVpcKey",
             KmsOp::SealVpcKey => "SealVpcKey",
@@ -61,6 +64,7 @@ impl KmsOp {
             KmsOp::GenerateDataKey => Some("CreateVolume"),
             KmsOp::DecryptForHost => Some("AttachVolume"),
             KmsOp::RevokeGrant => Some("RevokeGrant"),
+            KmsOp::DestroyDataKey => Some("DeleteVolume"),
             // A default VPC is made by the tenant's first RunInstances (see `CREATE_VPC_ACTIONS`).
             KmsOp::CreateVpcKey => Some("CreateVpc"),
             KmsOp::SealVpcKey => Some("RunInstances"),
@@ -160,6 +164,24 @@ pub struct RevokeGrantResponse {
     pub revoked: usize,
 }
 
+/// `DestroyDataKey`: crypto-erase of one volume's data key, on its owner's own signed
+/// `DeleteVolume`. Afterwards no data-key blob of the volume opens for anyone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyDataKeyRequest {
+    pub volume_id: String,
+    pub customer_request: CustomerRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyDataKeyResponse {
+    pub volume_id: String,
+    /// `false` for a volume keyed before crypto-erase existed (blob version 1): its grants are
+    /// revoked and it is tombstoned, but a holder of its CMK could still open its blob.
+    pub erased: bool,
+}
+
 /// The customer actions whose forwarded signed request may create a VPC's key: an explicit
 /// `CreateVpc`, or the first `RunInstances` of a tenant without a VPC (its default VPC).
 pub const CREATE_VPC_ACTIONS: &[&str] = &["CreateVpc", "RunInstances"];
@@ -243,6 +265,7 @@ kms_calls! {
     ChallengeRequest => Challenge, ChallengeResponse;
     DecryptForHostRequest => DecryptForHost, DecryptForHostResponse;
     RevokeGrantRequest => RevokeGrant, RevokeGrantResponse;
+    DestroyDataKeyRequest => DestroyDataKey, DestroyDataKeyResponse;
     CreateVpcKeyRequest => CreateVpcKey, CreateVpcKeyResponse;
     SealVpcKeyRequest => SealVpcKey, SealVpcKeyResponse;
 }

@@ -817,3 +817,111 @@ fn vpc_epoch_keys_are_sealed_only_for_the_owners_instances_to_enrolled_hosts() {
     }
     assert!(scanned >= 3);
 }
+
+/// DeleteVolume's crypto-erase: after `DestroyDataKey` on the owner's own signed DeleteVolume,
+/// the volume's blob opens for nobody (the owner, any host, a repeat), the secret is gone from
+/// the store file, and another tenant cannot destroy it.
+#[test]
+fn destroyed_data_keys_open_for_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = start(dir.path());
+    let (_key_id, blob) = setup(&k);
+    let host = HostKey::generate().unwrap();
+    k.enroll("host-1", &host);
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!(st, 200, "{v}");
+
+    let delete = |akid: &str, secret: &[u8], vol: &str, n: u32| {
+        signed(
+            akid,
+            secret,
+            "DeleteVolume",
+            &json!({"VolumeId": vol, "ClientToken": format!("d{n}")}),
+            now(),
+        )
+    };
+    // Another tenant, validly signed, is not the owner; a DeleteVolume naming another volume is
+    // not this one's; an AttachVolume is not a DeleteVolume.
+    let (st, v) = k.call(
+        "DestroyDataKey",
+        &json!({"volume_id": "vol-1", "customer_request": delete(AKID_B, &SECRET_B, "vol-1", 1)}),
+    );
+    assert_eq!((st, code(&v)), (403, "no_grant"), "{v}");
+    let (st, v) = k.call(
+        "DestroyDataKey",
+        &json!({"volume_id": "vol-1", "customer_request": delete(AKID, &SECRET, "vol-2", 2)}),
+    );
+    assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    let (st, v) = k.call(
+        "DestroyDataKey",
+        &json!({"volume_id": "vol-1", "customer_request": attach_auth(AKID, &SECRET, now())}),
+    );
+    assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    // Still opens: nothing above changed anything.
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!(st, 200, "{v}");
+
+    let (st, v) = k.call(
+        "DestroyDataKey",
+        &json!({"volume_id": "vol-1", "customer_request": delete(AKID, &SECRET, "vol-1", 3)}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["erased"], true, "{v}");
+    // Refused for every caller from now on, typed.
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!((st, code(&v)), (410, "key_destroyed"), "{v}");
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(
+            &blob,
+            "host-1",
+            &host,
+            attach_auth(AKID_B, &SECRET_B, now()),
+        ),
+    );
+    assert_ne!(st, 200, "{v}");
+    // A repeat by the owner is answered; its one-use authorization is not reusable.
+    let again = delete(AKID, &SECRET, "vol-1", 4);
+    let (st, v) = k.call(
+        "DestroyDataKey",
+        &json!({"volume_id": "vol-1", "customer_request": again.clone()}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = k.call(
+        "DestroyDataKey",
+        &json!({"volume_id": "vol-1", "customer_request": again}),
+    );
+    assert_eq!((st, code(&v)), (403, "authorization_replayed"), "{v}");
+    // The KMS restarted (a fresh process on the same store) still refuses.
+    drop(k);
+    let k = start(dir.path());
+    let (st, v) = k.call(
+        "DecryptForHost",
+        &decrypt_body(&blob, "host-1", &host, attach_auth(AKID, &SECRET, now())),
+    );
+    assert_eq!((st, code(&v)), (410, "key_destroyed"), "{v}");
+    // The store keeps a tombstone naming the owner, not the secret.
+    drop(k);
+    let conn = rusqlite::Connection::open(dir.path().join("kms/kms.db")).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM volume_secrets", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+    let t: String = conn
+        .query_row(
+            "SELECT tenant_id FROM destroyed_volumes WHERE volume_id = 'vol-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!t.is_empty());
+}
