@@ -1,0 +1,453 @@
+//! The node: the volume table, the engine and the live connections behind one lock, and the
+//! control operations on them.
+//!
+//! Every change is made durable in the table before it takes effect outside (connections cut,
+//! exports removed, storage released), and a grant check plus connection registration on the
+//! NBD side happens under the same lock as a grant change, so no connection of a fenced host
+//! can slip in between.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
+use bulkhead_storage_proto::{
+    CreateVolume, DeleteReply, DeleteVolume, ErrorCode, Grant, HostName, ListReply, Revoke,
+    VolumeId, VolumeReply,
+};
+use tokio::process::Child;
+use tokio::sync::Mutex;
+
+use crate::conns::{ConnGuard, Connections};
+use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::table::{Table, TableError, VolumeRecord, TABLE_FILE};
+
+/// Why a control operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("no volume {0}")]
+    UnknownVolume(VolumeId),
+    #[error("volume {id} exists with {have} bytes")]
+    VolumeExists { id: VolumeId, have: u64 },
+    #[error("generation {got} is below the volume's generation {have}")]
+    StaleGeneration { have: u64, got: u64 },
+    #[error("generation {0} is already granted otherwise")]
+    GenerationConflict(u64),
+    #[error("volume {0} is being deleted")]
+    Deleting(VolumeId),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Table(#[from] TableError),
+}
+
+impl OpError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            OpError::UnknownVolume(_) => ErrorCode::UnknownVolume,
+            OpError::VolumeExists { .. } => ErrorCode::VolumeExists,
+            OpError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
+            OpError::GenerationConflict(_) => ErrorCode::GenerationConflict,
+            OpError::Deleting(_) => ErrorCode::Deleting,
+            OpError::Engine(_) => ErrorCode::EngineFailure,
+            OpError::Table(_) => ErrorCode::TableFailure,
+        }
+    }
+}
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("volume table: {0}")]
+    Table(#[from] TableError),
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("volume {0}: {1}")]
+    Volume(VolumeId, EngineError),
+}
+
+/// What is behind the lock.
+pub struct State {
+    pub table: Table,
+    pub engine: Engine,
+}
+
+/// Why a host may not open a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenRefusal {
+    UnknownVolume,
+    NotGranted,
+    Deleting,
+}
+
+impl OpenRefusal {
+    pub fn code(self) -> &'static str {
+        match self {
+            OpenRefusal::UnknownVolume => "unknown_volume",
+            OpenRefusal::NotGranted => "not_granted",
+            OpenRefusal::Deleting => "deleting",
+        }
+    }
+}
+
+/// An open the grant allowed: the registration (cut on fencing) and the export's size.
+pub struct Opened {
+    pub guard: ConnGuard,
+    pub cut: tokio::sync::oneshot::Receiver<()>,
+    pub size_bytes: u64,
+}
+
+pub struct Node {
+    state: Mutex<State>,
+    pub conns: Arc<Connections>,
+    pub audit: AuditLog,
+    table_path: PathBuf,
+    /// qemu-storage-daemon's NBD socket.
+    pub qsd_nbd: PathBuf,
+}
+
+impl Node {
+    /// Loads the table (refusing a corrupt one), starts the engine, finishes interrupted
+    /// deletions and re-adds every export. Returns the node and the engine child for
+    /// [`Node::supervise`].
+    pub async fn open(
+        state_dir: &Path,
+        cfg: EngineConfig,
+        audit: AuditLog,
+    ) -> Result<(Arc<Node>, Child, u64), StartError> {
+        let table_path = state_dir.join(TABLE_FILE);
+        let mut table = Table::load(&table_path)?;
+        let qsd_nbd = cfg.nbd_socket();
+        let mut engine = Engine::new(cfg);
+        let (child, instance) = engine.start().await?;
+        let deleting: Vec<VolumeRecord> = table.volumes().filter(|v| v.deleting).cloned().collect();
+        for rec in deleting {
+            tracing::info!(volume = %rec.volume_id, "finishing an interrupted delete");
+            engine
+                .remove_storage(&rec)
+                .await
+                .map_err(|e| StartError::Volume(rec.volume_id.clone(), e))?;
+            table.remove(&rec.volume_id);
+            table.save(&table_path)?;
+        }
+        add_all_exports(&mut engine, &table).await?;
+        let node = Arc::new(Node {
+            state: Mutex::new(State { table, engine }),
+            conns: Arc::new(Connections::default()),
+            audit,
+            table_path,
+            qsd_nbd,
+        });
+        Ok((node, child, instance))
+    }
+
+    pub async fn volume_count(&self) -> usize {
+        self.state.lock().await.table.len()
+    }
+
+    /// Watches the engine child; when it dies, starts a new one and re-adds every export
+    /// (retrying each second until that works). Runs until the process ends.
+    pub async fn supervise(self: Arc<Node>, mut child: Child, mut instance: u64) {
+        loop {
+            let status = child.wait().await;
+            tracing::warn!(?status, instance, "qemu-storage-daemon exited; restarting");
+            let mut st = self.state.lock().await;
+            if !st.engine.mark_dead(instance) {
+                // Replaced already (fence recovery); that start's child is watched below.
+            }
+            // Whatever was connected through the dead child has lost its session.
+            loop {
+                let State { table, engine } = &mut *st;
+                match engine.start().await {
+                    Ok((c, i)) => match add_all_exports(engine, table).await {
+                        Ok(()) => {
+                            child = c;
+                            instance = i;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "re-adding exports failed; restarting again");
+                            let _ = c.id().map(kill_pid);
+                            engine.mark_dead(i);
+                        }
+                    },
+                    Err(e) => tracing::error!(error = %e, "qemu-storage-daemon restart failed"),
+                }
+                drop(st);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                st = self.state.lock().await;
+            }
+        }
+    }
+
+    fn save(&self, table: &Table) -> Result<(), OpError> {
+        table.save(&self.table_path).map_err(|e| {
+            tracing::error!(error = %e, "volume table write failed");
+            OpError::Table(e)
+        })
+    }
+
+    pub async fn create(&self, r: &CreateVolume) -> Result<VolumeReply, OpError> {
+        let mut st = self.state.lock().await;
+        if let Some(rec) = st.table.get(&r.volume_id) {
+            if rec.deleting {
+                return Err(OpError::Deleting(r.volume_id.clone()));
+            }
+            if rec.size_bytes != r.size_bytes {
+                return Err(OpError::VolumeExists {
+                    id: r.volume_id.clone(),
+                    have: rec.size_bytes,
+                });
+            }
+            return Ok(VolumeReply {
+                volume: rec.view(self.conns.count(&r.volume_id)),
+                cut_connections: 0,
+            });
+        }
+        let rec = VolumeRecord {
+            volume_id: r.volume_id.clone(),
+            size_bytes: r.size_bytes,
+            location: st.engine.cfg.new_location(),
+            generation: 0,
+            granted_to: None,
+            deleting: false,
+        };
+        st.engine.create_storage(&rec).await?;
+        // A create retried after a failed table write finds its export already there.
+        st.engine.remove_export(&rec.volume_id).await?;
+        st.engine.add_export(&rec).await?;
+        let mut next = st.table.clone();
+        next.insert(rec.clone());
+        self.save(&next)?;
+        st.table = next;
+        tracing::info!(volume = %rec.volume_id, size = rec.size_bytes, engine = rec.location.engine().name(), "volume created");
+        Ok(VolumeReply {
+            volume: rec.view(0),
+            cut_connections: 0,
+        })
+    }
+
+    /// Cuts the node's connections to `rec`'s volume except `keep`'s, then fences inside the
+    /// engine. If the engine cannot fence, it is killed (the supervisor restarts it and
+    /// re-adds the exports): either way nothing of a cut connection is in flight afterwards.
+    async fn fence(&self, st: &mut State, rec: &VolumeRecord, keep: Option<&HostName>) -> u32 {
+        let cut = self.conns.cut(&rec.volume_id, keep);
+        if let Err(e) = st.engine.fence(rec).await {
+            tracing::error!(volume = %rec.volume_id, error = %e, "engine fence failed; killing qemu-storage-daemon");
+            if let Some((pid, instance)) = st.engine.running() {
+                kill_pid(pid);
+                st.engine.mark_dead(instance);
+            }
+        }
+        cut
+    }
+
+    pub async fn grant(&self, r: &Grant) -> Result<VolumeReply, OpError> {
+        let mut st = self.state.lock().await;
+        let rec = st
+            .table
+            .get(&r.volume_id)
+            .cloned()
+            .ok_or_else(|| OpError::UnknownVolume(r.volume_id.clone()))?;
+        if rec.deleting {
+            return Err(OpError::Deleting(r.volume_id.clone()));
+        }
+        if r.generation < rec.generation {
+            return Err(OpError::StaleGeneration {
+                have: rec.generation,
+                got: r.generation,
+            });
+        }
+        if r.generation == rec.generation {
+            if rec.granted_to.as_ref() == Some(&r.host) {
+                return Ok(VolumeReply {
+                    volume: rec.view(self.conns.count(&r.volume_id)),
+                    cut_connections: 0,
+                });
+            }
+            return Err(OpError::GenerationConflict(r.generation));
+        }
+        let mut new = rec.clone();
+        new.generation = r.generation;
+        new.granted_to = Some(r.host.clone());
+        let mut next = st.table.clone();
+        next.insert(new.clone());
+        self.save(&next)?;
+        st.table = next;
+        let moved = rec.granted_to.as_ref().is_some_and(|h| *h != r.host);
+        let cut = if moved {
+            self.fence(&mut st, &new, Some(&r.host)).await
+        } else {
+            self.conns.cut(&r.volume_id, Some(&r.host))
+        };
+        tracing::info!(volume = %r.volume_id, host = %r.host, generation = r.generation, cut, "granted");
+        Ok(VolumeReply {
+            volume: new.view(self.conns.count(&r.volume_id)),
+            cut_connections: cut,
+        })
+    }
+
+    pub async fn revoke(&self, r: &Revoke) -> Result<VolumeReply, OpError> {
+        let mut st = self.state.lock().await;
+        let rec = st
+            .table
+            .get(&r.volume_id)
+            .cloned()
+            .ok_or_else(|| OpError::UnknownVolume(r.volume_id.clone()))?;
+        if rec.deleting {
+            return Err(OpError::Deleting(r.volume_id.clone()));
+        }
+        if r.generation < rec.generation {
+            return Err(OpError::StaleGeneration {
+                have: rec.generation,
+                got: r.generation,
+            });
+        }
+        let mut new = rec.clone();
+        new.generation = r.generation;
+        new.granted_to = None;
+        let mut next = st.table.clone();
+        next.insert(new.clone());
+        self.save(&next)?;
+        st.table = next;
+        let cut = if rec.granted_to.is_some() {
+            self.fence(&mut st, &new, None).await
+        } else {
+            self.conns.cut(&r.volume_id, None)
+        };
+        tracing::info!(volume = %r.volume_id, generation = r.generation, cut, "revoked");
+        Ok(VolumeReply {
+            volume: new.view(0),
+            cut_connections: cut,
+        })
+    }
+
+    pub async fn delete(&self, r: &DeleteVolume) -> Result<DeleteReply, OpError> {
+        let mut st = self.state.lock().await;
+        let Some(rec) = st.table.get(&r.volume_id).cloned() else {
+            return Ok(DeleteReply {
+                volume_id: r.volume_id.clone(),
+                deleted: false,
+                cut_connections: 0,
+            });
+        };
+        let mut dying = rec.clone();
+        dying.deleting = true;
+        dying.granted_to = None;
+        let mut next = st.table.clone();
+        next.insert(dying.clone());
+        self.save(&next)?;
+        st.table = next;
+        let cut = self.conns.cut(&r.volume_id, None);
+        st.engine.remove_export(&r.volume_id).await?;
+        st.engine.remove_storage(&dying).await?;
+        let mut next = st.table.clone();
+        next.remove(&r.volume_id);
+        self.save(&next)?;
+        st.table = next;
+        tracing::info!(volume = %r.volume_id, cut, "volume deleted");
+        Ok(DeleteReply {
+            volume_id: r.volume_id.clone(),
+            deleted: true,
+            cut_connections: cut,
+        })
+    }
+
+    pub async fn list(&self) -> ListReply {
+        let st = self.state.lock().await;
+        ListReply {
+            volumes: st
+                .table
+                .volumes()
+                .map(|v| v.view(self.conns.count(&v.volume_id)))
+                .collect(),
+        }
+    }
+
+    /// The grant check of an NBD open, and the connection's registration, under the table
+    /// lock (a grant change waits for it, and cuts it if it moves the volume away).
+    pub async fn open_for(
+        &self,
+        volume: &VolumeId,
+        host: &HostName,
+    ) -> Result<Opened, OpenRefusal> {
+        let st = self.state.lock().await;
+        let rec = st.table.get(volume).ok_or(OpenRefusal::UnknownVolume)?;
+        if rec.deleting {
+            return Err(OpenRefusal::Deleting);
+        }
+        if rec.granted_to.as_ref() != Some(host) {
+            return Err(OpenRefusal::NotGranted);
+        }
+        let (guard, cut) = self.conns.register(volume, host);
+        Ok(Opened {
+            guard,
+            cut,
+            size_bytes: rec.size_bytes,
+        })
+    }
+
+    /// The grant check alone (NBD_OPT_INFO).
+    pub async fn check(&self, volume: &VolumeId, host: &HostName) -> Result<u64, OpenRefusal> {
+        let st = self.state.lock().await;
+        let rec = st.table.get(volume).ok_or(OpenRefusal::UnknownVolume)?;
+        if rec.deleting {
+            return Err(OpenRefusal::Deleting);
+        }
+        if rec.granted_to.as_ref() != Some(host) {
+            return Err(OpenRefusal::NotGranted);
+        }
+        Ok(rec.size_bytes)
+    }
+
+    /// Appends an audit record and waits until it is durable.
+    pub async fn audit(&self, entry: AuditEntry) -> Result<(), bulkhead_audit::AuditError> {
+        self.audit.append(entry).await.map(|_| ())
+    }
+}
+
+async fn add_all_exports(engine: &mut Engine, table: &Table) -> Result<(), StartError> {
+    for rec in table.volumes().filter(|v| !v.deleting) {
+        engine
+            .add_export(rec)
+            .await
+            .map_err(|e| StartError::Volume(rec.volume_id.clone(), e))?;
+    }
+    Ok(())
+}
+
+fn kill_pid(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: kill has no memory-safety preconditions; `pid` is our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// An audit entry of the node.
+pub fn entry(
+    kind: EntryKind,
+    request_id: &str,
+    caller: Option<&bulkhead_tokens::Identity>,
+    op: &str,
+    resources: Vec<String>,
+    decision: Decision,
+    code: &str,
+) -> AuditEntry {
+    AuditEntry {
+        kind,
+        request_id: request_id.to_string(),
+        caller: caller.map_or_else(|| "-".to_string(), |c| c.name.clone()),
+        cert_sha256: caller.map(|c| c.cert_sha256.clone()),
+        token_id: None,
+        op: op.to_string(),
+        resources,
+        params_sha256: None,
+        decision,
+        code: code.to_string(),
+    }
+}
+
+/// A fresh request id.
+pub fn request_id() -> String {
+    format!("sto-{}", hex::encode(rand::random::<[u8; 8]>()))
+}

@@ -1,0 +1,391 @@
+//! The storage node end to end, file engine: the real `bulkhead-storage` binary with its real
+//! qemu-storage-daemon, QEMU's own NBD client (`qemu-io`, TLS with x509 client certificates)
+//! as the host, the control plane's certificate on the control API.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
+
+use bulkhead_nbd::consts::{MAX_OPTION_REPLY_DATA, OPT_GO, OPT_STARTTLS};
+use bulkhead_nbd::{
+    ClientFlags, ClientOption, ExportName, InfoRequest, OptionError, OptionReplyHeader, ReplyType,
+    ServerGreeting,
+};
+use bulkhead_storage_proto::{
+    parse_answer, Answer, CreateVolume, ErrorCode, Grant, Request, VolumeReply,
+};
+use harness::*;
+
+const MIB: u64 = 1 << 20;
+
+fn setup() -> Option<(Pki, tempfile::TempDir)> {
+    if !have_qemu() {
+        bulkhead_testkit::skip_or_fail("qemu-storage-daemon and qemu-io are not installed");
+        return None;
+    }
+    Some((Pki::new(), tempfile::tempdir().unwrap()))
+}
+
+fn read_file_at(path: &std::path::Path, off: u64, len: usize) -> Vec<u8> {
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn granted_host_writes_and_reads_and_the_file_holds_exactly_that() {
+    let Some((pki, state)) = setup() else { return };
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    let v = create(&node, &cp, "vol-1", 16 * MIB);
+    assert_eq!(v.volume.size_bytes, 16 * MIB);
+    // Idempotent: the same again is the same volume; another size is refused.
+    assert_eq!(create(&node, &cp, "vol-1", 16 * MIB).volume, v.volume);
+    let (status, body) = call(
+        &node,
+        &cp,
+        &Request::CreateVolume(CreateVolume {
+            volume_id: vid("vol-1"),
+            size_bytes: 8 * MIB,
+        }),
+    );
+    assert!(matches!(
+        parse_answer::<VolumeReply>(status, &body).unwrap(),
+        Answer::Refused { error, .. } if error.code == ErrorCode::VolumeExists
+    ));
+    let file = node.volume_file("vol-1");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 16 * MIB);
+    grant(&node, &cp, "vol-1", "host-1", 1);
+
+    let creds = pki.qemu_creds(&pki.ca, "host-1");
+    let (ok, out) = qemu_io(
+        &node,
+        &creds,
+        "vol-1",
+        &[
+            "write -P 0xa5 0 64k",
+            "write -P 0x3c 1M 4k",
+            "write -P 0x77 16380k 4k",
+            "flush",
+            "read -P 0xa5 0 64k",
+            "read -P 0x3c 1M 4k",
+            "read -P 0x77 16380k 4k",
+            "read -P 0 64k 4k",
+        ],
+    );
+    assert!(ok, "qemu-io through the node failed:\n{out}");
+    // The node never transforms data: the file holds byte for byte what the host wrote.
+    assert_eq!(read_file_at(&file, 0, 65536), vec![0xa5; 65536]);
+    assert_eq!(read_file_at(&file, MIB, 4096), vec![0x3c; 4096]);
+    assert_eq!(read_file_at(&file, 16380 * 1024, 4096), vec![0x77; 4096]);
+    assert_eq!(read_file_at(&file, 65536, 4096), vec![0; 4096]);
+    // And what is in the file is what the host reads.
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.seek(SeekFrom::Start(2 * MIB)).unwrap();
+        f.write_all(&[0x5a; 4096]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let (ok, out) = qemu_io(&node, &creds, "vol-1", &["read -P 0x5a 2M 4k"]);
+    assert!(ok, "{out}");
+    node.wait_audit(&[
+        "\"caller\":\"host-1\"",
+        "NbdGo",
+        "volume:vol-1",
+        "\"code\":\"ok\"",
+    ]);
+    node.wait_audit(&["\"caller\":\"control\"", "\"op\":\"Grant\"", "host:host-1"]);
+    // A reading past the end is the engine's refusal, not data.
+    let (ok, _) = qemu_io(&node, &creds, "vol-1", &["read 16M 4k"]);
+    assert!(!ok, "a read past the end succeeded");
+}
+
+#[test]
+fn ungranted_host_and_unknown_volume_are_refused_and_audited() {
+    let Some((pki, state)) = setup() else { return };
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    create(&node, &cp, "vol-2", 4 * MIB);
+    // Not granted to anyone yet: host-1 is refused too.
+    let h1 = pki.qemu_creds(&pki.ca, "host-1");
+    let (ok, out) = qemu_io(&node, &h1, "vol-2", &["read 0 4k"]);
+    assert!(!ok, "an ungranted volume opened:\n{out}");
+    node.wait_audit(&[
+        "\"caller\":\"host-1\"",
+        "volume:vol-2",
+        "not_granted",
+        "deny",
+    ]);
+    grant(&node, &cp, "vol-2", "host-1", 1);
+    let (ok, out) = qemu_io(&node, &h1, "vol-2", &["write -P 1 0 4k"]);
+    assert!(ok, "{out}");
+    let h2 = pki.qemu_creds(&pki.ca, "host-2");
+    let (ok, out) = qemu_io(&node, &h2, "vol-2", &["read 0 4k"]);
+    assert!(!ok, "host-2 opened host-1's volume:\n{out}");
+    node.wait_audit(&[
+        "\"caller\":\"host-2\"",
+        "volume:vol-2",
+        "not_granted",
+        "deny",
+    ]);
+    let (ok, _) = qemu_io(&node, &h1, "vol-9", &["read 0 4k"]);
+    assert!(!ok);
+    node.wait_audit(&["\"caller\":\"host-1\"", "volume:vol-9", "unknown_volume"]);
+    let (ok, _) = qemu_io(&node, &h1, "../etc/passwd", &["read 0 4k"]);
+    assert!(!ok);
+    node.wait_audit(&["\"caller\":\"host-1\"", "export:", "unknown_volume"]);
+    // An operator's certificate of the cluster is no host's.
+    let op = pki.qemu_creds(&pki.ca, "alice");
+    let (ok, _) = qemu_io(&node, &op, "vol-2", &["read 0 4k"]);
+    assert!(!ok, "an operator certificate opened a volume");
+    node.wait_audit(&["\"caller\":\"alice\"", "volume:vol-2", "not_a_host"]);
+}
+
+#[test]
+fn a_certificate_of_another_ca_is_refused_and_audited() {
+    let Some((pki, state)) = setup() else { return };
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    create(&node, &cp, "vol-3", 4 * MIB);
+    grant(&node, &cp, "vol-3", "host-1", 1);
+    // Named host-1 too, but issued by another cluster's CA.
+    let forged = pki.qemu_creds(&pki.other, "host-1");
+    let (ok, out) = qemu_io(&node, &forged, "vol-3", &["read 0 4k"]);
+    assert!(!ok, "another CA's certificate opened a volume:\n{out}");
+    node.wait_audit(&["TlsHandshake", "tls_bad_client_cert"]);
+}
+
+#[test]
+fn options_before_starttls_get_tls_reqd() {
+    let Some((pki, state)) = setup() else { return };
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let mut s = TcpStream::connect(("127.0.0.1", node.nbd_port)).unwrap();
+    let mut greeting = [0u8; ServerGreeting::LEN];
+    s.read_exact(&mut greeting).unwrap();
+    ServerGreeting::parse(&greeting).unwrap();
+    s.write_all(&ClientFlags::BULKHEAD.encode()).unwrap();
+    let go = ClientOption::Go(InfoRequest {
+        name: ExportName::new("vol-1").unwrap(),
+        requests: vec![],
+    });
+    s.write_all(&go.encode()).unwrap();
+    let mut head = [0u8; OptionReplyHeader::LEN];
+    s.read_exact(&mut head).unwrap();
+    let h = OptionReplyHeader::parse(&head, MAX_OPTION_REPLY_DATA).unwrap();
+    assert_eq!(h.option, OPT_GO);
+    assert_eq!(h.reply, ReplyType::Error(OptionError::TlsReqd));
+    // STARTTLS is then acknowledged (the TLS handshake would follow).
+    s.write_all(&ClientOption::StartTls.encode()).unwrap();
+    s.read_exact(&mut head).unwrap();
+    let h = OptionReplyHeader::parse(&head, MAX_OPTION_REPLY_DATA).unwrap();
+    assert_eq!((h.option, h.reply), (OPT_STARTTLS, ReplyType::Ack));
+    node.wait_audit(&["TlsHandshake", "nbd_tls_required"]);
+}
+
+#[test]
+fn the_control_api_serves_only_the_control_plane() {
+    let Some((pki, state)) = setup() else { return };
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    for who in ["host-1", "alice"] {
+        let c = pki.control_client(who);
+        let (status, body) = call(
+            &node,
+            &c,
+            &Request::CreateVolume(CreateVolume {
+                volume_id: vid("vol-4"),
+                size_bytes: MIB,
+            }),
+        );
+        assert_eq!(status, 403, "{who}: {}", String::from_utf8_lossy(&body));
+        assert!(matches!(
+            parse_answer::<VolumeReply>(status, &body).unwrap(),
+            Answer::Refused { error, .. } if error.code == ErrorCode::NotControlPlane
+        ));
+        node.wait_audit(&[&format!("\"caller\":\"{who}\""), "not_control_plane"]);
+    }
+    let cp = pki.control_client("control");
+    assert!(list(&node, &cp).volumes.is_empty(), "a refused create ran");
+    // Strict bodies: an unknown field is refused, audited with the body's digest.
+    let r = bulkhead_kms::tls::HttpsClient::request(
+        &cp,
+        &node.control,
+        "POST",
+        "/v1/CreateVolume",
+        &[],
+        br#"{"volume_id":"vol-4","size_bytes":1048576,"engine":"rbd"}"#.to_vec(),
+    );
+    let r = rt().block_on(r).unwrap();
+    assert_eq!(r.status, 400);
+    node.wait_audit(&["\"caller\":\"control\"", "CreateVolume", "bad_request"]);
+}
+
+#[test]
+fn a_grant_to_another_host_cuts_the_live_connection_and_refuses_the_old_host() {
+    let Some((pki, state)) = setup() else { return };
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    create(&node, &cp, "vol-5", 4 * MIB);
+    grant(&node, &cp, "vol-5", "host-1", 1);
+    let h1 = pki.qemu_creds(&pki.ca, "host-1");
+    let mut live = LiveClient::open(&node, &h1, "vol-5");
+    let out = live.run("write -P 0x11 0 4k", &["wrote", "failed", "can't open"]);
+    assert!(out.contains("wrote 4096/4096"), "{out}");
+    assert_eq!(list(&node, &cp).volumes[0].connections, 1);
+
+    // A stale or conflicting grant is refused and changes nothing.
+    for (generation, code) in [(0u64, None), (1, Some(ErrorCode::GenerationConflict))] {
+        let (status, body) = call(
+            &node,
+            &cp,
+            &Request::Grant(Grant {
+                volume_id: vid("vol-5"),
+                host: host("host-2"),
+                generation,
+            }),
+        );
+        match code {
+            Some(code) => assert!(matches!(
+                parse_answer::<VolumeReply>(status, &body).unwrap(),
+                Answer::Refused { error, .. } if error.code == code
+            )),
+            None => assert_eq!(status, 400),
+        }
+    }
+    let out = live.run("write -P 0x12 4k 4k", &["wrote", "failed"]);
+    assert!(out.contains("wrote 4096/4096"), "{out}");
+
+    // Fencing: the grant to host-2 cuts host-1's live connection before it answers.
+    let g = grant(&node, &cp, "vol-5", "host-2", 2);
+    assert_eq!(g.cut_connections, 1);
+    assert_eq!(g.volume.granted_to, Some(host("host-2")));
+    let out = live.run("write -P 0x13 8k 4k", &["wrote", "failed", "error"]);
+    assert!(
+        !out.contains("wrote 4096/4096"),
+        "host-1 wrote after the fence:\n{out}"
+    );
+    drop(live);
+    node.wait_audit(&["NbdConnection", "volume:vol-5", "fenced"]);
+    let (ok, out) = qemu_io(&node, &h1, "vol-5", &["write -P 0x14 0 4k"]);
+    assert!(!ok, "host-1 reconnected after the fence:\n{out}");
+    node.wait_audit(&["\"caller\":\"host-1\"", "volume:vol-5", "not_granted"]);
+    // Host-2 sees everything host-1 had written before the fence, and nothing after.
+    let h2 = pki.qemu_creds(&pki.ca, "host-2");
+    let (ok, out) = qemu_io(
+        &node,
+        &h2,
+        "vol-5",
+        &["read -P 0x11 0 4k", "read -P 0x12 4k 4k", "read -P 0 8k 4k"],
+    );
+    assert!(ok, "{out}");
+    let file = node.volume_file("vol-5");
+    assert_eq!(read_file_at(&file, 8192, 4096), vec![0; 4096]);
+    // Revoke: nobody may open it.
+    let r = revoke(&node, &cp, "vol-5", 3);
+    assert_eq!(r.volume.granted_to, None);
+    let (ok, _) = qemu_io(&node, &h2, "vol-5", &["read 0 4k"]);
+    assert!(!ok, "host-2 opened a revoked volume");
+}
+
+#[test]
+fn kill_9_and_restart_keeps_data_and_grants() {
+    let Some((pki, state)) = setup() else { return };
+    let mut node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    create(&node, &cp, "vol-6", 4 * MIB);
+    create(&node, &cp, "vol-7", 4 * MIB);
+    grant(&node, &cp, "vol-6", "host-1", 1);
+    grant(&node, &cp, "vol-6", "host-2", 4);
+    let h2 = pki.qemu_creds(&pki.ca, "host-2");
+    let (ok, out) = qemu_io(&node, &h2, "vol-6", &["write -P 0x66 0 64k", "flush"]);
+    assert!(ok, "{out}");
+    let before = list(&node, &cp);
+    node.restart(&pki);
+    let after = list(&node, &cp);
+    assert_eq!(before, after, "table changed across kill -9");
+    let (ok, out) = qemu_io(&node, &h2, "vol-6", &["read -P 0x66 0 64k"]);
+    assert!(ok, "{out}");
+    let h1 = pki.qemu_creds(&pki.ca, "host-1");
+    let (ok, _) = qemu_io(&node, &h1, "vol-6", &["read 0 4k"]);
+    assert!(!ok, "the fenced host opened the volume after a restart");
+    // The old generation stays refused.
+    let (status, _) = call(
+        &node,
+        &cp,
+        &Request::Grant(Grant {
+            volume_id: vid("vol-6"),
+            host: host("host-1"),
+            generation: 3,
+        }),
+    );
+    assert_eq!(status, 409);
+    // The engine child dies alone: the node restarts it and re-adds the exports.
+    let old = node.qsd_pid().unwrap();
+    // SAFETY: kill has no memory-safety preconditions; `old` is the node's child.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (ok, out) = qemu_io(&node, &h2, "vol-6", &["read -P 0x66 0 64k"]);
+        if ok && node.qsd_pid() != Some(old) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no engine after its death:\n{out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_corrupt_table_stops_the_node() {
+    let Some((pki, state)) = setup() else { return };
+    let mut node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    create(&node, &cp, "vol-8", MIB);
+    node.kill9();
+    let table = state.path().join("volumes.table");
+    let mut raw = std::fs::read(&table).unwrap();
+    let last = raw.len() - 3;
+    raw[last] ^= 0x20;
+    std::fs::write(&table, &raw).unwrap();
+    let err = StorageNode::try_start(pki.ca.root(), state.path(), NodeOpts::default())
+        .err()
+        .expect("the node started on a corrupt table");
+    assert!(err.contains("digest"), "{err}");
+}
+
+#[test]
+fn delete_cuts_connections_and_removes_the_file() {
+    let Some((pki, state)) = setup() else { return };
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    create(&node, &cp, "vol-9", 4 * MIB);
+    grant(&node, &cp, "vol-9", "host-1", 1);
+    let h1 = pki.qemu_creds(&pki.ca, "host-1");
+    let mut live = LiveClient::open(&node, &h1, "vol-9");
+    let out = live.run("write -P 0x99 0 4k", &["wrote", "failed", "can't open"]);
+    assert!(out.contains("wrote 4096/4096"), "{out}");
+    let file = node.volume_file("vol-9");
+    assert!(file.exists());
+    let d = delete(&node, &cp, "vol-9");
+    assert!(d.deleted);
+    assert_eq!(d.cut_connections, 1);
+    assert!(!file.exists(), "the volume file is still there");
+    let out = live.run("write -P 0x98 0 4k", &["wrote", "failed", "error"]);
+    assert!(
+        !out.contains("wrote 4096/4096"),
+        "wrote after delete:\n{out}"
+    );
+    drop(live);
+    assert!(!delete(&node, &cp, "vol-9").deleted, "delete is idempotent");
+    assert!(list(&node, &cp).volumes.is_empty());
+    let (ok, _) = qemu_io(&node, &h1, "vol-9", &["read 0 4k"]);
+    assert!(!ok);
+    // The id can be used again, for a fresh, empty volume.
+    create(&node, &cp, "vol-9", 4 * MIB);
+    assert_eq!(read_file_at(&file, 0, 4096), vec![0; 4096]);
+}
