@@ -16,6 +16,7 @@ use crate::control::{
     self, AttachSpec, ControlError, ControlRequest, ControlResponse, ErrorCode, KeySource,
 };
 use crate::metrics::BlkMetrics;
+use crate::nbd::{NbdClient, NbdConfig};
 use crate::request::{DiskLimits, SectorCount, ID_LEN};
 use crate::sandbox::{self, SandboxError};
 use crate::store::{Backing, StoreError};
@@ -34,12 +35,21 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 pub struct CardConfig {
     pub control_socket: PathBuf,
     pub vhost_socket: PathBuf,
-    pub backing: PathBuf,
+    pub backing: BackingSpec,
     pub read_only: bool,
     pub host_key: Option<PathBuf>,
     pub queues: u16,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+}
+
+/// Where the volume lives.
+#[derive(Debug, Clone)]
+pub enum BackingSpec {
+    /// A local raw file or block device.
+    File(PathBuf),
+    /// An NBD export on a storage node (TLS, client certificate).
+    Nbd(NbdConfig),
 }
 
 /// Card errors.
@@ -242,12 +252,13 @@ fn wait_for_attach(
                             for (d, s) in serial.iter_mut().zip(spec.volume_id.as_str().bytes()) {
                                 *d = s;
                             }
+                            let store_read_only = st.read_only();
                             let vol = Volume {
                                 store: st,
                                 limits: DiskLimits {
                                     capacity: SectorCount(whole / 512),
                                     align: sector / 512,
-                                    read_only: cfg.read_only,
+                                    read_only: cfg.read_only || store_read_only,
                                 },
                                 sector: spec.sector_size,
                                 serial,
@@ -291,7 +302,7 @@ fn lock_down(cfg: &CardConfig) -> Result<(), CardError> {
         warn!(error = %e, "mlockall(MCL_CURRENT) failed; the rest of the card may be swapped (key schedules are in their own locked pages)");
     }
     sandbox::drop_privileges(cfg.uid, cfg.gid)?;
-    sandbox::install_seccomp()?;
+    sandbox::install_seccomp(matches!(cfg.backing, BackingSpec::Nbd(_)))?;
     info!("sandbox in place: privileges dropped, no_new_privs, seccomp");
     Ok(())
 }
@@ -364,26 +375,37 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
         Some(p) => Some(HostKey::read_file(p).map_err(CardError::HostKey)?),
         None => None,
     };
-    let store = Backing::open(&cfg.backing, cfg.read_only)?;
-    info!(
-        backing = %cfg.backing.display(),
-        bytes = store.size_bytes(),
-        direct = store.is_direct(),
-        read_only = cfg.read_only,
-        "backing store open"
-    );
+    let metrics = Arc::new(BlkMetrics::default());
+    let store = match &cfg.backing {
+        BackingSpec::File(path) => {
+            let store = Backing::open(path, cfg.read_only)?;
+            info!(
+                backing = %path.display(),
+                bytes = store.size_bytes(),
+                direct = store.is_direct(),
+                read_only = cfg.read_only,
+                "backing store open"
+            );
+            store
+        }
+        BackingSpec::Nbd(n) => Backing::Nbd(Box::new(
+            NbdClient::connect(n, metrics.clone()).map_err(StoreError::from)?,
+        )),
+    };
     let control = bind_control(&cfg.control_socket)?;
     let mut listener = vhost::vhost_user::Listener::new(&cfg.vhost_socket, true)
         .map_err(|e| CardError::Vhost(e.to_string()))?;
     info!(control = %cfg.control_socket.display(), vhost = %cfg.vhost_socket.display(), "waiting for attach");
 
-    let metrics = Arc::new(BlkMetrics::default());
     let attached = wait_for_attach(&cfg, &control, host, store, &metrics)?;
     let backend = attached.backend.clone();
     // From here SIGTERM/SIGINT/SIGHUP are blocked in every thread (no other thread exists yet)
     // and taken by one waiter thread, so a terminated card zeroizes its keys before it exits.
     // SIGKILL cannot be caught; the kernel frees (and zeroes before reuse) the memory.
     sandbox::block_exit_signals()?;
+    // Threads started from here inherit the sandbox and the signal mask (NBD: the connection
+    // thread).
+    backend.volume().store.start()?;
     {
         let backend = backend.clone();
         std::thread::Builder::new()

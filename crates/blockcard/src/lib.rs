@@ -7,6 +7,7 @@ pub mod control;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod nbd;
 pub mod request;
 pub mod sandbox;
 pub mod store;

@@ -46,6 +46,14 @@ metrics!(
     rejected_read_only,
     rejected_no_status,
     rejected_after_detach,
+    nbd_connection_losses,
+    nbd_reconnects,
+    nbd_resent,
+    nbd_reply_errors,
+    nbd_protocol_errors,
+    nbd_failed_requests,
+    nbd_unavailable,
+    nbd_fenced,
 );
 
 impl BlkMetrics {

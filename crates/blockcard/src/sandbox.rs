@@ -182,12 +182,41 @@ pub static OPEN_FILTER: Filter = Filter {
     otherwise: Action::Allow,
 };
 
-/// Every filter of the card, for `--self-test`.
-pub static FILTERS: &[&Filter] = &[&OPEN_FILTER, &CARD_FILTER];
+/// What the NBD mode adds (`--nbd`): the connection thread reconnects to the storage node, so
+/// it may create IPv4/IPv6 sockets (no unix, netlink or raw sockets), connect them and set their
+/// options. It never binds or listens. The address was resolved before the sandbox.
+const NBD_NET: &[Rule] = &[
+    Rule::arg_one_of(
+        libc::SYS_socket,
+        0,
+        &[libc::AF_INET as u64, libc::AF_INET6 as u64],
+    ),
+    Rule::any(libc::SYS_connect),
+    Rule::any(libc::SYS_setsockopt),
+    Rule::any(libc::SYS_getsockopt),
+    Rule::any(libc::SYS_getpeername),
+    Rule::any(libc::SYS_getsockname),
+];
 
-/// Builds the card's seccomp program.
+/// The card's allow-list in NBD mode: [`CARD_FILTER`] plus [`NBD_NET`].
+pub static NBD_CARD_FILTER: Filter = Filter {
+    name: "blockcard-nbd",
+    tables: &[ALLOWED, OPEN_SYSCALLS, CONDITIONAL, NBD_NET],
+    listed: Action::Allow,
+    otherwise: Action::KillProcess,
+};
+
+/// Every filter of the card, for `--self-test`.
+pub static FILTERS: &[&Filter] = &[&OPEN_FILTER, &CARD_FILTER, &NBD_CARD_FILTER];
+
+/// Builds the card's seccomp program (local-file mode).
 pub fn card_filter() -> Result<BpfProgram, SandboxError> {
     Ok(CARD_FILTER.compile()?)
+}
+
+/// Builds the card's seccomp program for NBD mode.
+pub fn nbd_card_filter() -> Result<BpfProgram, SandboxError> {
+    Ok(NBD_CARD_FILTER.compile()?)
 }
 
 /// Builds the program of [`OPEN_FILTER`].
@@ -195,14 +224,18 @@ pub fn open_filter() -> Result<BpfProgram, SandboxError> {
     Ok(OPEN_FILTER.compile()?)
 }
 
-/// Sets no_new_privs and installs [`OPEN_FILTER`] and [`CARD_FILTER`] on the calling thread;
-/// threads created afterwards inherit them. Call before any other thread exists. The kernel
-/// applies the most restrictive verdict of all filters: an open gets EACCES, anything outside
-/// the allow-list kills the process.
-pub fn install_seccomp() -> Result<(), SandboxError> {
+/// Sets no_new_privs and installs [`OPEN_FILTER`] and [`CARD_FILTER`] (or, with `nbd`,
+/// [`NBD_CARD_FILTER`]) on the calling thread; threads created afterwards inherit them. Call
+/// before any other thread exists. The kernel applies the most restrictive verdict of all
+/// filters: an open gets EACCES, anything outside the allow-list kills the process.
+pub fn install_seccomp(nbd: bool) -> Result<(), SandboxError> {
     bulkhead_harden::no_new_privs()?;
     let deny_open = open_filter()?;
-    let allow = card_filter()?;
+    let allow = if nbd {
+        nbd_card_filter()?
+    } else {
+        card_filter()?
+    };
     bulkhead_harden::apply(&deny_open)?;
     bulkhead_harden::apply(&allow)?;
     Ok(())
@@ -241,6 +274,12 @@ mod tests {
             libc::SYS_bind,
         ] {
             assert!(!super::CARD_FILTER.syscalls().contains(&nr));
+        }
+        // NBD mode: sockets only of the internet families, never bind/listen/exec.
+        assert!(!super::NBD_CARD_FILTER.lists_unconditionally(libc::SYS_socket));
+        assert!(super::NBD_CARD_FILTER.lists_unconditionally(libc::SYS_connect));
+        for nr in [libc::SYS_execve, libc::SYS_bind, libc::SYS_listen] {
+            assert!(!super::NBD_CARD_FILTER.syscalls().contains(&nr));
         }
     }
 

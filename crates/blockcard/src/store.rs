@@ -1,6 +1,8 @@
 //! The backing store: a raw file or a block device, opened once at start-up (O_DIRECT where the
-//! file system allows it), then only read/written through its fd.
+//! file system allows it), then only read/written through its fd; or an NBD export on a storage
+//! node (`crate::nbd`), connected at start-up.
 
+use crate::nbd::{NbdClient, NbdClientError};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -24,11 +26,101 @@ pub enum StoreError {
     Overflow,
     #[error("could not allocate an aligned buffer")]
     Alloc,
+    #[error("network volume: {0}")]
+    Nbd(#[from] NbdClientError),
 }
 
-/// An opened backing store.
+/// Where a volume's (cipher)text lives.
+pub enum Backing {
+    /// A local raw file or block device.
+    File(FileBacking),
+    /// An NBD export on a storage node, over TLS.
+    Nbd(Box<NbdClient>),
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::File(b) => b.fmt(f),
+            Backing::Nbd(c) => write!(f, "Nbd({} bytes)", c.size_bytes()),
+        }
+    }
+}
+
+impl Backing {
+    /// Opens a local file or block device (see [`FileBacking::open`]).
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, StoreError> {
+        Ok(Backing::File(FileBacking::open(path, read_only)?))
+    }
+
+    /// Size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            Backing::File(b) => b.size_bytes(),
+            Backing::Nbd(c) => c.size_bytes(),
+        }
+    }
+
+    /// Whether the store refuses writes (an export the server marked read-only).
+    pub fn read_only(&self) -> bool {
+        match self {
+            Backing::File(_) => false,
+            Backing::Nbd(c) => c.flags().read_only(),
+        }
+    }
+
+    /// Starts the store's own threads, if any (after the sandbox, so they inherit it).
+    pub fn start(&self) -> Result<(), StoreError> {
+        match self {
+            Backing::File(_) => Ok(()),
+            Backing::Nbd(c) => Ok(c.start()?),
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), StoreError> {
+        match self {
+            Backing::File(b) => b.read_at(buf, offset),
+            Backing::Nbd(c) => Ok(c.read_at(buf, offset)?),
+        }
+    }
+
+    /// Writes all of `buf` at `offset`; for NBD, returns after the server's reply.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), StoreError> {
+        match self {
+            Backing::File(b) => b.write_at(buf, offset),
+            Backing::Nbd(c) => Ok(c.write_at(buf, offset)?),
+        }
+    }
+
+    /// Makes completed writes durable (fdatasync / NBD_CMD_FLUSH).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        match self {
+            Backing::File(b) => b.flush(),
+            Backing::Nbd(c) => Ok(c.flush()?),
+        }
+    }
+
+    /// Releases a byte range (hole punch, BLKDISCARD, NBD_CMD_TRIM if the export takes it).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        match self {
+            Backing::File(b) => b.discard(offset, len),
+            Backing::Nbd(c) => Ok(c.trim(offset, len)?),
+        }
+    }
+
+    /// Whether O_DIRECT is in effect (always false for NBD).
+    pub fn is_direct(&self) -> bool {
+        match self {
+            Backing::File(b) => b.is_direct(),
+            Backing::Nbd(_) => false,
+        }
+    }
+}
+
+/// An opened local file or block device.
 #[derive(Debug)]
-pub struct Backing {
+pub struct FileBacking {
     file: File,
     size_bytes: u64,
     direct: bool,
@@ -38,7 +130,7 @@ pub struct Backing {
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 
-impl Backing {
+impl FileBacking {
     /// Opens `path` (no symlink following), O_DIRECT if possible.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, StoreError> {
         let open = |direct: bool| {

@@ -81,6 +81,8 @@ pub struct CardOpts<'a> {
     pub name: &'a str,
     /// Where the card's log (stderr) goes; the test's stderr when `None`.
     pub log: Option<&'a std::path::Path>,
+    /// NBD mode: these arguments (`--nbd ...`) replace `--backing`.
+    pub nbd: Option<&'a [String]>,
 }
 
 impl Default for CardOpts<'_> {
@@ -91,12 +93,20 @@ impl Default for CardOpts<'_> {
             host_key: true,
             name: "card",
             log: None,
+            nbd: None,
         }
     }
 }
 
 impl Card {
     pub fn start(env: &Env, opts: CardOpts<'_>) -> Self {
+        let mut card = Self::spawn(env, opts);
+        card.connect_control();
+        card
+    }
+
+    /// Starts the process without waiting for its control socket.
+    pub fn spawn(env: &Env, opts: CardOpts<'_>) -> Self {
         let control = env.path(&format!("{}.ctl", opts.name));
         let vhost = env.path(&format!("{}.sock", opts.name));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulkhead-blockcard"));
@@ -104,8 +114,10 @@ impl Card {
             .arg(&control)
             .arg("--vhost-socket")
             .arg(&vhost)
-            .arg("--backing")
-            .arg(&env.backing)
+            .args(match opts.nbd {
+                Some(a) => a.to_vec(),
+                None => vec!["--backing".to_string(), env.backing.display().to_string()],
+            })
             .arg("--queues")
             .arg(opts.queues.to_string())
             .arg("--uid")
@@ -142,14 +154,12 @@ impl Card {
             cmd.arg("--host-key").arg(&env.host_key_path);
         }
         let child = cmd.spawn().expect("spawn card");
-        let mut card = Self {
+        Self {
             child,
             control,
             vhost,
             conn: None,
-        };
-        card.connect_control();
-        card
+        }
     }
 
     fn connect_control(&mut self) {
