@@ -167,6 +167,8 @@ impl ControlRequest {
                 check_token(&r.client_token)?;
                 if action == "DetachVolume" {
                     ControlRequest::DetachVolume(r)
+                } else if r.force.is_some() {
+                    return Err(ControlError::UnknownField);
                 } else {
                     ControlRequest::DeleteVolume(r)
                 }

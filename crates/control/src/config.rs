@@ -47,6 +47,10 @@ pub struct Config {
     pub region: Option<String>,
     #[serde(default)]
     pub hosts: Vec<HostConfig>,
+    /// Storage nodes for network volumes (`bulkhead-storage`); CreateVolume places each new
+    /// volume on one of them. None: volumes are files on whichever host attaches them.
+    #[serde(default)]
+    pub storage_nodes: Vec<crate::storage::StorageNodeConfig>,
 }
 
 /// The region when the configuration names none.

@@ -226,7 +226,7 @@ impl TerminateStep {
                     v.instance_id.as_deref() == w.instance_id.as_deref()
                         && v.state == VolumeState::InUse
                 }) {
-                    if let Err(e) = cp.detach(&w.tenant_id, &v.volume_id).await {
+                    if let Err(e) = cp.detach(&w.tenant_id, &v.volume_id, false).await {
                         tracing::warn!(volume = %v.volume_id, code = e.code(), "detach before terminate failed");
                     }
                 }

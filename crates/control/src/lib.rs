@@ -34,6 +34,7 @@ pub mod schema;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod storage;
 mod volumes;
 mod vpcs;
 pub mod workflow;
@@ -107,6 +108,10 @@ const UPSTREAM_CODES: &[&str] = &[
     "wrong_customer_action",
     "no_such_key",
     "no_grant",
+    "key_destroyed",
+    "storage_fenced",
+    "storage_unavailable",
+    "bad_storage",
     "unknown_host",
     "host_key_mismatch",
     "auth_bad_signature",

@@ -204,6 +204,12 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
         cp = cp.with_fleet_rules(rules);
     }
     cp = cp.with_region(cfg.region());
+    if !cfg.storage_nodes.is_empty() {
+        cp = cp.with_storage(bulkhead_control::storage::Storage::new(
+            cfg.storage_nodes.clone(),
+            client(&cfg, None)?,
+        ));
+    }
     if let Some(ms) = cfg.workflow_lease_ms {
         cp = cp.with_workflow_lease(Duration::from_millis(ms));
     }

@@ -187,7 +187,11 @@ pub(crate) fn translate(r: Ec2Request, az: &str) -> Result<(ControlRequest, View
         ),
         Ec2Request::DetachVolume(d) => (
             "DetachVolume",
-            json!({ "VolumeId": d.volume_id.as_str() }),
+            if d.force {
+                json!({ "VolumeId": d.volume_id.as_str(), "Force": true })
+            } else {
+                json!({ "VolumeId": d.volume_id.as_str() })
+            },
             View::Detach,
         ),
         Ec2Request::DeleteVolume { volume_id } => (

@@ -91,6 +91,9 @@ pub struct VolumeRow {
     pub instance_id: Option<String>,
     pub host_id: Option<String>,
     pub created: u64,
+    /// The storage node holding the volume's ciphertext (`None`: a host-local file, the
+    /// embedded mode without storage nodes).
+    pub storage_node: Option<String>,
 }
 
 /// The repository every backend implements; the same test suite runs against each.

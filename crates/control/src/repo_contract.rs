@@ -129,8 +129,17 @@ pub fn contract_suite(r: &dyn Repository) {
         instance_id: None,
         host_id: None,
         created: 1,
+        storage_node: Some("storage-1".into()),
     };
     r.insert_volume(&vol).unwrap();
+    assert_eq!(
+        r.volume("t-a", "vol-1")
+            .unwrap()
+            .unwrap()
+            .storage_node
+            .as_deref(),
+        Some("storage-1")
+    );
     assert!(r.volume("t-b", "vol-1").unwrap().is_none());
     assert!(matches!(
         r.transition_volume(

@@ -44,6 +44,8 @@ const MIGRATIONS: &[&str] = &[
     crate::workflow::store::SCHEMA,
     crate::workflow::store::LEASES,
     crate::net_store::SCHEMA,
+    // Network volumes: the storage node that holds a volume's ciphertext.
+    "ALTER TABLE volumes ADD COLUMN storage_node TEXT;",
 ];
 
 /// The migrations rendered for `d`.

@@ -120,6 +120,8 @@ pub struct ControlPlane {
     pub(crate) lease: crate::workflow::Lease,
     /// The EC2 Query API's region (what SigV4 scopes must name).
     pub(crate) region: String,
+    /// Storage nodes for network volumes; `None`: volumes are files on the attaching host.
+    pub(crate) storage: Option<crate::storage::Storage>,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -180,6 +182,28 @@ impl ControlPlane {
             fleet: crate::fleet::FleetMonitor::default(),
             lease: crate::workflow::Lease::default(),
             region: crate::config::DEFAULT_REGION.to_string(),
+            storage: None,
+        }
+    }
+
+    /// Places new volumes on these storage nodes (network volumes) instead of hosts' disks.
+    pub fn with_storage(mut self, storage: crate::storage::Storage) -> ControlPlane {
+        self.storage = Some(storage);
+        self
+    }
+
+    pub(crate) fn storage(&self) -> Result<&crate::storage::Storage, crate::ControlError> {
+        self.storage.as_ref().ok_or_else(|| {
+            tracing::error!("a network volume, but no storage nodes are configured");
+            crate::ControlError::Internal
+        })
+    }
+
+    /// Releases a deleted volume's storage on its node (nothing for a host-local volume).
+    pub(crate) async fn release_storage(&self, v: &VolumeRow) -> Result<(), crate::ControlError> {
+        match &v.storage_node {
+            Some(node) => self.storage()?.delete(node, &v.volume_id).await,
+            None => Ok(()),
         }
     }
 

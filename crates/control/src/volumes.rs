@@ -27,6 +27,10 @@ pub enum AttachStep {
     Attest,
     /// KMS DecryptForHost under the customer's forwarded AttachVolume (`{"sealed_key"}`).
     Release,
+    /// A network volume: its storage node grants it to this host at a new generation and cuts
+    /// every other host's connection to it (fencing). Nothing for a host-local volume. Undo:
+    /// revoke at a newer generation.
+    Grant,
     /// The host's controller starts the block card with the sealed key and hot-plugs the disk.
     /// Undo: DetachVolume on the host (the card zeroizes the key).
     Plug,
@@ -40,8 +44,12 @@ pub enum DetachStep {
     /// Volume `in-use → detaching`. Undo: back to in-use.
     Mark,
     /// DetachVolume on the host (the card zeroizes the key; a host that no longer has the
-    /// volume or instance counts as done).
+    /// volume or instance counts as done). A forced detach also counts an unreachable host as
+    /// done: the next step fences it.
     Unplug,
+    /// A network volume: its storage node revokes the host's grant (a host that comes back
+    /// cannot reopen the volume). Nothing for a host-local volume.
+    Revoke,
     /// Volume `detaching → available`.
     Commit,
 }
@@ -132,6 +140,27 @@ async fn unplug(cp: &ControlPlane, w: &WorkflowRow) -> Result<(), ControlError> 
     }
 }
 
+/// The storage node of `w`'s volume, if it is a network volume.
+fn storage_node(cp: &ControlPlane, w: &WorkflowRow) -> Result<Option<String>, ControlError> {
+    Ok(cp
+        .repo
+        .volume(&w.tenant_id, w.volume()?)?
+        .ok_or(ControlError::NoSuchVolume)?
+        .storage_node)
+}
+
+/// Revokes `w`'s host's grant of a network volume at a new generation.
+async fn revoke(cp: &ControlPlane, w: &WorkflowRow) -> Result<(), ControlError> {
+    match storage_node(cp, w)? {
+        Some(node) => {
+            cp.storage()?
+                .revoke(&node, w.volume()?, crate::storage::generation())
+                .await
+        }
+        None => Ok(()),
+    }
+}
+
 fn done<'a>() -> StepFuture<'a, ()> {
     Box::pin(async { Ok(()) })
 }
@@ -208,8 +237,21 @@ impl AttachStep {
                     .await?;
                 Ok(json!({ "sealed_key": sealed.sealed_key }))
             }
+            AttachStep::Grant => {
+                if let Some(node) = storage_node(cp, w)? {
+                    cp.storage()?
+                        .grant(&node, w.volume()?, host_id, crate::storage::generation())
+                        .await?;
+                }
+                Ok(Value::Null)
+            }
             AttachStep::Plug => {
                 let sealed_key = w.output("sealed_key").ok_or(ControlError::Internal)?;
+                let mut body = json!({"volume_id": w.volume()?, "sealed_key": sealed_key});
+                if let Some(node) = storage_node(cp, w)? {
+                    let n = cp.storage()?.node(&node)?;
+                    body["storage"] = json!({"node": n.node_id, "nbd_addr": n.nbd_addr});
+                }
                 let r = cp
                     .on_host(
                         host_id,
@@ -217,7 +259,7 @@ impl AttachStep {
                         &res(w)?,
                         "POST",
                         &format!("/v1/instances/{}/volumes", w.instance()?),
-                        Some(json!({"volume_id": w.volume()?, "sealed_key": sealed_key})),
+                        Some(body),
                     )
                     .await;
                 match r {
@@ -241,6 +283,7 @@ impl Steps for AttachStep {
         AttachStep::Challenge,
         AttachStep::Attest,
         AttachStep::Release,
+        AttachStep::Grant,
         AttachStep::Plug,
         AttachStep::Commit,
     ];
@@ -250,7 +293,11 @@ impl Steps for AttachStep {
         // available, and a fresh nonce, quote and release would need the spent authorization.
         matches!(
             self,
-            AttachStep::Challenge | AttachStep::Attest | AttachStep::Plug | AttachStep::Commit
+            AttachStep::Challenge
+                | AttachStep::Attest
+                | AttachStep::Grant
+                | AttachStep::Plug
+                | AttachStep::Commit
         )
     }
 
@@ -276,6 +323,7 @@ impl Steps for AttachStep {
                 )
             }
             AttachStep::Plug => Box::pin(unplug(cp, w)),
+            AttachStep::Grant => Box::pin(revoke(cp, w)),
             // Nothing to take back: a nonce expires, a quote is public, a sealed key only opens
             // on that host and is dropped with the workflow's outputs.
             _ => done(),
@@ -287,7 +335,15 @@ impl DetachStep {
     async fn run(self, cp: &ControlPlane, w: &WorkflowRow) -> Result<Value, ControlError> {
         match self {
             DetachStep::Mark => move_volume(cp, w, VolumeState::InUse, VolumeState::Detaching)?,
-            DetachStep::Unplug => unplug(cp, w).await?,
+            DetachStep::Unplug => {
+                match unplug(cp, w).await {
+                    Err(ControlError::Upstream) if w.outputs.get("force") == Some(&json!(true)) => {
+                        tracing::warn!(volume = w.volume()?, host = w.host()?, "forced detach: the host is unreachable; its storage grant is revoked next");
+                    }
+                    r => r?,
+                }
+            }
+            DetachStep::Revoke => revoke(cp, w).await?,
             DetachStep::Commit => {
                 move_volume(cp, w, VolumeState::Detaching, VolumeState::Available)?
             }
@@ -298,7 +354,12 @@ impl DetachStep {
 
 impl Steps for DetachStep {
     const KIND: Kind = Kind::Detach;
-    const ALL: &'static [Self] = &[DetachStep::Mark, DetachStep::Unplug, DetachStep::Commit];
+    const ALL: &'static [Self] = &[
+        DetachStep::Mark,
+        DetachStep::Unplug,
+        DetachStep::Revoke,
+        DetachStep::Commit,
+    ];
 
     fn forward<'a>(
         self,
@@ -368,6 +429,7 @@ impl ControlPlane {
         &self,
         tenant: &str,
         volume_id: &str,
+        force: bool,
     ) -> Result<Value, ControlError> {
         let v = self
             .repo
@@ -380,12 +442,13 @@ impl ControlPlane {
         else {
             return Err(ControlError::Internal);
         };
-        let mut w = self.begin(
+        let mut w = self.begin_with(
             Kind::Detach,
             tenant,
             Some(instance_id),
             Some(volume_id),
             Some(host_id),
+            force.then(|| json!({ "force": true })),
         )?;
         self.drive::<DetachStep>(&mut w, Live::default()).await?;
         Ok(json!({"VolumeId": volume_id, "InstanceId": instance_id, "State": "detached"}))

@@ -333,7 +333,24 @@ impl ControlPlane {
         volume: Option<&str>,
         host: Option<&str>,
     ) -> Result<WorkflowRow, ControlError> {
-        let w = WorkflowRow::new(kind, tenant, instance, volume, host);
+        self.begin_with(kind, tenant, instance, volume, host, None)
+    }
+
+    /// [`Self::begin`] with the workflow's parameters recorded as its first outputs (durable
+    /// with the row, so a resumed workflow sees them too).
+    pub(crate) fn begin_with(
+        &self,
+        kind: Kind,
+        tenant: &str,
+        instance: Option<&str>,
+        volume: Option<&str>,
+        host: Option<&str>,
+        params: Option<Value>,
+    ) -> Result<WorkflowRow, ControlError> {
+        let mut w = WorkflowRow::new(kind, tenant, instance, volume, host);
+        if let Some(p) = params {
+            w.outputs = p;
+        }
         match self.repo.insert_workflow(&w, &self.lease.claim()) {
             Ok(()) => Ok(w),
             // The volume already has a workflow running (on this replica or another).

@@ -867,6 +867,7 @@ pub fn start_replicated(
         workflow_lease_ms: more.workflow_lease_ms,
         region: None,
         hosts,
+        storage_nodes: Vec::new(),
     };
     let cfg_path = dir.join("control.toml");
     let text = toml::to_string(&cfg).map_err(|_| {

@@ -92,6 +92,10 @@ pub struct VolumeRef {
     pub volume_id: String,
     #[serde(rename = "ClientToken", default)]
     pub client_token: Option<String>,
+    /// DetachVolume only: finish the detach even when the host cannot be reached (a network
+    /// volume's storage node then fences the host). Refused on DeleteVolume.
+    #[serde(rename = "Force", default)]
+    pub force: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

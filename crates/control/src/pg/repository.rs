@@ -25,7 +25,7 @@ fn u32_of(v: i64) -> u32 {
 
 const INSTANCE_COLS: &str =
     "instance_id, tenant_id, host_id, image_id, vcpus, memory_mib, cores, dedicated, state, created";
-const VOLUME_COLS: &str = "volume_id, tenant_id, size_gib, kms_key_id, ciphertext_blob, state, instance_id, host_id, created";
+const VOLUME_COLS: &str = "volume_id, tenant_id, size_gib, kms_key_id, ciphertext_blob, state, instance_id, host_id, created, storage_node";
 
 fn instance_row(r: &postgres::Row) -> Result<InstanceRow, RepoError> {
     Ok(InstanceRow {
@@ -53,6 +53,7 @@ fn volume_row(r: &postgres::Row) -> Result<VolumeRow, RepoError> {
         instance_id: r.get(6),
         host_id: r.get(7),
         created: u(r.get(8)),
+        storage_node: r.get(9),
     })
 }
 
@@ -437,7 +438,7 @@ impl Repository for PgRepo {
         let v = v.clone();
         self.run(move |db| {
             db.execute(
-                &format!("INSERT INTO volumes ({VOLUME_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+                &format!("INSERT INTO volumes ({VOLUME_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
                 &[
                     &v.volume_id,
                     &v.tenant_id,
@@ -448,6 +449,7 @@ impl Repository for PgRepo {
                     &v.instance_id,
                     &v.host_id,
                     &i(v.created),
+                    &v.storage_node,
                 ],
             )
             .map(|_| ())

@@ -65,7 +65,7 @@ fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
 const INSTANCE_COLS: &str =
     "instance_id, tenant_id, host_id, image_id, vcpus, memory_mib, cores, dedicated, state, created";
 const VOLUME_COLS: &str =
-    "volume_id, tenant_id, size_gib, kms_key_id, ciphertext_blob, state, instance_id, host_id, created";
+    "volume_id, tenant_id, size_gib, kms_key_id, ciphertext_blob, state, instance_id, host_id, created, storage_node";
 
 fn volume_row(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
     Ok(VolumeRow {
@@ -78,6 +78,7 @@ fn volume_row(r: &Row<'_>) -> rusqlite::Result<VolumeRow> {
         instance_id: r.get(6)?,
         host_id: r.get(7)?,
         created: u(r.get(8)?),
+        storage_node: r.get(9)?,
     })
 }
 
@@ -388,10 +389,10 @@ impl Repository for SqliteRepo {
     fn insert_volume(&self, v: &VolumeRow) -> Result<(), RepoError> {
         self.with(|db| {
             db.execute(
-                &format!("INSERT INTO volumes ({VOLUME_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                &format!("INSERT INTO volumes ({VOLUME_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
                 params![
                     v.volume_id, v.tenant_id, v.size_gib, v.kms_key_id, v.ciphertext_blob, v.state, v.instance_id,
-                    v.host_id, i(v.created)
+                    v.host_id, i(v.created), v.storage_node
                 ],
             )
             .map(|_| ())

@@ -5,7 +5,9 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_audit::EntryKind;
-use bulkhead_kms::wire::{CreateKeyRequest, GenerateDataKeyRequest, RevokeGrantRequest};
+use bulkhead_kms::wire::{
+    CreateKeyRequest, DestroyDataKeyRequest, GenerateDataKeyRequest, RevokeGrantRequest,
+};
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
@@ -202,13 +204,33 @@ impl ControlPlane {
             }
             ControlRequest::CreateVolume(r) => {
                 let volume_id = new_id("vol");
+                // A network volume's storage first: nothing of the customer's one-use
+                // authorization is spent if the node refuses.
+                let node = match &self.storage {
+                    Some(s) => {
+                        let n = s.place(&volume_id).ok_or(ControlError::Internal)?;
+                        s.create(&n.node_id, &volume_id, r.size_gib).await?;
+                        Some(n.node_id.clone())
+                    }
+                    None => None,
+                };
                 let v = self
                     .kms(&GenerateDataKeyRequest {
                         key_id: r.kms_key_id.clone(),
                         volume_id: volume_id.clone(),
                         customer_request: c.forwarded.clone(),
                     })
-                    .await?;
+                    .await;
+                let v = match (v, &node) {
+                    (Ok(v), _) => v,
+                    (Err(e), Some(n)) => {
+                        if let Err(e) = self.storage()?.delete(n, &volume_id).await {
+                            tracing::warn!(error = %e, volume = %volume_id, "releasing an unkeyed volume's storage failed");
+                        }
+                        return Err(e);
+                    }
+                    (Err(e), None) => return Err(e),
+                };
                 let blob = B64
                     .decode(&v.ciphertext_blob)
                     .map_err(|_| ControlError::Internal)?;
@@ -223,6 +245,7 @@ impl ControlPlane {
                     instance_id: None,
                     host_id: None,
                     created: now(),
+                    storage_node: node,
                 };
                 self.repo.insert_volume(&row)?;
                 Ok(volume_json(&row))
@@ -242,15 +265,28 @@ impl ControlPlane {
                 Ok(json!({ "Volumes": out }))
             }
             ControlRequest::AttachVolume(r) => self.attach(c, &r.volume_id, &r.instance_id).await,
-            ControlRequest::DetachVolume(r) => self.detach(&c.tenant, &r.volume_id).await,
+            ControlRequest::DetachVolume(r) => {
+                self.detach(&c.tenant, &r.volume_id, r.force == Some(true))
+                    .await
+            }
             ControlRequest::DeleteVolume(r) => {
                 let v = self
                     .repo
                     .volume(&c.tenant, &r.volume_id)?
                     .ok_or(ControlError::NoSuchVolume)?;
-                if v.state != VolumeState::Available
-                    || !self.repo.delete_volume(&c.tenant, &r.volume_id)?
-                {
+                if v.state != VolumeState::Available {
+                    return Err(ControlError::VolumeInUse);
+                }
+                // Crypto-erase first, on the customer's own signed DeleteVolume: once the KMS
+                // has destroyed the data key, whatever ciphertext remains anywhere is noise.
+                // A crash after it leaves an available row whose repeat finishes the delete.
+                self.kms(&DestroyDataKeyRequest {
+                    volume_id: r.volume_id.clone(),
+                    customer_request: c.forwarded.clone(),
+                })
+                .await?;
+                self.release_storage(&v).await?;
+                if !self.repo.delete_volume(&c.tenant, &r.volume_id)? {
                     return Err(ControlError::VolumeInUse);
                 }
                 Ok(json!({ "VolumeId": r.volume_id, "State": "deleted" }))

@@ -1,0 +1,197 @@
+//! Network volumes: which storage node holds a volume's ciphertext, and the control plane's
+//! calls to storage nodes (`bulkhead-storage`, mutual TLS 1.3 with the control plane's
+//! certificate, each call pinned to the node it names; bodies are `bulkhead_storage_proto`'s
+//! types, the same structs the node parses).
+//!
+//! The control plane is the authority over who may open a volume: AttachVolume grants the
+//! volume to the instance's host at a new generation before the host's card starts (the node
+//! cuts any other host's connections at once: fencing), DetachVolume revokes it after the card
+//! stopped, DeleteVolume releases the storage after the KMS destroyed the data key.
+
+use bulkhead_kms::tls::HttpsClient;
+use bulkhead_storage_proto::{
+    self as proto, Answer, CreateVolume, DeleteReply, DeleteVolume, Grant, HostName, Request,
+    Revoke, VolumeId, VolumeReply,
+};
+use bulkhead_tokens::pki::ServerIdentity;
+use serde::{Deserialize, Serialize};
+
+use crate::ControlError;
+
+/// One storage node, as the configuration names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageNodeConfig {
+    /// The node's certificate name (CN, role `service`): calls and hosts' cards pin it.
+    pub node_id: String,
+    /// The node's control API (`IP:PORT`, mutual TLS): what the control plane calls.
+    pub api_addr: String,
+    /// The node's NBD-over-TLS listener (`IP:PORT`): what hosts' block cards connect to.
+    pub nbd_addr: String,
+}
+
+/// The configured storage nodes and the client that calls them.
+pub struct Storage {
+    nodes: Vec<StorageNodeConfig>,
+    https: HttpsClient,
+}
+
+/// Storage node refusal codes the customer may see (anything else is generic).
+fn code(c: proto::ErrorCode) -> &'static str {
+    match c {
+        proto::ErrorCode::StaleGeneration | proto::ErrorCode::GenerationConflict => {
+            "storage_fenced"
+        }
+        proto::ErrorCode::UnknownVolume => "no_such_volume",
+        _ => "storage_unavailable",
+    }
+}
+
+impl Storage {
+    /// `https` must carry the control plane's client certificate and the cluster CA (it is
+    /// pinned per call).
+    pub fn new(nodes: Vec<StorageNodeConfig>, https: HttpsClient) -> Storage {
+        Storage { nodes, https }
+    }
+
+    /// Where a new volume goes: spread over the nodes by its id (deterministic, so a retried
+    /// placement lands on the same node).
+    pub fn place(&self, volume_id: &str) -> Option<&StorageNodeConfig> {
+        if self.nodes.is_empty() {
+            return None;
+        }
+        let h = volume_id
+            .bytes()
+            .fold(0u64, |a, b| a.wrapping_mul(131).wrapping_add(u64::from(b)));
+        let n = u64::try_from(self.nodes.len()).unwrap_or(1);
+        let i = usize::try_from(h % n).unwrap_or(0);
+        self.nodes.get(i)
+    }
+
+    pub fn node(&self, node_id: &str) -> Result<&StorageNodeConfig, ControlError> {
+        self.nodes
+            .iter()
+            .find(|n| n.node_id == node_id)
+            .ok_or_else(|| {
+                tracing::error!(
+                    node = node_id,
+                    "a volume names a storage node this configuration lacks"
+                );
+                ControlError::Internal
+            })
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        node_id: &str,
+        req: &Request,
+    ) -> Result<T, ControlError> {
+        let node = self.node(node_id)?;
+        let https = self
+            .https
+            .expecting(ServerIdentity::service(node_id))
+            .map_err(|e| {
+                tracing::error!(error = %e, "no CA to pin storage node {node_id} with");
+                ControlError::Internal
+            })?;
+        let r = https
+            .request(
+                &node.api_addr,
+                "POST",
+                req.op().path(),
+                &[("content-type", "application/json")],
+                req.to_body(),
+            )
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, node = node_id, "storage node unreachable");
+                ControlError::Upstream
+            })?;
+        match proto::parse_answer::<T>(r.status, &r.body) {
+            Ok(Answer::Ok(v)) => Ok(v),
+            Ok(Answer::Refused { status, error }) => {
+                tracing::warn!(node = node_id, status, code = error.code.as_str(), message = %error.message, op = req.op().name(), "storage node refused");
+                Err(ControlError::Host(code(error.code)))
+            }
+            Err(e) => {
+                tracing::error!(node = node_id, error = %e, "storage node answer does not parse");
+                Err(ControlError::Internal)
+            }
+        }
+    }
+
+    pub async fn create(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        size_gib: u32,
+    ) -> Result<(), ControlError> {
+        let req = Request::CreateVolume(CreateVolume {
+            volume_id: vid(volume_id)?,
+            size_bytes: u64::from(size_gib) << 30,
+        });
+        self.call::<VolumeReply>(node_id, &req).await.map(|_| ())
+    }
+
+    /// Grants `host` the volume from `generation` on; any other host's connections are cut.
+    pub async fn grant(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        host: &str,
+        generation: u64,
+    ) -> Result<(), ControlError> {
+        let req = Request::Grant(Grant {
+            volume_id: vid(volume_id)?,
+            host: HostName::new(host).map_err(|_| ControlError::Internal)?,
+            generation,
+        });
+        let r: VolumeReply = self.call(node_id, &req).await?;
+        if r.cut_connections > 0 {
+            tracing::info!(
+                volume = volume_id,
+                host,
+                cut = r.cut_connections,
+                "storage node fenced other hosts' connections"
+            );
+        }
+        Ok(())
+    }
+
+    /// Leaves the volume granted to nobody from `generation` on.
+    pub async fn revoke(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        generation: u64,
+    ) -> Result<(), ControlError> {
+        let req = Request::Revoke(Revoke {
+            volume_id: vid(volume_id)?,
+            generation,
+        });
+        self.call::<VolumeReply>(node_id, &req).await.map(|_| ())
+    }
+
+    /// Releases the volume's storage (idempotent).
+    pub async fn delete(&self, node_id: &str, volume_id: &str) -> Result<(), ControlError> {
+        let req = Request::DeleteVolume(DeleteVolume {
+            volume_id: vid(volume_id)?,
+        });
+        self.call::<DeleteReply>(node_id, &req).await.map(|_| ())
+    }
+}
+
+fn vid(v: &str) -> Result<VolumeId, ControlError> {
+    VolumeId::new(v).map_err(|_| ControlError::Internal)
+}
+
+/// A fencing generation: microseconds of wall time. Every grant and revoke of a volume takes a
+/// new one, larger than any before it as long as the replicas' clocks do not step back by more
+/// than the time between two workflows on one volume (one workflow per volume runs at a time).
+pub fn generation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(1)
+        .max(1)
+}
