@@ -23,16 +23,18 @@ quickstart: deps guest build
 # BULKHEAD_REQUIRE_ALL=1 turns every test skip (no /dev/kvm, swtpm, root, guest, PostgreSQL,
 # SoftHSM, ...) into a failure, and makes the cluster tests assert they ran attested and in
 # network namespaces (crates/testkit). Run `cargo test` by hand without it to allow skips.
-# The PostgreSQL contract test and the two-replica test run in their own lines, each under a
-# throw-away server.
+# The PostgreSQL contract test, the two-replica test and the storage node's Ceph test run in
+# their own lines, each under a throw-away server (PostgreSQL, or a single-node Ceph).
 test: deps guest
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 	$(CARGO) build --release --workspace --bins
 	BULKHEAD_REQUIRE_ALL=1 BULKHEAD_GUEST_DIR=$(GUEST_DIR) $(CARGO) test --release --workspace -- --test-threads=2 \
-	  --skip pg::tests::postgres_passes_repository_contract --skip two_replicas_survive
+	  --skip pg::tests::postgres_passes_repository_contract --skip two_replicas_survive \
+	  --skip rbd_engine_write_read_fence_restart_delete
 	BULKHEAD_REQUIRE_ALL=1 scripts/with-postgres.sh $(CARGO) test --release -p bulkhead-control pg:: -- --test-threads=1
 	BULKHEAD_REQUIRE_ALL=1 scripts/with-postgres.sh $(CARGO) test --release -p bulkhead-control --test replicas
+	BULKHEAD_REQUIRE_ALL=1 scripts/with-ceph.sh $(CARGO) test --release -p bulkhead-storage --test ceph
 	@scripts/fuzz-smoke.sh
 
 bench: deps guest build
