@@ -16,9 +16,10 @@
 //!   elsewhere) is terminal: every request from then on fails with `Fenced`.
 
 use super::handshake::{self, Session};
+use super::replies::ReplyStream;
 use super::{NbdClientError, Op, Target};
 use crate::metrics::BlkMetrics;
-use bulkhead_nbd::{Command, CommandFlags, Cookie, NbdError, OptionError, Request, SimpleReply};
+use bulkhead_nbd::{Command, CommandFlags, Cookie, NbdError, OptionError, Request};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -102,7 +103,7 @@ pub(crate) struct Engine {
     session: Option<Session>,
     inflight: BTreeMap<u64, InFlight>,
     next_cookie: u64,
-    rx: Vec<u8>,
+    rx: ReplyStream,
     fenced: Option<OptionError>,
     size: u64,
     last_progress: Instant,
@@ -117,7 +118,7 @@ impl Engine {
             session: Some(first),
             inflight: BTreeMap::new(),
             next_cookie: 1,
-            rx: Vec::new(),
+            rx: ReplyStream::default(),
             fenced: None,
             last_progress: Instant::now(),
         }
@@ -281,7 +282,9 @@ impl Engine {
                 match s.tls.reader().read(&mut buf) {
                     Ok(0) => return Err(Break::Lost("tls close")),
                     Ok(n) => {
-                        self.rx.extend_from_slice(buf.get(..n).unwrap_or(&[]));
+                        self.rx
+                            .push(buf.get(..n).unwrap_or(&[]))
+                            .map_err(Break::Violation)?;
                         self.parse_replies()?;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -293,18 +296,23 @@ impl Engine {
 
     fn parse_replies(&mut self) -> Result<(), Break> {
         loop {
-            let Some(head) = self.rx.get(..SimpleReply::LEN) else {
+            let inflight = &self.inflight;
+            let next = self.rx.next(|c| {
+                inflight.get(&c.0).map(|f| match f.op.command {
+                    Command::Read => usize::try_from(f.op.length).unwrap_or(usize::MAX),
+                    _ => 0,
+                })
+            });
+            let Some(reply) = next.map_err(Break::Violation)? else {
                 return Ok(());
             };
-            let reply = SimpleReply::parse(head).map_err(Break::Violation)?;
-            let Some(f) = self.inflight.get(&reply.cookie.0) else {
-                return Err(Break::Violation(NbdError::BadMagic {
-                    what: "reply cookie not in flight",
-                    got: reply.cookie.0,
-                }));
+            self.last_progress = Instant::now();
+            let Some(f) = self.inflight.remove(&reply.cookie.0) else {
+                continue;
             };
-            if let Some(errno) = reply.error {
-                if let Some(f) = self.inflight.remove(&reply.cookie.0) {
+            match reply.result {
+                Ok(data) => complete(&f.op, Ok(data)),
+                Err(errno) => {
                     BlkMetrics::inc(&self.shared.metrics.nbd_reply_errors);
                     BlkMetrics::inc(&self.shared.metrics.nbd_failed_requests);
                     warn!(
@@ -314,24 +322,7 @@ impl Engine {
                     );
                     complete(&f.op, Err(NbdClientError::Reply(errno)));
                 }
-                self.rx.drain(..SimpleReply::LEN);
-                self.last_progress = Instant::now();
-                continue;
             }
-            let payload = match f.op.command {
-                Command::Read => usize::try_from(f.op.length).unwrap_or(usize::MAX),
-                _ => 0,
-            };
-            let need = SimpleReply::LEN.saturating_add(payload);
-            let Some(data) = self.rx.get(SimpleReply::LEN..need) else {
-                return Ok(());
-            };
-            let data = data.to_vec();
-            self.rx.drain(..need);
-            if let Some(f) = self.inflight.remove(&reply.cookie.0) {
-                complete(&f.op, Ok(data));
-            }
-            self.last_progress = Instant::now();
         }
     }
 

@@ -15,6 +15,7 @@
 
 mod engine;
 mod handshake;
+pub mod replies;
 mod tls;
 
 use crate::metrics::BlkMetrics;
