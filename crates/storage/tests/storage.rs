@@ -99,6 +99,40 @@ fn granted_host_writes_and_reads_and_the_file_holds_exactly_that() {
         "\"code\":\"ok\"",
     ]);
     node.wait_audit(&["\"caller\":\"control\"", "\"op\":\"Grant\"", "host:host-1"]);
+    // Figures (not asserted): 8 MiB sequential through the node (TLS + proxy) and straight on
+    // the engine's own socket (the peer without the node).
+    let (ok, via_node) = qemu_io(
+        &node,
+        &creds,
+        "vol-1",
+        &["write -P 0x42 0 8M", "read -P 0x42 0 8M"],
+    );
+    assert!(ok, "{via_node}");
+    let direct = std::process::Command::new("qemu-io")
+        .args([
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=unix,server.path={},export=vol-1",
+                node.state_dir.join("run/qsd-nbd.sock").display()
+            ),
+            "-c",
+            "write -P 0x43 0 8M",
+            "-c",
+            "read -P 0x43 0 8M",
+        ])
+        .output()
+        .unwrap();
+    for (what, out) in [
+        ("node", via_node),
+        (
+            "engine socket",
+            String::from_utf8_lossy(&direct.stdout).into_owned(),
+        ),
+    ] {
+        for l in out.lines().filter(|l| l.contains("/sec")) {
+            eprintln!("FIGURE 8 MiB one op via {what}: {l}");
+        }
+    }
     // A reading past the end is the engine's refusal, not data.
     let (ok, _) = qemu_io(&node, &creds, "vol-1", &["read 16M 4k"]);
     assert!(!ok, "a read past the end succeeded");
@@ -259,7 +293,12 @@ fn a_grant_to_another_host_cuts_the_live_connection_and_refuses_the_old_host() {
     assert!(out.contains("wrote 4096/4096"), "{out}");
 
     // Fencing: the grant to host-2 cuts host-1's live connection before it answers.
+    let t = std::time::Instant::now();
     let g = grant(&node, &cp, "vol-5", "host-2", 2);
+    eprintln!(
+        "FIGURE fence: Grant with one live connection answered in {:?} (cut, export drained and re-added)",
+        t.elapsed()
+    );
     assert_eq!(g.cut_connections, 1);
     assert_eq!(g.volume.granted_to, Some(host("host-2")));
     let out = live.run("write -P 0x13 8k 4k", &["wrote", "failed", "error"]);
@@ -303,7 +342,12 @@ fn kill_9_and_restart_keeps_data_and_grants() {
     let (ok, out) = qemu_io(&node, &h2, "vol-6", &["write -P 0x66 0 64k", "flush"]);
     assert!(ok, "{out}");
     let before = list(&node, &cp);
+    let t = std::time::Instant::now();
     node.restart(&pki);
+    eprintln!(
+        "FIGURE restart: kill -9 of node and engine to ready with 2 volumes: {:?}",
+        t.elapsed()
+    );
     let after = list(&node, &cp);
     assert_eq!(before, after, "table changed across kill -9");
     let (ok, out) = qemu_io(&node, &h2, "vol-6", &["read -P 0x66 0 64k"]);
