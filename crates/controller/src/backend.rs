@@ -26,6 +26,9 @@ pub enum BackendError {
     WrongState,
     #[error("not enough free capacity")]
     NoCapacity,
+    /// Whole-core isolation: the instance's vCPUs need more whole cores than are free.
+    #[error("{vcpus} vCPUs need whole cores; {free_cores} whole cores are free")]
+    NoFreeCores { vcpus: u32, free_cores: usize },
     #[error("host is draining")]
     Draining,
     #[error("volume already attached")]
@@ -122,6 +125,10 @@ mod hypervisor_code_tests {
             BackendError::NoSuchInstance,
             BackendError::AlreadyExists,
             BackendError::NoCapacity,
+            BackendError::NoFreeCores {
+                vcpus: 1,
+                free_cores: 0,
+            },
             BackendError::Draining,
             BackendError::VolumeAttached,
             BackendError::NoSuchVolume,
@@ -184,6 +191,7 @@ impl BackendError {
             BackendError::AlreadyExists => "instance_exists",
             BackendError::WrongState => "wrong_state",
             BackendError::NoCapacity => "no_capacity",
+            BackendError::NoFreeCores { .. } => "no_free_cores",
             BackendError::Draining => "host_draining",
             BackendError::VolumeAttached => "volume_attached",
             BackendError::NoSuchVolume => "no_such_volume",

@@ -52,6 +52,15 @@ pub struct Config {
     /// This host's address for VPC datagrams (net cards listen on it).
     #[serde(default)]
     pub net_host_ip: Option<std::net::Ipv4Addr>,
+    /// `dedicated` (the default): whole cores per instance, vCPUs pinned, the host's own
+    /// processes on the host cores ([`crate::cores`]); `shared`: nothing pinned (development
+    /// only; the `--dev` default, so several instances fit on a small machine).
+    #[serde(default)]
+    pub core_isolation: Option<crate::cores::CoreIsolation>,
+    /// CPUs whose whole cores are reserved for the host (controller, launcher, cards,
+    /// hypervisors' non-vCPU threads). Default: `[0]`.
+    #[serde(default)]
+    pub host_cpus: Option<Vec<usize>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +138,8 @@ impl Config {
             attest_socket: Some(dir.root().join("attest.sock")).filter(|p| p.exists()),
             netcard_bin: None,
             net_host_ip: None,
+            core_isolation: Some(crate::cores::CoreIsolation::Shared),
+            host_cpus: None,
             host_id: host_id.to_string(),
             listen: listen.to_string(),
             ca_cert: dir.ca().ca_pem(),

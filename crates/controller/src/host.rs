@@ -77,6 +77,10 @@ pub struct HostConfig {
     pub run_as: Option<(u32, u32)>,
     pub vcpus_total: u32,
     pub memory_mib_total: u64,
+    /// Whole-core isolation ([`crate::cores`]): each instance gets whole cores its vCPU threads
+    /// are pinned to, the host cores stay with the host, and an instance is refused when whole
+    /// cores are not free. `None`: cores are shared (nothing pinned; development only).
+    pub cores: Option<crate::cores::CoreAllocator>,
     /// Net cards: this host's address for VPC datagrams and its UDP port range. `None`: no
     /// net card runs here (AttachNetwork answers `network_unavailable`).
     pub net: Option<NetHostConfig>,
@@ -134,6 +138,8 @@ struct HostInstance {
     /// An attach in flight (recorded before the card starts, so a restarted controller undoes
     /// it: it was never acknowledged).
     attaching: Option<PendingAttach>,
+    /// The host CPUs of its whole cores (its vCPUs are pinned there); empty: not pinned.
+    cpus: Vec<usize>,
 }
 
 struct Slot {
@@ -153,6 +159,8 @@ struct Inner {
     net_ports: BTreeSet<u16>,
     /// Net card pid → its instance.
     net_pids: BTreeMap<u32, ResourceId>,
+    /// Who holds which whole cores (`None`: cores are shared).
+    cores: Option<crate::cores::CoreAllocator>,
 }
 
 /// The host record as the controller keeps it in memory, and where it is stored.
@@ -307,10 +315,14 @@ impl HostBackend {
     pub fn new(cfg: HostConfig, launcher: Launcher, record: Option<PathBuf>) -> Self {
         // The fault hook is read here, once, at controller start.
         let _ = fault();
+        let cores = cfg.cores.clone();
         HostBackend {
             cfg,
             launcher,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                cores,
+                ..Inner::default()
+            }),
             records: Mutex::new(Records {
                 path: record,
                 instances: BTreeMap::new(),
@@ -323,6 +335,15 @@ impl HostBackend {
     /// The launcher's (keeper's) pid.
     pub fn keeper_pid(&self) -> u32 {
         self.launcher.pid()
+    }
+
+    /// The CPUs of the host cores (empty: cores are shared).
+    pub fn host_cpus(&self) -> Vec<usize> {
+        lock(&self.inner)
+            .cores
+            .as_ref()
+            .map(crate::cores::CoreAllocator::host_cpus)
+            .unwrap_or_default()
     }
 
     /// The durable record of one instance as it stands (`None` once terminated).
@@ -372,6 +393,7 @@ impl HostBackend {
                 routes: c.routes.clone(),
                 allow: c.allow.clone(),
             }),
+            cpus: g.cpus.clone(),
         })
     }
 
@@ -440,6 +462,7 @@ impl HostBackend {
             memory_mib: u64::from(inst.desc.memory_mib),
             vcpus: u8::try_from(inst.desc.vcpus).map_err(|_| BackendError::NoCapacity)?,
             run_as: self.cfg.run_as,
+            pin: inst.cpus.clone(),
         };
         let (reply, fd) = self
             .launcher
@@ -617,6 +640,25 @@ impl HostBackend {
             s.live = live;
         }
     }
+
+    /// Drops an instance that was never acknowledged, with the cores it was given.
+    fn forget(&self, id: &ResourceId) {
+        let mut i = lock(&self.inner);
+        i.instances.remove(id);
+        if let Some(a) = i.cores.as_mut() {
+            a.release(id.as_str());
+        }
+    }
+
+    /// Returns a terminated instance's whole cores to the pool.
+    fn release_cores(&self, id: &ResourceId) {
+        if let Some(a) = lock(&self.inner).cores.as_mut() {
+            let n = a.release(id.as_str());
+            if n > 0 {
+                tracing::info!(instance = %id, cores = n, "whole cores released");
+            }
+        }
+    }
 }
 
 impl InstanceBackend for HostBackend {
@@ -637,9 +679,17 @@ impl InstanceBackend for HostBackend {
                         n.saturating_add(1),
                     )
                 });
+        let (vcpus_total, vcpus_free) = match &i.cores {
+            // Whole cores: an instance holds every thread of its cores, used or not.
+            Some(a) => (
+                u32::try_from(a.instance_threads()).unwrap_or(u32::MAX),
+                u32::try_from(a.free_threads()).unwrap_or(u32::MAX),
+            ),
+            None => (self.cfg.vcpus_total, self.cfg.vcpus_total.saturating_sub(c)),
+        };
         Capacity {
-            vcpus_total: self.cfg.vcpus_total,
-            vcpus_free: self.cfg.vcpus_total.saturating_sub(c),
+            vcpus_total,
+            vcpus_free,
             memory_mib_total: self.cfg.memory_mib_total,
             memory_mib_free: self.cfg.memory_mib_total.saturating_sub(m),
             instances: n,
@@ -672,6 +722,7 @@ impl InstanceBackend for HostBackend {
             network: spec.network.clone(),
             net: None,
             attaching: None,
+            cpus: Vec::new(),
         }));
         // Reserve the id and the capacity, then spawn without holding the host-wide lock.
         let mut g = lock(&inst);
@@ -686,6 +737,17 @@ impl InstanceBackend for HostBackend {
             let cap = self.capacity_locked(&i);
             if spec.vcpus > cap.0 || u64::from(spec.memory_mib) > cap.1 {
                 return Err(BackendError::NoCapacity);
+            }
+            if let Some(a) = i.cores.as_mut() {
+                g.cpus = a.allocate(spec.id.as_str(), spec.vcpus).map_err(|e| {
+                    tracing::info!(instance = %spec.id, error = %e, "no whole cores free");
+                    match e {
+                        crate::cores::CoreError::NotEnough {
+                            vcpus, free_cores, ..
+                        } => BackendError::NoFreeCores { vcpus, free_cores },
+                        _ => BackendError::NoCapacity,
+                    }
+                })?;
             }
             i.instances.insert(
                 spec.id.clone(),
@@ -706,14 +768,14 @@ impl InstanceBackend for HostBackend {
                         self.end_vm(vm);
                     }
                     drop(g);
-                    lock(&self.inner).instances.remove(&spec.id);
+                    self.forget(&spec.id);
                     return Err(e);
                 }
                 Ok(desc)
             }
             Err(e) => {
                 drop(g);
-                lock(&self.inner).instances.remove(&spec.id);
+                self.forget(&spec.id);
                 Err(e)
             }
         }
@@ -846,6 +908,7 @@ impl InstanceBackend for HostBackend {
         self.persist_noticed(&g);
         drop(g);
         self.set_live(id, false);
+        self.release_cores(id);
         tracing::info!(instance = %id, "instance terminated");
         Ok(())
     }
@@ -1238,7 +1301,8 @@ impl HostBackend {
 }
 
 impl HostBackend {
-    /// Free (vcpus, memory) under the held lock.
+    /// Free (vcpus, memory) under the held lock (with whole cores, the core allocator's check
+    /// that follows is the stricter one).
     fn capacity_locked(&self, i: &Inner) -> (u32, u64) {
         let (c, m) = i
             .instances
@@ -1385,6 +1449,8 @@ impl HostBackend {
             .unwrap_or(0)
             .saturating_mul(1 << 20);
         let mut claimed: BTreeSet<u32> = BTreeSet::new();
+        // Adopted instances with no whole cores of their own yet (recorded before pinning).
+        let mut unpinned: Vec<ResourceId> = Vec::new();
         let mut report = AdoptReport::default();
         lock(&self.inner).draining = rec.draining;
         lock(&self.records).draining = rec.draining;
@@ -1453,7 +1519,23 @@ impl HostBackend {
                 network: None,
                 net: None,
                 attaching: None,
+                cpus: Vec::new(),
             };
+            // Its whole cores, as recorded (the running hypervisor's vCPUs are pinned there).
+            if let Some(a) = lock(&self.inner).cores.as_mut() {
+                if r.cpus.is_empty() {
+                    unpinned.push(id.clone());
+                } else {
+                    match a.claim(id.as_str(), &r.cpus) {
+                        Ok(()) => inst.cpus = r.cpus.clone(),
+                        Err(e) => {
+                            tracing::warn!(instance = %id, error = %e, "recorded cores cannot be re-claimed");
+                            codes.push("cores_lost");
+                            unpinned.push(id.clone());
+                        }
+                    }
+                }
+            }
             // An attach that was never acknowledged: out of the VM (its card, never committed,
             // died with the old controller or is reaped below as an orphan).
             if let Some(p) = &r.attaching {
@@ -1563,6 +1645,30 @@ impl HostBackend {
             );
             if let Some(rec) = rec {
                 lock(&self.records).instances.insert(rec.id.clone(), rec);
+            }
+        }
+        // Cores for instances recorded without any, once every recorded claim is in: used from
+        // their next boot (a running hypervisor is not re-pinned).
+        for id in unpinned {
+            let Ok(inst) = self.instance(&id) else {
+                continue;
+            };
+            let mut g = lock(&inst);
+            let got = lock(&self.inner)
+                .cores
+                .as_mut()
+                .map(|a| a.allocate(id.as_str(), g.desc.vcpus));
+            match got {
+                Some(Ok(cpus)) => {
+                    g.cpus = cpus;
+                    if let Some(rec) = Self::record_of(&g) {
+                        lock(&self.records).instances.insert(rec.id.clone(), rec);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(instance = %id, error = %e, "adopted instance left without whole cores");
+                }
+                None => {}
             }
         }
         // Whatever no record names belongs to an operation never acknowledged.

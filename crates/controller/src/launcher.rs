@@ -71,6 +71,11 @@ const MAX_SOCKET_PATH: usize = 107;
 pub struct LauncherConfig {
     pub hypervisor_bin: PathBuf,
     pub blockcard_bin: PathBuf,
+    /// The host cores' CPUs (see [`crate::cores`]): the launcher confines itself to them at
+    /// start, so every hypervisor and card it starts inherits them, and it refuses a `SpawnVm`
+    /// whose `pin` names one of them. Empty: cores are shared (nothing confined or checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_cpus: Vec<usize>,
     /// Kernels and initrds must be inside this directory.
     pub guest_dir: PathBuf,
     /// Backing files must be inside this directory.
@@ -120,6 +125,10 @@ pub enum LaunchRequest {
         cmdline: String,
         memory_mib: u64,
         vcpus: u8,
+        /// Host CPUs of the instance's whole cores: vCPU `i` is pinned to entry `i mod n`
+        /// (`bulkhead-hypervisor --pin`). Empty: not pinned.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pin: Vec<usize>,
         run_as: Option<(u32, u32)>,
     },
     SpawnCard {
@@ -241,6 +250,8 @@ pub enum LaunchRefusal {
     ConnectFailed,
     #[error("no such child")]
     NoSuchChild,
+    #[error("vCPU pinning names a host core's CPU or an impossible CPU")]
+    PinNotAllowed,
 }
 
 /// Errors of the controller's side of the launcher.
@@ -678,6 +689,12 @@ pub(crate) static LAUNCHER_FILTER: bulkhead_harden::Filter = bulkhead_harden::Fi
 pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError> {
     let hardening =
         |e: bulkhead_harden::HardenError| LauncherError::Start(std::io::Error::other(e));
+    // On the host cores before anything else: every child inherits them (a hypervisor moves
+    // only its vCPU threads to the instance's cores).
+    if !cfg.host_cpus.is_empty() {
+        crate::cores::confine_process(&cfg.host_cpus)
+            .map_err(|e| LauncherError::Start(std::io::Error::other(e)))?;
+    }
     // Nothing else in this fresh, single-threaded process refers to the fds closed here.
     bulkhead_harden::close_other_fds(&[fd]).map_err(hardening)?;
     // SAFETY: `fd` was inherited from the controller for exactly this purpose and nothing else
@@ -825,11 +842,21 @@ impl LauncherState {
                 cmdline,
                 memory_mib,
                 vcpus,
+                pin,
                 run_as,
             } => {
                 let dir = &self.cfg.guest_dir;
                 if !inside(&kernel, dir) || initrd.as_ref().is_some_and(|i| !inside(i, dir)) {
                     return Self::refuse(LaunchRefusal::PathNotAllowed);
+                }
+                // An instance's vCPUs never run on the host cores the cards and the controller
+                // use (the controller allocates, the launcher checks).
+                if pin.len() > crate::cores::MAX_CPU + 1
+                    || pin
+                        .iter()
+                        .any(|c| *c > crate::cores::MAX_CPU || self.cfg.host_cpus.contains(c))
+                {
+                    return Self::refuse(LaunchRefusal::PinNotAllowed);
                 }
                 let spec = bulkhead_hypervisor_client::VmSpec {
                     binary: self.cfg.hypervisor_bin.clone(),
@@ -838,9 +865,7 @@ impl LauncherState {
                     cmdline,
                     memory_mib,
                     vcpus,
-                    // TODO(cores): the controller has no core allocator of its own yet, so vCPU
-                    // threads are not pinned to whole cores (see the README's backend section).
-                    pin: Vec::new(),
+                    pin,
                     run_as,
                 };
                 match bulkhead_hypervisor_client::spawn_process(&spec) {

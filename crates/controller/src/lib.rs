@@ -8,6 +8,8 @@
 //!   no-guest fallback); [`host`]: `HostBackend`, the real one (hypervisor and block-card
 //!   processes); [`launcher`]: the pre-sandbox process that starts them; [`card_control`]: the
 //!   block card's control messages.
+//! - [`cores`]: whole-core isolation (host topology from sysfs, reserved host cores, whole cores
+//!   per instance, the host processes confined to the host cores).
 //! - [`record`]: the host's durable, versioned record of its instances and attachments, which a
 //!   restarted controller adopts them from.
 //! - [`monitor`]: alert rules over the audit stream; [`metrics`]: Prometheus text.
@@ -20,6 +22,7 @@ pub mod backend;
 pub mod card_control;
 pub mod config;
 pub mod controller;
+pub mod cores;
 pub mod host;
 pub mod launcher;
 pub mod metrics;

@@ -9,6 +9,7 @@ use bulkhead_controller::attest::AgentLink;
 use bulkhead_controller::backend::{DetachedBackend, InstanceBackend, VolumeBackend};
 use bulkhead_controller::config::Config;
 use bulkhead_controller::controller::Controller;
+use bulkhead_controller::cores::{self, CoreAllocator, CoreIsolation, HostTopology};
 use bulkhead_controller::host::{HostBackend, HostConfig, DEFAULT_IMAGE, DEFAULT_KERNEL_ARGS};
 use bulkhead_controller::launcher::{self, Launcher, LauncherConfig};
 use bulkhead_controller::record::HostRecord;
@@ -84,6 +85,14 @@ struct Args {
     /// uid:gid that hypervisors and block cards drop to (default 65534:65534 when run as root).
     #[arg(long)]
     run_as: Option<String>,
+    /// `dedicated` (production default): whole cores per instance, vCPU threads pinned, the
+    /// controller, launcher and cards on the host cores, an instance refused when whole cores
+    /// are not free. `shared` (`--dev` default): nothing pinned.
+    #[arg(long, value_enum)]
+    core_isolation: Option<IsolationChoice>,
+    /// CPUs whose whole cores stay with the host (default 0), e.g. `0,1`.
+    #[arg(long, value_delimiter = ',')]
+    host_cpus: Option<Vec<usize>>,
     /// Internal: run as the launcher on this inherited fd (see `launcher.rs`).
     #[arg(long, hide = true, requires = "launcher_config")]
     launcher_fd: Option<i32>,
@@ -99,8 +108,16 @@ enum BackendChoice {
     Detached,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum IsolationChoice {
+    Dedicated,
+    Shared,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum StartError {
+    #[error("cores: {0}")]
+    Cores(#[from] bulkhead_controller::cores::CoreError),
     #[error("give either --dev --state-dir DIR or --config FILE")]
     NoConfig,
     #[error(transparent)]
@@ -236,6 +253,36 @@ fn host_backend(
     let vcpus = std::thread::available_parallelism()
         .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
         .unwrap_or(1);
+    let isolation = match args.core_isolation {
+        Some(IsolationChoice::Dedicated) => CoreIsolation::Dedicated,
+        Some(IsolationChoice::Shared) => CoreIsolation::Shared,
+        None => cfg.core_isolation.unwrap_or(CoreIsolation::Dedicated),
+    };
+    let cores = match isolation {
+        CoreIsolation::Dedicated => {
+            let host_cpus = args
+                .host_cpus
+                .clone()
+                .or_else(|| cfg.host_cpus.clone())
+                .unwrap_or_else(|| vec![0]);
+            let topo = HostTopology::from_sysfs(std::path::Path::new(cores::SYSFS_CPU))?;
+            let a = CoreAllocator::new(topo, &host_cpus)?;
+            tracing::info!(
+                host_cpus = %cores::format_cpu_list(&a.host_cpus()),
+                instance_cores = a.instance_cores(),
+                "whole cores per instance; the host keeps its own cores"
+            );
+            Some(a)
+        }
+        CoreIsolation::Shared => {
+            tracing::warn!("cores are shared: vCPU threads are not pinned and instances share cores with each other and with the host (development only)");
+            None
+        }
+    };
+    let host_cpus = cores
+        .as_ref()
+        .map(CoreAllocator::host_cpus)
+        .unwrap_or_default();
     let host = HostConfig {
         image: DEFAULT_IMAGE.to_string(),
         kernel: guest.join("vmlinux"),
@@ -250,6 +297,7 @@ fn host_backend(
         run_as,
         vcpus_total: vcpus,
         memory_mib_total: memory_mib(),
+        cores,
         net: None,
     };
     let launch = LauncherConfig {
@@ -263,6 +311,7 @@ fn host_backend(
             .clone()
             .or_else(|| cfg.blockcard_bin.clone())
             .unwrap_or_else(|| next_to_exe("bulkhead-blockcard")),
+        host_cpus,
         guest_dir: guest,
         volume_dir,
         run_dir,
@@ -347,6 +396,10 @@ fn run(args: Args) -> Result<(), StartError> {
         Some((host, launch)) => {
             let record = HostRecord::load(&record_path)?;
             hold_controller_lock(&launch.run_dir)?;
+            // The controller runs on the host cores (its launcher confines itself too).
+            if !launch.host_cpus.is_empty() {
+                cores::confine_process(&launch.host_cpus)?;
+            }
             // A keeper left by the previous controller holds the running instances: adopt it.
             let l = match Launcher::connect_keeper(&launch.run_dir)? {
                 Some(l) => l,
@@ -398,6 +451,7 @@ fn run(args: Args) -> Result<(), StartError> {
     let (audit, report) = AuditLog::open_with(&cfg.audit_log, Some(Arc::new(audit_signer)))?;
     let adopt_from = host.clone().zip(record);
     let keeper_pid = host.as_ref().map(|h| h.keeper_pid());
+    let host_cpus = host.as_ref().map(|h| h.host_cpus()).unwrap_or_default();
     let (instances, volumes): (Arc<dyn InstanceBackend>, Arc<dyn VolumeBackend>) = match host {
         Some(h) => (h.clone(), h),
         None => {
@@ -554,6 +608,7 @@ fn run(args: Args) -> Result<(), StartError> {
                 "backend": backend_kind,
                 "audit_records": report.records,
                 "keeper_pid": keeper_pid,
+                "host_cpus": host_cpus,
                 "adopted": adopted,
             })
         );

@@ -99,6 +99,8 @@ pub enum RecordField {
     Network,
     #[error("sealed key")]
     SealedKey,
+    #[error("cpus (out of range, named twice, or held by two instances)")]
+    Cpus,
 }
 
 /// An instance's recorded state (terminated instances leave the record).
@@ -173,6 +175,11 @@ pub struct InstanceRecord {
     pub attaching: Option<PendingAttach>,
     pub network: Option<NetworkRecord>,
     pub net_card: Option<NetCardRecord>,
+    /// The host CPUs of the instance's whole cores (its vCPU threads are pinned there; see
+    /// [`crate::cores`]). Empty: not pinned (a host with shared cores, or a record written
+    /// before pinning). Left out of the file when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpus: Vec<usize>,
 }
 
 /// The whole record.
@@ -267,7 +274,13 @@ impl HostRecord {
         }
         let mut ids = std::collections::BTreeSet::new();
         let mut volumes = std::collections::BTreeSet::new();
+        let mut cpus = std::collections::BTreeSet::new();
         for i in &self.instances {
+            for c in &i.cpus {
+                if *c > crate::cores::MAX_CPU || !cpus.insert(*c) {
+                    return bad(F::Cpus);
+                }
+            }
             if !valid_id(&i.id) {
                 return bad(F::InstanceId);
             }
@@ -464,6 +477,7 @@ mod tests {
                     routes: vec![],
                     allow: vec![],
                 }),
+                cpus: vec![2, 3],
             }],
         }
     }
@@ -531,6 +545,23 @@ mod tests {
             HostRecord::parse(&r.encode()),
             Err(RecordError::Invalid(RecordField::Pid))
         );
+        let mut r = sample();
+        r.instances[0].cpus = vec![2, 2];
+        assert_eq!(
+            HostRecord::parse(&r.encode()),
+            Err(RecordError::Invalid(RecordField::Cpus))
+        );
+        let mut r = sample();
+        r.instances[0].cpus = vec![crate::cores::MAX_CPU + 1];
+        assert_eq!(
+            HostRecord::parse(&r.encode()),
+            Err(RecordError::Invalid(RecordField::Cpus))
+        );
+        // A record written before pinning (no `cpus`) still parses: not pinned.
+        let mut r = sample();
+        r.instances[0].cpus = Vec::new();
+        assert!(!String::from_utf8(r.encode()).unwrap().contains("\"cpus\""));
+        assert_eq!(HostRecord::parse(&r.encode()).unwrap(), r);
         let mut r = sample();
         r.instances[0].id = "../x".into();
         assert_eq!(
