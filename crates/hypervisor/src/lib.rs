@@ -18,7 +18,6 @@ pub mod memory;
 pub mod mptable;
 pub mod sandbox;
 pub mod server;
-pub mod topology;
 pub mod vm;
 
 use std::path::PathBuf;
