@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::cast_possible_truncation)]
 
 pub mod frontend;
+pub mod guest;
 
 use bulkhead_blockcard::control::{
     self, AttachSpec, ControlRequest, ControlResponse, KeySource, VolumeId,
