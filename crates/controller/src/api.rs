@@ -325,6 +325,30 @@ pub struct AttachVolumeRequest {
     /// The volume's data key sealed to this host's block card, base64. The controller never
     /// opens it.
     pub sealed_key: String,
+    /// Set for a network volume: the storage node that serves its ciphertext. Unset: the
+    /// volume is a file in this host's volume directory (embedded mode without storage nodes).
+    #[serde(default)]
+    pub storage: Option<VolumeStorageRequest>,
+}
+
+/// Where a network volume's ciphertext is served, as the control plane placed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeStorageRequest {
+    /// The storage node's certificate name (CN, role `service`): the card accepts no other.
+    pub node: String,
+    /// `IP:PORT` of the node's NBD-over-TLS listener.
+    pub nbd_addr: String,
+}
+
+/// A checked [`VolumeStorageRequest`]: the card connects to `addr`, pins `node`, and opens the
+/// export named by the volume id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkVolume {
+    pub node: String,
+    pub addr: std::net::SocketAddr,
+    pub export: String,
 }
 
 /// Sealed key bytes, opaque to the controller.
@@ -395,6 +419,7 @@ pub enum ApiRequest {
         id: ResourceId,
         volume: ResourceId,
         sealed_key: SealedKeyBlob,
+        storage: Option<NetworkVolume>,
     },
     DetachVolume {
         id: ResourceId,
@@ -443,6 +468,8 @@ pub enum RequestError {
     BadSealedKey,
     #[error("bad network {0:?}")]
     BadNetwork(NetworkField),
+    #[error("bad storage node name or address")]
+    BadStorage,
 }
 
 impl RequestError {
@@ -459,6 +486,7 @@ impl RequestError {
             RequestError::BadId => "bad_resource_id",
             RequestError::BadQuery => "bad_query",
             RequestError::BadSealedKey => "bad_sealed_key",
+            RequestError::BadStorage => "bad_storage",
             RequestError::BadNetwork(f) => match f {
                 NetworkField::Vpc => "bad_network_vpc",
                 NetworkField::Mac => "bad_network_mac",
@@ -639,10 +667,30 @@ impl ApiRequest {
                     .ok()
                     .filter(|b| !b.is_empty() && b.len() <= MAX_SEALED_KEY_BYTES)
                     .ok_or(RequestError::BadSealedKey)?;
+                let volume = ResourceId::parse(&r.volume_id)?;
+                let storage = match r.storage {
+                    None => None,
+                    Some(s) => {
+                        if !bulkhead_tokens::pki::valid_name(&s.node) {
+                            return Err(RequestError::BadStorage);
+                        }
+                        let addr: std::net::SocketAddr =
+                            s.nbd_addr.parse().map_err(|_| RequestError::BadStorage)?;
+                        if addr.port() == 0 {
+                            return Err(RequestError::BadStorage);
+                        }
+                        Some(NetworkVolume {
+                            node: s.node,
+                            addr,
+                            export: volume.to_string(),
+                        })
+                    }
+                };
                 ApiRequest::AttachVolume {
                     id: id()?,
-                    volume: ResourceId::parse(&r.volume_id)?,
+                    volume,
                     sealed_key: SealedKeyBlob(blob),
+                    storage,
                 }
             }
             Operation::DetachVolume => ApiRequest::DetachVolume {

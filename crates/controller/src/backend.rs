@@ -317,6 +317,7 @@ pub trait VolumeBackend: Send + Sync {
         instance: &ResourceId,
         volume: &ResourceId,
         sealed_key: SealedKeyBlob,
+        storage: Option<crate::api::NetworkVolume>,
     ) -> Result<(), BackendError>;
     fn detach(&self, instance: &ResourceId, volume: &ResourceId) -> Result<(), BackendError>;
 }
@@ -559,6 +560,7 @@ impl VolumeBackend for DetachedBackend {
         instance: &ResourceId,
         volume: &ResourceId,
         sealed_key: SealedKeyBlob,
+        _storage: Option<crate::api::NetworkVolume>,
     ) -> Result<(), BackendError> {
         self.with(|i| {
             let inst = i

@@ -684,9 +684,10 @@ impl Controller {
                 id,
                 volume,
                 sealed_key,
+                storage,
             } => {
                 let v = Arc::clone(&self.volumes);
-                blocking(move || v.attach(&id, &volume, sealed_key)).await?;
+                blocking(move || v.attach(&id, &volume, sealed_key, storage)).await?;
                 ack("attached")
             }
             ApiRequest::DetachVolume { id, volume } => {

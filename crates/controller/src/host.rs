@@ -1327,6 +1327,7 @@ impl VolumeBackend for HostBackend {
         instance: &ResourceId,
         volume: &ResourceId,
         sealed_key: SealedKeyBlob,
+        storage: Option<crate::api::NetworkVolume>,
     ) -> Result<(), BackendError> {
         let inst = self.instance(instance)?;
         let mut g = lock(&inst);
@@ -1362,7 +1363,7 @@ impl VolumeBackend for HostBackend {
             lock(&self.inner).attached.remove(volume.as_str());
             return Err(e);
         }
-        let result = self.attach_card(&mut g, instance, volume, device, &body);
+        let result = self.attach_card(&mut g, instance, volume, device, &body, storage);
         g.attaching = None;
         match result {
             Ok(pid) => {
@@ -1740,13 +1741,19 @@ impl HostBackend {
         volume: &ResourceId,
         device: DeviceId,
         body: &[u8],
+        storage: Option<crate::api::NetworkVolume>,
     ) -> Result<u32, BackendError> {
-        let backing = self.ensure_backing(volume)?;
+        // A network volume's blocks are on its storage node; a local one's in a file here.
+        let backing = match &storage {
+            Some(_) => None,
+            None => Some(self.ensure_backing(volume)?),
+        };
         // One request queue per guest vCPU: the hypervisor offers the guest as many as the card
         // serves, up to the vCPU count.
         let queues = u16::try_from(g.desc.vcpus).unwrap_or(1);
         let spawned = self.launcher.call_fd(&LaunchRequest::SpawnCard {
             backing,
+            network: storage,
             read_only: false,
             queues,
             run_as: self.cfg.run_as,

@@ -87,6 +87,20 @@ pub struct LauncherConfig {
     /// `bulkhead-netcard` binary. Without it no net card is started.
     #[serde(default)]
     pub netcard_bin: Option<PathBuf>,
+    /// The host's TLS identity handed to block cards of network volumes (they present it to
+    /// the storage node); the launcher passes the paths, never reads the key. Unset: this host
+    /// serves no network volume.
+    #[serde(default)]
+    pub card_tls: Option<CardTls>,
+}
+
+/// The CA and the host's certificate and key files a network volume's card reads at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// One instance interface's net card, as the launcher starts it (`bulkhead-netcard vhost`).
@@ -132,7 +146,11 @@ pub enum LaunchRequest {
         run_as: Option<(u32, u32)>,
     },
     SpawnCard {
-        backing: PathBuf,
+        /// A file in the volume directory; `None` with `network` set.
+        backing: Option<PathBuf>,
+        /// A network volume: the card is the storage node's NBD client.
+        #[serde(default)]
+        network: Option<crate::api::NetworkVolume>,
         read_only: bool,
         /// Request queues the card serves (one per guest vCPU), 1..=MAX_CARD_QUEUES.
         #[serde(default = "one_queue")]
@@ -892,10 +910,11 @@ impl LauncherState {
             }
             LaunchRequest::SpawnCard {
                 backing,
+                network,
                 read_only,
                 queues,
                 run_as,
-            } => self.spawn_card(backing, read_only, queues, run_as),
+            } => self.spawn_card(backing, network, read_only, queues, run_as),
             LaunchRequest::SpawnNetCard { card, run_as } => self.spawn_net_card(&card, run_as),
             LaunchRequest::ConnectNetControl { pid } => {
                 let Some(card) = self.cards.get(&pid).filter(|c| c.net) else {
@@ -1045,15 +1064,40 @@ impl LauncherState {
 
     fn spawn_card(
         &mut self,
-        backing: PathBuf,
+        backing: Option<PathBuf>,
+        network: Option<crate::api::NetworkVolume>,
         read_only: bool,
         queues: u16,
         run_as: Option<(u32, u32)>,
     ) -> (LaunchReply, Option<OwnedFd>) {
         let queues = queues.clamp(1, MAX_CARD_QUEUES);
-        if !inside(&backing, &self.cfg.volume_dir) {
-            return Self::refuse(LaunchRefusal::PathNotAllowed);
-        }
+        // Exactly one store: a file inside the volume directory, or a network volume on a host
+        // that has a TLS identity for its cards.
+        let store: Vec<std::ffi::OsString> = match (backing, network, &self.cfg.card_tls) {
+            (Some(b), None, _) if inside(&b, &self.cfg.volume_dir) => {
+                vec!["--backing".into(), b.into_os_string()]
+            }
+            (None, Some(n), Some(tls))
+                if bulkhead_tokens::pki::valid_name(&n.node)
+                    && crate::api::ResourceId::parse(&n.export).is_ok() =>
+            {
+                vec![
+                    "--nbd".into(),
+                    n.addr.to_string().into(),
+                    "--nbd-export".into(),
+                    n.export.into(),
+                    "--nbd-server-name".into(),
+                    n.node.into(),
+                    "--tls-ca".into(),
+                    tls.ca.clone().into_os_string(),
+                    "--tls-cert".into(),
+                    tls.cert.clone().into_os_string(),
+                    "--tls-key".into(),
+                    tls.key.clone().into_os_string(),
+                ]
+            }
+            _ => return Self::refuse(LaunchRefusal::PathNotAllowed),
+        };
         self.seq = self.seq.wrapping_add(1);
         let control = self.cfg.run_dir.join(format!("card{}.ctl", self.seq));
         let vhost = self.cfg.run_dir.join(format!("card{}.vhost", self.seq));
@@ -1066,8 +1110,7 @@ impl LauncherState {
             .arg(&control)
             .arg("--vhost-socket")
             .arg(&vhost)
-            .arg("--backing")
-            .arg(&backing)
+            .args(&store)
             .arg("--queues")
             .arg(queues.to_string())
             .stdin(Stdio::null())

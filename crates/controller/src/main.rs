@@ -325,6 +325,11 @@ fn host_backend(
             .or_else(|| cfg.netcard_bin.clone())
             .or_else(|| Some(next_to_exe("bulkhead-netcard")))
             .filter(|b| b.is_file()),
+        card_tls: Some(bulkhead_controller::launcher::CardTls {
+            ca: cfg.ca_cert.clone(),
+            cert: cfg.host_cert.clone(),
+            key: cfg.host_key.clone(),
+        }),
     };
     let net_ip = args.net_host_ip.or(cfg.net_host_ip).or_else(|| {
         match cfg.listen.parse::<std::net::SocketAddr>().ok()?.ip() {

@@ -74,6 +74,10 @@ pub struct Cluster {
     pub nets: Vec<HostNet>,
     /// The hosts' data network (with namespaces only).
     pub fabric: Option<netns::Fabric>,
+    /// The storage node, when [`ReplicaOptions::storage`] asked for one.
+    pub storage: Option<StorageNodeInfo>,
+    /// The root-namespace end of the storage node's data-network link (rbd engine).
+    storage_link: Option<String>,
     launches: Vec<HostLaunch>,
     children: Vec<(String, Child)>,
 }
@@ -114,6 +118,12 @@ impl Drop for Cluster {
         }
         for n in &self.nets {
             netns::teardown(n);
+        }
+        if let Some(n) = self.storage.as_ref().and_then(|s| s.net.as_ref()) {
+            netns::teardown(n);
+        }
+        if let Some(l) = &self.storage_link {
+            netns::remove_link(l);
         }
         if let Some(f) = &self.fabric {
             netns::teardown_fabric(f);
@@ -181,6 +191,29 @@ impl Cluster {
                 let _ = c.wait();
             }
         }
+    }
+
+    /// Starts the storage node again (after [`Cluster::kill9`] of `storage-1`, which also
+    /// takes its engine down) at the same addresses, with the same state.
+    pub fn restart_storage(&mut self) -> Result<(), ClusterError> {
+        let Some(info) = self.storage.clone() else {
+            return Err(ClusterError::Net("this cluster has no storage node".into()));
+        };
+        // Its qemu-storage-daemon dies with it (parent-death signal); wait until the old
+        // listeners are gone so the new node can bind the same ports.
+        let logs = self.dir.join("logs");
+        let mut last = None;
+        for _ in 0..50 {
+            match spawn_ready(&info.name, &mut info.command(&self.dir), &logs) {
+                Ok((child, _)) => {
+                    self.children.push((info.name.clone(), child));
+                    return Ok(());
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        Err(last.unwrap_or(ClusterError::NotReady(info.name, logs)))
     }
 
     /// The pids of the daemons, by name.
@@ -561,6 +594,66 @@ fn spawn_ready(name: &str, cmd: &mut Command, logs: &Path) -> Result<(Child, Val
     Ok((child, v))
 }
 
+/// Issues the storage node's certificate, gives it its network place and starts it.
+fn start_storage(
+    dir: &Path,
+    opts: &StartOptions,
+    engine: StorageEngine,
+    cluster: &mut Cluster,
+    logs: &Path,
+) -> Result<StorageNodeInfo, ClusterError> {
+    let bin = opts.bins.join("bulkhead-storage");
+    if !bin.is_file() {
+        return Err(ClusterError::MissingBinary(bin));
+    }
+    let mut net = None;
+    let (control_ip, nbd_ip) = match (&mut cluster.fabric, engine) {
+        (Some(fabric), StorageEngine::File) => {
+            let tag = netns::tag_for(dir);
+            let subnet = netns::subnet_of(&cluster.nets)
+                .ok_or_else(|| ClusterError::Net("no host subnet".into()))?;
+            let mut n = netns::setup_named(&tag, subnet, netns::STORAGE_SLOT, STORAGE_NODE)
+                .map_err(|e| ClusterError::Net(e.to_string()))?;
+            netns::join_fabric(&tag, subnet, fabric, &mut n, netns::STORAGE_SLOT)
+                .map_err(|e| ClusterError::Net(e.to_string()))?;
+            let ips = (n.host_ip.clone(), n.fabric_ip.clone().unwrap_or_default());
+            net = Some(n);
+            ips
+        }
+        (Some(fabric), StorageEngine::Rbd) => {
+            let tag = netns::tag_for(dir);
+            let subnet = netns::subnet_of(&cluster.nets)
+                .ok_or_else(|| ClusterError::Net("no host subnet".into()))?;
+            let (link, ip) =
+                netns::join_fabric_from_root(&tag, subnet, fabric, netns::STORAGE_SLOT)
+                    .map_err(|e| ClusterError::Net(e.to_string()))?;
+            cluster.storage_link = Some(link);
+            ("127.0.0.1".to_string(), ip)
+        }
+        (None, _) => ("127.0.0.1".to_string(), "127.0.0.1".to_string()),
+    };
+    let ca = CaDir::new(dir.join("ca"));
+    let mut sans = vec![control_ip.clone(), nbd_ip.clone()];
+    sans.dedup();
+    ca.issue_with_sans(STORAGE_NODE, Role::Service, true, &sans)?;
+    let mut info = StorageNodeInfo {
+        name: STORAGE_NODE.to_string(),
+        control_addr: format!("{control_ip}:0"),
+        nbd_addr: format!("{nbd_ip}:0"),
+        state_dir: dir.join(STORAGE_NODE),
+        net,
+        engine,
+        bin,
+    };
+    let (child, v) = spawn_ready(STORAGE_NODE, &mut info.command(dir), logs)?;
+    cluster.children.push((STORAGE_NODE.to_string(), child));
+    // Pinned, so a restarted node comes back at the same addresses.
+    info.control_addr = v["control"].as_str().unwrap_or("").to_string();
+    info.nbd_addr = v["nbd"].as_str().unwrap_or("").to_string();
+    cluster.storage = Some(info.clone());
+    Ok(info)
+}
+
 fn listen_of(v: &Value) -> String {
     v["listen"].as_str().unwrap_or("").to_string()
 }
@@ -649,6 +742,66 @@ pub struct ReplicaOptions {
     /// Whole cores each host offers (default: half this machine's threads). With the detached
     /// controller backend no guest runs, so a test may offer more than the machine has.
     pub host_cores: Option<u32>,
+    /// A storage node (`bulkhead-storage`, named [`STORAGE_NODE`]) for network volumes. `None`:
+    /// volumes are files on the host that attaches them.
+    pub storage: Option<StorageEngine>,
+}
+
+/// The storage node's certificate name in a dev cluster.
+pub const STORAGE_NODE: &str = "storage-1";
+
+/// Which engine the dev cluster's storage node keeps volumes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageEngine {
+    /// A file per volume; the node runs in its own network namespace (when namespaces are
+    /// used), reachable by hosts over the data network and by the control plane over its link.
+    File,
+    /// RBD images in the Ceph cluster named by `BULKHEAD_CEPH_CONF`, `BULKHEAD_CEPH_POOL`,
+    /// `BULKHEAD_CEPH_ID` and `BULKHEAD_CEPH_KEYRING` (what `scripts/with-ceph.sh` exports). The
+    /// node runs in the orchestrating namespace, where the Ceph daemons are, joined to the
+    /// hosts' data network.
+    Rbd,
+}
+
+/// The running storage node of a dev cluster.
+#[derive(Debug, Clone)]
+pub struct StorageNodeInfo {
+    pub name: String,
+    /// Its control API (what the control plane calls).
+    pub control_addr: String,
+    /// Its NBD-over-TLS listener (what hosts' cards connect to).
+    pub nbd_addr: String,
+    pub state_dir: PathBuf,
+    /// Its own namespace (file engine with namespaces).
+    pub net: Option<HostNet>,
+    engine: StorageEngine,
+    bin: PathBuf,
+}
+
+impl StorageNodeInfo {
+    fn command(&self, dir: &Path) -> Command {
+        let mut c = match &self.net {
+            Some(x) => netns::command_in(x, &self.bin),
+            None => Command::new(&self.bin),
+        };
+        c.arg("--ca-dir")
+            .arg(dir.join("ca"))
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--listen-control")
+            .arg(&self.control_addr)
+            .arg("--listen-nbd")
+            .arg(&self.nbd_addr)
+            .arg("--engine")
+            .arg(match self.engine {
+                StorageEngine::File => "file",
+                StorageEngine::Rbd => "rbd",
+            })
+            .env("BULKHEAD_LOG", "info");
+        c
+    }
 }
 
 /// Prepares and starts the whole cluster; returns once every daemon printed its ready line.
@@ -708,6 +861,14 @@ pub fn start_replicated(
                 fabric_ip: None,
             });
         }
+        netns::teardown(&HostNet {
+            ns: format!("bulkhead-{tag}-{STORAGE_NODE}"),
+            outer_if: format!("bk{tag}o{}", netns::STORAGE_SLOT),
+            host_ip: String::new(),
+            outer_ip: String::new(),
+            fabric_ip: None,
+        });
+        netns::remove_link(&format!("bk{tag}s{}", netns::STORAGE_SLOT));
         netns::teardown_fabric(&netns::Fabric {
             ns: netns::fabric_ns(&tag),
             links: Vec::new(),
@@ -758,6 +919,8 @@ pub fn start_replicated(
         attested,
         nets: std::mem::take(&mut guard.0),
         fabric: guard.1.take(),
+        storage: None,
+        storage_link: None,
         launches: Vec::new(),
         children: Vec::new(),
     };
@@ -795,6 +958,10 @@ pub fn start_replicated(
     )?;
     cluster.children.push(("token-service".into(), tokens));
     cluster.token_addr = listen_of(&v);
+    let storage_node = match more.storage {
+        Some(engine) => Some(start_storage(dir, opts, engine, &mut cluster, &logs)?),
+        None => None,
+    };
     let mut hosts = Vec::new();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -867,7 +1034,14 @@ pub fn start_replicated(
         workflow_lease_ms: more.workflow_lease_ms,
         region: None,
         hosts,
-        storage_nodes: Vec::new(),
+        storage_nodes: match &storage_node {
+            Some(n) => vec![bulkhead_control::storage::StorageNodeConfig {
+                node_id: n.name.clone(),
+                api_addr: via("control-to-storage", n.control_addr.clone())?,
+                nbd_addr: n.nbd_addr.clone(),
+            }],
+            None => Vec::new(),
+        },
     };
     let cfg_path = dir.join("control.toml");
     let text = toml::to_string(&cfg).map_err(|_| {

@@ -138,6 +138,10 @@ fn up(
         &opts,
         &cluster::ReplicaOptions {
             host_cores,
+            storage: bins
+                .join("bulkhead-storage")
+                .is_file()
+                .then_some(cluster::StorageEngine::File),
             ..cluster::ReplicaOptions::default()
         },
     )?;
@@ -164,6 +168,13 @@ fn up(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+    match &c.storage {
+        Some(s) => println!(
+            "  storage node   {} (NBD over TLS for granted hosts; control API {}): volumes are network volumes, ciphertext only",
+            s.nbd_addr, s.control_addr
+        ),
+        None => println!("  storage node   none (bulkhead-storage not built): volumes are files on the attaching host"),
     }
     if c.attested {
         println!("  attestation    each host: own TPM (swtpm), measured start of a 2-of-3 signed release; the KMS seals keys only after a fresh quote");

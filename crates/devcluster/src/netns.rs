@@ -124,8 +124,22 @@ pub fn subnet(tag: &str) -> (u8, u8) {
 
 /// Creates (replacing any stale one) the namespace and link of host `n` (1-based, ≤ 63) in the
 /// cluster's `subnet`.
-pub fn setup(tag: &str, (a, b): (u8, u8), n: usize) -> Result<HostNet, NetnsError> {
-    let ns = format!("bulkhead-{tag}-host-{n}");
+pub fn setup(tag: &str, subnet: (u8, u8), n: usize) -> Result<HostNet, NetnsError> {
+    setup_named(tag, subnet, n, &format!("host-{n}"))
+}
+
+/// Slot number of the storage node's namespace and links (clear of any host's).
+pub const STORAGE_SLOT: usize = 50;
+
+/// As [`setup`], for slot `n` (≤ 63, its addresses) of a namespace named `bulkhead-<tag>-<name>`
+/// (e.g. the storage node's, [`STORAGE_SLOT`]).
+pub fn setup_named(
+    tag: &str,
+    (a, b): (u8, u8),
+    n: usize,
+    name: &str,
+) -> Result<HostNet, NetnsError> {
+    let ns = format!("bulkhead-{tag}-{name}");
     let outer_if = format!("bk{tag}o{n}");
     let inner_if = format!("bk{tag}i{n}");
     // Host n uses 10.a.b.(4n+1)/30 outside and 10.a.b.(4n+2)/30 inside.
@@ -192,31 +206,7 @@ pub fn setup_fabric(
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", &ns, "link", "set", "br0", "up"])?;
         for (i, h) in hosts.iter_mut().enumerate() {
-            let n = i + 1;
-            let last = u8::try_from(128 + n).map_err(|_| NetnsError {
-                cmd: "fabric".into(),
-                detail: format!("host number {n} too large"),
-            })?;
-            let outer = format!("bk{tag}f{n}");
-            ip(&[
-                "-n", &ns, "link", "add", &outer, "type", "veth", "peer", "name", "fab0", "netns",
-                &h.ns,
-            ])?;
-            ip(&["-n", &ns, "link", "set", &outer, "master", "br0"])?;
-            ip(&["-n", &ns, "link", "set", &outer, "up"])?;
-            let addr = format!("10.{a}.{b}.{last}");
-            ip(&[
-                "-n",
-                &h.ns,
-                "addr",
-                "add",
-                &format!("{addr}/25"),
-                "dev",
-                "fab0",
-            ])?;
-            ip(&["-n", &h.ns, "link", "set", "fab0", "up"])?;
-            h.fabric_ip = Some(addr);
-            fabric.links.push(outer);
+            fabric.links.push(join_link(tag, (a, b), &ns, h, i + 1)?);
         }
         Ok(())
     })();
@@ -226,6 +216,95 @@ pub fn setup_fabric(
     }
     tracing::info!(ns = %ns, hosts = hosts.len(), "host data network ready");
     Ok(fabric)
+}
+
+/// Links namespace `net` to the fabric as slot `n` (`10.A.B.(128+n)/25` on its `fab0`); returns
+/// the bridge end's name.
+fn join_link(
+    tag: &str,
+    (a, b): (u8, u8),
+    fabric_ns: &str,
+    net: &mut HostNet,
+    n: usize,
+) -> Result<String, NetnsError> {
+    let last = u8::try_from(128 + n).map_err(|_| NetnsError {
+        cmd: "fabric".into(),
+        detail: format!("slot {n} too large"),
+    })?;
+    let outer = format!("bk{tag}f{n}");
+    ip(&[
+        "-n", fabric_ns, "link", "add", &outer, "type", "veth", "peer", "name", "fab0", "netns",
+        &net.ns,
+    ])?;
+    ip(&["-n", fabric_ns, "link", "set", &outer, "master", "br0"])?;
+    ip(&["-n", fabric_ns, "link", "set", &outer, "up"])?;
+    let addr = format!("10.{a}.{b}.{last}");
+    ip(&[
+        "-n",
+        &net.ns,
+        "addr",
+        "add",
+        &format!("{addr}/25"),
+        "dev",
+        "fab0",
+    ])?;
+    ip(&["-n", &net.ns, "link", "set", "fab0", "up"])?;
+    net.fabric_ip = Some(addr);
+    Ok(outer)
+}
+
+/// Joins one more namespace (e.g. the storage node's) to an existing fabric as slot `n`.
+pub fn join_fabric(
+    tag: &str,
+    subnet: (u8, u8),
+    fabric: &mut Fabric,
+    net: &mut HostNet,
+    n: usize,
+) -> Result<(), NetnsError> {
+    let link = join_link(tag, subnet, &fabric.ns.clone(), net, n)?;
+    fabric.links.push(link);
+    Ok(())
+}
+
+/// The `(A, B)` of the cluster's `10.A.B.0/24`, read back from its hosts' addresses.
+pub fn subnet_of(nets: &[HostNet]) -> Option<(u8, u8)> {
+    let ip: std::net::Ipv4Addr = nets.first()?.host_ip.parse().ok()?;
+    let o = ip.octets();
+    Some((o[1], o[2]))
+}
+
+/// Joins the orchestrating (root) namespace itself to the fabric as slot `n`: a veth whose
+/// root end `bk<tag>s<n>` gets `10.A.B.(128+n)/25`. For a daemon that must reach services of
+/// the root namespace (a Ceph cluster on loopback) and be reached by hosts. Returns the root
+/// end's name (remove it with [`remove_link`]) and its address.
+pub fn join_fabric_from_root(
+    tag: &str,
+    (a, b): (u8, u8),
+    fabric: &mut Fabric,
+    n: usize,
+) -> Result<(String, String), NetnsError> {
+    let last = u8::try_from(128 + n).map_err(|_| NetnsError {
+        cmd: "fabric".into(),
+        detail: format!("slot {n} too large"),
+    })?;
+    let root_end = format!("bk{tag}s{n}");
+    let outer = format!("bk{tag}f{n}");
+    let _ = ip(&["link", "del", &root_end]);
+    ip(&[
+        "link", "add", &root_end, "type", "veth", "peer", "name", &outer, "netns", &fabric.ns,
+    ])?;
+    ip(&["-n", &fabric.ns, "link", "set", &outer, "master", "br0"])?;
+    ip(&["-n", &fabric.ns, "link", "set", &outer, "up"])?;
+    let addr = format!("10.{a}.{b}.{last}");
+    ip(&["addr", "add", &format!("{addr}/25"), "dev", &root_end])?;
+    ip(&["link", "set", &root_end, "up"])?;
+    fabric.links.push(outer);
+    Ok((root_end, addr))
+}
+
+/// Deletes a link of the root namespace (its veth peer goes with it).
+pub fn remove_link(name: &str) {
+    let _ = ip(&["link", "del", name]);
 }
 
 /// Removes the fabric (its links go with the namespace).
