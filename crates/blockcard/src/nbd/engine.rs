@@ -79,6 +79,26 @@ impl Shared {
     }
 }
 
+/// Acknowledges what arrived at once instead of delaying the ACK: a server that writes a read's
+/// reply header and payload as two TLS records without `TCP_NODELAY` (qemu's NBD server over
+/// TLS) otherwise waits for that ACK (Nagle) and every small read costs the 40 ms delayed-ACK
+/// timer. Linux clears the flag again by itself, so it is set after every read. Best effort.
+fn quick_ack(sock: &std::net::TcpStream) {
+    let one: libc::c_int = 1;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&one`, a live c_int; the fd is
+    // the session's open socket.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            std::ptr::addr_of!(one).cast(),
+            len,
+        )
+    };
+}
+
 fn complete(op: &Op, r: Result<Vec<u8>, NbdClientError>) {
     *lock(&op.done) = Some(r);
     op.cv.notify_all();
@@ -266,7 +286,7 @@ impl Engine {
             };
             match s.tls.read_tls(&mut s.sock) {
                 Ok(0) => return Err(Break::Lost("eof")),
-                Ok(_) => {}
+                Ok(_) => quick_ack(&s.sock),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => return Err(Break::Lost("socket read")),
