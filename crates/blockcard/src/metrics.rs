@@ -54,6 +54,7 @@ metrics!(
     nbd_failed_requests,
     nbd_unavailable,
     nbd_fenced,
+    nbd_inflight_peak,
 );
 
 impl BlkMetrics {

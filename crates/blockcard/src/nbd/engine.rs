@@ -231,6 +231,11 @@ impl Engine {
             let _ = Self::send(session, cookie, &op);
             self.inflight.insert(cookie, InFlight { op, sends: 1 });
         }
+        let n = u64::try_from(self.inflight.len()).unwrap_or(u64::MAX);
+        self.shared
+            .metrics
+            .nbd_inflight_peak
+            .fetch_max(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Writes what rustls holds, waits for the socket or a submission, reads and parses.
