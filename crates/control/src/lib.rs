@@ -123,6 +123,7 @@ const UPSTREAM_CODES: &[&str] = &[
     "no_such_volume",
     "wrong_state",
     "no_capacity",
+    "no_free_cores",
     "volume_attached",
     "host_draining",
     "instance_exists",

@@ -209,7 +209,10 @@ pub fn ec2_code(e: &ControlError, action: &str) -> Ec2ErrorCode {
         ControlError::WrongState if instance_action => C::IncorrectInstanceState,
         ControlError::WrongState => C::IncorrectState,
         ControlError::VolumeInUse => C::VolumeInUse,
-        ControlError::NoCapacity | ControlError::NoAttestedHost => C::InsufficientInstanceCapacity,
+        // A host without whole cores free for the instance (it refused the placement).
+        ControlError::NoCapacity
+        | ControlError::NoAttestedHost
+        | ControlError::Host("no_free_cores") => C::InsufficientInstanceCapacity,
         ControlError::IdempotencyMismatch => C::IdempotentParameterMismatch,
         ControlError::Kms("no_such_key") => C::InvalidKmsKeyNotFound,
         ControlError::Kms("no_such_image") | ControlError::Host("no_such_image") => {
