@@ -152,3 +152,37 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::cores::CoreIsolation;
+
+    const BASE: &str = r#"
+host_id = "host-1"
+listen = "127.0.0.1:0"
+ca_cert = "ca.pem"
+host_cert = "host-1.pem"
+host_key = "host-1.key"
+token_public_key = "token.pub"
+rights = "rights.toml"
+revocations = "revoked.txt"
+audit_log = "audit.log"
+"#;
+
+    #[test]
+    fn core_isolation_and_host_cpus_parse() {
+        let c: Config = toml::from_str(BASE).unwrap();
+        assert_eq!((c.core_isolation, c.host_cpus), (None, None));
+        let c: Config = toml::from_str(&format!(
+            "{BASE}core_isolation = \"shared\"\nhost_cpus = [0, 1]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.core_isolation, Some(CoreIsolation::Shared));
+        assert_eq!(c.host_cpus, Some(vec![0, 1]));
+        let c: Config = toml::from_str(&format!("{BASE}core_isolation = \"dedicated\"\n")).unwrap();
+        assert_eq!(c.core_isolation, Some(CoreIsolation::Dedicated));
+        assert!(toml::from_str::<Config>(&format!("{BASE}core_isolation = \"some\"\n")).is_err());
+    }
+}

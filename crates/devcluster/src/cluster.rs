@@ -554,6 +554,13 @@ fn write_controller_config(
     }
     t.insert("host_id".into(), toml::Value::String(host.into()));
     t.insert("listen".into(), toml::Value::String(listen.into()));
+    // The hosts of a dev cluster share one machine's CPUs: each would reserve the same host core
+    // and hand out the same instance cores, so whole-core isolation means nothing here (and a
+    // two-core machine would fit one instance per host). Each host shares its cores instead.
+    t.insert(
+        "core_isolation".into(),
+        toml::Value::String("shared".into()),
+    );
     let p = hd.join("controller.toml");
     std::fs::write(&p, toml::to_string(&t).unwrap_or_default()).map_err(io(&p))?;
     Ok(p)
