@@ -66,6 +66,27 @@ struct Args {
     /// The qemu-storage-daemon binary.
     #[arg(long, default_value = "qemu-storage-daemon")]
     qsd: PathBuf,
+    /// Drop to this uid (with --gid) once the listeners are bound and the keys read; the
+    /// state and data directories are handed to it first. The engine runs as it too.
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
+}
+
+/// Hands `dir`, its entries and its subdirectories' entries to `uid`:`gid` (the node's own
+/// layout is two levels deep).
+fn chown_tree(dir: &Path, uid: u32, gid: u32, depth: u8) -> Result<(), MainError> {
+    let io = |e| MainError::Io(dir.to_path_buf(), e);
+    std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(io)?;
+    if depth == 0 || !dir.is_dir() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(dir).map_err(io)? {
+        let p = e.map_err(io)?.path();
+        chown_tree(&p, uid, gid, depth - 1)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +172,14 @@ fn run(args: Args) -> Result<(), MainError> {
     let nbd_addr = nbd_listener
         .local_addr()
         .map_err(|e| MainError::Listen(args.listen_nbd.clone(), e))?;
+    if let (Some(uid), Some(gid)) = (args.uid, args.gid) {
+        chown_tree(&args.state_dir, uid, gid, 2)?;
+        chown_tree(&data_dir, uid, gid, 1)?;
+        bulkhead_harden::drop_privileges(uid, gid)?;
+        tracing::info!(uid, gid, "privileges dropped");
+    } else if running_as_root() {
+        tracing::warn!("running as root without --uid/--gid: the node and its engine keep root");
+    }
     let cfg = EngineConfig {
         qsd: args.qsd.clone(),
         run_dir,
@@ -206,6 +235,11 @@ fn run(args: Args) -> Result<(), MainError> {
             .await
             .map_err(|e| MainError::Listen(args.listen_control.clone(), e))
     })
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
 }
 
 fn main() -> ExitCode {

@@ -36,6 +36,8 @@ pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(20);
 pub const MAX_OPTIONS: usize = 32;
 /// Connections at once (negotiating or transmitting).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Copy buffer per direction in transmission (a 1 MiB request crosses in a few reads).
+pub const COPY_BUFFER: usize = 256 * 1024;
 
 /// Stable refusal codes of the NBD listener (audited through the refusal summariser).
 pub mod codes {
@@ -223,7 +225,7 @@ impl NbdServer {
         } = *t;
         let crate::node::Opened { guard, cut, .. } = opened;
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut tls, &mut engine) => {
+            r = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut engine, COPY_BUFFER, COPY_BUFFER) => {
                 tracing::debug!(volume = %volume, result = ?r.map_err(|e| e.kind()), "nbd connection ended");
             }
             _ = cut => {

@@ -88,6 +88,8 @@ pub struct StorageNode {
     pub state_dir: PathBuf,
     pub opts: NodeOpts,
     ca_dir: PathBuf,
+    /// Killed already: the pid file may name the next node's engine by now.
+    dead: bool,
 }
 
 pub fn have_qemu() -> bool {
@@ -99,6 +101,16 @@ pub fn have_qemu() -> bool {
             .status()
             .is_ok_and(|s| s.success())
     })
+}
+
+/// As root, the node drops to nobody (65534), as it would be run.
+fn sandbox_args() -> Vec<&'static str> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        vec!["--uid", "65534", "--gid", "65534"]
+    } else {
+        Vec::new()
+    }
 }
 
 impl StorageNode {
@@ -122,6 +134,7 @@ impl StorageNode {
             .arg("--listen-nbd")
             .arg("127.0.0.1:0")
             .args(&opts.args)
+            .args(sandbox_args())
             .env("BULKHEAD_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -162,6 +175,7 @@ impl StorageNode {
                     state_dir: state_dir.to_path_buf(),
                     opts,
                     ca_dir: ca_dir.to_path_buf(),
+                    dead: false,
                 })
             }
             Err(_) => {
@@ -183,6 +197,10 @@ impl StorageNode {
 
     /// kill -9 of the node and of its qemu-storage-daemon.
     pub fn kill9(&mut self) {
+        if self.dead {
+            return;
+        }
+        self.dead = true;
         let qsd = self.qsd_pid();
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -413,7 +431,8 @@ impl LiveClient {
     }
 
     /// Sends one command; waits for a line containing any of `until` (or 15 s); returns all
-    /// output seen.
+    /// output seen. (qemu-io reads one line per wake-up: send the next command only after
+    /// this one's output.)
     pub fn run(&mut self, command: &str, until: &[&str]) -> String {
         let _ = writeln!(self.stdin, "{command}");
         let _ = self.stdin.flush();
