@@ -355,6 +355,10 @@ fn kill_9_and_restart_keeps_data_and_grants() {
     let h1 = pki.qemu_creds(&pki.ca, "host-1");
     let (ok, _) = qemu_io(&node, &h1, "vol-6", &["read 0 4k"]);
     assert!(!ok, "the fenced host opened the volume after a restart");
+    // The audit log kept its chain across the kill.
+    node.wait_audit(&["\"caller\":\"host-1\"", "volume:vol-6", "not_granted"]);
+    let head = bulkhead_audit::verify(&node.state_dir.join("audit.log")).unwrap();
+    assert!(head.records > 10, "{head:?}");
     // The old generation stays refused.
     let (status, _) = call(
         &node,
