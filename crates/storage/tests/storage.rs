@@ -437,3 +437,179 @@ fn delete_cuts_connections_and_removes_the_file() {
     create(&node, &cp, "vol-9", 4 * MIB);
     assert_eq!(read_file_at(&file, 0, 4096), vec![0; 4096]);
 }
+
+/// A raw NBD client over TLS with a host certificate (our own `bulkhead-nbd` encoders and
+/// parsers): the options after STARTTLS, and a write/read in transmission.
+mod raw {
+    use super::*;
+    use bulkhead_nbd::consts::{OPT_ABORT, OPT_INFO, OPT_LIST, OPT_STRUCTURED_REPLY};
+    use bulkhead_nbd::{
+        Command, CommandFlags, Cookie, InfoReply, InfoType, OptionReplyHeader, SimpleReply,
+    };
+    use bulkhead_tokens::pki::ServerIdentity;
+
+    type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+    fn reply(s: &mut impl Read) -> (OptionReplyHeader, Vec<u8>) {
+        let mut head = [0u8; OptionReplyHeader::LEN];
+        s.read_exact(&mut head).unwrap();
+        let h = OptionReplyHeader::parse(&head, MAX_OPTION_REPLY_DATA).unwrap();
+        let mut data = vec![0u8; h.data_len()];
+        s.read_exact(&mut data).unwrap();
+        (h, data)
+    }
+
+    fn connect(pki: &Pki, node: &StorageNode, who: &str) -> Tls {
+        let mut s = TcpStream::connect(("127.0.0.1", node.nbd_port)).unwrap();
+        let mut greeting = [0u8; ServerGreeting::LEN];
+        s.read_exact(&mut greeting).unwrap();
+        ServerGreeting::parse(&greeting).unwrap();
+        s.write_all(&ClientFlags::BULKHEAD.encode()).unwrap();
+        s.write_all(&ClientOption::StartTls.encode()).unwrap();
+        let (h, _) = reply(&mut s);
+        assert_eq!(h.reply, ReplyType::Ack);
+        let cfg = bulkhead_kms::tls::pinned_client_config(
+            &pki.ca.ca_pem(),
+            Some((&pki.ca.cert(who), &pki.ca.key(who))),
+            ServerIdentity::service(NODE_NAME),
+        )
+        .unwrap();
+        let conn = rustls::ClientConnection::new(
+            std::sync::Arc::new(cfg),
+            "127.0.0.1".try_into().unwrap(),
+        )
+        .unwrap();
+        rustls::StreamOwned::new(conn, s)
+    }
+
+    fn go(name: &str) -> ClientOption {
+        ClientOption::Go(InfoRequest {
+            name: ExportName::new(name).unwrap(),
+            requests: vec![InfoType::BlockSize],
+        })
+    }
+
+    #[test]
+    fn options_after_tls_and_a_transmission_through_the_node() {
+        let Some((pki, state)) = setup() else { return };
+        let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+        let cp = pki.control_client("control");
+        create(&node, &cp, "vol-10", MIB);
+        grant(&node, &cp, "vol-10", "host-1", 1);
+        let mut s = connect(&pki, &node, "host-1");
+        // Simple replies only; no export list; a second STARTTLS is invalid.
+        for (opt, code, want) in [
+            (
+                ClientOption::StructuredReply,
+                OPT_STRUCTURED_REPLY,
+                ReplyType::Error(OptionError::Unsup),
+            ),
+            (
+                ClientOption::List,
+                OPT_LIST,
+                ReplyType::Error(OptionError::Policy),
+            ),
+            (
+                ClientOption::StartTls,
+                OPT_STARTTLS,
+                ReplyType::Error(OptionError::Invalid),
+            ),
+            (
+                ClientOption::Unknown(99),
+                99,
+                ReplyType::Error(OptionError::Unsup),
+            ),
+        ] {
+            s.write_all(&opt.encode()).unwrap();
+            let (h, _) = reply(&mut s);
+            assert_eq!((h.option, h.reply), (code, want), "{opt:?}");
+        }
+        // INFO on the granted volume: its size, then ACK.
+        let info = ClientOption::Info(InfoRequest {
+            name: ExportName::new("vol-10").unwrap(),
+            requests: vec![],
+        });
+        s.write_all(&info.encode()).unwrap();
+        let (h, data) = reply(&mut s);
+        assert_eq!((h.option, h.reply), (OPT_INFO, ReplyType::Info));
+        assert!(matches!(
+            InfoReply::parse(&data).unwrap(),
+            InfoReply::Export { size, .. } if size == MIB
+        ));
+        let (h, _) = reply(&mut s);
+        assert_eq!(h.reply, ReplyType::Ack);
+        // GO on an unknown volume: policy; then GO on ours.
+        s.write_all(&go("vol-11").encode()).unwrap();
+        let (h, _) = reply(&mut s);
+        assert_eq!(h.reply, ReplyType::Error(OptionError::Policy));
+        s.write_all(&go("vol-10").encode()).unwrap();
+        let mut flags = None;
+        loop {
+            let (h, data) = reply(&mut s);
+            assert_eq!(h.option, OPT_GO);
+            match h.reply {
+                ReplyType::Info => {
+                    if let InfoReply::Export { size, flags: f } = InfoReply::parse(&data).unwrap() {
+                        assert_eq!(size, MIB);
+                        flags = Some(f);
+                    }
+                }
+                ReplyType::Ack => break,
+                other => panic!("GO answered {other:?}"),
+            }
+        }
+        let flags = flags.expect("GO gave no NBD_INFO_EXPORT");
+        assert!(!flags.read_only() && flags.flush() && flags.fua());
+        // Transmission: a write with FUA, then a read, through the node.
+        let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        let write = bulkhead_nbd::Request {
+            flags: CommandFlags(bulkhead_nbd::consts::CMD_FLAG_FUA),
+            command: Command::Write,
+            cookie: Cookie(7),
+            offset: 4096,
+            length: 8192,
+        };
+        s.write_all(&write.encode()).unwrap();
+        s.write_all(&payload).unwrap();
+        let mut r = [0u8; SimpleReply::LEN];
+        s.read_exact(&mut r).unwrap();
+        let r = SimpleReply::parse(&r).unwrap();
+        assert_eq!((r.error, r.cookie), (None, Cookie(7)));
+        let read = bulkhead_nbd::Request {
+            flags: CommandFlags(0),
+            command: Command::Read,
+            cookie: Cookie(8),
+            offset: 4096,
+            length: 8192,
+        };
+        s.write_all(&read.encode()).unwrap();
+        let mut r = [0u8; SimpleReply::LEN];
+        s.read_exact(&mut r).unwrap();
+        let r = SimpleReply::parse(&r).unwrap();
+        assert_eq!((r.error, r.cookie), (None, Cookie(8)));
+        let mut back = vec![0u8; 8192];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, payload);
+        assert_eq!(
+            read_file_at(&node.volume_file("vol-10"), 4096, 8192),
+            payload
+        );
+        // A read past the end is the engine's error reply, not data.
+        let past = bulkhead_nbd::Request {
+            offset: MIB,
+            cookie: Cookie(9),
+            ..read
+        };
+        s.write_all(&past.encode()).unwrap();
+        let mut r = [0u8; SimpleReply::LEN];
+        s.read_exact(&mut r).unwrap();
+        let r = SimpleReply::parse(&r).unwrap();
+        assert!(r.error.is_some() && r.cookie == Cookie(9), "{r:?}");
+        drop(s);
+        // ABORT before any export: acknowledged, then closed.
+        let mut s = connect(&pki, &node, "host-1");
+        s.write_all(&ClientOption::Abort.encode()).unwrap();
+        let (h, _) = reply(&mut s);
+        assert_eq!((h.option, h.reply), (OPT_ABORT, ReplyType::Ack));
+    }
+}
