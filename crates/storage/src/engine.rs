@@ -472,13 +472,6 @@ impl Engine {
             Err(e) => Err(e.into()),
         }
     }
-
-    /// Fences a volume inside the engine: every connection qemu-storage-daemon has to its
-    /// export is closed and drained, then the export is back for the next grant holder.
-    pub async fn fence(&mut self, rec: &VolumeRecord) -> Result<(), EngineError> {
-        self.remove_export(&rec.volume_id).await?;
-        self.add_export(rec).await
-    }
 }
 
 fn rbd_cmd(c: &CephConfig) -> Command {

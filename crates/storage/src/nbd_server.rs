@@ -172,7 +172,11 @@ async fn engine_go(node: &Node, name: &ExportName) -> Result<EngineExport, Sessi
                     block_size,
                 });
             }
-            other => return Err(SessionError::EngineRefused(other)),
+            other => {
+                // Leave politely (the engine would log an end-of-file in negotiation).
+                let _ = s.write_all(&ClientOption::Abort.encode()).await;
+                return Err(SessionError::EngineRefused(other));
+            }
         }
     }
     Err(SessionError::EngineRefused(ReplyType::Other(0)))
@@ -449,6 +453,7 @@ impl NbdServer {
                 self.audit_open(&rid, identity, "NbdInfo", &req.name, Decision::Allow, "ok")
                     .await?;
                 reply_info(s, code, &req, &ex).await?;
+                disconnect(ex.stream).await;
                 send(s, OptionReply::ack(code)).await?;
                 Ok(Next::Again)
             }
@@ -536,6 +541,19 @@ impl NbdServer {
             request_id: rid,
         })))
     }
+}
+
+/// Ends a transmission with the engine that carried no request (INFO): `NBD_CMD_DISC`.
+async fn disconnect(mut s: UnixStream) {
+    let disc = bulkhead_nbd::Request {
+        flags: bulkhead_nbd::CommandFlags(0),
+        command: bulkhead_nbd::Command::Disconnect,
+        cookie: bulkhead_nbd::Cookie(0),
+        offset: 0,
+        length: 0,
+    };
+    let _ = s.write_all(&disc.encode()).await;
+    let _ = s.shutdown().await;
 }
 
 /// NBD_REP_INFO replies for GO/INFO: the export (always), block sizes if asked for and known.

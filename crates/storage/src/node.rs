@@ -20,6 +20,7 @@ use tokio::sync::Mutex;
 
 use crate::conns::{ConnGuard, Connections};
 use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::qmp::QmpError;
 use crate::table::{Table, TableError, VolumeRecord, TABLE_FILE};
 
 /// Why a control operation was refused or failed.
@@ -232,11 +233,19 @@ impl Node {
     /// re-adds the exports): either way nothing of a cut connection is in flight afterwards.
     async fn fence(&self, st: &mut State, rec: &VolumeRecord, keep: Option<&HostName>) -> u32 {
         let cut = self.conns.cut(&rec.volume_id, keep);
-        if let Err(e) = st.engine.fence(rec).await {
-            tracing::error!(volume = %rec.volume_id, error = %e, "engine fence failed; killing qemu-storage-daemon");
-            if let Some((pid, instance)) = st.engine.running() {
-                kill_pid(pid);
-                st.engine.mark_dead(instance);
+        match st.engine.remove_export(&rec.volume_id).await {
+            // Drained: nothing of a cut connection is in flight any more.
+            Ok(()) => {
+                if let Err(e) = st.engine.add_export(rec).await {
+                    tracing::error!(volume = %rec.volume_id, error = %e, "export not re-added after fencing: opens fail until the engine restarts");
+                }
+            }
+            Err(e) => {
+                tracing::error!(volume = %rec.volume_id, error = %e, "engine fence failed; killing qemu-storage-daemon");
+                if let Some((pid, instance)) = st.engine.running() {
+                    kill_pid(pid);
+                    st.engine.mark_dead(instance);
+                }
             }
         }
         cut
@@ -406,12 +415,18 @@ impl Node {
     }
 }
 
+/// Adds every live volume's export. A volume the engine refuses (its file or image is gone or
+/// unreadable) is logged and left without an export — its opens fail — so that one broken
+/// volume does not take the others down; an engine that stops answering is an error.
 async fn add_all_exports(engine: &mut Engine, table: &Table) -> Result<(), StartError> {
     for rec in table.volumes().filter(|v| !v.deleting) {
-        engine
-            .add_export(rec)
-            .await
-            .map_err(|e| StartError::Volume(rec.volume_id.clone(), e))?;
+        match engine.add_export(rec).await {
+            Ok(()) => {}
+            Err(e @ EngineError::Qmp(QmpError::Command { .. })) => {
+                tracing::error!(volume = %rec.volume_id, error = %e, "volume unavailable: the engine refused its export");
+            }
+            Err(e) => return Err(StartError::Volume(rec.volume_id.clone(), e)),
+        }
     }
     Ok(())
 }

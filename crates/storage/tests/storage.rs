@@ -389,6 +389,31 @@ fn kill_9_and_restart_keeps_data_and_grants() {
 }
 
 #[test]
+fn a_volume_whose_file_is_gone_does_not_take_the_node_down() {
+    let Some((pki, state)) = setup() else { return };
+    let mut node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    for v in ["vol-12", "vol-13"] {
+        create(&node, &cp, v, MIB);
+        grant(&node, &cp, v, "host-1", 1);
+    }
+    let h1 = pki.qemu_creds(&pki.ca, "host-1");
+    let (ok, out) = qemu_io(&node, &h1, "vol-12", &["write -P 0x12 0 4k", "flush"]);
+    assert!(ok, "{out}");
+    node.kill9();
+    std::fs::remove_file(node.volume_file("vol-13")).unwrap();
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let (ok, out) = qemu_io(&node, &h1, "vol-12", &["read -P 0x12 0 4k"]);
+    assert!(ok, "the intact volume is not served:\n{out}");
+    let (ok, _) = qemu_io(&node, &h1, "vol-13", &["read 0 4k"]);
+    assert!(!ok, "a volume without its file was served");
+    // Fencing it still works, and it can be deleted.
+    assert_eq!(grant(&node, &cp, "vol-13", "host-2", 2).cut_connections, 0);
+    assert!(delete(&node, &cp, "vol-13").deleted);
+    assert_eq!(list(&node, &cp).volumes.len(), 1);
+}
+
+#[test]
 fn a_corrupt_table_stops_the_node() {
     let Some((pki, state)) = setup() else { return };
     let mut node = StorageNode::start(&pki, state.path(), NodeOpts::default());
