@@ -26,6 +26,7 @@ BULKHEAD_GUEST_DIR="${CARGO_TARGET_DIR:-$PWD/target}/guest" cargo bench -q -p bu
 for extra in scripts/bench-blockcard.sh scripts/bench-controller.sh scripts/bench-controller-restart.sh scripts/bench-rot.sh scripts/bench-control.sh scripts/bench-netcard.sh scripts/bench-vpc.sh; do
   if [ -x "$extra" ]; then "$extra" >> "$tmp"; fi
 done
+scripts/bench-netvol.sh >> "$tmp" || echo "bench: scripts/bench-netvol.sh FAILED (its section in $out says why)" >&2
 echo >> "$tmp"
 python3 scripts/bench_attach.py >> "$tmp"
 mv "$tmp" "$out"

@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""Network-volume benchmark (issue 15), driven by scripts/bench-netvol.sh.
+
+One real `bulkhead-storage` node (file engine, its own qemu-storage-daemon) on this machine, one
+volume created and granted to host `host-1` over the node's mTLS control API, and in alternating
+rounds, on that same volume and the same NBD-over-TLS export:
+
+  card XTS     the block card (`bulkhead-blockcard --nbd`), AES-256-XTS, 4 KiB crypto sectors
+  card plain   the same card, same volume, unencrypted (key kind `plain`)
+  qsd LUKS     qemu-storage-daemon: nbd client (tls-creds-x509 endpoint=client, host-1's
+               certificate) -> luks (aes-xts-plain64, AES-256) -> vhost-user-blk export
+  qsd raw      the same qemu-storage-daemon without the luks layer (transport reference)
+
+Every backend is driven by the same vhost-user frontend as the card's own benchmark
+(crates/blockcard/examples/blkbench.rs). Prints the markdown section on stdout (progress on
+stderr). Env: BENCH_SECONDS (per workload, 3), BENCH_ROUNDS (alternating rounds, 3),
+BENCH_SIZE_MB (volume, 256).
+"""
+import datetime
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+CARD = os.path.join(REL, "bulkhead-blockcard")
+NODE = os.path.join(REL, "bulkhead-storage")
+BB = os.path.join(REL, "examples", "blkbench")
+PKI = os.path.join(REL, "examples", "netvolpki")
+SECS = int(os.environ.get("BENCH_SECONDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SIZE_MB = int(os.environ.get("BENCH_SIZE_MB", "256"))
+NODE_NAME, HOST, VOLUME = "storage-1", "host-1", "vol-netbench"
+WORKLOADS = [("randread4k", 1), ("randread4k", 32), ("randwrite4k", 1), ("randwrite4k", 32),
+             ("seqread1m", 8), ("seqwrite1m", 8)]
+BACKENDS = ["card-xts", "card-plain", "qsd-luks", "qsd-raw"]
+TITLE = "## Network volume: block card over NBD+TLS vs qemu-storage-daemon LUKS (scripts/bench-netvol.sh)"
+
+
+def log(*a):
+    print("bench-netvol:", *a, file=sys.stderr, flush=True)
+
+
+class NotMeasured(Exception):
+    pass
+
+
+def root():
+    return os.geteuid() == 0
+
+
+def drop_args():
+    return ["--uid", "65534", "--gid", "65534"] if root() else []
+
+
+def wait_path(p, what, proc=None, timeout=20):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if os.path.exists(p):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise NotMeasured(f"{what} exited with {proc.returncode} before {p} appeared")
+        time.sleep(0.05)
+    raise NotMeasured(f"{what}: {p} never appeared")
+
+
+def stop(proc):
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Bench:
+    def __init__(self, work):
+        self.w = work
+        self.ca = os.path.join(work, "ca")
+        self.creds = os.path.join(work, "qemu-creds")
+        self.procs = []
+        self.node = None
+        self.nbd_port = None
+        self.control = None
+        self.header = os.path.join(work, "luks-header.img")
+        self.results = {}  # (backend, workload, qd) -> [result dicts]
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def pki(self):
+        subprocess.run([PKI, self.ca, NODE_NAME, HOST], check=True, stdout=subprocess.DEVNULL)
+        os.makedirs(self.creds)
+        shutil.copy(os.path.join(self.ca, "ca.pem"), os.path.join(self.creds, "ca-cert.pem"))
+        shutil.copy(os.path.join(self.ca, f"{HOST}.pem"), os.path.join(self.creds, "client-cert.pem"))
+        shutil.copy(os.path.join(self.ca, f"{HOST}.key"), os.path.join(self.creds, "client-key.pem"))
+
+    def start_node(self):
+        state = os.path.join(self.w, "node")
+        os.makedirs(state, mode=0o700)
+        self.node_log = open(os.path.join(self.w, "node.log"), "w")
+        self.node = subprocess.Popen(
+            [NODE, "--ca-dir", self.ca, "--name", NODE_NAME, "--state-dir", state,
+             "--listen-control", "127.0.0.1:0", "--listen-nbd", "127.0.0.1:0", *drop_args()],
+            stdout=subprocess.PIPE, stderr=self.node_log, text=True,
+            env={**os.environ, "BULKHEAD_LOG": "warn"})
+        line = self.node.stdout.readline()
+        if not line:
+            raise NotMeasured("bulkhead-storage exited before its ready line: "
+                              + open(os.path.join(self.w, "node.log")).read()[-400:])
+        ready = json.loads(line)
+        if ready.get("event") != "ready":
+            raise NotMeasured(f"bulkhead-storage: unexpected first line {line!r}")
+        self.control = ready["control"]
+        self.nbd_port = int(ready["nbd"].rsplit(":", 1)[1])
+        self.data_file = os.path.join(state, "data", f"{VOLUME}.raw")
+        log(f"storage node up: control {self.control}, nbd {ready['nbd']}, engine {ready['engine']}")
+
+    def call(self, op, body):
+        r = subprocess.run(
+            ["curl", "-sS", "--fail-with-body", "--tlsv1.3", "--cacert", os.path.join(self.ca, "ca.pem"),
+             "--cert", os.path.join(self.ca, "control.pem"), "--key", os.path.join(self.ca, "control.key"),
+             "-H", "Content-Type: application/json", "-d", json.dumps(body),
+             f"https://{self.control}/v1/{op}"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise NotMeasured(f"storage node control API {op}: {r.stdout.strip()} {r.stderr.strip()}")
+        return json.loads(r.stdout)
+
+    def volume(self):
+        self.call("CreateVolume", {"volume_id": VOLUME, "size_bytes": SIZE_MB << 20})
+        g = self.call("Grant", {"volume_id": VOLUME, "host": HOST, "generation": 1})
+        if g["volume"]["granted_to"] != HOST:
+            raise NotMeasured(f"grant did not take: {g}")
+        # No holes: every read below reads real blocks (the storage node's page cache, the same
+        # for every backend) rather than a sparse file's holes.
+        with open(self.data_file, "r+b") as f:
+            chunk = os.urandom(1 << 20)
+            for _ in range(SIZE_MB):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        # LUKS1 header (QEMU 7.2's luks driver writes LUKS1; it cannot open LUKS2), AES-256
+        # XTS plain64, as bench-blockcard.sh's peer; written over NBD+TLS before each qsd LUKS run
+        # (the card's runs overwrite the whole volume).
+        # (qemu-img's PBKDF2 calibration sometimes fails on a loaded machine with "Unable to get
+        # accurate CPU usage": retry, with a longer calibration time. Only the open pays it.)
+        err = ""
+        for it in (10, 10, 50, 100, 200):
+            r = subprocess.run(["qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=sec0,data=benchpass",
+                                "-o", f"key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time={it}",
+                                self.header, "0"], capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            err = r.stderr.strip()
+        else:
+            raise NotMeasured(f"qemu-img could not create the LUKS header: {err}")
+
+    def nbd_opts(self, prefix=""):
+        return (f"{prefix}driver=nbd,{prefix}server.type=inet,{prefix}server.host=127.0.0.1,"
+                f"{prefix}server.port={self.nbd_port},{prefix}export={VOLUME},{prefix}tls-creds=tls0")
+
+    def tls_obj(self):
+        return f"tls-creds-x509,id=tls0,dir={self.creds},endpoint=client"
+
+    def write_luks_header(self):
+        r = subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "--object", self.tls_obj(), self.header,
+                            "--target-image-opts", "driver=raw," + self.nbd_opts("file.")],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise NotMeasured(f"writing the LUKS header over NBD failed: {r.stderr.strip()}")
+
+    # ---- backends ---------------------------------------------------------------------------
+    def run_workloads(self, backend, sock):
+        for wl, qd in WORKLOADS:
+            r = subprocess.run([BB, "run", sock, wl, str(qd), str(SECS)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise NotMeasured(f"{backend} {wl} QD {qd}: blkbench failed: {r.stderr.strip()[-300:]}")
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            self.results.setdefault((backend, wl, qd), []).append(res)
+            log(backend, json.dumps(res))
+
+    def card(self, backend, key):
+        ctl = os.path.join(self.w, f"{backend}.ctl")
+        sock = os.path.join(self.w, f"{backend}.sock")
+        for p in (ctl, sock):
+            if os.path.exists(p):
+                os.unlink(p)
+        logf = open(os.path.join(self.w, "card.log"), "a")
+        p = subprocess.Popen(
+            [CARD, "--control-socket", ctl, "--vhost-socket", sock, "--nbd", f"127.0.0.1:{self.nbd_port}",
+             "--nbd-export", VOLUME, "--nbd-server-name", NODE_NAME, "--tls-ca", os.path.join(self.ca, "ca.pem"),
+             "--tls-cert", os.path.join(self.ca, f"{HOST}.pem"), "--tls-key", os.path.join(self.ca, f"{HOST}.key"),
+             *drop_args()], stdout=subprocess.DEVNULL, stderr=logf, env={**os.environ, "BULKHEAD_LOG": "warn"})
+        self.procs.append(p)
+        try:
+            wait_path(ctl, "bulkhead-blockcard", p)
+            a = subprocess.run([BB, "attach", ctl, VOLUME, key, "4096"], capture_output=True, text=True)
+            if a.returncode != 0 or "Attached" not in a.stdout:
+                raise NotMeasured(f"card attach ({key}) failed: {a.stdout} {a.stderr[-300:]}")
+            want_enc = "encrypted: true" if key != "plain" else "encrypted: false"
+            if want_enc not in a.stdout:
+                raise NotMeasured(f"card attach ({key}) answered {a.stdout.strip()}")
+            self.run_workloads(backend, sock)
+            subprocess.run([BB, "detach", ctl], capture_output=True, text=True)
+            p.wait(10)
+        finally:
+            stop(p)
+
+    def qsd(self, backend, luks):
+        sock = os.path.join(self.w, f"{backend}.sock")
+        if os.path.exists(sock):
+            os.unlink(sock)
+        args = ["qemu-storage-daemon", "--object", self.tls_obj(), "--blockdev", "node-name=nbd0," + self.nbd_opts()]
+        top = "nbd0"
+        if luks:
+            self.write_luks_header()
+            args += ["--object", "secret,id=sec0,data=benchpass",
+                     "--blockdev", "driver=luks,node-name=disk0,file=nbd0,key-secret=sec0"]
+            top = "disk0"
+        args += ["--export", f"type=vhost-user-blk,id=exp0,node-name={top},addr.type=unix,addr.path={sock},"
+                 "writable=on,num-queues=1,logical-block-size=4096"]
+        logf = open(os.path.join(self.w, "qsd.log"), "a")
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=logf)
+        self.procs.append(p)
+        try:
+            wait_path(sock, "qemu-storage-daemon", p)
+            self.run_workloads(backend, sock)
+        finally:
+            stop(p)
+
+    def run_backend(self, b):
+        if b == "card-xts":
+            self.card(b, "ephemeral")
+        elif b == "card-plain":
+            self.card(b, "plain")
+        elif b == "qsd-luks":
+            self.qsd(b, True)
+        else:
+            self.qsd(b, False)
+
+    def cleanup(self):
+        for p in self.procs:
+            stop(p)
+        stop(self.node)
+
+
+def med(rs, k):
+    return statistics.median(r[k] for r in rs)
+
+
+def cpu_model():
+    try:
+        return [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except (OSError, IndexError):
+        return "unknown CPU"
+
+
+def report(b, load0, load1, started, elapsed):
+    R = b.results
+
+    def cell(backend, wl, qd):
+        rs = R.get((backend, wl, qd))
+        if not rs:
+            return "n/a"
+        p99 = int(med(rs, "p99_us"))
+        if wl.startswith("seq"):
+            return f"{med(rs, 'mbps'):.0f} MB/s, p99 {p99} µs"
+        return f"{med(rs, 'iops'):.0f} IOPS, p99 {p99} µs"
+
+    def ratio(x, y, wl, qd, target):
+        rx, ry = R.get((x, wl, qd)), R.get((y, wl, qd))
+        if not rx or not ry or not med(ry, "iops"):
+            return "n/a"
+        v = med(rx, "iops") / med(ry, "iops")
+        return f"{v:.2f} {'✓' if v >= target else '✗'}"
+
+    out = [
+        "<!-- netvol:begin -->",
+        TITLE,
+        "",
+        f"Run {started:%Y-%m-%d %H:%M} UTC on {cpu_model()}, {os.cpu_count()} cores shared with other "
+        f"work (1-min load average {load0} at start, {load1} at end; {elapsed:.0f} s). One "
+        f"`bulkhead-storage` node on this machine (file engine: one qemu-storage-daemon, the volume a "
+        f"{SIZE_MB} MiB raw file opened buffered — QEMU's default cache=writeback — so reads are served "
+        "from the node's page cache and this measures the network-volume path, not a disk), reached over "
+        "loopback TCP with NBD + STARTTLS, TLS 1.3 and host-1's client certificate, the volume created "
+        "and granted over the node's mTLS control API. All four backends use that same volume and "
+        "export, in alternating rounds "
+        f"({ROUNDS} round{'s' if ROUNDS != 1 else ''} × {len(WORKLOADS)} workloads × {SECS} s, a fresh process per backend and "
+        "round); figures are medians over the rounds, p99 is the median of the rounds' p99 request "
+        "latency as the frontend sees it. Every backend is driven by the same Rust vhost-user frontend "
+        "as the card benchmark (crates/blockcard/examples/blkbench.rs: memfd guest memory, split "
+        "virtqueue, one queue, no guest kernel, guest-side I/O is O_DIRECT-like: no guest page cache).",
+        "",
+        "- **card XTS**: `bulkhead-blockcard --nbd` (the card as the node's NBD client), AES-256-XTS "
+        "(aes-xts-plain64, 512-bit key) with **4 KiB crypto sectors**, ciphertext on the wire.",
+        "- **card plain**: the same card and volume, key kind `plain` (no encryption).",
+        "- **qsd LUKS** (the peer doing the same job): `qemu-storage-daemon` with QEMU's nbd client "
+        "(`tls-creds-x509,endpoint=client`, the same host certificate) under a `luks` layer, "
+        "exported as vhost-user-blk with 4 KiB logical blocks; LUKS1 aes-xts-plain64, AES-256 "
+        "(512-bit key) with **512-byte crypto sectors** (QEMU's luks driver; QEMU 7.2 cannot open "
+        "LUKS2); the header is written over NBD before each of its rounds.",
+        "- **qsd raw**: the same qemu-storage-daemon without the luks layer (transport reference, "
+        "no encryption).",
+        "",
+        "| workload | QD | card XTS | card plain | qsd LUKS | qsd raw | card XTS / qsd LUKS (≥ 1.0) | card XTS / card plain (≥ 0.90) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for wl, qd in WORKLOADS:
+        out.append(f"| {wl} | {qd} | " + " | ".join(cell(x, wl, qd) for x in BACKENDS)
+                   + f" | {ratio('card-xts', 'qsd-luks', wl, qd, 1.0)} | {ratio('card-xts', 'card-plain', wl, qd, 0.90)} |")
+    spread = []
+    for wl, qd in WORKLOADS:
+        rs = R.get(("card-xts", wl, qd)) or []
+        if len(rs) > 1:
+            lo, hi = min(r["iops"] for r in rs), max(r["iops"] for r in rs)
+            spread.append(f"{wl} QD {qd} {lo:.0f}–{hi:.0f}")
+    out += [
+        "",
+        "Spread of card XTS IOPS over the rounds (min–max): " + (", ".join(spread) or "one round") + ".",
+        "",
+        f"Command: `make bench`, or alone `BENCH_SECONDS={SECS} BENCH_ROUNDS={ROUNDS} BENCH_SIZE_MB={SIZE_MB} "
+        "scripts/bench-netvol.sh` (root: the card and the node drop to nobody).",
+        "<!-- netvol:end -->",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def not_measured(reason):
+    print("<!-- netvol:begin -->")
+    print(TITLE + "\n")
+    print(f"**Not measured: {' '.join(str(reason).split())}**")
+    print("<!-- netvol:end -->\n")
+
+
+def main():
+    for f, how in ((CARD, "cargo build --release -p bulkhead-blockcard"), (BB, "--examples"),
+                   (PKI, "--examples"), (NODE, "cargo build --release -p bulkhead-storage")):
+        if not os.access(f, os.X_OK):
+            not_measured(f"{os.path.basename(f)} is not built ({how})")
+            log(f"NOT MEASURED: {f} missing")
+            return 1
+    for t in ("qemu-storage-daemon", "qemu-img", "curl"):
+        if not shutil.which(t):
+            not_measured(f"{t} is not installed (scripts/install-deps.sh)")
+            log(f"NOT MEASURED: {t} missing")
+            return 1
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load0 = open("/proc/loadavg").read().split()[0]
+    t0 = time.monotonic()
+    work = tempfile.mkdtemp(prefix="bhnetvol.")
+    os.chmod(work, 0o755)  # the node and the card run as nobody below it (keys stay 0600, root's)
+    b = Bench(work)
+    try:
+        b.pki()
+        b.start_node()
+        b.volume()
+        for r in range(ROUNDS):
+            order = BACKENDS[r % len(BACKENDS):] + BACKENDS[:r % len(BACKENDS)]
+            log(f"round {r + 1}/{ROUNDS}: {' '.join(order)}")
+            for x in order:
+                b.run_backend(x)
+    except (NotMeasured, subprocess.CalledProcessError, OSError, ValueError) as e:
+        log(f"NOT MEASURED: {e}")
+        for name in ("node.log", "card.log", "qsd.log"):
+            p = os.path.join(work, name)
+            if os.path.exists(p):
+                log(f"--- {name} (tail) ---\n" + open(p).read()[-1500:])
+        not_measured(f"the run failed: {e}")
+        return 1
+    finally:
+        b.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+    load1 = open("/proc/loadavg").read().split()[0]
+    print(report(b, load0, load1, started, time.monotonic() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
