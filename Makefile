@@ -31,10 +31,11 @@ test: deps guest
 	$(CARGO) build --release --workspace --bins
 	BULKHEAD_REQUIRE_ALL=1 BULKHEAD_GUEST_DIR=$(GUEST_DIR) $(CARGO) test --release --workspace -- --test-threads=2 \
 	  --skip pg::tests::postgres_passes_repository_contract --skip two_replicas_survive \
-	  --skip rbd_engine_write_read_fence_restart_delete
+	  --skip rbd_engine_write_read_fence_restart_delete --skip rbd_engine_volume_moves
 	BULKHEAD_REQUIRE_ALL=1 scripts/with-postgres.sh $(CARGO) test --release -p bulkhead-control pg:: -- --test-threads=1
 	BULKHEAD_REQUIRE_ALL=1 scripts/with-postgres.sh $(CARGO) test --release -p bulkhead-control --test replicas
-	BULKHEAD_REQUIRE_ALL=1 scripts/with-ceph.sh $(CARGO) test --release -p bulkhead-storage --test ceph
+	BULKHEAD_REQUIRE_ALL=1 BULKHEAD_GUEST_DIR=$(GUEST_DIR) scripts/with-ceph.sh sh -c \
+	  '$(CARGO) test --release -p bulkhead-storage --test ceph && $(CARGO) test --release -p bulkhead-control --test network_volumes rbd_engine'
 	@scripts/fuzz-smoke.sh
 
 bench: deps guest build

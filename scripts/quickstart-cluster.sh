@@ -87,10 +87,10 @@ if [ "$BACKEND" = host ]; then
   python3 - "$DIR" <<'PY'
 import glob, sys
 secret = b"ACME-SECRET-" + b"PAYROLL-2026-Q4-0001"
-for img in sorted(glob.glob(sys.argv[1] + "/host-*/volumes/*.img")):
+for img in sorted(glob.glob(sys.argv[1] + "/host-*/volumes/*.img") + glob.glob(sys.argv[1] + "/storage-*/data/*.raw")):
     data = open(img, "rb").read()
     used = sum(1 for i in range(0, len(data), 512) if any(data[i:i+512]))
-    print(f"backing file {img.split('/')[-3]}/{img.split('/')[-1]}: {len(data)} bytes, {used} sectors written,"
+    print(f"volume file {img.split('/')[-3]}/{img.split('/')[-1]}: {len(data)} bytes, {used} sectors written,"
           f" plaintext secret present: {secret in data}")
     assert secret not in data, "plaintext on disk"
 PY
@@ -140,6 +140,36 @@ printf '%-56s → ' "KMS DecryptForHost with the operator's certificate"
 op -X POST -H 'content-type: application/json' -d '{}' "https://$KMS/v1/DecryptForHost" | j 'd["error"]["code"]'
 printf '%-56s → ' "customer API DescribeVolumes without a customer signature"
 curl -sS --cacert "$DIR/ca/ca.pem" -X POST -d '{}' "https://$CTL/v1/DescribeVolumes" | j 'd["error"]["code"]'
+
+if [ "$BACKEND" = host ] && grep -q '^\[\[storage_nodes\]\]' "$DIR/control.toml"; then
+  say "The volume follows acme: detached on one host, attached to an instance on the other, the data is there"
+  echo "(a network volume: the storage node holds only the card's ciphertext and serves it over NBD+TLS to the one"
+  echo " host the control plane granted it to; a grant to another host cuts the old host's connection)"
+  echo "\$ bulkhead ec2 detach-volume --volume-id $V"
+  ec2 detach-volume --volume-id "$V"
+  READ_SCRIPT='while [ ! -e /sys/block/vda ]; do sleep 1; done
+echo 3 >/proc/sys/vm/drop_caches
+R=$(dd if=/dev/vda bs=32 skip=128 count=1 2>/dev/null)
+echo "guest: read on the moved volume: $R"'
+  OUT=$(ec2 run-instances --image-id test-guest --vcpu-count 1 --user-data "$READ_SCRIPT")
+  I2=$(echo "$OUT" | j 'd["Instances"][0]["InstanceId"]')
+  echo "\$ bulkhead ec2 run-instances … → $I2"
+  console2() { ec2 get-console-output --instance-id "$I2" --output text; }
+  for _ in $(seq 600); do [[ "$(console2)" == *BULKHEAD-GUEST-READY* ]] && break; sleep 1; done
+  echo "\$ bulkhead ec2 attach-volume --volume-id $V --instance-id $I2"
+  ec2 attach-volume --volume-id "$V" --instance-id "$I2"
+  for _ in $(seq 300); do [[ "$(console2)" == *"guest: read on the moved volume"* ]] && break; sleep 1; done
+  python3 - "$DIR/control/control.db" "$I" "$I2" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+for i in sys.argv[2:]:
+    (h,) = db.execute("SELECT host_id FROM instances WHERE instance_id=?", (i,)).fetchone()
+    print(f"{i} runs on {h}")
+PY
+  echo "guest console of $I2:"; console2 | grep '^guest:' | sed 's/^/  /'
+  grep -h '"fence\|Grant\|refused' "$DIR"/storage-1/audit.log 2>/dev/null | tail -3 | cut -c1-200 | sed 's/^/  storage audit: /' || true
+  I=$I2
+fi
 
 say "acme revokes the KMS grant: the next attach fails (the KMS refuses to decrypt)"
 acme DetachVolume "{\"VolumeId\":\"$V\"}" >/dev/null

@@ -41,63 +41,6 @@ fn assert_audited(log: &Path, needles: &[&str]) {
     }
 }
 
-fn data_key(c: &Cluster, a: &Customer, va: &str, ia: &str) -> (Vec<u8>, String) {
-    let dir = &c.dir;
-    let db = rusqlite::Connection::open(dir.join("control/control.db")).unwrap();
-    let blob: Vec<u8> = db
-        .query_row(
-            "SELECT ciphertext_blob FROM volumes WHERE volume_id = ?1",
-            [va],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let host_of: String = db
-        .query_row(
-            "SELECT host_id FROM instances WHERE instance_id = ?1",
-            [ia],
-            |r| r.get(0),
-        )
-        .unwrap();
-    let host_dir = dir.join(&host_of);
-    let kms = HttpsClient::new(
-        client_config(
-            &dir.join("ca/ca.pem"),
-            Some((
-                &dir.join("ca/control-plane.pem"),
-                &dir.join("ca/control-plane.key"),
-            )),
-        )
-        .unwrap(),
-    );
-    let body = json!({
-        "volume_id": va,
-        "ciphertext_blob": B64.encode(&blob),
-        "host_id": host_of,
-        "host_public_key": B64.encode(std::fs::read(host_dir.join("host.pub")).unwrap()),
-        "customer_request": a.forwarded("AttachVolume", json!({"VolumeId": va, "InstanceId": ia})),
-        "evidence": evidence(c, &host_of, ia),
-    });
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let r = rt
-        .block_on(kms.request(
-            &c.kms_addr,
-            "POST",
-            "/v1/DecryptForHost",
-            &[],
-            body.to_string().into_bytes(),
-        ))
-        .unwrap();
-    assert_eq!(r.status, 200);
-    let v: Value = serde_json::from_slice(&r.body).unwrap();
-    let sealed = B64.decode(v["sealed_key"].as_str().unwrap()).unwrap();
-    let host_key = bulkhead_sealing::HostKey::read_file(&host_dir.join("host.key")).unwrap();
-    let dk = bulkhead_sealing::open_volume_key(&host_key, va, &sealed).unwrap();
-    (dk.as_ref().to_vec(), host_of)
-}
-
 /// The encodings a leaked key could take.
 fn key_needles(dk: &[u8]) -> Vec<(String, Vec<u8>)> {
     vec![

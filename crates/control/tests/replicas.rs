@@ -78,6 +78,7 @@ fn up(dir: &Path, url: &str) -> Cluster {
             // The detached controller offers this machine's threads: the control plane's
             // view (half of them as whole cores) matches what the hosts accept.
             host_cores: None,
+            ..ReplicaOptions::default()
         },
     )
     .unwrap();

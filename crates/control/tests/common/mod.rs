@@ -334,3 +334,81 @@ impl Customer {
         }
     }
 }
+
+/// The KMS's answer to a DecryptForHost for volume `va` on instance `ia`'s host, as the control
+/// plane would ask it (the test holds the control plane's certificate and the customer's
+/// forwarded AttachVolume), and that host's id.
+pub fn decrypt_for_host(
+    c: &Cluster,
+    a: &Customer,
+    va: &str,
+    ia: &str,
+    blob: &[u8],
+) -> ((u16, Value), String) {
+    let dir = &c.dir;
+    let db = rusqlite::Connection::open(dir.join("control/control.db")).unwrap();
+    let host_of: String = db
+        .query_row(
+            "SELECT host_id FROM instances WHERE instance_id = ?1",
+            [ia],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let host_dir = dir.join(&host_of);
+    let kms = HttpsClient::new(
+        client_config(
+            &dir.join("ca/ca.pem"),
+            Some((
+                &dir.join("ca/control-plane.pem"),
+                &dir.join("ca/control-plane.key"),
+            )),
+        )
+        .unwrap(),
+    );
+    let body = json!({
+        "volume_id": va,
+        "ciphertext_blob": B64.encode(blob),
+        "host_id": host_of,
+        "host_public_key": B64.encode(std::fs::read(host_dir.join("host.pub")).unwrap()),
+        "customer_request": a.forwarded("AttachVolume", json!({"VolumeId": va, "InstanceId": ia})),
+        "evidence": evidence(c, &host_of, ia),
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = rt
+        .block_on(kms.request(
+            &c.kms_addr,
+            "POST",
+            "/v1/DecryptForHost",
+            &[],
+            body.to_string().into_bytes(),
+        ))
+        .unwrap();
+    let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    ((r.status, v), host_of)
+}
+
+/// The KMS ciphertext blob of volume `va`'s data key, as the control plane stores it.
+pub fn volume_blob(c: &Cluster, va: &str) -> Vec<u8> {
+    let db = rusqlite::Connection::open(c.dir.join("control/control.db")).unwrap();
+    db.query_row(
+        "SELECT ciphertext_blob FROM volumes WHERE volume_id = ?1",
+        [va],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// Volume `va`'s data key, opened with the host key of instance `ia`'s host (what that host's
+/// block card holds), and that host's id: an independent decryptor for tests.
+pub fn data_key(c: &Cluster, a: &Customer, va: &str, ia: &str) -> (Vec<u8>, String) {
+    let ((status, v), host_of) = decrypt_for_host(c, a, va, ia, &volume_blob(c, va));
+    assert_eq!(status, 200, "{v}");
+    let sealed = B64.decode(v["sealed_key"].as_str().unwrap()).unwrap();
+    let host_key =
+        bulkhead_sealing::HostKey::read_file(&c.dir.join(&host_of).join("host.key")).unwrap();
+    let dk = bulkhead_sealing::open_volume_key(&host_key, va, &sealed).unwrap();
+    (dk.as_ref().to_vec(), host_of)
+}

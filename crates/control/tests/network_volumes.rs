@@ -1,0 +1,335 @@
+//! Network volumes with real guests, cards and a real storage node (issue 15): a volume written
+//! by a guest on one host is read by a guest on the other; the host that holds it is killed
+//! whole while its guest writes, the volume is force-detached (the storage node fences that
+//! host) and attached on the surviving host, where every write the dead guest saw acknowledged
+//! is there; the dead host's certificate can no longer open the volume; the storage holds only
+//! ciphertext, which an independent decryptor opens with the data key; DeleteVolume crypto-erases
+//! the key (the KMS refuses it to everyone) and releases the storage.
+//!
+//! `file_engine_…` runs in `make test`'s workspace line; `rbd_engine_…` runs the same story on
+//! a real single-node Ceph under `scripts/with-ceph.sh` (its own Makefile line).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bulkhead_devcluster::cluster::{self, Cluster, ReplicaOptions, StartOptions, StorageEngine};
+use serde_json::json;
+
+mod common;
+use common::*;
+
+/// 32 bytes, assembled inside the guest so it exists nowhere else in plaintext.
+const MARKER: &[u8; 32] = b"MOVING-VOLUME-MARKER-7731-QWERTY";
+const WRITER: &str = "while [ ! -e /sys/block/vda ]; do sleep 1; done\n\
+    s=MOVING-VOLUME-; s=${s}MARKER-7731-QWERTY\n\
+    printf %s $s | dd of=/dev/vda bs=32 seek=128 conv=fsync 2>/dev/null && echo marker-written\n";
+/// Reads the marker back, then appends numbered 16-byte counters (one per 512-byte sector from
+/// sector 2049), each fsync'd before the guest prints that it was acknowledged.
+const READER_COUNTER: &str = "while [ ! -e /sys/block/vda ]; do sleep 1; done\n\
+    echo 3 >/proc/sys/vm/drop_caches\n\
+    R=$(dd if=/dev/vda bs=32 skip=128 count=1 2>/dev/null)\n\
+    echo \"read-back:$R\"\n\
+    n=1\n\
+    while :; do printf 'CTR%013d' $n | dd of=/dev/vda bs=512 seek=$((2048+n)) conv=fsync 2>/dev/null || break; echo acked-$n; n=$((n+1)); done\n";
+/// Counts the counters present from 1 up, and reads the marker again.
+const CHECKER: &str = "while [ ! -e /sys/block/vda ]; do sleep 1; done\n\
+    echo 3 >/proc/sys/vm/drop_caches\n\
+    n=1\n\
+    while :; do v=$(dd if=/dev/vda bs=16 skip=$(( (2048+n)*32 )) count=1 2>/dev/null); [ \"$v\" = \"$(printf 'CTR%013d' $n)\" ] || break; n=$((n+1)); done\n\
+    echo \"counters-present:$((n-1))-end\"\n\
+    R=$(dd if=/dev/vda bs=32 skip=128 count=1 2>/dev/null)\n\
+    echo \"marker-again:$R\"\n";
+
+fn start(dir: &Path, guest: &Path, engine: StorageEngine) -> Cluster {
+    let c = cluster::start_replicated(
+        dir,
+        &StartOptions {
+            hosts: 2,
+            controller_args: vec![
+                "--backend".into(),
+                "host".into(),
+                "--guest-dir".into(),
+                guest.display().to_string(),
+            ],
+            bins: bins(),
+            record: false,
+            poll_interval_ms: 500,
+            database_url: None,
+            attest: None,
+            netns: None,
+        },
+        &ReplicaOptions {
+            storage: Some(engine),
+            ..ReplicaOptions::default()
+        },
+    )
+    .unwrap();
+    ran_fully(&c, 2);
+    assert!(c.storage.is_some(), "the cluster has a storage node");
+    c
+}
+
+fn run_with(a: &Customer, script: &str) -> String {
+    let v = a.ok(
+        "RunInstances",
+        json!({"ImageId": "test-guest", "VcpuCount": 1, "UserData": script}),
+    );
+    v["Instances"][0]["InstanceId"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The highest `acked-N` on a console.
+fn last_ack(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("acked-"))
+        .filter_map(|n| n.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Kills every process in host `host`'s network namespace (controller, keeper, hypervisors,
+/// cards, attestation agent): the host is gone, as if it lost power.
+fn kill_host(c: &mut Cluster, host: &str) {
+    c.kill9(host);
+    let idx: usize = host.trim_start_matches("host-").parse().unwrap();
+    if let Some(net) = c.nets.get(idx - 1) {
+        for _ in 0..5 {
+            let out = Command::new("ip")
+                .args(["netns", "pids", &net.ns])
+                .output()
+                .unwrap();
+            let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            if pids.is_empty() {
+                return;
+            }
+            let _ = Command::new("kill").arg("-9").args(&pids).status();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    } else {
+        // Loopback cluster: the keeper and its children are found by its pid file.
+        cluster::kill_keeper(&c.dir.join(host).join("run"));
+    }
+}
+
+/// `qemu-io` as host `host` (its own certificate), from inside its namespace, trying to write
+/// the volume: (succeeded, output).
+fn qemu_io_as(c: &Cluster, host: &str, volume: &str) -> (bool, String) {
+    let ca = bulkhead_tokens::pki::CaDir::new(c.dir.join("ca"));
+    let creds = c.dir.join(format!("qemu-creds-{host}"));
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::copy(ca.ca_pem(), creds.join("ca-cert.pem")).unwrap();
+    std::fs::copy(ca.cert(host), creds.join("client-cert.pem")).unwrap();
+    std::fs::copy(ca.key(host), creds.join("client-key.pem")).unwrap();
+    let nbd: std::net::SocketAddr = c.storage.as_ref().unwrap().nbd_addr.parse().unwrap();
+    let idx: usize = host.trim_start_matches("host-").parse().unwrap();
+    let mut cmd = match c.nets.get(idx - 1) {
+        Some(net) => {
+            let mut x = Command::new("ip");
+            x.args(["netns", "exec", &net.ns, "qemu-io"]);
+            x
+        }
+        None => Command::new("qemu-io"),
+    };
+    let out = cmd
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            creds.display()
+        ))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,server.type=inet,server.host={},server.port={},export={volume},tls-creds=tls0",
+            nbd.ip(),
+            nbd.port()
+        ))
+        .args(["-c", "write -P 0x66 0 4k"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = text.contains("failed") || text.contains("rror") || text.contains("can't");
+    (out.status.success() && !failed, text)
+}
+
+/// The volume's bytes as the storage engine holds them.
+fn stored_bytes(c: &Cluster, engine: StorageEngine, volume: &str) -> Vec<u8> {
+    let node = c.storage.as_ref().unwrap();
+    match engine {
+        StorageEngine::File => {
+            std::fs::read(node.state_dir.join("data").join(format!("{volume}.raw"))).unwrap()
+        }
+        StorageEngine::Rbd => {
+            let out = c.dir.join(format!("{volume}.export"));
+            let conf = std::env::var("BULKHEAD_CEPH_CONF").unwrap();
+            let pool = std::env::var("BULKHEAD_CEPH_POOL").unwrap();
+            let id = std::env::var("BULKHEAD_CEPH_ID").unwrap();
+            let keyring = std::env::var("BULKHEAD_CEPH_KEYRING").unwrap();
+            let st = Command::new("rbd")
+                .args(["--conf", &conf, "--id", &id, "--keyring", &keyring])
+                .args(["export", &format!("{pool}/{volume}")])
+                .arg(&out)
+                .status()
+                .unwrap();
+            assert!(st.success(), "rbd export of {volume}");
+            std::fs::read(&out).unwrap()
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn decrypt_sector(dk: &[u8], stored: &[u8], sector: u64) -> Vec<u8> {
+    let at = usize::try_from(sector * 512).unwrap();
+    let mut s = stored[at..at + 512].to_vec();
+    let key: [u8; 64] = dk.try_into().unwrap();
+    bulkhead_blockcard::xts::XtsCipher::new(&key, bulkhead_blockcard::xts::CryptoSectorSize::S512)
+        .unwrap()
+        .decrypt(&mut s, sector)
+        .unwrap();
+    s
+}
+
+fn volume_follows_the_customer(engine: StorageEngine, test: &str) {
+    let Some(guest) = guest_dir_or_skip(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = start(dir.path(), &guest, engine);
+    let a = customer(&c, "tenant-a");
+    let v = volume(&a);
+
+    // 1. Written on one host, read on the other.
+    let writer = run_with(&a, WRITER);
+    a.wait_console(&writer, "BULKHEAD-GUEST-READY");
+    assert_eq!(
+        a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": writer}))["State"],
+        "attached"
+    );
+    a.wait_console(&writer, "marker-written");
+    let (dk, host_w) = data_key(&c, &a, &v, &writer);
+    a.ok("DetachVolume", json!({"VolumeId": v}));
+    let reader = run_with(&a, READER_COUNTER);
+    a.wait_console(&reader, "BULKHEAD-GUEST-READY");
+    a.ok("AttachVolume", json!({"VolumeId": v, "InstanceId": reader}));
+    let (_, host_r) = data_key(&c, &a, &v, &reader);
+    assert_ne!(host_w, host_r, "the volume moved between hosts");
+    let out = a.wait_console(&reader, "read-back:");
+    assert!(
+        out.contains(&format!(
+            "read-back:{}",
+            std::str::from_utf8(MARKER).unwrap()
+        )),
+        "the guest on {host_r} read what the guest on {host_w} wrote:\n{out}"
+    );
+
+    // 2. The reader's host dies whole while its guest writes counters.
+    let seen = a.wait_console(&reader, "acked-8");
+    let acked = last_ack(&seen);
+    kill_host(&mut c, &host_r);
+    let (st, r) = a.call("DetachVolume", json!({"VolumeId": v}));
+    assert_ne!(st, 200, "a plain detach needs the host: {r}");
+    a.ok("DetachVolume", json!({"VolumeId": v, "Force": true}));
+    // The dead host's identity cannot open the volume any more (the node fenced it).
+    let (ok, text) = qemu_io_as(&c, &host_r, &v);
+    assert!(
+        !ok,
+        "{host_r}'s certificate still writes the volume:\n{text}"
+    );
+    a.ok("TerminateInstances", json!({"InstanceIds": [writer]}));
+    let checker = run_with(&a, CHECKER);
+    a.wait_console(&checker, "BULKHEAD-GUEST-READY");
+    a.ok(
+        "AttachVolume",
+        json!({"VolumeId": v, "InstanceId": checker}),
+    );
+    a.wait_console(&checker, "-end");
+    let out = a.wait_console(&checker, "marker-again:");
+    let present: u64 = out
+        .split("counters-present:")
+        .nth(1)
+        .and_then(|t| t.split("-end").next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    assert!(
+        present >= acked,
+        "{acked} writes were acknowledged to the guest before its host died, {present} survived:\n{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "marker-again:{}",
+            std::str::from_utf8(MARKER).unwrap()
+        )),
+        "{out}"
+    );
+    eprintln!("network volume: {acked} writes acknowledged before the host died, {present} present after the move");
+    // The host the volume now lives on still opens it; the fenced one does not.
+    let (_, host_c) = data_key(&c, &a, &v, &checker);
+    assert_eq!(host_c, host_w);
+
+    // 3. Only ciphertext on the storage; the data key opens it.
+    a.ok("DetachVolume", json!({"VolumeId": v}));
+    let stored = stored_bytes(&c, engine, &v);
+    assert!(!find(&stored, MARKER), "plaintext marker on the storage");
+    assert!(
+        !find(&stored, b"CTR0000000000001"),
+        "plaintext counter on the storage"
+    );
+    assert_eq!(&decrypt_sector(&dk, &stored, 8)[..32], MARKER);
+    assert_eq!(
+        &decrypt_sector(&dk, &stored, 2049)[..16],
+        b"CTR0000000000001"
+    );
+
+    // 4. DeleteVolume: the KMS destroyed the key (refused to everyone, typed), the storage is
+    //    released.
+    let blob = volume_blob(&c, &v);
+    a.ok("DeleteVolume", json!({"VolumeId": v}));
+    let ((st, r), _) = decrypt_for_host(&c, &a, &v, &checker, &blob);
+    assert_eq!((st, code(&r)), (410, "key_destroyed"), "{r}");
+    if engine == StorageEngine::File {
+        let node = c.storage.as_ref().unwrap();
+        let f: PathBuf = node.state_dir.join("data").join(format!("{v}.raw"));
+        assert!(!f.exists(), "{} still exists", f.display());
+    }
+    let audit = std::fs::read_to_string(c.storage.as_ref().unwrap().state_dir.join("audit.log"))
+        .unwrap_or_default();
+    assert!(
+        audit.contains(&host_r),
+        "the storage node audited the fenced host's refusal"
+    );
+}
+
+#[test]
+fn file_engine_volume_moves_between_hosts_survives_a_dead_host_and_is_crypto_erased() {
+    volume_follows_the_customer(
+        StorageEngine::File,
+        "file_engine_volume_moves_between_hosts_survives_a_dead_host_and_is_crypto_erased",
+    );
+}
+
+#[test]
+fn rbd_engine_volume_moves_between_hosts_survives_a_dead_host_and_is_crypto_erased() {
+    if std::env::var_os("BULKHEAD_CEPH_CONF").is_none() {
+        bulkhead_testkit::skip_or_fail(
+            "rbd_engine_volume_moves_between_hosts_survives_a_dead_host_and_is_crypto_erased: \
+             no Ceph cluster (run under scripts/with-ceph.sh)",
+        );
+        return;
+    }
+    volume_follows_the_customer(
+        StorageEngine::Rbd,
+        "rbd_engine_volume_moves_between_hosts_survives_a_dead_host_and_is_crypto_erased",
+    );
+}
