@@ -59,6 +59,7 @@ const MAIN: &[Rule] = &[
     Rule::any(libc::SYS_clone),
     Rule::any(libc::SYS_clone3),
     Rule::any(libc::SYS_set_robust_list),
+    // Inherited by each new vCPU thread, which pins itself with it before its own filter.
     Rule::any(libc::SYS_sched_setaffinity),
     Rule::any(libc::SYS_rt_sigaction),
     Rule::any(libc::SYS_recvmsg),
@@ -84,8 +85,9 @@ const MAIN: &[Rule] = &[
 
 /// Extra system calls of a vCPU thread. A vCPU thread activates devices when the guest driver
 /// sets DRIVER_OK, which for vhost-user means messages on the already connected backend socket.
+/// (A vCPU thread pins itself to its host CPU before it installs this filter, under the main
+/// thread's inherited one; afterwards it can no longer move: no `sched_setaffinity` here.)
 const VCPU: &[Rule] = &[
-    Rule::any(libc::SYS_sched_setaffinity),
     Rule::any(libc::SYS_sendmsg),
     Rule::any(libc::SYS_recvmsg),
     Rule::any(libc::SYS_sendto),

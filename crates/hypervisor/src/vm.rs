@@ -1023,15 +1023,24 @@ fn request_exit(shared: &Shared, reason: ExitReason) {
     shared.cv.notify_all();
 }
 
-fn pin_to(cpu: usize) {
-    // SAFETY: `set` is a plain bitmask struct we own; sched_setaffinity(0) targets this thread.
-    unsafe {
+/// Pins the calling thread to host CPU `cpu`.
+fn pin_to(cpu: usize) -> Result<(), std::io::Error> {
+    let setsize = usize::try_from(libc::CPU_SETSIZE).unwrap_or(0);
+    if cpu >= setsize {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: `set` is a plain bitmask struct we own (all-zero is the empty set); `cpu` is below
+    // CPU_SETSIZE (checked above), so CPU_SET stays inside it; sched_setaffinity(0) targets this
+    // thread and only reads `set`.
+    let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            tracing::warn!(cpu, "could not pin vCPU thread");
-        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
 }
 
 fn monotonic_ns() -> u128 {
@@ -1086,8 +1095,14 @@ fn pci_write(shared: &Shared, addr: u64, data: &[u8]) {
 }
 
 fn vcpu_thread(index: u8, mut vcpu: VcpuFd, shared: Arc<Shared>, pin: Option<usize>) {
+    // A vCPU that cannot be pinned where it was told would run on its parent's CPUs (the host
+    // cores): the VM stops instead.
     if let Some(cpu) = pin {
-        pin_to(cpu);
+        if let Err(e) = pin_to(cpu) {
+            tracing::error!(vcpu = index, cpu, error = %e, "cannot pin the vCPU thread");
+            request_exit(&shared, ExitReason::VmmError);
+            return;
+        }
     }
     if let Err(e) = crate::sandbox::apply_thread_filter(crate::sandbox::ThreadRole::Vcpu) {
         tracing::error!(vcpu = index, error = %e, "cannot install the vCPU seccomp filter");

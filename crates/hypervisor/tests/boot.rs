@@ -39,6 +39,46 @@ fn boots_one_vcpu_and_runs_a_script() {
     assert_eq!(code, Some(0), "guest did not power off cleanly:\n{err}");
 }
 
+/// A vCPU that cannot be pinned where it was told (a CPU this host does not have) stops the VM
+/// at once with a VMM error: it never runs the guest on its parent's CPUs instead.
+#[test]
+fn a_vcpu_that_cannot_be_pinned_stops_the_vm() {
+    let Some(_) = guest_or_skip("a_vcpu_that_cannot_be_pinned_stops_the_vm") else {
+        return;
+    };
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    // CPU 1023 fits a cpu_set_t but is offline here (EINVAL); 4096 does not fit at all.
+    for bad in ["1023", "4096"] {
+        assert!(
+            cpus < 1023,
+            "this test needs a host with fewer than 1023 CPUs"
+        );
+        let started = std::time::Instant::now();
+        let (code, out, err) = run_guest(
+            &["--vcpus", "1", "--memory-mib", "64", "--pin", bad],
+            Some("echo should-not-run\n"),
+            Duration::from_secs(120),
+        );
+        assert_eq!(code, Some(3), "pin {bad}: stdout:\n{out}\nstderr:\n{err}");
+        assert!(err.contains("VmmError"), "pin {bad}: {err}");
+        assert!(
+            err.contains("cannot pin the vCPU thread"),
+            "pin {bad}: {err}"
+        );
+        assert!(
+            !out.contains("BULKHEAD-GUEST-READY"),
+            "pin {bad}: the guest ran:\n{out}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// Two vCPUs: the VMM creates both vCPU threads and pins them, the MP table describes both CPUs,
 /// the second CPU comes up through the in-kernel LAPIC (INIT/SIPI), and user space sees two.
 #[test]
