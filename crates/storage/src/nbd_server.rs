@@ -230,7 +230,26 @@ impl NbdServer {
         let crate::node::Opened { guard, cut, .. } = opened;
         tokio::select! {
             r = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut engine, COPY_BUFFER, COPY_BUFFER) => {
-                tracing::debug!(volume = %volume, result = ?r.map_err(|e| e.kind()), "nbd connection ended");
+                // QEMU's client closes without a TLS close_notify: an end-of-file or a reset
+                // is the peer leaving, not a failure.
+                let code = match &r {
+                    Ok(_) => "closed",
+                    Err(e) if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::BrokenPipe
+                    ) => "closed",
+                    Err(_) => "broken",
+                };
+                match &r {
+                    Ok((up, down)) => tracing::info!(volume = %volume, peer = %addr, bytes_from_host = up, bytes_to_host = down, code, "nbd connection ended"),
+                    Err(e) => tracing::info!(volume = %volume, peer = %addr, error = %e, code, "nbd connection ended"),
+                }
+                self.node.audit.append_queued(entry(
+                    EntryKind::Outcome, &request_id, None, "NbdConnection",
+                    vec![format!("volume:{volume}")], Decision::None, code,
+                ));
             }
             _ = cut => {
                 tracing::info!(volume = %volume, peer = %addr, "nbd connection cut (fenced)");

@@ -99,6 +99,7 @@ fn granted_host_writes_and_reads_and_the_file_holds_exactly_that() {
         "\"code\":\"ok\"",
     ]);
     node.wait_audit(&["\"caller\":\"control\"", "\"op\":\"Grant\"", "host:host-1"]);
+    node.wait_audit(&["NbdConnection", "volume:vol-1", "\"code\":\"closed\""]);
     // Figures (not asserted): 8 MiB sequential through the node (TLS + proxy) and straight on
     // the engine's own socket (the peer without the node).
     let (ok, via_node) = qemu_io(
