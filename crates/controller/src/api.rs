@@ -142,6 +142,36 @@ pub struct CreateInstanceRequest {
     /// `POST /v1/instances/{id}/network` brings its sealed key.
     #[serde(default)]
     pub network: Option<NetworkRequest>,
+    /// Instance storage: a local ephemeral disk of this many GiB
+    /// (1..=[`MAX_INSTANCE_STORAGE_GIB`]), served by a block card whose key is made inside the
+    /// card and never leaves it; crypto-erased (card detached, file deleted) at Stop and
+    /// Terminate. It is the guest's first disk.
+    #[serde(default)]
+    pub instance_storage_gib: Option<u32>,
+}
+
+/// Largest instance-storage disk one instance may ask for, in GiB.
+pub const MAX_INSTANCE_STORAGE_GIB: u32 = 64;
+
+/// An instance-storage size that passed its check (1..=[`MAX_INSTANCE_STORAGE_GIB`] GiB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InstanceStorageGib(u32);
+
+impl InstanceStorageGib {
+    pub fn new(gib: u32) -> Result<Self, RequestError> {
+        if (1..=MAX_INSTANCE_STORAGE_GIB).contains(&gib) {
+            Ok(InstanceStorageGib(gib))
+        } else {
+            Err(RequestError::BadInstanceStorage)
+        }
+    }
+    pub fn get(self) -> u32 {
+        self.0
+    }
+    /// The disk's size in bytes.
+    pub fn bytes(self) -> u64 {
+        u64::from(self.0) << 30
+    }
 }
 
 /// The `network` object of `POST /v1/instances`.
@@ -409,6 +439,7 @@ pub enum ApiRequest {
         memory_mib: u32,
         user_data: Option<String>,
         network: Option<NetworkSpec>,
+        instance_storage: Option<InstanceStorageGib>,
     },
     DescribeInstance(ResourceId),
     StartInstance(ResourceId),
@@ -470,6 +501,8 @@ pub enum RequestError {
     BadNetwork(NetworkField),
     #[error("bad storage node name or address")]
     BadStorage,
+    #[error("instance_storage_gib must be 1..={MAX_INSTANCE_STORAGE_GIB}")]
+    BadInstanceStorage,
 }
 
 impl RequestError {
@@ -487,6 +520,7 @@ impl RequestError {
             RequestError::BadQuery => "bad_query",
             RequestError::BadSealedKey => "bad_sealed_key",
             RequestError::BadStorage => "bad_storage",
+            RequestError::BadInstanceStorage => "bad_instance_storage",
             RequestError::BadNetwork(f) => match f {
                 NetworkField::Vpc => "bad_network_vpc",
                 NetworkField::Mac => "bad_network_mac",
@@ -650,6 +684,10 @@ impl ApiRequest {
                     memory_mib: r.memory_mib,
                     user_data: r.user_data,
                     network: r.network.map(NetworkSpec::parse).transpose()?,
+                    instance_storage: r
+                        .instance_storage_gib
+                        .map(InstanceStorageGib::new)
+                        .transpose()?,
                 }
             }
             Operation::DescribeInstance => ApiRequest::DescribeInstance(id()?),
@@ -839,6 +877,10 @@ pub struct InstanceDescription {
     pub memory_mib: u32,
     pub state: InstanceState,
     pub volumes: Vec<String>,
+    /// Size of the instance-storage disk, if the instance has one (it is empty after every
+    /// Start that follows a Stop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_storage_gib: Option<u32>,
     /// The net card's UDP endpoint (`HOSTIP:PORT`) once the interface is attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_endpoint: Option<String>,
@@ -957,6 +999,44 @@ mod tests {
             "bad_resource_id"
         );
         assert_eq!(p("GET", "/v1/host", b"x"), "body_unexpected");
+    }
+
+    #[test]
+    fn instance_storage_is_bounded_and_typed() {
+        let create = |v: serde_json::Value| {
+            let body = serde_json::json!({"instance_id": "i-1", "image": "test-guest",
+                "vcpus": 1, "memory_mib": 128, "instance_storage_gib": v});
+            ApiRequest::parse("POST", "/v1/instances", None, body.to_string().as_bytes())
+        };
+        for (v, code) in [
+            (serde_json::json!(0), "bad_instance_storage"),
+            (
+                serde_json::json!(MAX_INSTANCE_STORAGE_GIB + 1),
+                "bad_instance_storage",
+            ),
+            (serde_json::json!("2"), "body_invalid"),
+            (serde_json::json!(-1), "body_invalid"),
+            (serde_json::json!(1.5), "body_invalid"),
+            (serde_json::json!(u64::from(u32::MAX) + 1), "body_invalid"),
+        ] {
+            assert_eq!(create(v.clone()).unwrap_err().code(), code, "{v}");
+        }
+        for gib in [1, MAX_INSTANCE_STORAGE_GIB] {
+            let Ok(ApiRequest::CreateInstance {
+                instance_storage, ..
+            }) = create(serde_json::json!(gib))
+            else {
+                panic!("{gib} refused");
+            };
+            assert_eq!(instance_storage.map(InstanceStorageGib::get), Some(gib));
+        }
+        let Ok(ApiRequest::CreateInstance {
+            instance_storage, ..
+        }) = create(serde_json::Value::Null)
+        else {
+            panic!("null refused");
+        };
+        assert_eq!(instance_storage, None);
     }
 
     fn create_with(net: serde_json::Value) -> Result<ApiRequest, RequestError> {

@@ -14,7 +14,9 @@ use std::sync::Mutex;
 
 use bulkhead_hypervisor_client::{BackendFailure, CommandError};
 
-use crate::api::{InstanceDescription, InstanceState, NetworkSpec, ResourceId, SealedKeyBlob};
+use crate::api::{
+    InstanceDescription, InstanceState, InstanceStorageGib, NetworkSpec, ResourceId, SealedKeyBlob,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendError {
@@ -234,6 +236,8 @@ pub struct InstanceSpec {
     pub user_data: Option<String>,
     /// The VPC interface (its card starts with `attach_network`).
     pub network: Option<NetworkSpec>,
+    /// Instance storage: a local ephemeral disk, keyed inside its card.
+    pub instance_storage: Option<InstanceStorageGib>,
 }
 
 /// One interface's net card counters (numbers only), for `/v1/metrics`.
@@ -438,6 +442,8 @@ impl InstanceBackend for DetachedBackend {
                 memory_mib: spec.memory_mib,
                 state: InstanceState::Created,
                 volumes: Vec::new(),
+                // Recorded only: no card runs, no disk exists.
+                instance_storage_gib: spec.instance_storage.map(InstanceStorageGib::get),
                 net_endpoint: None,
             };
             i.instances.insert(

@@ -62,6 +62,18 @@ pub fn encode_attach(
     Ok(ControlRequest::Attach(spec).encode())
 }
 
+/// Encodes `Attach` for an instance's instance-storage disk: the card makes the key itself
+/// (`KeySource::Ephemeral`); it never leaves the card and dies with it at `Detach`. The
+/// instance id names the disk in the card's logs. 512-byte crypto sectors, as for volumes.
+pub fn encode_attach_ephemeral(instance: &ResourceId) -> Result<Vec<u8>, CardControlError> {
+    let spec = AttachSpec {
+        volume_id: VolumeId::new(instance.as_str())?,
+        sector_size: CryptoSectorSize::S512,
+        key: KeySource::Ephemeral,
+    };
+    Ok(ControlRequest::Attach(spec).encode())
+}
+
 /// Encodes `Detach`.
 pub fn encode_detach() -> Vec<u8> {
     ControlRequest::Detach.encode()
@@ -117,6 +129,15 @@ mod tests {
             ControlRequest::parse(&encode_detach()).unwrap(),
             ControlRequest::Detach
         );
+        let eph = encode_attach_ephemeral(&ResourceId::parse("i-store.1").unwrap()).unwrap();
+        match ControlRequest::parse(&eph).unwrap() {
+            ControlRequest::Attach(a) => {
+                assert_eq!(a.volume_id.as_str(), "i-store.1");
+                assert_eq!(a.sector_size.bytes(), 512);
+                assert!(matches!(a.key, KeySource::Ephemeral), "{:?}", a.key);
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             encode_attach(
                 &ResourceId::parse("v").unwrap(),

@@ -648,6 +648,7 @@ impl Controller {
                 memory_mib,
                 user_data,
                 network,
+                instance_storage,
             } => {
                 let spec = InstanceSpec {
                     id,
@@ -656,6 +657,7 @@ impl Controller {
                     memory_mib,
                     user_data,
                     network,
+                    instance_storage,
                 };
                 let d = self.blocking(move |b| b.create(&spec)).await?;
                 json_ok(request_id, StatusCode::CREATED, &d)

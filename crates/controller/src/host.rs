@@ -33,7 +33,9 @@ use bulkhead_hypervisor_client::{
 /// Largest console chunk one `ReadConsole` may ask for (`bulkhead_channel::MAX_CONSOLE_CHUNK`).
 const MAX_CONSOLE_CHUNK: u32 = 32 * 1024;
 
-use crate::api::{InstanceDescription, InstanceState, NetworkSpec, ResourceId, SealedKeyBlob};
+use crate::api::{
+    InstanceDescription, InstanceState, InstanceStorageGib, NetworkSpec, ResourceId, SealedKeyBlob,
+};
 use crate::backend::{
     BackendError, Capacity, InstanceBackend, InstanceSpec, NetCardRestart, NetCounters,
     VolumeBackend,
@@ -43,8 +45,8 @@ use crate::launcher::{
     ChildKind, LaunchRefusal, LaunchReply, LaunchRequest, Launcher, LauncherError, NetCardLaunch,
 };
 use crate::record::{
-    HostRecord, InstanceRecord, NetCardRecord, NetworkRecord, PendingAttach, RecordedState,
-    VolumeRecord,
+    HostRecord, InstanceRecord, InstanceStoreRecord, NetCardRecord, NetworkRecord, PendingAttach,
+    RecordedState, StoreDiskRecord, VolumeRecord,
 };
 
 /// Guest kernel arguments that boot the test guest on the development machines' software KVM:
@@ -123,6 +125,18 @@ struct Attachment {
     control: UnixStream,
 }
 
+/// Guest device id of the instance-storage disk (plugged before any volume: the first disk).
+const STORE_DEVICE: &str = "store0";
+/// Directory under the volume directory that holds instance-storage backing files.
+const STORE_DIR: &str = "instance-store";
+
+/// An instance's instance storage: its size and, while it exists, the card serving the disk
+/// (its key was made inside the card and never left it).
+struct InstanceStore {
+    gib: InstanceStorageGib,
+    disk: Option<Attachment>,
+}
+
 struct HostInstance {
     desc: InstanceDescription,
     cmdline: String,
@@ -140,6 +154,8 @@ struct HostInstance {
     attaching: Option<PendingAttach>,
     /// The host CPUs of its whole cores (its vCPUs are pinned there); empty: not pinned.
     cpus: Vec<usize>,
+    /// Instance storage, if the instance was created with it.
+    store: Option<InstanceStore>,
 }
 
 struct Slot {
@@ -394,6 +410,13 @@ impl HostBackend {
                 allow: c.allow.clone(),
             }),
             cpus: g.cpus.clone(),
+            instance_storage: g.store.as_ref().map(|s| InstanceStoreRecord {
+                gib: s.gib.get(),
+                disk: s.disk.as_ref().map(|a| StoreDiskRecord {
+                    device: a.device.to_string(),
+                    card_pid: a.card_pid,
+                }),
+            }),
         })
     }
 
@@ -552,6 +575,18 @@ impl HostBackend {
         }
         let mut vm = self.spawn_vm(inst)?;
         inst.console_cursor = 0;
+        // Instance storage first (the guest's first disk): the disk it had, or a fresh one
+        // when the last one ended (Stop).
+        if let Err(e) = self.start_store(inst) {
+            self.end_vm(vm);
+            return Err(e);
+        }
+        if let Some(att) = inst.store.as_ref().and_then(|s| s.disk.as_ref()) {
+            if let Err(e) = self.plug(&mut vm, att) {
+                self.end_vm(vm);
+                return Err(e);
+            }
+        }
         for att in inst.volumes.values() {
             if let Err(e) = self.plug(&mut vm, att) {
                 self.end_vm(vm);
@@ -650,6 +685,135 @@ impl HostBackend {
         }
     }
 
+    /// Where an instance's instance-storage disk lives (inside the volume directory, so the
+    /// launcher lets a card open it).
+    fn store_path(&self, id: &str) -> PathBuf {
+        self.cfg
+            .volume_dir
+            .join(STORE_DIR)
+            .join(format!("{id}.img"))
+    }
+
+    /// Starts the instance-storage card if the instance has instance storage and no disk now:
+    /// a fresh sparse file (any older one is deleted first), a card on it, keyed with a key
+    /// the card makes itself (`Ephemeral`). Returns the new card's pid (to be committed with
+    /// the record); `None` when there was nothing to start. On failure nothing is left.
+    fn start_store(&self, inst: &mut HostInstance) -> Result<Option<u32>, BackendError> {
+        let Some(store) = inst.store.as_ref() else {
+            return Ok(None);
+        };
+        if store.disk.is_some() {
+            return Ok(None);
+        }
+        let gib = store.gib;
+        let id =
+            ResourceId::parse(&inst.desc.instance_id).map_err(|_| BackendError::Unavailable)?;
+        let path = self.store_path(id.as_str());
+        let io = |e: std::io::Error| {
+            tracing::warn!(error = %e, "instance-storage backing file");
+            BackendError::Unavailable
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::warn!(instance = %id, "stale instance-storage file deleted"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(io)?;
+            if let Err(e) = f.set_len(gib.bytes()) {
+                let _ = std::fs::remove_file(&path);
+                return Err(io(e));
+            }
+        }
+        let body = match card_control::encode_attach_ephemeral(&id) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "instance-storage attach not encodable");
+                let _ = std::fs::remove_file(&path);
+                return Err(BackendError::Unavailable);
+            }
+        };
+        let queues = u16::try_from(inst.desc.vcpus).unwrap_or(1);
+        let spawned = self.launcher.call_fd(&LaunchRequest::SpawnCard {
+            backing: Some(path.clone()),
+            network: None,
+            read_only: false,
+            queues,
+            run_as: self.cfg.run_as,
+        });
+        let (pid, control) = match spawned {
+            Ok((LaunchReply::Spawned { pid }, fd)) => (pid, UnixStream::from(fd)),
+            Ok(_) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(BackendError::Unavailable);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(launcher_err("spawn instance-storage card")(e));
+            }
+        };
+        let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
+        let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
+        let device = DeviceId::new(STORE_DEVICE).map_err(|_| BackendError::Unavailable)?;
+        let mut att = Attachment {
+            device,
+            card_pid: pid,
+            control,
+        };
+        match card_control::call(&mut att.control, &body) {
+            Ok(CardReply::Attached {
+                encrypted: true,
+                capacity_sectors,
+            }) => {
+                tracing::info!(instance = %id, card = pid, gib = gib.get(), sectors = capacity_sectors, "instance storage: card made its key");
+            }
+            other => {
+                tracing::warn!(instance = %id, reply = ?other, "instance-storage card refused its attach");
+                self.kill_unkeyed_card(pid);
+                let _ = std::fs::remove_file(&path);
+                return Err(BackendError::Unavailable);
+            }
+        }
+        if let Some(s) = inst.store.as_mut() {
+            s.disk = Some(att);
+        }
+        Ok(Some(pid))
+    }
+
+    /// Ends the instance-storage disk, if one exists: the card gets `Detach` (it zeroizes the
+    /// key it made, which never left it, and exits) and is reaped, then the backing file is
+    /// deleted. What the file held is unreadable from the moment the key is gone.
+    fn end_store(&self, inst: &mut HostInstance) {
+        let Some(att) = inst.store.as_mut().and_then(|s| s.disk.take()) else {
+            return;
+        };
+        let pid = att.card_pid;
+        self.unplug_card(att);
+        let path = self.store_path(&inst.desc.instance_id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "instance-storage file not deleted"),
+        }
+        tracing::info!(instance = %inst.desc.instance_id, card = pid, "instance storage crypto-erased (key zeroized, file deleted)");
+    }
+
+    /// The instance-storage card's pid, if a disk exists now.
+    fn store_pid(inst: &HostInstance) -> Option<u32> {
+        inst.store
+            .as_ref()
+            .and_then(|s| s.disk.as_ref())
+            .map(|a| a.card_pid)
+    }
+
     /// Returns a terminated instance's whole cores to the pool.
     fn release_cores(&self, id: &ResourceId) {
         if let Some(a) = lock(&self.inner).cores.as_mut() {
@@ -708,6 +872,7 @@ impl InstanceBackend for HostBackend {
             memory_mib: spec.memory_mib,
             state: InstanceState::Created,
             volumes: Vec::new(),
+            instance_storage_gib: spec.instance_storage.map(InstanceStorageGib::get),
             net_endpoint: None,
         };
         let inst = Arc::new(Mutex::new(HostInstance {
@@ -723,6 +888,9 @@ impl InstanceBackend for HostBackend {
             net: None,
             attaching: None,
             cpus: Vec::new(),
+            store: spec
+                .instance_storage
+                .map(|gib| InstanceStore { gib, disk: None }),
         }));
         // Reserve the id and the capacity, then spawn without holding the host-wide lock.
         let mut g = lock(&inst);
@@ -760,13 +928,29 @@ impl InstanceBackend for HostBackend {
             );
         }
         match self.spawn_vm(&g) {
-            Ok(vm) => {
-                let pid = vm.pid;
+            Ok(mut vm) => {
+                let mut pids = vec![vm.pid];
+                // Instance storage: its card starts and is plugged before the guest boots.
+                let stored = self.start_store(&mut g).and_then(|p| {
+                    pids.extend(p);
+                    match g.store.as_ref().and_then(|s| s.disk.as_ref()) {
+                        Some(att) => self.plug(&mut vm, att),
+                        None => Ok(()),
+                    }
+                });
+                if let Err(e) = stored {
+                    self.end_store(&mut g);
+                    self.end_vm(vm);
+                    drop(g);
+                    self.forget(&spec.id);
+                    return Err(e);
+                }
                 g.vm = Some(vm);
-                if let Err(e) = self.persist(&g, &[pid]) {
+                if let Err(e) = self.persist(&g, &pids) {
                     if let Some(vm) = g.vm.take() {
                         self.end_vm(vm);
                     }
+                    self.end_store(&mut g);
                     drop(g);
                     self.forget(&spec.id);
                     return Err(e);
@@ -829,7 +1013,10 @@ impl InstanceBackend for HostBackend {
                     None => false,
                 };
                 if !resumed {
-                    // The guest powered off (or the VM is gone): boot afresh.
+                    // The guest powered off (or the VM is gone): boot afresh. Instance storage
+                    // does not survive a stop: whatever disk is left ends, the boot gets a
+                    // fresh one.
+                    self.end_store(&mut g);
                     self.fresh_boot(&mut g)?;
                 }
             }
@@ -838,7 +1025,12 @@ impl InstanceBackend for HostBackend {
             }
         }
         g.desc.state = InstanceState::Running;
-        let pid: Vec<u32> = g.vm.as_ref().map(|v| v.pid).into_iter().collect();
+        let pid: Vec<u32> =
+            g.vm.as_ref()
+                .map(|v| v.pid)
+                .into_iter()
+                .chain(Self::store_pid(&g))
+                .collect();
         self.persist(&g, &pid)?;
         tracing::info!(instance = %id, "instance running");
         Ok(())
@@ -849,6 +1041,18 @@ impl InstanceBackend for HostBackend {
         let mut g = lock(&inst);
         if g.desc.state != InstanceState::Running {
             return Err(BackendError::WrongState);
+        }
+        if g.store.is_some() {
+            // Instance storage does not survive a stop (as in EC2), so neither does the guest's
+            // memory: the VM is shut down, the disk's card zeroizes its key and the file is
+            // deleted; StartInstance boots afresh with a new, empty disk.
+            Self::drain_console(&mut g);
+            if let Some(vm) = g.vm.take() {
+                self.end_vm(vm);
+            }
+            self.end_store(&mut g);
+            g.desc.state = InstanceState::Stopped;
+            return self.persist(&g, &[]);
         }
         let vm = g.vm.as_mut().ok_or(BackendError::Unavailable)?;
         match vm.chan.call(Command::Pause, None) {
@@ -873,7 +1077,12 @@ impl InstanceBackend for HostBackend {
         match self.fresh_boot(&mut g) {
             Ok(()) => {
                 g.desc.state = InstanceState::Running;
-                let pid: Vec<u32> = g.vm.as_ref().map(|v| v.pid).into_iter().collect();
+                let pid: Vec<u32> =
+                    g.vm.as_ref()
+                        .map(|v| v.pid)
+                        .into_iter()
+                        .chain(Self::store_pid(&g))
+                        .collect();
                 self.persist(&g, &pid)
             }
             Err(e) => {
@@ -894,6 +1103,7 @@ impl InstanceBackend for HostBackend {
         if let Some(vm) = g.vm.take() {
             self.end_vm(vm);
         }
+        self.end_store(&mut g);
         let vols = std::mem::take(&mut g.volumes);
         for (vol, att) in vols {
             self.unplug_card(att);
@@ -1508,6 +1718,7 @@ impl HostBackend {
                     memory_mib: r.memory_mib,
                     state,
                     volumes: Vec::new(),
+                    instance_storage_gib: r.instance_storage.as_ref().map(|s| s.gib),
                     net_endpoint: None,
                 },
                 cmdline: r.cmdline.clone(),
@@ -1521,6 +1732,7 @@ impl HostBackend {
                 net: None,
                 attaching: None,
                 cpus: Vec::new(),
+                store: None,
             };
             // Its whole cores, as recorded (the running hypervisor's vCPUs are pinned there).
             if let Some(a) = lock(&self.inner).cores.as_mut() {
@@ -1587,6 +1799,50 @@ impl HostBackend {
                         }
                     }
                 }
+            }
+            if let Some(st) = &r.instance_storage {
+                let gib = InstanceStorageGib::new(st.gib).map_err(|_| BackendError::Unavailable)?;
+                let mut disk = None;
+                if let Some(d) = &st.disk {
+                    claimed.insert(d.card_pid);
+                    let dev = DeviceId::new(&d.device).map_err(|_| BackendError::Unavailable)?;
+                    let control = if alive(d.card_pid, ChildKind::Card) {
+                        self.launcher
+                            .call_fd(&LaunchRequest::ConnectCardControl { pid: d.card_pid })
+                            .ok()
+                            .map(|(_, fd)| UnixStream::from(fd))
+                    } else {
+                        None
+                    };
+                    match control {
+                        Some(control) => {
+                            let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
+                            let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
+                            disk = Some(Attachment {
+                                device: dev,
+                                card_pid: d.card_pid,
+                                control,
+                            });
+                        }
+                        None => {
+                            // Its key died with the card: the disk is gone for good. Out of
+                            // the VM, file deleted; the next boot gets a fresh one.
+                            tracing::warn!(instance = %id, pid = d.card_pid, "instance-storage card gone: disk lost");
+                            codes.push("instance_storage_lost");
+                            if let Some(vm) = inst.vm.as_mut() {
+                                Self::detach_device(vm, dev);
+                            }
+                            if known(d.card_pid) {
+                                let _ = self.launcher.call(&LaunchRequest::Reap {
+                                    pid: d.card_pid,
+                                    grace_ms: 0,
+                                });
+                            }
+                            let _ = std::fs::remove_file(self.store_path(id.as_str()));
+                        }
+                    }
+                }
+                inst.store = Some(InstanceStore { gib, disk });
             }
             if let Some(n) = &r.network {
                 let mac = bulkhead_netcard::frame::MacAddr::parse_text(&n.mac)

@@ -101,6 +101,8 @@ pub enum RecordField {
     SealedKey,
     #[error("cpus (out of range, named twice, or held by two instances)")]
     Cpus,
+    #[error("instance storage size")]
+    InstanceStorage,
 }
 
 /// An instance's recorded state (terminated instances leave the record).
@@ -157,6 +159,26 @@ pub struct NetCardRecord {
     pub allow: Vec<String>,
 }
 
+/// The instance's instance-storage disk: its size and, while it exists, the card serving it.
+/// The card holds a key it made itself (never recorded anywhere); the backing file is
+/// `<volume dir>/instance-store/<instance>.img`, deleted when the disk ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceStoreRecord {
+    pub gib: u32,
+    /// The card and guest device of the current disk (`None`: no disk now; the next boot
+    /// makes a fresh one).
+    pub disk: Option<StoreDiskRecord>,
+}
+
+/// A running instance-storage card.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreDiskRecord {
+    pub device: String,
+    pub card_pid: u32,
+}
+
 /// One instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,6 +202,9 @@ pub struct InstanceRecord {
     /// before pinning). Left out of the file when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpus: Vec<usize>,
+    /// Instance storage (left out of the file when the instance has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_storage: Option<InstanceStoreRecord>,
 }
 
 /// The whole record.
@@ -318,6 +343,22 @@ impl HostRecord {
                 }
                 if !valid_pid(v.card_pid) {
                     return bad(F::Pid);
+                }
+            }
+            if let Some(st) = &i.instance_storage {
+                if crate::api::InstanceStorageGib::new(st.gib).is_err() {
+                    return bad(F::InstanceStorage);
+                }
+                if let Some(d) = &st.disk {
+                    if !valid_device(&d.device) {
+                        return bad(F::Device);
+                    }
+                    if !devices.insert(d.device.as_str()) {
+                        return bad(F::DuplicateDevice);
+                    }
+                    if !valid_pid(d.card_pid) {
+                        return bad(F::Pid);
+                    }
                 }
             }
             if let Some(p) = &i.attaching {
@@ -478,6 +519,13 @@ mod tests {
                     allow: vec![],
                 }),
                 cpus: vec![2, 3],
+                instance_storage: Some(InstanceStoreRecord {
+                    gib: 2,
+                    disk: Some(StoreDiskRecord {
+                        device: "store0".into(),
+                        card_pid: 4245,
+                    }),
+                }),
             }],
         }
     }
@@ -561,6 +609,31 @@ mod tests {
         let mut r = sample();
         r.instances[0].cpus = Vec::new();
         assert!(!String::from_utf8(r.encode()).unwrap().contains("\"cpus\""));
+        assert_eq!(HostRecord::parse(&r.encode()).unwrap(), r);
+        // Instance storage: size bounded, its device unique among the instance's disks.
+        for gib in [0, crate::api::MAX_INSTANCE_STORAGE_GIB + 1] {
+            let mut r = sample();
+            r.instances[0].instance_storage.as_mut().unwrap().gib = gib;
+            assert_eq!(
+                HostRecord::parse(&r.encode()),
+                Err(RecordError::Invalid(RecordField::InstanceStorage))
+            );
+        }
+        let mut r = sample();
+        r.instances[0].instance_storage.as_mut().unwrap().disk = Some(StoreDiskRecord {
+            device: "blk0".into(),
+            card_pid: 4245,
+        });
+        assert_eq!(
+            HostRecord::parse(&r.encode()),
+            Err(RecordError::Invalid(RecordField::DuplicateDevice))
+        );
+        // A record with no instance storage leaves the field out and still parses.
+        let mut r = sample();
+        r.instances[0].instance_storage = None;
+        assert!(!String::from_utf8(r.encode())
+            .unwrap()
+            .contains("instance_storage"));
         assert_eq!(HostRecord::parse(&r.encode()).unwrap(), r);
         let mut r = sample();
         r.instances[0].id = "../x".into();
