@@ -103,6 +103,10 @@ pub enum Ec2Action {
     DetachVolume {
         #[arg(long)]
         volume_id: String,
+        /// Detach even if the instance's host cannot be reached (a network volume's storage
+        /// node then fences that host).
+        #[arg(long)]
+        force: bool,
     },
     DeleteVolume {
         #[arg(long)]
@@ -287,7 +291,13 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
             "AttachVolume",
             json!({"VolumeId": volume_id, "InstanceId": instance_id}),
         ),
-        Ec2Action::DetachVolume { volume_id } => ("DetachVolume", json!({ "VolumeId": volume_id })),
+        Ec2Action::DetachVolume { volume_id, force } => {
+            let mut b = json!({ "VolumeId": volume_id });
+            if *force {
+                b["Force"] = json!(true);
+            }
+            ("DetachVolume", b)
+        }
         Ec2Action::DeleteVolume { volume_id } => ("DeleteVolume", json!({ "VolumeId": volume_id })),
         Ec2Action::GetConsoleOutput { instance_id, .. } => {
             ("GetConsoleOutput", json!({ "InstanceId": instance_id }))
