@@ -80,11 +80,19 @@ impl ControlPlane {
         let (Some(auth), Some(cust)) = (auth, customer) else {
             return Err(ControlError::Internal);
         };
-        if !self.repo.first_use_of_signature(
-            &hex::encode(v.signature),
-            t,
-            t.saturating_sub(2 * REQUEST_WINDOW_SECS),
-        )? {
+        // A signature acts once; a read may be answered again (SigV4 has no nonce, and real
+        // clients repeat identical reads within a second: polling loops, SDK retries). A read
+        // that parses as no action is not a read: it is recorded like any other.
+        let read_only = Ec2Request::parse(r.body.as_bytes())
+            .map(|c| !c.dry_run && c.request.is_read_only())
+            .unwrap_or(false);
+        if !read_only
+            && !self.repo.first_use_of_signature(
+                &hex::encode(v.signature),
+                t,
+                t.saturating_sub(2 * REQUEST_WINDOW_SECS),
+            )?
+        {
             return Err(ControlError::Replayed);
         }
         let signed = |n: &str| {
@@ -194,6 +202,7 @@ pub fn ec2_code(e: &ControlError, action: &str) -> Ec2ErrorCode {
         | ControlError::UnknownField
         | ControlError::BadId
         | ControlError::BadShape
+        | ControlError::BadInstanceStorage
         | ControlError::EncryptionRequired
         | ControlError::Unsupported(_) => C::InvalidParameterValue,
         ControlError::BadNetwork(crate::net::NetError::PrefixOutOfRange) => {

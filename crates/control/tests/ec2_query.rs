@@ -343,6 +343,11 @@ fn boto3_and_the_aws_cli_drive_bulkhead_over_the_ec2_query_api() {
     assert_eq!(r["other_secret"], json!([400, "SignatureDoesNotMatch"]));
     assert_eq!(r["b_key_a_secret"], json!([400, "SignatureDoesNotMatch"]));
     assert_eq!(r["unsigned"], json!([401, "MissingAuthenticationToken"]));
+    assert_eq!(
+        r["read_repeat"],
+        json!([[200, "ok"], [200, "ok"]]),
+        "a read signed once is answered twice"
+    );
     assert_eq!(r["volumes_made"], 1, "only the first, intact request acted");
     // Each refusal is in the control plane's audit log with its typed code.
     let log = std::fs::read_to_string(c.dir.join("control/audit.log")).unwrap();

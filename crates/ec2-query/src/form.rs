@@ -328,6 +328,22 @@ impl Ec2Request {
         }
     }
 
+    /// Whether the action only reads (Describe…, GetConsoleOutput): nothing it does changes
+    /// state, so a byte-identical repeat within the signature's window (an SDK retry, a polling
+    /// loop signing twice in one second: SigV4 has no nonce) is answered again rather than
+    /// refused as a replay. Every other action's signature is accepted once.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Self::DescribeInstances(_)
+                | Self::GetConsoleOutput(_)
+                | Self::DescribeVolumes(_)
+                | Self::DescribeVpcs(_)
+                | Self::DescribeSubnets(_)
+                | Self::DescribeSecurityGroups(_)
+        )
+    }
+
     /// Parses a form body.
     pub fn parse(body: &[u8]) -> Result<Ec2Call, QueryError> {
         let mut p = Params::decode(body)?;
