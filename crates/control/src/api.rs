@@ -15,7 +15,7 @@ use crate::ControlError;
 use check::{check_id, check_ids, check_token, json};
 pub use compute::{
     AttachVolume, CreateKey, CreateVolume, InstanceIds, InstanceRef, RevokeGrant, RunInstances,
-    VolumeIds, VolumeRef, MAX_USER_DATA_BYTES,
+    VolumeIds, VolumeRef, MAX_INSTANCE_STORAGE_GIB, MAX_USER_DATA_BYTES,
 };
 use network::{bad_net, check_description, check_group_name};
 pub use network::{
@@ -114,6 +114,11 @@ impl ControlRequest {
                 match r.tenancy.as_deref() {
                     None | Some("default") | Some("dedicated") => {}
                     Some(_) => return Err(ControlError::BadShape),
+                }
+                if r.instance_storage_gib
+                    .is_some_and(|g| !(1..=MAX_INSTANCE_STORAGE_GIB).contains(&g))
+                {
+                    return Err(ControlError::BadInstanceStorage);
                 }
                 if let Some(s) = &r.subnet_id {
                     check_id(s)?;
@@ -524,5 +529,18 @@ mod tests {
             code("RunInstances", r#"{"ImageId":"img","SubnetId":"subnet/1"}"#),
             "bad_resource_id"
         );
+        // Instance storage: 1..=64 GiB, a number.
+        for (gib, want) in [
+            ("1", "ok"),
+            ("64", "ok"),
+            ("0", "bad_instance_storage"),
+            ("65", "bad_instance_storage"),
+            ("4294967296", "body_malformed"),
+            ("-1", "body_malformed"),
+            ("\"8\"", "body_malformed"),
+        ] {
+            let body = format!(r#"{{"ImageId":"img","InstanceStorageGiB":{gib}}}"#);
+            assert_eq!(code("RunInstances", &body), want, "{gib}");
+        }
     }
 }

@@ -502,7 +502,8 @@ fn sealed_epoch_key_hex(h: &str) -> Option<String> {
         .map(hex::encode)
 }
 
-/// The controller's CreateInstance body; `user_data` only when the customer gave one.
+/// The controller's CreateInstance body; `user_data` and `instance_storage_gib` only when the
+/// customer gave them.
 pub(crate) fn create_body(row: &InstanceRow, user_data: Option<&str>) -> Value {
     let mut body = json!({
         "instance_id": row.instance_id,
@@ -510,8 +511,13 @@ pub(crate) fn create_body(row: &InstanceRow, user_data: Option<&str>) -> Value {
         "vcpus": row.vcpus,
         "memory_mib": row.memory_mib,
     });
-    if let (Some(u), Some(o)) = (user_data, body.as_object_mut()) {
-        o.insert("user_data".into(), Value::String(u.to_owned()));
+    if let Some(o) = body.as_object_mut() {
+        if let Some(u) = user_data {
+            o.insert("user_data".into(), Value::String(u.to_owned()));
+        }
+        if let Some(g) = row.instance_storage_gib {
+            o.insert("instance_storage_gib".into(), Value::from(g));
+        }
     }
     body
 }

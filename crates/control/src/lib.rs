@@ -58,6 +58,8 @@ pub enum ControlError {
     BadId,
     #[error("bad parameter value")]
     BadShape,
+    #[error("InstanceStorageGiB must be 1..=64")]
+    BadInstanceStorage,
     #[error("volumes are always encrypted")]
     EncryptionRequired,
     #[error("authentication failed: {0}")]
@@ -217,6 +219,7 @@ impl ControlError {
             ControlError::UnknownField => "body_unknown_field",
             ControlError::BadId => "bad_resource_id",
             ControlError::BadShape => "bad_parameter",
+            ControlError::BadInstanceStorage => "bad_instance_storage",
             ControlError::EncryptionRequired => "encryption_required",
             ControlError::Auth(e) => e.code(),
             ControlError::Replayed => "auth_replayed",
@@ -263,6 +266,7 @@ impl ControlError {
             | ControlError::UnknownField
             | ControlError::BadId
             | ControlError::BadShape
+            | ControlError::BadInstanceStorage
             | ControlError::EncryptionRequired
             | ControlError::BadNetwork(_) => 400,
             ControlError::Repo(repo::RepoError::Refused(r)) => r.status(),

@@ -77,6 +77,9 @@ pub struct InstanceRow {
     pub dedicated: bool,
     pub state: InstanceState,
     pub created: u64,
+    /// Instance storage asked for at RunInstances (GiB; `None`: none). The disk itself is on
+    /// the host, keyed inside its card; the control plane keeps only the size.
+    pub instance_storage_gib: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -86,6 +86,7 @@ pub fn contract_suite(r: &dyn Repository) {
         dedicated: false,
         state: InstanceState::Running,
         created: 1,
+        instance_storage_gib: Some(4),
     };
     r.insert_instance(&inst).unwrap();
     assert!(
@@ -513,6 +514,7 @@ fn reserve_contract(r: &dyn Repository) {
         dedicated: false,
         state: InstanceState::Pending,
         created: 1,
+        instance_storage_gib: None,
     };
     let fits = || -> Chooser {
         Box::new(|hosts: &[HostRow], live: &[InstanceRow]| {

@@ -107,6 +107,7 @@ impl ControlPlane {
             dedicated,
             state: InstanceState::Pending,
             created: now(),
+            instance_storage_gib: r.instance_storage_gib,
         };
         let mut refused: Vec<String> = Vec::new();
         let mut attested: Vec<String> = Vec::new();
@@ -220,6 +221,7 @@ mod tests {
             dedicated,
             state: InstanceState::Running,
             created: 0,
+            instance_storage_gib: None,
         }
     }
 

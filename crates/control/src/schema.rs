@@ -46,6 +46,8 @@ const MIGRATIONS: &[&str] = &[
     crate::net_store::SCHEMA,
     // Network volumes: the storage node that holds a volume's ciphertext.
     "ALTER TABLE volumes ADD COLUMN storage_node TEXT;",
+    // Instance storage: the size of an instance's local ephemeral disk (NULL: none).
+    "ALTER TABLE instances ADD COLUMN instance_storage_gib BIGINT;",
 ];
 
 /// The migrations rendered for `d`.

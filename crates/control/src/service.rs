@@ -132,7 +132,7 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub const ATTESTATION_TTL: Duration = Duration::from_secs(60);
 
 pub(crate) fn instance_json(i: &InstanceRow) -> Value {
-    json!({
+    let mut v = json!({
         "InstanceId": i.instance_id,
         "ImageId": i.image_id,
         "State": i.state.as_str(),
@@ -141,7 +141,11 @@ pub(crate) fn instance_json(i: &InstanceRow) -> Value {
         "MemoryMiB": i.memory_mib,
         "Cores": i.cores,
         "Tenancy": if i.dedicated { "dedicated" } else { "default" },
-    })
+    });
+    if let (Some(g), Some(o)) = (i.instance_storage_gib, v.as_object_mut()) {
+        o.insert("InstanceStorageGiB".into(), json!(g));
+    }
+    v
 }
 
 pub(crate) fn volume_json(v: &VolumeRow) -> Value {

@@ -61,6 +61,10 @@ pub enum Ec2Action {
         /// Security groups of the subnet's VPC (default: the VPC's `default` group).
         #[arg(long, num_args = 1..)]
         security_group_ids: Vec<String>,
+        /// Instance storage: a local ephemeral disk of N GiB (1..=64; the guest's first disk),
+        /// keyed inside its card and crypto-erased at stop and terminate.
+        #[arg(long, value_name = "N")]
+        instance_storage_gib: Option<u32>,
         #[arg(long)]
         client_token: Option<String>,
     },
@@ -228,6 +232,7 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
             user_data_file,
             subnet_id,
             security_group_ids,
+            instance_storage_gib,
             client_token,
         } => {
             let mut m = Map::new();
@@ -244,6 +249,11 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
             };
             put(&mut m, "UserData", ud.map(|v| json!(v)));
             put(&mut m, "SubnetId", subnet_id.as_ref().map(|v| json!(v)));
+            put(
+                &mut m,
+                "InstanceStorageGiB",
+                instance_storage_gib.map(|v| json!(v)),
+            );
             if !security_group_ids.is_empty() {
                 m.insert("SecurityGroupIds".into(), json!(security_group_ids));
             }
@@ -438,6 +448,7 @@ mod tests {
             user_data_file: None,
             subnet_id: None,
             security_group_ids: vec![],
+            instance_storage_gib: None,
             client_token: None,
         })
         .unwrap_or_else(|e| panic!("{e}"));
@@ -446,6 +457,20 @@ mod tests {
             b,
             json!({"ImageId": "test-guest", "VcpuCount": 2, "Tenancy": "dedicated", "UserData": "echo hi"})
         );
+        let (_, b) = request(&Ec2Action::RunInstances {
+            image_id: "test-guest".into(),
+            vcpu_count: None,
+            memory_mib: None,
+            tenancy: None,
+            user_data: None,
+            user_data_file: None,
+            subnet_id: None,
+            security_group_ids: vec![],
+            instance_storage_gib: Some(4),
+            client_token: None,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b, json!({"ImageId": "test-guest", "InstanceStorageGiB": 4}));
         let (a, b) = request(&Ec2Action::AttachVolume {
             volume_id: "vol-1".into(),
             instance_id: "i-1".into(),

@@ -30,7 +30,17 @@ pub struct RunInstances {
     /// VPC's `default` group.
     #[serde(rename = "SecurityGroupIds", default)]
     pub security_group_ids: Vec<String>,
+    /// Instance storage: a local ephemeral disk of this many GiB
+    /// (1..=[`MAX_INSTANCE_STORAGE_GIB`]) on the instance's host, behind a block card whose key
+    /// is made inside the card and never leaves it. Crypto-erased at StopInstances and
+    /// TerminateInstances (the card zeroizes its key, the file is deleted): a Start after a
+    /// Stop gets a fresh, empty disk. The guest's first disk.
+    #[serde(rename = "InstanceStorageGiB", default)]
+    pub instance_storage_gib: Option<u32>,
 }
+
+/// Largest instance-storage disk, in GiB (the host controller's own bound is the same).
+pub const MAX_INSTANCE_STORAGE_GIB: u32 = 64;
 
 /// Largest `UserData` (it ends up on the guest kernel's command line).
 pub const MAX_USER_DATA_BYTES: usize = 1024;

@@ -24,7 +24,7 @@ fn u32_of(v: i64) -> u32 {
 }
 
 const INSTANCE_COLS: &str =
-    "instance_id, tenant_id, host_id, image_id, vcpus, memory_mib, cores, dedicated, state, created";
+    "instance_id, tenant_id, host_id, image_id, vcpus, memory_mib, cores, dedicated, state, created, instance_storage_gib";
 const VOLUME_COLS: &str = "volume_id, tenant_id, size_gib, kms_key_id, ciphertext_blob, state, instance_id, host_id, created, storage_node";
 
 fn instance_row(r: &postgres::Row) -> Result<InstanceRow, RepoError> {
@@ -39,6 +39,7 @@ fn instance_row(r: &postgres::Row) -> Result<InstanceRow, RepoError> {
         dedicated: r.get(7),
         state: InstanceState::parse(&r.get::<_, String>(8))?,
         created: u(r.get(9)),
+        instance_storage_gib: r.get::<_, Option<i64>>(10).map(u32_of),
     })
 }
 
@@ -108,7 +109,7 @@ impl Repository for PgRepo {
                 ..row
             };
             tx.execute(
-                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
+                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"),
                 &[
                     &x.instance_id,
                     &x.tenant_id,
@@ -120,6 +121,7 @@ impl Repository for PgRepo {
                     &x.dedicated,
                     &x.state.as_str(),
                     &i(x.created),
+                    &x.instance_storage_gib.map(i64::from),
                 ],
             )
             .map_err(pg_err)?;
@@ -351,7 +353,7 @@ impl Repository for PgRepo {
         let x = x.clone();
         self.run(move |db| {
             db.execute(
-                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
+                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"),
                 &[
                     &x.instance_id,
                     &x.tenant_id,
@@ -363,6 +365,7 @@ impl Repository for PgRepo {
                     &x.dedicated,
                     &x.state.as_str(),
                     &i(x.created),
+                    &x.instance_storage_gib.map(i64::from),
                 ],
             )
             .map(|_| ())

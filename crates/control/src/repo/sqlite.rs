@@ -59,11 +59,12 @@ fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
         dedicated: r.get::<_, i64>(7)? != 0,
         state: r.get(8)?,
         created: u(r.get(9)?),
+        instance_storage_gib: r.get::<_, Option<i64>>(10)?.map(u32_of),
     })
 }
 
 const INSTANCE_COLS: &str =
-    "instance_id, tenant_id, host_id, image_id, vcpus, memory_mib, cores, dedicated, state, created";
+    "instance_id, tenant_id, host_id, image_id, vcpus, memory_mib, cores, dedicated, state, created, instance_storage_gib";
 const VOLUME_COLS: &str =
     "volume_id, tenant_id, size_gib, kms_key_id, ciphertext_blob, state, instance_id, host_id, created, storage_node";
 
@@ -326,10 +327,10 @@ impl Repository for SqliteRepo {
     fn insert_instance(&self, x: &InstanceRow) -> Result<(), RepoError> {
         self.with(|db| {
             db.execute(
-                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
                 params![
                     x.instance_id, x.tenant_id, x.host_id, x.image_id, x.vcpus, x.memory_mib, x.cores,
-                    i64::from(x.dedicated), x.state, i(x.created)
+                    i64::from(x.dedicated), x.state, i(x.created), x.instance_storage_gib
                 ],
             )
             .map(|_| ())
@@ -498,10 +499,10 @@ impl Repository for SqliteRepo {
                 ..row.clone()
             };
             tx.execute(
-                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+                &format!("INSERT INTO instances ({INSTANCE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
                 params![
                     x.instance_id, x.tenant_id, x.host_id, x.image_id, x.vcpus, x.memory_mib, x.cores,
-                    i64::from(x.dedicated), x.state, i(x.created)
+                    i64::from(x.dedicated), x.state, i(x.created), x.instance_storage_gib
                 ],
             )?;
             tx.execute(
