@@ -416,6 +416,10 @@ impl Engine {
                     "user": c.id,
                     "key-secret": CEPH_SECRET_ID,
                     "discard": "unmap",
+                    // No librbd writeback cache: a write is answered once the OSDs committed it,
+                    // so an engine killed between a write's answer and the next flush loses
+                    // nothing the card was told was written.
+                    "cache": { "direct": true },
                 })
             }
         };

@@ -229,6 +229,16 @@ impl NbdServer {
         } = *t;
         let crate::node::Opened { guard, cut, .. } = opened;
         tokio::select! {
+            // A cut wins over bytes waiting to be copied: nothing of a fenced holder's is
+            // forwarded once its fence fired.
+            biased;
+            _ = cut => {
+                tracing::info!(volume = %volume, peer = %addr, "nbd connection cut (fenced)");
+                self.node.audit.append_queued(entry(
+                    EntryKind::Outcome, &request_id, None, "NbdConnection",
+                    vec![format!("volume:{volume}")], Decision::None, "fenced",
+                ));
+            }
             r = tokio::io::copy_bidirectional_with_sizes(&mut tls, &mut engine, COPY_BUFFER, COPY_BUFFER) => {
                 // QEMU's client closes without a TLS close_notify: an end-of-file or a reset
                 // is the peer leaving, not a failure.
@@ -249,13 +259,6 @@ impl NbdServer {
                 self.node.audit.append_queued(entry(
                     EntryKind::Outcome, &request_id, None, "NbdConnection",
                     vec![format!("volume:{volume}")], Decision::None, code,
-                ));
-            }
-            _ = cut => {
-                tracing::info!(volume = %volume, peer = %addr, "nbd connection cut (fenced)");
-                self.node.audit.append_queued(entry(
-                    EntryKind::Outcome, &request_id, None, "NbdConnection",
-                    vec![format!("volume:{volume}")], Decision::None, "fenced",
                 ));
             }
         }
@@ -512,7 +515,7 @@ impl NbdServer {
                 .map_err(OpenRefusal::code),
             Err(why) => Err(why),
         };
-        let (opened, volume) = match opened {
+        let (mut opened, volume) = match opened {
             Ok(x) => x,
             Err(why) => {
                 tracing::info!(caller = ?identity.map(|i| &i.name), export = %req.name, why, "nbd open refused");
@@ -536,6 +539,23 @@ impl NbdServer {
                 return Ok(Next::Close);
             }
         };
+        // A fence (a Grant to another host, a Revoke, a Delete) that ran while this session
+        // connected to the engine cut it before re-adding the export: this session must not
+        // reach the re-added export with the old holder's requests.
+        if !matches!(
+            opened.cut.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ) {
+            tracing::info!(caller = ?identity.map(|i| &i.name), export = %req.name, "nbd open fenced while it reached the engine");
+            disconnect(ex.stream).await;
+            self.audit_open(&rid, identity, op, &req.name, Decision::Deny, "fenced")
+                .await?;
+            if export_name.is_none() {
+                send(s, OptionReply::error(code, OptionError::Policy)).await?;
+                return Ok(Next::Again);
+            }
+            return Ok(Next::Close);
+        }
         self.audit_open(&rid, identity, op, &req.name, Decision::Allow, "ok")
             .await?;
         match export_name {
