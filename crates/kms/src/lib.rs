@@ -115,6 +115,7 @@ impl KmsError {
             KmsError::NoSuchEpoch => "no_such_epoch",
             KmsError::VpcExists => "vpc_exists",
             KmsError::AuditUnavailable => "audit_unavailable",
+            KmsError::Store(store::StoreError::NotOwner) => "no_grant",
             KmsError::Store(_) => "store_error",
             KmsError::Crypto(crypto::CryptoError::BadBlob) => "bad_ciphertext_blob",
             KmsError::Crypto(crypto::CryptoError::Unwrap) => "ciphertext_rejected",
@@ -143,7 +144,8 @@ impl KmsError {
             | KmsError::AuthorizationReplayed
             | KmsError::AttestationRequired
             | KmsError::EvidenceForAnotherHost
-            | KmsError::Attestation(_) => 403,
+            | KmsError::Attestation(_)
+            | KmsError::Store(store::StoreError::NotOwner) => 403,
             KmsError::CustomerExists | KmsError::VpcExists => 409,
             KmsError::KeyDestroyed | KmsError::Crypto(crypto::CryptoError::Destroyed) => 410,
             KmsError::AuditUnavailable => 503,

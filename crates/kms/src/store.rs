@@ -15,6 +15,8 @@ pub enum StoreError {
     Poisoned,
     #[error("database schema version {0} is newer than this binary")]
     TooNew(i64),
+    #[error("the volume's key belongs to another tenant")]
+    NotOwner,
 }
 
 /// Versioned migrations; index + 1 is the schema version.
@@ -373,11 +375,24 @@ impl Store {
         tenant: &str,
         now: u64,
     ) -> Result<(), StoreError> {
-        self.with(|c| {
+        let done = self.with(|c| {
             let tx = c.transaction()?;
+            // Ownership is re-checked inside the transaction: a secret another tenant holds for
+            // this id is never touched, and then nothing is tombstoned either.
+            let other: bool = tx
+                .query_row(
+                    "SELECT 1 FROM volume_secrets WHERE volume_id = ?1 AND tenant_id <> ?2",
+                    params![volume_id, tenant],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if other {
+                return Ok(false);
+            }
             tx.execute(
-                "DELETE FROM volume_secrets WHERE volume_id = ?1",
-                params![volume_id],
+                "DELETE FROM volume_secrets WHERE volume_id = ?1 AND tenant_id = ?2",
+                params![volume_id, tenant],
             )?;
             tx.execute(
                 "INSERT OR IGNORE INTO destroyed_volumes (volume_id, tenant_id, destroyed) VALUES (?1, ?2, ?3)",
@@ -388,9 +403,23 @@ impl Store {
                 params![tenant, volume_id, secs(now)],
             )?;
             tx.commit()?;
-            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            // Copy the WAL back and truncate it, so no page of the secret stays there; a busy
+            // checkpoint (a reader holding the WAL) is retried.
+            for _ in 0..50 {
+                let busy: i64 =
+                    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+                if busy == 0 {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(true)
+        })?;
+        if done {
             Ok(())
-        })
+        } else {
+            Err(StoreError::NotOwner)
+        }
     }
 
     /// Revokes every active grant of `key_id` for `volume_id` held by `tenant`. Returns how many.
