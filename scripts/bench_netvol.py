@@ -92,6 +92,8 @@ class Bench:
         self.control = None
         self.header = os.path.join(work, "luks-header.img")
         self.results = {}  # (backend, workload, qd) -> [result dicts]
+        self.socks = {}  # backend -> vhost-user socket
+        self.ctls = {}  # card backend -> (control socket, process)
 
     # ---- set-up -------------------------------------------------------------------------------
     def pki(self):
@@ -176,21 +178,18 @@ class Bench:
             raise NotMeasured(f"writing the LUKS header over NBD failed: {r.stderr.strip()}")
 
     # ---- backends ---------------------------------------------------------------------------
-    def run_workloads(self, backend, sock):
-        for wl, qd in WORKLOADS:
-            r = subprocess.run([BB, "run", sock, wl, str(qd), str(SECS)], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise NotMeasured(f"{backend} {wl} QD {qd}: blkbench failed: {r.stderr.strip()[-300:]}")
-            res = json.loads(r.stdout.strip().splitlines()[-1])
-            self.results.setdefault((backend, wl, qd), []).append(res)
-            log(backend, json.dumps(res))
+    def run_one(self, backend, wl, qd):
+        sock = self.socks[backend]
+        r = subprocess.run([BB, "run", sock, wl, str(qd), str(SECS)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise NotMeasured(f"{backend} {wl} QD {qd}: blkbench failed: {r.stderr.strip()[-300:]}")
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        self.results.setdefault((backend, wl, qd), []).append(res)
+        log(backend, json.dumps(res))
 
-    def card(self, backend, key):
+    def start_card(self, backend, key):
         ctl = os.path.join(self.w, f"{backend}.ctl")
         sock = os.path.join(self.w, f"{backend}.sock")
-        for p in (ctl, sock):
-            if os.path.exists(p):
-                os.unlink(p)
         logf = open(os.path.join(self.w, "card.log"), "a")
         p = subprocess.Popen(
             [CARD, "--control-socket", ctl, "--vhost-socket", sock, "--nbd", f"127.0.0.1:{self.nbd_port}",
@@ -198,24 +197,18 @@ class Bench:
              "--tls-cert", os.path.join(self.ca, f"{HOST}.pem"), "--tls-key", os.path.join(self.ca, f"{HOST}.key"),
              *drop_args()], stdout=subprocess.DEVNULL, stderr=logf, env={**os.environ, "BULKHEAD_LOG": "warn"})
         self.procs.append(p)
-        try:
-            wait_path(ctl, "bulkhead-blockcard", p)
-            a = subprocess.run([BB, "attach", ctl, VOLUME, key, "4096"], capture_output=True, text=True)
-            if a.returncode != 0 or "Attached" not in a.stdout:
-                raise NotMeasured(f"card attach ({key}) failed: {a.stdout} {a.stderr[-300:]}")
-            want_enc = "encrypted: true" if key != "plain" else "encrypted: false"
-            if want_enc not in a.stdout:
-                raise NotMeasured(f"card attach ({key}) answered {a.stdout.strip()}")
-            self.run_workloads(backend, sock)
-            subprocess.run([BB, "detach", ctl], capture_output=True, text=True)
-            p.wait(10)
-        finally:
-            stop(p)
+        wait_path(ctl, "bulkhead-blockcard", p)
+        a = subprocess.run([BB, "attach", ctl, VOLUME, key, "4096"], capture_output=True, text=True)
+        if a.returncode != 0 or "Attached" not in a.stdout:
+            raise NotMeasured(f"card attach ({key}) failed: {a.stdout} {a.stderr[-300:]}")
+        want_enc = "encrypted: true" if key != "plain" else "encrypted: false"
+        if want_enc not in a.stdout:
+            raise NotMeasured(f"card attach ({key}) answered {a.stdout.strip()}")
+        self.socks[backend] = sock
+        self.ctls[backend] = (ctl, p)
 
-    def qsd(self, backend, luks):
+    def start_qsd(self, backend, luks):
         sock = os.path.join(self.w, f"{backend}.sock")
-        if os.path.exists(sock):
-            os.unlink(sock)
         args = ["qemu-storage-daemon", "--object", self.tls_obj(), "--blockdev", "node-name=nbd0," + self.nbd_opts()]
         top = "nbd0"
         if luks:
@@ -228,21 +221,25 @@ class Bench:
         logf = open(os.path.join(self.w, "qsd.log"), "a")
         p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=logf)
         self.procs.append(p)
-        try:
-            wait_path(sock, "qemu-storage-daemon", p)
-            self.run_workloads(backend, sock)
-        finally:
-            stop(p)
+        wait_path(sock, "qemu-storage-daemon", p)
+        self.socks[backend] = sock
 
-    def run_backend(self, b):
-        if b == "card-xts":
-            self.card(b, "ephemeral")
-        elif b == "card-plain":
-            self.card(b, "plain")
-        elif b == "qsd-luks":
-            self.qsd(b, True)
-        else:
-            self.qsd(b, False)
+    def start_all(self):
+        # The LUKS peer first: it reads the header once, when it opens the volume.
+        self.start_qsd("qsd-luks", True)
+        self.start_qsd("qsd-raw", False)
+        self.start_card("card-xts", "ephemeral")
+        self.start_card("card-plain", "plain")
+
+    def detach_cards(self):
+        for backend, (ctl, p) in self.ctls.items():
+            d = subprocess.run([BB, "detach", ctl], capture_output=True, text=True)
+            if "Detached" not in d.stdout:
+                log(f"{backend}: detach answered {d.stdout.strip()} {d.stderr.strip()[-200:]}")
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
 
     def cleanup(self):
         for p in self.procs:
@@ -290,11 +287,12 @@ def report(b, load0, load1, started, elapsed):
         f"{SIZE_MB} MiB raw file opened buffered — QEMU's default cache=writeback — so reads are served "
         "from the node's page cache and this measures the network-volume path, not a disk), reached over "
         "loopback TCP with NBD + STARTTLS, TLS 1.3 and host-1's client certificate, the volume created "
-        "and granted over the node's mTLS control API. All four backends use that same volume and "
-        "export, in alternating rounds "
-        f"({ROUNDS} round{'s' if ROUNDS != 1 else ''} × {len(WORKLOADS)} workloads × {SECS} s, a fresh process per backend and "
-        "round); figures are medians over the rounds, p99 is the median of the rounds' p99 request "
-        "latency as the frontend sees it. Every backend is driven by the same Rust vhost-user frontend "
+        "and granted over the node's mTLS control API. All four backends are started once and stay "
+        "connected to that same volume and export (idle when not measured); for each workload they "
+        "take turns, in a rotating order, round after round "
+        f"({ROUNDS} round{'s' if ROUNDS != 1 else ''} × {len(WORKLOADS)} workloads × 4 backends × {SECS} s), so "
+        "each comparison is between runs seconds apart; figures are medians over the rounds, p99 is the "
+        "median of the rounds' p99 request latency as the frontend sees it. Every backend is driven by the same Rust vhost-user frontend "
         "as the card benchmark (crates/blockcard/examples/blkbench.rs: memfd guest memory, split "
         "virtqueue, one queue, no guest kernel, guest-side I/O is O_DIRECT-like: no guest page cache).",
         "",
@@ -305,7 +303,9 @@ def report(b, load0, load1, started, elapsed):
         "(`tls-creds-x509,endpoint=client`, the same host certificate) under a `luks` layer, "
         "exported as vhost-user-blk with 4 KiB logical blocks; LUKS1 aes-xts-plain64, AES-256 "
         "(512-bit key) with **512-byte crypto sectors** (QEMU's luks driver; QEMU 7.2 cannot open "
-        "LUKS2); the header is written over NBD before each of its rounds.",
+        "LUKS2); its header is written over NBD before it opens the volume (it reads it once, at "
+        "open; the other backends' writes overwrite the blocks later, which changes only what the "
+        "bytes decrypt to, not the work done).",
         "- **qsd raw**: the same qemu-storage-daemon without the luks layer (transport reference, "
         "no encryption).",
         "",
@@ -362,11 +362,14 @@ def main():
         b.pki()
         b.start_node()
         b.volume()
+        b.start_all()
         for r in range(ROUNDS):
-            order = BACKENDS[r % len(BACKENDS):] + BACKENDS[:r % len(BACKENDS)]
-            log(f"round {r + 1}/{ROUNDS}: {' '.join(order)}")
-            for x in order:
-                b.run_backend(x)
+            log(f"round {r + 1}/{ROUNDS}")
+            for i, (wl, qd) in enumerate(WORKLOADS):
+                k = (r + i) % len(BACKENDS)
+                for x in BACKENDS[k:] + BACKENDS[:k]:
+                    b.run_one(x, wl, qd)
+        b.detach_cards()
     except (NotMeasured, subprocess.CalledProcessError, OSError, ValueError) as e:
         log(f"NOT MEASURED: {e}")
         for name in ("node.log", "card.log", "qsd.log"):
