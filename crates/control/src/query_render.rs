@@ -129,6 +129,7 @@ fn volume_item(v: &Value, az: &str) -> VolumeItem {
     let state = match text(v, "State").as_str() {
         "in-use" => VolumeStateName::InUse,
         "attaching" | "detaching" => VolumeStateName::InUse,
+        "deleting" => VolumeStateName::Deleting,
         _ => VolumeStateName::Available,
     };
     let attachments = match opt_text(v, "InstanceId") {

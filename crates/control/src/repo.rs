@@ -175,6 +175,7 @@ pub trait Repository:
         instance: Option<&str>,
         host: Option<&str>,
     ) -> Result<(), RepoError>;
+    /// Removes a volume DeleteVolume took (`deleting`); false for any other state or tenant.
     fn delete_volume(&self, tenant: &str, id: &str) -> Result<bool, RepoError>;
     /// Volumes left mid-transition (attaching/detaching) by a crash, any tenant.
     fn volumes_in_transition(&self) -> Result<Vec<VolumeRow>, RepoError>;

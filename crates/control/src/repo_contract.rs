@@ -187,6 +187,28 @@ pub fn contract_suite(r: &dyn Repository) {
         None,
     )
     .unwrap();
+    // Only a volume DeleteVolume took (`deleting`) is removed; an available one is not.
+    assert!(!r.delete_volume("t-a", "vol-1").unwrap());
+    r.transition_volume(
+        "t-a",
+        "vol-1",
+        VolumeState::Available,
+        VolumeState::Deleting,
+        None,
+        None,
+    )
+    .unwrap();
+    // Nothing attaches a volume being deleted.
+    assert!(r
+        .transition_volume(
+            "t-a",
+            "vol-1",
+            VolumeState::Available,
+            VolumeState::Attaching,
+            Some("i-1"),
+            Some("h-1"),
+        )
+        .is_err());
     assert!(!r.delete_volume("t-b", "vol-1").unwrap());
     assert!(r.delete_volume("t-a", "vol-1").unwrap());
     assert!(r.volumes("t-a").unwrap().is_empty());

@@ -30,6 +30,9 @@ pub enum VolumeState {
     InUse,
     /// The card is being stopped and its key zeroized; owned by a detach workflow.
     Detaching,
+    /// DeleteVolume took it: its key is being destroyed and its storage released; nothing else
+    /// may attach it. Final (the row goes once the delete finishes; a repeat finishes it).
+    Deleting,
 }
 
 /// A state name that is not one of ours (a corrupt row, or a newer schema).
@@ -111,11 +114,12 @@ impl InstanceState {
 }
 
 impl VolumeState {
-    pub const ALL: [VolumeState; 4] = [
+    pub const ALL: [VolumeState; 5] = [
         VolumeState::Available,
         VolumeState::Attaching,
         VolumeState::InUse,
         VolumeState::Detaching,
+        VolumeState::Deleting,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -124,6 +128,7 @@ impl VolumeState {
             VolumeState::Attaching => "attaching",
             VolumeState::InUse => "in-use",
             VolumeState::Detaching => "detaching",
+            VolumeState::Deleting => "deleting",
         }
     }
 
@@ -151,6 +156,7 @@ impl VolumeState {
                 | (InUse, Available)
                 | (Detaching, Available)
                 | (Detaching, InUse)
+                | (Available, Deleting)
         )
     }
 

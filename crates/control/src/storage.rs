@@ -81,11 +81,12 @@ impl Storage {
             })
     }
 
-    async fn call<T: serde::de::DeserializeOwned>(
+    /// One call; a refusal comes back as [`Answer::Refused`].
+    async fn call_raw<T: serde::de::DeserializeOwned>(
         &self,
         node_id: &str,
         req: &Request,
-    ) -> Result<T, ControlError> {
+    ) -> Result<Answer<T>, ControlError> {
         let node = self.node(node_id)?;
         let https = self
             .https
@@ -107,16 +108,48 @@ impl Storage {
                 tracing::warn!(error = %e, node = node_id, "storage node unreachable");
                 ControlError::Upstream
             })?;
-        match proto::parse_answer::<T>(r.status, &r.body) {
-            Ok(Answer::Ok(v)) => Ok(v),
-            Ok(Answer::Refused { status, error }) => {
-                tracing::warn!(node = node_id, status, code = error.code.as_str(), message = %error.message, op = req.op().name(), "storage node refused");
-                Err(ControlError::Host(code(error.code)))
+        proto::parse_answer::<T>(r.status, &r.body).map_err(|e| {
+            tracing::error!(node = node_id, error = %e, "storage node answer does not parse");
+            ControlError::Internal
+        })
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        node_id: &str,
+        req: &Request,
+    ) -> Result<T, ControlError> {
+        match self.call_raw::<T>(node_id, req).await? {
+            Answer::Ok(v) => Ok(v),
+            Answer::Refused { status, error } => Err(refused(node_id, req, status, &error)),
+        }
+    }
+
+    /// A grant or revoke at a fresh [`generation`]; when the node has already seen a higher
+    /// one (this replica's clock is behind the one that wrote it), once more just above it.
+    async fn fenced_call(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        make: impl Fn(u64) -> Result<Request, ControlError>,
+    ) -> Result<VolumeReply, ControlError> {
+        let first = make(generation())?;
+        match self.call_raw::<VolumeReply>(node_id, &first).await? {
+            Answer::Ok(r) => Ok(r),
+            Answer::Refused { error, .. } if error.code == proto::ErrorCode::StaleGeneration => {
+                let list: proto::ListReply = self
+                    .call(node_id, &Request::ListVolumes(proto::ListVolumes {}))
+                    .await?;
+                let seen = list
+                    .volumes
+                    .iter()
+                    .find(|v| v.volume_id.as_str() == volume_id)
+                    .map_or(0, |v| v.generation);
+                tracing::warn!(volume = volume_id, seen, "the storage node has a newer fencing generation than this clock: going above it");
+                let again = make(seen.saturating_add(1).max(generation()))?;
+                self.call(node_id, &again).await
             }
-            Err(e) => {
-                tracing::error!(node = node_id, error = %e, "storage node answer does not parse");
-                Err(ControlError::Internal)
-            }
+            Answer::Refused { status, error } => Err(refused(node_id, &first, status, &error)),
         }
     }
 
@@ -133,43 +166,41 @@ impl Storage {
         self.call::<VolumeReply>(node_id, &req).await.map(|_| ())
     }
 
-    /// Grants `host` the volume from `generation` on; any other host's connections are cut.
+    /// Grants `host` the volume from a new generation on; any other host's connections are cut.
     pub async fn grant(
         &self,
         node_id: &str,
         volume_id: &str,
         host: &str,
-        generation: u64,
     ) -> Result<(), ControlError> {
-        let req = Request::Grant(Grant {
-            volume_id: vid(volume_id)?,
-            host: HostName::new(host).map_err(|_| ControlError::Internal)?,
-            generation,
-        });
-        let r: VolumeReply = self.call(node_id, &req).await?;
+        let host = HostName::new(host).map_err(|_| ControlError::Internal)?;
+        let vol = vid(volume_id)?;
+        let r = self
+            .fenced_call(node_id, volume_id, |generation| {
+                Ok(Request::Grant(Grant {
+                    volume_id: vol.clone(),
+                    host: host.clone(),
+                    generation,
+                }))
+            })
+            .await?;
         if r.cut_connections > 0 {
-            tracing::info!(
-                volume = volume_id,
-                host,
-                cut = r.cut_connections,
-                "storage node fenced other hosts' connections"
-            );
+            tracing::info!(volume = volume_id, host = %host, cut = r.cut_connections, "storage node fenced other hosts' connections");
         }
         Ok(())
     }
 
-    /// Leaves the volume granted to nobody from `generation` on.
-    pub async fn revoke(
-        &self,
-        node_id: &str,
-        volume_id: &str,
-        generation: u64,
-    ) -> Result<(), ControlError> {
-        let req = Request::Revoke(Revoke {
-            volume_id: vid(volume_id)?,
-            generation,
-        });
-        self.call::<VolumeReply>(node_id, &req).await.map(|_| ())
+    /// Leaves the volume granted to nobody from a new generation on.
+    pub async fn revoke(&self, node_id: &str, volume_id: &str) -> Result<(), ControlError> {
+        let vol = vid(volume_id)?;
+        self.fenced_call(node_id, volume_id, |generation| {
+            Ok(Request::Revoke(Revoke {
+                volume_id: vol.clone(),
+                generation,
+            }))
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Releases the volume's storage (idempotent).
@@ -181,13 +212,20 @@ impl Storage {
     }
 }
 
+fn refused(node_id: &str, req: &Request, status: u16, error: &proto::ErrorDetail) -> ControlError {
+    tracing::warn!(node = node_id, status, code = error.code.as_str(), message = %error.message, op = req.op().name(), "storage node refused");
+    ControlError::Host(code(error.code))
+}
+
 fn vid(v: &str) -> Result<VolumeId, ControlError> {
     VolumeId::new(v).map_err(|_| ControlError::Internal)
 }
 
 /// A fencing generation: microseconds of wall time. Every grant and revoke of a volume takes a
-/// new one, larger than any before it as long as the replicas' clocks do not step back by more
-/// than the time between two workflows on one volume (one workflow per volume runs at a time).
+/// new one; the node refuses one below what it has seen, and [`Storage::fenced_call`] then goes
+/// just above the node's (a clock stepped back). One workflow per volume runs at a time, so two
+/// replicas never race on one volume's generation; a replica whose clock runs far ahead leaves
+/// large generations behind it, which only ever move up.
 pub fn generation() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

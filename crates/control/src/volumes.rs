@@ -152,11 +152,7 @@ fn storage_node(cp: &ControlPlane, w: &WorkflowRow) -> Result<Option<String>, Co
 /// Revokes `w`'s host's grant of a network volume at a new generation.
 async fn revoke(cp: &ControlPlane, w: &WorkflowRow) -> Result<(), ControlError> {
     match storage_node(cp, w)? {
-        Some(node) => {
-            cp.storage()?
-                .revoke(&node, w.volume()?, crate::storage::generation())
-                .await
-        }
+        Some(node) => cp.storage()?.revoke(&node, w.volume()?).await,
         None => Ok(()),
     }
 }
@@ -239,9 +235,7 @@ impl AttachStep {
             }
             AttachStep::Grant => {
                 if let Some(node) = storage_node(cp, w)? {
-                    cp.storage()?
-                        .grant(&node, w.volume()?, host_id, crate::storage::generation())
-                        .await?;
+                    cp.storage()?.grant(&node, w.volume()?, host_id).await?;
                 }
                 Ok(Value::Null)
             }

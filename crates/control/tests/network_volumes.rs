@@ -210,6 +210,19 @@ fn volume_follows_the_customer(engine: StorageEngine, test: &str) {
     let a = customer(&c, "tenant-a");
     let v = volume(&a);
 
+    // 0. The node has seen a fencing generation far above this machine's clock (a replica
+    //    whose clock ran ahead, or a clock stepped back since): attaches still fence correctly,
+    //    going above it.
+    let node = c.storage.clone().unwrap();
+    let (st, r) = post(
+        &as_control_plane(&c),
+        &node.control_addr,
+        "/v1/Revoke",
+        None,
+        &json!({"volume_id": v, "generation": 1u64 << 62}),
+    );
+    assert_eq!(st, 200, "{r}");
+
     // 1. Written on one host, read on the other.
     let writer = run_with(&a, WRITER);
     a.wait_console(&writer, "BULKHEAD-GUEST-READY");

@@ -527,7 +527,7 @@ impl Repository for PgRepo {
         let (t, id) = (s(tenant), s(id));
         self.run(move |db| {
             db.execute(
-                "DELETE FROM volumes WHERE tenant_id = $1 AND volume_id = $2 AND state = 'available'",
+                "DELETE FROM volumes WHERE tenant_id = $1 AND volume_id = $2 AND state = 'deleting'",
                 &[&t, &id],
             )
             .map(|n| n == 1)

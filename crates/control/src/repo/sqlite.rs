@@ -447,7 +447,7 @@ impl Repository for SqliteRepo {
 
     fn delete_volume(&self, tenant: &str, id: &str) -> Result<bool, RepoError> {
         self.with(|db| {
-            db.execute("DELETE FROM volumes WHERE tenant_id = ?1 AND volume_id = ?2 AND state = 'available'", params![tenant, id])
+            db.execute("DELETE FROM volumes WHERE tenant_id = ?1 AND volume_id = ?2 AND state = 'deleting'", params![tenant, id])
                 .map(|n| n == 1)
         })
     }

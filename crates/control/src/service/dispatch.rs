@@ -274,8 +274,26 @@ impl ControlPlane {
                     .repo
                     .volume(&c.tenant, &r.volume_id)?
                     .ok_or(ControlError::NoSuchVolume)?;
-                if v.state != VolumeState::Available {
-                    return Err(ControlError::VolumeInUse);
+                // Taken from `available` by compare-and-set (an attach's first step needs it
+                // `available` too, so the two cannot both proceed); a delete interrupted after
+                // this finishes on a repeat.
+                match v.state {
+                    VolumeState::Available => self
+                        .repo
+                        .transition_volume(
+                            &c.tenant,
+                            &r.volume_id,
+                            VolumeState::Available,
+                            VolumeState::Deleting,
+                            None,
+                            None,
+                        )
+                        .map_err(|e| match e {
+                            crate::repo::RepoError::Stale => ControlError::VolumeInUse,
+                            e => e.into(),
+                        })?,
+                    VolumeState::Deleting => {}
+                    _ => return Err(ControlError::VolumeInUse),
                 }
                 // Crypto-erase first, on the customer's own signed DeleteVolume: once the KMS
                 // has destroyed the data key, whatever ciphertext remains anywhere is noise.
