@@ -107,6 +107,9 @@ fn complete(op: &Op, r: Result<Vec<u8>, NbdClientError>) {
 struct InFlight {
     op: Arc<Op>,
     sends: u32,
+    /// When it was last sent: a request the server leaves unanswered for [`REPLY_TIMEOUT`]
+    /// while it answers others ends the connection like silence does.
+    sent: Instant,
 }
 
 /// Why the current connection ended.
@@ -229,7 +232,14 @@ impl Engine {
             // A failed write into rustls' buffer only happens on a closed session; the pump
             // notices and the request is re-sent with the rest.
             let _ = Self::send(session, cookie, &op);
-            self.inflight.insert(cookie, InFlight { op, sends: 1 });
+            self.inflight.insert(
+                cookie,
+                InFlight {
+                    op,
+                    sends: 1,
+                    sent: Instant::now(),
+                },
+            );
         }
         let n = u64::try_from(self.inflight.len()).unwrap_or(u64::MAX);
         self.shared
@@ -280,6 +290,13 @@ impl Engine {
         }
         if !self.inflight.is_empty() && self.last_progress.elapsed() > REPLY_TIMEOUT {
             return Err(Break::Lost("reply timeout"));
+        }
+        if self
+            .inflight
+            .values()
+            .any(|f| f.sent.elapsed() > REPLY_TIMEOUT)
+        {
+            return Err(Break::Lost("a request left unanswered"));
         }
         Ok(())
     }
@@ -405,6 +422,7 @@ impl Engine {
                     let mut resent = 0u64;
                     for (c, f) in self.inflight.iter_mut() {
                         f.sends = f.sends.saturating_add(1);
+                        f.sent = Instant::now();
                         let _ = Self::send(&mut s, *c, &f.op);
                         resent += 1;
                     }

@@ -12,12 +12,53 @@ use bulkhead_nbd::{
 };
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Per-step timeout of a handshake (connect, each read and write).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most option replies one `NBD_OPT_GO` may produce before its ACK.
 const MAX_GO_REPLIES: usize = 32;
+
+/// Deadline of a whole handshake (greeting to GO's ACK): a server that trickles its answers a
+/// byte at a time cannot hold a connect, or a reconnect, beyond it.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The socket during a handshake: every read and write gets only the time left before the
+/// deadline (`TimedOut` once it has passed).
+struct Deadline {
+    sock: TcpStream,
+    until: Instant,
+}
+
+impl Deadline {
+    fn left(&self) -> std::io::Result<Duration> {
+        self.until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .map(|d| d.min(HANDSHAKE_TIMEOUT))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::TimedOut))
+    }
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.sock.set_read_timeout(Some(left))?;
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.sock.set_write_timeout(Some(left))?;
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
 
 /// A connected, negotiated session.
 pub(crate) struct Session {
@@ -59,12 +100,13 @@ fn tcp(target: &Target) -> Result<TcpStream, NbdClientError> {
 /// Connects and negotiates. `NBD_REP_ERR_POLICY` / `NBD_REP_ERR_UNKNOWN` at GO is
 /// [`NbdClientError::Fenced`].
 pub(crate) fn connect(target: &Target) -> Result<Session, NbdClientError> {
-    let mut sock = tcp(target)?;
-    sock.set_nodelay(true).map_err(NbdClientError::Io)?;
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(NbdClientError::Io)?;
-    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(NbdClientError::Io)?;
+    let until = Instant::now() + HANDSHAKE_DEADLINE;
+    let tcp_sock = tcp(target)?;
+    tcp_sock.set_nodelay(true).map_err(NbdClientError::Io)?;
+    let mut sock = Deadline {
+        sock: tcp_sock,
+        until,
+    };
 
     let mut greeting = [0u8; ServerGreeting::LEN];
     sock.read_exact(&mut greeting).map_err(NbdClientError::Io)?;
@@ -155,6 +197,7 @@ pub(crate) fn connect(target: &Target) -> Result<Session, NbdClientError> {
     // Lanes may have many requests in flight (each bounded by the bounce buffer); rustls must
     // take each whole so a request is never half-written.
     tls.set_buffer_limit(None);
+    let sock = sock.sock;
     sock.set_read_timeout(None).map_err(NbdClientError::Io)?;
     sock.set_write_timeout(None).map_err(NbdClientError::Io)?;
     sock.set_nonblocking(true).map_err(NbdClientError::Io)?;
