@@ -272,6 +272,16 @@ impl Kms {
         result
     }
 
+    /// Spends a customer's forwarded authorization (atomically, once); its time is `now`.
+    fn spend(&self, authorization: &str) -> Result<u64, KmsError> {
+        let t = now();
+        let forget = t.saturating_sub(self.window_secs.saturating_mul(2));
+        if !self.store.consume_authorization(authorization, t, forget)? {
+            return Err(KmsError::AuthorizationReplayed);
+        }
+        Ok(t)
+    }
+
     fn forwarded(&self, f: &CustomerRequest, action: &str) -> Result<Customer, KmsError> {
         self.forwarded_any(f, &[action])
     }
@@ -757,14 +767,7 @@ impl Kms {
                 volume,
                 authorization,
             } => {
-                let t = now();
-                let forget = t.saturating_sub(self.window_secs.saturating_mul(2));
-                if !self
-                    .store
-                    .consume_authorization(&authorization, t, forget)?
-                {
-                    return Err(KmsError::AuthorizationReplayed);
-                }
+                self.spend(&authorization)?;
                 let key = match key {
                     Some(k) => k,
                     None => self.default_key(&tenant)?,
@@ -809,14 +812,7 @@ impl Kms {
                 grant_id,
                 authorization,
             } => {
-                let t = now();
-                let forget = t.saturating_sub(self.window_secs.saturating_mul(2));
-                if !self
-                    .store
-                    .consume_authorization(&authorization, t, forget)?
-                {
-                    return Err(KmsError::AuthorizationReplayed);
-                }
+                self.spend(&authorization)?;
                 let secret = match self.store.volume_secret(&volume)? {
                     VolumeSecret::Live { tenant_id, wrapped } if tenant_id == cmk.tenant_id => {
                         Some(crypto::unwrap::<{ crypto::VOLUME_SECRET_LEN }>(
@@ -863,14 +859,7 @@ impl Kms {
                 volume,
                 authorization,
             } => {
-                let t = now();
-                let forget = t.saturating_sub(self.window_secs.saturating_mul(2));
-                if !self
-                    .store
-                    .consume_authorization(&authorization, t, forget)?
-                {
-                    return Err(KmsError::AuthorizationReplayed);
-                }
+                let t = self.spend(&authorization)?;
                 let erased = !matches!(self.store.volume_secret(&volume)?, VolumeSecret::Unknown);
                 self.store.destroy_volume_secret(&volume, &tenant, t)?;
                 Ok(serde_json::to_value(DestroyDataKeyResponse {
