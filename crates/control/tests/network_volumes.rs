@@ -322,6 +322,59 @@ fn volume_follows_the_customer(engine: StorageEngine, test: &str) {
         audit.contains(&host_r),
         "the storage node audited the fenced host's refusal"
     );
+
+    // 5. The operator of the storage node (root there) reads everything it keeps — its table,
+    //    its audit log, its logs, whatever is left in its state directory — and finds neither
+    //    the customer's data nor the data key; and cannot edit or drop an audit record unseen.
+    c.kill9(&node.name);
+    let mut files = Vec::new();
+    walk(&node.state_dir, &mut files);
+    files.push(c.dir.join("logs").join(format!("{}.log", node.name)));
+    let needles: Vec<(&str, Vec<u8>)> = vec![
+        ("marker", MARKER.to_vec()),
+        ("data key", dk.clone()),
+        ("data key (hex)", hex::encode(&dk).into_bytes()),
+        ("counter", b"CTR0000000000001".to_vec()),
+    ];
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap_or_default();
+        for (what, n) in &needles {
+            assert!(!find(&bytes, n), "{what} found in {}", f.display());
+        }
+    }
+    let log = node.state_dir.join("audit.log");
+    bulkhead_audit::verify(&log).expect("the storage node's audit chain verifies");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() > 4, "{} audit records", lines.len());
+    let tampered = c.dir.join("storage-audit-tampered.log");
+    // One record dropped from the middle.
+    let mut dropped = lines.clone();
+    dropped.remove(lines.len() / 2);
+    std::fs::write(&tampered, dropped.join("\n") + "\n").unwrap();
+    assert!(
+        bulkhead_audit::verify(&tampered).is_err(),
+        "a dropped storage audit record went unnoticed"
+    );
+    // The fenced host's name rewritten in its refusal record.
+    let rewritten = text.replacen(&format!("\"{host_r}\""), "\"host-9\"", 1);
+    assert_ne!(rewritten, text, "the refusal names the host");
+    std::fs::write(&tampered, rewritten).unwrap();
+    assert!(
+        bulkhead_audit::verify(&tampered).is_err(),
+        "an edited storage audit record went unnoticed"
+    );
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
 }
 
 #[test]
