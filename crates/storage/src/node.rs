@@ -253,20 +253,7 @@ impl Node {
 
     pub async fn grant(&self, r: &Grant) -> Result<VolumeReply, OpError> {
         let mut st = self.state.lock().await;
-        let rec = st
-            .table
-            .get(&r.volume_id)
-            .cloned()
-            .ok_or_else(|| OpError::UnknownVolume(r.volume_id.clone()))?;
-        if rec.deleting {
-            return Err(OpError::Deleting(r.volume_id.clone()));
-        }
-        if r.generation < rec.generation {
-            return Err(OpError::StaleGeneration {
-                have: rec.generation,
-                got: r.generation,
-            });
-        }
+        let rec = fenceable(&st, &r.volume_id, r.generation)?;
         if r.generation == rec.generation {
             if rec.granted_to.as_ref() == Some(&r.host) {
                 return Ok(VolumeReply {
@@ -298,20 +285,7 @@ impl Node {
 
     pub async fn revoke(&self, r: &Revoke) -> Result<VolumeReply, OpError> {
         let mut st = self.state.lock().await;
-        let rec = st
-            .table
-            .get(&r.volume_id)
-            .cloned()
-            .ok_or_else(|| OpError::UnknownVolume(r.volume_id.clone()))?;
-        if rec.deleting {
-            return Err(OpError::Deleting(r.volume_id.clone()));
-        }
-        if r.generation < rec.generation {
-            return Err(OpError::StaleGeneration {
-                have: rec.generation,
-                got: r.generation,
-            });
-        }
+        let rec = fenceable(&st, &r.volume_id, r.generation)?;
         let mut new = rec.clone();
         new.generation = r.generation;
         new.granted_to = None;
@@ -465,4 +439,24 @@ pub fn entry(
 /// A fresh request id.
 pub fn request_id() -> String {
     format!("sto-{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+/// The record a Grant or Revoke at `generation` may change: the volume exists, is not being
+/// deleted, and has seen no higher generation.
+fn fenceable(st: &State, volume: &VolumeId, generation: u64) -> Result<VolumeRecord, OpError> {
+    let rec = st
+        .table
+        .get(volume)
+        .cloned()
+        .ok_or_else(|| OpError::UnknownVolume(volume.clone()))?;
+    if rec.deleting {
+        return Err(OpError::Deleting(volume.clone()));
+    }
+    if generation < rec.generation {
+        return Err(OpError::StaleGeneration {
+            have: rec.generation,
+            got: generation,
+        });
+    }
+    Ok(rec)
 }
