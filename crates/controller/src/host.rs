@@ -1760,18 +1760,9 @@ impl HostBackend {
             for v in &r.volumes {
                 claimed.insert(v.card_pid);
                 let dev = DeviceId::new(&v.device).map_err(|_| BackendError::Unavailable)?;
-                let control = if alive(v.card_pid, ChildKind::Card) {
-                    self.launcher
-                        .call_fd(&LaunchRequest::ConnectCardControl { pid: v.card_pid })
-                        .ok()
-                        .map(|(_, fd)| UnixStream::from(fd))
-                } else {
-                    None
-                };
+                let control = self.card_control(v.card_pid, alive(v.card_pid, ChildKind::Card));
                 match control {
                     Some(control) => {
-                        let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
-                        let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
                         inst.desc.volumes.push(v.volume.clone());
                         lock(&self.inner).attached.insert(v.volume.clone());
                         inst.volumes.insert(
@@ -1806,18 +1797,9 @@ impl HostBackend {
                 if let Some(d) = &st.disk {
                     claimed.insert(d.card_pid);
                     let dev = DeviceId::new(&d.device).map_err(|_| BackendError::Unavailable)?;
-                    let control = if alive(d.card_pid, ChildKind::Card) {
-                        self.launcher
-                            .call_fd(&LaunchRequest::ConnectCardControl { pid: d.card_pid })
-                            .ok()
-                            .map(|(_, fd)| UnixStream::from(fd))
-                    } else {
-                        None
-                    };
+                    let control = self.card_control(d.card_pid, alive(d.card_pid, ChildKind::Card));
                     match control {
                         Some(control) => {
-                            let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
-                            let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
                             disk = Some(Attachment {
                                 device: dev,
                                 card_pid: d.card_pid,
@@ -1988,6 +1970,22 @@ impl HostBackend {
 }
 
 impl HostBackend {
+    /// A running card's control connection again (adoption by a restarted controller), with
+    /// the card timeouts; `None` when the card is not `live` or the keeper cannot reach it.
+    fn card_control(&self, pid: u32, live: bool) -> Option<UnixStream> {
+        if !live {
+            return None;
+        }
+        let (_, fd) = self
+            .launcher
+            .call_fd(&LaunchRequest::ConnectCardControl { pid })
+            .ok()?;
+        let control = UnixStream::from(fd);
+        let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
+        let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
+        Some(control)
+    }
+
     /// The card half of AttachVolume: start the card, key it, plug it. Returns the card's pid
     /// (the attachment is in `g`); on failure nothing is left of it.
     fn attach_card(
