@@ -86,6 +86,10 @@ osd_crush_chooseleaf_type = 0
 mon_allow_pool_size_one = true
 mon_allow_pool_delete = true
 mon_warn_on_pool_no_redundancy = false
+# The monitor refuses to start when its data filesystem has under 5% free, whatever that is in
+# bytes; a throw-away test cluster needs a few MiB, so only a truly full disk should stop it.
+mon_data_avail_crit = 0
+mon_data_avail_warn = 1
 [client.admin]
 keyring = $DIR/ceph.client.admin.keyring
 [client]
