@@ -9,6 +9,8 @@
 //! - [`agent`]: the host's attestation agent (quotes over verifier nonces on a unix socket).
 //! - [`attest`]: quotes with verifier nonces; the [`attest::Verifier`] used by the control plane
 //!   and the KMS (nonce one-time use, enrolled AK, environment, PCR = signed release's value).
+//! - [`endorsement`]: the AK proven to live in a TPM whose EK chains to a trusted manufacturer
+//!   (EK certificate chain + TPM2_MakeCredential/ActivateCredential).
 //! - [`release`]: threshold-signed release manifests (2-of-3 Ed25519, TUF-like, small).
 //! - [`deploy`]: the deployment service (waves, health + attestation, automatic rollback, audit,
 //!   deployer token).
@@ -18,6 +20,7 @@
 pub mod agent;
 pub mod attest;
 pub mod deploy;
+pub mod endorsement;
 pub mod host;
 pub mod identity;
 pub mod measure;

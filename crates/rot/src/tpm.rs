@@ -287,6 +287,12 @@ impl Tpm {
     }
 
     fn ak_template() -> Result<Public, RotError> {
+        Self::ak_template_with(EccPoint::default())
+    }
+
+    /// The AK template with `unique` as its public point: with the TPM's point, exactly the
+    /// public area the TPM holds (what the AK's name is computed from).
+    pub(crate) fn ak_template_with(unique: EccPoint) -> Result<Public, RotError> {
         let attrs = ObjectAttributesBuilder::new()
             .with_fixed_tpm(true)
             .with_fixed_parent(true)
@@ -312,7 +318,7 @@ impl Tpm {
                     .build()
                     .map_err(RotError::Tpm)?,
             )
-            .with_ecc_unique_identifier(EccPoint::default())
+            .with_ecc_unique_identifier(unique)
             .build()
             .map_err(RotError::Tpm)
     }
@@ -473,6 +479,113 @@ impl Tpm {
         })
     }
 
+    /// The RSA 2048 EK certificate (DER) the manufacturer stored in NV index `0x01c00002`.
+    pub fn ek_certificate(&mut self) -> Result<Vec<u8>, crate::endorsement::EndorsementError> {
+        use tss_esapi::abstraction::ek::retrieve_ek_pubcert;
+        use tss_esapi::abstraction::AsymmetricAlgorithmSelection;
+        use tss_esapi::interface_types::key_bits::RsaKeyBits;
+        retrieve_ek_pubcert(
+            &mut self.ctx,
+            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+        )
+        .map_err(|_| crate::endorsement::EndorsementError::NoEkCertificate)
+    }
+
+    /// The AK's TPM name, as the TPM computes it (`nameAlg || H(TPMT_PUBLIC)`).
+    pub fn ak_name(&mut self) -> Result<Vec<u8>, RotError> {
+        let (ak, _) = self.create_primary(Self::ak_template()?)?;
+        let read = self.ctx.read_public(ak);
+        self.flush(ak);
+        let (_, name, _) = read.map_err(RotError::Tpm)?;
+        Ok(name.value().to_vec())
+    }
+
+    /// `TPM2_ActivateCredential` for the AK with the RSA 2048 EK (default template): returns the
+    /// secret a verifier wrapped with [`crate::endorsement::make_credential`]. The TPM refuses
+    /// unless it holds that EK's private key and the credential names this TPM's AK.
+    pub fn activate_credential(
+        &mut self,
+        challenge: &crate::endorsement::CredentialChallenge,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, crate::endorsement::EndorsementError> {
+        use crate::endorsement::EndorsementError;
+        use tss_esapi::abstraction::ek::create_ek_object_2;
+        use tss_esapi::abstraction::AsymmetricAlgorithmSelection;
+        use tss_esapi::handles::{AuthHandle, SessionHandle};
+        use tss_esapi::interface_types::key_bits::RsaKeyBits;
+        use tss_esapi::interface_types::session_handles::AuthSession;
+        use tss_esapi::structures::{EncryptedSecret, IdObject};
+
+        let id_object = hex::decode(&challenge.id_object)
+            .ok()
+            .and_then(|b| IdObject::try_from(b).ok())
+            .ok_or(EndorsementError::Malformed("credential blob"))?;
+        let secret = hex::decode(&challenge.encrypted_secret)
+            .ok()
+            .and_then(|b| EncryptedSecret::try_from(b).ok())
+            .ok_or(EndorsementError::Malformed("encrypted secret"))?;
+        let tpm_err = |_| EndorsementError::Crypto("TPM");
+        let ek = create_ek_object_2(
+            &mut self.ctx,
+            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            None,
+        )
+        .map_err(tpm_err)?;
+        let ak = match Self::ak_template().map(|t| self.create_primary(t)) {
+            Ok(Ok((ak, _))) => ak,
+            _ => {
+                self.flush(ek);
+                return Err(EndorsementError::Crypto("TPM"));
+            }
+        };
+        // The EK's policy is PolicySecret(TPM_RH_ENDORSEMENT): a policy session satisfied with
+        // the (empty) endorsement authorization.
+        let session = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .ok()
+            .flatten();
+        let result = (|| {
+            let session = session.ok_or(EndorsementError::Crypto("TPM session"))?;
+            let policy = PolicySession::try_from(session).map_err(tpm_err)?;
+            self.ctx
+                .execute_with_nullauth_session(|ctx| {
+                    ctx.policy_secret(
+                        policy,
+                        AuthHandle::Endorsement,
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                        None,
+                    )
+                })
+                .map_err(tpm_err)?;
+            self.ctx
+                .execute_with_sessions((Some(AuthSession::Password), Some(session), None), |ctx| {
+                    ctx.activate_credential(ak, ek, id_object, secret)
+                })
+                .map(|d| zeroize::Zeroizing::new(d.value().to_vec()))
+                .map_err(|e| {
+                    tracing::info!(error = %e, "TPM refused ActivateCredential");
+                    EndorsementError::ActivationRefused
+                })
+        })();
+        if let Some(s) = session {
+            let _ = self
+                .ctx
+                .flush_context(ObjectHandle::from(SessionHandle::from(s)));
+        }
+        self.flush(ak);
+        self.flush(ek);
+        result
+    }
+
     /// `TPM2_Clear` with owner (platform would be used on real hardware) authorization: new owner
     /// seed, so a new SRK and AK; every object sealed before becomes unloadable.
     pub fn clear_owner(&mut self) -> Result<(), RotError> {
@@ -482,6 +595,22 @@ impl Tpm {
             })
             .map_err(RotError::Tpm)
     }
+}
+
+/// The marshalled `TPMT_PUBLIC` of Bulkhead's AK template holding the point `ak`.
+pub(crate) fn ak_public_area(ak: &AkPublic) -> Result<Vec<u8>, RotError> {
+    let sec1 = ak.sec1()?;
+    let (x, y) = match sec1.as_slice() {
+        [4, rest @ ..] if rest.len() == 64 => rest.split_at(32),
+        _ => return Err(RotError::Malformed("attestation key")),
+    };
+    let point = EccPoint::new(
+        tss_esapi::structures::EccParameter::try_from(x.to_vec()).map_err(RotError::Tpm)?,
+        tss_esapi::structures::EccParameter::try_from(y.to_vec()).map_err(RotError::Tpm)?,
+    );
+    Tpm::ak_template_with(point)?
+        .marshall()
+        .map_err(RotError::Tpm)
 }
 
 fn ak_public_of(public: &Public) -> Result<AkPublic, RotError> {
