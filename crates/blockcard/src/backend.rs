@@ -1,5 +1,6 @@
-//! The vhost-user-blk backend: one epoll thread per queue, each with its own cipher contexts and
-//! aligned bounce buffer. Guest data is copied into the private bounce buffer before it is
+//! The vhost-user-blk backend: one epoll thread per queue parses the guest's requests and hands
+//! them to that queue's pool of [`IO_LANES`] I/O workers, each with its own cipher contexts and
+//! aligned bounce buffer; whoever finishes a request puts it in the used ring. Guest data is copied into the private bounce buffer before it is
 //! encrypted and written (so the guest cannot change it mid-request), and decrypted in the bounce
 //! buffer before it is copied to the guest.
 
@@ -7,9 +8,10 @@ use crate::metrics::BlkMetrics;
 use crate::request::{self, BlkOp, BlkRequest, DiskLimits, Extent, GuestBuf, Sector, SectorCount};
 use crate::store::{AlignedBuf, Backing, StoreError};
 use crate::xts::{CryptoSectorSize, XtsCipher, XtsError};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -22,16 +24,25 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// Bytes of each queue's bounce buffer; requests larger than this are processed in chunks.
+/// Bytes of each large bounce buffer; requests larger than this are processed in chunks.
 pub const BOUNCE_BYTES: usize = 1 << 20;
+/// Bytes of each I/O worker's own bounce buffer: a request up to this size needs no other.
+pub const SMALL_BOUNCE_BYTES: usize = 64 << 10;
+/// Large ([`BOUNCE_BYTES`]) bounce buffers per queue: at most this many requests larger than
+/// [`SMALL_BOUNCE_BYTES`] run at once on one queue; the others wait for a buffer.
+pub const LARGE_BOUNCES: usize = 8;
 /// Largest queue a frontend may configure.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Most queues.
 pub const MAX_QUEUES: u16 = 16;
-/// I/O lanes per queue: a batch of requests popped from one queue is split over this many
-/// threads, each with its own cipher contexts and bounce buffer, so deep queues overlap their
-/// backing-store I/O (requests in flight together have no ordering guarantee in virtio-blk).
-pub const IO_LANES: usize = 8;
+/// I/O workers ("lanes") per queue, each a thread with its own cipher contexts and small bounce
+/// buffer. The queue's epoll thread parses each request and hands it to the next free worker
+/// without waiting for the others (no batch is joined), so up to this many requests per queue
+/// are on the backing store at once: the bound on requests in flight is `queues × IO_LANES`
+/// (file: that many concurrent pread/pwrite; NBD: that many commands on the connection).
+/// Requests in flight together have no ordering guarantee in virtio-blk; a FLUSH waits until
+/// every earlier write, discard and write-zeroes of its queue has completed.
+pub const IO_LANES: usize = 32;
 
 mod feature {
     pub const SIZE_MAX: u64 = 1 << 1;
@@ -69,7 +80,7 @@ impl QueueWorker {
     pub fn new(cipher: CipherState) -> Result<Self, StoreError> {
         Ok(Self {
             cipher,
-            bounce: AlignedBuf::new(BOUNCE_BYTES)?,
+            bounce: AlignedBuf::new(SMALL_BOUNCE_BYTES)?,
         })
     }
 }
@@ -100,8 +111,8 @@ pub struct Volume {
 /// The vhost-user-blk backend.
 pub struct BlockBackend {
     vol: Arc<Volume>,
-    /// `lanes[queue][lane]`.
-    lanes: Vec<Vec<Mutex<QueueWorker>>>,
+    /// One pool of I/O workers per queue.
+    pools: Vec<QueuePool>,
     metrics: Arc<BlkMetrics>,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap<()>>>>,
     event_idx: AtomicBool,
@@ -109,33 +120,207 @@ pub struct BlockBackend {
     config: Vec<u8>,
 }
 
+/// A parsed request handed to a queue's workers.
+struct Job {
+    req: BlkRequest,
+    head: u16,
+    mem: Arc<GuestMemoryMmap<()>>,
+    vring: VringRwLock,
+    /// A write, discard or write-zeroes (what a later FLUSH must wait for).
+    mutating: bool,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// Requests handed to workers and not yet completed.
+    inflight: usize,
+    /// Of those, the writes, discards and write-zeroes.
+    mutating: usize,
+}
+
+/// One queue's I/O workers, the jobs waiting for them and the large bounce buffers they share.
+struct QueuePool {
+    workers: Vec<Mutex<QueueWorker>>,
+    large: Mutex<Vec<AlignedBuf>>,
+    large_cv: Condvar,
+    jobs: Mutex<VecDeque<Job>>,
+    jobs_cv: Condvar,
+    counts: Mutex<Counts>,
+    counts_cv: Condvar,
+    /// Worker threads running (set by [`BlockBackend::start_workers`]); until then requests
+    /// run on the queue's epoll thread.
+    started: AtomicBool,
+}
+
+impl QueuePool {
+    fn take_large(&self) -> AlignedBuf {
+        let mut free = lock(&self.large);
+        loop {
+            if let Some(b) = free.pop() {
+                return b;
+            }
+            free = wait(&self.large_cv, free);
+        }
+    }
+
+    fn put_large(&self, b: AlignedBuf) {
+        lock(&self.large).push(b);
+        self.large_cv.notify_one();
+    }
+
+    /// Queues a job for the workers; returns the requests now in flight on this queue.
+    fn submit(&self, job: Job) -> usize {
+        let n = {
+            let mut c = lock(&self.counts);
+            c.inflight += 1;
+            if job.mutating {
+                c.mutating += 1;
+            }
+            c.inflight
+        };
+        lock(&self.jobs).push_back(job);
+        self.jobs_cv.notify_one();
+        n
+    }
+
+    fn next_job(&self) -> Job {
+        let mut q = lock(&self.jobs);
+        loop {
+            if let Some(j) = q.pop_front() {
+                return j;
+            }
+            q = wait(&self.jobs_cv, q);
+        }
+    }
+
+    fn finish(&self, mutating: bool) {
+        let mut c = lock(&self.counts);
+        c.inflight = c.inflight.saturating_sub(1);
+        if mutating {
+            c.mutating = c.mutating.saturating_sub(1);
+        }
+        if c.mutating == 0 || c.inflight == 0 {
+            self.counts_cv.notify_all();
+        }
+    }
+
+    fn inflight(&self) -> usize {
+        lock(&self.counts).inflight
+    }
+
+    /// Blocks until every write, discard and write-zeroes handed out so far has completed.
+    fn wait_mutating_done(&self) {
+        let mut c = lock(&self.counts);
+        while c.mutating > 0 {
+            c = wait(&self.counts_cv, c);
+        }
+    }
+
+    /// Blocks until nothing is in flight.
+    fn wait_idle(&self) {
+        let mut c = lock(&self.counts);
+        while c.inflight > 0 {
+            c = wait(&self.counts_cv, c);
+        }
+    }
+}
+
+/// Puts a completed request in the used ring and notifies the driver if it asked for it.
+fn complete(vring: &VringRwLock, head: u16, used: u32) {
+    let mut st = vring.get_mut();
+    if let Err(e) = st.add_used(head, used) {
+        warn!(error = %e, "add_used failed");
+        return;
+    }
+    if st.needs_notification().unwrap_or(true) {
+        if let Err(e) = st.signal_used_queue() {
+            debug!(error = %e, "used-queue signal failed");
+        }
+    }
+}
+
+/// Bytes of bounce buffer a request needs to run in one piece.
+fn bounce_need(op: &BlkOp) -> u64 {
+    match op {
+        BlkOp::Read { len, .. } | BlkOp::Write { len, .. } => len.bytes().unwrap_or(u64::MAX),
+        BlkOp::WriteZeroes { extents } => extents
+            .iter()
+            .map(|e| e.len.bytes().unwrap_or(u64::MAX))
+            .fold(0u64, u64::saturating_add),
+        BlkOp::Flush | BlkOp::GetId { .. } | BlkOp::Discard { .. } => 0,
+    }
+}
+
 impl BlockBackend {
     /// `workers` holds `queues * IO_LANES` workers (queue-major).
-    pub fn new(vol: Arc<Volume>, workers: Vec<QueueWorker>, metrics: Arc<BlkMetrics>) -> Self {
-        let mut lanes: Vec<Vec<Mutex<QueueWorker>>> = Vec::new();
+    pub fn new(
+        vol: Arc<Volume>,
+        workers: Vec<QueueWorker>,
+        metrics: Arc<BlkMetrics>,
+    ) -> Result<Self, StoreError> {
+        let mut per_queue: Vec<Vec<Mutex<QueueWorker>>> = Vec::new();
         for w in workers {
-            match lanes.last_mut() {
+            match per_queue.last_mut() {
                 Some(l) if l.len() < IO_LANES => l.push(Mutex::new(w)),
-                _ => lanes.push(vec![Mutex::new(w)]),
+                _ => per_queue.push(vec![Mutex::new(w)]),
             }
         }
-        let config = build_config(&vol, lanes.len());
-        Self {
+        let mut pools = Vec::with_capacity(per_queue.len());
+        for workers in per_queue {
+            let large = (0..LARGE_BOUNCES)
+                .map(|_| AlignedBuf::new(BOUNCE_BYTES))
+                .collect::<Result<Vec<_>, _>>()?;
+            pools.push(QueuePool {
+                workers,
+                large: Mutex::new(large),
+                large_cv: Condvar::new(),
+                jobs: Mutex::new(VecDeque::new()),
+                jobs_cv: Condvar::new(),
+                counts: Mutex::new(Counts::default()),
+                counts_cv: Condvar::new(),
+                started: AtomicBool::new(false),
+            });
+        }
+        let config = build_config(&vol, pools.len());
+        Ok(Self {
             vol,
-            lanes,
+            pools,
             metrics,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             config,
+        })
+    }
+
+    /// Starts every queue's worker threads. Call it after the sandbox is in place and the exit
+    /// signals are blocked, so the threads inherit both.
+    pub fn start_workers(self: &Arc<Self>) -> io::Result<()> {
+        for (q, pool) in self.pools.iter().enumerate() {
+            for i in 0..pool.workers.len() {
+                let me = Arc::clone(self);
+                std::thread::Builder::new()
+                    .name(format!("io-{q}-{i}"))
+                    .spawn(move || me.worker_loop(q, i))?;
+            }
+            pool.started.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Waits until no request handed to a worker is still running (a frontend that went away
+    /// must not have requests completed into the rings of the next one).
+    pub fn quiesce(&self) {
+        for p in &self.pools {
+            p.wait_idle();
         }
     }
 
     /// Drops every cipher context: each one's locked key page is zeroized, verified and unmapped
-    /// (counted in [`crate::xts::key_pages_wiped`]). Waits for in-flight requests of each queue to
-    /// finish first.
+    /// (counted in [`crate::xts::key_pages_wiped`]). Waits for the request each worker is running
+    /// to finish first.
     pub fn erase_keys(&self) {
-        for w in self.lanes.iter().flatten() {
+        for w in self.pools.iter().flat_map(|p| p.workers.iter()) {
             lock(w).cipher = CipherState::Erased;
         }
     }
@@ -145,15 +330,33 @@ impl BlockBackend {
         &self.vol
     }
 
-    fn process_queue(&self, vring: &VringRwLock, lanes: &[Mutex<QueueWorker>]) -> io::Result<bool> {
+    fn worker_loop(&self, q: usize, i: usize) {
+        let (Some(pool), Some(worker)) = (
+            self.pools.get(q),
+            self.pools.get(q).and_then(|p| p.workers.get(i)),
+        ) else {
+            return;
+        };
+        loop {
+            let job = pool.next_job();
+            let used = {
+                let mut w = lock(worker);
+                self.run_request(&job.req, &job.mem, &mut w, pool)
+            };
+            complete(&job.vring, job.head, used);
+            pool.finish(job.mutating);
+        }
+    }
+
+    fn process_queue(&self, vring: &VringRwLock, pool: &QueuePool) -> io::Result<()> {
         let atomic = match self.mem.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         };
         let Some(atomic) = atomic else {
-            return Ok(false);
+            return Ok(());
         };
-        let mem = atomic.memory();
+        let mem: Arc<GuestMemoryMmap<()>> = atomic.memory().into_inner();
         let chains: Vec<_> = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
             Ok(it) => it.collect(),
             Err(e) => {
@@ -164,70 +367,77 @@ impl BlockBackend {
             }
         };
         if chains.is_empty() {
-            return Ok(false);
+            return Ok(());
         }
-        let n = lanes.len().min(chains.len());
-        let done: Vec<(u16, u32)> = if n <= 1 {
-            let Some(lane) = lanes.first() else {
-                return Err(io::Error::other("queue without lanes"));
-            };
-            let mut w = lock(lane);
-            chains
-                .into_iter()
-                .map(|c| (c.head_index(), self.process_chain(c, &mem, &mut w)))
-                .collect()
-        } else {
-            let mut buckets: Vec<Vec<_>> = (0..n).map(|_| Vec::new()).collect();
-            for (i, c) in chains.into_iter().enumerate() {
-                if let Some(b) = buckets.get_mut(i % n) {
-                    b.push(c);
+        // A lone request with nothing in flight (QD 1) runs here: no hand-off to a worker.
+        let inline =
+            !pool.started.load(Ordering::Acquire) || (chains.len() == 1 && pool.inflight() == 0);
+        for chain in chains {
+            let head = chain.head_index();
+            let req = match BlkRequest::parse(chain, &*mem, &self.vol.limits) {
+                Ok(r) => r,
+                Err(rej) => {
+                    self.metrics.count_reject(&rej.error, rej.status.is_some());
+                    debug!(error = %rej.error, "rejected descriptor chain");
+                    let used = match rej.status {
+                        Some(addr) if mem.write_obj(rej.status_code(), addr).is_ok() => 1,
+                        _ => 0,
+                    };
+                    complete(vring, head, used);
+                    continue;
                 }
+            };
+            if matches!(req.op, BlkOp::Flush) {
+                // Everything written before the flush must be on the store before it syncs.
+                pool.wait_mutating_done();
             }
-            let mem_ref: &GuestMemoryMmap<()> = &mem;
-            std::thread::scope(|s| {
-                let handles: Vec<_> = buckets
-                    .into_iter()
-                    .zip(lanes.iter())
-                    .map(|(bucket, lane)| {
-                        s.spawn(move || {
-                            let mut w = lock(lane);
-                            bucket
-                                .into_iter()
-                                .map(|c| (c.head_index(), self.process_chain(c, mem_ref, &mut w)))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_default())
-                    .collect()
-            })
-        };
-        for (head, used) in done {
-            vring
-                .add_used(head, used)
-                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+            if inline {
+                let Some(worker) = pool.workers.first() else {
+                    return Err(io::Error::other("queue without workers"));
+                };
+                let used = {
+                    let mut w = lock(worker);
+                    self.run_request(&req, &mem, &mut w, pool)
+                };
+                complete(vring, head, used);
+            } else {
+                let mutating = matches!(
+                    req.op,
+                    BlkOp::Write { .. } | BlkOp::Discard { .. } | BlkOp::WriteZeroes { .. }
+                );
+                let n = pool.submit(Job {
+                    req,
+                    head,
+                    mem: mem.clone(),
+                    vring: vring.clone(),
+                    mutating,
+                });
+                self.metrics
+                    .inflight_peak
+                    .fetch_max(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+            }
         }
-        Ok(true)
+        Ok(())
     }
 
-    fn process_chain<I>(&self, chain: I, mem: &GuestMemoryMmap<()>, w: &mut QueueWorker) -> u32
-    where
-        I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
-    {
-        let req = match BlkRequest::parse(chain, mem, &self.vol.limits) {
-            Ok(r) => r,
-            Err(rej) => {
-                self.metrics.count_reject(&rej.error, rej.status.is_some());
-                debug!(error = %rej.error, "rejected descriptor chain");
-                return match rej.status {
-                    Some(addr) if mem.write_obj(rej.status_code(), addr).is_ok() => 1,
-                    _ => 0,
-                };
-            }
+    /// Runs a checked request and writes its status; returns the used length.
+    fn run_request(
+        &self,
+        req: &BlkRequest,
+        mem: &GuestMemoryMmap<()>,
+        w: &mut QueueWorker,
+        pool: &QueuePool,
+    ) -> u32 {
+        let small = u64::try_from(w.bounce.len()).unwrap_or(0);
+        let res = if bounce_need(&req.op) > small {
+            let mut big = pool.take_large();
+            let r = self.execute(req, mem, &mut w.cipher, &mut big);
+            pool.put_large(big);
+            r
+        } else {
+            self.execute(req, mem, &mut w.cipher, &mut w.bounce)
         };
-        let (code, written) = match self.execute(&req, mem, w) {
+        let (code, written) = match res {
             Ok(n) => (request::status::OK, n),
             Err(e) => {
                 BlkMetrics::inc(&self.metrics.io_errors);
@@ -249,22 +459,23 @@ impl BlockBackend {
         &self,
         req: &BlkRequest,
         mem: &GuestMemoryMmap<()>,
-        w: &mut QueueWorker,
+        cipher: &mut CipherState,
+        bounce: &mut [u8],
     ) -> Result<u32, ExecError> {
-        if matches!(w.cipher, CipherState::Erased) {
+        if matches!(cipher, CipherState::Erased) {
             return Err(ExecError::Erased);
         }
         let m = &self.metrics;
         match &req.op {
             BlkOp::Read { start, len, bufs } => {
-                self.read(*start, *len, bufs, mem, w)?;
+                self.read(*start, *len, bufs, mem, cipher, bounce)?;
                 BlkMetrics::inc(&m.reads);
                 let bytes = len.bytes().ok_or(ExecError::Overflow)?;
                 BlkMetrics::add(&m.read_bytes, bytes);
                 u32::try_from(bytes).map_err(|_| ExecError::Overflow)
             }
             BlkOp::Write { start, len, bufs } => {
-                self.write(*start, *len, bufs, mem, w)?;
+                self.write(*start, *len, bufs, mem, cipher, bounce)?;
                 BlkMetrics::inc(&m.writes);
                 BlkMetrics::add(&m.write_bytes, len.bytes().ok_or(ExecError::Overflow)?);
                 Ok(0)
@@ -298,7 +509,7 @@ impl BlockBackend {
             }
             BlkOp::WriteZeroes { extents } => {
                 for e in extents {
-                    self.write_zeroes(e, w)?;
+                    self.write_zeroes(e, cipher, bounce)?;
                 }
                 BlkMetrics::inc(&m.write_zeroes);
                 Ok(0)
@@ -312,7 +523,8 @@ impl BlockBackend {
         len: SectorCount,
         bufs: &[GuestBuf],
         mem: &GuestMemoryMmap<()>,
-        w: &mut QueueWorker,
+        cipher: &mut CipherState,
+        bounce: &mut [u8],
     ) -> Result<(), ExecError> {
         let total = usize::try_from(len.bytes().ok_or(ExecError::Overflow)?)
             .map_err(|_| ExecError::Overflow)?;
@@ -320,13 +532,13 @@ impl BlockBackend {
         let sector_bytes = self.vol.sector.bytes();
         let mut done = 0usize;
         while done < total {
-            let n = (total - done).min(w.bounce.len());
+            let n = (total - done).min(bounce.len());
             let off = base
                 .checked_add(u64::try_from(done).map_err(|_| ExecError::Overflow)?)
                 .ok_or(ExecError::Overflow)?;
-            let chunk = w.bounce.get_mut(..n).ok_or(ExecError::Overflow)?;
+            let chunk = bounce.get_mut(..n).ok_or(ExecError::Overflow)?;
             self.vol.store.read_at(chunk, off)?;
-            if let CipherState::Xts(x) = &mut w.cipher {
+            if let CipherState::Xts(x) = cipher {
                 x.decrypt(chunk, off / sector_bytes)?;
             }
             scatter(mem, bufs, done, chunk)?;
@@ -341,7 +553,8 @@ impl BlockBackend {
         len: SectorCount,
         bufs: &[GuestBuf],
         mem: &GuestMemoryMmap<()>,
-        w: &mut QueueWorker,
+        cipher: &mut CipherState,
+        bounce: &mut [u8],
     ) -> Result<(), ExecError> {
         let total = usize::try_from(len.bytes().ok_or(ExecError::Overflow)?)
             .map_err(|_| ExecError::Overflow)?;
@@ -349,13 +562,13 @@ impl BlockBackend {
         let sector_bytes = self.vol.sector.bytes();
         let mut done = 0usize;
         while done < total {
-            let n = (total - done).min(w.bounce.len());
+            let n = (total - done).min(bounce.len());
             let off = base
                 .checked_add(u64::try_from(done).map_err(|_| ExecError::Overflow)?)
                 .ok_or(ExecError::Overflow)?;
-            let chunk = w.bounce.get_mut(..n).ok_or(ExecError::Overflow)?;
+            let chunk = bounce.get_mut(..n).ok_or(ExecError::Overflow)?;
             gather(mem, bufs, done, chunk)?;
-            if let CipherState::Xts(x) = &mut w.cipher {
+            if let CipherState::Xts(x) = cipher {
                 x.encrypt(chunk, off / sector_bytes)?;
             }
             self.vol.store.write_at(chunk, off)?;
@@ -364,21 +577,25 @@ impl BlockBackend {
         Ok(())
     }
 
-    fn write_zeroes(&self, e: &Extent, w: &mut QueueWorker) -> Result<(), ExecError> {
+    fn write_zeroes(
+        &self,
+        e: &Extent,
+        cipher: &mut CipherState,
+        bounce: &mut [u8],
+    ) -> Result<(), ExecError> {
         let total = e.len.bytes().ok_or(ExecError::Overflow)?;
         let base = e.start.0.checked_mul(512).ok_or(ExecError::Overflow)?;
         let sector_bytes = self.vol.sector.bytes();
         let mut done = 0u64;
         while done < total {
             let n =
-                (total - done).min(u64::try_from(w.bounce.len()).map_err(|_| ExecError::Overflow)?);
+                (total - done).min(u64::try_from(bounce.len()).map_err(|_| ExecError::Overflow)?);
             let off = base.checked_add(done).ok_or(ExecError::Overflow)?;
-            let chunk = w
-                .bounce
+            let chunk = bounce
                 .get_mut(..usize::try_from(n).map_err(|_| ExecError::Overflow)?)
                 .ok_or(ExecError::Overflow)?;
             chunk.fill(0);
-            if let CipherState::Xts(x) = &mut w.cipher {
+            if let CipherState::Xts(x) = cipher {
                 // Encrypted zeros, so the guest reads back zeros (a hole would decrypt to noise).
                 x.encrypt(chunk, off / sector_bytes)?;
             }
@@ -389,8 +606,15 @@ impl BlockBackend {
     }
 }
 
-fn lock(m: &Mutex<QueueWorker>) -> std::sync::MutexGuard<'_, QueueWorker> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    match cv.wait(g) {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
@@ -488,7 +712,7 @@ impl VhostUserBackend for BlockBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        self.lanes.len()
+        self.pools.len()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -557,7 +781,7 @@ impl VhostUserBackend for BlockBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.lanes.len()).map(|i| 1u64 << i).collect()
+        (0..self.pools.len()).map(|i| 1u64 << i).collect()
     }
 
     fn handle_event(
@@ -571,16 +795,17 @@ impl VhostUserBackend for BlockBackend {
             return Err(io::Error::other("unexpected epoll event"));
         }
         let idx = usize::from(device_event);
-        let (Some(vring), Some(lanes)) = (vrings.get(idx), self.lanes.get(idx)) else {
+        let (Some(vring), Some(pool)) = (vrings.get(idx), self.pools.get(idx)) else {
             return Err(io::Error::other("event for an unknown queue"));
         };
-        let mut any = false;
+        // Completions are put in the used ring (and signalled) by whoever finishes a request:
+        // this thread for rejected chains and lone requests, a worker otherwise.
         if self.event_idx.load(Ordering::Relaxed) {
             loop {
                 vring
                     .disable_notification()
                     .map_err(|e| io::Error::other(format!("{e}")))?;
-                any |= self.process_queue(vring, lanes)?;
+                self.process_queue(vring, pool)?;
                 if !vring
                     .enable_notification()
                     .map_err(|e| io::Error::other(format!("{e}")))?
@@ -589,14 +814,7 @@ impl VhostUserBackend for BlockBackend {
                 }
             }
         } else {
-            any = self.process_queue(vring, lanes)?;
-        }
-        if any
-            && vring
-                .needs_notification()
-                .map_err(|e| io::Error::other(format!("{e}")))?
-        {
-            vring.signal_used_queue()?;
+            self.process_queue(vring, pool)?;
         }
         Ok(())
     }

@@ -275,7 +275,7 @@ fn wait_for_attach(
                                 Arc::new(vol),
                                 workers,
                                 metrics.clone(),
-                            ));
+                            )?);
                             // The host key is zeroized here: one card serves one volume.
                             drop(host);
                             let capacity = whole / 512;
@@ -406,6 +406,9 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
     // Threads started from here inherit the sandbox and the signal mask (NBD: the connection
     // thread).
     backend.volume().store.start()?;
+    backend
+        .start_workers()
+        .map_err(|e| CardError::Vhost(format!("starting I/O workers: {e}")))?;
     {
         let backend = backend.clone();
         std::thread::Builder::new()
@@ -444,6 +447,9 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
+        // Requests still with the workers complete into this frontend's rings before the next
+        // frontend is served.
+        backend.quiesce();
         match res {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => info!(reason = %e, "frontend disconnected"),

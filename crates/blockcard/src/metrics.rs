@@ -55,6 +55,7 @@ metrics!(
     nbd_unavailable,
     nbd_fenced,
     nbd_inflight_peak,
+    inflight_peak,
 );
 
 impl BlkMetrics {

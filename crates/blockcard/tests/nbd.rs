@@ -445,8 +445,9 @@ fn nbd_guest_survives_storage_node_restart() {
 }
 
 /// Many requests on the wire at once: two queues × 32 descriptors published in one batch each,
-/// spread over the card's I/O lanes, so the connection thread matches out-of-order replies by
-/// cookie. Every write lands where it was aimed and every read returns its own block.
+/// handed to the card's I/O workers, so the connection thread matches out-of-order replies by
+/// cookie. Every write lands where it was aimed and every read returns its own block, and more
+/// than 8 requests were on the wire at once (issue 18: the card once capped at 8 per queue).
 #[test]
 fn nbd_concurrent_requests_complete_by_cookie() {
     let Some(s) = setup() else { return };
@@ -525,7 +526,10 @@ fn nbd_concurrent_requests_complete_by_cookie() {
     }
     let peak = card.metric("nbd_inflight_peak");
     eprintln!("nbd concurrent: 64 × 64 KiB written in {w:?}, read in {r:?}; peak in flight {peak}");
-    assert!(peak > 1, "requests never overlapped on the wire");
+    assert!(
+        peak > 8,
+        "at most {peak} requests on the wire at once: the deep-queue path is capped"
+    );
     assert_eq!(card.metric("nbd_failed_requests"), 0);
     drop(h);
     card.detach();
