@@ -351,7 +351,6 @@ pub struct Health {
     pub audit_head: bulkhead_audit::Head,
 }
 
-/// An instance's state as its host sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceState {
@@ -361,8 +360,7 @@ pub enum InstanceState {
     Terminated,
 }
 
-/// One instance, as the controller knows it (`GET /v1/instances/{id}`, and `201` of
-/// `POST /v1/instances`).
+/// One instance, as the controller knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct InstanceDescription {
     pub instance_id: String,

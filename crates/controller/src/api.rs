@@ -2,240 +2,27 @@
 //! (method, path, query, body bytes) into a typed [`ApiRequest`]. Handlers never see raw bytes.
 //!
 //! [`ROUTES`] *is* the router: the HTTP server sends every request to [`ApiRequest::parse`],
-//! which matches only these entries. Anything else is `no_such_route`.
+//! which matches only these entries. Anything else is `no_such_route`. The route table, the
+//! bodies, the answers and the refusal codes are the wire crate's
+//! (`bulkhead-controller-proto`, which the control plane sends with); what is checked here
+//! beyond their shape (identifiers, the `network` object with the net card's own parsers,
+//! sealed key blobs, storage node names) is this module's.
 
 use base64::Engine as _;
 use bulkhead_tokens::ops::valid_resource_id;
 use bulkhead_tokens::Operation;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-/// Largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 16 * 1024;
-/// Largest `user_data` accepted, in bytes (it ends up on the guest's 2048-byte command line).
-pub const MAX_USER_DATA_BYTES: usize = 1024;
-/// Largest sealed key blob accepted (decoded).
-pub const MAX_SEALED_KEY_BYTES: usize = 4096;
-/// Most audit records returned by one read.
-pub const MAX_AUDIT_PAGE: u32 = 1000;
-/// Most ingress rules on one interface.
-pub const MAX_NET_RULES: usize = 64;
-/// Most VPC routes on one interface (one request body bounds it further).
-pub const MAX_NET_ROUTES: usize = 1024;
-/// Longest rule or route text.
-const MAX_NET_ENTRY_LEN: usize = 64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Method {
-    Get,
-    Post,
-    Put,
-    Delete,
-}
-
-impl Method {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::Get => "GET",
-            Method::Post => "POST",
-            Method::Put => "PUT",
-            Method::Delete => "DELETE",
-        }
-    }
-}
-
-/// Which JSON body a route takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyKind {
-    None,
-    Drain,
-    Attest,
-    CreateInstance,
-    AttachVolume,
-    AttachNetwork,
-    NetworkRoutes,
-    NetworkRules,
-}
-
-/// One entry of the route table.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteSpec {
-    pub method: Method,
-    /// Path template; `{id}` and `{volume_id}` are identifier segments.
-    pub path: &'static str,
-    pub op: Operation,
-    pub body: BodyKind,
-    pub summary: &'static str,
-}
-
-macro_rules! route {
-    ($m:ident $p:literal => $op:ident, $body:ident, $s:literal) => {
-        RouteSpec {
-            method: Method::$m,
-            path: $p,
-            op: Operation::$op,
-            body: BodyKind::$body,
-            summary: $s,
-        }
-    };
-}
-
-/// Every route the controller serves. There are no others, and no flag adds any.
-pub const ROUTES: &[RouteSpec] = &[
-    route!(Get "/v1/host" => DescribeHost, None, "Describe the host and its free capacity"),
-    route!(Get "/v1/health" => GetHealth, None, "Health of the controller and its audit log"),
-    route!(Get "/v1/metrics" => GetMetrics, None, "Prometheus text-format metrics (pull only)"),
-    route!(Get "/v1/audit" => ReadAudit, None, "Audit records after a cursor (pull only)"),
-    route!(Get "/v1/alerts" => ListAlerts, None, "Alerts raised by the monitoring rules"),
-    route!(Post "/v1/host/drain" => DrainHost, Drain, "Stop placing new instances on this host"),
-    route!(Post "/v1/host/attest" => AttestHost, Attest, "Quote of the host's measurements over a verifier's nonce (relayed from the attestation agent)"),
-    route!(Post "/v1/instances" => CreateInstance, CreateInstance, "Create an instance from an image"),
-    route!(Get "/v1/instances/{id}" => DescribeInstance, None, "Describe one instance"),
-    route!(Post "/v1/instances/{id}/start" => StartInstance, None, "Start an instance"),
-    route!(Post "/v1/instances/{id}/stop" => StopInstance, None, "Stop an instance"),
-    route!(Post "/v1/instances/{id}/reboot" => RebootInstance, None, "Reboot an instance"),
-    route!(Post "/v1/instances/{id}/terminate" => TerminateInstance, None, "Terminate an instance"),
-    route!(Post "/v1/instances/{id}/volumes" => AttachVolume, AttachVolume, "Attach a volume with its sealed key"),
-    route!(Delete "/v1/instances/{id}/volumes/{volume_id}" => DetachVolume, None, "Detach a volume"),
-    route!(Get "/v1/instances/{id}/console" => GetConsole, None, "Read the instance's console output"),
-    route!(Post "/v1/instances/{id}/network" => AttachNetwork, AttachNetwork, "Start the instance's net card with its sealed VPC epoch key and plug it into the VM"),
-    route!(Put "/v1/instances/{id}/network/routes" => SetNetworkRoutes, NetworkRoutes, "Replace the net card's VPC routing table"),
-    route!(Put "/v1/instances/{id}/network/rules" => SetNetworkRules, NetworkRules, "Replace the net card's ingress rules"),
-];
-
-/// Body of `POST /v1/host/drain`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DrainRequest {
-    /// Why (kept in the audit log's parameter digest, never interpreted).
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-/// Body of `POST /v1/host/attest`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AttestRequest {
-    /// The verifier's one-time nonce: 32 bytes, hex.
-    pub nonce: String,
-    /// Bind the quote to this instance (qualifying data = SHA-256(nonce || instance_id)). The
-    /// controller quotes only if the instance runs on this host; the token must also grant
-    /// `instance:<id>`. Used by the control plane before the KMS releases a volume key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<String>,
-}
-
-/// Body of `POST /v1/instances`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateInstanceRequest {
-    pub instance_id: String,
-    /// Image identifier, resolved by the hypervisor side; never a path.
-    pub image: String,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    /// Optional script the guest runs at boot (the test guest's `bulkhead.run=`), at most
-    /// 1024 bytes. Customer data: passed to the customer's own guest, never interpreted.
-    #[serde(default)]
-    pub user_data: Option<String>,
-    /// The instance's VPC interface. The instance is created with it but has no net card until
-    /// `POST /v1/instances/{id}/network` brings its sealed key.
-    #[serde(default)]
-    pub network: Option<NetworkRequest>,
-    /// Instance storage: a local ephemeral disk of this many GiB
-    /// (1..=[`MAX_INSTANCE_STORAGE_GIB`]), served by a block card whose key is made inside the
-    /// card and never leaves it; crypto-erased (card detached, file deleted) at Stop and
-    /// Terminate. It is the guest's first disk.
-    #[serde(default)]
-    pub instance_storage_gib: Option<u32>,
-}
-
-/// Largest instance-storage disk one instance may ask for, in GiB.
-pub const MAX_INSTANCE_STORAGE_GIB: u32 = 64;
-
-/// An instance-storage size that passed its check (1..=[`MAX_INSTANCE_STORAGE_GIB`] GiB).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct InstanceStorageGib(u32);
-
-impl InstanceStorageGib {
-    pub fn new(gib: u32) -> Result<Self, RequestError> {
-        if (1..=MAX_INSTANCE_STORAGE_GIB).contains(&gib) {
-            Ok(InstanceStorageGib(gib))
-        } else {
-            Err(RequestError::BadInstanceStorage)
-        }
-    }
-    pub fn get(self) -> u32 {
-        self.0
-    }
-    /// The disk's size in bytes.
-    pub fn bytes(self) -> u64 {
-        u64::from(self.0) << 30
-    }
-}
-
-/// The `network` object of `POST /v1/instances`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkRequest {
-    /// The VPC number (as in the net cards' encapsulation header), 1 or more.
-    pub vpc: u32,
-    /// This interface's card id within the VPC.
-    pub card_id: u32,
-    /// The guest's MAC: unicast, not all zero.
-    pub mac: String,
-    /// The guest's private IPv4 address, inside `ip/prefix` (not its network or broadcast
-    /// address).
-    pub ip: String,
-    /// Subnet prefix length, 8..=30.
-    pub prefix: u8,
-    /// The subnet gateway (the card answers for it). Default: the subnet's first address.
-    #[serde(default)]
-    pub gateway: Option<String>,
-    /// MTU offered to the guest by DHCP, 576..=9000 (default 1400).
-    #[serde(default)]
-    pub mtu: Option<u16>,
-    /// Ingress rules, `tcp|udp:PORT[-PORT]:CIDR` or `icmp|all:CIDR`.
-    #[serde(default)]
-    pub allow: Vec<String>,
-    /// VPC routes, `IP=CARD@HOST:PORT`.
-    #[serde(default)]
-    pub routes: Vec<String>,
-}
-
-/// Body of `POST /v1/instances/{id}/network`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AttachNetworkRequest {
-    /// The key epoch the sealed key is for (1 or more).
-    pub epoch: u32,
-    /// The VPC epoch key sealed to this host's key (the KMS's `SealVpcKey` blob), hex. The
-    /// controller never opens it; only the net card can.
-    pub sealed_epoch_key: String,
-}
-
-/// `POST /v1/instances/{id}/network`: where the interface's net card receives its VPC peers'
-/// datagrams.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct NetworkAttached {
-    pub request_id: String,
-    /// `HOSTIP:PORT`.
-    pub net_endpoint: String,
-}
-
-/// Body of `PUT /v1/instances/{id}/network/routes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkRoutesRequest {
-    pub routes: Vec<String>,
-}
-
-/// Body of `PUT /v1/instances/{id}/network/rules`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkRulesRequest {
-    pub allow: Vec<String>,
-}
+use bulkhead_controller_proto::{decode_body as json, parse_audit_query};
+pub use bulkhead_controller_proto::{
+    find_route, Ack, Alert, AlertList, AttachNetworkRequest, AttachVolumeRequest, AttestRequest,
+    AuditPage, BodyKind, ConsoleOutput, CreateInstanceRequest, DrainRequest, ErrorBody,
+    ErrorDetail, Health, HostDescription, InstanceDescription, InstanceState, InstanceStorageGib,
+    Method, NetworkAttached, NetworkField, NetworkRequest, NetworkRoutesRequest,
+    NetworkRulesRequest, RelayedEvidence, RequestError, RouteSpec, VolumeStorageRequest,
+    MAX_AUDIT_PAGE, MAX_BODY_BYTES, MAX_INSTANCE_STORAGE_GIB, MAX_NET_ENTRY_LEN, MAX_NET_ROUTES,
+    MAX_NET_RULES, MAX_SEALED_KEY_BYTES, MAX_USER_DATA_BYTES, ROUTES,
+};
 
 /// A checked VPC interface: every field parsed by the net card's own parsers, so a card never
 /// gets a configuration it would refuse. Rules and routes are kept as their (checked) text: it
@@ -331,44 +118,6 @@ impl NetworkSpec {
             routes: r.routes,
         })
     }
-}
-
-/// Which part of a `network` request is wrong (each has its own code).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NetworkField {
-    Vpc,
-    Mac,
-    Ip,
-    Gateway,
-    Mtu,
-    Rule,
-    Route,
-    Epoch,
-    SealedKey,
-}
-
-/// Body of `POST /v1/instances/{id}/volumes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AttachVolumeRequest {
-    pub volume_id: String,
-    /// The volume's data key sealed to this host's block card, base64. The controller never
-    /// opens it.
-    pub sealed_key: String,
-    /// Set for a network volume: the storage node that serves its ciphertext. Unset: the
-    /// volume is a file in this host's volume directory (embedded mode without storage nodes).
-    #[serde(default)]
-    pub storage: Option<VolumeStorageRequest>,
-}
-
-/// Where a network volume's ciphertext is served, as the control plane placed it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeStorageRequest {
-    /// The storage node's certificate name (CN, role `service`): the card accepts no other.
-    pub node: String,
-    /// `IP:PORT` of the node's NBD-over-TLS listener.
-    pub nbd_addr: String,
 }
 
 /// A checked [`VolumeStorageRequest`]: the card connects to `addr`, pins `node`, and opens the
@@ -470,146 +219,6 @@ pub enum ApiRequest {
         id: ResourceId,
         allow: Vec<String>,
     },
-}
-
-/// Why a request was not understood. Codes are stable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RequestError {
-    #[error("no such route")]
-    NoSuchRoute,
-    #[error("method not allowed on this route")]
-    MethodNotAllowed,
-    #[error("request body exceeds {MAX_BODY_BYTES} bytes")]
-    BodyTooLarge,
-    #[error("request body is not valid UTF-8")]
-    NotUtf8,
-    #[error("request body is not valid JSON")]
-    Malformed,
-    #[error("request body has an unknown field")]
-    UnknownField,
-    #[error("request body has a missing field or a value of the wrong type")]
-    Invalid,
-    #[error("this route takes no body")]
-    UnexpectedBody,
-    #[error("bad instance or volume identifier")]
-    BadId,
-    #[error("bad query string")]
-    BadQuery,
-    #[error("sealed key is not valid base64 or is too large")]
-    BadSealedKey,
-    #[error("bad network {0:?}")]
-    BadNetwork(NetworkField),
-    #[error("bad storage node name or address")]
-    BadStorage,
-    #[error("instance_storage_gib must be 1..={MAX_INSTANCE_STORAGE_GIB}")]
-    BadInstanceStorage,
-}
-
-impl RequestError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            RequestError::NoSuchRoute => "no_such_route",
-            RequestError::MethodNotAllowed => "method_not_allowed",
-            RequestError::BodyTooLarge => "body_too_large",
-            RequestError::NotUtf8 => "body_not_utf8",
-            RequestError::Malformed => "body_malformed",
-            RequestError::UnknownField => "body_unknown_field",
-            RequestError::Invalid => "body_invalid",
-            RequestError::UnexpectedBody => "body_unexpected",
-            RequestError::BadId => "bad_resource_id",
-            RequestError::BadQuery => "bad_query",
-            RequestError::BadSealedKey => "bad_sealed_key",
-            RequestError::BadStorage => "bad_storage",
-            RequestError::BadInstanceStorage => "bad_instance_storage",
-            RequestError::BadNetwork(f) => match f {
-                NetworkField::Vpc => "bad_network_vpc",
-                NetworkField::Mac => "bad_network_mac",
-                NetworkField::Ip => "bad_network_ip",
-                NetworkField::Gateway => "bad_network_gateway",
-                NetworkField::Mtu => "bad_network_mtu",
-                NetworkField::Rule => "bad_network_rule",
-                NetworkField::Route => "bad_network_route",
-                NetworkField::Epoch => "bad_network_epoch",
-                NetworkField::SealedKey => "bad_sealed_epoch_key",
-            },
-        }
-    }
-
-    pub fn status(&self) -> u16 {
-        match self {
-            RequestError::NoSuchRoute => 404,
-            RequestError::MethodNotAllowed => 405,
-            RequestError::BodyTooLarge => 413,
-            _ => 400,
-        }
-    }
-}
-
-/// Matches `path` against a template; returns the identifier segments in order.
-fn match_template<'p>(template: &str, path: &'p str) -> Option<Vec<&'p str>> {
-    let mut ids = Vec::new();
-    let mut t = template.split('/');
-    let mut p = path.split('/');
-    loop {
-        match (t.next(), p.next()) {
-            (None, None) => return Some(ids),
-            (Some(ts), Some(ps)) if ts.starts_with('{') => ids.push(ps),
-            (Some(ts), Some(ps)) if ts == ps => {}
-            _ => return None,
-        }
-    }
-}
-
-/// Finds the route for `method` and `path`.
-pub fn find_route<'p>(
-    method: &str,
-    path: &'p str,
-) -> Result<(&'static RouteSpec, Vec<&'p str>), RequestError> {
-    let mut path_matched = false;
-    for r in ROUTES {
-        if let Some(ids) = match_template(r.path, path) {
-            path_matched = true;
-            if r.method.as_str() == method {
-                return Ok((r, ids));
-            }
-        }
-    }
-    if path_matched {
-        Err(RequestError::MethodNotAllowed)
-    } else {
-        Err(RequestError::NoSuchRoute)
-    }
-}
-
-fn json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, RequestError> {
-    let text = std::str::from_utf8(body).map_err(|_| RequestError::NotUtf8)?;
-    serde_json::from_str(text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data if e.to_string().starts_with("unknown field") => {
-            RequestError::UnknownField
-        }
-        serde_json::error::Category::Data => RequestError::Invalid,
-        _ => RequestError::Malformed,
-    })
-}
-
-fn parse_audit_query(query: Option<&str>) -> Result<(u64, u32), RequestError> {
-    let mut after = 0u64;
-    let mut limit = 100u32;
-    for pair in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or(RequestError::BadQuery)?;
-        match k {
-            "after" => after = v.parse().map_err(|_| RequestError::BadQuery)?,
-            "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=MAX_AUDIT_PAGE).contains(l))
-                    .ok_or(RequestError::BadQuery)?
-            }
-            _ => return Err(RequestError::BadQuery),
-        }
-    }
-    Ok((after, limit))
 }
 
 fn id_at(ids: &[&str], i: usize) -> Result<ResourceId, RequestError> {
@@ -795,20 +404,17 @@ impl ApiRequest {
         }
     }
 
-    /// The concrete resources the request touches, as the token's resource patterns name them.
+    /// The concrete resources the request touches, as the token's resource patterns name them
+    /// ([`bulkhead_controller_proto::resources`]: the same list a caller's token is minted for).
     pub fn resources(&self) -> Vec<String> {
-        let inst = |id: &ResourceId| format!("instance:{id}");
-        match self {
+        let (instance, volume) = match self {
             ApiRequest::DescribeHost
             | ApiRequest::GetHealth
             | ApiRequest::GetMetrics
             | ApiRequest::ReadAudit { .. }
             | ApiRequest::ListAlerts
-            | ApiRequest::DrainHost
-            | ApiRequest::AttestHost { instance: None, .. } => vec!["host".to_string()],
-            ApiRequest::AttestHost {
-                instance: Some(id), ..
-            } => vec!["host".to_string(), inst(id)],
+            | ApiRequest::DrainHost => (None, None),
+            ApiRequest::AttestHost { instance, .. } => (instance.as_ref(), None),
             ApiRequest::CreateInstance { id, .. }
             | ApiRequest::DescribeInstance(id)
             | ApiRequest::StartInstance(id)
@@ -818,125 +424,16 @@ impl ApiRequest {
             | ApiRequest::GetConsole(id)
             | ApiRequest::AttachNetwork { id, .. }
             | ApiRequest::SetNetworkRoutes { id, .. }
-            | ApiRequest::SetNetworkRules { id, .. } => vec![inst(id)],
+            | ApiRequest::SetNetworkRules { id, .. } => (Some(id), None),
             ApiRequest::AttachVolume { id, volume, .. }
-            | ApiRequest::DetachVolume { id, volume } => {
-                vec![inst(id), format!("volume:{volume}")]
-            }
-        }
+            | ApiRequest::DetachVolume { id, volume } => (Some(id), Some(volume)),
+        };
+        bulkhead_controller_proto::resources(
+            self.operation(),
+            instance.map(ResourceId::as_str),
+            volume.map(ResourceId::as_str),
+        )
     }
-}
-
-/// `GET /v1/host`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct HostDescription {
-    pub host_id: String,
-    pub controller_version: String,
-    /// Which instance backend this controller drives: `host` (real hypervisor and block card
-    /// processes) or `detached` (explicit fallback: no guest kernel configured, nothing runs).
-    pub backend: String,
-    pub draining: bool,
-    pub vcpus_total: u32,
-    pub vcpus_free: u32,
-    pub memory_mib_total: u64,
-    pub memory_mib_free: u64,
-    pub instances: u32,
-    /// The audit log's durable head: the control plane anchors each pull to it.
-    #[schema(value_type = Object)]
-    pub audit_head: bulkhead_audit::Head,
-}
-
-/// `GET /v1/health`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Health {
-    pub status: String,
-    pub audit_records: u64,
-    pub audit_writable: bool,
-    pub alerts: u64,
-    /// The audit log's durable head (last record, its hash, last checkpoint number): what a
-    /// puller anchors its next pull to, so a cut or rewritten history shows.
-    #[schema(value_type = Object)]
-    pub audit_head: bulkhead_audit::Head,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum InstanceState {
-    Created,
-    Running,
-    Stopped,
-    Terminated,
-}
-
-/// One instance, as the controller knows it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct InstanceDescription {
-    pub instance_id: String,
-    pub image: String,
-    pub vcpus: u32,
-    pub memory_mib: u32,
-    pub state: InstanceState,
-    pub volumes: Vec<String>,
-    /// Size of the instance-storage disk, if the instance has one (it is empty after every
-    /// Start that follows a Stop).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_storage_gib: Option<u32>,
-    /// The net card's UDP endpoint (`HOSTIP:PORT`) once the interface is attached.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub net_endpoint: Option<String>,
-}
-
-/// `GET /v1/instances/{id}/console`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ConsoleOutput {
-    pub instance_id: String,
-    pub output: String,
-}
-
-/// `GET /v1/audit`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct AuditPage {
-    /// Raw record lines (each a JSON object, hash-chained).
-    pub records: Vec<String>,
-    /// Pass as `after` to read on.
-    pub next_after: u64,
-}
-
-/// One alert.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Alert {
-    pub id: u64,
-    pub rule: String,
-    pub subject: String,
-    pub detail: String,
-    pub time: u64,
-}
-
-/// `GET /v1/alerts`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct AlertList {
-    pub alerts: Vec<Alert>,
-}
-
-/// Result of an action without other output.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Ack {
-    pub request_id: String,
-    pub status: String,
-}
-
-/// Every refusal.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable code, e.g. `token_expired`.
-    pub code: String,
-    pub message: String,
-    pub request_id: String,
 }
 
 #[cfg(test)]

@@ -639,7 +639,7 @@ impl Controller {
                     tokio::task::spawn_blocking(move || link.quote(&nonce, instance.as_deref()))
                         .await
                         .map_err(|_| Refusal::Internal)??;
-                json_ok(request_id, StatusCode::OK, &evidence)
+                json_ok(request_id, StatusCode::OK, &api::RelayedEvidence(evidence))
             }
             ApiRequest::CreateInstance {
                 id,
