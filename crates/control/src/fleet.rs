@@ -21,12 +21,15 @@
 //! `GET /v1/operator/metrics`.
 
 use bulkhead_audit::{line_hash, Anchor, AuditRecord, ChainFollower, EntryKind, Head};
-use bulkhead_tokens::Operation;
-use serde_json::Value;
+use bulkhead_controller_proto::{calls, HostDescription};
 
+use crate::hosts::ANSWER_MALFORMED;
 use crate::repo::{HostRow, Repository};
 use crate::service::ControlPlane;
 use crate::ControlError;
+
+/// Audit records asked for per pull (at most [`bulkhead_controller_proto::MAX_AUDIT_PAGE`]).
+const PULL_PAGE: u32 = 500;
 
 /// Central alert rules (stable names).
 pub mod rule {
@@ -155,22 +158,6 @@ pub fn check_page(
     (keep, found)
 }
 
-/// The pulled lines of a `ReadAudit` answer.
-pub fn lines_of(v: &Value) -> Vec<String> {
-    v["records"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|r| {
-                    r.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| r.to_string())
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 impl ControlPlane {
     /// Raises a central alert: one durable record in the control plane's audit log.
     pub(crate) async fn raise(&self, f: &Finding) {
@@ -198,42 +185,31 @@ impl ControlPlane {
     pub(crate) async fn pull_host_audit(
         &self,
         h: &HostRow,
-        described: &Value,
+        described: &HostDescription,
     ) -> Result<u64, ControlError> {
         if self.flagged(&h.host_id).is_some() {
             return Ok(0);
         }
         let anchor = stored_anchor(self.repo.as_ref(), &h.host_id)?;
-        let mut head_seq = 0;
-        if let Ok(head) =
-            serde_json::from_value::<bulkhead_audit::Head>(described["audit_head"].clone())
-        {
-            head_seq = head.seq;
-            if let Some(f) = check_head(&h.host_id, anchor.as_ref(), &head) {
-                if self.flag(&h.host_id, f.rule) {
-                    self.raise(&f).await;
-                }
-                return Ok(0);
+        let head = &described.audit_head;
+        let head_seq = head.seq;
+        if let Some(f) = check_head(&h.host_id, anchor.as_ref(), head) {
+            if self.flag(&h.host_id, f.rule) {
+                self.raise(&f).await;
             }
+            return Ok(0);
         }
         let after = anchor.as_ref().map_or(0, |a| a.seq);
-        let path = format!("/v1/audit?after={after}&limit=500");
-        let Ok(v) = self
-            .hosts
-            .call(
-                &h.host_id,
-                &h.addr,
-                Operation::ReadAudit,
-                &["host".into()],
-                "GET",
-                &path,
-                None,
-            )
-            .await
-        else {
-            return Ok(0);
+        let read = calls::ReadAudit {
+            after,
+            limit: PULL_PAGE,
         };
-        let lines = lines_of(&v);
+        let lines = match self.hosts.call(&h.host_id, &h.addr, &read).await {
+            Ok(page) => page.records,
+            // An answer that is not an audit page serves no record: checked as a cut below.
+            Err(ControlError::Host(ANSWER_MALFORMED)) => Vec::new(),
+            Err(_) => return Ok(0),
+        };
         if lines.is_empty() && head_seq > after {
             // The host says its log reaches `head_seq` yet serves nothing after `after`:
             // records were cut out from under the running controller.

@@ -6,11 +6,15 @@
 
 use std::time::Duration;
 
+use bulkhead_controller_proto::{ControllerCall, ErrorBody, WireResponse};
 use bulkhead_kms::tls::{HttpResponse, HttpsClient};
 use bulkhead_tokens::pki::ServerIdentity;
-use bulkhead_tokens::{Identity, MintRequest, Operation, ResourcePattern, TokenService};
+use bulkhead_tokens::{Identity, MintRequest, ResourcePattern, TokenService};
 
 use crate::{upstream_code, ControlError};
+
+/// The code of a host's 2xx answer that does not parse as its operation's answer.
+pub const ANSWER_MALFORMED: &str = "host_answer_malformed";
 
 /// Lifetime of a per-call host token.
 pub const HOST_TOKEN_TTL: Duration = Duration::from_secs(60);
@@ -84,19 +88,19 @@ impl HostClient {
         }
     }
 
-    /// Calls `op` on `host_id` at `addr`. A non-2xx answer becomes [`ControlError::Host`].
-    #[allow(clippy::too_many_arguments)]
-    pub async fn call(
+    /// Calls one controller operation on `host_id` at `addr`: the typed request of
+    /// `bulkhead-controller-proto` (its method, path, body and the resources its token names
+    /// all come from it), that operation's typed answer out. A non-2xx answer becomes
+    /// [`ControlError::Host`] with the controller's refusal code; a 2xx answer that does not
+    /// parse as the operation's answer is [`ANSWER_MALFORMED`].
+    pub async fn call<C: ControllerCall>(
         &self,
         host_id: &str,
         addr: &str,
-        op: Operation,
-        resources: &[String],
-        method: &str,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> Result<serde_json::Value, ControlError> {
-        let resources = resources
+        call: &C,
+    ) -> Result<C::Response, ControlError> {
+        let resources = call
+            .resources()
             .iter()
             .map(|r| ResourcePattern::parse(r).map_err(|_| ControlError::Internal))
             .collect::<Result<Vec<_>, _>>()?;
@@ -105,17 +109,17 @@ impl HostClient {
             .mint(&MintRequest {
                 caller: self.identity.clone(),
                 hosts: vec![host_id.to_string()],
-                operations: vec![op],
+                operations: vec![C::OP],
                 resources: Some(resources),
                 ttl: HOST_TOKEN_TTL,
             })
             .await?;
         let auth = format!("Bearer {token}");
         let mut headers = vec![("authorization", auth.as_str())];
-        let payload = match &body {
+        let payload = match call.encode_body().map_err(|_| ControlError::Internal)? {
             Some(b) => {
                 headers.push(("content-type", "application/json"));
-                b.to_string().into_bytes()
+                b
             }
             None => Vec::new(),
         };
@@ -127,20 +131,23 @@ impl HostClient {
                 ControlError::Internal
             })?;
         let r: HttpResponse = https
-            .request(addr, method, path, &headers, payload)
+            .request(addr, C::METHOD.as_str(), &call.path(), &headers, payload)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, host = host_id, "host unreachable");
                 ControlError::Upstream
             })?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+        let op = C::OP;
         tracing::debug!(host = host_id, op = %op, token_id = %token_id, status = r.status, "host call");
         if (200..300).contains(&r.status) {
-            Ok(v)
+            C::Response::decode(&r.body).map_err(|e| {
+                tracing::error!(host = host_id, op = %op, error = %e, "the host answered 2xx with a body that does not parse");
+                ControlError::Host(ANSWER_MALFORMED)
+            })
         } else {
+            let code = ErrorBody::decode(&r.body).map(|e| e.error.code);
             Err(ControlError::Host(upstream_code(
-                v["error"]["code"].as_str().unwrap_or(""),
+                code.as_deref().unwrap_or(""),
             )))
         }
     }

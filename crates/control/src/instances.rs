@@ -3,6 +3,9 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use bulkhead_controller_proto::{
+    calls, AttachNetworkRequest, AttestRequest, CreateInstanceRequest, NetworkRequest,
+};
 use bulkhead_kms::wire::{ChallengeRequest, SealVpcKeyRequest};
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
@@ -54,31 +57,36 @@ pub enum TerminateStep {
     Commit,
 }
 
-fn inst_res(w: &WorkflowRow) -> Result<[String; 1], ControlError> {
-    Ok([format!("instance:{}", w.instance()?)])
-}
-
-/// A lifecycle call (`verb`) for `w`'s instance on its host; `also_ok` codes count as done
-/// (the call was repeated after a crash).
+/// A lifecycle call (`op`: Start, Stop, Reboot or TerminateInstance) for `w`'s instance on
+/// its host; `also_ok` codes count as done (the call was repeated after a crash).
 async fn host_lifecycle(
     cp: &ControlPlane,
     w: &WorkflowRow,
     op: Operation,
-    verb: &str,
     also_ok: &[&str],
 ) -> Result<(), ControlError> {
-    let r = cp
-        .on_host(
-            w.host()?,
-            op,
-            &inst_res(w)?,
-            "POST",
-            &format!("/v1/instances/{}/{verb}", w.instance()?),
-            None,
-        )
-        .await;
+    let (host, instance_id) = (w.host()?, w.instance()?.to_string());
+    let r = match op {
+        Operation::StartInstance => cp
+            .on_host(host, &calls::StartInstance { instance_id })
+            .await
+            .map(drop),
+        Operation::StopInstance => cp
+            .on_host(host, &calls::StopInstance { instance_id })
+            .await
+            .map(drop),
+        Operation::RebootInstance => cp
+            .on_host(host, &calls::RebootInstance { instance_id })
+            .await
+            .map(drop),
+        Operation::TerminateInstance => cp
+            .on_host(host, &calls::TerminateInstance { instance_id })
+            .await
+            .map(drop),
+        _ => return Err(ControlError::Internal),
+    };
     match r {
-        Ok(_) => Ok(()),
+        Ok(()) => Ok(()),
         Err(ControlError::Host(c)) if also_ok.contains(&c) => Ok(()),
         Err(e) => Err(e),
     }
@@ -132,26 +140,14 @@ impl RunStep {
                     .instance(&w.tenant_id, w.instance()?)?
                     .ok_or(ControlError::NoSuchInstance)?;
                 let mut body = create_body(&row, r.user_data.as_deref());
-                let network = cp.network_body(&w.tenant_id, w.instance()?)?;
-                if let (Some(n), Some(o)) = (network, body.as_object_mut()) {
-                    o.insert("network".into(), n);
-                }
-                let (host, res) = (w.host()?, inst_res(w)?);
-                cp.on_host(
-                    host,
-                    Operation::CreateInstance,
-                    &res,
-                    "POST",
-                    "/v1/instances",
-                    Some(body),
-                )
-                .await?;
+                body.network = cp.network_body(&w.tenant_id, w.instance()?)?;
+                cp.on_host(w.host()?, &calls::CreateInstance(body)).await?;
                 Ok(Value::Null)
             }
             RunStep::Network => cp.network_step(w, live).await,
             RunStep::Start => {
                 // Repeated after a crash, the host may already run it.
-                host_lifecycle(cp, w, Operation::StartInstance, "start", &["wrong_state"]).await?;
+                host_lifecycle(cp, w, Operation::StartInstance, &["wrong_state"]).await?;
                 Ok(Value::Null)
             }
             RunStep::Commit => {
@@ -207,7 +203,6 @@ impl Steps for RunStep {
                         cp,
                         w,
                         Operation::TerminateInstance,
-                        "terminate",
                         &["no_such_instance", "wrong_state"],
                     )
                     .await
@@ -236,7 +231,6 @@ impl TerminateStep {
                     cp,
                     w,
                     Operation::TerminateInstance,
-                    "terminate",
                     &["no_such_instance", "wrong_state"],
                 )
                 .await?
@@ -328,7 +322,7 @@ impl ControlPlane {
         &self,
         tenant: &str,
         instance: &str,
-    ) -> Result<Option<Value>, ControlError> {
+    ) -> Result<Option<NetworkRequest>, ControlError> {
         let all = self.repo.interfaces(tenant)?;
         let Some(n) = all.iter().find(|n| n.instance_id == instance) else {
             return Ok(None);
@@ -344,17 +338,17 @@ impl ControlPlane {
             .find(|s| s.subnet_id == n.subnet_id)
             .ok_or(ControlError::Internal)?;
         let groups = self.repo.security_groups(tenant)?;
-        Ok(Some(json!({
-            "vpc": vpc.vpc_number,
-            "card_id": n.card_id,
-            "mac": n.mac.to_string(),
-            "ip": n.ip.to_string(),
-            "prefix": subnet.cidr.prefix(),
-            "gateway": subnet.cidr.gateway().to_string(),
-            "mtu": crate::net::GUEST_MTU,
-            "allow": self.allow_for(n, &groups),
-            "routes": self.routes_for(n, &all),
-        })))
+        Ok(Some(NetworkRequest {
+            vpc: vpc.vpc_number,
+            card_id: n.card_id,
+            mac: n.mac.to_string(),
+            ip: n.ip.to_string(),
+            prefix: subnet.cidr.prefix(),
+            gateway: Some(subnet.cidr.gateway().to_string()),
+            mtu: Some(crate::net::GUEST_MTU),
+            allow: self.allow_for(n, &groups),
+            routes: self.routes_for(n, &all),
+        }))
     }
 
     /// [`RunStep::Network`].
@@ -383,15 +377,11 @@ impl ControlPlane {
         let evidence = if ch.required {
             let nonce = ch.nonce;
             // Bound to the instance: the host quotes only if it runs it.
-            self.on_host(
-                host_id,
-                Operation::AttestHost,
-                &["host".to_string(), format!("instance:{instance}")],
-                "POST",
-                "/v1/host/attest",
-                Some(json!({ "nonce": nonce, "instance_id": instance })),
-            )
-            .await?
+            let call = calls::AttestHost(AttestRequest {
+                nonce,
+                instance_id: Some(instance.to_string()),
+            });
+            self.on_host(host_id, &call).await?.0
         } else {
             Value::Null
         };
@@ -414,16 +404,14 @@ impl ControlPlane {
             );
             return Err(ControlError::Internal);
         };
-        let r = self
-            .on_host(
-                host_id,
-                Operation::AttachNetwork,
-                &inst_res(w)?,
-                "POST",
-                &format!("/v1/instances/{instance}/network"),
-                Some(json!({ "epoch": vpc.epoch, "sealed_epoch_key": sealed_hex })),
-            )
-            .await;
+        let call = calls::AttachNetwork {
+            instance_id: instance.to_string(),
+            body: AttachNetworkRequest {
+                epoch: vpc.epoch,
+                sealed_epoch_key: sealed_hex,
+            },
+        };
+        let r = self.on_host(host_id, &call).await;
         let v = match r {
             Ok(v) => v,
             Err(ControlError::Host("network_unavailable")) => {
@@ -438,7 +426,7 @@ impl ControlPlane {
             }
             Err(e) => return Err(e),
         };
-        let endpoint = v["net_endpoint"].as_str().ok_or(ControlError::Internal)?;
+        let endpoint = v.net_endpoint.as_str();
         self.repo
             .set_interface_endpoint(&w.tenant_id, instance, endpoint)?;
         let told = self.push_routes(&w.tenant_id, &nic.vpc_id, instance).await;
@@ -452,7 +440,6 @@ impl ControlPlane {
         c: &Caller,
         ids: &[String],
         op: Operation,
-        verb: &str,
         to: InstanceState,
     ) -> Result<Value, ControlError> {
         if ids.is_empty() {
@@ -478,7 +465,7 @@ impl ControlPlane {
             } else {
                 // One host call: not a workflow (nothing to resume or undo), not stored.
                 let w = WorkflowRow::new(Kind::Terminate, &c.tenant, ids.0, ids.1, ids.2);
-                host_lifecycle(self, &w, op, verb, &[]).await?;
+                host_lifecycle(self, &w, op, &[]).await?;
                 self.repo
                     .set_instance_state(&c.tenant, &i.instance_id, i.state, to)?;
             }
@@ -502,24 +489,18 @@ fn sealed_epoch_key_hex(h: &str) -> Option<String> {
         .map(hex::encode)
 }
 
-/// The controller's CreateInstance body; `user_data` and `instance_storage_gib` only when the
-/// customer gave them.
-pub(crate) fn create_body(row: &InstanceRow, user_data: Option<&str>) -> Value {
-    let mut body = json!({
-        "instance_id": row.instance_id,
-        "image": row.image_id,
-        "vcpus": row.vcpus,
-        "memory_mib": row.memory_mib,
-    });
-    if let Some(o) = body.as_object_mut() {
-        if let Some(u) = user_data {
-            o.insert("user_data".into(), Value::String(u.to_owned()));
-        }
-        if let Some(g) = row.instance_storage_gib {
-            o.insert("instance_storage_gib".into(), Value::from(g));
-        }
+/// The controller's CreateInstance body (without its `network`); `user_data` and
+/// `instance_storage_gib` only when the customer gave them.
+pub(crate) fn create_body(row: &InstanceRow, user_data: Option<&str>) -> CreateInstanceRequest {
+    CreateInstanceRequest {
+        instance_id: row.instance_id.clone(),
+        image: row.image_id.clone(),
+        vcpus: row.vcpus,
+        memory_mib: row.memory_mib,
+        user_data: user_data.map(str::to_owned),
+        network: None,
+        instance_storage_gib: row.instance_storage_gib,
     }
-    body
 }
 
 #[cfg(test)]

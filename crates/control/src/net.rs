@@ -20,7 +20,7 @@ pub const DEFAULT_SUBNET_CIDR: &str = "172.31.0.0/20";
 /// The default security group's name (AWS's).
 pub const DEFAULT_GROUP_NAME: &str = "default";
 /// The MTU the net card offers its guest (the UDP encapsulation's overhead below 1500).
-pub const GUEST_MTU: u32 = 1400;
+pub const GUEST_MTU: u16 = 1400;
 /// Most ingress rules per security group.
 pub const MAX_RULES_PER_GROUP: usize = 60;
 /// Most security groups on one instance.

@@ -2,7 +2,7 @@
 //! instances a host lost are released, and each host's state and audit are pulled (never
 //! pushed) and checked ([`crate::fleet`]).
 
-use bulkhead_tokens::Operation;
+use bulkhead_controller_proto::calls;
 
 use crate::repo::{HostRow, InstanceRow};
 use crate::service::{now, ControlPlane};
@@ -33,21 +33,11 @@ impl ControlPlane {
         for v in self.repo.volumes_in_transition()? {
             if let (Some(inst), Some(host_id)) = (&v.instance_id, &v.host_id) {
                 if let Ok(host) = self.host(host_id) {
-                    let _ = self
-                        .hosts
-                        .call(
-                            &host.host_id,
-                            &host.addr,
-                            Operation::DetachVolume,
-                            &[
-                                format!("instance:{inst}"),
-                                format!("volume:{}", v.volume_id),
-                            ],
-                            "DELETE",
-                            &format!("/v1/instances/{inst}/volumes/{}", v.volume_id),
-                            None,
-                        )
-                        .await;
+                    let call = calls::DetachVolume {
+                        instance_id: inst.clone(),
+                        volume_id: v.volume_id.clone(),
+                    };
+                    let _ = self.hosts.call(&host.host_id, &host.addr, &call).await;
                 }
             }
             self.repo.transition_volume(
@@ -68,18 +58,10 @@ impl ControlPlane {
             .filter(|i| i.state == InstanceState::Pending)
         {
             if let Ok(host) = self.host(&i.host_id) {
-                let _ = self
-                    .hosts
-                    .call(
-                        &host.host_id,
-                        &host.addr,
-                        Operation::TerminateInstance,
-                        &[format!("instance:{}", i.instance_id)],
-                        "POST",
-                        &format!("/v1/instances/{}/terminate", i.instance_id),
-                        None,
-                    )
-                    .await;
+                let call = calls::TerminateInstance {
+                    instance_id: i.instance_id.clone(),
+                };
+                let _ = self.hosts.call(&host.host_id, &host.addr, &call).await;
             }
             self.repo.set_instance_state(
                 &i.tenant_id,
@@ -138,18 +120,10 @@ impl ControlPlane {
         }
         let mut lost = 0;
         for i in recorded {
-            let r = self
-                .hosts
-                .call(
-                    &h.host_id,
-                    &h.addr,
-                    Operation::DescribeInstance,
-                    &[format!("instance:{}", i.instance_id)],
-                    "GET",
-                    &format!("/v1/instances/{}", i.instance_id),
-                    None,
-                )
-                .await;
+            let call = calls::DescribeInstance {
+                instance_id: i.instance_id.clone(),
+            };
+            let r = self.hosts.call(&h.host_id, &h.addr, &call).await;
             if !matches!(r, Err(ControlError::Host("no_such_instance"))) {
                 continue;
             }
@@ -191,22 +165,14 @@ impl ControlPlane {
         for h in self.repo.hosts()? {
             let described = self
                 .hosts
-                .call(
-                    &h.host_id,
-                    &h.addr,
-                    Operation::DescribeHost,
-                    &["host".into()],
-                    "GET",
-                    "/v1/host",
-                    None,
-                )
+                .call(&h.host_id, &h.addr, &calls::DescribeHost)
                 .await;
             let v = match described {
                 Ok(v) => {
                     self.fleet.seen(&h.host_id);
-                    self.repo
-                        .set_host_status(&h.host_id, &v.to_string(), now())?;
-                    let reported = v["instances"].as_u64().unwrap_or(u64::MAX);
+                    let status = serde_json::to_string(&v).map_err(|_| ControlError::Internal)?;
+                    self.repo.set_host_status(&h.host_id, &status, now())?;
+                    let reported = u64::from(v.instances);
                     if let Err(e) = self.reconcile_lost(&h, reported).await {
                         tracing::warn!(host = %h.host_id, code = e.code(), "reconciling lost instances failed");
                     }

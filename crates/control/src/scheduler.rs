@@ -3,8 +3,7 @@
 
 use std::time::Instant;
 
-use bulkhead_tokens::Operation;
-use serde_json::json;
+use bulkhead_controller_proto::{calls, AttestRequest};
 
 use crate::api;
 use crate::repo::{HostRow, InstanceRow};
@@ -57,20 +56,13 @@ impl ControlPlane {
         let nonce = lock(v)
             .challenge(&host.host_id)
             .map_err(|_| ControlError::Internal)?;
-        let ev = self
-            .hosts
-            .call(
-                &host.host_id,
-                &host.addr,
-                Operation::AttestHost,
-                &["host".to_string()],
-                "POST",
-                "/v1/host/attest",
-                Some(json!({ "nonce": hex::encode(nonce) })),
-            )
-            .await?;
+        let call = calls::AttestHost(AttestRequest {
+            nonce: hex::encode(nonce),
+            instance_id: None,
+        });
+        let ev = self.hosts.call(&host.host_id, &host.addr, &call).await?;
         let ev: bulkhead_rot::attest::Evidence =
-            serde_json::from_value(ev).map_err(|_| ControlError::Host("attest_malformed"))?;
+            serde_json::from_value(ev.0).map_err(|_| ControlError::Host("attest_malformed"))?;
         if ev.host != host.host_id {
             return Err(ControlError::Host("evidence_for_another_host"));
         }

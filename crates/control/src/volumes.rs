@@ -3,8 +3,8 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use bulkhead_controller_proto::{calls, AttachVolumeRequest, AttestRequest, VolumeStorageRequest};
 use bulkhead_kms::wire::{ChallengeRequest, DecryptForHostRequest};
-use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
 use crate::repo::RepoError;
@@ -52,13 +52,6 @@ pub enum DetachStep {
     Revoke,
     /// Volume `detaching → available`.
     Commit,
-}
-
-fn res(w: &WorkflowRow) -> Result<[String; 2], ControlError> {
-    Ok([
-        format!("instance:{}", w.instance()?),
-        format!("volume:{}", w.volume()?),
-    ])
 }
 
 /// Moves `w`'s volume `from → to`; when it is already at `to` for the same instance (a step
@@ -122,17 +115,11 @@ fn move_back(
 
 /// DetachVolume on `w`'s host; a host that no longer has the volume or the instance is done.
 async fn unplug(cp: &ControlPlane, w: &WorkflowRow) -> Result<(), ControlError> {
-    let r = cp
-        .on_host(
-            w.host()?,
-            Operation::DetachVolume,
-            &res(w)?,
-            "DELETE",
-            &format!("/v1/instances/{}/volumes/{}", w.instance()?, w.volume()?),
-            None,
-        )
-        .await;
-    match r {
+    let call = calls::DetachVolume {
+        instance_id: w.instance()?.to_string(),
+        volume_id: w.volume()?.to_string(),
+    };
+    match cp.on_host(w.host()?, &call).await {
         Ok(_)
         | Err(ControlError::Host("no_such_volume"))
         | Err(ControlError::Host("no_such_instance")) => Ok(()),
@@ -201,16 +188,11 @@ impl AttachStep {
                 };
                 // Bound to the instance: the host quotes only if it runs it, and the KMS
                 // recomputes the binding from the customer's signed request.
-                let evidence = cp
-                    .on_host(
-                        host_id,
-                        Operation::AttestHost,
-                        &["host".to_string(), format!("instance:{}", w.instance()?)],
-                        "POST",
-                        "/v1/host/attest",
-                        Some(json!({ "nonce": nonce, "instance_id": w.instance()? })),
-                    )
-                    .await?;
+                let call = calls::AttestHost(AttestRequest {
+                    nonce: nonce.to_string(),
+                    instance_id: Some(w.instance()?.to_string()),
+                });
+                let evidence = cp.on_host(host_id, &call).await?;
                 Ok(json!({ "evidence": evidence }))
             }
             AttachStep::Release => {
@@ -241,22 +223,25 @@ impl AttachStep {
             }
             AttachStep::Plug => {
                 let sealed_key = w.output("sealed_key").ok_or(ControlError::Internal)?;
-                let mut body = json!({"volume_id": w.volume()?, "sealed_key": sealed_key});
-                if let Some(node) = storage_node(cp, w)? {
-                    let n = cp.storage()?.node(&node)?;
-                    body["storage"] = json!({"node": n.node_id, "nbd_addr": n.nbd_addr});
-                }
-                let r = cp
-                    .on_host(
-                        host_id,
-                        Operation::AttachVolume,
-                        &res(w)?,
-                        "POST",
-                        &format!("/v1/instances/{}/volumes", w.instance()?),
-                        Some(body),
-                    )
-                    .await;
-                match r {
+                let storage = match storage_node(cp, w)? {
+                    Some(node) => {
+                        let n = cp.storage()?.node(&node)?;
+                        Some(VolumeStorageRequest {
+                            node: n.node_id.clone(),
+                            nbd_addr: n.nbd_addr.clone(),
+                        })
+                    }
+                    None => None,
+                };
+                let call = calls::AttachVolume {
+                    instance_id: w.instance()?.to_string(),
+                    body: AttachVolumeRequest {
+                        volume_id: w.volume()?.to_string(),
+                        sealed_key: sealed_key.to_string(),
+                        storage,
+                    },
+                };
+                match cp.on_host(host_id, &call).await {
                     // Repeated after a crash: the card already has it.
                     Ok(_) | Err(ControlError::Host("volume_attached")) => Ok(Value::Null),
                     Err(e) => Err(e),

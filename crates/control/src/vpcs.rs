@@ -6,8 +6,8 @@
 
 use std::collections::BTreeSet;
 
+use bulkhead_controller_proto::{calls, ControllerCall, NetworkRoutesRequest, NetworkRulesRequest};
 use bulkhead_kms::wire::CreateVpcKeyRequest;
-use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
 use crate::api::{GroupCreate, IngressChange, SubnetCreate, VpcCreate};
@@ -374,26 +374,12 @@ impl ControlPlane {
 
     /// One `PUT /v1/instances/{id}/network/{what}` to the host of `i` (best effort: the
     /// database is the truth, a card that missed an update gets the whole set with the next).
-    async fn put_network(&self, i: &InterfaceRow, what: &str, body: Value) -> bool {
-        let op = match what {
-            "routes" => Operation::SetNetworkRoutes,
-            _ => Operation::SetNetworkRules,
-        };
+    async fn put_network<C: ControllerCall>(&self, i: &InterfaceRow, what: &str, call: &C) -> bool {
         let host = match self.repo.instance(&i.tenant_id, &i.instance_id) {
             Ok(Some(row)) if row.state.is_live() => row.host_id,
             _ => return false,
         };
-        let r = self
-            .on_host(
-                &host,
-                op,
-                &[format!("instance:{}", i.instance_id)],
-                "PUT",
-                &format!("/v1/instances/{}/network/{what}", i.instance_id),
-                Some(body),
-            )
-            .await;
-        match r {
+        match self.on_host(&host, call).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(instance = %i.instance_id, what, code = e.code(), "net card update failed");
@@ -415,11 +401,13 @@ impl ControlPlane {
             .iter()
             .filter(|i| i.endpoint.is_some() && i.groups.iter().any(|g| g == group))
         {
-            let allow = self.allow_for(i, &groups);
-            if self
-                .put_network(i, "rules", json!({ "allow": allow }))
-                .await
-            {
+            let call = calls::SetNetworkRules {
+                instance_id: i.instance_id.clone(),
+                body: NetworkRulesRequest {
+                    allow: self.allow_for(i, &groups),
+                },
+            };
+            if self.put_network(i, "rules", &call).await {
                 n += 1;
             }
         }
@@ -437,11 +425,13 @@ impl ControlPlane {
             .iter()
             .filter(|i| i.vpc_id == vpc && i.instance_id != changed && i.endpoint.is_some())
         {
-            let routes = self.routes_for(i, &ifs);
-            if self
-                .put_network(i, "routes", json!({ "routes": routes }))
-                .await
-            {
+            let call = calls::SetNetworkRoutes {
+                instance_id: i.instance_id.clone(),
+                body: NetworkRoutesRequest {
+                    routes: self.routes_for(i, &ifs),
+                },
+            };
+            if self.put_network(i, "routes", &call).await {
                 n += 1;
             }
         }

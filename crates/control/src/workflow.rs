@@ -522,20 +522,13 @@ impl ControlPlane {
     }
 
     /// One host call for a resource of a workflow (looks the host up first).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn on_host(
+    pub(crate) async fn on_host<C: bulkhead_controller_proto::ControllerCall>(
         &self,
         host_id: &str,
-        op: bulkhead_tokens::Operation,
-        res: &[String],
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, ControlError> {
+        call: &C,
+    ) -> Result<C::Response, ControlError> {
         let h = self.host(host_id)?;
-        self.hosts
-            .call(&h.host_id, &h.addr, op, res, method, path, body)
-            .await
+        self.hosts.call(&h.host_id, &h.addr, call).await
     }
 }
 

@@ -14,7 +14,7 @@ use bulkhead_control::hosts::{HostClient, TokenSource};
 use bulkhead_kms::tls::{client_config, HttpsClient};
 use bulkhead_tokens::pki::{CaDir, ServerIdentity};
 use bulkhead_tokens::token::keypair_from_text;
-use bulkhead_tokens::{Operation, Policy, Role, TokenService};
+use bulkhead_tokens::{Policy, Role, TokenService};
 
 fn bins() -> PathBuf {
     let b = Path::new(env!("CARGO_BIN_EXE_bulkhead-control"))
@@ -256,11 +256,7 @@ fn host_certificate_presented_as_the_kms_is_refused() {
     let r = block_on(hosts.call(
         "host-2",
         &impostor.addr,
-        Operation::GetHealth,
-        &["host".to_string()],
-        "GET",
-        "/v1/health",
-        None,
+        &bulkhead_controller_proto::calls::GetHealth,
     ));
     assert!(
         matches!(r, Err(bulkhead_control::ControlError::Upstream)),

@@ -5,6 +5,7 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_audit::EntryKind;
+use bulkhead_controller_proto::calls;
 use bulkhead_kms::wire::{
     CreateKeyRequest, DestroyDataKeyRequest, GenerateDataKeyRequest, RevokeGrantRequest,
 };
@@ -177,7 +178,6 @@ impl ControlPlane {
                     c,
                     &r.instance_ids,
                     Operation::StopInstance,
-                    "stop",
                     InstanceState::Stopped,
                 )
                 .await
@@ -187,7 +187,6 @@ impl ControlPlane {
                     c,
                     &r.instance_ids,
                     Operation::StartInstance,
-                    "start",
                     InstanceState::Running,
                 )
                 .await
@@ -197,7 +196,6 @@ impl ControlPlane {
                     c,
                     &r.instance_ids,
                     Operation::TerminateInstance,
-                    "terminate",
                     InstanceState::Terminated,
                 )
                 .await
@@ -315,19 +313,11 @@ impl ControlPlane {
                     .instance(&c.tenant, &r.instance_id)?
                     .ok_or(ControlError::NoSuchInstance)?;
                 let host = self.host(&i.host_id)?;
-                let v = self
-                    .hosts
-                    .call(
-                        &host.host_id,
-                        &host.addr,
-                        Operation::GetConsole,
-                        &[format!("instance:{}", i.instance_id)],
-                        "GET",
-                        &format!("/v1/instances/{}/console", i.instance_id),
-                        None,
-                    )
-                    .await?;
-                Ok(json!({ "InstanceId": i.instance_id, "Output": v["output"].clone() }))
+                let call = calls::GetConsole {
+                    instance_id: i.instance_id.clone(),
+                };
+                let v = self.hosts.call(&host.host_id, &host.addr, &call).await?;
+                Ok(json!({ "InstanceId": i.instance_id, "Output": v.output }))
             }
             ControlRequest::CreateKey(_) => {
                 let v = self
