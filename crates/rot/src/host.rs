@@ -487,6 +487,21 @@ impl Host {
         Ok(m)
     }
 
+    /// The TPM's EK certificate (DER), for the enrolment ceremony
+    /// ([`crate::endorsement`]).
+    pub fn ek_certificate(&mut self) -> Result<Vec<u8>, crate::endorsement::EndorsementError> {
+        self.tpm.ek_certificate()
+    }
+
+    /// Opens an enrolment credential with the TPM (proves this host's AK lives in the TPM that
+    /// holds the certified EK).
+    pub fn activate_credential(
+        &mut self,
+        challenge: &crate::endorsement::CredentialChallenge,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, crate::endorsement::EndorsementError> {
+        self.tpm.activate_credential(challenge)
+    }
+
     /// Answers a verifier's challenge: a quote over the measurement PCR with `nonce`, plus the
     /// event log of the last measured start.
     pub fn attest(&mut self, nonce: &[u8]) -> Result<Evidence, RotError> {

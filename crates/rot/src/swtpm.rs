@@ -28,6 +28,11 @@ pub fn swtpm_available() -> bool {
     find_on_path(SWTPM_BIN).is_some()
 }
 
+/// Whether `swtpm_setup` (which manufactures a TPM with EK certificates) is on `PATH`.
+pub fn swtpm_setup_available() -> bool {
+    find_on_path("swtpm_setup").is_some()
+}
+
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

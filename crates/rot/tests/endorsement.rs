@@ -9,14 +9,8 @@ use bulkhead_rot::endorsement::{
     ak_name, make_credential, verify_ek_certificate, CredentialChallenge, EndorsementError,
     LocalManufacturer,
 };
-use bulkhead_rot::swtpm::Swtpm;
+use bulkhead_rot::swtpm::{swtpm_setup_available, Swtpm};
 use bulkhead_rot::tpm::Tpm;
-
-fn swtpm_setup_available() -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("swtpm_setup").is_file()))
-        .unwrap_or(false)
-}
 
 struct Made {
     _swtpm: Swtpm,

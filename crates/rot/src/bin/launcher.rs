@@ -8,9 +8,14 @@
 //!   attest --nonce HEX                    boot, then a quote over the PCR; prints the evidence
 //!   serve --socket PATH [--host-key-out F] boot once, then answer challenges on a unix socket
 //!                                         (the attestation agent, see `bulkhead_rot::agent`)
+//!   ek-certificate                        prints the TPM's EK certificate (DER, hex)
+//!   activate-credential                   reads an enrolment credential (JSON) on stdin, opens
+//!                                         it with the TPM, prints the secret
 //! ```
 //!
-//! `--dev-swtpm` runs a private `swtpm` whose state lives in `DIR/swtpm` (a dev host's TPM).
+//! `--dev-swtpm` runs a private `swtpm` whose state lives in `DIR/swtpm` (a dev host's TPM);
+//! with `--dev-manufacturer CA_DIR` a TPM not made yet is first manufactured with an EK
+//! certificate from that local CA (`bulkhead_rot::endorsement::LocalManufacturer`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +47,9 @@ struct Args {
     /// Run a private swtpm with state in ROOT/swtpm (development hosts only).
     #[arg(long)]
     dev_swtpm: bool,
+    /// Manufacture the dev swtpm (EK certificates from this local CA) if it is not made yet.
+    #[arg(long, requires = "dev_swtpm")]
+    dev_manufacturer: Option<PathBuf>,
     #[arg(long, default_value_t = 23)]
     pcr: u8,
     /// Audit log (hash-chained) where a refusal is raised as an alert.
@@ -78,6 +86,11 @@ enum Cmd {
         #[arg(long)]
         host_key_out: Option<PathBuf>,
     },
+    /// Prints the TPM's RSA EK certificate: `{"ek_certificate": "<DER hex>"}`.
+    EkCertificate,
+    /// Reads a `CredentialChallenge` (JSON) on stdin; prints `{"secret": "<hex>"}` when the TPM
+    /// opens it (exit 4 with the reason when it refuses).
+    ActivateCredential,
 }
 
 fn run(a: Args) -> Result<ExitCode, RotError> {
@@ -88,6 +101,17 @@ fn run(a: Args) -> Result<ExitCode, RotError> {
         source: e,
     })?;
     let trust_root = TrustRoot::parse(&raw)?;
+    if let (true, Some(ca)) = (a.dev_swtpm, &a.dev_manufacturer) {
+        let state = a.root.join("swtpm");
+        if !state.join("tpm2-00.permall").exists() {
+            bulkhead_rot::endorsement::LocalManufacturer::new(ca)
+                .and_then(|m| m.manufacture(&state))
+                .map_err(|e| RotError::Io {
+                    path: state.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+        }
+    }
     let swtpm = if a.dev_swtpm {
         Some(Swtpm::start_with_state_tied(&a.root.join("swtpm"))?)
     } else {
@@ -112,6 +136,39 @@ fn run(a: Args) -> Result<ExitCode, RotError> {
     }
     let out = |v: &dyn erased::Json| println!("{}", v.json());
     match a.cmd {
+        Cmd::EkCertificate => match host.ek_certificate() {
+            Ok(der) => {
+                out(&serde_json::json!({ "ek_certificate": hex::encode(der) }));
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("bulkhead-launcher: {e} ({})", e.code());
+                Ok(ExitCode::from(4))
+            }
+        },
+        Cmd::ActivateCredential => {
+            use std::io::Read;
+            let mut raw = Vec::new();
+            std::io::stdin()
+                .take(64 * 1024)
+                .read_to_end(&mut raw)
+                .map_err(|e| RotError::Io {
+                    path: "<stdin>".into(),
+                    source: e,
+                })?;
+            let challenge: bulkhead_rot::endorsement::CredentialChallenge =
+                serde_json::from_slice(&raw).map_err(|_| RotError::Malformed("credential"))?;
+            match host.activate_credential(&challenge) {
+                Ok(secret) => {
+                    out(&serde_json::json!({ "secret": hex::encode(secret.as_slice()) }));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("bulkhead-launcher: {e} ({})", e.code());
+                    Ok(ExitCode::from(4))
+                }
+            }
+        }
         Cmd::Provision { release, from } => {
             let raw = std::fs::read(&release).map_err(|e| RotError::Io {
                 path: release.clone(),
