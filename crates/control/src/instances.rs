@@ -6,7 +6,7 @@ use base64::Engine as _;
 use bulkhead_controller_proto::{
     calls, AttachNetworkRequest, AttestRequest, CreateInstanceRequest, NetworkRequest,
 };
-use bulkhead_kms::wire::{ChallengeRequest, SealVpcKeyRequest};
+use bulkhead_kms_proto::{ChallengeRequest, SealVpcKeyRequest};
 use bulkhead_tokens::Operation;
 use serde_json::{json, Value};
 
@@ -397,18 +397,11 @@ impl ControlPlane {
                 evidence: crate::evidence_of(Some(&evidence))?,
             })
             .await?;
-        let Some(sealed_hex) = sealed_epoch_key_hex(&sealed.sealed_epoch_key) else {
-            tracing::error!(
-                instance,
-                "SealVpcKey answered without a sealed epoch key blob"
-            );
-            return Err(ControlError::Internal);
-        };
         let call = calls::AttachNetwork {
             instance_id: instance.to_string(),
             body: AttachNetworkRequest {
                 epoch: vpc.epoch,
-                sealed_epoch_key: sealed_hex,
+                sealed_epoch_key: sealed.sealed_epoch_key.to_hex(),
             },
         };
         let r = self.on_host(host_id, &call).await;
@@ -479,16 +472,6 @@ impl ControlPlane {
     }
 }
 
-/// The sealed epoch key of a SealVpcKey answer (hex of a `bulkhead-sealing` blob of
-/// [`bulkhead_sealing::SEALED_BLOB_LEN`] bytes), checked to be one whole blob before it is sent
-/// to a host.
-fn sealed_epoch_key_hex(h: &str) -> Option<String> {
-    hex::decode(h)
-        .ok()
-        .filter(|b| b.len() == bulkhead_sealing::SEALED_BLOB_LEN)
-        .map(hex::encode)
-}
-
 /// The controller's CreateInstance body (without its `network`); `user_data` and
 /// `instance_storage_gib` only when the customer gave them.
 pub(crate) fn create_body(row: &InstanceRow, user_data: Option<&str>) -> CreateInstanceRequest {
@@ -500,27 +483,5 @@ pub(crate) fn create_body(row: &InstanceRow, user_data: Option<&str>) -> CreateI
         user_data: user_data.map(str::to_owned),
         network: None,
         instance_storage_gib: row.instance_storage_gib,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_sealed_epoch_key_must_be_one_whole_blob() {
-        let blob = vec![7u8; bulkhead_sealing::SEALED_BLOB_LEN];
-        assert_eq!(
-            sealed_epoch_key_hex(&hex::encode(&blob)),
-            Some(hex::encode(&blob))
-        );
-        for bad in [
-            hex::encode(&blob[1..]),
-            "zz".to_string(),
-            hex::encode(&blob[..64]),
-            String::new(),
-        ] {
-            assert_eq!(sealed_epoch_key_hex(&bad), None, "{bad}");
-        }
     }
 }

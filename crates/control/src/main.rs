@@ -17,6 +17,7 @@ use bulkhead_control::repo::{CustomerRow, HostRow, Repository, SqliteRepo};
 use bulkhead_control::server;
 use bulkhead_control::service::{secret_aad, ControlPlane};
 use bulkhead_kms::{crypto, sigv, tls};
+use bulkhead_kms_proto::{KmsCall, RegisterCustomerRequest};
 use bulkhead_tokens::pki::{CaDir, ServerIdentity};
 use bulkhead_tokens::statedir::StateDir;
 use bulkhead_tokens::Role;
@@ -304,14 +305,18 @@ fn create_customer(config: &Path, tenant: &str, out: &Path, quiet: bool) -> Resu
     let secret = crypto::random_secret::<32>()?;
     let wrapped = crypto::wrap(&root, &secret_aad(&akid), secret.as_ref())?;
     let kms = client(&cfg, Some(ServerIdentity::kms()))?;
-    let body =
-        json!({"tenant_id": tenant, "access_key_id": akid, "secret": B64.encode(secret.as_ref())});
+    let req = RegisterCustomerRequest {
+        tenant_id: tenant.to_string(),
+        access_key_id: akid.clone(),
+        secret: B64.encode(secret.as_ref()),
+    };
+    let body = serde_json::to_vec(&req).map_err(|_| CliError::BadArgument("request"))?;
     let r = runtime()?.block_on(kms.request(
         &cfg.kms_addr,
         "POST",
-        "/v1/RegisterCustomer",
+        &format!("/v1/{}", RegisterCustomerRequest::OP.name()),
         &[("content-type", "application/json")],
-        body.to_string().into_bytes(),
+        body,
     ))?;
     if r.status != 200 {
         eprintln!("{}", String::from_utf8_lossy(&r.body));

@@ -8,13 +8,14 @@
 //! JSON call is (audit, idempotency, the same service code); the JSON answer is rendered as EC2
 //! XML, with filters and pages applied to it ([`crate::query_map`]). The customer's signed
 //! request is forwarded to the KMS as its raw signed parts
-//! ([`bulkhead_kms::forward::SigV4Forwarded`]), which the KMS verifies again itself.
+//! ([`bulkhead_kms_proto::SigV4Forwarded`]), which the KMS verifies again itself.
 
 use bulkhead_audit::EntryKind;
 use bulkhead_ec2_query::sigv4::Authorization;
 use bulkhead_ec2_query::{error_xml, Ec2ErrorCode, Ec2Request, HttpRequestParts, Verifier};
-use bulkhead_kms::forward::{sigv4_secret, SigV4Forwarded};
+use bulkhead_kms::forward::sigv4_secret;
 use bulkhead_kms::sigv::SigError;
+use bulkhead_kms_proto::SigV4Forwarded;
 
 use crate::net_store::NetRefusal;
 use crate::repo::RepoError;

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bulkhead_audit::AuditLog;
 use bulkhead_kms::crypto::Key32;
-use bulkhead_kms::forward::CustomerRequest;
 use bulkhead_kms::tls::HttpsClient;
+use bulkhead_kms_proto::CustomerRequest;
 use bulkhead_rot::attest::Verifier;
 use serde_json::{json, Value};
 

@@ -4,7 +4,7 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_controller_proto::{calls, AttachVolumeRequest, AttestRequest, VolumeStorageRequest};
-use bulkhead_kms::wire::{ChallengeRequest, DecryptForHostRequest};
+use bulkhead_kms_proto::{ChallengeRequest, DecryptForHostRequest};
 use serde_json::{json, Value};
 
 use crate::repo::RepoError;
@@ -213,7 +213,7 @@ impl AttachStep {
                         evidence: crate::evidence_of(w.outputs.get("evidence"))?,
                     })
                     .await?;
-                Ok(json!({ "sealed_key": sealed.sealed_key }))
+                Ok(json!({ "sealed_key": sealed.sealed_key.to_base64() }))
             }
             AttachStep::Grant => {
                 if let Some(node) = storage_node(cp, w)? {

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use bulkhead_controller_proto::{calls, ControllerCall, NetworkRoutesRequest, NetworkRulesRequest};
-use bulkhead_kms::wire::CreateVpcKeyRequest;
+use bulkhead_kms_proto::CreateVpcKeyRequest;
 use serde_json::{json, Value};
 
 use crate::api::{GroupCreate, IngressChange, SubnetCreate, VpcCreate};

@@ -9,55 +9,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_ec2_query::sigv4::{Authorization as V4Authorization, SigV4Error};
 use bulkhead_ec2_query::{Ec2Request, HttpRequestParts, SecretKey, Verifier};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-pub use crate::sigv::ForwardedRequest;
+pub use bulkhead_kms_proto::{CustomerRequest, ForwardedRequest, SigV4Envelope, SigV4Forwarded};
 
 /// Most headers a forwarded SigV4 request may carry.
 pub const MAX_FORWARDED_HEADERS: usize = 40;
-
-/// An EC2 Query request exactly as the customer signed it (SigV4).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SigV4Forwarded {
-    pub method: String,
-    /// The request path as on the request line (`/`).
-    pub path: String,
-    /// The raw URL query, or `""`.
-    pub query: String,
-    /// The signed headers and `authorization`, as received (name, value).
-    pub headers: Vec<(String, String)>,
-    /// The form body exactly as received.
-    pub body: String,
-}
-
-/// `{"sigv4": {...}}` on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SigV4Envelope {
-    pub sigv4: SigV4Forwarded,
-}
-
-/// A forwarded customer request of either protocol.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum CustomerRequest {
-    Bh1(ForwardedRequest),
-    SigV4(SigV4Envelope),
-}
-
-impl From<ForwardedRequest> for CustomerRequest {
-    fn from(f: ForwardedRequest) -> Self {
-        CustomerRequest::Bh1(f)
-    }
-}
-
-impl From<SigV4Forwarded> for CustomerRequest {
-    fn from(sigv4: SigV4Forwarded) -> Self {
-        CustomerRequest::SigV4(SigV4Envelope { sigv4 })
-    }
-}
 
 /// Why a forwarded SigV4 request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -835,8 +835,9 @@ impl Kms {
                 let sealed =
                     seal_volume_key(&host, &volume, dk.as_ref()).map_err(|_| KmsError::Internal)?;
                 drop(dk);
+                let sealed_key = SealedBlob::from_slice(&sealed).ok_or(KmsError::Internal)?;
                 Ok(serde_json::to_value(DecryptForHostResponse {
-                    sealed_key: B64.encode(sealed),
+                    sealed_key,
                     grant_id,
                 })
                 .map_err(|_| KmsError::Internal)?)
@@ -932,10 +933,11 @@ impl Kms {
                     seal_volume_key(&host, &vpc_sealing_id(vpc_number, epoch), padded.as_ref())
                         .map_err(|_| KmsError::Internal)?;
                 drop(padded);
+                let sealed_epoch_key = SealedBlob::from_slice(&sealed).ok_or(KmsError::Internal)?;
                 Ok(serde_json::to_value(SealVpcKeyResponse {
                     vpc_number,
                     epoch,
-                    sealed_epoch_key: hex::encode(sealed),
+                    sealed_epoch_key,
                 })
                 .map_err(|_| KmsError::Internal)?)
             }

@@ -18,7 +18,6 @@
 //! `DATE` is `YYYYMMDDTHHMMSSZ` (UTC) and travels in the `x-bh-date` header.
 
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -63,30 +62,7 @@ impl SigError {
     }
 }
 
-/// The parts of an HTTP request that are signed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignedParts {
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub host: String,
-    /// `YYYYMMDDTHHMMSSZ`.
-    pub date: String,
-    /// The request body, exactly as sent (UTF-8 JSON).
-    pub body: String,
-    /// `x-bh-nonce`: 16-64 of `A-Za-z0-9`, fresh per request, so that two identical calls in the
-    /// same second have different signatures and a replay is recognisable.
-    pub nonce: String,
-}
-
-/// A customer's signed request, as forwarded by the control plane to the KMS.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ForwardedRequest {
-    pub authorization: String,
-    pub parts: SignedParts,
-}
+pub use bulkhead_kms_proto::{ForwardedRequest, SignedParts};
 
 /// A parsed Authorization header.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_audit::EntryKind;
 use bulkhead_controller_proto::calls;
-use bulkhead_kms::wire::{
+use bulkhead_kms_proto::{
     CreateKeyRequest, DestroyDataKeyRequest, GenerateDataKeyRequest, RevokeGrantRequest,
 };
 use bulkhead_tokens::Operation;

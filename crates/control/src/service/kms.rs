@@ -5,7 +5,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use bulkhead_kms::wire::{KmsCall, RegisterCustomerRequest};
+use bulkhead_kms_proto::{KmsCall, RegisterCustomerRequest};
 
 use super::ControlPlane;
 use crate::{upstream_code, ControlError};
@@ -42,7 +42,7 @@ fn kms_dump(op: &str, request: &impl serde::Serialize, status: u16, response: &[
 
 impl ControlPlane {
     /// One call to the KMS: the typed request of one operation in, that operation's typed
-    /// answer out (the structs the KMS itself parses and writes, `bulkhead_kms::wire`); non-200
+    /// answer out (the structs the KMS itself parses and writes, `bulkhead-kms-proto`); non-200
     /// becomes a typed upstream error, an answer that does not parse an internal one.
     pub(crate) async fn kms<R: KmsCall>(&self, req: &R) -> Result<R::Response, ControlError> {
         let op = R::OP.name();
