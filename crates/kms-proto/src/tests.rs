@@ -155,3 +155,20 @@ fn every_call_names_its_own_operation() {
     assert_eq!(KmsOp::from_path("/v1/Export"), None);
     assert_eq!(vpc_sealing_id(7, 2), "netcard-vpc-7-epoch-2");
 }
+
+#[test]
+fn fuzz_entry_takes_the_seeds() {
+    let sealed = format!(
+        "\x0a{{\"vpc_number\":7,\"epoch\":1,\"sealed_epoch_key\":\"{}\"}}",
+        blob().to_hex()
+    );
+    for seed in [
+        &b"\x06{\"host_id\":\"h1\"}"[..],
+        b"\x0b/v1/Challenge",
+        sealed.as_bytes(),
+        b"",
+        b"\x03\xff",
+    ] {
+        fuzz_body(seed);
+    }
+}
