@@ -27,7 +27,8 @@ for tool in qemu-storage-daemon qemu-img openssl python3; do
 done
 
 cargo build --release -p bulkhead-blockcard --bins --examples
-CARD=$ROOT/target/release/bulkhead-blockcard
+# BENCH_CARD: another card binary (e.g. an older build, to compare before/after).
+CARD=${BENCH_CARD:-$ROOT/target/release/bulkhead-blockcard}
 BB=$ROOT/target/release/examples/blkbench
 
 W=$(mktemp -d /tmp/bhbench.XXXXXX)
@@ -40,6 +41,7 @@ cleanup() {
 trap cleanup EXIT
 
 RESULTS=$W/results.txt
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 : > "$RESULTS"
 WORKLOADS=("randread4k 1" "randread4k 32" "randwrite4k 1" "randwrite4k 32" "seqread1m 8" "seqwrite1m 8")
 
@@ -57,15 +59,20 @@ run_workloads() { # backend socket
   done
 }
 
-bench_card() { # backend keymode
+bench_card() { # backend keymode crypto-sector
   local img=$W/card.img
   dd if=/dev/zero of="$img" bs=1M count="$SIZE_MB" status=none
   local ctl=$W/$1.ctl sock=$W/$1.sock
   "$CARD" --control-socket "$ctl" --vhost-socket "$sock" --backing "$img" \
-    --uid 65534 --gid 65534 2>>"$W/card.log" &
+    --uid 65534 --gid 65534 2>"$W/$1.log" &
   PIDS+=($!)
   wait_sock "$ctl"
-  "$BB" attach "$ctl" bench "$2" 4096 >/dev/null
+  "$BB" attach "$ctl" bench "$2" "$3" >/dev/null
+  # The card opens its backing O_DIRECT and falls back to buffered I/O if the file system
+  # refuses: record which one this run measured.
+  if grep -q 'direct=true' "$W/$1.log"; then echo "$1 O_DIRECT" >> "$W/modes.txt"
+  elif grep -q 'direct=false' "$W/$1.log"; then echo "$1 buffered" >> "$W/modes.txt"
+  else echo "$1 unknown" >> "$W/modes.txt"; fi
   run_workloads "$1" "$sock"
   "$BB" detach "$ctl" >/dev/null
   wait "${PIDS[-1]}" 2>/dev/null || true
@@ -76,9 +83,16 @@ bench_qsd() { # backend luks?
   local img=$W/qsd.img sock=$W/qsd.sock
   local blk=(--blockdev "driver=file,node-name=file0,filename=$img,cache.direct=on,aio=threads")
   if [ "$2" = luks ]; then
-    qemu-img create -q -f luks --object secret,id=sec0,data=benchpass \
-      -o key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=10,preallocation=full \
-      "$img" "${SIZE_MB}M"
+    # qemu-img's PBKDF2 calibration sometimes sees 0 ms of thread CPU time here ("Unable to get
+    # accurate CPU usage"): retry; the cipher is the same every time.
+    local ok=0
+    for _ in 1 2 3 4 5; do
+      if qemu-img create -q -f luks --object secret,id=sec0,data=benchpass \
+        -o key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,iter-time=10,preallocation=full \
+        "$img" "${SIZE_MB}M"; then ok=1; break; fi
+      rm -f "$img"; sleep 1
+    done
+    [ "$ok" = 1 ] || { echo "bench-blockcard: qemu-img create -f luks failed 5 times"; exit 1; }
     blk+=(--object secret,id=sec0,data=benchpass --blockdev "driver=luks,node-name=disk0,file=file0,key-secret=sec0")
   else
     dd if=/dev/zero of="$img" bs=1M count="$SIZE_MB" status=none
@@ -95,8 +109,9 @@ bench_qsd() { # backend luks?
   rm -f "$img" "$sock"
 }
 
-bench_card bulkhead-plain plain
-bench_card bulkhead-xts ephemeral
+bench_card bulkhead-plain plain 4096
+bench_card bulkhead-xts ephemeral 4096
+bench_card bulkhead-xts512 ephemeral 512
 bench_qsd qsd-raw raw
 bench_qsd qsd-luks luks
 
@@ -105,15 +120,18 @@ OSSL=$(openssl speed -evp aes-256-xts -seconds "$SECS" 2>/dev/null | tail -1)
 echo "xts: $XTS"
 echo "openssl: $OSSL"
 
-python3 - "$RESULTS" "$XTS" "$OSSL" "$OUT" "$SECS" "$SIZE_MB" >&3 <<'EOF'
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$RESULTS" "$XTS" "$OSSL" "$OUT" "$SECS" "$SIZE_MB" "$W/modes.txt" "$LOAD_START" "$LOAD_END" >&3 <<'EOF'
 import json, sys, datetime, os, platform
-res_path, xts, ossl, out, secs, size_mb = sys.argv[1:7]
+res_path, xts, ossl, out, secs, size_mb, modes_path, load_start, load_end = sys.argv[1:10]
+modes = dict(l.split(None, 1) for l in open(modes_path).read().splitlines() if l.strip())
+modes_txt = ", ".join(f"{b}: {m.strip()}" for b, m in modes.items())
 rows = {}
 for line in open(res_path):
     backend, js = line.split(" ", 1)
     r = json.loads(js)
     rows[(backend, r["workload"], r["qd"])] = r
-backends = ["bulkhead-plain", "bulkhead-xts", "qsd-raw", "qsd-luks"]
+backends = ["bulkhead-plain", "bulkhead-xts", "bulkhead-xts512", "qsd-raw", "qsd-luks"]
 wls = sorted({(w, q) for (_, w, q) in rows}, key=lambda k: (k[0][:4] != "rand", k[0], k[1]))
 def cell(b, w, q):
     r = rows.get((b, w, q))
@@ -136,18 +154,25 @@ lines = [
     "## Block card (scripts/bench-blockcard.sh)",
     "",
     f"Run {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC on {cpu}, {os.cpu_count()} cores (shared), "
-    f"{size_mb} MiB volume file on the local disk, O_DIRECT, one queue, {secs} s per workload. "
-    "All four backends are driven by the same Rust vhost-user frontend "
+    f"{size_mb} MiB volume file on the local disk, one queue, {secs} s per workload; "
+    f"1-min load average {load_start.split()[0]} at start, {load_end.split()[0]} at end. "
+    f"Card I/O mode as the card logged it ({modes_txt}); qemu-storage-daemon: cache.direct=on "
+    "(O_DIRECT), aio=threads. "
+    "All backends are driven by the same Rust vhost-user frontend "
     "(crates/blockcard/examples/blkbench.rs, memfd guest memory, split virtqueue, no guest kernel); "
-    "p99 is request latency as the frontend sees it. Bulkhead XTS uses 4 KiB crypto sectors; "
-    "qemu-storage-daemon's LUKS image is LUKS1 aes-xts-plain64 (QEMU 7.2 cannot open LUKS2).",
+    "p99 is request latency as the frontend sees it. Bulkhead XTS uses 4 KiB crypto sectors, "
+    "Bulkhead XTS 512 the same cipher with 512-byte crypto sectors (what LUKS1 uses); the card has "
+    "up to 32 requests of a queue in flight on the file (32 I/O workers per queue); "
+    "qemu-storage-daemon's LUKS image is LUKS1 aes-xts-plain64, 512-byte sectors (QEMU 7.2 cannot "
+    "open LUKS2).",
     "",
-    "| workload | QD | Bulkhead plain | Bulkhead XTS | qsd raw | qsd LUKS | XTS / plain | XTS / qsd LUKS |",
-    "|---|---|---|---|---|---|---|---|",
+    "| workload | QD | Bulkhead plain | Bulkhead XTS | Bulkhead XTS 512 | qsd raw | qsd LUKS | XTS / plain | XTS / qsd LUKS | XTS 512 / qsd LUKS |",
+    "|---|---|---|---|---|---|---|---|---|---|",
 ]
 for w, q in wls:
     lines.append(f"| {w} | {q} | " + " | ".join(cell(b, w, q) for b in backends)
-                 + f" | {ratio('bulkhead-xts', 'bulkhead-plain', w, q)} | {ratio('bulkhead-xts', 'qsd-luks', w, q)} |")
+                 + f" | {ratio('bulkhead-xts', 'bulkhead-plain', w, q)} | {ratio('bulkhead-xts', 'qsd-luks', w, q)}"
+                 + f" | {ratio('bulkhead-xts512', 'qsd-luks', w, q)} |")
 lines += [
     "",
     f"Per-core AES-256-XTS: card cipher (AWS-LC EVP, 4 KiB data units, tweak reset per unit) "

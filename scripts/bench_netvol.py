@@ -31,7 +31,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
-CARD = os.path.join(REL, "bulkhead-blockcard")
+# BENCH_CARD: another card binary (e.g. an older build, to compare before/after).
+CARD = os.environ.get("BENCH_CARD") or os.path.join(REL, "bulkhead-blockcard")
 NODE = os.path.join(REL, "bulkhead-storage")
 BB = os.path.join(REL, "examples", "blkbench")
 PKI = os.path.join(REL, "examples", "netvolpki")
@@ -368,8 +369,8 @@ def report(b, load0, load1, started, elapsed):
         bad = sum(m.get(k, 0) for k in ("io_errors", "nbd_failed_requests", "nbd_protocol_errors", "nbd_reply_errors"))
         out += ["", f"Card XTS counters after the run: {m.get('reads', 0)} reads, {m.get('writes', 0)} writes, "
                 f"{bad} I/O, reply or protocol errors, {m.get('nbd_reconnects', 0)} reconnects; at most "
-                f"**{m.get('nbd_inflight_peak', '?')} NBD requests in flight** (`nbd_inflight_peak`: one queue × 8 "
-                "I/O lanes, whatever the guest's queue depth; QEMU's nbd client keeps up to 16)."]
+                f"**{m.get('nbd_inflight_peak', '?')} NBD requests in flight** (`nbd_inflight_peak`; the card "
+                "allows up to 32 per queue, its I/O workers, one queue here; QEMU's nbd client keeps up to 16)."]
     else:
         out += ["", "Card counters: not read (GetMetrics failed, see stderr)."]
     out += [

@@ -136,6 +136,15 @@ struct Counts {
     inflight: usize,
     /// Of those, the writes, discards and write-zeroes.
     mutating: usize,
+    /// Threads waiting in `wait_mutating_done` / `wait_idle` (only they need a wake-up).
+    waiters: usize,
+}
+
+#[derive(Default)]
+struct Jobs {
+    queue: VecDeque<Job>,
+    /// Workers asleep waiting for a job (a submission wakes one only if there is one).
+    idle: usize,
 }
 
 /// One queue's I/O workers, the jobs waiting for them and the large bounce buffers they share.
@@ -143,7 +152,7 @@ struct QueuePool {
     workers: Vec<Mutex<QueueWorker>>,
     large: Mutex<Vec<AlignedBuf>>,
     large_cv: Condvar,
-    jobs: Mutex<VecDeque<Job>>,
+    jobs: Mutex<Jobs>,
     jobs_cv: Condvar,
     counts: Mutex<Counts>,
     counts_cv: Condvar,
@@ -178,18 +187,26 @@ impl QueuePool {
             }
             c.inflight
         };
-        lock(&self.jobs).push_back(job);
-        self.jobs_cv.notify_one();
+        let idle = {
+            let mut j = lock(&self.jobs);
+            j.queue.push_back(job);
+            j.idle
+        };
+        if idle > 0 {
+            self.jobs_cv.notify_one();
+        }
         n
     }
 
     fn next_job(&self) -> Job {
         let mut q = lock(&self.jobs);
         loop {
-            if let Some(j) = q.pop_front() {
+            if let Some(j) = q.queue.pop_front() {
                 return j;
             }
+            q.idle += 1;
             q = wait(&self.jobs_cv, q);
+            q.idle = q.idle.saturating_sub(1);
         }
     }
 
@@ -199,7 +216,7 @@ impl QueuePool {
         if mutating {
             c.mutating = c.mutating.saturating_sub(1);
         }
-        if c.mutating == 0 || c.inflight == 0 {
+        if c.waiters > 0 && (c.mutating == 0 || c.inflight == 0) {
             self.counts_cv.notify_all();
         }
     }
@@ -212,7 +229,9 @@ impl QueuePool {
     fn wait_mutating_done(&self) {
         let mut c = lock(&self.counts);
         while c.mutating > 0 {
+            c.waiters += 1;
             c = wait(&self.counts_cv, c);
+            c.waiters = c.waiters.saturating_sub(1);
         }
     }
 
@@ -220,7 +239,9 @@ impl QueuePool {
     fn wait_idle(&self) {
         let mut c = lock(&self.counts);
         while c.inflight > 0 {
+            c.waiters += 1;
             c = wait(&self.counts_cv, c);
+            c.waiters = c.waiters.saturating_sub(1);
         }
     }
 }
@@ -274,7 +295,7 @@ impl BlockBackend {
                 workers,
                 large: Mutex::new(large),
                 large_cv: Condvar::new(),
-                jobs: Mutex::new(VecDeque::new()),
+                jobs: Mutex::new(Jobs::default()),
                 jobs_cv: Condvar::new(),
                 counts: Mutex::new(Counts::default()),
                 counts_cv: Condvar::new(),
