@@ -13,7 +13,12 @@
 //!
 //! Nothing in this layout is trusted: the release is re-verified at boot, every artefact is
 //! hashed and compared with the manifest before it runs, and the identity only unseals if the PCR
-//! holds the signed value.
+//! holds the signed value. The anti-rollback floor lives in the TPM, in the NV counter
+//! [`FLOOR_NV_INDEX`] (raised at provisioning and at every commit; a TPM counter only goes up):
+//! `state.json`'s `committed_version` is a copy, and editing it lowers nothing.
+
+/// NV index of the anti-rollback floor (owner range; `TPM_NT_COUNTER`).
+pub const FLOOR_NV_INDEX: u32 = 0x0100_b017;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -178,8 +183,16 @@ impl Host {
         Ok((s.active_version, s.committed_version))
     }
 
-    fn policy(&self, now: u64) -> Result<(u64, u64), RotError> {
-        Ok((self.state()?.committed_version, now))
+    fn policy(&mut self, now: u64) -> Result<(u64, u64), RotError> {
+        Ok((self.floor()?, now))
+    }
+
+    /// The anti-rollback floor: the TPM's NV counter (authoritative), or the state file's copy
+    /// for a host provisioned before the counter existed, whichever is higher.
+    pub fn floor(&mut self) -> Result<u64, RotError> {
+        let copy = self.state()?.committed_version;
+        let counter = self.tpm.counter_read(FLOOR_NV_INDEX)?.unwrap_or(0);
+        Ok(copy.max(counter))
     }
 
     /// Verifies a signed release (threshold, expiry, environment, no rollback below the committed
@@ -227,6 +240,18 @@ impl Host {
         source: &Path,
     ) -> Result<Enrollment, RotError> {
         let m = self.install(signed, source)?;
+        self.tpm.counter_define(FLOOR_NV_INDEX)?;
+        let counter = self.tpm.counter_raise_to(FLOOR_NV_INDEX, m.version)?;
+        if counter > m.version {
+            // This TPM's counters already went past the first release (a counter starts at
+            // the highest value any counter of the TPM held): its releases must be numbered
+            // above that.
+            return Err(crate::release::ReleaseError::Rollback {
+                version: m.version,
+                current: counter,
+            }
+            .into());
+        }
         let (_key, sealed) =
             create_identity(&mut self.tpm, self.cfg.pcr, &m.expected_pcr_value()?)?;
         sealed.write(&self.identity_path(m.version))?;
@@ -265,11 +290,12 @@ impl Host {
     /// Switches back to an installed release whose sealed identity is still on disk (rollback
     /// of an uncommitted update). Refused below the committed version.
     pub fn activate(&mut self, version: u64) -> Result<(), RotError> {
+        let floor = self.floor()?;
         let mut s = self.state()?;
-        if version < s.committed_version {
+        if version < floor {
             return Err(crate::release::ReleaseError::Rollback {
                 version,
-                current: s.committed_version,
+                current: floor,
             }
             .into());
         }
@@ -287,6 +313,10 @@ impl Host {
         if let Some(v) = s.active_version {
             s.committed_version = s.committed_version.max(v);
         }
+        // The TPM first: once the counter is raised, no file edit brings the floor back down.
+        self.tpm.counter_define(FLOOR_NV_INDEX)?;
+        self.tpm
+            .counter_raise_to(FLOOR_NV_INDEX, s.committed_version)?;
         self.set_state(&s)?;
         let entries = std::fs::read_dir(&self.cfg.root).map_err(RotError::io(&self.cfg.root))?;
         for e in entries.flatten() {
@@ -305,8 +335,8 @@ impl Host {
         Ok(())
     }
 
-    fn verify_installed(&self, signed: &SignedRelease) -> Result<Manifest, RotError> {
-        let floor = self.state()?.committed_version;
+    fn verify_installed(&mut self, signed: &SignedRelease) -> Result<Manifest, RotError> {
+        let floor = self.floor()?;
         // Expiry is checked at install, not at every boot: an ageing release must not stop a
         // fleet. Everything else is checked again.
         Ok(verify_release(

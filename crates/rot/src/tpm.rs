@@ -586,6 +586,125 @@ impl Tpm {
         result
     }
 
+    /// Reads the anti-rollback counter at `index`: `None` if the index is not defined, 0 if it
+    /// was defined but never incremented.
+    pub fn counter_read(&mut self, index: u32) -> Result<Option<u64>, RotError> {
+        use tss_esapi::handles::{NvIndexHandle, NvIndexTpmHandle, TpmHandle};
+        use tss_esapi::interface_types::resource_handles::NvAuth;
+        let tpm_handle = NvIndexTpmHandle::new(index).map_err(RotError::Tpm)?;
+        let Ok(object) = self
+            .ctx
+            .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)))
+        else {
+            return Ok(None);
+        };
+        let handle = NvIndexHandle::from(object);
+        let read = self
+            .ctx
+            .execute_with_nullauth_session(|ctx| ctx.nv_read(NvAuth::Owner, handle, 8, 0));
+        let _ = self.ctx.tr_close(&mut ObjectHandle::from(handle));
+        match read {
+            Ok(buf) => {
+                let bytes: [u8; 8] = buf
+                    .value()
+                    .try_into()
+                    .map_err(|_| RotError::Malformed("NV counter size"))?;
+                Ok(Some(u64::from_be_bytes(bytes)))
+            }
+            // TPM_RC_NV_UNINITIALIZED: defined, never incremented.
+            Err(e) if uninitialized(&e) => Ok(Some(0)),
+            Err(e) => Err(RotError::Tpm(e)),
+        }
+    }
+
+    /// Defines the anti-rollback counter at `index` (owner hierarchy, `TPM_NT_COUNTER`) if it
+    /// does not exist. A TPM counter only ever goes up; one deleted and defined again starts at
+    /// the highest value any counter of this TPM ever held, so the floor survives that too.
+    pub fn counter_define(&mut self, index: u32) -> Result<(), RotError> {
+        use tss_esapi::attributes::NvIndexAttributesBuilder;
+        use tss_esapi::constants::NvIndexType;
+        use tss_esapi::handles::NvIndexTpmHandle;
+        use tss_esapi::interface_types::resource_handles::Provision;
+        use tss_esapi::structures::NvPublicBuilder;
+        if self.counter_read(index)?.is_some() {
+            return Ok(());
+        }
+        let attrs = NvIndexAttributesBuilder::new()
+            .with_nv_index_type(NvIndexType::Counter)
+            .with_owner_write(true)
+            .with_owner_read(true)
+            .with_auth_read(true)
+            .with_no_da(true)
+            .build()
+            .map_err(RotError::Tpm)?;
+        let public = NvPublicBuilder::new()
+            .with_nv_index(NvIndexTpmHandle::new(index).map_err(RotError::Tpm)?)
+            .with_index_name_algorithm(HashingAlgorithm::Sha256)
+            .with_index_attributes(attrs)
+            .with_data_area_size(8)
+            .build()
+            .map_err(RotError::Tpm)?;
+        let handle = self
+            .ctx
+            .execute_with_nullauth_session(|ctx| {
+                ctx.nv_define_space(Provision::Owner, None, public)
+            })
+            .map_err(RotError::Tpm)?;
+        let _ = self.ctx.tr_close(&mut ObjectHandle::from(handle));
+        Ok(())
+    }
+
+    /// Deletes the counter at `index` (owner authorization). Dev/test only: shows that a
+    /// counter defined again does not start below where the old one was.
+    pub fn counter_undefine(&mut self, index: u32) -> Result<(), RotError> {
+        use tss_esapi::handles::{NvIndexHandle, NvIndexTpmHandle, TpmHandle};
+        use tss_esapi::interface_types::resource_handles::Provision;
+        let tpm_handle = NvIndexTpmHandle::new(index).map_err(RotError::Tpm)?;
+        let object = self
+            .ctx
+            .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)))
+            .map_err(RotError::Tpm)?;
+        self.ctx
+            .execute_with_nullauth_session(|ctx| {
+                ctx.nv_undefine_space(Provision::Owner, NvIndexHandle::from(object))
+            })
+            .map_err(RotError::Tpm)
+    }
+
+    /// Increments the counter at `index` until it is at least `value` (at most 4096 steps per
+    /// call: release versions are small). Returns the counter's value.
+    pub fn counter_raise_to(&mut self, index: u32, value: u64) -> Result<u64, RotError> {
+        use tss_esapi::handles::{NvIndexHandle, NvIndexTpmHandle, TpmHandle};
+        use tss_esapi::interface_types::resource_handles::NvAuth;
+        let mut now = self
+            .counter_read(index)?
+            .ok_or(RotError::Malformed("anti-rollback counter not defined"))?;
+        let mut steps = 0u32;
+        while now < value {
+            if steps >= 4096 {
+                return Err(RotError::Malformed("anti-rollback counter: step limit"));
+            }
+            let tpm_handle = NvIndexTpmHandle::new(index).map_err(RotError::Tpm)?;
+            let object = self
+                .ctx
+                .execute_without_session(|ctx| {
+                    ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle))
+                })
+                .map_err(RotError::Tpm)?;
+            let handle = NvIndexHandle::from(object);
+            let r = self
+                .ctx
+                .execute_with_nullauth_session(|ctx| ctx.nv_increment(NvAuth::Owner, handle));
+            let _ = self.ctx.tr_close(&mut ObjectHandle::from(handle));
+            r.map_err(RotError::Tpm)?;
+            steps += 1;
+            now = self
+                .counter_read(index)?
+                .ok_or(RotError::Malformed("anti-rollback counter vanished"))?;
+        }
+        Ok(now)
+    }
+
     /// `TPM2_Clear` with owner (platform would be used on real hardware) authorization: new owner
     /// seed, so a new SRK and AK; every object sealed before becomes unloadable.
     pub fn clear_owner(&mut self) -> Result<(), RotError> {
@@ -594,6 +713,17 @@ impl Tpm {
                 ctx.clear(tss_esapi::handles::AuthHandle::Platform)
             })
             .map_err(RotError::Tpm)
+    }
+}
+
+/// TPM_RC_NV_UNINITIALIZED (0x14a): an NV index defined but never written.
+fn uninitialized(e: &tss_esapi::Error) -> bool {
+    match e {
+        tss_esapi::Error::Tss2Error(rc) => matches!(
+            rc.kind(),
+            Some(tss_esapi::constants::response_code::Tss2ResponseCodeKind::NvUninitialized)
+        ),
+        _ => false,
     }
 }
 

@@ -266,7 +266,17 @@ fn staging_identity_is_refused_in_production_and_reprovisioning_changes_the_ak()
     let h2 = h.boot();
     assert!(!h2.accepts_customer_work);
     assert_eq!(h2.reasons, vec![HealthReason::NotProvisioned]);
+    // The TPM's anti-rollback counter outlives the clear (a new counter starts above every
+    // value an old one held): re-provisioning with the same release 1 is a rollback ...
     let rel = art.release(&k, 1, &env("staging"), &[0, 1]);
+    assert!(matches!(
+        h.provision(&rel, art.path()),
+        Err(RotError::Release(
+            bulkhead_rot::release::ReleaseError::Rollback { .. }
+        ))
+    ));
+    // ... and a newer release provisions.
+    let rel = art.release(&k, 2, &env("staging"), &[0, 1]);
     let re = h.provision(&rel, art.path()).unwrap();
     assert_ne!(
         re.ak, enrol.ak,
