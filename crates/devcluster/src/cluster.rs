@@ -480,6 +480,10 @@ pub fn provision_attested(dir: &Path, bins: &Path, hosts: usize) -> Result<(), C
             }
             let e: bulkhead_rot::attest::Enrollment = serde_json::from_slice(&out.stdout)
                 .map_err(|e| ClusterError::Rot(format!("enrolment of {host}: {e}")))?;
+            // The AK is enrolled only once the host proved it lives in a TPM whose EK the
+            // (dev) manufacturer certified.
+            let ek = endorse(bins, dir, &host, &e)?;
+            std::fs::write(enrol_dir.join(format!("{host}.ek.der")), ek).map_err(io(&host))?;
             let public = hex::decode(&e.host_public)
                 .map_err(|_| ClusterError::Rot(format!("enrolment of {host}: host key")))?;
             // The control plane presents this key; the KMS seals to the enrolment's copy.
@@ -504,6 +508,76 @@ pub fn provision_attested(dir: &Path, bins: &Path, hosts: usize) -> Result<(), C
 }
 
 /// `bulkhead-launcher` for `host` with the cluster's common arguments (its own dev TPM).
+/// The enrolment ceremony's endorsement check (`bulkhead_rot::endorsement`): the host's EK
+/// certificate must chain to the dev manufacturer's CA, and its TPM must open a credential made
+/// for the enrolment's AK. Returns the EK certificate (DER).
+fn endorse(
+    bins: &Path,
+    dir: &Path,
+    host: &str,
+    e: &bulkhead_rot::attest::Enrollment,
+) -> Result<Vec<u8>, ClusterError> {
+    use bulkhead_rot::endorsement::{make_credential, verify_ek_certificate, LocalManufacturer};
+    use std::io::Write;
+    let refused = |what: &str, why: String| {
+        ClusterError::Rot(format!("endorsement of {host}: {what}: {why}"))
+    };
+    let out = launcher(bins, dir, host, None)
+        .arg("ek-certificate")
+        .output()
+        .map_err(io("bulkhead-launcher"))?;
+    if !out.status.success() {
+        return Err(refused(
+            "EK certificate",
+            String::from_utf8_lossy(&out.stderr).trim().into(),
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| refused("EK certificate", e.to_string()))?;
+    let der = v
+        .get("ek_certificate")
+        .and_then(|h| h.as_str())
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(|| refused("EK certificate", "not hex".into()))?;
+    let trust = LocalManufacturer::new(&dir.join("manufacturer"))
+        .and_then(|m| m.trust())
+        .map_err(|e| refused("manufacturer CA", e.to_string()))?;
+    let ek = verify_ek_certificate(&der, &trust, bulkhead_rot::unix_now())
+        .map_err(|e| refused("EK certificate", e.to_string()))?;
+    let (challenge, check) =
+        make_credential(&ek, &e.ak).map_err(|e| refused("credential", e.to_string()))?;
+    let mut child = launcher(bins, dir, host, None)
+        .arg("activate-credential")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(io("bulkhead-launcher"))?;
+    let body = serde_json::to_vec(&challenge).map_err(|e| refused("credential", e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&body).map_err(io("bulkhead-launcher"))?;
+    }
+    let out = child.wait_with_output().map_err(io("bulkhead-launcher"))?;
+    if !out.status.success() {
+        return Err(refused(
+            "activation",
+            String::from_utf8_lossy(&out.stderr).trim().into(),
+        ));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| refused("activation", e.to_string()))?;
+    let secret = v
+        .get("secret")
+        .and_then(|h| h.as_str())
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(|| refused("activation", "no secret".into()))?;
+    let ek = check
+        .finish(&secret)
+        .map_err(|e| refused("activation", e.to_string()))?;
+    tracing::info!(host, ek = %ek.fingerprint(), "attestation key endorsed by the TPM's EK");
+    Ok(der)
+}
+
 fn launcher(bins: &Path, dir: &Path, host: &str, net: Option<&HostNet>) -> Command {
     let program = bins.join("bulkhead-launcher");
     let mut c = match net {
@@ -515,6 +589,8 @@ fn launcher(bins: &Path, dir: &Path, host: &str, net: Option<&HostNet>) -> Comma
         .args(["--name", host, "--env", DEV_ENVIRONMENT, "--trust-root"])
         .arg(dir.join("release/trust-root.json"))
         .arg("--dev-swtpm")
+        .arg("--dev-manufacturer")
+        .arg(dir.join("manufacturer"))
         .arg("--audit-log")
         .arg(dir.join(host).join("launcher-audit.log"));
     c
@@ -733,7 +809,9 @@ pub struct StartOptions {
 
 /// Whether this machine can run attested hosts (swtpm on PATH, the launcher built).
 pub fn can_attest(bins: &Path) -> bool {
-    bulkhead_rot::swtpm::swtpm_available() && bins.join("bulkhead-launcher").is_file()
+    bulkhead_rot::swtpm::swtpm_available()
+        && bulkhead_rot::swtpm::swtpm_setup_available()
+        && bins.join("bulkhead-launcher").is_file()
 }
 
 /// Control-plane replicas and sizes for [`start_replicated`] (the defaults are [`start`]'s).
