@@ -6,7 +6,7 @@ CARGO ?= cargo
 export CARGO_TARGET_DIR ?= $(CURDIR)/target
 GUEST_DIR := $(CARGO_TARGET_DIR)/guest
 
-.PHONY: quickstart test deps build guest bench lint fmt fuzz-smoke clean-guest-cache
+.PHONY: quickstart test deps build guest host-image bench lint fmt fuzz-smoke clean-guest-cache
 
 deps:
 	@scripts/install-deps.sh
@@ -17,6 +17,10 @@ build:
 guest:
 	@scripts/build-guest.sh "$(GUEST_DIR)"
 
+# The sealed host image (host/README.md): kernel cached by input hash, initramfs and UKI rebuilt.
+host-image:
+	@scripts/build-host-image.sh "$(CARGO_TARGET_DIR)/host-image"
+
 quickstart: deps guest build
 	@scripts/quickstart.sh
 
@@ -25,7 +29,7 @@ quickstart: deps guest build
 # network namespaces (crates/testkit). Run `cargo test` by hand without it to allow skips.
 # The PostgreSQL contract test, the two-replica test and the storage node's Ceph test run in
 # their own lines, each under a throw-away server (PostgreSQL, or a single-node Ceph).
-test: deps guest
+test: deps guest host-image
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --release -- -D warnings
 	$(CARGO) build --release --workspace --bins

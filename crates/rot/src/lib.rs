@@ -7,6 +7,8 @@
 //! - [`identity`]: the host identity (an X25519 host key in `bulkhead-sealing`'s format) sealed to
 //!   the PCR value; [`identity::HostHealth`] says whether the host may take customer work and why.
 //! - [`agent`]: the host's attestation agent (quotes over verifier nonces on a unix socket).
+//! - [`boot`]: the sealed host image's boot chain (PCRs 4/9/11/12 + 23), checked against exact
+//!   expected values with a refusal naming the PCR.
 //! - [`attest`]: quotes with verifier nonces; the [`attest::Verifier`] used by the control plane
 //!   and the KMS (nonce one-time use, enrolled AK, environment, PCR = signed release's value).
 //! - [`endorsement`]: the AK proven to live in a TPM whose EK chains to a trusted manufacturer
@@ -19,6 +21,7 @@
 
 pub mod agent;
 pub mod attest;
+pub mod boot;
 pub mod deploy;
 pub mod endorsement;
 pub mod host;

@@ -479,6 +479,73 @@ impl Tpm {
         })
     }
 
+    /// `TPM2_Quote` over the SHA-256 bank's PCRs `pcrs` (ascending, each 0..=23) with `nonce`
+    /// as qualifying data, signed by the AK, and the quoted PCRs' values (`TPM2_PCR_Read`, in
+    /// the same order) for the verifier to recompute the quote's PCR digest. The sealed host's
+    /// boot chain ([`crate::boot`]).
+    pub fn quote_sha256_pcrs(
+        &mut self,
+        pcrs: &[u8],
+        nonce: &[u8],
+    ) -> Result<(RawQuote, Vec<[u8; 32]>), RotError> {
+        if nonce.is_empty() || nonce.len() > MAX_NONCE_LEN {
+            return Err(RotError::Malformed("nonce length"));
+        }
+        if pcrs.is_empty() || pcrs.len() > 8 || pcrs.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(RotError::Malformed("PCR list"));
+        }
+        let slots = pcrs
+            .iter()
+            .map(|&p| {
+                if p > 23 {
+                    return Err(RotError::Malformed("PCR index"));
+                }
+                PcrSlot::try_from(1u32 << p).map_err(RotError::Tpm)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let selection = || {
+            PcrSelectionListBuilder::new()
+                .with_selection(HashingAlgorithm::Sha256, &slots)
+                .build()
+                .map_err(RotError::Tpm)
+        };
+        let data = Data::try_from(nonce.to_vec()).map_err(RotError::Tpm)?;
+        let (ak, _) = self.create_primary(Self::ak_template()?)?;
+        let sel = selection()?;
+        let quoted = self
+            .ctx
+            .execute_with_nullauth_session(|ctx| ctx.quote(ak, data, SignatureScheme::Null, sel));
+        self.flush(ak);
+        let (attest, signature): (Attest, Signature) = quoted.map_err(RotError::Tpm)?;
+        let (_, _, digests) = self.ctx.pcr_read(selection()?).map_err(RotError::Tpm)?;
+        let values = digests
+            .value()
+            .iter()
+            .map(|d| {
+                <[u8; 32]>::try_from(d.value()).map_err(|_| RotError::Malformed("PCR value length"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if values.len() != pcrs.len() {
+            return Err(RotError::Malformed("PCR read returned another count"));
+        }
+        let sig = match signature {
+            Signature::EcDsa(s) => {
+                let mut rs = Vec::with_capacity(64);
+                rs.extend_from_slice(&pad32(s.signature_r().value())?);
+                rs.extend_from_slice(&pad32(s.signature_s().value())?);
+                rs
+            }
+            _ => return Err(RotError::Malformed("quote signature is not ECDSA")),
+        };
+        Ok((
+            RawQuote {
+                attest: hex::encode(attest.marshall().map_err(RotError::Tpm)?),
+                signature: hex::encode(sig),
+            },
+            values,
+        ))
+    }
+
     /// The RSA 2048 EK certificate (DER) the manufacturer stored in NV index `0x01c00002`.
     pub fn ek_certificate(&mut self) -> Result<Vec<u8>, crate::endorsement::EndorsementError> {
         use tss_esapi::abstraction::ek::retrieve_ek_pubcert;
