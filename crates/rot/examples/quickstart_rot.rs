@@ -1,12 +1,14 @@
-//! Quickstart act for the root of trust (real swtpm): a host attests before the KMS seals it a
-//! volume key; the same host with one byte of a binary changed is refused, and a replayed quote
+//! Quickstart act for the root of trust (real swtpm): a host's attestation key is enrolled only
+//! after its TPM proves it holds an EK a trusted vendor certified; the host attests before the
+//! KMS seals it a volume key; the same host with one byte of a binary changed is refused, and a replayed quote
 //! is refused.
 
 use bulkhead_rot::attest::{release_volume_key, Verifier};
+use bulkhead_rot::endorsement::{make_credential, verify_ek_certificate, LocalManufacturer};
 use bulkhead_rot::host::{Host, HostConfig};
 use bulkhead_rot::measure::{Environment, EventKind};
 use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease, TrustRoot};
-use bulkhead_rot::swtpm::{swtpm_available, Swtpm};
+use bulkhead_rot::swtpm::{swtpm_available, swtpm_setup_available, Swtpm};
 use bulkhead_rot::tpm::MeasurePcr;
 use bulkhead_rot::RotError;
 
@@ -56,8 +58,19 @@ fn main() -> R<()> {
         &m.expected_pcr[..32]
     );
 
-    say("Provisioning: host-1 (its own TPM) installs release 1, seals a fresh host key to that PCR value, enrols its AK");
-    let sw = Swtpm::start()?;
+    say("Manufacturing: a TPM vendor (here a local CA) makes host-1's TPM and certifies its endorsement key");
+    if !swtpm_setup_available() {
+        println!("*** SKIPPED root-of-trust act: swtpm_setup not installed (swtpm-tools) ***");
+        return Ok(());
+    }
+    let vendor = LocalManufacturer::new(&work.path().join("vendor"))?;
+    vendor.manufacture(&work.path().join("tpm-1"))?;
+    let sw = Swtpm::start_with_state(&work.path().join("tpm-1"))?;
+    let rogue = LocalManufacturer::new(&work.path().join("rogue-vendor"))?;
+    rogue.manufacture(&work.path().join("tpm-x"))?;
+    let sw_x = Swtpm::start_with_state(&work.path().join("tpm-x"))?;
+
+    say("Provisioning: host-1 installs release 1, seals a fresh host key to that PCR value; its AK is enrolled only once its TPM proves it holds the certified EK");
     let cfg = HostConfig {
         name: "host-1".into(),
         root: work.path().join("host-1"),
@@ -68,6 +81,33 @@ fn main() -> R<()> {
     };
     let mut host = Host::open(cfg, &sw.tcti())?;
     let enrol = host.provision(&rel, &src)?;
+    let trust = vendor.trust()?;
+    let ek = verify_ek_certificate(&host.ek_certificate()?, &trust, bulkhead_rot::unix_now())?;
+    let (challenge, check) = make_credential(&ek, &enrol.ak)?;
+    let secret = host.activate_credential(&challenge)?;
+    let ek = check.finish(&secret)?;
+    println!(
+        "EK certificate chains to the vendor's root; the TPM opened the credential made for AK {}: EK {}…",
+        enrol.ak.key_id(),
+        &ek.fingerprint()[..16]
+    );
+    let mut tpm_x = bulkhead_rot::tpm::Tpm::open(&sw_x.tcti())?;
+    match verify_ek_certificate(&tpm_x.ek_certificate()?, &trust, bulkhead_rot::unix_now()) {
+        Err(e) => println!(
+            "a TPM made by another vendor is refused: [{}] {e}",
+            e.code()
+        ),
+        Ok(_) => return Err("a rogue vendor's TPM was accepted".into()),
+    }
+    let ak_x = tpm_x.ak_public()?;
+    let (challenge, _) = make_credential(&ek, &ak_x)?;
+    match tpm_x.activate_credential(&challenge) {
+        Err(e) => println!(
+            "another TPM's AK under host-1's EK is refused: [{}] {e}",
+            e.code()
+        ),
+        Ok(_) => return Err("a foreign AK was endorsed".into()),
+    }
     println!(
         "enrolled host-1 in {}: AK {}",
         enrol.environment,
