@@ -409,13 +409,11 @@ impl Tpm {
         result
     }
 
-    fn unseal_loaded(
+    /// A fresh policy session (SHA-256, parameter encryption with AES-128-CFB).
+    fn policy_session(
         &mut self,
-        object: KeyHandle,
-        selection: PcrSelectionList,
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, RotError> {
-        let session = self
-            .ctx
+    ) -> Result<tss_esapi::interface_types::session_handles::AuthSession, RotError> {
+        self.ctx
             .start_auth_session(
                 None,
                 None,
@@ -425,7 +423,15 @@ impl Tpm {
                 HashingAlgorithm::Sha256,
             )
             .map_err(RotError::Tpm)?
-            .ok_or(RotError::Malformed("TPM returned no session"))?;
+            .ok_or(RotError::Malformed("TPM returned no session"))
+    }
+
+    fn unseal_loaded(
+        &mut self,
+        object: KeyHandle,
+        selection: PcrSelectionList,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, RotError> {
+        let session = self.policy_session()?;
         let (attrs, mask) = SessionAttributesBuilder::new()
             .with_decrypt(true)
             .with_encrypt(true)
@@ -606,18 +612,7 @@ impl Tpm {
         };
         // The EK's policy is PolicySecret(TPM_RH_ENDORSEMENT): a policy session satisfied with
         // the (empty) endorsement authorization.
-        let session = self
-            .ctx
-            .start_auth_session(
-                None,
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .ok()
-            .flatten();
+        let session = self.policy_session().ok();
         let result = (|| {
             let session = session.ok_or(EndorsementError::Crypto("TPM session"))?;
             let policy = PolicySession::try_from(session).map_err(tpm_err)?;
