@@ -146,9 +146,9 @@ impl HostClient {
             })
         } else {
             let code = ErrorBody::decode(&r.body).map(|e| e.error.code);
-            Err(ControlError::Host(upstream_code(
-                code.as_deref().unwrap_or(""),
-            )))
+            let code = code.as_deref().unwrap_or("");
+            tracing::debug!(host = host_id, op = %op, status = r.status, code, "host refused");
+            Err(ControlError::Host(upstream_code(code)))
         }
     }
 }

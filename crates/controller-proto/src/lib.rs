@@ -451,9 +451,30 @@ pub struct ErrorDetail {
 }
 
 impl ErrorBody {
-    /// The refusal in a non-2xx answer, if it is one.
+    /// The refusal in a non-2xx answer, if it is one. Read leniently: only `error.code` is
+    /// needed (a refusal written before the controller's handler ran, or by an older
+    /// controller, may lack the others).
     pub fn decode(body: &[u8]) -> Option<ErrorBody> {
-        serde_json::from_slice(body).ok()
+        #[derive(Deserialize)]
+        struct Lenient {
+            error: LenientDetail,
+        }
+        #[derive(Deserialize)]
+        struct LenientDetail {
+            code: String,
+            #[serde(default)]
+            message: String,
+            #[serde(default)]
+            request_id: String,
+        }
+        let l: Lenient = serde_json::from_slice(body).ok()?;
+        Some(ErrorBody {
+            error: ErrorDetail {
+                code: l.error.code,
+                message: l.error.message,
+                request_id: l.error.request_id,
+            },
+        })
     }
 }
 

@@ -242,6 +242,13 @@ fn bodies_refuse_unknown_fields_bad_types_and_oversize() {
     assert_eq!(r.unwrap_err().code(), "body_unknown_field");
     let r: Result<DrainRequest, _> = decode_body(br#"{"reason":"x","force":true}"#);
     assert_eq!(r.unwrap_err().code(), "body_unknown_field");
+    // A refusal needs only its code.
+    assert_eq!(
+        ErrorBody::decode(br#"{"error":{"code":"quota_exceeded"}}"#).map(|e| e.error.code),
+        Some("quota_exceeded".to_string())
+    );
+    assert_eq!(ErrorBody::decode(br#"{"error":{"message":"m"}}"#), None);
+    assert_eq!(ErrorBody::decode(b"busy"), None);
     // Answers are read leniently: a newer controller may add fields.
     assert!(Ack::decode(br#"{"request_id":"r","status":"ok","extra":1}"#).is_ok());
 }
