@@ -11,7 +11,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bulkhead_hostinit::config::{encode_disk, HostConfig};
 use common::{HostNet, SealedHost, MTLS_PORT};
 
 struct TempDir(std::path::PathBuf);
@@ -21,28 +20,6 @@ impl Drop for TempDir {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-}
-
-/// The per-host configuration disk for `host_id` at `net.host_ip`, from a dev PKI in `pki`.
-fn config_disk(pki: &std::path::Path, host_id: &str, net: &HostNet, out: &std::path::Path) {
-    let dir = bulkhead_tokens::statedir::StateDir::new(pki);
-    dir.ensure_dev(host_id).expect("dev PKI");
-    let read = |p: std::path::PathBuf| {
-        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-    };
-    let cfg = HostConfig {
-        host_id: host_id.into(),
-        address: net.host_ip,
-        prefix: 24,
-        gateway: Some(net.peer_ip),
-        ca_cert: read(dir.ca().ca_pem()),
-        host_cert: read(dir.ca().cert(host_id)),
-        host_key: read(dir.ca().key(host_id)).into(),
-        token_public_key: read(dir.token_pub()),
-        rights: read(dir.rights()),
-        revocations: std::fs::read_to_string(dir.revoked()).unwrap_or_default(),
-    };
-    std::fs::write(out, encode_disk(&cfg).expect("encode config disk")).expect("write disk");
 }
 
 #[test]
@@ -59,7 +36,7 @@ fn sealed_host_boots_with_no_way_in() {
         return;
     }
     let net = HostNet::new("a");
-    config_disk(&tmp.join("pki"), "host-1", &net, &tmp.join("config.img"));
+    common::config_disk(&tmp.join("pki"), "host-1", &net, &tmp.join("config.img"));
     let mut host = SealedHost::boot(
         &tmp.join("host-1"),
         &tmp.join("image/bulkhead-host.efi"),

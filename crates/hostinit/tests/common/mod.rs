@@ -91,6 +91,30 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// The per-host configuration disk for `host_id` at `net.host_ip`, from a dev PKI in `pki`.
+pub fn config_disk(pki: &Path, host_id: &str, net: &HostNet, out: &Path) -> [u8; 32] {
+    let dir = bulkhead_tokens::statedir::StateDir::new(pki);
+    dir.ensure_dev(host_id).expect("dev PKI");
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    let cfg = bulkhead_hostinit::config::HostConfig {
+        host_id: host_id.into(),
+        address: net.host_ip,
+        prefix: 24,
+        gateway: Some(net.peer_ip),
+        ca_cert: read(dir.ca().ca_pem()),
+        host_cert: read(dir.ca().cert(host_id)),
+        host_key: read(dir.ca().key(host_id)).into(),
+        token_public_key: read(dir.token_pub()),
+        rights: read(dir.rights()),
+        revocations: std::fs::read_to_string(dir.revoked()).unwrap_or_default(),
+    };
+    let disk = bulkhead_hostinit::config::encode_disk(&cfg).expect("encode config disk");
+    std::fs::write(out, &disk).expect("write disk");
+    bulkhead_hostinit::config::measured_digest(&disk).expect("digest")
+}
+
 /// A network namespace with one tap device (`10.213.N.1/24`) for one sealed host (`.2`).
 pub struct HostNet {
     pub ns: String,
