@@ -246,10 +246,14 @@ fn hostile_storage_node_gets_io_errors_never_wrong_data() {
             _ => assert_eq!(got.map(|_| ()), Err(IOERR), "{mode:?}"),
         }
         // The card is alive and the next request works (over a new connection if needed).
-        assert!(
-            h.read(0, 0, BLOCK) == Ok(good.clone()),
-            "{mode:?}: good block"
-        );
+        // Oversized: the surplus may arrive in a later TLS record, after the guest already sent
+        // its next read on the same connection; that read was in flight when the violation was
+        // seen, so it fails (never with wrong data) and the one after it works.
+        let mut next = h.read(0, 0, BLOCK);
+        if matches!(mode, Mode::Oversized) && next == Err(IOERR) {
+            next = h.read(0, 0, BLOCK);
+        }
+        assert!(next == Ok(good.clone()), "{mode:?}: good block");
         assert!(card.alive(), "{mode:?}");
         let protocol = card.metric("nbd_protocol_errors");
         let replies = card.metric("nbd_reply_errors");

@@ -226,12 +226,16 @@ impl Engine {
         if self.inflight.is_empty() {
             self.last_progress = Instant::now();
         }
+        // Everything taken at once goes into rustls as one write, so a burst of requests becomes
+        // a few full TLS records instead of one or two small records per request.
+        let mut burst: Vec<u8> = Vec::new();
         for op in new {
             let cookie = self.next_cookie;
             self.next_cookie = self.next_cookie.wrapping_add(1);
-            // A failed write into rustls' buffer only happens on a closed session; the pump
-            // notices and the request is re-sent with the rest.
-            let _ = Self::send(session, cookie, &op);
+            burst.extend_from_slice(&Self::request_of(cookie, &op).encode());
+            if op.command == Command::Write {
+                burst.extend_from_slice(&op.payload);
+            }
             self.inflight.insert(
                 cookie,
                 InFlight {
@@ -240,6 +244,11 @@ impl Engine {
                     sent: Instant::now(),
                 },
             );
+        }
+        // A failed write into rustls' buffer only happens on a closed session; the pump notices
+        // and the requests are re-sent with the rest.
+        if !burst.is_empty() {
+            let _ = session.tls.writer().write_all(&burst);
         }
         let n = u64::try_from(self.inflight.len()).unwrap_or(u64::MAX);
         self.shared
