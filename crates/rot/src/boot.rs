@@ -2,12 +2,13 @@
 //! OVMF and the UKI's stub into the SHA-256 bank, plus the per-host configuration disk measured
 //! by the image's PID 1 into PCR 23. A verifier demands the exact value of every PCR of the
 //! image manifest — never "non-zero": some firmware paths boot without measuring and leave a
-//! fixed PCR 4 — and refuses a mismatch naming the PCR.
+//! fixed PCR 4 — and refuses a mismatch naming the PCR. `scripts/build-host-image.sh` computes
+//! the expected values of 4, 9, 11 and 12 from the image's parts by these rules.
 //!
 //! | PCR | measured by | what |
 //! |---|---|---|
-//! | 4 | firmware | the UKI's PE (Authenticode) hash, then the embedded kernel's |
-//! | 9 | kernel EFI stub | the command line and the initrd it was handed |
+//! | 4 | firmware | boot-attempt action, separator, the UKI's Authenticode hash, then the kernel's |
+//! | 9 | kernel EFI stub | its load options (UTF-16LE command line with NUL), then the initrd |
 //! | 11 | UKI stub | each section's name and contents: `.linux`, `.osrel`, `.cmdline`, `.initrd` |
 //! | 12 | UKI stub | a command line that *replaced* the UKI's (`-append`); zero when none did |
 //! | 23 | `bulkhead-init` | SHA-256 of the configuration disk (resettable by software) |
