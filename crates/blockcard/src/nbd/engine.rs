@@ -62,8 +62,15 @@ impl Shared {
 
     /// Queues `op` and blocks until the connection thread completes it.
     pub(crate) fn submit(&self, op: Arc<Op>) -> Result<Vec<u8>, NbdClientError> {
-        lock(&self.queue).push(op.clone());
-        if self.wake.write(1).is_err() {
+        // The connection thread takes the whole queue each time it wakes, so only a push onto an
+        // empty queue needs to wake it (one eventfd write per burst, not per request).
+        let was_empty = {
+            let mut q = lock(&self.queue);
+            let e = q.is_empty();
+            q.push(op.clone());
+            e
+        };
+        if was_empty && self.wake.write(1).is_err() {
             return Err(NbdClientError::Stopped);
         }
         let mut done = lock(&op.done);
