@@ -118,3 +118,45 @@ fn parsers_never_panic() {
     assert!(EventLog::parse(std::str::from_utf8(&log).unwrap()).is_ok());
     assert!(verify_release(&SignedRelease::parse(&rel_json).unwrap(), &pol).is_ok());
 }
+
+/// EK certificates come from the host being enrolled: random bytes and single-byte mutations
+/// of a valid chain's leaf give typed refusals, never a panic. (Forged certificates of a real
+/// RSA EK are refused in `endorsement.rs`.)
+#[test]
+fn ek_certificates_never_panic() {
+    use bulkhead_rot::endorsement::{verify_ek_certificate, EkTrust};
+    let dir = tempfile::tempdir().unwrap();
+    // A manufacturer root and an EK-like leaf it signed (ECDSA: the verifier refuses the key
+    // type after the chain checks, so every parser on the way is exercised).
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut root_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    root_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Fuzz TPM Vendor Root");
+    root_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let root = root_params.self_signed(&root_key).unwrap();
+    let issuer = rcgen::Issuer::new(root_params, root_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    let root_pem = dir.path().join("root.pem");
+    std::fs::write(&root_pem, root.pem()).unwrap();
+    let trust = EkTrust::from_pem_files(&[root_pem], &[]).unwrap();
+    let now = bulkhead_rot::unix_now();
+    let der = leaf.der().to_vec();
+    // The unmodified chain verifies up to the key type.
+    assert!(matches!(
+        verify_ek_certificate(&der, &trust, now),
+        Err(bulkhead_rot::endorsement::EndorsementError::UnsupportedEkKey)
+    ));
+    let mut r = Rng(0x5eed_0e4c);
+    for _ in 0..3000 {
+        let input = if r.below(4) == 0 {
+            r.bytes(2048)
+        } else {
+            mutate(&mut r, &der)
+        };
+        // A panic fails the test; the leaf's key type is refused, so nothing may pass.
+        assert!(verify_ek_certificate(&input, &trust, now).is_err());
+    }
+}
