@@ -118,6 +118,15 @@ fn same_inputs_same_digest() {
     )
     .expect("third build");
     assert_ne!(read(&c.join("digest")), read(&a.join("digest")));
+    // ... and other expected PCRs: 4 (the UKI's hash), 9 (the command line), 11 (its section);
+    // not 12.
+    let other: serde_json::Value =
+        serde_json::from_slice(&read(&c.join("manifest.json"))).expect("manifest is JSON");
+    for p in ["4", "9", "11", "12"] {
+        let (x, y) = (&manifest["expected_pcrs"][p], &other["expected_pcrs"][p]);
+        assert!(x.as_str().is_some_and(|v| v.len() == 64), "PCR {p}: {x}");
+        assert_eq!(x == y, p == "12", "PCR {p}: {x} vs {y}");
+    }
     eprintln!(
         "host image: digest {digest}, UKI {} bytes, initramfs {} bytes, one build {:.1} s",
         read(&a.join("bulkhead-host.efi")).len(),
