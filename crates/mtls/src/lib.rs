@@ -121,18 +121,27 @@ pub fn raise_nofile_limit() -> u64 {
     }
 }
 
-/// Connections held per identity.
+/// Connections held per key (a client identity, a source address): a counter per key with a
+/// cap, released when the [`KeyedSlot`] drops. Used for per-identity budgets here and in the
+/// other listeners that speak TLS (the storage node's NBD listener).
 #[derive(Default)]
-struct IdentitySlots {
+pub struct KeyedSlots {
     held: Mutex<HashMap<String, usize>>,
 }
 
-struct IdentitySlot {
-    slots: Arc<IdentitySlots>,
+/// One connection counted against its key; released on drop.
+pub struct KeyedSlot {
+    slots: Arc<KeyedSlots>,
     key: String,
 }
 
-impl IdentitySlots {
+impl std::fmt::Debug for KeyedSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedSlot").field("key", &self.key).finish()
+    }
+}
+
+impl KeyedSlots {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         match self.held.lock() {
             Ok(g) => g,
@@ -140,21 +149,22 @@ impl IdentitySlots {
         }
     }
 
-    fn take(self: &Arc<Self>, key: String, cap: usize) -> Option<IdentitySlot> {
+    /// Counts one more connection for `key`, or `None` when it already holds `cap`.
+    pub fn take(self: &Arc<Self>, key: String, cap: usize) -> Option<KeyedSlot> {
         let mut m = self.lock();
         let n = m.entry(key.clone()).or_insert(0);
         if *n >= cap {
             return None;
         }
         *n += 1;
-        Some(IdentitySlot {
+        Some(KeyedSlot {
             slots: Arc::clone(self),
             key,
         })
     }
 }
 
-impl Drop for IdentitySlot {
+impl Drop for KeyedSlot {
     fn drop(&mut self) {
         let mut m = self.slots.lock();
         if let Some(n) = m.get_mut(&self.key) {
@@ -213,7 +223,7 @@ pub async fn serve(
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let handshaking = Arc::new(Semaphore::new(limits.max_handshaking));
     let established = Arc::new(Semaphore::new(limits.max_established));
-    let per_identity = Arc::new(IdentitySlots::default());
+    let per_identity = Arc::new(KeyedSlots::default());
     let limits = Arc::new(limits);
     loop {
         let (tcp, addr): (_, SocketAddr) = match listener.accept().await {
@@ -249,7 +259,7 @@ struct Connection {
     limits: Arc<Limits>,
     refusals: Arc<Refusals>,
     established: Arc<Semaphore>,
-    per_identity: Arc<IdentitySlots>,
+    per_identity: Arc<KeyedSlots>,
 }
 
 impl Connection {
@@ -351,7 +361,7 @@ mod tests {
 
     #[test]
     fn identity_slots_cap_and_release() {
-        let s = Arc::new(IdentitySlots::default());
+        let s = Arc::new(KeyedSlots::default());
         let a1 = s.take("a".into(), 2);
         let a2 = s.take("a".into(), 2);
         assert!(a1.is_some() && a2.is_some());

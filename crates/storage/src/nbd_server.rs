@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_audit::{Decision, EntryKind};
-use bulkhead_mtls::{Refusal, Refusals, Stage};
+use bulkhead_mtls::{KeyedSlot, KeyedSlots, Refusal, Refusals, Stage};
 use bulkhead_nbd::consts::{MAX_OPTION_DATA, MAX_OPTION_REPLY_DATA};
 use bulkhead_nbd::{
     ClientFlags, ClientOption, ExportName, ExportNameReply, HandshakeFlags, InfoReply, InfoRequest,
@@ -24,7 +24,7 @@ use bulkhead_tokens::pki::identity_from_der;
 use bulkhead_tokens::{Identity, Role};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::node::{entry, request_id, Node, OpenRefusal};
@@ -34,8 +34,16 @@ use crate::node::{entry, request_id, Node, OpenRefusal};
 pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(20);
 /// Option requests one connection may send before transmission.
 pub const MAX_OPTIONS: usize = 32;
-/// Connections at once (negotiating or transmitting).
+/// Connections in negotiation at once (before and during the TLS handshake and options): an
+/// unauthenticated client holds one of these, never a transmission slot.
+pub const MAX_NEGOTIATING: usize = 256;
+/// Connections in negotiation from one source address at once.
+pub const MAX_NEGOTIATING_PER_ADDR: usize = 16;
+/// Authenticated connections at once (past the TLS handshake).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Authenticated connections one client certificate may hold (a host's cards: one connection
+/// per attached network volume, plus reconnects overlapping a dying connection).
+pub const MAX_PER_HOST: usize = 128;
 /// Copy buffer per direction in transmission (a 1 MiB request crosses in a few reads).
 pub const COPY_BUFFER: usize = 256 * 1024;
 
@@ -47,8 +55,14 @@ pub mod codes {
     pub const BAD_HANDSHAKE: &str = "nbd_bad_handshake";
     /// Negotiation took longer than [`super::NEGOTIATION_TIMEOUT`].
     pub const NEGOTIATION_TIMEOUT: &str = "nbd_negotiation_timeout";
-    /// Too many connections at once.
+    /// Too many authenticated connections at once.
     pub const TOO_MANY_CONNECTIONS: &str = "nbd_too_many_connections";
+    /// Too many connections in negotiation at once.
+    pub const TOO_MANY_NEGOTIATING: &str = "nbd_too_many_negotiating";
+    /// Too many connections in negotiation from one source address.
+    pub const ADDRESS_NEGOTIATION_CAP: &str = "nbd_address_negotiation_cap";
+    /// One client certificate holds [`super::MAX_PER_HOST`] connections already.
+    pub const HOST_CONNECTION_CAP: &str = "nbd_host_connection_cap";
     /// More than [`super::MAX_OPTIONS`] options.
     pub const TOO_MANY_OPTIONS: &str = "nbd_too_many_options";
 }
@@ -75,9 +89,37 @@ pub struct NbdServer {
     pub refusals: Arc<Refusals>,
 }
 
+/// The listener's connection budgets: negotiation (global and per source address) and
+/// authenticated connections (global and per client certificate) draw on separate pools, so
+/// clients that never finish a handshake cannot take the slots hosts transmit on.
+#[derive(Clone)]
+struct Budgets {
+    negotiating: Arc<Semaphore>,
+    per_addr: Arc<KeyedSlots>,
+    established: Arc<Semaphore>,
+    per_host: Arc<KeyedSlots>,
+}
+
+/// What an authenticated connection holds until it ends.
+struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    _slot: KeyedSlot,
+}
+
+/// What a negotiating connection holds until it is authenticated or ends.
+struct Negotiating {
+    _permit: OwnedSemaphorePermit,
+    _slot: KeyedSlot,
+}
+
 /// Accepts connections until the process ends.
 pub async fn serve(listener: TcpListener, server: Arc<NbdServer>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let budgets = Budgets {
+        negotiating: Arc::new(Semaphore::new(MAX_NEGOTIATING)),
+        per_addr: Arc::new(KeyedSlots::default()),
+        established: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        per_host: Arc::new(KeyedSlots::default()),
+    };
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -87,19 +129,33 @@ pub async fn serve(listener: TcpListener, server: Arc<NbdServer>) {
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(&budgets.negotiating).try_acquire_owned() else {
             server
                 .refusals
-                .refuse(Refusal::new(Stage::Admission, codes::TOO_MANY_CONNECTIONS));
+                .refuse(Refusal::new(Stage::Admission, codes::TOO_MANY_NEGOTIATING));
             continue;
+        };
+        let Some(slot) = budgets
+            .per_addr
+            .take(addr.ip().to_string(), MAX_NEGOTIATING_PER_ADDR)
+        else {
+            server.refusals.refuse(Refusal::new(
+                Stage::Admission,
+                codes::ADDRESS_NEGOTIATION_CAP,
+            ));
+            continue;
+        };
+        let negotiating = Negotiating {
+            _permit: permit,
+            _slot: slot,
         };
         let _ = tcp.set_nodelay(true);
         let server = Arc::clone(&server);
+        let budgets = budgets.clone();
         tokio::spawn(async move {
-            if let Err(e) = server.session(tcp, addr).await {
+            if let Err(e) = server.session(tcp, addr, negotiating, &budgets).await {
                 tracing::debug!(peer = %addr, error = %e, "nbd session ended");
             }
-            drop(permit);
         });
     }
 }
@@ -202,6 +258,8 @@ struct Transmission {
     opened: crate::node::Opened,
     volume: VolumeId,
     request_id: String,
+    /// The authenticated connection's budget slots (set once negotiation returns).
+    admitted: Option<Admitted>,
 }
 
 impl NbdServer {
@@ -210,8 +268,17 @@ impl NbdServer {
             .refuse(Refusal::new(Stage::Handshake, code).by(identity.cloned()));
     }
 
-    async fn session(&self, tcp: TcpStream, addr: SocketAddr) -> Result<(), SessionError> {
-        let negotiated = tokio::time::timeout(NEGOTIATION_TIMEOUT, self.negotiate(tcp, addr)).await;
+    async fn session(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        negotiating: Negotiating,
+        budgets: &Budgets,
+    ) -> Result<(), SessionError> {
+        let negotiated =
+            tokio::time::timeout(NEGOTIATION_TIMEOUT, self.negotiate(tcp, addr, budgets)).await;
+        // Negotiation is over, whatever its outcome: its slot goes back at once.
+        drop(negotiating);
         let (mut tls, t) = match negotiated {
             Ok(Ok(Some(x))) => x,
             Ok(Ok(None)) => return Ok(()),
@@ -226,6 +293,7 @@ impl NbdServer {
             opened,
             volume,
             request_id,
+            admitted: _admitted,
         } = *t;
         let crate::node::Opened { guard, cut, .. } = opened;
         tokio::select! {
@@ -272,6 +340,7 @@ impl NbdServer {
         &self,
         mut tcp: TcpStream,
         addr: SocketAddr,
+        budgets: &Budgets,
     ) -> Result<
         Option<(
             tokio_rustls::server::TlsStream<TcpStream>,
@@ -357,6 +426,28 @@ impl NbdServer {
             .and_then(|c| c.first())
             .and_then(|c| identity_from_der(c.as_ref()).ok())
             .map(Arc::new);
+        // Authenticated: the connection now counts against its certificate and the
+        // established pool (refused before any option is read when either is full).
+        let key = match &identity {
+            Some(i) => format!("cert:{}", i.cert_sha256),
+            None => format!("anonymous:{}", addr.ip()),
+        };
+        let Some(slot) = budgets.per_host.take(key, MAX_PER_HOST) else {
+            self.refusals.refuse(
+                Refusal::new(Stage::Admission, codes::HOST_CONNECTION_CAP).by(identity.clone()),
+            );
+            return Ok(None);
+        };
+        let Ok(permit) = Arc::clone(&budgets.established).try_acquire_owned() else {
+            self.refusals.refuse(
+                Refusal::new(Stage::Admission, codes::TOO_MANY_CONNECTIONS).by(identity.clone()),
+            );
+            return Ok(None);
+        };
+        let mut admitted = Some(Admitted {
+            _permit: permit,
+            _slot: slot,
+        });
         loop {
             n += 1;
             if n > MAX_OPTIONS {
@@ -377,7 +468,10 @@ impl NbdServer {
             match next {
                 Next::Again => continue,
                 Next::Close => return Ok(None),
-                Next::Transmit(t) => return Ok(Some((tls, t))),
+                Next::Transmit(mut t) => {
+                    t.admitted = admitted.take();
+                    return Ok(Some((tls, t)));
+                }
             }
         }
     }
@@ -578,6 +672,7 @@ impl NbdServer {
             opened,
             volume,
             request_id: rid,
+            admitted: None,
         })))
     }
 }

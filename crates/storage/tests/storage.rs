@@ -222,6 +222,61 @@ fn options_before_starttls_get_tls_reqd() {
 }
 
 #[test]
+fn idle_unauthenticated_connections_from_one_address_cannot_shut_hosts_out() {
+    let Some((pki, state)) = setup() else { return };
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    create(&node, &cp, "vol-b", 4 * MIB);
+    grant(&node, &cp, "vol-b", "host-1", 1);
+    let rt = rt();
+    // A client at 127.0.0.2 opens connections and never answers the greeting.
+    let connect = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            s.connect(format!("127.0.0.1:{}", node.nbd_port).parse().unwrap())
+                .await
+                .unwrap()
+        })
+    };
+    let greeted = |rt: &tokio::runtime::Runtime, c: &mut tokio::net::TcpStream| {
+        use tokio::io::AsyncReadExt;
+        rt.block_on(async {
+            let mut g = [0u8; ServerGreeting::LEN];
+            matches!(
+                tokio::time::timeout(std::time::Duration::from_secs(5), c.read_exact(&mut g)).await,
+                Ok(Ok(_))
+            )
+        })
+    };
+    let mut idle = Vec::new();
+    for _ in 0..bulkhead_storage::nbd_server::MAX_NEGOTIATING_PER_ADDR {
+        let mut c = connect(&rt);
+        assert!(
+            greeted(&rt, &mut c),
+            "a connection within the budget got no greeting"
+        );
+        idle.push(c);
+    }
+    // One more from that address is closed at once, and the refusal is audited.
+    let mut extra = connect(&rt);
+    assert!(
+        !greeted(&rt, &mut extra),
+        "the address's budget was not enforced"
+    );
+    node.wait_audit(&["nbd_address_negotiation_cap"]);
+    // The granted host, at another address, is served all the while.
+    let h1 = pki.qemu_creds(&pki.ca, "host-1");
+    let (ok, out) = qemu_io(&node, &h1, "vol-b", &["write -P 7 0 4k", "read -P 7 0 4k"]);
+    assert!(ok, "a host was shut out by idle connections:\n{out}");
+    // Once the idle connections go, that address is served again.
+    drop(idle);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut again = connect(&rt);
+    assert!(greeted(&rt, &mut again));
+}
+
+#[test]
 fn the_control_api_serves_only_the_control_plane() {
     let Some((pki, state)) = setup() else { return };
     let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
