@@ -113,8 +113,13 @@ fn main() -> ExitCode {
         }
     };
     let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
-    eprintln!("BULKHEAD-HOST-AK {}", ak.0);
-    eprintln!("BULKHEAD-HOST-AGENT ready on {socket}");
+    // One write(2) per line: the console is shared with PID 1 and the kernel, and a line
+    // written in pieces can be interleaved with theirs.
+    let line = format!(
+        "BULKHEAD-HOST-AK {}\nBULKHEAD-HOST-AGENT ready on {socket}\n",
+        ak.0
+    );
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
     for conn in listener.incoming() {
         match conn {
             Ok(s) => serve(&mut tpm, &host, &ak, s),

@@ -100,10 +100,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// One line on the console, unbuffered (markers the tests and operators look for).
+/// One line on the console (markers the tests and operators look for), in one write(2) so
+/// that the agent's and the controller's output cannot split it.
 fn say(line: &str) {
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{line}");
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{line}\n").as_bytes());
 }
 
 fn halt(e: &InitError) -> ! {

@@ -42,7 +42,7 @@ fn boot_and_attest(
     pki: &Path,
     net: &HostNet,
     nonce: &[u8; 32],
-) -> (BootEvidence, AkPublic, f64) {
+) -> (BootEvidence, AkPublic, f64, String) {
     let disk = tmp.join(format!("{name}-config.img"));
     let _ = common::config_disk(pki, "host-1", net, &disk);
     let mut host = SealedHost::boot(&tmp.join(name), uki, &disk, net);
@@ -112,7 +112,8 @@ fn boot_and_attest(
             String::from_utf8_lossy(&out.stdout)
         )
     });
-    (evidence, AkPublic(ak), ready.as_secs_f64())
+    let console = host.console_text();
+    (evidence, AkPublic(ak), ready.as_secs_f64(), console)
 }
 
 fn curl_present() -> bool {
@@ -156,7 +157,7 @@ fn sealed_host_attests_and_a_tampered_image_is_refused() {
 
     // --- boot 1: the image as built ----------------------------------------------------------
     let nonce: [u8; 32] = rand_nonce();
-    let (ev, ak, ready_s) = boot_and_attest(
+    let (ev, ak, ready_s, console) = boot_and_attest(
         &tmp,
         "good",
         &tmp.join("good/bulkhead-host.efi"),
@@ -173,7 +174,12 @@ fn sealed_host_attests_and_a_tampered_image_is_refused() {
     for p in [4u8, 9, 11] {
         assert_ne!(expected.0[&p], [0; 32], "PCR {p} expected zero");
     }
-    verify_boot(&ev, &ak, &nonce, &expected).expect("the image as built attests");
+    if let Err(e) = verify_boot(&ev, &ak, &nonce, &expected) {
+        panic!(
+            "the image as built does not attest: {e:?}\nevidence: {}\nconsole:\n{console}",
+            serde_json::to_string(&ev).unwrap_or_default()
+        );
+    }
     assert_eq!(
         verify_boot(&ev, &ak, &rand_nonce(), &expected),
         Err(BootChainError::NonceMismatch)
@@ -194,7 +200,7 @@ fn sealed_host_attests_and_a_tampered_image_is_refused() {
 
     // --- boot 2: the same image with `lockdown=none` on its command line --------------------
     let nonce2 = rand_nonce();
-    let (ev2, ak2, ready2_s) = boot_and_attest(
+    let (ev2, ak2, ready2_s, _) = boot_and_attest(
         &tmp,
         "bad",
         &tmp.join("bad/bulkhead-host.efi"),
