@@ -122,6 +122,8 @@ pub struct ControlPlane {
     pub(crate) region: String,
     /// Storage nodes for network volumes; `None`: volumes are files on the attaching host.
     pub(crate) storage: Option<crate::storage::Storage>,
+    /// Time per workflow step (operators' metrics; the attach benchmark's breakdown).
+    pub(crate) step_times: crate::workflow::StepTimes,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -187,6 +189,7 @@ impl ControlPlane {
             lease: crate::workflow::Lease::default(),
             region: crate::config::DEFAULT_REGION.to_string(),
             storage: None,
+            step_times: crate::workflow::StepTimes::default(),
         }
     }
 

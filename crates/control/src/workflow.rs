@@ -407,8 +407,13 @@ impl ControlPlane {
         let from = usize::try_from(w.step).unwrap_or(usize::MAX);
         let id = w.workflow_id.clone();
         for (idx, s) in S::ALL.iter().enumerate().skip(from) {
+            let started = std::time::Instant::now();
             match self.renewing(&id, s.forward(self, w, live)).await {
                 Ok(out) => {
+                    let took = started.elapsed();
+                    self.step_times
+                        .record(S::KIND.as_str(), &format!("{s:?}"), took);
+                    tracing::info!(workflow = %w.workflow_id, kind = S::KIND.as_str(), step = ?s, ms = took.as_secs_f64() * 1e3, "workflow step done");
                     // A step may choose the host (RunInstances' placement).
                     if let Some(h) = out.get("host_id").and_then(Value::as_str) {
                         w.host_id = Some(h.to_string());
@@ -534,3 +539,83 @@ impl ControlPlane {
 
 #[cfg(test)]
 mod tests;
+
+/// How long each workflow step took (successful runs), per kind and step, since start: the
+/// per-step breakdown of RunInstances, AttachVolume, DetachVolume and TerminateInstances that
+/// `GET /v1/operator/metrics` serves and the attach benchmark prints.
+#[derive(Debug, Default)]
+pub struct StepTimes {
+    by_step: std::sync::Mutex<std::collections::BTreeMap<(&'static str, String), StepStat>>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct StepStat {
+    count: u64,
+    sum_us: u64,
+    max_us: u64,
+}
+
+impl StepTimes {
+    pub(crate) fn record(&self, kind: &'static str, step: &str, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let mut m = crate::service::lock(&self.by_step);
+        let e = m.entry((kind, step.to_string())).or_default();
+        e.count = e.count.saturating_add(1);
+        e.sum_us = e.sum_us.saturating_add(us);
+        e.max_us = e.max_us.max(us);
+    }
+
+    /// Prometheus text: `bulkhead_workflow_step_seconds` as a summary (sum, count) plus the
+    /// longest run, labelled by workflow kind and step.
+    pub fn render_metrics(&self) -> String {
+        let m = crate::service::lock(&self.by_step);
+        let mut out = String::from(
+            "# HELP bulkhead_workflow_step_seconds Time spent in each workflow step (successful runs).\n\
+             # TYPE bulkhead_workflow_step_seconds summary\n",
+        );
+        for ((kind, step), st) in m.iter() {
+            // Kinds and steps are our own identifiers (letters only): nothing to escape.
+            let sum = st.sum_us as f64 / 1e6;
+            out.push_str(&format!(
+                "bulkhead_workflow_step_seconds_sum{{kind=\"{kind}\",step=\"{step}\"}} {sum:.6}\n\
+                 bulkhead_workflow_step_seconds_count{{kind=\"{kind}\",step=\"{step}\"}} {}\n",
+                st.count
+            ));
+        }
+        out.push_str(
+            "# HELP bulkhead_workflow_step_max_seconds Longest successful run of each workflow step.\n\
+             # TYPE bulkhead_workflow_step_max_seconds gauge\n",
+        );
+        for ((kind, step), st) in m.iter() {
+            let max = st.max_us as f64 / 1e6;
+            out.push_str(&format!(
+                "bulkhead_workflow_step_max_seconds{{kind=\"{kind}\",step=\"{step}\"}} {max:.6}\n"
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod step_time_tests {
+    use super::StepTimes;
+    use std::time::Duration;
+
+    #[test]
+    fn step_times_render_as_a_summary_per_kind_and_step() {
+        let t = StepTimes::default();
+        t.record("attach", "Plug", Duration::from_millis(300));
+        t.record("attach", "Plug", Duration::from_millis(100));
+        t.record("attach", "Attest", Duration::from_millis(20));
+        let text = t.render_metrics();
+        assert!(text.contains(
+            "bulkhead_workflow_step_seconds_sum{kind=\"attach\",step=\"Plug\"} 0.400000\n"
+        ));
+        assert!(text
+            .contains("bulkhead_workflow_step_seconds_count{kind=\"attach\",step=\"Plug\"} 2\n"));
+        assert!(text.contains(
+            "bulkhead_workflow_step_max_seconds{kind=\"attach\",step=\"Plug\"} 0.300000\n"
+        ));
+        assert!(text.contains("step=\"Attest\"} 0.020000"));
+    }
+}

@@ -81,7 +81,9 @@ impl ControlPlane {
             .into_iter()
             .map(|h| h.host_id)
             .collect();
-        self.fleet.render_metrics(&hosts)
+        let mut text = self.fleet.render_metrics(&hosts);
+        text.push_str(&self.step_times.render_metrics());
+        text
     }
     /// The central alerts recorded so far (newest last), at most `limit`.
     pub fn alerts(&self, limit: usize) -> Vec<Value> {
