@@ -86,6 +86,21 @@ def main():
             attach.append(a * 1000)
             detach.append(b * 1000)
         call("TerminateInstances", {"InstanceIds": [inst]})
+        # The control plane's own per-step times (operators' metrics, operator certificate).
+        steps = {}
+        op = json.load(open(f"{d}/cluster.json")).get("operator", "")
+        if op:
+            m = subprocess.run(["curl", "-sS", "--cacert", f"{d}/ca/ca.pem", "--cert", f"{d}/ca/operator.pem",
+                                "--key", f"{d}/ca/operator.key", f"https://{op}/v1/operator/metrics"],
+                               capture_output=True, text=True)
+            for line in m.stdout.splitlines():
+                for metric in ("bulkhead_workflow_step_seconds_sum", "bulkhead_workflow_step_seconds_count",
+                               "bulkhead_workflow_step_max_seconds"):
+                    if line.startswith(metric + "{"):
+                        labels, value = line[len(metric) + 1:].split("} ")
+                        kv = dict(x.split("=", 1) for x in labels.split(","))
+                        key = (kv["kind"].strip('"'), kv["step"].strip('"'))
+                        steps.setdefault(key, {})[metric.rsplit("_", 1)[-1]] = float(value)
         # Each attach of a network volume is one card opening the export on the node.
         opens = 0
         if network and os.path.exists(f"{d}/logs/storage-1.log"):
@@ -115,6 +130,20 @@ def main():
     print(f"| AttachVolume ({short}) → guest driver bound the hot-plugged disk | {pct(attach, 50):.0f} ms | {max(attach):.0f} ms | {CYCLES} |")
     print(f"| DetachVolume ({short}) → guest released the disk, card zeroized the key | {pct(detach, 50):.0f} ms | {max(detach):.0f} ms | {CYCLES} |")
     print()
+    if steps:
+        print("Where the time goes, as the control plane measured each workflow step "
+              "(`bulkhead_workflow_step_seconds` from `GET /v1/operator/metrics`; mean and max over "
+              "the successful runs; the CLI's own process start and TLS set-up are outside these):\n")
+        print("| workflow | step | mean | max | runs |")
+        print("|---|---|---|---|---|")
+        for (kind, step), v in sorted(steps.items(), key=lambda kv: (kv[0][0], -kv[1].get("sum", 0))):
+            if kind not in ("attach", "detach"):
+                continue
+            n = v.get("count", 0) or 1
+            print(f"| {kind} | {step} | {v.get('sum', 0) / n * 1000:.0f} ms | {v.get('seconds', 0) * 1000:.0f} ms | {int(v.get('count', 0))} |")
+        print()
+    else:
+        print("Per-step times: not measured (the operator API did not answer).\n")
 
 
 if __name__ == "__main__":
