@@ -165,13 +165,17 @@ fn nbd_storage_node_killed_and_restarted_during_io_loses_nothing_acknowledged() 
     for i in 0..16u64 {
         assert_eq!(h.write(0, i * 32, &block(i, LEN)), 0, "write {i}");
     }
-    // A write in flight when the storage node dies: published and kicked, then SIGKILL.
+    // A write in flight when the storage node dies: the node is frozen first (so the write
+    // cannot be answered before the kill, whatever the load), the write published and kicked
+    // and given time to reach the wire, then SIGKILL.
     let (_, _, d) = h.slot_addrs(0, 0);
     h.mem
         .write_slice(&block(16, LEN), vm_memory::GuestAddress(d))
         .expect("data");
+    qsd.freeze();
     let head = h.prepare(0, 0, VIRTIO_BLK_T_OUT, 16 * 32, LEN as u32, false);
     h.kick(0);
+    std::thread::sleep(Duration::from_millis(200));
     qsd.kill9();
     let killed = Instant::now();
     let restart = {

@@ -123,6 +123,15 @@ impl Qsd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Freezes the server (SIGSTOP): it accepts no more bytes into its process and answers
+    /// nothing, while its sockets stay open.
+    pub fn freeze(&mut self) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: sending SIGSTOP to our own child process.
+        let rc = unsafe { libc::kill(pid, libc::SIGSTOP) };
+        assert_eq!(rc, 0, "SIGSTOP failed");
+    }
 }
 
 impl Drop for Qsd {
