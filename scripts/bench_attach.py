@@ -19,6 +19,7 @@ Prints a markdown section on stdout. Run from the repository root after `make bu
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,17 @@ def main():
                         kv = dict(x.split("=", 1) for x in labels.split(","))
                         key = (kv["kind"].strip('"'), kv["step"].strip('"'))
                         steps.setdefault(key, {})[metric.rsplit("_", 1)[-1]] = float(value)
+        # The controller's split of its Plug step (log line "attach phases").
+        phases = {"spawn_ms": [], "key_ms": [], "plug_ms": []}
+        for log in sorted(os.listdir(f"{d}/logs")) if os.path.isdir(f"{d}/logs") else []:
+            if not log.startswith("host-"):
+                continue
+            for l in open(f"{d}/logs/{log}", errors="replace"):
+                if "attach phases" in l:
+                    for k in phases:
+                        m = re.search(k + r"=([0-9.]+)", l)
+                        if m:
+                            phases[k].append(float(m.group(1)))
         # Each attach of a network volume is one card opening the export on the node.
         opens = 0
         if network and os.path.exists(f"{d}/logs/storage-1.log"):
@@ -144,6 +156,16 @@ def main():
         print()
     else:
         print("Per-step times: not measured (the operator API did not answer).\n")
+    if all(phases.values()):
+        print("The host's `Plug`, as the controller split it (its \"attach phases\" log line; p50 of the attaches):\n")
+        print("| phase | what | p50 | max |")
+        print("|---|---|---|---|")
+        what = {"spawn_ms": "launcher starts the block card until its control socket answers",
+                "key_ms": "card opens the sealed key (and, for a network volume, its NBD/TLS connection)",
+                "plug_ms": "hypervisor hot-plugs the vhost-user disk until the guest's driver is bound"}
+        for k, v in phases.items():
+            print(f"| {k[:-3]} | {what[k]} | {pct(v, 50):.0f} ms | {max(v):.0f} ms |")
+        print()
 
 
 if __name__ == "__main__":

@@ -2005,6 +2005,7 @@ impl HostBackend {
         // One request queue per guest vCPU: the hypervisor offers the guest as many as the card
         // serves, up to the vCPU count.
         let queues = u16::try_from(g.desc.vcpus).unwrap_or(1);
+        let t_spawn = std::time::Instant::now();
         let spawned = self.launcher.call_fd(&LaunchRequest::SpawnCard {
             backing,
             network: storage,
@@ -2024,7 +2025,10 @@ impl HostBackend {
             card_pid: pid,
             control,
         };
+        let spawn_ms = t_spawn.elapsed().as_secs_f64() * 1e3;
+        let t_key = std::time::Instant::now();
         let keyed = card_control::call(&mut att.control, body);
+        let key_ms = t_key.elapsed().as_secs_f64() * 1e3;
         let outcome = match keyed {
             Ok(CardReply::Attached {
                 encrypted: true,
@@ -2069,12 +2073,22 @@ impl HostBackend {
                 }
             }
         }
+        let t_plug = std::time::Instant::now();
         let plugged = match g.vm.as_mut() {
             Some(vm) => self.plug(vm, &att),
             None => Err(BackendError::Unavailable),
         };
         match plugged {
             Ok(()) => {
+                // Where the host's part of an attach goes (the attach benchmark reads this).
+                tracing::info!(
+                    instance = %instance,
+                    volume = %volume,
+                    spawn_ms,
+                    key_ms,
+                    plug_ms = t_plug.elapsed().as_secs_f64() * 1e3,
+                    "attach phases"
+                );
                 g.next_device = g.next_device.saturating_add(1);
                 g.desc.volumes.push(volume.to_string());
                 g.volumes.insert(volume.to_string(), att);
