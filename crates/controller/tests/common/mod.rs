@@ -180,10 +180,17 @@ pub fn mint(dir: &Path, caller: &str, host: &str, ops: &[Operation], ttl: Durati
     t
 }
 
+/// The complete records of a live audit log: a line still being appended (no newline yet) is
+/// left for the next read.
 pub fn audit_records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    complete
         .lines()
+        .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
