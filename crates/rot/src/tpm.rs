@@ -648,19 +648,23 @@ impl Tpm {
         result
     }
 
+    /// The ESYS handle of the NV index `index` (fails if it is not defined).
+    fn nv_handle(&mut self, index: u32) -> Result<tss_esapi::handles::NvIndexHandle, RotError> {
+        use tss_esapi::handles::{NvIndexHandle, NvIndexTpmHandle, TpmHandle};
+        let tpm_handle = NvIndexTpmHandle::new(index).map_err(RotError::Tpm)?;
+        self.ctx
+            .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)))
+            .map(NvIndexHandle::from)
+            .map_err(RotError::Tpm)
+    }
+
     /// Reads the anti-rollback counter at `index`: `None` if the index is not defined, 0 if it
     /// was defined but never incremented.
     pub fn counter_read(&mut self, index: u32) -> Result<Option<u64>, RotError> {
-        use tss_esapi::handles::{NvIndexHandle, NvIndexTpmHandle, TpmHandle};
         use tss_esapi::interface_types::resource_handles::NvAuth;
-        let tpm_handle = NvIndexTpmHandle::new(index).map_err(RotError::Tpm)?;
-        let Ok(object) = self
-            .ctx
-            .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)))
-        else {
+        let Ok(handle) = self.nv_handle(index) else {
             return Ok(None);
         };
-        let handle = NvIndexHandle::from(object);
         let read = self
             .ctx
             .execute_with_nullauth_session(|ctx| ctx.nv_read(NvAuth::Owner, handle, 8, 0));
@@ -719,24 +723,16 @@ impl Tpm {
     /// Deletes the counter at `index` (owner authorization). Dev/test only: shows that a
     /// counter defined again does not start below where the old one was.
     pub fn counter_undefine(&mut self, index: u32) -> Result<(), RotError> {
-        use tss_esapi::handles::{NvIndexHandle, NvIndexTpmHandle, TpmHandle};
         use tss_esapi::interface_types::resource_handles::Provision;
-        let tpm_handle = NvIndexTpmHandle::new(index).map_err(RotError::Tpm)?;
-        let object = self
-            .ctx
-            .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle)))
-            .map_err(RotError::Tpm)?;
+        let handle = self.nv_handle(index)?;
         self.ctx
-            .execute_with_nullauth_session(|ctx| {
-                ctx.nv_undefine_space(Provision::Owner, NvIndexHandle::from(object))
-            })
+            .execute_with_nullauth_session(|ctx| ctx.nv_undefine_space(Provision::Owner, handle))
             .map_err(RotError::Tpm)
     }
 
     /// Increments the counter at `index` until it is at least `value` (at most 4096 steps per
     /// call: release versions are small). Returns the counter's value.
     pub fn counter_raise_to(&mut self, index: u32, value: u64) -> Result<u64, RotError> {
-        use tss_esapi::handles::{NvIndexHandle, NvIndexTpmHandle, TpmHandle};
         use tss_esapi::interface_types::resource_handles::NvAuth;
         let mut now = self
             .counter_read(index)?
@@ -746,14 +742,7 @@ impl Tpm {
             if steps >= 4096 {
                 return Err(RotError::Malformed("anti-rollback counter: step limit"));
             }
-            let tpm_handle = NvIndexTpmHandle::new(index).map_err(RotError::Tpm)?;
-            let object = self
-                .ctx
-                .execute_without_session(|ctx| {
-                    ctx.tr_from_tpm_public(TpmHandle::NvIndex(tpm_handle))
-                })
-                .map_err(RotError::Tpm)?;
-            let handle = NvIndexHandle::from(object);
+            let handle = self.nv_handle(index)?;
             let r = self
                 .ctx
                 .execute_with_nullauth_session(|ctx| ctx.nv_increment(NvAuth::Owner, handle));
