@@ -141,7 +141,9 @@ cp "$host/os-release" "$stage/os-release"
 # it resolves them to, with the contents of the files those paths point at.
 extra=()
 for l in "${dlopened[@]}"; do
-  p=$(ldconfig -p | awk -v l="$l" '$1 == l && /x86-64/ { print $NF; exit }')
+  # awk reads all of ldconfig's output: exiting at the first match would kill ldconfig with
+  # SIGPIPE mid-write, and under pipefail that fails the assignment (and the script) at random.
+  p=$(ldconfig -p | awk -v l="$l" '$1 == l && /x86-64/ && p == "" { p = $NF } END { print p }')
   [ -n "$p" ] || die "$l is missing (package libtss2-dev)"
   extra+=("$p")
 done
