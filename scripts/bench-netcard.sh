@@ -125,7 +125,7 @@ if ip -n $A xfrm state add src $H1 dst $H2 proto esp spi 0x101 mode transport ae
   ip -n $B xfrm policy add src $H2 dst $H1 dir out tmpl src $H2 dst $H1 proto esp mode transport
   ip -n $B xfrm policy add src $H1 dst $H2 dir in tmpl src $H1 dst $H2 proto esp mode transport
   read -r esp_gbps esp_rtt < <(measure $H2)
-  esp_packets=$(ip -n $B -s xfrm state | awk '/lifetime current/{getline; print $3; exit}')
+  esp_packets=$(ip -n $B -s xfrm state | awk '/lifetime current/ && !n++ {getline; print $3}')
 else
   esp_gbps=0; esp_rtt=n/a; esp_packets=0
   cfg=$( (zcat /proc/config.gz 2>/dev/null || true) | grep -E '^(# )?CONFIG_(INET_ESP|CRYPTO_GCM)[ =]' | tr '\n' ' ')
