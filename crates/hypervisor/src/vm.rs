@@ -87,7 +87,7 @@ pub(crate) struct Shared {
     pub(crate) cv: Condvar,
     exit_evt: EventFd,
     counters: Counters,
-    bad_guest: Arc<AtomicU64>,
+    pub(crate) bad_guest: Arc<AtomicU64>,
     /// The MSRs KVM saves and restores for a vCPU (live update).
     pub(crate) msr_list: Vec<u32>,
     /// Each vCPU's state, captured when parked at the main thread's request (live update).

@@ -91,6 +91,19 @@ pub trait PciDevice: Send {
     ) -> Result<Box<dyn VirtioDevice>, Box<dyn VirtioDevice>> {
         Err(device)
     }
+    /// For a vhost-user card: what a live update hands over for it, sitting in root port
+    /// `port`, and the fds that ride beside the state (see
+    /// [`crate::live_update::state::CardState::fd_count`]). `None` if it cannot be handed
+    /// over now.
+    fn handover_state(
+        &self,
+        _port: u8,
+    ) -> Option<(
+        crate::live_update::state::CardState,
+        Vec<std::os::fd::RawFd>,
+    )> {
+        None
+    }
 }
 
 const PCI_VENDOR_REDHAT: u16 = 0x1b36;
@@ -456,14 +469,28 @@ impl PciBus {
             .find(|i| self.ports.get(*i).is_some_and(|p| p.card.is_none()))
     }
 
-    /// The bus's state for a live update; `None` while a card is in a slot (cards are not
-    /// handed over yet).
-    pub fn state(&self) -> Option<crate::live_update::state::PciState> {
+    /// The bus's state for a live update, with each card's state and the fds that ride beside
+    /// it. `None` if a card cannot be handed over now: it is being pulled (the slot reports
+    /// it gone), or [`PciDevice::handover_state`] refused.
+    #[allow(clippy::type_complexity)]
+    pub fn state(
+        &self,
+    ) -> Option<(
+        crate::live_update::state::PciState,
+        Vec<(
+            crate::live_update::state::CardState,
+            Vec<std::os::fd::RawFd>,
+        )>,
+    )> {
         use crate::live_update::state::{PciState, PortState};
         let mut ports = Vec::with_capacity(self.ports.len());
-        for p in &self.ports {
-            if p.card.is_some() {
-                return None;
+        let mut cards = Vec::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if let Some(c) = &p.card {
+                if !p.present {
+                    return None;
+                }
+                cards.push(c.handover_state(u8::try_from(i).ok()?)?);
             }
             ports.push(PortState {
                 cfg: p.cfg.bytes(),
@@ -471,26 +498,49 @@ impl PciBus {
                 husk: p.husk_bar,
             });
         }
-        Some(PciState {
+        let st = PciState {
             address: self.address,
             host: self.host.bytes(),
             ports,
             rotor: u32::try_from(self.rotor).unwrap_or(0),
-        })
+        };
+        Some((st, cards))
     }
 
-    /// Puts back the state [`PciBus::state`] gave in the old process; `None` if it has
-    /// another number of ports or a slot reports a card.
-    pub fn restore(&mut self, st: &crate::live_update::state::PciState) -> Option<()> {
-        if st.ports.len() != self.ports.len() || st.ports.iter().any(|p| p.present) {
+    /// Puts back the state [`PciBus::state`] gave in the old process, with `cards` (port,
+    /// card) in their slots; `None` if it has another number of ports, or a slot that reports
+    /// a card gets none (or one is given for a slot that reports none).
+    pub fn restore(
+        &mut self,
+        st: &crate::live_update::state::PciState,
+        cards: Vec<(usize, Box<dyn PciDevice>)>,
+    ) -> Option<()> {
+        if st.ports.len() != self.ports.len() {
+            return None;
+        }
+        let mut slots: Vec<Option<Box<dyn PciDevice>>> = self.ports.iter().map(|_| None).collect();
+        for (port, card) in cards {
+            let slot = slots.get_mut(port)?;
+            if slot.is_some() {
+                return None;
+            }
+            *slot = Some(card);
+        }
+        if st
+            .ports
+            .iter()
+            .zip(&slots)
+            .any(|(p, c)| p.present != c.is_some())
+        {
             return None;
         }
         self.address = st.address;
         self.host.restore_bytes(&st.host);
-        for (p, s) in self.ports.iter_mut().zip(&st.ports) {
+        for ((p, s), card) in self.ports.iter_mut().zip(&st.ports).zip(slots) {
             p.cfg.restore_bytes(&s.cfg);
             p.present = s.present;
             p.husk_bar = s.husk;
+            p.card = card;
         }
         self.rotor = usize::try_from(st.rotor).ok()?;
         Some(())

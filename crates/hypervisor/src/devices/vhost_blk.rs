@@ -83,6 +83,30 @@ impl VhostUserBlk {
         })
     }
 
+    /// Takes over a card a previous hypervisor process connected (live update): the same
+    /// connection, nothing sent (see [`VhostUserConn::adopt`]). `config` is the device
+    /// configuration the old process read from the card (at most [`BLK_CONFIG_LEN`] bytes).
+    pub fn adopt(
+        stream: UnixStream,
+        st: &crate::live_update::state::VhostUserState,
+        config: &[u8],
+        queues: u16,
+        read_only: bool,
+    ) -> Result<Self, ConnectError> {
+        if config.len() != BLK_CONFIG_LEN as usize || queues == 0 {
+            return Err(ConnectError::InvalidConfig(
+                "handed-over block configuration",
+            ));
+        }
+        let conn = VhostUserConn::adopt(stream, st, queues)?;
+        Ok(VhostUserBlk {
+            conn,
+            config: config.to_vec(),
+            queues,
+            read_only,
+        })
+    }
+
     /// Number of request queues the guest will see.
     pub fn queues(&self) -> u16 {
         self.queues
@@ -139,5 +163,14 @@ impl VirtioDevice for VhostUserBlk {
     }
     fn settled(&self) -> bool {
         self.conn.settled()
+    }
+    fn handover(&self) -> Option<super::virtio::DeviceHandover> {
+        let (vhost, conn_fd) = self.conn.handover_state()?;
+        Some(super::virtio::DeviceHandover {
+            vhost,
+            config: self.config.clone(),
+            read_only: self.read_only,
+            conn_fd,
+        })
     }
 }

@@ -111,6 +111,19 @@ impl VhostUserNet {
         Ok(VhostUserNet { conn, config })
     }
 
+    /// Takes over a card a previous hypervisor process connected (live update): the same
+    /// connection, nothing sent (see [`VhostUserConn::adopt`]); `config` (what the old process
+    /// read from the card) goes through [`NetConfig::parse`] again.
+    pub fn adopt(
+        stream: UnixStream,
+        st: &crate::live_update::state::VhostUserState,
+        config: &[u8],
+    ) -> Result<Self, ConnectError> {
+        let config = NetConfig::parse(config, st.backend_features)?;
+        let conn = VhostUserConn::adopt(stream, st, QUEUES)?;
+        Ok(VhostUserNet { conn, config })
+    }
+
     /// The interface's MAC, as the card decided it.
     pub fn mac(&self) -> Mac {
         self.config.mac
@@ -221,6 +234,15 @@ impl VirtioDevice for VhostUserNet {
     }
     fn settled(&self) -> bool {
         self.conn.settled()
+    }
+    fn handover(&self) -> Option<super::virtio::DeviceHandover> {
+        let (vhost, conn_fd) = self.conn.handover_state()?;
+        Some(super::virtio::DeviceHandover {
+            vhost,
+            config: self.config.raw.to_vec(),
+            read_only: false,
+            conn_fd,
+        })
     }
 }
 

@@ -91,6 +91,13 @@ struct Link {
     frontend: Frontend,
     /// How many vrings were handed to the backend at the last activation.
     active_queues: usize,
+    /// The feature bits last sent with SET_FEATURES (0: none yet).
+    features_sent: u64,
+    /// Set on a connection taken over in a live update: the backend has these features, but
+    /// this process's `Frontend` never sent them, and the vhost crate refuses
+    /// SET_VRING_ENABLE until it has. Sent (unchanged, so the backend sees no change) right
+    /// before the rings are next stopped.
+    resync_features: Option<u64>,
 }
 
 /// One connected vhost-user backend, after the handshake.
@@ -160,6 +167,8 @@ impl VhostUserConn {
             link: Arc::new(Mutex::new(Link {
                 frontend,
                 active_queues: 0,
+                features_sent: 0,
+                resync_features: None,
             })),
             sock,
             watchdog,
@@ -169,6 +178,66 @@ impl VhostUserConn {
             backend_features,
             protocol,
         })
+    }
+
+    /// Takes over a connection a previous hypervisor process made (live update): `stream` is
+    /// the same connection (received over SCM_RIGHTS), `st` what the handshake and the last
+    /// activation left. Sends the backend nothing: it keeps running its rings as they are.
+    /// `queues` is how many vrings the device has. Called on the main thread.
+    pub fn adopt(
+        stream: UnixStream,
+        st: &crate::live_update::state::VhostUserState,
+        queues: u16,
+    ) -> Result<Self, ConnectError> {
+        let watchdog = watchdog::get().map_err(ConnectError::Watch)?;
+        let sock = Arc::new(stream.try_clone().map_err(ConnectError::Watch)?);
+        let frontend = Frontend::from_stream(stream, u64::from(queues.max(1)));
+        let active_queues = usize::try_from(st.active_queues).unwrap_or(0);
+        Ok(VhostUserConn {
+            link: Arc::new(Mutex::new(Link {
+                frontend,
+                active_queues,
+                features_sent: st.acked_features,
+                resync_features: (st.acked_features != 0).then_some(st.acked_features),
+            })),
+            sock,
+            watchdog,
+            dead: Arc::default(),
+            stopping: Arc::default(),
+            started: st.started,
+            backend_features: st.backend_features,
+            protocol: st
+                .protocol
+                .map(VhostUserProtocolFeatures::from_bits_truncate),
+        })
+    }
+
+    /// What a live update hands over, and the connection's fd (which rides beside the state):
+    /// `None` for a dead backend, one whose rings are being stopped, or one another thread is
+    /// talking to (the vCPUs are parked, so that is only ever a reset's stopping work).
+    pub fn handover_state(
+        &self,
+    ) -> Option<(
+        crate::live_update::state::VhostUserState,
+        std::os::fd::RawFd,
+    )> {
+        use std::os::fd::AsRawFd;
+        if self.failed().is_some() || !self.settled() {
+            return None;
+        }
+        let link = match self.link.try_lock() {
+            Ok(l) => l,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        let st = crate::live_update::state::VhostUserState {
+            backend_features: self.backend_features,
+            protocol: self.protocol.map(|p| p.bits()),
+            acked_features: link.features_sent,
+            active_queues: u32::try_from(link.active_queues).unwrap_or(u32::MAX),
+            started: self.started,
+        };
+        Some((st, self.sock.as_raw_fd()))
     }
 
     /// The virtio feature bits the backend offered (unfiltered).
@@ -303,6 +372,8 @@ impl VhostUserConn {
             features |= VHOST_USER_F_PROTOCOL_FEATURES;
         }
         link.frontend.set_features(features)?;
+        link.features_sent = features;
+        link.resync_features = None;
         let regions: Vec<VhostUserMemoryRegionInfo> = act
             .memfd_regions
             .iter()
@@ -380,6 +451,19 @@ fn stop_rings(
         return;
     }
     let guard = watchdog.arm(sock, REPLY_TIMEOUT);
+    if let Some(f) = link.resync_features.take() {
+        // A connection taken over in a live update (see `Link::resync_features`): the same
+        // features the backend already has, so that the vhost crate allows SET_VRING_ENABLE.
+        if let Err(e) = link.frontend.set_features(f) {
+            dead.set(if guard.fired() {
+                BackendFailure::Unresponsive
+            } else {
+                BackendFailure::Vring
+            });
+            tracing::warn!(error = %e, "vhost-user backend refused its own features: device dead");
+            return;
+        }
+    }
     for i in 0..n {
         let r = if protocol {
             link.frontend.set_vring_enable(i, false)

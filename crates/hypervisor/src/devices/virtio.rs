@@ -161,6 +161,23 @@ pub trait VirtioDevice: Send {
     /// Puts back the positions [`VirtioDevice::queue_positions`] gave in the old process,
     /// after the device was activated again with the same queues.
     fn set_queue_positions(&mut self, _positions: &[(u16, u16)]) {}
+    /// For a vhost-user device: what a live update hands over to the new process, or `None`
+    /// if it cannot be handed over now (its backend is dead or its rings are being stopped).
+    /// Devices served inside the VMM answer `None`.
+    fn handover(&self) -> Option<DeviceHandover> {
+        None
+    }
+}
+
+/// What a vhost-user device hands over in a live update (see
+/// [`crate::live_update::state::CardState`]).
+pub struct DeviceHandover {
+    pub vhost: crate::live_update::state::VhostUserState,
+    /// The device configuration as the backend reported it (what the guest reads).
+    pub config: Vec<u8>,
+    pub read_only: bool,
+    /// The vhost-user connection; it stays owned by the device.
+    pub conn_fd: std::os::fd::RawFd,
 }
 
 /// What a status write asks the transport to do.
@@ -262,6 +279,42 @@ impl VirtioCore {
             config_generation: 0,
             kicks,
             active: false,
+            bad_accesses,
+            backend_work: None,
+            epoch: 0,
+        })
+    }
+
+    /// A core around a device taken over in a live update: the registers of the old process
+    /// (`st`), the same kick eventfds, and the device active if it was, without activating it
+    /// again (its backend keeps running the rings). `None` if `st` does not fit the device.
+    pub fn adopt(
+        device: Box<dyn VirtioDevice>,
+        bad_accesses: Arc<AtomicU64>,
+        st: &crate::live_update::state::MmioState,
+        kicks: Vec<EventFd>,
+    ) -> Option<Self> {
+        let max = device.queue_max_sizes();
+        let fits = st.device_type == device.device_type()
+            && device.wants_ioeventfd()
+            && st.queues.len() == max.len()
+            && kicks.len() == max.len()
+            && st.queues.iter().zip(&max).all(|(q, m)| q.max_size == *m);
+        if !fits {
+            return None;
+        }
+        Some(VirtioCore {
+            device,
+            status: st.status,
+            device_features_sel: st.device_features_sel,
+            driver_features_sel: st.driver_features_sel,
+            acked_features: st.acked_features,
+            queue_sel: st.queue_sel,
+            queues: st.queues.clone(),
+            irq_status: Arc::new(AtomicU32::new(st.irq_status)),
+            config_generation: st.config_generation,
+            kicks,
+            active: st.active,
             bad_accesses,
             backend_work: None,
             epoch: 0,
@@ -437,6 +490,11 @@ impl VirtioCore {
     /// guest.
     pub fn take_backend_work(&mut self) -> Option<BackendWork> {
         self.backend_work.take()
+    }
+
+    /// Whether a reset left backend work nobody has run yet.
+    pub fn has_backend_work(&self) -> bool {
+        self.backend_work.is_some()
     }
 
     /// The transport-independent state of an in-VMM device for a live update.

@@ -26,8 +26,12 @@ use super::config_space::ConfigSpace;
 use super::pci::PciDevice;
 use super::virtio::{set_high, set_low, StatusAction, VirtioCore, VirtioDevice, STATUS_DRIVER_OK};
 use crate::irq::{MsiMessage, MsiRouting};
+use crate::live_update::state::{
+    CardKind, CardState, MsixEntryState, VIRTIO_ID_BLOCK, VIRTIO_ID_NET,
+};
 use crate::memory::GuestRam;
 use crate::Error;
+use std::os::fd::RawFd;
 
 const VENDOR_VIRTIO: u16 = 0x1af4;
 /// Modern virtio-pci device ids are 0x1040 + the virtio device type.
@@ -120,20 +124,34 @@ impl VirtioPciDevice {
         router: &dyn MsiRouting,
         bad_accesses: Arc<AtomicU64>,
     ) -> Result<Self, Error> {
-        let kind = device.device_type();
-        let device_type = u16::try_from(kind)
-            .ok()
-            .filter(|t| *t < 0x40)
-            .ok_or(Error::DeviceType(kind))?;
         let core = VirtioCore::new(device, bad_accesses.clone()).map_err(Error::EventFd)?;
         let nq = core.queues.len();
-        let vectors = (nq + 1).min(MAX_VECTORS);
-        let nvec = u16::try_from(vectors).map_err(|_| Error::TooManyQueues)?;
+        let nvec = u16::try_from((nq + 1).min(MAX_VECTORS)).map_err(|_| Error::TooManyQueues)?;
         let gsi_base = router.allocate(u32::from(nvec))?;
         let calls = (0..nq)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(Error::EventFd)?;
+        Self::build(id, core, gsi_base, calls, bad_accesses)
+    }
+
+    /// The card around `core`: configuration space and MSI-X table in their reset state,
+    /// vectors routed from `gsi_base`, `calls` the queues' interrupt eventfds.
+    fn build(
+        id: &str,
+        core: VirtioCore,
+        gsi_base: u32,
+        calls: Vec<Arc<EventFd>>,
+        bad_accesses: Arc<AtomicU64>,
+    ) -> Result<Self, Error> {
+        let kind = core.device.device_type();
+        let device_type = u16::try_from(kind)
+            .ok()
+            .filter(|t| *t < 0x40)
+            .ok_or(Error::DeviceType(kind))?;
+        let nq = core.queues.len();
+        let vectors = (nq + 1).min(MAX_VECTORS);
+        let nvec = u16::try_from(vectors).map_err(|_| Error::TooManyQueues)?;
 
         let mut c = ConfigSpace::default();
         c.header(
@@ -210,6 +228,105 @@ impl VirtioPciDevice {
 
     fn bad(&self) {
         self.bad_accesses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What a live update hands over for this card in root port `port`, and the fds that ride
+    /// beside it (the vhost-user connection, each queue's kick, each queue's call). `None`
+    /// for a device that cannot be handed over now (not vhost-user, backend dead or being
+    /// stopped, backend work pending). Called with the vCPUs parked.
+    pub fn handover_state(&self, port: u8) -> Option<(CardState, Vec<RawFd>)> {
+        use std::os::fd::AsRawFd;
+        if self.core.has_backend_work() {
+            return None;
+        }
+        let dev = self.core.device.handover()?;
+        let kind = match self.core.device.device_type() {
+            VIRTIO_ID_BLOCK => CardKind::Block,
+            VIRTIO_ID_NET => CardKind::Net,
+            _ => return None,
+        };
+        if self.core.kicks.len() != self.core.queues.len()
+            || self.calls.len() != self.core.queues.len()
+        {
+            return None;
+        }
+        let mut core = self.core.state();
+        core.positions.clear();
+        let st = CardState {
+            port,
+            id: self.id.clone(),
+            kind,
+            read_only: dev.read_only,
+            cfg: self.cfg.bytes(),
+            touched: self.touched,
+            core,
+            msix: self
+                .msix
+                .iter()
+                .map(|e| MsixEntryState {
+                    address: e.address,
+                    data: e.data,
+                    masked: e.masked,
+                })
+                .collect(),
+            msix_config: self.msix_config,
+            queue_vectors: self.queue_vectors.clone(),
+            gsi_base: self.gsi_base,
+            vhost: dev.vhost,
+            device_config: dev.config,
+        };
+        let mut fds = Vec::with_capacity(st.fd_count());
+        fds.push(dev.conn_fd);
+        fds.extend(self.core.kicks.iter().map(AsRawFd::as_raw_fd));
+        fds.extend(self.calls.iter().map(|c| c.as_raw_fd()));
+        Some((st, fds))
+    }
+
+    /// The card a previous hypervisor process handed over (live update): `device` taken over
+    /// on the same vhost-user connection, the same `kicks` and `calls` eventfds, and the
+    /// registers of `st`. An active device gets its ioeventfds (kicks, at the BAR the guest
+    /// placed) and irqfds (calls) registered in this process's VM; nothing is sent to the
+    /// backend. Every call eventfd is then signalled once: an interrupt the backend raised
+    /// after the old process read its VM's state reached only the old VM, and a spurious one
+    /// is harmless to a virtio driver.
+    pub fn adopt(
+        st: &CardState,
+        device: Box<dyn VirtioDevice>,
+        kicks: Vec<EventFd>,
+        calls: Vec<Arc<EventFd>>,
+        router: &dyn MsiRouting,
+        bad_accesses: Arc<AtomicU64>,
+    ) -> Result<Self, Error> {
+        let core = VirtioCore::adopt(device, bad_accesses.clone(), &st.core, kicks)
+            .ok_or(Error::WrongDeviceKind)?;
+        if calls.len() != core.queues.len() {
+            return Err(Error::WrongDeviceKind);
+        }
+        let mut card = Self::build(&st.id, core, st.gsi_base, calls, bad_accesses)?;
+        if st.msix.len() != card.msix.len() || st.queue_vectors.len() != card.queue_vectors.len() {
+            return Err(Error::WrongDeviceKind);
+        }
+        card.cfg.restore_bytes(&st.cfg);
+        card.touched = st.touched;
+        for (e, s) in card.msix.iter_mut().zip(&st.msix) {
+            *e = MsixEntry {
+                address: s.address,
+                data: s.data,
+                masked: s.masked,
+            };
+        }
+        card.msix_config = st.msix_config;
+        card.queue_vectors.clone_from(&st.queue_vectors);
+        if card.core.is_active() {
+            if let Err(e) = card.wire(router) {
+                card.unwire(router);
+                return Err(e);
+            }
+            for c in &card.calls {
+                let _ = c.write(1);
+            }
+        }
+        Ok(card)
     }
 
     /// Where the guest put BAR0, if it enabled memory decoding.
@@ -589,6 +706,9 @@ impl PciDevice for VirtioPciDevice {
         epoch: u64,
     ) -> Result<Box<dyn VirtioDevice>, Box<dyn VirtioDevice>> {
         self.core.replace_device(device, epoch)
+    }
+    fn handover_state(&self, port: u8) -> Option<(CardState, Vec<RawFd>)> {
+        VirtioPciDevice::handover_state(self, port)
     }
 }
 

@@ -15,8 +15,20 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
-use super::state::{ConsoleState, KvmVmState, MachineConfig, MachineState, VcpuState};
+use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::state::{
+    CardKind, CardState, ConsoleState, KvmVmState, MachineConfig, MachineState, VcpuState,
+};
 use crate::cpu::MSR_NEVER_SET;
+use crate::devices::pci::PciDevice;
+use crate::devices::vhost_blk::VhostUserBlk;
+use crate::devices::vhost_net::VhostUserNet;
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio_pci::VirtioPciDevice;
 use crate::vm::Vm;
 use crate::{lock, Error};
 
@@ -184,21 +196,21 @@ fn restore_kvm_vm(vm: &VmFd, st: &KvmVmState) -> Result<(), Error> {
 /// Why the old process could not produce the state.
 #[derive(Debug)]
 pub(crate) enum CaptureError {
-    /// A card sits in a hot-plug slot (vhost-user devices are not handed over yet).
+    /// A card cannot be handed over now: it is being pulled, its backend is dead, or its
+    /// rings are being stopped.
     Cards,
     /// KVM refused a read, or a vCPU did not answer.
     Kvm(Error),
 }
 
-impl Vm {
-    /// Whether a card (block or net) is plugged: such a VM cannot be handed over yet.
-    pub(crate) fn has_cards(&self) -> bool {
-        lock(&self.shared.pci)
-            .ports
-            .iter()
-            .any(|p| p.card.is_some())
-    }
+/// An eventfd received over SCM_RIGHTS.
+fn eventfd_of(f: File) -> EventFd {
+    // SAFETY: the fd came over SCM_RIGHTS and `f` owned it alone; ownership moves to the
+    // EventFd. KVM checks it is an eventfd when it is registered (KVM_IOEVENTFD, KVM_IRQFD).
+    unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }
+}
 
+impl Vm {
     /// Asks every vCPU for its state the next time it is parked (at once for a parked one).
     /// Made before pausing a running one-vCPU guest, so that its thread reads its state on the
     /// same wake-up that parks it (one scheduling round, not two); see `hand_over`.
@@ -222,7 +234,7 @@ impl Vm {
         paused_at_ns: u64,
         running: bool,
         requested: bool,
-    ) -> Result<MachineState, CaptureError> {
+    ) -> Result<(MachineState, Vec<Vec<RawFd>>), CaptureError> {
         let n = usize::from(self.config.vcpus);
         let vm_first = if requested {
             None
@@ -265,7 +277,8 @@ impl Vm {
             Some(s) => s,
             None => capture_kvm_vm(&self.vm_fd).map_err(CaptureError::Kvm)?,
         };
-        let pci = lock(&self.shared.pci).state().ok_or(CaptureError::Cards)?;
+        let (pci, cards) = lock(&self.shared.pci).state().ok_or(CaptureError::Cards)?;
+        let (cards, card_fds): (Vec<CardState>, Vec<Vec<RawFd>>) = cards.into_iter().unzip();
         let serial = lock(&self.shared.pio).serial_regs();
         let (start, data) = self.console.snapshot();
         let mmio = lock(&self.shared.slots)
@@ -273,7 +286,8 @@ impl Vm {
             .map(|s| s.as_ref().map(|t| t.core.state()))
             .collect();
         let (msi_routes, next_gsi) = self.shared.router.routes();
-        Ok(MachineState {
+        let st = MachineState {
+            version: super::state::STATE_VERSION,
             config: MachineConfig {
                 memory_mib: self.config.memory_mib,
                 vcpus: self.config.vcpus,
@@ -289,11 +303,52 @@ impl Vm {
             mmio,
             msi_routes,
             next_gsi,
-        })
+            cards,
+        };
+        Ok((st, card_fds))
+    }
+
+    /// Builds the card a previous process handed over: its device taken over on the same
+    /// vhost-user connection (nothing sent to the card), the same eventfds, wired into this
+    /// process's VM. `files` are the card's fds in [`CardState::fd_count`] order.
+    fn adopt_card(&self, c: &CardState, files: Vec<File>) -> Result<VirtioPciDevice, Error> {
+        let nq = c.core.queues.len();
+        if files.len() != c.fd_count() {
+            return Err(Error::WrongDeviceKind);
+        }
+        let mut files = files.into_iter();
+        let conn = files.next().ok_or(Error::WrongDeviceKind)?;
+        let conn = crate::server::channel_from_fd(conn.into_raw_fd()).map_err(Error::EventFd)?;
+        let kicks: Vec<EventFd> = files.by_ref().take(nq).map(eventfd_of).collect();
+        let calls: Vec<Arc<EventFd>> = files.map(|f| Arc::new(eventfd_of(f))).collect();
+        let queues = u16::try_from(nq).map_err(|_| Error::TooManyQueues)?;
+        let device: Box<dyn VirtioDevice> = match c.kind {
+            CardKind::Block => Box::new(VhostUserBlk::adopt(
+                conn,
+                &c.vhost,
+                &c.device_config,
+                queues,
+                c.read_only,
+            )?),
+            CardKind::Net => Box::new(VhostUserNet::adopt(conn, &c.vhost, &c.device_config)?),
+        };
+        VirtioPciDevice::adopt(
+            c,
+            device,
+            kicks,
+            calls,
+            self.shared.router.as_ref(),
+            self.shared.bad_guest.clone(),
+        )
     }
 
     /// Sets a handed-over state into this (incoming, not yet started) VM.
-    pub(crate) fn restore(&mut self, st: &MachineState) -> Result<(), Error> {
+    /// `card_fds` holds each card's fds, in the order of `st.cards`.
+    pub(crate) fn restore(
+        &mut self,
+        st: &MachineState,
+        card_fds: Vec<Vec<File>>,
+    ) -> Result<(), Error> {
         let xsave = self.kvm.check_extension_int(Cap::Xsave2);
         if xsave > XSAVE_BYTES {
             return Err(Error::Kvm(
@@ -317,8 +372,17 @@ impl Vm {
             pio.restore_serial(&st.serial, irq, self.console.clone())
                 .ok_or(Error::MemoryLayout)?;
         }
+        if card_fds.len() != st.cards.len() {
+            return Err(Error::WrongDeviceKind);
+        }
+        let mut cards: Vec<(usize, Box<dyn PciDevice>)> = Vec::with_capacity(st.cards.len());
+        for (c, files) in st.cards.iter().zip(card_fds) {
+            let card = self.adopt_card(c, files)?;
+            tracing::info!(device = %c.id, kind = ?c.kind, port = c.port, active = c.core.active, "card taken over");
+            cards.push((usize::from(c.port), Box::new(card)));
+        }
         lock(&self.shared.pci)
-            .restore(&st.pci)
+            .restore(&st.pci, cards)
             .ok_or(Error::WrongDeviceKind)?;
         {
             let ram = &self.shared.ram;

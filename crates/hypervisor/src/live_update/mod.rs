@@ -12,8 +12,20 @@
 //! every MSR KVM lists, LAPIC, pending events and MP state; kvm-clock, PIT, both PICs and the
 //! IOAPIC; the UART and the console ring; PCI configuration space of the host bridge and the
 //! root ports (hot-plug slot state included); the virtio-mmio devices' registers and queue
-//! positions; the MSI routes. Not yet: a VM with a card (vhost-user block or net) in a slot is
-//! refused ([`LiveUpdateFailure::UnsupportedDevice`]).
+//! positions; the MSI routes; and every vhost-user card (block or net) in a hot-plug slot.
+//!
+//! A card is handed over so that it notices nothing: guest memory is the same memfd, so its
+//! mappings stay valid, and its vhost-user connection and each queue's kick and call eventfd
+//! go to the new process over SCM_RIGHTS (`CardFds`, after the state). The new process
+//! registers the same eventfds as ioeventfds and irqfds in its own VM and sends the card
+//! nothing: no SET_OWNER, no RESET, no SET_VRING_*, and no SET_MEM_TABLE either — the card
+//! maps the memfd itself, and the addresses the vrings were given are in the table it already
+//! has (the old process's user addresses are only a translation key inside the card). The
+//! vhost crate's own bookkeeping of the connection (which features it sent) is brought up to
+//! date with the card's unchanged features the next time the rings are stopped (see
+//! `devices::vhost_user`). A card that cannot be handed over now (being pulled, its backend
+//! dead or its rings being stopped) makes the update fail with
+//! [`LiveUpdateFailure::UnsupportedDevice`]; the guest runs on here.
 
 pub mod machine;
 pub mod state;
@@ -89,9 +101,6 @@ fn expect(sock: &UnixStream, want: &Msg, deadline: Instant) -> Result<Msg, LiveU
 /// runs the guest (this process must then exit without touching it); on `Err` the guest is
 /// still this process's, resumed if it was running, and the new process never ran it.
 pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
-    if vm.has_cards() {
-        return Err(LiveUpdateFailure::UnsupportedDevice);
-    }
     let config = vm.config();
     let hello = Msg::Hello(Hello {
         version: HANDOVER_VERSION,
@@ -128,7 +137,7 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
         tracing::warn!(?why, "live update failed: the guest runs on here");
         why
     };
-    let st = match vm.capture(paused_at_ns, running, at_park) {
+    let (st, card_fds) = match vm.capture(paused_at_ns, running, at_park) {
         Ok(s) => s,
         Err(CaptureError::Cards) => return Err(resume(LiveUpdateFailure::UnsupportedDevice)),
         Err(CaptureError::Kvm(e)) => {
@@ -139,6 +148,10 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
     let captured_ns = monotonic_ns();
     let stopped_us = stopped_ns.saturating_sub(paused_at_ns) / 1000;
     wire::send(sock, &Msg::State(st.encode()), None).map_err(|e| resume(failure(e)))?;
+    for fds in &card_fds {
+        let count = u16::try_from(fds.len()).map_err(|_| resume(LiveUpdateFailure::Protocol))?;
+        wire::send_fds(sock, &Msg::CardFds { count }, fds).map_err(|e| resume(failure(e)))?;
+    }
     expect(sock, &Msg::Restored, Instant::now() + RESTORE_WAIT).map_err(resume)?;
     // The point of no return: once `Go` is sent the guest is the new process's.
     wire::send(sock, &Msg::Go, None).map_err(|e| resume(failure(e)))?;
@@ -157,6 +170,7 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
         pause_us,
         stopped_us,
         capture_us = captured_ns.saturating_sub(stopped_ns) / 1000,
+        cards = card_fds.len(),
         "live update: the guest runs in the new hypervisor"
     );
     Ok(pause_us)
@@ -210,13 +224,24 @@ pub fn incoming(sock: &UnixStream, run_as: Option<(u32, u32)>) -> Result<Vm, Err
         tracing::warn!(error = %e, "refused the handed-over state");
         refuse(e.refusal())
     })?;
+    let mut card_fds = Vec::with_capacity(st.cards.len());
+    for card in &st.cards {
+        let files = wire::recv_card_fds(sock, Instant::now() + STATE_WAIT).map_err(|e| {
+            tracing::warn!(error = %e, device = %card.id, "the card's fds did not arrive");
+            refuse(StateRefusal::Malformed)
+        })?;
+        if files.len() != card.fd_count() {
+            return Err(refuse(StateRefusal::Malformed));
+        }
+        card_fds.push(files);
+    }
     let c = &st.config;
     if (c.memory_mib, c.vcpus, c.threads_per_core)
         != (hello.memory_mib, hello.vcpus, hello.threads_per_core)
     {
         return Err(refuse(StateRefusal::Mismatch));
     }
-    vm.restore(&st).map_err(|e| {
+    vm.restore(&st, card_fds).map_err(|e| {
         tracing::warn!(error = %e, "restoring the handed-over state failed");
         refuse(StateRefusal::Restore)
     })?;
@@ -236,6 +261,7 @@ pub fn incoming(sock: &UnixStream, run_as: Option<(u32, u32)>) -> Result<Vm, Err
         restored_us = since_pause(restored_ns),
         state_bytes = blob.len(),
         running = st.running,
+        cards = st.cards.len(),
         "live update: the guest runs here"
     );
     Ok(vm)

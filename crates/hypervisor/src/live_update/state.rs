@@ -14,6 +14,14 @@
 //! body is read with bounds on every count; KVM structures travel as their exact `repr(C)`
 //! bytes (`zerocopy`, no `unsafe`) and KVM validates them again when they are set. Guest
 //! memory is not in the blob: it is the memfd, handed over beside it.
+//!
+//! Versions: 1 ends with the MSI routes. 2 (what this build writes) appends the *card section*:
+//! every vhost-user card (block or net) in a hot-plug slot, with its PCI configuration space,
+//! virtio-pci common configuration, MSI-X table, vector assignment and the vhost-user
+//! connection's negotiated state ([`CardState`]). The card's file descriptors (its vhost-user
+//! connection, each queue's kick and call eventfd) are not in the blob: they ride beside it
+//! over SCM_RIGHTS, `1 + 2 × queues` per card, in card order ([`CardState::fd_count`]). This
+//! build reads both versions; a version-1 blob has no cards.
 
 use bulkhead_channel::StateRefusal;
 use kvm_bindings::{
@@ -27,9 +35,11 @@ use crate::devices::virtio::QueueRegs;
 
 /// First bytes of every state blob.
 pub const MAGIC: [u8; 4] = *b"BHLU";
-/// The state format this build writes and reads. A build that changes the body bumps it and
-/// keeps reading the versions before it.
-pub const STATE_VERSION: u16 = 1;
+/// The state format this build writes. A build that changes the body bumps it and keeps
+/// reading the versions before it ([`STATE_VERSION_V1`]).
+pub const STATE_VERSION: u16 = 2;
+/// The first format (no card section), still read.
+pub const STATE_VERSION_V1: u16 = 1;
 /// Magic, version, flags, body length, digest.
 pub const HEADER_LEN: usize = 4 + 2 + 2 + 4 + 32;
 /// Largest body accepted (254 vCPUs of ~6 KiB, the console ring, devices).
@@ -45,6 +55,15 @@ pub const MAX_ROUTES: usize = 1024;
 pub const MAX_CONSOLE: usize = crate::console::DEFAULT_CAPACITY;
 /// The 16550's receive FIFO.
 pub const MAX_SERIAL_FIFO: usize = 64;
+/// Most cards (one per root port), bytes of a card's id, MSI-X vectors of a card, and bytes of
+/// its device configuration.
+pub const MAX_CARDS: usize = MAX_PORTS;
+pub const MAX_CARD_ID: usize = 64;
+pub const MAX_VECTORS: usize = 65;
+pub const MAX_DEVICE_CONFIG: usize = 256;
+/// virtio device types a card may be.
+pub const VIRTIO_ID_NET: u32 = 1;
+pub const VIRTIO_ID_BLOCK: u32 = 2;
 
 /// Why a blob was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,7 +72,7 @@ pub enum StateError {
     Truncated { got: usize, want: usize },
     #[error("not a state blob (bad magic)")]
     BadMagic,
-    #[error("state format version {got} is not one this build reads ({STATE_VERSION})")]
+    #[error("state format version {got} is not one this build reads ({STATE_VERSION_V1}..={STATE_VERSION})")]
     UnknownVersion { got: u16 },
     #[error("state header flags {0:#x} are not zero")]
     Flags(u16),
@@ -65,6 +84,8 @@ pub enum StateError {
     Digest,
     #[error("state body is malformed at {0}")]
     Malformed(&'static str),
+    #[error("card {card} of the state is malformed at {at}")]
+    BadCard { card: usize, at: &'static str },
 }
 
 impl StateError {
@@ -78,7 +99,7 @@ impl StateError {
             | StateError::TooLarge { .. }
             | StateError::Trailing { .. }
             | StateError::Digest => StateRefusal::Corrupted,
-            StateError::Malformed(_) => StateRefusal::Malformed,
+            StateError::Malformed(_) | StateError::BadCard { .. } => StateRefusal::Malformed,
         }
     }
 }
@@ -164,8 +185,104 @@ pub struct MmioState {
     pub positions: Vec<(u16, u16)>,
 }
 
+/// What kind of card sits in a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CardKind {
+    Block,
+    Net,
+}
+
+impl CardKind {
+    fn code(self) -> u8 {
+        match self {
+            CardKind::Block => 1,
+            CardKind::Net => 2,
+        }
+    }
+    fn of_code(c: u8) -> Option<Self> {
+        match c {
+            1 => Some(CardKind::Block),
+            2 => Some(CardKind::Net),
+            _ => None,
+        }
+    }
+    /// The virtio device type of this kind of card.
+    pub fn device_type(self) -> u32 {
+        match self {
+            CardKind::Block => VIRTIO_ID_BLOCK,
+            CardKind::Net => VIRTIO_ID_NET,
+        }
+    }
+}
+
+/// One MSI-X table entry. (The pending-bit array has no state of its own here: the model never
+/// holds a masked vector's message back, so it always reads zero.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsixEntryState {
+    pub address: u64,
+    pub data: u32,
+    pub masked: bool,
+}
+
+/// The vhost-user connection as the handshake and the last activation left it. Nothing of it
+/// is sent to the card again: the new process takes over the connection as it stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VhostUserState {
+    /// The virtio feature bits the card offered at the handshake.
+    pub backend_features: u64,
+    /// The protocol features both sides agreed (`None`: no protocol-feature extension).
+    pub protocol: Option<u64>,
+    /// The feature bits last sent with SET_FEATURES (0: none since the handshake).
+    pub acked_features: u64,
+    /// How many vrings the card runs (handed over at the last activation, not stopped since).
+    pub active_queues: u32,
+    /// Whether rings may have been handed to the card since the last reset.
+    pub started: bool,
+}
+
+/// A vhost-user card in a hot-plug slot (state format 2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CardState {
+    /// The root port it sits in (that port reports a card present).
+    pub port: u8,
+    /// The id the controller attached it under.
+    pub id: String,
+    pub kind: CardKind,
+    /// Block only: the guest sees the disk read-only.
+    pub read_only: bool,
+    /// The card's PCI configuration space (BAR0 as the guest placed it, command register,
+    /// MSI-X control).
+    pub cfg: [u8; 256],
+    /// Whether the guest has read the configuration space.
+    pub touched: bool,
+    /// The virtio-pci common configuration: status, feature selects, acked features, queue
+    /// select, configuration generation, ISR, queue sizes and addresses and enables, and
+    /// whether the device is active (`positions` is always empty: the card keeps those).
+    pub core: MmioState,
+    pub msix: Vec<MsixEntryState>,
+    pub msix_config: u16,
+    /// The MSI-X vector of each queue (0xffff: none).
+    pub queue_vectors: Vec<u16>,
+    /// The first of the GSIs the card's vectors are routed through.
+    pub gsi_base: u32,
+    pub vhost: VhostUserState,
+    /// The device configuration as the card reported it at the handshake (and the guest reads).
+    pub device_config: Vec<u8>,
+}
+
+impl CardState {
+    /// How many file descriptors ride beside the blob for this card: the vhost-user
+    /// connection, then each queue's kick eventfd, then each queue's call eventfd.
+    pub fn fd_count(&self) -> usize {
+        1 + 2 * self.core.queues.len()
+    }
+}
+
 /// Everything a new hypervisor needs, besides guest memory, to go on running the guest.
 pub struct MachineState {
+    /// The format version this state was read as (capture makes [`STATE_VERSION`]); a
+    /// version-1 state has no cards.
+    pub version: u16,
     pub config: MachineConfig,
     /// CLOCK_MONOTONIC when the old process began stopping the vCPUs.
     pub paused_at_ns: u64,
@@ -180,6 +297,8 @@ pub struct MachineState {
     /// (gsi, MSI address, MSI data) of every MSI route, and the next free GSI.
     pub msi_routes: Vec<(u32, u64, u32)>,
     pub next_gsi: u32,
+    /// The cards in hot-plug slots (format 2; empty in format 1).
+    pub cards: Vec<CardState>,
 }
 
 /// Appends little-endian fields.
@@ -274,10 +393,16 @@ impl<'a> Reader<'a> {
 impl MachineState {
     /// The blob: header, digest and body.
     pub fn encode(&self) -> Vec<u8> {
-        let body = self.encode_body();
+        // Format 1 has no card section: a state with cards is always written as format 2.
+        let version = if self.version == STATE_VERSION_V1 && self.cards.is_empty() {
+            STATE_VERSION_V1
+        } else {
+            STATE_VERSION
+        };
+        let body = self.encode_body(version);
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
         out.extend_from_slice(&Sha256::digest(&body));
@@ -285,7 +410,7 @@ impl MachineState {
         out
     }
 
-    fn encode_body(&self) -> Vec<u8> {
+    fn encode_body(&self, version: u16) -> Vec<u8> {
         let mut w = Writer::default();
         w.u64(self.config.memory_mib);
         w.u8(self.config.vcpus);
@@ -368,6 +493,12 @@ impl MachineState {
             w.u32(*data);
         }
         w.u32(self.next_gsi);
+        if version >= 2 {
+            w.len(self.cards.len());
+            for c in &self.cards {
+                encode_card(&mut w, c);
+            }
+        }
         w.0
     }
 
@@ -384,7 +515,7 @@ impl MachineState {
         let header = blob.get(..HEADER_LEN).ok_or(truncated(HEADER_LEN))?;
         let mut h = Reader { rest: &header[4..] };
         let version = h.u16("version")?;
-        if version != STATE_VERSION {
+        if !(STATE_VERSION_V1..=STATE_VERSION).contains(&version) {
             return Err(StateError::UnknownVersion { got: version });
         }
         let flags = h.u16("flags")?;
@@ -409,14 +540,14 @@ impl MachineState {
             return Err(StateError::Digest);
         }
         let mut r = Reader { rest: body };
-        let state = Self::parse_body(&mut r)?;
+        let state = Self::parse_body(&mut r, version)?;
         if !r.rest.is_empty() {
             return Err(StateError::Malformed("end of body"));
         }
         Ok(state)
     }
 
-    fn parse_body(r: &mut Reader<'_>) -> Result<MachineState, StateError> {
+    fn parse_body(r: &mut Reader<'_>, version: u16) -> Result<MachineState, StateError> {
         let config = MachineConfig {
             memory_mib: r.u64("memory")?,
             vcpus: r.u8("vcpus")?,
@@ -536,7 +667,18 @@ impl MachineState {
         for _ in 0..n {
             msi_routes.push((r.u32("gsi")?, r.u64("msi address")?, r.u32("msi data")?));
         }
+        let next_gsi = r.u32("next gsi")?;
+        let cards = if version >= 2 {
+            parse_cards(r, &pci)?
+        } else {
+            Vec::new()
+        };
+        if version == STATE_VERSION_V1 && pci.ports.iter().any(|p| p.present) {
+            // Format 1 never carried a card, so no slot of it can report one.
+            return Err(StateError::Malformed("port presence"));
+        }
         Ok(MachineState {
+            version,
             config,
             paused_at_ns,
             running,
@@ -547,9 +689,205 @@ impl MachineState {
             pci,
             mmio,
             msi_routes,
-            next_gsi: r.u32("next gsi")?,
+            next_gsi,
+            cards,
         })
     }
+}
+
+fn encode_queue(w: &mut Writer, q: &QueueRegs) {
+    w.u16(q.max_size);
+    w.u16(q.size);
+    w.bool(q.ready);
+    w.u64(q.desc);
+    w.u64(q.avail);
+    w.u64(q.used);
+}
+
+fn encode_card(w: &mut Writer, c: &CardState) {
+    w.u8(c.port);
+    w.bytes(c.id.as_bytes());
+    w.u8(c.kind.code());
+    w.bool(c.read_only);
+    w.raw(&c.cfg[..]);
+    w.bool(c.touched);
+    let m = &c.core;
+    for v in [
+        m.device_type,
+        m.status,
+        m.device_features_sel,
+        m.driver_features_sel,
+    ] {
+        w.u32(v);
+    }
+    w.u64(m.acked_features);
+    for v in [m.queue_sel, m.config_generation, m.irq_status] {
+        w.u32(v);
+    }
+    w.bool(m.active);
+    w.len(m.queues.len());
+    for q in &m.queues {
+        encode_queue(w, q);
+    }
+    w.len(c.msix.len());
+    for e in &c.msix {
+        w.u64(e.address);
+        w.u32(e.data);
+        w.bool(e.masked);
+    }
+    w.u16(c.msix_config);
+    w.len(c.queue_vectors.len());
+    for v in &c.queue_vectors {
+        w.u16(*v);
+    }
+    w.u32(c.gsi_base);
+    let v = &c.vhost;
+    w.u64(v.backend_features);
+    w.bool(v.protocol.is_some());
+    w.u64(v.protocol.unwrap_or(0));
+    w.u64(v.acked_features);
+    w.u32(v.active_queues);
+    w.bool(v.started);
+    w.bytes(&c.device_config);
+}
+
+/// The card section (format 2): every field bounded, and each card checked against itself
+/// and against the PCI state read before it (its port exists, reports a card, holds only it).
+fn parse_cards(r: &mut Reader<'_>, pci: &PciState) -> Result<Vec<CardState>, StateError> {
+    let n = r.len(MAX_CARDS, "card count")?;
+    let mut cards: Vec<CardState> = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = parse_card(r).map_err(|e| match e {
+            StateError::Malformed(at) => StateError::BadCard { card: i, at },
+            other => other,
+        })?;
+        let bad = |at| StateError::BadCard { card: i, at };
+        let port = pci.ports.get(usize::from(c.port)).ok_or(bad("port"))?;
+        if !port.present {
+            return Err(bad("port presence"));
+        }
+        if cards.iter().any(|o| o.port == c.port) {
+            return Err(bad("port taken twice"));
+        }
+        if cards.iter().any(|o| o.id == c.id) {
+            return Err(bad("id taken twice"));
+        }
+        cards.push(c);
+    }
+    // A slot that reports a card must have one.
+    for (i, p) in pci.ports.iter().enumerate() {
+        if p.present && !cards.iter().any(|c| usize::from(c.port) == i) {
+            return Err(StateError::Malformed("port presence"));
+        }
+    }
+    Ok(cards)
+}
+
+fn parse_card(r: &mut Reader<'_>) -> Result<CardState, StateError> {
+    let port = r.u8("card port")?;
+    let id_bytes = r.bytes(MAX_CARD_ID, "card id")?;
+    let id_ok = !id_bytes.is_empty()
+        && id_bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    if !id_ok {
+        return Err(StateError::Malformed("card id"));
+    }
+    let id = String::from_utf8(id_bytes).map_err(|_| StateError::Malformed("card id"))?;
+    let kind = CardKind::of_code(r.u8("card kind")?).ok_or(StateError::Malformed("card kind"))?;
+    let read_only = r.bool("card read-only")?;
+    if read_only && kind != CardKind::Block {
+        return Err(StateError::Malformed("card read-only"));
+    }
+    let cfg = r.array("card config space")?;
+    let touched = r.bool("card touched")?;
+    let mut core = MmioState {
+        device_type: r.u32("card device type")?,
+        status: r.u32("card status")?,
+        device_features_sel: r.u32("card features select")?,
+        driver_features_sel: r.u32("card driver features select")?,
+        acked_features: r.u64("card acked features")?,
+        queue_sel: r.u32("card queue select")?,
+        config_generation: r.u32("card config generation")?,
+        irq_status: r.u32("card interrupt status")?,
+        active: r.bool("card active")?,
+        ..Default::default()
+    };
+    if core.device_type != kind.device_type() {
+        return Err(StateError::Malformed("card device type"));
+    }
+    let nq = r.len(MAX_QUEUES, "card queue count")?;
+    if nq == 0 {
+        return Err(StateError::Malformed("card queue count"));
+    }
+    for _ in 0..nq {
+        core.queues.push(QueueRegs {
+            max_size: r.u16("card queue max size")?,
+            size: r.u16("card queue size")?,
+            ready: r.bool("card queue ready")?,
+            desc: r.u64("card queue desc")?,
+            avail: r.u64("card queue avail")?,
+            used: r.u64("card queue used")?,
+        });
+    }
+    let nv = r.len(MAX_VECTORS, "card vector count")?;
+    if nv != (nq + 1).min(MAX_VECTORS) {
+        return Err(StateError::Malformed("card vector count"));
+    }
+    let mut msix = Vec::with_capacity(nv);
+    for _ in 0..nv {
+        msix.push(MsixEntryState {
+            address: r.u64("card msi-x address")?,
+            data: r.u32("card msi-x data")?,
+            masked: r.bool("card msi-x mask")?,
+        });
+    }
+    let msix_config = r.u16("card config vector")?;
+    let n = r.len(MAX_QUEUES, "card queue vector count")?;
+    if n != nq {
+        return Err(StateError::Malformed("card queue vector count"));
+    }
+    let mut queue_vectors = Vec::with_capacity(n);
+    for _ in 0..n {
+        queue_vectors.push(r.u16("card queue vector")?);
+    }
+    let in_table = |v: u16| v == 0xffff || usize::from(v) < nv;
+    if !in_table(msix_config) || !queue_vectors.iter().all(|v| in_table(*v)) {
+        return Err(StateError::Malformed("card vector"));
+    }
+    let gsi_base = r.u32("card gsi base")?;
+    let backend_features = r.u64("card backend features")?;
+    let has_protocol = r.bool("card protocol")?;
+    let protocol = r.u64("card protocol features")?;
+    if !has_protocol && protocol != 0 {
+        return Err(StateError::Malformed("card protocol features"));
+    }
+    let vhost = VhostUserState {
+        backend_features,
+        protocol: has_protocol.then_some(protocol),
+        acked_features: r.u64("card vhost acked features")?,
+        active_queues: r.u32("card active queues")?,
+        started: r.bool("card started")?,
+    };
+    if usize::try_from(vhost.active_queues).map_or(true, |a| a > nq) {
+        return Err(StateError::Malformed("card active queues"));
+    }
+    let device_config = r.bytes(MAX_DEVICE_CONFIG, "card device config")?;
+    Ok(CardState {
+        port,
+        id,
+        kind,
+        read_only,
+        cfg,
+        touched,
+        core,
+        msix,
+        msix_config,
+        queue_vectors,
+        gsi_base,
+        vhost,
+        device_config,
+    })
 }
 
 #[cfg(test)]

@@ -8,7 +8,10 @@
 //!                                              irqchip, PIT, vCPUs with CPUID (guest runs on)
 //!  ◄───────────────────────────── Ready ──
 //!  pauses the vCPUs, reads the state
-//!  ── State {blob} ──────────────────────►   parses and restores it into its own KVM VM
+//!  ── State {blob} ──────────────────────►   parses it
+//!  ── CardFds {n} + n fds (SCM_RIGHTS) ───►   one per card of the state, in its order: the
+//!                                              vhost-user connection, kicks, calls
+//!                                              restores the state into its own KVM VM
 //!  ◄──────────── Restored | Refused{why} ──
 //!  ── Go ─────────────────────────────────►   starts its vCPUs (the old never runs again)
 //!  ◄──────────────── Running {started_at} ──
@@ -37,6 +40,9 @@ pub const HANDOVER_VERSION: u16 = 1;
 pub const MAX_MESSAGE: usize = HEADER_LEN + MAX_STATE;
 /// Most pinned host CPUs a hello may list.
 const MAX_PIN: usize = 1024;
+/// Most file descriptors one `CardFds` carries: a card's connection and a kick and a call per
+/// queue (at most 64 queues); below the kernel's SCM_MAX_FD (253).
+pub const MAX_CARD_FDS: usize = 1 + 2 * 64;
 
 /// The VM's shape, sent first with the memfd: what the new process builds before the pause.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +67,10 @@ pub enum Msg {
         started_at_ns: u64,
     },
     Refused(StateRefusal),
+    /// A card's file descriptors follow on this message's first byte (`count` of them).
+    CardFds {
+        count: u16,
+    },
 }
 
 /// Why a hand-over exchange failed.
@@ -111,6 +121,7 @@ impl Msg {
             Msg::Go => 5,
             Msg::Running { .. } => 6,
             Msg::Refused(_) => 7,
+            Msg::CardFds { .. } => 8,
         }
     }
 
@@ -131,6 +142,7 @@ impl Msg {
             Msg::State(b) => p.extend_from_slice(b),
             Msg::Running { started_at_ns } => p.extend_from_slice(&started_at_ns.to_le_bytes()),
             Msg::Refused(r) => p.push(refusal_code(*r)),
+            Msg::CardFds { count } => p.extend_from_slice(&count.to_le_bytes()),
             Msg::Ready | Msg::Restored | Msg::Go => {}
         }
         let mut out = Vec::with_capacity(5 + p.len());
@@ -188,6 +200,14 @@ impl Msg {
                 exact(1, "refused")?;
                 Msg::Refused(refusal_of(p[0]).ok_or(WireError::Protocol("refusal code"))?)
             }
+            8 => {
+                let b: [u8; 2] = p.try_into().map_err(|_| WireError::Protocol("card fds"))?;
+                let count = u16::from_le_bytes(b);
+                if usize::from(count) > MAX_CARD_FDS {
+                    return Err(WireError::Protocol("card fd count"));
+                }
+                Msg::CardFds { count }
+            }
             _ => return Err(WireError::Protocol("unknown tag")),
         })
     }
@@ -214,6 +234,61 @@ pub fn send(sock: &UnixStream, msg: &Msg, fd: Option<RawFd>) -> Result<(), WireE
     (&*sock)
         .write_all(frame.get(sent..).unwrap_or(&[]))
         .map_err(io_err)
+}
+
+/// Sends `msg` with every fd of `fds` riding on its first byte (at most [`MAX_CARD_FDS`]).
+pub fn send_fds(sock: &UnixStream, msg: &Msg, fds: &[RawFd]) -> Result<(), WireError> {
+    if fds.len() > MAX_CARD_FDS {
+        return Err(WireError::Protocol("too many fds"));
+    }
+    let frame = msg.encode();
+    let sent = sock
+        .send_with_fds(&[&frame[..]], fds)
+        .map_err(|e| io_err(std::io::Error::from_raw_os_error(e.errno())))?;
+    (&*sock)
+        .write_all(frame.get(sent..).unwrap_or(&[]))
+        .map_err(io_err)
+}
+
+/// Receives one `CardFds` message and the fds that rode on it, before `deadline`. Anything
+/// else, or a count that does not match the fds received, is a protocol error (the fds that
+/// did arrive are closed).
+pub fn recv_card_fds(sock: &UnixStream, deadline: Instant) -> Result<Vec<File>, WireError> {
+    use std::os::fd::FromRawFd;
+    let mut head = [0u8; 5];
+    let mut raw = [-1 as RawFd; MAX_CARD_FDS];
+    wait_readable(sock, deadline)?;
+    let mut iov = [libc::iovec {
+        iov_base: head.as_mut_ptr().cast(),
+        iov_len: head.len(),
+    }];
+    // SAFETY: the one iovec points at `head`, a buffer we own and may be written with any
+    // bytes; `raw` has room for MAX_CARD_FDS descriptors.
+    let (n, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw) }
+        .map_err(|e| io_err(std::io::Error::from_raw_os_error(e.errno())))?;
+    let files: Vec<File> = raw
+        .get(..nfds.min(MAX_CARD_FDS))
+        .unwrap_or(&[])
+        .iter()
+        // SAFETY: the first `nfds` entries are descriptors the kernel just installed for us;
+        // nothing else owns them.
+        .map(|fd| unsafe { File::from_raw_fd(*fd) })
+        .collect();
+    if n == 0 {
+        return Err(WireError::Gone);
+    }
+    read_exact(sock, &mut head[n..], deadline)?;
+    let len = usize::try_from(u32::from_le_bytes([head[1], head[2], head[3], head[4]]))
+        .map_err(|_| WireError::Protocol("length"))?;
+    if len != 2 {
+        return Err(WireError::Protocol("card fds"));
+    }
+    let mut payload = [0u8; 2];
+    read_exact(sock, &mut payload, deadline)?;
+    match Msg::parse(head[0], &payload)? {
+        Msg::CardFds { count } if usize::from(count) == files.len() => Ok(files),
+        _ => Err(WireError::Protocol("card fds")),
+    }
 }
 
 /// Waits until `sock` is readable or `deadline` passes.
@@ -327,11 +402,31 @@ mod tests {
     }
 
     #[test]
+    fn card_fds_ride_together_and_a_wrong_count_is_refused() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let soon = || Instant::now() + Duration::from_secs(5);
+        let fds = [a.as_raw_fd(), b.as_raw_fd(), a.as_raw_fd()];
+        send_fds(&a, &Msg::CardFds { count: 3 }, &fds).expect("send");
+        assert_eq!(recv_card_fds(&b, soon()).expect("recv").len(), 3);
+        send_fds(&a, &Msg::CardFds { count: 2 }, &fds).expect("send");
+        assert!(matches!(
+            recv_card_fds(&b, soon()),
+            Err(WireError::Protocol(_))
+        ));
+        send(&a, &Msg::Go, None).expect("send");
+        assert!(recv_card_fds(&b, soon()).is_err());
+        let m = Msg::CardFds { count: 129 };
+        assert_eq!(Msg::parse(8, &m.encode()[5..]).expect("parses"), m);
+    }
+
+    #[test]
     fn bad_frames_are_refused_and_silence_times_out() {
         assert!(Msg::parse(99, &[]).is_err());
         assert!(Msg::parse(2, &[0]).is_err());
         assert!(Msg::parse(7, &[200]).is_err());
         assert!(Msg::parse(1, &[0; 13]).is_err());
+        assert!(Msg::parse(8, &[0]).is_err());
+        assert!(Msg::parse(8, &[0xff, 0xff]).is_err());
         let (a, b) = UnixStream::pair().expect("pair");
         let r = recv(&b, Instant::now() + Duration::from_millis(50));
         assert!(matches!(r, Err(WireError::Timeout)));
