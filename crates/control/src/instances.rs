@@ -381,9 +381,14 @@ impl ControlPlane {
                 nonce,
                 instance_id: Some(instance.to_string()),
             });
-            self.on_host(host_id, &call).await?.0
+            match self.on_host(host_id, &call).await?.0 {
+                bulkhead_rot_proto::HostEvidence::Measured(ev) => Some(ev),
+                bulkhead_rot_proto::HostEvidence::Boot(_) => {
+                    return Err(ControlError::Host("bad_evidence"))
+                }
+            }
         } else {
-            Value::Null
+            None
         };
         let host_pub = self.host_keys.get(host_id).ok_or(ControlError::Internal)?;
         let sealed = self
@@ -394,7 +399,7 @@ impl ControlPlane {
                 instance_id: instance.to_string(),
                 host_id: host_id.to_string(),
                 host_public_key: B64.encode(host_pub),
-                evidence: crate::evidence_of(Some(&evidence))?,
+                evidence,
             })
             .await?;
         let call = calls::AttachNetwork {

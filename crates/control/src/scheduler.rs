@@ -60,9 +60,11 @@ impl ControlPlane {
             nonce: hex::encode(nonce),
             instance_id: None,
         });
-        let ev = self.hosts.call(&host.host_id, &host.addr, &call).await?;
-        let ev: bulkhead_rot::attest::Evidence =
-            serde_json::from_value(ev.0).map_err(|_| ControlError::Host("attest_malformed"))?;
+        let bulkhead_rot_proto::HostEvidence::Measured(ev) =
+            self.hosts.call(&host.host_id, &host.addr, &call).await?.0
+        else {
+            return Err(ControlError::Host("attest_malformed"));
+        };
         if ev.host != host.host_id {
             return Err(ControlError::Host("evidence_for_another_host"));
         }

@@ -427,10 +427,11 @@ pub struct NetworkAttached {
 }
 
 /// `POST /v1/host/attest`: the attestation agent's evidence, relayed unmodified (the
-/// controller neither makes nor checks it; the verifier parses it with `bulkhead-rot`).
+/// controller neither makes nor checks the quote; the verifier does, with `bulkhead-rot`). The
+/// shape is the root of trust's one wire type, so a malformed answer stops at the first parser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct RelayedEvidence(pub serde_json::Value);
+pub struct RelayedEvidence(pub bulkhead_rot_proto::HostEvidence);
 
 /// `GET /v1/metrics`: Prometheus text format (not JSON).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -193,7 +193,14 @@ fn every_answer_round_trips() {
         net_endpoint: "10.0.0.1:4000".into(),
     });
     rt(&RelayedEvidence(
-        json!({"host": "h1", "quote": {}, "event_log": ""}),
+        bulkhead_rot_proto::HostEvidence::Measured(bulkhead_rot_proto::Evidence {
+            host: "h1".into(),
+            quote: bulkhead_rot_proto::RawQuote {
+                attest: "ff54".into(),
+                signature: "00".into(),
+            },
+            event_log: String::new(),
+        }),
     ));
     rt(&ErrorBody {
         error: ErrorDetail {

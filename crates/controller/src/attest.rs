@@ -19,8 +19,8 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Longest evidence line accepted from the agent.
-pub const MAX_EVIDENCE_BYTES: usize = 64 * 1024;
+use bulkhead_rot_proto::{parse_reply, AgentRequest, HostEvidence, ReplyError, MAX_EVIDENCE_BYTES};
+
 /// How long one quote may take (a TPM quote is tens of milliseconds; swtpm similar).
 pub const QUOTE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -91,12 +91,12 @@ impl AgentLink {
     }
 
     /// One quote over `nonce`, bound to `instance` if given (the caller has checked that this
-    /// host runs it). Returns the agent's evidence as JSON, unmodified.
+    /// host runs it). Returns the agent's evidence, unmodified.
     pub fn quote(
         &self,
         nonce: &[u8; 32],
         instance: Option<&str>,
-    ) -> Result<serde_json::Value, AttestError> {
+    ) -> Result<HostEvidence, AttestError> {
         let mut guard = match self.link.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -116,12 +116,8 @@ fn exchange(
     link: &mut Link,
     nonce: &[u8; 32],
     instance: Option<&str>,
-) -> Result<serde_json::Value, AttestError> {
-    let mut req = match instance {
-        None => serde_json::json!({ "nonce": hex::encode(nonce) }),
-        Some(i) => serde_json::json!({ "nonce": hex::encode(nonce), "instance": i }),
-    }
-    .to_string();
+) -> Result<HostEvidence, AttestError> {
+    let mut req = AgentRequest::encode(nonce, instance);
     req.push('\n');
     link.writer
         .write_all(req.as_bytes())
@@ -137,13 +133,9 @@ fn exchange(
     if n == 0 || line.last() != Some(&b'\n') {
         return Err(AttestError::Unavailable);
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&line).map_err(|_| AttestError::Agent("bad_reply".into()))?;
-    if !v.is_object() {
-        return Err(AttestError::Agent("bad_reply".into()));
-    }
-    if let Some(code) = v.get("error").and_then(|c| c.as_str()) {
-        return Err(AttestError::Agent(code.chars().take(64).collect()));
-    }
-    Ok(v)
+    line.pop();
+    parse_reply(&line).map_err(|e| match e {
+        ReplyError::Malformed => AttestError::Agent("bad_reply".into()),
+        ReplyError::Refused(code) => AttestError::Agent(code),
+    })
 }

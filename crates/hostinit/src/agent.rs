@@ -14,10 +14,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 
-use bulkhead_rot::agent::{parse_request, MAX_REQUEST_LINE};
-use bulkhead_rot::attest::qualifying_data;
-use bulkhead_rot::boot::{BootEvidence, BOOT_PCRS, EVIDENCE_FORMAT};
-use bulkhead_rot::tpm::{AkPublic, Tpm};
+use bulkhead_rot::boot::BOOT_PCRS;
+use bulkhead_rot::tpm::Tpm;
+use bulkhead_rot_proto::{
+    encode_reply, parse_request, qualifying_data, AgentError, AkPublic, BootEvidence, HostEvidence,
+    EVIDENCE_FORMAT, MAX_REQUEST_LINE,
+};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -26,33 +28,26 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .cloned()
 }
 
-fn answer(tpm: &mut Tpm, host: &str, ak: &AkPublic, line: &[u8]) -> serde_json::Value {
-    let (nonce, instance) = match parse_request(line) {
-        Ok(r) => r,
-        Err(e) => return serde_json::json!({ "error": e.code() }),
-    };
-    let qd = qualifying_data(&nonce, instance.as_deref());
-    match tpm.quote_sha256_pcrs(&BOOT_PCRS, &qd) {
-        Ok((quote, values)) => {
-            let evidence = BootEvidence {
-                format: EVIDENCE_FORMAT.to_string(),
-                host: host.to_string(),
-                ak: ak.clone(),
-                quote,
-                pcrs: BOOT_PCRS
-                    .iter()
-                    .copied()
-                    .zip(values.iter().map(hex::encode))
-                    .collect(),
-            };
-            serde_json::to_value(evidence)
-                .unwrap_or_else(|_| serde_json::json!({ "error": "agent_quote_failed" }))
-        }
-        Err(e) => {
+fn answer(tpm: &mut Tpm, host: &str, ak: &AkPublic, line: &[u8]) -> String {
+    let result = parse_request(line).and_then(|(nonce, instance)| {
+        let qd = qualifying_data(&nonce, instance.as_deref());
+        let (quote, values) = tpm.quote_sha256_pcrs(&BOOT_PCRS, &qd).map_err(|e| {
             tracing::error!(error = %e, "quote failed");
-            serde_json::json!({ "error": "agent_quote_failed" })
-        }
-    }
+            AgentError::QuoteFailed
+        })?;
+        Ok(HostEvidence::Boot(BootEvidence {
+            format: EVIDENCE_FORMAT.to_string(),
+            host: host.to_string(),
+            ak: ak.clone(),
+            quote,
+            pcrs: BOOT_PCRS
+                .iter()
+                .copied()
+                .zip(values.iter().map(hex::encode))
+                .collect(),
+        }))
+    });
+    encode_reply(&result)
 }
 
 fn serve(tpm: &mut Tpm, host: &str, ak: &AkPublic, stream: UnixStream) {
@@ -68,10 +63,13 @@ fn serve(tpm: &mut Tpm, host: &str, ak: &AkPublic, stream: UnixStream) {
             Ok(_) => {}
         }
         if line.last() != Some(&b'\n') {
-            let _ = writer.write_all(b"{\"error\":\"agent_line_too_long\"}\n");
+            let mut out = encode_reply(&Err(AgentError::TooLong));
+            out.push('\n');
+            let _ = writer.write_all(out.as_bytes());
             return;
         }
-        let mut out = answer(tpm, host, ak, &line).to_string();
+        line.pop();
+        let mut out = answer(tpm, host, ak, &line);
         out.push('\n');
         if writer.write_all(out.as_bytes()).is_err() {
             return;

@@ -203,7 +203,7 @@ pub struct DecryptForHostRequest {
     /// The host's fresh attestation evidence (a TPM quote over a nonce from
     /// [`KmsOp::Challenge`], and its event log). Required when the KMS enforces attestation.
     #[serde(default)]
-    pub evidence: Option<bulkhead_rot::attest::Evidence>,
+    pub evidence: Option<bulkhead_rot_proto::Evidence>,
 }
 
 /// `Challenge`: a one-time nonce for one host's next quote.
@@ -304,7 +304,7 @@ pub struct SealVpcKeyRequest {
     /// The host's fresh quote bound to `instance_id` (required when the KMS enforces
     /// attestation), as for `DecryptForHost`.
     #[serde(default)]
-    pub evidence: Option<bulkhead_rot::attest::Evidence>,
+    pub evidence: Option<bulkhead_rot_proto::Evidence>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,8 +8,8 @@
 //! Wire format, one JSON object per line each way (a request line is at most
 //! [`MAX_REQUEST_LINE`] bytes): request `{"nonce":"<64 hex>"}` or
 //! `{"nonce":"<64 hex>","instance":"<id>"}`; answer the [`crate::attest::Evidence`] or
-//! `{"error":"<code>"}`. Requests on one connection are served in order; connections one at a
-//! time (the TPM is one device).
+//! `{"error":"<code>"}`. Both are wire types of `bulkhead-rot-proto`. Requests on one connection
+//! are served in order; connections one at a time (the TPM is one device).
 //!
 //! With an instance, the quote's qualifying data is
 //! [`crate::attest::qualifying_data`]`(nonce, instance)` = SHA-256(nonce || instance id): the
@@ -21,65 +21,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use crate::host::Host;
-use crate::tpm::MAX_NONCE_LEN;
 
-/// Longest request line, newline included.
-pub const MAX_REQUEST_LINE: usize = 256;
-
-/// One challenge.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentRequest {
-    /// The verifier's nonce, hex (exactly 32 bytes).
-    pub nonce: String,
-    /// The instance the quote is bound to, if any (a resource id: 1-64 of `A-Za-z0-9-_.`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance: Option<String>,
-}
-
-/// Why a request line was refused. Codes are stable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AgentError {
-    #[error("request line longer than {MAX_REQUEST_LINE} bytes")]
-    TooLong,
-    #[error("request is not the expected JSON")]
-    BadRequest,
-    #[error("nonce must be {MAX_NONCE_LEN} bytes of hex")]
-    BadNonce,
-    #[error("instance id must be 1-64 of A-Za-z0-9-_.")]
-    BadInstance,
-    #[error("the TPM could not quote")]
-    QuoteFailed,
-}
-
-impl AgentError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            AgentError::TooLong => "agent_line_too_long",
-            AgentError::BadRequest => "agent_bad_request",
-            AgentError::BadNonce => "agent_bad_nonce",
-            AgentError::BadInstance => "agent_bad_instance",
-            AgentError::QuoteFailed => "agent_quote_failed",
-        }
-    }
-}
-
-/// The only parser of the agent's input. Returns what the quote's qualifying data is made of:
-/// the nonce, and the instance it is bound to (if any).
-pub fn parse_request(line: &[u8]) -> Result<([u8; MAX_NONCE_LEN], Option<String>), AgentError> {
-    if line.len() > MAX_REQUEST_LINE {
-        return Err(AgentError::TooLong);
-    }
-    let r: AgentRequest = serde_json::from_slice(line).map_err(|_| AgentError::BadRequest)?;
-    let raw = hex::decode(r.nonce).map_err(|_| AgentError::BadNonce)?;
-    let nonce = raw.try_into().map_err(|_| AgentError::BadNonce)?;
-    if let Some(i) = &r.instance {
-        if !crate::attest::valid_instance_id(i) {
-            return Err(AgentError::BadInstance);
-        }
-    }
-    Ok((nonce, r.instance))
-}
+// The line protocol is a wire type (`bulkhead-rot-proto`), shared with the controller.
+pub use bulkhead_rot_proto::{parse_request, AgentError, AgentRequest, MAX_REQUEST_LINE};
 
 fn answer(host: &mut Host, line: &[u8]) -> String {
     let result = parse_request(line).and_then(|(nonce, instance)| {
@@ -89,14 +33,10 @@ fn answer(host: &mut Host, line: &[u8]) -> String {
             AgentError::QuoteFailed
         })
     });
-    match result {
-        Ok(ev) => serde_json::to_string(&ev)
-            .unwrap_or_else(|_| r#"{"error":"agent_quote_failed"}"#.to_string()),
-        Err(e) => {
-            tracing::info!(code = e.code(), "challenge refused");
-            serde_json::json!({ "error": e.code() }).to_string()
-        }
+    if let Err(e) = &result {
+        tracing::info!(code = e.code(), "challenge refused");
     }
+    bulkhead_rot_proto::encode_reply(&result.map(bulkhead_rot_proto::HostEvidence::Measured))
 }
 
 /// Serves one connection until the peer closes it or sends a line that is too long.
@@ -114,7 +54,7 @@ pub fn serve_connection(host: &mut Host, stream: UnixStream) {
         }
         let too_long = line.last() != Some(&b'\n');
         let reply = if too_long {
-            serde_json::json!({ "error": AgentError::TooLong.code() }).to_string()
+            bulkhead_rot_proto::encode_reply(&Err(AgentError::TooLong))
         } else {
             line.pop();
             answer(host, &line)

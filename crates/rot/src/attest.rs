@@ -28,7 +28,7 @@ use tss_esapi::traits::UnMarshall;
 
 use crate::measure::{Environment, EventLog};
 use crate::release::Manifest;
-use crate::tpm::{AkPublic, MeasurePcr, RawQuote, MAX_NONCE_LEN};
+use crate::tpm::{AkPublic, MeasurePcr, MAX_NONCE_LEN};
 use crate::RotError;
 
 /// How long a nonce stays valid.
@@ -36,40 +36,9 @@ pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(60);
 /// Most outstanding nonces (oldest are dropped beyond this).
 pub const MAX_OUTSTANDING_NONCES: usize = 4096;
 
-/// The quote's qualifying data: the verifier's nonce, or, bound to an instance,
-/// SHA-256(nonce || instance id). The attestation agent quotes over it; the host's controller
-/// asks for the bound form only for an instance it runs; a verifier expecting an instance
-/// recomputes it.
-pub fn qualifying_data(nonce: &[u8; MAX_NONCE_LEN], instance: Option<&str>) -> [u8; MAX_NONCE_LEN] {
-    match instance {
-        None => *nonce,
-        Some(id) => {
-            let mut h = Sha256::new();
-            h.update(nonce);
-            h.update(id.as_bytes());
-            h.finalize().into()
-        }
-    }
-}
-
-/// An instance identifier as the controller accepts it: 1-64 of `A-Za-z0-9-_.`.
-pub fn valid_instance_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-}
-
-/// What a host presents.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Evidence {
-    pub host: String,
-    pub quote: RawQuote,
-    /// JSON-lines event log (see [`crate::measure`]).
-    pub event_log: String,
-}
+// The evidence and what a quote is made over are wire types: one definition, shared with the
+// agent, the controller, the control plane and the KMS.
+pub use bulkhead_rot_proto::{qualifying_data, valid_instance_id, Evidence};
 
 /// What the control plane records when it enrols a host (provisioning ceremony).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -22,29 +22,16 @@ use tss_esapi::interface_types::structure_tags::AttestationType;
 use tss_esapi::structures::{Attest, AttestInfo, PcrSelectionListBuilder, PcrSlot};
 use tss_esapi::traits::UnMarshall;
 
-use crate::tpm::{AkPublic, RawQuote};
+use crate::tpm::AkPublic;
 
 /// The PCRs a sealed host quotes, ascending.
 pub const BOOT_PCRS: [u8; 5] = [4, 9, 11, 12, 23];
 /// The PCR holding the configuration disk's measurement.
 pub const CONFIG_PCR: u8 = 23;
 
-/// What a sealed host's attestation agent answers (relayed by the controller unmodified).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BootEvidence {
-    /// `bulkhead-boot-evidence/1`.
-    pub format: String,
-    pub host: String,
-    /// The AK that signed the quote (its enrolment is the verifier's business).
-    pub ak: AkPublic,
-    pub quote: RawQuote,
-    /// The quoted PCRs' SHA-256 values, hex, by index.
-    pub pcrs: BTreeMap<u8, String>,
-}
-
-/// The evidence format string.
-pub const EVIDENCE_FORMAT: &str = "bulkhead-boot-evidence/1";
+// What a sealed host's attestation agent answers is a wire type, shared with the controller
+// that relays it and the control plane that checks it.
+pub use bulkhead_rot_proto::{BootEvidence, EVIDENCE_FORMAT};
 
 /// Exact SHA-256 PCR values a verifier demands.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -104,3 +104,9 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+impl From<bulkhead_rot_proto::MalformedKey> for RotError {
+    fn from(_: bulkhead_rot_proto::MalformedKey) -> Self {
+        RotError::Malformed("attestation key")
+    }
+}

@@ -42,7 +42,7 @@ pub type Sha384Digest = [u8; SHA384_LEN];
 /// Largest secret a keyed-hash sealed object holds (`MAX_SYM_DATA`).
 pub const MAX_SEALED_LEN: usize = 128;
 /// Longest nonce (qualifying data) a quote carries.
-pub const MAX_NONCE_LEN: usize = 32;
+pub use bulkhead_rot_proto::MAX_NONCE_LEN;
 
 /// The PCR that Bulkhead's measured start extends, in the SHA-384 bank.
 ///
@@ -169,31 +169,8 @@ pub struct SealedBlob {
     pub pcr_value: String,
 }
 
-/// An attestation key's public half: ECC P-256 point, uncompressed SEC1 (`04 || x || y`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct AkPublic(pub String);
-
-impl AkPublic {
-    /// SEC1 bytes.
-    pub fn sec1(&self) -> Result<Vec<u8>, RotError> {
-        hex::decode(&self.0).map_err(|_| RotError::Malformed("attestation key"))
-    }
-
-    /// Short, stable name: first 8 bytes of SHA-256 of the SEC1 point, hex.
-    pub fn key_id(&self) -> String {
-        let d = Sha256::digest(self.0.as_bytes());
-        hex::encode(d.get(..8).unwrap_or(&[]))
-    }
-}
-
-/// A raw quote as the TPM produced it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct RawQuote {
-    /// Marshalled `TPMS_ATTEST`, hex: exactly the bytes the AK signed.
-    pub attest: String,
-    /// ECDSA signature, `r || s`, 32 bytes each, hex.
-    pub signature: String,
-}
+pub use bulkhead_rot_proto::AkPublic;
+pub use bulkhead_rot_proto::RawQuote;
 
 /// An open connection to a TPM.
 pub struct Tpm {
