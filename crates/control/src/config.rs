@@ -70,6 +70,10 @@ pub struct HostConfig {
     pub cores: u32,
     /// The host's 38-byte public key file (what its block card unseals with).
     pub public_key: PathBuf,
+    /// Set for a sealed host (booted from the host image): it is attested by its whole boot
+    /// chain against the image manifest ([`crate::sealed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<crate::sealed::SealedHostConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -31,6 +31,7 @@ pub mod repo;
 pub mod repo_contract;
 pub mod scheduler;
 pub mod schema;
+pub mod sealed;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -81,6 +81,8 @@ enum CliError {
     Config(#[from] bulkhead_control::config::ConfigError),
     #[error("fleet rules {0}: {1}")]
     Rules(String, bulkhead_control::fleet::RulesError),
+    #[error("sealed host {0}: {1}")]
+    Sealed(String, Box<bulkhead_control::sealed::SealedConfigError>),
     #[error("attestation policy: {0}")]
     Attest(#[from] bulkhead_kms::attest::AttestConfigError),
     #[error("state: {0}")]
@@ -213,6 +215,21 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
     }
     if let Some(ms) = cfg.workflow_lease_ms {
         cp = cp.with_workflow_lease(Duration::from_millis(ms));
+    }
+    let mut sealed = std::collections::HashMap::new();
+    for h in &cfg.hosts {
+        if let Some(s) = &h.sealed {
+            let p = bulkhead_control::sealed::SealedPolicy::load(s)
+                .map_err(|e| CliError::Sealed(h.host_id.clone(), Box::new(e)))?;
+            sealed.insert(h.host_id.clone(), p);
+        }
+    }
+    if !sealed.is_empty() {
+        tracing::info!(
+            hosts = sealed.len(),
+            "sealed hosts are attested by their whole boot chain (PCRs 4, 9, 11, 12, 23)"
+        );
+        cp = cp.with_sealed_hosts(sealed);
     }
     if let Some(p) = &cfg.attest_config {
         cp = cp.with_attestation(bulkhead_kms::attest::load_verifier(p)?);

@@ -188,7 +188,17 @@ fn answer(cp: &ControlPlane, req: &OperatorRequest) -> Result<Value, OperatorErr
     };
     match req {
         OperatorRequest::ListHosts => {
-            host_list(cp.repo.as_ref(), |h| cp.flagged(h)).map_err(internal)
+            let mut v = host_list(cp.repo.as_ref(), |h| cp.flagged(h)).map_err(internal)?;
+            // Sealed hosts: the last verdict on their boot chain (null for other hosts).
+            if let Value::Array(hosts) = &mut v {
+                for h in hosts.iter_mut() {
+                    let id = h["host_id"].as_str().unwrap_or("").to_string();
+                    if let Some(o) = h.as_object_mut() {
+                        o.insert("boot_attestation".into(), cp.boot_attestation_json(&id));
+                    }
+                }
+            }
+            Ok(v)
         }
         OperatorRequest::ListAlerts => Ok(json!({ "alerts": cp.alerts(1000) })),
         OperatorRequest::Metrics => Ok(Value::String(cp.fleet_metrics())),

@@ -186,6 +186,13 @@ impl ControlPlane {
                     continue;
                 }
             };
+            // A sealed host is attested by its boot chain as it is polled (a refused one is
+            // asked again at most every SEALED_RETRY).
+            if self.sealed_attestation_due(&h.host_id) {
+                if let Err(e) = self.ensure_attested(&h).await {
+                    tracing::warn!(host = %h.host_id, code = e.code(), "sealed host not attested");
+                }
+            }
             pulled += self.pull_host_audit(&h, &v).await?;
         }
         Ok(pulled)

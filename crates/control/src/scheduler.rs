@@ -18,10 +18,14 @@ const RESERVE_ROUNDS: usize = 16;
 
 impl ControlPlane {
     /// Attests `host` unless it did within [`ATTESTATION_TTL`]: a nonce from this control plane's
-    /// verifier, the host's quote over it (relayed by its controller), verified here.
+    /// verifier, the host's quote over it (relayed by its controller), verified here. A sealed
+    /// host ([`crate::sealed`]) is always attested, by its whole boot chain.
     pub(crate) async fn ensure_attested(&self, host: &HostRow) -> Result<(), ControlError> {
-        let Some(v) = &self.attestation else {
-            return Ok(());
+        let sealed = self.is_sealed(&host.host_id);
+        let v = match &self.attestation {
+            Some(v) => Some(v),
+            None if sealed => None,
+            None => return Ok(()),
         };
         let fresh = lock(&self.attested)
             .get(&host.host_id)
@@ -29,7 +33,12 @@ impl ControlPlane {
         if fresh {
             return Ok(());
         }
-        match self.attest_once(host, v).await {
+        let outcome = match v {
+            _ if sealed => self.attest_sealed(host).await,
+            Some(v) => self.attest_once(host, v).await,
+            None => Err(ControlError::Internal),
+        };
+        match outcome {
             Ok(release) => {
                 tracing::info!(host = %host.host_id, release, "host attested for placement");
                 self.fleet.attested(&host.host_id);

@@ -124,6 +124,8 @@ pub struct ControlPlane {
     pub(crate) storage: Option<crate::storage::Storage>,
     /// Time per workflow step (operators' metrics; the attach benchmark's breakdown).
     pub(crate) step_times: crate::workflow::StepTimes,
+    /// Sealed hosts: attested by their whole boot chain ([`crate::sealed`]).
+    pub(crate) sealed: crate::sealed::SealedHosts,
 }
 
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -190,6 +192,7 @@ impl ControlPlane {
             region: crate::config::DEFAULT_REGION.to_string(),
             storage: None,
             step_times: crate::workflow::StepTimes::default(),
+            sealed: crate::sealed::SealedHosts::default(),
         }
     }
 

@@ -80,6 +80,10 @@ pub struct Cluster {
     storage_link: Option<String>,
     launches: Vec<HostLaunch>,
     children: Vec<(String, Child)>,
+    /// Sealed hosts ([`ReplicaOptions::sealed`]): the VMs, host 1 first.
+    pub sealed_vms: Vec<crate::sealed::SealedVm>,
+    /// Each sealed host's controller ready, seconds after power-on (QEMU start).
+    pub sealed_ready_secs: Vec<(String, f64)>,
 }
 
 /// How a host's controller was started (to start it again after a kill).
@@ -105,6 +109,8 @@ impl HostLaunch {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // Sealed hosts first: QEMU holds its tap inside the namespace torn down below.
+        self.sealed_vms.clear();
         for (_, c) in self.children.iter_mut().rev() {
             let _ = c.kill();
             let _ = c.wait();
@@ -830,6 +836,22 @@ pub struct ReplicaOptions {
     /// A storage node (`bulkhead-storage`, named [`STORAGE_NODE`]) for network volumes. `None`:
     /// volumes are files on the host that attaches them.
     pub storage: Option<StorageEngine>,
+    /// Sealed hosts: every host is the host image booted under QEMU (see [`crate::sealed`])
+    /// instead of host processes. Needs root, QEMU, OVMF, swtpm and a built image.
+    pub sealed: Option<SealedOptions>,
+}
+
+/// How a dev cluster's sealed hosts are booted and checked.
+#[derive(Debug, Clone)]
+pub struct SealedOptions {
+    /// The host image directory (`make host-image`): every host must run it, and its
+    /// `manifest.json` holds the boot PCRs the control plane demands.
+    pub image: PathBuf,
+    /// Hosts booted from another image directory than `image` (host number, directory): a
+    /// development switch to watch the control plane refuse a host whose image differs.
+    pub boot_other_image: Vec<(usize, PathBuf)>,
+    /// How long each host may take from power-on to a ready controller.
+    pub boot_timeout: std::time::Duration,
 }
 
 /// The storage node's certificate name in a dev cluster.
@@ -913,13 +935,29 @@ pub fn start_replicated(
             return Err(ClusterError::MissingBinary(opts.bins.join(b)));
         }
     }
-    let attested = opts.attest.unwrap_or_else(|| can_attest(&opts.bins));
+    if let Some(s) = &more.sealed {
+        if let Some(why) = crate::sealed::missing_resource()
+            .or_else(|| crate::sealed::image_missing(&s.image))
+            .or_else(|| (!netns::available()).then(|| "network namespaces unavailable".into()))
+        {
+            return Err(ClusterError::Net(format!("sealed hosts: {why}")));
+        }
+        if more.storage.is_some() {
+            return Err(ClusterError::Net(
+                "sealed hosts run no block cards: no storage node".into(),
+            ));
+        }
+    }
+    let sealed_mode = more.sealed.is_some();
+    // Sealed hosts attest their boot chain to the control plane; the process hosts' measured
+    // start (launcher, signed release, KMS policy) does not apply to them.
+    let attested = !sealed_mode && opts.attest.unwrap_or_else(|| can_attest(&opts.bins));
     if attested && !can_attest(&opts.bins) {
         return Err(ClusterError::Rot(
             "attested hosts need swtpm on PATH and bulkhead-launcher".into(),
         ));
     }
-    let use_netns = opts.netns.unwrap_or_else(netns::available);
+    let use_netns = sealed_mode || opts.netns.unwrap_or_else(netns::available);
     // A fallback is said out loud (tests with BULKHEAD_REQUIRE_ALL=1 also fail on it: they check
     // `Cluster::attested` and `Cluster::nets`).
     if !attested {
@@ -964,10 +1002,17 @@ pub fn start_replicated(
                 .0
                 .push(netns::setup(&tag, subnet, n).map_err(|e| ClusterError::Net(e.to_string()))?);
         }
-        guard.1 = Some(
-            netns::setup_fabric(&tag, subnet, &mut guard.0)
-                .map_err(|e| ClusterError::Net(e.to_string()))?,
-        );
+        if sealed_mode {
+            for (i, n) in guard.0.iter().enumerate() {
+                netns::bridge_to_tap(&tag, i + 1, n)
+                    .map_err(|e| ClusterError::Net(e.to_string()))?;
+            }
+        } else {
+            guard.1 = Some(
+                netns::setup_fabric(&tag, subnet, &mut guard.0)
+                    .map_err(|e| ClusterError::Net(e.to_string()))?,
+            );
+        }
     } else {
         tracing::warn!(
             "hosts share the loopback network (not root, or namespaces unavailable here)"
@@ -1008,6 +1053,8 @@ pub fn start_replicated(
         storage_link: None,
         launches: Vec::new(),
         children: Vec::new(),
+        sealed_vms: Vec::new(),
+        sealed_ready_secs: Vec::new(),
     };
     let nets = cluster.nets.clone();
     let via = |name: &str, target: String| -> Result<String, ClusterError> {
@@ -1054,7 +1101,10 @@ pub fn start_replicated(
     let cores = more
         .host_cores
         .unwrap_or_else(|| u32::try_from((cores / 2).max(1)).unwrap_or(1));
-    for n in 1..=opts.hosts {
+    if let Some(s) = &more.sealed {
+        hosts = start_sealed(dir, s, opts.hosts, &mut cluster)?;
+    }
+    for n in (1..=opts.hosts).filter(|_| !sealed_mode) {
         let host = format!("host-{n}");
         let controller_bin = if attested {
             // Measured start: the agent measures the installed release and unseals the host
@@ -1103,6 +1153,7 @@ pub fn start_replicated(
             addr: via(&format!("control-to-{host}"), addr)?,
             cores,
             public_key: dir.join(&host).join("host.pub"),
+            sealed: None,
         });
     }
     let cfg = Config {
@@ -1214,4 +1265,89 @@ pub fn start_replicated(
     )
     .map_err(io(&info_path))?;
     Ok(cluster)
+}
+
+/// Boots every host of a sealed cluster (all powered on at once, then each awaited) and
+/// returns their entries for the control plane: address `host_ip:8443`, no cores (their
+/// controllers run the detached backend: no guests here), and the boot-chain policy — the
+/// image manifest every host must match, the digest of its own configuration disk, and the
+/// attestation key its agent printed at start (trusted on first use, see docs/status.md).
+fn start_sealed(
+    dir: &Path,
+    s: &SealedOptions,
+    hosts: usize,
+    cluster: &mut Cluster,
+) -> Result<Vec<HostConfig>, ClusterError> {
+    use crate::sealed::{SealedVm, MANIFEST, MTLS_PORT, UKI};
+    let tag = netns::tag_for(dir);
+    let sealed_err = |e: crate::sealed::SealedError| ClusterError::Rot(e.to_string());
+    let mut digests = Vec::new();
+    for n in 1..=hosts {
+        let host = format!("host-{n}");
+        let net = cluster
+            .nets
+            .get(n - 1)
+            .cloned()
+            .ok_or(ClusterError::BadHosts)?;
+        let parse = |a: &str| {
+            a.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| ClusterError::Net(format!("bad address {a}")))
+        };
+        let hd = dir.join(&host);
+        let disk = hd.join("config.img");
+        let digest = crate::sealed::write_config_disk(
+            &dir.join("ca"),
+            &host,
+            parse(&net.host_ip)?,
+            30,
+            parse(&net.outer_ip)?,
+            &disk,
+        )
+        .map_err(sealed_err)?;
+        let image = s
+            .boot_other_image
+            .iter()
+            .find(|(k, _)| *k == n)
+            .map_or(s.image.clone(), |(_, p)| p.clone());
+        if image != s.image {
+            tracing::warn!(host, image = %image.display(), "booting this host from ANOTHER image than the one the control plane expects");
+        }
+        let vm = SealedVm::boot(
+            &host,
+            &hd.join("vm"),
+            &image.join(UKI),
+            &disk,
+            &net.ns,
+            &format!("bk{tag}t{n}"),
+        )
+        .map_err(sealed_err)?;
+        cluster.sealed_vms.push(vm);
+        digests.push(digest);
+    }
+    let mut out = Vec::new();
+    for (i, vm) in cluster.sealed_vms.iter_mut().enumerate() {
+        let ready = vm
+            .wait_for("\"event\":\"ready\"", s.boot_timeout)
+            .map_err(sealed_err)?;
+        let ak = vm.ak().map_err(sealed_err)?;
+        tracing::info!(host = %vm.name, secs = ready.as_secs_f64(), "sealed host's controller ready");
+        cluster
+            .sealed_ready_secs
+            .push((vm.name.clone(), ready.as_secs_f64()));
+        let net = cluster.nets.get(i).ok_or(ClusterError::BadHosts)?;
+        let addr = format!("{}:{MTLS_PORT}", net.host_ip);
+        cluster.host_addrs.push((vm.name.clone(), addr.clone()));
+        out.push(HostConfig {
+            host_id: vm.name.clone(),
+            addr,
+            cores: 0,
+            public_key: dir.join(&vm.name).join("host.pub"),
+            sealed: Some(bulkhead_control::sealed::SealedHostConfig {
+                image_manifest: s.image.join(MANIFEST),
+                config_sha256: hex::encode(digests.get(i).ok_or(ClusterError::BadHosts)?),
+                ak,
+            }),
+        });
+    }
+    Ok(out)
 }

@@ -45,6 +45,19 @@ enum Cmd {
         /// Whole cores each host offers (default: half this machine's threads).
         #[arg(long)]
         host_cores: Option<u32>,
+        /// Run each host as the sealed host image (`make host-image`) under QEMU (TCG, OVMF,
+        /// its own swtpm) instead of host processes; the control plane attests its whole boot
+        /// chain. Needs root, qemu-system-x86_64, OVMF and swtpm.
+        #[arg(long)]
+        sealed_hosts: bool,
+        /// The host image directory for --sealed-hosts (default: `host-image` next to the
+        /// binaries' directory, where `make host-image` puts it).
+        #[arg(long)]
+        host_image: Option<PathBuf>,
+        /// With --sealed-hosts: boot host N from another image directory (`N=DIR`) than the one
+        /// the control plane expects, to watch it be refused. Repeatable.
+        #[arg(long, value_parser = parse_other_image)]
+        sealed_boot_image: Vec<(usize, PathBuf)>,
     },
     /// Benchmark a local cluster: RunInstances and AttachVolume latency, API throughput.
     /// Prints a markdown section.
@@ -111,6 +124,23 @@ fn controller_backend_args(bins: &Path, backend: Option<&str>) -> Vec<String> {
     }
 }
 
+fn parse_other_image(s: &str) -> Result<(usize, PathBuf), String> {
+    let (n, d) = s
+        .split_once('=')
+        .ok_or_else(|| "expected N=DIR".to_string())?;
+    let n: usize = n
+        .parse()
+        .map_err(|_| "N must be a host number".to_string())?;
+    Ok((n, PathBuf::from(d)))
+}
+
+/// `up`'s sealed-host switches.
+struct SealedArgs {
+    on: bool,
+    image: Option<PathBuf>,
+    other: Vec<(usize, PathBuf)>,
+}
+
 fn up(
     dir: &Path,
     hosts: usize,
@@ -118,11 +148,29 @@ fn up(
     backend: Option<String>,
     bins: Option<PathBuf>,
     host_cores: Option<u32>,
+    sealed: SealedArgs,
 ) -> Result<(), CliError> {
     let bins = match bins {
         Some(b) => b,
         None => own_dir()?,
     };
+    let sealed_opts = if sealed.on {
+        let image = match sealed.image {
+            Some(i) => i,
+            None => bins
+                .parent()
+                .map(|t| t.join("host-image"))
+                .ok_or(CliError::BadArgument("cannot locate the host image"))?,
+        };
+        Some(cluster::SealedOptions {
+            image,
+            boot_other_image: sealed.other,
+            boot_timeout: Duration::from_secs(600),
+        })
+    } else {
+        None
+    };
+    let sealed_mode = sealed_opts.is_some();
     let opts = cluster::StartOptions {
         hosts,
         controller_args: controller_backend_args(&bins, backend.as_deref()),
@@ -138,10 +186,9 @@ fn up(
         &opts,
         &cluster::ReplicaOptions {
             host_cores,
-            storage: bins
-                .join("bulkhead-storage")
-                .is_file()
+            storage: (!sealed_mode && bins.join("bulkhead-storage").is_file())
                 .then_some(cluster::StorageEngine::File),
+            sealed: sealed_opts,
             ..cluster::ReplicaOptions::default()
         },
     )?;
@@ -176,7 +223,13 @@ fn up(
         ),
         None => println!("  storage node   none (bulkhead-storage not built): volumes are files on the attaching host"),
     }
-    if c.attested {
+    if sealed_mode {
+        for (h, secs) in &c.sealed_ready_secs {
+            println!("  sealed host    {h}: host image under QEMU TCG + OVMF + its own swtpm, controller ready {secs:.1} s after power-on, reached on its mTLS port only");
+        }
+        println!("  attestation    sealed hosts: the control plane verifies each one's whole boot chain (PCRs 4, 9, 11, 12 against the image manifest, 23 against its config disk) when polled and before placing; GET /v1/operator/hosts shows boot_attestation");
+        println!("  instances      none on sealed hosts here (0 cores offered: no nested virtualization, their controllers run the detached backend)");
+    } else if c.attested {
         println!("  attestation    each host: own TPM (swtpm), measured start of a 2-of-3 signed release; the KMS seals keys only after a fresh quote");
     } else {
         println!("  attestation    OFF (swtpm or bulkhead-launcher missing): the KMS trusts enrolled host keys without a quote");
@@ -468,7 +521,22 @@ fn main() -> ExitCode {
             controller_backend,
             bins,
             host_cores,
-        } => up(&dir, hosts, record, controller_backend, bins, host_cores),
+            sealed_hosts,
+            host_image,
+            sealed_boot_image,
+        } => up(
+            &dir,
+            hosts,
+            record,
+            controller_backend,
+            bins,
+            host_cores,
+            SealedArgs {
+                on: sealed_hosts,
+                image: host_image,
+                other: sealed_boot_image,
+            },
+        ),
         Cmd::Bench {
             hosts,
             iterations,

@@ -128,6 +128,23 @@ pub fn setup(tag: &str, subnet: (u8, u8), n: usize) -> Result<HostNet, NetnsErro
     setup_named(tag, subnet, n, &format!("host-{n}"))
 }
 
+/// Turns host `n`'s namespace into a sealed host's (see `crate::sealed`): the inner end of its
+/// veth link loses its address and joins a bridge with a new tap device (returned), so the VM
+/// on that tap holds `net.host_ip` itself and the orchestrator reaches it over the same /30.
+pub fn bridge_to_tap(tag: &str, n: usize, net: &HostNet) -> Result<String, NetnsError> {
+    let inner_if = format!("bk{tag}i{n}");
+    let tap = format!("bk{tag}t{n}");
+    let ns = net.ns.as_str();
+    ip(&["-n", ns, "addr", "flush", "dev", &inner_if])?;
+    ip(&["-n", ns, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", ns, "link", "set", &inner_if, "master", "br0"])?;
+    ip(&["-n", ns, "tuntap", "add", "dev", &tap, "mode", "tap"])?;
+    ip(&["-n", ns, "link", "set", &tap, "master", "br0"])?;
+    ip(&["-n", ns, "link", "set", &tap, "up"])?;
+    ip(&["-n", ns, "link", "set", "br0", "up"])?;
+    Ok(tap)
+}
+
 /// Slot number of the storage node's namespace and links (clear of any host's).
 pub const STORAGE_SLOT: usize = 50;
 
