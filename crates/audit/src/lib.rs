@@ -21,6 +21,7 @@ pub mod checkpoint;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -251,6 +252,26 @@ fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> std::io::Result<Option
     Ok(Some(terminated))
 }
 
+/// True if `bytes` are all NUL (the preallocated space after the last record; see
+/// [`LogOptions::preallocate`]).
+fn is_padding(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
+}
+
+/// Reads `r` to its end; true if everything left is NUL.
+fn rest_is_padding<R: Read>(r: &mut R) -> std::io::Result<bool> {
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = r.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if !is_padding(chunk.get(..n).unwrap_or(&[])) {
+            return Ok(false);
+        }
+    }
+}
+
 /// Checks the whole chain (links and sequence numbers). Stops at the first bad record.
 /// Checkpoint signatures are not checked: see [`verify_with`].
 pub fn verify(path: &Path) -> Result<ChainHead, VerifyError> {
@@ -391,11 +412,20 @@ pub fn verify_reader_with<R: BufRead>(
             Ok(Some(t)) => t,
             Err(_) => return Err(VerifyError::Io { line }),
         };
+        // A preallocating writer's unused space: NUL bytes to the end of the file.
+        if !terminated
+            && is_padding(&buf)
+            && rest_is_padding(&mut r).map_err(|_| VerifyError::Io { line })?
+        {
+            break;
+        }
+        // Torn: a record cut short (in a preallocated file, followed by NUL bytes).
+        let written = buf.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        if !terminated && written <= MAX_LINE_BYTES {
+            return Err(VerifyError::TornTail { line });
+        }
         if buf.len() > MAX_LINE_BYTES {
             return Err(VerifyError::TooLong { line });
-        }
-        if !terminated {
-            return Err(VerifyError::TornTail { line });
         }
         f.push(&buf)?;
         if let Some(a) = &opts.anchor {
@@ -450,9 +480,77 @@ pub fn read_after(path: &Path, after: u64, limit: usize) -> std::io::Result<Vec<
     Ok(out)
 }
 
+/// What the writer answers: the record's sequence number and the entry, handed back.
+type Acked = Result<(u64, AuditEntry), AuditError>;
+
 struct Job {
     entry: AuditEntry,
-    reply: Option<tokio::sync::oneshot::Sender<Result<u64, AuditError>>>,
+    reply: Option<tokio::sync::oneshot::Sender<Acked>>,
+}
+
+/// How [`AuditLog::open_with_options`] opens a log.
+#[derive(Debug, Clone, Default)]
+pub struct LogOptions {
+    /// Seal every group commit with a checkpoint signed by this key.
+    pub signer: Option<Arc<CheckpointSigner>>,
+    /// Keep zero-filled space ([`PREALLOC_CHUNK`] at a time) written ahead of the records, so a
+    /// group commit overwrites blocks the file already has and its `fdatasync` writes the data
+    /// alone, not the inode's new size as well (one device write per commit instead of two).
+    /// While the log is open, and after a crash until the next open, the file then ends in NUL
+    /// bytes: readers stop at the last newline, [`verify`] accepts an all-NUL tail, and a clean
+    /// close (every handle dropped) cuts it off. Off by default.
+    pub preallocate: bool,
+}
+
+/// Zero-filled bytes a preallocating writer adds at a time (see [`LogOptions::preallocate`]).
+pub const PREALLOC_CHUNK: u64 = 256 * 1024;
+
+/// Length of the written (non-NUL) part of the file after `from`: the bytes up to and including
+/// the last non-NUL byte. 0 when the tail is empty or all padding.
+fn written_tail(path: &Path, from: u64) -> std::io::Result<u64> {
+    let mut r = File::open(path)?;
+    r.seek(SeekFrom::Start(from))?;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let (mut pos, mut last) = (0u64, 0u64);
+    loop {
+        let n = r.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(last);
+        }
+        let part = chunk.get(..n).unwrap_or(&[]);
+        if let Some(i) = part.iter().rposition(|&b| b != 0) {
+            last = pos + u64::try_from(i).unwrap_or(u64::MAX) + 1;
+        }
+        pos += u64::try_from(n).unwrap_or(u64::MAX);
+    }
+}
+
+/// One line as [`AuditRecord`] serializes it, borrowing instead of owning: the writer encodes
+/// records straight into its batch buffer without cloning entries or hashes (the bytes are the
+/// same: `record_ref_encodes_like_the_record`).
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    seq: u64,
+    time_ms: u64,
+    prev: &'a str,
+    entry: &'a AuditEntry,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint: Option<&'a Checkpoint>,
+}
+
+/// Encodes one record line (and its newline) at the end of `buf`; returns the line's hash (hex).
+fn encode_line(buf: &mut Vec<u8>, rec: &RecordRef<'_>) -> Result<[u8; 64], AuditError> {
+    let start = buf.len();
+    serde_json::to_writer(&mut *buf, rec).map_err(|_| AuditError::Encode)?;
+    let mut hash = [0u8; 64];
+    hex::encode_to_slice(Sha256::digest(buf.get(start..).unwrap_or(&[])), &mut hash)
+        .map_err(|_| AuditError::Encode)?;
+    buf.push(b'\n');
+    Ok(hash)
+}
+
+fn hex_str(h: &[u8; 64]) -> Result<&str, AuditError> {
+    std::str::from_utf8(h).map_err(|_| AuditError::Encode)
 }
 
 #[derive(Default)]
@@ -462,6 +560,8 @@ struct Shared {
     batches: AtomicU64,
     failures: AtomicU64,
     head: std::sync::Mutex<Head>,
+    /// Set by the writer thread as its last act.
+    closed: AtomicBool,
 }
 
 /// The durable head of the log.
@@ -520,9 +620,30 @@ impl AuditLog {
         path: &Path,
         signer: Option<Arc<CheckpointSigner>>,
     ) -> Result<(AuditLog, OpenReport), AuditError> {
+        Self::open_with_options(
+            path,
+            LogOptions {
+                signer,
+                preallocate: false,
+            },
+        )
+    }
+
+    /// Opens (or creates) the log as `options` say. See [`AuditLog::open_with`].
+    pub fn open_with_options(
+        path: &Path,
+        options: LogOptions,
+    ) -> Result<(AuditLog, OpenReport), AuditError> {
+        let LogOptions {
+            signer,
+            preallocate,
+        } = options;
+        // Preallocating, the writer writes at explicit offsets inside the file; otherwise it
+        // only ever appends.
         let mut file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .append(!preallocate)
+            .write(preallocate)
             .create(true)
             .open(path)?;
         let opts = VerifyOptions {
@@ -556,7 +677,15 @@ impl AuditLog {
             Err(e) => return Err(e),
         };
         let len = file.seek(SeekFrom::End(0))?;
-        let torn = len.saturating_sub(head.bytes);
+        // After the last complete record: NUL padding (a preallocating writer's unused space),
+        // and before it, perhaps, a torn record.
+        let torn = written_tail(path, head.bytes)?;
+        let mut alloc_len = len;
+        if torn == 0 && len > head.bytes && !preallocate {
+            file.set_len(head.bytes)?;
+            file.sync_all()?;
+            alloc_len = head.bytes;
+        }
         let mut alerts = Vec::new();
         let mut pending = Vec::new();
         if torn > 0 {
@@ -564,6 +693,7 @@ impl AuditLog {
             let mut r = File::open(path)?;
             r.seek(SeekFrom::Start(head.bytes))?;
             r.take(torn).read_to_end(&mut cut)?;
+            alloc_len = head.bytes;
             tracing::error!(
                 bytes = torn,
                 after_seq = head.records,
@@ -619,14 +749,23 @@ impl AuditLog {
             checkpoint: head.checkpoint,
         };
         let (tx, rx) = mpsc::channel::<Job>();
+        let prev: [u8; 64] = head
+            .last_hash
+            .as_bytes()
+            .try_into()
+            .map_err(|_| AuditError::Encode)?;
         let mut writer = Writer {
             file,
             good_len: head.bytes,
+            alloc_len,
+            preallocate,
             next_seq: head.records + 1,
-            prev: head.last_hash,
+            prev,
             checkpoint: head.checkpoint,
             signer,
             shared: Arc::clone(&shared),
+            buf: Vec::new(),
+            zeros: Vec::new(),
         };
         if !pending.is_empty() {
             // What open found is durable before anything else is written or acknowledged.
@@ -674,6 +813,15 @@ impl AuditLog {
 
     /// Appends `entry` and waits until it is on disk. Returns its sequence number.
     pub async fn append(&self, entry: AuditEntry) -> Result<u64, AuditError> {
+        self.append_returning(entry).await.map(|(seq, _)| seq)
+    }
+
+    /// Appends `entry`, waits until it is on disk, and hands the entry back with its sequence
+    /// number (a caller that logs an outcome record next reuses it instead of cloning it first).
+    pub async fn append_returning(
+        &self,
+        entry: AuditEntry,
+    ) -> Result<(u64, AuditEntry), AuditError> {
         if self.shared.poisoned.load(Ordering::Acquire) {
             return Err(AuditError::Poisoned);
         }
@@ -699,7 +847,9 @@ impl AuditLog {
                 reply: Some(reply),
             })
             .map_err(|_| AuditError::WriterGone)?;
-        rx.blocking_recv().map_err(|_| AuditError::WriterGone)?
+        rx.blocking_recv()
+            .map_err(|_| AuditError::WriterGone)?
+            .map(|(seq, _)| seq)
     }
 
     /// Queues `entry`; it becomes durable with the next group commit. Used for outcome records,
@@ -733,18 +883,28 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct Writer {
     file: File,
+    /// End of the last durable record.
     good_len: u64,
+    /// Length of the file: `good_len` plus preallocated NUL bytes.
+    alloc_len: u64,
+    preallocate: bool,
     next_seq: u64,
-    prev: String,
+    /// Line hash (hex) of the last durable record.
+    prev: [u8; 64],
     checkpoint: u64,
     signer: Option<Arc<CheckpointSigner>>,
     shared: Arc<Shared>,
+    /// The batch being encoded; kept between batches (no allocation per commit).
+    buf: Vec<u8>,
+    /// [`PREALLOC_CHUNK`] NUL bytes, made on first use.
+    zeros: Vec<u8>,
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::new();
         while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
+            batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(j) => batch.push(j),
@@ -758,17 +918,17 @@ impl Writer {
             };
             match result {
                 Ok(first_seq) => {
-                    for (i, job) in batch.into_iter().enumerate() {
+                    for (i, job) in batch.drain(..).enumerate() {
                         if let Some(reply) = job.reply {
                             let seq = first_seq + u64::try_from(i).unwrap_or(0);
-                            let _ = reply.send(Ok(seq));
+                            let _ = reply.send(Ok((seq, job.entry)));
                         }
                     }
                 }
                 Err(e) => {
                     self.shared.failures.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, records = batch.len(), "audit write failed; refusing");
-                    for job in batch {
+                    for job in batch.drain(..) {
                         if let Some(reply) = job.reply {
                             let err = if self.shared.poisoned.load(Ordering::Acquire) {
                                 AuditError::Poisoned
@@ -781,26 +941,78 @@ impl Writer {
                 }
             }
         }
+        // Every handle is gone: a clean close leaves no preallocated space behind.
+        if self.preallocate
+            && self.alloc_len > self.good_len
+            && !self.shared.poisoned.load(Ordering::Acquire)
+        {
+            let cut = self
+                .file
+                .set_len(self.good_len)
+                .and_then(|()| self.file.sync_all());
+            if let Err(e) = cut {
+                tracing::warn!(error = %e, "could not cut the audit log's preallocated space");
+            }
+        }
+        self.shared.closed.store(true, Ordering::Release);
+    }
+
+    /// Makes sure the file has written (NUL) space up to at least `end`, a chunk ahead. Best
+    /// effort: when the disk has no room for a chunk, the batch is appended past the end.
+    fn preallocate_to(&mut self, end: u64) {
+        if end <= self.alloc_len {
+            return;
+        }
+        let target = (end / PREALLOC_CHUNK).saturating_add(1) * PREALLOC_CHUNK;
+        if self.zeros.is_empty() {
+            self.zeros = vec![0u8; usize::try_from(PREALLOC_CHUNK).unwrap_or(0)];
+        }
+        let mut off = self.alloc_len;
+        while off < target {
+            let n = usize::try_from((target - off).min(PREALLOC_CHUNK)).unwrap_or(0);
+            let res = self
+                .file
+                .write_all_at(self.zeros.get(..n).unwrap_or(&[]), off);
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "audit log: no room to preallocate; appending instead");
+                // Cut the part of the chunk that was written; the records go past the end.
+                if self.file.set_len(self.alloc_len).is_err() {
+                    self.shared.poisoned.store(true, Ordering::Release);
+                }
+                return;
+            }
+            off += u64::try_from(n).unwrap_or(u64::MAX);
+        }
+        self.alloc_len = target;
     }
 
     /// Writes and syncs one batch; returns the first sequence number used.
     fn commit(&mut self, batch: &[Job]) -> Result<u64, AuditError> {
-        let mut buf = Vec::with_capacity(batch.len() * 400);
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let res = self.commit_into(batch, &mut buf);
+        // Keep the buffer for the next batch unless one huge batch made it huge.
+        if buf.capacity() <= 4 * 1024 * 1024 {
+            self.buf = buf;
+        }
+        res
+    }
+
+    fn commit_into(&mut self, batch: &[Job], buf: &mut Vec<u8>) -> Result<u64, AuditError> {
         let mut seq = self.next_seq;
-        let mut prev = self.prev.clone();
+        let mut prev = self.prev;
         let time_ms = now_ms();
         for job in batch {
-            let rec = AuditRecord {
-                seq,
-                time_ms,
-                prev: prev.clone(),
-                entry: job.entry.clone(),
-                checkpoint: None,
-            };
-            let line = serde_json::to_vec(&rec).map_err(|_| AuditError::Encode)?;
-            prev = line_hash(&line);
-            buf.extend_from_slice(&line);
-            buf.push(b'\n');
+            prev = encode_line(
+                buf,
+                &RecordRef {
+                    seq,
+                    time_ms,
+                    prev: hex_str(&prev)?,
+                    entry: &job.entry,
+                    checkpoint: None,
+                },
+            )?;
             seq += 1;
         }
         // The batch's checkpoint goes out in the same write and sync: nothing is acknowledged
@@ -808,60 +1020,69 @@ impl Writer {
         let mut checkpoint = self.checkpoint;
         if let Some(signer) = &self.signer {
             checkpoint += 1;
+            let prev_hex = hex_str(&prev)?;
             let sig = signer
-                .sign(&checkpoint::message(seq, time_ms, &prev, checkpoint))
+                .sign(&checkpoint::message(seq, time_ms, prev_hex, checkpoint))
                 .ok_or(AuditError::Encode)?;
-            let rec = AuditRecord {
-                seq,
-                time_ms,
-                prev: prev.clone(),
-                entry: AuditEntry {
-                    kind: EntryKind::Checkpoint,
-                    request_id: format!("checkpoint-{checkpoint}"),
-                    caller: "audit".into(),
-                    cert_sha256: None,
-                    token_id: None,
-                    op: "Checkpoint".into(),
-                    resources: vec![],
-                    params_sha256: None,
-                    decision: Decision::None,
-                    code: "ok".into(),
-                },
-                checkpoint: Some(Checkpoint {
-                    number: checkpoint,
-                    signer: signer.id().to_string(),
-                    sig,
-                }),
+            let entry = AuditEntry {
+                kind: EntryKind::Checkpoint,
+                request_id: format!("checkpoint-{checkpoint}"),
+                caller: "audit".into(),
+                cert_sha256: None,
+                token_id: None,
+                op: "Checkpoint".into(),
+                resources: vec![],
+                params_sha256: None,
+                decision: Decision::None,
+                code: "ok".into(),
             };
-            let line = serde_json::to_vec(&rec).map_err(|_| AuditError::Encode)?;
-            prev = line_hash(&line);
-            buf.extend_from_slice(&line);
-            buf.push(b'\n');
+            let cp = Checkpoint {
+                number: checkpoint,
+                signer: signer.id().to_string(),
+                sig,
+            };
+            prev = encode_line(
+                buf,
+                &RecordRef {
+                    seq,
+                    time_ms,
+                    prev: prev_hex,
+                    entry: &entry,
+                    checkpoint: Some(&cp),
+                },
+            )?;
             seq += 1;
         }
-        let res = self
-            .file
-            .write_all(&buf)
-            .and_then(|()| self.file.sync_data());
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        let res = if self.preallocate {
+            self.preallocate_to(self.good_len.saturating_add(len));
+            self.file.write_all_at(buf, self.good_len)
+        } else {
+            self.file.write_all(buf)
+        }
+        .and_then(|()| self.file.sync_data());
         if let Err(e) = res {
-            // Cut any partial write so the chain on disk stays intact.
+            // Cut any partial write (and any preallocated space) so the chain on disk stays
+            // intact.
             let restored = self
                 .file
                 .set_len(self.good_len)
                 .and_then(|()| self.file.sync_all());
+            self.alloc_len = self.good_len;
             if restored.is_err() {
                 self.shared.poisoned.store(true, Ordering::Release);
             }
             return Err(AuditError::Io(e));
         }
         let first = self.next_seq;
-        self.good_len += u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        self.good_len += len;
+        self.alloc_len = self.alloc_len.max(self.good_len);
         self.next_seq = seq;
-        self.prev = prev.clone();
+        self.prev = prev;
         self.checkpoint = checkpoint;
         *lock(&self.shared.head) = Head {
             seq: seq - 1,
-            hash: prev,
+            hash: hex_str(&prev)?.to_string(),
             checkpoint,
         };
         let n = seq - first;
@@ -1199,6 +1420,177 @@ mod tests {
         drop(log);
         let h = verify_with(&path, &keyed(&s)).unwrap();
         assert_eq!((h.records, h.checkpoint), (5, 1));
+    }
+
+    #[test]
+    fn record_ref_encodes_like_the_record() {
+        let cp = Checkpoint {
+            number: 7,
+            signer: "ab".into(),
+            sig: "cd".into(),
+        };
+        let mut e = entry("Describe\"Host\n");
+        e.token_id = Some("t-1".into());
+        for checkpoint in [None, Some(&cp)] {
+            let owned = AuditRecord {
+                seq: 3,
+                time_ms: 99,
+                prev: GENESIS_HASH.into(),
+                entry: e.clone(),
+                checkpoint: checkpoint.cloned(),
+            };
+            let mut want = serde_json::to_vec(&owned).unwrap();
+            let hash = line_hash(&want);
+            want.push(b'\n');
+            let mut buf = b"earlier".to_vec();
+            let got = encode_line(
+                &mut buf,
+                &RecordRef {
+                    seq: 3,
+                    time_ms: 99,
+                    prev: GENESIS_HASH,
+                    entry: &e,
+                    checkpoint,
+                },
+            )
+            .unwrap();
+            assert_eq!(&buf[7..], &want[..]);
+            assert_eq!(hex_str(&got).unwrap(), hash);
+        }
+    }
+
+    /// Drops `log` (its last handle) and waits for the writer thread to finish.
+    fn close(log: AuditLog) {
+        let shared = Arc::clone(&log.shared);
+        drop(log);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !shared.closed.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline, "writer did not stop");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    fn prealloc(s: Option<Arc<CheckpointSigner>>) -> LogOptions {
+        LogOptions {
+            signer: s,
+            preallocate: true,
+        }
+    }
+
+    /// Many threads append at once: requests share commits (fewer batches than records), every
+    /// acknowledged sequence number holds exactly the entry that was acknowledged with it, each
+    /// thread's acknowledgements come in its own order, and the sealed chain verifies.
+    #[test]
+    fn concurrent_appends_share_commits_and_match_their_acknowledgements() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let s = signer();
+        let (log, _) = AuditLog::open_with_options(&path, prealloc(Some(Arc::clone(&s)))).unwrap();
+        let threads = 8;
+        let per = 150;
+        let acks: Vec<Vec<(u64, String)>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..threads)
+                .map(|t| {
+                    let log = log.clone();
+                    sc.spawn(move || {
+                        (0..per)
+                            .map(|i| {
+                                let mut e = entry("DescribeHost");
+                                e.request_id = format!("t{t}-{i}");
+                                (log.append_blocking(e).unwrap(), format!("t{t}-{i}"))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let stats = log.stats();
+        let appended = u64::try_from(threads * per).unwrap();
+        // One checkpoint per commit: records = appended + batches.
+        assert_eq!(stats.records, appended + stats.batches);
+        assert!(
+            stats.batches < appended,
+            "no commit was shared: {} batches for {appended} records",
+            stats.batches
+        );
+        // The file is read while the writer still holds it: preallocated NUL space at its end.
+        let len = std::fs::metadata(&path).unwrap().len();
+        let head = verify_with(&path, &keyed(&s)).unwrap();
+        assert!(len > head.bytes, "no preallocated space");
+        assert_eq!(head.records, stats.records);
+        let recs: Vec<AuditRecord> = read_after(&path, 0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for thread in &acks {
+            for w in thread.windows(2) {
+                assert!(w[0].0 < w[1].0, "a thread's acknowledgements out of order");
+            }
+            for (seq, id) in thread {
+                assert!(
+                    seen.insert(*seq),
+                    "sequence number {seq} acknowledged twice"
+                );
+                let rec = &recs[usize::try_from(*seq - 1).unwrap()];
+                assert_eq!(rec.seq, *seq);
+                assert_eq!(&rec.entry.request_id, id);
+            }
+        }
+        // A clean close cuts the preallocated space: the file is the records alone.
+        close(log);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), head.bytes);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn preallocated_space_is_kept_or_cut_on_reopen_and_a_torn_record_in_it_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let (log, _) = AuditLog::open_with_options(&path, prealloc(None)).unwrap();
+        for _ in 0..3 {
+            log.append(entry("a")).await.unwrap();
+        }
+        let bytes = verify(&path).unwrap().bytes;
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, PREALLOC_CHUNK);
+        // A crash leaves the padding: what a kill -9 would leave is this file as it is now.
+        let crashed = std::fs::read(&path).unwrap();
+        close(log);
+        std::fs::write(&path, &crashed).unwrap();
+        // Reopened preallocating: the padding is kept, nothing is reported.
+        let (log, rep) = AuditLog::open_with_options(&path, prealloc(None)).unwrap();
+        assert_eq!((rep.records, rep.torn_bytes_removed), (3, 0));
+        assert!(rep.alerts.is_empty());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(log.append(entry("b")).await.unwrap(), 4);
+        close(log);
+        // Reopened by a plain writer (or the CLI): the padding is cut, nothing is reported.
+        std::fs::write(&path, &crashed).unwrap();
+        let (log, rep) = AuditLog::open(&path).unwrap();
+        assert!(rep.alerts.is_empty());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);
+        close(log);
+        // A record torn inside the padding: cut and recorded, the padding not counted.
+        let mut torn = crashed.clone();
+        let at = usize::try_from(bytes).unwrap();
+        torn[at..at + 12].copy_from_slice(b"{\"seq\":4,\"ti");
+        std::fs::write(&path, &torn).unwrap();
+        assert_eq!(
+            verify(&path).unwrap_err(),
+            VerifyError::TornTail { line: 4 }
+        );
+        let (log, rep) = AuditLog::open_with_options(&path, prealloc(None)).unwrap();
+        assert_eq!(rep.torn_bytes_removed, 12);
+        assert_eq!(rep.alerts, vec!["audit_torn_tail".to_string()]);
+        close(log);
+        assert_eq!(verify(&path).unwrap().records, 4);
+        // NUL bytes followed by anything else are not padding.
+        let mut bad = crashed;
+        bad.push(b'x');
+        std::fs::write(&path, &bad).unwrap();
+        assert!(verify(&path).is_err());
     }
 
     #[test]
