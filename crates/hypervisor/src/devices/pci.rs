@@ -104,6 +104,13 @@ pub trait PciDevice: Send {
     )> {
         None
     }
+    /// Live update, old process: unbinds the card's interrupt eventfds from this VM (an
+    /// eventfd drives one irqfd only), so the new process can bind them.
+    fn release_calls(&mut self, _irq: &dyn MsiRouting) -> Result<(), crate::Error> {
+        Ok(())
+    }
+    /// Undoes [`PciDevice::release_calls`] after a failed hand-over.
+    fn rebind_calls(&mut self, _irq: &dyn MsiRouting) {}
 }
 
 const PCI_VENDOR_REDHAT: u16 = 0x1b36;
@@ -544,6 +551,40 @@ impl PciBus {
         }
         self.rotor = usize::try_from(st.rotor).ok()?;
         Some(())
+    }
+
+    /// [`PciDevice::release_calls`] for every card; on failure the ones done are bound again.
+    pub fn release_calls(&mut self) -> Result<(), crate::Error> {
+        let router = self.router.clone();
+        let mut done = 0;
+        for p in &mut self.ports {
+            if let Some(c) = p.card.as_mut() {
+                if let Err(e) = c.release_calls(router.as_ref()) {
+                    c.rebind_calls(router.as_ref());
+                    self.rebind_calls_of(done);
+                    return Err(e);
+                }
+                done += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`PciDevice::rebind_calls`] for every card.
+    pub fn rebind_calls(&mut self) {
+        self.rebind_calls_of(usize::MAX);
+    }
+
+    fn rebind_calls_of(&mut self, n: usize) {
+        let router = self.router.clone();
+        for c in self
+            .ports
+            .iter_mut()
+            .filter_map(|p| p.card.as_mut())
+            .take(n)
+        {
+            c.rebind_calls(router.as_ref());
+        }
     }
 
     /// Records that `port` was just used, so the next search starts after it.

@@ -282,6 +282,39 @@ impl VirtioPciDevice {
         Some((st, fds))
     }
 
+    /// Live update, old process, vCPUs parked: unbinds the queues' call eventfds from this
+    /// process's VM. The kernel lets an eventfd drive one irqfd only (KVM_IRQFD answers EBUSY
+    /// to a second VM), so the new process can bind them only once this one let go. An
+    /// interrupt the backend raises from here on is only counted in the eventfd; whoever binds
+    /// it next signals it once ([`VirtioPciDevice::rebind_calls`], [`VirtioPciDevice::adopt`]).
+    pub fn release_calls(&mut self, router: &dyn MsiRouting) -> Result<(), Error> {
+        let Some(w) = &self.wiring else { return Ok(()) };
+        let vm = router.vm();
+        for (q, gsi) in &w.irqfds {
+            if let Some(call) = self.calls.get(*q) {
+                vm.unregister_irqfd(call, *gsi)
+                    .map_err(|e| Error::Kvm("KVM_IRQFD (deassign)", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`VirtioPciDevice::release_calls`] (the hand-over failed; the guest stays here),
+    /// and signals every call eventfd once for an interrupt raised while they were unbound.
+    pub fn rebind_calls(&mut self, router: &dyn MsiRouting) {
+        let Some(w) = &self.wiring else { return };
+        let vm = router.vm();
+        for (q, gsi) in &w.irqfds {
+            if let Some(call) = self.calls.get(*q) {
+                // Already bound (release stopped part-way) is EBUSY: fine.
+                let _ = vm.register_irqfd(call, *gsi);
+            }
+        }
+        for c in &self.calls {
+            let _ = c.write(1);
+        }
+    }
+
     /// The card a previous hypervisor process handed over (live update): `device` taken over
     /// on the same vhost-user connection, the same `kicks` and `calls` eventfds, and the
     /// registers of `st`. An active device gets its ioeventfds (kicks, at the BAR the guest
@@ -709,6 +742,12 @@ impl PciDevice for VirtioPciDevice {
     }
     fn handover_state(&self, port: u8) -> Option<(CardState, Vec<RawFd>)> {
         VirtioPciDevice::handover_state(self, port)
+    }
+    fn release_calls(&mut self, irq: &dyn MsiRouting) -> Result<(), Error> {
+        VirtioPciDevice::release_calls(self, irq)
+    }
+    fn rebind_calls(&mut self, irq: &dyn MsiRouting) {
+        VirtioPciDevice::rebind_calls(self, irq)
     }
 }
 

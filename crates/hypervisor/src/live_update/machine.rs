@@ -211,6 +211,16 @@ fn eventfd_of(f: File) -> EventFd {
 }
 
 impl Vm {
+    /// See [`crate::devices::pci::PciBus::release_calls`].
+    pub(crate) fn release_card_calls(&self) -> Result<(), Error> {
+        lock(&self.shared.pci).release_calls()
+    }
+
+    /// See [`crate::devices::pci::PciBus::rebind_calls`].
+    pub(crate) fn rebind_card_calls(&self) {
+        lock(&self.shared.pci).rebind_calls();
+    }
+
     /// Asks every vCPU for its state the next time it is parked (at once for a parked one).
     /// Made before pausing a running one-vCPU guest, so that its thread reads its state on the
     /// same wake-up that parks it (one scheduling round, not two); see `hand_over`.

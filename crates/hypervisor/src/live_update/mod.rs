@@ -145,6 +145,20 @@ pub fn hand_over(vm: &Vm, sock: &UnixStream) -> Result<u64, LiveUpdateFailure> {
             return Err(resume(LiveUpdateFailure::Capture));
         }
     };
+    // The cards' interrupt eventfds can drive one VM's irqfd only: let go of them for the new
+    // process (bound again, and signalled once, if the hand-over fails).
+    if !card_fds.is_empty() {
+        if let Err(e) = vm.release_card_calls() {
+            tracing::warn!(error = %e, "unbinding the cards' interrupts failed");
+            return Err(resume(LiveUpdateFailure::Capture));
+        }
+    }
+    let resume = |why: LiveUpdateFailure| {
+        if !card_fds.is_empty() {
+            vm.rebind_card_calls();
+        }
+        resume(why)
+    };
     let captured_ns = monotonic_ns();
     let stopped_us = stopped_ns.saturating_sub(paused_at_ns) / 1000;
     wire::send(sock, &Msg::State(st.encode()), None).map_err(|e| resume(failure(e)))?;
