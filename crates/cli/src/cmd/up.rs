@@ -26,6 +26,13 @@ pub struct UpArgs {
     /// Whole cores each host offers (default: half this machine's threads).
     #[arg(long)]
     pub host_cores: Option<u32>,
+    /// Run each host as the sealed host image (`make host-image`) under QEMU with OVMF and its
+    /// own swtpm; the control plane attests its whole boot chain. Needs root, QEMU, OVMF, swtpm.
+    #[arg(long)]
+    pub sealed_hosts: bool,
+    /// The host image directory for --sealed-hosts (default: the one `make host-image` builds).
+    #[arg(long)]
+    pub host_image: Option<PathBuf>,
 }
 
 pub fn run(a: UpArgs) -> Result<(), CliError> {
@@ -55,6 +62,12 @@ pub fn run(a: UpArgs) -> Result<(), CliError> {
     }
     if let Some(n) = a.host_cores {
         cmd.arg("--host-cores").arg(n.to_string());
+    }
+    if a.sealed_hosts {
+        cmd.arg("--sealed-hosts");
+    }
+    if let Some(i) = a.host_image {
+        cmd.arg("--host-image").arg(i);
     }
     // Only returns on failure.
     let e = cmd.exec();
