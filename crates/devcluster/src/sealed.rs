@@ -430,3 +430,73 @@ pub fn tcp_scan(ip: std::net::Ipv4Addr, tries: usize) -> (Vec<u16>, Vec<u16>) {
     open.sort_unstable();
     (open, pending)
 }
+
+/// UDP scan of every port: a datagram to each from a connected socket; a port is closed when
+/// the host answers ICMP port-unreachable (the socket's next receive fails with
+/// ECONNREFUSED). Each of 32 threads keeps a window of 16 probes in flight (a burst of
+/// thousands overflows the tap queue); a probe unanswered for 2 s is retried, up to `tries`
+/// times. Returns the ports that never answered (open or filtered) and those that answered
+/// with data.
+pub fn udp_scan(ip: std::net::Ipv4Addr, tries: usize) -> (Vec<u16>, Vec<u16>) {
+    let ports: Vec<u16> = (1..=u16::MAX).collect();
+    let chunks: Vec<Vec<u16>> = ports
+        .chunks(ports.len().div_ceil(32))
+        .map(<[u16]>::to_vec)
+        .collect();
+    let results: Vec<(Vec<u16>, Vec<u16>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = chunks
+            .into_iter()
+            .map(|ports| {
+                s.spawn(move || {
+                    let (mut silent, mut data) = (Vec::new(), Vec::new());
+                    let mut queue: std::collections::VecDeque<(u16, usize)> =
+                        ports.into_iter().map(|p| (p, 0)).collect();
+                    let mut window: Vec<(u16, usize, std::net::UdpSocket, Instant)> = Vec::new();
+                    while !queue.is_empty() || !window.is_empty() {
+                        while window.len() < 16 {
+                            let Some((p, n)) = queue.pop_front() else {
+                                break;
+                            };
+                            let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+                                queue.push_back((p, n));
+                                break;
+                            };
+                            if sock.connect((ip, p)).is_err() || sock.set_nonblocking(true).is_err()
+                            {
+                                queue.push_back((p, n));
+                                continue;
+                            }
+                            let _ = sock.send(b"bulkhead-scan");
+                            window.push((p, n, sock, Instant::now()));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                        let mut keep = Vec::with_capacity(window.len());
+                        for (p, n, sock, sent) in window.drain(..) {
+                            let mut b = [0u8; 64];
+                            match sock.recv(&mut b) {
+                                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                                Ok(_) => data.push(p),
+                                Err(_) if sent.elapsed() < Duration::from_secs(2) => {
+                                    keep.push((p, n, sock, sent))
+                                }
+                                Err(_) if n + 1 < tries => queue.push_back((p, n + 1)),
+                                Err(_) => silent.push(p),
+                            }
+                        }
+                        window = keep;
+                    }
+                    (silent, data)
+                })
+            })
+            .collect();
+        hs.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let (mut silent, mut data) = (Vec::new(), Vec::new());
+    for (s, d) in results {
+        silent.extend(s);
+        data.extend(d);
+    }
+    silent.sort_unstable();
+    data.sort_unstable();
+    (silent, data)
+}

@@ -1,19 +1,18 @@
-//! Boots the sealed host image the way a fleet would run it here: QEMU q35 under TCG, OVMF
-//! (code + a fresh copy of the variables), a per-host swtpm (tpm-crb), the UKI on a read-only
-//! ESP, the configuration disk on virtio-blk, and one virtio-net NIC on a tap device inside a
-//! network namespace of its own. Everything started is stopped on drop.
+//! The sealed-host tests' network: a namespace with one tap device, and the per-host
+//! configuration disk from a dev PKI. Booting the image (QEMU q35 under TCG, OVMF, a per-host
+//! swtpm, the UKI on a read-only ESP, the configuration disk on virtio-blk, the NIC on the tap)
+//! and the port scans are `bulkhead_devcluster::sealed`, what `bulkhead up --sealed-hosts`
+//! runs. Everything started is stopped on drop.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
-pub const MTLS_PORT: u16 = 8443;
+use bulkhead_devcluster::sealed::SealedVm;
+// Not every test of this crate scans.
+#[allow(unused_imports)]
+pub use bulkhead_devcluster::sealed::{tcp_scan, udp_scan, MTLS_PORT};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -25,30 +24,10 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repo().join("target"))
 }
 
-fn on_path(bin: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Everything a boot needs, or the reason it cannot run here.
 pub fn missing_resource() -> Option<String> {
-    for f in [OVMF_CODE, OVMF_VARS] {
-        if !Path::new(f).is_file() {
-            return Some(format!("{f} is missing (package ovmf)"));
-        }
-    }
-    for b in ["qemu-system-x86_64", "swtpm", "ip"] {
-        if !on_path(b) {
-            return Some(format!("{b} is not installed"));
-        }
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (network namespaces and tap devices)".into());
+    if let Some(why) = bulkhead_devcluster::sealed::missing_resource() {
+        return Some(why);
     }
     if !target_dir().join("release/bulkhead-controller").is_file() {
         return Some(
@@ -61,25 +40,11 @@ pub fn missing_resource() -> Option<String> {
 /// Builds the image into `out` from the current release binaries; `Err(reason)` when the
 /// host kernel is not cached.
 pub fn build_image(out: &Path, cmdline: Option<&str>) -> Result<(), String> {
-    let mut cmd = Command::new(repo().join("scripts/build-host-image.sh"));
-    cmd.arg(out)
-        .env("BULKHEAD_HOST_NO_CARGO", "1")
-        .env("BULKHEAD_HOST_REQUIRE_CACHE", "1");
-    if let Some(c) = cmdline {
-        cmd.env("BULKHEAD_HOST_CMDLINE", c);
+    match bulkhead_devcluster::sealed::build_image(&repo(), out, cmdline) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the host kernel is not built: run `make host-image`".into()),
+        Err(e) => panic!("{e}"),
     }
-    let o = cmd
-        .output()
-        .map_err(|e| format!("build-host-image.sh: {e}"))?;
-    if o.status.code() == Some(3) {
-        return Err("the host kernel is not built: run `make host-image`".into());
-    }
-    assert!(
-        o.status.success(),
-        "build-host-image.sh failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Ok(())
 }
 
 fn run(cmd: &mut Command) {
@@ -186,302 +151,44 @@ impl Drop for HostNet {
     }
 }
 
-/// A running sealed host: swtpm + QEMU, and the serial console's bytes as they arrive.
-pub struct SealedHost {
-    pub dir: PathBuf,
-    swtpm: Child,
-    qemu: Child,
-    serial: UnixStream,
-    pub console: Arc<Mutex<Vec<u8>>>,
-    pub started: Instant,
-}
+/// A running sealed host (`bulkhead_devcluster::sealed::SealedVm`) whose failures panic with
+/// its console.
+pub struct SealedHost(SealedVm);
 
 impl SealedHost {
     /// Boots `uki` with `config_disk` on `net`. `dir` is this host's scratch directory.
     pub fn boot(dir: &Path, uki: &Path, config_disk: &Path, net: &HostNet) -> SealedHost {
-        std::fs::create_dir_all(dir.join("esp/EFI/BOOT")).expect("esp dir");
-        std::fs::copy(uki, dir.join("esp/EFI/BOOT/BOOTX64.EFI")).expect("copy UKI");
-        std::fs::copy(OVMF_VARS, dir.join("OVMF_VARS.fd")).expect("vars copy");
-        let tpm_dir = dir.join("tpm");
-        std::fs::create_dir_all(&tpm_dir).expect("tpm dir");
-        let ctrl = tpm_dir.join("ctrl.sock");
-        let swtpm = Command::new("swtpm")
-            .args(["socket", "--tpm2", "--terminate"])
-            .arg("--tpmstate")
-            .arg(format!("dir={}", tpm_dir.display()))
-            .arg("--ctrl")
-            .arg(format!("type=unixio,path={}", ctrl.display()))
-            .arg("--log")
-            .arg(format!("file={}", tpm_dir.join("swtpm.log").display()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start swtpm");
-        let t = Instant::now();
-        while !ctrl.exists() && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let serial_path = dir.join("serial.sock");
-        let started = Instant::now();
-        let qemu = Command::new("ip")
-            .args(["netns", "exec", &net.ns, "qemu-system-x86_64"])
-            .args(["-M", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
-            .args([
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-            ])
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
-            ))
-            .arg("-drive")
-            .arg(format!(
-                "if=pflash,format=raw,unit=1,file={}",
-                dir.join("OVMF_VARS.fd").display()
-            ))
-            .arg("-chardev")
-            .arg(format!("socket,id=chrtpm,path={}", ctrl.display()))
-            .args([
-                "-tpmdev",
-                "emulator,id=tpm0,chardev=chrtpm",
-                "-device",
-                "tpm-crb,tpmdev=tpm0",
-            ])
-            .arg("-drive")
-            .arg(format!(
-                "if=none,id=esp,format=raw,snapshot=on,file=fat:{}",
-                dir.join("esp").display()
-            ))
-            .args(["-device", "ide-hd,drive=esp,bus=ide.0,bootindex=0"])
-            .arg("-drive")
-            .arg(format!(
-                "if=none,id=cfg,format=raw,readonly=on,file={}",
-                config_disk.display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=cfg"])
-            .arg("-netdev")
-            .arg(format!(
-                "tap,id=n0,ifname={},script=no,downscript=no",
-                net.tap
-            ))
-            .args(["-device", "virtio-net-pci,netdev=n0,romfile="])
-            .args(["-device", "virtio-rng-pci"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=ser,path={},server=on,wait=on",
-                serial_path.display()
-            ))
-            .args(["-serial", "chardev:ser"])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("qemu.out")).expect("qemu.out"))
-            .stderr(std::fs::File::create(dir.join("qemu.err")).expect("qemu.err"))
-            .spawn()
-            .expect("start qemu");
-        let t = Instant::now();
-        let serial = loop {
-            match UnixStream::connect(&serial_path) {
-                Ok(s) => break s,
-                Err(_) if t.elapsed() < Duration::from_secs(20) => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!(
-                    "serial socket: {e}; {}",
-                    std::fs::read_to_string(dir.join("qemu.err")).unwrap_or_default()
-                ),
-            }
-        };
-        let console = Arc::new(Mutex::new(Vec::new()));
-        let mut reader = serial.try_clone().expect("clone serial");
-        let sink = console.clone();
-        let log_path = dir.join("console.log");
-        std::thread::spawn(move || {
-            let mut log = std::fs::File::create(log_path).ok();
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Some(l) = log.as_mut() {
-                    let _ = l.write_all(&buf[..n]);
-                }
-                if let Ok(mut c) = sink.lock() {
-                    c.extend_from_slice(&buf[..n]);
-                }
-            }
-        });
-        SealedHost {
-            dir: dir.to_path_buf(),
-            swtpm,
-            qemu,
-            serial,
-            console,
-            started,
-        }
+        SealedHost(
+            SealedVm::boot("host-1", dir, uki, config_disk, &net.ns, &net.tap)
+                .unwrap_or_else(|e| panic!("boot: {e}")),
+        )
     }
 
     pub fn console_text(&self) -> String {
-        String::from_utf8_lossy(&self.console.lock().expect("console lock")).into_owned()
+        self.0.console_text()
     }
 
     pub fn console_len(&self) -> usize {
-        self.console.lock().expect("console lock").len()
+        self.0.console_len()
     }
 
     /// Waits until the console shows `marker`; returns the time since QEMU started.
-    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Duration {
-        let t = Instant::now();
-        loop {
-            let text = self.console_text();
-            if text.contains(marker) {
-                return self.started.elapsed();
-            }
-            if let Ok(Some(st)) = self.qemu.try_wait() {
-                panic!(
-                    "QEMU exited ({st}) before {marker:?}; console:\n{text}\nqemu: {}",
-                    std::fs::read_to_string(self.dir.join("qemu.err")).unwrap_or_default()
-                );
-            }
-            assert!(
-                t.elapsed() < timeout,
-                "no {marker:?} within {timeout:?}; console:\n{text}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
+    pub fn wait_for(&mut self, marker: &'static str, timeout: Duration) -> Duration {
+        match self.0.wait_for(marker, timeout) {
+            Ok(d) => d,
+            Err(e) => panic!(
+                "{e}; console:\n{}\nqemu: {}",
+                self.0.console_text(),
+                std::fs::read_to_string(self.0.dir.join("qemu.err")).unwrap_or_default()
+            ),
         }
     }
 
     pub fn type_on_console(&mut self, bytes: &[u8]) {
-        self.serial.write_all(bytes).expect("write serial");
+        self.0.type_on_console(bytes).expect("write serial");
     }
 
     pub fn exited(&mut self) -> bool {
-        matches!(self.qemu.try_wait(), Ok(Some(_)))
+        self.0.exited()
     }
-}
-
-impl Drop for SealedHost {
-    fn drop(&mut self) {
-        let _ = self.qemu.kill();
-        let _ = self.qemu.wait();
-        let _ = self.swtpm.kill();
-        let _ = self.swtpm.wait();
-    }
-}
-
-/// TCP connect scan of every port of `ip`, from the current thread's network namespace:
-/// (open ports, ports that never answered after `tries` rounds).
-pub fn tcp_scan(ip: std::net::Ipv4Addr, tries: usize) -> (Vec<u16>, Vec<u16>) {
-    let mut pending: Vec<u16> = (1..=u16::MAX).collect();
-    let mut open = Vec::new();
-    for _ in 0..tries {
-        let chunks: Vec<Vec<u16>> = pending
-            .chunks(pending.len().div_ceil(128).max(1))
-            .map(<[u16]>::to_vec)
-            .collect();
-        let results: Vec<(Vec<u16>, Vec<u16>)> = std::thread::scope(|s| {
-            let hs: Vec<_> = chunks
-                .into_iter()
-                .map(|ports| {
-                    s.spawn(move || {
-                        let (mut o, mut silent) = (Vec::new(), Vec::new());
-                        for p in ports {
-                            let a = std::net::SocketAddr::from((ip, p));
-                            match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(3)) {
-                                Ok(_) => o.push(p),
-                                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                                Err(_) => silent.push(p),
-                            }
-                        }
-                        (o, silent)
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("scan thread"))
-                .collect()
-        });
-        pending = Vec::new();
-        for (o, s) in results {
-            open.extend(o);
-            pending.extend(s);
-        }
-        if pending.is_empty() {
-            break;
-        }
-    }
-    open.sort_unstable();
-    (open, pending)
-}
-
-/// UDP scan of every port: a datagram to each from a connected socket; a port is closed when
-/// the host answers ICMP port-unreachable (the socket's next receive fails with
-/// ECONNREFUSED). Each of 32 threads keeps a window of 16 probes in flight (a burst of
-/// thousands overflows the tap queue); a probe unanswered for 2 s is retried, up to `tries`
-/// times. Returns the ports that never answered (open or filtered) and those that answered
-/// with data.
-pub fn udp_scan(ip: std::net::Ipv4Addr, tries: usize) -> (Vec<u16>, Vec<u16>) {
-    let ports: Vec<u16> = (1..=u16::MAX).collect();
-    let chunks: Vec<Vec<u16>> = ports
-        .chunks(ports.len().div_ceil(32))
-        .map(<[u16]>::to_vec)
-        .collect();
-    let results: Vec<(Vec<u16>, Vec<u16>)> = std::thread::scope(|s| {
-        let hs: Vec<_> = chunks
-            .into_iter()
-            .map(|ports| {
-                s.spawn(move || {
-                    let (mut silent, mut data) = (Vec::new(), Vec::new());
-                    let mut queue: std::collections::VecDeque<(u16, usize)> =
-                        ports.into_iter().map(|p| (p, 0)).collect();
-                    let mut window: Vec<(u16, usize, std::net::UdpSocket, Instant)> = Vec::new();
-                    while !queue.is_empty() || !window.is_empty() {
-                        while window.len() < 16 {
-                            let Some((p, n)) = queue.pop_front() else {
-                                break;
-                            };
-                            let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
-                                queue.push_back((p, n));
-                                break;
-                            };
-                            if sock.connect((ip, p)).is_err() || sock.set_nonblocking(true).is_err()
-                            {
-                                queue.push_back((p, n));
-                                continue;
-                            }
-                            let _ = sock.send(b"bulkhead-scan");
-                            window.push((p, n, sock, Instant::now()));
-                        }
-                        std::thread::sleep(Duration::from_millis(10));
-                        let mut keep = Vec::with_capacity(window.len());
-                        for (p, n, sock, sent) in window.drain(..) {
-                            let mut b = [0u8; 64];
-                            match sock.recv(&mut b) {
-                                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                                Ok(_) => data.push(p),
-                                Err(_) if sent.elapsed() < Duration::from_secs(2) => {
-                                    keep.push((p, n, sock, sent))
-                                }
-                                Err(_) if n + 1 < tries => queue.push_back((p, n + 1)),
-                                Err(_) => silent.push(p),
-                            }
-                        }
-                        window = keep;
-                    }
-                    (silent, data)
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("scan thread"))
-            .collect()
-    });
-    let (mut silent, mut data) = (Vec::new(), Vec::new());
-    for (s, d) in results {
-        silent.extend(s);
-        data.extend(d);
-    }
-    silent.sort_unstable();
-    data.sort_unstable();
-    (silent, data)
 }
