@@ -454,26 +454,31 @@ impl Controller {
         // Audit before acting. If the record cannot be made durable, nothing happens.
         entry.decision = Decision::Allow;
         entry.code = "ok".into();
-        if let Err(e) = self.audit.append(entry.clone()).await {
-            tracing::error!(error = %e, "audit write failed; refusing");
-            let refusal = Refusal::AuditUnavailable;
-            self.metrics.count(&entry.op, refusal.code());
-            return error_response(&request_id, &refusal);
-        }
+        let op_name = parsed.operation().name();
+        // The writer hands the entry back once it is durable: it becomes the outcome record
+        // (no copy of the entry per request).
+        let mut entry = match self.audit.append_returning(entry).await {
+            Ok((_, entry)) => entry,
+            Err(e) => {
+                tracing::error!(error = %e, "audit write failed; refusing");
+                let refusal = Refusal::AuditUnavailable;
+                self.metrics.count(op_name, refusal.code());
+                return error_response(&request_id, &refusal);
+            }
+        };
         let result = self.act(&request_id, parsed).await;
         let code = match &result {
             Ok(_) => "ok",
             Err(r) => r.code(),
         };
-        self.audit.append_queued(AuditEntry {
-            kind: EntryKind::Outcome,
-            decision: Decision::None,
-            code: code.to_string(),
-            ..entry.clone()
-        });
-        self.metrics.count(&entry.op, code);
-        self.observe(&peer.name, &entry.op, code);
-        tracing::info!(request = %request_id, caller = %peer.name, op = %entry.op, code, "served");
+        entry.kind = EntryKind::Outcome;
+        entry.decision = Decision::None;
+        entry.code = code.to_string();
+        self.audit.append_queued(entry);
+        // `entry.op` of an allowed request is its operation's name.
+        self.metrics.count(op_name, code);
+        self.observe(&peer.name, op_name, code);
+        tracing::info!(request = %request_id, caller = %peer.name, op = %op_name, code, "served");
         match result {
             Ok(resp) => resp,
             Err(r) => error_response(&request_id, &r),

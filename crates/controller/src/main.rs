@@ -453,7 +453,15 @@ fn run(args: Args) -> Result<(), StartError> {
         public_key_from_text(&pk_text).ok_or(StartError::TokenKey(cfg.token_public_key.clone()))?,
     );
     let policy = Policy::parse(&String::from_utf8_lossy(&read(&cfg.rights)?))?;
-    let (audit, report) = AuditLog::open_with(&cfg.audit_log, Some(Arc::new(audit_signer)))?;
+    // Preallocated: each request's group commit then costs one device write (the records), not
+    // two (the records and the inode's new size); see the audit crate's README.
+    let (audit, report) = AuditLog::open_with_options(
+        &cfg.audit_log,
+        bulkhead_audit::LogOptions {
+            signer: Some(Arc::new(audit_signer)),
+            preallocate: true,
+        },
+    )?;
     let adopt_from = host.clone().zip(record);
     let keeper_pid = host.as_ref().map(|h| h.keeper_pid());
     let host_cpus = host.as_ref().map(|h| h.host_cpus()).unwrap_or_default();

@@ -26,7 +26,8 @@ fn kill_dash_nine_loop_keeps_the_chain_and_every_acknowledged_request() {
             .clone();
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
-        for _ in 0..2 {
+        // Several at once, so requests share group commits when the controller dies.
+        for _ in 0..6 {
             let c = d.client("operator");
             let t = t.clone();
             let acked = Arc::clone(&acked);
