@@ -93,11 +93,12 @@ struct Link {
     active_queues: usize,
     /// The feature bits last sent with SET_FEATURES (0: none yet).
     features_sent: u64,
-    /// Set on a connection taken over in a live update: the backend has these features, but
-    /// this process's `Frontend` never sent them, and the vhost crate refuses
-    /// SET_VRING_ENABLE until it has. Sent (unchanged, so the backend sees no change) right
-    /// before the rings are next stopped.
-    resync_features: Option<u64>,
+    /// Set on a connection taken over in a live update: this process's `Frontend` never asked
+    /// GET_FEATURES nor sent SET_FEATURES, and the vhost crate refuses SET_VRING_ENABLE until
+    /// it has done both (it records the acked features as those sent *and* offered). The next
+    /// request sequence first asks GET_FEATURES (a query) and, before stopping the rings,
+    /// sends the features the backend already has (no change for it). See [`Link::sync`].
+    unsynced: bool,
 }
 
 /// One connected vhost-user backend, after the handshake.
@@ -135,6 +136,23 @@ fn failure(guard: &Guard, e: vhost::Error, kind: fn(vhost::Error) -> ConnectErro
     }
 }
 
+impl Link {
+    /// Brings the vhost crate's bookkeeping of a taken-over connection up to date (see
+    /// [`Link::unsynced`]): GET_FEATURES, then, with `resend`, SET_FEATURES of the features
+    /// the backend already has. Nothing on a connection this process made.
+    fn sync(&mut self, resend: bool) -> Result<(), vhost::Error> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        self.frontend.get_features()?;
+        if resend && self.features_sent != 0 {
+            self.frontend.set_features(self.features_sent)?;
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+}
+
 impl VhostUserConn {
     /// SET_OWNER, GET_FEATURES (VERSION_1 required) and, if the backend has the extension,
     /// the protocol features in `wanted` that it offers. `queues` is how many vrings the device
@@ -168,7 +186,7 @@ impl VhostUserConn {
                 frontend,
                 active_queues: 0,
                 features_sent: 0,
-                resync_features: None,
+                unsynced: false,
             })),
             sock,
             watchdog,
@@ -198,7 +216,7 @@ impl VhostUserConn {
                 frontend,
                 active_queues,
                 features_sent: st.acked_features,
-                resync_features: (st.acked_features != 0).then_some(st.acked_features),
+                unsynced: true,
             })),
             sock,
             watchdog,
@@ -371,9 +389,9 @@ impl VhostUserConn {
         if self.protocol.is_some() {
             features |= VHOST_USER_F_PROTOCOL_FEATURES;
         }
+        link.sync(false)?;
         link.frontend.set_features(features)?;
         link.features_sent = features;
-        link.resync_features = None;
         let regions: Vec<VhostUserMemoryRegionInfo> = act
             .memfd_regions
             .iter()
@@ -451,18 +469,15 @@ fn stop_rings(
         return;
     }
     let guard = watchdog.arm(sock, REPLY_TIMEOUT);
-    if let Some(f) = link.resync_features.take() {
-        // A connection taken over in a live update (see `Link::resync_features`): the same
-        // features the backend already has, so that the vhost crate allows SET_VRING_ENABLE.
-        if let Err(e) = link.frontend.set_features(f) {
-            dead.set(if guard.fired() {
-                BackendFailure::Unresponsive
-            } else {
-                BackendFailure::Vring
-            });
-            tracing::warn!(error = %e, "vhost-user backend refused its own features: device dead");
-            return;
-        }
+    // A connection taken over in a live update (see `Link::unsynced`).
+    if let Err(e) = link.sync(true) {
+        dead.set(if guard.fired() {
+            BackendFailure::Unresponsive
+        } else {
+            BackendFailure::Vring
+        });
+        tracing::warn!(error = %e, "vhost-user backend failed a features query: device dead");
+        return;
     }
     for i in 0..n {
         let r = if protocol {

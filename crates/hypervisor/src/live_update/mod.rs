@@ -21,8 +21,9 @@
 //! nothing: no SET_OWNER, no RESET, no SET_VRING_*, and no SET_MEM_TABLE either — the card
 //! maps the memfd itself, and the addresses the vrings were given are in the table it already
 //! has (the old process's user addresses are only a translation key inside the card). The
-//! vhost crate's own bookkeeping of the connection (which features it sent) is brought up to
-//! date with the card's unchanged features the next time the rings are stopped (see
+//! vhost crate's own bookkeeping of the connection (which features were offered and sent) is
+//! brought up to date — GET_FEATURES, and SET_FEATURES of the card's unchanged features — only
+//! at the next request sequence the guest causes (a reset, an unplug; see
 //! `devices::vhost_user`). A card that cannot be handed over now (being pulled, its backend
 //! dead or its rings being stopped) makes the update fail with
 //! [`LiveUpdateFailure::UnsupportedDevice`]; the guest runs on here.
