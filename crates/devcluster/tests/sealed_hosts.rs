@@ -11,7 +11,8 @@
 //! attested (PCRs 4, 9, 11, 12, 23); host-2 answers its polls too but is refused with
 //! `boot_pcr_mismatch` naming PCRs 4, 9 and 11 (not 12, not 23) and a `host_attestation_failed`
 //! alert; a TCP connect scan of all 65535 ports of host-1's address from the orchestrator finds
-//! only the controller's mTLS port. Stopping the cluster (SIGTERM) removes its namespaces.
+//! only the controller's mTLS port; RunInstances finds no capacity (sealed hosts offer no cores
+//! here: no nested virtualization, their controllers run the detached backend). Stopping the cluster (SIGTERM) removes its namespaces.
 //!
 //! Needs root, qemu-system-x86_64, OVMF, swtpm, the host kernel in its cache (`make
 //! host-image`) and the release binaries (`make build`); skips loudly otherwise.
@@ -222,6 +223,33 @@ fn sealed_hosts_are_attested_by_their_boot_chain_and_a_differing_image_is_refuse
         a.to_string().contains("host_attestation_failed") && a.to_string().contains("host-1")
     });
     assert!(!wrong, "host-1 alerted: {alerts:#}");
+
+    // --- no instance is placed on a sealed host here (0 cores: detached backend) ---------
+    let creds = tmp.path().join("acme.json");
+    let made = Command::new(b.join("bulkhead-control"))
+        .arg("create-customer")
+        .arg("--config")
+        .arg(dir.join("control.toml"))
+        .args(["--tenant", "acme", "--out"])
+        .arg(&creds)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let run = Command::new(b.join("bulkhead-control"))
+        .arg("call")
+        .arg("--endpoint")
+        .arg(info["control"].as_str().unwrap())
+        .arg("--ca")
+        .arg(ca.join("ca.pem"))
+        .arg("--credentials")
+        .arg(&creds)
+        .args(["RunInstances", r#"{"ImageId":"img-1"}"#])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&run.stdout);
+    assert!(!run.status.success(), "an instance was placed: {answer}");
+    assert!(answer.contains("insufficient_capacity"), "{answer}");
 
     // --- from the orchestrator's network: only the controller's mTLS port ----------------
     let ip: std::net::Ipv4Addr = addr1.rsplit_once(':').unwrap().0.parse().unwrap();
