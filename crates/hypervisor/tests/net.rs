@@ -1007,3 +1007,108 @@ fn tcp_survives_net_cards_killed_and_reconnected() {
     hv_b.shutdown().expect("shutdown");
     drop((card_a, card_b));
 }
+
+/// Live update of a VM with the real net card cold-plugged: the card (same process, same
+/// connection, rings never stopped) is handed over to the new hypervisor twice while the
+/// guest ARPs for its gateway through it in a loop (both rings, kicks and interrupts); the
+/// answers go on in the same loop, without a reset, a hot-plug event or DHCP again.
+#[test]
+fn a_net_card_is_handed_over_in_a_live_update() {
+    let test = "a_net_card_is_handed_over_in_a_live_update";
+    let Some((kernel, initrd)) = guest_or_skip(test) else {
+        return;
+    };
+    let Some(bin) = netcard_bin() else {
+        bulkhead_testkit::skip_or_fail(&format!(
+            "{test}: bulkhead-netcard with `vhost` mode is not built next to the hypervisor \
+             (cargo build --release -p bulkhead-netcard)"
+        ));
+        return;
+    };
+    let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mac, ip) = ("02:00:0a:00:01:44", "10.0.1.61/24");
+    let mut card = start_card(&bin, dir.path(), mac, ip, 7);
+    let card_pid = card.child.id();
+    let script = "n=0\n\
+        while :; do\n\
+        if busybox arping -q -f -c 1 -w 1 -I eth0 10.0.1.1; then n=$((n+1)); echo lu-ok:$n; else echo lu-miss; fi\n\
+        done\n";
+    let cmdline = format!("{} {}", GUEST_ARGS.replace(" quiet", ""), run_arg(script));
+    let mut hv = Hypervisor::spawn(&spec(kernel, initrd, cmdline)).expect("spawn");
+    let nic = id("eni-lu");
+    let s = std::os::unix::net::UnixStream::connect(&card.sock).expect("connect to the card");
+    hv.call(Command::AttachNet { id: nic.clone() }, Some(s.as_raw_fd()))
+        .expect("cold-plug the card");
+    drop(s);
+    let (mut seen, mut cursor) = (String::new(), 0u64);
+    hv.call(Command::Start, None).expect("start");
+    wait_lines(
+        &mut hv,
+        &mut seen,
+        &mut cursor,
+        0,
+        "lu-ok:",
+        2,
+        STEP_TIMEOUT,
+    );
+    assert!(
+        seen.contains(&format!("BULKHEAD-NET-UP={ip}")),
+        "no lease:\n{seen}"
+    );
+    let mut pauses = Vec::new();
+    for _ in 0..2 {
+        drain(&mut hv, &mut seen, &mut cursor);
+        let old_pid = hv.pid();
+        let at = seen.len();
+        let pause = hv.live_update(&hypervisor(), None).expect("live update");
+        assert_ne!(hv.pid(), old_pid);
+        assert!(
+            !Path::new(&format!("/proc/{old_pid}")).exists(),
+            "the old hypervisor lingers"
+        );
+        pauses.push(pause);
+        wait_lines(
+            &mut hv,
+            &mut seen,
+            &mut cursor,
+            at,
+            "lu-ok:",
+            3,
+            Duration::from_secs(300),
+        );
+        assert!(matches!(card.child.try_wait(), Ok(None)), "the card died");
+        assert_eq!(card.child.id(), card_pid);
+    }
+    assert_eq!(counts(&mut hv), (0, 1), "still one NIC, no new device");
+    assert_eq!(failed(&mut hv), 0);
+    assert_eq!(
+        seen.matches("BULKHEAD-NET-UP").count(),
+        1,
+        "no DHCP again:\n{seen}"
+    );
+    assert_eq!(seen.matches("BULKHEAD-GUEST-READY").count(), 1, "no reboot");
+    let oks: Vec<u64> = lines_after(&seen, 0, "lu-ok:")
+        .filter_map(|l| l.trim_start_matches("lu-ok:").trim().parse().ok())
+        .collect();
+    assert!(
+        oks.windows(2).all(|w| w[1] == w[0] + 1),
+        "one loop: {oks:?}"
+    );
+    // The new process drives the card it never connected: the unplug's ring stop is answered.
+    let r = hv.call(Command::DetachNet { id: nic.clone() }, None);
+    assert_eq!(
+        r.map_err(|e| format!("{e:?}")),
+        Ok(Reply::Device {
+            state: VmState::Running,
+            guest_acknowledged: true
+        }),
+        "detach after the updates"
+    );
+    let _ = hv.shutdown();
+    println!(
+        "net card live-updated twice: pauses {pauses:?} us; {} ARP round trips through the card \
+         in one loop, card pid {card_pid} unchanged",
+        oks.len()
+    );
+}
