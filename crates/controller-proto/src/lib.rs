@@ -30,8 +30,6 @@ pub use calls::{CallArgs, ControllerCall, NoBody, ResponseError, WireResponse};
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Largest `user_data` accepted, in bytes (it ends up on the guest's 2048-byte command line).
 pub const MAX_USER_DATA_BYTES: usize = 1024;
-/// Largest sealed key blob accepted (decoded).
-pub const MAX_SEALED_KEY_BYTES: usize = 4096;
 /// Most audit records returned by one read.
 pub const MAX_AUDIT_PAGE: u32 = 1000;
 /// Audit records returned by a read that names no `limit`.
@@ -298,8 +296,9 @@ pub struct NetworkRulesRequest {
 #[serde(deny_unknown_fields)]
 pub struct AttachVolumeRequest {
     pub volume_id: String,
-    /// The volume's data key sealed to this host's block card, base64. The controller never
-    /// opens it.
+    /// The volume's data key sealed to this host's block card: exactly one sealed blob
+    /// (`bulkhead_sealing::SealedBlob`, 126 bytes), base64; anything else is refused as
+    /// `bad_sealed_key`. The controller never opens it.
     pub sealed_key: String,
     /// Set for a network volume: the storage node that serves its ciphertext. Unset: the
     /// volume is a file in this host's volume directory (embedded mode without storage nodes).

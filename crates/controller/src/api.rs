@@ -8,7 +8,6 @@
 //! beyond their shape (identifiers, the `network` object with the net card's own parsers,
 //! sealed key blobs, storage node names) is this module's.
 
-use base64::Engine as _;
 use bulkhead_tokens::ops::valid_resource_id;
 use bulkhead_tokens::Operation;
 use serde::{Deserialize, Serialize};
@@ -21,7 +20,7 @@ pub use bulkhead_controller_proto::{
     Method, NetworkAttached, NetworkField, NetworkRequest, NetworkRoutesRequest,
     NetworkRulesRequest, RelayedEvidence, RequestError, RouteSpec, VolumeStorageRequest,
     MAX_AUDIT_PAGE, MAX_BODY_BYTES, MAX_INSTANCE_STORAGE_GIB, MAX_NET_ENTRY_LEN, MAX_NET_ROUTES,
-    MAX_NET_RULES, MAX_SEALED_KEY_BYTES, MAX_USER_DATA_BYTES, ROUTES,
+    MAX_NET_RULES, MAX_USER_DATA_BYTES, ROUTES,
 };
 
 /// A checked VPC interface: every field parsed by the net card's own parsers, so a card never
@@ -130,15 +129,9 @@ pub struct NetworkVolume {
     pub export: String,
 }
 
-/// Sealed key bytes, opaque to the controller.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SealedKeyBlob(pub Vec<u8>);
-
-impl std::fmt::Debug for SealedKeyBlob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SealedKeyBlob({} bytes)", self.0.len())
-    }
-}
+/// A sealed key, opaque to the controller: exactly one blob of the sealing format, typed once
+/// from the KMS's answer through the control plane and this API to the card.
+pub use bulkhead_sealing::SealedBlob;
 
 /// Identifier of an instance or volume: 1-64 of `A-Za-z0-9-_.`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -198,7 +191,7 @@ pub enum ApiRequest {
     AttachVolume {
         id: ResourceId,
         volume: ResourceId,
-        sealed_key: SealedKeyBlob,
+        sealed_key: SealedBlob,
         storage: Option<NetworkVolume>,
     },
     DetachVolume {
@@ -209,7 +202,7 @@ pub enum ApiRequest {
     AttachNetwork {
         id: ResourceId,
         epoch: u32,
-        sealed_key: SealedKeyBlob,
+        sealed_key: SealedBlob,
     },
     SetNetworkRoutes {
         id: ResourceId,
@@ -306,14 +299,8 @@ impl ApiRequest {
             Operation::TerminateInstance => ApiRequest::TerminateInstance(id()?),
             Operation::AttachVolume => {
                 let r: AttachVolumeRequest = json(body)?;
-                if r.sealed_key.len() > MAX_SEALED_KEY_BYTES * 2 {
-                    return Err(RequestError::BadSealedKey);
-                }
-                let blob = base64::engine::general_purpose::STANDARD
-                    .decode(r.sealed_key.as_bytes())
-                    .ok()
-                    .filter(|b| !b.is_empty() && b.len() <= MAX_SEALED_KEY_BYTES)
-                    .ok_or(RequestError::BadSealedKey)?;
+                let blob =
+                    SealedBlob::from_base64(&r.sealed_key).ok_or(RequestError::BadSealedKey)?;
                 let volume = ResourceId::parse(&r.volume_id)?;
                 let storage = match r.storage {
                     None => None,
@@ -336,7 +323,7 @@ impl ApiRequest {
                 ApiRequest::AttachVolume {
                     id: id()?,
                     volume,
-                    sealed_key: SealedKeyBlob(blob),
+                    sealed_key: blob,
                     storage,
                 }
             }
@@ -350,14 +337,12 @@ impl ApiRequest {
                 if r.epoch == 0 {
                     return Err(RequestError::BadNetwork(NetworkField::Epoch));
                 }
-                let blob = hex::decode(&r.sealed_epoch_key)
-                    .ok()
-                    .filter(|b| b.len() == bulkhead_sealing::SEALED_BLOB_LEN)
+                let blob = SealedBlob::from_hex(&r.sealed_epoch_key)
                     .ok_or(RequestError::BadNetwork(NetworkField::SealedKey))?;
                 ApiRequest::AttachNetwork {
                     id: id()?,
                     epoch: r.epoch,
-                    sealed_key: SealedKeyBlob(blob),
+                    sealed_key: blob,
                 }
             }
             Operation::SetNetworkRoutes => {
@@ -449,9 +434,25 @@ mod tests {
         );
         let r = ApiRequest::parse("POST", "/v1/instances/i-1/reboot", None, b"").unwrap();
         assert_eq!(r.resources(), vec!["instance:i-1".to_string()]);
-        let body = br#"{"volume_id":"v-1","sealed_key":"AAEC"}"#;
-        let r = ApiRequest::parse("POST", "/v1/instances/i-1/volumes", None, body).unwrap();
+        let blob = SealedBlob::from_slice(&[3u8; bulkhead_sealing::SEALED_BLOB_LEN]).unwrap();
+        let body = format!(
+            r#"{{"volume_id":"v-1","sealed_key":"{}"}}"#,
+            blob.to_base64()
+        );
+        let r =
+            ApiRequest::parse("POST", "/v1/instances/i-1/volumes", None, body.as_bytes()).unwrap();
         assert_eq!(r.operation(), Operation::AttachVolume);
+        match r {
+            ApiRequest::AttachVolume { sealed_key, .. } => assert_eq!(sealed_key, blob),
+            other => panic!("{other:?}"),
+        }
+        // Anything but exactly one sealed blob is refused at the boundary, with its code.
+        for bad in ["AAEC", "", "not base64", &"A".repeat(4096)] {
+            let body = format!(r#"{{"volume_id":"v-1","sealed_key":"{bad}"}}"#);
+            let e = ApiRequest::parse("POST", "/v1/instances/i-1/volumes", None, body.as_bytes())
+                .unwrap_err();
+            assert_eq!(e.code(), "bad_sealed_key", "{bad:.12}");
+        }
         let r = ApiRequest::parse("GET", "/v1/audit", Some("after=5&limit=10"), b"").unwrap();
         assert_eq!(
             r,

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use bulkhead_hypervisor_client::{BackendFailure, CommandError};
 
 use crate::api::{
-    InstanceDescription, InstanceState, InstanceStorageGib, NetworkSpec, ResourceId, SealedKeyBlob,
+    InstanceDescription, InstanceState, InstanceStorageGib, NetworkSpec, ResourceId, SealedBlob,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -291,7 +291,7 @@ pub trait InstanceBackend: Send + Sync {
         &self,
         _id: &ResourceId,
         _epoch: u32,
-        _sealed_key: SealedKeyBlob,
+        _sealed_key: SealedBlob,
     ) -> Result<String, BackendError> {
         Err(BackendError::NetworkUnavailable)
     }
@@ -320,7 +320,7 @@ pub trait VolumeBackend: Send + Sync {
         &self,
         instance: &ResourceId,
         volume: &ResourceId,
-        sealed_key: SealedKeyBlob,
+        sealed_key: SealedBlob,
         storage: Option<crate::api::NetworkVolume>,
     ) -> Result<(), BackendError>;
     fn detach(&self, instance: &ResourceId, volume: &ResourceId) -> Result<(), BackendError>;
@@ -330,10 +330,10 @@ struct Instance {
     desc: InstanceDescription,
     console: String,
     /// Held only so the blob's lifetime matches the attachment; never read.
-    sealed: BTreeMap<String, SealedKeyBlob>,
+    sealed: BTreeMap<String, SealedBlob>,
     network: Option<NetworkSpec>,
     /// The sealed epoch key of an "attached" interface (nothing runs; never read).
-    net_sealed: Option<SealedKeyBlob>,
+    net_sealed: Option<SealedBlob>,
 }
 
 #[derive(Default)]
@@ -524,7 +524,7 @@ impl InstanceBackend for DetachedBackend {
         &self,
         id: &ResourceId,
         _epoch: u32,
-        sealed_key: SealedKeyBlob,
+        sealed_key: SealedBlob,
     ) -> Result<String, BackendError> {
         self.with(|i| {
             let inst = i
@@ -565,7 +565,7 @@ impl VolumeBackend for DetachedBackend {
         &self,
         instance: &ResourceId,
         volume: &ResourceId,
-        sealed_key: SealedKeyBlob,
+        sealed_key: SealedBlob,
         _storage: Option<crate::api::NetworkVolume>,
     ) -> Result<(), BackendError> {
         self.with(|i| {

@@ -34,7 +34,7 @@ use bulkhead_hypervisor_client::{
 const MAX_CONSOLE_CHUNK: u32 = 32 * 1024;
 
 use crate::api::{
-    InstanceDescription, InstanceState, InstanceStorageGib, NetworkSpec, ResourceId, SealedKeyBlob,
+    InstanceDescription, InstanceState, InstanceStorageGib, NetworkSpec, ResourceId, SealedBlob,
 };
 use crate::backend::{
     BackendError, Capacity, InstanceBackend, InstanceSpec, NetCardRestart, NetCounters,
@@ -109,7 +109,7 @@ struct NetCard {
     listen: std::net::SocketAddr,
     epoch: u32,
     /// The sealed epoch key, kept only to restart the card; never opened here.
-    sealed: SealedKeyBlob,
+    sealed: SealedBlob,
     routes: Vec<String>,
     allow: Vec<String>,
 }
@@ -405,7 +405,7 @@ impl HostBackend {
                 pid: c.pid,
                 listen: c.listen,
                 epoch: c.epoch,
-                sealed_key: hex::encode(&c.sealed.0),
+                sealed_key: c.sealed.to_hex(),
                 routes: c.routes.clone(),
                 allow: c.allow.clone(),
             }),
@@ -1160,7 +1160,7 @@ impl InstanceBackend for HostBackend {
         &self,
         id: &ResourceId,
         epoch: u32,
-        sealed_key: SealedKeyBlob,
+        sealed_key: SealedBlob,
     ) -> Result<String, BackendError> {
         let inst = self.instance(id)?;
         let mut g = lock(&inst);
@@ -1367,7 +1367,7 @@ impl HostBackend {
                     vpc: spec.vpc,
                     card_id: spec.card_id,
                     epoch: card.epoch,
-                    sealed_key: hex::encode(&card.sealed.0),
+                    sealed_key: card.sealed.to_hex(),
                     mac: spec.mac.to_string(),
                     ip: format!("{}/{}", spec.ip, spec.prefix),
                     gateway: spec.gateway,
@@ -1536,7 +1536,7 @@ impl VolumeBackend for HostBackend {
         &self,
         instance: &ResourceId,
         volume: &ResourceId,
-        sealed_key: SealedKeyBlob,
+        sealed_key: SealedBlob,
         storage: Option<crate::api::NetworkVolume>,
     ) -> Result<(), BackendError> {
         let inst = self.instance(instance)?;
@@ -1843,12 +1843,13 @@ impl HostBackend {
             }
             if let Some(c) = &r.net_card {
                 claimed.insert(c.pid);
-                let sealed = hex::decode(&c.sealed_key).map_err(|_| BackendError::Unavailable)?;
+                let sealed =
+                    SealedBlob::from_hex(&c.sealed_key).ok_or(BackendError::Unavailable)?;
                 inst.net = Some(NetCard {
                     pid: c.pid,
                     listen: c.listen,
                     epoch: c.epoch,
-                    sealed: SealedKeyBlob(sealed),
+                    sealed,
                     routes: c.routes.clone(),
                     allow: c.allow.clone(),
                 });

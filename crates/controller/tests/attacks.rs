@@ -27,12 +27,21 @@ fn sample_body(kind: BodyKind) -> &'static [u8] {
         BodyKind::CreateInstance => {
             br#"{"instance_id":"i-1","image":"img-1","vcpus":1,"memory_mib":128}"#
         }
-        BodyKind::AttachVolume => br#"{"volume_id":"v-1","sealed_key":"c2VhbGVk"}"#,
+        BodyKind::AttachVolume => SAMPLE_ATTACH_VOLUME.as_bytes(),
         BodyKind::AttachNetwork => SAMPLE_ATTACH_NETWORK.as_bytes(),
         BodyKind::NetworkRoutes => br#"{"routes":["10.0.1.6=2@127.0.0.1:40001"]}"#,
         BodyKind::NetworkRules => br#"{"allow":["tcp:7000:10.0.0.0/16"]}"#,
     }
 }
+
+/// A well-formed AttachVolume body (a 126-byte sealed blob, base64: 168 characters).
+const SAMPLE_ATTACH_VOLUME: &str = concat!(
+    r#"{"volume_id":"v-1","sealed_key":""#,
+    "c2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVk",
+    "c2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVk",
+    "c2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVkc2VhbGVk",
+    r#""}"#
+);
 
 /// A well-formed AttachNetwork body (a 126-byte sealed blob, hex).
 const SAMPLE_ATTACH_NETWORK: &str = concat!(

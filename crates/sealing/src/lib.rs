@@ -28,8 +28,10 @@
 //! Plaintext keys only ever live in [`LockedSecret`] pages (mlock'd, `MADV_DONTDUMP`, zeroized on
 //! drop). The only I/O here is [`HostKey::read_file`].
 
+mod blob;
 mod locked;
 
+pub use blob::SealedBlob;
 pub use locked::{LockedSecret, LockedSecretError};
 
 use hpke::aead::{AeadTag, AesGcm256};
