@@ -227,6 +227,9 @@ fn up(
         for (h, secs) in &c.sealed_ready_secs {
             println!("  sealed host    {h}: host image under QEMU TCG + OVMF + its own swtpm, controller ready {secs:.1} s after power-on, reached on its mTLS port only");
         }
+        for (h, verdict) in sealed_verdicts(&c)? {
+            println!("  boot chain     {h}: {verdict}");
+        }
         println!("  attestation    sealed hosts: the control plane verifies each one's whole boot chain (PCRs 4, 9, 11, 12 against the image manifest, 23 against its config disk) when polled and before placing; GET /v1/operator/hosts shows boot_attestation");
         println!("  instances      none on sealed hosts here (0 cores offered: no nested virtualization, their controllers run the detached backend)");
     } else if c.attested {
@@ -276,6 +279,69 @@ fn up(
     })?;
     drop(c);
     Ok(())
+}
+
+/// Waits (up to 120 s) until the control plane's operator view has a boot-chain verdict for
+/// every sealed host; returns each host's verdict as a line, with the time from its power-on.
+fn sealed_verdicts(c: &cluster::Cluster) -> Result<Vec<(String, String)>, CliError> {
+    let ca = c.dir.join("ca");
+    let op = tls::HttpsClient::pinned(
+        &ca.join("ca.pem"),
+        Some((&ca.join("operator.pem"), &ca.join("operator.key"))),
+        ServerIdentity::control_plane(),
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let rt = runtime()?;
+    let mut out: Vec<(String, String)> = Vec::new();
+    while out.len() < c.sealed_vms.len() && std::time::Instant::now() < deadline {
+        let hosts = rt
+            .block_on(op.request(
+                &c.operator_addr,
+                "GET",
+                "/v1/operator/hosts",
+                &[],
+                Vec::new(),
+            ))
+            .ok()
+            .filter(|r| r.status == 200)
+            .and_then(|r| serde_json::from_slice::<Value>(&r.body).ok())
+            .unwrap_or(Value::Null);
+        for vm in &c.sealed_vms {
+            if out.iter().any(|(h, _)| *h == vm.name) {
+                continue;
+            }
+            let Some(b) = hosts
+                .as_array()
+                .and_then(|a| a.iter().find(|h| h["host_id"] == vm.name.as_str()))
+                .map(|h| &h["boot_attestation"])
+            else {
+                continue;
+            };
+            let secs = vm.started.elapsed().as_secs_f64();
+            match b["state"].as_str() {
+                Some("attested") => out.push((
+                    vm.name.clone(),
+                    format!("attested (PCRs 4, 9, 11, 12, 23 exact) {secs:.1} s after power-on"),
+                )),
+                Some("refused") => out.push((
+                    vm.name.clone(),
+                    format!(
+                        "REFUSED ({}; PCRs differing: {}) {secs:.1} s after power-on: no work is placed on it",
+                        b["code"].as_str().unwrap_or("?"),
+                        b["pcrs_differing"]
+                    ),
+                )),
+                _ => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for vm in &c.sealed_vms {
+        if !out.iter().any(|(h, _)| *h == vm.name) {
+            out.push((vm.name.clone(), "no verdict within 120 s".into()));
+        }
+    }
+    Ok(out)
 }
 
 /// A signing customer client for the bench.

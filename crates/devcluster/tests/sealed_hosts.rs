@@ -142,6 +142,15 @@ fn sealed_hosts_are_attested_by_their_boot_chain_and_a_differing_image_is_refuse
         }
     });
     assert!(printed.contains("sealed host    host-1"), "{printed}");
+    // `up` itself waits for the control plane's verdicts and prints them.
+    assert!(
+        printed.contains("boot chain     host-1: attested"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("boot chain     host-2: REFUSED (boot_pcr_mismatch"),
+        "{printed}"
+    );
     let info: Value =
         serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
     let operator = info["operator"].as_str().unwrap().to_string();
@@ -279,7 +288,7 @@ fn sealed_hosts_are_attested_by_their_boot_chain_and_a_differing_image_is_refuse
         "sealed hosts: `up` ready {up_secs:.1} s after start (image builds excluded: both hosts booted at once under TCG), both verdicts {attested_secs:.1} s; {}; TCP scan {scan_secs:.1} s",
         printed
             .lines()
-            .filter(|l| l.contains("sealed host    "))
+            .filter(|l| l.contains("sealed host    ") || l.contains("boot chain     "))
             .map(str::trim)
             .collect::<Vec<_>>()
             .join("; ")
