@@ -1,8 +1,8 @@
 //! Live update of a VM whose disk is a real `bulkhead-blockcard` process (AES-256-XTS with an
 //! ephemeral key) attached as a vhost-user card: the card is handed over to the new hypervisor
 //! without noticing (same process, same connection, its rings never stopped), with I/O
-//! running; a hand-over whose card section is corrupted is refused and the guest keeps its
-//! disk on the old process.
+//! running; a hand-over whose card section is corrupted is refused, or whose new process dies
+//! after taking the card over, fails, and the guest keeps its disk on the old process.
 //!
 //! The guest writes a counter to the disk and reads it back in a loop (shell builtins only):
 //! `echo D=$i >/dev/vda` (the last close of the block device writes the page back and drops
@@ -235,12 +235,15 @@ enum Tamper {
     /// Make the card's device-configuration length absurd and the digest right again: a
     /// well-sealed but malformed card section.
     ResealedBadLength,
+    /// Nothing: the new process takes the card over (binds its interrupt eventfds), restores,
+    /// and is killed -9 before the old one hears of it; the old one binds them again.
+    KillNewAfterRestore,
 }
 
 /// Relays a hand-over from `old` to `new`, tampering with the card section as told. The card's
 /// fds (which follow the state) are received and dropped: the new process refuses before it
 /// would read them.
-fn relay(old: UnixStream, new: UnixStream, tamper: Tamper) {
+fn relay(old: UnixStream, new: UnixStream, tamper: Tamper, mut victim: Child) -> Child {
     let soon = || Instant::now() + Duration::from_secs(20);
     let (hello, memfd) = wire::recv(&old, soon()).expect("hello");
     wire::send(&new, &hello, memfd.as_ref().map(|f| f.as_raw_fd())).expect("hello on");
@@ -259,13 +262,25 @@ fn relay(old: UnixStream, new: UnixStream, tamper: Tamper) {
             let digest = Sha256::digest(&blob[44..]);
             blob[12..44].copy_from_slice(&digest);
         }
+        Tamper::KillNewAfterRestore => {}
     }
     wire::send(&new, &Msg::State(blob), None).expect("state on");
     let fds = wire::recv_card_fds(&old, soon()).expect("the card's fds");
     assert_eq!(fds.len(), 3, "connection, kick, call");
+    if let Tamper::KillNewAfterRestore = tamper {
+        let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        wire::send_fds(&new, &Msg::CardFds { count: 3 }, &raw).expect("fds on");
+        drop(fds);
+        let (answer, _) = wire::recv(&new, soon()).expect("answer");
+        assert_eq!(answer, Msg::Restored);
+        victim.kill().expect("kill the new hypervisor");
+        let _ = victim.wait();
+        return victim;
+    }
     drop(fds);
     let (answer, _) = wire::recv(&new, soon()).expect("answer");
     wire::send(&old, &answer, None).expect("answer on");
+    victim
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -345,22 +360,29 @@ fn live_update_with_a_block_card_keeps_the_disk_working() {
     // Corrupted card sections: refused, the guest keeps its disk on the same process.
     let pid = hv.pid();
     for (tamper, want) in [
-        (Tamper::FlipACardByte, StateRefusal::Corrupted),
-        (Tamper::ResealedBadLength, StateRefusal::Malformed),
+        (
+            Tamper::FlipACardByte,
+            LiveUpdateFailure::Refused(StateRefusal::Corrupted),
+        ),
+        (
+            Tamper::ResealedBadLength,
+            LiveUpdateFailure::Refused(StateRefusal::Malformed),
+        ),
+        (Tamper::KillNewAfterRestore, LiveUpdateFailure::PeerGone),
     ] {
         con.drain(&hv);
-        let (mut child, _chan, new_end) = spawn_incoming(&hypervisor(), None).expect("incoming");
+        let (child, _chan, new_end) = spawn_incoming(&hypervisor(), None).expect("incoming");
         let (old_end, relay_old) = UnixStream::pair().expect("pair");
-        let t = std::thread::spawn(move || relay(relay_old, new_end, tamper));
+        let t = std::thread::spawn(move || relay(relay_old, new_end, tamper, child));
         let r = hv
             .channel()
             .call(Command::LiveUpdate, Some(old_end.as_raw_fd()));
         drop(old_end);
-        t.join().expect("relay");
+        let mut child = t.join().expect("relay");
         match r {
-            Err(ClientError::Refused(CommandError::LiveUpdate(LiveUpdateFailure::Refused(
-                got,
-            )))) => assert_eq!(got, want, "{tamper:?}"),
+            Err(ClientError::Refused(CommandError::LiveUpdate(got))) => {
+                assert_eq!(got, want, "{tamper:?}")
+            }
             other => panic!("{tamper:?}: {other:?}"),
         }
         let until = Instant::now() + Duration::from_secs(10);
@@ -390,6 +412,10 @@ fn live_update_with_a_block_card_keeps_the_disk_working() {
         "the card saw {writes} writes for {done_before}..={done_after} round trips"
     );
     let trips = check_disk_io(&con.text);
+    // The card saw one frontend the whole time: connected once, never disconnected.
+    let log = card.log();
+    assert_eq!(log.matches("frontend connected").count(), 1, "{log}");
+    assert!(!log.contains("frontend disconnected"), "{log}");
 
     // The new process drives the card it never connected: a hot-unplug makes the guest reset
     // the device and the hypervisor stop the card's rings (the vhost crate's bookkeeping of the

@@ -23,6 +23,10 @@
 //!   started again takes over the NIC with `ReconnectNet` (no reset, no hot-plug, no DHCP
 //!   again, rings resumed at the guest's used index) and answers resume in the same loop; a
 //!   card with another MAC is refused typed and changes nothing.
+//! * `a_net_card_is_handed_over_in_a_live_update` (one boot): the real card, cold-plugged, is
+//!   handed over to a new hypervisor process twice while the guest ARPs through it; the same
+//!   loop goes on (no reset, no DHCP again), the card process is the same, an unplug afterwards
+//!   is answered.
 
 mod common;
 #[path = "support/mute_peer.rs"]

@@ -67,6 +67,9 @@ const MSIX_PBA: u64 = 0x5000;
 /// Most MSI-X vectors (queues + 1 for configuration changes).
 const MAX_VECTORS: usize = 65;
 const NO_VECTOR: u16 = 0xffff;
+/// How long a failed live update waits for the new process's VM to let go of a card's
+/// interrupt eventfd before binding it here again.
+const REBIND_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 // Capability offsets in configuration space.
 const CAP_COMMON: u8 = 0x40;
@@ -305,9 +308,25 @@ impl VirtioPciDevice {
         let Some(w) = &self.wiring else { return };
         let vm = router.vm();
         for (q, gsi) in &w.irqfds {
-            if let Some(call) = self.calls.get(*q) {
-                // Already bound (release stopped part-way) is EBUSY: fine.
-                let _ = vm.register_irqfd(call, *gsi);
+            let Some(call) = self.calls.get(*q) else {
+                continue;
+            };
+            // EBUSY while another VM still holds the eventfd: a new process that bound it and
+            // then failed or died lets go when its VM is torn down, which may lag its refusal
+            // or its socket closing. (Still bound here, after a release that stopped part-way,
+            // is EBUSY for good: the bound is then only a delay.)
+            let until = std::time::Instant::now() + REBIND_WAIT;
+            loop {
+                match vm.register_irqfd(call, *gsi) {
+                    Err(e) if e.errno() == libc::EBUSY && std::time::Instant::now() < until => {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %self.id, queue = q, error = %e, "rebinding a card's interrupt failed");
+                        break;
+                    }
+                    Ok(()) => break,
+                }
             }
         }
         for c in &self.calls {

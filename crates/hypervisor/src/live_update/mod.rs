@@ -256,10 +256,13 @@ pub fn incoming(sock: &UnixStream, run_as: Option<(u32, u32)>) -> Result<Vm, Err
     {
         return Err(refuse(StateRefusal::Mismatch));
     }
-    vm.restore(&st, card_fds).map_err(|e| {
+    if let Err(e) = vm.restore(&st, card_fds) {
         tracing::warn!(error = %e, "restoring the handed-over state failed");
-        refuse(StateRefusal::Restore)
-    })?;
+        // Tear the VM down first: it may hold the cards' interrupt eventfds, which the old
+        // process binds again once it hears of the refusal.
+        drop(vm);
+        return Err(refuse(StateRefusal::Restore));
+    }
     let restored_ns = monotonic_ns();
     wire::send(sock, &Msg::Restored, None).map_err(gone)?;
     match wire::recv(sock, Instant::now() + GO_WAIT).map_err(gone)? {
