@@ -658,6 +658,9 @@ impl AuditLog {
                     Some(true) => {
                         f.push(&buf)?;
                     }
+                    // Preallocated space: the records end here (what follows is checked
+                    // below, byte by byte, without a second pass over the log).
+                    Some(false) if is_padding(&buf) => break,
                     Some(false) => {
                         return Err(AuditError::Broken(VerifyError::TornTail {
                             line: f.records + 1,
