@@ -29,6 +29,16 @@ pub struct PgRepo {
 /// How long a (re)connection attempt may take before the call is answered `Unavailable`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Drops every table of the control plane's schema (and its version record) from the database
+/// at `url`: a fresh schema for a test or a benchmark run. Never called by the service.
+pub fn drop_schema(url: &str) -> Result<(), RepoError> {
+    let mut c = Client::connect(url, NoTls).map_err(pg_err)?;
+    let mut tables = crate::schema::tables();
+    tables.push("schema_version");
+    c.batch_execute(&format!("DROP TABLE IF EXISTS {}", tables.join(", ")))
+        .map_err(pg_err)
+}
+
 pub(crate) fn pg_err(e: postgres::Error) -> RepoError {
     if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
         return RepoError::Conflict;
@@ -148,12 +158,7 @@ mod tests {
             return;
         };
         // A fresh schema per run: drop what an earlier run left.
-        let mut c = Client::connect(&url, NoTls).unwrap();
-        c.batch_execute(
-            "DROP TABLE IF EXISTS customers, signatures, idempotency, hosts, host_audit, instances, volumes, workflows, leader_leases, vpcs, subnets, security_groups, sg_ingress, interfaces, interface_groups, schema_version",
-        )
-        .unwrap();
-        drop(c);
+        drop_schema(&url).unwrap();
         let repo = PgRepo::connect(&url).unwrap();
         crate::repo::contract_suite(&repo);
         // Reconnect: migrations are not re-run, data is still there.

@@ -66,9 +66,42 @@ pub fn migrations(d: Dialect) -> Vec<String> {
         .collect()
 }
 
+/// Every table the migrations create, in order (PostgreSQL adds its `schema_version`).
+pub fn tables() -> Vec<&'static str> {
+    MIGRATIONS
+        .iter()
+        .flat_map(|m| m.split("CREATE TABLE ").skip(1))
+        .filter_map(|rest| rest.split(|c: char| c.is_whitespace() || c == '(').next())
+        .filter(|name| !name.is_empty())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_are_every_created_table_once() {
+        let t = tables();
+        for want in [
+            "customers",
+            "instances",
+            "volumes",
+            "workflows",
+            "interfaces",
+        ] {
+            assert!(t.contains(&want), "{want} missing from {t:?}");
+        }
+        let mut sorted = t.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), t.len(), "{t:?}");
+        let created = MIGRATIONS
+            .iter()
+            .map(|m| m.matches("CREATE TABLE ").count())
+            .sum::<usize>();
+        assert_eq!(t.len(), created);
+    }
 
     #[test]
     fn both_engines_get_every_table_and_no_placeholder() {

@@ -48,14 +48,8 @@ fn pg_url() -> Option<String> {
 
 /// A fresh schema: whatever an earlier run (or the repository contract test) left is dropped.
 fn fresh_db(url: &str) -> Client {
-    let mut db = Client::connect(url, NoTls).unwrap();
-    db.batch_execute(
-        "DROP TABLE IF EXISTS customers, signatures, idempotency, hosts, host_audit, instances,
-         volumes, workflows, leader_leases, vpcs, subnets, security_groups, sg_ingress,
-         interfaces, interface_groups, schema_version",
-    )
-    .unwrap();
-    db
+    bulkhead_control::pg::drop_schema(url).unwrap();
+    Client::connect(url, NoTls).unwrap()
 }
 
 fn up(dir: &Path, url: &str) -> Cluster {

@@ -405,24 +405,32 @@ fn pct(sorted: &[f64], permille: usize) -> f64 {
     sorted.get(i.min(last)).copied().unwrap_or(0.0)
 }
 
-/// (RunInstances ms, AttachVolume ms, DescribeInstances completed) on a fresh cluster.
+/// (RunInstances ms, AttachVolume ms, DescribeInstances completed) on a fresh cluster served by
+/// `replicas` control-plane processes (more than one needs `database_url`): calls alternate
+/// between the replicas, and the concurrent clients are spread over them.
 fn measure(
     hosts: usize,
     iterations: usize,
     seconds: u64,
     concurrency: usize,
     database_url: Option<String>,
+    replicas: usize,
 ) -> Result<(Vec<f64>, Vec<f64>, u64), CliError> {
     let bins = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .ok_or(CliError::BadArgument("cannot locate binaries"))?;
     let dir = std::env::temp_dir().join(format!(
-        "bulkhead-bench-{}-{}",
+        "bulkhead-bench-{}-{}-{replicas}",
         std::process::id(),
         database_url.is_some()
     ));
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    if let Some(url) = &database_url {
+        // Each measured cluster starts on an empty schema (the same database serves every run).
+        bulkhead_control::pg::drop_schema(url)
+            .map_err(|_| CliError::BadArgument("cannot reset the PostgreSQL schema"))?;
+    }
     let opts = cluster::StartOptions {
         hosts,
         controller_args: controller_backend_args(&bins, Some("detached")),
@@ -433,7 +441,11 @@ fn measure(
         poll_interval_ms: 1000,
         database_url,
     };
-    let c = cluster::start(&dir, &opts)?;
+    let more = cluster::ReplicaOptions {
+        replicas,
+        ..Default::default()
+    };
+    let c = cluster::start_replicated(&dir, &opts, &more)?;
     let creds = dir.join("bench.json");
     let made = std::process::Command::new(bins.join("bulkhead-control"))
         .arg("create-customer")
@@ -449,23 +461,35 @@ fn measure(
     }
     let v: Value =
         serde_json::from_slice(&std::fs::read(&creds).map_err(io(&creds))?).unwrap_or(Value::Null);
-    let signer = Arc::new(Signer {
-        akid: v["access_key_id"].as_str().unwrap_or("").to_string(),
-        secret: v["secret"]
-            .as_str()
-            .and_then(|s| B64.decode(s).ok())
-            .unwrap_or_default(),
-        endpoint: c.control_addr.clone(),
-        client: tls::HttpsClient::pinned(
-            &dir.join("ca/ca.pem"),
-            None,
-            ServerIdentity::control_plane(),
-        )?,
-    });
+    let endpoints = if c.replica_addrs.is_empty() {
+        vec![c.control_addr.clone()]
+    } else {
+        c.replica_addrs.clone()
+    };
+    let mut signers = Vec::new();
+    for endpoint in endpoints {
+        signers.push(Arc::new(Signer {
+            akid: v["access_key_id"].as_str().unwrap_or("").to_string(),
+            secret: v["secret"]
+                .as_str()
+                .and_then(|s| B64.decode(s).ok())
+                .unwrap_or_default(),
+            endpoint,
+            client: tls::HttpsClient::pinned(
+                &dir.join("ca/ca.pem"),
+                None,
+                ServerIdentity::control_plane(),
+            )?,
+        }));
+    }
+    let n = signers.len();
+    let pick = |i: usize| signers.get(i % n).cloned();
     let result = runtime()?.block_on(async {
         let mut run_ms = Vec::new();
         let mut attach_ms = Vec::new();
-        for _ in 0..iterations {
+        for i in 0..iterations {
+            // Each instance's calls go to one replica, the next instance's to the next.
+            let Some(signer) = pick(i) else { break };
             let t = std::time::Instant::now();
             let r = signer
                 .ok("RunInstances", json!({"ImageId": "test-guest"}))
@@ -490,8 +514,8 @@ fn measure(
         // Throughput: concurrent signed DescribeInstances for `seconds`.
         let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
         let mut tasks = Vec::new();
-        for _ in 0..concurrency.max(1) {
-            let s = Arc::clone(&signer);
+        for j in 0..concurrency.max(1) {
+            let Some(s) = pick(j) else { break };
             tasks.push(tokio::spawn(async move {
                 let mut n = 0u64;
                 while std::time::Instant::now() < deadline {
@@ -525,12 +549,23 @@ fn bench(
 ) -> Result<(), CliError> {
     let mut rows = vec![(
         "SQLite (WAL, synchronous=FULL)",
-        measure(hosts, iterations, seconds, concurrency, None)?,
+        measure(hosts, iterations, seconds, concurrency, None, 1)?,
     )];
     if let Some(url) = database_url {
         rows.push((
-            "PostgreSQL 15 (local, loopback)",
-            measure(hosts, iterations, seconds, concurrency, Some(url))?,
+            "PostgreSQL 15 (local, loopback), one replica",
+            measure(
+                hosts,
+                iterations,
+                seconds,
+                concurrency,
+                Some(url.clone()),
+                1,
+            )?,
+        ));
+        rows.push((
+            "PostgreSQL 15, two replicas (calls alternate)",
+            measure(hosts, iterations, seconds, concurrency, Some(url), 2)?,
         ));
     }
     let bins = std::env::current_exe()
@@ -555,7 +590,10 @@ fn bench(
          boots, no card starts), KMS, token service and control plane as separate processes, mTLS 1.3 \
          on every link, every call audited with fsync; {attested}; {net}. {iterations} iterations per \
          store; throughput = signed DescribeInstances from {concurrency} concurrent clients for \
-         {seconds} s. Each latency is one signed customer call end to end."
+         {seconds} s. Each latency is one signed customer call end to end. With two replicas \
+         (one PostgreSQL), each instance's calls go to one replica and the next instance's to the \
+         other, and the concurrent clients are split between them; every run starts on an empty \
+         schema."
     );
     println!();
     println!("| Store | RunInstances→running p50 | p99 | AttachVolume→attached p50 | p99 | API throughput |");
