@@ -8,7 +8,8 @@ tmp=$(mktemp)
   echo "# Benchmarks"
   echo
   echo "Written by \`make bench\` on $(date -u +%Y-%m-%dT%H:%MZ). Every figure has its peer measured in the"
-  echo "same run; ratios are Bulkhead / peer."
+  echo "same run; ratios are Bulkhead / peer. Each Bulkhead-vs-peer table is also drawn as a chart"
+  echo "(docs/charts/, linked under its heading; \`scripts/bench_charts.py\`, run last by \`make bench\`)."
   echo
   echo "## Machine"
   echo
@@ -33,3 +34,4 @@ echo >> "$tmp"
 python3 scripts/bench_attach.py >> "$tmp"
 mv "$tmp" "$out"
 echo "bench: wrote $out"
+python3 scripts/bench_charts.py || echo "bench: scripts/bench_charts.py made no chart (see above)" >&2
