@@ -333,7 +333,8 @@ def svg(title, bars, date, cmd):
         d = b["direction"]
         dnote = {"lower": "lower is better", "higher": "higher is better"}.get(
             d, "direction not stated")
-        out.append(f'<text x="10" y="{y + 13}">{escape(b["label"][:52])}</text>')
+        label = b["label"] if len(b["label"]) <= 48 else b["label"][:47] + "…"
+        out.append(f'<text x="10" y="{y + 13}">{escape(label)}</text>')
         out.append(f'<text x="10" y="{y + 26}" font-size="10" fill="#666">{dnote}</text>')
         v = b["value"]
         if v is None:
@@ -347,8 +348,11 @@ def svg(title, bars, date, cmd):
             color = "#2e8b57" if better else "#d2691e"
         w = max(1.0, v * scale)
         out.append(f'<rect x="{x0}" y="{y + 4}" width="{w:.1f}" height="20" fill="{color}"/>')
-        out.append(f'<text x="{x0 + w + 6:.1f}" y="{y + 18}">{escape(b["raw"][:48])}'
-                   f'{"" if b["raw"].rstrip().endswith("×") or "(" in b["raw"] else "×"}</text>')
+        shown = b["raw"].strip()
+        mnum = re.match(NUM, shown)
+        if mnum and not shown[mnum.end():].lstrip().startswith("×"):
+            shown = shown[: mnum.end()] + "×" + shown[mnum.end():]
+        out.append(f'<text x="{x0 + w + 6:.1f}" y="{y + 18}">{escape(shown[:40])}</text>')
         if b["target"]:
             op, t, ttext = b["target"]
             tx = x0 + t * scale
