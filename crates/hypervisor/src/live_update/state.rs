@@ -458,28 +458,7 @@ impl MachineState {
         for slot in &self.mmio {
             w.bool(slot.is_some());
             let Some(m) = slot else { continue };
-            for v in [
-                m.device_type,
-                m.status,
-                m.device_features_sel,
-                m.driver_features_sel,
-            ] {
-                w.u32(v);
-            }
-            w.u64(m.acked_features);
-            for v in [m.queue_sel, m.config_generation, m.irq_status] {
-                w.u32(v);
-            }
-            w.bool(m.active);
-            w.len(m.queues.len());
-            for q in &m.queues {
-                w.u16(q.max_size);
-                w.u16(q.size);
-                w.bool(q.ready);
-                w.u64(q.desc);
-                w.u64(q.avail);
-                w.u64(q.used);
-            }
+            encode_core(&mut w, m);
             w.len(m.positions.len());
             for (a, u) in &m.positions {
                 w.u16(*a);
@@ -632,29 +611,7 @@ impl MachineState {
                 mmio.push(None);
                 continue;
             }
-            let mut m = MmioState {
-                device_type: r.u32("device type")?,
-                status: r.u32("device status")?,
-                device_features_sel: r.u32("features select")?,
-                driver_features_sel: r.u32("driver features select")?,
-                acked_features: r.u64("acked features")?,
-                queue_sel: r.u32("queue select")?,
-                config_generation: r.u32("config generation")?,
-                irq_status: r.u32("interrupt status")?,
-                active: r.bool("active")?,
-                ..Default::default()
-            };
-            let q = r.len(MAX_QUEUES, "queue count")?;
-            for _ in 0..q {
-                m.queues.push(QueueRegs {
-                    max_size: r.u16("queue max size")?,
-                    size: r.u16("queue size")?,
-                    ready: r.bool("queue ready")?,
-                    desc: r.u64("queue desc")?,
-                    avail: r.u64("queue avail")?,
-                    used: r.u64("queue used")?,
-                });
-            }
+            let mut m = parse_core(r)?;
             let p = r.len(MAX_QUEUES, "position count")?;
             for _ in 0..p {
                 m.positions
@@ -695,23 +652,9 @@ impl MachineState {
     }
 }
 
-fn encode_queue(w: &mut Writer, q: &QueueRegs) {
-    w.u16(q.max_size);
-    w.u16(q.size);
-    w.bool(q.ready);
-    w.u64(q.desc);
-    w.u64(q.avail);
-    w.u64(q.used);
-}
-
-fn encode_card(w: &mut Writer, c: &CardState) {
-    w.u8(c.port);
-    w.bytes(c.id.as_bytes());
-    w.u8(c.kind.code());
-    w.bool(c.read_only);
-    w.raw(&c.cfg[..]);
-    w.bool(c.touched);
-    let m = &c.core;
+/// A virtio device's transport registers and queues: the same layout for a virtio-mmio slot
+/// and a card's virtio-pci common configuration.
+fn encode_core(w: &mut Writer, m: &MmioState) {
     for v in [
         m.device_type,
         m.status,
@@ -729,6 +672,53 @@ fn encode_card(w: &mut Writer, c: &CardState) {
     for q in &m.queues {
         encode_queue(w, q);
     }
+}
+
+/// The reader of [`encode_core`]'s layout (positions and vectors are the caller's).
+fn parse_core(r: &mut Reader<'_>) -> Result<MmioState, StateError> {
+    let mut m = MmioState {
+        device_type: r.u32("device type")?,
+        status: r.u32("device status")?,
+        device_features_sel: r.u32("features select")?,
+        driver_features_sel: r.u32("driver features select")?,
+        acked_features: r.u64("acked features")?,
+        queue_sel: r.u32("queue select")?,
+        config_generation: r.u32("config generation")?,
+        irq_status: r.u32("interrupt status")?,
+        active: r.bool("active")?,
+        ..Default::default()
+    };
+    let q = r.len(MAX_QUEUES, "queue count")?;
+    for _ in 0..q {
+        m.queues.push(QueueRegs {
+            max_size: r.u16("queue max size")?,
+            size: r.u16("queue size")?,
+            ready: r.bool("queue ready")?,
+            desc: r.u64("queue desc")?,
+            avail: r.u64("queue avail")?,
+            used: r.u64("queue used")?,
+        });
+    }
+    Ok(m)
+}
+
+fn encode_queue(w: &mut Writer, q: &QueueRegs) {
+    w.u16(q.max_size);
+    w.u16(q.size);
+    w.bool(q.ready);
+    w.u64(q.desc);
+    w.u64(q.avail);
+    w.u64(q.used);
+}
+
+fn encode_card(w: &mut Writer, c: &CardState) {
+    w.u8(c.port);
+    w.bytes(c.id.as_bytes());
+    w.u8(c.kind.code());
+    w.bool(c.read_only);
+    w.raw(&c.cfg[..]);
+    w.bool(c.touched);
+    encode_core(w, &c.core);
     w.len(c.msix.len());
     for e in &c.msix {
         w.u64(e.address);
@@ -801,34 +791,13 @@ fn parse_card(r: &mut Reader<'_>) -> Result<CardState, StateError> {
     }
     let cfg = r.array("card config space")?;
     let touched = r.bool("card touched")?;
-    let mut core = MmioState {
-        device_type: r.u32("card device type")?,
-        status: r.u32("card status")?,
-        device_features_sel: r.u32("card features select")?,
-        driver_features_sel: r.u32("card driver features select")?,
-        acked_features: r.u64("card acked features")?,
-        queue_sel: r.u32("card queue select")?,
-        config_generation: r.u32("card config generation")?,
-        irq_status: r.u32("card interrupt status")?,
-        active: r.bool("card active")?,
-        ..Default::default()
-    };
+    let core = parse_core(r)?;
     if core.device_type != kind.device_type() {
         return Err(StateError::Malformed("card device type"));
     }
-    let nq = r.len(MAX_QUEUES, "card queue count")?;
+    let nq = core.queues.len();
     if nq == 0 {
         return Err(StateError::Malformed("card queue count"));
-    }
-    for _ in 0..nq {
-        core.queues.push(QueueRegs {
-            max_size: r.u16("card queue max size")?,
-            size: r.u16("card queue size")?,
-            ready: r.bool("card queue ready")?,
-            desc: r.u64("card queue desc")?,
-            avail: r.u64("card queue avail")?,
-            used: r.u64("card queue used")?,
-        });
     }
     let nv = r.len(MAX_VECTORS, "card vector count")?;
     if nv != (nq + 1).min(MAX_VECTORS) {
