@@ -209,3 +209,40 @@ impl Drop for QsdDisk {
         let _ = self.child.wait();
     }
 }
+
+/// Appends what a running hypervisor's console has from `cursor` on to `text` (advancing the
+/// cursor); fails the test if the console ring dropped bytes.
+pub fn read_console(
+    hv: &bulkhead_hypervisor_client::Hypervisor,
+    cursor: &mut u64,
+    text: &mut String,
+) {
+    use bulkhead_channel::{Command, Reply};
+    loop {
+        let r = hv.channel().call(
+            Command::ReadConsole {
+                cursor: *cursor,
+                max: 32 * 1024,
+            },
+            None,
+        );
+        let Ok(Reply::Console { data, next, lost }) = r else {
+            panic!("console read: {r:?}");
+        };
+        assert_eq!(lost, 0, "the console ring dropped bytes");
+        text.push_str(&String::from_utf8_lossy(&data));
+        *cursor = next;
+        if data.is_empty() {
+            return;
+        }
+    }
+}
+
+/// The number after `prefix` on the last console line that starts with it (a guest's counter),
+/// 0 before the first.
+pub fn last_number(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(prefix)?.split(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}

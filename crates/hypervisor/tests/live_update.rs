@@ -42,33 +42,12 @@ struct Guest {
 impl Guest {
     /// Reads what the console has; fails the test if the ring dropped bytes.
     fn drain(&mut self) {
-        loop {
-            let r = self.hv.channel().call(
-                Command::ReadConsole {
-                    cursor: self.cursor,
-                    max: 32 * 1024,
-                },
-                None,
-            );
-            let Ok(Reply::Console { data, next, lost }) = r else {
-                panic!("console read: {r:?}");
-            };
-            assert_eq!(lost, 0, "the console ring dropped bytes");
-            self.text.push_str(&String::from_utf8_lossy(&data));
-            self.cursor = next;
-            if data.is_empty() {
-                return;
-            }
-        }
+        read_console(&self.hv, &mut self.cursor, &mut self.text);
     }
 
     /// The last counter value printed.
     fn last_count(&self) -> u64 {
-        self.text
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("C=")?.split(' ').next()?.parse().ok())
-            .unwrap_or(0)
+        last_number(&self.text, "C=")
     }
 
     /// Waits until the counter passed `n` more values.

@@ -155,33 +155,12 @@ struct Console {
 
 impl Console {
     fn drain(&mut self, hv: &Hypervisor) {
-        loop {
-            let r = hv.channel().call(
-                Command::ReadConsole {
-                    cursor: self.cursor,
-                    max: 32 * 1024,
-                },
-                None,
-            );
-            let Ok(Reply::Console { data, next, lost }) = r else {
-                panic!("console read: {r:?}");
-            };
-            assert_eq!(lost, 0, "the console ring dropped bytes");
-            self.text.push_str(&String::from_utf8_lossy(&data));
-            self.cursor = next;
-            if data.is_empty() {
-                return;
-            }
-        }
+        read_console(hv, &mut self.cursor, &mut self.text);
     }
 
     /// The last write-and-read-back the guest reported.
     fn last(&self) -> u64 {
-        self.text
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("W=")?.split(' ').next()?.parse().ok())
-            .unwrap_or(0)
+        last_number(&self.text, "W=")
     }
 
     /// Waits until the guest reported `more` further round trips.
