@@ -117,11 +117,7 @@ pub(crate) struct SealedHosts {
 
 fn random_nonce() -> Result<[u8; 32], ControlError> {
     let mut n = [0u8; 32];
-    // SAFETY: getrandom writes at most n.len() bytes into n, which outlives the call.
-    let r = unsafe { libc::getrandom(n.as_mut_ptr().cast(), n.len(), 0) };
-    if usize::try_from(r).ok() != Some(n.len()) {
-        return Err(ControlError::Internal);
-    }
+    bulkhead_sealing::fill_random(&mut n).map_err(|_| ControlError::Internal)?;
     Ok(n)
 }
 
