@@ -60,6 +60,11 @@ enum Cmd {
         #[arg(long)]
         run_as: Option<String>,
     },
+    /// Check that this binary can run guests on this host: its seccomp filters load, /dev/kvm
+    /// opens with the expected API, a VM with an in-kernel irqchip, PIT and one vCPU can be
+    /// created, and the capabilities the hypervisor relies on are there. Exit 0 or 1. Run by
+    /// the controller on a new release before any guest moves to it.
+    SelfTest,
 }
 
 #[derive(Args)]
@@ -198,6 +203,55 @@ fn self_test() -> ExitCode {
     }
 }
 
+/// The KVM capabilities every VM this hypervisor builds relies on.
+const REQUIRED_CAPS: &[(kvm_ioctls::Cap, &str)] = &[
+    (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (kvm_ioctls::Cap::Pit2, "KVM_CAP_PIT2"),
+    (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (kvm_ioctls::Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (kvm_ioctls::Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (kvm_ioctls::Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (kvm_ioctls::Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+];
+
+/// `bulkhead-hypervisor self-test`: see [`Cmd::SelfTest`].
+fn release_self_test() -> ExitCode {
+    let fail = |what: &str| {
+        eprintln!("bulkhead-hypervisor: self-test failed: {what}");
+        ExitCode::FAILURE
+    };
+    if let Err(e) = bulkhead_harden::self_test(sandbox::FILTERS) {
+        return fail(&format!("seccomp filters: {e}"));
+    }
+    let kvm = match kvm_ioctls::Kvm::new() {
+        Ok(k) => k,
+        Err(e) => return fail(&format!("open /dev/kvm: {e}")),
+    };
+    if kvm.get_api_version() != 12 {
+        return fail("KVM API version is not 12");
+    }
+    for (cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(*cap) {
+            return fail(&format!("{name} missing"));
+        }
+    }
+    let vm = match kvm.create_vm() {
+        Ok(v) => v,
+        Err(e) => return fail(&format!("KVM_CREATE_VM: {e}")),
+    };
+    if let Err(e) = vm.create_irq_chip() {
+        return fail(&format!("KVM_CREATE_IRQCHIP: {e}"));
+    }
+    if let Err(e) = vm.create_vcpu(0) {
+        return fail(&format!("KVM_CREATE_VCPU: {e}"));
+    }
+    println!(
+        "bulkhead-hypervisor {}: self-test ok",
+        env!("CARGO_PKG_VERSION")
+    );
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("--self-test") {
         return self_test();
@@ -222,6 +276,7 @@ fn main() -> ExitCode {
             handover_fd,
             run_as,
         } => incoming(channel_fd, handover_fd, run_as).map(|_| ExitCode::SUCCESS),
+        Cmd::SelfTest => Ok(release_self_test()),
     };
     result.unwrap_or_else(|e| {
         eprintln!("bulkhead-hypervisor: {e}");
