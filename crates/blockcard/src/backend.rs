@@ -8,6 +8,7 @@ use crate::metrics::BlkMetrics;
 use crate::request::{self, BlkOp, BlkRequest, DiskLimits, Extent, GuestBuf, Sector, SectorCount};
 use crate::store::{AlignedBuf, Backing, StoreError};
 use crate::xts::{CryptoSectorSize, XtsCipher, XtsError};
+use bulkhead_sealing::VolumeKey;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
 };
@@ -118,6 +119,8 @@ pub struct BlockBackend {
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     config: Vec<u8>,
+    /// The volume key kept for a card update (`None` for a plain volume).
+    retained: Mutex<Option<VolumeKey>>,
 }
 
 /// A parsed request handed to a queue's workers.
@@ -138,6 +141,8 @@ struct Counts {
     mutating: usize,
     /// Threads waiting in `wait_mutating_done` / `wait_idle` (only they need a wake-up).
     waiters: usize,
+    /// Queue threads inside `handle_event` (taking chains from the avail ring).
+    processing: usize,
 }
 
 #[derive(Default)]
@@ -235,6 +240,36 @@ impl QueuePool {
         }
     }
 
+    /// Marks the queue thread as taking chains; `false` (nothing marked) if the ring was
+    /// stopped, so nothing may be taken from it any more.
+    fn begin_processing(&self, vring: &VringRwLock) -> bool {
+        lock(&self.counts).processing += 1;
+        if vring.get_ref().get_queue().ready() {
+            return true;
+        }
+        self.end_processing();
+        false
+    }
+
+    fn end_processing(&self) {
+        let mut c = lock(&self.counts);
+        c.processing = c.processing.saturating_sub(1);
+        if c.waiters > 0 {
+            self.counts_cv.notify_all();
+        }
+    }
+
+    /// Blocks until no queue thread is taking chains and nothing is in flight: every chain
+    /// taken from the avail ring is in the used ring.
+    fn wait_drained(&self) {
+        let mut c = lock(&self.counts);
+        while c.inflight > 0 || c.processing > 0 {
+            c.waiters += 1;
+            c = wait(&self.counts_cv, c);
+            c.waiters = c.waiters.saturating_sub(1);
+        }
+    }
+
     /// Blocks until nothing is in flight.
     fn wait_idle(&self) {
         let mut c = lock(&self.counts);
@@ -311,6 +346,7 @@ impl BlockBackend {
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             config,
+            retained: Mutex::new(None),
         })
     }
 
@@ -338,12 +374,25 @@ impl BlockBackend {
     }
 
     /// Drops every cipher context: each one's locked key page is zeroized, verified and unmapped
-    /// (counted in [`crate::xts::key_pages_wiped`]). Waits for the request each worker is running
-    /// to finish first.
+    /// (counted in [`crate::xts::key_pages_wiped`]), and the retained volume key (see
+    /// [`BlockBackend::retain_key`]). Waits for the request each worker is running to finish
+    /// first.
     pub fn erase_keys(&self) {
         for w in self.pools.iter().flat_map(|p| p.workers.iter()) {
             lock(w).cipher = CipherState::Erased;
         }
+        drop(lock(&self.retained).take());
+    }
+
+    /// Keeps the volume key (in its locked, non-dumpable page) for a card update, which hands
+    /// it to the successor card ([`crate::handover`]). Dropped (zeroized) by `erase_keys`.
+    pub fn retain_key(&self, key: Option<VolumeKey>) {
+        *lock(&self.retained) = key;
+    }
+
+    /// Runs `f` on the retained key (`None`: unencrypted volume or erased).
+    pub fn with_key<R>(&self, f: impl FnOnce(Option<&VolumeKey>) -> R) -> R {
+        f(lock(&self.retained).as_ref())
     }
 
     /// The volume.
@@ -801,6 +850,20 @@ impl VhostUserBackend for BlockBackend {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
+    /// GET_VRING_BASE (the frontend stops the ring; the vhost-user crate has already marked it
+    /// not ready and stopped watching its kick): waits until every chain this card took from
+    /// the ring is completed into the used ring, so the base it answers equals the used index
+    /// and no completion arrives after it — the next backend (a card update) resumes exactly
+    /// there.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let pool = usize::try_from(queue_index)
+            .ok()
+            .and_then(|i| self.pools.get(i))
+            .ok_or_else(|| io::Error::other("stop for an unknown queue"))?;
+        pool.wait_drained();
+        Ok(())
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.pools.len()).map(|i| 1u64 << i).collect()
     }
@@ -819,6 +882,18 @@ impl VhostUserBackend for BlockBackend {
         let (Some(vring), Some(pool)) = (vrings.get(idx), self.pools.get(idx)) else {
             return Err(io::Error::other("event for an unknown queue"));
         };
+        // A ring being stopped (GET_VRING_BASE) is left alone; `stop_vring` waits for this.
+        if !pool.begin_processing(vring) {
+            return Ok(());
+        }
+        let r = self.take_chains(vring, pool);
+        pool.end_processing();
+        r
+    }
+}
+
+impl BlockBackend {
+    fn take_chains(&self, vring: &VringRwLock, pool: &QueuePool) -> io::Result<()> {
         // Completions are put in the used ring (and signalled) by whoever finishes a request:
         // this thread for rejected chains and lone requests, a worker otherwise.
         if self.event_idx.load(Ordering::Relaxed) {

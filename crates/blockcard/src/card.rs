@@ -13,8 +13,10 @@
 
 use crate::backend::{BlockBackend, CipherState, QueueWorker, Volume, IO_LANES, MAX_QUEUES};
 use crate::control::{
-    self, AttachSpec, ControlError, ControlRequest, ControlResponse, ErrorCode, KeySource,
+    self, AttachSpec, ControlError, ControlRequest, ControlResponse, CryptoSectorSize, ErrorCode,
+    KeySource, VolumeId,
 };
+use crate::handover::{self, HandoverError, RefusalReason, VolumeState};
 use crate::metrics::BlkMetrics;
 use crate::nbd::{NbdClient, NbdConfig};
 use crate::request::{DiskLimits, SectorCount, ID_LEN};
@@ -22,13 +24,16 @@ use crate::sandbox::{self, SandboxError};
 use crate::store::{Backing, StoreError};
 use crate::xts::{XtsCipher, XtsError};
 use bulkhead_sealing::{fill_random, open_volume_key, HostKey, SealingError, VolumeKey};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tracing::{error, info, warn};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Start-up configuration (from the command line).
 #[derive(Debug, Clone)]
@@ -41,6 +46,9 @@ pub struct CardConfig {
     pub queues: u16,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// Card update: instead of waiting for `Attach`, take the volume state (key included) from
+    /// the card being replaced over this inherited socketpair end ([`crate::handover`]).
+    pub receive_state_fd: Option<RawFd>,
 }
 
 /// Where the volume lives.
@@ -72,6 +80,8 @@ pub enum CardError {
     Control(#[from] ControlError),
     #[error("queues must be 1..={MAX_QUEUES}")]
     Queues,
+    #[error("receiving the volume state: {0}")]
+    Receive(#[from] HandoverError),
 }
 
 /// Why an attach was refused (sent back as the error message).
@@ -117,25 +127,10 @@ fn err_resp(code: ErrorCode, message: String) -> ControlResponse {
     ControlResponse::Error { code, message }
 }
 
-/// Keys one cipher state per I/O lane (`queues * IO_LANES`) from the attach request.
-fn key_queues(
-    spec: &AttachSpec,
-    host: Option<&HostKey>,
-    queues: u16,
-) -> Result<(Vec<CipherState>, bool), AttachError> {
-    let lanes = usize::from(queues) * IO_LANES;
-    let make = |key: &VolumeKey| -> Result<Vec<CipherState>, AttachError> {
-        (0..lanes)
-            .map(|_| {
-                Ok(CipherState::Xts(Box::new(XtsCipher::new(
-                    key.as_ref(),
-                    spec.sector_size,
-                )?)))
-            })
-            .collect()
-    };
+/// The volume key an attach asks for (`None`: a plain volume), in a locked page.
+fn attach_key(spec: &AttachSpec, host: Option<&HostKey>) -> Result<Option<VolumeKey>, AttachError> {
     match &spec.key {
-        KeySource::Plain => Ok(((0..lanes).map(|_| CipherState::Plain).collect(), false)),
+        KeySource::Plain => Ok(None),
         KeySource::Ephemeral => {
             let mut key = VolumeKey::new().map_err(SealingError::from)?;
             loop {
@@ -144,19 +139,85 @@ fn key_queues(
                     break;
                 }
             }
-            Ok((make(&key)?, true))
+            Ok(Some(key))
         }
         KeySource::Sealed(blob) => {
             let host = host.ok_or(AttachError::NoHostKey)?;
-            let key = open_volume_key(host, spec.volume_id.as_str(), &blob[..])?;
-            Ok((make(&key)?, true))
+            Ok(Some(open_volume_key(
+                host,
+                spec.volume_id.as_str(),
+                &blob[..],
+            )?))
         }
     }
 }
 
+/// Keys one cipher state per I/O lane (`queues * IO_LANES`).
+fn key_queues(
+    key: Option<&VolumeKey>,
+    sector: CryptoSectorSize,
+    queues: u16,
+) -> Result<Vec<CipherState>, XtsError> {
+    let lanes = usize::from(queues) * IO_LANES;
+    (0..lanes)
+        .map(|_| match key {
+            None => Ok(CipherState::Plain),
+            Some(k) => Ok(CipherState::Xts(Box::new(XtsCipher::new(
+                k.as_ref(),
+                sector,
+            )?))),
+        })
+        .collect()
+}
+
+/// What a card update hands on besides the key (fixed at attach).
+#[derive(Clone, Debug)]
+struct VolumeInfo {
+    volume_id: VolumeId,
+    sector: CryptoSectorSize,
+    capacity_sectors: u64,
+    read_only: bool,
+    encrypted: bool,
+}
+
+/// Builds the backend for a keyed volume; the key is retained for a later card update.
+fn build_backend(
+    cfg: &CardConfig,
+    st: Backing,
+    info: &VolumeInfo,
+    key: Option<VolumeKey>,
+    metrics: &Arc<BlkMetrics>,
+) -> Result<Arc<BlockBackend>, CardError> {
+    let ciphers = key_queues(key.as_ref(), info.sector, cfg.queues)
+        .map_err(|e| CardError::Vhost(format!("cipher setup: {e}")))?;
+    let mut workers = Vec::with_capacity(ciphers.len());
+    for c in ciphers {
+        workers.push(QueueWorker::new(c)?);
+    }
+    let mut serial = [0u8; ID_LEN];
+    for (d, s) in serial.iter_mut().zip(info.volume_id.as_str().bytes()) {
+        *d = s;
+    }
+    let sector = info.sector.bytes();
+    let vol = Volume {
+        store: st,
+        limits: DiskLimits {
+            capacity: SectorCount(info.capacity_sectors),
+            align: sector / 512,
+            read_only: info.read_only,
+        },
+        sector: info.sector,
+        serial,
+    };
+    let backend = Arc::new(BlockBackend::new(Arc::new(vol), workers, metrics.clone())?);
+    backend.retain_key(key);
+    Ok(backend)
+}
+
 struct Attached {
-    stream: UnixStream,
+    stream: Option<UnixStream>,
     backend: Arc<BlockBackend>,
+    info: VolumeInfo,
 }
 
 fn wait_for_attach(
@@ -204,7 +265,7 @@ fn wait_for_attach(
                         break;
                     }
                 }
-                ControlRequest::Detach => {
+                ControlRequest::Detach | ControlRequest::HandOver => {
                     if respond(
                         &mut stream,
                         &err_resp(ErrorCode::NotAttached, "no volume attached".into()),
@@ -233,7 +294,7 @@ fn wait_for_attach(
                         }
                         continue;
                     }
-                    match key_queues(&spec, host.as_ref(), cfg.queues) {
+                    match attach_key(&spec, host.as_ref()) {
                         Err(e) => {
                             warn!(volume = spec.volume_id.as_str(), error = %e, "attach refused");
                             store = Some(st);
@@ -243,25 +304,14 @@ fn wait_for_attach(
                                 break;
                             }
                         }
-                        Ok((ciphers, encrypted)) => {
-                            let mut workers = Vec::with_capacity(ciphers.len());
-                            for c in ciphers {
-                                workers.push(QueueWorker::new(c)?);
-                            }
-                            let mut serial = [0u8; ID_LEN];
-                            for (d, s) in serial.iter_mut().zip(spec.volume_id.as_str().bytes()) {
-                                *d = s;
-                            }
-                            let store_read_only = st.read_only();
-                            let vol = Volume {
-                                store: st,
-                                limits: DiskLimits {
-                                    capacity: SectorCount(whole / 512),
-                                    align: sector / 512,
-                                    read_only: cfg.read_only || store_read_only,
-                                },
+                        Ok(key) => {
+                            let encrypted = key.is_some();
+                            let info = VolumeInfo {
+                                volume_id: spec.volume_id.clone(),
                                 sector: spec.sector_size,
-                                serial,
+                                capacity_sectors: whole / 512,
+                                read_only: cfg.read_only || st.read_only(),
+                                encrypted,
                             };
                             info!(
                                 volume = spec.volume_id.as_str(),
@@ -271,30 +321,95 @@ fn wait_for_attach(
                                 queues = cfg.queues,
                                 "volume keyed"
                             );
-                            let backend = Arc::new(BlockBackend::new(
-                                Arc::new(vol),
-                                workers,
-                                metrics.clone(),
-                            )?);
+                            let backend = build_backend(cfg, st, &info, key, metrics)?;
                             // The host key is zeroized here: one card serves one volume.
                             drop(host);
-                            let capacity = whole / 512;
                             lock_down(cfg)?;
                             // If the controller is gone, it reconnects and sees `AlreadyAttached`.
                             let _ = respond(
                                 &mut stream,
                                 &ControlResponse::Attached {
-                                    capacity_sectors: capacity,
+                                    capacity_sectors: info.capacity_sectors,
                                     encrypted,
                                 },
                             );
-                            return Ok(Attached { stream, backend });
+                            return Ok(Attached {
+                                stream: Some(stream),
+                                backend,
+                                info,
+                            });
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// Card update, the new card's side: takes the volume state from the card it replaces, checks
+/// it against its own backing store, keys itself, locks down, and answers `Taken` (or
+/// `Refused`, and the start fails).
+fn receive_state(
+    cfg: &CardConfig,
+    fd: RawFd,
+    store: Backing,
+    metrics: &Arc<BlkMetrics>,
+) -> Result<Attached, CardError> {
+    // SAFETY: the fd was handed to this process at start (`--receive-state-fd`) for this use
+    // only; nothing else in the process owns or closes it.
+    let mut sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let body = handover::read_frame(&mut sock)?;
+    let refuse = |sock: &mut UnixStream, why: RefusalReason| {
+        let _ = handover::write_frame(sock, &handover::Reply::Refused(why).encode());
+    };
+    let st = match VolumeState::parse(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            refuse(&mut sock, RefusalReason::Malformed);
+            return Err(e.into());
+        }
+    };
+    drop(body);
+    let sector = st.sector_size.bytes();
+    let whole = store.size_bytes() / sector * sector;
+    let read_only = cfg.read_only || store.read_only();
+    if whole / 512 != st.capacity_sectors || read_only != st.read_only {
+        warn!(
+            volume = st.volume_id.as_str(),
+            theirs = st.capacity_sectors,
+            ours = whole / 512,
+            "card update refused: another volume geometry"
+        );
+        refuse(&mut sock, RefusalReason::Geometry);
+        return Err(HandoverError::Refused(RefusalReason::Geometry).into());
+    }
+    let info = VolumeInfo {
+        volume_id: st.volume_id.clone(),
+        sector: st.sector_size,
+        capacity_sectors: st.capacity_sectors,
+        read_only,
+        encrypted: st.key.is_some(),
+    };
+    let backend = match build_backend(cfg, store, &info, st.key, metrics) {
+        Ok(b) => b,
+        Err(e) => {
+            refuse(&mut sock, RefusalReason::Cipher);
+            return Err(e);
+        }
+    };
+    lock_down(cfg)?;
+    handover::write_frame(&mut sock, &handover::Reply::Taken.encode())?;
+    info!(
+        volume = info.volume_id.as_str(),
+        encrypted = info.encrypted,
+        sectors = info.capacity_sectors,
+        "volume state taken over from the previous card"
+    );
+    Ok(Attached {
+        stream: None,
+        backend,
+        info,
+    })
 }
 
 fn lock_down(cfg: &CardConfig) -> Result<(), CardError> {
@@ -314,20 +429,98 @@ fn metrics_list(m: &BlkMetrics) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// One control frame body and the fd that rode on its first byte, if any.
+type FrameWithFd = (Vec<u8>, Option<OwnedFd>);
+
+/// Reads one control frame and the fd that may ride on its first byte (`HandOver`).
+fn read_frame_with_fd(stream: &mut UnixStream) -> Result<Option<FrameWithFd>, ControlError> {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    let (n, file) = loop {
+        match stream.recv_with_fd(&mut len) {
+            Ok(r) => break r,
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => {
+                return Err(ControlError::Io(std::io::Error::from_raw_os_error(
+                    e.errno(),
+                )))
+            }
+        }
+    };
+    let fd = file.map(OwnedFd::from);
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut got = n;
+    while got < 4 {
+        let slot = len.get_mut(got..).ok_or(ControlError::Truncated)?;
+        match stream.read(slot) {
+            Ok(0) => return Err(ControlError::Truncated),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ControlError::Io(e)),
+        }
+    }
+    let size = u32::from_le_bytes(len);
+    if size == 0 || size > control::MAX_FRAME {
+        return Err(ControlError::FrameSize(size));
+    }
+    let mut body = vec![0u8; usize::try_from(size).map_err(|_| ControlError::FrameSize(size))?];
+    stream.read_exact(&mut body).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ControlError::Truncated
+        } else {
+            ControlError::Io(e)
+        }
+    })?;
+    Ok(Some((body, fd)))
+}
+
+/// `HandOver`: sends the volume state (key included) to the card at the other end of `fd`.
+fn hand_over(
+    backend: &BlockBackend,
+    info: &VolumeInfo,
+    fd: Option<OwnedFd>,
+) -> Result<(), HandoverError> {
+    let fd = fd.ok_or(HandoverError::Closed)?;
+    let mut sock = UnixStream::from(fd);
+    backend.with_key(|key| {
+        let key = match (info.encrypted, key) {
+            (false, _) => None,
+            (true, Some(k)) => {
+                let mut copy = VolumeKey::new().map_err(SealingError::from)?;
+                copy.as_mut().copy_from_slice(k.as_ref());
+                Some(copy)
+            }
+            (true, None) => return Err(HandoverError::Closed),
+        };
+        let st = VolumeState {
+            volume_id: info.volume_id.clone(),
+            sector_size: info.sector,
+            key,
+            capacity_sectors: info.capacity_sectors,
+            read_only: info.read_only,
+        };
+        handover::send_state(&mut sock, &st)
+    })
+}
+
 fn serve_attached(
     control: UnixListener,
-    first: UnixStream,
+    first: Option<UnixStream>,
     backend: Arc<BlockBackend>,
+    info: VolumeInfo,
     metrics: Arc<BlkMetrics>,
+    handed_over: Arc<AtomicBool>,
 ) {
     let mut stream = first;
     loop {
-        loop {
-            let body = match control::read_frame(&mut stream) {
+        while let Some(s) = stream.as_mut() {
+            let (body, fd) = match read_frame_with_fd(s) {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = respond(&mut stream, &err_resp(ErrorCode::BadRequest, e.to_string()));
+                    let _ = respond(s, &err_resp(ErrorCode::BadRequest, e.to_string()));
                     break;
                 }
             };
@@ -338,6 +531,20 @@ fn serve_attached(
                     ErrorCode::AlreadyAttached,
                     "a volume is already attached".into(),
                 ),
+                Ok(ControlRequest::HandOver) => match hand_over(&backend, &info, fd) {
+                    Ok(()) => {
+                        handed_over.store(true, Ordering::SeqCst);
+                        info!(
+                            volume = info.volume_id.as_str(),
+                            "volume state handed to the next card; exiting once the frontend leaves"
+                        );
+                        ControlResponse::HandedOver
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "card update: hand-over failed; still serving");
+                        err_resp(ErrorCode::Internal, format!("hand-over failed: {e}"))
+                    }
+                },
                 Ok(ControlRequest::Detach) => {
                     backend.erase_keys();
                     if let Err(e) = backend.volume().store.flush() {
@@ -347,16 +554,16 @@ fn serve_attached(
                         key_pages_wiped = crate::xts::key_pages_wiped(),
                         "keys erased; detached"
                     );
-                    let _ = respond(&mut stream, &ControlResponse::Detached);
+                    let _ = respond(s, &ControlResponse::Detached);
                     std::process::exit(0);
                 }
             };
-            if respond(&mut stream, &resp).is_err() {
+            if respond(s, &resp).is_err() {
                 break;
             }
         }
         match control.accept() {
-            Ok((s, _)) => stream = s,
+            Ok((s, _)) => stream = Some(s),
             Err(e) => {
                 error!(error = %e, "control accept failed");
                 std::thread::sleep(std::time::Duration::from_millis(100));
@@ -397,7 +604,14 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
         .map_err(|e| CardError::Vhost(e.to_string()))?;
     info!(control = %cfg.control_socket.display(), vhost = %cfg.vhost_socket.display(), "waiting for attach");
 
-    let attached = wait_for_attach(&cfg, &control, host, store, &metrics)?;
+    let attached = match cfg.receive_state_fd {
+        Some(fd) => {
+            drop(host);
+            receive_state(&cfg, fd, store, &metrics)?
+        }
+        None => wait_for_attach(&cfg, &control, host, store, &metrics)?,
+    };
+    let handed_over = Arc::new(AtomicBool::new(false));
     let backend = attached.backend.clone();
     // From here SIGTERM/SIGINT/SIGHUP are blocked in every thread (no other thread exists yet)
     // and taken by one waiter thread, so a terminated card zeroizes its keys before it exits.
@@ -429,9 +643,19 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
     {
         let backend = backend.clone();
         let metrics = metrics.clone();
+        let handed_over = handed_over.clone();
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || serve_attached(control, attached.stream, backend, metrics))
+            .spawn(move || {
+                serve_attached(
+                    control,
+                    attached.stream,
+                    backend,
+                    attached.info,
+                    metrics,
+                    handed_over,
+                )
+            })
             .map_err(|e| CardError::Vhost(e.to_string()))?;
     }
 
@@ -453,6 +677,19 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
         match res {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => info!(reason = %e, "frontend disconnected"),
+        }
+        if handed_over.load(Ordering::SeqCst) {
+            // Card update: the hypervisor moved to the next card (it stopped this card's rings
+            // first, so every request this card took is completed). Erase and leave.
+            backend.erase_keys();
+            if let Err(e) = backend.volume().store.flush() {
+                error!(error = %e, "flush after the hand-over failed");
+            }
+            info!(
+                key_pages_wiped = crate::xts::key_pages_wiped(),
+                "card update complete: keys erased, exiting"
+            );
+            std::process::exit(0);
         }
     }
 }

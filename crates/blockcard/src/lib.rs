@@ -6,6 +6,7 @@ pub mod card;
 pub mod control;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod handover;
 pub mod metrics;
 pub mod nbd;
 pub mod request;

@@ -52,6 +52,10 @@ struct Args {
     /// Group to drop to after start-up (required when started as root).
     #[arg(long)]
     gid: Option<u32>,
+    /// Card update: an inherited socketpair end on which the card being replaced sends the
+    /// volume state (key included); the card then serves without an `Attach`.
+    #[arg(long)]
+    receive_state_fd: Option<i32>,
 }
 
 /// `--self-test`, run by the host's measured start before it takes customer work: every seccomp
@@ -95,6 +99,7 @@ fn main() {
         queues: args.queues,
         uid: args.uid,
         gid: args.gid,
+        receive_state_fd: args.receive_state_fd,
     };
     if let Err(e) = card::run(cfg) {
         tracing::error!(error = %e, "block card failed");

@@ -13,10 +13,16 @@
 //!   and for sealed: `blob_len: u16 LE` (= 126) + the sealed blob (`bulkhead-sealing`).
 //! * `0x02 Detach`: empty. The card zeroizes the key, answers, and exits.
 //! * `0x03 GetMetrics`: empty.
+//! * `0x04 HandOver`: empty; one end of a socketpair rides beside the frame (SCM_RIGHTS, on
+//!   the frame's first byte). An attached card sends its volume state (key included) to the
+//!   card at the other end (card update, `bulkhead-blockcard`'s `handover` module), answers
+//!   `HandedOver` once that card has keyed itself, and from then on zeroizes its key and exits
+//!   as soon as its vhost-user frontend leaves. The controller only passes the fd.
 //!
 //! Responses (card -> controller):
 //! * `0x81 Attached`: `capacity: u64 LE` (512-byte sectors), `encrypted: u8` (0/1).
 //! * `0x82 Detached`: empty.
+//! * `0x84 HandedOver`: empty.
 //! * `0x83 Metrics`: `count: u8`, then `count` x (`name_len: u8`, name ASCII, `value: u64 LE`).
 //! * `0xFF Error`: `code: u16 LE` ([`ErrorCode`]), `msg_len: u8`, message (UTF-8).
 
@@ -76,9 +82,11 @@ mod kind {
     pub const ATTACH: u8 = 0x01;
     pub const DETACH: u8 = 0x02;
     pub const GET_METRICS: u8 = 0x03;
+    pub const HAND_OVER: u8 = 0x04;
     pub const ATTACHED: u8 = 0x81;
     pub const DETACHED: u8 = 0x82;
     pub const METRICS: u8 = 0x83;
+    pub const HANDED_OVER: u8 = 0x84;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -170,6 +178,9 @@ pub enum ControlRequest {
     Attach(AttachSpec),
     Detach,
     GetMetrics,
+    /// Card update: send the volume state to the card at the other end of the socketpair
+    /// that rides beside this frame.
+    HandOver,
 }
 
 /// Error codes carried in [`ControlResponse::Error`].
@@ -216,6 +227,8 @@ pub enum ControlResponse {
     },
     Detached,
     Metrics(Vec<(String, u64)>),
+    /// The new card took the volume state; this card exits once its frontend has left.
+    HandedOver,
     Error {
         code: ErrorCode,
         message: String,
@@ -325,6 +338,7 @@ impl ControlRequest {
             }
             kind::DETACH => Self::Detach,
             kind::GET_METRICS => Self::GetMetrics,
+            kind::HAND_OVER => Self::HandOver,
             other => return Err(ControlError::UnknownKind(other)),
         };
         c.finish()?;
@@ -351,6 +365,7 @@ impl ControlRequest {
             }
             Self::Detach => out.push(kind::DETACH),
             Self::GetMetrics => out.push(kind::GET_METRICS),
+            Self::HandOver => out.push(kind::HAND_OVER),
         }
         out
     }
@@ -377,6 +392,7 @@ impl ControlResponse {
                 }
             }
             kind::DETACHED => Self::Detached,
+            kind::HANDED_OVER => Self::HandedOver,
             kind::METRICS => {
                 let n = usize::from(c.u8()?);
                 if n > MAX_METRICS {
@@ -417,6 +433,7 @@ impl ControlResponse {
                 out.push(u8::from(*encrypted));
             }
             Self::Detached => out.push(kind::DETACHED),
+            Self::HandedOver => out.push(kind::HANDED_OVER),
             Self::Metrics(v) => {
                 out.push(kind::METRICS);
                 let n = v.len().min(MAX_METRICS);
@@ -480,6 +497,19 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> Result<(), ControlError> 
     Ok(())
 }
 
+/// One whole frame (length prefix and body) for `body`, for a sender that must put it in one
+/// `sendmsg` (`HandOver`, whose fd rides on the frame's first byte).
+pub fn frame(body: &[u8]) -> Result<Vec<u8>, ControlError> {
+    let n = u32::try_from(body.len()).map_err(|_| ControlError::FrameSize(u32::MAX))?;
+    if n == 0 || n > MAX_FRAME {
+        return Err(ControlError::FrameSize(n));
+    }
+    let mut frame = Vec::with_capacity(body.len() + 4);
+    frame.extend_from_slice(&n.to_le_bytes());
+    frame.extend_from_slice(body);
+    Ok(frame)
+}
+
 /// Sends a request and reads the response (the controller's side; also used by tests).
 pub fn call(
     stream: &mut (impl Read + Write),
@@ -510,6 +540,7 @@ mod tests {
             attach(KeySource::Sealed(Box::new([7u8; SEALED_BLOB_LEN]))),
             ControlRequest::Detach,
             ControlRequest::GetMetrics,
+            ControlRequest::HandOver,
         ] {
             assert_eq!(ControlRequest::parse(&r.encode()).expect("parse"), r);
         }
@@ -523,6 +554,7 @@ mod tests {
                 encrypted: true,
             },
             ControlResponse::Detached,
+            ControlResponse::HandedOver,
             ControlResponse::Metrics(vec![("reads".into(), 3), ("io_errors".into(), 0)]),
             ControlResponse::Error {
                 code: ErrorCode::KeyRefused,
