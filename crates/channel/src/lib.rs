@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 /// Version 3: `AttachNet`/`DetachNet`, `VmStats::net_devices`, `CommandError::WrongDeviceKind`;
 /// later additions at the end of each enum (a peer that lacks them refuses them as
 /// [`DecodeError::Body`], nothing else changes): `ReconnectNet`, `LiveUpdate` with
-/// `Reply::Updated` and `CommandError::LiveUpdate`.
+/// `Reply::Updated` and `CommandError::LiveUpdate`, `ReplaceBlock`.
 pub const VERSION: u16 = 3;
 /// Largest body accepted, in bytes. Console reads are capped well below it.
 pub const MAX_FRAME: u32 = 64 * 1024;
@@ -153,6 +153,16 @@ pub enum Command {
     /// this process still runs the guest (resumed if it was running) and the new process
     /// never ran it. Answered within seconds, not a long operation.
     LiveUpdate,
+    /// Card update: move block device `id` from its running card to the new card whose
+    /// connected vhost-user socket travels as SCM_RIGHTS, with no reset or hot-plug event in
+    /// the guest. The new card must show the same capacity and queue count and offer every
+    /// feature the guest acked ([`BackendFailure::IdentityMismatch`] /
+    /// [`BackendFailure::FeatureMismatch`] otherwise: nothing changes). The old card's rings
+    /// are stopped (GET_VRING_BASE, which a block card answers only once every request it
+    /// took is completed), the new card resumes each at the position the old one gave, and
+    /// the old connection is closed. A new card that fails to take the rings leaves the
+    /// device on the old card, resumed where it stopped. Answered with [`Reply::Done`].
+    ReplaceBlock { id: DeviceId },
 }
 
 impl Command {
@@ -164,6 +174,7 @@ impl Command {
                 | Command::AttachNet { .. }
                 | Command::ReconnectNet { .. }
                 | Command::LiveUpdate
+                | Command::ReplaceBlock { .. }
         )
     }
 
@@ -186,7 +197,8 @@ impl Command {
             | Command::DetachBlock { id }
             | Command::AttachNet { id }
             | Command::DetachNet { id }
-            | Command::ReconnectNet { id } => Some(id),
+            | Command::ReconnectNet { id }
+            | Command::ReplaceBlock { id } => Some(id),
             _ => None,
         }
     }
@@ -800,6 +812,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn replace_block_carries_an_fd_is_short_and_is_the_last_tag() {
+        let id = DeviceId::new("vol-1").expect("valid id");
+        let c = Command::ReplaceBlock { id: id.clone() };
+        assert!(c.wants_fd() && !c.is_long());
+        assert_eq!(c.device(), Some(&id));
+        // Added at the end: ReplaceBlock is tag 13 (after LiveUpdate, 12).
+        let body = postcard::to_stdvec(&req(c.clone())).expect("encode");
+        let head = postcard::to_stdvec(&(VERSION, 7u64)).expect("encode");
+        assert_eq!(body.get(head.len()), Some(&13u8));
+        assert_eq!(Request::parse_body(&body).map(|r| r.command), Ok(c));
+        // Its id is checked like every other.
+        let mut bad = head.clone();
+        bad.push(13);
+        bad.extend(postcard::to_stdvec("VOL 1").expect("encode"));
+        assert_eq!(Request::parse_body(&bad), Err(DecodeError::Body));
     }
 
     #[test]

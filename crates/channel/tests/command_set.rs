@@ -49,7 +49,11 @@ fn classify(c: &Command) -> Touches {
         // Hands a running NIC a restarted card's socket. To resume the rings where they
         // stand, the hypervisor reads each ring's used index (ring bookkeeping the guest's
         // driver keeps for the device, 2 bytes per ring), never a packet, and returns none.
-        | Command::ReconnectNet { id: _ } => Touches::DevicePlumbing,
+        | Command::ReconnectNet { id: _ }
+        // Card update: stops the old card's rings (their positions come back from the card,
+        // 2 bytes each; the used index is read only to cross-check them) and hands the new
+        // card the same rings. Never a block of the disk.
+        | Command::ReplaceBlock { id: _ } => Touches::DevicePlumbing,
         Command::ReadConsole { cursor: _, max: _ } => Touches::ConsoleOutput,
         Command::Stats => Touches::Counters,
         Command::OpStatus { op: _ } => Touches::OperationStatus,
@@ -115,14 +119,17 @@ fn every_command() -> Vec<Command> {
             id: DeviceId::new("eni-1").expect("id"),
         },
         Command::LiveUpdate,
+        Command::ReplaceBlock {
+            id: DeviceId::new("vol-1").expect("id"),
+        },
     ]
 }
 
 #[test]
 fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
     let all = every_command();
-    // Exactly these thirteen, in this wire order (the postcard variant tag is the index).
-    assert_eq!(all.len(), 13);
+    // Exactly these fourteen, in this wire order (the postcard variant tag is the index).
+    assert_eq!(all.len(), 14);
     let classes: Vec<Touches> = all.iter().map(classify).collect();
     assert_eq!(
         classes,
@@ -140,14 +147,18 @@ fn command_set_is_pinned_and_reads_no_guest_memory_or_disk() {
             Touches::DevicePlumbing,
             Touches::DevicePlumbing,
             Touches::HandOver,
+            Touches::DevicePlumbing,
         ]
     );
-    // Only AttachBlock, AttachNet, ReconnectNet and LiveUpdate carry a descriptor, a socket
-    // the hypervisor hands on (or, for LiveUpdate, hands its VM over on).
+    // Only AttachBlock, AttachNet, ReconnectNet, LiveUpdate and ReplaceBlock carry a
+    // descriptor, a socket the hypervisor hands on (or, for LiveUpdate, hands its VM over on).
     let with_fd: Vec<bool> = all.iter().map(Command::wants_fd).collect();
     assert_eq!(
         with_fd,
-        vec![false, false, false, false, true, false, false, false, false, true, false, true, true]
+        vec![
+            false, false, false, false, true, false, false, false, false, true, false, true, true,
+            true
+        ]
     );
     for (tag, c) in all.iter().enumerate() {
         let req = Request {

@@ -285,6 +285,25 @@ impl Hypervisor {
         Ok(pause_us)
     }
 
+    /// Card update: moves block device `id` to the new card connected on `vhost` (see
+    /// [`Command::ReplaceBlock`]). On an error the device still runs on its old card.
+    pub fn replace_block(
+        &mut self,
+        id: &bulkhead_channel::DeviceId,
+        vhost: &std::os::unix::net::UnixStream,
+    ) -> Result<(), ClientError> {
+        match self.chan.call(
+            Command::ReplaceBlock { id: id.clone() },
+            Some(vhost.as_raw_fd()),
+        )? {
+            Reply::Done { .. } => Ok(()),
+            reply => Err(ClientError::UnexpectedReply {
+                command: "ReplaceBlock",
+                reply: Box::new(reply),
+            }),
+        }
+    }
+
     /// Starts `bulkhead-hypervisor serve` for `spec`. The VM is created but not started.
     pub fn spawn(spec: &VmSpec) -> Result<Self, ClientError> {
         let (child, ours) = spawn_process(spec)?;

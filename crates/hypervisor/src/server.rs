@@ -247,6 +247,7 @@ fn handle(vm: &mut Vm, ops: &mut Ops, frame: &[u8], fd: Option<OwnedFd>) -> (Res
         ),
         Command::DetachNet { id } => (detach(vm, ops, req.id, id, DeviceKind::Net), Next::Continue),
         Command::ReconnectNet { id } => (reconnect(vm, ops, id, fd), Next::Continue),
+        Command::ReplaceBlock { id } => (replace_block(vm, ops, id, fd), Next::Continue),
         Command::LiveUpdate => live_update(vm, ops, fd),
         Command::OpStatus { op } => (
             ops.status(op).map(|status| Reply::Op { op, status }),
@@ -312,6 +313,26 @@ fn reconnect(
     // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
     let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
     match vm.reconnect_net(id.as_str(), stream) {
+        Ok(()) => Ok(Reply::Done { state: vm.state() }),
+        Err(e) => Err(command_error(&e)),
+    }
+}
+
+/// A block card replaced by a new card process (`ReplaceBlock`, card update): refused while an
+/// attach or detach of the same device is in flight.
+fn replace_block(
+    vm: &mut Vm,
+    ops: &Ops,
+    id: bulkhead_channel::DeviceId,
+    fd: Option<OwnedFd>,
+) -> Result<Reply, CommandError> {
+    if ops.busy(&id) {
+        return Err(CommandError::DeviceBusy);
+    }
+    let fd = fd.ok_or(CommandError::MissingFd)?;
+    // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
+    let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
+    match vm.replace_block(id.as_str(), stream) {
         Ok(()) => Ok(Reply::Done { state: vm.state() }),
         Err(e) => Err(command_error(&e)),
     }

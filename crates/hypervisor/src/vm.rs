@@ -594,6 +594,154 @@ impl Vm {
         }
     }
 
+    /// Card update: moves block device `id` from its running card to the card connected on
+    /// `stream`, in place (no reset, no hot-plug event in the guest). The new card is
+    /// handshaken first and must show the same capacity, block size and queue count and offer
+    /// every feature the guest acked, or it is refused and nothing changes. If the device is
+    /// running, the old card's rings are stopped (GET_VRING_BASE: a block card answers once
+    /// every request it took is completed, so nothing completes after it), the new card gets
+    /// the memory table and each ring at the position the old card gave (cross-checked
+    /// against the used index), with the same kick and interrupt eventfds, and the old
+    /// connection is closed. A new card that fails to take the rings leaves the device on the
+    /// old card, its rings handed back where they stopped. An old card that fails to stop is
+    /// dead: the new card resumes at the used indexes.
+    pub fn replace_block(&mut self, id: &str, stream: UnixStream) -> Result<(), Error> {
+        use vm_memory::Bytes;
+        const BLK_CONFIG_LEN: usize = 60;
+        const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+        let state = self.state();
+        if state == VmState::Stopped {
+            return Err(Error::WrongState(state));
+        }
+        let st = {
+            let pci = lock(&self.shared.pci);
+            let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
+            let card = pci
+                .ports
+                .get(port)
+                .and_then(|p| p.card.as_ref())
+                .ok_or(Error::NoSuchDevice)?;
+            if DeviceKind::of_class(card.class_code()) != Some(DeviceKind::Block) {
+                return Err(Error::WrongDeviceKind);
+            }
+            card.backend_state(BLK_CONFIG_LEN)
+                .ok_or(Error::WrongDeviceKind)?
+                .map_err(Error::EventFd)?
+        };
+        if !st.settled {
+            return Err(Error::DeviceBusy);
+        }
+        let max_queues = u16::from(self.config.vcpus).min(64);
+        let read_only = st.acked_features & VIRTIO_BLK_F_RO != 0;
+        let mut dev = VhostUserBlk::connect(stream, read_only, max_queues)?;
+        // Same volume shape: capacity (0..8), block size (20..24), queue count (34..36).
+        let same = |r: std::ops::Range<usize>| dev.config().get(r.clone()) == st.config.get(r);
+        if !(same(0..8) && same(20..24) && same(34..36)) {
+            tracing::warn!(
+                device = id,
+                "refused a replacement block card: another volume shape"
+            );
+            return Err(Error::Replace(BackendFailure::IdentityMismatch));
+        }
+        if st.acked_features & !dev.features() != 0 {
+            tracing::warn!(
+                device = id,
+                missing = st.acked_features & !dev.features(),
+                "refused a replacement block card: it lacks features the guest acked"
+            );
+            return Err(Error::Replace(BackendFailure::FeatureMismatch));
+        }
+        let ram = &self.shared.ram;
+        let used_idx = |q: &crate::devices::virtio::QueueRegs| -> Result<u16, Error> {
+            ram.mem
+                .read_obj::<u16>(vm_memory::GuestAddress(q.used.wrapping_add(2)))
+                .map(u16::from_le)
+                .map_err(|_| Error::BackendFailed(BackendFailure::Vring))
+        };
+        let irq_status = Arc::default();
+        let act = crate::devices::virtio::Activation {
+            mem: &ram.mem,
+            memfd_regions: &ram.regions,
+            memfd: ram.memfd.as_raw_fd(),
+            queues: &st.queues,
+            acked_features: st.acked_features,
+            irqs: &st.irqs,
+            irq_status: &irq_status,
+            kicks: &st.kicks,
+        };
+        let with_old = |f: &mut dyn FnMut(&mut dyn VirtioDevice)| -> Result<(), Error> {
+            let mut pci = lock(&self.shared.pci);
+            let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
+            let dev = pci
+                .ports
+                .get_mut(port)
+                .and_then(|p| p.card.as_mut())
+                .and_then(|c| c.virtio_device_mut())
+                .ok_or(Error::NoSuchDevice)?;
+            f(dev);
+            Ok(())
+        };
+        let started = Instant::now();
+        let mut bases = Vec::new();
+        if st.active {
+            let mut stopped = None;
+            with_old(&mut |old| stopped = old.stop_for_replace())?;
+            let used: Vec<u16> = st.queues.iter().map(used_idx).collect::<Result<_, _>>()?;
+            bases = match stopped {
+                Some(Ok(b)) if b.len() == used.len() => {
+                    if b != used {
+                        tracing::warn!(device = id, bases = ?b, used = ?used, "the old card stopped its rings with requests not completed");
+                    }
+                    b
+                }
+                other => {
+                    tracing::warn!(device = id, stop = ?other.map(|r| r.map_err(|e| e.to_string())), "the old card did not stop its rings: resuming at the used indexes");
+                    used
+                }
+            };
+            if let Err(e) = dev.resume_at(&act, &bases) {
+                tracing::warn!(device = id, error = %e, "the new block card failed taking over the rings: the old card keeps the device");
+                let mut back = Ok(());
+                with_old(&mut |old| back = old.resume_at(&act, &bases))?;
+                if let Err(e) = back {
+                    tracing::error!(device = id, error = %e, "the old card did not take its rings back");
+                }
+                return Err(Error::BackendFailed(
+                    dev.failed().unwrap_or(BackendFailure::Vring),
+                ));
+            }
+        }
+        let swapped = {
+            let mut pci = lock(&self.shared.pci);
+            let card = pci
+                .port_of(id)
+                .and_then(|port| pci.ports.get_mut(port))
+                .and_then(|p| p.card.as_mut());
+            match card {
+                Some(c) => c.replace_device(Box::new(dev), st.epoch),
+                None => Err(Box::new(dev) as Box<dyn VirtioDevice>),
+            }
+        };
+        match swapped {
+            Ok(old) => {
+                // Closing the old card's connection: it erases its key and exits.
+                drop(old);
+                tracing::info!(device = id, active = st.active, rings = ?bases, took_us = started.elapsed().as_micros(), "block card replaced in place");
+                Ok(())
+            }
+            Err(mut new) => {
+                tracing::warn!(
+                    device = id,
+                    "the guest reset the device during a card update: refused, try again"
+                );
+                if let Some(w) = new.reset() {
+                    let _ = w.run();
+                }
+                Err(Error::DeviceBusy)
+            }
+        }
+    }
+
     /// Puts a connected device in a free slot as a virtio-pci card (see [`Vm::begin_attach`]).
     fn plug_card(
         &mut self,

@@ -75,6 +75,11 @@ pub trait PciDevice: Send {
     fn driver_ready(&self) -> bool;
     /// Whether a guest driver has started to drive the device (and not reset it since).
     fn driver_attached(&self) -> bool;
+    /// For a virtio card: its device model (a card update stops the old backend's rings
+    /// through it). `None` for other cards.
+    fn virtio_device_mut(&mut self) -> Option<&mut dyn VirtioDevice> {
+        None
+    }
     /// For a virtio card: what replacing its backend in place needs (`config_len` bytes of
     /// the device configuration as the guest reads them). `None` for other cards.
     fn backend_state(&self, _config_len: usize) -> Option<std::io::Result<BackendState>> {

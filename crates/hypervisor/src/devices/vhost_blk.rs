@@ -107,6 +107,16 @@ impl VhostUserBlk {
         })
     }
 
+    /// Whether the device is offered read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The device configuration as the guest reads it.
+    pub fn config(&self) -> &[u8] {
+        &self.config
+    }
+
     /// Number of request queues the guest will see.
     pub fn queues(&self) -> u16 {
         self.queues
@@ -163,6 +173,12 @@ impl VirtioDevice for VhostUserBlk {
     }
     fn settled(&self) -> bool {
         self.conn.settled()
+    }
+    fn stop_for_replace(&mut self) -> Option<Result<Vec<u16>, ActivateError>> {
+        Some(self.conn.stop_for_replace())
+    }
+    fn resume_at(&mut self, act: &Activation<'_>, bases: &[u16]) -> Result<(), ActivateError> {
+        self.conn.resume(act, bases)
     }
     fn handover(&self) -> Option<super::virtio::DeviceHandover> {
         let (vhost, conn_fd) = self.conn.handover_state()?;

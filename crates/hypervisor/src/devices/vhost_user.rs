@@ -379,6 +379,52 @@ impl VhostUserConn {
         Ok(())
     }
 
+    /// Card update: stops every ring handed to the backend (disable, then GET_VRING_BASE,
+    /// which a block card answers only once every request it took from that ring is in the
+    /// used ring) and returns each ring's position, under the watchdog's bound. The rings are
+    /// no longer the backend's afterwards; [`VhostUserConn::resume`] hands them back (a
+    /// replacement that failed). A backend that fails here is dead.
+    pub fn stop_for_replace(&mut self) -> Result<Vec<u16>, ActivateError> {
+        if self.failed().is_some() {
+            return Err(ActivateError::BackendDead);
+        }
+        let mut link = match self.link.try_lock() {
+            Ok(l) => l,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(ActivateError::BackendBusy),
+        };
+        let guard = self.watchdog.arm(&self.sock, REPLY_TIMEOUT);
+        let n = link.active_queues;
+        let r = (|| -> Result<Vec<u16>, vhost::Error> {
+            link.sync(true)?;
+            let mut bases = Vec::with_capacity(n);
+            for i in 0..n {
+                if self.protocol.is_some() {
+                    link.frontend.set_vring_enable(i, false)?;
+                }
+                let base = link.frontend.get_vring_base(i)?;
+                bases.push(u16::try_from(base).unwrap_or(u16::MAX));
+            }
+            Ok(bases)
+        })();
+        match r {
+            Ok(bases) => {
+                link.active_queues = 0;
+                self.started = false;
+                Ok(bases)
+            }
+            Err(e) => {
+                self.dead.set(if guard.fired() {
+                    BackendFailure::Unresponsive
+                } else {
+                    BackendFailure::Vring
+                });
+                tracing::warn!(error = %e, timed_out = guard.fired(), "vhost-user backend failed to stop its rings for a replacement: device dead");
+                Err(ActivateError::Backend(e))
+            }
+        }
+    }
+
     fn hand_over(
         &self,
         link: &mut Link,

@@ -167,6 +167,17 @@ pub trait VirtioDevice: Send {
     fn handover(&self) -> Option<DeviceHandover> {
         None
     }
+    /// Card update, on the device being replaced: stops every ring handed to its backend and
+    /// returns each ring's position as the backend gives it (GET_VRING_BASE). `None`: the
+    /// device has no backend rings to move.
+    fn stop_for_replace(&mut self) -> Option<Result<Vec<u16>, ActivateError>> {
+        None
+    }
+    /// Card update: takes over (or takes back) a running device's rings at `bases` (see
+    /// `VhostUserConn::resume`). Devices without a backend refuse.
+    fn resume_at(&mut self, _act: &Activation<'_>, _bases: &[u16]) -> Result<(), ActivateError> {
+        Err(ActivateError::BackendDead)
+    }
 }
 
 /// What a vhost-user device hands over in a live update (see

@@ -759,6 +759,9 @@ impl PciDevice for VirtioPciDevice {
     ) -> Result<Box<dyn VirtioDevice>, Box<dyn VirtioDevice>> {
         self.core.replace_device(device, epoch)
     }
+    fn virtio_device_mut(&mut self) -> Option<&mut dyn VirtioDevice> {
+        Some(self.core.device.as_mut())
+    }
     fn handover_state(&self, port: u8) -> Option<(CardState, Vec<RawFd>)> {
         VirtioPciDevice::handover_state(self, port)
     }
