@@ -380,6 +380,7 @@ impl ControlPlane {
             let call = calls::AttestHost(AttestRequest {
                 nonce,
                 instance_id: Some(instance.to_string()),
+                credential: None,
             });
             match self.on_host(host_id, &call).await?.0 {
                 bulkhead_rot_proto::HostEvidence::Measured(ev) => Some(ev),

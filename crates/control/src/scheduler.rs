@@ -68,6 +68,7 @@ impl ControlPlane {
         let call = calls::AttestHost(AttestRequest {
             nonce: hex::encode(nonce),
             instance_id: None,
+            credential: None,
         });
         let bulkhead_rot_proto::HostEvidence::Measured(ev) =
             self.hosts.call(&host.host_id, &host.addr, &call).await?.0

@@ -10,6 +10,17 @@
 //!
 //! A sealed host is attested when polled (so the operator view shows the result without any
 //! placement) and again by the scheduler before it places anything there.
+//!
+//! The attestation key a quote is checked under is enrolled only once it is **certified by the
+//! TPM's endorsement key** ([`bulkhead_rot::endorsement`]): the configured AK (what the host
+//! printed at boot) is a claim until the host's evidence carries an EK certificate that chains
+//! to a trusted manufacturer CA (`ek_roots`, `ek_intermediates`) and the host's TPM activates
+//! a credential made here for that EK and that AK's name (a second round through the host's
+//! controller, the credential relayed to the agent). A TPM of another manufacturer
+//! (`ek_untrusted_issuer` / `ek_bad_signature`), no EK certificate (`no_ek_certificate`) or an
+//! AK that is not in the EK's TPM (`ak_not_in_ek_tpm`) is refused like a boot-chain mismatch:
+//! `host_attestation_failed`, no work. The certification is redone whenever it is not on record
+//! for this host (a new control plane process, or after any refusal).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,8 +28,9 @@ use std::time::Instant;
 
 use bulkhead_controller_proto::{calls, AttestRequest};
 use bulkhead_rot::boot::{verify_boot, BootChainError, ExpectedPcrs, BOOT_PCRS};
+use bulkhead_rot::endorsement::{challenge_boot_ak, EkTrust, EndorsementError};
 use bulkhead_rot::tpm::AkPublic;
-use bulkhead_rot_proto::HostEvidence;
+use bulkhead_rot_proto::{BootEvidence, CredentialChallenge, HostEvidence};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -34,8 +46,15 @@ pub struct SealedHostConfig {
     pub image_manifest: PathBuf,
     /// SHA-256 of this host's configuration disk, hex (what PID 1 extends into PCR 23).
     pub config_sha256: String,
-    /// The host's enrolled attestation key (uncompressed SEC1 P-256 point, hex).
+    /// The attestation key to enrol for this host (uncompressed SEC1 P-256 point, hex):
+    /// enrolled only after the host's TPM proves it holds it under a certified EK.
     pub ak: String,
+    /// PEM files of the TPM manufacturer root CAs trusted for EK certificates.
+    #[serde(default)]
+    pub ek_roots: Vec<PathBuf>,
+    /// PEM files of intermediate CAs a chain may go through (not anchors).
+    #[serde(default)]
+    pub ek_intermediates: Vec<PathBuf>,
 }
 
 /// Why a sealed host's policy could not be loaded (the control plane does not start).
@@ -51,20 +70,26 @@ pub enum SealedConfigError {
     ConfigDigest,
     #[error("ak is not an uncompressed P-256 point in hex")]
     Ak,
+    #[error("EK trust anchors: {0}")]
+    EkTrust(EndorsementError),
 }
 
-/// What a sealed host must prove: its enrolled AK and every boot PCR's exact value.
+/// What a sealed host must prove: that its TPM holds the AK under an EK certified by a trusted
+/// manufacturer, and every boot PCR's exact value.
 #[derive(Debug, Clone)]
 pub struct SealedPolicy {
     pub ak: AkPublic,
     pub expected: ExpectedPcrs,
+    pub ek_trust: EkTrust,
 }
 
 impl SealedPolicy {
     pub fn load(c: &SealedHostConfig) -> Result<SealedPolicy, SealedConfigError> {
+        let trust = EkTrust::from_pem_files(&c.ek_roots, &c.ek_intermediates)
+            .map_err(SealedConfigError::EkTrust)?;
         let m = &c.image_manifest;
         let bytes = std::fs::read(m).map_err(|e| SealedConfigError::Read(m.clone(), e))?;
-        Self::from_parts(m, &bytes, &c.config_sha256, &c.ak)
+        Self::from_parts(m, &bytes, &c.config_sha256, &c.ak, trust)
     }
 
     fn from_parts(
@@ -72,6 +97,7 @@ impl SealedPolicy {
         manifest: &[u8],
         config_sha256: &str,
         ak: &str,
+        ek_trust: EkTrust,
     ) -> Result<SealedPolicy, SealedConfigError> {
         let from_image = ExpectedPcrs::from_manifest(manifest)
             .map_err(|e| SealedConfigError::Manifest(path.to_path_buf(), e))?;
@@ -90,7 +116,11 @@ impl SealedPolicy {
             Ok(b) if b.len() == 65 && b.first() == Some(&4) => {}
             _ => return Err(SealedConfigError::Ak),
         }
-        Ok(SealedPolicy { ak, expected })
+        Ok(SealedPolicy {
+            ak,
+            expected,
+            ek_trust,
+        })
     }
 }
 
@@ -113,6 +143,9 @@ pub(crate) struct BootVerdict {
 pub(crate) struct SealedHosts {
     pub policies: HashMap<String, SealedPolicy>,
     pub verdicts: std::sync::Mutex<HashMap<String, BootVerdict>>,
+    /// Hosts whose configured AK this process certified against their TPM's EK, with the EK's
+    /// fingerprint.
+    pub endorsed: std::sync::Mutex<HashMap<String, String>>,
 }
 
 fn random_nonce() -> Result<[u8; 32], ControlError> {
@@ -138,25 +171,14 @@ impl ControlPlane {
         let Some(policy) = self.sealed.policies.get(&host.host_id) else {
             return Err(ControlError::Internal);
         };
-        let nonce = random_nonce()?;
-        let call = calls::AttestHost(AttestRequest {
-            nonce: hex::encode(nonce),
-            instance_id: None,
-        });
         let outcome: Result<(), (ControlError, Vec<u8>)> = async {
-            let ev = self
-                .hosts
-                .call(&host.host_id, &host.addr, &call)
-                .await
-                .map_err(|e| (e, Vec::new()))?;
-            // The relayed answer must be boot evidence (the sealed image's agent answers with
-            // nothing else); measured-start evidence from a host registered as sealed is refused.
-            let HostEvidence::Boot(ev) = ev.0 else {
-                return Err((ControlError::Host("boot_malformed"), Vec::new()));
+            let endorsed = lock(&self.sealed.endorsed).contains_key(&host.host_id);
+            let (nonce, ev) = if endorsed {
+                let nonce = random_nonce().map_err(|e| (e, Vec::new()))?;
+                (nonce, self.boot_evidence(host, &nonce, None).await?)
+            } else {
+                self.endorse_sealed(host, policy).await?
             };
-            if ev.host != host.host_id {
-                return Err((ControlError::Host("evidence_for_another_host"), Vec::new()));
-            }
             verify_boot(&ev, &policy.ak, &nonce, &policy.expected).map_err(|e| {
                 tracing::warn!(host = %host.host_id, error = %e, "sealed host's boot evidence refused");
                 let pcrs = match &e {
@@ -173,10 +195,67 @@ impl ControlPlane {
                 Ok("sealed-image".to_string())
             }
             Err((e, pcrs)) => {
+                lock(&self.sealed.endorsed).remove(&host.host_id);
                 self.record_verdict(&host.host_id, Some(e.code()), pcrs);
                 Err(e)
             }
         }
+    }
+
+    /// One quote from sealed host `host` over `nonce` (its TPM activating `credential` first,
+    /// if given), relayed by its controller; only boot evidence naming this host is taken.
+    async fn boot_evidence(
+        &self,
+        host: &HostRow,
+        nonce: &[u8; 32],
+        credential: Option<CredentialChallenge>,
+    ) -> Result<BootEvidence, (ControlError, Vec<u8>)> {
+        let call = calls::AttestHost(AttestRequest {
+            nonce: hex::encode(nonce),
+            instance_id: None,
+            credential,
+        });
+        let ev = self
+            .hosts
+            .call(&host.host_id, &host.addr, &call)
+            .await
+            .map_err(|e| (e, Vec::new()))?;
+        // The relayed answer must be boot evidence (the sealed image's agent answers with
+        // nothing else); measured-start evidence from a host registered as sealed is refused.
+        let HostEvidence::Boot(ev) = ev.0 else {
+            return Err((ControlError::Host("boot_malformed"), Vec::new()));
+        };
+        if ev.host != host.host_id {
+            return Err((ControlError::Host("evidence_for_another_host"), Vec::new()));
+        }
+        Ok(ev)
+    }
+
+    /// Certifies the configured AK of sealed host `host` against its TPM's EK (see the module):
+    /// first round, the EK certificate from its evidence checked against the trusted
+    /// manufacturer CAs and a credential made for that EK and the AK; second round, the host's
+    /// TPM must activate it. Returns the second round's nonce and evidence (its boot chain is
+    /// then checked under the now-endorsed AK).
+    async fn endorse_sealed(
+        &self,
+        host: &HostRow,
+        policy: &SealedPolicy,
+    ) -> Result<([u8; 32], BootEvidence), (ControlError, Vec<u8>)> {
+        let refused = |e: EndorsementError| {
+            tracing::warn!(host = %host.host_id, error = %e, "sealed host's attestation key not endorsed: not enrolled");
+            (ControlError::Host(e.code()), Vec::new())
+        };
+        let first = random_nonce().map_err(|e| (e, Vec::new()))?;
+        let ev = self.boot_evidence(host, &first, None).await?;
+        let (challenge, check) =
+            challenge_boot_ak(&ev, &policy.ak, &policy.ek_trust, crate::service::now())
+                .map_err(refused)?;
+        let nonce = random_nonce().map_err(|e| (e, Vec::new()))?;
+        let ev = self.boot_evidence(host, &nonce, Some(challenge)).await?;
+        let ek = check.finish_boot(&ev).map_err(refused)?;
+        tracing::info!(host = %host.host_id, ek = %ek.fingerprint(), ak = %policy.ak.key_id(), "sealed host's attestation key certified by its TPM's endorsement key");
+        lock(&self.sealed.endorsed).insert(host.host_id.clone(), ek.fingerprint());
+        Ok((nonce, ev))
     }
 
     /// Whether polling should attest sealed host `host_id` now: never attested, or refused
@@ -214,6 +293,7 @@ impl ControlPlane {
             None => json!({"sealed": true, "state": "pending"}),
             Some(v) => json!({
                 "sealed": true,
+                "ek": lock(&self.sealed.endorsed).get(host_id),
                 "state": if v.refused.is_none() { "attested" } else { "refused" },
                 "code": v.refused,
                 "pcrs_differing": v.pcrs,
@@ -241,24 +321,37 @@ mod tests {
         let ak = format!("04{}", "11".repeat(64));
         let d = "cd".repeat(32);
         let p = Path::new("m.json");
-        let ok = SealedPolicy::from_parts(p, &manifest(&[4, 9, 11, 12]), &d, &ak);
+        let t = EkTrust::default;
+        let ok = SealedPolicy::from_parts(p, &manifest(&[4, 9, 11, 12]), &d, &ak, t());
         let ok = ok.map(|x| x.expected.0.keys().copied().collect::<Vec<_>>());
         assert_eq!(ok.ok(), Some(BOOT_PCRS.to_vec()));
         assert!(matches!(
-            SealedPolicy::from_parts(p, &manifest(&[4, 9, 11]), &d, &ak),
+            SealedPolicy::from_parts(p, &manifest(&[4, 9, 11]), &d, &ak, t()),
             Err(SealedConfigError::Incomplete(_, 12))
         ));
         assert!(matches!(
-            SealedPolicy::from_parts(p, &manifest(&[4, 9, 11, 12]), "cd", &ak),
+            SealedPolicy::from_parts(p, &manifest(&[4, 9, 11, 12]), "cd", &ak, t()),
             Err(SealedConfigError::ConfigDigest)
         ));
         assert!(matches!(
-            SealedPolicy::from_parts(p, &manifest(&[4, 9, 11, 12]), &d, "04ab"),
+            SealedPolicy::from_parts(p, &manifest(&[4, 9, 11, 12]), &d, "04ab", t()),
             Err(SealedConfigError::Ak)
         ));
         assert!(matches!(
-            SealedPolicy::from_parts(p, b"{}", &d, &ak),
+            SealedPolicy::from_parts(p, b"{}", &d, &ak, t()),
             Err(SealedConfigError::Manifest(..))
+        ));
+        // No trusted manufacturer CA: the control plane does not start.
+        let c = SealedHostConfig {
+            image_manifest: PathBuf::from("/nonexistent/manifest.json"),
+            config_sha256: d.clone(),
+            ak: ak.clone(),
+            ek_roots: Vec::new(),
+            ek_intermediates: Vec::new(),
+        };
+        assert!(matches!(
+            SealedPolicy::load(&c),
+            Err(SealedConfigError::EkTrust(EndorsementError::NoTrustAnchors))
         ));
     }
 }

@@ -191,6 +191,7 @@ impl AttachStep {
                 let call = calls::AttestHost(AttestRequest {
                     nonce: nonce.to_string(),
                     instance_id: Some(w.instance()?.to_string()),
+                    credential: None,
                 });
                 let evidence = cp.on_host(host_id, &call).await?;
                 Ok(json!({ "evidence": evidence }))

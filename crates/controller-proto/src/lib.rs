@@ -210,6 +210,12 @@ pub struct AttestRequest {
     /// `instance:<id>`. Used by the control plane before the KMS releases a volume key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_id: Option<String>,
+    /// A credential (TPM2_MakeCredential for the AK the verifier is enrolling) for the host's
+    /// TPM to activate before it quotes; the secret comes back in the evidence. Sealed hosts'
+    /// agents answer it; process hosts' agents refuse it (they are endorsed at provisioning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub credential: Option<bulkhead_rot_proto::CredentialChallenge>,
 }
 
 /// Body of `POST /v1/instances`.

@@ -45,6 +45,7 @@ fn every_request_body_round_trips_with_its_json() {
         &AttestRequest {
             nonce: "00".repeat(32),
             instance_id: Some("i-1".into()),
+            credential: None,
         },
         json!({"nonce": "00".repeat(32), "instance_id": "i-1"}),
     );
@@ -52,8 +53,20 @@ fn every_request_body_round_trips_with_its_json() {
         &AttestRequest {
             nonce: "ab".into(),
             instance_id: None,
+            credential: None,
         },
         json!({"nonce": "ab"}),
+    );
+    round_trip(
+        &AttestRequest {
+            nonce: "ab".into(),
+            instance_id: None,
+            credential: Some(bulkhead_rot_proto::CredentialChallenge {
+                id_object: "00".into(),
+                encrypted_secret: "11".into(),
+            }),
+        },
+        json!({"nonce": "ab", "credential": {"id_object": "00", "encrypted_secret": "11"}}),
     );
     let mut create = CreateInstanceRequest {
         instance_id: "i-1".into(),
@@ -326,6 +339,7 @@ fn calls_build_the_paths_the_route_table_routes() {
             network: None,
             instance_storage_gib: None,
         }),
+            credential: None,
         "/v1/instances",
         &["instance:i-1"],
     );

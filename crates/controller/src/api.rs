@@ -183,6 +183,8 @@ pub enum ApiRequest {
         network: Option<NetworkSpec>,
         instance_storage: Option<InstanceStorageGib>,
     },
+        /// A credential for the TPM to activate first (relayed to the agent, which checks it).
+        credential: Option<bulkhead_rot_proto::CredentialChallenge>,
     DescribeInstance(ResourceId),
     StartInstance(ResourceId),
     StopInstance(ResourceId),
@@ -261,7 +263,11 @@ impl ApiRequest {
                     .as_deref()
                     .map(ResourceId::parse)
                     .transpose()?;
-                ApiRequest::AttestHost { nonce, instance }
+                ApiRequest::AttestHost {
+                    nonce,
+                    instance,
+                    credential: r.credential,
+                }
             }
             Operation::CreateInstance => {
                 let r: CreateInstanceRequest = json(body)?;

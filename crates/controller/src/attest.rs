@@ -12,6 +12,9 @@
 //! by the agent): the controller asks for that only for an instance its backend runs, so the KMS,
 //! which recomputes the binding from the customer's signed AttachVolume, releases a volume key
 //! only to the host that runs the instance the customer named.
+//!
+//! A request may also carry a credential for the host's TPM to activate (a sealed host's AK
+//! being endorsed, see `bulkhead_rot::endorsement`): relayed as is; the agent checks it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -19,7 +22,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bulkhead_rot_proto::{parse_reply, AgentRequest, HostEvidence, ReplyError, MAX_EVIDENCE_BYTES};
+use bulkhead_rot_proto::{
+    parse_reply, AgentCall, AgentRequest, HostEvidence, ReplyError, MAX_EVIDENCE_BYTES,
+};
 
 /// How long one quote may take (a TPM quote is tens of milliseconds; swtpm similar).
 pub const QUOTE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -97,12 +102,22 @@ impl AgentLink {
         nonce: &[u8; 32],
         instance: Option<&str>,
     ) -> Result<HostEvidence, AttestError> {
+        self.call(&AgentCall {
+            nonce: *nonce,
+            instance: instance.map(str::to_string),
+            credential: None,
+        })
+    }
+
+    /// One request to the agent (a quote, bound to `call.instance` if given, after the TPM
+    /// activated `call.credential` if given). Returns the agent's evidence, unmodified.
+    pub fn call(&self, call: &AgentCall) -> Result<HostEvidence, AttestError> {
         let mut guard = match self.link.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
         let link = guard.as_mut().ok_or(AttestError::Unavailable)?;
-        let result = exchange(link, nonce, instance);
+        let result = exchange(link, call);
         if matches!(result, Err(AttestError::Unavailable)) {
             // A timed-out or broken link may be out of step with the agent: drop it.
             tracing::error!("attestation agent link broken; attestation unavailable until restart");
@@ -112,12 +127,8 @@ impl AgentLink {
     }
 }
 
-fn exchange(
-    link: &mut Link,
-    nonce: &[u8; 32],
-    instance: Option<&str>,
-) -> Result<HostEvidence, AttestError> {
-    let mut req = AgentRequest::encode(nonce, instance);
+fn exchange(link: &mut Link, call: &AgentCall) -> Result<HostEvidence, AttestError> {
+    let mut req = AgentRequest::encode_call(call);
     req.push('\n');
     link.writer
         .write_all(req.as_bytes())

@@ -630,7 +630,11 @@ impl Controller {
                 self.instances.set_draining(true);
                 ack("draining")
             }
-            ApiRequest::AttestHost { nonce, instance } => {
+            ApiRequest::AttestHost {
+                nonce,
+                instance,
+                credential,
+            } => {
                 // A quote bound to an instance says this host runs it: only if the backend does.
                 if let Some(id) = instance.clone() {
                     let d = self.blocking(move |b| b.describe(&id)).await?;
@@ -640,10 +644,14 @@ impl Controller {
                 }
                 let link = Arc::clone(&self.attest);
                 let instance = instance.map(|i| i.as_str().to_string());
-                let evidence =
-                    tokio::task::spawn_blocking(move || link.quote(&nonce, instance.as_deref()))
-                        .await
-                        .map_err(|_| Refusal::Internal)??;
+                let call = bulkhead_rot_proto::AgentCall {
+                    nonce,
+                    instance,
+                    credential,
+                };
+                let evidence = tokio::task::spawn_blocking(move || link.call(&call))
+                    .await
+                    .map_err(|_| Refusal::Internal)??;
                 json_ok(request_id, StatusCode::OK, &api::RelayedEvidence(evidence))
             }
             ApiRequest::CreateInstance {

@@ -852,6 +852,9 @@ pub struct SealedOptions {
     pub boot_other_image: Vec<(usize, PathBuf)>,
     /// How long each host may take from power-on to a ready controller.
     pub boot_timeout: std::time::Duration,
+    /// Hosts whose TPM another manufacturer made (a CA the control plane does not trust): a
+    /// development switch to watch the control plane refuse to enrol their AK.
+    pub rogue_tpm: Vec<usize>,
 }
 
 /// The storage node's certificate name in a dev cluster.
@@ -1270,8 +1273,11 @@ pub fn start_replicated(
 /// Boots every host of a sealed cluster (all powered on at once, then each awaited) and
 /// returns their entries for the control plane: address `host_ip:8443`, no cores (their
 /// controllers run the detached backend: no guests here), and the boot-chain policy — the
-/// image manifest every host must match, the digest of its own configuration disk, and the
-/// attestation key its agent printed at start (trusted on first use, see docs/status.md).
+/// image manifest every host must match, the digest of its own configuration disk, the
+/// attestation key its agent printed at start, and the dev TPM manufacturer's CA: the control
+/// plane enrols that AK only after the host's TPM proves it holds it under an EK that CA
+/// certified. Each host's swtpm is made by that manufacturer (`swtpm_setup --create-ek-cert`),
+/// or by a rogue one for the hosts of `s.rogue_tpm`.
 fn start_sealed(
     dir: &Path,
     s: &SealedOptions,
@@ -1281,6 +1287,12 @@ fn start_sealed(
     use crate::sealed::{SealedVm, MANIFEST, MTLS_PORT, UKI};
     let tag = netns::tag_for(dir);
     let sealed_err = |e: crate::sealed::SealedError| ClusterError::Rot(e.to_string());
+    let made = |d: &str| {
+        bulkhead_rot::endorsement::LocalManufacturer::new(&dir.join(d))
+            .map_err(|e| ClusterError::Rot(e.to_string()))
+    };
+    let manufacturer = made("manufacturer")?;
+    let rogue = made("rogue-manufacturer")?;
     let mut digests = Vec::new();
     for n in 1..=hosts {
         let host = format!("host-{n}");
@@ -1319,6 +1331,12 @@ fn start_sealed(
             &disk,
             &net.ns,
             &format!("bk{tag}t{n}"),
+            Some(if s.rogue_tpm.contains(&n) {
+                tracing::warn!(host, "this host's TPM is made by a ROGUE manufacturer");
+                &rogue
+            } else {
+                &manufacturer
+            }),
         )
         .map_err(sealed_err)?;
         cluster.sealed_vms.push(vm);
@@ -1346,6 +1364,8 @@ fn start_sealed(
                 image_manifest: s.image.join(MANIFEST),
                 config_sha256: hex::encode(digests.get(i).ok_or(ClusterError::BadHosts)?),
                 ak,
+                ek_roots: vec![manufacturer.root_cert()],
+                ek_intermediates: vec![manufacturer.issuer_cert()],
             }),
         });
     }

@@ -58,6 +58,11 @@ enum Cmd {
         /// the control plane expects, to watch it be refused. Repeatable.
         #[arg(long, value_parser = parse_other_image)]
         sealed_boot_image: Vec<(usize, PathBuf)>,
+        /// With --sealed-hosts: host N's TPM is made by a rogue manufacturer (an EK certificate
+        /// from a CA the control plane does not trust), to watch its AK not be enrolled.
+        /// Repeatable.
+        #[arg(long)]
+        sealed_rogue_tpm: Vec<usize>,
     },
     /// Benchmark a local cluster: RunInstances and AttachVolume latency, API throughput.
     /// Prints a markdown section.
@@ -139,6 +144,7 @@ struct SealedArgs {
     on: bool,
     image: Option<PathBuf>,
     other: Vec<(usize, PathBuf)>,
+    rogue_tpm: Vec<usize>,
 }
 
 fn up(
@@ -166,6 +172,7 @@ fn up(
             image,
             boot_other_image: sealed.other,
             boot_timeout: Duration::from_secs(600),
+            rogue_tpm: sealed.rogue_tpm,
         })
     } else {
         None
@@ -230,7 +237,7 @@ fn up(
         for (h, verdict) in sealed_verdicts(&c)? {
             println!("  boot chain     {h}: {verdict}");
         }
-        println!("  attestation    sealed hosts: the control plane verifies each one's whole boot chain (PCRs 4, 9, 11, 12 against the image manifest, 23 against its config disk) when polled and before placing; GET /v1/operator/hosts shows boot_attestation");
+        println!("  attestation    sealed hosts: the control plane enrols each one's AK only once its TPM activates a credential for it under an EK certified by the dev manufacturer's CA, then verifies its whole boot chain (PCRs 4, 9, 11, 12 against the image manifest, 23 against its config disk) when polled and before placing; GET /v1/operator/hosts shows boot_attestation");
         println!("  instances      none on sealed hosts here (0 cores offered: no nested virtualization, their controllers run the detached backend)");
     } else if c.attested {
         println!("  attestation    each host: own TPM (swtpm), measured start of a 2-of-3 signed release; the KMS seals keys only after a fresh quote");
@@ -321,7 +328,7 @@ fn sealed_verdicts(c: &cluster::Cluster) -> Result<Vec<(String, String)>, CliErr
             match b["state"].as_str() {
                 Some("attested") => out.push((
                     vm.name.clone(),
-                    format!("attested (PCRs 4, 9, 11, 12, 23 exact) {secs:.1} s after power-on"),
+                    format!("attested (AK certified by its TPM's EK; PCRs 4, 9, 11, 12, 23 exact) {secs:.1} s after power-on"),
                 )),
                 Some("refused") => out.push((
                     vm.name.clone(),
@@ -628,6 +635,7 @@ fn main() -> ExitCode {
             sealed_hosts,
             host_image,
             sealed_boot_image,
+            sealed_rogue_tpm,
         } => up(
             &dir,
             hosts,
@@ -639,6 +647,7 @@ fn main() -> ExitCode {
                 on: sealed_hosts,
                 image: host_image,
                 other: sealed_boot_image,
+                rogue_tpm: sealed_rogue_tpm,
             },
         ),
         Cmd::Bench {

@@ -50,6 +50,8 @@ pub enum SealedError {
     },
     #[error("sealed host {0}: no attestation key line on its console")]
     NoAk(String),
+    #[error("manufacturing the host's TPM: {0}")]
+    Manufacture(bulkhead_rot::endorsement::EndorsementError),
     #[error("configuration disk: {0}")]
     Config(String),
 }
@@ -168,7 +170,9 @@ pub struct SealedVm {
 
 impl SealedVm {
     /// Boots `uki` with `config_disk`, its NIC on tap `tap` of network namespace `ns`. `dir`
-    /// is this host's scratch directory (ESP copy, OVMF variables, TPM state, logs).
+    /// is this host's scratch directory (ESP copy, OVMF variables, TPM state, logs). The
+    /// host's TPM is fresh, made by `manufacturer` (an EK certificate from its CA in NV, what
+    /// the control plane checks before it enrols the AK), or blank without one.
     pub fn boot(
         name: &str,
         dir: &Path,
@@ -176,6 +180,7 @@ impl SealedVm {
         config_disk: &Path,
         ns: &str,
         tap: &str,
+        manufacturer: Option<&bulkhead_rot::endorsement::LocalManufacturer>,
     ) -> Result<SealedVm, SealedError> {
         let io = |what: &'static str| move |e| SealedError::Io(what, e);
         std::fs::create_dir_all(dir.join("esp/EFI/BOOT")).map_err(io("esp"))?;
@@ -185,6 +190,9 @@ impl SealedVm {
         // A fresh TPM each power-on (a dev cluster's host has no persistent identity here).
         let _ = std::fs::remove_dir_all(&tpm_dir);
         std::fs::create_dir_all(&tpm_dir).map_err(io("tpm dir"))?;
+        if let Some(m) = manufacturer {
+            m.manufacture(&tpm_dir).map_err(SealedError::Manufacture)?;
+        }
         let ctrl = tpm_dir.join("ctrl.sock");
         let mut swtpm = Command::new("swtpm")
             .args(["socket", "--tpm2", "--terminate"])

@@ -2,15 +2,19 @@
 //! under QEMU (TCG) with OVMF and its own swtpm, and the control plane attests each one's whole
 //! boot chain against the image manifest.
 //!
-//! One cluster, two sealed hosts booted at once (TCG boots are slow, so both cases share them):
+//! One cluster, three sealed hosts booted at once (TCG boots are slow, so the cases share them):
 //! host-1 runs the image as built; host-2 runs the same image rebuilt with `lockdown=none` for
 //! `lockdown=confidentiality` on its command line (`--sealed-boot-image 2=...`), while the
-//! control plane expects the first image's manifest for both. Checked through the real
-//! `bulkhead-devcluster up` process and the control plane's operator API (mTLS, operator
-//! certificate): host-1 is polled (its DescribeHost answer is stored) and its boot chain is
-//! attested (PCRs 4, 9, 11, 12, 23); host-2 answers its polls too but is refused with
-//! `boot_pcr_mismatch` naming PCRs 4, 9 and 11 (not 12, not 23) and a `host_attestation_failed`
-//! alert; a TCP connect scan of all 65535 ports of host-1's address from the orchestrator finds
+//! control plane expects the first image's manifest for both; host-3 runs the good image on a
+//! TPM made by a rogue manufacturer (`--sealed-rogue-tpm 3`: its EK certificate chains to a CA
+//! the control plane does not trust). Checked through the real `bulkhead-devcluster up`
+//! process and the control plane's operator API (mTLS, operator certificate): host-1 is polled
+//! (its DescribeHost answer is stored), its AK is certified by its TPM's EK (the credential
+//! round through its controller and agent) and its boot chain is attested (PCRs 4, 9, 11, 12,
+//! 23); host-2 answers its polls too but is refused with `boot_pcr_mismatch` naming PCRs 4, 9
+//! and 11 (not 12, not 23) and a `host_attestation_failed` alert; host-3 is refused before any
+//! PCR is looked at (`ek_bad_signature`: its EK certificate names a CA of the trusted name that
+//! did not sign it) with its own alert, and no EK is recorded for it; a TCP connect scan of all 65535 ports of host-1's address from the orchestrator finds
 //! only the controller's mTLS port; RunInstances finds no capacity (sealed hosts offer no cores
 //! here: no nested virtualization, their controllers run the detached backend). Stopping the cluster (SIGTERM) removes its namespaces.
 //!
@@ -105,10 +109,11 @@ fn sealed_hosts_are_attested_by_their_boot_chain_and_a_differing_image_is_refuse
         .arg("up")
         .arg("--dir")
         .arg(&dir)
-        .args(["--hosts", "2", "--sealed-hosts", "--host-image"])
+        .args(["--hosts", "3", "--sealed-hosts", "--host-image"])
         .arg(&good)
         .arg("--sealed-boot-image")
         .arg(format!("2={}", bad.display()))
+        .args(["--sealed-rogue-tpm", "3"])
         .arg("--bins")
         .arg(&b)
         .stdin(Stdio::null())
@@ -151,6 +156,10 @@ fn sealed_hosts_are_attested_by_their_boot_chain_and_a_differing_image_is_refuse
         printed.contains("boot chain     host-2: REFUSED (boot_pcr_mismatch"),
         "{printed}"
     );
+    assert!(
+        printed.contains("boot chain     host-3: REFUSED (ek_"),
+        "{printed}"
+    );
     let info: Value =
         serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
     let operator = info["operator"].as_str().unwrap().to_string();
@@ -191,7 +200,7 @@ fn sealed_hosts_are_attested_by_their_boot_chain_and_a_differing_image_is_refuse
             let h = host(&v, id);
             !h["status"].is_null() && h["boot_attestation"]["state"] != "pending"
         };
-        if settled("host-1") && settled("host-2") {
+        if settled("host-1") && settled("host-2") && settled("host-3") {
             break v;
         }
         assert!(
@@ -209,6 +218,23 @@ fn sealed_hosts_are_attested_by_their_boot_chain_and_a_differing_image_is_refuse
         serde_json::json!([4, 9, 11, 12, 23])
     );
     assert_eq!(h1["cores"], 0, "no instances on a sealed host here");
+    // The AK was enrolled only after its TPM's EK certificate verified and the credential came
+    // back: the EK's fingerprint is on record.
+    assert_eq!(
+        h1["boot_attestation"]["ek"].as_str().map(str::len),
+        Some(64),
+        "{hosts:#}"
+    );
+    // --- host-3: a TPM of another manufacturer: its AK is never enrolled ----------------
+    let h3 = host(&hosts, "host-3");
+    assert_eq!(h3["boot_attestation"]["state"], "refused", "{hosts:#}");
+    let code3 = h3["boot_attestation"]["code"].as_str().unwrap_or("");
+    assert!(
+        code3 == "ek_bad_signature" || code3 == "ek_untrusted_issuer",
+        "host-3 refused with {code3}: {hosts:#}"
+    );
+    assert!(h3["boot_attestation"]["ek"].is_null(), "{hosts:#}");
+    assert!(!h3["status"].is_null(), "{hosts:#}");
     assert_eq!(h2["boot_attestation"]["state"], "refused", "{hosts:#}");
     assert_eq!(h2["boot_attestation"]["code"], "boot_pcr_mismatch");
     let differing: Vec<u64> = h2["boot_attestation"]["pcrs_differing"]
@@ -227,6 +253,13 @@ fn sealed_hosts_are_attested_by_their_boot_chain_and_a_differing_image_is_refuse
     assert!(
         raised,
         "no host_attestation_failed alert for host-2: {alerts:#}"
+    );
+    let raised3 = alerts["alerts"].as_array().unwrap().iter().any(|a| {
+        a.to_string().contains("host_attestation_failed") && a.to_string().contains("host-3")
+    });
+    assert!(
+        raised3,
+        "no host_attestation_failed alert for host-3: {alerts:#}"
     );
     let wrong = alerts["alerts"].as_array().unwrap().iter().any(|a| {
         a.to_string().contains("host_attestation_failed") && a.to_string().contains("host-1")
@@ -285,7 +318,7 @@ fn sealed_hosts_are_attested_by_their_boot_chain_and_a_differing_image_is_refuse
         assert!(!listed.contains(n.as_str()), "{n} left behind");
     }
     eprintln!(
-        "sealed hosts: `up` ready {up_secs:.1} s after start (image builds excluded: both hosts booted at once under TCG), both verdicts {attested_secs:.1} s; {}; TCP scan {scan_secs:.1} s",
+        "sealed hosts: `up` ready {up_secs:.1} s after start (image builds excluded: three hosts booted at once under TCG), all verdicts {attested_secs:.1} s; {}; TCP scan {scan_secs:.1} s",
         printed
             .lines()
             .filter(|l| l.contains("sealed host    ") || l.contains("boot chain     "))

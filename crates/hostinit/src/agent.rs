@@ -1,11 +1,16 @@
 //! `bulkhead-host-agent`: the sealed host's attestation agent. It opens the TPM, prints the
-//! attestation key on the console (`BULKHEAD-HOST-AK <hex>`: what an operator enrols; see
-//! host/README.md for why this is trust on first use until the EK chain is checked), then
-//! answers verifier nonces on a unix socket (mode 0600) that only the controller connects to,
-//! with [`BootEvidence`]: a quote over SHA-256 PCRs 4, 9, 11, 12 and 23 and their values.
+//! attestation key on the console (`BULKHEAD-HOST-AK <hex>`: the AK an operator asks the
+//! control plane to enrol, which the control plane certifies against the TPM's EK before it
+//! trusts it), reads the TPM's EK certificate, then answers verifier nonces on a unix socket
+//! (mode 0600) that only the controller connects to, with [`BootEvidence`]: a quote over
+//! SHA-256 PCRs 4, 9, 11, 12 and 23, their values, and the EK certificate.
 //!
 //! Same line protocol as `bulkhead_rot::agent` (`{"nonce":"<64 hex>","instance"?:…}` in, one
-//! JSON object out); with an instance the qualifying data is SHA-256(nonce ‖ instance id).
+//! JSON object out); with an instance the qualifying data is SHA-256(nonce ‖ instance id). A
+//! request may carry a `credential` (a verifier's TPM2_MakeCredential for the AK it enrols):
+//! the agent has the TPM activate it with the EK and returns the secret as `activated` in the
+//! evidence; when the TPM refuses (the credential was made for an AK that is not in this TPM,
+//! or for another TPM's EK) the evidence carries no `activated` and the verifier refuses.
 //!
 //! `bulkhead-host-agent --socket PATH --host HOST [--tcti device:/dev/tpmrm0]`
 
@@ -28,29 +33,49 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .cloned()
 }
 
-fn answer(tpm: &mut Tpm, host: &str, ak: &AkPublic, line: &[u8]) -> String {
-    let result = parse_request(line).and_then(|(nonce, instance)| {
-        let qd = qualifying_data(&nonce, instance.as_deref());
+/// What the agent holds for its answers.
+struct Identity {
+    host: String,
+    ak: AkPublic,
+    /// The EK certificate (DER, hex), if the TPM's manufacturer stored one.
+    ek_certificate: Option<String>,
+}
+
+fn answer(tpm: &mut Tpm, id: &Identity, line: &[u8]) -> String {
+    let result = parse_request(line).and_then(|call| {
+        let activated = match &call.credential {
+            None => None,
+            Some(c) => match tpm.activate_credential(c) {
+                Ok(secret) => Some(hex::encode(secret.as_slice())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the TPM refused the credential");
+                    None
+                }
+            },
+        };
+        let qd = qualifying_data(&call.nonce, call.instance.as_deref());
         let (quote, values) = tpm.quote_sha256_pcrs(&BOOT_PCRS, &qd).map_err(|e| {
             tracing::error!(error = %e, "quote failed");
             AgentError::QuoteFailed
         })?;
         Ok(HostEvidence::Boot(BootEvidence {
             format: EVIDENCE_FORMAT.to_string(),
-            host: host.to_string(),
-            ak: ak.clone(),
+            host: id.host.clone(),
+            ak: id.ak.clone(),
             quote,
             pcrs: BOOT_PCRS
                 .iter()
                 .copied()
                 .zip(values.iter().map(hex::encode))
                 .collect(),
+            ek_certificate: id.ek_certificate.clone(),
+            activated,
         }))
     });
     encode_reply(&result)
 }
 
-fn serve(tpm: &mut Tpm, host: &str, ak: &AkPublic, stream: UnixStream) {
+fn serve(tpm: &mut Tpm, id: &Identity, stream: UnixStream) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -69,7 +94,7 @@ fn serve(tpm: &mut Tpm, host: &str, ak: &AkPublic, stream: UnixStream) {
             return;
         }
         line.pop();
-        let mut out = answer(tpm, host, ak, &line);
+        let mut out = answer(tpm, id, &line);
         out.push('\n');
         if writer.write_all(out.as_bytes()).is_err() {
             return;
@@ -102,6 +127,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let ek_certificate = match tpm.ek_certificate() {
+        Ok(der) => Some(hex::encode(der)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no EK certificate: a verifier will not enrol this AK");
+            None
+        }
+    };
     let _ = std::fs::remove_file(&socket);
     let listener = match UnixListener::bind(&socket) {
         Ok(l) => l,
@@ -118,9 +150,14 @@ fn main() -> ExitCode {
         ak.0
     );
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    let id = Identity {
+        host,
+        ak,
+        ek_certificate,
+    };
     for conn in listener.incoming() {
         match conn {
-            Ok(s) => serve(&mut tpm, &host, &ak, s),
+            Ok(s) => serve(&mut tpm, &id, s),
             Err(e) => tracing::warn!(error = %e, "accept"),
         }
     }

@@ -8,9 +8,19 @@
 //! a boot) and PCR 23 computed from this host's configuration disk. The same evidence is refused
 //! for another nonce, another AK, or an edited PCR value.
 //!
+//! The same boot also has its AK certified against its TPM's endorsement key, as the control
+//! plane does before it enrols a sealed host's AK (`bulkhead_rot::endorsement`): the TPM was
+//! made by a local manufacturer (`swtpm_setup --create-ek-cert`); the evidence carries its EK
+//! certificate, which chains to that manufacturer's CA; a credential made for that EK and the
+//! AK the host printed goes through the controller to the agent, whose TPM activates it (the
+//! secret comes back, and the quote of that round still verifies); a credential made for an AK
+//! that is not in this TPM is not activated (`ActivationRefused`); evidence without an EK
+//! certificate is `NoEkCertificate`.
+//!
 //! Boot 2 (the image rebuilt with `lockdown=none` for `lockdown=confidentiality` on its
-//! command line, everything else identical): its evidence is refused with
-//! `PcrMismatch { pcr: 4, .. }` and PCRs 9 and 11 among the mismatches, PCR 12 and 23 not.
+//! command line, everything else identical, on a TPM made by another, untrusted manufacturer):
+//! its evidence is refused with `PcrMismatch { pcr: 4, .. }` and PCRs 9 and 11 among the
+//! mismatches, PCR 12 and 23 not; its EK certificate does not chain to the trusted CA.
 //!
 //! Two boots (QEMU TCG). Needs what `sealed_host.rs` needs, plus curl.
 
@@ -21,6 +31,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use bulkhead_rot::boot::{verify_boot, BootChainError, BootEvidence, ExpectedPcrs};
+use bulkhead_rot::endorsement::{
+    challenge_boot_ak, CredentialChallenge, EndorsementError, LocalManufacturer,
+};
 use bulkhead_rot::tpm::AkPublic;
 use common::{HostNet, SealedHost, MTLS_PORT};
 
@@ -33,19 +46,31 @@ impl Drop for TempDir {
     }
 }
 
-/// Boots `uki` as host-1, asks its controller for a quote over `nonce`, returns the evidence,
-/// the AK the host printed, and the time to a ready controller.
-fn boot_and_attest(
-    tmp: &Path,
-    name: &str,
+/// A booted sealed host and what its controller needs to be asked for a quote.
+struct Booted<'a> {
+    _host: SealedHost,
+    ak: AkPublic,
+    ready_s: f64,
+    token: String,
+    pki: &'a Path,
+    net: &'a HostNet,
+    tmp: &'a Path,
+    name: &'a str,
+}
+
+/// Boots `uki` as host-1 on a TPM `manufacturer` made; returns it once its controller is ready,
+/// with the AK it printed.
+fn boot<'a>(
+    tmp: &'a Path,
+    name: &'a str,
     uki: &Path,
-    pki: &Path,
-    net: &HostNet,
-    nonce: &[u8; 32],
-) -> (BootEvidence, AkPublic, f64, String) {
+    pki: &'a Path,
+    net: &'a HostNet,
+    manufacturer: &LocalManufacturer,
+) -> Booted<'a> {
     let disk = tmp.join(format!("{name}-config.img"));
     let _ = common::config_disk(pki, "host-1", net, &disk);
-    let mut host = SealedHost::boot(&tmp.join(name), uki, &disk, net);
+    let mut host = SealedHost::boot(&tmp.join(name), uki, &disk, net, Some(manufacturer));
     host.wait_for("BULKHEAD-HOST-AK ", Duration::from_secs(300));
     let ready = host.wait_for("\"event\":\"ready\"", Duration::from_secs(120));
     let log = host.console_text();
@@ -55,7 +80,6 @@ fn boot_and_attest(
         .expect("AK line")
         .trim()
         .to_string();
-    let dir = bulkhead_tokens::statedir::StateDir::new(pki);
     let token = Command::new(common::target_dir().join("release/bulkhead"))
         .args(["token", "mint", "--dev-dir"])
         .arg(pki)
@@ -80,40 +104,67 @@ fn boot_and_attest(
         .expect("token")
         .trim()
         .to_string();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &net.ns, "curl", "-sS", "--max-time", "60"])
-        .arg("--resolve")
-        .arg(format!("host-1:{MTLS_PORT}:{}", net.host_ip))
-        .arg("--cacert")
-        .arg(dir.ca().ca_pem())
-        .arg("--cert")
-        .arg(dir.ca().cert("operator"))
-        .arg("--key")
-        .arg(dir.ca().key("operator"))
-        .args([
-            "-H",
-            &format!("Authorization: Bearer {token}"),
-            "-H",
-            "Content-Type: application/json",
-        ])
-        .args(["-d", &format!("{{\"nonce\":\"{}\"}}", hex::encode(nonce))])
-        .arg(format!("https://host-1:{MTLS_PORT}/v1/host/attest"))
-        .output()
-        .expect("curl");
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::write(tmp.join(format!("{name}-evidence.json")), &out.stdout);
-    let evidence: BootEvidence = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not boot evidence ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    let console = host.console_text();
-    (evidence, AkPublic(ak), ready.as_secs_f64(), console)
+    Booted {
+        _host: host,
+        ak: AkPublic(ak),
+        ready_s: ready.as_secs_f64(),
+        token,
+        pki,
+        net,
+        tmp,
+        name,
+    }
+}
+
+impl Booted<'_> {
+    /// `POST /v1/host/attest` with `nonce` (and a credential for the TPM to activate first).
+    fn attest(&self, nonce: &[u8; 32], credential: Option<&CredentialChallenge>) -> BootEvidence {
+        let dir = bulkhead_tokens::statedir::StateDir::new(self.pki);
+        let mut body = serde_json::json!({ "nonce": hex::encode(nonce) });
+        if let Some(c) = credential {
+            body["credential"] = serde_json::to_value(c).expect("credential");
+        }
+        let net = self.net;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &net.ns, "curl", "-sS", "--max-time", "60"])
+            .arg("--resolve")
+            .arg(format!("host-1:{MTLS_PORT}:{}", net.host_ip))
+            .arg("--cacert")
+            .arg(dir.ca().ca_pem())
+            .arg("--cert")
+            .arg(dir.ca().cert("operator"))
+            .arg("--key")
+            .arg(dir.ca().key("operator"))
+            .args([
+                "-H",
+                &format!("Authorization: Bearer {}", self.token),
+                "-H",
+                "Content-Type: application/json",
+            ])
+            .args(["-d", &body.to_string()])
+            .arg(format!("https://host-1:{MTLS_PORT}/v1/host/attest"))
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::write(
+            self.tmp.join(format!("{}-evidence.json", self.name)),
+            &out.stdout,
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not boot evidence ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn console(&self) -> String {
+        self._host.console_text()
+    }
 }
 
 fn curl_present() -> bool {
@@ -154,17 +205,21 @@ fn sealed_host_attests_and_a_tampered_image_is_refused() {
 
     let pki = tmp.join("pki");
     let net = HostNet::new("t");
+    let manufacturer = LocalManufacturer::new(&tmp.join("manufacturer")).expect("manufacturer");
+    let rogue = LocalManufacturer::new(&tmp.join("rogue")).expect("rogue manufacturer");
 
     // --- boot 1: the image as built ----------------------------------------------------------
     let nonce: [u8; 32] = rand_nonce();
-    let (ev, ak, ready_s, console) = boot_and_attest(
+    let good = boot(
         &tmp,
         "good",
         &tmp.join("good/bulkhead-host.efi"),
         &pki,
         &net,
-        &nonce,
+        &manufacturer,
     );
+    let ev = good.attest(&nonce, None);
+    let (ak, ready_s, console) = (good.ak.clone(), good.ready_s, good.console());
     let config_digest = bulkhead_hostinit::config::measured_digest(
         &std::fs::read(tmp.join("good-config.img")).expect("disk"),
     )
@@ -198,16 +253,74 @@ fn sealed_host_attests_and_a_tampered_image_is_refused() {
         Err(BootChainError::ValuesDoNotMatchQuote)
     );
 
+    // --- the AK certified against the TPM's EK (what the control plane runs to enrol it) -----
+    let trust = manufacturer.trust().expect("the manufacturer's CA");
+    let now = bulkhead_rot::unix_now();
+    let (challenge, check) =
+        challenge_boot_ak(&ev, &ak, &trust, now).expect("the EK certificate chains to the CA");
+    let nonce_c = rand_nonce();
+    let ev_c = good.attest(&nonce_c, Some(&challenge));
+    let ek = check
+        .finish_boot(&ev_c)
+        .expect("the host's TPM activates a credential for its own AK");
+    assert_eq!(
+        verify_boot(&ev_c, &ak, &nonce_c, &expected),
+        Ok(()),
+        "the quote of the activation round"
+    );
+    // A credential for an AK that is not in this TPM (its name differs): the TPM refuses it.
+    let (foreign, check) = challenge_boot_ak(&ev, &other_ak, &trust, now).expect("credential");
+    let ev_f = good.attest(&rand_nonce(), Some(&foreign));
+    assert_eq!(
+        ev_f.activated, None,
+        "the TPM activated a foreign AK's credential"
+    );
+    assert_eq!(
+        check.finish_boot(&ev_f).map(|_| ()),
+        Err(EndorsementError::ActivationRefused)
+    );
+    // The secret of one credential does not open another.
+    let (_, check) = challenge_boot_ak(&ev, &ak, &trust, now).expect("credential");
+    assert_eq!(
+        check.finish_boot(&ev_c).map(|_| ()),
+        Err(EndorsementError::WrongSecret)
+    );
+    let mut no_cert = ev.clone();
+    no_cert.ek_certificate = None;
+    assert_eq!(
+        challenge_boot_ak(&no_cert, &ak, &trust, now).map(|_| ()),
+        Err(EndorsementError::NoEkCertificate)
+    );
+    eprintln!("AK endorsed by EK {}", ek.fingerprint());
+    drop(good);
+
     // --- boot 2: the same image with `lockdown=none` on its command line --------------------
     let nonce2 = rand_nonce();
-    let (ev2, ak2, ready2_s, _) = boot_and_attest(
+    let bad = boot(
         &tmp,
         "bad",
         &tmp.join("bad/bulkhead-host.efi"),
         &pki,
         &net,
-        &nonce2,
+        &rogue,
     );
+    let ev2 = bad.attest(&nonce2, None);
+    let (ak2, ready2_s) = (bad.ak.clone(), bad.ready_s);
+    // Its TPM's EK certificate chains to the rogue CA (same name, other key), not the trusted one.
+    match challenge_boot_ak(&ev2, &ak2, &trust, bulkhead_rot::unix_now()) {
+        Err(EndorsementError::BadSignature { .. } | EndorsementError::UntrustedIssuer { .. }) => {}
+        other => panic!(
+            "a rogue manufacturer's EK was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+    challenge_boot_ak(
+        &ev2,
+        &ak2,
+        &rogue.trust().expect("rogue CA"),
+        bulkhead_rot::unix_now(),
+    )
+    .expect("the rogue CA's own chain verifies (the refusal is the trust, not the format)");
     match verify_boot(&ev2, &ak2, &nonce2, &expected) {
         Err(BootChainError::PcrMismatch { pcr, all, .. }) => {
             assert_eq!(pcr, 4, "first mismatch");

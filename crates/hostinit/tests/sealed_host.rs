@@ -42,6 +42,7 @@ fn sealed_host_boots_with_no_way_in() {
         &tmp.join("image/bulkhead-host.efi"),
         &tmp.join("config.img"),
         &net,
+        None,
     );
 
     // --- the kernel and PID 1 come up, hardened, and start the controller -----------------

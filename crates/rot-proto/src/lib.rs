@@ -9,9 +9,13 @@
 //!   [`AkPublic`].
 //! * [`qualifying_data`]: what a quote is made over, optionally bound to an instance.
 //! * The agent's line protocol, one JSON object per line each way: a request
-//!   ([`AgentRequest`], at most [`MAX_REQUEST_LINE`] bytes, parsed only by [`parse_request`]),
-//!   and an answer, the [`Evidence`] or an [`AgentFailure`] (at most [`MAX_EVIDENCE_BYTES`],
-//!   parsed only by [`parse_reply`]).
+//!   ([`AgentRequest`], at most [`MAX_REQUEST_LINE`] bytes, parsed only by [`parse_request`]
+//!   into an [`AgentCall`]), and an answer, the [`Evidence`] or an [`AgentFailure`] (at most
+//!   [`MAX_EVIDENCE_BYTES`], parsed only by [`parse_reply`]).
+//! * Endorsement of a sealed host's attestation key: its [`BootEvidence`] carries the TPM's EK
+//!   certificate, and a request may carry a [`CredentialChallenge`] (TPM2_MakeCredential's
+//!   output, made by the verifier for the AK it is asked to enrol) that the agent opens with
+//!   TPM2_ActivateCredential; the secret comes back in the evidence (`activated`).
 
 use std::collections::BTreeMap;
 
@@ -20,8 +24,12 @@ use sha2::{Digest as _, Sha256};
 
 /// A verifier's nonce, and the quote's qualifying data: 32 bytes.
 pub const MAX_NONCE_LEN: usize = 32;
-/// Longest agent request line, newline included.
-pub const MAX_REQUEST_LINE: usize = 256;
+/// Longest agent request line, newline included (a request with a credential to activate is
+/// about 800 bytes: an RSA 2048 encrypted seed and the credential blob, in hex).
+pub const MAX_REQUEST_LINE: usize = 2048;
+/// Longest `id_object` or `encrypted_secret` of a [`CredentialChallenge`], in bytes (an RSA
+/// 4096 EK's encrypted seed is 512 bytes).
+pub const MAX_CREDENTIAL_PART: usize = 512;
 /// Longest agent answer line (evidence), newline included.
 pub const MAX_EVIDENCE_BYTES: usize = 64 * 1024;
 
@@ -83,6 +91,38 @@ pub struct BootEvidence {
     pub quote: RawQuote,
     /// The quoted PCRs' SHA-256 values, hex, by index.
     pub pcrs: BTreeMap<u8, String>,
+    /// The TPM's RSA 2048 EK certificate (DER, hex), when its manufacturer stored one: what a
+    /// verifier checks against the manufacturer CAs it trusts before enrolling the AK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_certificate: Option<String>,
+    /// The secret of the [`CredentialChallenge`] the request carried, as the TPM's
+    /// ActivateCredential returned it (hex); absent when none was sent or the TPM refused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated: Option<String>,
+}
+
+/// A credential the verifier sends to a TPM (TPM2_MakeCredential's output): only the TPM
+/// holding the EK can open it, and only for the AK whose name it was made for. Made and checked
+/// by `bulkhead_rot::endorsement`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialChallenge {
+    /// `TPM2B_ID_OBJECT` contents (`TPM2B_DIGEST` integrity HMAC || encrypted credential), hex.
+    pub id_object: String,
+    /// `TPM2B_ENCRYPTED_SECRET` contents (the RSA-OAEP-wrapped seed), hex.
+    pub encrypted_secret: String,
+}
+
+impl CredentialChallenge {
+    /// Both parts are hex of 1 to [`MAX_CREDENTIAL_PART`] bytes.
+    pub fn well_formed(&self) -> bool {
+        let ok = |h: &str| {
+            hex::decode(h)
+                .map(|b| !b.is_empty() && b.len() <= MAX_CREDENTIAL_PART)
+                .unwrap_or(false)
+        };
+        ok(&self.id_object) && ok(&self.encrypted_secret)
+    }
 }
 
 /// Either kind of evidence a host's agent answers with (the shapes are disjoint: each refuses
@@ -156,18 +196,41 @@ pub struct AgentRequest {
     /// The instance the quote is bound to, if any (a resource id: 1-64 of `A-Za-z0-9-_.`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// A credential for the agent's TPM to activate before it quotes (endorsement of the AK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialChallenge>,
 }
 
 impl AgentRequest {
     /// The request line for `nonce` (bound to `instance` if given), without its newline.
     pub fn encode(nonce: &[u8; MAX_NONCE_LEN], instance: Option<&str>) -> String {
-        let r = AgentRequest {
-            nonce: hex::encode(nonce),
+        Self::encode_call(&AgentCall {
+            nonce: *nonce,
             instance: instance.map(str::to_string),
+            credential: None,
+        })
+    }
+
+    /// The request line for a whole call (what [`parse_request`] reads back), without its
+    /// newline.
+    pub fn encode_call(call: &AgentCall) -> String {
+        let r = AgentRequest {
+            nonce: hex::encode(call.nonce),
+            instance: call.instance.clone(),
+            credential: call.credential.clone(),
         };
-        // A struct of two strings always serializes.
+        // A struct of strings always serializes.
         serde_json::to_string(&r).unwrap_or_default()
     }
+}
+
+/// A checked agent request: what the quote's qualifying data is made of (the nonce, and the
+/// instance it is bound to, if any) and a credential to activate first, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentCall {
+    pub nonce: [u8; MAX_NONCE_LEN],
+    pub instance: Option<String>,
+    pub credential: Option<CredentialChallenge>,
 }
 
 /// Why the agent refused a request line. Codes are stable: they are the `error` of the
@@ -182,6 +245,10 @@ pub enum AgentError {
     BadNonce,
     #[error("instance id must be 1-64 of A-Za-z0-9-_.")]
     BadInstance,
+    #[error("credential parts must be hex of 1-{MAX_CREDENTIAL_PART} bytes")]
+    BadCredential,
+    #[error("this agent activates no credentials")]
+    CredentialUnsupported,
     #[error("the TPM could not quote")]
     QuoteFailed,
 }
@@ -193,14 +260,15 @@ impl AgentError {
             AgentError::BadRequest => "agent_bad_request",
             AgentError::BadNonce => "agent_bad_nonce",
             AgentError::BadInstance => "agent_bad_instance",
+            AgentError::BadCredential => "agent_bad_credential",
+            AgentError::CredentialUnsupported => "agent_credential_unsupported",
             AgentError::QuoteFailed => "agent_quote_failed",
         }
     }
 }
 
-/// The only parser of the agent's input (a line without its newline). Returns what the
-/// quote's qualifying data is made of: the nonce, and the instance it is bound to (if any).
-pub fn parse_request(line: &[u8]) -> Result<([u8; MAX_NONCE_LEN], Option<String>), AgentError> {
+/// The only parser of the agent's input (a line without its newline).
+pub fn parse_request(line: &[u8]) -> Result<AgentCall, AgentError> {
     if line.len() > MAX_REQUEST_LINE {
         return Err(AgentError::TooLong);
     }
@@ -212,7 +280,16 @@ pub fn parse_request(line: &[u8]) -> Result<([u8; MAX_NONCE_LEN], Option<String>
             return Err(AgentError::BadInstance);
         }
     }
-    Ok((nonce, r.instance))
+    if let Some(c) = &r.credential {
+        if !c.well_formed() {
+            return Err(AgentError::BadCredential);
+        }
+    }
+    Ok(AgentCall {
+        nonce,
+        instance: r.instance,
+        credential: r.credential,
+    })
 }
 
 /// The agent's answer when it made no quote.
@@ -266,9 +343,9 @@ pub fn parse_reply(line: &[u8]) -> Result<HostEvidence, ReplyError> {
 /// Fuzz entry point: both parsers on arbitrary bytes; what parses re-encodes and parses the
 /// same.
 pub fn fuzz_wire(data: &[u8]) {
-    if let Ok((nonce, instance)) = parse_request(data) {
-        let line = AgentRequest::encode(&nonce, instance.as_deref());
-        assert_eq!(parse_request(line.as_bytes()), Ok((nonce, instance)));
+    if let Ok(call) = parse_request(data) {
+        let line = AgentRequest::encode_call(&call);
+        assert_eq!(parse_request(line.as_bytes()), Ok(call));
     }
     match parse_reply(data) {
         Ok(ev) => {
@@ -308,7 +385,16 @@ mod tests {
             pcrs: [(4, "aa".repeat(32)), (23, "bb".repeat(32))]
                 .into_iter()
                 .collect(),
+            ek_certificate: Some("3082".into()),
+            activated: Some("cc".repeat(32)),
         })
+    }
+
+    fn credential() -> CredentialChallenge {
+        CredentialChallenge {
+            id_object: "00".repeat(68),
+            encrypted_secret: "ab".repeat(256),
+        }
     }
 
     #[test]
@@ -316,11 +402,41 @@ mod tests {
         let n = [7u8; 32];
         for inst in [None, Some("i-0123")] {
             let line = AgentRequest::encode(&n, inst);
-            assert_eq!(
-                parse_request(line.as_bytes()),
-                Ok((n, inst.map(str::to_string)))
-            );
+            let call = parse_request(line.as_bytes()).expect("parses");
+            assert_eq!((call.nonce, call.instance), (n, inst.map(str::to_string)));
+            assert_eq!(call.credential, None);
         }
+        // A credential to activate fits in one request line and comes back as sent.
+        let call = AgentCall {
+            nonce: n,
+            instance: None,
+            credential: Some(credential()),
+        };
+        let line = AgentRequest::encode_call(&call);
+        assert!(line.len() < MAX_REQUEST_LINE);
+        assert_eq!(parse_request(line.as_bytes()), Ok(call));
+        for (id, secret) in [
+            ("", "ab"),
+            ("zz", "ab"),
+            ("00", ""),
+            ("00", &*"ab".repeat(MAX_CREDENTIAL_PART + 1)),
+        ] {
+            let bad = format!(
+                r#"{{"nonce":"{}","credential":{{"id_object":"{id}","encrypted_secret":"{secret}"}}}}"#,
+                hex::encode(n)
+            );
+            let want = if bad.len() > MAX_REQUEST_LINE {
+                AgentError::TooLong
+            } else {
+                AgentError::BadCredential
+            };
+            assert_eq!(parse_request(bad.as_bytes()), Err(want), "{id} {secret}");
+        }
+        let extra = format!(
+            r#"{{"nonce":"{}","credential":{{"id_object":"00","encrypted_secret":"00","x":1}}}}"#,
+            hex::encode(n)
+        );
+        assert_eq!(parse_request(extra.as_bytes()), Err(AgentError::BadRequest));
         assert_eq!(
             AgentRequest::encode(&n, None),
             format!("{{\"nonce\":\"{}\"}}", hex::encode(n))
@@ -415,6 +531,11 @@ mod tests {
             encode_reply(&Ok(boot_evidence())),
             encode_reply(&Err(AgentError::BadNonce)),
             AgentRequest::encode(&[9; 32], Some("i-1")),
+            AgentRequest::encode_call(&AgentCall {
+                nonce: [3; 32],
+                instance: None,
+                credential: Some(credential()),
+            }),
         ] {
             fuzz_wire(seed.as_bytes());
         }

@@ -26,8 +26,13 @@ use crate::host::Host;
 pub use bulkhead_rot_proto::{parse_request, AgentError, AgentRequest, MAX_REQUEST_LINE};
 
 fn answer(host: &mut Host, line: &[u8]) -> String {
-    let result = parse_request(line).and_then(|(nonce, instance)| {
-        let qualifying = crate::attest::qualifying_data(&nonce, instance.as_deref());
+    let result = parse_request(line).and_then(|call| {
+        if call.credential.is_some() {
+            // Process hosts are endorsed at provisioning (`bulkhead-launcher
+            // activate-credential`), not through the controller.
+            return Err(AgentError::CredentialUnsupported);
+        }
+        let qualifying = crate::attest::qualifying_data(&call.nonce, call.instance.as_deref());
         host.attest(&qualifying).map_err(|e| {
             tracing::warn!(error = %e, "quote failed");
             AgentError::QuoteFailed
@@ -87,9 +92,9 @@ mod tests {
     fn requests_are_strict() {
         let n = "ab".repeat(32);
         assert!(parse_request(format!(r#"{{"nonce":"{n}"}}"#).as_bytes()).is_ok());
-        let (_, i) =
+        let call =
             parse_request(format!(r#"{{"nonce":"{n}","instance":"i-1"}}"#).as_bytes()).unwrap();
-        assert_eq!(i.as_deref(), Some("i-1"));
+        assert_eq!(call.instance.as_deref(), Some("i-1"));
         assert_eq!(
             parse_request(format!(r#"{{"nonce":"{n}","instance":"../x"}}"#).as_bytes()),
             Err(AgentError::BadInstance)

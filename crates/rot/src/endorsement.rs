@@ -272,16 +272,9 @@ fn ek_key_of(leaf: &X509Certificate<'_>) -> Result<EkPublicKey, EndorsementError
     })
 }
 
-/// A credential the verifier sends to the host: only the TPM holding the EK can open it, and
-/// only for the AK named in it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CredentialChallenge {
-    /// `TPM2B_ID_OBJECT` contents (`TPM2B_DIGEST` integrity HMAC || encrypted credential), hex.
-    pub id_object: String,
-    /// `TPM2B_ENCRYPTED_SECRET` contents (the RSA-OAEP-wrapped seed), hex.
-    pub encrypted_secret: String,
-}
+// The credential the verifier sends to the host is a wire type (the sealed host's agent reads
+// it from its request line): one definition in `bulkhead-rot-proto`.
+pub use bulkhead_rot_proto::CredentialChallenge;
 
 /// The verifier's side of one credential check: keeps the expected secret.
 pub struct CredentialCheck {
@@ -306,6 +299,42 @@ impl CredentialCheck {
         } else {
             Err(EndorsementError::WrongSecret)
         }
+    }
+}
+
+/// A sealed host's attestation key, first step (the control plane runs it before it enrols the
+/// AK, see `bulkhead_control::sealed`): the EK certificate the host's boot evidence carries
+/// must chain to a trusted manufacturer CA; returns the credential to send to the host for `ak`
+/// (the AK to be enrolled) and the check of what comes back.
+pub fn challenge_boot_ak(
+    evidence: &bulkhead_rot_proto::BootEvidence,
+    ak: &AkPublic,
+    trust: &EkTrust,
+    now: u64,
+) -> Result<(CredentialChallenge, CredentialCheck), EndorsementError> {
+    let hex_cert = evidence
+        .ek_certificate
+        .as_deref()
+        .ok_or(EndorsementError::NoEkCertificate)?;
+    let der =
+        hex::decode(hex_cert).map_err(|_| EndorsementError::Malformed("EK certificate (hex)"))?;
+    let ek = verify_ek_certificate(&der, trust, now)?;
+    make_credential(&ek, ak)
+}
+
+impl CredentialCheck {
+    /// Second step: the boot evidence the host answered the credential with must carry exactly
+    /// its secret (the host's TPM opened it, so the AK is in the TPM that holds the EK).
+    pub fn finish_boot(
+        self,
+        evidence: &bulkhead_rot_proto::BootEvidence,
+    ) -> Result<EkPublicKey, EndorsementError> {
+        let secret = evidence
+            .activated
+            .as_deref()
+            .ok_or(EndorsementError::ActivationRefused)?;
+        let secret = hex::decode(secret).map_err(|_| EndorsementError::WrongSecret)?;
+        self.finish(&secret)
     }
 }
 

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bulkhead_devcluster::sealed::SealedVm;
+use bulkhead_rot::endorsement::LocalManufacturer;
 // Not every test of this crate scans.
 #[allow(unused_imports)]
 pub use bulkhead_devcluster::sealed::{tcp_scan, udp_scan, MTLS_PORT};
@@ -156,11 +157,26 @@ impl Drop for HostNet {
 pub struct SealedHost(SealedVm);
 
 impl SealedHost {
-    /// Boots `uki` with `config_disk` on `net`. `dir` is this host's scratch directory.
-    pub fn boot(dir: &Path, uki: &Path, config_disk: &Path, net: &HostNet) -> SealedHost {
+    /// Boots `uki` with `config_disk` on `net`. `dir` is this host's scratch directory; the
+    /// host's TPM is made by `manufacturer` (blank without one).
+    pub fn boot(
+        dir: &Path,
+        uki: &Path,
+        config_disk: &Path,
+        net: &HostNet,
+        manufacturer: Option<&LocalManufacturer>,
+    ) -> SealedHost {
         SealedHost(
-            SealedVm::boot("host-1", dir, uki, config_disk, &net.ns, &net.tap)
-                .unwrap_or_else(|e| panic!("boot: {e}")),
+            SealedVm::boot(
+                "host-1",
+                dir,
+                uki,
+                config_disk,
+                &net.ns,
+                &net.tap,
+                manufacturer,
+            )
+            .unwrap_or_else(|e| panic!("boot: {e}")),
         )
     }
 
