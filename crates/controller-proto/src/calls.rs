@@ -6,10 +6,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::{
-    Ack, AlertList, AttachNetworkRequest, AttachVolumeRequest, AttestRequest, AuditPage,
-    ConsoleOutput, CreateInstanceRequest, DrainRequest, ErrorBody, Health, HostDescription,
-    InstanceDescription, Method, MetricsText, NetworkAttached, NetworkRoutesRequest,
-    NetworkRulesRequest, RelayedEvidence,
+    Ack, AlertList, ArtefactStored, AttachNetworkRequest, AttachVolumeRequest, AttestRequest,
+    AuditPage, ConsoleOutput, CreateInstanceRequest, DeployReleaseRequest, DrainRequest, ErrorBody,
+    Health, HostDescription, InstanceDescription, Method, MetricsText, NetworkAttached,
+    NetworkRoutesRequest, NetworkRulesRequest, RelayedEvidence, ReleaseDeployed,
 };
 
 /// The body of a route that takes none (no value of it exists).
@@ -46,6 +46,8 @@ fn json_answer<T: DeserializeOwned>(body: &[u8]) -> Result<T, ResponseError> {
 
 json_answers!(
     Ack,
+    ArtefactStored,
+    ReleaseDeployed,
     AlertList,
     AuditPage,
     ConsoleOutput,
@@ -83,6 +85,15 @@ pub trait CallArgs {
     fn query(&self) -> Option<String> {
         None
     }
+    /// What fills the path's `{id}` segment: the instance, unless the route names something
+    /// else there (an artefact's digest).
+    fn id_segment(&self) -> Option<&str> {
+        self.instance()
+    }
+    /// A raw (non-JSON) request body: only an artefact upload has one.
+    fn raw_body(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// One controller operation's request, typed with its route and its answer.
@@ -102,7 +113,7 @@ pub trait ControllerCall: CallArgs {
                 out.push('/');
             }
             out.push_str(match seg {
-                "{id}" => self.instance().unwrap_or_default(),
+                "{id}" => self.id_segment().unwrap_or_default(),
                 "{volume_id}" => self.volume().unwrap_or_default(),
                 s => s,
             });
@@ -168,6 +179,36 @@ pub struct DrainHost(pub DrainRequest);
 impl CallArgs for DrainHost {
     type Body = DrainRequest;
     fn body(&self) -> Option<&DrainRequest> {
+        Some(&self.0)
+    }
+}
+
+/// `PUT /v1/host/artefacts/{sha256}`: the artefact's bytes are the raw request body (not
+/// JSON), so the call carries no JSON body; a caller sends [`CallArgs::raw_body`] as is.
+#[derive(Debug, Clone)]
+pub struct UploadArtefact {
+    /// SHA-256 of `bytes`, hex (the path's `{id}`).
+    pub sha256: String,
+    pub bytes: Vec<u8>,
+}
+
+impl CallArgs for UploadArtefact {
+    type Body = NoBody;
+    fn id_segment(&self) -> Option<&str> {
+        Some(&self.sha256)
+    }
+    fn raw_body(&self) -> Option<&[u8]> {
+        Some(&self.bytes)
+    }
+}
+
+/// `POST /v1/host/releases`.
+#[derive(Debug, Clone)]
+pub struct DeployRelease(pub DeployReleaseRequest);
+
+impl CallArgs for DeployRelease {
+    type Body = DeployReleaseRequest;
+    fn body(&self) -> Option<&DeployReleaseRequest> {
         Some(&self.0)
     }
 }

@@ -28,6 +28,9 @@ pub use calls::{CallArgs, ControllerCall, NoBody, ResponseError, WireResponse};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest artefact one `PUT /v1/host/artefacts/{sha256}` carries (its raw body): a release's
+/// binaries (an unstripped hypervisor is ~21 MiB).
+pub const MAX_ARTEFACT_BYTES: usize = 64 * 1024 * 1024;
 /// Largest `user_data` accepted, in bytes (it ends up on the guest's 2048-byte command line).
 pub const MAX_USER_DATA_BYTES: usize = 1024;
 /// Most audit records returned by one read.
@@ -73,6 +76,9 @@ pub enum BodyKind {
     AttachNetwork,
     NetworkRoutes,
     NetworkRules,
+    /// The raw bytes of one release artefact (not JSON), at most [`MAX_ARTEFACT_BYTES`].
+    Artefact,
+    DeployRelease,
 }
 
 /// One entry of the route table.
@@ -115,6 +121,8 @@ routes! {
     Get "/v1/audit" => ReadAudit, None, "Audit records after a cursor (pull only)", ReadAudit -> AuditPage;
     Get "/v1/alerts" => ListAlerts, None, "Alerts raised by the monitoring rules", ListAlerts -> AlertList;
     Post "/v1/host/drain" => DrainHost, Drain, "Stop placing new instances on this host", DrainHost -> Ack;
+    Put "/v1/host/artefacts/{id}" => UploadArtefact, Artefact, "Store one release artefact under its SHA-256 (the raw request body; the controller checks the digest, so the upload needs no trust). Deployer role only", UploadArtefact -> ArtefactStored;
+    Post "/v1/host/releases" => DeployRelease, DeployRelease, "Install a 2-of-3 signed release from uploaded artefacts, self-test its hypervisor, and live-update every running instance's hypervisor to it (rolled back on any failure; guests never reboot). Deployer role only", DeployRelease -> ReleaseDeployed;
     Post "/v1/host/attest" => AttestHost, Attest, "Quote of the host's measurements over a verifier's nonce (relayed from the attestation agent)", AttestHost -> RelayedEvidence;
     Post "/v1/instances" => CreateInstance, CreateInstance, "Create an instance from an image", CreateInstance -> InstanceDescription;
     Get "/v1/instances/{id}" => DescribeInstance, None, "Describe one instance", DescribeInstance -> InstanceDescription;
@@ -216,6 +224,15 @@ pub struct AttestRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub credential: Option<bulkhead_rot_proto::CredentialChallenge>,
+}
+
+/// Body of `POST /v1/host/releases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployReleaseRequest {
+    /// The signed release (`bulkhead-rot`'s `SignedRelease` JSON: the manifest text exactly as
+    /// signed and its signatures), verified by the controller against its pinned trust root.
+    pub release: String,
 }
 
 /// Body of `POST /v1/instances`.
@@ -323,6 +340,33 @@ pub struct VolumeStorageRequest {
 }
 
 // ---- answers -------------------------------------------------------------------------------
+
+/// Answer of `PUT /v1/host/artefacts/{sha256}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ArtefactStored {
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// One instance's hypervisor moved to a release's binary by a live update.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HypervisorMoved {
+    pub instance_id: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// The guest's pause as the hypervisors measured it.
+    pub pause_us: u64,
+}
+
+/// Answer of `POST /v1/host/releases`: the release is installed and active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReleaseDeployed {
+    pub request_id: String,
+    pub version: u64,
+    /// The hypervisor binary new instances start and running ones now run.
+    pub hypervisor: String,
+    pub moved: Vec<HypervisorMoved>,
+}
 
 /// `GET /v1/host`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -651,7 +695,10 @@ pub fn fuzz_body(data: &[u8]) {
         return;
     };
     match pick % 12 {
-        0 => round::<DrainRequest>(body),
+        0 => {
+            round::<DrainRequest>(body);
+            round::<DeployReleaseRequest>(body);
+        }
         1 => round::<AttestRequest>(body),
         2 => round::<CreateInstanceRequest>(body),
         3 => round::<AttachVolumeRequest>(body),

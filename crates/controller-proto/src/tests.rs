@@ -321,10 +321,25 @@ fn calls_build_the_paths_the_route_table_routes() {
         &["host"],
     );
     check(&DrainHost::default(), "/v1/host/drain", &["host"]);
+    let up = UploadArtefact {
+        sha256: "ab".repeat(32),
+        bytes: vec![1, 2, 3],
+    };
+    assert_eq!(up.raw_body(), Some(&[1u8, 2, 3][..]));
+    assert_eq!(up.path(), format!("/v1/host/artefacts/{}", "ab".repeat(32)));
+    assert_eq!(up.resources(), vec!["host".to_string()]);
+    check(
+        &DeployRelease(DeployReleaseRequest {
+            release: "{}".into(),
+        }),
+        "/v1/host/releases",
+        &["host"],
+    );
     check(
         &AttestHost(AttestRequest {
             nonce: "00".into(),
             instance_id: Some(id()),
+            credential: None,
         }),
         "/v1/host/attest",
         &["host", "instance:i-1"],
@@ -339,7 +354,6 @@ fn calls_build_the_paths_the_route_table_routes() {
             network: None,
             instance_storage_gib: None,
         }),
-            credential: None,
         "/v1/instances",
         &["instance:i-1"],
     );

@@ -14,13 +14,14 @@ use serde::{Deserialize, Serialize};
 
 use bulkhead_controller_proto::{decode_body as json, parse_audit_query};
 pub use bulkhead_controller_proto::{
-    find_route, Ack, Alert, AlertList, AttachNetworkRequest, AttachVolumeRequest, AttestRequest,
-    AuditPage, BodyKind, ConsoleOutput, CreateInstanceRequest, DrainRequest, ErrorBody,
-    ErrorDetail, Health, HostDescription, InstanceDescription, InstanceState, InstanceStorageGib,
-    Method, NetworkAttached, NetworkField, NetworkRequest, NetworkRoutesRequest,
-    NetworkRulesRequest, RelayedEvidence, RequestError, RouteSpec, VolumeStorageRequest,
-    MAX_AUDIT_PAGE, MAX_BODY_BYTES, MAX_INSTANCE_STORAGE_GIB, MAX_NET_ENTRY_LEN, MAX_NET_ROUTES,
-    MAX_NET_RULES, MAX_USER_DATA_BYTES, ROUTES,
+    find_route, Ack, Alert, AlertList, ArtefactStored, AttachNetworkRequest, AttachVolumeRequest,
+    AttestRequest, AuditPage, BodyKind, ConsoleOutput, CreateInstanceRequest, DeployReleaseRequest,
+    DrainRequest, ErrorBody, ErrorDetail, Health, HostDescription, HypervisorMoved,
+    InstanceDescription, InstanceState, InstanceStorageGib, Method, NetworkAttached, NetworkField,
+    NetworkRequest, NetworkRoutesRequest, NetworkRulesRequest, RelayedEvidence, ReleaseDeployed,
+    RequestError, RouteSpec, VolumeStorageRequest, MAX_ARTEFACT_BYTES, MAX_AUDIT_PAGE,
+    MAX_BODY_BYTES, MAX_INSTANCE_STORAGE_GIB, MAX_NET_ENTRY_LEN, MAX_NET_ROUTES, MAX_NET_RULES,
+    MAX_USER_DATA_BYTES, ROUTES,
 };
 
 /// A checked VPC interface: every field parsed by the net card's own parsers, so a card never
@@ -169,10 +170,21 @@ pub enum ApiRequest {
     },
     ListAlerts,
     DrainHost,
+    /// One release artefact's bytes under their SHA-256 (checked when stored).
+    UploadArtefact {
+        sha256: [u8; 32],
+        bytes: bytes::Bytes,
+    },
+    /// A signed release, as text (verified by the deploy step, with rot's checker).
+    DeployRelease {
+        release: String,
+    },
     AttestHost {
         nonce: [u8; 32],
         /// The instance the quote is bound to, which must run on this host.
         instance: Option<ResourceId>,
+        /// A credential for the TPM to activate first (relayed to the agent, which checks it).
+        credential: Option<bulkhead_rot_proto::CredentialChallenge>,
     },
     CreateInstance {
         id: ResourceId,
@@ -183,8 +195,6 @@ pub enum ApiRequest {
         network: Option<NetworkSpec>,
         instance_storage: Option<InstanceStorageGib>,
     },
-        /// A credential for the TPM to activate first (relayed to the agent, which checks it).
-        credential: Option<bulkhead_rot_proto::CredentialChallenge>,
     DescribeInstance(ResourceId),
     StartInstance(ResourceId),
     StopInstance(ResourceId),
@@ -216,6 +226,15 @@ pub enum ApiRequest {
     },
 }
 
+/// The largest body `route` takes: an artefact upload's raw bytes, or a JSON body.
+pub fn max_body(route: &RouteSpec) -> usize {
+    if route.body == BodyKind::Artefact {
+        MAX_ARTEFACT_BYTES
+    } else {
+        MAX_BODY_BYTES
+    }
+}
+
 fn id_at(ids: &[&str], i: usize) -> Result<ResourceId, RequestError> {
     ResourceId::parse(ids.get(i).copied().ok_or(RequestError::BadId)?)
 }
@@ -229,7 +248,7 @@ impl ApiRequest {
         body: &[u8],
     ) -> Result<ApiRequest, RequestError> {
         let (route, ids) = find_route(method, path)?;
-        if body.len() > MAX_BODY_BYTES {
+        if body.len() > max_body(route) {
             return Err(RequestError::BodyTooLarge);
         }
         if route.body == BodyKind::None && !body.is_empty() {
@@ -251,6 +270,30 @@ impl ApiRequest {
             Operation::DrainHost => {
                 let _: DrainRequest = json(body)?;
                 ApiRequest::DrainHost
+            }
+            Operation::UploadArtefact => {
+                let seg = ids.first().copied().ok_or(RequestError::BadId)?;
+                if seg.len() != 64 || !seg.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                    return Err(RequestError::BadId);
+                }
+                let sha256 = hex::decode(seg)
+                    .ok()
+                    .and_then(|d| <[u8; 32]>::try_from(d).ok())
+                    .ok_or(RequestError::BadId)?;
+                if body.is_empty() {
+                    return Err(RequestError::Invalid);
+                }
+                ApiRequest::UploadArtefact {
+                    sha256,
+                    bytes: bytes::Bytes::copy_from_slice(body),
+                }
+            }
+            Operation::DeployRelease => {
+                let r: DeployReleaseRequest = json(body)?;
+                if r.release.is_empty() {
+                    return Err(RequestError::Invalid);
+                }
+                ApiRequest::DeployRelease { release: r.release }
             }
             Operation::AttestHost => {
                 let r: AttestRequest = json(body)?;
@@ -380,6 +423,8 @@ impl ApiRequest {
             ApiRequest::ListAlerts => Operation::ListAlerts,
             ApiRequest::DrainHost => Operation::DrainHost,
             ApiRequest::AttestHost { .. } => Operation::AttestHost,
+            ApiRequest::UploadArtefact { .. } => Operation::UploadArtefact,
+            ApiRequest::DeployRelease { .. } => Operation::DeployRelease,
             ApiRequest::CreateInstance { .. } => Operation::CreateInstance,
             ApiRequest::DescribeInstance(_) => Operation::DescribeInstance,
             ApiRequest::StartInstance(_) => Operation::StartInstance,
@@ -404,7 +449,9 @@ impl ApiRequest {
             | ApiRequest::GetMetrics
             | ApiRequest::ReadAudit { .. }
             | ApiRequest::ListAlerts
-            | ApiRequest::DrainHost => (None, None),
+            | ApiRequest::DrainHost
+            | ApiRequest::UploadArtefact { .. }
+            | ApiRequest::DeployRelease { .. } => (None, None),
             ApiRequest::AttestHost { instance, .. } => (instance.as_ref(), None),
             ApiRequest::CreateInstance { id, .. }
             | ApiRequest::DescribeInstance(id)
@@ -467,6 +514,41 @@ mod tests {
                 limit: 10
             }
         );
+    }
+
+    #[test]
+    fn deploy_routes_parse() {
+        let sha = "ab".repeat(32);
+        let r =
+            ApiRequest::parse("PUT", &format!("/v1/host/artefacts/{sha}"), None, b"xyz").unwrap();
+        assert_eq!(r.operation(), Operation::UploadArtefact);
+        assert_eq!(r.resources(), vec!["host".to_string()]);
+        let code = |path: &str, body: &[u8]| {
+            ApiRequest::parse("PUT", path, None, body)
+                .unwrap_err()
+                .code()
+        };
+        assert_eq!(
+            code(&format!("/v1/host/artefacts/{sha}"), b""),
+            "body_invalid"
+        );
+        assert_eq!(code("/v1/host/artefacts/abcd", b"x"), "bad_resource_id");
+        assert_eq!(
+            code(&format!("/v1/host/artefacts/{}", "AB".repeat(32)), b"x"),
+            "bad_resource_id"
+        );
+        // Large raw bodies only on the artefact route.
+        let big = vec![0u8; MAX_BODY_BYTES + 1];
+        assert!(ApiRequest::parse("PUT", &format!("/v1/host/artefacts/{sha}"), None, &big).is_ok());
+        assert_eq!(
+            ApiRequest::parse("POST", "/v1/host/releases", None, &big)
+                .unwrap_err()
+                .code(),
+            "body_too_large"
+        );
+        let r =
+            ApiRequest::parse("POST", "/v1/host/releases", None, br#"{"release":"{}"}"#).unwrap();
+        assert_eq!(r.operation(), Operation::DeployRelease);
     }
 
     #[test]

@@ -312,6 +312,34 @@ pub trait InstanceBackend: Send + Sync {
     fn restart_dead_net_cards(&self) -> Vec<NetCardRestart> {
         Vec::new()
     }
+    /// The host's active release (DeployRelease), from its durable record.
+    fn active_release(&self) -> Option<crate::record::ReleaseRecord> {
+        None
+    }
+    /// Runs installed release `version`'s hypervisor self-test; whether it passed.
+    fn release_self_test(&self, _version: u64) -> Result<bool, BackendError> {
+        Err(BackendError::Unavailable)
+    }
+    /// Instances whose hypervisor runs (a live update moves each).
+    fn running_hypervisors(&self) -> Vec<ResourceId> {
+        Vec::new()
+    }
+    /// Live-updates instance `id`'s hypervisor to installed release `to` (`None`: the
+    /// configured binary). On an error the old process still runs the guest.
+    fn live_update(
+        &self,
+        _id: &ResourceId,
+        _to: Option<u64>,
+    ) -> Result<crate::api::HypervisorMoved, BackendError> {
+        Err(BackendError::Unavailable)
+    }
+    /// Makes `release` the active release: recorded durably, started by new instances.
+    fn set_active_release(
+        &self,
+        _release: crate::record::ReleaseRecord,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::Unavailable)
+    }
 }
 
 /// Volume attachment, as the block card will take it. The sealed key is passed through unopened.

@@ -61,6 +61,17 @@ pub struct Config {
     /// hypervisors' non-vCPU threads). Default: `[0]`.
     #[serde(default)]
     pub host_cpus: Option<Vec<usize>>,
+    /// The release trust root pinned at provisioning (`bulkhead-rot`'s `TrustRoot` JSON: the
+    /// release keys and the threshold, 2 of 3). Without it DeployRelease answers
+    /// `deploy_unavailable`.
+    #[serde(default)]
+    pub release_root: Option<PathBuf>,
+    /// The deployment environment releases must name (default `dev`).
+    #[serde(default)]
+    pub release_environment: Option<String>,
+    /// Installed releases and uploaded artefacts (default: `releases` next to the audit log).
+    #[serde(default)]
+    pub release_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +151,9 @@ impl Config {
             net_host_ip: None,
             core_isolation: Some(crate::cores::CoreIsolation::Shared),
             host_cpus: None,
+            release_root: Some(dir.root().join("release-root.json")).filter(|p| p.is_file()),
+            release_environment: None,
+            release_dir: None,
             host_id: host_id.to_string(),
             listen: listen.to_string(),
             ca_cert: dir.ca().ca_pem(),

@@ -39,6 +39,11 @@ pub struct Controller {
     monitor: Mutex<Monitor>,
     outbound_seen: Mutex<u64>,
     attest: Arc<crate::attest::AgentLink>,
+    /// Where releases are verified against and installed (`None`: DeployRelease answers
+    /// `deploy_unavailable`).
+    releases: Option<Arc<crate::deploy::ReleaseStore>>,
+    /// One deploy at a time.
+    deploying: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -65,6 +70,8 @@ pub enum Refusal {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Attest(#[from] crate::attest::AttestError),
+    #[error(transparent)]
+    Deploy(#[from] crate::deploy::DeployError),
     #[error("internal error")]
     Internal,
 }
@@ -79,6 +86,7 @@ impl Refusal {
             Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::Backend(e) => e.code(),
             Refusal::Attest(e) => e.code(),
+            Refusal::Deploy(e) => e.code(),
             Refusal::Internal => "internal_error",
         }
     }
@@ -99,6 +107,7 @@ impl Refusal {
             Refusal::AuditUnavailable => 503,
             Refusal::Backend(e) => e.status(),
             Refusal::Attest(e) => e.status(),
+            Refusal::Deploy(e) => e.status(),
             Refusal::Internal => 500,
         };
         StatusCode::from_u16(s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -183,6 +192,8 @@ impl Controller {
             monitor: Mutex::new(Monitor::default()),
             outbound_seen: Mutex::new(0),
             attest: Arc::new(crate::attest::AgentLink::none()),
+            releases: None,
+            deploying: tokio::sync::Mutex::new(()),
         };
         c.rebuild_quotas();
         c
@@ -191,6 +202,12 @@ impl Controller {
     /// Relays `POST /v1/host/attest` to this attestation agent.
     pub fn with_attestation(mut self, link: crate::attest::AgentLink) -> Self {
         self.attest = Arc::new(link);
+        self
+    }
+
+    /// Takes releases (DeployRelease) verified against and installed into `store`.
+    pub fn with_releases(mut self, store: crate::deploy::ReleaseStore) -> Self {
+        self.releases = Some(Arc::new(store));
         self
     }
 
@@ -405,7 +422,10 @@ impl Controller {
         let path = req.uri().path().to_string();
         let query = req.uri().query().map(str::to_string);
         let token = bearer(&req);
-        let body = http_body_util::Limited::new(req.into_body(), MAX_BODY_BYTES)
+        let limit = api::find_route(&method, &path)
+            .map(|(r, _)| api::max_body(r))
+            .unwrap_or(MAX_BODY_BYTES);
+        let body = http_body_util::Limited::new(req.into_body(), limit)
             .collect()
             .await
             .map(|c| c.to_bytes());
@@ -630,6 +650,28 @@ impl Controller {
                 self.instances.set_draining(true);
                 ack("draining")
             }
+            ApiRequest::UploadArtefact { sha256, bytes } => {
+                let store = self
+                    .releases
+                    .clone()
+                    .ok_or(crate::deploy::DeployError::Unavailable)?;
+                let size =
+                    tokio::task::spawn_blocking(move || store.store_artefact(&sha256, &bytes))
+                        .await
+                        .map_err(|_| Refusal::Internal)??;
+                json_ok(
+                    request_id,
+                    StatusCode::OK,
+                    &api::ArtefactStored {
+                        sha256: hex::encode(sha256),
+                        size,
+                    },
+                )
+            }
+            ApiRequest::DeployRelease { release } => {
+                let d = self.deploy_release(request_id, release).await?;
+                json_ok(request_id, StatusCode::OK, &d)
+            }
             ApiRequest::AttestHost {
                 nonce,
                 instance,
@@ -748,6 +790,123 @@ impl Controller {
                 self.blocking(move |b| b.set_net_rules(&id, &allow)).await?;
                 ack("rules_replaced")
             }
+        })
+    }
+}
+
+impl Controller {
+    /// One deploy step's audit record (`DeployRelease:<step>` about `release:v<N>` and the
+    /// instance it touched), durable before the next step runs.
+    async fn audit_step(&self, step: &str, version: u64, instance: Option<&str>, code: &str) {
+        let mut resources = vec![format!("release:v{version}")];
+        if let Some(i) = instance {
+            resources.push(format!("instance:{i}"));
+        }
+        if let Err(e) = self
+            .audit_lifecycle_about(&format!("DeployRelease:{step}"), resources, code)
+            .await
+        {
+            tracing::error!(error = %e, step, "audit of a deploy step failed");
+        }
+    }
+
+    /// DeployRelease: verify, install, self-test, live-update every running hypervisor (moved
+    /// back on the first failure), record. See [`crate::deploy`].
+    async fn deploy_release(
+        &self,
+        request_id: &str,
+        raw: String,
+    ) -> Result<api::ReleaseDeployed, Refusal> {
+        use crate::deploy::DeployError;
+        let store = self.releases.clone().ok_or(DeployError::Unavailable)?;
+        let _one = self.deploying.lock().await;
+        let active = self.instances.active_release();
+        let floor = active.as_ref().map_or(0, |r| r.version);
+        let m = store.verify(&raw, floor, unix_now())?;
+        let v = m.version;
+        if active.as_ref().is_some_and(|r| r.version == v) {
+            return Err(DeployError::AlreadyActive(v).into());
+        }
+        self.audit_step("verified", v, None, "ok").await;
+        let (st, man) = (Arc::clone(&store), m.clone());
+        let installed = tokio::task::spawn_blocking(move || st.install(&man))
+            .await
+            .map_err(|_| Refusal::Internal)?;
+        if let Err(e) = installed {
+            self.audit_step("install", v, None, e.code()).await;
+            return Err(e.into());
+        }
+        self.audit_step("install", v, None, "ok").await;
+        let passed = self.blocking(move |b| b.release_self_test(v)).await?;
+        if !passed {
+            let e = DeployError::SelfTestFailed;
+            self.audit_step("self-test", v, None, e.code()).await;
+            return Err(e.into());
+        }
+        self.audit_step("self-test", v, None, "ok").await;
+        let record = {
+            let (st, man) = (Arc::clone(&store), m.clone());
+            tokio::task::spawn_blocking(move || st.record_of(&man))
+                .await
+                .map_err(|_| Refusal::Internal)??
+        };
+        let previous = active.map(|r| r.version);
+        let ids = self.blocking(|b| Ok(b.running_hypervisors())).await?;
+        let mut moved: Vec<api::HypervisorMoved> = Vec::new();
+        let mut failure: Option<DeployError> = None;
+        for id in ids {
+            let iid = id.clone();
+            match self.blocking(move |b| b.live_update(&iid, Some(v))).await {
+                Ok(mv) => {
+                    self.audit_step("live-update", v, Some(id.as_str()), "ok")
+                        .await;
+                    moved.push(mv);
+                }
+                // Stopped or terminated meanwhile: nothing to move.
+                Err(Refusal::Backend(BackendError::WrongState | BackendError::NoSuchInstance)) => {}
+                Err(r) => {
+                    let code = r.code();
+                    self.audit_step("live-update", v, Some(id.as_str()), code)
+                        .await;
+                    failure = Some(DeployError::LiveUpdateFailed {
+                        instance: id.to_string(),
+                        code,
+                    });
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            let rec = record.clone();
+            if let Err(r) = self.blocking(move |b| b.set_active_release(rec)).await {
+                self.audit_step("record", v, None, r.code()).await;
+                failure = Some(DeployError::Record);
+            }
+        }
+        if let Some(e) = failure {
+            // Back to the binary they ran before, the last moved first.
+            for mv in moved.iter().rev() {
+                let id = api::ResourceId::parse(&mv.instance_id).map_err(|_| Refusal::Internal)?;
+                let back = self.blocking(move |b| b.live_update(&id, previous)).await;
+                let code = match &back {
+                    Ok(_) => "ok",
+                    Err(r) => r.code(),
+                };
+                self.audit_step("roll-back", v, Some(&mv.instance_id), code)
+                    .await;
+            }
+            return Err(e.into());
+        }
+        self.audit_step("activate", v, None, "ok").await;
+        tracing::info!(version = v, moved = moved.len(), "release deployed");
+        Ok(api::ReleaseDeployed {
+            request_id: request_id.to_string(),
+            version: v,
+            hypervisor: crate::launcher::release_path(&store.dir, v)
+                .join(crate::launcher::RELEASE_HYPERVISOR)
+                .display()
+                .to_string(),
+            moved,
         })
     }
 }

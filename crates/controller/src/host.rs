@@ -184,6 +184,8 @@ struct Records {
     path: Option<PathBuf>,
     instances: BTreeMap<String, InstanceRecord>,
     draining: bool,
+    /// The active release (DeployRelease): new instances start its hypervisor.
+    release: Option<crate::record::ReleaseRecord>,
 }
 
 /// What adopting one recorded instance found (one `AdoptInstance` audit record each).
@@ -343,6 +345,7 @@ impl HostBackend {
                 path: record,
                 instances: BTreeMap::new(),
                 draining: false,
+                release: None,
             }),
             dead_net_cards: Mutex::new(Vec::new()),
         }
@@ -448,6 +451,7 @@ impl HostBackend {
         let rec = HostRecord {
             instances: r.instances.values().cloned().collect(),
             draining: r.draining,
+            release: r.release.clone(),
         };
         rec.store(path).map_err(|e| {
             tracing::error!(error = %e, "host record not written: the operation is not acknowledged");
@@ -486,6 +490,7 @@ impl HostBackend {
             vcpus: u8::try_from(inst.desc.vcpus).map_err(|_| BackendError::NoCapacity)?,
             run_as: self.cfg.run_as,
             pin: inst.cpus.clone(),
+            release: lock(&self.records).release.as_ref().map(|r| r.version),
         };
         let (reply, fd) = self
             .launcher
@@ -826,6 +831,57 @@ impl HostBackend {
 }
 
 impl InstanceBackend for HostBackend {
+    fn active_release(&self) -> Option<crate::record::ReleaseRecord> {
+        lock(&self.records).release.clone()
+    }
+
+    fn release_self_test(&self, version: u64) -> Result<bool, BackendError> {
+        match self
+            .launcher
+            .call(&LaunchRequest::SelfTest { release: version })
+        {
+            Ok((LaunchReply::SelfTested { ok }, _)) => Ok(ok),
+            Ok(_) => Err(BackendError::Unavailable),
+            Err(e) => Err(launcher_err("self-test")(e)),
+        }
+    }
+
+    fn running_hypervisors(&self) -> Vec<ResourceId> {
+        let slots: Vec<(ResourceId, Arc<Mutex<HostInstance>>)> = lock(&self.inner)
+            .instances
+            .iter()
+            .map(|(id, s)| (id.clone(), Arc::clone(&s.inst)))
+            .collect();
+        slots
+            .into_iter()
+            .filter(|(_, i)| lock(i).vm.is_some())
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    fn live_update(
+        &self,
+        id: &ResourceId,
+        to: Option<u64>,
+    ) -> Result<crate::api::HypervisorMoved, BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        self.live_update_vm(&mut g, to)
+    }
+
+    fn set_active_release(
+        &self,
+        release: crate::record::ReleaseRecord,
+    ) -> Result<(), BackendError> {
+        let mut r = lock(&self.records);
+        let before = r.release.replace(release);
+        if let Err(e) = Self::store_locked(&r) {
+            r.release = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "host"
     }
@@ -1664,7 +1720,11 @@ impl HostBackend {
         let mut unpinned: Vec<ResourceId> = Vec::new();
         let mut report = AdoptReport::default();
         lock(&self.inner).draining = rec.draining;
-        lock(&self.records).draining = rec.draining;
+        {
+            let mut r = lock(&self.records);
+            r.draining = rec.draining;
+            r.release = rec.release.clone();
+        }
         for (n, r) in rec.instances.into_iter().enumerate() {
             let Ok(id) = ResourceId::parse(&r.id) else {
                 continue;
@@ -1936,6 +1996,85 @@ impl HostBackend {
     }
 
     /// The recorded hypervisor `pid`'s channel, taken over from the keeper, and its state.
+    /// The live update of one VM (see [`InstanceBackend::live_update`]): the launcher starts
+    /// the new process (so the keeper holds it like any hypervisor), the old one hands the VM
+    /// over, the old one is reaped, the new pid is committed and recorded.
+    fn live_update_vm(
+        &self,
+        g: &mut HostInstance,
+        to: Option<u64>,
+    ) -> Result<crate::api::HypervisorMoved, BackendError> {
+        let Some(vm) = g.vm.as_mut() else {
+            return Err(BackendError::WrongState);
+        };
+        let (reply, chan_fd) = self
+            .launcher
+            .call_fd(&LaunchRequest::SpawnIncoming {
+                release: to,
+                run_as: self.cfg.run_as,
+            })
+            .map_err(launcher_err("spawn incoming"))?;
+        let LaunchReply::Spawned { pid: new_pid } = reply else {
+            return Err(BackendError::Unavailable);
+        };
+        let reap_new = |why: &str| {
+            tracing::warn!(
+                new_pid,
+                why,
+                "live update failed; the old hypervisor keeps the guest"
+            );
+            let _ = self.launcher.call(&LaunchRequest::Reap {
+                pid: new_pid,
+                grace_ms: 0,
+            });
+        };
+        let handover = match self
+            .launcher
+            .call_fd(&LaunchRequest::TakeHandover { pid: new_pid })
+        {
+            Ok((_, fd)) => fd,
+            Err(e) => {
+                reap_new("hand-over end");
+                return Err(launcher_err("take handover")(e));
+            }
+        };
+        let r = vm
+            .chan
+            .call(Command::LiveUpdate, Some(handover.as_raw_fd()));
+        drop(handover);
+        let pause_us = match r {
+            Ok(Reply::Updated { pause_us }) => pause_us,
+            Ok(_) => {
+                reap_new("unexpected reply");
+                return Err(BackendError::Unavailable);
+            }
+            Err(e) => {
+                reap_new("refused");
+                return Err(channel_err("live update")(e));
+            }
+        };
+        let chan = match Channel::from_fd(chan_fd) {
+            Ok(c) => c,
+            Err(e) => return Err(channel_err("new channel")(e)),
+        };
+        let old = std::mem::replace(vm, Vm { pid: new_pid, chan });
+        // The old process exits by itself once it handed over.
+        if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
+            pid: old.pid,
+            grace_ms: EXIT_GRACE_MS,
+        }) {
+            tracing::warn!(pid = old.pid, error = %e, "reaping the old hypervisor failed");
+        }
+        self.persist(g, &[new_pid])?;
+        tracing::info!(instance = %g.desc.instance_id, old_pid = old.pid, new_pid, pause_us, ?to, "hypervisor live-updated");
+        Ok(crate::api::HypervisorMoved {
+            instance_id: g.desc.instance_id.clone(),
+            old_pid: old.pid,
+            new_pid,
+            pause_us,
+        })
+    }
+
     fn take_vm(&self, pid: u32, first_id: u64) -> Result<(Vm, VmState), BackendError> {
         let (_, fd) = self
             .launcher

@@ -22,8 +22,13 @@
 //! | `TakeChannel` | (keeper) a dup of hypervisor `pid`'s channel, for a controller that adopts it | the channel |
 //! | `ConnectCardControl` | connects to the control socket of a block card it started | the control connection |
 //! | `Commit` | (keeper) these children are in the controller's durable record: they outlive it | none |
+//! | `SelfTest` | runs `bulkhead-hypervisor self-test` of an installed release (bounded) | none |
+//! | `SpawnIncoming` | starts the hypervisor of an installed release (or the configured one) with `incoming`, the new side of a live update; keeps its channel like a `SpawnVm`'s and holds its hand-over end | our end of the new process's channel |
+//! | `TakeHandover` | the hand-over end of an `incoming` process it started (once), for the old hypervisor | the hand-over socket |
 //!
-//! The launcher runs exactly two binaries, fixed when it starts (never named in a request); kernel
+//! The launcher runs the binaries fixed when it starts (never named in a request) and, for a
+//! release the controller installed and checked, `release_dir/v<N>/bulkhead-hypervisor` (the
+//! request names only the version N; the path is the launcher's); kernel
 //! and initrd paths must lie in the configured guest directory and backing files in the volume
 //! directory; sockets are created under its own run directory with names it chooses. It has no
 //! network: its own seccomp filter kills it on `socket()` of any family but `AF_UNIX`, so its
@@ -92,6 +97,20 @@ pub struct LauncherConfig {
     /// serves no network volume.
     #[serde(default)]
     pub card_tls: Option<CardTls>,
+    /// Installed releases (`v<N>/` per version, written by the controller's DeployRelease
+    /// after the release's signatures and digests are checked). Unset: no release runs here.
+    #[serde(default)]
+    pub release_dir: Option<PathBuf>,
+}
+
+/// The hypervisor binary's file name inside a release directory.
+pub const RELEASE_HYPERVISOR: &str = "bulkhead-hypervisor";
+/// Longest a release's hypervisor self-test may run.
+const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The directory of installed release `version` under `release_dir`.
+pub fn release_path(release_dir: &Path, version: u64) -> PathBuf {
+    release_dir.join(format!("v{version}"))
 }
 
 /// The CA and the host's certificate and key files a network volume's card reads at start.
@@ -144,6 +163,23 @@ pub enum LaunchRequest {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pin: Vec<usize>,
         run_as: Option<(u32, u32)>,
+        /// Start the hypervisor of this installed release (`None`: the configured binary).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<u64>,
+    },
+    /// Run the self-test of installed release `release`'s hypervisor.
+    SelfTest {
+        release: u64,
+    },
+    /// Start the new side of a live update: the hypervisor of installed release `release`
+    /// (`None`: the configured binary) with `incoming`.
+    SpawnIncoming {
+        release: Option<u64>,
+        run_as: Option<(u32, u32)>,
+    },
+    /// The hand-over end of `incoming` process `pid` (given out once).
+    TakeHandover {
+        pid: u32,
     },
     SpawnCard {
         /// A file in the volume directory; `None` with `network` set.
@@ -250,6 +286,10 @@ pub enum LaunchReply {
         children: Vec<ChildInfo>,
     },
     Committed,
+    /// A release's hypervisor self-test ran: `ok` if it exited 0 in time.
+    SelfTested {
+        ok: bool,
+    },
 }
 
 /// Why the launcher refused (stable codes; details go to its log).
@@ -270,6 +310,8 @@ pub enum LaunchRefusal {
     NoSuchChild,
     #[error("vCPU pinning names a host core's CPU or an impossible CPU")]
     PinNotAllowed,
+    #[error("no such installed release")]
+    NoSuchRelease,
 }
 
 /// Errors of the controller's side of the launcher.
@@ -669,6 +711,8 @@ struct LauncherState {
     channels: BTreeMap<u32, OwnedFd>,
     /// Children started but not yet in the controller's durable record.
     uncommitted: std::collections::BTreeSet<u32>,
+    /// Hand-over ends of `incoming` hypervisors not yet taken.
+    handovers: BTreeMap<u32, UnixStream>,
 }
 
 /// Every address family but `AF_UNIX` (1) and `AF_INET` (2), up to past the kernel's
@@ -740,6 +784,7 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
         sandbox_kills: Vec::new(),
         channels: BTreeMap::new(),
         uncommitted: std::collections::BTreeSet::new(),
+        handovers: BTreeMap::new(),
     };
     let mut ctl: Option<OwnedFd> = Some(sock);
     loop {
@@ -862,7 +907,12 @@ impl LauncherState {
                 vcpus,
                 pin,
                 run_as,
+                release,
             } => {
+                let binary = match self.hypervisor_binary(release) {
+                    Ok(b) => b,
+                    Err(code) => return Self::refuse(code),
+                };
                 let dir = &self.cfg.guest_dir;
                 if !inside(&kernel, dir) || initrd.as_ref().is_some_and(|i| !inside(i, dir)) {
                     return Self::refuse(LaunchRefusal::PathNotAllowed);
@@ -877,7 +927,7 @@ impl LauncherState {
                     return Self::refuse(LaunchRefusal::PinNotAllowed);
                 }
                 let spec = bulkhead_hypervisor_client::VmSpec {
-                    binary: self.cfg.hypervisor_bin.clone(),
+                    binary,
                     kernel,
                     initrd,
                     cmdline,
@@ -908,6 +958,47 @@ impl LauncherState {
                     }
                 }
             }
+            LaunchRequest::SelfTest { release } => match self.hypervisor_binary(Some(release)) {
+                Ok(binary) => (
+                    LaunchReply::SelfTested {
+                        ok: run_self_test(&binary),
+                    },
+                    None,
+                ),
+                Err(code) => Self::refuse(code),
+            },
+            LaunchRequest::SpawnIncoming { release, run_as } => {
+                let binary = match self.hypervisor_binary(release) {
+                    Ok(b) => b,
+                    Err(code) => return Self::refuse(code),
+                };
+                match bulkhead_hypervisor_client::spawn_incoming(&binary, run_as) {
+                    Ok((child, chan, handover)) => {
+                        let pid = child.id();
+                        tracing::info!(pid, binary = %binary.display(), "launcher: incoming hypervisor started (live update)");
+                        self.children.insert(pid, child);
+                        self.uncommitted.insert(pid);
+                        self.handovers.insert(pid, handover);
+                        match chan.try_clone() {
+                            Ok(keep) => {
+                                self.channels.insert(pid, keep);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, pid, "keeper: cannot keep the channel; the VM will not outlive its controller");
+                            }
+                        }
+                        (LaunchReply::Spawned { pid }, Some(chan))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "launcher: incoming hypervisor spawn failed");
+                        Self::refuse(LaunchRefusal::SpawnFailed)
+                    }
+                }
+            }
+            LaunchRequest::TakeHandover { pid } => match self.handovers.remove(&pid) {
+                Some(s) => (LaunchReply::Connected, Some(OwnedFd::from(s))),
+                None => Self::refuse(LaunchRefusal::NoSuchChild),
+            },
             LaunchRequest::SpawnCard {
                 backing,
                 network,
@@ -981,6 +1072,7 @@ impl LauncherState {
                     let _ = std::fs::remove_file(&card.control);
                 }
                 self.channels.remove(&pid);
+                self.handovers.remove(&pid);
                 self.uncommitted.remove(&pid);
                 (LaunchReply::Reaped { killed }, None)
             }
@@ -1292,6 +1384,24 @@ impl LauncherState {
         }
     }
 
+    /// The hypervisor binary of installed release `release`, or the configured one.
+    fn hypervisor_binary(&self, release: Option<u64>) -> Result<PathBuf, LaunchRefusal> {
+        let Some(v) = release else {
+            return Ok(self.cfg.hypervisor_bin.clone());
+        };
+        let dir = self
+            .cfg
+            .release_dir
+            .as_ref()
+            .ok_or(LaunchRefusal::NoSuchRelease)?;
+        let bin = release_path(dir, v).join(RELEASE_HYPERVISOR);
+        if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(LaunchRefusal::NoSuchRelease)
+        }
+    }
+
     fn kind(&self, pid: u32) -> ChildKind {
         match self.cards.get(&pid) {
             Some(c) if c.net => ChildKind::NetCard,
@@ -1344,6 +1454,39 @@ impl LauncherState {
         for (_, card) in std::mem::take(&mut self.cards) {
             let _ = std::fs::remove_file(&card.vhost);
             let _ = std::fs::remove_file(&card.control);
+        }
+    }
+}
+
+/// Runs `binary self-test` (stdin/stdout closed, bounded by [`SELF_TEST_TIMEOUT`]); whether it
+/// exited 0 in time.
+fn run_self_test(binary: &Path) -> bool {
+    let child = Proc::new(binary)
+        .arg("self-test")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, binary = %binary.display(), "launcher: self-test did not start");
+            return false;
+        }
+    };
+    let until = Instant::now() + SELF_TEST_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => {
+                tracing::info!(binary = %binary.display(), status = %st, "launcher: release self-test ran");
+                return st.success();
+            }
+            Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                tracing::warn!(binary = %binary.display(), "launcher: self-test timed out; killed");
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
         }
     }
 }

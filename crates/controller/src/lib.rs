@@ -12,6 +12,9 @@
 //!   per instance, the host processes confined to the host cores).
 //! - [`record`]: the host's durable, versioned record of its instances and attachments, which a
 //!   restarted controller adopts them from.
+//! - [`deploy`]: DeployRelease: content-addressed artefact uploads, a signed release verified
+//!   with rot's checker, installed per version, self-tested, applied by hypervisor live update
+//!   (rolled back on failure), recorded as the host's active release.
 //! - [`monitor`]: alert rules over the audit stream; [`metrics`]: Prometheus text.
 //! - [`sandbox`]: no_new_privs, non-dumpable, seccomp blocking outbound connections.
 //! - [`openapi`]: the OpenAPI document generated from the route table.
@@ -23,6 +26,7 @@ pub mod card_control;
 pub mod config;
 pub mod controller;
 pub mod cores;
+pub mod deploy;
 pub mod host;
 pub mod launcher;
 pub mod metrics;

@@ -120,6 +120,10 @@ enum StartError {
     Cores(#[from] bulkhead_controller::cores::CoreError),
     #[error("give either --dev --state-dir DIR or --config FILE")]
     NoConfig,
+    #[error("{0}: not a release trust root (threshold and release keys)")]
+    ReleaseRoot(PathBuf),
+    #[error("release_environment: want 1-32 of a-z0-9-")]
+    ReleaseEnvironment,
     #[error(transparent)]
     Config(#[from] bulkhead_controller::config::ConfigError),
     #[error(transparent)]
@@ -237,6 +241,7 @@ fn host_backend(
         absolute(&p)
     };
     let volume_dir = state(cfg.volume_dir.clone(), "volumes")?;
+    let release_dir = state(cfg.release_dir.clone(), "releases")?;
     let run_dir = state(cfg.run_dir.clone(), "run")?;
     let run_as = match &args.run_as {
         Some(s) => {
@@ -330,6 +335,7 @@ fn host_backend(
             cert: cfg.host_cert.clone(),
             key: cfg.host_key.clone(),
         }),
+        release_dir: Some(release_dir),
     };
     let net_ip = args.net_host_ip.or(cfg.net_host_ip).or_else(|| {
         match cfg.listen.parse::<std::net::SocketAddr>().ok()?.ip() {
@@ -360,6 +366,32 @@ fn host_backend(
         }
     }
     Ok(Some((host, launch)))
+}
+
+/// The host's release store: its pinned trust root, environment and directory.
+fn release_store(
+    cfg: &Config,
+) -> Result<Option<bulkhead_controller::deploy::ReleaseStore>, StartError> {
+    let Some(root_path) = &cfg.release_root else {
+        return Ok(None);
+    };
+    let raw = read(root_path)?;
+    let root = bulkhead_rot::release::TrustRoot::parse(&raw)
+        .map_err(|_| StartError::ReleaseRoot(root_path.clone()))?;
+    let environment = bulkhead_rot::measure::Environment::parse(
+        cfg.release_environment.as_deref().unwrap_or("dev"),
+    )
+    .map_err(|_| StartError::ReleaseEnvironment)?;
+    let dir = cfg
+        .release_dir
+        .clone()
+        .unwrap_or_else(|| cfg.audit_log.with_file_name("releases"));
+    std::fs::create_dir_all(&dir).map_err(|e| StartError::Path(dir.clone(), e))?;
+    Ok(Some(bulkhead_controller::deploy::ReleaseStore {
+        root,
+        environment,
+        dir: absolute(&dir)?,
+    }))
 }
 
 fn run(args: Args) -> Result<(), StartError> {
@@ -490,18 +522,26 @@ fn run(args: Args) -> Result<(), StartError> {
             AgentLink::none()
         }
     };
-    let ctrl = Arc::new(
-        Controller::new(
-            cfg.host_id.clone(),
-            verifier,
-            policy,
-            cfg.revocations.clone(),
-            audit,
-            instances,
-            volumes,
-        )
-        .with_attestation(attest),
-    );
+    let mut ctrl = Controller::new(
+        cfg.host_id.clone(),
+        verifier,
+        policy,
+        cfg.revocations.clone(),
+        audit,
+        instances,
+        volumes,
+    )
+    .with_attestation(attest);
+    match (release_store(&cfg)?, keeper_pid) {
+        (Some(store), Some(_)) => {
+            tracing::info!(dir = %store.dir.display(), environment = %store.environment, "releases: DeployRelease verifies against the pinned trust root");
+            ctrl = ctrl.with_releases(store);
+        }
+        _ => {
+            tracing::info!("releases: no trust root (or no host backend); DeployRelease answers deploy_unavailable");
+        }
+    }
+    let ctrl = Arc::new(ctrl);
 
     // Bind before the sandbox forbids new inet sockets.
     let std_listener = std::net::TcpListener::bind(&cfg.listen)

@@ -30,6 +30,8 @@ fn ok_schema(op: Operation) -> Option<&'static str> {
         Operation::CreateInstance | Operation::DescribeInstance => "InstanceDescription",
         Operation::GetConsole => "ConsoleOutput",
         Operation::AttachNetwork => "NetworkAttached",
+        Operation::UploadArtefact => "ArtefactStored",
+        Operation::DeployRelease => "ReleaseDeployed",
         _ => "Ack",
     })
 }
@@ -81,7 +83,22 @@ pub fn document() -> utoipa::openapi::OpenApi {
             BodyKind::AttachNetwork => Some("AttachNetworkRequest"),
             BodyKind::NetworkRoutes => Some("NetworkRoutesRequest"),
             BodyKind::NetworkRules => Some("NetworkRulesRequest"),
+            BodyKind::DeployRelease => Some("DeployReleaseRequest"),
+            BodyKind::Artefact => None,
         };
+        if r.body == BodyKind::Artefact {
+            op = op.request_body(Some(
+                RequestBodyBuilder::new()
+                    .required(Some(Required::True))
+                    .content(
+                        "application/octet-stream",
+                        Content::new(Some(utoipa::openapi::schema::Object::with_type(
+                            utoipa::openapi::schema::Type::String,
+                        ))),
+                    )
+                    .build(),
+            ));
+        }
         if let Some(b) = body {
             op = op.request_body(Some(
                 RequestBodyBuilder::new()
@@ -149,6 +166,10 @@ pub fn document() -> utoipa::openapi::OpenApi {
         .schema_from::<api::NetworkAttached>()
         .schema_from::<api::NetworkRoutesRequest>()
         .schema_from::<api::NetworkRulesRequest>()
+        .schema_from::<api::DeployReleaseRequest>()
+        .schema_from::<api::ArtefactStored>()
+        .schema_from::<api::HypervisorMoved>()
+        .schema_from::<api::ReleaseDeployed>()
         .security_scheme(
             "bearer",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),

@@ -103,6 +103,8 @@ pub enum RecordField {
     Cpus,
     #[error("instance storage size")]
     InstanceStorage,
+    #[error("active release")]
+    Release,
 }
 
 /// An instance's recorded state (terminated instances leave the record).
@@ -213,7 +215,33 @@ pub struct InstanceRecord {
 pub struct HostRecord {
     pub instances: Vec<InstanceRecord>,
     pub draining: bool,
+    /// The release this host runs (DeployRelease): its hypervisor starts every new instance,
+    /// and its version is the floor below which no release is accepted. Absent: none deployed
+    /// yet (the configured binaries run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseRecord>,
 }
+
+/// One artefact of the active release, as installed under the host's release directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseArtefactRecord {
+    pub name: String,
+    pub sha384: String,
+}
+
+/// The host's active release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRecord {
+    pub version: u64,
+    /// Every artefact installed in `v<version>/` (the hypervisor, and the controller and card
+    /// binaries, which this release records but does not yet apply).
+    pub artefacts: Vec<ReleaseArtefactRecord>,
+}
+
+/// Most artefacts a recorded release may name (the release format's own cap).
+const MAX_RECORDED_ARTEFACTS: usize = 64;
 
 fn valid_id(s: &str) -> bool {
     bulkhead_tokens::ops::valid_resource_id(s)
@@ -296,6 +324,21 @@ impl HostRecord {
         let bad = |f| Err(RecordError::Invalid(f));
         if self.instances.len() > MAX_INSTANCES {
             return bad(F::TooManyInstances);
+        }
+        if let Some(r) = &self.release {
+            let names_ok = r.artefacts.iter().all(|a| {
+                !a.name.is_empty()
+                    && a.name.len() <= 64
+                    && a.name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                    && !a.name.starts_with('.')
+                    && a.sha384.len() == 96
+                    && a.sha384.bytes().all(|b| b.is_ascii_hexdigit())
+            });
+            if r.version == 0 || r.artefacts.len() > MAX_RECORDED_ARTEFACTS || !names_ok {
+                return bad(F::Release);
+            }
         }
         let mut ids = std::collections::BTreeSet::new();
         let mut volumes = std::collections::BTreeSet::new();
@@ -527,7 +570,30 @@ mod tests {
                     }),
                 }),
             }],
+            release: Some(ReleaseRecord {
+                version: 3,
+                artefacts: vec![ReleaseArtefactRecord {
+                    name: "bulkhead-hypervisor".into(),
+                    sha384: "ab".repeat(48),
+                }],
+            }),
         }
+    }
+
+    #[test]
+    fn a_bad_release_entry_is_refused() {
+        let mut r = sample();
+        if let Some(rel) = r.release.as_mut() {
+            rel.artefacts[0].name = "../x".into();
+        }
+        assert!(matches!(
+            HostRecord::parse(&r.encode()),
+            Err(RecordError::Invalid(RecordField::Release))
+        ));
+        let mut r = sample();
+        r.release = None;
+        // A record without a release (an older controller's) still parses.
+        assert_eq!(HostRecord::parse(&r.encode()).unwrap(), r);
     }
 
     #[test]

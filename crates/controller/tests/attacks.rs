@@ -14,6 +14,10 @@ use common::*;
 const MIN5: Duration = Duration::from_secs(300);
 
 fn sample(path: &str) -> String {
+    if path.starts_with("/v1/host/artefacts/") {
+        // An artefact's path names its SHA-256.
+        return path.replace("{id}", &"ab".repeat(32));
+    }
     path.replace("{id}", "i-1").replace("{volume_id}", "v-1")
 }
 
@@ -31,6 +35,8 @@ fn sample_body(kind: BodyKind) -> &'static [u8] {
         BodyKind::AttachNetwork => SAMPLE_ATTACH_NETWORK.as_bytes(),
         BodyKind::NetworkRoutes => br#"{"routes":["10.0.1.6=2@127.0.0.1:40001"]}"#,
         BodyKind::NetworkRules => br#"{"allow":["tcp:7000:10.0.0.0/16"]}"#,
+        BodyKind::Artefact => b"artefact bytes",
+        BodyKind::DeployRelease => br#"{"release":"{}"}"#,
     }
 }
 
@@ -275,6 +281,36 @@ fn operator_token_on_customer_plane_is_refused() {
     let alerts = r.json["alerts"].as_array().unwrap();
     assert!(alerts.iter().any(|a| a["rule"] == "call_outside_grants"));
     assert!(d.audit().iter().any(|r| r["entry"]["kind"] == "alert"));
+}
+
+/// Installing software is the deployer's alone: an operator's valid token, or a control
+/// plane's, on the release routes is refused (`deployer_only`) and audited, and nothing is
+/// stored.
+#[test]
+fn release_routes_refuse_every_role_but_the_deployer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    for who in ["operator", "control-plane"] {
+        let t = d.mint(who, HOST, &[Operation::DescribeHost], MIN5);
+        let c = d.client(who);
+        for route in ROUTES.iter().filter(|r| r.op.deployer_only()) {
+            let r = c
+                .request(
+                    route.method.as_str(),
+                    &sample(route.path),
+                    Some(&t),
+                    sample_body(route.body),
+                )
+                .unwrap();
+            assert_eq!(r.status, 403, "{who} {}", route.path);
+            assert_denied_and_audited(&d, &r, "deployer_only");
+        }
+    }
+    assert!(!dir
+        .path()
+        .join("releases/artefacts")
+        .join("ab".repeat(32))
+        .exists());
 }
 
 #[test]

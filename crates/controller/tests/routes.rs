@@ -17,6 +17,8 @@ const ALLOWED: &[(&str, &str, &str)] = &[
     ("GET", "/v1/alerts", "ListAlerts"),
     ("POST", "/v1/host/drain", "DrainHost"),
     ("POST", "/v1/host/attest", "AttestHost"),
+    ("PUT", "/v1/host/artefacts/{id}", "UploadArtefact"),
+    ("POST", "/v1/host/releases", "DeployRelease"),
     ("POST", "/v1/instances", "CreateInstance"),
     ("GET", "/v1/instances/{id}", "DescribeInstance"),
     ("POST", "/v1/instances/{id}/start", "StartInstance"),
@@ -47,6 +49,27 @@ fn network_routes_are_customer_plane() {
         if r.path.contains("/network") {
             assert_eq!(r.op.plane(), bulkhead_tokens::Plane::Customer, "{}", r.path);
             assert!(!bulkhead_tokens::Role::Operator.may_use(r.op.plane()));
+        }
+    }
+}
+
+/// Installing software on the host is the deployer's alone: no operator, control plane or
+/// customer can hold the release routes.
+#[test]
+fn release_routes_are_the_deployers_alone() {
+    use bulkhead_tokens::Role;
+    for r in ROUTES {
+        if r.path.starts_with("/v1/host/releases") || r.path.starts_with("/v1/host/artefacts") {
+            assert!(r.op.deployer_only(), "{}", r.path);
+            assert!(Role::Deployer.may_hold(r.op));
+            for role in [
+                Role::Operator,
+                Role::ControlPlane,
+                Role::Customer,
+                Role::Host,
+            ] {
+                assert!(!role.may_hold(r.op), "{role} {}", r.path);
+            }
         }
     }
 }

@@ -44,6 +44,8 @@ operations! {
     ListAlerts => Operator,
     DrainHost => Operator,
     AttestHost => Operator,
+    UploadArtefact => Operator,
+    DeployRelease => Operator,
     CreateInstance => Customer,
     DescribeInstance => Customer,
     StartInstance => Customer,
@@ -56,6 +58,15 @@ operations! {
     AttachNetwork => Customer,
     SetNetworkRoutes => Customer,
     SetNetworkRules => Customer,
+}
+
+impl Operation {
+    /// Operations only the `deployer` role may hold: installing software on a host. No other
+    /// role gets them, whatever the policy file says (the parser, the token service and every
+    /// controller refuse).
+    pub fn deployer_only(self) -> bool {
+        matches!(self, Operation::UploadArtefact | Operation::DeployRelease)
+    }
 }
 
 impl std::fmt::Display for Operation {
@@ -72,6 +83,10 @@ pub enum Role {
     Customer,
     ControlPlane,
     Host,
+    /// The deployment service: installs signed releases on hosts (`DeployRelease`, and the
+    /// content-addressed `UploadArtefact` before it). The only role that may hold those; it
+    /// holds no customer-plane operation.
+    Deployer,
     /// A service above the hosts (the KMS, the token service, the control plane's API), as a
     /// TLS server; the certificate's CN names which. Holds no plane.
     Service,
@@ -84,6 +99,7 @@ impl Role {
             Role::Customer => "customer",
             Role::ControlPlane => "control-plane",
             Role::Host => "host",
+            Role::Deployer => "deployer",
             Role::Service => "service",
         }
     }
@@ -94,6 +110,7 @@ impl Role {
             "customer" => Some(Role::Customer),
             "control-plane" => Some(Role::ControlPlane),
             "host" => Some(Role::Host),
+            "deployer" => Some(Role::Deployer),
             "service" => Some(Role::Service),
             _ => None,
         }
@@ -104,10 +121,21 @@ impl Role {
     pub fn may_use(self, plane: Plane) -> bool {
         matches!(
             (self, plane),
-            (Role::Operator, Plane::Operator)
+            (Role::Operator | Role::Deployer, Plane::Operator)
                 | (Role::Customer, Plane::Customer)
                 | (Role::ControlPlane, _)
         )
+    }
+}
+
+impl Role {
+    /// Whether the role may ever hold `op`: its plane (see [`Role::may_use`]), and the
+    /// deployer-only operations for the deployer alone.
+    pub fn may_hold(self, op: Operation) -> bool {
+        if op.deployer_only() {
+            return self == Role::Deployer;
+        }
+        self.may_use(op.plane())
     }
 }
 
@@ -195,6 +223,32 @@ mod tests {
             }
         }
         assert!(!Role::Host.may_use(Plane::Operator));
+    }
+
+    #[test]
+    fn only_the_deployer_holds_deploy_operations() {
+        for op in Operation::ALL {
+            for role in [
+                Role::Operator,
+                Role::Customer,
+                Role::ControlPlane,
+                Role::Host,
+                Role::Service,
+            ] {
+                if op.deployer_only() {
+                    assert!(!role.may_hold(*op), "{role} may hold {op}");
+                }
+            }
+            assert_eq!(
+                Role::Deployer.may_hold(*op),
+                op.plane() == Plane::Operator,
+                "{op}"
+            );
+        }
+        assert!(Role::Deployer.may_hold(Operation::DeployRelease));
+        assert!(!Role::Operator.may_hold(Operation::DeployRelease));
+        assert!(!Role::ControlPlane.may_hold(Operation::UploadArtefact));
+        assert_eq!(Role::from_name("deployer"), Some(Role::Deployer));
     }
 
     #[test]

@@ -255,7 +255,7 @@ fn check_group(g: RawGroup, policy_max_ttl: Duration) -> Result<Group, PolicyErr
             group: g.name.clone(),
             op: name.clone(),
         })?;
-        if !role.may_use(op.plane()) {
+        if !role.may_hold(op) {
             return Err(PolicyError::PlaneViolation {
                 group: g.name.clone(),
                 role,
@@ -342,6 +342,38 @@ resources = ["host"]
             Policy::parse(t),
             Err(PolicyError::PlaneViolation { .. })
         ));
+    }
+
+    #[test]
+    fn deploy_operations_are_the_deployers_alone() {
+        for role in ["operator", "control-plane", "customer"] {
+            let t = format!(
+                r#"
+version = 1
+max_ttl = "15m"
+[[group]]
+name = "g"
+role = "{role}"
+members = ["alice"]
+hosts = ["*"]
+operations = ["DeployRelease"]
+resources = ["host"]
+"#
+            );
+            assert!(
+                matches!(Policy::parse(&t), Err(PolicyError::PlaneViolation { .. })),
+                "{role}"
+            );
+        }
+        let p = Policy::parse(DEFAULT_RIGHTS_TOML).unwrap();
+        for g in &p.groups {
+            if g.operations.contains(&Operation::DeployRelease) {
+                assert_eq!(g.role, Role::Deployer, "{}", g.name);
+            }
+        }
+        assert!(p
+            .groups_of("deployer")
+            .any(|g| g.operations.contains(&Operation::DeployRelease)));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub const DEV_CALLERS: &[(&str, Role)] = &[
     ("operator", Role::Operator),
     ("customer", Role::Customer),
     ("control-plane", Role::ControlPlane),
+    ("deployer", Role::Deployer),
 ];
 
 #[derive(Debug, thiserror::Error)]

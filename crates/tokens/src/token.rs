@@ -103,6 +103,8 @@ pub enum TokenError {
     ResourceNotGranted,
     #[error("this role may never use this plane")]
     PlaneViolation,
+    #[error("only the deployer role may install software on a host")]
+    DeployerOnly,
     #[error("a check in the token failed")]
     CheckFailed,
     #[error("token lifetime exceeds this host's policy cap")]
@@ -128,6 +130,7 @@ impl TokenError {
             TokenError::OperationNotGranted => "token_operation_not_granted",
             TokenError::ResourceNotGranted => "token_resource_not_granted",
             TokenError::PlaneViolation => "plane_violation",
+            TokenError::DeployerOnly => "deployer_only",
             TokenError::CheckFailed => "token_check_failed",
             TokenError::LifetimeTooLong => "token_lifetime_too_long",
             TokenError::FleetNotGranted => "token_fleet_not_granted",
@@ -181,7 +184,7 @@ impl TokenService {
         }
         let role = req.caller.role;
         for op in &req.operations {
-            if !role.may_use(op.plane()) {
+            if !role.may_hold(*op) {
                 return Err(MintError::PlaneViolation { role, op: *op });
             }
         }
@@ -460,6 +463,9 @@ impl Verifier {
         }
         if claims.caller != ctx.peer.name || claims.role != ctx.peer.role {
             return Err(TokenError::IdentityMismatch);
+        }
+        if ctx.operation.deployer_only() && ctx.peer.role != Role::Deployer {
+            return Err(TokenError::DeployerOnly);
         }
         if !ctx.peer.role.may_use(ctx.operation.plane()) {
             return Err(TokenError::PlaneViolation);
