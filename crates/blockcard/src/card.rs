@@ -482,26 +482,22 @@ fn hand_over(
     info: &VolumeInfo,
     fd: Option<OwnedFd>,
 ) -> Result<(), HandoverError> {
-    let fd = fd.ok_or(HandoverError::Closed)?;
+    let fd = fd.ok_or(HandoverError::NoSocket)?;
     let mut sock = UnixStream::from(fd);
     backend.with_key(|key| {
         let key = match (info.encrypted, key) {
             (false, _) => None,
-            (true, Some(k)) => {
-                let mut copy = VolumeKey::new().map_err(SealingError::from)?;
-                copy.as_mut().copy_from_slice(k.as_ref());
-                Some(copy)
-            }
-            (true, None) => return Err(HandoverError::Closed),
+            (true, Some(k)) => Some(k.as_ref()),
+            (true, None) => return Err(HandoverError::KeyErased),
         };
-        let st = VolumeState {
-            volume_id: info.volume_id.clone(),
-            sector_size: info.sector,
+        let body = handover::encode_state(
+            &info.volume_id,
+            info.sector,
             key,
-            capacity_sectors: info.capacity_sectors,
-            read_only: info.read_only,
-        };
-        handover::send_state(&mut sock, &st)
+            info.capacity_sectors,
+            info.read_only,
+        );
+        handover::send_state(&mut sock, &body)
     })
 }
 

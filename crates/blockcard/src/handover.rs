@@ -62,6 +62,10 @@ pub enum HandoverError {
     Reason(u8),
     #[error("locked key page: {0}")]
     Key(#[from] SealingError),
+    #[error("HandOver came without a socket beside it")]
+    NoSocket,
+    #[error("the key was already erased")]
+    KeyErased,
     #[error("the new card refused the volume state: {0:?}")]
     Refused(RefusalReason),
 }
@@ -204,24 +208,42 @@ impl VolumeState {
 
     /// Encodes the `State` body (zeroized when dropped).
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(2 + 1 + 64 + 2 + VOLUME_KEY_LEN + 9));
-        out.push(VERSION);
-        out.push(KIND_STATE);
-        let vid = self.volume_id.as_str().as_bytes();
-        out.push(u8::try_from(vid.len()).unwrap_or(0));
-        out.extend_from_slice(vid);
-        out.push(self.sector_size.shift());
-        match &self.key {
-            None => out.push(0),
-            Some(k) => {
-                out.push(1);
-                out.extend_from_slice(k.as_ref());
-            }
-        }
-        out.extend_from_slice(&self.capacity_sectors.to_le_bytes());
-        out.push(u8::from(self.read_only));
-        out
+        encode_state(
+            &self.volume_id,
+            self.sector_size,
+            self.key.as_ref().map(|k| k.as_ref()),
+            self.capacity_sectors,
+            self.read_only,
+        )
     }
+}
+
+/// Encodes a `State` body from borrowed parts (the old card encodes straight from the key page
+/// it keeps: once sandboxed it has no locked-memory budget for a copy). Zeroized when dropped.
+pub fn encode_state(
+    volume_id: &VolumeId,
+    sector_size: CryptoSectorSize,
+    key: Option<&[u8; VOLUME_KEY_LEN]>,
+    capacity_sectors: u64,
+    read_only: bool,
+) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(2 + 1 + 64 + 2 + VOLUME_KEY_LEN + 9));
+    out.push(VERSION);
+    out.push(KIND_STATE);
+    let vid = volume_id.as_str().as_bytes();
+    out.push(u8::try_from(vid.len()).unwrap_or(0));
+    out.extend_from_slice(vid);
+    out.push(sector_size.shift());
+    match key {
+        None => out.push(0),
+        Some(k) => {
+            out.push(1);
+            out.extend_from_slice(k);
+        }
+    }
+    out.extend_from_slice(&capacity_sectors.to_le_bytes());
+    out.push(u8::from(read_only));
+    out
 }
 
 /// The new card's answer.
@@ -297,12 +319,10 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> Result<(), HandoverError>
     Ok(())
 }
 
-/// The old card's side: sends `state`, waits for the answer. `Ok` only for `Taken`.
-pub fn send_state(
-    sock: &mut (impl Read + Write),
-    state: &VolumeState,
-) -> Result<(), HandoverError> {
-    write_frame(sock, &state.encode())?;
+/// The old card's side: sends an encoded `State` body, waits for the answer. `Ok` only for
+/// `Taken`.
+pub fn send_state(sock: &mut (impl Read + Write), body: &[u8]) -> Result<(), HandoverError> {
+    write_frame(sock, body)?;
     let body = read_frame(sock)?;
     match Reply::parse(&body)? {
         Reply::Taken => Ok(()),
@@ -440,12 +460,12 @@ mod tests {
             s.key.map(|k| *k.as_ref())
         });
         let s = state(true);
-        send_state(&mut a, &s).expect("taken");
+        send_state(&mut a, &s.encode()).expect("taken");
         let got = t.join().expect("peer");
         assert_eq!(got, s.key.as_ref().map(|k| *k.as_ref()));
         // A peer that dies before answering is `Closed`.
         let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
         drop(b);
-        assert!(send_state(&mut a, &s).is_err());
+        assert!(send_state(&mut a, &s.encode()).is_err());
     }
 }
