@@ -1,0 +1,345 @@
+//! DeployRelease on a real host, with one running guest for every check: a 2-of-3 signed
+//! release is uploaded (content-addressed) and deployed, and the guest's hypervisor is
+//! live-updated to the release's binary (the new process runs the installed file; the guest's
+//! boot id and counter show it never rebooted); then an unsigned release, one signed by 1 of 3,
+//! a downgrade, a correctly signed release whose hypervisor fails its self-test, and an
+//! operator's token are each refused, typed and audited, with the guest still counting on the
+//! same hypervisor. The audit chain verifies at the end.
+//!
+//! Real processes throughout: the controller binary (dev mode, `--backend host`), its keeper,
+//! `bulkhead-hypervisor` (then the release's copy of it), the test guest under /dev/kvm.
+//! Without them, a loud skip (`make test` turns it into a failure).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bulkhead_rot::measure::{Environment, EventKind};
+use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease, TrustRoot};
+use bulkhead_rot::tpm::MeasurePcr;
+use bulkhead_tokens::Operation;
+use common::*;
+use sha2::{Digest, Sha256};
+
+const DEPLOY_OPS: &[Operation] = &[Operation::UploadArtefact, Operation::DeployRelease];
+const CUSTOMER_OPS: &[Operation] = &[
+    Operation::CreateInstance,
+    Operation::StartInstance,
+    Operation::TerminateInstance,
+    Operation::GetConsole,
+];
+
+fn call(d: &Daemon, who: &str, ops: &[Operation], method: &str, path: &str, body: &[u8]) -> Resp {
+    let t = d.mint(who, HOST, ops, MIN10);
+    d.client(who)
+        .request(method, path, Some(&t), body)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+fn customer(d: &Daemon, method: &str, path: &str, body: &str) -> Resp {
+    let r = call(d, "customer", CUSTOMER_OPS, method, path, body.as_bytes());
+    assert!(
+        r.status == 200 || r.status == 201,
+        "{method} {path}: {} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
+    r
+}
+
+/// `(counter, boot id)` of every complete `CNT=<n> BOOT=<id> END` console line.
+fn counts(d: &Daemon) -> Vec<(u64, String)> {
+    let out = customer(d, "GET", "/v1/instances/i-dep/console", "").json["output"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    out.lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("CNT=")?;
+            let (n, boot) = rest.split_once(" BOOT=")?;
+            let boot = boot.strip_suffix(" END")?;
+            Some((n.parse().ok()?, boot.trim().to_string()))
+        })
+        .collect()
+}
+
+/// The guest counted on, one step at a time, on one boot only.
+fn assert_never_rebooted(c: &[(u64, String)]) {
+    assert!(!c.is_empty());
+    for w in c.windows(2) {
+        assert_eq!(w[1].0, w[0].0 + 1, "a gap or repeat in the counter: {w:?}");
+        assert_eq!(w[1].1, w[0].1, "the boot id changed: the guest rebooted");
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// Uploads every file (content-addressed, as a deployer).
+fn upload(d: &Daemon, files: &[&Path]) {
+    for f in files {
+        let bytes = std::fs::read(f).unwrap();
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let r = call(
+            d,
+            "deployer",
+            DEPLOY_OPS,
+            "PUT",
+            &format!("/v1/host/artefacts/{sha}"),
+            &bytes,
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json["sha256"], sha.as_str());
+    }
+}
+
+/// A release of `files` (names as they are), version `v`, signed by `signers`.
+fn release(v: u64, files: &[&Path], signers: &[&ReleaseKey]) -> String {
+    let list: Vec<(EventKind, &Path)> = files.iter().map(|f| (EventKind::Binary, *f)).collect();
+    let m = Manifest::from_files(
+        v,
+        Environment::parse("dev").unwrap(),
+        bulkhead_tokens::clock::unix_now() + 3600,
+        MeasurePcr::DEV,
+        &list,
+    )
+    .unwrap();
+    let mut r = SignedRelease::new(&m).unwrap();
+    for k in signers {
+        r.sign(k);
+    }
+    r.to_json().unwrap()
+}
+
+fn deploy(d: &Daemon, who: &str, ops: &[Operation], signed: &str) -> Resp {
+    let body = serde_json::json!({ "release": signed }).to_string();
+    call(d, who, ops, "POST", "/v1/host/releases", body.as_bytes())
+}
+
+/// The outcome record of an allowed request (the refusal's code is there).
+fn outcome_code(d: &Daemon, r: &Resp) -> String {
+    d.audit()
+        .iter()
+        .find(|x| {
+            x["entry"]["request_id"] == r.request_id.as_str() && x["entry"]["kind"] == "outcome"
+        })
+        .map(|x| x["entry"]["code"].as_str().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+fn exe(pid: u64) -> PathBuf {
+    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+}
+
+struct KeeperGuard(PathBuf);
+
+impl Drop for KeeperGuard {
+    fn drop(&mut self) {
+        kill_keeper(&self.0);
+    }
+}
+
+#[test]
+fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
+    let test = "deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases";
+    if !can_boot_with(
+        test,
+        &[
+            "bulkhead-hypervisor",
+            "bulkhead-blockcard",
+            "bulkhead-netcard",
+        ],
+    ) {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    bulkhead_tokens::statedir::StateDir::new(dir.path())
+        .ensure_dev(HOST)
+        .unwrap();
+    let _ = host_key(dir.path());
+    // The release trust root pinned on this host: 3 release keys, any 2 sign.
+    let keys: Vec<ReleaseKey> = (0..3).map(|_| ReleaseKey::generate().unwrap()).collect();
+    let root = TrustRoot::new(2, keys.iter().map(|k| k.public()).collect()).unwrap();
+    std::fs::write(
+        dir.path().join("release-root.json"),
+        serde_json::to_vec(&root).unwrap(),
+    )
+    .unwrap();
+    let _guard = KeeperGuard(dir.path().join("run"));
+    let guest = guest_dir().display().to_string();
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+    );
+
+    // 0. The operator's token (no deployer role) is refused before the guest even boots.
+    let bins = release_dir();
+    let hv = bins.join("bulkhead-hypervisor");
+    // A card binary rides along: installed and recorded, not applied (the unstripped controller
+    // and block card are over the 64 MiB artefact cap; release builds are stripped).
+    let card = bins.join("bulkhead-netcard");
+    let good = release(2, &[&hv, &card], &[&keys[0], &keys[2]]);
+    let r = deploy(&d, "operator", &[Operation::DescribeHost], &good);
+    assert_eq!(r.status, 403);
+    assert_denied_and_audited(&d, &r, "deployer_only");
+
+    let script = "i=0\nB=$(cat /proc/sys/kernel/random/boot_id)\n\
+                  while [ $i -lt 100000 ]; do\n i=$((i+1))\n echo CNT=$i BOOT=$B END\n sleep 1\ndone\n";
+    let create = serde_json::json!({
+        "instance_id": "i-dep", "image": "test-guest", "vcpus": 1, "memory_mib": 128,
+        "user_data": script,
+    });
+    customer(&d, "POST", "/v1/instances", &create.to_string());
+    customer(&d, "POST", "/v1/instances/i-dep/start", "");
+    wait_for("the counter", boot_timeout(), || counts(&d).len() >= 3);
+    let booted = Instant::now();
+    let keeper = i32::try_from(d.ready["keeper_pid"].as_u64().unwrap()).unwrap();
+    let old_pid = children_of(keeper)
+        .into_iter()
+        .filter_map(|p| u64::try_from(p).ok())
+        .find(|p| exe(*p) == hv.canonicalize().unwrap())
+        .expect("the guest's hypervisor");
+
+    // 1. A good release: uploaded, deployed, the hypervisor moved to the installed binary.
+    upload(&d, &[&hv, &card]);
+    let t_deploy = Instant::now();
+    let r = deploy(&d, "deployer", DEPLOY_OPS, &good);
+    let deploy_ms = t_deploy.elapsed().as_millis();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json["version"], 2);
+    let moved = r.json["moved"].as_array().unwrap();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(moved[0]["old_pid"], old_pid);
+    let new_pid = moved[0]["new_pid"].as_u64().unwrap();
+    let pause_us = moved[0]["pause_us"].as_u64().unwrap();
+    let installed = dir.path().join("releases/v2/bulkhead-hypervisor");
+    assert_eq!(exe(new_pid), installed.canonicalize().unwrap());
+    assert_eq!(
+        r.json["hypervisor"].as_str().map(PathBuf::from),
+        Some(installed.canonicalize().unwrap())
+    );
+    wait_for(
+        "the old hypervisor to exit",
+        Duration::from_secs(20),
+        || !alive(old_pid),
+    );
+    // The card binary is installed with it (recorded, not applied).
+    for n in ["bulkhead-netcard"] {
+        assert_eq!(
+            std::fs::read(dir.path().join("releases/v2").join(n)).unwrap(),
+            std::fs::read(bins.join(n)).unwrap()
+        );
+    }
+    let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
+    assert!(rec.contains(r#""release":{"version":2"#), "{rec}");
+    let at = counts(&d).last().unwrap().0;
+    wait_for(
+        "counting on the new hypervisor",
+        Duration::from_secs(30),
+        || counts(&d).last().unwrap().0 >= at + 3,
+    );
+    eprintln!(
+        "deployed v2 in {deploy_ms} ms; guest pause {pause_us} us; pid {old_pid} -> {new_pid}"
+    );
+
+    // 2. Refusals, each typed and audited; nothing moves.
+    let unsigned = release(3, &[&hv], &[]);
+    let one_of_three = release(3, &[&hv], &[&keys[1]]);
+    let downgrade = release(1, &[&hv], &[&keys[0], &keys[1]]);
+    let broken_dir = dir.path().join("broken");
+    std::fs::create_dir_all(&broken_dir).unwrap();
+    let broken = broken_dir.join("bulkhead-hypervisor");
+    std::fs::write(&broken, b"#!/bin/sh\necho self-test fails >&2\nexit 1\n").unwrap();
+    upload(&d, &[&broken]);
+    let fails_self_test = release(4, &[&broken], &[&keys[1], &keys[2]]);
+    for (what, signed, status, code) in [
+        ("unsigned", &unsigned, 403, "release_unsigned"),
+        ("1 of 3", &one_of_three, 403, "release_too_few_signatures"),
+        ("downgrade", &downgrade, 409, "release_rollback"),
+        (
+            "self-test",
+            &fails_self_test,
+            422,
+            "release_self_test_failed",
+        ),
+    ] {
+        let r = deploy(&d, "deployer", DEPLOY_OPS, signed);
+        assert_eq!(
+            r.status,
+            status,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.code(), code, "{what}");
+        assert_eq!(outcome_code(&d, &r), code, "{what}: not audited");
+        assert!(alive(new_pid), "{what}: the hypervisor died");
+    }
+    // The self-test ran on the installed (correctly signed) release and is its own record.
+    assert!(d.audit().iter().any(|x| {
+        x["entry"]["op"] == "DeployRelease:self-test"
+            && x["entry"]["code"] == "release_self_test_failed"
+            && x["entry"]["resources"][0] == "release:v4"
+    }));
+    let r = deploy(&d, "operator", &[Operation::DescribeHost], &good);
+    assert_denied_and_audited(&d, &r, "deployer_only");
+    let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
+    assert!(rec.contains(r#""release":{"version":2"#), "{rec}");
+    assert_eq!(exe(new_pid), installed.canonicalize().unwrap());
+
+    // 3. The guest kept counting on one boot the whole time.
+    let at = counts(&d).last().unwrap().0;
+    wait_for(
+        "counting after the refusals",
+        Duration::from_secs(30),
+        || counts(&d).last().unwrap().0 >= at + 2,
+    );
+    let c = counts(&d);
+    assert_never_rebooted(&c);
+    assert_eq!(c[0].0, 1);
+    eprintln!(
+        "guest counted {} on one boot (boot id {}) through the deploy and 5 refusals; {:.0?} after its boot",
+        c.len(),
+        c[0].1,
+        booted.elapsed()
+    );
+    for step in [
+        "verified",
+        "install",
+        "self-test",
+        "live-update",
+        "activate",
+    ] {
+        assert!(
+            d.audit().iter().any(
+                |x| x["entry"]["op"] == format!("DeployRelease:{step}").as_str()
+                    && x["entry"]["code"] == "ok"
+            ),
+            "no audited {step}"
+        );
+    }
+    customer(&d, "POST", "/v1/instances/i-dep/terminate", "");
+    assert!(!alive(new_pid));
+    drop(d);
+    bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
+    eprintln!("{test}: {:.1?}", t0.elapsed());
+}
