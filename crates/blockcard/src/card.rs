@@ -233,7 +233,7 @@ fn wait_for_attach(
             .accept()
             .map_err(|e| CardError::Control(ControlError::Io(e)))?;
         loop {
-            let body = match control::read_frame(&mut stream) {
+            let (body, fd) = match read_frame_with_fd(&mut stream) {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
                 Err(e) => {
@@ -263,6 +263,50 @@ fn wait_for_attach(
                     .is_err()
                     {
                         break;
+                    }
+                }
+                ControlRequest::TakeOver => {
+                    let (Some(fd), Some(st)) = (fd, store.take()) else {
+                        if respond(
+                            &mut stream,
+                            &err_resp(ErrorCode::BadRequest, "TakeOver needs a socket".into()),
+                        )
+                        .is_err()
+                        {
+                            break;
+                        }
+                        continue;
+                    };
+                    match take_state(cfg, UnixStream::from(fd), st, metrics) {
+                        Ok((backend, info)) => {
+                            // The host key is zeroized here, as after an attach.
+                            drop(host);
+                            let _ = respond(
+                                &mut stream,
+                                &ControlResponse::Attached {
+                                    capacity_sectors: info.capacity_sectors,
+                                    encrypted: info.encrypted,
+                                },
+                            );
+                            return Ok(Attached {
+                                stream: Some(stream),
+                                backend,
+                                info,
+                            });
+                        }
+                        Err((e, Some(st))) => {
+                            warn!(error = %e, "card update: taking the state failed; still waiting");
+                            store = Some(st);
+                            if respond(
+                                &mut stream,
+                                &err_resp(ErrorCode::KeyRefused, format!("take-over failed: {e}")),
+                            )
+                            .is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Err((e, None)) => return Err(e),
                     }
                 }
                 ControlRequest::Detach | ControlRequest::HandOver => {
@@ -346,27 +390,27 @@ fn wait_for_attach(
     }
 }
 
-/// Card update, the new card's side: takes the volume state from the card it replaces, checks
-/// it against its own backing store, keys itself, locks down, and answers `Taken` (or
-/// `Refused`, and the start fails).
-fn receive_state(
+/// Card update, the new card's side: takes the volume state from the card it replaces on
+/// `sock`, checks it against its own backing store, keys itself, locks down, and answers
+/// `Taken` (or `Refused`). A refusal before the store was used gives the store back.
+fn take_state(
     cfg: &CardConfig,
-    fd: RawFd,
+    mut sock: UnixStream,
     store: Backing,
     metrics: &Arc<BlkMetrics>,
-) -> Result<Attached, CardError> {
-    // SAFETY: the fd was handed to this process at start (`--receive-state-fd`) for this use
-    // only; nothing else in the process owns or closes it.
-    let mut sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let body = handover::read_frame(&mut sock)?;
+) -> Result<(Arc<BlockBackend>, VolumeInfo), (CardError, Option<Backing>)> {
     let refuse = |sock: &mut UnixStream, why: RefusalReason| {
         let _ = handover::write_frame(sock, &handover::Reply::Refused(why).encode());
+    };
+    let body = match handover::read_frame(&mut sock) {
+        Ok(b) => b,
+        Err(e) => return Err((e.into(), Some(store))),
     };
     let st = match VolumeState::parse(&body) {
         Ok(s) => s,
         Err(e) => {
             refuse(&mut sock, RefusalReason::Malformed);
-            return Err(e.into());
+            return Err((e.into(), Some(store)));
         }
     };
     drop(body);
@@ -381,7 +425,10 @@ fn receive_state(
             "card update refused: another volume geometry"
         );
         refuse(&mut sock, RefusalReason::Geometry);
-        return Err(HandoverError::Refused(RefusalReason::Geometry).into());
+        return Err((
+            HandoverError::Refused(RefusalReason::Geometry).into(),
+            Some(store),
+        ));
     }
     let info = VolumeInfo {
         volume_id: st.volume_id.clone(),
@@ -394,17 +441,32 @@ fn receive_state(
         Ok(b) => b,
         Err(e) => {
             refuse(&mut sock, RefusalReason::Cipher);
-            return Err(e);
+            return Err((e, None));
         }
     };
-    lock_down(cfg)?;
-    handover::write_frame(&mut sock, &handover::Reply::Taken.encode())?;
+    lock_down(cfg).map_err(|e| (e, None))?;
+    handover::write_frame(&mut sock, &handover::Reply::Taken.encode())
+        .map_err(|e| (e.into(), None))?;
     info!(
         volume = info.volume_id.as_str(),
         encrypted = info.encrypted,
         sectors = info.capacity_sectors,
         "volume state taken over from the previous card"
     );
+    Ok((backend, info))
+}
+
+/// `--receive-state-fd`: [`take_state`] on the inherited fd, before the control socket serves.
+fn receive_state(
+    cfg: &CardConfig,
+    fd: RawFd,
+    store: Backing,
+    metrics: &Arc<BlkMetrics>,
+) -> Result<Attached, CardError> {
+    // SAFETY: the fd was handed to this process at start (`--receive-state-fd`) for this use
+    // only; nothing else in the process owns or closes it.
+    let sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let (backend, info) = take_state(cfg, sock, store, metrics).map_err(|(e, _)| e)?;
     Ok(Attached {
         stream: None,
         backend,
@@ -523,7 +585,7 @@ fn serve_attached(
             let resp = match ControlRequest::parse(&body) {
                 Err(e) => err_resp(ErrorCode::BadRequest, e.to_string()),
                 Ok(ControlRequest::GetMetrics) => ControlResponse::Metrics(metrics_list(&metrics)),
-                Ok(ControlRequest::Attach(_)) => err_resp(
+                Ok(ControlRequest::Attach(_) | ControlRequest::TakeOver) => err_resp(
                     ErrorCode::AlreadyAttached,
                     "a volume is already attached".into(),
                 ),

@@ -66,7 +66,7 @@ pub enum HandoverError {
     NoSocket,
     #[error("the key was already erased")]
     KeyErased,
-    #[error("the new card refused the volume state: {0:?}")]
+    #[error("volume state refused by the new card: {0:?}")]
     Refused(RefusalReason),
 }
 

@@ -18,6 +18,9 @@
 //!   card at the other end (card update, `bulkhead-blockcard`'s `handover` module), answers
 //!   `HandedOver` once that card has keyed itself, and from then on zeroizes its key and exits
 //!   as soon as its vhost-user frontend leaves. The controller only passes the fd.
+//! * `0x05 TakeOver`: empty; the other end of that socketpair rides beside the frame. A card
+//!   waiting for `Attach` takes the volume state from the card at the other end instead
+//!   (card update) and answers `Attached` like an attach, or `Error` (and keeps waiting).
 //!
 //! Responses (card -> controller):
 //! * `0x81 Attached`: `capacity: u64 LE` (512-byte sectors), `encrypted: u8` (0/1).
@@ -83,6 +86,7 @@ mod kind {
     pub const DETACH: u8 = 0x02;
     pub const GET_METRICS: u8 = 0x03;
     pub const HAND_OVER: u8 = 0x04;
+    pub const TAKE_OVER: u8 = 0x05;
     pub const ATTACHED: u8 = 0x81;
     pub const DETACHED: u8 = 0x82;
     pub const METRICS: u8 = 0x83;
@@ -181,6 +185,9 @@ pub enum ControlRequest {
     /// Card update: send the volume state to the card at the other end of the socketpair
     /// that rides beside this frame.
     HandOver,
+    /// Card update, on the new card: take the volume state from the card at the other end of
+    /// the socketpair that rides beside this frame, instead of an `Attach`.
+    TakeOver,
 }
 
 /// Error codes carried in [`ControlResponse::Error`].
@@ -339,6 +346,7 @@ impl ControlRequest {
             kind::DETACH => Self::Detach,
             kind::GET_METRICS => Self::GetMetrics,
             kind::HAND_OVER => Self::HandOver,
+            kind::TAKE_OVER => Self::TakeOver,
             other => return Err(ControlError::UnknownKind(other)),
         };
         c.finish()?;
@@ -366,6 +374,7 @@ impl ControlRequest {
             Self::Detach => out.push(kind::DETACH),
             Self::GetMetrics => out.push(kind::GET_METRICS),
             Self::HandOver => out.push(kind::HAND_OVER),
+            Self::TakeOver => out.push(kind::TAKE_OVER),
         }
         out
     }
@@ -541,6 +550,7 @@ mod tests {
             ControlRequest::Detach,
             ControlRequest::GetMetrics,
             ControlRequest::HandOver,
+            ControlRequest::TakeOver,
         ] {
             assert_eq!(ControlRequest::parse(&r.encode()).expect("parse"), r);
         }

@@ -4,9 +4,12 @@
 //! new one over a private socketpair (`HandOver` + `--receive-state-fd`), the hypervisor moves
 //! the device's rings (`ReplaceBlock`), the old card erases its key and exits.
 //!
-//! One guest boot: two refusals first (a new card that died before taking the state; a new
-//! card that took it and died before the hypervisor moved), each leaving the guest on the old
-//! card, then the update. The guest appends its counter to a log on the disk
+//! One guest boot. Three refusals first, each leaving the guest on the old card: a new card
+//! started with `--receive-state-fd` that died before taking the state; a new card told
+//! `TakeOver` that took it and died before the hypervisor moved; a new card on a backing store
+//! of another size, which refuses the state. Then the update: a new card started as any card
+//! and told `TakeOver`, as the controller would. The guest appends its counter to a log on the
+//! disk
 //! (`L= 1 2 3 ...`, rewritten whole each round, read back each round) and prints each round;
 //! every 10 rounds it prints the whole log it read back and its boot id. Afterwards: the
 //! counter on the console and in the on-disk log (as the guest reads it, and as an independent
@@ -152,6 +155,21 @@ impl Card {
         let frame = proto::frame(&ControlRequest::HandOver.encode()).expect("frame");
         c.send_with_fd(&frame[..], end.as_raw_fd())
             .expect("send HandOver");
+        let body = proto::read_frame(&mut c).expect("answer").expect("a frame");
+        ControlResponse::parse(&body).expect("parse")
+    }
+
+    /// Sends `TakeOver` with `end` beside it (what the controller does with a card it just
+    /// started); the answer comes once the old card sent the state: read it with `answer`.
+    fn take_over(&self, end: &UnixStream) -> UnixStream {
+        let c = self.control();
+        let frame = proto::frame(&ControlRequest::TakeOver.encode()).expect("frame");
+        c.send_with_fd(&frame[..], end.as_raw_fd())
+            .expect("send TakeOver");
+        c
+    }
+
+    fn answer(mut c: UnixStream) -> ControlResponse {
         let body = proto::read_frame(&mut c).expect("answer").expect("a frame");
         ControlResponse::parse(&body).expect("parse")
     }
@@ -385,17 +403,23 @@ fn a_block_card_is_replaced_under_a_writing_guest() {
     // ReplaceBlock fails typed; the guest stays on the old card, which still has its key.
     {
         let (ours, theirs) = UnixStream::pair().expect("pair");
-        let mut dying = Card::spawn(
-            dir.path(),
-            "card-dead2",
-            &backing,
-            &host_key,
-            Some(theirs.as_raw_fd()),
-        );
+        let mut dying = Card::spawn(dir.path(), "card-dead2", &backing, &host_key, None);
+        let pending = dying.take_over(&theirs);
         drop(theirs);
         let r = old.hand_over(&ours);
         drop(ours);
         assert_eq!(r, ControlResponse::HandedOver, "{}", dying.log());
+        let a = Card::answer(pending);
+        assert!(
+            matches!(
+                a,
+                ControlResponse::Attached {
+                    encrypted: true,
+                    ..
+                }
+            ),
+            "take-over: {a:?}"
+        );
         let conn = dying.wait_vhost_socket();
         dying.child.kill().expect("kill");
         let _ = dying.child.wait();
@@ -412,23 +436,68 @@ fn a_block_card_is_replaced_under_a_writing_guest() {
         println!("refusal 2 (new card dead after the state): {r:?}; guest on the old card");
     }
 
+    // Refusal 3: a new card on a backing store of another size refuses the state (typed, on
+    // both sides), keeps waiting for an attach, and the guest stays on the old card.
+    {
+        let other = dir.path().join("other.img");
+        std::fs::File::create(&other)
+            .and_then(|f| f.set_len(2 << 20))
+            .expect("other backing file");
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let wrong = Card::spawn(dir.path(), "card-wrong", &other, &host_key, None);
+        let pending = wrong.take_over(&theirs);
+        drop(theirs);
+        let r = old.hand_over(&ours);
+        drop(ours);
+        match &r {
+            ControlResponse::Error {
+                code: ErrorCode::Internal,
+                message,
+            } if message.contains("Geometry") => {}
+            other => panic!("hand-over to a card on another volume: {other:?}"),
+        }
+        let a = Card::answer(pending);
+        match &a {
+            ControlResponse::Error {
+                code: ErrorCode::KeyRefused,
+                message,
+            } if message.contains("take-over failed") => {}
+            other => panic!("take-over of another volume's state: {other:?}"),
+        }
+        assert_eq!(
+            wrong.call(&ControlRequest::Detach),
+            ControlResponse::Error {
+                code: ErrorCode::NotAttached,
+                message: "no volume attached".into()
+            },
+            "the refusing card keeps waiting for an attach"
+        );
+        con.wait_io(&hv, 5, Duration::from_secs(300));
+        println!("refusal 3 (new card on another volume): {r:?} / {a:?}; guest on the old card");
+    }
+
     // The update.
     con.drain(&hv);
     let before = con.last();
     let old_writes = old.metric("writes");
     let (ours, theirs) = UnixStream::pair().expect("pair");
-    let new = Card::spawn(
-        dir.path(),
-        "card-b",
-        &backing,
-        &host_key,
-        Some(theirs.as_raw_fd()),
-    );
+    // The new card is started as the controller starts any card (waiting for Attach) and told
+    // to take the state over (`TakeOver`).
+    let new = Card::spawn(dir.path(), "card-b", &backing, &host_key, None);
+    let pending = new.take_over(&theirs);
     drop(theirs);
     let t0 = Instant::now();
     let r = old.hand_over(&ours);
     drop(ours);
     assert_eq!(r, ControlResponse::HandedOver, "{}", new.log());
+    assert_eq!(
+        Card::answer(pending),
+        ControlResponse::Attached {
+            capacity_sectors: (1 << 20) / 512,
+            encrypted: true
+        },
+        "take-over"
+    );
     let conn = new.wait_vhost_socket();
     let t1 = Instant::now();
     hv.replace_block(&dev, &conn)
