@@ -506,6 +506,7 @@ pub fn provision_attested(dir: &Path, bins: &Path, hosts: usize) -> Result<(), C
         trust_root: trust_path,
         releases: vec![signed_path],
         enrollments,
+        sealed: Vec::new(),
     };
     let p = dir.join("kms/attest.json");
     let text = serde_json::to_vec_pretty(&policy).map_err(|e| ClusterError::Rot(e.to_string()))?;

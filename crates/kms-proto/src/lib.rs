@@ -201,9 +201,10 @@ pub struct DecryptForHostRequest {
     pub host_public_key: String,
     pub customer_request: CustomerRequest,
     /// The host's fresh attestation evidence (a TPM quote over a nonce from
-    /// [`KmsOp::Challenge`], and its event log). Required when the KMS enforces attestation.
+    /// [`KmsOp::Challenge`], and its event log; from a sealed host, its boot evidence).
+    /// Required when the KMS enforces attestation.
     #[serde(default)]
-    pub evidence: Option<bulkhead_rot_proto::Evidence>,
+    pub evidence: Option<bulkhead_rot_proto::HostEvidence>,
 }
 
 /// `Challenge`: a one-time nonce for one host's next quote.
@@ -304,7 +305,7 @@ pub struct SealVpcKeyRequest {
     /// The host's fresh quote bound to `instance_id` (required when the KMS enforces
     /// attestation), as for `DecryptForHost`.
     #[serde(default)]
-    pub evidence: Option<bulkhead_rot_proto::Evidence>,
+    pub evidence: Option<bulkhead_rot_proto::HostEvidence>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

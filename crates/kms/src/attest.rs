@@ -14,13 +14,21 @@
 //! Relative paths are relative to the file. Every release must carry the trust root's threshold
 //! of signatures and be for this environment; expiry is not checked here (an ageing release
 //! must not stop a fleet: the deployment service checks it when the release is rolled out).
+//!
+//! Sealed hosts (issue 17) are listed under `"sealed"`, one file each ([`SealedEnrollmentFile`]:
+//! the host, its environment, its EK-certified AK, the host image's `manifest.json`, its
+//! configuration disk's SHA-256 and its host key). Such a host gets a key only with boot
+//! evidence whose every boot PCR is exactly what that manifest and disk give
+//! (`bulkhead_rot::attest::Verifier::verify_boot_for_instance`, which runs
+//! `bulkhead_rot::boot::verify_boot`).
 
 use std::path::{Path, PathBuf};
 
-use bulkhead_rot::attest::{Enrollment, Verifier};
+use bulkhead_rot::attest::{Enrollment, SealedEnrollment, Verifier};
+use bulkhead_rot::boot::ExpectedPcrs;
 use bulkhead_rot::measure::Environment;
 use bulkhead_rot::release::{verify_release, ReleasePolicy, SignedRelease, TrustRoot};
-use bulkhead_rot::tpm::MeasurePcr;
+use bulkhead_rot::tpm::{AkPublic, MeasurePcr};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,6 +39,26 @@ pub struct AttestConfig {
     pub trust_root: PathBuf,
     pub releases: Vec<PathBuf>,
     pub enrollments: Vec<PathBuf>,
+    /// Sealed hosts' enrolments ([`SealedEnrollmentFile`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sealed: Vec<PathBuf>,
+}
+
+/// One sealed host's enrolment at the KMS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedEnrollmentFile {
+    pub host: String,
+    pub environment: String,
+    /// Its attestation key (uncompressed P-256 point, hex), certified against its TPM's EK
+    /// before it was enrolled.
+    pub ak: String,
+    /// The host image's `manifest.json` (its `expected_pcrs`), relative to this file.
+    pub image_manifest: PathBuf,
+    /// SHA-256 of the host's configuration disk, hex (PCR 23).
+    pub config_sha256: String,
+    /// The 38-byte host public key file, hex.
+    pub host_public: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +73,10 @@ pub enum AttestConfigError {
     Release(PathBuf, bulkhead_rot::release::ReleaseError),
     #[error("{0}: enrolment is for host {1}, already enrolled")]
     DuplicateHost(PathBuf, String),
+    #[error("{0}: config_sha256 is not 64 hex digits")]
+    ConfigDigest(PathBuf),
+    #[error("{0}: boot expectations: {1}")]
+    Boot(PathBuf, bulkhead_rot::boot::BootChainError),
 }
 
 fn read(p: &Path) -> Result<Vec<u8>, AttestConfigError> {
@@ -90,5 +122,98 @@ pub fn load_verifier(path: &Path) -> Result<Verifier, AttestConfigError> {
         tracing::info!(host = %en.host, environment = %en.environment, "host enrolled");
         v.enroll(en);
     }
+    for e in &cfg.sealed {
+        let p = at(e);
+        let en: SealedEnrollmentFile = serde_json::from_slice(&read(&p)?)
+            .map_err(|err| AttestConfigError::Syntax(p.clone(), err))?;
+        if v.is_enrolled(&en.host) {
+            return Err(AttestConfigError::DuplicateHost(p, en.host));
+        }
+        let digest: [u8; 32] = hex::decode(&en.config_sha256)
+            .ok()
+            .and_then(|d| d.try_into().ok())
+            .ok_or_else(|| AttestConfigError::ConfigDigest(p.clone()))?;
+        let manifest = p
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(&en.image_manifest);
+        let expected = ExpectedPcrs::for_host(&read(&manifest)?, &digest)
+            .map_err(|err| AttestConfigError::Boot(manifest.clone(), err))?;
+        let environment = Environment::parse(&en.environment).map_err(rot)?;
+        tracing::info!(host = %en.host, environment = %en.environment, "sealed host enrolled");
+        v.enroll_sealed(SealedEnrollment {
+            host: en.host,
+            environment,
+            ak: AkPublic(en.ak.to_ascii_lowercase()),
+            expected,
+            host_public: en.host_public,
+        });
+    }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A policy directory: a trust root, one sealed enrolment, its image manifest.
+    fn policy(dir: &Path, manifest: &str, config_sha256: &str) -> PathBuf {
+        let key = bulkhead_rot::release::ReleaseKey::generate().unwrap();
+        let root = TrustRoot::new(1, vec![key.public()]).unwrap();
+        std::fs::write(dir.join("root.json"), serde_json::to_vec(&root).unwrap()).unwrap();
+        std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+        let sealed = SealedEnrollmentFile {
+            host: "host-1".into(),
+            environment: "dev".into(),
+            ak: format!("04{}", "AB".repeat(64)),
+            image_manifest: "manifest.json".into(),
+            config_sha256: config_sha256.into(),
+            host_public: "00".into(),
+        };
+        std::fs::write(
+            dir.join("sealed-1.json"),
+            serde_json::to_vec(&sealed).unwrap(),
+        )
+        .unwrap();
+        let cfg = AttestConfig {
+            environment: "dev".into(),
+            pcr: 23,
+            trust_root: "root.json".into(),
+            releases: Vec::new(),
+            enrollments: Vec::new(),
+            sealed: vec!["sealed-1.json".into()],
+        };
+        let p = dir.join("attest.json");
+        std::fs::write(&p, serde_json::to_vec(&cfg).unwrap()).unwrap();
+        p
+    }
+
+    #[test]
+    fn sealed_enrolments_load_with_every_boot_pcr_or_not_at_all() {
+        let z = "00".repeat(32);
+        let full = format!(r#"{{"expected_pcrs":{{"4":"{z}","9":"{z}","11":"{z}","12":"{z}"}}}}"#);
+        let dir = tempfile::tempdir().unwrap();
+        let v = load_verifier(&policy(dir.path(), &full, &"cd".repeat(32))).unwrap();
+        assert!(v.is_enrolled("host-1"));
+        assert!(
+            v.enrollment("host-1").is_none(),
+            "not a host of host processes"
+        );
+        // A manifest without PCR 11: the KMS does not start (it would accept any PCR 11).
+        let partial = format!(r#"{{"expected_pcrs":{{"4":"{z}","9":"{z}","12":"{z}"}}}}"#);
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load_verifier(&policy(dir.path(), &partial, &"cd".repeat(32))),
+            Err(AttestConfigError::Boot(
+                _,
+                bulkhead_rot::boot::BootChainError::NoExpectation(11)
+            ))
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load_verifier(&policy(dir.path(), &full, "cd")),
+            Err(AttestConfigError::ConfigDigest(_))
+        ));
+    }
 }

@@ -19,6 +19,7 @@ use crate::store::{CmkRow, GrantRow, Store, VolumeSecret, VpcRow};
 use crate::wire::*;
 use crate::KmsError;
 use bulkhead_rot::attest::Verifier;
+use bulkhead_rot_proto::HostEvidence;
 
 /// How old a forwarded customer request may be: a forward-access session lasts minutes.
 pub const FORWARD_WINDOW_SECS: u64 = 300;
@@ -397,9 +398,14 @@ impl Kms {
     /// host's fresh quote must verify and be bound to `instance` (qualifying data =
     /// SHA-256(nonce || instance), which the host's controller quotes only for an instance it
     /// runs), and the key is that of the attested enrolment. Without: the enrolled key file.
+    ///
+    /// A sealed host presents boot evidence: the same nonce and instance binding, and its whole
+    /// boot chain must match its enrolment's exact PCR values (image manifest and configuration
+    /// disk) under its EK-certified AK (`Verifier::verify_boot_for_instance`); a mismatch
+    /// releases nothing.
     fn host_for_instance(
         &self,
-        evidence: Option<&bulkhead_rot::attest::Evidence>,
+        evidence: Option<&HostEvidence>,
         host_id: &str,
         presented_b64: &str,
         instance: &str,
@@ -407,12 +413,14 @@ impl Kms {
         match self.verifier() {
             Some(mut v) => {
                 let ev = evidence.ok_or(KmsError::AttestationRequired)?;
-                if ev.host != host_id {
+                if ev.host() != host_id {
                     return Err(KmsError::EvidenceForAnotherHost);
                 }
-                let ok = v
-                    .verify_for_instance(ev, instance)
-                    .map_err(KmsError::Attestation)?;
+                let ok = match ev {
+                    HostEvidence::Measured(ev) => v.verify_for_instance(ev, instance),
+                    HostEvidence::Boot(ev) => v.verify_boot_for_instance(ev, instance),
+                }
+                .map_err(KmsError::Attestation)?;
                 let enrolled = hex::decode(&ok.host_public)
                     .ok()
                     .and_then(|raw| HostPublicKey::from_file_bytes(&raw).ok())
@@ -581,7 +589,7 @@ impl Kms {
                     return Err(KmsError::BadRequest("host_id"));
                 }
                 if let Some(v) = self.verifier() {
-                    if v.enrollment(&r.host_id).is_none() {
+                    if !v.is_enrolled(&r.host_id) {
                         return Err(KmsError::UnknownHost);
                     }
                 }

@@ -16,6 +16,13 @@
 //! 6. the event log parses, names this environment, and replays to the quoted PCR digest;
 //! 7. the replayed value is the expected PCR value of a signed release accepted for this
 //!    environment (a host with unknown measurements gets nothing).
+//!
+//! A sealed host (issue 17: booted from the host image under measuring firmware) is enrolled
+//! with [`Verifier::enroll_sealed`] and presents boot evidence instead;
+//! [`Verifier::verify_boot_for_instance`] checks the same nonce rules (issued to this host,
+//! bound to the instance, consumed, fresh) and then runs the one boot-chain verifier,
+//! [`crate::boot::verify_boot`]: its enrolled AK, and every boot PCR exactly as its image
+//! manifest and configuration disk say.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -52,6 +59,19 @@ pub struct Enrollment {
     pub host_public: String,
 }
 
+/// A sealed host's enrolment (see [`Verifier::enroll_sealed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedEnrollment {
+    pub host: String,
+    pub environment: Environment,
+    /// Its attestation key, certified against its TPM's EK before it was enrolled.
+    pub ak: AkPublic,
+    /// Every boot PCR's exact value ([`crate::boot::ExpectedPcrs::for_host`]).
+    pub expected: crate::boot::ExpectedPcrs,
+    /// The 38-byte host public key file, hex: what the KMS seals volume keys to.
+    pub host_public: String,
+}
+
 /// Why evidence was refused. Codes are stable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AttestError {
@@ -84,6 +104,8 @@ pub enum AttestError {
     LogDoesNotMatchQuote,
     #[error("measurements ({pcr}) are not those of any signed release for this environment")]
     UnknownMeasurements { pcr: String },
+    #[error("sealed host's boot chain refused: {0}")]
+    BootChain(crate::boot::BootChainError),
 }
 
 impl AttestError {
@@ -100,6 +122,7 @@ impl AttestError {
             AttestError::BadEventLog(_) => "attest_bad_event_log",
             AttestError::LogDoesNotMatchQuote => "attest_log_mismatch",
             AttestError::UnknownMeasurements { .. } => "attest_unknown_measurements",
+            AttestError::BootChain(e) => e.code(),
         }
     }
 }
@@ -124,6 +147,7 @@ pub struct Verifier {
     environment: Environment,
     pcr: MeasurePcr,
     enrolled: HashMap<String, Enrollment>,
+    sealed: HashMap<String, SealedEnrollment>,
     /// Accepted expected PCR values (hex) → release version.
     releases: HashMap<String, u64>,
     nonces: HashMap<[u8; MAX_NONCE_LEN], Outstanding>,
@@ -145,6 +169,7 @@ impl Verifier {
             environment,
             pcr,
             enrolled: HashMap::new(),
+            sealed: HashMap::new(),
             releases: HashMap::new(),
             nonces: HashMap::new(),
             nonce_ttl: DEFAULT_NONCE_TTL,
@@ -168,6 +193,17 @@ impl Verifier {
 
     pub fn enrollment(&self, host: &str) -> Option<&Enrollment> {
         self.enrolled.get(host)
+    }
+
+    /// Records a sealed host's enrolment: it attests by its boot chain
+    /// ([`Verifier::verify_boot_for_instance`]).
+    pub fn enroll_sealed(&mut self, e: SealedEnrollment) {
+        self.sealed.insert(e.host.clone(), e);
+    }
+
+    /// Whether `host` is enrolled, as a host of host processes or as a sealed host.
+    pub fn is_enrolled(&self, host: &str) -> bool {
+        self.enrolled.contains_key(host) || self.sealed.contains_key(host)
     }
 
     /// Accepts a release that was verified (signatures, expiry) by the caller. Its expected PCR
@@ -332,6 +368,63 @@ impl Verifier {
             pcr_value: pcr_hex,
             host_public,
         })
+    }
+}
+
+impl Verifier {
+    /// A sealed host's boot evidence, bound to `instance`: the quote's qualifying data must be
+    /// SHA-256(nonce || instance) for a nonce this verifier issued to the host (consumed here,
+    /// and no older than the nonce lifetime), and [`crate::boot::verify_boot`] must accept it
+    /// under the host's enrolled AK against every boot PCR's exact expected value.
+    pub fn verify_boot_for_instance(
+        &mut self,
+        evidence: &crate::boot::BootEvidence,
+        instance: &str,
+    ) -> Result<Attested, AttestError> {
+        use crate::boot::{verify_boot, BootChainError};
+        let enrolled = self
+            .sealed
+            .get(&evidence.host)
+            .ok_or_else(|| AttestError::UnknownHost(evidence.host.clone()))?;
+        if enrolled.environment != self.environment {
+            return Err(AttestError::EnvironmentMismatch {
+                host: evidence.host.clone(),
+                enrolled: enrolled.environment.to_string(),
+                verifier: self.environment.to_string(),
+            });
+        }
+        // The host has few outstanding nonces: the one whose binding the quote covers is found
+        // by the verifier itself (every other check of it runs first and ends the search).
+        let candidates: Vec<[u8; MAX_NONCE_LEN]> = self
+            .nonces
+            .iter()
+            .filter(|(_, o)| o.host == evidence.host)
+            .map(|(n, _)| *n)
+            .collect();
+        for nonce in candidates {
+            let bound = qualifying_data(&nonce, Some(instance));
+            match verify_boot(evidence, &enrolled.ak, &bound, &enrolled.expected) {
+                Err(BootChainError::NonceMismatch) => continue,
+                verdict => {
+                    let out = self
+                        .nonces
+                        .remove(&nonce)
+                        .ok_or(AttestError::NonceUnknownOrReplayed)?;
+                    if out.issued.elapsed() > self.nonce_ttl {
+                        return Err(AttestError::NonceExpired);
+                    }
+                    verdict.map_err(AttestError::BootChain)?;
+                    tracing::info!(host = %evidence.host, instance, "sealed host's boot chain attested");
+                    return Ok(Attested {
+                        host: evidence.host.clone(),
+                        release_version: 0,
+                        pcr_value: "sealed-image".to_string(),
+                        host_public: enrolled.host_public.clone(),
+                    });
+                }
+            }
+        }
+        Err(AttestError::NotBoundToInstance(instance.to_string()))
     }
 }
 

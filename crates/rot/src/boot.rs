@@ -108,6 +108,16 @@ impl ExpectedPcrs {
         Ok(ExpectedPcrs(out))
     }
 
+    /// A sealed host's expectations: the image manifest's PCRs and PCR 23 from its
+    /// configuration disk's SHA-256; every PCR of [`BOOT_PCRS`] must then have a value.
+    pub fn for_host(manifest: &[u8], config_sha256: &[u8; 32]) -> Result<Self, BootChainError> {
+        let e = Self::from_manifest(manifest)?.with_config(config_sha256);
+        match BOOT_PCRS.iter().find(|p| !e.0.contains_key(p)) {
+            Some(p) => Err(BootChainError::NoExpectation(*p)),
+            None => Ok(e),
+        }
+    }
+
     /// Adds this host's PCR 23: one extend of the zero PCR with the configuration disk's digest.
     pub fn with_config(mut self, config_sha256: &[u8; 32]) -> Self {
         self.0
@@ -236,6 +246,15 @@ mod tests {
         assert_eq!(
             ExpectedPcrs::from_manifest(b"{}"),
             Err(BootChainError::Malformed)
+        );
+        assert_eq!(
+            ExpectedPcrs::for_host(m, &[7; 32]),
+            Err(BootChainError::NoExpectation(9))
+        );
+        let full = br#"{"expected_pcrs":{"4":"0000000000000000000000000000000000000000000000000000000000000001","9":"0000000000000000000000000000000000000000000000000000000000000001","11":"0000000000000000000000000000000000000000000000000000000000000001","12":"0000000000000000000000000000000000000000000000000000000000000000"}}"#;
+        assert_eq!(
+            ExpectedPcrs::for_host(full, &[7; 32]).map(|e| e.0.len()),
+            Ok(5)
         );
         assert_eq!(
             ExpectedPcrs::from_manifest(br#"{"expected_pcrs":{"24":"00"}}"#),

@@ -333,3 +333,141 @@ fn live_update_replaces_a_component_without_restart_and_attests() {
         2
     );
 }
+
+/// The KMS's check of a sealed host (issue 17): boot evidence from a real TPM, verified by the
+/// same `Verifier` the KMS runs (`verify_boot_for_instance`, which calls
+/// `bulkhead_rot::boot::verify_boot`): accepted when every boot PCR is exactly the enrolment's
+/// (image manifest + configuration disk), bound to the instance and over a nonce issued to the
+/// host; refused — so no key is released — when the manifest's PCR 4 differs, when PCR 23 was
+/// not extended with the enrolled disk, for another instance, on replay, and for a host not
+/// enrolled as sealed.
+#[test]
+fn the_kms_verifier_releases_to_a_sealed_host_only_on_its_exact_boot_pcrs() {
+    use bulkhead_rot::attest::SealedEnrollment;
+    use bulkhead_rot::boot::{
+        BootChainError, BootEvidence, ExpectedPcrs, BOOT_PCRS, EVIDENCE_FORMAT,
+    };
+    use bulkhead_rot::swtpm::Swtpm;
+    use tss_esapi::handles::PcrHandle;
+    use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+    use tss_esapi::structures::{Digest, DigestValues};
+
+    if skip("sealed KMS verifier") {
+        return;
+    }
+    let swtpm = Swtpm::start().expect("swtpm");
+    let disk_digest = [0x5a; 32];
+    // What the image's PID 1 does: extend SHA-256 PCR 23 with the configuration disk's digest.
+    let extend_23 = |digest: [u8; 32]| {
+        let tcti = std::str::FromStr::from_str(&swtpm.tcti()).expect("tcti");
+        let mut ctx = tss_esapi::Context::new(tcti).expect("context");
+        let mut v = DigestValues::new();
+        v.set(
+            HashingAlgorithm::Sha256,
+            Digest::try_from(digest.to_vec()).unwrap(),
+        );
+        ctx.execute_with_nullauth_session(|c| c.pcr_extend(PcrHandle::Pcr23, v))
+            .expect("extend");
+    };
+    extend_23(disk_digest);
+    let mut tpm = Tpm::open(&swtpm.tcti()).expect("open");
+    let ak = tpm.ak_public().expect("ak");
+    let dev = env("dev");
+    let mut v = Verifier::new(dev.clone(), MeasurePcr::DEV);
+    // The image manifest: this TPM's PCRs 4, 9, 11, 12 (no firmware here: all zero), exactly.
+    let manifest = |pcr4: &str| {
+        format!(
+            r#"{{"expected_pcrs":{{"4":"{pcr4}","9":"{z}","11":"{z}","12":"{z}"}}}}"#,
+            z = "00".repeat(32)
+        )
+    };
+    let expected = ExpectedPcrs::for_host(manifest(&"00".repeat(32)).as_bytes(), &disk_digest)
+        .expect("expectations");
+    v.enroll_sealed(SealedEnrollment {
+        host: "sealed-1".into(),
+        environment: dev.clone(),
+        ak: ak.clone(),
+        expected,
+        host_public: "aa".into(),
+    });
+    // Same TPM, enrolled with a manifest whose PCR 4 is another image's.
+    let other_image = ExpectedPcrs::for_host(manifest(&"01".repeat(32)).as_bytes(), &disk_digest)
+        .expect("expectations");
+    v.enroll_sealed(SealedEnrollment {
+        host: "sealed-2".into(),
+        environment: dev.clone(),
+        ak: ak.clone(),
+        expected: other_image,
+        host_public: "bb".into(),
+    });
+    // Same TPM, enrolled with another configuration disk.
+    let other_disk = ExpectedPcrs::for_host(manifest(&"00".repeat(32)).as_bytes(), &[0x5b; 32])
+        .expect("expectations");
+    v.enroll_sealed(SealedEnrollment {
+        host: "sealed-3".into(),
+        environment: dev,
+        ak: ak.clone(),
+        expected: other_disk,
+        host_public: "cc".into(),
+    });
+    let mut quote = |host: &str, nonce: &[u8; 32], instance: &str| -> BootEvidence {
+        let qd = bulkhead_rot::attest::qualifying_data(nonce, Some(instance));
+        let (quote, values) = tpm.quote_sha256_pcrs(&BOOT_PCRS, &qd).expect("quote");
+        BootEvidence {
+            format: EVIDENCE_FORMAT.into(),
+            host: host.into(),
+            ak: ak.clone(),
+            quote,
+            pcrs: BOOT_PCRS
+                .iter()
+                .copied()
+                .zip(values.iter().map(hex::encode))
+                .collect(),
+            ek_certificate: None,
+            activated: None,
+        }
+    };
+
+    let n = v.challenge("sealed-1").unwrap();
+    let ev = quote("sealed-1", &n, "i-1");
+    let ok = v
+        .verify_boot_for_instance(&ev, "i-1")
+        .expect("exact boot PCRs");
+    assert_eq!(ok.host_public, "aa");
+    // Replayed: the nonce was consumed.
+    assert_eq!(
+        v.verify_boot_for_instance(&ev, "i-1"),
+        Err(AttestError::NotBoundToInstance("i-1".into()))
+    );
+    // Bound to another instance than the one the customer named.
+    let n = v.challenge("sealed-1").unwrap();
+    let ev = quote("sealed-1", &n, "i-2");
+    assert_eq!(
+        v.verify_boot_for_instance(&ev, "i-1"),
+        Err(AttestError::NotBoundToInstance("i-1".into()))
+    );
+    // The release manifest's PCR 4 differs from the boot: refused naming PCR 4.
+    let n = v.challenge("sealed-2").unwrap();
+    let ev = quote("sealed-2", &n, "i-1");
+    match v.verify_boot_for_instance(&ev, "i-1") {
+        Err(AttestError::BootChain(BootChainError::PcrMismatch { pcr: 4, all, .. })) => {
+            assert_eq!(all, vec![4]);
+        }
+        other => panic!("another image's PCR 4 was not refused: {other:?}"),
+    }
+    // Another configuration disk: PCR 23 differs.
+    let n = v.challenge("sealed-3").unwrap();
+    let ev = quote("sealed-3", &n, "i-1");
+    match v.verify_boot_for_instance(&ev, "i-1") {
+        Err(e @ AttestError::BootChain(BootChainError::PcrMismatch { pcr: 23, .. })) => {
+            assert_eq!(e.code(), "boot_pcr_mismatch");
+        }
+        other => panic!("another configuration disk was not refused: {other:?}"),
+    }
+    // Not enrolled as sealed.
+    let ev = quote("sealed-9", &[0; 32], "i-1");
+    assert_eq!(
+        v.verify_boot_for_instance(&ev, "i-1"),
+        Err(AttestError::UnknownHost("sealed-9".into()))
+    );
+}
