@@ -266,6 +266,37 @@ impl ReleaseStore {
     }
 }
 
+/// The fuzz target's fixed trust root: three release keys from fixed seeds (test only: never a
+/// trust root of a real host), threshold 2.
+pub fn fuzz_store() -> Option<(ReleaseStore, Vec<bulkhead_rot::release::ReleaseKey>)> {
+    let keys = (1u8..=3)
+        .map(|i| bulkhead_rot::release::ReleaseKey::from_secret_text(&hex::encode([i; 32])).ok())
+        .collect::<Option<Vec<_>>>()?;
+    let root = TrustRoot::new(2, keys.iter().map(|k| k.public()).collect()).ok()?;
+    Some((
+        ReleaseStore {
+            root,
+            environment: Environment::parse("dev").ok()?,
+            dir: PathBuf::from("/nonexistent"),
+        },
+        keys,
+    ))
+}
+
+/// The fuzz target: any bytes as a DeployRelease's release text, verified against
+/// [`fuzz_store`]'s root. A typed answer, never a panic.
+pub fn fuzz_verify(data: &[u8]) {
+    let Some((store, _)) = fuzz_store() else {
+        return;
+    };
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(m) = store.verify(text, 1, 1) {
+            assert!(m.version >= 1);
+            assert!(m.artefacts.iter().any(|a| a.name == RELEASE_HYPERVISOR));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -285,6 +316,33 @@ mod tests {
             },
             keys,
         )
+    }
+
+    #[test]
+    fn writes_the_fuzz_seed() {
+        let (st, keys) = fuzz_store().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let hv = tmp.path().join(RELEASE_HYPERVISOR);
+        std::fs::write(&hv, b"#!/bin/sh\nexit 0\n").unwrap();
+        let m = Manifest::from_files(
+            2,
+            Environment::parse("dev").unwrap(),
+            u64::MAX,
+            MeasurePcr::DEV,
+            &[(EventKind::Binary, hv.as_path())],
+        )
+        .unwrap();
+        let mut r = SignedRelease::new(&m).unwrap();
+        r.sign(&keys[0]);
+        r.sign(&keys[2]);
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/release_verify/signed");
+        if std::env::var_os("BULKHEAD_BLESS").is_some() {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, r.to_json().unwrap()).unwrap();
+        }
+        let seed = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(st.verify(&seed, 1, 1).unwrap().version, 2);
+        fuzz_verify(seed.as_bytes());
     }
 
     #[test]

@@ -135,15 +135,26 @@ fn deploy(d: &Daemon, who: &str, ops: &[Operation], signed: &str) -> Resp {
     call(d, who, ops, "POST", "/v1/host/releases", body.as_bytes())
 }
 
-/// The outcome record of an allowed request (the refusal's code is there).
+/// The outcome record of an allowed request (the refusal's code is there). The outcome is queued
+/// behind the answer: waited for, briefly.
 fn outcome_code(d: &Daemon, r: &Resp) -> String {
-    d.audit()
-        .iter()
-        .find(|x| {
-            x["entry"]["request_id"] == r.request_id.as_str() && x["entry"]["kind"] == "outcome"
-        })
-        .map(|x| x["entry"]["code"].as_str().unwrap_or("").to_string())
-        .unwrap_or_default()
+    let t = Instant::now();
+    loop {
+        let found = d
+            .audit()
+            .iter()
+            .find(|x| {
+                x["entry"]["request_id"] == r.request_id.as_str() && x["entry"]["kind"] == "outcome"
+            })
+            .map(|x| x["entry"]["code"].as_str().unwrap_or("").to_string());
+        match found {
+            Some(code) => return code,
+            None if t.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            None => return String::new(),
+        }
+    }
 }
 
 fn exe(pid: u64) -> PathBuf {
@@ -260,7 +271,21 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         "deployed v2 in {deploy_ms} ms; guest pause {pause_us} us; pid {old_pid} -> {new_pid}"
     );
 
-    // 2. Refusals, each typed and audited; nothing moves.
+    // 2. The controller is killed -9 and restarted: it adopts the live-updated hypervisor
+    //    (started by the keeper, like any hypervisor) and keeps the active release from the
+    //    host record (the downgrade below is refused against that floor).
+    let mut d = d;
+    d.kill9_controller_only();
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+    );
+    assert!(children_of(keeper).contains(&i32::try_from(new_pid).unwrap()));
+    assert!(d.audit().iter().any(|x| x["entry"]["op"] == "AdoptInstance"
+        && x["entry"]["resources"][0] == "instance:i-dep"
+        && x["entry"]["code"] == "ok"));
+
+    // 3. Refusals, each typed and audited; nothing moves.
     let unsigned = release(3, &[&hv], &[]);
     let one_of_three = release(3, &[&hv], &[&keys[1]]);
     let downgrade = release(1, &[&hv], &[&keys[0], &keys[1]]);
@@ -304,7 +329,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     assert!(rec.contains(r#""release":{"version":2"#), "{rec}");
     assert_eq!(exe(new_pid), installed.canonicalize().unwrap());
 
-    // 3. The guest kept counting on one boot the whole time.
+    // 4. The guest kept counting on one boot the whole time.
     let at = counts(&d).last().unwrap().0;
     wait_for(
         "counting after the refusals",
@@ -315,7 +340,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     assert_never_rebooted(&c);
     assert_eq!(c[0].0, 1);
     eprintln!(
-        "guest counted {} on one boot (boot id {}) through the deploy and 5 refusals; {:.0?} after its boot",
+        "guest counted {} on one boot (boot id {}) through the deploy, a controller restart and 5 refusals; {:.0?} after its boot",
         c.len(),
         c[0].1,
         booted.elapsed()
