@@ -279,6 +279,85 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// A vhost-user-blk peer that looks like the card (same features, same volume shape) through
+/// the handshake, then fails SET_MEM_TABLE and drops the connection: a new card that dies
+/// while it takes the rings. The peer, not the card, is what this fault needs; what is under
+/// test is the hypervisor giving the rings back to the old card.
+mod failing_peer {
+    use std::io;
+    use std::path::Path;
+    use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+    use vhost::vhost_user::Listener;
+    use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+    use vmm_sys_util::epoll::EventSet;
+
+    #[derive(Clone)]
+    struct Peer {
+        capacity_sectors: u64,
+    }
+
+    impl VhostUserBackend for Peer {
+        type Bitmap = ();
+        type Vring = VringRwLock;
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn max_queue_size(&self) -> usize {
+            1024
+        }
+        fn features(&self) -> u64 {
+            // SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, TOPOLOGY, MQ, DISCARD, WRITE_ZEROES,
+            // INDIRECT_DESC, EVENT_IDX, VERSION_1: what the block card offers.
+            [1u64, 2, 6, 9, 10, 12, 13, 14, 28, 29, 32]
+                .iter()
+                .fold(0, |f, b| f | (1 << b))
+                | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        }
+        fn protocol_features(&self) -> VhostUserProtocolFeatures {
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        }
+        fn set_event_idx(&self, _enabled: bool) {}
+        fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+            let mut c = [0u8; 60];
+            c[..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+            c[20..24].copy_from_slice(&4096u32.to_le_bytes());
+            c[34..36].copy_from_slice(&1u16.to_le_bytes());
+            (0..size as usize)
+                .map(|i| c.get(offset as usize + i).copied().unwrap_or(0))
+                .collect()
+        }
+        fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+            Err(io::Error::other("this peer fails SET_MEM_TABLE"))
+        }
+        fn handle_event(
+            &self,
+            _device_event: u16,
+            _evset: EventSet,
+            _vrings: &[VringRwLock],
+            _thread_id: usize,
+        ) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Serves one connection on `sock` in a thread; the connection ends at SET_MEM_TABLE.
+    pub fn start(sock: &Path, capacity_sectors: u64) {
+        let mut listener = Listener::new(sock, true).expect("peer listener");
+        std::thread::spawn(move || {
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+            let Ok(mut daemon) =
+                VhostUserDaemon::new("failing-blk".into(), Peer { capacity_sectors }, mem)
+            else {
+                return;
+            };
+            if daemon.start(&mut listener).is_ok() {
+                let _ = daemon.wait();
+            }
+        });
+    }
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -474,6 +553,25 @@ fn a_block_card_is_replaced_under_a_writing_guest() {
         );
         con.wait_io(&hv, 5, Duration::from_secs(300));
         println!("refusal 3 (new card on another volume): {r:?} / {a:?}; guest on the old card");
+    }
+
+    // Refusal 4: a new card that passes the handshake but fails while taking the rings (after
+    // the old card's rings were stopped): the old card gets its rings back where they stopped.
+    {
+        let sock = dir.path().join("failing.sock");
+        failing_peer::start(&sock, (1 << 20) / 512);
+        let conn = UnixStream::connect(&sock).expect("connect the failing peer");
+        let r = hv.replace_block(&dev, &conn);
+        drop(conn);
+        match r {
+            Err(ClientError::Refused(CommandError::Backend(
+                BackendFailure::Vring | BackendFailure::Unresponsive,
+            ))) => {}
+            other => panic!("replace with a card failing the rings: {other:?}"),
+        }
+        con.wait_io(&hv, 10, Duration::from_secs(300));
+        assert!(old.alive(), "the old card died:\n{}", old.log());
+        println!("refusal 4 (new card fails taking the rings): {r:?}; rings back on the old card");
     }
 
     // The update.

@@ -178,7 +178,10 @@ impl VirtioDevice for VhostUserBlk {
         Some(self.conn.stop_for_replace())
     }
     fn resume_at(&mut self, act: &Activation<'_>, bases: &[u16]) -> Result<(), ActivateError> {
-        self.conn.resume(act, bases)
+        self.conn.resume(act, bases)?;
+        // No reply-ack is negotiated: make sure the card took every ring before the old one is
+        // let go of.
+        self.conn.barrier()
     }
     fn handover(&self) -> Option<super::virtio::DeviceHandover> {
         let (vhost, conn_fd) = self.conn.handover_state()?;

@@ -425,6 +425,25 @@ impl VhostUserConn {
         }
     }
 
+    /// A request with a reply (GET_FEATURES) after requests without one: the backend answers
+    /// only once it processed everything sent before, so a backend that failed one of them
+    /// (and closed the connection) is found here instead of silently holding no rings.
+    /// Bounded by the watchdog; a failure makes the backend dead.
+    pub fn barrier(&mut self) -> Result<(), ActivateError> {
+        let link = lock(&self.link);
+        let guard = self.watchdog.arm(&self.sock, REPLY_TIMEOUT);
+        if let Err(e) = link.frontend.get_features() {
+            self.dead.set(if guard.fired() {
+                BackendFailure::Unresponsive
+            } else {
+                BackendFailure::Vring
+            });
+            tracing::warn!(error = %e, timed_out = guard.fired(), "vhost-user backend failed after taking the rings");
+            return Err(ActivateError::Backend(e));
+        }
+        Ok(())
+    }
+
     fn hand_over(
         &self,
         link: &mut Link,
