@@ -4,10 +4,11 @@
 //! new one over a private socketpair (`HandOver` + `--receive-state-fd`), the hypervisor moves
 //! the device's rings (`ReplaceBlock`), the old card erases its key and exits.
 //!
-//! One guest boot. Three refusals first, each leaving the guest on the old card: a new card
+//! One guest boot. Four refusals first, each leaving the guest on the old card: a new card
 //! started with `--receive-state-fd` that died before taking the state; a new card told
 //! `TakeOver` that took it and died before the hypervisor moved; a new card on a backing store
-//! of another size, which refuses the state. Then the update: a new card started as any card
+//! of another size, which refuses the state; a vhost-user peer that fails while taking the
+//! rings (the old card gets them back). Then the update: a new card started as any card
 //! and told `TakeOver`, as the controller would. The guest appends its counter to a log on the
 //! disk
 //! (`L= 1 2 3 ...`, rewritten whole each round, read back each round) and prints each round;
