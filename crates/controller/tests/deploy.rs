@@ -157,8 +157,12 @@ fn outcome_code(d: &Daemon, r: &Resp) -> String {
     }
 }
 
+/// The file process `pid` runs (as it was named when it started: a binary rebuilt since shows
+/// as `PATH (deleted)`).
 fn exe(pid: u64) -> PathBuf {
-    std::fs::read_link(format!("/proc/{pid}/exe")).unwrap()
+    let p = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let s = p.display().to_string();
+    PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
 }
 
 struct KeeperGuard(PathBuf);
@@ -205,10 +209,17 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
 
     // 0. The operator's token (no deployer role) is refused before the guest even boots.
     let bins = release_dir();
-    let hv = bins.join("bulkhead-hypervisor");
+    let configured_hv = bins.join("bulkhead-hypervisor").canonicalize().unwrap();
+    // The release's files, copied once (a rebuild meanwhile changes nothing here).
+    let src = dir.path().join("release-src");
+    std::fs::create_dir_all(&src).unwrap();
+    for n in ["bulkhead-hypervisor", "bulkhead-netcard"] {
+        std::fs::copy(bins.join(n), src.join(n)).unwrap();
+    }
+    let hv = src.join("bulkhead-hypervisor");
     // A card binary rides along: installed and recorded, not applied (the unstripped controller
     // and block card are over the 64 MiB artefact cap; release builds are stripped).
-    let card = bins.join("bulkhead-netcard");
+    let card = src.join("bulkhead-netcard");
     let good = release(2, &[&hv, &card], &[&keys[0], &keys[2]]);
     let r = deploy(&d, "operator", &[Operation::DescribeHost], &good);
     assert_eq!(r.status, 403);
@@ -228,7 +239,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     let old_pid = children_of(keeper)
         .into_iter()
         .filter_map(|p| u64::try_from(p).ok())
-        .find(|p| exe(*p) == hv.canonicalize().unwrap())
+        .find(|p| exe(*p) == configured_hv)
         .expect("the guest's hypervisor");
 
     // 1. A good release: uploaded, deployed, the hypervisor moved to the installed binary.
@@ -329,7 +340,23 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     assert!(rec.contains(r#""release":{"version":2"#), "{rec}");
     assert_eq!(exe(new_pid), installed.canonicalize().unwrap());
 
-    // 4. The guest kept counting on one boot the whole time.
+    // 4. A new instance starts the active release's hypervisor (this controller learnt it from
+    //    the host record); it is terminated at once (its guest need not finish booting).
+    let create = serde_json::json!({
+        "instance_id": "i-new", "image": "test-guest", "vcpus": 1, "memory_mib": 64,
+    });
+    customer(&d, "POST", "/v1/instances", &create.to_string());
+    customer(&d, "POST", "/v1/instances/i-new/start", "");
+    let fresh: Vec<u64> = children_of(keeper)
+        .into_iter()
+        .filter_map(|p| u64::try_from(p).ok())
+        .filter(|p| *p != new_pid && alive(*p))
+        .filter(|p| exe(*p) == installed.canonicalize().unwrap())
+        .collect();
+    assert_eq!(fresh.len(), 1, "the new instance's hypervisor: {fresh:?}");
+    customer(&d, "POST", "/v1/instances/i-new/terminate", "");
+
+    // 5. The guest kept counting on one boot the whole time.
     let at = counts(&d).last().unwrap().0;
     wait_for(
         "counting after the refusals",
