@@ -546,21 +546,23 @@ fn hand_over(
 ) -> Result<(), HandoverError> {
     let fd = fd.ok_or(HandoverError::NoSocket)?;
     let mut sock = UnixStream::from(fd);
-    backend.with_key(|key| {
+    // The frame is made under the key's lock, the socket I/O happens without it (an exit
+    // signal erasing the keys never waits for the other card).
+    let body = backend.with_key(|key| {
         let key = match (info.encrypted, key) {
             (false, _) => None,
             (true, Some(k)) => Some(k.as_ref()),
             (true, None) => return Err(HandoverError::KeyErased),
         };
-        let body = handover::encode_state(
+        Ok(handover::encode_state(
             &info.volume_id,
             info.sector,
             key,
             info.capacity_sectors,
             info.read_only,
-        );
-        handover::send_state(&mut sock, &body)
-    })
+        ))
+    })?;
+    handover::send_state(&mut sock, &body, handover::REPLY_TIMEOUT_MS)
 }
 
 fn serve_attached(

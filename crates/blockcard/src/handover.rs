@@ -62,6 +62,8 @@ pub enum HandoverError {
     Reason(u8),
     #[error("locked key page: {0}")]
     Key(#[from] SealingError),
+    #[error("the new card did not answer in time")]
+    Timeout,
     #[error("HandOver came without a socket beside it")]
     NoSocket,
     #[error("the key was already erased")]
@@ -319,10 +321,43 @@ pub fn write_frame(w: &mut impl Write, body: &[u8]) -> Result<(), HandoverError>
     Ok(())
 }
 
-/// The old card's side: sends an encoded `State` body, waits for the answer. `Ok` only for
-/// `Taken`.
-pub fn send_state(sock: &mut (impl Read + Write), body: &[u8]) -> Result<(), HandoverError> {
+/// Longest the old card waits for the new card's answer (it keys one cipher context pair per
+/// I/O lane and locks itself down first).
+pub const REPLY_TIMEOUT_MS: i32 = 30_000;
+
+/// Waits until `fd` is readable (or hung up), at most `ms` milliseconds (`poll`, which the
+/// card's sandbox allows; a socket timeout would need `setsockopt`, which it does not).
+fn wait_readable(fd: std::os::fd::RawFd, ms: i32) -> Result<(), HandoverError> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd, count 1; poll writes only its `revents`.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        match n {
+            0 => return Err(HandoverError::Timeout),
+            n if n > 0 => return Ok(()),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(HandoverError::Io(e));
+                }
+            }
+        }
+    }
+}
+
+/// The old card's side: sends an encoded `State` body, waits at most `timeout_ms` (the card
+/// uses [`REPLY_TIMEOUT_MS`]) for the answer. `Ok` only for `Taken`.
+pub fn send_state(
+    sock: &mut (impl Read + Write + std::os::fd::AsRawFd),
+    body: &[u8],
+    timeout_ms: i32,
+) -> Result<(), HandoverError> {
     write_frame(sock, body)?;
+    wait_readable(sock.as_raw_fd(), timeout_ms)?;
     let body = read_frame(sock)?;
     match Reply::parse(&body)? {
         Reply::Taken => Ok(()),
@@ -460,12 +495,18 @@ mod tests {
             s.key.map(|k| *k.as_ref())
         });
         let s = state(true);
-        send_state(&mut a, &s.encode()).expect("taken");
+        send_state(&mut a, &s.encode(), 10_000).expect("taken");
         let got = t.join().expect("peer");
         assert_eq!(got, s.key.as_ref().map(|k| *k.as_ref()));
         // A peer that dies before answering is `Closed`.
         let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
         drop(b);
-        assert!(send_state(&mut a, &s.encode()).is_err());
+        assert!(send_state(&mut a, &s.encode(), 10_000).is_err());
+        // A peer that takes the state and never answers is a timeout, not a hang.
+        let (mut a, _silent) = std::os::unix::net::UnixStream::pair().expect("pair");
+        assert!(matches!(
+            send_state(&mut a, &s.encode(), 100),
+            Err(HandoverError::Timeout)
+        ));
     }
 }
