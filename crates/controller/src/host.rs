@@ -301,13 +301,20 @@ pub const FAULT_ENV: &str = "BULKHEAD_FAULT";
 ///   then kills the controller with SIGKILL, mid-attach by construction);
 /// * `adopt:after_first:stall` — a restarted controller stops for ever in the middle of its
 ///   adoption, right after it took over the first recorded instance's hypervisor (the test then
-///   kills it and starts another, which must adopt again).
+///   kills it and starts another, which must adopt again);
+/// * `live_update:second:new_dies` — the second live update to an installed release this
+///   controller makes has its new hypervisor process killed just before the old one hands over
+///   (a deploy's live update then fails for real on that instance, and the deploy rolls back).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     AttachAfterCardKeyedExit,
     AttachAfterCardKeyedStall,
     AdoptAfterFirstStall,
+    LiveUpdateSecondNewDies,
 }
+
+/// Live updates to an installed release made by this controller (for the fault hook).
+static RELEASE_UPDATES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 static FAULT: OnceLock<Option<Fault>> = OnceLock::new();
 
@@ -318,6 +325,7 @@ fn fault() -> Option<Fault> {
             "attach:after_card_keyed:exit" => Fault::AttachAfterCardKeyedExit,
             "attach:after_card_keyed:stall" => Fault::AttachAfterCardKeyedStall,
             "adopt:after_first:stall" => Fault::AdoptAfterFirstStall,
+            "live_update:second:new_dies" => Fault::LiveUpdateSecondNewDies,
             _ => {
                 tracing::warn!(value = %v, "unknown {FAULT_ENV} ignored");
                 return None;
@@ -2038,6 +2046,19 @@ impl HostBackend {
                 return Err(launcher_err("take handover")(e));
             }
         };
+        if to.is_some()
+            && RELEASE_UPDATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 1
+            && fault() == Some(Fault::LiveUpdateSecondNewDies)
+        {
+            tracing::warn!(
+                new_pid,
+                "fault hook: the new hypervisor is killed before the hand-over"
+            );
+            let _ = self.launcher.call(&LaunchRequest::Reap {
+                pid: new_pid,
+                grace_ms: 0,
+            });
+        }
         let r = vm
             .chan
             .call(Command::LiveUpdate, Some(handover.as_raw_fd()));
@@ -2201,7 +2222,7 @@ impl HostBackend {
             return Err(e);
         }
         match fault() {
-            None | Some(Fault::AdoptAfterFirstStall) => {}
+            None | Some(Fault::AdoptAfterFirstStall | Fault::LiveUpdateSecondNewDies) => {}
             Some(Fault::AttachAfterCardKeyedExit) => {
                 tracing::error!(volume = %volume, "fault hook: exiting mid-attach (card keyed)");
                 std::process::exit(70);

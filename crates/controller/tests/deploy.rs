@@ -287,9 +287,11 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     //    host record (the downgrade below is refused against that floor).
     let mut d = d;
     d.kill9_controller_only();
-    let d = Daemon::start_with(
+    // It runs with the fault hook that kills the new process of its second live update (step 5).
+    let d = Daemon::start_env(
         dir.path(),
         &["--backend", "host", "--guest-dir", guest.as_str()],
+        &[("BULKHEAD_FAULT", "live_update:second:new_dies")],
     );
     assert!(children_of(keeper).contains(&i32::try_from(new_pid).unwrap()));
     assert!(d.audit().iter().any(|x| x["entry"]["op"] == "AdoptInstance"
@@ -343,7 +345,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     // 4. A new instance starts the active release's hypervisor (this controller learnt it from
     //    the host record); it is terminated at once (its guest need not finish booting).
     let create = serde_json::json!({
-        "instance_id": "i-new", "image": "test-guest", "vcpus": 1, "memory_mib": 64,
+        "instance_id": "i-new", "image": "test-guest", "vcpus": 1, "memory_mib": 128,
     });
     customer(&d, "POST", "/v1/instances", &create.to_string());
     customer(&d, "POST", "/v1/instances/i-new/start", "");
@@ -354,9 +356,48 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         .filter(|p| exe(*p) == installed.canonicalize().unwrap())
         .collect();
     assert_eq!(fresh.len(), 1, "the new instance's hypervisor: {fresh:?}");
+
+    // 5. A good release v3 whose live update fails on the second instance (its new process
+    //    dies before the hand-over): refused, and the first instance's hypervisor, already on
+    //    v3, is moved back to v2; both guests keep their hypervisors' releases, the record v2.
+    let v3 = release(3, &[&hv], &[&keys[0], &keys[1]]);
+    let r = deploy(&d, "deployer", DEPLOY_OPS, &v3);
+    assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.code(), "release_live_update_failed");
+    assert_eq!(outcome_code(&d, &r), "release_live_update_failed");
+    let audited = |op: &str, inst: &str, ok: bool| {
+        d.audit().iter().any(|x| {
+            x["entry"]["op"] == op
+                && x["entry"]["resources"][0] == "release:v3"
+                && x["entry"]["resources"][1] == format!("instance:{inst}").as_str()
+                && (x["entry"]["code"] == "ok") == ok
+        })
+    };
+    assert!(audited("DeployRelease:live-update", "i-dep", true));
+    assert!(audited("DeployRelease:live-update", "i-new", false));
+    assert!(audited("DeployRelease:roll-back", "i-dep", true));
+    let on_v2: Vec<u64> = children_of(keeper)
+        .into_iter()
+        .filter_map(|p| u64::try_from(p).ok())
+        .filter(|p| alive(*p) && exe(*p) == installed.canonicalize().unwrap())
+        .collect();
+    assert_eq!(on_v2.len(), 2, "both hypervisors on v2: {on_v2:?}");
+    assert!(
+        on_v2.contains(&fresh[0]),
+        "the second instance's hypervisor moved"
+    );
+    assert!(
+        !on_v2.contains(&new_pid),
+        "the first instance's v2 process still runs"
+    );
+    assert!(!children_of(keeper).into_iter().any(|p| {
+        u64::try_from(p).is_ok_and(|p| alive(p) && exe(p).to_string_lossy().contains("/v3/"))
+    }));
+    let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
+    assert!(rec.contains(r#""release":{"version":2"#), "{rec}");
     customer(&d, "POST", "/v1/instances/i-new/terminate", "");
 
-    // 5. The guest kept counting on one boot the whole time.
+    // 6. The guest kept counting on one boot the whole time.
     let at = counts(&d).last().unwrap().0;
     wait_for(
         "counting after the refusals",
@@ -367,7 +408,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     assert_never_rebooted(&c);
     assert_eq!(c[0].0, 1);
     eprintln!(
-        "guest counted {} on one boot (boot id {}) through the deploy, a controller restart and 5 refusals; {:.0?} after its boot",
+        "guest counted {} on one boot (boot id {}) through the deploy, a controller restart, 5 refusals and a rolled-back deploy; {:.0?} after its boot",
         c.len(),
         c[0].1,
         booted.elapsed()
@@ -388,7 +429,6 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         );
     }
     customer(&d, "POST", "/v1/instances/i-dep/terminate", "");
-    assert!(!alive(new_pid));
     drop(d);
     bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
     eprintln!("{test}: {:.1?}", t0.elapsed());
