@@ -363,6 +363,61 @@ fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// One card update: starts card `name` like any card, `TakeOver` on it and `HandOver` on
+/// `old` with the two ends of a socketpair, `ReplaceBlock` to it; then waits for `old` to exit
+/// 0 with its keys erased. Returns the new card and (state hand-over, ReplaceBlock) times.
+fn update_card(
+    hv: &mut Hypervisor,
+    dev: &DeviceId,
+    dir: &Path,
+    backing: &Path,
+    host_key: &Path,
+    old: &mut Card,
+    name: &str,
+) -> (Card, Duration, Duration) {
+    let (ours, theirs) = UnixStream::pair().expect("pair");
+    let new = Card::spawn(dir, name, backing, host_key, None);
+    let pending = new.take_over(&theirs);
+    drop(theirs);
+    let t0 = Instant::now();
+    let r = old.hand_over(&ours);
+    drop(ours);
+    assert_eq!(r, ControlResponse::HandedOver, "{}", new.log());
+    assert_eq!(
+        Card::answer(pending),
+        ControlResponse::Attached {
+            capacity_sectors: (1 << 20) / 512,
+            encrypted: true
+        },
+        "take-over"
+    );
+    let handover_took = t0.elapsed();
+    let conn = new.wait_vhost_socket();
+    let t1 = Instant::now();
+    hv.replace_block(dev, &conn)
+        .unwrap_or_else(|e| panic!("replace: {e:?}\nold:\n{}\nnew:\n{}", old.log(), new.log()));
+    let replace_took = t1.elapsed();
+    drop(conn);
+    let until = Instant::now() + Duration::from_secs(10);
+    while matches!(old.child.try_wait(), Ok(None)) {
+        assert!(
+            Instant::now() < until,
+            "the old card lingers:\n{}",
+            old.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        old.child.try_wait().expect("wait").and_then(|st| st.code()),
+        Some(0),
+        "the old card's exit"
+    );
+    assert!(!pid_alive(old.child.id()), "the old card's pid lingers");
+    let log = old.log();
+    assert!(log.contains("card update complete: keys erased"), "{log}");
+    (new, handover_took, replace_took)
+}
+
 #[test]
 fn a_block_card_is_replaced_under_a_writing_guest() {
     let test = "a_block_card_is_replaced_under_a_writing_guest";
@@ -575,57 +630,31 @@ fn a_block_card_is_replaced_under_a_writing_guest() {
         println!("refusal 4 (new card fails taking the rings): {r:?}; rings back on the old card");
     }
 
-    // The update.
+    // The update, twice: A -> B (B took the state with `TakeOver`), then B -> C (a card that
+    // received the state hands it on in turn).
     con.drain(&hv);
     let before = con.last();
     let old_writes = old.metric("writes");
-    let (ours, theirs) = UnixStream::pair().expect("pair");
-    // The new card is started as the controller starts any card (waiting for Attach) and told
-    // to take the state over (`TakeOver`).
-    let new = Card::spawn(dir.path(), "card-b", &backing, &host_key, None);
-    let pending = new.take_over(&theirs);
-    drop(theirs);
-    let t0 = Instant::now();
-    let r = old.hand_over(&ours);
-    drop(ours);
-    assert_eq!(r, ControlResponse::HandedOver, "{}", new.log());
-    assert_eq!(
-        Card::answer(pending),
-        ControlResponse::Attached {
-            capacity_sectors: (1 << 20) / 512,
-            encrypted: true
-        },
-        "take-over"
-    );
-    let conn = new.wait_vhost_socket();
-    let t1 = Instant::now();
-    hv.replace_block(&dev, &conn)
-        .unwrap_or_else(|e| panic!("replace: {e:?}\nold:\n{}\nnew:\n{}", old.log(), new.log()));
-    let replace_took = t1.elapsed();
-    let handover_took = t1 - t0;
-    drop(conn);
-    let until = Instant::now() + Duration::from_secs(10);
-    while pid_alive(old_pid) && matches!(old.child.try_wait(), Ok(None)) {
-        assert!(
-            Instant::now() < until,
-            "the old card lingers:\n{}",
-            old.log()
+    let mut timings = Vec::new();
+    let mut current = old;
+    for name in ["card-b", "card-c"] {
+        let (next, handover_took, replace_took) = update_card(
+            &mut hv,
+            &dev,
+            dir.path(),
+            &backing,
+            &host_key,
+            &mut current,
+            name,
         );
-        std::thread::sleep(Duration::from_millis(20));
+        timings.push((handover_took, replace_took));
+        con.wait_io(&hv, 15, Duration::from_secs(300));
+        let w = next.metric("writes");
+        assert!(w >= 10, "{name} served {w} writes");
+        current = next;
     }
-    assert_eq!(
-        old.child.try_wait().expect("wait").and_then(|s| s.code()),
-        Some(0),
-        "the old card's exit"
-    );
-    let old_log = old.log();
-    assert!(
-        old_log.contains("card update complete: keys erased"),
-        "{old_log}"
-    );
-    con.wait_io(&hv, 30, Duration::from_secs(300));
+    let new = current;
     let new_writes = new.metric("writes");
-    assert!(new_writes >= 20, "the new card served {new_writes} writes");
 
     // Console: every round once, in order, each reading back its own counter; one boot.
     con.drain(&hv);
@@ -649,7 +678,7 @@ fn a_block_card_is_replaced_under_a_writing_guest() {
     let rounds = prev;
     assert!(
         rounds >= before + 30,
-        "{rounds} rounds, {before} before the update"
+        "{rounds} rounds, {before} before the updates"
     );
     // The whole log as the guest read it back, every 10 rounds: contiguous, growing, and the
     // boot id never changed.
@@ -715,10 +744,9 @@ fn a_block_card_is_replaced_under_a_writing_guest() {
 
     hv.shutdown().expect("shutdown");
     println!(
-        "card update: old card pid {old_pid} ({old_writes} writes) -> new card pid {} \
-         ({new_writes} writes); hand-over of the state {handover_took:?}, ReplaceBlock \
-         {replace_took:?}; {rounds} rounds, log on disk contiguous to {on_disk}; boot {booted:?}, \
-         whole test {:?}",
+        "card update: card A pid {old_pid} ({old_writes} writes) -> B -> C pid {} ({new_writes} \
+         writes); (state hand-over, ReplaceBlock) per update {timings:?}; {rounds} rounds, log on \
+         disk contiguous to {on_disk}; boot {booted:?}, whole test {:?}",
         new.child.id(),
         started.elapsed()
     );
