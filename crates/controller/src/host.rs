@@ -156,6 +156,8 @@ struct HostInstance {
     cpus: Vec<usize>,
     /// Instance storage, if the instance was created with it.
     store: Option<InstanceStore>,
+    /// The new hypervisor of a live update in flight (recorded before the hand-over).
+    updating: Option<u32>,
 }
 
 struct Slot {
@@ -304,13 +306,17 @@ pub const FAULT_ENV: &str = "BULKHEAD_FAULT";
 ///   kills it and starts another, which must adopt again);
 /// * `live_update:second:new_dies` — the second live update to an installed release this
 ///   controller makes has its new hypervisor process killed just before the old one hands over
-///   (a deploy's live update then fails for real on that instance, and the deploy rolls back).
+///   (a deploy's live update then fails for real on that instance, and the deploy rolls back);
+/// * `live_update:after_handover:exit` — a live update to an installed release exits the
+///   controller (status 70) right after the old hypervisor handed the VM over, before the outcome
+///   is recorded (the next controller must adopt the new process).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     AttachAfterCardKeyedExit,
     AttachAfterCardKeyedStall,
     AdoptAfterFirstStall,
     LiveUpdateSecondNewDies,
+    LiveUpdateAfterHandoverExit,
 }
 
 /// Live updates to an installed release made by this controller (for the fault hook).
@@ -326,6 +332,7 @@ fn fault() -> Option<Fault> {
             "attach:after_card_keyed:stall" => Fault::AttachAfterCardKeyedStall,
             "adopt:after_first:stall" => Fault::AdoptAfterFirstStall,
             "live_update:second:new_dies" => Fault::LiveUpdateSecondNewDies,
+            "live_update:after_handover:exit" => Fault::LiveUpdateAfterHandoverExit,
             _ => {
                 tracing::warn!(value = %v, "unknown {FAULT_ENV} ignored");
                 return None;
@@ -390,6 +397,7 @@ impl HostBackend {
             cmdline: g.cmdline.clone(),
             booted: g.booted,
             hypervisor_pid: g.vm.as_ref().map(|v| v.pid),
+            hypervisor_update: g.updating,
             next_device: g.next_device,
             volumes: g
                 .volumes
@@ -955,6 +963,7 @@ impl InstanceBackend for HostBackend {
             store: spec
                 .instance_storage
                 .map(|gib| InstanceStore { gib, disk: None }),
+            updating: None,
         }));
         // Reserve the id and the capacity, then spawn without holding the host-wide lock.
         let mut g = lock(&inst);
@@ -1745,6 +1754,15 @@ impl HostBackend {
             };
             // The hypervisor.
             let mut vm = None;
+            let mut r = r;
+            if let Some(newp) = r.hypervisor_update.take() {
+                claimed.insert(newp);
+                let winner = self.settle_update(r.hypervisor_pid, newp);
+                if winner == Some(newp) {
+                    codes.push("live_update_completed");
+                }
+                r.hypervisor_pid = winner.or(r.hypervisor_pid);
+            }
             if let Some(pid) = r.hypervisor_pid {
                 claimed.insert(pid);
                 if alive(pid, ChildKind::Hypervisor) {
@@ -1801,6 +1819,7 @@ impl HostBackend {
                 attaching: None,
                 cpus: Vec::new(),
                 store: None,
+                updating: None,
             };
             // Its whole cores, as recorded (the running hypervisor's vCPUs are pinned there).
             if let Some(a) = lock(&self.inner).cores.as_mut() {
@@ -2012,9 +2031,9 @@ impl HostBackend {
         g: &mut HostInstance,
         to: Option<u64>,
     ) -> Result<crate::api::HypervisorMoved, BackendError> {
-        let Some(vm) = g.vm.as_mut() else {
+        if g.vm.is_none() {
             return Err(BackendError::WrongState);
-        };
+        }
         let (reply, chan_fd) = self
             .launcher
             .call_fd(&LaunchRequest::SpawnIncoming {
@@ -2046,6 +2065,27 @@ impl HostBackend {
                 return Err(launcher_err("take handover")(e));
             }
         };
+        // Before the hand-over: the new process is committed (it outlives this controller) and
+        // the update is in the record, so a controller that dies from here on is followed by one
+        // that adopts whichever process then runs the guest.
+        g.updating = Some(new_pid);
+        if let Err(e) = self.persist(g, &[new_pid]) {
+            g.updating = None;
+            reap_new("record");
+            return Err(e);
+        }
+        if fault() == Some(Fault::LiveUpdateAfterHandoverExit) && to.is_some() {
+            // Let the hand-over happen, then die before recording its outcome.
+            let r = g.vm.as_ref().map(|vm| {
+                vm.chan
+                    .call(Command::LiveUpdate, Some(handover.as_raw_fd()))
+            });
+            tracing::error!(ok = ?r.map(|r| r.is_ok()), "fault hook: exiting after a hand-over, before its outcome is recorded");
+            std::process::exit(70);
+        }
+        let Some(vm) = g.vm.as_mut() else {
+            return Err(BackendError::WrongState);
+        };
         if to.is_some()
             && RELEASE_UPDATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 1
             && fault() == Some(Fault::LiveUpdateSecondNewDies)
@@ -2065,13 +2105,14 @@ impl HostBackend {
         drop(handover);
         let pause_us = match r {
             Ok(Reply::Updated { pause_us }) => pause_us,
-            Ok(_) => {
-                reap_new("unexpected reply");
-                return Err(BackendError::Unavailable);
-            }
-            Err(e) => {
+            other => {
                 reap_new("refused");
-                return Err(channel_err("live update")(e));
+                g.updating = None;
+                self.persist_noticed(g);
+                return Err(match other {
+                    Err(e) => channel_err("live update")(e),
+                    Ok(_) => BackendError::Unavailable,
+                });
             }
         };
         let chan = match Channel::from_fd(chan_fd) {
@@ -2079,6 +2120,7 @@ impl HostBackend {
             Err(e) => return Err(channel_err("new channel")(e)),
         };
         let old = std::mem::replace(vm, Vm { pid: new_pid, chan });
+        g.updating = None;
         // The old process exits by itself once it handed over.
         if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
             pid: old.pid,
@@ -2094,6 +2136,50 @@ impl HostBackend {
             new_pid,
             pause_us,
         })
+    }
+
+    /// A live update the previous controller left in flight: waits (bounded) until one of the
+    /// old and new hypervisor processes is gone (the old one exits after a hand-over, the new
+    /// one exits when none comes), reaps the other if both still run, and answers the one that
+    /// runs the guest.
+    fn settle_update(&self, old: Option<u32>, new: u32) -> Option<u32> {
+        let running = |pid: u32| -> bool {
+            self.launcher
+                .children()
+                .map(|c| c.iter().any(|k| k.pid == pid && k.running))
+                .unwrap_or(false)
+        };
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (o, n) = (old.is_some_and(running), running(new));
+            match (o, n) {
+                (_, false) => {
+                    let _ = self.launcher.call(&LaunchRequest::Reap {
+                        pid: new,
+                        grace_ms: 0,
+                    });
+                    return old;
+                }
+                (false, true) => {
+                    if let Some(o) = old {
+                        let _ = self.launcher.call(&LaunchRequest::Reap {
+                            pid: o,
+                            grace_ms: 0,
+                        });
+                    }
+                    tracing::info!(new, "adoption: the live update had completed");
+                    return Some(new);
+                }
+                (true, true) if std::time::Instant::now() >= until => {
+                    let _ = self.launcher.call(&LaunchRequest::Reap {
+                        pid: new,
+                        grace_ms: 0,
+                    });
+                    return old;
+                }
+                (true, true) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
     }
 
     fn take_vm(&self, pid: u32, first_id: u64) -> Result<(Vm, VmState), BackendError> {
@@ -2222,7 +2308,12 @@ impl HostBackend {
             return Err(e);
         }
         match fault() {
-            None | Some(Fault::AdoptAfterFirstStall | Fault::LiveUpdateSecondNewDies) => {}
+            None
+            | Some(
+                Fault::AdoptAfterFirstStall
+                | Fault::LiveUpdateSecondNewDies
+                | Fault::LiveUpdateAfterHandoverExit,
+            ) => {}
             Some(Fault::AttachAfterCardKeyedExit) => {
                 tracing::error!(volume = %volume, "fault hook: exiting mid-attach (card keyed)");
                 std::process::exit(70);

@@ -194,6 +194,10 @@ pub struct InstanceRecord {
     pub booted: bool,
     /// The hypervisor process (`None`: no VM right now, e.g. after it died).
     pub hypervisor_pid: Option<u32>,
+    /// A live update in flight: the new hypervisor process, started and committed before the
+    /// old one hands over. A restarted controller adopts whichever of the two runs the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor_update: Option<u32>,
     pub next_device: u32,
     pub volumes: Vec<VolumeRecord>,
     pub attaching: Option<PendingAttach>,
@@ -364,7 +368,9 @@ impl HostRecord {
             if i.cmdline.is_empty() || i.cmdline.len() > MAX_CMDLINE || i.cmdline.contains('\0') {
                 return bad(F::Cmdline);
             }
-            if i.hypervisor_pid.is_some_and(|p| !valid_pid(p)) {
+            if i.hypervisor_pid.is_some_and(|p| !valid_pid(p))
+                || i.hypervisor_update.is_some_and(|p| !valid_pid(p))
+            {
                 return bad(F::Pid);
             }
             if i.volumes.len() > MAX_VOLUMES {
@@ -532,6 +538,7 @@ mod tests {
                 cmdline: "console=ttyS0 bulkhead.run=echo\\0040hi".into(),
                 booted: true,
                 hypervisor_pid: Some(4242),
+                hypervisor_update: Some(4246),
                 next_device: 2,
                 volumes: vec![VolumeRecord {
                     volume: "vol-1".into(),

@@ -397,7 +397,51 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     assert!(rec.contains(r#""release":{"version":2"#), "{rec}");
     customer(&d, "POST", "/v1/instances/i-new/terminate", "");
 
-    // 6. The guest kept counting on one boot the whole time.
+    // 6. A controller that dies right after a hand-over, before it records the outcome (fault
+    //    hook `live_update:after_handover:exit`): the next one adopts the new process, which
+    //    runs the guest (the update was recorded as in flight before the hand-over).
+    let mut d = d;
+    d.kill9_controller_only();
+    let mut d3 = Daemon::start_env(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+        &[("BULKHEAD_FAULT", "live_update:after_handover:exit")],
+    );
+    let v4 = release(4, &[&hv], &[&keys[0], &keys[1]]);
+    let body = serde_json::json!({ "release": v4 }).to_string();
+    let t = d3.mint("deployer", HOST, DEPLOY_OPS, MIN10);
+    let r = d3
+        .client("deployer")
+        .request("POST", "/v1/host/releases", Some(&t), body.as_bytes());
+    assert!(r.is_err(), "the controller answered: {r:?}");
+    assert_eq!(d3.child.wait().unwrap().code(), Some(70));
+    d3.kill9_controller_only();
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+    );
+    assert!(d.audit().iter().any(|x| x["entry"]["op"] == "AdoptInstance"
+        && x["entry"]["resources"][0] == "instance:i-dep"
+        && x["entry"]["code"] == "live_update_completed"));
+    let v4_bin = dir.path().join("releases/v4/bulkhead-hypervisor");
+    let on_v4: Vec<u64> = children_of(keeper)
+        .into_iter()
+        .filter_map(|p| u64::try_from(p).ok())
+        .filter(|p| alive(*p) && exe(*p) == v4_bin.canonicalize().unwrap())
+        .collect();
+    assert_eq!(
+        on_v4.len(),
+        1,
+        "the guest's hypervisor after adoption: {on_v4:?}"
+    );
+    let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
+    assert!(
+        rec.contains(&format!(r#""hypervisor_pid":{}"#, on_v4[0])),
+        "{rec}"
+    );
+    assert!(!rec.contains("hypervisor_update"), "{rec}");
+
+    // 7. The guest kept counting on one boot the whole time.
     let at = counts(&d).last().unwrap().0;
     wait_for(
         "counting after the refusals",
@@ -408,7 +452,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     assert_never_rebooted(&c);
     assert_eq!(c[0].0, 1);
     eprintln!(
-        "guest counted {} on one boot (boot id {}) through the deploy, a controller restart, 5 refusals and a rolled-back deploy; {:.0?} after its boot",
+        "guest counted {} on one boot (boot id {}) through the deploy, a controller restart, 5 refusals, a rolled-back deploy and a controller dying mid-update; {:.0?} after its boot",
         c.len(),
         c[0].1,
         booted.elapsed()
