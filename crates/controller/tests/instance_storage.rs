@@ -80,17 +80,6 @@ fn cards_on(needle: &str) -> Vec<i32> {
         .collect()
 }
 
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit(')')
-                .next()
-                .map(|r| !r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
 /// Waits until the console shows the guest's script finished its round `n` (1-based); returns
 /// the console text of that round only.
 fn wait_round(d: &Daemon, n: usize) -> String {

@@ -246,8 +246,14 @@ fn handle(vm: &mut Vm, ops: &mut Ops, frame: &[u8], fd: Option<OwnedFd>) -> (Res
             Next::Continue,
         ),
         Command::DetachNet { id } => (detach(vm, ops, req.id, id, DeviceKind::Net), Next::Continue),
-        Command::ReconnectNet { id } => (reconnect(vm, ops, id, fd), Next::Continue),
-        Command::ReplaceBlock { id } => (replace_block(vm, ops, id, fd), Next::Continue),
+        Command::ReconnectNet { id } => (
+            swap_backend(vm, ops, id, fd, Vm::reconnect_net),
+            Next::Continue,
+        ),
+        Command::ReplaceBlock { id } => (
+            swap_backend(vm, ops, id, fd, Vm::replace_block),
+            Next::Continue,
+        ),
         Command::LiveUpdate => live_update(vm, ops, fd),
         Command::OpStatus { op } => (
             ops.status(op).map(|status| Reply::Op { op, status }),
@@ -298,13 +304,16 @@ fn attach(
     }
 }
 
-/// A net card replaced in place (`ReconnectNet`): refused while an attach or detach of the
-/// same device is in flight.
-fn reconnect(
+/// A device's card swapped for the one on `fd` by `swap`: a net card replaced in place
+/// (`ReconnectNet`, [`Vm::reconnect_net`]) or a block card replaced by a new card process
+/// (`ReplaceBlock`, card update, [`Vm::replace_block`]). Refused while an attach or detach of
+/// the same device is in flight.
+fn swap_backend(
     vm: &mut Vm,
     ops: &Ops,
     id: bulkhead_channel::DeviceId,
     fd: Option<OwnedFd>,
+    swap: fn(&mut Vm, &str, UnixStream) -> Result<(), Error>,
 ) -> Result<Reply, CommandError> {
     if ops.busy(&id) {
         return Err(CommandError::DeviceBusy);
@@ -312,27 +321,7 @@ fn reconnect(
     let fd = fd.ok_or(CommandError::MissingFd)?;
     // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
     let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
-    match vm.reconnect_net(id.as_str(), stream) {
-        Ok(()) => Ok(Reply::Done { state: vm.state() }),
-        Err(e) => Err(command_error(&e)),
-    }
-}
-
-/// A block card replaced by a new card process (`ReplaceBlock`, card update): refused while an
-/// attach or detach of the same device is in flight.
-fn replace_block(
-    vm: &mut Vm,
-    ops: &Ops,
-    id: bulkhead_channel::DeviceId,
-    fd: Option<OwnedFd>,
-) -> Result<Reply, CommandError> {
-    if ops.busy(&id) {
-        return Err(CommandError::DeviceBusy);
-    }
-    let fd = fd.ok_or(CommandError::MissingFd)?;
-    // SAFETY: `fd` was received through SCM_RIGHTS and is owned solely by us.
-    let stream = unsafe { UnixStream::from_raw_fd(into_raw(fd)) };
-    match vm.replace_block(id.as_str(), stream) {
+    match swap(vm, id.as_str(), stream) {
         Ok(()) => Ok(Reply::Done { state: vm.state() }),
         Err(e) => Err(command_error(&e)),
     }

@@ -21,7 +21,7 @@ use crate::devices::legacy::{PioBus, PioOutcome};
 use crate::devices::pci::PciBus;
 use crate::devices::vhost_blk::VhostUserBlk;
 use crate::devices::vhost_net::VhostUserNet;
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::{BackendState, VirtioDevice};
 use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY};
 use crate::devices::virtio_pci::{self, VirtioPciDevice};
 use crate::devices::virtio_rng::VirtioRng;
@@ -475,6 +475,55 @@ impl Vm {
         self.plug_card(id, state, DeviceKind::Net, Box::new(dev))
     }
 
+    /// Puts `dev` in place of device `id`'s backend and returns the old one, unless the guest
+    /// reset or (re)activated the device since `epoch` was read (then `dev` comes back).
+    fn swap_device(
+        &self,
+        id: &str,
+        dev: Box<dyn VirtioDevice>,
+        epoch: u64,
+    ) -> Result<Box<dyn VirtioDevice>, Box<dyn VirtioDevice>> {
+        let mut pci = lock(&self.shared.pci);
+        let card = pci
+            .port_of(id)
+            .and_then(|port| pci.ports.get_mut(port))
+            .and_then(|p| p.card.as_mut());
+        match card {
+            Some(c) => c.replace_device(dev, epoch),
+            None => Err(dev),
+        }
+    }
+
+    /// The backend state of device `id`, which must be a `kind` card whose guest driver is not
+    /// between a reset and a (re)activation: what a replacement card is checked against and
+    /// resumed from. Taken under the bus lock, which is released on return.
+    fn settled_backend(
+        &self,
+        id: &str,
+        kind: DeviceKind,
+        config_len: usize,
+    ) -> Result<BackendState, Error> {
+        let st = {
+            let pci = lock(&self.shared.pci);
+            let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
+            let card = pci
+                .ports
+                .get(port)
+                .and_then(|p| p.card.as_ref())
+                .ok_or(Error::NoSuchDevice)?;
+            if DeviceKind::of_class(card.class_code()) != Some(kind) {
+                return Err(Error::WrongDeviceKind);
+            }
+            card.backend_state(config_len)
+                .ok_or(Error::WrongDeviceKind)?
+                .map_err(Error::EventFd)?
+        };
+        if !st.settled {
+            return Err(Error::DeviceBusy);
+        }
+        Ok(st)
+    }
+
     /// Replaces the backend of net device `id` with the card connected on `stream`, in place:
     /// the guest sees no reset and no hot-plug event (what QEMU does when a vhost-user-net
     /// backend reconnects). The new card must offer every feature the guest acked and show
@@ -505,24 +554,7 @@ impl Vm {
         }
         let mut dev = VhostUserNet::connect(stream)?;
         let config_len = usize::try_from(NET_CONFIG_LEN).unwrap_or(12);
-        let st = {
-            let pci = lock(&self.shared.pci);
-            let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
-            let card = pci
-                .ports
-                .get(port)
-                .and_then(|p| p.card.as_ref())
-                .ok_or(Error::NoSuchDevice)?;
-            if DeviceKind::of_class(card.class_code()) != Some(DeviceKind::Net) {
-                return Err(Error::WrongDeviceKind);
-            }
-            card.backend_state(config_len)
-                .ok_or(Error::WrongDeviceKind)?
-                .map_err(Error::EventFd)?
-        };
-        if !st.settled {
-            return Err(Error::DeviceBusy);
-        }
+        let st = self.settled_backend(id, DeviceKind::Net, config_len)?;
         dev.can_replace(st.acked_features, &st.config)
             .map_err(|e| {
                 tracing::warn!(device = id, error = %e, "refused a replacement net card");
@@ -563,17 +595,7 @@ impl Vm {
                 Error::BackendFailed(dev.failed().unwrap_or(BackendFailure::Vring))
             })?;
         }
-        let swapped = {
-            let mut pci = lock(&self.shared.pci);
-            let card = pci
-                .port_of(id)
-                .and_then(|port| pci.ports.get_mut(port))
-                .and_then(|p| p.card.as_mut());
-            match card {
-                Some(c) => c.replace_device(Box::new(dev), st.epoch),
-                None => Err(Box::new(dev) as Box<dyn VirtioDevice>),
-            }
-        };
+        let swapped = self.swap_device(id, Box::new(dev), st.epoch);
         match swapped {
             Ok(old) => {
                 // Closing the dead card's connection waits for nothing.
@@ -613,24 +635,7 @@ impl Vm {
         if state == VmState::Stopped {
             return Err(Error::WrongState(state));
         }
-        let st = {
-            let pci = lock(&self.shared.pci);
-            let port = pci.port_of(id).ok_or(Error::NoSuchDevice)?;
-            let card = pci
-                .ports
-                .get(port)
-                .and_then(|p| p.card.as_ref())
-                .ok_or(Error::NoSuchDevice)?;
-            if DeviceKind::of_class(card.class_code()) != Some(DeviceKind::Block) {
-                return Err(Error::WrongDeviceKind);
-            }
-            card.backend_state(BLK_CONFIG_LEN)
-                .ok_or(Error::WrongDeviceKind)?
-                .map_err(Error::EventFd)?
-        };
-        if !st.settled {
-            return Err(Error::DeviceBusy);
-        }
+        let st = self.settled_backend(id, DeviceKind::Block, BLK_CONFIG_LEN)?;
         let max_queues = u16::from(self.config.vcpus).min(64);
         let read_only = st.acked_features & VIRTIO_BLK_F_RO != 0;
         let mut dev = VhostUserBlk::connect(stream, read_only, max_queues)?;
@@ -711,17 +716,7 @@ impl Vm {
                 ));
             }
         }
-        let swapped = {
-            let mut pci = lock(&self.shared.pci);
-            let card = pci
-                .port_of(id)
-                .and_then(|port| pci.ports.get_mut(port))
-                .and_then(|p| p.card.as_mut());
-            match card {
-                Some(c) => c.replace_device(Box::new(dev), st.epoch),
-                None => Err(Box::new(dev) as Box<dyn VirtioDevice>),
-            }
-        };
+        let swapped = self.swap_device(id, Box::new(dev), st.epoch);
         match swapped {
             Ok(old) => {
                 // Closing the old card's connection: it erases its key and exits.

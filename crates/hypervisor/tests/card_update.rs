@@ -55,14 +55,6 @@ echo W=$i R=${v##* }\n\
 if [ $((i % 10)) -eq 0 ]; then echo \"FULL=$v BOOT=$b\"; fi\n\
 done\n";
 
-const IO_ERRORS: [&str; 5] = [
-    "IOERR-",
-    "I/O error",
-    "blk_update_request",
-    "Buffer I/O",
-    "virtio_blk",
-];
-
 /// A card process, killed and reaped when dropped.
 struct Card {
     child: Child,
@@ -219,37 +211,6 @@ impl Drop for Card {
     }
 }
 
-struct Console {
-    cursor: u64,
-    text: String,
-}
-
-impl Console {
-    fn drain(&mut self, hv: &Hypervisor) {
-        read_console(hv, &mut self.cursor, &mut self.text);
-    }
-    fn last(&self) -> u64 {
-        last_number(&self.text, "W=")
-    }
-    fn wait_io(&mut self, hv: &Hypervisor, more: u64, within: Duration) {
-        let start = self.last();
-        let until = Instant::now() + within;
-        while self.last() < start + more {
-            assert!(
-                Instant::now() < until,
-                "the guest's disk I/O stopped at {start}:\n{}",
-                tail(&self.text)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-            self.drain(hv);
-        }
-    }
-}
-
-fn tail(s: &str) -> &str {
-    &s[s.len().saturating_sub(3000)..]
-}
-
 /// `L= 1 2 ... n` (or its `FULL=` form) → n, asserting every number once, in order.
 fn contiguous_log(log: &str) -> u64 {
     let mut prev = 0u64;
@@ -357,10 +318,6 @@ mod failing_peer {
             }
         });
     }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// One card update: starts card `name` like any card, `TakeOver` on it and `HandOver` on

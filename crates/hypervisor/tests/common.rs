@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -245,4 +245,60 @@ pub fn last_number(text: &str, prefix: &str) -> u64 {
         .rev()
         .find_map(|l| l.strip_prefix(prefix)?.split(' ').next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// What in the console means the guest saw an I/O error (its shell's, or its kernel's): none may
+/// appear on the console of a test whose disk must keep working.
+pub const IO_ERRORS: [&str; 5] = [
+    "IOERR-",
+    "I/O error",
+    "blk_update_request",
+    "Buffer I/O",
+    "virtio_blk",
+];
+
+/// The guest's console, read by cursor.
+pub struct Console {
+    pub cursor: u64,
+    pub text: String,
+}
+
+impl Console {
+    pub fn drain(&mut self, hv: &bulkhead_hypervisor_client::Hypervisor) {
+        read_console(hv, &mut self.cursor, &mut self.text);
+    }
+
+    /// The last write-and-read-back the guest reported.
+    pub fn last(&self) -> u64 {
+        last_number(&self.text, "W=")
+    }
+
+    /// Waits until the guest reported `more` further round trips.
+    pub fn wait_io(
+        &mut self,
+        hv: &bulkhead_hypervisor_client::Hypervisor,
+        more: u64,
+        within: Duration,
+    ) {
+        let start = self.last();
+        let until = Instant::now() + within;
+        while self.last() < start + more {
+            assert!(
+                Instant::now() < until,
+                "the guest's disk I/O stopped at {start}:\n{}",
+                tail(&self.text)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            self.drain(hv);
+        }
+    }
+}
+
+pub fn tail(s: &str) -> &str {
+    &s[s.len().saturating_sub(3000)..]
+}
+
+/// Whether process `pid` still exists (a zombie counts until it is reaped).
+pub fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }

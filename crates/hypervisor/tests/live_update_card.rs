@@ -41,15 +41,6 @@ read -r v </dev/vda || echo IOERR-R=$i\n\
 echo W=$i R=$v\n\
 done\n";
 
-/// What in the console means the guest saw an I/O error (its shell's, or its kernel's).
-const IO_ERRORS: [&str; 5] = [
-    "IOERR-",
-    "I/O error",
-    "blk_update_request",
-    "Buffer I/O",
-    "virtio_blk",
-];
-
 /// The card process, killed and reaped when dropped.
 struct Card {
     child: Child,
@@ -147,42 +138,6 @@ impl Drop for Card {
     }
 }
 
-/// The guest's console, read by cursor.
-struct Console {
-    cursor: u64,
-    text: String,
-}
-
-impl Console {
-    fn drain(&mut self, hv: &Hypervisor) {
-        read_console(hv, &mut self.cursor, &mut self.text);
-    }
-
-    /// The last write-and-read-back the guest reported.
-    fn last(&self) -> u64 {
-        last_number(&self.text, "W=")
-    }
-
-    /// Waits until the guest reported `more` further round trips.
-    fn wait_io(&mut self, hv: &Hypervisor, more: u64, within: Duration) {
-        let start = self.last();
-        let until = Instant::now() + within;
-        while self.last() < start + more {
-            assert!(
-                Instant::now() < until,
-                "the guest's disk I/O stopped at {start}:\n{}",
-                tail(&self.text)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-            self.drain(hv);
-        }
-    }
-}
-
-fn tail(s: &str) -> &str {
-    &s[s.len().saturating_sub(3000)..]
-}
-
 /// Every round trip once, in order, each reading back what it wrote; no I/O error anywhere.
 /// Returns the number of round trips.
 fn check_disk_io(text: &str) -> u64 {
@@ -260,10 +215,6 @@ fn relay(old: UnixStream, new: UnixStream, tamper: Tamper, mut victim: Child) ->
     let (answer, _) = wire::recv(&new, soon()).expect("answer");
     wire::send(&old, &answer, None).expect("answer on");
     victim
-}
-
-fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[test]

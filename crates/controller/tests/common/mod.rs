@@ -358,3 +358,25 @@ pub fn assert_denied_and_audited(d: &Daemon, r: &Resp, code: &str) {
         .any(|x| x["entry"]["request_id"] == r.request_id.as_str()
             && x["entry"]["kind"] == "outcome"));
 }
+
+/// Polls `f` every 500 ms until it holds; fails the test after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Whether process `pid` runs (exists and is not a zombie).
+pub fn alive(pid: impl std::fmt::Display) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
