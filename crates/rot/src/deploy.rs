@@ -12,9 +12,14 @@
 //!    wave: install (the host verifies the release again), re-seal the identity to the new
 //!    expected PCR value, restart (measured start + unseal + service self-tests), then a fresh
 //!    attestation against the signed release's PCR value;
-//! 4. if any host of a wave fails, halts, rolls every host touched by this deploy back to its
-//!    previous release (whose sealed identity is still on disk), and leaves later waves untouched;
+//! 4. if any host of a wave fails, halts, rolls exactly the hosts this deploy moved back to
+//!    their previous release (whose sealed identity is still on disk): the earlier hosts and the
+//!    failing one if it had moved, last moved first; later waves are never touched;
 //! 5. once every wave passed, commits (raises each host's anti-rollback floor).
+//!
+//! Steps 3–5 are [`run_waves`], the one wave engine, generic over [`WaveHost`]: the simulated
+//! hosts here ([`DeployTarget`]) and the controllers of real hosts (`bulkhead deploy
+//! --cluster`) both go through it.
 //!
 //! Every step is appended to the hash-chained audit log **before** the next one runs; if the
 //! audit write fails the deploy stops (fail closed).
@@ -54,6 +59,8 @@ pub enum DeployError {
     },
     #[error("audit log write failed; deploy stopped")]
     AuditFailed,
+    #[error("every wave passed but host {host} did not commit ({code})")]
+    CommitFailed { host: String, code: String },
 }
 
 impl DeployError {
@@ -64,6 +71,7 @@ impl DeployError {
             DeployError::NoHosts => "deploy_no_hosts",
             DeployError::WaveFailed { .. } => "deploy_wave_failed",
             DeployError::AuditFailed => "audit_failed",
+            DeployError::CommitFailed { .. } => "deploy_commit_failed",
         }
     }
 }
@@ -187,7 +195,9 @@ pub fn plan_waves(n: usize) -> Vec<usize> {
     out
 }
 
-struct Auditor<'a> {
+/// The deploy's audit trail: every record names the deploy (request id), the deployer and the
+/// release (the manifest's SHA-256). Shared by the simulated and the real-host deploy.
+pub struct DeployAudit<'a> {
     log: &'a AuditLog,
     id: String,
     caller: String,
@@ -196,8 +206,37 @@ struct Auditor<'a> {
     params: String,
 }
 
-impl Auditor<'_> {
-    fn write(
+impl<'a> DeployAudit<'a> {
+    /// A new deploy (fresh random id) by `identity` of the release whose manifest text is
+    /// `manifest`.
+    pub fn new(
+        log: &'a AuditLog,
+        identity: &Identity,
+        manifest: &str,
+    ) -> Result<DeployAudit<'a>, RotError> {
+        let mut id = [0u8; 16];
+        bulkhead_sealing::fill_random(&mut id)?;
+        Ok(DeployAudit {
+            log,
+            id: hex::encode(id),
+            caller: identity.name.clone(),
+            cert: identity.cert_sha256.clone(),
+            token_id: None,
+            params: hex::encode(Sha256::digest(manifest.as_bytes())),
+        })
+    }
+
+    /// The deploy's id (the `request_id` of its records).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn set_token_id(&mut self, token_id: Option<String>) {
+        self.token_id = token_id;
+    }
+
+    /// Appends one record; a failed write stops the deploy (fail closed).
+    pub fn write(
         &self,
         kind: EntryKind,
         op: &str,
@@ -228,6 +267,199 @@ fn host_res(name: &str) -> Vec<String> {
     vec![format!("host:{name}")]
 }
 
+/// Why one host's update failed: the audit code, and whether the host had already moved to the
+/// release (changed anything) before it failed, so that it is rolled back with the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFailure {
+    pub code: String,
+    pub moved: bool,
+}
+
+/// One host as the wave engine ([`run_waves`]) drives it. `C` is the deploy's shared context
+/// (the verifier of the new measurements, the client that reaches the host, ...). Implemented
+/// for simulated in-process hosts (any [`DeployTarget`]) here and for the controllers of real
+/// hosts by `bulkhead deploy --cluster`.
+pub trait WaveHost<C: ?Sized> {
+    fn name(&self) -> &str;
+    /// Moves the host to the release and checks it: healthy, and attesting with the release's
+    /// measurements. `Err` says whether the host had moved.
+    fn update(&mut self, cx: &mut C) -> Result<(), HostFailure>;
+    /// Back to the release it ran before this deploy; `Err` carries the audit code.
+    fn roll_back(&mut self, cx: &mut C) -> Result<(), String>;
+    /// Every wave passed: the release becomes the host's committed floor.
+    fn commit(&mut self, cx: &mut C) -> Result<(), String>;
+}
+
+/// The wave engine, one copy for every kind of host: the hosts in waves of [`plan_waves`]
+/// sizes, each host updated in turn; on the first failure the deploy stops, **exactly the hosts
+/// that moved** (earlier hosts of this deploy and the failing one if it had moved) are rolled
+/// back, last moved first, later hosts are never touched, and nothing is committed; once every
+/// wave passed every host commits. Every step is audited before the next one runs. Returns the
+/// waves' host names.
+pub fn run_waves<C: ?Sized, H: WaveHost<C>>(
+    hosts: &mut [H],
+    cx: &mut C,
+    audit: &DeployAudit<'_>,
+) -> Result<Vec<Vec<String>>, DeployError> {
+    let all: Vec<String> = hosts.iter().map(|h| format!("host:{}", h.name())).collect();
+    let sizes = plan_waves(hosts.len());
+    let mut waves: Vec<Vec<String>> = Vec::new();
+    let mut moved: Vec<usize> = Vec::new();
+    let mut start = 0usize;
+    for (wave_no, size) in sizes.iter().enumerate() {
+        let wave = wave_no + 1;
+        let end = start + size;
+        let names: Vec<String> = hosts
+            .iter()
+            .skip(start)
+            .take(*size)
+            .map(|h| h.name().to_string())
+            .collect();
+        audit.write(
+            EntryKind::Outcome,
+            &format!("DeployWave{wave}"),
+            names.iter().map(|n| format!("host:{n}")).collect(),
+            Decision::None,
+            "wave_started",
+        )?;
+        tracing::info!(wave, hosts = names.len(), "wave started");
+        for i in start..end {
+            let Some(h) = hosts.get_mut(i) else { break };
+            match h.update(cx) {
+                Ok(()) => {
+                    moved.push(i);
+                    audit.write(
+                        EntryKind::Outcome,
+                        "DeployHost",
+                        host_res(h.name()),
+                        Decision::None,
+                        "ok",
+                    )?;
+                }
+                Err(f) => {
+                    let failed = h.name().to_string();
+                    tracing::error!(wave, host = %failed, code = %f.code, moved = f.moved, "wave failed; rolling back");
+                    audit.write(
+                        EntryKind::Alert,
+                        "DeployHost",
+                        host_res(&failed),
+                        Decision::None,
+                        &f.code,
+                    )?;
+                    if f.moved {
+                        moved.push(i);
+                    }
+                    let rolled = roll_back_moved(hosts, &moved, cx, audit)?;
+                    audit.write(
+                        EntryKind::Outcome,
+                        "Deploy",
+                        all,
+                        Decision::None,
+                        &format!("rolled_back_wave_{wave}"),
+                    )?;
+                    return Err(DeployError::WaveFailed {
+                        wave,
+                        host: failed,
+                        code: f.code,
+                        rolled_back: rolled,
+                    });
+                }
+            }
+        }
+        waves.push(names);
+        start = end;
+    }
+    for h in hosts.iter_mut() {
+        let name = h.name().to_string();
+        if let Err(code) = h.commit(cx) {
+            audit.write(
+                EntryKind::Alert,
+                "Commit",
+                host_res(&name),
+                Decision::None,
+                &code,
+            )?;
+            return Err(DeployError::CommitFailed { host: name, code });
+        }
+    }
+    audit.write(EntryKind::Outcome, "Deploy", all, Decision::None, "ok")?;
+    Ok(waves)
+}
+
+/// Rolls back the hosts at `moved` (indices, in the order they moved), last first. Returns how
+/// many came back.
+fn roll_back_moved<C: ?Sized, H: WaveHost<C>>(
+    hosts: &mut [H],
+    moved: &[usize],
+    cx: &mut C,
+    audit: &DeployAudit<'_>,
+) -> Result<usize, DeployError> {
+    let mut ok = 0;
+    for i in moved.iter().rev() {
+        let Some(h) = hosts.get_mut(*i) else { continue };
+        let (kind, code) = match h.roll_back(cx) {
+            Ok(()) => {
+                ok += 1;
+                (EntryKind::Outcome, "ok".to_string())
+            }
+            Err(code) => (EntryKind::Alert, code),
+        };
+        audit.write(kind, "Rollback", host_res(h.name()), Decision::None, &code)?;
+    }
+    Ok(ok)
+}
+
+/// The simulated deploy's context: the release, where its files are, and the verifier.
+struct SimContext<'a> {
+    release: &'a SignedRelease,
+    source: &'a Path,
+    manifest: &'a Manifest,
+    verifier: &'a mut Verifier,
+}
+
+/// A simulated host in a deploy: the host and the release it ran before.
+struct Simulated<T> {
+    host: T,
+    previous: Option<u64>,
+}
+
+impl<T: DeployTarget> WaveHost<SimContext<'_>> for Simulated<T> {
+    fn name(&self) -> &str {
+        self.host.name()
+    }
+
+    fn update(&mut self, cx: &mut SimContext<'_>) -> Result<(), HostFailure> {
+        update_one(
+            &mut self.host,
+            cx.release,
+            cx.source,
+            cx.manifest,
+            cx.verifier,
+        )
+    }
+
+    fn roll_back(&mut self, _cx: &mut SimContext<'_>) -> Result<(), String> {
+        let Some(v) = self.previous else {
+            return Err("rollback_no_previous_release".into());
+        };
+        self.host
+            .activate(v)
+            .map_err(|e| format!("rollback_failed: {e}"))?;
+        let hh = self.host.boot();
+        if hh.accepts_customer_work {
+            Ok(())
+        } else {
+            Err(format!("rollback_unhealthy: {}", hh.summary()))
+        }
+    }
+
+    fn commit(&mut self, _cx: &mut SimContext<'_>) -> Result<(), String> {
+        self.host
+            .commit()
+            .map_err(|e| format!("commit_failed: {e}"))
+    }
+}
+
 /// Runs one deploy; see the module documentation.
 pub fn deploy<T: DeployTarget>(
     d: &mut Deployment<'_>,
@@ -237,17 +469,7 @@ pub fn deploy<T: DeployTarget>(
     hosts: &mut [T],
 ) -> Result<DeployReport, RotError> {
     let started = Instant::now();
-    let mut id = [0u8; 16];
-    bulkhead_sealing::fill_random(&mut id)?;
-    let params = hex::encode(Sha256::digest(release.manifest.as_bytes()));
-    let mut audit = Auditor {
-        log: d.audit,
-        id: hex::encode(id),
-        caller: auth.identity.name.clone(),
-        cert: auth.identity.cert_sha256.clone(),
-        token_id: None,
-        params,
-    };
+    let mut audit = DeployAudit::new(d.audit, auth.identity, &release.manifest)?;
     let all: Vec<String> = hosts.iter().map(|h| format!("host:{}", h.name())).collect();
     let span = tracing::info_span!("deploy", id = %audit.id, caller = %audit.caller);
     let _g = span.enter();
@@ -311,91 +533,30 @@ pub fn deploy<T: DeployTarget>(
             return Err(DeployError::Release(e).into());
         }
     };
-    audit.write(
-        EntryKind::Request,
-        "Deploy",
-        all.clone(),
-        Decision::Allow,
-        "ok",
-    )?;
+    audit.write(EntryKind::Request, "Deploy", all, Decision::Allow, "ok")?;
     d.verifier.accept_release(&m);
 
-    // 3. Waves.
-    let sizes = plan_waves(hosts.len());
-    let mut waves: Vec<Vec<String>> = Vec::new();
-    let mut prev: Vec<Option<u64>> = Vec::with_capacity(hosts.len());
-    for h in hosts.iter() {
-        prev.push(h.versions()?.0);
-    }
-    let mut start = 0usize;
-    for (wave_no, size) in sizes.iter().enumerate() {
-        let wave = wave_no + 1;
-        let end = start + size;
-        let names: Vec<String> = hosts
-            .iter()
-            .skip(start)
-            .take(*size)
-            .map(|h| h.name().to_string())
-            .collect();
-        audit.write(
-            EntryKind::Outcome,
-            &format!("DeployWave{wave}"),
-            names.iter().map(|n| format!("host:{n}")).collect(),
-            Decision::None,
-            "wave_started",
-        )?;
-        tracing::info!(wave, hosts = names.len(), "wave started");
-        for i in start..end {
-            let Some(h) = hosts.get_mut(i) else { break };
-            let result = update_one(h, release, source, &m, d.verifier);
-            match result {
-                Ok(()) => {
-                    audit.write(
-                        EntryKind::Outcome,
-                        "DeployHost",
-                        host_res(h.name()),
-                        Decision::None,
-                        "ok",
-                    )?;
-                }
-                Err(code) => {
-                    let failed = h.name().to_string();
-                    tracing::error!(wave, host = %failed, code = %code, "wave failed; rolling back");
-                    audit.write(
-                        EntryKind::Alert,
-                        "DeployHost",
-                        host_res(&failed),
-                        Decision::None,
-                        &code,
-                    )?;
-                    let rolled = rollback(hosts, &prev, i + 1, &audit)?;
-                    d.verifier.retire_release(&m);
-                    audit.write(
-                        EntryKind::Outcome,
-                        "Deploy",
-                        all,
-                        Decision::None,
-                        &format!("rolled_back_wave_{wave}"),
-                    )?;
-                    return Err(DeployError::WaveFailed {
-                        wave,
-                        host: failed,
-                        code,
-                        rolled_back: rolled,
-                    }
-                    .into());
-                }
-            }
-        }
-        waves.push(names);
-        start = end;
-    }
-
-    // 4. Commit.
+    // 3. Waves (4. commit once all passed), by the one wave engine.
+    let mut sim = Vec::with_capacity(hosts.len());
     for h in hosts.iter_mut() {
-        h.commit()?;
+        let previous = h.versions()?.0;
+        sim.push(Simulated { host: h, previous });
     }
-    audit.write(EntryKind::Outcome, "Deploy", all, Decision::None, "ok")?;
+    let mut cx = SimContext {
+        release,
+        source,
+        manifest: &m,
+        verifier: &mut *d.verifier,
+    };
+    let waves = match run_waves(&mut sim, &mut cx, &audit) {
+        Ok(w) => w,
+        Err(e) => {
+            if matches!(e, DeployError::WaveFailed { .. }) {
+                d.verifier.retire_release(&m);
+            }
+            return Err(e.into());
+        }
+    };
     Ok(DeployReport {
         deploy_id: audit.id,
         version: m.version,
@@ -404,27 +565,32 @@ pub fn deploy<T: DeployTarget>(
     })
 }
 
-/// Update one host; `Err` carries the audit code of the failure.
+/// Update one simulated host; `Err` carries the audit code of the failure and whether the host
+/// had moved (staged the release) before it failed.
 fn update_one<T: DeployTarget>(
     h: &mut T,
     release: &SignedRelease,
     source: &Path,
     m: &Manifest,
     verifier: &mut Verifier,
-) -> Result<(), String> {
+) -> Result<(), HostFailure> {
+    let before = |code: String| HostFailure { code, moved: false };
+    let after = |code: String| HostFailure { code, moved: true };
     let healthy = match h.health() {
         Some(hh) => hh.accepts_customer_work,
         None => h.boot().accepts_customer_work,
     };
     if !healthy {
-        return Err("host_unhealthy_before_update".into());
+        return Err(before("host_unhealthy_before_update".into()));
     }
-    let installed = h.install(release, source).map_err(|e| match e {
-        RotError::Release(r) => r.code().to_string(),
-        other => format!("install_failed: {other}"),
+    let installed = h.install(release, source).map_err(|e| {
+        before(match e {
+            RotError::Release(r) => r.code().to_string(),
+            other => format!("install_failed: {other}"),
+        })
     })?;
     h.stage(installed.version)
-        .map_err(|e| format!("stage_failed: {e}"))?;
+        .map_err(|e| before(format!("stage_failed: {e}")))?;
     let health = h.boot();
     if !health.accepts_customer_work {
         let code = health
@@ -432,57 +598,163 @@ fn update_one<T: DeployTarget>(
             .first()
             .map(|r| r.code())
             .unwrap_or("unhealthy");
-        return Err(format!("health_{code}"));
+        return Err(after(format!("health_{code}")));
     }
     let nonce = verifier
         .challenge(h.name())
-        .map_err(|e| format!("challenge_failed: {e}"))?;
+        .map_err(|e| after(format!("challenge_failed: {e}")))?;
     let ev = h
         .attest(&nonce)
-        .map_err(|e| format!("attest_failed: {e}"))?;
-    let ok = verifier.verify(&ev).map_err(|e| e.code().to_string())?;
+        .map_err(|e| after(format!("attest_failed: {e}")))?;
+    let ok = verifier
+        .verify(&ev)
+        .map_err(|e| after(e.code().to_string()))?;
     if ok.release_version != m.version {
-        return Err("attest_wrong_release".into());
+        return Err(after("attest_wrong_release".into()));
     }
     Ok(())
 }
 
-/// Rolls back hosts `0..touched` to their previous active version. Returns how many were rolled
-/// back and came up healthy.
-fn rollback<T: DeployTarget>(
-    hosts: &mut [T],
-    prev: &[Option<u64>],
-    touched: usize,
-    audit: &Auditor<'_>,
-) -> Result<usize, DeployError> {
-    let mut ok = 0;
-    for (h, p) in hosts.iter_mut().zip(prev.iter()).take(touched) {
-        let Some(v) = p else { continue };
-        let code = match h.activate(*v) {
-            Ok(()) => {
-                let hh = h.boot();
-                if hh.accepts_customer_work {
-                    ok += 1;
-                    "ok".to_string()
-                } else {
-                    format!("rollback_unhealthy: {}", hh.summary())
-                }
-            }
-            Err(e) => format!("rollback_failed: {e}"),
-        };
-        let kind = if code == "ok" {
-            EntryKind::Outcome
-        } else {
-            EntryKind::Alert
-        };
-        audit.write(kind, "Rollback", host_res(h.name()), Decision::None, &code)?;
-    }
-    Ok(ok)
-}
-
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// A host as the wave engine sees it, scripted (the engine is the thing under test; a real
+    /// host's side is tested in `tests/deploy.rs` and the cluster test).
+    struct Scripted {
+        name: String,
+        /// `None`: updates fine; `Some(moved)`: fails, having moved or not.
+        fails: Option<bool>,
+        on_release: bool,
+        committed: bool,
+    }
+
+    /// Every call, in order: (op, host).
+    type Journal = Vec<(&'static str, String)>;
+
+    impl WaveHost<Journal> for Scripted {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn update(&mut self, j: &mut Journal) -> Result<(), HostFailure> {
+            j.push(("update", self.name.clone()));
+            match self.fails {
+                None => {
+                    self.on_release = true;
+                    Ok(())
+                }
+                Some(moved) => {
+                    self.on_release = moved;
+                    Err(HostFailure {
+                        code: "health_self_test_failed".into(),
+                        moved,
+                    })
+                }
+            }
+        }
+        fn roll_back(&mut self, j: &mut Journal) -> Result<(), String> {
+            j.push(("roll_back", self.name.clone()));
+            assert!(self.on_release, "{} rolled back but never moved", self.name);
+            self.on_release = false;
+            Ok(())
+        }
+        fn commit(&mut self, j: &mut Journal) -> Result<(), String> {
+            j.push(("commit", self.name.clone()));
+            self.committed = true;
+            Ok(())
+        }
+    }
+
+    fn hosts(n: usize, failing: Option<(usize, bool)>) -> Vec<Scripted> {
+        (0..n)
+            .map(|i| Scripted {
+                name: format!("host-{i}"),
+                fails: failing.filter(|(f, _)| *f == i).map(|(_, moved)| moved),
+                on_release: false,
+                committed: false,
+            })
+            .collect()
+    }
+
+    fn audit() -> (tempfile::TempDir, AuditLog) {
+        let d = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(&d.path().join("audit.log")).unwrap();
+        (d, log)
+    }
+
+    fn deployer() -> Identity {
+        Identity {
+            name: "deployer".into(),
+            role: bulkhead_tokens::Role::Deployer,
+            cert_sha256: "00".repeat(32),
+        }
+    }
+
+    #[test]
+    fn a_wave_failure_rolls_back_exactly_the_moved_hosts() {
+        let (_d, log) = audit();
+        let who = deployer();
+        let a = DeployAudit::new(&log, &who, "manifest").unwrap();
+        // 12 hosts: waves of 1, 2, 9. Host 2 (the second of wave 2) fails after it moved:
+        // hosts 0, 1 and 2 go back (last moved first); hosts 3..12 are never touched.
+        let mut hs = hosts(12, Some((2, true)));
+        let mut j = Journal::new();
+        let e = run_waves(&mut hs, &mut j, &a).unwrap_err();
+        assert_eq!(
+            e,
+            DeployError::WaveFailed {
+                wave: 2,
+                host: "host-2".into(),
+                code: "health_self_test_failed".into(),
+                rolled_back: 3
+            }
+        );
+        let rolled: Vec<&str> = j
+            .iter()
+            .filter(|(op, _)| *op == "roll_back")
+            .map(|(_, h)| h.as_str())
+            .collect();
+        assert_eq!(rolled, ["host-2", "host-1", "host-0"]);
+        assert!(!j.iter().any(|(op, _)| *op == "commit"));
+        assert!(hs.iter().all(|h| !h.on_release && !h.committed));
+        assert!(!j.iter().any(|(_, h)| h == "host-3"), "{j:?}");
+
+        // A host that fails before it moved is not rolled back; the earlier ones are.
+        let a = DeployAudit::new(&log, &who, "manifest").unwrap();
+        let mut hs = hosts(12, Some((2, false)));
+        let mut j = Journal::new();
+        let e = run_waves(&mut hs, &mut j, &a).unwrap_err();
+        assert!(matches!(e, DeployError::WaveFailed { rolled_back: 2, .. }));
+        assert!(!j.contains(&("roll_back", "host-2".into())));
+        assert!(j.contains(&("roll_back", "host-1".into())));
+
+        // Wave 1 failing before it moved: nothing is rolled back, nothing else touched.
+        let a = DeployAudit::new(&log, &who, "manifest").unwrap();
+        let mut hs = hosts(2, Some((0, false)));
+        let mut j = Journal::new();
+        let e = run_waves(&mut hs, &mut j, &a).unwrap_err();
+        assert!(matches!(
+            e,
+            DeployError::WaveFailed {
+                wave: 1,
+                rolled_back: 0,
+                ..
+            }
+        ));
+        assert_eq!(j, [("update", "host-0".to_string())]);
+
+        // No failure: every host updated in wave order, then every host commits.
+        let a = DeployAudit::new(&log, &who, "manifest").unwrap();
+        let mut hs = hosts(3, None);
+        let mut j = Journal::new();
+        let waves = run_waves(&mut hs, &mut j, &a).unwrap();
+        assert_eq!(waves.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
+        assert!(hs.iter().all(|h| h.on_release && h.committed));
+        assert_eq!(j.len(), 6);
+        drop(log);
+        bulkhead_audit::verify(&_d.path().join("audit.log")).unwrap();
+    }
 
     #[test]
     fn waves() {
