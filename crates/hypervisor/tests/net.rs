@@ -4,29 +4,28 @@
 //!
 //! * `net_attach_refusals_are_typed_and_slots_are_shared` (no boot): handshake failures reach
 //!   the channel as typed errors and plug nothing; ids, kinds and slots are shared with disks.
-//! * `net_hot_plug_and_unplug_in_a_running_guest` (one boot): the real card,
-//!   `bulkhead-netcard vhost`, is hot-plugged; the guest's stock drivers see eth0 with the
-//!   card's MAC and MTU and get a DHCP lease from it (both rings, the kick ioeventfds and the
-//!   call irqfds), and the unplug (the guest resets the device, the card stops its rings)
-//!   removes eth0.
-//! * `a_net_card_that_stops_answering_cannot_stall_the_hypervisor` (one boot): a test-only
-//!   card that hangs (`support/mute_peer.rs`): one that never answers the handshake is refused
-//!   as `Unresponsive` within the bound; one that hangs when the guest resets the device makes
-//!   the detach end with `OpStatus::Failed(Unresponsive)` within the bound while `Stats` keeps
-//!   answering, its connection is shut down, the guest finishes its reset and runs on, and the
-//!   slot takes a card again. Offloads and multi-queue it offers are never acked.
+//! * `net_hot_plug_unplug_and_cards_that_stop_answering` (one boot): in turn, a test-only
+//!   card that never answers the handshake is refused as `Unresponsive` within the bound
+//!   (`support/mute_peer.rs`); the real card, `bulkhead-netcard vhost`, is hot-plugged, the
+//!   guest's stock drivers see eth0 with the card's MAC and MTU and get a DHCP lease from it
+//!   (both rings, the kick ioeventfds and the call irqfds), and the unplug (the guest resets the
+//!   device, the card stops its rings) removes eth0; a test-only card that hangs when the guest
+//!   resets the device makes the detach end with `OpStatus::Failed(Unresponsive)` within the
+//!   bound while `Stats` keeps answering, its connection is shut down, the guest finishes its
+//!   reset and runs on, and the slot takes a card again. Offloads and multi-queue it offers
+//!   are never acked.
 //! * `net_cold_plug_with_the_net_card` (one boot): `bulkhead-netcard vhost` (the real card) on
 //!   `run --net`: the guest boots with eth0, the card's MAC, a network-class PCI function, and
 //!   a DHCP lease from the card (BULKHEAD-NET-UP).
-//! * `a_net_card_killed_and_restarted_is_reconnected_in_place` (one boot): the real card is
-//!   killed -9 under a guest that ARPs for its gateway in a loop; answers stop; the same card
-//!   started again takes over the NIC with `ReconnectNet` (no reset, no hot-plug, no DHCP
-//!   again, rings resumed at the guest's used index) and answers resume in the same loop; a
-//!   card with another MAC is refused typed and changes nothing.
-//! * `a_net_card_is_handed_over_in_a_live_update` (one boot): the real card, cold-plugged, is
-//!   handed over to a new hypervisor process twice while the guest ARPs through it; the same
-//!   loop goes on (no reset, no DHCP again), the card process is the same, an unplug afterwards
-//!   is answered.
+//! * `a_net_card_is_reconnected_in_place_and_handed_over_in_a_live_update` (one boot): the real
+//!   card is killed -9 under a guest that ARPs for its gateway in a loop; answers stop; the same
+//!   card started again takes over the NIC with `ReconnectNet` (no reset, no hot-plug, no DHCP
+//!   again, rings resumed at the guest's used index) and answers resume in the same loop; the
+//!   card is then handed over to a new hypervisor process twice (the card process is the same,
+//!   the loop goes on); a card with another MAC is refused typed and changes nothing; an unplug
+//!   afterwards is answered.
+//! * `tcp_survives_net_cards_killed_and_reconnected` (two boots): one TCP connection between
+//!   two guests outlives both cards being killed and reconnected.
 
 mod common;
 #[path = "support/mute_peer.rs"]
@@ -244,23 +243,44 @@ fn net_attach_refusals_are_typed_and_slots_are_shared() {
     hv.shutdown().expect("shutdown");
 }
 
+fn failed(hv: &mut Hypervisor) -> u32 {
+    match hv.call(Command::Stats, None).expect("stats") {
+        Reply::Stats { stats, .. } => stats.failed_devices,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Longest the hypervisor may take to give up on a silent card (its bound is 5 s per request
+/// sequence; this leaves room for a slow CI host).
+const GIVE_UP: Duration = Duration::from_secs(15);
+
+/// One boot, three cards hot-plugged in turn into a running guest: one that never answers the
+/// handshake (refused, bounded), the real card (eth0, lease, unplug), and one that hangs when
+/// the guest resets the device (the unplug fails typed, within the bound, while the command
+/// loop keeps answering).
 #[test]
-fn net_hot_plug_and_unplug_in_a_running_guest() {
-    let Some((kernel, initrd)) = guest_or_skip("net_hot_plug_and_unplug_in_a_running_guest") else {
+fn net_hot_plug_unplug_and_cards_that_stop_answering() {
+    let test = "net_hot_plug_unplug_and_cards_that_stop_answering";
+    let Some((kernel, initrd)) = guest_or_skip(test) else {
         return;
     };
     let Some(bin) = netcard_bin() else {
-        bulkhead_testkit::skip_or_fail(
-            "net_hot_plug_and_unplug_in_a_running_guest: bulkhead-netcard with `vhost` mode is \
-             not built next to the hypervisor (cargo build --release -p bulkhead-netcard)",
-        );
+        bulkhead_testkit::skip_or_fail(&format!(
+            "{test}: bulkhead-netcard with `vhost` mode is not built next to the hypervisor \
+             (cargo build --release -p bulkhead-netcard)"
+        ));
         return;
     };
     let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let card = start_card(&bin, dir.path(), "02:00:0a:00:01:2a", "10.0.1.42/24", 1);
-    // The guest waits for eth0, reports it, gets a lease from the card (both rings and both
-    // eventfds), then waits for eth0 to go. Shell builtins otherwise.
+    let mac = [0x02, 0x00, 0x0a, 0x00, 0x01, 0x33];
+    let features = PeerSpec::good(mac).features;
+    let silent = MutePeer::start(dir.path(), "silent.sock", mac, features, Mute::FromStart);
+    let hangs = MutePeer::start(dir.path(), "hangs.sock", mac, features, Mute::AtRingStop);
+    // The guest waits for eth0, reports it, gets a lease from the real card (both rings and
+    // both eventfds), waits for eth0 to go; then waits for the second NIC (the card that
+    // hangs), reports it, waits for it to go, and counts. Shell builtins otherwise.
     let script = "echo nh-waiting\n\
         while [ ! -e /sys/class/net/eth0/address ]; do :; done\n\
         read -r a </sys/class/net/eth0/address; echo nh-mac:$a\n\
@@ -270,7 +290,12 @@ fn net_hot_plug_and_unplug_in_a_running_guest() {
         l=none; [ ! -e /tmp/bulkhead-net ] || read -r l </tmp/bulkhead-net; echo nh-lease:$l\n\
         while [ -e /sys/class/net/eth0 ]; do :; done\n\
         echo nh-gone\n\
-        while :; do read -r x </proc/uptime; done\n";
+        while [ ! -e /sys/class/net/eth0/address ]; do :; done\n\
+        read -r a </sys/class/net/eth0/address; echo ms-mac:$a\n\
+        echo ms-bound\n\
+        while [ -e /sys/class/net/eth0 ]; do :; done\n\
+        echo ms-gone\n\
+        n=0; while :; do n=$((n+1)); echo ms-alive-$n; read -r x </proc/uptime; sleep 1; done\n";
     let cmdline = format!(
         "{} bulkhead.nonet {}",
         GUEST_ARGS.replace(" quiet", ""),
@@ -282,6 +307,35 @@ fn net_hot_plug_and_unplug_in_a_running_guest() {
     wait_console(&mut hv, &mut seen, &mut cursor, "nh-waiting");
     assert_eq!(counts(&mut hv), (0, 0));
 
+    // A card that never answers the handshake: refused, typed, bounded, nothing plugged.
+    let t = Instant::now();
+    let s = silent.connect();
+    let r = hv.call(
+        Command::AttachNet { id: id("eni-mute") },
+        Some(s.as_raw_fd()),
+    );
+    drop(s);
+    assert!(
+        matches!(
+            r,
+            Err(ClientError::Refused(CommandError::Backend(
+                BackendFailure::Unresponsive
+            )))
+        ),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < GIVE_UP, "gave up after {:?}", t.elapsed());
+    assert_eq!(counts(&mut hv), (0, 0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !silent.cut() {
+        assert!(
+            Instant::now() < deadline,
+            "the silent card's connection was not shut down"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The real card, hot-plugged.
     let nic = id("eni-hot");
     let s = std::os::unix::net::UnixStream::connect(&card.sock).expect("connect to the card");
     let r = hv
@@ -333,76 +387,10 @@ fn net_hot_plug_and_unplug_in_a_running_guest() {
     wait_console(&mut hv, &mut seen, &mut cursor, "nh-gone");
     assert_eq!(counts(&mut hv), (0, 0));
     assert_eq!(failed(&mut hv), 0, "a card that answered is not failed");
-    hv.shutdown().expect("shutdown");
     drop(card);
-}
-
-fn failed(hv: &mut Hypervisor) -> u32 {
-    match hv.call(Command::Stats, None).expect("stats") {
-        Reply::Stats { stats, .. } => stats.failed_devices,
-        other => panic!("{other:?}"),
-    }
-}
-
-/// Longest the hypervisor may take to give up on a silent card (its bound is 5 s per request
-/// sequence; this leaves room for a slow CI host).
-const GIVE_UP: Duration = Duration::from_secs(15);
-
-#[test]
-fn a_net_card_that_stops_answering_cannot_stall_the_hypervisor() {
-    let Some((kernel, initrd)) = guest_or_skip("a_net_card_that_stops_answering") else {
-        return;
-    };
-    let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mac = [0x02, 0x00, 0x0a, 0x00, 0x01, 0x33];
-    let features = PeerSpec::good(mac).features;
-    let silent = MutePeer::start(dir.path(), "silent.sock", mac, features, Mute::FromStart);
-    let hangs = MutePeer::start(dir.path(), "hangs.sock", mac, features, Mute::AtRingStop);
-    let script = "echo ms-waiting\n\
-        while [ ! -e /sys/class/net/eth0/address ]; do :; done\n\
-        read -r a </sys/class/net/eth0/address; echo ms-mac:$a\n\
-        echo ms-bound\n\
-        while [ -e /sys/class/net/eth0 ]; do :; done\n\
-        echo ms-gone\n\
-        n=0; while :; do n=$((n+1)); echo ms-alive-$n; read -r x </proc/uptime; sleep 1; done\n";
-    let cmdline = format!(
-        "{} bulkhead.nonet {}",
-        GUEST_ARGS.replace(" quiet", ""),
-        run_arg(script)
-    );
-    let mut hv = Hypervisor::spawn(&spec(kernel, initrd, cmdline)).expect("spawn");
-    let (mut seen, mut cursor) = (String::new(), 0u64);
-    hv.call(Command::Start, None).expect("start");
-    wait_console(&mut hv, &mut seen, &mut cursor, "ms-waiting");
-
-    // A card that never answers the handshake: refused, typed, bounded, nothing plugged.
-    let nic = id("eni-mute");
-    let t = Instant::now();
-    let s = silent.connect();
-    let r = hv.call(Command::AttachNet { id: nic.clone() }, Some(s.as_raw_fd()));
-    drop(s);
-    assert!(
-        matches!(
-            r,
-            Err(ClientError::Refused(CommandError::Backend(
-                BackendFailure::Unresponsive
-            )))
-        ),
-        "{r:?}"
-    );
-    assert!(t.elapsed() < GIVE_UP, "gave up after {:?}", t.elapsed());
-    assert_eq!(counts(&mut hv), (0, 0));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !silent.cut() {
-        assert!(
-            Instant::now() < deadline,
-            "the silent card's connection was not shut down"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     // A card that answers until the guest resets the device, then hangs.
+    let nic = id("eni-mute");
     let s = hangs.connect();
     let r = hv
         .call(Command::AttachNet { id: nic.clone() }, Some(s.as_raw_fd()))
@@ -670,25 +658,27 @@ fn reconnect(hv: &mut Hypervisor, nic: &DeviceId, sock: &Path) -> Result<Reply, 
     r
 }
 
-/// A card killed -9 and started again with the same configuration (MAC, address, key, sequence
-/// state) takes over the running guest's NIC in place (`ReconnectNet`): the guest, which asks
-/// the card for the gateway's MAC in a loop (ARP through both rings), sees answers stop while
-/// no card runs and resume after the reconnect, without a reset, a hot-plug event or DHCP
-/// again. A card with another MAC is refused (`IdentityMismatch`) and the NIC keeps working
-/// with the card it has; unknown ids, disks and a missing fd are refused.
+/// One boot, the real net card cold-plugged under a guest that asks the card for the gateway's
+/// MAC in a loop (ARP through both rings, kicks and interrupts):
+/// * the card killed -9 and started again with the same configuration (MAC, address, key,
+///   sequence state) takes over the NIC in place (`ReconnectNet`): answers stop while no card
+///   runs and resume after the reconnect, without a reset, a hot-plug event or DHCP again;
+///   unknown ids and a missing fd are refused;
+/// * the reconnected card (same process, same connection, rings never stopped) is then handed
+///   over to a new hypervisor process twice by live update, and the same loop goes on;
+/// * a card with another MAC is refused (`IdentityMismatch`) and the NIC keeps working with the
+///   card it has; an unplug by the last process (which never connected the card) is answered.
 #[test]
-fn a_net_card_killed_and_restarted_is_reconnected_in_place() {
-    let Some((kernel, initrd)) =
-        guest_or_skip("a_net_card_killed_and_restarted_is_reconnected_in_place")
-    else {
+fn a_net_card_is_reconnected_in_place_and_handed_over_in_a_live_update() {
+    let test = "a_net_card_is_reconnected_in_place_and_handed_over_in_a_live_update";
+    let Some((kernel, initrd)) = guest_or_skip(test) else {
         return;
     };
     let Some(bin) = netcard_bin() else {
-        bulkhead_testkit::skip_or_fail(
-            "a_net_card_killed_and_restarted_is_reconnected_in_place: bulkhead-netcard with \
-             `vhost` mode is not built next to the hypervisor (cargo build --release -p \
-             bulkhead-netcard)",
-        );
+        bulkhead_testkit::skip_or_fail(&format!(
+            "{test}: bulkhead-netcard with `vhost` mode is not built next to the hypervisor \
+             (cargo build --release -p bulkhead-netcard)"
+        ));
         return;
     };
     let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
@@ -751,7 +741,8 @@ fn a_net_card_killed_and_restarted_is_reconnected_in_place() {
     );
 
     // The same card again (same directory: key, sequence state, sockets), reconnected in place.
-    let card2 = start_card(&bin, dir.path(), mac, ip, 5);
+    let mut card2 = start_card(&bin, dir.path(), mac, ip, 5);
+    let card_pid = card2.child.id();
     let t = Instant::now();
     let r = reconnect(&mut hv, &nic, &card2.sock).expect("reconnect");
     eprintln!("reconnect took {:?}", t.elapsed());
@@ -773,19 +764,26 @@ fn a_net_card_killed_and_restarted_is_reconnected_in_place() {
     );
     assert_eq!(counts(&mut hv), (0, 1), "still one NIC, no new device");
     assert_eq!(failed(&mut hv), 0);
-    let after = seen.get(killed_at..).unwrap_or("");
-    assert!(
-        !after.contains("BULKHEAD-NET-UP") && !after.contains("BULKHEAD-GUEST-READY"),
-        "no DHCP again, no reboot:\n{after}"
-    );
-    // The guest's counter ran on: the same shell loop, not a new one.
-    let oks: Vec<u64> = lines_after(&seen, 0, "rc-ok:")
-        .filter_map(|l| l.trim_start_matches("rc-ok:").trim().parse().ok())
-        .collect();
-    assert!(
-        oks.windows(2).all(|w| w[1] == w[0] + 1),
-        "one loop: {oks:?}"
-    );
+
+    // Live update twice: the card's connection moves to each new process.
+    let mut pauses = Vec::new();
+    for _ in 0..2 {
+        drain(&mut hv, &mut seen, &mut cursor);
+        let old_pid = hv.pid();
+        let at = seen.len();
+        let pause = hv.live_update(&hypervisor(), None).expect("live update");
+        assert_ne!(hv.pid(), old_pid);
+        assert!(
+            !Path::new(&format!("/proc/{old_pid}")).exists(),
+            "the old hypervisor lingers"
+        );
+        pauses.push(pause);
+        wait_lines(&mut hv, &mut seen, &mut cursor, at, "rc-ok:", 3, long);
+        assert!(matches!(card2.child.try_wait(), Ok(None)), "the card died");
+        assert_eq!(card2.child.id(), card_pid);
+    }
+    assert_eq!(counts(&mut hv), (0, 1), "still one NIC, no new device");
+    assert_eq!(failed(&mut hv), 0);
 
     // A card with another MAC may not stand in for this NIC.
     let other_dir = tempfile::tempdir().expect("tempdir");
@@ -811,8 +809,38 @@ fn a_net_card_killed_and_restarted_is_reconnected_in_place() {
         long,
     );
     assert_eq!(counts(&mut hv), (0, 1));
-    hv.shutdown().expect("shutdown");
+
+    let after = seen.get(killed_at..).unwrap_or("");
+    assert!(
+        !after.contains("BULKHEAD-NET-UP") && !after.contains("BULKHEAD-GUEST-READY"),
+        "no DHCP again, no reboot:\n{after}"
+    );
+    assert_eq!(seen.matches("BULKHEAD-GUEST-READY").count(), 1, "no reboot");
+    // The guest's counter ran on: the same shell loop, not a new one.
+    let oks: Vec<u64> = lines_after(&seen, 0, "rc-ok:")
+        .filter_map(|l| l.trim_start_matches("rc-ok:").trim().parse().ok())
+        .collect();
+    assert!(
+        oks.windows(2).all(|w| w[1] == w[0] + 1),
+        "one loop: {oks:?}"
+    );
+    // The last process drives the card it never connected: the unplug's ring stop is answered.
+    let r = hv.call(Command::DetachNet { id: nic.clone() }, None);
+    assert_eq!(
+        r.map_err(|e| format!("{e:?}")),
+        Ok(Reply::Device {
+            state: VmState::Running,
+            guest_acknowledged: true
+        }),
+        "detach after the updates"
+    );
+    let _ = hv.shutdown();
     drop(card2);
+    println!(
+        "net card reconnected, then live-updated twice: pauses {pauses:?} us; {} ARP round \
+         trips through the card in one loop, card pid {card_pid} unchanged by the updates",
+        oks.len()
+    );
 }
 
 /// A card of VPC 7 with id `card_id` on UDP `port`, with `--route`s and `--allow`s; its key
@@ -1010,109 +1038,4 @@ fn tcp_survives_net_cards_killed_and_reconnected() {
     hv_a.shutdown().expect("shutdown");
     hv_b.shutdown().expect("shutdown");
     drop((card_a, card_b));
-}
-
-/// Live update of a VM with the real net card cold-plugged: the card (same process, same
-/// connection, rings never stopped) is handed over to the new hypervisor twice while the
-/// guest ARPs for its gateway through it in a loop (both rings, kicks and interrupts); the
-/// answers go on in the same loop, without a reset, a hot-plug event or DHCP again.
-#[test]
-fn a_net_card_is_handed_over_in_a_live_update() {
-    let test = "a_net_card_is_handed_over_in_a_live_update";
-    let Some((kernel, initrd)) = guest_or_skip(test) else {
-        return;
-    };
-    let Some(bin) = netcard_bin() else {
-        bulkhead_testkit::skip_or_fail(&format!(
-            "{test}: bulkhead-netcard with `vhost` mode is not built next to the hypervisor \
-             (cargo build --release -p bulkhead-netcard)"
-        ));
-        return;
-    };
-    let _boot = BOOT_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mac, ip) = ("02:00:0a:00:01:44", "10.0.1.61/24");
-    let mut card = start_card(&bin, dir.path(), mac, ip, 7);
-    let card_pid = card.child.id();
-    let script = "n=0\n\
-        while :; do\n\
-        if busybox arping -q -f -c 1 -w 1 -I eth0 10.0.1.1; then n=$((n+1)); echo lu-ok:$n; else echo lu-miss; fi\n\
-        done\n";
-    let cmdline = format!("{} {}", GUEST_ARGS.replace(" quiet", ""), run_arg(script));
-    let mut hv = Hypervisor::spawn(&spec(kernel, initrd, cmdline)).expect("spawn");
-    let nic = id("eni-lu");
-    let s = std::os::unix::net::UnixStream::connect(&card.sock).expect("connect to the card");
-    hv.call(Command::AttachNet { id: nic.clone() }, Some(s.as_raw_fd()))
-        .expect("cold-plug the card");
-    drop(s);
-    let (mut seen, mut cursor) = (String::new(), 0u64);
-    hv.call(Command::Start, None).expect("start");
-    wait_lines(
-        &mut hv,
-        &mut seen,
-        &mut cursor,
-        0,
-        "lu-ok:",
-        2,
-        STEP_TIMEOUT,
-    );
-    assert!(
-        seen.contains(&format!("BULKHEAD-NET-UP={ip}")),
-        "no lease:\n{seen}"
-    );
-    let mut pauses = Vec::new();
-    for _ in 0..2 {
-        drain(&mut hv, &mut seen, &mut cursor);
-        let old_pid = hv.pid();
-        let at = seen.len();
-        let pause = hv.live_update(&hypervisor(), None).expect("live update");
-        assert_ne!(hv.pid(), old_pid);
-        assert!(
-            !Path::new(&format!("/proc/{old_pid}")).exists(),
-            "the old hypervisor lingers"
-        );
-        pauses.push(pause);
-        wait_lines(
-            &mut hv,
-            &mut seen,
-            &mut cursor,
-            at,
-            "lu-ok:",
-            3,
-            Duration::from_secs(300),
-        );
-        assert!(matches!(card.child.try_wait(), Ok(None)), "the card died");
-        assert_eq!(card.child.id(), card_pid);
-    }
-    assert_eq!(counts(&mut hv), (0, 1), "still one NIC, no new device");
-    assert_eq!(failed(&mut hv), 0);
-    assert_eq!(
-        seen.matches("BULKHEAD-NET-UP").count(),
-        1,
-        "no DHCP again:\n{seen}"
-    );
-    assert_eq!(seen.matches("BULKHEAD-GUEST-READY").count(), 1, "no reboot");
-    let oks: Vec<u64> = lines_after(&seen, 0, "lu-ok:")
-        .filter_map(|l| l.trim_start_matches("lu-ok:").trim().parse().ok())
-        .collect();
-    assert!(
-        oks.windows(2).all(|w| w[1] == w[0] + 1),
-        "one loop: {oks:?}"
-    );
-    // The new process drives the card it never connected: the unplug's ring stop is answered.
-    let r = hv.call(Command::DetachNet { id: nic.clone() }, None);
-    assert_eq!(
-        r.map_err(|e| format!("{e:?}")),
-        Ok(Reply::Device {
-            state: VmState::Running,
-            guest_acknowledged: true
-        }),
-        "detach after the updates"
-    );
-    let _ = hv.shutdown();
-    println!(
-        "net card live-updated twice: pauses {pauses:?} us; {} ARP round trips through the card \
-         in one loop, card pid {card_pid} unchanged",
-        oks.len()
-    );
 }
