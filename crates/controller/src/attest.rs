@@ -23,7 +23,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bulkhead_rot_proto::{
-    parse_reply, AgentCall, AgentRequest, HostEvidence, ReplyError, MAX_EVIDENCE_BYTES,
+    parse_reply, AgentCall, AgentRequest, AppliedRelease, HostEvidence, ReplyError,
+    MAX_EVIDENCE_BYTES,
 };
 
 /// How long one quote may take (a TPM quote is tens of milliseconds; swtpm similar).
@@ -106,7 +107,25 @@ impl AgentLink {
             nonce: *nonce,
             instance: instance.map(str::to_string),
             credential: None,
+            release_applied: None,
         })
+    }
+
+    /// Measures a release this host applied (`DeployRelease`): the agent extends the
+    /// measurement PCR with a typed `release-applied` event for it, then quotes; the quote
+    /// (over a nonce derived from the digest, never sent to a verifier) is not kept. From then
+    /// on every quote of this host shows the release, and a verifier accepts it only if it
+    /// accepted the same signed release.
+    pub fn measure_release(&self, release: AppliedRelease) -> Result<(), AttestError> {
+        let mut nonce = [0u8; 32];
+        nonce.copy_from_slice(&release.manifest_sha384[..32]);
+        self.call(&AgentCall {
+            nonce,
+            instance: None,
+            credential: None,
+            release_applied: Some(release),
+        })
+        .map(|_| ())
     }
 
     /// One request to the agent (a quote, bound to `call.instance` if given, after the TPM

@@ -690,6 +690,7 @@ impl Controller {
                     nonce,
                     instance,
                     credential,
+                    release_applied: None,
                 };
                 let evidence = tokio::task::spawn_blocking(move || link.call(&call))
                     .await
@@ -898,6 +899,7 @@ impl Controller {
             return Err(e.into());
         }
         self.audit_step("activate", v, None, "ok").await;
+        self.measure_applied_release(&m).await;
         tracing::info!(version = v, moved = moved.len(), "release deployed");
         Ok(api::ReleaseDeployed {
             request_id: request_id.to_string(),
@@ -968,4 +970,34 @@ pub async fn dispatch(
 /// The router. Routing is done by [`ApiRequest::parse`] over [`api::ROUTES`].
 pub fn router(ctrl: Arc<Controller>) -> axum::Router {
     axum::Router::new().fallback(dispatch).with_state(ctrl)
+}
+
+impl Controller {
+    /// DeployRelease's last step: the release is measured into the host's TPM (the attestation
+    /// agent extends the measurement PCR with a `release-applied` event), so the host attests
+    /// with it from now on. Audited as `DeployRelease:measure`; a host without an agent cannot
+    /// attest at all (`attestation_unavailable`). The release stays active either way: a
+    /// deployer that then fails to attest the host rolls it back.
+    async fn measure_applied_release(&self, m: &bulkhead_rot::release::Manifest) {
+        let v = m.version;
+        let code = match m.expected_pcr_value() {
+            Err(_) => "release_bad_manifest",
+            Ok(pcr) => {
+                let applied = bulkhead_rot_proto::AppliedRelease {
+                    version: v,
+                    manifest_sha384: bulkhead_rot::measure::release_applied_digest(v, &pcr),
+                };
+                let link = Arc::clone(&self.attest);
+                match tokio::task::spawn_blocking(move || link.measure_release(applied)).await {
+                    Ok(Ok(())) => "ok",
+                    Ok(Err(e)) => e.code(),
+                    Err(_) => "internal",
+                }
+            }
+        };
+        if code != "ok" {
+            tracing::warn!(version = v, code, "the applied release was not measured");
+        }
+        self.audit_step("measure", v, None, code).await;
+    }
 }

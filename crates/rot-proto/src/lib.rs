@@ -16,6 +16,10 @@
 //!   certificate, and a request may carry a [`CredentialChallenge`] (TPM2_MakeCredential's
 //!   output, made by the verifier for the AK it is asked to enrol) that the agent opens with
 //!   TPM2_ActivateCredential; the secret comes back in the evidence (`activated`).
+//! * A release applied on the host ([`AppliedRelease`]: its version and the SHA-384 its signed
+//!   manifest is measured as): a request may carry one for the agent to extend into the
+//!   measurement PCR (a typed `release-applied` event) before it quotes, so the evidence shows
+//!   the release the host now runs.
 
 use std::collections::BTreeMap;
 
@@ -199,6 +203,26 @@ pub struct AgentRequest {
     /// A credential for the agent's TPM to activate before it quotes (endorsement of the AK).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialChallenge>,
+    /// A release the host applied, for the agent to measure before it quotes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_applied: Option<AppliedReleaseWire>,
+}
+
+/// [`AppliedRelease`] on the wire: the digest in hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppliedReleaseWire {
+    pub version: u64,
+    /// 96 hex characters.
+    pub manifest_sha384: String,
+}
+
+/// A release the host applied (a `DeployRelease`): its version, and the measurement of its
+/// signed manifest (`bulkhead-rot`'s `release_applied_digest` of the manifest text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppliedRelease {
+    pub version: u64,
+    pub manifest_sha384: [u8; 48],
 }
 
 impl AgentRequest {
@@ -208,6 +232,7 @@ impl AgentRequest {
             nonce: *nonce,
             instance: instance.map(str::to_string),
             credential: None,
+            release_applied: None,
         })
     }
 
@@ -218,6 +243,10 @@ impl AgentRequest {
             nonce: hex::encode(call.nonce),
             instance: call.instance.clone(),
             credential: call.credential.clone(),
+            release_applied: call.release_applied.map(|r| AppliedReleaseWire {
+                version: r.version,
+                manifest_sha384: hex::encode(r.manifest_sha384),
+            }),
         };
         // A struct of strings always serializes.
         serde_json::to_string(&r).unwrap_or_default()
@@ -231,6 +260,8 @@ pub struct AgentCall {
     pub nonce: [u8; MAX_NONCE_LEN],
     pub instance: Option<String>,
     pub credential: Option<CredentialChallenge>,
+    /// A release to measure (extend into the PCR) before the quote.
+    pub release_applied: Option<AppliedRelease>,
 }
 
 /// Why the agent refused a request line. Codes are stable: they are the `error` of the
@@ -251,6 +282,10 @@ pub enum AgentError {
     CredentialUnsupported,
     #[error("the TPM could not quote")]
     QuoteFailed,
+    #[error("an applied release must name a version of at least 1 and a 48-byte hex digest")]
+    BadRelease,
+    #[error("the TPM could not measure the applied release")]
+    MeasureFailed,
 }
 
 impl AgentError {
@@ -262,6 +297,8 @@ impl AgentError {
             AgentError::BadInstance => "agent_bad_instance",
             AgentError::BadCredential => "agent_bad_credential",
             AgentError::CredentialUnsupported => "agent_credential_unsupported",
+            AgentError::BadRelease => "agent_bad_release",
+            AgentError::MeasureFailed => "agent_measure_failed",
             AgentError::QuoteFailed => "agent_quote_failed",
         }
     }
@@ -285,10 +322,25 @@ pub fn parse_request(line: &[u8]) -> Result<AgentCall, AgentError> {
             return Err(AgentError::BadCredential);
         }
     }
+    let release_applied = match r.release_applied {
+        None => None,
+        Some(w) => {
+            let d = hex::decode(&w.manifest_sha384).map_err(|_| AgentError::BadRelease)?;
+            let manifest_sha384 = d.try_into().map_err(|_| AgentError::BadRelease)?;
+            if w.version == 0 {
+                return Err(AgentError::BadRelease);
+            }
+            Some(AppliedRelease {
+                version: w.version,
+                manifest_sha384,
+            })
+        }
+    };
     Ok(AgentCall {
         nonce,
         instance: r.instance,
         credential: r.credential,
+        release_applied,
     })
 }
 
@@ -411,6 +463,7 @@ mod tests {
             nonce: n,
             instance: None,
             credential: Some(credential()),
+            release_applied: None,
         };
         let line = AgentRequest::encode_call(&call);
         assert!(line.len() < MAX_REQUEST_LINE);
@@ -525,6 +578,47 @@ mod tests {
     }
 
     #[test]
+    fn an_applied_release_round_trips_and_bad_ones_are_typed() {
+        let call = AgentCall {
+            nonce: [1; 32],
+            instance: Some("i-9".into()),
+            credential: None,
+            release_applied: Some(AppliedRelease {
+                version: 3,
+                manifest_sha384: [0xab; 48],
+            }),
+        };
+        let line = AgentRequest::encode_call(&call);
+        assert_eq!(parse_request(line.as_bytes()), Ok(call));
+        let n = "01".repeat(32);
+        for bad in [
+            format!(
+                r#"{{"nonce":"{n}","release_applied":{{"version":0,"manifest_sha384":"{}"}}}}"#,
+                "ab".repeat(48)
+            ),
+            format!(
+                r#"{{"nonce":"{n}","release_applied":{{"version":2,"manifest_sha384":"{}"}}}}"#,
+                "ab".repeat(47)
+            ),
+            format!(
+                r#"{{"nonce":"{n}","release_applied":{{"version":2,"manifest_sha384":"{}"}}}}"#,
+                "zz".repeat(48)
+            ),
+        ] {
+            assert_eq!(
+                parse_request(bad.as_bytes()),
+                Err(AgentError::BadRelease),
+                "{bad}"
+            );
+        }
+        let extra = format!(
+            r#"{{"nonce":"{n}","release_applied":{{"version":2,"manifest_sha384":"{}","x":1}}}}"#,
+            "ab".repeat(48)
+        );
+        assert_eq!(parse_request(extra.as_bytes()), Err(AgentError::BadRequest));
+    }
+
+    #[test]
     fn fuzz_entry_accepts_the_seeds() {
         for seed in [
             encode_reply(&Ok(evidence())),
@@ -535,6 +629,16 @@ mod tests {
                 nonce: [3; 32],
                 instance: None,
                 credential: Some(credential()),
+                release_applied: None,
+            }),
+            AgentRequest::encode_call(&AgentCall {
+                nonce: [3; 32],
+                instance: None,
+                credential: None,
+                release_applied: Some(AppliedRelease {
+                    version: 2,
+                    manifest_sha384: [5; 48],
+                }),
             }),
         ] {
             fuzz_wire(seed.as_bytes());

@@ -32,6 +32,14 @@ fn answer(host: &mut Host, line: &[u8]) -> String {
             // activate-credential`), not through the controller.
             return Err(AgentError::CredentialUnsupported);
         }
+        if let Some(r) = call.release_applied {
+            // Measured before the quote: the evidence shows the release applied.
+            host.record_release_applied(r.version, &r.manifest_sha384)
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "measuring the applied release failed");
+                    AgentError::MeasureFailed
+                })?;
+        }
         let qualifying = crate::attest::qualifying_data(&call.nonce, call.instance.as_deref());
         host.attest(&qualifying).map_err(|e| {
             tracing::warn!(error = %e, "quote failed");

@@ -15,7 +15,12 @@
 //! 5. the quote covers exactly the SHA-384 measurement PCR;
 //! 6. the event log parses, names this environment, and replays to the quoted PCR digest;
 //! 7. the replayed value is the expected PCR value of a signed release accepted for this
-//!    environment (a host with unknown measurements gets nothing).
+//!    environment (a host with unknown measurements gets nothing) — the boot events' value,
+//!    when the log ends with `release-applied` events (releases a `DeployRelease` applied on
+//!    the running host, measured by its agent): then each of those must be the
+//!    [`crate::measure::release_applied_digest`] of a signed release accepted here, under its
+//!    own version's name, and the newest is reported as [`Attested::applied_release`]. A host
+//!    that claims a release it did not apply fails step 6 (its PCR was not extended with it).
 //!
 //! A sealed host (issue 17: booted from the host image under measuring firmware) is enrolled
 //! with [`Verifier::enroll_sealed`] and presents boot evidence instead;
@@ -33,7 +38,7 @@ use tss_esapi::interface_types::structure_tags::AttestationType;
 use tss_esapi::structures::{Attest, AttestInfo};
 use tss_esapi::traits::UnMarshall;
 
-use crate::measure::{Environment, EventLog};
+use crate::measure::{Environment, EventKind, EventLog};
 use crate::release::Manifest;
 use crate::tpm::{AkPublic, MeasurePcr, MAX_NONCE_LEN};
 use crate::RotError;
@@ -104,6 +109,8 @@ pub enum AttestError {
     LogDoesNotMatchQuote,
     #[error("measurements ({pcr}) are not those of any signed release for this environment")]
     UnknownMeasurements { pcr: String },
+    #[error("the host applied release {name}, which is not a signed release accepted here")]
+    UnknownAppliedRelease { name: String },
     #[error("sealed host's boot chain refused: {0}")]
     BootChain(crate::boot::BootChainError),
 }
@@ -122,6 +129,7 @@ impl AttestError {
             AttestError::BadEventLog(_) => "attest_bad_event_log",
             AttestError::LogDoesNotMatchQuote => "attest_log_mismatch",
             AttestError::UnknownMeasurements { .. } => "attest_unknown_measurements",
+            AttestError::UnknownAppliedRelease { .. } => "attest_unknown_applied_release",
             AttestError::BootChain(e) => e.code(),
         }
     }
@@ -132,6 +140,9 @@ impl AttestError {
 pub struct Attested {
     pub host: String,
     pub release_version: u64,
+    /// The newest release applied on the running host since its measured start (`None`: the
+    /// host runs its boot release only).
+    pub applied_release: Option<u64>,
     pub pcr_value: String,
     /// The key the KMS may seal volume keys to.
     pub host_public: String,
@@ -150,6 +161,8 @@ pub struct Verifier {
     sealed: HashMap<String, SealedEnrollment>,
     /// Accepted expected PCR values (hex) → release version.
     releases: HashMap<String, u64>,
+    /// Accepted `release-applied` digests (hex) → release version.
+    applied: HashMap<String, u64>,
     nonces: HashMap<[u8; MAX_NONCE_LEN], Outstanding>,
     nonce_ttl: Duration,
 }
@@ -171,6 +184,7 @@ impl Verifier {
             enrolled: HashMap::new(),
             sealed: HashMap::new(),
             releases: HashMap::new(),
+            applied: HashMap::new(),
             nonces: HashMap::new(),
             nonce_ttl: DEFAULT_NONCE_TTL,
         }
@@ -214,6 +228,10 @@ impl Verifier {
             return;
         }
         self.releases.insert(m.expected_pcr.clone(), m.version);
+        if let Ok(pcr) = m.expected_pcr_value() {
+            let d = crate::measure::release_applied_digest(m.version, &pcr);
+            self.applied.insert(hex::encode(d), m.version);
+        }
         if let Some(lu) = &m.live_update {
             self.releases
                 .insert(lu.expected_pcr_after.clone(), m.version);
@@ -223,6 +241,10 @@ impl Verifier {
     /// Stops accepting a release's measurements (e.g. after a rollback or a recall).
     pub fn retire_release(&mut self, m: &Manifest) {
         self.releases.remove(&m.expected_pcr);
+        if let Ok(pcr) = m.expected_pcr_value() {
+            let d = crate::measure::release_applied_digest(m.version, &pcr);
+            self.applied.remove(&hex::encode(d));
+        }
     }
 
     /// A fresh 32-byte nonce for `host`.
@@ -355,16 +377,47 @@ impl Verifier {
             return Err(AttestError::LogDoesNotMatchQuote);
         }
         let pcr_hex = hex::encode(value);
+        // The boot events, then only the releases applied since (each one signed and accepted).
+        let events = log.events();
+        let split = events
+            .iter()
+            .position(|e| e.kind == EventKind::ReleaseApplied)
+            .unwrap_or(events.len());
+        let (boot, applied) = events.split_at(split);
+        let mut boot_value = [0u8; 48];
+        for e in boot {
+            let d = e
+                .digest()
+                .map_err(|e| AttestError::BadEventLog(e.to_string()))?;
+            boot_value = crate::tpm::extend(&boot_value, &d);
+        }
+        let boot_hex = hex::encode(boot_value);
         let version = *self
             .releases
-            .get(&pcr_hex)
-            .ok_or(AttestError::UnknownMeasurements {
-                pcr: pcr_hex.clone(),
-            })?;
-        tracing::info!(host = %evidence.host, version, "host attested");
+            .get(&boot_hex)
+            .ok_or(AttestError::UnknownMeasurements { pcr: boot_hex })?;
+        let mut applied_release = None;
+        for e in applied {
+            if e.kind != EventKind::ReleaseApplied {
+                return Err(AttestError::BadEventLog(
+                    "a boot event after a release-applied event".into(),
+                ));
+            }
+            let v = self
+                .applied
+                .get(&e.sha384)
+                .copied()
+                .filter(|v| crate::measure::release_applied_name(*v) == e.name)
+                .ok_or_else(|| AttestError::UnknownAppliedRelease {
+                    name: e.name.clone(),
+                })?;
+            applied_release = Some(v);
+        }
+        tracing::info!(host = %evidence.host, version, ?applied_release, "host attested");
         Ok(Attested {
             host: evidence.host.clone(),
             release_version: version,
+            applied_release,
             pcr_value: pcr_hex,
             host_public,
         })
@@ -418,6 +471,7 @@ impl Verifier {
                     return Ok(Attested {
                         host: evidence.host.clone(),
                         release_version: 0,
+                        applied_release: None,
                         pcr_value: "sealed-image".to_string(),
                         host_public: enrolled.host_public.clone(),
                     });

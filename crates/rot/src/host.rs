@@ -517,6 +517,27 @@ impl Host {
         Ok(m)
     }
 
+    /// Measures a release the host's controller applied (`DeployRelease`): extends the
+    /// measurement PCR with `digest` (the [`crate::measure::release_applied_digest`] of its
+    /// signed manifest) as a `release-applied` event named `v<version>`. The host must have
+    /// completed a measured start; the event goes after every boot event, so a verifier sees the
+    /// boot release and, after it, each release applied since.
+    pub fn record_release_applied(
+        &mut self,
+        version: u64,
+        digest: &crate::tpm::Sha384Digest,
+    ) -> Result<(), RotError> {
+        if self.log.is_none() {
+            return Err(RotError::Malformed("no measured start yet"));
+        }
+        self.tpm.pcr_extend(self.cfg.pcr, digest)?;
+        if let Some(log) = self.log.as_mut() {
+            log.push_release_applied(version, digest);
+        }
+        tracing::info!(host = %self.cfg.name, version, "applied release measured");
+        Ok(())
+    }
+
     /// The TPM's EK certificate (DER), for the enrolment ceremony
     /// ([`crate::endorsement`]).
     pub fn ek_certificate(&mut self) -> Result<Vec<u8>, crate::endorsement::EndorsementError> {

@@ -44,6 +44,29 @@ pub enum EventKind {
     Policy,
     /// A component replaced while instances keep running (hypervisor live update).
     LiveUpdate,
+    /// A signed release applied on the running host by `DeployRelease` (named `v<version>`,
+    /// digest [`release_applied_digest`] of its manifest). Only at the end of a log.
+    ReleaseApplied,
+}
+
+const RELEASE_APPLIED_PREFIX: &[u8] = b"bulkhead release-applied v1\0";
+
+/// What a `release-applied` event extends for release `version` whose signed manifest's
+/// expected PCR value is `expected_pcr` (which commits to its environment and every artefact
+/// digest): `SHA-384("bulkhead release-applied v1\0" || version as 8 bytes big-endian ||
+/// expected_pcr)`. A verifier that accepted the release computes the same value from the
+/// manifest alone.
+pub fn release_applied_digest(version: u64, expected_pcr: &Sha384Digest) -> Sha384Digest {
+    let mut h = Sha384::new();
+    h.update(RELEASE_APPLIED_PREFIX);
+    h.update(version.to_be_bytes());
+    h.update(expected_pcr);
+    h.finalize().into()
+}
+
+/// The event name of release `version` applied.
+pub fn release_applied_name(version: u64) -> String {
+    format!("v{version}")
 }
 
 /// A deployment environment (`staging`, `production`, ...): 1-32 of `a-z0-9-`.
@@ -188,6 +211,15 @@ impl EventLog {
     /// Records an in-place replacement (live update) extended on top of the boot measurements.
     pub fn push_live_update(&mut self, name: &str, digest: &Sha384Digest) {
         self.push_digest(EventKind::LiveUpdate, name, digest);
+    }
+
+    /// Records a release applied on the running host (after every boot measurement).
+    pub fn push_release_applied(&mut self, version: u64, digest: &Sha384Digest) {
+        self.push_digest(
+            EventKind::ReleaseApplied,
+            &release_applied_name(version),
+            digest,
+        );
     }
 
     pub fn events(&self) -> &[Event] {

@@ -5,7 +5,7 @@ mod common;
 
 use bulkhead_rot::attest::{release_volume_key, AttestError, Verifier};
 use bulkhead_rot::identity::HealthReason;
-use bulkhead_rot::measure::EventLog;
+use bulkhead_rot::measure::{EventKind, EventLog};
 use bulkhead_rot::tpm::{MeasurePcr, Tpm};
 use bulkhead_rot::RotError;
 use common::*;
@@ -469,5 +469,87 @@ fn the_kms_verifier_releases_to_a_sealed_host_only_on_its_exact_boot_pcrs() {
     assert_eq!(
         v.verify_boot_for_instance(&ev, "i-1"),
         Err(AttestError::UnknownHost("sealed-9".into()))
+    );
+}
+
+/// A release applied on the running host (`DeployRelease`) is measured by the agent before it
+/// quotes: the evidence then shows the boot release and the applied one, each signed; a host
+/// that claims a release it did not apply, or applied one the verifier never accepted, or under
+/// another version's name, is refused.
+#[test]
+fn an_applied_release_is_measured_by_the_agent_and_attests_claims_fail() {
+    use bulkhead_rot::measure::release_applied_digest;
+    use bulkhead_rot_proto::{parse_reply, AgentCall, AgentRequest, AppliedRelease, HostEvidence};
+    use std::io::{BufRead, BufReader, Write};
+    if skip("an_applied_release_is_measured_by_the_agent_and_attests_claims_fail") {
+        return;
+    }
+    let (_k, _art, mut h, mut v) = healthy_host("host-a");
+    let staging = env("staging");
+    let dep = Artefacts::new("deploy-v2", 0);
+    let m2 = dep.manifest(2, &staging, bulkhead_rot::unix_now() + 3600);
+    let d2 = release_applied_digest(2, &m2.expected_pcr_value().unwrap());
+    v.accept_release(&m2);
+
+    // A claim: the log names release 2 applied, the PCR was never extended with it.
+    let nonce = v.challenge("host-a").unwrap();
+    let mut ev = h.attest(&nonce).unwrap();
+    let mut log = EventLog::parse(&ev.event_log).unwrap();
+    log.push_release_applied(2, &d2);
+    ev.event_log = log.to_jsonl().unwrap();
+    assert_eq!(
+        v.verify(&ev).unwrap_err(),
+        AttestError::LogDoesNotMatchQuote
+    );
+
+    // Through the agent's line protocol: measure release 2, then quote.
+    let ask = |h: &mut SimHost, call: &AgentCall| -> HostEvidence {
+        std::thread::scope(|s| {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            s.spawn(move || bulkhead_rot::agent::serve_connection(h, b));
+            let mut w = a.try_clone().unwrap();
+            writeln!(w, "{}", AgentRequest::encode_call(call)).unwrap();
+            let mut line = String::new();
+            BufReader::new(&a).read_line(&mut line).unwrap();
+            a.shutdown(std::net::Shutdown::Both).unwrap();
+            parse_reply(line.trim_end().as_bytes()).unwrap()
+        })
+    };
+    let nonce = v.challenge("host-a").unwrap();
+    let call = AgentCall {
+        nonce,
+        instance: None,
+        credential: None,
+        release_applied: Some(AppliedRelease {
+            version: 2,
+            manifest_sha384: d2,
+        }),
+    };
+    let HostEvidence::Measured(ev) = ask(&mut h, &call) else {
+        panic!("want measured evidence")
+    };
+    let ok = v.verify(&ev).expect("attests with the applied release");
+    assert_eq!((ok.release_version, ok.applied_release), (1, Some(2)));
+    let log = EventLog::parse(&ev.event_log).unwrap();
+    let last = log.events().last().unwrap();
+    assert_eq!(
+        (last.kind, last.name.as_str()),
+        (EventKind::ReleaseApplied, "v2")
+    );
+
+    // The same evidence under another version's name: refused.
+    let nonce = v.challenge("host-a").unwrap();
+    let mut ev = h.attest(&nonce).unwrap();
+    ev.event_log = ev.event_log.replace(r#""name":"v2""#, r#""name":"v3""#);
+    assert_eq!(
+        v.verify(&ev).unwrap_err().code(),
+        "attest_unknown_applied_release"
+    );
+    // A verifier that no longer accepts release 2 (recalled): refused, typed.
+    v.retire_release(&m2);
+    let nonce = v.challenge("host-a").unwrap();
+    assert_eq!(
+        v.verify(&h.attest(&nonce).unwrap()).unwrap_err(),
+        AttestError::UnknownAppliedRelease { name: "v2".into() }
     );
 }
