@@ -102,6 +102,7 @@ pub enum KmsOp {
     Challenge,
     CreateVpcKey,
     SealVpcKey,
+    ShareDataKey,
 }
 
 impl KmsOp {
@@ -115,6 +116,7 @@ impl KmsOp {
         KmsOp::Challenge,
         KmsOp::CreateVpcKey,
         KmsOp::SealVpcKey,
+        KmsOp::ShareDataKey,
     ];
 
     pub fn name(self) -> &'static str {
@@ -128,6 +130,7 @@ impl KmsOp {
             KmsOp::Challenge => "Challenge",
             KmsOp::CreateVpcKey => "CreateVpcKey",
             KmsOp::SealVpcKey => "SealVpcKey",
+            KmsOp::ShareDataKey => "ShareDataKey",
         }
     }
 
@@ -148,6 +151,8 @@ impl KmsOp {
             // A default VPC is made by the tenant's first RunInstances (see `CREATE_VPC_ACTIONS`).
             KmsOp::CreateVpcKey => Some("CreateVpc"),
             KmsOp::SealVpcKey => Some("RunInstances"),
+            // Or a `CreateVolume` naming the snapshot (see `SHARE_DATA_KEY_ACTIONS`).
+            KmsOp::ShareDataKey => Some("CreateSnapshot"),
         }
     }
 }
@@ -262,6 +267,40 @@ pub struct DestroyDataKeyResponse {
     /// `false` for a volume keyed before crypto-erase existed (blob version 1): its grants are
     /// revoked and it is tombstoned, but a holder of its CMK could still open its blob.
     pub erased: bool,
+    /// Members of the volume's key family still live (snapshots, volumes made from them): the
+    /// family's secret was destroyed when this is 0.
+    #[serde(default)]
+    pub family_members_left: u64,
+}
+
+/// The customer actions whose forwarded signed request may add a member to a key family: a
+/// `CreateSnapshot` naming the volume (`VolumeId`), or a `CreateVolume` naming the snapshot
+/// (`SnapshotId`).
+pub const SHARE_DATA_KEY_ACTIONS: &[&str] = &["CreateSnapshot", "CreateVolume"];
+
+/// `ShareDataKey`: `member_id` (a new snapshot, or a new volume made from a snapshot) joins
+/// the key family of `source_id`, a live member the signer owns, and gets a grant. Its data key
+/// is the source's: the same `ciphertext_blob` opens for it (DecryptForHost with the member's
+/// id seals the family's key to the host for the member). The family's secret lives until its
+/// last member is destroyed (`DestroyDataKey` on a member drops that member only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareDataKeyRequest {
+    pub source_id: String,
+    pub member_id: String,
+    /// The source's data-key blob, base64 (checked against the family's secret).
+    pub ciphertext_blob: String,
+    pub customer_request: CustomerRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareDataKeyResponse {
+    pub member_id: String,
+    /// The family: the volume the blob was generated for.
+    pub family_id: String,
+    pub key_id: String,
+    pub grant_id: String,
 }
 
 /// The customer actions whose forwarded signed request may create a VPC's key: an explicit
@@ -352,6 +391,7 @@ kms_calls! {
     DestroyDataKeyRequest => DestroyDataKey, DestroyDataKeyResponse;
     CreateVpcKeyRequest => CreateVpcKey, CreateVpcKeyResponse;
     SealVpcKeyRequest => SealVpcKey, SealVpcKeyResponse;
+    ShareDataKeyRequest => ShareDataKey, ShareDataKeyResponse;
 }
 
 /// The sealing id of a VPC epoch key: the same bytes as the net card's
@@ -392,7 +432,7 @@ pub fn fuzz_body(data: &[u8]) {
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
-    match pick % 12 {
+    match pick % 14 {
         0 => round::<RegisterCustomerRequest>(body),
         1 => round::<CreateKeyRequest>(body),
         2 => round::<GenerateDataKeyRequest>(body),
@@ -404,6 +444,8 @@ pub fn fuzz_body(data: &[u8]) {
         8 => round::<SealVpcKeyRequest>(body),
         9 => round::<DecryptForHostResponse>(body),
         10 => round::<SealVpcKeyResponse>(body),
+        11 => round::<ShareDataKeyRequest>(body),
+        12 => round::<ShareDataKeyResponse>(body),
         _ => {
             let _ = std::str::from_utf8(body).map(KmsOp::from_path);
         }

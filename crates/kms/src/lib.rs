@@ -115,7 +115,10 @@ impl KmsError {
             KmsError::NoSuchEpoch => "no_such_epoch",
             KmsError::VpcExists => "vpc_exists",
             KmsError::AuditUnavailable => "audit_unavailable",
-            KmsError::Store(store::StoreError::NotOwner) => "no_grant",
+            KmsError::Store(store::StoreError::NotOwner | store::StoreError::NoSuchMember) => {
+                "no_grant"
+            }
+            KmsError::Store(store::StoreError::MemberExists) => "member_exists",
             KmsError::Store(_) => "store_error",
             KmsError::Crypto(crypto::CryptoError::BadBlob) => "bad_ciphertext_blob",
             KmsError::Crypto(crypto::CryptoError::Unwrap) => "ciphertext_rejected",
@@ -145,8 +148,10 @@ impl KmsError {
             | KmsError::AttestationRequired
             | KmsError::EvidenceForAnotherHost
             | KmsError::Attestation(_)
-            | KmsError::Store(store::StoreError::NotOwner) => 403,
-            KmsError::CustomerExists | KmsError::VpcExists => 409,
+            | KmsError::Store(store::StoreError::NotOwner | store::StoreError::NoSuchMember) => 403,
+            KmsError::CustomerExists
+            | KmsError::VpcExists
+            | KmsError::Store(store::StoreError::MemberExists) => 409,
             KmsError::KeyDestroyed | KmsError::Crypto(crypto::CryptoError::Destroyed) => 410,
             KmsError::AuditUnavailable => 503,
             _ => 500,

@@ -145,6 +145,16 @@ enum Plan {
     Challenge {
         host: String,
     },
+    /// `member` joins `source`'s key family (a snapshot, or a volume made from one).
+    Share {
+        tenant: String,
+        blob: DataKeyBlob,
+        cmk: CmkRow,
+        source: String,
+        member: String,
+        /// The customer's CreateSnapshot / CreateVolume signature: used once.
+        authorization: String,
+    },
     /// Crypto-erase of one volume's data key.
     Destroy {
         tenant: String,
@@ -671,6 +681,53 @@ impl Kms {
                     },
                 ))
             }
+            KmsOp::ShareDataKey => {
+                let r: ShareDataKeyRequest = parse(body)?;
+                if !crate::valid_id(&r.source_id) {
+                    return Err(KmsError::BadRequest("source_id"));
+                }
+                if !crate::valid_id(&r.member_id) || r.member_id == r.source_id {
+                    return Err(KmsError::BadRequest("member_id"));
+                }
+                let c = self.forwarded_any(&r.customer_request, SHARE_DATA_KEY_ACTIONS)?;
+                // A signed CreateSnapshot names the volume, a signed CreateVolume the snapshot.
+                let named =
+                    str_field(&c.body, "SnapshotId").or_else(|| str_field(&c.body, "VolumeId"));
+                if named.as_deref() != Some(r.source_id.as_str()) {
+                    return Err(KmsError::WrongCustomerAction);
+                }
+                if self.store.authorization_used(&c.signature)? {
+                    return Err(KmsError::AuthorizationReplayed);
+                }
+                let raw = B64
+                    .decode(&r.ciphertext_blob)
+                    .map_err(|_| KmsError::BadRequest("ciphertext_blob"))?;
+                let blob = DataKeyBlob::parse(&raw)?;
+                let cmk = self.owned_key(&blob.key_id, &c.tenant)?;
+                // The source must be a live member the signer owns: a destroyed one is gone for
+                // everybody (410), another tenant's is no grant.
+                match self.store.volume_secret(&r.source_id)? {
+                    VolumeSecret::Live { tenant_id, .. } if tenant_id == c.tenant => {}
+                    VolumeSecret::Destroyed { .. } => return Err(KmsError::KeyDestroyed),
+                    _ => return Err(KmsError::NoGrant),
+                }
+                Ok((
+                    vec![
+                        format!("tenant:{}", c.tenant),
+                        format!("key:{}", cmk.key_id),
+                        format!("source:{}", r.source_id),
+                        format!("member:{}", r.member_id),
+                    ],
+                    Plan::Share {
+                        tenant: c.tenant,
+                        blob,
+                        cmk,
+                        source: r.source_id,
+                        member: r.member_id,
+                        authorization: c.signature,
+                    },
+                ))
+            }
             KmsOp::DestroyDataKey => {
                 let r: DestroyDataKeyRequest = parse(body)?;
                 if !crate::valid_id(&r.volume_id) {
@@ -821,22 +878,29 @@ impl Kms {
                 authorization,
             } => {
                 self.spend(&authorization)?;
-                let secret = match self.store.volume_secret(&volume)? {
-                    VolumeSecret::Live { tenant_id, wrapped } if tenant_id == cmk.tenant_id => {
-                        Some(crypto::unwrap::<{ crypto::VOLUME_SECRET_LEN }>(
+                // A volume made from a snapshot opens its family's blob (bound to the family id)
+                // and gets the key sealed for its own id.
+                let (family, secret) = match self.store.volume_secret(&volume)? {
+                    VolumeSecret::Live {
+                        tenant_id,
+                        family_id,
+                        wrapped,
+                    } if tenant_id == cmk.tenant_id => {
+                        let s = crypto::unwrap::<{ crypto::VOLUME_SECRET_LEN }>(
                             &self.root,
-                            &volume_secret_aad(&volume),
+                            &volume_secret_aad(&family_id),
                             &wrapped,
-                        )?)
+                        )?;
+                        (family_id, Some(s))
                     }
                     VolumeSecret::Live { .. } => return Err(KmsError::NoGrant),
                     VolumeSecret::Destroyed { .. } => return Err(KmsError::KeyDestroyed),
-                    VolumeSecret::Unknown => None,
+                    VolumeSecret::Unknown => (volume.clone(), None),
                 };
                 let dk = blob.open(
                     self.keys.as_ref(),
                     &cmk.wrapped,
-                    &volume,
+                    &family,
                     secret.as_ref().map(|s| s.as_ref()),
                 )?;
                 drop(secret);
@@ -863,6 +927,59 @@ impl Kms {
                 };
                 Ok(serde_json::to_value(resp).map_err(|_| KmsError::Internal)?)
             }
+            Plan::Share {
+                tenant,
+                blob,
+                cmk,
+                source,
+                member,
+                authorization,
+            } => {
+                self.spend(&authorization)?;
+                // The blob must be the family's: it opens with the family's secret.
+                let VolumeSecret::Live {
+                    tenant_id,
+                    family_id,
+                    wrapped,
+                } = self.store.volume_secret(&source)?
+                else {
+                    return Err(KmsError::KeyDestroyed);
+                };
+                if tenant_id != tenant {
+                    return Err(KmsError::NoGrant);
+                }
+                let secret = crypto::unwrap::<{ crypto::VOLUME_SECRET_LEN }>(
+                    &self.root,
+                    &volume_secret_aad(&family_id),
+                    &wrapped,
+                )?;
+                let dk = blob.open(
+                    self.keys.as_ref(),
+                    &cmk.wrapped,
+                    &family_id,
+                    Some(secret.as_ref()),
+                )?;
+                drop(dk);
+                drop(secret);
+                let grant = GrantRow {
+                    grant_id: new_id("grant"),
+                    key_id: cmk.key_id.clone(),
+                    tenant_id: tenant.clone(),
+                    volume_id: member.clone(),
+                    revoked: false,
+                };
+                let family_id =
+                    self.store
+                        .add_family_member(&source, &member, &tenant, &grant, now())?;
+                tracing::info!(source = %source, member = %member, family = %family_id, "key family member added");
+                Ok(serde_json::to_value(ShareDataKeyResponse {
+                    member_id: member,
+                    family_id,
+                    key_id: cmk.key_id,
+                    grant_id: grant.grant_id,
+                })
+                .map_err(|_| KmsError::Internal)?)
+            }
             Plan::Destroy {
                 tenant,
                 volume,
@@ -870,10 +987,12 @@ impl Kms {
             } => {
                 let t = self.spend(&authorization)?;
                 let erased = !matches!(self.store.volume_secret(&volume)?, VolumeSecret::Unknown);
-                self.store.destroy_volume_secret(&volume, &tenant, t)?;
+                let left = self.store.destroy_volume_secret(&volume, &tenant, t)?;
+                tracing::info!(volume = %volume, family_members_left = left, "data key destroyed");
                 Ok(serde_json::to_value(DestroyDataKeyResponse {
                     volume_id: volume,
                     erased,
+                    family_members_left: left,
                 })
                 .map_err(|_| KmsError::Internal)?)
             }

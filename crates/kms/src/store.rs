@@ -17,6 +17,10 @@ pub enum StoreError {
     TooNew(i64),
     #[error("the volume's key belongs to another tenant")]
     NotOwner,
+    #[error("the key family's member is gone or not this tenant's")]
+    NoSuchMember,
+    #[error("the new member id is already keyed or was destroyed")]
+    MemberExists,
 }
 
 /// Versioned migrations; index + 1 is the schema version.
@@ -68,13 +72,31 @@ const MIGRATIONS: &[&str] = &[
         volume_id TEXT PRIMARY KEY,
         tenant_id TEXT NOT NULL,
         destroyed INTEGER NOT NULL);",
+    // Key families (snapshots): a snapshot and every volume made from it open the same data-key
+    // blob, so they share one secret, kept under the family id (the volume the blob was made
+    // for). Each member has a row; DestroyDataKey on a member drops its row and tombstones it,
+    // and the family's secret is destroyed with its last member. Every existing volume is the
+    // one member of its own family.
+    "CREATE TABLE family_members (
+        member_id TEXT PRIMARY KEY,
+        family_id TEXT NOT NULL,
+        tenant_id TEXT NOT NULL,
+        created INTEGER NOT NULL);
+     CREATE INDEX family_members_by_family ON family_members(family_id);
+     INSERT INTO family_members (member_id, family_id, tenant_id, created)
+        SELECT volume_id, volume_id, tenant_id, created FROM volume_secrets;",
 ];
 
 /// What the store knows about one volume's data-key secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeSecret {
-    /// Live: the owner and the secret wrapped under the root key.
-    Live { tenant_id: String, wrapped: Vec<u8> },
+    /// Live: the owner, the family whose secret (and blob) the volume shares (the volume itself
+    /// unless it was made from a snapshot), and that secret wrapped under the root key.
+    Live {
+        tenant_id: String,
+        family_id: String,
+        wrapped: Vec<u8>,
+    },
     /// Destroyed (crypto-erased) for this owner.
     Destroyed { tenant_id: String },
     /// Never made here (a version-1 blob, or another KMS's volume).
@@ -315,27 +337,57 @@ impl Store {
             if gone {
                 return Ok(false);
             }
+            let member: bool = tx
+                .query_row(
+                    "SELECT 1 FROM family_members WHERE member_id = ?1",
+                    params![volume_id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if member {
+                return Ok(false);
+            }
             let n = tx.execute(
                 "INSERT OR IGNORE INTO volume_secrets (volume_id, tenant_id, wrapped, created) VALUES (?1, ?2, ?3, ?4)",
                 params![volume_id, tenant, wrapped, secs(now)],
             )?;
+            if n != 1 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO family_members (member_id, family_id, tenant_id, created) VALUES (?1, ?1, ?2, ?3)",
+                params![volume_id, tenant, secs(now)],
+            )?;
             tx.commit()?;
-            Ok(n == 1)
+            Ok(true)
         })
     }
 
-    /// The state of `volume_id`'s secret.
+    /// The state of `volume_id`'s secret (through its key family).
     pub fn volume_secret(&self, volume_id: &str) -> Result<VolumeSecret, StoreError> {
         self.with(|c| {
-            if let Some((tenant_id, wrapped)) = c
+            if let Some((tenant_id, family_id, wrapped)) = c
                 .query_row(
-                    "SELECT tenant_id, wrapped FROM volume_secrets WHERE volume_id = ?1",
+                    "SELECT m.tenant_id, m.family_id, s.wrapped FROM family_members m
+                     JOIN volume_secrets s ON s.volume_id = m.family_id
+                     WHERE m.member_id = ?1",
                     params![volume_id],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)),
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Vec<u8>>(2)?,
+                        ))
+                    },
                 )
                 .optional()?
             {
-                return Ok(VolumeSecret::Live { tenant_id, wrapped });
+                return Ok(VolumeSecret::Live {
+                    tenant_id,
+                    family_id,
+                    wrapped,
+                });
             }
             Ok(c.query_row(
                 "SELECT tenant_id FROM destroyed_volumes WHERE volume_id = ?1",
@@ -346,6 +398,80 @@ impl Store {
             .map_or(VolumeSecret::Unknown, |tenant_id| VolumeSecret::Destroyed {
                 tenant_id,
             }))
+        })
+    }
+
+    /// Adds `member_id` to the key family of the live member `source_id` (a snapshot of a
+    /// volume, or a volume made from a snapshot), for `tenant`, with a grant of `key_id`;
+    /// returns the family id. The source must be live and `tenant`'s; the new id must never
+    /// have been keyed or destroyed. One transaction.
+    pub fn add_family_member(
+        &self,
+        source_id: &str,
+        member_id: &str,
+        tenant: &str,
+        grant: &GrantRow,
+        now: u64,
+    ) -> Result<String, StoreError> {
+        enum Out {
+            Added(String),
+            NoSource,
+            Exists,
+        }
+        let out = self.with(|c| {
+            let tx = c.transaction()?;
+            let family: Option<String> = tx
+                .query_row(
+                    "SELECT m.family_id FROM family_members m
+                     JOIN volume_secrets s ON s.volume_id = m.family_id
+                     WHERE m.member_id = ?1 AND m.tenant_id = ?2",
+                    params![source_id, tenant],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(family) = family else {
+                return Ok(Out::NoSource);
+            };
+            let taken: bool = tx
+                .query_row(
+                    "SELECT 1 FROM family_members WHERE member_id = ?1
+                     UNION ALL SELECT 1 FROM destroyed_volumes WHERE volume_id = ?1
+                     UNION ALL SELECT 1 FROM volume_secrets WHERE volume_id = ?1",
+                    params![member_id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if taken {
+                return Ok(Out::Exists);
+            }
+            tx.execute(
+                "INSERT INTO family_members (member_id, family_id, tenant_id, created) VALUES (?1, ?2, ?3, ?4)",
+                params![member_id, family, tenant, secs(now)],
+            )?;
+            tx.execute(
+                "INSERT INTO grants (grant_id, key_id, tenant_id, volume_id, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![grant.grant_id, grant.key_id, tenant, member_id, secs(now)],
+            )?;
+            tx.commit()?;
+            Ok(Out::Added(family))
+        })?;
+        match out {
+            Out::Added(f) => Ok(f),
+            Out::NoSource => Err(StoreError::NoSuchMember),
+            Out::Exists => Err(StoreError::MemberExists),
+        }
+    }
+
+    /// How many live members the key family `family_id` has.
+    pub fn family_members(&self, family_id: &str) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM family_members WHERE family_id = ?1",
+                params![family_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| u64::try_from(n).unwrap_or(0))
         })
     }
 
@@ -366,34 +492,57 @@ impl Store {
         })
     }
 
-    /// Crypto-erase: deletes `volume_id`'s secret (its page overwritten: `secure_delete`),
-    /// records the tombstone, revokes the volume's grants, and checkpoints the WAL so no copy
-    /// of the secret stays in it. Idempotent.
+    /// Crypto-erase of one key-family member: drops `volume_id`'s membership, records its
+    /// tombstone (its blob is refused from now on) and revokes its grants; when it was the
+    /// family's last member, deletes the family's secret (its page overwritten: `secure_delete`).
+    /// Then checkpoints the WAL so no copy of a deleted secret stays in it. Returns how many
+    /// members the family still has (0: the secret is gone). Idempotent.
     pub fn destroy_volume_secret(
         &self,
         volume_id: &str,
         tenant: &str,
         now: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let done = self.with(|c| {
             let tx = c.transaction()?;
             // Ownership is re-checked inside the transaction: a secret another tenant holds for
             // this id is never touched, and then nothing is tombstoned either.
             let other: bool = tx
                 .query_row(
-                    "SELECT 1 FROM volume_secrets WHERE volume_id = ?1 AND tenant_id <> ?2",
+                    "SELECT 1 FROM family_members WHERE member_id = ?1 AND tenant_id <> ?2
+                     UNION ALL SELECT 1 FROM volume_secrets WHERE volume_id = ?1 AND tenant_id <> ?2",
                     params![volume_id, tenant],
                     |_| Ok(()),
                 )
                 .optional()?
                 .is_some();
             if other {
-                return Ok(false);
+                return Ok(None);
             }
+            // A member row's family; a volume keyed before families existed is its own.
+            let family: String = tx
+                .query_row(
+                    "SELECT family_id FROM family_members WHERE member_id = ?1",
+                    params![volume_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or_else(|| volume_id.to_string());
             tx.execute(
-                "DELETE FROM volume_secrets WHERE volume_id = ?1 AND tenant_id = ?2",
+                "DELETE FROM family_members WHERE member_id = ?1 AND tenant_id = ?2",
                 params![volume_id, tenant],
             )?;
+            let left: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM family_members WHERE family_id = ?1",
+                params![family],
+                |r| r.get(0),
+            )?;
+            if left == 0 {
+                tx.execute(
+                    "DELETE FROM volume_secrets WHERE volume_id = ?1",
+                    params![family],
+                )?;
+            }
             tx.execute(
                 "INSERT OR IGNORE INTO destroyed_volumes (volume_id, tenant_id, destroyed) VALUES (?1, ?2, ?3)",
                 params![volume_id, tenant, secs(now)],
@@ -413,13 +562,9 @@ impl Store {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Ok(true)
+            Ok(Some(u64::try_from(left).unwrap_or(0)))
         })?;
-        if done {
-            Ok(())
-        } else {
-            Err(StoreError::NotOwner)
-        }
+        done.ok_or(StoreError::NotOwner)
     }
 
     /// Revokes every active grant of `key_id` for `volume_id` held by `tenant`. Returns how many.

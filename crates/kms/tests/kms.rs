@@ -925,3 +925,174 @@ fn destroyed_data_keys_open_for_nobody() {
         .unwrap();
     assert!(!t.is_empty());
 }
+
+/// Snapshots: a snapshot and a volume made from it join the volume's key family (ShareDataKey on
+/// the owner's signed CreateSnapshot / CreateVolume naming the source), and all three open the
+/// same data key, sealed for their own ids. Destroying a member refuses only that member (410 for
+/// every caller); the family's secret lives, across KMS restarts, until its last member goes,
+/// and then every member's blob is refused and the secret is gone from the store. Another
+/// tenant cannot join a family; bad input is typed.
+#[test]
+fn key_families_share_one_data_key_until_their_last_member_is_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = start(dir.path());
+    let (_key_id, blob) = setup(&k);
+    let host = HostKey::generate().unwrap();
+    k.enroll("host-1", &host);
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tok = || N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let snap_auth = |akid: &str, secret: &[u8], vol: &str| {
+        signed(
+            akid,
+            secret,
+            "CreateSnapshot",
+            &json!({"VolumeId": vol, "ClientToken": format!("s{}", tok())}),
+            now(),
+        )
+    };
+    let clone_auth = |akid: &str, secret: &[u8], snap: &str| {
+        signed(
+            akid,
+            secret,
+            "CreateVolume",
+            &json!({"SnapshotId": snap, "SizeGiB": 1, "ClientToken": format!("c{}", tok())}),
+            now(),
+        )
+    };
+    let share = |k: &Kms, src: &str, member: &str, auth: Value| {
+        k.call(
+            "ShareDataKey",
+            &json!({"source_id": src, "member_id": member, "ciphertext_blob": blob, "customer_request": auth}),
+        )
+    };
+    let key_for = |k: &Kms,
+                   vol: &str,
+                   akid: &str,
+                   secret: &[u8]|
+     -> (u16, Value, Option<Vec<u8>>) {
+        let auth = signed(
+            akid,
+            secret,
+            "AttachVolume",
+            &json!({"VolumeId": vol, "InstanceId": "i-1", "ClientToken": format!("a{}", tok())}),
+            now(),
+        );
+        let mut body = decrypt_body(&blob, "host-1", &host, auth);
+        body["volume_id"] = json!(vol);
+        let (st, v) = k.call("DecryptForHost", &body);
+        let key = (st == 200).then(|| {
+            let sealed = B64.decode(v["sealed_key"].as_str().unwrap()).unwrap();
+            open_volume_key(&host, vol, &sealed)
+                .unwrap()
+                .as_ref()
+                .to_vec()
+        });
+        (st, v, key)
+    };
+    let destroy = |k: &Kms, vol: &str| {
+        let auth = signed(
+            AKID,
+            &SECRET,
+            "DeleteVolume",
+            &json!({"VolumeId": vol, "ClientToken": format!("d{}", tok())}),
+            now(),
+        );
+        k.call(
+            "DestroyDataKey",
+            &json!({"volume_id": vol, "customer_request": auth}),
+        )
+    };
+
+    // Bad input, typed; nothing is added by any of it.
+    let (st, v) = share(&k, "vol-1", "vol-1", snap_auth(AKID, &SECRET, "vol-1"));
+    assert_eq!((st, code(&v)), (400, "bad_request"), "{v}");
+    let (st, v) = share(&k, "vol/1", "snap-1", snap_auth(AKID, &SECRET, "vol/1"));
+    assert_eq!((st, code(&v)), (400, "bad_request"), "{v}");
+    let (st, v) = k.call("ShareDataKey", &json!({"source_id": "vol-1", "member_id": "snap-1", "ciphertext_blob": "AAAA", "customer_request": snap_auth(AKID, &SECRET, "vol-1")}));
+    assert_eq!((st, code(&v)), (400, "bad_ciphertext_blob"), "{v}");
+    let (st, v) = share(&k, "vol-1", "snap-1", snap_auth(AKID, &SECRET, "vol-9"));
+    assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    let (st, v) = share(&k, "vol-1", "snap-1", attach_auth(AKID, &SECRET, now()));
+    assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    // Another tenant, validly signed, cannot join tenant A's family.
+    let (st, v) = share(&k, "vol-1", "snap-b", snap_auth(AKID_B, &SECRET_B, "vol-1"));
+    assert_eq!(
+        st, 404,
+        "another tenant's blob names a key it does not own: {v}"
+    );
+    let (st, _, _) = key_for(&k, "snap-b", AKID_B, &SECRET_B);
+    assert_ne!(st, 200);
+
+    // Snapshot, then a volume from the snapshot: both open vol-1's key.
+    let (_, _, k1) = key_for(&k, "vol-1", AKID, &SECRET);
+    let k1 = k1.expect("vol-1 opens");
+    let (st, v) = share(&k, "vol-1", "snap-1", snap_auth(AKID, &SECRET, "vol-1"));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["family_id"], "vol-1", "{v}");
+    // One authorization, one member.
+    let a = clone_auth(AKID, &SECRET, "snap-1");
+    let (st, v) = share(&k, "snap-1", "vol-2", a.clone());
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = share(&k, "snap-1", "vol-3", a);
+    assert_eq!((st, code(&v)), (403, "authorization_replayed"), "{v}");
+    let (st, v) = share(&k, "snap-1", "vol-2", clone_auth(AKID, &SECRET, "snap-1"));
+    assert_eq!((st, code(&v)), (409, "member_exists"), "{v}");
+    let (_, v, k2) = key_for(&k, "vol-2", AKID, &SECRET);
+    assert_eq!(
+        k2.as_deref(),
+        Some(&k1[..]),
+        "the clone opens the family's key: {v}"
+    );
+    let (st, _, _) = key_for(&k, "vol-2", AKID_B, &SECRET_B);
+    assert_ne!(st, 200, "not for another tenant");
+
+    // The original volume deleted: only it is refused; the clone still opens, across a restart.
+    let (st, v) = destroy(&k, "vol-1");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["family_members_left"], 2, "{v}");
+    let (st, v, _) = key_for(&k, "vol-1", AKID, &SECRET);
+    assert_eq!((st, code(&v)), (410, "key_destroyed"), "{v}");
+    let (st, v) = share(&k, "vol-1", "snap-2", snap_auth(AKID, &SECRET, "vol-1"));
+    assert_eq!((st, code(&v)), (410, "key_destroyed"), "{v}");
+    drop(k);
+    let k = start(dir.path());
+    let (_, v, k2) = key_for(&k, "vol-2", AKID, &SECRET);
+    assert_eq!(k2.as_deref(), Some(&k1[..]), "{v}");
+
+    // Clone and snapshot destroyed: the family's secret goes with the last one.
+    let (st, v) = destroy(&k, "vol-2");
+    assert_eq!(
+        (st, v["family_members_left"].as_u64()),
+        (200, Some(1)),
+        "{v}"
+    );
+    let (st, v, _) = key_for(&k, "vol-2", AKID, &SECRET);
+    assert_eq!((st, code(&v)), (410, "key_destroyed"), "{v}");
+    let (st, v) = destroy(&k, "snap-1");
+    assert_eq!(
+        (st, v["family_members_left"].as_u64()),
+        (200, Some(0)),
+        "{v}"
+    );
+    drop(k);
+    let k = start(dir.path());
+    for vol in ["vol-1", "vol-2", "snap-1"] {
+        for (a, s) in [(AKID, &SECRET), (AKID_B, &SECRET_B)] {
+            let (st, v, _) = key_for(&k, vol, a, s);
+            assert_ne!(st, 200, "{vol}: {v}");
+            if a == AKID {
+                assert_eq!((st, code(&v)), (410, "key_destroyed"), "{vol}: {v}");
+            }
+        }
+    }
+    drop(k);
+    let conn = rusqlite::Connection::open(dir.path().join("kms/kms.db")).unwrap();
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM volume_secrets", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0, "the family's secret is gone");
+    let n: i64 = conn
+        .query_row("SELECT COUNT(*) FROM family_members", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+}
