@@ -162,6 +162,7 @@ impl Storage {
         let req = Request::CreateVolume(CreateVolume {
             volume_id: vid(volume_id)?,
             size_bytes: u64::from(size_gib) << 30,
+            source: None,
         });
         self.call::<VolumeReply>(node_id, &req).await.map(|_| ())
     }

@@ -9,7 +9,8 @@
 //!
 //! | Op | Body | Reply (200) |
 //! |---|---|---|
-//! | `CreateVolume` | [`CreateVolume`] `{"volume_id","size_bytes"}` (idempotent) | [`VolumeReply`] |
+//! | `CreateVolume` | [`CreateVolume`] `{"volume_id","size_bytes","source"?}` (idempotent; `source`: a snapshot whose blocks the new volume starts with) | [`VolumeReply`] |
+//! | `CreateSnapshot` | [`CreateSnapshot`] `{"snapshot_id","volume_id"}` (idempotent; the volume granted to nobody) | [`VolumeReply`] |
 //! | `Grant` | [`Grant`] `{"volume_id","host","generation"}` | [`VolumeReply`] |
 //! | `Revoke` | [`Revoke`] `{"volume_id","generation"}` | [`VolumeReply`] |
 //! | `DeleteVolume` | [`DeleteVolume`] `{"volume_id"}` (idempotent) | [`DeleteReply`] |
@@ -25,6 +26,12 @@
 //! generation moves the grant: every live connection of any other host to that volume is cut
 //! before the reply, and that host's next attempt is refused. `Revoke` with a generation at or
 //! above the current one leaves the volume granted to nobody (and cuts every connection).
+//!
+//! **Snapshots.** A snapshot (`snap-…` id) is a point-in-time copy of a volume's ciphertext,
+//! taken only while the volume is granted to nobody and has no connection (detached: a
+//! consistent point without a flush protocol). It is never exported and never granted
+//! (`not_attachable`); `CreateVolume` with `source` makes a new volume from it (same size or
+//! larger); `DeleteVolume` deletes it. Neither ever sees a key.
 
 use serde::{Deserialize, Serialize};
 
@@ -53,8 +60,10 @@ pub enum ProtoError {
     NoSuchRoute,
     #[error("body is not valid JSON for this operation (line {line}, column {column})")]
     BadBody { line: usize, column: usize },
-    #[error("volume id must be `vol-` followed by 1-{MAX_VOLUME_SUFFIX} of a-z, 0-9")]
+    #[error("volume id must be `vol-` (or `snap-`) followed by 1-{MAX_VOLUME_SUFFIX} of a-z, 0-9")]
     BadVolumeId,
+    #[error("a snapshot id must start with `snap-`, a volume id with `vol-`")]
+    WrongIdKind,
     #[error("host name must be 1-{MAX_HOST_NAME} of a-z, 0-9, -")]
     BadHostName,
     #[error("size must be a positive multiple of {SECTOR_BYTES} bytes up to {MAX_VOLUME_BYTES}")]
@@ -104,13 +113,16 @@ pub struct VolumeId(String);
 
 impl VolumeId {
     pub fn new(s: &str) -> Result<VolumeId, ProtoError> {
-        let ok = s.strip_prefix("vol-").is_some_and(|rest| {
-            !rest.is_empty()
-                && rest.len() <= MAX_VOLUME_SUFFIX
-                && rest
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        });
+        let ok = s
+            .strip_prefix("vol-")
+            .or_else(|| s.strip_prefix("snap-"))
+            .is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest.len() <= MAX_VOLUME_SUFFIX
+                    && rest
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
         if ok {
             Ok(VolumeId(s.to_owned()))
         } else {
@@ -120,6 +132,11 @@ impl VolumeId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A snapshot's id (`snap-…`): never exported, never granted.
+    pub fn is_snapshot(&self) -> bool {
+        self.0.starts_with("snap-")
     }
 }
 
@@ -192,6 +209,18 @@ impl std::fmt::Display for HostName {
 pub struct CreateVolume {
     pub volume_id: VolumeId,
     pub size_bytes: u64,
+    /// A snapshot the new volume starts as (at least its size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeId>,
+}
+
+/// Takes `snapshot_id` as a copy of `volume_id`'s blocks (idempotent: the same snapshot of the
+/// same volume again is answered with the existing one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    pub snapshot_id: VolumeId,
+    pub volume_id: VolumeId,
 }
 
 /// Grants `host`, and only it, the volume from `generation` on (fences every other host).
@@ -228,6 +257,7 @@ pub struct ListVolumes {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     CreateVolume,
+    CreateSnapshot,
     Grant,
     Revoke,
     DeleteVolume,
@@ -235,17 +265,20 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [
+    /// In route order of the fuzz seeds (a new route goes last).
+    pub const ALL: [Op; 6] = [
         Op::CreateVolume,
         Op::Grant,
         Op::Revoke,
         Op::DeleteVolume,
         Op::ListVolumes,
+        Op::CreateSnapshot,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Op::CreateVolume => "CreateVolume",
+            Op::CreateSnapshot => "CreateSnapshot",
             Op::Grant => "Grant",
             Op::Revoke => "Revoke",
             Op::DeleteVolume => "DeleteVolume",
@@ -257,6 +290,7 @@ impl Op {
     pub fn path(self) -> &'static str {
         match self {
             Op::CreateVolume => "/v1/CreateVolume",
+            Op::CreateSnapshot => "/v1/CreateSnapshot",
             Op::Grant => "/v1/Grant",
             Op::Revoke => "/v1/Revoke",
             Op::DeleteVolume => "/v1/DeleteVolume",
@@ -273,6 +307,7 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     CreateVolume(CreateVolume),
+    CreateSnapshot(CreateSnapshot),
     Grant(Grant),
     Revoke(Revoke),
     DeleteVolume(DeleteVolume),
@@ -305,7 +340,18 @@ impl Request {
             Op::CreateVolume => {
                 let r: CreateVolume = serde_json::from_slice(body)?;
                 check_size(r.size_bytes)?;
+                if r.volume_id.is_snapshot() || r.source.as_ref().is_some_and(|s| !s.is_snapshot())
+                {
+                    return Err(ProtoError::WrongIdKind);
+                }
                 Request::CreateVolume(r)
+            }
+            Op::CreateSnapshot => {
+                let r: CreateSnapshot = serde_json::from_slice(body)?;
+                if !r.snapshot_id.is_snapshot() || r.volume_id.is_snapshot() {
+                    return Err(ProtoError::WrongIdKind);
+                }
+                Request::CreateSnapshot(r)
             }
             Op::Grant => {
                 let r: Grant = serde_json::from_slice(body)?;
@@ -326,6 +372,7 @@ impl Request {
     pub fn op(&self) -> Op {
         match self {
             Request::CreateVolume(_) => Op::CreateVolume,
+            Request::CreateSnapshot(_) => Op::CreateSnapshot,
             Request::Grant(_) => Op::Grant,
             Request::Revoke(_) => Op::Revoke,
             Request::DeleteVolume(_) => Op::DeleteVolume,
@@ -337,6 +384,7 @@ impl Request {
     pub fn volume_id(&self) -> Option<&VolumeId> {
         match self {
             Request::CreateVolume(r) => Some(&r.volume_id),
+            Request::CreateSnapshot(r) => Some(&r.snapshot_id),
             Request::Grant(r) => Some(&r.volume_id),
             Request::Revoke(r) => Some(&r.volume_id),
             Request::DeleteVolume(r) => Some(&r.volume_id),
@@ -348,6 +396,7 @@ impl Request {
     pub fn to_body(&self) -> Vec<u8> {
         let v = match self {
             Request::CreateVolume(r) => serde_json::to_vec(r),
+            Request::CreateSnapshot(r) => serde_json::to_vec(r),
             Request::Grant(r) => serde_json::to_vec(r),
             Request::Revoke(r) => serde_json::to_vec(r),
             Request::DeleteVolume(r) => serde_json::to_vec(r),
@@ -439,6 +488,10 @@ pub enum ErrorCode {
     GenerationConflict,
     /// The volume is being deleted.
     Deleting,
+    /// CreateSnapshot of a volume some host holds (granted or connected).
+    VolumeInUse,
+    /// A Grant or Revoke of a snapshot: snapshots are never opened.
+    NotAttachable,
     /// The storage engine (qemu-storage-daemon, Ceph) failed.
     EngineFailure,
     /// The durable volume table could not be written.
@@ -459,6 +512,8 @@ impl ErrorCode {
             ErrorCode::StaleGeneration => "stale_generation",
             ErrorCode::GenerationConflict => "generation_conflict",
             ErrorCode::Deleting => "deleting",
+            ErrorCode::VolumeInUse => "volume_in_use",
+            ErrorCode::NotAttachable => "not_attachable",
             ErrorCode::EngineFailure => "engine_failure",
             ErrorCode::TableFailure => "table_failure",
             ErrorCode::AuditUnavailable => "audit_unavailable",
@@ -476,7 +531,9 @@ impl ErrorCode {
             ErrorCode::VolumeExists
             | ErrorCode::StaleGeneration
             | ErrorCode::GenerationConflict
-            | ErrorCode::Deleting => 409,
+            | ErrorCode::Deleting
+            | ErrorCode::VolumeInUse => 409,
+            ErrorCode::NotAttachable => 400,
             ErrorCode::EngineFailure | ErrorCode::TableFailure => 500,
             ErrorCode::AuditUnavailable => 503,
         }
@@ -560,6 +617,59 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_requests_name_the_right_kinds_of_id() {
+        let r = Request::parse(
+            "/v1/CreateSnapshot",
+            br#"{"snapshot_id":"snap-1","volume_id":"vol-1"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.volume_id().unwrap().as_str(), "snap-1");
+        assert_eq!(Request::parse(r.op().path(), &r.to_body()).unwrap(), r);
+        let r = Request::parse(
+            "/v1/CreateVolume",
+            br#"{"volume_id":"vol-2","size_bytes":4096,"source":"snap-1"}"#,
+        )
+        .unwrap();
+        assert_eq!(Request::parse(r.op().path(), &r.to_body()).unwrap(), r);
+        let cases: &[(&str, &[u8], ProtoError)] = &[
+            (
+                "/v1/CreateSnapshot",
+                br#"{"snapshot_id":"vol-3","volume_id":"vol-1"}"#,
+                ProtoError::WrongIdKind,
+            ),
+            (
+                "/v1/CreateSnapshot",
+                br#"{"snapshot_id":"snap-3","volume_id":"snap-1"}"#,
+                ProtoError::WrongIdKind,
+            ),
+            (
+                "/v1/CreateVolume",
+                br#"{"volume_id":"snap-2","size_bytes":4096}"#,
+                ProtoError::WrongIdKind,
+            ),
+            (
+                "/v1/CreateVolume",
+                br#"{"volume_id":"vol-2","size_bytes":4096,"source":"vol-1"}"#,
+                ProtoError::WrongIdKind,
+            ),
+            (
+                "/v1/CreateSnapshot",
+                br#"{"snapshot_id":"snap-A","volume_id":"vol-1"}"#,
+                ProtoError::BadVolumeId,
+            ),
+        ];
+        for (path, body, want) in cases {
+            assert_eq!(
+                Request::parse(path, body).as_ref().err(),
+                Some(want),
+                "{path}"
+            );
+        }
+        assert!(VolumeId::new("snap-1").unwrap().is_snapshot());
+        assert!(!VolumeId::new("vol-1").unwrap().is_snapshot());
+    }
+
+    #[test]
     fn requests_parse_strictly() {
         let r = Request::parse(
             "/v1/Grant",
@@ -633,7 +743,7 @@ mod tests {
             fuzz_request(&data);
             n += 1;
         }
-        assert_eq!(n, 5);
+        assert_eq!(n, 7);
     }
 
     #[test]

@@ -130,6 +130,7 @@ async fn handle(node: Arc<Node>, refusals: Arc<Refusals>, req: Request<Body>) ->
     };
     let result = match &req {
         ControlRequest::CreateVolume(r) => node.create(r).await.map(|v| json(&v)),
+        ControlRequest::CreateSnapshot(r) => node.snapshot(r).await.map(|v| json(&v)),
         ControlRequest::Grant(r) => node.grant(r).await.map(|v| json(&v)),
         ControlRequest::Revoke(r) => node.revoke(r).await.map(|v| json(&v)),
         ControlRequest::DeleteVolume(r) => node.delete(r).await.map(|v| json(&v)),

@@ -360,6 +360,122 @@ impl Engine {
         Ok(v.get("size").and_then(Value::as_u64))
     }
 
+    /// Copies `src`'s blocks to the new snapshot `snap` (same engine). File: a reflink where
+    /// the filesystem has one (XFS, btrfs), else a sparse copy of the allocated extents, fsync'd
+    /// with its directory. RBD: `rbd snap create SRC@SNAP` and a clone-format-2 `rbd clone` of it
+    /// as the image SNAP (copy-on-write; Ceph keeps the shared objects).
+    pub async fn snapshot_storage(
+        &self,
+        src: &VolumeRecord,
+        snap: &VolumeRecord,
+    ) -> Result<(), EngineError> {
+        self.check_location(src)?;
+        self.copy_storage(src, snap).await
+    }
+
+    /// Makes the new volume `rec` from the snapshot `snap`: the same cheap copy as
+    /// [`Engine::snapshot_storage`], grown to `rec.size_bytes`.
+    pub async fn clone_storage(
+        &self,
+        snap: &VolumeRecord,
+        rec: &VolumeRecord,
+    ) -> Result<(), EngineError> {
+        self.check_location(snap)?;
+        self.check_location(rec)?;
+        self.copy_storage(snap, rec).await?;
+        if rec.size_bytes > snap.size_bytes {
+            match &rec.location {
+                Location::File => {
+                    let path = self.cfg.volume_file(&rec.volume_id);
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(io_err(&path))?;
+                    f.set_len(rec.size_bytes).map_err(io_err(&path))?;
+                    f.sync_all().map_err(io_err(&path))?;
+                }
+                Location::Rbd { pool } => {
+                    let Some(c) = &self.cfg.ceph else {
+                        return Err(EngineError::Down);
+                    };
+                    run_tool(
+                        "rbd resize",
+                        &rec.volume_id,
+                        rbd_cmd(c)
+                            .arg("resize")
+                            .arg("--no-progress")
+                            .arg("--size")
+                            .arg(format!("{}B", rec.size_bytes))
+                            .arg(format!("{pool}/{}", rec.volume_id)),
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn copy_storage(
+        &self,
+        from: &VolumeRecord,
+        to: &VolumeRecord,
+    ) -> Result<(), EngineError> {
+        match &from.location {
+            Location::File => {
+                let src = self.cfg.volume_file(&from.volume_id);
+                let dst = self.cfg.volume_file(&to.volume_id);
+                let (s, d) = (src.clone(), dst.clone());
+                tokio::task::spawn_blocking(move || cheap_copy(&s, &d))
+                    .await
+                    .map_err(|_| EngineError::Io {
+                        path: dst.clone(),
+                        source: std::io::Error::other("copy task failed"),
+                    })??;
+                sync_dir(&self.cfg.data_dir)
+            }
+            Location::Rbd { pool } => {
+                let Some(c) = &self.cfg.ceph else {
+                    return Err(EngineError::Down);
+                };
+                if self.rbd_size(c, &to.volume_id).await?.is_some() {
+                    // A retry after the clone was made but not yet recorded.
+                    return Ok(());
+                }
+                let snap = format!("{pool}/{}@{}", from.volume_id, to.volume_id);
+                let exists = rbd_cmd(c)
+                    .arg("snap")
+                    .arg("ls")
+                    .arg(format!("{pool}/{}", from.volume_id))
+                    .stderr(Stdio::null())
+                    .output()
+                    .await
+                    .map_err(EngineError::Spawn)?;
+                let listed = String::from_utf8_lossy(&exists.stdout)
+                    .split_whitespace()
+                    .any(|w| w == to.volume_id.as_str());
+                if !listed {
+                    run_tool(
+                        "rbd snap create",
+                        &to.volume_id,
+                        rbd_cmd(c).arg("snap").arg("create").arg(&snap),
+                    )
+                    .await?;
+                }
+                run_tool(
+                    "rbd clone",
+                    &to.volume_id,
+                    rbd_cmd(c)
+                        .arg("clone")
+                        .arg("--rbd-default-clone-format")
+                        .arg("2")
+                        .arg(&snap)
+                        .arg(format!("{pool}/{}", to.volume_id)),
+                )
+                .await
+            }
+        }
+    }
+
     /// Discards and releases the volume's storage (file removed / RBD image removed). An
     /// already absent storage is not an error.
     pub async fn remove_storage(&self, rec: &VolumeRecord) -> Result<(), EngineError> {
@@ -379,15 +495,61 @@ impl Engine {
                 if self.rbd_size(c, &rec.volume_id).await?.is_none() {
                     return Ok(());
                 }
+                let spec = format!("{pool}/{}", rec.volume_id);
+                // The image's own snapshots (one per snapshot or volume made from it): those
+                // with clone-format-2 children go to Ceph's snapshot trash.
                 run_tool(
-                    "rbd rm",
+                    "rbd snap purge",
                     &rec.volume_id,
                     rbd_cmd(c)
-                        .arg("rm")
+                        .arg("snap")
+                        .arg("purge")
                         .arg("--no-progress")
-                        .arg(format!("{pool}/{}", rec.volume_id)),
+                        .arg(&spec),
                 )
-                .await
+                .await?;
+                let out = rbd_cmd(c)
+                    .arg("rm")
+                    .arg("--no-progress")
+                    .arg(&spec)
+                    .stderr(Stdio::null())
+                    .output()
+                    .await
+                    .map_err(EngineError::Spawn)?;
+                match out.status.code() {
+                    Some(0) => {}
+                    // ENOTEMPTY: clones (a snapshot, or volumes made from it) still share its
+                    // objects; it leaves the pool's namespace for the RBD trash, and a later
+                    // purge removes it once its last clone is gone.
+                    Some(39) => {
+                        run_tool(
+                            "rbd trash mv",
+                            &rec.volume_id,
+                            rbd_cmd(c).arg("trash").arg("mv").arg(&spec),
+                        )
+                        .await?;
+                        tracing::info!(volume = %rec.volume_id, "image with clones moved to the rbd trash");
+                        return Ok(());
+                    }
+                    status => {
+                        return Err(EngineError::Tool {
+                            tool: "rbd rm",
+                            volume: rec.volume_id.clone(),
+                            status,
+                        })
+                    }
+                }
+                // Parents this image was the last clone of can go now (best effort).
+                let purged = rbd_cmd(c)
+                    .arg("trash")
+                    .arg("purge")
+                    .arg("--no-progress")
+                    .arg(pool)
+                    .stderr(Stdio::null())
+                    .status()
+                    .await;
+                tracing::debug!(volume = %rec.volume_id, ?purged, "rbd trash purged");
+                Ok(())
             }
         }
     }
@@ -513,6 +675,63 @@ async fn run_tool(tool: &'static str, id: &VolumeId, cmd: &mut Command) -> Resul
     })
 }
 
+/// Copies `src` to a new `dst` cheaply: `FICLONE` (a reflink: no data copied) where the
+/// filesystem supports it, else only the allocated extents (`SEEK_DATA`/`SEEK_HOLE`), so a sparse
+/// volume stays sparse; then fsyncs `dst`.
+fn cheap_copy(src: &Path, dst: &Path) -> Result<(), EngineError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let s = std::fs::File::open(src).map_err(io_err(src))?;
+    let len = s.metadata().map_err(io_err(src))?.len();
+    let d = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)
+        .map_err(io_err(dst))?;
+    // SAFETY: both descriptors are open files owned by `s` and `d` for the whole call; FICLONE
+    // reads no memory of ours.
+    let cloned = unsafe { libc::ioctl(d.as_raw_fd(), libc::FICLONE, s.as_raw_fd()) } == 0;
+    if !cloned {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos: u64 = 0;
+        while pos < len {
+            let Ok(at) = libc::off_t::try_from(pos) else {
+                break;
+            };
+            // SAFETY: lseek on an open descriptor; no memory is passed.
+            let data = unsafe { libc::lseek(s.as_raw_fd(), at, libc::SEEK_DATA) };
+            let Ok(data) = u64::try_from(data) else {
+                break; // ENXIO: no data after `pos`
+            };
+            let Ok(at) = libc::off_t::try_from(data) else {
+                break;
+            };
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(s.as_raw_fd(), at, libc::SEEK_HOLE) };
+            let end = u64::try_from(hole).unwrap_or(len).min(len);
+            let mut off = data;
+            while off < end {
+                let want = usize::try_from(end - off)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                let chunk = buf.get_mut(..want).ok_or_else(|| EngineError::Io {
+                    path: src.to_path_buf(),
+                    source: std::io::Error::other("buffer"),
+                })?;
+                s.read_exact_at(chunk, off).map_err(io_err(src))?;
+                d.write_all_at(chunk, off).map_err(io_err(dst))?;
+                off += u64::try_from(want).unwrap_or(0);
+            }
+            pos = end.max(data.saturating_add(1));
+        }
+    }
+    d.set_len(len).map_err(io_err(dst))?;
+    d.sync_all().map_err(io_err(dst))?;
+    tracing::debug!(src = %src.display(), dst = %dst.display(), reflink = cloned, bytes = len, "volume copied");
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), EngineError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -523,6 +742,26 @@ fn sync_dir(dir: &Path) -> Result<(), EngineError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_cheap_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let f = std::fs::File::create(&a).unwrap();
+        f.set_len(64 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"first", 4096).unwrap();
+        f.write_all_at(&[7u8; 100_000], 40 << 20).unwrap();
+        f.sync_all().unwrap();
+        cheap_copy(&a, &b).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&b).unwrap().blocks();
+        assert!(
+            blocks * 512 < 8 << 20,
+            "the copy stays sparse: {blocks} blocks"
+        );
+    }
 
     #[test]
     fn reads_the_key_of_a_ceph_keyring() {

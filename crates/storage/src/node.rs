@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
 use bulkhead_storage_proto::{
-    CreateVolume, DeleteReply, DeleteVolume, ErrorCode, Grant, HostName, ListReply, Revoke,
-    VolumeId, VolumeReply,
+    CreateSnapshot, CreateVolume, DeleteReply, DeleteVolume, ErrorCode, Grant, HostName, ListReply,
+    Revoke, VolumeId, VolumeReply,
 };
 use tokio::process::Child;
 use tokio::sync::Mutex;
@@ -36,6 +36,12 @@ pub enum OpError {
     GenerationConflict(u64),
     #[error("volume {0} is being deleted")]
     Deleting(VolumeId),
+    #[error("volume {id} is granted or connected ({connections} connections): snapshots are taken of detached volumes")]
+    VolumeInUse { id: VolumeId, connections: u32 },
+    #[error("{0} is a snapshot: never granted or opened")]
+    NotAttachable(VolumeId),
+    #[error("a volume from snapshot {snapshot} must be at least its {have} bytes")]
+    SmallerThanSnapshot { snapshot: VolumeId, have: u64 },
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -50,6 +56,9 @@ impl OpError {
             OpError::StaleGeneration { .. } => ErrorCode::StaleGeneration,
             OpError::GenerationConflict(_) => ErrorCode::GenerationConflict,
             OpError::Deleting(_) => ErrorCode::Deleting,
+            OpError::VolumeInUse { .. } => ErrorCode::VolumeInUse,
+            OpError::NotAttachable(_) => ErrorCode::NotAttachable,
+            OpError::SmallerThanSnapshot { .. } => ErrorCode::BadRequest,
             OpError::Engine(_) => ErrorCode::EngineFailure,
             OpError::Table(_) => ErrorCode::TableFailure,
         }
@@ -213,7 +222,24 @@ impl Node {
             granted_to: None,
             deleting: false,
         };
-        st.engine.create_storage(&rec).await?;
+        match &r.source {
+            None => st.engine.create_storage(&rec).await?,
+            Some(snap) => {
+                let from = st
+                    .table
+                    .get(snap)
+                    .filter(|s| !s.deleting)
+                    .cloned()
+                    .ok_or_else(|| OpError::UnknownVolume(snap.clone()))?;
+                if rec.size_bytes < from.size_bytes {
+                    return Err(OpError::SmallerThanSnapshot {
+                        snapshot: snap.clone(),
+                        have: from.size_bytes,
+                    });
+                }
+                st.engine.clone_storage(&from, &rec).await?;
+            }
+        }
         // A create retried after a failed table write finds its export already there.
         st.engine.remove_export(&rec.volume_id).await?;
         st.engine.add_export(&rec).await?;
@@ -224,6 +250,56 @@ impl Node {
         tracing::info!(volume = %rec.volume_id, size = rec.size_bytes, engine = rec.location.engine().name(), "volume created");
         Ok(VolumeReply {
             volume: rec.view(0),
+            cut_connections: 0,
+        })
+    }
+
+    /// Takes a snapshot of a volume no host holds: not granted, no live connection (so nothing
+    /// is in flight and every acknowledged write is in the engine's storage), under the node's
+    /// lock (no Grant can come between the check and the copy). File engine: a reflink, or a
+    /// sparse copy of the allocated extents, fsync'd; RBD: `snap create` + `clone`. The snapshot
+    /// is recorded but never exported.
+    pub async fn snapshot(&self, r: &CreateSnapshot) -> Result<VolumeReply, OpError> {
+        let mut st = self.state.lock().await;
+        if let Some(rec) = st.table.get(&r.snapshot_id) {
+            if rec.deleting {
+                return Err(OpError::Deleting(r.snapshot_id.clone()));
+            }
+            return Ok(VolumeReply {
+                volume: rec.view(0),
+                cut_connections: 0,
+            });
+        }
+        let src = st
+            .table
+            .get(&r.volume_id)
+            .filter(|v| !v.deleting)
+            .cloned()
+            .ok_or_else(|| OpError::UnknownVolume(r.volume_id.clone()))?;
+        let connections = self.conns.count(&r.volume_id);
+        if src.granted_to.is_some() || connections > 0 {
+            return Err(OpError::VolumeInUse {
+                id: r.volume_id.clone(),
+                connections,
+            });
+        }
+        let snap = VolumeRecord {
+            volume_id: r.snapshot_id.clone(),
+            size_bytes: src.size_bytes,
+            location: src.location.clone(),
+            generation: 0,
+            granted_to: None,
+            deleting: false,
+        };
+        let started = std::time::Instant::now();
+        st.engine.snapshot_storage(&src, &snap).await?;
+        let mut next = st.table.clone();
+        next.insert(snap.clone());
+        self.save(&next)?;
+        st.table = next;
+        tracing::info!(volume = %r.volume_id, snapshot = %r.snapshot_id, ms = started.elapsed().as_millis(), "snapshot taken");
+        Ok(VolumeReply {
+            volume: snap.view(0),
             cut_connections: 0,
         })
     }
@@ -252,6 +328,9 @@ impl Node {
     }
 
     pub async fn grant(&self, r: &Grant) -> Result<VolumeReply, OpError> {
+        if r.volume_id.is_snapshot() {
+            return Err(OpError::NotAttachable(r.volume_id.clone()));
+        }
         let mut st = self.state.lock().await;
         let rec = fenceable(&st, &r.volume_id, r.generation)?;
         if r.generation == rec.generation {
@@ -284,6 +363,9 @@ impl Node {
     }
 
     pub async fn revoke(&self, r: &Revoke) -> Result<VolumeReply, OpError> {
+        if r.volume_id.is_snapshot() {
+            return Err(OpError::NotAttachable(r.volume_id.clone()));
+        }
         let mut st = self.state.lock().await;
         let rec = fenceable(&st, &r.volume_id, r.generation)?;
         let mut new = rec.clone();
@@ -393,7 +475,10 @@ impl Node {
 /// unreadable) is logged and left without an export — its opens fail — so that one broken
 /// volume does not take the others down; an engine that stops answering is an error.
 async fn add_all_exports(engine: &mut Engine, table: &Table) -> Result<(), StartError> {
-    for rec in table.volumes().filter(|v| !v.deleting) {
+    for rec in table
+        .volumes()
+        .filter(|v| !v.deleting && !v.volume_id.is_snapshot())
+    {
         match engine.add_export(rec).await {
             Ok(()) => {}
             Err(e @ EngineError::Qmp(QmpError::Command { .. })) => {

@@ -51,6 +51,7 @@ fn granted_host_writes_and_reads_and_the_file_holds_exactly_that() {
         &Request::CreateVolume(CreateVolume {
             volume_id: vid("vol-1"),
             size_bytes: 8 * MIB,
+            source: None,
         }),
     );
     assert!(matches!(
@@ -288,6 +289,7 @@ fn the_control_api_serves_only_the_control_plane() {
             &Request::CreateVolume(CreateVolume {
                 volume_id: vid("vol-4"),
                 size_bytes: MIB,
+                source: None,
             }),
         );
         assert_eq!(status, 403, "{who}: {}", String::from_utf8_lossy(&body));
@@ -693,4 +695,98 @@ mod raw {
         let (h, _) = reply(&mut s);
         assert_eq!((h.option, h.reply), (OPT_ABORT, ReplyType::Ack));
     }
+}
+
+/// Snapshots on the file engine: refused while a host holds the volume; taken once it is
+/// detached (a sparse copy or reflink, never exported, never grantable); a bigger volume made
+/// from it holds the snapshot's bytes and is served to its host; deleting the original leaves
+/// snapshot and clone intact.
+#[test]
+fn snapshots_are_copies_of_detached_volumes_and_volumes_are_made_from_them() {
+    use bulkhead_storage_proto::CreateSnapshot;
+    let Some((pki, state)) = setup() else { return };
+    let node = StorageNode::start(&pki, state.path(), NodeOpts::default());
+    let cp = pki.control_client("control");
+    let refused = |req: &Request| -> ErrorCode {
+        let (status, body) = call(&node, &cp, req);
+        match parse_answer::<VolumeReply>(status, &body).unwrap() {
+            Answer::Refused { error, .. } => error.code,
+            Answer::Ok(v) => panic!("{:?} answered {v:?}", req.op()),
+        }
+    };
+    create(&node, &cp, "vol-1", 16 * MIB);
+    grant(&node, &cp, "vol-1", "host-1", 1);
+    let creds = pki.qemu_creds(&pki.ca, "host-1");
+    let (wrote, out) = qemu_io(
+        &node,
+        &creds,
+        "vol-1",
+        &["write -P 0xa5 0 64k", "write -P 0x3c 8M 4k", "flush"],
+    );
+    assert!(wrote, "{out}");
+    let snap = |s: &str, v: &str| {
+        Request::CreateSnapshot(CreateSnapshot {
+            snapshot_id: vid(s),
+            volume_id: vid(v),
+        })
+    };
+    // Granted: no consistent point without the host; refused, typed.
+    assert_eq!(refused(&snap("snap-1", "vol-1")), ErrorCode::VolumeInUse);
+    assert_eq!(refused(&snap("snap-1", "vol-9")), ErrorCode::UnknownVolume);
+    revoke(&node, &cp, "vol-1", 2);
+    let t = std::time::Instant::now();
+    let s: VolumeReply = ok(&node, &cp, &snap("snap-1", "vol-1"));
+    eprintln!("snapshot of a 16 MiB volume: {:?}", t.elapsed());
+    assert_eq!(s.volume.size_bytes, 16 * MIB);
+    // Idempotent.
+    let again: VolumeReply = ok(&node, &cp, &snap("snap-1", "vol-1"));
+    assert_eq!(again.volume, s.volume);
+    let sfile = node.volume_file("snap-1");
+    assert_eq!(read_file_at(&sfile, 0, 65536), vec![0xa5; 65536]);
+    assert_eq!(read_file_at(&sfile, 8 * MIB, 4096), vec![0x3c; 4096]);
+    // A snapshot is never granted, and never served.
+    let g = Request::Grant(Grant {
+        volume_id: vid("snap-1"),
+        host: host("host-1"),
+        generation: 5,
+    });
+    assert_eq!(refused(&g), ErrorCode::NotAttachable);
+    let (ok_open, out) = qemu_io(&node, &creds, "snap-1", &["read 0 4k"]);
+    assert!(!ok_open, "a snapshot opened: {out}");
+    // The original changes afterwards; the snapshot does not.
+    grant(&node, &cp, "vol-1", "host-1", 3);
+    let (okw, out) = qemu_io(&node, &creds, "vol-1", &["write -P 0x11 0 64k", "flush"]);
+    assert!(okw, "{out}");
+    assert_eq!(read_file_at(&sfile, 0, 4096), vec![0xa5; 4096]);
+
+    // A volume from the snapshot: smaller refused, larger holds the snapshot's bytes.
+    let from = |size: u64| {
+        Request::CreateVolume(CreateVolume {
+            volume_id: vid("vol-2"),
+            size_bytes: size,
+            source: Some(vid("snap-1")),
+        })
+    };
+    assert_eq!(refused(&from(8 * MIB)), ErrorCode::BadRequest);
+    let v: VolumeReply = ok(&node, &cp, &from(32 * MIB));
+    assert_eq!(v.volume.size_bytes, 32 * MIB);
+    // The original deleted: snapshot and clone keep their blocks.
+    delete(&node, &cp, "vol-1");
+    grant(&node, &cp, "vol-2", "host-1", 1);
+    let (ok2, out) = qemu_io(
+        &node,
+        &creds,
+        "vol-2",
+        &[
+            "read -P 0xa5 0 64k",
+            "read -P 0x3c 8M 4k",
+            "read -P 0 30M 4k",
+        ],
+    );
+    assert!(ok2, "{out}");
+    delete(&node, &cp, "vol-2");
+    delete(&node, &cp, "snap-1");
+    assert!(!sfile.exists());
+    assert!(list(&node, &cp).volumes.is_empty());
+    node.wait_audit(&["\"op\":\"CreateSnapshot\"", "volume:snap-1"]);
 }

@@ -294,6 +294,7 @@ pub fn create(node: &StorageNode, c: &HttpsClient, id: &str, size: u64) -> Volum
         &Request::CreateVolume(CreateVolume {
             volume_id: vid(id),
             size_bytes: size,
+            source: None,
         }),
     )
 }
