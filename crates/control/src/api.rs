@@ -1,5 +1,5 @@
 //! The customer API, version 1: `POST /v1/<Action>` with a strict JSON body (unknown fields
-//! refused), signed by the customer (see `bulkhead_kms::sigv`). [`ACTIONS`] *is* the route
+//! refused), signed by the customer (see `bulkhead_ec2_query::bh1`). [`ACTIONS`] *is* the route
 //! table; [`ControlRequest::parse`] is the one parser between bytes and the service.
 //!
 //! The request bodies live by resource ([`compute`]: instances, volumes, keys; [`network`]:

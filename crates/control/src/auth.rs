@@ -1,7 +1,8 @@
 //! Who is calling: a customer's signed request checked (date window, signature used once,
 //! secret unwrapped with the control plane's root key) and turned into a [`Caller`].
 
-use bulkhead_kms::sigv::{self, Authorization, ForwardedRequest, SignedParts};
+use bulkhead_ec2_query::bh1::{self as sigv, Authorization, SignedParts};
+use bulkhead_kms_proto::ForwardedRequest;
 
 use crate::service::{now, secret_aad, Caller, ControlPlane, RawRequest, REQUEST_WINDOW_SECS};
 use crate::ControlError;
@@ -17,7 +18,7 @@ impl ControlPlane {
             .repo
             .customer(&auth.access_key_id)?
             .ok_or(ControlError::Auth(sigv::SigError::UnknownAccessKey))?;
-        let secret = bulkhead_kms::crypto::unwrap::<32>(
+        let secret = bulkhead_sealing::wrap::unwrap::<32>(
             &self.root,
             &secret_aad(&cust.access_key_id),
             &cust.wrapped_secret,

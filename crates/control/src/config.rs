@@ -29,7 +29,7 @@ pub struct Config {
     /// only; see [`crate::operator`]). Unset: not served.
     #[serde(default)]
     pub operator_listen: Option<String>,
-    /// Attestation policy (the KMS's format, `bulkhead_kms::attest`): when set, instances are
+    /// Attestation policy (the KMS's format, `bulkhead_rot::policy`): when set, instances are
     /// placed only on hosts whose fresh TPM quote verifies against it.
     #[serde(default)]
     pub attest_config: Option<PathBuf>,

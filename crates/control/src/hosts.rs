@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bulkhead_controller_proto::{ControllerCall, ErrorBody, WireResponse};
-use bulkhead_kms::tls::{HttpResponse, HttpsClient};
+use bulkhead_mtls::{HttpResponse, HttpsClient};
 use bulkhead_tokens::pki::ServerIdentity;
 use bulkhead_tokens::{Identity, MintRequest, ResourcePattern, TokenService};
 

@@ -1,7 +1,7 @@
 //! `bulkhead-control`: the control plane (the EC2/EBS control plane's role in the Nitro design).
 //!
 //! * [`api`]: the versioned customer API and its one parser; requests are signed by the customer
-//!   (`bulkhead_kms::sigv`, SigV4-style) and replays are refused.
+//!   (`bulkhead_ec2_query::bh1`, SigV4-style) and replays are refused.
 //! * [`repo`]: state behind the [`repo::Repository`] trait (SQLite by default); every customer
 //!   query is scoped to the caller's tenant.
 //! * [`service`]: the operations, the scheduler (whole cores, dedicated hosts) and the attach flow
@@ -40,7 +40,7 @@ mod volumes;
 mod vpcs;
 pub mod workflow;
 
-use bulkhead_kms::sigv::SigError;
+use bulkhead_ec2_query::bh1::SigError;
 
 /// Every refusal and failure the customer API returns. Codes are stable.
 #[derive(Debug, thiserror::Error)]

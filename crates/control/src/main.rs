@@ -16,8 +16,10 @@ use bulkhead_control::hosts::{HostClient, TokenSource};
 use bulkhead_control::repo::{CustomerRow, HostRow, Repository, SqliteRepo};
 use bulkhead_control::server;
 use bulkhead_control::service::{secret_aad, ControlPlane};
-use bulkhead_kms::{crypto, sigv, tls};
+use bulkhead_ec2_query::bh1 as sigv;
 use bulkhead_kms_proto::{KmsCall, RegisterCustomerRequest};
+use bulkhead_mtls as tls;
+use bulkhead_sealing::wrap as crypto;
 use bulkhead_tokens::pki::{CaDir, ServerIdentity};
 use bulkhead_tokens::statedir::StateDir;
 use bulkhead_tokens::Role;
@@ -84,7 +86,7 @@ enum CliError {
     #[error("sealed host {0}: {1}")]
     Sealed(String, Box<bulkhead_control::sealed::SealedConfigError>),
     #[error("attestation policy: {0}")]
-    Attest(#[from] bulkhead_kms::attest::AttestConfigError),
+    Attest(#[from] bulkhead_rot::policy::AttestConfigError),
     #[error("state: {0}")]
     State(#[from] bulkhead_tokens::statedir::StateError),
     #[error("pki: {0}")]
@@ -92,7 +94,7 @@ enum CliError {
     #[error("tls: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("crypto: {0}")]
-    Crypto(#[from] crypto::CryptoError),
+    Crypto(#[from] crypto::WrapError),
     #[error("store: {0}")]
     Repo(#[from] bulkhead_control::repo::RepoError),
     #[error("audit: {0}")]
@@ -232,7 +234,7 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
         cp = cp.with_sealed_hosts(sealed);
     }
     if let Some(p) = &cfg.attest_config {
-        cp = cp.with_attestation(bulkhead_kms::attest::load_verifier(p)?);
+        cp = cp.with_attestation(bulkhead_rot::policy::load_verifier(p)?);
         tracing::info!(policy = %p.display(), "instances are placed only on attested hosts");
     }
     let cp = Arc::new(cp);
@@ -270,7 +272,7 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
             let app = bulkhead_control::operator::router(Arc::clone(&cp));
             let op_refusals = Arc::clone(&refusals);
             tokio::spawn(async move {
-                if let Err(e) = tls::serve(l, tls_op, app, op_refusals).await {
+                if let Err(e) = tls::serve(l, tls_op, app, tls::Limits::default(), op_refusals).await {
                     tracing::error!(error = %e, "operator API stopped");
                 }
             });
@@ -304,14 +306,14 @@ fn serve(config: &Path, dev: bool) -> Result<(), CliError> {
         tracing::info!("EC2 Query API: aws ec2 ... --endpoint-url https://{local} with AWS_CA_BUNDLE={ca_bundle} AWS_DEFAULT_REGION={region} AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY = access_key_id/secret of a create-customer credentials file");
         tracing::info!(listen = %local, "control plane ready");
         let app = server::router(cp, Arc::clone(&refusals));
-        tls::serve(listener, tls_cfg, app, refusals).await.map_err(|e| CliError::Io(local.to_string(), e))
+        tls::serve(listener, tls_cfg, app, tls::Limits::default(), refusals).await.map_err(|e| CliError::Io(local.to_string(), e))
     })
 }
 
 fn create_customer(config: &Path, tenant: &str, out: &Path, quiet: bool) -> Result<(), CliError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    if !bulkhead_kms::valid_id(tenant) {
+    if !bulkhead_tokens::ops::valid_resource_id(tenant) {
         return Err(CliError::BadArgument("tenant: 1-64 of A-Za-z0-9-_."));
     }
     let cfg = Config::load(config)?;
@@ -390,7 +392,7 @@ fn call(
         host: endpoint.to_string(),
         date: sigv::format_date(bulkhead_control::service::now()),
         body: body.clone(),
-        nonce: sigv::new_nonce(),
+        nonce: bulkhead_sealing::random_nonce(),
     };
     let auth = sigv::sign(akid, &secret, &parts);
     let c = tls::HttpsClient::pinned(ca, None, ServerIdentity::control_plane())?;

@@ -143,7 +143,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
                  SignedHeaders=host;x-bh-date;x-bh-nonce, Signature=<hex HMAC-SHA256>` over the \
                  canonical request (method, path, query, host, x-bh-date, x-bh-nonce, SHA-256 of \
                  the body) with a per-day derived key; x-bh-date must be within 5 minutes and \
-                 each signature is accepted once (see bulkhead_kms::sigv)",
+                 each signature is accepted once (see bulkhead_ec2_query::bh1)",
             ))),
         )
         .build();

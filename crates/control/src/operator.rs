@@ -23,7 +23,7 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bulkhead_audit::EntryKind;
-use bulkhead_kms::tls::Peer;
+use bulkhead_mtls::Peer;
 use bulkhead_tokens::Role;
 use serde_json::{json, Value};
 
@@ -291,7 +291,7 @@ async fn handle(cp: Arc<ControlPlane>, req: Request<Body>) -> Response {
     }
 }
 
-/// The operator API (serve behind `bulkhead_kms::tls::serve` with client certificates required).
+/// The operator API (serve behind `bulkhead_mtls::serve` with client certificates required).
 pub fn router(cp: Arc<ControlPlane>) -> axum::Router {
     axum::Router::new().fallback(move |req: Request<Body>| {
         let cp = Arc::clone(&cp);

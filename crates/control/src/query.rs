@@ -13,8 +13,8 @@
 use bulkhead_audit::EntryKind;
 use bulkhead_ec2_query::sigv4::Authorization;
 use bulkhead_ec2_query::{error_xml, Ec2ErrorCode, Ec2Request, HttpRequestParts, Verifier};
-use bulkhead_kms::forward::sigv4_secret;
-use bulkhead_kms::sigv::SigError;
+
+use bulkhead_ec2_query::bh1::SigError;
 use bulkhead_kms_proto::SigV4Forwarded;
 
 use crate::net_store::NetRefusal;
@@ -60,7 +60,7 @@ impl ControlPlane {
         };
         let secret = match &customer {
             Some(c) => Some(
-                bulkhead_kms::crypto::unwrap::<32>(
+                bulkhead_sealing::wrap::unwrap::<32>(
                     &self.root,
                     &secret_aad(&c.access_key_id),
                     &c.wrapped_secret,
@@ -70,7 +70,9 @@ impl ControlPlane {
             None => None,
         };
         let lookup = |akid: &str| match (&customer, &secret) {
-            (Some(c), Some(s)) if c.access_key_id == akid => Some(sigv4_secret(s.as_ref())),
+            (Some(c), Some(s)) if c.access_key_id == akid => {
+                Some(bulkhead_ec2_query::SecretKey::from_raw_secret(s.as_ref()))
+            }
             _ => None,
         };
         let t = now();

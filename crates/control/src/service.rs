@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bulkhead_audit::AuditLog;
-use bulkhead_kms::crypto::Key32;
-use bulkhead_kms::tls::HttpsClient;
 use bulkhead_kms_proto::CustomerRequest;
+use bulkhead_mtls::HttpsClient;
 use bulkhead_rot::attest::Verifier;
+use bulkhead_sealing::wrap::Key32;
 use serde_json::{json, Value};
 
 use crate::hosts::HostClient;

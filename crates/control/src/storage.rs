@@ -8,7 +8,7 @@
 //! cuts any other host's connections at once: fencing), DetachVolume revokes it after the card
 //! stopped, DeleteVolume releases the storage after the KMS destroyed the data key.
 
-use bulkhead_kms::tls::HttpsClient;
+use bulkhead_mtls::HttpsClient;
 use bulkhead_storage_proto::{
     self as proto, Answer, CreateVolume, DeleteReply, DeleteVolume, Grant, HostName, Request,
     Revoke, VolumeId, VolumeReply,

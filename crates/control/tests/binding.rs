@@ -16,7 +16,7 @@ use std::path::Path;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_devcluster::cluster::{self, Cluster, StartOptions};
-use bulkhead_kms::tls::{client_config, HttpsClient};
+use bulkhead_mtls::{client_config, HttpsClient};
 use common::{backend_args, bins, code, customer};
 use serde_json::{json, Value};
 

@@ -10,8 +10,8 @@ use std::process::Command;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_devcluster::cluster::{self, Cluster, StartOptions};
-use bulkhead_kms::sigv;
-use bulkhead_kms::tls::{client_config, HttpsClient};
+use bulkhead_ec2_query::bh1 as sigv;
+use bulkhead_mtls::{client_config, HttpsClient};
 use serde_json::{json, Value};
 
 mod common;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use bulkhead_control::hosts::{HostClient, TokenSource};
-use bulkhead_kms::tls::{client_config, HttpsClient};
+use bulkhead_mtls::{client_config, HttpsClient};
 use bulkhead_tokens::pki::{CaDir, ServerIdentity};
 use bulkhead_tokens::token::keypair_from_text;
 use bulkhead_tokens::{Policy, Role, TokenService};

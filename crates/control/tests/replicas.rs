@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bulkhead_audit::{AuditRecord, Decision, EntryKind};
 use bulkhead_devcluster::cluster::{self, Cluster, ReplicaOptions, StartOptions};
-use bulkhead_kms::tls::{client_config, HttpsClient};
+use bulkhead_mtls::{client_config, HttpsClient};
 use common::*;
 use postgres::{Client, NoTls};
 use serde_json::{json, Value};

@@ -500,7 +500,7 @@ pub fn provision_attested(dir: &Path, bins: &Path, hosts: usize) -> Result<(), C
         }
         enrollments.push(enrol);
     }
-    let policy = bulkhead_kms::attest::AttestConfig {
+    let policy = bulkhead_rot::policy::AttestConfig {
         environment: DEV_ENVIRONMENT.into(),
         pcr: MeasurePcr::DEV.index(),
         trust_root: trust_path,

@@ -9,7 +9,8 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_devcluster::cluster;
-use bulkhead_kms::{sigv, tls};
+use bulkhead_ec2_query::bh1 as sigv;
+use bulkhead_mtls as tls;
 use bulkhead_tokens::pki::ServerIdentity;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
@@ -369,7 +370,7 @@ impl Signer {
             host: self.endpoint.clone(),
             date: sigv::format_date(bulkhead_control::service::now()),
             body: body.clone(),
-            nonce: sigv::new_nonce(),
+            nonce: bulkhead_sealing::random_nonce(),
         };
         let auth = sigv::sign(&self.akid, &self.secret, &parts);
         let r = self

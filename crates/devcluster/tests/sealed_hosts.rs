@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_devcluster::sealed;
-use bulkhead_kms::tls::HttpsClient;
+use bulkhead_mtls::HttpsClient;
 use bulkhead_tokens::pki::ServerIdentity;
 use serde_json::Value;
 

@@ -2,6 +2,8 @@
 //! checked types out, no I/O.
 //!
 //! - [`sigv4`]: AWS Signature Version 4 verification ([`Verifier::verify`]).
+//! - [`bh1`]: `BH1-HMAC-SHA256`, the same scheme's form for Bulkhead's JSON API (sign and
+//!   verify), sharing [`sigv4`]'s HMAC, date parser and calendar.
 //! - [`xml`]: the XML answers and error documents ([`Ec2Response::to_xml`], [`xml::error_xml`]).
 //! - [`form`]: the form-encoded Query body into a typed [`Ec2Request`] ([`Ec2Request::parse`]).
 //! - [`doc`]: what the parser accepts and the writer emits, as data ([`doc::ACTIONS`]), from which
@@ -9,6 +11,7 @@
 //!
 //! Every refusal is a typed error with the [`Ec2ErrorCode`] a real SDK understands.
 
+pub mod bh1;
 pub mod code;
 pub mod doc;
 pub mod form;

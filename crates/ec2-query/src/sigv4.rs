@@ -184,6 +184,17 @@ impl SecretKey {
     pub fn new(secret: impl Into<Vec<u8>>) -> Self {
         Self(Zeroizing::new(secret.into()))
     }
+
+    /// A Bulkhead customer's SigV4 secret access key: the base64 text of its raw (32-byte)
+    /// secret, what the credentials file and `AWS_SECRET_ACCESS_KEY` carry.
+    pub fn from_raw_secret(raw: &[u8]) -> Self {
+        use base64::Engine as _;
+        Self::new(
+            base64::engine::general_purpose::STANDARD
+                .encode(raw)
+                .into_bytes(),
+        )
+    }
 }
 
 impl std::fmt::Debug for SecretKey {
@@ -302,6 +313,19 @@ pub(crate) fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (H. Hinnant's algorithm).
+pub(crate) fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// The parsed `Authorization` header.
@@ -609,7 +633,7 @@ pub fn string_to_sign(date: &AmzDate, auth: &Authorization, canonical: &str) -> 
     )
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> Zeroizing<[u8; 32]> {
+pub(crate) fn hmac(key: &[u8], data: &[u8]) -> Zeroizing<[u8; 32]> {
     // HMAC accepts keys of any length; the fallback is unreachable but keeps this panic-free.
     let mut out = Zeroizing::new([0u8; 32]);
     if let Ok(mut mac) = HmacSha256::new_from_slice(key) {

@@ -18,22 +18,9 @@ pub use sealed::SealedBlob;
 
 // ---- the customer's signed request, forwarded --------------------------------------------
 
-/// The parts of an HTTP request that are signed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SignedParts {
-    pub method: String,
-    pub path: String,
-    pub query: String,
-    pub host: String,
-    /// `YYYYMMDDTHHMMSSZ`.
-    pub date: String,
-    /// The request body, exactly as sent (UTF-8 JSON).
-    pub body: String,
-    /// `x-bh-nonce`: 16-64 of `A-Za-z0-9`, fresh per request, so that two identical calls in the
-    /// same second have different signatures and a replay is recognisable.
-    pub nonce: String,
-}
+/// The parts of an HTTP request that are signed (BH1's, defined once with its signer and
+/// verifier).
+pub use bulkhead_ec2_query::bh1::SignedParts;
 
 /// A customer's signed request, as forwarded by the control plane to the KMS.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

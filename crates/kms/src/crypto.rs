@@ -13,8 +13,9 @@
 //! * Plaintext CMKs and data keys live only in [`LockedSecret`] pages and in the AES key schedule
 //!   for the duration of one call.
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
-use bulkhead_sealing::{fill_random, LockedSecret, VolumeKey, VOLUME_KEY_LEN};
+use aws_lc_rs::aead::NONCE_LEN;
+use bulkhead_sealing::wrap::{self as sw, WrapError};
+use bulkhead_sealing::{LockedSecret, VolumeKey, VOLUME_KEY_LEN};
 use std::path::Path;
 use zeroize::Zeroizing;
 
@@ -50,100 +51,44 @@ pub enum CryptoError {
     Destroyed,
 }
 
+impl From<WrapError> for CryptoError {
+    fn from(e: WrapError) -> Self {
+        match e {
+            WrapError::RootKeyIo(e) => CryptoError::RootKeyIo(e),
+            WrapError::RootKeyFormat => CryptoError::RootKeyFormat,
+            WrapError::Locked(e) => CryptoError::Locked(e),
+            WrapError::Random(e) => CryptoError::Random(e),
+            WrapError::Unwrap => CryptoError::Unwrap,
+            WrapError::Wrap => CryptoError::Wrap,
+        }
+    }
+}
+
 /// A 32-byte AES-256 key in locked memory.
-pub type Key32 = LockedSecret<32>;
+pub use bulkhead_sealing::wrap::Key32;
 
-fn aead(key: &Key32) -> Result<LessSafeKey, CryptoError> {
-    let k = UnboundKey::new(&AES_256_GCM, key.as_ref()).map_err(|_| CryptoError::Wrap)?;
-    Ok(LessSafeKey::new(k))
-}
-
-/// `nonce || ciphertext || tag` of `plain` under `key`, bound to `aad`.
+/// `nonce || ciphertext || tag` of `plain` under `key`, bound to `aad` ([`sw::wrap`]).
 pub fn wrap(key: &Key32, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let mut nonce = [0u8; NONCE_LEN];
-    fill_random(&mut nonce)?;
-    let mut out = Vec::with_capacity(NONCE_LEN + plain.len() + TAG_LEN);
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(plain);
-    let body = out.get_mut(NONCE_LEN..).ok_or(CryptoError::Wrap)?;
-    let tag = aead(key)?
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
-        .map_err(|_| CryptoError::Wrap)?;
-    out.extend_from_slice(tag.as_ref());
-    Ok(out)
+    Ok(sw::wrap(key, aad, plain)?)
 }
 
-/// Opens a [`wrap`]ped value of exactly `N` bytes into a locked page.
+/// Opens a [`wrap`]ped value of exactly `N` bytes into a locked page ([`sw::unwrap`]).
 pub fn unwrap<const N: usize>(
     key: &Key32,
     aad: &[u8],
     wrapped: &[u8],
 ) -> Result<LockedSecret<N>, CryptoError> {
-    if wrapped.len() != NONCE_LEN + N + TAG_LEN {
-        return Err(CryptoError::Unwrap);
-    }
-    let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(wrapped.get(..NONCE_LEN).ok_or(CryptoError::Unwrap)?);
-    let mut buf = Zeroizing::new(
-        wrapped
-            .get(NONCE_LEN..)
-            .ok_or(CryptoError::Unwrap)?
-            .to_vec(),
-    );
-    let plain = aead(key)?
-        .open_in_place(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            buf.as_mut_slice(),
-        )
-        .map_err(|_| CryptoError::Unwrap)?;
-    let mut out = LockedSecret::<N>::new()?;
-    if plain.len() != N {
-        return Err(CryptoError::Unwrap);
-    }
-    out.as_mut().copy_from_slice(plain);
-    Ok(out)
+    Ok(sw::unwrap(key, aad, wrapped)?)
 }
 
 /// Fresh random secret in a locked page.
 pub fn random_secret<const N: usize>() -> Result<LockedSecret<N>, CryptoError> {
-    let mut s = LockedSecret::<N>::new()?;
-    fill_random(s.as_mut())?;
-    Ok(s)
+    Ok(sw::random_secret()?)
 }
 
-/// Reads (or, if `create`, creates) the root key file.
+/// Reads (or, if `create`, creates) the root key file ([`sw::load_root_key`]).
 pub fn load_root_key(path: &Path, create: bool) -> Result<Key32, CryptoError> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    if create && !path.exists() {
-        let key = random_secret::<32>()?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(CryptoError::RootKeyIo)?;
-        f.write_all(key.as_ref()).map_err(CryptoError::RootKeyIo)?;
-        f.sync_all().map_err(CryptoError::RootKeyIo)?;
-        return Ok(key);
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_o_nofollow())
-        .open(path)
-        .map_err(CryptoError::RootKeyIo)?;
-    let meta = f.metadata().map_err(CryptoError::RootKeyIo)?;
-    if !meta.is_file() || meta.len() != 32 || meta.mode() & 0o077 != 0 {
-        return Err(CryptoError::RootKeyFormat);
-    }
-    let mut key = LockedSecret::<32>::new()?;
-    f.read_exact(key.as_mut()).map_err(CryptoError::RootKeyIo)?;
-    Ok(key)
-}
-
-fn libc_o_nofollow() -> i32 {
-    0o400_000 // O_NOFOLLOW on Linux
+    Ok(sw::load_root_key(path, create)?)
 }
 
 /// The data-key ciphertext the control plane stores for a volume:
@@ -326,17 +271,5 @@ mod tests {
             .open("key-1", &cmk, &dk_aad("key-1", "vol-1"), &b.wrapped)
             .unwrap();
         assert_ne!(half.as_ref(), good.as_ref());
-    }
-
-    #[test]
-    fn root_key_file_permissions() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("root.key");
-        let k = load_root_key(&p, true).unwrap();
-        let k2 = load_root_key(&p, false).unwrap();
-        assert_eq!(k.as_ref(), k2.as_ref());
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load_root_key(&p, false).is_err());
     }
 }

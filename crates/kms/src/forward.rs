@@ -5,8 +5,6 @@
 //! headers, body) and verified here again with `bulkhead_ec2_query::sigv4` and the KMS's own
 //! copy of the customer's secret. The control plane alone cannot make either verify.
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use bulkhead_ec2_query::sigv4::{Authorization as V4Authorization, SigV4Error};
 use bulkhead_ec2_query::{Ec2Request, HttpRequestParts, SecretKey, Verifier};
 use serde_json::{json, Value};
@@ -35,12 +33,6 @@ pub struct VerifiedForward {
     pub access_key_id: String,
     pub signature: [u8; 32],
     pub body: Value,
-}
-
-/// The SigV4 secret access key of a customer: the base64 text of its 32-byte secret (what the
-/// credentials file and `AWS_SECRET_ACCESS_KEY` carry).
-pub fn sigv4_secret(raw: &[u8]) -> SecretKey {
-    SecretKey::new(B64.encode(raw).into_bytes())
 }
 
 /// The access key id a forwarded SigV4 request names (before anything is verified).
@@ -149,7 +141,13 @@ mod tests {
             body: "Action=AttachVolume&Version=2016-11-15".into(),
         };
         assert!(matches!(
-            verify(&f, sigv4_secret(b"k"), 0, 300, &["AttachVolume"]),
+            verify(
+                &f,
+                SecretKey::from_raw_secret(b"k"),
+                0,
+                300,
+                &["AttachVolume"]
+            ),
             Err(ForwardError::Signature(SigV4Error::MissingAuthorization))
         ));
         let mut g = f.clone();
@@ -162,7 +160,7 @@ mod tests {
         assert!(matches!(
             verify(
                 &g,
-                sigv4_secret(b"k"),
+                SecretKey::from_raw_secret(b"k"),
                 1_767_225_600,
                 300,
                 &["AttachVolume"]

@@ -8,21 +8,18 @@
 //!   (forward-access session, [`service::FORWARD_WINDOW_SECS`]), (2) an unrevoked grant lets that
 //!   customer use the key for that volume, (3) the presented host public key is the one enrolled
 //!   for that host — and, when the KMS enforces attestation, the host's fresh TPM quote over a
-//!   KMS nonce verifies against its enrolment and a signed release ([`attest`]); each customer
+//!   KMS nonce verifies against its enrolment and a signed release (`bulkhead_rot::policy`); each customer
 //!   authorization opens a key once, for one host; then it re-wraps the key to the host key with HPKE (`bulkhead-sealing`) and
 //!   returns only that sealed blob.
-//! * Only the control plane's certificate may call it (mutual TLS 1.3, [`tls`]); every call is
+//! * Only the control plane's certificate may call it (mutual TLS 1.3, `bulkhead-mtls`); every call is
 //!   written to a hash-chained audit log before anything happens ([`service`]).
 
-pub mod attest;
 pub mod crypto;
 pub mod forward;
 pub mod keystore;
 pub mod server;
 pub mod service;
-pub mod sigv;
 pub mod store;
-pub mod tls;
 pub mod wire;
 
 /// Every refusal and failure of the KMS. Codes are stable.
@@ -39,7 +36,7 @@ pub enum KmsError {
     #[error("only the control plane may call the KMS")]
     CallerNotAllowed,
     #[error("customer signature: {0}")]
-    Signature(sigv::SigError),
+    Signature(bulkhead_ec2_query::bh1::SigError),
     #[error("forwarded SigV4 request: {0}")]
     ForwardedSigV4(forward::ForwardError),
     #[error("the forwarded customer authorization is not recent (forward-access session expired)")]

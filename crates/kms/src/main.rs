@@ -7,7 +7,8 @@ use std::sync::Arc;
 use bulkhead_audit::AuditLog;
 use bulkhead_kms::service::Kms;
 use bulkhead_kms::store::Store;
-use bulkhead_kms::{crypto, server, tls};
+use bulkhead_kms::{crypto, server};
+use bulkhead_mtls as tls;
 use bulkhead_tokens::pki::CaDir;
 use bulkhead_tokens::Role;
 use clap::Parser;
@@ -33,7 +34,7 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:8600")]
     listen: String,
     /// Require host attestation for DecryptForHost, with this policy (enrolments, signed
-    /// releases; see `bulkhead_kms::attest`). Dev default: STATE_DIR/attest.json if present.
+    /// releases; see `bulkhead_rot::policy`). Dev default: STATE_DIR/attest.json if present.
     #[arg(long)]
     attest_config: Option<PathBuf>,
     /// Keep customer master keys in this PKCS#11 module's token (e.g.
@@ -63,7 +64,7 @@ enum StartError {
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
     #[error("attestation policy: {0}")]
-    Attest(#[from] bulkhead_kms::attest::AttestConfigError),
+    Attest(#[from] bulkhead_rot::policy::AttestConfigError),
     #[error("{0}")]
     Kms(#[from] bulkhead_kms::KmsError),
     #[error("{0}")]
@@ -111,7 +112,7 @@ fn run(args: Args) -> Result<(), StartError> {
         .or_else(|| Some(args.state_dir.join("attest.json")).filter(|p| args.dev && p.is_file()));
     let attested = match &attest_cfg {
         Some(p) => {
-            kms = kms.with_attestation(bulkhead_kms::attest::load_verifier(p)?);
+            kms = kms.with_attestation(bulkhead_rot::policy::load_verifier(p)?);
             tracing::info!(policy = %p.display(), "attestation required for DecryptForHost");
             true
         }

@@ -13,9 +13,9 @@ use bulkhead_mtls::{Refusal, RefusalSink, Refusals, Stage, Summary};
 use http_body_util::BodyExt;
 
 use crate::service::{new_id, Kms};
-use crate::tls::Peer;
 use crate::wire::{ErrorBody, ErrorDetail, KmsOp, MAX_BODY_BYTES};
 use crate::KmsError;
+use bulkhead_mtls::Peer;
 
 fn error(e: &KmsError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

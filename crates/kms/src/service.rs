@@ -14,10 +14,11 @@ use serde_json::Value;
 use crate::crypto::{self, DataKeyBlob, Key32};
 use crate::forward::{CustomerRequest, SigV4Forwarded};
 use crate::keystore::{Embedded, KeyStore};
-use crate::sigv::{self, Authorization, ForwardedRequest};
 use crate::store::{CmkRow, GrantRow, Store, VolumeSecret, VpcRow};
 use crate::wire::*;
 use crate::KmsError;
+use bulkhead_ec2_query::bh1::{self as sigv, Authorization};
+use bulkhead_kms_proto::ForwardedRequest;
 use bulkhead_rot::attest::Verifier;
 use bulkhead_rot_proto::HostEvidence;
 
@@ -327,7 +328,7 @@ impl Kms {
             ))?;
         let v = crate::forward::verify(
             f,
-            crate::forward::sigv4_secret(secret.as_ref()),
+            bulkhead_ec2_query::SecretKey::from_raw_secret(secret.as_ref()),
             now(),
             self.window_secs,
             actions,

@@ -10,8 +10,9 @@ use std::process::{Child, Command, Stdio};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use bulkhead_kms::sigv::{self, ForwardedRequest, SignedParts};
-use bulkhead_kms::tls::{client_config, HttpsClient};
+use bulkhead_ec2_query::bh1 as sigv;
+use bulkhead_kms_proto::{ForwardedRequest, SignedParts};
+use bulkhead_mtls::{client_config, HttpsClient};
 use bulkhead_sealing::HostKey;
 use bulkhead_tokens::pki::CaDir;
 use bulkhead_tokens::Role;
@@ -97,7 +98,7 @@ fn signed(action: &str, body: &Value) -> Value {
         host: "control.example".into(),
         date: sigv::format_date(bulkhead_kms::service::now()),
         body: body.to_string(),
-        nonce: sigv::new_nonce(),
+        nonce: bulkhead_sealing::random_nonce(),
     };
     serde_json::to_value(ForwardedRequest {
         authorization: sigv::sign(AKID, &SECRET, &parts),

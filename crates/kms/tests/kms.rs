@@ -8,8 +8,9 @@ use std::process::{Child, Command, Stdio};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use bulkhead_kms::sigv::{self, ForwardedRequest, SignedParts};
-use bulkhead_kms::tls::{client_config, HttpsClient};
+use bulkhead_ec2_query::bh1 as sigv;
+use bulkhead_kms_proto::{ForwardedRequest, SignedParts};
+use bulkhead_mtls::{client_config, HttpsClient};
 use bulkhead_sealing::{open_volume_key, HostKey};
 use bulkhead_tokens::pki::CaDir;
 use bulkhead_tokens::Role;
@@ -119,7 +120,7 @@ fn signed(akid: &str, secret: &[u8], action: &str, body: &Value, at: u64) -> Val
         host: "control.example".into(),
         date: sigv::format_date(at),
         body: body.to_string(),
-        nonce: sigv::new_nonce(),
+        nonce: bulkhead_sealing::random_nonce(),
     };
     let f = ForwardedRequest {
         authorization: sigv::sign(akid, secret, &parts),

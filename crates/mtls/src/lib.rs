@@ -15,8 +15,20 @@
 //! - **Every refusal reaches the daemon's audit sink** ([`RefusalSink`]): refused handshakes,
 //!   cap hits and HTTP parse errors with stable codes ([`codes`]), rate-summarised
 //!   ([`Summariser`]) so a flood cannot fill the disk.
+//!
+//! Beside the loop: the TLS 1.3 configurations of both ends and the HTTP client every service
+//! calls another with ([`client`]: [`HttpsClient`], pinned to the server's identity), and a
+//! service daemon's start-up ([`run_daemon`]).
 
+pub mod client;
+mod daemon;
 mod refusal;
+
+pub use client::{
+    client_config, pinned_client_config, server_config, HttpResponse, HttpsClient,
+    PinnedServerVerifier, TlsError, MAX_RESPONSE_BYTES,
+};
+pub use daemon::run_daemon;
 
 pub use refusal::{
     codes, route_label, Refusal, RefusalSink, Refusals, Stage, Summariser, Summary,

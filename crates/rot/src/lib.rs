@@ -11,6 +11,8 @@
 //!   expected values with a refusal naming the PCR.
 //! - [`attest`]: quotes with verifier nonces; the [`attest::Verifier`] used by the control plane
 //!   and the KMS (nonce one-time use, enrolled AK, environment, PCR = signed release's value).
+//! - [`policy`]: the attestation policy file (trust root, releases, enrolments) both verifiers
+//!   load into an [`attest::Verifier`] ([`policy::load_verifier`]).
 //! - [`endorsement`]: the AK proven to live in a TPM whose EK chains to a trusted manufacturer
 //!   (EK certificate chain + TPM2_MakeCredential/ActivateCredential).
 //! - [`release`]: threshold-signed release manifests (2-of-3 Ed25519, TUF-like, small).
@@ -27,6 +29,7 @@ pub mod endorsement;
 pub mod host;
 pub mod identity;
 pub mod measure;
+pub mod policy;
 pub mod release;
 pub mod swtpm;
 pub mod tpm;

@@ -26,10 +26,14 @@
 //! Host public key file (38 bytes): `BHHP` | version 1 | suite 1 | X25519 public (32).
 //!
 //! Plaintext keys only ever live in [`LockedSecret`] pages (mlock'd, `MADV_DONTDUMP`, zeroized on
-//! drop). The only I/O here is [`HostKey::read_file`].
+//! drop). The only I/O here is [`HostKey::read_file`] and [`wrap::load_root_key`].
+//!
+//! [`wrap`]: AES-256-GCM wrapping of small secrets under a 32-byte root key (the KMS's master
+//! keys and customer secrets; the control plane's copies of customer secrets).
 
 mod blob;
 mod locked;
+pub mod wrap;
 
 pub use blob::SealedBlob;
 pub use locked::{LockedSecret, LockedSecretError};
@@ -424,6 +428,17 @@ pub fn fill_random(buf: &mut [u8]) -> Result<(), SealingError> {
         done += usize::try_from(n).map_err(|_| SealingError::InvalidKey)?;
     }
     Ok(())
+}
+
+/// A fresh request nonce: 32 hex digits from the kernel CSPRNG (a signed request's
+/// `x-bh-nonce`). Empty only if the kernel has no randomness to give, which the verifier
+/// refuses.
+pub fn random_nonce() -> String {
+    let mut b = [0u8; 16];
+    match fill_random(&mut b) {
+        Ok(()) => hex::encode(b),
+        Err(_) => String::new(),
+    }
 }
 
 #[cfg(test)]

@@ -302,7 +302,7 @@ fn the_control_api_serves_only_the_control_plane() {
     let cp = pki.control_client("control");
     assert!(list(&node, &cp).volumes.is_empty(), "a refused create ran");
     // Strict bodies: an unknown field is refused, audited with the body's digest.
-    let r = bulkhead_kms::tls::HttpsClient::request(
+    let r = bulkhead_mtls::HttpsClient::request(
         &cp,
         &node.control,
         "POST",
@@ -551,7 +551,7 @@ mod raw {
         s.write_all(&ClientOption::StartTls.encode()).unwrap();
         let (h, _) = reply(&mut s);
         assert_eq!(h.reply, ReplyType::Ack);
-        let cfg = bulkhead_kms::tls::pinned_client_config(
+        let cfg = bulkhead_mtls::pinned_client_config(
             &pki.ca.ca_pem(),
             Some((&pki.ca.cert(who), &pki.ca.key(who))),
             ServerIdentity::service(NODE_NAME),

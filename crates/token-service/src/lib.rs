@@ -19,7 +19,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
-use bulkhead_kms::tls::Peer;
+use bulkhead_mtls::Peer;
 use bulkhead_mtls::{Refusal, RefusalSink, Refusals, Stage, Summary};
 use bulkhead_tokens::{Identity, TokenService};
 use http_body_util::BodyExt;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use bulkhead_audit::AuditLog;
-use bulkhead_kms::tls;
+use bulkhead_mtls as tls;
 use bulkhead_token_service::{refusals, router, Minter};
 use bulkhead_tokens::pki::CaDir;
 use bulkhead_tokens::policy::Policy;

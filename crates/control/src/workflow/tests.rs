@@ -76,7 +76,7 @@ fn cp(dir: &std::path::Path) -> ControlPlane {
     ca.issue("control-plane", bulkhead_tokens::Role::ControlPlane, false)
         .unwrap();
     let https = || {
-        bulkhead_kms::tls::HttpsClient::from_ca(
+        bulkhead_mtls::HttpsClient::from_ca(
             &ca.ca_pem(),
             Some((&ca.cert("control-plane"), &ca.key("control-plane"))),
         )
@@ -90,7 +90,7 @@ fn cp(dir: &std::path::Path) -> ControlPlane {
     let (audit, _) = bulkhead_audit::AuditLog::open(&dir.join("audit.log")).unwrap();
     ControlPlane::new(
         Arc::new(SqliteRepo::open_in_memory().unwrap()),
-        bulkhead_kms::crypto::load_root_key(&dir.join("root.key"), true).unwrap(),
+        bulkhead_sealing::wrap::load_root_key(&dir.join("root.key"), true).unwrap(),
         https(),
         "127.0.0.1:9".into(),
         HostClient::new(https(), tokens, identity),

@@ -8,8 +8,9 @@ use std::process::Command;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bulkhead_devcluster::cluster::{self, Cluster, StartOptions};
-use bulkhead_kms::sigv::{self, ForwardedRequest, SignedParts};
-use bulkhead_kms::tls::{client_config, HttpsClient};
+use bulkhead_ec2_query::bh1::{self as sigv, SignedParts};
+use bulkhead_kms_proto::ForwardedRequest;
+use bulkhead_mtls::{client_config, HttpsClient};
 use serde_json::{json, Value};
 
 pub fn bins() -> PathBuf {
@@ -119,7 +120,7 @@ impl Customer {
             host: self.endpoint.clone(),
             date: sigv::format_date(at),
             body: body.into(),
-            nonce: sigv::new_nonce(),
+            nonce: bulkhead_sealing::random_nonce(),
         }
     }
 

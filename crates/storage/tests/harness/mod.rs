@@ -9,7 +9,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use bulkhead_kms::tls::HttpsClient;
+use bulkhead_mtls::HttpsClient;
 use bulkhead_storage_proto::{
     parse_answer, Answer, CreateVolume, DeleteReply, DeleteVolume, Grant, HostName, ListReply, Op,
     Request, Revoke, VolumeId, VolumeReply,

@@ -1,8 +1,7 @@
-//! Mutual TLS 1.3 for the services above the hosts (KMS, control plane): server and client
-//! configurations built from the Bulkhead dev CA (`bulkhead-tokens`), a one-connection-per-call
-//! HTTP/1.1 client, and thin wrappers over the one server loop every daemon shares
-//! (`bulkhead-mtls`), which hands each request its peer's verified identity and each refusal to
-//! the daemon's audit sink.
+//! TLS 1.3 configurations built from the Bulkhead dev CA (`bulkhead-tokens`) for both ends, a
+//! client that pins the server's identity, and a one-connection-per-call HTTP/1.1 client: what
+//! every service above the hosts (control plane, KMS, storage, token service) uses to call
+//! another.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,7 +14,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::net::TcpListener;
 use tokio_rustls::TlsConnector;
 
 #[derive(Debug, thiserror::Error)]
@@ -338,53 +336,4 @@ impl HttpsClient {
             .to_vec();
         Ok(HttpResponse { status, body })
     }
-}
-
-/// The verified client certificate identity, inserted into every request's extensions.
-pub use bulkhead_mtls::Peer;
-pub use bulkhead_mtls::{Limits, Refusals};
-
-/// Serves `app` behind TLS until the process ends, on the one server loop every daemon shares
-/// ([`bulkhead_mtls::serve`]): handshake and idle timeouts, separate budgets before and after
-/// the handshake, a cap per client identity, and every refusal handed to `refusals`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: rustls::ServerConfig,
-    app: axum::Router,
-    refusals: Arc<Refusals>,
-) -> std::io::Result<()> {
-    bulkhead_mtls::serve(listener, tls, app, Limits::default(), refusals).await
-}
-
-/// Runs a service daemon's server: binds `listen`, prints the one-line JSON ready event on
-/// stdout (`{"event":"ready","service":…,"listen":…}` plus `extra`'s fields, what the cluster
-/// launcher waits for), then serves `app` behind TLS on a two-worker runtime until the process
-/// ends; refusals go to `refusals` (the daemon's audit log). Errors name the address.
-pub fn run_daemon(
-    listen: &str,
-    tls: rustls::ServerConfig,
-    app: axum::Router,
-    service: &str,
-    extra: serde_json::Value,
-    refusals: Arc<Refusals>,
-) -> std::io::Result<()> {
-    let ctx = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{listen}: {e}"));
-    let std_listener = std::net::TcpListener::bind(listen).map_err(ctx)?;
-    std_listener.set_nonblocking(true).map_err(ctx)?;
-    let local = std_listener.local_addr().map_err(ctx)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = TcpListener::from_std(std_listener).map_err(ctx)?;
-        let mut ready =
-            serde_json::json!({"event": "ready", "service": service, "listen": local.to_string()});
-        if let (Some(r), Some(x)) = (ready.as_object_mut(), extra.as_object()) {
-            r.extend(x.clone());
-        }
-        println!("{ready}");
-        tracing::info!(listen = %local, service, "ready");
-        serve(listener, tls, app, refusals).await.map_err(ctx)
-    })
 }

@@ -1,9 +1,11 @@
-//! Attestation policy of the KMS: which hosts are enrolled (their attestation key and host key,
-//! from the provisioning ceremony) and which signed releases' measurements are acceptable.
+//! The attestation policy file read by the services that verify hosts (the KMS, the control
+//! plane): which hosts are enrolled (their attestation key and host key, from the provisioning
+//! ceremony) and which signed releases' measurements are acceptable. [`load_verifier`] turns it
+//! into the [`Verifier`] they run.
 //!
 //! `bulkhead-kms --attest-config FILE` (dev: `STATE_DIR/attest.json` when present) turns it on:
 //! from then on `DecryptForHost` needs the host's fresh quote over a nonce from `Challenge`
-//! (see `bulkhead_rot::attest::Verifier` for the checks, in order), and the volume key is sealed
+//! (see `crate::attest::Verifier` for the checks, in order), and the volume key is sealed
 //! to the host key of the attested enrolment.
 //!
 //! ```json
@@ -19,16 +21,16 @@
 //! the host, its environment, its EK-certified AK, the host image's `manifest.json`, its
 //! configuration disk's SHA-256 and its host key). Such a host gets a key only with boot
 //! evidence whose every boot PCR is exactly what that manifest and disk give
-//! (`bulkhead_rot::attest::Verifier::verify_boot_for_instance`, which runs
-//! `bulkhead_rot::boot::verify_boot`).
+//! (`crate::attest::Verifier::verify_boot_for_instance`, which runs
+//! `crate::boot::verify_boot`).
 
 use std::path::{Path, PathBuf};
 
-use bulkhead_rot::attest::{Enrollment, SealedEnrollment, Verifier};
-use bulkhead_rot::boot::ExpectedPcrs;
-use bulkhead_rot::measure::Environment;
-use bulkhead_rot::release::{verify_release, ReleasePolicy, SignedRelease, TrustRoot};
-use bulkhead_rot::tpm::{AkPublic, MeasurePcr};
+use crate::attest::{Enrollment, SealedEnrollment, Verifier};
+use crate::boot::ExpectedPcrs;
+use crate::measure::Environment;
+use crate::release::{verify_release, ReleasePolicy, SignedRelease, TrustRoot};
+use crate::tpm::{AkPublic, MeasurePcr};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,22 +70,23 @@ pub enum AttestConfigError {
     #[error("{0}: not the expected JSON: {1}")]
     Syntax(PathBuf, serde_json::Error),
     #[error("{0}: {1}")]
-    Rot(PathBuf, bulkhead_rot::RotError),
+    Rot(PathBuf, crate::RotError),
     #[error("{0}: release refused: {1}")]
-    Release(PathBuf, bulkhead_rot::release::ReleaseError),
+    Release(PathBuf, crate::release::ReleaseError),
     #[error("{0}: enrolment is for host {1}, already enrolled")]
     DuplicateHost(PathBuf, String),
     #[error("{0}: config_sha256 is not 64 hex digits")]
     ConfigDigest(PathBuf),
     #[error("{0}: boot expectations: {1}")]
-    Boot(PathBuf, bulkhead_rot::boot::BootChainError),
+    Boot(PathBuf, crate::boot::BootChainError),
 }
 
 fn read(p: &Path) -> Result<Vec<u8>, AttestConfigError> {
     std::fs::read(p).map_err(|e| AttestConfigError::Read(p.to_path_buf(), e))
 }
 
-/// Reads the configuration and everything it names; returns the verifier the KMS runs.
+/// Reads the configuration and everything it names; returns the verifier the KMS (and the
+/// control plane) runs.
 pub fn load_verifier(path: &Path) -> Result<Verifier, AttestConfigError> {
     let base = path.parent().unwrap_or(Path::new("."));
     let at = |p: &PathBuf| base.join(p);
@@ -159,7 +162,7 @@ mod tests {
 
     /// A policy directory: a trust root, one sealed enrolment, its image manifest.
     fn policy(dir: &Path, manifest: &str, config_sha256: &str) -> PathBuf {
-        let key = bulkhead_rot::release::ReleaseKey::generate().unwrap();
+        let key = crate::release::ReleaseKey::generate().unwrap();
         let root = TrustRoot::new(1, vec![key.public()]).unwrap();
         std::fs::write(dir.join("root.json"), serde_json::to_vec(&root).unwrap()).unwrap();
         std::fs::write(dir.join("manifest.json"), manifest).unwrap();
@@ -207,7 +210,7 @@ mod tests {
             load_verifier(&policy(dir.path(), &partial, &"cd".repeat(32))),
             Err(AttestConfigError::Boot(
                 _,
-                bulkhead_rot::boot::BootChainError::NoExpectation(11)
+                crate::boot::BootChainError::NoExpectation(11)
             ))
         ));
         let dir = tempfile::tempdir().unwrap();

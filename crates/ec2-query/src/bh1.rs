@@ -1,5 +1,8 @@
-//! Customer request signing in the style of AWS SigV4: an HMAC-SHA256 over a canonical request,
-//! with the date, a credential scope and a replay window.
+//! `BH1-HMAC-SHA256`: how customers sign Bulkhead's JSON API, in the style of AWS SigV4 (an
+//! HMAC-SHA256 over a canonical request, with the date, a credential scope and a replay window).
+//! It shares its HMAC, its date parser and its calendar with [`crate::sigv4`]; only the
+//! canonical form and the key prefix differ. No I/O: the caller supplies the nonce
+//! (`bulkhead_sealing::random_nonce`) and the clock.
 //!
 //! The customer signs every control-plane call. The control plane verifies the signature; for
 //! calls that use a customer's key (CreateVolume, AttachVolume, CreateKey, RevokeGrant) it
@@ -19,6 +22,8 @@
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+
+use crate::sigv4::{civil_from_days, hmac, AmzDate};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -62,7 +67,24 @@ impl SigError {
     }
 }
 
-pub use bulkhead_kms_proto::{ForwardedRequest, SignedParts};
+/// The parts of an HTTP request that are signed (on the wire inside the KMS's forwarded
+/// request, hence the optional `serde` feature).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+pub struct SignedParts {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub host: String,
+    /// `YYYYMMDDTHHMMSSZ`.
+    pub date: String,
+    /// The request body, exactly as sent (UTF-8 JSON).
+    pub body: String,
+    /// `x-bh-nonce`: 16-64 of `A-Za-z0-9`, fresh per request, so that two identical calls in the
+    /// same second have different signatures and a replay is recognisable.
+    pub nonce: String,
+}
 
 /// A parsed Authorization header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,24 +164,14 @@ impl Authorization {
     }
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    // HMAC accepts keys of any length; new_from_slice cannot fail for it.
-    let mut m = match HmacSha256::new_from_slice(key) {
-        Ok(m) => m,
-        Err(_) => return [0u8; 32],
-    };
-    m.update(data);
-    m.finalize().into_bytes().into()
-}
-
 fn signing_key(secret: &[u8], day: &str, service: &str) -> [u8; 32] {
     let mut k = Vec::with_capacity(3 + secret.len());
     k.extend_from_slice(b"BH1");
     k.extend_from_slice(secret);
     let k_date = hmac(&k, day.as_bytes());
     zeroize::Zeroize::zeroize(&mut k);
-    let k_service = hmac(&k_date, service.as_bytes());
-    hmac(&k_service, TERMINATOR.as_bytes())
+    let k_service = hmac(k_date.as_slice(), service.as_bytes());
+    *hmac(k_service.as_slice(), TERMINATOR.as_bytes())
 }
 
 /// The canonical request.
@@ -189,7 +201,7 @@ fn string_to_sign(p: &SignedParts, scope: &str) -> String {
 pub fn sign(access_key_id: &str, secret: &[u8], p: &SignedParts) -> String {
     let day = p.date.get(..8).unwrap_or("");
     let scope = format!("{day}/{SERVICE}/{TERMINATOR}");
-    let sig = hmac(
+    let sig = *hmac(
         &signing_key(secret, day, SERVICE),
         string_to_sign(p, &scope).as_bytes(),
     );
@@ -227,55 +239,16 @@ pub fn verify(
     Ok(t)
 }
 
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// `YYYYMMDDTHHMMSSZ` → Unix seconds.
+/// `YYYYMMDDTHHMMSSZ` → Unix seconds ([`AmzDate`]'s parser).
 pub fn parse_date(s: &str) -> Result<u64, SigError> {
-    let b = s.as_bytes();
-    if b.len() != 16 || b.get(8) != Some(&b'T') || b.get(15) != Some(&b'Z') {
-        return Err(SigError::BadDate);
-    }
-    let num = |r: std::ops::Range<usize>| -> Result<u32, SigError> {
-        s.get(r)
-            .filter(|x| x.bytes().all(|c| c.is_ascii_digit()))
-            .and_then(|x| x.parse().ok())
-            .ok_or(SigError::BadDate)
-    };
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(4..6)?,
-        num(6..8)?,
-        num(9..11)?,
-        num(11..13)?,
-        num(13..15)?,
-    );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return Err(SigError::BadDate);
-    }
-    let days = days_from_civil(i64::from(y), mo, d);
-    let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + se);
-    u64::try_from(secs).map_err(|_| SigError::BadDate)
-}
-
-/// A fresh request nonce (32 hex digits from the kernel CSPRNG).
-pub fn new_nonce() -> String {
-    let mut b = [0u8; 16];
-    let _ = bulkhead_sealing::fill_random(&mut b);
-    hex::encode(b)
+    let d = AmzDate::parse(s.as_bytes()).map_err(|_| SigError::BadDate)?;
+    u64::try_from(d.unix).map_err(|_| SigError::BadDate)
 }
 
 /// Unix seconds → `YYYYMMDDTHHMMSSZ`.
 pub fn format_date(secs: u64) -> String {
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let (y, m, d) = bulkhead_tokens::clock::civil_from_days(days);
+    let (y, m, d) = civil_from_days(days);
     let rem = secs % 86_400;
     format!(
         "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
@@ -298,7 +271,7 @@ mod tests {
             host: "127.0.0.1:9000".into(),
             date: format_date(now),
             body: r#"{"VolumeId":"vol-1"}"#.into(),
-            nonce: new_nonce(),
+            nonce: "0123456789abcdef0123456789abcdef".into(),
         }
     }
 
@@ -308,6 +281,7 @@ mod tests {
             assert_eq!(parse_date(&format_date(t)).unwrap(), t);
         }
         assert!(parse_date("2026-11-26T00:00").is_err());
+        assert!(parse_date("20260231T000000Z").is_err());
     }
 
     #[test]
