@@ -366,6 +366,24 @@ pub struct ReleaseDeployed {
     /// The hypervisor binary new instances start and running ones now run.
     pub hypervisor: String,
     pub moved: Vec<HypervisorMoved>,
+    /// Block cards moved to the release's `bulkhead-blockcard` by a card update (empty when the
+    /// release carries no block card).
+    #[serde(default)]
+    pub cards: Vec<CardMoved>,
+}
+
+/// One attached volume's block card replaced by a release's card under the running guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CardMoved {
+    pub instance_id: String,
+    pub volume_id: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// The volume state (key included) handed from the old card to the new one, the new card
+    /// keyed and locked down: the old card's `HandOver` round trip.
+    pub handover_us: u64,
+    /// The hypervisor's `ReplaceBlock` (the guest's I/O is stopped for at most this).
+    pub replace_us: u64,
 }
 
 /// `GET /v1/host`.

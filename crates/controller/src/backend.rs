@@ -333,6 +333,22 @@ pub trait InstanceBackend: Send + Sync {
     ) -> Result<crate::api::HypervisorMoved, BackendError> {
         Err(BackendError::Unavailable)
     }
+    /// Every attached volume whose block card runs under a running hypervisor (a card update
+    /// moves each), as (instance, volume).
+    fn attached_cards(&self) -> Vec<(ResourceId, String)> {
+        Vec::new()
+    }
+    /// Replaces the block card of `volume` on instance `id` by a card of installed release `to`
+    /// (`None`: the configured binary) under the running guest. On an error the old card still
+    /// serves the volume.
+    fn update_card(
+        &self,
+        _id: &ResourceId,
+        _volume: &str,
+        _to: Option<u64>,
+    ) -> Result<crate::api::CardMoved, BackendError> {
+        Err(BackendError::Unavailable)
+    }
     /// Makes `release` the active release: recorded durably, started by new instances.
     fn set_active_release(
         &self,

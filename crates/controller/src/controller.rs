@@ -811,8 +811,32 @@ impl Controller {
         }
     }
 
-    /// DeployRelease: verify, install, self-test, live-update every running hypervisor (moved
-    /// back on the first failure), record. See [`crate::deploy`].
+    /// One card-update step's audit record (`DeployRelease:<step>` about `release:v<N>`, the
+    /// instance and the volume), durable before the next step runs.
+    async fn audit_card_step(
+        &self,
+        step: &str,
+        version: u64,
+        instance: &str,
+        volume: &str,
+        code: &str,
+    ) {
+        let resources = vec![
+            format!("release:v{version}"),
+            format!("instance:{instance}"),
+            format!("volume:{volume}"),
+        ];
+        if let Err(e) = self
+            .audit_lifecycle_about(&format!("DeployRelease:{step}"), resources, code)
+            .await
+        {
+            tracing::error!(error = %e, step, "audit of a deploy step failed");
+        }
+    }
+
+    /// DeployRelease: verify, install, self-test, live-update every running hypervisor, update
+    /// every attached block card when the release carries one (each moved back on the first
+    /// failure), record. See [`crate::deploy`].
     async fn deploy_release(
         &self,
         request_id: &str,
@@ -851,6 +875,14 @@ impl Controller {
                 .await
                 .map_err(|_| Refusal::Internal)??
         };
+        let previous_card = active
+            .as_ref()
+            .filter(|r| {
+                r.artefacts
+                    .iter()
+                    .any(|a| a.name == crate::launcher::RELEASE_BLOCKCARD)
+            })
+            .map(|r| r.version);
         let previous = active.map(|r| r.version);
         let ids = self.blocking(|b| Ok(b.running_hypervisors())).await?;
         let mut moved: Vec<api::HypervisorMoved> = Vec::new();
@@ -877,6 +909,46 @@ impl Controller {
                 }
             }
         }
+        // The release's block card, if it carries one: every attached volume's card moves to it.
+        let mut cards: Vec<api::CardMoved> = Vec::new();
+        let has_card = |r: &crate::record::ReleaseRecord| {
+            r.artefacts
+                .iter()
+                .any(|a| a.name == crate::launcher::RELEASE_BLOCKCARD)
+        };
+        if failure.is_none() && has_card(&record) {
+            let attached = self.blocking(|b| Ok(b.attached_cards())).await?;
+            for (id, vol) in attached {
+                let (iid, v2) = (id.clone(), vol.clone());
+                match self
+                    .blocking(move |b| b.update_card(&iid, &v2, Some(v)))
+                    .await
+                {
+                    Ok(mv) => {
+                        self.audit_card_step("card_update", v, id.as_str(), &vol, "ok")
+                            .await;
+                        cards.push(mv);
+                    }
+                    // Detached, stopped or terminated meanwhile: nothing to move.
+                    Err(Refusal::Backend(
+                        BackendError::WrongState
+                        | BackendError::NoSuchInstance
+                        | BackendError::NoSuchVolume,
+                    )) => {}
+                    Err(r) => {
+                        let code = r.code();
+                        self.audit_card_step("card_update", v, id.as_str(), &vol, code)
+                            .await;
+                        failure = Some(DeployError::CardUpdateFailed {
+                            instance: id.to_string(),
+                            volume: vol,
+                            code,
+                        });
+                        break;
+                    }
+                }
+            }
+        }
         if failure.is_none() {
             let rec = record.clone();
             if let Err(r) = self.blocking(move |b| b.set_active_release(rec)).await {
@@ -885,6 +957,21 @@ impl Controller {
             }
         }
         if let Some(e) = failure {
+            // Cards back to the card binary they ran before (the previous release's, if it
+            // carried one), the last moved first.
+            for mv in cards.iter().rev() {
+                let id = api::ResourceId::parse(&mv.instance_id).map_err(|_| Refusal::Internal)?;
+                let vol = mv.volume_id.clone();
+                let back = self
+                    .blocking(move |b| b.update_card(&id, &vol, previous_card))
+                    .await;
+                let code = match &back {
+                    Ok(_) => "ok",
+                    Err(r) => r.code(),
+                };
+                self.audit_card_step("card_roll-back", v, &mv.instance_id, &mv.volume_id, code)
+                    .await;
+            }
             // Back to the binary they ran before, the last moved first.
             for mv in moved.iter().rev() {
                 let id = api::ResourceId::parse(&mv.instance_id).map_err(|_| Refusal::Internal)?;
@@ -909,6 +996,7 @@ impl Controller {
                 .display()
                 .to_string(),
             moved,
+            cards,
         })
     }
 }

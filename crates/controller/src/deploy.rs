@@ -14,14 +14,19 @@
 //!    fsync'd, then renamed to `release_dir/v<version>/` (the directory fsync'd too).
 //! 4. **Self-test**: the launcher runs `v<version>/bulkhead-hypervisor self-test`.
 //! 5. **Apply**: the controller live-updates every running instance's hypervisor to the new
-//!    binary (the launcher starts it, so the keeper adopts it after a controller restart); on
-//!    the first failure the hypervisors already moved are moved back to the previous binary.
+//!    binary (the launcher starts it, so the keeper adopts it after a controller restart); then,
+//!    if the release carries `bulkhead-blockcard`, every attached volume's block card is
+//!    card-updated to it (the launcher starts the new card; the old card hands it the volume
+//!    state and key over a socketpair the controller makes; the hypervisor's `ReplaceBlock`;
+//!    the old card exits). On the first failure the cards and hypervisors already moved are
+//!    moved back to the binaries they ran before (the card or hypervisor that failed never
+//!    stopped serving).
 //! 6. **Activate**: the release goes into the host record (fsync'd): new instances start its
 //!    hypervisor, a restarted controller keeps using it, and its version is the new floor.
 //!
 //! Each step is audited (the controller's lifecycle records), and every refusal is typed
-//! ([`DeployError::code`]). The controller and card binaries of a release are installed and
-//! recorded but not yet applied (no controller restart, no card update).
+//! ([`DeployError::code`]). A release's controller and net-card binaries are installed and
+//! recorded but not yet applied (no controller restart, no net-card update).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -65,6 +70,12 @@ pub enum DeployError {
         instance: String,
         code: &'static str,
     },
+    #[error("card update of volume {volume} on instance {instance} failed ({code}); every card and hypervisor was moved back")]
+    CardUpdateFailed {
+        instance: String,
+        volume: String,
+        code: &'static str,
+    },
     #[error("recording the active release failed; every hypervisor was moved back")]
     Record,
 }
@@ -81,6 +92,7 @@ impl DeployError {
             DeployError::Install => "release_install_failed",
             DeployError::SelfTestFailed => "release_self_test_failed",
             DeployError::LiveUpdateFailed { .. } => "release_live_update_failed",
+            DeployError::CardUpdateFailed { .. } => "release_card_update_failed",
             DeployError::Record => "release_record_failed",
         }
     }
@@ -99,9 +111,10 @@ impl DeployError {
             | DeployError::ArtefactDigestMismatch
             | DeployError::NoHypervisor
             | DeployError::SelfTestFailed => 422,
-            DeployError::Install | DeployError::LiveUpdateFailed { .. } | DeployError::Record => {
-                500
-            }
+            DeployError::Install
+            | DeployError::LiveUpdateFailed { .. }
+            | DeployError::CardUpdateFailed { .. }
+            | DeployError::Record => 500,
         }
     }
 }

@@ -769,6 +769,7 @@ impl HostBackend {
             read_only: false,
             queues,
             run_as: self.cfg.run_as,
+            release: self.card_release(),
         });
         let (pid, control) = match spawned {
             Ok((LaunchReply::Spawned { pid }, fd)) => (pid, UnixStream::from(fd)),
@@ -883,6 +884,33 @@ impl InstanceBackend for HostBackend {
         let inst = self.instance(id)?;
         let mut g = lock(&inst);
         self.live_update_vm(&mut g, to)
+    }
+
+    fn attached_cards(&self) -> Vec<(ResourceId, String)> {
+        let slots: Vec<(ResourceId, Arc<Mutex<HostInstance>>)> = lock(&self.inner)
+            .instances
+            .iter()
+            .map(|(id, s)| (id.clone(), Arc::clone(&s.inst)))
+            .collect();
+        let mut out = Vec::new();
+        for (id, inst) in slots {
+            let g = lock(&inst);
+            if g.vm.is_some() {
+                out.extend(g.volumes.keys().map(|v| (id.clone(), v.clone())));
+            }
+        }
+        out
+    }
+
+    fn update_card(
+        &self,
+        id: &ResourceId,
+        volume: &str,
+        to: Option<u64>,
+    ) -> Result<crate::api::CardMoved, BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = lock(&inst);
+        self.update_card_vm(&mut g, volume, to)
     }
 
     fn set_active_release(
@@ -2138,6 +2166,203 @@ impl HostBackend {
         })
     }
 
+    /// The card update of one attached volume (see [`InstanceBackend::update_card`]): the
+    /// launcher starts the new card like any card (so the keeper holds it); the new card gets
+    /// `TakeOver` and the old one `HandOver`, each with one end of a socketpair made here, so
+    /// the volume state and its key go from card to card and nowhere else; the hypervisor's
+    /// `ReplaceBlock` moves the device's rings to the new card; the old card exits once its
+    /// frontend left (reaped); the new pid is committed and recorded. Any failure before
+    /// `ReplaceBlock` succeeded leaves the old card serving (the new one is killed).
+    fn update_card_vm(
+        &self,
+        g: &mut HostInstance,
+        volume: &str,
+        to: Option<u64>,
+    ) -> Result<crate::api::CardMoved, BackendError> {
+        use bulkhead_card_proto::{self as proto, ControlRequest, ControlResponse};
+        if g.vm.is_none() {
+            return Err(BackendError::WrongState);
+        }
+        let (old_pid, device) = match g.volumes.get(volume) {
+            Some(a) => (a.card_pid, a.device.clone()),
+            None => return Err(BackendError::NoSuchVolume),
+        };
+        // Local volumes only: a network volume's NBD endpoint is not kept with its attachment.
+        let backing = self.cfg.volume_dir.join(format!("{volume}.img"));
+        if !backing.is_file() {
+            tracing::warn!(
+                volume,
+                "card update: no local backing file (network volume?)"
+            );
+            return Err(BackendError::Unavailable);
+        }
+        let queues = u16::try_from(g.desc.vcpus).unwrap_or(1);
+        let spawned = self.launcher.call_fd(&LaunchRequest::SpawnCard {
+            backing: Some(backing),
+            network: None,
+            read_only: false,
+            queues,
+            run_as: self.cfg.run_as,
+            release: to,
+        });
+        let (new_pid, mut new_control) = match spawned {
+            Ok((LaunchReply::Spawned { pid }, fd)) => (pid, UnixStream::from(fd)),
+            Ok(_) => return Err(BackendError::Unavailable),
+            Err(e) => return Err(launcher_err("spawn card")(e)),
+        };
+        let _ = new_control.set_read_timeout(Some(CARD_TIMEOUT));
+        let _ = new_control.set_write_timeout(Some(CARD_TIMEOUT));
+        let fail = |why: &str| {
+            tracing::warn!(
+                volume,
+                old_pid,
+                new_pid,
+                why,
+                "card update failed; the old card keeps serving"
+            );
+            self.kill_unkeyed_card(new_pid);
+            BackendError::Unavailable
+        };
+        let (ours, theirs) = match UnixStream::pair() {
+            Ok(p) => p,
+            Err(_) => return Err(fail("socketpair")),
+        };
+        let (take, hand) = match (
+            proto::frame(&ControlRequest::TakeOver.encode()),
+            proto::frame(&ControlRequest::HandOver.encode()),
+        ) {
+            (Ok(t), Ok(h)) => (t, h),
+            _ => return Err(fail("frame")),
+        };
+        if crate::launcher::send_packet(new_control.as_raw_fd(), &take, Some(theirs.as_raw_fd()))
+            .is_err()
+        {
+            return Err(fail("send TakeOver"));
+        }
+        drop(theirs);
+        let t_hand = std::time::Instant::now();
+        let handed = {
+            let Some(att) = g.volumes.get_mut(volume) else {
+                return Err(fail("attachment gone"));
+            };
+            // The old card bounds its wait for the new card's answer (30 s): wait a bit longer.
+            let _ = att
+                .control
+                .set_read_timeout(Some(CARD_TIMEOUT + Duration::from_secs(15)));
+            let r = crate::launcher::send_packet(
+                att.control.as_raw_fd(),
+                &hand,
+                Some(ours.as_raw_fd()),
+            )
+            .map_err(|_| ())
+            .and_then(|()| proto::read_frame(&mut att.control).map_err(|_| ()))
+            .and_then(|f| f.ok_or(()))
+            .and_then(|b| ControlResponse::parse(&b).map_err(|_| ()));
+            let _ = att.control.set_read_timeout(Some(CARD_TIMEOUT));
+            if r.is_err() {
+                // The connection's state is unknown: a fresh one for the next request.
+                if let Some(c) = self.card_control(old_pid, true) {
+                    att.control = c;
+                }
+            }
+            r
+        };
+        drop(ours);
+        let handover_us = u64::try_from(t_hand.elapsed().as_micros()).unwrap_or(u64::MAX);
+        match handed {
+            Ok(ControlResponse::HandedOver) => {}
+            other => {
+                tracing::warn!(reply = ?other, "card update: the old card did not hand over");
+                return Err(fail("HandOver"));
+            }
+        }
+        match proto::read_frame(&mut new_control)
+            .ok()
+            .flatten()
+            .and_then(|b| ControlResponse::parse(&b).ok())
+        {
+            Some(ControlResponse::Attached {
+                encrypted: true, ..
+            }) => {}
+            other => {
+                tracing::warn!(reply = ?other, "card update: the new card did not take over");
+                return Err(fail("TakeOver"));
+            }
+        }
+        // The new card's vhost-user socket (it listens once keyed).
+        let mut vhost = None;
+        for _ in 0..50 {
+            match self
+                .launcher
+                .call_fd(&LaunchRequest::ConnectVhost { pid: new_pid })
+            {
+                Ok((_, fd)) => {
+                    vhost = Some(fd);
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let Some(vhost) = vhost else {
+            return Err(fail("connect vhost"));
+        };
+        let Some(vm) = g.vm.as_mut() else {
+            return Err(fail("no hypervisor"));
+        };
+        let t_replace = std::time::Instant::now();
+        let r = vm.chan.call(
+            Command::ReplaceBlock { id: device.clone() },
+            Some(vhost.as_raw_fd()),
+        );
+        let replace_us = u64::try_from(t_replace.elapsed().as_micros()).unwrap_or(u64::MAX);
+        drop(vhost);
+        match r {
+            Ok(Reply::Done { .. }) => {}
+            Ok(other) => {
+                tracing::warn!(reply = ?other, "card update: unexpected ReplaceBlock reply");
+                return Err(fail("ReplaceBlock"));
+            }
+            Err(e) => {
+                let err = channel_err("replace block")(e);
+                let _ = fail("ReplaceBlock");
+                return Err(err);
+            }
+        }
+        // The device runs on the new card: it is the volume's card from here on.
+        if let Some(att) = g.volumes.get_mut(volume) {
+            att.card_pid = new_pid;
+            att.control = new_control;
+        }
+        let persisted = self.persist(g, &[new_pid]);
+        // The old card saw its frontend go and exits with its keys erased.
+        if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
+            pid: old_pid,
+            grace_ms: EXIT_GRACE_MS,
+        }) {
+            tracing::warn!(pid = old_pid, error = %e, "reaping the old card failed");
+        }
+        persisted?;
+        tracing::info!(instance = %g.desc.instance_id, volume, old_pid, new_pid, handover_us, replace_us, ?to, "block card updated");
+        Ok(crate::api::CardMoved {
+            instance_id: g.desc.instance_id.clone(),
+            volume_id: volume.to_string(),
+            old_pid,
+            new_pid,
+            handover_us,
+            replace_us,
+        })
+    }
+
+    /// The release whose block card new cards run: the active release if it carries one.
+    fn card_release(&self) -> Option<u64> {
+        lock(&self.records).release.as_ref().and_then(|r| {
+            r.artefacts
+                .iter()
+                .any(|a| a.name == crate::launcher::RELEASE_BLOCKCARD)
+                .then_some(r.version)
+        })
+    }
+
     /// A live update the previous controller left in flight: waits (bounded) until one of the
     /// old and new hypervisor processes is gone (the old one exits after a hand-over, the new
     /// one exits when none comes), reaps the other if both still run, and answers the one that
@@ -2259,6 +2484,7 @@ impl HostBackend {
             read_only: false,
             queues,
             run_as: self.cfg.run_as,
+            release: self.card_release(),
         });
         let (pid, control) = match spawned {
             Ok((LaunchReply::Spawned { pid }, fd)) => (pid, UnixStream::from(fd)),

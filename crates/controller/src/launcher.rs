@@ -12,7 +12,7 @@
 //! | request | what the launcher does | fd returned |
 //! |---|---|---|
 //! | `SpawnVm` | starts the configured hypervisor binary with `serve` (through `bulkhead-hypervisor-client`) | our end of the VM's private channel |
-//! | `SpawnCard` | starts the configured block-card binary for one backing file under the volume dir, waits for its control socket and connects to it | the control connection |
+//! | `SpawnCard` | starts the configured block-card binary (or an installed release's, `v<N>/bulkhead-blockcard`) for one backing file under the volume dir, waits for its control socket and connects to it | the control connection |
 //! | `ConnectVhost` | connects to the vhost-user socket of a card it started | the vhost-user connection |
 //! | `Reap` | waits for a child it started to exit (SIGKILL after a grace period) | none |
 //! | `SpawnNetCard` | starts the configured net-card binary (`vhost` mode) for one instance interface: writes the sealed epoch key to a 0600 file in its run directory (removed once the card has read it), keeps the interface's sequence-floor file there across restarts, waits for the card's control socket | none |
@@ -105,6 +105,8 @@ pub struct LauncherConfig {
 
 /// The hypervisor binary's file name inside a release directory.
 pub const RELEASE_HYPERVISOR: &str = "bulkhead-hypervisor";
+/// The block-card binary's file name inside a release directory.
+pub const RELEASE_BLOCKCARD: &str = "bulkhead-blockcard";
 /// Longest a release's hypervisor self-test may run.
 const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -192,6 +194,9 @@ pub enum LaunchRequest {
         #[serde(default = "one_queue")]
         queues: u16,
         run_as: Option<(u32, u32)>,
+        /// Start the block card of this installed release (`None`: the configured binary).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<u64>,
     },
     ConnectVhost {
         pid: u32,
@@ -441,7 +446,7 @@ fn peer_cred(fd: RawFd) -> std::io::Result<(u32, u32)> {
 use bulkhead_hypervisor_client::seqpacket_pair;
 
 /// Sends one packet, with at most one fd as SCM_RIGHTS.
-fn send_packet(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> std::io::Result<()> {
+pub(crate) fn send_packet(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> std::io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -1005,7 +1010,11 @@ impl LauncherState {
                 read_only,
                 queues,
                 run_as,
-            } => self.spawn_card(backing, network, read_only, queues, run_as),
+                release,
+            } => match self.blockcard_binary(release) {
+                Ok(bin) => self.spawn_card(&bin, backing, network, read_only, queues, run_as),
+                Err(code) => Self::refuse(code),
+            },
             LaunchRequest::SpawnNetCard { card, run_as } => self.spawn_net_card(&card, run_as),
             LaunchRequest::ConnectNetControl { pid } => {
                 let Some(card) = self.cards.get(&pid).filter(|c| c.net) else {
@@ -1156,6 +1165,7 @@ impl LauncherState {
 
     fn spawn_card(
         &mut self,
+        binary: &Path,
         backing: Option<PathBuf>,
         network: Option<crate::api::NetworkVolume>,
         read_only: bool,
@@ -1197,7 +1207,7 @@ impl LauncherState {
         {
             return Self::refuse(LaunchRefusal::PathNotAllowed);
         }
-        let mut cmd = Proc::new(&self.cfg.blockcard_bin);
+        let mut cmd = Proc::new(binary);
         cmd.arg("--control-socket")
             .arg(&control)
             .arg("--vhost-socket")
@@ -1395,6 +1405,24 @@ impl LauncherState {
             .as_ref()
             .ok_or(LaunchRefusal::NoSuchRelease)?;
         let bin = release_path(dir, v).join(RELEASE_HYPERVISOR);
+        if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(LaunchRefusal::NoSuchRelease)
+        }
+    }
+
+    /// The block-card binary of installed release `release`, or the configured one.
+    fn blockcard_binary(&self, release: Option<u64>) -> Result<PathBuf, LaunchRefusal> {
+        let Some(v) = release else {
+            return Ok(self.cfg.blockcard_bin.clone());
+        };
+        let dir = self
+            .cfg
+            .release_dir
+            .as_ref()
+            .ok_or(LaunchRefusal::NoSuchRelease)?;
+        let bin = release_path(dir, v).join(RELEASE_BLOCKCARD);
         if bin.is_file() {
             Ok(bin)
         } else {

@@ -169,6 +169,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
         .schema_from::<api::DeployReleaseRequest>()
         .schema_from::<api::ArtefactStored>()
         .schema_from::<api::HypervisorMoved>()
+        .schema_from::<api::CardMoved>()
         .schema_from::<api::ReleaseDeployed>()
         .security_scheme(
             "bearer",
