@@ -6,7 +6,7 @@
 #
 # Source, in this order:
 #   1. $FIRECRACKER_SRC: a git checkout or a bare git directory holding the tag below (the tree of
-#      the tag is exported with `git archive`; blobs the repository does not hold, e.g. a test
+#      the tag is exported through a scratch index; blobs the repository does not hold, e.g. a test
 #      fixture missing from a partial mirror, are left out and named), or an unpacked source tree of
 #      that release (its src/firecracker/Cargo.toml must carry the version).
 #   2. a shallow clone of the tag from GitHub, when the network allows it.
@@ -87,7 +87,7 @@ if [ -n "${FIRECRACKER_SRC:-}" ]; then
   if [ -d "$s/.git" ]; then s=$s/.git; fi
   if git --git-dir="$s" rev-parse -q --verify HEAD >/dev/null 2>&1 || [ -f "$s/HEAD" ]; then
     export_git "$s" || skip "FIRECRACKER_SRC ($s) has no tag $tag"
-    how="git archive of $tag from FIRECRACKER_SRC"
+    how="export of $tag from FIRECRACKER_SRC"
   elif [ -f "$s/src/firecracker/Cargo.toml" ]; then
     grep -q "^version = \"$version\"" "$s/src/firecracker/Cargo.toml" ||
       skip "FIRECRACKER_SRC ($s) is not Firecracker $version"

@@ -116,7 +116,8 @@ struct NetCard {
 
 struct Vm {
     pid: u32,
-    chan: Channel,
+    /// Shared so that a hot-plug can wait on it without the instance's lock.
+    chan: Arc<Channel>,
 }
 
 struct Attachment {
@@ -152,6 +153,9 @@ struct HostInstance {
     /// An attach in flight (recorded before the card starts, so a restarted controller undoes
     /// it: it was never acknowledged).
     attaching: Option<PendingAttach>,
+    /// The instance's operation slot: the attach or detach in flight, which holds it (not the
+    /// instance's lock) while the hypervisor hot-plugs.
+    op: Option<&'static str>,
     /// The host CPUs of its whole cores (its vCPUs are pinned there); empty: not pinned.
     cpus: Vec<usize>,
     /// Instance storage, if the instance was created with it.
@@ -517,7 +521,10 @@ impl HostBackend {
         };
         let chan = Channel::from_fd(fd).map_err(channel_err("channel"))?;
         tracing::info!(instance = %inst.desc.instance_id, pid, "hypervisor spawned (VM created)");
-        Ok(Vm { pid, chan })
+        Ok(Vm {
+            pid,
+            chan: Arc::new(chan),
+        })
     }
 
     /// Shuts a VM down (best effort) and reaps its process.
@@ -535,12 +542,12 @@ impl HostBackend {
     }
 
     /// A fresh vhost-user connection to the card, handed to the hypervisor.
-    fn plug(&self, vm: &mut Vm, att: &Attachment) -> Result<(), BackendError> {
+    fn plug(&self, chan: &Channel, att: &Attachment) -> Result<(), BackendError> {
         let (_, fd) = self
             .launcher
             .call_fd(&LaunchRequest::ConnectVhost { pid: att.card_pid })
             .map_err(launcher_err("connect vhost"))?;
-        let r = vm.chan.call(
+        let r = chan.call(
             Command::AttachBlock {
                 id: att.device.clone(),
                 read_only: false,
@@ -603,13 +610,13 @@ impl HostBackend {
             return Err(e);
         }
         if let Some(att) = inst.store.as_ref().and_then(|s| s.disk.as_ref()) {
-            if let Err(e) = self.plug(&mut vm, att) {
+            if let Err(e) = self.plug(&vm.chan, att) {
                 self.end_vm(vm);
                 return Err(e);
             }
         }
         for att in inst.volumes.values() {
-            if let Err(e) = self.plug(&mut vm, att) {
+            if let Err(e) = self.plug(&vm.chan, att) {
                 self.end_vm(vm);
                 return Err(e);
             }
@@ -882,7 +889,7 @@ impl InstanceBackend for HostBackend {
         to: Option<u64>,
     ) -> Result<crate::api::HypervisorMoved, BackendError> {
         let inst = self.instance(id)?;
-        let mut g = lock(&inst);
+        let mut g = self.idle(&inst)?;
         self.live_update_vm(&mut g, to)
     }
 
@@ -987,6 +994,7 @@ impl InstanceBackend for HostBackend {
             network: spec.network.clone(),
             net: None,
             attaching: None,
+            op: None,
             cpus: Vec::new(),
             store: spec
                 .instance_storage
@@ -1035,7 +1043,7 @@ impl InstanceBackend for HostBackend {
                 let stored = self.start_store(&mut g).and_then(|p| {
                     pids.extend(p);
                     match g.store.as_ref().and_then(|s| s.disk.as_ref()) {
-                        Some(att) => self.plug(&mut vm, att),
+                        Some(att) => self.plug(&vm.chan, att),
                         None => Ok(()),
                     }
                 });
@@ -1099,7 +1107,7 @@ impl InstanceBackend for HostBackend {
 
     fn start(&self, id: &ResourceId) -> Result<(), BackendError> {
         let inst = self.instance(id)?;
-        let mut g = lock(&inst);
+        let mut g = self.idle(&inst)?;
         match g.desc.state {
             InstanceState::Created => {
                 let vm = g.vm.as_mut().ok_or(BackendError::Unavailable)?;
@@ -1168,7 +1176,7 @@ impl InstanceBackend for HostBackend {
 
     fn reboot(&self, id: &ResourceId) -> Result<(), BackendError> {
         let inst = self.instance(id)?;
-        let mut g = lock(&inst);
+        let mut g = self.idle(&inst)?;
         if !matches!(
             g.desc.state,
             InstanceState::Running | InstanceState::Stopped
@@ -1641,26 +1649,91 @@ impl VolumeBackend for HostBackend {
         storage: Option<crate::api::NetworkVolume>,
     ) -> Result<(), BackendError> {
         let inst = self.instance(instance)?;
-        let mut g = lock(&inst);
+        let g = self.claim(&inst, "attach")?;
+        let (mut g, result) = self.attach_claimed(&inst, g, instance, volume, sealed_key, storage);
+        g.op = None;
+        result
+    }
+
+    fn detach(&self, instance: &ResourceId, volume: &ResourceId) -> Result<(), BackendError> {
+        let inst = self.instance(instance)?;
+        let g = self.claim(&inst, "detach")?;
+        let (mut g, result) = self.detach_claimed(&inst, g, instance, volume);
+        g.op = None;
+        result
+    }
+}
+
+/// Longest a hot-plug waits for the instance's operation slot (another attach or detach of the
+/// same instance in flight): past the hypervisor's own bound on one operation.
+const OP_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(150);
+
+impl HostBackend {
+    /// The instance's lock with its operation slot taken for `op` (an attach or a detach),
+    /// waiting while another holds it. The slot, not the lock, is what the operation keeps
+    /// while the hypervisor hot-plugs: Describe, Stop, Terminate and the console are served
+    /// meanwhile; a second attach or detach, a start, a reboot or a live update waits for it.
+    fn claim<'a>(
+        &self,
+        inst: &'a Mutex<HostInstance>,
+        op: &'static str,
+    ) -> Result<MutexGuard<'a, HostInstance>, BackendError> {
+        let mut g = self.idle(inst)?;
+        g.op = Some(op);
+        Ok(g)
+    }
+
+    /// The instance's lock once no attach or detach is in flight on it.
+    fn idle<'a>(
+        &self,
+        inst: &'a Mutex<HostInstance>,
+    ) -> Result<MutexGuard<'a, HostInstance>, BackendError> {
+        let deadline = std::time::Instant::now() + OP_SLOT_WAIT;
+        loop {
+            let g = lock(inst);
+            let Some(busy) = g.op else {
+                return Ok(g);
+            };
+            drop(g);
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(busy, "instance operation slot still taken; giving up");
+                return Err(BackendError::Unavailable);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    fn attach_claimed<'a>(
+        &self,
+        inst: &'a Mutex<HostInstance>,
+        mut g: MutexGuard<'a, HostInstance>,
+        instance: &ResourceId,
+        volume: &ResourceId,
+        sealed_key: SealedBlob,
+        storage: Option<crate::api::NetworkVolume>,
+    ) -> (MutexGuard<'a, HostInstance>, Result<(), BackendError>) {
         if g.desc.state == InstanceState::Terminated {
-            return Err(BackendError::WrongState);
+            return (g, Err(BackendError::WrongState));
         }
         if g.volumes.contains_key(volume.as_str()) {
-            return Err(BackendError::VolumeAttached);
+            return (g, Err(BackendError::VolumeAttached));
         }
-        let body = card_control::encode_attach(volume, &sealed_key).map_err(|e| {
-            tracing::info!(error = %e, "sealed key not in the card's format");
-            BackendError::KeyRefused
-        })?;
+        let body = match card_control::encode_attach(volume, &sealed_key) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::info!(error = %e, "sealed key not in the card's format");
+                return (g, Err(BackendError::KeyRefused));
+            }
+        };
         drop(sealed_key);
         if !lock(&self.inner).attached.insert(volume.to_string()) {
-            return Err(BackendError::VolumeAttached);
+            return (g, Err(BackendError::VolumeAttached));
         }
         let device = match DeviceId::new(&format!("blk{}", g.next_device)) {
             Ok(d) => d,
             Err(_) => {
                 lock(&self.inner).attached.remove(volume.as_str());
-                return Err(BackendError::Unavailable);
+                return (g, Err(BackendError::Unavailable));
             }
         };
         // The intent is durable before the card exists: a controller that dies from here on
@@ -1672,40 +1745,46 @@ impl VolumeBackend for HostBackend {
         if let Err(e) = self.persist(&g, &[]) {
             g.attaching = None;
             lock(&self.inner).attached.remove(volume.as_str());
-            return Err(e);
+            return (g, Err(e));
         }
-        let result = self.attach_card(&mut g, instance, volume, device, &body, storage);
+        let (mut g, result) = self.attach_card(inst, g, instance, volume, device, &body, storage);
         g.attaching = None;
         match result {
             Ok(pid) => {
                 // Committed and recorded before the attach is acknowledged.
                 if let Err(e) = self.persist(&g, &[pid]) {
                     tracing::error!(error = %e, volume = %volume, "attached, but the host record was not written");
-                    return Err(e);
+                    return (g, Err(e));
                 }
-                Ok(())
+                (g, Ok(()))
             }
             Err(e) => {
                 lock(&self.inner).attached.remove(volume.as_str());
                 self.persist_noticed(&g);
-                Err(e)
+                (g, Err(e))
             }
         }
     }
 
-    fn detach(&self, instance: &ResourceId, volume: &ResourceId) -> Result<(), BackendError> {
-        let inst = self.instance(instance)?;
-        let mut g = lock(&inst);
-        if !g.volumes.contains_key(volume.as_str()) {
-            return Err(BackendError::NoSuchVolume);
-        }
-        let device = g
-            .volumes
-            .get(volume.as_str())
-            .map(|a| a.device.clone())
-            .ok_or(BackendError::NoSuchVolume)?;
-        let vm = g.vm.as_mut().ok_or(BackendError::Unavailable)?;
-        match vm.chan.call(Command::DetachBlock { id: device }, None) {
+    fn detach_claimed<'a>(
+        &self,
+        inst: &'a Mutex<HostInstance>,
+        g: MutexGuard<'a, HostInstance>,
+        instance: &ResourceId,
+        volume: &ResourceId,
+    ) -> (MutexGuard<'a, HostInstance>, Result<(), BackendError>) {
+        let Some(device) = g.volumes.get(volume.as_str()).map(|a| a.device.clone()) else {
+            return (g, Err(BackendError::NoSuchVolume));
+        };
+        let Some(chan) = g.vm.as_ref().map(|vm| Arc::clone(&vm.chan)) else {
+            return (g, Err(BackendError::Unavailable));
+        };
+        // The unplug waits (up to the hypervisor's bound) for the guest to release the disk:
+        // without the instance's lock, which Describe, Stop and the console need meanwhile.
+        drop(g);
+        let unplugged = chan.call(Command::DetachBlock { id: device }, None);
+        let mut g = lock(inst);
+        match unplugged {
             Ok(Reply::Device {
                 guest_acknowledged, ..
             }) => {
@@ -1719,14 +1798,18 @@ impl VolumeBackend for HostBackend {
             Err(ClientError::BackendFailed { failure, .. }) => {
                 tracing::warn!(instance = %instance, volume = %volume, ?failure, "the disk's card failed during the unplug; detached anyway");
             }
-            Err(e) => return Err(channel_err("detach block")(e)),
+            // The VM ended meanwhile (a Stop of an instance with instance storage, Terminate):
+            // the disk went with it.
+            Err(_) if g.vm.as_ref().is_none_or(|vm| !Arc::ptr_eq(&vm.chan, &chan)) => {}
+            Err(e) => return (g, Err(channel_err("detach block")(e))),
         }
         if let Some(att) = g.volumes.remove(volume.as_str()) {
             self.unplug_card(att);
         }
         g.desc.volumes.retain(|v| v != volume.as_str());
         lock(&self.inner).attached.remove(volume.as_str());
-        self.persist(&g, &[])
+        let r = self.persist(&g, &[]);
+        (g, r)
     }
 }
 
@@ -1845,6 +1928,7 @@ impl HostBackend {
                 network: None,
                 net: None,
                 attaching: None,
+                op: None,
                 cpus: Vec::new(),
                 store: None,
                 updating: None,
@@ -2147,7 +2231,10 @@ impl HostBackend {
             Ok(c) => c,
             Err(e) => return Err(channel_err("new channel")(e)),
         };
-        let old = std::mem::replace(vm, Vm { pid: new_pid, chan });
+        let old = std::mem::replace(vm, Vm {
+                pid: new_pid,
+                chan: Arc::new(chan),
+            });
         g.updating = None;
         // The old process exits by itself once it handed over.
         if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
@@ -2414,7 +2501,13 @@ impl HostBackend {
             .map_err(launcher_err("take channel"))?;
         let chan = Channel::adopt(fd, first_id).map_err(channel_err("adopt channel"))?;
         match chan.call(Command::Stats, None) {
-            Ok(Reply::Stats { state, .. }) => Ok((Vm { pid, chan }, state)),
+            Ok(Reply::Stats { state, .. }) => Ok((
+                Vm {
+                    pid,
+                    chan: Arc::new(chan),
+                },
+                state,
+            )),
             Ok(_) => Err(BackendError::Unavailable),
             Err(e) => Err(channel_err("stats")(e)),
         }
@@ -2460,15 +2553,36 @@ impl HostBackend {
 
     /// The card half of AttachVolume: start the card, key it, plug it. Returns the card's pid
     /// (the attachment is in `g`); on failure nothing is left of it.
-    fn attach_card(
+    /// Spawns and keys the volume's card under the instance's lock, then plugs the disk
+    /// without it (the hot-plug waits for the guest's driver; the caller holds the instance's
+    /// operation slot) and takes the lock back to record the attachment.
+    #[allow(clippy::too_many_arguments)]
+    fn attach_card<'a>(
         &self,
-        g: &mut HostInstance,
+        inst: &'a Mutex<HostInstance>,
+        g: MutexGuard<'a, HostInstance>,
         instance: &ResourceId,
         volume: &ResourceId,
         device: DeviceId,
         body: &[u8],
         storage: Option<crate::api::NetworkVolume>,
-    ) -> Result<u32, BackendError> {
+    ) -> (MutexGuard<'a, HostInstance>, Result<u32, BackendError>) {
+        match self.spawn_keyed_card(&g, instance, volume, device, body, storage) {
+            Ok(att) => self.plug_claimed(inst, g, instance, volume, att),
+            Err(e) => (g, Err(e)),
+        }
+    }
+
+    /// The volume's card, spawned and keyed (killed again if it refused the key).
+    fn spawn_keyed_card(
+        &self,
+        g: &HostInstance,
+        instance: &ResourceId,
+        volume: &ResourceId,
+        device: DeviceId,
+        body: &[u8],
+        storage: Option<crate::api::NetworkVolume>,
+    ) -> Result<(Attachment, f64, f64), BackendError> {
         // A network volume's blocks are on its storage node; a local one's in a file here.
         let backing = match &storage {
             Some(_) => None,
@@ -2533,6 +2647,24 @@ impl HostBackend {
             self.kill_unkeyed_card(att.card_pid);
             return Err(e);
         }
+        Ok((att, spawn_ms, key_ms))
+    }
+
+    /// Plugs the keyed card's disk into the instance's VM, the instance's lock released for
+    /// the hot-plug's wait; back under the lock, records it, or ends the card if the attach
+    /// failed or the VM it went into is no longer the instance's (stopped, terminated,
+    /// rebooted meanwhile).
+    fn plug_claimed<'a>(
+        &self,
+        inst: &'a Mutex<HostInstance>,
+        g: MutexGuard<'a, HostInstance>,
+        instance: &ResourceId,
+        volume: &ResourceId,
+        (att, spawn_ms, key_ms): (Attachment, f64, f64),
+    ) -> (MutexGuard<'a, HostInstance>, Result<u32, BackendError>) {
+        let pid = att.card_pid;
+        let chan = g.vm.as_ref().map(|vm| Arc::clone(&vm.chan));
+        drop(g);
         match fault() {
             None
             | Some(
@@ -2552,9 +2684,21 @@ impl HostBackend {
             }
         }
         let t_plug = std::time::Instant::now();
-        let plugged = match g.vm.as_mut() {
-            Some(vm) => self.plug(vm, &att),
+        let plugged = match &chan {
+            Some(chan) => self.plug(chan, &att),
             None => Err(BackendError::Unavailable),
+        };
+        let mut g = lock(inst);
+        let same_vm = match (&chan, g.vm.as_ref()) {
+            (Some(c), Some(vm)) => Arc::ptr_eq(c, &vm.chan),
+            _ => false,
+        };
+        let plugged = match plugged {
+            Ok(()) if !same_vm || g.desc.state == InstanceState::Terminated => {
+                tracing::warn!(instance = %instance, volume = %volume, "the instance's VM changed during the hot-plug; attach undone");
+                Err(BackendError::WrongState)
+            }
+            other => other,
         };
         match plugged {
             Ok(()) => {
@@ -2570,11 +2714,11 @@ impl HostBackend {
                 g.next_device = g.next_device.saturating_add(1);
                 g.desc.volumes.push(volume.to_string());
                 g.volumes.insert(volume.to_string(), att);
-                Ok(pid)
+                (g, Ok(pid))
             }
             Err(e) => {
                 self.unplug_card(att);
-                Err(e)
+                (g, Err(e))
             }
         }
     }
