@@ -140,6 +140,20 @@ def target_from(text):
     return m.group(1), float(m.group(2).replace(",", "")), m.group(2)
 
 
+def target_for_column(text, header):
+    """A per-peer target in a target cell ('≤ 0.5× QEMU, ≤ 1.0× Firecracker'): the one naming the
+    peer of a 'Bulkhead / <peer>' ratio column, or None."""
+    if " / " not in header:
+        return None
+    peer = re.sub(r"\(.*?\)", "", header.split(" / ", 1)[1]).strip().split()
+    if not peer:
+        return None
+    for m in re.finditer(rf"([≤≥<>]=?)\s*({NUM})\s*×\s*([A-Za-z][\w-]*)", text):
+        if m.group(3).lower() == peer[0].lower():
+            return m.group(1), float(m.group(2).replace(",", "")), m.group(2)
+    return None
+
+
 def direction(*texts):
     joined = " ".join(texts)
     if HIGHER.search(joined):
@@ -201,7 +215,7 @@ def ratio_bars(header, rows):
                 tgt = hdr_target
                 tgt_text = None
                 if target_col is not None:
-                    tgt = target_from(r[target_col]) or tgt
+                    tgt = target_for_column(r[target_col], h) or target_from(r[target_col]) or tgt
                     if tgt is None and r[target_col]:
                         tgt_text = r[target_col]
                 vals = " ".join(r[k] for k in value_cols)
