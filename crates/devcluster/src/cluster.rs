@@ -634,6 +634,9 @@ fn write_controller_config(
     }
     if attested {
         put("attest_socket", &hd.join("attest.sock"));
+        // The release trust root pinned at provisioning: the controller takes DeployRelease
+        // (`bulkhead deploy --cluster`) of releases 2 of its 3 keys signed.
+        put("release_root", &dir.join("release/trust-root.json"));
     }
     t.insert("host_id".into(), toml::Value::String(host.into()));
     t.insert("listen".into(), toml::Value::String(listen.into()));

@@ -25,8 +25,26 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod deploy;
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Deploy a signed release to every host of the cluster in DIR, in waves (one host, then
+    /// the rest), as the cluster's deployer: upload, DeployRelease, health, attestation with the
+    /// new measurements; a failed wave stops the rollout. Prints the report as JSON.
+    Deploy {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The signed release (JSON).
+        #[arg(long)]
+        release: PathBuf,
+        /// Directory holding the release's artefacts.
+        #[arg(long)]
+        artefacts: PathBuf,
+        /// The deployer's certificate name in the cluster's CA.
+        #[arg(long, default_value = "deployer")]
+        caller: String,
+    },
     /// Start a local cluster (KMS, token service, N host controllers, the control plane) in DIR
     /// and keep it running until interrupted. Writes DIR/cluster.json once everything is up.
     Up {
@@ -626,6 +644,17 @@ fn bench(
 fn main() -> ExitCode {
     bulkhead_daemon::init_logging("BULKHEAD_LOG", "info");
     let r = match Cli::parse().cmd {
+        Cmd::Deploy {
+            dir,
+            release,
+            artefacts,
+            caller,
+        } => {
+            let r = deploy::run(&dir, &release, &artefacts, &caller).map(|report| {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            });
+            return bulkhead_daemon::exit("bulkhead-devcluster deploy", r);
+        }
         Cmd::Up {
             dir,
             hosts,
