@@ -1037,7 +1037,7 @@ impl InstanceBackend for HostBackend {
             );
         }
         match self.spawn_vm(&g) {
-            Ok(mut vm) => {
+            Ok(vm) => {
                 let mut pids = vec![vm.pid];
                 // Instance storage: its card starts and is plugged before the guest boots.
                 let stored = self.start_store(&mut g).and_then(|p| {
@@ -2231,10 +2231,13 @@ impl HostBackend {
             Ok(c) => c,
             Err(e) => return Err(channel_err("new channel")(e)),
         };
-        let old = std::mem::replace(vm, Vm {
+        let old = std::mem::replace(
+            vm,
+            Vm {
                 pid: new_pid,
                 chan: Arc::new(chan),
-            });
+            },
+        );
         g.updating = None;
         // The old process exits by itself once it handed over.
         if let Err(e) = self.launcher.call(&LaunchRequest::Reap {

@@ -639,11 +639,49 @@ fn an_unacknowledged_attach_is_rolled_back_on_restart() {
         kept(keeper, "vol-mid.img").len() == 1
     });
     let card = kept(keeper, "vol-mid.img")[0];
-    // The card answers `Attached` after keying; the hook then holds the controller before the
-    // plug. A moment for the reply to arrive, then the kill lands mid-attach.
+    // The card answers `Attached` after keying; the hook then holds the attach before the plug,
+    // where a hot-plug waits for the guest: with the instance's operation slot, not its lock.
+    // A moment for the reply to arrive; then the attach is held there until the kill below.
     std::thread::sleep(Duration::from_secs(2));
+    // Meanwhile the same instance is described, its console read and a Stop answered (refused:
+    // it never started) at once; a second attach to it waits for the slot and starts no card.
+    let t0 = std::time::Instant::now();
+    let desc = ok(&d, "GET", "/v1/instances/i-mid", "");
+    assert_eq!(desc.json["state"], "created", "{}", desc.json);
+    assert_eq!(desc.json["volumes"], serde_json::json!([]));
+    console(&d, "i-mid");
+    let stop = call(&d, "POST", "/v1/instances/i-mid/stop", "");
+    assert_eq!(stop.status, 409, "{}", String::from_utf8_lossy(&stop.body));
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "calls on the instance waited for the pending attach: {:?}",
+        t0.elapsed()
+    );
+    let body2 =
+        serde_json::json!({"volume_id": "vol-two", "sealed_key": sealed_b64(&host, "vol-two", 5)})
+            .to_string();
+    let token2 = d.mint("customer", HOST, CUSTOMER_OPS, MIN10);
+    let client2 = d.client("customer");
+    let second = std::thread::spawn(move || {
+        client2.request(
+            "POST",
+            "/v1/instances/i-mid/volumes",
+            Some(&token2),
+            body2.as_bytes(),
+        )
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        kept(keeper, "vol-two.img").is_empty(),
+        "a second attach ran beside the pending one"
+    );
     d.kill9_controller_only();
     let r = attach.join().unwrap();
+    let r2 = second.join().unwrap();
+    assert!(
+        r2.as_ref().map_or(true, |r| r.status >= 500),
+        "the queued attach was acknowledged: {r2:?}"
+    );
     assert!(
         r.as_ref().map_or(true, |r| r.status >= 500),
         "the interrupted attach was acknowledged: {r:?}"
