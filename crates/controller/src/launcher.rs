@@ -443,45 +443,9 @@ fn peer_cred(fd: RawFd) -> std::io::Result<(u32, u32)> {
     Ok((cred.uid, u32::try_from(cred.pid).unwrap_or(0)))
 }
 
+/// The one SCM_RIGHTS sender (the hypervisor channel's).
+pub(crate) use bulkhead_hypervisor_client::send_packet;
 use bulkhead_hypervisor_client::seqpacket_pair;
-
-/// Sends one packet, with at most one fd as SCM_RIGHTS.
-pub(crate) fn send_packet(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> std::io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    let fd_len = u32::try_from(std::mem::size_of::<RawFd>()).unwrap_or(4);
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = usize::try_from(unsafe { libc::CMSG_SPACE(fd_len) }).unwrap_or(64);
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr is plain data; all-zero is a valid initial value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        // SAFETY: `msg_control` points at `cbuf`, which has room for one cmsg with one fd
-        // (CMSG_SPACE above); the header and data pointers come from the CMSG macros.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            if cmsg.is_null() {
-                return Err(std::io::Error::other("no room for SCM_RIGHTS"));
-            }
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = usize::try_from(libc::CMSG_LEN(fd_len)).unwrap_or(0);
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        }
-    }
-    // SAFETY: `msg` and the buffers it points to (`iov` → `data`, `cbuf`) outlive the call.
-    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
 
 /// Receives one packet of at most [`MAX_MESSAGE`] bytes and at most one fd. Returns `None` on
 /// end of stream. Extra fds (which a well-behaved peer never sends) are closed.

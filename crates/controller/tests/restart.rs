@@ -26,6 +26,7 @@ const CUSTOMER_OPS: &[Operation] = &[
     Operation::CreateInstance,
     Operation::DescribeInstance,
     Operation::StartInstance,
+    Operation::StopInstance,
     Operation::TerminateInstance,
     Operation::AttachVolume,
     Operation::DetachVolume,

@@ -457,7 +457,7 @@ impl Channel {
         }
         .encode();
         match fd {
-            Some(fd) => send_with_fd(&link.sock, &frame, fd).map_err(ClientError::Io)?,
+            Some(fd) => send_packet(link.sock.as_raw_fd(), &frame, Some(fd)).map_err(ClientError::Io)?,
             None => (&link.sock).write_all(&frame).map_err(ClientError::Io)?,
         }
         let mut buf = vec![0u8; HEADER_LEN + MAX_FRAME as usize];
@@ -491,37 +491,39 @@ impl Channel {
 /// How many stale replies (to a previous owner's requests) one exchange skips at most.
 const MAX_STALE_REPLIES: u32 = 64;
 
-/// Size of one fd in a control message (4 bytes).
-const FD_LEN: u32 = 4;
-
-fn send_with_fd(sock: &UnixStream, data: &[u8], fd: RawFd) -> std::io::Result<()> {
+/// Sends one packet on a unix socket, with at most one fd as SCM_RIGHTS (the channel's, the
+/// controller's launcher's and its keeper's).
+pub fn send_packet(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> std::io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
     };
+    let fd_len = u32::try_from(std::mem::size_of::<RawFd>()).unwrap_or(4);
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(FD_LEN) } as usize;
+    let space = usize::try_from(unsafe { libc::CMSG_SPACE(fd_len) }).unwrap_or(64);
     let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr is plain data; zeroed is a valid initial state.
+    // SAFETY: msghdr is plain data; all-zero is a valid initial value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: `msg` points at `cbuf`, which has room for one cmsg carrying one fd; the header
-    // and data pointers come from the CMSG macros over that buffer.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null() {
-            return Err(std::io::Error::other("no room for SCM_RIGHTS"));
+    if let Some(fd) = fd {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: `msg_control` points at `cbuf`, which has room for one cmsg with one fd
+        // (CMSG_SPACE above); the header and data pointers come from the CMSG macros.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            if cmsg.is_null() {
+                return Err(std::io::Error::other("no room for SCM_RIGHTS"));
+            }
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = usize::try_from(libc::CMSG_LEN(fd_len)).unwrap_or(0);
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
         }
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(FD_LEN) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
     }
-    // SAFETY: `msg` and everything it points to are valid for the duration of the call.
-    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    // SAFETY: `msg` and the buffers it points to (`iov` → `data`, `cbuf`) outlive the call.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
