@@ -14,8 +14,9 @@ use crate::net::Cidr;
 use crate::ControlError;
 use check::{check_id, check_ids, check_token, json};
 pub use compute::{
-    AttachVolume, CreateKey, CreateVolume, InstanceIds, InstanceRef, RevokeGrant, RunInstances,
-    VolumeIds, VolumeRef, MAX_INSTANCE_STORAGE_GIB, MAX_USER_DATA_BYTES,
+    AttachVolume, CreateKey, CreateSnapshot, CreateVolume, InstanceIds, InstanceRef, RevokeGrant,
+    RunInstances, SnapshotIds, SnapshotRef, VolumeIds, VolumeRef, MAX_INSTANCE_STORAGE_GIB,
+    MAX_USER_DATA_BYTES,
 };
 use network::{bad_net, check_description, check_group_name};
 pub use network::{
@@ -41,6 +42,9 @@ pub const ACTIONS: &[(&str, bool)] = &[
     ("AttachVolume", true),
     ("DetachVolume", true),
     ("DeleteVolume", true),
+    ("CreateSnapshot", true),
+    ("DescribeSnapshots", false),
+    ("DeleteSnapshot", true),
     ("GetConsoleOutput", false),
     ("CreateKey", true),
     ("RevokeGrant", true),
@@ -68,6 +72,9 @@ pub enum ControlRequest {
     AttachVolume(AttachVolume),
     DetachVolume(VolumeRef),
     DeleteVolume(VolumeRef),
+    CreateSnapshot(CreateSnapshot),
+    DescribeSnapshots(SnapshotIds),
+    DeleteSnapshot(SnapshotRef),
     GetConsoleOutput(InstanceRef),
     CreateKey(CreateKey),
     RevokeGrant(RevokeGrant),
@@ -145,6 +152,9 @@ impl ControlRequest {
                 if let Some(k) = &r.kms_key_id {
                     check_id(k)?;
                 }
+                if let Some(s) = &r.snapshot_id {
+                    check_id(s)?;
+                }
                 check_token(&r.client_token)?;
                 if r.encrypted == Some(false) {
                     return Err(ControlError::EncryptionRequired);
@@ -177,6 +187,23 @@ impl ControlRequest {
                 } else {
                     ControlRequest::DeleteVolume(r)
                 }
+            }
+            "CreateSnapshot" => {
+                let r: CreateSnapshot = json(body)?;
+                check_id(&r.volume_id)?;
+                check_token(&r.client_token)?;
+                ControlRequest::CreateSnapshot(r)
+            }
+            "DescribeSnapshots" => {
+                let r: SnapshotIds = json(body)?;
+                check_ids(&r.snapshot_ids)?;
+                ControlRequest::DescribeSnapshots(r)
+            }
+            "DeleteSnapshot" => {
+                let r: SnapshotRef = json(body)?;
+                check_id(&r.snapshot_id)?;
+                check_token(&r.client_token)?;
+                ControlRequest::DeleteSnapshot(r)
             }
             "GetConsoleOutput" => {
                 let r: InstanceRef = json(body)?;
@@ -280,6 +307,9 @@ impl ControlRequest {
             ControlRequest::AttachVolume(_) => "AttachVolume",
             ControlRequest::DetachVolume(_) => "DetachVolume",
             ControlRequest::DeleteVolume(_) => "DeleteVolume",
+            ControlRequest::CreateSnapshot(_) => "CreateSnapshot",
+            ControlRequest::DescribeSnapshots(_) => "DescribeSnapshots",
+            ControlRequest::DeleteSnapshot(_) => "DeleteSnapshot",
             ControlRequest::GetConsoleOutput(_) => "GetConsoleOutput",
             ControlRequest::CreateKey(_) => "CreateKey",
             ControlRequest::RevokeGrant(_) => "RevokeGrant",
@@ -308,6 +338,8 @@ impl ControlRequest {
             ControlRequest::DetachVolume(r) | ControlRequest::DeleteVolume(r) => {
                 r.client_token.as_deref()
             }
+            ControlRequest::CreateSnapshot(r) => r.client_token.as_deref(),
+            ControlRequest::DeleteSnapshot(r) => r.client_token.as_deref(),
             ControlRequest::CreateKey(r) => r.client_token.as_deref(),
             ControlRequest::RevokeGrant(r) => r.client_token.as_deref(),
             ControlRequest::CreateVpc(r) => r.client_token.as_deref(),
@@ -319,6 +351,7 @@ impl ControlRequest {
             | ControlRequest::RevokeSecurityGroupIngress(r) => r.client_token.as_deref(),
             ControlRequest::DescribeInstances(_)
             | ControlRequest::DescribeVolumes(_)
+            | ControlRequest::DescribeSnapshots(_)
             | ControlRequest::GetConsoleOutput(_)
             | ControlRequest::DescribeVpcs(_)
             | ControlRequest::DescribeSubnets(_)

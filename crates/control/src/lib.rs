@@ -34,6 +34,7 @@ pub mod schema;
 pub mod sealed;
 pub mod server;
 pub mod service;
+mod snapshots;
 pub mod state;
 pub mod storage;
 mod volumes;
@@ -71,6 +72,8 @@ pub enum ControlError {
     NoSuchInstance,
     #[error("no such volume")]
     NoSuchVolume,
+    #[error("no such snapshot")]
+    NoSuchSnapshot,
     #[error("resource is not in a state that allows this")]
     WrongState,
     #[error("volume is attached")]
@@ -115,6 +118,8 @@ const UPSTREAM_CODES: &[&str] = &[
     "storage_fenced",
     "storage_unavailable",
     "bad_storage",
+    "volume_in_use",
+    "member_exists",
     "unknown_host",
     "host_key_mismatch",
     "auth_bad_signature",
@@ -226,6 +231,7 @@ impl ControlError {
             ControlError::Replayed => "auth_replayed",
             ControlError::NoSuchInstance => "no_such_instance",
             ControlError::NoSuchVolume => "no_such_volume",
+            ControlError::NoSuchSnapshot => "no_such_snapshot",
             ControlError::WrongState => "incorrect_state",
             ControlError::VolumeInUse => "volume_in_use",
             ControlError::NoCapacity => "insufficient_capacity",
@@ -260,7 +266,8 @@ impl ControlError {
         match self {
             ControlError::NoSuchAction
             | ControlError::NoSuchInstance
-            | ControlError::NoSuchVolume => 404,
+            | ControlError::NoSuchVolume
+            | ControlError::NoSuchSnapshot => 404,
             ControlError::MethodNotAllowed => 405,
             ControlError::BodyTooLarge => 413,
             ControlError::BadBody

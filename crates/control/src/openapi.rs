@@ -25,6 +25,9 @@ pub fn request_schema(action: &str) -> Option<&'static str> {
         "DescribeVolumes" => "VolumeIds",
         "AttachVolume" => "AttachVolume",
         "DetachVolume" | "DeleteVolume" => "VolumeRef",
+        "CreateSnapshot" => "CreateSnapshot",
+        "DescribeSnapshots" => "SnapshotIds",
+        "DeleteSnapshot" => "SnapshotRef",
         "GetConsoleOutput" => "InstanceRef",
         "CreateKey" => "CreateKey",
         "RevokeGrant" => "RevokeGrant",
@@ -114,6 +117,9 @@ pub fn document() -> utoipa::openapi::OpenApi {
         .schema(api::VolumeIds::name(), api::VolumeIds::schema())
         .schema(api::AttachVolume::name(), api::AttachVolume::schema())
         .schema(api::VolumeRef::name(), api::VolumeRef::schema())
+        .schema(api::CreateSnapshot::name(), api::CreateSnapshot::schema())
+        .schema(api::SnapshotIds::name(), api::SnapshotIds::schema())
+        .schema(api::SnapshotRef::name(), api::SnapshotRef::schema())
         .schema(api::InstanceRef::name(), api::InstanceRef::schema())
         .schema(api::CreateKey::name(), api::CreateKey::schema())
         .schema(api::RevokeGrant::name(), api::RevokeGrant::schema())

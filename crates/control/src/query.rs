@@ -218,6 +218,8 @@ pub fn ec2_code(e: &ControlError, action: &str) -> Ec2ErrorCode {
         ControlError::BadNetwork(_) => C::InvalidParameterValue,
         ControlError::NoSuchInstance => C::InvalidInstanceIdNotFound,
         ControlError::NoSuchVolume => C::InvalidVolumeNotFound,
+        // The EC2 Query API does not map the snapshot actions (JSON API only).
+        ControlError::NoSuchSnapshot => C::InvalidParameterValue,
         ControlError::WrongState if instance_action => C::IncorrectInstanceState,
         ControlError::WrongState => C::IncorrectState,
         ControlError::VolumeInUse => C::VolumeInUse,

@@ -13,7 +13,7 @@ mod sqlite;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::state::{BadTransition, InstanceState, UnknownState, VolumeState};
+pub use crate::state::{BadTransition, InstanceState, SnapshotState, UnknownState, VolumeState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -99,6 +99,22 @@ pub struct VolumeRow {
     pub storage_node: Option<String>,
 }
 
+/// A snapshot: its volume's data-key blob (the same key family) and where its ciphertext is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub snapshot_id: String,
+    pub tenant_id: String,
+    /// The volume it was taken of (which may be gone since).
+    pub volume_id: String,
+    pub size_gib: u32,
+    pub kms_key_id: String,
+    /// KMS ciphertext of the family's data key (never the key).
+    pub ciphertext_blob: Vec<u8>,
+    pub state: SnapshotState,
+    pub storage_node: Option<String>,
+    pub created: u64,
+}
+
 /// The repository every backend implements; the same test suite runs against each.
 pub trait Repository:
     crate::workflow::WorkflowStore + crate::net_store::NetStore + Send + Sync
@@ -179,6 +195,20 @@ pub trait Repository:
     fn delete_volume(&self, tenant: &str, id: &str) -> Result<bool, RepoError>;
     /// Volumes left mid-transition (attaching/detaching) by a crash, any tenant.
     fn volumes_in_transition(&self) -> Result<Vec<VolumeRow>, RepoError>;
+
+    fn insert_snapshot(&self, s: &SnapshotRow) -> Result<(), RepoError>;
+    fn snapshot(&self, tenant: &str, id: &str) -> Result<Option<SnapshotRow>, RepoError>;
+    fn snapshots(&self, tenant: &str) -> Result<Vec<SnapshotRow>, RepoError>;
+    /// Compare-and-set of a snapshot's state, allowed by [`SnapshotState::can_become`].
+    fn transition_snapshot(
+        &self,
+        tenant: &str,
+        id: &str,
+        from: SnapshotState,
+        to: SnapshotState,
+    ) -> Result<(), RepoError>;
+    /// Removes a snapshot in `deleting`; false for any other state or tenant.
+    fn delete_snapshot(&self, tenant: &str, id: &str) -> Result<bool, RepoError>;
 
     /// Placement and reservation as one atomic step: under a lock every scheduler of this
     /// store takes (the connection's on SQLite, a transaction-scoped advisory lock on

@@ -11,6 +11,7 @@ use crate::repo::*;
 #[doc(hidden)]
 #[allow(clippy::unwrap_used)]
 pub fn contract_suite(r: &dyn Repository) {
+    snapshots(r);
     r.put_customer(&CustomerRow {
         access_key_id: "AKIDA0000001".into(),
         tenant_id: "t-a".into(),
@@ -556,4 +557,72 @@ fn reserve_contract(r: &dyn Repository) {
     assert_eq!(r.instance("t-r", "i-r1").unwrap().unwrap().host_id, "h-res");
     assert_eq!(r.reserve_instance(&row("i-r2"), fits()).unwrap(), None);
     assert!(r.instance("t-r", "i-r2").unwrap().is_none());
+}
+
+/// Snapshots: tenant-scoped, compare-and-set states, only a `deleting` one is removed.
+fn snapshots(r: &dyn Repository) {
+    let snap = SnapshotRow {
+        snapshot_id: "snap-c1".into(),
+        tenant_id: "t-a".into(),
+        volume_id: "vol-c1".into(),
+        size_gib: 2,
+        kms_key_id: "key-1".into(),
+        ciphertext_blob: vec![1, 2, 3],
+        state: SnapshotState::Pending,
+        storage_node: Some("storage-1".into()),
+        created: 7,
+    };
+    r.insert_snapshot(&snap).unwrap();
+    assert!(r.insert_snapshot(&snap).is_err(), "one row per id");
+    assert_eq!(r.snapshot("t-a", "snap-c1").unwrap().as_ref(), Some(&snap));
+    assert!(r.snapshot("t-b", "snap-c1").unwrap().is_none());
+    assert!(r.snapshots("t-b").unwrap().is_empty());
+    assert!(matches!(
+        r.transition_snapshot(
+            "t-a",
+            "snap-c1",
+            SnapshotState::Completed,
+            SnapshotState::Deleting
+        ),
+        Err(RepoError::Stale)
+    ));
+    assert!(matches!(
+        r.transition_snapshot(
+            "t-a",
+            "snap-c1",
+            SnapshotState::Deleting,
+            SnapshotState::Completed
+        ),
+        Err(RepoError::Transition(_))
+    ));
+    r.transition_snapshot(
+        "t-a",
+        "snap-c1",
+        SnapshotState::Pending,
+        SnapshotState::Completed,
+    )
+    .unwrap();
+    assert!(
+        !r.delete_snapshot("t-a", "snap-c1").unwrap(),
+        "completed stays"
+    );
+    assert!(matches!(
+        r.transition_snapshot(
+            "t-b",
+            "snap-c1",
+            SnapshotState::Completed,
+            SnapshotState::Deleting
+        ),
+        Err(RepoError::Stale)
+    ));
+    r.transition_snapshot(
+        "t-a",
+        "snap-c1",
+        SnapshotState::Completed,
+        SnapshotState::Deleting,
+    )
+    .unwrap();
+    assert!(!r.delete_snapshot("t-b", "snap-c1").unwrap());
+    assert!(r.delete_snapshot("t-a", "snap-c1").unwrap());
+    assert!(r.snapshots("t-a").unwrap().is_empty());
 }

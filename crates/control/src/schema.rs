@@ -48,6 +48,13 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE volumes ADD COLUMN storage_node TEXT;",
     // Instance storage: the size of an instance's local ephemeral disk (NULL: none).
     "ALTER TABLE instances ADD COLUMN instance_storage_gib BIGINT;",
+    // Snapshots: a copy of a volume's ciphertext on its storage node, in the volume's KMS key
+    // family (the same data-key blob).
+    "CREATE TABLE snapshots (
+        snapshot_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, volume_id TEXT NOT NULL,
+        size_gib {INT} NOT NULL, kms_key_id TEXT NOT NULL, ciphertext_blob {BLOB} NOT NULL,
+        state TEXT NOT NULL, storage_node TEXT, created {INT} NOT NULL);
+     CREATE INDEX snapshots_by_tenant ON snapshots(tenant_id);",
 ];
 
 /// The migrations rendered for `d`.

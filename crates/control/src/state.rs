@@ -35,6 +35,19 @@ pub enum VolumeState {
     Deleting,
 }
 
+/// A snapshot's lifecycle (EBS's names, plus `deleting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotState {
+    /// Recorded; its storage copy and key-family membership are being made.
+    Pending,
+    /// Copied and keyed: volumes can be made from it.
+    Completed,
+    /// DeleteSnapshot (or the undo of a failed CreateSnapshot) took it: its family membership
+    /// is being destroyed and its storage released. Final.
+    Deleting,
+}
+
 /// A state name that is not one of ours (a corrupt row, or a newer schema).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown {kind} state {name:?}")]
@@ -178,6 +191,59 @@ impl VolumeState {
     }
 }
 
+impl SnapshotState {
+    pub const ALL: [SnapshotState; 3] = [
+        SnapshotState::Pending,
+        SnapshotState::Completed,
+        SnapshotState::Deleting,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Pending => "pending",
+            SnapshotState::Completed => "completed",
+            SnapshotState::Deleting => "deleting",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, UnknownState> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState {
+                kind: "snapshot",
+                name: s.chars().take(32).collect(),
+            })
+    }
+
+    /// The transition table: `Pending → Deleting` is the undo of a create that failed part-way.
+    pub fn can_become(self, to: SnapshotState) -> bool {
+        use SnapshotState::*;
+        matches!(
+            (self, to),
+            (Pending, Completed) | (Pending, Deleting) | (Completed, Deleting)
+        )
+    }
+
+    pub fn check(self, to: SnapshotState) -> Result<SnapshotState, BadTransition> {
+        if self.can_become(to) {
+            Ok(to)
+        } else {
+            Err(BadTransition {
+                kind: "snapshot",
+                from: self.as_str(),
+                to: to.as_str(),
+            })
+        }
+    }
+}
+
+impl fmt::Display for SnapshotState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl fmt::Display for InstanceState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -214,6 +280,25 @@ mod tests {
             serde_json::to_string(&VolumeState::InUse).unwrap(),
             "\"in-use\""
         );
+    }
+
+    #[test]
+    fn snapshots_complete_or_are_deleted_and_deleting_is_final() {
+        for s in SnapshotState::ALL {
+            assert_eq!(SnapshotState::parse(s.as_str()), Ok(s));
+            assert!(!SnapshotState::Deleting.can_become(s));
+            assert!(!s.can_become(SnapshotState::Pending));
+        }
+        assert!(SnapshotState::Pending.can_become(SnapshotState::Completed));
+        assert!(!SnapshotState::Completed.can_become(SnapshotState::Pending));
+        assert_eq!(
+            SnapshotState::Deleting
+                .check(SnapshotState::Completed)
+                .unwrap_err()
+                .kind,
+            "snapshot"
+        );
+        assert_eq!(SnapshotState::parse("done").unwrap_err().kind, "snapshot");
     }
 
     #[test]

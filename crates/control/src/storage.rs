@@ -10,8 +10,8 @@
 
 use bulkhead_mtls::HttpsClient;
 use bulkhead_storage_proto::{
-    self as proto, Answer, CreateVolume, DeleteReply, DeleteVolume, Grant, HostName, Request,
-    Revoke, VolumeId, VolumeReply,
+    self as proto, Answer, CreateSnapshot, CreateVolume, DeleteReply, DeleteVolume, Grant,
+    HostName, Request, Revoke, VolumeId, VolumeReply,
 };
 use bulkhead_tokens::pki::ServerIdentity;
 use serde::{Deserialize, Serialize};
@@ -43,6 +43,7 @@ fn code(c: proto::ErrorCode) -> &'static str {
             "storage_fenced"
         }
         proto::ErrorCode::UnknownVolume => "no_such_volume",
+        proto::ErrorCode::VolumeInUse => "volume_in_use",
         _ => "storage_unavailable",
     }
 }
@@ -163,6 +164,37 @@ impl Storage {
             volume_id: vid(volume_id)?,
             size_bytes: u64::from(size_gib) << 30,
             source: None,
+        });
+        self.call::<VolumeReply>(node_id, &req).await.map(|_| ())
+    }
+
+    /// A new volume starting as a copy of the snapshot `source` (on the snapshot's node).
+    pub async fn create_from(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        size_gib: u32,
+        source: &str,
+    ) -> Result<(), ControlError> {
+        let req = Request::CreateVolume(CreateVolume {
+            volume_id: vid(volume_id)?,
+            size_bytes: u64::from(size_gib) << 30,
+            source: Some(vid(source)?),
+        });
+        self.call::<VolumeReply>(node_id, &req).await.map(|_| ())
+    }
+
+    /// Copies a volume no host holds to the snapshot `snapshot_id` (released like a volume,
+    /// by [`Storage::delete`]).
+    pub async fn snapshot(
+        &self,
+        node_id: &str,
+        snapshot_id: &str,
+        volume_id: &str,
+    ) -> Result<(), ControlError> {
+        let req = Request::CreateSnapshot(CreateSnapshot {
+            snapshot_id: vid(snapshot_id)?,
+            volume_id: vid(volume_id)?,
         });
         self.call::<VolumeReply>(node_id, &req).await.map(|_| ())
     }

@@ -4,7 +4,10 @@
 //! host) and attached on the surviving host, where every write the dead guest saw acknowledged
 //! is there; the dead host's certificate can no longer open the volume; the storage holds only
 //! ciphertext, which an independent decryptor opens with the data key; DeleteVolume crypto-erases
-//! the key (the KMS refuses it to everyone) and releases the storage.
+//! the key (the KMS refuses it to everyone) and releases the storage. Snapshots ride the same
+//! boots: a snapshot of the detached volume (ciphertext only on the node), a larger volume made
+//! from it that outlives the original and is read by the checker guest already running, and
+//! once clone and snapshot are deleted the key family is refused to everyone.
 //!
 //! `file_engine_…` runs in `make test`'s workspace line; `rbd_engine_…` runs the same story on
 //! a real single-node Ceph under `scripts/with-ceph.sh` (its own Makefile line).
@@ -39,7 +42,11 @@ const CHECKER: &str = "while [ ! -e /sys/block/vda ]; do sleep 1; done\n\
     while :; do v=$(dd if=/dev/vda bs=16 skip=$(( (2048+n)*32 )) count=1 2>/dev/null); [ \"$v\" = \"$(printf 'CTR%013d' $n)\" ] || break; n=$((n+1)); done\n\
     echo \"counters-present:$((n-1))-end\"\n\
     R=$(dd if=/dev/vda bs=32 skip=128 count=1 2>/dev/null)\n\
-    echo \"marker-again:$R\"\n";
+    echo \"marker-again:$R\"\n\
+    while [ -e /sys/block/vda ]; do sleep 1; done\n\
+    D=; while [ -z \"$D\" ]; do for d in /sys/block/vd*; do [ -e \"$d\" ] && D=/dev/${d##*/}; done; sleep 1; done\n\
+    R=$(dd if=$D bs=32 skip=128 count=1 2>/dev/null)\n\
+    echo \"clone-read:$R\"\n";
 
 fn start(dir: &Path, guest: &Path, engine: StorageEngine) -> Cluster {
     let c = cluster::start_replicated(
@@ -305,6 +312,53 @@ fn volume_follows_the_customer(engine: StorageEngine, test: &str) {
         b"CTR0000000000001"
     );
 
+    // 3b. A snapshot of the detached volume, and a larger volume made from it, in the volume's
+    //     key family; the snapshot's storage holds only ciphertext, which the same key opens.
+    let t_3b = std::time::Instant::now();
+    let t_snap = std::time::Instant::now();
+    let snap = a.ok("CreateSnapshot", json!({"VolumeId": v}));
+    let sid = snap["SnapshotId"].as_str().unwrap().to_string();
+    assert_eq!(snap["State"], "completed", "{snap}");
+    let snap_ms = t_snap.elapsed().as_millis();
+    let listed = a.ok("DescribeSnapshots", json!({"SnapshotIds": [sid]}));
+    assert_eq!(listed["Snapshots"][0]["VolumeId"], v.as_str(), "{listed}");
+    let size = snap["VolumeSize"].as_u64().unwrap();
+    // Another tenant can neither see nor use it (refused, audited by the control plane).
+    let b = customer(&c, "tenant-b");
+    let (st, r) = b.call("CreateVolume", json!({"SizeGiB": size, "SnapshotId": sid}));
+    assert_eq!((st, code(&r)), (404, "no_such_snapshot"), "{r}");
+    let (st, r) = b.call("DescribeSnapshots", json!({"SnapshotIds": [sid]}));
+    assert_eq!((st, code(&r)), (404, "no_such_snapshot"), "{r}");
+    let (st, r) = b.call("DeleteSnapshot", json!({"SnapshotId": sid}));
+    assert_eq!((st, code(&r)), (404, "no_such_snapshot"), "{r}");
+    let control_audit = std::fs::read_to_string(c.dir.join("control/audit.log")).unwrap();
+    assert!(
+        control_audit.contains("no_such_snapshot"),
+        "the control plane audited the refusal"
+    );
+    // A snapshot is never attached; a volume from it is at least its size.
+    let (st, r) = a.call(
+        "AttachVolume",
+        json!({"VolumeId": sid, "InstanceId": checker}),
+    );
+    assert_ne!(st, 200, "{r}");
+    let t_clone = std::time::Instant::now();
+    let clone = a.ok(
+        "CreateVolume",
+        json!({"SizeGiB": size + 1, "SnapshotId": sid}),
+    );
+    let clone_ms = t_clone.elapsed().as_millis();
+    let clone = clone["VolumeId"].as_str().unwrap().to_string();
+    let snap_stored = stored_bytes(&c, engine, &sid);
+    assert!(
+        !find(&snap_stored, MARKER),
+        "plaintext marker in the snapshot"
+    );
+    assert!(!find(&snap_stored, b"CTR0000000000001"));
+    assert_eq!(&decrypt_sector(&dk, &snap_stored, 8)[..32], MARKER);
+    eprintln!("snapshot: CreateSnapshot {snap_ms} ms, CreateVolume from it {clone_ms} ms");
+    let added_3b = t_3b.elapsed();
+
     // 4. DeleteVolume: the KMS destroyed the key (refused to everyone, typed), the storage is
     //    released.
     let blob = volume_blob(&c, &v);
@@ -316,6 +370,56 @@ fn volume_follows_the_customer(engine: StorageEngine, test: &str) {
         let f: PathBuf = node.state_dir.join("data").join(format!("{v}.raw"));
         assert!(!f.exists(), "{} still exists", f.display());
     }
+
+    // 4b. The volume made from the snapshot outlives the original: attached to the checker
+    //     guest (still running), it reads the marker, under the same data key.
+    let t_4b = std::time::Instant::now();
+    a.ok(
+        "AttachVolume",
+        json!({"VolumeId": clone, "InstanceId": checker}),
+    );
+    let out = a.wait_console(&checker, "clone-read:");
+    assert!(
+        out.contains(&format!(
+            "clone-read:{}",
+            std::str::from_utf8(MARKER).unwrap()
+        )),
+        "the volume made from the snapshot reads the marker:\n{out}"
+    );
+    let (dk_clone, _) = data_key(&c, &a, &clone, &checker);
+    assert_eq!(dk_clone, dk, "one key family, one data key");
+    a.ok("DetachVolume", json!({"VolumeId": clone}));
+    // Clone and snapshot deleted: the family's secret is gone; every member's key is refused.
+    a.ok("DeleteVolume", json!({"VolumeId": clone}));
+    let (st, r) = a.call("CreateVolume", json!({"SizeGiB": size, "SnapshotId": sid}));
+    assert_eq!(
+        st, 200,
+        "the snapshot still makes volumes after its clone went: {r}"
+    );
+    let clone2 = r["VolumeId"].as_str().unwrap().to_string();
+    a.ok("DeleteVolume", json!({"VolumeId": clone2}));
+    a.ok("DeleteSnapshot", json!({"SnapshotId": sid}));
+    let (st, r) = a.call("DescribeSnapshots", json!({"SnapshotIds": [sid]}));
+    assert_eq!((st, code(&r)), (404, "no_such_snapshot"), "{r}");
+    for id in [&v, &clone, &clone2, &sid] {
+        let ((st, r), _) = decrypt_for_host(&c, &a, id, &checker, &blob);
+        assert_eq!((st, code(&r)), (410, "key_destroyed"), "{id}: {r}");
+        let ((st, r), _) = decrypt_for_host(&c, &b, id, &checker, &blob);
+        assert_ne!(st, 200, "{id} opened for another tenant: {r}");
+    }
+    if engine == StorageEngine::File {
+        let data = c.storage.as_ref().unwrap().state_dir.join("data");
+        for id in [&clone, &clone2, &sid] {
+            assert!(
+                !data.join(format!("{id}.raw")).exists(),
+                "{id}'s file is left"
+            );
+        }
+    }
+    eprintln!(
+        "snapshot steps added {:.1} s",
+        (added_3b + t_4b.elapsed()).as_secs_f64()
+    );
     let audit = std::fs::read_to_string(c.storage.as_ref().unwrap().state_dir.join("audit.log"))
         .unwrap_or_default();
     assert!(

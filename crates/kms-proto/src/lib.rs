@@ -260,6 +260,10 @@ pub struct DestroyDataKeyResponse {
     pub family_members_left: u64,
 }
 
+/// The customer actions whose forwarded signed request may destroy a data key: a `DeleteVolume`
+/// naming the volume (`VolumeId`), or a `DeleteSnapshot` naming the snapshot (`SnapshotId`).
+pub const DESTROY_DATA_KEY_ACTIONS: &[&str] = &["DeleteVolume", "DeleteSnapshot"];
+
 /// The customer actions whose forwarded signed request may add a member to a key family: a
 /// `CreateSnapshot` naming the volume (`VolumeId`), or a `CreateVolume` naming the snapshot
 /// (`SnapshotId`).
@@ -431,8 +435,9 @@ pub fn fuzz_body(data: &[u8]) {
         8 => round::<SealVpcKeyRequest>(body),
         9 => round::<DecryptForHostResponse>(body),
         10 => round::<SealVpcKeyResponse>(body),
-        11 => round::<ShareDataKeyRequest>(body),
-        12 => round::<ShareDataKeyResponse>(body),
+        // 11 stays the path (the seeds' numbering).
+        12 => round::<ShareDataKeyRequest>(body),
+        13 => round::<ShareDataKeyResponse>(body),
         _ => {
             let _ = std::str::from_utf8(body).map(KmsOp::from_path);
         }

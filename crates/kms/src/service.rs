@@ -734,8 +734,11 @@ impl Kms {
                 if !crate::valid_id(&r.volume_id) {
                     return Err(KmsError::BadRequest("volume_id"));
                 }
-                let c = self.forwarded(&r.customer_request, "DeleteVolume")?;
-                if str_field(&c.body, "VolumeId").as_deref() != Some(r.volume_id.as_str()) {
+                // A snapshot (a key-family member) goes on its owner's signed DeleteSnapshot.
+                let c = self.forwarded_any(&r.customer_request, DESTROY_DATA_KEY_ACTIONS)?;
+                let named =
+                    str_field(&c.body, "VolumeId").or_else(|| str_field(&c.body, "SnapshotId"));
+                if named.as_deref() != Some(r.volume_id.as_str()) {
                     return Err(KmsError::WrongCustomerAction);
                 }
                 // Only the volume's owner erases it; a repeat by the owner is answered again.

@@ -91,6 +91,9 @@ pub enum Ec2Action {
         size: u32,
         #[arg(long)]
         kms_key_id: Option<String>,
+        /// Start as a copy of this snapshot (same key family; `--size` at least its size).
+        #[arg(long)]
+        snapshot_id: Option<String>,
         #[arg(long)]
         client_token: Option<String>,
     },
@@ -115,6 +118,21 @@ pub enum Ec2Action {
     DeleteVolume {
         #[arg(long)]
         volume_id: String,
+    },
+    /// Snapshot a detached network volume (ciphertext copy on its storage node).
+    CreateSnapshot {
+        #[arg(long)]
+        volume_id: String,
+        #[arg(long)]
+        client_token: Option<String>,
+    },
+    DescribeSnapshots {
+        #[arg(long, num_args = 1..)]
+        snapshot_ids: Vec<String>,
+    },
+    DeleteSnapshot {
+        #[arg(long)]
+        snapshot_id: String,
     },
     /// The instance's console output (`--output text` prints it raw).
     GetConsoleOutput {
@@ -279,11 +297,13 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
         Ec2Action::CreateVolume {
             size,
             kms_key_id,
+            snapshot_id,
             client_token,
         } => {
             let mut m = Map::new();
             m.insert("SizeGiB".into(), json!(size));
             put(&mut m, "KmsKeyId", kms_key_id.as_ref().map(|v| json!(v)));
+            put(&mut m, "SnapshotId", snapshot_id.as_ref().map(|v| json!(v)));
             put(
                 &mut m,
                 "ClientToken",
@@ -309,6 +329,25 @@ pub fn request(a: &Ec2Action) -> Result<(&'static str, Value), CliError> {
             ("DetachVolume", b)
         }
         Ec2Action::DeleteVolume { volume_id } => ("DeleteVolume", json!({ "VolumeId": volume_id })),
+        Ec2Action::CreateSnapshot {
+            volume_id,
+            client_token,
+        } => {
+            let mut m = Map::new();
+            m.insert("VolumeId".into(), json!(volume_id));
+            put(
+                &mut m,
+                "ClientToken",
+                client_token.as_ref().map(|v| json!(v)),
+            );
+            ("CreateSnapshot", Value::Object(m))
+        }
+        Ec2Action::DescribeSnapshots { snapshot_ids } => {
+            ("DescribeSnapshots", ids("SnapshotIds", snapshot_ids))
+        }
+        Ec2Action::DeleteSnapshot { snapshot_id } => {
+            ("DeleteSnapshot", json!({ "SnapshotId": snapshot_id }))
+        }
         Ec2Action::GetConsoleOutput { instance_id, .. } => {
             ("GetConsoleOutput", json!({ "InstanceId": instance_id }))
         }

@@ -70,9 +70,40 @@ pub struct CreateVolume {
     /// Volumes are always encrypted; `false` is refused.
     #[serde(rename = "Encrypted", default)]
     pub encrypted: Option<bool>,
-    /// `None`: the tenant's default KMS key.
+    /// `None`: the tenant's default KMS key. With `SnapshotId`, the snapshot's key (its key
+    /// family) is used and naming another is refused.
     #[serde(rename = "KmsKeyId", default)]
     pub kms_key_id: Option<String>,
+    /// Start as a copy of this snapshot of the caller's (`SizeGiB` at least its size).
+    #[serde(rename = "SnapshotId", default)]
+    pub snapshot_id: Option<String>,
+    #[serde(rename = "ClientToken", default)]
+    pub client_token: Option<String>,
+}
+
+/// `CreateSnapshot`: a point-in-time copy of a detached (`available`) volume, in the volume's
+/// key family.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    #[serde(rename = "VolumeId")]
+    pub volume_id: String,
+    #[serde(rename = "ClientToken", default)]
+    pub client_token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotIds {
+    #[serde(rename = "SnapshotIds", default)]
+    pub snapshot_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRef {
+    #[serde(rename = "SnapshotId")]
+    pub snapshot_id: String,
     #[serde(rename = "ClientToken", default)]
     pub client_token: Option<String>,
 }

@@ -4,7 +4,8 @@
 
 use super::{pg_err, PgRepo};
 use crate::repo::{
-    CustomerRow, HostRow, InstanceRow, InstanceState, RepoError, Repository, VolumeRow, VolumeState,
+    CustomerRow, HostRow, InstanceRow, InstanceState, RepoError, Repository, SnapshotRow,
+    SnapshotState, VolumeRow, VolumeState,
 };
 
 /// The advisory lock every replica's scheduler takes around read-free-capacity + insert
@@ -26,6 +27,22 @@ fn u32_of(v: i64) -> u32 {
 const INSTANCE_COLS: &str =
     "instance_id, tenant_id, host_id, image_id, vcpus, memory_mib, cores, dedicated, state, created, instance_storage_gib";
 const VOLUME_COLS: &str = "volume_id, tenant_id, size_gib, kms_key_id, ciphertext_blob, state, instance_id, host_id, created, storage_node";
+
+const SNAPSHOT_COLS: &str = "snapshot_id, tenant_id, volume_id, size_gib, kms_key_id, ciphertext_blob, state, storage_node, created";
+
+fn snapshot_row(r: &postgres::Row) -> Result<SnapshotRow, RepoError> {
+    Ok(SnapshotRow {
+        snapshot_id: r.get(0),
+        tenant_id: r.get(1),
+        volume_id: r.get(2),
+        size_gib: u32_of(r.get(3)),
+        kms_key_id: r.get(4),
+        ciphertext_blob: r.get(5),
+        state: SnapshotState::parse(&r.get::<_, String>(6))?,
+        storage_node: r.get(7),
+        created: u(r.get(8)),
+    })
+}
 
 fn instance_row(r: &postgres::Row) -> Result<InstanceRow, RepoError> {
     Ok(InstanceRow {
@@ -528,6 +545,90 @@ impl Repository for PgRepo {
         self.run(move |db| {
             db.execute(
                 "DELETE FROM volumes WHERE tenant_id = $1 AND volume_id = $2 AND state = 'deleting'",
+                &[&t, &id],
+            )
+            .map(|n| n == 1)
+            .map_err(pg_err)
+        })
+    }
+
+    fn insert_snapshot(&self, v: &SnapshotRow) -> Result<(), RepoError> {
+        let v = v.clone();
+        self.run(move |db| {
+            db.execute(
+                &format!("INSERT INTO snapshots ({SNAPSHOT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"),
+                &[
+                    &v.snapshot_id,
+                    &v.tenant_id,
+                    &v.volume_id,
+                    &i64::from(v.size_gib),
+                    &v.kms_key_id,
+                    &v.ciphertext_blob,
+                    &v.state.as_str(),
+                    &v.storage_node,
+                    &i(v.created),
+                ],
+            )
+            .map(|_| ())
+            .map_err(pg_err)
+        })
+    }
+
+    fn snapshot(&self, tenant: &str, id: &str) -> Result<Option<SnapshotRow>, RepoError> {
+        let (t, id) = (s(tenant), s(id));
+        self.run(move |db| {
+            db.query_opt(
+                &format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE tenant_id = $1 AND snapshot_id = $2"),
+                &[&t, &id],
+            )
+            .map_err(pg_err)?
+            .map(|r| snapshot_row(&r))
+            .transpose()
+        })
+    }
+
+    fn snapshots(&self, tenant: &str) -> Result<Vec<SnapshotRow>, RepoError> {
+        let t = s(tenant);
+        self.run(move |db| {
+            db.query(
+                &format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE tenant_id = $1 ORDER BY created, snapshot_id"),
+                &[&t],
+            )
+            .map_err(pg_err)?
+            .iter()
+            .map(snapshot_row)
+            .collect::<Result<Vec<_>, _>>()
+        })
+    }
+
+    fn transition_snapshot(
+        &self,
+        tenant: &str,
+        id: &str,
+        from: SnapshotState,
+        to: SnapshotState,
+    ) -> Result<(), RepoError> {
+        from.check(to)?;
+        let (t, id, f, to) = (s(tenant), s(id), from.as_str(), to.as_str());
+        let n = self.run(move |db| {
+            db.execute(
+                "UPDATE snapshots SET state = $4 WHERE tenant_id = $1 AND snapshot_id = $2 AND state = $3",
+                &[&t, &id, &f, &to],
+            )
+            .map_err(pg_err)
+        })?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(RepoError::Stale)
+        }
+    }
+
+    fn delete_snapshot(&self, tenant: &str, id: &str) -> Result<bool, RepoError> {
+        let (t, id) = (s(tenant), s(id));
+        self.run(move |db| {
+            db.execute(
+                "DELETE FROM snapshots WHERE tenant_id = $1 AND snapshot_id = $2 AND state = 'deleting'",
                 &[&t, &id],
             )
             .map(|n| n == 1)

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    Chooser, CustomerRow, HostRow, InstanceRow, InstanceState, RepoError, Repository, VolumeRow,
-    VolumeState,
+    Chooser, CustomerRow, HostRow, InstanceRow, InstanceState, RepoError, Repository, SnapshotRow,
+    SnapshotState, VolumeRow, VolumeState,
 };
 
 pub struct SqliteRepo {
@@ -46,6 +46,24 @@ macro_rules! state_sql {
 }
 state_sql!(InstanceState);
 state_sql!(VolumeState);
+state_sql!(SnapshotState);
+
+const SNAPSHOT_COLS: &str =
+    "snapshot_id, tenant_id, volume_id, size_gib, kms_key_id, ciphertext_blob, state, storage_node, created";
+
+fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRow> {
+    Ok(SnapshotRow {
+        snapshot_id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        volume_id: r.get(2)?,
+        size_gib: u32_of(r.get(3)?),
+        kms_key_id: r.get(4)?,
+        ciphertext_blob: r.get(5)?,
+        state: r.get(6)?,
+        storage_node: r.get(7)?,
+        created: u(r.get(8)?),
+    })
+}
 
 fn instance_row(r: &Row<'_>) -> rusqlite::Result<InstanceRow> {
     Ok(InstanceRow {
@@ -448,6 +466,66 @@ impl Repository for SqliteRepo {
     fn delete_volume(&self, tenant: &str, id: &str) -> Result<bool, RepoError> {
         self.with(|db| {
             db.execute("DELETE FROM volumes WHERE tenant_id = ?1 AND volume_id = ?2 AND state = 'deleting'", params![tenant, id])
+                .map(|n| n == 1)
+        })
+    }
+
+    fn insert_snapshot(&self, v: &SnapshotRow) -> Result<(), RepoError> {
+        self.with(|db| {
+            db.execute(
+                &format!("INSERT INTO snapshots ({SNAPSHOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                params![
+                    v.snapshot_id, v.tenant_id, v.volume_id, v.size_gib, v.kms_key_id, v.ciphertext_blob,
+                    v.state, v.storage_node, i(v.created)
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn snapshot(&self, tenant: &str, id: &str) -> Result<Option<SnapshotRow>, RepoError> {
+        self.with(|db| {
+            db.query_row(
+                &format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE tenant_id = ?1 AND snapshot_id = ?2"),
+                params![tenant, id],
+                snapshot_row,
+            )
+            .optional()
+        })
+    }
+
+    fn snapshots(&self, tenant: &str) -> Result<Vec<SnapshotRow>, RepoError> {
+        self.with(|db| {
+            let mut s = db.prepare(&format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE tenant_id = ?1 ORDER BY created, snapshot_id"))?;
+            let rows = s.query_map(params![tenant], snapshot_row)?;
+            rows.collect()
+        })
+    }
+
+    fn transition_snapshot(
+        &self,
+        tenant: &str,
+        id: &str,
+        from: SnapshotState,
+        to: SnapshotState,
+    ) -> Result<(), RepoError> {
+        from.check(to)?;
+        let n = self.with(|db| {
+            db.execute(
+                "UPDATE snapshots SET state = ?4 WHERE tenant_id = ?1 AND snapshot_id = ?2 AND state = ?3",
+                params![tenant, id, from, to],
+            )
+        })?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(RepoError::Stale)
+        }
+    }
+
+    fn delete_snapshot(&self, tenant: &str, id: &str) -> Result<bool, RepoError> {
+        self.with(|db| {
+            db.execute("DELETE FROM snapshots WHERE tenant_id = ?1 AND snapshot_id = ?2 AND state = 'deleting'", params![tenant, id])
                 .map(|n| n == 1)
         })
     }

@@ -200,6 +200,15 @@ impl ControlPlane {
                 )
                 .await
             }
+            ControlRequest::CreateVolume(r) if r.snapshot_id.is_some() => {
+                let sid = r.snapshot_id.clone().unwrap_or_default();
+                self.create_volume_from_snapshot(c, &r, &sid).await
+            }
+            ControlRequest::CreateSnapshot(r) => self.create_snapshot(c, &r).await,
+            ControlRequest::DescribeSnapshots(r) => {
+                self.describe_snapshots(&c.tenant, &r.snapshot_ids)
+            }
+            ControlRequest::DeleteSnapshot(r) => self.delete_snapshot(c, &r).await,
             ControlRequest::CreateVolume(r) => {
                 let volume_id = new_id("vol");
                 // A network volume's storage first: nothing of the customer's one-use

@@ -1,0 +1,226 @@
+//! Snapshots (EBS's CreateSnapshot / DescribeSnapshots / DeleteSnapshot, and CreateVolume with
+//! `SnapshotId`).
+//!
+//! A snapshot is a copy of a detached network volume's ciphertext on the volume's storage node
+//! (the node copies cheaply: reflink or sparse copy, or an RBD clone) and a member of the
+//! volume's KMS key family: it keeps the volume's data-key blob, and a volume made from it
+//! shares that key (the KMS's `ShareDataKey`, on the customer's own signed request). Nothing
+//! here ever sees a key or plaintext. Deleting any member (volume or snapshot) destroys only
+//! that member's key-family membership; the family's secret goes with its last member.
+//!
+//! Rows have their own state ([`SnapshotState`]): `pending` while the copy and the key
+//! membership are made (a failure undoes both and removes the row), `completed`, `deleting`.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use bulkhead_kms_proto::{DestroyDataKeyRequest, ShareDataKeyRequest};
+use serde_json::{json, Value};
+
+use crate::api::{CreateSnapshot, CreateVolume, SnapshotRef};
+use crate::repo::{SnapshotRow, SnapshotState, VolumeRow, VolumeState};
+use crate::service::{new_id, now, volume_json, Caller, ControlPlane};
+use crate::ControlError;
+
+pub(crate) fn snapshot_json(s: &SnapshotRow) -> Value {
+    json!({
+        "SnapshotId": s.snapshot_id,
+        "VolumeId": s.volume_id,
+        "VolumeSize": s.size_gib,
+        "Encrypted": true,
+        "KmsKeyId": s.kms_key_id,
+        "State": s.state.as_str(),
+        "StartTime": s.created,
+    })
+}
+
+impl ControlPlane {
+    /// CreateSnapshot of an `available` network volume (the storage node refuses a volume some
+    /// host still holds, so an attach racing this one cannot slip in between).
+    pub(crate) async fn create_snapshot(
+        &self,
+        c: &Caller,
+        r: &CreateSnapshot,
+    ) -> Result<Value, ControlError> {
+        let v = self
+            .repo
+            .volume(&c.tenant, &r.volume_id)?
+            .ok_or(ControlError::NoSuchVolume)?;
+        if v.state != VolumeState::Available {
+            return Err(ControlError::VolumeInUse);
+        }
+        let node = v
+            .storage_node
+            .clone()
+            .ok_or(ControlError::Unsupported("snapshots of host-local volumes"))?;
+        let row = SnapshotRow {
+            snapshot_id: new_id("snap"),
+            tenant_id: c.tenant.clone(),
+            volume_id: v.volume_id.clone(),
+            size_gib: v.size_gib,
+            kms_key_id: v.kms_key_id.clone(),
+            ciphertext_blob: v.ciphertext_blob.clone(),
+            state: SnapshotState::Pending,
+            storage_node: Some(node.clone()),
+            created: now(),
+        };
+        self.repo.insert_snapshot(&row)?;
+        let storage = self.storage()?;
+        let made = async {
+            storage
+                .snapshot(&node, &row.snapshot_id, &v.volume_id)
+                .await?;
+            self.kms(&ShareDataKeyRequest {
+                source_id: v.volume_id.clone(),
+                member_id: row.snapshot_id.clone(),
+                ciphertext_blob: B64.encode(&v.ciphertext_blob),
+                customer_request: c.forwarded.clone(),
+            })
+            .await
+        }
+        .await;
+        if let Err(e) = made {
+            // Undo: the copy (if any) and the row; the KMS added no member.
+            if let Err(u) = storage.delete(&node, &row.snapshot_id).await {
+                tracing::warn!(error = %u, snapshot = %row.snapshot_id, "releasing a failed snapshot's storage failed");
+            }
+            let _ = self.repo.transition_snapshot(
+                &c.tenant,
+                &row.snapshot_id,
+                SnapshotState::Pending,
+                SnapshotState::Deleting,
+            );
+            let _ = self.repo.delete_snapshot(&c.tenant, &row.snapshot_id);
+            return Err(e);
+        }
+        self.repo.transition_snapshot(
+            &c.tenant,
+            &row.snapshot_id,
+            SnapshotState::Pending,
+            SnapshotState::Completed,
+        )?;
+        tracing::info!(tenant = %c.tenant, volume = %v.volume_id, snapshot = %row.snapshot_id, "snapshot completed");
+        Ok(snapshot_json(&SnapshotRow {
+            state: SnapshotState::Completed,
+            ..row
+        }))
+    }
+
+    pub(crate) fn describe_snapshots(
+        &self,
+        tenant: &str,
+        ids: &[String],
+    ) -> Result<Value, ControlError> {
+        let all = self.repo.snapshots(tenant)?;
+        for id in ids {
+            if !all.iter().any(|s| &s.snapshot_id == id) {
+                return Err(ControlError::NoSuchSnapshot);
+            }
+        }
+        let out: Vec<Value> = all
+            .iter()
+            .filter(|s| ids.is_empty() || ids.contains(&s.snapshot_id))
+            .map(snapshot_json)
+            .collect();
+        Ok(json!({ "Snapshots": out }))
+    }
+
+    /// DeleteSnapshot: the row goes to `deleting` (compare-and-set; a repeat finishes it), the
+    /// KMS drops the snapshot from its key family (on the customer's signed DeleteSnapshot),
+    /// then the node releases the copy. Volumes made from it are untouched.
+    pub(crate) async fn delete_snapshot(
+        &self,
+        c: &Caller,
+        r: &SnapshotRef,
+    ) -> Result<Value, ControlError> {
+        let s = self
+            .repo
+            .snapshot(&c.tenant, &r.snapshot_id)?
+            .ok_or(ControlError::NoSuchSnapshot)?;
+        if s.state != SnapshotState::Deleting {
+            self.repo
+                .transition_snapshot(&c.tenant, &s.snapshot_id, s.state, SnapshotState::Deleting)
+                .map_err(|e| match e {
+                    crate::repo::RepoError::Stale => ControlError::WrongState,
+                    e => e.into(),
+                })?;
+        }
+        match self
+            .kms(&DestroyDataKeyRequest {
+                volume_id: s.snapshot_id.clone(),
+                customer_request: c.forwarded.clone(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            // A snapshot left `pending` by a crash before the KMS added it: not a member.
+            Err(ControlError::Kms("no_grant")) if s.state == SnapshotState::Pending => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(node) = &s.storage_node {
+            self.storage()?.delete(node, &s.snapshot_id).await?;
+        }
+        self.repo.delete_snapshot(&c.tenant, &s.snapshot_id)?;
+        Ok(json!({ "SnapshotId": s.snapshot_id, "State": "deleted" }))
+    }
+
+    /// CreateVolume with `SnapshotId`: a completed snapshot of the caller's only (another
+    /// tenant's is `no_such_snapshot`, and the refusal is audited as the call's outcome), at
+    /// least its size, on its storage node, in its key family.
+    pub(crate) async fn create_volume_from_snapshot(
+        &self,
+        c: &Caller,
+        r: &CreateVolume,
+        snapshot_id: &str,
+    ) -> Result<Value, ControlError> {
+        let Some(s) = self
+            .repo
+            .snapshot(&c.tenant, snapshot_id)?
+            .filter(|s| s.state == SnapshotState::Completed)
+        else {
+            tracing::warn!(tenant = %c.tenant, snapshot = snapshot_id, "CreateVolume from a snapshot that is not the caller's completed snapshot: refused");
+            return Err(ControlError::NoSuchSnapshot);
+        };
+        if r.size_gib < s.size_gib || r.kms_key_id.as_ref().is_some_and(|k| *k != s.kms_key_id) {
+            return Err(ControlError::BadShape);
+        }
+        let node = s
+            .storage_node
+            .clone()
+            .ok_or(ControlError::Unsupported("snapshots of host-local volumes"))?;
+        let volume_id = new_id("vol");
+        let storage = self.storage()?;
+        storage
+            .create_from(&node, &volume_id, r.size_gib, &s.snapshot_id)
+            .await?;
+        if let Err(e) = self
+            .kms(&ShareDataKeyRequest {
+                source_id: s.snapshot_id.clone(),
+                member_id: volume_id.clone(),
+                ciphertext_blob: B64.encode(&s.ciphertext_blob),
+                customer_request: c.forwarded.clone(),
+            })
+            .await
+        {
+            if let Err(u) = storage.delete(&node, &volume_id).await {
+                tracing::warn!(error = %u, volume = %volume_id, "releasing an unkeyed volume's storage failed");
+            }
+            return Err(e);
+        }
+        let row = VolumeRow {
+            volume_id,
+            tenant_id: c.tenant.clone(),
+            size_gib: r.size_gib,
+            kms_key_id: s.kms_key_id.clone(),
+            ciphertext_blob: s.ciphertext_blob.clone(),
+            state: VolumeState::Available,
+            instance_id: None,
+            host_id: None,
+            created: now(),
+            storage_node: Some(node),
+        };
+        self.repo.insert_volume(&row)?;
+        let mut v = volume_json(&row);
+        v["SnapshotId"] = json!(s.snapshot_id);
+        Ok(v)
+    }
+}
