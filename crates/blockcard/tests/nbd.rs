@@ -255,7 +255,7 @@ fn nbd_wrong_server_identity_or_foreign_ca_is_refused() {
         let _qsd = Qsd::start(&other, &s.env.backing, s.port, VOLUME, &s.qsd_log);
         let args = card_args(&s.ca, s.port, VOLUME, STORAGE);
         let log = refused_start(&s, "wrongname", &args);
-        assert!(log.contains("storage node identity refused"), "{log}");
+        assert!(log.contains("server identity refused"), "{log}");
     }
     // A storage-1 certificate from another cluster's CA.
     {

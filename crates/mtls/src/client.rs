@@ -99,84 +99,8 @@ pub fn client_config(
     })
 }
 
-/// Runs the CA check (chain and address, webpki) and then requires the server certificate to
-/// name the service the client meant to reach (role in OU, name in CN): any other certificate of
-/// the same CA — a host's presented at the KMS's address, say — fails the handshake.
-#[derive(Debug)]
-pub struct PinnedServerVerifier {
-    inner: Arc<rustls::client::WebPkiServerVerifier>,
-    expect: ServerIdentity,
-}
-
-impl PinnedServerVerifier {
-    pub fn new(roots: Arc<RootCertStore>, expect: ServerIdentity) -> Result<Self, TlsError> {
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| TlsError::Http(format!("server verifier: {e}")))?;
-        Ok(PinnedServerVerifier { inner, expect })
-    }
-}
-
-/// Why a CA-valid server certificate was refused: it names another service.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct WrongServer(String);
-
-impl rustls::client::danger::ServerCertVerifier for PinnedServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let ok = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
-        match self.expect.check_der(end_entity.as_ref()) {
-            Ok(_) => Ok(ok),
-            Err(e) => {
-                tracing::warn!(want = %self.expect, error = %e, "server identity refused");
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::Other(rustls::OtherError(Arc::new(WrongServer(
-                        e.to_string(),
-                    )))),
-                ))
-            }
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-
-    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
-        self.inner.root_hint_subjects()
-    }
-}
+/// The server-identity pin on top of the CA check (one implementation, `bulkhead-tokens`'s).
+pub use bulkhead_tokens::pinned::PinnedServerVerifier;
 
 fn roots(ca_pem: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     let mut roots = RootCertStore::empty();

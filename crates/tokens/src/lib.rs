@@ -10,6 +10,8 @@
 
 pub mod clock;
 pub mod ops;
+#[cfg(feature = "rustls")]
+pub mod pinned;
 pub mod pki;
 pub mod policy;
 pub mod quota;
