@@ -124,6 +124,8 @@ struct Attachment {
     device: DeviceId,
     card_pid: u32,
     control: UnixStream,
+    /// The new card of a card update in flight (recorded before `ReplaceBlock`).
+    updating: Option<u32>,
 }
 
 /// Guest device id of the instance-storage disk (plugged before any volume: the first disk).
@@ -313,7 +315,10 @@ pub const FAULT_ENV: &str = "BULKHEAD_FAULT";
 ///   (a deploy's live update then fails for real on that instance, and the deploy rolls back);
 /// * `live_update:after_handover:exit` — a live update to an installed release exits the
 ///   controller (status 70) right after the old hypervisor handed the VM over, before the outcome
-///   is recorded (the next controller must adopt the new process).
+///   is recorded (the next controller must adopt the new process);
+/// * `card_update:after_replace:exit` — a card update exits the controller (status 70) right
+///   after the hypervisor's `ReplaceBlock`, before the outcome is recorded (the next controller
+///   must keep the new card).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     AttachAfterCardKeyedExit,
@@ -321,6 +326,7 @@ enum Fault {
     AdoptAfterFirstStall,
     LiveUpdateSecondNewDies,
     LiveUpdateAfterHandoverExit,
+    CardUpdateAfterReplaceExit,
 }
 
 /// Live updates to an installed release made by this controller (for the fault hook).
@@ -337,6 +343,7 @@ fn fault() -> Option<Fault> {
             "adopt:after_first:stall" => Fault::AdoptAfterFirstStall,
             "live_update:second:new_dies" => Fault::LiveUpdateSecondNewDies,
             "live_update:after_handover:exit" => Fault::LiveUpdateAfterHandoverExit,
+            "card_update:after_replace:exit" => Fault::CardUpdateAfterReplaceExit,
             _ => {
                 tracing::warn!(value = %v, "unknown {FAULT_ENV} ignored");
                 return None;
@@ -410,6 +417,7 @@ impl HostBackend {
                     volume: v.clone(),
                     device: a.device.to_string(),
                     card_pid: a.card_pid,
+                    card_update: a.updating,
                 })
                 .collect(),
             attaching: g.attaching.clone(),
@@ -796,6 +804,7 @@ impl HostBackend {
             device,
             card_pid: pid,
             control,
+            updating: None,
         };
         match card_control::call(&mut att.control, &body) {
             Ok(CardReply::Attached {
@@ -1956,6 +1965,20 @@ impl HostBackend {
                     Self::detach_device(v, dev);
                 }
             }
+            for v in &mut r.volumes {
+                // A card update in flight: whichever card runs once the other is gone (the old
+                // card exits after the hypervisor moved to the new one; the new one is reaped
+                // if the move never came).
+                if let Some(newp) = v.card_update.take() {
+                    claimed.insert(newp);
+                    claimed.insert(v.card_pid);
+                    let winner = self.settle_update(Some(v.card_pid), newp);
+                    if winner == Some(newp) {
+                        codes.push("card_update_completed");
+                        v.card_pid = newp;
+                    }
+                }
+            }
             for v in &r.volumes {
                 claimed.insert(v.card_pid);
                 let dev = DeviceId::new(&v.device).map_err(|_| BackendError::Unavailable)?;
@@ -1970,6 +1993,7 @@ impl HostBackend {
                                 device: dev,
                                 card_pid: v.card_pid,
                                 control,
+                                updating: None,
                             },
                         );
                     }
@@ -2003,6 +2027,7 @@ impl HostBackend {
                                 device: dev,
                                 card_pid: d.card_pid,
                                 control,
+                                updating: None,
                             });
                         }
                         None => {
@@ -2396,6 +2421,29 @@ impl HostBackend {
         let Some(vhost) = vhost else {
             return Err(fail("connect vhost"));
         };
+        // Before the move: the new card is committed (it outlives this controller) and the
+        // update is in the record, so a controller that dies from here on is followed by one
+        // that keeps whichever card then serves the volume.
+        if let Some(att) = g.volumes.get_mut(volume) {
+            att.updating = Some(new_pid);
+        }
+        if let Err(e) = self.persist(g, &[new_pid]) {
+            if let Some(att) = g.volumes.get_mut(volume) {
+                att.updating = None;
+            }
+            let _ = fail("record");
+            return Err(e);
+        }
+        if fault() == Some(Fault::CardUpdateAfterReplaceExit) {
+            let r = g.vm.as_ref().map(|vm| {
+                vm.chan.call(
+                    Command::ReplaceBlock { id: device.clone() },
+                    Some(vhost.as_raw_fd()),
+                )
+            });
+            tracing::error!(ok = ?r.map(|r| r.is_ok()), "fault hook: exiting after ReplaceBlock, before its outcome is recorded");
+            std::process::exit(70);
+        }
         let Some(vm) = g.vm.as_mut() else {
             return Err(fail("no hypervisor"));
         };
@@ -2406,22 +2454,26 @@ impl HostBackend {
         );
         let replace_us = u64::try_from(t_replace.elapsed().as_micros()).unwrap_or(u64::MAX);
         drop(vhost);
-        match r {
-            Ok(Reply::Done { .. }) => {}
-            Ok(other) => {
-                tracing::warn!(reply = ?other, "card update: unexpected ReplaceBlock reply");
-                return Err(fail("ReplaceBlock"));
+        if !matches!(r, Ok(Reply::Done { .. })) {
+            if let Some(att) = g.volumes.get_mut(volume) {
+                att.updating = None;
             }
-            Err(e) => {
-                let err = channel_err("replace block")(e);
-                let _ = fail("ReplaceBlock");
-                return Err(err);
-            }
+            let err = match r {
+                Err(e) => channel_err("replace block")(e),
+                Ok(other) => {
+                    tracing::warn!(reply = ?other, "card update: unexpected ReplaceBlock reply");
+                    BackendError::Unavailable
+                }
+            };
+            let _ = fail("ReplaceBlock");
+            self.persist_noticed(g);
+            return Err(err);
         }
         // The device runs on the new card: it is the volume's card from here on.
         if let Some(att) = g.volumes.get_mut(volume) {
             att.card_pid = new_pid;
             att.control = new_control;
+            att.updating = None;
         }
         let persisted = self.persist(g, &[new_pid]);
         // The old card saw its frontend go and exits with its keys erased.
@@ -2614,6 +2666,7 @@ impl HostBackend {
             device,
             card_pid: pid,
             control,
+            updating: None,
         };
         let spawn_ms = t_spawn.elapsed().as_secs_f64() * 1e3;
         let t_key = std::time::Instant::now();
@@ -2673,7 +2726,8 @@ impl HostBackend {
             | Some(
                 Fault::AdoptAfterFirstStall
                 | Fault::LiveUpdateSecondNewDies
-                | Fault::LiveUpdateAfterHandoverExit,
+                | Fault::LiveUpdateAfterHandoverExit
+                | Fault::CardUpdateAfterReplaceExit,
             ) => {}
             Some(Fault::AttachAfterCardKeyedExit) => {
                 tracing::error!(volume = %volume, "fault hook: exiting mid-attach (card keyed)");

@@ -123,6 +123,11 @@ pub struct VolumeRecord {
     pub volume: String,
     pub device: String,
     pub card_pid: u32,
+    /// The new card of a card update in flight (committed at the keeper and recorded before
+    /// the hypervisor's `ReplaceBlock`): a restarted controller keeps whichever of the two
+    /// cards still runs once the other is gone (the old one exits after a completed move).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card_update: Option<u32>,
 }
 
 /// An attach that was in flight (not acknowledged): undone on adoption.
@@ -544,6 +549,7 @@ mod tests {
                     volume: "vol-1".into(),
                     device: "blk0".into(),
                     card_pid: 4243,
+                    card_update: None,
                 }],
                 attaching: Some(PendingAttach {
                     volume: "vol-2".into(),

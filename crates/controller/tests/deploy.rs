@@ -5,7 +5,8 @@
 //! live-updated to the release's binary and its block card is card-updated to the release's
 //! card (the new processes run the installed files); the controller is killed -9 and restarted
 //! (it adopts both); the hypervisor is live-updated three more times (a deploy rolled back,
-//! a controller dying mid-update); the boot id, uptime, console counter and the decrypted disk
+//! a controller dying mid-update), and a second card update is interrupted by the controller
+//! dying right after the move (the next one keeps the new card); the boot id, uptime, console counter and the decrypted disk
 //! log show no reboot, gap or repeat. Also an unsigned release, one signed by 1 of 3,
 //! a downgrade, a correctly signed release whose hypervisor fails its self-test, and an
 //! operator's token are each refused, typed and audited, with the guest still counting on the
@@ -277,7 +278,18 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     });
     customer(&d, "POST", "/v1/instances/i-dep/volumes", &body.to_string());
     customer(&d, "POST", "/v1/instances/i-dep/start", "");
-    wait_for("the counter", boot_timeout(), || counts(&d).len() >= 3);
+    let t_boot = Instant::now();
+    while counts(&d).len() < 3 {
+        let out = customer(&d, "GET", "/v1/instances/i-dep/console", "").json["output"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            t_boot.elapsed() < boot_timeout(),
+            "timed out waiting for the counter; console:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let booted = Instant::now();
     let keeper = i32::try_from(d.ready["keeper_pid"].as_u64().unwrap()).unwrap();
     let old_pid = children_of(keeper)
@@ -503,7 +515,60 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     );
     assert!(!rec.contains("hypervisor_update"), "{rec}");
 
-    // 7. The guest kept counting on one boot the whole time.
+    // 7. A controller that dies right after the hypervisor moved the disk to a new card, before
+    //    it records the outcome (fault hook `card_update:after_replace:exit`): the next one
+    //    keeps the new card (the update was recorded as in flight before `ReplaceBlock`; the
+    //    old card exits once its frontend left) and audits `card_update_completed`.
+    let mut d = d;
+    d.kill9_controller_only();
+    let mut d4 = Daemon::start_env(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+        &[("BULKHEAD_FAULT", "card_update:after_replace:exit")],
+    );
+    let v5 = release(5, &[&hv, &card], &[&keys[1], &keys[2]]);
+    let body = serde_json::json!({ "release": v5 }).to_string();
+    let t = d4.mint("deployer", HOST, DEPLOY_OPS, MIN10);
+    let r = d4
+        .client("deployer")
+        .request("POST", "/v1/host/releases", Some(&t), body.as_bytes());
+    assert!(r.is_err(), "the controller answered: {r:?}");
+    assert_eq!(d4.child.wait().unwrap().code(), Some(70));
+    d4.kill9_controller_only();
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+    );
+    assert!(d.audit().iter().any(|x| x["entry"]["op"] == "AdoptInstance"
+        && x["entry"]["resources"][0] == "instance:i-dep"
+        && x["entry"]["code"]
+            .as_str()
+            .is_some_and(|c| c.contains("card_update_completed"))));
+    let v5_card = dir
+        .path()
+        .join("releases/v5/bulkhead-blockcard")
+        .canonicalize()
+        .unwrap();
+    let on_v5: Vec<u64> = children_of(keeper)
+        .into_iter()
+        .filter_map(|p| u64::try_from(p).ok())
+        .filter(|p| alive(*p) && exe(*p) == v5_card)
+        .collect();
+    assert_eq!(
+        on_v5.len(),
+        1,
+        "the volume's card after adoption: {on_v5:?}"
+    );
+    assert!(!alive(new_card), "the v2 card still runs");
+    let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
+    assert!(
+        rec.contains(&format!(r#""card_pid":{}"#, on_v5[0])),
+        "{rec}"
+    );
+    assert!(!rec.contains("card_update"), "{rec}");
+    let new_card = on_v5[0];
+
+    // 8. The guest kept counting on one boot the whole time.
     let at = counts(&d).last().unwrap().n;
     wait_for(
         "counting after the refusals",
