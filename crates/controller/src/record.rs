@@ -615,6 +615,13 @@ mod tests {
         assert_eq!(HostRecord::parse(&r.encode()).unwrap(), r);
         let empty = HostRecord::default();
         assert_eq!(HostRecord::parse(&empty.encode()).unwrap(), empty);
+        // A card update in flight is kept; a record without one (an older controller's) parses.
+        let mut r = sample();
+        r.instances[0].volumes[0].card_update = Some(4250);
+        let text = r.encode();
+        assert!(String::from_utf8_lossy(&text).contains(r#""card_update":4250"#));
+        assert_eq!(HostRecord::parse(&text).unwrap(), r);
+        assert!(!String::from_utf8_lossy(&sample().encode()).contains("card_update"));
     }
 
     #[test]
