@@ -334,8 +334,8 @@ pub trait InstanceBackend: Send + Sync {
         Err(BackendError::Unavailable)
     }
     /// Every attached volume whose block card runs under a running hypervisor (a card update
-    /// moves each), as (instance, volume).
-    fn attached_cards(&self) -> Vec<(ResourceId, String)> {
+    /// moves each), as (instance, volume, whether the card can be updated: a local volume).
+    fn attached_cards(&self) -> Vec<(ResourceId, String, bool)> {
         Vec::new()
     }
     /// Replaces the block card of `volume` on instance `id` by a card of installed release `to`

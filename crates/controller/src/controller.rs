@@ -918,7 +918,19 @@ impl Controller {
         };
         if failure.is_none() && has_card(&record) {
             let attached = self.blocking(|b| Ok(b.attached_cards())).await?;
-            for (id, vol) in attached {
+            for (id, vol, local) in attached {
+                if !local {
+                    // A network volume's card is not updated yet: it keeps its binary (audited).
+                    self.audit_card_step(
+                        "card_update",
+                        v,
+                        id.as_str(),
+                        &vol,
+                        "skipped_network_volume",
+                    )
+                    .await;
+                    continue;
+                }
                 let (iid, v2) = (id.clone(), vol.clone());
                 match self
                     .blocking(move |b| b.update_card(&iid, &v2, Some(v)))

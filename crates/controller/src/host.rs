@@ -902,7 +902,7 @@ impl InstanceBackend for HostBackend {
         self.live_update_vm(&mut g, to)
     }
 
-    fn attached_cards(&self) -> Vec<(ResourceId, String)> {
+    fn attached_cards(&self) -> Vec<(ResourceId, String, bool)> {
         let slots: Vec<(ResourceId, Arc<Mutex<HostInstance>>)> = lock(&self.inner)
             .instances
             .iter()
@@ -912,7 +912,12 @@ impl InstanceBackend for HostBackend {
         for (id, inst) in slots {
             let g = lock(&inst);
             if g.vm.is_some() {
-                out.extend(g.volumes.keys().map(|v| (id.clone(), v.clone())));
+                // A local volume has its backing file here; a network volume's card is the
+                // storage node's NBD client, whose endpoint the attachment does not keep.
+                out.extend(g.volumes.keys().map(|v| {
+                    let local = self.cfg.volume_dir.join(format!("{v}.img")).is_file();
+                    (id.clone(), v.clone(), local)
+                }));
             }
         }
         out
