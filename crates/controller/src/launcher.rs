@@ -782,7 +782,11 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
         if ctl.is_none() {
             st.reap_exited();
         }
-        if fds[1].revents & libc::POLLIN != 0 {
+        // A controller that died and the next one connecting can show up in the same poll:
+        // the dead one's hang-up is handled first (below), the new connection waits in the
+        // backlog for the next round instead of being refused as a second controller.
+        let old_gone = ctl.is_some() && fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0;
+        if fds[1].revents & libc::POLLIN != 0 && !old_gone {
             // SAFETY: accept4 on our listening socket; the result is checked before use.
             let c = unsafe {
                 libc::accept4(
