@@ -524,12 +524,16 @@ fn attach_flow_with_real_guests_and_cards_on_two_hosts() {
     let a = customer(&c, "tenant-a");
     let bt = customer(&c, "tenant-b");
     // The secret is assembled in the guest (32 bytes), so it exists nowhere else in plaintext.
+    // Then a tick a second on the console, until the guest is terminated: it shows the guest
+    // kept running through the deploy below (short: the script travels on the kernel command
+    // line).
     let script = "while [ ! -e /sys/block/vda ]; do :; done\n\
         s=TENANT-SECRET-; s=${s}LEDGER-0042-Q4-XYZ\n\
         printf %s $s | dd of=/dev/vda bs=32 seek=128 conv=fsync 2>/dev/null\n\
         echo 3 >/proc/sys/vm/drop_caches\n\
         R=$(dd if=/dev/vda bs=32 skip=128 count=1 2>/dev/null)\n\
-        [ \"$R\" = \"$s\" ] && echo guest-wrote-ok\n";
+        [ \"$R\" = \"$s\" ] && echo guest-wrote-ok\n\
+        i=0;while :;do i=$((i+1));echo TICK=$i;sleep 1;done\n";
     let secret = b"TENANT-SECRET-LEDGER-0042-Q4-XYZ";
     let mut instances = Vec::new();
     for t in [&a, &bt] {
@@ -568,6 +572,14 @@ fn attach_flow_with_real_guests_and_cards_on_two_hosts() {
         host_of, host_b,
         "whole cores: the two instances are on different hosts"
     );
+    if c.attested {
+        deploy_across_both_hosts_under_running_guests(&c, &[(&a, &ia), (&bt, &ib)]);
+    } else {
+        bulkhead_testkit::skip_or_fail(
+            "attach_flow_with_real_guests_and_cards_on_two_hosts: the deploy part needs attested \
+             hosts (swtpm)",
+        );
+    }
     a.ok("DetachVolume", json!({"VolumeId": va}));
     for (t, i) in [(&a, &ia), (&bt, &ib)] {
         t.ok("TerminateInstances", json!({"InstanceIds": [i]}));
@@ -594,6 +606,184 @@ fn attach_flow_with_real_guests_and_cards_on_two_hosts() {
         .decrypt(&mut sector, 8)
         .unwrap();
     assert_eq!(&sector[..32], secret);
+}
+
+/// The last `TICK=<n>` on an instance's console (the guest's ticker).
+fn last_tick(t: &Customer, instance: &str) -> u64 {
+    let v = t.ok("GetConsoleOutput", json!({"InstanceId": instance}));
+    let out = v["Output"].as_str().unwrap_or("").to_string();
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("TICK=")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Release `version` of the cluster's release keys (`signers` of its 3), shipping one
+/// `bulkhead-hypervisor` (the file at `hypervisor`), written under `dir`: (release, artefacts).
+fn cluster_release(
+    c: &Cluster,
+    dir: &Path,
+    version: u64,
+    hypervisor: &Path,
+    signers: &[usize],
+) -> (PathBuf, PathBuf) {
+    use bulkhead_rot::measure::{Environment, EventKind};
+    use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease};
+    use bulkhead_rot::tpm::MeasurePcr;
+    let art = dir.join(format!("v{version}"));
+    std::fs::create_dir_all(&art).unwrap();
+    let hv = art.join("bulkhead-hypervisor");
+    std::fs::copy(hypervisor, &hv).unwrap();
+    let m = Manifest::from_files(
+        version,
+        Environment::parse("dev").unwrap(),
+        bulkhead_rot::unix_now() + 3600,
+        MeasurePcr::DEV,
+        &[(EventKind::Binary, hv.as_path())],
+    )
+    .unwrap();
+    let mut r = SignedRelease::new(&m).unwrap();
+    for n in signers {
+        let p = c.dir.join(format!("release/keys/release-{n}.secret"));
+        r.sign(&ReleaseKey::from_secret_text(&std::fs::read_to_string(p).unwrap()).unwrap());
+    }
+    let rel = dir.join(format!("v{version}.json"));
+    std::fs::write(&rel, r.to_json().unwrap()).unwrap();
+    (rel, art)
+}
+
+/// `bulkhead deploy --cluster` (its worker, `bulkhead-devcluster deploy`): (success, stdout,
+/// stderr).
+fn deploy_cli(c: &Cluster, rel: &Path, art: &Path) -> (bool, String, String) {
+    let out = Command::new(bins().join("bulkhead"))
+        .args(["deploy", "--cluster"])
+        .arg(&c.dir)
+        .arg("--release")
+        .arg(rel)
+        .arg("--artefacts")
+        .arg(art)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 14's cluster deploy, on the running guests of `guests` (one on each host): a signed
+/// release 2 goes to both hosts in two waves (host-1, then host-2), each host's hypervisors are
+/// live-updated under its guest and the host then attests with the release measured
+/// (`release-applied` v2 at the end of its event log, verified by the deployer); then a release 3
+/// whose hypervisor fails its self-test stops on wave 1: host-1 refuses it and keeps release 2,
+/// host-2 never sees it. The guests tick on throughout and never reboot.
+fn deploy_across_both_hosts_under_running_guests(c: &Cluster, guests: &[(&Customer, &String)]) {
+    let work = c.dir.join("deploy-test");
+    std::fs::create_dir_all(&work).unwrap();
+    let t0 = std::time::Instant::now();
+    let ticks: Vec<u64> = loop {
+        let t: Vec<u64> = guests.iter().map(|(t, i)| last_tick(t, i)).collect();
+        if t.iter().all(|n| *n > 0) {
+            break t;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "the guests do not tick: {t:?}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+
+    let started = std::time::Instant::now();
+    let (rel2, art2) = cluster_release(c, &work, 2, &bins().join("bulkhead-hypervisor"), &[0, 2]);
+    let (ok, out, err) = deploy_cli(c, &rel2, &art2);
+    assert!(ok, "deploy of release 2 failed:\n{out}\n{err}");
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["version"], 2);
+    assert_eq!(report["waves"], json!([["host-1"], ["host-2"]]), "{report}");
+    eprintln!(
+        "deploy of release 2 across 2 hosts: {:?}\n{err}",
+        started.elapsed()
+    );
+    for ((t, i), before) in guests.iter().zip(&ticks) {
+        let t0 = std::time::Instant::now();
+        while last_tick(t, i) <= before + 2 {
+            assert!(
+                t0.elapsed().as_secs() < 60,
+                "{i} stopped ticking after release 2"
+            );
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        eprintln!("{i} ticks on after release 2: {}", last_tick(t, i));
+    }
+    for (host, _) in &c.host_addrs {
+        // The host measured the release: its quote's event log ends with it (the deployer's
+        // verifier already accepted that quote against the signed release).
+        let (st, ev) = quote_status(c, host, &"5a".repeat(32), None);
+        assert_eq!(st, 200, "{ev}");
+        let log =
+            bulkhead_rot::measure::EventLog::parse(ev["event_log"].as_str().unwrap()).unwrap();
+        let last = log.events().last().unwrap();
+        assert_eq!(
+            (last.kind, last.name.as_str()),
+            (bulkhead_rot::measure::EventKind::ReleaseApplied, "v2"),
+            "{host}"
+        );
+        let audit = std::fs::read_to_string(c.dir.join(host).join("audit.log")).unwrap();
+        for step in ["live-update", "activate", "measure"] {
+            assert!(
+                audit
+                    .lines()
+                    .any(|l| l.contains(&format!("\"DeployRelease:{step}\""))
+                        && l.contains("\"code\":\"ok\"")),
+                "{host}: no DeployRelease:{step} ok in its audit log"
+            );
+        }
+    }
+
+    // Release 3: correctly signed, its hypervisor fails its self-test. Wave 1 stops it.
+    let broken = work.join("broken-hypervisor");
+    std::fs::write(&broken, "#!/bin/sh\nexit 1\n").unwrap();
+    let (rel3, art3) = cluster_release(c, &work, 3, &broken, &[1, 2]);
+    let (ok, out, err) = deploy_cli(c, &rel3, &art3);
+    assert!(!ok, "release 3 must not deploy:\n{out}");
+    assert!(
+        err.contains("wave 1 failed on host host-1 (release_self_test_failed)"),
+        "{err}"
+    );
+    let deploy_audit = std::fs::read_to_string(c.dir.join("deploy/audit.log")).unwrap();
+    assert!(
+        deploy_audit.contains("rolled_back_wave_1"),
+        "{deploy_audit}"
+    );
+    // Wave 2 started once (release 2's deploy), never for release 3.
+    assert_eq!(deploy_audit.matches("\"DeployWave2\"").count(), 1);
+    bulkhead_audit::verify(&c.dir.join("deploy/audit.log")).unwrap();
+    let h2 = std::fs::read_to_string(c.dir.join("host-2/audit.log")).unwrap();
+    assert!(
+        !h2.lines().any(|l| l.contains("release:v3")),
+        "host-2 saw release 3"
+    );
+    let h1 = std::fs::read_to_string(c.dir.join("host-1/audit.log")).unwrap();
+    assert!(h1.lines().any(
+        |l| l.contains("\"DeployRelease:self-test\"") && l.contains("release_self_test_failed")
+    ));
+    // Host 1 still attests with release 2.
+    let (_, ev) = quote_status(c, "host-1", &"6b".repeat(32), None);
+    let log = bulkhead_rot::measure::EventLog::parse(ev["event_log"].as_str().unwrap()).unwrap();
+    assert_eq!(log.events().last().unwrap().name, "v2");
+
+    // The guests ticked on through both deploys, on their first boot.
+    for ((t, i), before) in guests.iter().zip(&ticks) {
+        let t0 = std::time::Instant::now();
+        while last_tick(t, i) <= before + 2 {
+            assert!(t0.elapsed().as_secs() < 60, "{i} stopped ticking");
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        let v = t.ok("GetConsoleOutput", json!({"InstanceId": i}));
+        let out = v["Output"].as_str().unwrap_or("");
+        assert_eq!(
+            out.matches("BULKHEAD-GUEST-READY").count(),
+            1,
+            "{i} rebooted"
+        );
+    }
 }
 
 /// The token service is its own process and the only holder of the signing key; it mints for
