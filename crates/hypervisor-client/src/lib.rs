@@ -457,7 +457,9 @@ impl Channel {
         }
         .encode();
         match fd {
-            Some(fd) => send_packet(link.sock.as_raw_fd(), &frame, Some(fd)).map_err(ClientError::Io)?,
+            Some(fd) => {
+                send_packet(link.sock.as_raw_fd(), &frame, Some(fd)).map_err(ClientError::Io)?
+            }
             None => (&link.sock).write_all(&frame).map_err(ClientError::Io)?,
         }
         let mut buf = vec![0u8; HEADER_LEN + MAX_FRAME as usize];
