@@ -9,7 +9,12 @@
 //! that member's key-family membership; the family's secret goes with its last member.
 //!
 //! Rows have their own state ([`SnapshotState`]): `pending` while the copy and the key
-//! membership are made (a failure undoes both and removes the row), `completed`, `deleting`.
+//! membership are made, `completed`, `deleting`. A failure before the KMS answered, or a KMS
+//! refusal, undoes the copy and removes the row; a KMS call whose outcome is unknown (transport
+//! error, timeout) leaves the row `pending`, so that the customer's DeleteSnapshot can still
+//! destroy a membership the KMS may have made (a membership without a row would keep the
+//! family's secret alive after every visible member was deleted: no crypto-erase). A `pending`
+//! row can be deleted only once its create has certainly ended ([`PENDING_DELETE_AFTER_SECS`]).
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -20,6 +25,11 @@ use crate::api::{CreateSnapshot, CreateVolume, SnapshotRef};
 use crate::repo::{SnapshotRow, SnapshotState, VolumeRow, VolumeState};
 use crate::service::{new_id, now, volume_json, Caller, ControlPlane};
 use crate::ControlError;
+
+/// How long after its creation a `pending` snapshot may be deleted: longer than any create can
+/// run (a storage copy and one KMS call, each bounded by its client's timeout), so a delete
+/// never races the create's `ShareDataKey` (which would leave a key-family member no row names).
+pub const PENDING_DELETE_AFTER_SECS: u64 = 15 * 60;
 
 pub(crate) fn snapshot_json(s: &SnapshotRow) -> Value {
     json!({
@@ -65,19 +75,31 @@ impl ControlPlane {
         };
         self.repo.insert_snapshot(&row)?;
         let storage = self.storage()?;
-        let made = async {
-            storage
-                .snapshot(&node, &row.snapshot_id, &v.volume_id)
-                .await?;
-            self.kms(&ShareDataKeyRequest {
-                source_id: v.volume_id.clone(),
-                member_id: row.snapshot_id.clone(),
-                ciphertext_blob: B64.encode(&v.ciphertext_blob),
-                customer_request: c.forwarded.clone(),
-            })
+        let made = match storage
+            .snapshot(&node, &row.snapshot_id, &v.volume_id)
             .await
-        }
-        .await;
+        {
+            Err(e) => Err(e),
+            Ok(_) => match self
+                .kms(&ShareDataKeyRequest {
+                    source_id: v.volume_id.clone(),
+                    member_id: row.snapshot_id.clone(),
+                    ciphertext_blob: B64.encode(&v.ciphertext_blob),
+                    customer_request: c.forwarded.clone(),
+                })
+                .await
+            {
+                // A typed KMS refusal: no member was added.
+                Err(e @ ControlError::Kms(_)) => Err(e),
+                Err(e) => {
+                    // Unknown outcome: the KMS may have added the member. Keep the row
+                    // `pending` (and its copy): the customer's DeleteSnapshot destroys both.
+                    tracing::warn!(error = %e, snapshot = %row.snapshot_id, "CreateSnapshot: the KMS's answer was lost; the snapshot stays pending until deleted");
+                    return Err(e);
+                }
+                Ok(r) => Ok(r),
+            },
+        };
         if let Err(e) = made {
             // Undo: the copy (if any) and the row; the KMS added no member.
             if let Err(u) = storage.delete(&node, &row.snapshot_id).await {
@@ -136,6 +158,12 @@ impl ControlPlane {
             .repo
             .snapshot(&c.tenant, &r.snapshot_id)?
             .ok_or(ControlError::NoSuchSnapshot)?;
+        if s.state == SnapshotState::Pending
+            && now().saturating_sub(s.created) < PENDING_DELETE_AFTER_SECS
+        {
+            // Its create may still be running: deleting now could race its ShareDataKey.
+            return Err(ControlError::WrongState);
+        }
         if s.state != SnapshotState::Deleting {
             self.repo
                 .transition_snapshot(&c.tenant, &s.snapshot_id, s.state, SnapshotState::Deleting)
@@ -152,8 +180,10 @@ impl ControlPlane {
             .await
         {
             Ok(_) => {}
-            // A snapshot left `pending` by a crash before the KMS added it: not a member.
-            Err(ControlError::Kms("no_grant")) if s.state == SnapshotState::Pending => {}
+            // A snapshot left `pending` (a crash, or a lost KMS answer) that the KMS never
+            // added: not a member. Also on a repeat of such a delete (the row is `deleting`).
+            Err(ControlError::Kms("no_grant"))
+                if matches!(s.state, SnapshotState::Pending | SnapshotState::Deleting) => {}
             Err(e) => return Err(e),
         }
         if let Some(node) = &s.storage_node {
@@ -222,5 +252,89 @@ impl ControlPlane {
         let mut v = volume_json(&row);
         v["SnapshotId"] = json!(s.snapshot_id);
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use bulkhead_ec2_query::bh1::SignedParts;
+    use bulkhead_kms_proto::{CustomerRequest, ForwardedRequest};
+
+    use super::*;
+    use crate::workflow::tests::{cp, rt};
+
+    fn caller() -> Caller {
+        Caller {
+            tenant: "t-a".into(),
+            access_key_id: "AK".into(),
+            forwarded: CustomerRequest::from(ForwardedRequest {
+                authorization: "BH1-HMAC-SHA256 Credential=X".into(),
+                parts: SignedParts {
+                    method: "POST".into(),
+                    path: "/v1/DeleteSnapshot".into(),
+                    query: String::new(),
+                    host: "cp:8443".into(),
+                    date: "20261206T000000Z".into(),
+                    body: "{}".into(),
+                    nonce: "abcdefabcdefabcdef".into(),
+                },
+            }),
+        }
+    }
+
+    fn pending(id: &str, created: u64) -> SnapshotRow {
+        SnapshotRow {
+            snapshot_id: id.into(),
+            tenant_id: "t-a".into(),
+            volume_id: "vol-1".into(),
+            size_gib: 1,
+            kms_key_id: "key-1".into(),
+            ciphertext_blob: vec![1, 2, 3],
+            state: SnapshotState::Pending,
+            storage_node: None,
+            created,
+        }
+    }
+
+    /// A `pending` snapshot whose create may still run is not deleted (its `ShareDataKey` could
+    /// land after the delete and leave a key-family member no row names); an old one is taken
+    /// to `deleting` and, while the KMS does not answer, stays there for a repeat.
+    #[test]
+    fn a_pending_snapshot_is_deleted_only_once_its_create_has_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cp(dir.path());
+        let c = caller();
+        cp.repo
+            .insert_snapshot(&pending("snap-new", now()))
+            .unwrap();
+        let r = rt().block_on(cp.delete_snapshot(
+            &c,
+            &SnapshotRef {
+                snapshot_id: "snap-new".into(),
+                client_token: None,
+            },
+        ));
+        assert!(matches!(r, Err(ControlError::WrongState)), "{r:?}");
+        let row = cp.repo.snapshot("t-a", "snap-new").unwrap().unwrap();
+        assert_eq!(row.state, SnapshotState::Pending, "nothing changed");
+
+        let old = now() - PENDING_DELETE_AFTER_SECS - 1;
+        cp.repo.insert_snapshot(&pending("snap-old", old)).unwrap();
+        let r = rt().block_on(cp.delete_snapshot(
+            &c,
+            &SnapshotRef {
+                snapshot_id: "snap-old".into(),
+                client_token: None,
+            },
+        ));
+        assert!(r.is_err(), "the KMS answers nothing here: {r:?}");
+        let row = cp.repo.snapshot("t-a", "snap-old").unwrap().unwrap();
+        assert_eq!(
+            row.state,
+            SnapshotState::Deleting,
+            "kept for a repeat of the delete, never dropped without the KMS"
+        );
     }
 }

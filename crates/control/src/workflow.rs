@@ -538,7 +538,7 @@ impl ControlPlane {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// How long each workflow step took (successful runs), per kind and step, since start: the
 /// per-step breakdown of RunInstances, AttachVolume, DetachVolume and TerminateInstances that

@@ -930,7 +930,9 @@ impl InstanceBackend for HostBackend {
         to: Option<u64>,
     ) -> Result<crate::api::CardMoved, BackendError> {
         let inst = self.instance(id)?;
-        let mut g = lock(&inst);
+        // Not during an attach or detach of this instance (they wait with the lock released):
+        // a detach in flight finishes first, and then the volume is simply not attached.
+        let mut g = self.idle(&inst)?;
         self.update_card_vm(&mut g, volume, to)
     }
 

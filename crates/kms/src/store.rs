@@ -404,7 +404,8 @@ impl Store {
     /// Adds `member_id` to the key family of the live member `source_id` (a snapshot of a
     /// volume, or a volume made from a snapshot), for `tenant`, with a grant of `key_id`;
     /// returns the family id. The source must be live and `tenant`'s; the new id must never
-    /// have been keyed or destroyed. One transaction.
+    /// have been keyed, granted (a volume keyed before families, any tenant's) or destroyed.
+    /// One transaction.
     pub fn add_family_member(
         &self,
         source_id: &str,
@@ -436,7 +437,8 @@ impl Store {
                 .query_row(
                     "SELECT 1 FROM family_members WHERE member_id = ?1
                      UNION ALL SELECT 1 FROM destroyed_volumes WHERE volume_id = ?1
-                     UNION ALL SELECT 1 FROM volume_secrets WHERE volume_id = ?1",
+                     UNION ALL SELECT 1 FROM volume_secrets WHERE volume_id = ?1
+                     UNION ALL SELECT 1 FROM grants WHERE volume_id = ?1",
                     params![member_id],
                     |_| Ok(()),
                 )

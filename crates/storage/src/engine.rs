@@ -701,8 +701,24 @@ fn cheap_copy(src: &Path, dst: &Path) -> Result<(), EngineError> {
             };
             // SAFETY: lseek on an open descriptor; no memory is passed.
             let data = unsafe { libc::lseek(s.as_raw_fd(), at, libc::SEEK_DATA) };
-            let Ok(data) = u64::try_from(data) else {
-                break; // ENXIO: no data after `pos`
+            let data = match u64::try_from(data) {
+                Ok(d) => d,
+                Err(_) => {
+                    let e = std::io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        // No data after `pos`: the rest is a hole.
+                        Some(libc::ENXIO) => break,
+                        // No SEEK_DATA on this file system: the rest counts as data.
+                        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => pos,
+                        // Anything else (EIO, ...) fails the copy: never a silent hole.
+                        _ => {
+                            return Err(EngineError::Io {
+                                path: src.to_path_buf(),
+                                source: e,
+                            })
+                        }
+                    }
+                }
             };
             let Ok(at) = libc::off_t::try_from(data) else {
                 break;

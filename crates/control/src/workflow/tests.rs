@@ -69,8 +69,9 @@ impl Steps for T {
     }
 }
 
-/// A control plane on an in-memory SQLite repository; its KMS and hosts are never called.
-fn cp(dir: &std::path::Path) -> ControlPlane {
+/// A control plane on an in-memory SQLite repository whose KMS and token service addresses
+/// answer nothing (a call to them fails on the transport).
+pub(crate) fn cp(dir: &std::path::Path) -> ControlPlane {
     let ca = bulkhead_tokens::pki::CaDir::new(dir.join("ca"));
     ca.init().unwrap();
     ca.issue("control-plane", bulkhead_tokens::Role::ControlPlane, false)
@@ -99,7 +100,7 @@ fn cp(dir: &std::path::Path) -> ControlPlane {
     )
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
