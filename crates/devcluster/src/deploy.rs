@@ -8,15 +8,19 @@
 //! live-updates its hypervisors, and measures the release into its TPM), then its health and
 //! instances again, then a fresh attestation over a nonce of this deployer's verifier, which must
 //! show the new release applied (`Attested::applied_release`). A failure stops the rollout; the
-//! hosts that had moved are rolled back (see [`ControllerHost::roll_back`] for what a controller
-//! offers for that today). Every step is audited by the controllers themselves, and the deploy's
+//! hosts that had moved, or may have (a `DeployRelease` whose answer was lost), are rolled back
+//! (see [`ControllerHost::roll_back`] for what a controller offers for that today).
+//!
+//! Each host's token is minted just before its first call, for that host only, with a lifetime
+//! of [`HOST_TOKEN_TTL_SECS`], and minted again before any call it might not outlive: no token
+//! exists before its host's turn, and a long rollout never runs on an expiring one. Every step is audited by the controllers themselves, and the deploy's
 //! own steps in `DIR/deploy/audit.log` (hash-chained).
 
 use std::path::{Path, PathBuf};
 
 use bulkhead_audit::{AuditLog, Decision, EntryKind};
 use bulkhead_rot::attest::{Enrollment, Evidence, Verifier};
-use bulkhead_rot::deploy::{run_waves, DeployAudit, DeployError, HostFailure, WaveHost};
+use bulkhead_rot::deploy::{run_waves, DeployAudit, DeployError, HostFailure, Moved, WaveHost};
 use bulkhead_rot::measure::Environment;
 use bulkhead_rot::release::{verify_release, Manifest, ReleasePolicy, SignedRelease, TrustRoot};
 use bulkhead_rot::tpm::MeasurePcr;
@@ -35,6 +39,13 @@ const DEPLOY_OPERATIONS: &[&str] = &[
     "AttestHost",
 ];
 
+/// Lifetime asked for each host's token: one host's update (uploads, DeployRelease, checks).
+pub const HOST_TOKEN_TTL_SECS: u64 = 300;
+
+/// A token with less than this left is minted again before a call: longer than the client's
+/// whole-request timeout (75 s), so the token is valid when the controller checks it.
+pub const TOKEN_RENEW_MARGIN_SECS: u64 = 120;
+
 /// Why a real-host deploy did not run or did not pass.
 #[derive(Debug, thiserror::Error)]
 pub enum RealDeployError {
@@ -52,8 +63,6 @@ pub enum RealDeployError {
     Tls(String),
     #[error("audit log: {0}")]
     Audit(String),
-    #[error("the token service refused the deployer ({0})")]
-    Token(String),
     #[error("deploy: {0}")]
     Deploy(#[from] DeployError),
 }
@@ -71,6 +80,64 @@ pub struct RealContext {
     /// (SHA-256 hex, bytes) of every artefact, in manifest order.
     artefacts: Vec<(String, Vec<u8>)>,
     verifier: Verifier,
+    minter: Box<dyn MintToken>,
+}
+
+/// Where the deployer's tokens come from: the token service ([`TokenService`]).
+pub trait MintToken {
+    /// A token for `host` alone, with the deployer's operations, valid for `ttl_secs`: (token,
+    /// its expiry in Unix seconds). `Err` carries the code.
+    fn mint(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        host: &str,
+        ttl_secs: u64,
+    ) -> Result<(String, u64), String>;
+}
+
+/// The cluster's token service, asked as the deployer's certificate.
+pub struct TokenService {
+    client: tls::HttpsClient,
+    addr: String,
+}
+
+impl MintToken for TokenService {
+    fn mint(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        host: &str,
+        ttl_secs: u64,
+    ) -> Result<(String, u64), String> {
+        let body = json!({
+            "hosts": [host],
+            "operations": DEPLOY_OPERATIONS,
+            "resources": ["host"],
+            "ttl_secs": ttl_secs,
+        })
+        .to_string();
+        let r = rt
+            .block_on(self.client.request(
+                &self.addr,
+                "POST",
+                "/v1/Mint",
+                &[("content-type", "application/json")],
+                body.into_bytes(),
+            ))
+            .map_err(|e| {
+                tracing::warn!(host, error = %e, "token service unreachable");
+                "token_service_unreachable".to_string()
+            })?;
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        match (r.status, v["token"].as_str()) {
+            (200, Some(t)) => {
+                let expires = v["expires"]
+                    .as_u64()
+                    .unwrap_or_else(|| bulkhead_rot::unix_now().saturating_add(ttl_secs));
+                Ok((t.to_string(), expires))
+            }
+            (st, _) => Err(format!("token_refused: {}", refusal_code(st, &v))),
+        }
+    }
 }
 
 /// One host of the cluster, reached through its controller.
@@ -78,7 +145,25 @@ pub struct ControllerHost {
     name: String,
     addr: String,
     client: tls::HttpsClient,
-    token: String,
+    /// This host's token and its expiry (Unix seconds); none before the host's turn.
+    token: Option<(String, u64)>,
+}
+
+/// Why a call to a controller has no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NoAnswer {
+    /// The request never reached the controller (no token, no connection, no handshake).
+    NotSent(String),
+    /// It may have reached it and run: the answer was lost.
+    Lost(String),
+}
+
+impl NoAnswer {
+    fn code(self) -> String {
+        match self {
+            NoAnswer::NotSent(c) | NoAnswer::Lost(c) => c,
+        }
+    }
 }
 
 /// An answer's refusal code (`{"error":{"code":..}}`), or the status.
@@ -90,15 +175,40 @@ fn refusal_code(status: u16, v: &Value) -> String {
 }
 
 impl ControllerHost {
+    /// A host the deploy reaches at `addr` with `client` (pinned to the host's name).
+    pub fn new(name: String, addr: String, client: tls::HttpsClient) -> ControllerHost {
+        ControllerHost {
+            name,
+            addr,
+            client,
+            token: None,
+        }
+    }
+
+    /// This host's token, minted now if it has none or one with less than
+    /// [`TOKEN_RENEW_MARGIN_SECS`] left.
+    fn token(&mut self, cx: &RealContext) -> Result<String, String> {
+        let now = bulkhead_rot::unix_now();
+        if let Some((t, expires)) = &self.token {
+            if *expires > now.saturating_add(TOKEN_RENEW_MARGIN_SECS) {
+                return Ok(t.clone());
+            }
+        }
+        let (t, expires) = cx.minter.mint(&cx.rt, &self.name, HOST_TOKEN_TTL_SECS)?;
+        tracing::info!(host = %self.name, expires, "deploy token minted");
+        self.token = Some((t.clone(), expires));
+        Ok(t)
+    }
+
     fn call(
-        &self,
+        &mut self,
         cx: &RealContext,
         method: &str,
         path: &str,
         content_type: &str,
         body: Vec<u8>,
-    ) -> Result<(u16, Value), String> {
-        let auth = format!("Bearer {}", self.token);
+    ) -> Result<(u16, Value), NoAnswer> {
+        let auth = format!("Bearer {}", self.token(cx).map_err(NoAnswer::NotSent)?);
         let headers = [
             ("authorization", auth.as_str()),
             ("content-type", content_type),
@@ -111,7 +221,12 @@ impl ControllerHost {
             )
             .map_err(|e| {
                 tracing::warn!(host = %self.name, error = %e, path, "controller unreachable");
-                "host_unreachable".to_string()
+                match e {
+                    tls::TlsError::Connect(..) | tls::TlsError::Handshake(..) => {
+                        NoAnswer::NotSent("host_unreachable".into())
+                    }
+                    _ => NoAnswer::Lost("host_answer_lost".into()),
+                }
             })?;
         Ok((
             r.status,
@@ -119,15 +234,18 @@ impl ControllerHost {
         ))
     }
 
-    fn get(&self, cx: &RealContext, path: &str) -> Result<Value, String> {
-        match self.call(cx, "GET", path, "application/json", Vec::new())? {
+    fn get(&mut self, cx: &RealContext, path: &str) -> Result<Value, String> {
+        match self
+            .call(cx, "GET", path, "application/json", Vec::new())
+            .map_err(NoAnswer::code)?
+        {
             (200, v) => Ok(v),
             (st, v) => Err(refusal_code(st, &v)),
         }
     }
 
     /// Healthy (audit writable), and the instances it runs.
-    fn health(&self, cx: &RealContext) -> Result<u64, String> {
+    fn health(&mut self, cx: &RealContext) -> Result<u64, String> {
         let h = self.get(cx, "/v1/health")?;
         if h["audit_writable"] != true {
             return Err("health_audit_not_writable".into());
@@ -139,19 +257,21 @@ impl ControllerHost {
     }
 
     /// A fresh quote over this deployer's nonce, verified: the version it shows applied.
-    fn attest(&self, cx: &mut RealContext) -> Result<Option<u64>, String> {
+    fn attest(&mut self, cx: &mut RealContext) -> Result<Option<u64>, String> {
         let nonce = cx
             .verifier
             .challenge(&self.name)
             .map_err(|_| "attest_challenge_failed".to_string())?;
         let body = json!({ "nonce": hex::encode(nonce) }).to_string();
-        let (st, v) = self.call(
-            cx,
-            "POST",
-            "/v1/host/attest",
-            "application/json",
-            body.into_bytes(),
-        )?;
+        let (st, v) = self
+            .call(
+                cx,
+                "POST",
+                "/v1/host/attest",
+                "application/json",
+                body.into_bytes(),
+            )
+            .map_err(NoAnswer::code)?;
         if st != 200 {
             return Err(refusal_code(st, &v));
         }
@@ -171,8 +291,14 @@ impl WaveHost<RealContext> for ControllerHost {
     }
 
     fn update(&mut self, cx: &mut RealContext) -> Result<(), HostFailure> {
-        let before = |code: String| HostFailure { code, moved: false };
-        let after = |code: String| HostFailure { code, moved: true };
+        let before = |code: String| HostFailure {
+            code,
+            moved: Moved::No,
+        };
+        let after = |code: String| HostFailure {
+            code,
+            moved: Moved::Yes,
+        };
         let running = self
             .health(cx)
             .map_err(|c| before(format!("unhealthy_before_update: {c}")))?;
@@ -180,7 +306,7 @@ impl WaveHost<RealContext> for ControllerHost {
             let path = format!("/v1/host/artefacts/{sha}");
             match self
                 .call(cx, "PUT", &path, "application/octet-stream", bytes.clone())
-                .map_err(before)?
+                .map_err(|e| before(e.code()))?
             {
                 (200, _) => {}
                 (st, v) => return Err(before(refusal_code(st, &v))),
@@ -195,8 +321,15 @@ impl WaveHost<RealContext> for ControllerHost {
                 "application/json",
                 body.into_bytes(),
             )
-            .map_err(before)?
-        {
+            .map_err(|e| match e {
+                NoAnswer::NotSent(code) => before(code),
+                // The controller may have run it (moved its hypervisors) before the answer was
+                // lost: unknown, so rolled back like a moved host.
+                NoAnswer::Lost(code) => HostFailure {
+                    code: format!("deploy_release_{code}"),
+                    moved: Moved::Unknown,
+                },
+            })? {
             (200, v) => {
                 tracing::info!(host = %self.name, moved = v["moved"].as_array().map_or(0, Vec::len), "release deployed on the host");
             }
@@ -312,37 +445,18 @@ pub fn run(
         .build()
         .map_err(|e| RealDeployError::Io(PathBuf::from("tokio runtime"), e))?;
 
-    // One token per host, from the token service, for the deployer's certificate.
-    let minter = client(ServerIdentity::token_service())?;
+    // The hosts; each one's token is minted at its turn (`ControllerHost::token`).
+    let minter = TokenService {
+        client: client(ServerIdentity::token_service())?,
+        addr: token_addr.to_string(),
+    };
     let mut targets = Vec::new();
     for (name, addr) in &hosts {
-        let body = json!({
-            "hosts": [name],
-            "operations": DEPLOY_OPERATIONS,
-            "resources": ["host"],
-            "ttl_secs": 900,
-        })
-        .to_string();
-        let r = rt
-            .block_on(minter.request(
-                token_addr,
-                "POST",
-                "/v1/Mint",
-                &[("content-type", "application/json")],
-                body.into_bytes(),
-            ))
-            .map_err(|e| RealDeployError::Token(e.to_string()))?;
-        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        let token = match (r.status, v["token"].as_str()) {
-            (200, Some(t)) => t.to_string(),
-            (st, _) => return Err(RealDeployError::Token(refusal_code(st, &v))),
-        };
-        targets.push(ControllerHost {
-            name: name.clone(),
-            addr: addr.clone(),
-            client: client(ServerIdentity::host(name))?,
-            token,
-        });
+        targets.push(ControllerHost::new(
+            name.clone(),
+            addr.clone(),
+            client(ServerIdentity::host(name))?,
+        ));
     }
 
     let audit_dir = dir.join("deploy");
@@ -360,6 +474,7 @@ pub fn run(
         manifest,
         artefacts: files,
         verifier,
+        minter: Box::new(minter),
     };
     let waves = run_waves(&mut targets, &mut cx, &audit)?;
     Ok(RealDeployReport {
@@ -369,3 +484,7 @@ pub fn run(
         elapsed_ms: started.elapsed().as_millis(),
     })
 }
+
+#[cfg(test)]
+#[path = "deploy_tests.rs"]
+mod tests;

@@ -22,7 +22,8 @@
 //! --cluster`) both go through it.
 //!
 //! Every step is appended to the hash-chained audit log **before** the next one runs; if the
-//! audit write fails the deploy stops (fail closed).
+//! audit write fails the deploy stops (fail closed), and the hosts it had moved are still rolled
+//! back (unaudited: logged, and named in the error).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -40,6 +41,9 @@ use crate::release::{
     verify_release, Manifest, ReleaseError, ReleasePolicy, SignedRelease, TrustRoot,
 };
 use crate::RotError;
+
+mod waves;
+pub use waves::{plan_waves, run_waves, HostFailure, Moved, RollbackFailure, WaveHost};
 
 /// Why a deploy stopped. Codes are stable (they are the audit codes).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +63,17 @@ pub enum DeployError {
     },
     #[error("audit log write failed; deploy stopped")]
     AuditFailed,
+    /// An audit write failed after hosts had moved (or may have): the deploy stopped and rolled
+    /// them back all the same, unaudited.
+    #[error(
+        "audit log write failed; deploy stopped; rolled back: [{}]; not rolled back: [{}]",
+        .rolled_back.join(", "),
+        rollback_failures(.not_rolled_back)
+    )]
+    AuditFailedRolledBack {
+        rolled_back: Vec<String>,
+        not_rolled_back: Vec<RollbackFailure>,
+    },
     #[error("every wave passed but host {host} did not commit ({code})")]
     CommitFailed { host: String, code: String },
 }
@@ -70,10 +85,17 @@ impl DeployError {
             DeployError::Release(e) => e.code(),
             DeployError::NoHosts => "deploy_no_hosts",
             DeployError::WaveFailed { .. } => "deploy_wave_failed",
-            DeployError::AuditFailed => "audit_failed",
+            DeployError::AuditFailed | DeployError::AuditFailedRolledBack { .. } => "audit_failed",
             DeployError::CommitFailed { .. } => "deploy_commit_failed",
         }
     }
+}
+
+fn rollback_failures(f: &[RollbackFailure]) -> String {
+    f.iter()
+        .map(|r| format!("{} ({})", r.host, r.code))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What the deployment service needs from a host. Implemented by [`Host`] (in-process, used by
@@ -176,29 +198,23 @@ pub struct DeployReport {
     pub elapsed: Duration,
 }
 
-/// Wave sizes for `n` hosts: 1, then 10% (rounded up, at least 1), then the rest.
-pub fn plan_waves(n: usize) -> Vec<usize> {
-    let mut out = Vec::new();
-    if n == 0 {
-        return out;
+/// Where a deploy's records go: the hash-chained [`AuditLog`] (a test stands in a log that
+/// fails on cue).
+pub trait AuditSink {
+    /// Appends `entry`, durable when it returns `Ok`.
+    fn append(&self, entry: AuditEntry) -> Result<(), bulkhead_audit::AuditError>;
+}
+
+impl AuditSink for AuditLog {
+    fn append(&self, entry: AuditEntry) -> Result<(), bulkhead_audit::AuditError> {
+        self.append_blocking(entry).map(|_| ())
     }
-    out.push(1);
-    let rest = n - 1;
-    let second = n.div_ceil(10).max(1).min(rest);
-    if second > 0 {
-        out.push(second);
-    }
-    let third = rest - second;
-    if third > 0 {
-        out.push(third);
-    }
-    out
 }
 
 /// The deploy's audit trail: every record names the deploy (request id), the deployer and the
 /// release (the manifest's SHA-256). Shared by the simulated and the real-host deploy.
 pub struct DeployAudit<'a> {
-    log: &'a AuditLog,
+    log: &'a dyn AuditSink,
     id: String,
     caller: String,
     cert: String,
@@ -210,7 +226,7 @@ impl<'a> DeployAudit<'a> {
     /// A new deploy (fresh random id) by `identity` of the release whose manifest text is
     /// `manifest`.
     pub fn new(
-        log: &'a AuditLog,
+        log: &'a dyn AuditSink,
         identity: &Identity,
         manifest: &str,
     ) -> Result<DeployAudit<'a>, RotError> {
@@ -256,157 +272,11 @@ impl<'a> DeployAudit<'a> {
             decision,
             code: code.to_string(),
         };
-        self.log.append_blocking(entry).map(|_| ()).map_err(|e| {
+        self.log.append(entry).map_err(|e| {
             tracing::error!(error = %e, "audit write failed");
             DeployError::AuditFailed
         })
     }
-}
-
-fn host_res(name: &str) -> Vec<String> {
-    vec![format!("host:{name}")]
-}
-
-/// Why one host's update failed: the audit code, and whether the host had already moved to the
-/// release (changed anything) before it failed, so that it is rolled back with the others.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostFailure {
-    pub code: String,
-    pub moved: bool,
-}
-
-/// One host as the wave engine ([`run_waves`]) drives it. `C` is the deploy's shared context
-/// (the verifier of the new measurements, the client that reaches the host, ...). Implemented
-/// for simulated in-process hosts (any [`DeployTarget`]) here and for the controllers of real
-/// hosts by `bulkhead deploy --cluster`.
-pub trait WaveHost<C: ?Sized> {
-    fn name(&self) -> &str;
-    /// Moves the host to the release and checks it: healthy, and attesting with the release's
-    /// measurements. `Err` says whether the host had moved.
-    fn update(&mut self, cx: &mut C) -> Result<(), HostFailure>;
-    /// Back to the release it ran before this deploy; `Err` carries the audit code.
-    fn roll_back(&mut self, cx: &mut C) -> Result<(), String>;
-    /// Every wave passed: the release becomes the host's committed floor.
-    fn commit(&mut self, cx: &mut C) -> Result<(), String>;
-}
-
-/// The wave engine, one copy for every kind of host: the hosts in waves of [`plan_waves`]
-/// sizes, each host updated in turn; on the first failure the deploy stops, **exactly the hosts
-/// that moved** (earlier hosts of this deploy and the failing one if it had moved) are rolled
-/// back, last moved first, later hosts are never touched, and nothing is committed; once every
-/// wave passed every host commits. Every step is audited before the next one runs. Returns the
-/// waves' host names.
-pub fn run_waves<C: ?Sized, H: WaveHost<C>>(
-    hosts: &mut [H],
-    cx: &mut C,
-    audit: &DeployAudit<'_>,
-) -> Result<Vec<Vec<String>>, DeployError> {
-    let all: Vec<String> = hosts.iter().map(|h| format!("host:{}", h.name())).collect();
-    let sizes = plan_waves(hosts.len());
-    let mut waves: Vec<Vec<String>> = Vec::new();
-    let mut moved: Vec<usize> = Vec::new();
-    let mut start = 0usize;
-    for (wave_no, size) in sizes.iter().enumerate() {
-        let wave = wave_no + 1;
-        let end = start + size;
-        let names: Vec<String> = hosts
-            .iter()
-            .skip(start)
-            .take(*size)
-            .map(|h| h.name().to_string())
-            .collect();
-        audit.write(
-            EntryKind::Outcome,
-            &format!("DeployWave{wave}"),
-            names.iter().map(|n| format!("host:{n}")).collect(),
-            Decision::None,
-            "wave_started",
-        )?;
-        tracing::info!(wave, hosts = names.len(), "wave started");
-        for i in start..end {
-            let Some(h) = hosts.get_mut(i) else { break };
-            match h.update(cx) {
-                Ok(()) => {
-                    moved.push(i);
-                    audit.write(
-                        EntryKind::Outcome,
-                        "DeployHost",
-                        host_res(h.name()),
-                        Decision::None,
-                        "ok",
-                    )?;
-                }
-                Err(f) => {
-                    let failed = h.name().to_string();
-                    tracing::error!(wave, host = %failed, code = %f.code, moved = f.moved, "wave failed; rolling back");
-                    audit.write(
-                        EntryKind::Alert,
-                        "DeployHost",
-                        host_res(&failed),
-                        Decision::None,
-                        &f.code,
-                    )?;
-                    if f.moved {
-                        moved.push(i);
-                    }
-                    let rolled = roll_back_moved(hosts, &moved, cx, audit)?;
-                    audit.write(
-                        EntryKind::Outcome,
-                        "Deploy",
-                        all,
-                        Decision::None,
-                        &format!("rolled_back_wave_{wave}"),
-                    )?;
-                    return Err(DeployError::WaveFailed {
-                        wave,
-                        host: failed,
-                        code: f.code,
-                        rolled_back: rolled,
-                    });
-                }
-            }
-        }
-        waves.push(names);
-        start = end;
-    }
-    for h in hosts.iter_mut() {
-        let name = h.name().to_string();
-        if let Err(code) = h.commit(cx) {
-            audit.write(
-                EntryKind::Alert,
-                "Commit",
-                host_res(&name),
-                Decision::None,
-                &code,
-            )?;
-            return Err(DeployError::CommitFailed { host: name, code });
-        }
-    }
-    audit.write(EntryKind::Outcome, "Deploy", all, Decision::None, "ok")?;
-    Ok(waves)
-}
-
-/// Rolls back the hosts at `moved` (indices, in the order they moved), last first. Returns how
-/// many came back.
-fn roll_back_moved<C: ?Sized, H: WaveHost<C>>(
-    hosts: &mut [H],
-    moved: &[usize],
-    cx: &mut C,
-    audit: &DeployAudit<'_>,
-) -> Result<usize, DeployError> {
-    let mut ok = 0;
-    for i in moved.iter().rev() {
-        let Some(h) = hosts.get_mut(*i) else { continue };
-        let (kind, code) = match h.roll_back(cx) {
-            Ok(()) => {
-                ok += 1;
-                (EntryKind::Outcome, "ok".to_string())
-            }
-            Err(code) => (EntryKind::Alert, code),
-        };
-        audit.write(kind, "Rollback", host_res(h.name()), Decision::None, &code)?;
-    }
-    Ok(ok)
 }
 
 /// The simulated deploy's context: the release, where its files are, and the verifier.
@@ -551,7 +421,10 @@ pub fn deploy<T: DeployTarget>(
     let waves = match run_waves(&mut sim, &mut cx, &audit) {
         Ok(w) => w,
         Err(e) => {
-            if matches!(e, DeployError::WaveFailed { .. }) {
+            if matches!(
+                e,
+                DeployError::WaveFailed { .. } | DeployError::AuditFailedRolledBack { .. }
+            ) {
                 d.verifier.retire_release(&m);
             }
             return Err(e.into());
@@ -566,7 +439,8 @@ pub fn deploy<T: DeployTarget>(
 }
 
 /// Update one simulated host; `Err` carries the audit code of the failure and whether the host
-/// had moved (staged the release) before it failed.
+/// had moved (staged the release) before it failed. A failed `stage` may have moved it (the
+/// state written, then an error; or a remote target whose answer was lost): unknown.
 fn update_one<T: DeployTarget>(
     h: &mut T,
     release: &SignedRelease,
@@ -574,8 +448,14 @@ fn update_one<T: DeployTarget>(
     m: &Manifest,
     verifier: &mut Verifier,
 ) -> Result<(), HostFailure> {
-    let before = |code: String| HostFailure { code, moved: false };
-    let after = |code: String| HostFailure { code, moved: true };
+    let before = |code: String| HostFailure {
+        code,
+        moved: Moved::No,
+    };
+    let after = |code: String| HostFailure {
+        code,
+        moved: Moved::Yes,
+    };
     let healthy = match h.health() {
         Some(hh) => hh.accepts_customer_work,
         None => h.boot().accepts_customer_work,
@@ -589,8 +469,10 @@ fn update_one<T: DeployTarget>(
             other => format!("install_failed: {other}"),
         })
     })?;
-    h.stage(installed.version)
-        .map_err(|e| before(format!("stage_failed: {e}")))?;
+    h.stage(installed.version).map_err(|e| HostFailure {
+        code: format!("stage_failed: {e}"),
+        moved: Moved::Unknown,
+    })?;
     let health = h.boot();
     if !health.accepts_customer_work {
         let code = health
@@ -613,156 +495,4 @@ fn update_one<T: DeployTarget>(
         return Err(after("attest_wrong_release".into()));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-
-    /// A host as the wave engine sees it, scripted (the engine is the thing under test; a real
-    /// host's side is tested in `tests/deploy.rs` and the cluster test).
-    struct Scripted {
-        name: String,
-        /// `None`: updates fine; `Some(moved)`: fails, having moved or not.
-        fails: Option<bool>,
-        on_release: bool,
-        committed: bool,
-    }
-
-    /// Every call, in order: (op, host).
-    type Journal = Vec<(&'static str, String)>;
-
-    impl WaveHost<Journal> for Scripted {
-        fn name(&self) -> &str {
-            &self.name
-        }
-        fn update(&mut self, j: &mut Journal) -> Result<(), HostFailure> {
-            j.push(("update", self.name.clone()));
-            match self.fails {
-                None => {
-                    self.on_release = true;
-                    Ok(())
-                }
-                Some(moved) => {
-                    self.on_release = moved;
-                    Err(HostFailure {
-                        code: "health_self_test_failed".into(),
-                        moved,
-                    })
-                }
-            }
-        }
-        fn roll_back(&mut self, j: &mut Journal) -> Result<(), String> {
-            j.push(("roll_back", self.name.clone()));
-            assert!(self.on_release, "{} rolled back but never moved", self.name);
-            self.on_release = false;
-            Ok(())
-        }
-        fn commit(&mut self, j: &mut Journal) -> Result<(), String> {
-            j.push(("commit", self.name.clone()));
-            self.committed = true;
-            Ok(())
-        }
-    }
-
-    fn hosts(n: usize, failing: Option<(usize, bool)>) -> Vec<Scripted> {
-        (0..n)
-            .map(|i| Scripted {
-                name: format!("host-{i}"),
-                fails: failing.filter(|(f, _)| *f == i).map(|(_, moved)| moved),
-                on_release: false,
-                committed: false,
-            })
-            .collect()
-    }
-
-    fn audit() -> (tempfile::TempDir, AuditLog) {
-        let d = tempfile::tempdir().unwrap();
-        let (log, _) = AuditLog::open(&d.path().join("audit.log")).unwrap();
-        (d, log)
-    }
-
-    fn deployer() -> Identity {
-        Identity {
-            name: "deployer".into(),
-            role: bulkhead_tokens::Role::Deployer,
-            cert_sha256: "00".repeat(32),
-        }
-    }
-
-    #[test]
-    fn a_wave_failure_rolls_back_exactly_the_moved_hosts() {
-        let (_d, log) = audit();
-        let who = deployer();
-        let a = DeployAudit::new(&log, &who, "manifest").unwrap();
-        // 12 hosts: waves of 1, 2, 9. Host 2 (the second of wave 2) fails after it moved:
-        // hosts 0, 1 and 2 go back (last moved first); hosts 3..12 are never touched.
-        let mut hs = hosts(12, Some((2, true)));
-        let mut j = Journal::new();
-        let e = run_waves(&mut hs, &mut j, &a).unwrap_err();
-        assert_eq!(
-            e,
-            DeployError::WaveFailed {
-                wave: 2,
-                host: "host-2".into(),
-                code: "health_self_test_failed".into(),
-                rolled_back: 3
-            }
-        );
-        let rolled: Vec<&str> = j
-            .iter()
-            .filter(|(op, _)| *op == "roll_back")
-            .map(|(_, h)| h.as_str())
-            .collect();
-        assert_eq!(rolled, ["host-2", "host-1", "host-0"]);
-        assert!(!j.iter().any(|(op, _)| *op == "commit"));
-        assert!(hs.iter().all(|h| !h.on_release && !h.committed));
-        assert!(!j.iter().any(|(_, h)| h == "host-3"), "{j:?}");
-
-        // A host that fails before it moved is not rolled back; the earlier ones are.
-        let a = DeployAudit::new(&log, &who, "manifest").unwrap();
-        let mut hs = hosts(12, Some((2, false)));
-        let mut j = Journal::new();
-        let e = run_waves(&mut hs, &mut j, &a).unwrap_err();
-        assert!(matches!(e, DeployError::WaveFailed { rolled_back: 2, .. }));
-        assert!(!j.contains(&("roll_back", "host-2".into())));
-        assert!(j.contains(&("roll_back", "host-1".into())));
-
-        // Wave 1 failing before it moved: nothing is rolled back, nothing else touched.
-        let a = DeployAudit::new(&log, &who, "manifest").unwrap();
-        let mut hs = hosts(2, Some((0, false)));
-        let mut j = Journal::new();
-        let e = run_waves(&mut hs, &mut j, &a).unwrap_err();
-        assert!(matches!(
-            e,
-            DeployError::WaveFailed {
-                wave: 1,
-                rolled_back: 0,
-                ..
-            }
-        ));
-        assert_eq!(j, [("update", "host-0".to_string())]);
-
-        // No failure: every host updated in wave order, then every host commits.
-        let a = DeployAudit::new(&log, &who, "manifest").unwrap();
-        let mut hs = hosts(3, None);
-        let mut j = Journal::new();
-        let waves = run_waves(&mut hs, &mut j, &a).unwrap();
-        assert_eq!(waves.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
-        assert!(hs.iter().all(|h| h.on_release && h.committed));
-        assert_eq!(j.len(), 6);
-        drop(log);
-        bulkhead_audit::verify(&_d.path().join("audit.log")).unwrap();
-    }
-
-    #[test]
-    fn waves() {
-        assert_eq!(plan_waves(0), Vec::<usize>::new());
-        assert_eq!(plan_waves(1), vec![1]);
-        assert_eq!(plan_waves(2), vec![1, 1]);
-        assert_eq!(plan_waves(10), vec![1, 1, 8]);
-        assert_eq!(plan_waves(20), vec![1, 2, 17]);
-        assert_eq!(plan_waves(100).iter().sum::<usize>(), 100);
-    }
 }
