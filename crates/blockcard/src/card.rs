@@ -10,6 +10,10 @@
 //! 4. Serve vhost-user frontends (one at a time; a reconnect gets fresh queue threads) while the
 //!    control thread answers `GetMetrics`, and on `Detach` erases the keys, flushes, answers and
 //!    exits.
+//! 5. Card update: `HandOver` sends the volume state to the next card; after `HandedOver` the
+//!    card erases its keys and exits once its frontend leaves, unless `CancelHandOver` came
+//!    first (the update failed): then it keeps its key and serves on
+//!    ([`crate::update_stage`]).
 
 use crate::backend::{BlockBackend, CipherState, QueueWorker, Volume, IO_LANES, MAX_QUEUES};
 use crate::control::{
@@ -22,13 +26,13 @@ use crate::nbd::{NbdClient, NbdConfig};
 use crate::request::{DiskLimits, SectorCount, ID_LEN};
 use crate::sandbox::{self, SandboxError};
 use crate::store::{Backing, StoreError};
+use crate::update_stage::{CancelRefused, StageCell};
 use crate::xts::{XtsCipher, XtsError};
 use bulkhead_sealing::{fill_random, open_volume_key, HostKey, SealingError, VolumeKey};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tracing::{error, info, warn};
 use vhost_user_backend::VhostUserDaemon;
@@ -309,7 +313,9 @@ fn wait_for_attach(
                         Err((e, None)) => return Err(e),
                     }
                 }
-                ControlRequest::Detach | ControlRequest::HandOver => {
+                ControlRequest::Detach
+                | ControlRequest::HandOver
+                | ControlRequest::CancelHandOver => {
                     if respond(
                         &mut stream,
                         &err_resp(ErrorCode::NotAttached, "no volume attached".into()),
@@ -571,7 +577,7 @@ fn serve_attached(
     backend: Arc<BlockBackend>,
     info: VolumeInfo,
     metrics: Arc<BlkMetrics>,
-    handed_over: Arc<AtomicBool>,
+    stage: Arc<StageCell>,
 ) {
     let mut stream = first;
     loop {
@@ -592,17 +598,37 @@ fn serve_attached(
                     "a volume is already attached".into(),
                 ),
                 Ok(ControlRequest::HandOver) => match hand_over(&backend, &info, fd) {
-                    Ok(()) => {
-                        handed_over.store(true, Ordering::SeqCst);
+                    Ok(()) if stage.handed_over() => {
                         info!(
                             volume = info.volume_id.as_str(),
                             "volume state handed to the next card; exiting once the frontend leaves"
                         );
                         ControlResponse::HandedOver
                     }
+                    Ok(()) => err_resp(
+                        ErrorCode::FrontendGone,
+                        "the frontend left meanwhile: the card is exiting".into(),
+                    ),
                     Err(e) => {
                         warn!(error = %e, "card update: hand-over failed; still serving");
                         err_resp(ErrorCode::Internal, format!("hand-over failed: {e}"))
+                    }
+                },
+                Ok(ControlRequest::CancelHandOver) => match stage.cancel() {
+                    Ok(()) => {
+                        info!(
+                            volume = info.volume_id.as_str(),
+                            "card update cancelled: key kept, serving on"
+                        );
+                        ControlResponse::HandOverCancelled
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "CancelHandOver refused");
+                        let code = match e {
+                            CancelRefused::NoHandOver => ErrorCode::NoHandOver,
+                            CancelRefused::FrontendGone => ErrorCode::FrontendGone,
+                        };
+                        err_resp(code, e.to_string())
                     }
                 },
                 Ok(ControlRequest::Detach) => {
@@ -671,7 +697,7 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
         }
         None => wait_for_attach(&cfg, &control, host, store, &metrics)?,
     };
-    let handed_over = Arc::new(AtomicBool::new(false));
+    let stage = Arc::new(StageCell::default());
     let backend = attached.backend.clone();
     // From here SIGTERM/SIGINT/SIGHUP are blocked in every thread (no other thread exists yet)
     // and taken by one waiter thread, so a terminated card zeroizes its keys before it exits.
@@ -703,7 +729,7 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
     {
         let backend = backend.clone();
         let metrics = metrics.clone();
-        let handed_over = handed_over.clone();
+        let stage = stage.clone();
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -713,7 +739,7 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
                     backend,
                     attached.info,
                     metrics,
-                    handed_over,
+                    stage,
                 )
             })
             .map_err(|e| CardError::Vhost(e.to_string()))?;
@@ -738,9 +764,10 @@ pub fn run(cfg: CardConfig) -> Result<(), CardError> {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => info!(reason = %e, "frontend disconnected"),
         }
-        if handed_over.load(Ordering::SeqCst) {
+        if stage.frontend_left() {
             // Card update: the hypervisor moved to the next card (it stopped this card's rings
-            // first, so every request this card took is completed). Erase and leave.
+            // first, so every request this card took is completed). Erase and leave. A
+            // `CancelHandOver` from here on is refused (`FrontendGone`).
             backend.erase_keys();
             if let Err(e) = backend.volume().store.flush() {
                 error!(error = %e, "flush after the hand-over failed");

@@ -293,6 +293,25 @@ mod tests {
             .encode(),
             vec![1, 1, 3, b'v', b'o', b'l', 12, 1],
         ];
+        // The fuzz seeds: each one a whole valid message (request or response), each kind the
+        // card update added among them.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/control_parse");
+        let mut files = Vec::new();
+        for e in std::fs::read_dir(dir).expect("seeds") {
+            let seed = std::fs::read(e.expect("entry").path()).expect("seed");
+            assert!(
+                ControlRequest::parse(&seed).is_ok() || ControlResponse::parse(&seed).is_ok(),
+                "seed {seed:02x?} is not a message"
+            );
+            files.push(seed);
+        }
+        for want in [
+            ControlRequest::CancelHandOver.encode(),
+            ControlResponse::HandOverCancelled.encode(),
+        ] {
+            assert!(files.contains(&want), "no seed {want:02x?}");
+        }
+        let seeds: Vec<Vec<u8>> = seeds.into_iter().chain(files).collect();
         for seed in &seeds {
             control_parse(seed);
             for _ in 0..2000 {

@@ -12,4 +12,5 @@ pub mod nbd;
 pub mod request;
 pub mod sandbox;
 pub mod store;
+pub mod update_stage;
 pub mod xts;

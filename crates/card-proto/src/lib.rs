@@ -21,13 +21,22 @@
 //! * `0x05 TakeOver`: empty; the other end of that socketpair rides beside the frame. A card
 //!   waiting for `Attach` takes the volume state from the card at the other end instead
 //!   (card update) and answers `Attached` like an attach, or `Error` (and keeps waiting).
+//! * `0x06 CancelHandOver`: empty. The card update failed after the old card answered
+//!   `HandedOver` (the new card never took the device): the old card drops its "exit when the
+//!   frontend leaves" mark, keeps its key and serves on (a later `HandOver` may follow). Answered
+//!   `HandOverCancelled`, or `Error{NoHandOver}` (none pending), `Error{FrontendGone}` (its
+//!   frontend already left: it is exiting, keys erased) or `Error{NotAttached}`.
 //!
 //! Responses (card -> controller):
 //! * `0x81 Attached`: `capacity: u64 LE` (512-byte sectors), `encrypted: u8` (0/1).
 //! * `0x82 Detached`: empty.
 //! * `0x84 HandedOver`: empty.
+//! * `0x85 HandOverCancelled`: empty.
 //! * `0x83 Metrics`: `count: u8`, then `count` x (`name_len: u8`, name ASCII, `value: u64 LE`).
 //! * `0xFF Error`: `code: u16 LE` ([`ErrorCode`]), `msg_len: u8`, message (UTF-8).
+//!
+//! Kind bytes are pinned by a unit test: a new message takes the next free byte, and a byte
+//! once used is never given another meaning.
 
 use bulkhead_sealing::{MAX_VOLUME_ID_LEN, SEALED_BLOB_LEN};
 use std::io::{Read, Write};
@@ -87,10 +96,12 @@ mod kind {
     pub const GET_METRICS: u8 = 0x03;
     pub const HAND_OVER: u8 = 0x04;
     pub const TAKE_OVER: u8 = 0x05;
+    pub const CANCEL_HAND_OVER: u8 = 0x06;
     pub const ATTACHED: u8 = 0x81;
     pub const DETACHED: u8 = 0x82;
     pub const METRICS: u8 = 0x83;
     pub const HANDED_OVER: u8 = 0x84;
+    pub const HAND_OVER_CANCELLED: u8 = 0x85;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -188,6 +199,9 @@ pub enum ControlRequest {
     /// Card update, on the new card: take the volume state from the card at the other end of
     /// the socketpair that rides beside this frame, instead of an `Attach`.
     TakeOver,
+    /// Card update, on the old card after `HandedOver`: the update failed, keep the key and
+    /// serve on instead of exiting when the frontend leaves.
+    CancelHandOver,
 }
 
 /// Error codes carried in [`ControlResponse::Error`].
@@ -198,6 +212,11 @@ pub enum ErrorCode {
     NotAttached,
     KeyRefused,
     Internal,
+    /// `CancelHandOver` on a card with no hand-over pending.
+    NoHandOver,
+    /// `CancelHandOver` too late: the card's frontend left after its hand-over, the card is
+    /// erasing its keys and exiting.
+    FrontendGone,
     Other(u16),
 }
 
@@ -209,6 +228,8 @@ impl ErrorCode {
             Self::NotAttached => 3,
             Self::KeyRefused => 4,
             Self::Internal => 5,
+            Self::NoHandOver => 6,
+            Self::FrontendGone => 7,
             Self::Other(v) => v,
         }
     }
@@ -220,6 +241,8 @@ impl ErrorCode {
             3 => Self::NotAttached,
             4 => Self::KeyRefused,
             5 => Self::Internal,
+            6 => Self::NoHandOver,
+            7 => Self::FrontendGone,
             v => Self::Other(v),
         }
     }
@@ -236,6 +259,8 @@ pub enum ControlResponse {
     Metrics(Vec<(String, u64)>),
     /// The new card took the volume state; this card exits once its frontend has left.
     HandedOver,
+    /// A pending hand-over was cancelled: this card keeps its key and serves on.
+    HandOverCancelled,
     Error {
         code: ErrorCode,
         message: String,
@@ -347,6 +372,7 @@ impl ControlRequest {
             kind::GET_METRICS => Self::GetMetrics,
             kind::HAND_OVER => Self::HandOver,
             kind::TAKE_OVER => Self::TakeOver,
+            kind::CANCEL_HAND_OVER => Self::CancelHandOver,
             other => return Err(ControlError::UnknownKind(other)),
         };
         c.finish()?;
@@ -375,6 +401,7 @@ impl ControlRequest {
             Self::GetMetrics => out.push(kind::GET_METRICS),
             Self::HandOver => out.push(kind::HAND_OVER),
             Self::TakeOver => out.push(kind::TAKE_OVER),
+            Self::CancelHandOver => out.push(kind::CANCEL_HAND_OVER),
         }
         out
     }
@@ -402,6 +429,7 @@ impl ControlResponse {
             }
             kind::DETACHED => Self::Detached,
             kind::HANDED_OVER => Self::HandedOver,
+            kind::HAND_OVER_CANCELLED => Self::HandOverCancelled,
             kind::METRICS => {
                 let n = usize::from(c.u8()?);
                 if n > MAX_METRICS {
@@ -443,6 +471,7 @@ impl ControlResponse {
             }
             Self::Detached => out.push(kind::DETACHED),
             Self::HandedOver => out.push(kind::HANDED_OVER),
+            Self::HandOverCancelled => out.push(kind::HAND_OVER_CANCELLED),
             Self::Metrics(v) => {
                 out.push(kind::METRICS);
                 let n = v.len().min(MAX_METRICS);
@@ -551,6 +580,7 @@ mod tests {
             ControlRequest::GetMetrics,
             ControlRequest::HandOver,
             ControlRequest::TakeOver,
+            ControlRequest::CancelHandOver,
         ] {
             assert_eq!(ControlRequest::parse(&r.encode()).expect("parse"), r);
         }
@@ -565,6 +595,7 @@ mod tests {
             },
             ControlResponse::Detached,
             ControlResponse::HandedOver,
+            ControlResponse::HandOverCancelled,
             ControlResponse::Metrics(vec![("reads".into(), 3), ("io_errors".into(), 0)]),
             ControlResponse::Error {
                 code: ErrorCode::KeyRefused,
@@ -573,6 +604,60 @@ mod tests {
         ] {
             assert_eq!(ControlResponse::parse(&r.encode()).expect("parse"), r);
         }
+    }
+
+    /// The wire bytes of every kind and error code: a byte never changes meaning.
+    #[test]
+    fn kinds_and_codes_are_pinned() {
+        let req = [
+            (ControlRequest::Detach, 0x02),
+            (ControlRequest::GetMetrics, 0x03),
+            (ControlRequest::HandOver, 0x04),
+            (ControlRequest::TakeOver, 0x05),
+            (ControlRequest::CancelHandOver, 0x06),
+        ];
+        for (r, k) in req {
+            assert_eq!(r.encode(), vec![VERSION, k], "{r:?}");
+        }
+        assert_eq!(attach(KeySource::Plain).encode().get(1), Some(&0x01));
+        let resp = [
+            (ControlResponse::Detached, 0x82),
+            (ControlResponse::HandedOver, 0x84),
+            (ControlResponse::HandOverCancelled, 0x85),
+        ];
+        for (r, k) in resp {
+            assert_eq!(r.encode(), vec![VERSION, k], "{r:?}");
+        }
+        for (c, v) in [
+            (ErrorCode::BadRequest, 1),
+            (ErrorCode::AlreadyAttached, 2),
+            (ErrorCode::NotAttached, 3),
+            (ErrorCode::KeyRefused, 4),
+            (ErrorCode::Internal, 5),
+            (ErrorCode::NoHandOver, 6),
+            (ErrorCode::FrontendGone, 7),
+        ] {
+            assert_eq!(c.to_u16(), v);
+            assert_eq!(ErrorCode::from_u16(v), c);
+        }
+        assert_eq!(ErrorCode::from_u16(8), ErrorCode::Other(8));
+        // The bodiless messages take no payload.
+        assert!(matches!(
+            ControlRequest::parse(&[VERSION, 0x06, 0]),
+            Err(ControlError::Trailing(1))
+        ));
+        assert!(matches!(
+            ControlResponse::parse(&[VERSION, 0x85, 0]),
+            Err(ControlError::Trailing(1))
+        ));
+        assert!(matches!(
+            ControlRequest::parse(&[VERSION, 0x85]),
+            Err(ControlError::UnknownKind(0x85))
+        ));
+        assert!(matches!(
+            ControlResponse::parse(&[VERSION, 0x06]),
+            Err(ControlError::UnknownKind(0x06))
+        ));
     }
 
     #[test]

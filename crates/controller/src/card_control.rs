@@ -85,9 +85,9 @@ pub fn parse_reply(body: &[u8]) -> Result<CardReply, CardControlError> {
         ControlResponse::Error { code, .. } => CardReply::Error {
             code: code.to_u16(),
         },
-        ControlResponse::Metrics(_) | ControlResponse::HandedOver => {
-            return Err(CardControlError::Malformed)
-        }
+        ControlResponse::Metrics(_)
+        | ControlResponse::HandedOver
+        | ControlResponse::HandOverCancelled => return Err(CardControlError::Malformed),
     })
 }
 
