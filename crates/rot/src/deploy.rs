@@ -14,7 +14,8 @@
 //!    attestation against the signed release's PCR value;
 //! 4. if any host of a wave fails, halts, rolls exactly the hosts this deploy moved back to
 //!    their previous release (whose sealed identity is still on disk): the earlier hosts and the
-//!    failing one if it had moved, last moved first; later waves are never touched;
+//!    failing one if it had moved or may have (its stage failed), last moved first; later waves
+//!    are never touched;
 //! 5. once every wave passed, commits (raises each host's anti-rollback floor).
 //!
 //! Steps 3–5 are [`run_waves`], the one wave engine, generic over [`WaveHost`]: the simulated
