@@ -43,7 +43,7 @@ fn code(c: proto::ErrorCode) -> &'static str {
             "storage_fenced"
         }
         proto::ErrorCode::UnknownVolume => "no_such_volume",
-        proto::ErrorCode::VolumeInUse => "volume_in_use",
+        proto::ErrorCode::VolumeInUse | proto::ErrorCode::CopyInProgress => "volume_in_use",
         _ => "storage_unavailable",
     }
 }

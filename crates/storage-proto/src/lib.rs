@@ -492,6 +492,9 @@ pub enum ErrorCode {
     VolumeInUse,
     /// A Grant or Revoke of a snapshot: snapshots are never opened.
     NotAttachable,
+    /// A Grant, DeleteVolume or CreateVolume of a volume the node is copying from or to (a
+    /// snapshot or a volume made from one, in progress): try again once it ended.
+    CopyInProgress,
     /// The storage engine (qemu-storage-daemon, Ceph) failed.
     EngineFailure,
     /// The durable volume table could not be written.
@@ -514,6 +517,7 @@ impl ErrorCode {
             ErrorCode::Deleting => "deleting",
             ErrorCode::VolumeInUse => "volume_in_use",
             ErrorCode::NotAttachable => "not_attachable",
+            ErrorCode::CopyInProgress => "copy_in_progress",
             ErrorCode::EngineFailure => "engine_failure",
             ErrorCode::TableFailure => "table_failure",
             ErrorCode::AuditUnavailable => "audit_unavailable",
@@ -532,7 +536,8 @@ impl ErrorCode {
             | ErrorCode::StaleGeneration
             | ErrorCode::GenerationConflict
             | ErrorCode::Deleting
-            | ErrorCode::VolumeInUse => 409,
+            | ErrorCode::VolumeInUse
+            | ErrorCode::CopyInProgress => 409,
             ErrorCode::NotAttachable => 400,
             ErrorCode::EngineFailure | ErrorCode::TableFailure => 500,
             ErrorCode::AuditUnavailable => 503,
@@ -778,7 +783,11 @@ mod tests {
                 error: e.error
             }
         );
-        for c in [ErrorCode::BadRequest, ErrorCode::GenerationConflict] {
+        for c in [
+            ErrorCode::BadRequest,
+            ErrorCode::GenerationConflict,
+            ErrorCode::CopyInProgress,
+        ] {
             let s = serde_json::to_string(&c).unwrap();
             assert_eq!(s, format!("\"{}\"", c.as_str()));
         }

@@ -21,6 +21,8 @@ use tokio::process::{Child, Command};
 use crate::qmp::{Qmp, QmpClass, QmpError};
 use crate::table::{Location, VolumeRecord};
 
+mod copy;
+
 /// How long a deleted export may take to drain its in-flight requests.
 pub const EXPORT_DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the child may take to open its QMP socket.
@@ -265,27 +267,9 @@ impl Engine {
             .ok_or(EngineError::Down)
     }
 
-    fn check_location(&self, rec: &VolumeRecord) -> Result<(), EngineError> {
-        let here = self.cfg.new_location();
-        let ok = match (&rec.location, &here) {
-            (Location::File, _) => true,
-            (Location::Rbd { pool }, Location::Rbd { pool: p }) => pool == p,
-            (Location::Rbd { .. }, Location::File) => false,
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(EngineError::WrongEngine(
-                rec.volume_id.clone(),
-                rec.location.clone(),
-                here,
-            ))
-        }
-    }
-
     /// Creates the volume's storage, or accepts an existing one of the same size.
     pub async fn create_storage(&self, rec: &VolumeRecord) -> Result<(), EngineError> {
-        self.check_location(rec)?;
+        self.cfg.check_location(rec)?;
         match &rec.location {
             Location::File => {
                 let path = self.cfg.volume_file(&rec.volume_id);
@@ -310,7 +294,7 @@ impl Engine {
                 let Some(c) = &self.cfg.ceph else {
                     return Err(EngineError::Down);
                 };
-                if let Some(size) = self.rbd_size(c, &rec.volume_id).await? {
+                if let Some(size) = rbd_size(c, &rec.volume_id).await? {
                     if size != rec.size_bytes {
                         return Err(EngineError::SizeMismatch(rec.volume_id.clone(), size));
                     }
@@ -325,151 +309,6 @@ impl Engine {
                         .arg("--size")
                         .arg(format!("{}B", rec.size_bytes))
                         .arg(&spec),
-                )
-                .await
-            }
-        }
-    }
-
-    async fn rbd_size(&self, c: &CephConfig, id: &VolumeId) -> Result<Option<u64>, EngineError> {
-        let out = rbd_cmd(c)
-            .arg("info")
-            .arg("--format")
-            .arg("json")
-            .arg(format!("{}/{}", c.pool, id))
-            .stderr(Stdio::null())
-            .output()
-            .await
-            .map_err(EngineError::Spawn)?;
-        if !out.status.success() {
-            // ENOENT (2): no such image.
-            if out.status.code() == Some(2) {
-                return Ok(None);
-            }
-            return Err(EngineError::Tool {
-                tool: "rbd info",
-                volume: id.clone(),
-                status: out.status.code(),
-            });
-        }
-        let v: Value = serde_json::from_slice(&out.stdout).map_err(|_| EngineError::Tool {
-            tool: "rbd info",
-            volume: id.clone(),
-            status: out.status.code(),
-        })?;
-        Ok(v.get("size").and_then(Value::as_u64))
-    }
-
-    /// Copies `src`'s blocks to the new snapshot `snap` (same engine). File: a reflink where
-    /// the filesystem has one (XFS, btrfs), else a sparse copy of the allocated extents, fsync'd
-    /// with its directory. RBD: `rbd snap create SRC@SNAP` and a clone-format-2 `rbd clone` of it
-    /// as the image SNAP (copy-on-write; Ceph keeps the shared objects).
-    pub async fn snapshot_storage(
-        &self,
-        src: &VolumeRecord,
-        snap: &VolumeRecord,
-    ) -> Result<(), EngineError> {
-        self.check_location(src)?;
-        self.copy_storage(src, snap).await
-    }
-
-    /// Makes the new volume `rec` from the snapshot `snap`: the same cheap copy as
-    /// [`Engine::snapshot_storage`], grown to `rec.size_bytes`.
-    pub async fn clone_storage(
-        &self,
-        snap: &VolumeRecord,
-        rec: &VolumeRecord,
-    ) -> Result<(), EngineError> {
-        self.check_location(snap)?;
-        self.check_location(rec)?;
-        self.copy_storage(snap, rec).await?;
-        if rec.size_bytes > snap.size_bytes {
-            match &rec.location {
-                Location::File => {
-                    let path = self.cfg.volume_file(&rec.volume_id);
-                    let f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(io_err(&path))?;
-                    f.set_len(rec.size_bytes).map_err(io_err(&path))?;
-                    f.sync_all().map_err(io_err(&path))?;
-                }
-                Location::Rbd { pool } => {
-                    let Some(c) = &self.cfg.ceph else {
-                        return Err(EngineError::Down);
-                    };
-                    run_tool(
-                        "rbd resize",
-                        &rec.volume_id,
-                        rbd_cmd(c)
-                            .arg("resize")
-                            .arg("--no-progress")
-                            .arg("--size")
-                            .arg(format!("{}B", rec.size_bytes))
-                            .arg(format!("{pool}/{}", rec.volume_id)),
-                    )
-                    .await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn copy_storage(
-        &self,
-        from: &VolumeRecord,
-        to: &VolumeRecord,
-    ) -> Result<(), EngineError> {
-        match &from.location {
-            Location::File => {
-                let src = self.cfg.volume_file(&from.volume_id);
-                let dst = self.cfg.volume_file(&to.volume_id);
-                let (s, d) = (src.clone(), dst.clone());
-                tokio::task::spawn_blocking(move || cheap_copy(&s, &d))
-                    .await
-                    .map_err(|_| EngineError::Io {
-                        path: dst.clone(),
-                        source: std::io::Error::other("copy task failed"),
-                    })??;
-                sync_dir(&self.cfg.data_dir)
-            }
-            Location::Rbd { pool } => {
-                let Some(c) = &self.cfg.ceph else {
-                    return Err(EngineError::Down);
-                };
-                if self.rbd_size(c, &to.volume_id).await?.is_some() {
-                    // A retry after the clone was made but not yet recorded.
-                    return Ok(());
-                }
-                let snap = format!("{pool}/{}@{}", from.volume_id, to.volume_id);
-                let exists = rbd_cmd(c)
-                    .arg("snap")
-                    .arg("ls")
-                    .arg(format!("{pool}/{}", from.volume_id))
-                    .stderr(Stdio::null())
-                    .output()
-                    .await
-                    .map_err(EngineError::Spawn)?;
-                let listed = String::from_utf8_lossy(&exists.stdout)
-                    .split_whitespace()
-                    .any(|w| w == to.volume_id.as_str());
-                if !listed {
-                    run_tool(
-                        "rbd snap create",
-                        &to.volume_id,
-                        rbd_cmd(c).arg("snap").arg("create").arg(&snap),
-                    )
-                    .await?;
-                }
-                run_tool(
-                    "rbd clone",
-                    &to.volume_id,
-                    rbd_cmd(c)
-                        .arg("clone")
-                        .arg("--rbd-default-clone-format")
-                        .arg("2")
-                        .arg(&snap)
-                        .arg(format!("{pool}/{}", to.volume_id)),
                 )
                 .await
             }
@@ -492,7 +331,7 @@ impl Engine {
                 let Some(c) = &self.cfg.ceph else {
                     return Err(EngineError::Down);
                 };
-                if self.rbd_size(c, &rec.volume_id).await?.is_none() {
+                if rbd_size(c, &rec.volume_id).await?.is_none() {
                     return Ok(());
                 }
                 let spec = format!("{pool}/{}", rec.volume_id);
@@ -556,7 +395,7 @@ impl Engine {
 
     /// Adds the volume's block node and its writable NBD export (named by the volume id).
     pub async fn add_export(&mut self, rec: &VolumeRecord) -> Result<(), EngineError> {
-        self.check_location(rec)?;
+        self.cfg.check_location(rec)?;
         let id = rec.volume_id.as_str().to_string();
         let node = match &rec.location {
             Location::File => json!({
@@ -640,6 +479,36 @@ impl Engine {
     }
 }
 
+/// The size of an RBD image, `None` when there is none.
+async fn rbd_size(c: &CephConfig, id: &VolumeId) -> Result<Option<u64>, EngineError> {
+    let out = rbd_cmd(c)
+        .arg("info")
+        .arg("--format")
+        .arg("json")
+        .arg(format!("{}/{}", c.pool, id))
+        .stderr(Stdio::null())
+        .output()
+        .await
+        .map_err(EngineError::Spawn)?;
+    if !out.status.success() {
+        // ENOENT (2): no such image.
+        if out.status.code() == Some(2) {
+            return Ok(None);
+        }
+        return Err(EngineError::Tool {
+            tool: "rbd info",
+            volume: id.clone(),
+            status: out.status.code(),
+        });
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|_| EngineError::Tool {
+        tool: "rbd info",
+        volume: id.clone(),
+        status: out.status.code(),
+    })?;
+    Ok(v.get("size").and_then(Value::as_u64))
+}
+
 fn rbd_cmd(c: &CephConfig) -> Command {
     let mut cmd = Command::new("rbd");
     cmd.arg("--conf")
@@ -675,79 +544,6 @@ async fn run_tool(tool: &'static str, id: &VolumeId, cmd: &mut Command) -> Resul
     })
 }
 
-/// Copies `src` to a new `dst` cheaply: `FICLONE` (a reflink: no data copied) where the
-/// filesystem supports it, else only the allocated extents (`SEEK_DATA`/`SEEK_HOLE`), so a sparse
-/// volume stays sparse; then fsyncs `dst`.
-fn cheap_copy(src: &Path, dst: &Path) -> Result<(), EngineError> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
-    let s = std::fs::File::open(src).map_err(io_err(src))?;
-    let len = s.metadata().map_err(io_err(src))?.len();
-    let d = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dst)
-        .map_err(io_err(dst))?;
-    // SAFETY: both descriptors are open files owned by `s` and `d` for the whole call; FICLONE
-    // reads no memory of ours.
-    let cloned = unsafe { libc::ioctl(d.as_raw_fd(), libc::FICLONE, s.as_raw_fd()) } == 0;
-    if !cloned {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pos: u64 = 0;
-        while pos < len {
-            let Ok(at) = libc::off_t::try_from(pos) else {
-                break;
-            };
-            // SAFETY: lseek on an open descriptor; no memory is passed.
-            let data = unsafe { libc::lseek(s.as_raw_fd(), at, libc::SEEK_DATA) };
-            let data = match u64::try_from(data) {
-                Ok(d) => d,
-                Err(_) => {
-                    let e = std::io::Error::last_os_error();
-                    match e.raw_os_error() {
-                        // No data after `pos`: the rest is a hole.
-                        Some(libc::ENXIO) => break,
-                        // No SEEK_DATA on this file system: the rest counts as data.
-                        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => pos,
-                        // Anything else (EIO, ...) fails the copy: never a silent hole.
-                        _ => {
-                            return Err(EngineError::Io {
-                                path: src.to_path_buf(),
-                                source: e,
-                            })
-                        }
-                    }
-                }
-            };
-            let Ok(at) = libc::off_t::try_from(data) else {
-                break;
-            };
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(s.as_raw_fd(), at, libc::SEEK_HOLE) };
-            let end = u64::try_from(hole).unwrap_or(len).min(len);
-            let mut off = data;
-            while off < end {
-                let want = usize::try_from(end - off)
-                    .unwrap_or(usize::MAX)
-                    .min(buf.len());
-                let chunk = buf.get_mut(..want).ok_or_else(|| EngineError::Io {
-                    path: src.to_path_buf(),
-                    source: std::io::Error::other("buffer"),
-                })?;
-                s.read_exact_at(chunk, off).map_err(io_err(src))?;
-                d.write_all_at(chunk, off).map_err(io_err(dst))?;
-                off += u64::try_from(want).unwrap_or(0);
-            }
-            pos = end.max(data.saturating_add(1));
-        }
-    }
-    d.set_len(len).map_err(io_err(dst))?;
-    d.sync_all().map_err(io_err(dst))?;
-    tracing::debug!(src = %src.display(), dst = %dst.display(), reflink = cloned, bytes = len, "volume copied");
-    Ok(())
-}
-
 fn sync_dir(dir: &Path) -> Result<(), EngineError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -758,26 +554,6 @@ fn sync_dir(dir: &Path) -> Result<(), EngineError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn a_cheap_copy_keeps_data_and_holes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        let f = std::fs::File::create(&a).unwrap();
-        f.set_len(64 << 20).unwrap();
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(b"first", 4096).unwrap();
-        f.write_all_at(&[7u8; 100_000], 40 << 20).unwrap();
-        f.sync_all().unwrap();
-        cheap_copy(&a, &b).unwrap();
-        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
-        use std::os::unix::fs::MetadataExt;
-        let blocks = std::fs::metadata(&b).unwrap().blocks();
-        assert!(
-            blocks * 512 < 8 << 20,
-            "the copy stays sparse: {blocks} blocks"
-        );
-    }
 
     #[test]
     fn reads_the_key_of_a_ceph_keyring() {

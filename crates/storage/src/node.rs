@@ -5,6 +5,11 @@
 //! exports removed, storage released), and a grant check plus connection registration on the
 //! NBD side happens under the same lock as a grant change, so no connection of a fenced host
 //! can slip in between.
+//!
+//! The one exception is a copy (a snapshot, or a volume made from one: `copy`), which can take
+//! minutes: it is checked and marked under the lock, runs without it, and is recorded under it
+//! again; meanwhile the volumes it copies from and to refuse a grant or a delete
+//! ([`OpError::CopyInProgress`]), and every other volume is served as usual.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,8 +17,8 @@ use std::time::Duration;
 
 use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
 use bulkhead_storage_proto::{
-    CreateSnapshot, CreateVolume, DeleteReply, DeleteVolume, ErrorCode, Grant, HostName, ListReply,
-    Revoke, VolumeId, VolumeReply,
+    CreateVolume, DeleteReply, DeleteVolume, ErrorCode, Grant, HostName, ListReply, Revoke,
+    VolumeId, VolumeReply,
 };
 use tokio::process::Child;
 use tokio::sync::Mutex;
@@ -22,6 +27,10 @@ use crate::conns::{ConnGuard, Connections};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::qmp::QmpError;
 use crate::table::{Table, TableError, VolumeRecord, TABLE_FILE};
+
+mod copy;
+
+use copy::{Busy, Copies};
 
 /// Why a control operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +51,10 @@ pub enum OpError {
     NotAttachable(VolumeId),
     #[error("a volume from snapshot {snapshot} must be at least its {have} bytes")]
     SmallerThanSnapshot { snapshot: VolumeId, have: u64 },
+    #[error("volume {0} is being copied from or to (a snapshot in progress)")]
+    CopyInProgress(VolumeId),
+    #[error("the copy to {0} ended abnormally")]
+    CopyAborted(VolumeId),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -59,6 +72,8 @@ impl OpError {
             OpError::VolumeInUse { .. } => ErrorCode::VolumeInUse,
             OpError::NotAttachable(_) => ErrorCode::NotAttachable,
             OpError::SmallerThanSnapshot { .. } => ErrorCode::BadRequest,
+            OpError::CopyInProgress(_) => ErrorCode::CopyInProgress,
+            OpError::CopyAborted(_) => ErrorCode::EngineFailure,
             OpError::Engine(_) => ErrorCode::EngineFailure,
             OpError::Table(_) => ErrorCode::TableFailure,
         }
@@ -114,6 +129,8 @@ pub struct Node {
     table_path: PathBuf,
     /// qemu-storage-daemon's NBD socket.
     pub qsd_nbd: PathBuf,
+    /// The copies in progress and the volumes they hold.
+    copies: Arc<Copies>,
 }
 
 impl Node {
@@ -147,6 +164,7 @@ impl Node {
             audit,
             table_path,
             qsd_nbd,
+            copies: Arc::new(Copies::default()),
         });
         Ok((node, child, instance))
     }
@@ -197,7 +215,8 @@ impl Node {
         })
     }
 
-    pub async fn create(&self, r: &CreateVolume) -> Result<VolumeReply, OpError> {
+    /// CreateVolume: an empty volume, or (with `source`) a copy of a snapshot ([`Node::clone_from`]).
+    pub async fn create(self: &Arc<Self>, r: &CreateVolume) -> Result<VolumeReply, OpError> {
         let mut st = self.state.lock().await;
         if let Some(rec) = st.table.get(&r.volume_id) {
             if rec.deleting {
@@ -214,6 +233,9 @@ impl Node {
                 cut_connections: 0,
             });
         }
+        if self.copies.busy(&r.volume_id).is_some() {
+            return Err(OpError::CopyInProgress(r.volume_id.clone()));
+        }
         let rec = VolumeRecord {
             volume_id: r.volume_id.clone(),
             size_bytes: r.size_bytes,
@@ -222,31 +244,11 @@ impl Node {
             granted_to: None,
             deleting: false,
         };
-        match &r.source {
-            None => st.engine.create_storage(&rec).await?,
-            Some(snap) => {
-                let from = st
-                    .table
-                    .get(snap)
-                    .filter(|s| !s.deleting)
-                    .cloned()
-                    .ok_or_else(|| OpError::UnknownVolume(snap.clone()))?;
-                if rec.size_bytes < from.size_bytes {
-                    return Err(OpError::SmallerThanSnapshot {
-                        snapshot: snap.clone(),
-                        have: from.size_bytes,
-                    });
-                }
-                st.engine.clone_storage(&from, &rec).await?;
-            }
+        if let Some(snap) = &r.source {
+            return self.clone_from(st, snap, rec).await;
         }
-        // A create retried after a failed table write finds its export already there.
-        st.engine.remove_export(&rec.volume_id).await?;
-        st.engine.add_export(&rec).await?;
-        let mut next = st.table.clone();
-        next.insert(rec.clone());
-        self.save(&next)?;
-        st.table = next;
+        st.engine.create_storage(&rec).await?;
+        self.record_and_export(&mut st, &rec).await?;
         tracing::info!(volume = %rec.volume_id, size = rec.size_bytes, engine = rec.location.engine().name(), "volume created");
         Ok(VolumeReply {
             volume: rec.view(0),
@@ -254,54 +256,16 @@ impl Node {
         })
     }
 
-    /// Takes a snapshot of a volume no host holds: not granted, no live connection (so nothing
-    /// is in flight and every acknowledged write is in the engine's storage), under the node's
-    /// lock (no Grant can come between the check and the copy). File engine: a reflink, or a
-    /// sparse copy of the allocated extents, fsync'd; RBD: `snap create` + `clone`. The snapshot
-    /// is recorded but never exported.
-    pub async fn snapshot(&self, r: &CreateSnapshot) -> Result<VolumeReply, OpError> {
-        let mut st = self.state.lock().await;
-        if let Some(rec) = st.table.get(&r.snapshot_id) {
-            if rec.deleting {
-                return Err(OpError::Deleting(r.snapshot_id.clone()));
-            }
-            return Ok(VolumeReply {
-                volume: rec.view(0),
-                cut_connections: 0,
-            });
-        }
-        let src = st
-            .table
-            .get(&r.volume_id)
-            .filter(|v| !v.deleting)
-            .cloned()
-            .ok_or_else(|| OpError::UnknownVolume(r.volume_id.clone()))?;
-        let connections = self.conns.count(&r.volume_id);
-        if src.granted_to.is_some() || connections > 0 {
-            return Err(OpError::VolumeInUse {
-                id: r.volume_id.clone(),
-                connections,
-            });
-        }
-        let snap = VolumeRecord {
-            volume_id: r.snapshot_id.clone(),
-            size_bytes: src.size_bytes,
-            location: src.location.clone(),
-            generation: 0,
-            granted_to: None,
-            deleting: false,
-        };
-        let started = std::time::Instant::now();
-        st.engine.snapshot_storage(&src, &snap).await?;
+    /// Exports a new volume and records it in the table (a create retried after a failed table
+    /// write finds its export already there).
+    async fn record_and_export(&self, st: &mut State, rec: &VolumeRecord) -> Result<(), OpError> {
+        st.engine.remove_export(&rec.volume_id).await?;
+        st.engine.add_export(rec).await?;
         let mut next = st.table.clone();
-        next.insert(snap.clone());
+        next.insert(rec.clone());
         self.save(&next)?;
         st.table = next;
-        tracing::info!(volume = %r.volume_id, snapshot = %r.snapshot_id, ms = started.elapsed().as_millis(), "snapshot taken");
-        Ok(VolumeReply {
-            volume: snap.view(0),
-            cut_connections: 0,
-        })
+        Ok(())
     }
 
     /// Cuts the node's connections to `rec`'s volume except `keep`'s, then fences inside the
@@ -332,6 +296,10 @@ impl Node {
             return Err(OpError::NotAttachable(r.volume_id.clone()));
         }
         let mut st = self.state.lock().await;
+        if self.copies.busy(&r.volume_id).is_some() {
+            // A snapshot is being taken of it: no host may write it until that ended.
+            return Err(OpError::CopyInProgress(r.volume_id.clone()));
+        }
         let rec = fenceable(&st, &r.volume_id, r.generation)?;
         if r.generation == rec.generation {
             if rec.granted_to.as_ref() == Some(&r.host) {
@@ -387,8 +355,20 @@ impl Node {
         })
     }
 
+    /// DeleteVolume. A volume being copied from is refused; one being copied to (a create
+    /// whose caller gave up may be undone by this delete) is deleted once its copy ended.
     pub async fn delete(&self, r: &DeleteVolume) -> Result<DeleteReply, OpError> {
-        let mut st = self.state.lock().await;
+        let mut st = loop {
+            let st = self.state.lock().await;
+            match self.copies.busy(&r.volume_id) {
+                None => break st,
+                Some(Busy::Source) => return Err(OpError::CopyInProgress(r.volume_id.clone())),
+                Some(Busy::Target(copy)) => {
+                    drop(st);
+                    copy.ended().await;
+                }
+            }
+        };
         let Some(rec) = st.table.get(&r.volume_id).cloned() else {
             return Ok(DeleteReply {
                 volume_id: r.volume_id.clone(),
