@@ -6,12 +6,15 @@
 
 use crate::repo::*;
 
+mod creating;
+
 /// The repository contract, run against every backend (`SqliteRepo` here; the PostgreSQL
 /// backend is to run the same function).
 #[doc(hidden)]
 #[allow(clippy::unwrap_used)]
 pub fn contract_suite(r: &dyn Repository) {
     snapshots(r);
+    creating::creating_volumes(r);
     r.put_customer(&CustomerRow {
         access_key_id: "AKIDA0000001".into(),
         tenant_id: "t-a".into(),

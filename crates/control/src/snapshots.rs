@@ -15,6 +15,12 @@
 //! destroy a membership the KMS may have made (a membership without a row would keep the
 //! family's secret alive after every visible member was deleted: no crypto-erase). A `pending`
 //! row can be deleted only once its create has certainly ended ([`PENDING_DELETE_AFTER_SECS`]).
+//!
+//! A volume made from a snapshot follows the same rule: its row is recorded `creating`
+//! ([`VolumeState::Creating`]) before the storage copy and the KMS's `ShareDataKey`, becomes
+//! `available` once keyed, and stays `creating` when the KMS's answer was lost (or the row could
+//! not be marked `available`); DeleteVolume takes such a row after the same wait and accepts the
+//! KMS's `no_grant` for it (the KMS never added it).
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -217,41 +223,98 @@ impl ControlPlane {
             .storage_node
             .clone()
             .ok_or(ControlError::Unsupported("snapshots of host-local volumes"))?;
-        let volume_id = new_id("vol");
+        // The row first (`creating`): it must exist whenever the KMS may hold the new member,
+        // so that DeleteVolume always reaches it.
+        let row = VolumeRow {
+            volume_id: new_id("vol"),
+            tenant_id: c.tenant.clone(),
+            size_gib: r.size_gib,
+            kms_key_id: s.kms_key_id.clone(),
+            ciphertext_blob: s.ciphertext_blob.clone(),
+            state: VolumeState::Creating,
+            instance_id: None,
+            host_id: None,
+            created: now(),
+            storage_node: Some(node.clone()),
+        };
         let storage = self.storage()?;
-        storage
-            .create_from(&node, &volume_id, r.size_gib, &s.snapshot_id)
-            .await?;
-        if let Err(e) = self
+        self.repo.insert_volume(&row)?;
+        if let Err(e) = storage
+            .create_from(&node, &row.volume_id, r.size_gib, &s.snapshot_id)
+            .await
+        {
+            // Before the KMS was asked: nothing to erase, the copy (if any) and the row go.
+            self.unmake_creating_volume(&row).await;
+            return Err(e);
+        }
+        let row = self.key_volume_from_snapshot(c, row, &s).await?;
+        let mut v = volume_json(&row);
+        v["SnapshotId"] = json!(s.snapshot_id);
+        Ok(v)
+    }
+
+    /// The KMS step of CreateVolume from a snapshot, on a `creating` row whose storage copy is
+    /// made: the volume joins the snapshot's key family (`ShareDataKey`), then the row becomes
+    /// `available`. A typed KMS refusal (no member was added) undoes the copy and the row; an
+    /// unknown outcome (transport error, timeout, an answer that does not parse) keeps both, and
+    /// so does a failure to record `available` after the KMS added the member: the customer's
+    /// DeleteVolume then destroys whatever membership the KMS made.
+    pub(crate) async fn key_volume_from_snapshot(
+        &self,
+        c: &Caller,
+        row: VolumeRow,
+        s: &SnapshotRow,
+    ) -> Result<VolumeRow, ControlError> {
+        match self
             .kms(&ShareDataKeyRequest {
                 source_id: s.snapshot_id.clone(),
-                member_id: volume_id.clone(),
+                member_id: row.volume_id.clone(),
                 ciphertext_blob: B64.encode(&s.ciphertext_blob),
                 customer_request: c.forwarded.clone(),
             })
             .await
         {
-            if let Err(u) = storage.delete(&node, &volume_id).await {
-                tracing::warn!(error = %u, volume = %volume_id, "releasing an unkeyed volume's storage failed");
+            Ok(_) => {}
+            Err(e @ ControlError::Kms(_)) => {
+                self.unmake_creating_volume(&row).await;
+                return Err(e);
             }
-            return Err(e);
+            Err(e) => {
+                tracing::warn!(error = %e, volume = %row.volume_id, snapshot = %s.snapshot_id, "CreateVolume from a snapshot: the KMS's answer was lost; the volume stays creating until deleted");
+                return Err(e);
+            }
         }
-        let row = VolumeRow {
-            volume_id,
-            tenant_id: c.tenant.clone(),
-            size_gib: r.size_gib,
-            kms_key_id: s.kms_key_id.clone(),
-            ciphertext_blob: s.ciphertext_blob.clone(),
+        self.repo.transition_volume(
+            &row.tenant_id,
+            &row.volume_id,
+            VolumeState::Creating,
+            VolumeState::Available,
+            None,
+            None,
+        )?;
+        tracing::info!(tenant = %row.tenant_id, volume = %row.volume_id, snapshot = %s.snapshot_id, "volume created from a snapshot");
+        Ok(VolumeRow {
             state: VolumeState::Available,
-            instance_id: None,
-            host_id: None,
-            created: now(),
-            storage_node: Some(node),
-        };
-        self.repo.insert_volume(&row)?;
-        let mut v = volume_json(&row);
-        v["SnapshotId"] = json!(s.snapshot_id);
-        Ok(v)
+            ..row
+        })
+    }
+
+    /// Undo of a `creating` volume the KMS holds no membership of: its storage and its row.
+    async fn unmake_creating_volume(&self, row: &VolumeRow) {
+        if let (Some(node), Ok(storage)) = (&row.storage_node, self.storage()) {
+            if let Err(u) = storage.delete(node, &row.volume_id).await {
+                tracing::warn!(error = %u, volume = %row.volume_id, "releasing an unkeyed volume's storage failed");
+            }
+        }
+        let _ = self.repo.transition_volume(
+            &row.tenant_id,
+            &row.volume_id,
+            VolumeState::Creating,
+            VolumeState::Deleting,
+            None,
+            None,
+        );
+        let _ = self.repo.delete_volume(&row.tenant_id, &row.volume_id);
     }
 }
 
@@ -336,5 +399,94 @@ mod tests {
             SnapshotState::Deleting,
             "kept for a repeat of the delete, never dropped without the KMS"
         );
+    }
+
+    fn creating(id: &str, created: u64) -> VolumeRow {
+        VolumeRow {
+            volume_id: id.into(),
+            tenant_id: "t-a".into(),
+            size_gib: 2,
+            kms_key_id: "key-1".into(),
+            ciphertext_blob: vec![1, 2, 3],
+            state: VolumeState::Creating,
+            instance_id: None,
+            host_id: None,
+            created,
+            storage_node: Some("storage-1".into()),
+        }
+    }
+
+    fn delete(cp: &ControlPlane, id: &str) -> Result<Value, ControlError> {
+        rt().block_on(cp.delete_volume(&caller(), id))
+    }
+
+    /// CreateVolume from a snapshot records its row `creating` before the KMS is asked; a lost
+    /// `ShareDataKey` answer keeps it (the KMS may have added the member), a fresh one is not
+    /// deleted (its create may still run), an old one is taken to `deleting` and stays there,
+    /// for a repeat, while the KMS does not answer: a membership is never left without a row.
+    #[test]
+    fn a_volume_whose_share_answer_was_lost_stays_for_delete_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        // A storage node that answers nothing either.
+        let ca = bulkhead_tokens::pki::CaDir::new(dir.path().join("ca"));
+        let cp = cp(dir.path());
+        let https = bulkhead_mtls::HttpsClient::from_ca(
+            &ca.ca_pem(),
+            Some((&ca.cert("control-plane"), &ca.key("control-plane"))),
+        )
+        .unwrap();
+        let node = crate::storage::StorageNodeConfig {
+            node_id: "storage-1".into(),
+            api_addr: "127.0.0.1:9".into(),
+            nbd_addr: "127.0.0.1:9".into(),
+        };
+        let cp = cp.with_storage(crate::storage::Storage::new(vec![node], https));
+        let c = caller();
+        let mut snap = pending("snap-1", now());
+        snap.state = SnapshotState::Completed;
+        snap.storage_node = Some("storage-1".into());
+        cp.repo.insert_snapshot(&snap).unwrap();
+
+        // A failure before the KMS was asked (here: the storage copy) leaves no row.
+        let req = CreateVolume {
+            size_gib: 2,
+            encrypted: None,
+            kms_key_id: None,
+            snapshot_id: Some("snap-1".into()),
+            client_token: None,
+        };
+        let r = rt().block_on(cp.create_volume_from_snapshot(&c, &req, "snap-1"));
+        assert!(matches!(r, Err(ControlError::Upstream)), "{r:?}");
+        assert!(cp.repo.volumes("t-a").unwrap().is_empty(), "undone");
+
+        // The copy made, the KMS's answer lost: the row stays `creating`.
+        cp.repo.insert_volume(&creating("vol-new", now())).unwrap();
+        let r = rt().block_on(cp.key_volume_from_snapshot(&c, creating("vol-new", now()), &snap));
+        assert!(matches!(r, Err(ControlError::Upstream)), "{r:?}");
+        let row = cp.repo.volume("t-a", "vol-new").unwrap().unwrap();
+        assert_eq!(row.state, VolumeState::Creating, "kept for DeleteVolume");
+
+        // Its create may still be running: not deleted, nothing changed.
+        let r = delete(&cp, "vol-new");
+        assert!(matches!(r, Err(ControlError::WrongState)), "{r:?}");
+        let row = cp.repo.volume("t-a", "vol-new").unwrap().unwrap();
+        assert_eq!(row.state, VolumeState::Creating);
+
+        // Long after: taken to `deleting`, and kept there while the KMS does not answer.
+        let old = now() - PENDING_DELETE_AFTER_SECS - 1;
+        cp.repo.insert_volume(&creating("vol-old", old)).unwrap();
+        let r = delete(&cp, "vol-old");
+        assert!(matches!(r, Err(ControlError::Upstream)), "{r:?}");
+        let row = cp.repo.volume("t-a", "vol-old").unwrap().unwrap();
+        assert_eq!(
+            row.state,
+            VolumeState::Deleting,
+            "kept for a repeat of the delete, never dropped without the KMS"
+        );
+        assert!(matches!(
+            delete(&cp, "vol-old"),
+            Err(ControlError::Upstream)
+        ));
+        assert!(cp.repo.volume("t-a", "vol-old").unwrap().is_some());
     }
 }

@@ -24,6 +24,10 @@ pub enum InstanceState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VolumeState {
+    /// Recorded before a volume made from a snapshot joins its key family, so that the row
+    /// exists whenever the KMS may hold the membership: a create whose KMS answer was lost stays
+    /// here, and DeleteVolume (crypto-erase) still reaches the member. Nothing attaches it.
+    Creating,
     Available,
     /// A key is being released and the card started; owned by an attach workflow.
     Attaching,
@@ -127,7 +131,8 @@ impl InstanceState {
 }
 
 impl VolumeState {
-    pub const ALL: [VolumeState; 5] = [
+    pub const ALL: [VolumeState; 6] = [
+        VolumeState::Creating,
         VolumeState::Available,
         VolumeState::Attaching,
         VolumeState::InUse,
@@ -137,6 +142,7 @@ impl VolumeState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            VolumeState::Creating => "creating",
             VolumeState::Available => "available",
             VolumeState::Attaching => "attaching",
             VolumeState::InUse => "in-use",
@@ -157,12 +163,15 @@ impl VolumeState {
 
     /// The transition table. `Attaching → Available` and `Detaching → InUse` are the undo of
     /// an attach or detach that failed part-way; `InUse → Available` is the release of a volume
-    /// whose instance was lost with its host.
+    /// whose instance was lost with its host. `Creating` ends `Available` (keyed) or `Deleting`
+    /// (its create failed, or DeleteVolume took it).
     pub fn can_become(self, to: VolumeState) -> bool {
         use VolumeState::*;
         matches!(
             (self, to),
-            (Available, Attaching)
+            (Creating, Available)
+                | (Creating, Deleting)
+                | (Available, Attaching)
                 | (Attaching, InUse)
                 | (Attaching, Available)
                 | (InUse, Detaching)
@@ -313,6 +322,12 @@ mod tests {
         assert!(!VolumeState::Available.can_become(VolumeState::InUse));
         assert!(!VolumeState::Available.can_become(VolumeState::Detaching));
         assert!(!VolumeState::Attaching.can_become(VolumeState::Detaching));
+        // A volume still being created is never attached, and nothing goes back to creating.
+        assert!(!VolumeState::Creating.can_become(VolumeState::Attaching));
+        assert!(!VolumeState::Creating.in_flight());
+        for s in VolumeState::ALL {
+            assert!(!s.can_become(VolumeState::Creating), "{s} → creating");
+        }
         assert_eq!(
             VolumeState::Available
                 .check(VolumeState::InUse)

@@ -276,46 +276,7 @@ impl ControlPlane {
                 self.detach(&c.tenant, &r.volume_id, r.force == Some(true))
                     .await
             }
-            ControlRequest::DeleteVolume(r) => {
-                let v = self
-                    .repo
-                    .volume(&c.tenant, &r.volume_id)?
-                    .ok_or(ControlError::NoSuchVolume)?;
-                // Taken from `available` by compare-and-set (an attach's first step needs it
-                // `available` too, so the two cannot both proceed); a delete interrupted after
-                // this finishes on a repeat.
-                match v.state {
-                    VolumeState::Available => self
-                        .repo
-                        .transition_volume(
-                            &c.tenant,
-                            &r.volume_id,
-                            VolumeState::Available,
-                            VolumeState::Deleting,
-                            None,
-                            None,
-                        )
-                        .map_err(|e| match e {
-                            crate::repo::RepoError::Stale => ControlError::VolumeInUse,
-                            e => e.into(),
-                        })?,
-                    VolumeState::Deleting => {}
-                    _ => return Err(ControlError::VolumeInUse),
-                }
-                // Crypto-erase first, on the customer's own signed DeleteVolume: once the KMS
-                // has destroyed the data key, whatever ciphertext remains anywhere is noise.
-                // A crash after it leaves an available row whose repeat finishes the delete.
-                self.kms(&DestroyDataKeyRequest {
-                    volume_id: r.volume_id.clone(),
-                    customer_request: c.forwarded.clone(),
-                })
-                .await?;
-                self.release_storage(&v).await?;
-                if !self.repo.delete_volume(&c.tenant, &r.volume_id)? {
-                    return Err(ControlError::VolumeInUse);
-                }
-                Ok(json!({ "VolumeId": r.volume_id, "State": "deleted" }))
-            }
+            ControlRequest::DeleteVolume(r) => self.delete_volume(c, &r.volume_id).await,
             ControlRequest::GetConsoleOutput(r) => {
                 let i = self
                     .repo
@@ -363,6 +324,76 @@ impl ControlPlane {
                 Ok(json!({ "KeyId": r.key_id, "VolumeId": r.volume_id, "Revoked": v.revoked }))
             }
         }
+    }
+}
+
+impl ControlPlane {
+    /// DeleteVolume: the row is taken to `deleting` by compare-and-set (from `available`, or
+    /// from `creating` once its create has certainly ended), then the KMS crypto-erases its
+    /// key on the customer's own signed request, then its storage and its row go. A delete
+    /// interrupted after the first step finishes on a repeat.
+    pub(crate) async fn delete_volume(
+        &self,
+        c: &Caller,
+        volume_id: &str,
+    ) -> Result<Value, ControlError> {
+        let v = self
+            .repo
+            .volume(&c.tenant, volume_id)?
+            .ok_or(ControlError::NoSuchVolume)?;
+        // An attach's first step needs the volume `available` too, so the two cannot both
+        // proceed.
+        let take = |from: VolumeState| {
+            self.repo
+                .transition_volume(
+                    &c.tenant,
+                    volume_id,
+                    from,
+                    VolumeState::Deleting,
+                    None,
+                    None,
+                )
+                .map_err(|e| match e {
+                    crate::repo::RepoError::Stale => ControlError::VolumeInUse,
+                    e => e.into(),
+                })
+        };
+        match v.state {
+            VolumeState::Available => take(VolumeState::Available)?,
+            // A create from a snapshot that may still be running: deleting now could race its
+            // ShareDataKey and leave a key-family member no row names.
+            VolumeState::Creating
+                if now().saturating_sub(v.created)
+                    < crate::snapshots::PENDING_DELETE_AFTER_SECS =>
+            {
+                return Err(ControlError::WrongState)
+            }
+            VolumeState::Creating => take(VolumeState::Creating)?,
+            VolumeState::Deleting => {}
+            _ => return Err(ControlError::VolumeInUse),
+        }
+        // Crypto-erase first: once the KMS has destroyed the data key (or this volume's
+        // key-family membership), whatever ciphertext remains anywhere is noise. A crash after
+        // it leaves a `deleting` row whose repeat finishes the delete.
+        match self
+            .kms(&DestroyDataKeyRequest {
+                volume_id: volume_id.to_string(),
+                customer_request: c.forwarded.clone(),
+            })
+            .await
+        {
+            Ok(_) => {}
+            // A volume left `creating` (a lost KMS answer) that the KMS never added: nothing to
+            // erase. Also on a repeat of such a delete (the row is `deleting`).
+            Err(ControlError::Kms("no_grant"))
+                if matches!(v.state, VolumeState::Creating | VolumeState::Deleting) => {}
+            Err(e) => return Err(e),
+        }
+        self.release_storage(&v).await?;
+        if !self.repo.delete_volume(&c.tenant, volume_id)? {
+            return Err(ControlError::VolumeInUse);
+        }
+        Ok(json!({ "VolumeId": volume_id, "State": "deleted" }))
     }
 }
 
