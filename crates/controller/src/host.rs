@@ -30,6 +30,8 @@ use bulkhead_hypervisor_client::{
     Channel, ClientError, Command, CommandError, DeviceId, Reply, VmState,
 };
 
+mod card_update;
+
 /// Largest console chunk one `ReadConsole` may ask for (`bulkhead_channel::MAX_CONSOLE_CHUNK`).
 const MAX_CONSOLE_CHUNK: u32 = 32 * 1024;
 
@@ -202,7 +204,8 @@ pub struct Adopted {
     pub instance: String,
     /// `ok`, or what had to be done: `hypervisor_gone` (the VM died meanwhile: the instance is
     /// stopped), `card_gone` (a volume's card died: detached), `attach_rolled_back` (an attach
-    /// the previous controller never acknowledged was undone).
+    /// the previous controller never acknowledged was undone), `card_update_completed` /
+    /// `card_update_cancelled` (a card update in flight settled on the new / the old card).
     pub codes: Vec<&'static str>,
     pub hypervisor_pid: Option<u32>,
 }
@@ -318,7 +321,10 @@ pub const FAULT_ENV: &str = "BULKHEAD_FAULT";
 ///   is recorded (the next controller must adopt the new process);
 /// * `card_update:after_replace:exit` — a card update exits the controller (status 70) right
 ///   after the hypervisor's `ReplaceBlock`, before the outcome is recorded (the next controller
-///   must keep the new card).
+///   must keep the new card);
+/// * `card_update:replace_refused` — a card update's `ReplaceBlock`, after the old card handed
+///   over, names a device the VM does not have, so the hypervisor refuses it (the update must
+///   be undone: the old card told `CancelHandOver` keeps its key, the new one is detached).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
     AttachAfterCardKeyedExit,
@@ -327,6 +333,7 @@ enum Fault {
     LiveUpdateSecondNewDies,
     LiveUpdateAfterHandoverExit,
     CardUpdateAfterReplaceExit,
+    CardUpdateReplaceRefused,
 }
 
 /// Live updates to an installed release made by this controller (for the fault hook).
@@ -344,6 +351,7 @@ fn fault() -> Option<Fault> {
             "live_update:second:new_dies" => Fault::LiveUpdateSecondNewDies,
             "live_update:after_handover:exit" => Fault::LiveUpdateAfterHandoverExit,
             "card_update:after_replace:exit" => Fault::CardUpdateAfterReplaceExit,
+            "card_update:replace_refused" => Fault::CardUpdateReplaceRefused,
             _ => {
                 tracing::warn!(value = %v, "unknown {FAULT_ENV} ignored");
                 return None;
@@ -1973,16 +1981,26 @@ impl HostBackend {
                 }
             }
             for v in &mut r.volumes {
-                // A card update in flight: whichever card runs once the other is gone (the old
-                // card exits after the hypervisor moved to the new one; the new one is reaped
-                // if the move never came).
+                // A card update in flight (the hypervisor above answered, so a `ReplaceBlock`
+                // the previous controller sent is over): the old card exits once the
+                // hypervisor moved to the new one; if it stays, its hand-over is cancelled and
+                // the new card detached and reaped (`card_update::settle_card_update`).
                 if let Some(newp) = v.card_update.take() {
                     claimed.insert(newp);
                     claimed.insert(v.card_pid);
-                    let winner = self.settle_update(Some(v.card_pid), newp);
-                    if winner == Some(newp) {
+                    let mut old_control = self.card_control(v.card_pid, true);
+                    let mut new_control = self.card_control(newp, true);
+                    let winner = self.settle_card_update(
+                        v.card_pid,
+                        old_control.as_mut(),
+                        newp,
+                        new_control.as_mut(),
+                    );
+                    if winner == card_update::Winner::New {
                         codes.push("card_update_completed");
                         v.card_pid = newp;
+                    } else {
+                        codes.push("card_update_cancelled");
                     }
                 }
             }
@@ -2288,220 +2306,6 @@ impl HostBackend {
         })
     }
 
-    /// The card update of one attached volume (see [`InstanceBackend::update_card`]): the
-    /// launcher starts the new card like any card (so the keeper holds it); the new card gets
-    /// `TakeOver` and the old one `HandOver`, each with one end of a socketpair made here, so
-    /// the volume state and its key go from card to card and nowhere else; the hypervisor's
-    /// `ReplaceBlock` moves the device's rings to the new card; the old card exits once its
-    /// frontend left (reaped); the new pid is committed and recorded. Any failure before
-    /// `ReplaceBlock` succeeded leaves the old card serving (the new one is killed).
-    fn update_card_vm(
-        &self,
-        g: &mut HostInstance,
-        volume: &str,
-        to: Option<u64>,
-    ) -> Result<crate::api::CardMoved, BackendError> {
-        use bulkhead_card_proto::{self as proto, ControlRequest, ControlResponse};
-        if g.vm.is_none() {
-            return Err(BackendError::WrongState);
-        }
-        let (old_pid, device) = match g.volumes.get(volume) {
-            Some(a) => (a.card_pid, a.device.clone()),
-            None => return Err(BackendError::NoSuchVolume),
-        };
-        // Local volumes only: a network volume's NBD endpoint is not kept with its attachment.
-        let backing = self.cfg.volume_dir.join(format!("{volume}.img"));
-        if !backing.is_file() {
-            tracing::warn!(
-                volume,
-                "card update: no local backing file (network volume?)"
-            );
-            return Err(BackendError::Unavailable);
-        }
-        let queues = u16::try_from(g.desc.vcpus).unwrap_or(1);
-        let spawned = self.launcher.call_fd(&LaunchRequest::SpawnCard {
-            backing: Some(backing),
-            network: None,
-            read_only: false,
-            queues,
-            run_as: self.cfg.run_as,
-            release: to,
-        });
-        let (new_pid, mut new_control) = match spawned {
-            Ok((LaunchReply::Spawned { pid }, fd)) => (pid, UnixStream::from(fd)),
-            Ok(_) => return Err(BackendError::Unavailable),
-            Err(e) => return Err(launcher_err("spawn card")(e)),
-        };
-        let _ = new_control.set_read_timeout(Some(CARD_TIMEOUT));
-        let _ = new_control.set_write_timeout(Some(CARD_TIMEOUT));
-        let fail = |why: &str| {
-            tracing::warn!(
-                volume,
-                old_pid,
-                new_pid,
-                why,
-                "card update failed; the old card keeps serving"
-            );
-            self.kill_unkeyed_card(new_pid);
-            BackendError::Unavailable
-        };
-        let (ours, theirs) = match UnixStream::pair() {
-            Ok(p) => p,
-            Err(_) => return Err(fail("socketpair")),
-        };
-        let (take, hand) = match (
-            proto::frame(&ControlRequest::TakeOver.encode()),
-            proto::frame(&ControlRequest::HandOver.encode()),
-        ) {
-            (Ok(t), Ok(h)) => (t, h),
-            _ => return Err(fail("frame")),
-        };
-        if crate::launcher::send_packet(new_control.as_raw_fd(), &take, Some(theirs.as_raw_fd()))
-            .is_err()
-        {
-            return Err(fail("send TakeOver"));
-        }
-        drop(theirs);
-        let t_hand = std::time::Instant::now();
-        let handed = {
-            let Some(att) = g.volumes.get_mut(volume) else {
-                return Err(fail("attachment gone"));
-            };
-            // The old card bounds its wait for the new card's answer (30 s): wait a bit longer.
-            let _ = att
-                .control
-                .set_read_timeout(Some(CARD_TIMEOUT + Duration::from_secs(15)));
-            let r = crate::launcher::send_packet(
-                att.control.as_raw_fd(),
-                &hand,
-                Some(ours.as_raw_fd()),
-            )
-            .map_err(|_| ())
-            .and_then(|()| proto::read_frame(&mut att.control).map_err(|_| ()))
-            .and_then(|f| f.ok_or(()))
-            .and_then(|b| ControlResponse::parse(&b).map_err(|_| ()));
-            let _ = att.control.set_read_timeout(Some(CARD_TIMEOUT));
-            if r.is_err() {
-                // The connection's state is unknown: a fresh one for the next request.
-                if let Some(c) = self.card_control(old_pid, true) {
-                    att.control = c;
-                }
-            }
-            r
-        };
-        drop(ours);
-        let handover_us = u64::try_from(t_hand.elapsed().as_micros()).unwrap_or(u64::MAX);
-        match handed {
-            Ok(ControlResponse::HandedOver) => {}
-            other => {
-                tracing::warn!(reply = ?other, "card update: the old card did not hand over");
-                return Err(fail("HandOver"));
-            }
-        }
-        match proto::read_frame(&mut new_control)
-            .ok()
-            .flatten()
-            .and_then(|b| ControlResponse::parse(&b).ok())
-        {
-            Some(ControlResponse::Attached {
-                encrypted: true, ..
-            }) => {}
-            other => {
-                tracing::warn!(reply = ?other, "card update: the new card did not take over");
-                return Err(fail("TakeOver"));
-            }
-        }
-        // The new card's vhost-user socket (it listens once keyed).
-        let mut vhost = None;
-        for _ in 0..50 {
-            match self
-                .launcher
-                .call_fd(&LaunchRequest::ConnectVhost { pid: new_pid })
-            {
-                Ok((_, fd)) => {
-                    vhost = Some(fd);
-                    break;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-        let Some(vhost) = vhost else {
-            return Err(fail("connect vhost"));
-        };
-        // Before the move: the new card is committed (it outlives this controller) and the
-        // update is in the record, so a controller that dies from here on is followed by one
-        // that keeps whichever card then serves the volume.
-        if let Some(att) = g.volumes.get_mut(volume) {
-            att.updating = Some(new_pid);
-        }
-        if let Err(e) = self.persist(g, &[new_pid]) {
-            if let Some(att) = g.volumes.get_mut(volume) {
-                att.updating = None;
-            }
-            let _ = fail("record");
-            return Err(e);
-        }
-        if fault() == Some(Fault::CardUpdateAfterReplaceExit) {
-            let r = g.vm.as_ref().map(|vm| {
-                vm.chan.call(
-                    Command::ReplaceBlock { id: device.clone() },
-                    Some(vhost.as_raw_fd()),
-                )
-            });
-            tracing::error!(ok = ?r.map(|r| r.is_ok()), "fault hook: exiting after ReplaceBlock, before its outcome is recorded");
-            std::process::exit(70);
-        }
-        let Some(vm) = g.vm.as_mut() else {
-            return Err(fail("no hypervisor"));
-        };
-        let t_replace = std::time::Instant::now();
-        let r = vm.chan.call(
-            Command::ReplaceBlock { id: device.clone() },
-            Some(vhost.as_raw_fd()),
-        );
-        let replace_us = u64::try_from(t_replace.elapsed().as_micros()).unwrap_or(u64::MAX);
-        drop(vhost);
-        if !matches!(r, Ok(Reply::Done { .. })) {
-            if let Some(att) = g.volumes.get_mut(volume) {
-                att.updating = None;
-            }
-            let err = match r {
-                Err(e) => channel_err("replace block")(e),
-                Ok(other) => {
-                    tracing::warn!(reply = ?other, "card update: unexpected ReplaceBlock reply");
-                    BackendError::Unavailable
-                }
-            };
-            let _ = fail("ReplaceBlock");
-            self.persist_noticed(g);
-            return Err(err);
-        }
-        // The device runs on the new card: it is the volume's card from here on.
-        if let Some(att) = g.volumes.get_mut(volume) {
-            att.card_pid = new_pid;
-            att.control = new_control;
-            att.updating = None;
-        }
-        let persisted = self.persist(g, &[new_pid]);
-        // The old card saw its frontend go and exits with its keys erased.
-        if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
-            pid: old_pid,
-            grace_ms: EXIT_GRACE_MS,
-        }) {
-            tracing::warn!(pid = old_pid, error = %e, "reaping the old card failed");
-        }
-        persisted?;
-        tracing::info!(instance = %g.desc.instance_id, volume, old_pid, new_pid, handover_us, replace_us, ?to, "block card updated");
-        Ok(crate::api::CardMoved {
-            instance_id: g.desc.instance_id.clone(),
-            volume_id: volume.to_string(),
-            old_pid,
-            new_pid,
-            handover_us,
-            replace_us,
-        })
-    }
-
     /// The release whose block card new cards run: the active release if it carries one.
     fn card_release(&self) -> Option<u64> {
         lock(&self.records).release.as_ref().and_then(|r| {
@@ -2734,7 +2538,8 @@ impl HostBackend {
                 Fault::AdoptAfterFirstStall
                 | Fault::LiveUpdateSecondNewDies
                 | Fault::LiveUpdateAfterHandoverExit
-                | Fault::CardUpdateAfterReplaceExit,
+                | Fault::CardUpdateAfterReplaceExit
+                | Fault::CardUpdateReplaceRefused,
             ) => {}
             Some(Fault::AttachAfterCardKeyedExit) => {
                 tracing::error!(volume = %volume, "fault hook: exiting mid-attach (card keyed)");
