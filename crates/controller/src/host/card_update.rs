@@ -47,6 +47,56 @@ pub(super) enum Winner {
     New,
 }
 
+/// What a `ReplaceBlock` answer says about where the disk is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ReplaceOutcome {
+    /// Done: the new card has it.
+    Moved,
+    /// A typed refusal: nothing changed, the old card has it.
+    Refused,
+    /// No answer (timeout, closed channel, a garbled or foreign reply): either card may.
+    Unknown,
+}
+
+/// Classifies a `ReplaceBlock` answer. Only a typed refusal means "not moved".
+pub(super) fn replace_outcome(r: &Result<Reply, ClientError>) -> ReplaceOutcome {
+    match r {
+        Ok(Reply::Done { .. }) => ReplaceOutcome::Moved,
+        Err(ClientError::Refused(_)) => ReplaceOutcome::Refused,
+        Ok(_) | Err(_) => ReplaceOutcome::Unknown,
+    }
+}
+
+/// One look at the two cards while settling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SettleStep {
+    Decided(Winner),
+    Wait,
+    /// Both still run after the wait: the old card's answer to `CancelHandOver` decides.
+    AskOldCard,
+}
+
+fn settle_step(old_running: bool, new_running: bool, waited_out: bool) -> SettleStep {
+    match (old_running, new_running) {
+        // The old card left on its own: the hypervisor moved away from it.
+        (false, true) => SettleStep::Decided(Winner::New),
+        // The new card is gone: it cannot have the disk.
+        (_, false) => SettleStep::Decided(Winner::Old),
+        (true, true) if waited_out => SettleStep::AskOldCard,
+        (true, true) => SettleStep::Wait,
+    }
+}
+
+/// The winner once the old card answered `CancelHandOver`: only `FrontendGone` (it lost its
+/// frontend to the move and is exiting) gives the disk to the new card. No answer: the old
+/// card is kept, as before the cancel existed.
+fn winner_after_cancel(c: Cancelled) -> Winner {
+    match c {
+        Cancelled::FrontendGone => Winner::New,
+        Cancelled::Yes | Cancelled::NonePending | Cancelled::Unknown => Winner::Old,
+    }
+}
+
 impl HostBackend {
     /// `CancelHandOver` to an old card (bounded, best effort), on its control connection.
     pub(super) fn cancel_hand_over(control: &mut UnixStream, pid: u32) -> Cancelled {
@@ -118,23 +168,20 @@ impl HostBackend {
     ) -> Winner {
         let until = Instant::now() + SETTLE_WAIT;
         let winner = loop {
-            match (self.card_running(old), self.card_running(new)) {
-                (false, true) => break Winner::New,
-                (_, false) => break Winner::Old,
-                (true, true) if Instant::now() < until => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                (true, true) => {
+            let step = settle_step(
+                self.card_running(old),
+                self.card_running(new),
+                Instant::now() >= until,
+            );
+            match step {
+                SettleStep::Decided(w) => break w,
+                SettleStep::Wait => std::thread::sleep(Duration::from_millis(50)),
+                SettleStep::AskOldCard => {
                     let c = match old_control.as_deref_mut() {
                         Some(c) => Self::cancel_hand_over(c, old),
                         None => Cancelled::Unknown,
                     };
-                    break match c {
-                        Cancelled::FrontendGone => Winner::New,
-                        // Accepted, or not pending: the old card serves the disk. No answer:
-                        // as before the cancel existed, the old card is kept.
-                        Cancelled::Yes | Cancelled::NonePending | Cancelled::Unknown => Winner::Old,
-                    };
+                    break winner_after_cancel(c);
                 }
             }
         };
@@ -367,22 +414,25 @@ impl HostBackend {
         drop(vhost);
         // `Some(true)`: moved, the old card still to reap; `Some(false)`: moved by a settle that
         // reaped it; `None`: not moved.
-        let moved = match r {
-            Ok(Reply::Done { .. }) => Some(true),
-            Err(ClientError::Refused(e)) => {
+        let moved = match replace_outcome(&r) {
+            ReplaceOutcome::Moved => Some(true),
+            ReplaceOutcome::Refused => {
                 // Typed: the hypervisor kept the device on the old card.
-                tracing::warn!(error = %e, "card update: ReplaceBlock refused");
+                tracing::warn!(reply = ?r, "card update: ReplaceBlock refused");
                 if let Some(att) = g.volumes.get_mut(volume) {
                     att.updating = None;
                 }
                 let _ = fail(g, &mut new_control, "ReplaceBlock refused", true);
                 self.persist_noticed(g);
-                return Err(channel_err("replace block")(ClientError::Refused(e)));
+                return Err(match r {
+                    Err(e) => channel_err("replace block")(e),
+                    Ok(_) => BackendError::Unavailable,
+                });
             }
-            other => {
+            ReplaceOutcome::Unknown => {
                 // Lost on the transport (or an answer that is no answer): the disk may have
                 // moved. Once the hypervisor answers again the move is over either way.
-                tracing::warn!(reply = ?other, "card update: ReplaceBlock outcome unknown; settling");
+                tracing::warn!(reply = ?r, "card update: ReplaceBlock outcome unknown; settling");
                 let answers = chan.call(Command::Stats, None).is_ok();
                 if !answers {
                     tracing::warn!(
@@ -436,5 +486,70 @@ impl HostBackend {
             handover_us,
             replace_us,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulkhead_hypervisor_client::{BackendFailure, CommandError, VmState, VmStats};
+
+    #[test]
+    fn only_a_typed_refusal_means_not_moved() {
+        let done: Result<Reply, ClientError> = Ok(Reply::Done {
+            state: VmState::Running,
+        });
+        assert_eq!(replace_outcome(&done), ReplaceOutcome::Moved);
+        for refused in [
+            CommandError::NoSuchDevice,
+            CommandError::DeviceBusy,
+            CommandError::Backend(BackendFailure::IdentityMismatch),
+        ] {
+            assert_eq!(
+                replace_outcome(&Err(ClientError::Refused(refused))),
+                ReplaceOutcome::Refused
+            );
+        }
+        let timeout = std::io::Error::from(std::io::ErrorKind::WouldBlock);
+        for unknown in [
+            Err(ClientError::Io(timeout)),
+            Err(ClientError::Closed),
+            Err(ClientError::IdMismatch { got: 3, want: 4 }),
+            Ok(Reply::Stats {
+                state: VmState::Running,
+                stats: VmStats::default(),
+            }),
+        ] {
+            assert_eq!(
+                replace_outcome(&unknown),
+                ReplaceOutcome::Unknown,
+                "{unknown:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn settle_decides_by_who_left_then_by_the_cancel() {
+        // The old card left: the hypervisor had moved; the new card left: it cannot serve.
+        for waited in [false, true] {
+            assert_eq!(
+                settle_step(false, true, waited),
+                SettleStep::Decided(Winner::New)
+            );
+            assert_eq!(
+                settle_step(true, false, waited),
+                SettleStep::Decided(Winner::Old)
+            );
+            assert_eq!(
+                settle_step(false, false, waited),
+                SettleStep::Decided(Winner::Old)
+            );
+        }
+        assert_eq!(settle_step(true, true, false), SettleStep::Wait);
+        assert_eq!(settle_step(true, true, true), SettleStep::AskOldCard);
+        assert_eq!(winner_after_cancel(Cancelled::FrontendGone), Winner::New);
+        for c in [Cancelled::Yes, Cancelled::NonePending, Cancelled::Unknown] {
+            assert_eq!(winner_after_cancel(c), Winner::Old, "{c:?}");
+        }
     }
 }
