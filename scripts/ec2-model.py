@@ -56,7 +56,13 @@ MISSING = [
     "`DeleteSecurityGroup`, egress rules (`Authorize/RevokeSecurityGroupEgress`; every group "
     "answers with the all-traffic egress rule), group pairs, prefix lists and IPv6 ranges in "
     "`IpPermissions` are not served.",
-    "Everything else EC2 has (images, key pairs, snapshots, network interfaces, addresses, ...) "
+    "Snapshots: `CreateVolume` needs `Size` with `SnapshotId` (EC2 defaults it to the snapshot's "
+    "size); a snapshot's `Description` is echoed in the `CreateSnapshot` answer but not kept; "
+    "only a detached network volume can be snapshotted (an attached one is `VolumeInUse`); a "
+    "snapshot whose `DeleteSnapshot` has not finished is `error` (EC2 has no deleting state; "
+    "repeat the delete); `CopySnapshot`, sharing (`ModifySnapshotAttribute`, "
+    "`RestorableByUserIds`) and archive tiers are not served.",
+    "Everything else EC2 has (images, key pairs, network interfaces, addresses, ...) "
     "answers `InvalidAction`.",
 ]
 

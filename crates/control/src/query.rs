@@ -218,8 +218,7 @@ pub fn ec2_code(e: &ControlError, action: &str) -> Ec2ErrorCode {
         ControlError::BadNetwork(_) => C::InvalidParameterValue,
         ControlError::NoSuchInstance => C::InvalidInstanceIdNotFound,
         ControlError::NoSuchVolume => C::InvalidVolumeNotFound,
-        // The EC2 Query API does not map the snapshot actions (JSON API only).
-        ControlError::NoSuchSnapshot => C::InvalidParameterValue,
+        ControlError::NoSuchSnapshot => C::InvalidSnapshotNotFound,
         ControlError::WrongState if instance_action => C::IncorrectInstanceState,
         ControlError::WrongState => C::IncorrectState,
         ControlError::VolumeInUse => C::VolumeInUse,

@@ -42,6 +42,11 @@ pub(crate) enum View {
     CreateGroup,
     Ingress(bool),
     DescribeGroups(Vec<String>, Vec<Filter>, Page),
+    /// With the request's `Description` (echoed in the answer, not kept).
+    CreateSnapshot(Option<String>),
+    /// With `Owner.N` (botocore's `OwnerIds`).
+    DescribeSnapshots(Vec<String>, Vec<Filter>, Page),
+    DeleteSnapshot,
 }
 
 fn unsupported(what: &'static str) -> ControlError {
@@ -83,6 +88,14 @@ const SUBNET_FILTERS: &[&str] = &[
     "state",
 ];
 const GROUP_FILTERS: &[&str] = &["group-id", "group-name", "vpc-id", "description"];
+const SNAPSHOT_FILTERS: &[&str] = &[
+    "snapshot-id",
+    "volume-id",
+    "status",
+    "owner-id",
+    "volume-size",
+    "encrypted",
+];
 
 fn az_matches(az: Option<&str>, ours: &str) -> Result<(), ControlError> {
     match az {
@@ -165,6 +178,9 @@ pub(crate) fn translate(r: Ec2Request, az: &str) -> Result<(ControlRequest, View
             let mut b = json!({ "SizeGiB": c.size_gib, "Encrypted": true });
             if let Some(k) = c.kms_key_id {
                 b["KmsKeyId"] = json!(k);
+            }
+            if let Some(s) = c.snapshot_id {
+                b["SnapshotId"] = json!(s.as_str());
             }
             if let Some(t) = c.client_token {
                 b["ClientToken"] = json!(t);
@@ -266,6 +282,25 @@ pub(crate) fn translate(r: Ec2Request, az: &str) -> Result<(ControlRequest, View
                 View::DescribeGroups(d.group_names, d.filters, d.page),
             )
         }
+        Ec2Request::CreateSnapshot(c) => (
+            "CreateSnapshot",
+            json!({ "VolumeId": c.volume_id.as_str() }),
+            View::CreateSnapshot(c.description),
+        ),
+        Ec2Request::DescribeSnapshots(d) => {
+            check_filters(&d.filters, SNAPSHOT_FILTERS)?;
+            let v: Vec<String> = d.snapshot_ids.iter().map(|i| i.to_string()).collect();
+            (
+                "DescribeSnapshots",
+                json!({ "SnapshotIds": v }),
+                View::DescribeSnapshots(d.owner_ids, d.filters, d.page),
+            )
+        }
+        Ec2Request::DeleteSnapshot { snapshot_id } => (
+            "DeleteSnapshot",
+            json!({ "SnapshotId": snapshot_id.as_str() }),
+            View::DeleteSnapshot,
+        ),
     };
     let req = ControlRequest::parse("POST", &format!("/v1/{action}"), &body.to_string())?;
     Ok((req, view))
@@ -345,6 +380,28 @@ mod tests {
         let (r, _) =
             tr("Action=CreateVolume&Size=2&AvailabilityZone=us-east-1a&Encrypted=true").unwrap();
         assert!(matches!(r, ControlRequest::CreateVolume(c) if c.size_gib == 2));
+        let (r, _) =
+            tr("Action=CreateVolume&Size=3&AvailabilityZone=us-east-1a&SnapshotId=snap-0a1b")
+                .unwrap();
+        assert!(
+            matches!(r, ControlRequest::CreateVolume(c) if c.size_gib == 3 && c.snapshot_id.as_deref() == Some("snap-0a1b"))
+        );
+        let (r, v) = tr("Action=CreateSnapshot&VolumeId=vol-9&Description=d").unwrap();
+        assert!(matches!(r, ControlRequest::CreateSnapshot(c) if c.volume_id == "vol-9"));
+        assert!(matches!(v, View::CreateSnapshot(Some(d)) if d == "d"));
+        let (r, _) =
+            tr("Action=DescribeSnapshots&SnapshotId.1=snap-1&SnapshotId.2=snap-2").unwrap();
+        assert!(
+            matches!(r, ControlRequest::DescribeSnapshots(d) if d.snapshot_ids == ["snap-1", "snap-2"])
+        );
+        let (r, _) = tr("Action=DeleteSnapshot&SnapshotId=snap-3").unwrap();
+        assert!(matches!(r, ControlRequest::DeleteSnapshot(d) if d.snapshot_id == "snap-3"));
+        assert_eq!(
+            tr("Action=DescribeSnapshots&Filter.1.Name=tag%3Ak&Filter.1.Value.1=v")
+                .err()
+                .map(|e| e.code()),
+            Some("unsupported")
+        );
         let (r, _) = tr("Action=AuthorizeSecurityGroupIngress&GroupId=sg-1&IpPermissions.1.IpProtocol=tcp&IpPermissions.1.FromPort=22&IpPermissions.1.ToPort=22&IpPermissions.1.IpRanges.1.CidrIp=10.0.0.0%2F16").unwrap();
         assert!(
             matches!(r, ControlRequest::AuthorizeSecurityGroupIngress(c) if c.rules.len() == 1)

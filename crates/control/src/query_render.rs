@@ -3,6 +3,7 @@
 //! first id of the next page) applied to them.
 
 use bulkhead_ec2_query::form::{Filter, Page};
+use bulkhead_ec2_query::snapshot::SnapshotResponse;
 use bulkhead_ec2_query::vpc::{GroupItem, IpPermission, SubnetItem, VpcItem, VpcResponse};
 use bulkhead_ec2_query::xml::{
     AttachmentStateName, InstanceItem, InstanceStateName, Reservation, StateChange,
@@ -13,6 +14,9 @@ use serde_json::Value;
 
 use crate::query_map::{View, ATTACHED_DEVICE, INSTANCE_TYPES};
 use crate::ControlError;
+
+mod snapshots;
+use snapshots::{owned_by, snapshot_item, snapshot_values};
 
 fn text(v: &Value, k: &str) -> String {
     match &v[k] {
@@ -130,6 +134,8 @@ fn volume_item(v: &Value, az: &str) -> VolumeItem {
         "in-use" => VolumeStateName::InUse,
         "attaching" | "detaching" => VolumeStateName::InUse,
         "deleting" => VolumeStateName::Deleting,
+        // A volume made from a snapshot whose key membership is not yet confirmed.
+        "creating" => VolumeStateName::Creating,
         _ => VolumeStateName::Available,
     };
     let attachments = match opt_text(v, "InstanceId") {
@@ -159,6 +165,7 @@ fn volume_item(v: &Value, az: &str) -> VolumeItem {
         volume_type: "gp3".into(),
         encrypted: true,
         kms_key_id: opt_text(v, "KmsKeyId"),
+        snapshot_id: opt_text(v, "SnapshotId"),
         attachments,
     }
 }
@@ -397,6 +404,28 @@ pub(crate) fn render(
             })?;
             Ec2Response::Vpc(VpcResponse::DescribeSecurityGroups { groups, next_token })
         }
+        View::CreateSnapshot(description) => Ec2Response::Snapshot(
+            SnapshotResponse::CreateSnapshot(snapshot_item(v, owner, description)),
+        ),
+        View::DescribeSnapshots(owners, filters, page) => {
+            let all = match owned_by(&owners, owner) {
+                true => list(v, "Snapshots"),
+                false => &[],
+            };
+            let values = |x: &Value, n: &str| match n {
+                "owner-id" => vec![owner.to_string()],
+                _ => snapshot_values(x, n),
+            };
+            let (snapshots, next_token) =
+                select(all, "SnapshotId", &filters, &page, values, |x| {
+                    snapshot_item(x, owner, None)
+                })?;
+            Ec2Response::Snapshot(SnapshotResponse::DescribeSnapshots {
+                snapshots,
+                next_token,
+            })
+        }
+        View::DeleteSnapshot => Ec2Response::Snapshot(SnapshotResponse::DeleteSnapshot),
     })
 }
 
@@ -405,6 +434,28 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_volume_still_creating_is_not_available() {
+        let all = json!({"Volumes": [
+            {"VolumeId": "vol-1", "State": "creating", "SizeGiB": 2, "SnapshotId": "snap-1"},
+            {"VolumeId": "vol-2", "State": "available", "SizeGiB": 1},
+        ]});
+        let view = View::DescribeVolumes(
+            vec![],
+            Page {
+                max_results: None,
+                next_token: None,
+            },
+        );
+        let Ec2Response::DescribeVolumes { volumes, .. } = render(view, &all, "t", "az").unwrap()
+        else {
+            panic!()
+        };
+        let states: Vec<&str> = volumes.iter().map(|v| v.state.as_str()).collect();
+        assert_eq!(states, ["creating", "available"]);
+        assert_eq!(volumes[0].snapshot_id.as_deref(), Some("snap-1"));
+    }
 
     #[test]
     fn describe_filters_and_pages() {

@@ -95,6 +95,10 @@ pub enum Ec2ErrorCode {
     InsufficientFreeAddressesInSubnet,
     /// A dependency of the service is unavailable; retry later.
     Unavailable,
+    /// A snapshot id that is not a snapshot id.
+    InvalidSnapshotIdMalformed,
+    /// The named snapshot does not exist (for the caller).
+    InvalidSnapshotNotFound,
 }
 
 impl Ec2ErrorCode {
@@ -145,6 +149,8 @@ impl Ec2ErrorCode {
             Self::RulesPerSecurityGroupLimitExceeded => "RulesPerSecurityGroupLimitExceeded",
             Self::InsufficientFreeAddressesInSubnet => "InsufficientFreeAddressesInSubnet",
             Self::Unavailable => "Unavailable",
+            Self::InvalidSnapshotIdMalformed => "InvalidSnapshotID.Malformed",
+            Self::InvalidSnapshotNotFound => "InvalidSnapshot.NotFound",
         }
     }
 

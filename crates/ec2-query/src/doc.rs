@@ -13,6 +13,7 @@
 //! Wire names use `N` and `M` for list indexes: `InstanceId.N` is `InstanceId.1`, `InstanceId.2`...
 
 use crate::code::Ec2ErrorCode;
+use crate::snapshot::{SnapshotItem, SnapshotResponse, SnapshotStateName};
 use crate::vpc::{GroupItem, IpPermission, SubnetItem, VpcItem, VpcResponse};
 use crate::xml::{
     AttachmentStateName, Ec2Response, InstanceItem, InstanceStateName, Reservation, StateChange,
@@ -80,6 +81,7 @@ pub const COMMON_ERRORS: &[Ec2ErrorCode] = {
         C::InvalidVpcIdMalformed,
         C::InvalidSubnetIdMalformed,
         C::InvalidGroupIdMalformed,
+        C::InvalidSnapshotIdMalformed,
         C::DryRunOperation,
         C::InternalError,
         C::Unavailable,
@@ -286,6 +288,7 @@ pub const ACTIONS: &[ActionDoc] = {
                 req("AvailabilityZone", "bh-1a"),
                 opt("Encrypted", "true"),
                 with("KmsKeyId", "key-1", &["Encrypted"]),
+                opt("SnapshotId", "snap-1"),
                 opt("VolumeType", "gp3"),
                 opt("ClientToken", "tok-1"),
             ],
@@ -306,7 +309,11 @@ pub const ACTIONS: &[ActionDoc] = {
                 "attachmentSet.item.attachTime",
                 "attachmentSet.item.deleteOnTermination",
             ],
-            errors: &[C::InvalidKmsKeyNotFound, C::IdempotentParameterMismatch],
+            errors: &[
+                C::InvalidKmsKeyNotFound,
+                C::InvalidSnapshotNotFound,
+                C::IdempotentParameterMismatch,
+            ],
         },
         ActionDoc {
             name: "DescribeVolumes",
@@ -520,6 +527,62 @@ pub const ACTIONS: &[ActionDoc] = {
             ],
             errors: &[C::InvalidGroupNotFound],
         },
+        ActionDoc {
+            name: "CreateSnapshot",
+            params: &[req("VolumeId", "vol-1"), opt("Description", "nightly")],
+            output: &[
+                "snapshotId",
+                "volumeId",
+                "status",
+                "startTime",
+                "progress",
+                "ownerId",
+                "description",
+                "volumeSize",
+                "encrypted",
+                "kmsKeyId",
+            ],
+            errors: &[
+                C::InvalidVolumeNotFound,
+                C::VolumeInUse,
+                C::UnauthorizedOperation,
+            ],
+        },
+        ActionDoc {
+            name: "DescribeSnapshots",
+            params: &[
+                opt("SnapshotId.N", "snap-1"),
+                opt("Owner.N", "self"),
+                FILTER_NAME,
+                FILTER_VALUE,
+                MAX_RESULTS,
+                NEXT_TOKEN,
+            ],
+            output: &[
+                "snapshotSet.item.snapshotId",
+                "snapshotSet.item.volumeId",
+                "snapshotSet.item.status",
+                "snapshotSet.item.startTime",
+                "snapshotSet.item.progress",
+                "snapshotSet.item.ownerId",
+                "snapshotSet.item.description",
+                "snapshotSet.item.volumeSize",
+                "snapshotSet.item.encrypted",
+                "snapshotSet.item.kmsKeyId",
+                "nextToken",
+            ],
+            errors: &[C::InvalidSnapshotNotFound],
+        },
+        ActionDoc {
+            name: "DeleteSnapshot",
+            params: &[req("SnapshotId", "snap-1")],
+            output: RETURN,
+            errors: &[
+                C::InvalidSnapshotNotFound,
+                C::IncorrectState,
+                C::UnauthorizedOperation,
+            ],
+        },
     ]
 };
 
@@ -560,7 +623,21 @@ fn volume() -> VolumeItem {
         volume_type: "gp3".into(),
         encrypted: true,
         kms_key_id: Some("key-1".into()),
+        snapshot_id: Some("snap-1".into()),
         attachments: vec![attachment()],
+    }
+}
+
+fn snapshot() -> SnapshotItem {
+    SnapshotItem {
+        snapshot_id: "snap-1".into(),
+        volume_id: "vol-1".into(),
+        state: SnapshotStateName::Completed,
+        start_time_unix: 1,
+        volume_size_gib: 8,
+        owner_id: "t".into(),
+        description: Some("nightly".into()),
+        kms_key_id: Some("key-1".into()),
     }
 }
 
@@ -672,6 +749,12 @@ pub fn example_response(action: &str) -> Option<Ec2Response> {
             }],
             next_token: next,
         }),
+        "CreateSnapshot" => Ec2Response::Snapshot(SnapshotResponse::CreateSnapshot(snapshot())),
+        "DescribeSnapshots" => Ec2Response::Snapshot(SnapshotResponse::DescribeSnapshots {
+            snapshots: vec![snapshot()],
+            next_token: next,
+        }),
+        "DeleteSnapshot" => Ec2Response::Snapshot(SnapshotResponse::DeleteSnapshot),
         _ => return None,
     })
 }

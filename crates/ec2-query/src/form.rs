@@ -76,6 +76,8 @@ pub enum QueryError {
     MalformedSubnetId,
     #[error("Invalid id (malformed security group id)")]
     MalformedGroupId,
+    #[error("Invalid id (malformed snapshot id)")]
+    MalformedSnapshotId,
     #[error("UserData is not valid base64")]
     UserDataNotBase64,
     #[error("UserData is longer than {MAX_USER_DATA} bytes")]
@@ -117,6 +119,7 @@ impl QueryError {
             E::MalformedVpcId => Ec2ErrorCode::InvalidVpcIdMalformed,
             E::MalformedSubnetId => Ec2ErrorCode::InvalidSubnetIdMalformed,
             E::MalformedGroupId => Ec2ErrorCode::InvalidGroupIdMalformed,
+            E::MalformedSnapshotId => Ec2ErrorCode::InvalidSnapshotIdMalformed,
         }
     }
 }
@@ -186,6 +189,12 @@ id_type!(
     "sg-",
     MalformedGroupId
 );
+id_type!(
+    /// `snap-…`
+    SnapshotId,
+    "snap-",
+    MalformedSnapshotId
+);
 
 /// One `Filter.N`: a name and its values (at least one).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +250,8 @@ pub struct CreateVolume {
     pub availability_zone: String,
     pub encrypted: bool,
     pub kms_key_id: Option<String>,
+    /// Start as a copy of this snapshot (`Size` is still required: at least the snapshot's).
+    pub snapshot_id: Option<SnapshotId>,
     pub volume_type: Option<String>,
     pub client_token: Option<String>,
 }
@@ -291,6 +302,9 @@ pub enum Ec2Request {
     AuthorizeSecurityGroupIngress(crate::vpc::IngressChange),
     RevokeSecurityGroupIngress(crate::vpc::IngressChange),
     DescribeSecurityGroups(crate::vpc::DescribeSecurityGroups),
+    CreateSnapshot(crate::snapshot::CreateSnapshot),
+    DescribeSnapshots(crate::snapshot::DescribeSnapshots),
+    DeleteSnapshot { snapshot_id: SnapshotId },
 }
 
 /// A parsed request and the `DryRun` flag every action takes.
@@ -325,6 +339,9 @@ impl Ec2Request {
             Self::AuthorizeSecurityGroupIngress(_) => "AuthorizeSecurityGroupIngress",
             Self::RevokeSecurityGroupIngress(_) => "RevokeSecurityGroupIngress",
             Self::DescribeSecurityGroups(_) => "DescribeSecurityGroups",
+            Self::CreateSnapshot(_) => "CreateSnapshot",
+            Self::DescribeSnapshots(_) => "DescribeSnapshots",
+            Self::DeleteSnapshot { .. } => "DeleteSnapshot",
         }
     }
 
@@ -341,6 +358,7 @@ impl Ec2Request {
                 | Self::DescribeVpcs(_)
                 | Self::DescribeSubnets(_)
                 | Self::DescribeSecurityGroups(_)
+                | Self::DescribeSnapshots(_)
         )
     }
 
@@ -401,7 +419,9 @@ impl Ec2Request {
                     volume_id: p.volume_id("VolumeId")?,
                 })
             },
-            other => crate::vpc::parser(other).ok_or(QueryError::UnknownAction)?,
+            other => crate::vpc::parser(other)
+                .or_else(|| crate::snapshot::parser(other))
+                .ok_or(QueryError::UnknownAction)?,
         };
         match p.take("Version")? {
             None => return Err(QueryError::MissingVersion),
@@ -501,6 +521,10 @@ fn create_volume(p: &mut Params) -> Result<Ec2Request, QueryError> {
         availability_zone: p.required_text("AvailabilityZone", 64)?,
         encrypted,
         kms_key_id,
+        snapshot_id: p
+            .text("SnapshotId", 64)?
+            .map(|s| SnapshotId::parse(&s))
+            .transpose()?,
         volume_type: p.text("VolumeType", 16)?,
         client_token: p.text("ClientToken", 64)?,
     }))
@@ -686,7 +710,7 @@ impl Params {
         InstanceId::parse(&v)
     }
 
-    fn volume_id(&mut self, name: &'static str) -> Result<VolumeId, QueryError> {
+    pub(crate) fn volume_id(&mut self, name: &'static str) -> Result<VolumeId, QueryError> {
         let v = self.take(name)?.ok_or(QueryError::MissingParameter(name))?;
         VolumeId::parse(&v)
     }
@@ -934,6 +958,7 @@ mod tests {
                 availability_zone: "bh-1a".into(),
                 encrypted: true,
                 kms_key_id: Some("key-1".into()),
+                snapshot_id: None,
                 volume_type: None,
                 client_token: None,
             })

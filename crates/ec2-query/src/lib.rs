@@ -6,6 +6,7 @@
 //!   verify), sharing [`sigv4`]'s HMAC, date parser and calendar.
 //! - [`xml`]: the XML answers and error documents ([`Ec2Response::to_xml`], [`xml::error_xml`]).
 //! - [`form`]: the form-encoded Query body into a typed [`Ec2Request`] ([`Ec2Request::parse`]).
+//! - [`vpc`], [`snapshot`]: the VPC and snapshot actions' requests and answers.
 //! - [`doc`]: what the parser accepts and the writer emits, as data ([`doc::ACTIONS`]), from which
 //!   `scripts/ec2-model.py` writes the published model (`docs/ec2-query-model.json`).
 //!
@@ -16,6 +17,7 @@ pub mod code;
 pub mod doc;
 pub mod form;
 pub mod sigv4;
+pub mod snapshot;
 pub mod vpc;
 pub mod xml;
 

@@ -223,6 +223,8 @@ pub struct VolumeItem {
     pub volume_type: String,
     pub encrypted: bool,
     pub kms_key_id: Option<String>,
+    /// The snapshot it was made from (written empty when none, as EC2 does).
+    pub snapshot_id: Option<String>,
     pub attachments: Vec<VolumeAttachment>,
 }
 
@@ -253,6 +255,8 @@ pub enum Ec2Response {
     DeleteVolume,
     /// The VPC, subnet and security-group actions.
     Vpc(crate::vpc::VpcResponse),
+    /// The snapshot actions.
+    Snapshot(crate::snapshot::SnapshotResponse),
 }
 
 impl Ec2Response {
@@ -271,6 +275,7 @@ impl Ec2Response {
             Self::DetachVolume(_) => "DetachVolume",
             Self::DeleteVolume => "DeleteVolume",
             Self::Vpc(v) => v.action(),
+            Self::Snapshot(s) => s.action(),
         }
     }
 
@@ -319,6 +324,7 @@ impl Ec2Response {
             Self::AttachVolume(a) | Self::DetachVolume(a) => attachment_body(&mut w, a),
             Self::DeleteVolume => w.leaf("return", "true"),
             Self::Vpc(v) => v.body(&mut w),
+            Self::Snapshot(s) => s.body(&mut w),
         }
         w.close(&root);
         w.out
@@ -372,7 +378,7 @@ fn attachment_body(w: &mut XmlWriter, a: &VolumeAttachment) {
 fn volume_body(w: &mut XmlWriter, v: &VolumeItem) {
     w.leaf("volumeId", &v.volume_id);
     w.leaf("size", &v.size_gib.to_string());
-    w.leaf("snapshotId", "");
+    w.leaf("snapshotId", v.snapshot_id.as_deref().unwrap_or(""));
     w.leaf("availabilityZone", &v.availability_zone);
     w.leaf("status", v.state.as_str());
     w.leaf("createTime", &iso8601(v.create_time_unix));

@@ -3,6 +3,7 @@
 
 mod common;
 
+use bulkhead_ec2_query::snapshot::{SnapshotItem, SnapshotResponse, SnapshotStateName};
 use bulkhead_ec2_query::xml::{
     AttachmentStateName, InstanceItem, InstanceStateName, Reservation, StateChange,
     VolumeAttachment, VolumeItem, VolumeStateName,
@@ -45,7 +46,21 @@ fn volume() -> VolumeItem {
         volume_type: "gp3".into(),
         encrypted: true,
         kms_key_id: Some("key-<1>&".into()),
+        snapshot_id: None,
         attachments: vec![attachment(AttachmentStateName::Attached)],
+    }
+}
+
+fn snapshot(id: &str, state: SnapshotStateName) -> SnapshotItem {
+    SnapshotItem {
+        snapshot_id: id.into(),
+        volume_id: "vol-1".into(),
+        state,
+        start_time_unix: 1_714_564_800,
+        volume_size_gib: 8,
+        owner_id: "tenant-a".into(),
+        description: Some("nightly <&>".into()),
+        kms_key_id: Some("key-1".into()),
     }
 }
 
@@ -85,6 +100,7 @@ fn botocore_reads_our_responses_and_errors() {
         Ec2Response::CreateVolume(VolumeItem {
             state: VolumeStateName::Creating,
             attachments: vec![],
+            snapshot_id: Some("snap-1".into()),
             ..volume()
         }),
         Ec2Response::DescribeVolumes {
@@ -94,6 +110,22 @@ fn botocore_reads_our_responses_and_errors() {
         Ec2Response::AttachVolume(attachment(AttachmentStateName::Attaching)),
         Ec2Response::DetachVolume(attachment(AttachmentStateName::Detaching)),
         Ec2Response::DeleteVolume,
+        Ec2Response::Snapshot(SnapshotResponse::CreateSnapshot(snapshot(
+            "snap-1",
+            SnapshotStateName::Completed,
+        ))),
+        Ec2Response::Snapshot(SnapshotResponse::DescribeSnapshots {
+            snapshots: vec![
+                snapshot("snap-1", SnapshotStateName::Pending),
+                SnapshotItem {
+                    description: None,
+                    kms_key_id: None,
+                    ..snapshot("snap-2", SnapshotStateName::Error)
+                },
+            ],
+            next_token: Some("snap-3".into()),
+        }),
+        Ec2Response::Snapshot(SnapshotResponse::DeleteSnapshot),
     ];
     let mut input: Vec<Value> = responses
         .iter()
@@ -105,6 +137,11 @@ fn botocore_reads_our_responses_and_errors() {
         (Ec2ErrorCode::InvalidInstanceIdMalformed, "StartInstances"),
         (Ec2ErrorCode::AuthFailure, "RunInstances"),
         (Ec2ErrorCode::InvalidAction, "DeleteVolume"),
+        (Ec2ErrorCode::InvalidSnapshotNotFound, "DeleteSnapshot"),
+        (
+            Ec2ErrorCode::InvalidSnapshotIdMalformed,
+            "DescribeSnapshots",
+        ),
     ];
     for (code, op) in errors {
         input.push(json!({"op": op, "status": code.http_status(),
@@ -184,6 +221,7 @@ fn botocore_reads_our_responses_and_errors() {
     assert_eq!(created["State"], "creating");
     assert_eq!(created["Encrypted"], true);
     assert_eq!(created["KmsKeyId"], "key-<1>&");
+    assert_eq!(created["SnapshotId"], "snap-1");
 
     let vols = &p[7];
     assert_eq!(vols["Volumes"][0]["State"], "in-use");
@@ -198,6 +236,36 @@ fn botocore_reads_our_responses_and_errors() {
     assert_eq!(p[8]["State"], "attaching");
     assert_eq!(p[8]["InstanceId"], "i-1");
     assert_eq!(p[9]["State"], "detaching");
+
+    let snap = &p[11];
+    assert_eq!(
+        (
+            &snap["SnapshotId"],
+            &snap["VolumeId"],
+            &snap["State"],
+            &snap["Progress"],
+        ),
+        (
+            &json!("snap-1"),
+            &json!("vol-1"),
+            &json!("completed"),
+            &json!("100%")
+        )
+    );
+    assert_eq!(snap["StartTime"], "2024-05-01T12:00:00+00:00");
+    assert_eq!(snap["VolumeSize"], 8);
+    assert_eq!(snap["Encrypted"], true);
+    assert_eq!(snap["OwnerId"], "tenant-a");
+    assert_eq!(snap["Description"], "nightly <&>");
+    assert_eq!(snap["KmsKeyId"], "key-1");
+    let snaps = &p[12];
+    assert_eq!(snaps["Snapshots"][0]["State"], "pending");
+    assert_eq!(snaps["Snapshots"][0]["Progress"], "0%");
+    assert_eq!(snaps["Snapshots"][1]["SnapshotId"], "snap-2");
+    assert_eq!(snaps["Snapshots"][1]["State"], "error");
+    assert!(snaps["Snapshots"][1].get("Description").is_none());
+    assert_eq!(snaps["NextToken"], "snap-3");
+    assert_eq!(p[13]["ResponseMetadata"]["RequestId"], "req-13");
 
     for (k, (code, _)) in errors.iter().enumerate() {
         let e = &p[responses.len() + k];

@@ -5,8 +5,9 @@ mod common;
 
 use bulkhead_ec2_query::form::{
     AttachVolume, CreateVolume, DescribeInstances, DescribeVolumes, DetachVolume, Filter,
-    GetConsoleOutput, InstanceId, Page, RunInstances, StopInstances, VolumeId,
+    GetConsoleOutput, InstanceId, Page, RunInstances, SnapshotId, StopInstances, VolumeId,
 };
+use bulkhead_ec2_query::snapshot::{CreateSnapshot, DescribeSnapshots};
 use bulkhead_ec2_query::{Ec2Call, Ec2Request};
 use serde_json::json;
 
@@ -16,6 +17,10 @@ fn iid(s: &str) -> InstanceId {
 
 fn vid(s: &str) -> VolumeId {
     VolumeId::parse(s).expect("valid volume id")
+}
+
+fn sid(s: &str) -> SnapshotId {
+    SnapshotId::parse(s).expect("valid snapshot id")
 }
 
 fn call(request: Ec2Request) -> Ec2Call {
@@ -120,9 +125,63 @@ fn botocore_serialized_bodies_parse_into_the_expected_requests() {
                 availability_zone: "bh-1a".into(),
                 encrypted: true,
                 kms_key_id: Some("key-1".into()),
+                snapshot_id: None,
                 volume_type: Some("gp3".into()),
                 client_token: Some("c1".into()),
             })),
+        ),
+        (
+            json!({"op": "CreateVolume", "params": {"Size": 4, "AvailabilityZone": "bh-1a",
+                "SnapshotId": "snap-0a"}}),
+            call(Ec2Request::CreateVolume(CreateVolume {
+                size_gib: 4,
+                availability_zone: "bh-1a".into(),
+                encrypted: false,
+                kms_key_id: None,
+                snapshot_id: Some(sid("snap-0a")),
+                volume_type: None,
+                client_token: None,
+            })),
+        ),
+        (
+            json!({"op": "CreateSnapshot", "params": {"VolumeId": "vol-3",
+                "Description": "nightly & <co> +%"}}),
+            call(Ec2Request::CreateSnapshot(CreateSnapshot {
+                volume_id: vid("vol-3"),
+                description: Some("nightly & <co> +%".into()),
+            })),
+        ),
+        (
+            json!({"op": "DescribeSnapshots", "params": {"SnapshotIds": ["snap-1", "snap-2"],
+                "OwnerIds": ["self"],
+                "Filters": [{"Name": "volume-id", "Values": ["vol-3"]}]}}),
+            call(Ec2Request::DescribeSnapshots(DescribeSnapshots {
+                snapshot_ids: vec![sid("snap-1"), sid("snap-2")],
+                owner_ids: vec!["self".into()],
+                filters: vec![Filter {
+                    name: "volume-id".into(),
+                    values: vec!["vol-3".into()],
+                }],
+                page: Page::default(),
+            })),
+        ),
+        (
+            json!({"op": "DescribeSnapshots", "params": {"MaxResults": 5, "NextToken": "snap-9"}}),
+            call(Ec2Request::DescribeSnapshots(DescribeSnapshots {
+                snapshot_ids: vec![],
+                owner_ids: vec![],
+                filters: vec![],
+                page: Page {
+                    max_results: Some(5),
+                    next_token: Some("snap-9".into()),
+                },
+            })),
+        ),
+        (
+            json!({"op": "DeleteSnapshot", "params": {"SnapshotId": "snap-7"}}),
+            call(Ec2Request::DeleteSnapshot {
+                snapshot_id: sid("snap-7"),
+            }),
         ),
         (
             json!({"op": "DescribeVolumes", "params": {"VolumeIds": ["vol-1", "vol-2"]}}),

@@ -95,19 +95,32 @@ pub fn verify(
     if call.dry_run || !actions.contains(&call.request.action()) {
         return Err(ForwardError::WrongAction);
     }
-    let body = match &call.request {
-        Ec2Request::CreateVolume(c) => json!({ "KmsKeyId": c.kms_key_id }),
+    Ok(VerifiedForward {
+        access_key_id: v.access_key_id,
+        signature: v.signature,
+        body: checked_fields(&call.request),
+    })
+}
+
+/// The fields of a signed Query request that the KMS checks, in the JSON API's names (what a
+/// BH1-signed JSON body of the same action carries): the volume a CreateSnapshot copies, the
+/// snapshot a DeleteSnapshot destroys or a CreateVolume starts from.
+fn checked_fields(request: &Ec2Request) -> Value {
+    match request {
+        Ec2Request::CreateVolume(c) => match &c.snapshot_id {
+            Some(s) => json!({ "KmsKeyId": c.kms_key_id, "SnapshotId": s.as_str() }),
+            None => json!({ "KmsKeyId": c.kms_key_id }),
+        },
         Ec2Request::AttachVolume(a) => {
             json!({ "VolumeId": a.volume_id.as_str(), "InstanceId": a.instance_id.as_str() })
         }
         Ec2Request::DeleteVolume { volume_id } => json!({ "VolumeId": volume_id.as_str() }),
+        Ec2Request::CreateSnapshot(c) => json!({ "VolumeId": c.volume_id.as_str() }),
+        Ec2Request::DeleteSnapshot { snapshot_id } => {
+            json!({ "SnapshotId": snapshot_id.as_str() })
+        }
         _ => json!({}),
-    };
-    Ok(VerifiedForward {
-        access_key_id: v.access_key_id,
-        signature: v.signature,
-        body,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -129,6 +142,32 @@ mod tests {
         ));
         let extra = json!({"sigv4": {"method": "POST", "path": "/", "query": "", "headers": [], "body": "", "evil": 1}});
         assert!(serde_json::from_value::<CustomerRequest>(extra).is_err());
+    }
+
+    /// The snapshot actions name what the KMS checks under the JSON API's names.
+    #[test]
+    fn snapshot_actions_name_their_volume_or_snapshot() {
+        let fields = |body: &str| {
+            let call = Ec2Request::parse(format!("Version=2016-11-15&{body}").as_bytes()).unwrap();
+            checked_fields(&call.request)
+        };
+        assert_eq!(
+            fields("Action=CreateSnapshot&VolumeId=vol-1&Description=d"),
+            json!({"VolumeId": "vol-1"})
+        );
+        assert_eq!(
+            fields("Action=DeleteSnapshot&SnapshotId=snap-2"),
+            json!({"SnapshotId": "snap-2"})
+        );
+        assert_eq!(
+            fields("Action=CreateVolume&Size=2&AvailabilityZone=z&SnapshotId=snap-2"),
+            json!({"KmsKeyId": null, "SnapshotId": "snap-2"})
+        );
+        assert_eq!(
+            fields("Action=CreateVolume&Size=2&AvailabilityZone=z&Encrypted=true&KmsKeyId=k-1"),
+            json!({"KmsKeyId": "k-1"})
+        );
+        assert_eq!(fields("Action=DescribeSnapshots"), json!({}));
     }
 
     #[test]

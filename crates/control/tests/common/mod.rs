@@ -13,6 +13,8 @@ use bulkhead_kms_proto::ForwardedRequest;
 use bulkhead_mtls::{client_config, HttpsClient};
 use serde_json::{json, Value};
 
+pub mod aws;
+
 pub fn bins() -> PathBuf {
     let b = Path::new(env!("CARGO_BIN_EXE_bulkhead-control"))
         .parent()

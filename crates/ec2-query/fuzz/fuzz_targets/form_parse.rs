@@ -2,7 +2,7 @@
 //! and what it accepts names a known action and only well-formed ids.
 #![no_main]
 
-use bulkhead_ec2_query::form::{InstanceId, VolumeId};
+use bulkhead_ec2_query::form::{InstanceId, SnapshotId, VolumeId};
 use bulkhead_ec2_query::{Ec2Request, QueryError};
 use libfuzzer_sys::fuzz_target;
 
@@ -25,6 +25,20 @@ fuzz_target!(|data: &[u8]| {
                 }
                 Ec2Request::DeleteVolume { volume_id } => {
                     assert!(VolumeId::parse(volume_id.as_str()).is_ok());
+                }
+                Ec2Request::DeleteSnapshot { snapshot_id } => {
+                    assert!(SnapshotId::parse(snapshot_id.as_str()).is_ok());
+                }
+                Ec2Request::DescribeSnapshots(d) => {
+                    for id in &d.snapshot_ids {
+                        assert!(SnapshotId::parse(id.as_str()).is_ok());
+                    }
+                }
+                Ec2Request::CreateSnapshot(c) => {
+                    assert!(VolumeId::parse(c.volume_id.as_str()).is_ok());
+                    assert!(c.description.as_ref().is_none_or(
+                        |d| d.len() <= bulkhead_ec2_query::snapshot::MAX_DESCRIPTION_LEN
+                    ));
                 }
                 Ec2Request::RunInstances(r) => {
                     assert!(r.min_count >= 1 && r.min_count <= r.max_count);
