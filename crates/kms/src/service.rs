@@ -161,6 +161,11 @@ enum Plan {
         tenant: String,
         volume: String,
         authorization: String,
+        /// Nothing named the id when decided: it is tombstoned for `tenant` (so a late
+        /// `ShareDataKey` or `GenerateDataKey` for it is refused, whatever the clocks say) and
+        /// answered `no_grant` as before. Ids are random, and a tombstone only stops a future key
+        /// for that one id, never an existing one: no other tenant can be blocked by it.
+        unknown: bool,
     },
     Revoke {
         key_id: String,
@@ -183,6 +188,15 @@ enum Plan {
         /// [`vpc_seal_mark`]: consumed atomically before the key is opened.
         mark: String,
     },
+}
+
+/// Who may crypto-erase an id: its owner, nobody but another tenant, or nobody yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EraseOwner {
+    Owner,
+    Other,
+    /// No member, secret, tombstone or grant of the signer's names it.
+    Unknown,
 }
 
 impl Kms {
@@ -370,6 +384,24 @@ impl Kms {
             tenant,
             body,
             signature: hex::encode(auth.signature),
+        })
+    }
+
+    /// Whether `tenant` owns `volume_id` for a crypto-erase.
+    fn erase_owner(&self, tenant: &str, volume_id: &str) -> Result<EraseOwner, KmsError> {
+        Ok(match self.store.volume_secret(volume_id)? {
+            VolumeSecret::Live { tenant_id, .. } | VolumeSecret::Destroyed { tenant_id } => {
+                if tenant_id == tenant {
+                    EraseOwner::Owner
+                } else {
+                    EraseOwner::Other
+                }
+            }
+            // A volume keyed before families has only grants.
+            VolumeSecret::Unknown if self.store.tenant_has_volume_grant(tenant, volume_id)? => {
+                EraseOwner::Owner
+            }
+            VolumeSecret::Unknown => EraseOwner::Unknown,
         })
     }
 
@@ -741,15 +773,10 @@ impl Kms {
                 if named.as_deref() != Some(r.volume_id.as_str()) {
                     return Err(KmsError::WrongCustomerAction);
                 }
-                // Only the volume's owner erases it; a repeat by the owner is answered again.
-                let owner = match self.store.volume_secret(&r.volume_id)? {
-                    VolumeSecret::Live { tenant_id, .. }
-                    | VolumeSecret::Destroyed { tenant_id } => tenant_id == c.tenant,
-                    VolumeSecret::Unknown => self
-                        .store
-                        .tenant_has_volume_grant(&c.tenant, &r.volume_id)?,
-                };
-                if !owner {
+                // Only the volume's owner erases it; a repeat by the owner is answered again. An
+                // id nothing names is tombstoned for the signer (see `Plan::Destroy::unknown`).
+                let owner = self.erase_owner(&c.tenant, &r.volume_id)?;
+                if owner == EraseOwner::Other {
                     return Err(KmsError::NoGrant);
                 }
                 if self.store.authorization_used(&c.signature)? {
@@ -764,6 +791,7 @@ impl Kms {
                         tenant: c.tenant,
                         volume: r.volume_id,
                         authorization: c.signature,
+                        unknown: owner == EraseOwner::Unknown,
                     },
                 ))
             }
@@ -988,8 +1016,20 @@ impl Kms {
                 tenant,
                 volume,
                 authorization,
+                unknown,
             } => {
                 let t = self.spend(&authorization)?;
+                if unknown {
+                    if self.store.tombstone_unknown(&volume, &tenant, t)? {
+                        tracing::info!(volume = %volume, tenant = %tenant, "destroy of an id never keyed: tombstoned");
+                        return Err(KmsError::NoGrant);
+                    }
+                    // Named since decide (a racing ShareDataKey landed first): decide again.
+                    match self.erase_owner(&tenant, &volume)? {
+                        EraseOwner::Owner => {}
+                        EraseOwner::Other | EraseOwner::Unknown => return Err(KmsError::NoGrant),
+                    }
+                }
                 let erased = !matches!(self.store.volume_secret(&volume)?, VolumeSecret::Unknown);
                 let left = self.store.destroy_volume_secret(&volume, &tenant, t)?;
                 tracing::info!(volume = %volume, family_members_left = left, "data key destroyed");

@@ -569,6 +569,43 @@ impl Store {
         done.ok_or(StoreError::NotOwner)
     }
 
+    /// Tombstones `volume_id` for `tenant` when nothing names it yet (no member, secret, grant of
+    /// any tenant, or tombstone): the owner's signed delete of an id the KMS never keyed (a
+    /// create whose `ShareDataKey` or `GenerateDataKey` is late or lost), so that a late call
+    /// cannot key it afterwards. False (nothing written) when something names it. One
+    /// transaction, so a racing [`Store::add_family_member`] either lands first (then this is
+    /// false) or is refused.
+    pub fn tombstone_unknown(
+        &self,
+        volume_id: &str,
+        tenant: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let named: bool = tx
+                .query_row(
+                    "SELECT 1 FROM family_members WHERE member_id = ?1
+                     UNION ALL SELECT 1 FROM destroyed_volumes WHERE volume_id = ?1
+                     UNION ALL SELECT 1 FROM volume_secrets WHERE volume_id = ?1
+                     UNION ALL SELECT 1 FROM grants WHERE volume_id = ?1",
+                    params![volume_id],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            if named {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO destroyed_volumes (volume_id, tenant_id, destroyed) VALUES (?1, ?2, ?3)",
+                params![volume_id, tenant, secs(now)],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
     /// Revokes every active grant of `key_id` for `volume_id` held by `tenant`. Returns how many.
     pub fn revoke_grants(
         &self,

@@ -1097,3 +1097,75 @@ fn key_families_share_one_data_key_until_their_last_member_is_destroyed() {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+/// Crypto-erase does not depend on clocks: the owner's signed DeleteSnapshot for an id the KMS
+/// never added (its create's ShareDataKey is late: a stalled request, a skewed replica) is
+/// answered `no_grant` as before but tombstones the id, so the late ShareDataKey is refused and
+/// no family member outlives every row. Another tenant's delete naming a live member of A's
+/// tombstones nothing, and A's family still works.
+#[test]
+fn a_destroy_of_an_unknown_id_refuses_a_late_share_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = start(dir.path());
+    let (_key_id, blob) = setup(&k);
+    let auth = |akid: &str, secret: &[u8], action: &str, field: &str, id: &str, n: u32| {
+        signed(
+            akid,
+            secret,
+            action,
+            &json!({field: id, "ClientToken": format!("u{n}")}),
+            now(),
+        )
+    };
+    let share = |member: &str, n: u32| {
+        k.call(
+            "ShareDataKey",
+            &json!({"source_id": "vol-1", "member_id": member, "ciphertext_blob": blob,
+                    "customer_request": auth(AKID, &SECRET, "CreateSnapshot", "VolumeId", "vol-1", n)}),
+        )
+    };
+    // The delete reaches the KMS first: nothing names snap-late.
+    let (st, v) = k.call(
+        "DestroyDataKey",
+        &json!({"volume_id": "snap-late", "customer_request":
+                auth(AKID, &SECRET, "DeleteSnapshot", "SnapshotId", "snap-late", 1)}),
+    );
+    assert_eq!((st, code(&v)), (403, "no_grant"), "{v}");
+    // The create's late ShareDataKey is refused: the id is tombstoned.
+    let (st, v) = share("snap-late", 2);
+    assert_eq!((st, code(&v)), (409, "member_exists"), "{v}");
+    // Another tenant's delete of A's live member changes nothing; A can still snapshot.
+    let (st, v) = share("snap-ok", 3);
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = k.call(
+        "DestroyDataKey",
+        &json!({"volume_id": "snap-ok", "customer_request":
+                auth(AKID_B, &SECRET_B, "DeleteSnapshot", "SnapshotId", "snap-ok", 4)}),
+    );
+    assert_eq!((st, code(&v)), (403, "no_grant"), "{v}");
+    let (st, v) = k.call(
+        "DestroyDataKey",
+        &json!({"volume_id": "snap-ok", "customer_request":
+                auth(AKID, &SECRET, "DeleteSnapshot", "SnapshotId", "snap-ok", 5)}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["erased"], true, "{v}");
+    drop(k);
+    let conn = rusqlite::Connection::open(dir.path().join("kms/kms.db")).unwrap();
+    let t: String = conn
+        .query_row(
+            "SELECT tenant_id FROM destroyed_volumes WHERE volume_id = 'snap-late'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(t, "tenant-a");
+    let n: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM family_members WHERE member_id IN ('snap-late', 'snap-ok')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 0);
+}
