@@ -62,6 +62,10 @@ pub enum BackendError {
     /// [`BackendError::WrongState`].
     #[error("the hypervisor refused: {0}")]
     Hypervisor(CommandError),
+    /// A card update failed and the old block card had meanwhile lost its frontend (it exits,
+    /// keys erased): the new card, if it took the volume over, is kept as the volume's card.
+    #[error("card update failed after the old block card lost its frontend")]
+    CardUpdateOldCardGone,
 }
 
 /// The stable code of each hypervisor refusal: one per kind, never reused.
@@ -143,6 +147,7 @@ mod hypervisor_code_tests {
             BackendError::NetworkAttached,
             BackendError::NetCardRefused,
             BackendError::NetworkUnavailable,
+            BackendError::CardUpdateOldCardGone,
         ];
         for b in backend {
             assert!(!codes.contains(b.code()), "{} reused", b.code());
@@ -207,6 +212,7 @@ impl BackendError {
             BackendError::NetCardRefused => "net_card_refused",
             BackendError::NetworkUnavailable => "network_unavailable",
             BackendError::Hypervisor(e) => hypervisor_code(e),
+            BackendError::CardUpdateOldCardGone => "card_update_old_card_gone",
         }
     }
 
@@ -219,6 +225,7 @@ impl BackendError {
             | BackendError::UserDataTooLarge
             | BackendError::NetCardRefused => 400,
             BackendError::Unavailable | BackendError::NetworkUnavailable => 503,
+            BackendError::CardUpdateOldCardGone => 500,
             BackendError::Hypervisor(e) => hypervisor_status(e),
             _ => 409,
         }

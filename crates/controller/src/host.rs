@@ -1990,17 +1990,24 @@ impl HostBackend {
                     claimed.insert(v.card_pid);
                     let mut old_control = self.card_control(v.card_pid, true);
                     let mut new_control = self.card_control(newp, true);
-                    let winner = self.settle_card_update(
+                    let settled = self.settle_card_update(
                         v.card_pid,
                         old_control.as_mut(),
                         newp,
                         new_control.as_mut(),
                     );
-                    if winner == card_update::Winner::New {
-                        codes.push("card_update_completed");
-                        v.card_pid = newp;
-                    } else {
-                        codes.push("card_update_cancelled");
+                    match settled {
+                        card_update::Settled::New => {
+                            codes.push("card_update_completed");
+                            v.card_pid = newp;
+                        }
+                        // The old card is exiting: the new card is kept (if it is dead too,
+                        // the volume's card is gone, below).
+                        card_update::Settled::OldCardGone => {
+                            codes.push("card_update_old_card_gone");
+                            v.card_pid = newp;
+                        }
+                        card_update::Settled::Old => codes.push("card_update_cancelled"),
                     }
                 }
             }

@@ -12,40 +12,18 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use bulkhead_card_proto::{self as proto, ControlRequest, ControlResponse, ErrorCode};
+use bulkhead_card_proto::{self as proto, ControlRequest, ControlResponse};
 use bulkhead_hypervisor_client::{ClientError, Command, DeviceId, Reply};
 
 use super::{
     channel_err, fault, launcher_err, BackendError, Fault, HostBackend, HostInstance, LaunchReply,
-    LaunchRequest, CARD_TIMEOUT, EXIT_GRACE_MS,
+    LaunchRequest, CARD_TIMEOUT,
 };
 
-/// Bound on a best-effort request to a card that is being undone (`CancelHandOver`, `Detach`).
-const UNDO_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a settle waits for the old card to leave on its own once the hypervisor answered
-/// again (it exits within milliseconds of losing its frontend after a hand-over).
-const SETTLE_WAIT: Duration = Duration::from_secs(5);
+mod undo;
 
-/// What the old card answered to `CancelHandOver`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Cancelled {
-    /// It keeps its key and serves on.
-    Yes,
-    /// It had no hand-over pending (it never handed over, or was cancelled before).
-    NonePending,
-    /// Its frontend already left after the hand-over: it is exiting (the hypervisor had moved
-    /// the disk away from it).
-    FrontendGone,
-    /// No answer, or another one.
-    Unknown,
-}
-
-/// Which card a settled update left on the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Winner {
-    Old,
-    New,
-}
+pub(super) use undo::Settled;
+use undo::{keep_new_card, read_take_over, Cancelled, UNDO_TIMEOUT};
 
 /// What a `ReplaceBlock` answer says about where the disk is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,145 +45,108 @@ pub(super) fn replace_outcome(r: &Result<Reply, ClientError>) -> ReplaceOutcome 
     }
 }
 
-/// One look at the two cards while settling.
+/// How far a failed card update got, for its undo.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SettleStep {
-    Decided(Winner),
-    Wait,
-    /// Both still run after the wait: the old card's answer to `CancelHandOver` decides.
-    AskOldCard,
+enum Reached {
+    /// `HandOver` was not sent: the old card knows of no update.
+    BeforeHandOver,
+    /// `HandOver` went out (answered or not). `took_over`: the new card's answer to `TakeOver`
+    /// (`Some(true)`: `Attached`), `None` while nobody has read it.
+    HandOver { took_over: Option<bool> },
 }
 
-fn settle_step(old_running: bool, new_running: bool, waited_out: bool) -> SettleStep {
-    match (old_running, new_running) {
-        // The old card left on its own: the hypervisor moved away from it.
-        (false, true) => SettleStep::Decided(Winner::New),
-        // The new card is gone: it cannot have the disk.
-        (_, false) => SettleStep::Decided(Winner::Old),
-        (true, true) if waited_out => SettleStep::AskOldCard,
-        (true, true) => SettleStep::Wait,
-    }
-}
-
-/// The winner once the old card answered `CancelHandOver`: only `FrontendGone` (it lost its
-/// frontend to the move and is exiting) gives the disk to the new card. No answer: the old
-/// card is kept, as before the cancel existed.
-fn winner_after_cancel(c: Cancelled) -> Winner {
-    match c {
-        Cancelled::FrontendGone => Winner::New,
-        Cancelled::Yes | Cancelled::NonePending | Cancelled::Unknown => Winner::Old,
-    }
+/// The failure paths of [`HostBackend::update_card_vm`] share their undo.
+struct Update<'a> {
+    volume: &'a str,
+    old_pid: u32,
+    new_pid: u32,
 }
 
 impl HostBackend {
-    /// `CancelHandOver` to an old card (bounded, best effort), on its control connection.
-    pub(super) fn cancel_hand_over(control: &mut UnixStream, pid: u32) -> Cancelled {
-        let _ = control.set_read_timeout(Some(UNDO_TIMEOUT));
-        let r = proto::call(control, &ControlRequest::CancelHandOver);
-        let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
-        let out = match r {
-            Ok(ControlResponse::HandOverCancelled) => Cancelled::Yes,
-            Ok(ControlResponse::Error {
-                code: ErrorCode::NoHandOver,
-                ..
-            }) => Cancelled::NonePending,
-            Ok(ControlResponse::Error {
-                code: ErrorCode::FrontendGone,
-                ..
-            }) => Cancelled::FrontendGone,
-            other => {
-                tracing::warn!(pid, reply = ?other.map_err(|e| e.to_string()), "card update: CancelHandOver not answered");
-                Cancelled::Unknown
-            }
-        };
-        tracing::info!(pid, outcome = ?out, "card update: hand-over cancelled on the old card");
-        out
-    }
-
-    /// Ends a new card of a failed update: `Detach` first (bounded; a card that took the key
-    /// wipes its key pages and exits), then reaped (killed if it did not exit).
-    pub(super) fn retire_new_card(&self, pid: u32, control: Option<&mut UnixStream>) {
-        let mut detached = false;
-        if let Some(c) = control {
-            let _ = c.set_read_timeout(Some(UNDO_TIMEOUT));
-            let _ = c.set_write_timeout(Some(UNDO_TIMEOUT));
-            match proto::call(c, &ControlRequest::Detach) {
-                Ok(ControlResponse::Detached) => detached = true,
-                Ok(other) => {
-                    tracing::info!(pid, reply = ?other, "new card: Detach refused (no key)")
-                }
-                Err(e) => tracing::warn!(pid, error = %e, "new card: Detach failed"),
-            }
-        }
-        let grace_ms = if detached { EXIT_GRACE_MS } else { 0 };
-        if let Err(e) = self.launcher.call(&LaunchRequest::Reap { pid, grace_ms }) {
-            tracing::warn!(pid, error = %e, "reaping the new card failed");
-        }
-    }
-
-    fn card_running(&self, pid: u32) -> bool {
-        self.launcher
-            .children()
-            .map(|c| c.iter().any(|k| k.pid == pid && k.running))
-            .unwrap_or(false)
-    }
-
-    /// A card update whose outcome is unknown — a `ReplaceBlock` answered by neither success
-    /// nor a typed refusal, or one a dead controller left recorded: which card has the disk?
-    /// The hypervisor serves its channel one command at a time, so once it answered anything
-    /// after the `ReplaceBlock` (the caller's `Stats`), the move is over and, if it happened,
-    /// the old card's connection is closed; the old card then exits on its own (its hand-over
-    /// mark). So: wait (bounded) for the old card to leave — it did: the new card has the
-    /// disk; the new card is gone: the old one keeps it; both still there: `CancelHandOver` to
-    /// the old card decides (accepted: the old card keeps the disk; `FrontendGone`: it is
-    /// leaving, the new card has it). The loser is ended (the new card with `Detach` first).
-    pub(super) fn settle_card_update(
+    /// Undoes a failed card update: the old card is told `CancelHandOver` once `HandOver` went
+    /// out (it keeps its key and serves on; a card with none pending answers `NoHandOver`);
+    /// the new card is detached and reaped — unless the old card answered `FrontendGone` (it
+    /// is exiting, keys erased) and the new card took the volume over: then the new card is
+    /// the only one that can serve, and becomes the volume's card
+    /// ([`BackendError::CardUpdateOldCardGone`]).
+    fn undo_card_update(
         &self,
-        old: u32,
-        mut old_control: Option<&mut UnixStream>,
-        new: u32,
-        new_control: Option<&mut UnixStream>,
-    ) -> Winner {
-        let until = Instant::now() + SETTLE_WAIT;
-        let winner = loop {
-            let step = settle_step(
-                self.card_running(old),
-                self.card_running(new),
-                Instant::now() >= until,
-            );
-            match step {
-                SettleStep::Decided(w) => break w,
-                SettleStep::Wait => std::thread::sleep(Duration::from_millis(50)),
-                SettleStep::AskOldCard => {
-                    let c = match old_control.as_deref_mut() {
-                        Some(c) => Self::cancel_hand_over(c, old),
-                        None => Cancelled::Unknown,
-                    };
-                    break winner_after_cancel(c);
-                }
-            }
+        g: &mut HostInstance,
+        u: &Update<'_>,
+        new_control: &mut UnixStream,
+        why: &str,
+        reached: Reached,
+    ) -> BackendError {
+        let Update {
+            volume,
+            old_pid,
+            new_pid,
+        } = *u;
+        tracing::warn!(
+            volume,
+            old_pid,
+            new_pid,
+            why,
+            ?reached,
+            "card update failed; the old card keeps serving"
+        );
+        let Reached::HandOver { took_over } = reached else {
+            self.retire_new_card(new_pid, Some(new_control));
+            return BackendError::Unavailable;
         };
-        match winner {
-            Winner::New => {
-                if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
-                    pid: old,
-                    grace_ms: EXIT_GRACE_MS,
-                }) {
-                    tracing::warn!(pid = old, error = %e, "reaping the old card failed");
-                }
-            }
-            Winner::Old => {
-                // The new card died on its own: the old card may still carry the mark.
-                if !self.card_running(new) {
-                    if let Some(c) = old_control {
-                        let _ = Self::cancel_hand_over(c, old);
-                    }
-                }
-                self.retire_new_card(new, new_control);
-            }
+        let cancelled = match g.volumes.get_mut(volume) {
+            Some(att) => Self::cancel_hand_over(&mut att.control, old_pid),
+            None => Cancelled::Unknown,
+        };
+        if cancelled != Cancelled::FrontendGone {
+            self.retire_new_card(new_pid, Some(new_control));
+            return BackendError::Unavailable;
         }
-        tracing::info!(old, new, ?winner, "card update settled");
-        winner
+        // The old card lost its frontend meanwhile and exits with its keys erased.
+        let took_over = match took_over {
+            Some(t) => t,
+            None => read_take_over(new_control, UNDO_TIMEOUT),
+        };
+        if keep_new_card(cancelled, took_over) {
+            let control = new_control
+                .try_clone()
+                .ok()
+                .or_else(|| self.card_control(new_pid, true));
+            match (g.volumes.get_mut(volume), control) {
+                (Some(att), Some(control)) => {
+                    let _ = control.set_read_timeout(Some(CARD_TIMEOUT));
+                    let _ = control.set_write_timeout(Some(CARD_TIMEOUT));
+                    att.card_pid = new_pid;
+                    att.control = control;
+                    att.updating = None;
+                    tracing::error!(
+                        volume,
+                        old_pid,
+                        new_pid,
+                        "card update: the old card is exiting; the new card (keyed) is kept \
+                         as the volume's card"
+                    );
+                    self.persist_noticed_commit(g, new_pid);
+                    self.reap_old_card(old_pid);
+                    return BackendError::CardUpdateOldCardGone;
+                }
+                _ => tracing::error!(
+                    volume,
+                    new_pid,
+                    "card update: the old card is exiting and the new card cannot be kept"
+                ),
+            }
+        } else {
+            tracing::error!(
+                volume,
+                old_pid,
+                new_pid,
+                "card update: the old card is exiting and the new card did not take over: \
+                 the volume has no card"
+            );
+        }
+        self.retire_new_card(new_pid, Some(new_control));
+        BackendError::CardUpdateOldCardGone
     }
 
     /// The card update of one attached volume (see [`InstanceBackend::update_card`]): the
@@ -258,50 +199,40 @@ impl HostBackend {
         let _ = new_control.set_write_timeout(Some(CARD_TIMEOUT));
         // Undo: the old card keeps serving (told `CancelHandOver` once `HandOver` went out),
         // the new one is ended (`Detach` first: it may hold the key).
-        let fail = |g: &mut HostInstance, new_control: &mut UnixStream, why: &str, sent: bool| {
-            tracing::warn!(
-                volume,
-                old_pid,
-                new_pid,
-                why,
-                "card update failed; the old card keeps serving"
-            );
-            if sent {
-                if let Some(att) = g.volumes.get_mut(volume) {
-                    if Self::cancel_hand_over(&mut att.control, old_pid) == Cancelled::FrontendGone
-                    {
-                        tracing::error!(
-                            volume,
-                            old_pid,
-                            "card update: the old card lost its frontend meanwhile and exits"
-                        );
-                    }
-                }
-            }
-            self.retire_new_card(new_pid, Some(new_control));
-            BackendError::Unavailable
+        let u = Update {
+            volume,
+            old_pid,
+            new_pid,
+        };
+        let before = Reached::BeforeHandOver;
+        let unread = Reached::HandOver { took_over: None };
+        let took_over = Reached::HandOver {
+            took_over: Some(true),
+        };
+        let fail = |g: &mut HostInstance, c: &mut UnixStream, why: &str, r: Reached| {
+            self.undo_card_update(g, &u, c, why, r)
         };
         let (ours, theirs) = match UnixStream::pair() {
             Ok(p) => p,
-            Err(_) => return Err(fail(g, &mut new_control, "socketpair", false)),
+            Err(_) => return Err(fail(g, &mut new_control, "socketpair", before)),
         };
         let (take, hand) = match (
             proto::frame(&ControlRequest::TakeOver.encode()),
             proto::frame(&ControlRequest::HandOver.encode()),
         ) {
             (Ok(t), Ok(h)) => (t, h),
-            _ => return Err(fail(g, &mut new_control, "frame", false)),
+            _ => return Err(fail(g, &mut new_control, "frame", before)),
         };
         if crate::launcher::send_packet(new_control.as_raw_fd(), &take, Some(theirs.as_raw_fd()))
             .is_err()
         {
-            return Err(fail(g, &mut new_control, "send TakeOver", false));
+            return Err(fail(g, &mut new_control, "send TakeOver", before));
         }
         drop(theirs);
         let t_hand = Instant::now();
         let handed = {
             let Some(att) = g.volumes.get_mut(volume) else {
-                return Err(fail(g, &mut new_control, "attachment gone", false));
+                return Err(fail(g, &mut new_control, "attachment gone", before));
             };
             // The old card bounds its wait for the new card's answer (30 s): wait a bit longer.
             let _ = att
@@ -329,15 +260,16 @@ impl HostBackend {
         let handover_us = u64::try_from(t_hand.elapsed().as_micros()).unwrap_or(u64::MAX);
         match handed {
             Ok(ControlResponse::HandedOver) => {}
-            // A typed refusal: nothing was handed over.
+            // A typed refusal: nothing was handed over — or `FrontendGone` (it handed over and
+            // its frontend left meanwhile). The cancel is answered either way (`NoHandOver`).
             Ok(ControlResponse::Error { .. }) => {
                 tracing::warn!(reply = ?handed, "card update: the old card did not hand over");
-                return Err(fail(g, &mut new_control, "HandOver", false));
+                return Err(fail(g, &mut new_control, "HandOver", unread));
             }
             // No answer: it may have handed over; the cancel is answered either way.
             other => {
                 tracing::warn!(reply = ?other, "card update: the old card's answer is lost");
-                return Err(fail(g, &mut new_control, "HandOver", true));
+                return Err(fail(g, &mut new_control, "HandOver", unread));
             }
         }
         match proto::read_frame(&mut new_control)
@@ -350,7 +282,12 @@ impl HostBackend {
             }) => {}
             other => {
                 tracing::warn!(reply = ?other, "card update: the new card did not take over");
-                return Err(fail(g, &mut new_control, "TakeOver", true));
+                let r = Reached::HandOver {
+                    took_over: other
+                        .as_ref()
+                        .map(|a| matches!(a, ControlResponse::Attached { .. })),
+                };
+                return Err(fail(g, &mut new_control, "TakeOver", r));
             }
         }
         // The new card's vhost-user socket (it listens once keyed).
@@ -368,7 +305,7 @@ impl HostBackend {
             }
         }
         let Some(vhost) = vhost else {
-            return Err(fail(g, &mut new_control, "connect vhost", true));
+            return Err(fail(g, &mut new_control, "connect vhost", took_over));
         };
         // Before the move: the new card is committed (it outlives this controller) and the
         // update is in the record, so a controller that dies from here on is followed by one
@@ -380,8 +317,10 @@ impl HostBackend {
             if let Some(att) = g.volumes.get_mut(volume) {
                 att.updating = None;
             }
-            let _ = fail(g, &mut new_control, "record", true);
-            return Err(e);
+            return Err(match fail(g, &mut new_control, "record", took_over) {
+                gone @ BackendError::CardUpdateOldCardGone => gone,
+                _ => e,
+            });
         }
         let target = match fault() {
             // Test hook: a `ReplaceBlock` the hypervisor refuses (typed), after the hand-over.
@@ -402,7 +341,7 @@ impl HostBackend {
             std::process::exit(70);
         }
         let Some(vm) = g.vm.as_ref() else {
-            return Err(fail(g, &mut new_control, "no hypervisor", true));
+            return Err(fail(g, &mut new_control, "no hypervisor", took_over));
         };
         let chan = vm.chan.clone();
         let t_replace = Instant::now();
@@ -422,11 +361,12 @@ impl HostBackend {
                 if let Some(att) = g.volumes.get_mut(volume) {
                     att.updating = None;
                 }
-                let _ = fail(g, &mut new_control, "ReplaceBlock refused", true);
+                let undone = fail(g, &mut new_control, "ReplaceBlock refused", took_over);
                 self.persist_noticed(g);
-                return Err(match r {
-                    Err(e) => channel_err("replace block")(e),
-                    Ok(_) => BackendError::Unavailable,
+                return Err(match (undone, r) {
+                    (gone @ BackendError::CardUpdateOldCardGone, _) => gone,
+                    (_, Err(e)) => channel_err("replace block")(e),
+                    (_, Ok(_)) => BackendError::Unavailable,
                 });
             }
             ReplaceOutcome::Unknown => {
@@ -440,7 +380,7 @@ impl HostBackend {
                     );
                 }
                 let Some(att) = g.volumes.get_mut(volume) else {
-                    return Err(fail(g, &mut new_control, "attachment gone", false));
+                    return Err(fail(g, &mut new_control, "attachment gone", before));
                 };
                 match self.settle_card_update(
                     old_pid,
@@ -448,8 +388,18 @@ impl HostBackend {
                     new_pid,
                     Some(&mut new_control),
                 ) {
-                    Winner::New => Some(false),
-                    Winner::Old => None,
+                    Settled::New => Some(false),
+                    Settled::Old => None,
+                    Settled::OldCardGone => {
+                        // The new card is kept as the volume's card (it alone may serve).
+                        if let Some(att) = g.volumes.get_mut(volume) {
+                            att.card_pid = new_pid;
+                            att.control = new_control;
+                            att.updating = None;
+                        }
+                        self.persist_noticed_commit(g, new_pid);
+                        return Err(BackendError::CardUpdateOldCardGone);
+                    }
                 }
             }
         };
@@ -469,12 +419,7 @@ impl HostBackend {
         let persisted = self.persist(g, &[new_pid]);
         // The old card saw its frontend go and exits with its keys erased.
         if reap_old {
-            if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
-                pid: old_pid,
-                grace_ms: EXIT_GRACE_MS,
-            }) {
-                tracing::warn!(pid = old_pid, error = %e, "reaping the old card failed");
-            }
+            self.reap_old_card(old_pid);
         }
         persisted?;
         tracing::info!(instance = %g.desc.instance_id, volume, old_pid, new_pid, handover_us, replace_us, ?to, "block card updated");
@@ -525,31 +470,6 @@ mod tests {
                 ReplaceOutcome::Unknown,
                 "{unknown:?}"
             );
-        }
-    }
-
-    #[test]
-    fn settle_decides_by_who_left_then_by_the_cancel() {
-        // The old card left: the hypervisor had moved; the new card left: it cannot serve.
-        for waited in [false, true] {
-            assert_eq!(
-                settle_step(false, true, waited),
-                SettleStep::Decided(Winner::New)
-            );
-            assert_eq!(
-                settle_step(true, false, waited),
-                SettleStep::Decided(Winner::Old)
-            );
-            assert_eq!(
-                settle_step(false, false, waited),
-                SettleStep::Decided(Winner::Old)
-            );
-        }
-        assert_eq!(settle_step(true, true, false), SettleStep::Wait);
-        assert_eq!(settle_step(true, true, true), SettleStep::AskOldCard);
-        assert_eq!(winner_after_cancel(Cancelled::FrontendGone), Winner::New);
-        for c in [Cancelled::Yes, Cancelled::NonePending, Cancelled::Unknown] {
-            assert_eq!(winner_after_cancel(c), Winner::Old, "{c:?}");
         }
     }
 }
