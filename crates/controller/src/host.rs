@@ -205,7 +205,9 @@ pub struct Adopted {
     /// `ok`, or what had to be done: `hypervisor_gone` (the VM died meanwhile: the instance is
     /// stopped), `card_gone` (a volume's card died: detached), `attach_rolled_back` (an attach
     /// the previous controller never acknowledged was undone), `card_update_completed` /
-    /// `card_update_cancelled` (a card update in flight settled on the new / the old card).
+    /// `card_update_cancelled` (a card update in flight settled on the new / the old card),
+    /// `card_update_old_card_gone` (the old card was exiting with no move seen: the new card
+    /// is kept).
     pub codes: Vec<&'static str>,
     pub hypervisor_pid: Option<u32>,
 }
