@@ -6,7 +6,10 @@
 //! `CancelHandOver` (it then keeps its key and serves on), and the new card, which may hold the
 //! key, is told `Detach` (it wipes its key pages) before it is reaped. A `ReplaceBlock` whose
 //! answer was lost (not a typed refusal) may have moved the disk: it is settled as adoption
-//! settles an update a dead controller left ([`HostBackend::settle_card_update`]).
+//! settles an update a dead controller left ([`HostBackend::settle_card_update`]). An old card
+//! that answers the cancel with `FrontendGone` is leaving whatever the controller does: a new
+//! card that took the volume over is then kept as the volume's card, not ended. The undo and
+//! the settle are in `undo.rs`.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -260,8 +263,9 @@ impl HostBackend {
         let handover_us = u64::try_from(t_hand.elapsed().as_micros()).unwrap_or(u64::MAX);
         match handed {
             Ok(ControlResponse::HandedOver) => {}
-            // A typed refusal: nothing was handed over — or `FrontendGone` (it handed over and
-            // its frontend left meanwhile). The cancel is answered either way (`NoHandOver`).
+            // A typed refusal: nothing was handed over (the cancel is answered `NoHandOver`) —
+            // or `FrontendGone`: it handed over and its frontend left meanwhile (so is the
+            // cancel, and the new card may be the only one left to serve).
             Ok(ControlResponse::Error { .. }) => {
                 tracing::warn!(reply = ?handed, "card update: the old card did not hand over");
                 return Err(fail(g, &mut new_control, "HandOver", unread));
