@@ -32,6 +32,8 @@ pub enum ForwardError {
 pub struct VerifiedForward {
     pub access_key_id: String,
     pub signature: [u8; 32],
+    /// The signed action (one of those allowed).
+    pub action: &'static str,
     pub body: Value,
 }
 
@@ -98,6 +100,7 @@ pub fn verify(
     Ok(VerifiedForward {
         access_key_id: v.access_key_id,
         signature: v.signature,
+        action: call.request.action(),
         body: checked_fields(&call.request),
     })
 }

@@ -111,6 +111,8 @@ fn valid_vpc_id(s: &str) -> bool {
 #[derive(Debug)]
 struct Customer {
     tenant: String,
+    /// The action the customer signed (one of those the call allows).
+    action: String,
     body: Value,
     /// The request signature, hex: what makes one authorization single-use.
     signature: String,
@@ -188,6 +190,21 @@ enum Plan {
         /// [`vpc_seal_mark`]: consumed atomically before the key is opened.
         mark: String,
     },
+}
+
+/// The id a verified key-family action names, by the action signed: the volume of a
+/// CreateSnapshot or DeleteVolume, the snapshot of a CreateVolume (from a snapshot) or
+/// DeleteSnapshot. `None` for any other action or a body without that field.
+fn family_target(c: &Customer) -> Option<String> {
+    let field = match c.action.as_str() {
+        "CreateSnapshot" | "DeleteVolume" => "VolumeId",
+        "CreateVolume" | "DeleteSnapshot" => "SnapshotId",
+        _ => return None,
+    };
+    c.body
+        .get(field)
+        .and_then(Value::as_str)
+        .map(str::to_string)
 }
 
 /// Who may crypto-erase an id: its owner, nobody but another tenant, or nobody yet.
@@ -355,6 +372,7 @@ impl Kms {
         })?;
         Ok(Customer {
             tenant,
+            action: v.action.to_string(),
             body: v.body,
             signature: hex::encode(v.signature),
         })
@@ -371,17 +389,16 @@ impl Kms {
                 e => KmsError::Signature(e),
             },
         )?;
-        if f.parts.method != "POST"
-            || !actions
-                .iter()
-                .any(|action| f.parts.path == format!("/v1/{action}"))
-        {
-            return Err(KmsError::WrongCustomerAction);
-        }
+        let action = actions
+            .iter()
+            .find(|action| f.parts.path == format!("/v1/{action}"))
+            .filter(|_| f.parts.method == "POST")
+            .ok_or(KmsError::WrongCustomerAction)?;
         let body: Value =
             serde_json::from_str(&f.parts.body).map_err(|_| KmsError::WrongCustomerAction)?;
         Ok(Customer {
             tenant,
+            action: (*action).to_string(),
             body,
             signature: hex::encode(auth.signature),
         })
@@ -537,6 +554,11 @@ impl Kms {
                     return Err(KmsError::BadRequest("volume_id"));
                 }
                 let c = self.forwarded(&r.customer_request, "CreateVolume")?;
+                // A CreateVolume from a snapshot joins the snapshot's family (ShareDataKey); it
+                // never authorizes a fresh data key.
+                if c.body.get("SnapshotId").is_some() {
+                    return Err(KmsError::WrongCustomerAction);
+                }
                 // One signed CreateVolume, one volume: the authorization is used once (below,
                 // atomically), so it creates a grant for exactly the one volume id it came with.
                 if self.store.authorization_used(&c.signature)? {
@@ -723,10 +745,7 @@ impl Kms {
                     return Err(KmsError::BadRequest("member_id"));
                 }
                 let c = self.forwarded_any(&r.customer_request, SHARE_DATA_KEY_ACTIONS)?;
-                // A signed CreateSnapshot names the volume, a signed CreateVolume the snapshot.
-                let named =
-                    str_field(&c.body, "SnapshotId").or_else(|| str_field(&c.body, "VolumeId"));
-                if named.as_deref() != Some(r.source_id.as_str()) {
+                if family_target(&c).as_deref() != Some(r.source_id.as_str()) {
                     return Err(KmsError::WrongCustomerAction);
                 }
                 if self.store.authorization_used(&c.signature)? {
@@ -768,9 +787,7 @@ impl Kms {
                 }
                 // A snapshot (a key-family member) goes on its owner's signed DeleteSnapshot.
                 let c = self.forwarded_any(&r.customer_request, DESTROY_DATA_KEY_ACTIONS)?;
-                let named =
-                    str_field(&c.body, "VolumeId").or_else(|| str_field(&c.body, "SnapshotId"));
-                if named.as_deref() != Some(r.volume_id.as_str()) {
+                if family_target(&c).as_deref() != Some(r.volume_id.as_str()) {
                     return Err(KmsError::WrongCustomerAction);
                 }
                 // Only the volume's owner erases it; a repeat by the owner is answered again. An

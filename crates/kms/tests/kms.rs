@@ -1169,3 +1169,84 @@ fn a_destroy_of_an_unknown_id_refuses_a_late_share_for_it() {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+/// Key-family calls check the id field of the action the customer signed, not whichever id
+/// field the body has: ShareDataKey takes a CreateSnapshot's VolumeId or a CreateVolume's
+/// SnapshotId, DestroyDataKey a DeleteVolume's VolumeId or a DeleteSnapshot's SnapshotId, and
+/// GenerateDataKey refuses a CreateVolume that names a snapshot (that one only joins a family).
+#[test]
+fn key_family_calls_check_the_signed_actions_own_id_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = start(dir.path());
+    let (key_id, blob) = setup(&k);
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let auth = |action: &str, mut body: Value| {
+        body["ClientToken"] = json!(format!(
+            "f{}",
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        signed(AKID, &SECRET, action, &body, now())
+    };
+    let share = |src: &str, member: &str, a: Value| {
+        k.call(
+            "ShareDataKey",
+            &json!({"source_id": src, "member_id": member, "ciphertext_blob": blob, "customer_request": a}),
+        )
+    };
+    let destroy = |id: &str, a: Value| {
+        k.call(
+            "DestroyDataKey",
+            &json!({"volume_id": id, "customer_request": a}),
+        )
+    };
+    // A CreateVolume naming the volume (not a snapshot), a CreateSnapshot naming it as a
+    // SnapshotId: neither authorizes a snapshot of vol-1.
+    for a in [
+        auth("CreateVolume", json!({"VolumeId": "vol-1", "SizeGiB": 1})),
+        auth("CreateSnapshot", json!({"SnapshotId": "vol-1"})),
+    ] {
+        let (st, v) = share("vol-1", "snap-1", a);
+        assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    }
+    let (st, v) = share(
+        "vol-1",
+        "snap-1",
+        auth("CreateSnapshot", json!({"VolumeId": "vol-1"})),
+    );
+    assert_eq!(st, 200, "{v}");
+    // A CreateSnapshot naming the snapshot as a SnapshotId does not make a volume from it.
+    let (st, v) = share(
+        "snap-1",
+        "vol-2",
+        auth("CreateSnapshot", json!({"SnapshotId": "snap-1"})),
+    );
+    assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    // A DeleteSnapshot naming vol-1 as a VolumeId, a DeleteVolume naming it as a SnapshotId:
+    // neither erases it.
+    for a in [
+        auth("DeleteSnapshot", json!({"VolumeId": "vol-1"})),
+        auth("DeleteVolume", json!({"SnapshotId": "vol-1"})),
+    ] {
+        let (st, v) = destroy("vol-1", a);
+        assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    }
+    // A signed CreateVolume from a snapshot does not authorize a fresh data key.
+    let cv = json!({"SizeGiB": 1, "KmsKeyId": key_id, "SnapshotId": "snap-1"});
+    let (st, v) = k.call(
+        "GenerateDataKey",
+        &json!({"key_id": key_id, "volume_id": "vol-3", "customer_request": auth("CreateVolume", cv)}),
+    );
+    assert_eq!((st, code(&v)), (403, "wrong_customer_action"), "{v}");
+    // The right fields still work.
+    let (st, v) = destroy(
+        "snap-1",
+        auth("DeleteSnapshot", json!({"SnapshotId": "snap-1"})),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = destroy("vol-1", auth("DeleteVolume", json!({"VolumeId": "vol-1"})));
+    assert_eq!(
+        (st, v["family_members_left"].as_u64()),
+        (200, Some(0)),
+        "{v}"
+    );
+}
