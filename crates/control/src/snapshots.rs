@@ -79,8 +79,9 @@ impl ControlPlane {
             storage_node: Some(node.clone()),
             created: now(),
         };
-        self.repo.insert_snapshot(&row)?;
+        // Storage first: a configuration without storage must leave no `pending` row behind.
         let storage = self.storage()?;
+        self.repo.insert_snapshot(&row)?;
         let made = match storage
             .snapshot(&node, &row.snapshot_id, &v.volume_id)
             .await
@@ -399,6 +400,26 @@ mod tests {
             SnapshotState::Deleting,
             "kept for a repeat of the delete, never dropped without the KMS"
         );
+    }
+
+    /// A configuration without storage nodes refuses CreateSnapshot before any row is written
+    /// (a `pending` row left behind could be deleted only 15 minutes later).
+    #[test]
+    fn create_snapshot_without_storage_leaves_no_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = cp(dir.path());
+        let mut v = creating("vol-1", now());
+        v.state = VolumeState::Available;
+        cp.repo.insert_volume(&v).unwrap();
+        let r = rt().block_on(cp.create_snapshot(
+            &caller(),
+            &CreateSnapshot {
+                volume_id: "vol-1".into(),
+                client_token: None,
+            },
+        ));
+        assert!(matches!(r, Err(ControlError::Internal)), "{r:?}");
+        assert!(cp.repo.snapshots("t-a").unwrap().is_empty(), "no row left");
     }
 
     fn creating(id: &str, created: u64) -> VolumeRow {

@@ -43,8 +43,23 @@ fn code(c: proto::ErrorCode) -> &'static str {
             "storage_fenced"
         }
         proto::ErrorCode::UnknownVolume => "no_such_volume",
-        proto::ErrorCode::VolumeInUse | proto::ErrorCode::CopyInProgress => "volume_in_use",
         _ => "storage_unavailable",
+    }
+}
+
+/// How long a call that copies a volume (CreateSnapshot, CreateVolume from a snapshot) may run:
+/// a copy of a large volume outlasts the client's default timeout, and a timed-out copy would
+/// be undone while the node still writes it. Kept, with one KMS call after it, below
+/// [`PENDING_DELETE_AFTER_SECS`](crate::snapshots::PENDING_DELETE_AFTER_SECS).
+pub const COPY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+const _: () = assert!(COPY_TIMEOUT.as_secs() + 120 < crate::snapshots::PENDING_DELETE_AFTER_SECS);
+
+/// Whether `req` makes the node copy a volume (see [`COPY_TIMEOUT`]).
+fn copies(req: &Request) -> bool {
+    match req {
+        Request::CreateSnapshot(_) => true,
+        Request::CreateVolume(c) => c.source.is_some(),
+        _ => false,
     }
 }
 
@@ -89,13 +104,16 @@ impl Storage {
         req: &Request,
     ) -> Result<Answer<T>, ControlError> {
         let node = self.node(node_id)?;
-        let https = self
+        let mut https = self
             .https
             .expecting(ServerIdentity::service(node_id))
             .map_err(|e| {
                 tracing::error!(error = %e, "no CA to pin storage node {node_id} with");
                 ControlError::Internal
             })?;
+        if copies(req) {
+            https = https.with_timeout(COPY_TIMEOUT);
+        }
         let r = https
             .request(
                 &node.api_addr,
@@ -247,7 +265,13 @@ impl Storage {
 
 fn refused(node_id: &str, req: &Request, status: u16, error: &proto::ErrorDetail) -> ControlError {
     tracing::warn!(node = node_id, status, code = error.code.as_str(), message = %error.message, op = req.op().name(), "storage node refused");
-    ControlError::Host(code(error.code))
+    match error.code {
+        // A conflict the customer can retry (409, EC2 `VolumeInUse`), not a host failure.
+        proto::ErrorCode::VolumeInUse | proto::ErrorCode::CopyInProgress => {
+            ControlError::VolumeInUse
+        }
+        c => ControlError::Host(code(c)),
+    }
 }
 
 fn vid(v: &str) -> Result<VolumeId, ControlError> {
@@ -265,4 +289,66 @@ pub fn generation() -> u64 {
         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(1)
         .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::query::ec2_code;
+    use bulkhead_ec2_query::Ec2ErrorCode;
+
+    fn refusal(code: proto::ErrorCode) -> ControlError {
+        let req = Request::DeleteVolume(DeleteVolume {
+            volume_id: VolumeId::new("vol-1").unwrap(),
+        });
+        let detail = proto::ErrorDetail {
+            code,
+            message: "refused".into(),
+        };
+        refused("storage-1", &req, 409, &detail)
+    }
+
+    /// A volume some host holds, or one being copied, is a conflict the customer sees as 409 /
+    /// EC2 `VolumeInUse`, not a 502 / `InternalError`; other refusals stay host failures.
+    #[test]
+    fn in_use_refusals_are_conflicts_not_host_failures() {
+        for c in [
+            proto::ErrorCode::VolumeInUse,
+            proto::ErrorCode::CopyInProgress,
+        ] {
+            let e = refusal(c);
+            assert!(matches!(e, ControlError::VolumeInUse), "{c:?}: {e:?}");
+            assert_eq!(e.status(), 409);
+            assert_eq!(ec2_code(&e, "DeleteVolume"), Ec2ErrorCode::VolumeInUse);
+            assert_eq!(ec2_code(&e, "CreateSnapshot"), Ec2ErrorCode::VolumeInUse);
+        }
+        let e = refusal(proto::ErrorCode::UnknownVolume);
+        assert!(matches!(e, ControlError::Host("no_such_volume")), "{e:?}");
+        assert_eq!(e.status(), 502);
+    }
+
+    /// Only the copying calls get the long timeout.
+    #[test]
+    fn copies_are_the_snapshot_and_the_clone() {
+        let v = || VolumeId::new("vol-1").unwrap();
+        let s = || VolumeId::new("snap-1").unwrap();
+        assert!(copies(&Request::CreateSnapshot(CreateSnapshot {
+            snapshot_id: s(),
+            volume_id: v(),
+        })));
+        assert!(copies(&Request::CreateVolume(CreateVolume {
+            volume_id: v(),
+            size_bytes: 1 << 30,
+            source: Some(s()),
+        })));
+        assert!(!copies(&Request::CreateVolume(CreateVolume {
+            volume_id: v(),
+            size_bytes: 1 << 30,
+            source: None,
+        })));
+        assert!(!copies(&Request::DeleteVolume(DeleteVolume {
+            volume_id: v()
+        })));
+    }
 }

@@ -172,6 +172,13 @@ impl HttpsClient {
         Ok(c)
     }
 
+    /// The same client with another whole-call timeout (a call known to run long, such as a
+    /// storage node's volume copy).
+    pub fn with_timeout(mut self, timeout: Duration) -> HttpsClient {
+        self.timeout = timeout;
+        self
+    }
+
     /// The same client (certificate, timeout), accepting only a server named `expect`.
     /// Refuses if this client was built without its CA ([`HttpsClient::new`]).
     pub fn expecting(&self, expect: ServerIdentity) -> Result<HttpsClient, TlsError> {
