@@ -109,6 +109,85 @@ impl EngineConfig {
             None => Location::File,
         }
     }
+
+    /// Discards and releases the volume's storage (file removed / RBD image removed). An
+    /// already absent storage is not an error. Touches only storage (never the QMP monitor),
+    /// so a copy that failed without the node's lock removes what it made with it.
+    pub async fn remove_storage(&self, rec: &VolumeRecord) -> Result<(), EngineError> {
+        match &rec.location {
+            Location::File => {
+                let path = self.volume_file(&rec.volume_id);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => sync_dir(&self.data_dir),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(io_err(&path)(e)),
+                }
+            }
+            Location::Rbd { pool } => {
+                let Some(c) = &self.ceph else {
+                    return Err(EngineError::Down);
+                };
+                if rbd_size(c, &rec.volume_id).await?.is_none() {
+                    return Ok(());
+                }
+                let spec = format!("{pool}/{}", rec.volume_id);
+                // The image's own snapshots (one per snapshot or volume made from it): those
+                // with clone-format-2 children go to Ceph's snapshot trash.
+                run_tool(
+                    "rbd snap purge",
+                    &rec.volume_id,
+                    rbd_cmd(c)
+                        .arg("snap")
+                        .arg("purge")
+                        .arg("--no-progress")
+                        .arg(&spec),
+                )
+                .await?;
+                let out = rbd_cmd(c)
+                    .arg("rm")
+                    .arg("--no-progress")
+                    .arg(&spec)
+                    .stderr(Stdio::null())
+                    .output()
+                    .await
+                    .map_err(EngineError::Spawn)?;
+                match out.status.code() {
+                    Some(0) => {}
+                    // ENOTEMPTY: clones (a snapshot, or volumes made from it) still share its
+                    // objects; it leaves the pool's namespace for the RBD trash, and a later
+                    // purge removes it once its last clone is gone.
+                    Some(39) => {
+                        run_tool(
+                            "rbd trash mv",
+                            &rec.volume_id,
+                            rbd_cmd(c).arg("trash").arg("mv").arg(&spec),
+                        )
+                        .await?;
+                        tracing::info!(volume = %rec.volume_id, "image with clones moved to the rbd trash");
+                        return Ok(());
+                    }
+                    status => {
+                        return Err(EngineError::Tool {
+                            tool: "rbd rm",
+                            volume: rec.volume_id.clone(),
+                            status,
+                        })
+                    }
+                }
+                // Parents this image was the last clone of can go now (best effort).
+                let purged = rbd_cmd(c)
+                    .arg("trash")
+                    .arg("purge")
+                    .arg("--no-progress")
+                    .arg(pool)
+                    .stderr(Stdio::null())
+                    .status()
+                    .await;
+                tracing::debug!(volume = %rec.volume_id, ?purged, "rbd trash purged");
+                Ok(())
+            }
+        }
+    }
 }
 
 /// The running child.
@@ -315,82 +394,9 @@ impl Engine {
         }
     }
 
-    /// Discards and releases the volume's storage (file removed / RBD image removed). An
-    /// already absent storage is not an error.
+    /// Discards and releases the volume's storage ([`EngineConfig::remove_storage`]).
     pub async fn remove_storage(&self, rec: &VolumeRecord) -> Result<(), EngineError> {
-        match &rec.location {
-            Location::File => {
-                let path = self.cfg.volume_file(&rec.volume_id);
-                match std::fs::remove_file(&path) {
-                    Ok(()) => sync_dir(&self.cfg.data_dir),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(io_err(&path)(e)),
-                }
-            }
-            Location::Rbd { pool } => {
-                let Some(c) = &self.cfg.ceph else {
-                    return Err(EngineError::Down);
-                };
-                if rbd_size(c, &rec.volume_id).await?.is_none() {
-                    return Ok(());
-                }
-                let spec = format!("{pool}/{}", rec.volume_id);
-                // The image's own snapshots (one per snapshot or volume made from it): those
-                // with clone-format-2 children go to Ceph's snapshot trash.
-                run_tool(
-                    "rbd snap purge",
-                    &rec.volume_id,
-                    rbd_cmd(c)
-                        .arg("snap")
-                        .arg("purge")
-                        .arg("--no-progress")
-                        .arg(&spec),
-                )
-                .await?;
-                let out = rbd_cmd(c)
-                    .arg("rm")
-                    .arg("--no-progress")
-                    .arg(&spec)
-                    .stderr(Stdio::null())
-                    .output()
-                    .await
-                    .map_err(EngineError::Spawn)?;
-                match out.status.code() {
-                    Some(0) => {}
-                    // ENOTEMPTY: clones (a snapshot, or volumes made from it) still share its
-                    // objects; it leaves the pool's namespace for the RBD trash, and a later
-                    // purge removes it once its last clone is gone.
-                    Some(39) => {
-                        run_tool(
-                            "rbd trash mv",
-                            &rec.volume_id,
-                            rbd_cmd(c).arg("trash").arg("mv").arg(&spec),
-                        )
-                        .await?;
-                        tracing::info!(volume = %rec.volume_id, "image with clones moved to the rbd trash");
-                        return Ok(());
-                    }
-                    status => {
-                        return Err(EngineError::Tool {
-                            tool: "rbd rm",
-                            volume: rec.volume_id.clone(),
-                            status,
-                        })
-                    }
-                }
-                // Parents this image was the last clone of can go now (best effort).
-                let purged = rbd_cmd(c)
-                    .arg("trash")
-                    .arg("purge")
-                    .arg("--no-progress")
-                    .arg(pool)
-                    .stderr(Stdio::null())
-                    .status()
-                    .await;
-                tracing::debug!(volume = %rec.volume_id, ?purged, "rbd trash purged");
-                Ok(())
-            }
-        }
+        self.cfg.remove_storage(rec).await
     }
 
     /// Adds the volume's block node and its writable NBD export (named by the volume id).

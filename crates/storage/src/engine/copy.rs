@@ -38,7 +38,8 @@ impl EngineConfig {
         snap: &VolumeRecord,
     ) -> Result<(), EngineError> {
         self.check_location(src)?;
-        self.copy_storage(src, snap).await
+        let made = self.copy_storage(src, snap).await;
+        self.discard_failed(made, snap).await
     }
 
     /// Makes the new volume `rec` from the snapshot `snap`: the same cheap copy as
@@ -50,7 +51,40 @@ impl EngineConfig {
     ) -> Result<(), EngineError> {
         self.check_location(snap)?;
         self.check_location(rec)?;
-        self.copy_storage(snap, rec).await?;
+        let made = async {
+            self.copy_storage(snap, rec).await?;
+            self.grow_storage(snap, rec).await
+        }
+        .await;
+        self.discard_failed(made, rec).await
+    }
+
+    /// `made`, after a failed copy removed what it left of `to` (a partial file or image, never
+    /// recorded: a retry starts again from nothing).
+    async fn discard_failed(
+        &self,
+        made: Result<(), EngineError>,
+        to: &VolumeRecord,
+    ) -> Result<(), EngineError> {
+        if let Err(e) = &made {
+            match self.remove_storage(to).await {
+                Ok(()) => {
+                    tracing::warn!(volume = %to.volume_id, error = %e, "copy failed; its partial target removed")
+                }
+                Err(r) => {
+                    tracing::error!(volume = %to.volume_id, error = %e, remove_error = %r, "copy failed and its partial target could not be removed")
+                }
+            }
+        }
+        made
+    }
+
+    /// Grows the copy `rec` of `snap` to `rec.size_bytes`.
+    async fn grow_storage(
+        &self,
+        snap: &VolumeRecord,
+        rec: &VolumeRecord,
+    ) -> Result<(), EngineError> {
         if rec.size_bytes > snap.size_bytes {
             match &rec.location {
                 Location::File => {
@@ -222,6 +256,46 @@ fn cheap_copy(src: &Path, dst: &Path) -> Result<(), EngineError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A copy that fails after its target was created (the source's reads fail: it is a
+    /// directory) leaves no partial target behind, for a snapshot and for a clone.
+    #[test]
+    fn a_failed_copy_removes_its_partial_target() {
+        use bulkhead_storage_proto::VolumeId;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EngineConfig {
+            qsd: "/nonexistent/qsd".into(),
+            run_dir: dir.path().join("run"),
+            data_dir: dir.path().to_path_buf(),
+            ceph: None,
+        };
+        let rec = |id: &str, size_bytes: u64| VolumeRecord {
+            volume_id: VolumeId::new(id).unwrap(),
+            size_bytes,
+            location: Location::File,
+            generation: 0,
+            granted_to: None,
+            deleting: false,
+        };
+        let src = rec("vol-src", 1 << 20);
+        let bad = cfg.volume_file(&src.volume_id);
+        std::fs::create_dir(&bad).unwrap();
+        std::fs::write(bad.join("entry"), b"x").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let snap = rec("snap-1", 1 << 20);
+            let r = cfg.snapshot_storage(&src, &snap).await;
+            assert!(r.is_err(), "{r:?}");
+            assert!(!cfg.volume_file(&snap.volume_id).exists());
+            let clone = rec("vol-clone", 2 << 20);
+            let r = cfg.clone_storage(&src, &clone).await;
+            assert!(r.is_err(), "{r:?}");
+            assert!(!cfg.volume_file(&clone.volume_id).exists());
+        });
+    }
 
     #[test]
     fn a_cheap_copy_keeps_data_and_holes() {

@@ -186,7 +186,14 @@ impl Node {
             let mut st = node.state.lock().await;
             let mut next = st.table.clone();
             next.insert(snap.clone());
-            node.save(&next)?;
+            if let Err(e) = node.save(&next) {
+                // Never recorded: the copy must not outlive the failed call (a retry copies
+                // again).
+                if let Err(r) = cfg.remove_storage(&snap).await {
+                    tracing::error!(snapshot = %snap.volume_id, error = %r, "an unrecorded snapshot's copy could not be removed");
+                }
+                return Err(e);
+            }
             st.table = next;
             tracing::info!(volume = %src.volume_id, snapshot = %snap.volume_id, ms = copied.as_millis(), "snapshot taken");
             Ok(VolumeReply {
