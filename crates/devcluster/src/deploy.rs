@@ -291,14 +291,7 @@ impl WaveHost<RealContext> for ControllerHost {
     }
 
     fn update(&mut self, cx: &mut RealContext) -> Result<(), HostFailure> {
-        let before = |code: String| HostFailure {
-            code,
-            moved: Moved::No,
-        };
-        let after = |code: String| HostFailure {
-            code,
-            moved: Moved::Yes,
-        };
+        let (before, after) = (HostFailure::before, HostFailure::after);
         let running = self
             .health(cx)
             .map_err(|c| before(format!("unhealthy_before_update: {c}")))?;

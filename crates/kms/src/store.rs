@@ -133,6 +133,22 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
+/// Whether anything names `id`: a key-family member, a tombstone, a secret or any tenant's
+/// grant. Such an id can never become a new member (nor be tombstoned as unknown).
+fn id_is_named(tx: &rusqlite::Transaction<'_>, id: &str) -> rusqlite::Result<bool> {
+    Ok(tx
+        .query_row(
+            "SELECT 1 FROM family_members WHERE member_id = ?1
+             UNION ALL SELECT 1 FROM destroyed_volumes WHERE volume_id = ?1
+             UNION ALL SELECT 1 FROM volume_secrets WHERE volume_id = ?1
+             UNION ALL SELECT 1 FROM grants WHERE volume_id = ?1",
+            params![id],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
 fn secs(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -433,17 +449,7 @@ impl Store {
             let Some(family) = family else {
                 return Ok(Out::NoSource);
             };
-            let taken: bool = tx
-                .query_row(
-                    "SELECT 1 FROM family_members WHERE member_id = ?1
-                     UNION ALL SELECT 1 FROM destroyed_volumes WHERE volume_id = ?1
-                     UNION ALL SELECT 1 FROM volume_secrets WHERE volume_id = ?1
-                     UNION ALL SELECT 1 FROM grants WHERE volume_id = ?1",
-                    params![member_id],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
+            let taken = id_is_named(&tx, member_id)?;
             if taken {
                 return Ok(Out::Exists);
             }
@@ -583,17 +589,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let named: bool = tx
-                .query_row(
-                    "SELECT 1 FROM family_members WHERE member_id = ?1
-                     UNION ALL SELECT 1 FROM destroyed_volumes WHERE volume_id = ?1
-                     UNION ALL SELECT 1 FROM volume_secrets WHERE volume_id = ?1
-                     UNION ALL SELECT 1 FROM grants WHERE volume_id = ?1",
-                    params![volume_id],
-                    |_| Ok(()),
-                )
-                .optional()?
-                .is_some();
+            let named = id_is_named(&tx, volume_id)?;
             if named {
                 return Ok(false);
             }

@@ -449,14 +449,7 @@ fn update_one<T: DeployTarget>(
     m: &Manifest,
     verifier: &mut Verifier,
 ) -> Result<(), HostFailure> {
-    let before = |code: String| HostFailure {
-        code,
-        moved: Moved::No,
-    };
-    let after = |code: String| HostFailure {
-        code,
-        moved: Moved::Yes,
-    };
+    let (before, after) = (HostFailure::before, HostFailure::after);
     let healthy = match h.health() {
         Some(hh) => hh.accepts_customer_work,
         None => h.boot().accepts_customer_work,

@@ -52,6 +52,24 @@ pub struct HostFailure {
     pub moved: Moved,
 }
 
+impl HostFailure {
+    /// A failure before the host changed anything.
+    pub fn before(code: String) -> Self {
+        HostFailure {
+            code,
+            moved: Moved::No,
+        }
+    }
+
+    /// A failure after the host moved to the new release.
+    pub fn after(code: String) -> Self {
+        HostFailure {
+            code,
+            moved: Moved::Yes,
+        }
+    }
+}
+
 /// A host that could not be rolled back: its name and the roll-back's code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RollbackFailure {
