@@ -6,7 +6,9 @@
 //! card (the new processes run the installed files); the controller is killed -9 and restarted
 //! (it adopts both); the hypervisor is live-updated three more times (a deploy rolled back,
 //! a controller dying mid-update), and a second card update is interrupted by the controller
-//! dying right after the move (the next one keeps the new card); the boot id, uptime, console counter and the decrypted disk
+//! dying right after the move (the next one keeps the new card), and a third card update is
+//! refused by the hypervisor after the hand-over (the old card, told `CancelHandOver`, serves
+//! on with its key); the boot id, uptime, console counter and the decrypted disk
 //! log show no reboot, gap or repeat. Also an unsigned release, one signed by 1 of 3,
 //! a downgrade, a correctly signed release whose hypervisor fails its self-test, and an
 //! operator's token are each refused, typed and audited, with the guest still counting on the
@@ -587,6 +589,60 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     );
     assert!(!rec.contains("card_update"), "{rec}");
     let new_card = on_v5[0];
+
+    // 7b. A card update whose `ReplaceBlock` the hypervisor refuses after the old card handed
+    //     over (fault hook `card_update:replace_refused`): the deploy fails and is rolled back,
+    //     the old card was told `CancelHandOver` (it keeps its key and would survive its
+    //     frontend leaving) and the new one detached; the guest counts on on the old card.
+    let mut d = d;
+    d.kill9_controller_only();
+    let mut d5 = Daemon::start_env(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+        &[("BULKHEAD_FAULT", "card_update:replace_refused")],
+    );
+    let v6 = release(6, &[&hv, &card], &[&keys[0], &keys[2]]);
+    let r = deploy(&d5, "deployer", DEPLOY_OPS, &v6);
+    assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.code(), "release_card_update_failed");
+    assert!(alive(new_card), "the old (v5) card died");
+    assert!(!children_of(keeper).into_iter().any(|p| {
+        u64::try_from(p).is_ok_and(|p| alive(p) && exe(p).to_string_lossy().contains("/v6/"))
+    }));
+    let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
+    assert!(rec.contains(&format!(r#""card_pid":{new_card}"#)), "{rec}");
+    assert!(!rec.contains("card_update"), "{rec}");
+    let at = counts(&d5).last().unwrap().n;
+    count_on(&d5, "on the old card after the refused card update", at + 2);
+    // The old card itself, asked directly once the controller is gone: its hand-over was
+    // cancelled already (without the cancel it would still be marked to exit at its
+    // frontend's next disconnect, and this cancel would be the first).
+    d5.kill9_controller_only();
+    let mut answered = 0;
+    for e in std::fs::read_dir(dir.path().join("run")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_none_or(|x| x != "ctl") {
+            continue;
+        }
+        let Ok(mut c) = std::os::unix::net::UnixStream::connect(&p) else {
+            continue;
+        };
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        use bulkhead_blockcard::control as proto;
+        match proto::call(&mut c, &proto::ControlRequest::CancelHandOver) {
+            Ok(proto::ControlResponse::Error {
+                code: proto::ErrorCode::NoHandOver,
+                ..
+            }) => answered += 1,
+            other => panic!("{}: CancelHandOver answered {other:?}", p.display()),
+        }
+    }
+    assert_eq!(answered, 1, "one live card");
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+    );
+    assert!(alive(new_card), "the old (v5) card died at adoption");
 
     // 8. The guest kept counting on one boot the whole time.
     let at = counts(&d).last().unwrap().n;
