@@ -131,13 +131,22 @@ fn full_disk_under_the_audit_log_fails_closed() {
             .code(),
         "no_such_instance"
     );
-    // Fill the filesystem.
+    // Fill the filesystem. The audit writer may be busy meanwhile (the GET's outcome record is
+    // written after its answer): its preallocation write takes every free page and gives them
+    // back when it fails, so a fill that ended during it would leave room. Fill until the disk
+    // stays full after a pause.
     let filler = mnt.join("filler");
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&filler).unwrap();
         let chunk = vec![0u8; 4096];
-        while f.write_all(&chunk).is_ok() {}
+        loop {
+            while f.write_all(&chunk).is_ok() {}
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            if f.write_all(&chunk).is_err() {
+                break;
+            }
+        }
         let _ = f.sync_all();
     }
     // The log's last page may still have room for a few records; keep asking until refused.
