@@ -114,11 +114,7 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::Io("runtime".into(), e))
+    bulkhead_daemon::runtime().map_err(|e| CliError::Io("runtime".into(), e))
 }
 
 /// The control plane's client (its `control-plane` certificate), pinned to the server it must

@@ -1,5 +1,6 @@
 //! `bulkhead-controller`: see the crate README for the API and error codes.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -160,6 +161,8 @@ enum StartError {
     Record(#[from] bulkhead_controller::record::RecordError),
     #[error("adopting the running instances failed: {0}")]
     Adopt(&'static str),
+    #[error("re-executed into a release: {0}")]
+    Handoff(#[from] bulkhead_controller::reexec::ReexecError),
 }
 
 /// One controller per host at a time: an exclusive lock on `run_dir/controller.lock`, taken
@@ -210,11 +213,23 @@ fn absolute(p: &std::path::Path) -> Result<PathBuf, StartError> {
     std::fs::canonicalize(p).map_err(|e| StartError::Path(p.to_path_buf(), e))
 }
 
+/// Where the binaries this controller names by default live: its own directory, or, after
+/// DeployRelease re-executed it into a release, the first image's directory (handed over).
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn bin_dir() -> PathBuf {
+    BIN_DIR
+        .get_or_init(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(std::path::Path::to_path_buf))
+                .unwrap_or_default()
+        })
+        .clone()
+}
+
 fn next_to_exe(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join(name)))
-        .unwrap_or_else(|| PathBuf::from(name))
+    bin_dir().join(name)
 }
 
 /// Decides the backend and, for the real one, starts the launcher. Runs before any secret is
@@ -394,6 +409,22 @@ fn release_store(
     }))
 }
 
+/// The release whose installed controller this binary is (its path is `<release
+/// dir>/v<N>/bulkhead-controller`), if any: a controller started from a release directory.
+fn running_release(cfg: &Config) -> Option<u64> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = cfg
+        .release_dir
+        .clone()
+        .unwrap_or_else(|| cfg.audit_log.with_file_name("releases"));
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let v = exe.parent()?;
+    if v.parent()? != dir {
+        return None;
+    }
+    v.file_name()?.to_str()?.strip_prefix('v')?.parse().ok()
+}
+
 fn run(args: Args) -> Result<(), StartError> {
     if let (Some(fd), Some(json)) = (args.launcher_fd, &args.launcher_config) {
         let cfg: LauncherConfig = serde_json::from_str(json)
@@ -403,6 +434,17 @@ fn run(args: Args) -> Result<(), StartError> {
     if args.print_openapi {
         print!("{}", openapi::document_json());
         return Ok(());
+    }
+    // Re-executed by DeployRelease into a release's controller: the listener, the keeper and
+    // the agent connections come from the previous image (the inherited sandbox lets this one
+    // open none of them).
+    let mut inherited = bulkhead_controller::reexec::Handoff::take_from_env()?;
+    if let Some(h) = &inherited {
+        let _ = BIN_DIR.set(h.bin_dir.clone());
+        tracing::info!(
+            release = h.release,
+            "re-executed into the release's controller"
+        );
     }
     let mut cfg = if args.dev {
         let dir = StateDir::new(args.state_dir.clone().ok_or(StartError::NoConfig)?);
@@ -438,9 +480,12 @@ fn run(args: Args) -> Result<(), StartError> {
                 cores::confine_process(&launch.host_cpus)?;
             }
             // A keeper left by the previous controller holds the running instances: adopt it.
-            let l = match Launcher::connect_keeper(&launch.run_dir)? {
-                Some(l) => l,
-                None => Launcher::start(&launch)?,
+            let l = match inherited.as_mut().map(|h| h.keeper.try_clone()) {
+                Some(fd) => Launcher::from_inherited(fd.map_err(launcher::LauncherError::Start)?)?,
+                None => match Launcher::connect_keeper(&launch.run_dir)? {
+                    Some(l) => l,
+                    None => Launcher::start(&launch)?,
+                },
             };
             tracing::info!(
                 guest = %launch.guest_dir.display(),
@@ -509,15 +554,21 @@ fn run(args: Args) -> Result<(), StartError> {
     };
     let backend_kind = instances.kind();
     // Connected now: once the sandbox is on, the controller can connect nowhere.
-    let attest = match &cfg.attest_socket {
-        Some(p) => match AgentLink::connect(p) {
+    let inherited_agent = inherited.as_mut().map(|h| h.agent.take());
+    let attest = match (&cfg.attest_socket, inherited_agent) {
+        (_, Some(Some(fd))) => {
+            AgentLink::from_inherited(fd).map_err(|e| StartError::Attest(PathBuf::new(), e))?
+        }
+        // Re-executed without an agent connection: connecting now would trap.
+        (_, Some(None)) => AgentLink::none(),
+        (Some(p), None) => match AgentLink::connect(p) {
             Ok(l) => {
                 tracing::info!(socket = %p.display(), "attestation agent connected");
                 l
             }
             Err(e) => return Err(StartError::Attest(p.clone(), e)),
         },
-        None => {
+        (None, None) => {
             tracing::warn!("no attestation agent configured: this host cannot attest, and a KMS that requires attestation will release no volume key to it");
             AgentLink::none()
         }
@@ -541,25 +592,36 @@ fn run(args: Args) -> Result<(), StartError> {
             tracing::info!("releases: no trust root (or no host backend); DeployRelease answers deploy_unavailable");
         }
     }
-    let ctrl = Arc::new(ctrl);
-
-    // Bind before the sandbox forbids new inet sockets.
-    let std_listener = std::net::TcpListener::bind(&cfg.listen)
-        .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
+    // Bind before the sandbox forbids new inet sockets (or take the previous image's).
+    let std_listener = match inherited.as_ref().map(|h| h.listen.try_clone()) {
+        Some(fd) => {
+            std::net::TcpListener::from(fd.map_err(|e| StartError::Listen(cfg.listen.clone(), e))?)
+        }
+        None => std::net::TcpListener::bind(&cfg.listen)
+            .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?,
+    };
     std_listener
         .set_nonblocking(true)
         .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
     let local = std_listener
         .local_addr()
         .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
+    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let restarted_into = inherited.as_ref().map(|h| h.release);
+    // The inherited descriptors were duplicated where they are used; these copies go.
+    drop(inherited);
+    let ctrl = Arc::new(
+        ctrl.with_restart(bulkhead_controller::controller::RestartPlan {
+            listen_fd: std::os::fd::AsRawFd::as_raw_fd(&std_listener),
+            bin_dir: bin_dir(),
+            requests: restart_tx,
+        })
+        .with_controller_release(restarted_into.or_else(|| running_release(&cfg))),
+    );
 
     sandbox::harden()?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(StartError::Runtime)?;
+    let rt = bulkhead_daemon::runtime().map_err(StartError::Runtime)?;
     rt.block_on(async move {
         if let Some(target) = args.sandbox_self_test {
             let attempt = std::net::TcpStream::connect(&target);
@@ -640,6 +702,20 @@ fn run(args: Args) -> Result<(), StartError> {
                 "adopt_ms": r.millis,
             });
         }
+        if let Some(v) = restarted_into {
+            ctrl.audit_lifecycle_about(
+                "DeployRelease:controller-applied",
+                vec![format!("release:v{v}")],
+                "ok",
+            )
+            .await?;
+        }
+        let restarter = Arc::clone(&ctrl);
+        tokio::spawn(async move {
+            while let Some(v) = restart_rx.recv().await {
+                restarter.restart_into(v).await;
+            }
+        });
         let listener = tokio::net::TcpListener::from_std(std_listener)
             .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
         let poller = Arc::clone(&ctrl);
@@ -652,7 +728,9 @@ fn run(args: Args) -> Result<(), StartError> {
                 let _ = tokio::task::spawn_blocking(move || p.poll_children()).await;
             }
         });
-        println!(
+        // Not println!: after a re-exec nobody may read this stream any more.
+        let _ = writeln!(
+            std::io::stdout(),
             "{}",
             serde_json::json!({
                 "event": "ready",
@@ -663,6 +741,7 @@ fn run(args: Args) -> Result<(), StartError> {
                 "keeper_pid": keeper_pid,
                 "host_cpus": host_cpus,
                 "adopted": adopted,
+                "controller_release": restarted_into,
             })
         );
         tracing::info!(listen = %local, host = %cfg.host_id, "controller ready");

@@ -3,7 +3,8 @@
 //! [`init_logging`] sends `tracing` output to stderr (stdout carries each daemon's one-line
 //! JSON events, e.g. `ready`), filtered by the binary's own environment variable or `RUST_LOG`,
 //! with the binary's default level otherwise. [`exit`] turns the result of a daemon's `run` into
-//! its exit code, printing a fatal error once, prefixed with the binary's name.
+//! its exit code, printing a fatal error once, prefixed with the binary's name. With the
+//! `runtime` feature, [`runtime`] builds the tokio runtime every async daemon and CLI runs on.
 
 use std::fmt::Display;
 use std::process::ExitCode;
@@ -36,6 +37,16 @@ pub fn exit<E: Display>(name: &str, result: Result<(), E>) -> ExitCode {
     }
 }
 
+/// The runtime of the async daemons and CLIs: multi-threaded with two workers (the hosts this
+/// runs on have few cores to spare next to the guests), I/O and timers enabled.
+#[cfg(feature = "runtime")]
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,5 +57,16 @@ mod tests {
         assert_eq!(exit("x", Err("boom")), ExitCode::from(FATAL));
         init_logging("BULKHEAD_TEST_LOG", "info");
         init_logging("BULKHEAD_TEST_LOG", "info");
+    }
+
+    #[cfg(feature = "runtime")]
+    #[test]
+    fn runtime_runs_a_task_with_timers() {
+        let rt = runtime().expect("runtime");
+        let got = rt.block_on(async {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            tokio::spawn(async { 7 }).await
+        });
+        assert_eq!(got.expect("task"), 7);
     }
 }

@@ -119,11 +119,7 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::Io("runtime".into(), e))
+    bulkhead_daemon::runtime().map_err(|e| CliError::Io("runtime".into(), e))
 }
 
 /// The directory of this binary, where `make build` puts every Bulkhead binary.

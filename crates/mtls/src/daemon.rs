@@ -23,10 +23,7 @@ pub fn run_daemon(
     let std_listener = std::net::TcpListener::bind(listen).map_err(ctx)?;
     std_listener.set_nonblocking(true).map_err(ctx)?;
     let local = std_listener.local_addr().map_err(ctx)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = bulkhead_daemon::runtime()?;
     rt.block_on(async move {
         let listener = TcpListener::from_std(std_listener).map_err(ctx)?;
         let mut ready =
