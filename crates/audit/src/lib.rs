@@ -16,8 +16,14 @@
 //! Compatibility: records written before checkpoints existed have no `checkpoint` field and the
 //! same shape as before, so older logs verify unchanged with [`verify`]; a daemon that opens an
 //! older log with a signer seals everything before it with its first checkpoint.
+//!
+//! Request parameters: a service that records a digest of the bytes a caller sent computes it
+//! with its [`ParamsKey`] (HMAC-SHA256 under a key drawn at process start and held only in
+//! memory), never a plain SHA-256, so an operator reading the log cannot confirm guesses of a
+//! low-entropy body. See [`params`] for where the key lives and what equal digests mean.
 
 pub mod checkpoint;
+pub mod params;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -31,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use checkpoint::{Checkpoint, CheckpointKey, CheckpointSigner, KeyError};
+pub use params::{ParamsKey, ParamsKeyError};
 
 /// `prev` of the first record.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -83,7 +90,14 @@ pub struct AuditEntry {
     /// Operation name (e.g. `DescribeHost`), or the route that was tried.
     pub op: String,
     pub resources: Vec<String>,
-    /// SHA-256 of the request body, hex.
+    /// Digest of the request's parameters, 64 hex digits. Where a service digests the bytes a
+    /// caller sent, this is keyed: HMAC-SHA256 under the writing process's [`ParamsKey`]
+    /// (equal only for equal bodies within one process run; see [`params`]). The name is kept
+    /// from when it was a plain SHA-256 (older records) so existing logs and readers parse
+    /// unchanged. Other writers document what they put here (the controller: plain SHA-256 of
+    /// an operator-plane body, the operator's own input; a deploy: of its public release
+    /// manifest; a measured-start alert: the PCR value; this crate's torn-tail alert: plain
+    /// SHA-256 of the cut bytes, a partial record of the log itself).
     pub params_sha256: Option<String>,
     pub decision: Decision,
     /// Stable code: `ok` or an error code such as `token_expired`.
