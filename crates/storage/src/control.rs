@@ -3,6 +3,9 @@
 //!
 //! Every request is audited before it runs (hash-chained, fsync'd) and its outcome after;
 //! every refusal (another role, unknown route, oversized or malformed body) is audited too.
+//! A request record carries the body's digest keyed with the node's `ParamsKey` (HMAC-SHA256,
+//! key drawn at start and held in memory), so whoever reads the log cannot confirm a guessed
+//! body; equal bodies give equal digests until the node restarts.
 
 use std::sync::Arc;
 
@@ -16,7 +19,6 @@ use bulkhead_storage_proto::{
 };
 use bulkhead_tokens::{Identity, Role};
 use http_body_util::BodyExt;
-use sha2::{Digest, Sha256};
 
 use crate::node::{entry, request_id, Node};
 
@@ -89,7 +91,7 @@ async fn handle(node: Arc<Node>, refusals: Arc<Refusals>, req: Request<Body>) ->
         }
     };
     let rid = request_id();
-    let params = hex::encode(Sha256::digest(&body));
+    let params = node.params_key.digest(&body);
     let parsed = ControlRequest::parse(&path, &body);
     let op_name = path.trim_start_matches("/v1/").to_string();
     let resources: Vec<String> = match &parsed {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
+use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind, ParamsKey};
 use bulkhead_storage_proto::{
     CreateVolume, DeleteReply, DeleteVolume, ErrorCode, Grant, HostName, ListReply, Revoke,
     VolumeId, VolumeReply,
@@ -89,6 +89,8 @@ pub enum StartError {
     Engine(#[from] EngineError),
     #[error("volume {0}: {1}")]
     Volume(VolumeId, EngineError),
+    #[error("audit parameter key: {0}")]
+    ParamsKey(#[from] bulkhead_audit::ParamsKeyError),
 }
 
 /// What is behind the lock.
@@ -126,6 +128,9 @@ pub struct Node {
     state: Mutex<State>,
     pub conns: Arc<Connections>,
     pub audit: AuditLog,
+    /// Digests control request bodies for the audit log (drawn at start, memory only; see
+    /// `bulkhead_audit::params`).
+    pub(crate) params_key: ParamsKey,
     table_path: PathBuf,
     /// qemu-storage-daemon's NBD socket.
     pub qsd_nbd: PathBuf,
@@ -142,6 +147,7 @@ impl Node {
         cfg: EngineConfig,
         audit: AuditLog,
     ) -> Result<(Arc<Node>, Child, u64), StartError> {
+        let params_key = ParamsKey::generate()?;
         let table_path = state_dir.join(TABLE_FILE);
         let mut table = Table::load(&table_path)?;
         let qsd_nbd = cfg.nbd_socket();
@@ -162,6 +168,7 @@ impl Node {
             state: Mutex::new(State { table, engine }),
             conns: Arc::new(Connections::default()),
             audit,
+            params_key,
             table_path,
             qsd_nbd,
             copies: Arc::new(Copies::default()),

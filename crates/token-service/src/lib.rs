@@ -12,19 +12,24 @@
 //! stable codes (`mint_plane_violation`, `mint_not_granted`, ...). Every other route, an
 //! oversized body, and everything the TLS server loop refuses (handshakes, caps, malformed
 //! HTTP) is audited too, rate-summarised ([`MinterRefusals`]).
+//!
+//! A mint record carries the body's digest keyed with the service's [`ParamsKey`]
+//! (HMAC-SHA256; the key is drawn when the process starts and held only in memory), never a
+//! plain SHA-256: a mint body (a host list, operation names, a TTL) is low-entropy, and whoever
+//! reads the log must not be able to confirm guesses of it. Equal bodies give equal digests
+//! until the service restarts.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind};
+use bulkhead_audit::{AuditEntry, AuditLog, Decision, EntryKind, ParamsKey};
 use bulkhead_mtls::Peer;
 use bulkhead_mtls::{Refusal, RefusalSink, Refusals, Stage, Summary};
 use bulkhead_tokens::{Identity, TokenService};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 8 * 1024;
@@ -74,10 +79,13 @@ fn refusal(status: StatusCode, code: &str, message: String) -> Response {
         .into_response()
 }
 
-/// The service: the signing key (inside [`TokenService`]) and the audit log.
+/// The service: the signing key (inside [`TokenService`]), the audit log and the key its
+/// records' body digests are made with.
 pub struct Minter {
     pub tokens: TokenService,
     pub audit: AuditLog,
+    /// Keys `params_sha256` (see `bulkhead_audit::params`); never logged or handed out.
+    pub params_key: ParamsKey,
 }
 
 impl Minter {
@@ -121,7 +129,7 @@ impl Minter {
                 format!("Mint:{ops}")
             },
             resources,
-            params_sha256: Some(hex::encode(Sha256::digest(body))),
+            params_sha256: Some(self.params_key.digest(body)),
             decision,
             code: code.clone(),
         };

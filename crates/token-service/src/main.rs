@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use bulkhead_audit::AuditLog;
+use bulkhead_audit::{AuditLog, ParamsKey};
 use bulkhead_mtls as tls;
 use bulkhead_token_service::{refusals, router, Minter};
 use bulkhead_tokens::pki::CaDir;
@@ -41,6 +41,8 @@ enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("audit log: {0}")]
     Audit(#[from] bulkhead_audit::AuditError),
+    #[error("audit parameter key: {0}")]
+    ParamsKey(#[from] bulkhead_audit::ParamsKeyError),
     #[error("{0}: not a token signing key")]
     BadKey(PathBuf),
     #[error("policy {0}: {1}")]
@@ -67,6 +69,7 @@ fn run(args: Args) -> Result<(), StartError> {
     let minter = Arc::new(Minter {
         tokens: TokenService::new(key, policy),
         audit,
+        params_key: ParamsKey::generate()?,
     });
     let refusals = refusals(&minter);
     tls::run_daemon(
