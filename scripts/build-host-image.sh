@@ -17,6 +17,15 @@
 #   ${BULKHEAD_HOST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bulkhead/host}/<key>/
 # Everything else is packed on every run, deterministically (fixed timestamps, sorted entries),
 # so the same inputs give the same `digest` (the SHA-256 of the UKI). See host/README.md.
+#
+# For tests only (crates/hostinit/tests/sealed_tamper.rs): BULKHEAD_HOST_CMDLINE replaces the
+# command line; BULKHEAD_HOST_TAMPER flips one byte of the staged copy of a part, never of the
+# cached kernel, in a string nothing reads at run time, so the tampered image still boots and
+# serves and only its measurements change:
+#   kernel  the bzImage's setup-header version string (`6.1.x (bulkhead@...`: `b` -> `B`)
+#   binary  bulkhead-controller's `--backend` help text (`nothing runs`: `n` -> `N`)
+# A tampered image is never written to $CARGO_TARGET_DIR/host-image, and its manifest says
+# which byte was flipped (`tamper`).
 set -euo pipefail
 
 die() { echo "build-host-image: $*" >&2; exit 1; }
@@ -25,6 +34,16 @@ log() { echo "build-host-image: $*" >&2; }
 [ $# -eq 1 ] || die "usage: $0 <output-dir>"
 out_dir=$1
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+tamper=${BULKHEAD_HOST_TAMPER:-}
+case "$tamper" in
+  ""|kernel|binary) ;;
+  *) die "BULKHEAD_HOST_TAMPER=$tamper: want kernel or binary" ;;
+esac
+if [ -n "$tamper" ]; then
+  default_out=$(realpath -m "${CARGO_TARGET_DIR:-$repo/target}/host-image")
+  [ "$(realpath -m "$out_dir")" != "$default_out" ] ||
+    die "a tampered image ($tamper) goes to its own directory, not $out_dir"
+fi
 host=$repo/host
 kernel_tar=/usr/src/linux-source-6.1.tar.xz
 stub=/usr/lib/systemd/boot/efi/linuxx64.efi.stub
@@ -134,6 +153,39 @@ for b in "${bins[@]}"; do
   [ -x "$target_dir/release/$b" ] || die "$target_dir/release/$b is missing (cargo build --release)"
   objcopy --strip-all "$target_dir/release/$b" "$stage/bin/$b"
 done
+
+# Flips one byte of FILE (the staged copy) for BULKHEAD_HOST_TAMPER (MODE kernel or binary) and
+# prints what it did; fails when the string is not found exactly where it is expected.
+flip_byte() {
+  python3 - "$1" "$2" <<'PY'
+import struct, sys
+path, mode = sys.argv[1], sys.argv[2]
+b = bytearray(open(path, "rb").read())
+if mode == "kernel":
+    # Setup header (Documentation/x86/boot.rst): "HdrS" at 0x202, kernel_version at 0x20e points
+    # at the version string (offset - 0x200). Only boot loaders that print it read it.
+    assert b[0x202:0x206] == b"HdrS", "no x86 setup header"
+    start = struct.unpack_from("<H", b, 0x20E)[0] + 0x200
+    text = bytes(b[start:b.index(b"\0", start)])
+    assert b" (bulkhead@" in text, f"unexpected version string {text!r}"
+    off = start + text.index(b" (bulkhead@") + 2
+elif mode == "binary":
+    needle = b"explicit fallback: nothing runs"
+    assert b.count(needle) == 1, f"{needle!r} occurs {b.count(needle)} times, want once"
+    off = b.find(needle) + needle.index(b"nothing")
+else:
+    sys.exit(f"unknown tamper {mode}")
+before = b[off]
+b[off] ^= 0x20
+open(path, "wb").write(b)
+print(f"{mode}: {path.rsplit('/', 1)[-1]} byte {off:#x} {before:#04x} -> {b[off]:#04x}")
+PY
+}
+: >"$stage/tamper"
+if [ "$tamper" = binary ]; then
+  flip_byte "$stage/bin/bulkhead-controller" binary >"$stage/tamper"
+  log "TAMPERED (tests only): $(cat "$stage/tamper")"
+fi
 cp "$host/os-release" "$stage/os-release"
 
 # The binaries are dynamically linked (glibc; the TPM code links tpm2-tss): the initramfs holds
@@ -191,6 +243,10 @@ else
   tr -d '\n' <"$host/cmdline" >"$stage/cmdline"
 fi
 cp "$cache/bzImage" "$stage/bzImage"
+if [ "$tamper" = kernel ]; then
+  flip_byte "$stage/bzImage" kernel >"$stage/tamper"
+  log "TAMPERED (tests only): $(cat "$stage/tamper")"
+fi
 objcopy \
   --add-section .osrel="$stage/os-release" --change-section-vma .osrel=0x20000 \
   --add-section .cmdline="$stage/cmdline" --change-section-vma .cmdline=0x30000 \
@@ -311,11 +367,14 @@ print(json.dumps({
     "12": bytes(32).hex(),
 }, sort_keys=True))
 PY
-python3 - "$stage/manifest.json" "$stage/expected_pcrs.json" <<'PY'
+python3 - "$stage/manifest.json" "$stage/expected_pcrs.json" "$stage/tamper" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
 m["expected_pcrs"] = json.load(open(sys.argv[2]))
 m["expected_pcrs_note"] = "SHA-256 bank, computed at build time from the parts (host/README.md); PCR 23 is per host"
+tamper = open(sys.argv[3]).read().strip()
+if tamper:
+    m["tamper"] = tamper
 open(sys.argv[1], "w").write(json.dumps(m, indent=2, sort_keys=True) + "\n")
 PY
 sha "$stage/bulkhead-host.efi" >"$stage/digest"

@@ -97,10 +97,40 @@ pub fn image_missing(dir: &Path) -> Option<String> {
     None
 }
 
+/// A one-byte change the image script makes for tests (`BULKHEAD_HOST_TAMPER`): one byte of
+/// the staged copy of a part, in a string nothing reads at run time, so the image still boots
+/// and serves and only its measurements change. The cached kernel is never touched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tamper {
+    /// The bzImage's setup-header version string.
+    Kernel,
+    /// `bulkhead-controller`'s `--backend` help text, inside the initramfs.
+    Binary,
+}
+
+impl Tamper {
+    fn env_value(self) -> &'static str {
+        match self {
+            Tamper::Kernel => "kernel",
+            Tamper::Binary => "binary",
+        }
+    }
+}
+
 /// Builds the host image into `out` with `scripts/build-host-image.sh` of `repo` from the
 /// release binaries already built (no cargo run), optionally with another kernel command line.
 /// `Ok(false)`: the host kernel is not in its cache (`make host-image` builds it, ~10 min).
 pub fn build_image(repo: &Path, out: &Path, cmdline: Option<&str>) -> Result<bool, SealedError> {
+    build_image_tampered(repo, out, cmdline, None)
+}
+
+/// As [`build_image`], with one byte of a part flipped (tests of the boot chain's refusals).
+pub fn build_image_tampered(
+    repo: &Path,
+    out: &Path,
+    cmdline: Option<&str>,
+    tamper: Option<Tamper>,
+) -> Result<bool, SealedError> {
     let mut cmd = Command::new(repo.join("scripts/build-host-image.sh"));
     cmd.arg(out)
         .env("BULKHEAD_HOST_NO_CARGO", "1")
@@ -108,6 +138,10 @@ pub fn build_image(repo: &Path, out: &Path, cmdline: Option<&str>) -> Result<boo
     if let Some(c) = cmdline {
         cmd.env("BULKHEAD_HOST_CMDLINE", c);
     }
+    match tamper {
+        Some(t) => cmd.env("BULKHEAD_HOST_TAMPER", t.env_value()),
+        None => cmd.env_remove("BULKHEAD_HOST_TAMPER"),
+    };
     let o = cmd
         .output()
         .map_err(|e| SealedError::Io("build-host-image.sh", e))?;

@@ -5,6 +5,8 @@
 //! runs. Everything started is stopped on drop.
 #![allow(dead_code)]
 
+pub mod attest;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
