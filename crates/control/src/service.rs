@@ -14,7 +14,7 @@ mod kms;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bulkhead_audit::AuditLog;
 use bulkhead_kms_proto::CustomerRequest;
@@ -32,18 +32,10 @@ pub const REQUEST_WINDOW_SECS: u64 = 300;
 /// SMT threads per physical core: instances get whole cores.
 pub const THREADS_PER_CORE: u32 = 2;
 
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-pub(crate) fn new_id(prefix: &str) -> String {
-    let mut b = [0u8; 8];
-    let _ = bulkhead_sealing::fill_random(&mut b);
-    format!("{prefix}-{}", hex::encode(b))
-}
+/// A fresh resource id, `prefix-` and 16 hex digits.
+pub(crate) use bulkhead_sealing::random_id as new_id;
+/// Seconds since the Unix epoch (request windows, record times).
+pub use bulkhead_tokens::clock::unix_now as now;
 
 impl ControlPlane {
     /// What the idempotency record keeps of a request body: HMAC-SHA256 under a key derived from

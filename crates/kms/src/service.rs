@@ -2,7 +2,6 @@
 //! the audit log and made durable, and only then is anything created, revoked or sealed.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -40,18 +39,10 @@ pub struct Kms {
     attestation: Option<std::sync::Mutex<Verifier>>,
 }
 
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-pub(crate) fn new_id(prefix: &str) -> String {
-    let mut b = [0u8; 8];
-    let _ = bulkhead_sealing::fill_random(&mut b);
-    format!("{prefix}-{}", hex::encode(b))
-}
+/// A fresh resource id, `prefix-` and 16 hex digits.
+pub(crate) use bulkhead_sealing::random_id as new_id;
+/// Seconds since the Unix epoch (request windows, record times).
+pub use bulkhead_tokens::clock::unix_now as now;
 
 /// Binds a wrapped VPC epoch key to its VPC and epoch.
 fn vpc_aad(vpc_id: &str, epoch: u32) -> Vec<u8> {

@@ -101,12 +101,7 @@ impl RotError {
 }
 
 /// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use bulkhead_tokens::clock::unix_now;
 
 impl From<bulkhead_rot_proto::MalformedKey> for RotError {
     fn from(_: bulkhead_rot_proto::MalformedKey) -> Self {

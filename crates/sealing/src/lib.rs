@@ -441,6 +441,15 @@ pub fn random_nonce() -> String {
     }
 }
 
+/// A fresh resource id: `prefix`, a dash and 16 hex digits from the kernel CSPRNG (e.g.
+/// `i-0f3a…`, `vol-…`). Only unique, never secret: should the kernel give no randomness the
+/// digits are zeros, and a store refuses the duplicate.
+pub fn random_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    let _ = fill_random(&mut b);
+    format!("{prefix}-{}", hex::encode(b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,5 +549,15 @@ mod tests {
             HostKey::from_file_bytes(&raw),
             Err(SealingError::BadMagic { .. })
         ));
+    }
+
+    #[test]
+    fn random_ids_carry_their_prefix_and_differ() {
+        let a = super::random_id("vol");
+        let b = super::random_id("vol");
+        assert!(a.starts_with("vol-"), "{a}");
+        assert_eq!(a.len(), "vol-".len() + 16);
+        assert!(a["vol-".len()..].bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 }
