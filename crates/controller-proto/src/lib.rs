@@ -29,7 +29,9 @@ pub use calls::{CallArgs, ControllerCall, NoBody, ResponseError, WireResponse};
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Largest artefact one `PUT /v1/host/artefacts/{sha256}` carries (its raw body): a release's
-/// binaries (an unstripped hypervisor is ~21 MiB).
+/// binaries, stripped of debug information (`objcopy --strip-debug`) before they are measured
+/// and signed: the release build keeps line tables, which make the controller ~90 MB and the
+/// block card ~57 MB; stripped they are ~16 MB and ~9 MB (the hypervisor ~4 MB).
 pub const MAX_ARTEFACT_BYTES: usize = 64 * 1024 * 1024;
 /// Largest `user_data` accepted, in bytes (it ends up on the guest's 2048-byte command line).
 pub const MAX_USER_DATA_BYTES: usize = 1024;
@@ -370,6 +372,11 @@ pub struct ReleaseDeployed {
     /// release carries no block card).
     #[serde(default)]
     pub cards: Vec<CardMoved>,
+    /// The release carries a controller: right after this answer the controller re-executes
+    /// itself into that release's installed binary (same pid; it adopts every hypervisor and
+    /// card and continues its audit chain; GetHealth's `controller_release` then names it).
+    #[serde(default)]
+    pub controller_restart: Option<u64>,
 }
 
 /// One attached volume's block card replaced by a release's card under the running guest.
@@ -416,6 +423,13 @@ pub struct Health {
     /// puller anchors its next pull to, so a cut or rewritten history shows.
     #[schema(value_type = Object)]
     pub audit_head: bulkhead_audit::Head,
+    /// The host's active release (DeployRelease), if any.
+    #[serde(default)]
+    pub release: Option<u64>,
+    /// The release whose controller binary answers (`None`: the binary the controller was
+    /// started with).
+    #[serde(default)]
+    pub controller_release: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -163,6 +163,8 @@ fn every_answer_round_trips() {
         audit_writable: true,
         alerts: 0,
         audit_head: head,
+        release: Some(2),
+        controller_release: None,
     });
     let mut d = InstanceDescription {
         instance_id: "i-1".into(),

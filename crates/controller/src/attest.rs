@@ -87,6 +87,32 @@ impl AgentLink {
         })
     }
 
+    /// The agent connection a previous image of this process handed over across its exec
+    /// (see [`crate::reexec`]).
+    pub fn from_inherited(fd: std::os::fd::OwnedFd) -> std::io::Result<AgentLink> {
+        let s = UnixStream::from(fd);
+        s.set_read_timeout(Some(QUOTE_TIMEOUT))?;
+        s.set_write_timeout(Some(QUOTE_TIMEOUT))?;
+        let writer = s.try_clone()?;
+        Ok(AgentLink {
+            link: Mutex::new(Some(Link {
+                reader: BufReader::new(s),
+                writer,
+            })),
+        })
+    }
+
+    /// Runs `f` with the agent connection's descriptor (`None`: no agent) while no call is in
+    /// flight on it, for the controller's exec into a release.
+    pub fn with_connection_held<T>(&self, f: impl FnOnce(Option<std::os::fd::RawFd>) -> T) -> T {
+        use std::os::fd::AsRawFd;
+        let l = match self.link.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(l.as_ref().map(|l| l.writer.as_raw_fd()))
+    }
+
     /// No agent: every attestation request is refused as unavailable.
     pub fn none() -> AgentLink {
         AgentLink::default()

@@ -23,6 +23,9 @@ use crate::backend::{BackendError, InstanceBackend, InstanceSpec, VolumeBackend}
 use crate::metrics::{Metrics, Sampled};
 use crate::monitor::Monitor;
 
+mod restart;
+pub use restart::RestartPlan;
+
 /// Everything the request pipeline needs.
 pub struct Controller {
     pub host_id: String,
@@ -44,6 +47,12 @@ pub struct Controller {
     releases: Option<Arc<crate::deploy::ReleaseStore>>,
     /// One deploy at a time.
     deploying: tokio::sync::Mutex<()>,
+    /// How this controller re-executes itself into a release's controller (`None`: it cannot;
+    /// a release's controller is then installed and recorded, not applied).
+    restart: Option<RestartPlan>,
+    /// The release whose controller binary this process runs (`None`: the binary it was
+    /// started with).
+    controller_release: Option<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -194,6 +203,8 @@ impl Controller {
             attest: Arc::new(crate::attest::AgentLink::none()),
             releases: None,
             deploying: tokio::sync::Mutex::new(()),
+            restart: None,
+            controller_release: None,
         };
         c.rebuild_quotas();
         c
@@ -595,6 +606,8 @@ impl Controller {
                         audit_writable: !s.poisoned,
                         audit_head: self.audit.head(),
                         alerts: lock(&self.monitor).counts().iter().map(|(_, n)| n).sum(),
+                        release: self.instances.active_release().map(|r| r.version),
+                        controller_release: self.controller_release,
                     },
                 )
             }
@@ -999,6 +1012,7 @@ impl Controller {
         }
         self.audit_step("activate", v, None, "ok").await;
         self.measure_applied_release(&m).await;
+        let controller_restart = self.schedule_controller_restart(&record, v).await;
         tracing::info!(version = v, moved = moved.len(), "release deployed");
         Ok(api::ReleaseDeployed {
             request_id: request_id.to_string(),
@@ -1009,6 +1023,7 @@ impl Controller {
                 .to_string(),
             moved,
             cards,
+            controller_restart,
         })
     }
 }

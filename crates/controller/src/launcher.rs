@@ -589,6 +589,35 @@ impl Launcher {
         Ok(Some(l))
     }
 
+    /// The keeper connection a previous image of this process handed over across its exec
+    /// (DeployRelease re-executing the controller; see [`crate::reexec`]). The keeper saw no
+    /// hang-up: it serves on as before, and the new image adopts its children like any
+    /// restarted controller.
+    pub fn from_inherited(fd: OwnedFd) -> Result<Launcher, LauncherError> {
+        let (_, pid) = peer_cred(fd.as_raw_fd()).map_err(LauncherError::Start)?;
+        let sock = UnixStream::from(fd);
+        sock.set_read_timeout(Some(CARD_READY_TIMEOUT + Duration::from_secs(30)))
+            .map_err(LauncherError::Start)?;
+        let l = Launcher {
+            sock: Mutex::new(sock),
+            pid,
+            adopted: true,
+        };
+        l.call(&LaunchRequest::Children)?;
+        tracing::info!(pid, "keeper connection inherited: adopting its children");
+        Ok(l)
+    }
+
+    /// Runs `f` with the keeper connection's descriptor while no request is in flight on it
+    /// (the connection's lock held), for the controller's exec into a release.
+    pub fn with_connection_held<T>(&self, f: impl FnOnce(RawFd) -> T) -> T {
+        let s = match self.sock.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(s.as_raw_fd())
+    }
+
     /// The launcher's pid.
     pub fn pid(&self) -> u32 {
         self.pid

@@ -1,12 +1,15 @@
 //! Process hardening: no_new_privs, non-dumpable, and a seccomp filter that blocks every
-//! outbound connection attempt and every `exec`. The controller only listens.
+//! outbound connection attempt and every `exec` but one. The controller only listens.
 //!
 //! Blocked calls: `connect` (any address family — the controller's own unix channels are
 //! socketpairs, and the block cards' unix sockets are connected by the launcher, see
 //! [`crate::launcher`]), `socket` for any family but `AF_UNIX` (the TCP listener is opened before
 //! the filter is installed), and `execve`/`execveat` (hypervisors and block cards are started by
 //! the launcher, which was exec'd before this filter existed; the controller itself can run no
-//! program). A blocked call traps: the kernel skips the syscall and
+//! program). The one exec left is a release's controller: `execveat` on the fixed descriptor
+//! [`crate::reexec::EXEC_FD`] with `AT_EMPTY_PATH` (DeployRelease re-executes the controller
+//! into the installed binary; see [`crate::reexec`]). The filter survives that exec, so the
+//! new image runs under it too (and stacks a second copy when it hardens itself). A blocked call traps: the kernel skips the syscall and
 //! sends `SIGSYS`; the handler of `bulkhead-harden` only bumps a counter and makes the call fail
 //! with EPERM, and the monitor turns the counter into an `outbound_connect_blocked` alert.
 //! Trapping rather than killing is what lets the alert be raised; the syscall never runs
@@ -31,7 +34,9 @@ const AF_UNIX: u64 = libc::AF_UNIX as u64;
 const OUTBOUND: &[Rule] = &[
     Rule::any(libc::SYS_connect),
     Rule::any(libc::SYS_execve),
-    Rule::any(libc::SYS_execveat),
+    // execveat only as `execveat(EXEC_FD, "", .., AT_EMPTY_PATH)`: listed if either differs.
+    Rule::arg_not(libc::SYS_execveat, 0, crate::reexec::EXEC_FD as u64),
+    Rule::arg_not(libc::SYS_execveat, 4, libc::AT_EMPTY_PATH as u64),
     Rule::arg_not(libc::SYS_socket, 0, AF_UNIX),
 ];
 
@@ -63,9 +68,12 @@ mod tests {
     #[test]
     fn filters_compile_and_block_what_they_say() {
         bulkhead_harden::self_test(FILTERS).expect("compile");
-        for nr in [libc::SYS_connect, libc::SYS_execve, libc::SYS_execveat] {
+        for nr in [libc::SYS_connect, libc::SYS_execve] {
             assert!(OUTBOUND_FILTER.lists_unconditionally(nr));
         }
+        // execveat only on the release's descriptor, with AT_EMPTY_PATH.
+        assert!(OUTBOUND_FILTER.syscalls().contains(&libc::SYS_execveat));
+        assert!(!OUTBOUND_FILTER.lists_unconditionally(libc::SYS_execveat));
         // socket() only for families other than AF_UNIX.
         assert!(OUTBOUND_FILTER.syscalls().contains(&libc::SYS_socket));
         assert!(!OUTBOUND_FILTER.lists_unconditionally(libc::SYS_socket));

@@ -1,9 +1,12 @@
 //! DeployRelease on a real host, with one running guest for every check — the issue's combined
 //! test: the guest appends a counter to its encrypted disk (a sealed volume key, a block card)
-//! and prints it with its boot id and uptime. A 2-of-3 signed release carrying a hypervisor and
-//! a block card is uploaded (content-addressed) and deployed: the guest's hypervisor is
-//! live-updated to the release's binary and its block card is card-updated to the release's
-//! card (the new processes run the installed files); the controller is killed -9 and restarted
+//! and prints it with its boot id and uptime. A 2-of-3 signed release carrying a hypervisor, a
+//! block card and a controller (each stripped of debug information, as releases are built) is
+//! uploaded (content-addressed) and deployed: the guest's hypervisor is live-updated to the
+//! release's binary, its block card is card-updated to the release's card (the new processes
+//! run the installed files), and the controller re-executes itself into the release's
+//! controller (same pid, the installed file, adopting the hypervisor and card, the audit chain
+//! continued, answering again); the controller is then killed -9 and restarted
 //! (it adopts both); the hypervisor is live-updated three more times (a deploy rolled back,
 //! a controller dying mid-update), and a second card update is interrupted by the controller
 //! dying right after the move (the next one keeps the new card), and a third card update is
@@ -257,7 +260,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     .unwrap();
     let _guard = KeeperGuard(dir.path().join("run"));
     let guest = guest_dir().display().to_string();
-    let d = Daemon::start_with(
+    let mut d = Daemon::start_with(
         dir.path(),
         &["--backend", "host", "--guest-dir", guest.as_str()],
     );
@@ -266,16 +269,36 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     let bins = release_dir();
     let configured_hv = bins.join("bulkhead-hypervisor").canonicalize().unwrap();
     let configured_card = bins.join("bulkhead-blockcard").canonicalize().unwrap();
-    // The release's files, copied once (a rebuild meanwhile changes nothing here).
+    // The release's files, copied once (a rebuild meanwhile changes nothing here) and stripped
+    // of debug information before they are signed, as a release is built: the release profile
+    // keeps line tables (the controller ~90 MB, over the 64 MiB artefact cap; stripped ~16 MB).
     let src = dir.path().join("release-src");
     std::fs::create_dir_all(&src).unwrap();
-    for n in ["bulkhead-hypervisor", "bulkhead-blockcard"] {
-        std::fs::copy(bins.join(n), src.join(n)).unwrap();
+    for n in [
+        "bulkhead-hypervisor",
+        "bulkhead-blockcard",
+        "bulkhead-controller",
+    ] {
+        let st = std::process::Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(bins.join(n))
+            .arg(src.join(n))
+            .status()
+            .expect("objcopy (binutils)");
+        assert!(st.success(), "objcopy --strip-debug {n}");
+        let size = std::fs::metadata(src.join(n)).unwrap().len();
+        assert!(
+            usize::try_from(size).unwrap() <= bulkhead_controller_proto::MAX_ARTEFACT_BYTES,
+            "{n} stripped is {size} bytes"
+        );
     }
     let hv = src.join("bulkhead-hypervisor");
-    // The release's block card (under the 64 MiB artefact cap): applied by a card update.
+    // The release's block card: applied by a card update.
     let card = src.join("bulkhead-blockcard");
-    let good = release(2, &[&hv, &card], &[&keys[0], &keys[2]]);
+    // The release's controller, a real copy of this controller: applied by re-executing the
+    // running controller into the installed file (same pid).
+    let ctl = src.join("bulkhead-controller");
+    let good = release(2, &[&hv, &card, &ctl], &[&keys[0], &keys[2]]);
     let r = deploy(&d, "operator", &[Operation::DescribeHost], &good);
     assert_eq!(r.status, 403);
     assert_denied_and_audited(&d, &r, "deployer_only");
@@ -331,7 +354,8 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
 
     // 1. A good release: uploaded, deployed, the hypervisor moved to the installed binary and
     //    the block card updated to the installed card.
-    upload(&d, &[&hv, &card]);
+    upload(&d, &[&hv, &card, &ctl]);
+    let ctl_pid = d.child.id();
     let t_deploy = Instant::now();
     let r = deploy(&d, "deployer", DEPLOY_OPS, &good);
     let deploy_ms = t_deploy.elapsed().as_millis();
@@ -368,8 +392,74 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
     assert!(rec.contains(r#""release":{"version":2"#), "{rec}");
     assert!(rec.contains(&format!(r#""card_pid":{new_card}"#)), "{rec}");
+    // The controller re-executes itself into the installed controller after the answer: the
+    // same pid (its parent, this test, sees no exit), the installed file, the new release in
+    // its health answer; it adopted the hypervisor and card (same pids) and continued the
+    // audit chain.
+    assert_eq!(r.json["controller_restart"], 2, "{}", r.json);
+    let installed_ctl = dir.path().join("releases/v2/bulkhead-controller");
+    let t_exec = Instant::now();
+    wait_for(
+        "the controller to run the installed release",
+        Duration::from_secs(30),
+        || exe(u64::from(ctl_pid)) == installed_ctl.canonicalize().unwrap(),
+    );
+    let health = Instant::now();
+    let h = loop {
+        let t = d.mint("deployer", HOST, &[Operation::GetHealth], MIN10);
+        match d
+            .client("deployer")
+            .request("GET", "/v1/health", Some(&t), b"")
+        {
+            Ok(h) if h.json["controller_release"] == 2 => break h,
+            other => {
+                assert!(
+                    health.elapsed() < Duration::from_secs(30),
+                    "the restarted controller does not answer: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    let exec_ms = t_exec.elapsed().as_millis();
+    assert_eq!(h.json["release"], 2, "{}", h.json);
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the controller exited"
+    );
+    assert_eq!(d.child.id(), ctl_pid);
+    assert!(children_of(keeper).contains(&i32::try_from(new_pid).unwrap()));
+    assert!(children_of(keeper).contains(&i32::try_from(new_card).unwrap()));
+    let audit = d.audit();
+    let at_op = |op: &str| {
+        audit
+            .iter()
+            .position(|x| {
+                x["entry"]["op"] == op
+                    && x["entry"]["resources"][0] == "release:v2"
+                    && x["entry"]["code"] == "ok"
+            })
+            .unwrap_or_else(|| panic!("no {op} ok"))
+    };
+    let (restart_at, applied_at) = (
+        at_op("DeployRelease:controller-restart"),
+        at_op("DeployRelease:controller-applied"),
+    );
+    assert!(restart_at < applied_at);
+    assert!(
+        audit[restart_at..applied_at]
+            .iter()
+            .any(|x| x["entry"]["op"] == "AdoptInstance"
+                && x["entry"]["resources"][0] == "instance:i-dep"
+                && x["entry"]["code"] == "ok"),
+        "the restarted controller adopted nothing"
+    );
+    bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
+    // A second call answers on the new controller: the guest counts on, same boot.
     let at = counts(&d).last().unwrap().n;
-    count_on(&d, "on the new hypervisor and card", at + 2);
+    count_on(&d, "on the new hypervisor, card and controller", at + 2);
+    assert_never_rebooted(&counts(&d));
+    eprintln!("controller pid {ctl_pid} re-executed into v2, answering again {exec_ms} ms after the deploy's answer");
     eprintln!(
         "deployed v2 in {deploy_ms} ms; guest pause {pause_us} us; pid {old_pid} -> {new_pid}; \
          card {old_card} -> {new_card}: hand-over {} us, ReplaceBlock {} us",
