@@ -807,3 +807,88 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
     eprintln!("{test}: {:.1?}", t0.elapsed());
 }
+
+/// A release whose controller cannot run (a file the kernel refuses to execute, correctly
+/// signed): the hypervisor steps and the record go through, the exec fails, and the old
+/// controller serves on (same pid, same binary), the failure audited with its typed code. No
+/// guest boots (a few seconds).
+#[test]
+fn a_release_controller_that_cannot_run_leaves_the_old_controller_serving() {
+    let test = "a_release_controller_that_cannot_run_leaves_the_old_controller_serving";
+    if !can_boot_with(test, &["bulkhead-hypervisor"]) {
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    bulkhead_tokens::statedir::StateDir::new(dir.path())
+        .ensure_dev(HOST)
+        .unwrap();
+    let keys: Vec<ReleaseKey> = (0..3).map(|_| ReleaseKey::generate().unwrap()).collect();
+    let root = TrustRoot::new(2, keys.iter().map(|k| k.public()).collect()).unwrap();
+    std::fs::write(
+        dir.path().join("release-root.json"),
+        serde_json::to_vec(&root).unwrap(),
+    )
+    .unwrap();
+    let _guard = KeeperGuard(dir.path().join("run"));
+    let guest = guest_dir().display().to_string();
+    let mut d = Daemon::start_with(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+    );
+    let src = dir.path().join("release-src");
+    std::fs::create_dir_all(&src).unwrap();
+    let st = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(release_dir().join("bulkhead-hypervisor"))
+        .arg(src.join("bulkhead-hypervisor"))
+        .status()
+        .expect("objcopy (binutils)");
+    assert!(st.success());
+    let hv = src.join("bulkhead-hypervisor");
+    let ctl = src.join("bulkhead-controller");
+    std::fs::write(&ctl, b"not a program\n").unwrap();
+    upload(&d, &[&hv, &ctl]);
+    let pid = d.child.id();
+    let r = deploy(
+        &d,
+        "deployer",
+        DEPLOY_OPS,
+        &release(2, &[&hv, &ctl], &[&keys[0], &keys[1]]),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json["controller_restart"], 2);
+    wait_for(
+        "the exec's failure audited",
+        Duration::from_secs(20),
+        || {
+            d.audit().iter().any(|x| {
+                x["entry"]["op"] == "DeployRelease:controller-restart"
+                    && x["entry"]["code"] == "controller_exec_failed"
+                    && x["entry"]["resources"][0] == "release:v2"
+            })
+        },
+    );
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the controller exited"
+    );
+    assert_eq!(
+        exe(u64::from(pid)),
+        PathBuf::from(controller_bin()).canonicalize().unwrap()
+    );
+    let t = d.mint("deployer", HOST, &[Operation::GetHealth], MIN10);
+    let h = d
+        .client("deployer")
+        .request("GET", "/v1/health", Some(&t), b"")
+        .unwrap();
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json["release"], 2, "{}", h.json);
+    assert!(h.json["controller_release"].is_null(), "{}", h.json);
+    assert!(!d
+        .audit()
+        .iter()
+        .any(|x| x["entry"]["op"] == "DeployRelease:controller-applied"));
+    bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
+    eprintln!("{test}: {:.1?}", t0.elapsed());
+}
