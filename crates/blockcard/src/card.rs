@@ -481,10 +481,10 @@ fn receive_state(
 }
 
 fn lock_down(cfg: &CardConfig) -> Result<(), CardError> {
-    if let Err(e) = sandbox::lock_current_memory() {
+    if let Err(e) = bulkhead_harden::lock_current_memory() {
         warn!(error = %e, "mlockall(MCL_CURRENT) failed; the rest of the card may be swapped (key schedules are in their own locked pages)");
     }
-    sandbox::drop_privileges(cfg.uid, cfg.gid)?;
+    bulkhead_harden::drop_privileges_if_given(cfg.uid, cfg.gid).map_err(SandboxError::from)?;
     sandbox::install_seccomp(matches!(cfg.backing, BackingSpec::Nbd(_)))?;
     info!("sandbox in place: privileges dropped, no_new_privs, seccomp");
     Ok(())
@@ -660,7 +660,7 @@ fn serve_attached(
 
 /// Runs the card until detach (which exits the process) or a fatal error.
 pub fn run(cfg: CardConfig) -> Result<(), CardError> {
-    sandbox::make_non_dumpable()?;
+    bulkhead_harden::forbid_dumps().map_err(SandboxError::from)?;
     if cfg.queues == 0 || cfg.queues > MAX_QUEUES {
         return Err(CardError::Queues);
     }

@@ -3,9 +3,10 @@
 //! seccomp allow-list without socket creation, exec, or opening paths.
 //!
 //! This module holds the card's policy (its allow-lists, as data, and when to drop to which
-//! ids); the mechanism is `bulkhead-harden`.
+//! ids); the mechanism (non-dumpable, mlockall, the privilege drop, installing the filter
+//! stack) is `bulkhead-harden`.
 
-use bulkhead_harden::{Action, BpfProgram, Filter, HardenError, Rule};
+use bulkhead_harden::{Action, BpfProgram, Filter, HardenError, Rule, OPEN_SYSCALLS};
 
 /// Sandbox errors.
 #[derive(Debug, thiserror::Error)]
@@ -14,38 +15,6 @@ pub enum SandboxError {
     Harden(#[from] HardenError),
     #[error("pthread_sigmask failed: {0}")]
     SignalMask(#[source] std::io::Error),
-    #[error("running as root needs --uid and --gid to drop to")]
-    RootWithoutUid,
-}
-
-/// No core dumps, no ptrace/`/proc/PID/mem` access by anyone without CAP_SYS_PTRACE.
-pub fn make_non_dumpable() -> Result<(), SandboxError> {
-    bulkhead_harden::set_non_dumpable()?;
-    bulkhead_harden::lock_core_dumps()?;
-    Ok(())
-}
-
-/// Locks every page mapped right now (heap with the cipher contexts' key schedules included)
-/// into RAM. Guest memory, mapped later, is not affected. Best effort: returns the error for
-/// logging.
-pub fn lock_current_memory() -> Result<(), std::io::Error> {
-    // SAFETY: mlockall has no memory-safety preconditions.
-    if unsafe { libc::mlockall(libc::MCL_CURRENT) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Drops to `uid`/`gid` (all of real, effective, saved; no supplementary groups), checked
-/// afterwards, and non-dumpable again. As root without a target this is refused.
-pub fn drop_privileges(uid: Option<u32>, gid: Option<u32>) -> Result<(), SandboxError> {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    match (uid, gid) {
-        (Some(u), Some(g)) => Ok(bulkhead_harden::drop_privileges(u, g)?),
-        _ if euid == 0 => Err(SandboxError::RootWithoutUid),
-        _ => Ok(()),
-    }
 }
 
 fn exit_sigset() -> libc::sigset_t {
@@ -175,12 +144,7 @@ pub static CARD_FILTER: Filter = Filter {
 
 /// Answers every path-opening syscall with EACCES and allows the rest (the main allow-list,
 /// stacked on top, decides about the rest).
-pub static OPEN_FILTER: Filter = Filter {
-    name: "blockcard-open",
-    tables: &[OPEN_SYSCALLS],
-    listed: Action::Errno(libc::EACCES),
-    otherwise: Action::Allow,
-};
+pub static OPEN_FILTER: Filter = bulkhead_harden::deny_opens("blockcard-open");
 
 /// What the NBD mode adds (`--nbd`): the connection thread reconnects to the storage node, so
 /// it may create IPv4/IPv6 sockets (no unix, netlink or raw sockets), connect them and set their
@@ -229,27 +193,9 @@ pub fn open_filter() -> Result<BpfProgram, SandboxError> {
 /// before any other thread exists. The kernel applies the most restrictive verdict of all
 /// filters: an open gets EACCES, anything outside the allow-list kills the process.
 pub fn install_seccomp(nbd: bool) -> Result<(), SandboxError> {
-    bulkhead_harden::no_new_privs()?;
-    let deny_open = open_filter()?;
-    let allow = if nbd {
-        nbd_card_filter()?
-    } else {
-        card_filter()?
-    };
-    bulkhead_harden::apply(&deny_open)?;
-    bulkhead_harden::apply(&allow)?;
-    Ok(())
+    let allow = if nbd { &NBD_CARD_FILTER } else { &CARD_FILTER };
+    Ok(bulkhead_harden::install_stack(&[&OPEN_FILTER, allow])?)
 }
-
-/// Syscalls that open paths. libc sometimes tries them internally (e.g. glibc reads
-/// /sys/devices/system/cpu/online when a new thread gets its own malloc arena), so they fail with
-/// EACCES instead of killing the card; either way nothing is opened.
-const OPEN_SYSCALLS: &[Rule] = &[
-    Rule::any(libc::SYS_open),
-    Rule::any(libc::SYS_openat),
-    Rule::any(libc::SYS_openat2),
-    Rule::any(libc::SYS_creat),
-];
 
 #[cfg(test)]
 mod tests {

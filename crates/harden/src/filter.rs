@@ -199,6 +199,44 @@ pub fn apply_all_threads(program: &BpfProgram) -> Result<(), HardenError> {
     seccompiler::apply_filter_all_threads(program).map_err(HardenError::Apply)
 }
 
+/// The system calls that open a path. libc sometimes tries them on its own (glibc reads
+/// `/sys/devices/system/cpu/online` when a new thread gets its own malloc arena), so a daemon
+/// that must open nothing answers them with an errno ([`deny_opens`]) rather than dying.
+pub const OPEN_SYSCALLS: &[Rule] = &[
+    Rule::any(libc::SYS_open),
+    Rule::any(libc::SYS_openat),
+    Rule::any(libc::SYS_openat2),
+    Rule::any(libc::SYS_creat),
+];
+
+/// A filter named `name` that answers every [`OPEN_SYSCALLS`] call with EACCES and allows the
+/// rest: stacked under a daemon's allow-list (which decides about the rest), an open fails
+/// instead of killing the process, and nothing is opened either way.
+pub const fn deny_opens(name: &'static str) -> Filter {
+    Filter {
+        name,
+        tables: &[OPEN_SYSCALLS],
+        listed: Action::Errno(libc::EACCES),
+        otherwise: Action::Allow,
+    }
+}
+
+/// Sets no_new_privs, compiles every filter of `stack`, then installs them in order on the
+/// calling thread (threads created afterwards inherit them). Nothing is installed unless all
+/// compile. The kernel applies the most restrictive verdict of all installed filters. Call
+/// before any other thread exists.
+pub fn install_stack(stack: &[&Filter]) -> Result<(), HardenError> {
+    crate::no_new_privs()?;
+    let programs = stack
+        .iter()
+        .map(|f| f.compile())
+        .collect::<Result<Vec<_>, _>>()?;
+    for p in &programs {
+        apply(p)?;
+    }
+    Ok(())
+}
+
 /// Compiles every filter of a binary: what its `--self-test` runs before the host takes
 /// customer work. Fails with the first filter that does not compile.
 pub fn self_test(filters: &[&Filter]) -> Result<(), HardenError> {
@@ -361,6 +399,43 @@ mod tests {
             attempt_under(&ALLOW, || {
                 // SAFETY: F_SETFD on stdin with an integer flag; the filter kills first.
                 unsafe { libc::fcntl(0, libc::F_SETFD, 0) };
+                1
+            }),
+            Err(libc::SIGSYS)
+        );
+    }
+
+    static DENY_OPENS: Filter = deny_opens("test-open");
+
+    /// The stack a card installs: opens answer EACCES, the allow-list still kills the rest.
+    #[test]
+    fn a_stack_denies_opens_and_kills_outside_the_allow_list() {
+        const WITH_OPENS: &[&[Rule]] = &[BASE, OPEN_SYSCALLS];
+        static ALLOW_OPENS: Filter = Filter {
+            name: "test-allow-opens",
+            tables: WITH_OPENS,
+            listed: Action::Allow,
+            otherwise: Action::KillProcess,
+        };
+        let open = || {
+            // SAFETY: a NUL-terminated path; the result is only inspected.
+            let fd = unsafe { libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) };
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(e) if fd < 0 => e,
+                _ => 0,
+            }
+        };
+        let stacked = |f: fn() -> i32| {
+            in_child(move || match install_stack(&[&DENY_OPENS, &ALLOW_OPENS]) {
+                Ok(()) => f(),
+                Err(_) => 100,
+            })
+        };
+        assert_eq!(stacked(open), Ok(libc::EACCES));
+        assert_eq!(
+            stacked(|| {
+                // SAFETY: getppid has no arguments; the allow-list kills before it runs.
+                unsafe { libc::getppid() };
                 1
             }),
             Err(libc::SIGSYS)

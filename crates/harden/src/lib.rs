@@ -21,6 +21,10 @@
 //! assert!(bulkhead_harden::self_test(&[&EXAMPLE]).is_ok());
 //! ```
 //!
+//! The steps every card repeats are here too: [`forbid_dumps`] first in `main`,
+//! [`lock_current_memory`], [`drop_privileges_if_given`] (root is never kept by omission), and
+//! [`install_stack`] with a [`deny_opens`] filter under the daemon's allow-list.
+//!
 //! Every failure is a [`HardenError`] naming the step that failed and, for a system call, its
 //! errno.
 
@@ -28,9 +32,13 @@ mod filter;
 mod process;
 mod trap;
 
-pub use filter::{apply, apply_all_threads, self_test, target_arch, Action, Args, Filter, Rule};
+pub use filter::{
+    apply, apply_all_threads, deny_opens, install_stack, self_test, target_arch, Action, Args,
+    Filter, Rule, OPEN_SYSCALLS,
+};
 pub use process::{
-    close_other_fds, drop_privileges, lock_core_dumps, no_new_privs, set_non_dumpable,
+    close_other_fds, drop_privileges, drop_privileges_if_given, forbid_dumps, lock_core_dumps,
+    lock_current_memory, no_new_privs, set_non_dumpable,
 };
 pub use seccompiler::BpfProgram;
 pub use trap::{install_trap_counter, trapped_syscalls};
@@ -58,6 +66,8 @@ pub enum Step {
     CloseFd,
     /// `sigaction(SIGSYS)` for the trap counter.
     TrapHandler,
+    /// `mlockall(MCL_CURRENT)`.
+    LockMemory,
 }
 
 impl std::fmt::Display for Step {
@@ -73,6 +83,7 @@ impl std::fmt::Display for Step {
             Step::ListFds => "listing /proc/self/fd",
             Step::CloseFd => "close",
             Step::TrapHandler => "sigaction(SIGSYS)",
+            Step::LockMemory => "mlockall(MCL_CURRENT)",
         })
     }
 }
@@ -95,6 +106,9 @@ pub enum HardenError {
         got_gids: [u32; 3],
         groups: usize,
     },
+    /// Running as root, but not given both ids to drop to ([`drop_privileges_if_given`]).
+    #[error("running as root needs --uid and --gid to drop to")]
+    RootWithoutIds,
     /// A rule of filter `filter` for `syscall` cannot be expressed.
     #[error("seccomp filter {filter}: rule for syscall {syscall}: {source}")]
     Rule {

@@ -43,6 +43,36 @@ pub fn lock_core_dumps() -> Result<(), HardenError> {
     Ok(())
 }
 
+/// Non-dumpable ([`set_non_dumpable`]) and no core files ([`lock_core_dumps`]): what a daemon
+/// that will hold keys does first in `main`.
+pub fn forbid_dumps() -> Result<(), HardenError> {
+    set_non_dumpable()?;
+    lock_core_dumps()
+}
+
+/// Locks every page mapped right now (the heap included) into RAM; memory mapped later (guest
+/// memory) is not affected. Callers treat a failure as best effort and log it.
+pub fn lock_current_memory() -> Result<(), HardenError> {
+    // SAFETY: mlockall has no memory-safety preconditions.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT) } != 0 {
+        return Err(HardenError::last(Step::LockMemory));
+    }
+    Ok(())
+}
+
+/// Drops to the ids a daemon was given (its `--uid`/`--gid`) with [`drop_privileges`]. Without
+/// both, nothing changes, except that running as root is refused
+/// ([`HardenError::RootWithoutIds`]): a daemon never keeps root by omission.
+pub fn drop_privileges_if_given(uid: Option<u32>, gid: Option<u32>) -> Result<(), HardenError> {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    match (uid, gid) {
+        (Some(u), Some(g)) => drop_privileges(u, g),
+        _ if euid == 0 => Err(HardenError::RootWithoutIds),
+        _ => Ok(()),
+    }
+}
+
 /// Drops to `uid`/`gid`: real, effective and saved ids, and (when running as root) no
 /// supplementary groups. Groups go first and the uid last, since after `setresuid` the
 /// process may no longer change its groups. The result is read back and checked; then the
@@ -196,6 +226,61 @@ mod tests {
     }
 
     /// Unprivileged: dropping to root fails at the step that the kernel refuses, with EPERM.
+    #[test]
+    fn forbid_dumps_clears_dumpable_and_core_limit() {
+        let code = in_child(|| {
+            if forbid_dumps().is_err() {
+                return 10;
+            }
+            // SAFETY: PR_GET_DUMPABLE takes no pointer.
+            if unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+                return 11;
+            }
+            let mut lim = libc::rlimit {
+                rlim_cur: 1,
+                rlim_max: 1,
+            };
+            // SAFETY: `lim` is a valid out-pointer for the call.
+            if unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut lim) } != 0 {
+                return 12;
+            }
+            if lim.rlim_cur != 0 || lim.rlim_max != 0 {
+                return 13;
+            }
+            0
+        });
+        assert_eq!(code, Ok(0));
+    }
+
+    #[test]
+    fn root_without_ids_is_refused_and_a_non_root_without_ids_is_left_alone() {
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let code = in_child(move || {
+            let none = drop_privileges_if_given(None, None);
+            let half = drop_privileges_if_given(Some(65534), None);
+            match (root, none, half) {
+                (true, Err(HardenError::RootWithoutIds), Err(HardenError::RootWithoutIds)) => 0,
+                (false, Ok(()), Ok(())) => 0,
+                _ => 1,
+            }
+        });
+        assert_eq!(code, Ok(0));
+    }
+
+    #[test]
+    fn lock_current_memory_locks_or_names_mlockall() {
+        let code = in_child(|| match lock_current_memory() {
+            Ok(()) => 0,
+            Err(HardenError::Sys {
+                step: Step::LockMemory,
+                ..
+            }) => 0,
+            Err(_) => 1,
+        });
+        assert_eq!(code, Ok(0));
+    }
+
     #[test]
     fn failed_drop_names_step_and_errno() {
         let code = in_child(|| {

@@ -89,8 +89,6 @@ pub enum NetcardError {
     Harden(#[from] bulkhead_harden::HardenError),
     #[error("vhost-user: {0}")]
     Vhost(String),
-    #[error("running as root needs --uid and --gid to drop to")]
-    RootWithoutUid,
 }
 
 /// Crate result type.

@@ -203,7 +203,7 @@ fn config(a: CardArgs) -> Result<CardConfig, NetcardError> {
 
 fn main() -> ExitCode {
     // Non-dumpable before anything else is read or derived.
-    if let Err(e) = bulkhead_netcard::sandbox::make_non_dumpable() {
+    if let Err(e) = bulkhead_harden::forbid_dumps() {
         eprintln!("bulkhead-netcard: {e}");
         return ExitCode::FAILURE;
     }

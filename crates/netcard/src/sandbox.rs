@@ -3,26 +3,8 @@
 //! privileges dropped, no_new_privs, and a seccomp allow-list without socket creation, bind,
 //! connect, exec, ioctl or opening paths. This module holds the allow-lists, as data.
 
-use crate::{NetcardError, Result};
-use bulkhead_harden::{Action, Filter, Rule};
-
-/// No core dumps, no ptrace by anyone without CAP_SYS_PTRACE.
-pub fn make_non_dumpable() -> Result<()> {
-    bulkhead_harden::set_non_dumpable()?;
-    bulkhead_harden::lock_core_dumps()?;
-    Ok(())
-}
-
-/// Drops to `uid`/`gid` (checked); as root without a target this is refused.
-pub fn drop_privileges(uid: Option<u32>, gid: Option<u32>) -> Result<()> {
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    match (uid, gid) {
-        (Some(u), Some(g)) => Ok(bulkhead_harden::drop_privileges(u, g)?),
-        _ if euid == 0 => Err(NetcardError::RootWithoutUid),
-        _ => Ok(()),
-    }
-}
+use crate::Result;
+use bulkhead_harden::{Action, Filter, Rule, OPEN_SYSCALLS};
 
 /// What the running card needs: read/write on the TAP fd, recvfrom/sendto on the bound socket,
 /// poll, the signal thread (sigtimedwait), memory, and creating its two worker threads.
@@ -105,14 +87,6 @@ const VHOST_CONDITIONAL: &[Rule] = &[
 const ALLOWED_PRCTLS: &[u64] = &[15, 16];
 const CONDITIONAL: &[Rule] = &[Rule::arg_one_of(libc::SYS_prctl, 0, ALLOWED_PRCTLS)];
 
-/// Path-opening syscalls answer EACCES (glibc probes files when it makes a thread arena).
-const OPEN_SYSCALLS: &[Rule] = &[
-    Rule::any(libc::SYS_open),
-    Rule::any(libc::SYS_openat),
-    Rule::any(libc::SYS_openat2),
-    Rule::any(libc::SYS_creat),
-];
-
 /// The card's allow-list; anything else kills the process.
 pub static CARD_FILTER: Filter = Filter {
     name: "netcard",
@@ -130,44 +104,25 @@ pub static VHOST_CARD_FILTER: Filter = Filter {
 };
 
 /// Opens fail with EACCES instead of killing.
-pub static OPEN_FILTER: Filter = Filter {
-    name: "netcard-open",
-    tables: &[OPEN_SYSCALLS],
-    listed: Action::Errno(libc::EACCES),
-    otherwise: Action::Allow,
-};
+pub static OPEN_FILTER: Filter = bulkhead_harden::deny_opens("netcard-open");
 
 /// Every filter of the card, for `--self-test`.
 pub static FILTERS: &[&Filter] = &[&OPEN_FILTER, &CARD_FILTER, &VHOST_CARD_FILTER];
 
 /// no_new_privs, then both filters on the calling thread; threads created later inherit them.
 pub fn install_seccomp() -> Result<()> {
-    bulkhead_harden::no_new_privs()?;
-    let deny_open = OPEN_FILTER.compile()?;
-    let allow = CARD_FILTER.compile()?;
-    bulkhead_harden::apply(&deny_open)?;
-    bulkhead_harden::apply(&allow)?;
-    Ok(())
+    Ok(bulkhead_harden::install_stack(&[
+        &OPEN_FILTER,
+        &CARD_FILTER,
+    ])?)
 }
 
 /// no_new_privs, then [`OPEN_FILTER`] and [`VHOST_CARD_FILTER`] (vhost-user-net mode).
 pub fn install_vhost_seccomp() -> Result<()> {
-    bulkhead_harden::no_new_privs()?;
-    let deny_open = OPEN_FILTER.compile()?;
-    let allow = VHOST_CARD_FILTER.compile()?;
-    bulkhead_harden::apply(&deny_open)?;
-    bulkhead_harden::apply(&allow)?;
-    Ok(())
-}
-
-/// Locks every page mapped now (heap included) into RAM; guest memory, mapped later, is not
-/// affected. Best effort (the key pages are locked on their own either way).
-pub fn lock_current_memory() -> std::io::Result<()> {
-    // SAFETY: mlockall has no memory-safety preconditions.
-    if unsafe { libc::mlockall(libc::MCL_CURRENT) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(bulkhead_harden::install_stack(&[
+        &OPEN_FILTER,
+        &VHOST_CARD_FILTER,
+    ])?)
 }
 
 #[cfg(test)]

@@ -112,7 +112,7 @@ pub fn run(cfg: CardConfig, tap_name: &str) -> Result<()> {
     let (uid, gid, control_path, listen) = (cfg.uid, cfg.gid, cfg.control.clone(), cfg.listen);
     let card = datapath::open_card(cfg)?;
     let tap = Arc::new(open_tap(tap_name)?);
-    sandbox::drop_privileges(uid, gid)?;
+    bulkhead_harden::drop_privileges_if_given(uid, gid)?;
     sandbox::install_seccomp()?;
     let dp = Arc::new(card.dp);
     info!(

@@ -475,10 +475,10 @@ pub fn run(cfg: CardConfig, vhost_socket: PathBuf) -> Result<()> {
             op: "UDP socket non-blocking",
             source,
         })?;
-    if let Err(e) = sandbox::lock_current_memory() {
+    if let Err(e) = bulkhead_harden::lock_current_memory() {
         warn!(error = %e, "mlockall(MCL_CURRENT) failed (key pages are locked on their own)");
     }
-    sandbox::drop_privileges(uid, gid)?;
+    bulkhead_harden::drop_privileges_if_given(uid, gid)?;
     sandbox::install_vhost_seccomp()?;
     let dp = Arc::new(card.dp);
     info!(
