@@ -19,8 +19,10 @@
 //!
 //! Request parameters: a service that records a digest of the bytes a caller sent computes it
 //! with its [`ParamsKey`] (HMAC-SHA256 under a key drawn at process start and held only in
-//! memory), never a plain SHA-256, so an operator reading the log cannot confirm guesses of a
-//! low-entropy body. See [`params`] for where the key lives and what equal digests mean.
+//! memory), never a plain SHA-256, so an operator reading the log cannot confirm guesses of the
+//! body's fields the record does not show. The record's `op` and `resources` stay in clear; see
+//! [`params`] for which fields only the digest covers, where the key lives and what equal
+//! digests mean.
 
 pub mod checkpoint;
 pub mod params;

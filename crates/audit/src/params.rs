@@ -1,16 +1,22 @@
 //! Keyed digests of request parameters: what an audit record's `params_sha256` holds when a
 //! service digests the bytes a caller sent.
 //!
-//! Operators read audit logs; they must not learn customer content from them (claim 6). A plain
-//! SHA-256 of a request body is no secret when the body is low-entropy — a volume id and a size,
-//! a host list, a description: whoever reads the record hashes guesses until one matches. So a
-//! service digests a body with HMAC-SHA256 under a [`ParamsKey`] instead. Without the key, the
-//! digest confirms no guess; with it, equal bodies still give equal digests, so a reader can tell
-//! that two requests of one process carried the same parameters (a replay, a retry) without
-//! learning what they were.
+//! Operators read audit logs; they must not learn customer content from them (claim 6). What a
+//! record shows in clear is chosen by the service that writes it: the operation (`op`, e.g.
+//! `Mint:DrainHost`, `CreateVolume`) and the resources it names (`resources`, e.g. `host:host-3`,
+//! `volume:vol-7`) are plain text, readable by anyone who reads the log. The digest covers the
+//! whole body, but what it alone stands for is the rest of the body: for a mint, the TTL and any
+//! resource patterns; for a storage request, a volume's size, a snapshot source, a grant's
+//! generation; any free text. A plain SHA-256 of such a body is no secret when those fields are
+//! low-entropy: whoever reads the record takes the clear fields from it, hashes guesses of the
+//! rest until one matches. So a service digests a body with HMAC-SHA256 under a [`ParamsKey`]
+//! instead. Without the key, the digest confirms no guess of the hidden fields; with it, equal
+//! bodies still give equal digests, so a reader can tell that two requests of one process
+//! carried the same parameters (a replay, a retry) without learning the hidden ones.
 //!
 //! Where the key comes from: each process draws 32 random bytes when it starts
-//! ([`ParamsKey::generate`]) and keeps them in memory only. The key is never written to the log,
+//! ([`ParamsKey::generate`]) and keeps them in memory only (the drawn bytes are zeroed once the
+//! HMAC key is made from them). The key is never written to the log,
 //! to a file or to a log line, and no API hands it out; [`ParamsKey`]'s `Debug` prints only that
 //! it is a key. Nothing re-checks a digest against a body after the fact (the control plane's
 //! fleet check and `bulkhead audit verify` read the field as an opaque string), so a key that
@@ -26,6 +32,7 @@
 //! digests caller bytes. Records written before this change carry plain SHA-256 digests.
 
 use aws_lc_rs::hmac;
+use zeroize::Zeroizing;
 
 /// Length of a [`ParamsKey`] in bytes.
 pub const PARAMS_KEY_BYTES: usize = 32;
@@ -51,10 +58,11 @@ impl std::fmt::Debug for ParamsKey {
 impl ParamsKey {
     /// A fresh key of [`PARAMS_KEY_BYTES`] random bytes from the system's generator.
     pub fn generate() -> Result<ParamsKey, ParamsKeyError> {
-        let mut bytes = [0u8; PARAMS_KEY_BYTES];
-        aws_lc_rs::rand::fill(&mut bytes).map_err(|_| ParamsKeyError::Random)?;
+        // Zeroed when dropped, on the error path too; the struct keeps only aws-lc's key.
+        let mut bytes = Zeroizing::new([0u8; PARAMS_KEY_BYTES]);
+        aws_lc_rs::rand::fill(bytes.as_mut()).map_err(|_| ParamsKeyError::Random)?;
         Ok(ParamsKey {
-            key: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
+            key: hmac::Key::new(hmac::HMAC_SHA256, bytes.as_ref()),
         })
     }
 

@@ -3,9 +3,11 @@
 //!
 //! Every request is audited before it runs (hash-chained, fsync'd) and its outcome after;
 //! every refusal (another role, unknown route, oversized or malformed body) is audited too.
-//! A request record carries the body's digest keyed with the node's `ParamsKey` (HMAC-SHA256,
-//! key drawn at start and held in memory), so whoever reads the log cannot confirm a guessed
-//! body; equal bodies give equal digests until the node restarts.
+//! A request record shows the route (`op`) and the volume and host it names (`resources`:
+//! `volume:…`, `host:…`) in clear; the rest of the body (a size, a snapshot source, a
+//! generation) appears only in its digest, keyed with the node's `ParamsKey` (HMAC-SHA256, key
+//! drawn at start and held in memory), so whoever reads the log cannot confirm a guess of those
+//! fields; equal bodies give equal digests until the node restarts.
 
 use std::sync::Arc;
 

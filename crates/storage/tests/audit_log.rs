@@ -1,8 +1,11 @@
 //! The storage node's audit log under an operator's eyes (claim 6), against the real
 //! `bulkhead-storage` binary with its real qemu-storage-daemon:
-//! * reading it, an operator cannot confirm a guessed control request body: the recorded digest
-//!   is keyed (`bulkhead_audit::ParamsKey`), so plain SHA-256 of a dictionary of bodies (the
-//!   true one among them) matches nothing — with the old unkeyed digest it did;
+//! * a CreateVolume record shows the route (`op`) and the volume (`resources`: `volume:vol-7`)
+//!   in clear; only the digest covers the rest of the body, here the size. Reading the log, an
+//!   operator cannot confirm a guess of it: the recorded digest is keyed
+//!   (`bulkhead_audit::ParamsKey`), so plain SHA-256 of a dictionary of bodies (each record's
+//!   clear volume id with every size a MiB apart up to 4 GiB, the true ones among them) matches
+//!   nothing — with the old unkeyed digest it did;
 //! * editing one byte of a record, dropping a middle record, or cutting records off the end of
 //!   the node's real log is refused by the verifier holding the node's certificate, with the
 //!   typed error naming the line.
@@ -16,7 +19,6 @@ use bulkhead_audit::{
     verify_with, Anchor, AuditRecord, CheckpointKey, EntryKind, VerifyError, VerifyOptions,
 };
 use harness::*;
-use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
 
@@ -43,15 +45,25 @@ fn records(log: &str) -> Vec<AuditRecord> {
         .collect()
 }
 
-/// Digests of the CreateVolume request records, in log order.
-fn create_digests(log: &str) -> Vec<String> {
+/// What an operator reads of each CreateVolume request record, in log order: the volume id it
+/// shows in clear, and the digest.
+fn create_records(log: &str) -> Vec<(String, String)> {
     records(log)
         .into_iter()
         .filter(|r| r.entry.kind == EntryKind::Request && r.entry.op == "CreateVolume")
         .map(|r| {
-            r.entry
-                .params_sha256
-                .expect("a control request carries a digest")
+            let [volume] = r.entry.resources.as_slice() else {
+                panic!("one resource per CreateVolume: {:?}", r.entry.resources);
+            };
+            (
+                volume
+                    .strip_prefix("volume:")
+                    .expect("a volume resource")
+                    .to_string(),
+                r.entry
+                    .params_sha256
+                    .expect("a control request carries a digest"),
+            )
         })
         .collect()
 }
@@ -99,39 +111,34 @@ fn an_operator_reading_the_log_cannot_confirm_a_guessed_body_nor_edit_or_cut_it_
     assert_eq!(post(&node, &control, &secret), 200);
     assert_eq!(post(&node, &control, &other), 200);
     wait_outcomes(&node, 3);
-    let first = create_digests(&node.audit_log());
+    let first = create_records(&node.audit_log());
     assert_eq!(first.len(), 3, "one request record per call");
+    let ids: Vec<&str> = first.iter().map(|(v, _)| v.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["vol-7", "vol-7", "vol-8"],
+        "the volume id is in clear"
+    );
 
-    // The operator's dictionary: the usual ids and power-of-two sizes.
+    // The operator's dictionary: each record's clear volume id with every size a MiB apart up to
+    // 4 GiB (the hidden field).
     let mut dictionary = Vec::new();
-    for v in 0..100 {
-        for shift in 0..16 {
-            dictionary.push(create_body(&format!("vol-{v}"), MIB << shift));
+    for (volume, _) in &first {
+        for mib in 1..=4096 {
+            dictionary.push(create_body(volume, mib * MIB));
         }
     }
-    assert!(dictionary.contains(&secret) && dictionary.contains(&other));
-    for guess in &dictionary {
-        let plain = hex::encode(Sha256::digest(guess));
-        assert!(
-            !first.contains(&plain),
-            "the log confirms the guess {}",
-            String::from_utf8_lossy(guess)
-        );
-    }
-    // Within one run equal bodies give equal digests, another body another one.
-    assert_eq!(
-        first[0], first[1],
-        "equal bodies, one process: equal digests"
-    );
-    assert_ne!(first[0], first[2]);
+    let digests: Vec<String> = first.iter().map(|(_, d)| d.clone()).collect();
+    bulkhead_testkit::assert_digests_keyed(&digests, (&secret, &other), &dictionary);
 
     // A restarted node draws a new key: the same body, another digest.
     node.restart(&pki);
     assert_eq!(post(&node, &control, &secret), 200);
     wait_outcomes(&node, 4);
-    let all = create_digests(&node.audit_log());
+    let all = create_records(&node.audit_log());
     assert_eq!(all.len(), 4);
-    assert_ne!(all[3], first[0], "a restart draws a new key");
+    assert_eq!(all[3].0, "vol-7");
+    assert_ne!(all[3].1, first[0].1, "a restart draws a new key");
 
     // Tampering with the real log. The node is stopped so the file holds still; every check runs
     // on a copy the way an operator's verifier would, with the node's certificate.
@@ -184,12 +191,18 @@ fn an_operator_reading_the_log_cannot_confirm_a_guessed_body_nor_edit_or_cut_it_
         }
     );
 
-    // (c) The last records cut off, not at a checkpoint: the tail after the last seal is named.
-    let keep = (0..n - 1)
-        .rev()
-        .find(|&i| !is_checkpoint(&good[i]))
-        .unwrap()
-        + 1;
+    // (c) Records cut off the end, the cut ending on a record. Each commit here holds one record
+    // and ends with its checkpoint (requests are answered one at a time), so the cut keeps every
+    // line up to the second-to-last record: it removes that record's checkpoint, the last record
+    // and the last checkpoint. What the verifier can say is that the log ends on records no
+    // checkpoint seals, naming the first of them; it cannot count the removed record (that takes
+    // the kept head, (d)).
+    let recs: Vec<usize> = (0..n).filter(|&i| !is_checkpoint(&good[i])).collect();
+    let keep = recs[recs.len() - 2] + 1;
+    assert!(
+        good[keep..].iter().any(|l| !is_checkpoint(l)),
+        "the cut removes a record, not only a checkpoint"
+    );
     let sealed = (0..keep).rev().find(|&i| is_checkpoint(&good[i])).unwrap();
     write_lines(&copy, &good[..keep]);
     assert_eq!(

@@ -7,6 +7,9 @@
 //! run the rest of the suite. With `BULKHEAD_REQUIRE_ALL=1` in the environment (`make test`
 //! and therefore `.ci/run` set it) every skip is a test failure instead: a CI machine that
 //! lacks KVM, swtpm or root goes red rather than green without having run the claim tests.
+//!
+//! [`assert_digests_keyed`] is claim 6's check of an audit log's body digests, shared by the
+//! tests that read a daemon's real log as an operator would.
 
 /// The environment variable that turns every skip into a failure.
 pub const REQUIRE_ALL_ENV: &str = "BULKHEAD_REQUIRE_ALL";
@@ -47,6 +50,45 @@ pub fn require(cond: bool, what: &str) {
     eprintln!("\n*** NOT CHECKED: {what} does not hold here (set {REQUIRE_ALL_ENV}=1 to make this a failure) ***\n");
 }
 
+/// Claim 6's check of an audit log's body digests, as an operator who reads the log would make
+/// it. `recorded` are the `params_sha256` values of three requests of one process run, in log
+/// order: `sent.0`, `sent.0` again, then `sent.1`. `dictionary` is the operator's guesses; the
+/// caller builds it from what the records show in clear (`op`, `resources`) and varies what only
+/// the digest covers. Asserts that
+/// * the dictionary holds both bodies that were sent (so a plain digest would have matched);
+/// * no guess, hashed with plain SHA-256, equals any recorded digest;
+/// * the digest is keyed per run, not fresh per request: the two equal bodies recorded equal
+///   digests, the other body another one.
+///
+/// # Panics
+/// When any of these does not hold (this is an assertion helper for tests).
+#[track_caller]
+pub fn assert_digests_keyed(recorded: &[String], sent: (&[u8], &[u8]), dictionary: &[Vec<u8>]) {
+    use sha2::{Digest, Sha256};
+    assert_eq!(
+        recorded.len(),
+        3,
+        "three digests: a body, the same body, another body"
+    );
+    assert!(
+        dictionary.iter().any(|g| g == sent.0) && dictionary.iter().any(|g| g == sent.1),
+        "the dictionary holds the bodies that were sent"
+    );
+    for guess in dictionary {
+        let plain = hex::encode(Sha256::digest(guess));
+        assert!(
+            !recorded.contains(&plain),
+            "the log confirms the guess {}",
+            String::from_utf8_lossy(guess)
+        );
+    }
+    assert_eq!(
+        recorded[0], recorded[1],
+        "equal bodies, one process: equal digests"
+    );
+    assert_ne!(recorded[0], recorded[2], "another body, another digest");
+}
+
 #[cfg(test)]
 mod tests {
     // The switch is process-global state; one test exercises both settings in order.
@@ -61,5 +103,34 @@ mod tests {
         super::require(true, "demo");
         std::env::set_var(super::REQUIRE_ALL_ENV, "0");
         super::skip_or_fail("demo again");
+    }
+
+    #[test]
+    fn the_dictionary_check_refuses_plain_and_per_request_digests() {
+        use sha2::{Digest, Sha256};
+        let (a, b) = (b"a".to_vec(), b"b".to_vec());
+        let dictionary = vec![a.clone(), b.clone(), b"c".to_vec()];
+        let keyed = |k: &[u8]| hex::encode(Sha256::digest([b"key:".as_slice(), k].concat()));
+        // Keyed the same way for the whole run: passes.
+        super::assert_digests_keyed(&[keyed(&a), keyed(&a), keyed(&b)], (&a, &b), &dictionary);
+        // Plain SHA-256: the dictionary confirms a body.
+        let plain = |k: &[u8]| hex::encode(Sha256::digest(k));
+        let r = [plain(&a), plain(&a), plain(&b)];
+        assert!(std::panic::catch_unwind(|| {
+            super::assert_digests_keyed(&r, (&a, &b), &dictionary)
+        })
+        .is_err());
+        // A fresh digest per request (equal bodies, different digests), or a dictionary that
+        // lacks a sent body: refused too.
+        let r = [keyed(&a), keyed(b"x"), keyed(&b)];
+        assert!(std::panic::catch_unwind(|| {
+            super::assert_digests_keyed(&r, (&a, &b), &dictionary)
+        })
+        .is_err());
+        let r = [keyed(&a), keyed(&a), keyed(&b)];
+        assert!(std::panic::catch_unwind(|| {
+            super::assert_digests_keyed(&r, (&a, &b), &dictionary[..1])
+        })
+        .is_err());
     }
 }

@@ -13,11 +13,13 @@
 //! oversized body, and everything the TLS server loop refuses (handshakes, caps, malformed
 //! HTTP) is audited too, rate-summarised ([`MinterRefusals`]).
 //!
-//! A mint record carries the body's digest keyed with the service's [`ParamsKey`]
-//! (HMAC-SHA256; the key is drawn when the process starts and held only in memory), never a
-//! plain SHA-256: a mint body (a host list, operation names, a TTL) is low-entropy, and whoever
-//! reads the log must not be able to confirm guesses of it. Equal bodies give equal digests
-//! until the service restarts.
+//! A mint record shows in clear the caller, the operations (`op`, e.g. `Mint:DrainHost`) and the
+//! hosts (`resources`, e.g. `host:host-3`); anyone who reads the log reads those. The rest of
+//! the body (the TTL, any resource patterns) appears only in the record's digest of the whole
+//! body, which is keyed with the service's [`ParamsKey`] (HMAC-SHA256; the key is drawn when the
+//! process starts and held only in memory), never a plain SHA-256: those fields are low-entropy,
+//! and whoever reads the log, taking the clear fields from the record, must not be able to
+//! confirm guesses of them. Equal bodies give equal digests until the service restarts.
 
 use std::sync::Arc;
 
