@@ -2251,10 +2251,7 @@ impl HostBackend {
         }
         if fault() == Some(Fault::LiveUpdateAfterHandoverExit) && to.is_some() {
             // Let the hand-over happen, then die before recording its outcome.
-            let r = g.vm.as_ref().map(|vm| {
-                vm.chan
-                    .call(Command::LiveUpdate, Some(handover.as_raw_fd()))
-            });
+            let r = g.vm.as_ref().map(|vm| vm.chan.live_update(handover));
             tracing::error!(ok = ?r.map(|r| r.is_ok()), "fault hook: exiting after a hand-over, before its outcome is recorded");
             std::process::exit(70);
         }
@@ -2274,20 +2271,13 @@ impl HostBackend {
                 grace_ms: 0,
             });
         }
-        let r = vm
-            .chan
-            .call(Command::LiveUpdate, Some(handover.as_raw_fd()));
-        drop(handover);
-        let pause_us = match r {
-            Ok(Reply::Updated { pause_us }) => pause_us,
-            other => {
+        let pause_us = match vm.chan.live_update(handover) {
+            Ok(p) => p,
+            Err(e) => {
                 reap_new("refused");
                 g.updating = None;
                 self.persist_noticed(g);
-                return Err(match other {
-                    Err(e) => channel_err("live update")(e),
-                    Ok(_) => BackendError::Unavailable,
-                });
+                return Err(channel_err("live update")(e));
             }
         };
         let chan = match Channel::from_fd(chan_fd) {

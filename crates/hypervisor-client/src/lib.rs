@@ -254,23 +254,13 @@ impl Hypervisor {
         run_as: Option<(u32, u32)>,
     ) -> Result<u64, ClientError> {
         let (mut child, ours, handover) = spawn_incoming(binary, run_as)?;
-        let r = self
-            .chan
-            .call(Command::LiveUpdate, Some(handover.as_raw_fd()));
-        drop(handover);
-        let pause_us = match r {
-            Ok(Reply::Updated { pause_us }) => pause_us,
-            other => {
+        let pause_us = match self.chan.live_update(handover) {
+            Ok(p) => p,
+            Err(e) => {
                 // It never ran the guest: nothing of it is worth keeping.
                 let _ = child.kill();
                 let _ = child.wait();
-                return match other {
-                    Err(e) => Err(e),
-                    Ok(reply) => Err(ClientError::UnexpectedReply {
-                        command: "LiveUpdate",
-                        reply: Box::new(reply),
-                    }),
-                };
+                return Err(e);
             }
         };
         let chan = Channel::from_fd(ours)?;
@@ -390,6 +380,24 @@ impl Channel {
             return self.wait_op(op);
         }
         self.exchange(command, fd)
+    }
+
+    /// Live update: sends [`Command::LiveUpdate`] with `handover`, the hand-over end of the new
+    /// hypervisor process (closed here once sent, so only the two hypervisors hold the
+    /// socket), and returns the pause they measured, in microseconds. Any other reply is
+    /// [`ClientError::UnexpectedReply`]; on every error the guest still runs in this channel's
+    /// process.
+    pub fn live_update(&self, handover: impl Into<OwnedFd>) -> Result<u64, ClientError> {
+        let handover: OwnedFd = handover.into();
+        let r = self.call(Command::LiveUpdate, Some(handover.as_raw_fd()));
+        drop(handover);
+        match r? {
+            Reply::Updated { pause_us } => Ok(pause_us),
+            reply => Err(ClientError::UnexpectedReply {
+                command: "LiveUpdate",
+                reply: Box::new(reply),
+            }),
+        }
     }
 
     /// Sends a long command and returns the id of the accepted operation (its request id).
