@@ -28,13 +28,17 @@ pub fn init_logging(env_var: &str, default: &str) {
 
 /// The exit code for `result`; an error is printed as `name: error` on stderr.
 pub fn exit<E: Display>(name: &str, result: Result<(), E>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{name}: {e}");
-            ExitCode::from(FATAL)
-        }
-    }
+    exit_code(name, result.map(|()| ExitCode::SUCCESS))
+}
+
+/// Like [`exit`] for a binary whose success has its own codes (e.g. the launcher's "refused",
+/// the hypervisor's "guest stopped"): `Ok(code)` is returned as it is; an error is printed as
+/// `name: error` and exits with [`FATAL`].
+pub fn exit_code<E: Display>(name: &str, result: Result<ExitCode, E>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("{name}: {e}");
+        ExitCode::from(FATAL)
+    })
 }
 
 /// The runtime of the async daemons and CLIs: multi-threaded with two workers (the hosts this
@@ -55,6 +59,11 @@ mod tests {
     fn exit_codes() {
         assert_eq!(exit::<String>("x", Ok(())), ExitCode::SUCCESS);
         assert_eq!(exit("x", Err("boom")), ExitCode::from(FATAL));
+        assert_eq!(
+            exit_code::<String>("x", Ok(ExitCode::from(3))),
+            ExitCode::from(3)
+        );
+        assert_eq!(exit_code("x", Err("boom")), ExitCode::from(FATAL));
         init_logging("BULKHEAD_TEST_LOG", "info");
         init_logging("BULKHEAD_TEST_LOG", "info");
     }

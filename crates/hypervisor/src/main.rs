@@ -278,8 +278,5 @@ fn main() -> ExitCode {
         } => incoming(channel_fd, handover_fd, run_as).map(|_| ExitCode::SUCCESS),
         Cmd::SelfTest => Ok(release_self_test()),
     };
-    result.unwrap_or_else(|e| {
-        eprintln!("bulkhead-hypervisor: {e}");
-        ExitCode::from(2)
-    })
+    bulkhead_daemon::exit_code("bulkhead-hypervisor", result)
 }

@@ -253,11 +253,5 @@ fn main() -> ExitCode {
         std::env::set_var("TSS2_LOG", "all+none");
     }
     bulkhead_daemon::init_logging("BULKHEAD_LOG", "error");
-    match run(Args::parse()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("bulkhead-launcher: {e}");
-            ExitCode::from(2)
-        }
-    }
+    bulkhead_daemon::exit_code("bulkhead-launcher", run(Args::parse()))
 }
