@@ -482,7 +482,7 @@ fn receive_state(
 
 fn lock_down(cfg: &CardConfig) -> Result<(), CardError> {
     if let Err(e) = bulkhead_harden::lock_current_memory() {
-        warn!(error = %e, "mlockall(MCL_CURRENT) failed; the rest of the card may be swapped (key schedules are in their own locked pages)");
+        warn!(error = %e, "memory not locked; the rest of the card may be swapped (key schedules are in their own locked pages)");
     }
     bulkhead_harden::drop_privileges_if_given(cfg.uid, cfg.gid).map_err(SandboxError::from)?;
     sandbox::install_seccomp(matches!(cfg.backing, BackingSpec::Nbd(_)))?;

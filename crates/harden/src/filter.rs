@@ -226,12 +226,18 @@ pub const fn deny_opens(name: &'static str) -> Filter {
 /// compile. The kernel applies the most restrictive verdict of all installed filters. Call
 /// before any other thread exists.
 pub fn install_stack(stack: &[&Filter]) -> Result<(), HardenError> {
-    crate::no_new_privs()?;
     let programs = stack
         .iter()
         .map(|f| f.compile())
         .collect::<Result<Vec<_>, _>>()?;
-    for p in &programs {
+    install_compiled(&programs)
+}
+
+/// Sets no_new_privs and installs already compiled filters in order on the calling thread:
+/// the half of [`install_stack`] that allocates nothing (a forked child may call it).
+pub fn install_compiled(programs: &[BpfProgram]) -> Result<(), HardenError> {
+    crate::no_new_privs()?;
+    for p in programs {
         apply(p)?;
     }
     Ok(())
@@ -425,8 +431,14 @@ mod tests {
                 _ => 0,
             }
         };
+        // Compiled before fork (as `install_stack` would): the child only makes system calls.
+        let programs = [
+            DENY_OPENS.compile().expect("compiles"),
+            ALLOW_OPENS.compile().expect("compiles"),
+        ];
         let stacked = |f: fn() -> i32| {
-            in_child(move || match install_stack(&[&DENY_OPENS, &ALLOW_OPENS]) {
+            let programs = &programs;
+            in_child(move || match install_compiled(programs) {
                 Ok(()) => f(),
                 Err(_) => 100,
             })

@@ -33,8 +33,8 @@ mod process;
 mod trap;
 
 pub use filter::{
-    apply, apply_all_threads, deny_opens, install_stack, self_test, target_arch, Action, Args,
-    Filter, Rule, OPEN_SYSCALLS,
+    apply, apply_all_threads, deny_opens, install_compiled, install_stack, self_test, target_arch,
+    Action, Args, Filter, Rule, OPEN_SYSCALLS,
 };
 pub use process::{
     close_other_fds, drop_privileges, drop_privileges_if_given, forbid_dumps, lock_core_dumps,

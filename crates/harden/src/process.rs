@@ -225,7 +225,6 @@ mod tests {
         assert_eq!(code, Ok(0));
     }
 
-    /// Unprivileged: dropping to root fails at the step that the kernel refuses, with EPERM.
     #[test]
     fn forbid_dumps_clears_dumpable_and_core_limit() {
         let code = in_child(|| {
@@ -281,6 +280,7 @@ mod tests {
         assert_eq!(code, Ok(0));
     }
 
+    /// Unprivileged: dropping to root fails at the step that the kernel refuses, with EPERM.
     #[test]
     fn failed_drop_names_step_and_errno() {
         let code = in_child(|| {

@@ -383,10 +383,11 @@ impl Channel {
     }
 
     /// Live update: sends [`Command::LiveUpdate`] with `handover`, the hand-over end of the new
-    /// hypervisor process (closed here once sent, so only the two hypervisors hold the
-    /// socket), and returns the pause they measured, in microseconds. Any other reply is
-    /// [`ClientError::UnexpectedReply`]; on every error the guest still runs in this channel's
-    /// process.
+    /// hypervisor process (closed here once the reply is in, so only the two hypervisors hold
+    /// the socket), and returns the pause they measured, in microseconds. Any other reply is
+    /// [`ClientError::UnexpectedReply`]. After a refusal or an unexpected reply the guest still
+    /// runs in this channel's process; after an I/O error or a timeout the outcome is unknown
+    /// (the hand-over may have started), and the caller must find out which process holds it.
     pub fn live_update(&self, handover: impl Into<OwnedFd>) -> Result<u64, ClientError> {
         let handover: OwnedFd = handover.into();
         let r = self.call(Command::LiveUpdate, Some(handover.as_raw_fd()));

@@ -476,7 +476,7 @@ pub fn run(cfg: CardConfig, vhost_socket: PathBuf) -> Result<()> {
             source,
         })?;
     if let Err(e) = bulkhead_harden::lock_current_memory() {
-        warn!(error = %e, "mlockall(MCL_CURRENT) failed (key pages are locked on their own)");
+        warn!(error = %e, "memory not locked (key pages are locked on their own)");
     }
     bulkhead_harden::drop_privileges_if_given(uid, gid)?;
     sandbox::install_vhost_seccomp()?;

@@ -442,8 +442,9 @@ pub fn random_nonce() -> String {
 }
 
 /// A fresh resource id: `prefix`, a dash and 16 hex digits from the kernel CSPRNG (e.g.
-/// `i-0f3a…`, `vol-…`). Only unique, never secret: should the kernel give no randomness the
-/// digits are zeros, and a store refuses the duplicate.
+/// `i-0f3a…`, `vol-…`). Only unique, never secret. Should the kernel give no randomness the
+/// digits are zeros: a store refuses a duplicate resource id, but request ids and audit
+/// references would then repeat (getrandom does not fail on Linux once the pool is ready).
 pub fn random_id(prefix: &str) -> String {
     let mut b = [0u8; 8];
     let _ = fill_random(&mut b);
