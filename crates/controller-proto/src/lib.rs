@@ -372,9 +372,9 @@ pub struct ReleaseDeployed {
     /// release carries no block card).
     #[serde(default)]
     pub cards: Vec<CardMoved>,
-    /// The release carries a controller: right after this answer the controller re-executes
-    /// itself into that release's installed binary (same pid; it adopts every hypervisor and
-    /// card and continues its audit chain; GetHealth's `controller_release` then names it).
+    /// Reserved for a controller that applies a release's controller by re-executing into it.
+    /// Always absent now: a release's controller is installed and not applied (the
+    /// controller's seccomp filter traps every exec; audited `controller_restart_unsupported`).
     #[serde(default)]
     pub controller_restart: Option<u64>,
 }

@@ -23,14 +23,11 @@
 //!    stopped serving).
 //! 6. **Activate**: the release goes into the host record (fsync'd): new instances start its
 //!    hypervisor, a restarted controller keeps using it, and its version is the new floor.
-//! 7. **Controller**: if the release carries `bulkhead-controller`, the answer says so
-//!    (`controller_restart`), and right after it the controller re-executes itself into
-//!    `v<version>/bulkhead-controller` with the same arguments and pid, handing over only its
-//!    listener and its keeper and agent connections ([`crate::reexec`]); the new image adopts
-//!    every hypervisor and card as after a kill -9, continues the audit chain
-//!    (`DeployRelease:controller-restart` before, `DeployRelease:controller-applied` after) and
-//!    reports the release in GetHealth (`controller_release`). A failed exec leaves the old
-//!    controller serving, audited with a typed code.
+//! 7. **Controller**: if the release carries `bulkhead-controller`, it is installed and
+//!    recorded but **not applied**: the controller's seccomp filter traps every exec (no
+//!    argument rule can pin `execveat` to one file; see [`crate::reexec`]), so the step is
+//!    audited `DeployRelease:controller-restart` with `controller_restart_unsupported`, the
+//!    answer's `controller_restart` stays absent, and the running controller serves on.
 //!
 //! Each step is audited (the controller's lifecycle records), and every refusal is typed
 //! ([`DeployError::code`]). A release's net-card binary is installed and recorded but not yet

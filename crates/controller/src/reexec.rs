@@ -1,5 +1,13 @@
-//! Applying a release's controller: the controller re-executes itself into the installed,
-//! measured `v<N>/bulkhead-controller` with the same arguments (DeployRelease's last step).
+//! Applying a release's controller by re-executing into it: **not in use**. The controller's
+//! seccomp filter traps every `execve`/`execveat` ([`crate::sandbox`]): a rule allowing
+//! `execveat(EXEC_FD, path, .., AT_EMPTY_PATH)` on descriptor and flags let any program run
+//! (with a non-empty absolute path the kernel ignores the descriptor), and Linux refuses a NULL
+//! path for execveat (EFAULT), so no argument rule can pin the exec to one file. DeployRelease
+//! therefore installs a release's controller and audits `controller_restart_unsupported`
+//! ([`ReexecError::Unsupported`]); and since this build never re-executes, a hand-off found at
+//! start is forged and refused ([`Handoff::take_from_env`], [`ReexecError::HandoffRefused`]).
+//! The mechanism below (the hand-off format and its parser, [`exec_release`]) stays for a
+//! future exec that can be pinned to one file; what follows describes it.
 //!
 //! `execve` keeps the pid, so whatever supervises the controller (a test, `bulkhead up`, the
 //! sealed host's PID 1) sees no exit. The new image starts like a controller restarted after
@@ -12,14 +20,14 @@
 //! Every other descriptor of the controller is close-on-exec: [`exec_release`] checks each
 //! one in `/proc/self/fd` and sets the flag on any that lacks it (logged).
 //!
-//! The sandbox allows one exec form only: `execveat(EXEC_FD, "", argv, envp, AT_EMPTY_PATH)`
+//! The sandbox allows one exec form only: `execveat(EXEC_FD, NULL, argv, envp, AT_EMPTY_PATH)`
 //! on the fixed descriptor [`EXEC_FD`] (see [`crate::sandbox`]); the binary is opened and moved
 //! there just before the call. If the call fails, the descriptors get their flags back and the
 //! old controller serves on.
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -69,6 +77,12 @@ pub enum ReexecError {
     NoBinary(std::path::PathBuf),
     #[error("exec of the release's controller failed: {0}")]
     Exec(std::io::Error),
+    #[error("this controller cannot apply a release's controller (its filter traps every exec)")]
+    Unsupported,
+    #[error(
+        "{HANDOFF_ENV} set at start: this controller never re-executes, the hand-off is refused"
+    )]
+    HandoffRefused,
 }
 
 impl ReexecError {
@@ -78,6 +92,8 @@ impl ReexecError {
             ReexecError::NoBinary(_) => "controller_binary_missing",
             ReexecError::NoKeeper => "controller_restart_unavailable",
             ReexecError::Exec(_) => "controller_exec_failed",
+            ReexecError::Unsupported => "controller_restart_unsupported",
+            ReexecError::HandoffRefused => "controller_handoff_refused",
         }
     }
 }
@@ -141,33 +157,15 @@ impl Handoff {
     }
 
     /// The hand-off this process was started with, removed from the environment (so nothing
-    /// it starts inherits it). Call before any thread exists.
+    /// it starts inherits it). Call before any thread exists. This build never re-executes
+    /// (its filter traps every exec), so any hand-off is forged: refused with
+    /// [`ReexecError::HandoffRefused`] before anything is read from it or audited.
     pub fn take_from_env() -> Result<Option<Inherited>, ReexecError> {
-        let Some(v) = std::env::var_os(HANDOFF_ENV) else {
+        if std::env::var_os(HANDOFF_ENV).is_none() {
             return Ok(None);
-        };
+        }
         std::env::remove_var(HANDOFF_ENV);
-        let h = Handoff::parse(v.to_str().ok_or(ReexecError::Malformed)?)?;
-        check_socket(h.listen, libc::SOCK_STREAM, "listening TCP")?;
-        check_socket(h.keeper, libc::SOCK_SEQPACKET, "keeper")?;
-        if let Some(a) = h.agent {
-            check_socket(a, libc::SOCK_STREAM, "agent")?;
-        }
-        // From now on they are this process's own descriptors: close-on-exec again.
-        for fd in h.fds() {
-            set_cloexec(fd, true).map_err(|_| ReexecError::NotASocket { fd, want: "open" })?;
-        }
-        // SAFETY: each descriptor was handed over by this process's previous image, is open
-        // (checked: a socket of the right type, above), and nothing else in this process owns
-        // it: only this function reads the hand-off, once, before anything else runs.
-        let own = |fd: RawFd| unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Some(Inherited {
-            release: h.release,
-            listen: own(h.listen),
-            keeper: own(h.keeper),
-            agent: h.agent.map(own),
-            bin_dir: h.bin_dir,
-        }))
+        Err(ReexecError::HandoffRefused)
     }
 
     fn fds(&self) -> Vec<RawFd> {
@@ -175,28 +173,6 @@ impl Handoff {
         v.extend(self.agent);
         v
     }
-}
-
-/// Refuses a descriptor that is not an open socket of type `ty`.
-fn check_socket(fd: RawFd, ty: libc::c_int, want: &'static str) -> Result<(), ReexecError> {
-    let mut got: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
-        .map_err(|_| ReexecError::Malformed)?;
-    // SAFETY: `got` and `len` are valid for writes of the sizes given; a closed or non-socket
-    // `fd` makes the call fail (EBADF/ENOTSOCK), nothing else.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut got as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 || got != ty {
-        return Err(ReexecError::NotASocket { fd, want });
-    }
-    Ok(())
 }
 
 fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<bool> {
@@ -296,14 +272,14 @@ pub fn exec_release(binary: &Path, handoff: &Handoff) -> ReexecError {
     argp.push(std::ptr::null());
     let mut envpp: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
     envpp.push(std::ptr::null());
-    // SAFETY: EXEC_FD is the open binary; the path is an empty NUL-terminated string (with
-    // AT_EMPTY_PATH the call runs the descriptor's file); argp and envpp are NULL-terminated
+    // SAFETY: EXEC_FD is the open binary; the path is NULL (with AT_EMPTY_PATH, Linux 6.11 and
+    // later run the descriptor's file; older kernels fail with EFAULT and nothing runs); argp and envpp are NULL-terminated
     // arrays of pointers into `argv`/`envp`, alive across the call. On success nothing returns.
     unsafe {
         libc::syscall(
             libc::SYS_execveat,
             EXEC_FD,
-            c"".as_ptr(),
+            std::ptr::null::<libc::c_char>(),
             argp.as_ptr(),
             envpp.as_ptr(),
             libc::AT_EMPTY_PATH,
@@ -326,6 +302,18 @@ fn restore(fds: &[RawFd]) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_handoff_at_start_is_refused() {
+        // The only test that touches this process's HANDOFF_ENV.
+        std::env::set_var(HANDOFF_ENV, "v=99,listen=5,keeper=9,agent=none,bin=/b");
+        assert!(matches!(
+            Handoff::take_from_env(),
+            Err(ReexecError::HandoffRefused)
+        ));
+        assert!(std::env::var_os(HANDOFF_ENV).is_none());
+        assert!(matches!(Handoff::take_from_env(), Ok(None)));
+    }
 
     #[test]
     fn a_handoff_round_trips_and_malformed_ones_are_refused() {
@@ -360,15 +348,6 @@ mod tests {
         ] {
             assert!(Handoff::parse(bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn a_descriptor_that_is_not_the_right_socket_is_refused() {
-        let f = File::open("/proc/self/status").unwrap();
-        assert!(check_socket(f.as_raw_fd(), libc::SOCK_STREAM, "x").is_err());
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert!(check_socket(a.as_raw_fd(), libc::SOCK_STREAM, "x").is_ok());
-        assert!(check_socket(a.as_raw_fd(), libc::SOCK_SEQPACKET, "x").is_err());
     }
 
     #[test]

@@ -6,10 +6,8 @@
 //! [`crate::launcher`]), `socket` for any family but `AF_UNIX` (the TCP listener is opened before
 //! the filter is installed), and `execve`/`execveat` (hypervisors and block cards are started by
 //! the launcher, which was exec'd before this filter existed; the controller itself can run no
-//! program). The one exec left is a release's controller: `execveat` on the fixed descriptor
-//! [`crate::reexec::EXEC_FD`] with `AT_EMPTY_PATH` (DeployRelease re-executes the controller
-//! into the installed binary; see [`crate::reexec`]). The filter survives that exec, so the
-//! new image runs under it too (and stacks a second copy when it hardens itself). A blocked call traps: the kernel skips the syscall and
+//! program, not even a release's controller: DeployRelease installs it and does not apply it,
+//! see [`crate::reexec`]). A blocked call traps: the kernel skips the syscall and
 //! sends `SIGSYS`; the handler of `bulkhead-harden` only bumps a counter and makes the call fail
 //! with EPERM, and the monitor turns the counter into an `outbound_connect_blocked` alert.
 //! Trapping rather than killing is what lets the alert be raised; the syscall never runs
@@ -34,9 +32,10 @@ const AF_UNIX: u64 = libc::AF_UNIX as u64;
 const OUTBOUND: &[Rule] = &[
     Rule::any(libc::SYS_connect),
     Rule::any(libc::SYS_execve),
-    // execveat only as `execveat(EXEC_FD, "", .., AT_EMPTY_PATH)`: listed if either differs.
-    Rule::arg_not(libc::SYS_execveat, 0, crate::reexec::EXEC_FD as u64),
-    Rule::arg_not(libc::SYS_execveat, 4, libc::AT_EMPTY_PATH as u64),
+    // No exec form at all: with a non-empty absolute path the kernel ignores execveat's
+    // descriptor, and Linux refuses a NULL path for execveat (EFAULT, checked on 6.18), so no
+    // argument rule can limit it to one file (see `crate::reexec`).
+    Rule::any(libc::SYS_execveat),
     Rule::arg_not(libc::SYS_socket, 0, AF_UNIX),
 ];
 
@@ -62,18 +61,84 @@ pub fn harden() -> Result<(), SandboxError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::reexec::EXEC_FD;
+    use std::ffi::CStr;
+    use std::os::fd::AsRawFd;
+
+    /// Forks a child that opens `binary` onto [`EXEC_FD`], installs the controller's real
+    /// filter (no signal handler: a trapped call kills the child with SIGSYS) and calls
+    /// `execveat(EXEC_FD, path, ["true"], [], AT_EMPTY_PATH)`; returns the child's wait status.
+    /// The test process itself never runs under the filter.
+    fn execveat_under_the_filter(binary: &str, path: Option<&CStr>) -> libc::c_int {
+        let program = OUTBOUND_FILTER.compile().unwrap();
+        let file = std::fs::File::open(binary).unwrap();
+        let fd = file.as_raw_fd();
+        let argv = [c"true".as_ptr(), std::ptr::null()];
+        let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+        let pathp = path.map_or(std::ptr::null(), CStr::as_ptr);
+        // SAFETY: after the fork the child only makes system calls (dup2, signal, prctl,
+        // seccomp, execveat, _exit) on memory prepared before it: nothing that takes a lock
+        // another thread of the test harness might have held.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: the child's calls named above; `argv`, `envp` and `pathp` point into
+            // memory that outlives the call; `_exit` never returns.
+            unsafe {
+                if libc::dup2(fd, EXEC_FD) < 0 {
+                    libc::_exit(101);
+                }
+                libc::signal(libc::SIGSYS, libc::SIG_DFL);
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    libc::_exit(102);
+                }
+                if bulkhead_harden::apply(&program).is_err() {
+                    libc::_exit(103);
+                }
+                libc::syscall(
+                    libc::SYS_execveat,
+                    EXEC_FD,
+                    pathp,
+                    argv.as_ptr(),
+                    envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+                libc::_exit(104);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above; `status` is valid for writes.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    #[test]
+    fn the_filter_traps_every_execveat_form() {
+        // The defect this guards: with a non-empty absolute path the kernel ignores the
+        // descriptor, so a rule on descriptor and flags let this run /bin/true although
+        // EXEC_FD holds /dev/null. Every form must be trapped (SIGSYS, no handler here).
+        for (file, path) in [
+            ("/dev/null", Some(c"/bin/true")),
+            ("/bin/true", Some(c"")),
+            ("/bin/true", None),
+        ] {
+            let st = execveat_under_the_filter(file, path);
+            assert!(
+                libc::WIFSIGNALED(st) && libc::WTERMSIG(st) == libc::SIGSYS,
+                "execveat(EXEC_FD={file}, {path:?}) was not trapped (wait status {st:#x})"
+            );
+        }
+    }
 
     #[test]
     fn filters_compile_and_block_what_they_say() {
         bulkhead_harden::self_test(FILTERS).expect("compile");
-        for nr in [libc::SYS_connect, libc::SYS_execve] {
+        for nr in [libc::SYS_connect, libc::SYS_execve, libc::SYS_execveat] {
             assert!(OUTBOUND_FILTER.lists_unconditionally(nr));
         }
-        // execveat only on the release's descriptor, with AT_EMPTY_PATH.
-        assert!(OUTBOUND_FILTER.syscalls().contains(&libc::SYS_execveat));
-        assert!(!OUTBOUND_FILTER.lists_unconditionally(libc::SYS_execveat));
         // socket() only for families other than AF_UNIX.
         assert!(OUTBOUND_FILTER.syscalls().contains(&libc::SYS_socket));
         assert!(!OUTBOUND_FILTER.lists_unconditionally(libc::SYS_socket));

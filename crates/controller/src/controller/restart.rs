@@ -1,7 +1,11 @@
-//! DeployRelease's last step for a release that carries `bulkhead-controller`: after the
-//! answer went out, the controller re-executes itself into the installed binary (same pid,
-//! same arguments; see [`crate::reexec`]). The new image adopts every hypervisor and card as a
-//! controller restarted after a kill -9 does and continues the same audit chain.
+//! DeployRelease's last step for a release that carries `bulkhead-controller`: the binary is
+//! installed (measured, in the release's directory) but **not applied**. The controller's
+//! filter traps every exec (no argument rule can pin `execveat` to one file, see
+//! [`crate::reexec`]), so the step is audited `controller_restart_unsupported` and the running
+//! controller serves on; the release's controller runs when the host's supervisor starts it.
+//! [`Controller::restart_into`] (re-exec into the installed binary, same pid, hand-over of the
+//! listener, keeper and agent connections) is kept for an exec that can be pinned to one file
+//! and is not reached.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -40,30 +44,27 @@ impl Controller {
     }
 
     /// Called by DeployRelease once release `v` is active: if the release carries a controller,
-    /// the restart into it is queued (it runs after the answer) and `Some(v)` goes into the
-    /// answer. Without a restart plan the controller is installed and recorded only (audited).
+    /// it stays installed and is not applied (this controller's filter traps every exec): the
+    /// step is audited `controller_restart_unsupported` and the answer's `controller_restart`
+    /// is `None`. Never queues a restart.
     pub(super) async fn schedule_controller_restart(
         &self,
         record: &crate::record::ReleaseRecord,
         v: u64,
     ) -> Option<u64> {
-        if !record
+        if record
             .artefacts
             .iter()
             .any(|a| a.name == RELEASE_CONTROLLER)
         {
-            return None;
-        }
-        let queued = self
-            .restart
-            .as_ref()
-            .is_some_and(|p| p.requests.send(v).is_ok());
-        if !queued {
-            let code = ReexecError::NoKeeper.code();
+            let code = ReexecError::Unsupported.code();
+            tracing::warn!(
+                version = v,
+                "the release's controller is installed, not applied: this controller cannot exec"
+            );
             self.audit_step("controller-restart", v, None, code).await;
-            return None;
         }
-        Some(v)
+        None
     }
 
     /// Re-executes this controller into release `v`'s installed controller. Runs on the restart
