@@ -18,14 +18,17 @@
 # Everything else is packed on every run, deterministically (fixed timestamps, sorted entries),
 # so the same inputs give the same `digest` (the SHA-256 of the UKI). See host/README.md.
 #
-# For tests only (crates/hostinit/tests/sealed_tamper.rs): BULKHEAD_HOST_CMDLINE replaces the
-# command line; BULKHEAD_HOST_TAMPER flips one byte of the staged copy of a part, never of the
-# cached kernel, in a string nothing reads at run time, so the tampered image still boots and
-# serves and only its measurements change:
+# For tests only (crates/hostinit/tests/sealed_tamper.rs, sealed_attest.rs, image_reproducible.rs,
+# crates/devcluster/tests/sealed_hosts.rs): BULKHEAD_HOST_CMDLINE replaces the command line;
+# BULKHEAD_HOST_TAMPER flips one byte of the staged copy of a part, never of the cached kernel,
+# in a string nothing reads at run time, so the tampered image still boots and serves and only
+# its measurements change:
 #   kernel  the bzImage's setup-header version string (`6.1.x (bulkhead@...`: `b` -> `B`)
 #   binary  bulkhead-controller's `--backend` help text (`nothing runs`: `n` -> `N`)
-# A tampered image is never written to $CARGO_TARGET_DIR/host-image, and its manifest says
-# which byte was flipped (`tamper`).
+# Either one needs BULKHEAD_TEST_ONLY=1 and an output directory that is absent or empty, never
+# $CARGO_TARGET_DIR/host-image. The manifest marks such an image: `tamper` names the flipped
+# byte, `cmdline_override: true` (with `cmdline`, the command line used) a replaced command line;
+# the verifiers refuse a marked manifest as expectations (crates/rot/src/boot.rs, TestImage).
 set -euo pipefail
 
 die() { echo "build-host-image: $*" >&2; exit 1; }
@@ -39,10 +42,17 @@ case "$tamper" in
   ""|kernel|binary) ;;
   *) die "BULKHEAD_HOST_TAMPER=$tamper: want kernel or binary" ;;
 esac
-if [ -n "$tamper" ]; then
+cmdline_override=${BULKHEAD_HOST_CMDLINE:+1}
+if [ -n "$tamper" ] || [ -n "$cmdline_override" ]; then
+  what="${tamper:+BULKHEAD_HOST_TAMPER=$tamper}${tamper:+${cmdline_override:+ and }}${cmdline_override:+BULKHEAD_HOST_CMDLINE}"
+  [ "${BULKHEAD_TEST_ONLY:-}" = 1 ] ||
+    die "$what builds a test image: set BULKHEAD_TEST_ONLY=1 to mean it"
   default_out=$(realpath -m "${CARGO_TARGET_DIR:-$repo/target}/host-image")
   [ "$(realpath -m "$out_dir")" != "$default_out" ] ||
-    die "a tampered image ($tamper) goes to its own directory, not $out_dir"
+    die "a test image ($what) goes to its own directory, not $out_dir"
+  if [ -e "$out_dir" ] && { [ ! -d "$out_dir" ] || [ -n "$(ls -A "$out_dir")" ]; }; then
+    die "a test image ($what) goes to a new or empty directory: $out_dir is not empty"
+  fi
 fi
 host=$repo/host
 kernel_tar=/usr/src/linux-source-6.1.tar.xz
@@ -367,7 +377,7 @@ print(json.dumps({
     "12": bytes(32).hex(),
 }, sort_keys=True))
 PY
-python3 - "$stage/manifest.json" "$stage/expected_pcrs.json" "$stage/tamper" <<'PY'
+python3 - "$stage/manifest.json" "$stage/expected_pcrs.json" "$stage/tamper" "$stage/cmdline" "$cmdline_override" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
 m["expected_pcrs"] = json.load(open(sys.argv[2]))
@@ -375,6 +385,10 @@ m["expected_pcrs_note"] = "SHA-256 bank, computed at build time from the parts (
 tamper = open(sys.argv[3]).read().strip()
 if tamper:
     m["tamper"] = tamper
+# Test-image markers: crates/rot/src/boot.rs refuses a manifest that carries either.
+if sys.argv[5]:
+    m["cmdline_override"] = True
+    m["cmdline"] = open(sys.argv[4]).read()
 open(sys.argv[1], "w").write(json.dumps(m, indent=2, sort_keys=True) + "\n")
 PY
 sha "$stage/bulkhead-host.efi" >"$stage/digest"

@@ -47,6 +47,9 @@ struct Args {
     /// and alerted on, and exit. Proves the filter of this very binary.
     #[arg(long, value_name = "ADDR")]
     sandbox_self_test: Option<String>,
+    // `scripts/build-host-image.sh` (BULKHEAD_HOST_TAMPER=binary, tests only) flips one byte of
+    // the text `explicit fallback: nothing runs` below in the built binary and requires it to
+    // occur exactly once: rewording it breaks that test image build.
     /// Which backend drives instances: `host` (real hypervisor and block-card processes; needs a
     /// guest kernel), `detached` (explicit fallback: nothing runs), or `auto` (host when a guest
     /// is configured or found, else detached).

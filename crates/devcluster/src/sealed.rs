@@ -118,13 +118,16 @@ impl Tamper {
 }
 
 /// Builds the host image into `out` with `scripts/build-host-image.sh` of `repo` from the
-/// release binaries already built (no cargo run), optionally with another kernel command line.
+/// release binaries already built (no cargo run), optionally with another kernel command line:
+/// a test image then (`out` absent or empty; its manifest says `cmdline_override`, and
+/// `bulkhead_rot::boot::ExpectedPcrs::from_manifest` refuses it as expectations).
 /// `Ok(false)`: the host kernel is not in its cache (`make host-image` builds it, ~10 min).
 pub fn build_image(repo: &Path, out: &Path, cmdline: Option<&str>) -> Result<bool, SealedError> {
     build_image_tampered(repo, out, cmdline, None)
 }
 
-/// As [`build_image`], with one byte of a part flipped (tests of the boot chain's refusals).
+/// As [`build_image`], with one byte of a part flipped (tests of the boot chain's refusals;
+/// the manifest says `tamper`).
 pub fn build_image_tampered(
     repo: &Path,
     out: &Path,
@@ -135,13 +138,22 @@ pub fn build_image_tampered(
     cmd.arg(out)
         .env("BULKHEAD_HOST_NO_CARGO", "1")
         .env("BULKHEAD_HOST_REQUIRE_CACHE", "1");
-    if let Some(c) = cmdline {
-        cmd.env("BULKHEAD_HOST_CMDLINE", c);
-    }
+    // Nothing inherited from the caller's environment changes the image: only the arguments.
+    match cmdline {
+        Some(c) => cmd.env("BULKHEAD_HOST_CMDLINE", c),
+        None => cmd.env_remove("BULKHEAD_HOST_CMDLINE"),
+    };
     match tamper {
         Some(t) => cmd.env("BULKHEAD_HOST_TAMPER", t.env_value()),
         None => cmd.env_remove("BULKHEAD_HOST_TAMPER"),
     };
+    // The script builds a test image (its manifest marked, refused as expectations) only when
+    // told so explicitly.
+    if cmdline.is_some() || tamper.is_some() {
+        cmd.env("BULKHEAD_TEST_ONLY", "1");
+    } else {
+        cmd.env_remove("BULKHEAD_TEST_ONLY");
+    }
     let o = cmd
         .output()
         .map_err(|e| SealedError::Io("build-host-image.sh", e))?;

@@ -15,9 +15,15 @@ fn build(out: &Path, cmdline: Option<&str>) -> Option<()> {
     let mut cmd = Command::new(repo().join("scripts/build-host-image.sh"));
     cmd.arg(out)
         .env("BULKHEAD_HOST_NO_CARGO", "1")
-        .env("BULKHEAD_HOST_REQUIRE_CACHE", "1");
+        .env("BULKHEAD_HOST_REQUIRE_CACHE", "1")
+        // Only the arguments shape the image, not the caller's environment.
+        .env_remove("BULKHEAD_HOST_TAMPER")
+        .env_remove("BULKHEAD_HOST_CMDLINE")
+        .env_remove("BULKHEAD_TEST_ONLY");
     if let Some(c) = cmdline {
-        cmd.env("BULKHEAD_HOST_CMDLINE", c);
+        // A replaced command line is a test image: the script wants it said.
+        cmd.env("BULKHEAD_HOST_CMDLINE", c)
+            .env("BULKHEAD_TEST_ONLY", "1");
     }
     let o = cmd.output().expect("run build-host-image.sh");
     if o.status.code() == Some(3) {
@@ -122,6 +128,24 @@ fn same_inputs_same_digest() {
     // not 12.
     let other: serde_json::Value =
         serde_json::from_slice(&read(&c.join("manifest.json"))).expect("manifest is JSON");
+    // The image as built carries no test marker; the one with another command line is marked
+    // (and names it), so no verifier takes its manifest as expectations.
+    assert_eq!(manifest.get("cmdline_override"), None);
+    assert_eq!(manifest.get("tamper"), None);
+    assert_eq!(other["cmdline_override"], true);
+    assert_eq!(
+        bulkhead_rot::boot::ExpectedPcrs::from_manifest(&read(&c.join("manifest.json"))),
+        Err(bulkhead_rot::boot::BootChainError::TestImage(
+            "cmdline_override"
+        ))
+    );
+    assert!(
+        bulkhead_rot::boot::ExpectedPcrs::from_manifest(&read(&a.join("manifest.json"))).is_ok()
+    );
+    assert_eq!(
+        other["cmdline"],
+        "console=ttyS0,115200 panic=-1 quiet lockdown=none rdinit=/init"
+    );
     for p in ["4", "9", "11", "12"] {
         let (x, y) = (&manifest["expected_pcrs"][p], &other["expected_pcrs"][p]);
         assert!(x.as_str().is_some_and(|v| v.len() == 64), "PCR {p}: {x}");

@@ -29,17 +29,13 @@ mod common;
 use bulkhead_rot::boot::{verify_boot, BootChainError, ExpectedPcrs};
 use bulkhead_rot::endorsement::{challenge_boot_ak, EndorsementError, LocalManufacturer};
 use bulkhead_rot::tpm::AkPublic;
-use common::attest::{boot, curl_present, rand_nonce, TempDir};
+use common::attest::{boot, rand_nonce, TempDir};
 use common::HostNet;
 
 #[test]
 fn sealed_host_attests_and_a_tampered_image_is_refused() {
-    if let Some(why) = common::missing_resource() {
+    if let Some(why) = common::attest::preflight() {
         bulkhead_testkit::skip_or_fail(&why);
-        return;
-    }
-    if !curl_present() {
-        bulkhead_testkit::skip_or_fail("curl is not installed");
         return;
     }
     let tmp = std::env::temp_dir().join(format!("bulkhead-attest-{}", std::process::id()));

@@ -33,6 +33,11 @@ pub const CONFIG_PCR: u8 = 23;
 // that relays it and the control plane that checks it.
 pub use bulkhead_rot_proto::{BootEvidence, EVIDENCE_FORMAT};
 
+/// The keys `scripts/build-host-image.sh` writes into the manifest of an image built for a
+/// test: `tamper` (`BULKHEAD_HOST_TAMPER` flipped a byte) and `cmdline_override`
+/// (`BULKHEAD_HOST_CMDLINE` replaced the command line).
+pub const TEST_IMAGE_MARKERS: [&str; 2] = ["tamper", "cmdline_override"];
+
 /// Exact SHA-256 PCR values a verifier demands.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExpectedPcrs(pub BTreeMap<u8, [u8; 32]>);
@@ -63,6 +68,10 @@ pub enum BootChainError {
     },
     #[error("the image manifest has no expected value for PCR {0}")]
     NoExpectation(u8),
+    /// The manifest marks its image as built for a test (`tamper`: a flipped byte;
+    /// `cmdline_override`: a replaced command line): never an image to expect.
+    #[error("the image manifest marks a test image ({0}): it is never an expectation")]
+    TestImage(&'static str),
 }
 
 impl BootChainError {
@@ -76,6 +85,7 @@ impl BootChainError {
             BootChainError::ValuesDoNotMatchQuote => "boot_values_not_quoted",
             BootChainError::PcrMismatch { .. } => "boot_pcr_mismatch",
             BootChainError::NoExpectation(_) => "boot_no_expectation",
+            BootChainError::TestImage(_) => "boot_test_image",
         }
     }
 }
@@ -85,10 +95,16 @@ fn hex32(s: &str) -> Option<[u8; 32]> {
 }
 
 impl ExpectedPcrs {
-    /// Reads `expected_pcrs` (`{"4": "<64 hex>", ...}`) of an image manifest (JSON).
+    /// Reads `expected_pcrs` (`{"4": "<64 hex>", ...}`) of an image manifest (JSON). A
+    /// manifest carrying a test-image marker ([`TEST_IMAGE_MARKERS`], whatever its value) is
+    /// refused: a tampered image's own manifest must never become the control plane's or the
+    /// KMS's expectation.
     pub fn from_manifest(manifest: &[u8]) -> Result<Self, BootChainError> {
         let v: serde_json::Value =
             serde_json::from_slice(manifest).map_err(|_| BootChainError::Malformed)?;
+        if let Some(marker) = TEST_IMAGE_MARKERS.iter().find(|k| v.get(**k).is_some()) {
+            return Err(BootChainError::TestImage(marker));
+        }
         let obj = v
             .get("expected_pcrs")
             .and_then(|e| e.as_object())
@@ -260,6 +276,35 @@ mod tests {
             ExpectedPcrs::from_manifest(br#"{"expected_pcrs":{"24":"00"}}"#),
             Err(BootChainError::Malformed)
         );
+    }
+
+    #[test]
+    fn test_image_manifests_are_refused() {
+        let pcrs = r#""expected_pcrs":{"4":"0000000000000000000000000000000000000000000000000000000000000001"}"#;
+        let plain = format!("{{{pcrs}}}");
+        assert!(ExpectedPcrs::from_manifest(plain.as_bytes()).is_ok());
+        for (extra, marker) in [
+            (
+                r#""tamper":"kernel: bzImage byte 0x1 0x62 -> 0x42""#,
+                "tamper",
+            ),
+            (
+                r#""cmdline_override":true,"cmdline":"x""#,
+                "cmdline_override",
+            ),
+            // Any value marks it, even one that looks like "no".
+            (r#""cmdline_override":false"#, "cmdline_override"),
+            (r#""tamper":null"#, "tamper"),
+        ] {
+            let m = format!("{{{pcrs},{extra}}}");
+            let e = ExpectedPcrs::from_manifest(m.as_bytes()).unwrap_err();
+            assert_eq!(e, BootChainError::TestImage(marker), "{m}");
+            assert_eq!(e.code(), "boot_test_image");
+            assert_eq!(
+                ExpectedPcrs::for_host(m.as_bytes(), &[7; 32]),
+                Err(BootChainError::TestImage(marker))
+            );
+        }
     }
 
     #[test]

@@ -146,7 +146,19 @@ impl Booted<'_> {
     }
 }
 
-pub fn curl_present() -> bool {
+/// What an attesting boot needs (everything a sealed boot needs, plus curl for the controller's
+/// API), or the reason it cannot run here.
+pub fn preflight() -> Option<String> {
+    if let Some(why) = super::missing_resource() {
+        return Some(why);
+    }
+    if !curl_present() {
+        return Some("curl is not installed".into());
+    }
+    None
+}
+
+fn curl_present() -> bool {
     Command::new("curl")
         .arg("--version")
         .output()
