@@ -187,8 +187,8 @@ fn run(args: Args) -> Result<(), MainError> {
         ceph,
     };
     let engine_name = if cfg.ceph.is_some() { "rbd" } else { "file" };
-    let rt = bulkhead_daemon::runtime()
-        .map_err(|e| MainError::Io(PathBuf::from("tokio runtime"), e))?;
+    let rt =
+        bulkhead_daemon::runtime().map_err(|e| MainError::Io(PathBuf::from("tokio runtime"), e))?;
     rt.block_on(async move {
         let (node, child, instance) = Node::open(&args.state_dir, cfg, audit.clone()).await?;
         let rid = request_id();
