@@ -321,6 +321,9 @@ pub const FAULT_ENV: &str = "BULKHEAD_FAULT";
 /// * `live_update:after_handover:exit` — a live update to an installed release exits the
 ///   controller (status 70) right after the old hypervisor handed the VM over, before the outcome
 ///   is recorded (the next controller must adopt the new process);
+/// * `live_update:reply_lost` — a live update to an installed release that the hypervisors
+///   completed reads its answer as lost (a channel I/O error): the controller must find out
+///   which process holds the guest (the old one exits after a hand-over) and keep the new one;
 /// * `card_update:after_replace:exit` — a card update exits the controller (status 70) right
 ///   after the hypervisor's `ReplaceBlock`, before the outcome is recorded (the next controller
 ///   must keep the new card);
@@ -334,6 +337,7 @@ enum Fault {
     AdoptAfterFirstStall,
     LiveUpdateSecondNewDies,
     LiveUpdateAfterHandoverExit,
+    LiveUpdateReplyLost,
     CardUpdateAfterReplaceExit,
     CardUpdateReplaceRefused,
 }
@@ -352,6 +356,7 @@ fn fault() -> Option<Fault> {
             "adopt:after_first:stall" => Fault::AdoptAfterFirstStall,
             "live_update:second:new_dies" => Fault::LiveUpdateSecondNewDies,
             "live_update:after_handover:exit" => Fault::LiveUpdateAfterHandoverExit,
+            "live_update:reply_lost" => Fault::LiveUpdateReplyLost,
             "card_update:after_replace:exit" => Fault::CardUpdateAfterReplaceExit,
             "card_update:replace_refused" => Fault::CardUpdateReplaceRefused,
             _ => {
@@ -2271,13 +2276,38 @@ impl HostBackend {
                 grace_ms: 0,
             });
         }
-        let pause_us = match vm.chan.live_update(handover) {
+        let old_pid = vm.pid;
+        let mut answer = vm.chan.live_update(handover);
+        if answer.is_ok() && to.is_some() && fault() == Some(Fault::LiveUpdateReplyLost) {
+            tracing::warn!("fault hook: the live update's answer is read as lost");
+            answer = Err(ClientError::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset,
+            )));
+        }
+        let pause_us = match answer {
             Ok(p) => p,
-            Err(e) => {
+            // Refused or answered otherwise: the old process kept the guest.
+            Err(e @ (ClientError::Refused(_) | ClientError::UnexpectedReply { .. })) => {
                 reap_new("refused");
                 g.updating = None;
                 self.persist_noticed(g);
                 return Err(channel_err("live update")(e));
+            }
+            // No answer (I/O error, closed channel, timeout): the hand-over may have happened,
+            // and reaping the new process could kill the guest. Settle as adoption does: the
+            // old process exits after a hand-over, the new one when none comes.
+            Err(e) => {
+                tracing::warn!(old_pid, new_pid, error = %e, "live update answer lost: finding out which process holds the guest");
+                if self.settle_update(Some(old_pid), new_pid) != Some(new_pid) {
+                    g.updating = None;
+                    self.persist_noticed(g);
+                    return Err(channel_err("live update")(e));
+                }
+                tracing::info!(
+                    new_pid,
+                    "the live update had completed; its pause is unknown"
+                );
+                0
             }
         };
         let chan = match Channel::from_fd(chan_fd) {
@@ -2541,6 +2571,7 @@ impl HostBackend {
                 Fault::AdoptAfterFirstStall
                 | Fault::LiveUpdateSecondNewDies
                 | Fault::LiveUpdateAfterHandoverExit
+                | Fault::LiveUpdateReplyLost
                 | Fault::CardUpdateAfterReplaceExit
                 | Fault::CardUpdateReplaceRefused,
             ) => {}

@@ -608,6 +608,43 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     );
     assert!(!rec.contains("hypervisor_update"), "{rec}");
 
+    // 6b. A live update whose answer is lost (fault hook `live_update:reply_lost`: the
+    //     hypervisors completed the hand-over, the controller reads a channel error): the
+    //     controller must find out which process holds the guest (the old one exits after a
+    //     hand-over) and keep the new one, not reap it as after a refusal (which would kill the
+    //     guest); the deploy succeeds with the guest on the release's hypervisor.
+    let mut d = d;
+    d.kill9_controller_only();
+    let d6 = Daemon::start_env(
+        dir.path(),
+        &["--backend", "host", "--guest-dir", guest.as_str()],
+        &[("BULKHEAD_FAULT", "live_update:reply_lost")],
+    );
+    let v5 = release(5, &[&hv], &[&keys[0], &keys[2]]);
+    let r = deploy(&d6, "deployer", DEPLOY_OPS, &v5);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v5_bin = dir
+        .path()
+        .join("releases/v5/bulkhead-hypervisor")
+        .canonicalize()
+        .unwrap();
+    let on_v5: Vec<u64> = children_of(keeper)
+        .into_iter()
+        .filter_map(|p| u64::try_from(p).ok())
+        .filter(|p| alive(*p) && exe(*p) == v5_bin)
+        .collect();
+    assert_eq!(on_v5.len(), 1, "the guest's hypervisor: {on_v5:?}");
+    assert!(!alive(on_v4[0]), "the old hypervisor still runs");
+    let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
+    assert!(
+        rec.contains(&format!(r#""hypervisor_pid":{}"#, on_v5[0])),
+        "{rec}"
+    );
+    assert!(!rec.contains("hypervisor_update"), "{rec}");
+    let at = counts(&d6).last().unwrap().n;
+    count_on(&d6, "on the new hypervisor after a lost answer", at + 2);
+    let d = d6;
+
     // 7. A controller that dies right after the hypervisor moved the disk to a new card, before
     //    it records the outcome (fault hook `card_update:after_replace:exit`): the next one
     //    keeps the new card (the update was recorded as in flight before `ReplaceBlock`; the
@@ -619,8 +656,8 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         &["--backend", "host", "--guest-dir", guest.as_str()],
         &[("BULKHEAD_FAULT", "card_update:after_replace:exit")],
     );
-    let v5 = release(5, &[&hv, &card], &[&keys[1], &keys[2]]);
-    let body = serde_json::json!({ "release": v5 }).to_string();
+    let v6 = release(6, &[&hv, &card], &[&keys[1], &keys[2]]);
+    let body = serde_json::json!({ "release": v6 }).to_string();
     let t = d4.mint("deployer", HOST, DEPLOY_OPS, MIN10);
     let r = d4
         .client("deployer")
@@ -637,29 +674,29 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         && x["entry"]["code"]
             .as_str()
             .is_some_and(|c| c.contains("card_update_completed"))));
-    let v5_card = dir
+    let v6_card = dir
         .path()
-        .join("releases/v5/bulkhead-blockcard")
+        .join("releases/v6/bulkhead-blockcard")
         .canonicalize()
         .unwrap();
-    let on_v5: Vec<u64> = children_of(keeper)
+    let on_v6: Vec<u64> = children_of(keeper)
         .into_iter()
         .filter_map(|p| u64::try_from(p).ok())
-        .filter(|p| alive(*p) && exe(*p) == v5_card)
+        .filter(|p| alive(*p) && exe(*p) == v6_card)
         .collect();
     assert_eq!(
-        on_v5.len(),
+        on_v6.len(),
         1,
-        "the volume's card after adoption: {on_v5:?}"
+        "the volume's card after adoption: {on_v6:?}"
     );
     assert!(!alive(new_card), "the v2 card still runs");
     let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
     assert!(
-        rec.contains(&format!(r#""card_pid":{}"#, on_v5[0])),
+        rec.contains(&format!(r#""card_pid":{}"#, on_v6[0])),
         "{rec}"
     );
     assert!(!rec.contains("card_update"), "{rec}");
-    let new_card = on_v5[0];
+    let new_card = on_v6[0];
 
     // 7b. A card update whose `ReplaceBlock` the hypervisor refuses after the old card handed
     //     over (fault hook `card_update:replace_refused`): the deploy fails and is rolled back,
@@ -672,13 +709,13 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         &["--backend", "host", "--guest-dir", guest.as_str()],
         &[("BULKHEAD_FAULT", "card_update:replace_refused")],
     );
-    let v6 = release(6, &[&hv, &card], &[&keys[0], &keys[2]]);
-    let r = deploy(&d5, "deployer", DEPLOY_OPS, &v6);
+    let v7 = release(7, &[&hv, &card], &[&keys[0], &keys[2]]);
+    let r = deploy(&d5, "deployer", DEPLOY_OPS, &v7);
     assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.code(), "release_card_update_failed");
-    assert!(alive(new_card), "the old (v5) card died");
+    assert!(alive(new_card), "the old (v6) card died");
     assert!(!children_of(keeper).into_iter().any(|p| {
-        u64::try_from(p).is_ok_and(|p| alive(p) && exe(p).to_string_lossy().contains("/v6/"))
+        u64::try_from(p).is_ok_and(|p| alive(p) && exe(p).to_string_lossy().contains("/v7/"))
     }));
     let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
     assert!(rec.contains(&format!(r#""card_pid":{new_card}"#)), "{rec}");
@@ -713,7 +750,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         dir.path(),
         &["--backend", "host", "--guest-dir", guest.as_str()],
     );
-    assert!(alive(new_card), "the old (v5) card died at adoption");
+    assert!(alive(new_card), "the old (v6) card died at adoption");
 
     // 8. The guest kept counting on one boot the whole time.
     let at = counts(&d).last().unwrap().n;
