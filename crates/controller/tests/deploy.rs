@@ -230,6 +230,16 @@ fn exe(pid: u64) -> PathBuf {
     PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
 }
 
+/// The keeper's live children that run the installed file `file`.
+fn running(keeper: i32, file: &Path) -> Vec<u64> {
+    let file = file.canonicalize().unwrap();
+    children_of(keeper)
+        .into_iter()
+        .filter_map(|p| u64::try_from(p).ok())
+        .filter(|p| alive(*p) && exe(*p) == file)
+        .collect()
+}
+
 struct KeeperGuard(PathBuf);
 
 impl Drop for KeeperGuard {
@@ -543,11 +553,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     assert!(audited("DeployRelease:live-update", "i-dep", true));
     assert!(audited("DeployRelease:live-update", "i-new", false));
     assert!(audited("DeployRelease:roll-back", "i-dep", true));
-    let on_v2: Vec<u64> = children_of(keeper)
-        .into_iter()
-        .filter_map(|p| u64::try_from(p).ok())
-        .filter(|p| alive(*p) && exe(*p) == installed.canonicalize().unwrap())
-        .collect();
+    let on_v2 = running(keeper, &installed);
     assert_eq!(on_v2.len(), 2, "both hypervisors on v2: {on_v2:?}");
     assert!(
         on_v2.contains(&fresh[0]),
@@ -591,11 +597,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         && x["entry"]["resources"][0] == "instance:i-dep"
         && x["entry"]["code"] == "live_update_completed"));
     let v4_bin = dir.path().join("releases/v4/bulkhead-hypervisor");
-    let on_v4: Vec<u64> = children_of(keeper)
-        .into_iter()
-        .filter_map(|p| u64::try_from(p).ok())
-        .filter(|p| alive(*p) && exe(*p) == v4_bin.canonicalize().unwrap())
-        .collect();
+    let on_v4 = running(keeper, &v4_bin);
     assert_eq!(
         on_v4.len(),
         1,
@@ -623,16 +625,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     let v5 = release(5, &[&hv], &[&keys[0], &keys[2]]);
     let r = deploy(&d6, "deployer", DEPLOY_OPS, &v5);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let v5_bin = dir
-        .path()
-        .join("releases/v5/bulkhead-hypervisor")
-        .canonicalize()
-        .unwrap();
-    let on_v5: Vec<u64> = children_of(keeper)
-        .into_iter()
-        .filter_map(|p| u64::try_from(p).ok())
-        .filter(|p| alive(*p) && exe(*p) == v5_bin)
-        .collect();
+    let on_v5 = running(keeper, &dir.path().join("releases/v5/bulkhead-hypervisor"));
     assert_eq!(on_v5.len(), 1, "the guest's hypervisor: {on_v5:?}");
     assert!(!alive(on_v4[0]), "the old hypervisor still runs");
     let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
@@ -674,16 +667,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         && x["entry"]["code"]
             .as_str()
             .is_some_and(|c| c.contains("card_update_completed"))));
-    let v6_card = dir
-        .path()
-        .join("releases/v6/bulkhead-blockcard")
-        .canonicalize()
-        .unwrap();
-    let on_v6: Vec<u64> = children_of(keeper)
-        .into_iter()
-        .filter_map(|p| u64::try_from(p).ok())
-        .filter(|p| alive(*p) && exe(*p) == v6_card)
-        .collect();
+    let on_v6 = running(keeper, &dir.path().join("releases/v6/bulkhead-blockcard"));
     assert_eq!(
         on_v6.len(),
         1,
