@@ -75,22 +75,16 @@ impl std::fmt::Debug for AgentLink {
 impl AgentLink {
     /// Connects to the agent's socket. Call before the sandbox is installed.
     pub fn connect(path: &Path) -> std::io::Result<AgentLink> {
-        let s = UnixStream::connect(path)?;
-        s.set_read_timeout(Some(QUOTE_TIMEOUT))?;
-        s.set_write_timeout(Some(QUOTE_TIMEOUT))?;
-        let writer = s.try_clone()?;
-        Ok(AgentLink {
-            link: Mutex::new(Some(Link {
-                reader: BufReader::new(s),
-                writer,
-            })),
-        })
+        Self::from_stream(UnixStream::connect(path)?)
     }
 
     /// The agent connection a previous image of this process handed over across its exec
     /// (see [`crate::reexec`]).
     pub fn from_inherited(fd: std::os::fd::OwnedFd) -> std::io::Result<AgentLink> {
-        let s = UnixStream::from(fd);
+        Self::from_stream(UnixStream::from(fd))
+    }
+
+    fn from_stream(s: UnixStream) -> std::io::Result<AgentLink> {
         s.set_read_timeout(Some(QUOTE_TIMEOUT))?;
         s.set_write_timeout(Some(QUOTE_TIMEOUT))?;
         let writer = s.try_clone()?;

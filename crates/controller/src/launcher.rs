@@ -568,15 +568,7 @@ impl Launcher {
             }
             Err(e) => return Err(LauncherError::Start(e)),
         };
-        let (_, pid) = peer_cred(fd.as_raw_fd()).map_err(LauncherError::Start)?;
-        let sock = UnixStream::from(fd);
-        sock.set_read_timeout(Some(CARD_READY_TIMEOUT + Duration::from_secs(30)))
-            .map_err(LauncherError::Start)?;
-        let l = Launcher {
-            sock: Mutex::new(sock),
-            pid,
-            adopted: true,
-        };
+        let l = Self::adopted_from(fd)?;
         // A keeper that already serves a controller closes a second connection at once.
         match l.call(&LaunchRequest::Children) {
             Ok(_) => {}
@@ -585,7 +577,7 @@ impl Launcher {
             }
             Err(e) => return Err(e),
         }
-        tracing::info!(pid, "keeper found: adopting its children");
+        tracing::info!(pid = l.pid, "keeper found: adopting its children");
         Ok(Some(l))
     }
 
@@ -594,18 +586,27 @@ impl Launcher {
     /// hang-up: it serves on as before, and the new image adopts its children like any
     /// restarted controller.
     pub fn from_inherited(fd: OwnedFd) -> Result<Launcher, LauncherError> {
+        let l = Self::adopted_from(fd)?;
+        l.call(&LaunchRequest::Children)?;
+        tracing::info!(
+            pid = l.pid,
+            "keeper connection inherited: adopting its children"
+        );
+        Ok(l)
+    }
+
+    /// A connection to a keeper that already runs (its pid from the socket's peer
+    /// credentials), with the controller's read timeout.
+    fn adopted_from(fd: OwnedFd) -> Result<Launcher, LauncherError> {
         let (_, pid) = peer_cred(fd.as_raw_fd()).map_err(LauncherError::Start)?;
         let sock = UnixStream::from(fd);
         sock.set_read_timeout(Some(CARD_READY_TIMEOUT + Duration::from_secs(30)))
             .map_err(LauncherError::Start)?;
-        let l = Launcher {
+        Ok(Launcher {
             sock: Mutex::new(sock),
             pid,
             adopted: true,
-        };
-        l.call(&LaunchRequest::Children)?;
-        tracing::info!(pid, "keeper connection inherited: adopting its children");
-        Ok(l)
+        })
     }
 
     /// Runs `f` with the keeper connection's descriptor while no request is in flight on it

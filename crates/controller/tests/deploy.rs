@@ -230,6 +230,36 @@ fn exe(pid: u64) -> PathBuf {
     PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
 }
 
+/// A dev host state directory under `dir` pinning a fresh release trust root (3 release keys,
+/// any 2 sign); the keys, to sign releases with.
+fn host_with_release_root(dir: &Path) -> Vec<ReleaseKey> {
+    bulkhead_tokens::statedir::StateDir::new(dir)
+        .ensure_dev(HOST)
+        .unwrap();
+    let keys: Vec<ReleaseKey> = (0..3).map(|_| ReleaseKey::generate().unwrap()).collect();
+    let root = TrustRoot::new(2, keys.iter().map(|k| k.public()).collect()).unwrap();
+    std::fs::write(
+        dir.join("release-root.json"),
+        serde_json::to_vec(&root).unwrap(),
+    )
+    .unwrap();
+    keys
+}
+
+/// `name` from the build copied into `src` and stripped of debug information, as a release is
+/// built (the release profile keeps line tables); its path.
+fn stripped(src: &Path, name: &str) -> PathBuf {
+    std::fs::create_dir_all(src).unwrap();
+    let st = std::process::Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(release_dir().join(name))
+        .arg(src.join(name))
+        .status()
+        .expect("objcopy (binutils)");
+    assert!(st.success(), "objcopy --strip-debug {name}");
+    src.join(name)
+}
+
 /// The keeper's live children that run the installed file `file`.
 fn running(keeper: i32, file: &Path) -> Vec<u64> {
     let file = file.canonicalize().unwrap();
@@ -256,18 +286,9 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    bulkhead_tokens::statedir::StateDir::new(dir.path())
-        .ensure_dev(HOST)
-        .unwrap();
-    let host = host_key(dir.path());
     // The release trust root pinned on this host: 3 release keys, any 2 sign.
-    let keys: Vec<ReleaseKey> = (0..3).map(|_| ReleaseKey::generate().unwrap()).collect();
-    let root = TrustRoot::new(2, keys.iter().map(|k| k.public()).collect()).unwrap();
-    std::fs::write(
-        dir.path().join("release-root.json"),
-        serde_json::to_vec(&root).unwrap(),
-    )
-    .unwrap();
+    let keys = host_with_release_root(dir.path());
+    let host = host_key(dir.path());
     let _guard = KeeperGuard(dir.path().join("run"));
     let guest = guest_dir().display().to_string();
     let mut d = Daemon::start_with(
@@ -283,20 +304,12 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     // of debug information before they are signed, as a release is built: the release profile
     // keeps line tables (the controller ~90 MB, over the 64 MiB artefact cap; stripped ~16 MB).
     let src = dir.path().join("release-src");
-    std::fs::create_dir_all(&src).unwrap();
     for n in [
         "bulkhead-hypervisor",
         "bulkhead-blockcard",
         "bulkhead-controller",
     ] {
-        let st = std::process::Command::new("objcopy")
-            .arg("--strip-debug")
-            .arg(bins.join(n))
-            .arg(src.join(n))
-            .status()
-            .expect("objcopy (binutils)");
-        assert!(st.success(), "objcopy --strip-debug {n}");
-        let size = std::fs::metadata(src.join(n)).unwrap().len();
+        let size = std::fs::metadata(stripped(&src, n)).unwrap().len();
         assert!(
             usize::try_from(size).unwrap() <= bulkhead_controller_proto::MAX_ARTEFACT_BYTES,
             "{n} stripped is {size} bytes"
@@ -305,8 +318,8 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     let hv = src.join("bulkhead-hypervisor");
     // The release's block card: applied by a card update.
     let card = src.join("bulkhead-blockcard");
-    // The release's controller, a real copy of this controller: applied by re-executing the
-    // running controller into the installed file (same pid).
+    // The release's controller, a real copy of this controller: installed, not applied (the
+    // controller's filter traps every exec).
     let ctl = src.join("bulkhead-controller");
     let good = release(2, &[&hv, &card, &ctl], &[&keys[0], &keys[2]]);
     let r = deploy(&d, "operator", &[Operation::DescribeHost], &good);
@@ -823,16 +836,7 @@ fn a_release_controller_that_cannot_run_leaves_the_old_controller_serving() {
     }
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    bulkhead_tokens::statedir::StateDir::new(dir.path())
-        .ensure_dev(HOST)
-        .unwrap();
-    let keys: Vec<ReleaseKey> = (0..3).map(|_| ReleaseKey::generate().unwrap()).collect();
-    let root = TrustRoot::new(2, keys.iter().map(|k| k.public()).collect()).unwrap();
-    std::fs::write(
-        dir.path().join("release-root.json"),
-        serde_json::to_vec(&root).unwrap(),
-    )
-    .unwrap();
+    let keys = host_with_release_root(dir.path());
     let _guard = KeeperGuard(dir.path().join("run"));
     let guest = guest_dir().display().to_string();
     let mut d = Daemon::start_with(
@@ -840,15 +844,7 @@ fn a_release_controller_that_cannot_run_leaves_the_old_controller_serving() {
         &["--backend", "host", "--guest-dir", guest.as_str()],
     );
     let src = dir.path().join("release-src");
-    std::fs::create_dir_all(&src).unwrap();
-    let st = std::process::Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(release_dir().join("bulkhead-hypervisor"))
-        .arg(src.join("bulkhead-hypervisor"))
-        .status()
-        .expect("objcopy (binutils)");
-    assert!(st.success());
-    let hv = src.join("bulkhead-hypervisor");
+    let hv = stripped(&src, "bulkhead-hypervisor");
     let ctl = src.join("bulkhead-controller");
     std::fs::write(&ctl, b"not a program\n").unwrap();
     upload(&d, &[&hv, &ctl]);
