@@ -260,6 +260,31 @@ fn stripped(src: &Path, name: &str) -> PathBuf {
     src.join(name)
 }
 
+/// The controller `pid` still runs its original binary at release 2 with no controller of a
+/// release applied (the release's controller is installed, not executed).
+fn serves_on_its_own_binary(d: &mut Daemon, pid: u32) {
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the controller exited"
+    );
+    assert_eq!(d.child.id(), pid);
+    assert_eq!(
+        exe(u64::from(pid)),
+        PathBuf::from(controller_bin()).canonicalize().unwrap()
+    );
+    let h = call(
+        d,
+        "deployer",
+        &[Operation::GetHealth],
+        "GET",
+        "/v1/health",
+        b"",
+    );
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json["release"], 2, "{}", h.json);
+    assert!(h.json["controller_release"].is_null(), "{}", h.json);
+}
+
 /// The keeper's live children that run the installed file `file`.
 fn running(keeper: i32, file: &Path) -> Vec<u64> {
     let file = file.canonicalize().unwrap();
@@ -437,22 +462,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         },
     );
     std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        d.child.try_wait().unwrap().is_none(),
-        "the controller exited"
-    );
-    assert_eq!(d.child.id(), ctl_pid);
-    assert_eq!(
-        exe(u64::from(ctl_pid)),
-        PathBuf::from(controller_bin()).canonicalize().unwrap()
-    );
-    let t = d.mint("deployer", HOST, &[Operation::GetHealth], MIN10);
-    let h = d
-        .client("deployer")
-        .request("GET", "/v1/health", Some(&t), b"")
-        .unwrap();
-    assert_eq!(h.json["release"], 2, "{}", h.json);
-    assert!(h.json["controller_release"].is_null(), "{}", h.json);
+    serves_on_its_own_binary(&mut d, ctl_pid);
     assert!(children_of(keeper).contains(&i32::try_from(new_pid).unwrap()));
     assert!(children_of(keeper).contains(&i32::try_from(new_card).unwrap()));
     assert!(!d
@@ -873,22 +883,7 @@ fn a_release_controller_that_cannot_run_leaves_the_old_controller_serving() {
         b"not a program\n"
     );
     std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        d.child.try_wait().unwrap().is_none(),
-        "the controller exited"
-    );
-    assert_eq!(
-        exe(u64::from(pid)),
-        PathBuf::from(controller_bin()).canonicalize().unwrap()
-    );
-    let t = d.mint("deployer", HOST, &[Operation::GetHealth], MIN10);
-    let h = d
-        .client("deployer")
-        .request("GET", "/v1/health", Some(&t), b"")
-        .unwrap();
-    assert_eq!(h.status, 200);
-    assert_eq!(h.json["release"], 2, "{}", h.json);
-    assert!(h.json["controller_release"].is_null(), "{}", h.json);
+    serves_on_its_own_binary(&mut d, pid);
     assert!(!d
         .audit()
         .iter()
