@@ -31,6 +31,7 @@ pub mod identity;
 pub mod measure;
 pub mod policy;
 pub mod release;
+pub mod supervise;
 pub mod swtpm;
 pub mod tpm;
 
