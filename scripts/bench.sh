@@ -24,7 +24,7 @@ BULKHEAD_GUEST_DIR="${CARGO_TARGET_DIR:-$PWD/target}/guest" cargo bench -q -p bu
   || echo "## Hot-plug: Bulkhead vs QEMU q35"$'\n\n'"Not measured: the benchmark failed (run it alone to see why)."$'\n' >> "$tmp"
 BULKHEAD_GUEST_DIR="${CARGO_TARGET_DIR:-$PWD/target}/guest" cargo bench -q -p bulkhead-hypervisor --bench live_update 2>/dev/null >> "$tmp" \
   || echo "## Live update: Bulkhead vs QEMU local migration (shared memory)"$'\n\n'"Not measured: the benchmark failed (run it alone to see why)."$'\n' >> "$tmp"
-for extra in scripts/bench-blockcard.sh scripts/bench-controller.sh scripts/bench-controller-restart.sh scripts/bench-rot.sh scripts/bench-control.sh scripts/bench-netcard.sh scripts/bench-vpc.sh; do
+for extra in scripts/bench-blockcard.sh scripts/bench-controller.sh scripts/bench-controller-restart.sh scripts/bench-card-update.sh scripts/bench-rot.sh scripts/bench-control.sh scripts/bench-netcard.sh scripts/bench-vpc.sh; do
   if [ -x "$extra" ]; then "$extra" >> "$tmp"; fi
 done
 scripts/bench-netvol.sh >> "$tmp" || echo "bench: scripts/bench-netvol.sh FAILED (its section in $out says why)" >&2
