@@ -124,7 +124,7 @@ routes! {
     Get "/v1/alerts" => ListAlerts, None, "Alerts raised by the monitoring rules", ListAlerts -> AlertList;
     Post "/v1/host/drain" => DrainHost, Drain, "Stop placing new instances on this host", DrainHost -> Ack;
     Put "/v1/host/artefacts/{id}" => UploadArtefact, Artefact, "Store one release artefact under its SHA-256 (the raw request body; the controller checks the digest, so the upload needs no trust). Deployer role only", UploadArtefact -> ArtefactStored;
-    Post "/v1/host/releases" => DeployRelease, DeployRelease, "Install a 2-of-3 signed release from uploaded artefacts, self-test its hypervisor, and live-update every running instance's hypervisor to it (rolled back on any failure; guests never reboot). Deployer role only", DeployRelease -> ReleaseDeployed;
+    Post "/v1/host/releases" => DeployRelease, DeployRelease, "Install a 2-of-3 signed release from uploaded artefacts, self-test its hypervisor, and live-update every running instance's hypervisor to it, and its block and net cards when it carries them (rolled back on any failure; guests never reboot). Deployer role only", DeployRelease -> ReleaseDeployed;
     Post "/v1/host/attest" => AttestHost, Attest, "Quote of the host's measurements over a verifier's nonce (relayed from the attestation agent)", AttestHost -> RelayedEvidence;
     Post "/v1/instances" => CreateInstance, CreateInstance, "Create an instance from an image", CreateInstance -> InstanceDescription;
     Get "/v1/instances/{id}" => DescribeInstance, None, "Describe one instance", DescribeInstance -> InstanceDescription;
@@ -372,9 +372,14 @@ pub struct ReleaseDeployed {
     /// release carries no block card).
     #[serde(default)]
     pub cards: Vec<CardMoved>,
-    /// Reserved for a controller that applies a release's controller by re-executing into it.
-    /// Always absent now: a release's controller is installed and not applied (the
-    /// controller's seccomp filter traps every exec; audited `controller_restart_unsupported`).
+    /// Net cards moved to the release's `bulkhead-netcard` (empty when the release carries no
+    /// net card).
+    #[serde(default)]
+    pub net_cards: Vec<NetCardMoved>,
+    /// The release whose controller the host's supervisor starts next: present when the
+    /// release carries `bulkhead-controller`. After this answer the controller audits
+    /// `DeployRelease:controller-restart` and exits; the supervisor verifies the release
+    /// itself and starts its controller (or the original binary), which adopts every instance.
     #[serde(default)]
     pub controller_restart: Option<u64>,
 }
@@ -391,6 +396,27 @@ pub struct CardMoved {
     pub handover_us: u64,
     /// The hypervisor's `ReplaceBlock` (the guest's I/O is stopped for at most this).
     pub replace_us: u64,
+}
+
+/// One instance's net card replaced by a release's card under the running guest: the old card
+/// stopped (SIGTERM: it wipes its key), the new one started on the same port with the same
+/// sealed key and sequence floor, and the guest's NIC reconnected to it in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetCardMoved {
+    pub instance_id: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// From the old card's stop to the NIC reconnected (the guest's network is down for this).
+    pub gap_us: u64,
+}
+
+/// A running net card and the release whose binary it runs (`None`: the configured binary).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetCardRelease {
+    pub instance_id: String,
+    pub pid: u32,
+    #[serde(default)]
+    pub release: Option<u64>,
 }
 
 /// `GET /v1/host`.
@@ -430,6 +456,9 @@ pub struct Health {
     /// started with).
     #[serde(default)]
     pub controller_release: Option<u64>,
+    /// Every running net card and the release it runs.
+    #[serde(default)]
+    pub net_cards: Vec<NetCardRelease>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -165,6 +165,11 @@ fn every_answer_round_trips() {
         audit_head: head,
         release: Some(2),
         controller_release: None,
+        net_cards: vec![NetCardRelease {
+            instance_id: "i-1".into(),
+            pid: 42,
+            release: Some(2),
+        }],
     });
     let mut d = InstanceDescription {
         instance_id: "i-1".into(),

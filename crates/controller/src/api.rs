@@ -17,11 +17,12 @@ pub use bulkhead_controller_proto::{
     find_route, Ack, Alert, AlertList, ArtefactStored, AttachNetworkRequest, AttachVolumeRequest,
     AttestRequest, AuditPage, BodyKind, CardMoved, ConsoleOutput, CreateInstanceRequest,
     DeployReleaseRequest, DrainRequest, ErrorBody, ErrorDetail, Health, HostDescription,
-    HypervisorMoved, InstanceDescription, InstanceState, InstanceStorageGib, Method,
-    NetworkAttached, NetworkField, NetworkRequest, NetworkRoutesRequest, NetworkRulesRequest,
-    RelayedEvidence, ReleaseDeployed, RequestError, RouteSpec, VolumeStorageRequest,
-    MAX_ARTEFACT_BYTES, MAX_AUDIT_PAGE, MAX_BODY_BYTES, MAX_INSTANCE_STORAGE_GIB,
-    MAX_NET_ENTRY_LEN, MAX_NET_ROUTES, MAX_NET_RULES, MAX_USER_DATA_BYTES, ROUTES,
+    HypervisorMoved, InstanceDescription, InstanceState, InstanceStorageGib, Method, NetCardMoved,
+    NetCardRelease, NetworkAttached, NetworkField, NetworkRequest, NetworkRoutesRequest,
+    NetworkRulesRequest, RelayedEvidence, ReleaseDeployed, RequestError, RouteSpec,
+    VolumeStorageRequest, MAX_ARTEFACT_BYTES, MAX_AUDIT_PAGE, MAX_BODY_BYTES,
+    MAX_INSTANCE_STORAGE_GIB, MAX_NET_ENTRY_LEN, MAX_NET_ROUTES, MAX_NET_RULES,
+    MAX_USER_DATA_BYTES, ROUTES,
 };
 
 /// A checked VPC interface: every field parsed by the net card's own parsers, so a card never

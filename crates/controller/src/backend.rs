@@ -66,6 +66,10 @@ pub enum BackendError {
     /// keys erased): the new card, if it took the volume over, is kept as the volume's card.
     #[error("card update failed after the old block card lost its frontend")]
     CardUpdateOldCardGone,
+    /// The hypervisor refused to move the running NIC to a net card of a release (the old
+    /// card's binary was started again and took the NIC back).
+    #[error("the hypervisor refused the new net card's connection")]
+    NetReconnectRefused,
 }
 
 /// The stable code of each hypervisor refusal: one per kind, never reused.
@@ -148,6 +152,7 @@ mod hypervisor_code_tests {
             BackendError::NetCardRefused,
             BackendError::NetworkUnavailable,
             BackendError::CardUpdateOldCardGone,
+            BackendError::NetReconnectRefused,
         ];
         for b in backend {
             assert!(!codes.contains(b.code()), "{} reused", b.code());
@@ -213,6 +218,7 @@ impl BackendError {
             BackendError::NetworkUnavailable => "network_unavailable",
             BackendError::Hypervisor(e) => hypervisor_code(e),
             BackendError::CardUpdateOldCardGone => "card_update_old_card_gone",
+            BackendError::NetReconnectRefused => "net_reconnect_refused",
         }
     }
 
@@ -225,7 +231,7 @@ impl BackendError {
             | BackendError::UserDataTooLarge
             | BackendError::NetCardRefused => 400,
             BackendError::Unavailable | BackendError::NetworkUnavailable => 503,
-            BackendError::CardUpdateOldCardGone => 500,
+            BackendError::CardUpdateOldCardGone | BackendError::NetReconnectRefused => 500,
             BackendError::Hypervisor(e) => hypervisor_status(e),
             _ => 409,
         }
@@ -355,6 +361,25 @@ pub trait InstanceBackend: Send + Sync {
         _to: Option<u64>,
     ) -> Result<crate::api::CardMoved, BackendError> {
         Err(BackendError::Unavailable)
+    }
+    /// Instances whose net card serves a running guest (DeployRelease moves each), with the
+    /// release the card runs (`None`: the configured binary).
+    fn running_net_cards(&self) -> Vec<(ResourceId, Option<u64>)> {
+        Vec::new()
+    }
+    /// Replaces the net card of instance `id` by a net card of installed release `to` (`None`:
+    /// the configured binary), reconnected to the running guest's NIC in place. On an error
+    /// the binary the card ran before serves the NIC again.
+    fn update_net_card(
+        &self,
+        _id: &ResourceId,
+        _to: Option<u64>,
+    ) -> Result<crate::api::NetCardMoved, BackendError> {
+        Err(BackendError::Unavailable)
+    }
+    /// Every net card and the release whose binary it runs, for GetHealth.
+    fn net_card_releases(&self) -> Vec<crate::api::NetCardRelease> {
+        Vec::new()
     }
     /// Runs `f` with the keeper connection's descriptor while no request is in flight on it
     /// (`None`: no keeper), for the controller's exec into a release.

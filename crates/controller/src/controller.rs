@@ -23,6 +23,7 @@ use crate::backend::{BackendError, InstanceBackend, InstanceSpec, VolumeBackend}
 use crate::metrics::{Metrics, Sampled};
 use crate::monitor::Monitor;
 
+mod net_deploy;
 mod restart;
 pub use restart::RestartPlan;
 
@@ -608,6 +609,7 @@ impl Controller {
                         alerts: lock(&self.monitor).counts().iter().map(|(_, n)| n).sum(),
                         release: self.instances.active_release().map(|r| r.version),
                         controller_release: self.controller_release,
+                        net_cards: self.instances.net_card_releases(),
                     },
                 )
             }
@@ -848,8 +850,8 @@ impl Controller {
     }
 
     /// DeployRelease: verify, install, self-test, live-update every running hypervisor, update
-    /// every attached block card when the release carries one (each moved back on the first
-    /// failure), record. See [`crate::deploy`].
+    /// every attached block card and every running net card when the release carries one (each
+    /// moved back on the first failure), record. See [`crate::deploy`].
     async fn deploy_release(
         &self,
         request_id: &str,
@@ -974,6 +976,11 @@ impl Controller {
                 }
             }
         }
+        // The release's net card, if it carries one: every running guest's card moves to it.
+        let mut net_moved = Vec::new();
+        if failure.is_none() {
+            failure = self.deploy_net_cards(&record, v, &mut net_moved).await?;
+        }
         if failure.is_none() {
             let rec = record.clone();
             if let Err(r) = self.blocking(move |b| b.set_active_release(rec)).await {
@@ -982,6 +989,7 @@ impl Controller {
             }
         }
         if let Some(e) = failure {
+            self.roll_back_net_cards(&net_moved, v).await;
             // Cards back to the card binary they ran before (the previous release's, if it
             // carried one), the last moved first.
             for mv in cards.iter().rev() {
@@ -1023,6 +1031,7 @@ impl Controller {
                 .to_string(),
             moved,
             cards,
+            net_cards: net_moved.into_iter().map(|m| m.moved).collect(),
             controller_restart,
         })
     }

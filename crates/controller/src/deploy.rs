@@ -18,9 +18,13 @@
 //!    if the release carries `bulkhead-blockcard`, every attached volume's block card is
 //!    card-updated to it (the launcher starts the new card; the old card hands it the volume
 //!    state and key over a socketpair the controller makes; the hypervisor's `ReplaceBlock`;
-//!    the old card exits). On the first failure the cards and hypervisors already moved are
-//!    moved back to the binaries they ran before (the card or hypervisor that failed never
-//!    stopped serving).
+//!    the old card exits); then, if it carries `bulkhead-netcard`, every running guest's net
+//!    card is replaced in place (`host/net_update.rs`: the old card stopped with SIGTERM, the
+//!    release's card started on its port with its sealed key and sequence floor, the NIC
+//!    reconnected with `ReconnectNet`; a card that fails is started again on its previous
+//!    binary). On the first failure the cards and hypervisors already moved are moved back to
+//!    the binaries they ran before (the block card or hypervisor that failed never stopped
+//!    serving).
 //! 6. **Activate**: the release goes into the host record (fsync'd): new instances start its
 //!    hypervisor, a restarted controller keeps using it, and its version is the new floor.
 //! 7. **Controller**: if the release carries `bulkhead-controller`, it is installed and
@@ -30,8 +34,7 @@
 //!    answer's `controller_restart` stays absent, and the running controller serves on.
 //!
 //! Each step is audited (the controller's lifecycle records), and every refusal is typed
-//! ([`DeployError::code`]). A release's net-card binary is installed and recorded but not yet
-//! applied (no net-card update). Artefacts are at most
+//! ([`DeployError::code`]). Artefacts are at most
 //! [`crate::api::MAX_ARTEFACT_BYTES`]: release binaries are stripped of debug information
 //! (`objcopy --strip-debug`) before they are measured and signed.
 
@@ -83,6 +86,11 @@ pub enum DeployError {
         volume: String,
         code: &'static str,
     },
+    #[error("net-card update on instance {instance} failed ({code}); its card serves on its previous binary, every card and hypervisor was moved back")]
+    NetCardUpdateFailed {
+        instance: String,
+        code: &'static str,
+    },
     #[error("recording the active release failed; every hypervisor was moved back")]
     Record,
 }
@@ -100,6 +108,7 @@ impl DeployError {
             DeployError::SelfTestFailed => "release_self_test_failed",
             DeployError::LiveUpdateFailed { .. } => "release_live_update_failed",
             DeployError::CardUpdateFailed { .. } => "release_card_update_failed",
+            DeployError::NetCardUpdateFailed { .. } => "release_net_card_update_failed",
             DeployError::Record => "release_record_failed",
         }
     }
@@ -121,6 +130,7 @@ impl DeployError {
             DeployError::Install
             | DeployError::LiveUpdateFailed { .. }
             | DeployError::CardUpdateFailed { .. }
+            | DeployError::NetCardUpdateFailed { .. }
             | DeployError::Record => 500,
         }
     }

@@ -31,6 +31,7 @@ use bulkhead_hypervisor_client::{
 };
 
 mod card_update;
+mod net_update;
 
 /// Largest console chunk one `ReadConsole` may ask for (`bulkhead_channel::MAX_CONSOLE_CHUNK`).
 const MAX_CONSOLE_CHUNK: u32 = 32 * 1024;
@@ -106,6 +107,7 @@ const NET_DEVICE: &str = "net0";
 const NET_PORT_TRIES: usize = 4;
 
 /// A running net card and everything needed to start it again.
+#[derive(Clone)]
 struct NetCard {
     pid: u32,
     listen: std::net::SocketAddr,
@@ -114,6 +116,8 @@ struct NetCard {
     sealed: SealedBlob,
     routes: Vec<String>,
     allow: Vec<String>,
+    /// The installed release whose `bulkhead-netcard` it runs (`None`: the configured binary).
+    release: Option<u64>,
 }
 
 struct Vm {
@@ -454,6 +458,7 @@ impl HostBackend {
                 sealed_key: c.sealed.to_hex(),
                 routes: c.routes.clone(),
                 allow: c.allow.clone(),
+                release: c.release,
             }),
             cpus: g.cpus.clone(),
             instance_storage: g.store.as_ref().map(|s| InstanceStoreRecord {
@@ -955,6 +960,34 @@ impl InstanceBackend for HostBackend {
         self.update_card_vm(&mut g, volume, to)
     }
 
+    fn running_net_cards(&self) -> Vec<(ResourceId, Option<u64>)> {
+        self.net_cards_of(|g| g.vm.is_some())
+            .into_iter()
+            .map(|(id, _, release)| (id, release))
+            .collect()
+    }
+
+    fn update_net_card(
+        &self,
+        id: &ResourceId,
+        to: Option<u64>,
+    ) -> Result<crate::api::NetCardMoved, BackendError> {
+        let inst = self.instance(id)?;
+        let mut g = self.idle(&inst)?;
+        self.update_net_card_vm(&mut g, to)
+    }
+
+    fn net_card_releases(&self) -> Vec<crate::api::NetCardRelease> {
+        self.net_cards_of(|_| true)
+            .into_iter()
+            .map(|(id, pid, release)| crate::api::NetCardRelease {
+                instance_id: id.to_string(),
+                pid,
+                release,
+            })
+            .collect()
+    }
+
     fn set_active_release(
         &self,
         release: crate::record::ReleaseRecord,
@@ -1322,6 +1355,7 @@ impl InstanceBackend for HostBackend {
             sealed: sealed_key,
             routes: spec.routes.clone(),
             allow: spec.allow.clone(),
+            release: self.release_carrying(crate::launcher::RELEASE_NETCARD),
         };
         self.start_net_card(id, &spec, &mut card, None)?;
         let plugged = match g.vm.as_mut() {
@@ -1429,28 +1463,7 @@ impl InstanceBackend for HostBackend {
             let outcome = match started {
                 Ok(()) => {
                     let replug = match g.vm.as_mut() {
-                        Some(vm) => {
-                            let dev =
-                                DeviceId::new(NET_DEVICE).map_err(|_| BackendError::Unavailable);
-                            match dev {
-                                // The guest keeps its NIC: the new card takes over the
-                                // device in place (same MAC, rings resumed where they stand).
-                                Ok(dev) => match self.reconnect_net(vm, card.pid, &dev) {
-                                    Ok(true) => Ok(()),
-                                    Ok(false) => {
-                                        // Refused (e.g. the device is busy or the card does
-                                        // not match): unplug the old device, plug the new one.
-                                        match vm.chan.call(Command::DetachNet { id: dev }, None) {
-                                            Ok(_) | Err(ClientError::Refused(_)) => {}
-                                            Err(e) => tracing::warn!(error = %e, "detach net"),
-                                        }
-                                        self.plug_net(vm, card.pid)
-                                    }
-                                    Err(e) => Err(e),
-                                },
-                                Err(e) => Err(e),
-                            }
-                        }
+                        Some(vm) => self.reconnect_or_replug(vm, card.pid),
                         None => Ok(()),
                     };
                     if let Err(e) = &replug {
@@ -1520,6 +1533,7 @@ impl HostBackend {
                     allow: card.allow.clone(),
                 },
                 run_as: self.cfg.run_as,
+                release: card.release,
             };
             match self.launcher.call(&req) {
                 Ok((LaunchReply::Spawned { pid }, _)) => {
@@ -2119,6 +2133,7 @@ impl HostBackend {
                     sealed,
                     routes: c.routes.clone(),
                     allow: c.allow.clone(),
+                    release: c.release,
                 });
                 inst.desc.net_endpoint = Some(c.listen.to_string());
                 {
@@ -2341,10 +2356,15 @@ impl HostBackend {
 
     /// The release whose block card new cards run: the active release if it carries one.
     fn card_release(&self) -> Option<u64> {
+        self.release_carrying(crate::launcher::RELEASE_BLOCKCARD)
+    }
+
+    /// The active release if it carries artefact `name` (new cards of that kind run it).
+    fn release_carrying(&self, name: &str) -> Option<u64> {
         lock(&self.records).release.as_ref().and_then(|r| {
             r.artefacts
                 .iter()
-                .any(|a| a.name == crate::launcher::RELEASE_BLOCKCARD)
+                .any(|a| a.name == name)
                 .then_some(r.version)
         })
     }

@@ -15,7 +15,7 @@
 //! | `SpawnCard` | starts the configured block-card binary (or an installed release's, `v<N>/bulkhead-blockcard`) for one backing file under the volume dir, waits for its control socket and connects to it | the control connection |
 //! | `ConnectVhost` | connects to the vhost-user socket of a card it started | the vhost-user connection |
 //! | `Reap` | waits for a child it started to exit (SIGKILL after a grace period) | none |
-//! | `SpawnNetCard` | starts the configured net-card binary (`vhost` mode) for one instance interface: writes the sealed epoch key to a 0600 file in its run directory (removed once the card has read it), keeps the interface's sequence-floor file there across restarts, waits for the card's control socket | none |
+//! | `SpawnNetCard` | starts the configured net-card binary, or installed release `release`'s (`vhost` mode) for one instance interface: writes the sealed epoch key to a 0600 file in its run directory (removed once the card has read it), keeps the interface's sequence-floor file there across restarts, waits for the card's control socket | none |
 //! | `ConnectNetControl` | connects to the control socket of a net card it started (one request per connection) | the control connection |
 //! | `Exited` | lists children that exited on their own since the last ask (a net card killed -9 is restarted by the controller) | none |
 //! | `Children` | (keeper) every child it holds: pid, kind, running, committed | none |
@@ -107,6 +107,8 @@ pub struct LauncherConfig {
 pub const RELEASE_HYPERVISOR: &str = "bulkhead-hypervisor";
 /// The block-card binary's file name inside a release directory.
 pub const RELEASE_BLOCKCARD: &str = "bulkhead-blockcard";
+/// The net-card binary's file name inside a release directory.
+pub const RELEASE_NETCARD: &str = "bulkhead-netcard";
 /// Longest a release's hypervisor self-test may run.
 const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -204,6 +206,9 @@ pub enum LaunchRequest {
     SpawnNetCard {
         card: NetCardLaunch,
         run_as: Option<(u32, u32)>,
+        /// Start the net card of this installed release (`None`: the configured binary).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<u64>,
     },
     ConnectNetControl {
         pid: u32,
@@ -1013,7 +1018,11 @@ impl LauncherState {
                 Ok(bin) => self.spawn_card(&bin, backing, network, read_only, queues, run_as),
                 Err(code) => Self::refuse(code),
             },
-            LaunchRequest::SpawnNetCard { card, run_as } => self.spawn_net_card(&card, run_as),
+            LaunchRequest::SpawnNetCard {
+                card,
+                run_as,
+                release,
+            } => self.spawn_net_card(&card, run_as, release),
             LaunchRequest::ConnectNetControl { pid } => {
                 let Some(card) = self.cards.get(&pid).filter(|c| c.net) else {
                     return Self::refuse(LaunchRefusal::NoSuchChild);
@@ -1273,9 +1282,15 @@ impl LauncherState {
         &mut self,
         card: &NetCardLaunch,
         run_as: Option<(u32, u32)>,
+        release: Option<u64>,
     ) -> (LaunchReply, Option<OwnedFd>) {
-        let Some(bin) = self.cfg.netcard_bin.clone() else {
-            return Self::refuse(LaunchRefusal::SpawnFailed);
+        let bin = match (release, self.cfg.netcard_bin.clone()) {
+            (None, None) => return Self::refuse(LaunchRefusal::SpawnFailed),
+            (None, Some(b)) => b,
+            (Some(_), _) => match self.release_binary(RELEASE_NETCARD, release) {
+                Ok(b) => b,
+                Err(r) => return Self::refuse(r),
+            },
         };
         let Some(host_key) = self.cfg.host_key.clone() else {
             return Self::refuse(LaunchRefusal::SpawnFailed);
@@ -1394,33 +1409,29 @@ impl LauncherState {
 
     /// The hypervisor binary of installed release `release`, or the configured one.
     fn hypervisor_binary(&self, release: Option<u64>) -> Result<PathBuf, LaunchRefusal> {
-        let Some(v) = release else {
-            return Ok(self.cfg.hypervisor_bin.clone());
-        };
-        let dir = self
-            .cfg
-            .release_dir
-            .as_ref()
-            .ok_or(LaunchRefusal::NoSuchRelease)?;
-        let bin = release_path(dir, v).join(RELEASE_HYPERVISOR);
-        if bin.is_file() {
-            Ok(bin)
-        } else {
-            Err(LaunchRefusal::NoSuchRelease)
+        match release {
+            None => Ok(self.cfg.hypervisor_bin.clone()),
+            Some(_) => self.release_binary(RELEASE_HYPERVISOR, release),
         }
     }
 
     /// The block-card binary of installed release `release`, or the configured one.
     fn blockcard_binary(&self, release: Option<u64>) -> Result<PathBuf, LaunchRefusal> {
-        let Some(v) = release else {
-            return Ok(self.cfg.blockcard_bin.clone());
-        };
+        match release {
+            None => Ok(self.cfg.blockcard_bin.clone()),
+            Some(_) => self.release_binary(RELEASE_BLOCKCARD, release),
+        }
+    }
+
+    /// Binary `name` of installed release `release` (`None` or not installed: refused).
+    fn release_binary(&self, name: &str, release: Option<u64>) -> Result<PathBuf, LaunchRefusal> {
+        let v = release.ok_or(LaunchRefusal::NoSuchRelease)?;
         let dir = self
             .cfg
             .release_dir
             .as_ref()
             .ok_or(LaunchRefusal::NoSuchRelease)?;
-        let bin = release_path(dir, v).join(RELEASE_BLOCKCARD);
+        let bin = release_path(dir, v).join(name);
         if bin.is_file() {
             Ok(bin)
         } else {
@@ -1618,6 +1629,7 @@ mod tests {
         let mut v = serde_json::to_value(LaunchRequest::SpawnNetCard {
             card: net_card(),
             run_as: None,
+            release: None,
         })
         .unwrap();
         v["spawn_net_card"]["card"]["control"] = serde_json::json!("/tmp/evil.sock");

@@ -170,6 +170,8 @@ pub fn document() -> utoipa::openapi::OpenApi {
         .schema_from::<api::ArtefactStored>()
         .schema_from::<api::HypervisorMoved>()
         .schema_from::<api::CardMoved>()
+        .schema_from::<api::NetCardMoved>()
+        .schema_from::<api::NetCardRelease>()
         .schema_from::<api::ReleaseDeployed>()
         .security_scheme(
             "bearer",

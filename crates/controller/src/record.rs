@@ -164,6 +164,10 @@ pub struct NetCardRecord {
     pub sealed_key: String,
     pub routes: Vec<String>,
     pub allow: Vec<String>,
+    /// The installed release whose `bulkhead-netcard` the card runs (absent: the configured
+    /// binary); a card restarted after it died runs the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u64>,
 }
 
 /// The instance's instance-storage disk: its size and, while it exists, the card serving it.
@@ -573,6 +577,7 @@ mod tests {
                     sealed_key: "ab".repeat(bulkhead_sealing::SEALED_BLOB_LEN),
                     routes: vec![],
                     allow: vec![],
+                    release: Some(3),
                 }),
                 cpus: vec![2, 3],
                 instance_storage: Some(InstanceStoreRecord {
@@ -622,6 +627,12 @@ mod tests {
         assert!(String::from_utf8_lossy(&text).contains(r#""card_update":4250"#));
         assert_eq!(HostRecord::parse(&text).unwrap(), r);
         assert!(!String::from_utf8_lossy(&sample().encode()).contains("card_update"));
+        // A net card on the configured binary (an older controller's record has no release).
+        let mut r = sample();
+        if let Some(c) = r.instances[0].net_card.as_mut() {
+            c.release = None;
+        }
+        assert_eq!(HostRecord::parse(&r.encode()).unwrap(), r);
     }
 
     #[test]

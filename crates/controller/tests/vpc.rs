@@ -110,9 +110,8 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    bulkhead_tokens::statedir::StateDir::new(dir.path())
-        .ensure_dev(HOST)
-        .unwrap();
+    // The release trust root pinned on this host (3 release keys, any 2 sign), for the deploy.
+    let keys = host_with_release_root(dir.path());
     let host = host_key(dir.path());
     // A port range of its own per run (tests may run side by side).
     let base = 20000 + (std::process::id() % 20000) as u16;
@@ -148,7 +147,7 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
             "10.0.1.5",
             "02:00:00:00:01:05",
             format!(
-                "i=0;until echo {MARK}|nc -w 10 10.0.1.6 7000;do i=$((i+1));[ $i -gt 60 ]&&break;sleep 1;done;echo SENT=$i;n=0;while :;do n=$((n+1));echo AFTER-$n|nc -w 5 10.0.1.6 7000;sleep 1;done"
+                "echo BOOT=$(cat /proc/sys/kernel/random/boot_id);i=0;until echo {MARK}|nc -w 10 10.0.1.6 7000;do i=$((i+1));[ $i -gt 60 ]&&break;sleep 1;done;echo SENT=$i;n=0;while :;do n=$((n+1));echo AFTER-$n|nc -w 5 10.0.1.6 7000;sleep 1;done"
             ),
         ),
         (
@@ -157,7 +156,8 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
             "10.0.1.6",
             "02:00:00:00:01:06",
             // One connection at a time, each printed to the console.
-            "while :;do nc -l -p 7000;done".to_string(),
+            "echo BOOT=$(cat /proc/sys/kernel/random/boot_id);while :;do nc -l -p 7000;done"
+                .to_string(),
         ),
     ];
     let mut endpoints = Vec::new();
@@ -228,7 +228,6 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
     let mine = format!("{}/net-i-recv", dir.path().join("run").display());
     let old = netcard_pids(&mine);
     assert_eq!(old.len(), 1, "{old:?}");
-    let after = |c: &str| c.lines().filter(|l| l.trim().starts_with("AFTER-")).count();
     let before = after(&api.console("i-recv"));
     // SAFETY: kill has no memory-safety preconditions; `old[0]` is a net card of this test.
     unsafe { libc::kill(old[0], libc::SIGKILL) };
@@ -236,28 +235,191 @@ fn two_guests_in_one_vpc_talk_through_their_net_cards() {
         let now = netcard_pids(&mine);
         now.len() == 1 && now[0] != old[0]
     });
-    let restarted = Instant::now();
-    loop {
-        let recv = api.console("i-recv");
-        if after(&recv) >= before + 3 {
-            eprintln!(
-                "messages arrive again {:?} after the restart",
-                restarted.elapsed()
-            );
-            assert_eq!(recv.matches("BULKHEAD-NET-UP").count(), 1, "{recv}");
-            assert!(!recv.contains("eth1"), "{recv}");
-            break;
-        }
-        assert!(
-            restarted.elapsed() < boot_timeout(),
-            "no message after the card restart ({before} before)\n--- i-recv:\n{recv}"
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    arrive_again(&api, before, "the card restart");
+
+    deploy_applies_the_net_card(&d, &api, &keys, dir.path(), &mine);
 
     for id in ["i-send", "i-recv"] {
         api.ok("POST", &format!("/v1/instances/{id}/terminate"), "");
     }
+}
+
+/// Lines the sender sent after the receiver got its marker, as the receiver printed them.
+fn after(console: &str) -> usize {
+    console
+        .lines()
+        .filter(|l| l.trim().starts_with("AFTER-"))
+        .count()
+}
+
+/// Waits until the receiver printed three more of the sender's messages than `before`; then
+/// checks it still has its one NIC, configured once (no re-plug, no second DHCP), and one boot.
+fn arrive_again(api: &Api<'_>, before: usize, what: &str) {
+    let t = Instant::now();
+    loop {
+        let recv = api.console("i-recv");
+        if after(&recv) >= before + 3 {
+            eprintln!("messages arrive again {:?} after {what}", t.elapsed());
+            assert_eq!(recv.matches("BULKHEAD-NET-UP").count(), 1, "{recv}");
+            assert!(!recv.contains("eth1"), "{recv}");
+            assert_eq!(recv.matches("BOOT=").count(), 1, "{recv}");
+            break;
+        }
+        assert!(
+            t.elapsed() < boot_timeout(),
+            "no message after {what} ({before} before)\n--- i-recv:\n{recv}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// The audit records of `step` (`DeployRelease:<step>`) about `release:v<v>`: (instance, code).
+fn deploy_steps(d: &Daemon, step: &str, v: u64) -> Vec<(String, String)> {
+    d.audit()
+        .iter()
+        .filter(|x| {
+            x["entry"]["op"] == format!("DeployRelease:{step}").as_str()
+                && x["entry"]["resources"][0] == format!("release:v{v}").as_str()
+        })
+        .map(|x| {
+            (
+                x["entry"]["resources"][1]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                x["entry"]["code"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// GetHealth's net cards: (instance, pid, release).
+fn health_net_cards(d: &Daemon) -> Vec<(String, u64, Option<u64>)> {
+    let r = call_as(
+        d,
+        "deployer",
+        &[Operation::GetHealth],
+        "GET",
+        "/v1/health",
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    let mut v: Vec<_> = r.json["net_cards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["instance_id"].as_str().unwrap().to_string(),
+                c["pid"].as_u64().unwrap(),
+                c["release"].as_u64(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// DeployRelease with a net card, on the two running guests: a 2-of-3 signed release carrying
+/// a (stripped) hypervisor and net card moves both guests' cards to the release's binary in
+/// place (new pids running the installed file, the receiver's messages arriving again with no
+/// new NIC, DHCP or boot), audited and reported by GetHealth; then a release whose net card
+/// cannot start is refused typed, and the cards serve on the previous release's binary.
+fn deploy_applies_the_net_card(
+    d: &Daemon,
+    api: &Api<'_>,
+    keys: &[bulkhead_rot::release::ReleaseKey],
+    dir: &Path,
+    mine: &str,
+) {
+    let src = dir.join("release-src");
+    let hv = stripped(&src, "bulkhead-hypervisor");
+    let card = stripped(&src, "bulkhead-netcard");
+    let configured = release_dir()
+        .join("bulkhead-netcard")
+        .canonicalize()
+        .unwrap();
+    let old = netcard_pids(mine);
+    assert_eq!(old.len(), 1, "{old:?}");
+    assert_eq!(exe(old[0]), configured);
+    let cards_before = health_net_cards(d);
+    assert_eq!(cards_before.len(), 2, "{cards_before:?}");
+    assert!(
+        cards_before.iter().all(|c| c.2.is_none()),
+        "{cards_before:?}"
+    );
+    upload(d, &[&hv, &card]);
+    let signed = release(2, &[&hv, &card], &[&keys[0], &keys[2]]);
+    let before = after(&api.console("i-recv"));
+    let t = Instant::now();
+    let r = deploy(d, "deployer", DEPLOY_OPS, &signed);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    eprintln!(
+        "deployed v2 (two live updates, two net cards) in {:?}",
+        t.elapsed()
+    );
+    let installed = dir.join("releases/v2/bulkhead-netcard");
+    let moved = r.json["net_cards"].as_array().unwrap();
+    assert_eq!(moved.len(), 2, "{}", r.json);
+    let now = netcard_pids(mine);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0], old[0], "the receiver's card was not replaced");
+    assert!(!crate::common::alive(old[0]), "the old card still runs");
+    assert_eq!(exe(now[0]), installed);
+    let recv_moved = moved.iter().find(|m| m["instance_id"] == "i-recv").unwrap();
+    assert_eq!(recv_moved["old_pid"].as_u64(), Some(old[0] as u64));
+    assert_eq!(recv_moved["new_pid"].as_u64(), Some(now[0] as u64));
+    eprintln!("receiver's network gap {} us", recv_moved["gap_us"]);
+    for m in moved {
+        assert_eq!(exe(m["new_pid"].as_u64().unwrap()), installed, "{m}");
+    }
+    let health = health_net_cards(d);
+    assert!(health.iter().all(|c| c.2 == Some(2)), "{health:?}");
+    let mut steps = deploy_steps(d, "netcard_update", 2);
+    steps.sort();
+    assert_eq!(
+        steps,
+        vec![
+            ("instance:i-recv".to_string(), "ok".to_string()),
+            ("instance:i-send".to_string(), "ok".to_string())
+        ]
+    );
+    arrive_again(api, before, "the net card update to v2");
+    assert_eq!(api.console("i-send").matches("BOOT=").count(), 1);
+
+    // A release whose net card cannot start (it exits at once): refused typed; the card that
+    // failed is started again on v2's binary and takes the NIC back, the hypervisors are moved
+    // back, the host stays on v2.
+    let bad_src = dir.join("bad-src");
+    std::fs::create_dir_all(&bad_src).unwrap();
+    let bad = bad_src.join("bulkhead-netcard");
+    std::fs::write(&bad, b"#!/bin/sh\nexit 3\n").unwrap();
+    upload(d, &[&bad]);
+    let signed = release(3, &[&hv, &bad], &[&keys[1], &keys[2]]);
+    let before = after(&api.console("i-recv"));
+    let r = deploy(d, "deployer", DEPLOY_OPS, &signed);
+    assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.code(), "release_net_card_update_failed", "{}", r.json);
+    let failed = deploy_steps(d, "netcard_update", 3);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].1, "net_card_refused", "{failed:?}");
+    let health = health_net_cards(d);
+    assert_eq!(health.len(), 2, "{health:?}");
+    for (id, pid, release) in &health {
+        assert_eq!(*release, Some(2), "{id}: {health:?}");
+        assert_eq!(exe(pid), installed, "{id}");
+    }
+    let r = call_as(
+        d,
+        "deployer",
+        &[Operation::GetHealth],
+        "GET",
+        "/v1/health",
+        b"",
+    );
+    assert_eq!(r.json["release"], 2);
+    arrive_again(api, before, "the refused net card update");
+    bulkhead_audit::verify(&dir.join("audit.log")).unwrap();
 }
 
 /// A host daemon with a fresh host key in its state directory, and an epoch-1 key of VPC 7

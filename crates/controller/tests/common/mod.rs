@@ -18,6 +18,9 @@ use serde_json::Value;
 pub mod guest;
 #[allow(unused_imports)]
 pub use guest::*;
+pub mod release;
+#[allow(unused_imports)]
+pub use release::*;
 
 pub const HOST: &str = "host-1";
 
