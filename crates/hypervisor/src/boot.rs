@@ -17,6 +17,7 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::{load_cmdline, BzImage, Cmdline, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::image::IntoRam;
 use crate::layout::*;
 use crate::memory::GuestRam;
 use crate::Error;
@@ -45,7 +46,8 @@ pub struct LoadedKernel {
 
 /// Loads `kernel` into guest memory, trying PVH ELF first and bzImage second.
 pub fn load_kernel(ram: &GuestRam, kernel: &Path) -> Result<LoadedKernel, Error> {
-    let mut f = File::open(kernel).map_err(|e| Error::KernelFile(kernel.to_owned(), e))?;
+    let f = File::open(kernel).map_err(|e| Error::KernelFile(kernel.to_owned(), e))?;
+    let mut f = IntoRam::new(f, ram);
     match Elf::load(
         &ram.mem,
         None,
@@ -90,17 +92,27 @@ pub fn load_kernel(ram: &GuestRam, kernel: &Path) -> Result<LoadedKernel, Error>
 
 /// Copies the initrd to the top of low RAM (page-aligned). Returns (address, size).
 pub fn load_initrd(ram: &GuestRam, initrd: &Path) -> Result<(GuestAddress, usize), Error> {
-    let data = std::fs::read(initrd).map_err(|e| Error::InitrdFile(initrd.to_owned(), e))?;
-    let size = data.len();
+    let file_err = |e| Error::InitrdFile(initrd.to_owned(), e);
+    let f = File::open(initrd).map_err(file_err)?;
+    let size = f.metadata().map_err(file_err)?.len();
+    let size = usize::try_from(size).map_err(|_| Error::InitrdTooLarge { size: usize::MAX })?;
     let top = ram.low_end();
     let addr = top
         .checked_sub(size as u64)
         .map(|a| a & !0xfff)
         .filter(|a| *a >= HIGH_MEMORY_START + (16 << 20))
         .ok_or(Error::InitrdTooLarge { size })?;
+    // Straight from the file into guest memory (through the memfd, crate::image): no copy in
+    // between. A file that shrinks under us is an error, never a partly loaded initrd.
     ram.mem
-        .write_slice(&data, GuestAddress(addr))
-        .map_err(|_| Error::InitrdTooLarge { size })?;
+        .read_exact_volatile_from(GuestAddress(addr), &mut IntoRam::new(f, ram), size)
+        .map_err(|e| match e {
+            vm_memory::GuestMemoryError::IOError(io) => file_err(io),
+            vm_memory::GuestMemoryError::PartialBuffer { .. } => {
+                file_err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+            }
+            _ => Error::InitrdTooLarge { size },
+        })?;
     Ok((GuestAddress(addr), size))
 }
 

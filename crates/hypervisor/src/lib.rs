@@ -11,6 +11,7 @@ pub mod boot;
 pub mod console;
 pub mod cpu;
 pub mod devices;
+pub mod image;
 pub mod irq;
 pub mod layout;
 pub mod live_update;
@@ -18,6 +19,7 @@ pub mod memory;
 pub mod mptable;
 pub mod sandbox;
 pub mod server;
+pub mod startup;
 pub mod vm;
 
 use std::path::PathBuf;

@@ -137,8 +137,11 @@ fn run(vm_args: VmArgs, blocks: Vec<String>, nets: Vec<PathBuf>) -> Result<ExitR
         vm.attach_net(&format!("net{i}"), stream)?;
     }
     sandbox::harden_process(vm_args.run_as()?)?;
-    vm.start()?;
+    // The main thread's filter goes on before the vCPUs start (as under `serve`): they inherit
+    // it beneath their own, and once they run this thread has nothing left to do but wait, so
+    // vCPU 0's first KVM_RUN does not share a CPU with the filter's compilation.
     sandbox::apply_thread_filter(ThreadRole::Main)?;
+    vm.start()?;
     Ok(vm.wait())
 }
 
