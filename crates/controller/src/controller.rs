@@ -597,6 +597,8 @@ impl Controller {
                 )
             }
             ApiRequest::GetHealth => {
+                // Off the runtime: an instance's lock is held through a live or card update.
+                let net_cards = self.blocking(|b| Ok(b.net_card_releases())).await?;
                 let s = self.audit.stats();
                 json_ok(
                     request_id,
@@ -609,7 +611,7 @@ impl Controller {
                         alerts: lock(&self.monitor).counts().iter().map(|(_, n)| n).sum(),
                         release: self.instances.active_release().map(|r| r.version),
                         controller_release: self.controller_release,
-                        net_cards: self.instances.net_card_releases(),
+                        net_cards,
                     },
                 )
             }

@@ -22,6 +22,10 @@
 
 #[path = "card_update/driver.rs"]
 mod driver;
+#[path = "card_update/peer.rs"]
+mod peer;
+#[path = "shared/percentile.rs"]
+mod percentile;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -38,9 +42,9 @@ use bulkhead_card_proto::{
 use bulkhead_hypervisor::devices::vhost_blk::VhostUserBlk;
 use bulkhead_hypervisor::devices::virtio::{Activation, QueueRegs, VirtioDevice};
 use bulkhead_hypervisor::memory::GuestRam;
+use percentile::pct;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const UPDATES: usize = 20;
 const VOLUME_MIB: u64 = 64;
@@ -68,12 +72,12 @@ struct Run {
     after_iops: Vec<f64>,
 }
 
-/// The `p`th percentile (0..=100) by nearest rank (of 20 updates, p99 is the largest).
-fn pct(v: &[f64], p: usize) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len().max(1);
-    v.get(((n - 1) * p + 50) / 100).copied().unwrap_or(f64::NAN)
+/// A file's name without its directory (a failure's text names no temporary path).
+fn file_name(p: &Path) -> String {
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 fn wait_connect(p: &Path) -> UnixStream {
@@ -82,7 +86,11 @@ fn wait_connect(p: &Path) -> UnixStream {
         if let Ok(s) = UnixStream::connect(p) {
             return s;
         }
-        assert!(Instant::now() < until, "nothing listens on {}", p.display());
+        assert!(
+            Instant::now() < until,
+            "nothing listens on {}",
+            file_name(p)
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -145,8 +153,10 @@ impl Guest {
         dev.activate(self.act()).expect("activate");
         dev
     }
-    /// What `Vm::replace_block` does once it has the new backend's socket.
-    fn replace(&self, old: &mut VhostUserBlk, s: UnixStream) -> VhostUserBlk {
+    /// What `Vm::replace_block` does once it has the new backend's socket. `strict` (a card):
+    /// the old backend must stop its rings and report exactly the used index (a card completes
+    /// what it took before it stops). Not strict (the qsd peer, already gone): the used index.
+    fn replace(&self, old: &mut VhostUserBlk, s: UnixStream, strict: bool) -> VhostUserBlk {
         let mut dev = VhostUserBlk::connect(s, false, 1).expect("new backend handshake");
         assert_eq!(
             dev.config().get(0..8),
@@ -158,9 +168,19 @@ impl Guest {
             0,
             "new backend lacks acked features"
         );
-        let bases = match old.stop_for_replace() {
+        let stopped = old.stop_for_replace();
+        let used = vec![self.used_idx()];
+        let bases = match stopped {
+            Some(Ok(b)) if strict => {
+                assert_eq!(b, used, "the old card's ring bases are not the used index");
+                b
+            }
             Some(Ok(b)) if b.len() == 1 => b,
-            _ => vec![self.used_idx()],
+            other => {
+                let other = other.map(|r| r.map_err(|e| e.to_string()));
+                assert!(!strict, "the old card did not stop its rings: {other:?}");
+                used
+            }
         };
         dev.resume_at(&self.act(), &bases)
             .expect("new backend takes the rings");
@@ -198,16 +218,6 @@ impl Drop for Card {
     }
 }
 
-/// A qemu-storage-daemon process, ended on drop.
-struct Qsd(Child);
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn_card(dir: &Path, bin: &Path, name: &str, img: &Path) -> Card {
     let ctl_path = dir.join(format!("{name}.ctl"));
     let vhost = dir.join(format!("{name}.sock"));
@@ -232,16 +242,13 @@ fn spawn_card(dir: &Path, bin: &Path, name: &str, img: &Path) -> Card {
 }
 
 /// The old card's exit, which must follow its frontend leaving after a hand-over (bounded).
-fn wait_exit(c: &mut Child) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(c: &mut Child) -> std::process::ExitStatus {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(st) = c.try_wait().expect("wait") {
             return st;
         }
-        assert!(
-            Instant::now() < until,
-            "the old card did not exit after the hand-over"
-        );
+        assert!(Instant::now() < until, "the card did not exit within 10 s");
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -255,8 +262,7 @@ fn answer(c: &mut Card) -> ControlResponse {
 
 fn send_with_end(c: &Card, req: &ControlRequest, end: &UnixStream) {
     let f = proto::frame(&req.encode()).expect("frame");
-    c.ctl
-        .send_with_fd(&f[..], end.as_raw_fd())
+    bulkhead_hypervisor_client::send_packet(c.ctl.as_raw_fd(), &f, Some(end.as_raw_fd()))
         .expect("send with fd");
 }
 
@@ -271,7 +277,11 @@ fn stall(c: &[Duration], from: Duration, to: Duration) -> Duration {
         .filter(|w| w[1] >= from && w[0] <= to)
         .map(|w| w[1] - w[0])
         .max()
-        .unwrap_or(Duration::MAX)
+        .unwrap_or_else(|| {
+            panic!(
+                "no two completions around the update at {from:?}..{to:?}: the I/O did not resume"
+            )
+        })
 }
 
 fn finish(
@@ -359,7 +369,7 @@ fn card_run(dir: &Path, bin: &Path, img: &Path, qd: u16) -> Run {
         );
         let t_rep = Instant::now();
         let s = wait_connect(&new.vhost);
-        let nd = g.replace(&mut dev, s);
+        let nd = g.replace(&mut dev, s, true);
         let replace = t_rep.elapsed();
         let to = begin.elapsed();
         drop(std::mem::replace(&mut dev, nd));
@@ -375,57 +385,52 @@ fn card_run(dir: &Path, bin: &Path, img: &Path, qd: u16) -> Run {
     }
     let run = finish(&g, &stop, t, updates);
     drop(dev);
-    let _ = proto::call(&mut old.ctl, &ControlRequest::Detach);
+    let r = proto::call(&mut old.ctl, &ControlRequest::Detach).expect("detach");
+    assert!(matches!(r, ControlResponse::Detached), "Detach: {r:?}");
+    let st = wait_exit(&mut old.child);
+    assert!(st.success(), "the last card exited {st} after Detach");
     drop(old);
     run
 }
 
-fn spawn_qsd(dir: &Path, img: &Path, sock: &Path) -> Qsd {
-    let _ = std::fs::remove_file(sock);
-    Qsd(Command::new("qemu-storage-daemon")
-        .arg("--blockdev").arg(format!("driver=file,node-name=file0,filename={},cache.direct=on,aio=threads", img.display()))
-        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
-        .arg("--export").arg(format!("type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues=1,logical-block-size=4096", sock.display()))
-        .stdin(Stdio::null()).stdout(Stdio::null())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("qsd.log")).expect("log"))
-        .spawn().expect("spawn qemu-storage-daemon"))
+/// The 1-minute load average now.
+fn load_1min() -> String {
+    let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().next().unwrap_or("?").to_string()
 }
 
-fn qsd_run(dir: &Path, img: &Path, qd: u16) -> Run {
-    let sock = dir.join("qsd.sock");
-    let mut g = Guest::new();
-    let mut qsd = spawn_qsd(dir, img, &sock);
-    let mut dev = g.first(wait_connect(&sock));
-    let begin = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let t = g.start_driver(qd, begin, &stop);
-    let mut updates = Vec::new();
-    for _ in 0..UPDATES {
-        if t.is_finished() {
-            break; // The driver failed: `finish` reports why.
+/// The CPU model as /proc/cpuinfo names it.
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map_or_else(|| "CPU model unknown".into(), |(_, m)| m.trim().to_string())
+}
+
+/// On a failure (a panic unwinding `main`), prints the last lines of the newest card and qsd
+/// logs before the temporary directory holding them is removed.
+struct LogTails(PathBuf);
+
+impl Drop for LogTails {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
         }
-        std::thread::sleep(WINDOW);
-        let from = begin.elapsed();
-        // SAFETY: kill(2) on our own child's pid with a plain signal number.
-        unsafe { libc::kill(i32::try_from(qsd.0.id()).expect("pid"), libc::SIGTERM) };
-        qsd.0.wait().expect("old qsd");
-        let t_rep = Instant::now();
-        qsd = spawn_qsd(dir, img, &sock);
-        let nd = g.replace(&mut dev, wait_connect(&sock));
-        let replace = t_rep.elapsed();
-        let to = begin.elapsed();
-        drop(std::mem::replace(&mut dev, nd));
-        updates.push(Update {
-            from,
-            to,
-            handover: None,
-            replace,
-        });
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.0)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        // The newest three: the backends of the run that failed.
+        logs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        for p in &logs[logs.len().saturating_sub(3)..] {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- last lines of {} ---", file_name(p));
+            for l in &lines[lines.len().saturating_sub(8)..] {
+                eprintln!("{l}");
+            }
+        }
     }
-    let run = finish(&g, &stop, t, updates);
-    drop(dev);
-    drop(qsd);
-    run
 }
 
 fn ms(d: Duration) -> f64 {
@@ -460,15 +465,16 @@ fn main() {
         });
     assert!(
         card.is_file(),
-        "{} not built (cargo build --release -p bulkhead-blockcard)",
-        card.display()
+        "{} not built in this target dir (cargo build --release -p bulkhead-blockcard)",
+        file_name(&card)
     );
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load.split_whitespace().next().unwrap_or("?").to_string();
+    let load = load_1min();
     let dir = tempfile::Builder::new()
         .prefix("bhcardupd")
         .tempdir()
         .expect("tmp");
+    // Dropped before `dir`: on a failure, the logs' last lines reach stderr before they go.
+    let _tails = LogTails(dir.path().to_path_buf());
     let img = dir.path().join("vol.img");
     std::fs::File::create(&img)
         .expect("img")
@@ -493,27 +499,20 @@ fn main() {
     } else {
         "not logged"
     };
-    let have_qsd = Command::new("qemu-storage-daemon")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let have_qsd = peer::available();
     let mut qsd_runs = Vec::new();
     if have_qsd {
         for qd in [1u16, 32] {
             eprintln!("card-update bench: qemu-storage-daemon restart, QD {qd}");
-            qsd_runs.push((qd, qsd_run(dir.path(), &img, qd)));
+            qsd_runs.push((qd, peer::qsd_run(dir.path(), &img, qd)));
         }
     }
-    let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load_end = load_end
-        .split_whitespace()
-        .next()
-        .unwrap_or("?")
-        .to_string();
+    let load_end = load_1min();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     out.push(format!(
         "`scripts/bench-card-update.sh` (`cargo bench -p bulkhead-hypervisor --bench card_update`); \
-         1-min load average {load} at start, {load_end} at end (2 shared cores). {UPDATES} updates per \
+         {cpus} CPUs available to the bench ({}); host 1-min load average {load} at start, \
+         {load_end} at end. {UPDATES} updates per \
          run of a keyed block card (AES-256-XTS, 4 KiB crypto sectors) on a {VOLUME_MIB} MiB volume \
          file (card I/O mode as it logged it: {mode}), each to a new card process: `TakeOver`/`HandOver` over the card control sockets with a \
          socketpair, as the controller sends them, then the rings moved by the hypervisor's own \
@@ -523,7 +522,8 @@ fn main() {
          kernel); every read is checked against the last write to its block, and after each run every \
          block written is read back and checked. **Stall** = the longest gap between two consecutive \
          completed requests overlapping the update (the I/O pause a guest would see); \
-         of {UPDATES} updates, p99 is the largest (nearest rank)."
+         percentiles by nearest rank (of {UPDATES} updates, p50 is the 10th and p99 the largest).",
+        cpu_model()
     ));
     out.push(String::new());
     out.push("| Bulkhead card update | p50 | p99 | max |".into());

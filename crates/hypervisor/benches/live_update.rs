@@ -19,6 +19,8 @@
 
 #[path = "../tests/common.rs"]
 mod common;
+#[path = "shared/percentile.rs"]
+mod percentile;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -29,22 +31,12 @@ use std::time::{Duration, Instant};
 use bulkhead_channel::{Command as Cmd, Reply};
 use bulkhead_hypervisor_client::{Hypervisor, VmSpec};
 use common::*;
+use percentile::pct;
 
 const UPDATES: usize = 20;
 const TIMEOUT: Duration = Duration::from_secs(300);
 const SCRIPT: &str =
     "i=0\nwhile :; do\ni=$((i+1))\nread -r u x </proc/uptime\necho C=$i U=$u\ndone\n";
-
-/// The `p` (0..=1) percentile by nearest rank.
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let last = v.len().saturating_sub(1);
-    let i = (0..=last)
-        .find(|i| *i as f64 >= last as f64 * p - 0.5)
-        .unwrap_or(last);
-    v.get(i).copied().unwrap_or(f64::NAN)
-}
 
 /// Pauses (ms), guest-observed gaps across updates (ms), median line step (ms).
 type Run = (Vec<f64>, Vec<f64>, f64);
@@ -84,7 +76,7 @@ fn guest_gaps(text: &str, updates: &[(u64, u64)]) -> (Vec<f64>, f64) {
                 .fold(0.0, f64::max)
         })
         .collect();
-    (across, pct(&steps, 0.5))
+    (across, pct(&steps, 50))
 }
 
 fn bulkhead(kernel: &Path, initrd: &Path) -> Run {
@@ -352,23 +344,23 @@ fn main() {
     let qv = |f: &dyn Fn(&Run) -> f64| q.as_ref().map(f);
     row(
         "pause, hypervisor's measure, p50 (ms)",
-        pct(&b_pause, 0.5),
-        qv(&|q| pct(&q.0, 0.5)),
+        pct(&b_pause, 50),
+        qv(&|q| pct(&q.0, 50)),
     );
     row(
         "pause, hypervisor's measure, p99 (ms)",
-        pct(&b_pause, 0.99),
-        qv(&|q| pct(&q.0, 0.99)),
+        pct(&b_pause, 99),
+        qv(&|q| pct(&q.0, 99)),
     );
     row(
         "longest uptime step across an update, p50 (ms)",
-        pct(&b_gap, 0.5),
-        qv(&|q| pct(&q.1, 0.5)),
+        pct(&b_gap, 50),
+        qv(&|q| pct(&q.1, 50)),
     );
     row(
         "longest uptime step across an update, p99 (ms)",
-        pct(&b_gap, 0.99),
-        qv(&|q| pct(&q.1, 0.99)),
+        pct(&b_gap, 99),
+        qv(&|q| pct(&q.1, 99)),
     );
     row(
         "median uptime step between lines, whole run (ms)",

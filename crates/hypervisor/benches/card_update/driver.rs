@@ -196,6 +196,11 @@ impl Driver {
             let e = USED + 4 + u64::from(self.last_used % QUEUE_SIZE) * 8;
             let id: u32 = self.ram.mem.read_obj(GuestAddress(e)).expect("used elem");
             self.last_used = self.last_used.wrapping_add(1);
+            // Every chain is three descriptors from `slot * 3` (see `submit`).
+            assert!(
+                id.is_multiple_of(3),
+                "used ring returned id {id}, which is no chain's head"
+            );
             let slot = u16::try_from(id / 3).expect("head");
             let Some(s) = self.slots.get_mut(usize::from(slot)).and_then(Option::take) else {
                 panic!("used ring returned head {id}, which is not in flight");
