@@ -78,12 +78,6 @@ impl AgentLink {
         Self::from_stream(UnixStream::connect(path)?)
     }
 
-    /// The agent connection a previous image of this process handed over across its exec
-    /// (see [`crate::reexec`]).
-    pub fn from_inherited(fd: std::os::fd::OwnedFd) -> std::io::Result<AgentLink> {
-        Self::from_stream(UnixStream::from(fd))
-    }
-
     fn from_stream(s: UnixStream) -> std::io::Result<AgentLink> {
         s.set_read_timeout(Some(QUOTE_TIMEOUT))?;
         s.set_write_timeout(Some(QUOTE_TIMEOUT))?;

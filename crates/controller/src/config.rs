@@ -90,6 +90,14 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Where releases are installed and artefacts uploaded: `release_dir`, else `releases`
+    /// next to the audit log.
+    pub fn releases_dir(&self) -> PathBuf {
+        self.release_dir
+            .clone()
+            .unwrap_or_else(|| self.audit_log.with_file_name("releases"))
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),

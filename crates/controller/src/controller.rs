@@ -25,7 +25,7 @@ use crate::monitor::Monitor;
 
 mod net_deploy;
 mod restart;
-pub use restart::RestartPlan;
+pub use restart::{ANSWER_GRACE, EXIT_APPLY_RELEASE};
 
 /// Everything the request pipeline needs.
 pub struct Controller {
@@ -48,11 +48,11 @@ pub struct Controller {
     releases: Option<Arc<crate::deploy::ReleaseStore>>,
     /// One deploy at a time.
     deploying: tokio::sync::Mutex<()>,
-    /// How this controller re-executes itself into a release's controller (`None`: it cannot;
-    /// a release's controller is then installed and recorded, not applied).
-    restart: Option<RestartPlan>,
-    /// The release whose controller binary this process runs (`None`: the binary it was
-    /// started with).
+    /// Where a deploy queues "exit for the supervisor" for a release carrying a controller
+    /// (`None`: a release's controller is installed and recorded, not applied).
+    restart: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
+    /// The release whose controller binary this process runs (`None`: the original binary its
+    /// supervisor names).
     controller_release: Option<u64>,
 }
 
@@ -870,8 +870,8 @@ impl Controller {
             return Err(DeployError::AlreadyActive(v).into());
         }
         self.audit_step("verified", v, None, "ok").await;
-        let (st, man) = (Arc::clone(&store), m.clone());
-        let installed = tokio::task::spawn_blocking(move || st.install(&man))
+        let (st, man, signed) = (Arc::clone(&store), m.clone(), raw.clone());
+        let installed = tokio::task::spawn_blocking(move || st.install(&man, &signed))
             .await
             .map_err(|_| Refusal::Internal)?;
         if let Err(e) = installed {

@@ -11,7 +11,9 @@
 //!    active release's version in the host record (anti-rollback).
 //! 3. **Install**: every artefact of the manifest is copied from the store into a fresh
 //!    directory, re-measured there by `Manifest::check_artefacts` (rot's own digest check),
-//!    fsync'd, then renamed to `release_dir/v<version>/` (the directory fsync'd too).
+//!    the signed release text kept beside them (`release.json`: the host's supervisor
+//!    verifies it itself before it starts the release's controller), fsync'd, then renamed to
+//!    `release_dir/v<version>/` (the directory fsync'd too).
 //! 4. **Self-test**: the launcher runs `v<version>/bulkhead-hypervisor self-test`.
 //! 5. **Apply**: the controller live-updates every running instance's hypervisor to the new
 //!    binary (the launcher starts it, so the keeper adopts it after a controller restart); then,
@@ -27,11 +29,15 @@
 //!    serving).
 //! 6. **Activate**: the release goes into the host record (fsync'd): new instances start its
 //!    hypervisor, a restarted controller keeps using it, and its version is the new floor.
-//! 7. **Controller**: if the release carries `bulkhead-controller`, it is installed and
-//!    recorded but **not applied**: the controller's seccomp filter traps every exec (no
-//!    argument rule can pin `execveat` to one file; see [`crate::reexec`]), so the step is
-//!    audited `DeployRelease:controller-restart` with `controller_restart_unsupported`, the
-//!    answer's `controller_restart` stays absent, and the running controller serves on.
+//! 7. **Controller**: if the release carries `bulkhead-controller`, the answer names
+//!    `controller_restart: <version>`; after it has gone the controller audits
+//!    `DeployRelease:controller-restart ok` (durable) and exits with
+//!    [`bulkhead_rot::supervise::EXIT_APPLY_RELEASE`]. Its seccomp filter traps every exec (no
+//!    argument rule can pin `execveat` to one file), so the host's supervisor, outside the
+//!    filter, verifies the active release itself and starts its controller
+//!    ([`bulkhead_rot::supervise::pick_controller`]; the original binary when it does not
+//!    verify). The new controller adopts every instance as after a kill -9 and audits
+//!    `DeployRelease:controller-applied ok`. See [`crate::controller`]'s `restart` module.
 //!
 //! Each step is audited (the controller's lifecycle records), and every refusal is typed
 //! ([`DeployError::code`]). Artefacts are at most
@@ -247,7 +253,7 @@ impl ReleaseStore {
     /// Installs the manifest's artefacts from the store into `v<version>/` (step 3). A
     /// directory left from an earlier, never activated install of the same version is
     /// replaced.
-    pub fn install(&self, m: &Manifest) -> Result<PathBuf, DeployError> {
+    pub fn install(&self, m: &Manifest, signed: &str) -> Result<PathBuf, DeployError> {
         use std::os::unix::fs::PermissionsExt as _;
         let fin = release_path(&self.dir, m.version);
         let tmp = self.dir.join(format!(".install-v{}", m.version));
@@ -269,6 +275,12 @@ impl ReleaseStore {
         }
         // Re-measured where it will run: rot's own check of every digest.
         m.check_artefacts(&tmp)?;
+        write_durable(
+            &tmp.join(bulkhead_rot::supervise::SIGNED_RELEASE_FILE),
+            signed.as_bytes(),
+            0o644,
+        )
+        .map_err(io_install)?;
         sync_dir(&tmp).map_err(io_install)?;
         if fin.exists() {
             std::fs::remove_dir_all(&fin).map_err(io_install)?;
@@ -416,15 +428,21 @@ mod tests {
             s.verify(&raw(&r), 3, 1).unwrap_err().code(),
             "release_rollback"
         );
-        let dir = s.install(&m).unwrap();
+        let signed = raw(&r);
+        let dir = s.install(&m, &signed).unwrap();
         assert!(dir.join(RELEASE_HYPERVISOR).is_file());
+        assert_eq!(
+            std::fs::read_to_string(dir.join(bulkhead_rot::supervise::SIGNED_RELEASE_FILE))
+                .unwrap(),
+            signed
+        );
         let rec = s.record_of(&m).unwrap();
         assert_eq!(rec.version, 2);
         assert_eq!(rec.artefacts[0].sha384, m.artefacts[0].sha384);
         // An artefact never uploaded: typed.
         std::fs::remove_dir_all(s.artefacts()).unwrap();
         assert_eq!(
-            s.install(&m).unwrap_err().code(),
+            s.install(&m, &signed).unwrap_err().code(),
             "release_artefact_missing"
         );
     }

@@ -586,20 +586,6 @@ impl Launcher {
         Ok(Some(l))
     }
 
-    /// The keeper connection a previous image of this process handed over across its exec
-    /// (DeployRelease re-executing the controller; see [`crate::reexec`]). The keeper saw no
-    /// hang-up: it serves on as before, and the new image adopts its children like any
-    /// restarted controller.
-    pub fn from_inherited(fd: OwnedFd) -> Result<Launcher, LauncherError> {
-        let l = Self::adopted_from(fd)?;
-        l.call(&LaunchRequest::Children)?;
-        tracing::info!(
-            pid = l.pid,
-            "keeper connection inherited: adopting its children"
-        );
-        Ok(l)
-    }
-
     /// A connection to a keeper that already runs (its pid from the socket's peer
     /// credentials), with the controller's read timeout.
     fn adopted_from(fd: OwnedFd) -> Result<Launcher, LauncherError> {

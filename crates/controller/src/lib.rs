@@ -33,6 +33,6 @@ pub mod metrics;
 pub mod monitor;
 pub mod openapi;
 pub mod record;
-pub mod reexec;
 pub mod sandbox;
 pub mod server;
+pub mod supervisor;

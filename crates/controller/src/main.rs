@@ -9,7 +9,7 @@ use bulkhead_audit::AuditLog;
 use bulkhead_controller::attest::AgentLink;
 use bulkhead_controller::backend::{DetachedBackend, InstanceBackend, VolumeBackend};
 use bulkhead_controller::config::Config;
-use bulkhead_controller::controller::Controller;
+use bulkhead_controller::controller::{Controller, EXIT_APPLY_RELEASE};
 use bulkhead_controller::cores::{self, CoreAllocator, CoreIsolation, HostTopology};
 use bulkhead_controller::host::{HostBackend, HostConfig, DEFAULT_IMAGE, DEFAULT_KERNEL_ARGS};
 use bulkhead_controller::launcher::{self, Launcher, LauncherConfig};
@@ -97,6 +97,11 @@ struct Args {
     /// CPUs whose whole cores stay with the host (default 0), e.g. `0,1`.
     #[arg(long, value_delimiter = ',')]
     host_cpus: Option<Vec<usize>>,
+    /// Where the binaries this controller names by default (hypervisor, cards) live (default:
+    /// this binary's directory). The host's supervisor passes the original binary's directory
+    /// when it starts a release's controller (`releases/v<N>/bulkhead-controller`).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
     /// Internal: run as the launcher on this inherited fd (see `launcher.rs`).
     #[arg(long, hide = true, requires = "launcher_config")]
     launcher_fd: Option<i32>,
@@ -164,8 +169,6 @@ enum StartError {
     Record(#[from] bulkhead_controller::record::RecordError),
     #[error("adopting the running instances failed: {0}")]
     Adopt(&'static str),
-    #[error("re-executed into a release: {0}")]
-    Handoff(#[from] bulkhead_controller::reexec::ReexecError),
 }
 
 /// One controller per host at a time: an exclusive lock on `run_dir/controller.lock`, taken
@@ -192,8 +195,7 @@ fn hold_controller_lock(run_dir: &std::path::Path) -> Result<(), StartError> {
     Ok(())
 }
 
-/// The host record's file name, next to the audit log in the state directory.
-const HOST_RECORD_FILE: &str = "host-record";
+use bulkhead_controller::supervisor::HOST_RECORD_FILE;
 
 fn read(p: &PathBuf) -> Result<Vec<u8>, StartError> {
     std::fs::read(p).map_err(|e| StartError::Read(p.clone(), e))
@@ -216,8 +218,8 @@ fn absolute(p: &std::path::Path) -> Result<PathBuf, StartError> {
     std::fs::canonicalize(p).map_err(|e| StartError::Path(p.to_path_buf(), e))
 }
 
-/// Where the binaries this controller names by default live: its own directory, or, after
-/// DeployRelease re-executed it into a release, the first image's directory (handed over).
+/// Where the binaries this controller names by default live: `--bin-dir`, else its own
+/// directory.
 static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 fn bin_dir() -> PathBuf {
@@ -400,10 +402,7 @@ fn release_store(
         cfg.release_environment.as_deref().unwrap_or("dev"),
     )
     .map_err(|_| StartError::ReleaseEnvironment)?;
-    let dir = cfg
-        .release_dir
-        .clone()
-        .unwrap_or_else(|| cfg.audit_log.with_file_name("releases"));
+    let dir = cfg.releases_dir();
     std::fs::create_dir_all(&dir).map_err(|e| StartError::Path(dir.clone(), e))?;
     Ok(Some(bulkhead_controller::deploy::ReleaseStore {
         root,
@@ -416,11 +415,7 @@ fn release_store(
 /// dir>/v<N>/bulkhead-controller`), if any: a controller started from a release directory.
 fn running_release(cfg: &Config) -> Option<u64> {
     let exe = std::env::current_exe().ok()?;
-    let dir = cfg
-        .release_dir
-        .clone()
-        .unwrap_or_else(|| cfg.audit_log.with_file_name("releases"));
-    let dir = std::fs::canonicalize(dir).ok()?;
+    let dir = std::fs::canonicalize(cfg.releases_dir()).ok()?;
     let v = exe.parent()?;
     if v.parent()? != dir {
         return None;
@@ -438,16 +433,8 @@ fn run(args: Args) -> Result<(), StartError> {
         print!("{}", openapi::document_json());
         return Ok(());
     }
-    // Re-executed by DeployRelease into a release's controller: the listener, the keeper and
-    // the agent connections come from the previous image (the inherited sandbox lets this one
-    // open none of them).
-    let mut inherited = bulkhead_controller::reexec::Handoff::take_from_env()?;
-    if let Some(h) = &inherited {
-        let _ = BIN_DIR.set(h.bin_dir.clone());
-        tracing::info!(
-            release = h.release,
-            "re-executed into the release's controller"
-        );
+    if let Some(d) = &args.bin_dir {
+        let _ = BIN_DIR.set(d.clone());
     }
     let mut cfg = if args.dev {
         let dir = StateDir::new(args.state_dir.clone().ok_or(StartError::NoConfig)?);
@@ -483,12 +470,9 @@ fn run(args: Args) -> Result<(), StartError> {
                 cores::confine_process(&launch.host_cpus)?;
             }
             // A keeper left by the previous controller holds the running instances: adopt it.
-            let l = match inherited.as_mut().map(|h| h.keeper.try_clone()) {
-                Some(fd) => Launcher::from_inherited(fd.map_err(launcher::LauncherError::Start)?)?,
-                None => match Launcher::connect_keeper(&launch.run_dir)? {
-                    Some(l) => l,
-                    None => Launcher::start(&launch)?,
-                },
+            let l = match Launcher::connect_keeper(&launch.run_dir)? {
+                Some(l) => l,
+                None => Launcher::start(&launch)?,
             };
             tracing::info!(
                 guest = %launch.guest_dir.display(),
@@ -516,6 +500,21 @@ fn run(args: Args) -> Result<(), StartError> {
         }
     };
 
+    // Started by the host's supervisor from an installed release's controller (it verified
+    // the release itself): the release this process runs. When the host's active release
+    // carries a controller, `DeployRelease:controller-applied` is audited after adoption:
+    // `ok` if this process runs it, `controller_not_applied` if not (the supervisor refused
+    // it or it did not start, and the original binary runs).
+    let controller_release = running_release(&cfg);
+    let active_controller = record
+        .as_ref()
+        .and_then(|r| r.release.as_ref())
+        .filter(|r| {
+            r.artefacts
+                .iter()
+                .any(|a| a.name == bulkhead_rot::supervise::RELEASE_CONTROLLER)
+        })
+        .map(|r| r.version);
     let ca = CertificateDer::from_pem_slice(&read(&cfg.ca_cert)?)
         .map_err(|_| StartError::Pem(cfg.ca_cert.clone()))?;
     let chain = CertificateDer::pem_slice_iter(&read(&cfg.host_cert)?)
@@ -557,21 +556,15 @@ fn run(args: Args) -> Result<(), StartError> {
     };
     let backend_kind = instances.kind();
     // Connected now: once the sandbox is on, the controller can connect nowhere.
-    let inherited_agent = inherited.as_mut().map(|h| h.agent.take());
-    let attest = match (&cfg.attest_socket, inherited_agent) {
-        (_, Some(Some(fd))) => {
-            AgentLink::from_inherited(fd).map_err(|e| StartError::Attest(PathBuf::new(), e))?
-        }
-        // Re-executed without an agent connection: connecting now would trap.
-        (_, Some(None)) => AgentLink::none(),
-        (Some(p), None) => match AgentLink::connect(p) {
+    let attest = match &cfg.attest_socket {
+        Some(p) => match AgentLink::connect(p) {
             Ok(l) => {
                 tracing::info!(socket = %p.display(), "attestation agent connected");
                 l
             }
             Err(e) => return Err(StartError::Attest(p.clone(), e)),
         },
-        (None, None) => {
+        None => {
             tracing::warn!("no attestation agent configured: this host cannot attest, and a KMS that requires attestation will release no volume key to it");
             AgentLink::none()
         }
@@ -595,14 +588,9 @@ fn run(args: Args) -> Result<(), StartError> {
             tracing::info!("releases: no trust root (or no host backend); DeployRelease answers deploy_unavailable");
         }
     }
-    // Bind before the sandbox forbids new inet sockets (or take the previous image's).
-    let std_listener = match inherited.as_ref().map(|h| h.listen.try_clone()) {
-        Some(fd) => {
-            std::net::TcpListener::from(fd.map_err(|e| StartError::Listen(cfg.listen.clone(), e))?)
-        }
-        None => std::net::TcpListener::bind(&cfg.listen)
-            .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?,
-    };
+    // Bind before the sandbox forbids new inet sockets.
+    let std_listener = std::net::TcpListener::bind(&cfg.listen)
+        .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
     std_listener
         .set_nonblocking(true)
         .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
@@ -610,16 +598,9 @@ fn run(args: Args) -> Result<(), StartError> {
         .local_addr()
         .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
     let (restart_tx, mut restart_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let restarted_into = inherited.as_ref().map(|h| h.release);
-    // The inherited descriptors were duplicated where they are used; these copies go.
-    drop(inherited);
     let ctrl = Arc::new(
-        ctrl.with_restart(bulkhead_controller::controller::RestartPlan {
-            listen_fd: std::os::fd::AsRawFd::as_raw_fd(&std_listener),
-            bin_dir: bin_dir(),
-            requests: restart_tx,
-        })
-        .with_controller_release(restarted_into.or_else(|| running_release(&cfg))),
+        ctrl.with_restart(restart_tx)
+            .with_controller_release(controller_release),
     );
 
     sandbox::harden()?;
@@ -705,18 +686,32 @@ fn run(args: Args) -> Result<(), StartError> {
                 "adopt_ms": r.millis,
             });
         }
-        if let Some(v) = restarted_into {
+        if let Some(v) = active_controller {
+            let code = if controller_release == Some(v) {
+                "ok"
+            } else {
+                tracing::error!(
+                    release = v,
+                    running = ?controller_release,
+                    "the active release's controller is not the one running"
+                );
+                "controller_not_applied"
+            };
             ctrl.audit_lifecycle_about(
                 "DeployRelease:controller-applied",
                 vec![format!("release:v{v}")],
-                "ok",
+                code,
             )
             .await?;
         }
         let restarter = Arc::clone(&ctrl);
         tokio::spawn(async move {
             while let Some(v) = restart_rx.recv().await {
-                restarter.restart_into(v).await;
+                if let Some(_deploy_lock) = restarter.prepare_release_exit(v).await {
+                    // Keepers, hypervisors, cards and guests run on (as after a kill -9); the
+                    // supervisor verifies release v and starts its controller.
+                    std::process::exit(EXIT_APPLY_RELEASE);
+                }
             }
         });
         let listener = tokio::net::TcpListener::from_std(std_listener)
@@ -731,7 +726,7 @@ fn run(args: Args) -> Result<(), StartError> {
                 let _ = tokio::task::spawn_blocking(move || p.poll_children()).await;
             }
         });
-        // Not println!: after a re-exec nobody may read this stream any more.
+        // Not println!: whoever started this controller may have stopped reading the stream.
         let _ = writeln!(
             std::io::stdout(),
             "{}",
@@ -744,7 +739,7 @@ fn run(args: Args) -> Result<(), StartError> {
                 "keeper_pid": keeper_pid,
                 "host_cpus": host_cpus,
                 "adopted": adopted,
-                "controller_release": restarted_into,
+                "controller_release": controller_release,
             })
         );
         tracing::info!(listen = %local, host = %cfg.host_id, "controller ready");

@@ -1,13 +1,13 @@
 //! Process hardening: no_new_privs, non-dumpable, and a seccomp filter that blocks every
-//! outbound connection attempt and every `exec` but one. The controller only listens.
+//! outbound connection attempt and every `exec`. The controller only listens.
 //!
 //! Blocked calls: `connect` (any address family — the controller's own unix channels are
 //! socketpairs, and the block cards' unix sockets are connected by the launcher, see
 //! [`crate::launcher`]), `socket` for any family but `AF_UNIX` (the TCP listener is opened before
 //! the filter is installed), and `execve`/`execveat` (hypervisors and block cards are started by
 //! the launcher, which was exec'd before this filter existed; the controller itself can run no
-//! program, not even a release's controller: DeployRelease installs it and does not apply it,
-//! see [`crate::reexec`]). A blocked call traps: the kernel skips the syscall and
+//! program, not even a release's controller: DeployRelease records it and exits, and the host's
+//! supervisor starts it, see `bulkhead_rot::supervise`). A blocked call traps: the kernel skips the syscall and
 //! sends `SIGSYS`; the handler of `bulkhead-harden` only bumps a counter and makes the call fail
 //! with EPERM, and the monitor turns the counter into an `outbound_connect_blocked` alert.
 //! Trapping rather than killing is what lets the alert be raised; the syscall never runs
@@ -34,7 +34,8 @@ const OUTBOUND: &[Rule] = &[
     Rule::any(libc::SYS_execve),
     // No exec form at all: with a non-empty absolute path the kernel ignores execveat's
     // descriptor, and Linux refuses a NULL path for execveat (EFAULT, checked on 6.18), so no
-    // argument rule can limit it to one file (see `crate::reexec`).
+    // argument rule can limit it to one file (the supervisor, outside this filter, starts a
+    // release's controller instead).
     Rule::any(libc::SYS_execveat),
     Rule::arg_not(libc::SYS_socket, 0, AF_UNIX),
 ];
@@ -64,8 +65,11 @@ pub fn harden() -> Result<(), SandboxError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::reexec::EXEC_FD;
     use std::ffi::CStr;
+    use std::os::fd::RawFd;
+
+    /// The descriptor the withdrawn re-exec opened its binary onto (the form the test tries).
+    const EXEC_FD: RawFd = 1023;
     use std::os::fd::AsRawFd;
 
     /// Forks a child that opens `binary` onto [`EXEC_FD`], installs the controller's real

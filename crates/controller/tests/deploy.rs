@@ -4,11 +4,12 @@
 //! block card and a controller (each stripped of debug information, as releases are built) is
 //! uploaded (content-addressed) and deployed: the guest's hypervisor is live-updated to the
 //! release's binary, its block card is card-updated to the release's card (the new processes
-//! run the installed files), and the release's controller is installed and not applied (the
-//! controller's filter traps every exec: audited controller_restart_unsupported, same pid and
-//! binary, answering on); the controller is then killed -9 and restarted
-//! (it adopts both); the hypervisor is live-updated three more times (a deploy rolled back,
-//! a controller dying mid-update), and a second card update is interrupted by the controller
+//! run the installed files), and the release's controller is applied by its supervisor (the
+//! controller exits with the dedicated code, the test — its parent — verifies the release and
+//! starts the release's controller, which adopts the guest); the controller is then killed -9
+//! and restarted by the supervisor (the release's controller again; it adopts both); the
+//! hypervisor is live-updated three more times (a deploy rolled back, a controller dying
+//! mid-update), and a second card update is interrupted by the controller
 //! dying right after the move (the next one keeps the new card), and a third card update is
 //! refused by the hypervisor after the hand-over (the old card, told `CancelHandOver`, serves
 //! on with its key); the boot id, uptime, console counter and the decrypted disk
@@ -28,6 +29,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use bulkhead_controller::supervisor::{
+    start_args, ControllerChoice, HostReleases, EXIT_APPLY_RELEASE,
+};
 use bulkhead_rot::measure::{Environment, EventKind};
 use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease, TrustRoot};
 use bulkhead_rot::tpm::MeasurePcr;
@@ -260,16 +264,15 @@ fn stripped(src: &Path, name: &str) -> PathBuf {
     src.join(name)
 }
 
-/// The controller `pid` still runs its original binary at release 2 with no controller of a
-/// release applied (the release's controller is installed, not executed).
-fn serves_on_its_own_binary(d: &mut Daemon, pid: u32) {
+/// The controller runs its original binary at release 2 with no controller of a release
+/// applied.
+fn serves_on_its_own_binary(d: &mut Daemon) {
     assert!(
         d.child.try_wait().unwrap().is_none(),
         "the controller exited"
     );
-    assert_eq!(d.child.id(), pid);
     assert_eq!(
-        exe(u64::from(pid)),
+        exe(u64::from(d.child.id())),
         PathBuf::from(controller_bin()).canonicalize().unwrap()
     );
     let h = call(
@@ -283,6 +286,34 @@ fn serves_on_its_own_binary(d: &mut Daemon, pid: u32) {
     assert_eq!(h.status, 200);
     assert_eq!(h.json["release"], 2, "{}", h.json);
     assert!(h.json["controller_release"].is_null(), "{}", h.json);
+}
+
+/// This host's supervisor's choice (this test is the controller's parent): the active
+/// release's controller if the release verifies against the pinned trust root, else the
+/// original binary.
+fn supervise(dir: &Path) -> ControllerChoice {
+    let cfg = bulkhead_controller::config::Config::from_state_dir(
+        &bulkhead_tokens::statedir::StateDir::new(dir),
+        HOST,
+        "127.0.0.1:0",
+    );
+    HostReleases::from_config(&cfg)
+        .unwrap()
+        .choose(Path::new(controller_bin()), 0)
+}
+
+/// Starts the chosen controller as the supervisor does (a release's controller gets
+/// `--bin-dir` with the original's directory); `Err` if it cannot be executed.
+fn start_chosen(
+    choice: &ControllerChoice,
+    dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::io::Result<Daemon> {
+    let more = start_args(choice, Path::new(controller_bin()));
+    let more: Vec<&str> = more.iter().map(|a| a.to_str().unwrap()).collect();
+    let args: Vec<&str> = extra.iter().copied().chain(more).collect();
+    Daemon::try_start_bin(&choice.binary, dir, &args, env)
 }
 
 /// The keeper's live children that run the installed file `file`.
@@ -316,10 +347,8 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     let host = host_key(dir.path());
     let _guard = KeeperGuard(dir.path().join("run"));
     let guest = guest_dir().display().to_string();
-    let mut d = Daemon::start_with(
-        dir.path(),
-        &["--backend", "host", "--guest-dir", guest.as_str()],
-    );
+    let host_args = ["--backend", "host", "--guest-dir", guest.as_str()];
+    let d = Daemon::start_with(dir.path(), &host_args);
 
     // 0. The operator's token (no deployer role) is refused before the guest even boots.
     let bins = release_dir();
@@ -440,57 +469,95 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     let rec = std::fs::read_to_string(dir.path().join("host-record")).unwrap();
     assert!(rec.contains(r#""release":{"version":2"#), "{rec}");
     assert!(rec.contains(&format!(r#""card_pid":{new_card}"#)), "{rec}");
-    // The release's controller is installed and not applied: the controller's filter traps
-    // every exec, so the step is audited controller_restart_unsupported and the controller runs
-    // on as the same process from the same binary (past the 0.5 s after which a restart used to
-    // exec), reporting release 2 and no controller release.
-    assert!(r.json["controller_restart"].is_null(), "{}", r.json);
-    let installed_ctl = dir.path().join("releases/v2/bulkhead-controller");
-    assert!(
-        installed_ctl.is_file(),
-        "the release's controller is not installed"
-    );
-    wait_for(
-        "the controller step audited as unsupported",
-        Duration::from_secs(20),
-        || {
-            d.audit().iter().any(|x| {
-                x["entry"]["op"] == "DeployRelease:controller-restart"
-                    && x["entry"]["resources"][0] == "release:v2"
-                    && x["entry"]["code"] == "controller_restart_unsupported"
-            })
-        },
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    serves_on_its_own_binary(&mut d, ctl_pid);
+    // The release's controller is applied by the supervisor (this test, the controller's
+    // parent): the answer names it, the controller audits controller-restart and exits with
+    // the dedicated code; the keeper, hypervisor and card run on; the supervisor verifies
+    // release 2 itself and starts its controller, which adopts the guest.
+    assert_eq!(r.json["controller_restart"], 2, "{}", r.json);
+    let mut d = d;
+    let st = d.exits_within(Duration::from_secs(20));
+    let exited_ms = t_deploy.elapsed().as_millis();
+    assert_eq!(st.code(), Some(EXIT_APPLY_RELEASE), "{st:?}");
+    assert_ne!(d.child.id(), 0);
     assert!(children_of(keeper).contains(&i32::try_from(new_pid).unwrap()));
     assert!(children_of(keeper).contains(&i32::try_from(new_card).unwrap()));
-    assert!(!d
-        .audit()
-        .iter()
-        .any(|x| x["entry"]["op"] == "DeployRelease:controller-applied"));
+    let installed_ctl = dir.path().join("releases/v2/bulkhead-controller");
+    let choice = supervise(dir.path());
+    assert_eq!((choice.release, &choice.binary), (Some(2), &installed_ctl));
+    let d = start_chosen(&choice, dir.path(), &host_args, &[]).unwrap();
+    let applied_ms = t_deploy.elapsed().as_millis();
+    assert_ne!(d.child.id(), ctl_pid);
+    assert_eq!(
+        exe(u64::from(d.child.id())),
+        installed_ctl.canonicalize().unwrap()
+    );
+    assert_eq!(d.ready["controller_release"], 2, "{}", d.ready);
+    let h = call(
+        &d,
+        "deployer",
+        &[Operation::GetHealth],
+        "GET",
+        "/v1/health",
+        b"",
+    );
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json["release"], 2, "{}", h.json);
+    assert_eq!(h.json["controller_release"], 2, "{}", h.json);
+    // The same hypervisor and card, still the keeper's children.
+    assert!(children_of(keeper).contains(&i32::try_from(new_pid).unwrap()));
+    assert!(children_of(keeper).contains(&i32::try_from(new_card).unwrap()));
+    // One audit chain across both processes: the restart, the adoption, the applied release.
+    let audit = d.audit();
+    let at = |op: &str, res: &str| {
+        audit
+            .iter()
+            .position(|x| {
+                x["entry"]["op"] == op
+                    && x["entry"]["resources"][0] == res
+                    && x["entry"]["code"] == "ok"
+            })
+            .unwrap_or_else(|| panic!("no {op} ok for {res}"))
+    };
+    let restart = at("DeployRelease:controller-restart", "release:v2");
+    let adopted = at("AdoptInstance", "instance:i-dep");
+    let applied = at("DeployRelease:controller-applied", "release:v2");
+    assert!(
+        restart < adopted && adopted < applied,
+        "{restart} {adopted} {applied}"
+    );
     bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
     // A second call answers: the guest counts on, same boot.
     let at = counts(&d).last().unwrap().n;
     count_on(&d, "on the new hypervisor and card", at + 2);
     assert_never_rebooted(&counts(&d));
     eprintln!(
+        "controller exited {exited_ms} ms and the release's controller was ready {applied_ms} ms \
+         after the deploy was sent"
+    );
+    eprintln!(
         "deployed v2 in {deploy_ms} ms; guest pause {pause_us} us; pid {old_pid} -> {new_pid}; \
          card {old_card} -> {new_card}: hand-over {} us, ReplaceBlock {} us",
         cards[0]["handover_us"], cards[0]["replace_us"]
     );
 
-    // 2. The controller is killed -9 and restarted: it adopts the live-updated hypervisor
-    //    (started by the keeper, like any hypervisor) and keeps the active release from the
-    //    host record (the downgrade below is refused against that floor).
+    // 2. The controller is killed -9 and restarted by its supervisor, which starts the active
+    //    release's controller again (no silent downgrade to the original binary): it adopts
+    //    the live-updated hypervisor (started by the keeper, like any hypervisor) and keeps
+    //    the active release from the host record (the downgrade below is refused against
+    //    that floor).
     let mut d = d;
     d.kill9_controller_only();
     // It runs with the fault hook that kills the new process of its second live update (step 5).
-    let d = Daemon::start_env(
+    let choice = supervise(dir.path());
+    assert_eq!(choice.release, Some(2));
+    let d = start_chosen(
+        &choice,
         dir.path(),
-        &["--backend", "host", "--guest-dir", guest.as_str()],
+        &host_args,
         &[("BULKHEAD_FAULT", "live_update:second:new_dies")],
-    );
+    )
+    .unwrap();
+    assert_eq!(d.ready["controller_release"], 2, "{}", d.ready);
     assert!(children_of(keeper).contains(&i32::try_from(new_pid).unwrap()));
     assert!(children_of(keeper).contains(&i32::try_from(new_card).unwrap()));
     assert!(d.audit().iter().any(|x| x["entry"]["op"] == "AdoptInstance"
@@ -833,14 +900,16 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     eprintln!("{test}: {:.1?}", t0.elapsed());
 }
 
-/// A release whose controller cannot run here (correctly signed; not a program either): the
-/// hypervisor steps and the record go through, the controller is installed and not applied
-/// (the controller's filter traps every exec), the step audited
-/// `controller_restart_unsupported`, and the old controller serves on (same pid, same binary).
-/// No guest boots (a few seconds).
+/// A release whose controller cannot run here (correctly signed, so the supervisor's digest
+/// check passes; not a program): the deploy answers `controller_restart: 2`, the controller
+/// audits the restart and exits with the dedicated code, the supervisor (this test) verifies
+/// release 2 and starts its controller, which never becomes ready, and starts the original
+/// binary again: it serves at release 2 and audits that the active release's controller is not
+/// the one running (`controller-applied controller_not_applied`). Then the installed file is
+/// edited: the supervisor refuses it by digest and picks the original. No guest boots.
 #[test]
-fn a_release_controller_that_cannot_run_leaves_the_old_controller_serving() {
-    let test = "a_release_controller_that_cannot_run_leaves_the_old_controller_serving";
+fn a_release_controller_that_cannot_run_leaves_the_original_controller_serving() {
+    let test = "a_release_controller_that_cannot_run_leaves_the_original_controller_serving";
     if !can_boot_with(test, &["bulkhead-hypervisor"]) {
         return;
     }
@@ -849,16 +918,13 @@ fn a_release_controller_that_cannot_run_leaves_the_old_controller_serving() {
     let keys = host_with_release_root(dir.path());
     let _guard = KeeperGuard(dir.path().join("run"));
     let guest = guest_dir().display().to_string();
-    let mut d = Daemon::start_with(
-        dir.path(),
-        &["--backend", "host", "--guest-dir", guest.as_str()],
-    );
+    let host_args = ["--backend", "host", "--guest-dir", guest.as_str()];
+    let mut d = Daemon::start_with(dir.path(), &host_args);
     let src = dir.path().join("release-src");
     let hv = stripped(&src, "bulkhead-hypervisor");
     let ctl = src.join("bulkhead-controller");
     std::fs::write(&ctl, b"not a program\n").unwrap();
     upload(&d, &[&hv, &ctl]);
-    let pid = d.child.id();
     let r = deploy(
         &d,
         "deployer",
@@ -866,28 +932,48 @@ fn a_release_controller_that_cannot_run_leaves_the_old_controller_serving() {
         &release(2, &[&hv, &ctl], &[&keys[0], &keys[1]]),
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert!(r.json["controller_restart"].is_null(), "{}", r.json);
-    wait_for(
-        "the controller step audited as unsupported",
-        Duration::from_secs(20),
-        || {
-            d.audit().iter().any(|x| {
-                x["entry"]["op"] == "DeployRelease:controller-restart"
-                    && x["entry"]["code"] == "controller_restart_unsupported"
-                    && x["entry"]["resources"][0] == "release:v2"
-            })
-        },
-    );
-    assert_eq!(
-        std::fs::read(dir.path().join("releases/v2/bulkhead-controller")).unwrap(),
-        b"not a program\n"
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    serves_on_its_own_binary(&mut d, pid);
-    assert!(!d
-        .audit()
+    assert_eq!(r.json["controller_restart"], 2, "{}", r.json);
+    let st = d.exits_within(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(EXIT_APPLY_RELEASE), "{st:?}");
+    let installed = dir.path().join("releases/v2/bulkhead-controller");
+    assert_eq!(std::fs::read(&installed).unwrap(), b"not a program\n");
+    // Signed and unchanged: the supervisor picks it; it does not start.
+    let choice = supervise(dir.path());
+    assert_eq!((choice.release, &choice.binary), (Some(2), &installed));
+    let failed = start_chosen(&choice, dir.path(), &host_args, &[]);
+    assert!(failed.is_err(), "a text file ran as the controller");
+    // The supervisor starts the original binary again.
+    let mut d = Daemon::start_with(dir.path(), &host_args);
+    serves_on_its_own_binary(&mut d);
+    let audit = d.audit();
+    let restart = audit
         .iter()
-        .any(|x| x["entry"]["op"] == "DeployRelease:controller-applied"));
+        .position(|x| {
+            x["entry"]["op"] == "DeployRelease:controller-restart"
+                && x["entry"]["resources"][0] == "release:v2"
+                && x["entry"]["code"] == "ok"
+        })
+        .expect("controller-restart ok");
+    let not_applied = audit
+        .iter()
+        .position(|x| {
+            x["entry"]["op"] == "DeployRelease:controller-applied"
+                && x["entry"]["resources"][0] == "release:v2"
+                && x["entry"]["code"] == "controller_not_applied"
+        })
+        .expect("controller-applied controller_not_applied");
+    assert!(restart < not_applied);
+    assert!(!audit.iter().any(|x| {
+        x["entry"]["op"] == "DeployRelease:controller-applied" && x["entry"]["code"] == "ok"
+    }));
     bulkhead_audit::verify(&dir.path().join("audit.log")).unwrap();
+    // An installed controller edited after the deploy: refused by digest, the original chosen.
+    std::fs::write(&installed, b"not a program either\n").unwrap();
+    let choice = supervise(dir.path());
+    assert_eq!(choice.binary, PathBuf::from(controller_bin()));
+    assert_eq!(
+        choice.refused.as_ref().map(|e| e.code()),
+        Some("controller_digest_mismatch")
+    );
     eprintln!("{test}: {:.1?}", t0.elapsed());
 }

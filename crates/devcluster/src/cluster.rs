@@ -25,7 +25,10 @@ use bulkhead_tokens::Role;
 use serde_json::{json, Value};
 
 use crate::netns::{self, HostNet};
+
+mod supervise;
 use bulkhead_control::config::{Config, HostConfig};
+pub use supervise::ControllerRestarted;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -94,16 +97,14 @@ struct HostLaunch {
     config: PathBuf,
     args: Vec<String>,
     net: Option<HostNet>,
+    /// The highest release whose controller this cluster started for the host: no lower one
+    /// is started again (see `supervise`).
+    controller_floor: u64,
 }
 
 impl HostLaunch {
     fn command(&self) -> Command {
-        let mut c = match &self.net {
-            Some(x) => netns::command_in(x, &self.bin),
-            None => Command::new(&self.bin),
-        };
-        c.arg("--config").arg(&self.config).args(&self.args);
-        c
+        self.command_of(&self.bin)
     }
 }
 
@@ -231,7 +232,9 @@ impl Cluster {
     }
 
     /// Restarts host `name`'s controller (after [`Cluster::kill9`]) with the same configuration
-    /// and address. Its guests and block cards died with the old one.
+    /// and address, from the binary the host's supervisor picks (the active release's
+    /// controller when it verifies, else the original). Its keeper, guests and cards run on
+    /// and are adopted.
     pub fn restart_host(&mut self, name: &str) -> Result<(), ClusterError> {
         self.restart_host_with_env(name, &[])
     }
@@ -243,18 +246,7 @@ impl Cluster {
         name: &str,
         env: &[(&str, &str)],
     ) -> Result<(), ClusterError> {
-        let launch = self
-            .launches
-            .iter()
-            .find(|l| l.name == name)
-            .cloned()
-            .ok_or(ClusterError::BadHosts)?;
-        self.children.retain(|(n, _)| n != name);
-        let mut cmd = launch.command();
-        cmd.envs(env.iter().copied());
-        let (child, _) = spawn_ready(name, &mut cmd, &self.dir.join("logs"))?;
-        self.children.push((name.to_string(), child));
-        Ok(())
+        self.start_host_controller(name, env).map(|_| ())
     }
 
     /// Restarts the control plane (after [`Cluster::kill9`]) with the same configuration.
@@ -1147,6 +1139,7 @@ pub fn start_replicated(
             config: cfg,
             args,
             net: net.cloned(),
+            controller_floor: 0,
         };
         let (child, v) = spawn_ready(&host, &mut launch.command(), &logs)?;
         cluster.children.push((host.clone(), child));

@@ -203,7 +203,7 @@ fn up(
         attest: None,
         netns: None,
     };
-    let c = cluster::start_replicated(
+    let mut c = cluster::start_replicated(
         dir,
         &opts,
         &cluster::ReplicaOptions {
@@ -293,9 +293,22 @@ fn up(
     runtime()?.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| CliError::Io("signal".into(), e))?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
+        // The hosts' controller supervisor: a controller that exits to apply a release is
+        // started again from the binary the host's release verifies to (see `cluster::supervise`).
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = tick.tick() => {
+                    for r in c.supervise_hosts() {
+                        println!(
+                            "{}",
+                            json!({"event": "controller_restarted", "host": r.host, "release": r.release, "pid": r.pid})
+                        );
+                    }
+                }
+            }
         }
         Ok::<(), CliError>(())
     })?;

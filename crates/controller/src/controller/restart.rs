@@ -1,86 +1,84 @@
-//! DeployRelease's last step for a release that carries `bulkhead-controller`: the binary is
-//! installed (measured, in the release's directory) but **not applied**. The controller's
-//! filter traps every exec (no argument rule can pin `execveat` to one file, see
-//! [`crate::reexec`]), so the step is audited `controller_restart_unsupported` and the running
-//! controller serves on; the release's controller runs when the host's supervisor starts it.
-//! [`Controller::restart_into`] (re-exec into the installed binary, same pid, hand-over of the
-//! listener, keeper and agent connections) is kept for an exec that can be pinned to one file
-//! and is not reached.
+//! DeployRelease's last step for a release that carries `bulkhead-controller`: the controller
+//! exits so that its supervisor starts the release's controller.
+//!
+//! The controller's filter traps every exec (no argument rule can pin `execveat` to one file),
+//! so it never starts a program itself. Once the release is installed, applied to the
+//! hypervisors and cards and recorded as active, the deploy is answered with
+//! `controller_restart: N`; after [`ANSWER_GRACE`] the controller takes the deploy lock, makes
+//! `DeployRelease:controller-restart ok` durable (and with it every record queued before it)
+//! and the process exits with [`EXIT_APPLY_RELEASE`]. Keepers, hypervisors, cards and guests
+//! run on, as after a kill -9. The supervisor (outside the filter) verifies the active release
+//! itself and starts its controller, or the original binary
+//! ([`bulkhead_rot::supervise::pick_controller`]); the new process adopts every instance and
+//! audits `DeployRelease:controller-applied`.
 
-use std::os::fd::RawFd;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::Controller;
-use crate::reexec::{self, Handoff, ReexecError};
 
-/// The name of a release's controller binary (as measured in its manifest).
-pub const RELEASE_CONTROLLER: &str = "bulkhead-controller";
+pub use bulkhead_rot::supervise::{EXIT_APPLY_RELEASE, RELEASE_CONTROLLER};
 
-/// How long the restart waits after DeployRelease answered, so the answer reaches the caller
-/// before the process image (and its connections) go.
-const ANSWER_GRACE: Duration = Duration::from_millis(500);
-
-/// What the controller needs to re-execute itself: the listening socket it hands over, where
-/// its default binaries live, and the queue its restart task reads.
-#[derive(Debug, Clone)]
-pub struct RestartPlan {
-    pub listen_fd: RawFd,
-    pub bin_dir: std::path::PathBuf,
-    pub requests: tokio::sync::mpsc::UnboundedSender<u64>,
-}
+/// How long the controller waits after DeployRelease answered before it exits, so the answer
+/// reaches the caller before the process (and its connections) go.
+pub const ANSWER_GRACE: Duration = Duration::from_millis(500);
 
 impl Controller {
-    /// This controller re-executes itself into a release's controller as `plan` says.
-    pub fn with_restart(mut self, plan: RestartPlan) -> Self {
-        self.restart = Some(plan);
+    /// This controller exits for its supervisor when a deploy records a release carrying a
+    /// controller: `requests` receives that release's version (the receiver runs
+    /// [`Controller::prepare_release_exit`] and exits).
+    pub fn with_restart(mut self, requests: tokio::sync::mpsc::UnboundedSender<u64>) -> Self {
+        self.restart = Some(requests);
         self
     }
 
-    /// This process runs release `version`'s controller binary (it was re-executed into it).
+    /// This process runs release `version`'s controller binary (its supervisor started it).
     pub fn with_controller_release(mut self, version: Option<u64>) -> Self {
         self.controller_release = version;
         self
     }
 
-    /// Called by DeployRelease once release `v` is active: if the release carries a controller,
-    /// it stays installed and is not applied (this controller's filter traps every exec): the
-    /// step is audited `controller_restart_unsupported` and the answer's `controller_restart`
-    /// is `None`. Never queues a restart.
+    /// Called by DeployRelease once release `v` is active: if the release carries a controller
+    /// and this controller has a supervisor queue, the exit is queued and `Some(v)` answered.
     pub(super) async fn schedule_controller_restart(
         &self,
         record: &crate::record::ReleaseRecord,
         v: u64,
     ) -> Option<u64> {
-        if record
+        if !record
             .artefacts
             .iter()
             .any(|a| a.name == RELEASE_CONTROLLER)
         {
-            let code = ReexecError::Unsupported.code();
-            tracing::warn!(
-                version = v,
-                "the release's controller is installed, not applied: this controller cannot exec"
-            );
-            self.audit_step("controller-restart", v, None, code).await;
+            return None;
         }
-        None
+        match &self.restart {
+            Some(tx) if tx.send(v).is_ok() => Some(v),
+            _ => {
+                tracing::warn!(
+                    version = v,
+                    "the release's controller is installed; this controller has no supervisor queue and serves on"
+                );
+                self.audit_step(
+                    "controller-restart",
+                    v,
+                    None,
+                    "controller_restart_unavailable",
+                )
+                .await;
+                None
+            }
+        }
     }
 
-    /// Re-executes this controller into release `v`'s installed controller. Runs on the restart
-    /// task, after the DeployRelease answer. Returns only if the exec failed: the old image
-    /// serves on, the failure audited (`DeployRelease:controller-restart`, typed code).
-    pub async fn restart_into(self: &Arc<Self>, v: u64) {
+    /// Runs on the restart task, after the DeployRelease answer: waits [`ANSWER_GRACE`], takes
+    /// the deploy lock (held until the process exits: no deploy starts) and makes
+    /// `DeployRelease:controller-restart ok` durable. Returns the deploy lock's guard when the
+    /// caller is to exit with [`EXIT_APPLY_RELEASE`] now; `None` (the audit log unavailable)
+    /// leaves this controller serving.
+    pub async fn prepare_release_exit(&self, v: u64) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         tokio::time::sleep(ANSWER_GRACE).await;
-        let (Some(plan), Some(store)) = (self.restart.clone(), self.releases.clone()) else {
-            return;
-        };
-        // No deploy runs while the image goes.
-        let _one = self.deploying.lock().await;
-        let binary = crate::launcher::release_path(&store.dir, v).join(RELEASE_CONTROLLER);
-        // Durable before the exec: this record and, the writer being in order, every record
-        // queued before it (the DeployRelease outcome among them).
-        if let Err(e) = self
+        let one = self.deploying.lock().await;
+        match self
             .audit_lifecycle_about(
                 "DeployRelease:controller-restart",
                 vec![format!("release:v{v}")],
@@ -88,36 +86,18 @@ impl Controller {
             )
             .await
         {
-            tracing::error!(error = %e, "audit unavailable: the controller does not restart");
-            return;
-        }
-        let instances = Arc::clone(&self.instances);
-        let attest = Arc::clone(&self.attest);
-        let failed = tokio::task::spawn_blocking(move || {
-            let mut out = ReexecError::NoKeeper;
-            instances.with_keeper_held(&mut |keeper| {
-                let Some(keeper) = keeper else { return };
-                out = attest.with_connection_held(|agent| {
-                    let h = Handoff {
-                        release: v,
-                        listen: plan.listen_fd,
-                        keeper,
-                        agent,
-                        bin_dir: plan.bin_dir.clone(),
-                    };
-                    reexec::exec_release(&binary, &h)
-                });
-            });
-            out
-        })
-        .await;
-        let code = match &failed {
-            Ok(e) => {
-                tracing::error!(error = %e, version = v, "the release's controller could not be started; this controller serves on");
-                e.code()
+            Ok(_) => {
+                tracing::info!(
+                    version = v,
+                    code = EXIT_APPLY_RELEASE,
+                    "exiting: the supervisor starts the release's controller"
+                );
+                Some(one)
             }
-            Err(_) => "internal",
-        };
-        self.audit_step("controller-restart", v, None, code).await;
+            Err(e) => {
+                tracing::error!(error = %e, "audit unavailable: the controller does not exit for its release");
+                None
+            }
+        }
     }
 }

@@ -54,7 +54,19 @@ impl Daemon {
 
     /// Starts a dev-mode controller with extra arguments and environment variables.
     pub fn start_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let mut child = Command::new(controller_bin())
+        Daemon::try_start_bin(Path::new(controller_bin()), dir, extra, env)
+            .expect("spawn controller")
+    }
+
+    /// Starts the controller binary `bin` (dev mode, as [`Daemon::start_env`]); `Err` when it
+    /// cannot be executed at all.
+    pub fn try_start_bin(
+        bin: &Path,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> std::io::Result<Daemon> {
+        let mut child = Command::new(bin)
             .args(["--dev", "--state-dir"])
             .arg(dir)
             .args(["--listen", "127.0.0.1:0"])
@@ -63,15 +75,19 @@ impl Daemon {
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn controller");
+            .spawn()?;
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("read ready line");
-        let v: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|_| panic!("controller did not print a ready line: {line:?}"));
-        assert_eq!(v["event"], "ready");
+        let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+        let v: Value = match serde_json::from_str::<Value>(&line) {
+            Ok(v) if v["event"] == "ready" => v,
+            _ => {
+                let _ = child.kill();
+                let status = child.wait();
+                return Err(std::io::Error::other(format!(
+                    "controller did not print a ready line: {line:?} ({status:?})"
+                )));
+            }
+        };
         let port = v["listen"]
             .as_str()
             .unwrap()
@@ -80,12 +96,26 @@ impl Daemon {
             .unwrap()
             .parse()
             .unwrap();
-        Daemon {
+        Ok(Daemon {
             child,
             port,
             dir: dir.to_path_buf(),
             ready: v,
             owns_keeper: true,
+        })
+    }
+
+    /// Waits (at most `within`) for the controller to exit on its own; its keeper and the
+    /// keeper's children stay for the next controller. Panics if it does not exit.
+    pub fn exits_within(&mut self, within: Duration) -> std::process::ExitStatus {
+        let t = std::time::Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                self.owns_keeper = false;
+                return st;
+            }
+            assert!(t.elapsed() < within, "the controller did not exit");
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -1,0 +1,110 @@
+//! The supervisor's side of a controller update, for whatever process starts this host's
+//! controller (`bulkhead up`'s cluster, a test that is the controller's parent).
+//!
+//! A controller that exits with [`EXIT_APPLY_RELEASE`] recorded a release carrying a controller
+//! as the host's active release. [`HostReleases::choose`] reads which release the host record
+//! names as active (the only thing it takes from the old controller) and hands it to
+//! [`bulkhead_rot::supervise::pick_controller`], which verifies the release itself against the
+//! host's pinned trust root; [`start_args`] adds `--bin-dir` for a release's controller so the
+//! binaries it names by default still resolve next to the original.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use bulkhead_rot::measure::Environment;
+use bulkhead_rot::release::TrustRoot;
+pub use bulkhead_rot::supervise::{
+    pick_controller, ControllerChoice, ControllerPolicy, PickError, EXIT_APPLY_RELEASE,
+};
+
+use crate::config::Config;
+use crate::record::HostRecord;
+
+/// The host record's file name, next to the audit log.
+pub const HOST_RECORD_FILE: &str = "host-record";
+
+/// Why a host's releases cannot be checked by its supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("this host pins no release trust root")]
+    NoTrustRoot,
+    #[error("{0}: not a release trust root")]
+    TrustRoot(PathBuf),
+    #[error("release_environment: want 1-32 of a-z0-9-")]
+    Environment,
+}
+
+/// What a supervisor checks a host's active release against, from the host's configuration.
+#[derive(Debug, Clone)]
+pub struct HostReleases {
+    pub record: PathBuf,
+    pub release_dir: PathBuf,
+    pub root: TrustRoot,
+    pub environment: Environment,
+}
+
+impl HostReleases {
+    /// The record, release directory, trust root and environment the controller configured by
+    /// `cfg` uses (the same defaults as the controller's).
+    pub fn from_config(cfg: &Config) -> Result<HostReleases, SupervisorError> {
+        let root_path = cfg
+            .release_root
+            .as_ref()
+            .ok_or(SupervisorError::NoTrustRoot)?;
+        let root = std::fs::read(root_path)
+            .ok()
+            .and_then(|raw| TrustRoot::parse(&raw).ok())
+            .ok_or_else(|| SupervisorError::TrustRoot(root_path.clone()))?;
+        let environment = Environment::parse(cfg.release_environment.as_deref().unwrap_or("dev"))
+            .map_err(|_| SupervisorError::Environment)?;
+        Ok(HostReleases {
+            record: cfg.audit_log.with_file_name(HOST_RECORD_FILE),
+            release_dir: cfg.releases_dir(),
+            root,
+            environment,
+        })
+    }
+
+    /// The controller to start: the active release's when it verifies (no version below
+    /// `floor`, the supervisor's own: the highest release it started a controller of), else
+    /// `original`. A record that cannot be read names no active release.
+    pub fn choose(&self, original: &Path, floor: u64) -> ControllerChoice {
+        let active = match HostRecord::load(&self.record) {
+            Ok(r) => r.release.map(|r| r.version),
+            Err(e) => {
+                tracing::error!(error = %e, "host record unreadable: starting the original controller");
+                None
+            }
+        };
+        let c = pick_controller(
+            &self.release_dir,
+            active,
+            &ControllerPolicy {
+                root: &self.root,
+                environment: &self.environment,
+                floor,
+            },
+            original,
+        );
+        match (&c.release, &c.refused) {
+            (Some(v), _) => {
+                tracing::info!(release = v, binary = %c.binary.display(), "starting the release's controller")
+            }
+            (None, Some(PickError::NoActiveRelease)) => {}
+            (None, Some(e)) => {
+                tracing::error!(error = %e, code = e.code(), "the active release's controller does not verify: starting the original binary")
+            }
+            (None, None) => {}
+        }
+        c
+    }
+}
+
+/// The extra arguments a supervisor passes to the controller it starts: for a release's
+/// controller, `--bin-dir` with the original binary's directory.
+pub fn start_args(choice: &ControllerChoice, original: &Path) -> Vec<OsString> {
+    match (choice.release, original.parent()) {
+        (Some(_), Some(dir)) => vec!["--bin-dir".into(), dir.as_os_str().to_owned()],
+        _ => Vec::new(),
+    }
+}
