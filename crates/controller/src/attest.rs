@@ -90,17 +90,6 @@ impl AgentLink {
         })
     }
 
-    /// Runs `f` with the agent connection's descriptor (`None`: no agent) while no call is in
-    /// flight on it, for the controller's exec into a release.
-    pub fn with_connection_held<T>(&self, f: impl FnOnce(Option<std::os::fd::RawFd>) -> T) -> T {
-        use std::os::fd::AsRawFd;
-        let l = match self.link.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f(l.as_ref().map(|l| l.writer.as_raw_fd()))
-    }
-
     /// No agent: every attestation request is refused as unavailable.
     pub fn none() -> AgentLink {
         AgentLink::default()

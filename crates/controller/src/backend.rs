@@ -381,11 +381,6 @@ pub trait InstanceBackend: Send + Sync {
     fn net_card_releases(&self) -> Vec<crate::api::NetCardRelease> {
         Vec::new()
     }
-    /// Runs `f` with the keeper connection's descriptor while no request is in flight on it
-    /// (`None`: no keeper), for the controller's exec into a release.
-    fn with_keeper_held(&self, f: &mut dyn FnMut(Option<std::os::fd::RawFd>)) {
-        f(None)
-    }
     /// Makes `release` the active release: recorded durably, started by new instances.
     fn set_active_release(
         &self,

@@ -888,10 +888,6 @@ impl InstanceBackend for HostBackend {
         lock(&self.records).release.clone()
     }
 
-    fn with_keeper_held(&self, f: &mut dyn FnMut(Option<std::os::fd::RawFd>)) {
-        self.launcher.with_connection_held(|fd| f(Some(fd)))
-    }
-
     fn release_self_test(&self, version: u64) -> Result<bool, BackendError> {
         match self
             .launcher

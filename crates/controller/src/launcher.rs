@@ -600,16 +600,6 @@ impl Launcher {
         })
     }
 
-    /// Runs `f` with the keeper connection's descriptor while no request is in flight on it
-    /// (the connection's lock held), for the controller's exec into a release.
-    pub fn with_connection_held<T>(&self, f: impl FnOnce(RawFd) -> T) -> T {
-        let s = match self.sock.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        f(s.as_raw_fd())
-    }
-
     /// The launcher's pid.
     pub fn pid(&self) -> u32 {
         self.pid
