@@ -55,6 +55,8 @@ pub enum Error {
     InitrdFile(PathBuf, std::io::Error),
     #[error("initrd of {size} bytes does not fit in guest memory")]
     InitrdTooLarge { size: usize },
+    #[error("the initrd at {initrd_start:#x} overlaps the kernel, which ends at {kernel_end:#x} (give the guest more memory)")]
+    InitrdOverlapsKernel { kernel_end: u64, initrd_start: u64 },
     #[error("kernel command line is invalid or longer than 2048 bytes")]
     Cmdline,
     #[error("writing boot parameters: {0}")]

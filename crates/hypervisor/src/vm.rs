@@ -241,6 +241,7 @@ impl Vm {
                             entry: vm_memory::GuestAddress(0),
                         },
                         setup_header: None,
+                        kernel_end: 0,
                     });
                 }
                 let loaded = boot::load_kernel(&ram, &config.kernel)?;
@@ -260,7 +261,10 @@ impl Vm {
             let loaded = kernel.join().map_err(|_| Error::Thread(joined("kernel")))?;
             let initrd = initrd.join().map_err(|_| Error::Thread(joined("initrd")))?;
             let (kvm, vm_fd, vcpus) = built?;
-            Ok::<_, Error>((kvm, vm_fd, vcpus, loaded?, initrd?))
+            let (loaded, initrd) = (loaded?, initrd?);
+            // Both were written at once: where they overlap, guest memory holds either's bytes.
+            boot::check_initrd_clear_of_kernel(&loaded, initrd)?;
+            Ok::<_, Error>((kvm, vm_fd, vcpus, loaded, initrd))
         })?;
         crate::startup::mark("loader_joined");
         let vm_fd = Arc::new(vm_fd);
@@ -976,18 +980,12 @@ impl Vm {
             EntryPoint::Pvh { .. } => {
                 boot::write_pvh_info(&self.shared.ram, cmdline.len() + 1, self.pending_initrd)?
             }
-            EntryPoint::Linux64 { .. } => {
-                let loaded = boot::LoadedKernel {
-                    entry: self.entry,
-                    setup_header: self.setup_header,
-                };
-                boot::write_linux_boot_params(
-                    &self.shared.ram,
-                    &loaded,
-                    cmdline.len() + 1,
-                    self.pending_initrd,
-                )?
-            }
+            EntryPoint::Linux64 { .. } => boot::write_linux_boot_params(
+                &self.shared.ram,
+                self.setup_header,
+                cmdline.len() + 1,
+                self.pending_initrd,
+            )?,
         }
         crate::startup::mark("boot_params");
         self.spawn_vcpus(VmState::Running)
