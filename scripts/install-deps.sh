@@ -7,11 +7,12 @@ PKGS=(linux-source-6.1 busybox-static build-essential bc flex bison libelf-dev l
       tpm2-tools libtss2-dev pkg-config clang iproute2 curl postgresql softhsm2
       tcpdump iputils-ping iperf3 wireguard-go wireguard-tools
       ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra cryptsetup-bin
-      ovmf systemd-boot-efi libseccomp-dev)
+      ovmf systemd-boot-efi libseccomp-dev e2fsprogs)
 # ceph-*: the single-node Ceph cluster scripts/with-ceph.sh starts for the RBD tests (plain
 # processes; no systemd unit is enabled or started); qemu-block-extra: QEMU's rbd driver;
 # cryptsetup-bin: the LUKS headers of the benchmarks' qemu-storage-daemon peer.
 # ovmf, systemd-boot-efi: the sealed host image (UEFI firmware under QEMU; the UKI stub).
+# e2fsprogs: e2fsck/debugfs check the file system a test guest left on its decrypted volume.
 # libseccomp-dev: Firecracker's seccompiler links it (the benchmark peer, scripts/build-firecracker.sh).
 # The tests' independent AES-XTS decryptor uses Python's `cryptography`, and the EC2 Query tests
 # run botocore, boto3 and the aws CLI (unmodified from PyPI); the python3 on PATH may not

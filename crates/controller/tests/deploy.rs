@@ -13,7 +13,8 @@
 //! dying right after the move (the next one keeps the new card), and a third card update is
 //! refused by the hypervisor after the hand-over (the old card, told `CancelHandOver`, serves
 //! on with its key); the boot id, uptime, console counter and the decrypted disk
-//! log show no reboot, gap or repeat. Also an unsigned release, one signed by 1 of 3,
+//! show no reboot, gap or repeat, and the guest's ext2 file system (unmounted when a second disk
+//! is hot-plugged at the end) checks clean with `e2fsck -fn`. Also an unsigned release, one signed by 1 of 3,
 //! a downgrade, a correctly signed release whose hypervisor fails its self-test, and an
 //! operator's token are each refused, typed and audited, with the guest still counting on the
 //! same hypervisor. The audit chain verifies at the end.
@@ -116,27 +117,48 @@ fn assert_never_rebooted(c: &[Count]) {
     }
 }
 
-/// The guest's log on its disk: sector k holds `k` (AES-256-XTS with the volume key, 512-byte
-/// sectors, tweak = sector number), read from the backing file with no card or controller.
-/// Returns how many sectors from 1 on hold their own number, contiguously.
-fn disk_log(backing: &Path, seed: u8) -> u64 {
+/// The guest's counter, read from its disk with no card or controller: the backing file is
+/// decrypted here (AES-256-XTS with the volume key, 512-byte sectors, tweak = sector number)
+/// into a plaintext image under `scratch`; `e2fsck -fn` must find its ext2 file system clean
+/// (the guest unmounted it), and `debugfs` dumps it: file `k` holds `k`. Returns how many
+/// counts from 1 on are there, contiguously.
+fn disk_log(backing: &Path, seed: u8, scratch: &Path) -> u64 {
     use bulkhead_blockcard::xts::{CryptoSectorSize, XtsCipher};
-    let data = std::fs::read(backing).unwrap();
+    let mut data = std::fs::read(backing).unwrap();
     let mut xts = XtsCipher::new(&volume_key(seed), CryptoSectorSize::S512).unwrap();
+    for (k, sector) in data.chunks_exact_mut(512).enumerate() {
+        xts.decrypt(sector, u64::try_from(k).unwrap()).unwrap();
+    }
+    std::fs::create_dir_all(scratch).unwrap();
+    let plain = scratch.join("plain.img");
+    std::fs::write(&plain, &data).unwrap();
+    let fsck = std::process::Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&plain)
+        .output()
+        .expect("e2fsck (e2fsprogs) runs");
+    assert!(
+        fsck.status.success(),
+        "the guest's file system does not check clean ({}):\n{}{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let out = scratch.join("files");
+    std::fs::create_dir_all(&out).unwrap();
+    let dump = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", out.display()))
+        .arg(&plain)
+        .output()
+        .expect("debugfs (e2fsprogs) runs");
+    assert!(dump.status.success(), "debugfs: {dump:?}");
+    std::fs::remove_file(&plain).unwrap();
     let mut k = 1u64;
-    loop {
-        let at = usize::try_from(k).unwrap() * 512;
-        let Some(s) = data.get(at..at + 512) else {
-            return k - 1;
-        };
-        let mut sector = s.to_vec();
-        xts.decrypt(&mut sector, k).unwrap();
-        let text = format!("{k}\n");
-        if !sector.starts_with(text.as_bytes()) || sector[text.len()..].iter().any(|b| *b != 0) {
-            return k - 1;
-        }
+    while std::fs::read_to_string(out.join(k.to_string())).ok() == Some(format!("{k}\n")) {
         k += 1;
     }
+    k - 1
 }
 
 /// Waits until the guest printed count `n` (each round trip writes and reads its disk: a few
@@ -380,16 +402,21 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     assert_eq!(r.status, 403);
     assert_denied_and_audited(&d, &r, "deployer_only");
 
-    // The guest appends its counter to its encrypted disk (sector k holds k, written with
-    // fsync, read back with O_DIRECT: each write and read reaches the card) and prints it with
-    // its boot id and uptime.
+    // The guest formats its encrypted disk with ext2, mounts it `-o sync`, appends its counter
+    // as files (file k holds k: written synchronously by the shell's `echo`, read back with
+    // O_DIRECT, so each write and read reaches the card) and prints it with its boot id and
+    // uptime, until a second disk appears: then it unmounts the file system, which the test
+    // checks with e2fsck after decrypting the volume.
     let script = "i=0\nB=$(cat /proc/sys/kernel/random/boot_id)\n\
                   while [ ! -b /dev/vda ]; do sleep 1; done\n\
-                  while [ $i -lt 100000 ]; do\n i=$((i+1))\n \
-                  echo $i | dd of=/dev/vda bs=512 seek=$i count=1 conv=sync,fsync 2>/dev/null\n \
-                  R=$(dd if=/dev/vda bs=512 skip=$i count=1 iflag=direct 2>/dev/null | head -n 1)\n \
+                  mke2fs /dev/vda >/dev/null 2>&1 || echo MKFS-FAILED\n\
+                  mount -t ext2 -o sync /dev/vda /tmp || echo MOUNT-FAILED\n\
+                  while [ ! -b /dev/vdb ]; do\n i=$((i+1))\n \
+                  echo $i > /tmp/$i\n \
+                  R=$(dd if=/tmp/$i bs=512 count=1 iflag=direct 2>/dev/null)\n \
                   read U X < /proc/uptime\n \
-                  echo CNT=$i BOOT=$B UP=$U DISK=$R END\n sleep 1\ndone\n";
+                  echo CNT=$i BOOT=$B UP=$U DISK=$R END\n sleep 1\ndone\n\
+                  umount /tmp && echo BULKHEAD-UNMOUNTED\n";
     let create = serde_json::json!({
         "instance_id": "i-dep", "image": "test-guest", "vcpus": 1, "memory_mib": 128,
         "user_data": script,
@@ -866,15 +893,40 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
             && x["entry"]["resources"][2] == "volume:vol-dep"
             && x["entry"]["code"] == "ok"
     }));
-    let last = counts(&d).last().unwrap().n;
+    // The guest's stop signal: a second disk, hot-plugged; its loop ends and it unmounts its
+    // file system (an ext2 left mounted has stale free counts that e2fsck reports).
+    let sealed =
+        bulkhead_sealing::seal_volume_key(host.public(), "vol-stop", &volume_key(5)).unwrap();
+    let body = serde_json::json!({
+        "volume_id": "vol-stop",
+        "sealed_key": base64::engine::general_purpose::STANDARD.encode(sealed),
+    });
+    customer(&d, "POST", "/v1/instances/i-dep/volumes", &body.to_string());
+    wait_for(
+        "the guest to unmount its file system",
+        boot_timeout(),
+        || {
+            customer(&d, "GET", "/v1/instances/i-dep/console", "").json["output"]
+                .as_str()
+                .is_some_and(|o| o.contains("BULKHEAD-UNMOUNTED"))
+        },
+    );
+    let all = counts(&d);
+    assert_never_rebooted(&all);
+    let last = all.last().unwrap().n;
     customer(&d, "POST", "/v1/instances/i-dep/terminate", "");
     drop(d);
-    // The disk, decrypted here from the backing file: every count from 1 on, each in its own
-    // sector, contiguous (nothing lost across the card update and the live updates).
-    let on_disk = disk_log(&dir.path().join("volumes/vol-dep.img"), 4);
-    assert!(
-        on_disk >= last && on_disk <= last + 5,
-        "the disk log holds 1..={on_disk}, the console ended at {last}"
+    // The disk, decrypted here from the backing file: a clean ext2 file system holding every
+    // count from 1 on, each in its own file, up to the last one printed (nothing lost across
+    // the card updates, the live updates and the controller restarts).
+    let on_disk = disk_log(
+        &dir.path().join("volumes/vol-dep.img"),
+        4,
+        &dir.path().join("fsck"),
+    );
+    assert_eq!(
+        on_disk, last,
+        "the file system holds 1..={on_disk}, the console ended at {last}"
     );
     // The volume key is in no file under the test directory (it went card to card only).
     let key = volume_key(4);
