@@ -27,8 +27,15 @@
 //! | `TakeHandover` | the hand-over end of an `incoming` process it started (once), for the old hypervisor | the hand-over socket |
 //!
 //! The launcher runs the binaries fixed when it starts (never named in a request) and, for a
-//! release the controller installed and checked, `release_dir/v<N>/bulkhead-hypervisor` (the
-//! request names only the version N; the path is the launcher's); kernel
+//! release the controller installed, `release_dir/v<N>/bulkhead-{hypervisor,blockcard,netcard}`
+//! (the request names only the version N; the path is the launcher's). It trusts nothing the
+//! controller says about a release: it re-verifies `v<N>/release.json` 2-of-3 against the trust
+//! root it read when it started ([`LauncherConfig::release_root`], the controller's pinned root;
+//! never sent per request), the environment and the directory's version, hashes the binary
+//! through an `O_NOFOLLOW` descriptor against the manifest's SHA-384
+//! ([`bulkhead_rot::supervise::verify_release_artefact`]) and executes that descriptor
+//! (`/proc/self/fd/N`), not the path; a binary that does not verify is refused
+//! (`release_binary_unverified`) and nothing starts. Kernel
 //! and initrd paths must lie in the configured guest directory and backing files in the volume
 //! directory; sockets are created under its own run directory with names it chooses. It has no
 //! network: its own seccomp filter kills it on `socket()` of any family but `AF_UNIX`, so its
@@ -54,6 +61,9 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use bulkhead_rot::measure::Environment;
+use bulkhead_rot::release::TrustRoot;
+use bulkhead_rot::supervise::{verify_release_artefact, ArtefactPolicy};
 use serde::{Deserialize, Serialize};
 
 /// Most request queues a card is started with.
@@ -101,6 +111,16 @@ pub struct LauncherConfig {
     /// after the release's signatures and digests are checked). Unset: no release runs here.
     #[serde(default)]
     pub release_dir: Option<PathBuf>,
+    /// The release trust root pinned at provisioning (the controller's `release_root`), read
+    /// once when the launcher starts: every release binary it starts is re-verified against it
+    /// (2-of-3 signatures, environment, the file's SHA-384 through the descriptor it then
+    /// executes). Unset or unreadable: no release binary is started.
+    #[serde(default)]
+    pub release_root: Option<PathBuf>,
+    /// The environment releases must name (the controller's `release_environment`, default
+    /// `dev`).
+    #[serde(default)]
+    pub release_environment: Option<String>,
 }
 
 /// The hypervisor binary's file name inside a release directory.
@@ -322,6 +342,8 @@ pub enum LaunchRefusal {
     PinNotAllowed,
     #[error("no such installed release")]
     NoSuchRelease,
+    #[error("the release's binary does not verify against the host's trust root")]
+    ReleaseBinaryUnverified,
 }
 
 /// Errors of the controller's side of the launcher.
@@ -693,6 +715,43 @@ struct LauncherState {
     uncommitted: std::collections::BTreeSet<u32>,
     /// Hand-over ends of `incoming` hypervisors not yet taken.
     handovers: BTreeMap<u32, UnixStream>,
+    /// The trust root and environment release binaries are verified against (read at start).
+    trust: Option<(TrustRoot, Environment)>,
+}
+
+/// A binary the launcher is about to execute: the path to exec (for a release's binary,
+/// `/proc/self/fd/N` of the descriptor its digest was checked through, kept open until the
+/// child has exec'd it) and the path it was found at (for logs).
+struct Exe {
+    run: PathBuf,
+    shown: PathBuf,
+    _fd: Option<std::fs::File>,
+}
+
+impl Exe {
+    fn configured(path: &Path) -> Exe {
+        Exe {
+            run: path.to_path_buf(),
+            shown: path.to_path_buf(),
+            _fd: None,
+        }
+    }
+}
+
+/// The trust root and environment `cfg` names, read now; `None` (logged) when unset or bad.
+fn load_trust(cfg: &LauncherConfig) -> Option<(TrustRoot, Environment)> {
+    let path = cfg.release_root.as_ref()?;
+    let root = std::fs::read(path)
+        .ok()
+        .and_then(|raw| TrustRoot::parse(&raw).ok());
+    let env = Environment::parse(cfg.release_environment.as_deref().unwrap_or("dev")).ok();
+    match (root, env) {
+        (Some(r), Some(e)) => Some((r, e)),
+        _ => {
+            tracing::error!(root = %path.display(), "launcher: release trust root or environment unusable: no release binary will start");
+            None
+        }
+    }
 }
 
 /// Every address family but `AF_UNIX` (1) and `AF_INET` (2), up to past the kernel's
@@ -754,18 +813,7 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
     let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
     // SAFETY: geteuid has no preconditions and cannot fail.
     let my_uid = unsafe { libc::geteuid() };
-    let mut st = LauncherState {
-        cfg,
-        children: BTreeMap::new(),
-        cards: BTreeMap::new(),
-        seq: 0,
-        exited: std::collections::BTreeSet::new(),
-        unreported: Vec::new(),
-        sandbox_kills: Vec::new(),
-        channels: BTreeMap::new(),
-        uncommitted: std::collections::BTreeSet::new(),
-        handovers: BTreeMap::new(),
-    };
+    let mut st = LauncherState::new(cfg);
     let mut ctl: Option<OwnedFd> = Some(sock);
     loop {
         let ctl_fd = ctl.as_ref().map_or(-1, AsRawFd::as_raw_fd);
@@ -877,6 +925,23 @@ pub fn run_launcher(fd: RawFd, cfg: LauncherConfig) -> Result<(), LauncherError>
 }
 
 impl LauncherState {
+    /// A launcher holding no child yet; the release trust root is read now.
+    fn new(cfg: LauncherConfig) -> LauncherState {
+        LauncherState {
+            trust: load_trust(&cfg),
+            cfg,
+            children: BTreeMap::new(),
+            cards: BTreeMap::new(),
+            seq: 0,
+            exited: std::collections::BTreeSet::new(),
+            unreported: Vec::new(),
+            sandbox_kills: Vec::new(),
+            channels: BTreeMap::new(),
+            uncommitted: std::collections::BTreeSet::new(),
+            handovers: BTreeMap::new(),
+        }
+    }
+
     fn refuse(code: LaunchRefusal) -> (LaunchReply, Option<OwnedFd>) {
         (LaunchReply::Refused { code }, None)
     }
@@ -911,7 +976,7 @@ impl LauncherState {
                     return Self::refuse(LaunchRefusal::PinNotAllowed);
                 }
                 let spec = bulkhead_hypervisor_client::VmSpec {
-                    binary,
+                    binary: binary.run.clone(),
                     kernel,
                     initrd,
                     cmdline,
@@ -923,7 +988,7 @@ impl LauncherState {
                 match bulkhead_hypervisor_client::spawn_process(&spec) {
                     Ok((child, chan)) => {
                         let pid = child.id();
-                        tracing::info!(pid, "launcher: hypervisor started");
+                        tracing::info!(pid, binary = %binary.shown.display(), "launcher: hypervisor started");
                         self.children.insert(pid, child);
                         self.uncommitted.insert(pid);
                         match chan.try_clone() {
@@ -945,7 +1010,7 @@ impl LauncherState {
             LaunchRequest::SelfTest { release } => match self.hypervisor_binary(Some(release)) {
                 Ok(binary) => (
                     LaunchReply::SelfTested {
-                        ok: run_self_test(&binary),
+                        ok: run_self_test(&binary.run),
                     },
                     None,
                 ),
@@ -956,10 +1021,10 @@ impl LauncherState {
                     Ok(b) => b,
                     Err(code) => return Self::refuse(code),
                 };
-                match bulkhead_hypervisor_client::spawn_incoming(&binary, run_as) {
+                match bulkhead_hypervisor_client::spawn_incoming(&binary.run, run_as) {
                     Ok((child, chan, handover)) => {
                         let pid = child.id();
-                        tracing::info!(pid, binary = %binary.display(), "launcher: incoming hypervisor started (live update)");
+                        tracing::info!(pid, binary = %binary.shown.display(), "launcher: incoming hypervisor started (live update)");
                         self.children.insert(pid, child);
                         self.uncommitted.insert(pid);
                         self.handovers.insert(pid, handover);
@@ -1148,7 +1213,7 @@ impl LauncherState {
 
     fn spawn_card(
         &mut self,
-        binary: &Path,
+        binary: &Exe,
         backing: Option<PathBuf>,
         network: Option<crate::api::NetworkVolume>,
         read_only: bool,
@@ -1190,8 +1255,9 @@ impl LauncherState {
         {
             return Self::refuse(LaunchRefusal::PathNotAllowed);
         }
-        let mut cmd = Proc::new(binary);
-        cmd.arg("--control-socket")
+        let mut cmd = Proc::new(&binary.run);
+        cmd.arg0(&binary.shown)
+            .arg("--control-socket")
             .arg(&control)
             .arg("--vhost-socket")
             .arg(&vhost)
@@ -1260,9 +1326,9 @@ impl LauncherState {
         run_as: Option<(u32, u32)>,
         release: Option<u64>,
     ) -> (LaunchReply, Option<OwnedFd>) {
-        let bin = match (release, self.cfg.netcard_bin.clone()) {
+        let bin = match (release, &self.cfg.netcard_bin) {
             (None, None) => return Self::refuse(LaunchRefusal::SpawnFailed),
-            (None, Some(b)) => b,
+            (None, Some(b)) => Exe::configured(b),
             (Some(_), _) => match self.release_binary(RELEASE_NETCARD, release) {
                 Ok(b) => b,
                 Err(r) => return Self::refuse(r),
@@ -1303,7 +1369,8 @@ impl LauncherState {
         }
         let _ = std::fs::remove_file(&vhost);
         let _ = std::fs::remove_file(&control);
-        let mut cmd = Proc::new(&bin);
+        let mut cmd = Proc::new(&bin.run);
+        cmd.arg0(&bin.shown);
         let arg = |k: &str, v: &dyn std::fmt::Display| format!("--{k}={v}");
         cmd.arg("vhost")
             .arg(arg("vhost-socket", &vhost.display()))
@@ -1384,34 +1451,58 @@ impl LauncherState {
     }
 
     /// The hypervisor binary of installed release `release`, or the configured one.
-    fn hypervisor_binary(&self, release: Option<u64>) -> Result<PathBuf, LaunchRefusal> {
+    fn hypervisor_binary(&self, release: Option<u64>) -> Result<Exe, LaunchRefusal> {
         match release {
-            None => Ok(self.cfg.hypervisor_bin.clone()),
+            None => Ok(Exe::configured(&self.cfg.hypervisor_bin)),
             Some(_) => self.release_binary(RELEASE_HYPERVISOR, release),
         }
     }
 
     /// The block-card binary of installed release `release`, or the configured one.
-    fn blockcard_binary(&self, release: Option<u64>) -> Result<PathBuf, LaunchRefusal> {
+    fn blockcard_binary(&self, release: Option<u64>) -> Result<Exe, LaunchRefusal> {
         match release {
-            None => Ok(self.cfg.blockcard_bin.clone()),
+            None => Ok(Exe::configured(&self.cfg.blockcard_bin)),
             Some(_) => self.release_binary(RELEASE_BLOCKCARD, release),
         }
     }
 
-    /// Binary `name` of installed release `release` (`None` or not installed: refused).
-    fn release_binary(&self, name: &str, release: Option<u64>) -> Result<PathBuf, LaunchRefusal> {
+    /// Binary `name` of installed release `release` (`None` or not installed: refused), verified
+    /// here against the trust root the launcher read at start — never what the controller says
+    /// about it: the signed release 2-of-3, the environment, the directory's version, and the
+    /// binary's SHA-384 through an `O_NOFOLLOW` descriptor, which is what gets executed.
+    fn release_binary(&self, name: &str, release: Option<u64>) -> Result<Exe, LaunchRefusal> {
         let v = release.ok_or(LaunchRefusal::NoSuchRelease)?;
         let dir = self
             .cfg
             .release_dir
             .as_ref()
             .ok_or(LaunchRefusal::NoSuchRelease)?;
-        let bin = release_path(dir, v).join(name);
-        if bin.is_file() {
-            Ok(bin)
-        } else {
-            Err(LaunchRefusal::NoSuchRelease)
+        if !release_path(dir, v).is_dir() {
+            return Err(LaunchRefusal::NoSuchRelease);
+        }
+        let Some((root, environment)) = &self.trust else {
+            tracing::error!(
+                release = v,
+                name,
+                "launcher: no trust root: release binary refused"
+            );
+            return Err(LaunchRefusal::ReleaseBinaryUnverified);
+        };
+        let policy = ArtefactPolicy {
+            root,
+            environment,
+            floor: 0,
+        };
+        match verify_release_artefact(dir, v, name, &policy) {
+            Ok(a) => Ok(Exe {
+                run: PathBuf::from(format!("/proc/self/fd/{}", a.file.as_raw_fd())),
+                shown: a.path,
+                _fd: Some(a.file),
+            }),
+            Err(e) => {
+                tracing::error!(release = v, name, error = %e, code = e.code(), "launcher: release binary does not verify: not started");
+                Err(LaunchRefusal::ReleaseBinaryUnverified)
+            }
         }
     }
 
@@ -1541,6 +1632,9 @@ fn check_net_card(c: &NetCardLaunch) -> Result<(), &'static str> {
     crate::api::check_routes(&c.routes, c.card_id).map_err(|_| "route")?;
     Ok(())
 }
+
+#[cfg(test)]
+mod release_tests;
 
 #[cfg(test)]
 mod tests {

@@ -356,6 +356,8 @@ fn host_backend(
             key: cfg.host_key.clone(),
         }),
         release_dir: Some(release_dir),
+        release_root: cfg.release_root.clone(),
+        release_environment: cfg.release_environment.clone(),
     };
     let net_ip = args.net_host_ip.or(cfg.net_host_ip).or_else(|| {
         match cfg.listen.parse::<std::net::SocketAddr>().ok()?.ip() {

@@ -54,6 +54,12 @@ pub enum PickError {
     ControllerUnreadable(u64),
     #[error("release {0}: its {RELEASE_CONTROLLER} differs from the manifest's digest")]
     ControllerDigestMismatch(u64),
+    #[error("release {version} carries no {name}")]
+    NoArtefact { version: u64, name: String },
+    #[error("release {version}: its {name} cannot be opened (missing, a symlink or too large)")]
+    ArtefactUnreadable { version: u64, name: String },
+    #[error("release {version}: its {name} differs from the manifest's digest")]
+    ArtefactDigestMismatch { version: u64, name: String },
 }
 
 impl PickError {
@@ -67,6 +73,9 @@ impl PickError {
             PickError::NoController(_) => "release_no_controller",
             PickError::ControllerUnreadable(_) => "controller_unreadable",
             PickError::ControllerDigestMismatch(_) => "controller_digest_mismatch",
+            PickError::NoArtefact { .. } => "release_no_artefact",
+            PickError::ArtefactUnreadable { .. } => "release_artefact_unreadable",
+            PickError::ArtefactDigestMismatch { .. } => "release_artefact_digest_mismatch",
         }
     }
 }
@@ -92,6 +101,23 @@ pub struct ControllerPolicy<'a> {
     pub floor: u64,
 }
 
+/// What any release artefact is verified against (the same three things).
+pub type ArtefactPolicy<'a> = ControllerPolicy<'a>;
+
+/// Largest release artefact [`verify_release_artefact`] hashes (a binary is far smaller).
+pub const MAX_ARTEFACT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// A release artefact that verified: its path and the descriptor its bytes were hashed through
+/// (opened `O_NOFOLLOW`, `O_CLOEXEC`). Execute the descriptor (`/proc/self/fd/N`,
+/// `execveat(fd, "", AT_EMPTY_PATH)`), not the path: a rename onto the path after the check
+/// does not change what the descriptor names.
+#[derive(Debug)]
+pub struct VerifiedArtefact {
+    pub path: PathBuf,
+    pub file: std::fs::File,
+    pub version: u64,
+}
+
 /// Opens `path` for reading without following a symlink in its last component.
 fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new()
@@ -100,12 +126,17 @@ fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// Verifies release `version` installed under `release_dir` and returns its controller's path.
-pub fn verify_release_controller(
+/// Verifies release `version` installed under `release_dir` — its signed text (`v<N>/`
+/// [`SIGNED_RELEASE_FILE`]) 2-of-3 against the trust root, the environment, no version below
+/// the floor, the directory's version equal to the manifest's — and the SHA-384 of its artefact
+/// `name` (`v<N>/<name>`, opened `O_NOFOLLOW`, hashed through that descriptor) against the
+/// manifest's. Returns the descriptor the bytes were hashed through.
+pub fn verify_release_artefact(
     release_dir: &Path,
     version: u64,
-    p: &ControllerPolicy<'_>,
-) -> Result<PathBuf, PickError> {
+    name: &str,
+    p: &ArtefactPolicy<'_>,
+) -> Result<VerifiedArtefact, PickError> {
     let dir = release_dir.join(format!("v{version}"));
     let mut raw = Vec::new();
     open_nofollow(&dir.join(SIGNED_RELEASE_FILE))
@@ -135,31 +166,79 @@ pub fn verify_release_controller(
             manifest: m.version,
         });
     }
-    let want = m
-        .artefacts
-        .iter()
-        .find(|a| a.name == RELEASE_CONTROLLER)
-        .ok_or(PickError::NoController(version))?;
-    let path = dir.join(RELEASE_CONTROLLER);
-    let mut f = open_nofollow(&path).map_err(|_| PickError::ControllerUnreadable(version))?;
+    let want =
+        m.artefacts
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| PickError::NoArtefact {
+                version,
+                name: name.to_string(),
+            })?;
+    // Only a plain file name: never a path that leaves the release's directory.
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(PickError::NoArtefact {
+            version,
+            name: name.to_string(),
+        });
+    }
+    let unreadable = || PickError::ArtefactUnreadable {
+        version,
+        name: name.to_string(),
+    };
+    let path = dir.join(name);
+    let mut f = open_nofollow(&path).map_err(|_| unreadable())?;
+    if !f.metadata().map_err(|_| unreadable())?.is_file() {
+        return Err(unreadable());
+    }
     let mut h = Sha384::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
     loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|_| PickError::ControllerUnreadable(version))?;
+        let n = f.read(&mut buf).map_err(|_| unreadable())?;
         let Some(chunk) = buf.get(..n) else {
-            return Err(PickError::ControllerUnreadable(version));
+            return Err(unreadable());
         };
         if chunk.is_empty() {
             break;
         }
+        total = total.saturating_add(n as u64);
+        if total > MAX_ARTEFACT_BYTES {
+            return Err(unreadable());
+        }
         h.update(chunk);
     }
     if hex::encode(h.finalize()) != want.sha384 {
-        return Err(PickError::ControllerDigestMismatch(version));
+        return Err(PickError::ArtefactDigestMismatch {
+            version,
+            name: name.to_string(),
+        });
     }
-    Ok(path)
+    Ok(VerifiedArtefact {
+        path,
+        file: f,
+        version,
+    })
+}
+
+/// Verifies release `version` installed under `release_dir` and returns its controller's path
+/// ([`verify_release_artefact`] for [`RELEASE_CONTROLLER`], with the controller's codes).
+pub fn verify_release_controller(
+    release_dir: &Path,
+    version: u64,
+    p: &ControllerPolicy<'_>,
+) -> Result<PathBuf, PickError> {
+    verify_release_artefact(release_dir, version, RELEASE_CONTROLLER, p)
+        .map(|a| a.path)
+        .map_err(|e| match e {
+            PickError::NoArtefact { version, .. } => PickError::NoController(version),
+            PickError::ArtefactUnreadable { version, .. } => {
+                PickError::ControllerUnreadable(version)
+            }
+            PickError::ArtefactDigestMismatch { version, .. } => {
+                PickError::ControllerDigestMismatch(version)
+            }
+            other => other,
+        })
 }
 
 /// The controller binary to start: the active release's (`active`, as the host records it)
@@ -331,5 +410,106 @@ mod tests {
         r.sign(&h.keys[1]);
         std::fs::write(d.join(SIGNED_RELEASE_FILE), r.to_json().unwrap()).unwrap();
         original(&h.pick(Some(3), 0), "release_no_controller");
+    }
+
+    impl Host {
+        /// Installs release `v` carrying one artefact `name` with `body`, signed by `signers`.
+        fn install_named(&self, v: u64, name: &str, body: &[u8], signers: &[usize]) -> PathBuf {
+            let d = self.dir.path().join(format!("v{v}"));
+            std::fs::create_dir_all(&d).unwrap();
+            let file = d.join(name);
+            std::fs::write(&file, body).unwrap();
+            let m = Manifest::from_files(
+                v,
+                self.env.clone(),
+                1,
+                MeasurePcr::DEV,
+                &[(EventKind::Binary, file.as_path())],
+            )
+            .unwrap();
+            let mut r = SignedRelease::new(&m).unwrap();
+            for i in signers {
+                r.sign(&self.keys[*i]);
+            }
+            std::fs::write(d.join(SIGNED_RELEASE_FILE), r.to_json().unwrap()).unwrap();
+            file
+        }
+
+        fn artefact(&self, v: u64, name: &str, floor: u64) -> Result<VerifiedArtefact, PickError> {
+            verify_release_artefact(
+                self.dir.path(),
+                v,
+                name,
+                &ArtefactPolicy {
+                    root: &self.root,
+                    environment: &self.env,
+                    floor,
+                },
+            )
+        }
+    }
+
+    fn refused(r: Result<VerifiedArtefact, PickError>, code: &str) {
+        assert_eq!(r.as_ref().err().map(PickError::code), Some(code), "{r:?}");
+    }
+
+    #[test]
+    fn an_artefact_verifies_and_its_descriptor_holds_the_checked_bytes() {
+        let h = host();
+        let card = h.install_named(2, "bulkhead-netcard", b"net card v2", &[1, 2]);
+        let a = h.artefact(2, "bulkhead-netcard", 2).unwrap();
+        assert_eq!(a.path, card);
+        assert_eq!(a.version, 2);
+        // A file renamed onto the path after the check does not change what the fd names.
+        let other = h.dir.path().join("other");
+        std::fs::write(&other, b"something else").unwrap();
+        std::fs::rename(&other, &card).unwrap();
+        let mut got = Vec::new();
+        let mut f = &a.file;
+        std::io::Seek::rewind(&mut f).unwrap();
+        f.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"net card v2");
+        // ... and the path now refuses.
+        refused(
+            h.artefact(2, "bulkhead-netcard", 0),
+            "release_artefact_digest_mismatch",
+        );
+    }
+
+    #[test]
+    fn a_tampered_symlinked_unsigned_or_absent_artefact_is_refused() {
+        let h = host();
+        let card = h.install_named(2, "bulkhead-blockcard", b"block card v2", &[0, 1]);
+        std::fs::write(&card, b"block card v2, edited").unwrap();
+        refused(
+            h.artefact(2, "bulkhead-blockcard", 0),
+            "release_artefact_digest_mismatch",
+        );
+
+        let card = h.install_named(3, "bulkhead-blockcard", b"block card v3", &[0, 1]);
+        let elsewhere = h.dir.path().join("elsewhere");
+        std::fs::rename(&card, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &card).unwrap();
+        refused(
+            h.artefact(3, "bulkhead-blockcard", 0),
+            "release_artefact_unreadable",
+        );
+
+        h.install_named(4, "bulkhead-hypervisor", b"hv v4", &[]);
+        refused(h.artefact(4, "bulkhead-hypervisor", 0), "release_unsigned");
+        h.install_named(5, "bulkhead-hypervisor", b"hv v5", &[2]);
+        refused(
+            h.artefact(5, "bulkhead-hypervisor", 0),
+            "release_too_few_signatures",
+        );
+        h.install_named(6, "bulkhead-hypervisor", b"hv v6", &[0, 2]);
+        refused(h.artefact(6, "bulkhead-hypervisor", 7), "release_rollback");
+        // Signed, but the release carries no net card; a path is never a name.
+        refused(h.artefact(6, "bulkhead-netcard", 0), "release_no_artefact");
+        refused(
+            h.artefact(6, "../v6/bulkhead-hypervisor", 0),
+            "release_no_artefact",
+        );
+        assert!(h.artefact(6, "bulkhead-hypervisor", 6).is_ok());
     }
 }
