@@ -70,6 +70,11 @@ pub enum BackendError {
     /// card's binary was started again and took the NIC back).
     #[error("the hypervisor refused the new net card's connection")]
     NetReconnectRefused,
+    /// A net-card update failed and the card's previous binary could not be started again
+    /// either: the guest's NIC has no card until the controller's retries start it (the card
+    /// is kept, down, with its port, sealed key and release).
+    #[error("net-card update failed and the card's previous binary did not start again (the card is down, retried)")]
+    NetCardOldCardGone,
 }
 
 /// The stable code of each hypervisor refusal: one per kind, never reused.
@@ -153,6 +158,7 @@ mod hypervisor_code_tests {
             BackendError::NetworkUnavailable,
             BackendError::CardUpdateOldCardGone,
             BackendError::NetReconnectRefused,
+            BackendError::NetCardOldCardGone,
         ];
         for b in backend {
             assert!(!codes.contains(b.code()), "{} reused", b.code());
@@ -219,6 +225,7 @@ impl BackendError {
             BackendError::Hypervisor(e) => hypervisor_code(e),
             BackendError::CardUpdateOldCardGone => "card_update_old_card_gone",
             BackendError::NetReconnectRefused => "net_reconnect_refused",
+            BackendError::NetCardOldCardGone => "net_card_old_card_gone",
         }
     }
 
@@ -231,7 +238,9 @@ impl BackendError {
             | BackendError::UserDataTooLarge
             | BackendError::NetCardRefused => 400,
             BackendError::Unavailable | BackendError::NetworkUnavailable => 503,
-            BackendError::CardUpdateOldCardGone | BackendError::NetReconnectRefused => 500,
+            BackendError::CardUpdateOldCardGone
+            | BackendError::NetReconnectRefused
+            | BackendError::NetCardOldCardGone => 500,
             BackendError::Hypervisor(e) => hypervisor_status(e),
             _ => 409,
         }

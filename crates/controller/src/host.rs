@@ -109,7 +109,10 @@ const NET_PORT_TRIES: usize = 4;
 /// A running net card and everything needed to start it again.
 #[derive(Clone)]
 struct NetCard {
-    pid: u32,
+    /// Its process; `None`: the card is down (it could not be started again after a failed
+    /// update, or after it died) and the dead-card poll starts it when `retry` is due.
+    pid: Option<u32>,
+    retry: net_update::NetRetry,
     listen: std::net::SocketAddr,
     epoch: u32,
     /// The sealed epoch key, kept only to restart the card; never opened here.
@@ -211,7 +214,8 @@ pub struct Adopted {
     /// the previous controller never acknowledged was undone), `card_update_completed` /
     /// `card_update_cancelled` (a card update in flight settled on the new / the old card),
     /// `card_update_old_card_gone` (the old card was exiting with no move seen: the new card
-    /// is kept).
+    /// is kept), `net_card_gone` (the net card is not running: adopted down, started again by
+    /// the next poll).
     pub codes: Vec<&'static str>,
     pub hypervisor_pid: Option<u32>,
 }
@@ -231,8 +235,6 @@ pub struct HostBackend {
     launcher: Launcher,
     inner: Mutex<Inner>,
     records: Mutex<Records>,
-    /// Net cards found dead at adoption: restarted by the next poll.
-    dead_net_cards: Mutex<Vec<u32>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -392,7 +394,6 @@ impl HostBackend {
                 draining: false,
                 release: None,
             }),
-            dead_net_cards: Mutex::new(Vec::new()),
         }
     }
 
@@ -649,7 +650,7 @@ impl HostBackend {
                 return Err(e);
             }
         }
-        if let Some(pid) = inst.net.as_ref().map(|n| n.pid) {
+        if let Some(pid) = inst.net.as_ref().and_then(|n| n.pid) {
             if let Err(e) = self.plug_net(&mut vm, pid) {
                 self.end_vm(vm);
                 return Err(e);
@@ -957,7 +958,7 @@ impl InstanceBackend for HostBackend {
     }
 
     fn running_net_cards(&self) -> Vec<(ResourceId, Option<u64>)> {
-        self.net_cards_of(|g| g.vm.is_some())
+        self.net_cards_of(net_update::Wait::Block, |g| g.vm.is_some())
             .into_iter()
             .map(|(id, _, release)| (id, release))
             .collect()
@@ -974,7 +975,7 @@ impl InstanceBackend for HostBackend {
     }
 
     fn net_card_releases(&self) -> Vec<crate::api::NetCardRelease> {
-        self.net_cards_of(|_| true)
+        self.net_cards_of(net_update::Wait::Skip, |_| true)
             .into_iter()
             .map(|(id, pid, release)| crate::api::NetCardRelease {
                 instance_id: id.to_string(),
@@ -1345,7 +1346,8 @@ impl InstanceBackend for HostBackend {
             return Err(BackendError::NetworkAttached);
         }
         let mut card = NetCard {
-            pid: 0,
+            pid: None,
+            retry: net_update::NetRetry::now(),
             listen: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
             epoch,
             sealed: sealed_key,
@@ -1354,8 +1356,9 @@ impl InstanceBackend for HostBackend {
             release: self.release_carrying(crate::launcher::RELEASE_NETCARD),
         };
         self.start_net_card(id, &spec, &mut card, None)?;
+        let pid = card.pid.ok_or(BackendError::Unavailable)?;
         let plugged = match g.vm.as_mut() {
-            Some(vm) => self.plug_net(vm, card.pid),
+            Some(vm) => self.plug_net(vm, pid),
             None => Err(BackendError::Unavailable),
         };
         if let Err(e) = plugged {
@@ -1363,9 +1366,8 @@ impl InstanceBackend for HostBackend {
             return Err(e);
         }
         let ep = card.listen.to_string();
-        tracing::info!(instance = %id, card = card.pid, endpoint = %ep, epoch, "net card attached");
+        tracing::info!(instance = %id, card = pid, endpoint = %ep, epoch, "net card attached");
         g.desc.net_endpoint = Some(ep.clone());
-        let pid = card.pid;
         g.net = Some(card);
         self.persist(&g, &[pid])?;
         Ok(ep)
@@ -1376,7 +1378,10 @@ impl InstanceBackend for HostBackend {
         let mut g = lock(&inst);
         let card = g.net.as_mut().ok_or(BackendError::NoNetwork)?;
         let req = serde_json::json!({"op": "routes", "routes": routes});
-        self.net_update(card.pid, &req)?;
+        // A down card takes the change when it is started again (from the record).
+        if let Some(pid) = card.pid {
+            self.net_update(pid, &req)?;
+        }
         card.routes = routes.to_vec();
         self.persist(&g, &[])
     }
@@ -1386,7 +1391,10 @@ impl InstanceBackend for HostBackend {
         let mut g = lock(&inst);
         let card = g.net.as_mut().ok_or(BackendError::NoNetwork)?;
         let req = serde_json::json!({"op": "rules", "allow": allow});
-        self.net_update(card.pid, &req)?;
+        // A down card takes the change when it is started again (from the record).
+        if let Some(pid) = card.pid {
+            self.net_update(pid, &req)?;
+        }
         card.allow = allow.to_vec();
         self.persist(&g, &[])
     }
@@ -1424,13 +1432,12 @@ impl InstanceBackend for HostBackend {
     fn restart_dead_net_cards(&self) -> Vec<NetCardRestart> {
         let mut pids = match self.launcher.call(&LaunchRequest::Exited) {
             Ok((LaunchReply::Exited { pids }, _)) => pids,
-            Ok(_) => return Vec::new(),
+            Ok(_) => Vec::new(),
             Err(e) => {
                 tracing::warn!(error = %e, "launcher: exits unavailable");
-                return Vec::new();
+                Vec::new()
             }
         };
-        pids.append(&mut lock(&self.dead_net_cards));
         pids.sort_unstable();
         pids.dedup();
         let mut out = Vec::new();
@@ -1445,34 +1452,42 @@ impl InstanceBackend for HostBackend {
             let (Some(spec), Some(mut card)) = (g.network.clone(), g.net.take()) else {
                 continue;
             };
-            if card.pid != pid {
+            if card.pid != Some(pid) {
                 g.net = Some(card);
                 continue;
             }
             tracing::warn!(instance = %id, pid, "net card died; restarting it");
-            // Reap the dead card (its sockets go), keep its port for the new one.
+            // Reap the dead card (its sockets go), keep its port for the new one. `pid` is one
+            // the keeper itself reported as its exited child: never a reused pid.
             let _ = self
                 .launcher
                 .call(&LaunchRequest::Reap { pid, grace_ms: 0 });
+            card.pid = None;
             let listen = card.listen;
-            let started = self.start_net_card(&id, &spec, &mut card, Some(listen));
+            let started = self
+                .start_net_card(&id, &spec, &mut card, Some(listen))
+                .and_then(|()| card.pid.ok_or(BackendError::Unavailable));
             let outcome = match started {
-                Ok(()) => {
+                Ok(new_pid) => {
                     let replug = match g.vm.as_mut() {
-                        Some(vm) => self.reconnect_or_replug(vm, card.pid),
+                        Some(vm) => self.reconnect_or_replug(vm, new_pid),
                         None => Ok(()),
                     };
                     if let Err(e) = &replug {
                         tracing::warn!(instance = %id, error = %e, "restarted net card not re-plugged");
                     }
-                    let new_pid = card.pid;
                     g.net = Some(card);
                     self.persist_noticed_commit(&g, new_pid);
                     Ok(new_pid)
                 }
                 Err(e) => {
-                    lock(&self.inner).net_ports.remove(&listen.port());
-                    g.desc.net_endpoint = None;
+                    // Down, not dropped: its port, key and release stay; started again with
+                    // backoff by the next polls.
+                    tracing::error!(instance = %id, error = %e, "net card did not restart: down, retried with backoff");
+                    lock(&self.inner).net_ports.insert(listen.port());
+                    card.pid = None;
+                    card.retry = net_update::NetRetry::now().failed(std::time::Instant::now());
+                    g.net = Some(card);
                     self.persist_noticed(&g);
                     Err(e.code())
                 }
@@ -1483,6 +1498,7 @@ impl InstanceBackend for HostBackend {
                 outcome,
             });
         }
+        self.restart_down_net_cards(&mut out);
         out
     }
 }
@@ -1533,9 +1549,14 @@ impl HostBackend {
             };
             match self.launcher.call(&req) {
                 Ok((LaunchReply::Spawned { pid }, _)) => {
-                    card.pid = pid;
+                    card.pid = Some(pid);
                     card.listen = listen;
-                    lock(&self.inner).net_pids.insert(pid, id.clone());
+                    {
+                        // Its port is taken again (a failed start on it may have freed it).
+                        let mut i = lock(&self.inner);
+                        i.net_pids.insert(pid, id.clone());
+                        i.net_ports.insert(listen.port());
+                    }
                     tracing::info!(instance = %id, pid, %listen, "net card started");
                     return Ok(());
                 }
@@ -1615,14 +1636,16 @@ impl HostBackend {
 
     /// SIGTERM (the card wipes its key pages), then reap; its port is free again.
     fn end_net_card(&self, card: &NetCard) {
-        if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
-            pid: card.pid,
-            grace_ms: EXIT_GRACE_MS,
-        }) {
-            tracing::warn!(pid = card.pid, error = %e, "reaping net card failed");
+        if let Some(pid) = card.pid {
+            if let Err(e) = self.launcher.call(&LaunchRequest::Reap {
+                pid,
+                grace_ms: EXIT_GRACE_MS,
+            }) {
+                tracing::warn!(pid, error = %e, "reaping net card failed");
+            }
+            lock(&self.inner).net_pids.remove(&pid);
         }
         let mut i = lock(&self.inner);
-        i.net_pids.remove(&card.pid);
         i.net_ports.remove(&card.listen.port());
     }
 
@@ -2119,11 +2142,18 @@ impl HostBackend {
                 });
             }
             if let Some(c) = &r.net_card {
-                claimed.insert(c.pid);
+                // A card the keeper does not run (dead, or recorded down) is adopted down: no
+                // pid kept (its exited process, if any, is reaped below as unclaimed), started
+                // again (same port, sequence floor, sealed key and release) by the next poll.
+                let pid = c.pid.filter(|p| alive(*p, ChildKind::NetCard));
+                if c.pid.is_some() && pid.is_none() {
+                    codes.push("net_card_gone");
+                }
                 let sealed =
                     SealedBlob::from_hex(&c.sealed_key).ok_or(BackendError::Unavailable)?;
                 inst.net = Some(NetCard {
-                    pid: c.pid,
+                    pid,
+                    retry: net_update::NetRetry::now(),
                     listen: c.listen,
                     epoch: c.epoch,
                     sealed,
@@ -2132,15 +2162,11 @@ impl HostBackend {
                     release: c.release,
                 });
                 inst.desc.net_endpoint = Some(c.listen.to_string());
-                {
-                    let mut i = lock(&self.inner);
-                    i.net_ports.insert(c.listen.port());
-                    i.net_pids.insert(c.pid, id.clone());
-                }
-                if !alive(c.pid, ChildKind::NetCard) {
-                    // Restarted (same port, sequence floor and sealed key) by the next poll.
-                    codes.push("net_card_gone");
-                    lock(&self.dead_net_cards).push(c.pid);
+                let mut i = lock(&self.inner);
+                i.net_ports.insert(c.listen.port());
+                if let Some(p) = pid {
+                    claimed.insert(p);
+                    i.net_pids.insert(p, id.clone());
                 }
             }
             if codes.is_empty() {

@@ -157,7 +157,9 @@ pub struct NetworkRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetCardRecord {
-    pub pid: u32,
+    /// Its process; `null`: the card is down (it could not be started again) and the
+    /// controller starts it with backoff.
+    pub pid: Option<u32>,
     pub listen: std::net::SocketAddr,
     pub epoch: u32,
     /// Hex of the sealed epoch key blob (sealed to this host; never opened by the controller).
@@ -444,7 +446,7 @@ impl HostRecord {
                 let Some(n) = &i.network else {
                     return bad(F::Network);
                 };
-                if !valid_pid(c.pid) {
+                if c.pid.is_some_and(|p| !valid_pid(p)) {
                     return bad(F::Pid);
                 }
                 if c.sealed_key.len() != 2 * bulkhead_sealing::SEALED_BLOB_LEN
@@ -571,7 +573,7 @@ mod tests {
                     routes: vec!["10.0.1.6=2@127.0.0.1:40001".into()],
                 }),
                 net_card: Some(NetCardRecord {
-                    pid: 4244,
+                    pid: Some(4244),
                     listen: "127.0.0.1:40000".parse().unwrap(),
                     epoch: 1,
                     sealed_key: "ab".repeat(bulkhead_sealing::SEALED_BLOB_LEN),
@@ -633,6 +635,13 @@ mod tests {
             c.release = None;
         }
         assert_eq!(HostRecord::parse(&r.encode()).unwrap(), r);
+        // A down net card (no process) keeps everything but its pid.
+        if let Some(c) = r.instances[0].net_card.as_mut() {
+            c.pid = None;
+        }
+        let text = r.encode();
+        assert!(String::from_utf8_lossy(&text).contains(r#""pid":null"#));
+        assert_eq!(HostRecord::parse(&text).unwrap(), r);
     }
 
     #[test]

@@ -324,7 +324,9 @@ fn health_net_cards(d: &Daemon) -> Vec<(String, u64, Option<u64>)> {
 /// a (stripped) hypervisor and net card moves both guests' cards to the release's binary in
 /// place (new pids running the installed file, the receiver's messages arriving again with no
 /// new NIC, DHCP or boot), audited and reported by GetHealth; then a release whose net card
-/// cannot start is refused typed, and the cards serve on the previous release's binary.
+/// cannot start is refused typed, and the cards serve on the previous release's binary; then
+/// the same with the previous binary gone too: the card is down, typed, and started again by
+/// the controller once the binary is back.
 fn deploy_applies_the_net_card(
     d: &Daemon,
     api: &Api<'_>,
@@ -419,6 +421,49 @@ fn deploy_applies_the_net_card(
     );
     assert_eq!(r.json["release"], 2);
     arrive_again(api, before, "the refused net card update");
+
+    // The card's previous binary cannot start either (v2's file moved away): the update fails
+    // as net_card_old_card_gone, the receiver's card is down (no process, not in GetHealth)
+    // but kept, and once the file is back the controller's poll starts it again on v2, in
+    // place: the sender's messages arrive again.
+    let aside = dir.join("netcard-v2-aside");
+    std::fs::rename(&installed, &aside).unwrap();
+    let signed = release(4, &[&hv, &bad], &[&keys[0], &keys[1]]);
+    let before = after(&api.console("i-recv"));
+    let r = deploy(d, "deployer", DEPLOY_OPS, &signed);
+    assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.code(), "release_net_card_update_failed", "{}", r.json);
+    let failed = deploy_steps(d, "netcard_update", 4);
+    assert_eq!(
+        failed,
+        vec![(
+            "instance:i-recv".to_string(),
+            "net_card_old_card_gone".to_string()
+        )]
+    );
+    assert!(netcard_pids(mine).is_empty(), "{:?}", netcard_pids(mine));
+    let health = health_net_cards(d);
+    assert_eq!(health.len(), 1, "{health:?}");
+    assert_eq!(health[0].0, "i-send", "{health:?}");
+    std::fs::rename(&aside, &installed).unwrap();
+    wait_until("the down card started again", || {
+        health_net_cards(d).len() == 2
+    });
+    let now = netcard_pids(mine);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(exe(now[0]), installed);
+    for (id, pid, release) in &health_net_cards(d) {
+        assert_eq!(*release, Some(2), "{id}");
+        assert_eq!(exe(pid), installed, "{id}");
+    }
+    wait_until("the restart audited", || {
+        d.audit().iter().any(|x| {
+            x["entry"]["op"] == "RestartNetCard"
+                && x["entry"]["resources"][0] == "instance:i-recv"
+                && x["entry"]["code"] == "ok"
+        })
+    });
+    arrive_again(api, before, "the down card's restart");
     bulkhead_audit::verify(&dir.join("audit.log")).unwrap();
 }
 

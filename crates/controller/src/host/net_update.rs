@@ -13,19 +13,74 @@
 //! release, and the failure is answered typed. The card's release is kept in the host record,
 //! so a card restarted after it died (by this controller or a restarted one) runs the same
 //! binary.
+//!
+//! If the old binary cannot be started again either, the card is *down*: it is kept (its
+//! port, sealed key, sequence floor and release) with no process (`pid: None`, recorded so), the
+//! update fails as [`BackendError::NetCardOldCardGone`], and the controller's poll of dead cards
+//! starts it again with backoff ([`NetRetry`]) until it runs. A down card has no pid, so no
+//! stale pid is ever signalled or reaped: the keeper is only asked to reap pids it reports as
+//! its own exited children.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bulkhead_hypervisor_client::{ClientError, Command, DeviceId};
 
 use super::{lock, BackendError, HostBackend, HostInstance, LaunchRequest, NetCard, Vm};
 use super::{EXIT_GRACE_MS, NET_DEVICE};
 use crate::api::{NetCardMoved, ResourceId};
+use crate::backend::NetCardRestart;
+
+/// First wait before a down net card is started again; doubled per failure up to
+/// [`NET_RETRY_MAX`].
+const NET_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two starts of a down net card.
+const NET_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// When a down net card (no process) is started again, and how often starting it failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct NetRetry {
+    pub at: Instant,
+    pub failures: u32,
+}
+
+impl NetRetry {
+    /// Due now (a card just found down).
+    pub fn now() -> NetRetry {
+        NetRetry {
+            at: Instant::now(),
+            failures: 0,
+        }
+    }
+
+    /// The retry after one more failed start at `now`: the wait doubles, capped.
+    pub fn failed(self, now: Instant) -> NetRetry {
+        let failures = self.failures.saturating_add(1);
+        let wait = NET_RETRY_FIRST
+            .checked_mul(1u32 << failures.saturating_sub(1).min(16))
+            .map_or(NET_RETRY_MAX, |w| w.min(NET_RETRY_MAX));
+        NetRetry {
+            at: now + wait,
+            failures,
+        }
+    }
+}
+
+/// How `net_cards_of` locks each instance.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wait {
+    /// Waits for an instance in an operation (DeployRelease's own walk).
+    Block,
+    /// Leaves out an instance in an operation (a card update holds it for up to a minute):
+    /// GetHealth never stalls behind one.
+    Skip,
+}
 
 impl HostBackend {
-    /// Every instance with a net card whose `filter` holds: its id, the card's pid and release.
+    /// Every instance with a running net card whose `filter` holds: its id, the card's pid and
+    /// release. A down card (no process) is left out.
     pub(super) fn net_cards_of(
         &self,
+        wait: Wait,
         filter: impl Fn(&HostInstance) -> bool,
     ) -> Vec<(ResourceId, u32, Option<u64>)> {
         let slots: Vec<_> = lock(&self.inner)
@@ -36,11 +91,76 @@ impl HostBackend {
         slots
             .into_iter()
             .filter_map(|(id, inst)| {
-                let g = lock(&inst);
+                let g = match wait {
+                    Wait::Block => lock(&inst),
+                    Wait::Skip => match inst.try_lock() {
+                        Ok(g) => g,
+                        Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                        Err(std::sync::TryLockError::WouldBlock) => {
+                            tracing::debug!(instance = %id, "instance busy: its net card left out of this answer");
+                            return None;
+                        }
+                    },
+                };
                 let c = g.net.as_ref()?;
-                filter(&g).then_some((id, c.pid, c.release))
+                let pid = c.pid?;
+                filter(&g).then_some((id, pid, c.release))
             })
             .collect()
+    }
+
+    /// Starts every down net card whose retry is due (instances in an operation are left for
+    /// the next poll); each start is reported for the audit (`old_pid` 0: there was no
+    /// process).
+    pub(super) fn restart_down_net_cards(&self, out: &mut Vec<NetCardRestart>) {
+        let slots: Vec<_> = lock(&self.inner)
+            .instances
+            .iter()
+            .map(|(id, s)| (id.clone(), std::sync::Arc::clone(&s.inst)))
+            .collect();
+        let now = Instant::now();
+        for (id, inst) in slots {
+            let Ok(mut g) = inst.try_lock() else {
+                continue;
+            };
+            let Some(spec) = g.network.clone() else {
+                continue;
+            };
+            let Some(mut card) = g.net.take_if(|c| c.pid.is_none() && c.retry.at <= now) else {
+                continue;
+            };
+            let listen = card.listen;
+            let started = self
+                .start_net_card(&id, &spec, &mut card, Some(listen))
+                .and_then(|()| card.pid.ok_or(BackendError::Unavailable));
+            let outcome = match started {
+                Ok(pid) => {
+                    card.retry = NetRetry::now();
+                    if let Some(vm) = g.vm.as_mut() {
+                        if let Err(e) = self.reconnect_or_replug(vm, pid) {
+                            tracing::warn!(instance = %id, error = %e, "restarted net card not re-plugged");
+                        }
+                    }
+                    tracing::info!(instance = %id, pid, "down net card started again");
+                    g.net = Some(card);
+                    self.persist_noticed_commit(&g, pid);
+                    Ok(pid)
+                }
+                Err(e) => {
+                    lock(&self.inner).net_ports.insert(listen.port());
+                    card.pid = None;
+                    card.retry = card.retry.failed(Instant::now());
+                    tracing::error!(instance = %id, error = %e, failures = card.retry.failures, "down net card did not start; retried later");
+                    g.net = Some(card);
+                    Err(e.code())
+                }
+            };
+            out.push(NetCardRestart {
+                instance: id.to_string(),
+                old_pid: 0,
+                outcome,
+            });
+        }
     }
 
     /// The NIC moved to net card `pid` in place (`ReconnectNet`); if the hypervisor refuses,
@@ -76,8 +196,10 @@ impl HostBackend {
     /// The net-card update of one running instance (see the module docs): the old card
     /// stopped, a card of release `to` (`None`: the configured binary) started on its port
     /// with its configuration and sealed key, the NIC reconnected in place, the new card
-    /// committed and recorded. On a failure the binary the card ran before serves the NIC
-    /// again and the error says why.
+    /// committed and recorded. On a failure (the recording included) the binary the card ran
+    /// before serves the NIC again and the error says why; if that binary does not start
+    /// either, the card is left down (retried by the dead-card poll) and the error is
+    /// [`BackendError::NetCardOldCardGone`].
     pub(super) fn update_net_card_vm(
         &self,
         g: &mut HostInstance,
@@ -90,82 +212,134 @@ impl HostBackend {
         let rid = ResourceId::parse(&id).map_err(|_| BackendError::Unavailable)?;
         let spec = g.network.clone().ok_or(BackendError::NoNetwork)?;
         let old = g.net.clone().ok_or(BackendError::NoNetwork)?;
+        // A down card is started again by the dead-card poll, on its own release.
+        let old_pid = old.pid.ok_or(BackendError::WrongState)?;
         let dev = DeviceId::new(NET_DEVICE).map_err(|_| BackendError::Unavailable)?;
         let t = Instant::now();
-        self.stop_net_card_keep_port(old.pid);
+        self.stop_net_card_keep_port(old_pid);
         let mut new = NetCard {
             release: to,
+            pid: None,
             ..old.clone()
         };
-        let outcome = match self.start_net_card(&rid, &spec, &mut new, Some(old.listen)) {
-            Ok(()) => match g
-                .vm
-                .as_mut()
-                .map(|vm| self.reconnect_net(vm, new.pid, &dev))
-            {
-                Some(Ok(true)) => Ok(()),
-                Some(Ok(false)) => Err(BackendError::NetReconnectRefused),
-                Some(Err(e)) => Err(e),
-                None => Err(BackendError::WrongState),
-            },
-            Err(e) => Err(e),
-        };
+        let moved = self
+            .start_net_card(&rid, &spec, &mut new, Some(old.listen))
+            .and_then(|()| {
+                let pid = new.pid.ok_or(BackendError::Unavailable)?;
+                match g.vm.as_mut().map(|vm| self.reconnect_net(vm, pid, &dev)) {
+                    Some(Ok(true)) => Ok(pid),
+                    Some(Ok(false)) => Err(BackendError::NetReconnectRefused),
+                    Some(Err(e)) => Err(e),
+                    None => Err(BackendError::WrongState),
+                }
+            });
+        let gap_us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // Recorded before it is answered: a record that cannot be written fails the update
+        // like a card that did not start (the card must not stay on a release whose move was
+        // never acknowledged).
+        let outcome = moved.and_then(|pid| {
+            g.net = Some(new.clone());
+            match self.persist(g, &[pid]) {
+                Ok(()) => Ok(pid),
+                Err(e) => {
+                    g.net = Some(old.clone());
+                    Err(e)
+                }
+            }
+        });
         match outcome {
-            Ok(()) => {
-                let gap_us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
-                g.net = Some(new.clone());
-                self.persist(g, &[new.pid])?;
-                tracing::info!(instance = %id, old_pid = old.pid, new_pid = new.pid, ?to, gap_us, "net card updated in place");
+            Ok(new_pid) => {
+                tracing::info!(instance = %id, old_pid, new_pid, ?to, gap_us, "net card updated in place");
                 Ok(NetCardMoved {
                     instance_id: id,
-                    old_pid: old.pid,
-                    new_pid: new.pid,
+                    old_pid,
+                    new_pid,
                     gap_us,
                 })
             }
             Err(e) => {
-                tracing::warn!(instance = %id, error = %e, ?to, "net card update failed; the card's previous binary serves the NIC again");
-                if new.pid != old.pid {
+                tracing::warn!(instance = %id, error = %e, ?to, "net card update failed; starting the card's previous binary again");
+                if let Some(pid) = new.pid {
                     // The new card started: ended (SIGTERM, it wipes its key), port kept.
-                    self.stop_net_card_keep_port(new.pid);
+                    self.stop_net_card_keep_port(pid);
                 }
-                self.restore_net_card(g, &rid, old);
-                Err(e)
+                if self.restore_net_card(g, &rid, old) {
+                    Err(e)
+                } else {
+                    Err(BackendError::NetCardOldCardGone)
+                }
             }
         }
     }
 
     /// After a failed update: the card's previous binary is started again on its port and
-    /// takes the NIC back. If even that fails, the card is left recorded as dead, so the
-    /// controller's restart of dead net cards keeps trying with the same binary.
-    fn restore_net_card(&self, g: &mut HostInstance, id: &ResourceId, old: NetCard) {
+    /// takes the NIC back (true). If even that fails (false), the card is left down: recorded
+    /// with no process, so no stale pid is kept, and started again by the dead-card poll with
+    /// backoff on the same binary.
+    fn restore_net_card(&self, g: &mut HostInstance, id: &ResourceId, old: NetCard) -> bool {
+        let mut card = NetCard { pid: None, ..old };
         let Some(spec) = g.network.clone() else {
-            return;
+            g.net = Some(card);
+            return false;
         };
-        let mut card = old.clone();
+        let listen = card.listen;
         let restored = self
-            .start_net_card(id, &spec, &mut card, Some(old.listen))
-            .and_then(|()| match g.vm.as_mut() {
-                Some(vm) => self.reconnect_or_replug(vm, card.pid),
-                None => Ok(()),
+            .start_net_card(id, &spec, &mut card, Some(listen))
+            .and_then(|()| {
+                let pid = card.pid.ok_or(BackendError::Unavailable)?;
+                match g.vm.as_mut() {
+                    Some(vm) => self.reconnect_or_replug(vm, pid),
+                    None => Ok(()),
+                }
             });
-        match restored {
-            Ok(()) => {
-                tracing::info!(instance = %id, pid = card.pid, release = ?card.release, "net card restored on its previous binary");
-                let pid = card.pid;
+        match (restored, card.pid) {
+            (Ok(()), Some(pid)) => {
+                tracing::info!(instance = %id, pid, release = ?card.release, "net card restored on its previous binary");
                 g.net = Some(card);
                 self.persist_noticed_commit(g, pid);
+                true
             }
-            Err(e) => {
-                tracing::error!(instance = %id, error = %e, "net card not restored; retried as a dead card");
-                if card.pid != old.pid {
-                    self.stop_net_card_keep_port(card.pid);
+            (r, started) => {
+                let e = r.err().unwrap_or(BackendError::Unavailable);
+                tracing::error!(instance = %id, error = %e, "net card not restored: down, retried with backoff");
+                if let Some(pid) = started {
+                    self.stop_net_card_keep_port(pid);
                 }
-                lock(&self.inner).net_pids.insert(old.pid, id.clone());
-                lock(&self.dead_net_cards).push(old.pid);
-                g.net = Some(old);
+                // Its port stays its own (a failed start frees it).
+                lock(&self.inner).net_ports.insert(listen.port());
+                card.pid = None;
+                card.retry = NetRetry::now().failed(Instant::now());
+                g.net = Some(card);
                 self.persist_noticed(g);
+                false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_down_card_is_retried_with_a_doubling_capped_wait() {
+        let t = Instant::now();
+        let r = NetRetry { at: t, failures: 0 };
+        let waits: Vec<Duration> = (0..10)
+            .scan(r, |r, _| {
+                *r = r.failed(t);
+                Some(r.at - t)
+            })
+            .collect();
+        assert_eq!(waits[0], Duration::from_secs(1));
+        assert_eq!(waits[1], Duration::from_secs(2));
+        assert_eq!(waits[5], Duration::from_secs(32));
+        assert_eq!(waits[6], NET_RETRY_MAX);
+        assert_eq!(waits[9], NET_RETRY_MAX);
+        let many = NetRetry {
+            at: t,
+            failures: u32::MAX,
+        };
+        assert_eq!(many.failed(t).at - t, NET_RETRY_MAX);
     }
 }
