@@ -102,6 +102,11 @@ struct Args {
     /// when it starts a release's controller (`releases/v<N>/bulkhead-controller`).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// A supervisor started this controller and starts it again when it exits: DeployRelease
+    /// of a release carrying a controller makes it exit with status 75 (apply the release).
+    /// Without it the controller serves on and audits `controller_restart_unsupervised`.
+    #[arg(long)]
+    supervised: bool,
     /// Internal: run as the launcher on this inherited fd (see `launcher.rs`).
     #[arg(long, hide = true, requires = "launcher_config")]
     launcher_fd: Option<i32>,
@@ -600,10 +605,14 @@ fn run(args: Args) -> Result<(), StartError> {
         .local_addr()
         .map_err(|e| StartError::Listen(cfg.listen.clone(), e))?;
     let (restart_tx, mut restart_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-    let ctrl = Arc::new(
+    let ctrl = ctrl.with_controller_release(controller_release);
+    // Only a supervised controller exits for a release: nothing would start it again otherwise.
+    let ctrl = Arc::new(if args.supervised {
         ctrl.with_restart(restart_tx)
-            .with_controller_release(controller_release),
-    );
+    } else {
+        drop(restart_tx);
+        ctrl
+    });
 
     sandbox::harden()?;
 

@@ -1,12 +1,18 @@
 //! The supervisor's side of a controller update, for whatever process starts this host's
 //! controller (`bulkhead up`'s cluster, a test that is the controller's parent).
 //!
-//! A controller that exits with [`EXIT_APPLY_RELEASE`] recorded a release carrying a controller
-//! as the host's active release. [`HostReleases::choose`] reads which release the host record
-//! names as active (the only thing it takes from the old controller) and hands it to
+//! A controller started with `--supervised` that exits with [`EXIT_APPLY_RELEASE`] recorded a
+//! release carrying a controller as the host's active release. What the supervisor takes from
+//! where: the trust root, environment, release directory and host-record path come from
+//! [`HostReleases::from_config`], which the supervisor calls **once**, before the host's
+//! controller first runs (the controller's user can edit `controller.toml` and the trust-root
+//! file afterwards; `bulkhead up` never reads them again). On each start
+//! [`HostReleases::choose`] reads from the controller's data directory only the active
+//! release's number (the host record) and the release's files, and hands them to
 //! [`bulkhead_rot::supervise::pick_controller`], which verifies the release itself against the
-//! host's pinned trust root; [`start_args`] adds `--bin-dir` for a release's controller so the
-//! binaries it names by default still resolve next to the original.
+//! pinned trust root and the supervisor's own floor (kept by the supervisor, not the
+//! controller). [`start_args`] adds `--bin-dir` for a release's controller so the binaries it
+//! names by default still resolve next to the original.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -45,7 +51,9 @@ pub struct HostReleases {
 
 impl HostReleases {
     /// The record, release directory, trust root and environment the controller configured by
-    /// `cfg` uses (the same defaults as the controller's).
+    /// `cfg` uses (the same defaults as the controller's). A supervisor calls it once, before
+    /// the controller first runs, and keeps the result: the controller can edit its
+    /// configuration and the trust-root file afterwards.
     pub fn from_config(cfg: &Config) -> Result<HostReleases, SupervisorError> {
         let root_path = cfg
             .release_root
@@ -67,15 +75,26 @@ impl HostReleases {
 
     /// The controller to start: the active release's when it verifies (no version below
     /// `floor`, the supervisor's own: the highest release it started a controller of), else
-    /// `original`. A record that cannot be read names no active release.
+    /// `original`. A record that cannot be read names no active release. An active release
+    /// below a non-zero `floor`, or none (a downgrade: DeployRelease refuses one, so the record
+    /// was written by something else), is logged as an error and release `floor`'s controller
+    /// is started instead when it still verifies, else the original binary.
     pub fn choose(&self, original: &Path, floor: u64) -> ControllerChoice {
-        let active = match HostRecord::load(&self.record) {
+        let mut active = match HostRecord::load(&self.record) {
             Ok(r) => r.release.map(|r| r.version),
             Err(e) => {
                 tracing::error!(error = %e, "host record unreadable: starting the original controller");
                 None
             }
         };
+        if floor > 0 && active.is_none_or(|v| v < floor) {
+            tracing::error!(
+                active = ?active,
+                floor,
+                "DOWNGRADE REFUSED: the host record names a release below the supervisor's floor; starting release {floor}'s controller if it still verifies"
+            );
+            active = Some(floor);
+        }
         let c = pick_controller(
             &self.release_dir,
             active,

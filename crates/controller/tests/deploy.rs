@@ -369,7 +369,13 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     let host = host_key(dir.path());
     let _guard = KeeperGuard(dir.path().join("run"));
     let guest = guest_dir().display().to_string();
-    let host_args = ["--backend", "host", "--guest-dir", guest.as_str()];
+    let host_args = [
+        "--backend",
+        "host",
+        "--guest-dir",
+        guest.as_str(),
+        "--supervised",
+    ];
     let d = Daemon::start_with(dir.path(), &host_args);
 
     // 0. The operator's token (no deployer role) is refused before the guest even boots.
@@ -394,8 +400,8 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
     let hv = src.join("bulkhead-hypervisor");
     // The release's block card: applied by a card update.
     let card = src.join("bulkhead-blockcard");
-    // The release's controller, a real copy of this controller: installed, not applied (the
-    // controller's filter traps every exec).
+    // The release's controller, a real copy of this controller: installed, then applied by
+    // the supervisor (this test) after the controller exits with EXIT_APPLY_RELEASE.
     let ctl = src.join("bulkhead-controller");
     let good = release(2, &[&hv, &card, &ctl], &[&keys[0], &keys[2]]);
     let r = deploy(&d, "operator", &[Operation::DescribeHost], &good);
@@ -970,7 +976,13 @@ fn a_release_controller_that_cannot_run_leaves_the_original_controller_serving()
     let keys = host_with_release_root(dir.path());
     let _guard = KeeperGuard(dir.path().join("run"));
     let guest = guest_dir().display().to_string();
-    let host_args = ["--backend", "host", "--guest-dir", guest.as_str()];
+    let host_args = [
+        "--backend",
+        "host",
+        "--guest-dir",
+        guest.as_str(),
+        "--supervised",
+    ];
     let mut d = Daemon::start_with(dir.path(), &host_args);
     let src = dir.path().join("release-src");
     let hv = stripped(&src, "bulkhead-hypervisor");

@@ -26,6 +26,7 @@ use serde_json::{json, Value};
 
 use crate::netns::{self, HostNet};
 
+mod floor;
 mod supervise;
 use bulkhead_control::config::{Config, HostConfig};
 pub use supervise::ControllerRestarted;
@@ -97,9 +98,13 @@ struct HostLaunch {
     config: PathBuf,
     args: Vec<String>,
     net: Option<HostNet>,
-    /// The highest release whose controller this cluster started for the host: no lower one
-    /// is started again (see `supervise`).
-    controller_floor: u64,
+    /// What the host's releases are checked against, read once before its controller first
+    /// ran (`None`: the host pins no release trust root; only `bin` is started).
+    releases: Option<bulkhead_controller::supervisor::HostReleases>,
+    /// The supervisor's floor file for the host (see `floor`).
+    floor_file: PathBuf,
+    /// Restart bookkeeping (see `supervise`).
+    restart: supervise::RestartState,
 }
 
 impl HostLaunch {
@@ -645,6 +650,17 @@ fn write_controller_config(
 }
 
 fn spawn_ready(name: &str, cmd: &mut Command, logs: &Path) -> Result<(Child, Value), ClusterError> {
+    spawn_ready_within(name, cmd, logs, None)
+}
+
+/// As [`spawn_ready`]; a daemon that has not printed its ready line within `deadline` is
+/// killed and reported not ready.
+fn spawn_ready_within(
+    name: &str,
+    cmd: &mut Command,
+    logs: &Path,
+    deadline: Option<std::time::Duration>,
+) -> Result<(Child, Value), ClusterError> {
     let log_path = logs.join(format!("{name}.log"));
     // Appended: a restarted daemon's log follows its predecessor's.
     let log = std::fs::OpenOptions::new()
@@ -658,24 +674,44 @@ fn spawn_ready(name: &str, cmd: &mut Command, logs: &Path) -> Result<(Child, Val
         .stdin(Stdio::null())
         .spawn()
         .map_err(io(name))?;
-    let mut line = String::new();
-    let out = child
-        .stdout
-        .take()
-        .ok_or_else(|| ClusterError::NotReady(name.into(), log_path.clone()))?;
-    let mut reader = BufReader::new(out);
-    let _ = reader.read_line(&mut line);
-    let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+    let out = match child.stdout.take() {
+        Some(o) => o,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ClusterError::NotReady(name.into(), log_path));
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(out);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        let ready = v["event"] == "ready";
+        let _ = tx.send(v);
+        if ready {
+            // Keep draining stdout so the daemon never blocks on a full pipe.
+            let mut sink = Vec::new();
+            let _ = reader.read_to_end(&mut sink);
+        }
+    });
+    let v = match deadline {
+        Some(d) => rx.recv_timeout(d).unwrap_or_else(|_| {
+            tracing::error!(
+                daemon = name,
+                secs = d.as_secs_f64(),
+                "no ready line within the deadline: killed"
+            );
+            Value::Null
+        }),
+        None => rx.recv().unwrap_or(Value::Null),
+    };
     if v["event"] != "ready" {
         let _ = child.kill();
         let _ = child.wait();
         return Err(ClusterError::NotReady(name.into(), log_path));
     }
-    // Keep draining stdout so the daemon never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = reader.read_to_end(&mut sink);
-    });
     Ok((child, v))
 }
 
@@ -1133,20 +1169,26 @@ pub fn start_replicated(
         if let Some(f) = net.and_then(|x| x.fabric_ip.clone()) {
             args.extend(["--net-host-ip".to_string(), f]);
         }
+        // `bulkhead up` is the controller's supervisor (see `supervise`): the controller exits
+        // to apply a release only when it knows it is started again.
+        args.push("--supervised".to_string());
         let launch = HostLaunch {
             name: host.clone(),
             bin: controller_bin.clone(),
+            releases: supervise::host_releases(&host, &cfg),
             config: cfg,
             args,
             net: net.cloned(),
-            controller_floor: 0,
+            floor_file: floor::floor_path(dir, &host),
+            restart: supervise::RestartState::default(),
         };
-        let (child, v) = spawn_ready(&host, &mut launch.command(), &logs)?;
-        cluster.children.push((host.clone(), child));
+        cluster.launches.push(launch);
+        // Chosen as on every restart: a cluster directory whose host applied a release starts
+        // that release's controller again (not below the host's floor).
+        let (_, v) = cluster.start_host_controller(&host, &[])?;
         let addr = listen_of(&v);
         // Pinned, so a restarted controller comes back at the same address.
         write_controller_config(dir, &host, guest_dir.clone(), attested, &addr)?;
-        cluster.launches.push(launch);
         cluster.host_addrs.push((host.clone(), addr.clone()));
         hosts.push(HostConfig {
             host_id: host.clone(),

@@ -23,8 +23,8 @@ pub use bulkhead_rot::supervise::{EXIT_APPLY_RELEASE, RELEASE_CONTROLLER};
 pub const ANSWER_GRACE: Duration = Duration::from_millis(500);
 
 impl Controller {
-    /// This controller exits for its supervisor when a deploy records a release carrying a
-    /// controller: `requests` receives that release's version (the receiver runs
+    /// This controller exits for its supervisor (it runs `--supervised`) when a deploy records
+    /// a release carrying a controller: `requests` receives that release's version (the receiver runs
     /// [`Controller::prepare_release_exit`] and exits).
     pub fn with_restart(mut self, requests: tokio::sync::mpsc::UnboundedSender<u64>) -> Self {
         self.restart = Some(requests);
@@ -56,13 +56,13 @@ impl Controller {
             _ => {
                 tracing::warn!(
                     version = v,
-                    "the release's controller is installed; this controller has no supervisor queue and serves on"
+                    "the release's controller is installed; this controller is not supervised (no --supervised) and serves on"
                 );
                 self.audit_step(
                     "controller-restart",
                     v,
                     None,
-                    "controller_restart_unavailable",
+                    "controller_restart_unsupervised",
                 )
                 .await;
                 None
