@@ -95,16 +95,25 @@ impl HostReleases {
             );
             active = Some(floor);
         }
-        let c = pick_controller(
-            &self.release_dir,
-            active,
-            &ControllerPolicy {
-                root: &self.root,
-                environment: &self.environment,
-                floor,
-            },
-            original,
-        );
+        let policy = ControllerPolicy {
+            root: &self.root,
+            environment: &self.environment,
+            floor,
+        };
+        let mut c = pick_controller(&self.release_dir, active, &policy, original);
+        // A release that carries no controller (a hypervisor- or card-only release deployed
+        // after one that did) keeps the controller last applied: the floor's, when it still
+        // verifies — never the older original binary.
+        if let Some(&PickError::NoController(v)) = c.refused.as_ref() {
+            if floor > 0 && floor < v {
+                tracing::info!(
+                    active = v,
+                    floor,
+                    "the active release carries no controller: keeping release {floor}'s"
+                );
+                c = pick_controller(&self.release_dir, Some(floor), &policy, original);
+            }
+        }
         match (&c.release, &c.refused) {
             (Some(v), _) => {
                 tracing::info!(release = v, binary = %c.binary.display(), "starting the release's controller")

@@ -33,14 +33,9 @@ use base64::Engine as _;
 use bulkhead_controller::supervisor::{
     start_args, ControllerChoice, HostReleases, EXIT_APPLY_RELEASE,
 };
-use bulkhead_rot::measure::{Environment, EventKind};
-use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease, TrustRoot};
-use bulkhead_rot::tpm::MeasurePcr;
 use bulkhead_tokens::Operation;
 use common::*;
-use sha2::{Digest, Sha256};
 
-const DEPLOY_OPS: &[Operation] = &[Operation::UploadArtefact, Operation::DeployRelease];
 const CUSTOMER_OPS: &[Operation] = &[
     Operation::CreateInstance,
     Operation::StartInstance,
@@ -59,15 +54,8 @@ struct Count {
     disk: Option<u64>,
 }
 
-fn call(d: &Daemon, who: &str, ops: &[Operation], method: &str, path: &str, body: &[u8]) -> Resp {
-    let t = d.mint(who, HOST, ops, MIN10);
-    d.client(who)
-        .request(method, path, Some(&t), body)
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
 fn customer(d: &Daemon, method: &str, path: &str, body: &str) -> Resp {
-    let r = call(d, "customer", CUSTOMER_OPS, method, path, body.as_bytes());
+    let r = call_as(d, "customer", CUSTOMER_OPS, method, path, body.as_bytes());
     assert!(
         r.status == 200 || r.status == 201,
         "{method} {path}: {} {}",
@@ -185,47 +173,6 @@ fn count_on(d: &Daemon, what: &str, n: u64) {
     }
 }
 
-/// Uploads every file (content-addressed, as a deployer).
-fn upload(d: &Daemon, files: &[&Path]) {
-    for f in files {
-        let bytes = std::fs::read(f).unwrap();
-        let sha = hex::encode(Sha256::digest(&bytes));
-        let r = call(
-            d,
-            "deployer",
-            DEPLOY_OPS,
-            "PUT",
-            &format!("/v1/host/artefacts/{sha}"),
-            &bytes,
-        );
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        assert_eq!(r.json["sha256"], sha.as_str());
-    }
-}
-
-/// A release of `files` (names as they are), version `v`, signed by `signers`.
-fn release(v: u64, files: &[&Path], signers: &[&ReleaseKey]) -> String {
-    let list: Vec<(EventKind, &Path)> = files.iter().map(|f| (EventKind::Binary, *f)).collect();
-    let m = Manifest::from_files(
-        v,
-        Environment::parse("dev").unwrap(),
-        bulkhead_tokens::clock::unix_now() + 3600,
-        MeasurePcr::DEV,
-        &list,
-    )
-    .unwrap();
-    let mut r = SignedRelease::new(&m).unwrap();
-    for k in signers {
-        r.sign(k);
-    }
-    r.to_json().unwrap()
-}
-
-fn deploy(d: &Daemon, who: &str, ops: &[Operation], signed: &str) -> Resp {
-    let body = serde_json::json!({ "release": signed }).to_string();
-    call(d, who, ops, "POST", "/v1/host/releases", body.as_bytes())
-}
-
 /// The outcome record of an allowed request (the refusal's code is there). The outcome is queued
 /// behind the answer: waited for, briefly.
 fn outcome_code(d: &Daemon, r: &Resp) -> String {
@@ -248,44 +195,6 @@ fn outcome_code(d: &Daemon, r: &Resp) -> String {
     }
 }
 
-/// The file process `pid` runs (as it was named when it started: a binary rebuilt since shows
-/// as `PATH (deleted)`).
-fn exe(pid: u64) -> PathBuf {
-    let p = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-    let s = p.display().to_string();
-    PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
-}
-
-/// A dev host state directory under `dir` pinning a fresh release trust root (3 release keys,
-/// any 2 sign); the keys, to sign releases with.
-fn host_with_release_root(dir: &Path) -> Vec<ReleaseKey> {
-    bulkhead_tokens::statedir::StateDir::new(dir)
-        .ensure_dev(HOST)
-        .unwrap();
-    let keys: Vec<ReleaseKey> = (0..3).map(|_| ReleaseKey::generate().unwrap()).collect();
-    let root = TrustRoot::new(2, keys.iter().map(|k| k.public()).collect()).unwrap();
-    std::fs::write(
-        dir.join("release-root.json"),
-        serde_json::to_vec(&root).unwrap(),
-    )
-    .unwrap();
-    keys
-}
-
-/// `name` from the build copied into `src` and stripped of debug information, as a release is
-/// built (the release profile keeps line tables); its path.
-fn stripped(src: &Path, name: &str) -> PathBuf {
-    std::fs::create_dir_all(src).unwrap();
-    let st = std::process::Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(release_dir().join(name))
-        .arg(src.join(name))
-        .status()
-        .expect("objcopy (binutils)");
-    assert!(st.success(), "objcopy --strip-debug {name}");
-    src.join(name)
-}
-
 /// The controller runs its original binary at release 2 with no controller of a release
 /// applied.
 fn serves_on_its_own_binary(d: &mut Daemon) {
@@ -297,7 +206,7 @@ fn serves_on_its_own_binary(d: &mut Daemon) {
         exe(u64::from(d.child.id())),
         PathBuf::from(controller_bin()).canonicalize().unwrap()
     );
-    let h = call(
+    let h = call_as(
         d,
         "deployer",
         &[Operation::GetHealth],
@@ -525,7 +434,7 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         installed_ctl.canonicalize().unwrap()
     );
     assert_eq!(d.ready["controller_release"], 2, "{}", d.ready);
-    let h = call(
+    let h = call_as(
         &d,
         "deployer",
         &[Operation::GetHealth],

@@ -92,6 +92,25 @@ impl Fixture {
         std::fs::write(d.join(SIGNED_RELEASE_FILE), r.to_json().unwrap()).unwrap();
     }
 
+    /// Installs release `v` that carries no controller (only a stand-in hypervisor).
+    fn install_without_controller(&self, v: u64) {
+        let d = self.releases.release_dir.join(format!("v{v}"));
+        let hv = d.join("bulkhead-hypervisor");
+        write_exec(&hv, "#!/bin/sh\nexit 0\n");
+        let m = Manifest::from_files(
+            v,
+            self.releases.environment.clone(),
+            1,
+            MeasurePcr::DEV,
+            &[(EventKind::Binary, hv.as_path())],
+        )
+        .unwrap();
+        let mut r = SignedRelease::new(&m).unwrap();
+        r.sign(&self.keys[0]);
+        r.sign(&self.keys[1]);
+        std::fs::write(d.join(SIGNED_RELEASE_FILE), r.to_json().unwrap()).unwrap();
+    }
+
     /// The host record names `v` as the active release.
     fn activate(&self, v: Option<u64>) {
         HostRecord {
@@ -240,4 +259,21 @@ fn a_corrupt_floor_file_starts_the_original_and_is_left_alone() {
         std::fs::read_to_string(f.floor_file()).unwrap(),
         "garbage\n"
     );
+}
+
+#[test]
+fn a_release_without_a_controller_keeps_the_controller_last_applied() {
+    let f = Fixture::new();
+    f.install(2, true);
+    f.activate(Some(2));
+    let mut c = f.cluster(Duration::from_secs(10));
+    let (r, _) = c.start_host_controller(HOST, &[]).unwrap();
+    assert_eq!(r.release, Some(2));
+    // Release 3 carries only a hypervisor: the controller stays release 2's, not the original.
+    f.install_without_controller(3);
+    f.activate(Some(3));
+    f.exit(75);
+    let (r, _) = next_restart(&mut c, Duration::from_secs(5));
+    assert_eq!(r.release, Some(2), "release 3 carries no controller");
+    assert_eq!(read_floor(&f.floor_file()).unwrap(), 2);
 }
