@@ -49,7 +49,8 @@ pub struct Controller {
     /// One deploy at a time.
     deploying: tokio::sync::Mutex<()>,
     /// Where a deploy queues "exit for the supervisor" for a release carrying a controller
-    /// (`None`: a release's controller is installed and recorded, not applied).
+    /// (`None`: not started `--supervised`; a release's controller is installed and recorded,
+    /// not applied, and the step is audited `controller_restart_unsupervised`).
     restart: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
     /// The release whose controller binary this process runs (`None`: the original binary its
     /// supervisor names).

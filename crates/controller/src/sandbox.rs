@@ -66,11 +66,11 @@ pub fn harden() -> Result<(), SandboxError> {
 mod tests {
     use super::*;
     use std::ffi::CStr;
+    use std::os::fd::AsRawFd;
     use std::os::fd::RawFd;
 
-    /// The descriptor the withdrawn re-exec opened its binary onto (the form the test tries).
+    /// The descriptor the test opens a binary onto before trying each `execveat` form.
     const EXEC_FD: RawFd = 1023;
-    use std::os::fd::AsRawFd;
 
     /// Forks a child that opens `binary` onto [`EXEC_FD`], installs the controller's real
     /// filter (no signal handler: a trapped call kills the child with SIGSYS) and calls

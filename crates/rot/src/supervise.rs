@@ -3,8 +3,8 @@
 //! The controller runs under a seccomp filter that traps every exec (no argument rule can pin
 //! `execveat` to one file), so it never starts a release's controller itself. DeployRelease
 //! installs the release (its signed text in `v<N>/`[`SIGNED_RELEASE_FILE`], every artefact
-//! measured), records it as the host's active release, audits `controller-restart` and exits
-//! with [`EXIT_APPLY_RELEASE`]. The process that started the controller (its supervisor,
+//! measured), records it as the host's active release, audits `controller-restart` and, when it
+//! was started `--supervised`, exits with [`EXIT_APPLY_RELEASE`]. The process that started the controller (its supervisor,
 //! outside the filter) then calls [`pick_controller`]: it trusts nothing the old controller
 //! says except which release it names as active, and verifies that release itself — the
 //! threshold signatures against the pinned [`TrustRoot`], the environment, no version below the
