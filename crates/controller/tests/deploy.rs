@@ -206,17 +206,9 @@ fn serves_on_its_own_binary(d: &mut Daemon) {
         exe(u64::from(d.child.id())),
         PathBuf::from(controller_bin()).canonicalize().unwrap()
     );
-    let h = call_as(
-        d,
-        "deployer",
-        &[Operation::GetHealth],
-        "GET",
-        "/v1/health",
-        b"",
-    );
-    assert_eq!(h.status, 200);
-    assert_eq!(h.json["release"], 2, "{}", h.json);
-    assert!(h.json["controller_release"].is_null(), "{}", h.json);
+    let h = health(d);
+    assert_eq!(h["release"], 2, "{}", h);
+    assert!(h["controller_release"].is_null(), "{}", h);
 }
 
 /// This host's supervisor's choice (this test is the controller's parent): the active
@@ -434,17 +426,9 @@ fn deploy_release_live_updates_the_hypervisor_and_refuses_bad_releases() {
         installed_ctl.canonicalize().unwrap()
     );
     assert_eq!(d.ready["controller_release"], 2, "{}", d.ready);
-    let h = call_as(
-        &d,
-        "deployer",
-        &[Operation::GetHealth],
-        "GET",
-        "/v1/health",
-        b"",
-    );
-    assert_eq!(h.status, 200);
-    assert_eq!(h.json["release"], 2, "{}", h.json);
-    assert_eq!(h.json["controller_release"], 2, "{}", h.json);
+    let h = health(&d);
+    assert_eq!(h["release"], 2, "{}", h);
+    assert_eq!(h["controller_release"], 2, "{}", h);
     // The same hypervisor and card, still the keeper's children.
     assert!(children_of(keeper).contains(&i32::try_from(new_pid).unwrap()));
     assert!(children_of(keeper).contains(&i32::try_from(new_card).unwrap()));

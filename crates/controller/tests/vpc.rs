@@ -295,16 +295,7 @@ fn deploy_steps(d: &Daemon, step: &str, v: u64) -> Vec<(String, String)> {
 
 /// GetHealth's net cards: (instance, pid, release).
 fn health_net_cards(d: &Daemon) -> Vec<(String, u64, Option<u64>)> {
-    let r = call_as(
-        d,
-        "deployer",
-        &[Operation::GetHealth],
-        "GET",
-        "/v1/health",
-        b"",
-    );
-    assert_eq!(r.status, 200);
-    let mut v: Vec<_> = r.json["net_cards"]
+    let mut v: Vec<_> = health(d)["net_cards"]
         .as_array()
         .unwrap()
         .iter()
@@ -411,15 +402,7 @@ fn deploy_applies_the_net_card(
         assert_eq!(*release, Some(2), "{id}: {health:?}");
         assert_eq!(exe(pid), installed, "{id}");
     }
-    let r = call_as(
-        d,
-        "deployer",
-        &[Operation::GetHealth],
-        "GET",
-        "/v1/health",
-        b"",
-    );
-    assert_eq!(r.json["release"], 2);
+    assert_eq!(common::health(d)["release"], 2);
     arrive_again(api, before, "the refused net card update");
 
     // The card's previous binary cannot start either (v2's file moved away): the update fails

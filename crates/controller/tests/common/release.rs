@@ -95,6 +95,20 @@ pub fn upload(d: &Daemon, files: &[&Path]) {
     }
 }
 
+/// GetHealth as the deployer: asserts 200, returns the answer's JSON.
+pub fn health(d: &Daemon) -> serde_json::Value {
+    let r = call_as(
+        d,
+        "deployer",
+        &[Operation::GetHealth],
+        "GET",
+        "/v1/health",
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json
+}
+
 /// `POST /v1/host/releases` with `signed` as `who`.
 pub fn deploy(d: &Daemon, who: &str, ops: &[Operation], signed: &str) -> Resp {
     let body = serde_json::json!({ "release": signed }).to_string();

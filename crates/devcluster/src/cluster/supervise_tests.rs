@@ -75,39 +75,31 @@ impl Fixture {
 
     /// Installs release `v` whose controller is a stand-in (signed by keys 0 and 2).
     fn install(&self, v: u64, ready: bool) {
+        let body = script(&format!("v{v}"), self.dir.path(), ready);
+        self.install_file(v, RELEASE_CONTROLLER, &body);
+    }
+
+    /// Installs release `v` that carries no controller (only a stand-in hypervisor).
+    fn install_without_controller(&self, v: u64) {
+        self.install_file(v, "bulkhead-hypervisor", "#!/bin/sh\nexit 0\n");
+    }
+
+    /// Installs release `v` carrying one executable `name` with `body`, signed by keys 0 and 2.
+    fn install_file(&self, v: u64, name: &str, body: &str) {
         let d = self.releases.release_dir.join(format!("v{v}"));
-        let ctl = d.join(RELEASE_CONTROLLER);
-        write_exec(&ctl, &script(&format!("v{v}"), self.dir.path(), ready));
+        let file = d.join(name);
+        write_exec(&file, body);
         let m = Manifest::from_files(
             v,
             self.releases.environment.clone(),
             1,
             MeasurePcr::DEV,
-            &[(EventKind::Binary, ctl.as_path())],
+            &[(EventKind::Binary, file.as_path())],
         )
         .unwrap();
         let mut r = SignedRelease::new(&m).unwrap();
         r.sign(&self.keys[0]);
         r.sign(&self.keys[2]);
-        std::fs::write(d.join(SIGNED_RELEASE_FILE), r.to_json().unwrap()).unwrap();
-    }
-
-    /// Installs release `v` that carries no controller (only a stand-in hypervisor).
-    fn install_without_controller(&self, v: u64) {
-        let d = self.releases.release_dir.join(format!("v{v}"));
-        let hv = d.join("bulkhead-hypervisor");
-        write_exec(&hv, "#!/bin/sh\nexit 0\n");
-        let m = Manifest::from_files(
-            v,
-            self.releases.environment.clone(),
-            1,
-            MeasurePcr::DEV,
-            &[(EventKind::Binary, hv.as_path())],
-        )
-        .unwrap();
-        let mut r = SignedRelease::new(&m).unwrap();
-        r.sign(&self.keys[0]);
-        r.sign(&self.keys[1]);
         std::fs::write(d.join(SIGNED_RELEASE_FILE), r.to_json().unwrap()).unwrap();
     }
 
