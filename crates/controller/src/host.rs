@@ -2383,12 +2383,10 @@ impl HostBackend {
 
     /// The active release if it carries artefact `name` (new cards of that kind run it).
     fn release_carrying(&self, name: &str) -> Option<u64> {
-        lock(&self.records).release.as_ref().and_then(|r| {
-            r.artefacts
-                .iter()
-                .any(|a| a.name == name)
-                .then_some(r.version)
-        })
+        lock(&self.records)
+            .release
+            .as_ref()
+            .and_then(|r| r.carries(name).then_some(r.version))
     }
 
     /// A live update the previous controller left in flight: waits (bounded) until one of the

@@ -516,11 +516,7 @@ fn run(args: Args) -> Result<(), StartError> {
     let active_controller = record
         .as_ref()
         .and_then(|r| r.release.as_ref())
-        .filter(|r| {
-            r.artefacts
-                .iter()
-                .any(|a| a.name == bulkhead_rot::supervise::RELEASE_CONTROLLER)
-        })
+        .filter(|r| r.carries(bulkhead_rot::supervise::RELEASE_CONTROLLER))
         .map(|r| r.version);
     let ca = CertificateDer::from_pem_slice(&read(&cfg.ca_cert)?)
         .map_err(|_| StartError::Pem(cfg.ca_cert.clone()))?;

@@ -44,11 +44,7 @@ impl Controller {
         record: &crate::record::ReleaseRecord,
         v: u64,
     ) -> Option<u64> {
-        if !record
-            .artefacts
-            .iter()
-            .any(|a| a.name == RELEASE_CONTROLLER)
-        {
+        if !record.carries(RELEASE_CONTROLLER) {
             return None;
         }
         match &self.restart {
