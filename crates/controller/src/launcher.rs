@@ -61,8 +61,7 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bulkhead_rot::measure::Environment;
-use bulkhead_rot::release::TrustRoot;
+use bulkhead_rot::release::PinnedTrust;
 use bulkhead_rot::supervise::{verify_release_artefact, ArtefactPolicy};
 use serde::{Deserialize, Serialize};
 
@@ -716,7 +715,7 @@ struct LauncherState {
     /// Hand-over ends of `incoming` hypervisors not yet taken.
     handovers: BTreeMap<u32, UnixStream>,
     /// The trust root and environment release binaries are verified against (read at start).
-    trust: Option<(TrustRoot, Environment)>,
+    trust: Option<PinnedTrust>,
 }
 
 /// A binary the launcher is about to execute: the path to exec (for a release's binary,
@@ -739,16 +738,12 @@ impl Exe {
 }
 
 /// The trust root and environment `cfg` names, read now; `None` (logged) when unset or bad.
-fn load_trust(cfg: &LauncherConfig) -> Option<(TrustRoot, Environment)> {
+fn load_trust(cfg: &LauncherConfig) -> Option<PinnedTrust> {
     let path = cfg.release_root.as_ref()?;
-    let root = std::fs::read(path)
-        .ok()
-        .and_then(|raw| TrustRoot::parse(&raw).ok());
-    let env = Environment::parse(cfg.release_environment.as_deref().unwrap_or("dev")).ok();
-    match (root, env) {
-        (Some(r), Some(e)) => Some((r, e)),
-        _ => {
-            tracing::error!(root = %path.display(), "launcher: release trust root or environment unusable: no release binary will start");
+    match PinnedTrust::load(path, cfg.release_environment.as_deref()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(root = %path.display(), error = %e, "launcher: release trust root or environment unusable: no release binary will start");
             None
         }
     }
@@ -1480,7 +1475,7 @@ impl LauncherState {
         if !release_path(dir, v).is_dir() {
             return Err(LaunchRefusal::NoSuchRelease);
         }
-        let Some((root, environment)) = &self.trust else {
+        let Some(PinnedTrust { root, environment }) = &self.trust else {
             tracing::error!(
                 release = v,
                 name,

@@ -134,10 +134,8 @@ enum StartError {
     Cores(#[from] bulkhead_controller::cores::CoreError),
     #[error("give either --dev --state-dir DIR or --config FILE")]
     NoConfig,
-    #[error("{0}: not a release trust root (threshold and release keys)")]
-    ReleaseRoot(PathBuf),
-    #[error("release_environment: want 1-32 of a-z0-9-")]
-    ReleaseEnvironment,
+    #[error(transparent)]
+    ReleaseTrust(#[from] bulkhead_rot::release::PinnedTrustError),
     #[error(transparent)]
     Config(#[from] bulkhead_controller::config::ConfigError),
     #[error(transparent)]
@@ -402,13 +400,8 @@ fn release_store(
     let Some(root_path) = &cfg.release_root else {
         return Ok(None);
     };
-    let raw = read(root_path)?;
-    let root = bulkhead_rot::release::TrustRoot::parse(&raw)
-        .map_err(|_| StartError::ReleaseRoot(root_path.clone()))?;
-    let environment = bulkhead_rot::measure::Environment::parse(
-        cfg.release_environment.as_deref().unwrap_or("dev"),
-    )
-    .map_err(|_| StartError::ReleaseEnvironment)?;
+    let bulkhead_rot::release::PinnedTrust { root, environment } =
+        bulkhead_rot::release::PinnedTrust::load(root_path, cfg.release_environment.as_deref())?;
     let dir = cfg.releases_dir();
     std::fs::create_dir_all(&dir).map_err(|e| StartError::Path(dir.clone(), e))?;
     Ok(Some(bulkhead_controller::deploy::ReleaseStore {

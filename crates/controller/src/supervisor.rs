@@ -18,7 +18,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use bulkhead_rot::measure::Environment;
-use bulkhead_rot::release::TrustRoot;
+use bulkhead_rot::release::{PinnedTrust, PinnedTrustError, TrustRoot};
 pub use bulkhead_rot::supervise::{
     pick_controller, ControllerChoice, ControllerPolicy, PickError, EXIT_APPLY_RELEASE,
 };
@@ -59,12 +59,15 @@ impl HostReleases {
             .release_root
             .as_ref()
             .ok_or(SupervisorError::NoTrustRoot)?;
-        let root = std::fs::read(root_path)
-            .ok()
-            .and_then(|raw| TrustRoot::parse(&raw).ok())
-            .ok_or_else(|| SupervisorError::TrustRoot(root_path.clone()))?;
-        let environment = Environment::parse(cfg.release_environment.as_deref().unwrap_or("dev"))
-            .map_err(|_| SupervisorError::Environment)?;
+        let PinnedTrust { root, environment } =
+            PinnedTrust::load(root_path, cfg.release_environment.as_deref()).map_err(
+                |e| match e {
+                    PinnedTrustError::Read { .. } | PinnedTrustError::Root(_) => {
+                        SupervisorError::TrustRoot(root_path.clone())
+                    }
+                    PinnedTrustError::Environment => SupervisorError::Environment,
+                },
+            )?;
         Ok(HostReleases {
             record: cfg.audit_log.with_file_name(HOST_RECORD_FILE),
             release_dir: cfg.releases_dir(),

@@ -5,7 +5,7 @@
 
 use super::*;
 use bulkhead_rot::measure::EventKind;
-use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease};
+use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease, TrustRoot};
 use bulkhead_rot::supervise::SIGNED_RELEASE_FILE;
 use bulkhead_rot::tpm::MeasurePcr;
 use std::io::Write as _;
