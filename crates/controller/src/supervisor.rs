@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use bulkhead_rot::measure::Environment;
 use bulkhead_rot::release::{PinnedTrust, PinnedTrustError, TrustRoot};
+use bulkhead_rot::supervise::RELEASE_CONTROLLER;
 pub use bulkhead_rot::supervise::{
     pick_controller, ControllerChoice, ControllerPolicy, PickError, EXIT_APPLY_RELEASE,
 };
@@ -107,7 +108,13 @@ impl HostReleases {
         // A release that carries no controller (a hypervisor- or card-only release deployed
         // after one that did) keeps the controller last applied: the floor's, when it still
         // verifies — never the older original binary.
-        if let Some(&PickError::NoController(v)) = c.refused.as_ref() {
+        let no_controller = match c.refused.as_ref() {
+            Some(PickError::NoArtefact { version, name }) if name == RELEASE_CONTROLLER => {
+                Some(*version)
+            }
+            _ => None,
+        };
+        if let Some(v) = no_controller {
             if floor > 0 && floor < v {
                 tracing::info!(
                     active = v,
