@@ -25,7 +25,7 @@ use crate::monitor::Monitor;
 
 mod net_deploy;
 mod restart;
-pub use restart::{ANSWER_GRACE, EXIT_APPLY_RELEASE};
+pub use restart::ANSWER_GRACE;
 
 /// Everything the request pipeline needs.
 pub struct Controller {

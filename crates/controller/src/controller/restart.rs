@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::Controller;
 
-pub use bulkhead_rot::supervise::{EXIT_APPLY_RELEASE, RELEASE_CONTROLLER};
+use bulkhead_rot::supervise::{EXIT_APPLY_RELEASE, RELEASE_CONTROLLER};
 
 /// How long the controller waits after DeployRelease answered before it exits, so the answer
 /// reaches the caller before the process (and its connections) go.
