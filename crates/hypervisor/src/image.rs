@@ -120,6 +120,16 @@ impl<'a> IntoRam<'a> {
     /// Copies up to `len` bytes from the file's position into the memfd at `off`; fewer only
     /// at the end of the file. Splices when it can, else reads and writes.
     fn copy(&mut self, off: u64, len: usize) -> std::io::Result<usize> {
+        if !self.splice_refused && self.pipe.is_none() {
+            // No pipe (e.g. out of descriptors): copy as before splicing existed.
+            match SplicePipe::new() {
+                Ok(pipe) => self.pipe = Some(pipe),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe to splice through; copying with read + pwrite");
+                    self.splice_refused = true;
+                }
+            }
+        }
         if !self.splice_refused {
             match self.splice_copy(off, len) {
                 Ok(n) => return Ok(n),
@@ -209,7 +219,7 @@ impl<'a> IntoRam<'a> {
 fn splice_unsupported(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF)
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF | libc::EPERM)
     )
 }
 

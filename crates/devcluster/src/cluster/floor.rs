@@ -91,7 +91,8 @@ mod tests {
             std::fs::read_to_string(&p).unwrap(),
             format!("{MAGIC}\n7\n")
         );
-        assert!(!p.with_extension("floor.tmp").exists());
+        let tmp = format!(".tmp-{}", p.file_name().unwrap().to_string_lossy());
+        assert!(!p.with_file_name(tmp).exists());
     }
 
     #[test]
