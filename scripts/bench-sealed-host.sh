@@ -42,9 +42,17 @@ trap 'rm -rf "$tmp"' EXIT
 : >"$tmp/sealed_up"; : >"$tmp/sealed_attested"; : >"$tmp/sealed_ready"; : >"$tmp/proc_up"
 for i in $(seq "$N"); do
   run_up "$tmp/out" --sealed-hosts --host-image "$TARGET/host-image" >>"$tmp/sealed_up"
-  grep -o 'attested (PCRs 4, 9, 11, 12, 23 exact) [0-9.]* s' "$tmp/out" | awk '{print $(NF-1)}' >>"$tmp/sealed_attested"
-  grep -o 'controller ready [0-9.]* s after power-on' "$tmp/out" | awk '{print $3}' >>"$tmp/sealed_ready"
   grep -q "host-1: attested" "$tmp/out" || { echo "bench-sealed-host: run $i not attested:" >&2; cat "$tmp/out" >&2; exit 1; }
+  # `up` prints "attested (AK certified by its TPM's EK; PCRs 4, 9, 11, 12, 23 exact) S s after
+  # power-on" and "controller ready S s after power-on"; a line that no longer matches is a loud
+  # failure, never a silent exit of the pipeline.
+  att=$(grep -o 'attested ([^)]*PCRs 4, 9, 11, 12, 23 exact) [0-9.]* s' "$tmp/out" | awk '{print $(NF-1)}' || true)
+  rdy=$(grep -o 'controller ready [0-9.]* s after power-on' "$tmp/out" | awk '{print $3}' || true)
+  if [ -z "$att" ] || [ -z "$rdy" ]; then
+    echo "bench-sealed-host: run $i: no 'attested (...) S s' or 'controller ready S s' line in up's output:" >&2
+    cat "$tmp/out" >&2; exit 1
+  fi
+  echo "$att" >>"$tmp/sealed_attested"; echo "$rdy" >>"$tmp/sealed_ready"
   run_up "$tmp/out" >>"$tmp/proc_up"
 done
 uki=$(stat -c %s "$TARGET/host-image/bulkhead-host.efi")

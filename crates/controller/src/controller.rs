@@ -25,7 +25,7 @@ use crate::monitor::Monitor;
 
 mod net_deploy;
 mod restart;
-pub use restart::{ANSWER_GRACE, EXIT_APPLY_RELEASE};
+pub use restart::ANSWER_GRACE;
 
 /// Everything the request pipeline needs.
 pub struct Controller {
@@ -895,11 +895,7 @@ impl Controller {
         };
         let previous_card = active
             .as_ref()
-            .filter(|r| {
-                r.artefacts
-                    .iter()
-                    .any(|a| a.name == crate::launcher::RELEASE_BLOCKCARD)
-            })
+            .filter(|r| r.carries(crate::launcher::RELEASE_BLOCKCARD))
             .map(|r| r.version);
         let previous = active.map(|r| r.version);
         let ids = self.blocking(|b| Ok(b.running_hypervisors())).await?;
@@ -929,12 +925,7 @@ impl Controller {
         }
         // The release's block card, if it carries one: every attached volume's card moves to it.
         let mut cards: Vec<api::CardMoved> = Vec::new();
-        let has_card = |r: &crate::record::ReleaseRecord| {
-            r.artefacts
-                .iter()
-                .any(|a| a.name == crate::launcher::RELEASE_BLOCKCARD)
-        };
-        if failure.is_none() && has_card(&record) {
+        if failure.is_none() && record.carries(crate::launcher::RELEASE_BLOCKCARD) {
             let attached = self.blocking(|b| Ok(b.attached_cards())).await?;
             for (id, vol, local) in attached {
                 if !local {

@@ -44,8 +44,7 @@
 //! [`crate::api::MAX_ARTEFACT_BYTES`]: release binaries are stripped of debug information
 //! (`objcopy --strip-debug`) before they are measured and signed.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use bulkhead_rot::measure::{sha384_file, Environment};
 use bulkhead_rot::release::{
@@ -53,6 +52,7 @@ use bulkhead_rot::release::{
 };
 use sha2::{Digest, Sha256, Sha384};
 
+use crate::durable::{sync_dir, write_durable};
 use crate::launcher::{release_path, RELEASE_HYPERVISOR};
 use crate::record::{ReleaseArtefactRecord, ReleaseRecord};
 
@@ -154,33 +154,6 @@ pub struct ReleaseStore {
 fn io_install(e: std::io::Error) -> DeployError {
     tracing::error!(error = %e, "release install I/O failed");
     DeployError::Install
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Writes `data` to `path` through a temporary file, fsync'd and renamed, the directory too.
-fn write_durable(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let dir = path
-        .parent()
-        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    let tmp = dir.join(format!(
-        ".tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("x")
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    sync_dir(dir)
 }
 
 impl ReleaseStore {
@@ -346,6 +319,7 @@ mod tests {
     use bulkhead_rot::measure::EventKind;
     use bulkhead_rot::release::ReleaseKey;
     use bulkhead_rot::tpm::MeasurePcr;
+    use std::path::Path;
 
     fn store(dir: &Path) -> (ReleaseStore, Vec<ReleaseKey>) {
         let keys: Vec<ReleaseKey> = (0..3).map(|_| ReleaseKey::generate().unwrap()).collect();

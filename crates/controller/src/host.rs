@@ -1462,36 +1462,12 @@ impl InstanceBackend for HostBackend {
             let _ = self
                 .launcher
                 .call(&LaunchRequest::Reap { pid, grace_ms: 0 });
-            card.pid = None;
-            let listen = card.listen;
-            let started = self
-                .start_net_card(&id, &spec, &mut card, Some(listen))
-                .and_then(|()| card.pid.ok_or(BackendError::Unavailable));
-            let outcome = match started {
-                Ok(new_pid) => {
-                    let replug = match g.vm.as_mut() {
-                        Some(vm) => self.reconnect_or_replug(vm, new_pid),
-                        None => Ok(()),
-                    };
-                    if let Err(e) = &replug {
-                        tracing::warn!(instance = %id, error = %e, "restarted net card not re-plugged");
-                    }
-                    g.net = Some(card);
-                    self.persist_noticed_commit(&g, new_pid);
-                    Ok(new_pid)
-                }
-                Err(e) => {
-                    // Down, not dropped: its port, key and release stay; started again with
-                    // backoff by the next polls.
-                    tracing::error!(instance = %id, error = %e, "net card did not restart: down, retried with backoff");
-                    lock(&self.inner).net_ports.insert(listen.port());
-                    card.pid = None;
-                    card.retry = net_update::NetRetry::now().failed(std::time::Instant::now());
-                    g.net = Some(card);
-                    self.persist_noticed(&g);
-                    Err(e.code())
-                }
-            };
+            // Not started: down, not dropped (its port, key and release stay), started again
+            // with backoff by the next polls.
+            card.retry = net_update::NetRetry::now();
+            let outcome = self
+                .restart_card_in_place(&mut g, &id, &spec, card, net_update::InPlace::AFTER_DEATH)
+                .map_err(|e| e.code());
             out.push(NetCardRestart {
                 instance: id.to_string(),
                 old_pid: pid,
@@ -2383,12 +2359,10 @@ impl HostBackend {
 
     /// The active release if it carries artefact `name` (new cards of that kind run it).
     fn release_carrying(&self, name: &str) -> Option<u64> {
-        lock(&self.records).release.as_ref().and_then(|r| {
-            r.artefacts
-                .iter()
-                .any(|a| a.name == name)
-                .then_some(r.version)
-        })
+        lock(&self.records)
+            .release
+            .as_ref()
+            .and_then(|r| r.carries(name).then_some(r.version))
     }
 
     /// A live update the previous controller left in flight: waits (bounded) until one of the

@@ -61,8 +61,7 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bulkhead_rot::measure::Environment;
-use bulkhead_rot::release::TrustRoot;
+use bulkhead_rot::release::PinnedTrust;
 use bulkhead_rot::supervise::{verify_release_artefact, ArtefactPolicy};
 use serde::{Deserialize, Serialize};
 
@@ -716,7 +715,26 @@ struct LauncherState {
     /// Hand-over ends of `incoming` hypervisors not yet taken.
     handovers: BTreeMap<u32, UnixStream>,
     /// The trust root and environment release binaries are verified against (read at start).
-    trust: Option<(TrustRoot, Environment)>,
+    trust: Option<PinnedTrust>,
+}
+
+/// The binaries a release may replace, each standing in for one the launcher is configured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BinaryRole {
+    Hypervisor,
+    BlockCard,
+    NetCard,
+}
+
+impl BinaryRole {
+    /// The artefact name a release carries this binary under.
+    fn release_name(self) -> &'static str {
+        match self {
+            BinaryRole::Hypervisor => RELEASE_HYPERVISOR,
+            BinaryRole::BlockCard => RELEASE_BLOCKCARD,
+            BinaryRole::NetCard => RELEASE_NETCARD,
+        }
+    }
 }
 
 /// A binary the launcher is about to execute: the path to exec (for a release's binary,
@@ -739,16 +757,12 @@ impl Exe {
 }
 
 /// The trust root and environment `cfg` names, read now; `None` (logged) when unset or bad.
-fn load_trust(cfg: &LauncherConfig) -> Option<(TrustRoot, Environment)> {
+fn load_trust(cfg: &LauncherConfig) -> Option<PinnedTrust> {
     let path = cfg.release_root.as_ref()?;
-    let root = std::fs::read(path)
-        .ok()
-        .and_then(|raw| TrustRoot::parse(&raw).ok());
-    let env = Environment::parse(cfg.release_environment.as_deref().unwrap_or("dev")).ok();
-    match (root, env) {
-        (Some(r), Some(e)) => Some((r, e)),
-        _ => {
-            tracing::error!(root = %path.display(), "launcher: release trust root or environment unusable: no release binary will start");
+    match PinnedTrust::load(path, cfg.release_environment.as_deref()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(root = %path.display(), error = %e, "launcher: release trust root or environment unusable: no release binary will start");
             None
         }
     }
@@ -958,7 +972,7 @@ impl LauncherState {
                 run_as,
                 release,
             } => {
-                let binary = match self.hypervisor_binary(release) {
+                let binary = match self.binary(BinaryRole::Hypervisor, release) {
                     Ok(b) => b,
                     Err(code) => return Self::refuse(code),
                 };
@@ -1007,17 +1021,19 @@ impl LauncherState {
                     }
                 }
             }
-            LaunchRequest::SelfTest { release } => match self.hypervisor_binary(Some(release)) {
-                Ok(binary) => (
-                    LaunchReply::SelfTested {
-                        ok: run_self_test(&binary.run),
-                    },
-                    None,
-                ),
-                Err(code) => Self::refuse(code),
-            },
+            LaunchRequest::SelfTest { release } => {
+                match self.binary(BinaryRole::Hypervisor, Some(release)) {
+                    Ok(binary) => (
+                        LaunchReply::SelfTested {
+                            ok: run_self_test(&binary.run),
+                        },
+                        None,
+                    ),
+                    Err(code) => Self::refuse(code),
+                }
+            }
             LaunchRequest::SpawnIncoming { release, run_as } => {
-                let binary = match self.hypervisor_binary(release) {
+                let binary = match self.binary(BinaryRole::Hypervisor, release) {
                     Ok(b) => b,
                     Err(code) => return Self::refuse(code),
                 };
@@ -1055,7 +1071,7 @@ impl LauncherState {
                 queues,
                 run_as,
                 release,
-            } => match self.blockcard_binary(release) {
+            } => match self.binary(BinaryRole::BlockCard, release) {
                 Ok(bin) => self.spawn_card(&bin, backing, network, read_only, queues, run_as),
                 Err(code) => Self::refuse(code),
             },
@@ -1326,13 +1342,9 @@ impl LauncherState {
         run_as: Option<(u32, u32)>,
         release: Option<u64>,
     ) -> (LaunchReply, Option<OwnedFd>) {
-        let bin = match (release, &self.cfg.netcard_bin) {
-            (None, None) => return Self::refuse(LaunchRefusal::SpawnFailed),
-            (None, Some(b)) => Exe::configured(b),
-            (Some(_), _) => match self.release_binary(RELEASE_NETCARD, release) {
-                Ok(b) => b,
-                Err(r) => return Self::refuse(r),
-            },
+        let bin = match self.binary(BinaryRole::NetCard, release) {
+            Ok(b) => b,
+            Err(r) => return Self::refuse(r),
         };
         let Some(host_key) = self.cfg.host_key.clone() else {
             return Self::refuse(LaunchRefusal::SpawnFailed);
@@ -1450,20 +1462,20 @@ impl LauncherState {
         }
     }
 
-    /// The hypervisor binary of installed release `release`, or the configured one.
-    fn hypervisor_binary(&self, release: Option<u64>) -> Result<Exe, LaunchRefusal> {
-        match release {
-            None => Ok(Exe::configured(&self.cfg.hypervisor_bin)),
-            Some(_) => self.release_binary(RELEASE_HYPERVISOR, release),
+    /// The `role` binary of installed release `release` (verified, [`Self::release_binary`]),
+    /// or with no release the configured one (none configured: refused).
+    fn binary(&self, role: BinaryRole, release: Option<u64>) -> Result<Exe, LaunchRefusal> {
+        if release.is_some() {
+            return self.release_binary(role.release_name(), release);
         }
-    }
-
-    /// The block-card binary of installed release `release`, or the configured one.
-    fn blockcard_binary(&self, release: Option<u64>) -> Result<Exe, LaunchRefusal> {
-        match release {
-            None => Ok(Exe::configured(&self.cfg.blockcard_bin)),
-            Some(_) => self.release_binary(RELEASE_BLOCKCARD, release),
-        }
+        let configured = match role {
+            BinaryRole::Hypervisor => Some(&self.cfg.hypervisor_bin),
+            BinaryRole::BlockCard => Some(&self.cfg.blockcard_bin),
+            BinaryRole::NetCard => self.cfg.netcard_bin.as_ref(),
+        };
+        configured
+            .map(|b| Exe::configured(b))
+            .ok_or(LaunchRefusal::SpawnFailed)
     }
 
     /// Binary `name` of installed release `release` (`None` or not installed: refused), verified
@@ -1480,7 +1492,7 @@ impl LauncherState {
         if !release_path(dir, v).is_dir() {
             return Err(LaunchRefusal::NoSuchRelease);
         }
-        let Some((root, environment)) = &self.trust else {
+        let Some(PinnedTrust { root, environment }) = &self.trust else {
             tracing::error!(
                 release = v,
                 name,

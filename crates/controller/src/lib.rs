@@ -15,6 +15,8 @@
 //! - [`deploy`]: DeployRelease: content-addressed artefact uploads, a signed release verified
 //!   with rot's checker, installed per version, self-tested, applied by hypervisor live update
 //!   (rolled back on failure), recorded as the host's active release.
+//! - [`durable`]: the one durable small-file write (temporary file, fsync, rename, fsync of
+//!   the directory).
 //! - [`monitor`]: alert rules over the audit stream; [`metrics`]: Prometheus text.
 //! - [`sandbox`]: no_new_privs, non-dumpable, seccomp blocking outbound connections.
 //! - [`openapi`]: the OpenAPI document generated from the route table.
@@ -27,6 +29,7 @@ pub mod config;
 pub mod controller;
 pub mod cores;
 pub mod deploy;
+pub mod durable;
 pub mod host;
 pub mod launcher;
 pub mod metrics;

@@ -9,11 +9,12 @@ use bulkhead_audit::AuditLog;
 use bulkhead_controller::attest::AgentLink;
 use bulkhead_controller::backend::{DetachedBackend, InstanceBackend, VolumeBackend};
 use bulkhead_controller::config::Config;
-use bulkhead_controller::controller::{Controller, EXIT_APPLY_RELEASE};
+use bulkhead_controller::controller::Controller;
 use bulkhead_controller::cores::{self, CoreAllocator, CoreIsolation, HostTopology};
 use bulkhead_controller::host::{HostBackend, HostConfig, DEFAULT_IMAGE, DEFAULT_KERNEL_ARGS};
 use bulkhead_controller::launcher::{self, Launcher, LauncherConfig};
 use bulkhead_controller::record::HostRecord;
+use bulkhead_controller::supervisor::EXIT_APPLY_RELEASE;
 use bulkhead_controller::{openapi, sandbox, server};
 use bulkhead_tokens::statedir::{StateDir, DEV_HOST};
 use bulkhead_tokens::token::public_key_from_text;
@@ -134,10 +135,8 @@ enum StartError {
     Cores(#[from] bulkhead_controller::cores::CoreError),
     #[error("give either --dev --state-dir DIR or --config FILE")]
     NoConfig,
-    #[error("{0}: not a release trust root (threshold and release keys)")]
-    ReleaseRoot(PathBuf),
-    #[error("release_environment: want 1-32 of a-z0-9-")]
-    ReleaseEnvironment,
+    #[error(transparent)]
+    ReleaseTrust(#[from] bulkhead_rot::release::PinnedTrustError),
     #[error(transparent)]
     Config(#[from] bulkhead_controller::config::ConfigError),
     #[error(transparent)]
@@ -402,13 +401,8 @@ fn release_store(
     let Some(root_path) = &cfg.release_root else {
         return Ok(None);
     };
-    let raw = read(root_path)?;
-    let root = bulkhead_rot::release::TrustRoot::parse(&raw)
-        .map_err(|_| StartError::ReleaseRoot(root_path.clone()))?;
-    let environment = bulkhead_rot::measure::Environment::parse(
-        cfg.release_environment.as_deref().unwrap_or("dev"),
-    )
-    .map_err(|_| StartError::ReleaseEnvironment)?;
+    let bulkhead_rot::release::PinnedTrust { root, environment } =
+        bulkhead_rot::release::PinnedTrust::load(root_path, cfg.release_environment.as_deref())?;
     let dir = cfg.releases_dir();
     std::fs::create_dir_all(&dir).map_err(|e| StartError::Path(dir.clone(), e))?;
     Ok(Some(bulkhead_controller::deploy::ReleaseStore {
@@ -516,11 +510,7 @@ fn run(args: Args) -> Result<(), StartError> {
     let active_controller = record
         .as_ref()
         .and_then(|r| r.release.as_ref())
-        .filter(|r| {
-            r.artefacts
-                .iter()
-                .any(|a| a.name == bulkhead_rot::supervise::RELEASE_CONTROLLER)
-        })
+        .filter(|r| r.carries(bulkhead_rot::supervise::RELEASE_CONTROLLER))
         .map(|r| r.version);
     let ca = CertificateDer::from_pem_slice(&read(&cfg.ca_cert)?)
         .map_err(|_| StartError::Pem(cfg.ca_cert.clone()))?;

@@ -255,6 +255,13 @@ pub struct ReleaseRecord {
     pub artefacts: Vec<ReleaseArtefactRecord>,
 }
 
+impl ReleaseRecord {
+    /// Whether this release carries artefact `name` (a hypervisor, card or controller binary).
+    pub fn carries(&self, name: &str) -> bool {
+        self.artefacts.iter().any(|a| a.name == name)
+    }
+}
+
 /// Most artefacts a recorded release may name (the release format's own cap).
 const MAX_RECORDED_ARTEFACTS: usize = 64;
 
@@ -598,6 +605,14 @@ mod tests {
                 }],
             }),
         }
+    }
+
+    #[test]
+    fn a_release_carries_only_the_artefacts_it_names() {
+        let r = sample().release.unwrap();
+        assert!(r.carries("bulkhead-hypervisor"));
+        assert!(!r.carries("bulkhead-blockcard"));
+        assert!(!r.carries("bulkhead-hypervisor-"));
     }
 
     #[test]

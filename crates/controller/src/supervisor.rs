@@ -18,7 +18,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use bulkhead_rot::measure::Environment;
-use bulkhead_rot::release::TrustRoot;
+use bulkhead_rot::release::{PinnedTrust, PinnedTrustError, TrustRoot};
+use bulkhead_rot::supervise::RELEASE_CONTROLLER;
 pub use bulkhead_rot::supervise::{
     pick_controller, ControllerChoice, ControllerPolicy, PickError, EXIT_APPLY_RELEASE,
 };
@@ -59,12 +60,15 @@ impl HostReleases {
             .release_root
             .as_ref()
             .ok_or(SupervisorError::NoTrustRoot)?;
-        let root = std::fs::read(root_path)
-            .ok()
-            .and_then(|raw| TrustRoot::parse(&raw).ok())
-            .ok_or_else(|| SupervisorError::TrustRoot(root_path.clone()))?;
-        let environment = Environment::parse(cfg.release_environment.as_deref().unwrap_or("dev"))
-            .map_err(|_| SupervisorError::Environment)?;
+        let PinnedTrust { root, environment } =
+            PinnedTrust::load(root_path, cfg.release_environment.as_deref()).map_err(
+                |e| match e {
+                    PinnedTrustError::Read { .. } | PinnedTrustError::Root(_) => {
+                        SupervisorError::TrustRoot(root_path.clone())
+                    }
+                    PinnedTrustError::Environment => SupervisorError::Environment,
+                },
+            )?;
         Ok(HostReleases {
             record: cfg.audit_log.with_file_name(HOST_RECORD_FILE),
             release_dir: cfg.releases_dir(),
@@ -104,7 +108,13 @@ impl HostReleases {
         // A release that carries no controller (a hypervisor- or card-only release deployed
         // after one that did) keeps the controller last applied: the floor's, when it still
         // verifies — never the older original binary.
-        if let Some(&PickError::NoController(v)) = c.refused.as_ref() {
+        let no_controller = match c.refused.as_ref() {
+            Some(PickError::NoArtefact { version, name }) if name == RELEASE_CONTROLLER => {
+                Some(*version)
+            }
+            _ => None,
+        };
+        if let Some(v) = no_controller {
             if floor > 0 && floor < v {
                 tracing::info!(
                     active = v,

@@ -2,13 +2,17 @@
 //!
 //! Reading a file straight into the guest mapping takes a page fault for every 4 KiB page of the
 //! shared memfd mapping, and each fault allocates and zeroes the page before `read` overwrites
-//! it. Writing the same bytes into the memfd with `pwrite` allocates the pages without zeroing
-//! them and without touching this process's page tables: on the development host the 8.5 MiB
-//! kernel loads in about two thirds of the time (docs/status.md, issue 18). The guest sees the
-//! same bytes either way: the mapping and the memfd are one object.
+//! it. Writing the same bytes into the memfd allocates the pages without zeroing them and
+//! without touching this process's page tables: on the development host the 8.5 MiB kernel
+//! loads in about two thirds of the time (docs/status.md, issue 18). The bytes go from the
+//! file's page cache into the memfd by `splice` through a pipe, one copy, where `read` +
+//! `pwrite` made two (through a buffer of ours); a file that cannot be spliced takes the
+//! `read` + `pwrite` path. The guest sees the same bytes either way: the mapping and the memfd
+//! are one object.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::fs::FileExt as _;
 
 use vm_memory::bitmap::BitmapSlice;
@@ -19,12 +23,78 @@ use crate::memory::GuestRam;
 /// Bytes copied per `read` + `pwrite` pair.
 const CHUNK: usize = 512 * 1024;
 
+/// The pipe size asked for when splicing (`F_SETPIPE_SZ`; the default unprivileged maximum).
+/// Refused, the pipe keeps its default 64 KiB and only the number of calls grows.
+const PIPE_BYTES: usize = 1024 * 1024;
+
+/// The two ends of a pipe that carries file pages into the memfd.
+struct SplicePipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Bytes moved per `splice` into the pipe.
+    capacity: usize,
+}
+
+impl SplicePipe {
+    fn new() -> std::io::Result<Self> {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` is a writable array of two ints, what pipe2 fills on success.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let want = libc::c_int::try_from(PIPE_BYTES).unwrap_or(libc::c_int::MAX);
+        // SAFETY: F_SETPIPE_SZ / F_GETPIPE_SZ on a pipe we own take and return an int.
+        let capacity = unsafe {
+            libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want);
+            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        let capacity = usize::try_from(capacity).unwrap_or(0).max(4096);
+        Ok(SplicePipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+}
+
+/// `splice` that retries on EINTR; `Ok(0)` is the end of the input.
+fn splice(
+    from: i32,
+    from_off: Option<&mut i64>,
+    to: i32,
+    to_off: Option<&mut i64>,
+    len: usize,
+) -> std::io::Result<usize> {
+    let from_off = from_off.map_or(std::ptr::null_mut(), std::ptr::from_mut);
+    let to_off = to_off.map_or(std::ptr::null_mut(), std::ptr::from_mut);
+    loop {
+        // SAFETY: both fds are open for the call's duration (borrowed from owners held by the
+        // caller); each offset is null or points at an i64 the caller lent us mutably.
+        let n = unsafe { libc::splice(from, from_off, to, to_off, len, libc::SPLICE_F_MOVE) };
+        match usize::try_from(n) {
+            Ok(n) => return Ok(n),
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
 /// A file whose reads into guest memory go to the memfd behind it (see the module docs); any
 /// other read goes to the file as usual.
 pub struct IntoRam<'a> {
     file: File,
     ram: &'a GuestRam,
     buf: Vec<u8>,
+    /// Made at the first copy; `None` after the file (or the kernel) refused to splice, and
+    /// every copy after that takes `read` + `pwrite`.
+    pipe: Option<SplicePipe>,
+    splice_refused: bool,
 }
 
 impl<'a> IntoRam<'a> {
@@ -33,6 +103,8 @@ impl<'a> IntoRam<'a> {
             file,
             ram,
             buf: Vec::new(),
+            pipe: None,
+            splice_refused: false,
         }
     }
 
@@ -46,8 +118,76 @@ impl<'a> IntoRam<'a> {
     }
 
     /// Copies up to `len` bytes from the file's position into the memfd at `off`; fewer only
-    /// at the end of the file.
+    /// at the end of the file. Splices when it can, else reads and writes.
     fn copy(&mut self, off: u64, len: usize) -> std::io::Result<usize> {
+        if !self.splice_refused && self.pipe.is_none() {
+            // No pipe (e.g. out of descriptors): copy as before splicing existed.
+            match SplicePipe::new() {
+                Ok(pipe) => self.pipe = Some(pipe),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no pipe to splice through; copying with read + pwrite");
+                    self.splice_refused = true;
+                }
+            }
+        }
+        if !self.splice_refused {
+            match self.splice_copy(off, len) {
+                Ok(n) => return Ok(n),
+                // Nothing was moved: the file (or this kernel) does not splice.
+                Err((0, e)) if splice_unsupported(&e) => {
+                    tracing::debug!(error = %e, "splice refused; copying with read + pwrite");
+                    self.splice_refused = true;
+                    self.pipe = None;
+                }
+                Err((_, e)) => return Err(e),
+            }
+        }
+        self.read_write_copy(off, len)
+    }
+
+    /// [`IntoRam::copy`] by `splice`: file → pipe → memfd at `off`. On error, also how many
+    /// bytes it had taken from the file (0: the file position is where it was).
+    fn splice_copy(&mut self, off: u64, len: usize) -> Result<usize, (usize, std::io::Error)> {
+        if self.pipe.is_none() {
+            self.pipe = Some(SplicePipe::new().map_err(|e| (0, e))?);
+        }
+        let Some(pipe) = self.pipe.as_ref() else {
+            return Ok(0);
+        };
+        let too_far = || (0, std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        let mut to_off = i64::try_from(off).map_err(|_| too_far())?;
+        let (file, memfd) = (self.file.as_raw_fd(), self.ram.memfd.as_raw_fd());
+        let mut done = 0;
+        while done < len {
+            let want = (len - done).min(pipe.capacity);
+            let got =
+                splice(file, None, pipe.write.as_raw_fd(), None, want).map_err(|e| (done, e))?;
+            if got == 0 {
+                break;
+            }
+            let mut drained = 0;
+            while drained < got {
+                let n = splice(
+                    pipe.read.as_raw_fd(),
+                    None,
+                    memfd,
+                    Some(&mut to_off),
+                    got - drained,
+                )
+                .map_err(|e| (done + got, e))?;
+                if n == 0 {
+                    // The memfd took nothing: the pipe still holds bytes, so this copy fails.
+                    return Err((done + got, std::io::ErrorKind::WriteZero.into()));
+                }
+                drained += n;
+            }
+            done += got;
+        }
+        Ok(done)
+    }
+
+    /// [`IntoRam::copy`] through a buffer: `read` from the file, `pwrite` into the memfd.
+    fn read_write_copy(&mut self, off: u64, len: usize) -> std::io::Result<usize> {
         if self.buf.len() < CHUNK {
             self.buf.resize(CHUNK, 0);
         }
@@ -73,6 +213,14 @@ impl<'a> IntoRam<'a> {
         }
         Ok(done)
     }
+}
+
+/// Whether `e` from a first `splice` means "this pair of files cannot be spliced".
+fn splice_unsupported(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF | libc::EPERM)
+    )
 }
 
 impl Read for IntoRam<'_> {
@@ -210,6 +358,48 @@ mod tests {
             .read_exact_at(&mut below, MMIO_GAP_START - 1)
             .expect("memfd");
         assert_eq!(below, [0]);
+    }
+
+    #[test]
+    fn the_read_and_pwrite_path_lands_the_same_bytes() {
+        let ram = GuestRam::new(32).expect("guest ram");
+        let data: Vec<u8> = (0..CHUNK + 4097)
+            .map(|i| u8::try_from(i * 11 % 241).expect("below 241"))
+            .collect();
+        let mut src = IntoRam::new(temp_file(&data), &ram);
+        // As after a file that refused to splice.
+        src.splice_refused = true;
+        let at = GuestAddress(0x30_0456);
+        ram.mem
+            .read_exact_volatile_from(at, &mut src, data.len())
+            .expect("guest memory");
+        assert!(src.pipe.is_none());
+        let mut back = vec![0u8; data.len()];
+        ram.mem.read_slice(&mut back, at).expect("guest memory");
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn a_spliceable_file_goes_through_the_pipe() {
+        let ram = GuestRam::new(32).expect("guest ram");
+        let mut src = IntoRam::new(temp_file(&[9u8; 5000]), &ram);
+        let at = GuestAddress(0x20_0000);
+        ram.mem
+            .read_exact_volatile_from(at, &mut src, 5000)
+            .expect("guest memory");
+        assert!(
+            !src.splice_refused && src.pipe.is_some(),
+            "a memfd source splices"
+        );
+        let mut back = vec![0u8; 5000];
+        ram.mem.read_slice(&mut back, at).expect("guest memory");
+        assert_eq!(back, vec![9u8; 5000]);
+        // What a refusal looks like: a bad fd is one (EBADF), an I/O error is not.
+        let e = splice(-1, None, src.ram.memfd.as_raw_fd(), None, 1).expect_err("bad fd");
+        assert!(splice_unsupported(&e), "{e:?}");
+        assert!(!splice_unsupported(&std::io::Error::from_raw_os_error(
+            libc::EIO
+        )));
     }
 
     #[test]

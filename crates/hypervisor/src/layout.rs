@@ -22,6 +22,9 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area: RAM ends here in the e820 map; the MP table lives in it.
 pub const EBDA_START: u64 = 0x9fc00;
+/// Start of the legacy BIOS area (0xF0000-0xFFFFF, reserved in the e820 map): the empty PCI IRQ
+/// routing table goes here, the first address Linux searches.
+pub const BIOS_AREA_START: u64 = 0xf_0000;
 /// First byte of "high" memory (1 MiB): kernels load here.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// The 32-bit MMIO gap holding device windows, IOAPIC and LAPIC.

@@ -3,10 +3,17 @@
 //!
 //! The table is built as little-endian bytes (no packed structs, no unsafe) and placed in the
 //! EBDA, where Linux scans for the `_MP_` floating pointer.
+//!
+//! Beside it goes an empty PCI IRQ routing table (`$PIR`, the PCI BIOS's) at the first address
+//! Linux looks for one. It routes nothing (interrupts come from the MP table's IOAPIC and from
+//! MSI); it is there so the guest finds a table at once: without one, Linux's
+//! `pcibios_irq_init` scans 0xF0000-0xFFFFF for `$PIR` in 16-byte steps and then for `$IRT`
+//! byte by byte, about 0.43 million instructions, each one emulated on a software KVM (measured:
+//! docs/status.md, issue 18).
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{APIC_ADDR, EBDA_START, IOAPIC_ADDR};
+use crate::layout::{APIC_ADDR, BIOS_AREA_START, EBDA_START, IOAPIC_ADDR};
 use crate::Error;
 
 const APIC_VERSION: u8 = 0x14;
@@ -96,10 +103,38 @@ pub fn build(cpus: u8, base: u64) -> Result<Vec<u8>, Error> {
     Ok(mpf)
 }
 
-/// Writes the table for `cpus` CPUs into the EBDA.
+/// "$PIR", version 1.0, and the length of a routing table without slot entries.
+const PIRQ_SIGNATURE: &[u8; 4] = b"$PIR";
+const PIRQ_VERSION: u16 = 0x0100;
+const PIRQ_HEADER_LEN: u16 = 32;
+
+/// An empty PCI IRQ routing table (PCI BIOS specification 2.1, "$PIR"): the 32-byte header
+/// with no slot entries, no exclusive IRQs and no named interrupt router, checksummed.
+pub fn build_pirq() -> Vec<u8> {
+    let mut t = Vec::with_capacity(usize::from(PIRQ_HEADER_LEN));
+    t.extend_from_slice(PIRQ_SIGNATURE);
+    t.extend_from_slice(&PIRQ_VERSION.to_le_bytes());
+    t.extend_from_slice(&PIRQ_HEADER_LEN.to_le_bytes());
+    t.extend_from_slice(&[0, 0]); // router bus, devfn
+    t.extend_from_slice(&0u16.to_le_bytes()); // exclusive IRQs
+    t.extend_from_slice(&0u32.to_le_bytes()); // router vendor and device: none named
+    t.extend_from_slice(&0u32.to_le_bytes()); // miniport data
+    t.extend_from_slice(&[0; 11]); // reserved
+    t.push(0); // checksum, below
+    let sum = checksum(&t);
+    if let Some(last) = t.last_mut() {
+        *last = sum;
+    }
+    t
+}
+
+/// Writes the MP table for `cpus` CPUs into the EBDA and the empty PCI IRQ routing table at
+/// the start of the BIOS area.
 pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), Error> {
     let bytes = build(cpus, EBDA_START)?;
     mem.write_slice(&bytes, GuestAddress(EBDA_START))
+        .map_err(|_| Error::MemoryLayout)?;
+    mem.write_slice(&build_pirq(), GuestAddress(BIOS_AREA_START))
         .map_err(|_| Error::MemoryLayout)
 }
 
@@ -121,6 +156,37 @@ mod tests {
             let count = u16::from_le_bytes([t[34], t[35]]);
             assert_eq!(count, u16::from(cpus) + 1 + 1 + 24 + 2);
         }
+    }
+
+    #[test]
+    fn pirq_table_is_one_linux_accepts() {
+        // What Linux's pirq_check_routing_table() demands: signature, version 1.0, a size that
+        // is a multiple of 16 and at least the header, and bytes that sum to zero.
+        let t = build_pirq();
+        assert_eq!(&t[..4], b"$PIR");
+        assert_eq!(u16::from_le_bytes([t[4], t[5]]), 0x0100);
+        let size = usize::from(u16::from_le_bytes([t[6], t[7]]));
+        assert_eq!(size, t.len());
+        assert_eq!(size % 16, 0);
+        assert!(size >= 32);
+        assert_eq!(t.iter().fold(0u8, |a, x| a.wrapping_add(*x)), 0);
+        // No router named: Linux keeps its default router and, with an IOAPIC, drops the table.
+        assert_eq!(&t[12..16], &[0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn both_tables_land_where_linux_looks_first() {
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).expect("memory");
+        write(&mem, 1).expect("write");
+        let mut mp = [0u8; 4];
+        mem.read_slice(&mut mp, GuestAddress(EBDA_START))
+            .expect("read");
+        assert_eq!(&mp, b"_MP_");
+        let mut pir = [0u8; 32];
+        mem.read_slice(&mut pir, GuestAddress(0xf_0000))
+            .expect("read");
+        assert_eq!(pir.to_vec(), build_pirq());
     }
 
     #[test]

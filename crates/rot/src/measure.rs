@@ -320,24 +320,33 @@ pub struct Measured {
 
 /// SHA-384 of a file's bytes, streamed.
 pub fn sha384_file(path: &Path) -> Result<Sha384Digest, RotError> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| RotError::Io {
+    let io = |source| RotError::Io {
         path: path.into(),
-        source: e,
-    })?;
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    sha384_read(&mut f).map(|(d, _)| d).map_err(io)
+}
+
+/// SHA-384 of everything `r` yields, streamed, and how many bytes that was. Hash through an
+/// already-open descriptor (`&File`) to check exactly the file that descriptor names; bound
+/// what is read with [`std::io::Read::take`].
+pub fn sha384_read(r: &mut impl std::io::Read) -> std::io::Result<(Sha384Digest, u64)> {
     let mut h = Sha384::new();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(|e| RotError::Io {
-            path: path.into(),
-            source: e,
-        })?;
-        if n == 0 {
+        let n = r.read(&mut buf)?;
+        let Some(chunk) = buf.get(..n) else {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        };
+        if chunk.is_empty() {
             break;
         }
-        h.update(buf.get(..n).unwrap_or(&[]));
+        total = total.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+        h.update(chunk);
     }
-    Ok(h.finalize().into())
+    Ok((h.finalize().into(), total))
 }
 
 /// Measured start: extends the environment and then every item, in order, into `pcr`, and

@@ -29,6 +29,9 @@ use crate::measure::{parse_sha384, sha384_file, valid_name, Environment, EventKi
 use crate::tpm::{extend, MeasurePcr, Sha384Digest};
 use crate::RotError;
 
+mod pinned;
+pub use pinned::{PinnedTrust, PinnedTrustError, DEFAULT_ENVIRONMENT};
+
 /// Manifest schema understood here.
 pub const MANIFEST_SCHEMA: u32 = 1;
 /// Largest signed release accepted, in bytes of JSON.

@@ -17,9 +17,7 @@ use std::io::Read as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha384};
-
-use crate::measure::Environment;
+use crate::measure::{sha384_read, valid_name, Environment};
 use crate::release::{
     verify_release, ReleaseError, ReleasePolicy, SignedRelease, TrustRoot, MAX_RELEASE_BYTES,
 };
@@ -48,12 +46,6 @@ pub enum PickError {
     },
     #[error("directory v{dir} holds the manifest of release {manifest}")]
     VersionMismatch { dir: u64, manifest: u64 },
-    #[error("release {0} carries no {RELEASE_CONTROLLER}")]
-    NoController(u64),
-    #[error("release {0}: its {RELEASE_CONTROLLER} cannot be opened (missing or a symlink)")]
-    ControllerUnreadable(u64),
-    #[error("release {0}: its {RELEASE_CONTROLLER} differs from the manifest's digest")]
-    ControllerDigestMismatch(u64),
     #[error("release {version} carries no {name}")]
     NoArtefact { version: u64, name: String },
     #[error("release {version}: its {name} cannot be opened (missing, a symlink or too large)")]
@@ -70,9 +62,17 @@ impl PickError {
             PickError::SignedReleaseUnreadable(_) => "signed_release_unreadable",
             PickError::Release { source, .. } => source.code(),
             PickError::VersionMismatch { .. } => "release_version_mismatch",
-            PickError::NoController(_) => "release_no_controller",
-            PickError::ControllerUnreadable(_) => "controller_unreadable",
-            PickError::ControllerDigestMismatch(_) => "controller_digest_mismatch",
+            // The controller's own codes (the supervisor audits them since before any other
+            // artefact was checked this way).
+            PickError::NoArtefact { name, .. } if name == RELEASE_CONTROLLER => {
+                "release_no_controller"
+            }
+            PickError::ArtefactUnreadable { name, .. } if name == RELEASE_CONTROLLER => {
+                "controller_unreadable"
+            }
+            PickError::ArtefactDigestMismatch { name, .. } if name == RELEASE_CONTROLLER => {
+                "controller_digest_mismatch"
+            }
             PickError::NoArtefact { .. } => "release_no_artefact",
             PickError::ArtefactUnreadable { .. } => "release_artefact_unreadable",
             PickError::ArtefactDigestMismatch { .. } => "release_artefact_digest_mismatch",
@@ -175,7 +175,7 @@ pub fn verify_release_artefact(
                 name: name.to_string(),
             })?;
     // Only a plain file name: never a path that leaves the release's directory.
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+    if !valid_name(name) {
         return Err(PickError::NoArtefact {
             version,
             name: name.to_string(),
@@ -186,28 +186,18 @@ pub fn verify_release_artefact(
         name: name.to_string(),
     };
     let path = dir.join(name);
-    let mut f = open_nofollow(&path).map_err(|_| unreadable())?;
+    let f = open_nofollow(&path).map_err(|_| unreadable())?;
     if !f.metadata().map_err(|_| unreadable())?.is_file() {
         return Err(unreadable());
     }
-    let mut h = Sha384::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|_| unreadable())?;
-        let Some(chunk) = buf.get(..n) else {
-            return Err(unreadable());
-        };
-        if chunk.is_empty() {
-            break;
-        }
-        total = total.saturating_add(n as u64);
-        if total > MAX_ARTEFACT_BYTES {
-            return Err(unreadable());
-        }
-        h.update(chunk);
+    // Hashed through the descriptor just opened (never the path again), at most one byte past
+    // the cap read.
+    let (digest, total) = sha384_read(&mut (&f).take(MAX_ARTEFACT_BYTES.saturating_add(1)))
+        .map_err(|_| unreadable())?;
+    if total > MAX_ARTEFACT_BYTES {
+        return Err(unreadable());
     }
-    if hex::encode(h.finalize()) != want.sha384 {
+    if hex::encode(digest) != want.sha384 {
         return Err(PickError::ArtefactDigestMismatch {
             version,
             name: name.to_string(),
@@ -221,24 +211,14 @@ pub fn verify_release_artefact(
 }
 
 /// Verifies release `version` installed under `release_dir` and returns its controller's path
-/// ([`verify_release_artefact`] for [`RELEASE_CONTROLLER`], with the controller's codes).
+/// ([`verify_release_artefact`] for [`RELEASE_CONTROLLER`], whose refusals keep the
+/// controller's codes).
 pub fn verify_release_controller(
     release_dir: &Path,
     version: u64,
     p: &ControllerPolicy<'_>,
 ) -> Result<PathBuf, PickError> {
-    verify_release_artefact(release_dir, version, RELEASE_CONTROLLER, p)
-        .map(|a| a.path)
-        .map_err(|e| match e {
-            PickError::NoArtefact { version, .. } => PickError::NoController(version),
-            PickError::ArtefactUnreadable { version, .. } => {
-                PickError::ControllerUnreadable(version)
-            }
-            PickError::ArtefactDigestMismatch { version, .. } => {
-                PickError::ControllerDigestMismatch(version)
-            }
-            other => other,
-        })
+    verify_release_artefact(release_dir, version, RELEASE_CONTROLLER, p).map(|a| a.path)
 }
 
 /// The controller binary to start: the active release's (`active`, as the host records it)

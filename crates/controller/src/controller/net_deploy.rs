@@ -23,11 +23,7 @@ impl Controller {
         v: u64,
         moved: &mut Vec<NetMoved>,
     ) -> Result<Option<DeployError>, Refusal> {
-        if !record
-            .artefacts
-            .iter()
-            .any(|a| a.name == crate::launcher::RELEASE_NETCARD)
-        {
+        if !record.carries(crate::launcher::RELEASE_NETCARD) {
             return Ok(None);
         }
         let cards = self.blocking(|b| Ok(b.running_net_cards())).await?;

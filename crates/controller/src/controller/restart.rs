@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use super::Controller;
 
-pub use bulkhead_rot::supervise::{EXIT_APPLY_RELEASE, RELEASE_CONTROLLER};
+use bulkhead_rot::supervise::{EXIT_APPLY_RELEASE, RELEASE_CONTROLLER};
 
 /// How long the controller waits after DeployRelease answered before it exits, so the answer
 /// reaches the caller before the process (and its connections) go.
@@ -44,11 +44,7 @@ impl Controller {
         record: &crate::record::ReleaseRecord,
         v: u64,
     ) -> Option<u64> {
-        if !record
-            .artefacts
-            .iter()
-            .any(|a| a.name == RELEASE_CONTROLLER)
-        {
+        if !record.carries(RELEASE_CONTROLLER) {
             return None;
         }
         match &self.restart {

@@ -27,7 +27,7 @@ use bulkhead_hypervisor_client::{ClientError, Command, DeviceId};
 
 use super::{lock, BackendError, HostBackend, HostInstance, LaunchRequest, NetCard, Vm};
 use super::{EXIT_GRACE_MS, NET_DEVICE};
-use crate::api::{NetCardMoved, ResourceId};
+use crate::api::{NetCardMoved, NetworkSpec, ResourceId};
 use crate::backend::NetCardRestart;
 
 /// First wait before a down net card is started again; doubled per failure up to
@@ -73,6 +73,41 @@ pub(super) enum Wait {
     /// Leaves out an instance in an operation (a card update holds it for up to a minute):
     /// GetHealth never stalls behind one.
     Skip,
+}
+
+/// Why a net card is started again in place, and what that asks of
+/// [`HostBackend::restart_card_in_place`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct InPlace {
+    /// For the logs.
+    why: &'static str,
+    /// A card that runs but cannot take the NIC back (`reconnect_or_replug` failed) counts as
+    /// not started (stopped, the card down); otherwise it is kept and the failure logged.
+    nic_required: bool,
+    /// A failed start is recorded (the card was recorded with a process); a card already
+    /// recorded down is not written again.
+    record_down: bool,
+}
+
+impl InPlace {
+    /// A card found dead (killed, crashed): its NIC is moved if it can be.
+    pub const AFTER_DEATH: InPlace = InPlace {
+        why: "died",
+        nic_required: false,
+        record_down: true,
+    };
+    /// A down card whose retry is due.
+    pub const WHILE_DOWN: InPlace = InPlace {
+        why: "down",
+        nic_required: false,
+        record_down: false,
+    };
+    /// The previous binary after a failed update: it must serve the NIC again, or it is down.
+    pub const RESTORE: InPlace = InPlace {
+        why: "update undone",
+        nic_required: true,
+        record_down: true,
+    };
 }
 
 impl HostBackend {
@@ -126,35 +161,12 @@ impl HostBackend {
             let Some(spec) = g.network.clone() else {
                 continue;
             };
-            let Some(mut card) = g.net.take_if(|c| c.pid.is_none() && c.retry.at <= now) else {
+            let Some(card) = g.net.take_if(|c| c.pid.is_none() && c.retry.at <= now) else {
                 continue;
             };
-            let listen = card.listen;
-            let started = self
-                .start_net_card(&id, &spec, &mut card, Some(listen))
-                .and_then(|()| card.pid.ok_or(BackendError::Unavailable));
-            let outcome = match started {
-                Ok(pid) => {
-                    card.retry = NetRetry::now();
-                    if let Some(vm) = g.vm.as_mut() {
-                        if let Err(e) = self.reconnect_or_replug(vm, pid) {
-                            tracing::warn!(instance = %id, error = %e, "restarted net card not re-plugged");
-                        }
-                    }
-                    tracing::info!(instance = %id, pid, "down net card started again");
-                    g.net = Some(card);
-                    self.persist_noticed_commit(&g, pid);
-                    Ok(pid)
-                }
-                Err(e) => {
-                    lock(&self.inner).net_ports.insert(listen.port());
-                    card.pid = None;
-                    card.retry = card.retry.failed(Instant::now());
-                    tracing::error!(instance = %id, error = %e, failures = card.retry.failures, "down net card did not start; retried later");
-                    g.net = Some(card);
-                    Err(e.code())
-                }
-            };
+            let outcome = self
+                .restart_card_in_place(&mut g, &id, &spec, card, InPlace::WHILE_DOWN)
+                .map_err(|e| e.code());
             out.push(NetCardRestart {
                 instance: id.to_string(),
                 old_pid: 0,
@@ -277,41 +289,72 @@ impl HostBackend {
     /// with no process, so no stale pid is kept, and started again by the dead-card poll with
     /// backoff on the same binary.
     fn restore_net_card(&self, g: &mut HostInstance, id: &ResourceId, old: NetCard) -> bool {
-        let mut card = NetCard { pid: None, ..old };
+        let card = NetCard {
+            pid: None,
+            retry: NetRetry::now(),
+            ..old
+        };
         let Some(spec) = g.network.clone() else {
             g.net = Some(card);
             return false;
         };
+        self.restart_card_in_place(g, id, &spec, card, InPlace::RESTORE)
+            .is_ok()
+    }
+
+    /// Starts `card` (no process; its port, sealed key and release kept) again on its own port
+    /// and moves the instance's NIC to it (`reconnect_or_replug`), then records it. On success
+    /// the card is the instance's with its retry reset, and its pid is answered. On failure the
+    /// card is *down* — no process (one that started is stopped), its port still its own (a
+    /// failed start frees it), its next start after one more backoff step of `card.retry` —
+    /// recorded so when `how.record_down`, and the error is answered.
+    pub(super) fn restart_card_in_place(
+        &self,
+        g: &mut HostInstance,
+        id: &ResourceId,
+        spec: &NetworkSpec,
+        mut card: NetCard,
+        how: InPlace,
+    ) -> Result<u32, BackendError> {
         let listen = card.listen;
-        let restored = self
-            .start_net_card(id, &spec, &mut card, Some(listen))
+        card.pid = None;
+        let restarted = self
+            .start_net_card(id, spec, &mut card, Some(listen))
             .and_then(|()| {
                 let pid = card.pid.ok_or(BackendError::Unavailable)?;
-                match g.vm.as_mut() {
+                let nic = match g.vm.as_mut() {
                     Some(vm) => self.reconnect_or_replug(vm, pid),
                     None => Ok(()),
+                };
+                match nic {
+                    Err(e) if how.nic_required => Err(e),
+                    Err(e) => {
+                        tracing::warn!(instance = %id, error = %e, "restarted net card not re-plugged");
+                        Ok(pid)
+                    }
+                    Ok(()) => Ok(pid),
                 }
             });
-        match (restored, card.pid) {
-            (Ok(()), Some(pid)) => {
-                tracing::info!(instance = %id, pid, release = ?card.release, "net card restored on its previous binary");
+        match restarted {
+            Ok(pid) => {
+                card.retry = NetRetry::now();
+                tracing::info!(instance = %id, pid, release = ?card.release, why = how.why, "net card started in place");
                 g.net = Some(card);
                 self.persist_noticed_commit(g, pid);
-                true
+                Ok(pid)
             }
-            (r, started) => {
-                let e = r.err().unwrap_or(BackendError::Unavailable);
-                tracing::error!(instance = %id, error = %e, "net card not restored: down, retried with backoff");
-                if let Some(pid) = started {
+            Err(e) => {
+                if let Some(pid) = card.pid.take() {
                     self.stop_net_card_keep_port(pid);
                 }
-                // Its port stays its own (a failed start frees it).
                 lock(&self.inner).net_ports.insert(listen.port());
-                card.pid = None;
-                card.retry = NetRetry::now().failed(Instant::now());
+                card.retry = card.retry.failed(Instant::now());
+                tracing::error!(instance = %id, error = %e, failures = card.retry.failures, why = how.why, "net card did not start in place: down, retried with backoff");
                 g.net = Some(card);
-                self.persist_noticed(g);
-                false
+                if how.record_down {
+                    self.persist_noticed(g);
+                }
+                Err(e)
             }
         }
     }

@@ -5,7 +5,7 @@
 
 use super::*;
 use bulkhead_rot::measure::EventKind;
-use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease};
+use bulkhead_rot::release::{Manifest, ReleaseKey, SignedRelease, TrustRoot};
 use bulkhead_rot::supervise::SIGNED_RELEASE_FILE;
 use bulkhead_rot::tpm::MeasurePcr;
 use std::io::Write as _;
@@ -78,7 +78,7 @@ fn a_verified_release_binary_runs_from_its_checked_descriptor() {
     let h = Host::new();
     let hv = h.install(2, RELEASE_HYPERVISOR, "/bin/true", &[0, 2]);
     let st = LauncherState::new(h.cfg(true));
-    let exe = st.hypervisor_binary(Some(2)).unwrap();
+    let exe = st.binary(BinaryRole::Hypervisor, Some(2)).unwrap();
     assert_eq!(exe.shown, hv);
     assert!(
         exe.run.starts_with("/proc/self/fd/"),
@@ -95,7 +95,7 @@ fn a_verified_release_binary_runs_from_its_checked_descriptor() {
     );
     // Asked again, the swapped file is refused.
     assert_eq!(
-        refusal(st.hypervisor_binary(Some(2))),
+        refusal(st.binary(BinaryRole::Hypervisor, Some(2))),
         Some(LaunchRefusal::ReleaseBinaryUnverified)
     );
 }
@@ -114,7 +114,10 @@ fn tampered_symlinked_unsigned_or_rootless_release_binaries_are_refused() {
         .unwrap()
         .write_all(b"tail")
         .unwrap();
-    assert_eq!(refusal(st.blockcard_binary(Some(2))), unverified);
+    assert_eq!(
+        refusal(st.binary(BinaryRole::BlockCard, Some(2))),
+        unverified
+    );
     let mut st = st;
     std::fs::create_dir_all(h.dir.path().join("volumes")).unwrap();
     let (reply, fd) = st.handle(LaunchRequest::SpawnCard {
@@ -142,7 +145,10 @@ fn tampered_symlinked_unsigned_or_rootless_release_binaries_are_refused() {
     let real = h.dir.path().join("real");
     std::fs::rename(&hv, &real).unwrap();
     std::os::unix::fs::symlink(&real, &hv).unwrap();
-    assert_eq!(refusal(st.hypervisor_binary(Some(3))), unverified);
+    assert_eq!(
+        refusal(st.binary(BinaryRole::Hypervisor, Some(3))),
+        unverified
+    );
 
     // Unsigned, or one signature of the two needed.
     h.install(4, RELEASE_NETCARD, "/bin/true", &[]);
@@ -158,10 +164,13 @@ fn tampered_symlinked_unsigned_or_rootless_release_binaries_are_refused() {
     // A good release, but a name it does not carry.
     h.install(6, RELEASE_NETCARD, "/bin/true", &[1, 2]);
     assert!(st.release_binary(RELEASE_NETCARD, Some(6)).is_ok());
-    assert_eq!(refusal(st.hypervisor_binary(Some(6))), unverified);
+    assert_eq!(
+        refusal(st.binary(BinaryRole::Hypervisor, Some(6))),
+        unverified
+    );
     // Not installed at all.
     assert_eq!(
-        refusal(st.hypervisor_binary(Some(9))),
+        refusal(st.binary(BinaryRole::Hypervisor, Some(9))),
         Some(LaunchRefusal::NoSuchRelease)
     );
 
@@ -172,5 +181,5 @@ fn tampered_symlinked_unsigned_or_rootless_release_binaries_are_refused() {
         unverified
     );
     // The configured binaries are not release binaries.
-    assert!(rootless.hypervisor_binary(None).is_ok());
+    assert!(rootless.binary(BinaryRole::Hypervisor, None).is_ok());
 }

@@ -4,8 +4,9 @@
 //! fsync, rename, fsync of the directory) and is never lowered, so a restart of `bulkhead up`
 //! keeps refusing releases below it.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use bulkhead_controller::durable::write_durable;
 
 /// The floor file's first line (a file that does not start with it is not a floor file).
 const MAGIC: &str = "bulkhead-controller-floor v1";
@@ -64,15 +65,9 @@ pub fn raise_floor(path: &Path, version: u64) -> Result<u64, FloorError> {
         .parent()
         .ok_or_else(|| FloorError::Corrupt(path.to_path_buf()))?;
     std::fs::create_dir_all(dir).map_err(|e| FloorError::Io(dir.to_path_buf(), e))?;
-    let tmp = path.with_extension("floor.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(format!("{MAGIC}\n{version}\n").as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| FloorError::Io(path.to_path_buf(), e))?;
+    // Mode 0666 under the umask, as a file the supervisor creates.
+    write_durable(path, format!("{MAGIC}\n{version}\n").as_bytes(), 0o666)
+        .map_err(|e| FloorError::Io(path.to_path_buf(), e))?;
     Ok(version)
 }
 
@@ -96,7 +91,8 @@ mod tests {
             std::fs::read_to_string(&p).unwrap(),
             format!("{MAGIC}\n7\n")
         );
-        assert!(!p.with_extension("floor.tmp").exists());
+        let tmp = format!(".tmp-{}", p.file_name().unwrap().to_string_lossy());
+        assert!(!p.with_file_name(tmp).exists());
     }
 
     #[test]
